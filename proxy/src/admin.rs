@@ -1,0 +1,410 @@
+//! The admin API: JSON lines over a unix socket.
+//!
+//! One request per line, one response per line. Callers are identified by
+//! SO_PEERCRED: root, the uid the daemon runs as, and (when `[admin] group` is
+//! set) members of that group may connect; everyone else gets a `denied`
+//! response and an audit record. Secret values cross the socket base64-encoded
+//! inside zeroized buffers and are never logged.
+
+use crate::audit::{Actor, ActorKind, Decision, Event, Target};
+use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::Metrics;
+use crate::paths;
+use crate::service::{Caller, SecretService};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use zeroize::{Zeroize, Zeroizing};
+
+/// Longest request line accepted (a 1 MiB value, base64-encoded, plus framing).
+const MAX_LINE: u64 = 2 * 1024 * 1024;
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    SecretPut {
+        name: String,
+        env: Option<String>,
+        value_b64: Zeroizing<String>,
+    },
+    SecretList {
+        env: Option<String>,
+    },
+    SecretVersions {
+        name: String,
+        env: Option<String>,
+    },
+    SecretRm {
+        name: String,
+        env: Option<String>,
+    },
+    SecretReveal {
+        name: String,
+        env: Option<String>,
+        version: Option<u32>,
+    },
+    Unseal {
+        share: Zeroizing<String>,
+    },
+}
+
+impl Request {
+    /// Operation name for metrics and logs (never carries arguments).
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::SecretPut { .. } => "secret_put",
+            Request::SecretList { .. } => "secret_list",
+            Request::SecretVersions { .. } => "secret_versions",
+            Request::SecretRm { .. } => "secret_rm",
+            Request::SecretReveal { .. } => "secret_reveal",
+            Request::Unseal { .. } => "unseal",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Response {
+    Ok {
+        result: serde_json::Value,
+    },
+    Revealed {
+        version: u32,
+        value_b64: Zeroizing<String>,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+impl Response {
+    fn from_result<T: Serialize>(r: Result<T>) -> Response {
+        match r.and_then(|v| {
+            serde_json::to_value(v).map_err(|e| Error::internal(format!("encoding response: {e}")))
+        }) {
+            Ok(result) => Response::Ok { result },
+            Err(e) => Response::Error {
+                kind: e.kind,
+                message: e.message,
+            },
+        }
+    }
+
+    /// The `Ok` payload decoded as `T`, or the remote error.
+    pub fn into_result<T: serde::de::DeserializeOwned>(self) -> Result<T> {
+        match self {
+            Response::Ok { result } => serde_json::from_value(result)
+                .map_err(|e| Error::internal(format!("unexpected response from daemon: {e}"))),
+            Response::Error { kind, message } => Err(Error::new(kind, message)),
+            Response::Revealed { .. } => Err(Error::internal("unexpected value in daemon response")),
+        }
+    }
+}
+
+/// Who may connect.
+#[derive(Debug, Clone)]
+pub struct AdminAccess {
+    pub daemon_uid: u32,
+    pub group: Option<(String, u32)>,
+}
+
+impl AdminAccess {
+    fn admits(&self, uid: u32, gid: u32, pid: Option<u32>) -> bool {
+        if uid == 0 || uid == self.daemon_uid {
+            return true;
+        }
+        match &self.group {
+            Some((_, g)) => gid == *g || pid.is_some_and(|p| paths::process_groups(p).contains(g)),
+            None => false,
+        }
+    }
+}
+
+/// Binds the admin socket: removes a stale socket file, refuses to steal a live
+/// one, sets mode 0600 (0660 and the group when configured).
+pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("cannot create admin socket dir", parent, &e))?;
+            let mode = if access.group.is_some() { 0o750 } else { 0o700 };
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("cannot chmod", parent, &e))?;
+            if let Some((_, gid)) = &access.group {
+                std::os::unix::fs::chown(parent, None, Some(*gid))
+                    .map_err(|e| Error::io("cannot chown", parent, &e))?;
+            }
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::unavailable(format!(
+                "admin socket {} is in use by a running warden daemon",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io("cannot remove stale socket", path, &e))?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| Error::io("cannot bind admin socket", path, &e))?;
+    let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("cannot chmod admin socket", path, &e))?;
+    if let Some((_, gid)) = &access.group {
+        std::os::unix::fs::chown(path, None, Some(*gid))
+            .map_err(|e| Error::io("cannot chown admin socket", path, &e))?;
+    }
+    Ok(listener)
+}
+
+/// Accepts admin connections until the task is dropped.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<Mutex<SecretService>>,
+    metrics: Metrics,
+    access: AdminAccess,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (service, metrics, access) = (service.clone(), metrics.clone(), access.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle_connection(stream, service, metrics, access).await {
+                tracing::debug!("admin connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn handle_connection(
+    stream: UnixStream,
+    service: Arc<Mutex<SecretService>>,
+    metrics: Metrics,
+    access: AdminAccess,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
+    let caller = Caller {
+        uid: cred.uid(),
+        pid,
+        is_admin: cred.uid() == 0 || cred.uid() == access.daemon_uid,
+    };
+    let (read, mut write) = stream.into_split();
+    if !access.admits(cred.uid(), cred.gid(), pid) {
+        tracing::warn!(uid = cred.uid(), pid = ?pid, "admin connection refused");
+        metrics.admin_request("connect", "denied");
+        let svc = service.clone();
+        let who = caller.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut s) = svc.lock() {
+                let _ = s.record(&Event {
+                    actor: Actor {
+                        kind: ActorKind::Admin,
+                        uid: Some(who.uid),
+                        user: paths::user_name(who.uid),
+                        pid: who.pid,
+                        exe: None,
+                        workload: None,
+                    },
+                    action: "admin.connect".into(),
+                    target: Target::default(),
+                    decision: Decision::Deny,
+                    reason: "caller is not root, the daemon's uid, or in the admin group".into(),
+                });
+            }
+        })
+        .await;
+        let resp = Response::Error {
+            kind: ErrorKind::Denied,
+            message: format!(
+                "uid {} may not use the warden admin socket: connect as root, as uid {}{}",
+                cred.uid(),
+                access.daemon_uid,
+                match &access.group {
+                    Some((g, _)) => format!(", or as a member of group {g:?}"),
+                    None => " (or set [admin] group in the config)".into(),
+                }
+            ),
+        };
+        write_response(&mut write, &resp).await?;
+        return Ok(());
+    }
+    let mut reader = tokio::io::BufReader::new(read);
+    loop {
+        let mut line = Zeroizing::new(Vec::new());
+        let n = (&mut reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n as u64 > MAX_LINE {
+            let resp = Response::Error {
+                kind: ErrorKind::Usage,
+                message: format!("request larger than {MAX_LINE} bytes"),
+            };
+            write_response(&mut write, &resp).await?;
+            return Ok(());
+        }
+        let resp = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => {
+                metrics.admin_request("invalid", "usage");
+                Response::Error {
+                    kind: ErrorKind::Usage,
+                    message: format!("malformed admin request: {e}"),
+                }
+            }
+            Ok(req) => {
+                let op = req.op();
+                let svc = service.clone();
+                let who = caller.clone();
+                let resp = tokio::task::spawn_blocking(move || dispatch_locked(&svc, &who, req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        kind: ErrorKind::Internal,
+                        message: format!("request handler failed: {e}"),
+                    });
+                let result = match &resp {
+                    Response::Error { kind, .. } => format!("{kind:?}").to_lowercase(),
+                    _ => "ok".into(),
+                };
+                metrics.admin_request(op, &result);
+                resp
+            }
+        };
+        line.zeroize();
+        write_response(&mut write, &resp).await?;
+    }
+}
+
+async fn write_response(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    resp: &Response,
+) -> std::io::Result<()> {
+    let mut bytes = Zeroizing::new(serde_json::to_vec(resp).map_err(std::io::Error::other)?);
+    bytes.push(b'\n');
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+fn dispatch_locked(service: &Mutex<SecretService>, caller: &Caller, req: Request) -> Response {
+    match service.lock() {
+        Ok(mut s) => dispatch(&mut s, caller, req),
+        Err(_) => Response::Error {
+            kind: ErrorKind::Internal,
+            message: "service state is poisoned after an earlier failure; restart warden".into(),
+        },
+    }
+}
+
+/// Executes one request against the service. The daemon calls this for socket
+/// requests; the CLI calls it directly when it works offline, so both paths
+/// share every check and audit record.
+pub fn dispatch(s: &mut SecretService, caller: &Caller, req: Request) -> Response {
+    match req {
+        Request::Status => Response::from_result(s.status()),
+        Request::SecretPut {
+            name,
+            env,
+            value_b64,
+        } => {
+            let value = match base64::engine::general_purpose::STANDARD.decode(value_b64.as_bytes())
+            {
+                Ok(v) => Zeroizing::new(v),
+                Err(_) => {
+                    return Response::Error {
+                        kind: ErrorKind::Usage,
+                        message: "value_b64 is not valid base64".into(),
+                    }
+                }
+            };
+            Response::from_result(s.put(caller, &name, env.as_deref(), &value))
+        }
+        Request::SecretList { env } => Response::from_result(s.list(caller, env.as_deref())),
+        Request::SecretVersions { name, env } => {
+            Response::from_result(s.versions(caller, &name, env.as_deref()))
+        }
+        Request::SecretRm { name, env } => {
+            Response::from_result(s.remove(caller, &name, env.as_deref()))
+        }
+        Request::SecretReveal { name, env, version } => {
+            match s.reveal(caller, &name, env.as_deref(), version) {
+                Ok((version, value)) => Response::Revealed {
+                    version,
+                    value_b64: Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*value)),
+                },
+                Err(e) => Response::Error {
+                    kind: e.kind,
+                    message: e.message,
+                },
+            }
+        }
+        Request::Unseal { share } => Response::from_result(s.unseal(caller, &share)),
+    }
+}
+
+/// Synchronous client used by the CLI.
+pub struct AdminClient {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl AdminClient {
+    /// Connects to the daemon. `Ok(None)` when no daemon listens there (no
+    /// socket file, or a stale one); an error when one exists but refuses us.
+    pub fn connect(path: &Path) -> Result<Option<AdminClient>> {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => {
+                let timeout = Some(std::time::Duration::from_secs(60));
+                let _ = s.set_read_timeout(timeout);
+                let _ = s.set_write_timeout(timeout);
+                let writer = s
+                    .try_clone()
+                    .map_err(|e| Error::io("admin socket", path, &e))?;
+                Ok(Some(AdminClient {
+                    reader: BufReader::new(s),
+                    writer,
+                }))
+            }
+            Err(e) => match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Ok(None),
+                std::io::ErrorKind::PermissionDenied => Err(Error::denied(format!(
+                    "cannot connect to the warden admin socket {}: permission denied (run as root, as the warden user, or as a member of the [admin] group)",
+                    path.display()
+                ))),
+                _ => Err(Error::io("cannot connect to admin socket", path, &e)),
+            },
+        }
+    }
+
+    pub fn call(&mut self, req: &Request) -> Result<Response> {
+        let mut line = Zeroizing::new(
+            serde_json::to_vec(req).map_err(|e| Error::internal(format!("encoding request: {e}")))?,
+        );
+        line.push(b'\n');
+        self.writer
+            .write_all(&line)
+            .map_err(|e| Error::unavailable(format!("admin socket write failed: {e}")))?;
+        let mut resp = Zeroizing::new(String::new());
+        let n = self
+            .reader
+            .read_line(&mut resp)
+            .map_err(|e| Error::unavailable(format!("admin socket read failed: {e}")))?;
+        if n == 0 {
+            return Err(Error::unavailable("the daemon closed the admin connection"));
+        }
+        serde_json::from_str(&resp)
+            .map_err(|e| Error::internal(format!("malformed response from daemon: {e}")))
+    }
+}

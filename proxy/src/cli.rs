@@ -1,0 +1,785 @@
+//! The `warden` command line: argument parsing and the verbs.
+//!
+//! Verbs that touch secrets go to the daemon's admin socket when a daemon
+//! answers there. When none does, they open the data dir directly ("offline"),
+//! taking the data dir lock so they never race a daemon, and run the very same
+//! request handler ([`crate::admin::dispatch`]) — same checks, same audit
+//! records. Secret values are read from stdin or a file, never from argv.
+
+use crate::admin::{self, AdminClient, Request, Response};
+use crate::audit;
+use crate::config::{self, Config};
+use crate::daemon;
+use crate::error::{Error, ErrorKind, Result};
+use crate::init;
+use crate::masterkey::{KekPlan, KekSource, UnsealProgress, DEFAULT_CREDENTIAL_NAME};
+use crate::paths;
+use crate::service::{Caller, SecretService, Status, StorePolicy};
+use crate::store::{SecretSummary, VersionInfo};
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "Node-local secretless identity proxy",
+    long_about = "warden attributes each local connection to a process, attests it to a workload identity, checks policy and opens the upstream connection itself, injecting the credential so applications never hold secrets.\n\nExit codes: 0 ok, 1 internal failure, 2 usage or invalid config, 3 denied, 4 sealed, 5 not found, 6 integrity failure (tampering, wrong key), 7 daemon unavailable."
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Defaults to $WARDEN_CONFIG, else built-in defaults.
+    #[arg(long, global = true, env = "WARDEN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides `data_dir` from the config.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data dir, the encrypted store and the master key (or rotate the master key).
+    Init(InitArgs),
+    /// Run the daemon (admin API, metrics; route listeners as they land).
+    Up,
+    /// Show whether the daemon runs and whether it is sealed. Exit 0 only if the daemon answers.
+    Status,
+    /// Give the daemon unseal shares (one per line on stdin, or --from-file).
+    Unseal {
+        /// Read shares from this file instead of stdin.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+    },
+    /// Manage secrets (values are read from stdin or a file, never from argv).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Routes defined in the configuration.
+    #[command(subcommand)]
+    Route(ListOnly),
+    /// Workloads defined in the configuration.
+    #[command(subcommand)]
+    Workload(ListOnly),
+    /// Read and verify the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Validate configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Where the master key comes from: file (default), shamir, systemd-credential.
+    #[arg(long, value_name = "SOURCE")]
+    kek_source: Option<KekSource>,
+    /// Split the master key into N unseal shares (implies --kek-source shamir).
+    #[arg(long, value_name = "N", requires = "unseal_threshold")]
+    unseal_shares: Option<u8>,
+    /// Number of shares needed to unseal.
+    #[arg(long, value_name = "K", requires = "unseal_shares")]
+    unseal_threshold: Option<u8>,
+    /// Name of the systemd credential holding the master key.
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_CREDENTIAL_NAME)]
+    credential_name: String,
+    /// Replace the master key of an initialised (stopped) store: every data key is
+    /// rewrapped. With a shamir store, give the current shares on stdin.
+    #[arg(long)]
+    rotate_kek: bool,
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Store a new version of a secret. The value comes from stdin or --from-file.
+    Put {
+        name: String,
+        #[arg(long)]
+        env: Option<String>,
+        /// Read the value from this file (exact bytes). Otherwise stdin, with one trailing newline removed.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+    },
+    /// Print a secret value (admins only; audited). Requires --reveal.
+    Get {
+        name: String,
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long)]
+        version: Option<u32>,
+        /// Confirm that the value should be printed.
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// List secrets (names, versions, dates; never values).
+    List {
+        /// Only this environment (default: all).
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// List the versions kept for a secret.
+    Versions {
+        name: String,
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Remove every version of a secret.
+    Rm {
+        name: String,
+        #[arg(long)]
+        env: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListOnly {
+    /// List them.
+    List,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print the latest records.
+    Tail {
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Keep printing new records as they are written.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Check the hash chain; names the first modified, removed, inserted or reordered line.
+    Verify {
+        /// Also require the log to end at this hash (kept outside this machine).
+        #[arg(long, value_name = "HASH")]
+        expect_head: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Explain every error in FILE (key path, problem, fix). Defaults to --config.
+    Check { file: Option<PathBuf> },
+}
+
+/// Loaded configuration plus the resolved data dir.
+struct Context {
+    cfg: Config,
+    data_dir: PathBuf,
+    json: bool,
+}
+
+fn load_context(cli: &Cli) -> Result<Context> {
+    let cfg = match &cli.config {
+        Some(p) => config::load(p).map_err(|report| Error::usage(report.to_string()))?,
+        None => Config::default_for(Path::new("warden.toml")),
+    };
+    for w in &cfg.warnings {
+        eprintln!("warden: warning: {}: {} (fix: {})", w.key, w.problem, w.fix);
+    }
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or_else(|| cfg.data_dir.clone())
+        .unwrap_or_else(paths::default_data_dir);
+    let data_dir = std::path::absolute(&data_dir)
+        .map_err(|e| Error::io("cannot resolve data dir", &data_dir, &e))?;
+    Ok(Context {
+        cfg,
+        data_dir,
+        json: cli.json,
+    })
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
+        return config_check(file.as_deref().or(cli.config.as_deref()), cli.json);
+    }
+    let ctx = load_context(&cli)?;
+    match cli.command {
+        Command::Init(args) => run_init(&ctx, &args),
+        Command::Up => daemon::run(&ctx.cfg, &ctx.data_dir),
+        Command::Status => run_status(&ctx),
+        Command::Unseal { from_file } => run_unseal(&ctx, from_file.as_deref()),
+        Command::Secret(cmd) => run_secret(&ctx, cmd),
+        Command::Route(ListOnly::List) => route_list(&ctx),
+        Command::Workload(ListOnly::List) => workload_list(&ctx),
+        Command::Audit(cmd) => run_audit(&ctx, cmd),
+        Command::Config(_) => Ok(()),
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
+
+// ---- init -----------------------------------------------------------------
+
+fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
+    let source = match (a.kek_source, a.unseal_shares) {
+        (Some(s), Some(_)) if s != KekSource::Shamir => {
+            return Err(Error::usage(format!(
+                "--unseal-shares splits the key into shares, which needs --kek-source shamir (not {s})"
+            )))
+        }
+        (_, Some(_)) => KekSource::Shamir,
+        (Some(KekSource::Shamir), None) => {
+            return Err(Error::usage(
+                "--kek-source shamir needs --unseal-shares N --unseal-threshold K",
+            ))
+        }
+        (Some(s), None) => s,
+        (None, None) => KekSource::File,
+    };
+    let plan = KekPlan {
+        source,
+        shares: a.unseal_shares.unwrap_or(0),
+        threshold: a.unseal_threshold.unwrap_or(0),
+        credential_name: a.credential_name.clone(),
+    };
+    let outcome = if a.rotate_kek {
+        let shares = read_shares_if_needed(&ctx.data_dir)?;
+        init::rotate_kek(&ctx.data_dir, &plan, &shares)?
+    } else {
+        init::init(&ctx.data_dir, &plan)?
+    };
+    if ctx.json {
+        let shares: Vec<&str> = outcome.shares.iter().map(|s| s.as_str()).collect();
+        return print_json(&serde_json::json!({
+            "data_dir": ctx.data_dir,
+            "kek_source": outcome.source.to_string(),
+            "kek_id": outcome.kek_id,
+            "key_file": outcome.key_file,
+            "unseal_shares": shares,
+            "unseal_threshold": outcome.threshold,
+            "rewrapped_data_keys": outcome.rewrapped,
+        }));
+    }
+    match outcome.rewrapped {
+        Some(n) => println!(
+            "master key rotated: new key id {} ({}); {n} data key(s) rewrapped",
+            outcome.kek_id, outcome.source
+        ),
+        None => println!(
+            "initialised {} (master key id {}, source {})",
+            ctx.data_dir.display(),
+            outcome.kek_id,
+            outcome.source
+        ),
+    }
+    match outcome.source {
+        KekSource::File => {
+            if let Some(f) = &outcome.key_file {
+                eprintln!(
+                    "warden: WARNING: the master key is a plain file, {}. Anyone who can read it (and the store) can decrypt every secret. For production use `--unseal-shares N --unseal-threshold K` or `--kek-source systemd-credential`.",
+                    f.display()
+                );
+            }
+        }
+        KekSource::Shamir => {
+            eprintln!(
+                "warden: the master key is split into {} shares; any {} unseal it. Hand each share to a different person now: they are shown only this once and warden does not keep them.",
+                outcome.shares.len(),
+                outcome.threshold
+            );
+            for (i, s) in outcome.shares.iter().enumerate() {
+                println!("unseal share {}: {}", i + 1, s.as_str());
+            }
+        }
+        KekSource::SystemdCredential => {
+            eprintln!("warden: the master key is read from the systemd credential {:?} at every start.", a.credential_name);
+        }
+    }
+    Ok(())
+}
+
+fn read_shares_if_needed(data_dir: &Path) -> Result<Vec<Zeroizing<String>>> {
+    let (_, seal, _) = {
+        let _lock = paths::lock_data_dir(data_dir)?;
+        crate::service::open_store(data_dir)?
+    };
+    if seal.source != KekSource::Shamir {
+        return Ok(Vec::new());
+    }
+    let k = seal.shamir.as_ref().map(|s| s.threshold).unwrap_or(0);
+    if std::io::stdin().is_terminal() {
+        eprintln!("The current master key is split into shares: enter {k} current unseal shares, one per line, then Ctrl-D.");
+    }
+    read_lines(None)
+}
+
+// ---- daemon or offline ------------------------------------------------------
+
+/// Where requests go: the running daemon, or the data dir directly.
+enum Target {
+    Daemon(AdminClient),
+    Offline {
+        service: Box<SecretService>,
+        _lock: paths::DataDirLock,
+    },
+}
+
+impl Target {
+    fn connect(ctx: &Context) -> Result<Target> {
+        let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
+        if let Some(c) = AdminClient::connect(&socket)? {
+            return Ok(Target::Daemon(c));
+        }
+        paths::check_private_dir(&ctx.data_dir)?;
+        let lock = paths::lock_data_dir(&ctx.data_dir).map_err(|e| {
+            Error::unavailable(format!(
+                "{}; its admin socket {} does not answer",
+                e.message,
+                socket.display()
+            ))
+        })?;
+        let service = SecretService::open(&ctx.data_dir, StorePolicy::from_config(&ctx.cfg), false)?;
+        Ok(Target::Offline {
+            service: Box::new(service),
+            _lock: lock,
+        })
+    }
+
+    fn call(&mut self, req: Request) -> Result<Response> {
+        match self {
+            Target::Daemon(c) => c.call(&req),
+            Target::Offline { service, .. } => {
+                let resp = admin::dispatch(service, &Caller::this_process(), req);
+                if let Response::Error { kind: ErrorKind::Sealed, message } = resp {
+                    return Ok(Response::Error {
+                        kind: ErrorKind::Sealed,
+                        message: format!(
+                            "{message} (no daemon is running: start `warden up`, then run `warden unseal`)"
+                        ),
+                    });
+                }
+                Ok(resp)
+            }
+        }
+    }
+}
+
+fn run_status(ctx: &Context) -> Result<()> {
+    let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
+    let Some(mut client) = AdminClient::connect(&socket)? else {
+        if ctx.json {
+            print_json(&serde_json::json!({"running": false, "admin_socket": socket}))?;
+        }
+        return Err(Error::unavailable(format!(
+            "no warden daemon answers on {} (start it with `warden up`)",
+            socket.display()
+        )));
+    };
+    let status: Status = client.call(&Request::Status)?.into_result()?;
+    if ctx.json {
+        return print_json(&serde_json::json!({"running": true, "admin_socket": socket, "status": status}));
+    }
+    println!("daemon:        running (pid {})", status.daemon_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()));
+    println!("admin socket:  {}", socket.display());
+    println!("data dir:      {}", status.data_dir.display());
+    println!("master key:    {} (id {})", status.kek_source, status.kek_id);
+    match &status.unseal_progress {
+        Some(p) => println!("state:         SEALED ({} of {} unseal shares)", p.provided, p.threshold),
+        None => println!("state:         unsealed"),
+    }
+    println!("secrets:       {}", status.secrets);
+    println!("environment:   {}", status.default_env);
+    Ok(())
+}
+
+fn run_unseal(ctx: &Context, from_file: Option<&Path>) -> Result<()> {
+    let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
+    let Some(mut client) = AdminClient::connect(&socket)? else {
+        return Err(Error::unavailable(format!(
+            "no warden daemon answers on {}: start it with `warden up`, then unseal",
+            socket.display()
+        )));
+    };
+    if from_file.is_none() && std::io::stdin().is_terminal() {
+        eprintln!("Enter unseal shares, one per line (input hidden); Ctrl-D to finish.");
+    }
+    let shares = read_lines(from_file)?;
+    if shares.is_empty() {
+        return Err(Error::usage("no unseal share given on stdin"));
+    }
+    let mut last = None;
+    for share in shares {
+        let progress: UnsealProgress = client
+            .call(&Request::Unseal { share })?
+            .into_result()?;
+        if !ctx.json {
+            if progress.unsealed {
+                println!("unsealed: warden now serves secrets");
+            } else {
+                println!(
+                    "share accepted: {} of {} ({} more needed)",
+                    progress.provided,
+                    progress.threshold,
+                    progress.threshold.saturating_sub(progress.provided)
+                );
+            }
+        }
+        let done = progress.unsealed;
+        last = Some(progress);
+        if done {
+            break;
+        }
+    }
+    if ctx.json {
+        print_json(&last)?;
+    }
+    Ok(())
+}
+
+// ---- secrets --------------------------------------------------------------
+
+fn run_secret(ctx: &Context, cmd: SecretCommand) -> Result<()> {
+    // Read the value before connecting so a slow typist does not hold the lock.
+    let value = match &cmd {
+        SecretCommand::Put { name, from_file, .. } => Some(read_secret_value(name, from_file.as_deref())?),
+        SecretCommand::Get { reveal: false, name, .. } => {
+            return Err(Error::usage(format!(
+                "refusing to print the value of {name:?} without --reveal (the read is audited); to see versions use `warden secret versions {name}`"
+            )))
+        }
+        _ => None,
+    };
+    let mut target = Target::connect(ctx)?;
+    match cmd {
+        SecretCommand::Put { name, env, .. } => {
+            let value = value.ok_or_else(|| Error::internal("value missing"))?;
+            let value_b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*value));
+            drop(value);
+            let version: u32 = target
+                .call(Request::SecretPut { name: name.clone(), env: env.clone(), value_b64 })?
+                .into_result()?;
+            let env = env.unwrap_or_else(|| ctx.cfg.environment.clone());
+            if ctx.json {
+                return print_json(&serde_json::json!({"name": name, "env": env, "version": version}));
+            }
+            println!("stored {name} (env {env}) version {version}");
+        }
+        SecretCommand::Get { name, env, version, .. } => {
+            match target.call(Request::SecretReveal { name, env, version })? {
+                Response::Revealed { value_b64, .. } => {
+                    let value = Zeroizing::new(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(value_b64.as_bytes())
+                            .map_err(|_| Error::internal("daemon returned invalid base64"))?,
+                    );
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&value)
+                        .and_then(|_| out.flush())
+                        .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
+                }
+                other => {
+                    other.into_result::<serde_json::Value>()?;
+                }
+            }
+        }
+        SecretCommand::List { env } => {
+            let list: Vec<SecretSummary> = target.call(Request::SecretList { env })?.into_result()?;
+            if ctx.json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no secrets");
+                return Ok(());
+            }
+            println!("{:<40} {:<12} {:>7} {:>5}  UPDATED", "NAME", "ENV", "LATEST", "KEPT");
+            for s in list {
+                println!(
+                    "{:<40} {:<12} {:>7} {:>5}  {}",
+                    s.name, s.env, s.latest_version, s.versions_kept, s.updated_at
+                );
+            }
+        }
+        SecretCommand::Versions { name, env } => {
+            let list: Vec<VersionInfo> = target
+                .call(Request::SecretVersions { name, env })?
+                .into_result()?;
+            if ctx.json {
+                return print_json(&list);
+            }
+            println!("{:>7}  {:<28} {:<20} KEK", "VERSION", "CREATED", "BY");
+            for v in list {
+                println!("{:>7}  {:<28} {:<20} {}", v.version, v.created_at, v.created_by, v.kek_id);
+            }
+        }
+        SecretCommand::Rm { name, env } => {
+            let removed: u32 = target
+                .call(Request::SecretRm { name: name.clone(), env: env.clone() })?
+                .into_result()?;
+            let env = env.unwrap_or_else(|| ctx.cfg.environment.clone());
+            if ctx.json {
+                return print_json(&serde_json::json!({"name": name, "env": env, "removed_versions": removed}));
+            }
+            println!("removed {name} (env {env}): {removed} version(s)");
+        }
+    }
+    Ok(())
+}
+
+/// Turns terminal echo off while reading a secret, restoring it on drop.
+struct NoEcho {
+    saved: Option<rustix::termios::Termios>,
+}
+
+impl NoEcho {
+    fn new() -> NoEcho {
+        let stdin = rustix::stdio::stdin();
+        let Ok(saved) = rustix::termios::tcgetattr(stdin) else {
+            return NoEcho { saved: None };
+        };
+        let mut t = saved.clone();
+        t.local_modes.remove(rustix::termios::LocalModes::ECHO);
+        let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &t);
+        NoEcho { saved: Some(saved) }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = rustix::termios::tcsetattr(
+                rustix::stdio::stdin(),
+                rustix::termios::OptionalActions::Now,
+                t,
+            );
+            eprintln!();
+        }
+    }
+}
+
+fn read_secret_value(name: &str, from_file: Option<&Path>) -> Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(Vec::new());
+    match from_file {
+        Some(p) => {
+            let mut f = std::fs::File::open(p).map_err(|e| Error::io("cannot open", p, &e))?;
+            f.read_to_end(&mut buf).map_err(|e| Error::io("cannot read", p, &e))?;
+        }
+        None => {
+            let tty = std::io::stdin().is_terminal();
+            let _echo = tty.then(|| {
+                eprintln!("Enter the value for {name} (input hidden), then press Enter and Ctrl-D:");
+                NoEcho::new()
+            });
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::internal(format!("cannot read the value from stdin: {e}")))?;
+            if buf.ends_with(b"\n") {
+                buf.pop();
+                if buf.ends_with(b"\r") {
+                    buf.pop();
+                }
+            }
+        }
+    }
+    if buf.is_empty() {
+        return Err(Error::usage(format!(
+            "no value for {name}: pipe it on stdin (e.g. `warden secret put {name} < value.txt`) or use --from-file; values are never taken from the command line"
+        )));
+    }
+    Ok(buf)
+}
+
+/// Non-empty trimmed lines from a file or stdin (echo off on a terminal).
+fn read_lines(from_file: Option<&Path>) -> Result<Vec<Zeroizing<String>>> {
+    let mut text = Zeroizing::new(String::new());
+    match from_file {
+        Some(p) => {
+            let mut f = std::fs::File::open(p).map_err(|e| Error::io("cannot open", p, &e))?;
+            f.read_to_string(&mut text).map_err(|e| Error::io("cannot read", p, &e))?;
+        }
+        None => {
+            let _echo = std::io::stdin().is_terminal().then(NoEcho::new);
+            std::io::stdin()
+                .lock()
+                .read_to_string(&mut text)
+                .map_err(|e| Error::internal(format!("cannot read stdin: {e}")))?;
+        }
+    }
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| Zeroizing::new(l.to_string()))
+        .collect())
+}
+
+// ---- config-only views ------------------------------------------------------
+
+fn route_list(ctx: &Context) -> Result<()> {
+    if ctx.json {
+        let v: Vec<_> = ctx
+            .cfg
+            .routes
+            .iter()
+            .map(|r| serde_json::json!({"name": r.name, "kind": format!("{:?}", r.kind).to_lowercase(), "listen": r.listen.to_string(), "upstream": r.upstream, "allow": r.allow}))
+            .collect();
+        return print_json(&v);
+    }
+    if ctx.cfg.routes.is_empty() {
+        println!("no routes configured");
+        return Ok(());
+    }
+    println!("{:<20} {:<9} {:<22} {:<32} ALLOW", "NAME", "KIND", "LISTEN", "UPSTREAM");
+    for r in &ctx.cfg.routes {
+        println!(
+            "{:<20} {:<9} {:<22} {:<32} {}",
+            r.name,
+            format!("{:?}", r.kind).to_lowercase(),
+            r.listen.to_string(),
+            r.upstream,
+            if r.allow.is_empty() { "(nobody)".to_string() } else { r.allow.join(",") }
+        );
+    }
+    Ok(())
+}
+
+fn workload_list(ctx: &Context) -> Result<()> {
+    if ctx.json {
+        let v: Vec<_> = ctx
+            .cfg
+            .workloads
+            .iter()
+            .map(|w| serde_json::json!({"name": w.name, "spiffe_id": w.spiffe_id}))
+            .collect();
+        return print_json(&v);
+    }
+    if ctx.cfg.workloads.is_empty() {
+        println!("no workloads configured");
+        return Ok(());
+    }
+    println!("{:<20} SPIFFE ID", "NAME");
+    for w in &ctx.cfg.workloads {
+        println!("{:<20} {}", w.name, w.spiffe_id);
+    }
+    Ok(())
+}
+
+// ---- audit ------------------------------------------------------------------
+
+fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
+    let log = ctx.data_dir.join(paths::AUDIT_FILE);
+    if !log.exists() {
+        return Err(Error::not_found(format!(
+            "no audit log at {} (is the data dir initialised? see --data-dir)",
+            log.display()
+        )));
+    }
+    match cmd {
+        AuditCommand::Tail { lines, follow } => {
+            let mut records = audit::read_records(&log, Some(lines))?;
+            let mut last_seq = records.last().map(|r| r.seq).unwrap_or(0);
+            for r in records.drain(..) {
+                print_record(&r, ctx.json)?;
+            }
+            while follow {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let since = last_seq;
+                for r in audit::read_records(&log, None)?.into_iter().filter(|r| r.seq > since) {
+                    last_seq = r.seq;
+                    print_record(&r, ctx.json)?;
+                }
+            }
+            Ok(())
+        }
+        AuditCommand::Verify { expect_head } => {
+            let report = audit::verify(&log)?;
+            if ctx.json {
+                print_json(&serde_json::json!({
+                    "records": report.records,
+                    "last_hash": report.last_hash,
+                    "problem": report.problem.as_ref().map(|p| p.to_string()),
+                    "notes": report.notes,
+                }))?;
+            }
+            for n in &report.notes {
+                eprintln!("warden: note: {n}");
+            }
+            if let Some(p) = &report.problem {
+                return Err(Error::integrity(format!("audit log {} is TAMPERED: {p}", log.display())));
+            }
+            if let Some(h) = expect_head {
+                if !h.eq_ignore_ascii_case(&report.last_hash) {
+                    return Err(Error::integrity(format!(
+                        "audit log {} ends at hash {} but {h} was expected: records were removed or the log was rewritten",
+                        log.display(),
+                        report.last_hash
+                    )));
+                }
+            }
+            if !ctx.json {
+                println!(
+                    "audit log OK: {} records, chain intact, head {}",
+                    report.records, report.last_hash
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_record(r: &audit::Record, json: bool) -> Result<()> {
+    let line = if json {
+        serde_json::to_string(r).map_err(|e| Error::internal(e.to_string()))?
+    } else {
+        audit::format_record_human(r)
+    };
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`| head`) ends the output quietly.
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    Ok(())
+}
+
+// ---- config check -------------------------------------------------------------
+
+fn config_check(file: Option<&Path>, json: bool) -> Result<()> {
+    let Some(file) = file else {
+        return Err(Error::usage("config check: give a FILE (or --config FILE)"));
+    };
+    match config::load(file) {
+        Ok(cfg) => {
+            if json {
+                let w: Vec<_> = cfg
+                    .warnings
+                    .iter()
+                    .map(|w| serde_json::json!({"key": w.key, "problem": w.problem, "fix": w.fix}))
+                    .collect();
+                return print_json(&serde_json::json!({"file": file, "ok": true, "errors": [], "warnings": w}));
+            }
+            for w in &cfg.warnings {
+                println!("{}: warning: {}: {} (fix: {})", file.display(), w.key, w.problem, w.fix);
+            }
+            println!(
+                "{}: OK ({} workload(s), {} route(s), {} secret polic(ies))",
+                file.display(),
+                cfg.workloads.len(),
+                cfg.routes.len(),
+                cfg.secrets.len()
+            );
+            Ok(())
+        }
+        Err(report) => {
+            if json {
+                let issues = |v: &Vec<config::ConfigIssue>| -> Vec<serde_json::Value> {
+                    v.iter()
+                        .map(|i| serde_json::json!({"key": i.key, "problem": i.problem, "fix": i.fix}))
+                        .collect()
+                };
+                print_json(&serde_json::json!({"file": file, "ok": false, "errors": issues(&report.errors), "warnings": issues(&report.warnings)}))?;
+                return Err(Error::usage(format!("{} error(s) in {}", report.errors.len(), file.display())));
+            }
+            Err(Error::usage(report.to_string().trim_end().to_string()))
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `warden up`: the long-running daemon.
+//!
+//! Start-up order: private umask → data dir checks and lock → store, audit log
+//! and master key (sealed if the KEK is split into shares) → admin socket and
+//! metrics endpoint bound → `daemon.start` audit record → `READY=1` to systemd.
+//! SIGTERM/SIGINT stop it cleanly: `daemon.stop` is recorded and the socket
+//! removed. Route listeners join this loop as their issues land.
+
+use crate::admin::{self, AdminAccess};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::{self, Metrics};
+use crate::paths;
+use crate::service::{SecretService, StorePolicy};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub fn admin_socket_path(cfg: &Config, data_dir: &Path) -> PathBuf {
+    cfg.admin
+        .socket
+        .clone()
+        .unwrap_or_else(|| paths::default_admin_socket(data_dir))
+}
+
+pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
+    // Everything the daemon creates (socket, audit files) is private by default.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    paths::check_private_dir(data_dir)?;
+    let _lock = paths::lock_data_dir(data_dir)?;
+    let mut service = SecretService::open(data_dir, StorePolicy::from_config(cfg), true)?;
+    let metrics = Metrics::new().map_err(|e| Error::internal(format!("metrics registry: {e}")))?;
+    service.set_metrics(metrics.clone());
+
+    let group = match &cfg.admin.group {
+        Some(g) => Some((
+            g.clone(),
+            paths::group_gid(g).ok_or_else(|| {
+                Error::usage(format!(
+                    "admin.group: group {g:?} does not exist; fix: create it (groupadd {g}) or remove the key"
+                ))
+            })?,
+        )),
+        None => None,
+    };
+    let access = AdminAccess {
+        daemon_uid: paths::euid(),
+        group,
+    };
+    let socket = admin_socket_path(cfg, data_dir);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(async {
+        let admin_listener = admin::bind_socket(&socket, &access)?;
+        let metrics_listener = match cfg.metrics.listen {
+            Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
+                Error::usage(format!(
+                    "metrics.listen: cannot listen on {addr}: {e}; fix: choose a free address or set listen = \"off\""
+                ))
+            })?),
+            None => None,
+        };
+        let sealed = service.is_sealed();
+        let seal = service.seal_config().clone();
+        service.record_daemon(
+            "daemon.start",
+            format!(
+                "pid {}, kek source {}, {}",
+                std::process::id(),
+                seal.source,
+                if sealed { "sealed" } else { "unsealed" }
+            ),
+        )?;
+        let service = Arc::new(Mutex::new(service));
+
+        tracing::info!(socket = %socket.display(), "admin API listening");
+        if let Some(l) = &metrics_listener {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!("metrics on http://{a}/metrics");
+            }
+        }
+        if sealed {
+            let t = seal.shamir.as_ref().map(|s| s.threshold).unwrap_or(0);
+            tracing::warn!("sealed: run `warden unseal` with {t} shares before secrets can be served");
+        }
+        for r in &cfg.routes {
+            tracing::warn!(
+                route = %r.name,
+                "route is configured but this build does not serve route listeners yet; it is not listening"
+            );
+        }
+        notify_systemd(&format!(
+            "READY=1\nSTATUS={}",
+            if sealed { "sealed: waiting for unseal shares" } else { "serving" }
+        ));
+
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            service.clone(),
+            metrics.clone(),
+            access.clone(),
+        ));
+        let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
+
+        let signal = wait_for_shutdown().await;
+        tracing::info!("{signal} received: shutting down");
+        notify_systemd("STOPPING=1");
+        admin_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&socket);
+        let svc = service.clone();
+        tokio::task::spawn_blocking(move || match svc.lock() {
+            Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),
+            Err(_) => Err(Error::internal("service state poisoned")),
+        })
+        .await
+        .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))?
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
+}
+
+async fn wait_for_shutdown() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers the daemon can only be killed; keep serving.
+        std::future::pending::<()>().await;
+        return "no signal";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Sends a state string to systemd when run as a `Type=notify` service.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(&path))
+    };
+    if let Err(e) = res {
+        tracing::warn!("sd_notify failed: {e}");
+    }
+}

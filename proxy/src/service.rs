@@ -1,0 +1,457 @@
+//! The secrets service: the one place where secret operations happen, whether
+//! the caller came through the daemon's admin socket or a CLI verb working
+//! offline on the data dir. Every operation — allowed, denied or failed — is
+//! an audit record, and a mutation commits only after its record is durable.
+
+use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::error::{Error, ErrorKind, Result};
+use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer};
+use crate::metrics::Metrics;
+use crate::paths;
+use crate::store::sqlite::SqliteBackend;
+use crate::store::{validate_env, validate_secret_name, SecretStore, SecretSummary, VersionInfo};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Who is asking, as established by SO_PEERCRED (daemon) or the process's own
+/// credentials (offline CLI).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<u32>,
+    /// May read secret values back (`secret get --reveal`): root or the uid the
+    /// store belongs to.
+    pub is_admin: bool,
+}
+
+impl Caller {
+    /// The current process as caller (offline CLI): it can read the key file,
+    /// so it is an admin of this data dir.
+    pub fn this_process() -> Caller {
+        Caller {
+            uid: paths::euid(),
+            pid: Some(std::process::id()),
+            is_admin: true,
+        }
+    }
+
+    fn actor(&self) -> Actor {
+        Actor {
+            kind: ActorKind::Admin,
+            uid: Some(self.uid),
+            user: paths::user_name(self.uid),
+            pid: self.pid,
+            exe: None,
+            workload: None,
+        }
+    }
+}
+
+/// Store-wide policy taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct StorePolicy {
+    pub default_env: String,
+    pub max_versions: u32,
+    pub per_secret_max_versions: HashMap<String, u32>,
+}
+
+impl StorePolicy {
+    pub fn from_config(cfg: &crate::config::Config) -> StorePolicy {
+        StorePolicy {
+            default_env: cfg.environment.clone(),
+            max_versions: cfg.store.max_versions,
+            per_secret_max_versions: cfg
+                .secrets
+                .iter()
+                .filter_map(|s| s.max_versions.map(|m| (s.name.clone(), m)))
+                .collect(),
+        }
+    }
+
+    fn keep_for(&self, name: &str) -> u32 {
+        self.per_secret_max_versions
+            .get(name)
+            .copied()
+            .unwrap_or(self.max_versions)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub data_dir: PathBuf,
+    pub sealed: bool,
+    pub kek_source: String,
+    pub kek_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unseal_progress: Option<UnsealProgress>,
+    pub secrets: usize,
+    pub default_env: String,
+    pub daemon_pid: Option<u32>,
+}
+
+pub struct SecretService {
+    data_dir: PathBuf,
+    store: SecretStore,
+    audit: AuditLog,
+    seal: SealConfig,
+    kek: KekState,
+    policy: StorePolicy,
+    metrics: Option<Metrics>,
+    daemon: bool,
+}
+
+/// Opens the store, the audit log and the seal configuration of an initialised
+/// data dir, after checking its permissions. The caller holds the data dir lock.
+pub fn open_store(data_dir: &Path) -> Result<(SecretStore, SealConfig, AuditLog)> {
+    paths::check_private_dir(data_dir)?;
+    let store_path = data_dir.join(paths::STORE_FILE);
+    if !store_path.exists() {
+        return Err(Error::usage(format!(
+            "{} is not initialised (no {}): run `warden init --data-dir {}`",
+            data_dir.display(),
+            paths::STORE_FILE,
+            data_dir.display()
+        )));
+    }
+    let backend = SqliteBackend::open(&store_path)?;
+    let store = SecretStore::new(Box::new(backend));
+    let seal_json = store
+        .backend()
+        .meta_get(masterkey::SEAL_META_KEY)?
+        .ok_or_else(|| {
+            Error::integrity(format!(
+                "{} has no seal configuration: the store was not initialised by `warden init` or was damaged",
+                store_path.display()
+            ))
+        })?;
+    let seal = SealConfig::from_json(&seal_json)?;
+    let audit = AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?;
+    Ok((store, seal, audit))
+}
+
+impl SecretService {
+    /// Opens an initialised data dir and loads its KEK (or starts sealed).
+    pub fn open(data_dir: &Path, policy: StorePolicy, daemon: bool) -> Result<SecretService> {
+        let (store, seal, audit) = open_store(data_dir)?;
+        let kek = masterkey::load_kek(data_dir, &seal)?;
+        Ok(SecretService {
+            data_dir: data_dir.to_path_buf(),
+            store,
+            audit,
+            seal,
+            kek,
+            policy,
+            metrics: None,
+            daemon,
+        })
+    }
+
+    pub fn set_metrics(&mut self, m: Metrics) {
+        m.set_sealed(self.is_sealed());
+        self.metrics = Some(m);
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        matches!(self.kek, KekState::Sealed(_))
+    }
+
+    pub fn seal_config(&self) -> &SealConfig {
+        &self.seal
+    }
+
+    fn env_or_default(&self, env: Option<&str>) -> Result<String> {
+        let env = env.unwrap_or(&self.policy.default_env).to_string();
+        validate_env(&env)?;
+        Ok(env)
+    }
+
+    fn kek(&self) -> Result<&Kek> {
+        match &self.kek {
+            KekState::Unsealed(k) => Ok(k),
+            KekState::Sealed(u) => {
+                let p = u.progress();
+                Err(Error::sealed(format!(
+                    "warden is sealed ({} of {} unseal shares provided): nothing secret is served until `warden unseal` receives {} more",
+                    p.provided,
+                    p.threshold,
+                    p.threshold - p.provided
+                )))
+            }
+        }
+    }
+
+    /// Appends an audit record; counts it in the metrics.
+    pub fn record(&mut self, event: &Event) -> Result<()> {
+        let res = self.audit.append(event);
+        if let Some(m) = &self.metrics {
+            m.audit_write(res.is_ok());
+        }
+        res.map(|_| ()).map_err(Error::from)
+    }
+
+    /// Records a refusal or a failure. If even that cannot be written the
+    /// original error still wins (the action is refused either way).
+    fn record_outcome(&mut self, caller: &Caller, action: &str, target: Target, err: &Error) {
+        let decision = match err.kind {
+            ErrorKind::Denied | ErrorKind::Sealed => Decision::Deny,
+            _ => Decision::Error,
+        };
+        let _ = self.record(&Event {
+            actor: caller.actor(),
+            action: action.into(),
+            target,
+            decision,
+            reason: err.message.clone(),
+        });
+    }
+
+    fn secret_target(name: &str, env: &str, version: Option<u32>) -> Target {
+        Target {
+            secret: Some(name.into()),
+            env: Some(env.into()),
+            version,
+            ..Target::default()
+        }
+    }
+
+    pub fn put(&mut self, caller: &Caller, name: &str, env: Option<&str>, value: &[u8]) -> Result<u32> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        if let Some(e) = self.kek().err() {
+            self.record_outcome(caller, "secret.put", Self::secret_target(name, &env, None), &e);
+            return Err(e);
+        }
+        let keep = self.policy.keep_for(name);
+        let actor = caller.actor();
+        let created_by = match &actor.user {
+            Some(u) => format!("uid {} ({u})", caller.uid),
+            None => format!("uid {}", caller.uid),
+        };
+        // Split borrows: the commit hook appends to the audit log while the
+        // store holds its transaction open.
+        let KekState::Unsealed(kek) = &self.kek else {
+            return Err(Error::internal("KEK state changed unexpectedly"));
+        };
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook = |version: u32| -> Result<()> {
+            let r = audit.append(&Event {
+                actor: actor.clone(),
+                action: "secret.put".into(),
+                target: Self::secret_target(name, &env, Some(version)),
+                decision: Decision::Allow,
+                reason: format!("new version {version}; keeping at most {keep}"),
+            });
+            if let Some(m) = &metrics {
+                m.audit_write(r.is_ok());
+            }
+            r.map(|_| ()).map_err(Error::from)
+        };
+        let res = self
+            .store
+            .put(kek, name, &env, value, &created_by, keep, &mut hook);
+        if let Err(e) = &res {
+            self.record_outcome(caller, "secret.put", Self::secret_target(name, &env, None), e);
+        }
+        res
+    }
+
+    pub fn list(&mut self, caller: &Caller, env: Option<&str>) -> Result<Vec<SecretSummary>> {
+        if let Some(e) = env {
+            validate_env(e)?;
+        }
+        let target = Target {
+            env: env.map(String::from),
+            ..Target::default()
+        };
+        self.record(&Event {
+            actor: caller.actor(),
+            action: "secret.list".into(),
+            target,
+            decision: Decision::Allow,
+            reason: String::new(),
+        })?;
+        self.store.backend().list(env)
+    }
+
+    pub fn versions(&mut self, caller: &Caller, name: &str, env: Option<&str>) -> Result<Vec<VersionInfo>> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        self.record(&Event {
+            actor: caller.actor(),
+            action: "secret.versions".into(),
+            target: Self::secret_target(name, &env, None),
+            decision: Decision::Allow,
+            reason: String::new(),
+        })?;
+        let v = self.store.backend().versions(name, &env)?;
+        if v.is_empty() {
+            return Err(Error::not_found(format!(
+                "no secret {name:?} in environment {env:?}"
+            )));
+        }
+        Ok(v)
+    }
+
+    pub fn remove(&mut self, caller: &Caller, name: &str, env: Option<&str>) -> Result<u32> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        let actor = caller.actor();
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook = |removed: u32| -> Result<()> {
+            let r = audit.append(&Event {
+                actor: actor.clone(),
+                action: "secret.rm".into(),
+                target: Self::secret_target(name, &env, None),
+                decision: Decision::Allow,
+                reason: format!("{removed} version(s) removed"),
+            });
+            if let Some(m) = &metrics {
+                m.audit_write(r.is_ok());
+            }
+            r.map(|_| ()).map_err(Error::from)
+        };
+        let removed = self.store.backend_mut().remove(name, &env, &mut hook)?;
+        if removed == 0 {
+            let e = Error::not_found(format!("no secret {name:?} in environment {env:?}"));
+            self.record_outcome(caller, "secret.rm", Self::secret_target(name, &env, None), &e);
+            return Err(e);
+        }
+        Ok(removed)
+    }
+
+    /// Returns a secret value to an admin. Audited before the value is released.
+    pub fn reveal(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+        version: Option<u32>,
+    ) -> Result<(u32, Zeroizing<Vec<u8>>)> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        let target = Self::secret_target(name, &env, version);
+        if !caller.is_admin {
+            let e = Error::denied(format!(
+                "uid {} may not read secret values: `secret get --reveal` is for root or the uid that runs warden",
+                caller.uid
+            ));
+            self.record_outcome(caller, "secret.reveal", target, &e);
+            return Err(e);
+        }
+        let res = self
+            .kek()
+            .and_then(|kek| self.store.get(kek, name, &env, version));
+        match res {
+            Ok((v, value)) => {
+                self.record(&Event {
+                    actor: caller.actor(),
+                    action: "secret.reveal".into(),
+                    target: Self::secret_target(name, &env, Some(v)),
+                    decision: Decision::Allow,
+                    reason: "value returned to an admin".into(),
+                })?;
+                Ok((v, value))
+            }
+            Err(e) => {
+                self.record_outcome(caller, "secret.reveal", target, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Feeds one unseal share.
+    pub fn unseal(&mut self, caller: &Caller, share: &str) -> Result<UnsealProgress> {
+        let KekState::Sealed(unsealer) = &mut self.kek else {
+            return Ok(UnsealProgress {
+                provided: 0,
+                threshold: 0,
+                unsealed: true,
+            });
+        };
+        let res = unsealer.submit(share);
+        match res {
+            Ok((progress, Some(kek))) => {
+                self.kek = KekState::Unsealed(kek);
+                if let Some(m) = &self.metrics {
+                    m.set_sealed(false);
+                }
+                self.record(&Event {
+                    actor: caller.actor(),
+                    action: "unseal".into(),
+                    target: Target::default(),
+                    decision: Decision::Allow,
+                    reason: format!("unsealed with {} shares", progress.threshold),
+                })?;
+                Ok(progress)
+            }
+            Ok((progress, None)) => {
+                self.record(&Event {
+                    actor: caller.actor(),
+                    action: "unseal.share".into(),
+                    target: Target::default(),
+                    decision: Decision::Allow,
+                    reason: format!("share accepted: {} of {}", progress.provided, progress.threshold),
+                })?;
+                Ok(progress)
+            }
+            Err(e) => {
+                self.record_outcome(caller, "unseal.share", Target::default(), &e);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let secrets = self.store.backend().list(None)?.len();
+        Ok(Status {
+            data_dir: self.data_dir.clone(),
+            sealed: self.is_sealed(),
+            kek_source: self.seal.source.to_string(),
+            kek_id: self.seal.kek_id.clone(),
+            unseal_progress: match &self.kek {
+                KekState::Sealed(u) => Some(u.progress()),
+                KekState::Unsealed(_) => None,
+            },
+            secrets,
+            default_env: self.policy.default_env.clone(),
+            daemon_pid: self.daemon.then(std::process::id),
+        })
+    }
+
+    /// Records a daemon lifecycle event.
+    pub fn record_daemon(&mut self, action: &str, reason: String) -> Result<()> {
+        self.record(&Event {
+            actor: Actor {
+                kind: ActorKind::Daemon,
+                uid: Some(paths::euid()),
+                user: paths::user_name(paths::euid()),
+                pid: Some(std::process::id()),
+                exe: None,
+                workload: None,
+            },
+            action: action.into(),
+            target: Target::default(),
+            decision: Decision::Allow,
+            reason,
+        })
+    }
+}
+
+/// Replaces a sealed unsealer (used by KEK rotation to unseal offline).
+pub fn unseal_offline(seal: &SealConfig, shares: &[Zeroizing<String>]) -> Result<Kek> {
+    let mut u = Unsealer::new(seal)?;
+    for s in shares {
+        if let (_, Some(kek)) = u.submit(s)? {
+            return Ok(kek);
+        }
+    }
+    let p = u.progress();
+    Err(Error::sealed(format!(
+        "only {} of {} unseal shares were given on stdin",
+        p.provided, p.threshold
+    )))
+}

@@ -1,0 +1,269 @@
+//! Harness for warden's end-to-end tests: each test gets a private instance (a
+//! temp dir holding the data dir, the admin socket and a config file) and runs
+//! the real `warden` binary against it, with real clients (curl, ps, sqlite3,
+//! promtool).
+//!
+//! The binary is `$WARDEN_BIN` when set (as `cargo xtask test` does), else
+//! `target/debug/warden` next to this test executable.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the warden binary under test.
+pub fn warden_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WARDEN_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/debug/deps/<test-exe> → target/debug/warden
+    let exe = std::env::current_exe().unwrap_or_default();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("warden"))
+        .unwrap_or_default();
+    assert!(
+        bin.exists(),
+        "warden binary not found at {}: run `cargo xtask test` or `cargo build -p warden` first",
+        bin.display()
+    );
+    bin
+}
+
+/// What a finished `warden` invocation produced.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "expected success, got {self:#?}");
+        self
+    }
+    pub fn code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "expected exit code {code}, got {self:#?}");
+        self
+    }
+    pub fn stderr_has(&self, needle: &str) -> &Self {
+        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}: {self:#?}");
+        self
+    }
+    pub fn stdout_has(&self, needle: &str) -> &Self {
+        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}: {self:#?}");
+        self
+    }
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A private warden instance in a temp dir.
+pub struct Instance {
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub metrics_port: u16,
+}
+
+impl Instance {
+    /// A fresh instance with a config (extra TOML appended) but no `init` yet.
+    pub fn new_with(extra_toml: &str) -> Instance {
+        let dir = tempfile::Builder::new()
+            .prefix("warden-e2e-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let data_dir = dir.path().join("data");
+        let socket = dir.path().join("admin.sock");
+        let config = dir.path().join("warden.toml");
+        let metrics_port = free_port();
+        let text = format!(
+            "data_dir = \"data\"\nenvironment = \"prod\"\n\n[admin]\nsocket = \"admin.sock\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n{extra_toml}\n"
+        );
+        std::fs::write(&config, text).unwrap_or_else(|e| panic!("write config: {e}"));
+        Instance {
+            dir,
+            data_dir,
+            socket,
+            config,
+            metrics_port,
+        }
+    }
+
+    pub fn new() -> Instance {
+        Self::new_with("")
+    }
+
+    /// A fresh instance, initialised with the default (file) master key.
+    pub fn initialised() -> Instance {
+        let i = Self::new();
+        i.run(&["init"]).ok();
+        i
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(warden_bin());
+        c.arg("--config").arg(&self.config).args(args);
+        c.env_remove("WARDEN_CONFIG").env("WARDEN_LOG", "warn");
+        c
+    }
+
+    /// Runs `warden --config <cfg> ARGS` with empty stdin.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, b"")
+    }
+
+    /// Runs `warden --config <cfg> ARGS` feeding `stdin`.
+    pub fn run_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn warden: {e}"));
+        if let Some(mut si) = child.stdin.take() {
+            let _ = si.write_all(stdin);
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("wait warden: {e}"));
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Stores `value` as `name` (env from the config: prod).
+    pub fn put(&self, name: &str, value: &[u8]) -> Output {
+        self.run_stdin(&["secret", "put", name], value)
+    }
+
+    /// Starts `warden up` and waits until `warden status` answers.
+    pub fn start_daemon(&self) -> Daemon {
+        let log = self.dir.path().join("daemon.log");
+        let logf = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log: {e}"));
+        let errf = logf.try_clone().unwrap_or_else(|e| panic!("log: {e}"));
+        let child = self
+            .command(&["up"])
+            .env("WARDEN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(errf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn warden up: {e}"));
+        let mut d = Daemon { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.run(&["status"]).code == 0 {
+                return d;
+            }
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("warden up exited with {st}: {}", d.log_text());
+            }
+            assert!(Instant::now() < deadline, "daemon not ready: {}", d.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET http://127.0.0.1:<metrics>/<path> with curl: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"])
+            .arg(format!("http://127.0.0.1:{}{path}", self.metrics_port))
+            .output()
+            .unwrap_or_else(|e| panic!("curl: {e} (is curl installed?)"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.data_dir.join("audit.log")
+    }
+}
+
+impl Default for Instance {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running `warden up`; stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// True when `haystack` contains `needle` as raw bytes.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `dir` (recursively) whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            hits.extend(files_containing(&p, needle));
+        } else if std::fs::read(&p).is_ok_and(|b| contains_bytes(&b, needle)) {
+            hits.push(p);
+        }
+    }
+    hits
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,139 @@
+//! The audit log through the real CLI: every action is recorded, `audit verify`
+//! names the first tampered line, and a record that cannot be written refuses
+//! the action (fail closed).
+
+use std::process::Command;
+use warden_tests::Instance;
+
+fn instance_with_history() -> Instance {
+    let i = Instance::initialised();
+    for n in 0..4 {
+        i.put(&format!("s{n}"), b"x").ok();
+    }
+    i.run(&["secret", "list"]).ok();
+    i.run(&["secret", "get", "s1", "--reveal"]).ok();
+    i.run(&["secret", "rm", "s2"]).ok();
+    i
+}
+
+fn lines(i: &Instance) -> Vec<String> {
+    std::fs::read_to_string(i.audit_log())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn write_lines(i: &Instance, l: &[String]) {
+    let mut text = l.join("\n");
+    text.push('\n');
+    std::fs::write(i.audit_log(), text).unwrap();
+}
+
+#[test]
+fn records_every_action_and_verifies() {
+    let i = instance_with_history();
+    let out = i.run(&["audit", "verify"]);
+    out.ok().stdout_has("audit log OK: 8 records");
+    let tail = i.run(&["audit", "tail", "-n", "3"]);
+    tail.ok().stdout_has("secret.rm").stdout_has("secret.reveal");
+    assert_eq!(tail.stdout.lines().count(), 3, "{tail:?}");
+    let json = i.run(&["audit", "tail", "--json", "-n", "1"]);
+    let rec: serde_json::Value = serde_json::from_str(json.ok().stdout.trim()).unwrap();
+    assert_eq!(rec["action"], "secret.rm");
+    assert_eq!(rec["target"]["secret"], "s2");
+    assert!(rec["hash"].as_str().unwrap().len() == 64);
+    // --expect-head pins the log to an externally kept hash.
+    let head = rec["hash"].as_str().unwrap().to_string();
+    i.run(&["audit", "verify", "--expect-head", &head]).ok();
+    i.run(&["audit", "verify", "--expect-head", &"0".repeat(64)]).code(6);
+}
+
+#[test]
+fn any_modified_byte_is_detected_and_named() {
+    let i = instance_with_history();
+    let orig = lines(&i);
+    for (n, line) in orig.iter().enumerate() {
+        // A byte in the middle, and one near each end of the line.
+        for pos in [line.len() / 2, 12, line.len() - 3] {
+            let mut l = orig.clone();
+            let mut bytes = l[n].clone().into_bytes();
+            bytes[pos] = if bytes[pos] == b'1' { b'2' } else { b'1' };
+            l[n] = String::from_utf8_lossy(&bytes).into_owned();
+            write_lines(&i, &l);
+            i.run(&["audit", "verify"])
+                .code(6)
+                .stderr_has(&format!("line {}", n + 1));
+        }
+    }
+    write_lines(&i, &orig);
+    i.run(&["audit", "verify"]).ok();
+}
+
+#[test]
+fn removed_inserted_reordered_truncated_are_detected() {
+    let i = instance_with_history();
+    let orig = lines(&i);
+    // Removed.
+    let mut l = orig.clone();
+    l.remove(3);
+    write_lines(&i, &l);
+    i.run(&["audit", "verify"]).code(6).stderr_has("line 4");
+    // Inserted (a copy of a genuine record).
+    let mut l = orig.clone();
+    l.insert(5, orig[2].clone());
+    write_lines(&i, &l);
+    i.run(&["audit", "verify"]).code(6).stderr_has("line 6");
+    // Reordered.
+    let mut l = orig.clone();
+    l.swap(2, 3);
+    write_lines(&i, &l);
+    i.run(&["audit", "verify"]).code(6).stderr_has("line 3");
+    // Last record truncated away: the head anchor notices.
+    let mut l = orig.clone();
+    l.pop();
+    write_lines(&i, &l);
+    i.run(&["audit", "verify"]).code(6).stderr_has("removed");
+    write_lines(&i, &orig);
+    i.run(&["audit", "verify"]).ok();
+}
+
+#[test]
+fn unwritable_audit_log_refuses_the_action() {
+    if !warden_tests::is_root() {
+        eprintln!("skipping: needs root to mount a small tmpfs");
+        return;
+    }
+    let i = warden_tests::Instance::new();
+    // A real full disk: the data dir on a 1 MiB tmpfs, filled up after init.
+    std::fs::create_dir(&i.data_dir).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(&i.data_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(i.data_dir.clone());
+    i.run(&["init"]).ok();
+    i.put("before", b"x").ok();
+    let filler = i.data_dir.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let out = i.put("during", b"y");
+    assert_ne!(out.code, 0, "put succeeded on a full disk: {out:?}");
+    assert!(out.stderr.contains("disk full") || out.stderr.contains("No space"), "{out:?}");
+    std::fs::remove_file(&filler).unwrap();
+    // Nothing was stored without its record, and the log still verifies.
+    let list = i.run(&["secret", "list"]);
+    list.ok();
+    assert!(!list.stdout.contains("during"), "{list:?}");
+    i.run(&["audit", "verify"]).ok();
+}
