@@ -104,7 +104,9 @@ impl Response {
             Response::Ok { result } => serde_json::from_value(result)
                 .map_err(|e| Error::internal(format!("unexpected response from daemon: {e}"))),
             Response::Error { kind, message } => Err(Error::new(kind, message)),
-            Response::Revealed { .. } => Err(Error::internal("unexpected value in daemon response")),
+            Response::Revealed { .. } => {
+                Err(Error::internal("unexpected value in daemon response"))
+            }
         }
     }
 }
@@ -151,7 +153,8 @@ pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
                 path.display()
             )));
         }
-        std::fs::remove_file(path).map_err(|e| Error::io("cannot remove stale socket", path, &e))?;
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io("cannot remove stale socket", path, &e))?;
     }
     let listener =
         UnixListener::bind(path).map_err(|e| Error::io("cannot bind admin socket", path, &e))?;
@@ -342,7 +345,9 @@ pub fn dispatch(s: &mut SecretService, caller: &Caller, req: Request) -> Respons
             match s.reveal(caller, &name, env.as_deref(), version) {
                 Ok((version, value)) => Response::Revealed {
                     version,
-                    value_b64: Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*value)),
+                    value_b64: Zeroizing::new(
+                        base64::engine::general_purpose::STANDARD.encode(&*value),
+                    ),
                 },
                 Err(e) => Response::Error {
                     kind: e.kind,
@@ -390,7 +395,8 @@ impl AdminClient {
 
     pub fn call(&mut self, req: &Request) -> Result<Response> {
         let mut line = Zeroizing::new(
-            serde_json::to_vec(req).map_err(|e| Error::internal(format!("encoding request: {e}")))?,
+            serde_json::to_vec(req)
+                .map_err(|e| Error::internal(format!("encoding request: {e}")))?,
         );
         line.push(b'\n');
         self.writer

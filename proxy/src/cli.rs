@@ -226,8 +226,8 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
     let source = match (a.kek_source, a.unseal_shares) {
         (Some(s), Some(_)) if s != KekSource::Shamir => {
             return Err(Error::usage(format!(
-                "--unseal-shares splits the key into shares, which needs --kek-source shamir (not {s})"
-            )))
+            "--unseal-shares splits the key into shares, which needs --kek-source shamir (not {s})"
+        )))
         }
         (_, Some(_)) => KekSource::Shamir,
         (Some(KekSource::Shamir), None) => {
@@ -294,7 +294,10 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
             }
         }
         KekSource::SystemdCredential => {
-            eprintln!("warden: the master key is read from the systemd credential {:?} at every start.", a.credential_name);
+            eprintln!(
+                "warden: the master key is read from the systemd credential {:?} at every start.",
+                a.credential_name
+            );
         }
     }
     Ok(())
@@ -302,7 +305,7 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
 
 fn read_shares_if_needed(data_dir: &Path) -> Result<Vec<Zeroizing<String>>> {
     let (_, seal, _) = {
-        let _lock = paths::lock_data_dir(data_dir)?;
+        let _lock = init::lock_for_rotation(data_dir)?;
         crate::service::open_store(data_dir)?
     };
     if seal.source != KekSource::Shamir {
@@ -340,7 +343,8 @@ impl Target {
                 socket.display()
             ))
         })?;
-        let service = SecretService::open(&ctx.data_dir, StorePolicy::from_config(&ctx.cfg), false)?;
+        let service =
+            SecretService::open(&ctx.data_dir, StorePolicy::from_config(&ctx.cfg), false)?;
         Ok(Target::Offline {
             service: Box::new(service),
             _lock: lock,
@@ -352,7 +356,11 @@ impl Target {
             Target::Daemon(c) => c.call(&req),
             Target::Offline { service, .. } => {
                 let resp = admin::dispatch(service, &Caller::this_process(), req);
-                if let Response::Error { kind: ErrorKind::Sealed, message } = resp {
+                if let Response::Error {
+                    kind: ErrorKind::Sealed,
+                    message,
+                } = resp
+                {
                     return Ok(Response::Error {
                         kind: ErrorKind::Sealed,
                         message: format!(
@@ -379,14 +387,28 @@ fn run_status(ctx: &Context) -> Result<()> {
     };
     let status: Status = client.call(&Request::Status)?.into_result()?;
     if ctx.json {
-        return print_json(&serde_json::json!({"running": true, "admin_socket": socket, "status": status}));
+        return print_json(
+            &serde_json::json!({"running": true, "admin_socket": socket, "status": status}),
+        );
     }
-    println!("daemon:        running (pid {})", status.daemon_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()));
+    println!(
+        "daemon:        running (pid {})",
+        status
+            .daemon_pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into())
+    );
     println!("admin socket:  {}", socket.display());
     println!("data dir:      {}", status.data_dir.display());
-    println!("master key:    {} (id {})", status.kek_source, status.kek_id);
+    println!(
+        "master key:    {} (id {})",
+        status.kek_source, status.kek_id
+    );
     match &status.unseal_progress {
-        Some(p) => println!("state:         SEALED ({} of {} unseal shares)", p.provided, p.threshold),
+        Some(p) => println!(
+            "state:         SEALED ({} of {} unseal shares)",
+            p.provided, p.threshold
+        ),
         None => println!("state:         unsealed"),
     }
     println!("secrets:       {}", status.secrets);
@@ -411,9 +433,7 @@ fn run_unseal(ctx: &Context, from_file: Option<&Path>) -> Result<()> {
     }
     let mut last = None;
     for share in shares {
-        let progress: UnsealProgress = client
-            .call(&Request::Unseal { share })?
-            .into_result()?;
+        let progress: UnsealProgress = client.call(&Request::Unseal { share })?.into_result()?;
         if !ctx.json {
             if progress.unsealed {
                 println!("unsealed: warden now serves secrets");
@@ -455,37 +475,45 @@ fn run_secret(ctx: &Context, cmd: SecretCommand) -> Result<()> {
     match cmd {
         SecretCommand::Put { name, env, .. } => {
             let value = value.ok_or_else(|| Error::internal("value missing"))?;
-            let value_b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*value));
+            let value_b64 =
+                Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*value));
             drop(value);
             let version: u32 = target
-                .call(Request::SecretPut { name: name.clone(), env: env.clone(), value_b64 })?
+                .call(Request::SecretPut {
+                    name: name.clone(),
+                    env: env.clone(),
+                    value_b64,
+                })?
                 .into_result()?;
             let env = env.unwrap_or_else(|| ctx.cfg.environment.clone());
             if ctx.json {
-                return print_json(&serde_json::json!({"name": name, "env": env, "version": version}));
+                return print_json(
+                    &serde_json::json!({"name": name, "env": env, "version": version}),
+                );
             }
             println!("stored {name} (env {env}) version {version}");
         }
-        SecretCommand::Get { name, env, version, .. } => {
-            match target.call(Request::SecretReveal { name, env, version })? {
-                Response::Revealed { value_b64, .. } => {
-                    let value = Zeroizing::new(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(value_b64.as_bytes())
-                            .map_err(|_| Error::internal("daemon returned invalid base64"))?,
-                    );
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&value)
-                        .and_then(|_| out.flush())
-                        .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
-                }
-                other => {
-                    other.into_result::<serde_json::Value>()?;
-                }
+        SecretCommand::Get {
+            name, env, version, ..
+        } => match target.call(Request::SecretReveal { name, env, version })? {
+            Response::Revealed { value_b64, .. } => {
+                let value = Zeroizing::new(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(value_b64.as_bytes())
+                        .map_err(|_| Error::internal("daemon returned invalid base64"))?,
+                );
+                let mut out = std::io::stdout().lock();
+                out.write_all(&value)
+                    .and_then(|_| out.flush())
+                    .map_err(|e| Error::internal(format!("cannot write to stdout: {e}")))?;
             }
-        }
+            other => {
+                other.into_result::<serde_json::Value>()?;
+            }
+        },
         SecretCommand::List { env } => {
-            let list: Vec<SecretSummary> = target.call(Request::SecretList { env })?.into_result()?;
+            let list: Vec<SecretSummary> =
+                target.call(Request::SecretList { env })?.into_result()?;
             if ctx.json {
                 return print_json(&list);
             }
@@ -493,7 +521,10 @@ fn run_secret(ctx: &Context, cmd: SecretCommand) -> Result<()> {
                 println!("no secrets");
                 return Ok(());
             }
-            println!("{:<40} {:<12} {:>7} {:>5}  UPDATED", "NAME", "ENV", "LATEST", "KEPT");
+            println!(
+                "{:<40} {:<12} {:>7} {:>5}  UPDATED",
+                "NAME", "ENV", "LATEST", "KEPT"
+            );
             for s in list {
                 println!(
                     "{:<40} {:<12} {:>7} {:>5}  {}",
@@ -510,16 +541,24 @@ fn run_secret(ctx: &Context, cmd: SecretCommand) -> Result<()> {
             }
             println!("{:>7}  {:<28} {:<20} KEK", "VERSION", "CREATED", "BY");
             for v in list {
-                println!("{:>7}  {:<28} {:<20} {}", v.version, v.created_at, v.created_by, v.kek_id);
+                println!(
+                    "{:>7}  {:<28} {:<20} {}",
+                    v.version, v.created_at, v.created_by, v.kek_id
+                );
             }
         }
         SecretCommand::Rm { name, env } => {
             let removed: u32 = target
-                .call(Request::SecretRm { name: name.clone(), env: env.clone() })?
+                .call(Request::SecretRm {
+                    name: name.clone(),
+                    env: env.clone(),
+                })?
                 .into_result()?;
             let env = env.unwrap_or_else(|| ctx.cfg.environment.clone());
             if ctx.json {
-                return print_json(&serde_json::json!({"name": name, "env": env, "removed_versions": removed}));
+                return print_json(
+                    &serde_json::json!({"name": name, "env": env, "removed_versions": removed}),
+                );
             }
             println!("removed {name} (env {env}): {removed} version(s)");
         }
@@ -563,12 +602,15 @@ fn read_secret_value(name: &str, from_file: Option<&Path>) -> Result<Zeroizing<V
     match from_file {
         Some(p) => {
             let mut f = std::fs::File::open(p).map_err(|e| Error::io("cannot open", p, &e))?;
-            f.read_to_end(&mut buf).map_err(|e| Error::io("cannot read", p, &e))?;
+            f.read_to_end(&mut buf)
+                .map_err(|e| Error::io("cannot read", p, &e))?;
         }
         None => {
             let tty = std::io::stdin().is_terminal();
             let _echo = tty.then(|| {
-                eprintln!("Enter the value for {name} (input hidden), then press Enter and Ctrl-D:");
+                eprintln!(
+                    "Enter the value for {name} (input hidden), then press Enter and Ctrl-D:"
+                );
                 NoEcho::new()
             });
             std::io::stdin()
@@ -597,7 +639,8 @@ fn read_lines(from_file: Option<&Path>) -> Result<Vec<Zeroizing<String>>> {
     match from_file {
         Some(p) => {
             let mut f = std::fs::File::open(p).map_err(|e| Error::io("cannot open", p, &e))?;
-            f.read_to_string(&mut text).map_err(|e| Error::io("cannot read", p, &e))?;
+            f.read_to_string(&mut text)
+                .map_err(|e| Error::io("cannot read", p, &e))?;
         }
         None => {
             let _echo = std::io::stdin().is_terminal().then(NoEcho::new);
@@ -631,7 +674,10 @@ fn route_list(ctx: &Context) -> Result<()> {
         println!("no routes configured");
         return Ok(());
     }
-    println!("{:<20} {:<9} {:<22} {:<32} ALLOW", "NAME", "KIND", "LISTEN", "UPSTREAM");
+    println!(
+        "{:<20} {:<9} {:<22} {:<32} ALLOW",
+        "NAME", "KIND", "LISTEN", "UPSTREAM"
+    );
     for r in &ctx.cfg.routes {
         println!(
             "{:<20} {:<9} {:<22} {:<32} {}",
@@ -639,7 +685,11 @@ fn route_list(ctx: &Context) -> Result<()> {
             format!("{:?}", r.kind).to_lowercase(),
             r.listen.to_string(),
             r.upstream,
-            if r.allow.is_empty() { "(nobody)".to_string() } else { r.allow.join(",") }
+            if r.allow.is_empty() {
+                "(nobody)".to_string()
+            } else {
+                r.allow.join(",")
+            }
         );
     }
     Ok(())
@@ -683,15 +733,20 @@ fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
             for r in records.drain(..) {
                 print_record(&r, ctx.json)?;
             }
-            while follow {
+            if !follow {
+                return Ok(());
+            }
+            loop {
                 std::thread::sleep(std::time::Duration::from_millis(250));
                 let since = last_seq;
-                for r in audit::read_records(&log, None)?.into_iter().filter(|r| r.seq > since) {
+                for r in audit::read_records(&log, None)?
+                    .into_iter()
+                    .filter(|r| r.seq > since)
+                {
                     last_seq = r.seq;
                     print_record(&r, ctx.json)?;
                 }
             }
-            Ok(())
         }
         AuditCommand::Verify { expect_head } => {
             let report = audit::verify(&log)?;
@@ -707,12 +762,19 @@ fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
                 eprintln!("warden: note: {n}");
             }
             if let Some(p) = &report.problem {
-                return Err(Error::integrity(format!("audit log {} is TAMPERED: {p}", log.display())));
+                return Err(Error::integrity(format!(
+                    "audit log {} is TAMPERED: {p}",
+                    log.display()
+                )));
             }
             if let Some(h) = expect_head {
-                if !h.eq_ignore_ascii_case(&report.last_hash) {
+                // The pinned head must still be in the (verified) chain: later
+                // records may follow it, but it cannot have vanished or changed.
+                let h = h.to_ascii_lowercase();
+                let found = audit::read_records(&log, None)?.iter().any(|r| r.hash == h);
+                if !found {
                     return Err(Error::integrity(format!(
-                        "audit log {} ends at hash {} but {h} was expected: records were removed or the log was rewritten",
+                        "audit log {} does not contain the expected record hash {h} (its head is {}): records were removed or the log was rewritten",
                         log.display(),
                         report.last_hash
                     )));
@@ -755,10 +817,18 @@ fn config_check(file: Option<&Path>, json: bool) -> Result<()> {
                     .iter()
                     .map(|w| serde_json::json!({"key": w.key, "problem": w.problem, "fix": w.fix}))
                     .collect();
-                return print_json(&serde_json::json!({"file": file, "ok": true, "errors": [], "warnings": w}));
+                return print_json(
+                    &serde_json::json!({"file": file, "ok": true, "errors": [], "warnings": w}),
+                );
             }
             for w in &cfg.warnings {
-                println!("{}: warning: {}: {} (fix: {})", file.display(), w.key, w.problem, w.fix);
+                println!(
+                    "{}: warning: {}: {} (fix: {})",
+                    file.display(),
+                    w.key,
+                    w.problem,
+                    w.fix
+                );
             }
             println!(
                 "{}: OK ({} workload(s), {} route(s), {} secret polic(ies))",
@@ -776,8 +846,14 @@ fn config_check(file: Option<&Path>, json: bool) -> Result<()> {
                         .map(|i| serde_json::json!({"key": i.key, "problem": i.problem, "fix": i.fix}))
                         .collect()
                 };
-                print_json(&serde_json::json!({"file": file, "ok": false, "errors": issues(&report.errors), "warnings": issues(&report.warnings)}))?;
-                return Err(Error::usage(format!("{} error(s) in {}", report.errors.len(), file.display())));
+                print_json(
+                    &serde_json::json!({"file": file, "ok": false, "errors": issues(&report.errors), "warnings": issues(&report.warnings)}),
+                )?;
+                return Err(Error::usage(format!(
+                    "{} error(s) in {}",
+                    report.errors.len(),
+                    file.display()
+                )));
             }
             Err(Error::usage(report.to_string().trim_end().to_string()))
         }

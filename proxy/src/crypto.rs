@@ -155,14 +155,20 @@ mod tests {
         assert!(matches!(k.open(b"row-2", &sealed), Err(CryptoError::Open)));
         // Wrong key: refused.
         let other = Key256::generate().unwrap();
-        assert!(matches!(other.open(b"row-1", &sealed), Err(CryptoError::Open)));
+        assert!(matches!(
+            other.open(b"row-1", &sealed),
+            Err(CryptoError::Open)
+        ));
         // Every flipped byte is detected.
         for i in 0..sealed.len() {
             let mut t = sealed.clone();
             t[i] ^= 0x01;
             assert!(k.open(b"row-1", &t).is_err(), "flip at {i} undetected");
         }
-        assert!(matches!(k.open(b"", &[0u8; 5]), Err(CryptoError::TooShort(5))));
+        assert!(matches!(
+            k.open(b"", &[0u8; 5]),
+            Err(CryptoError::TooShort(5))
+        ));
     }
 
     #[test]
@@ -171,7 +177,9 @@ mod tests {
         let fp = k.fingerprint("label");
         assert!(k.matches_fingerprint("label", &fp));
         assert!(!k.matches_fingerprint("other", &fp));
-        assert!(!Key256::generate().unwrap().matches_fingerprint("label", &fp));
+        assert!(!Key256::generate()
+            .unwrap()
+            .matches_fingerprint("label", &fp));
         assert!(!k.matches_fingerprint("label", "zz"));
     }
 

@@ -127,8 +127,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
 
 async fn wait_for_shutdown() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon can only be killed; keep serving.
         std::future::pending::<()>().await;
         return "no signal";

@@ -83,7 +83,9 @@ impl Error {
     pub fn io(what: &str, path: &std::path::Path, e: &std::io::Error) -> Self {
         let hint = match e.raw_os_error() {
             Some(libc::ENOSPC) => " (disk full)",
-            Some(libc::EACCES) | Some(libc::EPERM) => " (permission denied: run as the warden user or root)",
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                " (permission denied: run as the warden user or root)"
+            }
             Some(libc::EROFS) => " (read-only file system)",
             _ => "",
         };
@@ -105,7 +107,7 @@ impl From<crate::crypto::CryptoError> for Error {
 impl From<crate::audit::AuditError> for Error {
     fn from(e: crate::audit::AuditError) -> Self {
         Error::internal(format!(
-            "audit log: {e}; the action was refused because it could not be recorded"
+            "{e}; the action was refused because it could not be recorded"
         ))
     }
 }

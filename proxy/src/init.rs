@@ -61,7 +61,10 @@ pub fn init(data_dir: &Path, plan: &KekPlan) -> Result<InitOutcome> {
             actor: admin_actor(),
             action: "init".into(),
             target: Target {
-                detail: Some(format!("kek source {}, kek id {}", seal.source, seal.kek_id)),
+                detail: Some(format!(
+                    "kek source {}, kek id {}",
+                    seal.source, seal.kek_id
+                )),
                 ..Target::default()
             },
             decision: Decision::Allow,
@@ -71,7 +74,12 @@ pub fn init(data_dir: &Path, plan: &KekPlan) -> Result<InitOutcome> {
     })();
     if let Err(e) = created {
         // Leave nothing half-made behind: a later `init` must be able to start over.
-        for f in [paths::STORE_FILE, "store.db-wal", "store.db-shm", paths::KEY_FILE] {
+        for f in [
+            paths::STORE_FILE,
+            "store.db-wal",
+            "store.db-shm",
+            paths::KEY_FILE,
+        ] {
             let _ = std::fs::remove_file(data_dir.join(f));
         }
         return Err(e);
@@ -86,23 +94,39 @@ pub fn init(data_dir: &Path, plan: &KekPlan) -> Result<InitOutcome> {
     })
 }
 
-/// Rotates the master key of an initialised, stopped data dir. `current_shares`
-/// unseal the current KEK when its source is `shamir`.
-pub fn rotate_kek(data_dir: &Path, plan: &KekPlan, current_shares: &[Zeroizing<String>]) -> Result<InitOutcome> {
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    paths::check_private_dir(data_dir)?;
-    let _lock = paths::lock_data_dir(data_dir).map_err(|e| {
+/// The data dir lock, with a hint that rotation needs the daemon stopped.
+pub fn lock_for_rotation(data_dir: &Path) -> Result<paths::DataDirLock> {
+    paths::lock_data_dir(data_dir).map_err(|e| {
         Error::new(
             e.kind,
-            format!("{}; KEK rotation needs the daemon stopped (systemctl stop warden)", e.message),
+            format!(
+                "{}; KEK rotation needs the daemon stopped (systemctl stop warden)",
+                e.message
+            ),
         )
-    })?;
+    })
+}
+
+/// Rotates the master key of an initialised, stopped data dir. `current_shares`
+/// unseal the current KEK when its source is `shamir`.
+pub fn rotate_kek(
+    data_dir: &Path,
+    plan: &KekPlan,
+    current_shares: &[Zeroizing<String>],
+) -> Result<InitOutcome> {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    paths::check_private_dir(data_dir)?;
+    let _lock = lock_for_rotation(data_dir)?;
     let (mut store, seal, mut audit): (SecretStore, _, AuditLog) = service::open_store(data_dir)?;
     let old: Kek = match masterkey::load_kek(data_dir, &seal)? {
         KekState::Unsealed(k) => k,
         KekState::Sealed(_) => service::unseal_offline(&seal, current_shares)?,
     };
-    let NewKek { kek: new, seal: new_seal, shares } = masterkey::create_kek(plan)?;
+    let NewKek {
+        kek: new,
+        seal: new_seal,
+        shares,
+    } = masterkey::create_kek(plan)?;
     let staged = match plan.source {
         KekSource::File => Some(masterkey::write_key_file(data_dir, &new, true)?),
         _ => None,

@@ -120,7 +120,10 @@ impl SealConfig {
         })
     }
     fn verify(&self, kek: &Kek, origin: &str) -> Result<()> {
-        if kek.key().matches_fingerprint(KEK_CHECK_LABEL, &self.kek_check) {
+        if kek
+            .key()
+            .matches_fingerprint(KEK_CHECK_LABEL, &self.kek_check)
+        {
             Ok(())
         } else {
             Err(Error::integrity(format!(
@@ -181,7 +184,10 @@ pub fn create_kek(plan: &KekPlan) -> Result<NewKek> {
             for share in dealer.take(usize::from(n)) {
                 let bytes = Zeroizing::new(Vec::from(&share));
                 hashes.push(sha256_hex(&bytes));
-                texts.push(Zeroizing::new(format!("{SHARE_PREFIX}{}", hex::encode(&*bytes))));
+                texts.push(Zeroizing::new(format!(
+                    "{SHARE_PREFIX}{}",
+                    hex::encode(&*bytes)
+                )));
             }
             let params = ShamirParams {
                 shares: n,
@@ -299,9 +305,9 @@ fn read_systemd_credential(name: &str) -> Result<Key256> {
         )));
     };
     let path = PathBuf::from(dir).join(name);
-    let raw = Zeroizing::new(std::fs::read(&path).map_err(|e| {
-        Error::io("cannot read systemd credential", &path, &e)
-    })?);
+    let raw = Zeroizing::new(
+        std::fs::read(&path).map_err(|e| Error::io("cannot read systemd credential", &path, &e))?,
+    );
     if let Some(k) = Key256::from_slice(&raw) {
         return Ok(k);
     }
@@ -362,9 +368,10 @@ impl Unsealer {
                 "share rejected: an unseal share starts with {SHARE_PREFIX:?} (as printed by `warden init --unseal-shares`)"
             ))
         })?;
-        let bytes = Zeroizing::new(hex::decode(hex_part).map_err(|_| {
-            Error::usage("share rejected: it is not valid hex (mistyped?)")
-        })?);
+        let bytes = Zeroizing::new(
+            hex::decode(hex_part)
+                .map_err(|_| Error::usage("share rejected: it is not valid hex (mistyped?)"))?,
+        );
         let hash = sha256_hex(&bytes);
         let index = self
             .params

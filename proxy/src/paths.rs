@@ -66,7 +66,10 @@ pub fn check_private_dir(path: &Path) -> Result<()> {
         }
     })?;
     if !md.is_dir() {
-        return Err(Error::usage(format!("data dir {} is not a directory", path.display())));
+        return Err(Error::usage(format!(
+            "data dir {} is not a directory",
+            path.display()
+        )));
     }
     check_mode_and_owner(path, &md, "data dir", "700")
 }
@@ -183,9 +186,11 @@ pub fn process_groups(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }

@@ -9,7 +9,9 @@ use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer
 use crate::metrics::Metrics;
 use crate::paths;
 use crate::store::sqlite::SqliteBackend;
-use crate::store::{validate_env, validate_secret_name, SecretStore, SecretSummary, VersionInfo};
+use crate::store::{
+    validate_env, validate_secret_name, NewVersion, SecretStore, SecretSummary, VersionInfo,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -184,11 +186,7 @@ impl SecretService {
 
     /// Appends an audit record; counts it in the metrics.
     pub fn record(&mut self, event: &Event) -> Result<()> {
-        let res = self.audit.append(event);
-        if let Some(m) = &self.metrics {
-            m.audit_write(res.is_ok());
-        }
-        res.map(|_| ()).map_err(Error::from)
+        append_counted(&mut self.audit, self.metrics.as_ref(), event)
     }
 
     /// Records a refusal or a failure. If even that cannot be written the
@@ -216,11 +214,22 @@ impl SecretService {
         }
     }
 
-    pub fn put(&mut self, caller: &Caller, name: &str, env: Option<&str>, value: &[u8]) -> Result<u32> {
+    pub fn put(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+        value: &[u8],
+    ) -> Result<u32> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
         if let Some(e) = self.kek().err() {
-            self.record_outcome(caller, "secret.put", Self::secret_target(name, &env, None), &e);
+            self.record_outcome(
+                caller,
+                "secret.put",
+                Self::secret_target(name, &env, None),
+                &e,
+            );
             return Err(e);
         }
         let keep = self.policy.keep_for(name);
@@ -237,23 +246,33 @@ impl SecretService {
         let audit = &mut self.audit;
         let metrics = self.metrics.clone();
         let mut hook = |version: u32| -> Result<()> {
-            let r = audit.append(&Event {
-                actor: actor.clone(),
-                action: "secret.put".into(),
-                target: Self::secret_target(name, &env, Some(version)),
-                decision: Decision::Allow,
-                reason: format!("new version {version}; keeping at most {keep}"),
-            });
-            if let Some(m) = &metrics {
-                m.audit_write(r.is_ok());
-            }
-            r.map(|_| ()).map_err(Error::from)
+            append_counted(
+                audit,
+                metrics.as_ref(),
+                &Event {
+                    actor: actor.clone(),
+                    action: "secret.put".into(),
+                    target: Self::secret_target(name, &env, Some(version)),
+                    decision: Decision::Allow,
+                    reason: format!("new version {version}; keeping at most {keep}"),
+                },
+            )
         };
-        let res = self
-            .store
-            .put(kek, name, &env, value, &created_by, keep, &mut hook);
+        let new = NewVersion {
+            name,
+            env: &env,
+            value,
+            created_by: &created_by,
+            keep,
+        };
+        let res = self.store.put(kek, new, &mut hook);
         if let Err(e) = &res {
-            self.record_outcome(caller, "secret.put", Self::secret_target(name, &env, None), e);
+            self.record_outcome(
+                caller,
+                "secret.put",
+                Self::secret_target(name, &env, None),
+                e,
+            );
         }
         res
     }
@@ -276,7 +295,12 @@ impl SecretService {
         self.store.backend().list(env)
     }
 
-    pub fn versions(&mut self, caller: &Caller, name: &str, env: Option<&str>) -> Result<Vec<VersionInfo>> {
+    pub fn versions(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+    ) -> Result<Vec<VersionInfo>> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
         self.record(&Event {
@@ -302,22 +326,27 @@ impl SecretService {
         let audit = &mut self.audit;
         let metrics = self.metrics.clone();
         let mut hook = |removed: u32| -> Result<()> {
-            let r = audit.append(&Event {
-                actor: actor.clone(),
-                action: "secret.rm".into(),
-                target: Self::secret_target(name, &env, None),
-                decision: Decision::Allow,
-                reason: format!("{removed} version(s) removed"),
-            });
-            if let Some(m) = &metrics {
-                m.audit_write(r.is_ok());
-            }
-            r.map(|_| ()).map_err(Error::from)
+            append_counted(
+                audit,
+                metrics.as_ref(),
+                &Event {
+                    actor: actor.clone(),
+                    action: "secret.rm".into(),
+                    target: Self::secret_target(name, &env, None),
+                    decision: Decision::Allow,
+                    reason: format!("{removed} version(s) removed"),
+                },
+            )
         };
         let removed = self.store.backend_mut().remove(name, &env, &mut hook)?;
         if removed == 0 {
             let e = Error::not_found(format!("no secret {name:?} in environment {env:?}"));
-            self.record_outcome(caller, "secret.rm", Self::secret_target(name, &env, None), &e);
+            self.record_outcome(
+                caller,
+                "secret.rm",
+                Self::secret_target(name, &env, None),
+                &e,
+            );
             return Err(e);
         }
         Ok(removed)
@@ -394,7 +423,10 @@ impl SecretService {
                     action: "unseal.share".into(),
                     target: Target::default(),
                     decision: Decision::Allow,
-                    reason: format!("share accepted: {} of {}", progress.provided, progress.threshold),
+                    reason: format!(
+                        "share accepted: {} of {}",
+                        progress.provided, progress.threshold
+                    ),
                 })?;
                 Ok(progress)
             }
@@ -441,7 +473,16 @@ impl SecretService {
     }
 }
 
-/// Replaces a sealed unsealer (used by KEK rotation to unseal offline).
+/// Appends `event` and counts the write (or its failure) in the metrics.
+fn append_counted(audit: &mut AuditLog, metrics: Option<&Metrics>, event: &Event) -> Result<()> {
+    let res = audit.append(event);
+    if let Some(m) = metrics {
+        m.audit_write(res.is_ok());
+    }
+    res.map(|_| ()).map_err(Error::from)
+}
+
+/// Recovers the KEK from shares given up front (KEK rotation, offline).
 pub fn unseal_offline(seal: &SealConfig, shares: &[Zeroizing<String>]) -> Result<Kek> {
     let mut u = Unsealer::new(seal)?;
     for s in shares {

@@ -49,11 +49,17 @@ impl Output {
         self
     }
     pub fn stderr_has(&self, needle: &str) -> &Self {
-        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}: {self:#?}");
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {self:#?}"
+        );
         self
     }
     pub fn stdout_has(&self, needle: &str) -> &Self {
-        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}: {self:#?}");
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}: {self:#?}"
+        );
         self
     }
 }
@@ -171,7 +177,11 @@ impl Instance {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("warden up exited with {st}: {}", d.log_text());
             }
-            assert!(Instant::now() < deadline, "daemon not ready: {}", d.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready: {}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

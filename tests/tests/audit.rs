@@ -36,7 +36,9 @@ fn records_every_action_and_verifies() {
     let out = i.run(&["audit", "verify"]);
     out.ok().stdout_has("audit log OK: 8 records");
     let tail = i.run(&["audit", "tail", "-n", "3"]);
-    tail.ok().stdout_has("secret.rm").stdout_has("secret.reveal");
+    tail.ok()
+        .stdout_has("secret.rm")
+        .stdout_has("secret.reveal");
     assert_eq!(tail.stdout.lines().count(), 3, "{tail:?}");
     let json = i.run(&["audit", "tail", "--json", "-n", "1"]);
     let rec: serde_json::Value = serde_json::from_str(json.ok().stdout.trim()).unwrap();
@@ -46,7 +48,8 @@ fn records_every_action_and_verifies() {
     // --expect-head pins the log to an externally kept hash.
     let head = rec["hash"].as_str().unwrap().to_string();
     i.run(&["audit", "verify", "--expect-head", &head]).ok();
-    i.run(&["audit", "verify", "--expect-head", &"0".repeat(64)]).code(6);
+    i.run(&["audit", "verify", "--expect-head", &"0".repeat(64)])
+        .code(6);
 }
 
 #[test]
@@ -121,6 +124,7 @@ fn unwritable_audit_log_refuses_the_action() {
     }
     let _guard = Unmount(i.data_dir.clone());
     i.run(&["init"]).ok();
+    let d = i.start_daemon();
     i.put("before", b"x").ok();
     let filler = i.data_dir.join("filler");
     let _ = Command::new("dd")
@@ -128,12 +132,21 @@ fn unwritable_audit_log_refuses_the_action() {
         .arg(format!("of={}", filler.display()))
         .output();
     let out = i.put("during", b"y");
-    assert_ne!(out.code, 0, "put succeeded on a full disk: {out:?}");
-    assert!(out.stderr.contains("disk full") || out.stderr.contains("No space"), "{out:?}");
+    out.code(1)
+        .stderr_has("disk full")
+        .stderr_has("refused because it could not be recorded");
+    let (_, metrics) = i.http_get("/metrics");
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warden_audit_write_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(failures >= 1, "audit write failures not counted: {metrics}");
     std::fs::remove_file(&filler).unwrap();
     // Nothing was stored without its record, and the log still verifies.
     let list = i.run(&["secret", "list"]);
-    list.ok();
+    list.ok().stdout_has("before");
     assert!(!list.stdout.contains("during"), "{list:?}");
+    drop(d);
     i.run(&["audit", "verify"]).ok();
 }

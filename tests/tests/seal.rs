@@ -18,7 +18,10 @@ fn sealed_daemon_serves_nothing_secret_until_k_shares() {
     init.ok().stderr_has("any 3 unseal it");
     let shares = shares_of(&init.stdout);
     assert_eq!(shares.len(), 5, "{init:?}");
-    assert!(!i.data_dir.join("master.key").exists(), "no key file with shamir");
+    assert!(
+        !i.data_dir.join("master.key").exists(),
+        "no key file with shamir"
+    );
 
     // Offline, nothing secret is possible; listing metadata is.
     i.put("a", b"x").code(4).stderr_has("sealed");
@@ -64,7 +67,10 @@ fn sealed_daemon_serves_nothing_secret_until_k_shares() {
         .stdout_has("unsealed");
     assert_eq!(i.http_get("/readyz").0, 200);
     i.put("a", b"after-unseal").ok();
-    assert_eq!(i.run(&["secret", "get", "a", "--reveal"]).ok().stdout, "after-unseal");
+    assert_eq!(
+        i.run(&["secret", "get", "a", "--reveal"]).ok().stdout,
+        "after-unseal"
+    );
     i.run(&["status"]).ok().stdout_has("unsealed");
     let audit = std::fs::read_to_string(i.audit_log()).unwrap();
     assert!(audit.contains("\"unseal\"") && audit.contains("unseal.share"));
@@ -91,7 +97,8 @@ fn several_shares_in_one_unseal_call() {
 #[test]
 fn bad_share_parameters_are_usage_errors() {
     let i = Instance::new();
-    i.run(&["init", "--unseal-shares", "2", "--unseal-threshold", "3"]).code(2);
+    i.run(&["init", "--unseal-shares", "2", "--unseal-threshold", "3"])
+        .code(2);
     i.run(&["init", "--unseal-shares", "3"]).code(2);
     i.run(&["init", "--kek-source", "shamir"]).code(2);
     i.run(&["init", "--kek-source", "bogus"]).code(2);
@@ -117,9 +124,15 @@ fn systemd_credential_source() {
         child.stdin.take().unwrap().write_all(stdin).unwrap();
         child.wait_with_output().unwrap()
     };
-    assert!(with_creds(&["init", "--kek-source", "systemd-credential"], b"").status.success());
+    assert!(
+        with_creds(&["init", "--kek-source", "systemd-credential"], b"")
+            .status
+            .success()
+    );
     assert!(!i.data_dir.join("master.key").exists());
-    assert!(with_creds(&["secret", "put", "a"], b"cred-value").status.success());
+    assert!(with_creds(&["secret", "put", "a"], b"cred-value")
+        .status
+        .success());
     let got = with_creds(&["secret", "get", "a", "--reveal"], b"");
     assert_eq!(got.stdout, b"cred-value");
     // Without the credential the error says how to provide it.
@@ -142,23 +155,42 @@ fn kek_rotation_rewraps_and_keeps_values() {
     out.ok().stdout_has("2 data key(s) rewrapped");
     let new_key = std::fs::read(i.data_dir.join("master.key")).unwrap();
     assert_ne!(old_key, new_key);
-    assert_eq!(i.run(&["secret", "get", "a", "--reveal"]).ok().stdout, "value-a");
+    assert_eq!(
+        i.run(&["secret", "get", "a", "--reveal"]).ok().stdout,
+        "value-a"
+    );
     // The old key no longer opens the store.
     std::fs::write(i.data_dir.join("master.key"), &old_key).unwrap();
     i.run(&["secret", "get", "a", "--reveal"]).code(6);
     std::fs::write(i.data_dir.join("master.key"), &new_key).unwrap();
 
     // Rotate from a key file to Shamir shares, then back, giving the shares on stdin.
-    let out = i.run(&["init", "--rotate-kek", "--unseal-shares", "3", "--unseal-threshold", "2"]);
+    let out = i.run(&[
+        "init",
+        "--rotate-kek",
+        "--unseal-shares",
+        "3",
+        "--unseal-threshold",
+        "2",
+    ]);
     out.ok();
     let shares = shares_of(&out.stdout);
     assert_eq!(shares.len(), 3);
-    assert!(!i.data_dir.join("master.key").exists(), "old key file must be removed");
+    assert!(
+        !i.data_dir.join("master.key").exists(),
+        "old key file must be removed"
+    );
     i.run_stdin(&["init", "--rotate-kek"], b"").code(4);
     let input = format!("{}\n{}\n", shares[1], shares[2]);
-    i.run_stdin(&["init", "--rotate-kek", "--kek-source", "file"], input.as_bytes())
-        .ok();
-    assert_eq!(i.run(&["secret", "get", "b", "--reveal"]).ok().stdout, "value-b");
+    i.run_stdin(
+        &["init", "--rotate-kek", "--kek-source", "file"],
+        input.as_bytes(),
+    )
+    .ok();
+    assert_eq!(
+        i.run(&["secret", "get", "b", "--reveal"]).ok().stdout,
+        "value-b"
+    );
 
     // Rotation refuses to run under a live daemon.
     let _d = i.start_daemon();

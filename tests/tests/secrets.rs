@@ -11,10 +11,17 @@ const CANARY: &str = "CANARY-pl41n-9d1e77-do-not-leak";
 #[test]
 fn put_list_versions_reveal_rm_offline() {
     let i = Instance::initialised();
-    i.put("orders-db/app", b"v1-value\n").ok().stdout_has("version 1");
-    i.put("orders-db/app", b"v2-value").ok().stdout_has("version 2");
-    i.run_stdin(&["secret", "put", "orders-db/app", "--env", "dev"], b"dev-value")
-        .ok();
+    i.put("orders-db/app", b"v1-value\n")
+        .ok()
+        .stdout_has("version 1");
+    i.put("orders-db/app", b"v2-value")
+        .ok()
+        .stdout_has("version 2");
+    i.run_stdin(
+        &["secret", "put", "orders-db/app", "--env", "dev"],
+        b"dev-value",
+    )
+    .ok();
     let list = i.run(&["secret", "list", "--json"]);
     list.ok();
     let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
@@ -28,15 +35,31 @@ fn put_list_versions_reveal_rm_offline() {
     let dev = i.run(&["secret", "get", "orders-db/app", "--env", "dev", "--reveal"]);
     assert_eq!(dev.ok().stdout, "dev-value");
     // One trailing newline from stdin is dropped; --version reads history.
-    let v1 = i.run(&["secret", "get", "orders-db/app", "--version", "1", "--reveal"]);
+    let v1 = i.run(&[
+        "secret",
+        "get",
+        "orders-db/app",
+        "--version",
+        "1",
+        "--reveal",
+    ]);
     assert_eq!(v1.ok().stdout, "v1-value");
-    i.run(&["secret", "get", "orders-db/app", "--env", "staging", "--reveal"])
-        .code(5)
-        .stderr_has("no secret");
+    i.run(&[
+        "secret",
+        "get",
+        "orders-db/app",
+        "--env",
+        "staging",
+        "--reveal",
+    ])
+    .code(5)
+    .stderr_has("no secret");
     i.run(&["secret", "get", "orders-db/app"])
         .code(2)
         .stderr_has("--reveal");
-    i.run(&["secret", "rm", "orders-db/app"]).ok().stdout_has("2 version");
+    i.run(&["secret", "rm", "orders-db/app"])
+        .ok()
+        .stdout_has("2 version");
     i.run(&["secret", "rm", "orders-db/app"]).code(5);
     i.run(&["audit", "verify"]).ok();
 }
@@ -46,8 +69,14 @@ fn values_from_file_are_exact() {
     let i = Instance::initialised();
     let f = i.dir.path().join("cert.pem");
     std::fs::write(&f, b"line1\nline2\n\n").unwrap();
-    i.run(&["secret", "put", "tls/cert", "--from-file", f.to_str().unwrap()])
-        .ok();
+    i.run(&[
+        "secret",
+        "put",
+        "tls/cert",
+        "--from-file",
+        f.to_str().unwrap(),
+    ])
+    .ok();
     let got = i.run(&["secret", "get", "tls/cert", "--reveal"]);
     assert_eq!(got.ok().stdout, "line1\nline2\n\n");
 }
@@ -55,8 +84,12 @@ fn values_from_file_are_exact() {
 #[test]
 fn empty_and_invalid_inputs_are_clear_usage_errors() {
     let i = Instance::initialised();
-    i.put("a", b"").code(2).stderr_has("never taken from the command line");
-    i.put("Bad Name", b"x").code(2).stderr_has("invalid secret name");
+    i.put("a", b"")
+        .code(2)
+        .stderr_has("never taken from the command line");
+    i.put("Bad Name", b"x")
+        .code(2)
+        .stderr_has("invalid secret name");
     i.run_stdin(&["secret", "put", "a", "--env", "PROD"], b"x")
         .code(2)
         .stderr_has("invalid environment");
@@ -102,9 +135,15 @@ fn value_on_argv_is_impossible_and_ps_never_shows_it() {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(CANARY.as_bytes()).unwrap();
     stdin.flush().unwrap();
-    let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
+    let ps = Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .unwrap();
     let listing = String::from_utf8_lossy(&ps.stdout);
-    assert!(listing.contains("ps/check"), "put not visible in ps: {listing}");
+    assert!(
+        listing.contains("ps/check"),
+        "put not visible in ps: {listing}"
+    );
     assert!(!listing.contains(CANARY), "secret visible in ps");
     drop(stdin);
     assert!(child.wait().unwrap().success());
@@ -129,7 +168,10 @@ fn swapped_or_flipped_rows_give_integrity_errors() {
     for name in ["alpha", "beta"] {
         let out = i.run(&["secret", "get", name, "--reveal"]);
         out.code(6).stderr_has("integrity");
-        assert!(!out.stdout.contains("value-"), "a wrong value was served: {out:?}");
+        assert!(
+            !out.stdout.contains("value-"),
+            "a wrong value was served: {out:?}"
+        );
     }
     // Flip one byte of a ciphertext.
     i.put("gamma", b"value-gamma").ok();
@@ -190,7 +232,10 @@ fn daemon_serves_cli_and_metrics_and_stops_cleanly() {
     assert_eq!(i.http_get("/nope").0, 404);
     let (code, metrics) = i.http_get("/metrics");
     assert_eq!(code, 200);
-    assert!(metrics.contains("warden_admin_requests_total{op=\"secret_put\",result=\"ok\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("warden_admin_requests_total{op=\"secret_put\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("warden_audit_records_written_total"));
     // promtool accepts the exposition.
     let mut p = Command::new("promtool")
@@ -200,9 +245,18 @@ fn daemon_serves_cli_and_metrics_and_stops_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (Debian package prometheus) is required");
-    p.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
     let out = p.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A second daemon on the same data dir is refused.
     let second = i.run(&["up"]);
     assert_ne!(second.code, 0);
@@ -239,7 +293,13 @@ fn non_admin_uid_is_refused_by_the_admin_socket() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("uid 65534 may not use the warden admin socket"), "{stderr}");
+    assert!(
+        stderr.contains("uid 65534 may not use the warden admin socket"),
+        "{stderr}"
+    );
     let audit = std::fs::read_to_string(i.audit_log()).unwrap();
-    assert!(audit.contains("admin.connect") && audit.contains("\"deny\""), "{audit}");
+    assert!(
+        audit.contains("admin.connect") && audit.contains("\"deny\""),
+        "{audit}"
+    );
 }

@@ -27,9 +27,7 @@ fn run_steps(steps: &mut Steps, repo: &Path, runner_args: &[String]) -> Result<(
     };
     env.print();
     if nextest_available(repo) {
-        steps.run("tests (cargo nextest)", || {
-            run_nextest(repo, &env, runner_args)
-        })?;
+        // Doc tests first: nextest's summary line must be the run's last word.
         if runner_args.is_empty() {
             steps.run("doc tests", || run_doc_tests(repo, &env))?;
         } else {
@@ -37,6 +35,9 @@ fn run_steps(steps: &mut Steps, repo: &Path, runner_args: &[String]) -> Result<(
                 "\nnote: doc tests skipped (runner arguments given; nextest runs no doc tests)"
             );
         }
+        steps.run("tests (cargo nextest)", || {
+            run_nextest(repo, &env, runner_args)
+        })?;
     } else {
         steps.run("tests (cargo test)", || {
             run_cargo_test(repo, &env, runner_args)

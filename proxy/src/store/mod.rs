@@ -69,6 +69,20 @@ pub struct WrappedKeyRow {
 /// before the change commits (fail closed).
 pub type CommitHook<'a> = &'a mut dyn FnMut(u32) -> Result<()>;
 
+/// Given a row's wrapped key, returns (new kek id, newly wrapped key).
+pub type RewrapFn<'a> = &'a mut dyn FnMut(&WrappedKeyRow) -> Result<(String, Vec<u8>)>;
+
+/// A value to store as the next version of (name, env).
+pub struct NewVersion<'a> {
+    pub name: &'a str,
+    pub env: &'a str,
+    pub value: &'a [u8],
+    /// Who stored it (shown by `secret versions`).
+    pub created_by: &'a str,
+    /// How many versions to keep, this one included.
+    pub keep: u32,
+}
+
 /// Storage for sealed rows and small metadata. Implementations must make each
 /// method atomic (all or nothing) and durable when it returns.
 pub trait SecretBackend: Send {
@@ -87,19 +101,19 @@ pub trait SecretBackend: Send {
         before_commit: CommitHook<'_>,
     ) -> Result<u32>;
     /// The given version, or the latest when `version` is None.
-    fn get_version(&self, name: &str, env: &str, version: Option<u32>)
-        -> Result<Option<VersionRow>>;
+    fn get_version(
+        &self,
+        name: &str,
+        env: &str,
+        version: Option<u32>,
+    ) -> Result<Option<VersionRow>>;
     fn list(&self, env: Option<&str>) -> Result<Vec<SecretSummary>>;
     fn versions(&self, name: &str, env: &str) -> Result<Vec<VersionInfo>>;
     /// Removes every version of (name, env); returns how many were removed.
     fn remove(&mut self, name: &str, env: &str, before_commit: CommitHook<'_>) -> Result<u32>;
     /// Replaces every wrapped key with `rewrap(row)` and sets `meta` in one
     /// transaction. Returns the number of rows rewrapped.
-    fn rewrap_all(
-        &mut self,
-        rewrap: &mut dyn FnMut(&WrappedKeyRow) -> Result<(String, Vec<u8>)>,
-        meta: &[(&str, String)],
-    ) -> Result<u64>;
+    fn rewrap_all(&mut self, rewrap: RewrapFn<'_>, meta: &[(&str, String)]) -> Result<u64>;
 }
 
 /// Checks a secret name: `[a-z0-9][a-z0-9._/-]*`, at most 128 bytes, no empty
@@ -166,13 +180,16 @@ impl SecretStore {
     pub fn put(
         &mut self,
         kek: &Kek,
-        name: &str,
-        env: &str,
-        value: &[u8],
-        created_by: &str,
-        keep: u32,
+        new: NewVersion<'_>,
         before_commit: CommitHook<'_>,
     ) -> Result<u32> {
+        let NewVersion {
+            name,
+            env,
+            value,
+            created_by,
+            keep,
+        } = new;
         validate_secret_name(name)?;
         validate_env(env)?;
         if value.is_empty() {
@@ -238,8 +255,9 @@ impl SecretStore {
                     "{what} failed its integrity check: its wrapped data key was modified or belongs to another row"
                 ))
             })?;
-        let dek = Key256::from_slice(&dek_bytes)
-            .ok_or_else(|| Error::integrity(format!("{what}: unwrapped data key has the wrong length")))?;
+        let dek = Key256::from_slice(&dek_bytes).ok_or_else(|| {
+            Error::integrity(format!("{what}: unwrapped data key has the wrong length"))
+        })?;
         let value = dek
             .open(&value_aad(name, env, v), &row.sealed.ciphertext)
             .map_err(|_| {
@@ -267,7 +285,10 @@ impl SecretStore {
             }
             let dek = old
                 .key()
-                .open(&dek_aad(&row.name, &row.env, row.version, old.id()), &row.wrapped_key)
+                .open(
+                    &dek_aad(&row.name, &row.env, row.version, old.id()),
+                    &row.wrapped_key,
+                )
                 .map_err(|_| {
                     Error::integrity(format!(
                         "{what} failed its integrity check during rewrap; nothing was changed"

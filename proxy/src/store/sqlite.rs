@@ -2,7 +2,10 @@
 //! (`store.db`) in the data dir, WAL journal, `synchronous=FULL` so a committed
 //! write survives a power cut. Holds only sealed bytes and metadata.
 
-use super::{CommitHook, SealedVersion, SecretBackend, SecretSummary, VersionInfo, VersionRow, WrappedKeyRow};
+use super::{
+    CommitHook, RewrapFn, SealedVersion, SecretBackend, SecretSummary, VersionInfo, VersionRow,
+    WrappedKeyRow,
+};
 use crate::error::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -15,7 +18,24 @@ pub struct SqliteBackend {
 }
 
 fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
-    move |e| Error::internal(format!("secret store {}: {e}", path.display()))
+    move |e| {
+        let hint = match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => " (the disk holding the data dir is full)",
+            Some(rusqlite::ErrorCode::SystemIoFailure) => {
+                " (the data dir's disk failed a write: full, read-only or failing)"
+            }
+            Some(rusqlite::ErrorCode::ReadOnly) => " (the store is read-only: check permissions)",
+            Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked) => {
+                " (another process holds the store: is a second warden running?)"
+            }
+            Some(rusqlite::ErrorCode::NotADatabase)
+            | Some(rusqlite::ErrorCode::DatabaseCorrupt) => {
+                " (the file is damaged or not a warden store: restore it from backup)"
+            }
+            _ => "",
+        };
+        Error::internal(format!("secret store {}: {e}{hint}", path.display()))
+    }
 }
 
 fn now() -> String {
@@ -94,7 +114,9 @@ impl SqliteBackend {
 impl SecretBackend for SqliteBackend {
     fn meta_get(&self, key: &str) -> Result<Option<String>> {
         self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db_err(&self.path))
     }
@@ -158,7 +180,12 @@ impl SecretBackend for SqliteBackend {
         Ok(version)
     }
 
-    fn get_version(&self, name: &str, env: &str, version: Option<u32>) -> Result<Option<VersionRow>> {
+    fn get_version(
+        &self,
+        name: &str,
+        env: &str,
+        version: Option<u32>,
+    ) -> Result<Option<VersionRow>> {
         let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<VersionRow> {
             Ok(VersionRow {
                 version: r.get(0)?,
@@ -260,11 +287,7 @@ impl SecretBackend for SqliteBackend {
         Ok(removed)
     }
 
-    fn rewrap_all(
-        &mut self,
-        rewrap: &mut dyn FnMut(&WrappedKeyRow) -> Result<(String, Vec<u8>)>,
-        meta: &[(&str, String)],
-    ) -> Result<u64> {
+    fn rewrap_all(&mut self, rewrap: RewrapFn<'_>, meta: &[(&str, String)]) -> Result<u64> {
         let path = self.path.clone();
         let err = db_err(&path);
         let tx = self

@@ -16,8 +16,18 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf, SecretStore, Kek) {
 
 fn put(store: &mut SecretStore, kek: &Kek, name: &str, env: &str, value: &[u8], keep: u32) -> u32 {
     store
-        .put(kek, name, env, value, "test", keep, &mut |_| Ok(()))
+        .put(kek, nv(name, env, value, keep), &mut |_| Ok(()))
         .unwrap()
+}
+
+fn nv<'a>(name: &'a str, env: &'a str, value: &'a [u8], keep: u32) -> NewVersion<'a> {
+    NewVersion {
+        name,
+        env,
+        value,
+        created_by: "test",
+        keep,
+    }
 }
 
 fn raw(path: &std::path::Path) -> rusqlite::Connection {
@@ -36,7 +46,9 @@ fn values_roundtrip_by_env_and_version() {
     assert_eq!(val.as_slice(), b"p1");
     let (_, val) = store.get(&kek, "orders-db/app", "dev", None).unwrap();
     assert_eq!(val.as_slice(), b"d1");
-    let e = store.get(&kek, "orders-db/app", "staging", None).unwrap_err();
+    let e = store
+        .get(&kek, "orders-db/app", "staging", None)
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
 }
 
@@ -54,7 +66,10 @@ fn old_versions_are_pruned_and_numbers_never_repeat() {
         .map(|v| v.version)
         .collect();
     assert_eq!(versions, vec![3, 4, 5]);
-    let removed = store.backend_mut().remove("a", "prod", &mut |_| Ok(())).unwrap();
+    let removed = store
+        .backend_mut()
+        .remove("a", "prod", &mut |_| Ok(()))
+        .unwrap();
     assert_eq!(removed, 3);
     assert!(store.backend().list(None).unwrap().is_empty());
     assert_eq!(put(&mut store, &kek, "a", "prod", b"again", 3), 6);
@@ -82,25 +97,41 @@ fn swapped_rows_give_integrity_errors_not_wrong_values() {
     put(&mut store, &kek, "b", "prod", b"value-b", 10);
     let c = raw(&path);
     let (wa, ca): (Vec<u8>, Vec<u8>) = c
-        .query_row("SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='a'", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='a'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     let (wb, cb): (Vec<u8>, Vec<u8>) = c
-        .query_row("SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='b'", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='b'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     // Whole rows swapped.
-    c.execute("UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='a'", params![wb, cb]).unwrap();
-    c.execute("UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='b'", params![wa, ca]).unwrap();
+    c.execute(
+        "UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='a'",
+        params![wb, cb],
+    )
+    .unwrap();
+    c.execute(
+        "UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='b'",
+        params![wa, ca],
+    )
+    .unwrap();
     for name in ["a", "b"] {
         let e = store.get(&kek, name, "prod", None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Integrity, "{e}");
         assert!(e.message.contains(&format!("{name:?}")), "{e}");
     }
     // Only the ciphertexts swapped (wrapped keys back in place).
-    c.execute("UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='a'", params![wa, cb]).unwrap();
+    c.execute(
+        "UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='a'",
+        params![wa, cb],
+    )
+    .unwrap();
     let e = store.get(&kek, "a", "prod", None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Integrity);
     assert!(e.message.contains("ciphertext"), "{e}");
@@ -113,9 +144,17 @@ fn version_renumbering_is_detected() {
     put(&mut store, &kek, "a", "prod", b"new", 10);
     // An attacker deletes v2 and renumbers v1 as v2 to roll the secret back.
     let c = raw(&path);
-    c.execute("DELETE FROM secret_versions WHERE version = 2", []).unwrap();
-    c.execute("UPDATE secret_versions SET version = 2 WHERE version = 1", []).unwrap();
-    assert_eq!(store.get(&kek, "a", "prod", None).unwrap_err().kind, ErrorKind::Integrity);
+    c.execute("DELETE FROM secret_versions WHERE version = 2", [])
+        .unwrap();
+    c.execute(
+        "UPDATE secret_versions SET version = 2 WHERE version = 1",
+        [],
+    )
+    .unwrap();
+    assert_eq!(
+        store.get(&kek, "a", "prod", None).unwrap_err().kind,
+        ErrorKind::Integrity
+    );
 }
 
 #[test]
@@ -125,18 +164,31 @@ fn every_flipped_byte_is_detected() {
     let c = raw(&path);
     for col in ["wrapped_key", "ciphertext"] {
         let orig: Vec<u8> = c
-            .query_row(&format!("SELECT {col} FROM secret_versions"), [], |r| r.get(0))
+            .query_row(&format!("SELECT {col} FROM secret_versions"), [], |r| {
+                r.get(0)
+            })
             .unwrap();
         for i in 0..orig.len() {
             let mut t = orig.clone();
             t[i] ^= 0x80;
-            c.execute(&format!("UPDATE secret_versions SET {col} = ?1"), params![t]).unwrap();
+            c.execute(
+                &format!("UPDATE secret_versions SET {col} = ?1"),
+                params![t],
+            )
+            .unwrap();
             let e = store.get(&kek, "a", "prod", None).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Integrity, "{col} byte {i}: {e}");
         }
-        c.execute(&format!("UPDATE secret_versions SET {col} = ?1"), params![orig]).unwrap();
+        c.execute(
+            &format!("UPDATE secret_versions SET {col} = ?1"),
+            params![orig],
+        )
+        .unwrap();
     }
-    assert_eq!(store.get(&kek, "a", "prod", None).unwrap().1.as_slice(), b"flip-me");
+    assert_eq!(
+        store.get(&kek, "a", "prod", None).unwrap().1.as_slice(),
+        b"flip-me"
+    );
 }
 
 #[test]
@@ -164,8 +216,14 @@ fn rewrap_changes_kek_and_keeps_values() {
     let new = Kek::from_key(Key256::generate().unwrap());
     let n = store.rewrap(&kek, &new, &[("seal", "x".into())]).unwrap();
     assert_eq!(n, 2);
-    assert_eq!(store.get(&new, "a", "prod", None).unwrap().1.as_slice(), b"va");
-    assert_eq!(store.get(&new, "b", "dev", None).unwrap().1.as_slice(), b"vb");
+    assert_eq!(
+        store.get(&new, "a", "prod", None).unwrap().1.as_slice(),
+        b"va"
+    );
+    assert_eq!(
+        store.get(&new, "b", "dev", None).unwrap().1.as_slice(),
+        b"vb"
+    );
     assert!(store.get(&kek, "a", "prod", None).is_err());
     let after: Vec<Vec<u8>> = raw(&path)
         .prepare("SELECT ciphertext FROM secret_versions ORDER BY name")
@@ -174,15 +232,21 @@ fn rewrap_changes_kek_and_keeps_values() {
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
-    assert_eq!(before, after, "KEK rotation must not touch value ciphertexts");
-    assert_eq!(store.backend().meta_get("seal").unwrap().as_deref(), Some("x"));
+    assert_eq!(
+        before, after,
+        "KEK rotation must not touch value ciphertexts"
+    );
+    assert_eq!(
+        store.backend().meta_get("seal").unwrap().as_deref(),
+        Some("x")
+    );
 }
 
 #[test]
 fn failing_commit_hook_rolls_back() {
     let (_d, _p, mut store, kek) = setup();
     let e = store
-        .put(&kek, "a", "prod", b"v", "t", 10, &mut |_| {
+        .put(&kek, nv("a", "prod", b"v", 10), &mut |_| {
             Err(crate::error::Error::internal("audit disk full"))
         })
         .unwrap_err();
@@ -191,7 +255,9 @@ fn failing_commit_hook_rolls_back() {
     put(&mut store, &kek, "a", "prod", b"v", 10);
     let e = store
         .backend_mut()
-        .remove("a", "prod", &mut |_| Err(crate::error::Error::internal("nope")))
+        .remove("a", "prod", &mut |_| {
+            Err(crate::error::Error::internal("nope"))
+        })
         .unwrap_err();
     assert!(e.message.contains("nope"));
     assert_eq!(store.backend().list(None).unwrap().len(), 1);
@@ -202,7 +268,16 @@ fn names_and_envs_are_validated() {
     for ok in ["orders-db/app", "a", "x.y_z-1/b2"] {
         validate_secret_name(ok).unwrap();
     }
-    for bad in ["", "Upper", "/lead", "trail/", "a//b", "sp ace", "-x", &"a".repeat(129)] {
+    for bad in [
+        "",
+        "Upper",
+        "/lead",
+        "trail/",
+        "a//b",
+        "sp ace",
+        "-x",
+        &"a".repeat(129),
+    ] {
         assert!(validate_secret_name(bad).is_err(), "{bad:?} accepted");
     }
     validate_env("prod").unwrap();

@@ -1,0 +1,2443 @@
+//! Append-only, hash-chained audit log (`audit.log` in warden's data dir).
+//!
+//! # Format
+//!
+//! One JSON object per line (JSON lines, `\n`-terminated), members in this
+//! fixed order:
+//!
+//! ```text
+//! {"seq":N,"time":"2026-11-25T19:50:00.123456Z","actor":{...},"action":"secret.put","target":{...},"decision":"allow","reason":"...","prev":"<64 hex>","hash":"<64 hex>"}
+//! ```
+//!
+//! * `seq` starts at 1 and grows by exactly 1 per record.
+//! * `prev` is the `hash` of the previous record (64 zeros for seq 1).
+//! * `hash` is the lowercase hex SHA-256 of the exact bytes of the line with
+//!   the trailing `,"hash":"<64 hex>"` member removed, i.e. of the bytes
+//!   `{"seq":…,"prev":"…"}`. A verifier strips the fixed-size suffix
+//!   `,"hash":"<64 hex>"}`, re-appends `}` and hashes: no re-serialisation is
+//!   involved, so there is no canonicalisation ambiguity. Lines must in
+//!   addition be exactly what this module's serialiser produces (canonical
+//!   form, no unknown members).
+//! * Records carry only names, versions and metadata. No type in this module
+//!   has a field that could carry a secret *value*; callers pass secret names.
+//!
+//! Beside the log, `audit.log.head` (the log's file name + `.head`) holds
+//! `{"seq":N,"hash":"…"}` for the newest record. It is replaced atomically
+//! (temp file + rename) after every append and lets [`verify`] detect a log
+//! whose tail was cut off.
+//!
+//! # Guarantees
+//!
+//! * [`AuditLog::append`] writes the line and `fsync`s it before returning
+//!   `Ok`, under an exclusive `flock` on the log (so several warden processes
+//!   appending in turn keep one valid chain). If it returns `Err`, the record
+//!   was not durably written: a partial line, a failed `fsync` or a failed
+//!   head-anchor update are rolled back by truncating the log to its previous
+//!   length. Callers must refuse the audited action on `Err` (fail closed).
+//! * [`AuditLog::open`] refuses a log whose last line is not a valid record,
+//!   or whose head anchor shows that records were cut off or rewritten, so an
+//!   append can never paper over tampering evidence.
+//! * [`verify`] detects a modified (any single byte, including whitespace,
+//!   `prev` or `hash`), removed, inserted (also a forged line with a correctly
+//!   recomputed hash, seq and prev), reordered or truncated line, and names
+//!   the first bad line (1-based).
+//!
+//! # Limits
+//!
+//! The chain is keyless: anyone who can rewrite the *whole* file from some
+//! point on *and* the head anchor can forge a consistent history, and a forged
+//! record appended at the very end with a correct chain is indistinguishable
+//! from an append that crashed before updating the anchor (it is reported as
+//! a note). The remedy is to keep the head hash somewhere the attacker cannot
+//! write (ship [`VerifyReport::last_hash`] off the node, print it into a
+//! ticket, …) and later run `warden audit verify --expect-head HASH`, which
+//! compares it with [`VerifyReport::last_hash`] (or, if records were appended
+//! since, looks for it among the records' hashes): a log whose verified
+//! chain no longer contains that hash was rewritten. Deleting the
+//! anchor itself only yields a note, because the anchor is a convenience
+//! against accidental or naive truncation, not a trust root.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::digest::{digest, SHA256};
+use serde::{Deserialize, Serialize};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+
+/// `prev` of the first record.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Largest record line (without its newline) that is written or accepted.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+const HASH_MEMBER_PREFIX: &[u8] = b",\"hash\":\"";
+const HASH_HEX_LEN: usize = 64;
+const HASH_MEMBER_CLOSE: &[u8] = b"\"}";
+/// `,"hash":"` + 64 hex + `"}`
+const HASH_SUFFIX_LEN: usize = HASH_MEMBER_PREFIX.len() + HASH_HEX_LEN + HASH_MEMBER_CLOSE.len();
+const MAX_ANCHOR_BYTES: u64 = 4096;
+
+const TIME_FORMAT: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+const HUMAN_TIME_FORMAT: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+
+type Digest32 = [u8; 32];
+const ZERO_DIGEST: Digest32 = [0; 32];
+
+// ---------------------------------------------------------------------------
+// Record types
+// ---------------------------------------------------------------------------
+
+/// Who performed the audited action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActorKind {
+    Admin,
+    Workload,
+    Daemon,
+}
+
+impl ActorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::Admin => "admin",
+            ActorKind::Workload => "workload",
+            ActorKind::Daemon => "daemon",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Actor {
+    pub kind: ActorKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+/// What the action was applied to. Names and versions only: there is
+/// deliberately no field for a secret value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+    Error,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// What a caller hands to [`AuditLog::append`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub actor: Actor,
+    pub action: String,
+    pub target: Target,
+    pub decision: Decision,
+    pub reason: String,
+}
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub seq: u64,
+    pub time: String,
+    pub actor: Actor,
+    pub action: String,
+    pub target: Target,
+    pub decision: Decision,
+    pub reason: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// The hashed part of a record: identical member order, without `hash`.
+#[derive(Serialize)]
+struct RecordBody<'a> {
+    seq: u64,
+    time: &'a str,
+    actor: &'a Actor,
+    action: &'a str,
+    target: &'a Target,
+    decision: Decision,
+    reason: &'a str,
+    prev: &'a str,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnchorFile {
+    seq: u64,
+    hash: String,
+}
+
+// ---------------------------------------------------------------------------
+// Errors and reports
+// ---------------------------------------------------------------------------
+
+#[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
+pub enum AuditError {
+    #[error("audit log I/O error on {}: {}", .path.display(), describe_io(.source))]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log {} is damaged at line {line}: {detail} (run `warden audit verify`)", .path.display())]
+    Corrupt {
+        path: PathBuf,
+        line: u64,
+        detail: String,
+    },
+    #[error("audit log {} was removed or replaced since it was opened; refusing to append", .path.display())]
+    Replaced { path: PathBuf },
+    #[error("audit log path {}: {detail}", .path.display())]
+    InvalidPath { path: PathBuf, detail: String },
+    #[error("audit event rejected: {0}")]
+    InvalidEvent(String),
+    #[error("audit record too large ({size} bytes, at most {max} allowed)")]
+    RecordTooLarge { size: usize, max: usize },
+    #[error("could not encode audit record: {0}")]
+    Encode(String),
+}
+
+fn describe_io(err: &io::Error) -> String {
+    let hint = match err.raw_os_error() {
+        Some(libc::ENOSPC) => Some("disk full"),
+        Some(libc::EDQUOT) => Some("disk quota exceeded"),
+        Some(libc::EACCES) | Some(libc::EPERM) => Some("permission denied"),
+        Some(libc::EROFS) => Some("read-only filesystem"),
+        _ => None,
+    };
+    match hint {
+        Some(h) => format!("{h} ({err})"),
+        None => err.to_string(),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TamperKind {
+    Modified,
+    Removed,
+    Inserted,
+    Reordered,
+    Truncated,
+    Malformed,
+}
+
+/// The first problem found by [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tamper {
+    /// 1-based line number of the first bad line (for a truncated tail: the
+    /// first line that is missing).
+    pub line: u64,
+    pub kind: TamperKind,
+    pub detail: String,
+}
+
+impl fmt::Display for Tamper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.detail)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Records verified intact before the first problem (all of them when
+    /// `problem` is `None`).
+    pub records: u64,
+    /// Hash of the last intact record ([`GENESIS_HASH`] if there is none).
+    /// Keep it off the node and compare later (`--expect-head`).
+    pub last_hash: String,
+    pub problem: Option<Tamper>,
+    /// Observations that are not tampering evidence by themselves.
+    pub notes: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Line encoding and self-check
+// ---------------------------------------------------------------------------
+
+fn sha256(bytes: &[u8]) -> Digest32 {
+    let d = digest(&SHA256, bytes);
+    let mut out = ZERO_DIGEST;
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn is_lower_hex(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+fn parse_hash(s: &[u8]) -> Option<Digest32> {
+    if s.len() != HASH_HEX_LEN || !is_lower_hex(s) {
+        return None;
+    }
+    let mut out = ZERO_DIGEST;
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
+}
+
+fn encode_err(e: impl fmt::Display) -> AuditError {
+    AuditError::Encode(e.to_string())
+}
+
+/// Serialises a record; returns it together with its line (no newline).
+fn encode_record(
+    seq: u64,
+    time: &str,
+    event: &Event,
+    prev: &str,
+) -> Result<(Record, Vec<u8>), AuditError> {
+    let body = serde_json::to_vec(&RecordBody {
+        seq,
+        time,
+        actor: &event.actor,
+        action: &event.action,
+        target: &event.target,
+        decision: event.decision,
+        reason: &event.reason,
+        prev,
+    })
+    .map_err(encode_err)?;
+    let hash = hex::encode(sha256(&body));
+    let Some((b'}', open_body)) = body.split_last() else {
+        return Err(AuditError::Encode(
+            "record body is not a JSON object".into(),
+        ));
+    };
+    let mut line = Vec::with_capacity(body.len() + HASH_SUFFIX_LEN);
+    line.extend_from_slice(open_body);
+    line.extend_from_slice(HASH_MEMBER_PREFIX);
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(HASH_MEMBER_CLOSE);
+    let record = Record {
+        seq,
+        time: time.to_owned(),
+        actor: event.actor.clone(),
+        action: event.action.clone(),
+        target: event.target.clone(),
+        decision: event.decision,
+        reason: event.reason.clone(),
+        prev: prev.to_owned(),
+        hash,
+    };
+    Ok((record, line))
+}
+
+/// Splits a line into (body without its closing brace, stored hash).
+fn split_hash_member(line: &[u8]) -> Option<(&[u8], Digest32)> {
+    let body_len = line.len().checked_sub(HASH_SUFFIX_LEN)?;
+    if body_len < 2 {
+        return None;
+    }
+    let (open_body, suffix) = line.split_at(body_len);
+    let (prefix, rest) = suffix.split_at(HASH_MEMBER_PREFIX.len());
+    let (hex_part, close) = rest.split_at(HASH_HEX_LEN);
+    if prefix != HASH_MEMBER_PREFIX || close != HASH_MEMBER_CLOSE {
+        return None;
+    }
+    Some((open_body, parse_hash(hex_part)?))
+}
+
+/// A line that passed its self-check.
+struct Checked {
+    record: Record,
+    hash: Digest32,
+    prev: Digest32,
+}
+
+/// Checks one line on its own (hash, schema, canonical form). `terminated`
+/// says whether the line ended with `\n`.
+fn check_line(line: &[u8], terminated: bool) -> Result<Checked, (TamperKind, String)> {
+    if line.is_empty() {
+        return Err((TamperKind::Malformed, "empty line".into()));
+    }
+    if line.len() > MAX_RECORD_BYTES {
+        return Err((
+            TamperKind::Malformed,
+            format!("line is longer than {MAX_RECORD_BYTES} bytes"),
+        ));
+    }
+    let Some((open_body, stored)) = split_hash_member(line) else {
+        return Err(match serde_json::from_slice::<serde_json::Value>(line) {
+            Ok(v) if v.is_object() => (
+                TamperKind::Modified,
+                "record was modified (its hash member is missing or garbled)".into(),
+            ),
+            Ok(_) => (TamperKind::Malformed, "line is not a JSON object".into()),
+            Err(e) if !terminated && e.is_eof() => (
+                TamperKind::Truncated,
+                "last line is incomplete: the file was truncated mid-record or a write was interrupted"
+                    .into(),
+            ),
+            Err(e) => (TamperKind::Malformed, format!("line is not valid JSON ({e})")),
+        });
+    };
+    let mut body = Vec::with_capacity(open_body.len() + 1);
+    body.extend_from_slice(open_body);
+    body.push(b'}');
+    let hash = sha256(&body);
+    if hash != stored {
+        return Err((
+            TamperKind::Modified,
+            "record was modified (its hash does not match its content)".into(),
+        ));
+    }
+    let record: Record = serde_json::from_slice(line).map_err(|e| {
+        (
+            TamperKind::Malformed,
+            format!("hash is consistent but the line is not a valid audit record ({e})"),
+        )
+    })?;
+    match serde_json::to_vec(&record) {
+        Ok(canonical) if canonical == line => {}
+        _ => {
+            return Err((
+                TamperKind::Malformed,
+                "hash is consistent but the line is not in canonical form (not written by warden)"
+                    .into(),
+            ))
+        }
+    }
+    if record.seq == 0 {
+        return Err((TamperKind::Malformed, "seq 0 is never written".into()));
+    }
+    let Some(prev) = parse_hash(record.prev.as_bytes()) else {
+        return Err((
+            TamperKind::Malformed,
+            "prev is not 64 lowercase hex digits".into(),
+        ));
+    };
+    if time::PrimitiveDateTime::parse(&record.time, TIME_FORMAT).is_err() {
+        return Err((
+            TamperKind::Malformed,
+            format!("time {:?} is not a valid timestamp", record.time),
+        ));
+    }
+    if !terminated {
+        return Err((
+            TamperKind::Truncated,
+            "last line lacks its terminating newline: the file was truncated or a write was interrupted"
+                .into(),
+        ));
+    }
+    Ok(Checked { record, hash, prev })
+}
+
+// ---------------------------------------------------------------------------
+// File helpers
+// ---------------------------------------------------------------------------
+
+/// Path of the head anchor: the log's file name + ".head", same directory.
+fn anchor_path(log_path: &Path) -> Result<PathBuf, AuditError> {
+    let Some(name) = log_path.file_name() else {
+        return Err(AuditError::InvalidPath {
+            path: log_path.to_path_buf(),
+            detail: "has no file name".into(),
+        });
+    };
+    let mut head = name.to_os_string();
+    head.push(".head");
+    Ok(log_path.with_file_name(head))
+}
+
+fn anchor_tmp_path(head_path: &Path) -> PathBuf {
+    let mut p = head_path.as_os_str().to_os_string();
+    p.push(".tmp");
+    PathBuf::from(p)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Releases the `flock` when dropped (closing the file would too).
+struct FileLock<'a>(&'a File);
+
+impl Drop for FileLock<'_> {
+    #[allow(clippy::incompatible_msrv)] // File::unlock: stable since Rust 1.89
+    fn drop(&mut self) {
+        // An unlock failure cannot be acted on; the lock dies with the fd.
+        let _ = self.0.unlock();
+    }
+}
+
+/// Exclusive `flock` (std's `File::lock`, stable since Rust 1.89).
+#[allow(clippy::incompatible_msrv)]
+fn lock_exclusive<'a>(file: &'a File, path: &Path) -> Result<FileLock<'a>, AuditError> {
+    loop {
+        match file.lock() {
+            Ok(()) => return Ok(FileLock(file)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+}
+
+/// Shared `flock`; `None` if the filesystem refuses locks (readers then go
+/// on without the snapshot guarantee).
+#[allow(clippy::incompatible_msrv)]
+fn lock_shared(file: &File) -> Option<FileLock<'_>> {
+    loop {
+        match file.lock_shared() {
+            Ok(()) => return Some(FileLock(file)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+fn open_for_read(path: &Path) -> Result<File, AuditError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(AuditError::InvalidPath {
+            path: path.to_path_buf(),
+            detail: "is not a regular file".into(),
+        });
+    }
+    Ok(file)
+}
+
+/// Reads one line into `buf` (without the newline), keeping at most `cap`
+/// bytes of it; the rest of an overlong line is skipped. Returns whether the
+/// line was `\n`-terminated, or `None` at end of input.
+fn read_line_capped<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<Option<bool>> {
+    buf.clear();
+    let mut any = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(any.then_some(false));
+        }
+        any = true;
+        let newline = available.iter().position(|&b| b == b'\n');
+        let chunk = match newline {
+            Some(i) => available.get(..i).unwrap_or(available),
+            None => available,
+        };
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or(chunk));
+        let consumed = chunk.len() + usize::from(newline.is_some());
+        reader.consume(consumed);
+        if newline.is_some() {
+            return Ok(Some(true));
+        }
+    }
+}
+
+/// Iterates over the first `len` bytes of a file, line by line.
+struct LineReader<'a> {
+    reader: BufReader<io::Take<&'a File>>,
+    buf: Vec<u8>,
+    line_no: u64,
+}
+
+impl<'a> LineReader<'a> {
+    fn new(file: &'a File, len: u64) -> io::Result<LineReader<'a>> {
+        let mut f = file;
+        f.seek(SeekFrom::Start(0))?;
+        Ok(LineReader {
+            reader: BufReader::with_capacity(64 * 1024, f.take(len)),
+            buf: Vec::new(),
+            line_no: 0,
+        })
+    }
+
+    /// Next line as (line number, bytes, terminated); overlong lines are
+    /// returned truncated to just over the limit, which fails the self-check.
+    fn next_line(&mut self) -> io::Result<Option<(u64, &[u8], bool)>> {
+        match read_line_capped(&mut self.reader, &mut self.buf, MAX_RECORD_BYTES + 1)? {
+            None => Ok(None),
+            Some(terminated) => {
+                self.line_no += 1;
+                Ok(Some((self.line_no, &self.buf, terminated)))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Anchor {
+    seq: u64,
+    hash: Digest32,
+}
+
+enum AnchorState {
+    Missing,
+    Invalid(String),
+    Present(Anchor),
+}
+
+fn read_anchor(head_path: &Path) -> Result<AnchorState, AuditError> {
+    let file = match File::open(head_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(AnchorState::Missing),
+        Err(e) => return Err(io_err(head_path)(e)),
+    };
+    let mut content = Vec::new();
+    file.take(MAX_ANCHOR_BYTES)
+        .read_to_end(&mut content)
+        .map_err(io_err(head_path))?;
+    let parsed: AnchorFile = match serde_json::from_slice(&content) {
+        Ok(a) => a,
+        Err(e) => return Ok(AnchorState::Invalid(format!("not valid ({e})"))),
+    };
+    let Some(hash) = parse_hash(parsed.hash.as_bytes()) else {
+        return Ok(AnchorState::Invalid(
+            "hash is not 64 lowercase hex digits".into(),
+        ));
+    };
+    if parsed.seq == 0 {
+        return Ok(AnchorState::Invalid("seq 0 is never anchored".into()));
+    }
+    Ok(AnchorState::Present(Anchor {
+        seq: parsed.seq,
+        hash,
+    }))
+}
+
+/// Counts lines in the first `upto` bytes (error paths only).
+fn count_newlines(file: &File, upto: u64) -> io::Result<u64> {
+    let mut f = file;
+    f.seek(SeekFrom::Start(0))?;
+    let mut reader = f.take(upto);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut count = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(count),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        count += buf.iter().take(n).filter(|&&b| b == b'\n').count() as u64;
+    }
+}
+
+/// Last record of the log as seen by the writer.
+#[derive(Debug, Clone)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+/// Reads and self-checks the last line of a log of length `len`, then
+/// cross-checks the head anchor. Refuses anything a new append would hide.
+fn load_head(file: &File, path: &Path, head_path: &Path, len: u64) -> Result<Head, AuditError> {
+    let head = if len == 0 {
+        Head {
+            seq: 0,
+            hash: GENESIS_HASH.to_owned(),
+        }
+    } else {
+        read_tail(file, path, len)?
+    };
+    let corrupt = |line: u64, detail: String| AuditError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        detail,
+    };
+    match read_anchor(head_path)? {
+        AnchorState::Missing => {}
+        AnchorState::Invalid(why) => {
+            let lines = count_newlines(file, len).map_err(io_err(path))?;
+            return Err(corrupt(
+                lines.max(1),
+                format!(
+                    "head anchor {} is unreadable: {why}; investigate, then move it away to continue",
+                    head_path.display()
+                ),
+            ));
+        }
+        AnchorState::Present(a) => {
+            if a.seq > head.seq {
+                return Err(corrupt(
+                    head.seq + 1,
+                    format!(
+                        "records after seq {} were removed: the head anchor records seq {}",
+                        head.seq, a.seq
+                    ),
+                ));
+            }
+            if a.seq == head.seq && hex::encode(a.hash) != head.hash {
+                return Err(corrupt(
+                    head.seq,
+                    "the last record does not match the head anchor (the log was rewritten)".into(),
+                ));
+            }
+        }
+    }
+    Ok(head)
+}
+
+fn read_tail(file: &File, path: &Path, len: u64) -> Result<Head, AuditError> {
+    let max_window = (MAX_RECORD_BYTES as u64) + 2;
+    let mut window = len.min(4096);
+    loop {
+        let start = len - window;
+        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(MAX_RECORD_BYTES)];
+        file.read_exact_at(&mut buf, start).map_err(io_err(path))?;
+        let terminated = buf.last() == Some(&b'\n');
+        let content = if terminated {
+            buf.split_last().map_or(&buf[..], |(_, c)| c)
+        } else {
+            &buf[..]
+        };
+        let line_start = content.iter().rposition(|&b| b == b'\n').map(|i| i + 1);
+        if line_start.is_none() && start > 0 {
+            if window >= max_window {
+                let lines = count_newlines(file, len).map_err(io_err(path))?;
+                return Err(AuditError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: if terminated { lines } else { lines + 1 },
+                    detail: format!("last line is longer than {MAX_RECORD_BYTES} bytes"),
+                });
+            }
+            window = len.min(window.saturating_mul(4)).min(max_window);
+            continue;
+        }
+        let from = line_start.unwrap_or(0);
+        let line = content.get(from..).unwrap_or_default();
+        return match check_line(line, terminated) {
+            Ok(c) => Ok(Head {
+                seq: c.record.seq,
+                hash: c.record.hash,
+            }),
+            Err((_, detail)) => {
+                let line_no = count_newlines(file, start + from as u64).map_err(io_err(path))? + 1;
+                Err(AuditError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: line_no,
+                    detail,
+                })
+            }
+        };
+    }
+}
+
+fn validate_event(event: &Event) -> Result<(), AuditError> {
+    if event.action.is_empty() {
+        return Err(AuditError::InvalidEvent("action is empty".into()));
+    }
+    if event
+        .action
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(AuditError::InvalidEvent(format!(
+            "action {:?} contains whitespace or control characters",
+            event.action
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Writer
+// ---------------------------------------------------------------------------
+
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Write only this many bytes of the line, then fail with ENOSPC.
+    PartialWrite(usize),
+    /// Fail the fsync of the log with EIO.
+    Sync,
+    /// Fail the head-anchor update before the rename.
+    Anchor,
+}
+
+/// Appending handle on an audit log. Several handles (in one or several
+/// processes) may append to the same file; appends are serialised by `flock`.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    head_path: PathBuf,
+    file: File,
+    dev: u64,
+    ino: u64,
+    head: Head,
+    /// File length after our last append or tail read.
+    known_len: u64,
+    #[cfg(test)]
+    fault: Option<Fault>,
+}
+
+impl AuditLog {
+    /// Opens (creating it with mode 0600 if missing) the log at `path` for
+    /// appending, and learns the last seq/hash from its tail. Fails if the
+    /// last line is not a valid record or the head anchor shows that records
+    /// were removed from the end or rewritten.
+    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
+        let head_path = anchor_path(path)?;
+        let (file, created) = open_log_file(path)?;
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.is_file() {
+            return Err(AuditError::InvalidPath {
+                path: path.to_path_buf(),
+                detail: "is not a regular file".into(),
+            });
+        }
+        if created {
+            sync_dir(parent_dir(path)).map_err(io_err(parent_dir(path)))?;
+        }
+        let (head, known_len) = {
+            let _lock = lock_exclusive(&file, path)?;
+            let len = file.metadata().map_err(io_err(path))?.len();
+            (load_head(&file, path, &head_path, len)?, len)
+        };
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            head_path,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            file,
+            head,
+            known_len,
+            #[cfg(test)]
+            fault: None,
+        })
+    }
+
+    #[allow(dead_code)] // API for callers; the daemon does not need it yet
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record and makes it durable (`fsync`) before returning it.
+    /// On `Err` nothing was durably recorded (a partial write is truncated
+    /// away) and the caller must refuse the audited action.
+    pub fn append(&mut self, event: &Event) -> Result<Record, AuditError> {
+        validate_event(event)?;
+        let path = self.path.as_path();
+        let _lock = lock_exclusive(&self.file, path)?;
+        self.check_same_file()?;
+        let len = self.file.metadata().map_err(io_err(path))?.len();
+        if len != self.known_len {
+            // Another handle appended (or something else changed the file):
+            // learn the new tail under the lock so the chain stays linear.
+            self.head = load_head(&self.file, path, &self.head_path, len)?;
+            self.known_len = len;
+        }
+        let seq = self
+            .head
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| AuditError::Encode("sequence number overflow".into()))?;
+        let time = time::OffsetDateTime::now_utc()
+            .format(TIME_FORMAT)
+            .map_err(encode_err)?;
+        let (record, mut line) = encode_record(seq, &time, event, &self.head.hash)?;
+        if line.len() > MAX_RECORD_BYTES {
+            return Err(AuditError::RecordTooLarge {
+                size: line.len(),
+                max: MAX_RECORD_BYTES,
+            });
+        }
+        line.push(b'\n');
+
+        if let Err(e) = self.write_line(&line) {
+            self.known_len = rollback(&self.file, len);
+            return Err(io_err(path)(e));
+        }
+        if let Err(e) = self.sync_log() {
+            self.known_len = rollback(&self.file, len);
+            return Err(io_err(path)(e));
+        }
+        if let Err(e) = self.write_anchor(seq, &record.hash) {
+            self.known_len = rollback(&self.file, len);
+            return Err(e);
+        }
+        self.head = Head {
+            seq,
+            hash: record.hash.clone(),
+        };
+        self.known_len = len + line.len() as u64;
+        Ok(record)
+    }
+
+    fn check_same_file(&self) -> Result<(), AuditError> {
+        let replaced = || AuditError::Replaced {
+            path: self.path.clone(),
+        };
+        let ours = self.file.metadata().map_err(io_err(&self.path))?;
+        if ours.nlink() == 0 {
+            return Err(replaced());
+        }
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => Ok(()),
+            Ok(_) => Err(replaced()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(replaced()),
+            Err(e) => Err(io_err(&self.path)(e)),
+        }
+    }
+
+    fn write_line(&self, line: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(Fault::PartialWrite(n)) = self.fault {
+            (&self.file).write_all(line.get(..n).unwrap_or(line))?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        (&self.file).write_all(line)
+    }
+
+    fn sync_log(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(Fault::Sync) = self.fault {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.sync_data()
+    }
+
+    /// Atomically replaces the head anchor. An error before the rename leaves
+    /// the old anchor in place; a failure to fsync the directory after the
+    /// rename is ignored (the record itself is already durable, and losing
+    /// the rename in a crash only makes `verify` note a lagging anchor).
+    fn write_anchor(&self, seq: u64, hash: &str) -> Result<(), AuditError> {
+        let tmp = anchor_tmp_path(&self.head_path);
+        #[cfg(test)]
+        if let Some(Fault::Anchor) = self.fault {
+            return Err(io_err(&tmp)(io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        let mut content = serde_json::to_vec(&AnchorFile {
+            seq,
+            hash: hash.to_owned(),
+        })
+        .map_err(encode_err)?;
+        content.push(b'\n');
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(&content).map_err(io_err(&tmp))?;
+        f.sync_data().map_err(io_err(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &self.head_path).map_err(io_err(&self.head_path))?;
+        let _ = sync_dir(parent_dir(&self.head_path));
+        Ok(())
+    }
+}
+
+/// Best effort: cuts the log back to `len` (and forces that to disk) so a
+/// failed append leaves no partial or unacknowledged record behind. Returns
+/// the length the writer should assume: if the truncation failed too, an
+/// impossible one, which forces a tail re-read (and so a refusal of a damaged
+/// tail) on the next append.
+fn rollback(file: &File, len: u64) -> u64 {
+    if file.set_len(len).is_ok() && file.sync_data().is_ok() {
+        len
+    } else {
+        u64::MAX
+    }
+}
+
+/// Opens the log for reading and appending; creates it (0600) if missing.
+fn open_log_file(path: &Path) -> Result<(File, bool), AuditError> {
+    let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    match OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(flags)
+        .open(path)
+    {
+        Ok(f) => return Ok((f, true)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(io_err(path))?;
+    Ok((f, false))
+}
+
+// ---------------------------------------------------------------------------
+// Verification
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    seq: u64,
+    prev: Digest32,
+    hash: Digest32,
+}
+
+/// Verifies the whole chain and the head anchor. Tampering is reported in
+/// [`VerifyReport::problem`] (the first bad line); `Err` means I/O failure.
+pub fn verify(log_path: &Path) -> Result<VerifyReport, AuditError> {
+    let head_path = anchor_path(log_path)?;
+    let file = open_for_read(log_path)?;
+    let mut notes = Vec::new();
+    // Snapshot length and anchor together, so a concurrent append can
+    // neither show up half-written nor race the anchor.
+    let (len, anchor) = {
+        let lock = lock_shared(&file);
+        if lock.is_none() {
+            notes.push(
+                "could not take a shared lock on the log; a concurrent append may be reported as a problem"
+                    .to_owned(),
+            );
+        }
+        let len = file.metadata().map_err(io_err(log_path))?.len();
+        (len, read_anchor(&head_path)?)
+    };
+    let anchor_ref = match &anchor {
+        AnchorState::Present(a) => Some(a),
+        _ => None,
+    };
+
+    let mut lines = LineReader::new(&file, len).map_err(io_err(log_path))?;
+    let mut expected: u64 = 1;
+    let mut prev_hash = ZERO_DIGEST;
+    // (hash, prev) of the record with seq anchor.seq; hash of the next one.
+    let mut at_anchor: Option<(Digest32, Digest32)> = None;
+    let mut after_anchor: Option<Digest32> = None;
+    let mut chain_break: Option<usize> = None;
+    while let Some((line_no, bytes, terminated)) = lines.next_line().map_err(io_err(log_path))? {
+        match check_line(bytes, terminated) {
+            Err((kind, detail)) => {
+                return Ok(VerifyReport {
+                    records: line_no - 1,
+                    last_hash: hex::encode(prev_hash),
+                    problem: Some(Tamper {
+                        line: line_no,
+                        kind,
+                        detail,
+                    }),
+                    notes,
+                });
+            }
+            Ok(c) if c.record.seq == expected && c.prev == prev_hash => {
+                if let Some(a) = anchor_ref {
+                    if c.record.seq == a.seq {
+                        at_anchor = Some((c.hash, c.prev));
+                    } else if c.record.seq == a.seq + 1 {
+                        after_anchor = Some(c.hash);
+                    }
+                }
+                expected += 1;
+                prev_hash = c.hash;
+            }
+            Ok(_) => {
+                chain_break = Some(line_no as usize);
+                break;
+            }
+        }
+    }
+    drop(lines);
+
+    if let Some(k) = chain_break {
+        let index = build_index(&file, len).map_err(io_err(log_path))?;
+        let (line, kind, detail) = classify(&index, k, anchor_ref);
+        let records = line.saturating_sub(1);
+        return Ok(VerifyReport {
+            records: records as u64,
+            last_hash: hex::encode(prefix_hash(&index, records)),
+            problem: Some(Tamper {
+                line: line as u64,
+                kind,
+                detail,
+            }),
+            notes,
+        });
+    }
+
+    let records = expected - 1;
+    let mut report = VerifyReport {
+        records,
+        last_hash: hex::encode(prev_hash),
+        problem: None,
+        notes,
+    };
+    match anchor {
+        AnchorState::Missing => {
+            if records > 0 {
+                report.notes.push(format!(
+                    "no head anchor ({}): removal of records from the end cannot be detected",
+                    head_path.display()
+                ));
+            }
+        }
+        AnchorState::Invalid(why) => report.notes.push(format!(
+            "head anchor {} is unreadable ({why}): removal of records from the end cannot be detected",
+            head_path.display()
+        )),
+        AnchorState::Present(a) => check_against_anchor(&mut report, &a, at_anchor, after_anchor),
+    }
+    Ok(report)
+}
+
+fn check_against_anchor(
+    report: &mut VerifyReport,
+    a: &Anchor,
+    at_anchor: Option<(Digest32, Digest32)>,
+    after_anchor: Option<Digest32>,
+) {
+    let n = report.records;
+    if a.seq > n {
+        let detail = if n == 0 {
+            format!(
+                "all records were removed; the head anchor records seq {}",
+                a.seq
+            )
+        } else {
+            format!(
+                "records after line {n} were removed; the head anchor records seq {}",
+                a.seq
+            )
+        };
+        report.problem = Some(Tamper {
+            line: n + 1,
+            kind: TamperKind::Truncated,
+            detail,
+        });
+        return;
+    }
+    if at_anchor.map(|(hash, _)| hash) != Some(a.hash) {
+        // In a clean chain, seq == line number.
+        report.records = a.seq - 1;
+        report.last_hash = hex::encode(at_anchor.map_or(ZERO_DIGEST, |(_, prev)| prev));
+        report.problem = Some(Tamper {
+            line: a.seq,
+            kind: TamperKind::Modified,
+            detail: format!(
+                "record seq {} does not match the head anchor: the log was rewritten at or before this line",
+                a.seq
+            ),
+        });
+        return;
+    }
+    match n - a.seq {
+        0 => {}
+        1 => report.notes.push(format!(
+            "the last record (seq {n}) is newer than the head anchor (seq {}): an append was interrupted before the anchor was updated",
+            a.seq
+        )),
+        ahead => {
+            report.records = a.seq + 1;
+            if let Some(h) = after_anchor {
+                report.last_hash = hex::encode(h);
+            }
+            report.problem = Some(Tamper {
+                line: a.seq + 2,
+                kind: TamperKind::Inserted,
+                detail: format!(
+                    "{ahead} records follow the head anchor's seq {}; an interrupted append leaves at most one, so the records from this line on were added without warden",
+                    a.seq
+                ),
+            });
+        }
+    }
+}
+
+/// Self-check of every line (second pass, only after a chain break).
+fn build_index(file: &File, len: u64) -> io::Result<Vec<Option<Meta>>> {
+    let mut lines = LineReader::new(file, len)?;
+    let mut index = Vec::new();
+    while let Some((_, bytes, terminated)) = lines.next_line()? {
+        index.push(check_line(bytes, terminated).ok().map(|c| Meta {
+            seq: c.record.seq,
+            prev: c.prev,
+            hash: c.hash,
+        }));
+    }
+    Ok(index)
+}
+
+fn meta_at(index: &[Option<Meta>], line: usize) -> Option<&Meta> {
+    line.checked_sub(1)
+        .and_then(|i| index.get(i))
+        .and_then(Option::as_ref)
+}
+
+/// Hash of line `line` of the intact prefix (genesis for line 0).
+fn prefix_hash(index: &[Option<Meta>], line: usize) -> Digest32 {
+    meta_at(index, line).map_or(ZERO_DIGEST, |m| m.hash)
+}
+
+/// Classifies a chain break found at line `k`: lines `1..k` are intact with
+/// seq == line number, and line `k` passed its self-check but does not link.
+/// Returns (first bad line, kind, detail).
+fn classify(
+    index: &[Option<Meta>],
+    k: usize,
+    anchor: Option<&Anchor>,
+) -> (usize, TamperKind, String) {
+    let Some(m) = meta_at(index, k).copied() else {
+        return (
+            k,
+            TamperKind::Modified,
+            "record does not link to the record before it".into(),
+        );
+    };
+    let e = k as u64;
+    let h_prev = prefix_hash(index, k - 1);
+    let is_last = k == index.len();
+    let next = meta_at(index, k + 1).copied();
+    // Does the rest of the chain continue from `m` (the following line links
+    // to it, or it is the last line and the head anchor vouches for it)?
+    let continues_from = |m: &Meta| {
+        next.is_some_and(|n| n.seq == m.seq + 1 && n.prev == m.hash)
+            || (is_last && anchor.is_some_and(|a| a.seq == m.seq && a.hash == m.hash))
+    };
+
+    if m.seq == e {
+        // Right seq, wrong prev.
+        if next.is_some_and(|n| n.seq == e && n.prev == h_prev) {
+            return (
+                k,
+                TamperKind::Inserted,
+                format!(
+                    "forged record inserted: it does not link to line {}, but the next line carries the same seq {e} and does",
+                    k - 1
+                ),
+            );
+        }
+        if k >= 2 && continues_from(&m) {
+            return (
+                k - 1,
+                TamperKind::Modified,
+                format!(
+                    "record was rewritten: line {k}, from which the chain continues, records a different hash for its predecessor"
+                ),
+            );
+        }
+        return (
+            k,
+            TamperKind::Modified,
+            "chain break: its prev does not match the hash of the line before; the record before it was altered or a forged record was inserted"
+                .into(),
+        );
+    }
+
+    if m.seq < e {
+        let s = usize::try_from(m.seq).unwrap_or(0).max(1);
+        if meta_at(index, s).is_some_and(|o| o.hash == m.hash) {
+            return (
+                k,
+                TamperKind::Inserted,
+                format!("duplicate: exact copy of line {s} (seq {})", m.seq),
+            );
+        }
+        if m.prev == prefix_hash(index, s - 1) {
+            // Two records claim seq s after line s-1: which branch is real?
+            if continues_from(&m) {
+                let what = if s + 1 == k {
+                    format!(
+                        "forged record inserted: line {k} carries the same seq {}",
+                        m.seq
+                    )
+                } else {
+                    format!(
+                        "forged records inserted (lines {s}..{}): line {k} carries seq {}",
+                        k - 1,
+                        m.seq
+                    )
+                };
+                return (
+                    s,
+                    TamperKind::Inserted,
+                    format!(
+                        "{what}, also links to line {}, and the rest of the chain continues from it",
+                        s - 1
+                    ),
+                );
+            }
+            return (
+                k,
+                TamperKind::Inserted,
+                format!(
+                    "forged or replayed record: seq {} was already used at line {s}",
+                    m.seq
+                ),
+            );
+        }
+        return (
+            k,
+            TamperKind::Inserted,
+            format!(
+                "duplicate seq: seq {} was already used at line {s}; this record is a copy or a forgery",
+                m.seq
+            ),
+        );
+    }
+
+    // m.seq > e: a jump forward.
+    if let Some((j, o)) = index
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i + 1 != k)
+        .find_map(|(i, o)| o.filter(|o| o.seq == m.seq).map(|o| (i + 1, o)))
+    {
+        let detail = if o.hash == m.hash {
+            format!(
+                "duplicate: exact copy of line {j} (seq {}) placed out of order",
+                m.seq
+            )
+        } else {
+            format!(
+                "seq {} also appears at line {j}: this record is a copy or a forgery",
+                m.seq
+            )
+        };
+        return (k, TamperKind::Inserted, detail);
+    }
+    let later_expected = index
+        .iter()
+        .enumerate()
+        .skip(k)
+        .find(|(_, o)| o.is_some_and(|o| o.seq == e))
+        .map(|(i, _)| i + 1);
+    let has_predecessor = index
+        .iter()
+        .flatten()
+        .any(|o| o.seq.checked_add(1) == Some(m.seq) && o.hash == m.prev);
+    match later_expected {
+        Some(l) if has_predecessor => (
+            k,
+            TamperKind::Reordered,
+            format!("record seq {e} appears at line {l}, after seq {}", m.seq),
+        ),
+        Some(l) => (
+            k,
+            TamperKind::Inserted,
+            format!(
+                "forged record inserted: no record links to its seq {}, and the expected seq {e} follows at line {l}",
+                m.seq
+            ),
+        ),
+        None => {
+            let present: HashSet<u64> = index.iter().flatten().map(|o| o.seq).collect();
+            let mut last_missing = e;
+            while last_missing + 1 < m.seq && !present.contains(&(last_missing + 1)) {
+                last_missing += 1;
+            }
+            let detail = if last_missing == e {
+                format!("record {e} is missing before this line")
+            } else {
+                format!("records {e}..{last_missing} are missing before this line")
+            };
+            (k, TamperKind::Removed, detail)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading and display
+// ---------------------------------------------------------------------------
+
+/// Reads the records of the log (the last `last_n` ones if given), for
+/// `warden audit tail`. Each returned line is self-checked (hash, schema);
+/// the chain is not: use [`verify`] for that. A damaged line among those
+/// returned gives [`AuditError::Corrupt`].
+pub fn read_records(log_path: &Path, last_n: Option<usize>) -> Result<Vec<Record>, AuditError> {
+    if last_n == Some(0) {
+        return Ok(Vec::new());
+    }
+    let file = open_for_read(log_path)?;
+    let len = {
+        let _lock = lock_shared(&file);
+        file.metadata().map_err(io_err(log_path))?.len()
+    };
+    let mut lines = LineReader::new(&file, len).map_err(io_err(log_path))?;
+    let mut kept: VecDeque<(u64, Vec<u8>, bool)> = VecDeque::new();
+    while let Some((line_no, bytes, terminated)) = lines.next_line().map_err(io_err(log_path))? {
+        if let Some(n) = last_n {
+            if kept.len() == n {
+                kept.pop_front();
+            }
+        }
+        kept.push_back((line_no, bytes.to_vec(), terminated));
+    }
+    kept.into_iter()
+        .map(|(line, bytes, terminated)| {
+            check_line(&bytes, terminated)
+                .map(|c| c.record)
+                .map_err(|(_, detail)| AuditError::Corrupt {
+                    path: log_path.to_path_buf(),
+                    line,
+                    detail,
+                })
+        })
+        .collect()
+}
+
+/// Escapes control and bidi-override characters so a logged string cannot
+/// break the line or drive the terminal.
+fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let dangerous = c.is_control()
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c);
+        if dangerous {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// [`escape_controls`], and quoted if empty or containing whitespace, so a
+/// value always reads as one token.
+fn clean(s: &str) -> String {
+    let out = escape_controls(s);
+    if out.is_empty() || out.chars().any(char::is_whitespace) {
+        format!("\"{}\"", out.replace('"', "\\\""))
+    } else {
+        out
+    }
+}
+
+/// One human-readable line, e.g.
+/// `2026-11-25T19:50:00Z #12 admin uid=0(root) secret.put orders-db/app env=prod v3 allow — reason`.
+pub fn format_record_human(r: &Record) -> String {
+    let time = time::PrimitiveDateTime::parse(&r.time, TIME_FORMAT)
+        .ok()
+        .and_then(|t| t.format(HUMAN_TIME_FORMAT).ok())
+        .unwrap_or_else(|| clean(&r.time));
+    let mut parts = vec![
+        time,
+        format!("#{}", r.seq),
+        r.actor.kind.as_str().to_owned(),
+    ];
+    let a = &r.actor;
+    match (a.uid, &a.user) {
+        (Some(uid), Some(user)) => parts.push(format!("uid={uid}({})", clean(user))),
+        (Some(uid), None) => parts.push(format!("uid={uid}")),
+        (None, Some(user)) => parts.push(format!("user={}", clean(user))),
+        (None, None) => {}
+    }
+    if let Some(pid) = a.pid {
+        parts.push(format!("pid={pid}"));
+    }
+    if let Some(exe) = &a.exe {
+        parts.push(format!("exe={}", clean(exe)));
+    }
+    if let Some(w) = &a.workload {
+        parts.push(format!("workload={}", clean(w)));
+    }
+    parts.push(clean(&r.action));
+    let t = &r.target;
+    if let Some(s) = &t.secret {
+        parts.push(clean(s));
+    }
+    if let Some(env) = &t.env {
+        parts.push(format!("env={}", clean(env)));
+    }
+    if let Some(v) = t.version {
+        parts.push(format!("v{v}"));
+    }
+    if let Some(route) = &t.route {
+        parts.push(format!("route={}", clean(route)));
+    }
+    if let Some(d) = &t.detail {
+        parts.push(format!("detail={}", clean(d)));
+    }
+    parts.push(r.decision.as_str().to_owned());
+    let mut out = parts.join(" ");
+    if !r.reason.is_empty() {
+        out.push_str(" — ");
+        out.push_str(&escape_controls(&r.reason));
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const FIXED_TIME: &str = "2026-01-01T00:00:00.000000Z";
+
+    fn actor_of(kind: ActorKind) -> Actor {
+        Actor {
+            kind,
+            uid: None,
+            user: None,
+            pid: None,
+            exe: None,
+            workload: None,
+        }
+    }
+
+    fn event(i: u32) -> Event {
+        let mut actor = actor_of(ActorKind::Admin);
+        actor.uid = Some(0);
+        actor.user = Some("root".into());
+        Event {
+            actor,
+            action: "secret.put".into(),
+            target: Target {
+                secret: Some(format!("db-{i}")),
+                env: Some("prod".into()),
+                version: Some(i),
+                ..Target::default()
+            },
+            decision: Decision::Allow,
+            reason: "test".into(),
+        }
+    }
+
+    fn new_log(n: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        for i in 1..=n {
+            log.append(&event(i)).unwrap();
+        }
+        (dir, path)
+    }
+
+    fn read_lines(path: &Path) -> Vec<Vec<u8>> {
+        let data = fs::read(path).unwrap();
+        let mut lines: Vec<Vec<u8>> = data.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        assert_eq!(lines.pop(), Some(Vec::new()), "log must end with a newline");
+        lines
+    }
+
+    fn write_lines(path: &Path, lines: &[Vec<u8>]) {
+        let mut data = Vec::new();
+        for l in lines {
+            data.extend_from_slice(l);
+            data.push(b'\n');
+        }
+        fs::write(path, data).unwrap();
+    }
+
+    fn hash_of(line: &[u8]) -> String {
+        serde_json::from_slice::<Record>(line).unwrap().hash
+    }
+
+    /// A forged line with a correctly computed self-hash.
+    fn forge(seq: u64, prev: &str, reason: &str) -> Vec<u8> {
+        let mut ev = event(7);
+        ev.reason = reason.into();
+        encode_record(seq, FIXED_TIME, &ev, prev).unwrap().1
+    }
+
+    fn problem(path: &Path) -> Tamper {
+        let report = verify(path).unwrap();
+        match report.problem {
+            Some(t) => t,
+            None => panic!("expected a problem, got {report:?}"),
+        }
+    }
+
+    fn assert_problem(path: &Path, line: u64, kind: TamperKind) -> Tamper {
+        let t = problem(path);
+        assert_eq!((t.line, t.kind), (line, kind), "{t}");
+        t
+    }
+
+    fn assert_clean(path: &Path, records: u64) -> VerifyReport {
+        let report = verify(path).unwrap();
+        assert!(report.problem.is_none(), "{report:?}");
+        assert_eq!(report.records, records);
+        report
+    }
+
+    #[test]
+    fn line_format_hash_and_chain() {
+        let (_dir, path) = new_log(3);
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 3);
+        let mut prev = GENESIS_HASH.to_owned();
+        for (i, line) in lines.iter().enumerate() {
+            let text = std::str::from_utf8(line).unwrap();
+            let keys = [
+                "{\"seq\":",
+                ",\"time\":\"",
+                ",\"actor\":{",
+                ",\"action\":\"",
+                ",\"target\":{",
+                ",\"decision\":\"",
+                ",\"reason\":\"",
+                ",\"prev\":\"",
+                ",\"hash\":\"",
+            ];
+            let positions: Vec<usize> = keys.iter().map(|k| text.find(k).unwrap()).collect();
+            assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+            assert!(text.starts_with(&format!("{{\"seq\":{},", i + 1)));
+            let rec: Record = serde_json::from_slice(line).unwrap();
+            assert_eq!(rec.seq, i as u64 + 1);
+            assert_eq!(rec.prev, prev);
+            let cut = text.find(",\"hash\":\"").unwrap();
+            let body = format!("{}}}", &text[..cut]);
+            assert_eq!(
+                rec.hash,
+                hex::encode(digest(&SHA256, body.as_bytes()).as_ref())
+            );
+            assert!(text.ends_with(&format!(",\"hash\":\"{}\"}}", rec.hash)));
+            assert_eq!(rec.time.len(), "2026-11-25T19:50:00.123456Z".len());
+            assert!(rec.time.ends_with('Z'));
+            assert!(!text.contains("\"pid\""), "None fields are skipped");
+            assert!(text.contains("\"actor\":{\"kind\":\"admin\",\"uid\":0,\"user\":\"root\"}"));
+            assert!(text.contains("\"decision\":\"allow\""));
+            prev = rec.hash;
+        }
+        let anchor = fs::read_to_string(anchor_path(&path).unwrap()).unwrap();
+        assert_eq!(anchor, format!("{{\"seq\":3,\"hash\":\"{prev}\"}}\n"));
+        assert_eq!(GENESIS_HASH.len(), 64);
+        for p in [path.clone(), anchor_path(&path).unwrap()] {
+            assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        assert_eq!(
+            anchor_path(&path).unwrap().file_name().unwrap(),
+            "audit.log.head"
+        );
+    }
+
+    #[test]
+    fn returned_record_is_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        let r1 = log.append(&event(1)).unwrap();
+        let r2 = log.append(&event(2)).unwrap();
+        assert_eq!(log.path(), path.as_path());
+        let lines = read_lines(&path);
+        assert_eq!(serde_json::to_vec(&r1).unwrap(), lines[0]);
+        assert_eq!(serde_json::to_vec(&r2).unwrap(), lines[1]);
+        assert_eq!(r2.prev, r1.hash);
+        assert_eq!(read_records(&path, None).unwrap(), vec![r1, r2]);
+    }
+
+    #[test]
+    fn reopen_continues_the_chain() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        let r = log.append(&event(3)).unwrap();
+        assert_eq!(r.seq, 3);
+        let report = assert_clean(&path, 3);
+        assert_eq!(report.last_hash, r.hash);
+        assert!(report.notes.is_empty(), "{:?}", report.notes);
+    }
+
+    #[test]
+    fn empty_log_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        AuditLog::open(&path).unwrap();
+        let report = assert_clean(&path, 0);
+        assert_eq!(report.last_hash, GENESIS_HASH);
+        assert!(report.notes.is_empty());
+    }
+
+    #[test]
+    fn deleting_any_line_is_detected() {
+        let (_dir, path) = new_log(20);
+        let orig = read_lines(&path);
+        for j in 0..20 {
+            let mut lines = orig.clone();
+            lines.remove(j);
+            write_lines(&path, &lines);
+            let line = j as u64 + 1;
+            if j < 19 {
+                let t = assert_problem(&path, line, TamperKind::Removed);
+                assert_eq!(
+                    t.detail,
+                    format!("record {line} is missing before this line")
+                );
+            } else {
+                let t = assert_problem(&path, 20, TamperKind::Truncated);
+                assert_eq!(
+                    t.detail,
+                    "records after line 19 were removed; the head anchor records seq 20"
+                );
+            }
+        }
+        let mut lines = orig.clone();
+        lines.drain(4..7);
+        write_lines(&path, &lines);
+        let t = assert_problem(&path, 5, TamperKind::Removed);
+        assert_eq!(
+            t.to_string(),
+            "line 5: records 5..7 are missing before this line"
+        );
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, 4);
+        assert_eq!(report.last_hash, hash_of(&orig[3]));
+    }
+
+    #[test]
+    fn reordering_is_detected() {
+        let (_dir, path) = new_log(20);
+        let orig = read_lines(&path);
+        for j in 0..19 {
+            let mut lines = orig.clone();
+            lines.swap(j, j + 1);
+            write_lines(&path, &lines);
+            assert_problem(&path, j as u64 + 1, TamperKind::Reordered);
+        }
+        let mut lines = orig.clone();
+        lines.swap(2, 3);
+        write_lines(&path, &lines);
+        let t = assert_problem(&path, 3, TamperKind::Reordered);
+        assert_eq!(t.detail, "record seq 3 appears at line 4, after seq 4");
+
+        // Move record 3 after record 5: 1,2,4,5,3,6,...
+        let mut lines = orig.clone();
+        let three = lines.remove(2);
+        lines.insert(4, three);
+        write_lines(&path, &lines);
+        let t = assert_problem(&path, 3, TamperKind::Reordered);
+        assert_eq!(t.detail, "record seq 3 appears at line 5, after seq 4");
+
+        // Move record 5 before record 3: 1,2,5,3,4,6,...
+        let mut lines = orig.clone();
+        let five = lines.remove(4);
+        lines.insert(2, five);
+        write_lines(&path, &lines);
+        assert_problem(&path, 3, TamperKind::Reordered);
+
+        let mut lines = orig.clone();
+        lines.reverse();
+        write_lines(&path, &lines);
+        assert_problem(&path, 1, TamperKind::Reordered);
+    }
+
+    #[test]
+    fn inserted_copies_are_detected() {
+        let (_dir, path) = new_log(20);
+        let orig = read_lines(&path);
+        for src in 0..20 {
+            for pos in 0..=20 {
+                let mut lines = orig.clone();
+                lines.insert(pos, orig[src].clone());
+                write_lines(&path, &lines);
+                // A copy placed right before its original makes two identical
+                // adjacent lines: the second one is reported.
+                let expect = if pos == src { pos + 2 } else { pos + 1 };
+                let t = assert_problem(&path, expect as u64, TamperKind::Inserted);
+                assert!(t.detail.contains("copy"), "{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn inserted_forged_records_are_detected() {
+        let (_dir, path) = new_log(20);
+        let orig = read_lines(&path);
+        let hash_before = |pos: usize| {
+            if pos == 0 {
+                GENESIS_HASH.to_owned()
+            } else {
+                hash_of(&orig[pos - 1])
+            }
+        };
+        let bogus_prev = hex::encode(sha256(b"not a record"));
+        for pos in 0..20 {
+            let line = pos as u64 + 1;
+            // Fully consistent forgery: right seq, right prev, right hash.
+            let mut lines = orig.clone();
+            lines.insert(pos, forge(line, &hash_before(pos), "forged"));
+            write_lines(&path, &lines);
+            let t = assert_problem(&path, line, TamperKind::Inserted);
+            assert!(t.detail.contains("forged"), "{t}");
+
+            // Right seq, wrong prev.
+            let mut lines = orig.clone();
+            lines.insert(pos, forge(line, &bogus_prev, "forged"));
+            write_lines(&path, &lines);
+            assert_problem(&path, line, TamperKind::Inserted);
+
+            // A seq that never existed.
+            let mut lines = orig.clone();
+            lines.insert(pos, forge(999, &bogus_prev, "forged"));
+            write_lines(&path, &lines);
+            assert_problem(&path, line, TamperKind::Inserted);
+
+            // An old seq replayed later.
+            if pos >= 2 {
+                let mut lines = orig.clone();
+                lines.insert(pos, forge(1, GENESIS_HASH, "replayed"));
+                write_lines(&path, &lines);
+                assert_problem(&path, line, TamperKind::Inserted);
+            }
+        }
+        // Two consistent forgeries in a row in the middle.
+        let mut lines = orig.clone();
+        let f1 = forge(6, &hash_of(&orig[4]), "forged one");
+        let f2 = forge(7, &hash_of(&f1), "forged two");
+        lines.insert(5, f2);
+        lines.insert(5, f1);
+        write_lines(&path, &lines);
+        let t = assert_problem(&path, 6, TamperKind::Inserted);
+        assert!(t.detail.contains("lines 6..7"), "{t}");
+
+        // A consistent forgery appended at the very end looks exactly like
+        // an append that crashed before the anchor update: only a note.
+        let mut lines = orig.clone();
+        let f21 = forge(21, &hash_of(&orig[19]), "appended");
+        lines.push(f21.clone());
+        write_lines(&path, &lines);
+        let report = assert_clean(&path, 21);
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+        // Two of them cannot be explained by a crash.
+        lines.push(forge(22, &hash_of(&f21), "appended"));
+        write_lines(&path, &lines);
+        assert_problem(&path, 22, TamperKind::Inserted);
+        // Garbage seq appended at the end.
+        let mut lines = orig.clone();
+        lines.push(forge(999, &bogus_prev, "x"));
+        write_lines(&path, &lines);
+        assert_eq!(problem(&path).line, 21);
+    }
+
+    #[test]
+    fn rewritten_records_are_detected() {
+        let (_dir, path) = new_log(20);
+        let orig = read_lines(&path);
+        for j in 0..20 {
+            let rec: Record = serde_json::from_slice(&orig[j]).unwrap();
+            let mut lines = orig.clone();
+            lines[j] = forge(rec.seq, &rec.prev, "rewritten with a recomputed hash");
+            write_lines(&path, &lines);
+            assert_problem(&path, j as u64 + 1, TamperKind::Modified);
+        }
+        // Whitespace added and the hash recomputed: consistent hash, but not
+        // what warden writes.
+        let mut lines = orig.clone();
+        let text = String::from_utf8(orig[4].clone()).unwrap();
+        let cut = text.find(",\"hash\":\"").unwrap();
+        let body = format!("{{ {}}}", &text[1..cut]);
+        let h = hex::encode(sha256(body.as_bytes()));
+        lines[4] = format!("{{ {},\"hash\":\"{h}\"}}", &text[1..cut]).into_bytes();
+        write_lines(&path, &lines);
+        assert_problem(&path, 5, TamperKind::Malformed);
+
+        // An extra member (say, a secret value) with a recomputed hash.
+        let mut lines = orig.clone();
+        let body = format!("{},\"value\":\"hunter2\"}}", &text[..cut]);
+        let h = hex::encode(sha256(body.as_bytes()));
+        lines[4] =
+            format!("{},\"value\":\"hunter2\",\"hash\":\"{h}\"}}", &text[..cut]).into_bytes();
+        write_lines(&path, &lines);
+        let t = assert_problem(&path, 5, TamperKind::Malformed);
+        assert!(t.detail.contains("value"), "{t}");
+
+        // Blank line.
+        let mut lines = orig.clone();
+        lines.insert(9, Vec::new());
+        write_lines(&path, &lines);
+        assert_problem(&path, 10, TamperKind::Malformed);
+    }
+
+    #[test]
+    fn every_single_byte_edit_is_attributed_to_its_line() {
+        let (_dir, path) = new_log(20);
+        let orig = fs::read(&path).unwrap();
+        let mut line_of = Vec::with_capacity(orig.len());
+        let mut line = 1u64;
+        for &b in &orig {
+            line_of.push(line);
+            if b == b'\n' {
+                line += 1;
+            }
+        }
+        let mut checked = 0;
+        for pos in 0..orig.len() {
+            let mut edits: Vec<Box<dyn Fn(u8) -> u8>> = vec![Box::new(|b| b ^ 0x01)];
+            if pos % 5 == 0 {
+                edits.push(Box::new(|b| b ^ 0x20));
+                edits.push(Box::new(|b| b ^ 0x80));
+                edits.push(Box::new(|b| if b == b' ' { b'\t' } else { b' ' }));
+            }
+            for edit in &edits {
+                let mut data = orig.clone();
+                data[pos] = edit(data[pos]);
+                fs::write(&path, &data).unwrap();
+                let t = problem(&path);
+                assert_eq!(t.line, line_of[pos], "byte {pos}: {t}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 200 && orig.len() > 2000, "{checked}");
+        let mut data = orig.clone();
+        data[orig.len() / 3] ^= 0x01;
+        fs::write(&path, &data).unwrap();
+        let t = problem(&path);
+        assert_eq!(
+            t.to_string(),
+            format!(
+                "line {}: record was modified (its hash does not match its content)",
+                line_of[orig.len() / 3]
+            )
+        );
+    }
+
+    #[test]
+    fn truncation_is_detected() {
+        let (_dir, path) = new_log(20);
+        let orig = fs::read(&path).unwrap();
+        let last_start = orig[..orig.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap()
+            + 1;
+        // Cut anywhere inside the last line, including just its newline.
+        for cut in (last_start + 1..orig.len())
+            .step_by(7)
+            .chain([orig.len() - 1])
+        {
+            fs::write(&path, &orig[..cut]).unwrap();
+            assert_problem(&path, 20, TamperKind::Truncated);
+            assert!(matches!(
+                AuditLog::open(&path),
+                Err(AuditError::Corrupt { line: 20, .. })
+            ));
+        }
+        // Whole last line.
+        fs::write(&path, &orig[..last_start]).unwrap();
+        assert_problem(&path, 20, TamperKind::Truncated);
+        // Last three lines.
+        let lines = read_lines(&path);
+        write_lines(&path, &lines[..17]);
+        let t = assert_problem(&path, 18, TamperKind::Truncated);
+        assert!(t.detail.contains("seq 20"), "{t}");
+        let err = AuditLog::open(&path).unwrap_err();
+        assert!(err.to_string().contains("removed"), "{err}");
+        // Everything.
+        fs::write(&path, b"").unwrap();
+        let t = assert_problem(&path, 1, TamperKind::Truncated);
+        assert_eq!(
+            t.detail,
+            "all records were removed; the head anchor records seq 20"
+        );
+        assert!(AuditLog::open(&path).is_err());
+        // Log deleted outright: open must not start a fresh chain under the
+        // old anchor.
+        fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn head_anchor_cases() {
+        let (_dir, path) = new_log(19);
+        let head = anchor_path(&path).unwrap();
+        let anchor19 = fs::read(&head).unwrap();
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(&event(20)).unwrap();
+        let anchor20 = fs::read(&head).unwrap();
+
+        // Crash between log fsync and anchor update: note only.
+        fs::write(&head, &anchor19).unwrap();
+        let report = assert_clean(&path, 20);
+        assert_eq!(report.notes.len(), 1);
+        assert!(
+            report.notes[0].contains("interrupted"),
+            "{:?}",
+            report.notes
+        );
+        // ...and the next append repairs the anchor.
+        let mut log = AuditLog::open(&path).unwrap();
+        let r21 = log.append(&event(21)).unwrap();
+        let report = assert_clean(&path, 21);
+        assert!(report.notes.is_empty());
+        assert_eq!(report.last_hash, r21.hash);
+
+        // Missing anchor: note.
+        fs::remove_file(&head).unwrap();
+        let report = assert_clean(&path, 21);
+        assert!(
+            report.notes[0].contains("no head anchor"),
+            "{:?}",
+            report.notes
+        );
+        assert!(AuditLog::open(&path).is_ok());
+
+        // Garbled anchor: note for verify, refusal for open.
+        fs::write(&head, b"{\"seq\":21,").unwrap();
+        let report = assert_clean(&path, 21);
+        assert!(report.notes[0].contains("unreadable"), "{:?}", report.notes);
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Corrupt { .. })
+        ));
+
+        // Same seq, other hash: the log was rewritten consistently.
+        let wrong = String::from_utf8(anchor20)
+            .unwrap()
+            .replace("\"seq\":20", "\"seq\":21");
+        fs::write(&head, wrong).unwrap();
+        let t = assert_problem(&path, 21, TamperKind::Modified);
+        assert!(t.detail.contains("head anchor"), "{t}");
+        assert!(AuditLog::open(&path).is_err());
+        // Anchor on an older record whose hash differs.
+        fs::write(&head, &anchor19).unwrap();
+        let bad = String::from_utf8(anchor19.clone())
+            .unwrap()
+            .replace("\"seq\":19", "\"seq\":18");
+        fs::write(&head, bad).unwrap();
+        assert_problem(&path, 18, TamperKind::Modified);
+    }
+
+    #[test]
+    fn open_refuses_a_damaged_tail() {
+        let (_dir, path) = new_log(5);
+        let orig = read_lines(&path);
+        let mut lines = orig.clone();
+        lines[4][30] ^= 0x01;
+        write_lines(&path, &lines);
+        match AuditLog::open(&path) {
+            Err(AuditError::Corrupt { line, detail, .. }) => {
+                assert_eq!(line, 5);
+                assert!(detail.contains("modified"), "{detail}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Damage in the middle is verify's business, not open's.
+        let mut lines = orig.clone();
+        lines[1][30] ^= 0x01;
+        write_lines(&path, &lines);
+        assert!(AuditLog::open(&path).is_ok());
+        assert_problem(&path, 2, TamperKind::Modified);
+        // A very long garbage last line.
+        let mut lines = orig.clone();
+        lines.push(vec![b'x'; MAX_RECORD_BYTES * 2]);
+        write_lines(&path, &lines);
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Corrupt { line: 6, .. })
+        ));
+        assert_problem(&path, 6, TamperKind::Malformed);
+    }
+
+    #[test]
+    fn failed_appends_leave_nothing_behind() {
+        let (_dir, path) = new_log(3);
+        for (i, fault) in [
+            Fault::PartialWrite(10),
+            Fault::PartialWrite(1000),
+            Fault::Sync,
+            Fault::Anchor,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let before = fs::read(&path).unwrap();
+            let anchor_before = fs::read(anchor_path(&path).unwrap()).unwrap();
+            let mut log = AuditLog::open(&path).unwrap();
+            log.fault = Some(fault);
+            let err = log.append(&event(99)).unwrap_err();
+            if matches!(fault, Fault::PartialWrite(_) | Fault::Anchor) {
+                assert!(err.to_string().contains("disk full"), "{err}");
+            }
+            assert_eq!(fs::read(&path).unwrap(), before, "{fault:?}");
+            assert_eq!(
+                fs::read(anchor_path(&path).unwrap()).unwrap(),
+                anchor_before
+            );
+            assert_clean(&path, 3 + i as u64);
+            log.fault = None;
+            let r = log.append(&event(4)).unwrap();
+            assert_eq!(r.seq, 4 + i as u64);
+            assert_clean(&path, 4 + i as u64);
+        }
+    }
+
+    #[test]
+    fn unwritable_anchor_fails_closed() {
+        let (_dir, path) = new_log(3);
+        let before = fs::read(&path).unwrap();
+        let tmp = anchor_tmp_path(&anchor_path(&path).unwrap());
+        fs::create_dir(&tmp).unwrap();
+        let mut log = AuditLog::open(&path).unwrap();
+        assert!(log.append(&event(4)).is_err());
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert_clean(&path, 3);
+        fs::remove_dir(&tmp).unwrap();
+        assert_eq!(log.append(&event(4)).unwrap().seq, 4);
+        assert_clean(&path, 4);
+    }
+
+    #[test]
+    fn bad_paths_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the log should be.
+        let err = AuditLog::open(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+        assert!(verify(dir.path()).is_err());
+        // A missing log is an I/O error for verify, not a clean report.
+        assert!(matches!(
+            verify(&dir.path().join("nope.log")),
+            Err(AuditError::Io { .. })
+        ));
+        // A symlink is not followed.
+        let real = dir.path().join("real.log");
+        fs::write(&real, b"").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(AuditLog::open(&link).is_err());
+
+        // The log is replaced (by a directory) or renamed after open.
+        let (_dir2, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        let moved = path.with_file_name("moved.log");
+        fs::rename(&path, &moved).unwrap();
+        fs::create_dir(&path).unwrap();
+        assert!(matches!(
+            log.append(&event(3)),
+            Err(AuditError::Replaced { .. })
+        ));
+        fs::remove_dir(&path).unwrap();
+        assert!(matches!(
+            log.append(&event(3)),
+            Err(AuditError::Replaced { .. })
+        ));
+        fs::rename(&moved, &path).unwrap();
+        assert_clean(&path, 2);
+        assert_eq!(log.append(&event(3)).unwrap().seq, 3);
+    }
+
+    #[test]
+    fn read_only_log_fails_closed() {
+        let (_dir, path) = new_log(2);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        let privileged = OpenOptions::new().append(true).open(&path).is_ok();
+        if privileged {
+            // root ignores file modes; nothing to test here beyond this.
+            eprintln!("running as root: read-only file mode cannot be enforced");
+        } else {
+            let err = AuditLog::open(&path).unwrap_err();
+            assert!(err.to_string().contains("permission denied"), "{err}");
+        }
+        assert_clean(&path, 2);
+    }
+
+    #[test]
+    fn two_handles_alternating_keep_one_chain() {
+        let (_dir, path) = new_log(0);
+        let mut a = AuditLog::open(&path).unwrap();
+        let mut b = AuditLog::open(&path).unwrap();
+        let mut seqs = Vec::new();
+        for i in 0..10 {
+            seqs.push(a.append(&event(i)).unwrap().seq);
+            seqs.push(b.append(&event(i)).unwrap().seq);
+        }
+        assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+        let report = assert_clean(&path, 20);
+        assert!(report.notes.is_empty());
+    }
+
+    #[test]
+    fn concurrent_handles_keep_one_chain() {
+        let (_dir, path) = new_log(0);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut log = AuditLog::open(&path).unwrap();
+                    for i in 0..25 {
+                        log.append(&event(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_clean(&path, 100);
+    }
+
+    #[test]
+    fn only_names_are_recorded() {
+        let (_dir, path) = new_log(0);
+        let mut log = AuditLog::open(&path).unwrap();
+        let mut ev = event(1);
+        ev.target.secret = Some("zz-distinctive-secret-name-4711".into());
+        log.append(&ev).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"secret\":\"zz-distinctive-secret-name-4711\""));
+
+        // Structural guard: the complete set of members any record can have.
+        let full = Event {
+            actor: Actor {
+                kind: ActorKind::Workload,
+                uid: Some(1),
+                user: Some("u".into()),
+                pid: Some(2),
+                exe: Some("/e".into()),
+                workload: Some("w".into()),
+            },
+            action: "a".into(),
+            target: Target {
+                secret: Some("s".into()),
+                env: Some("e".into()),
+                version: Some(3),
+                route: Some("r".into()),
+                detail: Some("d".into()),
+            },
+            decision: Decision::Deny,
+            reason: "r".into(),
+        };
+        let (record, _) = encode_record(1, FIXED_TIME, &full, GENESIS_HASH).unwrap();
+        let v = serde_json::to_value(&record).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
+        };
+        let mut top = keys(&v);
+        top.sort();
+        assert_eq!(
+            top,
+            ["action", "actor", "decision", "hash", "prev", "reason", "seq", "target", "time"]
+        );
+        let mut actor = keys(&v["actor"]);
+        actor.sort();
+        assert_eq!(actor, ["exe", "kind", "pid", "uid", "user", "workload"]);
+        let mut target = keys(&v["target"]);
+        target.sort();
+        assert_eq!(target, ["detail", "env", "route", "secret", "version"]);
+        let mut event_keys = keys(&serde_json::to_value(&full).unwrap());
+        event_keys.sort();
+        assert_eq!(
+            event_keys,
+            ["action", "actor", "decision", "reason", "target"]
+        );
+    }
+
+    #[test]
+    fn io_errors_name_path_and_cause() {
+        for (errno, text) in [
+            (libc::ENOSPC, "disk full"),
+            (libc::EACCES, "permission denied"),
+            (libc::EROFS, "read-only filesystem"),
+        ] {
+            let err = AuditError::Io {
+                path: PathBuf::from("/var/lib/warden/audit.log"),
+                source: io::Error::from_raw_os_error(errno),
+            };
+            let msg = err.to_string();
+            assert!(msg.contains("/var/lib/warden/audit.log"), "{msg}");
+            assert!(msg.contains(text), "{msg}");
+            assert!(std::error::Error::source(&err).is_some());
+        }
+    }
+
+    #[test]
+    fn human_format() {
+        let mut actor = actor_of(ActorKind::Admin);
+        actor.uid = Some(0);
+        actor.user = Some("root".into());
+        let r = Record {
+            seq: 12,
+            time: "2026-11-25T19:50:00.123456Z".into(),
+            actor,
+            action: "secret.put".into(),
+            target: Target {
+                secret: Some("orders-db/app".into()),
+                env: Some("prod".into()),
+                version: Some(3),
+                ..Target::default()
+            },
+            decision: Decision::Allow,
+            reason: "rotated by ops".into(),
+            prev: GENESIS_HASH.into(),
+            hash: GENESIS_HASH.into(),
+        };
+        assert_eq!(
+            format_record_human(&r),
+            "2026-11-25T19:50:00Z #12 admin uid=0(root) secret.put orders-db/app env=prod v3 allow — rotated by ops"
+        );
+        let mut w = r.clone();
+        w.actor = actor_of(ActorKind::Workload);
+        w.actor.pid = Some(4242);
+        w.actor.exe = Some("/usr/bin/evil\u{1b}[2J\nfake line".into());
+        w.actor.workload = Some("orders-api".into());
+        w.target = Target {
+            route: Some("stripe".into()),
+            ..Target::default()
+        };
+        w.decision = Decision::Deny;
+        w.reason = "not\nallowed".into();
+        let s = format_record_human(&w);
+        assert!(!s.contains('\n') && !s.contains('\u{1b}'), "{s}");
+        assert!(
+            s.starts_with("2026-11-25T19:50:00Z #12 workload pid=4242 exe="),
+            "{s}"
+        );
+        assert!(
+            s.ends_with(
+                "exe=\"/usr/bin/evil\\u{1b}[2J\\u{a}fake line\" workload=orders-api secret.put route=stripe deny — not\\u{a}allowed"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn read_records_tail() {
+        let (_dir, path) = new_log(5);
+        let all = read_records(&path, None).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        let last = read_records(&path, Some(2)).unwrap();
+        assert_eq!(last.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(read_records(&path, Some(10)).unwrap().len(), 5);
+        assert!(read_records(&path, Some(0)).unwrap().is_empty());
+        let mut lines = read_lines(&path);
+        lines[4][20] ^= 0x01;
+        write_lines(&path, &lines);
+        assert!(matches!(
+            read_records(&path, Some(2)),
+            Err(AuditError::Corrupt { line: 5, .. })
+        ));
+        // Damage outside the requested tail does not matter to `tail`.
+        lines[4][20] ^= 0x01;
+        lines[0][20] ^= 0x01;
+        write_lines(&path, &lines);
+        assert_eq!(read_records(&path, Some(2)).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn invalid_events_are_refused_without_writing() {
+        let (_dir, path) = new_log(1);
+        let before = fs::read(&path).unwrap();
+        let mut log = AuditLog::open(&path).unwrap();
+        let mut ev = event(2);
+        ev.action = String::new();
+        assert!(matches!(log.append(&ev), Err(AuditError::InvalidEvent(_))));
+        ev.action = "secret put".into();
+        assert!(matches!(log.append(&ev), Err(AuditError::InvalidEvent(_))));
+        let mut ev = event(2);
+        ev.reason = "x".repeat(MAX_RECORD_BYTES);
+        assert!(matches!(
+            log.append(&ev),
+            Err(AuditError::RecordTooLarge { .. })
+        ));
+        assert_eq!(fs::read(&path).unwrap(), before);
+        // Newlines and quotes in free text are escaped, never split a line.
+        let mut ev = event(2);
+        ev.reason = "a\nb\"c\u{0}".into();
+        log.append(&ev).unwrap();
+        assert_eq!(read_lines(&path).len(), 2);
+        assert_clean(&path, 2);
+        assert_eq!(
+            read_records(&path, Some(1)).unwrap()[0].reason,
+            "a\nb\"c\u{0}"
+        );
+    }
+
+    #[test]
+    fn line_reader_handles_buffer_boundaries_and_overlong_lines() {
+        let data = b"abc\ndefghij\n\nxyz".to_vec();
+        let mut r = BufReader::with_capacity(2, &data[..]);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        while let Some(t) = read_line_capped(&mut r, &mut buf, 4).unwrap() {
+            got.push((String::from_utf8(buf.clone()).unwrap(), t));
+        }
+        assert_eq!(
+            got,
+            [
+                ("abc".to_owned(), true),
+                ("defg".to_owned(), true),
+                (String::new(), true),
+                ("xyz".to_owned(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn anchor_mismatch_reports_the_intact_prefix() {
+        let (_dir, path) = new_log(5);
+        let lines = read_lines(&path);
+        let head = anchor_path(&path).unwrap();
+        fs::write(
+            &head,
+            "{\"seq\":3,\"hash\":\"".to_owned() + &"ab".repeat(32) + "\"}\n",
+        )
+        .unwrap();
+        let report = verify(&path).unwrap();
+        assert_eq!(report.problem.as_ref().map(|t| t.line), Some(3));
+        assert_eq!(report.records, 2);
+        assert_eq!(report.last_hash, hash_of(&lines[1]));
+    }
+}
