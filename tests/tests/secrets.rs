@@ -303,3 +303,78 @@ fn non_admin_uid_is_refused_by_the_admin_socket() {
         "{audit}"
     );
 }
+
+#[test]
+fn admin_group_members_manage_but_cannot_reveal() {
+    if !warden_tests::is_root() {
+        eprintln!("skipping: needs root to run a client as another uid");
+        return;
+    }
+    // `nogroup` (gid 65534) exists on Debian; uid 65534 is `nobody`.
+    let i = Instance::new_with("");
+    let cfg = std::fs::read_to_string(&i.config).unwrap();
+    std::fs::write(
+        &i.config,
+        cfg.replace("[admin]\n", "[admin]\ngroup = \"nogroup\"\n"),
+    )
+    .unwrap();
+    i.run(&["init"]).ok();
+    i.put("shared/token", b"group-visible-name-only").ok();
+    let _d = i.start_daemon();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = std::fs::metadata(&i.socket).unwrap();
+    assert_eq!(md.mode() & 0o777, 0o660, "group socket must be 0660");
+    assert_eq!(md.gid(), 65534);
+    std::fs::set_permissions(i.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&i.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(warden_tests::warden_bin())
+            .arg("--config")
+            .arg(&i.config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = as_nobody(&["secret", "list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(String::from_utf8_lossy(&list.stdout).contains("shared/token"));
+    let reveal = as_nobody(&["secret", "get", "shared/token", "--reveal"]);
+    assert_eq!(reveal.status.code(), Some(3));
+    assert!(!String::from_utf8_lossy(&reveal.stdout).contains("group-visible"));
+}
+
+#[test]
+fn daemon_notifies_systemd_when_ready() {
+    let i = Instance::initialised();
+    let notify = i.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut child = i
+        .command(&["up"])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Ready means the admin socket answers.
+    i.run(&["status"]).ok();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+}

@@ -38,6 +38,20 @@ fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     }
 }
 
+/// Runs `sql` and maps every row.
+fn query_all<T>(
+    conn: &Connection,
+    path: &Path,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let err = db_err(path);
+    let mut stmt = conn.prepare(sql).map_err(&err)?;
+    let rows = stmt.query_map(params, map).map_err(&err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(&err)
+}
+
 fn now() -> String {
     crate::timefmt::now_rfc3339()
 }
@@ -213,18 +227,15 @@ impl SecretBackend for SqliteBackend {
     }
 
     fn list(&self, env: Option<&str>) -> Result<Vec<SecretSummary>> {
-        let err = db_err(&self.path);
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT s.name, s.env, MAX(v.version), COUNT(v.version), s.updated_at
-                 FROM secrets s JOIN secret_versions v ON v.name = s.name AND v.env = s.env
-                 WHERE (?1 IS NULL OR s.env = ?1)
-                 GROUP BY s.name, s.env ORDER BY s.name, s.env",
-            )
-            .map_err(&err)?;
-        let rows = stmt
-            .query_map(params![env], |r| {
+        query_all(
+            &self.conn,
+            &self.path,
+            "SELECT s.name, s.env, MAX(v.version), COUNT(v.version), s.updated_at
+             FROM secrets s JOIN secret_versions v ON v.name = s.name AND v.env = s.env
+             WHERE (?1 IS NULL OR s.env = ?1)
+             GROUP BY s.name, s.env ORDER BY s.name, s.env",
+            params![env],
+            |r| {
                 Ok(SecretSummary {
                     name: r.get(0)?,
                     env: r.get(1)?,
@@ -232,31 +243,26 @@ impl SecretBackend for SqliteBackend {
                     versions_kept: r.get(3)?,
                     updated_at: r.get(4)?,
                 })
-            })
-            .map_err(&err)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(&err)
+            },
+        )
     }
 
     fn versions(&self, name: &str, env: &str) -> Result<Vec<VersionInfo>> {
-        let err = db_err(&self.path);
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT version, created_at, created_by, kek_id FROM secret_versions
-                 WHERE name = ?1 AND env = ?2 ORDER BY version",
-            )
-            .map_err(&err)?;
-        let rows = stmt
-            .query_map(params![name, env], |r| {
+        query_all(
+            &self.conn,
+            &self.path,
+            "SELECT version, created_at, created_by, kek_id FROM secret_versions
+             WHERE name = ?1 AND env = ?2 ORDER BY version",
+            params![name, env],
+            |r| {
                 Ok(VersionInfo {
                     version: r.get(0)?,
                     created_at: r.get(1)?,
                     created_by: r.get(2)?,
                     kek_id: r.get(3)?,
                 })
-            })
-            .map_err(&err)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(&err)
+            },
+        )
     }
 
     fn remove(&mut self, name: &str, env: &str, before_commit: CommitHook<'_>) -> Result<u32> {
@@ -294,23 +300,21 @@ impl SecretBackend for SqliteBackend {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&err)?;
-        let rows: Vec<WrappedKeyRow> = {
-            let mut stmt = tx
-                .prepare("SELECT name, env, version, kek_id, wrapped_key FROM secret_versions")
-                .map_err(&err)?;
-            let it = stmt
-                .query_map([], |r| {
-                    Ok(WrappedKeyRow {
-                        name: r.get(0)?,
-                        env: r.get(1)?,
-                        version: r.get(2)?,
-                        kek_id: r.get(3)?,
-                        wrapped_key: r.get(4)?,
-                    })
+        let rows: Vec<WrappedKeyRow> = query_all(
+            &tx,
+            &path,
+            "SELECT name, env, version, kek_id, wrapped_key FROM secret_versions",
+            [],
+            |r| {
+                Ok(WrappedKeyRow {
+                    name: r.get(0)?,
+                    env: r.get(1)?,
+                    version: r.get(2)?,
+                    kek_id: r.get(3)?,
+                    wrapped_key: r.get(4)?,
                 })
-                .map_err(&err)?;
-            it.collect::<rusqlite::Result<Vec<_>>>().map_err(&err)?
-        };
+            },
+        )?;
         let mut count = 0u64;
         for row in &rows {
             let (kek_id, wrapped) = rewrap(row)?;
