@@ -7,6 +7,7 @@
 //! inside zeroized buffers and are never logged.
 
 use crate::audit::{Actor, ActorKind, Decision, Event, Target};
+use crate::authority::{IdentityHandle, SvidInfo};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::Metrics;
 use crate::paths;
@@ -52,6 +53,14 @@ pub enum Request {
     Unseal {
         share: Zeroizing<String>,
     },
+    /// The current X.509-SVID of a workload (issued now if it has none).
+    SvidShow {
+        workload: String,
+        #[serde(default)]
+        pem: bool,
+    },
+    /// The trust bundle (PEM).
+    SvidBundle,
 }
 
 impl Request {
@@ -65,6 +74,8 @@ impl Request {
             Request::SecretRm { .. } => "secret_rm",
             Request::SecretReveal { .. } => "secret_reveal",
             Request::Unseal { .. } => "unseal",
+            Request::SvidShow { .. } => "svid_show",
+            Request::SvidBundle => "svid_bundle",
         }
     }
 }
@@ -172,6 +183,7 @@ pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
 pub async fn serve(
     listener: UnixListener,
     service: Arc<Mutex<SecretService>>,
+    identity: Arc<IdentityHandle>,
     metrics: Metrics,
     access: AdminAccess,
 ) {
@@ -180,9 +192,14 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (service, metrics, access) = (service.clone(), metrics.clone(), access.clone());
+        let (service, identity, metrics, access) = (
+            service.clone(),
+            identity.clone(),
+            metrics.clone(),
+            access.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = handle_connection(stream, service, metrics, access).await {
+            if let Err(e) = handle_connection(stream, service, identity, metrics, access).await {
                 tracing::debug!("admin connection ended: {e}");
             }
         });
@@ -192,6 +209,7 @@ pub async fn serve(
 async fn handle_connection(
     stream: UnixStream,
     service: Arc<Mutex<SecretService>>,
+    identity: Arc<IdentityHandle>,
     metrics: Metrics,
     access: AdminAccess,
 ) -> std::io::Result<()> {
@@ -211,14 +229,7 @@ async fn handle_connection(
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(mut s) = svc.lock() {
                 let _ = s.record(&Event {
-                    actor: Actor {
-                        kind: ActorKind::Admin,
-                        uid: Some(who.uid),
-                        user: paths::user_name(who.uid),
-                        pid: who.pid,
-                        exe: None,
-                        workload: None,
-                    },
+                    actor: caller_actor(&who),
                     action: "admin.connect".into(),
                     target: Target::default(),
                     decision: Decision::Deny,
@@ -271,13 +282,15 @@ async fn handle_connection(
             Ok(req) => {
                 let op = req.op();
                 let svc = service.clone();
+                let ident = identity.clone();
                 let who = caller.clone();
-                let resp = tokio::task::spawn_blocking(move || dispatch_locked(&svc, &who, req))
-                    .await
-                    .unwrap_or_else(|e| Response::Error {
-                        kind: ErrorKind::Internal,
-                        message: format!("request handler failed: {e}"),
-                    });
+                let resp =
+                    tokio::task::spawn_blocking(move || dispatch_locked(&svc, &ident, &who, req))
+                        .await
+                        .unwrap_or_else(|e| Response::Error {
+                            kind: ErrorKind::Internal,
+                            message: format!("request handler failed: {e}"),
+                        });
                 let result = match &resp {
                     Response::Error { kind, .. } => format!("{kind:?}").to_lowercase(),
                     _ => "ok".into(),
@@ -301,9 +314,14 @@ async fn write_response(
     w.flush().await
 }
 
-fn dispatch_locked(service: &Mutex<SecretService>, caller: &Caller, req: Request) -> Response {
+fn dispatch_locked(
+    service: &Mutex<SecretService>,
+    identity: &IdentityHandle,
+    caller: &Caller,
+    req: Request,
+) -> Response {
     match service.lock() {
-        Ok(mut s) => dispatch(&mut s, caller, req),
+        Ok(mut s) => dispatch(&mut s, Some(identity), caller, req),
         Err(_) => Response::Error {
             kind: ErrorKind::Internal,
             message: "service state is poisoned after an earlier failure; restart warden".into(),
@@ -314,7 +332,12 @@ fn dispatch_locked(service: &Mutex<SecretService>, caller: &Caller, req: Request
 /// Executes one request against the service. The daemon calls this for socket
 /// requests; the CLI calls it directly when it works offline, so both paths
 /// share every check and audit record.
-pub fn dispatch(s: &mut SecretService, caller: &Caller, req: Request) -> Response {
+pub fn dispatch(
+    s: &mut SecretService,
+    identity: Option<&IdentityHandle>,
+    caller: &Caller,
+    req: Request,
+) -> Response {
     match req {
         Request::Status => Response::from_result(s.status()),
         Request::SecretPut {
@@ -356,6 +379,66 @@ pub fn dispatch(s: &mut SecretService, caller: &Caller, req: Request) -> Respons
             }
         }
         Request::Unseal { share } => Response::from_result(s.unseal(caller, &share)),
+        Request::SvidShow { workload, pem } => {
+            Response::from_result(svid_show(s, identity, caller, &workload, pem))
+        }
+        Request::SvidBundle => Response::from_result(s.bundle_pem()),
+    }
+}
+
+fn svid_show(
+    s: &mut SecretService,
+    identity: Option<&IdentityHandle>,
+    caller: &Caller,
+    workload: &str,
+    pem: bool,
+) -> Result<SvidInfo> {
+    let identity = identity.ok_or_else(|| {
+        Error::unavailable("SVIDs are issued by the daemon: start `warden up` first")
+    })?;
+    let spiffe_id = identity.spiffe_id_of(workload)?.to_string();
+    let mut guard = identity
+        .authority
+        .lock()
+        .map_err(|_| Error::internal("identity state poisoned"))?;
+    let authority = guard.as_mut().ok_or_else(|| {
+        if s.is_sealed() {
+            Error::sealed("warden is sealed: the CA key is not available until `warden unseal`")
+        } else {
+            Error::unavailable("the CA is still loading; try again in a second")
+        }
+    })?;
+    let (svid, fresh) =
+        authority.svid_for(workload, &spiffe_id, time::OffsetDateTime::now_utc())?;
+    if fresh {
+        s.record(&Event {
+            actor: caller_actor(caller),
+            action: "svid.issue".into(),
+            target: Target {
+                detail: Some(format!("{workload} {spiffe_id} serial {}", svid.serial_hex)),
+                ..Target::default()
+            },
+            decision: Decision::Allow,
+            reason: "requested by an admin (`warden svid show`)".into(),
+        })?;
+    }
+    let mut info = authority
+        .info(workload)
+        .ok_or_else(|| Error::internal("issued SVID vanished"))?;
+    if !pem {
+        info.chain_pem.clear();
+    }
+    Ok(info)
+}
+
+fn caller_actor(caller: &Caller) -> Actor {
+    Actor {
+        kind: ActorKind::Admin,
+        uid: Some(caller.uid),
+        user: paths::user_name(caller.uid),
+        pid: caller.pid,
+        exe: None,
+        workload: None,
     }
 }
 

@@ -8,6 +8,7 @@
 
 use crate::admin::{self, AdminClient, Request, Response};
 use crate::audit;
+use crate::authority::{IdentitySettings, ImportedCa, SvidInfo};
 use crate::config::{self, Config};
 use crate::daemon;
 use crate::error::{Error, ErrorKind, Result};
@@ -20,6 +21,7 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use warden_identity::TrustDomain;
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
@@ -66,6 +68,9 @@ enum Command {
     /// Workloads defined in the configuration.
     #[command(subcommand)]
     Workload(ListOnly),
+    /// X.509-SVIDs issued by the daemon, and the trust bundle.
+    #[command(subcommand)]
+    Svid(SvidCommand),
     /// Read and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -92,6 +97,18 @@ struct InitArgs {
     /// rewrapped. With a shamir store, give the current shares on stdin.
     #[arg(long)]
     rotate_kek: bool,
+    /// SPIFFE trust domain of the CA (default: `trust_domain` from the config).
+    #[arg(long, value_name = "DOMAIN")]
+    trust_domain: Option<String>,
+    /// Import an upstream intermediate CA certificate (PEM) instead of creating a self-signed root.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The imported CA's private key (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The chain above the imported CA, up to and including the root (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +151,19 @@ enum SecretCommand {
         #[arg(long)]
         env: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum SvidCommand {
+    /// The workload's current SVID: SPIFFE ID, serial, key type, validity (issued now if needed).
+    Show {
+        workload: String,
+        /// Also print the certificate chain as PEM (never the private key).
+        #[arg(long)]
+        pem: bool,
+    },
+    /// Print the trust bundle (CA certificates, PEM) that verifies warden's SVIDs.
+    Bundle,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +239,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Secret(cmd) => run_secret(&ctx, cmd),
         Command::Route(ListOnly::List) => route_list(&ctx),
         Command::Workload(ListOnly::List) => workload_list(&ctx),
+        Command::Svid(cmd) => run_svid(&ctx, cmd),
         Command::Audit(cmd) => run_audit(&ctx, cmd),
         Command::Config(_) => Ok(()),
     }
@@ -245,10 +276,36 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
         credential_name: a.credential_name.clone(),
     };
     let outcome = if a.rotate_kek {
+        if a.trust_domain.is_some() || a.ca_cert.is_some() {
+            return Err(Error::usage(
+                "--trust-domain and --ca-cert apply to a new store, not to --rotate-kek",
+            ));
+        }
         let shares = read_shares_if_needed(&ctx.data_dir)?;
         init::rotate_kek(&ctx.data_dir, &plan, &shares)?
     } else {
-        init::init(&ctx.data_dir, &plan)?
+        let mut settings = IdentitySettings::from_config(&ctx.cfg)?;
+        if let Some(td) = &a.trust_domain {
+            settings.trust_domain =
+                TrustDomain::parse(td).map_err(|e| Error::usage(format!("--trust-domain: {e}")))?;
+            if td != &ctx.cfg.trust_domain {
+                eprintln!(
+                    "warden: note: set trust_domain = \"{td}\" in the config too; the daemon refuses a config whose trust domain differs from the store's"
+                );
+            }
+        }
+        let import = match (&a.ca_cert, &a.ca_key) {
+            (Some(cert), Some(key)) => Some(ImportedCa {
+                cert_pem: read_text(cert)?,
+                key_pem: Zeroizing::new(read_text(key)?),
+                chain_pem: match &a.ca_bundle {
+                    Some(b) => read_text(b)?,
+                    None => String::new(),
+                },
+            }),
+            _ => None,
+        };
+        init::init(&ctx.data_dir, &plan, settings, import)?
     };
     if ctx.json {
         let shares: Vec<&str> = outcome.shares.iter().map(|s| s.as_str()).collect();
@@ -298,6 +355,45 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
                 "warden: the master key is read from the systemd credential {:?} at every start.",
                 a.credential_name
             );
+        }
+    }
+    Ok(())
+}
+
+fn read_text(p: &Path) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| Error::io("cannot read", p, &e))
+}
+
+fn run_svid(ctx: &Context, cmd: SvidCommand) -> Result<()> {
+    let mut target = Target::connect(ctx)?;
+    match cmd {
+        SvidCommand::Show { workload, pem } => {
+            if matches!(target, Target::Offline { .. }) {
+                return Err(Error::unavailable(
+                    "SVIDs are issued by the daemon: start `warden up` first",
+                ));
+            }
+            let info: SvidInfo = target
+                .call(Request::SvidShow { workload, pem })?
+                .into_result()?;
+            if ctx.json {
+                return print_json(&info);
+            }
+            println!("workload:    {}", info.workload);
+            println!("spiffe id:   {}", info.spiffe_id);
+            println!("serial:      {}", info.serial);
+            println!("key type:    {}", info.key_type);
+            println!("not before:  {}", info.not_before);
+            println!("not after:   {}", info.not_after);
+            println!("refresh at:  {}", info.refresh_at);
+            println!("ca serial:   {}", info.ca_serial);
+            if pem {
+                print!("{}", info.chain_pem);
+            }
+        }
+        SvidCommand::Bundle => {
+            let pem: String = target.call(Request::SvidBundle)?.into_result()?;
+            print!("{pem}");
         }
     }
     Ok(())
@@ -355,7 +451,7 @@ impl Target {
         match self {
             Target::Daemon(c) => c.call(&req),
             Target::Offline { service, .. } => {
-                let resp = admin::dispatch(service, &Caller::this_process(), req);
+                let resp = admin::dispatch(service, None, &Caller::this_process(), req);
                 if let Response::Error {
                     kind: ErrorKind::Sealed,
                     message,

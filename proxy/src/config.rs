@@ -59,6 +59,10 @@ pub const DEFAULT_MAX_VERSIONS: u32 = 10;
 pub const MAX_VERSIONS_LIMIT: u32 = 1000;
 /// `identity.svid_ttl` when not set.
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// `identity.ca_ttl` when not set: 30 days.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// Longest accepted `identity.ca_ttl`: 10 years.
+pub const MAX_CA_TTL: Duration = Duration::from_secs(3650 * 86_400);
 /// Shortest accepted `identity.svid_ttl`.
 pub const MIN_SVID_TTL: Duration = Duration::from_secs(60);
 /// Longest accepted `identity.svid_ttl`.
@@ -281,6 +285,10 @@ pub struct Identity {
     pub svid_ttl: Duration,
     /// Key algorithm.
     pub key_type: KeyType,
+    /// Lifetime of a self-signed CA warden creates (at least 6× `svid_ttl`);
+    /// unset means [`Identity::ca_ttl`]'s default.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ca_ttl: Option<Duration>,
     /// SPIFFE Workload API socket (absolute after loading).
     pub workload_api_socket: Option<PathBuf>,
 }
@@ -488,11 +496,20 @@ impl Default for Store {
     }
 }
 
+impl Identity {
+    /// The CA lifetime: as configured, else 30 days (or 6× `svid_ttl` if longer).
+    pub fn ca_ttl(&self) -> Duration {
+        self.ca_ttl
+            .unwrap_or_else(|| DEFAULT_CA_TTL.max(self.svid_ttl.saturating_mul(6)))
+    }
+}
+
 impl Default for Identity {
     fn default() -> Self {
         Identity {
             svid_ttl: DEFAULT_SVID_TTL,
             key_type: KeyType::default(),
+            ca_ttl: None,
             workload_api_socket: None,
         }
     }
@@ -1211,7 +1228,8 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("metrics.listen", "an IP:PORT in quotes, e.g. listen = \"127.0.0.1:9477\", or \"off\""),
     ("store", "a table: [store] with max_versions"),
     ("store.max_versions", "a whole number from 1 to 1000 without quotes, e.g. max_versions = 10"),
-    ("identity", "a table: [identity] with svid_ttl, key_type, workload_api_socket"),
+    ("identity", "a table: [identity] with svid_ttl, key_type, ca_ttl, workload_api_socket"),
+    ("identity.ca_ttl", "a duration in quotes, at least 6x svid_ttl, e.g. ca_ttl = \"30d\""),
     ("identity.svid_ttl", "a duration in quotes between 1m and 30d, e.g. svid_ttl = \"1h\""),
     ("identity.key_type", "one of \"ec-p256\", \"ed25519\", \"ml-dsa-65\""),
     ("identity.workload_api_socket", "a socket path in quotes, e.g. workload_api_socket = \"/run/warden/workload.sock\""),
@@ -1510,6 +1528,24 @@ fn check_globals(c: &mut Checker<'_>) {
                 format_duration(MAX_SVID_TTL)
             ),
             "set svid_ttl between \"1m\" and \"30d\" (default \"1h\")",
+        );
+    }
+    let ca_ttl = cfg.identity.ca_ttl();
+    let min_ca = ttl.saturating_mul(6);
+    let svid_ttl_ok = (MIN_SVID_TTL..=MAX_SVID_TTL).contains(&ttl);
+    if svid_ttl_ok && (ca_ttl < min_ca || ca_ttl > MAX_CA_TTL) {
+        c.error(
+            "identity.ca_ttl",
+            format!(
+                "ca_ttl {} must be at least 6x svid_ttl ({}) so the CA overlap spans several SVID lifetimes, and at most {}",
+                format_duration(ca_ttl),
+                format_duration(min_ca),
+                format_duration(MAX_CA_TTL)
+            ),
+            format!(
+                "set ca_ttl to at least \"{}\" or shorten svid_ttl",
+                format_duration(min_ca)
+            ),
         );
     }
     if let Some(path) = &cfg.identity.workload_api_socket {
@@ -3282,6 +3318,10 @@ allow = ["reports"]
     fn ranges_and_non_empty_values() {
         only_error("[identity]\nsvid_ttl = \"59s\"\n", "identity.svid_ttl");
         only_error("[identity]\nsvid_ttl = \"31d\"\n", "identity.svid_ttl");
+        only_error(
+            "[identity]\nsvid_ttl = \"1d\"\nca_ttl = \"5d\"\n",
+            "identity.ca_ttl",
+        );
         ok("[identity]\nsvid_ttl = \"1m\"\n");
         ok("[identity]\nsvid_ttl = \"30d\"\n");
         only_error("[admin]\ngroup = \"\"\n", "admin.group");

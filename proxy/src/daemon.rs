@@ -7,6 +7,7 @@
 //! removed. Route listeners join this loop as their issues land.
 
 use crate::admin::{self, AdminAccess};
+use crate::authority::IdentityHandle;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
@@ -47,6 +48,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         group,
     };
     let socket = admin_socket_path(cfg, data_dir);
+    let identity = Arc::new(IdentityHandle::new(cfg)?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -75,6 +77,17 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             ),
         )?;
         let service = Arc::new(Mutex::new(service));
+        // Load (or create) the CA now when unsealed, so a bad trust domain stops the start.
+        {
+            let svc = service.clone();
+            let ident = identity.clone();
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut s = svc.lock().map_err(|_| Error::internal("service state poisoned"))?;
+                ident.maintain(&mut s).map(|_| ())
+            })
+            .await
+            .map_err(|e| Error::internal(format!("identity start-up failed: {e}")))??;
+        }
 
         tracing::info!(socket = %socket.display(), "admin API listening");
         if let Some(l) = &metrics_listener {
@@ -100,15 +113,18 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             service.clone(),
+            identity.clone(),
             metrics.clone(),
             access.clone(),
         ));
+        let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
         let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
 
         let signal = wait_for_shutdown().await;
         tracing::info!("{signal} received: shutting down");
         notify_systemd("STOPPING=1");
         admin_task.abort();
+        identity_task.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -123,6 +139,33 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// Loads the CA once the store is unsealed and keeps CAs and SVIDs rotated.
+async fn maintain_identity(service: Arc<Mutex<SecretService>>, identity: Arc<IdentityHandle>) {
+    loop {
+        let (svc, ident) = (service.clone(), identity.clone());
+        let wait = tokio::task::spawn_blocking(move || match svc.lock() {
+            Ok(mut s) => ident.maintain(&mut s),
+            Err(_) => Err(Error::internal("service state poisoned")),
+        })
+        .await;
+        let wait = match wait {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "identity maintenance failed: {}; retrying in 5 s",
+                    e.message
+                );
+                std::time::Duration::from_secs(5)
+            }
+            Err(e) => {
+                tracing::error!("identity maintenance task failed: {e}");
+                std::time::Duration::from_secs(5)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 async fn wait_for_shutdown() -> &'static str {

@@ -3,6 +3,7 @@
 //! key (secret values are not re-encrypted).
 
 use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::authority::{IdentityAuthority, IdentitySettings, ImportedCa, StoreAccess};
 use crate::error::{Error, Result};
 use crate::masterkey::{self, Kek, KekPlan, KekSource, KekState, NewKek, SEAL_META_KEY};
 use crate::paths;
@@ -35,7 +36,12 @@ fn admin_actor() -> Actor {
 
 /// Initialises `data_dir` (created 0700 if missing; refused if it exists with
 /// loose permissions or is already initialised).
-pub fn init(data_dir: &Path, plan: &KekPlan) -> Result<InitOutcome> {
+pub fn init(
+    data_dir: &Path,
+    plan: &KekPlan,
+    identity: IdentitySettings,
+    import: Option<ImportedCa>,
+) -> Result<InitOutcome> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     if data_dir.join(paths::STORE_FILE).exists() {
         return Err(Error::usage(format!(
@@ -70,7 +76,21 @@ pub fn init(data_dir: &Path, plan: &KekPlan) -> Result<InitOutcome> {
             decision: Decision::Allow,
             reason: "data dir initialised".into(),
         })?;
-        crate::store::SecretBackend::meta_set(&mut backend, SEAL_META_KEY, &seal.to_json()?)
+        crate::store::SecretBackend::meta_set(&mut backend, SEAL_META_KEY, &seal.to_json()?)?;
+        // The CA is created with the store, its key sealed under the new KEK.
+        let mut store = SecretStore::new(Box::new(backend));
+        let mut access = StoreAccess {
+            store: &mut store,
+            kek: &kek,
+            audit: &mut audit,
+        };
+        IdentityAuthority::load_or_create(
+            &mut access,
+            identity,
+            import,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        Ok(())
     })();
     if let Err(e) = created {
         // Leave nothing half-made behind: a later `init` must be able to start over.

@@ -5,6 +5,7 @@
 
 mod admin;
 mod audit;
+mod authority;
 mod cli;
 mod config;
 mod crypto;

@@ -4,6 +4,7 @@
 //! an audit record, and a mutation commits only after its record is durable.
 
 use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::authority::{bundle_pem_from_store, check_not_reserved, StoreAccess};
 use crate::error::{Error, ErrorKind, Result};
 use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer};
 use crate::metrics::Metrics;
@@ -223,6 +224,15 @@ impl SecretService {
     ) -> Result<u32> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
+        if let Err(e) = check_not_reserved(name) {
+            self.record_outcome(
+                caller,
+                "secret.put",
+                Self::secret_target(name, &env, None),
+                &e,
+            );
+            return Err(e);
+        }
         if let Some(e) = self.kek().err() {
             self.record_outcome(
                 caller,
@@ -292,7 +302,12 @@ impl SecretService {
             decision: Decision::Allow,
             reason: String::new(),
         })?;
-        self.store.backend().list(env)
+        let mut list = self.store.backend().list(env)?;
+        if env.is_none() {
+            // warden's own keys show only when their environment is asked for.
+            list.retain(|s| check_not_reserved(&s.name).is_ok());
+        }
+        Ok(list)
     }
 
     pub fn versions(
@@ -322,6 +337,15 @@ impl SecretService {
     pub fn remove(&mut self, caller: &Caller, name: &str, env: Option<&str>) -> Result<u32> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
+        if let Err(e) = check_not_reserved(name) {
+            self.record_outcome(
+                caller,
+                "secret.rm",
+                Self::secret_target(name, &env, None),
+                &e,
+            );
+            return Err(e);
+        }
         let actor = caller.actor();
         let audit = &mut self.audit;
         let metrics = self.metrics.clone();
@@ -363,6 +387,10 @@ impl SecretService {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
         let target = Self::secret_target(name, &env, version);
+        if let Err(e) = check_not_reserved(name) {
+            self.record_outcome(caller, "secret.reveal", target, &e);
+            return Err(e);
+        }
         if !caller.is_admin {
             let e = Error::denied(format!(
                 "uid {} may not read secret values: `secret get --reveal` is for root or the uid that runs warden",
@@ -437,8 +465,34 @@ impl SecretService {
         }
     }
 
+    /// Store, KEK and audit log for the identity authority; refused while sealed.
+    pub fn store_access(&mut self) -> Result<StoreAccess<'_>> {
+        let KekState::Unsealed(kek) = &self.kek else {
+            return Err(self
+                .kek()
+                .err()
+                .unwrap_or_else(|| Error::sealed("warden is sealed")));
+        };
+        Ok(StoreAccess {
+            store: &mut self.store,
+            kek,
+            audit: &mut self.audit,
+        })
+    }
+
+    /// The trust bundle PEM from the store (works while sealed: certificates are public).
+    pub fn bundle_pem(&self) -> Result<String> {
+        bundle_pem_from_store(&self.store)
+    }
+
     pub fn status(&self) -> Result<Status> {
-        let secrets = self.store.backend().list(None)?.len();
+        let secrets = self
+            .store
+            .backend()
+            .list(None)?
+            .iter()
+            .filter(|s| check_not_reserved(&s.name).is_ok())
+            .count();
         Ok(Status {
             data_dir: self.data_dir.clone(),
             sealed: self.is_sealed(),

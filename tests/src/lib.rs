@@ -82,7 +82,9 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// A fresh instance with a config (extra TOML appended) but no `init` yet.
+    /// A fresh instance with a config but no `init` yet. `extra_toml` goes after
+    /// the top-level keys and before the `[admin]`/`[metrics]` tables, so it may
+    /// start with top-level keys and end with tables of its own.
     pub fn new_with(extra_toml: &str) -> Instance {
         let dir = tempfile::Builder::new()
             .prefix("warden-e2e-")
@@ -93,7 +95,7 @@ impl Instance {
         let config = dir.path().join("warden.toml");
         let metrics_port = free_port();
         let text = format!(
-            "data_dir = \"data\"\nenvironment = \"prod\"\n\n[admin]\nsocket = \"admin.sock\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n{extra_toml}\n"
+            "data_dir = \"data\"\nenvironment = \"prod\"\n{extra_toml}\n\n[admin]\nsocket = \"admin.sock\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
         );
         std::fs::write(&config, text).unwrap_or_else(|e| panic!("write config: {e}"));
         Instance {
