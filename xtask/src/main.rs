@@ -26,8 +26,12 @@
 //!   starts `warden up` detached and prints what to try next; `stop` sends it
 //!   SIGTERM; `status` relays `warden status`.
 //!
+//! * `cargo xtask bench [-- N]` — benchmarks, each beside a baseline measured
+//!   in the same run (see `bench.rs`).
+//!
 //! * `cargo xtask help` — usage.
 
+mod bench;
 mod cmd;
 mod demo;
 mod prereq;
@@ -43,6 +47,7 @@ commands:
   test [-- ARGS...]          run fmt, clippy, build and every test (what CI runs);
                              ARGS go to the test runner, e.g. `cargo xtask test -- audit`
   demo [start|stop|status]   run warden on examples/quickstart.toml (default: start)
+  bench [-- N]               benchmarks with same-run baselines (SVID issuance; N iterations)
   help                       show this text
 ";
 
@@ -75,6 +80,11 @@ fn dispatch(args: &[String]) -> anyhow::Result<ExitCode> {
             }
             Err(msg) => Ok(usage_error(&msg)),
         },
+        "bench" => {
+            let args = rest.strip_prefix(&["--".to_string()][..]).unwrap_or(rest);
+            bench::run(&repo_root(), args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         "demo" => match parse_demo_args(rest) {
             Ok(action) => demo::run(&repo_root(), action),
             Err(msg) => Ok(usage_error(&msg)),
