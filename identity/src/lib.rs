@@ -2,6 +2,8 @@
 //! connection, and the short-lived certificate that proves it.
 //!
 //! - [`spiffe_id`]: SPIFFE IDs and trust domains.
+//! - [`attest`]: from a peer process to a workload registration (facts from
+//!   /proc, the /proc TCP resolver, selectors, the pid-reuse guard).
 //! - [`ca`]: the local certificate authority (self-signed root or an imported
 //!   upstream intermediate) and X.509-SVID issuance, field for field as the
 //!   SPIFFE X509-SVID spec asks.
@@ -12,6 +14,7 @@
 //! hands it facts and keys and serves what it issues. Keys it returns are in
 //! zeroized buffers; storing them (encrypted) is the caller's job.
 
+pub mod attest;
 pub mod ca;
 pub mod rotation;
 pub mod spiffe_id;

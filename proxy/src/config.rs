@@ -1668,6 +1668,50 @@ fn check_workloads(c: &mut Checker<'_>) {
             }
         }
     }
+    check_ambiguous_workloads(c);
+}
+
+impl Selectors {
+    /// The attestation crate's form of these selectors.
+    pub fn to_attest(&self) -> warden_identity::attest::Selectors {
+        warden_identity::attest::Selectors {
+            uid: self.uid,
+            gid: self.gid,
+            exe_path: self.exe_path.clone(),
+            exe_sha256: self.exe_sha256.clone(),
+            cgroup: self.cgroup.clone(),
+            systemd_unit: self.systemd_unit.clone(),
+        }
+    }
+}
+
+impl Workload {
+    /// The attestation crate's registration for this workload.
+    pub fn registration(&self) -> warden_identity::attest::Registration {
+        warden_identity::attest::Registration {
+            name: self.name.clone(),
+            spiffe_id: self.spiffe_id.clone(),
+            selectors: self.selectors.to_attest(),
+        }
+    }
+}
+
+/// Two workloads that could match the same process with no way to prefer one
+/// (neither's selectors are a strict superset of the other's) are an error:
+/// attestation would have to refuse that process at run time.
+fn check_ambiguous_workloads(c: &mut Checker<'_>) {
+    let cfg = c.config;
+    let regs: Vec<_> = cfg.workloads.iter().map(Workload::registration).collect();
+    for (a, b) in warden_identity::attest::ambiguous_pairs(&regs) {
+        c.error(
+            format!("workload[{b}].selectors"),
+            format!(
+                "workloads \"{}\" (workload[{a}]) and \"{}\" (workload[{b}]) could match the same process, and neither is more specific",
+                cfg.workloads[a].name, cfg.workloads[b].name
+            ),
+            "add a selector that tells them apart (a different uid, exe_sha256 or systemd_unit), or make one's selectors a strict superset of the other's",
+        );
+    }
 }
 
 fn check_secrets(c: &mut Checker<'_>) {

@@ -80,3 +80,30 @@ fn missing_config_file_is_a_clear_error() {
         .code(2)
         .stderr_has("/nonexistent/warden.toml");
 }
+
+#[test]
+fn ambiguous_workload_registrations_are_an_error() {
+    let ambiguous = r#"
+trust_domain = "example.org"
+[[workload]]
+name = "by-uid"
+spiffe_id = "spiffe://example.org/a"
+selectors = { uid = 1001 }
+[[workload]]
+name = "by-exe"
+spiffe_id = "spiffe://example.org/b"
+selectors = { exe_path = "/usr/bin/psql" }
+"#;
+    check(ambiguous)
+        .code(2)
+        .stderr_has("workload[1].selectors")
+        .stderr_has("could match the same process");
+    // A strictly more specific registration is preferred, not ambiguous.
+    let specific = ambiguous.replace(
+        "selectors = { exe_path = \"/usr/bin/psql\" }",
+        "selectors = { uid = 1001, exe_path = \"/usr/bin/psql\" }",
+    );
+    check(&specific).ok();
+    // Contradicting uids can never both match.
+    check(&ambiguous.replace("exe_path = \"/usr/bin/psql\"", "uid = 1002")).ok();
+}
