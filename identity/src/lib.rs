@@ -16,6 +16,7 @@
 
 pub mod attest;
 pub mod ca;
+pub mod jwt;
 pub mod rotation;
 pub mod spiffe_id;
 

@@ -148,13 +148,11 @@ pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
         if !parent.exists() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::io("cannot create admin socket dir", parent, &e))?;
-            let mode = if access.group.is_some() { 0o750 } else { 0o700 };
+            // Traversable: the socket file's own mode guards it, and the
+            // Workload API socket may share this directory.
+            let mode = 0o755;
             std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::io("cannot chmod", parent, &e))?;
-            if let Some((_, gid)) = &access.group {
-                std::os::unix::fs::chown(parent, None, Some(*gid))
-                    .map_err(|e| Error::io("cannot chown", parent, &e))?;
-            }
         }
     }
     if path.exists() {
@@ -411,6 +409,7 @@ fn svid_show(
     let (svid, fresh) =
         authority.svid_for(workload, &spiffe_id, time::OffsetDateTime::now_utc())?;
     if fresh {
+        identity.wake.notify_one();
         s.record(&Event {
             actor: caller_actor(caller),
             action: "svid.issue".into(),

@@ -24,11 +24,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use warden_identity::ca::{certs_to_pem, is_self_signed_der, pem_certs};
+use warden_identity::jwt::JwtSigner;
 use warden_identity::rotation::{random_unit_jitter, svid_refresh_at, CaSchedule};
 use warden_identity::{CaMaterial, CertificateAuthority, KeyType, SpiffeId, TrustDomain, X509Svid};
 use zeroize::Zeroizing;
 
 pub const CA_META_KEY: &str = "ca_state";
+/// Metadata naming the sealed JWT-SVID signing key.
+pub const JWT_META_KEY: &str = "jwt_key";
+/// Lifetime of JWT-SVIDs: bearer tokens stay short-lived.
+pub const JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Environment holding warden's own keys.
 pub const SYSTEM_ENV: &str = "system";
 /// Secret names reserved for warden's own keys.
@@ -100,21 +105,22 @@ impl StoreAccess<'_> {
         Ok(())
     }
 
-    fn put_ca_key(&mut self, serial: &str, pkcs8: &[u8]) -> Result<(String, u32)> {
-        let name = format!("{RESERVED_PREFIX}ca/{serial}");
+    /// Seals one of warden's own keys as `warden/<what>` in the system env.
+    fn put_sealed_key(&mut self, what: &str, pkcs8: &[u8]) -> Result<(String, u32)> {
+        let name = format!("{RESERVED_PREFIX}{what}");
         let audit = &mut *self.audit;
         let mut hook = |v: u32| -> Result<()> {
             audit.append(&Event {
                 actor: daemon_actor(),
-                action: "ca.key.store".into(),
+                action: "key.store".into(),
                 target: Target {
-                    secret: Some(format!("{RESERVED_PREFIX}ca/{serial}")),
+                    secret: Some(format!("{RESERVED_PREFIX}{what}")),
                     env: Some(SYSTEM_ENV.into()),
                     version: Some(v),
                     ..Target::default()
                 },
                 decision: Decision::Allow,
-                reason: "CA private key sealed in the store".into(),
+                reason: "warden's own private key sealed in the store".into(),
             })?;
             Ok(())
         };
@@ -124,7 +130,7 @@ impl StoreAccess<'_> {
                 name: &name,
                 env: SYSTEM_ENV,
                 value: pkcs8,
-                created_by: "warden (CA)",
+                created_by: "warden",
                 keep: 1,
             },
             &mut hook,
@@ -221,7 +227,14 @@ pub struct IdentityAuthority {
     settings: IdentitySettings,
     cas: Vec<LoadedCa>,
     svids: HashMap<String, IssuedSvid>,
-    generation: tokio::sync::watch::Sender<u64>,
+    jwt: JwtSigner,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JwtKeyRecord {
+    secret: String,
+    version: u32,
+    kid: String,
 }
 
 fn fmt(t: OffsetDateTime) -> String {
@@ -323,15 +336,64 @@ impl IdentityAuthority {
                 published_at,
             });
         }
-        let (generation, _) = tokio::sync::watch::channel(0);
+        let jwt = Self::load_or_create_jwt(access)?;
         let mut auth = IdentityAuthority {
             settings,
             cas,
             svids: HashMap::new(),
-            generation,
+            jwt,
         };
         auth.tick(access, now)?;
         Ok(auth)
+    }
+
+    fn load_or_create_jwt(access: &mut StoreAccess<'_>) -> Result<JwtSigner> {
+        if let Some(j) = access.store.backend().meta_get(JWT_META_KEY)? {
+            let rec: JwtKeyRecord = serde_json::from_str(&j)
+                .map_err(|e| Error::integrity(format!("JWT key record unreadable: {e}")))?;
+            let der = access
+                .store
+                .get(access.kek, &rec.secret, SYSTEM_ENV, Some(rec.version))?
+                .1;
+            return JwtSigner::from_pkcs8(&der)
+                .map_err(|e| Error::integrity(format!("stored JWT signing key: {e}")));
+        }
+        let signer = JwtSigner::generate().map_err(|e| Error::internal(e.to_string()))?;
+        let kid = signer.key_id().to_string();
+        // Secret names are lowercase; name the key by a digest of its kid.
+        let tag = &crate::crypto::sha256_hex(kid.as_bytes())[..32];
+        let (secret, version) =
+            access.put_sealed_key(&format!("jwt/{tag}"), &signer.pkcs8_der())?;
+        let rec = JwtKeyRecord {
+            secret,
+            version,
+            kid: kid.clone(),
+        };
+        let j = serde_json::to_string(&rec).map_err(|e| Error::internal(e.to_string()))?;
+        access.store.backend_mut().meta_set(JWT_META_KEY, &j)?;
+        access.record(
+            "jwt.key.create",
+            format!("JWT-SVID signing key {kid} (ES256)"),
+            "first JWT key of this store",
+        )?;
+        Ok(signer)
+    }
+
+    /// A JWT-SVID for `spiffe_id` and `audience` (ES256, [`JWT_SVID_TTL`]).
+    pub fn jwt_svid(&self, spiffe_id: &str, audience: &[String]) -> Result<String> {
+        self.jwt
+            .sign_svid(
+                spiffe_id,
+                audience,
+                JWT_SVID_TTL,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| Error::usage(e.to_string()))
+    }
+
+    /// The public JWKs that verify this authority's JWT-SVIDs.
+    pub fn jwt_keys(&self) -> Vec<serde_json::Value> {
+        vec![self.jwt.public_jwk()]
     }
 
     fn persist_new_ca(
@@ -341,7 +403,8 @@ impl IdentityAuthority {
         now: OffsetDateTime,
         active: bool,
     ) -> Result<CaRecord> {
-        let (key_secret, key_version) = access.put_ca_key(ca.serial_hex(), &material.key_pkcs8)?;
+        let (key_secret, key_version) =
+            access.put_sealed_key(&format!("ca/{}", ca.serial_hex()), &material.key_pkcs8)?;
         Ok(CaRecord {
             serial: ca.serial_hex().to_string(),
             cert_pem: certs_to_pem(std::slice::from_ref(&material.cert_der)),
@@ -365,12 +428,6 @@ impl IdentityAuthority {
             .iter()
             .find(|c| c.record.active)
             .ok_or_else(|| Error::integrity("the store's CA state has no active CA"))
-    }
-
-    #[allow(dead_code)] // used by the Workload API server
-    /// Receives a new number whenever the bundle or any issued SVID changes.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.generation.subscribe()
     }
 
     #[allow(dead_code)] // used by the Workload API server
@@ -421,12 +478,11 @@ impl IdentityAuthority {
         })
     }
 
-    #[allow(dead_code)] // used by the Workload API server
-    /// Drops the SVID held for `workload` (e.g. when it is frozen).
-    pub fn forget(&mut self, workload: &str) {
-        if self.svids.remove(workload).is_some() {
-            self.generation.send_modify(|g| *g += 1);
-        }
+    /// Drops the SVID held for `workload` (e.g. when it is frozen). Returns
+    /// whether there was one.
+    #[cfg_attr(not(test), allow(dead_code))] // freezing a workload (anomaly issue) drops its SVID
+    pub fn forget(&mut self, workload: &str) -> bool {
+        self.svids.remove(workload).is_some()
     }
 
     pub fn info(&self, workload: &str) -> Option<SvidInfo> {
@@ -449,7 +505,8 @@ impl IdentityAuthority {
     }
 
     /// Periodic maintenance: CA successor, CA switch, CA retirement, SVID
-    /// refresh. Returns true when anything changed (streams are notified).
+    /// refresh. Returns true when anything changed (the caller notifies
+    /// Workload API streams).
     pub fn tick(&mut self, access: &mut StoreAccess<'_>, now: OffsetDateTime) -> Result<bool> {
         let mut changed = false;
         let schedule = self.settings.schedule();
@@ -548,9 +605,6 @@ impl IdentityAuthority {
             self.svids.insert(w, issued);
             changed = true;
         }
-        if changed {
-            self.generation.send_modify(|g| *g += 1);
-        }
         Ok(changed)
     }
 
@@ -600,6 +654,12 @@ pub struct IdentityHandle {
     pub authority: std::sync::Mutex<Option<IdentityAuthority>>,
     pub workloads: Vec<(String, String)>,
     pub settings: IdentitySettings,
+    /// Bumped whenever the bundle or an issued SVID changes, or the authority
+    /// is loaded: Workload API streams re-send on every change.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Wakes the maintenance loop early (a new SVID may refresh sooner than
+    /// the loop planned to wake).
+    pub wake: tokio::sync::Notify,
 }
 
 impl IdentityHandle {
@@ -612,7 +672,18 @@ impl IdentityHandle {
                 .map(|w| (w.name.clone(), w.spiffe_id.clone()))
                 .collect(),
             settings: IdentitySettings::from_config(cfg)?,
+            generation: tokio::sync::watch::channel(0).0,
+            wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Receives a new number whenever SVIDs or the bundle change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn notify(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// The SPIFFE ID registered for `workload`.
@@ -648,9 +719,12 @@ impl IdentityHandle {
                     None,
                     now,
                 )?);
+                self.notify();
             }
             Some(a) => {
-                a.tick(&mut access, now)?;
+                if a.tick(&mut access, now)? {
+                    self.notify();
+                }
             }
         }
         let next = guard.as_ref().map(|a| a.next_tick(now)).unwrap_or(now);
@@ -716,8 +790,9 @@ mod tests {
         assert_eq!(bundle.len(), 1);
         // The CA key is an encrypted secret in the reserved namespace.
         let list = f.store.backend().list(Some(SYSTEM_ENV)).unwrap();
-        assert_eq!(list.len(), 1);
-        assert!(list[0].name.starts_with("warden/ca/"));
+        let names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].starts_with("warden/ca/") && names[1].starts_with("warden/jwt/"));
         let again = IdentityAuthority::load_or_create(&mut f.access(), settings(600, 60), None, t0)
             .unwrap();
         assert_eq!(
@@ -747,7 +822,6 @@ mod tests {
         let t0 = OffsetDateTime::now_utc();
         let mut a = IdentityAuthority::load_or_create(&mut f.access(), settings(600, 60), None, t0)
             .unwrap();
-        let mut rx = a.subscribe();
         let (s1, fresh) = a.svid_for("reports", ID, t0).unwrap();
         assert!(fresh);
         let (s2, fresh) = a
@@ -760,21 +834,20 @@ mod tests {
         // Half-life ±10% of a 60-minute SVID.
         assert!(refresh >= s1.not_before + time::Duration::minutes(27));
         assert!(refresh <= s1.not_before + time::Duration::minutes(34));
-        assert!(rx.has_changed().map(|c| !c).unwrap_or(false));
-        // The maintenance tick reissues it at the refresh time and notifies streams.
+        assert!(!a
+            .tick(&mut f.access(), t0 + time::Duration::minutes(1))
+            .unwrap());
+        // The maintenance tick reissues it at the refresh time (streams are notified).
         assert!(a
             .tick(&mut f.access(), refresh + time::Duration::seconds(1))
             .unwrap());
-        assert!(rx.has_changed().unwrap());
-        rx.mark_unchanged();
         let (s3, fresh) = a
             .svid_for("reports", ID, refresh + time::Duration::seconds(2))
             .unwrap();
         assert!(!fresh, "the tick already refreshed it");
         assert_ne!(s3.serial_hex, s1.serial_hex);
-        // Forgetting (freeze) drops it and notifies.
-        a.forget("reports");
-        assert!(rx.has_changed().unwrap());
+        // Forgetting (freeze) drops it.
+        assert!(a.forget("reports"));
         assert!(a.info("reports").is_none());
     }
 
@@ -828,7 +901,13 @@ mod tests {
             "expired CA still in the bundle"
         );
         let audit = std::fs::read_to_string(f._dir.path().join("audit.log")).unwrap();
-        for action in ["ca.create", "ca.activate", "ca.retire", "ca.key.store"] {
+        for action in [
+            "ca.create",
+            "ca.activate",
+            "ca.retire",
+            "key.store",
+            "jwt.key.create",
+        ] {
             assert!(audit.contains(action), "{action} not audited");
         }
     }

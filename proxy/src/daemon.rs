@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
 use crate::paths;
 use crate::service::{SecretService, StorePolicy};
+use crate::workload_api;
+use crate::workload_identity::WorkloadIdentityProvider;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +23,44 @@ pub fn admin_socket_path(cfg: &Config, data_dir: &Path) -> PathBuf {
         .socket
         .clone()
         .unwrap_or_else(|| paths::default_admin_socket(data_dir))
+}
+
+/// The Workload API socket: as configured, else `workload.sock` beside the
+/// admin socket.
+pub fn workload_socket_path(cfg: &Config, data_dir: &Path) -> PathBuf {
+    cfg.identity
+        .workload_api_socket
+        .clone()
+        .unwrap_or_else(|| admin_socket_path(cfg, data_dir).with_file_name("workload.sock"))
+}
+
+/// Binds the Workload API socket: mode 0666, since any local process may ask
+/// (attestation, not file permissions, decides what it gets).
+fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("cannot create Workload API socket dir", parent, &e))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io("cannot chmod", parent, &e))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::unavailable(format!(
+                "Workload API socket {} is in use by another process",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io("cannot remove stale socket", path, &e))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(|e| Error::io("cannot bind Workload API socket", path, &e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| Error::io("cannot chmod Workload API socket", path, &e))?;
+    Ok(l)
 }
 
 pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
@@ -57,6 +97,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
         let admin_listener = admin::bind_socket(&socket, &access)?;
+        let workload_socket = workload_socket_path(cfg, data_dir);
+        let workload_listener = bind_workload_socket(&workload_socket)?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -118,6 +160,17 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             access.clone(),
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
+        let provider = Arc::new(WorkloadIdentityProvider::new(
+            cfg,
+            service.clone(),
+            identity.clone(),
+            metrics.clone(),
+        ));
+        let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
+        let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {
+            let _ = workload_api_stopped.await;
+        }));
+        tracing::info!(socket = %workload_socket.display(), "SPIFFE Workload API listening (SPIFFE_ENDPOINT_SOCKET=unix:{})", workload_socket.display());
         let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
 
         let signal = wait_for_shutdown().await;
@@ -125,6 +178,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         notify_systemd("STOPPING=1");
         admin_task.abort();
         identity_task.abort();
+        let _ = stop_workload_api.send(());
+        if tokio::time::timeout(std::time::Duration::from_secs(2), workload_task).await.is_err() {
+            tracing::warn!("Workload API connections did not close within 2 s");
+        }
+        let _ = std::fs::remove_file(&workload_socket);
         if let Some(t) = metrics_task {
             t.abort();
         }
@@ -164,7 +222,10 @@ async fn maintain_identity(service: Arc<Mutex<SecretService>>, identity: Arc<Ide
                 std::time::Duration::from_secs(5)
             }
         };
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = identity.wake.notified() => {}
+        }
     }
 }
 

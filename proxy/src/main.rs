@@ -18,6 +18,8 @@ mod paths;
 mod service;
 mod store;
 mod timefmt;
+mod workload_api;
+mod workload_identity;
 
 use clap::Parser;
 

@@ -25,6 +25,8 @@ struct Inner {
     admin_requests: IntCounterVec,
     audit_records: IntCounter,
     audit_failures: IntCounter,
+    svids_issued: IntCounter,
+    workload_api_denied: IntCounterVec,
 }
 
 impl Metrics {
@@ -54,6 +56,19 @@ impl Metrics {
             "warden_audit_write_failures_total",
             "Audit records that could not be written (the audited action was refused).",
         )?;
+        let svids_issued = IntCounter::new(
+            "warden_svids_issued_total",
+            "X.509-SVIDs issued to workloads (first issue and every rotation).",
+        )?;
+        let workload_api_denied = IntCounterVec::new(
+            Opts::new(
+                "warden_workload_api_denied_total",
+                "Workload API requests refused because the caller matched no workload.",
+            ),
+            &["op"],
+        )?;
+        registry.register(Box::new(svids_issued.clone()))?;
+        registry.register(Box::new(workload_api_denied.clone()))?;
         registry.register(Box::new(build))?;
         registry.register(Box::new(sealed.clone()))?;
         registry.register(Box::new(admin_requests.clone()))?;
@@ -66,6 +81,8 @@ impl Metrics {
                 admin_requests,
                 audit_records,
                 audit_failures,
+                svids_issued,
+                workload_api_denied,
             }),
         })
     }
@@ -91,6 +108,18 @@ impl Metrics {
         } else {
             self.inner.audit_failures.inc();
         }
+    }
+
+    pub fn svid_issued(&self) {
+        self.inner.svids_issued.inc();
+    }
+
+    /// `op` is a fixed Workload API method name (bounded label set).
+    pub fn workload_api_denied(&self, op: &str) {
+        self.inner
+            .workload_api_denied
+            .with_label_values(&[op])
+            .inc();
     }
 
     pub fn render(&self) -> String {

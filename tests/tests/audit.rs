@@ -34,8 +34,8 @@ fn write_lines(i: &Instance, l: &[String]) {
 fn records_every_action_and_verifies() {
     let i = instance_with_history();
     let out = i.run(&["audit", "verify"]);
-    // init + CA key + CA creation, 4 puts, list, reveal, rm.
-    out.ok().stdout_has("audit log OK: 10 records");
+    // init + CA key + CA creation + JWT key + JWT key creation, 4 puts, list, reveal, rm.
+    out.ok().stdout_has("audit log OK: 12 records");
     let tail = i.run(&["audit", "tail", "-n", "3"]);
     tail.ok()
         .stdout_has("secret.rm")

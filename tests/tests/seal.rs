@@ -152,8 +152,8 @@ fn kek_rotation_rewraps_and_keeps_values() {
     i.put("b", b"value-b").ok();
     let old_key = std::fs::read(i.data_dir.join("master.key")).unwrap();
     let out = i.run(&["init", "--rotate-kek"]);
-    // Two secrets and the CA key.
-    out.ok().stdout_has("3 data key(s) rewrapped");
+    // Two secrets, the CA key and the JWT signing key.
+    out.ok().stdout_has("4 data key(s) rewrapped");
     let new_key = std::fs::read(i.data_dir.join("master.key")).unwrap();
     assert_ne!(old_key, new_key);
     assert_eq!(

@@ -46,6 +46,18 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::Path,
     },
     Requirement {
+        binary: "python3",
+        package: "python3-venv",
+        why: "the Workload API test runs the PyPI `spiffe` client from a venv it creates",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "setpriv",
+        package: "util-linux",
+        why: "tests run clients as another uid (admin socket, Workload API)",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "openssl",
         package: "openssl",
         why: "tests create and inspect keys and certificates",
