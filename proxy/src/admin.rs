@@ -410,6 +410,9 @@ fn svid_show(
         authority.svid_for(workload, &spiffe_id, time::OffsetDateTime::now_utc())?;
     if fresh {
         identity.wake.notify_one();
+        if let Some(m) = s.metrics() {
+            m.svid_issued();
+        }
         s.record(&Event {
             actor: caller_actor(caller),
             action: "svid.issue".into(),

@@ -228,6 +228,8 @@ pub struct IdentityAuthority {
     cas: Vec<LoadedCa>,
     svids: HashMap<String, IssuedSvid>,
     jwt: JwtSigner,
+    /// SVIDs reissued by `tick` since the last `take_rotated` (for metrics).
+    rotated: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,6 +344,7 @@ impl IdentityAuthority {
             cas,
             svids: HashMap::new(),
             jwt,
+            rotated: 0,
         };
         auth.tick(access, now)?;
         Ok(auth)
@@ -602,10 +605,21 @@ impl IdentityAuthority {
             .collect();
         for (w, id) in due {
             let issued = self.issue(&w, &id, now)?;
+            access.record(
+                "svid.rotate",
+                format!("{w} {id} serial {}", issued.svid.serial_hex),
+                "refresh at half-life",
+            )?;
             self.svids.insert(w, issued);
+            self.rotated += 1;
             changed = true;
         }
         Ok(changed)
+    }
+
+    /// How many SVIDs `tick` reissued since the last call.
+    pub fn take_rotated(&mut self) -> u64 {
+        std::mem::take(&mut self.rotated)
     }
 
     /// When [`IdentityAuthority::tick`] next has something to do.
@@ -705,6 +719,7 @@ impl IdentityHandle {
         if service.is_sealed() {
             return Ok(Duration::from_secs(1));
         }
+        let metrics = service.metrics().cloned();
         let mut guard = self
             .authority
             .lock()
@@ -724,6 +739,11 @@ impl IdentityHandle {
             Some(a) => {
                 if a.tick(&mut access, now)? {
                     self.notify();
+                }
+                if let Some(m) = &metrics {
+                    for _ in 0..a.take_rotated() {
+                        m.svid_issued();
+                    }
                 }
             }
         }

@@ -156,6 +156,10 @@ impl SecretService {
         self.metrics = Some(m);
     }
 
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
     pub fn is_sealed(&self) -> bool {
         matches!(self.kek, KekState::Sealed(_))
     }

@@ -294,3 +294,90 @@ fn python_spiffe_client_gets_an_svid_that_openssl_verifies() {
         .success();
     assert!(ok);
 }
+
+/// Any Workload API request or response, decoded without its fields: enough
+/// to see the status of a call.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Opaque {}
+
+async fn raw_first_message(
+    i: &Instance,
+    method: &'static str,
+    header: Option<&str>,
+) -> Result<Opaque, tonic::Status> {
+    let endpoint = spiffe::transport::Endpoint::parse(&endpoint(i)).unwrap();
+    let channel = spiffe::transport::connect(&endpoint).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(Opaque {});
+    if let Some(v) = header {
+        req.metadata_mut()
+            .insert("workload.spiffe.io", v.parse().unwrap());
+    }
+    let path = http::uri::PathAndQuery::from_static(method);
+    let mut stream = grpc
+        .server_streaming(
+            req,
+            path,
+            tonic_prost::ProstCodec::<Opaque, Opaque>::default(),
+        )
+        .await?
+        .into_inner();
+    stream
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("stream ended without a message"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_without_the_security_header_are_invalid_arguments() {
+    let i = instance_for_uid(my_uid());
+    let _d = i.start_daemon();
+    for header in [None, Some("yes")] {
+        let err = raw_first_message(&i, "/SpiffeWorkloadAPI/FetchX509SVID", header)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{header:?}: {err}"
+        );
+        assert!(err.message().contains("security header"), "{err}");
+    }
+    // The same raw client with the header is served.
+    raw_first_message(&i, "/SpiffeWorkloadAPI/FetchX509SVID", Some("true"))
+        .await
+        .unwrap();
+    let err = raw_first_message(&i, "/SpiffeWorkloadAPI/NoSuchMethod", Some("true"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_executable_hash_gets_permission_denied() {
+    // Right uid, but the registration pins another executable.
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[identity]
+workload_api_socket = "workload.sock"
+
+[[workload]]
+name = "pinned"
+spiffe_id = "spiffe://example.org/pinned"
+selectors = {{ uid = {}, exe_sha256 = "{}" }}
+"#,
+        my_uid(),
+        "ab".repeat(32)
+    );
+    let i = Instance::new_with(&cfg);
+    i.run(&["init"]).ok();
+    let _d = i.start_daemon();
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint(&i))
+        .await
+        .unwrap();
+    let err = client.fetch_x509_svid().await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("permission"), "{err}");
+}
