@@ -74,7 +74,8 @@ pub struct StoreAccess<'a> {
     pub audit: &'a mut AuditLog,
 }
 
-fn daemon_actor() -> Actor {
+/// The daemon itself as an audit actor.
+pub fn daemon_actor() -> Actor {
     Actor {
         kind: ActorKind::Daemon,
         uid: Some(paths::euid()),

@@ -4,7 +4,7 @@
 //! an audit record, and a mutation commits only after its record is durable.
 
 use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
-use crate::authority::{bundle_pem_from_store, check_not_reserved, StoreAccess};
+use crate::authority::{bundle_pem_from_store, check_not_reserved, daemon_actor, StoreAccess};
 use crate::error::{Error, ErrorKind, Result};
 use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer};
 use crate::metrics::Metrics;
@@ -210,6 +210,19 @@ impl SecretService {
         });
     }
 
+    /// Refuses (and audits) a user operation on one of warden's own keys.
+    fn refuse_reserved(
+        &mut self,
+        caller: &Caller,
+        action: &str,
+        name: &str,
+        env: &str,
+    ) -> Result<()> {
+        check_not_reserved(name).inspect_err(|e| {
+            self.record_outcome(caller, action, Self::secret_target(name, env, None), e);
+        })
+    }
+
     fn secret_target(name: &str, env: &str, version: Option<u32>) -> Target {
         Target {
             secret: Some(name.into()),
@@ -228,15 +241,7 @@ impl SecretService {
     ) -> Result<u32> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
-        if let Err(e) = check_not_reserved(name) {
-            self.record_outcome(
-                caller,
-                "secret.put",
-                Self::secret_target(name, &env, None),
-                &e,
-            );
-            return Err(e);
-        }
+        self.refuse_reserved(caller, "secret.put", name, &env)?;
         if let Some(e) = self.kek().err() {
             self.record_outcome(
                 caller,
@@ -341,15 +346,7 @@ impl SecretService {
     pub fn remove(&mut self, caller: &Caller, name: &str, env: Option<&str>) -> Result<u32> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
-        if let Err(e) = check_not_reserved(name) {
-            self.record_outcome(
-                caller,
-                "secret.rm",
-                Self::secret_target(name, &env, None),
-                &e,
-            );
-            return Err(e);
-        }
+        self.refuse_reserved(caller, "secret.rm", name, &env)?;
         let actor = caller.actor();
         let audit = &mut self.audit;
         let metrics = self.metrics.clone();
@@ -390,11 +387,8 @@ impl SecretService {
     ) -> Result<(u32, Zeroizing<Vec<u8>>)> {
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
+        self.refuse_reserved(caller, "secret.reveal", name, &env)?;
         let target = Self::secret_target(name, &env, version);
-        if let Err(e) = check_not_reserved(name) {
-            self.record_outcome(caller, "secret.reveal", target, &e);
-            return Err(e);
-        }
         if !caller.is_admin {
             let e = Error::denied(format!(
                 "uid {} may not read secret values: `secret get --reveal` is for root or the uid that runs warden",
@@ -515,14 +509,7 @@ impl SecretService {
     /// Records a daemon lifecycle event.
     pub fn record_daemon(&mut self, action: &str, reason: String) -> Result<()> {
         self.record(&Event {
-            actor: Actor {
-                kind: ActorKind::Daemon,
-                uid: Some(paths::euid()),
-                user: paths::user_name(paths::euid()),
-                pid: Some(std::process::id()),
-                exe: None,
-                workload: None,
-            },
+            actor: daemon_actor(),
             action: action.into(),
             target: Target::default(),
             decision: Decision::Allow,
