@@ -391,9 +391,23 @@ pub struct Route {
     /// Permit a non-loopback `listen` address.
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Databases clients may ask for (postgres); empty means any.
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// How long to wait for the upstream's TCP and TLS handshake (default 5 s).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub connect_timeout: Option<Duration>,
 }
 
+/// `route[].connect_timeout` when not set.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Route {
+    /// The upstream connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT)
+    }
+
     /// The secret this route hands out, if any.
     pub fn secret_name(&self) -> Option<&str> {
         match (&self.credential, &self.inject) {
@@ -1270,6 +1284,8 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.inject.cache_ttl", "a duration in quotes, e.g. cache_ttl = \"5m\""),
     ("route.allow", "a list of workload names, e.g. allow = [\"reports\"]"),
     ("route.allow_non_loopback", "true or false, without quotes"),
+    ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
+    ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
     ("anomaly", "a table: [anomaly] with webhook and distinct_secrets_per_minute"),
     ("anomaly.webhook", "an http:// or https:// URL in quotes, e.g. webhook = \"http://127.0.0.1:9000/alerts\""),
     ("anomaly.distinct_secrets_per_minute", "an inline table, e.g. distinct_secrets_per_minute = { limit = 100, action = \"freeze\" }"),

@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
 use crate::paths;
+use crate::pg;
 use crate::service::{SecretService, StorePolicy};
 use crate::workload_api;
 use crate::workload_identity::WorkloadIdentityProvider;
@@ -99,6 +100,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let admin_listener = admin::bind_socket(&socket, &access)?;
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
+        let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?).await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -141,10 +143,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             let t = seal.shamir.as_ref().map(|s| s.threshold).unwrap_or(0);
             tracing::warn!("sealed: run `warden unseal` with {t} shares before secrets can be served");
         }
-        for r in &cfg.routes {
+        for r in cfg.routes.iter().filter(|r| r.kind != crate::config::RouteKind::Postgres) {
             tracing::warn!(
                 route = %r.name,
-                "route is configured but this build does not serve route listeners yet; it is not listening"
+                kind = %r.kind,
+                "this build does not serve this route kind yet; it is not listening"
             );
         }
         notify_systemd(&format!(
@@ -166,6 +169,12 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
         ));
+        let pg_shared = Arc::new(pg::PgShared::new(cfg, service.clone(), metrics.clone()));
+        let mut route_tasks = Vec::new();
+        for (route, tcp, unix) in pg_listeners {
+            tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
+            route_tasks.push(tokio::spawn(pg::serve_route(route, tcp, unix, pg_shared.clone())));
+        }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {
             let _ = workload_api_stopped.await;
@@ -178,6 +187,9 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         notify_systemd("STOPPING=1");
         admin_task.abort();
         identity_task.abort();
+        for t in &route_tasks {
+            t.abort();
+        }
         let _ = stop_workload_api.send(());
         if tokio::time::timeout(std::time::Duration::from_secs(2), workload_task).await.is_err() {
             tracing::warn!("Workload API connections did not close within 2 s");

@@ -15,6 +15,7 @@ mod init;
 mod masterkey;
 mod metrics;
 mod paths;
+mod pg;
 mod service;
 mod store;
 mod timefmt;

@@ -8,7 +8,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,12 @@ struct Inner {
     audit_failures: IntCounter,
     svids_issued: IntCounter,
     workload_api_denied: IntCounterVec,
+    sessions: IntCounterVec,
+    session_seconds: HistogramVec,
+    bytes: IntCounterVec,
+    upstream_connect_seconds: HistogramVec,
+    upstream_auth_seconds: HistogramVec,
+    cancels: IntCounterVec,
 }
 
 impl Metrics {
@@ -67,6 +74,64 @@ impl Metrics {
             ),
             &["op"],
         )?;
+        let sessions = IntCounterVec::new(
+            Opts::new(
+                "warden_sessions_total",
+                "Proxy sessions by route and result (allowed, denied, upstream_error, upstream_rejected, protocol_error, ...).",
+            ),
+            &["route", "result"],
+        )?;
+        let session_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "warden_session_duration_seconds",
+                "Length of relayed sessions.",
+            )
+            .buckets(vec![0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0]),
+            &["route"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "warden_relayed_bytes_total",
+                "Bytes relayed, by route and direction (up = client to upstream).",
+            ),
+            &["route", "direction"],
+        )?;
+        let latency_buckets = vec![
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+        ];
+        let upstream_connect_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "warden_upstream_connect_seconds",
+                "Time to open the upstream connection (TCP and TLS).",
+            )
+            .buckets(latency_buckets.clone()),
+            &["route"],
+        )?;
+        let upstream_auth_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "warden_upstream_auth_seconds",
+                "Time to authenticate upstream and reach ReadyForQuery.",
+            )
+            .buckets(latency_buckets),
+            &["route"],
+        )?;
+        let cancels = IntCounterVec::new(
+            Opts::new(
+                "warden_pg_cancel_requests_total",
+                "PostgreSQL cancel requests by result.",
+            ),
+            &["result"],
+        )?;
+        for c in [&sessions, &bytes, &cancels] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        for h in [
+            &session_seconds,
+            &upstream_connect_seconds,
+            &upstream_auth_seconds,
+        ] {
+            registry.register(Box::new(h.clone()))?;
+        }
         registry.register(Box::new(svids_issued.clone()))?;
         registry.register(Box::new(workload_api_denied.clone()))?;
         registry.register(Box::new(build))?;
@@ -83,6 +148,12 @@ impl Metrics {
                 audit_failures,
                 svids_issued,
                 workload_api_denied,
+                sessions,
+                session_seconds,
+                bytes,
+                upstream_connect_seconds,
+                upstream_auth_seconds,
+                cancels,
             }),
         })
     }
@@ -120,6 +191,49 @@ impl Metrics {
             .workload_api_denied
             .with_label_values(&[op])
             .inc();
+    }
+
+    /// `route` is a configured route name (bounded), `result` a fixed label.
+    pub fn pg_session(&self, route: &str, result: &str) {
+        self.inner
+            .sessions
+            .with_label_values(&[route, result])
+            .inc();
+    }
+
+    pub fn pg_session_end(&self, route: &str, duration: std::time::Duration, up: u64, down: u64) {
+        self.inner
+            .session_seconds
+            .with_label_values(&[route])
+            .observe(duration.as_secs_f64());
+        self.inner
+            .bytes
+            .with_label_values(&[route, "up"])
+            .inc_by(up);
+        self.inner
+            .bytes
+            .with_label_values(&[route, "down"])
+            .inc_by(down);
+    }
+
+    pub fn pg_upstream_latency(
+        &self,
+        route: &str,
+        connect: std::time::Duration,
+        auth: std::time::Duration,
+    ) {
+        self.inner
+            .upstream_connect_seconds
+            .with_label_values(&[route])
+            .observe(connect.as_secs_f64());
+        self.inner
+            .upstream_auth_seconds
+            .with_label_values(&[route])
+            .observe(auth.as_secs_f64());
+    }
+
+    pub fn pg_cancel(&self, result: &str) {
+        self.inner.cancels.with_label_values(&[result]).inc();
     }
 
     pub fn render(&self) -> String {

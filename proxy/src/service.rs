@@ -418,6 +418,13 @@ impl SecretService {
         }
     }
 
+    /// A secret value for injection into an upstream login (not shown to
+    /// anyone; the session that uses it is audited by the caller).
+    pub fn fetch_for_injection(&self, name: &str, env: &str) -> Result<(u32, Zeroizing<Vec<u8>>)> {
+        let kek = self.kek()?;
+        self.store.get(kek, name, env, None)
+    }
+
     /// Feeds one unseal share.
     pub fn unseal(&mut self, caller: &Caller, share: &str) -> Result<UnsealProgress> {
         let KekState::Sealed(unsealer) = &mut self.kek else {

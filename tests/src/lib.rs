@@ -6,6 +6,8 @@
 //! The binary is `$WARDEN_BIN` when set (as `cargo xtask test` does), else
 //! `target/debug/warden` next to this test executable.
 
+pub mod pg;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

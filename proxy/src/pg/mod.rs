@@ -1,0 +1,302 @@
+//! PostgreSQL routes: a legacy client connects with no password; warden
+//! attributes and attests the peer, checks the route's allow list, logs in to
+//! the real database with the injected credential, then relays bytes.
+//!
+//! - [`protocol`]: message codec (startup, auth, errors) — pure.
+//! - [`scram`]: SCRAM-SHA-256 client with a key cache, md5 — pure.
+//! - [`tls`]: rustls configuration for the upstream (`disable` … `verify-full`).
+//! - [`upstream`]: connect + authenticate + read to ReadyForQuery.
+//! - [`session`]: one client session, from the first byte to the audit record.
+//!
+//! This module owns the per-route listeners, the credential cache and the
+//! cancel-key map (warden hands clients its own BackendKeyData and forwards a
+//! CancelRequest to the matching upstream session).
+
+pub mod protocol;
+pub mod scram;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+
+use crate::config::{Config, RouteKind};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::service::SecretService;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use upstream::UpstreamTarget;
+use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Registration};
+use zeroize::Zeroizing;
+
+/// Credential cache TTL when the route sets none: short, so a rotated secret
+/// is picked up quickly (and never longer than the secret's rotation period).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Everything one PostgreSQL route needs at run time.
+pub struct PgRoute {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub unix_socket: Option<std::path::PathBuf>,
+    pub target: UpstreamTarget,
+    pub user: String,
+    pub secret: String,
+    pub env: String,
+    pub cache_ttl: Duration,
+    pub allow: Vec<String>,
+    pub databases: Vec<String>,
+}
+
+impl PgRoute {
+    pub fn from_config(cfg: &Config) -> Result<Vec<PgRoute>> {
+        let mut out = Vec::new();
+        for (i, r) in cfg.routes.iter().enumerate() {
+            if r.kind != RouteKind::Postgres {
+                continue;
+            }
+            let cred = r.credential.as_ref().ok_or_else(|| {
+                Error::usage(format!(
+                    "route[{i}].credential: a postgres route needs user and secret"
+                ))
+            })?;
+            let (host, port) = r
+                .upstream_host_port()
+                .map_err(|e| Error::usage(format!("route[{i}].upstream: {e}")))?;
+            let tls_config = tls::client_config(
+                r.upstream_tls.mode,
+                r.upstream_tls.ca_file.as_deref(),
+                &r.name,
+            )?;
+            let rotation = cfg
+                .secrets
+                .iter()
+                .find(|s| s.name == cred.secret)
+                .and_then(|s| s.rotation_period);
+            let mut cache_ttl = cred.cache_ttl.unwrap_or(DEFAULT_CACHE_TTL);
+            if let Some(rot) = rotation {
+                cache_ttl = cache_ttl.min(rot);
+            }
+            out.push(PgRoute {
+                name: r.name.clone(),
+                listen: r.listen,
+                unix_socket: r.unix_socket.clone(),
+                target: UpstreamTarget {
+                    server_name: tls::server_name(&host)?,
+                    host,
+                    port,
+                    tls: tls_config,
+                    connect_timeout: r.connect_timeout(),
+                },
+                user: cred.user.clone(),
+                secret: cred.secret.clone(),
+                env: cfg.environment.clone(),
+                cache_ttl,
+                allow: r.allow.clone(),
+                databases: r.databases.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A cached secret value.
+struct CachedSecret {
+    fetched: Instant,
+    version: u32,
+    value: Zeroizing<Vec<u8>>,
+}
+
+/// Secret values fetched for injection, each reused for at most its route's TTL.
+#[derive(Default)]
+pub struct CredentialCache {
+    entries: Mutex<HashMap<(String, String), CachedSecret>>,
+}
+
+impl CredentialCache {
+    /// The value of (secret, env) and its version, from the cache or the store.
+    pub fn get(
+        &self,
+        service: &Mutex<SecretService>,
+        secret: &str,
+        env: &str,
+        ttl: Duration,
+    ) -> Result<(u32, Zeroizing<Vec<u8>>)> {
+        let key = (secret.to_string(), env.to_string());
+        if let Ok(map) = self.entries.lock() {
+            if let Some(c) = map.get(&key) {
+                if c.fetched.elapsed() < ttl {
+                    return Ok((c.version, c.value.clone()));
+                }
+            }
+        }
+        let (version, value) = service
+            .lock()
+            .map_err(|_| Error::internal("service state poisoned"))?
+            .fetch_for_injection(secret, env)?;
+        if let Ok(mut map) = self.entries.lock() {
+            map.insert(
+                key,
+                CachedSecret {
+                    fetched: Instant::now(),
+                    version,
+                    value: value.clone(),
+                },
+            );
+        }
+        Ok((version, value))
+    }
+}
+
+/// Where a cancel request for one of warden's BackendKeyData goes.
+pub struct CancelTarget {
+    pub target: UpstreamTarget,
+    pub process_id: i32,
+    pub secret_key: Vec<u8>,
+}
+
+/// warden's (pid, key) handed to clients → the upstream session's.
+#[derive(Default)]
+pub struct CancelMap {
+    entries: Mutex<HashMap<(i32, Vec<u8>), CancelTarget>>,
+}
+
+impl CancelMap {
+    /// Registers an upstream session; returns the key the client gets.
+    pub fn register(&self, target: CancelTarget) -> (i32, Vec<u8>) {
+        loop {
+            let mut raw = [0u8; 8];
+            let _ = aws_lc_rs::rand::fill(&mut raw);
+            let pid = i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]).max(1);
+            let key = raw[4..8].to_vec();
+            if let Ok(mut map) = self.entries.lock() {
+                if map.contains_key(&(pid, key.clone())) {
+                    continue;
+                }
+                map.insert((pid, key.clone()), target);
+            }
+            return (pid, key);
+        }
+    }
+
+    pub fn remove(&self, pid: i32, key: &[u8]) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.remove(&(pid, key.to_vec()));
+        }
+    }
+
+    fn lookup(&self, pid: i32, key: &[u8]) -> Option<(UpstreamTarget, i32, Vec<u8>)> {
+        let map = self.entries.lock().ok()?;
+        map.get(&(pid, key.to_vec()))
+            .map(|t| (t.target.clone(), t.process_id, t.secret_key.clone()))
+    }
+}
+
+/// State shared by every PostgreSQL session.
+pub struct PgShared {
+    pub service: Arc<Mutex<SecretService>>,
+    pub registrations: Vec<Registration>,
+    pub hashes: ExeHashCache,
+    pub resolver: Arc<dyn PeerResolver>,
+    pub scram_cache: scram::ScramKeyCache,
+    pub credentials: CredentialCache,
+    pub cancels: CancelMap,
+    pub metrics: Metrics,
+}
+
+impl PgShared {
+    pub fn new(cfg: &Config, service: Arc<Mutex<SecretService>>, metrics: Metrics) -> PgShared {
+        PgShared {
+            service,
+            registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
+            hashes: ExeHashCache::new(),
+            resolver: Arc::new(ProcNetResolver::new()),
+            scram_cache: scram::ScramKeyCache::new(),
+            credentials: CredentialCache::default(),
+            cancels: CancelMap::default(),
+            metrics,
+        }
+    }
+}
+
+/// Binds every PostgreSQL route's listeners (so a busy port fails the start).
+pub async fn bind_routes(
+    routes: Vec<PgRoute>,
+) -> Result<
+    Vec<(
+        Arc<PgRoute>,
+        tokio::net::TcpListener,
+        Option<tokio::net::UnixListener>,
+    )>,
+> {
+    let mut out = Vec::new();
+    for r in routes {
+        let tcp = tokio::net::TcpListener::bind(r.listen).await.map_err(|e| {
+            Error::usage(format!(
+                "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
+                r.name, r.listen
+            ))
+        })?;
+        let unix = match &r.unix_socket {
+            None => None,
+            Some(dir) => Some(session::bind_unix(dir, r.listen.port(), &r.name)?),
+        };
+        out.push((Arc::new(r), tcp, unix));
+    }
+    Ok(out)
+}
+
+/// Accepts sessions on one route until the task is dropped.
+pub async fn serve_route(
+    route: Arc<PgRoute>,
+    tcp: tokio::net::TcpListener,
+    unix: Option<tokio::net::UnixListener>,
+    shared: Arc<PgShared>,
+) {
+    if let Some(unix) = unix {
+        let (route, shared) = (route.clone(), shared.clone());
+        tokio::spawn(async move {
+            loop {
+                match unix.accept().await {
+                    Ok((stream, _)) => {
+                        let pid = stream
+                            .peer_cred()
+                            .ok()
+                            .and_then(|c| c.pid())
+                            .and_then(|p| u32::try_from(p).ok());
+                        let (route, shared) = (route.clone(), shared.clone());
+                        tokio::spawn(session::run(
+                            stream,
+                            session::Peer::Unix { pid },
+                            route,
+                            shared,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!("route accept (unix) failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    loop {
+        match tcp.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().unwrap_or(route.listen);
+                let (route, shared) = (route.clone(), shared.clone());
+                tokio::spawn(session::run(
+                    stream,
+                    session::Peer::Tcp { local, peer },
+                    route,
+                    shared,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(route = %route.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

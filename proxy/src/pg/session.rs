@@ -1,0 +1,554 @@
+//! One PostgreSQL client session: startup → attribute → attest → authorize →
+//! credential → upstream login → greet the client → relay → record.
+//!
+//! Every refusal ends in an ErrorResponse with a real SQLSTATE and a message a
+//! human can act on, plus an audit record and a metric. The injected password
+//! never reaches the client: the client only ever sees warden's own
+//! AuthenticationOk and the upstream's post-auth messages.
+
+use super::protocol::{self, StartupMessage, StartupPacket};
+use super::upstream::{self, Login, UpstreamFailure};
+use super::{CancelTarget, PgRoute, PgShared};
+use crate::audit::{Actor, ActorKind, Decision, Event, Target};
+use crate::error::ErrorKind;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use warden_identity::attest::{self, PeerFacts};
+
+/// How long a client may take to send its startup packet.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the peer's process is found.
+pub enum Peer {
+    /// TCP: resolved from the connection's addresses.
+    Tcp { local: SocketAddr, peer: SocketAddr },
+    /// Unix socket: SO_PEERCRED pid.
+    Unix { pid: Option<u32> },
+}
+
+/// Binds libpq's socket file `<dir>/.s.PGSQL.<port>` (mode 0666: attestation decides).
+pub fn bind_unix(
+    dir: &Path,
+    port: u16,
+    route: &str,
+) -> crate::error::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| crate::error::Error::io("cannot create", dir, &e))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(crate::error::Error::usage(format!(
+                "route {route:?}: {} is in use by another process",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let l = tokio::net::UnixListener::bind(&path).map_err(|e| {
+        crate::error::Error::io(&format!("route {route:?}: cannot bind"), &path, &e)
+    })?;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+    Ok(l)
+}
+
+/// Who the client is, after attestation.
+struct Attested {
+    facts: PeerFacts,
+    workload: String,
+}
+
+/// A refusal to send the client: SQLSTATE, message, and the metrics result label.
+struct Refusal {
+    sqlstate: &'static str,
+    message: String,
+    detail: Option<String>,
+    result: &'static str,
+}
+
+impl Refusal {
+    fn new(sqlstate: &'static str, result: &'static str, message: String) -> Refusal {
+        Refusal {
+            sqlstate,
+            message,
+            detail: None,
+            result,
+        }
+    }
+}
+
+async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, r: &Refusal) {
+    let msg = protocol::error_response("FATAL", r.sqlstate, &r.message, r.detail.as_deref(), None);
+    let _ = client.write_all(&msg).await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+}
+
+/// Reads the client's startup. SSLRequest and GSSENCRequest are declined with
+/// 'N' (the client falls back to plaintext on loopback); a CancelRequest is
+/// forwarded and ends the connection (`Ok(None)`).
+async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    shared: &PgShared,
+) -> Result<Option<StartupMessage>, Refusal> {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        match protocol::parse_startup(&buf) {
+            Ok(Some((packet, used))) => {
+                buf.drain(..used);
+                match packet {
+                    StartupPacket::Ssl | StartupPacket::GssEnc => {
+                        if !buf.is_empty() {
+                            return Err(Refusal::new(
+                                "08P01",
+                                "protocol_error",
+                                "warden: unexpected data after the encryption request".into(),
+                            ));
+                        }
+                        client.write_all(b"N").await.map_err(|_| closed())?;
+                    }
+                    StartupPacket::Cancel {
+                        process_id,
+                        secret_key,
+                    } => {
+                        forward_cancel(shared, process_id, &secret_key).await;
+                        return Ok(None);
+                    }
+                    StartupPacket::Startup(m) => return Ok(Some(m)),
+                }
+            }
+            Ok(None) => {
+                let mut chunk = [0u8; 1024];
+                let n = client.read(&mut chunk).await.map_err(|_| closed())?;
+                if n == 0 {
+                    return Err(closed());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) => {
+                return Err(Refusal::new(
+                    e.sqlstate(),
+                    "protocol_error",
+                    format!("warden: invalid startup packet: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+fn closed() -> Refusal {
+    Refusal::new(
+        "08006",
+        "client_gone",
+        "client closed the connection".into(),
+    )
+}
+
+async fn forward_cancel(shared: &PgShared, pid: i32, key: &[u8]) {
+    match shared.cancels.lookup(pid, key) {
+        Some((target, upid, ukey)) => {
+            if let Err(UpstreamFailure::Unreachable(e)) =
+                upstream::send_cancel(&target, upid, &ukey).await
+            {
+                tracing::warn!("cancel forward failed: {e}");
+            }
+            shared.metrics.pg_cancel("forwarded");
+        }
+        // As PostgreSQL does: an unknown key is ignored silently.
+        None => shared.metrics.pg_cancel("unknown_key"),
+    }
+}
+
+/// Attributes the peer to a process and attests it (blocking /proc work).
+fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, Refusal> {
+    let deny = |m: String| Refusal::new("28000", "denied", m);
+    let pid = match peer {
+        Peer::Tcp { local, peer } => shared.resolver.resolve_tcp(*local, *peer).map_err(|e| {
+            deny(format!(
+                "warden: cannot tell which process is connecting ({e})"
+            ))
+        })?,
+        Peer::Unix { pid } => pid.ok_or_else(|| {
+            deny("warden: the kernel did not report the connecting process".into())
+        })?,
+    };
+    let facts =
+        attest::gather_facts(pid, &shared.hashes).map_err(|e| deny(format!("warden: {e}")))?;
+    let reg =
+        attest::attest(&facts, &shared.registrations).map_err(|e| deny(format!("warden: {e}")))?;
+    let workload = reg.name.clone();
+    attest::confirm_same_process(&facts).map_err(|e| deny(format!("warden: {e}")))?;
+    Ok(Attested { facts, workload })
+}
+
+fn describe(f: &PeerFacts) -> String {
+    format!(
+        "process {} ({}, uid {})",
+        f.pid,
+        f.exe_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "unknown executable".into()),
+        f.uid
+    )
+}
+
+fn actor(who: Option<&Attested>) -> Actor {
+    Actor {
+        kind: ActorKind::Workload,
+        uid: who.map(|w| w.facts.uid),
+        user: who.and_then(|w| crate::paths::user_name(w.facts.uid)),
+        pid: who.map(|w| w.facts.pid),
+        exe: who.and_then(|w| w.facts.exe_path.as_ref().map(|p| p.display().to_string())),
+        workload: who.map(|w| w.workload.clone()),
+    }
+}
+
+fn record(shared: &PgShared, event: Event) -> bool {
+    match shared.service.lock() {
+        Ok(mut s) => s.record(&event).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Runs one session to its end. Never panics on client input.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut client: S,
+    peer: Peer,
+    route: Arc<PgRoute>,
+    shared: Arc<PgShared>,
+) {
+    let started = Instant::now();
+    let startup =
+        match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &shared)).await {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(r)) => {
+                shared.metrics.pg_session(&route.name, r.result);
+                if r.result != "client_gone" {
+                    send_error(&mut client, &r).await;
+                }
+                return;
+            }
+            Err(_) => {
+                shared.metrics.pg_session(&route.name, "protocol_error");
+                let r = Refusal::new(
+                    "08P01",
+                    "protocol_error",
+                    "warden: no startup packet within 10 s".into(),
+                );
+                send_error(&mut client, &r).await;
+                return;
+            }
+        };
+    let database = startup
+        .get("database")
+        .or_else(|| startup.get("user"))
+        .unwrap_or("")
+        .to_string();
+    let shared2 = shared.clone();
+    let route2 = route.clone();
+    let attested = tokio::task::spawn_blocking(move || attest_peer(&shared2, &peer))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Refusal::new(
+                "XX000",
+                "error",
+                format!("warden: attestation failed: {e}"),
+            ))
+        });
+    let outcome = match attested {
+        Err(mut r) => {
+            r.message = format!(
+                "{} — route {:?} refuses unattested clients",
+                r.message, route2.name
+            );
+            Err((None, r))
+        }
+        Ok(who) => {
+            if !route.allow.contains(&who.workload) {
+                let r = Refusal::new(
+                    "28000",
+                    "denied",
+                    format!(
+                        "warden: {} is workload {:?}, which may not use route {:?}",
+                        describe(&who.facts),
+                        who.workload,
+                        route.name
+                    ),
+                );
+                Err((Some(who), r))
+            } else if !route.databases.is_empty() && !route.databases.contains(&database) {
+                let r = Refusal::new(
+                    "28000",
+                    "denied",
+                    format!(
+                        "warden: route {:?} does not allow database {:?} (allowed: {})",
+                        route.name,
+                        database,
+                        route.databases.join(", ")
+                    ),
+                );
+                Err((Some(who), r))
+            } else {
+                Ok(who)
+            }
+        }
+    };
+    let who = match outcome {
+        Ok(w) => w,
+        Err((who, r)) => {
+            tracing::warn!(route = %route.name, "session refused: {}", r.message);
+            record(
+                &shared,
+                Event {
+                    actor: actor(who.as_ref()),
+                    action: "session.deny".into(),
+                    target: Target {
+                        route: Some(route.name.clone()),
+                        detail: Some(format!("database {database}")),
+                        ..Target::default()
+                    },
+                    decision: Decision::Deny,
+                    reason: r.message.clone(),
+                },
+            );
+            shared.metrics.pg_session(&route.name, r.result);
+            send_error(&mut client, &r).await;
+            return;
+        }
+    };
+
+    // Credential.
+    let cred = {
+        let (shared, route) = (shared.clone(), route.clone());
+        tokio::task::spawn_blocking(move || {
+            shared
+                .credentials
+                .get(&shared.service, &route.secret, &route.env, route.cache_ttl)
+        })
+        .await
+    };
+    let (version, password) = match cred {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            let sqlstate = if e.kind == ErrorKind::Sealed {
+                "57P03"
+            } else {
+                "28000"
+            };
+            let r = Refusal::new(
+                sqlstate,
+                "credential_error",
+                format!(
+                    "warden: no credential for route {:?}: {}",
+                    route.name, e.message
+                ),
+            );
+            shared.metrics.pg_session(&route.name, r.result);
+            send_error(&mut client, &r).await;
+            return;
+        }
+        Err(e) => {
+            let r = Refusal::new(
+                "XX000",
+                "error",
+                format!("warden: credential lookup failed: {e}"),
+            );
+            send_error(&mut client, &r).await;
+            return;
+        }
+    };
+    let login = Login {
+        user: route.user.clone(),
+        password,
+        secret_label: format!("{} v{version}", route.secret),
+    };
+    let mut upstream_startup = startup.clone();
+    // Protocol 3.0 upstream: warden hands clients 4-byte cancel keys anyway,
+    // and older servers would answer 3.2 with NegotiateProtocolVersion.
+    upstream_startup.protocol = (3, 0);
+    upstream_startup.set("user", &route.user);
+    upstream_startup.set("database", &database);
+
+    let established = match upstream::connect(
+        &route.target,
+        &upstream_startup,
+        &login,
+        &shared.scram_cache,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(f) => {
+            let (r, forward) = match f {
+                UpstreamFailure::Unreachable(m) => (
+                    Refusal::new(
+                        "08001",
+                        "upstream_error",
+                        format!("warden: route {:?}: {m}", route.name),
+                    ),
+                    None,
+                ),
+                UpstreamFailure::Rejected(m) => {
+                    let mut r = Refusal::new(
+                        "28P01",
+                        "upstream_rejected",
+                        format!(
+                            "warden: upstream rejected the credential for route {:?} (secret {})",
+                            route.name, login.secret_label
+                        ),
+                    );
+                    r.detail = Some(m);
+                    (r, None)
+                }
+                UpstreamFailure::Unsupported(m) => (
+                    Refusal::new(
+                        "28000",
+                        "upstream_error",
+                        format!("warden: route {:?}: {m}", route.name),
+                    ),
+                    None,
+                ),
+                UpstreamFailure::Protocol(m) => (
+                    Refusal::new(
+                        "08P01",
+                        "upstream_error",
+                        format!("warden: route {:?}: {m}", route.name),
+                    ),
+                    None,
+                ),
+                UpstreamFailure::Server(e) => (
+                    Refusal::new(
+                        "XX000",
+                        "upstream_error",
+                        e.message().unwrap_or("").to_string(),
+                    ),
+                    Some(e),
+                ),
+            };
+            tracing::warn!(route = %route.name, "upstream login failed: {}", r.message);
+            record(
+                &shared,
+                Event {
+                    actor: actor(Some(&who)),
+                    action: "session.error".into(),
+                    target: Target {
+                        route: Some(route.name.clone()),
+                        secret: Some(route.secret.clone()),
+                        env: Some(route.env.clone()),
+                        version: Some(version),
+                        detail: Some(format!("database {database}")),
+                    },
+                    decision: Decision::Error,
+                    reason: r.message.clone(),
+                },
+            );
+            shared.metrics.pg_session(&route.name, r.result);
+            match forward {
+                // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
+                Some(e) => {
+                    let _ = client.write_all(&e.encode()).await;
+                    let _ = client.shutdown().await;
+                }
+                None => send_error(&mut client, &r).await,
+            }
+            return;
+        }
+    };
+    shared.metrics.pg_upstream_latency(
+        &route.name,
+        established.connect_time,
+        established.auth_time,
+    );
+
+    // The credential use is recorded before the client gets the session (fail closed).
+    let recorded = record(
+        &shared,
+        Event {
+            actor: actor(Some(&who)),
+            action: "session.start".into(),
+            target: Target {
+                route: Some(route.name.clone()),
+                secret: Some(route.secret.clone()),
+                env: Some(route.env.clone()),
+                version: Some(version),
+                detail: Some(format!(
+                    "database {database}, role {}, auth {}",
+                    route.user, established.auth_method
+                )),
+            },
+            decision: Decision::Allow,
+            reason: "credential injected".into(),
+        },
+    );
+    if !recorded {
+        let r = Refusal::new(
+            "58000",
+            "audit_error",
+            "warden: the audit record for this session could not be written; refusing".into(),
+        );
+        shared.metrics.pg_session(&route.name, r.result);
+        send_error(&mut client, &r).await;
+        return;
+    }
+
+    // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
+    let mut stream = established.stream;
+    let cancel_key = established.backend_key.map(|(upid, ukey)| {
+        shared.cancels.register(CancelTarget {
+            target: route.target.clone(),
+            process_id: upid,
+            secret_key: ukey,
+        })
+    });
+    let mut greeting = protocol::authentication_ok();
+    for (k, v) in &established.params {
+        greeting.extend_from_slice(&protocol::parameter_status(k, v));
+    }
+    if let Some((pid, key)) = &cancel_key {
+        greeting.extend_from_slice(&protocol::backend_key_data(*pid, key));
+    }
+    greeting.extend_from_slice(&protocol::ready_for_query(established.ready_status));
+    let relay = async {
+        client.write_all(&greeting).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut stream).await
+    };
+    let result = relay.await;
+    if let Some((pid, key)) = &cancel_key {
+        shared.cancels.remove(*pid, key);
+    }
+    let (up, down, how) = match result {
+        Ok((u, d)) => (u, d, "closed"),
+        Err(_) => (0, 0, "connection error"),
+    };
+    shared.metrics.pg_session(&route.name, "allowed");
+    shared
+        .metrics
+        .pg_session_end(&route.name, started.elapsed(), up, down);
+    record(
+        &shared,
+        Event {
+            actor: actor(Some(&who)),
+            action: "session.end".into(),
+            target: Target {
+                route: Some(route.name.clone()),
+                secret: Some(route.secret.clone()),
+                env: Some(route.env.clone()),
+                version: Some(version),
+                detail: Some(format!(
+                    "database {database}, {up} bytes up, {down} bytes down, {} ms, {how}",
+                    started.elapsed().as_millis()
+                )),
+            },
+            decision: Decision::Allow,
+            reason: "session ended".into(),
+        },
+    );
+}
