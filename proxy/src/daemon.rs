@@ -97,6 +97,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         .build()
         .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
+        let mut signals = ShutdownSignals::install()?;
         let admin_listener = admin::bind_socket(&socket, &access)?;
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
@@ -182,7 +183,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         tracing::info!(socket = %workload_socket.display(), "SPIFFE Workload API listening (SPIFFE_ENDPOINT_SOCKET=unix:{})", workload_socket.display());
         let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
 
-        let signal = wait_for_shutdown().await;
+        let signal = signals.wait().await;
         tracing::info!("{signal} received: shutting down");
         notify_systemd("STOPPING=1");
         admin_task.abort();
@@ -241,19 +242,28 @@ async fn maintain_identity(service: Arc<Mutex<SecretService>>, identity: Arc<Ide
     }
 }
 
-async fn wait_for_shutdown() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the daemon can only be killed; keep serving.
-        std::future::pending::<()>().await;
-        return "no signal";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT handlers, installed before the daemon reports ready so
+/// a signal that follows READY=1 always takes the clean shutdown path.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<ShutdownSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate())
+            .map_err(|e| Error::internal(format!("cannot handle SIGTERM: {e}")))?;
+        let int = signal(SignalKind::interrupt())
+            .map_err(|e| Error::internal(format!("cannot handle SIGINT: {e}")))?;
+        Ok(ShutdownSignals { term, int })
+    }
+
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
