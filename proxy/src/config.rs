@@ -1882,6 +1882,20 @@ fn check_upstream(c: &mut Checker<'_>, k: &str, r: &Route) {
                         "set mode = \"verify-full\" (add ca_file if the server uses a private CA)",
                     );
                 }
+                if mode == TlsMode::Require {
+                    c.warn(
+                        format!("{k}.upstream_tls.mode"),
+                        format!("mode \"require\" encrypts but does NOT verify upstream {host}'s certificate: anyone who can intercept the connection can impersonate the database and receive the injected credential"),
+                        "set mode = \"verify-full\" with ca_file pointing at the server's CA",
+                    );
+                }
+                if mode == TlsMode::VerifyCa {
+                    c.warn(
+                        format!("{k}.upstream_tls.mode"),
+                        format!("mode \"verify-ca\" checks the CA but not that the certificate names {host}: any server holding a certificate from that CA can pose as this database"),
+                        "set mode = \"verify-full\" (the certificate must name the upstream host)",
+                    );
+                }
             }
         },
         RouteKind::Http => match parse_http_url(&r.upstream) {
@@ -2841,7 +2855,7 @@ allow = ["reports"]
             Ok(("payments.internal".to_string(), 8443))
         );
         assert_eq!(c.routes[2].kind, RouteKind::Tls);
-        assert_eq!(c.routes[2].upstream_tls.mode, TlsMode::VerifyCa);
+        assert_eq!(c.routes[2].upstream_tls.mode, TlsMode::VerifyFull);
 
         assert_eq!(
             c.anomaly.webhook.as_deref(),

@@ -107,3 +107,35 @@ selectors = { exe_path = "/usr/bin/psql" }
     // Contradicting uids can never both match.
     check(&ambiguous.replace("exe_path = \"/usr/bin/psql\"", "uid = 1002")).ok();
 }
+
+#[test]
+fn tls_modes_that_skip_verification_are_warned_about_loudly() {
+    let cfg = |mode: &str| {
+        format!(
+            r#"
+trust_domain = "example.org"
+[[workload]]
+name = "w"
+spiffe_id = "spiffe://example.org/w"
+selectors = {{ uid = 1001 }}
+[[route]]
+name = "r"
+kind = "postgres"
+listen = "127.0.0.1:15432"
+upstream = "db.internal:5432"
+upstream_tls = {{ mode = "{mode}", ca_file = "/etc/ssl/certs/ca-certificates.crt" }}
+credential = {{ user = "u", secret = "s" }}
+allow = ["w"]
+"#
+        )
+    };
+    check(&cfg("require"))
+        .ok()
+        .stdout_has("route[0].upstream_tls.mode")
+        .stdout_has("does NOT verify");
+    check(&cfg("verify-ca"))
+        .ok()
+        .stdout_has("not that the certificate names db.internal");
+    let full = check(&cfg("verify-full"));
+    assert!(!full.ok().stdout.contains("warning"), "{full:?}");
+}
