@@ -416,3 +416,43 @@ async fn tokio_postgres_extended_protocol_copy_and_cancel() {
 fn bytes_of(s: &str) -> std::io::Cursor<Vec<u8>> {
     std::io::Cursor::new(s.as_bytes().to_vec())
 }
+
+#[test]
+fn unix_socket_listener_uses_so_peercred() {
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let port = free_port();
+    let w = Instance::new_with(&format!(
+        r#"
+trust_domain = "example.org"
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+[[route]]
+name = "app-db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+unix_socket = "pgsock"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "app-db/app" }}
+allow = ["me"]
+"#,
+        uid = my_uid(),
+        pgport = pg.port
+    ));
+    w.run(&["init"]).ok();
+    w.run_stdin(&["secret", "put", "app-db/app"], PASSWORD.as_bytes()).ok();
+    let _d = w.start_daemon();
+    let dir = w.dir.path().join("pgsock");
+    assert!(dir.join(format!(".s.PGSQL.{port}")).exists());
+    let out = Command::new("psql")
+        .arg(format!("host={} port={port} dbname=app user=x", dir.display()))
+        .args(["-tA", "-c", "select current_user"])
+        .env("PGPASSFILE", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app");
+}
