@@ -98,6 +98,16 @@ pub struct X509Svid {
     pub not_after: OffsetDateTime,
 }
 
+/// A TLS server certificate for a local listener (DNS/IP names, not a SPIFFE
+/// ID): what `sslmode=verify-full` clients check against the trust bundle.
+pub struct TlsServerCert {
+    pub cert_chain_der: Vec<Vec<u8>>,
+    pub key_pkcs8: Zeroizing<Vec<u8>>,
+    pub serial_hex: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
 fn gen_err(e: rcgen::Error) -> IdentityError {
     IdentityError::Generation(e.to_string())
 }
@@ -335,6 +345,67 @@ impl CertificateAuthority {
             key_pkcs8: Zeroizing::new(key.serialize_der()),
             serial_hex,
             key_type,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Issues an ECDSA P-256 server certificate for `dns_names` and `ips`
+    /// (EKU serverAuth, CA:FALSE), valid for `ttl` but never past the CA.
+    pub fn issue_tls_server(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<TlsServerCert, IdentityError> {
+        if now >= self.not_after {
+            return Err(IdentityError::CaExpired {
+                ca_not_after: fmt_time(self.not_after),
+                now: fmt_time(now),
+            });
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let (serial, serial_hex) = random_serial()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "warden");
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.serial_number = Some(serial);
+        let not_before = (now - CLOCK_SKEW).max(self.not_before);
+        let not_after = (now + ttl).min(self.not_after);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let mut sans = Vec::new();
+        for d in dns_names {
+            sans.push(SanType::DnsName(d.clone().try_into().map_err(gen_err)?));
+        }
+        for ip in ips {
+            sans.push(SanType::IpAddress(*ip));
+        }
+        params.subject_alt_names = sans;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let mut chain = vec![cert.der().to_vec()];
+        if self.is_imported() {
+            chain.push(self.cert_der.clone());
+            chain.extend(
+                self.chain_der
+                    .iter()
+                    .filter(|c| !is_self_signed_der(c))
+                    .cloned(),
+            );
+        }
+        Ok(TlsServerCert {
+            cert_chain_der: chain,
+            key_pkcs8: Zeroizing::new(key.serialize_der()),
+            serial_hex,
             not_before,
             not_after,
         })

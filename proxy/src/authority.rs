@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
-use warden_identity::ca::{certs_to_pem, is_self_signed_der, pem_certs};
+use warden_identity::ca::{certs_to_pem, is_self_signed_der, pem_certs, TlsServerCert};
 use warden_identity::jwt::JwtSigner;
 use warden_identity::rotation::{random_unit_jitter, svid_refresh_at, CaSchedule};
 use warden_identity::{CaMaterial, CertificateAuthority, KeyType, SpiffeId, TrustDomain, X509Svid};
@@ -229,6 +229,8 @@ pub struct IdentityAuthority {
     cas: Vec<LoadedCa>,
     svids: HashMap<String, IssuedSvid>,
     jwt: JwtSigner,
+    /// TLS server certificates of local listeners, by listener name.
+    server_certs: HashMap<String, (Arc<TlsServerCert>, OffsetDateTime)>,
     /// SVIDs reissued by `tick` since the last `take_rotated` (for metrics).
     rotated: u64,
 }
@@ -345,6 +347,7 @@ impl IdentityAuthority {
             cas,
             svids: HashMap::new(),
             jwt,
+            server_certs: HashMap::new(),
             rotated: 0,
         };
         auth.tick(access, now)?;
@@ -381,6 +384,32 @@ impl IdentityAuthority {
             "first JWT key of this store",
         )?;
         Ok(signer)
+    }
+
+    /// The TLS server certificate for listener `key` (names `dns`/`ips`),
+    /// issued by the active CA and replaced at half-life.
+    pub fn server_cert(
+        &mut self,
+        key: &str,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        now: OffsetDateTime,
+    ) -> Result<Arc<TlsServerCert>> {
+        if let Some((cert, refresh)) = self.server_certs.get(key) {
+            if *refresh > now {
+                return Ok(cert.clone());
+            }
+        }
+        let cert = self
+            .active()?
+            .ca
+            .issue_tls_server(dns, ips, self.settings.svid_ttl, now)
+            .map_err(|e| Error::internal(format!("TLS certificate for {key}: {e}")))?;
+        let refresh = svid_refresh_at(cert.not_before, cert.not_after, random_unit_jitter());
+        let cert = Arc::new(cert);
+        self.server_certs
+            .insert(key.to_string(), (cert.clone(), refresh));
+        Ok(cert)
     }
 
     /// A JWT-SVID for `spiffe_id` and `audience` (ES256, [`JWT_SVID_TTL`]).

@@ -391,6 +391,10 @@ pub struct Route {
     /// Permit a non-loopback `listen` address.
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Offer TLS to clients (postgres: answer SSLRequest with `S`), with a
+    /// certificate from warden's CA for `localhost` and the listen address.
+    #[serde(default)]
+    pub client_tls: bool,
     /// Databases clients may ask for (postgres); empty means any.
     #[serde(default)]
     pub databases: Vec<String>,
@@ -1284,6 +1288,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.inject.cache_ttl", "a duration in quotes, e.g. cache_ttl = \"5m\""),
     ("route.allow", "a list of workload names, e.g. allow = [\"reports\"]"),
     ("route.allow_non_loopback", "true or false, without quotes"),
+    ("route.client_tls", "true or false, without quotes"),
     ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
     ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
     ("anomaly", "a table: [anomaly] with webhook and distinct_secrets_per_minute"),
@@ -1848,6 +1853,13 @@ fn check_routes(c: &mut Checker<'_>) {
                 );
             }
             check_socket_path(c, &format!("{k}.unix_socket"), path);
+        }
+        if r.client_tls && r.kind != RouteKind::Postgres {
+            c.error(
+                format!("{k}.client_tls"),
+                format!("client_tls is only supported on kind = \"postgres\" routes; this route is kind = \"{}\"", r.kind),
+                "remove client_tls from this route",
+            );
         }
 
         check_upstream(c, &k, r);

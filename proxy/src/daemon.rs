@@ -170,7 +170,14 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
         ));
-        let pg_shared = Arc::new(pg::PgShared::new(cfg, service.clone(), metrics.clone()));
+        let pg_routes: Vec<_> = pg_listeners.iter().map(|(r, _, _)| r.clone()).collect();
+        let pg_shared = Arc::new(pg::PgShared::new(
+            cfg,
+            &pg_routes,
+            service.clone(),
+            identity.clone(),
+            metrics.clone(),
+        )?);
         let mut route_tasks = Vec::new();
         for (route, tcp, unix) in pg_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");

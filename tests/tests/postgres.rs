@@ -443,16 +443,65 @@ allow = ["me"]
         pgport = pg.port
     ));
     w.run(&["init"]).ok();
-    w.run_stdin(&["secret", "put", "app-db/app"], PASSWORD.as_bytes()).ok();
+    w.run_stdin(&["secret", "put", "app-db/app"], PASSWORD.as_bytes())
+        .ok();
     let _d = w.start_daemon();
     let dir = w.dir.path().join("pgsock");
     assert!(dir.join(format!(".s.PGSQL.{port}")).exists());
     let out = Command::new("psql")
-        .arg(format!("host={} port={port} dbname=app user=x", dir.display()))
+        .arg(format!(
+            "host={} port={port} dbname=app user=x",
+            dir.display()
+        ))
         .args(["-tA", "-c", "select current_user"])
         .env("PGPASSFILE", "/nonexistent")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app");
+}
+
+#[test]
+fn client_tls_with_a_certificate_from_wardens_ca_satisfies_verify_full() {
+    let s = setup(
+        ClusterOptions::new(Auth::Scram),
+        "\"me\"",
+        PASSWORD,
+        "client_tls = true",
+    );
+    let bundle = s.warden.dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        s.warden.run(&["svid", "bundle"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let dsn = |mode: &str, host: &str| {
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} dbname=app user=x sslmode={mode} sslrootcert={}",
+            s.port,
+            bundle.display()
+        )
+    };
+    for host in ["localhost", "127.0.0.1"] {
+        let out = Command::new("psql")
+            .arg(dsn("verify-full", host))
+            .args(["-tA", "-c", "select current_user"])
+            .env("PGPASSFILE", "/nonexistent")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{host}: {}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app");
+    }
+    // A name the certificate does not carry is rejected by the client.
+    let out = Command::new("psql")
+        .arg(dsn("verify-full", "db.example"))
+        .args(["-c", "select 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("does not match host name"),
+        "{}",
+        text(&out)
+    );
 }

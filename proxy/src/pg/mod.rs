@@ -18,6 +18,7 @@ pub mod session;
 pub mod tls;
 pub mod upstream;
 
+use crate::authority::IdentityHandle;
 use crate::config::{Config, RouteKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct PgRoute {
     pub cache_ttl: Duration,
     pub allow: Vec<String>,
     pub databases: Vec<String>,
+    /// Answer SSLRequest with `S` and serve TLS with a certificate from warden's CA.
+    pub client_tls: bool,
 }
 
 impl PgRoute {
@@ -94,6 +97,7 @@ impl PgRoute {
                 cache_ttl,
                 allow: r.allow.clone(),
                 databases: r.databases.clone(),
+                client_tls: r.client_tls,
             });
         }
         Ok(out)
@@ -202,11 +206,23 @@ pub struct PgShared {
     pub credentials: CredentialCache,
     pub cancels: CancelMap,
     pub metrics: Metrics,
+    /// Client-side TLS configuration per route (routes with `client_tls`).
+    pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
 }
 
 impl PgShared {
-    pub fn new(cfg: &Config, service: Arc<Mutex<SecretService>>, metrics: Metrics) -> PgShared {
-        PgShared {
+    pub fn new(
+        cfg: &Config,
+        routes: &[Arc<PgRoute>],
+        service: Arc<Mutex<SecretService>>,
+        identity: Arc<IdentityHandle>,
+        metrics: Metrics,
+    ) -> Result<PgShared> {
+        let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.client_tls) {
+            client_tls.insert(r.name.clone(), tls::server_config(r, identity.clone())?);
+        }
+        Ok(PgShared {
             service,
             registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
             hashes: ExeHashCache::new(),
@@ -215,7 +231,8 @@ impl PgShared {
             credentials: CredentialCache::default(),
             cancels: CancelMap::default(),
             metrics,
-        }
+            client_tls,
+        })
     }
 }
 

@@ -93,10 +93,18 @@ async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, r: &Refusal) {
 /// Reads the client's startup. SSLRequest and GSSENCRequest are declined with
 /// 'N' (the client falls back to plaintext on loopback); a CancelRequest is
 /// forwarded and ends the connection (`Ok(None)`).
+/// What the client opened with.
+enum Opening {
+    Startup(StartupMessage),
+    /// SSLRequest on a route that offers TLS: answer `S` and handshake.
+    UpgradeTls,
+}
+
 async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     shared: &PgShared,
-) -> Result<Option<StartupMessage>, Refusal> {
+    offer_tls: bool,
+) -> Result<Option<Opening>, Refusal> {
     let mut buf = Vec::with_capacity(512);
     loop {
         match protocol::parse_startup(&buf) {
@@ -111,6 +119,9 @@ async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
                                 "warden: unexpected data after the encryption request".into(),
                             ));
                         }
+                        if offer_tls && matches!(packet, StartupPacket::Ssl) {
+                            return Ok(Some(Opening::UpgradeTls));
+                        }
                         client.write_all(b"N").await.map_err(|_| closed())?;
                     }
                     StartupPacket::Cancel {
@@ -120,7 +131,7 @@ async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
                         forward_cancel(shared, process_id, &secret_key).await;
                         return Ok(None);
                     }
-                    StartupPacket::Startup(m) => return Ok(Some(m)),
+                    StartupPacket::Startup(m) => return Ok(Some(Opening::Startup(m))),
                 }
             }
             Ok(None) => {
@@ -217,6 +228,36 @@ fn record(shared: &PgShared, event: Event) -> bool {
     }
 }
 
+/// Reads the opening packet(s), answering protocol errors itself. `None`
+/// means the connection is finished (error sent, cancel forwarded, or gone).
+async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    route: &PgRoute,
+    shared: &PgShared,
+    offer_tls: bool,
+) -> Option<Opening> {
+    match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, shared, offer_tls)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(r)) => {
+            shared.metrics.pg_session(&route.name, r.result);
+            if r.result != "client_gone" {
+                send_error(client, &r).await;
+            }
+            None
+        }
+        Err(_) => {
+            shared.metrics.pg_session(&route.name, "protocol_error");
+            let r = Refusal::new(
+                "08P01",
+                "protocol_error",
+                "warden: no startup packet within 10 s".into(),
+            );
+            send_error(client, &r).await;
+            None
+        }
+    }
+}
+
 /// Runs one session to its end. Never panics on client input.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut client: S,
@@ -225,28 +266,44 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     shared: Arc<PgShared>,
 ) {
     let started = Instant::now();
-    let startup =
-        match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &shared)).await {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => return,
-            Ok(Err(r)) => {
-                shared.metrics.pg_session(&route.name, r.result);
-                if r.result != "client_gone" {
-                    send_error(&mut client, &r).await;
+    let tls_config = shared.client_tls.get(&route.name).cloned();
+    match opening(&mut client, &route, &shared, tls_config.is_some()).await {
+        None => {}
+        Some(Opening::Startup(m)) => serve(client, m, peer, route, shared, started).await,
+        Some(Opening::UpgradeTls) => {
+            let Some(config) = tls_config else { return };
+            if client.write_all(b"S").await.is_err() {
+                return;
+            }
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
+            let mut tls = match tokio::time::timeout(STARTUP_TIMEOUT, accept).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::warn!(route = %route.name, "client TLS handshake failed: {e}");
+                    shared.metrics.pg_session(&route.name, "tls_error");
+                    return;
                 }
-                return;
+                Err(_) => {
+                    shared.metrics.pg_session(&route.name, "tls_error");
+                    return;
+                }
+            };
+            if let Some(Opening::Startup(m)) = opening(&mut tls, &route, &shared, false).await {
+                serve(tls, m, peer, route, shared, started).await;
             }
-            Err(_) => {
-                shared.metrics.pg_session(&route.name, "protocol_error");
-                let r = Refusal::new(
-                    "08P01",
-                    "protocol_error",
-                    "warden: no startup packet within 10 s".into(),
-                );
-                send_error(&mut client, &r).await;
-                return;
-            }
-        };
+        }
+    }
+}
+
+/// The session after its startup message: attest, authorize, log in upstream, relay.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut client: S,
+    startup: StartupMessage,
+    peer: Peer,
+    route: Arc<PgRoute>,
+    shared: Arc<PgShared>,
+    started: Instant,
+) {
     let database = startup
         .get("database")
         .or_else(|| startup.get("user"))
