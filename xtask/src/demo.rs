@@ -1,5 +1,10 @@
 //! `cargo xtask demo [start|stop|status]`: warden's daemon on the quickstart
 //! config, with its state, log and pid file under `<repo>/.warden-demo/`.
+//!
+//! When PostgreSQL is installed the demo also runs its own cluster (see
+//! [`demo_pg`]) in `<repo>/.warden-demo/pg/` on 127.0.0.1:15433, the upstream
+//! of the quickstart route `demo-db`, with a role `app` whose random password
+//! only warden holds; `start` then connects `psql` through warden once.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -10,12 +15,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, Steps};
+use crate::demo_pg::{self, Cluster};
 use crate::prereq;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 40;
+/// The secret the quickstart route `demo-db` logs in with.
+const DB_SECRET: &str = "demo/db-password";
+/// What the user runs to go through warden: no password anywhere.
+const PSQL_CONNINFO: &str = "host=127.0.0.1 port=15432 dbname=app user=app";
+const PSQL_QUERY: &str = "select current_user";
 
 /// What `cargo xtask demo` was asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +77,15 @@ impl Demo {
         self.dir.join("warden.pid")
     }
 
+    fn pg_dir(&self) -> PathBuf {
+        self.dir.join("pg")
+    }
+
+    /// The demo PostgreSQL, or None when PostgreSQL is not installed.
+    fn cluster(&self) -> Option<Cluster> {
+        Cluster::find(&self.pg_dir())
+    }
+
     /// `warden --config <quickstart> ARGS...`, run from the repository root.
     fn warden(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.warden_bin);
@@ -84,8 +104,75 @@ impl Demo {
         })?;
         steps.run("build warden", || cmd::build_warden(&self.repo).map(drop))?;
         steps.run("initialise the demo store", || self.init_store_once())?;
+        let have_pg = steps.run("demo PostgreSQL", || self.start_postgres())?;
         steps.run("start the daemon", || self.start_daemon())?;
-        self.print_next_steps();
+        if have_pg {
+            steps.run("connect through warden", || self.try_route())?;
+        }
+        self.print_next_steps(have_pg);
+        Ok(())
+    }
+
+    /// Creates (once) and starts the demo cluster, with the `app` role whose
+    /// password goes to warden. False when PostgreSQL is not installed.
+    fn start_postgres(&self) -> Result<bool> {
+        let Some(cluster) = self.cluster() else {
+            println!(
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb), so the \
+                 demo runs without a database behind route `demo-db`.\n\
+                 To see the route work, install it and run the demo again:\n  \
+                 sudo apt-get install postgresql\n  \
+                 cargo xtask demo"
+            );
+            return Ok(false);
+        };
+        println!(
+            "PostgreSQL server binaries: {}",
+            cluster.bin_dir().display()
+        );
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("could not create {}", self.dir.display()))?;
+        cluster.create_once()?;
+        cluster.start()?;
+        cluster.create_app_role_once(|password| self.store_db_password(password))?;
+        Ok(true)
+    }
+
+    /// `warden secret put demo/db-password --env dev`, the value on stdin
+    /// (never on a command line, never printed).
+    fn store_db_password(&self, password: &str) -> Result<()> {
+        let mut command = self.warden(&["secret", "put", DB_SECRET, "--env", "dev"]);
+        println!(
+            "$ {} < (the new password, on stdin)",
+            cmd::display(&command)
+        );
+        demo_pg::pipe_to(&mut command, password.as_bytes())
+    }
+
+    /// Runs the psql line from the next steps once, so the user sees the
+    /// route work; on failure shows the end of warden's log.
+    fn try_route(&self) -> Result<()> {
+        let mut command = Command::new("psql");
+        command
+            .current_dir(&self.repo)
+            .env_remove("PGPASSWORD")
+            .env_remove("PGSERVICE")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .args([PSQL_CONNINFO, "-c", PSQL_QUERY])
+            // Never prompt for a password: warden supplies it.
+            .arg("--no-password")
+            .stdin(Stdio::null());
+        if let Err(err) = cmd::run(&mut command) {
+            self.print_log_tail();
+            eprintln!(
+                "hint: route `demo-db` only admits the workload in {} (exe_path of the real \
+                 psql binary, e.g. /usr/lib/postgresql/15/bin/psql); the demo PostgreSQL \
+                 logs to {}. warden is still running: `cargo xtask demo stop` stops it.",
+                self.config.display(),
+                self.pg_dir().join("postgres.log").display()
+            );
+            return Err(err);
+        }
         Ok(())
     }
 
@@ -228,16 +315,23 @@ impl Demo {
         eprintln!("---- end of log ----");
     }
 
-    fn print_next_steps(&self) {
+    fn print_next_steps(&self, have_pg: bool) {
         let warden = format!(
             "{} --config {}",
             cmd::shell_quote(&self.warden_bin),
             cmd::shell_quote(&self.config)
         );
         let config = cmd::shell_quote(&self.config);
+        let psql = psql_line();
+        let psql_note = if have_pg {
+            ""
+        } else {
+            "   # needs PostgreSQL: apt-get install postgresql, then cargo xtask demo"
+        };
         println!(
             "\nwhat to try next:\n  \
-             echo -n 's3cr3t-demo' | {warden} secret put demo/db-password --env dev\n  \
+             {psql}{psql_note}\n  \
+             echo -n 's3cr3t-demo' | {warden} secret put demo/scratch --env dev\n  \
              {warden} secret list\n  \
              {warden} audit tail\n  \
              {warden} audit verify\n  \
@@ -247,8 +341,18 @@ impl Demo {
         );
     }
 
-    /// Stops the daemon recorded in the pid file.
+    /// Stops the daemon, then the demo PostgreSQL.
     fn stop(&self) -> Result<()> {
+        let daemon = self.stop_daemon();
+        let postgres = match self.cluster() {
+            Some(cluster) => cluster.stop(),
+            None => Ok(()),
+        };
+        daemon.and(postgres)
+    }
+
+    /// Stops the daemon recorded in the pid file.
+    fn stop_daemon(&self) -> Result<()> {
         let Some(pid) = self.running_pid()? else {
             self.explain_nothing_to_stop();
             return Ok(());
@@ -280,8 +384,13 @@ impl Demo {
         }
     }
 
-    /// Relays `warden status`, including its exit code.
+    /// Relays `warden status`, including its exit code, and reports the
+    /// demo PostgreSQL.
     fn status(&self) -> Result<ExitCode> {
+        match self.cluster() {
+            Some(cluster) => println!("{}", cluster.describe()),
+            None => println!("demo PostgreSQL: not installed (apt-get install postgresql)"),
+        }
         if !self.warden_bin.is_file() {
             bail!(
                 "{} does not exist; run `cargo xtask demo` first",
@@ -325,6 +434,15 @@ impl Demo {
             _ => Ok(()),
         }
     }
+}
+
+/// The psql command that goes through warden, as the user types it.
+fn psql_line() -> String {
+    format!(
+        "psql {} -c {}",
+        cmd::shell_quote(PSQL_CONNINFO).replace('\'', "\""),
+        cmd::shell_quote(PSQL_QUERY)
+    )
 }
 
 /// Sends `SIG<signal>` to `pid` with the `kill` program.
@@ -389,6 +507,14 @@ mod tests {
         );
         assert_eq!(demo.pid_file(), Path::new("/repo/.warden-demo/warden.pid"));
         assert_eq!(demo.log_file(), Path::new("/repo/.warden-demo/warden.log"));
+    }
+
+    #[test]
+    fn the_psql_line_has_no_password() {
+        assert_eq!(
+            psql_line(),
+            r#"psql "host=127.0.0.1 port=15432 dbname=app user=app" -c 'select current_user'"#
+        );
     }
 
     #[test]

@@ -34,6 +34,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod demo_pg;
 mod prereq;
 mod test_suite;
 
