@@ -4,14 +4,68 @@
 //! Benchmarks today:
 //! - SVID issuance (`identity/examples/svid_bench.rs`): SVIDs per second and
 //!   p50/p99 latency per key type, against raw aws-lc-rs P-256 keygen + sign.
+//! - PostgreSQL proxying (`bench/pg.rs`): pgbench select-only TPS and p50/p99
+//!   latency through warden, beside direct connections to the same throwaway
+//!   PostgreSQL and PgBouncer injecting the same credential, interleaved in
+//!   one run; persistent connections and a new connection per transaction.
+//!
+//! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
+//! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
+//! anything else goes to `svid_bench` (e.g. its iteration count).
+
+mod pg;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use crate::cmd;
 
+/// Options for the PostgreSQL bench, split from the SVID bench's arguments.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    pg: pg::Options,
+    svid_args: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Options> {
+    let mut pg = pg::Options::default();
+    let mut svid_args = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--pg-") => (name, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let slot = match name {
+            "--pg-seconds" => &mut pg.seconds,
+            "--pg-rounds" => &mut pg.rounds,
+            _ => {
+                svid_args.push(arg.clone());
+                continue;
+            }
+        };
+        let value = match inline {
+            Some(value) => value,
+            None => iter
+                .next()
+                .cloned()
+                .with_context(|| format!("`{name}` needs a number"))?,
+        };
+        *slot = value
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("`{name} {value}`: expected a positive whole number"))?;
+    }
+    if pg.seconds > 600 {
+        bail!("`--pg-seconds {}` is more than 600", pg.seconds);
+    }
+    Ok(Options { pg, svid_args })
+}
+
 pub fn run(repo: &Path, args: &[String]) -> Result<()> {
+    let options = parse_args(args)?;
     let mut steps = cmd::Steps::default();
     steps.run("SVID issuance (release build)", || {
         let mut c = cmd::cargo(repo);
@@ -25,9 +79,35 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
             "svid_bench",
             "--",
         ])
-        .args(args);
+        .args(&options.svid_args);
         cmd::run(&mut c)
     })?;
+    steps.run(
+        "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
+        || pg::run(repo, &options.pg),
+    )?;
     steps.print_summary();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn pg_options_are_split_from_svid_arguments() -> Result<()> {
+        let options = parse_args(&strings(&["--pg-seconds", "3", "500", "--pg-rounds=3"]))?;
+        assert_eq!(options.pg.seconds, 3);
+        assert_eq!(options.pg.rounds, 3);
+        assert_eq!(options.svid_args, strings(&["500"]));
+        assert_eq!(parse_args(&[])?.pg, pg::Options::default());
+        assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
+        assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
+        assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());
+        Ok(())
+    }
 }

@@ -48,7 +48,8 @@ commands:
   test [-- ARGS...]          run fmt, clippy, build and every test (what CI runs);
                              ARGS go to the test runner, e.g. `cargo xtask test -- audit`
   demo [start|stop|status]   run warden on examples/quickstart.toml (default: start)
-  bench [-- N]               benchmarks with same-run baselines (SVID issuance; N iterations)
+  bench [-- ARGS]            benchmarks with same-run baselines: SVID issuance, then pgbench
+                             direct vs warden vs PgBouncer (--pg-seconds N, --pg-rounds N)
   help                       show this text
 ";
 

@@ -98,6 +98,47 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
 /// What `cargo xtask demo` needs beyond the Rust toolchain.
 pub const DEMO_REQUIREMENTS: &[Requirement] = &[];
 
+/// What `cargo xtask bench` needs for its PostgreSQL proxy benchmark (it
+/// compares warden with direct connections and with PgBouncer).
+pub const BENCH_REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        binary: "pgbouncer",
+        package: "pgbouncer",
+        why: "the PostgreSQL bench measures PgBouncer as a baseline beside warden",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "pgbench",
+        package: "postgresql-client",
+        why: "the PostgreSQL bench drives load with pgbench",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "psql",
+        package: "postgresql-client",
+        why: "the PostgreSQL bench creates its role and database with psql",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "initdb",
+        package: "postgresql",
+        why: "the PostgreSQL bench creates a throwaway cluster",
+        location: Location::PgBinDir,
+    },
+    Requirement {
+        binary: "pg_ctl",
+        package: "postgresql",
+        why: "the PostgreSQL bench starts and stops its throwaway cluster",
+        location: Location::PgBinDir,
+    },
+    Requirement {
+        binary: "setpriv",
+        package: "util-linux",
+        why: "the PostgreSQL bench runs the server and PgBouncer as the postgres user",
+        location: Location::Path,
+    },
+];
+
 /// Rust components: (rustup component, cargo subcommand that needs it).
 const RUST_COMPONENTS: &[(&str, &str)] = &[("rustfmt", "fmt"), ("clippy", "clippy")];
 
