@@ -38,6 +38,7 @@ mod hash;
 mod procfs;
 mod resolver;
 mod selectors;
+mod sock_diag;
 
 #[cfg(test)]
 mod live_tests;

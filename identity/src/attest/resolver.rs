@@ -54,6 +54,12 @@ impl ProcNetResolver {
         local: SocketAddr,
         peer: SocketAddr,
     ) -> Result<Vec<u64>, AttestError> {
+        // The real /proc: ask the kernel for exactly this socket first.
+        if self.proc.root() == std::path::Path::new("/proc") {
+            if let Some(inode) = super::sock_diag::tcp_socket_inode(peer, local) {
+                return Ok(vec![inode]);
+            }
+        }
         let (want_local, want_remote) = (canonical(peer), canonical(local));
         let mut inodes = Vec::new();
         for table in ["tcp", "tcp6"] {
