@@ -258,6 +258,44 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// The client's answer to an upstream login failure; a server error after
+/// authentication is also returned to be forwarded unchanged.
+fn refusal_for(
+    f: UpstreamFailure,
+    route: &str,
+    secret_label: &str,
+) -> (Refusal, Option<protocol::ErrorFields>) {
+    let upstream = |code, m: String| {
+        Refusal::new(
+            code,
+            "upstream_error",
+            format!("warden: route {route:?}: {m}"),
+        )
+    };
+    match f {
+        UpstreamFailure::Unreachable(m) => (upstream("08001", m), None),
+        UpstreamFailure::Unsupported(m) => (upstream("28000", m), None),
+        UpstreamFailure::Protocol(m) => (upstream("08P01", m), None),
+        UpstreamFailure::Rejected(m) => {
+            let mut r = Refusal::new(
+                "28P01",
+                "upstream_rejected",
+                format!("warden: upstream rejected the credential for route {route:?} (secret {secret_label})"),
+            );
+            r.detail = Some(m);
+            (r, None)
+        }
+        UpstreamFailure::Server(e) => {
+            let r = Refusal::new(
+                "XX000",
+                "upstream_error",
+                e.message().unwrap_or("").to_string(),
+            );
+            (r, Some(e))
+        }
+    }
+}
+
 /// Runs one session to its end. Never panics on client input.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut client: S,
@@ -444,52 +482,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     {
         Ok(e) => e,
         Err(f) => {
-            let (r, forward) = match f {
-                UpstreamFailure::Unreachable(m) => (
-                    Refusal::new(
-                        "08001",
-                        "upstream_error",
-                        format!("warden: route {:?}: {m}", route.name),
-                    ),
-                    None,
-                ),
-                UpstreamFailure::Rejected(m) => {
-                    let mut r = Refusal::new(
-                        "28P01",
-                        "upstream_rejected",
-                        format!(
-                            "warden: upstream rejected the credential for route {:?} (secret {})",
-                            route.name, login.secret_label
-                        ),
-                    );
-                    r.detail = Some(m);
-                    (r, None)
-                }
-                UpstreamFailure::Unsupported(m) => (
-                    Refusal::new(
-                        "28000",
-                        "upstream_error",
-                        format!("warden: route {:?}: {m}", route.name),
-                    ),
-                    None,
-                ),
-                UpstreamFailure::Protocol(m) => (
-                    Refusal::new(
-                        "08P01",
-                        "upstream_error",
-                        format!("warden: route {:?}: {m}", route.name),
-                    ),
-                    None,
-                ),
-                UpstreamFailure::Server(e) => (
-                    Refusal::new(
-                        "XX000",
-                        "upstream_error",
-                        e.message().unwrap_or("").to_string(),
-                    ),
-                    Some(e),
-                ),
-            };
+            let (r, forward) = refusal_for(f, &route.name, &login.secret_label);
             tracing::warn!(route = %route.name, "upstream login failed: {}", r.message);
             record(
                 &shared,
