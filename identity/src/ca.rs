@@ -108,6 +108,15 @@ pub struct TlsServerCert {
     pub not_after: OffsetDateTime,
 }
 
+/// A freshly signed leaf, before it is labelled as an SVID or a server cert.
+struct SignedLeaf {
+    chain: Vec<Vec<u8>>,
+    key_pkcs8: Zeroizing<Vec<u8>>,
+    serial_hex: String,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
 fn gen_err(e: rcgen::Error) -> IdentityError {
     IdentityError::Generation(e.to_string())
 }
@@ -287,6 +296,64 @@ impl CertificateAuthority {
             .unwrap_or(false)
     }
 
+    /// Signs a leaf (CA:FALSE, digitalSignature, AKI) with a fresh key of
+    /// `alg`, valid from `now` − skew for `ttl` but never past the CA. The
+    /// chain carries the intermediate(s) when this CA was imported.
+    fn sign_leaf(
+        &self,
+        alg: &'static SignatureAlgorithm,
+        common_name: Option<&str>,
+        sans: Vec<SanType>,
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<SignedLeaf, IdentityError> {
+        if now >= self.not_after {
+            return Err(IdentityError::CaExpired {
+                ca_not_after: fmt_time(self.not_after),
+                now: fmt_time(now),
+            });
+        }
+        let key = KeyPair::generate_for(alg).map_err(gen_err)?;
+        let (serial, serial_hex) = random_serial()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "warden");
+        if let Some(cn) = common_name {
+            dn.push(DnType::CommonName, cn);
+        }
+        params.distinguished_name = dn;
+        params.serial_number = Some(serial);
+        let not_before = (now - CLOCK_SKEW).max(self.not_before);
+        let not_after = (now + ttl).min(self.not_after);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = ekus;
+        params.use_authority_key_identifier_extension = true;
+        params.subject_alt_names = sans;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let mut chain = vec![cert.der().to_vec()];
+        if self.is_imported() {
+            // The intermediate (and anything above it but the root) travels with the leaf.
+            chain.push(self.cert_der.clone());
+            chain.extend(
+                self.chain_der
+                    .iter()
+                    .filter(|c| !is_self_signed_der(c))
+                    .cloned(),
+            );
+        }
+        Ok(SignedLeaf {
+            chain,
+            key_pkcs8: Zeroizing::new(key.serialize_der()),
+            serial_hex,
+            not_before,
+            not_after,
+        })
+    }
+
     /// Issues an X.509-SVID for `id` with a fresh key of `key_type`.
     pub fn issue_svid(
         &self,
@@ -301,52 +368,26 @@ impl CertificateAuthority {
                 self.trust_domain
             )));
         }
-        if now >= self.not_after {
-            return Err(IdentityError::CaExpired {
-                ca_not_after: fmt_time(self.not_after),
-                now: fmt_time(now),
-            });
-        }
-        let key = KeyPair::generate_for(key_type.algorithm()).map_err(gen_err)?;
-        let (serial, serial_hex) = random_serial()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "warden");
-        params.distinguished_name = dn;
-        params.serial_number = Some(serial);
-        let not_before = (now - CLOCK_SKEW).max(self.not_before);
-        let not_after = (now + ttl).min(self.not_after);
-        params.not_before = not_before;
-        params.not_after = not_after;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
         let uri = id.to_string().try_into().map_err(gen_err)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
-        let mut chain = vec![cert.der().to_vec()];
-        if self.is_imported() {
-            // The intermediate (and anything above it but the root) travels with the leaf.
-            chain.push(self.cert_der.clone());
-            chain.extend(
-                self.chain_der
-                    .iter()
-                    .filter(|c| !is_self_signed_der(c))
-                    .cloned(),
-            );
-        }
+        let leaf = self.sign_leaf(
+            key_type.algorithm(),
+            None,
+            vec![SanType::URI(uri)],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            ttl,
+            now,
+        )?;
         Ok(X509Svid {
             spiffe_id: id.clone(),
-            cert_chain_der: chain,
-            key_pkcs8: Zeroizing::new(key.serialize_der()),
-            serial_hex,
+            cert_chain_der: leaf.chain,
+            key_pkcs8: leaf.key_pkcs8,
+            serial_hex: leaf.serial_hex,
             key_type,
-            not_before,
-            not_after,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
         })
     }
 
@@ -359,55 +400,25 @@ impl CertificateAuthority {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<TlsServerCert, IdentityError> {
-        if now >= self.not_after {
-            return Err(IdentityError::CaExpired {
-                ca_not_after: fmt_time(self.not_after),
-                now: fmt_time(now),
-            });
-        }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
-        let (serial, serial_hex) = random_serial()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "warden");
-        if let Some(first) = dns_names.first() {
-            dn.push(DnType::CommonName, first.as_str());
-        }
-        params.distinguished_name = dn;
-        params.serial_number = Some(serial);
-        let not_before = (now - CLOCK_SKEW).max(self.not_before);
-        let not_after = (now + ttl).min(self.not_after);
-        params.not_before = not_before;
-        params.not_after = not_after;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
         let mut sans = Vec::new();
         for d in dns_names {
             sans.push(SanType::DnsName(d.clone().try_into().map_err(gen_err)?));
         }
-        for ip in ips {
-            sans.push(SanType::IpAddress(*ip));
-        }
-        params.subject_alt_names = sans;
-        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
-        let mut chain = vec![cert.der().to_vec()];
-        if self.is_imported() {
-            chain.push(self.cert_der.clone());
-            chain.extend(
-                self.chain_der
-                    .iter()
-                    .filter(|c| !is_self_signed_der(c))
-                    .cloned(),
-            );
-        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let leaf = self.sign_leaf(
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            dns_names.first().map(String::as_str),
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            ttl,
+            now,
+        )?;
         Ok(TlsServerCert {
-            cert_chain_der: chain,
-            key_pkcs8: Zeroizing::new(key.serialize_der()),
-            serial_hex,
-            not_before,
-            not_after,
+            cert_chain_der: leaf.chain,
+            key_pkcs8: leaf.key_pkcs8,
+            serial_hex: leaf.serial_hex,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
         })
     }
 

@@ -221,6 +221,17 @@ fn actor(who: Option<&Attested>) -> Actor {
     }
 }
 
+/// The audit target of a session that used the route's credential.
+fn credential_target(route: &PgRoute, version: u32, detail: String) -> Target {
+    Target {
+        route: Some(route.name.clone()),
+        secret: Some(route.secret.clone()),
+        env: Some(route.env.clone()),
+        version: Some(version),
+        detail: Some(detail),
+    }
+}
+
 fn record(shared: &PgShared, event: Event) -> bool {
     match shared.service.lock() {
         Ok(mut s) => s.record(&event).is_ok(),
@@ -489,13 +500,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 Event {
                     actor: actor(Some(&who)),
                     action: "session.error".into(),
-                    target: Target {
-                        route: Some(route.name.clone()),
-                        secret: Some(route.secret.clone()),
-                        env: Some(route.env.clone()),
-                        version: Some(version),
-                        detail: Some(format!("database {database}")),
-                    },
+                    target: credential_target(&route, version, format!("database {database}")),
                     decision: Decision::Error,
                     reason: r.message.clone(),
                 },
@@ -524,16 +529,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Event {
             actor: actor(Some(&who)),
             action: "session.start".into(),
-            target: Target {
-                route: Some(route.name.clone()),
-                secret: Some(route.secret.clone()),
-                env: Some(route.env.clone()),
-                version: Some(version),
-                detail: Some(format!(
+            target: credential_target(
+                &route,
+                version,
+                format!(
                     "database {database}, role {}, auth {}",
                     route.user, established.auth_method
-                )),
-            },
+                ),
+            ),
             decision: Decision::Allow,
             reason: "credential injected".into(),
         },
@@ -548,6 +551,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         send_error(&mut client, &r).await;
         return;
     }
+
+    shared.metrics.pg_session(&route.name, "allowed");
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
     let mut stream = established.stream;
@@ -578,7 +583,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Ok((u, d)) => (u, d, "closed"),
         Err(_) => (0, 0, "connection error"),
     };
-    shared.metrics.pg_session(&route.name, "allowed");
     shared
         .metrics
         .pg_session_end(&route.name, started.elapsed(), up, down);
@@ -587,16 +591,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Event {
             actor: actor(Some(&who)),
             action: "session.end".into(),
-            target: Target {
-                route: Some(route.name.clone()),
-                secret: Some(route.secret.clone()),
-                env: Some(route.env.clone()),
-                version: Some(version),
-                detail: Some(format!(
+            target: credential_target(
+                &route,
+                version,
+                format!(
                     "database {database}, {up} bytes up, {down} bytes down, {} ms, {how}",
                     started.elapsed().as_millis()
-                )),
-            },
+                ),
+            ),
             decision: Decision::Allow,
             reason: "session ended".into(),
         },
