@@ -29,12 +29,18 @@
 //! * `cargo xtask bench [-- N]` — benchmarks, each beside a baseline measured
 //!   in the same run (see `bench.rs`).
 //!
+//! * `cargo xtask ebpf [--check]` — rebuild the kernel programs from
+//!   `ebpf/kernel` (nightly + bpf-linker, installed when missing as root) and
+//!   update the committed `ebpf/prebuilt/warden-ebpf.o`, or with `--check`
+//!   fail if it no longer matches the sources (see `ebpf_build.rs`).
+//!
 //! * `cargo xtask help` — usage.
 
 mod bench;
 mod cmd;
 mod demo;
 mod demo_pg;
+mod ebpf_build;
 mod prereq;
 mod test_suite;
 
@@ -50,6 +56,8 @@ commands:
   demo [start|stop|status]   run warden on examples/quickstart.toml (default: start)
   bench [-- ARGS]            benchmarks with same-run baselines: SVID issuance, then pgbench
                              direct vs warden vs PgBouncer (--pg-seconds N, --pg-rounds N)
+  ebpf [--check]             rebuild the kernel programs (nightly + bpf-linker) into
+                             ebpf/prebuilt/warden-ebpf.o; --check only compares
   help                       show this text
 ";
 
@@ -87,6 +95,17 @@ fn dispatch(args: &[String]) -> anyhow::Result<ExitCode> {
             bench::run(&repo_root(), args)?;
             Ok(ExitCode::SUCCESS)
         }
+        "ebpf" => match rest {
+            [] => {
+                ebpf_build::run(&repo_root(), ebpf_build::Mode::Update)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            [flag] if flag == "--check" => {
+                ebpf_build::run(&repo_root(), ebpf_build::Mode::Check)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            [other, ..] => Ok(usage_error(&format!("unexpected argument `{other}`"))),
+        },
         "demo" => match parse_demo_args(rest) {
             Ok(action) => demo::run(&repo_root(), action),
             Err(msg) => Ok(usage_error(&msg)),

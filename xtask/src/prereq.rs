@@ -369,7 +369,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Whether we run with effective uid 0 (from /proc, falling back to `id -u`).
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     effective_uid_from_proc()
         .or_else(effective_uid_from_id)
         .is_some_and(|uid| uid == 0)

@@ -19,6 +19,9 @@ pub fn run(repo: &Path, runner_args: &[String]) -> Result<()> {
 fn run_steps(steps: &mut Steps, repo: &Path, runner_args: &[String]) -> Result<()> {
     let pg_bin_dir = steps.run("prerequisites", check_prerequisites)?;
     steps.run("cargo fmt --check", || check_formatting(repo))?;
+    steps.run("eBPF programs from source", || {
+        crate::ebpf_build::run(repo, crate::ebpf_build::Mode::Check)
+    })?;
     steps.run("cargo clippy", || run_clippy(repo))?;
     let warden_bin = steps.run("build warden", || cmd::build_warden(repo))?;
     let env = TestEnv {

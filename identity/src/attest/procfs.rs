@@ -65,6 +65,17 @@ impl ProcFs {
         })
     }
 
+    /// Start time of PID in clock ticks since boot (field 22 of `stat`): with
+    /// the pid it names one process, so a reused pid can be told apart.
+    pub fn start_time(&self, pid: u32) -> Result<u64, AttestError> {
+        Ok(self.read_stat(pid)?.start_time)
+    }
+
+    /// The cgroup v2 path of PID (`/` for the root cgroup), if it has one.
+    pub fn cgroup_path(&self, pid: u32) -> Result<Option<String>, AttestError> {
+        self.read_cgroup(pid)
+    }
+
     /// Reads and parses `ROOT/PID/status`.
     pub(crate) fn read_status(&self, pid: u32) -> Result<Status, AttestError> {
         let text = self.read_pid_file(pid, "status")?;

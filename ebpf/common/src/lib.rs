@@ -1,0 +1,195 @@
+//! The `#[repr(C)]` types warden's kernel programs (`ebpf/kernel`) and their
+//! user-space side (`warden-ebpf`) exchange through maps and the ring buffer.
+//!
+//! Every struct has explicit padding fields so no uninitialised byte crosses
+//! the kernel/user boundary, and a size asserted at compile time so both sides
+//! agree. Addresses are always 16 bytes in network byte order: IPv4 addresses
+//! are stored IPv4-mapped (`::ffff:a.b.c.d`), so `connect4`, `connect6` with a
+//! v4-mapped destination, and `sock_ops` all produce the same key for the same
+//! peer.
+#![no_std]
+
+/// Event kind: a `connect()` seen by `cgroup/connect4` or `connect6`.
+pub const EVENT_CONNECT: u8 = 1;
+/// Event kind: a TCP connection to a warden listener recorded by `sock_ops`
+/// for attribution (the client port is known at this point).
+pub const EVENT_ATTRIBUTED: u8 = 2;
+
+/// Verdict: the connect was allowed.
+pub const VERDICT_ALLOWED: u8 = 0;
+/// Verdict: denied because the caller's tgid or cgroup is frozen.
+pub const VERDICT_DENIED_FROZEN: u8 = 1;
+/// Verdict: a process other than warden connected to a protected upstream and
+/// was let through (`protect_upstreams = "observe"`).
+pub const VERDICT_BYPASS_ALLOWED: u8 = 2;
+/// Verdict: a process other than warden tried to connect to a protected
+/// upstream and was denied (`protect_upstreams = "enforce"`).
+pub const VERDICT_BYPASS_DENIED: u8 = 3;
+
+/// Destination class (value of the `WATCHED` map, and `Event::dest_kind`).
+pub const DEST_NONE: u8 = 0;
+/// A warden listener (a route's `listen` address).
+pub const DEST_LISTENER: u8 = 1;
+/// A protected upstream (a route's `upstream` address).
+pub const DEST_UPSTREAM: u8 = 2;
+
+/// `CONFIG` array index: tgid of the warden daemon (its connects to protected
+/// upstreams are never bypasses).
+pub const CONFIG_WARDEN_TGID: u32 = 0;
+/// `CONFIG` array index: protect mode (`PROTECT_*`).
+pub const CONFIG_PROTECT_MODE: u32 = 1;
+/// Number of `CONFIG` slots.
+pub const CONFIG_LEN: u32 = 2;
+
+/// `protect_upstreams = "off"`: no bypass detection.
+pub const PROTECT_OFF: u64 = 0;
+/// `protect_upstreams = "observe"`: report bypasses, let them through.
+pub const PROTECT_OBSERVE: u64 = 1;
+/// `protect_upstreams = "enforce"`: report and deny bypasses.
+pub const PROTECT_ENFORCE: u64 = 2;
+
+/// `COUNTERS` (per-CPU array) index: events submitted to the ring buffer.
+pub const COUNTER_EMITTED: u32 = 0;
+/// `COUNTERS` index: events that did not fit in the ring buffer.
+pub const COUNTER_LOST: u32 = 1;
+/// `COUNTERS` index: connects denied (frozen or enforced bypass).
+pub const COUNTER_DENIED: u32 = 2;
+/// `COUNTERS` index: attribution entries written by `sock_ops`.
+pub const COUNTER_ATTRIBUTED: u32 = 3;
+/// Number of counters.
+pub const COUNTER_LEN: u32 = 4;
+
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const RING_BYTES: u32 = 4 << 20;
+/// Above this many unread bytes a submit wakes the consumer; below it events
+/// are submitted with `BPF_RB_NO_WAKEUP` and drained on a short timer (waking
+/// on every event costs ~10 µs per connect on these machines).
+pub const RING_WAKEUP_BYTES: u64 = (RING_BYTES as u64) / 4;
+
+/// Capacity of the attribution LRU map.
+pub const ATTRIBUTION_ENTRIES: u32 = 65_536;
+/// Capacity of each frozen map.
+pub const FROZEN_ENTRIES: u32 = 4_096;
+/// Capacity of the watched-destination map.
+pub const WATCHED_ENTRIES: u32 = 1_024;
+
+/// A socket address: 16-byte address (v4 stored v4-mapped) and a port, both in
+/// network byte order. Key of `WATCHED` and `ATTRIBUTION`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// IPv6 address, or `::ffff:a.b.c.d`; all zero = any address (`WATCHED`
+    /// wildcard entries for listeners bound to `0.0.0.0`/`::`).
+    pub addr: [u8; 16],
+    /// Port, network byte order.
+    pub port_be: u16,
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+
+/// What `sock_ops` records about the process that opened a connection to a
+/// warden listener. Value of `ATTRIBUTION`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Thread id of the connecting thread.
+    pub pid: u32,
+    /// Process id (thread group id).
+    pub tgid: u32,
+    /// Real uid (as `bpf_get_current_uid_gid` reports it).
+    pub uid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// cgroup v2 id of the connecting task.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_boot_ns` at connect (CLOCK_BOOTTIME, the clock of
+    /// `/proc/PID/stat` start times, so pid reuse can be detected).
+    pub ktime_ns: u64,
+    /// Task comm, NUL padded (informational only, never used for identity).
+    pub comm: [u8; 16],
+}
+
+/// One event in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The process.
+    pub process: ProcessInfo,
+    /// Destination of the connect.
+    pub dest: SockKey,
+    /// Source address and port (`EVENT_ATTRIBUTED` only; zero otherwise).
+    pub source: SockKey,
+    /// `EVENT_*`.
+    pub kind: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `DEST_*`.
+    pub dest_kind: u8,
+    /// 4 or 6: the address family of the socket.
+    pub family: u8,
+    /// Always zero.
+    pub _pad: [u8; 4],
+}
+
+/// A frozen cgroup or tgid (value of the frozen maps; the key is the id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrozenEntry {
+    /// Seconds since the epoch when the freeze was set (user space fills it).
+    pub since_unix: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ProcessInfo>() == 48);
+const _: () = assert!(core::mem::size_of::<Event>() == 96);
+const _: () = assert!(core::mem::size_of::<FrozenEntry>() == 8);
+
+impl SockKey {
+    /// An IPv4 address, stored v4-mapped.
+    pub const fn v4(octets: [u8; 4], port: u16) -> Self {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = octets[0];
+        addr[13] = octets[1];
+        addr[14] = octets[2];
+        addr[15] = octets[3];
+        Self {
+            addr,
+            port_be: port.to_be(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// An IPv6 address (v4-mapped addresses are already in canonical form).
+    pub const fn v6(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            addr,
+            port_be: port.to_be(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The port in host byte order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers and byte arrays with explicit
+    // padding fields: every bit pattern is valid and there are no implicit
+    // padding bytes (sizes are asserted above).
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::ProcessInfo {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::FrozenEntry {}
+}

@@ -1,0 +1,338 @@
+//! warden's kernel programs.
+//!
+//! - `warden_sock_ops` (`sock_ops`, `TCP_CONNECT_CB`): for connections to a
+//!   warden listener, records `(client address, client port) → process` in
+//!   `ATTRIBUTION` so the proxy can name the process behind an accepted socket,
+//!   and emits an `EVENT_ATTRIBUTED` event.
+//! - `warden_connect4` / `warden_connect6` (`cgroup/connect4`, `connect6`):
+//!   deny (EPERM) every connect of a frozen tgid or cgroup; report connects to
+//!   warden listeners and to protected upstreams; report or deny (by
+//!   `protect_upstreams`) connects to protected upstreams from anything but
+//!   the warden daemon. v4-mapped IPv6 destinations are normalised, so
+//!   `connect6` to `::ffff:127.0.0.1` is matched exactly like `connect4`.
+//!
+//! Events go to a ring buffer submitted without waking the consumer unless a
+//! quarter of the ring is unread; the consumer drains on a short timer. Events
+//! that do not fit are counted in `COUNTERS[COUNTER_LOST]`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
+};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::{SockAddrContext, SockOpsContext};
+use warden_ebpf_common::{
+    Event, FrozenEntry, ProcessInfo, SockKey, ATTRIBUTION_ENTRIES, CONFIG_LEN,
+    CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
+    COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
+    EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RING_BYTES,
+    RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED, VERDICT_BYPASS_DENIED,
+    VERDICT_DENIED_FROZEN, WATCHED_ENTRIES,
+};
+
+/// `BPF_SOCK_OPS_TCP_CONNECT_CB`.
+const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// How many ancestor levels of the caller's cgroup are checked against
+/// `FROZEN_CGROUPS` (a frozen cgroup freezes its descendants too).
+const CGROUP_ANCESTOR_LEVELS: i32 = 8;
+
+/// Verdict returned by cgroup/connect programs: 1 lets `connect()` go on.
+const CONNECT_ALLOW: i32 = 1;
+/// 0 makes `connect()` fail with EPERM.
+const CONNECT_DENY: i32 = 0;
+
+#[map]
+static WATCHED: HashMap<SockKey, u8> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
+#[map]
+static ATTRIBUTION: LruHashMap<SockKey, ProcessInfo> =
+    LruHashMap::with_max_entries(ATTRIBUTION_ENTRIES, 0);
+#[map]
+static FROZEN_TGIDS: HashMap<u32, FrozenEntry> = HashMap::with_max_entries(FROZEN_ENTRIES, 0);
+#[map]
+static FROZEN_CGROUPS: HashMap<u64, FrozenEntry> = HashMap::with_max_entries(FROZEN_ENTRIES, 0);
+#[map]
+static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_LEN, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program
+        // runs (programs are not preempted on their CPU).
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn config(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn current_process() -> ProcessInfo {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    ProcessInfo {
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        // SAFETY: helper without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        // SAFETY: as above.
+        ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// Class of a destination: exact `(address, port)` first, then the any-address
+/// entry for the port (listeners on `0.0.0.0`/`::`).
+#[inline(always)]
+fn destination_kind(dest: &SockKey) -> u8 {
+    if let Some(kind) = WATCHED.get_ptr(dest) {
+        // SAFETY: values are plain u8 written only by user space.
+        return unsafe { *kind };
+    }
+    let any = SockKey {
+        addr: [0; 16],
+        port_be: dest.port_be,
+        _pad: [0; 2],
+    };
+    match WATCHED.get_ptr(&any) {
+        // SAFETY: as above.
+        Some(kind) => unsafe { *kind },
+        None => DEST_NONE,
+    }
+}
+
+#[inline(always)]
+fn is_frozen(process: &ProcessInfo) -> bool {
+    if FROZEN_TGIDS.get_ptr(&process.tgid).is_some() {
+        return true;
+    }
+    if FROZEN_CGROUPS.get_ptr(&process.cgroup_id).is_some() {
+        return true;
+    }
+    let mut level = 1;
+    while level <= CGROUP_ANCESTOR_LEVELS {
+        // SAFETY: helper without pointer arguments; returns 0 past the
+        // caller's own level.
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 {
+            break;
+        }
+        if FROZEN_CGROUPS.get_ptr(&ancestor).is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn emit(event: Event) {
+    let flags = if EVENTS.query(0) >= RING_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64;
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(flags);
+            count(COUNTER_EMITTED);
+        }
+        None => count(COUNTER_LOST),
+    }
+}
+
+#[inline(always)]
+fn addr_from_v4(ip4_raw: u32) -> [u8; 16] {
+    let b = ip4_raw.to_ne_bytes();
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+}
+
+#[inline(always)]
+fn addr_from_v6(ip6_raw: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = ip6_raw[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// Decides a connect to `dest` (a v4-mapped or IPv6 `SockKey`).
+#[inline(always)]
+fn decide_connect(dest: SockKey, family: u8) -> i32 {
+    let process = current_process();
+    let dest_kind = destination_kind(&dest);
+    let (verdict, allow) = if is_frozen(&process) {
+        (VERDICT_DENIED_FROZEN, false)
+    } else if dest_kind == DEST_UPSTREAM && u64::from(process.tgid) != config(CONFIG_WARDEN_TGID)
+    {
+        match config(CONFIG_PROTECT_MODE) {
+            PROTECT_ENFORCE => (VERDICT_BYPASS_DENIED, false),
+            PROTECT_OBSERVE => (VERDICT_BYPASS_ALLOWED, true),
+            _ => (VERDICT_ALLOWED, true),
+        }
+    } else {
+        (VERDICT_ALLOWED, true)
+    };
+    if dest_kind != DEST_NONE || !allow {
+        emit(Event {
+            process,
+            dest,
+            source: SockKey::default(),
+            kind: EVENT_CONNECT,
+            verdict,
+            dest_kind,
+            family,
+            _pad: [0; 4],
+        });
+    }
+    if allow {
+        CONNECT_ALLOW
+    } else {
+        count(COUNTER_DENIED);
+        CONNECT_DENY
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn warden_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
+    let sa = ctx.sock_addr;
+    let (ip4, port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sa).user_ip4),
+            core::ptr::read_volatile(&(*sa).user_port),
+        )
+    };
+    let dest = SockKey {
+        addr: addr_from_v4(ip4),
+        port_be: port as u16,
+        _pad: [0; 2],
+    };
+    decide_connect(dest, 4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn warden_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for this program type.
+    let sa = ctx.sock_addr;
+    let (ip6, port) = unsafe {
+        (
+            [
+                core::ptr::read_volatile(&(*sa).user_ip6[0]),
+                core::ptr::read_volatile(&(*sa).user_ip6[1]),
+                core::ptr::read_volatile(&(*sa).user_ip6[2]),
+                core::ptr::read_volatile(&(*sa).user_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*sa).user_port),
+        )
+    };
+    // A v4-mapped destination is already in SockKey's canonical form.
+    let dest = SockKey {
+        addr: addr_from_v6(ip6),
+        port_be: port as u16,
+        _pad: [0; 2],
+    };
+    decide_connect(dest, 6)
+}
+
+#[sock_ops]
+pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // Every context field is read once, up front, with a plain load at its
+    // own offset: the verifier rejects loads through a computed ctx pointer,
+    // which the optimiser produces when it merges per-family branches.
+    let ops = ctx.ops;
+    // SAFETY: the kernel passes a valid bpf_sock_ops; volatile keeps each
+    // field a separate ctx load.
+    let (family, remote4, local4, remote6, local6, remote_port_raw, local_port_raw) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ops).family),
+            core::ptr::read_volatile(&(*ops).remote_ip4),
+            core::ptr::read_volatile(&(*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).remote_port),
+            core::ptr::read_volatile(&(*ops).local_port),
+        )
+    };
+    let (remote, local, fam) = if family == AF_INET {
+        (addr_from_v4(remote4), addr_from_v4(local4), 4)
+    } else if family == AF_INET6 {
+        (addr_from_v6(remote6), addr_from_v6(local6), 6)
+    } else {
+        return 1;
+    };
+    // remote_port holds the network-order port in its upper half on
+    // little-endian; local_port is in host order.
+    let remote_port = u32::from_be(remote_port_raw) as u16;
+    let local_port = local_port_raw as u16;
+    let dest = SockKey {
+        addr: remote,
+        port_be: remote_port.to_be(),
+        _pad: [0; 2],
+    };
+    if destination_kind(&dest) != DEST_LISTENER {
+        return 1;
+    }
+    let source = SockKey {
+        addr: local,
+        port_be: local_port.to_be(),
+        _pad: [0; 2],
+    };
+    let process = current_process();
+    if ATTRIBUTION.insert(&source, &process, 0).is_ok() {
+        count(COUNTER_ATTRIBUTED);
+    }
+    emit(Event {
+        process,
+        dest,
+        source,
+        kind: EVENT_ATTRIBUTED,
+        verdict: VERDICT_ALLOWED,
+        dest_kind: DEST_LISTENER,
+        family: fam,
+        _pad: [0; 4],
+    });
+    1
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";

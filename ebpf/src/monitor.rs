@@ -1,0 +1,482 @@
+//! Loading, attaching and driving the kernel programs.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use warden_ebpf_common::{
+    FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID,
+    COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED, COUNTER_LOST, DEST_LISTENER,
+    DEST_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF,
+};
+
+use crate::cgroup::{cgroup2_mount, mount_point_of_type};
+use crate::events::{sock_key_of, EventReader};
+
+/// What to do about direct connects to protected upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtectMode {
+    /// Nothing.
+    Off,
+    /// Report them (events, metrics) and let them through.
+    #[default]
+    Observe,
+    /// Report and deny them (EPERM).
+    Enforce,
+}
+
+/// What the monitor watches.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorConfig {
+    /// warden's listening addresses (`0.0.0.0:P` / `[::]:P` match any address).
+    pub listeners: Vec<SocketAddr>,
+    /// Protected upstream addresses (resolved).
+    pub upstreams: Vec<SocketAddr>,
+    /// Reaction to direct upstream connects.
+    pub protect: ProtectMode,
+    /// The process allowed to connect to protected upstreams (the daemon).
+    pub warden_tgid: u32,
+    /// bpffs directory to pin links and frozen maps in (None: nothing is
+    /// pinned and everything detaches when the monitor is dropped).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// Why the monitor could not be loaded; the message names the cause and the
+/// fix (it is shown to operators as is).
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// Loading BPF programs needs CAP_BPF + CAP_NET_ADMIN (or root).
+    #[error("loading eBPF programs was refused ({detail}); run warden as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")]
+    NotPermitted {
+        /// The kernel's answer.
+        detail: String,
+    },
+    /// No cgroup v2 hierarchy to attach to.
+    #[error("no cgroup v2 filesystem is mounted (the programs attach to the root of cgroup v2); mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`")]
+    NoCgroup2,
+    /// The kernel lacks a feature the programs need.
+    #[error("the kernel refused warden's eBPF programs ({detail}); Linux 5.8 or newer with BPF ring buffers and cgroup sock_addr programs is needed")]
+    Unsupported {
+        /// What failed.
+        detail: String,
+    },
+    /// Anything else (I/O on bpffs, map updates).
+    #[error("eBPF monitor: {0}")]
+    Other(String),
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Events written to the ring buffer.
+    pub emitted: u64,
+    /// Events dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Connects denied (frozen or enforced bypass).
+    pub denied: u64,
+    /// Attribution entries recorded by `sock_ops`.
+    pub attributed: u64,
+}
+
+const PROGRAMS: [&str; 3] = ["warden_sock_ops", "warden_connect4", "warden_connect6"];
+const PINNED_MAPS: [(&str, &str); 2] = [
+    ("FROZEN_TGIDS", "frozen_tgids"),
+    ("FROZEN_CGROUPS", "frozen_cgroups"),
+];
+
+/// The loaded and attached monitor.
+pub struct Monitor {
+    attribution: HashMap<MapData, SockKey, ProcessInfo>,
+    frozen_tgids: Mutex<HashMap<MapData, u32, FrozenEntry>>,
+    frozen_cgroups: Mutex<HashMap<MapData, u64, FrozenEntry>>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    pins: Vec<PinnedLink>,
+    _links: Vec<FdLink>,
+    pin_dir: Option<PathBuf>,
+    // Owns the programs and their links (unpinned links detach on drop).
+    _ebpf: Ebpf,
+}
+
+fn classify(detail: String) -> MonitorError {
+    let lower = detail.to_ascii_lowercase();
+    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+        MonitorError::NotPermitted { detail }
+    } else if lower.contains("invalid argument") || lower.contains("not supported") {
+        MonitorError::Unsupported { detail }
+    } else {
+        MonitorError::Other(detail)
+    }
+}
+
+fn err_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless one is mounted there already.
+fn ensure_bpffs() -> Result<PathBuf, MonitorError> {
+    let root = PathBuf::from("/sys/fs/bpf");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| MonitorError::Other(format!("reading /proc/self/mountinfo: {e}")))?;
+    if mount_point_of_type(&mountinfo, "bpf").is_some_and(|p| p == root) {
+        return Ok(root);
+    }
+    fs::create_dir_all(&root)
+        .map_err(|e| MonitorError::Other(format!("creating {}: {e}", root.display())))?;
+    let target = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| MonitorError::Other("bpffs path contains NUL".into()))?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(classify(format!("mounting bpffs at {}: {e}", root.display())));
+    }
+    Ok(root)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn map_err(what: &str) -> impl Fn(aya::maps::MapError) -> MonitorError + '_ {
+    move |e| MonitorError::Other(format!("{what}: {}", err_chain(&e)))
+}
+
+impl Monitor {
+    /// Loads the embedded object, attaches it at the root of cgroup v2 and
+    /// fills the maps from `cfg`.
+    pub fn load(cfg: &MonitorConfig) -> Result<Monitor, MonitorError> {
+        let cgroup_root = cgroup2_mount().ok_or(MonitorError::NoCgroup2)?;
+        let cgroup = fs::File::open(&cgroup_root).map_err(|e| {
+            MonitorError::Other(format!("opening {}: {e}", cgroup_root.display()))
+        })?;
+
+        let pin_dir = match &cfg.pin_dir {
+            Some(dir) => {
+                let bpffs = ensure_bpffs()?;
+                if !dir.starts_with(&bpffs) {
+                    return Err(MonitorError::Other(format!(
+                        "pin directory {} is not under the bpffs mount {}",
+                        dir.display(),
+                        bpffs.display()
+                    )));
+                }
+                fs::create_dir_all(dir).map_err(|e| {
+                    MonitorError::Other(format!("creating {}: {e}", dir.display()))
+                })?;
+                Some(dir.clone())
+            }
+            None => None,
+        };
+
+        // An aligned copy: the ELF parser reads structs in place.
+        let object = crate::OBJECT.to_vec();
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> = match &pin_dir {
+            Some(dir) => PINNED_MAPS
+                .iter()
+                .map(|(map, file)| (*map, dir.join(file)))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (map, path) in &map_paths {
+            loader.map_pin_path(map, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(&object)
+            .map_err(|e| classify(format!("loading the object: {}", err_chain(&e))))?;
+
+        // Maps first, so the programs never run with an empty configuration.
+        let mut config: Array<_, u64> = Array::try_from(
+            ebpf.map_mut("CONFIG")
+                .ok_or_else(|| MonitorError::Other("map CONFIG missing".into()))?,
+        )
+        .map_err(map_err("CONFIG"))?;
+        config
+            .set(CONFIG_WARDEN_TGID, u64::from(cfg.warden_tgid), 0)
+            .map_err(map_err("CONFIG"))?;
+        let mode = match cfg.protect {
+            ProtectMode::Off => PROTECT_OFF,
+            ProtectMode::Observe => PROTECT_OBSERVE,
+            ProtectMode::Enforce => PROTECT_ENFORCE,
+        };
+        config
+            .set(CONFIG_PROTECT_MODE, mode, 0)
+            .map_err(map_err("CONFIG"))?;
+        {
+            let mut watched: HashMap<_, SockKey, u8> = HashMap::try_from(
+                ebpf.map_mut("WATCHED")
+                    .ok_or_else(|| MonitorError::Other("map WATCHED missing".into()))?,
+            )
+            .map_err(map_err("WATCHED"))?;
+            for up in &cfg.upstreams {
+                watched
+                    .insert(watch_key(*up), DEST_UPSTREAM, 0)
+                    .map_err(map_err("WATCHED"))?;
+            }
+            // Listeners win over upstreams on the same address.
+            for l in &cfg.listeners {
+                watched
+                    .insert(watch_key(*l), DEST_LISTENER, 0)
+                    .map_err(map_err("WATCHED"))?;
+            }
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| MonitorError::Other(format!("map {name} missing")))
+        };
+        let attribution =
+            HashMap::try_from(take(&mut ebpf, "ATTRIBUTION")?).map_err(map_err("ATTRIBUTION"))?;
+        let frozen_tgids =
+            HashMap::try_from(take(&mut ebpf, "FROZEN_TGIDS")?).map_err(map_err("FROZEN_TGIDS"))?;
+        let frozen_cgroups = HashMap::try_from(take(&mut ebpf, "FROZEN_CGROUPS")?)
+            .map_err(map_err("FROZEN_CGROUPS"))?;
+        let counters =
+            PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
+        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
+
+        let mut new_links: Vec<(String, FdLink)> = Vec::new();
+        for name in PROGRAMS {
+            let link = attach(&mut ebpf, name, &cgroup)?;
+            new_links.push((name.to_string(), link));
+        }
+
+        // Replace the links a crashed predecessor left pinned: the new ones
+        // are attached already, so there is no window without enforcement.
+        let mut pins = Vec::new();
+        if let Some(dir) = &pin_dir {
+            for (name, link) in std::mem::take(&mut new_links) {
+                let path = dir.join(format!("link_{name}"));
+                if path.exists() {
+                    if let Ok(old) = PinnedLink::from_pin(&path) {
+                        // Dropping the unpinned link detaches the old program.
+                        drop(old.unpin());
+                    } else {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                let pinned = link.pin(&path).map_err(|e| {
+                    MonitorError::Other(format!("pinning {}: {}", path.display(), err_chain(&e)))
+                })?;
+                pins.push(pinned);
+            }
+        }
+        // Unpinned links live as long as the monitor (dropping detaches).
+        let links: Vec<FdLink> = new_links.into_iter().map(|(_, link)| link).collect();
+
+        Ok(Monitor {
+            attribution,
+            frozen_tgids: Mutex::new(frozen_tgids),
+            frozen_cgroups: Mutex::new(frozen_cgroups),
+            counters,
+            events: Mutex::new(Some(events)),
+            pins,
+            _links: links,
+            pin_dir,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The process that opened the TCP connection whose client end is
+    /// `peer` (the accepted socket's peer address), if `sock_ops` saw it.
+    pub fn lookup(&self, peer: SocketAddr) -> Option<ProcessInfo> {
+        self.attribution.get(&sock_key_of(peer), 0).ok()
+    }
+
+    /// Denies every `connect()` of process `tgid` from now on.
+    pub fn freeze_tgid(&self, tgid: u32) -> Result<(), MonitorError> {
+        let entry = FrozenEntry {
+            since_unix: now_unix(),
+        };
+        self.frozen_tgids
+            .lock()
+            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?
+            .insert(tgid, entry, 0)
+            .map_err(map_err("FROZEN_TGIDS"))
+    }
+
+    /// Lifts a tgid freeze; `Ok(false)` when it was not frozen.
+    pub fn unfreeze_tgid(&self, tgid: u32) -> Result<bool, MonitorError> {
+        let mut map = self
+            .frozen_tgids
+            .lock()
+            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?;
+        remove_entry(&mut map, &tgid)
+    }
+
+    /// Denies every `connect()` from cgroup `id` and its descendants (up to
+    /// 8 levels below it).
+    pub fn freeze_cgroup(&self, id: u64) -> Result<(), MonitorError> {
+        let entry = FrozenEntry {
+            since_unix: now_unix(),
+        };
+        self.frozen_cgroups
+            .lock()
+            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?
+            .insert(id, entry, 0)
+            .map_err(map_err("FROZEN_CGROUPS"))
+    }
+
+    /// Lifts a cgroup freeze; `Ok(false)` when it was not frozen.
+    pub fn unfreeze_cgroup(&self, id: u64) -> Result<bool, MonitorError> {
+        let mut map = self
+            .frozen_cgroups
+            .lock()
+            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?;
+        remove_entry(&mut map, &id)
+    }
+
+    /// Frozen tgids and cgroup ids with the time each freeze was set.
+    pub fn frozen(&self) -> (Vec<(u32, u64)>, Vec<(u64, u64)>) {
+        let tgids = self
+            .frozen_tgids
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (k, v.since_unix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cgroups = self
+            .frozen_cgroups
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (k, v.since_unix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (tgids, cgroups)
+    }
+
+    /// Kernel-side counters summed over CPUs.
+    pub fn counters(&self) -> Counters {
+        let sum = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|values| values.iter().copied().sum())
+                .unwrap_or(0)
+        };
+        Counters {
+            emitted: sum(COUNTER_EMITTED),
+            lost: sum(COUNTER_LOST),
+            denied: sum(COUNTER_DENIED),
+            attributed: sum(COUNTER_ATTRIBUTED),
+        }
+    }
+
+    /// The event reader (once; `None` afterwards).
+    pub fn take_events(&self) -> Option<EventReader> {
+        self.events
+            .lock()
+            .ok()?
+            .take()
+            .map(|ring| EventReader { ring })
+    }
+
+    /// Clean stop: removes the pins so the programs detach when the monitor
+    /// is dropped (fail open by the operator's decision), and the frozen
+    /// maps' pins, so a later start begins unfrozen unless the daemon
+    /// re-applies freezes it persisted itself.
+    pub fn shutdown(mut self) {
+        for pinned in std::mem::take(&mut self.pins) {
+            drop(pinned.unpin());
+        }
+        if let Some(dir) = &self.pin_dir {
+            for (_, file) in PINNED_MAPS {
+                let _ = fs::remove_file(dir.join(file));
+            }
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
+    /// The pin directory in use, if any.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+}
+
+fn remove_entry<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, FrozenEntry>,
+    key: &K,
+) -> Result<bool, MonitorError> {
+    match map.remove(key) {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(e) => Err(MonitorError::Other(format!(
+            "updating a frozen map: {}",
+            err_chain(&e)
+        ))),
+    }
+}
+
+fn watch_key(addr: SocketAddr) -> SockKey {
+    if addr.ip().is_unspecified() {
+        SockKey::v6([0; 16], addr.port())
+    } else {
+        sock_key_of(addr)
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdLink, MonitorError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| MonitorError::Other(format!("program {name} missing from the object")))?;
+    let attach_err = |e: aya::programs::ProgramError| {
+        classify(format!("attaching {name}: {}", err_chain(&e)))
+    };
+    let load_err =
+        |e: aya::programs::ProgramError| classify(format!("loading {name}: {}", err_chain(&e)));
+    if name == "warden_sock_ops" {
+        let prog: &mut SockOps = program
+            .try_into()
+            .map_err(|e| MonitorError::Other(format!("{name}: {e}")))?;
+        prog.load().map_err(load_err)?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        FdLink::try_from(link).map_err(|e| MonitorError::Other(format!("{name}: {e}")))
+    } else {
+        let prog: &mut CgroupSockAddr = program
+            .try_into()
+            .map_err(|e| MonitorError::Other(format!("{name}: {e}")))?;
+        prog.load().map_err(load_err)?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        FdLink::try_from(link).map_err(|e| MonitorError::Other(format!("{name}: {e}")))
+    }
+}
