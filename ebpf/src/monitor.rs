@@ -100,8 +100,8 @@ pub struct Monitor {
     frozen_cgroups: Mutex<HashMap<MapData, u64, FrozenEntry>>,
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
-    pins: Vec<PinnedLink>,
-    _links: Vec<FdLink>,
+    pins: Mutex<Vec<PinnedLink>>,
+    links: Mutex<Vec<FdLink>>,
     pin_dir: Option<PathBuf>,
     // Owns the programs and their links (unpinned links detach on drop).
     _ebpf: Ebpf,
@@ -299,8 +299,8 @@ impl Monitor {
             frozen_cgroups: Mutex::new(frozen_cgroups),
             counters,
             events: Mutex::new(Some(events)),
-            pins,
-            _links: links,
+            pins: Mutex::new(pins),
+            links: Mutex::new(links),
             pin_dir,
             _ebpf: ebpf,
         })
@@ -405,13 +405,19 @@ impl Monitor {
             .map(|ring| EventReader { ring })
     }
 
-    /// Clean stop: removes the pins so the programs detach when the monitor
-    /// is dropped (fail open by the operator's decision), and the frozen
+    /// Clean stop: detaches the programs and removes the pins (fail open by
+    /// the operator's decision), and the frozen
     /// maps' pins, so a later start begins unfrozen unless the daemon
     /// re-applies freezes it persisted itself.
-    pub fn shutdown(mut self) {
-        for pinned in std::mem::take(&mut self.pins) {
-            drop(pinned.unpin());
+    pub fn shutdown(&self) {
+        if let Ok(mut pins) = self.pins.lock() {
+            for pinned in pins.drain(..) {
+                // Unpinned and dropped: the link detaches.
+                drop(pinned.unpin());
+            }
+        }
+        if let Ok(mut links) = self.links.lock() {
+            links.clear();
         }
         if let Some(dir) = &self.pin_dir {
             for (_, file) in PINNED_MAPS {
@@ -434,6 +440,9 @@ fn remove_entry<K: aya::Pod>(
     match map.remove(key) {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
         Err(e) => Err(MonitorError::Other(format!(
             "updating a frozen map: {}",
             err_chain(&e)

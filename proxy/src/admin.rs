@@ -6,6 +6,7 @@
 //! response and an audit record. Secret values cross the socket base64-encoded
 //! inside zeroized buffers and are never logged.
 
+use crate::access_monitor::{EventFeed, EventRecord};
 use crate::audit::{Actor, ActorKind, Decision, Event, Target};
 use crate::authority::{IdentityHandle, SvidInfo};
 use crate::error::{Error, ErrorKind, Result};
@@ -61,6 +62,15 @@ pub enum Request {
     },
     /// The trust bundle (PEM).
     SvidBundle,
+    /// Access events from the eBPF monitor: the last `limit`, then (with
+    /// `follow`) every new one. Answered as a stream of `Ok` lines, each with
+    /// one event; without `follow` a final `Ok` with `{"end": true}`.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 impl Request {
@@ -76,6 +86,7 @@ impl Request {
             Request::Unseal { .. } => "unseal",
             Request::SvidShow { .. } => "svid_show",
             Request::SvidBundle => "svid_bundle",
+            Request::Events { .. } => "events",
         }
     }
 }
@@ -184,20 +195,24 @@ pub async fn serve(
     identity: Arc<IdentityHandle>,
     metrics: Metrics,
     access: AdminAccess,
+    events: Arc<EventFeed>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (service, identity, metrics, access) = (
+        let (service, identity, metrics, access, events) = (
             service.clone(),
             identity.clone(),
             metrics.clone(),
             access.clone(),
+            events.clone(),
         );
         tokio::spawn(async move {
-            if let Err(e) = handle_connection(stream, service, identity, metrics, access).await {
+            if let Err(e) =
+                handle_connection(stream, service, identity, metrics, access, events).await
+            {
                 tracing::debug!("admin connection ended: {e}");
             }
         });
@@ -210,6 +225,7 @@ async fn handle_connection(
     identity: Arc<IdentityHandle>,
     metrics: Metrics,
     access: AdminAccess,
+    events: Arc<EventFeed>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
@@ -277,6 +293,11 @@ async fn handle_connection(
                     message: format!("malformed admin request: {e}"),
                 }
             }
+            Ok(Request::Events { follow, limit }) => {
+                metrics.admin_request("events", "ok");
+                line.zeroize();
+                return stream_events(&mut write, &events, follow, limit).await;
+            }
             Ok(req) => {
                 let op = req.op();
                 let svc = service.clone();
@@ -300,6 +321,47 @@ async fn handle_connection(
         line.zeroize();
         write_response(&mut write, &resp).await?;
     }
+}
+
+/// Writes recent events, then live ones until the client goes away.
+async fn stream_events(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    feed: &EventFeed,
+    follow: bool,
+    limit: Option<usize>,
+) -> std::io::Result<()> {
+    let mut live = follow.then(|| feed.subscribe());
+    for e in feed.recent(limit.unwrap_or(crate::access_monitor::RECENT_EVENTS)) {
+        write_event(w, &e).await?;
+    }
+    let Some(live) = live.as_mut() else {
+        let end = Response::Ok {
+            result: serde_json::json!({ "end": true }),
+        };
+        return write_response(w, &end).await;
+    };
+    loop {
+        match live.recv().await {
+            Ok(e) => write_event(w, &e).await?,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                let note = Response::Ok {
+                    result: serde_json::json!({ "skipped": n }),
+                };
+                write_response(w, &note).await?;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+async fn write_event(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    e: &EventRecord,
+) -> std::io::Result<()> {
+    let resp = Response::Ok {
+        result: serde_json::to_value(e).map_err(std::io::Error::other)?,
+    };
+    write_response(w, &resp).await
 }
 
 async fn write_response(
@@ -381,6 +443,12 @@ pub fn dispatch(
             Response::from_result(svid_show(s, identity, caller, &workload, pem))
         }
         Request::SvidBundle => Response::from_result(s.bundle_pem()),
+        // Streamed by the daemon's connection handler; offline there is no
+        // monitor to ask.
+        Request::Events { .. } => Response::Error {
+            kind: ErrorKind::Unavailable,
+            message: "access events come from the running daemon's eBPF monitor: start `warden up` first".into(),
+        },
     }
 }
 
@@ -475,6 +543,37 @@ impl AdminClient {
                 ))),
                 _ => Err(Error::io("cannot connect to admin socket", path, &e)),
             },
+        }
+    }
+
+    /// Sends `req` and hands every response line to `each` until it returns
+    /// false or the daemon closes the connection (streamed requests).
+    pub fn stream(
+        &mut self,
+        req: &Request,
+        mut each: impl FnMut(Response) -> Result<bool>,
+    ) -> Result<()> {
+        let mut line = serde_json::to_vec(req)
+            .map_err(|e| Error::internal(format!("encoding request: {e}")))?;
+        line.push(b'\n');
+        self.writer
+            .write_all(&line)
+            .map_err(|e| Error::unavailable(format!("admin socket write failed: {e}")))?;
+        let _ = self.reader.get_ref().set_read_timeout(None);
+        loop {
+            let mut resp = String::new();
+            let n = self
+                .reader
+                .read_line(&mut resp)
+                .map_err(|e| Error::unavailable(format!("admin socket read failed: {e}")))?;
+            if n == 0 {
+                return Ok(());
+            }
+            let resp: Response = serde_json::from_str(&resp)
+                .map_err(|e| Error::internal(format!("malformed response from daemon: {e}")))?;
+            if !each(resp)? {
+                return Ok(());
+            }
         }
     }
 

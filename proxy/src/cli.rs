@@ -6,6 +6,7 @@
 //! request handler ([`crate::admin::dispatch`]) — same checks, same audit
 //! records. Secret values are read from stdin or a file, never from argv.
 
+use crate::access_monitor::{format_event_line, EventRecord};
 use crate::admin::{self, AdminClient, Request, Response};
 use crate::audit;
 use crate::authority::{IdentitySettings, ImportedCa, SvidInfo};
@@ -74,6 +75,16 @@ enum Command {
     /// Read and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Live view of access seen by the eBPF monitor: who connected to which
+    /// route or protected upstream, and the kernel's verdict.
+    Events {
+        /// Keep printing new events as they happen (Ctrl-C to stop).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many recent events to print first.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        lines: usize,
+    },
     /// Validate configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -241,6 +252,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Workload(ListOnly::List) => workload_list(&ctx),
         Command::Svid(cmd) => run_svid(&ctx, cmd),
         Command::Audit(cmd) => run_audit(&ctx, cmd),
+        Command::Events { follow, lines } => run_events(&ctx, follow, lines),
         Command::Config(_) => Ok(()),
     }
 }
@@ -813,6 +825,44 @@ fn workload_list(ctx: &Context) -> Result<()> {
 }
 
 // ---- audit ------------------------------------------------------------------
+
+fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
+    let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
+    let Some(mut client) = AdminClient::connect(&socket)? else {
+        return Err(Error::unavailable(format!(
+            "no warden daemon answers on {}: access events come from the running daemon's eBPF monitor; start it with `warden up`",
+            socket.display()
+        )));
+    };
+    let req = Request::Events {
+        follow,
+        limit: Some(lines),
+    };
+    let json = ctx.json;
+    client.stream(&req, |resp| {
+        let value: serde_json::Value = resp.into_result()?;
+        if value.get("end").is_some() {
+            return Ok(false);
+        }
+        if let Some(n) = value.get("skipped") {
+            eprintln!("warden: {n} events skipped (this viewer fell behind)");
+            return Ok(true);
+        }
+        let line = if json {
+            value.to_string()
+        } else {
+            let record: EventRecord = serde_json::from_value(value)
+                .map_err(|e| Error::internal(format!("unexpected event from daemon: {e}")))?;
+            format_event_line(&record)
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`warden events | head`) ends the stream quietly.
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            return Ok(false);
+        }
+        Ok(true)
+    })
+}
 
 fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
     let log = ctx.data_dir.join(paths::AUDIT_FILE);

@@ -6,6 +6,7 @@
 //! SIGTERM/SIGINT stop it cleanly: `daemon.stop` is recorded and the socket
 //! removed. Route listeners join this loop as their issues land.
 
+use crate::access_monitor::AccessMonitor;
 use crate::admin::{self, AdminAccess};
 use crate::authority::IdentityHandle;
 use crate::config::Config;
@@ -84,7 +85,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         )),
         None => None,
     };
-    let access = AdminAccess {
+    let admin_access = AdminAccess {
         daemon_uid: paths::euid(),
         group,
     };
@@ -98,10 +99,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
         let mut signals = ShutdownSignals::install()?;
-        let admin_listener = admin::bind_socket(&socket, &access)?;
+        let admin_listener = admin::bind_socket(&socket, &admin_access)?;
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
         let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?).await?;
+        let bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
+            .iter()
+            .map(|(r, tcp, _)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone()))
+            .collect();
+        let access = AccessMonitor::start(cfg, data_dir, bound, &metrics).await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -115,10 +121,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         service.record_daemon(
             "daemon.start",
             format!(
-                "pid {}, kek source {}, {}",
+                "pid {}, kek source {}, {}, monitor {}",
                 std::process::id(),
                 seal.source,
-                if sealed { "sealed" } else { "unsealed" }
+                if sealed { "sealed" } else { "unsealed" },
+                access.mode.as_str()
             ),
         )?;
         let service = Arc::new(Mutex::new(service));
@@ -161,7 +168,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             identity.clone(),
             metrics.clone(),
-            access.clone(),
+            admin_access.clone(),
+            access.feed.clone(),
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
         let provider = Arc::new(WorkloadIdentityProvider::new(
@@ -177,6 +185,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             identity.clone(),
             metrics.clone(),
+            access.resolver(),
         )?);
         let mut route_tasks = Vec::new();
         for (route, tcp, unix) in pg_listeners {
@@ -207,6 +216,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             t.abort();
         }
         let _ = std::fs::remove_file(&socket);
+        access.shutdown();
         let svc = service.clone();
         tokio::task::spawn_blocking(move || match svc.lock() {
             Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),

@@ -3,6 +3,7 @@
 //! the daemon in [`daemon`], and each subsystem in its own module (see
 //! ARCHITECTURE.md for the code map and invariants).
 
+mod access_monitor;
 mod admin;
 mod audit;
 mod authority;

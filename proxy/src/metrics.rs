@@ -34,6 +34,64 @@ struct Inner {
     upstream_connect_seconds: HistogramVec,
     upstream_auth_seconds: HistogramVec,
     cancels: IntCounterVec,
+    monitor: MonitorMetrics,
+}
+
+/// The eBPF access monitor's metrics.
+struct MonitorMetrics {
+    events: IntCounterVec,
+    lost: IntCounter,
+    dropped: IntCounter,
+    denied: IntCounter,
+    bypass: IntCounter,
+    mode: IntGaugeVec,
+}
+
+impl MonitorMetrics {
+    fn register(registry: &Registry) -> Result<MonitorMetrics, prometheus::Error> {
+        let m = MonitorMetrics {
+            events: IntCounterVec::new(
+                Opts::new(
+                    "warden_monitor_events_total",
+                    "Kernel access events read, by kind (connect, attributed) and verdict (allowed, denied_frozen, bypass_observed, bypass_denied).",
+                ),
+                &["kind", "verdict"],
+            )?,
+            lost: IntCounter::new(
+                "warden_monitor_events_lost_total",
+                "Kernel access events lost because the ring buffer was full.",
+            )?,
+            dropped: IntCounter::new(
+                "warden_monitor_events_dropped_total",
+                "Access events counted but not shown by `warden events` because the enrichment queue was full.",
+            )?,
+            denied: IntCounter::new(
+                "warden_monitor_connects_denied_total",
+                "connect() calls the kernel programs refused (frozen workloads, enforced protect_upstreams).",
+            )?,
+            bypass: IntCounter::new(
+                "warden_monitor_bypass_attempts_total",
+                "Direct connects to a protected upstream by a process other than warden.",
+            )?,
+            mode: IntGaugeVec::new(
+                Opts::new(
+                    "warden_monitor_mode",
+                    "1 for the attribution mode in use: ebpf, or procfs (eBPF off or unavailable).",
+                ),
+                &["mode"],
+            )?,
+        };
+        registry.register(Box::new(m.events.clone()))?;
+        registry.register(Box::new(m.lost.clone()))?;
+        registry.register(Box::new(m.dropped.clone()))?;
+        registry.register(Box::new(m.denied.clone()))?;
+        registry.register(Box::new(m.bypass.clone()))?;
+        registry.register(Box::new(m.mode.clone()))?;
+        for mode in ["ebpf", "procfs"] {
+            m.mode.with_label_values(&[mode]).set(0);
+        }
+        Ok(m)
+    }
 }
 
 impl Metrics {
@@ -139,9 +197,11 @@ impl Metrics {
         registry.register(Box::new(admin_requests.clone()))?;
         registry.register(Box::new(audit_records.clone()))?;
         registry.register(Box::new(audit_failures.clone()))?;
+        let monitor = MonitorMetrics::register(&registry)?;
         Ok(Metrics {
             inner: Arc::new(Inner {
                 registry,
+                monitor,
                 sealed,
                 admin_requests,
                 audit_records,
@@ -156,6 +216,40 @@ impl Metrics {
                 cancels,
             }),
         })
+    }
+
+    pub fn monitor_mode(&self, mode: &str) {
+        for m in ["ebpf", "procfs"] {
+            self.inner
+                .monitor
+                .mode
+                .with_label_values(&[m])
+                .set(i64::from(m == mode));
+        }
+    }
+
+    pub fn monitor_event(&self, kind: &str, verdict: &str) {
+        self.inner
+            .monitor
+            .events
+            .with_label_values(&[kind, verdict])
+            .inc();
+    }
+
+    pub fn monitor_events_lost(&self, n: u64) {
+        self.inner.monitor.lost.inc_by(n);
+    }
+
+    pub fn monitor_events_dropped(&self) {
+        self.inner.monitor.dropped.inc();
+    }
+
+    pub fn monitor_connect_denied(&self) {
+        self.inner.monitor.denied.inc();
+    }
+
+    pub fn monitor_bypass_attempt(&self) {
+        self.inner.monitor.bypass.inc();
     }
 
     pub fn set_sealed(&self, sealed: bool) {

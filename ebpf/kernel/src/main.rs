@@ -138,9 +138,14 @@ fn is_frozen(process: &ProcessInfo) -> bool {
     false
 }
 
+/// Submits `event`. Denials and bypass attempts wake the reader at once
+/// (they are rare, and user space must read `/proc/PID/exe` before a refused
+/// process exits); everything else waits for the reader's timer unless the
+/// ring is filling up.
 #[inline(always)]
 fn emit(event: Event) {
-    let flags = if EVENTS.query(0) >= RING_WAKEUP_BYTES {
+    let urgent = event.verdict != VERDICT_ALLOWED;
+    let flags = if urgent || EVENTS.query(0) >= RING_WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use upstream::UpstreamTarget;
-use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Registration};
+use warden_identity::attest::{ExeHashCache, PeerResolver, Registration};
 use zeroize::Zeroizing;
 
 /// Credential cache TTL when the route sets none: short, so a rotated secret
@@ -217,6 +217,7 @@ impl PgShared {
         service: Arc<Mutex<SecretService>>,
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
+        resolver: Arc<dyn PeerResolver>,
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
         for r in routes.iter().filter(|r| r.client_tls) {
@@ -226,7 +227,7 @@ impl PgShared {
             service,
             registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
             hashes: ExeHashCache::new(),
-            resolver: Arc::new(ProcNetResolver::new()),
+            resolver,
             scram_cache: scram::ScramKeyCache::new(),
             credentials: CredentialCache::default(),
             cancels: CancelMap::default(),

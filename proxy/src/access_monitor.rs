@@ -1,0 +1,486 @@
+//! The daemon's side of the eBPF access monitor (`[monitor]`).
+//!
+//! At start-up [`AccessMonitor::start`] loads `warden-ebpf` as
+//! `monitor.ebpf` says — `auto` falls back to `/proc` attribution with one
+//! warning naming the reason, `required` refuses to start with it, `off`
+//! never tries — watching every route's listener and (resolved) upstream.
+//! It hands the routes their [`PeerResolver`] (eBPF with `/proc` fallback, or
+//! `/proc` only), turns kernel events into metrics and into the feed behind
+//! `warden events`, and on a clean stop removes the pins (see
+//! ARCHITECTURE.md, "Enforcement when the daemon stops").
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use warden_ebpf::{AccessEvent, DestKind, Monitor, MonitorConfig, MonitorError};
+use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Registration};
+
+use crate::config::{Config, EbpfMode, ProtectMode};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// How many recent events `warden events` (without `--follow`) can show.
+pub const RECENT_EVENTS: usize = 1024;
+/// Bound of the queue between the ring-buffer reader and the enricher;
+/// beyond it events are dropped in user space and counted.
+const ENRICH_QUEUE: usize = 8192;
+
+/// Which attribution the daemon runs with (the `warden_monitor_mode` gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// Kernel programs loaded.
+    Ebpf,
+    /// `/proc` attribution only (ebpf = "off", or "auto" fell back).
+    Procfs,
+}
+
+impl MonitorMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MonitorMode::Ebpf => "ebpf",
+            MonitorMode::Procfs => "procfs",
+        }
+    }
+}
+
+/// One access event as `warden events` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventRecord {
+    /// RFC 3339, when user space read the event.
+    pub time: String,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread that connected.
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// `/proc/PID/exe`, when the process still ran when the event was read.
+    pub exe: Option<String>,
+    /// cgroup v2 path.
+    pub cgroup: Option<String>,
+    /// systemd unit of the cgroup.
+    pub unit: Option<String>,
+    /// Workload the process attests to (None: matches no registration).
+    pub workload: Option<String>,
+    /// `connect` or `attributed`.
+    pub kind: String,
+    /// `route NAME` (a listener), `upstream of route NAME`, or `other`.
+    pub destination: String,
+    /// The destination address.
+    pub address: String,
+    /// allowed, denied_frozen, bypass_observed, bypass_denied.
+    pub verdict: String,
+    /// The task's comm (informational, never used for identity).
+    pub comm: String,
+}
+
+/// Recent events and live subscribers.
+pub struct EventFeed {
+    tx: broadcast::Sender<Arc<EventRecord>>,
+    recent: Mutex<VecDeque<Arc<EventRecord>>>,
+}
+
+impl EventFeed {
+    fn new() -> EventFeed {
+        let (tx, _) = broadcast::channel(1024);
+        EventFeed {
+            tx,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+        }
+    }
+
+    fn publish(&self, record: EventRecord) {
+        let record = Arc::new(record);
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(record.clone());
+        }
+        let _ = self.tx.send(record);
+    }
+
+    /// The last `limit` events, oldest first.
+    pub fn recent(&self, limit: usize) -> Vec<Arc<EventRecord>> {
+        match self.recent.lock() {
+            Ok(recent) => {
+                let skip = recent.len().saturating_sub(limit);
+                recent.iter().skip(skip).cloned().collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Live events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRecord>> {
+        self.tx.subscribe()
+    }
+}
+
+/// Where an address leads, for display.
+#[derive(Debug, Clone)]
+struct Destinations {
+    listeners: Vec<(SocketAddr, String)>,
+    upstreams: Vec<(SocketAddr, String)>,
+}
+
+impl Destinations {
+    fn describe(&self, kind: DestKind, addr: SocketAddr) -> String {
+        let find = |list: &[(SocketAddr, String)]| {
+            list.iter()
+                .find(|(a, _)| {
+                    a.port() == addr.port() && (a.ip() == addr.ip() || a.ip().is_unspecified())
+                })
+                .map(|(_, name)| name.clone())
+        };
+        match kind {
+            DestKind::Listener => find(&self.listeners)
+                .map(|n| format!("route {n}"))
+                .unwrap_or_else(|| "a warden listener".into()),
+            DestKind::Upstream => find(&self.upstreams)
+                .map(|n| format!("upstream of route {n}"))
+                .unwrap_or_else(|| "a protected upstream".into()),
+            DestKind::Other => "other".into(),
+        }
+    }
+}
+
+/// The running monitor (or its procfs stand-in).
+pub struct AccessMonitor {
+    pub mode: MonitorMode,
+    monitor: Option<Arc<Monitor>>,
+    resolver: Arc<dyn PeerResolver>,
+    pub feed: Arc<EventFeed>,
+}
+
+/// bpffs directory for this data dir's pins: one per data dir, so several
+/// daemons on a host (tests, staging beside production) never share state.
+pub fn pin_dir_for(data_dir: &Path) -> PathBuf {
+    let canonical = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = crate::crypto::sha256_hex(canonical.as_os_str().as_encoded_bytes());
+    PathBuf::from("/sys/fs/bpf/warden").join(&digest[..16])
+}
+
+async fn resolve_upstreams(cfg: &Config) -> Vec<(SocketAddr, String)> {
+    let mut out = Vec::new();
+    for r in &cfg.routes {
+        let Ok((host, port)) = r.upstream_host_port() else {
+            continue;
+        };
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            out.push((SocketAddr::new(ip, port), r.name.clone()));
+            continue;
+        }
+        let lookup = tokio::net::lookup_host(format!("{host}:{port}"));
+        let resolved = tokio::time::timeout(Duration::from_secs(5), lookup).await;
+        match resolved {
+            Ok(Ok(addrs)) => out.extend(addrs.map(|a| (a, r.name.clone()))),
+            Ok(Err(e)) => tracing::warn!(
+                route = %r.name,
+                "monitor: cannot resolve upstream {host}:{port} ({e}); direct connections to it are not watched"
+            ),
+            Err(_) => tracing::warn!(
+                route = %r.name,
+                "monitor: resolving upstream {host}:{port} timed out; direct connections to it are not watched"
+            ),
+        }
+    }
+    out
+}
+
+impl AccessMonitor {
+    /// Loads the kernel programs per `[monitor]`; `listeners` are the bound
+    /// route addresses (route name, address).
+    pub async fn start(
+        cfg: &Config,
+        data_dir: &Path,
+        listeners: Vec<(SocketAddr, String)>,
+        metrics: &Metrics,
+    ) -> Result<AccessMonitor> {
+        let feed = Arc::new(EventFeed::new());
+        let procfs = |mode| AccessMonitor {
+            mode,
+            monitor: None,
+            resolver: Arc::new(ProcNetResolver::new()),
+            feed: feed.clone(),
+        };
+        if cfg.monitor.ebpf == EbpfMode::Off {
+            tracing::info!("monitor.ebpf = \"off\": attributing connections through /proc; no access events or kernel deny");
+            metrics.monitor_mode(MonitorMode::Procfs.as_str());
+            return Ok(procfs(MonitorMode::Procfs));
+        }
+        let upstreams = resolve_upstreams(cfg).await;
+        let protect = match cfg.monitor.protect_upstreams {
+            ProtectMode::Off => warden_ebpf::ProtectMode::Off,
+            ProtectMode::Observe => warden_ebpf::ProtectMode::Observe,
+            ProtectMode::Enforce => warden_ebpf::ProtectMode::Enforce,
+        };
+        let monitor_cfg = MonitorConfig {
+            listeners: listeners.iter().map(|(a, _)| *a).collect(),
+            upstreams: upstreams.iter().map(|(a, _)| *a).collect(),
+            protect,
+            warden_tgid: std::process::id(),
+            pin_dir: Some(pin_dir_for(data_dir)),
+        };
+        match tokio::task::spawn_blocking(move || Monitor::load(&monitor_cfg))
+            .await
+            .map_err(|e| Error::internal(format!("monitor start-up failed: {e}")))?
+        {
+            Ok(monitor) => {
+                let monitor = Arc::new(monitor);
+                tracing::info!(
+                    listeners = listeners.len(),
+                    upstreams = upstreams.len(),
+                    protect_upstreams = %cfg.monitor.protect_upstreams,
+                    "eBPF access monitor attached at the root of cgroup v2"
+                );
+                metrics.monitor_mode(MonitorMode::Ebpf.as_str());
+                let me = AccessMonitor {
+                    mode: MonitorMode::Ebpf,
+                    resolver: Arc::new(warden_ebpf::EbpfResolver::new(monitor.clone())),
+                    monitor: Some(monitor),
+                    feed,
+                };
+                me.spawn_consumer(
+                    cfg,
+                    Destinations {
+                        listeners,
+                        upstreams,
+                    },
+                    metrics.clone(),
+                );
+                Ok(me)
+            }
+            Err(e) if cfg.monitor.ebpf == EbpfMode::Required => Err(Error::usage(format!(
+                "monitor.ebpf = \"required\" but the eBPF monitor cannot load: {e}; fix: {} or set monitor.ebpf = \"auto\"",
+                fix_for(&e)
+            ))),
+            Err(e) => {
+                tracing::warn!(
+                    "eBPF monitor unavailable, falling back to /proc attribution (no access events, no kernel deny{}): {e}",
+                    if cfg.monitor.protect_upstreams == ProtectMode::Enforce {
+                        ", protect_upstreams = \"enforce\" is NOT enforced"
+                    } else {
+                        ""
+                    }
+                );
+                metrics.monitor_mode(MonitorMode::Procfs.as_str());
+                Ok(procfs(MonitorMode::Procfs))
+            }
+        }
+    }
+
+    /// The resolver routes attribute accepted TCP connections with.
+    pub fn resolver(&self) -> Arc<dyn PeerResolver> {
+        self.resolver.clone()
+    }
+
+    fn spawn_consumer(&self, cfg: &Config, dest: Destinations, metrics: Metrics) {
+        let Some(monitor) = self.monitor.clone() else {
+            return;
+        };
+        let Some(reader) = monitor.take_events() else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<(AccessEvent, Option<String>)>(ENRICH_QUEUE);
+        let m = metrics.clone();
+        // Reader: counts every event, queues it for enrichment, never blocks.
+        tokio::spawn(async move {
+            let res = reader
+                .run(|ev| {
+                    m.monitor_event(ev.kind.as_str(), ev.verdict.as_str());
+                    if ev.verdict.is_denied() {
+                        m.monitor_connect_denied();
+                    }
+                    if ev.verdict.is_bypass() {
+                        m.monitor_bypass_attempt();
+                    }
+                    // A refused process usually exits at once: name its
+                    // executable now, before the queue.
+                    let exe = (ev.verdict != warden_ebpf::Verdict::Allowed)
+                        .then(|| std::fs::read_link(format!("/proc/{}/exe", ev.process.tgid)).ok())
+                        .flatten()
+                        .map(|p| p.display().to_string());
+                    if tx.try_send((ev, exe)).is_err() {
+                        m.monitor_events_dropped();
+                    }
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!("eBPF event reader stopped: {e}");
+            }
+        });
+        // Kernel counters (lost events) into the metrics.
+        let km = monitor.clone();
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut seen_lost = 0u64;
+            loop {
+                tick.tick().await;
+                let c = km.counters();
+                if c.lost > seen_lost {
+                    tracing::warn!(
+                        lost = c.lost - seen_lost,
+                        "eBPF ring buffer full: access events were lost"
+                    );
+                    m.monitor_events_lost(c.lost - seen_lost);
+                    seen_lost = c.lost;
+                }
+            }
+        });
+        let registrations: Vec<Registration> =
+            cfg.workloads.iter().map(|w| w.registration()).collect();
+        let feed = self.feed.clone();
+        tokio::spawn(enrich(rx, registrations, dest, feed));
+    }
+
+    /// Clean stop: detaches the programs and removes their pins.
+    pub fn shutdown(&self) {
+        if let Some(monitor) = &self.monitor {
+            monitor.shutdown();
+            tracing::info!("eBPF monitor detached (clean stop: enforcement released)");
+        }
+    }
+}
+
+fn fix_for(e: &MonitorError) -> &'static str {
+    match e {
+        MonitorError::NotPermitted { .. } => {
+            "run warden as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        }
+        MonitorError::NoCgroup2 => "mount cgroup v2",
+        MonitorError::Unsupported { .. } => "use Linux 5.8 or newer",
+        MonitorError::Other(_) => "see the reason above",
+    }
+}
+
+/// Adds what user space knows (exe, cgroup, unit, workload) and publishes.
+async fn enrich(
+    mut rx: tokio::sync::mpsc::Receiver<(AccessEvent, Option<String>)>,
+    registrations: Vec<Registration>,
+    dest: Destinations,
+    feed: Arc<EventFeed>,
+) {
+    let hashes = ExeHashCache::new();
+    while let Some((ev, early_exe)) = rx.recv().await {
+        let facts = warden_identity::attest::gather_facts(ev.process.tgid, &hashes).ok();
+        let workload = facts.as_ref().and_then(|f| {
+            warden_identity::attest::attest(f, &registrations)
+                .ok()
+                .map(|r| r.name.clone())
+        });
+        let record = EventRecord {
+            time: crate::timefmt::now_rfc3339(),
+            pid: ev.process.tgid,
+            tid: ev.process.pid,
+            uid: ev.process.uid,
+            gid: ev.process.gid,
+            exe: facts
+                .as_ref()
+                .and_then(|f| f.exe_path.as_ref().map(|p| p.display().to_string()))
+                .or(early_exe),
+            cgroup: facts.as_ref().and_then(|f| f.cgroup.clone()),
+            unit: facts.as_ref().and_then(|f| f.systemd_unit.clone()),
+            workload,
+            kind: ev.kind.as_str().into(),
+            destination: dest.describe(ev.dest_kind, ev.dest),
+            address: ev.dest.to_string(),
+            verdict: ev.verdict.as_str().into(),
+            comm: ev.comm(),
+        };
+        feed.publish(record);
+    }
+}
+
+/// `warden events` output, one line per event.
+pub fn format_event_line(e: &EventRecord) -> String {
+    format!(
+        "{}  {:<15} pid {:<7} uid {:<5} {:<28} {:<14} -> {} ({})  [{}]",
+        e.time,
+        e.verdict,
+        e.pid,
+        e.uid,
+        e.exe.as_deref().unwrap_or("?"),
+        e.workload
+            .as_deref()
+            .map(|w| format!("workload {w}"))
+            .unwrap_or_else(|| "no workload".into()),
+        e.destination,
+        e.address,
+        e.unit.as_deref().or(e.cgroup.as_deref()).unwrap_or("-"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feed_keeps_the_most_recent_events() {
+        let feed = EventFeed::new();
+        for i in 0..(RECENT_EVENTS + 10) {
+            feed.publish(EventRecord {
+                time: String::new(),
+                pid: i as u32,
+                tid: 0,
+                uid: 0,
+                gid: 0,
+                exe: None,
+                cgroup: None,
+                unit: None,
+                workload: None,
+                kind: "connect".into(),
+                destination: "other".into(),
+                address: "127.0.0.1:1".into(),
+                verdict: "allowed".into(),
+                comm: String::new(),
+            });
+        }
+        let last = feed.recent(3);
+        assert_eq!(
+            last.iter().map(|e| e.pid).collect::<Vec<_>>(),
+            vec![
+                RECENT_EVENTS as u32 + 7,
+                RECENT_EVENTS as u32 + 8,
+                RECENT_EVENTS as u32 + 9
+            ]
+        );
+        assert_eq!(feed.recent(usize::MAX).len(), RECENT_EVENTS);
+    }
+
+    #[test]
+    fn destinations_name_routes_and_wildcards() {
+        let d = Destinations {
+            listeners: vec![("0.0.0.0:15432".parse().expect("addr"), "orders-db".into())],
+            upstreams: vec![("10.0.0.5:5432".parse().expect("addr"), "orders-db".into())],
+        };
+        assert_eq!(
+            d.describe(DestKind::Listener, "127.0.0.1:15432".parse().expect("addr")),
+            "route orders-db"
+        );
+        assert_eq!(
+            d.describe(DestKind::Upstream, "10.0.0.5:5432".parse().expect("addr")),
+            "upstream of route orders-db"
+        );
+        assert_eq!(
+            d.describe(DestKind::Upstream, "10.0.0.6:5432".parse().expect("addr")),
+            "a protected upstream"
+        );
+    }
+
+    #[test]
+    fn pin_dirs_differ_per_data_dir() {
+        let a = pin_dir_for(Path::new("/var/lib/warden-a"));
+        let b = pin_dir_for(Path::new("/var/lib/warden-b"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("/sys/fs/bpf/warden"));
+    }
+}

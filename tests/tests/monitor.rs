@@ -1,0 +1,221 @@
+//! The eBPF access monitor inside the daemon: `protect_upstreams = "enforce"`
+//! against a real PostgreSQL, `warden events`, the monitor metrics, and what a
+//! clean stop releases. Needs root (CI runs as root; `WARDEN_REQUIRE_EBPF=1`
+//! turns a missing capability into a failure instead of a skip).
+
+use std::time::{Duration, Instant};
+
+use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
+use warden_tests::{free_port, is_root, Instance};
+
+const PASSWORD: &str = "pw-CANARY-0c4e7f21-monitor";
+
+fn have_root() -> bool {
+    if !is_root() {
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
+            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
+        );
+        eprintln!("skipping: needs root");
+        return false;
+    }
+    true
+}
+
+fn instance(pg: &PgCluster, port: u16, monitor: &str) -> Instance {
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[monitor]
+{monitor}
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = 0 }}
+
+[[secret]]
+name = "app-db/app"
+rotation_period = "24h"
+
+[[route]]
+name = "app-db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "app-db/app" }}
+allow = ["me"]
+connect_timeout = "5s"
+"#,
+        pgport = pg.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden
+        .run_stdin(&["secret", "put", "app-db/app"], PASSWORD.as_bytes())
+        .ok();
+    warden
+}
+
+/// `warden events --json` lines (parsed) until `pred` holds for one of them.
+fn wait_for_event(
+    warden: &Instance,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = warden.run(&["events", "--json", "-n", "1000"]);
+        assert_eq!(out.code, 0, "warden events: {}", out.stderr);
+        let events: Vec<serde_json::Value> = out
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if let Some(e) = events.iter().find(|e| pred(e)) {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} event in: {}",
+            out.stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn enforce_denies_direct_database_access_but_not_warden() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let direct = pg.dsn_direct("app", "postgres", PASSWORD);
+    let before = run_psql(&direct, "select 1");
+    assert_eq!(before.code, 0, "direct access works before warden: {}", before.stderr);
+
+    let port = free_port();
+    let warden = instance(
+        &pg,
+        port,
+        "ebpf = \"required\"\nprotect_upstreams = \"enforce\"",
+    );
+    let mut daemon = warden.start_daemon();
+
+    // Through warden: works, no password.
+    let via = run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=postgres user=app sslmode=disable"),
+        "select current_user",
+    );
+    assert_eq!(via.code, 0, "through warden: {}", via.stderr);
+    assert_eq!(via.stdout.trim(), "app");
+
+    // Direct, with the real password: the kernel refuses the connect.
+    let bypass = run_psql(&direct, "select 1");
+    assert_ne!(bypass.code, 0, "direct access must be denied");
+    assert!(
+        bypass.stderr.contains("Operation not permitted"),
+        "psql should report EPERM: {}",
+        bypass.stderr
+    );
+
+    let denied = wait_for_event(&warden, "bypass_denied", |e| {
+        e["verdict"] == "bypass_denied" && e["destination"] == "upstream of route app-db"
+    });
+    // The kernel records comm; the executable path is read from /proc when
+    // the event is read, which a refused process may already have left.
+    assert_eq!(denied["comm"], "psql", "{denied}");
+    if let Some(exe) = denied["exe"].as_str() {
+        assert!(exe.contains("psql"), "{denied}");
+    }
+    assert_eq!(denied["address"], format!("127.0.0.1:{}", pg.port));
+    let attributed = wait_for_event(&warden, "attributed", |e| {
+        e["kind"] == "attributed" && e["destination"] == "route app-db"
+    });
+    assert_eq!(attributed["workload"], "me", "{attributed}");
+
+    // Human-readable output names verdict and destination too.
+    let text = warden.run(&["events", "-n", "1000"]);
+    assert_eq!(text.code, 0);
+    assert!(text.stdout.contains("bypass_denied"), "{}", text.stdout);
+    assert!(text.stdout.contains("upstream of route app-db"));
+
+    let (_, metrics) = warden.http_get("/metrics");
+    assert!(
+        metrics.contains("warden_monitor_mode{mode=\"ebpf\"} 1"),
+        "{metrics}"
+    );
+    let bypasses = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warden_monitor_bypass_attempts_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(bypasses >= 1.0, "{metrics}");
+    assert!(metrics.contains("warden_monitor_events_lost_total 0"));
+    assert!(!metrics.contains(PASSWORD));
+
+    // A clean stop releases enforcement (and its pins).
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log_text());
+    let after = run_psql(&direct, "select 1");
+    assert_eq!(after.code, 0, "clean stop fails open: {}", after.stderr);
+    let log = daemon.log_text();
+    assert!(log.contains("eBPF monitor detached"), "{log}");
+    assert!(!log.contains(PASSWORD));
+}
+
+#[test]
+fn observe_reports_but_lets_direct_access_through() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let port = free_port();
+    let warden = instance(&pg, port, "ebpf = \"auto\"\nprotect_upstreams = \"observe\"");
+    let _daemon = warden.start_daemon();
+    let direct = run_psql(&pg.dsn_direct("app", "postgres", PASSWORD), "select 1");
+    assert_eq!(direct.code, 0, "observe lets it through: {}", direct.stderr);
+    wait_for_event(&warden, "bypass_observed", |e| {
+        e["verdict"] == "bypass_observed" && e["destination"] == "upstream of route app-db"
+    });
+}
+
+#[test]
+fn ebpf_off_attributes_through_proc() {
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let port = free_port();
+    let warden = instance(&pg, port, "ebpf = \"off\"");
+    if !is_root() {
+        // The workload selector is uid 0.
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let daemon = warden.start_daemon();
+    let via = run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=postgres user=app sslmode=disable"),
+        "select current_user",
+    );
+    assert_eq!(via.code, 0, "{}", via.stderr);
+    let (_, metrics) = warden.http_get("/metrics");
+    assert!(
+        metrics.contains("warden_monitor_mode{mode=\"procfs\"} 1"),
+        "{metrics}"
+    );
+    let events = warden.run(&["events", "--json"]);
+    assert_eq!(events.code, 0);
+    assert_eq!(events.stdout.trim(), "", "no kernel events without eBPF");
+    assert!(daemon.log_text().contains("monitor.ebpf = \"off\""));
+}
+
+#[test]
+fn events_need_a_running_daemon() {
+    let warden = Instance::initialised();
+    warden
+        .run(&["events"])
+        .code(7)
+        .stderr_has("start it with `warden up`");
+}
