@@ -199,10 +199,9 @@ impl EventReader {
     pub async fn run(self, mut handle: impl FnMut(AccessEvent)) -> std::io::Result<()> {
         // SAFETY: the AsyncFd owns the ring buffer, so the registered fd
         // stays open for exactly as long as it is registered.
-        let mut fd = unsafe {
-            AsyncFd::register_with_interest(self.ring, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)?;
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(self.ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
         let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -14,9 +14,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use warden_ebpf_common::{
-    FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID,
-    COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED, COUNTER_LOST, DEST_LISTENER,
-    DEST_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF,
+    FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED,
+    COUNTER_DENIED, COUNTER_EMITTED, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM, PROTECT_ENFORCE,
+    PROTECT_OBSERVE, PROTECT_OFF,
 };
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
@@ -72,6 +72,15 @@ pub enum MonitorError {
     /// Anything else (I/O on bpffs, map updates).
     #[error("eBPF monitor: {0}")]
     Other(String),
+}
+
+/// What the frozen maps hold: `(id, seconds since the epoch when frozen)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frozen {
+    /// Frozen processes.
+    pub tgids: Vec<(u32, u64)>,
+    /// Frozen cgroups (descendants included).
+    pub cgroups: Vec<(u64, u64)>,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -154,7 +163,10 @@ fn ensure_bpffs() -> Result<PathBuf, MonitorError> {
     };
     if rc != 0 {
         let e = io::Error::last_os_error();
-        return Err(classify(format!("mounting bpffs at {}: {e}", root.display())));
+        return Err(classify(format!(
+            "mounting bpffs at {}: {e}",
+            root.display()
+        )));
     }
     Ok(root)
 }
@@ -175,9 +187,8 @@ impl Monitor {
     /// fills the maps from `cfg`.
     pub fn load(cfg: &MonitorConfig) -> Result<Monitor, MonitorError> {
         let cgroup_root = cgroup2_mount().ok_or(MonitorError::NoCgroup2)?;
-        let cgroup = fs::File::open(&cgroup_root).map_err(|e| {
-            MonitorError::Other(format!("opening {}: {e}", cgroup_root.display()))
-        })?;
+        let cgroup = fs::File::open(&cgroup_root)
+            .map_err(|e| MonitorError::Other(format!("opening {}: {e}", cgroup_root.display())))?;
 
         let pin_dir = match &cfg.pin_dir {
             Some(dir) => {
@@ -189,9 +200,8 @@ impl Monitor {
                         bpffs.display()
                     )));
                 }
-                fs::create_dir_all(dir).map_err(|e| {
-                    MonitorError::Other(format!("creating {}: {e}", dir.display()))
-                })?;
+                fs::create_dir_all(dir)
+                    .map_err(|e| MonitorError::Other(format!("creating {}: {e}", dir.display())))?;
                 Some(dir.clone())
             }
             None => None,
@@ -356,7 +366,7 @@ impl Monitor {
     }
 
     /// Frozen tgids and cgroup ids with the time each freeze was set.
-    pub fn frozen(&self) -> (Vec<(u32, u64)>, Vec<(u64, u64)>) {
+    pub fn frozen(&self) -> Frozen {
         let tgids = self
             .frozen_tgids
             .lock()
@@ -377,7 +387,7 @@ impl Monitor {
                     .collect()
             })
             .unwrap_or_default();
-        (tgids, cgroups)
+        Frozen { tgids, cgroups }
     }
 
     /// Kernel-side counters summed over CPUs.
@@ -440,7 +450,9 @@ fn remove_entry<K: aya::Pod>(
     match map.remove(key) {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
             Ok(false)
         }
         Err(e) => Err(MonitorError::Other(format!(
@@ -462,9 +474,8 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdLink, Moni
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| MonitorError::Other(format!("program {name} missing from the object")))?;
-    let attach_err = |e: aya::programs::ProgramError| {
-        classify(format!("attaching {name}: {}", err_chain(&e)))
-    };
+    let attach_err =
+        |e: aya::programs::ProgramError| classify(format!("attaching {name}: {}", err_chain(&e)));
     let load_err =
         |e: aya::programs::ProgramError| classify(format!("loading {name}: {}", err_chain(&e)));
     if name == "warden_sock_ops" {

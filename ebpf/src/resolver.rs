@@ -46,7 +46,7 @@ impl EbpfResolver {
         )
     }
 
-    fn from_map(&self, peer: SocketAddr) -> Option<u32> {
+    fn lookup_in_map(&self, peer: SocketAddr) -> Option<u32> {
         let info = self.monitor.lookup(peer)?;
         let start_ticks = self.proc.start_time(info.tgid).ok()?;
         // The process holding the pid now started after the connect: the
@@ -60,7 +60,7 @@ impl EbpfResolver {
 
 impl PeerResolver for EbpfResolver {
     fn resolve_tcp(&self, local: SocketAddr, peer: SocketAddr) -> Result<u32, AttestError> {
-        if let Some(pid) = self.from_map(peer) {
+        if let Some(pid) = self.lookup_in_map(peer) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(pid);
         }

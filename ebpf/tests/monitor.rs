@@ -5,7 +5,10 @@
 //! `skipping: needs root`, unless `WARDEN_REQUIRE_EBPF=1` (set by
 //! `cargo xtask test` when it runs as root, as CI does), where a missing
 //! capability is a failure: the eBPF tests never silently skip in CI.
-#![allow(unsafe_code)] // ebpf/ may use unsafe (libc calls below).
+#![allow(unsafe_code)]
+// ebpf/ may use unsafe (libc calls below).
+// Test helpers outside #[test] functions panic on setup failures by design.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -47,9 +50,7 @@ fn watching(listeners: &[SocketAddr]) -> Arc<Monitor> {
 
 /// Accepts one connection and returns the peer address the proxy would see.
 fn accept_peer(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    listener
-        .set_nonblocking(false)
-        .expect("blocking listener");
+    listener.set_nonblocking(false).expect("blocking listener");
     let (stream, peer) = listener.accept().expect("accept");
     (stream, peer)
 }
@@ -202,7 +203,9 @@ fn attributes_curl_psql_and_a_rust_thread() {
 
     let mut child = curl(&format!("http://{addr}/")).spawn().expect("curl");
     let (stream, peer) = accept_peer(&listener);
-    let info = monitor.lookup(peer).expect("curl's connection is in the map");
+    let info = monitor
+        .lookup(peer)
+        .expect("curl's connection is in the map");
     assert_eq!(info.tgid, child.id(), "curl's pid");
     drop(stream);
     let _ = child.wait();
@@ -220,7 +223,9 @@ fn attributes_curl_psql_and_a_rust_thread() {
         .spawn()
         .expect("psql");
     let (stream, peer) = accept_peer(&listener);
-    let info = monitor.lookup(peer).expect("psql's connection is in the map");
+    let info = monitor
+        .lookup(peer)
+        .expect("psql's connection is in the map");
     assert_eq!(info.tgid, psql.id(), "psql's pid");
     drop(stream);
     let _ = psql.wait();
@@ -234,7 +239,9 @@ fn attributes_curl_psql_and_a_rust_thread() {
     });
     let (stream, peer) = accept_peer(&listener);
     let (_client_stream, tid) = client.join().expect("thread");
-    let info = monitor.lookup(peer).expect("thread's connection is in the map");
+    let info = monitor
+        .lookup(peer)
+        .expect("thread's connection is in the map");
     assert_eq!(info.tgid, std::process::id());
     assert_eq!(info.pid, tid, "the connecting thread's id");
     assert_ne!(info.pid, info.tgid);
@@ -252,7 +259,14 @@ fn attributes_another_uid_and_a_child_cgroup() {
     let url = format!("http://{addr}/");
 
     let mut child = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "curl"])
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "curl",
+        ])
         .args(["-s", "-o", "/dev/null", "--max-time", "10", &url])
         .spawn()
         .expect("setpriv curl");
@@ -297,7 +311,10 @@ fn attributes_ipv6_and_v4_mapped_connections() {
         .expect("curl -6");
     let (stream, peer) = accept_peer(&v6);
     assert!(peer.is_ipv6());
-    assert_eq!(monitor.lookup(peer).expect("v6 in the map").tgid, child.id());
+    assert_eq!(
+        monitor.lookup(peer).expect("v6 in the map").tgid,
+        child.id()
+    );
     drop(stream);
     let _ = child.wait();
 
@@ -311,7 +328,10 @@ fn attributes_ipv6_and_v4_mapped_connections() {
         "::ffff:127.0.0.1",
         "accepted on a v6 socket"
     );
-    assert_eq!(monitor.lookup(peer).expect("v4 in the map").tgid, child.id());
+    assert_eq!(
+        monitor.lookup(peer).expect("v4 in the map").tgid,
+        child.id()
+    );
     drop(stream);
     let _ = child.wait();
 
@@ -348,8 +368,10 @@ fn frozen_tgid_and_cgroup_get_eperm_while_a_bystander_connects() {
         "frozen tgid: IPv4 and v4-mapped IPv6 connects both denied"
     );
     TcpStream::connect(addr).expect("a bystander still connects");
-    let (tgids, _) = monitor.frozen();
-    assert!(tgids.iter().any(|(t, since)| *t == probe.pid() && *since > 0));
+    let tgids = monitor.frozen().tgids;
+    assert!(tgids
+        .iter()
+        .any(|(t, since)| *t == probe.pid() && *since > 0));
     assert!(monitor.unfreeze_tgid(probe.pid()).expect("unfreeze"));
     assert!(!monitor.unfreeze_tgid(probe.pid()).expect("second unfreeze"));
     assert_eq!(probe.try_connect(), "OK OK", "unfrozen");
@@ -372,7 +394,9 @@ fn frozen_tgid_and_cgroup_get_eperm_while_a_bystander_connects() {
         .filter(|e| e.verdict == Verdict::DeniedFrozen)
         .collect();
     assert_eq!(denied.len(), 4, "two denied connects per frozen probe");
-    assert!(denied.iter().any(|e| e.process.tgid == denied_pid && e.family == 6));
+    assert!(denied
+        .iter()
+        .any(|e| e.process.tgid == denied_pid && e.family == 6));
     assert!(denied.iter().all(|e| e.dest == addr));
     assert!(monitor.counters().denied >= 4);
 }
@@ -392,7 +416,11 @@ fn protected_upstream_denied_or_reported_for_everyone_but_warden() {
     let mut reader = enforce.take_events().expect("reader");
     TcpStream::connect(upstream).expect("warden's own upstream connect works");
     let mut probe = Probe::start(upstream.port(), None);
-    assert_eq!(probe.try_connect(), "EPERM EPERM", "bypass denied (v4 and v4-mapped)");
+    assert_eq!(
+        probe.try_connect(),
+        "EPERM EPERM",
+        "bypass denied (v4 and v4-mapped)"
+    );
     let events = drain_all(&mut reader);
     let bypass: Vec<_> = events
         .iter()
@@ -414,7 +442,11 @@ fn protected_upstream_denied_or_reported_for_everyone_but_warden() {
         ..MonitorConfig::default()
     });
     let mut reader = observe.take_events().expect("reader");
-    assert_eq!(probe.try_connect(), "OK OK", "enforcement gone with its monitor");
+    assert_eq!(
+        probe.try_connect(),
+        "OK OK",
+        "enforcement gone with its monitor"
+    );
     let events = drain_all(&mut reader);
     assert_eq!(
         events
@@ -491,7 +523,11 @@ fn hundred_thousand_connects_are_all_accounted_for() {
         2 * N,
         "every connect is an event or counted as lost"
     );
-    assert_eq!(c.emitted, connects + attributed, "the kernel emitted what we read");
+    assert_eq!(
+        c.emitted,
+        connects + attributed,
+        "the kernel emitted what we read"
+    );
     assert_eq!(c.lost, 0, "the ring buffer kept up");
 }
 
@@ -534,7 +570,12 @@ fn a_crash_keeps_enforcement_and_a_clean_stop_releases_it() {
     let mut target = Probe::start(addr.port(), None);
 
     let mut holder = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["holder_process", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "holder_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE_VAR, format!("{}:{}", pin_dir.display(), target.pid()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -567,14 +608,22 @@ fn a_crash_keeps_enforcement_and_a_clean_stop_releases_it() {
         ..MonitorConfig::default()
     })
     .expect("restart");
-    let (tgids, _) = restarted.frozen();
+    let tgids = restarted.frozen().tgids;
     assert!(
         tgids.iter().any(|(t, _)| *t == target.pid()),
         "the crashed instance's freeze is still known: {tgids:?}"
     );
-    assert_eq!(target.try_connect(), "EPERM EPERM", "still enforced after the takeover");
+    assert_eq!(
+        target.try_connect(),
+        "EPERM EPERM",
+        "still enforced after the takeover"
+    );
     assert!(restarted.unfreeze_tgid(target.pid()).expect("unfreeze"));
-    assert_eq!(target.try_connect(), "OK OK", "unfrozen through the shared map");
+    assert_eq!(
+        target.try_connect(),
+        "OK OK",
+        "unfrozen through the shared map"
+    );
 
     // A clean stop releases everything, pins included.
     restarted.freeze_tgid(target.pid()).expect("freeze again");

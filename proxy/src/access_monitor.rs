@@ -235,6 +235,7 @@ impl AccessMonitor {
         {
             Ok(monitor) => {
                 let monitor = Arc::new(monitor);
+                let resolver = Arc::new(warden_ebpf::EbpfResolver::new(monitor.clone()));
                 tracing::info!(
                     listeners = listeners.len(),
                     upstreams = upstreams.len(),
@@ -244,12 +245,13 @@ impl AccessMonitor {
                 metrics.monitor_mode(MonitorMode::Ebpf.as_str());
                 let me = AccessMonitor {
                     mode: MonitorMode::Ebpf,
-                    resolver: Arc::new(warden_ebpf::EbpfResolver::new(monitor.clone())),
+                    resolver: resolver.clone(),
                     monitor: Some(monitor),
                     feed,
                 };
                 me.spawn_consumer(
                     cfg,
+                    resolver,
                     Destinations {
                         listeners,
                         upstreams,
@@ -282,7 +284,13 @@ impl AccessMonitor {
         self.resolver.clone()
     }
 
-    fn spawn_consumer(&self, cfg: &Config, dest: Destinations, metrics: Metrics) {
+    fn spawn_consumer(
+        &self,
+        cfg: &Config,
+        resolver: Arc<warden_ebpf::EbpfResolver>,
+        dest: Destinations,
+        metrics: Metrics,
+    ) {
         let Some(monitor) = self.monitor.clone() else {
             return;
         };
@@ -317,14 +325,18 @@ impl AccessMonitor {
                 tracing::error!("eBPF event reader stopped: {e}");
             }
         });
-        // Kernel counters (lost events) into the metrics.
+        // Kernel counters (lost events) and resolver hits into the metrics.
         let km = monitor.clone();
         let m = metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut seen_lost = 0u64;
+            let (mut seen_lost, mut seen_hits, mut seen_misses) = (0u64, 0u64, 0u64);
             loop {
                 tick.tick().await;
+                let (hits, misses) = resolver.stats();
+                m.monitor_attributions("ebpf", hits - seen_hits);
+                m.monitor_attributions("procfs_fallback", misses - seen_misses);
+                (seen_hits, seen_misses) = (hits, misses);
                 let c = km.counters();
                 if c.lost > seen_lost {
                     tracing::warn!(

@@ -447,7 +447,9 @@ pub fn dispatch(
         // monitor to ask.
         Request::Events { .. } => Response::Error {
             kind: ErrorKind::Unavailable,
-            message: "access events come from the running daemon's eBPF monitor: start `warden up` first".into(),
+            message:
+                "access events come from the running daemon's eBPF monitor: start `warden up` first"
+                    .into(),
         },
     }
 }

@@ -45,6 +45,7 @@ struct MonitorMetrics {
     denied: IntCounter,
     bypass: IntCounter,
     mode: IntGaugeVec,
+    attributions: IntCounterVec,
 }
 
 impl MonitorMetrics {
@@ -80,7 +81,15 @@ impl MonitorMetrics {
                 ),
                 &["mode"],
             )?,
+            attributions: IntCounterVec::new(
+                Opts::new(
+                    "warden_monitor_attributions_total",
+                    "Accepted TCP connections attributed to a process, by source: ebpf (the sock_ops map) or procfs_fallback (a miss in the map).",
+                ),
+                &["source"],
+            )?,
         };
+        registry.register(Box::new(m.attributions.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.lost.clone()))?;
         registry.register(Box::new(m.dropped.clone()))?;
@@ -234,6 +243,14 @@ impl Metrics {
             .events
             .with_label_values(&[kind, verdict])
             .inc();
+    }
+
+    pub fn monitor_attributions(&self, source: &str, n: u64) {
+        self.inner
+            .monitor
+            .attributions
+            .with_label_values(&[source])
+            .inc_by(n);
     }
 
     pub fn monitor_events_lost(&self, n: u64) {

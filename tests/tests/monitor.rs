@@ -95,7 +95,11 @@ fn enforce_denies_direct_database_access_but_not_warden() {
     pg.create_role("app", PASSWORD);
     let direct = pg.dsn_direct("app", "postgres", PASSWORD);
     let before = run_psql(&direct, "select 1");
-    assert_eq!(before.code, 0, "direct access works before warden: {}", before.stderr);
+    assert_eq!(
+        before.code, 0,
+        "direct access works before warden: {}",
+        before.stderr
+    );
 
     let port = free_port();
     let warden = instance(
@@ -155,6 +159,10 @@ fn enforce_denies_direct_database_access_but_not_warden() {
         .unwrap_or(0.0);
     assert!(bypasses >= 1.0, "{metrics}");
     assert!(metrics.contains("warden_monitor_events_lost_total 0"));
+    assert!(
+        metrics.contains("warden_monitor_attributions_total{source=\"ebpf\"} 1"),
+        "psql through warden was attributed by the sock_ops map: {metrics}"
+    );
     assert!(!metrics.contains(PASSWORD));
 
     // A clean stop releases enforcement (and its pins).
@@ -174,7 +182,11 @@ fn observe_reports_but_lets_direct_access_through() {
     let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
     pg.create_role("app", PASSWORD);
     let port = free_port();
-    let warden = instance(&pg, port, "ebpf = \"auto\"\nprotect_upstreams = \"observe\"");
+    let warden = instance(
+        &pg,
+        port,
+        "ebpf = \"auto\"\nprotect_upstreams = \"observe\"",
+    );
     let _daemon = warden.start_daemon();
     let direct = run_psql(&pg.dsn_direct("app", "postgres", PASSWORD), "select 1");
     assert_eq!(direct.code, 0, "observe lets it through: {}", direct.stderr);

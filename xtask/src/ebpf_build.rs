@@ -23,7 +23,12 @@ use crate::prereq;
 pub const COMMITTED_OBJECT: &str = "ebpf/prebuilt/warden-ebpf.o";
 const TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
 
 /// What to do with the freshly built object.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -48,8 +53,8 @@ pub fn run(repo: &Path, mode: Mode) -> Result<()> {
             println!("  updated {COMMITTED_OBJECT}; commit it with the sources");
         }
         Mode::Check => {
-            let fresh = std::fs::read(&built)
-                .with_context(|| format!("reading {}", built.display()))?;
+            let fresh =
+                std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
             let old = std::fs::read(&committed)
                 .with_context(|| format!("reading {}", committed.display()))?;
             if fresh != old {
@@ -61,7 +66,10 @@ pub fn run(repo: &Path, mode: Mode) -> Result<()> {
                     old.len()
                 );
             }
-            println!("  {COMMITTED_OBJECT} matches the sources ({} bytes)", fresh.len());
+            println!(
+                "  {COMMITTED_OBJECT} matches the sources ({} bytes)",
+                fresh.len()
+            );
         }
     }
     Ok(())

@@ -10,14 +10,18 @@
 //!      As root, missing packages are installed with `apt-get`; otherwise the
 //!      missing packages and the command to install them are printed.
 //!   2. `cargo fmt --all -- --check`
-//!   3. `cargo clippy --workspace --all-targets -- -D warnings`
-//!   4. `cargo build -p warden --bins` (the end-to-end tests run the binary)
-//!   5. `cargo nextest run --workspace` plus `cargo test --workspace --doc`
+//!   3. the eBPF programs rebuilt from `ebpf/kernel` (nightly + bpf-linker,
+//!      installed when missing as root) and compared with the committed
+//!      `ebpf/prebuilt/warden-ebpf.o`: a stale object fails the run
+//!   4. `cargo clippy --workspace --all-targets -- -D warnings`
+//!   5. `cargo build -p warden --bins` (the end-to-end tests run the binary)
+//!   6. `cargo nextest run --workspace` plus `cargo test --workspace --doc`
 //!      when nextest is installed, else `cargo test --workspace`. Arguments
 //!      after `--` go to the test runner (`cargo xtask test -- audit`).
 //!
 //!   The tests get `WARDEN_BIN` (the freshly built `warden`) and `PG_BIN_DIR`
-//!   (the directory holding `initdb`/`pg_ctl`). The time spent per step is
+//!   (the directory holding `initdb`/`pg_ctl`), and as root
+//!   `WARDEN_REQUIRE_EBPF=1` (eBPF tests fail rather than skip). The time spent per step is
 //!   printed at the end.
 //!
 //! * `cargo xtask demo [start|stop|status]` — run warden's daemon on the

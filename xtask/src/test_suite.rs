@@ -85,14 +85,25 @@ impl TestEnv {
     fn apply<'c>(&self, command: &'c mut Command) -> &'c mut Command {
         command
             .env("WARDEN_BIN", &self.warden_bin)
-            .env("PG_BIN_DIR", &self.pg_bin_dir)
+            .env("PG_BIN_DIR", &self.pg_bin_dir);
+        if prereq::is_root() {
+            // As root (CI) the eBPF tests must run: a missing capability or
+            // kernel feature fails them instead of skipping.
+            command.env("WARDEN_REQUIRE_EBPF", "1");
+        }
+        command
     }
 
     fn print(&self) {
         println!(
-            "\nexport WARDEN_BIN={}\nexport PG_BIN_DIR={}",
+            "\nexport WARDEN_BIN={}\nexport PG_BIN_DIR={}{}",
             cmd::shell_quote(&self.warden_bin),
-            cmd::shell_quote(&self.pg_bin_dir)
+            cmd::shell_quote(&self.pg_bin_dir),
+            if prereq::is_root() {
+                "\nexport WARDEN_REQUIRE_EBPF=1"
+            } else {
+                ""
+            }
         );
     }
 }
