@@ -8,6 +8,9 @@
 //!   latency through warden, beside direct connections to the same throwaway
 //!   PostgreSQL and PgBouncer injecting the same credential, interleaved in
 //!   one run; persistent connections and a new connection per transaction.
+//! - eBPF monitor (`ebpf/examples/connect_cost.rs`, root): ns per loopback
+//!   connect+close with no programs, attached but not watched, and to a
+//!   watched listener, interleaved rounds.
 //!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
@@ -86,6 +89,23 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
         "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
         || pg::run(repo, &options.pg),
     )?;
+    steps.run("eBPF monitor: cost per connect() (release build)", || {
+        if !crate::prereq::is_root() {
+            println!("  skipped: loading eBPF programs needs root");
+            return Ok(());
+        }
+        let mut c = cmd::cargo(repo);
+        c.args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "warden-ebpf",
+            "--example",
+            "connect_cost",
+        ]);
+        cmd::run(&mut c)
+    })?;
     steps.print_summary();
     Ok(())
 }
