@@ -333,6 +333,9 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        for r in ["forwarded", "unknown_key"] {
+            cancels.with_label_values(&[r]);
+        }
 
         let secrets = IntGauge::new(
             "warden_secrets",
@@ -630,7 +633,9 @@ impl Metrics {
         if http {
             self.inner.http_added_seconds.with_label_values(&[route]);
         } else {
-            self.inner.upstream_connect_seconds.with_label_values(&[route]);
+            self.inner
+                .upstream_connect_seconds
+                .with_label_values(&[route]);
             self.inner.upstream_auth_seconds.with_label_values(&[route]);
         }
     }
@@ -706,14 +711,12 @@ impl Metrics {
                 .set(p.as_secs_f64());
         }
     }
-
 }
 
 /// Subsystem handles: the monitor (issue 5), anomaly detection (issue 6),
 /// HTTP routes (issue 8), rotation and dynamic leases (issue 9) call these.
 #[allow(dead_code)] // their callers land with those subsystems
 impl Metrics {
-
     pub fn monitor_event(&self, kind: MonitorEventKind, verdict: MonitorVerdict) {
         self.inner
             .monitor_events
@@ -800,11 +803,9 @@ impl Metrics {
             .with_label_values(&[route])
             .observe(added.as_secs_f64());
     }
-
 }
 
 impl Metrics {
-
     /// Runs the scrape hooks, then encodes every family. Blocking: call it
     /// off the async runtime.
     pub fn render(&self) -> String {
@@ -981,7 +982,10 @@ mod tests {
             m.set_identity_expiry(Some(90.0), Some(86400.0));
         }));
         let text = m.render();
-        assert!(text.contains("warden_svid_soonest_expiry_seconds 90"), "{text}");
+        assert!(
+            text.contains("warden_svid_soonest_expiry_seconds 90"),
+            "{text}"
+        );
         assert!(text.contains("warden_ca_expiry_seconds 86400"), "{text}");
         m.render();
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -989,7 +993,10 @@ mod tests {
         m.set_secret_age("db", Some(5.0), Some(Duration::from_secs(60)));
         m.set_secret_age("db", None, None);
         let inner = &m.inner;
-        assert!(inner.svid_soonest_expiry.get_metric_with_label_values(&[]).is_ok());
+        assert!(inner
+            .svid_soonest_expiry
+            .get_metric_with_label_values(&[])
+            .is_ok());
         inner.svid_soonest_expiry.reset();
         assert!(!m.render().contains("warden_secret_rotation_age_seconds{"));
     }

@@ -525,7 +525,9 @@ impl SecretService {
     /// only, not audited: for metrics).
     pub fn current_version_created_at(&self, name: &str, env: &str) -> Result<Option<String>> {
         let v = self.store.backend().versions(name, env)?;
-        Ok(v.into_iter().max_by_key(|v| v.version).map(|v| v.created_at))
+        Ok(v.into_iter()
+            .max_by_key(|v| v.version)
+            .map(|v| v.created_at))
     }
 
     /// Records a daemon lifecycle event.

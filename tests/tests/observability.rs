@@ -67,17 +67,14 @@ fn alert_rules_pass_promtool_check_and_carry_runbooks() {
     let out = promtool(&["check", "rules", &path.to_string_lossy()], b"");
     assert!(out.success, "promtool check rules: {}", out.text);
     assert!(
-        out.text.contains(&format!("SUCCESS: {} rules found", ALERTS.len())),
+        out.text
+            .contains(&format!("SUCCESS: {} rules found", ALERTS.len())),
         "{}",
         out.text
     );
-    let defined = defined_alerts();
-    assert_eq!(
-        defined.iter().collect::<BTreeSet<_>>(),
-        ALERTS.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().collect(),
-        "alerts in {}",
-        path.display()
-    );
+    let defined: BTreeSet<String> = defined_alerts().into_iter().collect();
+    let wanted: BTreeSet<String> = ALERTS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(defined, wanted, "alerts in {}", path.display());
     // Each alert has a severity, a summary, a description and runbook text.
     let text = read(&path);
     let blocks: Vec<&str> = text.split("- alert:").skip(1).collect();
@@ -91,12 +88,19 @@ fn alert_rules_pass_promtool_check_and_carry_runbooks() {
             .lines()
             .find_map(|l| l.trim().strip_prefix("runbook:"))
             .unwrap_or_default();
-        assert!(runbook.len() > 80, "alert {name}: runbook too thin: {runbook}");
+        assert!(
+            runbook.len() > 80,
+            "alert {name}: runbook too thin: {runbook}"
+        );
     }
     // A broken rule file is refused (the check can fail).
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yml");
-    std::fs::write(&bad, text.replace("warden_sealed == 1", "warden_sealed == ")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("warden_sealed == 1", "warden_sealed == "),
+    )
+    .unwrap();
     assert!(!promtool(&["check", "rules", &bad.to_string_lossy()], b"").success);
 }
 
@@ -107,7 +111,8 @@ fn every_alert_has_promtool_unit_tests_that_pass() {
     assert!(out.success, "promtool test rules: {}", out.text);
     assert!(out.text.contains("SUCCESS"), "{}", out.text);
     // Each alert is tested both firing and quiet.
-    let lines: Vec<&str> = read(&tests).lines().collect();
+    let test_text = read(&tests);
+    let lines: Vec<&str> = test_text.lines().collect();
     for alert in defined_alerts() {
         let (mut fires, mut quiet) = (false, false);
         for (i, l) in lines.iter().enumerate() {
@@ -135,7 +140,11 @@ fn every_alert_has_promtool_unit_tests_that_pass() {
     let copy = dir.path().join("tests/warden-alerts.test.yml");
     std::fs::copy(&tests, &copy).unwrap();
     let out = promtool(&["test", "rules", &copy.to_string_lossy()], b"");
-    assert!(!out.success, "a broken rule passed the unit tests: {}", out.text);
+    assert!(
+        !out.success,
+        "a broken rule passed the unit tests: {}",
+        out.text
+    );
     assert!(out.text.contains("WardenWorkloadFrozen"), "{}", out.text);
 }
 
@@ -146,26 +155,48 @@ fn dashboards_import_cleanly_and_every_query_is_valid_promql() {
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    for want in ["warden-overview.json", "warden-identity.json", "warden-monitor.json"] {
-        assert!(names.iter().any(|n| n == want), "missing dashboard {want}: {names:?}");
+    for want in [
+        "warden-overview.json",
+        "warden-identity.json",
+        "warden-monitor.json",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "missing dashboard {want}: {names:?}"
+        );
     }
     let mut uids = BTreeSet::new();
     for f in &files {
         let d: serde_json::Value = serde_json::from_str(&read(f)).unwrap();
         let file = f.display();
-        assert!(uids.insert(d["uid"].as_str().unwrap().to_string()), "{file}: duplicate uid");
-        assert!(d["title"].as_str().is_some_and(|t| t.starts_with("warden")), "{file}");
-        assert!(d["id"].is_null(), "{file}: an exported id breaks import into another Grafana");
+        assert!(
+            uids.insert(d["uid"].as_str().unwrap().to_string()),
+            "{file}: duplicate uid"
+        );
+        assert!(
+            d["title"].as_str().is_some_and(|t| t.starts_with("warden")),
+            "{file}"
+        );
+        assert!(
+            d["id"].is_null(),
+            "{file}: an exported id breaks import into another Grafana"
+        );
         let vars = d["templating"]["list"].as_array().unwrap();
-        let ds = vars.iter().find(|v| v["type"] == "datasource").unwrap_or_else(|| {
-            panic!("{file}: no datasource variable, so import needs manual editing")
-        });
+        let ds = vars
+            .iter()
+            .find(|v| v["type"] == "datasource")
+            .unwrap_or_else(|| {
+                panic!("{file}: no datasource variable, so import needs manual editing")
+            });
         assert_eq!(ds["query"], "prometheus", "{file}");
         let ds_ref = format!("${{{}}}", ds["name"].as_str().unwrap());
         let mut ids = BTreeSet::new();
         for p in panels(&d) {
             let title = p["title"].as_str().unwrap_or_default();
-            assert!(ids.insert(p["id"].as_u64().unwrap()), "{file}: panel id reused ({title})");
+            assert!(
+                ids.insert(p["id"].as_u64().unwrap()),
+                "{file}: panel id reused ({title})"
+            );
             if p["type"] == "row" {
                 continue;
             }
@@ -189,7 +220,10 @@ fn dashboards_import_cleanly_and_every_query_is_valid_promql() {
             q.panel,
             q.raw
         );
-        assert!(!warden_metric_names(&q.promql).is_empty(), "{q:?} reads no warden metric");
+        assert!(
+            !warden_metric_names(&q.promql).is_empty(),
+            "{q:?} reads no warden metric"
+        );
         rules.push_str(&format!(
             "      - record: dashboard:query_{i}\n        expr: {}\n",
             serde_json::to_string(&q.promql).unwrap()
@@ -199,14 +233,23 @@ fn dashboards_import_cleanly_and_every_query_is_valid_promql() {
     let path = dir.path().join("dashboard-queries.yml");
     std::fs::write(&path, &rules).unwrap();
     let out = promtool(&["check", "rules", &path.to_string_lossy()], b"");
-    assert!(out.success, "promtool rejects a dashboard query: {}\n{rules}", out.text);
     assert!(
-        out.text.contains(&format!("SUCCESS: {} rules found", queries.len())),
+        out.success,
+        "promtool rejects a dashboard query: {}\n{rules}",
+        out.text
+    );
+    assert!(
+        out.text
+            .contains(&format!("SUCCESS: {} rules found", queries.len())),
         "{}",
         out.text
     );
     // The check can fail: a broken query is reported.
-    std::fs::write(&path, rules.replace("sum by (route, result)", "sum by (route, result")).unwrap();
+    std::fs::write(
+        &path,
+        rules.replace("sum by (route, result)", "sum by (route, result"),
+    )
+    .unwrap();
     assert!(!promtool(&["check", "rules", &path.to_string_lossy()], b"").success);
 }
 
@@ -291,7 +334,10 @@ fn scrape_until(i: &Instance, what: &str, cond: impl Fn(&str) -> bool) -> String
         if cond(&m) {
             return m;
         }
-        assert!(Instant::now() < deadline, "{what} never showed up in /metrics:\n{m}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} never showed up in /metrics:\n{m}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -314,7 +360,9 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
     assert_ne!(denied.code, 0, "{denied:?}");
     // An SVID through the Workload API, with a stream held open.
     let endpoint = format!("unix:{}", i.dir.path().join("workload.sock").display());
-    let client = spiffe::WorkloadApiClient::connect_to(endpoint).await.unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+        .await
+        .unwrap();
     client.fetch_x509_svid().await.unwrap();
     let mut stream = client.stream_x509_svids().await.unwrap();
     use tokio_stream::StreamExt;
@@ -330,15 +378,31 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
     let v = |series: &str| sample(&m, series).unwrap_or_else(|| panic!("no {series}:\n{m}"));
     // promtool lints the live exposition.
     let out = promtool(&["check", "metrics"], m.as_bytes());
-    assert!(out.success && out.text.trim().is_empty(), "promtool check metrics: {}\n{m}", out.text);
+    assert!(
+        out.success && out.text.trim().is_empty(),
+        "promtool check metrics: {}\n{m}",
+        out.text
+    );
 
     // Sessions by route, workload and result.
-    assert_eq!(v("warden_sessions_total{result=\"allowed\",route=\"app-db\",workload=\"me\"}"), 1.0);
-    assert_eq!(v("warden_sessions_total{result=\"denied\",route=\"app-db\",workload=\"me\"}"), 1.0);
+    assert_eq!(
+        v("warden_sessions_total{result=\"allowed\",route=\"app-db\",workload=\"me\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("warden_sessions_total{result=\"denied\",route=\"app-db\",workload=\"me\"}"),
+        1.0
+    );
     assert!(v("warden_relayed_bytes_total{direction=\"up\",route=\"app-db\"}") > 0.0);
     assert!(v("warden_relayed_bytes_total{direction=\"down\",route=\"app-db\"}") > 0.0);
-    assert_eq!(v("warden_upstream_auth_seconds_count{route=\"app-db\"}"), 1.0);
-    assert_eq!(v("warden_attestation_seconds_count{result=\"ok\",via=\"postgres\"}"), 2.0);
+    assert_eq!(
+        v("warden_upstream_auth_seconds_count{route=\"app-db\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("warden_attestation_seconds_count{result=\"ok\",via=\"postgres\"}"),
+        2.0
+    );
     assert!(v("warden_attestation_seconds_count{result=\"ok\",via=\"workload_api\"}") >= 2.0);
     // Identity: issued, the soonest expiry within one (default, 1 h) lifetime, the CA beyond it.
     assert!(v("warden_svids_issued_total") >= 1.0);
@@ -353,19 +417,38 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
     assert_eq!(v("warden_secret_versions"), 3.0);
     let age = v("warden_secret_rotation_age_seconds{route=\"app-db\"}");
     assert!((0.0..3600.0).contains(&age), "{age}");
-    assert!(sample(&m, "warden_secret_rotation_age_seconds{route=\"billing-api\"}").is_some());
-    assert_eq!(v("warden_secret_rotation_period_seconds{route=\"app-db\"}"), 86400.0);
+    assert!(sample(
+        &m,
+        "warden_secret_rotation_age_seconds{route=\"billing-api\"}"
+    )
+    .is_some());
+    assert_eq!(
+        v("warden_secret_rotation_period_seconds{route=\"app-db\"}"),
+        86400.0
+    );
     // Audit, build, the subsystems' families at zero, monitor mode.
     assert!(v("warden_audit_records_written_total") > 0.0);
     assert_eq!(v("warden_audit_write_failures_total"), 0.0);
-    assert_eq!(v(&format!("warden_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+    assert_eq!(
+        v(&format!(
+            "warden_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
     assert_eq!(v("warden_monitor_mode{mode=\"off\"}"), 1.0);
     assert_eq!(v("warden_monitor_mode{mode=\"ebpf\"}"), 0.0);
-    assert_eq!(v("warden_monitor_events_total{kind=\"connect\",verdict=\"denied\"}"), 0.0);
+    assert_eq!(
+        v("warden_monitor_events_total{kind=\"connect\",verdict=\"denied\"}"),
+        0.0
+    );
     assert_eq!(v("warden_frozen_workloads"), 0.0);
     assert_eq!(v("warden_secret_rotations_total{result=\"failure\"}"), 0.0);
     assert_eq!(v("warden_leases_active"), 0.0);
-    assert_eq!(v("warden_http_request_added_seconds_count{route=\"billing-api\"}"), 0.0);
+    assert_eq!(
+        v("warden_http_request_added_seconds_count{route=\"billing-api\"}"),
+        0.0
+    );
 
     // Every metric a dashboard or an alert rule reads exists in live output,
     // and every family warden exports is documented.
@@ -380,35 +463,64 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
         referenced.push((n, "warden-alerts.yml".into()));
     }
     for (n, whom) in &referenced {
-        assert!(live_names.contains(n), "{whom} reads {n}, which warden does not export:\n{m}");
+        assert!(
+            live_names.contains(n),
+            "{whom} reads {n}, which warden does not export:\n{m}"
+        );
     }
     let readme = read(&dashboards_dir().join("README.md"));
     let documented = warden_metric_names(&readme);
     for family in m.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
         let name = family.split(' ').next().unwrap_or_default();
-        assert!(documented.iter().any(|d| d == name), "{name} is not in dashboards/README.md");
+        assert!(
+            documented.iter().any(|d| d == name),
+            "{name} is not in dashboards/README.md"
+        );
     }
     for d in &documented {
         let exported = live_names
             .iter()
             .any(|n| n == d || n.strip_suffix("_bucket") == Some(d.as_str()));
-        assert!(exported, "dashboards/README.md documents {d}, which warden does not export");
+        assert!(
+            exported,
+            "dashboards/README.md documents {d}, which warden does not export"
+        );
     }
 
     // Labels stay bounded: only the known label names, no secret names or values.
     let allowed_labels = [
-        "version", "op", "result", "route", "workload", "direction", "via", "le", "kind",
-        "verdict", "mode", "rule", "action",
+        "version",
+        "op",
+        "result",
+        "route",
+        "workload",
+        "direction",
+        "via",
+        "le",
+        "kind",
+        "verdict",
+        "mode",
+        "rule",
+        "action",
     ];
     for l in m.lines().filter(|l| !l.starts_with('#')) {
         if let Some(labels) = l.split_once('{').and_then(|(_, r)| r.split_once('}')) {
             for pair in labels.0.split(',') {
                 let key = pair.split('=').next().unwrap_or_default();
-                assert!(allowed_labels.contains(&key), "unexpected label {key:?} in {l}");
+                assert!(
+                    allowed_labels.contains(&key),
+                    "unexpected label {key:?} in {l}"
+                );
             }
         }
     }
-    for needle in [PASSWORD, TOKEN, "an-old-password", "app-db/app", "billing/token"] {
+    for needle in [
+        PASSWORD,
+        TOKEN,
+        "an-old-password",
+        "app-db/app",
+        "billing/token",
+    ] {
         assert!(!m.contains(needle), "/metrics reveals {needle:?}");
     }
 
@@ -445,7 +557,10 @@ fn prometheus_server_scrapes_warden_and_runs_the_rules_and_dashboard_queries() {
     // warden's series arrive through a real scrape.
     let has_result = |p: &PromServer, q: &str| {
         let v = p.query(q);
-        v["status"] == "success" && v["data"]["result"].as_array().is_some_and(|r| !r.is_empty())
+        v["status"] == "success"
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
     };
     prom.wait_for("warden_build_info scraped", |p| {
         has_result(p, "warden_build_info{job=\"warden\"}")
@@ -458,7 +573,10 @@ fn prometheus_server_scrapes_warden_and_runs_the_rules_and_dashboard_queries() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0.0);
     assert!(n > 30.0, "only {n} warden series: {series}");
-    assert!(has_result(&prom, &format!("warden_sealed{{instance=\"{target}\"}} == 0")));
+    assert!(has_result(
+        &prom,
+        &format!("warden_sealed{{instance=\"{target}\"}} == 0")
+    ));
 
     // The server loaded every alert and evaluates them without errors.
     prom.wait_for("every rule evaluated", |p| {
@@ -480,8 +598,15 @@ fn prometheus_server_scrapes_warden_and_runs_the_rules_and_dashboard_queries() {
     // Every dashboard query runs on the real server.
     for q in dashboard_queries() {
         let v = prom.query(&q.promql);
-        assert_eq!(v["status"], "success", "{} / {}: {} -> {v}", q.dashboard, q.panel, q.promql);
+        assert_eq!(
+            v["status"], "success",
+            "{} / {}: {} -> {v}",
+            q.dashboard, q.panel, q.promql
+        );
     }
     // And the Overview's "Sealed" panel sees this warden.
-    assert!(has_result(&prom, "max(warden_sealed{job=~\".*\",instance=~\".*\"})"));
+    assert!(has_result(
+        &prom,
+        "max(warden_sealed{job=~\".*\",instance=~\".*\"})"
+    ));
 }

@@ -370,13 +370,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         res
     })
     .await
-        .unwrap_or_else(|e| {
-            Err(Refusal::new(
-                "XX000",
-                "error",
-                format!("warden: attestation failed: {e}"),
-            ))
-        });
+    .unwrap_or_else(|e| {
+        Err(Refusal::new(
+            "XX000",
+            "error",
+            format!("warden: attestation failed: {e}"),
+        ))
+    });
     let outcome = match attested {
         Err(mut r) => {
             r.message = format!(
@@ -562,7 +562,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         return;
     }
 
-    shared.metrics.session(&route.name, &who.workload, "allowed");
+    shared
+        .metrics
+        .session(&route.name, &who.workload, "allowed");
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
     let mut stream = established.stream;
