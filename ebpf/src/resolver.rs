@@ -20,6 +20,7 @@ pub struct EbpfResolver {
     ns_per_tick: u64,
     hits: AtomicU64,
     misses: AtomicU64,
+    observer: Option<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
 impl EbpfResolver {
@@ -35,7 +36,15 @@ impl EbpfResolver {
             ns_per_tick: 1_000_000_000 / ticks,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            observer: None,
         }
+    }
+
+    /// Calls `observer(true)` for every answer from the map and
+    /// `observer(false)` for every fallback (metrics).
+    pub fn with_observer(mut self, observer: impl Fn(bool) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
     }
 
     /// (answered from the map, answered by the fallback).
@@ -60,7 +69,11 @@ impl EbpfResolver {
 
 impl PeerResolver for EbpfResolver {
     fn resolve_tcp(&self, local: SocketAddr, peer: SocketAddr) -> Result<u32, AttestError> {
-        if let Some(pid) = self.lookup_in_map(peer) {
+        let found = self.lookup_in_map(peer);
+        if let Some(observe) = &self.observer {
+            observe(found.is_some());
+        }
+        if let Some(pid) = found {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(pid);
         }

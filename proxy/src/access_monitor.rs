@@ -22,31 +22,13 @@ use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Regis
 
 use crate::config::{Config, EbpfMode, ProtectMode};
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MonitorEventKind, MonitorMode, MonitorVerdict};
 
 /// How many recent events `warden events` (without `--follow`) can show.
 pub const RECENT_EVENTS: usize = 1024;
 /// Bound of the queue between the ring-buffer reader and the enricher;
 /// beyond it events are dropped in user space and counted.
 const ENRICH_QUEUE: usize = 8192;
-
-/// Which attribution the daemon runs with (the `warden_monitor_mode` gauge).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MonitorMode {
-    /// Kernel programs loaded.
-    Ebpf,
-    /// `/proc` attribution only (ebpf = "off", or "auto" fell back).
-    Procfs,
-}
-
-impl MonitorMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MonitorMode::Ebpf => "ebpf",
-            MonitorMode::Procfs => "procfs",
-        }
-    }
-}
 
 /// One access event as `warden events` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -213,8 +195,8 @@ impl AccessMonitor {
         };
         if cfg.monitor.ebpf == EbpfMode::Off {
             tracing::info!("monitor.ebpf = \"off\": attributing connections through /proc; no access events or kernel deny");
-            metrics.monitor_mode(MonitorMode::Procfs.as_str());
-            return Ok(procfs(MonitorMode::Procfs));
+            metrics.set_monitor_mode(MonitorMode::Off);
+            return Ok(procfs(MonitorMode::Off));
         }
         let upstreams = resolve_upstreams(cfg).await;
         let protect = match cfg.monitor.protect_upstreams {
@@ -235,23 +217,25 @@ impl AccessMonitor {
         {
             Ok(monitor) => {
                 let monitor = Arc::new(monitor);
-                let resolver = Arc::new(warden_ebpf::EbpfResolver::new(monitor.clone()));
+                let m = metrics.clone();
+                let resolver = Arc::new(warden_ebpf::EbpfResolver::new(monitor.clone()).with_observer(
+                    move |hit| m.monitor_attributions(if hit { "ebpf" } else { "procfs_fallback" }, 1),
+                ));
                 tracing::info!(
                     listeners = listeners.len(),
                     upstreams = upstreams.len(),
                     protect_upstreams = %cfg.monitor.protect_upstreams,
                     "eBPF access monitor attached at the root of cgroup v2"
                 );
-                metrics.monitor_mode(MonitorMode::Ebpf.as_str());
+                metrics.set_monitor_mode(MonitorMode::Ebpf);
                 let me = AccessMonitor {
                     mode: MonitorMode::Ebpf,
-                    resolver: resolver.clone(),
+                    resolver,
                     monitor: Some(monitor),
                     feed,
                 };
                 me.spawn_consumer(
                     cfg,
-                    resolver,
                     Destinations {
                         listeners,
                         upstreams,
@@ -273,7 +257,7 @@ impl AccessMonitor {
                         ""
                     }
                 );
-                metrics.monitor_mode(MonitorMode::Procfs.as_str());
+                metrics.set_monitor_mode(MonitorMode::Procfs);
                 Ok(procfs(MonitorMode::Procfs))
             }
         }
@@ -284,13 +268,7 @@ impl AccessMonitor {
         self.resolver.clone()
     }
 
-    fn spawn_consumer(
-        &self,
-        cfg: &Config,
-        resolver: Arc<warden_ebpf::EbpfResolver>,
-        dest: Destinations,
-        metrics: Metrics,
-    ) {
+    fn spawn_consumer(&self, cfg: &Config, dest: Destinations, metrics: Metrics) {
         let Some(monitor) = self.monitor.clone() else {
             return;
         };
@@ -303,7 +281,7 @@ impl AccessMonitor {
         tokio::spawn(async move {
             let res = reader
                 .run(|ev| {
-                    m.monitor_event(ev.kind.as_str(), ev.verdict.as_str());
+                    m.monitor_event(event_kind(ev.kind), event_verdict(ev.verdict));
                     if ev.verdict.is_denied() {
                         m.monitor_connect_denied();
                     }
@@ -325,18 +303,14 @@ impl AccessMonitor {
                 tracing::error!("eBPF event reader stopped: {e}");
             }
         });
-        // Kernel counters (lost events) and resolver hits into the metrics.
+        // Kernel counters (lost events) into the metrics.
         let km = monitor.clone();
         let m = metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let (mut seen_lost, mut seen_hits, mut seen_misses) = (0u64, 0u64, 0u64);
+            let mut seen_lost = 0u64;
             loop {
                 tick.tick().await;
-                let (hits, misses) = resolver.stats();
-                m.monitor_attributions("ebpf", hits - seen_hits);
-                m.monitor_attributions("procfs_fallback", misses - seen_misses);
-                (seen_hits, seen_misses) = (hits, misses);
                 let c = km.counters();
                 if c.lost > seen_lost {
                     tracing::warn!(
@@ -360,6 +334,22 @@ impl AccessMonitor {
             monitor.shutdown();
             tracing::info!("eBPF monitor detached (clean stop: enforcement released)");
         }
+    }
+}
+
+fn event_kind(k: warden_ebpf::EventKind) -> MonitorEventKind {
+    match k {
+        warden_ebpf::EventKind::Connect => MonitorEventKind::Connect,
+        warden_ebpf::EventKind::Attributed => MonitorEventKind::Attributed,
+    }
+}
+
+fn event_verdict(v: warden_ebpf::Verdict) -> MonitorVerdict {
+    match v {
+        warden_ebpf::Verdict::Allowed => MonitorVerdict::Allowed,
+        warden_ebpf::Verdict::DeniedFrozen => MonitorVerdict::DeniedFrozen,
+        warden_ebpf::Verdict::BypassAllowed => MonitorVerdict::BypassObserved,
+        warden_ebpf::Verdict::BypassDenied => MonitorVerdict::BypassDenied,
     }
 }
 

@@ -647,6 +647,13 @@ impl IdentityAuthority {
         Ok(changed)
     }
 
+    /// When the soonest-expiring held SVID and the signing CA expire (metrics).
+    pub fn expiries(&self) -> (Option<OffsetDateTime>, Option<OffsetDateTime>) {
+        let svid = self.svids.values().map(|s| s.svid.not_after).min();
+        let ca = self.active().ok().map(|c| c.ca.not_after());
+        (svid, ca)
+    }
+
     /// How many SVIDs `tick` reissued since the last call.
     pub fn take_rotated(&mut self) -> u64 {
         std::mem::take(&mut self.rotated)
@@ -767,7 +774,13 @@ impl IdentityHandle {
                 self.notify();
             }
             Some(a) => {
-                if a.tick(&mut access, now)? {
+                let ticked = a.tick(&mut access, now);
+                if ticked.is_err() {
+                    if let Some(m) = &metrics {
+                        m.svid_issuance_error();
+                    }
+                }
+                if ticked? {
                     self.notify();
                 }
                 if let Some(m) = &metrics {

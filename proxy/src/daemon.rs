@@ -129,6 +129,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             ),
         )?;
         let service = Arc::new(Mutex::new(service));
+        crate::observe::install(&metrics, cfg, service.clone(), identity.clone());
         // Load (or create) the CA now when unsealed, so a bad trust domain stops the start.
         {
             let svc = service.clone();

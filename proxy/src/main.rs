@@ -15,6 +15,7 @@ mod error;
 mod init;
 mod masterkey;
 mod metrics;
+mod observe;
 mod paths;
 mod pg;
 mod service;

@@ -513,6 +513,23 @@ impl SecretService {
         })
     }
 
+    /// Every user secret with its version count (metadata only, not audited:
+    /// for metrics and readiness).
+    pub fn inventory(&self) -> Result<Vec<SecretSummary>> {
+        let mut list = self.store.backend().list(None)?;
+        list.retain(|s| check_not_reserved(&s.name).is_ok());
+        Ok(list)
+    }
+
+    /// When the current version of `name` in `env` was written (metadata
+    /// only, not audited: for metrics).
+    pub fn current_version_created_at(&self, name: &str, env: &str) -> Result<Option<String>> {
+        let v = self.store.backend().versions(name, env)?;
+        Ok(v.into_iter()
+            .max_by_key(|v| v.version)
+            .map(|v| v.created_at))
+    }
+
     /// Records a daemon lifecycle event.
     pub fn record_daemon(&mut self, action: &str, reason: String) -> Result<()> {
         self.record(&Event {

@@ -303,6 +303,11 @@ pub trait IdentityProvider: Send + Sync + 'static {
     /// Bumps whenever SVIDs or bundles change (rotation, revocation); streams
     /// re-send on change.
     fn updates(&self) -> watch::Receiver<u64>;
+    /// Called when a stream of method `op` opens; the returned value is
+    /// dropped when it ends (metrics count open streams this way).
+    fn stream_opened(&self, _op: &'static str) -> Option<Box<dyn Send>> {
+        None
+    }
 }
 
 /// Serves the Workload API on `listener` until `shutdown` completes. Open
@@ -434,19 +439,19 @@ impl Shared {
         match path {
             PATH_FETCH_X509_SVID => {
                 let svc = StreamMethod(self, |me, r: Request<X509SvidRequest>| {
-                    Box::pin(me.open_stream(r, x509_svid_response))
+                    Box::pin(me.open_stream(r, "FetchX509SVID", x509_svid_response))
                 });
                 grpc().server_streaming(svc, req).await
             }
             PATH_FETCH_X509_BUNDLES => {
                 let svc = StreamMethod(self, |me, r: Request<X509BundlesRequest>| {
-                    Box::pin(me.open_stream(r, x509_bundles_response))
+                    Box::pin(me.open_stream(r, "FetchX509Bundles", x509_bundles_response))
                 });
                 grpc().server_streaming(svc, req).await
             }
             PATH_FETCH_JWT_BUNDLES => {
                 let svc = StreamMethod(self, |me, r: Request<JwtBundlesRequest>| {
-                    Box::pin(me.open_stream(r, jwt_bundles_response))
+                    Box::pin(me.open_stream(r, "FetchJWTBundles", jwt_bundles_response))
                 });
                 grpc().server_streaming(svc, req).await
             }
@@ -541,6 +546,7 @@ impl Shared {
     async fn open_stream<Req, M>(
         self: Arc<Self>,
         req: Request<Req>,
+        op: &'static str,
         produce: fn(&dyn IdentityProvider, &CallerCred) -> Result<M, Status>,
     ) -> Result<Response<MessageStream<M>>, Status>
     where
@@ -556,7 +562,9 @@ impl Shared {
             return Err(Status::internal("stream could not be started"));
         }
         let mut stop = self.stop.clone();
+        let open = self.provider.stream_opened(op);
         tokio::spawn(async move {
+            let _open = open;
             let mut last = first;
             loop {
                 tokio::select! {

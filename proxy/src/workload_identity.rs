@@ -8,7 +8,7 @@
 
 use crate::audit::{Actor, ActorKind, Decision, Event, Target};
 use crate::authority::IdentityHandle;
-use crate::metrics::Metrics;
+use crate::metrics::{AttestVia, GaugeGuard, Metrics};
 use crate::service::SecretService;
 use crate::workload_api::{
     CallerCred, IdentityError, IdentityProvider, X509BundleEntry, X509SvidMaterial,
@@ -86,6 +86,7 @@ impl WorkloadIdentityProvider {
 
     /// Attests the caller; a refusal is audited and counted.
     fn attest(&self, caller: &CallerCred, op: &str) -> Result<Attested, IdentityError> {
+        let t0 = std::time::Instant::now();
         let res = (|| {
             let pid = caller
                 .pid
@@ -100,6 +101,8 @@ impl WorkloadIdentityProvider {
                 spiffe_id,
             })
         })();
+        self.metrics
+            .attestation(AttestVia::WorkloadApi, res.is_ok(), t0.elapsed());
         res.map_err(|why| {
             self.metrics.workload_api_denied(op);
             tracing::warn!(uid = caller.uid, pid = ?caller.pid, "Workload API {op} refused: {why}");
@@ -146,7 +149,10 @@ impl IdentityProvider for WorkloadIdentityProvider {
                     &who.spiffe_id,
                     time::OffsetDateTime::now_utc(),
                 )
-                .map_err(|e| IdentityError::Internal(e.message))?;
+                .map_err(|e| {
+                    self.metrics.svid_issuance_error();
+                    IdentityError::Internal(e.message)
+                })?;
             Ok((svid, fresh, a.bundle_der()))
         })?;
         if fresh {
@@ -229,5 +235,10 @@ impl IdentityProvider for WorkloadIdentityProvider {
 
     fn updates(&self) -> tokio::sync::watch::Receiver<u64> {
         self.identity.subscribe()
+    }
+
+    fn stream_opened(&self, op: &'static str) -> Option<Box<dyn Send>> {
+        let guard: GaugeGuard = self.metrics.workload_api_stream(op);
+        Some(Box::new(guard))
     }
 }

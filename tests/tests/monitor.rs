@@ -214,7 +214,7 @@ fn ebpf_off_attributes_through_proc() {
     assert_eq!(via.code, 0, "{}", via.stderr);
     let (_, metrics) = warden.http_get("/metrics");
     assert!(
-        metrics.contains("warden_monitor_mode{mode=\"procfs\"} 1"),
+        metrics.contains("warden_monitor_mode{mode=\"off\"} 1"),
         "{metrics}"
     );
     let events = warden.run(&["events", "--json"]);

@@ -93,6 +93,12 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         why: "tests lint the /metrics exposition and the dashboards' rules",
         location: Location::Path,
     },
+    Requirement {
+        binary: "prometheus",
+        package: "prometheus",
+        why: "a test runs a real Prometheus server that scrapes a running warden",
+        location: Location::Path,
+    },
 ];
 
 /// What `cargo xtask demo` needs beyond the Rust toolchain.

@@ -11,6 +11,7 @@ use super::upstream::{self, Login, UpstreamFailure};
 use super::{CancelTarget, PgRoute, PgShared};
 use crate::audit::{Actor, ActorKind, Decision, Event, Target};
 use crate::error::ErrorKind;
+use crate::metrics::AttestVia;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -360,15 +361,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .to_string();
     let shared2 = shared.clone();
     let route2 = route.clone();
-    let attested = tokio::task::spawn_blocking(move || attest_peer(&shared2, &peer))
-        .await
-        .unwrap_or_else(|e| {
-            Err(Refusal::new(
-                "XX000",
-                "error",
-                format!("warden: attestation failed: {e}"),
-            ))
-        });
+    let attested = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let res = attest_peer(&shared2, &peer);
+        shared2
+            .metrics
+            .attestation(AttestVia::Postgres, res.is_ok(), t0.elapsed());
+        res
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(Refusal::new(
+            "XX000",
+            "error",
+            format!("warden: attestation failed: {e}"),
+        ))
+    });
     let outcome = match attested {
         Err(mut r) => {
             r.message = format!(
@@ -425,7 +433,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     reason: r.message.clone(),
                 },
             );
-            shared.metrics.pg_session(&route.name, r.result);
+            let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
+            shared.metrics.session(&route.name, workload, r.result);
             send_error(&mut client, &r).await;
             return;
         }
@@ -457,7 +466,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     route.name, e.message
                 ),
             );
-            shared.metrics.pg_session(&route.name, r.result);
+            shared.metrics.session(&route.name, &who.workload, r.result);
             send_error(&mut client, &r).await;
             return;
         }
@@ -467,6 +476,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 "error",
                 format!("warden: credential lookup failed: {e}"),
             );
+            shared.metrics.session(&route.name, &who.workload, r.result);
             send_error(&mut client, &r).await;
             return;
         }
@@ -505,7 +515,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     reason: r.message.clone(),
                 },
             );
-            shared.metrics.pg_session(&route.name, r.result);
+            shared.metrics.session(&route.name, &who.workload, r.result);
             match forward {
                 // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
                 Some(e) => {
@@ -547,12 +557,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             "audit_error",
             "warden: the audit record for this session could not be written; refusing".into(),
         );
-        shared.metrics.pg_session(&route.name, r.result);
+        shared.metrics.session(&route.name, &who.workload, r.result);
         send_error(&mut client, &r).await;
         return;
     }
 
-    shared.metrics.pg_session(&route.name, "allowed");
+    shared
+        .metrics
+        .session(&route.name, &who.workload, "allowed");
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
     let mut stream = established.stream;

@@ -1,0 +1,130 @@
+//! The daemon's observability wiring: scrape-time refresh of the gauges that
+//! describe state (identity expiry, secret inventory and ages), the `/readyz`
+//! conditions beyond "unsealed" (store open, monitor in its configured mode),
+//! and the series of configured routes exported at zero.
+//!
+//! Only metadata is read here: never a secret value, and nothing is audited
+//! (a scrape is not an access).
+
+use crate::authority::IdentityHandle;
+use crate::config::{Config, EbpfMode};
+use crate::metrics::{Metrics, MonitorMode};
+use crate::service::SecretService;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// A route and the stored secret it uses.
+struct RouteSecret {
+    route: String,
+    secret: String,
+    env: String,
+    rotation_period: Option<Duration>,
+}
+
+pub fn install(
+    metrics: &Metrics,
+    cfg: &Config,
+    service: Arc<Mutex<SecretService>>,
+    identity: Arc<IdentityHandle>,
+) {
+    metrics.set_svid_ttl(cfg.identity.svid_ttl);
+    for r in &cfg.routes {
+        metrics.declare_route(&r.name, r.kind == crate::config::RouteKind::Http, &r.allow);
+    }
+
+    metrics.on_scrape(Box::new(move |m| {
+        let now = OffsetDateTime::now_utc();
+        let (svid, ca) = match identity.authority.lock() {
+            Ok(g) => g.as_ref().map(|a| a.expiries()).unwrap_or((None, None)),
+            Err(_) => (None, None),
+        };
+        let secs = |t: Option<OffsetDateTime>| t.map(|t| (t - now).as_seconds_f64());
+        m.set_identity_expiry(secs(svid), secs(ca));
+    }));
+
+    let routes: Vec<RouteSecret> = cfg
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let secret = r
+                .credential
+                .as_ref()
+                .map(|c| c.secret.clone())
+                .or_else(|| r.inject.as_ref().map(|i| i.secret.clone()))?;
+            let rotation_period = cfg
+                .secrets
+                .iter()
+                .find(|s| s.name == secret)
+                .and_then(|s| s.rotation_period);
+            Some(RouteSecret {
+                route: r.name.clone(),
+                secret,
+                env: cfg.environment.clone(),
+                rotation_period,
+            })
+        })
+        .collect();
+    let svc = service.clone();
+    metrics.on_scrape(Box::new(move |m| {
+        let Ok(s) = svc.lock() else { return };
+        let Ok(list) = s.inventory() else { return };
+        let created: Vec<Option<String>> = routes
+            .iter()
+            .map(|r| {
+                s.current_version_created_at(&r.secret, &r.env)
+                    .ok()
+                    .flatten()
+            })
+            .collect();
+        drop(s);
+        let versions = list.iter().map(|s| u64::from(s.versions_kept)).sum();
+        m.set_secret_counts(list.len(), versions);
+        let now = OffsetDateTime::now_utc();
+        for (r, created) in routes.iter().zip(created) {
+            let age = created
+                .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+                .map(|t| (now - t).as_seconds_f64().max(0.0));
+            m.set_secret_age(&r.route, age, r.rotation_period);
+        }
+    }));
+
+    metrics.readiness_check(Box::new(move |_| {
+        let s = service
+            .lock()
+            .map_err(|_| "store: the service state is poisoned".to_string())?;
+        s.inventory()
+            .map(|_| ())
+            .map_err(|e| format!("store: {}", e.message))
+    }));
+
+    let wanted = cfg.monitor.ebpf;
+    metrics.readiness_check(Box::new(move |m| monitor_ready(wanted, m.monitor_mode())));
+}
+
+/// `monitor.ebpf = "required"` is ready only in eBPF mode; `auto` accepts
+/// the procfs fallback (an alert reports it) and `off` needs nothing.
+fn monitor_ready(wanted: EbpfMode, mode: MonitorMode) -> Result<(), String> {
+    match wanted {
+        EbpfMode::Required if mode != MonitorMode::Ebpf => Err(format!(
+            "monitor: monitor.ebpf = \"required\" but the monitor runs in mode {}",
+            mode.as_str()
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn required_ebpf_is_ready_only_in_ebpf_mode() {
+        assert!(monitor_ready(EbpfMode::Required, MonitorMode::Ebpf).is_ok());
+        let e = monitor_ready(EbpfMode::Required, MonitorMode::Procfs).unwrap_err();
+        assert!(e.contains("monitor.ebpf") && e.contains("procfs"), "{e}");
+        assert!(monitor_ready(EbpfMode::Auto, MonitorMode::Procfs).is_ok());
+        assert!(monitor_ready(EbpfMode::Off, MonitorMode::Off).is_ok());
+    }
+}
