@@ -959,7 +959,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         let text = m.render();
         for line in [
-            "warden_monitor_events_total{kind=\"connect\",verdict=\"denied\"} 0",
+            "warden_monitor_events_total{kind=\"connect\",verdict=\"bypass_denied\"} 0",
             "warden_monitor_events_lost_total 0",
             "warden_monitor_connects_denied_total 0",
             "warden_monitor_bypass_attempts_total 0",

@@ -231,3 +231,115 @@ fn events_need_a_running_daemon() {
         .code(7)
         .stderr_has("start it with `warden up`");
 }
+
+/// `warden … up` as root but without the capabilities eBPF needs.
+fn up_without_bpf_caps(warden: &Instance) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.arg("--bounding-set=-bpf,-sys_admin,-perfmon,-net_admin")
+        .arg("--")
+        .arg(warden_tests::warden_bin())
+        .arg("--config")
+        .arg(&warden.config)
+        .arg("up")
+        .env("WARDEN_LOG", "info");
+    c
+}
+
+#[test]
+fn without_cap_bpf_required_refuses_to_start_and_auto_falls_back() {
+    if !have_root() {
+        return;
+    }
+    let required = Instance::new_with("[monitor]\nebpf = \"required\"\n");
+    required.run(&["init"]).ok();
+    let out = up_without_bpf_caps(&required)
+        .output()
+        .expect("setpriv (util-linux) is required");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("monitor.ebpf = \"required\"") && stderr.contains("CAP_BPF"),
+        "the refusal names the key and the fix: {stderr}"
+    );
+
+    let auto = Instance::new_with("[monitor]\nebpf = \"auto\"\n");
+    auto.run(&["init"]).ok();
+    let log = auto.dir.path().join("auto.log");
+    let logf = std::fs::File::create(&log).expect("log file");
+    let mut child = up_without_bpf_caps(&auto)
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf)
+        .spawn()
+        .expect("setpriv");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while auto.run(&["status"]).code != 0 {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "warden up exited ({st}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = auto.http_get("/metrics");
+    assert!(
+        metrics.contains("warden_monitor_mode{mode=\"procfs\"} 1"),
+        "{metrics}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        text.matches("falling back to /proc attribution").count(),
+        1,
+        "one clear warning naming the reason: {text}"
+    );
+    assert!(text.contains("CAP_BPF"), "{text}");
+}
+
+#[test]
+fn events_follow_streams_new_access_as_it_happens() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let port = free_port();
+    let warden = instance(&pg, port, "ebpf = \"required\"");
+    let _daemon = warden.start_daemon();
+    let mut follow = warden
+        .command(&["events", "--follow", "--json", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("warden events -f");
+    let stdout = follow.stdout.take().expect("stdout");
+    // Give the subscription a moment, then make some traffic.
+    std::thread::sleep(Duration::from_millis(300));
+    let via = run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=postgres user=app sslmode=disable"),
+        "select 1",
+    );
+    assert_eq!(via.code, 0, "{}", via.stderr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a live event within 20 s");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(event["destination"], "route app-db", "{event}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+}
