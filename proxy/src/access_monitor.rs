@@ -49,6 +49,9 @@ pub struct EventRecord {
     pub unit: Option<String>,
     /// Workload the process attests to (None: matches no registration).
     pub workload: Option<String>,
+    /// The process is this warden daemon (its own upstream connections).
+    #[serde(default)]
+    pub is_warden: bool,
     /// `connect` or `attributed`.
     pub kind: String,
     /// `route NAME` (a listener), `upstream of route NAME`, or `other`.
@@ -288,11 +291,10 @@ impl AccessMonitor {
                     if ev.verdict.is_bypass() {
                         m.monitor_bypass_attempt();
                     }
-                    // A refused process usually exits at once: name its
-                    // executable now, before the queue.
-                    let exe = (ev.verdict != warden_ebpf::Verdict::Allowed)
-                        .then(|| std::fs::read_link(format!("/proc/{}/exe", ev.process.tgid)).ok())
-                        .flatten()
+                    // Short-lived clients (and refused ones) exit quickly:
+                    // name the executable now, before the queue.
+                    let exe = std::fs::read_link(format!("/proc/{}/exe", ev.process.tgid))
+                        .ok()
                         .map(|p| p.display().to_string());
                     if tx.try_send((ev, exe)).is_err() {
                         m.monitor_events_dropped();
@@ -392,6 +394,7 @@ async fn enrich(
             cgroup: facts.as_ref().and_then(|f| f.cgroup.clone()),
             unit: facts.as_ref().and_then(|f| f.systemd_unit.clone()),
             workload,
+            is_warden: ev.process.tgid == std::process::id(),
             kind: ev.kind.as_str().into(),
             destination: dest.describe(ev.dest_kind, ev.dest),
             address: ev.dest.to_string(),
@@ -404,17 +407,23 @@ async fn enrich(
 
 /// `warden events` output, one line per event.
 pub fn format_event_line(e: &EventRecord) -> String {
+    let who = match (&e.workload, e.is_warden) {
+        (_, true) => "warden itself".to_string(),
+        (Some(w), false) => format!("workload {w}"),
+        (None, false) => "no workload".to_string(),
+    };
     format!(
-        "{}  {:<15} pid {:<7} uid {:<5} {:<28} {:<14} -> {} ({})  [{}]",
+        "{}  {:<15} {:<10} pid {:<7} uid {:<5} {:<28} {:<16} -> {} ({})  [{}]",
         e.time,
         e.verdict,
+        e.kind,
         e.pid,
         e.uid,
-        e.exe.as_deref().unwrap_or("?"),
-        e.workload
+        e.exe
             .as_deref()
-            .map(|w| format!("workload {w}"))
-            .unwrap_or_else(|| "no workload".into()),
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("?({})", e.comm)),
+        who,
         e.destination,
         e.address,
         e.unit.as_deref().or(e.cgroup.as_deref()).unwrap_or("-"),
@@ -439,6 +448,7 @@ mod tests {
                 cgroup: None,
                 unit: None,
                 workload: None,
+                is_warden: false,
                 kind: "connect".into(),
                 destination: "other".into(),
                 address: "127.0.0.1:1".into(),

@@ -335,6 +335,7 @@ impl Demo {
              {warden} secret list\n  \
              {warden} audit tail\n  \
              {warden} audit verify\n  \
+             {warden} events    # who connected where, seen by the eBPF monitor (as root)\n  \
              {warden} config check {config}\n  \
              curl -s http://127.0.0.1:9477/metrics | head\n  \
              cargo xtask demo stop"
