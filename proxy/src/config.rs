@@ -401,6 +401,9 @@ pub struct Route {
     /// How long to wait for the upstream's TCP and TLS handshake (default 5 s).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub connect_timeout: Option<Duration>,
+    /// http: how long to wait for the upstream's response headers (default 30 s).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub request_timeout: Option<Duration>,
 }
 
 /// `route[].connect_timeout` when not set.
@@ -447,6 +450,9 @@ pub struct UpstreamTls {
     pub mode: TlsMode,
     /// CA bundle used to verify the upstream (absolute after loading).
     pub ca_file: Option<PathBuf>,
+    /// tls routes: the SPIFFE ID the upstream's certificate must carry
+    /// (verified against warden's trust bundle, plus `ca_file` if set).
+    pub spiffe_id: Option<String>,
 }
 
 /// `route[].credential`: the database login warden performs.
@@ -462,14 +468,24 @@ pub struct Credential {
     pub cache_ttl: Option<Duration>,
 }
 
-/// `route[].inject`: the HTTP header warden adds.
+/// `route[].inject`: the HTTP header (or query parameter) warden adds.
+/// Exactly one of `header`, `query`, `basic_user`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inject {
     /// Header name.
-    pub header: String,
-    /// Header value; `{secret}` is replaced by the secret.
-    pub value: String,
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Query parameter name (instead of a header).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// HTTP Basic auth: this user, the secret as password (`Authorization: Basic …`).
+    #[serde(default)]
+    pub basic_user: Option<String>,
+    /// Header or parameter value; `{secret}` is replaced by the secret
+    /// (default `"{secret}"`; not used with `basic_user`).
+    #[serde(default)]
+    pub value: Option<String>,
     /// Name of the secret.
     pub secret: String,
     /// How long a fetched secret may be reused.
@@ -1291,6 +1307,10 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.client_tls", "true or false, without quotes"),
     ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
     ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
+    ("route.request_timeout", "a duration in quotes, e.g. request_timeout = \"30s\""),
+    ("route.upstream_tls.spiffe_id", "a SPIFFE ID in quotes, e.g. spiffe_id = \"spiffe://example.org/logs\""),
+    ("route.inject.query", "a query parameter name in quotes, e.g. query = \"api_key\""),
+    ("route.inject.basic_user", "a user name in quotes, e.g. basic_user = \"svc-billing\""),
     ("anomaly", "a table: [anomaly] with webhook and distinct_secrets_per_minute"),
     ("anomaly.webhook", "an http:// or https:// URL in quotes, e.g. webhook = \"http://127.0.0.1:9000/alerts\""),
     ("anomaly.distinct_secrets_per_minute", "an inline table, e.g. distinct_secrets_per_minute = { limit = 100, action = \"freeze\" }"),
@@ -1862,9 +1882,63 @@ fn check_routes(c: &mut Checker<'_>) {
             );
         }
 
+        check_route_kind_keys(c, &k, r);
         check_upstream(c, &k, r);
         check_route_secret(c, &k, r);
         check_allow(c, &k, r, &workload_names);
+    }
+}
+
+/// Keys that only some route kinds use (http and tls routes).
+fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
+    if r.request_timeout.is_some() && r.kind != RouteKind::Http {
+        c.error(
+            format!("{k}.request_timeout"),
+            format!("request_timeout is only used by kind = \"http\" routes; this route is kind = \"{}\"", r.kind),
+            "remove request_timeout from this route",
+        );
+    }
+    if r.request_timeout == Some(Duration::ZERO) {
+        c.error(
+            format!("{k}.request_timeout"),
+            "request_timeout is zero, so every request would time out",
+            "set a duration such as request_timeout = \"30s\"",
+        );
+    }
+    if let Some(id) = &r.upstream_tls.spiffe_id {
+        if r.kind != RouteKind::Tls {
+            c.error(
+                format!("{k}.upstream_tls.spiffe_id"),
+                format!(
+                    "spiffe_id is only used by kind = \"tls\" routes; this route is kind = \"{}\"",
+                    r.kind
+                ),
+                "remove spiffe_id from upstream_tls",
+            );
+        }
+        if let Err(e) = warden_identity::spiffe_id::SpiffeId::parse(id) {
+            c.error(
+                format!("{k}.upstream_tls.spiffe_id"),
+                format!("\"{id}\" is not a SPIFFE ID: {e}"),
+                "write the upstream's ID, e.g. spiffe_id = \"spiffe://example.org/logs\"",
+            );
+        }
+    }
+    if r.kind == RouteKind::Tls && r.upstream_tls.mode != TlsMode::VerifyFull {
+        c.error(
+            format!("{k}.upstream_tls.mode"),
+            format!("a tls route always verifies its upstream; mode \"{}\" is not supported here", r.upstream_tls.mode),
+            "remove upstream_tls.mode (verify-full is the default); use spiffe_id to verify by SPIFFE ID instead of DNS name",
+        );
+    }
+    if r.kind == RouteKind::Http
+        && matches!(r.upstream_tls.mode, TlsMode::Require | TlsMode::VerifyCa)
+    {
+        c.error(
+            format!("{k}.upstream_tls.mode"),
+            format!("http routes always verify the upstream's certificate and name; mode \"{}\" is not supported", r.upstream_tls.mode),
+            "remove upstream_tls.mode (verify-full is the default); add ca_file for a private CA",
+        );
     }
 }
 
@@ -2003,25 +2077,24 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
     }
 
     if let Some(inject) = &r.inject {
-        if !is_http_token(&inject.header) {
+        check_inject_target(c, k, inject);
+        let value = inject.value.as_deref().unwrap_or("{secret}");
+        if inject.basic_user.is_some() && inject.value.is_some() {
             c.error(
-                format!("{k}.inject.header"),
-                format!("\"{}\" is not a valid HTTP header name", inject.header),
-                "use letters, digits and - only, e.g. header = \"Authorization\"",
+                format!("{k}.inject.value"),
+                "value is not used with basic_user (the header is Basic base64(user:secret))",
+                "remove value, or remove basic_user and write the whole header value",
             );
-        }
-        if !inject.value.contains("{secret}") {
+        } else if !value.contains("{secret}") {
             c.error(
                 format!("{k}.inject.value"),
                 format!(
-                    "value \"{}\" does not contain {{secret}}, so the secret would never be sent",
-                    inject.value
+                    "value \"{value}\" does not contain {{secret}}, so the secret would never be sent"
                 ),
                 "include the placeholder, e.g. value = \"Bearer {secret}\"",
             );
         }
-        if inject
-            .value
+        if value
             .chars()
             .any(|ch| ch == '\r' || ch == '\n' || ch == '\0')
         {
@@ -2040,6 +2113,53 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
             inject.cache_ttl,
             &inject.secret,
         );
+    }
+}
+
+/// `inject`: exactly one of header, query, basic_user, each well formed.
+fn check_inject_target(c: &mut Checker<'_>, k: &str, inject: &Inject) {
+    let set = [
+        inject.header.is_some() && inject.basic_user.is_none(),
+        inject.query.is_some(),
+        inject.basic_user.is_some(),
+    ];
+    if set.iter().filter(|b| **b).count() != 1 {
+        c.error(
+            format!("{k}.inject"),
+            "inject needs exactly one of header, query or basic_user",
+            "write inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"NAME\" }, or query = \"api_key\", or basic_user = \"USER\"",
+        );
+    }
+    if let Some(h) = &inject.header {
+        if !is_http_token(h) {
+            c.error(
+                format!("{k}.inject.header"),
+                format!("\"{h}\" is not a valid HTTP header name"),
+                "use letters, digits and - only, e.g. header = \"Authorization\"",
+            );
+        }
+    }
+    if let Some(q) = &inject.query {
+        if q.is_empty()
+            || !q
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.~".contains(ch))
+        {
+            c.error(
+                format!("{k}.inject.query"),
+                format!("\"{q}\" is not a plain query parameter name"),
+                "use letters, digits, -, _, . and ~ only, e.g. query = \"api_key\"",
+            );
+        }
+    }
+    if let Some(u) = &inject.basic_user {
+        if u.is_empty() || u.contains(':') || u.chars().any(|ch| ch.is_control()) {
+            c.error(
+                format!("{k}.inject.basic_user"),
+                format!("basic_user \"{u}\" is empty or contains ':' or control characters"),
+                "set the user name the API expects, e.g. basic_user = \"svc-billing\"",
+            );
+        }
     }
 }
 
@@ -2857,8 +2977,8 @@ allow = ["reports"]
         let http = &c.routes[1];
         assert_eq!(http.kind, RouteKind::Http);
         let inject = http.inject.as_ref().unwrap();
-        assert_eq!(inject.header, "Authorization");
-        assert_eq!(inject.value, "Bearer {secret}");
+        assert_eq!(inject.header.as_deref(), Some("Authorization"));
+        assert_eq!(inject.value.as_deref(), Some("Bearer {secret}"));
         assert_eq!(inject.secret, "payments/api-token");
         assert_eq!(inject.cache_ttl, Some(Duration::from_secs(900)));
         assert_eq!(http.secret_name(), Some("payments/api-token"));

@@ -10,6 +10,7 @@ use crate::admin::{self, AdminAccess};
 use crate::authority::IdentityHandle;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::http;
 use crate::metrics::{self, Metrics};
 use crate::paths;
 use crate::pg;
@@ -102,6 +103,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
         let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?).await?;
+        let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -144,13 +146,6 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             let t = seal.shamir.as_ref().map(|s| s.threshold).unwrap_or(0);
             tracing::warn!("sealed: run `warden unseal` with {t} shares before secrets can be served");
         }
-        for r in cfg.routes.iter().filter(|r| r.kind != crate::config::RouteKind::Postgres) {
-            tracing::warn!(
-                route = %r.name,
-                kind = %r.kind,
-                "this build does not serve this route kind yet; it is not listening"
-            );
-        }
         notify_systemd(&format!(
             "READY=1\nSTATUS={}",
             if sealed { "sealed: waiting for unseal shares" } else { "serving" }
@@ -182,6 +177,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         for (route, tcp, unix) in pg_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
             route_tasks.push(tokio::spawn(pg::serve_route(route, tcp, unix, pg_shared.clone())));
+        }
+        let http_shared = Arc::new(http::HttpShared::new(cfg, service.clone(), metrics.clone()));
+        for (route, tcp) in http_listeners {
+            tracing::info!(route = %route.name, listen = %route.listen, "HTTP route listening");
+            route_tasks.push(tokio::spawn(http::serve_route(route, tcp, http_shared.clone())));
         }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {

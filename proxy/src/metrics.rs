@@ -34,6 +34,8 @@ struct Inner {
     upstream_connect_seconds: HistogramVec,
     upstream_auth_seconds: HistogramVec,
     cancels: IntCounterVec,
+    http_requests: IntCounterVec,
+    http_added_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -122,6 +124,25 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "warden_http_requests_total",
+                "HTTP route requests by route and result (forwarded, denied, rejected, upstream_error, upstream_tls_error, upstream_timeout, credential_error, ...).",
+            ),
+            &["route", "result"],
+        )?;
+        let http_added_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "warden_http_request_added_seconds",
+                "Time warden adds to an HTTP request (its own work before and after the upstream round trip).",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+            ]),
+            &["route"],
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_added_seconds.clone()))?;
         for c in [&sessions, &bytes, &cancels] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -154,6 +175,8 @@ impl Metrics {
                 upstream_connect_seconds,
                 upstream_auth_seconds,
                 cancels,
+                http_requests,
+                http_added_seconds,
             }),
         })
     }
@@ -234,6 +257,21 @@ impl Metrics {
 
     pub fn pg_cancel(&self, result: &str) {
         self.inner.cancels.with_label_values(&[result]).inc();
+    }
+
+    /// `route` is a configured route name, `result` a fixed label.
+    pub fn http_request(&self, route: &str, result: &str) {
+        self.inner
+            .http_requests
+            .with_label_values(&[route, result])
+            .inc();
+    }
+
+    pub fn http_added_latency(&self, route: &str, added: std::time::Duration) {
+        self.inner
+            .http_added_seconds
+            .with_label_values(&[route])
+            .observe(added.as_secs_f64());
     }
 
     pub fn render(&self) -> String {

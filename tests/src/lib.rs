@@ -7,6 +7,7 @@
 //! `target/debug/warden` next to this test executable.
 
 pub mod pg;
+pub mod upstream;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
