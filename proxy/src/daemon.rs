@@ -15,6 +15,7 @@ use crate::metrics::{self, Metrics};
 use crate::paths;
 use crate::pg;
 use crate::service::{SecretService, StorePolicy};
+use crate::tlsroute;
 use crate::workload_api;
 use crate::workload_identity::WorkloadIdentityProvider;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let workload_listener = bind_workload_socket(&workload_socket)?;
         let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?).await?;
         let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
+        let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -182,6 +184,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         for (route, tcp) in http_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "HTTP route listening");
             route_tasks.push(tokio::spawn(http::serve_route(route, tcp, http_shared.clone())));
+        }
+        let tls_shared = Arc::new(tlsroute::TlsShared::new(cfg, service.clone(), identity.clone(), metrics.clone()));
+        for (route, tcp) in tls_listeners {
+            tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
+            route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
         }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {

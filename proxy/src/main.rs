@@ -21,6 +21,7 @@ mod pg;
 mod service;
 mod store;
 mod timefmt;
+mod tlsroute;
 mod workload_api;
 mod workload_identity;
 
