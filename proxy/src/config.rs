@@ -401,6 +401,15 @@ pub struct Route {
     /// How long to wait for the upstream's TCP and TLS handshake (default 5 s).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub connect_timeout: Option<Duration>,
+    /// http: serve as a forward proxy (clients set `HTTP_PROXY`): requests
+    /// for the upstream's host get the credential; forward_proxy routes may
+    /// share one listen address.
+    #[serde(default)]
+    pub forward_proxy: bool,
+    /// http forward_proxy: `host:port`s this route's workloads may reach
+    /// through `CONNECT` tunnels (no injection).
+    #[serde(default)]
+    pub tunnel: Vec<String>,
     /// http: how long to wait for the upstream's response headers (default 30 s).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub request_timeout: Option<Duration>,
@@ -1307,6 +1316,8 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.client_tls", "true or false, without quotes"),
     ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
     ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
+    ("route.forward_proxy", "true or false, without quotes"),
+    ("route.tunnel", "a list of host:port in quotes, e.g. tunnel = [\"github.com:443\"]"),
     ("route.request_timeout", "a duration in quotes, e.g. request_timeout = \"30s\""),
     ("route.upstream_tls.spiffe_id", "a SPIFFE ID in quotes, e.g. spiffe_id = \"spiffe://example.org/logs\""),
     ("route.inject.query", "a query parameter name in quotes, e.g. query = \"api_key\""),
@@ -1836,16 +1847,19 @@ fn check_routes(c: &mut Checker<'_>) {
                 ),
                 "use a fixed port, e.g. listen = \"127.0.0.1:15432\"",
             );
-        } else if let Some((_, first)) =
-            listens.iter().find(|(other, _)| listen_clash(*other, addr))
-        {
+        } else if let Some((_, first)) = listens.iter().find(|(other, j)| {
+            listen_clash(*other, addr)
+                && !(r.forward_proxy
+                    && *other == addr
+                    && cfg.routes.get(*j).is_some_and(|o| o.forward_proxy))
+        }) {
             c.error(
                 format!("{k}.listen"),
                 format!(
                     "listen address {addr} is already used by route[{first}] (\"{}\")",
                     cfg.routes.get(*first).map_or("", |o| o.name.as_str())
                 ),
-                "give every route its own port",
+                "give every route its own port (only forward_proxy routes may share one listen address)",
             );
         } else if cfg.metrics.listen.is_some_and(|m| listen_clash(m, addr)) {
             c.error(
@@ -1904,6 +1918,29 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             "request_timeout is zero, so every request would time out",
             "set a duration such as request_timeout = \"30s\"",
         );
+    }
+    if (r.forward_proxy || !r.tunnel.is_empty()) && r.kind != RouteKind::Http {
+        c.error(
+            format!("{k}.forward_proxy"),
+            format!("forward_proxy and tunnel are only used by kind = \"http\" routes; this route is kind = \"{}\"", r.kind),
+            "remove forward_proxy and tunnel from this route",
+        );
+    }
+    if !r.tunnel.is_empty() && !r.forward_proxy {
+        c.error(
+            format!("{k}.tunnel"),
+            "tunnel is only used with forward_proxy = true",
+            "add forward_proxy = true, or remove tunnel",
+        );
+    }
+    for (j, t) in r.tunnel.iter().enumerate() {
+        if let Err(problem) = split_host_port(t) {
+            c.error(
+                format!("{k}.tunnel[{j}]"),
+                format!("tunnel \"{t}\" {problem}"),
+                "write host:port, e.g. tunnel = [\"github.com:443\"]",
+            );
+        }
     }
     if let Some(id) = &r.upstream_tls.spiffe_id {
         if r.kind != RouteKind::Tls {

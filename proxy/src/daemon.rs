@@ -181,9 +181,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             route_tasks.push(tokio::spawn(pg::serve_route(route, tcp, unix, pg_shared.clone())));
         }
         let http_shared = Arc::new(http::HttpShared::new(cfg, service.clone(), metrics.clone()));
-        for (route, tcp) in http_listeners {
-            tracing::info!(route = %route.name, listen = %route.listen, "HTTP route listening");
-            route_tasks.push(tokio::spawn(http::serve_route(route, tcp, http_shared.clone())));
+        for l in http_listeners {
+            let (name, listen) = l.describe();
+            tracing::info!(route = %name, listen = %listen, "HTTP route listening");
+            route_tasks.push(tokio::spawn(http::serve(l, http_shared.clone())));
         }
         let tls_shared = Arc::new(tlsroute::TlsShared::new(cfg, service.clone(), identity.clone(), metrics.clone()));
         for (route, tcp) in tls_listeners {

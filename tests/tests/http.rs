@@ -400,3 +400,145 @@ fn smuggling_attempts_are_rejected() {
         .collect();
     assert_eq!(paths, vec!["/base/ok".to_string()]);
 }
+
+/// curl through warden as `http_proxy`/`https_proxy`: (exit code, stdout, stderr).
+fn curl_via_proxy(proxy: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-v", "--max-time", "20"])
+        .args(args)
+        .env("http_proxy", proxy)
+        .env("https_proxy", proxy)
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .expect("curl is required");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn forward_proxy_mode_injects_tunnels_and_refuses() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = warden_tests::pg::make_tls(certs.path());
+    let plain_dir = certs.path().join("plain");
+    std::fs::create_dir(&plain_dir).unwrap();
+    let plain = Upstream::start(&plain_dir, "http", None, None, None);
+    let secure = Upstream::start(
+        certs.path(),
+        "https",
+        Some(&tls.server_cert_pem),
+        Some(&tls.server_key),
+        None,
+    );
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[workload]]
+name = "other"
+spiffe_id = "spiffe://example.org/other"
+selectors = {{ uid = 4242 }}
+
+[[secret]]
+name = "api/token"
+
+[[route]]
+name = "egress"
+kind = "http"
+listen = "127.0.0.1:{port}"
+forward_proxy = true
+upstream = "http://localhost:{plain}"
+inject = {{ header = "X-Api-Key", secret = "api/token" }}
+tunnel = ["127.0.0.1:{secure}"]
+allow = ["me"]
+
+[[route]]
+name = "egress-other"
+kind = "http"
+listen = "127.0.0.1:{port}"
+forward_proxy = true
+upstream = "http://127.0.0.1:{plain}"
+inject = {{ header = "X-Api-Key", secret = "api/token" }}
+allow = ["other"]
+"#,
+        uid = my_uid(),
+        plain = plain.port,
+        secure = secure.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    warden.run(&["init"]).ok();
+    warden.put("api/token", TOKEN.as_bytes()).ok();
+    let daemon = warden.start_daemon();
+    let proxy = format!("http://127.0.0.1:{port}");
+
+    // An http:// host with injection: the credential is added, the client's copy removed.
+    let (code, out, err) = curl_via_proxy(
+        &proxy,
+        &[
+            "-H",
+            "X-Api-Key: client-copy",
+            &format!("http://localhost:{}/v1/x?y=2", plain.port),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("seen GET /v1/x 0"), "{out}{err}");
+    let recs = plain.records();
+    assert_eq!(
+        header_values(&recs[0], "x-api-key"),
+        vec![TOKEN.to_string()]
+    );
+    assert_eq!(recs[0]["path"], "/v1/x?y=2");
+    assert!(!out.contains(TOKEN) && !err.contains(TOKEN));
+
+    // A host in the tunnel list: CONNECT, TLS end to end between curl and the upstream.
+    let (code, out, err) = curl_via_proxy(
+        &proxy,
+        &[
+            "--cacert",
+            &tls.ca_pem.display().to_string(),
+            &format!("https://127.0.0.1:{}/t", secure.port),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("seen GET /t 0"), "{out}{err}");
+    assert!(header_values(&secure.records()[0], "x-api-key").is_empty());
+
+    // A host nobody configured → 403 naming the host.
+    let (_, out, err) = curl_via_proxy(&proxy, &["http://example.invalid/"]);
+    assert!(err.contains("< HTTP/1.1 403"), "{out}{err}");
+    assert!(out.contains("may not reach example.invalid:80"), "{out}");
+    // A host whose route does not allow this workload → 403 naming workload and route.
+    let (_, out, err) = curl_via_proxy(&proxy, &[&format!("http://127.0.0.1:{}/", plain.port)]);
+    assert!(err.contains("< HTTP/1.1 403"), "{out}{err}");
+    assert!(
+        out.contains("which may not use route \"egress-other\""),
+        "{out}"
+    );
+    // CONNECT to a host that gets injection is refused with the way out.
+    let (code, _, err) = curl_via_proxy(&proxy, &[&format!("https://localhost:{}/", plain.port)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(plain.records().len(), 1);
+
+    assert!(!daemon.log_text().contains(TOKEN));
+    let (_, metrics) = warden.http_get("/metrics");
+    assert!(
+        metrics.contains("warden_http_requests_total{result=\"tunnel\",route=\"egress\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warden_http_requests_total{result=\"forwarded\",route=\"egress\"} 1"),
+        "{metrics}"
+    );
+}

@@ -7,6 +7,9 @@
 //! - [`upstream`]: TCP + rustls connector for hyper-util's pooled client
 //!   (verification always on, X25519MLKEM768 first, ALPN h2/http1.1).
 //! - [`proxy`]: one request through the data path, with its 403/502/504s.
+//! - [`forward`]: forward-proxy mode (`HTTP_PROXY` clients): absolute-form
+//!   requests for a route's host get its credential, `CONNECT` tunnels to
+//!   the routes' `tunnel` hosts, 403 for everything else.
 //!
 //! Per client connection the peer is attributed and attested once (the same
 //! [`crate::peer::Attestor`] the PostgreSQL routes use); the first
@@ -14,6 +17,7 @@
 //! before anything is forwarded (fail closed), and the connection's end a
 //! `session.end` with its request count.
 
+pub mod forward;
 pub mod gate;
 pub mod inject;
 pub mod proxy;
@@ -50,6 +54,11 @@ pub struct HttpRoute {
     pub client: proxy::Client,
     /// HTTP/1.1-only client for upgrade (WebSocket) requests.
     pub upgrade_client: proxy::Client,
+    /// Serve as a forward proxy (`HTTP_PROXY`) for the upstream's host.
+    pub forward_proxy: bool,
+    /// forward_proxy: `CONNECT` targets (lowercased host, port) without injection.
+    pub tunnel: Vec<(String, u16)>,
+    pub connect_timeout: Duration,
 }
 
 impl HttpRoute {
@@ -129,6 +138,22 @@ impl HttpRoute {
                 request_timeout: r.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
                 client: proxy::client(connector(tls), false),
                 upgrade_client: proxy::client(connector(tls_h1), true),
+                forward_proxy: r.forward_proxy,
+                tunnel: r
+                    .tunnel
+                    .iter()
+                    .enumerate()
+                    .map(|(j, t)| {
+                        let a: http::uri::Authority = t.trim().parse().map_err(|e| {
+                            Error::usage(format!("route[{i}].tunnel[{j}]: {t:?}: {e}"))
+                        })?;
+                        let port = a.port_u16().ok_or_else(|| {
+                            Error::usage(format!("route[{i}].tunnel[{j}]: {t:?} needs a port"))
+                        })?;
+                        Ok((a.host().to_ascii_lowercase(), port))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                connect_timeout: r.connect_timeout(),
             });
         }
         Ok(out)
@@ -154,44 +179,95 @@ impl HttpShared {
     }
 }
 
+/// A bound listener: one reverse-proxy route, or the forward-proxy routes
+/// that share an address.
+pub enum Listener {
+    Reverse(Arc<HttpRoute>, tokio::net::TcpListener),
+    Forward(Vec<Arc<HttpRoute>>, tokio::net::TcpListener),
+}
+
+impl Listener {
+    pub fn describe(&self) -> (String, SocketAddr) {
+        match self {
+            Listener::Reverse(r, _) => (r.name.clone(), r.listen),
+            Listener::Forward(rs, _) => (
+                rs.iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                rs.first()
+                    .map(|r| r.listen)
+                    .unwrap_or_else(|| ([127, 0, 0, 1], 0).into()),
+            ),
+        }
+    }
+}
+
 /// Binds every http route's listener (so a busy port fails the start).
-pub async fn bind_routes(
-    routes: Vec<HttpRoute>,
-) -> Result<Vec<(Arc<HttpRoute>, tokio::net::TcpListener)>> {
-    let mut out = Vec::new();
-    for r in routes {
-        let tcp = tokio::net::TcpListener::bind(r.listen).await.map_err(|e| {
+pub async fn bind_routes(routes: Vec<HttpRoute>) -> Result<Vec<Listener>> {
+    let bind = |name: String, addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             Error::usage(format!(
-                "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
-                r.name, r.listen
+                "route {name:?}: cannot listen on {addr}: {e}; fix: choose a free address in route.listen"
             ))
-        })?;
-        out.push((Arc::new(r), tcp));
+        })
+    };
+    let mut out = Vec::new();
+    let mut forward: Vec<(SocketAddr, Vec<Arc<HttpRoute>>)> = Vec::new();
+    for r in routes {
+        if r.forward_proxy {
+            match forward.iter_mut().find(|(a, _)| *a == r.listen) {
+                Some((_, v)) => v.push(Arc::new(r)),
+                None => forward.push((r.listen, vec![Arc::new(r)])),
+            }
+        } else {
+            let tcp = bind(r.name.clone(), r.listen).await?;
+            out.push(Listener::Reverse(Arc::new(r), tcp));
+        }
+    }
+    for (addr, routes) in forward {
+        let tcp = bind(routes[0].name.clone(), addr).await?;
+        out.push(Listener::Forward(routes, tcp));
     }
     Ok(out)
 }
 
-/// Accepts client connections on one route until the task is dropped.
-pub async fn serve_route(
-    route: Arc<HttpRoute>,
-    tcp: tokio::net::TcpListener,
-    shared: Arc<HttpShared>,
-) {
+/// Accepts client connections on one listener until the task is dropped.
+pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
+    let (label, listen) = listener.describe();
+    let (tcp, reverse, forward) = match listener {
+        Listener::Reverse(r, t) => (t, Some(r), Vec::new()),
+        Listener::Forward(rs, t) => (t, None, rs),
+    };
+    let forward = Arc::new(forward);
     loop {
         match tcp.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(route.listen);
-                tokio::spawn(proxy::serve_connection(
-                    stream,
-                    local,
-                    peer,
-                    route.clone(),
-                    shared.clone(),
-                ));
+                let local = stream.local_addr().unwrap_or(listen);
+                match &reverse {
+                    Some(route) => {
+                        tokio::spawn(proxy::serve_connection(
+                            stream,
+                            local,
+                            peer,
+                            route.clone(),
+                            shared.clone(),
+                        ));
+                    }
+                    None => {
+                        tokio::spawn(proxy::serve_forward_connection(
+                            stream,
+                            local,
+                            peer,
+                            forward.clone(),
+                            shared.clone(),
+                        ));
+                    }
+                }
             }
             Err(e) => {
-                tracing::warn!(route = %route.name, "accept failed: {e}");
+                tracing::warn!(route = %label, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -44,10 +44,10 @@ pub fn client(connector: Connector, h1_only: bool) -> Client {
 }
 
 /// Per-connection state.
-struct ConnCtx {
-    route: Arc<HttpRoute>,
-    shared: Arc<HttpShared>,
-    who: Result<Attested, String>,
+pub(super) struct ConnCtx {
+    pub(super) route: Arc<HttpRoute>,
+    pub(super) shared: Arc<HttpShared>,
+    pub(super) who: Result<Attested, String>,
     started: Instant,
     state: Mutex<ConnState>,
 }
@@ -72,32 +72,43 @@ impl OnRefuse for GateNotice {
     }
 }
 
-/// Serves one client connection (HTTP/1.1 keep-alive, upgrades).
-pub async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn attest(
+    shared: &Arc<HttpShared>,
     local: SocketAddr,
     peer: SocketAddr,
-    route: Arc<HttpRoute>,
-    shared: Arc<HttpShared>,
-) {
+) -> Result<Attested, String> {
     let s2 = shared.clone();
-    let who = tokio::task::spawn_blocking(move || s2.attestor.attest_tcp(local, peer))
+    tokio::task::spawn_blocking(move || s2.attestor.attest_tcp(local, peer))
         .await
-        .unwrap_or_else(|e| Err(format!("warden: attestation failed: {e}")));
-    let ctx = Arc::new(ConnCtx {
+        .unwrap_or_else(|e| Err(format!("warden: attestation failed: {e}")))
+}
+
+fn conn_ctx(
+    route: &Arc<HttpRoute>,
+    shared: &Arc<HttpShared>,
+    who: Result<Attested, String>,
+) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
         route: route.clone(),
         shared: shared.clone(),
         who,
         started: Instant::now(),
         state: Mutex::new(ConnState::default()),
-    });
+    })
+}
+
+/// Runs hyper's HTTP/1.1 server (keep-alive, upgrades) behind the framing gate.
+async fn serve_http1<F, Fut>(stream: tokio::net::TcpStream, label: &str, shared: &HttpShared, f: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let notice = Arc::new(GateNotice {
-        route: route.name.clone(),
+        route: label.to_string(),
         metrics: shared.metrics.clone(),
     });
     let io = TokioIo::new(Gate::new(stream, notice));
-    let c2 = ctx.clone();
-    let svc = hyper::service::service_fn(move |req| handle(req, c2.clone()));
+    let svc = hyper::service::service_fn(f);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
@@ -107,8 +118,57 @@ pub async fn serve_connection(
         .serve_connection(io, svc)
         .with_upgrades();
     if let Err(e) = conn.await {
-        tracing::debug!(route = %route.name, "client connection ended: {e}");
+        tracing::debug!(route = %label, "client connection ended: {e}");
     }
+}
+
+/// Serves one client connection of a reverse-proxy route.
+pub async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    route: Arc<HttpRoute>,
+    shared: Arc<HttpShared>,
+) {
+    let who = attest(&shared, local, peer).await;
+    let ctx = conn_ctx(&route, &shared, who);
+    let c2 = ctx.clone();
+    serve_http1(stream, &route.name, &shared, move |req| {
+        handle(req, c2.clone())
+    })
+    .await;
+    finish(&ctx).await;
+}
+
+/// Serves one client connection of a forward-proxy listener (`HTTP_PROXY`).
+pub async fn serve_forward_connection(
+    stream: tokio::net::TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    routes: Arc<Vec<Arc<HttpRoute>>>,
+    shared: Arc<HttpShared>,
+) {
+    let who = attest(&shared, local, peer).await;
+    let ctxs: Arc<Vec<Arc<ConnCtx>>> = Arc::new(
+        routes
+            .iter()
+            .map(|r| conn_ctx(r, &shared, who.clone()))
+            .collect(),
+    );
+    let label = routes.first().map(|r| r.name.clone()).unwrap_or_default();
+    let c2 = ctxs.clone();
+    serve_http1(stream, &label, &shared, move |req| {
+        super::forward::handle(req, c2.clone())
+    })
+    .await;
+    for ctx in ctxs.iter() {
+        finish(ctx).await;
+    }
+}
+
+/// The `session.end` record of a connection that used the credential.
+async fn finish(ctx: &ConnCtx) {
+    let (route, shared) = (&ctx.route, &ctx.shared);
     let (recorded, requests) = match ctx.state.lock() {
         Ok(s) => (s.recorded, s.requests),
         Err(_) => (None, 0),
@@ -120,7 +180,7 @@ pub async fn serve_connection(
             actor: actor(Some(who)),
             action: "session.end".into(),
             target: target(
-                &route,
+                route,
                 Some(version),
                 format!("http, {requests} requests, {} ms", elapsed.as_millis()),
             ),
@@ -132,7 +192,7 @@ pub async fn serve_connection(
     }
 }
 
-fn target(route: &HttpRoute, version: Option<u32>, detail: String) -> Target {
+pub(super) fn target(route: &HttpRoute, version: Option<u32>, detail: String) -> Target {
     Target {
         route: Some(route.name.clone()),
         secret: version.map(|_| route.secret.clone()),
@@ -142,7 +202,7 @@ fn target(route: &HttpRoute, version: Option<u32>, detail: String) -> Target {
     }
 }
 
-fn record(shared: &HttpShared, event: &Event) -> bool {
+pub(super) fn record(shared: &HttpShared, event: &Event) -> bool {
     match shared.service.lock() {
         Ok(mut s) => s.record(event).is_ok(),
         Err(_) => false,
@@ -164,7 +224,7 @@ pub fn text(status: StatusCode, message: &str) -> Response<Body> {
     resp
 }
 
-async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String) -> Response<Body> {
+pub(super) async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String) -> Response<Body> {
     let route = &ctx.route;
     ctx.shared.metrics.http_request(&route.name, "denied");
     let first = match ctx.state.lock() {
@@ -361,7 +421,10 @@ fn upstream_uri(route: &HttpRoute, target: &http::Uri, secret: &[u8]) -> Result<
         .map_err(|_| "warden: the request target is not a valid URI".to_string())
 }
 
-async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
+pub(super) async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let route = ctx.route.clone();
     let who = match &ctx.who {
