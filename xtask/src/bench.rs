@@ -9,10 +9,16 @@
 //!   PostgreSQL and PgBouncer injecting the same credential, interleaved in
 //!   one run; persistent connections and a new connection per transaction.
 //!
+//! - HTTP proxying (`bench/http.rs`): wrk requests/s and p50/p99 through an
+//!   http route injecting `Authorization`, beside direct requests to the same
+//!   local nginx upstream and a second nginx injecting the same header.
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
-//! anything else goes to `svid_bench` (e.g. its iteration count).
+//! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
+//! (default 3); anything else goes to `svid_bench` (e.g. its iteration count).
 
+mod http;
 mod pg;
 
 use std::path::Path;
@@ -25,21 +31,27 @@ use crate::cmd;
 #[derive(Debug, PartialEq, Eq)]
 struct Options {
     pg: pg::Options,
+    http: http::Options,
     svid_args: Vec<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut pg = pg::Options::default();
+    let mut http = http::Options::default();
     let mut svid_args = Vec::new();
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let (name, inline) = match arg.split_once('=') {
-            Some((name, value)) if name.starts_with("--pg-") => (name, Some(value.to_owned())),
+            Some((name, value)) if name.starts_with("--pg-") || name.starts_with("--http-") => {
+                (name, Some(value.to_owned()))
+            }
             _ => (arg.as_str(), None),
         };
         let slot = match name {
             "--pg-seconds" => &mut pg.seconds,
             "--pg-rounds" => &mut pg.rounds,
+            "--http-seconds" => &mut http.seconds,
+            "--http-rounds" => &mut http.rounds,
             _ => {
                 svid_args.push(arg.clone());
                 continue;
@@ -61,7 +73,14 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if pg.seconds > 600 {
         bail!("`--pg-seconds {}` is more than 600", pg.seconds);
     }
-    Ok(Options { pg, svid_args })
+    if http.seconds > 600 {
+        bail!("`--http-seconds {}` is more than 600", http.seconds);
+    }
+    Ok(Options {
+        pg,
+        http,
+        svid_args,
+    })
 }
 
 pub fn run(repo: &Path, args: &[String]) -> Result<()> {
@@ -86,6 +105,10 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
         "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
         || pg::run(repo, &options.pg),
     )?;
+    steps.run(
+        "HTTP proxy: warden vs direct vs nginx injecting the same header (wrk)",
+        || http::run(repo, &options.http),
+    )?;
     steps.print_summary();
     Ok(())
 }
@@ -105,6 +128,8 @@ mod tests {
         assert_eq!(options.pg.rounds, 3);
         assert_eq!(options.svid_args, strings(&["500"]));
         assert_eq!(parse_args(&[])?.pg, pg::Options::default());
+        let o = parse_args(&strings(&["--http-seconds=2", "--http-rounds", "4"]))?;
+        assert_eq!((o.http.seconds, o.http.rounds), (2, 4));
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());

@@ -87,6 +87,12 @@ impl TlsRoute {
     }
 }
 
+/// A client configuration and the (SVID serial, bundle) tag it was built from.
+type TaggedConfig = (String, Arc<ClientConfig>);
+
+/// A refused connection: who (if attested), why, and the metrics result label.
+type Refusal = Box<(Option<Attested>, String, &'static str)>;
+
 /// State shared by every tls route.
 pub struct TlsShared {
     pub service: Arc<Mutex<SecretService>>,
@@ -95,7 +101,7 @@ pub struct TlsShared {
     pub metrics: Metrics,
     /// Client configurations by (route, workload), with the SVID serial and
     /// bundle they were built from.
-    configs: Mutex<HashMap<(String, String), (String, Arc<ClientConfig>)>>,
+    configs: Mutex<HashMap<(String, String), TaggedConfig>>,
 }
 
 impl TlsShared {
@@ -271,7 +277,7 @@ impl ServerCertVerifier for SpiffeIdVerifier {
             Err(e) => return Err(e),
         }
         let sans = uri_sans(end_entity);
-        if sans.iter().any(|s| *s == self.expected) {
+        if sans.contains(&self.expected) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
@@ -361,31 +367,39 @@ async fn session(
 ) {
     let started = Instant::now();
     let (s2, r2) = (shared.clone(), route.clone());
-    let prepared = tokio::task::spawn_blocking(move || {
+    let prepared = tokio::task::spawn_blocking(move || -> std::result::Result<_, Refusal> {
         let who = s2.attestor.attest_tcp(local, peer).map_err(|m| {
-            (
+            Box::new((
                 None,
                 format!("{m} — route {:?} refuses unattested clients", r2.name),
                 "denied",
-            )
+            ))
         })?;
         if !r2.allow.contains(&who.workload) {
-            return Err((Some(who.clone()), not_allowed(&who, &r2.name), "denied"));
+            let m = not_allowed(&who, &r2.name);
+            return Err(Box::new((Some(who), m, "denied")));
         }
         match s2.client_config(&r2, &who) {
             Ok((config, serial)) => Ok((who, config, serial)),
-            Err(m) => Err((
+            Err(m) => Err(Box::new((
                 Some(who),
                 format!("warden: route {:?}: {m}", r2.name),
                 "identity_error",
-            )),
+            ))),
         }
     })
     .await
-    .unwrap_or_else(|e| Err((None, format!("warden: attestation failed: {e}"), "error")));
+    .unwrap_or_else(|e| {
+        Err(Box::new((
+            None,
+            format!("warden: attestation failed: {e}"),
+            "error",
+        )))
+    });
     let (who, config, serial) = match prepared {
         Ok(p) => p,
-        Err((who, message, result)) => {
+        Err(refusal) => {
+            let (who, message, result) = *refusal;
             tracing::warn!(route = %route.name, "connection refused: {message}");
             shared.metrics.pg_session(&route.name, result);
             let event = Event {
