@@ -2990,7 +2990,7 @@ allow = ["reports"]
         assert_eq!(c.max_versions_for("orders-db/app"), 5);
         assert_eq!(c.max_versions_for("payments/api-token"), 10);
 
-        assert_eq!(c.routes.len(), 3);
+        assert_eq!(c.routes.len(), 4);
         let pg = &c.routes[0];
         assert_eq!(pg.kind, RouteKind::Postgres);
         assert_eq!(pg.listen, "127.0.0.1:15432".parse().unwrap());
@@ -3023,8 +3023,15 @@ allow = ["reports"]
             http.upstream_host_port(),
             Ok(("payments.internal".to_string(), 8443))
         );
-        assert_eq!(c.routes[2].kind, RouteKind::Tls);
-        assert_eq!(c.routes[2].upstream_tls.mode, TlsMode::VerifyFull);
+        assert!(c.routes[2].forward_proxy);
+        assert_eq!(c.routes[2].tunnel, vec!["github.com:443".to_string()]);
+        assert_eq!(
+            c.routes[2].inject.as_ref().and_then(|i| i.query.as_deref()),
+            Some("api_key")
+        );
+        assert_eq!(c.routes[1].request_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.routes[3].kind, RouteKind::Tls);
+        assert_eq!(c.routes[3].upstream_tls.mode, TlsMode::VerifyFull);
 
         assert_eq!(
             c.anomaly.webhook.as_deref(),
@@ -3361,6 +3368,80 @@ allow = ["reports"]
             )
         );
         only_error(&text, "route[1].upstream");
+    }
+
+    #[test]
+    fn http_and_tls_route_keys_are_checked() {
+        let inj = "inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"payments/token\" }";
+        let http = |to: &str| format!("{BASE}{}", edit_text(HTTP_ROUTE, inj, to));
+        only_error(
+            &http("inject = { header = \"A\", query = \"k\", secret = \"payments/token\" }"),
+            "route[1].inject",
+        );
+        only_error(
+            &http("inject = { basic_user = \"svc\", value = \"{secret}\", secret = \"payments/token\" }"),
+            "route[1].inject.value",
+        );
+        only_error(
+            &http("inject = { basic_user = \"a:b\", secret = \"payments/token\" }"),
+            "route[1].inject.basic_user",
+        );
+        only_error(
+            &http("inject = { query = \"a b\", secret = \"payments/token\" }"),
+            "route[1].inject.query",
+        );
+        ok(&http(
+            "inject = { query = \"api_key\", secret = \"payments/token\" }",
+        ));
+        only_error(
+            &http(&format!("{inj}\ntunnel = [\"github.com:443\"]")),
+            "route[1].tunnel",
+        );
+        only_error(
+            &http(&format!(
+                "{inj}\nforward_proxy = true\ntunnel = [\"github.com\"]"
+            )),
+            "route[1].tunnel[0]",
+        );
+        only_error(
+            &http(&format!("{inj}\nupstream_tls = {{ mode = \"require\" }}")),
+            "route[1].upstream_tls.mode",
+        );
+        only_error(
+            &http(&format!("{inj}\nrequest_timeout = \"0s\"")),
+            "route[1].request_timeout",
+        );
+        // Two forward proxies may share a listener; a reverse proxy may not.
+        let second = HTTP_ROUTE.replace("\"payments\"", "\"payments-2\"");
+        let fwd = |t: &str| t.replace("allow = [", "forward_proxy = true\nallow = [");
+        ok(&format!("{BASE}{}{}", fwd(HTTP_ROUTE), fwd(&second)));
+        only_error(
+            &format!("{BASE}{}{}", fwd(HTTP_ROUTE), second),
+            "route[2].listen",
+        );
+        // tls routes: verification always on, spiffe_id well formed and tls-only.
+        let tls = "\n[[route]]\nname = \"logs\"\nkind = \"tls\"\nlisten = \"127.0.0.1:16514\"\nupstream = \"logs.internal:6514\"\nallow = [\"reports\"]\n";
+        let with_tls = |extra: &str| format!("{BASE}{tls}{extra}\n");
+        ok(&with_tls(
+            "upstream_tls = { spiffe_id = \"spiffe://example.org/logs\" }",
+        ));
+        only_error(
+            &with_tls("upstream_tls = { spiffe_id = \"https://x\" }"),
+            "route[1].upstream_tls.spiffe_id",
+        );
+        let r = report(&with_tls("upstream_tls = { mode = \"require\" }"));
+        assert!(
+            r.errors
+                .iter()
+                .any(|i| i.key == "route[1].upstream_tls.mode"),
+            "{r}"
+        );
+        only_error(
+            &http(&format!(
+                "{inj}\nupstream_tls = {{ spiffe_id = \"spiffe://example.org/x\" }}"
+            )),
+            "route[1].upstream_tls.spiffe_id",
+        );
     }
 
     #[test]

@@ -542,3 +542,43 @@ allow = ["other"]
         "{metrics}"
     );
 }
+
+#[test]
+fn websocket_upgrade_passes_through_with_the_credential() {
+    let s = setup();
+    let mut c = TcpStream::connect(("127.0.0.1", s.ports["api"])).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer client\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            c.read(&mut byte).unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    c.write_all(b"ping frames\n").unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        let n = c.read(&mut byte).unwrap();
+        assert_eq!(n, 1, "{}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    assert_eq!(got, b"echo:ping frames\n");
+    let recs = s.upstream.records();
+    assert_eq!(
+        header_values(&recs[0], "authorization"),
+        vec![format!("Bearer {TOKEN}")]
+    );
+    assert_eq!(
+        header_values(&recs[0], "upgrade"),
+        vec!["websocket".to_string()]
+    );
+    assert!(!head.contains(&TOKEN.to_ascii_lowercase()));
+}
