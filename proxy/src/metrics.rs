@@ -15,6 +15,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// One http route's per-request metrics, resolved once.
+#[derive(Clone)]
+pub struct HttpRouteMetrics {
+    pub forwarded: prometheus::IntCounter,
+    pub added: prometheus::Histogram,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -265,6 +272,17 @@ impl Metrics {
             .http_requests
             .with_label_values(&[route, result])
             .inc();
+    }
+
+    /// Pre-resolved per-route handles for the per-request hot path.
+    pub fn http_route(&self, route: &str) -> HttpRouteMetrics {
+        HttpRouteMetrics {
+            forwarded: self
+                .inner
+                .http_requests
+                .with_label_values(&[route, "forwarded"]),
+            added: self.inner.http_added_seconds.with_label_values(&[route]),
+        }
     }
 
     pub fn http_added_latency(&self, route: &str, added: std::time::Duration) {

@@ -582,3 +582,98 @@ fn websocket_upgrade_passes_through_with_the_credential() {
     );
     assert!(!head.contains(&TOKEN.to_ascii_lowercase()));
 }
+
+fn nginx_bin() -> std::path::PathBuf {
+    for p in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
+        if std::path::Path::new(p).is_file() {
+            return p.into();
+        }
+    }
+    "nginx".into()
+}
+
+/// nginx over TLS with HTTP/2 as the upstream: warden negotiates h2 by ALPN
+/// and the injected header arrives (nginx answers 200 only for the token).
+#[test]
+fn http2_upstream_is_negotiated_by_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = warden_tests::pg::make_tls(dir.path());
+    let up_port = free_port();
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\ndaemon off;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+         server {{ listen 127.0.0.1:{up_port} ssl http2; ssl_certificate {cert}; ssl_certificate_key {key};\n\
+           location / {{ default_type text/plain;\n\
+             if ($http_authorization = \"Bearer {TOKEN}\") {{ return 200 \"proto=$server_protocol auth=ok\\n\"; }}\n\
+             return 401 \"proto=$server_protocol auth=missing\\n\"; }} }}\n}}\n",
+        cert = tls.server_cert_pem.display(),
+        key = tls.server_key.display(),
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut nginx = Command::new(nginx_bin())
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx (Debian package nginx) is required");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", up_port)).is_err() {
+        if let Ok(Some(st)) = nginx.try_wait() {
+            panic!(
+                "nginx exited with {st}: {}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _nginx = Kill(nginx);
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "h2"
+kind = "http"
+listen = "127.0.0.1:{port}"
+upstream = "https://localhost:{up_port}"
+upstream_tls = {{ ca_file = "{ca}" }}
+inject = {{ header = "Authorization", value = "Bearer {{secret}}", secret = "api/token" }}
+allow = ["me"]
+"#,
+        uid = my_uid(),
+        ca = tls.ca_pem.display(),
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("api/token", TOKEN.as_bytes()).ok();
+    let _daemon = warden.start_daemon();
+    let (code, body, err) = curl(&[
+        "-H",
+        "Authorization: Bearer client",
+        &format!("http://127.0.0.1:{port}/a"),
+        &format!("http://127.0.0.1:{port}/b"),
+    ]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(code, 200, "{text}{err}");
+    assert_eq!(text.matches("proto=HTTP/2.0 auth=ok").count(), 2, "{text}");
+    assert!(!text.contains(TOKEN));
+}

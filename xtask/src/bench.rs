@@ -16,7 +16,7 @@
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
-//! (default 3); anything else goes to `svid_bench` (e.g. its iteration count).
+//! (default 3), `--only svid|pg|http` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod http;
 mod pg;
@@ -32,6 +32,8 @@ use crate::cmd;
 struct Options {
     pg: pg::Options,
     http: http::Options,
+    /// `--only svid|pg|http`: run just that benchmark.
+    only: Option<String>,
     svid_args: Vec<String>,
 }
 
@@ -39,8 +41,23 @@ fn parse_args(args: &[String]) -> Result<Options> {
     let mut pg = pg::Options::default();
     let mut http = http::Options::default();
     let mut svid_args = Vec::new();
+    let mut only = None;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
+        if arg == "--only" || arg.starts_with("--only=") {
+            let v = match arg.strip_prefix("--only=") {
+                Some(v) => v.to_owned(),
+                None => iter
+                    .next()
+                    .cloned()
+                    .context("`--only` needs svid, pg or http")?,
+            };
+            if !["svid", "pg", "http"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg or http");
+            }
+            only = Some(v);
+            continue;
+        }
         let (name, inline) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--pg-") || name.starts_with("--http-") => {
                 (name, Some(value.to_owned()))
@@ -79,6 +96,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
     Ok(Options {
         pg,
         http,
+        only,
         svid_args,
     })
 }
@@ -86,29 +104,36 @@ fn parse_args(args: &[String]) -> Result<Options> {
 pub fn run(repo: &Path, args: &[String]) -> Result<()> {
     let options = parse_args(args)?;
     let mut steps = cmd::Steps::default();
-    steps.run("SVID issuance (release build)", || {
-        let mut c = cmd::cargo(repo);
-        c.args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "warden-identity",
-            "--example",
-            "svid_bench",
-            "--",
-        ])
-        .args(&options.svid_args);
-        cmd::run(&mut c)
-    })?;
-    steps.run(
-        "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
-        || pg::run(repo, &options.pg),
-    )?;
-    steps.run(
-        "HTTP proxy: warden vs direct vs nginx injecting the same header (wrk)",
-        || http::run(repo, &options.http),
-    )?;
+    let wanted = |name: &str| options.only.as_deref().is_none_or(|o| o == name);
+    if wanted("svid") {
+        steps.run("SVID issuance (release build)", || {
+            let mut c = cmd::cargo(repo);
+            c.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "warden-identity",
+                "--example",
+                "svid_bench",
+                "--",
+            ])
+            .args(&options.svid_args);
+            cmd::run(&mut c)
+        })?;
+    }
+    if wanted("pg") {
+        steps.run(
+            "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
+            || pg::run(repo, &options.pg),
+        )?;
+    }
+    if wanted("http") {
+        steps.run(
+            "HTTP proxy: warden vs direct vs nginx injecting the same header (wrk)",
+            || http::run(repo, &options.http),
+        )?;
+    }
     steps.print_summary();
     Ok(())
 }
@@ -130,6 +155,11 @@ mod tests {
         assert_eq!(parse_args(&[])?.pg, pg::Options::default());
         let o = parse_args(&strings(&["--http-seconds=2", "--http-rounds", "4"]))?;
         assert_eq!((o.http.seconds, o.http.rounds), (2, 4));
+        assert_eq!(
+            parse_args(&strings(&["--only", "http"]))?.only.as_deref(),
+            Some("http")
+        );
+        assert!(parse_args(&strings(&["--only=x"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());

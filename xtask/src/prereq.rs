@@ -64,6 +64,12 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::Path,
     },
     Requirement {
+        binary: "nginx",
+        package: "nginx",
+        why: "the HTTP route test uses nginx as an HTTPS + HTTP/2 upstream",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "sqlite3",
         package: "sqlite3",
         why: "tests inspect warden's store.db directly",

@@ -372,6 +372,8 @@ pub struct Gate<S> {
     refusal: Option<(Vec<u8>, usize)>,
     eof: bool,
     notify: std::sync::Arc<dyn OnRefuse>,
+    /// Read buffer, allocated once per connection.
+    raw: Box<[u8]>,
 }
 
 impl<S> Gate<S> {
@@ -384,6 +386,7 @@ impl<S> Gate<S> {
             refusal: None,
             eof: false,
             notify,
+            raw: vec![0u8; 16 * 1024].into_boxed_slice(),
         }
     }
 }
@@ -433,8 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Gate<S> {
             if this.refusal.is_some() || this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut raw = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut raw);
+            let mut rb = ReadBuf::new(&mut this.raw);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),

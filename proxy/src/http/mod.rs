@@ -59,6 +59,10 @@ pub struct HttpRoute {
     /// forward_proxy: `CONNECT` targets (lowercased host, port) without injection.
     pub tunnel: Vec<(String, u16)>,
     pub connect_timeout: Duration,
+    /// The credential ready to add (refreshed after `cache_ttl`).
+    pub prepared: Mutex<Option<Arc<proxy::Prepared>>>,
+    /// Per-request metric handles, resolved when the route starts serving.
+    pub hot: std::sync::OnceLock<crate::metrics::HttpRouteMetrics>,
 }
 
 impl HttpRoute {
@@ -154,6 +158,8 @@ impl HttpRoute {
                     })
                     .collect::<Result<Vec<_>>>()?,
                 connect_timeout: r.connect_timeout(),
+                prepared: Mutex::new(None),
+                hot: std::sync::OnceLock::new(),
             });
         }
         Ok(out)
@@ -239,6 +245,9 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
         Listener::Reverse(r, t) => (t, Some(r), Vec::new()),
         Listener::Forward(rs, t) => (t, None, rs),
     };
+    for r in reverse.iter().chain(forward.iter()) {
+        let _ = r.hot.set(shared.metrics.http_route(&r.name));
+    }
     let forward = Arc::new(forward);
     loop {
         match tcp.accept().await {

@@ -247,24 +247,53 @@ pub(super) async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String)
     text(StatusCode::FORBIDDEN, &message)
 }
 
-/// The route's secret (cache first, the store on a miss).
-async fn credential(ctx: &ConnCtx) -> Result<(u32, Zeroizing<Vec<u8>>), Response<Body>> {
+/// The route's credential, ready to add: the secret and the header value
+/// built from it. Rebuilt after the route's cache TTL.
+pub struct Prepared {
+    version: u32,
+    fetched: Instant,
+    secret: Zeroizing<Vec<u8>>,
+    header: Option<Result<HeaderValue, String>>,
+}
+
+/// The route's credential (prepared copy first, then the cache, then the store).
+async fn credential(ctx: &ConnCtx) -> Result<Arc<Prepared>, Response<Body>> {
     let route = &ctx.route;
-    if let Some(hit) = ctx
+    if let Ok(p) = route.prepared.lock() {
+        if let Some(p) = p.as_ref() {
+            if p.fetched.elapsed() < route.cache_ttl {
+                return Ok(p.clone());
+            }
+        }
+    }
+    let hit = ctx
         .shared
         .credentials
-        .cached(&route.secret, &route.env, route.cache_ttl)
-    {
-        return Ok(hit);
-    }
-    let (s, r) = (ctx.shared.clone(), ctx.route.clone());
-    let got = tokio::task::spawn_blocking(move || {
-        s.credentials
-            .get(&s.service, &r.secret, &r.env, r.cache_ttl)
-    })
-    .await;
+        .cached(&route.secret, &route.env, route.cache_ttl);
+    let got = match hit {
+        Some(v) => Ok(Ok(v)),
+        None => {
+            let (s, r) = (ctx.shared.clone(), ctx.route.clone());
+            tokio::task::spawn_blocking(move || {
+                s.credentials
+                    .get(&s.service, &r.secret, &r.env, r.cache_ttl)
+            })
+            .await
+        }
+    };
     match got {
-        Ok(Ok(v)) => Ok(v),
+        Ok(Ok((version, secret))) => {
+            let prepared = Arc::new(Prepared {
+                version,
+                fetched: Instant::now(),
+                header: route.injection.header_value(&secret),
+                secret,
+            });
+            if let Ok(mut p) = route.prepared.lock() {
+                *p = Some(prepared.clone());
+            }
+            Ok(prepared)
+        }
         Ok(Err(e)) => {
             ctx.shared
                 .metrics
@@ -407,17 +436,20 @@ fn upstream_uri(route: &HttpRoute, target: &http::Uri, secret: &[u8]) -> Result<
         return Err("warden: the request target must start with /".into());
     }
     let query = route.injection.rewrite_query(target.query(), secret);
-    let mut s = Zeroizing::new(String::with_capacity(128));
-    s.push_str(route.scheme.as_str());
-    s.push_str("://");
-    s.push_str(route.authority.as_str());
-    s.push_str(&route.base_path);
-    s.push_str(path);
+    let mut pq = Zeroizing::new(String::with_capacity(
+        route.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+    ));
+    pq.push_str(&route.base_path);
+    pq.push_str(path);
     if let Some(q) = &query {
-        s.push('?');
-        s.push_str(q);
+        pq.push('?');
+        pq.push_str(q);
     }
-    http::Uri::try_from(s.as_str())
+    http::Uri::builder()
+        .scheme(route.scheme.clone())
+        .authority(route.authority.clone())
+        .path_and_query(pq.as_str())
+        .build()
         .map_err(|_| "warden: the request target is not a valid URI".to_string())
 }
 
@@ -437,26 +469,27 @@ pub(super) async fn handle(
     if !route.allow.contains(&who.workload) {
         return Ok(deny(&ctx, Some(who), not_allowed(who, &route.name)).await);
     }
-    let (version, secret) = match credential(&ctx).await {
+    let prepared = match credential(&ctx).await {
         Ok(v) => v,
         Err(resp) => return Ok(resp),
     };
-    if !ensure_recorded(&ctx, who, version).await {
+    if !ensure_recorded(&ctx, who, prepared.version).await {
         ctx.shared.metrics.http_request(&route.name, "audit_error");
         return Ok(text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "warden: the audit record for this request could not be written; refusing",
         ));
     }
-    Ok(forward(req, &ctx, &secret, started).await)
+    Ok(forward(req, &ctx, &prepared, started).await)
 }
 
 async fn forward(
     mut req: Request<Incoming>,
     ctx: &ConnCtx,
-    secret: &[u8],
+    prepared: &Prepared,
     started: Instant,
 ) -> Response<Body> {
+    let secret: &[u8] = &prepared.secret;
     let route = &ctx.route;
     let metrics = &ctx.shared.metrics;
     let upgrade = is_upgrade(req.headers());
@@ -472,15 +505,13 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
     route.injection.strip_header(&mut parts.headers);
-    if let (Some(name), Some(value)) = (
-        route.injection.header_name(),
-        route.injection.header_value(secret),
-    ) {
+    if let (Some(name), Some(value)) = (route.injection.header_name(), &prepared.header) {
         match value {
             Ok(v) => {
-                parts.headers.insert(name.clone(), v);
+                parts.headers.insert(name.clone(), v.clone());
             }
             Err(m) => {
+                let m = m.clone();
                 metrics.http_request(&route.name, "credential_error");
                 let msg = format!("warden: route {:?}: {m}", route.name);
                 tracing::warn!(route = %route.name, "{msg}");
@@ -532,11 +563,17 @@ async fn forward(
         strip_hop_by_hop(resp.headers_mut(), false);
     }
     scrub_secret(resp.headers_mut(), secret, &route.name);
-    metrics.http_request(&route.name, "forwarded");
-    metrics.http_added_latency(
-        &route.name,
-        (before_upstream - started) + after_upstream.elapsed(),
-    );
+    let added = (before_upstream - started) + after_upstream.elapsed();
+    match route.hot.get() {
+        Some(hot) => {
+            hot.forwarded.inc();
+            hot.added.observe(added.as_secs_f64());
+        }
+        None => {
+            metrics.http_request(&route.name, "forwarded");
+            metrics.http_added_latency(&route.name, added);
+        }
+    }
     resp.map(Either::Left)
 }
 
