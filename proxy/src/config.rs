@@ -401,6 +401,18 @@ pub struct Route {
     /// How long to wait for the upstream's TCP and TLS handshake (default 5 s).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub connect_timeout: Option<Duration>,
+    /// http: serve as a forward proxy (clients set `HTTP_PROXY`): requests
+    /// for the upstream's host get the credential; forward_proxy routes may
+    /// share one listen address.
+    #[serde(default)]
+    pub forward_proxy: bool,
+    /// http forward_proxy: `host:port`s this route's workloads may reach
+    /// through `CONNECT` tunnels (no injection).
+    #[serde(default)]
+    pub tunnel: Vec<String>,
+    /// http: how long to wait for the upstream's response headers (default 30 s).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub request_timeout: Option<Duration>,
 }
 
 /// `route[].connect_timeout` when not set.
@@ -447,6 +459,9 @@ pub struct UpstreamTls {
     pub mode: TlsMode,
     /// CA bundle used to verify the upstream (absolute after loading).
     pub ca_file: Option<PathBuf>,
+    /// tls routes: the SPIFFE ID the upstream's certificate must carry
+    /// (verified against warden's trust bundle, plus `ca_file` if set).
+    pub spiffe_id: Option<String>,
 }
 
 /// `route[].credential`: the database login warden performs.
@@ -462,14 +477,24 @@ pub struct Credential {
     pub cache_ttl: Option<Duration>,
 }
 
-/// `route[].inject`: the HTTP header warden adds.
+/// `route[].inject`: the HTTP header (or query parameter) warden adds.
+/// Exactly one of `header`, `query`, `basic_user`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inject {
     /// Header name.
-    pub header: String,
-    /// Header value; `{secret}` is replaced by the secret.
-    pub value: String,
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Query parameter name (instead of a header).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// HTTP Basic auth: this user, the secret as password (`Authorization: Basic …`).
+    #[serde(default)]
+    pub basic_user: Option<String>,
+    /// Header or parameter value; `{secret}` is replaced by the secret
+    /// (default `"{secret}"`; not used with `basic_user`).
+    #[serde(default)]
+    pub value: Option<String>,
     /// Name of the secret.
     pub secret: String,
     /// How long a fetched secret may be reused.
@@ -1291,6 +1316,12 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.client_tls", "true or false, without quotes"),
     ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
     ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
+    ("route.forward_proxy", "true or false, without quotes"),
+    ("route.tunnel", "a list of host:port in quotes, e.g. tunnel = [\"github.com:443\"]"),
+    ("route.request_timeout", "a duration in quotes, e.g. request_timeout = \"30s\""),
+    ("route.upstream_tls.spiffe_id", "a SPIFFE ID in quotes, e.g. spiffe_id = \"spiffe://example.org/logs\""),
+    ("route.inject.query", "a query parameter name in quotes, e.g. query = \"api_key\""),
+    ("route.inject.basic_user", "a user name in quotes, e.g. basic_user = \"svc-billing\""),
     ("anomaly", "a table: [anomaly] with webhook and distinct_secrets_per_minute"),
     ("anomaly.webhook", "an http:// or https:// URL in quotes, e.g. webhook = \"http://127.0.0.1:9000/alerts\""),
     ("anomaly.distinct_secrets_per_minute", "an inline table, e.g. distinct_secrets_per_minute = { limit = 100, action = \"freeze\" }"),
@@ -1816,16 +1847,19 @@ fn check_routes(c: &mut Checker<'_>) {
                 ),
                 "use a fixed port, e.g. listen = \"127.0.0.1:15432\"",
             );
-        } else if let Some((_, first)) =
-            listens.iter().find(|(other, _)| listen_clash(*other, addr))
-        {
+        } else if let Some((_, first)) = listens.iter().find(|(other, j)| {
+            listen_clash(*other, addr)
+                && !(r.forward_proxy
+                    && *other == addr
+                    && cfg.routes.get(*j).is_some_and(|o| o.forward_proxy))
+        }) {
             c.error(
                 format!("{k}.listen"),
                 format!(
                     "listen address {addr} is already used by route[{first}] (\"{}\")",
                     cfg.routes.get(*first).map_or("", |o| o.name.as_str())
                 ),
-                "give every route its own port",
+                "give every route its own port (only forward_proxy routes may share one listen address)",
             );
         } else if cfg.metrics.listen.is_some_and(|m| listen_clash(m, addr)) {
             c.error(
@@ -1862,9 +1896,86 @@ fn check_routes(c: &mut Checker<'_>) {
             );
         }
 
+        check_route_kind_keys(c, &k, r);
         check_upstream(c, &k, r);
         check_route_secret(c, &k, r);
         check_allow(c, &k, r, &workload_names);
+    }
+}
+
+/// Keys that only some route kinds use (http and tls routes).
+fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
+    if r.request_timeout.is_some() && r.kind != RouteKind::Http {
+        c.error(
+            format!("{k}.request_timeout"),
+            format!("request_timeout is only used by kind = \"http\" routes; this route is kind = \"{}\"", r.kind),
+            "remove request_timeout from this route",
+        );
+    }
+    if r.request_timeout == Some(Duration::ZERO) {
+        c.error(
+            format!("{k}.request_timeout"),
+            "request_timeout is zero, so every request would time out",
+            "set a duration such as request_timeout = \"30s\"",
+        );
+    }
+    if (r.forward_proxy || !r.tunnel.is_empty()) && r.kind != RouteKind::Http {
+        c.error(
+            format!("{k}.forward_proxy"),
+            format!("forward_proxy and tunnel are only used by kind = \"http\" routes; this route is kind = \"{}\"", r.kind),
+            "remove forward_proxy and tunnel from this route",
+        );
+    }
+    if !r.tunnel.is_empty() && !r.forward_proxy {
+        c.error(
+            format!("{k}.tunnel"),
+            "tunnel is only used with forward_proxy = true",
+            "add forward_proxy = true, or remove tunnel",
+        );
+    }
+    for (j, t) in r.tunnel.iter().enumerate() {
+        if let Err(problem) = split_host_port(t) {
+            c.error(
+                format!("{k}.tunnel[{j}]"),
+                format!("tunnel \"{t}\" {problem}"),
+                "write host:port, e.g. tunnel = [\"github.com:443\"]",
+            );
+        }
+    }
+    if let Some(id) = &r.upstream_tls.spiffe_id {
+        if r.kind != RouteKind::Tls {
+            c.error(
+                format!("{k}.upstream_tls.spiffe_id"),
+                format!(
+                    "spiffe_id is only used by kind = \"tls\" routes; this route is kind = \"{}\"",
+                    r.kind
+                ),
+                "remove spiffe_id from upstream_tls",
+            );
+        }
+        if let Err(e) = warden_identity::spiffe_id::SpiffeId::parse(id) {
+            c.error(
+                format!("{k}.upstream_tls.spiffe_id"),
+                format!("\"{id}\" is not a SPIFFE ID: {e}"),
+                "write the upstream's ID, e.g. spiffe_id = \"spiffe://example.org/logs\"",
+            );
+        }
+    }
+    if r.kind == RouteKind::Tls && r.upstream_tls.mode != TlsMode::VerifyFull {
+        c.error(
+            format!("{k}.upstream_tls.mode"),
+            format!("a tls route always verifies its upstream; mode \"{}\" is not supported here", r.upstream_tls.mode),
+            "remove upstream_tls.mode (verify-full is the default); use spiffe_id to verify by SPIFFE ID instead of DNS name",
+        );
+    }
+    if r.kind == RouteKind::Http
+        && matches!(r.upstream_tls.mode, TlsMode::Require | TlsMode::VerifyCa)
+    {
+        c.error(
+            format!("{k}.upstream_tls.mode"),
+            format!("http routes always verify the upstream's certificate and name; mode \"{}\" is not supported", r.upstream_tls.mode),
+            "remove upstream_tls.mode (verify-full is the default); add ca_file for a private CA",
+        );
     }
 }
 
@@ -2003,25 +2114,24 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
     }
 
     if let Some(inject) = &r.inject {
-        if !is_http_token(&inject.header) {
+        check_inject_target(c, k, inject);
+        let value = inject.value.as_deref().unwrap_or("{secret}");
+        if inject.basic_user.is_some() && inject.value.is_some() {
             c.error(
-                format!("{k}.inject.header"),
-                format!("\"{}\" is not a valid HTTP header name", inject.header),
-                "use letters, digits and - only, e.g. header = \"Authorization\"",
+                format!("{k}.inject.value"),
+                "value is not used with basic_user (the header is Basic base64(user:secret))",
+                "remove value, or remove basic_user and write the whole header value",
             );
-        }
-        if !inject.value.contains("{secret}") {
+        } else if !value.contains("{secret}") {
             c.error(
                 format!("{k}.inject.value"),
                 format!(
-                    "value \"{}\" does not contain {{secret}}, so the secret would never be sent",
-                    inject.value
+                    "value \"{value}\" does not contain {{secret}}, so the secret would never be sent"
                 ),
                 "include the placeholder, e.g. value = \"Bearer {secret}\"",
             );
         }
-        if inject
-            .value
+        if value
             .chars()
             .any(|ch| ch == '\r' || ch == '\n' || ch == '\0')
         {
@@ -2040,6 +2150,53 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
             inject.cache_ttl,
             &inject.secret,
         );
+    }
+}
+
+/// `inject`: exactly one of header, query, basic_user, each well formed.
+fn check_inject_target(c: &mut Checker<'_>, k: &str, inject: &Inject) {
+    let set = [
+        inject.header.is_some() && inject.basic_user.is_none(),
+        inject.query.is_some(),
+        inject.basic_user.is_some(),
+    ];
+    if set.iter().filter(|b| **b).count() != 1 {
+        c.error(
+            format!("{k}.inject"),
+            "inject needs exactly one of header, query or basic_user",
+            "write inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"NAME\" }, or query = \"api_key\", or basic_user = \"USER\"",
+        );
+    }
+    if let Some(h) = &inject.header {
+        if !is_http_token(h) {
+            c.error(
+                format!("{k}.inject.header"),
+                format!("\"{h}\" is not a valid HTTP header name"),
+                "use letters, digits and - only, e.g. header = \"Authorization\"",
+            );
+        }
+    }
+    if let Some(q) = &inject.query {
+        if q.is_empty()
+            || !q
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.~".contains(ch))
+        {
+            c.error(
+                format!("{k}.inject.query"),
+                format!("\"{q}\" is not a plain query parameter name"),
+                "use letters, digits, -, _, . and ~ only, e.g. query = \"api_key\"",
+            );
+        }
+    }
+    if let Some(u) = &inject.basic_user {
+        if u.is_empty() || u.contains(':') || u.chars().any(|ch| ch.is_control()) {
+            c.error(
+                format!("{k}.inject.basic_user"),
+                format!("basic_user \"{u}\" is empty or contains ':' or control characters"),
+                "set the user name the API expects, e.g. basic_user = \"svc-billing\"",
+            );
+        }
     }
 }
 
@@ -2833,7 +2990,7 @@ allow = ["reports"]
         assert_eq!(c.max_versions_for("orders-db/app"), 5);
         assert_eq!(c.max_versions_for("payments/api-token"), 10);
 
-        assert_eq!(c.routes.len(), 3);
+        assert_eq!(c.routes.len(), 4);
         let pg = &c.routes[0];
         assert_eq!(pg.kind, RouteKind::Postgres);
         assert_eq!(pg.listen, "127.0.0.1:15432".parse().unwrap());
@@ -2857,8 +3014,8 @@ allow = ["reports"]
         let http = &c.routes[1];
         assert_eq!(http.kind, RouteKind::Http);
         let inject = http.inject.as_ref().unwrap();
-        assert_eq!(inject.header, "Authorization");
-        assert_eq!(inject.value, "Bearer {secret}");
+        assert_eq!(inject.header.as_deref(), Some("Authorization"));
+        assert_eq!(inject.value.as_deref(), Some("Bearer {secret}"));
         assert_eq!(inject.secret, "payments/api-token");
         assert_eq!(inject.cache_ttl, Some(Duration::from_secs(900)));
         assert_eq!(http.secret_name(), Some("payments/api-token"));
@@ -2866,8 +3023,15 @@ allow = ["reports"]
             http.upstream_host_port(),
             Ok(("payments.internal".to_string(), 8443))
         );
-        assert_eq!(c.routes[2].kind, RouteKind::Tls);
-        assert_eq!(c.routes[2].upstream_tls.mode, TlsMode::VerifyFull);
+        assert!(c.routes[2].forward_proxy);
+        assert_eq!(c.routes[2].tunnel, vec!["github.com:443".to_string()]);
+        assert_eq!(
+            c.routes[2].inject.as_ref().and_then(|i| i.query.as_deref()),
+            Some("api_key")
+        );
+        assert_eq!(c.routes[1].request_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.routes[3].kind, RouteKind::Tls);
+        assert_eq!(c.routes[3].upstream_tls.mode, TlsMode::VerifyFull);
 
         assert_eq!(
             c.anomaly.webhook.as_deref(),
@@ -3204,6 +3368,80 @@ allow = ["reports"]
             )
         );
         only_error(&text, "route[1].upstream");
+    }
+
+    #[test]
+    fn http_and_tls_route_keys_are_checked() {
+        let inj = "inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"payments/token\" }";
+        let http = |to: &str| format!("{BASE}{}", edit_text(HTTP_ROUTE, inj, to));
+        only_error(
+            &http("inject = { header = \"A\", query = \"k\", secret = \"payments/token\" }"),
+            "route[1].inject",
+        );
+        only_error(
+            &http("inject = { basic_user = \"svc\", value = \"{secret}\", secret = \"payments/token\" }"),
+            "route[1].inject.value",
+        );
+        only_error(
+            &http("inject = { basic_user = \"a:b\", secret = \"payments/token\" }"),
+            "route[1].inject.basic_user",
+        );
+        only_error(
+            &http("inject = { query = \"a b\", secret = \"payments/token\" }"),
+            "route[1].inject.query",
+        );
+        ok(&http(
+            "inject = { query = \"api_key\", secret = \"payments/token\" }",
+        ));
+        only_error(
+            &http(&format!("{inj}\ntunnel = [\"github.com:443\"]")),
+            "route[1].tunnel",
+        );
+        only_error(
+            &http(&format!(
+                "{inj}\nforward_proxy = true\ntunnel = [\"github.com\"]"
+            )),
+            "route[1].tunnel[0]",
+        );
+        only_error(
+            &http(&format!("{inj}\nupstream_tls = {{ mode = \"require\" }}")),
+            "route[1].upstream_tls.mode",
+        );
+        only_error(
+            &http(&format!("{inj}\nrequest_timeout = \"0s\"")),
+            "route[1].request_timeout",
+        );
+        // Two forward proxies may share a listener; a reverse proxy may not.
+        let second = HTTP_ROUTE.replace("\"payments\"", "\"payments-2\"");
+        let fwd = |t: &str| t.replace("allow = [", "forward_proxy = true\nallow = [");
+        ok(&format!("{BASE}{}{}", fwd(HTTP_ROUTE), fwd(&second)));
+        only_error(
+            &format!("{BASE}{}{}", fwd(HTTP_ROUTE), second),
+            "route[2].listen",
+        );
+        // tls routes: verification always on, spiffe_id well formed and tls-only.
+        let tls = "\n[[route]]\nname = \"logs\"\nkind = \"tls\"\nlisten = \"127.0.0.1:16514\"\nupstream = \"logs.internal:6514\"\nallow = [\"reports\"]\n";
+        let with_tls = |extra: &str| format!("{BASE}{tls}{extra}\n");
+        ok(&with_tls(
+            "upstream_tls = { spiffe_id = \"spiffe://example.org/logs\" }",
+        ));
+        only_error(
+            &with_tls("upstream_tls = { spiffe_id = \"https://x\" }"),
+            "route[1].upstream_tls.spiffe_id",
+        );
+        let r = report(&with_tls("upstream_tls = { mode = \"require\" }"));
+        assert!(
+            r.errors
+                .iter()
+                .any(|i| i.key == "route[1].upstream_tls.mode"),
+            "{r}"
+        );
+        only_error(
+            &http(&format!(
+                "{inj}\nupstream_tls = {{ spiffe_id = \"spiffe://example.org/x\" }}"
+            )),
+            "route[1].upstream_tls.spiffe_id",
+        );
     }
 
     #[test]

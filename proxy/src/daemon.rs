@@ -11,10 +11,12 @@ use crate::admin::{self, AdminAccess};
 use crate::authority::IdentityHandle;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::http;
 use crate::metrics::{self, Metrics};
 use crate::paths;
 use crate::pg;
 use crate::service::{SecretService, StorePolicy};
+use crate::tlsroute;
 use crate::workload_api;
 use crate::workload_identity::WorkloadIdentityProvider;
 use std::path::{Path, PathBuf};
@@ -103,10 +105,22 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
         let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?).await?;
-        let bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
+        let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
+        let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;
+        // Every bound listener is watched by the monitor (attribution, events).
+        let mut bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
             .iter()
             .map(|(r, tcp, _)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone()))
             .collect();
+        bound.extend(http_listeners.iter().map(|l| {
+            let (name, listen) = l.describe();
+            (listen, name)
+        }));
+        bound.extend(
+            tls_listeners
+                .iter()
+                .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
+        );
         let access = AccessMonitor::start(cfg, data_dir, bound, &metrics).await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
@@ -152,13 +166,6 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             let t = seal.shamir.as_ref().map(|s| s.threshold).unwrap_or(0);
             tracing::warn!("sealed: run `warden unseal` with {t} shares before secrets can be served");
         }
-        for r in cfg.routes.iter().filter(|r| r.kind != crate::config::RouteKind::Postgres) {
-            tracing::warn!(
-                route = %r.name,
-                kind = %r.kind,
-                "this build does not serve this route kind yet; it is not listening"
-            );
-        }
         notify_systemd(&format!(
             "READY=1\nSTATUS={}",
             if sealed { "sealed: waiting for unseal shares" } else { "serving" }
@@ -192,6 +199,28 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         for (route, tcp, unix) in pg_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
             route_tasks.push(tokio::spawn(pg::serve_route(route, tcp, unix, pg_shared.clone())));
+        }
+        let http_shared = Arc::new(http::HttpShared::new(
+            cfg,
+            service.clone(),
+            metrics.clone(),
+            access.resolver(),
+        ));
+        for l in http_listeners {
+            let (name, listen) = l.describe();
+            tracing::info!(route = %name, listen = %listen, "HTTP route listening");
+            route_tasks.push(tokio::spawn(http::serve(l, http_shared.clone())));
+        }
+        let tls_shared = Arc::new(tlsroute::TlsShared::new(
+            cfg,
+            service.clone(),
+            identity.clone(),
+            metrics.clone(),
+            access.resolver(),
+        ));
+        for (route, tcp) in tls_listeners {
+            tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
+            route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
         }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {

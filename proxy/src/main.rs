@@ -12,15 +12,18 @@ mod config;
 mod crypto;
 mod daemon;
 mod error;
+mod http;
 mod init;
 mod masterkey;
 mod metrics;
 mod observe;
 mod paths;
+mod peer;
 mod pg;
 mod service;
 mod store;
 mod timefmt;
+mod tlsroute;
 mod workload_api;
 mod workload_identity;
 

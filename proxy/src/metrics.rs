@@ -28,6 +28,13 @@ pub type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 /// A `/readyz` condition: `Err(why)` makes warden not ready.
 pub type ReadinessCheck = Box<dyn Fn(&Metrics) -> Result<(), String> + Send + Sync>;
 
+/// One http route's per-request metrics, resolved once.
+#[derive(Clone)]
+pub struct HttpRouteMetrics {
+    pub forwarded: prometheus::IntCounter,
+    pub added: prometheus::Histogram,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -75,6 +82,7 @@ struct Inner {
     leases_created: IntCounter,
     leases_revoked: IntCounter,
     http_added_seconds: HistogramVec,
+    http_requests: IntCounterVec,
     // Scrape hooks and readiness checks.
     hooks: Mutex<Vec<ScrapeHook>>,
     checks: Mutex<Vec<ReadinessCheck>>,
@@ -452,6 +460,13 @@ impl Metrics {
             "warden_leases_revoked_total",
             "Dynamic credential leases revoked (expiry, session end or admin).",
         )?;
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "warden_http_requests_total",
+                "HTTP route requests by route and result (forwarded, denied, rejected, upstream_error, upstream_tls_error, upstream_timeout, credential_error, tunnel, ...).",
+            ),
+            &["route", "result"],
+        )?;
         let http_added_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "warden_http_request_added_seconds",
@@ -497,6 +512,7 @@ impl Metrics {
         reg(&registry, &leases_created)?;
         reg(&registry, &leases_revoked)?;
         reg(&registry, &http_added_seconds)?;
+        reg(&registry, &http_requests)?;
         Ok(Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -536,6 +552,7 @@ impl Metrics {
                 leases_created,
                 leases_revoked,
                 http_added_seconds,
+                http_requests,
                 hooks: Mutex::new(Vec::new()),
                 checks: Mutex::new(Vec::new()),
             }),
@@ -828,6 +845,25 @@ impl Metrics {
         self.inner
             .leases_active
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `route` is a configured route name, `result` a fixed label.
+    pub fn http_request(&self, route: &str, result: &str) {
+        self.inner
+            .http_requests
+            .with_label_values(&[route, result])
+            .inc();
+    }
+
+    /// Pre-resolved per-route handles for the per-request hot path.
+    pub fn http_route(&self, route: &str) -> HttpRouteMetrics {
+        HttpRouteMetrics {
+            forwarded: self
+                .inner
+                .http_requests
+                .with_label_values(&[route, "forwarded"]),
+            added: self.inner.http_added_seconds.with_label_values(&[route]),
+        }
     }
 
     /// Latency warden added to one HTTP request on `route`.

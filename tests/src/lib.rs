@@ -8,6 +8,7 @@
 
 pub mod pg;
 pub mod prom;
+pub mod upstream;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -815,10 +815,10 @@ fn psql_bin() -> PathBuf {
 
 // --- TLS ---------------------------------------------------------------------
 
-struct TlsFiles {
-    ca_pem: PathBuf,
-    server_cert_pem: PathBuf,
-    server_key: PathBuf,
+pub struct TlsFiles {
+    pub ca_pem: PathBuf,
+    pub server_cert_pem: PathBuf,
+    pub server_key: PathBuf,
 }
 
 const OPENSSL_CNF: &str = "\
@@ -845,7 +845,7 @@ authorityKeyIdentifier = keyid:always
 
 /// A test CA (EC P-256) and a server certificate signed by it for
 /// `localhost` and 127.0.0.1; the keys are 0600 (chowned with the dir later).
-fn make_tls(dir: &Path) -> TlsFiles {
+pub fn make_tls(dir: &Path) -> TlsFiles {
     let cnf = dir.join("openssl.cnf");
     std::fs::write(&cnf, OPENSSL_CNF)
         .unwrap_or_else(|e| panic!("pg harness: write {}: {e}", cnf.display()));

@@ -12,10 +12,16 @@
 //!   connect+close with no programs, attached but not watched, and to a
 //!   watched listener, interleaved rounds.
 //!
+//! - HTTP proxying (`bench/http.rs`): wrk requests/s and p50/p99 through an
+//!   http route injecting `Authorization`, beside direct requests to the same
+//!   local nginx upstream and a second nginx injecting the same header.
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
-//! anything else goes to `svid_bench` (e.g. its iteration count).
+//! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
+//! (default 3), `--only svid|pg|http|ebpf` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
+mod http;
 mod pg;
 
 use std::path::Path;
@@ -28,21 +34,44 @@ use crate::cmd;
 #[derive(Debug, PartialEq, Eq)]
 struct Options {
     pg: pg::Options,
+    http: http::Options,
+    /// `--only svid|pg|http|ebpf`: run just that benchmark.
+    only: Option<String>,
     svid_args: Vec<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut pg = pg::Options::default();
+    let mut http = http::Options::default();
     let mut svid_args = Vec::new();
+    let mut only = None;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
+        if arg == "--only" || arg.starts_with("--only=") {
+            let v = match arg.strip_prefix("--only=") {
+                Some(v) => v.to_owned(),
+                None => iter
+                    .next()
+                    .cloned()
+                    .context("`--only` needs svid, pg, http or ebpf")?,
+            };
+            if !["svid", "pg", "http", "ebpf"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg, http or ebpf");
+            }
+            only = Some(v);
+            continue;
+        }
         let (name, inline) = match arg.split_once('=') {
-            Some((name, value)) if name.starts_with("--pg-") => (name, Some(value.to_owned())),
+            Some((name, value)) if name.starts_with("--pg-") || name.starts_with("--http-") => {
+                (name, Some(value.to_owned()))
+            }
             _ => (arg.as_str(), None),
         };
         let slot = match name {
             "--pg-seconds" => &mut pg.seconds,
             "--pg-rounds" => &mut pg.rounds,
+            "--http-seconds" => &mut http.seconds,
+            "--http-rounds" => &mut http.rounds,
             _ => {
                 svid_args.push(arg.clone());
                 continue;
@@ -64,48 +93,69 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if pg.seconds > 600 {
         bail!("`--pg-seconds {}` is more than 600", pg.seconds);
     }
-    Ok(Options { pg, svid_args })
+    if http.seconds > 600 {
+        bail!("`--http-seconds {}` is more than 600", http.seconds);
+    }
+    Ok(Options {
+        pg,
+        http,
+        only,
+        svid_args,
+    })
 }
 
 pub fn run(repo: &Path, args: &[String]) -> Result<()> {
     let options = parse_args(args)?;
     let mut steps = cmd::Steps::default();
-    steps.run("SVID issuance (release build)", || {
-        let mut c = cmd::cargo(repo);
-        c.args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "warden-identity",
-            "--example",
-            "svid_bench",
-            "--",
-        ])
-        .args(&options.svid_args);
-        cmd::run(&mut c)
-    })?;
-    steps.run(
-        "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
-        || pg::run(repo, &options.pg),
-    )?;
-    steps.run("eBPF monitor: cost per connect() (release build)", || {
-        if !crate::prereq::is_root() {
-            println!("  skipped: loading eBPF programs needs root");
-            return Ok(());
-        }
-        let mut c = cmd::cargo(repo);
-        c.args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "warden-ebpf",
-            "--example",
-            "connect_cost",
-        ]);
-        cmd::run(&mut c)
-    })?;
+    let wanted = |name: &str| options.only.as_deref().is_none_or(|o| o == name);
+    if wanted("svid") {
+        steps.run("SVID issuance (release build)", || {
+            let mut c = cmd::cargo(repo);
+            c.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "warden-identity",
+                "--example",
+                "svid_bench",
+                "--",
+            ])
+            .args(&options.svid_args);
+            cmd::run(&mut c)
+        })?;
+    }
+    if wanted("pg") {
+        steps.run(
+            "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
+            || pg::run(repo, &options.pg),
+        )?;
+    }
+    if wanted("http") {
+        steps.run(
+            "HTTP proxy: warden vs direct vs nginx injecting the same header (wrk)",
+            || http::run(repo, &options.http),
+        )?;
+    }
+    if wanted("ebpf") {
+        steps.run("eBPF monitor: cost per connect() (release build)", || {
+            if !crate::prereq::is_root() {
+                println!("  skipped: loading eBPF programs needs root");
+                return Ok(());
+            }
+            let mut c = cmd::cargo(repo);
+            c.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "warden-ebpf",
+                "--example",
+                "connect_cost",
+            ]);
+            cmd::run(&mut c)
+        })?;
+    }
     steps.print_summary();
     Ok(())
 }
@@ -125,6 +175,13 @@ mod tests {
         assert_eq!(options.pg.rounds, 3);
         assert_eq!(options.svid_args, strings(&["500"]));
         assert_eq!(parse_args(&[])?.pg, pg::Options::default());
+        let o = parse_args(&strings(&["--http-seconds=2", "--http-rounds", "4"]))?;
+        assert_eq!((o.http.seconds, o.http.rounds), (2, 4));
+        assert_eq!(
+            parse_args(&strings(&["--only", "http"]))?.only.as_deref(),
+            Some("http")
+        );
+        assert!(parse_args(&strings(&["--only=x"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());

@@ -64,6 +64,12 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::Path,
     },
     Requirement {
+        binary: "nginx",
+        package: "nginx",
+        why: "the HTTP route test uses nginx as an HTTPS + HTTP/2 upstream",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "sqlite3",
         package: "sqlite3",
         why: "tests inspect warden's store.db directly",
@@ -103,6 +109,23 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
 
 /// What `cargo xtask demo` needs beyond the Rust toolchain.
 pub const DEMO_REQUIREMENTS: &[Requirement] = &[];
+
+/// What `cargo xtask bench` needs for its HTTP proxy benchmark (warden vs
+/// direct vs nginx injecting the same header, driven by wrk).
+pub const HTTP_BENCH_REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        binary: "wrk",
+        package: "wrk",
+        why: "the HTTP bench drives load with wrk",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "nginx",
+        package: "nginx",
+        why: "the HTTP bench uses nginx as the upstream and as the injecting baseline",
+        location: Location::Path,
+    },
+];
 
 /// What `cargo xtask bench` needs for its PostgreSQL proxy benchmark (it
 /// compares warden with direct connections and with PgBouncer).

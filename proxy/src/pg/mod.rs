@@ -28,7 +28,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use upstream::UpstreamTarget;
-use warden_identity::attest::{ExeHashCache, PeerResolver, Registration};
 use zeroize::Zeroizing;
 
 /// Credential cache TTL when the route sets none: short, so a rotated secret
@@ -118,6 +117,18 @@ pub struct CredentialCache {
 }
 
 impl CredentialCache {
+    /// The cached value of (secret, env), if fetched less than `ttl` ago.
+    pub fn cached(
+        &self,
+        secret: &str,
+        env: &str,
+        ttl: Duration,
+    ) -> Option<(u32, Zeroizing<Vec<u8>>)> {
+        let map = self.entries.lock().ok()?;
+        let c = map.get(&(secret.to_string(), env.to_string()))?;
+        (c.fetched.elapsed() < ttl).then(|| (c.version, c.value.clone()))
+    }
+
     /// The value of (secret, env) and its version, from the cache or the store.
     pub fn get(
         &self,
@@ -199,9 +210,7 @@ impl CancelMap {
 /// State shared by every PostgreSQL session.
 pub struct PgShared {
     pub service: Arc<Mutex<SecretService>>,
-    pub registrations: Vec<Registration>,
-    pub hashes: ExeHashCache,
-    pub resolver: Arc<dyn PeerResolver>,
+    pub attestor: crate::peer::Attestor,
     pub scram_cache: scram::ScramKeyCache,
     pub credentials: CredentialCache,
     pub cancels: CancelMap,
@@ -217,7 +226,7 @@ impl PgShared {
         service: Arc<Mutex<SecretService>>,
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
-        resolver: Arc<dyn PeerResolver>,
+        resolver: Arc<dyn warden_identity::attest::PeerResolver>,
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
         for r in routes.iter().filter(|r| r.client_tls) {
@@ -225,9 +234,7 @@ impl PgShared {
         }
         Ok(PgShared {
             service,
-            registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
-            hashes: ExeHashCache::new(),
-            resolver,
+            attestor: crate::peer::Attestor::from_config(cfg, resolver),
             scram_cache: scram::ScramKeyCache::new(),
             credentials: CredentialCache::default(),
             cancels: CancelMap::default(),

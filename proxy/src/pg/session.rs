@@ -9,15 +9,15 @@
 use super::protocol::{self, StartupMessage, StartupPacket};
 use super::upstream::{self, Login, UpstreamFailure};
 use super::{CancelTarget, PgRoute, PgShared};
-use crate::audit::{Actor, ActorKind, Decision, Event, Target};
+use crate::audit::{Decision, Event, Target};
 use crate::error::ErrorKind;
 use crate::metrics::AttestVia;
+use crate::peer::{actor, not_allowed, Attested};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use warden_identity::attest::{self, PeerFacts};
 
 /// How long a client may take to send its startup packet.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,12 +57,6 @@ pub fn bind_unix(
     })?;
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
     Ok(l)
-}
-
-/// Who the client is, after attestation.
-struct Attested {
-    facts: PeerFacts,
-    workload: String,
 }
 
 /// A refusal to send the client: SQLSTATE, message, and the metrics result label.
@@ -181,45 +175,12 @@ async fn forward_cancel(shared: &PgShared, pid: i32, key: &[u8]) {
 fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, Refusal> {
     let deny = |m: String| Refusal::new("28000", "denied", m);
     let pid = match peer {
-        Peer::Tcp { local, peer } => shared.resolver.resolve_tcp(*local, *peer).map_err(|e| {
-            deny(format!(
-                "warden: cannot tell which process is connecting ({e})"
-            ))
-        })?,
+        Peer::Tcp { local, peer } => shared.attestor.tcp_pid(*local, *peer).map_err(deny)?,
         Peer::Unix { pid } => pid.ok_or_else(|| {
             deny("warden: the kernel did not report the connecting process".into())
         })?,
     };
-    let facts =
-        attest::gather_facts(pid, &shared.hashes).map_err(|e| deny(format!("warden: {e}")))?;
-    let reg =
-        attest::attest(&facts, &shared.registrations).map_err(|e| deny(format!("warden: {e}")))?;
-    let workload = reg.name.clone();
-    attest::confirm_same_process(&facts).map_err(|e| deny(format!("warden: {e}")))?;
-    Ok(Attested { facts, workload })
-}
-
-fn describe(f: &PeerFacts) -> String {
-    format!(
-        "process {} ({}, uid {})",
-        f.pid,
-        f.exe_path
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "unknown executable".into()),
-        f.uid
-    )
-}
-
-fn actor(who: Option<&Attested>) -> Actor {
-    Actor {
-        kind: ActorKind::Workload,
-        uid: who.map(|w| w.facts.uid),
-        user: who.and_then(|w| crate::paths::user_name(w.facts.uid)),
-        pid: who.map(|w| w.facts.pid),
-        exe: who.and_then(|w| w.facts.exe_path.as_ref().map(|p| p.display().to_string())),
-        workload: who.map(|w| w.workload.clone()),
-    }
+    shared.attestor.attest_pid(pid).map_err(deny)
 }
 
 /// The audit target of a session that used the route's credential.
@@ -387,16 +348,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
         Ok(who) => {
             if !route.allow.contains(&who.workload) {
-                let r = Refusal::new(
-                    "28000",
-                    "denied",
-                    format!(
-                        "warden: {} is workload {:?}, which may not use route {:?}",
-                        describe(&who.facts),
-                        who.workload,
-                        route.name
-                    ),
-                );
+                let r = Refusal::new("28000", "denied", not_allowed(&who, &route.name));
                 Err((Some(who), r))
             } else if !route.databases.is_empty() && !route.databases.contains(&database) {
                 let r = Refusal::new(

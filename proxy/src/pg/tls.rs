@@ -22,7 +22,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn load_roots(ca_file: Option<&Path>, route: &str) -> Result<RootCertStore> {
+pub fn load_roots(ca_file: Option<&Path>, route: &str) -> Result<RootCertStore> {
     let path = ca_file.unwrap_or(Path::new(SYSTEM_BUNDLE));
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(path).map_err(|e| {

@@ -1,0 +1,652 @@
+//! One client connection of an http route, and each request on it:
+//! policy (attested workload on the allow list) → credential → audit (first
+//! credentialed request of the connection, fail closed) → request rewrite
+//! (hop-by-hop headers, Host, client copies of the injected header/parameter
+//! removed, credential added) → pooled upstream → response (hop-by-hop
+//! headers removed, any header that would carry the secret back dropped).
+//!
+//! Every refusal is an HTTP status with a plain-text body a developer can act
+//! on: 403 policy, 502 upstream/TLS failure (naming the host and the CA),
+//! 503 sealed or no credential, 504 upstream timeout.
+
+use super::gate::{Gate, OnRefuse, Refused};
+use super::upstream::{find_connect_error, ConnectError, Connector};
+use super::{HttpRoute, HttpShared};
+use crate::audit::{Decision, Event, Target};
+use crate::error::ErrorKind;
+use crate::peer::{actor, not_allowed, Attested};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Client = hyper_util::client::legacy::Client<Connector, Incoming>;
+
+/// A pooled upstream client. `h1_only` clients are used for upgrades.
+pub fn client(connector: Connector, h1_only: bool) -> Client {
+    let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new());
+    if !h1_only {
+        b.http2_adaptive_window(true);
+    }
+    b.build(connector)
+}
+
+/// Per-connection state.
+pub(super) struct ConnCtx {
+    pub(super) route: Arc<HttpRoute>,
+    pub(super) shared: Arc<HttpShared>,
+    pub(super) who: Result<Attested, String>,
+    started: Instant,
+    state: Mutex<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Secret version recorded in this connection's `session.start`.
+    recorded: Option<u32>,
+    denial_recorded: bool,
+    requests: u64,
+}
+
+struct GateNotice {
+    route: String,
+    metrics: crate::metrics::Metrics,
+}
+
+impl OnRefuse for GateNotice {
+    fn refused(&self, r: &Refused) {
+        tracing::warn!(route = %self.route, status = r.status, "request refused: {}", r.reason);
+        self.metrics.http_request(&self.route, "rejected");
+    }
+}
+
+async fn attest(
+    shared: &Arc<HttpShared>,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<Attested, String> {
+    let s2 = shared.clone();
+    tokio::task::spawn_blocking(move || s2.attestor.attest_tcp(local, peer))
+        .await
+        .unwrap_or_else(|e| Err(format!("warden: attestation failed: {e}")))
+}
+
+fn conn_ctx(
+    route: &Arc<HttpRoute>,
+    shared: &Arc<HttpShared>,
+    who: Result<Attested, String>,
+) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
+        route: route.clone(),
+        shared: shared.clone(),
+        who,
+        started: Instant::now(),
+        state: Mutex::new(ConnState::default()),
+    })
+}
+
+/// Runs hyper's HTTP/1.1 server (keep-alive, upgrades) behind the framing gate.
+async fn serve_http1<F, Fut>(stream: tokio::net::TcpStream, label: &str, shared: &HttpShared, f: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let notice = Arc::new(GateNotice {
+        route: label.to_string(),
+        metrics: shared.metrics.clone(),
+    });
+    let io = TokioIo::new(Gate::new(stream, notice));
+    let svc = hyper::service::service_fn(f);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        // The gate ends input at a refused request; responses already owed still go out.
+        .half_close(true)
+        .max_buf_size(super::gate::MAX_HEAD_BYTES * 2)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(route = %label, "client connection ended: {e}");
+    }
+}
+
+/// Serves one client connection of a reverse-proxy route.
+pub async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    route: Arc<HttpRoute>,
+    shared: Arc<HttpShared>,
+) {
+    let who = attest(&shared, local, peer).await;
+    let ctx = conn_ctx(&route, &shared, who);
+    let c2 = ctx.clone();
+    serve_http1(stream, &route.name, &shared, move |req| {
+        handle(req, c2.clone())
+    })
+    .await;
+    finish(&ctx).await;
+}
+
+/// Serves one client connection of a forward-proxy listener (`HTTP_PROXY`).
+pub async fn serve_forward_connection(
+    stream: tokio::net::TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    routes: Arc<Vec<Arc<HttpRoute>>>,
+    shared: Arc<HttpShared>,
+) {
+    let who = attest(&shared, local, peer).await;
+    let ctxs: Arc<Vec<Arc<ConnCtx>>> = Arc::new(
+        routes
+            .iter()
+            .map(|r| conn_ctx(r, &shared, who.clone()))
+            .collect(),
+    );
+    let label = routes.first().map(|r| r.name.clone()).unwrap_or_default();
+    let c2 = ctxs.clone();
+    serve_http1(stream, &label, &shared, move |req| {
+        super::forward::handle(req, c2.clone())
+    })
+    .await;
+    for ctx in ctxs.iter() {
+        finish(ctx).await;
+    }
+}
+
+/// The `session.end` record of a connection that used the credential.
+async fn finish(ctx: &ConnCtx) {
+    let (route, shared) = (&ctx.route, &ctx.shared);
+    let (recorded, requests) = match ctx.state.lock() {
+        Ok(s) => (s.recorded, s.requests),
+        Err(_) => (None, 0),
+    };
+    if let (Some(version), Ok(who)) = (recorded, &ctx.who) {
+        let elapsed = ctx.started.elapsed();
+        shared.metrics.pg_session_end(&route.name, elapsed, 0, 0);
+        let event = Event {
+            actor: actor(Some(who)),
+            action: "session.end".into(),
+            target: target(
+                route,
+                Some(version),
+                format!("http, {requests} requests, {} ms", elapsed.as_millis()),
+            ),
+            decision: Decision::Allow,
+            reason: "connection closed".into(),
+        };
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || record(&s, &event)).await;
+    }
+}
+
+pub(super) fn target(route: &HttpRoute, version: Option<u32>, detail: String) -> Target {
+    Target {
+        route: Some(route.name.clone()),
+        secret: version.map(|_| route.secret.clone()),
+        env: version.map(|_| route.env.clone()),
+        version,
+        detail: Some(detail),
+    }
+}
+
+pub(super) fn record(shared: &HttpShared, event: &Event) -> bool {
+    match shared.service.lock() {
+        Ok(mut s) => s.record(event).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// A plain-text response from warden itself.
+pub fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "{message}\n"
+    )))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert("x-warden-error", HeaderValue::from_static("1"));
+    resp
+}
+
+pub(super) async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String) -> Response<Body> {
+    let route = &ctx.route;
+    ctx.shared.metrics.http_request(&route.name, "denied");
+    let first = match ctx.state.lock() {
+        Ok(mut s) => !std::mem::replace(&mut s.denial_recorded, true),
+        Err(_) => false,
+    };
+    if first {
+        tracing::warn!(route = %route.name, "request refused: {message}");
+        let workload = who.map(|w| w.workload.as_str()).unwrap_or("");
+        ctx.shared.metrics.session(&route.name, workload, "denied");
+        let event = Event {
+            actor: actor(who),
+            action: "session.deny".into(),
+            target: target(route, None, "http".into()),
+            decision: Decision::Deny,
+            reason: message.clone(),
+        };
+        let s = ctx.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || record(&s, &event)).await;
+    }
+    text(StatusCode::FORBIDDEN, &message)
+}
+
+/// The route's credential, ready to add: the secret and the header value
+/// built from it. Rebuilt after the route's cache TTL.
+pub struct Prepared {
+    version: u32,
+    fetched: Instant,
+    secret: Zeroizing<Vec<u8>>,
+    header: Option<Result<HeaderValue, String>>,
+}
+
+/// The route's credential (prepared copy first, then the cache, then the store).
+async fn credential(ctx: &ConnCtx) -> Result<Arc<Prepared>, Response<Body>> {
+    let route = &ctx.route;
+    if let Ok(p) = route.prepared.lock() {
+        if let Some(p) = p.as_ref() {
+            if p.fetched.elapsed() < route.cache_ttl {
+                return Ok(p.clone());
+            }
+        }
+    }
+    let hit = ctx
+        .shared
+        .credentials
+        .cached(&route.secret, &route.env, route.cache_ttl);
+    let got = match hit {
+        Some(v) => Ok(Ok(v)),
+        None => {
+            let (s, r) = (ctx.shared.clone(), ctx.route.clone());
+            tokio::task::spawn_blocking(move || {
+                s.credentials
+                    .get(&s.service, &r.secret, &r.env, r.cache_ttl)
+            })
+            .await
+        }
+    };
+    match got {
+        Ok(Ok((version, secret))) => {
+            let prepared = Arc::new(Prepared {
+                version,
+                fetched: Instant::now(),
+                header: route.injection.header_value(&secret),
+                secret,
+            });
+            if let Ok(mut p) = route.prepared.lock() {
+                *p = Some(prepared.clone());
+            }
+            Ok(prepared)
+        }
+        Ok(Err(e)) => {
+            ctx.shared
+                .metrics
+                .http_request(&route.name, "credential_error");
+            let msg = format!(
+                "warden: no credential for route {:?}: {}",
+                route.name, e.message
+            );
+            tracing::warn!(route = %route.name, "{msg}");
+            let status = if e.kind == ErrorKind::Sealed {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            Err(text(status, &msg))
+        }
+        Err(e) => Err(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("warden: credential lookup failed: {e}"),
+        )),
+    }
+}
+
+/// Writes `session.start` for this connection (and again if the secret
+/// version changed) before a credentialed request is forwarded.
+async fn ensure_recorded(ctx: &ConnCtx, who: &Attested, version: u32) -> bool {
+    let needed = match ctx.state.lock() {
+        Ok(mut s) => {
+            s.requests += 1;
+            s.recorded != Some(version)
+        }
+        Err(_) => return false,
+    };
+    if !needed {
+        return true;
+    }
+    let route = &ctx.route;
+    let event = Event {
+        actor: actor(Some(who)),
+        action: "session.start".into(),
+        target: target(
+            route,
+            Some(version),
+            format!("http, upstream {}://{}", route.scheme, route.authority),
+        ),
+        decision: Decision::Allow,
+        reason: "credential injected".into(),
+    };
+    let s = ctx.shared.clone();
+    let ok = tokio::task::spawn_blocking(move || record(&s, &event))
+        .await
+        .unwrap_or(false);
+    if ok {
+        if let Ok(mut s) = ctx.state.lock() {
+            if s.recorded.is_none() {
+                ctx.shared
+                    .metrics
+                    .session(&route.name, &who.workload, "allowed");
+            }
+            s.recorded = Some(version);
+        }
+    }
+    ok
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the
+/// Connection header names. An upgrade keeps `Upgrade` and `Connection: upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = if keep_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Drops any header whose value contains the secret (an upstream echoing
+/// the credential back must not hand it to the client).
+fn scrub_secret(headers: &mut HeaderMap, secret: &[u8], route: &str) {
+    if secret.len() < 4 {
+        return;
+    }
+    let leaking: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| v.as_bytes().windows(secret.len()).any(|w| w == secret))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for n in leaking {
+        tracing::warn!(route, header = %n, "upstream response header contained the injected secret; dropped");
+        headers.remove(&n);
+    }
+}
+
+/// The upstream URI for a client request target.
+fn upstream_uri(route: &HttpRoute, target: &http::Uri, secret: &[u8]) -> Result<http::Uri, String> {
+    if target.scheme().is_some() || target.authority().is_some() {
+        return Err(format!(
+            "warden: route {:?} is a reverse proxy for {}://{}; send requests to a path (e.g. GET /v1/...), not an absolute URL",
+            route.name, route.scheme, route.authority
+        ));
+    }
+    let path = target.path();
+    if !path.starts_with('/') {
+        return Err("warden: the request target must start with /".into());
+    }
+    let query = route.injection.rewrite_query(target.query(), secret);
+    let mut pq = Zeroizing::new(String::with_capacity(
+        route.base_path.len() + path.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+    ));
+    pq.push_str(&route.base_path);
+    pq.push_str(path);
+    if let Some(q) = &query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    http::Uri::builder()
+        .scheme(route.scheme.clone())
+        .authority(route.authority.clone())
+        .path_and_query(pq.as_str())
+        .build()
+        .map_err(|_| "warden: the request target is not a valid URI".to_string())
+}
+
+pub(super) async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let route = ctx.route.clone();
+    let who = match &ctx.who {
+        Err(m) => {
+            let msg = format!("{m} — route {:?} refuses unattested clients", route.name);
+            return Ok(deny(&ctx, None, msg).await);
+        }
+        Ok(w) => w,
+    };
+    if !route.allow.contains(&who.workload) {
+        return Ok(deny(&ctx, Some(who), not_allowed(who, &route.name)).await);
+    }
+    let prepared = match credential(&ctx).await {
+        Ok(v) => v,
+        Err(resp) => return Ok(resp),
+    };
+    if !ensure_recorded(&ctx, who, prepared.version).await {
+        ctx.shared.metrics.http_request(&route.name, "audit_error");
+        return Ok(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "warden: the audit record for this request could not be written; refusing",
+        ));
+    }
+    Ok(forward(req, &ctx, &prepared, started).await)
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    ctx: &ConnCtx,
+    prepared: &Prepared,
+    started: Instant,
+) -> Response<Body> {
+    let secret: &[u8] = &prepared.secret;
+    let route = &ctx.route;
+    let metrics = &ctx.shared.metrics;
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    parts.uri = match upstream_uri(route, &parts.uri, secret) {
+        Ok(u) => u,
+        Err(m) => {
+            metrics.http_request(&route.name, "bad_request");
+            return text(StatusCode::BAD_REQUEST, &m);
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::HOST);
+    route.injection.strip_header(&mut parts.headers);
+    if let (Some(name), Some(value)) = (route.injection.header_name(), &prepared.header) {
+        match value {
+            Ok(v) => {
+                parts.headers.insert(name.clone(), v.clone());
+            }
+            Err(m) => {
+                let m = m.clone();
+                metrics.http_request(&route.name, "credential_error");
+                let msg = format!("warden: route {:?}: {m}", route.name);
+                tracing::warn!(route = %route.name, "{msg}");
+                return text(StatusCode::BAD_GATEWAY, &msg);
+            }
+        }
+    }
+    parts.version = http::Version::HTTP_11;
+    let up_req = Request::from_parts(parts, body);
+    let client = if upgrade {
+        &route.upgrade_client
+    } else {
+        &route.client
+    };
+    let before_upstream = Instant::now();
+    let answer = tokio::time::timeout(route.request_timeout, client.request(up_req)).await;
+    let after_upstream = Instant::now();
+    let mut resp = match answer {
+        Err(_) => {
+            metrics.http_request(&route.name, "upstream_timeout");
+            let msg = format!(
+                "warden: route {:?}: upstream {} did not answer within {} ms (request_timeout)",
+                route.name,
+                route.authority,
+                route.request_timeout.as_millis()
+            );
+            tracing::warn!(route = %route.name, "{msg}");
+            return text(StatusCode::GATEWAY_TIMEOUT, &msg);
+        }
+        Ok(Err(e)) => return upstream_failure(route, metrics, &e),
+        Ok(Ok(r)) => r,
+    };
+    if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        if let Some(client_upgrade) = client_upgrade {
+            let name = route.name.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::warn!(route = %name, "upgrade failed: {e}"),
+                }
+            });
+        }
+        strip_hop_by_hop(resp.headers_mut(), true);
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    scrub_secret(resp.headers_mut(), secret, &route.name);
+    let added = (before_upstream - started) + after_upstream.elapsed();
+    match route.hot.get() {
+        Some(hot) => {
+            hot.forwarded.inc();
+            hot.added.observe(added.as_secs_f64());
+        }
+        None => {
+            metrics.http_request(&route.name, "forwarded");
+            metrics.http_request_added(&route.name, added);
+        }
+    }
+    resp.map(Either::Left)
+}
+
+fn upstream_failure(
+    route: &HttpRoute,
+    metrics: &crate::metrics::Metrics,
+    e: &hyper_util::client::legacy::Error,
+) -> Response<Body> {
+    let (status, result, why) = match find_connect_error(e) {
+        Some(ConnectError::Timeout(m)) => {
+            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", m.clone())
+        }
+        Some(ConnectError::Certificate(m)) => {
+            (StatusCode::BAD_GATEWAY, "upstream_tls_error", m.clone())
+        }
+        Some(ConnectError::Failed(m)) => (StatusCode::BAD_GATEWAY, "upstream_error", m.clone()),
+        None => {
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("upstream {} failed: {why}", route.authority),
+            )
+        }
+    };
+    metrics.http_request(&route.name, result);
+    let msg = format!("warden: route {:?}: {why}", route.name);
+    tracing::warn!(route = %route.name, "{msg}");
+    text(status, &msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn secret_echoes_are_scrubbed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_static("Bearer tok-123456"));
+        h.insert("x-ok", HeaderValue::from_static("fine"));
+        scrub_secret(&mut h, b"tok-123456", "r");
+        assert!(h.get("x-echo").is_none());
+        assert!(h.get("x-ok").is_some());
+    }
+}

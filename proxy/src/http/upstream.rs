@@ -1,0 +1,324 @@
+//! Connections to an http route's upstream: TCP, then rustls (verification
+//! always on, X25519MLKEM768 preferred, ALPN `h2` + `http/1.1`), pooled by
+//! hyper-util's client. Connect failures carry a [`ConnectError`] that says
+//! exactly what went wrong, so the proxy can answer 502/504 with a reason.
+
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// rustls with aws-lc-rs, key exchange groups ordered so the post-quantum
+/// hybrid X25519MLKEM768 is offered first.
+pub fn pq_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{self, kx_group};
+    let mut p = aws_lc_rs::default_provider();
+    p.kx_groups = vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+        kx_group::SECP384R1,
+    ];
+    Arc::new(p)
+}
+
+/// The verified client configuration for an http route's upstream.
+pub fn client_config(
+    ca_file: Option<&std::path::Path>,
+    route: &str,
+    alpn_h2: bool,
+) -> crate::error::Result<Arc<ClientConfig>> {
+    let roots = crate::pg::tls::load_roots(ca_file, route)?;
+    let mut config = ClientConfig::builder_with_provider(pq_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::error::Error::internal(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = if alpn_h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(Arc::new(config))
+}
+
+/// Why an upstream connection could not be opened.
+#[derive(Debug, Clone)]
+pub enum ConnectError {
+    /// TCP connect or TLS handshake did not finish in time.
+    Timeout(String),
+    /// The certificate failed verification.
+    Certificate(String),
+    /// Any other failure (refused, unreachable, TLS alert...).
+    Failed(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Timeout(m) | ConnectError::Certificate(m) | ConnectError::Failed(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Finds a [`ConnectError`] in an error's source chain.
+pub fn find_connect_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ConnectError> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return Some(c);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A human explanation of a certificate failure.
+pub fn explain_tls_error(e: &rustls::Error, host: &str, ca: &str) -> (bool, String) {
+    use rustls::CertificateError as C;
+    let cert = |why: String| {
+        (
+            true,
+            format!("the certificate presented by {host} {why} (trusted CAs: {ca})"),
+        )
+    };
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => cert("is not signed by a trusted CA".into()),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                cert(format!("is not valid for the name {host:?}"))
+            }
+            C::Expired | C::ExpiredContext { .. } => cert("has expired".into()),
+            C::NotValidYet | C::NotValidYetContext { .. } => cert("is not valid yet".into()),
+            C::Revoked => cert("is revoked".into()),
+            C::BadSignature => cert(
+                "is not signed by a trusted CA (a trusted CA has its issuer's name, but a different key)".into(),
+            ),
+            other => cert(format!("failed verification ({other:?})")),
+        },
+        other => (false, format!("TLS handshake with {host} failed: {other}")),
+    }
+}
+
+/// An upstream I/O stream: plain TCP or rustls.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// What hyper-util's pool holds: the stream and whether ALPN chose h2.
+pub struct Conn {
+    io: TokioIo<Stream>,
+    h2: bool,
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.h2 {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Opens upstream connections for hyper-util's pooled client. The target
+/// host and port come from the request URI (https → TLS with `tls`).
+#[derive(Clone)]
+pub struct Connector {
+    pub tls: Option<Arc<ClientConfig>>,
+    pub connect_timeout: Duration,
+    /// Where the trusted CAs come from, for error messages.
+    pub ca_label: Arc<str>,
+}
+
+/// Opens one connection (also used for CONNECT-less plain forwarding).
+pub async fn open(
+    host: &str,
+    port: u16,
+    tls: Option<&Arc<ClientConfig>>,
+    connect_timeout: Duration,
+    ca_label: &str,
+) -> Result<(Stream, bool), ConnectError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let fut = async {
+        let tcp = TcpStream::connect((bare, port))
+            .await
+            .map_err(|e| ConnectError::Failed(format!("cannot connect to {host}:{port}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(config) = tls else {
+            return Ok((Stream::Plain(tcp), false));
+        };
+        let name = ServerName::try_from(bare.to_string()).map_err(|e| {
+            ConnectError::Failed(format!("{host} is not a valid TLS server name: {e}"))
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                let inner = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .cloned();
+                match inner {
+                    Some(re) => {
+                        let (is_cert, msg) = explain_tls_error(&re, host, ca_label);
+                        if is_cert {
+                            ConnectError::Certificate(msg)
+                        } else {
+                            ConnectError::Failed(msg)
+                        }
+                    }
+                    None => ConnectError::Failed(format!(
+                        "TLS handshake with {host}:{port} failed: {e}"
+                    )),
+                }
+            })?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok((Stream::Tls(Box::new(tls)), h2))
+    };
+    match tokio::time::timeout(connect_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout(format!(
+            "no connection to {host}:{port} within {} ms (connect_timeout)",
+            connect_timeout.as_millis()
+        ))),
+    }
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = Conn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let https = uri.scheme_str() == Some("https");
+            let host = uri
+                .host()
+                .ok_or_else(|| ConnectError::Failed("request has no upstream host".into()))?
+                .to_string();
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let tls = if https {
+                Some(this.tls.as_ref().ok_or_else(|| {
+                    ConnectError::Failed("https upstream without a TLS configuration".into())
+                })?)
+            } else {
+                None
+            };
+            let (stream, h2) = open(&host, port, tls, this.connect_timeout, &this.ca_label).await?;
+            Ok(Conn {
+                io: TokioIo::new(stream),
+                h2,
+            })
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Who is on the other end of a route's connection: the steps every route
+//! kind shares between accept and policy — attribute the socket to a process,
+//! attest it against the `[[workload]]` registrations, re-check the pid — and
+//! the audit actor that names it.
+
+use crate::audit::{Actor, ActorKind};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use warden_identity::attest::{self, ExeHashCache, PeerFacts, PeerResolver, Registration};
+
+/// A connecting process after attestation.
+#[derive(Clone)]
+pub struct Attested {
+    pub facts: PeerFacts,
+    pub workload: String,
+    pub spiffe_id: String,
+}
+
+/// The attestation pieces a route runtime holds.
+pub struct Attestor {
+    pub registrations: Vec<Registration>,
+    pub hashes: ExeHashCache,
+    pub resolver: Arc<dyn PeerResolver>,
+}
+
+impl Attestor {
+    /// `resolver` is the daemon's (eBPF with /proc fallback, or /proc only;
+    /// see `access_monitor.rs`).
+    pub fn from_config(cfg: &crate::config::Config, resolver: Arc<dyn PeerResolver>) -> Attestor {
+        Attestor {
+            registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
+            hashes: ExeHashCache::new(),
+            resolver,
+        }
+    }
+
+    /// The process holding the client end of a TCP connection (blocking /proc work).
+    pub fn tcp_pid(&self, local: SocketAddr, peer: SocketAddr) -> Result<u32, String> {
+        self.resolver
+            .resolve_tcp(local, peer)
+            .map_err(|e| format!("warden: cannot tell which process is connecting ({e})"))
+    }
+
+    /// Attests `pid` (blocking /proc work). Errors are messages for the client.
+    pub fn attest_pid(&self, pid: u32) -> Result<Attested, String> {
+        let facts = attest::gather_facts(pid, &self.hashes).map_err(|e| format!("warden: {e}"))?;
+        let reg =
+            attest::attest(&facts, &self.registrations).map_err(|e| format!("warden: {e}"))?;
+        let (workload, spiffe_id) = (reg.name.clone(), reg.spiffe_id.clone());
+        attest::confirm_same_process(&facts).map_err(|e| format!("warden: {e}"))?;
+        Ok(Attested {
+            facts,
+            workload,
+            spiffe_id,
+        })
+    }
+
+    /// Attributes and attests a TCP client.
+    pub fn attest_tcp(&self, local: SocketAddr, peer: SocketAddr) -> Result<Attested, String> {
+        self.attest_pid(self.tcp_pid(local, peer)?)
+    }
+}
+
+/// "process 4121 (/usr/bin/curl, uid 1001)"
+pub fn describe(f: &PeerFacts) -> String {
+    format!(
+        "process {} ({}, uid {})",
+        f.pid,
+        f.exe_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "unknown executable".into()),
+        f.uid
+    )
+}
+
+/// The audit actor for a (possibly unattested) route client.
+pub fn actor(who: Option<&Attested>) -> Actor {
+    Actor {
+        kind: ActorKind::Workload,
+        uid: who.map(|w| w.facts.uid),
+        user: who.and_then(|w| crate::paths::user_name(w.facts.uid)),
+        pid: who.map(|w| w.facts.pid),
+        exe: who.and_then(|w| w.facts.exe_path.as_ref().map(|p| p.display().to_string())),
+        workload: who.map(|w| w.workload.clone()),
+    }
+}
+
+/// The message for a workload that is not on a route's allow list.
+pub fn not_allowed(who: &Attested, route: &str) -> String {
+    format!(
+        "warden: {} is workload {:?}, which may not use route {:?}",
+        describe(&who.facts),
+        who.workload,
+        route
+    )
+}

@@ -1,0 +1,499 @@
+//! TLS origination routes (`kind = "tls"`): a plain TCP client connects
+//! locally; warden attests it, checks the allow list, and opens a mutual TLS
+//! connection to the upstream presenting *that workload's* X.509-SVID (issued
+//! on demand by the authority, replaced when it rotates). The upstream is
+//! verified by DNS name (against `upstream_tls.ca_file` or the system bundle)
+//! or, with `upstream_tls.spiffe_id`, by SPIFFE ID (chain against warden's
+//! trust bundle plus `ca_file`, then the URI SAN must equal the ID). Bytes are
+//! then relayed both ways; start, end and refusals are audited and counted.
+//!
+//! A plain TCP client cannot be told why it was refused: the connection is
+//! closed, and the reason goes to the log, the audit record and
+//! `warden_sessions_total{result}`.
+
+use crate::audit::{Decision, Event, Target};
+use crate::authority::IdentityHandle;
+use crate::config::{Config, RouteKind};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::peer::{actor, not_allowed, Attested, Attestor};
+use crate::service::SecretService;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Everything one tls route needs at run time.
+pub struct TlsRoute {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+    /// Verify the upstream by this SPIFFE ID instead of its DNS name.
+    pub spiffe_id: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// Roots from `ca_file` (or the system bundle when no `spiffe_id`).
+    pub roots: Option<Arc<RootCertStore>>,
+    pub allow: Vec<String>,
+    pub connect_timeout: Duration,
+}
+
+impl TlsRoute {
+    pub fn from_config(cfg: &Config) -> Result<Vec<TlsRoute>> {
+        let mut out = Vec::new();
+        for (i, r) in cfg.routes.iter().enumerate() {
+            if r.kind != RouteKind::Tls {
+                continue;
+            }
+            let (host, port) = r
+                .upstream_host_port()
+                .map_err(|e| Error::usage(format!("route[{i}].upstream: {e}")))?;
+            let spiffe_id = r.upstream_tls.spiffe_id.clone();
+            let roots = match (&spiffe_id, &r.upstream_tls.ca_file) {
+                (Some(_), None) => None,
+                (_, ca) => Some(Arc::new(crate::pg::tls::load_roots(
+                    ca.as_deref(),
+                    &r.name,
+                )?)),
+            };
+            crate::pg::tls::server_name(&host)?;
+            out.push(TlsRoute {
+                name: r.name.clone(),
+                listen: r.listen,
+                host,
+                port,
+                spiffe_id,
+                ca_file: r.upstream_tls.ca_file.clone(),
+                roots,
+                allow: r.allow.clone(),
+                connect_timeout: r.connect_timeout(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn ca_label(&self) -> String {
+        match (&self.spiffe_id, &self.ca_file) {
+            (Some(_), Some(f)) => format!("warden's trust bundle and {}", f.display()),
+            (Some(_), None) => "warden's trust bundle".into(),
+            (None, Some(f)) => f.display().to_string(),
+            (None, None) => "the system bundle".into(),
+        }
+    }
+}
+
+/// A client configuration and the (SVID serial, bundle) tag it was built from.
+type TaggedConfig = (String, Arc<ClientConfig>);
+
+/// A refused connection: who (if attested), why, and the metrics result label.
+type Refusal = Box<(Option<Attested>, String, &'static str)>;
+
+/// State shared by every tls route.
+pub struct TlsShared {
+    pub service: Arc<Mutex<SecretService>>,
+    pub identity: Arc<IdentityHandle>,
+    pub attestor: Attestor,
+    pub metrics: Metrics,
+    /// Client configurations by (route, workload), with the SVID serial and
+    /// bundle they were built from.
+    configs: Mutex<HashMap<(String, String), TaggedConfig>>,
+}
+
+impl TlsShared {
+    pub fn new(
+        cfg: &Config,
+        service: Arc<Mutex<SecretService>>,
+        identity: Arc<IdentityHandle>,
+        metrics: Metrics,
+        resolver: Arc<dyn warden_identity::attest::PeerResolver>,
+    ) -> TlsShared {
+        TlsShared {
+            service,
+            identity,
+            attestor: Attestor::from_config(cfg, resolver),
+            metrics,
+            configs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record(&self, event: &Event) -> bool {
+        match self.service.lock() {
+            Ok(mut s) => s.record(event).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The client configuration presenting `who`'s current SVID (blocking:
+    /// may issue one). Errors are log/audit messages.
+    fn client_config(
+        &self,
+        route: &TlsRoute,
+        who: &Attested,
+    ) -> std::result::Result<(Arc<ClientConfig>, String), String> {
+        let (svid, fresh, bundle) = {
+            let mut guard = self
+                .identity
+                .authority
+                .lock()
+                .map_err(|_| "identity state poisoned".to_string())?;
+            let a = guard
+                .as_mut()
+                .ok_or("warden is sealed or still loading its CA; no SVID can be presented")?;
+            let (svid, fresh) = a
+                .svid_for(
+                    &who.workload,
+                    &who.spiffe_id,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .map_err(|e| e.message)?;
+            (svid, fresh, a.bundle_der())
+        };
+        if fresh {
+            self.identity.wake.notify_one();
+            self.metrics.svid_issued();
+            self.record(&Event {
+                actor: actor(Some(who)),
+                action: "svid.issue".into(),
+                target: Target {
+                    route: Some(route.name.clone()),
+                    detail: Some(format!("{} serial {}", who.spiffe_id, svid.serial_hex)),
+                    ..Target::default()
+                },
+                decision: Decision::Allow,
+                reason: "X.509-SVID issued for a tls route".into(),
+            });
+        }
+        let bundle_tag: String = bundle
+            .iter()
+            .map(|b| crate::crypto::sha256_hex(b))
+            .collect::<Vec<_>>()
+            .join(",");
+        let tag = format!("{}/{bundle_tag}", svid.serial_hex);
+        let key = (route.name.clone(), who.workload.clone());
+        if let Ok(map) = self.configs.lock() {
+            if let Some((t, c)) = map.get(&key) {
+                if *t == tag {
+                    return Ok((c.clone(), svid.serial_hex.clone()));
+                }
+            }
+        }
+        let provider = crate::http::upstream::pq_provider();
+        let verifier: Arc<dyn ServerCertVerifier> = match &route.spiffe_id {
+            Some(id) => {
+                let mut roots = RootCertStore::empty();
+                for der in &bundle {
+                    roots
+                        .add(CertificateDer::from(der.clone()))
+                        .map_err(|e| format!("trust bundle: {e}"))?;
+                }
+                if let Some(extra) = &route.roots {
+                    roots.extend(extra.roots.iter().cloned());
+                }
+                let inner =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                Arc::new(SpiffeIdVerifier {
+                    inner,
+                    expected: id.clone(),
+                })
+            }
+            None => {
+                let roots = route.roots.clone().ok_or("no roots")?;
+                WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                    .build()
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let chain: Vec<CertificateDer<'static>> = svid
+            .cert_chain_der
+            .iter()
+            .map(|d| CertificateDer::from(d.clone()))
+            .collect();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key_pkcs8.to_vec()));
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, key_der)
+            .map_err(|e| format!("the SVID cannot be used as a TLS client certificate: {e}"))?;
+        let config = Arc::new(config);
+        if let Ok(mut map) = self.configs.lock() {
+            map.insert(key, (tag, config.clone()));
+        }
+        Ok((config, svid.serial_hex.clone()))
+    }
+}
+
+/// Verifies the chain (ignoring DNS names), then requires the SPIFFE ID.
+#[derive(Debug)]
+struct SpiffeIdVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: String,
+}
+
+/// The URI SANs of a DER certificate.
+fn uri_sans(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+impl ServerCertVerifier for SpiffeIdVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let sans = uri_sans(end_entity);
+        if sans.contains(&self.expected) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the upstream's certificate is {}, not the expected SPIFFE ID {}",
+                if sans.is_empty() {
+                    "without a URI SAN".to_string()
+                } else {
+                    sans.join(", ")
+                },
+                self.expected
+            )))
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Binds every tls route's listener.
+pub async fn bind_routes(
+    routes: Vec<TlsRoute>,
+) -> Result<Vec<(Arc<TlsRoute>, tokio::net::TcpListener)>> {
+    let mut out = Vec::new();
+    for r in routes {
+        let tcp = tokio::net::TcpListener::bind(r.listen).await.map_err(|e| {
+            Error::usage(format!(
+                "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
+                r.name, r.listen
+            ))
+        })?;
+        out.push((Arc::new(r), tcp));
+    }
+    Ok(out)
+}
+
+/// Accepts connections on one route until the task is dropped.
+pub async fn serve_route(
+    route: Arc<TlsRoute>,
+    tcp: tokio::net::TcpListener,
+    shared: Arc<TlsShared>,
+) {
+    loop {
+        match tcp.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().unwrap_or(route.listen);
+                tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(route = %route.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn target(route: &TlsRoute, detail: String) -> Target {
+    Target {
+        route: Some(route.name.clone()),
+        detail: Some(detail),
+        ..Target::default()
+    }
+}
+
+async fn session(
+    mut client: tokio::net::TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    route: Arc<TlsRoute>,
+    shared: Arc<TlsShared>,
+) {
+    let started = Instant::now();
+    let (s2, r2) = (shared.clone(), route.clone());
+    let prepared = tokio::task::spawn_blocking(move || -> std::result::Result<_, Refusal> {
+        let who = s2.attestor.attest_tcp(local, peer).map_err(|m| {
+            Box::new((
+                None,
+                format!("{m} — route {:?} refuses unattested clients", r2.name),
+                "denied",
+            ))
+        })?;
+        if !r2.allow.contains(&who.workload) {
+            let m = not_allowed(&who, &r2.name);
+            return Err(Box::new((Some(who), m, "denied")));
+        }
+        match s2.client_config(&r2, &who) {
+            Ok((config, serial)) => Ok((who, config, serial)),
+            Err(m) => Err(Box::new((
+                Some(who),
+                format!("warden: route {:?}: {m}", r2.name),
+                "identity_error",
+            ))),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(Box::new((
+            None,
+            format!("warden: attestation failed: {e}"),
+            "error",
+        )))
+    });
+    let (who, config, serial) = match prepared {
+        Ok(p) => p,
+        Err(refusal) => {
+            let (who, message, result) = *refusal;
+            tracing::warn!(route = %route.name, "connection refused: {message}");
+            let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
+            shared.metrics.session(&route.name, workload, result);
+            let event = Event {
+                actor: actor(who.as_ref()),
+                action: "session.deny".into(),
+                target: target(&route, "tls".into()),
+                decision: Decision::Deny,
+                reason: message,
+            };
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.record(&event)).await;
+            return;
+        }
+    };
+    let connect_started = Instant::now();
+    let upstream = crate::http::upstream::open(
+        &route.host,
+        route.port,
+        Some(&config),
+        route.connect_timeout,
+        &route.ca_label(),
+    )
+    .await;
+    let mut upstream = match upstream {
+        Ok((s, _)) => s,
+        Err(e) => {
+            let message = format!("warden: route {:?}: {e}", route.name);
+            tracing::warn!(route = %route.name, "upstream failed: {message}");
+            shared
+                .metrics
+                .session(&route.name, &who.workload, "upstream_error");
+            let event = Event {
+                actor: actor(Some(&who)),
+                action: "session.error".into(),
+                target: target(&route, format!("tls as {}", who.spiffe_id)),
+                decision: Decision::Error,
+                reason: message,
+            };
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.record(&event)).await;
+            return;
+        }
+    };
+    shared
+        .metrics
+        .pg_upstream_latency(&route.name, connect_started.elapsed(), Duration::ZERO);
+    let detail = format!(
+        "tls to {}:{} as {} (SVID serial {serial})",
+        route.host, route.port, who.spiffe_id
+    );
+    let event = Event {
+        actor: actor(Some(&who)),
+        action: "session.start".into(),
+        target: target(&route, detail.clone()),
+        decision: Decision::Allow,
+        reason: "workload SVID presented".into(),
+    };
+    let s = shared.clone();
+    let recorded = tokio::task::spawn_blocking(move || s.record(&event))
+        .await
+        .unwrap_or(false);
+    if !recorded {
+        tracing::warn!(route = %route.name, "session refused: the audit record could not be written");
+        shared
+            .metrics
+            .session(&route.name, &who.workload, "audit_error");
+        return;
+    }
+    shared
+        .metrics
+        .session(&route.name, &who.workload, "allowed");
+    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (up, down, how) = match result {
+        Ok((u, d)) => (u, d, "closed"),
+        Err(_) => (0, 0, "connection error"),
+    };
+    shared
+        .metrics
+        .pg_session_end(&route.name, started.elapsed(), up, down);
+    let event = Event {
+        actor: actor(Some(&who)),
+        action: "session.end".into(),
+        target: target(
+            &route,
+            format!(
+                "{detail}, {up} bytes up, {down} bytes down, {} ms, {how}",
+                started.elapsed().as_millis()
+            ),
+        ),
+        decision: Decision::Allow,
+        reason: "session ended".into(),
+    };
+    let s = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || s.record(&event)).await;
+}

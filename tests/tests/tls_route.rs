@@ -1,0 +1,185 @@
+//! TLS origination routes end to end: a plain TCP client connects to warden,
+//! and the upstream (a Python TLS echo server that requires a client
+//! certificate from warden's trust bundle) sees a certificate whose URI SAN is
+//! the calling workload's SPIFFE ID — a different workload, a different ID.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+use warden_tests::upstream::Upstream;
+use warden_tests::{free_port, Instance};
+
+fn my_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn python_exe() -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3 is required");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn upstream_sees_the_calling_workloads_svid() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = warden_tests::pg::make_tls(certs.path());
+    let (port, strict_port) = (free_port(), free_port());
+    // The upstream's port is not known before the bundle exists; reserve one for the config.
+    let cfg_for = |up: u16| {
+        format!(
+            r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[workload]]
+name = "py"
+spiffe_id = "spiffe://example.org/py-client"
+selectors = {{ uid = {uid}, exe_path = "{py}" }}
+
+[[route]]
+name = "logs"
+kind = "tls"
+listen = "127.0.0.1:{port}"
+upstream = "localhost:{up}"
+upstream_tls = {{ ca_file = "{ca}" }}
+allow = ["me", "py"]
+
+[[route]]
+name = "logs-by-id"
+kind = "tls"
+listen = "127.0.0.1:{strict_port}"
+upstream = "localhost:{up}"
+upstream_tls = {{ ca_file = "{ca}", spiffe_id = "spiffe://example.org/logs" }}
+allow = ["me"]
+"#,
+            uid = my_uid(),
+            py = python_exe(),
+            ca = tls.ca_pem.display(),
+        )
+    };
+    let warden = Instance::new_with(&cfg_for(1));
+    warden.run(&["init"]).ok();
+    let bundle = warden.run(&["svid", "bundle"]);
+    bundle.ok();
+    let bundle_path = certs.path().join("bundle.pem");
+    std::fs::write(&bundle_path, &bundle.stdout).unwrap();
+    let upstream = Upstream::start(
+        certs.path(),
+        "echo",
+        Some(&tls.server_cert_pem),
+        Some(&tls.server_key),
+        Some(&bundle_path),
+    );
+    std::fs::write(&warden.config, {
+        let text = std::fs::read_to_string(&warden.config).unwrap();
+        text.replace("localhost:1\"", &format!("localhost:{}\"", upstream.port))
+    })
+    .unwrap();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+
+    // This test process is workload "me".
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"hello over mtls\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"echo:hello over mtls\n",
+        "{}",
+        daemon.log_text()
+    );
+    drop(c);
+
+    // python3 is workload "py" (more specific registration).
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket; s = socket.create_connection(('127.0.0.1', {port})); s.sendall(b'from py\\n'); print(s.recv(100).decode())"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "echo:from py",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let recs = upstream.records();
+    let sans: Vec<String> = recs.iter().map(|r| r["san"].to_string()).collect();
+    assert_eq!(sans.len(), 2, "{recs:?}");
+    assert!(
+        sans[0].contains("[\"URI\",\"spiffe://example.org/me\"]"),
+        "{sans:?}"
+    );
+    assert!(
+        sans[1].contains("[\"URI\",\"spiffe://example.org/py-client\"]"),
+        "{sans:?}"
+    );
+
+    // Verification by SPIFFE ID: the upstream's DNS certificate has no URI SAN → refused.
+    let mut c = TcpStream::connect(("127.0.0.1", strict_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = c.write_all(b"x\n");
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert_eq!(upstream.records().len(), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !daemon.log_text().contains("not the expected SPIFFE ID") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (_, metrics) = warden.http_get("/metrics");
+    assert_eq!(
+        sessions(&metrics, "allowed", "logs"),
+        2.0,
+        "two allowed sessions (one per workload): {metrics}"
+    );
+    assert_eq!(
+        sessions(&metrics, "upstream_error", "logs-by-id"),
+        1.0,
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(audit.contains("spiffe://example.org/py-client"), "{audit}");
+}
+
+/// Sum of `warden_sessions_total` over workloads for one route and result.
+fn sessions(metrics: &str, result: &str, route: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("warden_sessions_total{"))
+        .filter(|l| {
+            l.contains(&format!("result=\"{result}\"")) && l.contains(&format!("route=\"{route}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
