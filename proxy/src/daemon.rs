@@ -134,6 +134,29 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             .map_err(|e| Error::internal(format!("identity start-up failed: {e}")))??;
         }
 
+        // Dynamic leases and rotation: orphans revoked and interrupted
+        // rotations resolved before clients are served (see `credentials_start`).
+        let credentials = Arc::new(pg::CredentialCache::default());
+        let leases = Arc::new(pg::dynamic::LeaseManager::new(
+            pg::dynamic_specs(cfg)?,
+            service.clone(),
+            credentials.clone(),
+            Some(metrics.clone()),
+        ));
+        let rotator = Arc::new(crate::rotation::Rotator::new(
+            cfg,
+            service.clone(),
+            credentials.clone(),
+            Some(metrics.clone()),
+        )?);
+        if !sealed {
+            credentials_start(&leases, &rotator).await;
+        }
+        let engines = admin::Engines {
+            rotator: rotator.clone(),
+            leases: leases.clone(),
+        };
+
         tracing::info!(socket = %socket.display(), "admin API listening");
         if let Some(l) = &metrics_listener {
             if let Ok(a) = l.local_addr() {
@@ -162,6 +185,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
             access.clone(),
+            engines,
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
         let provider = Arc::new(WorkloadIdentityProvider::new(
@@ -177,7 +201,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             identity.clone(),
             metrics.clone(),
+            credentials.clone(),
+            leases.clone(),
         )?);
+        let credentials_task = tokio::spawn(maintain_credentials(
+            leases.clone(),
+            rotator.clone(),
+            pg_shared.clone(),
+            !sealed,
+        ));
         let mut route_tasks = Vec::new();
         for (route, tcp, unix) in pg_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
@@ -195,6 +227,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         notify_systemd("STOPPING=1");
         admin_task.abort();
         identity_task.abort();
+        credentials_task.abort();
         for t in &route_tasks {
             t.abort();
         }
@@ -207,6 +240,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             t.abort();
         }
         let _ = std::fs::remove_file(&socket);
+        if !leases.is_empty() {
+            let scram = pg::scram::ScramKeyCache::with_capacity(16);
+            let revoke = leases.revoke_all(&scram, "warden is stopping");
+            if tokio::time::timeout(std::time::Duration::from_secs(5), revoke).await.is_err() {
+                tracing::warn!("leases not revoked within 5 s; the next start revokes them");
+            }
+        }
         let svc = service.clone();
         tokio::task::spawn_blocking(move || match svc.lock() {
             Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),
@@ -217,6 +257,55 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// Start-up work for credentials once the store is unsealed: revoke leases a
+/// previous process left (no orphans), finish or roll back interrupted rotations.
+async fn credentials_start(leases: &pg::dynamic::LeaseManager, rotator: &crate::rotation::Rotator) {
+    let scram = pg::scram::ScramKeyCache::with_capacity(16);
+    if !leases.is_empty() {
+        match leases.revoke_orphans(&scram).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("revoked {n} lease(s) left by a previous warden process"),
+            Err(e) => tracing::error!("orphaned leases not revoked yet (retrying): {}", e.message),
+        }
+    }
+    if !rotator.is_empty() {
+        let n = rotator.recover_all().await;
+        if n > 0 {
+            tracing::warn!("resolved {n} interrupted rotation(s)");
+        }
+    }
+}
+
+/// Renews and revokes leases, rotates secrets when their period is up.
+async fn maintain_credentials(
+    leases: Arc<pg::dynamic::LeaseManager>,
+    rotator: Arc<crate::rotation::Rotator>,
+    shared: Arc<pg::PgShared>,
+    mut started: bool,
+) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        ticks += 1;
+        let sealed = shared.service.lock().map(|s| s.is_sealed()).unwrap_or(true);
+        if sealed {
+            continue;
+        }
+        if !started {
+            credentials_start(&leases, &rotator).await;
+            started = true;
+        }
+        leases.maintain(&shared.scram_cache).await;
+        if ticks % 30 == 0 {
+            // Orphan rows whose revocation failed earlier are retried.
+            let _ = leases.revoke_orphans(&shared.scram_cache).await;
+        }
+        if ticks % 5 == 0 {
+            rotator.tick().await;
+        }
+    }
 }
 
 /// Loads the CA once the store is unsealed and keeps CAs and SVIDs rotated.

@@ -16,6 +16,7 @@ mod masterkey;
 mod metrics;
 mod paths;
 mod pg;
+mod rotation;
 mod service;
 mod store;
 mod timefmt;

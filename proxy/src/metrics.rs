@@ -34,6 +34,7 @@ struct Inner {
     upstream_connect_seconds: HistogramVec,
     upstream_auth_seconds: HistogramVec,
     cancels: IntCounterVec,
+    creds: CredentialMetrics,
 }
 
 impl Metrics {
@@ -139,6 +140,7 @@ impl Metrics {
         registry.register(Box::new(admin_requests.clone()))?;
         registry.register(Box::new(audit_records.clone()))?;
         registry.register(Box::new(audit_failures.clone()))?;
+        let creds = CredentialMetrics::register(&registry)?;
         Ok(Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -154,6 +156,7 @@ impl Metrics {
                 upstream_connect_seconds,
                 upstream_auth_seconds,
                 cancels,
+                creds,
             }),
         })
     }
@@ -313,5 +316,77 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
                 .serve_connection(io, svc)
                 .await;
         });
+    }
+}
+
+/// Dynamic leases and secret rotation (issue 9).
+struct CredentialMetrics {
+    rotations: IntCounterVec,
+    leases_active: IntGauge,
+    leases_created: IntCounter,
+    leases_revoked: IntCounter,
+}
+
+impl CredentialMetrics {
+    fn register(registry: &Registry) -> Result<CredentialMetrics, prometheus::Error> {
+        let rotations = IntCounterVec::new(
+            Opts::new(
+                "warden_secret_rotations_total",
+                "Secret rotations by result (success, failure, recovered).",
+            ),
+            &["result"],
+        )?;
+        let leases_active = IntGauge::new(
+            "warden_leases_active",
+            "Dynamic credential leases (database roles) currently held.",
+        )?;
+        let leases_created = IntCounter::new(
+            "warden_leases_created_total",
+            "Dynamic credential leases created (one database role each).",
+        )?;
+        let leases_revoked = IntCounter::new(
+            "warden_leases_revoked_total",
+            "Dynamic credential leases revoked (role dropped), orphans included.",
+        )?;
+        for c in [&leases_created, &leases_revoked] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(rotations.clone()))?;
+        registry.register(Box::new(leases_active.clone()))?;
+        for r in ["success", "failure", "recovered"] {
+            rotations.with_label_values(&[r]);
+        }
+        Ok(CredentialMetrics {
+            rotations,
+            leases_active,
+            leases_created,
+            leases_revoked,
+        })
+    }
+}
+
+impl Metrics {
+    /// `result`: `success`, `failure` or `recovered` (a crashed rotation finished or rolled back).
+    pub fn secret_rotation(&self, result: &str) {
+        self.inner
+            .creds
+            .rotations
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    pub fn lease_created(&self) {
+        self.inner.creds.leases_created.inc();
+    }
+
+    pub fn lease_revoked(&self) {
+        self.inner.creds.leases_revoked.inc();
+    }
+
+    pub fn set_leases_active(&self, n: usize) {
+        self.inner
+            .creds
+            .leases_active
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
