@@ -5,7 +5,9 @@
 //! per lease, runs in one transaction
 //!
 //! ```sql
-//! CREATE ROLE "warden_reports_3f9a…" LOGIN PASSWORD 'SCRAM-SHA-256$…' VALID UNTIL '…';
+//! CREATE ROLE "warden_reports_3f9a…" LOGIN PASSWORD 'SCRAM-SHA-256$…'
+//!     VALID UNTIL '…' ROLE <admin>;   -- admin becomes a member: it may terminate
+//!                                    -- the role's sessions and DROP OWNED BY it
 //! COMMENT ON ROLE … IS 'warden lease … for workload reports on route orders-db';
 //! <the route's grants, {role} replaced by the quoted role name>
 //! ```
@@ -413,8 +415,9 @@ impl LeaseManager {
         };
         let verifier = scram::verifier(scram, &ticket.label(), &password)
             .ok_or_else(|| Error::internal("the system random generator failed"))?;
-        let (Some(q_role), Some(q_verifier), Some(q_until), Some(q_comment)) = (
+        let (Some(q_role), Some(q_admin), Some(q_verifier), Some(q_until), Some(q_comment)) = (
             quote_ident(&role),
+            quote_ident(&spec.admin_user),
             quote_literal(&verifier),
             quote_literal(&timestamp_literal(row.expires_at)),
             quote_literal(&format!(
@@ -425,7 +428,7 @@ impl LeaseManager {
             return Err(Error::internal("lease names could not be quoted"));
         };
         let mut text = Zeroizing::new(format!(
-            "CREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
+            "CREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
         ));
         for g in &spec.grants {
             text.push_str(&g.replace("{role}", &q_role));
