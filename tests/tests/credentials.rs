@@ -500,13 +500,26 @@ fn sigkill_between_every_pair_of_rotation_steps_never_loses_a_working_credential
         return;
     }
     let s = rot_setup("");
+    // (fault point, what the restarted daemon must report, stored version after restart)
     let points = [
-        "rotate.before_pending",
-        "rotate.pending_written",
-        "rotate.upstream_changed",
-        "rotate.committed",
+        ("rotate.before_pending", None, 1),
+        (
+            "rotate.pending_written",
+            Some("interrupted rotation rolled back: the database kept the current password"),
+            1,
+        ),
+        (
+            "rotate.upstream_changed",
+            Some("interrupted rotation finished: the database had the new password"),
+            2,
+        ),
+        (
+            "rotate.committed",
+            Some("interrupted rotation finished (v3 was already committed)"),
+            3,
+        ),
     ];
-    for point in points {
+    for (point, recovery, version) in points {
         let mut d = start_with_env(&s.warden, &[("WARDEN_FAULT_POINT", point)]);
         let before = s.warden.dir.path().join("daemon.log");
         let cfg = s.warden.config.clone();
@@ -543,6 +556,21 @@ fn sigkill_between_every_pair_of_rotation_steps_never_loses_a_working_credential
             direct_ok(&s.pg, &current),
             "after SIGKILL at {point}: stored password rejected"
         );
+        let log = d2.log_text();
+        if let Some(r) = recovery {
+            assert!(log.contains(r), "after SIGKILL at {point}: {log}");
+        }
+        let versions = s
+            .warden
+            .run(&["secret", "versions", "app-db/app", "--json"]);
+        let latest = serde_json::from_str::<serde_json::Value>(&versions.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["version"].as_u64())
+            .max();
+        assert_eq!(latest, Some(version), "after SIGKILL at {point}");
         drop(d2);
     }
     // Every interruption was resolved (finished or rolled back) and audited.
