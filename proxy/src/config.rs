@@ -3127,7 +3127,23 @@ allow = ["reports"]
         assert_eq!(c.max_versions_for("orders-db/app"), 5);
         assert_eq!(c.max_versions_for("payments/api-token"), 10);
 
-        assert_eq!(c.routes.len(), 3);
+        let rot = c.secrets[0].rotate.as_ref().unwrap();
+        assert_eq!(rot.method, RotateMethod::Postgres);
+        assert_eq!(rot.route.as_deref(), Some("orders-db"));
+        assert_eq!(c.routes.len(), 4);
+        let d = c.routes[3]
+            .credential
+            .as_ref()
+            .unwrap()
+            .dynamic
+            .as_ref()
+            .unwrap();
+        assert_eq!(d.ttl(), Duration::from_secs(3600));
+        assert_eq!(d.max_ttl(), Duration::from_secs(86_400));
+        assert_eq!(d.grants.len(), 2);
+        assert_eq!(d.database.as_deref(), Some("warehouse"));
+        assert_eq!(d.reassign_owned_to.as_deref(), Some("warehouse_owner"));
+        assert_eq!(d.role_prefix(), "warden_");
         let pg = &c.routes[0];
         assert_eq!(pg.kind, RouteKind::Postgres);
         assert_eq!(pg.listen, "127.0.0.1:15432".parse().unwrap());
@@ -3171,6 +3187,97 @@ allow = ["reports"]
         assert_eq!(rule.limit, 100);
         assert_eq!(rule.action, AnomalyAction::Freeze);
         assert_eq!(c.source, origin());
+    }
+
+    #[test]
+    fn rotate_methods_are_checked_with_key_and_fix() {
+        let with = |rotate: &str| {
+            edit(
+                "rotation_period = \"1h\"\n",
+                &format!("rotation_period = \"1h\"\nrotate = {rotate}\n"),
+            )
+        };
+        ok(&with("{ method = \"postgres\", route = \"orders-db\" }"));
+        let i = only_error(&with("{ method = \"postgres\" }"), "secret[0].rotate.route");
+        assert!(i.fix.contains("route = \"NAME\""), "{i:?}");
+        let i = only_error(
+            &with("{ method = \"postgres\", route = \"nope\" }"),
+            "secret[0].rotate.route",
+        );
+        assert!(i.problem.contains("no route named \"nope\""), "{i:?}");
+        let i = only_error(
+            &with("{ method = \"exec\", command = [\"set-token\"] }"),
+            "secret[0].rotate.command",
+        );
+        assert!(i.problem.contains("not an absolute path"), "{i:?}");
+        only_error(&with("{ method = \"exec\" }"), "secret[0].rotate.command");
+        ok(&with(
+            "{ method = \"exec\", command = [\"/usr/local/bin/set-token\", \"x\"] }",
+        ));
+        let i = only_error(
+            &with("{ method = \"webhook\", url = \"http://hooks.example.org/r\" }"),
+            "secret[0].rotate.url",
+        );
+        assert!(i.problem.contains("unencrypted"), "{i:?}");
+        ok(&with(
+            "{ method = \"webhook\", url = \"https://hooks.example.org/r\" }",
+        ));
+        ok(&with(
+            "{ method = \"webhook\", url = \"http://127.0.0.1:9000/r\" }",
+        ));
+        only_error(
+            &with("{ method = \"exec\", command = [\"/bin/x\"], url = \"https://a\" }"),
+            "secret[0].rotate.url",
+        );
+        only_error(
+            &with("{ method = \"exec\", command = [\"/bin/x\"], timeout = \"0s\" }"),
+            "secret[0].rotate.timeout",
+        );
+        let r = report(&with("{ method = \"ldap\" }"));
+        assert!(r.to_string().contains("secret[0].rotate.method"), "{r}");
+        // A method without a period is allowed, with a warning.
+        let c = ok(&edit(
+            "rotation_period = \"1h\"\n",
+            "rotate = { method = \"exec\", command = [\"/bin/x\"] }\n",
+        ));
+        assert_eq!(c.warnings[0].key, "secret[0].rotation_period");
+    }
+
+    #[test]
+    fn dynamic_credentials_are_checked_with_key_and_fix() {
+        let with = |d: &str| {
+            edit(
+                "cache_ttl = \"5m\" }",
+                &format!("cache_ttl = \"5m\", dynamic = {d} }}"),
+            )
+        };
+        ok(&with(
+            "{ ttl = \"1h\", grants = [\"GRANT SELECT ON t TO {role}\"] }",
+        ));
+        let i = only_error(
+            &with("{ grants = [\"GRANT SELECT ON t TO app\"] }"),
+            "route[0].credential.dynamic.grants[0]",
+        );
+        assert!(i.problem.contains("does not mention {role}"), "{i:?}");
+        only_error(
+            &with("{ grants = [\"GRANT x TO {role}; DROP TABLE y\"] }"),
+            "route[0].credential.dynamic.grants[0]",
+        );
+        let i = only_error(
+            &with("{ ttl = \"2h\", max_ttl = \"1h\" }"),
+            "route[0].credential.dynamic.max_ttl",
+        );
+        assert!(i.fix.contains("at least 2h"), "{i:?}");
+        only_error(
+            &with("{ role_prefix = \"pg_x\" }"),
+            "route[0].credential.dynamic.role_prefix",
+        );
+        only_error(
+            &with("{ role_prefix = \"Bad-\" }"),
+            "route[0].credential.dynamic.role_prefix",
+        );
+        let r = report(&with("{ tll = \"1h\" }"));
+        assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
     }
 
     #[test]

@@ -298,11 +298,11 @@ async fn maintain_credentials(
             started = true;
         }
         leases.maintain(&shared.scram_cache).await;
-        if ticks % 30 == 0 {
+        if ticks.is_multiple_of(30) {
             // Orphan rows whose revocation failed earlier are retried.
             let _ = leases.revoke_orphans(&shared.scram_cache).await;
         }
-        if ticks % 5 == 0 {
+        if ticks.is_multiple_of(5) {
             rotator.tick().await;
         }
     }

@@ -112,6 +112,9 @@ struct Lease {
     sessions: usize,
 }
 
+/// (route, workload).
+type LeaseKey = (String, String);
+
 /// Every lease this process holds, and the admin connections that manage them.
 pub struct LeaseManager {
     specs: HashMap<String, Arc<DynamicSpec>>,
@@ -120,9 +123,9 @@ pub struct LeaseManager {
     metrics: Option<Metrics>,
     leases: Mutex<HashMap<String, Lease>>,
     /// (route, workload) → the lease new sessions get.
-    current: Mutex<HashMap<(String, String), String>>,
+    current: Mutex<HashMap<LeaseKey, String>>,
     /// Serialises lease creation per (route, workload).
-    creating: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    creating: Mutex<HashMap<LeaseKey, Arc<tokio::sync::Mutex<()>>>>,
     pool: Mutex<HashMap<String, Vec<SqlSession>>>,
 }
 
@@ -366,7 +369,7 @@ impl LeaseManager {
         Ok(ticket)
     }
 
-    fn reuse(&self, key: &(String, String), margin: i64) -> Option<LeaseTicket> {
+    fn reuse(&self, key: &LeaseKey, margin: i64) -> Option<LeaseTicket> {
         let id = self.current.lock().ok()?.get(key)?.clone();
         let mut leases = self.leases.lock().ok()?;
         let l = leases.get_mut(&id)?;
