@@ -8,6 +8,10 @@
 //!   latency through warden, beside direct connections to the same throwaway
 //!   PostgreSQL and PgBouncer injecting the same credential, interleaved in
 //!   one run; persistent connections and a new connection per transaction.
+//! - Dynamic credential issuance (`bench/pg/leases.rs`): `warden lease bench`
+//!   leases/s and p50/p99 against the same PostgreSQL (fsync on), beside
+//!   pgbench running the same CREATE ROLE + GRANT transaction, with Vault's
+//!   published 259/s as an anchor.
 //!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
