@@ -43,6 +43,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use zeroize::Zeroizing;
 
+/// Marks an error where the admin session broke (the server may or may not
+/// have run the statements).
+const LINK_FAILED: &str = "the administrative session failed";
+/// A lease row of this process that is not in memory (its creation broke
+/// off) is swept after this long.
+const STRAY_AFTER_SECS: i64 = 60;
+
 /// Idle admin sessions kept per route.
 const POOL_MAX: usize = 4;
 
@@ -192,6 +199,39 @@ fn server_error_text(e: &ErrorFields) -> String {
     )
 }
 
+/// The one transaction that creates a lease's role: CREATE ROLE with a SCRAM
+/// verifier of `password` (never the password itself), the comment, the grants.
+fn create_sql(
+    spec: &DynamicSpec,
+    row: &LeaseRow,
+    password: &[u8],
+    label: &str,
+    scram: &ScramKeyCache,
+) -> Result<Zeroizing<String>> {
+    let verifier = scram::verifier(scram, label, password)
+        .ok_or_else(|| Error::internal("the system random generator failed"))?;
+    let (Some(q_role), Some(q_admin), Some(q_verifier), Some(q_until), Some(q_comment)) = (
+        quote_ident(&row.role),
+        quote_ident(&spec.admin_user),
+        quote_literal(&verifier),
+        quote_literal(&timestamp_literal(row.expires_at)),
+        quote_literal(&format!(
+            "warden lease {} for workload {} on route {}",
+            row.id, row.workload, spec.route
+        )),
+    ) else {
+        return Err(Error::internal("lease names could not be quoted"));
+    };
+    let mut text = Zeroizing::new(format!(
+        "CREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
+    ));
+    for g in &spec.grants {
+        text.push_str(&g.replace("{role}", &q_role));
+        text.push_str(";\n");
+    }
+    Ok(text)
+}
+
 impl LeaseManager {
     pub fn new(
         specs: Vec<DynamicSpec>,
@@ -329,7 +369,7 @@ impl LeaseManager {
                 )))
             }
             Err(e @ SqlError::Link(_)) => Err(Error::unavailable(format!(
-                "route {:?}: the administrative session failed: {e}",
+                "route {:?}: {LINK_FAILED}: {e}",
                 spec.route
             ))),
         }
@@ -362,7 +402,16 @@ impl LeaseManager {
         if let Some(t) = self.reuse(&key, margin) {
             return Ok(t);
         }
-        let ticket = self.create(&spec, workload, actor, scram).await?;
+        let ticket = match self.create(&spec, workload, actor.clone(), scram).await {
+            // A pooled admin session may have died with a server restart: one
+            // more try on a fresh login, under a new role name (a role the
+            // broken attempt may have created keeps its row; the sweep drops it).
+            Err(e) if e.message.contains(LINK_FAILED) => {
+                tracing::warn!(route = %route, "lease creation failed ({}); retrying once", e.message);
+                self.create(&spec, workload, actor, scram).await?
+            }
+            r => r?,
+        };
         if let Ok(mut c) = self.current.lock() {
             c.insert(key, ticket.id.clone());
         }
@@ -416,28 +465,7 @@ impl LeaseManager {
             role: role.clone(),
             password: password.clone(),
         };
-        let verifier = scram::verifier(scram, &ticket.label(), &password)
-            .ok_or_else(|| Error::internal("the system random generator failed"))?;
-        let (Some(q_role), Some(q_admin), Some(q_verifier), Some(q_until), Some(q_comment)) = (
-            quote_ident(&role),
-            quote_ident(&spec.admin_user),
-            quote_literal(&verifier),
-            quote_literal(&timestamp_literal(row.expires_at)),
-            quote_literal(&format!(
-                "warden lease {id} for workload {workload} on route {}",
-                spec.route
-            )),
-        ) else {
-            return Err(Error::internal("lease names could not be quoted"));
-        };
-        let mut text = Zeroizing::new(format!(
-            "CREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
-        ));
-        for g in &spec.grants {
-            text.push_str(&g.replace("{role}", &q_role));
-            text.push_str(";\n");
-        }
-        drop(verifier);
+        let text = create_sql(spec, &row, &password, &ticket.label(), scram)?;
         // Write-ahead: the row exists before the role can.
         {
             let row = row.clone();
@@ -571,15 +599,25 @@ impl LeaseManager {
     pub async fn revoke_orphans(&self, scram: &ScramKeyCache) -> Result<usize> {
         let rows = self.with_service(|s| s.lease_list())?;
         let me = std::process::id();
+        let held: std::collections::HashSet<String> = match self.leases.lock() {
+            Ok(l) => l.keys().cloned().collect(),
+            Err(_) => return Err(Error::internal("lease state poisoned")),
+        };
+        let stray_before = now_unix() - STRAY_AFTER_SECS;
         let mut n = 0;
         let mut first_err = None;
-        for row in rows.into_iter().filter(|r| r.owner_pid != me) {
+        for row in rows
+            .into_iter()
+            .filter(|r| r.owner_pid != me || (!held.contains(&r.id) && r.created_at < stray_before))
+        {
             let Some(spec) = self.specs.get(&row.route).cloned() else {
                 tracing::warn!(lease = %row.id, role = %row.role, route = %row.route,
                     "orphaned lease belongs to a route that is no longer configured as dynamic; drop the role by hand");
                 continue;
             };
-            let why = if row.expires_at <= now_unix() {
+            let why = if row.owner_pid == me {
+                "stray: its creation broke off before the lease was handed out"
+            } else if row.expires_at <= now_unix() {
                 "orphan: expired while warden was down"
             } else {
                 "orphan: left by a previous warden process (its password is gone)"
@@ -749,6 +787,78 @@ mod tests {
         assert!(a
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_'));
+    }
+
+    #[test]
+    fn create_sql_carries_a_verifier_never_the_password() {
+        let spec = DynamicSpec {
+            route: "shop".into(),
+            target: UpstreamTarget {
+                host: "127.0.0.1".into(),
+                port: 5432,
+                tls: None,
+                server_name: rustls::pki_types::ServerName::try_from("localhost")
+                    .map(|n| n.to_owned())
+                    .unwrap_or_else(|_| {
+                        rustls::pki_types::ServerName::IpAddress(
+                            std::net::IpAddr::from([127, 0, 0, 1]).into(),
+                        )
+                    }),
+                connect_timeout: Duration::from_secs(1),
+            },
+            admin_user: "adm\"in".into(),
+            admin_secret: "shop/admin".into(),
+            env: "prod".into(),
+            database: "shop".into(),
+            ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(600),
+            grants: vec!["GRANT SELECT ON t TO {role}".into()],
+            reassign_owned_to: None,
+            role_prefix: "warden_".into(),
+            cache_ttl: Duration::from_secs(60),
+        };
+        let row = LeaseRow {
+            id: "shop-1".into(),
+            route: "shop".into(),
+            workload: "it's".into(),
+            role: role_name("warden_", "reports", "0a1b2c3d"),
+            state: "creating".into(),
+            owner_pid: 1,
+            created_at: 0,
+            expires_at: 60,
+            max_expires_at: 600,
+        };
+        let pw = random_password().ok().unwrap_or_default();
+        let cache = ScramKeyCache::new();
+        let sql = create_sql(&spec, &row, &pw, "lease shop-1", &cache)
+            .ok()
+            .unwrap_or_default();
+        let pw_text = String::from_utf8_lossy(&pw).into_owned();
+        assert!(!sql.contains(&pw_text), "{}", *sql);
+        assert!(
+            sql.starts_with(
+                "CREATE ROLE \"warden_reports_0a1b2c3d\" LOGIN PASSWORD E'SCRAM-SHA-256$4096:"
+            ),
+            "{}",
+            *sql
+        );
+        assert!(
+            sql.contains("VALID UNTIL E'1970-01-01 00:01:00+00' ROLE \"adm\"\"in\";"),
+            "{}",
+            *sql
+        );
+        assert!(
+            sql.contains("IS E'warden lease shop-1 for workload it''s on route shop';"),
+            "{}",
+            *sql
+        );
+        assert!(
+            sql.ends_with("GRANT SELECT ON t TO \"warden_reports_0a1b2c3d\";\n"),
+            "{}",
+            *sql
+        );
+        // The first login with the lease's label skips PBKDF2 (keys cached with the verifier).
+        assert_eq!(cache.misses(), 1);
     }
 
     #[test]
