@@ -344,6 +344,34 @@ fn orphaned_leases_of_a_killed_warden_are_revoked_at_the_next_start() {
     assert!(lease_roles(&s.pg).is_empty(), "{:?}", lease_roles(&s.pg));
 }
 
+#[test]
+fn a_rejected_admin_login_refuses_the_session_with_route_and_secret_named() {
+    if skip() {
+        return;
+    }
+    let s = dyn_setup("1h", "");
+    s.warden
+        .put("shop-db/admin", b"not-the-admin-password")
+        .ok();
+    let _d = s.warden.start_daemon();
+    let (ok, _, err) = psql_via(s.port, "shop", "select 1");
+    assert!(!ok);
+    assert!(
+        err.contains("no lease for workload \"me\" on route \"shop-db\"")
+            && err.contains(
+                "the administrative login \"warden_admin\" (secret shop-db/admin v2) failed"
+            ),
+        "{err}"
+    );
+    assert!(lease_roles(&s.pg).is_empty());
+    let a = audit(&s.warden);
+    assert!(
+        a.contains("\"action\":\"lease.create\"") && a.contains("\"decision\":\"error\""),
+        "{a}"
+    );
+    assert!(!a.contains("not-the-admin-password"));
+}
+
 // ---------------------------------------------------------------------------
 // Rotation
 

@@ -354,7 +354,12 @@ impl LeaseManager {
         scram: &ScramKeyCache,
         text: &str,
     ) -> Result<sql::Rows> {
-        let mut s = self.admin(spec, scram).await?;
+        let s = self.admin(spec, scram).await?;
+        self.run_on(spec, s, text).await
+    }
+
+    /// Runs `text` on `s`, returning the session to the pool unless it broke.
+    async fn run_on(&self, spec: &DynamicSpec, mut s: SqlSession, text: &str) -> Result<sql::Rows> {
         match s.execute(text).await {
             Ok(rows) => {
                 self.give_back(&spec.route, s);
@@ -466,12 +471,25 @@ impl LeaseManager {
             password: password.clone(),
         };
         let text = create_sql(spec, &row, &password, &ticket.label(), scram)?;
+        let session = match self.admin(spec, scram).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.audit(
+                    actor,
+                    "lease.create",
+                    &row,
+                    Decision::Error,
+                    e.message.clone(),
+                );
+                return Err(e);
+            }
+        };
         // Write-ahead: the row exists before the role can.
         {
             let row = row.clone();
             self.with_service(|s| s.lease_put(&row))?;
         }
-        match self.admin_execute(spec, scram, &text).await {
+        match self.run_on(spec, session, &text).await {
             Ok(_) => {}
             Err(e) => {
                 // A refused batch was rolled back: no role, no row. A broken
