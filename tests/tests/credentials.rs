@@ -345,6 +345,35 @@ fn orphaned_leases_of_a_killed_warden_are_revoked_at_the_next_start() {
 }
 
 #[test]
+fn concurrent_lease_creation_with_grants_on_one_schema_succeeds_and_cleans_up() {
+    if skip() {
+        return;
+    }
+    // Concurrent GRANTs on one schema race on its ACL tuple ("tuple
+    // concurrently updated") unless warden orders them; `lease bench`
+    // creates leases from 4 tasks at once against the real database.
+    let s = dyn_setup("1h", "");
+    let out = s.warden.run(&[
+        "lease",
+        "bench",
+        "--route",
+        "shop-db",
+        "--count",
+        "40",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["leases"].as_u64(), Some(40), "{v}");
+    assert_eq!(v["revoked"].as_u64(), Some(41), "{v}"); // + the warm-up lease
+    assert!(lease_roles(&s.pg).is_empty(), "{:?}", lease_roles(&s.pg));
+    let a = audit(&s.warden);
+    assert_eq!(a.matches("\"action\":\"lease.create\"").count(), 41);
+    assert_eq!(a.matches("\"action\":\"lease.revoke\"").count(), 41);
+}
+
+#[test]
 fn a_rejected_admin_login_refuses_the_session_with_route_and_secret_named() {
     if skip() {
         return;

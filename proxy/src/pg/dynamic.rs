@@ -50,6 +50,12 @@ const LINK_FAILED: &str = "the administrative session failed";
 /// off) is swept after this long.
 const STRAY_AFTER_SECS: i64 = 60;
 
+/// Transaction-level advisory lock taken by every batch that changes ACLs
+/// (grants at creation, DROP OWNED at revocation): concurrent GRANTs on the
+/// same schema or table otherwise fail with "tuple concurrently updated".
+/// Server-side, so it also orders several warden nodes on one database.
+const GRANT_LOCK_KEY: i64 = 0x7761_7264_656e; // "warden"
+
 /// Idle admin sessions kept per route.
 const POOL_MAX: usize = 4;
 
@@ -223,7 +229,7 @@ fn create_sql(
         return Err(Error::internal("lease names could not be quoted"));
     };
     let mut text = Zeroizing::new(format!(
-        "CREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
+        "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nCREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
     ));
     for g in &spec.grants {
         text.push_str(&g.replace("{role}", &q_role));
@@ -584,7 +590,7 @@ impl LeaseManager {
             )
             .await?;
         if !exists.is_empty() {
-            let mut text = String::new();
+            let mut text = format!("SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\n");
             if let Some(to) = &spec.reassign_owned_to {
                 let to = quote_ident(to)
                     .ok_or_else(|| Error::internal("reassign_owned_to cannot be quoted"))?;
@@ -858,9 +864,9 @@ mod tests {
         let pw_text = String::from_utf8_lossy(&pw).into_owned();
         assert!(!sql.contains(&pw_text), "{}", *sql);
         assert!(
-            sql.starts_with(
-                "CREATE ROLE \"warden_reports_0a1b2c3d\" LOGIN PASSWORD E'SCRAM-SHA-256$4096:"
-            ),
+            sql.starts_with(&format!(
+                "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nCREATE ROLE \"warden_reports_0a1b2c3d\" LOGIN PASSWORD E'SCRAM-SHA-256$4096:"
+            )),
             "{}",
             *sql
         );

@@ -3,7 +3,9 @@
 //! transaction, after the lease row is fsynced and before its audit record
 //! is) against the bench's PostgreSQL — with `fsync = on` for this part —
 //! beside a same-run baseline: pgbench running the same CREATE ROLE +
-//! GRANT transaction itself, with no store, audit or password generation.
+//! GRANT transaction itself (advisory lock included: concurrent GRANTs on one
+//! schema fail with "tuple concurrently updated" otherwise), with no store,
+//! audit or password generation.
 //! Vault's published sample (259 leases/s, mean 40 ms, p99 68 ms) is printed
 //! as an anchor, not as a same-run comparison.
 
@@ -61,6 +63,7 @@ pub(super) fn run(lab: &Lab, warden: &Path) -> Result<LeaseReport> {
         &script,
         "\\set r random(1, 9000000000000000000)\n\
          BEGIN;\n\
+         SELECT pg_advisory_xact_lock(131260414715246);\n\
          CREATE ROLE raw_:r LOGIN PASSWORD 'SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=' VALID UNTIL '2100-01-01 00:00:00+00';\n\
          COMMENT ON ROLE raw_:r IS 'baseline';\n\
          GRANT USAGE ON SCHEMA reports TO raw_:r;\n\
