@@ -71,6 +71,13 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// Rotate a secret now (its `rotate` method); answered by the daemon.
+    SecretRotate {
+        name: String,
+        env: Option<String>,
+    },
+    /// The dynamic-credential leases the daemon holds.
+    LeaseList,
 }
 
 impl Request {
@@ -87,6 +94,8 @@ impl Request {
             Request::SvidShow { .. } => "svid_show",
             Request::SvidBundle => "svid_bundle",
             Request::Events { .. } => "events",
+            Request::SecretRotate { .. } => "secret_rotate",
+            Request::LeaseList => "lease_list",
         }
     }
 }
@@ -188,6 +197,32 @@ pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// The daemon's asynchronous services behind some requests (rotation, leases).
+#[derive(Clone)]
+pub struct Engines {
+    pub rotator: Arc<crate::rotation::Rotator>,
+    pub leases: Arc<crate::pg::dynamic::LeaseManager>,
+}
+
+/// Requests that need network I/O run here, outside the service lock.
+async fn dispatch_async(engines: &Engines, caller: &Caller, req: &Request) -> Option<Response> {
+    match req {
+        Request::SecretRotate { name, env } => Some(Response::from_result(
+            engines
+                .rotator
+                .rotate(
+                    name,
+                    env.as_deref(),
+                    caller_actor(caller),
+                    "requested by an admin (`warden secret rotate`)",
+                )
+                .await,
+        )),
+        Request::LeaseList => Some(Response::from_result(Ok(engines.leases.list()))),
+        _ => None,
+    }
+}
+
 /// Accepts admin connections until the task is dropped.
 pub async fn serve(
     listener: UnixListener,
@@ -195,6 +230,7 @@ pub async fn serve(
     identity: Arc<IdentityHandle>,
     metrics: Metrics,
     access: AdminAccess,
+    engines: Engines,
     events: Arc<EventFeed>,
 ) {
     loop {
@@ -202,16 +238,17 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (service, identity, metrics, access, events) = (
+        let (service, identity, metrics, access, engines, events) = (
             service.clone(),
             identity.clone(),
             metrics.clone(),
             access.clone(),
+            engines.clone(),
             events.clone(),
         );
         tokio::spawn(async move {
             if let Err(e) =
-                handle_connection(stream, service, identity, metrics, access, events).await
+                handle_connection(stream, service, identity, metrics, access, engines, events).await
             {
                 tracing::debug!("admin connection ended: {e}");
             }
@@ -225,6 +262,7 @@ async fn handle_connection(
     identity: Arc<IdentityHandle>,
     metrics: Metrics,
     access: AdminAccess,
+    engines: Engines,
     events: Arc<EventFeed>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
@@ -300,6 +338,16 @@ async fn handle_connection(
             }
             Ok(req) => {
                 let op = req.op();
+                if let Some(resp) = dispatch_async(&engines, &caller, &req).await {
+                    let result = match &resp {
+                        Response::Error { kind, .. } => format!("{kind:?}").to_lowercase(),
+                        _ => "ok".into(),
+                    };
+                    metrics.admin_request(op, &result);
+                    line.zeroize();
+                    write_response(&mut write, &resp).await?;
+                    continue;
+                }
                 let svc = service.clone();
                 let ident = identity.clone();
                 let who = caller.clone();
@@ -451,6 +499,10 @@ pub fn dispatch(
                 "access events come from the running daemon's eBPF monitor: start `warden up` first"
                     .into(),
         },
+        Request::SecretRotate { .. } | Request::LeaseList => Response::Error {
+            kind: ErrorKind::Unavailable,
+            message: "this request is answered by the daemon: start `warden up` first".into(),
+        },
     }
 }
 
@@ -503,7 +555,7 @@ fn svid_show(
     Ok(info)
 }
 
-fn caller_actor(caller: &Caller) -> Actor {
+pub fn caller_actor(caller: &Caller) -> Actor {
     Actor {
         kind: ActorKind::Admin,
         uid: Some(caller.uid),

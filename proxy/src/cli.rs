@@ -88,6 +88,26 @@ enum Command {
     /// Validate configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Dynamic database credential leases held by the daemon.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Leases the daemon holds: route, workload, role, sessions, expiry (never passwords).
+    List,
+    /// Benchmark: create and revoke COUNT leases on ROUTE against its real database
+    /// (daemon stopped; used by `cargo xtask bench`).
+    #[command(hide = true)]
+    Bench {
+        #[arg(long)]
+        route: String,
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Args)]
@@ -158,6 +178,12 @@ enum SecretCommand {
     },
     /// Remove every version of a secret.
     Rm {
+        name: String,
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Rotate a secret now with its configured method (secret[].rotate); audited.
+    Rotate {
         name: String,
         #[arg(long)]
         env: Option<String>,
@@ -254,6 +280,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Audit(cmd) => run_audit(&ctx, cmd),
         Command::Events { follow, lines } => run_events(&ctx, follow, lines),
         Command::Config(_) => Ok(()),
+        Command::Lease(cmd) => run_lease(&ctx, cmd),
     }
 }
 
@@ -579,8 +606,12 @@ fn run_secret(ctx: &Context, cmd: SecretCommand) -> Result<()> {
         }
         _ => None,
     };
+    if let SecretCommand::Rotate { name, env } = cmd {
+        return secret_rotate(ctx, &name, env.as_deref());
+    }
     let mut target = Target::connect(ctx)?;
     match cmd {
+        SecretCommand::Rotate { .. } => {}
         SecretCommand::Put { name, env, .. } => {
             let value = value.ok_or_else(|| Error::internal("value missing"))?;
             let value_b64 =
@@ -1004,4 +1035,162 @@ fn config_check(file: Option<&Path>, json: bool) -> Result<()> {
             Err(Error::usage(report.to_string().trim_end().to_string()))
         }
     }
+}
+
+// ---- rotation and leases ----------------------------------------------------
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))
+}
+
+/// `warden secret rotate`: by the daemon when it runs, else here under the data dir lock.
+fn secret_rotate(ctx: &Context, name: &str, env: Option<&str>) -> Result<()> {
+    let outcome: crate::rotation::RotateOutcome = match Target::connect(ctx)? {
+        Target::Daemon(mut c) => c
+            .call(&Request::SecretRotate {
+                name: name.to_string(),
+                env: env.map(String::from),
+            })?
+            .into_result()?,
+        Target::Offline { service, _lock } => {
+            let service = std::sync::Arc::new(std::sync::Mutex::new(*service));
+            let creds = std::sync::Arc::new(crate::pg::CredentialCache::default());
+            let rotator = crate::rotation::Rotator::new(&ctx.cfg, service, creds, None)?;
+            let actor = admin::caller_actor(&Caller::this_process());
+            runtime()?.block_on(rotator.rotate(
+                name,
+                env,
+                actor,
+                "requested by an admin (`warden secret rotate`, offline)",
+            ))?
+        }
+    };
+    if ctx.json {
+        return print_json(&outcome);
+    }
+    println!(
+        "rotated {} (env {}) to version {} ({})",
+        outcome.name, outcome.env, outcome.version, outcome.method
+    );
+    Ok(())
+}
+
+fn run_lease(ctx: &Context, cmd: LeaseCommand) -> Result<()> {
+    match cmd {
+        LeaseCommand::List => {
+            let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
+            let mut c = AdminClient::connect(&socket)?.ok_or_else(|| {
+                Error::unavailable("leases live in the daemon: start `warden up` first")
+            })?;
+            let list: Vec<crate::pg::dynamic::LeaseInfo> =
+                c.call(&Request::LeaseList)?.into_result()?;
+            if ctx.json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no leases");
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<16} {:<16} {:<40} {:>8}  EXPIRES",
+                "ID", "ROUTE", "WORKLOAD", "ROLE", "SESSIONS"
+            );
+            for l in list {
+                println!(
+                    "{:<32} {:<16} {:<16} {:<40} {:>8}  {}",
+                    l.id, l.route, l.workload, l.role, l.sessions, l.expires_at
+                );
+            }
+            Ok(())
+        }
+        LeaseCommand::Bench {
+            route,
+            count,
+            concurrency,
+        } => lease_bench(ctx, &route, count, concurrency),
+    }
+}
+
+/// Creates `count` leases with `concurrency` tasks, then revokes them; prints JSON.
+fn lease_bench(ctx: &Context, route: &str, count: usize, concurrency: usize) -> Result<()> {
+    use std::sync::Arc;
+    let Target::Offline { service, _lock } = Target::connect(ctx)? else {
+        return Err(Error::unavailable(
+            "lease bench runs on the data dir: stop the daemon first",
+        ));
+    };
+    let service = Arc::new(std::sync::Mutex::new(*service));
+    let creds = Arc::new(crate::pg::CredentialCache::default());
+    let specs = crate::pg::dynamic_specs(&ctx.cfg)?;
+    if !specs.iter().any(|s| s.route == route) {
+        return Err(Error::usage(format!(
+            "route {route:?} has no credential.dynamic in the config"
+        )));
+    }
+    let leases = Arc::new(crate::pg::dynamic::LeaseManager::new(
+        specs, service, creds, None,
+    ));
+    let scram = Arc::new(crate::pg::scram::ScramKeyCache::with_capacity(count + 16));
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let spec = leases
+            .spec(route)
+            .ok_or_else(|| Error::internal("spec vanished"))?;
+        // Warm-up: one lease so the admin login is not in the figures.
+        leases
+            .create(
+                &spec,
+                "bench-warmup",
+                crate::authority::daemon_actor(),
+                &scram,
+            )
+            .await?;
+        let started = std::time::Instant::now();
+        let per = count.div_ceil(concurrency.max(1));
+        let mut tasks = Vec::new();
+        for t in 0..concurrency.max(1) {
+            let (leases, scram, spec) = (leases.clone(), scram.clone(), spec.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t0 = std::time::Instant::now();
+                    leases
+                        .create(
+                            &spec,
+                            &format!("bench-{t}"),
+                            crate::authority::daemon_actor(),
+                            &scram,
+                        )
+                        .await?;
+                    lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                }
+                Ok::<_, Error>(lat)
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.map_err(|e| Error::internal(e.to_string()))??);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let r0 = std::time::Instant::now();
+        let revoked = leases.revoke_all(&scram, "benchmark clean-up").await;
+        let revoke_secs = r0.elapsed().as_secs_f64();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+        Ok::<_, Error>(serde_json::json!({
+            "leases": lat.len(),
+            "seconds": secs,
+            "per_second": lat.len() as f64 / secs,
+            "p50_ms": q(0.50),
+            "p99_ms": q(0.99),
+            "mean_ms": lat.iter().sum::<f64>() / lat.len() as f64,
+            "revoked": revoked,
+            "revoke_per_second": revoked as f64 / revoke_secs,
+        }))
+    })?;
+    print_json(&report)
 }

@@ -358,6 +358,40 @@ pub struct SecretPolicy {
     /// Overrides `store.max_versions` for this secret.
     #[serde(default)]
     pub max_versions: Option<u32>,
+    /// How warden changes the secret upstream when it rotates it (see `rotation.rs`).
+    #[serde(default)]
+    pub rotate: Option<Rotate>,
+}
+
+config_enum! {
+    /// `secret[].rotate.method`.
+    RotateMethod {
+        /// `ALTER ROLE … PASSWORD` on the route's database, run by warden.
+        Postgres => "postgres",
+        /// A program that gets the new value on stdin.
+        Exec => "exec",
+        /// An HTTP POST whose body is the new value.
+        Webhook => "webhook",
+    }
+}
+
+/// `secret[].rotate`: how a rotation reaches the system that checks the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotate {
+    pub method: RotateMethod,
+    /// postgres: the route whose `credential` uses this secret.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// exec: program and arguments (never the value; that comes on stdin).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// webhook: `http://` or `https://` URL.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Longest a hook or webhook may take (default 30 s).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
 }
 
 /// One `[[route]]`: a local listener that proxies to an upstream and supplies the credential.
@@ -475,6 +509,57 @@ pub struct Credential {
     /// How long a fetched secret may be reused.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub cache_ttl: Option<Duration>,
+    /// Dynamic credentials: `user`/`secret` are then the administrative login
+    /// warden uses to create one role per workload lease.
+    #[serde(default)]
+    pub dynamic: Option<Dynamic>,
+}
+
+/// `route[].credential.dynamic` defaults.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_LEASE_MAX_TTL: Duration = Duration::from_secs(86_400);
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+pub const DEFAULT_ROLE_PREFIX: &str = "warden_";
+
+/// `route[].credential.dynamic`: a role per workload lease.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dynamic {
+    /// Lease lifetime without sessions; renewed while sessions are active.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ttl: Option<Duration>,
+    /// Hard end of a lease, renewals included.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_ttl: Option<Duration>,
+    /// SQL run in the lease's transaction after CREATE ROLE; `{role}` is the
+    /// quoted role name.
+    #[serde(default)]
+    pub grants: Vec<String>,
+    /// Database the grants (and DROP OWNED at revocation) run in; default
+    /// the first of `databases`, else `postgres`.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// At revocation: REASSIGN OWNED BY the lease role TO this role before
+    /// DROP OWNED; unset drops what the role owns.
+    #[serde(default)]
+    pub reassign_owned_to: Option<String>,
+    /// Prefix of lease role names (`<prefix><workload>_<random>`).
+    #[serde(default)]
+    pub role_prefix: Option<String>,
+}
+
+impl Dynamic {
+    pub fn ttl(&self) -> Duration {
+        self.ttl.unwrap_or(DEFAULT_LEASE_TTL)
+    }
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+            .unwrap_or(DEFAULT_LEASE_MAX_TTL)
+            .max(self.ttl())
+    }
+    pub fn role_prefix(&self) -> &str {
+        self.role_prefix.as_deref().unwrap_or(DEFAULT_ROLE_PREFIX)
+    }
 }
 
 /// `route[].inject`: the HTTP header (or query parameter) warden adds.
@@ -1293,6 +1378,12 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("secret.name", "a secret name in quotes, e.g. name = \"orders-db/app\""),
     ("secret.rotation_period", "a duration in quotes of at least 1m, e.g. rotation_period = \"24h\""),
     ("secret.max_versions", "a whole number from 1 to 1000 without quotes, e.g. max_versions = 5"),
+    ("secret.rotate", "an inline table, e.g. rotate = { method = \"postgres\", route = \"orders-db\" }"),
+    ("secret.rotate.method", "one of \"postgres\", \"exec\", \"webhook\""),
+    ("secret.rotate.route", "the name of a postgres route in quotes, e.g. route = \"orders-db\""),
+    ("secret.rotate.command", "a list: program path then arguments, e.g. command = [\"/usr/local/bin/set-token\"]"),
+    ("secret.rotate.url", "an http:// or https:// URL in quotes, e.g. url = \"http://127.0.0.1:9000/rotate\""),
+    ("secret.rotate.timeout", "a duration in quotes, e.g. timeout = \"30s\""),
     ("route", "a list of tables: write each one as [[route]] (double brackets)"),
     ("route.name", "a name in quotes of lowercase letters, digits, - and _, e.g. name = \"orders-db\""),
     ("route.kind", "one of \"postgres\", \"http\", \"tls\""),
@@ -1306,6 +1397,13 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.credential.user", "a database user name in quotes, e.g. user = \"app\""),
     ("route.credential.secret", "a secret name in quotes, e.g. secret = \"orders-db/app\""),
     ("route.credential.cache_ttl", "a duration in quotes, e.g. cache_ttl = \"5m\""),
+    ("route.credential.dynamic", "a table, e.g. dynamic = { ttl = \"1h\", max_ttl = \"24h\", grants = [\"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}\"] }"),
+    ("route.credential.dynamic.ttl", "a duration in quotes, e.g. ttl = \"1h\""),
+    ("route.credential.dynamic.max_ttl", "a duration in quotes, at least ttl, e.g. max_ttl = \"24h\""),
+    ("route.credential.dynamic.grants", "a list of SQL statements using {role}, e.g. grants = [\"GRANT USAGE ON SCHEMA app TO {role}\"]"),
+    ("route.credential.dynamic.database", "a database name in quotes, e.g. database = \"orders\""),
+    ("route.credential.dynamic.reassign_owned_to", "a role name in quotes, e.g. reassign_owned_to = \"app_owner\""),
+    ("route.credential.dynamic.role_prefix", "lowercase letters, digits and _ in quotes, e.g. role_prefix = \"warden_\""),
     ("route.inject", "an inline table, e.g. inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"payments/api-token\" }"),
     ("route.inject.header", "an HTTP header name in quotes, e.g. header = \"Authorization\""),
     ("route.inject.value", "text in quotes containing {secret}, e.g. value = \"Bearer {secret}\""),
@@ -1799,6 +1897,9 @@ fn check_secrets(c: &mut Checker<'_>) {
                 );
             }
         }
+        if let Some(rot) = &s.rotate {
+            check_rotate(c, &k, s, rot);
+        }
         if let Some(max) = s.max_versions {
             if !(1..=MAX_VERSIONS_LIMIT).contains(&max) {
                 c.error(
@@ -1807,6 +1908,196 @@ fn check_secrets(c: &mut Checker<'_>) {
                     format!("set max_versions to a value from 1 to {MAX_VERSIONS_LIMIT}, or remove it to use store.max_versions"),
                 );
             }
+        }
+    }
+}
+
+/// Rules for `secret[i].rotate`: each method has exactly the keys it uses.
+fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
+    let cfg = c.config;
+    let m = rot.method;
+    let unused = |key: &str| {
+        (
+            format!("{k}.rotate.{key}"),
+            format!("rotate.{key} is not used by method \"{m}\""),
+            format!("remove {key} from secret[..].rotate"),
+        )
+    };
+    let mut extra = Vec::new();
+    if m != RotateMethod::Postgres && rot.route.is_some() {
+        extra.push(unused("route"));
+    }
+    if m != RotateMethod::Exec && !rot.command.is_empty() {
+        extra.push(unused("command"));
+    }
+    if m != RotateMethod::Webhook && rot.url.is_some() {
+        extra.push(unused("url"));
+    }
+    for (key, problem, fix) in extra {
+        c.error(key, problem, fix);
+    }
+    match m {
+        RotateMethod::Postgres => match &rot.route {
+            None => c.error(
+                format!("{k}.rotate.route"),
+                "method \"postgres\" needs the route whose database holds the role",
+                "add route = \"NAME\" naming a postgres [[route]] whose credential.secret is this secret",
+            ),
+            Some(name) => {
+                let found = cfg.routes.iter().enumerate().find(|(_, r)| &r.name == name);
+                match found {
+                    None => c.error(
+                        format!("{k}.rotate.route"),
+                        format!("there is no route named \"{name}\""),
+                        "name a postgres [[route]] defined in this file",
+                    ),
+                    Some((j, r)) => {
+                        let uses = r.kind == RouteKind::Postgres
+                            && r.credential.as_ref().is_some_and(|cr| cr.secret == s.name);
+                        if !uses {
+                            c.error(
+                                format!("{k}.rotate.route"),
+                                format!("route[{j}] (\"{name}\") is not a postgres route whose credential.secret is \"{}\", so warden would not know which role's password to change", s.name),
+                                format!("set route[{j}].credential.secret = \"{}\" or name the route that uses this secret", s.name),
+                            );
+                        }
+                    }
+                }
+            }
+        },
+        RotateMethod::Exec => match rot.command.first() {
+            None => c.error(
+                format!("{k}.rotate.command"),
+                "method \"exec\" needs a command",
+                "add command = [\"/absolute/path/to/program\", \"arg\"]; the new value arrives on its stdin",
+            ),
+            Some(prog) if !Path::new(prog).is_absolute() => c.error(
+                format!("{k}.rotate.command"),
+                format!("program \"{prog}\" is not an absolute path, so which program runs would depend on $PATH"),
+                "use an absolute path, e.g. command = [\"/usr/local/bin/set-token\"]",
+            ),
+            Some(_) => {}
+        },
+        RotateMethod::Webhook => match &rot.url {
+            None => c.error(
+                format!("{k}.rotate.url"),
+                "method \"webhook\" needs a url",
+                "add url = \"https://host/path\"; warden POSTs the new value as the body",
+            ),
+            Some(u) => match parse_http_url(u) {
+                Err(problem) => c.error(
+                    format!("{k}.rotate.url"),
+                    format!("url \"{u}\" {problem}"),
+                    "use an http:// or https:// URL, e.g. url = \"https://vault-sync.internal/rotate\"",
+                ),
+                Ok(parsed) if !parsed.https && !is_loopback_host(&parsed.host) => c.error(
+                    format!("{k}.rotate.url"),
+                    format!("url \"{u}\" is plain http to a non-loopback host: the new secret would cross the network unencrypted"),
+                    "use an https:// URL (or a loopback http:// address)",
+                ),
+                Ok(_) => {}
+            },
+        },
+    }
+    if let Some(t) = rot.timeout {
+        if t < Duration::from_secs(1) || t > Duration::from_secs(600) {
+            c.error(
+                format!("{k}.rotate.timeout"),
+                format!("timeout {} is outside 1s..10m", format_duration(t)),
+                "set timeout between \"1s\" and \"10m\", or remove it (default 30s)",
+            );
+        }
+    }
+    if s.rotation_period.is_none() {
+        c.warn(
+            format!("{k}.rotation_period"),
+            format!("secret \"{}\" has a rotate method but no rotation_period, so it rotates only on `warden secret rotate`", s.name),
+            "add rotation_period = \"24h\" (or another period) to rotate it automatically",
+        );
+    }
+}
+
+/// Rules for `route[i].credential.dynamic`.
+fn check_dynamic(c: &mut Checker<'_>, k: &str, r: &Route, d: &Dynamic) {
+    let k = format!("{k}.credential.dynamic");
+    if let Some(ttl) = d.ttl {
+        if ttl < MIN_LEASE_TTL {
+            c.error(
+                format!("{k}.ttl"),
+                format!(
+                    "ttl {} is shorter than {}",
+                    format_duration(ttl),
+                    format_duration(MIN_LEASE_TTL)
+                ),
+                "set ttl to at least \"1s\" (default 1h)",
+            );
+        }
+    }
+    if let (Some(max), ttl) = (d.max_ttl, d.ttl()) {
+        if max < ttl {
+            c.error(
+                format!("{k}.max_ttl"),
+                format!(
+                    "max_ttl {} is shorter than ttl {}",
+                    format_duration(max),
+                    format_duration(ttl)
+                ),
+                format!("set max_ttl to at least {}", format_duration(ttl)),
+            );
+        }
+    }
+    for (j, g) in d.grants.iter().enumerate() {
+        if !g.contains("{role}") {
+            c.error(
+                format!("{k}.grants[{j}]"),
+                format!("grant \"{g}\" does not mention {{role}}, so it would not grant anything to the lease's role"),
+                "write the statement with the placeholder, e.g. \"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}\"",
+            );
+        }
+        if g.contains(';') || g.contains('\0') {
+            c.error(
+                format!("{k}.grants[{j}]"),
+                "a grant contains ';' or NUL; each list entry must be one statement",
+                "split the text into one list entry per statement",
+            );
+        }
+    }
+    let prefix = d.role_prefix();
+    let ok_prefix = !prefix.is_empty()
+        && prefix.len() <= 20
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !prefix.starts_with("pg_")
+        && prefix.as_bytes()[0].is_ascii_lowercase();
+    if !ok_prefix {
+        c.error(
+            format!("{k}.role_prefix"),
+            format!("role_prefix \"{prefix}\" must start with a letter, use only a-z, 0-9 and _, be at most 20 characters and not start with pg_ (reserved by PostgreSQL)"),
+            "use e.g. role_prefix = \"warden_\"",
+        );
+    }
+    for (key, v) in [
+        ("database", &d.database),
+        ("reassign_owned_to", &d.reassign_owned_to),
+    ] {
+        if let Some(v) = v {
+            if v.is_empty() || v.len() > 63 || v.contains('\0') {
+                c.error(
+                    format!("{k}.{key}"),
+                    format!("{key} \"{v}\" is not a PostgreSQL name (1 to 63 bytes, no NUL)"),
+                    format!("set {key} to an existing name or remove it"),
+                );
+            }
+        }
+    }
+    if let (Some(db), false) = (&d.database, r.databases.is_empty()) {
+        if !r.databases.contains(db) {
+            c.warn(
+                format!("{k}.database"),
+                format!("grants run in database \"{db}\", which is not in this route's databases"),
+                "set database to one of route.databases, or add it there",
+            );
         }
     }
 }
@@ -2111,6 +2402,9 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
             cred.cache_ttl,
             &cred.secret,
         );
+        if let Some(d) = &cred.dynamic {
+            check_dynamic(c, k, r, d);
+        }
     }
 
     if let Some(inject) = &r.inject {
@@ -2990,7 +3284,23 @@ allow = ["reports"]
         assert_eq!(c.max_versions_for("orders-db/app"), 5);
         assert_eq!(c.max_versions_for("payments/api-token"), 10);
 
-        assert_eq!(c.routes.len(), 4);
+        let rot = c.secrets[0].rotate.as_ref().unwrap();
+        assert_eq!(rot.method, RotateMethod::Postgres);
+        assert_eq!(rot.route.as_deref(), Some("orders-db"));
+        assert_eq!(c.routes.len(), 5);
+        let d = c.routes[4]
+            .credential
+            .as_ref()
+            .unwrap()
+            .dynamic
+            .as_ref()
+            .unwrap();
+        assert_eq!(d.ttl(), Duration::from_secs(3600));
+        assert_eq!(d.max_ttl(), Duration::from_secs(86_400));
+        assert_eq!(d.grants.len(), 2);
+        assert_eq!(d.database.as_deref(), Some("warehouse"));
+        assert_eq!(d.reassign_owned_to.as_deref(), Some("warehouse_owner"));
+        assert_eq!(d.role_prefix(), "warden_");
         let pg = &c.routes[0];
         assert_eq!(pg.kind, RouteKind::Postgres);
         assert_eq!(pg.listen, "127.0.0.1:15432".parse().unwrap());
@@ -3041,6 +3351,97 @@ allow = ["reports"]
         assert_eq!(rule.limit, 100);
         assert_eq!(rule.action, AnomalyAction::Freeze);
         assert_eq!(c.source, origin());
+    }
+
+    #[test]
+    fn rotate_methods_are_checked_with_key_and_fix() {
+        let with = |rotate: &str| {
+            edit(
+                "rotation_period = \"1h\"\n",
+                &format!("rotation_period = \"1h\"\nrotate = {rotate}\n"),
+            )
+        };
+        ok(&with("{ method = \"postgres\", route = \"orders-db\" }"));
+        let i = only_error(&with("{ method = \"postgres\" }"), "secret[0].rotate.route");
+        assert!(i.fix.contains("route = \"NAME\""), "{i:?}");
+        let i = only_error(
+            &with("{ method = \"postgres\", route = \"nope\" }"),
+            "secret[0].rotate.route",
+        );
+        assert!(i.problem.contains("no route named \"nope\""), "{i:?}");
+        let i = only_error(
+            &with("{ method = \"exec\", command = [\"set-token\"] }"),
+            "secret[0].rotate.command",
+        );
+        assert!(i.problem.contains("not an absolute path"), "{i:?}");
+        only_error(&with("{ method = \"exec\" }"), "secret[0].rotate.command");
+        ok(&with(
+            "{ method = \"exec\", command = [\"/usr/local/bin/set-token\", \"x\"] }",
+        ));
+        let i = only_error(
+            &with("{ method = \"webhook\", url = \"http://hooks.example.org/r\" }"),
+            "secret[0].rotate.url",
+        );
+        assert!(i.problem.contains("unencrypted"), "{i:?}");
+        ok(&with(
+            "{ method = \"webhook\", url = \"https://hooks.example.org/r\" }",
+        ));
+        ok(&with(
+            "{ method = \"webhook\", url = \"http://127.0.0.1:9000/r\" }",
+        ));
+        only_error(
+            &with("{ method = \"exec\", command = [\"/bin/x\"], url = \"https://a\" }"),
+            "secret[0].rotate.url",
+        );
+        only_error(
+            &with("{ method = \"exec\", command = [\"/bin/x\"], timeout = \"0s\" }"),
+            "secret[0].rotate.timeout",
+        );
+        let r = report(&with("{ method = \"ldap\" }"));
+        assert!(r.to_string().contains("secret[0].rotate.method"), "{r}");
+        // A method without a period is allowed, with a warning.
+        let c = ok(&edit(
+            "rotation_period = \"1h\"\n",
+            "rotate = { method = \"exec\", command = [\"/bin/x\"] }\n",
+        ));
+        assert_eq!(c.warnings[0].key, "secret[0].rotation_period");
+    }
+
+    #[test]
+    fn dynamic_credentials_are_checked_with_key_and_fix() {
+        let with = |d: &str| {
+            edit(
+                "cache_ttl = \"5m\" }",
+                &format!("cache_ttl = \"5m\", dynamic = {d} }}"),
+            )
+        };
+        ok(&with(
+            "{ ttl = \"1h\", grants = [\"GRANT SELECT ON t TO {role}\"] }",
+        ));
+        let i = only_error(
+            &with("{ grants = [\"GRANT SELECT ON t TO app\"] }"),
+            "route[0].credential.dynamic.grants[0]",
+        );
+        assert!(i.problem.contains("does not mention {role}"), "{i:?}");
+        only_error(
+            &with("{ grants = [\"GRANT x TO {role}; DROP TABLE y\"] }"),
+            "route[0].credential.dynamic.grants[0]",
+        );
+        let i = only_error(
+            &with("{ ttl = \"2h\", max_ttl = \"1h\" }"),
+            "route[0].credential.dynamic.max_ttl",
+        );
+        assert!(i.fix.contains("at least 2h"), "{i:?}");
+        only_error(
+            &with("{ role_prefix = \"pg_x\" }"),
+            "route[0].credential.dynamic.role_prefix",
+        );
+        only_error(
+            &with("{ role_prefix = \"Bad-\" }"),
+            "route[0].credential.dynamic.role_prefix",
+        );
+        let r = report(&with("{ tll = \"1h\" }"));
+        assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
     }
 
     #[test]

@@ -156,6 +156,29 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             .map_err(|e| Error::internal(format!("identity start-up failed: {e}")))??;
         }
 
+        // Dynamic leases and rotation: orphans revoked and interrupted
+        // rotations resolved before clients are served (see `credentials_start`).
+        let credentials = Arc::new(pg::CredentialCache::default());
+        let leases = Arc::new(pg::dynamic::LeaseManager::new(
+            pg::dynamic_specs(cfg)?,
+            service.clone(),
+            credentials.clone(),
+            Some(metrics.clone()),
+        ));
+        let rotator = Arc::new(crate::rotation::Rotator::new(
+            cfg,
+            service.clone(),
+            credentials.clone(),
+            Some(metrics.clone()),
+        )?);
+        if !sealed {
+            credentials_start(&leases, &rotator).await;
+        }
+        let engines = admin::Engines {
+            rotator: rotator.clone(),
+            leases: leases.clone(),
+        };
+
         tracing::info!(socket = %socket.display(), "admin API listening");
         if let Some(l) = &metrics_listener {
             if let Ok(a) = l.local_addr() {
@@ -177,6 +200,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
             admin_access.clone(),
+            engines,
             access.feed.clone(),
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
@@ -188,13 +212,20 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         ));
         let pg_routes: Vec<_> = pg_listeners.iter().map(|(r, _, _)| r.clone()).collect();
         let pg_shared = Arc::new(pg::PgShared::new(
-            cfg,
+            crate::peer::Attestor::from_config(cfg, access.resolver()),
             &pg_routes,
             service.clone(),
             identity.clone(),
             metrics.clone(),
-            access.resolver(),
+            credentials.clone(),
+            leases.clone(),
         )?);
+        let credentials_task = tokio::spawn(maintain_credentials(
+            leases.clone(),
+            rotator.clone(),
+            pg_shared.clone(),
+            !sealed,
+        ));
         let mut route_tasks = Vec::new();
         for (route, tcp, unix) in pg_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
@@ -234,6 +265,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         notify_systemd("STOPPING=1");
         admin_task.abort();
         identity_task.abort();
+        credentials_task.abort();
         for t in &route_tasks {
             t.abort();
         }
@@ -246,6 +278,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             t.abort();
         }
         let _ = std::fs::remove_file(&socket);
+        if !leases.is_empty() {
+            let scram = pg::scram::ScramKeyCache::with_capacity(16);
+            let revoke = leases.revoke_all(&scram, "warden is stopping");
+            if tokio::time::timeout(std::time::Duration::from_secs(5), revoke).await.is_err() {
+                tracing::warn!("leases not revoked within 5 s; the next start revokes them");
+            }
+        }
         access.shutdown();
         let svc = service.clone();
         tokio::task::spawn_blocking(move || match svc.lock() {
@@ -257,6 +296,55 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// Start-up work for credentials once the store is unsealed: revoke leases a
+/// previous process left (no orphans), finish or roll back interrupted rotations.
+async fn credentials_start(leases: &pg::dynamic::LeaseManager, rotator: &crate::rotation::Rotator) {
+    let scram = pg::scram::ScramKeyCache::with_capacity(16);
+    if !leases.is_empty() {
+        match leases.revoke_orphans(&scram).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("revoked {n} lease(s) left by a previous warden process"),
+            Err(e) => tracing::error!("orphaned leases not revoked yet (retrying): {}", e.message),
+        }
+    }
+    if !rotator.is_empty() {
+        let n = rotator.recover_all().await;
+        if n > 0 {
+            tracing::warn!("resolved {n} interrupted rotation(s)");
+        }
+    }
+}
+
+/// Renews and revokes leases, rotates secrets when their period is up.
+async fn maintain_credentials(
+    leases: Arc<pg::dynamic::LeaseManager>,
+    rotator: Arc<crate::rotation::Rotator>,
+    shared: Arc<pg::PgShared>,
+    mut started: bool,
+) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        ticks += 1;
+        let sealed = shared.service.lock().map(|s| s.is_sealed()).unwrap_or(true);
+        if sealed {
+            continue;
+        }
+        if !started {
+            credentials_start(&leases, &rotator).await;
+            started = true;
+        }
+        leases.maintain(&shared.scram_cache).await;
+        if ticks.is_multiple_of(30) {
+            // Orphan rows whose revocation failed earlier are retried.
+            let _ = leases.revoke_orphans(&shared.scram_cache).await;
+        }
+        if ticks.is_multiple_of(5) {
+            rotator.tick().await;
+        }
+    }
 }
 
 /// Loads the CA once the store is unsealed and keeps CAs and SVIDs rotated.

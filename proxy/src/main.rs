@@ -20,6 +20,7 @@ mod observe;
 mod paths;
 mod peer;
 mod pg;
+mod rotation;
 mod service;
 mod store;
 mod timefmt;

@@ -441,11 +441,11 @@ impl Metrics {
         let secret_rotations = IntCounterVec::new(
             Opts::new(
                 "warden_secret_rotations_total",
-                "Automatic secret rotations by result (success, failure).",
+                "Secret rotations by result (success, failure, recovered: a crashed rotation finished or rolled back).",
             ),
             &["result"],
         )?;
-        for r in ["success", "failure"] {
+        for r in ["success", "failure", "recovered"] {
             secret_rotations.with_label_values(&[r]);
         }
         let leases_active = IntGauge::new(
@@ -823,10 +823,12 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    pub fn secret_rotation(&self, ok: bool) {
+    /// `result`: `success`, `failure` or `recovered` (a crashed rotation
+    /// finished or rolled back at start-up).
+    pub fn secret_rotation(&self, result: &str) {
         self.inner
             .secret_rotations
-            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .with_label_values(&[result])
             .inc();
     }
 
@@ -1017,7 +1019,7 @@ mod tests {
         m.set_monitor_mode(MonitorMode::Procfs);
         m.anomaly_detection("distinct_secrets_per_minute", "freeze");
         m.set_frozen_workloads(2);
-        m.secret_rotation(false);
+        m.secret_rotation("failure");
         m.lease_created();
         m.lease_created();
         m.lease_revoked();

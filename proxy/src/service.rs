@@ -542,6 +542,86 @@ impl SecretService {
     }
 }
 
+/// Operations for warden's own writers (rotation, leases): no caller checks,
+/// reserved names allowed, every mutation audited inside its transaction.
+impl SecretService {
+    /// The latest version of (name, env), or None when there is none.
+    pub fn latest(&self, name: &str, env: &str) -> Result<Option<(u32, Zeroizing<Vec<u8>>)>> {
+        let kek = self.kek()?;
+        match self.store.get(kek, name, env, None) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores `value` as the next version of (name, env); `event` (its
+    /// version filled in) is appended before the write commits.
+    pub fn put_audited(
+        &mut self,
+        name: &str,
+        env: &str,
+        value: &[u8],
+        created_by: &str,
+        event: Event,
+    ) -> Result<u32> {
+        let KekState::Unsealed(kek) = &self.kek else {
+            return Err(self
+                .kek()
+                .err()
+                .unwrap_or_else(|| Error::sealed("warden is sealed")));
+        };
+        let keep = self.policy.keep_for(name);
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook = |version: u32| -> Result<()> {
+            let mut ev = event.clone();
+            ev.target.version = Some(version);
+            append_counted(audit, metrics.as_ref(), &ev)
+        };
+        let new = NewVersion {
+            name,
+            env,
+            value,
+            created_by,
+            keep,
+        };
+        self.store.put(kek, new, &mut hook)
+    }
+
+    /// Removes every version of (name, env), appending `event` before the commit.
+    pub fn remove_audited(&mut self, name: &str, env: &str, event: Event) -> Result<u32> {
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook =
+            |_removed: u32| -> Result<()> { append_counted(audit, metrics.as_ref(), &event) };
+        self.store.backend_mut().remove(name, env, &mut hook)
+    }
+
+    /// When the latest version of (name, env) was stored, if it exists.
+    pub fn latest_created_at(&self, name: &str, env: &str) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .backend()
+            .versions(name, env)?
+            .into_iter()
+            .max_by_key(|v| v.version)
+            .map(|v| v.created_at))
+    }
+
+    pub fn lease_put(&mut self, lease: &crate::store::LeaseRow) -> Result<()> {
+        self.store.backend_mut().lease_put(lease)
+    }
+
+    pub fn lease_delete(&mut self, id: &str) -> Result<()> {
+        self.store.backend_mut().lease_delete(id)
+    }
+
+    pub fn lease_list(&self) -> Result<Vec<crate::store::LeaseRow>> {
+        self.store.backend().lease_list()
+    }
+}
+
 /// Appends `event` and counts the write (or its failure) in the metrics.
 fn append_counted(audit: &mut AuditLog, metrics: Option<&Metrics>, event: &Event) -> Result<()> {
     let res = audit.append(event);

@@ -16,6 +16,11 @@
 //!   http route injecting `Authorization`, beside direct requests to the same
 //!   local nginx upstream and a second nginx injecting the same header.
 //!
+//! - Dynamic credential issuance (`bench/pg/leases.rs`): `warden lease bench`
+//!   leases/s and p50/p99 against the same PostgreSQL (fsync on), beside
+//!   pgbench running the same CREATE ROLE + GRANT transaction, with Vault's
+//!   published 259/s as an anchor.
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`

@@ -12,14 +12,16 @@
 //! cancel-key map (warden hands clients its own BackendKeyData and forwards a
 //! CancelRequest to the matching upstream session).
 
+pub mod dynamic;
 pub mod protocol;
 pub mod scram;
 pub mod session;
+pub mod sql;
 pub mod tls;
 pub mod upstream;
 
 use crate::authority::IdentityHandle;
-use crate::config::{Config, RouteKind};
+use crate::config::{self, Config, RouteKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::service::SecretService;
@@ -48,6 +50,32 @@ pub struct PgRoute {
     pub databases: Vec<String>,
     /// Answer SSLRequest with `S` and serve TLS with a certificate from warden's CA.
     pub client_tls: bool,
+    /// Dynamic credentials: sessions get a lease role from [`dynamic::LeaseManager`];
+    /// `user`/`secret` are the administrative login.
+    pub dynamic: Option<config::Dynamic>,
+}
+
+/// Where a session's login comes from.
+pub enum CredentialSource {
+    /// `credential = { user, secret }`: the stored secret's latest version.
+    Static,
+    /// `credential.dynamic`: a per-workload lease role.
+    Dynamic,
+}
+
+impl PgRoute {
+    pub fn source(&self) -> CredentialSource {
+        match self.dynamic {
+            Some(_) => CredentialSource::Dynamic,
+            None => CredentialSource::Static,
+        }
+    }
+
+    /// The settings of a dynamic route's leases.
+    pub fn dynamic_spec(&self, cfg_route: &config::Route) -> Option<dynamic::DynamicSpec> {
+        let d = self.dynamic.as_ref()?;
+        dynamic::DynamicSpec::new(cfg_route, d, self.target.clone(), &self.env, self.cache_ttl)
+    }
 }
 
 impl PgRoute {
@@ -97,6 +125,7 @@ impl PgRoute {
                 allow: r.allow.clone(),
                 databases: r.databases.clone(),
                 client_tls: r.client_tls,
+                dynamic: cred.dynamic.clone(),
             });
         }
         Ok(out)
@@ -161,6 +190,13 @@ impl CredentialCache {
         }
         Ok((version, value))
     }
+
+    /// Forgets (secret, env) so the next session reads the store (after a rotation).
+    pub fn invalidate(&self, secret: &str, env: &str) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.remove(&(secret.to_string(), env.to_string()));
+        }
+    }
 }
 
 /// Where a cancel request for one of warden's BackendKeyData goes.
@@ -212,7 +248,8 @@ pub struct PgShared {
     pub service: Arc<Mutex<SecretService>>,
     pub attestor: crate::peer::Attestor,
     pub scram_cache: scram::ScramKeyCache,
-    pub credentials: CredentialCache,
+    pub credentials: Arc<CredentialCache>,
+    pub leases: Arc<dynamic::LeaseManager>,
     pub cancels: CancelMap,
     pub metrics: Metrics,
     /// Client-side TLS configuration per route (routes with `client_tls`).
@@ -221,12 +258,13 @@ pub struct PgShared {
 
 impl PgShared {
     pub fn new(
-        cfg: &Config,
+        attestor: crate::peer::Attestor,
         routes: &[Arc<PgRoute>],
         service: Arc<Mutex<SecretService>>,
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
-        resolver: Arc<dyn warden_identity::attest::PeerResolver>,
+        credentials: Arc<CredentialCache>,
+        leases: Arc<dynamic::LeaseManager>,
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
         for r in routes.iter().filter(|r| r.client_tls) {
@@ -234,9 +272,10 @@ impl PgShared {
         }
         Ok(PgShared {
             service,
-            attestor: crate::peer::Attestor::from_config(cfg, resolver),
-            scram_cache: scram::ScramKeyCache::new(),
-            credentials: CredentialCache::default(),
+            attestor,
+            scram_cache: scram::ScramKeyCache::with_capacity(8192),
+            credentials,
+            leases,
             cancels: CancelMap::default(),
             metrics,
             client_tls,
@@ -324,4 +363,18 @@ pub async fn serve_route(
             }
         }
     }
+}
+
+/// The lease settings of every dynamic PostgreSQL route in `cfg`.
+pub fn dynamic_specs(cfg: &Config) -> Result<Vec<dynamic::DynamicSpec>> {
+    let routes = PgRoute::from_config(cfg)?;
+    let mut out = Vec::new();
+    for r in &routes {
+        if let Some(c) = cfg.routes.iter().find(|c| c.name == r.name) {
+            if let Some(spec) = r.dynamic_spec(c) {
+                out.push(spec);
+            }
+        }
+    }
+    Ok(out)
 }

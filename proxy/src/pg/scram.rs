@@ -624,6 +624,27 @@ fn valid_extension(attr: &str) -> bool {
 // ---------------------------------------------------------------------------
 // md5.
 
+/// A SCRAM-SHA-256 verifier for `password` (`SCRAM-SHA-256$<i>:<salt>$<StoredKey>:<ServerKey>`,
+/// the form PostgreSQL stores), with a fresh random salt and
+/// [`MIN_ITERATIONS`]. warden sends this, never the password, in
+/// `CREATE ROLE`/`ALTER ROLE … PASSWORD`, so the plaintext never reaches the
+/// server's statement log. The derived keys are put in `cache` under `tag`,
+/// so the first login with the new password skips PBKDF2.
+pub fn verifier(cache: &ScramKeyCache, tag: &str, password: &[u8]) -> Option<Zeroizing<String>> {
+    let mut salt = [0u8; 16];
+    rand::fill(&mut salt).ok()?;
+    let iterations = NonZeroU32::new(MIN_ITERATIONS)?;
+    let keys = cache.keys(tag, &salt, iterations, password);
+    let stored = digest::digest(&digest::SHA256, &keys.client_key[..]);
+    Some(Zeroizing::new(format!(
+        "SCRAM-SHA-256${}:{}${}:{}",
+        MIN_ITERATIONS,
+        BASE64.encode(salt),
+        BASE64.encode(stored.as_ref()),
+        BASE64.encode(&keys.server_key[..])
+    )))
+}
+
 /// The response to AuthenticationMD5Password:
 /// `"md5" + hex(md5(hex(md5(password + user)) + salt))`, 35 characters. The
 /// caller sends it as a PasswordMessage with a terminating NUL.

@@ -8,7 +8,7 @@
 
 use super::protocol::{self, StartupMessage, StartupPacket};
 use super::upstream::{self, Login, UpstreamFailure};
-use super::{CancelTarget, PgRoute, PgShared};
+use super::{CancelTarget, CredentialSource, PgRoute, PgShared};
 use crate::audit::{Decision, Event, Target};
 use crate::error::ErrorKind;
 use crate::metrics::AttestVia;
@@ -183,14 +183,90 @@ fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, Refusal> {
     shared.attestor.attest_pid(pid).map_err(deny)
 }
 
-/// The audit target of a session that used the route's credential.
-fn credential_target(route: &PgRoute, version: u32, detail: String) -> Target {
-    Target {
-        route: Some(route.name.clone()),
-        secret: Some(route.secret.clone()),
-        env: Some(route.env.clone()),
-        version: Some(version),
-        detail: Some(detail),
+/// The login a session uses: never printed (no Debug), password zeroized.
+struct Credential {
+    user: String,
+    password: zeroize::Zeroizing<Vec<u8>>,
+    /// `secret vN` or `lease ID`: for messages and the SCRAM cache.
+    label: String,
+    version: Option<u32>,
+    lease: Option<String>,
+}
+
+/// Gives a lease's session count back however the session ends.
+struct LeaseRelease {
+    shared: Arc<PgShared>,
+    id: Option<String>,
+}
+
+impl Drop for LeaseRelease {
+    fn drop(&mut self) {
+        if let Some(id) = &self.id {
+            self.shared.leases.release(id);
+        }
+    }
+}
+
+async fn static_credential(
+    route: &Arc<PgRoute>,
+    shared: &Arc<PgShared>,
+) -> Result<Credential, Refusal> {
+    let res = {
+        let (shared, route) = (shared.clone(), route.clone());
+        tokio::task::spawn_blocking(move || {
+            shared
+                .credentials
+                .get(&shared.service, &route.secret, &route.env, route.cache_ttl)
+        })
+        .await
+    };
+    match res {
+        Ok(Ok((version, password))) => Ok(Credential {
+            user: route.user.clone(),
+            password,
+            label: format!("{} v{version}", route.secret),
+            version: Some(version),
+            lease: None,
+        }),
+        Ok(Err(e)) => {
+            let sqlstate = if e.kind == ErrorKind::Sealed {
+                "57P03"
+            } else {
+                "28000"
+            };
+            Err(Refusal::new(
+                sqlstate,
+                "credential_error",
+                format!(
+                    "warden: no credential for route {:?}: {}",
+                    route.name, e.message
+                ),
+            ))
+        }
+        Err(e) => Err(Refusal::new(
+            "XX000",
+            "error",
+            format!("warden: credential lookup failed: {e}"),
+        )),
+    }
+}
+
+/// The audit target of a session that used a credential: the secret version,
+/// or the lease (never the password).
+fn credential_target(route: &PgRoute, cred: &Credential, detail: String) -> Target {
+    match &cred.lease {
+        None => Target {
+            route: Some(route.name.clone()),
+            secret: Some(route.secret.clone()),
+            env: Some(route.env.clone()),
+            version: cred.version,
+            detail: Some(detail),
+        },
+        Some(id) => Target {
+            route: Some(route.name.clone()),
+            detail: Some(format!("{detail}, lease {id}")),
+            ..Target::default()
+        },
     }
 }
 
@@ -392,57 +468,64 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
 
-    // Credential.
-    let cred = {
-        let (shared, route) = (shared.clone(), route.clone());
-        tokio::task::spawn_blocking(move || {
-            shared
-                .credentials
-                .get(&shared.service, &route.secret, &route.env, route.cache_ttl)
-        })
-        .await
+    // Credential: the route's stored secret, or a lease role for this workload.
+    let cred = match route.source() {
+        CredentialSource::Static => static_credential(&route, &shared).await,
+        CredentialSource::Dynamic => shared
+            .leases
+            .acquire(
+                &route.name,
+                &who.workload,
+                actor(Some(&who)),
+                &shared.scram_cache,
+            )
+            .await
+            .map(|t| Credential {
+                user: t.role.clone(),
+                label: t.label(),
+                version: None,
+                lease: Some(t.id.clone()),
+                password: t.password,
+            })
+            .map_err(|e| {
+                let sqlstate = if e.kind == ErrorKind::Sealed {
+                    "57P03"
+                } else {
+                    "28000"
+                };
+                Refusal::new(
+                    sqlstate,
+                    "credential_error",
+                    format!(
+                        "warden: no lease for workload {:?} on route {:?}: {}",
+                        who.workload, route.name, e.message
+                    ),
+                )
+            }),
     };
-    let (version, password) = match cred {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let sqlstate = if e.kind == ErrorKind::Sealed {
-                "57P03"
-            } else {
-                "28000"
-            };
-            let r = Refusal::new(
-                sqlstate,
-                "credential_error",
-                format!(
-                    "warden: no credential for route {:?}: {}",
-                    route.name, e.message
-                ),
-            );
+    let cred = match cred {
+        Ok(c) => c,
+        Err(r) => {
+            tracing::warn!(route = %route.name, "session refused: {}", r.message);
             shared.metrics.session(&route.name, &who.workload, r.result);
             send_error(&mut client, &r).await;
             return;
         }
-        Err(e) => {
-            let r = Refusal::new(
-                "XX000",
-                "error",
-                format!("warden: credential lookup failed: {e}"),
-            );
-            shared.metrics.session(&route.name, &who.workload, r.result);
-            send_error(&mut client, &r).await;
-            return;
-        }
+    };
+    let lease_guard = LeaseRelease {
+        shared: shared.clone(),
+        id: cred.lease.clone(),
     };
     let login = Login {
-        user: route.user.clone(),
-        password,
-        secret_label: format!("{} v{version}", route.secret),
+        user: cred.user.clone(),
+        password: cred.password.clone(),
+        secret_label: cred.label.clone(),
     };
     let mut upstream_startup = startup.clone();
     // Protocol 3.0 upstream: warden hands clients 4-byte cancel keys anyway,
     // and older servers would answer 3.2 with NegotiateProtocolVersion.
     upstream_startup.protocol = (3, 0);
-    upstream_startup.set("user", &route.user);
+    upstream_startup.set("user", &cred.user);
     upstream_startup.set("database", &database);
 
     let established = match upstream::connect(
@@ -462,7 +545,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 Event {
                     actor: actor(Some(&who)),
                     action: "session.error".into(),
-                    target: credential_target(&route, version, format!("database {database}")),
+                    target: credential_target(&route, &cred, format!("database {database}")),
                     decision: Decision::Error,
                     reason: r.message.clone(),
                 },
@@ -493,10 +576,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             action: "session.start".into(),
             target: credential_target(
                 &route,
-                version,
+                &cred,
                 format!(
                     "database {database}, role {}, auth {}",
-                    route.user, established.auth_method
+                    cred.user, established.auth_method
                 ),
             ),
             decision: Decision::Allow,
@@ -547,6 +630,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Ok((u, d)) => (u, d, "closed"),
         Err(_) => (0, 0, "connection error"),
     };
+    drop(lease_guard);
     shared
         .metrics
         .pg_session_end(&route.name, started.elapsed(), up, down);
@@ -557,7 +641,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             action: "session.end".into(),
             target: credential_target(
                 &route,
-                version,
+                &cred,
                 format!(
                     "database {database}, {up} bytes up, {down} bytes down, {} ms, {how}",
                     started.elapsed().as_millis()

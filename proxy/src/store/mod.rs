@@ -83,6 +83,23 @@ pub struct NewVersion<'a> {
     pub keep: u32,
 }
 
+/// One dynamic-credential lease as persisted (no password: that lives only
+/// in the memory of the process that created the role). Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRow {
+    pub id: String,
+    pub route: String,
+    pub workload: String,
+    pub role: String,
+    /// `creating` (written before CREATE ROLE), `active`, `revoking`.
+    pub state: String,
+    /// pid of the warden process that holds the lease's password.
+    pub owner_pid: u32,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub max_expires_at: i64,
+}
+
 /// Storage for sealed rows and small metadata. Implementations must make each
 /// method atomic (all or nothing) and durable when it returns.
 pub trait SecretBackend: Send {
@@ -114,6 +131,12 @@ pub trait SecretBackend: Send {
     /// Replaces every wrapped key with `rewrap(row)` and sets `meta` in one
     /// transaction. Returns the number of rows rewrapped.
     fn rewrap_all(&mut self, rewrap: RewrapFn<'_>, meta: &[(&str, String)]) -> Result<u64>;
+    /// Inserts or replaces a lease row.
+    fn lease_put(&mut self, lease: &LeaseRow) -> Result<()>;
+    /// Deletes a lease row (no error if absent).
+    fn lease_delete(&mut self, id: &str) -> Result<()>;
+    /// Every lease row, oldest first.
+    fn lease_list(&self) -> Result<Vec<LeaseRow>>;
 }
 
 /// Checks a secret name: `[a-z0-9][a-z0-9._/-]*`, at most 128 bytes, no empty

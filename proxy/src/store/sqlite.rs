@@ -3,8 +3,8 @@
 //! write survives a power cut. Holds only sealed bytes and metadata.
 
 use super::{
-    CommitHook, RewrapFn, SealedVersion, SecretBackend, SecretSummary, VersionInfo, VersionRow,
-    WrappedKeyRow,
+    CommitHook, LeaseRow, RewrapFn, SealedVersion, SecretBackend, SecretSummary, VersionInfo,
+    VersionRow, WrappedKeyRow,
 };
 use crate::error::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -96,6 +96,17 @@ impl SqliteBackend {
                  ciphertext  BLOB NOT NULL,
                  PRIMARY KEY (name, env, version),
                  FOREIGN KEY (name, env) REFERENCES secrets(name, env)
+             );
+             CREATE TABLE IF NOT EXISTS leases (
+                 id             TEXT PRIMARY KEY,
+                 route          TEXT NOT NULL,
+                 workload       TEXT NOT NULL,
+                 role           TEXT NOT NULL,
+                 state          TEXT NOT NULL,
+                 owner_pid      INTEGER NOT NULL,
+                 created_at     INTEGER NOT NULL,
+                 expires_at     INTEGER NOT NULL,
+                 max_expires_at INTEGER NOT NULL
              );",
         )
         .map_err(db_err(path))?;
@@ -336,5 +347,56 @@ impl SecretBackend for SqliteBackend {
         }
         tx.commit().map_err(&err)?;
         Ok(count)
+    }
+
+    fn lease_put(&mut self, l: &LeaseRow) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO leases(id, route, workload, role, state, owner_pid, created_at, expires_at, max_expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    l.id,
+                    l.route,
+                    l.workload,
+                    l.role,
+                    l.state,
+                    l.owner_pid,
+                    l.created_at,
+                    l.expires_at,
+                    l.max_expires_at
+                ],
+            )
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    fn lease_delete(&mut self, id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM leases WHERE id = ?1", params![id])
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    fn lease_list(&self) -> Result<Vec<LeaseRow>> {
+        query_all(
+            &self.conn,
+            &self.path,
+            "SELECT id, route, workload, role, state, owner_pid, created_at, expires_at, max_expires_at
+             FROM leases ORDER BY created_at, id",
+            [],
+            |r| {
+                Ok(LeaseRow {
+                    id: r.get(0)?,
+                    route: r.get(1)?,
+                    workload: r.get(2)?,
+                    role: r.get(3)?,
+                    state: r.get(4)?,
+                    owner_pid: r.get(5)?,
+                    created_at: r.get(6)?,
+                    expires_at: r.get(7)?,
+                    max_expires_at: r.get(8)?,
+                })
+            },
+        )
     }
 }

@@ -15,6 +15,8 @@
 //! Everything lives in a temp dir and every process is stopped at the end,
 //! also on error (see [`Lab`]'s `Drop`).
 
+mod leases;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
@@ -142,6 +144,8 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
 
     let results = measure(&lab, options)?;
     print_report(&results, options);
+    let leases = leases::run(&lab, &warden)?;
+    leases::print(&leases);
     lab.shutdown();
     Ok(())
 }
