@@ -393,12 +393,27 @@ fn smuggling_attempts_are_rejected() {
         assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
         assert!(resp.contains(needle), "{needle}: {resp}");
     }
+    // A request that could switch protocols but does not: the connection is
+    // closed after its response, so nothing after it escapes the gate.
+    let resp = raw(
+        port,
+        b"GET /maybe HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\n\r\nPOST /hidden HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
     let recs = s.upstream.records();
     let paths: Vec<_> = recs
         .iter()
         .map(|r| r["path"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(paths, vec!["/base/ok".to_string()]);
+    assert_eq!(
+        paths,
+        vec!["/base/ok".to_string(), "/base/maybe".to_string()]
+    );
 }
 
 /// curl through warden as `http_proxy`/`https_proxy`: (exit code, stdout, stderr).
@@ -601,7 +616,7 @@ fn http2_upstream_is_negotiated_by_alpn() {
     let up_port = free_port();
     let d = dir.path().display();
     let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\ndaemon off;\n\
+        "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\ndaemon off;\n\
          events {{ worker_connections 64; }}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
          server {{ listen 127.0.0.1:{up_port} ssl http2; ssl_certificate {cert}; ssl_certificate_key {key};\n\

@@ -100,7 +100,7 @@ fn conn_ctx(
 /// Runs hyper's HTTP/1.1 server (keep-alive, upgrades) behind the framing gate.
 async fn serve_http1<F, Fut>(stream: tokio::net::TcpStream, label: &str, shared: &HttpShared, f: F)
 where
-    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let notice = Arc::new(GateNotice {
@@ -108,7 +108,26 @@ where
         metrics: shared.metrics.clone(),
     });
     let io = TokioIo::new(Gate::new(stream, notice));
-    let svc = hyper::service::service_fn(f);
+    let f = Arc::new(f);
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        // The gate stops checking framing after a request that may switch
+        // protocols (any Upgrade header, or CONNECT). If no switch happens,
+        // the connection must not carry further requests: close it.
+        let may_switch =
+            req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+        let connect = req.method() == http::Method::CONNECT;
+        let fut = f(req);
+        async move {
+            let mut resp = fut.await?;
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && resp.status().is_success());
+            if may_switch && !switched {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
