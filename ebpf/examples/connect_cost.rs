@@ -40,6 +40,12 @@ fn sink() -> (SocketAddr, Arc<AtomicBool>) {
         }
     };
     let addr = l.local_addr().unwrap_or_else(|_| std::process::exit(1));
+    // A deep accept queue: with the default 128, a starved accept thread lets
+    // SYNs drop and a connect waits a second for its retransmit.
+    // SAFETY: a valid listening socket fd.
+    unsafe {
+        libc::listen(l.as_raw_fd(), 4096);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     std::thread::spawn(move || {
