@@ -32,7 +32,9 @@ mod resolver;
 
 pub use cgroup::{cgroup2_mount, cgroup_id_of_path, cgroup_id_of_pid};
 pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_INTERVAL};
-pub use monitor::{Counters, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode};
+pub use monitor::{
+    release_pinned, Counters, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
+};
 pub use resolver::EbpfResolver;
 pub use warden_ebpf_common::ProcessInfo;
 

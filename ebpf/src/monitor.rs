@@ -443,6 +443,27 @@ impl Monitor {
     }
 }
 
+/// Releases what a monitor pinned in `dir` (links detach, maps and the
+/// directory are removed): for an instance that will never start again.
+pub fn release_pinned(dir: &Path) -> Result<(), MonitorError> {
+    let entries = fs::read_dir(dir)
+        .map_err(|e| MonitorError::Other(format!("reading {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_link = entry.file_name().to_string_lossy().starts_with("link_");
+        if is_link {
+            if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                // Unpinned and dropped: the link detaches.
+                drop(pinned.unpin());
+                continue;
+            }
+        }
+        fs::remove_file(&path)
+            .map_err(|e| MonitorError::Other(format!("removing {}: {e}", path.display())))?;
+    }
+    fs::remove_dir(dir).map_err(|e| MonitorError::Other(format!("removing {}: {e}", dir.display())))
+}
+
 fn remove_entry<K: aya::Pod>(
     map: &mut HashMap<MapData, K, FrozenEntry>,
     key: &K,

@@ -143,14 +143,58 @@ pub struct AccessMonitor {
     pub feed: Arc<EventFeed>,
 }
 
+/// Where every daemon's pin directories live.
+const PIN_ROOT: &str = "/sys/fs/bpf/warden";
+
 /// bpffs directory for this data dir's pins: one per data dir, so several
 /// daemons on a host (tests, staging beside production) never share state.
+/// The name encodes the data dir (`d-<hex of its path>`), so a later start of
+/// any daemon can tell an instance whose data dir is gone (see
+/// [`release_orphans`]); very long paths fall back to a hash (`h-…`), which is
+/// never collected.
 pub fn pin_dir_for(data_dir: &Path) -> PathBuf {
     let canonical = data_dir
         .canonicalize()
         .unwrap_or_else(|_| data_dir.to_path_buf());
-    let digest = crate::crypto::sha256_hex(canonical.as_os_str().as_encoded_bytes());
-    PathBuf::from("/sys/fs/bpf/warden").join(&digest[..16])
+    let bytes = canonical.as_os_str().as_encoded_bytes();
+    let name = if bytes.len() <= 120 {
+        format!("d-{}", hex::encode(bytes))
+    } else {
+        format!("h-{}", &crate::crypto::sha256_hex(bytes)[..16])
+    };
+    PathBuf::from(PIN_ROOT).join(name)
+}
+
+/// The data dir a pin directory name stands for (`d-` names only).
+fn data_dir_of_pin(name: &str) -> Option<PathBuf> {
+    let hex_path = name.strip_prefix("d-")?;
+    let bytes = hex::decode(hex_path).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    Some(PathBuf::from(text))
+}
+
+/// Releases the pins of crashed instances whose data dir no longer exists:
+/// nothing can ever start them again, so their enforcement would outlive
+/// them forever. Returns the data dirs released.
+pub fn release_orphans() -> Vec<PathBuf> {
+    let mut released = Vec::new();
+    let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
+        return released;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = data_dir_of_pin(&name) else {
+            continue;
+        };
+        if owner.exists() {
+            continue;
+        }
+        match warden_ebpf::release_pinned(&entry.path()) {
+            Ok(()) => released.push(owner),
+            Err(e) => tracing::warn!("cannot release orphaned eBPF pins {name}: {e}"),
+        }
+    }
+    released
 }
 
 async fn resolve_upstreams(cfg: &Config) -> Vec<(SocketAddr, String)> {
@@ -214,7 +258,15 @@ impl AccessMonitor {
             warden_tgid: std::process::id(),
             pin_dir: Some(pin_dir_for(data_dir)),
         };
-        match tokio::task::spawn_blocking(move || Monitor::load(&monitor_cfg))
+        match tokio::task::spawn_blocking(move || {
+            for gone in release_orphans() {
+                tracing::info!(
+                    "released the eBPF pins of a crashed warden whose data dir {} no longer exists",
+                    gone.display()
+                );
+            }
+            Monitor::load(&monitor_cfg)
+        })
             .await
             .map_err(|e| Error::internal(format!("monitor start-up failed: {e}")))?
         {
@@ -489,10 +541,25 @@ mod tests {
     }
 
     #[test]
-    fn pin_dirs_differ_per_data_dir() {
+    fn pin_dirs_differ_per_data_dir_and_name_it() {
         let a = pin_dir_for(Path::new("/var/lib/warden-a"));
         let b = pin_dir_for(Path::new("/var/lib/warden-b"));
         assert_ne!(a, b);
         assert!(a.starts_with("/sys/fs/bpf/warden"));
+        let name = a.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert_eq!(
+            data_dir_of_pin(name),
+            Some(PathBuf::from("/var/lib/warden-a"))
+        );
+        let long = format!("/{}", "x".repeat(300));
+        let h = pin_dir_for(Path::new(&long));
+        let hname = h.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert!(hname.starts_with("h-"), "{hname}");
+        assert_eq!(
+            data_dir_of_pin(hname),
+            None,
+            "hashed names are never collected"
+        );
+        assert_eq!(data_dir_of_pin("d-zz"), None);
     }
 }

@@ -343,3 +343,84 @@ fn events_follow_streams_new_access_as_it_happens() {
     let _ = follow.kill();
     let _ = follow.wait();
 }
+
+fn pin_dir_of(warden: &Instance) -> std::path::PathBuf {
+    let canonical = warden.data_dir.canonicalize().expect("data dir");
+    let hex: String = canonical
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::path::PathBuf::from("/sys/fs/bpf/warden").join(format!("d-{hex}"))
+}
+
+#[test]
+fn a_crashed_daemon_keeps_enforcing_until_restart_and_orphans_are_released() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let direct = pg.dsn_direct("app", "postgres", PASSWORD);
+    let port = free_port();
+    let warden = instance(
+        &pg,
+        port,
+        "ebpf = \"required\"\nprotect_upstreams = \"enforce\"",
+    );
+    let via_dsn = format!("host=127.0.0.1 port={port} dbname=postgres user=app sslmode=disable");
+
+    let mut daemon = warden.start_daemon();
+    assert_ne!(run_psql(&direct, "select 1").code, 0, "enforced");
+    let pins = pin_dir_of(&warden);
+    assert!(pins.exists(), "pinned at {}", pins.display());
+    // SIGKILL: no clean-up runs, as in a crash.
+    daemon.child.kill().expect("kill");
+    let _ = daemon.child.wait();
+    let after_crash = run_psql(&direct, "select 1");
+    assert_ne!(after_crash.code, 0, "fail closed after a crash");
+    assert!(
+        after_crash.stderr.contains("Operation not permitted"),
+        "{}",
+        after_crash.stderr
+    );
+
+    // The restart takes over (its own upstream connection works) and a clean
+    // stop releases everything.
+    let mut restarted = warden.start_daemon();
+    let via = run_psql(&via_dsn, "select current_user");
+    assert_eq!(via.code, 0, "through the restarted warden: {}", via.stderr);
+    assert_ne!(run_psql(&direct, "select 1").code, 0, "still enforced");
+    assert_eq!(restarted.stop(), Some(0));
+    assert_eq!(
+        run_psql(&direct, "select 1").code,
+        0,
+        "clean stop fails open"
+    );
+    assert!(!pins.exists(), "pins removed on a clean stop");
+
+    // A crashed instance whose data dir is deleted can never restart: the
+    // next daemon on the host releases its pins.
+    let mut again = warden.start_daemon();
+    again.child.kill().expect("kill");
+    let _ = again.child.wait();
+    assert_ne!(run_psql(&direct, "select 1").code, 0);
+    std::fs::remove_dir_all(&warden.data_dir).expect("remove data dir");
+    let other = Instance::new_with("[monitor]\nebpf = \"required\"\n");
+    other.run(&["init"]).ok();
+    let other_daemon = other.start_daemon();
+    assert!(
+        !pins.exists(),
+        "orphaned pins released: {}",
+        other_daemon.log_text()
+    );
+    assert!(other_daemon
+        .log_text()
+        .contains("released the eBPF pins of a crashed warden"));
+    assert_eq!(
+        run_psql(&direct, "select 1").code,
+        0,
+        "the orphan's enforcement is gone"
+    );
+}
