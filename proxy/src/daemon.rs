@@ -164,6 +164,24 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             if sealed { "sealed: waiting for unseal shares" } else { "serving" }
         ));
 
+        // Frozen workloads (persisted) back into the kernel maps, then the detector.
+        let freezer = Arc::new(crate::freeze::Freezer::new(
+            cfg,
+            service.clone(),
+            identity.clone(),
+            access.kernel().cloned(),
+            metrics.clone(),
+        )?);
+        {
+            let f = freezer.clone();
+            tokio::task::spawn_blocking(move || f.reapply())
+                .await
+                .map_err(|e| Error::internal(format!("re-applying freezes failed: {e}")))?;
+        }
+        let freeze_task = tokio::spawn(freezer.clone().run());
+        let anomaly = crate::anomaly::Anomaly::start(cfg, freezer.clone(), service.clone(), metrics.clone());
+        access.set_anomaly(anomaly.clone());
+
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             service.clone(),
@@ -171,6 +189,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             metrics.clone(),
             admin_access.clone(),
             access.feed.clone(),
+            Some(freezer.clone()),
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
         let provider = Arc::new(WorkloadIdentityProvider::new(
@@ -178,7 +197,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             identity.clone(),
             metrics.clone(),
-        ));
+        ).with_anomaly(freezer.clone(), anomaly.clone()));
         let pg_routes: Vec<_> = pg_listeners.iter().map(|(r, _, _)| r.clone()).collect();
         let pg_shared = Arc::new(pg::PgShared::new(
             cfg,
@@ -187,6 +206,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
             access.resolver(),
+            freezer.clone(),
+            anomaly.clone(),
         )?);
         let mut route_tasks = Vec::new();
         for (route, tcp, unix) in pg_listeners {
@@ -205,6 +226,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         notify_systemd("STOPPING=1");
         admin_task.abort();
         identity_task.abort();
+        freeze_task.abort();
         for t in &route_tasks {
             t.abort();
         }

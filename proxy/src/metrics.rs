@@ -70,6 +70,8 @@ struct Inner {
     monitor_attributions: IntCounterVec,
     anomaly_detections: IntCounterVec,
     frozen_workloads: IntGauge,
+    anomaly_alerts: IntCounterVec,
+    anomaly_signals_dropped: IntCounter,
     secret_rotations: IntCounterVec,
     leases_active: IntGauge,
     leases_created: IntCounter,
@@ -189,7 +191,15 @@ impl MonitorMode {
 }
 
 /// Anomaly rules (`[anomaly]` keys) exported at zero from start-up.
-pub const ANOMALY_RULES: &[&str] = &["distinct_secrets_per_minute"];
+pub const ANOMALY_RULES: &[&str] = &[
+    "distinct_secrets_per_minute",
+    "session_rate",
+    "new_executable",
+    "denials_per_minute",
+    "bypass",
+];
+/// `result` values of `warden_anomaly_alerts_total`.
+pub const ANOMALY_ALERT_RESULTS: &[&str] = &["delivered", "retried", "failed", "dropped"];
 /// `action` values of `warden_anomaly_detections_total` (`anomaly.*.action`).
 pub const ANOMALY_ACTIONS: &[&str] = &["log", "alert", "freeze"];
 
@@ -430,6 +440,20 @@ impl Metrics {
             "warden_frozen_workloads",
             "Workloads frozen now (refused secrets and sessions until an admin thaws them).",
         )?;
+        let anomaly_alerts = IntCounterVec::new(
+            Opts::new(
+                "warden_anomaly_alerts_total",
+                "Anomaly webhook deliveries by result (delivered, retried, failed, dropped).",
+            ),
+            &["result"],
+        )?;
+        for r in ANOMALY_ALERT_RESULTS {
+            anomaly_alerts.with_label_values(&[r]);
+        }
+        let anomaly_signals_dropped = IntCounter::new(
+            "warden_anomaly_signals_dropped_total",
+            "Events the anomaly detector never saw because its queue was full.",
+        )?;
         let secret_rotations = IntCounterVec::new(
             Opts::new(
                 "warden_secret_rotations_total",
@@ -492,6 +516,8 @@ impl Metrics {
         reg(&registry, &monitor_attributions)?;
         reg(&registry, &anomaly_detections)?;
         reg(&registry, &frozen_workloads)?;
+        reg(&registry, &anomaly_alerts)?;
+        reg(&registry, &anomaly_signals_dropped)?;
         reg(&registry, &secret_rotations)?;
         reg(&registry, &leases_active)?;
         reg(&registry, &leases_created)?;
@@ -531,6 +557,8 @@ impl Metrics {
                 monitor_attributions,
                 anomaly_detections,
                 frozen_workloads,
+                anomaly_alerts,
+                anomaly_signals_dropped,
                 secret_rotations,
                 leases_active,
                 leases_created,
@@ -798,6 +826,18 @@ impl Metrics {
             .anomaly_detections
             .with_label_values(&[rule, action])
             .inc();
+    }
+
+    /// `result` one of [`ANOMALY_ALERT_RESULTS`].
+    pub fn anomaly_alert(&self, result: &str) {
+        self.inner
+            .anomaly_alerts
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    pub fn anomaly_signal_dropped(&self) {
+        self.inner.anomaly_signals_dropped.inc();
     }
 
     pub fn set_frozen_workloads(&self, n: usize) {

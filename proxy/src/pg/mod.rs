@@ -208,6 +208,10 @@ pub struct PgShared {
     pub metrics: Metrics,
     /// Client-side TLS configuration per route (routes with `client_tls`).
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+    /// Frozen workloads (refused, open sessions closed).
+    pub freezer: Arc<crate::freeze::Freezer>,
+    /// The anomaly detector's input.
+    pub anomaly: Arc<crate::anomaly::Anomaly>,
 }
 
 impl PgShared {
@@ -218,6 +222,8 @@ impl PgShared {
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
         resolver: Arc<dyn PeerResolver>,
+        freezer: Arc<crate::freeze::Freezer>,
+        anomaly: Arc<crate::anomaly::Anomaly>,
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
         for r in routes.iter().filter(|r| r.client_tls) {
@@ -233,6 +239,8 @@ impl PgShared {
             cancels: CancelMap::default(),
             metrics,
             client_tls,
+            freezer,
+            anomaly,
         })
     }
 }
