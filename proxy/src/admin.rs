@@ -79,7 +79,9 @@ pub enum Request {
         for_secs: Option<u64>,
     },
     /// Lift a freeze (admin only, audited).
-    Unfreeze { workload: String },
+    Unfreeze {
+        workload: String,
+    },
     /// The frozen workloads.
     Frozen,
 }
@@ -248,8 +250,7 @@ pub async fn serve(
         );
         tokio::spawn(async move {
             if let Err(e) =
-                handle_connection(stream, service, identity, metrics, access, events, freezer)
-                    .await
+                handle_connection(stream, service, identity, metrics, access, events, freezer).await
             {
                 tracing::debug!("admin connection ended: {e}");
             }

@@ -291,8 +291,7 @@ impl WorkloadState {
     /// The rate above which the current interval fires.
     fn rate_threshold(&self) -> f64 {
         let spread = self.var.sqrt().max(self.mean.sqrt()).max(1.0);
-        (self.mean + f64::from(self.rules.rate_sigmas) * spread)
-            .max(f64::from(self.rules.rate_min))
+        (self.mean + f64::from(self.rules.rate_sigmas) * spread).max(f64::from(self.rules.rate_min))
     }
 }
 
@@ -426,13 +425,14 @@ impl Detector {
                 pid,
                 cgroup,
             } => {
-                let (action, last) = match workload.and_then(|w| self.workloads.get_mut(usize::from(w))) {
-                    Some(st) => {
-                        st.note_pid(pid);
-                        (st.rules.bypass_action, &mut st.bypass_fired)
-                    }
-                    None => (self.global.bypass_action, &mut self.unattested_bypass),
-                };
+                let (action, last) =
+                    match workload.and_then(|w| self.workloads.get_mut(usize::from(w))) {
+                        Some(st) => {
+                            st.note_pid(pid);
+                            (st.rules.bypass_action, &mut st.bypass_fired)
+                        }
+                        None => (self.global.bypass_action, &mut self.unattested_bypass),
+                    };
                 if last.is_some_and(|t| now.duration_since(t) < BYPASS_COOLDOWN) {
                     return None;
                 }
@@ -488,7 +488,11 @@ impl Detector {
             .and_then(|w| self.workloads.get(usize::from(w)))
             .map_or(self.global, |s| s.rules);
         let key = (self.cgroup_of)(pid);
-        let idx = match self.denials.iter().position(|s| s.last.is_some() && s.key == key) {
+        let idx = match self
+            .denials
+            .iter()
+            .position(|s| s.last.is_some() && s.key == key)
+        {
             Some(i) => i,
             None => {
                 // The empty slot, else the least recently used one.
@@ -739,14 +743,22 @@ async fn run_detector(
 
 impl Handler {
     fn act(&self, f: Finding) {
-        let workload = f.workload.and_then(|w| self.names.get(usize::from(w)).cloned());
+        let workload = f
+            .workload
+            .and_then(|w| self.names.get(usize::from(w)).cloned());
         let pids: Vec<u32> = f.pids.iter().copied().filter(|p| *p != 0).collect();
+        let what = match f.rule {
+            RULE_DISTINCT => "distinct secrets",
+            RULE_RATE => "sessions",
+            RULE_EXE => "executables (one new after a stable period)",
+            RULE_DENIALS => "policy denials",
+            _ => "direct connection(s) to a protected upstream",
+        };
         let reason = format!(
-            "anomaly rule {}: {} (limit {}) within {}",
-            f.rule,
+            "{} {what} within {} (limit {})",
             f.count,
-            f.limit,
-            crate::config::format_duration(f.window)
+            crate::config::format_duration(f.window),
+            f.limit
         );
         let mut taken = match f.action {
             AnomalyAction::Log => "logged".to_string(),
@@ -766,10 +778,7 @@ impl Handler {
                         &pids,
                     ) {
                         Ok(e) => {
-                            taken = format!(
-                                "workload frozen ({} kernel target(s))",
-                                e.kernel.len()
-                            )
+                            taken = format!("workload frozen ({} kernel target(s))", e.kernel.len())
                         }
                         Err(e) => taken = format!("freeze failed: {}", e.message),
                     }
@@ -882,13 +891,20 @@ async fn deliver(
                 Err(e) => last_err = e,
             }
             metrics.anomaly_alert("retried");
-            tracing::warn!(attempt, "anomaly webhook {url}: {last_err}; retrying in {wait:?}");
+            tracing::warn!(
+                attempt,
+                "anomaly webhook {url}: {last_err}; retrying in {wait:?}"
+            );
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(MINUTE);
         }
         metrics.anomaly_alert(if delivered { "delivered" } else { "failed" });
         let (action, decision, reason) = if delivered {
-            ("anomaly.alert", Decision::Allow, format!("delivered to {url}"))
+            (
+                "anomaly.alert",
+                Decision::Allow,
+                format!("delivered to {url}"),
+            )
         } else {
             (
                 "anomaly.alert",
@@ -1010,7 +1026,10 @@ selectors = {{ uid = 2 }}
         // Same secret again: still 3 distinct.
         assert!(d.observe(t, session(0, 2)).is_none());
         let f = d.observe(t, session(0, 3)).expect("fires at 4 > 3");
-        assert_eq!((f.rule, f.action, f.count, f.limit), (RULE_DISTINCT, AnomalyAction::Freeze, 4, 3));
+        assert_eq!(
+            (f.rule, f.action, f.count, f.limit),
+            (RULE_DISTINCT, AnomalyAction::Freeze, 4, 3)
+        );
         assert!(f.pids.contains(&103));
         // Workload b keeps the default of 100.
         assert!(d.observe(t, session(1, 3)).is_none());
@@ -1026,7 +1045,9 @@ selectors = {{ uid = 2 }}
         let t0 = Instant::now();
         // A burst during warm-up: nothing.
         for i in 0..50 {
-            assert!(d.observe(t0 + Duration::from_millis(i), session(0, 0)).is_none());
+            assert!(d
+                .observe(t0 + Duration::from_millis(i), session(0, 0))
+                .is_none());
         }
         // Steady 10/s with jitter for 60 s: nothing.
         for sec in 1..60u64 {
@@ -1043,7 +1064,10 @@ selectors = {{ uid = 2 }}
             .collect();
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].rule, RULE_RATE);
-        assert!(fired[0].baseline > 5.0 && fired[0].baseline < 12.0, "{fired:?}");
+        assert!(
+            fired[0].baseline > 5.0 && fired[0].baseline < 12.0,
+            "{fired:?}"
+        );
     }
 
     #[test]
@@ -1052,11 +1076,24 @@ selectors = {{ uid = 2 }}
         let mut d = Detector::new(&c, 1);
         let t = Instant::now();
         let ex = |n: u8, at: Instant, d: &mut Detector| {
-            d.observe(at, Signal::Issue { workload: 0, pid: 7, exe: Some([n; 32]) })
+            d.observe(
+                at,
+                Signal::Issue {
+                    workload: 0,
+                    pid: 7,
+                    exe: Some([n; 32]),
+                },
+            )
         };
         assert!(ex(1, t, &mut d).is_none());
-        assert!(ex(2, t + Duration::from_secs(10), &mut d).is_none(), "still learning");
-        assert!(ex(1, t + Duration::from_secs(200), &mut d).is_none(), "known");
+        assert!(
+            ex(2, t + Duration::from_secs(10), &mut d).is_none(),
+            "still learning"
+        );
+        assert!(
+            ex(1, t + Duration::from_secs(200), &mut d).is_none(),
+            "known"
+        );
         let f = ex(3, t + Duration::from_secs(200), &mut d).expect("new exe after stability");
         assert_eq!(f.rule, RULE_EXE);
         assert_eq!(f.exes[0], Some([3; 32]));
@@ -1068,20 +1105,69 @@ selectors = {{ uid = 2 }}
         let mut d = Detector::new(&c, 1);
         d.cgroup_of = |pid| u64::from(pid);
         let t = Instant::now();
-        assert!(d.observe(t, Signal::Denial { workload: None, pid: 5 }).is_none());
-        assert!(d.observe(t, Signal::Denial { workload: None, pid: 6 }).is_none());
-        assert!(d.observe(t, Signal::Denial { workload: None, pid: 5 }).is_none());
+        assert!(d
+            .observe(
+                t,
+                Signal::Denial {
+                    workload: None,
+                    pid: 5
+                }
+            )
+            .is_none());
+        assert!(d
+            .observe(
+                t,
+                Signal::Denial {
+                    workload: None,
+                    pid: 6
+                }
+            )
+            .is_none());
+        assert!(d
+            .observe(
+                t,
+                Signal::Denial {
+                    workload: None,
+                    pid: 5
+                }
+            )
+            .is_none());
         let f = d
-            .observe(t, Signal::Denial { workload: None, pid: 5 })
+            .observe(
+                t,
+                Signal::Denial {
+                    workload: None,
+                    pid: 5,
+                },
+            )
             .expect("third denial of pid 5");
-        assert_eq!((f.rule, f.count, f.action), (RULE_DENIALS, 3, AnomalyAction::Log));
+        assert_eq!(
+            (f.rule, f.count, f.action),
+            (RULE_DENIALS, 3, AnomalyAction::Log)
+        );
         let b = d
-            .observe(t, Signal::Bypass { workload: Some(1), pid: 9, cgroup: 1 })
+            .observe(
+                t,
+                Signal::Bypass {
+                    workload: Some(1),
+                    pid: 9,
+                    cgroup: 1,
+                },
+            )
             .expect("bypass");
         assert_eq!(b.rule, RULE_BYPASS);
-        assert!(d
-            .observe(t, Signal::Bypass { workload: Some(1), pid: 9, cgroup: 1 })
-            .is_none(), "cooldown");
+        assert!(
+            d.observe(
+                t,
+                Signal::Bypass {
+                    workload: Some(1),
+                    pid: 9,
+                    cgroup: 1
+                }
+            )
+            .is_none(),
+            "cooldown"
+        );
     }
 
     #[test]

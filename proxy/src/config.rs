@@ -2211,7 +2211,9 @@ fn check_anomaly(c: &mut Checker<'_>) {
             ),
             Ok(u) if u.https => c.error(
                 "anomaly.webhook",
-                format!("webhook \"{url}\" uses https://, which alert delivery does not support yet"),
+                format!(
+                    "webhook \"{url}\" uses https://, which alert delivery does not support yet"
+                ),
                 "use an http:// URL (e.g. a local relay on 127.0.0.1) for now",
             ),
             Ok(_) => {}
@@ -2243,7 +2245,10 @@ fn check_anomaly_rules(c: &mut Checker<'_>, prefix: &str, r: &AnomalyOverrides) 
     let no_webhook = c.config.anomaly.webhook.is_none();
     let mut actions: Vec<(&str, AnomalyAction)> = Vec::new();
     for (key, rule) in [
-        ("distinct_secrets_per_minute", &r.distinct_secrets_per_minute),
+        (
+            "distinct_secrets_per_minute",
+            &r.distinct_secrets_per_minute,
+        ),
         ("denials_per_minute", &r.denials_per_minute),
     ] {
         if let Some(rule) = rule {

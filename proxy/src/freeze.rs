@@ -136,11 +136,21 @@ pub fn freeze_offline(
 
 /// Unfreezes in the store only (no daemon: nothing is in the kernel maps
 /// after a clean stop).
-pub fn unfreeze_offline(s: &mut SecretService, actor: Actor, workload: &str) -> Result<FreezeEntry> {
+pub fn unfreeze_offline(
+    s: &mut SecretService,
+    actor: Actor,
+    workload: &str,
+) -> Result<FreezeEntry> {
     let mut set = load(s)?;
     let entry = set.remove(workload).ok_or_else(|| not_frozen(workload))?;
     save(s, &set)?;
-    audit(s, actor, "workload.unfreeze", &entry, "unfrozen by an admin".into());
+    audit(
+        s,
+        actor,
+        "workload.unfreeze",
+        &entry,
+        "unfrozen by an admin".into(),
+    );
     Ok(entry)
 }
 
@@ -321,6 +331,17 @@ impl Freezer {
         }
     }
 
+    fn attests_to(&self, pid: u32, workload: &str) -> bool {
+        attest::gather_facts(pid, &self.hashes)
+            .ok()
+            .and_then(|f| {
+                attest::attest(&f, &self.registrations)
+                    .ok()
+                    .map(|r| r.name == workload)
+            })
+            .unwrap_or(false)
+    }
+
     /// Processes attesting to `workload` now (a /proc scan).
     fn scan(&self, workloads: &[String]) -> Vec<(String, u32)> {
         let mut out = Vec::new();
@@ -347,11 +368,36 @@ impl Freezer {
         out
     }
 
+    /// A workload selected by cgroup: that cgroup (frozen even while no
+    /// process runs in it, so its next process cannot connect either).
+    fn selector_cgroup(&self, workload: &str) -> Option<KernelTarget> {
+        let path = self
+            .registrations
+            .iter()
+            .find(|r| r.name == workload)?
+            .selectors
+            .cgroup
+            .clone()?;
+        let own = self.own_cgroup.as_deref().unwrap_or("");
+        if path == "/" || is_ancestor_or_self(&path, own) {
+            return None;
+        }
+        let full = warden_ebpf::cgroup2_mount()?.join(path.trim_start_matches('/'));
+        warden_ebpf::cgroup_id_of_path(&full)
+            .ok()
+            .map(|id| KernelTarget::Cgroup { id })
+    }
+
     /// Adds kernel targets for `pids` (known processes of `workload`) to
     /// its entry; returns how many were new.
-    fn add_targets(&self, workload: &str, pids: &[u32]) -> usize {
-        let mut new = Vec::new();
+    fn add_targets(&self, workload: &str, pids: &[u32], verify: bool) -> usize {
+        let mut new: Vec<KernelTarget> = self.selector_cgroup(workload).into_iter().collect();
         for &pid in pids {
+            // Evidence pids may have exited and been reused: only a process
+            // that attests to the workload now is frozen.
+            if verify && !self.attests_to(pid, workload) {
+                continue;
+            }
             if let Some(t) = self.target_of(pid) {
                 if !new.contains(&t) {
                     new.push(t);
@@ -419,14 +465,14 @@ impl Freezer {
                 }
             }
         }
-        self.add_targets(workload, pids);
+        self.add_targets(workload, pids, true);
         self.announce();
         let found: Vec<u32> = self
             .scan(&[workload.to_string()])
             .into_iter()
             .map(|(_, p)| p)
             .collect();
-        self.add_targets(workload, &found);
+        self.add_targets(workload, &found, false);
         let entry = self.frozen(workload).ok_or_else(|| not_frozen(workload))?;
         if self.monitor.is_none() {
             tracing::warn!(
@@ -538,7 +584,7 @@ impl Freezer {
             by_workload.entry(w).or_default().push(pid);
         }
         for (w, pids) in by_workload {
-            if self.add_targets(&w, &pids) > 0 {
+            if self.add_targets(&w, &pids, false) > 0 {
                 changed = true;
             }
         }
@@ -548,7 +594,11 @@ impl Freezer {
     }
 
     /// Admin request handling (daemon side).
-    pub fn admin(&self, caller: &crate::service::Caller, req: FreezeRequest) -> Result<serde_json::Value> {
+    pub fn admin(
+        &self,
+        caller: &crate::service::Caller,
+        req: FreezeRequest,
+    ) -> Result<serde_json::Value> {
         let actor = crate::admin::caller_actor(caller);
         if !caller.is_admin {
             if let Ok(mut s) = self.service.lock() {

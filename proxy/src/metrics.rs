@@ -830,10 +830,7 @@ impl Metrics {
 
     /// `result` one of [`ANOMALY_ALERT_RESULTS`].
     pub fn anomaly_alert(&self, result: &str) {
-        self.inner
-            .anomaly_alerts
-            .with_label_values(&[result])
-            .inc();
+        self.inner.anomaly_alerts.with_label_values(&[result]).inc();
     }
 
     pub fn anomaly_signal_dropped(&self) {
@@ -999,7 +996,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         let text = m.render();
         for line in [
-            "warden_monitor_events_total{kind=\"connect\",verdict=\"denied\"} 0",
+            "warden_monitor_events_total{kind=\"connect\",verdict=\"denied_frozen\"} 0",
             "warden_monitor_events_lost_total 0",
             "warden_monitor_connects_denied_total 0",
             "warden_monitor_bypass_attempts_total 0",

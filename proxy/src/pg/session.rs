@@ -388,11 +388,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     .unwrap_or_else(|e| {
         Err((
             None,
-            Refusal::new(
-                "XX000",
-                "error",
-                format!("warden: attestation failed: {e}"),
-            ),
+            Refusal::new("XX000", "error", format!("warden: attestation failed: {e}")),
         ))
     });
     let mut denied_pid = None;
@@ -407,7 +403,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
         Ok(who) => {
             if let Some(f) = shared.freezer.frozen(&who.workload) {
-                Err((Some(who), Refusal::new("28000", "frozen", frozen_message(&f))))
+                Err((
+                    Some(who),
+                    Refusal::new("28000", "frozen", frozen_message(&f)),
+                ))
             } else if !route.allow.contains(&who.workload) {
                 let r = Refusal::new(
                     "28000",
@@ -459,7 +458,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             if r.result == "denied" {
                 let pid = who.as_ref().map(|w| w.facts.pid).or(denied_pid);
                 if let Some(pid) = pid {
-                    shared.anomaly.denial(who.as_ref().map(|w| w.workload.as_str()), pid);
+                    shared
+                        .anomaly
+                        .denial(who.as_ref().map(|w| w.workload.as_str()), pid);
                 }
             }
             shared.metrics.session(&route.name, workload, r.result);
@@ -641,7 +642,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let msg = protocol::error_response(
             "FATAL",
             "57P01",
-            &format!("terminating connection: {}", frozen_message(f).trim_start_matches("warden: ")),
+            &format!(
+                "terminating connection: {}",
+                frozen_message(f).trim_start_matches("warden: ")
+            ),
             None,
             None,
         );
