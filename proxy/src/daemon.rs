@@ -206,8 +206,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
             access.resolver(),
-            freezer.clone(),
-            anomaly.clone(),
+            (freezer.clone(), anomaly.clone()),
         )?);
         let mut route_tasks = Vec::new();
         for (route, tcp, unix) in pg_listeners {

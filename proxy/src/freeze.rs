@@ -360,7 +360,7 @@ impl Freezer {
                 continue;
             };
             if let Ok(reg) = attest::attest(&facts, &self.registrations) {
-                if workloads.iter().any(|w| *w == reg.name) {
+                if workloads.contains(&reg.name) {
                     out.push((reg.name.clone(), pid));
                 }
             }

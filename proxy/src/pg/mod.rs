@@ -222,8 +222,7 @@ impl PgShared {
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
         resolver: Arc<dyn PeerResolver>,
-        freezer: Arc<crate::freeze::Freezer>,
-        anomaly: Arc<crate::anomaly::Anomaly>,
+        (freezer, anomaly): (Arc<crate::freeze::Freezer>, Arc<crate::anomaly::Anomaly>),
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
         for r in routes.iter().filter(|r| r.client_tls) {
