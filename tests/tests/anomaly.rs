@@ -154,6 +154,13 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_with(
+        tag,
+        "distinct_secrets_per_minute = { limit = 3, action = \"freeze\" }",
+    )
+}
+
+fn setup_with(tag: &str, burst_rules: &str) -> Setup {
     let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
     pg.create_role("app", PASSWORD);
     let cg = Cgroup::new(tag);
@@ -171,7 +178,7 @@ protect_upstreams = "observe"
 webhook = "http://127.0.0.1:{hook_port}/alerts"
 
 [anomaly.workloads.burst]
-distinct_secrets_per_minute = {{ limit = 3, action = "freeze" }}
+{burst_rules}
 
 [[workload]]
 name = "me"
@@ -492,4 +499,69 @@ fn a_direct_database_connection_raises_the_bypass_rule() {
     let (_, metrics) = w.http_get("/metrics");
     assert!(metrics.contains("warden_anomaly_detections_total{action=\"alert\",rule=\"bypass\"} 1"));
     assert!(frozen(w).is_empty(), "alert only: nothing frozen");
+}
+
+/// No false freeze: a steady pgbench (new connection per transaction, 20/s,
+/// late transactions skipped rather than bunched) for 60 s after a 20 s
+/// warm-up triggers nothing, with every rule armed to freeze; then an
+/// unthrottled burst from the same workload does trip the rate rule.
+#[test]
+fn steady_pgbench_never_trips_the_rate_rule_but_a_burst_does() {
+    if !have_root() {
+        return;
+    }
+    let s = setup_with(
+        "steady",
+        "session_rate = { interval = \"5s\", warmup = 4, sigmas = 4, min_sessions = 20, action = \"freeze\" }\n\
+         distinct_secrets_per_minute = { limit = 3, action = \"freeze\" }\n\
+         new_executable = { stable_after = \"5s\", action = \"freeze\" }",
+    );
+    let w = &s.warden;
+    let _d = w.start_daemon();
+    let script = w.dir.path().join("select1.sql");
+    std::fs::write(&script, "SELECT 1;\n").unwrap();
+    let pgbench = |extra: &str| {
+        let out =
+            s.cg.command(&format!(
+                "timeout 200 pgbench -n -C -f {} {extra} '{}'",
+                script.display(),
+                dsn(s.ports[0])
+            ))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = pgbench("-c 2 -j 2 -R 20 -L 1000 -T 80");
+    assert_eq!(code, 0, "steady pgbench: {text}");
+    assert!(
+        text.contains("number of transactions actually processed"),
+        "{text}"
+    );
+    assert!(frozen(w).is_empty(), "false freeze: {:?}", frozen(w));
+    assert!(
+        audit_lines(w, "anomaly.detect").is_empty(),
+        "false detection: {:?}",
+        audit_lines(w, "anomaly.detect")
+    );
+    let (_, metrics) = w.http_get("/metrics");
+    assert!(
+        metrics
+            .contains("warden_sessions_total{result=\"allowed\",route=\"db0\",workload=\"burst\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("warden_anomaly_detections_total{"))
+            .all(|l| l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Control: the same workload, unthrottled, is frozen by the rate rule.
+    let (_code, _text) = pgbench("-c 4 -j 2 -T 6");
+    let e = wait_frozen(w, "burst");
+    assert_eq!(e["by"], "anomaly rule session_rate", "{e}");
 }
