@@ -449,6 +449,22 @@ impl Freezer {
         for_: Option<Duration>,
         pids: &[u32],
     ) -> Result<FreezeEntry> {
+        self.freeze_at(actor, by, workload, reason, for_, pids, None)
+    }
+
+    /// [`Freezer::freeze`] for a detection at `event`: logs how long after
+    /// the triggering event the kernel deny was in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn freeze_at(
+        &self,
+        actor: Actor,
+        by: String,
+        workload: &str,
+        reason: &str,
+        for_: Option<Duration>,
+        pids: &[u32],
+        event: Option<std::time::Instant>,
+    ) -> Result<FreezeEntry> {
         check_request(&self.known(), workload, reason)?;
         {
             let mut st = self
@@ -465,7 +481,14 @@ impl Freezer {
                 }
             }
         }
-        self.add_targets(workload, pids, true);
+        let hinted = self.add_targets(workload, pids, true);
+        if let (Some(at), true) = (event, hinted > 0 && self.monitor.is_some()) {
+            tracing::info!(
+                workload,
+                "kernel deny in place {} us after the triggering event",
+                at.elapsed().as_micros()
+            );
+        }
         self.announce();
         let found: Vec<u32> = self
             .scan(&[workload.to_string()])
