@@ -376,20 +376,27 @@ impl Detector {
                 if let Some(f) = Self::new_exe(st, w, now, exe) {
                     return Some(f);
                 }
-                // Distinct secrets in the last minute.
+                // Distinct secrets in the last minute. The count can only
+                // grow when this secret was not already in the window, so
+                // the O(secrets) count runs only then.
+                let mut newly_active = false;
                 if let Some(slot) = st.last_use.get_mut(usize::from(secret)) {
+                    newly_active = slot.is_none_or(|t| now.duration_since(t) >= MINUTE);
                     *slot = Some(now);
                 }
-                let distinct = st
-                    .last_use
-                    .iter()
-                    .filter(|t| t.is_some_and(|t| now.duration_since(t) < MINUTE))
-                    .count() as u64;
                 let limit = u64::from(st.rules.distinct_limit);
                 let cooled = st
                     .distinct_fired
                     .is_none_or(|t| now.duration_since(t) >= MINUTE);
-                if distinct > limit && cooled {
+                let distinct = if newly_active && cooled {
+                    st.last_use
+                        .iter()
+                        .filter(|t| t.is_some_and(|t| now.duration_since(t) < MINUTE))
+                        .count() as u64
+                } else {
+                    0
+                };
+                if distinct > limit {
                     st.distinct_fired = Some(now);
                     let mut f = st.finding(w, RULE_DISTINCT, st.rules.distinct_action);
                     f.count = distinct;

@@ -565,3 +565,126 @@ fn steady_pgbench_never_trips_the_rate_rule_but_a_burst_does() {
     let e = wait_frozen(w, "burst");
     assert_eq!(e["by"], "anomaly rule session_rate", "{e}");
 }
+
+/// psql from inside the cgroup, timed by a Python wrapper on
+/// CLOCK_MONOTONIC (the probe's clock): (start ns, elapsed ns).
+fn timed_psql(cg: &Cgroup, dsn: &str) -> (u128, u128) {
+    let script = format!(
+        "python3 -c 'import subprocess,time\nt=time.monotonic_ns()\nsubprocess.run([\"psql\",\"-X\",\"-tA\",\"-d\",\"{dsn}\",\"-c\",\"select 1\"],capture_output=True,timeout=30)\nprint(t,time.monotonic_ns()-t)'"
+    );
+    let out = cg.command(&script).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(|v| v.parse::<u128>().unwrap());
+    (it.next().expect("start"), it.next().expect("elapsed"))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `cargo xtask bench`: time from the session that crosses the distinct
+/// secrets threshold to the kernel denying the next connect(), over repeated
+/// runs (one workload and cgroup per run in one daemon), beside the time of
+/// one plain session through warden measured in the same runs.
+#[test]
+#[ignore = "benchmark: run by `cargo xtask bench` (root)"]
+fn bench_freeze_latency() {
+    if !have_root() {
+        return;
+    }
+    let runs: usize = std::env::var("WARDEN_BENCH_FREEZE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let ports = [free_port(), free_port()];
+    let cgs: Vec<Cgroup> = (0..runs)
+        .map(|i| Cgroup::new(&format!("bench{i}")))
+        .collect();
+    let mut cfg =
+        String::from("trust_domain = \"example.org\"\n[monitor]\nebpf = \"required\"\n[anomaly]\n");
+    for i in 0..runs {
+        cfg.push_str(&format!(
+            "[anomaly.workloads.b{i}]\ndistinct_secrets_per_minute = {{ limit = 1, action = \"freeze\" }}\n"
+        ));
+    }
+    let names: Vec<String> = (0..runs).map(|i| format!("\"b{i}\"")).collect();
+    for (i, cg) in cgs.iter().enumerate() {
+        cfg.push_str(&format!(
+            "[[workload]]\nname = \"b{i}\"\nspiffe_id = \"spiffe://example.org/b{i}\"\nselectors = {{ uid = 0, cgroup = \"{}\" }}\n",
+            cg.name
+        ));
+    }
+    for (i, port) in ports.iter().enumerate() {
+        cfg.push_str(&format!(
+            "[[secret]]\nname = \"db{i}/app\"\nrotation_period = \"24h\"\n[[route]]\nname = \"db{i}\"\nkind = \"postgres\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"127.0.0.1:{}\"\nupstream_tls = {{ mode = \"disable\" }}\ncredential = {{ user = \"app\", secret = \"db{i}/app\" }}\nallow = [{}]\n",
+            pg.port,
+            names.join(", ")
+        ));
+    }
+    let w = Instance::new_with(&cfg);
+    assert_eq!(w.run(&["init"]).code, 0);
+    for i in 0..2 {
+        w.run_stdin(
+            &["secret", "put", &format!("db{i}/app")],
+            PASSWORD.as_bytes(),
+        )
+        .ok();
+    }
+    let daemon = w.start_daemon();
+    // The probe's target: a local listener that accepts and drops.
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tport = target.local_addr().unwrap().port();
+    std::thread::spawn(move || for _s in target.incoming() {});
+    let probe = format!(
+        "python3 -c 'import socket,time,errno\nwhile True:\n s=socket.socket()\n try:\n  s.connect((\"127.0.0.1\",{tport}))\n except OSError as e:\n  if e.errno==errno.EPERM:\n   print(time.monotonic_ns(),flush=True);break\n s.close()\n time.sleep(0.0002)\n'"
+    );
+    let mut external = Vec::new();
+    let mut session = Vec::new();
+    for cg in &cgs {
+        let mut p = cg.command(&probe).spawn().unwrap();
+        let (_, took) = timed_psql(cg, &dsn(ports[0]));
+        session.push(took as f64 / 1e6);
+        let (t0, _) = timed_psql(cg, &dsn(ports[1]));
+        let mut line = String::new();
+        BufReader::new(p.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let _ = p.wait();
+        let t1: u128 = line.trim().parse().expect("probe saw EPERM");
+        external.push((t1.saturating_sub(t0)) as f64 / 1e6);
+    }
+    let log = daemon.log_text();
+    let mut internal: Vec<f64> = log
+        .lines()
+        .filter_map(|l| {
+            let i = l.find("kernel deny in place ")?;
+            let rest = &l[i + "kernel deny in place ".len()..];
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .map(|us| us / 1000.0)
+        .collect();
+    assert_eq!(internal.len(), runs, "{log}");
+    for v in [&mut internal, &mut external, &mut session] {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    println!("freeze latency over {runs} runs (ms):");
+    println!(
+        "  triggering event -> kernel deny map updated (daemon): p50 {:.2}  p99 {:.2}",
+        percentile(&internal, 0.5),
+        percentile(&internal, 0.99)
+    );
+    println!(
+        "  crossing psql started -> probe's first EPERM (outside, includes the whole session): p50 {:.2}  p99 {:.2}",
+        percentile(&external, 0.5),
+        percentile(&external, 0.99)
+    );
+    println!(
+        "  baseline: one psql session through warden, start to exit: p50 {:.2}  p99 {:.2}  (outside/baseline p50 ratio {:.2}x)",
+        percentile(&session, 0.5),
+        percentile(&session, 0.99),
+        percentile(&external, 0.5) / percentile(&session, 0.5)
+    );
+}

@@ -11,6 +11,11 @@
 //! - eBPF monitor (`ebpf/examples/connect_cost.rs`, root): ns per loopback
 //!   connect+close with no programs, attached but not watched, and to a
 //!   watched listener, interleaved rounds.
+//! - Anomaly detector (`proxy/src/anomaly.rs`, ignored test): ns per event in
+//!   `Detector::observe` beside a HashMap name lookup and the data path's
+//!   enqueue; and (`tests/tests/anomaly.rs` `bench_freeze_latency`, root)
+//!   p50/p99 from the session that crosses a threshold to the kernel's EPERM,
+//!   over 20 runs (`WARDEN_BENCH_FREEZE_RUNS`), beside one plain session.
 //!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
@@ -106,6 +111,52 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
         ]);
         cmd::run(&mut c)
     })?;
+    steps.run("anomaly detector: cost per event (release build)", || {
+        let mut c = cmd::cargo(repo);
+        c.args([
+            "test",
+            "--release",
+            "--quiet",
+            "-p",
+            "warden",
+            "--bin",
+            "warden",
+            "--",
+            "--ignored",
+            "--exact",
+            "anomaly::tests::bench_detector_cost_per_event",
+            "--nocapture",
+        ]);
+        cmd::run(&mut c)
+    })?;
+    steps.run(
+        "anomaly freeze: threshold-crossing event to kernel EPERM (release build)",
+        || {
+            if !crate::prereq::is_root() {
+                println!("  skipped: the eBPF monitor and cgroups need root");
+                return Ok(());
+            }
+            let mut c = cmd::cargo(repo);
+            c.args(["build", "--release", "--quiet", "-p", "warden"]);
+            cmd::run(&mut c)?;
+            let mut c = cmd::cargo(repo);
+            c.args([
+                "test",
+                "--release",
+                "--quiet",
+                "-p",
+                "warden-tests",
+                "--test",
+                "anomaly",
+                "--",
+                "--ignored",
+                "--exact",
+                "bench_freeze_latency",
+                "--nocapture",
+            ]);
+            cmd::run(&mut c)
+        },
+    )?;
     steps.print_summary();
     Ok(())
 }
