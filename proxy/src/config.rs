@@ -3583,6 +3583,32 @@ allow = ["reports"]
             "anomaly.distinct_secrets_per_minute.limit",
         );
         only_error("[anomaly]\nwebhook = \"ftp://x\"\n", "anomaly.webhook");
+        only_error(
+            "[anomaly]\nwebhook = \"https://alerts.example/a\"\n",
+            "anomaly.webhook",
+        );
+        let w = "[anomaly]\nwebhook = \"http://127.0.0.1:9000/a\"\n";
+        only_error(
+            &format!("{w}session_rate = {{ interval = \"500ms\" }}\n"),
+            "anomaly.session_rate.interval",
+        );
+        only_error(
+            &format!("{w}session_rate = {{ warmup = 0 }}\n"),
+            "anomaly.session_rate.warmup",
+        );
+        only_error(
+            &format!("{w}denials_per_minute = {{ limit = 20000 }}\n"),
+            "anomaly.denials_per_minute.limit",
+        );
+        let e = only_error(
+            &format!("{w}[anomaly.workloads.ghost]\nbypass = {{ action = \"log\" }}\n"),
+            "anomaly.workloads.ghost",
+        );
+        assert!(e.problem.contains("no [[workload]]"), "{e:?}");
+        only_error(
+            &format!("{w}[anomaly.workloads.ghost]\nnew_executable = {{ stable_after = \"0s\" }}\n[[workload]]\nname = \"ghost\"\nspiffe_id = \"spiffe://warden.local/ghost\"\nselectors = {{ uid = 5 }}\n"),
+            "anomaly.workloads.ghost.new_executable.stable_after",
+        );
         only_error("environment = \"\"\n", "environment");
         only_error("[metrics]\nlisten = \"127.0.0.1:0\"\n", "metrics.listen");
     }
