@@ -423,9 +423,11 @@ impl Freezer {
     }
 
     fn persist(&self) {
-        let snapshot = match self.state.lock() {
-            Ok(s) => s.clone(),
-            Err(_) => return,
+        // The state lock is held across the write so concurrent persists
+        // land in order (lock order: state, then service; nothing takes
+        // them the other way round).
+        let Ok(snapshot) = self.state.lock() else {
+            return;
         };
         match self.service.lock() {
             Ok(mut s) => {
@@ -529,7 +531,9 @@ impl Freezer {
         if let Ok(mut s) = self.service.lock() {
             audit(&mut s, actor, "workload.unfreeze", &entry, why.to_string());
         }
-        for t in &entry.kernel {
+        // A cgroup or tgid another frozen workload also holds stays denied.
+        let still: Vec<KernelTarget> = self.list().into_iter().flat_map(|e| e.kernel).collect();
+        for t in entry.kernel.iter().filter(|t| !still.contains(t)) {
             self.kernel_remove(*t);
         }
         self.announce();
@@ -542,8 +546,11 @@ impl Freezer {
     pub fn reapply(&self) {
         for e in self.list() {
             for t in &e.kernel {
+                // A tgid from the previous run may have been reused by
+                // another process: only re-deny it if it still attests.
                 if let KernelTarget::Tgid { tgid } = t {
-                    if !std::path::Path::new(&format!("/proc/{tgid}")).exists() {
+                    if !self.attests_to(*tgid, &e.workload) {
+                        self.kernel_remove(*t);
                         continue;
                     }
                 }
