@@ -688,3 +688,88 @@ fn bench_freeze_latency() {
         percentile(&external, 0.5) / percentile(&session, 0.5)
     );
 }
+
+fn my_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A frozen workload gets no SVIDs (PermissionDenied naming the freeze) and
+/// its open Workload API stream ends; unfreeze serves it again. The eBPF
+/// monitor is off here (this workload is "every process of this uid", which
+/// must not be frozen in the kernel on a shared test machine), so no root is
+/// needed.
+#[tokio::test(flavor = "multi_thread")]
+async fn frozen_workload_gets_no_svids_and_its_stream_ends() {
+    use tokio_stream::StreamExt;
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[monitor]
+ebpf = "off"
+
+[identity]
+workload_api_socket = "workload.sock"
+
+[[workload]]
+name = "tester"
+spiffe_id = "spiffe://example.org/tester"
+selectors = {{ uid = {uid} }}
+"#,
+        uid = my_uid()
+    );
+    let w = Instance::new_with(&cfg);
+    assert_eq!(w.run(&["init"]).code, 0);
+    let _d = w.start_daemon();
+    let endpoint = format!("unix:{}", w.dir.path().join("workload.sock").display());
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint.clone())
+        .await
+        .unwrap();
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("first SVID")
+        .unwrap()
+        .unwrap();
+
+    let out = w.run(&["freeze", "tester", "--reason", "leaked token"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // The open stream ends with PermissionDenied.
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream reacts to the freeze");
+    match end {
+        Some(Err(e)) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("PermissionDenied") || text.contains("frozen"),
+                "{text}"
+            );
+        }
+        None => {}
+        Some(Ok(_)) => panic!("a frozen workload got a new SVID"),
+    }
+    let err = client.fetch_x509_svid().await.unwrap_err().to_string();
+    assert!(
+        err.contains("frozen") && err.contains("leaked token"),
+        "{err}"
+    );
+
+    assert_eq!(w.run(&["unfreeze", "tester"]).code, 0);
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+        .await
+        .unwrap();
+    client
+        .fetch_x509_svid()
+        .await
+        .expect("served again after unfreeze");
+    let audit = std::fs::read_to_string(w.audit_log()).unwrap();
+    assert!(audit.contains("workload.freeze") && audit.contains("workload.unfreeze"));
+}
