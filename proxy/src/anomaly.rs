@@ -71,8 +71,13 @@ pub enum Signal {
         pid: u32,
         exe: Option<[u8; 32]>,
     },
-    /// A policy refusal (unattested, not allowed on the route, database).
-    Denial { workload: Option<u16>, pid: u32 },
+    /// A policy refusal (unattested, not allowed on the route, database);
+    /// `cgroup` 0 when unknown (then keyed by pid).
+    Denial {
+        workload: Option<u16>,
+        pid: u32,
+        cgroup: u64,
+    },
     /// A direct connect to a protected upstream.
     Bypass {
         workload: Option<u16>,
@@ -426,7 +431,11 @@ impl Detector {
                 st.note_exe(exe);
                 Self::new_exe(st, workload, now, exe)
             }
-            Signal::Denial { workload, pid } => self.denial(now, workload, pid),
+            Signal::Denial {
+                workload,
+                pid,
+                cgroup,
+            } => self.denial(now, workload, pid, cgroup),
             Signal::Bypass {
                 workload,
                 pid,
@@ -490,11 +499,21 @@ impl Detector {
         Some(f)
     }
 
-    fn denial(&mut self, now: Instant, workload: Option<u16>, pid: u32) -> Option<Finding> {
+    fn denial(
+        &mut self,
+        now: Instant,
+        workload: Option<u16>,
+        pid: u32,
+        cgroup: u64,
+    ) -> Option<Finding> {
         let rules = workload
             .and_then(|w| self.workloads.get(usize::from(w)))
             .map_or(self.global, |s| s.rules);
-        let key = (self.cgroup_of)(pid);
+        let key = if cgroup != 0 {
+            cgroup
+        } else {
+            (self.cgroup_of)(pid)
+        };
         let idx = match self
             .denials
             .iter()
@@ -695,11 +714,16 @@ impl Anomaly {
         });
     }
 
-    /// A policy refusal of `pid` (attested or not).
+    /// A policy refusal of `pid` (attested or not), keyed by its cgroup
+    /// (read now, while the refused process still runs).
     pub fn denial(&self, workload: Option<&str>, pid: u32) {
+        if self.tx.is_none() {
+            return;
+        }
         self.send(Signal::Denial {
             workload: self.workload(workload),
             pid,
+            cgroup: warden_ebpf::cgroup_id_of_pid(pid).unwrap_or(0),
         });
     }
 
@@ -1118,7 +1142,8 @@ selectors = {{ uid = 2 }}
                 t,
                 Signal::Denial {
                     workload: None,
-                    pid: 5
+                    pid: 5,
+                    cgroup: 0,
                 }
             )
             .is_none());
@@ -1127,7 +1152,8 @@ selectors = {{ uid = 2 }}
                 t,
                 Signal::Denial {
                     workload: None,
-                    pid: 6
+                    pid: 6,
+                    cgroup: 0,
                 }
             )
             .is_none());
@@ -1136,7 +1162,8 @@ selectors = {{ uid = 2 }}
                 t,
                 Signal::Denial {
                     workload: None,
-                    pid: 5
+                    pid: 5,
+                    cgroup: 0,
                 }
             )
             .is_none());
@@ -1146,6 +1173,7 @@ selectors = {{ uid = 2 }}
                 Signal::Denial {
                     workload: None,
                     pid: 5,
+                    cgroup: 0,
                 },
             )
             .expect("third denial of pid 5");
@@ -1232,6 +1260,7 @@ selectors = {{ uid = 2 }}
                     96..=98 => Signal::Denial {
                         workload: Some(w),
                         pid: (r >> 32) as u32 % 300,
+                        cgroup: 0,
                     },
                     _ => Signal::Bypass {
                         workload: None,

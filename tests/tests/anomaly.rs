@@ -176,6 +176,7 @@ protect_upstreams = "observe"
 
 [anomaly]
 webhook = "http://127.0.0.1:{hook_port}/alerts"
+denials_per_minute = {{ limit = 3, action = "alert" }}
 
 [anomaly.workloads.burst]
 {burst_rules}
@@ -482,7 +483,7 @@ fn freeze_is_admin_only_and_validated() {
 }
 
 #[test]
-fn a_direct_database_connection_raises_the_bypass_rule() {
+fn a_direct_database_connection_raises_the_bypass_rule_and_repeated_refusals_the_denial_rule() {
     if !have_root() {
         return;
     }
@@ -499,6 +500,39 @@ fn a_direct_database_connection_raises_the_bypass_rule() {
     let (_, metrics) = w.http_get("/metrics");
     assert!(metrics.contains("warden_anomaly_detections_total{action=\"alert\",rule=\"bypass\"} 1"));
     assert!(frozen(w).is_empty(), "alert only: nothing frozen");
+
+    // Repeated refusals of an unattested process (uid 65534 matches no
+    // workload) raise the denial rule.
+    for _ in 0..3 {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "psql",
+                "-X",
+                "-tA",
+                "-d",
+            ])
+            .arg(dsn(s.ports[0]))
+            .args(["-c", "select 1"])
+            .env("PGPASSFILE", "/nonexistent")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("refuses unattested clients"), "{err}");
+    }
+    let alert = wait_alert(&s.hook, |v| v["rule"] == "denials_per_minute");
+    assert_eq!(alert["action"], "alert");
+    assert!(alert["workload"].is_null(), "{alert}");
+    assert_eq!(alert["evidence"]["count"], 3);
+    assert_eq!(
+        alert["evidence"]["pids"].as_array().unwrap().len(),
+        3,
+        "{alert}"
+    );
 }
 
 /// No false freeze: a steady pgbench (new connection per transaction, 20/s,
