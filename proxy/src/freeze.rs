@@ -473,15 +473,13 @@ impl Freezer {
                 .state
                 .lock()
                 .map_err(|_| Error::internal("frozen state poisoned"))?;
-            match st.get_mut(workload) {
-                // Already frozen: keep the first reason, refresh the expiry.
-                Some(e) => {
-                    e.until_unix = for_.map(|d| now_unix() + d.as_secs().max(1));
-                }
-                None => {
-                    st.insert(workload.to_string(), new_entry(workload, reason, by, for_));
-                }
+            if let Some(e) = st.get(workload) {
+                return Err(Error::usage(format!(
+                    "workload {workload:?} is already frozen since {} by {}: {}; run `warden unfreeze {workload}` first to change the freeze",
+                    e.since, e.by, e.reason
+                )));
             }
+            st.insert(workload.to_string(), new_entry(workload, reason, by, for_));
         }
         let hinted = self.add_targets(workload, pids, true);
         if let (Some(at), true) = (event, hinted > 0 && self.monitor.is_some()) {
