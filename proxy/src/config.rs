@@ -487,6 +487,8 @@ pub struct Anomaly {
     pub distinct_secrets_per_minute: Option<AnomalyRule>,
     /// `false` turns every rule off (default `true`).
     pub enabled: Option<bool>,
+    /// A freeze also suspends the workload's cgroups (`cgroup.freeze`); default `false`.
+    pub suspend: Option<bool>,
     /// Session rate above the workload's learned baseline.
     pub session_rate: Option<RateRule>,
     /// A new executable (SHA-256) using an identity that has been stable.
@@ -1359,6 +1361,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("anomaly.distinct_secrets_per_minute.limit", "a whole number of at least 1 without quotes, e.g. limit = 100"),
     ("anomaly.distinct_secrets_per_minute.action", "one of \"log\", \"alert\", \"freeze\""),
     ("anomaly.enabled", "true or false, without quotes"),
+    ("anomaly.suspend", "true or false, without quotes"),
     ("anomaly.session_rate", "an inline table, e.g. session_rate = { interval = \"10s\", warmup = 30, sigmas = 4, min_sessions = 20, action = \"alert\" }"),
     ("anomaly.session_rate.interval", "a duration in quotes, e.g. interval = \"10s\""),
     ("anomaly.session_rate.warmup", "a whole number of intervals without quotes, e.g. warmup = 30"),

@@ -59,6 +59,10 @@ pub struct FreezeEntry {
     /// What is in the kernel maps for it (empty without the eBPF monitor).
     #[serde(default)]
     pub kernel: Vec<KernelTarget>,
+    /// cgroups whose processes are suspended (`cgroup.freeze`, with
+    /// `anomaly.suspend = true`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspended: Vec<String>,
 }
 
 fn now_unix() -> u64 {
@@ -188,6 +192,7 @@ fn new_entry(workload: &str, reason: &str, by: String, for_: Option<Duration>) -
         since_unix: now,
         until_unix: for_.map(|d| now + d.as_secs().max(1)),
         kernel: Vec::new(),
+        suspended: Vec::new(),
     }
 }
 
@@ -203,6 +208,8 @@ pub struct Freezer {
     changed: tokio::sync::watch::Sender<u64>,
     /// cgroup v2 path of warden itself: never frozen (nor its ancestors).
     own_cgroup: Option<String>,
+    /// `anomaly.suspend`: also stop the processes (`cgroup.freeze`).
+    suspend: bool,
 }
 
 /// cgroup v2 path of a process (`0::` line).
@@ -245,6 +252,7 @@ impl Freezer {
             state: Mutex::new(set),
             changed: tokio::sync::watch::channel(0).0,
             own_cgroup: cgroup_path_of(std::process::id()),
+            suspend: cfg.anomaly.suspend.unwrap_or(false),
         })
     }
 
@@ -287,7 +295,7 @@ impl Freezer {
     }
 
     /// The kernel target for one process, or None for warden itself.
-    fn target_of(&self, pid: u32) -> Option<KernelTarget> {
+    fn target_of(&self, pid: u32) -> Option<(KernelTarget, Option<String>)> {
         if pid == std::process::id() || pid == 0 {
             return None;
         }
@@ -297,11 +305,33 @@ impl Freezer {
             .as_deref()
             .is_some_and(|own| is_ancestor_or_self(&path, own));
         if path == "/" || shares_warden {
-            return Some(KernelTarget::Tgid { tgid: pid });
+            return Some((KernelTarget::Tgid { tgid: pid }, None));
         }
         match warden_ebpf::cgroup_id_of_pid(pid) {
-            Ok(id) => Some(KernelTarget::Cgroup { id }),
-            Err(_) => Some(KernelTarget::Tgid { tgid: pid }),
+            Ok(id) => Some((KernelTarget::Cgroup { id }, Some(path))),
+            Err(_) => Some((KernelTarget::Tgid { tgid: pid }, None)),
+        }
+    }
+
+    /// Writes `cgroup.freeze` of a cgroup v2 path (`anomaly.suspend`).
+    fn set_suspended(path: &str, on: bool) {
+        let Some(mount) = warden_ebpf::cgroup2_mount() else {
+            return;
+        };
+        let file = mount
+            .join(path.trim_start_matches('/'))
+            .join("cgroup.freeze");
+        match std::fs::write(&file, if on { "1" } else { "0" }) {
+            Ok(()) => tracing::info!(
+                cgroup = path,
+                "{} through the cgroup freezer",
+                if on {
+                    "processes suspended"
+                } else {
+                    "processes resumed"
+                }
+            ),
+            Err(e) => tracing::error!("cannot write {}: {e}", file.display()),
         }
     }
 
@@ -370,7 +400,7 @@ impl Freezer {
 
     /// A workload selected by cgroup: that cgroup (frozen even while no
     /// process runs in it, so its next process cannot connect either).
-    fn selector_cgroup(&self, workload: &str) -> Option<KernelTarget> {
+    fn selector_cgroup(&self, workload: &str) -> Option<(KernelTarget, Option<String>)> {
         let path = self
             .registrations
             .iter()
@@ -385,13 +415,14 @@ impl Freezer {
         let full = warden_ebpf::cgroup2_mount()?.join(path.trim_start_matches('/'));
         warden_ebpf::cgroup_id_of_path(&full)
             .ok()
-            .map(|id| KernelTarget::Cgroup { id })
+            .map(|id| (KernelTarget::Cgroup { id }, Some(path)))
     }
 
     /// Adds kernel targets for `pids` (known processes of `workload`) to
     /// its entry; returns how many were new.
     fn add_targets(&self, workload: &str, pids: &[u32], verify: bool) -> usize {
-        let mut new: Vec<KernelTarget> = self.selector_cgroup(workload).into_iter().collect();
+        let mut new: Vec<(KernelTarget, Option<String>)> =
+            self.selector_cgroup(workload).into_iter().collect();
         for &pid in pids {
             // Evidence pids may have exited and been reused: only a process
             // that attests to the workload now is frozen.
@@ -399,25 +430,37 @@ impl Freezer {
                 continue;
             }
             if let Some(t) = self.target_of(pid) {
-                if !new.contains(&t) {
+                if !new.iter().any(|(x, _)| *x == t.0) {
                     new.push(t);
                 }
             }
         }
-        let fresh: Vec<KernelTarget> = {
+        let fresh: Vec<(KernelTarget, Option<String>)> = {
             let Ok(mut st) = self.state.lock() else {
                 return 0;
             };
             let Some(e) = st.get_mut(workload) else {
                 return 0;
             };
-            let fresh: Vec<KernelTarget> =
-                new.into_iter().filter(|t| !e.kernel.contains(t)).collect();
-            e.kernel.extend(fresh.iter().copied());
+            let fresh: Vec<(KernelTarget, Option<String>)> = new
+                .into_iter()
+                .filter(|(t, _)| !e.kernel.contains(t))
+                .collect();
+            e.kernel.extend(fresh.iter().map(|(t, _)| *t));
+            if self.suspend {
+                for p in fresh.iter().filter_map(|(_, p)| p.clone()) {
+                    if !e.suspended.contains(&p) {
+                        e.suspended.push(p);
+                    }
+                }
+            }
             fresh
         };
-        for t in &fresh {
+        for (t, path) in &fresh {
             self.kernel_apply(*t);
+            if let (true, Some(p)) = (self.suspend, path) {
+                Self::set_suspended(p, true);
+            }
         }
         fresh.len()
     }
@@ -533,6 +576,9 @@ impl Freezer {
         let still: Vec<KernelTarget> = self.list().into_iter().flat_map(|e| e.kernel).collect();
         for t in entry.kernel.iter().filter(|t| !still.contains(t)) {
             self.kernel_remove(*t);
+        }
+        for p in &entry.suspended {
+            Self::set_suspended(p, false);
         }
         self.announce();
         tracing::info!(workload, "workload unfrozen: {why}");

@@ -161,6 +161,10 @@ fn setup(tag: &str) -> Setup {
 }
 
 fn setup_with(tag: &str, burst_rules: &str) -> Setup {
+    setup_full(tag, "", burst_rules)
+}
+
+fn setup_full(tag: &str, global_extra: &str, burst_rules: &str) -> Setup {
     let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
     pg.create_role("app", PASSWORD);
     let cg = Cgroup::new(tag);
@@ -177,6 +181,7 @@ protect_upstreams = "observe"
 [anomaly]
 webhook = "http://127.0.0.1:{hook_port}/alerts"
 denials_per_minute = {{ limit = 3, action = "alert" }}
+{global_extra}
 
 [anomaly.workloads.burst]
 {burst_rules}
@@ -816,4 +821,37 @@ selectors = {{ uid = {uid} }}
         .expect("served again after unfreeze");
     let audit = std::fs::read_to_string(w.audit_log()).unwrap();
     assert!(audit.contains("workload.freeze") && audit.contains("workload.unfreeze"));
+}
+
+/// `anomaly.suspend = true`: a freeze also stops the workload's processes
+/// through the cgroup freezer; unfreeze resumes them.
+#[test]
+fn suspend_stops_and_resumes_the_workloads_processes() {
+    if !have_root() {
+        return;
+    }
+    let s = setup_full("suspend", "suspend = true", "");
+    let w = &s.warden;
+    let _d = w.start_daemon();
+    let mut sleeper = s.cg.command("sleep 60").spawn().unwrap();
+    let events = s.cg.dir.join("cgroup.events");
+    let state = || std::fs::read_to_string(&events).unwrap();
+    assert!(state().contains("frozen 0"));
+    let out = w.run(&["freeze", "burst", "--reason", "suspend it"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let e = wait_frozen(w, "burst");
+    assert_eq!(e["suspended"][0], s.cg.name.as_str(), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !state().contains("frozen 1") {
+        assert!(Instant::now() < deadline, "never suspended: {}", state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(w.run(&["unfreeze", "burst"]).code, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !state().contains("frozen 0") {
+        assert!(Instant::now() < deadline, "never resumed: {}", state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }
