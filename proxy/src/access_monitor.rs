@@ -141,6 +141,8 @@ pub struct AccessMonitor {
     monitor: Option<Arc<Monitor>>,
     resolver: Arc<dyn PeerResolver>,
     pub feed: Arc<EventFeed>,
+    /// Where bypass attempts go once the anomaly detector runs.
+    anomaly: Arc<std::sync::OnceLock<Arc<crate::anomaly::Anomaly>>>,
 }
 
 /// Where every daemon's pin directories live.
@@ -239,6 +241,7 @@ impl AccessMonitor {
             monitor: None,
             resolver: Arc::new(ProcNetResolver::new()),
             feed: feed.clone(),
+            anomaly: Arc::default(),
         };
         if cfg.monitor.ebpf == EbpfMode::Off {
             tracing::info!("monitor.ebpf = \"off\": attributing connections through /proc; no access events or kernel deny");
@@ -288,6 +291,7 @@ impl AccessMonitor {
                     resolver,
                     monitor: Some(monitor),
                     feed,
+                    anomaly: Arc::default(),
                 };
                 me.spawn_consumer(
                     cfg,
@@ -316,6 +320,16 @@ impl AccessMonitor {
                 Ok(procfs(MonitorMode::Procfs))
             }
         }
+    }
+
+    /// The loaded kernel monitor (None: procfs or off).
+    pub fn kernel(&self) -> Option<&Arc<Monitor>> {
+        self.monitor.as_ref()
+    }
+
+    /// Sends bypass attempts to the anomaly detector from now on.
+    pub fn set_anomaly(&self, a: Arc<crate::anomaly::Anomaly>) {
+        let _ = self.anomaly.set(a);
     }
 
     /// The resolver routes attribute accepted TCP connections with.
@@ -379,7 +393,7 @@ impl AccessMonitor {
         let registrations: Vec<Registration> =
             cfg.workloads.iter().map(|w| w.registration()).collect();
         let feed = self.feed.clone();
-        tokio::spawn(enrich(rx, registrations, dest, feed));
+        tokio::spawn(enrich(rx, registrations, dest, feed, self.anomaly.clone()));
     }
 
     /// Clean stop: detaches the programs and removes their pins.
@@ -424,6 +438,7 @@ async fn enrich(
     registrations: Vec<Registration>,
     dest: Destinations,
     feed: Arc<EventFeed>,
+    anomaly: Arc<std::sync::OnceLock<Arc<crate::anomaly::Anomaly>>>,
 ) {
     let hashes = ExeHashCache::new();
     while let Some((ev, early_exe)) = rx.recv().await {
@@ -433,6 +448,11 @@ async fn enrich(
                 .ok()
                 .map(|r| r.name.clone())
         });
+        if ev.verdict.is_bypass() {
+            if let Some(a) = anomaly.get() {
+                a.bypass(workload.as_deref(), ev.process.tgid, ev.process.cgroup_id);
+            }
+        }
         let record = EventRecord {
             time: crate::timefmt::now_rfc3339(),
             pid: ev.process.tgid,

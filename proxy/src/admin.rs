@@ -78,9 +78,43 @@ pub enum Request {
     },
     /// The dynamic-credential leases the daemon holds.
     LeaseList,
+    /// Freeze a workload (admin only, audited).
+    Freeze {
+        workload: String,
+        reason: String,
+        #[serde(default)]
+        for_secs: Option<u64>,
+    },
+    /// Lift a freeze (admin only, audited).
+    Unfreeze {
+        workload: String,
+    },
+    /// The frozen workloads.
+    Frozen,
 }
 
 impl Request {
+    /// The freeze verbs, or None.
+    pub fn freeze_request(&self) -> Option<crate::freeze::FreezeRequest> {
+        use crate::freeze::FreezeRequest;
+        match self {
+            Request::Freeze {
+                workload,
+                reason,
+                for_secs,
+            } => Some(FreezeRequest::Freeze {
+                workload: workload.clone(),
+                reason: reason.clone(),
+                for_secs: *for_secs,
+            }),
+            Request::Unfreeze { workload } => Some(FreezeRequest::Unfreeze {
+                workload: workload.clone(),
+            }),
+            Request::Frozen => Some(FreezeRequest::List),
+            _ => None,
+        }
+    }
+
     /// Operation name for metrics and logs (never carries arguments).
     pub fn op(&self) -> &'static str {
         match self {
@@ -96,6 +130,9 @@ impl Request {
             Request::Events { .. } => "events",
             Request::SecretRotate { .. } => "secret_rotate",
             Request::LeaseList => "lease_list",
+            Request::Freeze { .. } => "freeze",
+            Request::Unfreeze { .. } => "unfreeze",
+            Request::Frozen => "frozen",
         }
     }
 }
@@ -202,6 +239,10 @@ pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
 pub struct Engines {
     pub rotator: Arc<crate::rotation::Rotator>,
     pub leases: Arc<crate::pg::dynamic::LeaseManager>,
+    /// The eBPF monitor's access feed (`warden events`).
+    pub events: Arc<EventFeed>,
+    /// The workload freezer (freeze/unfreeze/frozen).
+    pub freezer: Option<Arc<crate::freeze::Freezer>>,
 }
 
 /// Requests that need network I/O run here, outside the service lock.
@@ -231,24 +272,22 @@ pub async fn serve(
     metrics: Metrics,
     access: AdminAccess,
     engines: Engines,
-    events: Arc<EventFeed>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (service, identity, metrics, access, engines, events) = (
+        let (service, identity, metrics, access, engines) = (
             service.clone(),
             identity.clone(),
             metrics.clone(),
             access.clone(),
             engines.clone(),
-            events.clone(),
         );
         tokio::spawn(async move {
             if let Err(e) =
-                handle_connection(stream, service, identity, metrics, access, engines, events).await
+                handle_connection(stream, service, identity, metrics, access, engines).await
             {
                 tracing::debug!("admin connection ended: {e}");
             }
@@ -263,8 +302,8 @@ async fn handle_connection(
     metrics: Metrics,
     access: AdminAccess,
     engines: Engines,
-    events: Arc<EventFeed>,
 ) -> std::io::Result<()> {
+    let (events, freezer) = (engines.events.clone(), engines.freezer.clone());
     let cred = stream.peer_cred()?;
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
     let caller = Caller {
@@ -335,6 +374,28 @@ async fn handle_connection(
                 metrics.admin_request("events", "ok");
                 line.zeroize();
                 return stream_events(&mut write, &events, follow, limit).await;
+            }
+            Ok(req) if req.freeze_request().is_some() && freezer.is_some() => {
+                let op = req.op();
+                let (fr, who) = (freezer.clone(), caller.clone());
+                let resp = tokio::task::spawn_blocking(move || match (fr, req.freeze_request()) {
+                    (Some(f), Some(r)) => Response::from_result(f.admin(&who, r)),
+                    _ => Response::Error {
+                        kind: ErrorKind::Internal,
+                        message: "freeze request lost".into(),
+                    },
+                })
+                .await
+                .unwrap_or_else(|e| Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: format!("request handler failed: {e}"),
+                });
+                let result = match &resp {
+                    Response::Error { kind, .. } => format!("{kind:?}").to_lowercase(),
+                    _ => "ok".into(),
+                };
+                metrics.admin_request(op, &result);
+                resp
             }
             Ok(req) => {
                 let op = req.op();
@@ -493,6 +554,12 @@ pub fn dispatch(
         Request::SvidBundle => Response::from_result(s.bundle_pem()),
         // Streamed by the daemon's connection handler; offline there is no
         // monitor to ask.
+        // The daemon handles these with its Freezer; the offline CLI calls
+        // `freeze::admin_offline` with the configured workloads.
+        Request::Freeze { .. } | Request::Unfreeze { .. } | Request::Frozen => Response::Error {
+            kind: ErrorKind::Unavailable,
+            message: "freezing is handled by the daemon's freezer or the offline CLI".into(),
+        },
         Request::Events { .. } => Response::Error {
             kind: ErrorKind::Unavailable,
             message:

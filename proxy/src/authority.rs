@@ -733,7 +733,7 @@ impl IdentityHandle {
         self.generation.subscribe()
     }
 
-    fn notify(&self) {
+    pub fn notify(&self) {
         self.generation.send_modify(|g| *g += 1);
     }
 

@@ -595,6 +595,70 @@ pub struct Anomaly {
     pub webhook: Option<String>,
     /// Fires when one workload reads more distinct secrets in a minute than `limit`.
     pub distinct_secrets_per_minute: Option<AnomalyRule>,
+    /// `false` turns every rule off (default `true`).
+    pub enabled: Option<bool>,
+    /// A freeze also suspends the workload's cgroups (`cgroup.freeze`); default `false`.
+    pub suspend: Option<bool>,
+    /// Session rate above the workload's learned baseline.
+    pub session_rate: Option<RateRule>,
+    /// A new executable (SHA-256) using an identity that has been stable.
+    pub new_executable: Option<ExeRule>,
+    /// Policy denials from one process or cgroup in a minute (`limit`).
+    pub denials_per_minute: Option<AnomalyRule>,
+    /// Direct connection attempts to a protected upstream (eBPF monitor).
+    pub bypass: Option<ActionRule>,
+    /// Per-workload overrides: `[anomaly.workloads.NAME]`.
+    pub workloads: std::collections::BTreeMap<String, AnomalyOverrides>,
+}
+
+/// Rules of one workload under `[anomaly.workloads.NAME]` (unset: the global rule).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnomalyOverrides {
+    pub distinct_secrets_per_minute: Option<AnomalyRule>,
+    pub session_rate: Option<RateRule>,
+    pub new_executable: Option<ExeRule>,
+    pub denials_per_minute: Option<AnomalyRule>,
+    pub bypass: Option<ActionRule>,
+}
+
+/// `anomaly.session_rate`: sessions per `interval` above EWMA mean + `sigmas`·σ.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRule {
+    /// Width of one counting interval (default 10s).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub interval: Option<Duration>,
+    /// Intervals learned before the rule may fire (default 30).
+    pub warmup: Option<u32>,
+    /// How many standard deviations above the mean fire (default 4).
+    pub sigmas: Option<u32>,
+    /// Never fires below this many sessions in one interval (default 20).
+    pub min_sessions: Option<u32>,
+    /// Response (default `alert`).
+    #[serde(default)]
+    pub action: AnomalyAction,
+}
+
+/// `anomaly.new_executable`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExeRule {
+    /// How long a workload must have used only known executables (default 10m).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub stable_after: Option<Duration>,
+    /// Response (default `alert`).
+    #[serde(default)]
+    pub action: AnomalyAction,
+}
+
+/// A rule that only has an action (`anomaly.bypass`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRule {
+    /// Response (default `alert`).
+    #[serde(default)]
+    pub action: AnomalyAction,
 }
 
 /// A threshold rule under `[anomaly]`.
@@ -1425,6 +1489,23 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("anomaly.distinct_secrets_per_minute", "an inline table, e.g. distinct_secrets_per_minute = { limit = 100, action = \"freeze\" }"),
     ("anomaly.distinct_secrets_per_minute.limit", "a whole number of at least 1 without quotes, e.g. limit = 100"),
     ("anomaly.distinct_secrets_per_minute.action", "one of \"log\", \"alert\", \"freeze\""),
+    ("anomaly.enabled", "true or false, without quotes"),
+    ("anomaly.suspend", "true or false, without quotes"),
+    ("anomaly.session_rate", "an inline table, e.g. session_rate = { interval = \"10s\", warmup = 30, sigmas = 4, min_sessions = 20, action = \"alert\" }"),
+    ("anomaly.session_rate.interval", "a duration in quotes, e.g. interval = \"10s\""),
+    ("anomaly.session_rate.warmup", "a whole number of intervals without quotes, e.g. warmup = 30"),
+    ("anomaly.session_rate.sigmas", "a whole number without quotes, e.g. sigmas = 4"),
+    ("anomaly.session_rate.min_sessions", "a whole number without quotes, e.g. min_sessions = 20"),
+    ("anomaly.session_rate.action", "one of \"log\", \"alert\", \"freeze\""),
+    ("anomaly.new_executable", "an inline table, e.g. new_executable = { stable_after = \"10m\", action = \"alert\" }"),
+    ("anomaly.new_executable.stable_after", "a duration in quotes, e.g. stable_after = \"10m\""),
+    ("anomaly.new_executable.action", "one of \"log\", \"alert\", \"freeze\""),
+    ("anomaly.denials_per_minute", "an inline table, e.g. denials_per_minute = { limit = 10, action = \"alert\" }"),
+    ("anomaly.denials_per_minute.limit", "a whole number of at least 1 without quotes, e.g. limit = 10"),
+    ("anomaly.denials_per_minute.action", "one of \"log\", \"alert\", \"freeze\""),
+    ("anomaly.bypass", "an inline table, e.g. bypass = { action = \"alert\" }"),
+    ("anomaly.bypass.action", "one of \"log\", \"alert\", \"freeze\""),
+    ("anomaly.workloads", "a table per workload, e.g. [anomaly.workloads.reports] with the same rule keys as [anomaly]"),
 ];
 
 /// Hint for a concrete key such as `route[3].credential.cache_ttl`.
@@ -2576,25 +2657,112 @@ fn check_allow(c: &mut Checker<'_>, k: &str, r: &Route, workloads: &[&str]) {
 fn check_anomaly(c: &mut Checker<'_>) {
     let cfg = c.config;
     if let Some(url) = &cfg.anomaly.webhook {
-        if let Err(problem) = parse_http_url(url) {
-            c.error(
+        match parse_http_url(url) {
+            Err(problem) => c.error(
                 "anomaly.webhook",
                 format!("webhook \"{url}\" {problem}"),
                 "use an http:// or https:// URL, e.g. webhook = \"http://127.0.0.1:9000/alerts\"",
-            );
+            ),
+            Ok(u) if u.https => c.error(
+                "anomaly.webhook",
+                format!(
+                    "webhook \"{url}\" uses https://, which alert delivery does not support yet"
+                ),
+                "use an http:// URL (e.g. a local relay on 127.0.0.1) for now",
+            ),
+            Ok(_) => {}
         }
     }
-    if let Some(rule) = &cfg.anomaly.distinct_secrets_per_minute {
-        if rule.limit == 0 {
+    let a = &cfg.anomaly;
+    let global = AnomalyOverrides {
+        distinct_secrets_per_minute: a.distinct_secrets_per_minute.clone(),
+        session_rate: a.session_rate.clone(),
+        new_executable: a.new_executable.clone(),
+        denials_per_minute: a.denials_per_minute.clone(),
+        bypass: a.bypass.clone(),
+    };
+    check_anomaly_rules(c, "anomaly", &global);
+    for (name, rules) in &a.workloads {
+        let prefix = format!("anomaly.workloads.{name}");
+        if !cfg.workloads.iter().any(|w| &w.name == name) {
             c.error(
-                "anomaly.distinct_secrets_per_minute.limit",
-                "limit is 0, so the rule would fire on every secret read",
-                "set limit to at least 1, e.g. limit = 100",
+                prefix.clone(),
+                format!("no [[workload]] is named {name:?}"),
+                "use the name of a [[workload]], or remove the table",
             );
         }
-        if rule.action == AnomalyAction::Alert && cfg.anomaly.webhook.is_none() {
+        check_anomaly_rules(c, &prefix, rules);
+    }
+}
+
+fn check_anomaly_rules(c: &mut Checker<'_>, prefix: &str, r: &AnomalyOverrides) {
+    let no_webhook = c.config.anomaly.webhook.is_none();
+    let mut actions: Vec<(&str, AnomalyAction)> = Vec::new();
+    for (key, rule) in [
+        (
+            "distinct_secrets_per_minute",
+            &r.distinct_secrets_per_minute,
+        ),
+        ("denials_per_minute", &r.denials_per_minute),
+    ] {
+        if let Some(rule) = rule {
+            if rule.limit == 0 {
+                c.error(
+                    format!("{prefix}.{key}.limit"),
+                    "limit is 0, so the rule would fire on every event",
+                    "set limit to at least 1, e.g. limit = 100",
+                );
+            } else if rule.limit > 10_000 {
+                c.error(
+                    format!("{prefix}.{key}.limit"),
+                    format!("limit {} is above the maximum of 10000", rule.limit),
+                    "set limit to at most 10000",
+                );
+            }
+            actions.push((key, rule.action));
+        }
+    }
+    if let Some(rate) = &r.session_rate {
+        if rate.interval.is_some_and(|d| d < Duration::from_secs(1)) {
+            c.error(
+                format!("{prefix}.session_rate.interval"),
+                "interval is shorter than 1s",
+                "set interval to at least \"1s\", e.g. interval = \"10s\"",
+            );
+        }
+        if rate.warmup == Some(0) {
+            c.error(
+                format!("{prefix}.session_rate.warmup"),
+                "warmup = 0 would judge the rate before any baseline is learned",
+                "set warmup to at least 1 interval, e.g. warmup = 30",
+            );
+        }
+        if rate.sigmas == Some(0) {
+            c.error(
+                format!("{prefix}.session_rate.sigmas"),
+                "sigmas = 0 fires whenever the rate is above its mean",
+                "set sigmas to at least 1, e.g. sigmas = 4",
+            );
+        }
+        actions.push(("session_rate", rate.action));
+    }
+    if let Some(exe) = &r.new_executable {
+        if exe.stable_after == Some(Duration::ZERO) {
+            c.error(
+                format!("{prefix}.new_executable.stable_after"),
+                "stable_after = 0 treats the first executable as an anomaly",
+                "set a duration, e.g. stable_after = \"10m\"",
+            );
+        }
+        actions.push(("new_executable", exe.action));
+    }
+    if let Some(b) = &r.bypass {
+        actions.push(("bypass", b.action));
+    }
+    for (key, action) in actions {
+        if action == AnomalyAction::Alert && no_webhook {
             c.warn(
-                "anomaly.distinct_secrets_per_minute.action",
+                format!("{prefix}.{key}.action"),
                 "action = \"alert\" but anomaly.webhook is not set, so alerts only reach the log",
                 "set anomaly.webhook, or use action = \"log\"",
             );
@@ -4057,6 +4225,32 @@ allow = ["reports"]
             "anomaly.distinct_secrets_per_minute.limit",
         );
         only_error("[anomaly]\nwebhook = \"ftp://x\"\n", "anomaly.webhook");
+        only_error(
+            "[anomaly]\nwebhook = \"https://alerts.example/a\"\n",
+            "anomaly.webhook",
+        );
+        let w = "[anomaly]\nwebhook = \"http://127.0.0.1:9000/a\"\n";
+        only_error(
+            &format!("{w}session_rate = {{ interval = \"500ms\" }}\n"),
+            "anomaly.session_rate.interval",
+        );
+        only_error(
+            &format!("{w}session_rate = {{ warmup = 0 }}\n"),
+            "anomaly.session_rate.warmup",
+        );
+        only_error(
+            &format!("{w}denials_per_minute = {{ limit = 20000 }}\n"),
+            "anomaly.denials_per_minute.limit",
+        );
+        let e = only_error(
+            &format!("{w}[anomaly.workloads.ghost]\nbypass = {{ action = \"log\" }}\n"),
+            "anomaly.workloads.ghost",
+        );
+        assert!(e.problem.contains("no [[workload]]"), "{e:?}");
+        only_error(
+            &format!("{w}[anomaly.workloads.ghost]\nnew_executable = {{ stable_after = \"0s\" }}\n[[workload]]\nname = \"ghost\"\nspiffe_id = \"spiffe://warden.local/ghost\"\nselectors = {{ uid = 5 }}\n"),
+            "anomaly.workloads.ghost.new_executable.stable_after",
+        );
         only_error("environment = \"\"\n", "environment");
         only_error("[metrics]\nlisten = \"127.0.0.1:0\"\n", "metrics.listen");
     }

@@ -174,10 +174,6 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         if !sealed {
             credentials_start(&leases, &rotator).await;
         }
-        let engines = admin::Engines {
-            rotator: rotator.clone(),
-            leases: leases.clone(),
-        };
 
         tracing::info!(socket = %socket.display(), "admin API listening");
         if let Some(l) = &metrics_listener {
@@ -194,14 +190,36 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             if sealed { "sealed: waiting for unseal shares" } else { "serving" }
         ));
 
+        // Frozen workloads (persisted) back into the kernel maps, then the detector.
+        let freezer = Arc::new(crate::freeze::Freezer::new(
+            cfg,
+            service.clone(),
+            identity.clone(),
+            access.kernel().cloned(),
+            metrics.clone(),
+        )?);
+        {
+            let f = freezer.clone();
+            tokio::task::spawn_blocking(move || f.reapply())
+                .await
+                .map_err(|e| Error::internal(format!("re-applying freezes failed: {e}")))?;
+        }
+        let freeze_task = tokio::spawn(freezer.clone().run());
+        let anomaly = crate::anomaly::Anomaly::start(cfg, freezer.clone(), service.clone(), metrics.clone());
+        access.set_anomaly(anomaly.clone());
+
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             service.clone(),
             identity.clone(),
             metrics.clone(),
             admin_access.clone(),
-            engines,
-            access.feed.clone(),
+            admin::Engines {
+                rotator: rotator.clone(),
+                leases: leases.clone(),
+                events: access.feed.clone(),
+                freezer: Some(freezer.clone()),
+            },
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
         let provider = Arc::new(WorkloadIdentityProvider::new(
@@ -209,7 +227,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             identity.clone(),
             metrics.clone(),
-        ));
+        ).with_anomaly(freezer.clone(), anomaly.clone()));
         let pg_routes: Vec<_> = pg_listeners.iter().map(|(r, _, _)| r.clone()).collect();
         let pg_shared = Arc::new(pg::PgShared::new(
             crate::peer::Attestor::from_config(cfg, access.resolver()),
@@ -217,8 +235,12 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             identity.clone(),
             metrics.clone(),
-            credentials.clone(),
-            leases.clone(),
+            pg::SessionServices {
+                credentials: credentials.clone(),
+                leases: leases.clone(),
+                freezer: freezer.clone(),
+                anomaly: anomaly.clone(),
+            },
         )?);
         let credentials_task = tokio::spawn(maintain_credentials(
             leases.clone(),
@@ -236,6 +258,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             metrics.clone(),
             access.resolver(),
+            freezer.clone(),
         ));
         for l in http_listeners {
             let (name, listen) = l.describe();
@@ -248,6 +271,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
             access.resolver(),
+            freezer.clone(),
         ));
         for (route, tcp) in tls_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
@@ -266,6 +290,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         admin_task.abort();
         identity_task.abort();
         credentials_task.abort();
+        freeze_task.abort();
         for t in &route_tasks {
             t.abort();
         }

@@ -5,6 +5,7 @@
 
 mod access_monitor;
 mod admin;
+mod anomaly;
 mod audit;
 mod authority;
 mod cli;
@@ -12,6 +13,7 @@ mod config;
 mod crypto;
 mod daemon;
 mod error;
+mod freeze;
 mod http;
 mod init;
 mod masterkey;

@@ -77,6 +77,8 @@ struct Inner {
     monitor_attributions: IntCounterVec,
     anomaly_detections: IntCounterVec,
     frozen_workloads: IntGauge,
+    anomaly_alerts: IntCounterVec,
+    anomaly_signals_dropped: IntCounter,
     secret_rotations: IntCounterVec,
     leases_active: IntGauge,
     leases_created: IntCounter,
@@ -197,7 +199,15 @@ impl MonitorMode {
 }
 
 /// Anomaly rules (`[anomaly]` keys) exported at zero from start-up.
-pub const ANOMALY_RULES: &[&str] = &["distinct_secrets_per_minute"];
+pub const ANOMALY_RULES: &[&str] = &[
+    "distinct_secrets_per_minute",
+    "session_rate",
+    "new_executable",
+    "denials_per_minute",
+    "bypass",
+];
+/// `result` values of `warden_anomaly_alerts_total`.
+pub const ANOMALY_ALERT_RESULTS: &[&str] = &["delivered", "retried", "failed", "dropped"];
 /// `action` values of `warden_anomaly_detections_total` (`anomaly.*.action`).
 pub const ANOMALY_ACTIONS: &[&str] = &["log", "alert", "freeze"];
 
@@ -438,6 +448,20 @@ impl Metrics {
             "warden_frozen_workloads",
             "Workloads frozen now (refused secrets and sessions until an admin thaws them).",
         )?;
+        let anomaly_alerts = IntCounterVec::new(
+            Opts::new(
+                "warden_anomaly_alerts_total",
+                "Anomaly webhook deliveries by result (delivered, retried, failed, dropped).",
+            ),
+            &["result"],
+        )?;
+        for r in ANOMALY_ALERT_RESULTS {
+            anomaly_alerts.with_label_values(&[r]);
+        }
+        let anomaly_signals_dropped = IntCounter::new(
+            "warden_anomaly_signals_dropped_total",
+            "Events the anomaly detector never saw because its queue was full.",
+        )?;
         let secret_rotations = IntCounterVec::new(
             Opts::new(
                 "warden_secret_rotations_total",
@@ -507,6 +531,8 @@ impl Metrics {
         reg(&registry, &monitor_attributions)?;
         reg(&registry, &anomaly_detections)?;
         reg(&registry, &frozen_workloads)?;
+        reg(&registry, &anomaly_alerts)?;
+        reg(&registry, &anomaly_signals_dropped)?;
         reg(&registry, &secret_rotations)?;
         reg(&registry, &leases_active)?;
         reg(&registry, &leases_created)?;
@@ -547,6 +573,8 @@ impl Metrics {
                 monitor_attributions,
                 anomaly_detections,
                 frozen_workloads,
+                anomaly_alerts,
+                anomaly_signals_dropped,
                 secret_rotations,
                 leases_active,
                 leases_created,
@@ -817,6 +845,15 @@ impl Metrics {
             .inc();
     }
 
+    /// `result` one of [`ANOMALY_ALERT_RESULTS`].
+    pub fn anomaly_alert(&self, result: &str) {
+        self.inner.anomaly_alerts.with_label_values(&[result]).inc();
+    }
+
+    pub fn anomaly_signal_dropped(&self) {
+        self.inner.anomaly_signals_dropped.inc();
+    }
+
     pub fn set_frozen_workloads(&self, n: usize) {
         self.inner
             .frozen_workloads
@@ -998,6 +1035,7 @@ mod tests {
         let text = m.render();
         for line in [
             "warden_monitor_events_total{kind=\"connect\",verdict=\"bypass_denied\"} 0",
+            "warden_monitor_events_total{kind=\"connect\",verdict=\"denied_frozen\"} 0",
             "warden_monitor_events_lost_total 0",
             "warden_monitor_connects_denied_total 0",
             "warden_monitor_bypass_attempts_total 0",

@@ -189,6 +189,16 @@ impl SecretService {
         }
     }
 
+    /// Reads a small metadata value (not secret; e.g. frozen workloads).
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        self.store.backend().meta_get(key)
+    }
+
+    /// Writes a small metadata value (not secret).
+    pub fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.store.backend_mut().meta_set(key, value)
+    }
+
     /// Appends an audit record; counts it in the metrics.
     pub fn record(&mut self, event: &Event) -> Result<()> {
         append_counted(&mut self.audit, self.metrics.as_ref(), event)

@@ -22,6 +22,8 @@ pub struct WorkloadIdentityProvider {
     registrations: Vec<Registration>,
     hashes: ExeHashCache,
     metrics: Metrics,
+    freezer: Option<Arc<crate::freeze::Freezer>>,
+    anomaly: Option<Arc<crate::anomaly::Anomaly>>,
 }
 
 /// Who a caller was attested to be.
@@ -44,7 +46,20 @@ impl WorkloadIdentityProvider {
             registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
             hashes: ExeHashCache::new(),
             metrics,
+            freezer: None,
+            anomaly: None,
         }
+    }
+
+    /// Frozen workloads get no SVIDs; issuance feeds the anomaly detector.
+    pub fn with_anomaly(
+        mut self,
+        freezer: Arc<crate::freeze::Freezer>,
+        anomaly: Arc<crate::anomaly::Anomaly>,
+    ) -> Self {
+        self.freezer = Some(freezer);
+        self.anomaly = Some(anomaly);
+        self
     }
 
     fn audit(
@@ -95,6 +110,12 @@ impl WorkloadIdentityProvider {
             let reg = attest::attest(&facts, &self.registrations).map_err(|e| e.to_string())?;
             let (workload, spiffe_id) = (reg.name.clone(), reg.spiffe_id.clone());
             attest::confirm_same_process(&facts).map_err(|e| e.to_string())?;
+            if let Some(f) = self.freezer.as_ref().and_then(|f| f.frozen(&workload)) {
+                return Err(format!(
+                    "workload {workload:?} is frozen since {} by {}: {}",
+                    f.since, f.by, f.reason
+                ));
+            }
             Ok::<_, String>(Attested {
                 facts,
                 workload,
@@ -155,6 +176,13 @@ impl IdentityProvider for WorkloadIdentityProvider {
                 })?;
             Ok((svid, fresh, a.bundle_der()))
         })?;
+        if let Some(a) = &self.anomaly {
+            a.issue(
+                &who.workload,
+                who.facts.pid,
+                who.facts.exe_sha256.as_deref(),
+            );
+        }
         if fresh {
             self.identity.wake.notify_one();
             self.metrics.svid_issued();

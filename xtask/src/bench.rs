@@ -11,6 +11,11 @@
 //! - eBPF monitor (`ebpf/examples/connect_cost.rs`, root): ns per loopback
 //!   connect+close with no programs, attached but not watched, and to a
 //!   watched listener, interleaved rounds.
+//! - Anomaly detector (`proxy/src/anomaly.rs`, ignored test): ns per event in
+//!   `Detector::observe` beside a HashMap name lookup and the data path's
+//!   enqueue; and (`tests/tests/anomaly.rs` `bench_freeze_latency`, root)
+//!   p50/p99 from the session that crosses a threshold to the kernel's EPERM,
+//!   over 20 runs (`WARDEN_BENCH_FREEZE_RUNS`), beside one plain session.
 //!
 //! - HTTP proxying (`bench/http.rs`): wrk requests/s and p50/p99 through an
 //!   http route injecting `Authorization`, beside direct requests to the same
@@ -24,7 +29,7 @@
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
-//! (default 3), `--only svid|pg|http|ebpf` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
+//! (default 3), `--only svid|pg|http|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod http;
 mod pg;
@@ -40,7 +45,7 @@ use crate::cmd;
 struct Options {
     pg: pg::Options,
     http: http::Options,
-    /// `--only svid|pg|http|ebpf`: run just that benchmark.
+    /// `--only svid|pg|http|ebpf|anomaly`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -58,10 +63,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 None => iter
                     .next()
                     .cloned()
-                    .context("`--only` needs svid, pg, http or ebpf")?,
+                    .context("`--only` needs svid, pg, http, ebpf or anomaly")?,
             };
-            if !["svid", "pg", "http", "ebpf"].contains(&v.as_str()) {
-                bail!("`--only {v}`: expected svid, pg, http or ebpf");
+            if !["svid", "pg", "http", "ebpf", "anomaly"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg, http, ebpf or anomaly");
             }
             only = Some(v);
             continue;
@@ -160,6 +165,54 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
             ]);
             cmd::run(&mut c)
         })?;
+    }
+    if wanted("anomaly") {
+        steps.run("anomaly detector: cost per event (release build)", || {
+            let mut c = cmd::cargo(repo);
+            c.args([
+                "test",
+                "--release",
+                "--quiet",
+                "-p",
+                "warden",
+                "--bin",
+                "warden",
+                "--",
+                "--ignored",
+                "--exact",
+                "anomaly::tests::bench_detector_cost_per_event",
+                "--nocapture",
+            ]);
+            cmd::run(&mut c)
+        })?;
+        steps.run(
+            "anomaly freeze: threshold-crossing event to kernel EPERM (release build)",
+            || {
+                if !crate::prereq::is_root() {
+                    println!("  skipped: the eBPF monitor and cgroups need root");
+                    return Ok(());
+                }
+                let mut c = cmd::cargo(repo);
+                c.args(["build", "--release", "--quiet", "-p", "warden"]);
+                cmd::run(&mut c)?;
+                let mut c = cmd::cargo(repo);
+                c.args([
+                    "test",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "warden-tests",
+                    "--test",
+                    "anomaly",
+                    "--",
+                    "--ignored",
+                    "--exact",
+                    "bench_freeze_latency",
+                    "--nocapture",
+                ]);
+                cmd::run(&mut c)
+            },
+        )?;
     }
     steps.print_summary();
     Ok(())

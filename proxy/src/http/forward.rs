@@ -125,6 +125,9 @@ async fn connect(req: Request<Incoming>, ctxs: &[Arc<ConnCtx>]) -> Response<Body
         }
         return refuse_host(first, &host, port).await;
     }
+    if let Some(f) = candidates[0].shared.freezer.frozen(&who.workload) {
+        return deny(candidates[0], Some(who), crate::freeze::frozen_message(&f)).await;
+    }
     let Some(ctx) = candidates
         .iter()
         .find(|c| c.route.allow.contains(&who.workload))

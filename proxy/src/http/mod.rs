@@ -172,6 +172,8 @@ pub struct HttpShared {
     pub attestor: crate::peer::Attestor,
     pub credentials: crate::pg::CredentialCache,
     pub metrics: Metrics,
+    /// Frozen workloads get 403 naming the freeze.
+    pub freezer: Arc<crate::freeze::Freezer>,
 }
 
 impl HttpShared {
@@ -180,12 +182,14 @@ impl HttpShared {
         service: Arc<Mutex<SecretService>>,
         metrics: Metrics,
         resolver: Arc<dyn warden_identity::attest::PeerResolver>,
+        freezer: Arc<crate::freeze::Freezer>,
     ) -> HttpShared {
         HttpShared {
             service,
             attestor: crate::peer::Attestor::from_config(cfg, resolver),
             credentials: crate::pg::CredentialCache::default(),
             metrics,
+            freezer,
         }
     }
 }

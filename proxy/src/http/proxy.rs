@@ -488,6 +488,9 @@ pub(super) async fn handle(
         }
         Ok(w) => w,
     };
+    if let Some(f) = ctx.shared.freezer.frozen(&who.workload) {
+        return Ok(deny(&ctx, Some(who), crate::freeze::frozen_message(&f)).await);
+    }
     if !route.allow.contains(&who.workload) {
         return Ok(deny(&ctx, Some(who), not_allowed(who, &route.name)).await);
     }

@@ -243,6 +243,14 @@ impl CancelMap {
     }
 }
 
+/// The daemon services a PostgreSQL session consults besides the store.
+pub struct SessionServices {
+    pub credentials: Arc<CredentialCache>,
+    pub leases: Arc<dynamic::LeaseManager>,
+    pub freezer: Arc<crate::freeze::Freezer>,
+    pub anomaly: Arc<crate::anomaly::Anomaly>,
+}
+
 /// State shared by every PostgreSQL session.
 pub struct PgShared {
     pub service: Arc<Mutex<SecretService>>,
@@ -254,6 +262,10 @@ pub struct PgShared {
     pub metrics: Metrics,
     /// Client-side TLS configuration per route (routes with `client_tls`).
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+    /// Frozen workloads (refused, open sessions closed).
+    pub freezer: Arc<crate::freeze::Freezer>,
+    /// The anomaly detector's input.
+    pub anomaly: Arc<crate::anomaly::Anomaly>,
 }
 
 impl PgShared {
@@ -263,13 +275,18 @@ impl PgShared {
         service: Arc<Mutex<SecretService>>,
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
-        credentials: Arc<CredentialCache>,
-        leases: Arc<dynamic::LeaseManager>,
+        services: SessionServices,
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
         for r in routes.iter().filter(|r| r.client_tls) {
             client_tls.insert(r.name.clone(), tls::server_config(r, identity.clone())?);
         }
+        let SessionServices {
+            credentials,
+            leases,
+            freezer,
+            anomaly,
+        } = services;
         Ok(PgShared {
             service,
             attestor,
@@ -279,6 +296,8 @@ impl PgShared {
             cancels: CancelMap::default(),
             metrics,
             client_tls,
+            freezer,
+            anomaly,
         })
     }
 }

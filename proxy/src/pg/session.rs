@@ -172,15 +172,25 @@ async fn forward_cancel(shared: &PgShared, pid: i32, key: &[u8]) {
 }
 
 /// Attributes the peer to a process and attests it (blocking /proc work).
-fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, Refusal> {
+/// On refusal, the pid when it was known (for the denial anomaly rule).
+fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, (Option<u32>, Refusal)> {
     let deny = |m: String| Refusal::new("28000", "denied", m);
     let pid = match peer {
-        Peer::Tcp { local, peer } => shared.attestor.tcp_pid(*local, *peer).map_err(deny)?,
+        Peer::Tcp { local, peer } => shared
+            .attestor
+            .tcp_pid(*local, *peer)
+            .map_err(|m| (None, deny(m)))?,
         Peer::Unix { pid } => pid.ok_or_else(|| {
-            deny("warden: the kernel did not report the connecting process".into())
+            (
+                None,
+                deny("warden: the kernel did not report the connecting process".into()),
+            )
         })?,
     };
-    shared.attestor.attest_pid(pid).map_err(deny)
+    shared
+        .attestor
+        .attest_pid(pid)
+        .map_err(|m| (Some(pid), deny(m)))
 }
 
 /// The login a session uses: never printed (no Debug), password zeroized.
@@ -408,14 +418,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     })
     .await
     .unwrap_or_else(|e| {
-        Err(Refusal::new(
-            "XX000",
-            "error",
-            format!("warden: attestation failed: {e}"),
+        Err((
+            None,
+            Refusal::new("XX000", "error", format!("warden: attestation failed: {e}")),
         ))
     });
+    let mut denied_pid = None;
     let outcome = match attested {
-        Err(mut r) => {
+        Err((pid, mut r)) => {
+            denied_pid = pid;
             r.message = format!(
                 "{} — route {:?} refuses unattested clients",
                 r.message, route2.name
@@ -423,7 +434,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             Err((None, r))
         }
         Ok(who) => {
-            if !route.allow.contains(&who.workload) {
+            if let Some(f) = shared.freezer.frozen(&who.workload) {
+                Err((
+                    Some(who),
+                    Refusal::new("28000", "frozen", crate::freeze::frozen_message(&f)),
+                ))
+            } else if !route.allow.contains(&who.workload) {
                 let r = Refusal::new("28000", "denied", not_allowed(&who, &route.name));
                 Err((Some(who), r))
             } else if !route.databases.is_empty() && !route.databases.contains(&database) {
@@ -462,6 +478,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 },
             );
             let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
+            if r.result == "denied" {
+                let pid = who.as_ref().map(|w| w.facts.pid).or(denied_pid);
+                if let Some(pid) = pid {
+                    shared
+                        .anomaly
+                        .denial(who.as_ref().map(|w| w.workload.as_str()), pid);
+                }
+            }
             shared.metrics.session(&route.name, workload, r.result);
             send_error(&mut client, &r).await;
             return;
@@ -600,6 +624,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     shared
         .metrics
         .session(&route.name, &who.workload, "allowed");
+    shared.anomaly.session(
+        &who.workload,
+        &route.secret,
+        who.facts.pid,
+        who.facts.exe_sha256.as_deref(),
+    );
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
     let mut stream = established.stream;
@@ -618,15 +648,47 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         greeting.extend_from_slice(&protocol::backend_key_data(*pid, key));
     }
     greeting.extend_from_slice(&protocol::ready_for_query(established.ready_status));
+    // A freeze of this workload ends the session with 57P01.
+    let mut freezes = shared.freezer.subscribe();
     let relay = async {
         client.write_all(&greeting).await?;
         tokio::io::copy_bidirectional(&mut client, &mut stream).await
     };
-    let result = relay.await;
+    let frozen = async {
+        loop {
+            if let Some(f) = shared.freezer.frozen(&who.workload) {
+                return f;
+            }
+            if freezes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let (result, closed_by_freeze) = tokio::select! {
+        r = relay => (r, None),
+        f = frozen => (Ok((0, 0)), Some(f)),
+    };
+    if let Some(f) = &closed_by_freeze {
+        let msg = protocol::error_response(
+            "FATAL",
+            "57P01",
+            &format!(
+                "terminating connection: {}",
+                crate::freeze::frozen_message(f).trim_start_matches("warden: ")
+            ),
+            None,
+            None,
+        );
+        let _ = client.write_all(&msg).await;
+        let _ = client.flush().await;
+        let _ = client.shutdown().await;
+        shared.metrics.session(&route.name, &who.workload, "frozen");
+    }
     if let Some((pid, key)) = &cancel_key {
         shared.cancels.remove(*pid, key);
     }
     let (up, down, how) = match result {
+        _ if closed_by_freeze.is_some() => (0, 0, "closed: workload frozen"),
         Ok((u, d)) => (u, d, "closed"),
         Err(_) => (0, 0, "connection error"),
     };

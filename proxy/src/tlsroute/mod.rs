@@ -99,6 +99,8 @@ pub struct TlsShared {
     pub identity: Arc<IdentityHandle>,
     pub attestor: Attestor,
     pub metrics: Metrics,
+    /// Frozen workloads are refused (connection closed, reason logged/audited).
+    pub freezer: Arc<crate::freeze::Freezer>,
     /// Client configurations by (route, workload), with the SVID serial and
     /// bundle they were built from.
     configs: Mutex<HashMap<(String, String), TaggedConfig>>,
@@ -111,10 +113,12 @@ impl TlsShared {
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
         resolver: Arc<dyn warden_identity::attest::PeerResolver>,
+        freezer: Arc<crate::freeze::Freezer>,
     ) -> TlsShared {
         TlsShared {
             service,
             identity,
+            freezer,
             attestor: Attestor::from_config(cfg, resolver),
             metrics,
             configs: Mutex::new(HashMap::new()),
@@ -376,6 +380,10 @@ async fn session(
                 "denied",
             ))
         })?;
+        if let Some(f) = s2.freezer.frozen(&who.workload) {
+            let m = crate::freeze::frozen_message(&f);
+            return Err(Box::new((Some(who), m, "frozen")));
+        }
         if !r2.allow.contains(&who.workload) {
             let m = not_allowed(&who, &r2.name);
             return Err(Box::new((Some(who), m, "denied")));
