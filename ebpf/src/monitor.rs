@@ -105,8 +105,8 @@ const PINNED_MAPS: [(&str, &str); 2] = [
 /// The loaded and attached monitor.
 pub struct Monitor {
     attribution: HashMap<MapData, SockKey, ProcessInfo>,
-    frozen_tgids: Mutex<HashMap<MapData, u32, FrozenEntry>>,
-    frozen_cgroups: Mutex<HashMap<MapData, u64, FrozenEntry>>,
+    frozen_tgids: FrozenMap<u32>,
+    frozen_cgroups: FrozenMap<u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
     pins: Mutex<Vec<PinnedLink>>,
@@ -324,45 +324,23 @@ impl Monitor {
 
     /// Denies every `connect()` of process `tgid` from now on.
     pub fn freeze_tgid(&self, tgid: u32) -> Result<(), MonitorError> {
-        let entry = FrozenEntry {
-            since_unix: now_unix(),
-        };
-        self.frozen_tgids
-            .lock()
-            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?
-            .insert(tgid, entry, 0)
-            .map_err(map_err("FROZEN_TGIDS"))
+        insert_frozen(&self.frozen_tgids, tgid, "FROZEN_TGIDS")
     }
 
     /// Lifts a tgid freeze; `Ok(false)` when it was not frozen.
     pub fn unfreeze_tgid(&self, tgid: u32) -> Result<bool, MonitorError> {
-        let mut map = self
-            .frozen_tgids
-            .lock()
-            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?;
-        remove_entry(&mut map, &tgid)
+        remove_frozen(&self.frozen_tgids, &tgid)
     }
 
     /// Denies every `connect()` from cgroup `id` and its descendants (up to
     /// 8 levels below it).
     pub fn freeze_cgroup(&self, id: u64) -> Result<(), MonitorError> {
-        let entry = FrozenEntry {
-            since_unix: now_unix(),
-        };
-        self.frozen_cgroups
-            .lock()
-            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?
-            .insert(id, entry, 0)
-            .map_err(map_err("FROZEN_CGROUPS"))
+        insert_frozen(&self.frozen_cgroups, id, "FROZEN_CGROUPS")
     }
 
     /// Lifts a cgroup freeze; `Ok(false)` when it was not frozen.
     pub fn unfreeze_cgroup(&self, id: u64) -> Result<bool, MonitorError> {
-        let mut map = self
-            .frozen_cgroups
-            .lock()
-            .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))?;
-        remove_entry(&mut map, &id)
+        remove_frozen(&self.frozen_cgroups, &id)
     }
 
     /// Frozen tgids and cgroup ids with the time each freeze was set.
@@ -464,11 +442,26 @@ pub fn release_pinned(dir: &Path) -> Result<(), MonitorError> {
     fs::remove_dir(dir).map_err(|e| MonitorError::Other(format!("removing {}: {e}", dir.display())))
 }
 
-fn remove_entry<K: aya::Pod>(
-    map: &mut HashMap<MapData, K, FrozenEntry>,
-    key: &K,
-) -> Result<bool, MonitorError> {
-    match map.remove(key) {
+type FrozenMap<K> = Mutex<HashMap<MapData, K, FrozenEntry>>;
+
+fn lock_frozen<K>(
+    map: &FrozenMap<K>,
+) -> Result<std::sync::MutexGuard<'_, HashMap<MapData, K, FrozenEntry>>, MonitorError> {
+    map.lock()
+        .map_err(|_| MonitorError::Other("frozen map lock poisoned".into()))
+}
+
+fn insert_frozen<K: aya::Pod>(map: &FrozenMap<K>, key: K, name: &str) -> Result<(), MonitorError> {
+    let entry = FrozenEntry {
+        since_unix: now_unix(),
+    };
+    lock_frozen(map)?
+        .insert(key, entry, 0)
+        .map_err(map_err(name))
+}
+
+fn remove_frozen<K: aya::Pod>(map: &FrozenMap<K>, key: &K) -> Result<bool, MonitorError> {
+    match lock_frozen(map)?.remove(key) {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
         Err(aya::maps::MapError::SyscallError(e))
