@@ -166,6 +166,12 @@ impl Drop for Probe {
 fn sink_listener(addr: &str) -> (SocketAddr, Arc<AtomicBool>) {
     let listener = TcpListener::bind(addr).expect("bind");
     let local = listener.local_addr().expect("local addr");
+    // A deep accept queue: with the default 128, a starved accept thread lets
+    // SYNs drop and a connect waits a second for its retransmit.
+    // SAFETY: a valid listening socket fd.
+    unsafe {
+        libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     std::thread::spawn(move || {
