@@ -273,13 +273,18 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     hits
 }
 
-pub fn is_root() -> bool {
+/// This process's effective uid (from `/proc/self/status`).
+pub fn my_uid() -> u32 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
-        .unwrap_or(false)
+        .unwrap_or(u32::MAX)
+}
+
+pub fn is_root() -> bool {
+    my_uid() == 0
 }

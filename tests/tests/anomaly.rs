@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use warden_tests::my_uid;
 
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
 use warden_tests::{free_port, is_root, Instance};
@@ -736,17 +737,6 @@ fn bench_freeze_latency() {
         percentile(&session, 0.99),
         percentile(&external, 0.5) / percentile(&session, 0.5)
     );
-}
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// A frozen workload gets no SVIDs (PermissionDenied naming the freeze) and

@@ -5,22 +5,12 @@
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use warden_tests::my_uid;
 use warden_tests::pg::{pg_bin_dir, psql_available, run_psql, Auth, ClusterOptions, PgCluster};
 use warden_tests::{files_containing, free_port, Daemon, Instance};
 
 const ADMIN_PASSWORD: &str = "adm-CANARY-7d1c2a90-admin";
 const APP_PASSWORD: &str = "app-CANARY-0f3e5b71-static";
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 fn skip() -> bool {
     if !psql_available() {

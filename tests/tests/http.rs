@@ -8,21 +8,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
+use warden_tests::my_uid;
 use warden_tests::upstream::{header_values, Upstream};
 use warden_tests::{contains_bytes, files_containing, free_port, Instance};
 
 const TOKEN: &str = "tok-CANARY-9f2c41d7e0";
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 struct Setup {
     warden: Instance,

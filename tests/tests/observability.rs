@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use warden_tests::my_uid;
 use warden_tests::pg::{run_psql, ClusterOptions, PgCluster};
 use warden_tests::prom::{
     dashboard_files, dashboard_queries, dashboards_dir, exposed_names, panels, promtool, sample,
@@ -39,17 +40,6 @@ fn unit_test_file() -> std::path::PathBuf {
 
 fn read(p: &std::path::Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// Alert names defined in the rules file, in order.

@@ -6,21 +6,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use warden_tests::my_uid;
 use warden_tests::pg::{Auth, ClusterOptions, PgCluster};
 use warden_tests::{free_port, Instance};
 
 const PASSWORD: &str = "pw-CANARY-5b1f0e9d-injected";
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 struct Setup {
     pg: PgCluster,

@@ -7,19 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
+use warden_tests::my_uid;
 use warden_tests::upstream::Upstream;
 use warden_tests::{free_port, Instance};
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 fn python_exe() -> String {
     let out = Command::new("python3")

@@ -5,18 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use warden_tests::my_uid;
 use warden_tests::Instance;
-
-fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 /// A daemon whose only workload is "this uid" (or `uid` when given).
 fn instance_for_uid(uid: u32) -> Instance {
