@@ -114,6 +114,19 @@ macro_rules! config_enum {
 }
 
 config_enum! {
+    /// Where a dynamic route's grants go (`route.credential.dynamic.grant_mode`).
+    #[derive(Default)]
+    GrantMode {
+        /// Once, to a NOLOGIN group role per route (named after a hash of
+        /// the grants); each lease role is a member (the default).
+        #[default]
+        Group => "group",
+        /// To every lease role in its creation transaction.
+        PerLease => "per_lease",
+    }
+}
+
+config_enum! {
     /// Signature algorithm of the SVID keys (`identity.key_type`).
     #[derive(Default)]
     KeyType {
@@ -520,6 +533,11 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_LEASE_MAX_TTL: Duration = Duration::from_secs(86_400);
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 pub const DEFAULT_ROLE_PREFIX: &str = "warden_";
+/// Lease passwords are 256 random bits: stretching adds nothing, and
+/// PostgreSQL pays one PBKDF2 at this count per CREATE ROLE.
+pub const DEFAULT_LEASE_SCRAM_ITERATIONS: u32 = 16;
+/// Most iterations `scram_iterations` may ask for (warden's SCRAM client limit).
+pub const MAX_LEASE_SCRAM_ITERATIONS: u32 = 1_000_000;
 
 /// `route[].credential.dynamic`: a role per workload lease.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -546,6 +564,13 @@ pub struct Dynamic {
     /// Prefix of lease role names (`<prefix><workload>_<random>`).
     #[serde(default)]
     pub role_prefix: Option<String>,
+    /// `group` (default) or `per_lease`: see [`GrantMode`].
+    #[serde(default)]
+    pub grant_mode: GrantMode,
+    /// PBKDF2 iterations in lease roles' SCRAM verifiers (default
+    /// [`DEFAULT_LEASE_SCRAM_ITERATIONS`]; see `pg::scram::verifier`).
+    #[serde(default)]
+    pub scram_iterations: Option<u32>,
 }
 
 impl Dynamic {
@@ -559,6 +584,10 @@ impl Dynamic {
     }
     pub fn role_prefix(&self) -> &str {
         self.role_prefix.as_deref().unwrap_or(DEFAULT_ROLE_PREFIX)
+    }
+    pub fn scram_iterations(&self) -> u32 {
+        self.scram_iterations
+            .unwrap_or(DEFAULT_LEASE_SCRAM_ITERATIONS)
     }
 }
 
@@ -1467,6 +1496,8 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.credential.dynamic.grants", "a list of SQL statements using {role}, e.g. grants = [\"GRANT USAGE ON SCHEMA app TO {role}\"]"),
     ("route.credential.dynamic.database", "a database name in quotes, e.g. database = \"orders\""),
     ("route.credential.dynamic.reassign_owned_to", "a role name in quotes, e.g. reassign_owned_to = \"app_owner\""),
+    ("route.credential.dynamic.grant_mode", "\"group\" or \"per_lease\", e.g. grant_mode = \"group\""),
+    ("route.credential.dynamic.scram_iterations", "a whole number from 1 to 1000000, e.g. scram_iterations = 16"),
     ("route.credential.dynamic.role_prefix", "lowercase letters, digits and _ in quotes, e.g. role_prefix = \"warden_\""),
     ("route.inject", "an inline table, e.g. inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"payments/api-token\" }"),
     ("route.inject.header", "an HTTP header name in quotes, e.g. header = \"Authorization\""),
@@ -2157,6 +2188,15 @@ fn check_dynamic(c: &mut Checker<'_>, k: &str, r: &Route, d: &Dynamic) {
             format!("role_prefix \"{prefix}\" must start with a letter, use only a-z, 0-9 and _, be at most 20 characters and not start with pg_ (reserved by PostgreSQL)"),
             "use e.g. role_prefix = \"warden_\"",
         );
+    }
+    if let Some(n) = d.scram_iterations {
+        if n == 0 || n > MAX_LEASE_SCRAM_ITERATIONS {
+            c.error(
+                format!("{k}.scram_iterations"),
+                format!("scram_iterations {n} is outside 1..={MAX_LEASE_SCRAM_ITERATIONS}"),
+                format!("remove it (default {DEFAULT_LEASE_SCRAM_ITERATIONS}: lease passwords are 256 random bits) or set e.g. 4096"),
+            );
+        }
     }
     for (key, v) in [
         ("database", &d.database),

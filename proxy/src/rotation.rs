@@ -505,6 +505,7 @@ impl Rotator {
             user: user.clone(),
             password: Zeroizing::new(password.to_vec()),
             secret_label: format!("{} pending", spec.name),
+            scram_min_iterations: scram::MIN_ITERATIONS,
         };
         match SqlSession::connect(target, database, &login, &self.scram).await {
             Ok(s) => {
@@ -534,6 +535,7 @@ impl Rotator {
                     user: user.clone(),
                     password: Zeroizing::new(current.to_vec()),
                     secret_label: format!("{} current", spec.name),
+                    scram_min_iterations: scram::MIN_ITERATIONS,
                 };
                 let mut s = SqlSession::connect(target, database, &login, &self.scram)
                     .await
@@ -541,8 +543,13 @@ impl Rotator {
                         // No session, no ALTER ROLE: nothing changed.
                         Apply::Unchanged(format!("route {route:?}: login as {user:?} with the current password failed: {}", sql::describe_failure(&f)))
                     })?;
-                let verifier = scram::verifier(&self.scram, &format!("{} new", spec.name), new)
-                    .ok_or_else(|| Apply::Unchanged("the system random generator failed".into()))?;
+                let verifier = scram::verifier(
+                    &self.scram,
+                    &format!("{} new", spec.name),
+                    new,
+                    scram::MIN_ITERATIONS,
+                )
+                .ok_or_else(|| Apply::Unchanged("the system random generator failed".into()))?;
                 let (Some(q_user), Some(q_verifier)) =
                     (quote_ident(user), quote_literal(&verifier))
                 else {

@@ -91,6 +91,11 @@ struct Dyn {
 /// owns database `shop` with schema `reports` (granted to leases) and table
 /// `public.payroll` (not granted), and a warden route with dynamic leases.
 fn dyn_setup(ttl: &str, extra_workloads: &str) -> Dyn {
+    dyn_setup_with(ttl, extra_workloads, "")
+}
+
+/// `dynamic_extra`: more keys for `[route.credential.dynamic]`.
+fn dyn_setup_with(ttl: &str, extra_workloads: &str, dynamic_extra: &str) -> Dyn {
     let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
     pg.psql_admin(&format!(
         "CREATE ROLE warden_admin LOGIN CREATEROLE PASSWORD '{ADMIN_PASSWORD}';\nCREATE DATABASE shop OWNER warden_admin;"
@@ -135,6 +140,7 @@ secret = "shop-db/admin"
 ttl = "{ttl}"
 max_ttl = "1h"
 grants = ["GRANT USAGE ON SCHEMA reports TO {{role}}", "GRANT SELECT ON ALL TABLES IN SCHEMA reports TO {{role}}"]
+{dynamic_extra}
 "#,
         uid = my_uid(),
         pgport = pg.port,
@@ -150,12 +156,15 @@ grants = ["GRANT USAGE ON SCHEMA reports TO {{role}}", "GRANT SELECT ON ALL TABL
     Dyn { pg, warden, port }
 }
 
+/// Lease roles (LOGIN; the route's group role is NOLOGIN and stays).
 fn lease_roles(pg: &PgCluster) -> Vec<String> {
-    pg.psql_admin("SELECT rolname FROM pg_roles WHERE rolname LIKE 'warden\\_%' ORDER BY 1")
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty() && l != "warden_admin")
-        .collect()
+    pg.psql_admin(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'warden\\_%' AND rolcanlogin ORDER BY 1",
+    )
+    .lines()
+    .map(|l| l.trim().to_string())
+    .filter(|l| !l.is_empty() && l != "warden_admin")
+    .collect()
 }
 
 #[test]
@@ -205,7 +214,22 @@ fn dynamic_lease_creates_a_granted_role_used_by_the_session_and_dropped_at_expir
     );
     // The server only ever saw a SCRAM verifier, never a password.
     let pglog = s.pg.log_text();
-    assert!(pglog.contains("PASSWORD E'SCRAM-SHA-256$4096:"), "{pglog}");
+    assert!(pglog.contains("PASSWORD E'SCRAM-SHA-256$16:"), "{pglog}");
+    // The grants went once to the route's group role; the lease is a member
+    // and holds no privilege of its own (no ACL growth per lease).
+    let group = s.pg.psql_admin_in(
+        "shop",
+        &format!(
+            "SELECT g.rolname, g.rolcanlogin, has_table_privilege(g.rolname, 'reports.sales', 'SELECT'), \
+             (SELECT count(*) FROM information_schema.role_table_grants WHERE grantee = '{role}') \
+             FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles l ON l.oid = m.member \
+             WHERE l.rolname = '{role}'"
+        ),
+    );
+    assert!(
+        group.trim().starts_with("warden_shop_db_grp") && group.trim().ends_with("|f|t|0"),
+        "{group}"
+    );
     assert!(!pglog.contains(ADMIN_PASSWORD));
     let long = long.join().unwrap();
     assert_eq!(long.code, 0, "{}", long.stderr);
@@ -339,8 +363,8 @@ fn concurrent_lease_creation_with_grants_on_one_schema_succeeds_and_cleans_up() 
     if skip() {
         return;
     }
-    // Concurrent GRANTs on one schema race on its ACL tuple ("tuple
-    // concurrently updated") unless warden orders them; `lease bench`
+    // Group mode (the default): leases join the route's group role, created
+    // and granted once even when the first leases race; `lease bench`
     // creates leases from 4 tasks at once against the real database.
     let s = dyn_setup("1h", "");
     let out = s.warden.run(&[
@@ -361,6 +385,86 @@ fn concurrent_lease_creation_with_grants_on_one_schema_succeeds_and_cleans_up() 
     let a = audit(&s.warden);
     assert_eq!(a.matches("\"action\":\"lease.create\"").count(), 41);
     assert_eq!(a.matches("\"action\":\"lease.revoke\"").count(), 41);
+}
+
+#[test]
+fn per_lease_grant_mode_grants_to_each_role_under_the_acl_lock() {
+    if skip() {
+        return;
+    }
+    // Concurrent GRANTs on one schema race on its ACL tuple ("tuple
+    // concurrently updated") unless warden orders them.
+    let s = dyn_setup_with(
+        "1h",
+        "",
+        "grant_mode = \"per_lease\"\nscram_iterations = 4096",
+    );
+    let out = s.warden.run(&[
+        "lease",
+        "bench",
+        "--route",
+        "shop-db",
+        "--count",
+        "24",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let _d = s.warden.start_daemon();
+    let (ok, role, err) = psql_via(s.port, "shop", "select current_user");
+    assert!(ok, "{err}");
+    let facts = s.pg.psql_admin_in(
+        "shop",
+        &format!(
+            "SELECT (SELECT count(*) FROM pg_auth_members m JOIN pg_roles l ON l.oid = m.member \
+             JOIN pg_roles g ON g.oid = m.roleid WHERE l.rolname = '{role}' AND g.rolname LIKE 'warden\\_%grp%'), \
+             has_table_privilege('{role}', 'reports.sales', 'SELECT'), \
+             (SELECT count(*) FROM information_schema.role_table_grants WHERE grantee = '{role}'), \
+             (SELECT rolpassword LIKE 'SCRAM-SHA-256$4096:%' FROM pg_authid WHERE rolname = '{role}')"
+        ),
+    );
+    assert_eq!(facts.trim(), "0|t|1|t", "{facts}");
+}
+
+#[test]
+fn a_changed_grants_list_gets_a_new_group_role_and_the_old_one_is_dropped() {
+    if skip() {
+        return;
+    }
+    let s = dyn_setup("1h", "");
+    let groups = || {
+        s.pg.psql_admin(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'warden\\_%grp%' ORDER BY 1",
+        )
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+    };
+    let d = s.warden.start_daemon();
+    let (ok, _, err) = psql_via(s.port, "shop", "select count(*) from reports.sales");
+    assert!(ok, "{err}");
+    let first = groups();
+    assert_eq!(first.len(), 1, "{first:?}");
+    drop(d); // a graceful stop revokes the lease: the old group has no members
+             // Narrower grants: schema usage only.
+    let cfg = std::fs::read_to_string(&s.warden.config).unwrap().replace(
+        ", \"GRANT SELECT ON ALL TABLES IN SCHEMA reports TO {role}\"",
+        "",
+    );
+    std::fs::write(&s.warden.config, cfg).unwrap();
+    let d = s.warden.start_daemon();
+    let (ok, _, err) = psql_via(s.port, "shop", "select count(*) from reports.sales");
+    assert!(!ok && err.contains("permission denied"), "{err}");
+    assert!(
+        wait_until(Duration::from_secs(40), || {
+            let g = groups();
+            g.len() == 1 && g[0] != first[0]
+        }),
+        "{:?}\n{}",
+        groups(),
+        d.log_text()
+    );
 }
 
 #[test]

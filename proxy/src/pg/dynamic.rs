@@ -32,7 +32,7 @@ use super::upstream::{Login, UpstreamTarget};
 use super::CredentialCache;
 use crate::audit::{Actor, Decision, Event, Target};
 use crate::authority::daemon_actor;
-use crate::config::Dynamic;
+use crate::config::{Dynamic, GrantMode};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::service::SecretService;
@@ -59,6 +59,11 @@ const GRANT_LOCK_KEY: i64 = 0x7761_7264_656e; // "warden"
 /// Idle admin sessions kept per route.
 const POOL_MAX: usize = 4;
 
+/// A group role's grants are re-applied when older than this before a lease
+/// is created, so tables created since are covered within a minute
+/// (`ALTER DEFAULT PRIVILEGES … TO {role}` in the grants covers them at once).
+const GROUP_REFRESH: Duration = Duration::from_secs(60);
+
 /// A dynamic route's settings, resolved from the config.
 pub struct DynamicSpec {
     pub route: String,
@@ -73,6 +78,11 @@ pub struct DynamicSpec {
     pub reassign_owned_to: Option<String>,
     pub role_prefix: String,
     pub cache_ttl: Duration,
+    pub grant_mode: GrantMode,
+    /// `<prefix><route>_grp<8 hex of SHA-256(grants)>`: a changed grants
+    /// list gets a new group role, so privileges always match the config.
+    pub group_role: String,
+    pub scram_iterations: u32,
 }
 
 impl DynamicSpec {
@@ -101,6 +111,9 @@ impl DynamicSpec {
             reassign_owned_to: d.reassign_owned_to.clone(),
             role_prefix: d.role_prefix().to_string(),
             cache_ttl,
+            grant_mode: d.grant_mode,
+            group_role: group_role_name(d.role_prefix(), &route.name, &d.grants),
+            scram_iterations: d.scram_iterations(),
         })
     }
 }
@@ -110,6 +123,8 @@ pub struct LeaseTicket {
     pub id: String,
     pub role: String,
     pub password: Zeroizing<Vec<u8>>,
+    /// The count in the role's verifier (the SCRAM client's floor for it).
+    pub scram_iterations: u32,
 }
 
 impl LeaseTicket {
@@ -122,6 +137,7 @@ impl LeaseTicket {
 struct Lease {
     row: LeaseRow,
     password: Zeroizing<Vec<u8>>,
+    scram_iterations: u32,
     sessions: usize,
 }
 
@@ -140,6 +156,8 @@ pub struct LeaseManager {
     /// Serialises lease creation per (route, workload).
     creating: Mutex<HashMap<LeaseKey, Arc<tokio::sync::Mutex<()>>>>,
     pool: Mutex<HashMap<String, Vec<SqlSession>>>,
+    /// Group-mode routes → when their group role's grants were last applied.
+    groups: HashMap<String, tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 pub fn now_unix() -> i64 {
@@ -205,8 +223,20 @@ fn server_error_text(e: &ErrorFields) -> String {
     )
 }
 
+/// `<prefix><route>_grp<8 hex>`, at most 63 bytes; the hex is the start of
+/// SHA-256 over the grants. Never a lease role's name: those end in
+/// `_<8 hex>`, and `grp…` is not hex.
+pub fn group_role_name(prefix: &str, route: &str, grants: &[String]) -> String {
+    let digest =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, grants.join("\n").as_bytes());
+    let tag = format!("grp{}", hex::encode(&digest.as_ref()[..4]));
+    role_name(prefix, route, &tag)
+}
+
 /// The one transaction that creates a lease's role: CREATE ROLE with a SCRAM
-/// verifier of `password` (never the password itself), the comment, the grants.
+/// verifier of `password` (never the password itself) and the comment; in
+/// `group` mode the role joins the route's group role, in `per_lease` mode
+/// the grants follow (under the ACL lock).
 fn create_sql(
     spec: &DynamicSpec,
     row: &LeaseRow,
@@ -214,28 +244,53 @@ fn create_sql(
     label: &str,
     scram: &ScramKeyCache,
 ) -> Result<Zeroizing<String>> {
-    let verifier = scram::verifier(scram, label, password)
+    let verifier = scram::verifier(scram, label, password, spec.scram_iterations)
         .ok_or_else(|| Error::internal("the system random generator failed"))?;
-    let (Some(q_role), Some(q_admin), Some(q_verifier), Some(q_until), Some(q_comment)) = (
+    let (
+        Some(q_role),
+        Some(q_admin),
+        Some(q_group),
+        Some(q_verifier),
+        Some(q_until),
+        Some(q_comment),
+    ) = (
         quote_ident(&row.role),
         quote_ident(&spec.admin_user),
+        quote_ident(&spec.group_role),
         quote_literal(&verifier),
         quote_literal(&timestamp_literal(row.expires_at)),
         quote_literal(&format!(
             "warden lease {} for workload {} on route {}",
             row.id, row.workload, spec.route
         )),
-    ) else {
+    )
+    else {
         return Err(Error::internal("lease names could not be quoted"));
     };
-    let mut text = Zeroizing::new(format!(
-        "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nCREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
-    ));
-    for g in &spec.grants {
-        text.push_str(&g.replace("{role}", &q_role));
+    let text = match spec.grant_mode {
+        // No shared catalog row changes: creations run concurrently.
+        GrantMode::Group => Zeroizing::new(format!(
+            "CREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} IN ROLE {q_group} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
+        )),
+        GrantMode::PerLease => {
+            let mut text = Zeroizing::new(format!(
+                "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nCREATE ROLE {q_role} LOGIN PASSWORD {q_verifier} VALID UNTIL {q_until} ROLE {q_admin};\nCOMMENT ON ROLE {q_role} IS {q_comment};\n"
+            ));
+            text.push_str(&grants_sql(&spec.grants, &q_role));
+            text
+        }
+    };
+    Ok(text)
+}
+
+/// The grant templates for `q_role` (quoted), one statement a line.
+fn grants_sql(grants: &[String], q_role: &str) -> String {
+    let mut text = String::new();
+    for g in grants {
+        text.push_str(&g.replace("{role}", q_role));
         text.push_str(";\n");
     }
-    Ok(text)
+    text
 }
 
 impl LeaseManager {
@@ -245,6 +300,11 @@ impl LeaseManager {
         credentials: Arc<CredentialCache>,
         metrics: Option<Metrics>,
     ) -> LeaseManager {
+        let groups = specs
+            .iter()
+            .filter(|s| s.grant_mode == GrantMode::Group)
+            .map(|s| (s.route.clone(), tokio::sync::Mutex::new(None)))
+            .collect();
         LeaseManager {
             specs: specs
                 .into_iter()
@@ -257,7 +317,62 @@ impl LeaseManager {
             current: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            groups,
         }
+    }
+
+    /// Makes sure the route's group role exists and holds the grants
+    /// (re-applied when older than [`GROUP_REFRESH`]). No-op in `per_lease` mode.
+    async fn ensure_group(&self, spec: &DynamicSpec, scram: &ScramKeyCache) -> Result<()> {
+        let Some(state) = self.groups.get(&spec.route) else {
+            return Ok(());
+        };
+        let mut applied = state.lock().await;
+        if applied.is_some_and(|t| t.elapsed() < GROUP_REFRESH) {
+            return Ok(());
+        }
+        let (Some(q_group), Some(q_admin), Some(l_group), Some(q_comment)) = (
+            quote_ident(&spec.group_role),
+            quote_ident(&spec.admin_user),
+            quote_literal(&spec.group_role),
+            quote_literal(&format!(
+                "warden: the grants of dynamic route {}; its lease roles are members",
+                spec.route
+            )),
+        ) else {
+            return Err(Error::internal("group role name cannot be quoted"));
+        };
+        let exists = self
+            .admin_execute(
+                spec,
+                scram,
+                &format!("SELECT 1 FROM pg_roles WHERE rolname = {l_group}"),
+            )
+            .await?;
+        if exists.is_empty() {
+            match self
+                .admin_execute(
+                    spec,
+                    scram,
+                    // The admin is a member, so it may DROP OWNED BY the group
+                    // once a changed grants list retires it.
+                    &format!("CREATE ROLE {q_group} NOLOGIN ROLE {q_admin};\nCOMMENT ON ROLE {q_group} IS {q_comment}"),
+                )
+                .await
+            {
+                Ok(_) => tracing::info!(route = %spec.route, role = %spec.group_role, "created the route's group role"),
+                // Another warden node created it first.
+                Err(e) if e.message.contains("42710") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let text = format!(
+            "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\n{}",
+            grants_sql(&spec.grants, &q_group)
+        );
+        self.admin_execute(spec, scram, &text).await?;
+        *applied = Some(std::time::Instant::now());
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -334,6 +449,7 @@ impl LeaseManager {
             user: spec.admin_user.clone(),
             password,
             secret_label: format!("{} v{version}", spec.admin_secret),
+            scram_min_iterations: scram::MIN_ITERATIONS,
         };
         SqlSession::connect(&spec.target, &spec.database, &login, scram)
             .await
@@ -446,6 +562,7 @@ impl LeaseManager {
             id: l.row.id.clone(),
             role: l.row.role.clone(),
             password: l.password.clone(),
+            scram_iterations: l.scram_iterations,
         })
     }
 
@@ -479,9 +596,14 @@ impl LeaseManager {
             id: id.clone(),
             role: role.clone(),
             password: password.clone(),
+            scram_iterations: spec.scram_iterations,
         };
         let text = create_sql(spec, &row, &password, &ticket.label(), scram)?;
-        let session = match self.admin(spec, scram).await {
+        let ready = match self.ensure_group(spec, scram).await {
+            Ok(()) => self.admin(spec, scram).await,
+            Err(e) => Err(e),
+        };
+        let session = match ready {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.audit(
@@ -547,6 +669,7 @@ impl LeaseManager {
                 Lease {
                     row: active,
                     password,
+                    scram_iterations: spec.scram_iterations,
                     sessions: 1,
                 },
             );
@@ -658,10 +781,63 @@ impl LeaseManager {
                 }
             }
         }
+        for spec in self.specs.values() {
+            if let Err(e) = self.drop_stale_groups(spec, scram).await {
+                tracing::warn!(route = %spec.route, "stale group roles not dropped yet: {}", e.message);
+            }
+        }
         match first_err {
             Some(e) if n == 0 => Err(e),
             _ => Ok(n),
         }
+    }
+
+    /// Drops the route's group roles made for an earlier grants list once no
+    /// role but the admin is a member (their leases are gone).
+    async fn drop_stale_groups(&self, spec: &DynamicSpec, scram: &ScramKeyCache) -> Result<()> {
+        let base = group_role_name(&spec.role_prefix, &spec.route, &[]);
+        let Some(stem) = base.get(..base.len().saturating_sub(8)) else {
+            return Ok(());
+        };
+        let pattern = format!(
+            "{}%",
+            stem.replace('\\', "\\\\")
+                .replace('_', "\\_")
+                .replace('%', "\\%")
+        );
+        let (Some(l_pattern), Some(l_current)) =
+            (quote_literal(&pattern), quote_literal(&spec.group_role))
+        else {
+            return Ok(());
+        };
+        let stale = self
+            .admin_execute(
+                spec,
+                scram,
+                &format!(
+                    "SELECT r.rolname FROM pg_roles r WHERE r.rolname LIKE {l_pattern} AND r.rolname <> {l_current} \
+                     AND length(r.rolname) = {len} AND NOT r.rolcanlogin AND NOT EXISTS (SELECT 1 FROM pg_auth_members m \
+                     JOIN pg_roles u ON u.oid = m.member WHERE m.roleid = r.oid AND u.rolname <> current_user)",
+                    len = base.len()
+                ),
+            )
+            .await?;
+        for name in stale
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+        {
+            let Some(q) = quote_ident(&name) else {
+                continue;
+            };
+            self.admin_execute(
+                spec,
+                scram,
+                &format!("SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nDROP OWNED BY {q};\nDROP ROLE IF EXISTS {q}"),
+            )
+            .await?;
+            tracing::info!(route = %spec.route, role = %name, "dropped a group role of an earlier grants list");
+        }
+        Ok(())
     }
 
     /// Renews leases with open sessions, revokes expired ones.
@@ -844,6 +1020,9 @@ mod tests {
             reassign_owned_to: None,
             role_prefix: "warden_".into(),
             cache_ttl: Duration::from_secs(60),
+            grant_mode: GrantMode::PerLease,
+            group_role: group_role_name("warden_", "shop", &["GRANT SELECT ON t TO {role}".into()]),
+            scram_iterations: 16,
         };
         let row = LeaseRow {
             id: "shop-1".into(),
@@ -865,7 +1044,7 @@ mod tests {
         assert!(!sql.contains(&pw_text), "{}", *sql);
         assert!(
             sql.starts_with(&format!(
-                "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nCREATE ROLE \"warden_reports_0a1b2c3d\" LOGIN PASSWORD E'SCRAM-SHA-256$4096:"
+                "SELECT pg_advisory_xact_lock({GRANT_LOCK_KEY});\nCREATE ROLE \"warden_reports_0a1b2c3d\" LOGIN PASSWORD E'SCRAM-SHA-256$16:"
             )),
             "{}",
             *sql
@@ -887,6 +1066,52 @@ mod tests {
         );
         // The first login with the lease's label skips PBKDF2 (keys cached with the verifier).
         assert_eq!(cache.misses(), 1);
+
+        // Group mode: membership in the route's group role, no grants, no ACL lock.
+        let group = DynamicSpec {
+            grant_mode: GrantMode::Group,
+            ..spec
+        };
+        let sql = create_sql(&group, &row, &pw, "lease shop-1", &cache)
+            .ok()
+            .unwrap_or_default();
+        assert!(!sql.contains(&pw_text) && !sql.contains("GRANT") && !sql.contains("advisory"));
+        assert!(
+            sql.contains(&format!(
+                "VALID UNTIL E'1970-01-01 00:01:00+00' IN ROLE \"{}\" ROLE \"adm\"\"in\";",
+                group.group_role
+            )),
+            "{}",
+            *sql
+        );
+    }
+
+    #[test]
+    fn group_role_names_follow_the_grants_and_never_look_like_leases() {
+        let a = group_role_name(
+            "warden_",
+            "orders-db",
+            &["GRANT SELECT ON t TO {role}".into()],
+        );
+        let b = group_role_name(
+            "warden_",
+            "orders-db",
+            &["GRANT INSERT ON t TO {role}".into()],
+        );
+        assert!(
+            a.starts_with("warden_orders_db_grp") && a.len() == "warden_orders_db_grp".len() + 8,
+            "{a}"
+        );
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            group_role_name(
+                "warden_",
+                "orders-db",
+                &["GRANT SELECT ON t TO {role}".into()]
+            )
+        );
+        assert!(group_role_name("warden_", &"r".repeat(80), &[]).len() <= 63);
     }
 
     #[test]

@@ -367,6 +367,8 @@ pub struct ScramClient<'c> {
     username: String,
     /// None when the random generator failed.
     nonce: Option<String>,
+    /// Fewest iterations accepted from the server (downgrade defence).
+    min_iterations: u32,
     state: State,
 }
 
@@ -391,8 +393,17 @@ impl<'c> ScramClient<'c> {
             binding,
             username: String::new(),
             nonce,
+            min_iterations: MIN_ITERATIONS,
             state: State::Start,
         }
+    }
+
+    /// Accepts iteration counts down to `min` (at least 1) instead of
+    /// [`MIN_ITERATIONS`]: for logins whose verifier warden generated itself
+    /// with that count (lease roles, see [`verifier`]).
+    pub fn with_min_iterations(mut self, min: u32) -> ScramClient<'c> {
+        self.min_iterations = min.max(1);
+        self
     }
 
     /// Test-only: a fixed user name and nonce, for RFC test vectors.
@@ -492,10 +503,10 @@ impl<'c> ScramClient<'c> {
             ));
         }
         let iterations: u32 = iterations_text.parse().unwrap_or(u32::MAX);
-        if iterations < MIN_ITERATIONS {
+        if iterations < self.min_iterations {
             return Err(ScramError::IterationsTooLow {
                 iterations,
-                min: MIN_ITERATIONS,
+                min: self.min_iterations,
             });
         }
         if iterations > MAX_ITERATIONS {
@@ -507,7 +518,7 @@ impl<'c> ScramClient<'c> {
         let Some(rounds) = NonZeroU32::new(iterations) else {
             return Err(ScramError::IterationsTooLow {
                 iterations,
-                min: MIN_ITERATIONS,
+                min: self.min_iterations,
             });
         };
 
@@ -625,20 +636,32 @@ fn valid_extension(attr: &str) -> bool {
 // md5.
 
 /// A SCRAM-SHA-256 verifier for `password` (`SCRAM-SHA-256$<i>:<salt>$<StoredKey>:<ServerKey>`,
-/// the form PostgreSQL stores), with a fresh random salt and
-/// [`MIN_ITERATIONS`]. warden sends this, never the password, in
+/// the form PostgreSQL stores), with a fresh random salt and `iterations`
+/// PBKDF2 rounds. warden sends this, never the password, in
 /// `CREATE ROLE`/`ALTER ROLE … PASSWORD`, so the plaintext never reaches the
 /// server's statement log. The derived keys are put in `cache` under `tag`,
 /// so the first login with the new password skips PBKDF2.
-pub fn verifier(cache: &ScramKeyCache, tag: &str, password: &[u8]) -> Option<Zeroizing<String>> {
+///
+/// The count matters for guessable passwords only: stretching slows down a
+/// dictionary attack on a leaked verifier. Passwords warden generates carry
+/// 256 random bits, out of reach at any count, so lease roles use a small
+/// one (PostgreSQL runs one PBKDF2 with the verifier's count in every
+/// `CREATE ROLE … PASSWORD`, to refuse empty passwords: ~7 ms of server CPU
+/// per lease at 4096 on the project's machines).
+pub fn verifier(
+    cache: &ScramKeyCache,
+    tag: &str,
+    password: &[u8],
+    iterations: u32,
+) -> Option<Zeroizing<String>> {
     let mut salt = [0u8; 16];
     rand::fill(&mut salt).ok()?;
-    let iterations = NonZeroU32::new(MIN_ITERATIONS)?;
-    let keys = cache.keys(tag, &salt, iterations, password);
+    let rounds = NonZeroU32::new(iterations)?;
+    let keys = cache.keys(tag, &salt, rounds, password);
     let stored = digest::digest(&digest::SHA256, &keys.client_key[..]);
     Some(Zeroizing::new(format!(
         "SCRAM-SHA-256${}:{}${}:{}",
-        MIN_ITERATIONS,
+        iterations,
         BASE64.encode(salt),
         BASE64.encode(stored.as_ref()),
         BASE64.encode(&keys.server_key[..])

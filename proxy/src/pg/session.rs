@@ -201,6 +201,7 @@ struct Credential {
     label: String,
     version: Option<u32>,
     lease: Option<String>,
+    scram_min_iterations: u32,
 }
 
 /// Gives a lease's session count back however the session ends.
@@ -237,6 +238,7 @@ async fn static_credential(
             label: format!("{} v{version}", route.secret),
             version: Some(version),
             lease: None,
+            scram_min_iterations: super::scram::MIN_ITERATIONS,
         }),
         Ok(Err(e)) => {
             let sqlstate = if e.kind == ErrorKind::Sealed {
@@ -509,6 +511,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 label: t.label(),
                 version: None,
                 lease: Some(t.id.clone()),
+                scram_min_iterations: t.scram_iterations,
                 password: t.password,
             })
             .map_err(|e| {
@@ -544,6 +547,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         user: cred.user.clone(),
         password: cred.password.clone(),
         secret_label: cred.label.clone(),
+        scram_min_iterations: cred.scram_min_iterations,
     };
     let mut upstream_startup = startup.clone();
     // Protocol 3.0 upstream: warden hands clients 4-byte cancel keys anyway,

@@ -41,6 +41,10 @@ pub struct Login {
     pub password: Zeroizing<Vec<u8>>,
     /// `name vN`, e.g. `orders-db/app v3`.
     pub secret_label: String,
+    /// Fewest SCRAM iterations accepted from the server:
+    /// [`scram::MIN_ITERATIONS`], or a lease's own count (warden made its
+    /// verifier).
+    pub scram_min_iterations: u32,
 }
 
 pub enum UpstreamStream {
@@ -290,7 +294,8 @@ pub async fn connect(
                         (Some(_), false) => ChannelBinding::SupportedButNotUsed,
                         (None, _) => ChannelBinding::None,
                     };
-                    let mut client = ScramClient::new(&login.password, binding, cache, &login.secret_label);
+                    let mut client = ScramClient::new(&login.password, binding, cache, &login.secret_label)
+                        .with_min_iterations(login.scram_min_iterations);
                     method = client.mechanism();
                     let first = client.client_first();
                     send(&mut stream, &protocol::sasl_initial_response(client.mechanism(), &first)).await?;
