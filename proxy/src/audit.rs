@@ -874,7 +874,22 @@ impl AuditLog {
     /// On `Err` nothing was durably recorded (a partial write is truncated
     /// away) and the caller must refuse the audited action.
     pub fn append(&mut self, event: &Event) -> Result<Record, AuditError> {
-        validate_event(event)?;
+        let mut records = self.append_many(std::slice::from_ref(event))?;
+        records
+            .pop()
+            .ok_or_else(|| AuditError::Encode("no record was written".into()))
+    }
+
+    /// Appends `events` in order as consecutive records with one write, one
+    /// `fsync` and one anchor update (group commit): all of them are durable
+    /// when this returns `Ok`, none of them is acknowledged otherwise.
+    pub fn append_many(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
+        for event in events {
+            validate_event(event)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let path = self.path.as_path();
         let _lock = lock_exclusive(&self.file, path)?;
         self.check_same_file()?;
@@ -885,24 +900,34 @@ impl AuditLog {
             self.head = load_head(&self.file, path, &self.head_path, len)?;
             self.known_len = len;
         }
-        let seq = self
-            .head
-            .seq
-            .checked_add(1)
-            .ok_or_else(|| AuditError::Encode("sequence number overflow".into()))?;
         let time = time::OffsetDateTime::now_utc()
             .format(TIME_FORMAT)
             .map_err(encode_err)?;
-        let (record, mut line) = encode_record(seq, &time, event, &self.head.hash)?;
-        if line.len() > MAX_RECORD_BYTES {
-            return Err(AuditError::RecordTooLarge {
-                size: line.len(),
-                max: MAX_RECORD_BYTES,
-            });
+        let mut head = self.head.clone();
+        let mut records = Vec::with_capacity(events.len());
+        let mut lines = Vec::new();
+        for event in events {
+            let seq = head
+                .seq
+                .checked_add(1)
+                .ok_or_else(|| AuditError::Encode("sequence number overflow".into()))?;
+            let (record, line) = encode_record(seq, &time, event, &head.hash)?;
+            if line.len() > MAX_RECORD_BYTES {
+                return Err(AuditError::RecordTooLarge {
+                    size: line.len(),
+                    max: MAX_RECORD_BYTES,
+                });
+            }
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
+            head = Head {
+                seq,
+                hash: record.hash.clone(),
+            };
+            records.push(record);
         }
-        line.push(b'\n');
 
-        if let Err(e) = self.write_line(&line) {
+        if let Err(e) = self.write_line(&lines) {
             self.known_len = rollback(&self.file, len);
             return Err(io_err(path)(e));
         }
@@ -910,16 +935,13 @@ impl AuditLog {
             self.known_len = rollback(&self.file, len);
             return Err(io_err(path)(e));
         }
-        if let Err(e) = self.write_anchor(seq, &record.hash) {
+        if let Err(e) = self.write_anchor(head.seq, &head.hash) {
             self.known_len = rollback(&self.file, len);
             return Err(e);
         }
-        self.head = Head {
-            seq,
-            hash: record.hash.clone(),
-        };
-        self.known_len = len + line.len() as u64;
-        Ok(record)
+        self.head = head;
+        self.known_len = len + lines.len() as u64;
+        Ok(records)
     }
 
     fn check_same_file(&self) -> Result<(), AuditError> {
@@ -2117,6 +2139,28 @@ mod tests {
             assert_eq!(r.seq, 4 + i as u64);
             assert_clean(&path, 4 + i as u64);
         }
+    }
+
+    #[test]
+    fn a_batch_is_one_chain_segment_and_fails_as_a_whole() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        let batch: Vec<Event> = (3..=6).map(event).collect();
+        let records = log.append_many(&batch).unwrap();
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+        for w in records.windows(2) {
+            assert_eq!(w[1].prev, w[0].hash);
+        }
+        assert_clean(&path, 6);
+        assert!(log.append_many(&[]).unwrap().is_empty());
+        // A failed sync leaves none of the batch behind.
+        let before = fs::read(&path).unwrap();
+        log.fault = Some(Fault::Sync);
+        assert!(log.append_many(&batch).is_err());
+        assert_eq!(fs::read(&path).unwrap(), before);
+        log.fault = None;
+        assert_eq!(log.append(&event(7)).unwrap().seq, 7);
+        assert_clean(&path, 7);
     }
 
     #[test]

@@ -623,6 +623,22 @@ impl SecretService {
         self.store.backend_mut().lease_put(lease)
     }
 
+    /// Lease rows in one store transaction (one fsync).
+    pub fn lease_put_many(&mut self, leases: &[crate::store::LeaseRow]) -> Result<()> {
+        self.store.backend_mut().lease_put_many(leases)
+    }
+
+    /// Audit records in one append (one fsync): all or none.
+    pub fn record_many(&mut self, events: &[Event]) -> Result<()> {
+        let res = self.audit.append_many(events);
+        if let Some(m) = self.metrics.as_ref() {
+            for _ in events {
+                m.audit_write(res.is_ok());
+            }
+        }
+        res.map(|_| ()).map_err(Error::from)
+    }
+
     pub fn lease_delete(&mut self, id: &str) -> Result<()> {
         self.store.backend_mut().lease_delete(id)
     }

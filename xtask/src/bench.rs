@@ -29,7 +29,7 @@
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
-//! (default 3), `--only svid|pg|http|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
+//! (default 3), `--only svid|pg|leases|http|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod http;
 mod pg;
@@ -45,7 +45,7 @@ use crate::cmd;
 struct Options {
     pg: pg::Options,
     http: http::Options,
-    /// `--only svid|pg|http|ebpf|anomaly`: run just that benchmark.
+    /// `--only svid|pg|leases|http|ebpf|anomaly`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -63,10 +63,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 None => iter
                     .next()
                     .cloned()
-                    .context("`--only` needs svid, pg, http, ebpf or anomaly")?,
+                    .context("`--only` needs svid, pg, leases, http, ebpf or anomaly")?,
             };
-            if !["svid", "pg", "http", "ebpf", "anomaly"].contains(&v.as_str()) {
-                bail!("`--only {v}`: expected svid, pg, http, ebpf or anomaly");
+            if !["svid", "pg", "leases", "http", "ebpf", "anomaly"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg, leases, http, ebpf or anomaly");
             }
             only = Some(v);
             continue;
@@ -140,6 +140,14 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
             "PostgreSQL proxy: warden vs direct vs PgBouncer (pgbench)",
             || pg::run(repo, &options.pg),
         )?;
+    } else if options.only.as_deref() == Some("leases") {
+        steps.run("dynamic credential issuance (warden lease bench)", || {
+            let pg = pg::Options {
+                leases_only: true,
+                ..options.pg
+            };
+            pg::run(repo, &pg)
+        })?;
     }
     if wanted("http") {
         steps.run(

@@ -144,6 +144,22 @@ struct Lease {
 /// (route, workload).
 type LeaseKey = (String, String);
 
+/// A durable write a lease step waits for.
+enum Entry {
+    Row(LeaseRow),
+    Audit(Event),
+}
+
+/// Group commit: writes queued while one task flushes go out together in
+/// the next flush — one store transaction and one audit append (one fsync
+/// each) for however many leases are being created at once.
+#[derive(Default)]
+struct Journal {
+    queue: Vec<(Entry, tokio::sync::oneshot::Sender<Result<()>>)>,
+    /// A task is flushing (it takes what is queued until the queue is empty).
+    flushing: bool,
+}
+
 /// Every lease this process holds, and the admin connections that manage them.
 pub struct LeaseManager {
     specs: HashMap<String, Arc<DynamicSpec>>,
@@ -156,6 +172,7 @@ pub struct LeaseManager {
     /// Serialises lease creation per (route, workload).
     creating: Mutex<HashMap<LeaseKey, Arc<tokio::sync::Mutex<()>>>>,
     pool: Mutex<HashMap<String, Vec<SqlSession>>>,
+    journal: Mutex<Journal>,
     /// Group-mode routes → when their group role's grants were last applied.
     groups: HashMap<String, tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -221,6 +238,29 @@ fn server_error_text(e: &ErrorFields) -> String {
         e.code().unwrap_or("?????"),
         e.message().unwrap_or("")
     )
+}
+
+fn lease_event(
+    actor: Actor,
+    action: &str,
+    row: &LeaseRow,
+    decision: Decision,
+    reason: String,
+) -> Event {
+    Event {
+        actor,
+        action: action.into(),
+        target: Target {
+            route: Some(row.route.clone()),
+            detail: Some(format!(
+                "lease {} role {} workload {}",
+                row.id, row.role, row.workload
+            )),
+            ..Target::default()
+        },
+        decision,
+        reason,
+    }
 }
 
 /// `<prefix><route>_grp<8 hex>`, at most 63 bytes; the hex is the start of
@@ -317,8 +357,80 @@ impl LeaseManager {
             current: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            journal: Mutex::new(Journal::default()),
             groups,
         }
+    }
+
+    /// Makes `entry` durable, batched with whatever other leases queue
+    /// meanwhile (see [`Journal`]); returns once it is on disk.
+    async fn commit(&self, entry: Entry) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            j.queue.push((entry, tx));
+            !std::mem::replace(&mut j.flushing, true)
+        };
+        if lead {
+            loop {
+                let batch = {
+                    let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+                    if j.queue.is_empty() {
+                        j.flushing = false;
+                        break;
+                    }
+                    std::mem::take(&mut j.queue)
+                };
+                let (mut rows, mut events) = (Vec::new(), Vec::new());
+                for (e, _) in &batch {
+                    match e {
+                        Entry::Row(r) => rows.push(r.clone()),
+                        Entry::Audit(ev) => events.push(ev.clone()),
+                    }
+                }
+                // Never `?` here: queued writers wait on this flush.
+                let (rows_done, events_done) = match self.with_service(|s| {
+                    let r = if rows.is_empty() {
+                        Ok(())
+                    } else {
+                        s.lease_put_many(&rows)
+                    };
+                    let e = if events.is_empty() {
+                        Ok(())
+                    } else {
+                        s.record_many(&events)
+                    };
+                    Ok((r, e))
+                }) {
+                    Ok(done) => done,
+                    Err(e) => (Err(e.clone()), Err(e)),
+                };
+                for (e, done) in batch {
+                    let _ = done.send(match e {
+                        Entry::Row(_) => rows_done.clone(),
+                        Entry::Audit(_) => events_done.clone(),
+                    });
+                }
+            }
+        }
+        rx.await
+            .map_err(|_| Error::internal("the lease journal stopped"))?
+    }
+
+    /// The lease's creation record, through the group commit.
+    async fn audit_created(&self, actor: Actor, row: &LeaseRow) -> Result<()> {
+        self.commit(Entry::Audit(lease_event(
+            actor,
+            "lease.create",
+            row,
+            Decision::Allow,
+            format!(
+                "role created, valid until {} (max {})",
+                timestamp_literal(row.expires_at),
+                timestamp_literal(row.max_expires_at)
+            ),
+        )))
+        .await
     }
 
     /// Makes sure the route's group role exists and holds the grants
@@ -399,22 +511,8 @@ impl LeaseManager {
         decision: Decision,
         reason: String,
     ) -> Result<()> {
-        self.with_service(|s| {
-            s.record(&Event {
-                actor,
-                action: action.into(),
-                target: Target {
-                    route: Some(row.route.clone()),
-                    detail: Some(format!(
-                        "lease {} role {} workload {}",
-                        row.id, row.role, row.workload
-                    )),
-                    ..Target::default()
-                },
-                decision,
-                reason,
-            })
-        })
+        let event = lease_event(actor, action, row, decision, reason);
+        self.with_service(|s| s.record(&event))
     }
 
     fn update_gauge(&self) {
@@ -617,10 +715,7 @@ impl LeaseManager {
             }
         };
         // Write-ahead: the row exists before the role can.
-        {
-            let row = row.clone();
-            self.with_service(|s| s.lease_put(&row))?;
-        }
+        self.commit(Entry::Row(row.clone())).await?;
         match self.run_on(spec, session, &text).await {
             Ok(_) => {}
             Err(e) => {
@@ -641,17 +736,7 @@ impl LeaseManager {
         }
         let mut active = row.clone();
         active.state = "active".into();
-        if let Err(e) = self.audit(
-            actor,
-            "lease.create",
-            &active,
-            Decision::Allow,
-            format!(
-                "role created, valid until {} (max {})",
-                timestamp_literal(active.expires_at),
-                timestamp_literal(active.max_expires_at)
-            ),
-        ) {
+        if let Err(e) = self.audit_created(actor, &active).await {
             // Fail closed: no audit record, no credential.
             let _ = self
                 .revoke_row(

@@ -132,7 +132,11 @@ pub trait SecretBackend: Send {
     /// transaction. Returns the number of rows rewrapped.
     fn rewrap_all(&mut self, rewrap: RewrapFn<'_>, meta: &[(&str, String)]) -> Result<u64>;
     /// Inserts or replaces a lease row.
-    fn lease_put(&mut self, lease: &LeaseRow) -> Result<()>;
+    fn lease_put(&mut self, lease: &LeaseRow) -> Result<()> {
+        self.lease_put_many(std::slice::from_ref(lease))
+    }
+    /// Inserts or replaces lease rows in one durable transaction (group commit).
+    fn lease_put_many(&mut self, leases: &[LeaseRow]) -> Result<()>;
     /// Deletes a lease row (no error if absent).
     fn lease_delete(&mut self, id: &str) -> Result<()>;
     /// Every lease row, oldest first.

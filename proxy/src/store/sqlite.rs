@@ -349,9 +349,11 @@ impl SecretBackend for SqliteBackend {
         Ok(count)
     }
 
-    fn lease_put(&mut self, l: &LeaseRow) -> Result<()> {
-        self.conn
-            .execute(
+    fn lease_put_many(&mut self, leases: &[LeaseRow]) -> Result<()> {
+        let err = db_err(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        for l in leases {
+            tx.execute(
                 "INSERT OR REPLACE INTO leases(id, route, workload, role, state, owner_pid, created_at, expires_at, max_expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
@@ -366,7 +368,9 @@ impl SecretBackend for SqliteBackend {
                     l.max_expires_at
                 ],
             )
-            .map_err(db_err(&self.path))?;
+            .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
         Ok(())
     }
 

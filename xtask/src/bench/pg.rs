@@ -45,6 +45,8 @@ const SECRET: &str = "bench/app";
 pub struct Options {
     pub seconds: u64,
     pub rounds: u64,
+    /// Only the lease issuance part (`--only leases`).
+    pub leases_only: bool,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
         Self {
             seconds: 10,
             rounds: 2,
+            leases_only: false,
         }
     }
 }
@@ -135,15 +138,16 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
 
     let mut lab = Lab::create(pg_bin)?;
     lab.start_postgres()?;
-    lab.load_pgbench_data()?;
-    lab.start_warden(&warden)?;
-    lab.start_pgbouncer(&pgbouncer)?;
-    for target in Target::ALL {
-        lab.check_login(target)?;
+    if !options.leases_only {
+        lab.load_pgbench_data()?;
+        lab.start_warden(&warden)?;
+        lab.start_pgbouncer(&pgbouncer)?;
+        for target in Target::ALL {
+            lab.check_login(target)?;
+        }
+        let results = measure(&lab, options)?;
+        print_report(&results, options);
     }
-
-    let results = measure(&lab, options)?;
-    print_report(&results, options);
     let leases = leases::run(&lab, &warden)?;
     leases::print(&leases);
     lab.shutdown();

@@ -1,11 +1,10 @@
-//! Dynamic credential issuance: `warden lease bench` creates leases (a role
-//! with a SCRAM verifier, VALID UNTIL, a comment and two grants, in one
-//! transaction, after the lease row is fsynced and before its audit record
-//! is) against the bench's PostgreSQL — with `fsync = on` for this part —
-//! beside a same-run baseline: pgbench running the same CREATE ROLE +
-//! GRANT transaction itself (advisory lock included: concurrent GRANTs on one
-//! schema fail with "tuple concurrently updated" otherwise), with no store,
-//! audit or password generation.
+//! Dynamic credential issuance: `warden lease bench` creates leases against
+//! the bench's PostgreSQL — with `fsync = on` for this part — with the
+//! default config: a role with a SCRAM verifier (16 iterations), VALID UNTIL,
+//! membership in the route's group role (which holds the two grants) and a
+//! comment, in one transaction, after the lease row is fsynced and before
+//! its audit record is. Beside it, a same-run baseline: pgbench running that
+//! same transaction itself, with no store, audit or password generation.
 //! Vault's published sample (259 leases/s, mean 40 ms, p99 68 ms) is printed
 //! as an anchor, not as a same-run comparison.
 
@@ -56,19 +55,27 @@ pub(super) fn run(lab: &Lab, warden: &Path) -> Result<LeaseReport> {
         ),
     )?;
 
-    // Baseline: pgbench runs the same transaction as the admin, 5 s.
+    // Baseline: pgbench runs the same transaction as the admin, 5 s, with a
+    // group role like the one warden makes (its own, dropped afterwards).
+    lab.psql_super(
+        DB,
+        &format!(
+            "CREATE ROLE raw_group NOLOGIN ROLE {ADMIN};\n\
+             GRANT USAGE ON SCHEMA reports TO raw_group;\n\
+             GRANT SELECT ON ALL TABLES IN SCHEMA reports TO raw_group;\n"
+        ),
+    )?;
     let logs = lab.dir.join("logs");
     let script = logs.join("create_role.sql");
     std::fs::write(
         &script,
-        "\\set r random(1, 9000000000000000000)\n\
-         BEGIN;\n\
-         SELECT pg_advisory_xact_lock(131260414715246);\n\
-         CREATE ROLE raw_:r LOGIN PASSWORD 'SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=' VALID UNTIL '2100-01-01 00:00:00+00';\n\
-         COMMENT ON ROLE raw_:r IS 'baseline';\n\
-         GRANT USAGE ON SCHEMA reports TO raw_:r;\n\
-         GRANT SELECT ON ALL TABLES IN SCHEMA reports TO raw_:r;\n\
-         COMMIT;\n",
+        format!(
+            "\\set r random(1, 9000000000000000000)\n\
+             BEGIN;\n\
+             CREATE ROLE raw_:r LOGIN PASSWORD 'SCRAM-SHA-256$16:c2FsdHNhbHRzYWx0c2FsdA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=' VALID UNTIL '2100-01-01 00:00:00+00' IN ROLE raw_group ROLE {ADMIN};\n\
+             COMMENT ON ROLE raw_:r IS 'baseline';\n\
+             COMMIT;\n"
+        ),
     )?;
     let mut pgbench = Command::new("pgbench");
     pgbench
