@@ -79,7 +79,11 @@ pub fn daemon_actor() -> Actor {
     Actor {
         kind: ActorKind::Daemon,
         uid: Some(paths::euid()),
-        user: paths::user_name(paths::euid()),
+        // Looked up once: the daemon's own user does not change.
+        user: {
+            static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+            NAME.get_or_init(|| paths::user_name(paths::euid())).clone()
+        },
         pid: Some(std::process::id()),
         exe: None,
         workload: None,
