@@ -265,3 +265,102 @@ impl tower_service::Service<http::Uri> for Connector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::NamedGroup;
+    use warden_identity::ca::{certs_to_pem, CertificateAuthority};
+
+    /// A TLS server on loopback offering `groups`; returns the port and the
+    /// group each handshake negotiated.
+    async fn server(
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+        dir: &std::path::Path,
+    ) -> (u16, tokio::sync::oneshot::Receiver<Option<NamedGroup>>) {
+        let td = warden_identity::TrustDomain::parse("example.org").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let (ca, material) =
+            CertificateAuthority::create_root(&td, Duration::from_secs(3600), now).unwrap();
+        let leaf = ca
+            .issue_tls_server(&["localhost".into()], &[], Duration::from_secs(600), now)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), certs_to_pem(&[material.cert_der])).unwrap();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = groups;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                leaf.cert_chain_der
+                    .iter()
+                    .map(|d| CertificateDer::from(d.clone()))
+                    .collect(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_pkcs8.to_vec())),
+            )
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+                .accept(tcp)
+                .await
+                .unwrap();
+            let _ = tx.send(
+                tls.get_ref()
+                    .1
+                    .negotiated_key_exchange_group()
+                    .map(|g| g.name()),
+            );
+        });
+        (port, rx)
+    }
+
+    async fn negotiated(
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) -> Option<NamedGroup> {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, rx) = server(groups, dir.path()).await;
+        let config = client_config(Some(&dir.path().join("ca.pem")), "api", true).unwrap();
+        let (stream, _) = open(
+            "localhost",
+            port,
+            Some(&config),
+            Duration::from_secs(5),
+            "test CA",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let Stream::Tls(tls) = stream else {
+            panic!("not TLS")
+        };
+        let client_side = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name());
+        let server_side = rx.await.unwrap();
+        assert_eq!(client_side, server_side);
+        client_side
+    }
+
+    #[tokio::test]
+    async fn the_post_quantum_hybrid_is_preferred_and_classic_groups_still_work() {
+        use rustls::crypto::aws_lc_rs::kx_group;
+        // A server offering both (classic first) still ends up on the hybrid:
+        // warden's key share is X25519MLKEM768.
+        assert_eq!(
+            negotiated(vec![kx_group::X25519, kx_group::X25519MLKEM768]).await,
+            Some(NamedGroup::X25519MLKEM768)
+        );
+        // A server without it: X25519, no failure.
+        assert_eq!(
+            negotiated(vec![kx_group::X25519]).await,
+            Some(NamedGroup::X25519)
+        );
+    }
+}
