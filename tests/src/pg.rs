@@ -939,6 +939,77 @@ pub fn make_tls(dir: &Path) -> TlsFiles {
     }
 }
 
+/// Another server certificate from the CA `make_tls` left in `dir`, with
+/// `san` as its subjectAltName (e.g. `URI:spiffe://example.org/db,DNS:localhost`).
+/// Returns (certificate, key) paths named after `name`.
+pub fn issue_server_cert(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        format!(
+            "[ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyAgreement\n\
+             extendedKeyUsage = serverAuth\nsubjectAltName = {san}\n"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("pg harness: write {}: {e}", ext.display()));
+    let (key, csr, cert) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.csr")),
+        dir.join(format!("{name}.pem")),
+    );
+    let cnf = dir.join("openssl.cnf");
+    let steps: Vec<Vec<String>> = vec![
+        genpkey_args(&key),
+        vec![
+            "req".into(),
+            "-new".into(),
+            "-config".into(),
+            path_arg(&cnf),
+            "-key".into(),
+            path_arg(&key),
+            "-subj".into(),
+            format!("/CN={name}"),
+            "-out".into(),
+            path_arg(&csr),
+        ],
+        vec![
+            "x509".into(),
+            "-req".into(),
+            "-in".into(),
+            path_arg(&csr),
+            "-CA".into(),
+            path_arg(&dir.join("ca.pem")),
+            "-CAkey".into(),
+            path_arg(&dir.join("ca.key")),
+            "-CAcreateserial".into(),
+            "-sha256".into(),
+            "-days".into(),
+            "30".into(),
+            "-extfile".into(),
+            path_arg(&ext),
+            "-extensions".into(),
+            "ext".into(),
+            "-out".into(),
+            path_arg(&cert),
+        ],
+    ];
+    for args in steps {
+        let mut c = Command::new("openssl");
+        c.args(&args).env("OPENSSL_CONF", &cnf).current_dir(dir);
+        let out = run(c, b"", OPENSSL_DEADLINE, "openssl");
+        assert_eq!(
+            out.code,
+            0,
+            "pg harness: `openssl {}` failed:\n{}{}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
+    }
+    set_mode(&key, 0o600);
+    (cert, key)
+}
+
 fn genpkey_args(out: &Path) -> Vec<String> {
     vec![
         "genpkey".into(),

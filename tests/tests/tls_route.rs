@@ -26,7 +26,7 @@ fn python_exe() -> String {
 fn upstream_sees_the_calling_workloads_svid() {
     let certs = tempfile::tempdir().unwrap();
     let tls = warden_tests::pg::make_tls(certs.path());
-    let (port, strict_port) = (free_port(), free_port());
+    let (port, strict_port, by_id_port) = (free_port(), free_port(), free_port());
     // The upstream's port is not known before the bundle exists; reserve one for the config.
     let cfg_for = |up: u16| {
         format!(
@@ -58,6 +58,14 @@ listen = "127.0.0.1:{strict_port}"
 upstream = "localhost:{up}"
 upstream_tls = {{ ca_file = "{ca}", spiffe_id = "spiffe://example.org/logs" }}
 allow = ["me"]
+
+[[route]]
+name = "logs-svid"
+kind = "tls"
+listen = "127.0.0.1:{by_id_port}"
+upstream = "localhost:2"
+upstream_tls = {{ ca_file = "{ca}", spiffe_id = "spiffe://example.org/logs" }}
+allow = ["me"]
 "#,
             uid = my_uid(),
             py = python_exe(),
@@ -77,9 +85,28 @@ allow = ["me"]
         Some(&tls.server_key),
         Some(&bundle_path),
     );
+    // An upstream whose certificate carries the expected SPIFFE ID.
+    let (svid_cert, svid_key) = warden_tests::pg::issue_server_cert(
+        certs.path(),
+        "logs-svid",
+        "URI:spiffe://example.org/logs,DNS:localhost",
+    );
+    let svid_dir = certs.path().join("svid-upstream");
+    std::fs::create_dir(&svid_dir).unwrap();
+    let svid_upstream = Upstream::start(
+        &svid_dir,
+        "echo",
+        Some(&svid_cert),
+        Some(&svid_key),
+        Some(&bundle_path),
+    );
     std::fs::write(&warden.config, {
         let text = std::fs::read_to_string(&warden.config).unwrap();
         text.replace("localhost:1\"", &format!("localhost:{}\"", upstream.port))
+            .replace(
+                "localhost:2\"",
+                &format!("localhost:{}\"", svid_upstream.port),
+            )
     })
     .unwrap();
     let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
@@ -146,6 +173,20 @@ allow = ["me"]
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // … and accepted when the upstream's certificate names it.
+    let mut c = TcpStream::connect(("127.0.0.1", by_id_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"to the right peer\n").unwrap();
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        "echo:to the right peer\n",
+        "{}",
+        daemon.log_text()
+    );
+    drop(c);
+    assert_eq!(svid_upstream.records().len(), 1);
 
     let (_, metrics) = warden.http_get("/metrics");
     assert_eq!(
