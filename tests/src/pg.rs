@@ -880,55 +880,23 @@ pub fn make_tls(dir: &Path) -> TlsFiles {
             "-out".into(),
             path_arg(&ca_pem),
         ],
-        genpkey_args(&server_key),
-        vec![
-            "req".into(),
-            "-new".into(),
-            "-config".into(),
-            path_arg(&cnf),
-            "-key".into(),
-            path_arg(&server_key),
-            "-subj".into(),
-            "/CN=localhost".into(),
-            "-out".into(),
-            path_arg(&csr),
-        ],
-        vec![
-            "x509".into(),
-            "-req".into(),
-            "-in".into(),
-            path_arg(&csr),
-            "-CA".into(),
-            path_arg(&ca_pem),
-            "-CAkey".into(),
-            path_arg(&ca_key),
-            "-set_serial".into(),
-            format!("0x{serial:016x}"),
-            "-sha256".into(),
-            "-days".into(),
-            "825".into(),
-            "-extfile".into(),
-            path_arg(&cnf),
-            "-extensions".into(),
-            "server_ext".into(),
-            "-out".into(),
-            path_arg(&server_cert_pem),
-        ],
     ];
-    for args in steps {
-        let mut c = Command::new("openssl");
-        c.args(&args).env("OPENSSL_CONF", &cnf).current_dir(dir);
-        let out = run(c, b"", OPENSSL_DEADLINE, "openssl");
-        assert_eq!(
-            out.code,
-            0,
-            "pg harness: `openssl {}` failed (exit {}):\n{}{}",
-            args.join(" "),
-            out.code,
-            out.stdout,
-            out.stderr
-        );
-    }
+    run_openssl(dir, &cnf, steps);
+    let serial = format!("0x{serial:016x}");
+    run_openssl(
+        dir,
+        &cnf,
+        server_cert_steps(
+            dir,
+            &cnf,
+            &server_key,
+            &csr,
+            &server_cert_pem,
+            &serial,
+            (&cnf, "server_ext"),
+            "/CN=localhost",
+        ),
+    );
     // postgres refuses a key readable by group or others.
     set_mode(&server_key, 0o600);
     set_mode(&ca_key, 0o600);
@@ -958,56 +926,97 @@ pub fn issue_server_cert(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf
         dir.join(format!("{name}.pem")),
     );
     let cnf = dir.join("openssl.cnf");
-    let steps: Vec<Vec<String>> = vec![
-        genpkey_args(&key),
+    run_openssl(
+        dir,
+        &cnf,
+        server_cert_steps(
+            dir,
+            &cnf,
+            &key,
+            &csr,
+            &cert,
+            "-",
+            (&ext, "ext"),
+            &format!("/CN={name}"),
+        ),
+    );
+    set_mode(&key, 0o600);
+    (cert, key)
+}
+
+/// openssl steps for a server key, CSR and certificate signed by the CA in
+/// `dir` (`serial` "-" lets openssl pick one), extensions from `ext_file`.
+#[allow(clippy::too_many_arguments)]
+fn server_cert_steps(
+    dir: &Path,
+    cnf: &Path,
+    key: &Path,
+    csr: &Path,
+    cert: &Path,
+    serial: &str,
+    (ext_file, ext_section): (&Path, &str),
+    subject: &str,
+) -> Vec<Vec<String>> {
+    let serial_args: Vec<String> = if serial == "-" {
+        vec!["-CAcreateserial".into()]
+    } else {
+        vec!["-set_serial".into(), serial.into()]
+    };
+    let mut sign: Vec<String> = vec![
+        "x509".into(),
+        "-req".into(),
+        "-in".into(),
+        path_arg(csr),
+        "-CA".into(),
+        path_arg(&dir.join("ca.pem")),
+        "-CAkey".into(),
+        path_arg(&dir.join("ca.key")),
+    ];
+    sign.extend(serial_args);
+    sign.extend([
+        "-sha256".into(),
+        "-days".into(),
+        "825".into(),
+        "-extfile".into(),
+        path_arg(ext_file),
+        "-extensions".into(),
+        ext_section.into(),
+        "-out".into(),
+        path_arg(cert),
+    ]);
+    vec![
+        genpkey_args(key),
         vec![
             "req".into(),
             "-new".into(),
             "-config".into(),
-            path_arg(&cnf),
+            path_arg(cnf),
             "-key".into(),
-            path_arg(&key),
+            path_arg(key),
             "-subj".into(),
-            format!("/CN={name}"),
+            subject.into(),
             "-out".into(),
-            path_arg(&csr),
+            path_arg(csr),
         ],
-        vec![
-            "x509".into(),
-            "-req".into(),
-            "-in".into(),
-            path_arg(&csr),
-            "-CA".into(),
-            path_arg(&dir.join("ca.pem")),
-            "-CAkey".into(),
-            path_arg(&dir.join("ca.key")),
-            "-CAcreateserial".into(),
-            "-sha256".into(),
-            "-days".into(),
-            "30".into(),
-            "-extfile".into(),
-            path_arg(&ext),
-            "-extensions".into(),
-            "ext".into(),
-            "-out".into(),
-            path_arg(&cert),
-        ],
-    ];
+        sign,
+    ]
+}
+
+fn run_openssl(dir: &Path, cnf: &Path, steps: Vec<Vec<String>>) {
     for args in steps {
         let mut c = Command::new("openssl");
-        c.args(&args).env("OPENSSL_CONF", &cnf).current_dir(dir);
+        c.args(&args).env("OPENSSL_CONF", cnf).current_dir(dir);
         let out = run(c, b"", OPENSSL_DEADLINE, "openssl");
         assert_eq!(
             out.code,
             0,
-            "pg harness: `openssl {}` failed:\n{}{}",
+            "pg harness: `openssl {}` failed (exit {}):\n{}{}",
             args.join(" "),
+            out.code,
             out.stdout,
             out.stderr
         );
     }
-    set_mode(&key, 0o600);
-    (cert, key)
 }
 
 fn genpkey_args(out: &Path) -> Vec<String> {

@@ -358,6 +358,24 @@ fn orphaned_leases_of_a_killed_warden_are_revoked_at_the_next_start() {
     assert!(lease_roles(&s.pg).is_empty(), "{:?}", lease_roles(&s.pg));
 }
 
+/// `warden lease bench` on route shop-db: `count` leases from 4 tasks at once
+/// (then revoked); its JSON report.
+fn lease_bench(s: &Dyn, count: u32) -> serde_json::Value {
+    let count = count.to_string();
+    let out = s.warden.run(&[
+        "lease",
+        "bench",
+        "--route",
+        "shop-db",
+        "--count",
+        &count,
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
 #[test]
 fn concurrent_lease_creation_with_grants_on_one_schema_succeeds_and_cleans_up() {
     if skip() {
@@ -367,18 +385,7 @@ fn concurrent_lease_creation_with_grants_on_one_schema_succeeds_and_cleans_up() 
     // and granted once even when the first leases race; `lease bench`
     // creates leases from 4 tasks at once against the real database.
     let s = dyn_setup("1h", "");
-    let out = s.warden.run(&[
-        "lease",
-        "bench",
-        "--route",
-        "shop-db",
-        "--count",
-        "40",
-        "--concurrency",
-        "4",
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = lease_bench(&s, 40);
     assert_eq!(v["leases"].as_u64(), Some(40), "{v}");
     assert_eq!(v["revoked"].as_u64(), Some(41), "{v}"); // + the warm-up lease
     assert!(lease_roles(&s.pg).is_empty(), "{:?}", lease_roles(&s.pg));
@@ -399,17 +406,8 @@ fn per_lease_grant_mode_grants_to_each_role_under_the_acl_lock() {
         "",
         "grant_mode = \"per_lease\"\nscram_iterations = 4096",
     );
-    let out = s.warden.run(&[
-        "lease",
-        "bench",
-        "--route",
-        "shop-db",
-        "--count",
-        "24",
-        "--concurrency",
-        "4",
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = lease_bench(&s, 24);
+    assert_eq!(v["leases"].as_u64(), Some(24), "{v}");
     let _d = s.warden.start_daemon();
     let (ok, role, err) = psql_via(s.port, "shop", "select current_user");
     assert!(ok, "{err}");
