@@ -150,14 +150,58 @@ enum Entry {
     Audit(Event),
 }
 
-/// Group commit: writes queued while one task flushes go out together in
-/// the next flush — one store transaction and one audit append (one fsync
-/// each) for however many leases are being created at once.
-#[derive(Default)]
-struct Journal {
-    queue: Vec<(Entry, tokio::sync::oneshot::Sender<Result<()>>)>,
-    /// A task is flushing (it takes what is queued until the queue is empty).
-    flushing: bool,
+/// A durable write and who waits for it.
+type Pending = (Entry, tokio::sync::oneshot::Sender<Result<()>>);
+
+/// Most writes one flush takes.
+const JOURNAL_BATCH: usize = 256;
+
+/// Group commit on a writer thread of its own: writes queued while it
+/// flushes go out together in the next flush — one store transaction and one
+/// audit append (one fsync each) for however many leases are being created
+/// at once. No caller waits for anyone else's flush beyond the one its own
+/// write is in. The thread ends when the manager is dropped.
+fn journal_thread(service: Arc<Mutex<SecretService>>, queue: std::sync::mpsc::Receiver<Pending>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < JOURNAL_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (mut rows, mut events) = (Vec::new(), Vec::new());
+        for (e, _) in &batch {
+            match e {
+                Entry::Row(r) => rows.push(r.clone()),
+                Entry::Audit(ev) => events.push(ev.clone()),
+            }
+        }
+        let (rows_done, events_done) = match service.lock() {
+            Ok(mut s) => (
+                if rows.is_empty() {
+                    Ok(())
+                } else {
+                    s.lease_put_many(&rows)
+                },
+                if events.is_empty() {
+                    Ok(())
+                } else {
+                    s.record_many(&events)
+                },
+            ),
+            Err(_) => {
+                let e = Error::internal("service state poisoned");
+                (Err(e.clone()), Err(e))
+            }
+        };
+        for (e, done) in batch {
+            let _ = done.send(match e {
+                Entry::Row(_) => rows_done.clone(),
+                Entry::Audit(_) => events_done.clone(),
+            });
+        }
+    }
 }
 
 /// Every lease this process holds, and the admin connections that manage them.
@@ -172,7 +216,8 @@ pub struct LeaseManager {
     /// Serialises lease creation per (route, workload).
     creating: Mutex<HashMap<LeaseKey, Arc<tokio::sync::Mutex<()>>>>,
     pool: Mutex<HashMap<String, Vec<SqlSession>>>,
-    journal: Mutex<Journal>,
+    /// To [`journal_thread`]; None if the thread could not be started.
+    journal: Option<std::sync::mpsc::Sender<Pending>>,
     /// Group-mode routes → when their group role's grants were last applied.
     groups: HashMap<String, tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -345,6 +390,17 @@ impl LeaseManager {
             .filter(|s| s.grant_mode == GrantMode::Group)
             .map(|s| (s.route.clone(), tokio::sync::Mutex::new(None)))
             .collect();
+        let journal = (!specs.is_empty())
+            .then(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let svc = service.clone();
+                std::thread::Builder::new()
+                    .name("warden-leases".into())
+                    .spawn(move || journal_thread(svc, rx))
+                    .ok()
+                    .map(|_| tx)
+            })
+            .flatten();
         LeaseManager {
             specs: specs
                 .into_iter()
@@ -357,64 +413,22 @@ impl LeaseManager {
             current: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
-            journal: Mutex::new(Journal::default()),
+            journal,
             groups,
         }
     }
 
     /// Makes `entry` durable, batched with whatever other leases queue
-    /// meanwhile (see [`Journal`]); returns once it is on disk.
+    /// meanwhile (see [`journal_thread`]); returns once it is on disk.
     async fn commit(&self, entry: Entry) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let lead = {
-            let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-            j.queue.push((entry, tx));
-            !std::mem::replace(&mut j.flushing, true)
-        };
-        if lead {
-            loop {
-                let batch = {
-                    let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-                    if j.queue.is_empty() {
-                        j.flushing = false;
-                        break;
-                    }
-                    std::mem::take(&mut j.queue)
-                };
-                let (mut rows, mut events) = (Vec::new(), Vec::new());
-                for (e, _) in &batch {
-                    match e {
-                        Entry::Row(r) => rows.push(r.clone()),
-                        Entry::Audit(ev) => events.push(ev.clone()),
-                    }
-                }
-                // Never `?` here: queued writers wait on this flush.
-                let (rows_done, events_done) = match self.with_service(|s| {
-                    let r = if rows.is_empty() {
-                        Ok(())
-                    } else {
-                        s.lease_put_many(&rows)
-                    };
-                    let e = if events.is_empty() {
-                        Ok(())
-                    } else {
-                        s.record_many(&events)
-                    };
-                    Ok((r, e))
-                }) {
-                    Ok(done) => done,
-                    Err(e) => (Err(e.clone()), Err(e)),
-                };
-                for (e, done) in batch {
-                    let _ = done.send(match e {
-                        Entry::Row(_) => rows_done.clone(),
-                        Entry::Audit(_) => events_done.clone(),
-                    });
-                }
-            }
-        }
-        rx.await
-            .map_err(|_| Error::internal("the lease journal stopped"))?
+        let stopped = || Error::internal("the lease journal thread is not running");
+        self.journal
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send((entry, tx))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// The lease's creation record, through the group commit.
