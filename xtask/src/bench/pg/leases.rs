@@ -51,11 +51,12 @@ pub(super) fn run(lab: &Lab, warden: &Path) -> Result<LeaseReport> {
         DB,
         &format!(
             "CREATE SCHEMA reports AUTHORIZATION {ADMIN};\n\
-             CREATE TABLE reports.sales(id int);\nALTER TABLE reports.sales OWNER TO {ADMIN};\n"
+             CREATE TABLE reports.sales(id int);\nALTER TABLE reports.sales OWNER TO {ADMIN};\nCHECKPOINT;\n"
         ),
     )?;
 
-    // Baseline: pgbench runs the same transaction as the admin, 5 s, with a
+    // Baseline: pgbench runs the same transaction as the admin, as many
+    // times as warden creates leases, with a
     // group role like the one warden makes (its own, dropped afterwards).
     lab.psql_super(
         DB,
@@ -87,7 +88,14 @@ pub(super) fn run(lab: &Lab, warden: &Path) -> Result<LeaseReport> {
             "-U",
             ADMIN,
         ])
-        .args(["-n", "-M", "simple", "-T", "5"])
+        // The same number of leases as warden creates, split over the clients.
+        .args([
+            "-n",
+            "-M",
+            "simple",
+            "-t",
+            &(LEASES / CONCURRENCY).to_string(),
+        ])
         .args(["-c", &CONCURRENCY.to_string(), "-j", "2", "--log"])
         .arg(format!("--log-prefix={}", logs.join("raw").display()))
         .arg("-f")
@@ -108,6 +116,13 @@ pub(super) fn run(lab: &Lab, warden: &Path) -> Result<LeaseReport> {
          FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE 'raw\\_%' LOOP\n\
          EXECUTE format('DROP OWNED BY %I', r.rolname); EXECUTE format('DROP ROLE %I', r.rolname);\n\
          END LOOP; END $$;\n",
+    )?;
+    // Both runs start from a vacuumed catalog and a fresh checkpoint (the
+    // baseline's dead role rows and dirty pages would otherwise land on warden).
+    lab.psql_super(
+        DB,
+        "VACUUM pg_catalog.pg_authid, pg_catalog.pg_auth_members, pg_catalog.pg_shdepend, \
+         pg_catalog.pg_shdescription;\nCHECKPOINT;\n",
     )?;
 
     // warden: its own data dir (the lease bench opens it offline).
