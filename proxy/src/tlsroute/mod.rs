@@ -18,10 +18,10 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::peer::{actor, not_allowed, Attested, Attestor};
 use crate::service::SecretService;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConfig, RootCertStore};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -202,10 +202,13 @@ impl TlsShared {
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
                         .map_err(|e| e.to_string())?;
-                Arc::new(SpiffeIdVerifier {
+                let expected = id.clone();
+                Arc::new(crate::pg::tls::ChainVerifier::new(
                     inner,
-                    expected: id.clone(),
-                })
+                    Some(Box::new(move |end_entity: &CertificateDer<'_>| {
+                        spiffe_id_check(end_entity, &expected)
+                    })),
+                ))
             }
             None => {
                 let roots = route.roots.clone().ok_or("no roots")?;
@@ -235,13 +238,6 @@ impl TlsShared {
     }
 }
 
-/// Verifies the chain (ignoring DNS names), then requires the SPIFFE ID.
-#[derive(Debug)]
-struct SpiffeIdVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    expected: String,
-}
-
 /// The URI SANs of a DER certificate.
 fn uri_sans(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -261,60 +257,20 @@ fn uri_sans(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
-impl ServerCertVerifier for SpiffeIdVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Ok(_)
-            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        let sans = uri_sans(end_entity);
-        if sans.contains(&self.expected) {
-            Ok(ServerCertVerified::assertion())
+/// The SPIFFE ID check of verification by ID: `expected` among the URI SANs.
+fn spiffe_id_check(end_entity: &[u8], expected: &str) -> std::result::Result<(), rustls::Error> {
+    let sans = uri_sans(end_entity);
+    if sans.iter().any(|s| s == expected) {
+        return Ok(());
+    }
+    Err(rustls::Error::General(format!(
+        "the upstream's certificate is {}, not the expected SPIFFE ID {expected}",
+        if sans.is_empty() {
+            "without a URI SAN".to_string()
         } else {
-            Err(rustls::Error::General(format!(
-                "the upstream's certificate is {}, not the expected SPIFFE ID {}",
-                if sans.is_empty() {
-                    "without a URI SAN".to_string()
-                } else {
-                    sans.join(", ")
-                },
-                self.expected
-            )))
+            sans.join(", ")
         }
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    )))
 }
 
 /// Binds every tls route's listener.
