@@ -114,6 +114,19 @@ macro_rules! config_enum {
 }
 
 config_enum! {
+    /// Direction of a tls route (`route.mode`).
+    #[derive(Default)]
+    TlsRouteMode {
+        /// Plain TCP in from local workloads, mTLS out with their SVIDs (the default).
+        #[default]
+        Client => "client",
+        /// mTLS in from remote workloads (authorized by SPIFFE ID), plain TCP
+        /// out to a local service.
+        Server => "server",
+    }
+}
+
+config_enum! {
     /// Where a dynamic route's grants go (`route.credential.dynamic.grant_mode`).
     #[derive(Default)]
     GrantMode {
@@ -460,6 +473,14 @@ pub struct Route {
     /// http: how long to wait for the upstream's response headers (default 30 s).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub request_timeout: Option<Duration>,
+    /// tls: `client` (default) or `server`; see [`TlsRouteMode`]. In server
+    /// mode `allow` lists SPIFFE IDs.
+    #[serde(default)]
+    pub mode: TlsRouteMode,
+    /// tls server mode: DNS names (and IPs) in the listener's certificate
+    /// (default: `localhost` and the listen address).
+    #[serde(default)]
+    pub server_names: Vec<String>,
 }
 
 /// `route[].connect_timeout` when not set.
@@ -1506,6 +1527,8 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.inject.cache_ttl", "a duration in quotes, e.g. cache_ttl = \"5m\""),
     ("route.allow", "a list of workload names, e.g. allow = [\"reports\"]"),
     ("route.allow_non_loopback", "true or false, without quotes"),
+    ("route.mode", "\"client\" or \"server\" (tls routes), e.g. mode = \"server\""),
+    ("route.server_names", "a list of DNS names or IPs in quotes, e.g. server_names = [\"node1.example.org\"]"),
     ("route.client_tls", "true or false, without quotes"),
     ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
     ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
@@ -2311,7 +2334,11 @@ fn check_routes(c: &mut Checker<'_>) {
         check_route_kind_keys(c, &k, r);
         check_upstream(c, &k, r);
         check_route_secret(c, &k, r);
-        check_allow(c, &k, r, &workload_names);
+        if r.kind == RouteKind::Tls && r.mode == TlsRouteMode::Server {
+            check_allow_spiffe(c, &k, r);
+        } else {
+            check_allow(c, &k, r, &workload_names);
+        }
     }
 }
 
@@ -2478,7 +2505,24 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 );
             }
         }
-        RouteKind::Tls => {}
+        RouteKind::Tls => {
+            if r.mode == TlsRouteMode::Server
+                && (r.upstream_tls.spiffe_id.is_some() || r.upstream_tls.ca_file.is_some())
+            {
+                c.error(
+                    format!("{k}.upstream_tls"),
+                    "a tls route in server mode forwards plain TCP to a local service; upstream_tls does not apply",
+                    "remove upstream_tls from this route",
+                );
+            }
+        }
+    }
+    if r.kind != RouteKind::Tls && (r.mode != TlsRouteMode::Client || !r.server_names.is_empty()) {
+        c.error(
+            format!("{k}.mode"),
+            format!("mode and server_names are only used by kind = \"tls\" routes; this route is kind = \"{}\"", r.kind),
+            "remove them from this route",
+        );
     }
     if r.credential.is_some() && r.kind != RouteKind::Postgres {
         c.error(
@@ -2645,6 +2689,29 @@ fn check_cache_ttl(c: &mut Checker<'_>, key: String, ttl: Option<Duration>, secr
                 format_duration(period)
             ),
         );
+    }
+}
+
+/// tls server mode: `allow` holds the SPIFFE IDs of remote callers.
+fn check_allow_spiffe(c: &mut Checker<'_>, k: &str, r: &Route) {
+    if r.allow.is_empty() {
+        c.warn(
+            format!("{k}.allow"),
+            format!(
+                "tls server route \"{}\" allows no SPIFFE ID, so it refuses every caller",
+                r.name
+            ),
+            "list the callers' SPIFFE IDs, e.g. allow = [\"spiffe://example.org/billing\"]",
+        );
+    }
+    for (j, id) in r.allow.iter().enumerate() {
+        if warden_identity::SpiffeId::parse(id).is_err() {
+            c.error(
+                format!("{k}.allow[{j}]"),
+                format!("\"{id}\" is not a SPIFFE ID; a tls route in server mode authorizes callers by SPIFFE ID"),
+                "write it as spiffe://<trust domain>/<path>, e.g. \"spiffe://example.org/billing\"",
+            );
+        }
     }
 }
 
@@ -3650,6 +3717,31 @@ allow = ["reports"]
         );
         let r = report(&with("{ tll = \"1h\" }"));
         assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
+    }
+
+    #[test]
+    fn tls_server_mode_authorizes_spiffe_ids_and_is_for_tls_routes_only() {
+        let base = "trust_domain = \"example.org\"\n\
+            [[route]]\nname = \"in\"\nkind = \"tls\"\nmode = \"server\"\n\
+            listen = \"127.0.0.1:8443\"\nupstream = \"127.0.0.1:5000\"\n";
+        let c = ok(&format!(
+            "{base}allow = [\"spiffe://example.org/billing\"]\n"
+        ));
+        assert_eq!(c.routes[0].mode, TlsRouteMode::Server);
+        let i = only_error(
+            &format!("{base}allow = [\"billing\"]\n"),
+            "route[0].allow[0]",
+        );
+        assert!(i.problem.contains("not a SPIFFE ID"), "{i:?}");
+        only_error(
+            &format!("{base}allow = [\"spiffe://example.org/b\"]\nupstream_tls = {{ spiffe_id = \"spiffe://example.org/x\" }}\n"),
+            "route[0].upstream_tls",
+        );
+        let r = report(
+            &format!("{base}allow = [\"spiffe://example.org/b\"]\n")
+                .replace("kind = \"tls\"", "kind = \"postgres\""),
+        );
+        assert!(r.errors.iter().any(|e| e.key == "route[0].mode"), "{r}");
     }
 
     #[test]

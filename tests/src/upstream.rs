@@ -59,7 +59,7 @@ class H(http.server.BaseHTTPRequestHandler):
 
 class Echo(socketserver.StreamRequestHandler):
     def handle(self):
-        peer = self.request.getpeercert()
+        peer = self.request.getpeercert() if hasattr(self.request, "getpeercert") else None
         record({"san": [list(x) for x in peer.get("subjectAltName", ())] if peer else []})
         for line in self.rfile:
             self.wfile.write(b"echo:" + line)
@@ -73,12 +73,13 @@ def tls_context(require_client):
         ctx.load_verify_locations(ca)
     return ctx
 
-if mode == "echo":
+if mode in ("echo", "plain-echo"):
     class S(socketserver.ThreadingTCPServer):
         daemon_threads = True
         allow_reuse_address = True
     srv = S(("127.0.0.1", 0), Echo)
-    srv.socket = tls_context(True).wrap_socket(srv.socket, server_side=True)
+    if mode == "echo":
+        srv.socket = tls_context(True).wrap_socket(srv.socket, server_side=True)
 else:
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     srv.daemon_threads = True
@@ -99,7 +100,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `mode`: "http", "https" (server cert/key) or "echo" (TLS echo that
+    /// `mode`: "http", "https" (server cert/key), "plain-echo" (TCP echo) or
+    /// "echo" (TLS echo that
     /// requires a client certificate issued by `client_ca`).
     pub fn start(
         dir: &Path,

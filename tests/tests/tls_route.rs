@@ -214,3 +214,132 @@ fn sessions(metrics: &str, result: &str, route: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }
+
+/// Sends one line through `port` and returns what came back ("" if closed).
+fn echo_through(port: u16, line: &str) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = c.write_all(line.as_bytes());
+    let mut buf = [0u8; 256];
+    let n = c.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn server_mode_terminates_mtls_and_authorizes_by_spiffe_id() {
+    // warden on both ends: a client-mode route presents this process's SVID
+    // (spiffe://example.org/me) to a server-mode route, which verifies it and
+    // forwards plain TCP to a local echo service.
+    let dir = tempfile::tempdir().unwrap();
+    let echo = Upstream::start(dir.path(), "plain-echo", None, None, None);
+    let (out_ok, out_denied, in_ok, in_strict) =
+        (free_port(), free_port(), free_port(), free_port());
+    let bundle_path = dir.path().join("bundle.pem");
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "out"
+kind = "tls"
+listen = "127.0.0.1:{out_ok}"
+upstream = "localhost:{in_ok}"
+upstream_tls = {{ ca_file = "{bundle}" }}
+allow = ["me"]
+
+[[route]]
+name = "out-to-strict"
+kind = "tls"
+listen = "127.0.0.1:{out_denied}"
+upstream = "localhost:{in_strict}"
+upstream_tls = {{ ca_file = "{bundle}" }}
+allow = ["me"]
+
+[[route]]
+name = "in"
+kind = "tls"
+mode = "server"
+listen = "127.0.0.1:{in_ok}"
+upstream = "127.0.0.1:{echo}"
+allow = ["spiffe://example.org/me"]
+
+[[route]]
+name = "in-strict"
+kind = "tls"
+mode = "server"
+listen = "127.0.0.1:{in_strict}"
+upstream = "127.0.0.1:{echo}"
+allow = ["spiffe://example.org/billing"]
+"#,
+        uid = my_uid(),
+        bundle = bundle_path.display(),
+        echo = echo.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    let bundle = warden.run(&["svid", "bundle"]);
+    bundle.ok();
+    std::fs::write(&bundle_path, &bundle.stdout).unwrap();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+
+    assert_eq!(
+        echo_through(out_ok, "over mtls\n"),
+        "echo:over mtls\n",
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        echo_through(out_denied, "nope\n"),
+        "",
+        "{}",
+        daemon.log_text()
+    );
+    // A client without a certificate cannot finish the handshake.
+    let no_cert = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{in_ok}"),
+            "-CAfile",
+        ])
+        .arg(&bundle_path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&no_cert.stdout).to_string()
+        + &String::from_utf8_lossy(&no_cert.stderr);
+    assert!(!text.contains("echo:"), "{text}");
+    // The echo service saw exactly the one allowed session, in plain TCP.
+    assert_eq!(echo.records().len(), 1);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, m) = warden.http_get("/metrics");
+        if sessions(&m, "tls_error", "in") >= 1.0 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(sessions(&metrics, "allowed", "in"), 1.0, "{metrics}");
+    assert_eq!(sessions(&metrics, "denied", "in-strict"), 1.0, "{metrics}");
+    assert!(sessions(&metrics, "tls_error", "in") >= 1.0, "{metrics}");
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("client certificate verified, SPIFFE ID allowed")
+            && audit.contains("\"workload\":\"spiffe://example.org/me\""),
+        "{audit}"
+    );
+    assert!(
+        audit.contains(
+            "presented spiffe://example.org/me, which may not use route \\\"in-strict\\\""
+        ),
+        "{audit}"
+    );
+}

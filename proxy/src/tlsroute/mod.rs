@@ -10,6 +10,13 @@
 //! A plain TCP client cannot be told why it was refused: the connection is
 //! closed, and the reason goes to the log, the audit record and
 //! `warden_sessions_total{result}`.
+//!
+//! `mode = "server"` is the reverse (module [`server`]): remote workloads
+//! connect with mutual TLS, warden verifies their certificate against its
+//! trust bundle, authorizes the SPIFFE ID in its URI SAN against `allow`,
+//! and forwards plain TCP to a local service.
+
+mod server;
 
 use crate::audit::{Decision, Event, Target};
 use crate::authority::IdentityHandle;
@@ -41,6 +48,8 @@ pub struct TlsRoute {
     pub roots: Option<Arc<RootCertStore>>,
     pub allow: Vec<String>,
     pub connect_timeout: Duration,
+    /// Server mode: the names in the listener's certificate.
+    pub server: Option<server::ServerSide>,
 }
 
 impl TlsRoute {
@@ -53,8 +62,11 @@ impl TlsRoute {
             let (host, port) = r
                 .upstream_host_port()
                 .map_err(|e| Error::usage(format!("route[{i}].upstream: {e}")))?;
+            let server = (r.mode == crate::config::TlsRouteMode::Server)
+                .then(|| server::ServerSide::new(&r.server_names, r.listen));
             let spiffe_id = r.upstream_tls.spiffe_id.clone();
             let roots = match (&spiffe_id, &r.upstream_tls.ca_file) {
+                _ if server.is_some() => None,
                 (Some(_), None) => None,
                 (_, ca) => Some(Arc::new(crate::pg::tls::load_roots(
                     ca.as_deref(),
@@ -72,6 +84,7 @@ impl TlsRoute {
                 roots,
                 allow: r.allow.clone(),
                 connect_timeout: r.connect_timeout(),
+                server,
             });
         }
         Ok(out)
@@ -104,6 +117,8 @@ pub struct TlsShared {
     /// Client configurations by (route, workload), with the SVID serial and
     /// bundle they were built from.
     configs: Mutex<HashMap<(String, String), TaggedConfig>>,
+    /// Server-mode listener configurations by route, with their tag.
+    server_configs: server::ServerConfigs,
 }
 
 impl TlsShared {
@@ -122,6 +137,7 @@ impl TlsShared {
             attestor: Attestor::from_config(cfg, resolver),
             metrics,
             configs: Mutex::new(HashMap::new()),
+            server_configs: server::ServerConfigs::default(),
         }
     }
 
@@ -239,7 +255,7 @@ impl TlsShared {
 }
 
 /// The URI SANs of a DER certificate.
-fn uri_sans(der: &[u8]) -> Vec<String> {
+pub(crate) fn uri_sans(der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Vec::new();
@@ -301,7 +317,11 @@ pub async fn serve_route(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let local = stream.local_addr().unwrap_or(route.listen);
-                tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+                if route.server.is_some() {
+                    tokio::spawn(server::session(stream, peer, route.clone(), shared.clone()));
+                } else {
+                    tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+                }
             }
             Err(e) => {
                 tracing::warn!(route = %route.name, "accept failed: {e}");
