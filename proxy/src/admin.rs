@@ -78,6 +78,10 @@ pub enum Request {
     },
     /// The dynamic-credential leases the daemon holds.
     LeaseList,
+    /// Revoke one lease now (admin only, audited); answered by the daemon.
+    LeaseRevoke {
+        id: String,
+    },
     /// Freeze a workload (admin only, audited).
     Freeze {
         workload: String,
@@ -130,6 +134,7 @@ impl Request {
             Request::Events { .. } => "events",
             Request::SecretRotate { .. } => "secret_rotate",
             Request::LeaseList => "lease_list",
+            Request::LeaseRevoke { .. } => "lease_revoke",
             Request::Freeze { .. } => "freeze",
             Request::Unfreeze { .. } => "unfreeze",
             Request::Frozen => "frozen",
@@ -260,6 +265,16 @@ async fn dispatch_async(engines: &Engines, caller: &Caller, req: &Request) -> Op
                 .await,
         )),
         Request::LeaseList => Some(Response::from_result(Ok(engines.leases.list()))),
+        Request::LeaseRevoke { id } if !caller.is_admin => Some(Response::Error {
+            kind: ErrorKind::Denied,
+            message: format!(
+                "uid {} may not revoke leases: only root or the daemon's uid may (lease {id})",
+                caller.uid
+            ),
+        }),
+        Request::LeaseRevoke { id } => Some(Response::from_result(
+            engines.leases.revoke(id, caller_actor(caller)).await,
+        )),
         _ => None,
     }
 }
@@ -566,10 +581,12 @@ pub fn dispatch(
                 "access events come from the running daemon's eBPF monitor: start `warden up` first"
                     .into(),
         },
-        Request::SecretRotate { .. } | Request::LeaseList => Response::Error {
-            kind: ErrorKind::Unavailable,
-            message: "this request is answered by the daemon: start `warden up` first".into(),
-        },
+        Request::SecretRotate { .. } | Request::LeaseList | Request::LeaseRevoke { .. } => {
+            Response::Error {
+                kind: ErrorKind::Unavailable,
+                message: "this request is answered by the daemon: start `warden up` first".into(),
+            }
+        }
     }
 }
 

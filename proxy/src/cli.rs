@@ -116,6 +116,11 @@ enum Command {
 enum LeaseCommand {
     /// Leases the daemon holds: route, workload, role, sessions, expiry (never passwords).
     List,
+    /// Revoke a lease now: its sessions end and its role is dropped (admin only).
+    Revoke {
+        /// The lease ID, as `warden lease list` shows it.
+        id: String,
+    },
     /// Benchmark: create and revoke COUNT leases on ROUTE against its real database
     /// (daemon stopped; used by `cargo xtask bench`).
     #[command(hide = true)]
@@ -1167,6 +1172,24 @@ fn secret_rotate(ctx: &Context, name: &str, env: Option<&str>) -> Result<()> {
 
 fn run_lease(ctx: &Context, cmd: LeaseCommand) -> Result<()> {
     match cmd {
+        LeaseCommand::Revoke { id } => {
+            let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
+            let mut c = AdminClient::connect(&socket)?.ok_or_else(|| {
+                Error::unavailable(
+                    "leases live in the daemon: start `warden up` first (a stopped daemon's leases are revoked at its next start)",
+                )
+            })?;
+            let l: crate::pg::dynamic::LeaseInfo =
+                c.call(&Request::LeaseRevoke { id })?.into_result()?;
+            if ctx.json {
+                return print_json(&l);
+            }
+            println!(
+                "revoked lease {} (route {}, workload {}, role {} dropped, {} session(s) ended)",
+                l.id, l.route, l.workload, l.role, l.sessions
+            );
+            Ok(())
+        }
         LeaseCommand::List => {
             let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
             let mut c = AdminClient::connect(&socket)?.ok_or_else(|| {

@@ -323,6 +323,44 @@ async fn two_workloads_get_two_roles_and_a_workload_reuses_its_lease() {
 }
 
 #[test]
+fn an_admin_revokes_a_lease_on_demand_and_the_next_session_gets_a_new_one() {
+    if skip() {
+        return;
+    }
+    let s = dyn_setup("1h", "");
+    let _d = s.warden.start_daemon();
+    let (ok, role, err) = psql_via(s.port, "shop", "select current_user");
+    assert!(ok, "{err}");
+    let list = s.warden.run(&["lease", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let id = v[0]["id"].as_str().unwrap().to_string();
+    let out = s.warden.run(&["lease", "revoke", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!("revoked lease {id}")),
+        "{}",
+        out.stdout
+    );
+    assert!(lease_roles(&s.pg).is_empty(), "{:?}", lease_roles(&s.pg));
+    let again = s.warden.run(&["lease", "revoke", &id]);
+    assert_ne!(again.code, 0);
+    assert!(
+        again.stderr.contains("warden lease list"),
+        "{}",
+        again.stderr
+    );
+    let a = audit(&s.warden);
+    assert!(
+        a.contains("revoked by an admin (`warden lease revoke`)")
+            && a.contains("\"kind\":\"admin\""),
+        "{a}"
+    );
+    let (ok, role2, err) = psql_via(s.port, "shop", "select current_user");
+    assert!(ok, "{err}");
+    assert!(role2.starts_with("warden_me_") && role2 != role, "{role2}");
+}
+
+#[test]
 fn orphaned_leases_of_a_killed_warden_are_revoked_at_the_next_start() {
     if skip() {
         return;

@@ -798,6 +798,55 @@ impl LeaseManager {
         scram: &ScramKeyCache,
         why: &str,
     ) -> Result<()> {
+        self.revoke_row_as(spec, row, scram, why, daemon_actor())
+            .await
+    }
+
+    /// Revokes lease `id` now (`warden lease revoke`): its sessions end, its
+    /// role is dropped, the record names `actor`. The workload's next session
+    /// gets a new lease.
+    pub async fn revoke(&self, id: &str, actor: Actor) -> Result<LeaseInfo> {
+        let info = self
+            .list()
+            .into_iter()
+            .find(|l| l.id == id)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "no lease {id:?} is held by the daemon; `warden lease list` shows the leases"
+                ))
+            })?;
+        let row = self
+            .leases
+            .lock()
+            .map_err(|_| Error::internal("lease state poisoned"))?
+            .get(id)
+            .map(|l| l.row.clone())
+            .ok_or_else(|| Error::not_found(format!("lease {id:?} ended meanwhile")))?;
+        let spec = self
+            .specs
+            .get(&row.route)
+            .cloned()
+            .ok_or_else(|| Error::internal("lease of an unknown route"))?;
+        let scram = ScramKeyCache::with_capacity(4);
+        self.revoke_row_as(
+            &spec,
+            &row,
+            &scram,
+            "revoked by an admin (`warden lease revoke`)",
+            actor,
+        )
+        .await?;
+        Ok(info)
+    }
+
+    async fn revoke_row_as(
+        &self,
+        spec: &DynamicSpec,
+        row: &LeaseRow,
+        scram: &ScramKeyCache,
+        why: &str,
+        actor: Actor,
+    ) -> Result<()> {
         let (Some(q_role), Some(l_role)) = (quote_ident(&row.role), quote_literal(&row.role))
         else {
             return Err(Error::internal("lease role name cannot be quoted"));
@@ -830,13 +879,7 @@ impl LeaseManager {
         if let Ok(mut c) = self.current.lock() {
             c.retain(|_, v| v != &row.id);
         }
-        let _ = self.audit(
-            daemon_actor(),
-            "lease.revoke",
-            row,
-            Decision::Allow,
-            why.to_string(),
-        );
+        let _ = self.audit(actor, "lease.revoke", row, Decision::Allow, why.to_string());
         if let Some(m) = &self.metrics {
             m.lease_revoked();
         }
