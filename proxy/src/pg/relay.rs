@@ -5,7 +5,8 @@
 //! relay knows at the end where each stream stands:
 //! - client → upstream: a Terminate (`X`) is not forwarded (the upstream
 //!   connection may be reset and pooled, see [`super::pool`]); Query, Sync
-//!   and FunctionCall are counted (each is answered by one ReadyForQuery);
+//!   and FunctionCall are counted (each is answered by one ReadyForQuery),
+//!   and an extended-query batch not ended by Sync is noticed;
 //! - upstream → client: ReadyForQuery is counted, and the position inside the
 //!   current message is kept, so a reset can skip the rest of a reply the
 //!   client no longer reads.
@@ -155,6 +156,10 @@ struct Dir {
     poisoned: bool,
     /// Messages counted (client: Q, S, F; upstream: Z).
     counted: u64,
+    /// Client: extended-query messages sent since the last Sync. A server
+    /// that sees EOF there rolls the batch's implicit transaction back,
+    /// whereas the reset's Sync would commit it: such a connection is closed.
+    batch_open: bool,
 }
 
 impl Dir {
@@ -169,6 +174,7 @@ impl Dir {
             framer: Framer::default(),
             poisoned: false,
             counted: 0,
+            batch_open: false,
         }
     }
 }
@@ -212,11 +218,17 @@ where
             if n == 0 {
                 d.eof = true;
             } else {
-                let (counted, poisoned) = (&mut d.counted, &mut d.poisoned);
+                let (counted, poisoned, batch) =
+                    (&mut d.counted, &mut d.poisoned, &mut d.batch_open);
                 let walked = d.framer.walk(&d.buf[..n], |tag, len, start| {
                     if client {
                         match tag {
-                            b'Q' | b'S' | b'F' => *counted += 1,
+                            b'Q' | b'F' => *counted += 1,
+                            b'S' => {
+                                *counted += 1;
+                                *batch = false;
+                            }
+                            b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => *batch = true,
                             b'X' if len == 4 && start.is_some() => return true,
                             // Split across reads: part of it is forwarded already.
                             b'X' => *poisoned = true,
@@ -310,6 +322,7 @@ where
         && !u2c.poisoned
         && c2u.pos == c2u.cap
         && c2u.framer.at_boundary()
+        && !c2u.batch_open
         && c2u.counted >= u2c.counted;
     if resumable {
         end.resume = Some(Resume {
