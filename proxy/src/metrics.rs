@@ -366,7 +366,7 @@ impl Metrics {
                 "warden_pg_pool_total",
                 "PostgreSQL upstream pool events by route: hit (a session got an idle authenticated connection), miss (a new login), returned (reset and kept idle), reset_failed (closed instead), closed (idle connection dropped: timeout, lifetime, dead, superseded credential, full).",
             ),
-            &["route", "event"],
+            &["route", "result"],
         )?;
         let pool_idle = IntGaugeVec::new(
             Opts::new(

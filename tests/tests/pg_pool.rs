@@ -325,13 +325,13 @@ fn consecutive_sessions_share_a_backend_and_no_session_state_survives() {
     assert!(
         metric(
             &s.warden,
-            "warden_pg_pool_total{event=\"hit\",route=\"app-db\"}"
+            "warden_pg_pool_total{result=\"hit\",route=\"app-db\"}"
         ) >= 2.0
     );
     assert_eq!(
         metric(
             &s.warden,
-            "warden_pg_pool_total{event=\"reset_failed\",route=\"app-db\"}"
+            "warden_pg_pool_total{result=\"reset_failed\",route=\"app-db\"}"
         ),
         0.0
     );
@@ -533,7 +533,7 @@ fn a_backend_killed_while_idle_is_replaced_without_an_error() {
     assert!(
         metric(
             &s.warden,
-            "warden_pg_pool_total{event=\"closed\",route=\"app-db\"}"
+            "warden_pg_pool_total{result=\"closed\",route=\"app-db\"}"
         ) >= 1.0
     );
 }
@@ -561,7 +561,7 @@ fn pgbench_with_a_connection_per_transaction_runs_clean_on_pooled_connections() 
     assert!(
         metric(
             &s.warden,
-            "warden_pg_pool_total{event=\"hit\",route=\"app-db\"}"
+            "warden_pg_pool_total{result=\"hit\",route=\"app-db\"}"
         ) >= 50.0
     );
     // Bounded by the pool, not one per transaction.
