@@ -3985,6 +3985,43 @@ allow = ["reports"]
     }
 
     #[test]
+    fn postgres_route_pool_is_a_bool_or_a_table() {
+        assert_eq!(ok(BASE).routes[0].pool, None);
+        let with = |v: &str| {
+            edit(
+                "allow = [\"reports\"]\n",
+                &format!("allow = [\"reports\"]\npool = {v}\n"),
+            )
+        };
+        let p = ok(&with("false")).routes[0].pool.clone().unwrap();
+        assert!(!p.enabled);
+        let p = ok(&with(
+            "{ max_idle = 4, idle_timeout = \"30s\", max_lifetime = \"10m\" }",
+        ))
+        .routes[0]
+            .pool
+            .clone()
+            .unwrap();
+        assert_eq!(
+            p,
+            PoolConfig {
+                enabled: true,
+                max_idle: Some(4),
+                idle_timeout: Some(Duration::from_secs(30)),
+                max_lifetime: Some(Duration::from_secs(600)),
+            }
+        );
+        only_error(
+            &with("{ idle_timeout = \"0s\" }"),
+            "route[0].pool.idle_timeout",
+        );
+        let r = report(&with("{ max_idel = 4 }"));
+        assert!(r.to_string().contains("max_idel"), "{r}");
+        let r = report(&with("\"yes\""));
+        assert!(r.to_string().contains("true, false, or a table"), "{r}");
+    }
+
+    #[test]
     fn http_route_needs_inject_and_url() {
         let text = format!(
             "{BASE}{}",
