@@ -874,7 +874,22 @@ impl AuditLog {
     /// On `Err` nothing was durably recorded (a partial write is truncated
     /// away) and the caller must refuse the audited action.
     pub fn append(&mut self, event: &Event) -> Result<Record, AuditError> {
-        validate_event(event)?;
+        let mut records = self.append_all(std::slice::from_ref(event))?;
+        records
+            .pop()
+            .ok_or_else(|| AuditError::Encode("no record written".into()))
+    }
+
+    /// Appends `events` in order as consecutive records with one write, one
+    /// `fsync` and one anchor update (group commit). All or nothing: on
+    /// `Err` none of them was durably recorded.
+    pub fn append_all(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
+        for event in events {
+            validate_event(event)?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let path = self.path.as_path();
         let _lock = lock_exclusive(&self.file, path)?;
         self.check_same_file()?;
@@ -885,24 +900,30 @@ impl AuditLog {
             self.head = load_head(&self.file, path, &self.head_path, len)?;
             self.known_len = len;
         }
-        let seq = self
-            .head
-            .seq
-            .checked_add(1)
-            .ok_or_else(|| AuditError::Encode("sequence number overflow".into()))?;
         let time = time::OffsetDateTime::now_utc()
             .format(TIME_FORMAT)
             .map_err(encode_err)?;
-        let (record, mut line) = encode_record(seq, &time, event, &self.head.hash)?;
-        if line.len() > MAX_RECORD_BYTES {
-            return Err(AuditError::RecordTooLarge {
-                size: line.len(),
-                max: MAX_RECORD_BYTES,
-            });
+        let mut records = Vec::with_capacity(events.len());
+        let mut lines = Vec::new();
+        let (mut seq, mut prev) = (self.head.seq, self.head.hash.clone());
+        for event in events {
+            seq = seq
+                .checked_add(1)
+                .ok_or_else(|| AuditError::Encode("sequence number overflow".into()))?;
+            let (record, line) = encode_record(seq, &time, event, &prev)?;
+            if line.len() > MAX_RECORD_BYTES {
+                return Err(AuditError::RecordTooLarge {
+                    size: line.len(),
+                    max: MAX_RECORD_BYTES,
+                });
+            }
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
+            prev = record.hash.clone();
+            records.push(record);
         }
-        line.push(b'\n');
 
-        if let Err(e) = self.write_line(&line) {
+        if let Err(e) = self.write_line(&lines) {
             self.known_len = rollback(&self.file, len);
             return Err(io_err(path)(e));
         }
@@ -910,16 +931,13 @@ impl AuditLog {
             self.known_len = rollback(&self.file, len);
             return Err(io_err(path)(e));
         }
-        if let Err(e) = self.write_anchor(seq, &record.hash) {
+        if let Err(e) = self.write_anchor(seq, &prev) {
             self.known_len = rollback(&self.file, len);
             return Err(e);
         }
-        self.head = Head {
-            seq,
-            hash: record.hash.clone(),
-        };
-        self.known_len = len + line.len() as u64;
-        Ok(record)
+        self.head = Head { seq, hash: prev };
+        self.known_len = len + lines.len() as u64;
+        Ok(records)
     }
 
     fn check_same_file(&self) -> Result<(), AuditError> {
@@ -1680,6 +1698,21 @@ mod tests {
         assert_eq!(serde_json::to_vec(&r2).unwrap(), lines[1]);
         assert_eq!(r2.prev, r1.hash);
         assert_eq!(read_records(&path, None).unwrap(), vec![r1, r2]);
+    }
+
+    #[test]
+    fn append_all_is_one_chained_group() {
+        let (_dir, path) = new_log(1);
+        let mut log = AuditLog::open(&path).unwrap();
+        let rs = log.append_all(&[event(2), event(3), event(4)]).unwrap();
+        assert_eq!(rs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(rs[1].prev, rs[0].hash);
+        assert_eq!(log.append_all(&[]).unwrap().len(), 0);
+        let r = log.append(&event(5)).unwrap();
+        assert_eq!(r.prev, rs[2].hash);
+        let report = assert_clean(&path, 5);
+        assert_eq!(report.last_hash, r.hash);
+        assert_eq!(read_records(&path, None).unwrap()[1..4].to_vec(), rs);
     }
 
     #[test]

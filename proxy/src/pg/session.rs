@@ -281,11 +281,9 @@ fn credential_target(route: &PgRoute, cred: &Credential, detail: String) -> Targ
     }
 }
 
-fn record(shared: &PgShared, event: Event) -> bool {
-    match shared.service.lock() {
-        Ok(mut s) => s.record(&event).is_ok(),
-        Err(_) => false,
-    }
+/// Appends an audit record durably (group commit, see [`super::auditq`]).
+async fn record(shared: &PgShared, event: Event) -> bool {
+    shared.audit.record(event).await
 }
 
 /// Reads the opening packet(s), answering protocol errors itself. `None`
@@ -477,7 +475,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     decision: Decision::Deny,
                     reason: r.message.clone(),
                 },
-            );
+            )
+            .await;
             let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
             if r.result == "denied" {
                 let pid = who.as_ref().map(|w| w.facts.pid).or(denied_pid);
@@ -605,7 +604,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                         decision: Decision::Error,
                         reason: r.message.clone(),
                     },
-                );
+                )
+                .await;
                 shared.metrics.session(&route.name, &who.workload, r.result);
                 match forward {
                     // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
@@ -650,7 +650,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             decision: Decision::Allow,
             reason: "credential injected".into(),
         },
-    );
+    )
+    .await;
     let mut stream = established.stream;
     if !recorded {
         let r = Refusal::new(
@@ -782,5 +783,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             decision: Decision::Allow,
             reason: "session ended".into(),
         },
-    );
+    )
+    .await;
 }
