@@ -222,7 +222,13 @@ async fn static_credential(
     route: &Arc<PgRoute>,
     shared: &Arc<PgShared>,
 ) -> Result<Credential, Refusal> {
-    let res = {
+    // A cache hit needs no blocking thread (the store is only read on a miss).
+    let cached = shared
+        .credentials
+        .cached(&route.secret, &route.env, route.cache_ttl);
+    let res = if let Some(hit) = cached {
+        Ok(Ok(hit))
+    } else {
         let (shared, route) = (shared.clone(), route.clone());
         tokio::task::spawn_blocking(move || {
             shared
