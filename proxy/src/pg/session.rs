@@ -292,6 +292,11 @@ async fn record(shared: &PgShared, event: Event) -> bool {
     shared.audit.record(event).await
 }
 
+/// [`record`] for a session-end record: nobody waits for it.
+async fn record_end(shared: &PgShared, event: Event) -> bool {
+    shared.audit.record_unhurried(event).await
+}
+
 /// Reads the opening packet(s), answering protocol errors itself. `None`
 /// means the connection is finished (error sent, cancel forwarded, or gone).
 async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
@@ -769,11 +774,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         (Some(_), None) => pool::close(stream),
         (None, _) => drop(stream),
     }
+    drop(client);
     drop(lease_guard);
     shared
         .metrics
         .pg_session_end(&route.name, started.elapsed(), up, down);
-    record(
+    record_end(
         &shared,
         Event {
             actor: actor(Some(&who)),
