@@ -874,7 +874,7 @@ impl AuditLog {
     /// On `Err` nothing was durably recorded (a partial write is truncated
     /// away) and the caller must refuse the audited action.
     pub fn append(&mut self, event: &Event) -> Result<Record, AuditError> {
-        let mut records = self.append_many(std::slice::from_ref(event))?;
+        let mut records = self.append_all(std::slice::from_ref(event))?;
         records
             .pop()
             .ok_or_else(|| AuditError::Encode("no record was written".into()))
@@ -883,7 +883,7 @@ impl AuditLog {
     /// Appends `events` in order as consecutive records with one write, one
     /// `fsync` and one anchor update (group commit): all of them are durable
     /// when this returns `Ok`, none of them is acknowledged otherwise.
-    pub fn append_many(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
+    pub fn append_all(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
         for event in events {
             validate_event(event)?;
         }
@@ -2146,7 +2146,7 @@ mod tests {
         let (_dir, path) = new_log(2);
         let mut log = AuditLog::open(&path).unwrap();
         let batch: Vec<Event> = (3..=6).map(event).collect();
-        let records = log.append_many(&batch).unwrap();
+        let records = log.append_all(&batch).unwrap();
         assert_eq!(
             records.iter().map(|r| r.seq).collect::<Vec<_>>(),
             vec![3, 4, 5, 6]
@@ -2155,11 +2155,11 @@ mod tests {
             assert_eq!(w[1].prev, w[0].hash);
         }
         assert_clean(&path, 6);
-        assert!(log.append_many(&[]).unwrap().is_empty());
+        assert!(log.append_all(&[]).unwrap().is_empty());
         // A failed sync leaves none of the batch behind.
         let before = fs::read(&path).unwrap();
         log.fault = Some(Fault::Sync);
-        assert!(log.append_many(&batch).is_err());
+        assert!(log.append_all(&batch).is_err());
         assert_eq!(fs::read(&path).unwrap(), before);
         log.fault = None;
         assert_eq!(log.append(&event(7)).unwrap().seq, 7);

@@ -481,6 +481,64 @@ pub struct Route {
     /// (default: `localhost` and the listen address).
     #[serde(default)]
     pub server_names: Vec<String>,
+    /// postgres: reuse authenticated upstream connections (on by default;
+    /// `pool = false` or `max_idle = 0` disables).
+    #[serde(default)]
+    pub pool: Option<PoolConfig>,
+}
+
+/// `route.pool`: `true`, `false`, or `{ max_idle, idle_timeout, max_lifetime }`
+/// (a table means enabled; unset keys take the defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub enabled: bool,
+    pub max_idle: Option<usize>,
+    pub idle_timeout: Option<Duration>,
+    pub max_lifetime: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolTable {
+    #[serde(default)]
+    max_idle: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    max_lifetime: Option<Duration>,
+}
+
+impl<'de> Deserialize<'de> for PoolConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PoolConfig, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = PoolConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "true, false, or a table such as { max_idle = 16, idle_timeout = \"60s\" }",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, enabled: bool) -> Result<PoolConfig, E> {
+                Ok(PoolConfig {
+                    enabled,
+                    ..PoolConfig::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<PoolConfig, A::Error> {
+                let t = PoolTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(PoolConfig {
+                    enabled: true,
+                    max_idle: t.max_idle,
+                    idle_timeout: t.idle_timeout,
+                    max_lifetime: t.max_lifetime,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// `route[].connect_timeout` when not set.
@@ -1535,6 +1593,10 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.forward_proxy", "true or false, without quotes"),
     ("route.tunnel", "a list of host:port in quotes, e.g. tunnel = [\"github.com:443\"]"),
     ("route.request_timeout", "a duration in quotes, e.g. request_timeout = \"30s\""),
+    ("route.pool", "true, false, or an inline table, e.g. pool = { max_idle = 16, idle_timeout = \"60s\", max_lifetime = \"1h\" }"),
+    ("route.pool.max_idle", "a whole number without quotes, e.g. max_idle = 16 (0 disables the pool)"),
+    ("route.pool.idle_timeout", "a duration in quotes, e.g. idle_timeout = \"60s\""),
+    ("route.pool.max_lifetime", "a duration in quotes, e.g. max_lifetime = \"1h\""),
     ("route.upstream_tls.spiffe_id", "a SPIFFE ID in quotes, e.g. spiffe_id = \"spiffe://example.org/logs\""),
     ("route.inject.query", "a query parameter name in quotes, e.g. query = \"api_key\""),
     ("route.inject.basic_user", "a user name in quotes, e.g. basic_user = \"svc-billing\""),
@@ -2357,6 +2419,30 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             "request_timeout is zero, so every request would time out",
             "set a duration such as request_timeout = \"30s\"",
         );
+    }
+    if let Some(p) = &r.pool {
+        if r.kind != RouteKind::Postgres {
+            c.error(
+                format!("{k}.pool"),
+                format!(
+                    "pool is only used by kind = \"postgres\" routes; this route is kind = \"{}\"",
+                    r.kind
+                ),
+                "remove pool from this route",
+            );
+        }
+        for (key, d) in [
+            ("idle_timeout", p.idle_timeout),
+            ("max_lifetime", p.max_lifetime),
+        ] {
+            if d == Some(Duration::ZERO) {
+                c.error(
+                    format!("{k}.pool.{key}"),
+                    format!("pool.{key} is zero, so no connection could ever be reused"),
+                    "set a duration such as \"60s\", or pool = false to disable the pool",
+                );
+            }
+        }
     }
     if (r.forward_proxy || !r.tunnel.is_empty()) && r.kind != RouteKind::Http {
         c.error(
@@ -4028,6 +4114,43 @@ allow = ["reports"]
             &edit("user = \"app\"", "user = \"\""),
             "route[0].credential.user",
         );
+    }
+
+    #[test]
+    fn postgres_route_pool_is_a_bool_or_a_table() {
+        assert_eq!(ok(BASE).routes[0].pool, None);
+        let with = |v: &str| {
+            edit(
+                "allow = [\"reports\"]\n",
+                &format!("allow = [\"reports\"]\npool = {v}\n"),
+            )
+        };
+        let p = ok(&with("false")).routes[0].pool.clone().unwrap();
+        assert!(!p.enabled);
+        let p = ok(&with(
+            "{ max_idle = 4, idle_timeout = \"30s\", max_lifetime = \"10m\" }",
+        ))
+        .routes[0]
+            .pool
+            .clone()
+            .unwrap();
+        assert_eq!(
+            p,
+            PoolConfig {
+                enabled: true,
+                max_idle: Some(4),
+                idle_timeout: Some(Duration::from_secs(30)),
+                max_lifetime: Some(Duration::from_secs(600)),
+            }
+        );
+        only_error(
+            &with("{ idle_timeout = \"0s\" }"),
+            "route[0].pool.idle_timeout",
+        );
+        let r = report(&with("{ max_idel = 4 }"));
+        assert!(r.to_string().contains("max_idel"), "{r}");
+        let r = report(&with("\"yes\""));
+        assert!(r.to_string().contains("true, false, or a table"), "{r}");
     }
 
     #[test]

@@ -62,6 +62,8 @@ struct Inner {
     upstream_auth_seconds: HistogramVec,
     attestation_seconds: HistogramVec,
     cancels: IntCounterVec,
+    pool_events: IntCounterVec,
+    pool_idle: IntGaugeVec,
     // Secrets.
     secrets: IntGauge,
     secret_versions: IntGauge,
@@ -359,6 +361,20 @@ impl Metrics {
         for r in ["forwarded", "unknown_key"] {
             cancels.with_label_values(&[r]);
         }
+        let pool_events = IntCounterVec::new(
+            Opts::new(
+                "warden_pg_pool_total",
+                "PostgreSQL upstream pool events by route: hit (a session got an idle authenticated connection), miss (a new login), returned (reset and kept idle), reset_failed (closed instead), closed (idle connection dropped: timeout, lifetime, dead, superseded credential, full).",
+            ),
+            &["route", "result"],
+        )?;
+        let pool_idle = IntGaugeVec::new(
+            Opts::new(
+                "warden_pg_pool_idle_connections",
+                "Idle authenticated upstream connections kept per PostgreSQL route.",
+            ),
+            &["route"],
+        )?;
 
         let secrets = IntGauge::new(
             "warden_secrets",
@@ -518,6 +534,8 @@ impl Metrics {
         reg(&registry, &upstream_auth_seconds)?;
         reg(&registry, &attestation_seconds)?;
         reg(&registry, &cancels)?;
+        reg(&registry, &pool_events)?;
+        reg(&registry, &pool_idle)?;
         reg(&registry, &secrets)?;
         reg(&registry, &secret_versions)?;
         reg(&registry, &secret_age)?;
@@ -560,6 +578,8 @@ impl Metrics {
                 upstream_auth_seconds,
                 attestation_seconds,
                 cancels,
+                pool_events,
+                pool_idle,
                 secrets,
                 secret_versions,
                 secret_age,
@@ -750,6 +770,29 @@ impl Metrics {
 
     pub fn pg_cancel(&self, result: &str) {
         self.inner.cancels.with_label_values(&[result]).inc();
+    }
+
+    /// Exports a pooled route's series at zero.
+    pub fn pg_pool_declare(&self, route: &str) {
+        for e in ["hit", "miss", "returned", "reset_failed", "closed"] {
+            self.inner.pool_events.with_label_values(&[route, e]);
+        }
+        self.inner.pool_idle.with_label_values(&[route]);
+    }
+
+    /// A pool event (`event` a fixed label) on a configured route.
+    pub fn pg_pool(&self, route: &str, event: &str) {
+        self.inner
+            .pool_events
+            .with_label_values(&[route, event])
+            .inc();
+    }
+
+    pub fn pg_pool_idle(&self, route: &str, idle: usize) {
+        self.inner
+            .pool_idle
+            .with_label_values(&[route])
+            .set(i64::try_from(idle).unwrap_or(i64::MAX));
     }
 
     // ---- secrets -----------------------------------------------------------

@@ -204,6 +204,18 @@ impl SecretService {
         append_counted(&mut self.audit, self.metrics.as_ref(), event)
     }
 
+    /// Appends audit records as one group commit (one `fsync`); all or
+    /// nothing. Counts each in the metrics.
+    pub fn record_all(&mut self, events: &[Event]) -> Result<()> {
+        let res = self.audit.append_all(events);
+        if let Some(m) = self.metrics.as_ref() {
+            for _ in events {
+                m.audit_write(res.is_ok());
+            }
+        }
+        res.map(|_| ()).map_err(Error::from)
+    }
+
     /// Records a refusal or a failure. If even that cannot be written the
     /// original error still wins (the action is refused either way).
     fn record_outcome(&mut self, caller: &Caller, action: &str, target: Target, err: &Error) {
@@ -626,17 +638,6 @@ impl SecretService {
     /// Lease rows in one store transaction (one fsync).
     pub fn lease_put_many(&mut self, leases: &[crate::store::LeaseRow]) -> Result<()> {
         self.store.backend_mut().lease_put_many(leases)
-    }
-
-    /// Audit records in one append (one fsync): all or none.
-    pub fn record_many(&mut self, events: &[Event]) -> Result<()> {
-        let res = self.audit.append_many(events);
-        if let Some(m) = self.metrics.as_ref() {
-            for _ in events {
-                m.audit_write(res.is_ok());
-            }
-        }
-        res.map(|_| ()).map_err(Error::from)
     }
 
     pub fn lease_delete(&mut self, id: &str) -> Result<()> {

@@ -187,7 +187,7 @@ fn journal_thread(service: Arc<Mutex<SecretService>>, queue: std::sync::mpsc::Re
                 if events.is_empty() {
                     Ok(())
                 } else {
-                    s.record_many(&events)
+                    s.record_all(&events)
                 },
             ),
             Err(_) => {

@@ -7,13 +7,19 @@
 //! - [`tls`]: rustls configuration for the upstream (`disable` … `verify-full`).
 //! - [`upstream`]: connect + authenticate + read to ReadyForQuery.
 //! - [`session`]: one client session, from the first byte to the audit record.
+//! - [`relay`]: the byte relay after the greeting (headers tracked, Terminate kept back).
+//! - [`pool`]: idle authenticated upstream connections, reset between clients.
+//! - [`auditq`]: group commit of the sessions' audit records.
 //!
 //! This module owns the per-route listeners, the credential cache and the
 //! cancel-key map (warden hands clients its own BackendKeyData and forwards a
 //! CancelRequest to the matching upstream session).
 
+pub mod auditq;
 pub mod dynamic;
+pub mod pool;
 pub mod protocol;
+pub mod relay;
 pub mod scram;
 pub mod session;
 pub mod sql;
@@ -53,6 +59,8 @@ pub struct PgRoute {
     /// Dynamic credentials: sessions get a lease role from [`dynamic::LeaseManager`];
     /// `user`/`secret` are the administrative login.
     pub dynamic: Option<config::Dynamic>,
+    /// Reuse of authenticated upstream connections (`route.pool`).
+    pub pool: pool::PoolSettings,
 }
 
 /// Where a session's login comes from.
@@ -126,6 +134,7 @@ impl PgRoute {
                 databases: r.databases.clone(),
                 client_tls: r.client_tls,
                 dynamic: cred.dynamic.clone(),
+                pool: pool::PoolSettings::from_config(r.pool.as_ref()),
             });
         }
         Ok(out)
@@ -266,6 +275,10 @@ pub struct PgShared {
     pub freezer: Arc<crate::freeze::Freezer>,
     /// The anomaly detector's input.
     pub anomaly: Arc<crate::anomaly::Anomaly>,
+    /// Idle authenticated upstream connections.
+    pub pool: pool::Pool,
+    /// Session audit records, written in group commits.
+    pub audit: auditq::AuditQueue,
 }
 
 impl PgShared {
@@ -278,6 +291,9 @@ impl PgShared {
         services: SessionServices,
     ) -> Result<PgShared> {
         let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.pool.enabled()) {
+            metrics.pg_pool_declare(&r.name);
+        }
         for r in routes.iter().filter(|r| r.client_tls) {
             client_tls.insert(r.name.clone(), tls::server_config(r, identity.clone())?);
         }
@@ -288,12 +304,14 @@ impl PgShared {
             anomaly,
         } = services;
         Ok(PgShared {
+            audit: auditq::AuditQueue::start(service.clone())?,
             service,
             attestor,
             scram_cache: scram::ScramKeyCache::with_capacity(8192),
             credentials,
             leases,
             cancels: CancelMap::default(),
+            pool: pool::Pool::new(metrics.clone()),
             metrics,
             client_tls,
             freezer,
@@ -363,23 +381,57 @@ pub async fn serve_route(
             }
         });
     }
+    let accept = async {
+        loop {
+            accept_tcp(&tcp, &route, &shared).await;
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = reap_pool(route.clone(), shared.clone()) => {}
+    }
+}
+
+/// Closes idle pooled connections that timed out, died or lost their lease.
+async fn reap_pool(route: Arc<PgRoute>, shared: Arc<PgShared>) {
+    if !route.pool.enabled() {
+        return std::future::pending().await;
+    }
+    let every =
+        (route.pool.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match tcp.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(route.listen);
-                let (route, shared) = (route.clone(), shared.clone());
-                tokio::spawn(session::run(
-                    stream,
-                    session::Peer::Tcp { local, peer },
-                    route,
-                    shared,
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(route = %route.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        tick.tick().await;
+        let leases = route.dynamic.as_ref().map(|_| {
+            shared
+                .leases
+                .list()
+                .into_iter()
+                .map(|l| format!("lease {}", l.id))
+                .collect::<std::collections::HashSet<String>>()
+        });
+        shared.pool.reap(&route.name, &route.pool, leases.as_ref());
+    }
+}
+
+/// Accepts one TCP session (a failed accept waits a little).
+async fn accept_tcp(tcp: &tokio::net::TcpListener, route: &Arc<PgRoute>, shared: &Arc<PgShared>) {
+    match tcp.accept().await {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().unwrap_or(route.listen);
+            let (route, shared) = (route.clone(), shared.clone());
+            tokio::spawn(session::run(
+                stream,
+                session::Peer::Tcp { local, peer },
+                route,
+                shared,
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(route = %route.name, "accept failed: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

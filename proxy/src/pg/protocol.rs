@@ -811,6 +811,31 @@ pub fn sasl_response(data: &[u8]) -> Vec<u8> {
     finish(out, 1)
 }
 
+/// Query (`Q`): simple query protocol (for warden's own statements, e.g. the
+/// pool's reset; never client text).
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut out = begin(b'Q');
+    put_cstr(&mut out, sql.as_bytes());
+    finish(out, 1)
+}
+
+/// Sync (`S`): ends an extended-query batch (answered by ReadyForQuery).
+pub fn sync() -> Vec<u8> {
+    finish(begin(b'S'), 1)
+}
+
+/// CopyFail (`f`): aborts a COPY FROM STDIN; ignored outside COPY.
+pub fn copy_fail(message: &str) -> Vec<u8> {
+    let mut out = begin(b'f');
+    put_cstr(&mut out, message.as_bytes());
+    finish(out, 1)
+}
+
+/// Terminate (`X`).
+pub fn terminate() -> Vec<u8> {
+    finish(begin(b'X'), 1)
+}
+
 // ---------------------------------------------------------------------------
 // Encoders: warden → client.
 

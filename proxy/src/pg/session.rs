@@ -8,6 +8,7 @@
 
 use super::protocol::{self, StartupMessage, StartupPacket};
 use super::upstream::{self, Login, UpstreamFailure};
+use super::{pool, relay};
 use super::{CancelTarget, CredentialSource, PgRoute, PgShared};
 use crate::audit::{Decision, Event, Target};
 use crate::error::ErrorKind;
@@ -222,7 +223,13 @@ async fn static_credential(
     route: &Arc<PgRoute>,
     shared: &Arc<PgShared>,
 ) -> Result<Credential, Refusal> {
-    let res = {
+    // A cache hit needs no blocking thread (the store is only read on a miss).
+    let cached = shared
+        .credentials
+        .cached(&route.secret, &route.env, route.cache_ttl);
+    let res = if let Some(hit) = cached {
+        Ok(Ok(hit))
+    } else {
         let (shared, route) = (shared.clone(), route.clone());
         tokio::task::spawn_blocking(move || {
             shared
@@ -282,11 +289,14 @@ fn credential_target(route: &PgRoute, cred: &Credential, detail: String) -> Targ
     }
 }
 
-fn record(shared: &PgShared, event: Event) -> bool {
-    match shared.service.lock() {
-        Ok(mut s) => s.record(&event).is_ok(),
-        Err(_) => false,
-    }
+/// Appends an audit record durably (group commit, see [`super::auditq`]).
+async fn record(shared: &PgShared, event: Event) -> bool {
+    shared.audit.record(event).await
+}
+
+/// [`record`] for a session-end record: nobody waits for it.
+async fn record_end(shared: &PgShared, event: Event) -> bool {
+    shared.audit.record_unhurried(event).await
 }
 
 /// Reads the opening packet(s), answering protocol errors itself. `None`
@@ -478,7 +488,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     decision: Decision::Deny,
                     reason: r.message.clone(),
                 },
-            );
+            )
+            .await;
             let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
             if r.result == "denied" {
                 let pid = who.as_ref().map(|w| w.facts.pid).or(denied_pid);
@@ -556,45 +567,80 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     upstream_startup.set("user", &cred.user);
     upstream_startup.set("database", &database);
 
-    let established = match upstream::connect(
-        &route.target,
-        &upstream_startup,
-        &login,
-        &shared.scram_cache,
-    )
-    .await
-    {
-        Ok(e) => e,
-        Err(f) => {
-            let (r, forward) = refusal_for(f, &route.name, &login.secret_label);
-            tracing::warn!(route = %route.name, "upstream login failed: {}", r.message);
-            record(
-                &shared,
-                Event {
-                    actor: actor(Some(&who)),
-                    action: "session.error".into(),
-                    target: credential_target(&route, &cred, format!("database {database}")),
-                    decision: Decision::Error,
-                    reason: r.message.clone(),
-                },
-            );
-            shared.metrics.session(&route.name, &who.workload, r.result);
-            match forward {
-                // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
-                Some(e) => {
-                    let _ = client.write_all(&e.encode()).await;
-                    let _ = client.shutdown().await;
-                }
-                None => send_error(&mut client, &r).await,
-            }
-            return;
-        }
+    // An idle connection of the same credential and startup parameters
+    // (after the checks above: the pool never skips them).
+    let pool_key = route
+        .pool
+        .enabled()
+        .then(|| pool::key(&cred.label, &upstream_startup));
+    let pool_cred = pool::Credential {
+        label: &cred.label,
+        is_static: cred.lease.is_none(),
     };
-    shared.metrics.pg_upstream_latency(
-        &route.name,
-        established.connect_time,
-        established.auth_time,
-    );
+    let pooled = pool_key
+        .as_ref()
+        .and_then(|k| shared.pool.take(&route.name, &route.pool, k, &pool_cred));
+    let (established, born, reused) = match pooled {
+        Some(p) => {
+            tracing::debug!(
+                route = %route.name,
+                backend_pid = p.backend_key.as_ref().map(|k| k.0).unwrap_or(0),
+                "session reuses a pooled upstream connection"
+            );
+            let e = upstream::Established {
+                stream: p.stream,
+                params: p.params,
+                backend_key: p.backend_key,
+                ready_status: b'I',
+                auth_method: p.auth_method,
+                connect_time: Duration::ZERO,
+                auth_time: Duration::ZERO,
+            };
+            (e, p.born, true)
+        }
+        None => match upstream::connect(
+            &route.target,
+            &upstream_startup,
+            &login,
+            &shared.scram_cache,
+        )
+        .await
+        {
+            Ok(e) => (e, Instant::now(), false),
+            Err(f) => {
+                let (r, forward) = refusal_for(f, &route.name, &login.secret_label);
+                tracing::warn!(route = %route.name, "upstream login failed: {}", r.message);
+                record(
+                    &shared,
+                    Event {
+                        actor: actor(Some(&who)),
+                        action: "session.error".into(),
+                        target: credential_target(&route, &cred, format!("database {database}")),
+                        decision: Decision::Error,
+                        reason: r.message.clone(),
+                    },
+                )
+                .await;
+                shared.metrics.session(&route.name, &who.workload, r.result);
+                match forward {
+                    // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
+                    Some(e) => {
+                        let _ = client.write_all(&e.encode()).await;
+                        let _ = client.shutdown().await;
+                    }
+                    None => send_error(&mut client, &r).await,
+                }
+                return;
+            }
+        },
+    };
+    if !reused {
+        shared.metrics.pg_upstream_latency(
+            &route.name,
+            established.connect_time,
+            established.auth_time,
+        );
+    }
 
     // The credential use is recorded before the client gets the session (fail closed).
     let recorded = record(
@@ -606,14 +652,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 &route,
                 &cred,
                 format!(
-                    "database {database}, role {}, auth {}",
-                    cred.user, established.auth_method
+                    "database {database}, role {}, auth {}{}",
+                    cred.user,
+                    established.auth_method,
+                    if reused {
+                        ", pooled upstream connection"
+                    } else {
+                        ""
+                    }
                 ),
             ),
             decision: Decision::Allow,
             reason: "credential injected".into(),
         },
-    );
+    )
+    .await;
+    let mut stream = established.stream;
     if !recorded {
         let r = Refusal::new(
             "58000",
@@ -622,6 +676,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         );
         shared.metrics.session(&route.name, &who.workload, r.result);
         send_error(&mut client, &r).await;
+        pool::close(stream);
         return;
     }
 
@@ -636,12 +691,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     );
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
-    let mut stream = established.stream;
-    let cancel_key = established.backend_key.map(|(upid, ukey)| {
+    let cancel_key = established.backend_key.as_ref().map(|(upid, ukey)| {
         shared.cancels.register(CancelTarget {
             target: route.target.clone(),
-            process_id: upid,
-            secret_key: ukey,
+            process_id: *upid,
+            secret_key: ukey.clone(),
         })
     });
     let mut greeting = protocol::authentication_ok();
@@ -654,10 +708,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     greeting.extend_from_slice(&protocol::ready_for_query(established.ready_status));
     // A freeze of this workload ends the session with 57P01.
     let mut freezes = shared.freezer.subscribe();
-    let relay = async {
-        client.write_all(&greeting).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut stream).await
-    };
+    let relay = relay::relay(&mut client, &mut stream, &greeting);
     let frozen = async {
         loop {
             if let Some(f) = shared.freezer.frozen(&who.workload) {
@@ -668,9 +719,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
         }
     };
-    let (result, closed_by_freeze) = tokio::select! {
-        r = relay => (r, None),
-        f = frozen => (Ok((0, 0)), Some(f)),
+    let (end, closed_by_freeze) = tokio::select! {
+        e = relay => (Some(e), None),
+        f = frozen => (None, Some(f)),
     };
     if let Some(f) = &closed_by_freeze {
         let msg = protocol::error_response(
@@ -691,16 +742,48 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     if let Some((pid, key)) = &cancel_key {
         shared.cancels.remove(*pid, key);
     }
-    let (up, down, how) = match result {
-        _ if closed_by_freeze.is_some() => (0, 0, "closed: workload frozen"),
-        Ok((u, d)) => (u, d, "closed"),
-        Err(_) => (0, 0, "connection error"),
+    let (up, down, how) = match &end {
+        None => (0, 0, "closed: workload frozen"),
+        Some(e) if e.error && !e.terminated => (e.up, e.down, "connection error"),
+        Some(e) => (e.up, e.down, "closed"),
     };
+    // The upstream connection: reset and pooled off the client's path, or closed.
+    match (end.and_then(|e| e.resume), pool_key) {
+        (Some(resume), Some(key)) => {
+            let conn = pool::Pooled {
+                stream,
+                params: established.params,
+                backend_key: established.backend_key,
+                auth_method: established.auth_method,
+                born,
+            };
+            let (shared, route, label, is_static) = (
+                shared.clone(),
+                route.clone(),
+                cred.label.clone(),
+                cred.lease.is_none(),
+            );
+            tokio::spawn(async move {
+                let cred = pool::Credential {
+                    label: &label,
+                    is_static,
+                };
+                shared
+                    .pool
+                    .give_back(&route.name, &route.pool, key, &cred, conn, resume)
+                    .await;
+            });
+        }
+        // Healthy, but no pool: say goodbye for the client.
+        (Some(_), None) => pool::close(stream),
+        (None, _) => drop(stream),
+    }
+    drop(client);
     drop(lease_guard);
     shared
         .metrics
         .pg_session_end(&route.name, started.elapsed(), up, down);
-    record(
+    record_end(
         &shared,
         Event {
             actor: actor(Some(&who)),
@@ -716,5 +799,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             decision: Decision::Allow,
             reason: "session ended".into(),
         },
-    );
+    )
+    .await;
 }

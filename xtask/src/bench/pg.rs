@@ -718,9 +718,10 @@ fn print_report(results: &Results, options: &Options) {
         table,
         "(avg ms: pgbench's latency average, which with -C includes reconnecting; \
          p50/p99: per-transaction log, without the connect; conn ms: pgbench's \
-         average connection time. PgBouncer keeps its server connections across \
-         -C client connections, so it skips the backend start and SCRAM login \
-         that direct and warden pay each time.)"
+         average connection time. PgBouncer and warden (route.pool) keep their \
+         server connections across -C client connections, so they skip the \
+         backend start and SCRAM login that direct pays each time; warden still \
+         attests every client and writes its durable session audit records.)"
     );
     let _ = writeln!(table, "\ntargets (warden TPS, medians above):");
     for mode in Mode::ALL {
