@@ -16,6 +16,7 @@ mod error;
 mod freeze;
 mod http;
 mod init;
+mod journal;
 mod masterkey;
 mod metrics;
 mod observe;

@@ -34,6 +34,7 @@ use crate::audit::{Actor, Decision, Event, Target};
 use crate::authority::daemon_actor;
 use crate::config::{Dynamic, GrantMode};
 use crate::error::{Error, Result};
+use crate::journal::{Entry, Journal};
 use crate::metrics::Metrics;
 use crate::service::SecretService;
 use crate::store::LeaseRow;
@@ -144,66 +145,6 @@ struct Lease {
 /// (route, workload).
 type LeaseKey = (String, String);
 
-/// A durable write a lease step waits for.
-enum Entry {
-    Row(LeaseRow),
-    Audit(Event),
-}
-
-/// A durable write and who waits for it.
-type Pending = (Entry, tokio::sync::oneshot::Sender<Result<()>>);
-
-/// Most writes one flush takes.
-const JOURNAL_BATCH: usize = 256;
-
-/// Group commit on a writer thread of its own: writes queued while it
-/// flushes go out together in the next flush — one store transaction and one
-/// audit append (one fsync each) for however many leases are being created
-/// at once. No caller waits for anyone else's flush beyond the one its own
-/// write is in. The thread ends when the manager is dropped.
-fn journal_thread(service: Arc<Mutex<SecretService>>, queue: std::sync::mpsc::Receiver<Pending>) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < JOURNAL_BATCH {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let (mut rows, mut events) = (Vec::new(), Vec::new());
-        for (e, _) in &batch {
-            match e {
-                Entry::Row(r) => rows.push(r.clone()),
-                Entry::Audit(ev) => events.push(ev.clone()),
-            }
-        }
-        let (rows_done, events_done) = match service.lock() {
-            Ok(mut s) => (
-                if rows.is_empty() {
-                    Ok(())
-                } else {
-                    s.lease_put_many(&rows)
-                },
-                if events.is_empty() {
-                    Ok(())
-                } else {
-                    s.record_all(&events)
-                },
-            ),
-            Err(_) => {
-                let e = Error::internal("service state poisoned");
-                (Err(e.clone()), Err(e))
-            }
-        };
-        for (e, done) in batch {
-            let _ = done.send(match e {
-                Entry::Row(_) => rows_done.clone(),
-                Entry::Audit(_) => events_done.clone(),
-            });
-        }
-    }
-}
-
 /// Every lease this process holds, and the admin connections that manage them.
 pub struct LeaseManager {
     specs: HashMap<String, Arc<DynamicSpec>>,
@@ -216,8 +157,9 @@ pub struct LeaseManager {
     /// Serialises lease creation per (route, workload).
     creating: Mutex<HashMap<LeaseKey, Arc<tokio::sync::Mutex<()>>>>,
     pool: Mutex<HashMap<String, Vec<SqlSession>>>,
-    /// To [`journal_thread`]; None if the thread could not be started.
-    journal: Option<std::sync::mpsc::Sender<Pending>>,
+    /// Group commit of lease rows and lease records; None without dynamic
+    /// routes (or if its thread could not be started).
+    journal: Option<Journal>,
     /// Group-mode routes → when their group role's grants were last applied.
     groups: HashMap<String, tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -391,15 +333,7 @@ impl LeaseManager {
             .map(|s| (s.route.clone(), tokio::sync::Mutex::new(None)))
             .collect();
         let journal = (!specs.is_empty())
-            .then(|| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let svc = service.clone();
-                std::thread::Builder::new()
-                    .name("warden-leases".into())
-                    .spawn(move || journal_thread(svc, rx))
-                    .ok()
-                    .map(|_| tx)
-            })
+            .then(|| Journal::start(service.clone(), "warden-leases").ok())
             .flatten();
         LeaseManager {
             specs: specs
@@ -419,16 +353,13 @@ impl LeaseManager {
     }
 
     /// Makes `entry` durable, batched with whatever other leases queue
-    /// meanwhile (see [`journal_thread`]); returns once it is on disk.
+    /// meanwhile (see [`crate::journal`]); returns once it is on disk.
     async fn commit(&self, entry: Entry) -> Result<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let stopped = || Error::internal("the lease journal thread is not running");
         self.journal
             .as_ref()
-            .ok_or_else(stopped)?
-            .send((entry, tx))
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+            .ok_or_else(|| Error::internal("the lease journal is not running"))?
+            .write(entry, true)
+            .await
     }
 
     /// The lease's creation record, through the group commit.
@@ -729,7 +660,7 @@ impl LeaseManager {
             }
         };
         // Write-ahead: the row exists before the role can.
-        self.commit(Entry::Row(row.clone())).await?;
+        self.commit(Entry::LeaseRow(row.clone())).await?;
         match self.run_on(spec, session, &text).await {
             Ok(_) => {}
             Err(e) => {

@@ -9,13 +9,11 @@
 //! - [`session`]: one client session, from the first byte to the audit record.
 //! - [`relay`]: the byte relay after the greeting (headers tracked, Terminate kept back).
 //! - [`pool`]: idle authenticated upstream connections, reset between clients.
-//! - [`auditq`]: group commit of the sessions' audit records.
 //!
 //! This module owns the per-route listeners, the credential cache and the
 //! cancel-key map (warden hands clients its own BackendKeyData and forwards a
 //! CancelRequest to the matching upstream session).
 
-pub mod auditq;
 pub mod dynamic;
 pub mod pool;
 pub mod protocol;
@@ -278,7 +276,7 @@ pub struct PgShared {
     /// Idle authenticated upstream connections.
     pub pool: pool::Pool,
     /// Session audit records, written in group commits.
-    pub audit: auditq::AuditQueue,
+    pub audit: crate::journal::Journal,
 }
 
 impl PgShared {
@@ -304,7 +302,7 @@ impl PgShared {
             anomaly,
         } = services;
         Ok(PgShared {
-            audit: auditq::AuditQueue::start(service.clone())?,
+            audit: crate::journal::Journal::start(service.clone(), "warden-pg-audit")?,
             service,
             attestor,
             scram_cache: scram::ScramKeyCache::with_capacity(8192),

@@ -289,7 +289,7 @@ fn credential_target(route: &PgRoute, cred: &Credential, detail: String) -> Targ
     }
 }
 
-/// Appends an audit record durably (group commit, see [`super::auditq`]).
+/// Appends an audit record durably (group commit, see [`crate::journal`]).
 async fn record(shared: &PgShared, event: Event) -> bool {
     shared.audit.record(event).await
 }
