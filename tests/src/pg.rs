@@ -1237,6 +1237,102 @@ fn set_mode(p: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("pg harness: chmod {:o} {}: {e}", mode, p.display()));
 }
 
+// --- a warden route in front of a cluster --------------------------------------
+
+/// A cluster with role `app` (password `password`) and a running warden whose
+/// postgres route `app-db` (credential: secret `app-db/app`) reaches it.
+pub struct RouteSetup {
+    pub pg: PgCluster,
+    pub warden: crate::Instance,
+    pub _daemon: crate::Daemon,
+    pub port: u16,
+}
+
+/// What differs between the tests that use [`route_setup`].
+pub struct RouteOptions<'a> {
+    /// Role `app`'s real password.
+    pub password: &'a str,
+    /// What warden stores as `app-db/app` (a wrong one tests rejection).
+    pub stored_password: &'a str,
+    /// The route's `allow` list, TOML inside the brackets, e.g. `"me"`.
+    pub allow: &'a str,
+    pub cache_ttl: &'a str,
+    /// More keys for the `[[secret]]` table and the route.
+    pub secret_extra: &'a str,
+    pub route_extra: &'a str,
+    /// SQL run as the superuser in database `app` after the role exists.
+    pub app_sql: &'a str,
+}
+
+/// Starts `opts`' cluster and a warden route to it (see [`RouteSetup`]).
+pub fn route_setup(opts: ClusterOptions, o: RouteOptions<'_>) -> RouteSetup {
+    let pg = PgCluster::start(opts);
+    pg.create_role("app", o.password);
+    if !o.app_sql.is_empty() {
+        pg.psql_admin_in("app", o.app_sql);
+    }
+    let port = crate::free_port();
+    let tls = match &pg.ca_pem {
+        Some(ca) => format!(
+            "upstream_tls = {{ mode = \"verify-full\", ca_file = \"{}\" }}",
+            ca.display()
+        ),
+        None => "upstream_tls = { mode = \"disable\" }".to_string(),
+    };
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[secret]]
+name = "app-db/app"
+rotation_period = "24h"
+{secret_extra}
+
+[[route]]
+name = "app-db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "{host}:{pgport}"
+{tls}
+credential = {{ user = "app", secret = "app-db/app", cache_ttl = "{cache_ttl}" }}
+allow = [{allow}]
+connect_timeout = "2s"
+{route_extra}
+"#,
+        uid = crate::my_uid(),
+        host = if pg.ca_pem.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        },
+        pgport = pg.port,
+        secret_extra = o.secret_extra,
+        cache_ttl = o.cache_ttl,
+        allow = o.allow,
+        route_extra = o.route_extra,
+    );
+    let warden = crate::Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden
+        .run_stdin(
+            &["secret", "put", "app-db/app"],
+            o.stored_password.as_bytes(),
+        )
+        .ok();
+    let daemon = warden.start_daemon();
+    RouteSetup {
+        pg,
+        warden,
+        _daemon: daemon,
+        port,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

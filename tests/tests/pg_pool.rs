@@ -9,82 +9,29 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use warden_tests::my_uid;
-use warden_tests::pg::{Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, Instance};
+use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSetup};
+use warden_tests::Instance;
 
 const PASSWORD: &str = "pw-CANARY-7c4e19a2-pooled";
 
-struct Setup {
-    pg: PgCluster,
-    warden: Instance,
-    _daemon: warden_tests::Daemon,
-    port: u16,
-}
+type Setup = RouteSetup;
 
 /// A cluster with role `app` (owning database `app` and table `t_pool`), and
 /// a warden route `app-db` to it; `secret_extra` goes into the secret's
 /// table, `route_extra` into the route's.
 fn setup(opts: ClusterOptions, secret_extra: &str, route_extra: &str) -> Setup {
-    let pg = PgCluster::start(opts);
-    pg.create_role("app", PASSWORD);
-    pg.psql_admin_in(
-        "app",
-        "CREATE TABLE t_pool (x int);\nALTER TABLE t_pool OWNER TO app;\n",
-    );
-    let port = free_port();
-    let tls = match &pg.ca_pem {
-        Some(ca) => format!(
-            "upstream_tls = {{ mode = \"verify-full\", ca_file = \"{}\" }}",
-            ca.display()
-        ),
-        None => "upstream_tls = { mode = \"disable\" }".to_string(),
-    };
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[secret]]
-name = "app-db/app"
-rotation_period = "24h"
-{secret_extra}
-
-[[route]]
-name = "app-db"
-kind = "postgres"
-listen = "127.0.0.1:{port}"
-upstream = "{host}:{pgport}"
-{tls}
-credential = {{ user = "app", secret = "app-db/app", cache_ttl = "1h" }}
-allow = ["me"]
-connect_timeout = "2s"
-{route_extra}
-"#,
-        uid = my_uid(),
-        host = if pg.ca_pem.is_some() {
-            "localhost"
-        } else {
-            "127.0.0.1"
+    route_setup(
+        opts,
+        RouteOptions {
+            password: PASSWORD,
+            stored_password: PASSWORD,
+            allow: "\"me\"",
+            cache_ttl: "1h",
+            secret_extra,
+            route_extra,
+            app_sql: "CREATE TABLE t_pool (x int);\nALTER TABLE t_pool OWNER TO app;\n",
         },
-        pgport = pg.port,
-    );
-    let warden = Instance::new_with(&cfg);
-    warden.run(&["init"]).ok();
-    warden
-        .run_stdin(&["secret", "put", "app-db/app"], PASSWORD.as_bytes())
-        .ok();
-    let daemon = warden.start_daemon();
-    Setup {
-        pg,
-        warden,
-        _daemon: daemon,
-        port,
-    }
+    )
 }
 
 fn text(o: &std::process::Output) -> String {

@@ -7,74 +7,27 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use warden_tests::my_uid;
-use warden_tests::pg::{Auth, ClusterOptions, PgCluster};
+use warden_tests::pg::{route_setup, Auth, ClusterOptions, PgCluster, RouteOptions, RouteSetup};
 use warden_tests::{free_port, Instance};
 
 const PASSWORD: &str = "pw-CANARY-5b1f0e9d-injected";
 
-struct Setup {
-    pg: PgCluster,
-    warden: Instance,
-    _daemon: warden_tests::Daemon,
-    port: u16,
-}
+type Setup = RouteSetup;
 
 /// A cluster with role `app`, and a warden route to it allowing `allow`.
 fn setup(opts: ClusterOptions, allow: &str, stored_password: &str, extra_route: &str) -> Setup {
-    let pg = PgCluster::start(opts);
-    pg.create_role("app", PASSWORD);
-    let port = free_port();
-    let tls = match &pg.ca_pem {
-        Some(ca) => format!(
-            "upstream_tls = {{ mode = \"verify-full\", ca_file = \"{}\" }}",
-            ca.display()
-        ),
-        None => "upstream_tls = { mode = \"disable\" }".to_string(),
-    };
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[secret]]
-name = "app-db/app"
-rotation_period = "24h"
-
-[[route]]
-name = "app-db"
-kind = "postgres"
-listen = "127.0.0.1:{port}"
-upstream = "{host}:{pgport}"
-{tls}
-credential = {{ user = "app", secret = "app-db/app", cache_ttl = "1s" }}
-allow = [{allow}]
-connect_timeout = "2s"
-{extra_route}
-"#,
-        uid = my_uid(),
-        host = if pg.ca_pem.is_some() {
-            "localhost"
-        } else {
-            "127.0.0.1"
+    route_setup(
+        opts,
+        RouteOptions {
+            password: PASSWORD,
+            stored_password,
+            allow,
+            cache_ttl: "1s",
+            secret_extra: "",
+            route_extra: extra_route,
+            app_sql: "",
         },
-        pgport = pg.port,
-    );
-    let warden = Instance::new_with(&cfg);
-    warden.run(&["init"]).ok();
-    warden
-        .run_stdin(&["secret", "put", "app-db/app"], stored_password.as_bytes())
-        .ok();
-    let daemon = warden.start_daemon();
-    Setup {
-        pg,
-        warden,
-        _daemon: daemon,
-        port,
-    }
+    )
 }
 
 fn psql(port: u16, sql: &str) -> std::process::Output {

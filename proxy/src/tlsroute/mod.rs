@@ -457,8 +457,31 @@ async fn session(
     shared
         .metrics
         .session(&route.name, &who.workload, "allowed");
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    let (up, down, how) = match result {
+    relay_and_end(
+        &mut client,
+        &mut upstream,
+        (&route, &shared),
+        actor(Some(&who)),
+        &detail,
+        started,
+    )
+    .await;
+}
+
+/// Relays both ways until either side closes, then counts the session's
+/// bytes and duration and writes its `session.end` record.
+async fn relay_and_end<A, B>(
+    a: &mut A,
+    b: &mut B,
+    (route, shared): (&TlsRoute, &Arc<TlsShared>),
+    who: crate::audit::Actor,
+    detail: &str,
+    started: Instant,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (up, down, how) = match tokio::io::copy_bidirectional(a, b).await {
         Ok((u, d)) => (u, d, "closed"),
         Err(_) => (0, 0, "connection error"),
     };
@@ -466,10 +489,10 @@ async fn session(
         .metrics
         .pg_session_end(&route.name, started.elapsed(), up, down);
     let event = Event {
-        actor: actor(Some(&who)),
+        actor: who,
         action: "session.end".into(),
         target: target(
-            &route,
+            route,
             format!(
                 "{detail}, {up} bytes up, {down} bytes down, {} ms, {how}",
                 started.elapsed().as_millis()

@@ -279,28 +279,13 @@ pub async fn session(
         return;
     }
     shared.metrics.session(&route.name, &id, "allowed");
-    let (up, down, how) = match tokio::io::copy_bidirectional(&mut tls, &mut upstream).await {
-        Ok((u, d)) => (u, d, "closed"),
-        Err(_) => (0, 0, "connection error"),
-    };
-    shared
-        .metrics
-        .pg_session_end(&route.name, started.elapsed(), up, down);
-    let _ = record(
-        &shared,
-        Event {
-            actor: remote_actor(&id),
-            action: "session.end".into(),
-            target: target(
-                &route,
-                format!(
-                    "{detail}, {up} bytes up, {down} bytes down, {} ms, {how}",
-                    started.elapsed().as_millis()
-                ),
-            ),
-            decision: Decision::Allow,
-            reason: "session ended".into(),
-        },
+    super::relay_and_end(
+        &mut tls,
+        &mut upstream,
+        (&route, &shared),
+        remote_actor(&id),
+        &detail,
+        started,
     )
     .await;
 }
