@@ -2184,12 +2184,12 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
             Some(u) => match parse_http_url(u) {
                 Err(problem) => c.error(
                     format!("{k}.rotate.url"),
-                    format!("url \"{u}\" {problem}"),
+                    format!("url \"{}\" {problem}", url_for_display(u)),
                     "use an http:// or https:// URL, e.g. url = \"https://vault-sync.internal/rotate\"",
                 ),
                 Ok(parsed) if !parsed.https && !is_loopback_host(&parsed.host) => c.error(
                     format!("{k}.rotate.url"),
-                    format!("url \"{u}\" is plain http to a non-loopback host: the new secret would cross the network unencrypted"),
+                    format!("url \"{}\" is plain http to a non-loopback host: the new secret would cross the network unencrypted", url_for_display(u)),
                     "use an https:// URL (or a loopback http:// address)",
                 ),
                 Ok(_) => {}
@@ -3318,6 +3318,27 @@ struct HttpUrl {
     port: u16,
 }
 
+/// `url` fit for messages: a user name, password, query or fragment (where a
+/// token could sit) is replaced by `…`.
+pub fn url_for_display(url: &str) -> String {
+    let url = url.trim();
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => authority.to_string(),
+    };
+    let path = match tail.find(['?', '#']) {
+        Some(i) => format!("{}…", &tail[..i]),
+        None => tail.to_string(),
+    };
+    format!("{scheme}{authority}{path}")
+}
+
 /// Parse an `http://` or `https://` URL far enough to check it.
 fn parse_http_url(s: &str) -> Result<HttpUrl, String> {
     let s = s.trim();
@@ -3803,6 +3824,28 @@ allow = ["reports"]
         );
         let r = report(&with("{ tll = \"1h\" }"));
         assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
+    }
+
+    #[test]
+    fn urls_in_messages_carry_no_credentials() {
+        assert_eq!(
+            url_for_display("https://bob:hunter2@sync.internal/rotate?token=s3cr3t#x"),
+            "https://…@sync.internal/rotate…"
+        );
+        assert_eq!(
+            url_for_display("http://127.0.0.1:8080/r"),
+            "http://127.0.0.1:8080/r"
+        );
+        let text = edit_text(
+            BASE,
+            "[[route]]",
+            "[[secret]]\nname = \"w\"\nrotation_period = \"1d\"\nrotate = { method = \"webhook\", url = \"http://bob:hunter2@sync.internal/r?token=s3cr3t\" }\n\n[[route]]",
+        );
+        let r = report(&text).to_string();
+        assert!(
+            r.contains("rotate.url") && !r.contains("hunter2") && !r.contains("s3cr3t"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -176,16 +176,9 @@ impl Rotator {
         self.specs.is_empty()
     }
 
-    /// Store and audit work (fsyncs) under the service lock, off the async
-    /// workers' hot path (both runtimes that drive this are multi-threaded).
+    /// Store and audit work under the service lock (see [`crate::service::blocking`]).
     fn with_service<T>(&self, f: impl FnOnce(&mut SecretService) -> Result<T>) -> Result<T> {
-        tokio::task::block_in_place(|| {
-            let mut s = self
-                .service
-                .lock()
-                .map_err(|_| Error::internal("service state poisoned"))?;
-            f(&mut s)
-        })
+        crate::service::blocking(&self.service, f)
     }
 
     fn event(
@@ -686,7 +679,10 @@ async fn post_webhook(
     } else if let Some(r) = lower.strip_prefix("http://") {
         (false, &url[url.len() - r.len()..])
     } else {
-        return Err(Apply::Unchanged(format!("{url} is not an http(s) URL")));
+        return Err(Apply::Unchanged(format!(
+            "{} is not an http(s) URL",
+            crate::config::url_for_display(url)
+        )));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),

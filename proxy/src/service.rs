@@ -650,6 +650,21 @@ impl SecretService {
 }
 
 /// Appends `event` and counts the write (or its failure) in the metrics.
+/// Runs `f` under the service lock with store and audit work (fsyncs) kept
+/// off the async workers' hot path: `block_in_place`, so callers must run on
+/// a multi-threaded runtime (the daemon's and the CLI's are).
+pub fn blocking<T>(
+    service: &std::sync::Mutex<SecretService>,
+    f: impl FnOnce(&mut SecretService) -> Result<T>,
+) -> Result<T> {
+    tokio::task::block_in_place(|| {
+        let mut s = service
+            .lock()
+            .map_err(|_| Error::internal("service state poisoned"))?;
+        f(&mut s)
+    })
+}
+
 fn append_counted(audit: &mut AuditLog, metrics: Option<&Metrics>, event: &Event) -> Result<()> {
     let res = audit.append(event);
     if let Some(m) = metrics {

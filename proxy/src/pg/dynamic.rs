@@ -436,16 +436,9 @@ impl LeaseManager {
         self.specs.is_empty()
     }
 
-    /// Store and audit work (fsyncs) under the service lock, off the async
-    /// workers' hot path (both runtimes that drive this are multi-threaded).
+    /// Store and audit work under the service lock (see [`crate::service::blocking`]).
     fn with_service<T>(&self, f: impl FnOnce(&mut SecretService) -> Result<T>) -> Result<T> {
-        tokio::task::block_in_place(|| {
-            let mut s = self
-                .service
-                .lock()
-                .map_err(|_| Error::internal("service state poisoned"))?;
-            f(&mut s)
-        })
+        crate::service::blocking(&self.service, f)
     }
 
     fn audit(
