@@ -22,9 +22,10 @@
 //!   has a field that could carry a secret *value*; callers pass secret names.
 //!
 //! Beside the log, `audit.log.head` (the log's file name + `.head`) holds
-//! `{"seq":N,"hash":"…"}` for the newest record. It is replaced atomically
-//! (temp file + rename) after every append and lets [`verify`] detect a log
-//! whose tail was cut off.
+//! `{"seq":N,"hash":"…"}` for the newest record, padded to a fixed width. It
+//! is overwritten in place (one small `pwrite`, see `AuditLog::write_anchor`)
+//! after every append and lets [`verify`] detect a log whose tail was cut
+//! off.
 //!
 //! # Guarantees
 //!
@@ -489,12 +490,6 @@ fn anchor_path(log_path: &Path) -> Result<PathBuf, AuditError> {
     let mut head = name.to_os_string();
     head.push(".head");
     Ok(log_path.with_file_name(head))
-}
-
-fn anchor_tmp_path(head_path: &Path) -> PathBuf {
-    let mut p = head_path.as_os_str().to_os_string();
-    p.push(".tmp");
-    PathBuf::from(p)
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -977,37 +972,65 @@ impl AuditLog {
         self.file.sync_data()
     }
 
-    /// Atomically replaces the head anchor. An error before the rename leaves
-    /// the old anchor in place. The directory is not fsynced after the
-    /// rename: the records are already durable, and losing the rename in an
-    /// OS crash only makes `verify` note a lagging anchor — one sync fewer
-    /// per append on the lease and session paths.
+    /// Overwrites the head anchor in place: one `pwrite` of a fixed-width
+    /// line at offset 0, no temp file, no rename, no `fsync`.
+    ///
+    /// * The line is [`ANCHOR_WIDTH`] bytes, far below one 512-byte sector,
+    ///   so an OS crash leaves either the old or the new anchor (the sector
+    ///   atomicity PostgreSQL relies on for `pg_control`), never a mix.
+    /// * It is written after the records' `fsync`, so the anchor never gets
+    ///   ahead of the durable log; losing the write in an OS crash only makes
+    ///   `verify` note a lagging anchor.
+    /// * Nothing is allocated after the first append, so a full disk fails
+    ///   the log write, not the anchor.
+    ///
+    /// An error leaves the old anchor in place (the write is never partial
+    /// in practice; if it were, the next open refuses the log as unreadable
+    /// evidence rather than trusting it).
     fn write_anchor(&self, seq: u64, hash: &str) -> Result<(), AuditError> {
-        let tmp = anchor_tmp_path(&self.head_path);
+        let head = &self.head_path;
         #[cfg(test)]
         if let Some(Fault::Anchor) = self.fault {
-            return Err(io_err(&tmp)(io::Error::from_raw_os_error(libc::ENOSPC)));
+            return Err(io_err(head)(io::Error::from_raw_os_error(libc::ENOSPC)));
         }
-        let mut content = serde_json::to_vec(&AnchorFile {
-            seq,
-            hash: hash.to_owned(),
-        })
-        .map_err(encode_err)?;
-        content.push(b'\n');
-        let mut f = OpenOptions::new()
+        let content = anchor_line(seq, hash)?;
+        let f = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(&content).map_err(io_err(&tmp))?;
-        f.sync_data().map_err(io_err(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, &self.head_path).map_err(io_err(&self.head_path))?;
+            .open(head)
+            .map_err(io_err(head))?;
+        f.write_all_at(&content, 0).map_err(io_err(head))?;
+        // A longer file (an anchor written by hand or by a tool) would leave
+        // trailing bytes that make it unparsable.
+        if f.metadata().map_err(io_err(head))?.len() != content.len() as u64 {
+            f.set_len(content.len() as u64).map_err(io_err(head))?;
+        }
         Ok(())
     }
+}
+
+/// Width of the head anchor file: `{"seq":N,"hash":"…"}`, padded with
+/// spaces, and a newline. The longest content (a 20-digit seq) is 102 bytes.
+const ANCHOR_WIDTH: usize = 128;
+
+/// The anchor file's whole content for (seq, hash), [`ANCHOR_WIDTH`] bytes.
+fn anchor_line(seq: u64, hash: &str) -> Result<Vec<u8>, AuditError> {
+    let mut content = serde_json::to_vec(&AnchorFile {
+        seq,
+        hash: hash.to_owned(),
+    })
+    .map_err(encode_err)?;
+    if content.len() >= ANCHOR_WIDTH {
+        return Err(AuditError::Encode(format!(
+            "head anchor of {} bytes does not fit in {ANCHOR_WIDTH}",
+            content.len()
+        )));
+    }
+    content.resize(ANCHOR_WIDTH - 1, b' ');
+    content.push(b'\n');
+    Ok(content)
 }
 
 /// Best effort: cuts the log back to `len` (and forces that to disk) so a
@@ -1675,7 +1698,12 @@ mod tests {
             prev = rec.hash;
         }
         let anchor = fs::read_to_string(anchor_path(&path).unwrap()).unwrap();
-        assert_eq!(anchor, format!("{{\"seq\":3,\"hash\":\"{prev}\"}}\n"));
+        assert_eq!(anchor.len(), ANCHOR_WIDTH);
+        assert!(anchor.ends_with(" \n"), "{anchor:?}");
+        assert_eq!(
+            anchor.trim_end(),
+            format!("{{\"seq\":3,\"hash\":\"{prev}\"}}")
+        );
         assert_eq!(GENESIS_HASH.len(), 64);
         for p in [path.clone(), anchor_path(&path).unwrap()] {
             assert_eq!(
@@ -2167,16 +2195,50 @@ mod tests {
     }
 
     #[test]
+    fn anchors_of_other_widths_are_read_and_rewritten_to_the_fixed_width() {
+        let (_dir, path) = new_log(3);
+        let head = anchor_path(&path).unwrap();
+        let hash3 = serde_json::from_slice::<Record>(&read_lines(&path)[2])
+            .unwrap()
+            .hash;
+        // The unpadded form earlier versions wrote, then a longer hand edit.
+        for old in [
+            format!("{{\"seq\":3,\"hash\":\"{hash3}\"}}\n"),
+            format!("{{\"seq\":3,\"hash\":\"{hash3}\"}}{}\n", " ".repeat(300)),
+        ] {
+            fs::write(&head, &old).unwrap();
+            assert!(assert_clean(&path, 3).notes.is_empty());
+            let mut log = AuditLog::open(&path).unwrap();
+            let seq = log.append(&event(4)).unwrap().seq;
+            let now = fs::read_to_string(&head).unwrap();
+            assert_eq!(now.len(), ANCHOR_WIDTH, "{now:?}");
+            assert!(now.starts_with(&format!("{{\"seq\":{seq},")), "{now:?}");
+            assert!(assert_clean(&path, seq).notes.is_empty());
+            // Back to seq 3 for the next form: cut the log, keep the chain.
+            let lines = fs::read(&path).unwrap();
+            let keep: usize = lines
+                .split_inclusive(|&b| b == b'\n')
+                .take(3)
+                .map(<[u8]>::len)
+                .sum();
+            fs::write(&path, &lines[..keep]).unwrap();
+        }
+    }
+
+    #[test]
     fn unwritable_anchor_fails_closed() {
         let (_dir, path) = new_log(3);
         let before = fs::read(&path).unwrap();
-        let tmp = anchor_tmp_path(&anchor_path(&path).unwrap());
-        fs::create_dir(&tmp).unwrap();
+        let head = anchor_path(&path).unwrap();
         let mut log = AuditLog::open(&path).unwrap();
+        // A directory where the anchor should be: the append fails and is
+        // rolled back.
+        fs::remove_file(&head).unwrap();
+        fs::create_dir(&head).unwrap();
         assert!(log.append(&event(4)).is_err());
         assert_eq!(fs::read(&path).unwrap(), before);
+        fs::remove_dir(&head).unwrap();
         assert_clean(&path, 3);
-        fs::remove_dir(&tmp).unwrap();
         assert_eq!(log.append(&event(4)).unwrap().seq, 4);
         assert_clean(&path, 4);
     }

@@ -108,33 +108,64 @@ fn unwritable_audit_log_refuses_the_action() {
         eprintln!("skipping: needs root to mount a small tmpfs");
         return;
     }
-    let i = warden_tests::Instance::new();
-    // A real full disk: the data dir on a 1 MiB tmpfs, filled up after init.
-    std::fs::create_dir(&i.data_dir).unwrap();
+    let i = warden_tests::Instance::initialised();
+    // A real full disk under the audit log only: the log is moved to a
+    // 1 MiB tmpfs and bind-mounted back in place, so the store (on the normal
+    // disk) could commit and only the record is missing.
+    let small = i.dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
     let st = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
-        .arg(&i.data_dir)
+        .arg(&small)
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
+    struct Unmount(Vec<std::path::PathBuf>);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
+            for p in &self.0 {
+                let _ = Command::new("umount").arg(p).status();
+            }
         }
     }
-    let _guard = Unmount(i.data_dir.clone());
-    i.run(&["init"]).ok();
+    let mut guard = Unmount(vec![small.clone()]);
+    let log = i.audit_log();
+    let moved = small.join("audit.log");
+    std::fs::copy(&log, &moved).unwrap();
+    let st = Command::new("mount")
+        .arg("--bind")
+        .arg(&moved)
+        .arg(&log)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bind-mount the log");
+    guard.0.insert(0, log.clone());
+
     let d = i.start_daemon();
     i.put("before", b"x").ok();
-    let filler = i.data_dir.join("filler");
+    let filler = small.join("filler");
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=4k"])
         .arg(format!("of={}", filler.display()))
         .output();
-    let out = i.put("during", b"y");
-    out.code(1)
-        .stderr_has("disk full")
+    // Records still fit in the log's last page; once it is full, the next
+    // action must be refused, and so must every later one.
+    let mut refused = None;
+    for n in 0..64 {
+        let name = format!("during{n}");
+        let out = i.put(&name, b"y");
+        if out.code != 0 {
+            out.code(1)
+                .stderr_has("disk full")
+                .stderr_has("refused because it could not be recorded");
+            refused = Some(n);
+            break;
+        }
+    }
+    let refused = refused.expect("64 puts on a full disk were all recorded");
+    eprintln!("the put after {refused} recorded ones was refused");
+    i.put("after", b"z")
+        .code(1)
         .stderr_has("refused because it could not be recorded");
     let (_, metrics) = i.http_get("/metrics");
     let failures: u64 = metrics
@@ -142,12 +173,18 @@ fn unwritable_audit_log_refuses_the_action() {
         .find_map(|l| l.strip_prefix("warden_audit_write_failures_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    assert!(failures >= 1, "audit write failures not counted: {metrics}");
+    assert!(failures >= 2, "audit write failures not counted: {metrics}");
     std::fs::remove_file(&filler).unwrap();
     // Nothing was stored without its record, and the log still verifies.
     let list = i.run(&["secret", "list"]);
     list.ok().stdout_has("before");
-    assert!(!list.stdout.contains("during"), "{list:?}");
+    for n in 0..refused {
+        list.stdout_has(&format!("during{n}"));
+    }
+    assert!(
+        !list.stdout.contains(&format!("during{refused}")) && !list.stdout.contains("after"),
+        "{list:?}"
+    );
     drop(d);
     i.run(&["audit", "verify"]).ok();
 }
