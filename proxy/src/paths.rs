@@ -160,14 +160,34 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock> {
 }
 
 /// Name of a user id from /etc/passwd, for human-readable audit records.
+///
+/// Every route session's audit record names its user, so the parsed file is
+/// kept and re-read only when its inode, size or mtime changes.
 pub fn user_name(uid: u32) -> Option<String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let mut it = l.split(':');
-        let name = it.next()?;
-        let _ = it.next();
-        (it.next()?.parse::<u32>().ok()? == uid).then(|| name.to_string())
-    })
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+    type Parsed = ((u64, u64, i64, i64), Vec<(u32, String)>);
+    static CACHE: Mutex<Option<Parsed>> = Mutex::new(None);
+    const PASSWD: &str = "/etc/passwd";
+    let meta = std::fs::metadata(PASSWD).ok()?;
+    let key = (meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.as_ref().map(|(k, _)| *k) != Some(key) {
+        let passwd = std::fs::read_to_string(PASSWD).ok()?;
+        let users = passwd
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split(':');
+                let name = it.next()?;
+                let _ = it.next();
+                Some((it.next()?.parse::<u32>().ok()?, name.to_string()))
+            })
+            .collect();
+        *cache = Some((key, users));
+    }
+    let (_, users) = cache.as_ref()?;
+    // The first entry for a uid wins, as getpwuid does.
+    users.iter().find(|(u, _)| *u == uid).map(|(_, n)| n.clone())
 }
 
 /// Gid of a group name from /etc/group.

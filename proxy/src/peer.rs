@@ -4,8 +4,9 @@
 //! the audit actor that names it.
 
 use crate::audit::{Actor, ActorKind};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use warden_identity::attest::{self, ExeHashCache, PeerFacts, PeerResolver, Registration};
 
 /// A connecting process after attestation.
@@ -21,7 +22,13 @@ pub struct Attestor {
     pub registrations: Vec<Registration>,
     pub hashes: ExeHashCache,
     pub resolver: Arc<dyn PeerResolver>,
+    /// The last attestation per pid, reused only after
+    /// [`attest::revalidate`] found the process unchanged.
+    recent: Mutex<HashMap<u32, Attested>>,
 }
+
+/// Pids whose attestation is kept for reuse; the map is emptied when full.
+const RECENT_MAX: usize = 4096;
 
 impl Attestor {
     /// `resolver` is the daemon's (eBPF with /proc fallback, or /proc only;
@@ -31,6 +38,7 @@ impl Attestor {
             registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
             hashes: ExeHashCache::new(),
             resolver,
+            recent: Mutex::new(HashMap::new()),
         }
     }
 
@@ -42,7 +50,34 @@ impl Attestor {
     }
 
     /// Attests `pid` (blocking /proc work). Errors are messages for the client.
+    ///
+    /// A process that connects again reuses its last attestation when
+    /// [`attest::revalidate`] finds every fact a selector sees unchanged — the
+    /// result a fresh attestation would give, for about half the /proc reads.
+    /// Anything else (another process on the pid, a changed uid, cgroup or
+    /// executable) attests from scratch.
     pub fn attest_pid(&self, pid: u32) -> Result<Attested, String> {
+        let recent = self.recent_lock().get(&pid).cloned();
+        if let Some(prev) = recent {
+            if attest::revalidate(&prev.facts, &self.hashes).is_ok() {
+                return Ok(prev);
+            }
+            self.recent_lock().remove(&pid);
+        }
+        let fresh = self.attest_fresh(pid)?;
+        let mut recent = self.recent_lock();
+        if recent.len() >= RECENT_MAX {
+            recent.clear();
+        }
+        recent.insert(pid, fresh.clone());
+        Ok(fresh)
+    }
+
+    fn recent_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Attested>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attest_fresh(&self, pid: u32) -> Result<Attested, String> {
         let facts = attest::gather_facts(pid, &self.hashes).map_err(|e| format!("warden: {e}"))?;
         let reg =
             attest::attest(&facts, &self.registrations).map_err(|e| format!("warden: {e}"))?;

@@ -115,6 +115,11 @@ pub fn confirm_same_process(facts: &PeerFacts) -> Result<(), AttestError> {
     ProcFs::default().confirm_same_process(facts)
 }
 
+/// [`ProcFs::revalidate`] on `/proc`.
+pub fn revalidate(facts: &PeerFacts, hashes: &ExeHashCache) -> Result<(), AttestError> {
+    ProcFs::default().revalidate(facts, hashes)
+}
+
 /// The facts that are re-read by the pid-reuse guard.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -182,40 +187,47 @@ impl ProcFs {
     pub fn confirm_same_process(&self, facts: &PeerFacts) -> Result<(), AttestError> {
         let pid = facts.pid;
         self.confirm_start_time(facts)?;
-        let now = match self.snapshot(pid) {
-            Ok(now) => now,
-            Err(AttestError::ProcessGone { .. }) => return Err(exited(pid)),
-            Err(e) => return Err(e),
-        };
-        let mut diffs = Vec::new();
-        if now.uid != facts.uid {
-            diffs.push(format!("uid {} -> {}", facts.uid, now.uid));
-        }
-        if now.gid != facts.gid {
-            diffs.push(format!("gid {} -> {}", facts.gid, now.gid));
-        }
-        if now.groups != facts.groups {
-            diffs.push("supplementary groups changed".to_string());
-        }
-        if now.exe_path != facts.exe_path {
-            diffs.push(format!(
-                "executable {} -> {}",
-                opt_path(&facts.exe_path),
-                opt_path(&now.exe_path)
-            ));
-        }
-        if now.cgroup != facts.cgroup {
-            diffs.push("moved to another cgroup".to_string());
-        }
+        let now = self.resnapshot(pid)?;
+        let diffs = differences(facts, &now);
         // A pid recycled while the snapshot was read is caught by a last stat read.
         self.confirm_start_time(facts)?;
-        if diffs.is_empty() {
-            Ok(())
-        } else {
-            Err(AttestError::ProcessChanged {
-                pid,
-                detail: diffs.join(", "),
-            })
+        changed_if_any(pid, diffs)
+    }
+
+    /// Whether `facts` (gathered earlier, and already attested) still
+    /// describe the live process exactly: the same start time and every fact
+    /// a selector can see — uid, gid, groups, executable path, whether it was
+    /// deleted, its SHA-256, cgroup — unchanged. A fresh
+    /// [`ProcFs::gather_facts`] would then return the same facts (up to the
+    /// comm name, which is display only), so the earlier attestation still
+    /// holds. It brackets its reads with start-time reads like
+    /// [`ProcFs::confirm_same_process`] and replaces it for a reused result.
+    /// Any difference is [`AttestError::ProcessChanged`].
+    ///
+    /// It reads about half of what gathering and confirming read, which is
+    /// what makes repeated connections from one process cheap.
+    pub fn revalidate(&self, facts: &PeerFacts, hashes: &ExeHashCache) -> Result<(), AttestError> {
+        let pid = facts.pid;
+        self.confirm_start_time(facts)?;
+        let now = self.resnapshot(pid)?;
+        let mut diffs = differences(facts, &now);
+        if now.exe_deleted != facts.exe_deleted {
+            diffs.push("executable deleted".to_string());
+        }
+        let sha = hashes.sha256_of(&self.pid_file(pid, "exe")).ok();
+        if sha != facts.exe_sha256 {
+            diffs.push("executable content changed".to_string());
+        }
+        self.confirm_start_time(facts)?;
+        changed_if_any(pid, diffs)
+    }
+
+    /// [`Self::snapshot`] for a re-check: a vanished process has exited.
+    fn resnapshot(&self, pid: u32) -> Result<Snapshot, AttestError> {
+        match self.snapshot(pid) {
+            Ok(now) => Ok(now),
+            Err(AttestError::ProcessGone { .. }) => Err(exited(pid)),
+            Err(e) => Err(e),
         }
     }
 
@@ -261,6 +273,44 @@ impl ProcFs {
             exe_path,
             exe_deleted,
             cgroup,
+        })
+    }
+}
+
+/// What differs between attested facts and a fresh snapshot, for the
+/// message (an executable deleted meanwhile is not listed: the process still
+/// runs the file it was attested with).
+fn differences(facts: &PeerFacts, now: &Snapshot) -> Vec<String> {
+    let mut diffs = Vec::new();
+    if now.uid != facts.uid {
+        diffs.push(format!("uid {} -> {}", facts.uid, now.uid));
+    }
+    if now.gid != facts.gid {
+        diffs.push(format!("gid {} -> {}", facts.gid, now.gid));
+    }
+    if now.groups != facts.groups {
+        diffs.push("supplementary groups changed".to_string());
+    }
+    if now.exe_path != facts.exe_path {
+        diffs.push(format!(
+            "executable {} -> {}",
+            opt_path(&facts.exe_path),
+            opt_path(&now.exe_path)
+        ));
+    }
+    if now.cgroup != facts.cgroup {
+        diffs.push("moved to another cgroup".to_string());
+    }
+    diffs
+}
+
+fn changed_if_any(pid: u32, diffs: Vec<String>) -> Result<(), AttestError> {
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(AttestError::ProcessChanged {
+            pid,
+            detail: diffs.join(", "),
         })
     }
 }
@@ -486,6 +536,52 @@ mod tests {
         symlink(&other, fake.pid_dir(4242).join("exe")).unwrap();
         let err = fake.procfs().confirm_same_process(&f).unwrap_err();
         assert!(err.to_string().contains("executable"), "{err}");
+    }
+
+    #[test]
+    fn revalidate_accepts_only_an_unchanged_process() {
+        let fake = FakeProc::new();
+        let hashes = ExeHashCache::new();
+        let bin = fake.add(4242, 1000, 0, b"abc", "/svc.slice/a.service");
+        let f = fake.procfs().gather_facts(4242, &hashes).unwrap();
+        assert!(f.exe_sha256.is_some());
+        // Unchanged (the comm name is display only).
+        fake.procfs().revalidate(&f, &hashes).unwrap();
+        let stale = |what: &str| {
+            let err = fake.procfs().revalidate(&f, &hashes).unwrap_err();
+            assert!(
+                matches!(err, AttestError::ProcessChanged { .. }),
+                "{what}: {err}"
+            );
+            err.to_string()
+        };
+        // The executable rewritten in place: same path, other content.
+        fs::write(&bin, b"abcd").unwrap();
+        assert!(stale("content").contains("executable content changed"));
+        fs::write(&bin, b"abc").unwrap();
+        let f = fake.procfs().gather_facts(4242, &hashes).unwrap();
+        fake.procfs().revalidate(&f, &hashes).unwrap();
+        let f2 = f.clone();
+        let stale = |what: &str| {
+            let err = fake.procfs().revalidate(&f2, &hashes).unwrap_err();
+            assert!(
+                matches!(err, AttestError::ProcessChanged { .. }),
+                "{what}: {err}"
+            );
+            err.to_string()
+        };
+        fake.set_uid(4242, 65534);
+        assert!(stale("uid").contains("uid 0 -> 65534"));
+        fake.set_uid(4242, 0);
+        fs::write(fake.pid_dir(4242).join("cgroup"), "0::/other\n").unwrap();
+        assert!(stale("cgroup").contains("cgroup"));
+        fs::write(fake.pid_dir(4242).join("cgroup"), "0::/svc.slice/a.service\n").unwrap();
+        fake.procfs().revalidate(&f2, &hashes).unwrap();
+        // Another process now has the pid.
+        fake.set_stat(4242, 2000, 'S');
+        assert!(stale("pid reuse").contains("another process"));
+        fake.set_stat(4242, 1000, 'Z');
+        assert!(stale("zombie").contains("exited"));
     }
 
     #[test]
