@@ -18,7 +18,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use warden_ebpf::{AccessEvent, DestKind, Monitor, MonitorConfig, MonitorError};
-use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Registration};
+use warden_identity::attest::{
+    ExeHashCache, PeerFacts, PeerResolver, ProcNetResolver, Registration,
+};
 
 use crate::config::{Config, EbpfMode, ProtectMode};
 use crate::error::{Error, Result};
@@ -441,13 +443,32 @@ async fn enrich(
     anomaly: Arc<std::sync::OnceLock<Arc<crate::anomaly::Anomaly>>>,
 ) {
     let hashes = ExeHashCache::new();
+    let mut recent = RecentFacts::default();
     while let Some((ev, early_exe)) = rx.recv().await {
-        let facts = warden_identity::attest::gather_facts(ev.process.tgid, &hashes).ok();
-        let workload = facts.as_ref().and_then(|f| {
-            warden_identity::attest::attest(f, &registrations)
-                .ok()
-                .map(|r| r.name.clone())
-        });
+        let key = EnrichKey {
+            tgid: ev.process.tgid,
+            uid: ev.process.uid,
+            gid: ev.process.gid,
+            cgroup_id: ev.process.cgroup_id,
+            exe: early_exe.clone(),
+        };
+        // A bypass attempt feeds the anomaly detector: always read afresh.
+        let reuse = (!ev.verdict.is_bypass())
+            .then(|| recent.get(&key))
+            .flatten();
+        let (facts, workload) = match reuse {
+            Some(hit) => hit,
+            None => {
+                let facts = warden_identity::attest::gather_facts(ev.process.tgid, &hashes).ok();
+                let workload = facts.as_ref().and_then(|f| {
+                    warden_identity::attest::attest(f, &registrations)
+                        .ok()
+                        .map(|r| r.name.clone())
+                });
+                recent.put(key, facts.clone(), workload.clone());
+                (facts, workload)
+            }
+        };
         if ev.verdict.is_bypass() {
             if let Some(a) = anomaly.get() {
                 a.bypass(workload.as_deref(), ev.process.tgid, ev.process.cgroup_id);
@@ -474,6 +495,58 @@ async fn enrich(
             comm: ev.comm(),
         };
         feed.publish(record);
+    }
+}
+
+/// What identifies the process of an event for [`RecentFacts`]: the kernel's
+/// view at connect time (tgid, uid, gid, cgroup) and the executable path
+/// read when the event arrived.
+#[derive(PartialEq, Eq)]
+struct EnrichKey {
+    tgid: u32,
+    uid: u32,
+    gid: u32,
+    cgroup_id: u64,
+    exe: Option<String>,
+}
+
+/// The enrichment of recent events, reused for the next events of the same
+/// process (a connection gives a connect and an attribution event, and a
+/// client that reconnects gives many) while the kernel reports the same
+/// uid, gid and cgroup and the executable path is unchanged, for at most
+/// [`RecentFacts::TTL`]. It only names processes in the event feed; route
+/// attestation never uses it.
+#[derive(Default)]
+struct RecentFacts {
+    map: std::collections::HashMap<
+        u32,
+        (
+            EnrichKey,
+            std::time::Instant,
+            Option<PeerFacts>,
+            Option<String>,
+        ),
+    >,
+}
+
+impl RecentFacts {
+    const TTL: Duration = Duration::from_secs(2);
+    const MAX: usize = 4096;
+
+    fn get(&self, key: &EnrichKey) -> Option<(Option<PeerFacts>, Option<String>)> {
+        let (k, at, facts, workload) = self.map.get(&key.tgid)?;
+        (k == key && at.elapsed() < Self::TTL).then(|| (facts.clone(), workload.clone()))
+    }
+
+    fn put(&mut self, key: EnrichKey, facts: Option<PeerFacts>, workload: Option<String>) {
+        if self.map.len() >= Self::MAX {
+            self.map.retain(|_, (_, at, _, _)| at.elapsed() < Self::TTL);
+            if self.map.len() >= Self::MAX {
+                self.map.clear();
+            }
+        }
+        self.map
+            .insert(key.tgid, (key, std::time::Instant::now(), facts, workload));
     }
 }
 

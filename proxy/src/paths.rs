@@ -187,7 +187,10 @@ pub fn user_name(uid: u32) -> Option<String> {
     }
     let (_, users) = cache.as_ref()?;
     // The first entry for a uid wins, as getpwuid does.
-    users.iter().find(|(u, _)| *u == uid).map(|(_, n)| n.clone())
+    users
+        .iter()
+        .find(|(u, _)| *u == uid)
+        .map(|(_, n)| n.clone())
 }
 
 /// Gid of a group name from /etc/group.

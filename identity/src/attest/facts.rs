@@ -575,7 +575,11 @@ mod tests {
         fake.set_uid(4242, 0);
         fs::write(fake.pid_dir(4242).join("cgroup"), "0::/other\n").unwrap();
         assert!(stale("cgroup").contains("cgroup"));
-        fs::write(fake.pid_dir(4242).join("cgroup"), "0::/svc.slice/a.service\n").unwrap();
+        fs::write(
+            fake.pid_dir(4242).join("cgroup"),
+            "0::/svc.slice/a.service\n",
+        )
+        .unwrap();
         fake.procfs().revalidate(&f2, &hashes).unwrap();
         // Another process now has the pid.
         fake.set_stat(4242, 2000, 'S');
