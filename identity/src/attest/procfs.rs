@@ -51,9 +51,13 @@ impl ProcFs {
 
     /// Reads `ROOT/PID/NAME`; a vanished process yields
     /// [`AttestError::ProcessGone`].
+    ///
+    /// These files are generated on read and report a size of 0, so
+    /// `fs::read_to_string` would `statx` and then grow its buffer from a
+    /// 32-byte probe; one 4 KiB read usually takes the whole file here.
     pub(crate) fn read_pid_file(&self, pid: u32, name: &str) -> Result<String, AttestError> {
         let path = self.pid_file(pid, name);
-        fs::read_to_string(&path).map_err(|e| io_error(pid, path, e))
+        read_generated(&path).map_err(|e| io_error(pid, path, e))
     }
 
     /// Reads and parses `ROOT/PID/stat`.
@@ -90,6 +94,23 @@ impl ProcFs {
         let text = self.read_pid_file(pid, "cgroup")?;
         Ok(parse_cgroup_v2(&text))
     }
+}
+
+/// Reads a whole procfs file with 4 KiB reads until end of file.
+fn read_generated(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    let mut buf = [0u8; 4096];
+    let mut out = Vec::new();
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or(&[])),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Maps an I/O error on a per-process file: "no such file" and ESRCH mean

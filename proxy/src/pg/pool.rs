@@ -10,7 +10,9 @@
 //! opened with different `options` or `application_name` must not mix).
 //!
 //! When a client leaves (Terminate, EOF) and the relay stopped at a message
-//! boundary, the connection is reset off the client's path: `CopyFail`
+//! boundary, the connection is reset off the client's path. A client that
+//! left idle (every request answered, the last ReadyForQuery status `I`)
+//! gets `DISCARD ALL` alone; any other gets `CopyFail`
 //! (ends a COPY FROM STDIN; ignored otherwise), `Sync` (ends an unfinished
 //! extended-query batch), `ROLLBACK`, `DISCARD ALL` (temp tables, prepared
 //! statements, portals, LISTEN, advisory locks, `SET`/`SET ROLE`/session
@@ -327,17 +329,29 @@ pub async fn reset(
     resume: Resume,
     params: &mut Vec<(String, String)>,
 ) -> Result<(), String> {
-    let mut out = protocol::copy_fail("warden: the client session ended");
-    out.extend_from_slice(&protocol::sync());
-    out.extend_from_slice(&protocol::query("ROLLBACK"));
+    // A client that left with every request answered and the last
+    // ReadyForQuery saying idle needs no CopyFail, Sync or ROLLBACK: only
+    // DISCARD ALL (one statement for the server instead of three).
+    let idle = resume.pending_ready == 0 && resume.last_status == Some(b'I');
+    let mut out = Vec::new();
+    if !idle {
+        out.extend_from_slice(&protocol::copy_fail("warden: the client session ended"));
+        out.extend_from_slice(&protocol::sync());
+        out.extend_from_slice(&protocol::query("ROLLBACK"));
+    }
     out.extend_from_slice(&protocol::query("DISCARD ALL"));
     let io = |e: std::io::Error| format!("upstream I/O failed during the reset: {e}");
     stream.write_all(&out).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
 
-    // ReadyForQuery number `rollback` answers ROLLBACK, the next DISCARD ALL.
-    let rollback = resume.pending_ready + 2;
-    let last = rollback + 1;
+    // ReadyForQuery number `rollback` answers ROLLBACK (0: none sent), the
+    // next (`last`) DISCARD ALL; messages from `ours` on answer the reset.
+    let (ours_from, rollback) = if idle {
+        (1, 0)
+    } else {
+        (resume.pending_ready + 2, resume.pending_ready + 2)
+    };
+    let last = if idle { 1 } else { rollback + 1 };
     let mut framer = resume.framer;
     let mut seen_ready = 0u64;
     let mut rolled_back = false;
@@ -381,7 +395,7 @@ pub async fn reset(
             // Which answer this message belongs to: the client's requests,
             // our Sync, ROLLBACK (== rollback) or DISCARD ALL (== last).
             let segment = seen_ready + 1;
-            let ours = segment >= rollback;
+            let ours = segment >= ours_from;
             let parsed = matches!(tag, b'S' | b'C' | b'E' | b'Z');
             if !parsed || len + 1 > MAX_PARSED {
                 if ours && !matches!(tag, b'N' | b'A') {
@@ -432,7 +446,7 @@ pub async fn reset(
                     // ReadyForQuery.
                     seen_ready += 1;
                     let status = message.get(5).copied().unwrap_or(0);
-                    if seen_ready == rollback && !rolled_back {
+                    if rollback > 0 && seen_ready == rollback && !rolled_back {
                         return Err("ROLLBACK was not confirmed".into());
                     }
                     if seen_ready == last {

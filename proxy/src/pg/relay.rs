@@ -128,6 +128,9 @@ pub struct Resume {
     pub framer: Framer,
     /// ReadyForQuery messages still to come for requests the client sent.
     pub pending_ready: u64,
+    /// Transaction status of the last ReadyForQuery relayed (`I`, `T`, `E`),
+    /// when its byte was seen; `None` if unknown.
+    pub last_status: Option<u8>,
 }
 
 pub struct RelayEnd {
@@ -160,6 +163,8 @@ struct Dir {
     /// that sees EOF there rolls the batch's implicit transaction back,
     /// whereas the reset's Sync would commit it: such a connection is closed.
     batch_open: bool,
+    /// Upstream: the status byte of the last ReadyForQuery, if it was seen.
+    last_status: Option<u8>,
 }
 
 impl Dir {
@@ -175,6 +180,7 @@ impl Dir {
             poisoned: false,
             counted: 0,
             batch_open: false,
+            last_status: None,
         }
     }
 }
@@ -218,9 +224,14 @@ where
             if n == 0 {
                 d.eof = true;
             } else {
-                let (counted, poisoned, batch) =
-                    (&mut d.counted, &mut d.poisoned, &mut d.batch_open);
-                let walked = d.framer.walk(&d.buf[..n], |tag, len, start| {
+                let (counted, poisoned, batch, status) = (
+                    &mut d.counted,
+                    &mut d.poisoned,
+                    &mut d.batch_open,
+                    &mut d.last_status,
+                );
+                let chunk = &d.buf[..n];
+                let walked = d.framer.walk(chunk, |tag, len, start| {
                     if client {
                         match tag {
                             b'Q' | b'F' => *counted += 1,
@@ -236,6 +247,8 @@ where
                         }
                     } else if tag == b'Z' {
                         *counted += 1;
+                        // The status byte follows the 5-byte header.
+                        *status = start.and_then(|s| chunk.get(s + 5)).copied();
                     }
                     false
                 });
@@ -287,6 +300,7 @@ where
         end.resume = Some(Resume {
             framer: Framer::default(),
             pending_ready: 0,
+            last_status: Some(b'I'),
         });
         return end;
     }
@@ -328,6 +342,7 @@ where
         end.resume = Some(Resume {
             framer: u2c.framer,
             pending_ready: c2u.counted - u2c.counted,
+            last_status: u2c.last_status,
         });
     }
     if !client_ended {
@@ -427,5 +442,49 @@ mod tests {
         assert_eq!(end.up, (out.len() - 5) as u64);
         // 2 requests (Q, S); the Z may or may not have been read yet.
         assert!(resume.pending_ready == 2 || resume.pending_ready == 1);
+        let expect = (resume.pending_ready == 1).then_some(b'I');
+        assert_eq!(resume.last_status, expect);
+    }
+
+    #[tokio::test]
+    async fn the_last_transaction_status_is_kept_for_the_reset() {
+        for (status, split) in [(b'I', false), (b'T', false), (b'I', true)] {
+            let (mut client, mut client_far) = tokio::io::duplex(1024);
+            let (mut up, mut up_far) = tokio::io::duplex(1024);
+            let task = tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"").await });
+            let q = msg(b'Q', b"begin\0");
+            client.write_all(&q).await.unwrap();
+            let mut seen = vec![0u8; q.len()];
+            tokio::io::AsyncReadExt::read_exact(&mut up, &mut seen)
+                .await
+                .unwrap();
+            let mut reply = msg(b'C', b"BEGIN\0");
+            reply.extend(msg(b'Z', &[status]));
+            if split {
+                // The status byte arrives in a later read than its header.
+                let cut = reply.len() - 1;
+                up.write_all(&reply[..cut]).await.unwrap();
+                up.flush().await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                up.write_all(&reply[cut..]).await.unwrap();
+            } else {
+                up.write_all(&reply).await.unwrap();
+            }
+            let mut got = vec![0u8; reply.len()];
+            tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+                .await
+                .unwrap();
+            client.write_all(&msg(b'X', b"")).await.unwrap();
+            let resume = task.await.unwrap().resume.expect("resumable");
+            assert_eq!(resume.pending_ready, 0);
+            // A status byte not seen with its header is unknown: full reset.
+            let expect = (!split).then_some(status);
+            assert_eq!(
+                resume.last_status,
+                expect,
+                "{} split {split}",
+                char::from(status)
+            );
+        }
     }
 }
