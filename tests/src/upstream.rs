@@ -49,13 +49,38 @@ class H(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         out = ("seen %s %s %d\n" % (self.command, self.path.split("?")[0], len(body))).encode()
+        if "/chunked" in self.path:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "x-sum")
+            self.end_headers()
+            for piece in (out, b"second piece\n", b"x" * 70000):
+                self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\nx-sum: 3\r\n\r\n")
+            return
+        if "/until-close" in self.path:
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(out + b"until close\n")
+            self.close_connection = True
+            return
         self.send_response(200)
+        if "/echo-auth" in self.path:
+            self.send_header("X-Echo", self.headers.get("Authorization", ""))
         self.send_header("Content-Length", str(len(out)))
         self.send_header("X-Upstream", "python")
         self.send_header("Keep-Alive", "timeout=5")
         self.end_headers()
         self.wfile.write(out)
     do_GET = do_POST = do_PUT = do_DELETE = one
+    def do_HEAD(self):
+        record({"method": "HEAD", "path": self.path, "version": self.request_version,
+                "headers": [[k, v] for k, v in self.headers.items()], "body_len": 0})
+        self.send_response(200)
+        self.send_header("Content-Length", "12")
+        self.end_headers()
 
 class Echo(socketserver.StreamRequestHandler):
     def handle(self):

@@ -23,18 +23,30 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("https")
+}
+
+/// The routes against a local upstream speaking `scheme`: `https` (hyper's
+/// pooled client) or `http` (warden's own HTTP/1.1 fast path). `api-badca`
+/// exists for https only.
+fn setup_with(scheme: &str) -> Setup {
     let certs = tempfile::tempdir().unwrap();
     let good = warden_tests::pg::make_tls(certs.path());
     let other_dir = certs.path().join("other");
     std::fs::create_dir(&other_dir).unwrap();
     let other = warden_tests::pg::make_tls(&other_dir);
-    let upstream = Upstream::start(
-        certs.path(),
-        "https",
-        Some(&good.server_cert_pem),
-        Some(&good.server_key),
-        None,
-    );
+    let https = scheme == "https";
+    let upstream = if https {
+        Upstream::start(
+            certs.path(),
+            "https",
+            Some(&good.server_cert_pem),
+            Some(&good.server_key),
+            None,
+        )
+    } else {
+        Upstream::start(certs.path(), "http", None, None, None)
+    };
     let mut ports = std::collections::HashMap::new();
     let mut routes = String::new();
     for (name, inject, ca, allow, extra) in [
@@ -74,23 +86,48 @@ fn setup() -> Setup {
             "",
         ),
     ] {
+        if !https && name == "api-badca" {
+            continue;
+        }
         let port = free_port();
         ports.insert(name, port);
+        let tls = if https {
+            format!("upstream_tls = {{ ca_file = \"{}\" }}", ca.display())
+        } else {
+            String::new()
+        };
         routes.push_str(&format!(
             r#"
 [[route]]
 name = "{name}"
 kind = "http"
 listen = "127.0.0.1:{port}"
-upstream = "https://localhost:{up}/base"
-upstream_tls = {{ ca_file = "{ca}" }}
+upstream = "{scheme}://localhost:{up}/base"
+{tls}
 inject = {inject}
 allow = ["{allow}"]
 connect_timeout = "3s"
 {extra}
 "#,
             up = upstream.port,
-            ca = ca.display(),
+        ));
+    }
+    if !https {
+        // An upstream nobody listens on.
+        let port = free_port();
+        ports.insert("api-down", port);
+        routes.push_str(&format!(
+            r#"
+[[route]]
+name = "api-down"
+kind = "http"
+listen = "127.0.0.1:{port}"
+upstream = "http://127.0.0.1:{down}/base"
+inject = {{ header = "X-Api-Key", secret = "api/token" }}
+allow = ["me"]
+connect_timeout = "3s"
+"#,
+            down = free_port(),
         ));
     }
     let cfg = format!(
@@ -179,7 +216,68 @@ fn assert_no_token_leaks(s: &Setup, client_bytes: &[u8]) {
 
 #[test]
 fn http_route_injects_the_credential_and_strips_the_clients() {
-    let s = setup();
+    injects_the_credential_and_strips_the_clients(&setup());
+}
+
+#[test]
+fn plain_http_upstream_fast_path_keeps_every_guarantee() {
+    let s = setup_with("http");
+    injects_the_credential_and_strips_the_clients(&s);
+    let port = s.ports["api"];
+    // Responses by every framing, on one pipelined connection: a chunked
+    // body (with extensions and a trailer), a HEAD, a header echoing the
+    // secret (dropped), then one closed by the upstream (closes the client).
+    let resp = raw(
+        port,
+        b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\nHEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /echo-auth HTTP/1.1\r\nHost: a\r\n\r\nGET /until-close HTTP/1.1\r\nHost: a\r\n\r\nGET /never HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    assert_eq!(resp.matches("HTTP/1.1 200").count(), 4, "{resp}");
+    assert!(resp.contains("transfer-encoding: chunked\r\n"), "{resp}");
+    assert!(resp.contains("seen GET /base/chunked 0\n\r\n"), "{resp}");
+    assert!(resp.contains(&"x".repeat(70000)), "chunked body cut short");
+    assert!(
+        resp.contains("0\r\nx-sum: 3\r\n\r\n"),
+        "trailer lost: {resp}"
+    );
+    assert!(!resp.to_ascii_lowercase().contains("x-echo"), "{resp}");
+    assert!(resp.ends_with("until close\n"), "{resp}");
+    assert_no_token_leaks(&s, resp.as_bytes());
+    // A request the fast path does not take (chunked body) after one it
+    // does, on the same connection: hyper serves the rest; both arrive.
+    let resp = raw(
+        port,
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nPOST /second HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    for seen in [
+        "seen GET /base/first 0",
+        "seen POST /base/second 3",
+        "seen GET /base/third 0",
+    ] {
+        assert!(resp.contains(seen), "{seen}: {resp}");
+    }
+    let recs = s.upstream.records();
+    // Every request of route "api" (not the query and Basic routes) carried
+    // the injected header, through either path.
+    let api = |r: &&serde_json::Value| {
+        let p = r["path"].as_str().unwrap_or("");
+        p != "/base/b" && !p.starts_with("/base/q")
+    };
+    for r in recs.iter().filter(api) {
+        assert_eq!(
+            header_values(r, "authorization"),
+            vec![format!("Bearer {TOKEN}")],
+            "{r:?}"
+        );
+    }
+    assert!(recs.iter().all(|r| r["path"] != "/base/never"), "{recs:?}");
+    // An upstream nobody listens on: 502 naming it.
+    let (code, body, _) = curl(&[&url(&s, "api-down", "/x")]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(code, 502, "{text}");
+    assert!(text.contains("cannot connect to 127.0.0.1:"), "{text}");
+}
+
+fn injects_the_credential_and_strips_the_clients(s: &Setup) {
     // Two requests on one keep-alive connection, the client trying to supply its own token.
     let (code, body, err) = curl(&[
         "-v",
@@ -189,8 +287,8 @@ fn http_route_injects_the_credential_and_strips_the_clients() {
         "Connection: keep-alive, X-Hop",
         "-H",
         "X-Hop: drop-me",
-        &url(&s, "api", "/v1/charges?x=1"),
-        &url(&s, "api", "/v1/refunds"),
+        &url(s, "api", "/v1/charges?x=1"),
+        &url(s, "api", "/v1/refunds"),
     ]);
     assert_eq!(code, 200, "{}{err}", String::from_utf8_lossy(&body));
     let text = String::from_utf8_lossy(&body);
@@ -231,15 +329,15 @@ fn http_route_injects_the_credential_and_strips_the_clients() {
         "Transfer-Encoding: chunked",
         "--data-binary",
         &format!("@{}", file.display()),
-        &url(&s, "api", "/v1/upload"),
+        &url(s, "api", "/v1/upload"),
     ]);
     assert_eq!(code, 200, "{}{err}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("seen POST /base/v1/upload 300000"));
 
     // Query parameter and Basic auth injection; client copies removed.
-    let (code, body, _) = curl(&[&url(&s, "api-query", "/q?api_key=evil&a=1&api%5Fkey=evil2")]);
+    let (code, body, _) = curl(&[&url(s, "api-query", "/q?api_key=evil&a=1&api%5Fkey=evil2")]);
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let (code, _, _) = curl(&["-u", "mallory:pw", &url(&s, "api-basic", "/b")]);
+    let (code, _, _) = curl(&["-u", "mallory:pw", &url(s, "api-basic", "/b")]);
     assert_eq!(code, 200);
     let recs = s.upstream.records();
     let q = recs
@@ -255,7 +353,7 @@ fn http_route_injects_the_credential_and_strips_the_clients() {
     );
     assert!(!contains_bytes(&s.upstream.log_bytes(), b"evil"));
 
-    assert_no_token_leaks(&s, &body);
+    assert_no_token_leaks(s, &body);
     let (_, metrics) = s.warden.http_get("/metrics");
     assert!(
         metrics.contains("warden_http_requests_total{result=\"forwarded\",route=\"api\"} 3"),
@@ -291,18 +389,29 @@ mod base64_check {
 
 #[test]
 fn refusals_explain_themselves() {
-    let s = setup();
-    // Upstream certificate from a CA the route does not trust → 502 naming host and CA.
-    let (code, body, _) = curl(&[&url(&s, "api-badca", "/x")]);
-    let text = String::from_utf8_lossy(&body);
-    assert_eq!(code, 502, "{text}");
-    assert!(text.contains("is not signed by a trusted CA"), "{text}");
-    assert!(
-        text.contains("localhost") && text.contains("other/ca.pem"),
-        "{text}"
-    );
+    refusals(&setup());
+}
+
+#[test]
+fn plain_http_upstream_refusals_explain_themselves() {
+    refusals(&setup_with("http"));
+}
+
+fn refusals(s: &Setup) {
+    let https = s.ports.contains_key("api-badca");
+    if https {
+        // Upstream certificate from a CA the route does not trust → 502 naming host and CA.
+        let (code, body, _) = curl(&[&url(s, "api-badca", "/x")]);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(code, 502, "{text}");
+        assert!(text.contains("is not signed by a trusted CA"), "{text}");
+        assert!(
+            text.contains("localhost") && text.contains("other/ca.pem"),
+            "{text}"
+        );
+    }
     // Workload not on the allow list → 403 naming the workload and the route.
-    let (code, body, _) = curl(&[&url(&s, "api-denied", "/x")]);
+    let (code, body, _) = curl(&[&url(s, "api-denied", "/x")]);
     let text = String::from_utf8_lossy(&body);
     assert_eq!(code, 403, "{text}");
     assert!(
@@ -310,20 +419,24 @@ fn refusals_explain_themselves() {
         "{text}"
     );
     // Upstream too slow → 504.
-    let (code, body, _) = curl(&[&url(&s, "api", "/slow")]);
+    let (code, body, _) = curl(&[&url(s, "api", "/slow")]);
     let text = String::from_utf8_lossy(&body);
     assert_eq!(code, 504, "{text}");
     assert!(text.contains("did not answer within 2000 ms"), "{text}");
     // Oversized header → 431.
     let big = format!("X-Big: {}", "a".repeat(40_000));
-    let (code, body, _) = curl(&["-H", &big, &url(&s, "api", "/x")]);
+    let (code, body, _) = curl(&["-H", &big, &url(s, "api", "/x")]);
     assert_eq!(code, 431, "{}", String::from_utf8_lossy(&body));
     // Nothing refused reached the upstream (only the slow request did).
     let recs = s.upstream.records();
     assert_eq!(recs.len(), 1, "{recs:?}");
     let (_, metrics) = s.warden.http_get("/metrics");
     for needle in [
-        "warden_http_requests_total{result=\"upstream_tls_error\",route=\"api-badca\"} 1",
+        if https {
+            "warden_http_requests_total{result=\"upstream_tls_error\",route=\"api-badca\"} 1"
+        } else {
+            "warden_http_requests_total{result=\"denied\",route=\"api-denied\"} 1"
+        },
         "warden_http_requests_total{result=\"denied\",route=\"api-denied\"} 1",
         "warden_http_requests_total{result=\"upstream_timeout\",route=\"api\"} 1",
         "warden_http_requests_total{result=\"rejected\",route=\"api\"} 1",
@@ -332,7 +445,7 @@ fn refusals_explain_themselves() {
     }
     let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
     assert!(audit.contains("\"session.deny\""), "{audit}");
-    assert_no_token_leaks(&s, &body);
+    assert_no_token_leaks(s, &body);
 }
 
 /// Sends raw bytes on one connection; returns everything read until close.
@@ -347,7 +460,15 @@ fn raw(port: u16, bytes: &[u8]) -> String {
 
 #[test]
 fn smuggling_attempts_are_rejected() {
-    let s = setup();
+    smuggling(&setup());
+}
+
+#[test]
+fn plain_http_upstream_smuggling_attempts_are_rejected() {
+    smuggling(&setup_with("http"));
+}
+
+fn smuggling(s: &Setup) {
     let port = s.ports["api"];
     // CL.TE: a first, valid request is answered; the conflicting one is refused
     // and the request hidden in its body never reaches the upstream.

@@ -246,87 +246,130 @@ impl Framer {
     fn check_head(&mut self, head: &[u8]) -> Result<State, Refused> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            Ok(httparse::Status::Partial) => return Err(Refused::bad("incomplete request head")),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Refused::too_large(format!(
-                    "more than {MAX_HEADERS} header fields"
-                )))
-            }
-            Err(e) => return Err(Refused::bad(format!("malformed request head ({e})"))),
-        }
-        let http10 = req.version == Some(0);
-        let method = req.method.unwrap_or("");
-        let mut content_length: Option<u64> = None;
-        let mut te: Vec<String> = Vec::new();
-        let mut hosts = 0;
-        let mut upgrade = false;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                let v = std::str::from_utf8(h.value).unwrap_or("").trim();
-                for part in v.split(',') {
-                    let part = part.trim();
-                    if part.is_empty()
-                        || part.len() > 19
-                        || !part.bytes().all(|b| b.is_ascii_digit())
-                    {
-                        return Err(Refused::bad(format!(
-                            "Content-Length {v:?} is not a plain number"
-                        )));
-                    }
-                    let n: u64 = part
-                        .parse()
-                        .map_err(|_| Refused::bad("Content-Length is out of range"))?;
-                    if content_length.is_some_and(|c| c != n) {
-                        return Err(Refused::bad(
-                            "conflicting Content-Length values (possible request smuggling)",
-                        ));
-                    }
-                    content_length = Some(n);
-                }
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                let v = std::str::from_utf8(h.value).unwrap_or("");
-                te.extend(v.split(',').map(|s| s.trim().to_ascii_lowercase()));
-            } else if h.name.eq_ignore_ascii_case("host") {
-                hosts += 1;
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if hosts > 1 {
-            return Err(Refused::bad("more than one Host header"));
-        }
-        if !te.is_empty() {
-            if content_length.is_some() {
-                return Err(Refused::bad(
-                    "both Content-Length and Transfer-Encoding are present (possible request smuggling)",
-                ));
-            }
-            if http10 {
-                return Err(Refused::bad("Transfer-Encoding in an HTTP/1.0 request"));
-            }
-            if te != ["chunked"] {
-                return Err(Refused::bad(format!(
-                    "Transfer-Encoding {:?} is not supported (only \"chunked\")",
-                    te.join(", ")
-                )));
-            }
-        }
-        self.upgrade_after_body = upgrade || method.eq_ignore_ascii_case("CONNECT");
-        Ok(if !te.is_empty() {
-            State::ChunkLine
-        } else {
-            State::Fixed(content_length.unwrap_or(0))
+        parse_head(&mut req, head)?;
+        let check = check_request(&req)?;
+        self.upgrade_after_body = check.switches;
+        Ok(match check.body {
+            BodyFraming::Chunked => State::ChunkLine,
+            BodyFraming::Fixed(n) => State::Fixed(n),
         })
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+/// How a request's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// `Content-Length` bytes (0 without the header).
+    Fixed(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// What [`check_request`] learnt from an acceptable request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestCheck {
+    pub body: BodyFraming,
+    /// The request may switch protocols (any Upgrade header, or CONNECT).
+    pub switches: bool,
+}
+
+/// Parses a complete head (it ends with CRLF CRLF) with httparse, mapping
+/// failures to the refusal the gate answers.
+pub fn parse_head<'h, 'b>(
+    req: &mut httparse::Request<'h, 'b>,
+    head: &'b [u8],
+) -> Result<(), Refused> {
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => Ok(()),
+        Ok(httparse::Status::Partial) => Err(Refused::bad("incomplete request head")),
+        Err(httparse::Error::TooManyHeaders) => Err(Refused::too_large(format!(
+            "more than {MAX_HEADERS} header fields"
+        ))),
+        Err(e) => Err(Refused::bad(format!("malformed request head ({e})"))),
+    }
+}
+
+/// The gate's rules for a parsed request head: one Content-Length value,
+/// digits only; Transfer-Encoding exactly `chunked`, never beside
+/// Content-Length, never in HTTP/1.0; at most one Host.
+pub fn check_request(req: &httparse::Request<'_, '_>) -> Result<RequestCheck, Refused> {
+    let http10 = req.version == Some(0);
+    let method = req.method.unwrap_or("");
+    let mut content_length: Option<u64> = None;
+    let mut te: Vec<String> = Vec::new();
+    let mut hosts = 0;
+    let mut upgrade = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+            content_length = Some(parse_content_length(v, content_length)?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = std::str::from_utf8(h.value).unwrap_or("");
+            te.extend(v.split(',').map(|s| s.trim().to_ascii_lowercase()));
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if hosts > 1 {
+        return Err(Refused::bad("more than one Host header"));
+    }
+    if !te.is_empty() {
+        if content_length.is_some() {
+            return Err(Refused::bad(
+                "both Content-Length and Transfer-Encoding are present (possible request smuggling)",
+            ));
+        }
+        if http10 {
+            return Err(Refused::bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if te != ["chunked"] {
+            return Err(Refused::bad(format!(
+                "Transfer-Encoding {:?} is not supported (only \"chunked\")",
+                te.join(", ")
+            )));
+        }
+    }
+    Ok(RequestCheck {
+        body: if te.is_empty() {
+            BodyFraming::Fixed(content_length.unwrap_or(0))
+        } else {
+            BodyFraming::Chunked
+        },
+        switches: upgrade || method.eq_ignore_ascii_case("CONNECT"),
+    })
+}
+
+/// One Content-Length field value (a list of equal numbers is one number),
+/// checked against an earlier value of the same message.
+pub fn parse_content_length(v: &str, earlier: Option<u64>) -> Result<u64, Refused> {
+    let mut value = earlier;
+    for part in v.split(',') {
+        let part = part.trim();
+        if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Refused::bad(format!(
+                "Content-Length {v:?} is not a plain number"
+            )));
+        }
+        let n: u64 = part
+            .parse()
+            .map_err(|_| Refused::bad("Content-Length is out of range"))?;
+        if value.is_some_and(|c| c != n) {
+            return Err(Refused::bad(
+                "conflicting Content-Length values (possible request smuggling)",
+            ));
+        }
+        value = Some(n);
+    }
+    value.ok_or_else(|| Refused::bad("Content-Length is empty"))
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_chunk_line(line: &[u8]) -> Result<u64, Refused> {
+pub fn parse_chunk_line(line: &[u8]) -> Result<u64, Refused> {
     let Some(body) = line.strip_suffix(b"\r\n") else {
         return Err(Refused::bad("a chunk-size line does not end in CRLF"));
     };

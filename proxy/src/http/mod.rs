@@ -7,6 +7,8 @@
 //! - [`upstream`]: TCP + rustls connector for hyper-util's pooled client
 //!   (verification always on, X25519MLKEM768 first, ALPN h2/http1.1).
 //! - [`proxy`]: one request through the data path, with its 403/502/504s.
+//! - [`fast`]: the HTTP/1.1 fast path of reverse-proxy connections; hands a
+//!   connection to hyper ([`proxy`]) at the first request it does not take.
 //! - [`forward`]: forward-proxy mode (`HTTP_PROXY` clients): absolute-form
 //!   requests for a route's host get its credential, `CONNECT` tunnels to
 //!   the routes' `tunnel` hosts, 403 for everything else.
@@ -17,6 +19,7 @@
 //! before anything is forwarded (fail closed), and the connection's end a
 //! `session.end` with its request count.
 
+pub mod fast;
 pub mod forward;
 pub mod gate;
 pub mod inject;
@@ -54,6 +57,8 @@ pub struct HttpRoute {
     pub client: proxy::Client,
     /// HTTP/1.1-only client for upgrade (WebSocket) requests.
     pub upgrade_client: proxy::Client,
+    /// HTTP/1.1-only connections for the fast path ([`fast`]).
+    pub h1: upstream::Connector,
     /// Serve as a forward proxy (`HTTP_PROXY`) for the upstream's host.
     pub forward_proxy: bool,
     /// forward_proxy: `CONNECT` targets (lowercased host, port) without injection.
@@ -141,7 +146,8 @@ impl HttpRoute {
                 allow: r.allow.clone(),
                 request_timeout: r.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
                 client: proxy::client(connector(tls), false),
-                upgrade_client: proxy::client(connector(tls_h1), true),
+                upgrade_client: proxy::client(connector(tls_h1.clone()), true),
+                h1: connector(tls_h1),
                 forward_proxy: r.forward_proxy,
                 tunnel: r
                     .tunnel

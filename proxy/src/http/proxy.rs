@@ -98,8 +98,9 @@ fn conn_ctx(
 }
 
 /// Runs hyper's HTTP/1.1 server (keep-alive, upgrades) behind the framing gate.
-async fn serve_http1<F, Fut>(stream: tokio::net::TcpStream, label: &str, shared: &HttpShared, f: F)
+async fn serve_http1<S, F, Fut>(stream: S, label: &str, shared: &HttpShared, f: F)
 where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
@@ -151,11 +152,15 @@ pub async fn serve_connection(
 ) {
     let who = attest(&shared, local, peer).await;
     let ctx = conn_ctx(&route, &shared, who);
-    let c2 = ctx.clone();
-    serve_http1(stream, &route.name, &shared, move |req| {
-        handle(req, c2.clone())
-    })
-    .await;
+    let mut stream = stream;
+    if let super::fast::Outcome::Handover(read) = super::fast::serve(&mut stream, &ctx).await {
+        let c2 = ctx.clone();
+        let stream = super::fast::Rewind::new(stream, read);
+        serve_http1(stream, &route.name, &shared, move |req| {
+            handle(req, c2.clone())
+        })
+        .await;
+    }
     finish(&ctx).await;
 }
 
@@ -270,10 +275,10 @@ pub(super) async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String)
 /// The route's credential, ready to add: the secret and the header value
 /// built from it. Rebuilt after the route's cache TTL.
 pub struct Prepared {
-    version: u32,
+    pub(super) version: u32,
     fetched: Instant,
-    secret: Zeroizing<Vec<u8>>,
-    header: Option<Result<HeaderValue, String>>,
+    pub(super) secret: Zeroizing<Vec<u8>>,
+    pub(super) header: Option<Result<HeaderValue, String>>,
 }
 
 /// The route's credential (prepared copy first, then the cache, then the store).
@@ -379,7 +384,7 @@ async fn ensure_recorded(ctx: &ConnCtx, who: &Attested, version: u32) -> bool {
     ok
 }
 
-const HOP_BY_HOP: [&str; 9] = [
+pub(super) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -480,32 +485,41 @@ pub(super) async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let route = ctx.route.clone();
+    let prepared = match admit(&ctx).await {
+        Ok(p) => p,
+        Err(resp) => return Ok(resp),
+    };
+    Ok(forward(req, &ctx, &prepared, started).await)
+}
+
+/// Everything a request needs before it may be forwarded, in order: an
+/// attested client, not frozen, on the allow list, the route's credential,
+/// and the connection's `session.start` record (fail closed). `Err` is
+/// warden's own answer (403/500/502/503), already counted and logged.
+pub(super) async fn admit(ctx: &ConnCtx) -> Result<Arc<Prepared>, Response<Body>> {
+    let route = &ctx.route;
     let who = match &ctx.who {
         Err(m) => {
             let msg = format!("{m} — route {:?} refuses unattested clients", route.name);
-            return Ok(deny(&ctx, None, msg).await);
+            return Err(deny(ctx, None, msg).await);
         }
         Ok(w) => w,
     };
     if let Some(f) = ctx.shared.freezer.frozen(&who.workload) {
-        return Ok(deny(&ctx, Some(who), crate::freeze::frozen_message(&f)).await);
+        return Err(deny(ctx, Some(who), crate::freeze::frozen_message(&f)).await);
     }
     if !route.allow.contains(&who.workload) {
-        return Ok(deny(&ctx, Some(who), not_allowed(who, &route.name)).await);
+        return Err(deny(ctx, Some(who), not_allowed(who, &route.name)).await);
     }
-    let prepared = match credential(&ctx).await {
-        Ok(v) => v,
-        Err(resp) => return Ok(resp),
-    };
-    if !ensure_recorded(&ctx, who, prepared.version).await {
+    let prepared = credential(ctx).await?;
+    if !ensure_recorded(ctx, who, prepared.version).await {
         ctx.shared.metrics.http_request(&route.name, "audit_error");
-        return Ok(text(
+        return Err(text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "warden: the audit record for this request could not be written; refusing",
         ));
     }
-    Ok(forward(req, &ctx, &prepared, started).await)
+    Ok(prepared)
 }
 
 async fn forward(

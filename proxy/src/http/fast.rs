@@ -1,0 +1,1057 @@
+//! The HTTP/1.1 fast path of a reverse-proxy connection to a plain-HTTP
+//! upstream (an `https` upstream stays with hyper and its ALPN h2 pool).
+//!
+//! hyper costs two full HTTP stacks per request here (server and pooled
+//! client, with a task hop between them). For the common request — HTTP/1.1,
+//! origin-form target, no body or a `Content-Length` body, no upgrade, no
+//! `Expect` — this module relays bytes itself, in the client connection's
+//! task, over an upstream connection that the client connection owns:
+//!
+//! 1. read the head (at most [`MAX_HEAD_BYTES`]) and check it with the same
+//!    rules as the framing gate ([`gate::check_request`]);
+//! 2. admit it exactly as the hyper path does ([`proxy::admit`]: attested,
+//!    not frozen, allowed, credential, `session.start` record first);
+//! 3. write the rewritten head — target under the base path, the injected
+//!    query parameter, `Host` of the upstream, hop-by-hop headers (and those
+//!    `Connection` names), the client's `Host` and any client copy of the
+//!    injected header dropped, the credential added — then the body;
+//! 4. read the response head (within `request_timeout`), drop its hop-by-hop
+//!    headers and any header carrying the secret, and relay the body by its
+//!    framing: none (HEAD, 1xx, 204, 304), `Content-Length`, chunked (walked
+//!    and checked chunk by chunk) or until the upstream closes.
+//!
+//! Any request it does not take — a chunked body, an upgrade, CONNECT,
+//! `Expect`, HTTP/1.0, an absolute-form target, a head the gate refuses, a
+//! request warden refuses — hands the connection, with every byte already
+//! read, to the hyper path for the rest of its life, so those keep one
+//! implementation with its errors and tests. The handover happens before
+//! anything of that request was sent anywhere.
+//!
+//! Errors it answers itself (the upstream is unreachable, times out, or
+//! sends a malformed response) use the hyper path's messages and metrics and
+//! close the client connection.
+
+use super::gate::{self, BodyFraming, MAX_HEADERS, MAX_HEAD_BYTES};
+use super::proxy::{self, Body, ConnCtx, HOP_BY_HOP};
+use super::upstream::{self, ConnectError, Stream};
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Either};
+use std::io;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use zeroize::Zeroizing;
+
+/// Read size for both sides.
+const CHUNK: usize = 16 * 1024;
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// An idle client connection is closed after this long without a request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A request head must be complete this long after its first byte.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How [`serve`] ended.
+pub enum Outcome {
+    /// The connection is finished.
+    Done,
+    /// Serve the rest of the connection with hyper; these bytes were read
+    /// from the client and come first.
+    Handover(Vec<u8>),
+}
+
+/// The upstream connection a client connection owns.
+struct Upstream {
+    stream: Stream,
+    /// Bytes read from the upstream and not relayed yet.
+    buf: Vec<u8>,
+    /// The connection served an earlier request (a failure before any
+    /// response byte may then be a keep-alive race).
+    reused: bool,
+}
+
+/// Response body framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Fixed(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Why a relay could not go on.
+enum Fail {
+    /// The client went away.
+    Client,
+    /// The upstream failed before the response head: answer with this
+    /// status, metric result and message, then close.
+    Answer(StatusCode, &'static str, String),
+    /// The upstream failed mid-response: only closing is left.
+    Broken(String),
+    /// The reused upstream connection was closed under us before any
+    /// response byte: a bodiless request may be sent again.
+    Stale,
+}
+
+/// Serves requests on `client` until the connection ends or a request
+/// needs the hyper path.
+pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
+    if ctx.route.scheme == http::uri::Scheme::HTTPS {
+        // TLS upstreams stay with hyper: ALPN may pick HTTP/2, whose pooled
+        // multiplexed connections beat one HTTP/1.1 connection per client.
+        return Outcome::Handover(Vec::new());
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    let mut up: Option<Upstream> = None;
+    loop {
+        let head_len = match read_head(client, &mut buf).await {
+            HeadRead::Complete(n) => n,
+            HeadRead::Closed => return Outcome::Done,
+            HeadRead::Handover => return Outcome::Handover(buf),
+        };
+        let started = Instant::now();
+        let plan = match plan_request(&buf[..head_len]) {
+            Some(p) => p,
+            None => return Outcome::Handover(buf),
+        };
+        let prepared = match proxy::admit(ctx).await {
+            Ok(p) => p,
+            Err(answer) => {
+                let _ = send_own(client, answer).await;
+                return Outcome::Done;
+            }
+        };
+        let head = match upstream_head(ctx, &buf[..head_len], &prepared) {
+            Ok(h) => h,
+            Err(answer) => {
+                let _ = send_own(client, *answer).await;
+                return Outcome::Done;
+            }
+        };
+        buf.drain(..head_len);
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let before_upstream = Instant::now();
+            let res = exchange(
+                client,
+                &mut buf,
+                &mut up,
+                ctx,
+                &plan,
+                &head,
+                &prepared.secret,
+            )
+            .await;
+            match res {
+                Err(Fail::Stale) if attempt == 1 && plan.body == 0 => {
+                    up = None;
+                    continue;
+                }
+                other => break other.map(|after| (before_upstream, after)),
+            }
+        };
+        let route = &ctx.route;
+        let metrics = &ctx.shared.metrics;
+        match result {
+            Ok((before_upstream, (response_head_at, keep))) => {
+                let added = (before_upstream - started) + response_head_at.elapsed();
+                match route.hot.get() {
+                    Some(hot) => {
+                        hot.forwarded.inc();
+                        hot.added.observe(added.as_secs_f64());
+                    }
+                    None => {
+                        metrics.http_request(&route.name, "forwarded");
+                        metrics.http_request_added(&route.name, added);
+                    }
+                }
+                if !keep.upstream {
+                    up = None;
+                }
+                if !keep.client || plan.client_close {
+                    let _ = client.shutdown().await;
+                    return Outcome::Done;
+                }
+            }
+            Err(Fail::Client) => return Outcome::Done,
+            Err(Fail::Answer(status, result, why)) => {
+                metrics.http_request(&route.name, result);
+                let msg = format!("warden: route {:?}: {why}", route.name);
+                tracing::warn!(route = %route.name, "{msg}");
+                let _ = send_own(client, proxy::text(status, &msg)).await;
+                return Outcome::Done;
+            }
+            Err(fail @ (Fail::Broken(_) | Fail::Stale)) => {
+                let why = match fail {
+                    Fail::Broken(why) => why,
+                    _ => "the upstream closed the kept-alive connection".to_string(),
+                };
+                metrics.http_request(&route.name, "upstream_error");
+                tracing::warn!(route = %route.name, "upstream {} failed mid-response: {why}", route.authority);
+                return Outcome::Done;
+            }
+        }
+    }
+}
+
+enum HeadRead {
+    Complete(usize),
+    Closed,
+    Handover,
+}
+
+/// Reads until `buf` holds a complete head (leading blank lines dropped).
+async fn read_head(client: &mut TcpStream, buf: &mut Vec<u8>) -> HeadRead {
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let skip = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        buf.drain(..skip);
+        if !buf.is_empty() {
+            match gate::find(buf, b"\r\n\r\n") {
+                // The gate answers 431 for a head over the limit.
+                Some(i) if i + 4 > MAX_HEAD_BYTES => return HeadRead::Handover,
+                Some(i) => return HeadRead::Complete(i + 4),
+                None => {}
+            }
+            if buf.len() > MAX_HEAD_BYTES {
+                // The gate answers 431.
+                return HeadRead::Handover;
+            }
+        }
+        let wait = match deadline {
+            None if buf.is_empty() => IDLE_TIMEOUT,
+            None => {
+                let d = tokio::time::Instant::now() + HEAD_TIMEOUT;
+                deadline = Some(d);
+                HEAD_TIMEOUT
+            }
+            Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+        };
+        match tokio::time::timeout(wait, read_more(client, buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Closed,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Appends one read's worth to `buf`.
+async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < CHUNK / 4 {
+        buf.reserve(CHUNK);
+    }
+    r.read_buf(buf).await
+}
+
+/// What the fast path needs to know about a request it takes.
+struct Plan {
+    /// Body bytes (Content-Length).
+    body: u64,
+    head_request: bool,
+    /// The client asked to close after this response.
+    client_close: bool,
+}
+
+/// Whether the fast path takes this head, and how; `None` hands it over.
+fn plan_request(head: &[u8]) -> Option<Plan> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    gate::parse_head(&mut req, head).ok()?;
+    let check = gate::check_request(&req).ok()?;
+    let BodyFraming::Fixed(body) = check.body else {
+        return None;
+    };
+    if check.switches || req.version != Some(1) || !req.path?.starts_with('/') {
+        return None;
+    }
+    let mut client_close = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("expect") {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("connection") && has_token(h.value, "close") {
+            client_close = true;
+        }
+    }
+    Some(Plan {
+        body,
+        head_request: req.method == Some("HEAD"),
+        client_close,
+    })
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Header names a `Connection` header lists (lowercase), plus the fixed
+/// hop-by-hop set: none of them is forwarded.
+fn hop_by_hop<'a>(headers: &'a [httparse::Header<'a>]) -> Vec<Vec<u8>> {
+    let mut named: Vec<Vec<u8>> = HOP_BY_HOP.iter().map(|n| n.as_bytes().to_vec()).collect();
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("connection") {
+            named.extend(
+                h.value
+                    .split(|b| *b == b',')
+                    .map(|t| t.trim_ascii().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty()),
+            );
+        }
+    }
+    named
+}
+
+fn is_named(named: &[Vec<u8>], name: &str) -> bool {
+    named
+        .iter()
+        .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
+}
+
+/// The request head warden sends upstream (it holds the credential:
+/// zeroized on drop).
+fn upstream_head(
+    ctx: &ConnCtx,
+    head: &[u8],
+    prepared: &proxy::Prepared,
+) -> Result<Zeroizing<Vec<u8>>, Box<http::Response<Body>>> {
+    let route = &ctx.route;
+    let metrics = &ctx.shared.metrics;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let bad = |m: &str| {
+        metrics.http_request(&route.name, "bad_request");
+        Box::new(proxy::text(StatusCode::BAD_REQUEST, m))
+    };
+    if gate::parse_head(&mut req, head).is_err() {
+        return Err(bad("warden: malformed request head"));
+    }
+    let (method, target) = (req.method.unwrap_or("GET"), req.path.unwrap_or("/"));
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if path.contains('#') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(bad("warden: the request target is not a valid URI"));
+    }
+    let query = route.injection.rewrite_query(query, &prepared.secret);
+    let injected = route.injection.header_name();
+    let value = match (injected, &prepared.header) {
+        (Some(_), Some(Err(m))) => {
+            metrics.http_request(&route.name, "credential_error");
+            let msg = format!("warden: route {:?}: {m}", route.name);
+            tracing::warn!(route = %route.name, "{msg}");
+            return Err(Box::new(proxy::text(StatusCode::BAD_GATEWAY, &msg)));
+        }
+        (Some(name), Some(Ok(v))) => Some((name, v)),
+        _ => None,
+    };
+    let named = hop_by_hop(req.headers);
+    let mut out = Zeroizing::new(Vec::with_capacity(head.len() + 256));
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(route.base_path.as_bytes());
+    out.extend_from_slice(path.as_bytes());
+    if let Some(q) = &query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(route.authority.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in req.headers.iter() {
+        if is_named(&named, h.name)
+            || h.name.eq_ignore_ascii_case("host")
+            || injected.is_some_and(|n| h.name.eq_ignore_ascii_case(n.as_str()))
+        {
+            continue;
+        }
+        push_header(&mut out, h.name.as_bytes(), h.value);
+    }
+    if let Some((name, v)) = value {
+        push_header(&mut out, name.as_str().as_bytes(), v.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(out)
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What may stay open after a response.
+struct Keep {
+    client: bool,
+    upstream: bool,
+}
+
+/// One request/response over the connection's upstream: sends `head` and
+/// the body, relays the response. Ok: when the response head arrived.
+async fn exchange(
+    client: &mut TcpStream,
+    cbuf: &mut Vec<u8>,
+    slot: &mut Option<Upstream>,
+    ctx: &ConnCtx,
+    plan: &Plan,
+    head: &[u8],
+    secret: &[u8],
+) -> Result<(Instant, Keep), Fail> {
+    let route = &ctx.route;
+    if let Some(u) = slot.as_mut() {
+        if !still_open(&u.stream) {
+            *slot = None;
+        }
+    }
+    if slot.is_none() {
+        *slot = Some(connect(ctx).await?);
+    }
+    let Some(up) = slot.as_mut() else {
+        return Err(Fail::Broken("no upstream connection".into()));
+    };
+
+    // Request: head and as much of the body as is here, in one write.
+    let here = cbuf
+        .len()
+        .min(usize::try_from(plan.body).unwrap_or(usize::MAX));
+    let mut first = Vec::with_capacity(head.len() + here);
+    first.extend_from_slice(head);
+    first.extend_from_slice(&cbuf[..here]);
+    cbuf.drain(..here);
+    let sent = up.stream.write_all(&first).await;
+    zeroize::Zeroize::zeroize(&mut first);
+    if sent.is_err() {
+        return Err(if up.reused && here == 0 && plan.body == 0 {
+            Fail::Stale
+        } else {
+            Fail::Broken("the upstream connection failed while sending".into())
+        });
+    }
+    let mut left = plan.body - here as u64;
+    while left > 0 {
+        cbuf.clear();
+        let n = read_more(client, cbuf).await.map_err(|_| Fail::Client)?;
+        if n == 0 {
+            return Err(Fail::Client);
+        }
+        let take = cbuf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        up.stream
+            .write_all(&cbuf[..take])
+            .await
+            .map_err(|e| Fail::Broken(format!("sending the body: {e}")))?;
+        cbuf.drain(..take);
+        left -= take as u64;
+    }
+
+    // Response head.
+    let timeout = route.request_timeout;
+    let read_head = async {
+        loop {
+            if let Some(i) = gate::find(&up.buf, b"\r\n\r\n") {
+                return Ok(i + 4);
+            }
+            if up.buf.len() > MAX_RESPONSE_HEAD {
+                return Err(Fail::Answer(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!(
+                        "upstream {} sent a response head over {MAX_RESPONSE_HEAD} bytes",
+                        route.authority
+                    ),
+                ));
+            }
+            match read_more(&mut up.stream, &mut up.buf).await {
+                Ok(0) | Err(_) if up.buf.is_empty() && up.reused => return Err(Fail::Stale),
+                Ok(0) => {
+                    return Err(Fail::Answer(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!(
+                            "upstream {} closed the connection without a response",
+                            route.authority
+                        ),
+                    ))
+                }
+                Err(e) => {
+                    return Err(Fail::Answer(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("upstream {} failed: {e}", route.authority),
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+    };
+    let mut head_len = match tokio::time::timeout(timeout, read_head).await {
+        Err(_) => {
+            return Err(Fail::Answer(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!(
+                    "upstream {} did not answer within {} ms (request_timeout)",
+                    route.authority,
+                    timeout.as_millis()
+                ),
+            ))
+        }
+        Ok(r) => r?,
+    };
+    let response_head_at = Instant::now();
+    up.reused = true;
+    // Interim responses (1xx other than 101) are dropped; the final one follows.
+    let (out_head, framing, upstream_keep) = loop {
+        match response_head(&up.buf[..head_len], plan.head_request, secret, &route.name) {
+            Err(why) => {
+                return Err(Fail::Answer(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!(
+                        "upstream {} sent an invalid response: {why}",
+                        route.authority
+                    ),
+                ))
+            }
+            Ok(None) => {
+                up.buf.drain(..head_len);
+                head_len = loop {
+                    if let Some(i) = gate::find(&up.buf, b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match read_more(&mut up.stream, &mut up.buf).await {
+                        Ok(n) if n > 0 && up.buf.len() <= MAX_RESPONSE_HEAD => {}
+                        _ => {
+                            return Err(Fail::Broken(
+                                "the upstream ended after an interim response".into(),
+                            ))
+                        }
+                    }
+                };
+            }
+            Ok(Some(r)) => break r,
+        }
+    };
+    up.buf.drain(..head_len);
+    let client_keep = framing != Framing::UntilClose;
+
+    // Head and the body bytes already here, in one write; then the rest.
+    let mut walker = BodyWalker::new(framing);
+    let now = walker.take(&up.buf).map_err(Fail::Broken)?;
+    let mut first = out_head;
+    first.extend_from_slice(&up.buf[..now]);
+    up.buf.drain(..now);
+    client.write_all(&first).await.map_err(|_| Fail::Client)?;
+    while !walker.done() {
+        let n = read_more(&mut up.stream, &mut up.buf)
+            .await
+            .map_err(|e| Fail::Broken(e.to_string()))?;
+        if n == 0 {
+            if framing == Framing::UntilClose {
+                break;
+            }
+            return Err(Fail::Broken("the upstream closed mid-body".into()));
+        }
+        let take = walker.take(&up.buf).map_err(Fail::Broken)?;
+        client
+            .write_all(&up.buf[..take])
+            .await
+            .map_err(|_| Fail::Client)?;
+        up.buf.drain(..take);
+    }
+    // Bytes after a complete response were never asked for.
+    let upstream_keep = upstream_keep && up.buf.is_empty() && framing != Framing::UntilClose;
+    Ok((
+        response_head_at,
+        Keep {
+            client: client_keep,
+            upstream: upstream_keep,
+        },
+    ))
+}
+
+/// A plain upstream socket that is readable while idle was closed (or sent
+/// something unasked): do not reuse it. TLS connections are not probed; a
+/// stale one shows as [`Fail::Stale`].
+fn still_open(stream: &Stream) -> bool {
+    match stream {
+        Stream::Plain(tcp) => {
+            let mut probe = [0u8; 1];
+            matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+        Stream::Tls(_) => true,
+    }
+}
+
+async fn connect(ctx: &ConnCtx) -> Result<Upstream, Fail> {
+    let route = &ctx.route;
+    let https = route.scheme == http::uri::Scheme::HTTPS;
+    let host = route.authority.host();
+    let port = route
+        .authority
+        .port_u16()
+        .unwrap_or(if https { 443 } else { 80 });
+    let c = &route.h1;
+    match upstream::open(host, port, c.tls.as_ref(), c.connect_timeout, &c.ca_label).await {
+        Ok((stream, _)) => Ok(Upstream {
+            stream,
+            buf: Vec::with_capacity(CHUNK),
+            reused: false,
+        }),
+        Err(ConnectError::Timeout(m)) => Err(Fail::Answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            m,
+        )),
+        Err(ConnectError::Certificate(m)) => Err(Fail::Answer(
+            StatusCode::BAD_GATEWAY,
+            "upstream_tls_error",
+            m,
+        )),
+        Err(ConnectError::Failed(m)) => {
+            Err(Fail::Answer(StatusCode::BAD_GATEWAY, "upstream_error", m))
+        }
+    }
+}
+
+/// The client's response head for an upstream head, its body framing and
+/// whether the upstream connection may be reused; `None` for an interim
+/// (1xx) response to skip.
+fn response_head(
+    head: &[u8],
+    head_request: bool,
+    secret: &[u8],
+    route: &str,
+) -> Result<Option<(Vec<u8>, Framing, bool)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete head".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let code = resp.code.unwrap_or(0);
+    if code == 101 {
+        return Err("101 Switching Protocols without an upgrade request".into());
+    }
+    if (100..200).contains(&code) {
+        return Ok(None);
+    }
+    let http10 = resp.version == Some(0);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut te = false;
+    let mut keep = !http10;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+            length = Some(gate::parse_content_length(v, length).map_err(|r| r.reason)?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = h
+                .value
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|t| !t.is_empty())
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if has_token(h.value, "close") {
+                keep = false;
+            } else if http10 && has_token(h.value, "keep-alive") {
+                keep = true;
+            }
+        }
+    }
+    if te && length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding".into());
+    }
+    let no_body = head_request || code == 204 || code == 304;
+    let framing = if no_body {
+        Framing::Fixed(0)
+    } else if te {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(n) => Framing::Fixed(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let named = hop_by_hop(resp.headers);
+    let mut out = Vec::with_capacity(head.len() + 64);
+    out.extend_from_slice(format!("HTTP/1.1 {code} ").as_bytes());
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        if is_named(&named, h.name) {
+            continue;
+        }
+        if secret.len() >= 4 && h.value.windows(secret.len()).any(|w| w == secret) {
+            tracing::warn!(route, header = %h.name, "upstream response header contained the injected secret; dropped");
+            continue;
+        }
+        push_header(&mut out, h.name.as_bytes(), h.value);
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if framing == Framing::UntilClose {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some((out, framing, keep)))
+}
+
+/// Walks a response body by its framing: how many of the bytes at hand
+/// belong to it, and when it is complete. Chunk framing is checked as it
+/// passes (the same size-line rules as the request gate).
+struct BodyWalker {
+    state: Walk,
+    line: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    Fixed(u64),
+    ChunkLine,
+    ChunkData(u64),
+    ChunkEnd(u8),
+    Trailers(usize),
+    UntilClose,
+    Done,
+}
+
+impl BodyWalker {
+    fn new(framing: Framing) -> BodyWalker {
+        let state = match framing {
+            Framing::Fixed(0) => Walk::Done,
+            Framing::Fixed(n) => Walk::Fixed(n),
+            Framing::Chunked => Walk::ChunkLine,
+            Framing::UntilClose => Walk::UntilClose,
+        };
+        BodyWalker {
+            state,
+            line: Vec::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.state == Walk::Done
+    }
+
+    /// How many bytes of `data` belong to the body (a prefix).
+    fn take(&mut self, data: &[u8]) -> Result<usize, String> {
+        let mut i = 0;
+        while i < data.len() {
+            match self.state {
+                Walk::Done => break,
+                Walk::UntilClose => return Ok(data.len()),
+                Walk::Fixed(left) => {
+                    let n = left.min((data.len() - i) as u64);
+                    i += n as usize;
+                    self.state = if n == left {
+                        Walk::Done
+                    } else {
+                        Walk::Fixed(left - n)
+                    };
+                }
+                Walk::ChunkData(left) => {
+                    let n = left.min((data.len() - i) as u64);
+                    i += n as usize;
+                    self.state = if n == left {
+                        Walk::ChunkEnd(0)
+                    } else {
+                        Walk::ChunkData(left - n)
+                    };
+                }
+                Walk::ChunkEnd(seen) => {
+                    let want = if seen == 0 { b'\r' } else { b'\n' };
+                    if data[i] != want {
+                        return Err("chunk data is not followed by CRLF".into());
+                    }
+                    i += 1;
+                    self.state = if seen == 0 {
+                        Walk::ChunkEnd(1)
+                    } else {
+                        Walk::ChunkLine
+                    };
+                }
+                Walk::ChunkLine | Walk::Trailers(_) => {
+                    let nl = data[i..].iter().position(|b| *b == b'\n');
+                    let end = nl.map_or(data.len(), |p| i + p + 1);
+                    self.line.extend_from_slice(&data[i..end]);
+                    i = end;
+                    if self.line.len() > 4096 {
+                        return Err("a chunk-size or trailer line is too long".into());
+                    }
+                    if nl.is_none() {
+                        continue;
+                    }
+                    let line = std::mem::take(&mut self.line);
+                    self.state = match self.state {
+                        Walk::ChunkLine => match gate::parse_chunk_line(&line) {
+                            Ok(0) => Walk::Trailers(0),
+                            Ok(n) => Walk::ChunkData(n),
+                            Err(r) => return Err(r.reason),
+                        },
+                        Walk::Trailers(total) => {
+                            let total = total + line.len();
+                            if line == b"\r\n" {
+                                Walk::Done
+                            } else if !line.ends_with(b"\r\n") || total > 16 * 1024 {
+                                return Err("invalid trailer section".into());
+                            } else {
+                                Walk::Trailers(total)
+                            }
+                        }
+                        other => other,
+                    };
+                }
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// Writes one of warden's own answers (a [`proxy::text`] response) and
+/// closes: `connection: close` and a length.
+async fn send_own<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    resp: http::Response<Body>,
+) -> io::Result<()> {
+    let (parts, body) = resp.into_parts();
+    let body: Bytes = match body {
+        Either::Right(full) => full
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default(),
+        Either::Left(_) => Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            parts.status.as_u16(),
+            parts.status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (name, value) in &parts.headers {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    client.write_all(&out).await?;
+    client.shutdown().await
+}
+
+/// A client connection handed to hyper: the bytes the fast path already
+/// read come first, then the socket.
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(inner: S, prefix: Vec<u8>) -> Rewind<S> {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_the_fast_path_takes_and_hands_over() {
+        let take = |h: &str| plan_request(h.as_bytes()).is_some();
+        assert!(take("GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n"));
+        assert!(take("POST /a HTTP/1.1\r\ncontent-length: 3\r\n\r\n"));
+        for handed in [
+            "POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET /a HTTP/1.0\r\n\r\n",
+            "GET http://x/a HTTP/1.1\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "PUT /a HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            "POST /a HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            "POST /a HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET /a HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+        ] {
+            assert!(!take(handed), "{handed:?}");
+        }
+        let p = plan_request(b"HEAD / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").unwrap();
+        assert!(p.head_request && p.client_close && p.body == 0);
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_headers_and_secret_echoes() {
+        let head = b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nx-private: 1\r\nkeep-alive: timeout=5\r\nx-echo: Bearer tok-123456\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n";
+        let (out, framing, keep) = response_head(head, false, b"tok-123456", "r")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(framing, Framing::Fixed(2));
+        assert!(keep);
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
+        );
+        // Chunked keeps its framing; a close-delimited body closes the client.
+        let (out, framing, _) = response_head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            false,
+            b"",
+            "r",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(framing, Framing::Chunked);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("transfer-encoding: chunked\r\n"));
+        let (out, framing, keep) = response_head(b"HTTP/1.0 200 OK\r\n\r\n", false, b"", "r")
+            .unwrap()
+            .unwrap();
+        assert_eq!(framing, Framing::UntilClose);
+        assert!(!keep);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("connection: close\r\n"));
+        // No body for HEAD, 204, 304 whatever the headers say.
+        for (head, is_head) in [
+            (&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..], true),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+                false,
+            ),
+        ] {
+            let (_, framing, _) = response_head(head, is_head, b"", "r").unwrap().unwrap();
+            assert_eq!(framing, Framing::Fixed(0));
+        }
+        // Interim responses are skipped; smuggling-shaped ones refused.
+        assert!(response_head(
+            b"HTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\n",
+            false,
+            b"",
+            "r"
+        )
+        .unwrap()
+        .is_none());
+        for bad in [
+            &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 abc\r\n\r\n",
+        ] {
+            assert!(
+                response_head(bad, false, b"", "r").is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_are_walked_to_their_end_in_any_split() {
+        let body = b"4\r\nwiki\r\n5;ext=1\r\npedia\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let mut stream = body.to_vec();
+        stream.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for split in 1..body.len() {
+            let mut w = BodyWalker::new(Framing::Chunked);
+            let a = w.take(&stream[..split]).unwrap();
+            assert_eq!(a, split, "split {split}");
+            assert!(!w.done());
+            let b = w.take(&stream[split..]).unwrap();
+            assert_eq!(a + b, body.len(), "split {split}");
+            assert!(w.done());
+        }
+        for bad in [
+            &b"zz\r\n"[..],
+            b"4\r\nwikiXY",
+            b"4\r\nwiki\r\n0\r\nbad trailer\n",
+        ] {
+            let mut w = BodyWalker::new(Framing::Chunked);
+            assert!(w.take(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let mut w = BodyWalker::new(Framing::Fixed(3));
+        assert_eq!(w.take(b"abcdef").unwrap(), 3);
+        assert!(w.done());
+    }
+}
