@@ -69,6 +69,8 @@ struct Upstream {
     /// The connection served an earlier request (a failure before any
     /// response byte may then be a keep-alive race).
     reused: bool,
+    /// The client's response head (and first body bytes), reused.
+    out: Vec<u8>,
 }
 
 /// Response body framing.
@@ -290,27 +292,14 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Header names a `Connection` header lists (lowercase), plus the fixed
-/// hop-by-hop set: none of them is forwarded.
-fn hop_by_hop<'a>(headers: &'a [httparse::Header<'a>]) -> Vec<Vec<u8>> {
-    let mut named: Vec<Vec<u8>> = HOP_BY_HOP.iter().map(|n| n.as_bytes().to_vec()).collect();
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("connection") {
-            named.extend(
-                h.value
-                    .split(|b| *b == b',')
-                    .map(|t| t.trim_ascii().to_ascii_lowercase())
-                    .filter(|t| !t.is_empty()),
-            );
-        }
-    }
-    named
-}
-
-fn is_named(named: &[Vec<u8>], name: &str) -> bool {
-    named
-        .iter()
-        .any(|n| name.as_bytes().eq_ignore_ascii_case(n))
+/// Whether header `name` is hop-by-hop: one of the fixed set, or listed by
+/// a `Connection` header of the same message. Neither is forwarded.
+fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .any(|h| has_token(h.value, name))
 }
 
 /// The request head warden sends upstream (it holds the credential:
@@ -351,7 +340,6 @@ fn upstream_head(
         (Some(name), Some(Ok(v))) => Some((name, v)),
         _ => None,
     };
-    let named = hop_by_hop(req.headers);
     let mut out = Zeroizing::new(Vec::with_capacity(head.len() + 256));
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -365,7 +353,7 @@ fn upstream_head(
     out.extend_from_slice(route.authority.as_str().as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in req.headers.iter() {
-        if is_named(&named, h.name)
+        if is_hop_by_hop(h.name, req.headers)
             || h.name.eq_ignore_ascii_case("host")
             || injected.is_some_and(|n| h.name.eq_ignore_ascii_case(n.as_str()))
         {
@@ -421,12 +409,15 @@ async fn exchange(
     let here = cbuf
         .len()
         .min(usize::try_from(plan.body).unwrap_or(usize::MAX));
-    let mut first = Vec::with_capacity(head.len() + here);
-    first.extend_from_slice(head);
-    first.extend_from_slice(&cbuf[..here]);
-    cbuf.drain(..here);
-    let sent = up.stream.write_all(&first).await;
-    zeroize::Zeroize::zeroize(&mut first);
+    let sent = if here == 0 {
+        up.stream.write_all(head).await
+    } else {
+        let mut first = Zeroizing::new(Vec::with_capacity(head.len() + here));
+        first.extend_from_slice(head);
+        first.extend_from_slice(&cbuf[..here]);
+        cbuf.drain(..here);
+        up.stream.write_all(&first).await
+    };
     if sent.is_err() {
         return Err(if up.reused && here == 0 && plan.body == 0 {
             Fail::Stale
@@ -507,8 +498,9 @@ async fn exchange(
     let response_head_at = Instant::now();
     up.reused = true;
     // Interim responses (1xx other than 101) are dropped; the final one follows.
-    let (out_head, framing, upstream_keep) = loop {
-        match response_head(&up.buf[..head_len], plan.head_request, secret, &route.name) {
+    let (framing, upstream_keep) = loop {
+        let head = &up.buf[..head_len];
+        match response_head(head, plan.head_request, secret, &route.name, &mut up.out) {
             Err(why) => {
                 return Err(Fail::Answer(
                     StatusCode::BAD_GATEWAY,
@@ -544,10 +536,10 @@ async fn exchange(
     // Head and the body bytes already here, in one write; then the rest.
     let mut walker = BodyWalker::new(framing);
     let now = walker.take(&up.buf).map_err(Fail::Broken)?;
-    let mut first = out_head;
-    first.extend_from_slice(&up.buf[..now]);
+    up.out.extend_from_slice(&up.buf[..now]);
     up.buf.drain(..now);
-    client.write_all(&first).await.map_err(|_| Fail::Client)?;
+    client.write_all(&up.out).await.map_err(|_| Fail::Client)?;
+    up.out.clear();
     while !walker.done() {
         let n = read_more(&mut up.stream, &mut up.buf)
             .await
@@ -603,6 +595,7 @@ async fn connect(ctx: &ConnCtx) -> Result<Upstream, Fail> {
             stream,
             buf: Vec::with_capacity(CHUNK),
             reused: false,
+            out: Vec::with_capacity(1024),
         }),
         Err(ConnectError::Timeout(m)) => Err(Fail::Answer(
             StatusCode::GATEWAY_TIMEOUT,
@@ -620,15 +613,16 @@ async fn connect(ctx: &ConnCtx) -> Result<Upstream, Fail> {
     }
 }
 
-/// The client's response head for an upstream head, its body framing and
-/// whether the upstream connection may be reused; `None` for an interim
-/// (1xx) response to skip.
+/// Writes the client's response head for an upstream head into `out` and
+/// returns its body framing and whether the upstream connection may be
+/// reused; `None` for an interim (1xx) response to skip.
 fn response_head(
     head: &[u8],
     head_request: bool,
     secret: &[u8],
     route: &str,
-) -> Result<Option<(Vec<u8>, Framing, bool)>, String> {
+    out: &mut Vec<u8>,
+) -> Result<Option<(Framing, bool)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(head) {
@@ -686,20 +680,25 @@ fn response_head(
             None => Framing::UntilClose,
         }
     };
-    let named = hop_by_hop(resp.headers);
-    let mut out = Vec::with_capacity(head.len() + 64);
-    out.extend_from_slice(format!("HTTP/1.1 {code} ").as_bytes());
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (code / 100 % 10) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+        b' ',
+    ]);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
-        if is_named(&named, h.name) {
+        if is_hop_by_hop(h.name, resp.headers) {
             continue;
         }
         if secret.len() >= 4 && h.value.windows(secret.len()).any(|w| w == secret) {
             tracing::warn!(route, header = %h.name, "upstream response header contained the injected secret; dropped");
             continue;
         }
-        push_header(&mut out, h.name.as_bytes(), h.value);
+        push_header(out, h.name.as_bytes(), h.value);
     }
     if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -708,7 +707,7 @@ fn response_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some((out, framing, keep)))
+    Ok(Some((framing, keep)))
 }
 
 /// Walks a response body by its framing: how many of the bytes at hand
@@ -960,11 +959,13 @@ mod tests {
 
     #[test]
     fn response_heads_lose_hop_by_hop_headers_and_secret_echoes() {
+        let mut out = Vec::new();
+        let mut head_of = |head: &[u8], is_head: bool, secret: &[u8]| {
+            response_head(head, is_head, secret, "r", &mut out)
+                .map(|r| r.map(|(f, keep)| (f, keep, String::from_utf8(out.clone()).unwrap())))
+        };
         let head = b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nx-private: 1\r\nkeep-alive: timeout=5\r\nx-echo: Bearer tok-123456\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n";
-        let (out, framing, keep) = response_head(head, false, b"tok-123456", "r")
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let (framing, keep, text) = head_of(head, false, b"tok-123456").unwrap().unwrap();
         assert_eq!(framing, Framing::Fixed(2));
         assert!(keep);
         assert_eq!(
@@ -972,26 +973,17 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
         );
         // Chunked keeps its framing; a close-delimited body closes the client.
-        let (out, framing, _) = response_head(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
-            false,
-            b"",
-            "r",
-        )
-        .unwrap()
-        .unwrap();
+        let chunked = b"HTTP/1.1 201 Created\r\ntransfer-encoding: gzip, chunked\r\n\r\n";
+        let (framing, _, text) = head_of(chunked, false, b"").unwrap().unwrap();
         assert_eq!(framing, Framing::Chunked);
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .contains("transfer-encoding: chunked\r\n"));
-        let (out, framing, keep) = response_head(b"HTTP/1.0 200 OK\r\n\r\n", false, b"", "r")
+        assert!(text.starts_with("HTTP/1.1 201 Created\r\n"), "{text}");
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        let (framing, keep, text) = head_of(b"HTTP/1.0 200 OK\r\n\r\n", false, b"")
             .unwrap()
             .unwrap();
         assert_eq!(framing, Framing::UntilClose);
         assert!(!keep);
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .contains("connection: close\r\n"));
+        assert!(text.contains("connection: close\r\n"), "{text}");
         // No body for HEAD, 204, 304 whatever the headers say.
         for (head, is_head) in [
             (&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..], true),
@@ -1001,18 +993,12 @@ mod tests {
                 false,
             ),
         ] {
-            let (_, framing, _) = response_head(head, is_head, b"", "r").unwrap().unwrap();
+            let (framing, _, _) = head_of(head, is_head, b"").unwrap().unwrap();
             assert_eq!(framing, Framing::Fixed(0));
         }
         // Interim responses are skipped; smuggling-shaped ones refused.
-        assert!(response_head(
-            b"HTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\n",
-            false,
-            b"",
-            "r"
-        )
-        .unwrap()
-        .is_none());
+        let early = b"HTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\n";
+        assert!(head_of(early, false, b"").unwrap().is_none());
         for bad in [
             &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -1020,11 +1006,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             b"HTTP/1.1 abc\r\n\r\n",
         ] {
-            assert!(
-                response_head(bad, false, b"", "r").is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            let res = head_of(bad, false, b"");
+            assert!(res.is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
