@@ -105,8 +105,10 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
     }
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
     let mut up: Option<Upstream> = None;
+    let mut client_timer = Deadline::new();
+    let mut upstream_timer = Deadline::new();
     loop {
-        let head_len = match read_head(client, &mut buf).await {
+        let head_len = match read_head(client, &mut buf, &mut client_timer).await {
             HeadRead::Complete(n) => n,
             HeadRead::Closed => return Outcome::Done,
             HeadRead::Handover => return Outcome::Handover(buf),
@@ -135,14 +137,18 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
         let result = loop {
             attempt += 1;
             let before_upstream = Instant::now();
+            let request = Outgoing {
+                plan: &plan,
+                head: &head,
+                secret: &prepared.secret,
+            };
             let res = exchange(
                 client,
                 &mut buf,
                 &mut up,
                 ctx,
-                &plan,
-                &head,
-                &prepared.secret,
+                &request,
+                &mut upstream_timer,
             )
             .await;
             match res {
@@ -203,8 +209,34 @@ enum HeadRead {
     Handover,
 }
 
+/// One timer kept for a connection's waits and moved for each: moving a
+/// tokio timer to a later deadline is an atomic store, whereas a fresh
+/// `timeout` per read inserts into and removes from the timer wheel for
+/// every request.
+struct Deadline(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl Deadline {
+    fn new() -> Deadline {
+        Deadline(Box::pin(tokio::time::sleep(IDLE_TIMEOUT)))
+    }
+
+    /// `fut`'s output, or `None` when `at` passed first.
+    async fn run<F: std::future::Future>(
+        &mut self,
+        at: tokio::time::Instant,
+        fut: F,
+    ) -> Option<F::Output> {
+        self.0.as_mut().reset(at);
+        tokio::select! {
+            biased;
+            v = fut => Some(v),
+            () = self.0.as_mut() => None,
+        }
+    }
+}
+
 /// Reads until `buf` holds a complete head (leading blank lines dropped).
-async fn read_head(client: &mut TcpStream, buf: &mut Vec<u8>) -> HeadRead {
+async fn read_head(client: &mut TcpStream, buf: &mut Vec<u8>, timer: &mut Deadline) -> HeadRead {
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let skip = buf
@@ -224,18 +256,18 @@ async fn read_head(client: &mut TcpStream, buf: &mut Vec<u8>) -> HeadRead {
                 return HeadRead::Handover;
             }
         }
-        let wait = match deadline {
-            None if buf.is_empty() => IDLE_TIMEOUT,
+        let at = match deadline {
+            None if buf.is_empty() => tokio::time::Instant::now() + IDLE_TIMEOUT,
             None => {
                 let d = tokio::time::Instant::now() + HEAD_TIMEOUT;
                 deadline = Some(d);
-                HEAD_TIMEOUT
+                d
             }
-            Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+            Some(d) => d,
         };
-        match tokio::time::timeout(wait, read_more(client, buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Closed,
-            Ok(Ok(_)) => {}
+        match timer.run(at, read_more(client, buf)).await {
+            Some(Ok(0)) | Some(Err(_)) | None => return HeadRead::Closed,
+            Some(Ok(_)) => {}
         }
     }
 }
@@ -375,6 +407,15 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// One request as it goes upstream.
+struct Outgoing<'a> {
+    plan: &'a Plan,
+    /// The rewritten head (it carries the credential).
+    head: &'a [u8],
+    /// The injected secret, to keep it out of the response headers.
+    secret: &'a [u8],
+}
+
 /// What may stay open after a response.
 struct Keep {
     client: bool,
@@ -388,10 +429,10 @@ async fn exchange(
     cbuf: &mut Vec<u8>,
     slot: &mut Option<Upstream>,
     ctx: &ConnCtx,
-    plan: &Plan,
-    head: &[u8],
-    secret: &[u8],
+    request: &Outgoing<'_>,
+    timer: &mut Deadline,
 ) -> Result<(Instant, Keep), Fail> {
+    let (plan, head, secret) = (request.plan, request.head, request.secret);
     let route = &ctx.route;
     if let Some(u) = slot.as_mut() {
         if !still_open(&u.stream) {
@@ -481,8 +522,9 @@ async fn exchange(
             }
         }
     };
-    let mut head_len = match tokio::time::timeout(timeout, read_head).await {
-        Err(_) => {
+    let at = tokio::time::Instant::now() + timeout;
+    let mut head_len = match timer.run(at, read_head).await {
+        None => {
             return Err(Fail::Answer(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
@@ -493,7 +535,7 @@ async fn exchange(
                 ),
             ))
         }
-        Ok(r) => r?,
+        Some(r) => r?,
     };
     let response_head_at = Instant::now();
     up.reused = true;
