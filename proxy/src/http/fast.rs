@@ -38,6 +38,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Either};
 use std::io;
+use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -291,9 +292,8 @@ struct Plan {
 
 /// Whether the fast path takes this head, and how; `None` hands it over.
 fn plan_request(head: &[u8]) -> Option<Plan> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    gate::parse_head(&mut req, head).ok()?;
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let req = parse_request(head, &mut headers)?;
     let check = gate::check_request(&req).ok()?;
     let BodyFraming::Fixed(body) = check.body else {
         return None;
@@ -315,6 +315,19 @@ fn plan_request(head: &[u8]) -> Option<Plan> {
         head_request: req.method == Some("HEAD"),
         client_close,
     })
+}
+
+/// Parses a complete request head with the gate's parser settings, into
+/// header slots that need no zeroing first (100 slots, 3 KiB, per parse).
+fn parse_request<'h, 'b>(
+    head: &'b [u8],
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Option<httparse::Request<'h, 'b>> {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, headers) {
+        Ok(httparse::Status::Complete(_)) => Some(req),
+        _ => None,
+    }
 }
 
 /// Whether a comma-separated header value lists `token` (any case).
@@ -343,15 +356,14 @@ fn upstream_head(
 ) -> Result<Zeroizing<Vec<u8>>, Box<http::Response<Body>>> {
     let route = &ctx.route;
     let metrics = &ctx.shared.metrics;
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
     let bad = |m: &str| {
         metrics.http_request(&route.name, "bad_request");
         Box::new(proxy::text(StatusCode::BAD_REQUEST, m))
     };
-    if gate::parse_head(&mut req, head).is_err() {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let Some(req) = parse_request(head, &mut headers) else {
         return Err(bad("warden: malformed request head"));
-    }
+    };
     let (method, target) = (req.method.unwrap_or("GET"), req.path.unwrap_or("/"));
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
