@@ -259,7 +259,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             metrics.clone(),
             access.resolver(),
             freezer.clone(),
-        ));
+        )?);
         for l in http_listeners {
             let (name, listen) = l.describe();
             tracing::info!(route = %name, listen = %listen, "HTTP route listening");

@@ -159,11 +159,7 @@ async fn connect(req: Request<Incoming>, ctxs: &[Arc<ConnCtx>]) -> Response<Body
         decision: Decision::Allow,
         reason: "tunnel opened (no credential)".into(),
     };
-    let s = ctx.shared.clone();
-    if !tokio::task::spawn_blocking(move || record(&s, &event))
-        .await
-        .unwrap_or(false)
-    {
+    if !record(&ctx.shared, event).await {
         metrics.http_request(&route.name, "audit_error");
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -175,6 +175,8 @@ impl HttpRoute {
 /// State shared by every http route.
 pub struct HttpShared {
     pub service: Arc<Mutex<SecretService>>,
+    /// Session records, group-committed (see [`crate::journal`]).
+    pub audit: crate::journal::Journal,
     pub attestor: crate::peer::Attestor,
     pub credentials: crate::pg::CredentialCache,
     pub metrics: Metrics,
@@ -189,14 +191,15 @@ impl HttpShared {
         metrics: Metrics,
         resolver: Arc<dyn warden_identity::attest::PeerResolver>,
         freezer: Arc<crate::freeze::Freezer>,
-    ) -> HttpShared {
-        HttpShared {
+    ) -> Result<HttpShared> {
+        Ok(HttpShared {
+            audit: crate::journal::Journal::start(service.clone(), "warden-http-audit")?,
             service,
             attestor: crate::peer::Attestor::from_config(cfg, resolver),
             credentials: crate::pg::CredentialCache::default(),
             metrics,
             freezer,
-        }
+        })
     }
 }
 

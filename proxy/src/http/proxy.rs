@@ -211,8 +211,8 @@ async fn finish(ctx: &ConnCtx) {
             decision: Decision::Allow,
             reason: "connection closed".into(),
         };
-        let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || record(&s, &event)).await;
+        // Nobody waits for a session's end: it may share a later commit.
+        let _ = shared.audit.record_unhurried(event).await;
     }
 }
 
@@ -226,11 +226,10 @@ pub(super) fn target(route: &HttpRoute, version: Option<u32>, detail: String) ->
     }
 }
 
-pub(super) fn record(shared: &HttpShared, event: &Event) -> bool {
-    match shared.service.lock() {
-        Ok(mut s) => s.record(event).is_ok(),
-        Err(_) => false,
-    }
+/// Appends an audit record durably through the routes' journal (group
+/// commit); false when it could not be written.
+pub(super) async fn record(shared: &HttpShared, event: Event) -> bool {
+    shared.audit.record(event).await
 }
 
 /// A plain-text response from warden itself.
@@ -266,8 +265,7 @@ pub(super) async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String)
             decision: Decision::Deny,
             reason: message.clone(),
         };
-        let s = ctx.shared.clone();
-        let _ = tokio::task::spawn_blocking(move || record(&s, &event)).await;
+        let _ = record(&ctx.shared, event).await;
     }
     text(StatusCode::FORBIDDEN, &message)
 }
@@ -367,10 +365,7 @@ async fn ensure_recorded(ctx: &ConnCtx, who: &Attested, version: u32) -> bool {
         decision: Decision::Allow,
         reason: "credential injected".into(),
     };
-    let s = ctx.shared.clone();
-    let ok = tokio::task::spawn_blocking(move || record(&s, &event))
-        .await
-        .unwrap_or(false);
+    let ok = record(&ctx.shared, event).await;
     if ok {
         if let Ok(mut s) = ctx.state.lock() {
             if s.recorded.is_none() {
