@@ -580,6 +580,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn enrichment_is_reused_only_for_the_same_kernel_view_and_exe() {
+        let key = |tgid, uid, cgroup_id, exe: &str| EnrichKey {
+            tgid,
+            uid,
+            gid: 0,
+            cgroup_id,
+            exe: Some(exe.to_string()),
+        };
+        let mut recent = RecentFacts::default();
+        assert!(recent.get(&key(7, 1000, 5, "/usr/bin/psql")).is_none());
+        recent.put(
+            key(7, 1000, 5, "/usr/bin/psql"),
+            None,
+            Some("reports".into()),
+        );
+        let (_, workload) = recent.get(&key(7, 1000, 5, "/usr/bin/psql")).unwrap();
+        assert_eq!(workload.as_deref(), Some("reports"));
+        // Another uid, cgroup or executable for the same pid: read afresh.
+        assert!(recent.get(&key(7, 0, 5, "/usr/bin/psql")).is_none());
+        assert!(recent.get(&key(7, 1000, 6, "/usr/bin/psql")).is_none());
+        assert!(recent.get(&key(7, 1000, 5, "/usr/bin/curl")).is_none());
+        // A full table starts over instead of growing.
+        for tgid in 100..(100 + RecentFacts::MAX as u32 + 10) {
+            recent.put(key(tgid, 0, 1, "/x"), None, None);
+        }
+        assert!(recent.map.len() <= RecentFacts::MAX);
+    }
+
+    #[test]
     fn feed_keeps_the_most_recent_events() {
         let feed = EventFeed::new();
         for i in 0..(RECENT_EVENTS + 10) {

@@ -217,3 +217,14 @@ pub fn process_groups(pid: u32) -> Vec<u32> {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn user_names_come_from_passwd_and_stay_consistent() {
+        // uid 0 is root on every Debian system this runs on.
+        assert_eq!(super::user_name(0).as_deref(), Some("root"));
+        assert_eq!(super::user_name(0).as_deref(), Some("root"));
+        assert_eq!(super::user_name(4_000_000_000), None);
+    }
+}

@@ -277,6 +277,55 @@ fn plain_http_upstream_fast_path_keeps_every_guarantee() {
     assert!(text.contains("cannot connect to 127.0.0.1:"), "{text}");
 }
 
+#[test]
+fn a_process_that_changes_uid_between_connections_is_attested_again() {
+    if !warden_tests::is_root() {
+        eprintln!("skipping: needs root to drop to another uid");
+        return;
+    }
+    let s = setup_with("http");
+    // Two connections as this uid (the second reuses the first attestation
+    // after revalidating it), then the same process as uid 65534: it must
+    // not keep the old identity.
+    let script = format!(
+        r#"
+import http.client, os
+def get():
+    c = http.client.HTTPConnection("127.0.0.1", {port}, timeout=20)
+    c.request("GET", "/who")
+    r = c.getresponse()
+    body = r.read().decode()
+    c.close()
+    return "%d %s" % (r.status, body.strip().splitlines()[-1] if body.strip() else "")
+print(get())
+print(get())
+os.setgid(65534)
+os.setuid(65534)
+print(get())
+"#,
+        port = s.ports["api"]
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lines[0].starts_with("200 seen GET /base/who"), "{text}");
+    assert!(lines[1].starts_with("200 seen GET /base/who"), "{text}");
+    assert!(lines[2].starts_with("403 "), "{text}");
+    assert!(lines[2].contains("uid 65534"), "{text}");
+    let recs = s.upstream.records();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+}
+
 fn injects_the_credential_and_strips_the_clients(s: &Setup) {
     // Two requests on one keep-alive connection, the client trying to supply its own token.
     let (code, body, err) = curl(&[
