@@ -547,8 +547,8 @@ mod tests {
         assert!(f.exe_sha256.is_some());
         // Unchanged (the comm name is display only).
         fake.procfs().revalidate(&f, &hashes).unwrap();
-        let stale = |what: &str| {
-            let err = fake.procfs().revalidate(&f, &hashes).unwrap_err();
+        let stale_for = |facts: &PeerFacts, what: &str| {
+            let err = fake.procfs().revalidate(facts, &hashes).unwrap_err();
             assert!(
                 matches!(err, AttestError::ProcessChanged { .. }),
                 "{what}: {err}"
@@ -557,19 +557,11 @@ mod tests {
         };
         // The executable rewritten in place: same path, other content.
         fs::write(&bin, b"abcd").unwrap();
-        assert!(stale("content").contains("executable content changed"));
+        assert!(stale_for(&f, "content").contains("executable content changed"));
         fs::write(&bin, b"abc").unwrap();
         let f = fake.procfs().gather_facts(4242, &hashes).unwrap();
         fake.procfs().revalidate(&f, &hashes).unwrap();
-        let f2 = f.clone();
-        let stale = |what: &str| {
-            let err = fake.procfs().revalidate(&f2, &hashes).unwrap_err();
-            assert!(
-                matches!(err, AttestError::ProcessChanged { .. }),
-                "{what}: {err}"
-            );
-            err.to_string()
-        };
+        let stale = |what: &str| stale_for(&f, what);
         fake.set_uid(4242, 65534);
         assert!(stale("uid").contains("uid 0 -> 65534"));
         fake.set_uid(4242, 0);
@@ -580,7 +572,7 @@ mod tests {
             "0::/svc.slice/a.service\n",
         )
         .unwrap();
-        fake.procfs().revalidate(&f2, &hashes).unwrap();
+        fake.procfs().revalidate(&f, &hashes).unwrap();
         // Another process now has the pid.
         fake.set_stat(4242, 2000, 'S');
         assert!(stale("pid reuse").contains("another process"));

@@ -165,16 +165,7 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
         match result {
             Ok((before_upstream, (response_head_at, keep))) => {
                 let added = (before_upstream - started) + response_head_at.elapsed();
-                match route.hot.get() {
-                    Some(hot) => {
-                        hot.forwarded.inc();
-                        hot.added.observe(added.as_secs_f64());
-                    }
-                    None => {
-                        metrics.http_request(&route.name, "forwarded");
-                        metrics.http_request_added(&route.name, added);
-                    }
-                }
+                proxy::count_forwarded(route, metrics, added);
                 if !keep.upstream {
                     up = None;
                 }

@@ -598,6 +598,17 @@ async fn forward(
     }
     scrub_secret(resp.headers_mut(), secret, &route.name);
     let added = (before_upstream - started) + after_upstream.elapsed();
+    count_forwarded(route, metrics, added);
+    resp.map(Either::Left)
+}
+
+/// Counts a forwarded request and warden's own time on it (the upstream
+/// round trip excluded), through the route's resolved handles when it has them.
+pub(super) fn count_forwarded(
+    route: &HttpRoute,
+    metrics: &crate::metrics::Metrics,
+    added: Duration,
+) {
     match route.hot.get() {
         Some(hot) => {
             hot.forwarded.inc();
@@ -608,7 +619,6 @@ async fn forward(
             metrics.http_request_added(&route.name, added);
         }
     }
-    resp.map(Either::Left)
 }
 
 fn upstream_failure(
