@@ -272,7 +272,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             metrics.clone(),
             access.resolver(),
             freezer.clone(),
-        ));
+        )?);
         for (route, tcp) in tls_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
             route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));

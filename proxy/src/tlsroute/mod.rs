@@ -109,6 +109,8 @@ type Refusal = Box<(Option<Attested>, String, &'static str)>;
 /// State shared by every tls route.
 pub struct TlsShared {
     pub service: Arc<Mutex<SecretService>>,
+    /// Session records, group-committed (see [`crate::journal`]).
+    pub audit: crate::journal::Journal,
     pub identity: Arc<IdentityHandle>,
     pub attestor: Attestor,
     pub metrics: Metrics,
@@ -129,8 +131,9 @@ impl TlsShared {
         metrics: Metrics,
         resolver: Arc<dyn warden_identity::attest::PeerResolver>,
         freezer: Arc<crate::freeze::Freezer>,
-    ) -> TlsShared {
-        TlsShared {
+    ) -> crate::error::Result<TlsShared> {
+        Ok(TlsShared {
+            audit: crate::journal::Journal::start(service.clone(), "warden-tls-audit")?,
             service,
             identity,
             freezer,
@@ -138,7 +141,7 @@ impl TlsShared {
             metrics,
             configs: Mutex::new(HashMap::new()),
             server_configs: server::ServerConfigs::default(),
-        }
+        })
     }
 
     fn record(&self, event: &Event) -> bool {
@@ -395,8 +398,7 @@ async fn session(
                 decision: Decision::Deny,
                 reason: message,
             };
-            let s = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || s.record(&event)).await;
+            let _ = shared.audit.record(event).await;
             return;
         }
     };
@@ -424,8 +426,7 @@ async fn session(
                 decision: Decision::Error,
                 reason: message,
             };
-            let s = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || s.record(&event)).await;
+            let _ = shared.audit.record(event).await;
             return;
         }
     };
@@ -443,10 +444,7 @@ async fn session(
         decision: Decision::Allow,
         reason: "workload SVID presented".into(),
     };
-    let s = shared.clone();
-    let recorded = tokio::task::spawn_blocking(move || s.record(&event))
-        .await
-        .unwrap_or(false);
+    let recorded = shared.audit.record(event).await;
     if !recorded {
         tracing::warn!(route = %route.name, "session refused: the audit record could not be written");
         shared
@@ -501,6 +499,6 @@ async fn relay_and_end<A, B>(
         decision: Decision::Allow,
         reason: "session ended".into(),
     };
-    let s = shared.clone();
-    let _ = tokio::task::spawn_blocking(move || s.record(&event)).await;
+    // Nobody waits for a session's end: it may share a later commit.
+    let _ = shared.audit.record_unhurried(event).await;
 }

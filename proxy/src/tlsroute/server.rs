@@ -131,10 +131,7 @@ fn remote_actor(spiffe_id: &str) -> Actor {
 }
 
 async fn record(shared: &Arc<TlsShared>, event: Event) -> bool {
-    let s = shared.clone();
-    tokio::task::spawn_blocking(move || s.record(&event))
-        .await
-        .unwrap_or(false)
+    shared.audit.record(event).await
 }
 
 /// One remote connection of a server-mode route.
