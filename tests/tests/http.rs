@@ -255,6 +255,13 @@ fn plain_http_upstream_fast_path_keeps_every_guarantee() {
     ] {
         assert!(resp.contains(seen), "{seen}: {resp}");
     }
+    // A client's `Connection: close` is answered with one, on the fast path too.
+    let resp = raw(
+        port,
+        b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /never HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    assert_eq!(resp.matches("HTTP/1.1 200").count(), 1, "{resp}");
+    assert!(resp.contains("\r\nconnection: close\r\n\r\n"), "{resp}");
     let recs = s.upstream.records();
     // Every request of route "api" (not the query and Basic routes) carried
     // the injected header, through either path.

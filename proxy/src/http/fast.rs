@@ -577,6 +577,12 @@ async fn exchange(
     };
     up.buf.drain(..head_len);
     let client_keep = framing != Framing::UntilClose;
+    if plan.client_close && client_keep {
+        // The client asked to close after this response: say so.
+        let end = up.out.len() - 2;
+        up.out
+            .splice(end..end, b"connection: close\r\n".iter().copied());
+    }
 
     // Head and the body bytes already here, in one write; then the rest.
     let mut walker = BodyWalker::new(framing);
