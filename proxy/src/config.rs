@@ -473,6 +473,11 @@ pub struct Route {
     /// http: how long to wait for the upstream's response headers (default 30 s).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub request_timeout: Option<Duration>,
+    /// http with an `http://` upstream: relay common HTTP/1.1 requests on
+    /// warden's own fast path (default true); false keeps every request on
+    /// the general (hyper) path.
+    #[serde(default)]
+    pub fast_path: Option<bool>,
     /// tls: `client` (default) or `server`; see [`TlsRouteMode`]. In server
     /// mode `allow` lists SPIFFE IDs.
     #[serde(default)]
@@ -1593,6 +1598,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.forward_proxy", "true or false, without quotes"),
     ("route.tunnel", "a list of host:port in quotes, e.g. tunnel = [\"github.com:443\"]"),
     ("route.request_timeout", "a duration in quotes, e.g. request_timeout = \"30s\""),
+    ("route.fast_path", "true or false, without quotes"),
     ("route.pool", "true, false, or an inline table, e.g. pool = { max_idle = 16, idle_timeout = \"60s\", max_lifetime = \"1h\" }"),
     ("route.pool.max_idle", "a whole number without quotes, e.g. max_idle = 16 (0 disables the pool)"),
     ("route.pool.idle_timeout", "a duration in quotes, e.g. idle_timeout = \"60s\""),
@@ -2449,6 +2455,13 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             format!("{k}.forward_proxy"),
             format!("forward_proxy and tunnel are only used by kind = \"http\" routes; this route is kind = \"{}\"", r.kind),
             "remove forward_proxy and tunnel from this route",
+        );
+    }
+    if r.fast_path.is_some() && (r.kind != RouteKind::Http || r.forward_proxy) {
+        c.error(
+            format!("{k}.fast_path"),
+            "fast_path is only used by kind = \"http\" reverse-proxy routes",
+            "remove fast_path from this route",
         );
     }
     if !r.tunnel.is_empty() && !r.forward_proxy {
@@ -4277,6 +4290,11 @@ allow = ["reports"]
         only_error(
             &http(&format!("{inj}\nrequest_timeout = \"0s\"")),
             "route[1].request_timeout",
+        );
+        ok(&http(&format!("{inj}\nfast_path = false")));
+        only_error(
+            &http(&format!("{inj}\nforward_proxy = true\nfast_path = false")),
+            "route[1].fast_path",
         );
         // Two forward proxies may share a listener; a reverse proxy may not.
         let second = HTTP_ROUTE.replace("\"payments\"", "\"payments-2\"");

@@ -99,9 +99,10 @@ enum Fail {
 /// Serves requests on `client` until the connection ends or a request
 /// needs the hyper path.
 pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
-    if ctx.route.scheme == http::uri::Scheme::HTTPS {
+    if !ctx.route.fast_path {
         // TLS upstreams stay with hyper: ALPN may pick HTTP/2, whose pooled
         // multiplexed connections beat one HTTP/1.1 connection per client.
+        // `fast_path = false` keeps a plain one there too.
         return Outcome::Handover(Vec::new());
     }
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);

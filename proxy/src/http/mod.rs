@@ -59,6 +59,9 @@ pub struct HttpRoute {
     pub upgrade_client: proxy::Client,
     /// HTTP/1.1-only connections for the fast path ([`fast`]).
     pub h1: upstream::Connector,
+    /// Requests may take the fast path: an `http://` upstream and
+    /// `fast_path` not set to false.
+    pub fast_path: bool,
     /// Serve as a forward proxy (`HTTP_PROXY`) for the upstream's host.
     pub forward_proxy: bool,
     /// forward_proxy: `CONNECT` targets (lowercased host, port) without injection.
@@ -148,6 +151,7 @@ impl HttpRoute {
                 client: proxy::client(connector(tls), false),
                 upgrade_client: proxy::client(connector(tls_h1.clone()), true),
                 h1: connector(tls_h1),
+                fast_path: !https && r.fast_path.unwrap_or(true),
                 forward_proxy: r.forward_proxy,
                 tunnel: r
                     .tunnel
@@ -298,5 +302,41 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(upstream: &str, extra: &str) -> Vec<HttpRoute> {
+        let text = format!(
+            r#"
+trust_domain = "example.org"
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = 1000 }}
+[[route]]
+name = "api"
+kind = "http"
+listen = "127.0.0.1:18080"
+upstream = "{upstream}"
+inject = {{ header = "X-Api-Key", secret = "api/token" }}
+allow = ["me"]
+{extra}
+"#
+        );
+        let cfg = crate::config::parse_str(&text, std::path::Path::new("test.toml"))
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        HttpRoute::from_config(&cfg).unwrap()
+    }
+
+    #[test]
+    fn the_fast_path_is_for_plain_upstreams_unless_switched_off() {
+        assert!(routes("http://127.0.0.1:9000/base", "")[0].fast_path);
+        assert!(!routes("http://127.0.0.1:9000", "fast_path = false")[0].fast_path);
+        assert!(!routes("https://api.example.org", "")[0].fast_path);
+        assert!(!routes("https://api.example.org", "fast_path = true")[0].fast_path);
     }
 }
