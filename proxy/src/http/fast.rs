@@ -116,23 +116,30 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
             HeadRead::Handover => return Outcome::Handover(buf),
         };
         let started = Instant::now();
-        let plan = match plan_request(&buf[..head_len]) {
-            Some(p) => p,
-            None => return Outcome::Handover(buf),
-        };
-        let prepared = match proxy::admit(ctx).await {
-            Ok(p) => p,
-            Err(answer) => {
-                let _ = send_own(client, answer).await;
-                return Outcome::Done;
+        // The head is parsed once; the parse borrows `buf` until the
+        // upstream head is built.
+        let step = {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let taken = parse_request(&buf[..head_len], &mut headers)
+                .and_then(|req| plan_request(&req).map(|plan| (req, plan)));
+            match taken {
+                None => Step::Handover,
+                Some((req, plan)) => match proxy::admit(ctx).await {
+                    Err(answer) => Step::Answer(Box::new(answer)),
+                    Ok(prepared) => match upstream_head(ctx, &req, &prepared) {
+                        Err(answer) => Step::Answer(answer),
+                        Ok(head) => Step::Forward(plan, prepared, head),
+                    },
+                },
             }
         };
-        let head = match upstream_head(ctx, &buf[..head_len], &prepared) {
-            Ok(h) => h,
-            Err(answer) => {
+        let (plan, prepared, head) = match step {
+            Step::Handover => return Outcome::Handover(buf),
+            Step::Answer(answer) => {
                 let _ = send_own(client, *answer).await;
                 return Outcome::Done;
             }
+            Step::Forward(plan, prepared, head) => (plan, prepared, head),
         };
         buf.drain(..head_len);
         let mut attempt = 0;
@@ -194,6 +201,16 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
             }
         }
     }
+}
+
+/// What to do with a complete request head.
+enum Step {
+    /// Hand the connection to the hyper path.
+    Handover,
+    /// warden's own answer, then close.
+    Answer(Box<http::Response<Body>>),
+    /// Forward it: the plan, the credential, the upstream head.
+    Forward(Plan, std::sync::Arc<proxy::Prepared>, Zeroizing<Vec<u8>>),
 }
 
 enum HeadRead {
@@ -283,10 +300,8 @@ struct Plan {
 }
 
 /// Whether the fast path takes this head, and how; `None` hands it over.
-fn plan_request(head: &[u8]) -> Option<Plan> {
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let req = parse_request(head, &mut headers)?;
-    let check = gate::check_request(&req).ok()?;
+fn plan_request(req: &httparse::Request<'_, '_>) -> Option<Plan> {
+    let check = gate::check_request(req).ok()?;
     let BodyFraming::Fixed(body) = check.body else {
         return None;
     };
@@ -343,7 +358,7 @@ fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
 /// zeroized on drop).
 fn upstream_head(
     ctx: &ConnCtx,
-    head: &[u8],
+    req: &httparse::Request<'_, '_>,
     prepared: &proxy::Prepared,
 ) -> Result<Zeroizing<Vec<u8>>, Box<http::Response<Body>>> {
     let route = &ctx.route;
@@ -351,10 +366,6 @@ fn upstream_head(
     let bad = |m: &str| {
         metrics.http_request(&route.name, "bad_request");
         Box::new(proxy::text(StatusCode::BAD_REQUEST, m))
-    };
-    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-    let Some(req) = parse_request(head, &mut headers) else {
-        return Err(bad("warden: malformed request head"));
     };
     let (method, target) = (req.method.unwrap_or("GET"), req.path.unwrap_or("/"));
     let (path, query) = match target.split_once('?') {
@@ -376,7 +387,7 @@ fn upstream_head(
         (Some(name), Some(Ok(v))) => Some((name, v)),
         _ => None,
     };
-    let mut out = Zeroizing::new(Vec::with_capacity(head.len() + 256));
+    let mut out = Zeroizing::new(Vec::with_capacity(512));
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(route.base_path.as_bytes());
@@ -989,7 +1000,11 @@ mod tests {
 
     #[test]
     fn requests_the_fast_path_takes_and_hands_over() {
-        let take = |h: &str| plan_request(h.as_bytes()).is_some();
+        let plan_of = |h: &[u8]| {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            parse_request(h, &mut headers).and_then(|req| plan_request(&req))
+        };
+        let take = |h: &str| plan_of(h.as_bytes()).is_some();
         assert!(take("GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n"));
         assert!(take("POST /a HTTP/1.1\r\ncontent-length: 3\r\n\r\n"));
         for handed in [
@@ -1005,7 +1020,7 @@ mod tests {
         ] {
             assert!(!take(handed), "{handed:?}");
         }
-        let p = plan_request(b"HEAD / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").unwrap();
+        let p = plan_of(b"HEAD / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").unwrap();
         assert!(p.head_request && p.client_close && p.body == 0);
     }
 

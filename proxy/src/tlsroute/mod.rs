@@ -100,6 +100,20 @@ impl TlsRoute {
     }
 }
 
+/// A leaf's certificate chain and PKCS#8 key as rustls takes them (the
+/// client mode's SVID and the server mode's certificate alike).
+fn rustls_identity(
+    chain_der: &[Vec<u8>],
+    key_pkcs8: &[u8],
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = chain_der
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
+    (chain, key)
+}
+
 /// A client configuration and the (SVID serial, bundle) tag it was built from.
 type TaggedConfig = (String, Arc<ClientConfig>);
 
@@ -236,12 +250,7 @@ impl TlsShared {
                     .map_err(|e| e.to_string())?
             }
         };
-        let chain: Vec<CertificateDer<'static>> = svid
-            .cert_chain_der
-            .iter()
-            .map(|d| CertificateDer::from(d.clone()))
-            .collect();
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key_pkcs8.to_vec()));
+        let (chain, key_der) = rustls_identity(&svid.cert_chain_der, &svid.key_pkcs8);
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?

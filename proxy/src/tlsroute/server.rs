@@ -14,7 +14,7 @@
 
 use super::{target, uri_sans, TlsRoute, TlsShared};
 use crate::audit::{Actor, ActorKind, Decision, Event};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use std::collections::HashMap;
@@ -99,12 +99,7 @@ fn server_config(route: &TlsRoute, shared: &TlsShared) -> Result<Arc<ServerConfi
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| format!("client verifier: {e}"))?;
-    let chain: Vec<CertificateDer<'static>> = cert
-        .cert_chain_der
-        .iter()
-        .map(|d| CertificateDer::from(d.clone()))
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pkcs8.to_vec()));
+    let (chain, key) = super::rustls_identity(&cert.cert_chain_der, &cert.key_pkcs8);
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
