@@ -12,6 +12,8 @@
 //!   protected upstreams, report or deny direct connects to protected
 //!   upstreams, and deny every connect of a frozen tgid or cgroup
 //!   ([`Monitor::freeze_tgid`], [`Monitor::freeze_cgroup`]);
+//! - `sk_skb` stream verdict: the kernel relay ([`KernelRelay`]) splices
+//!   two sockets so relayed bytes never reach user space;
 //! - events arrive through a ring buffer ([`EventReader`]); kernel-side
 //!   counters ([`Monitor::counters`]) say how many were emitted and lost.
 //!
@@ -28,6 +30,7 @@
 mod cgroup;
 mod events;
 mod monitor;
+mod relay;
 mod resolver;
 
 pub use cgroup::{cgroup2_mount, cgroup_id_of_path, cgroup_id_of_pid};
@@ -35,6 +38,7 @@ pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_I
 pub use monitor::{
     release_pinned, Counters, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
+pub use relay::{KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;
 pub use warden_ebpf_common::ProcessInfo;
 

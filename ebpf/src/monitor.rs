@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
@@ -21,6 +21,7 @@ use warden_ebpf_common::{
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
 use crate::events::{sock_key_of, EventReader};
+use crate::relay::KernelRelay;
 
 /// What to do about direct connects to protected upstreams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,6 +113,9 @@ pub struct Monitor {
     pins: Mutex<Vec<PinnedLink>>,
     links: Mutex<Vec<FdLink>>,
     pin_dir: Option<PathBuf>,
+    /// The kernel relay, or why it could not be loaded (the monitor works
+    /// without it).
+    relay: Result<Arc<KernelRelay>, String>,
     // Owns the programs and their links (unpinned links detach on drop).
     _ebpf: Ebpf,
 }
@@ -300,6 +304,8 @@ impl Monitor {
                 pins.push(pinned);
             }
         }
+        let relay = KernelRelay::load(&mut ebpf).map(Arc::new);
+
         // Unpinned links live as long as the monitor (dropping detaches).
         let links: Vec<FdLink> = new_links.into_iter().map(|(_, link)| link).collect();
 
@@ -312,6 +318,7 @@ impl Monitor {
             pins: Mutex::new(pins),
             links: Mutex::new(links),
             pin_dir,
+            relay,
             _ebpf: ebpf,
         })
     }
@@ -413,6 +420,12 @@ impl Monitor {
             }
             let _ = fs::remove_dir(dir);
         }
+    }
+
+    /// The kernel relay (see [`KernelRelay`]), or why this kernel could
+    /// not load it.
+    pub fn relay(&self) -> Result<&Arc<KernelRelay>, &str> {
+        self.relay.as_ref().map_err(String::as_str)
     }
 
     /// The pin directory in use, if any.

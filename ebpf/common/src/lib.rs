@@ -73,6 +73,22 @@ pub const FROZEN_ENTRIES: u32 = 4_096;
 /// Capacity of the watched-destination map.
 pub const WATCHED_ENTRIES: u32 = 1_024;
 
+/// Capacity of the kernel relay's maps (`RELAY_SOCKS`, `RELAY_PEERS`):
+/// sockets, two per spliced session.
+pub const RELAY_SOCKETS: u32 = 16_384;
+
+/// One socket of a spliced session (value of `RELAY_PEERS`, keyed by the
+/// socket's cookie): where its incoming bytes go, and how many went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayPeer {
+    /// Cookie of the socket that sends on this socket's incoming bytes
+    /// (its key in `RELAY_SOCKS`).
+    pub peer_cookie: u64,
+    /// Bytes received on this socket and redirected (kernel adds atomically).
+    pub bytes: u64,
+}
+
 /// A socket address: 16-byte address (v4 stored v4-mapped) and a port, both in
 /// network byte order. Key of `WATCHED` and `ATTRIBUTION`.
 #[repr(C)]
@@ -143,6 +159,7 @@ const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ProcessInfo>() == 48);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
 const _: () = assert!(core::mem::size_of::<FrozenEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
 
 impl SockKey {
     /// An IPv4 address, stored v4-mapped.
@@ -192,4 +209,7 @@ mod pod {
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::FrozenEntry {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::RelayPeer {}
 }

@@ -11,6 +11,12 @@
 //!   the warden daemon. v4-mapped IPv6 destinations are normalised, so
 //!   `connect6` to `::ffff:127.0.0.1` is matched exactly like `connect4`.
 //!
+//! - `warden_relay` (`sk_skb/stream_verdict` on `RELAY_SOCKS`): the kernel
+//!   relay of a spliced session. Bytes arriving on a socket in `RELAY_SOCKS`
+//!   are sent out on its peer (`RELAY_PEERS[own cookie]`) without reaching
+//!   user space, and counted. A socket without a peer entry keeps its bytes
+//!   (`SK_PASS`: user space reads them).
+//!
 //! Events go to a ring buffer submitted without waking the consumer unless a
 //! quarter of the ring is unread; the consumer drains on a short timer. Events
 //! that do not fit are counted in `COUNTERS[COUNTER_LOST]`.
@@ -18,18 +24,20 @@
 #![no_main]
 
 use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    bpf_ktime_get_boot_ns,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{SockAddrContext, SockOpsContext};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops, stream_verdict};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
+use aya_ebpf::programs::{SkBuffContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    Event, FrozenEntry, ProcessInfo, SockKey, ATTRIBUTION_ENTRIES, CONFIG_LEN,
+    Event, FrozenEntry, ProcessInfo, RelayPeer, SockKey, ATTRIBUTION_ENTRIES, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
-    EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RING_BYTES,
+    EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES,
     RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED, VERDICT_BYPASS_DENIED,
     VERDICT_DENIED_FROZEN, WATCHED_ENTRIES,
 };
@@ -62,6 +70,11 @@ static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_LEN, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+#[map]
+static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(RELAY_SOCKETS, 0);
+#[map]
+static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(RELAY_SOCKETS, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -331,6 +344,27 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         _pad: [0; 4],
     });
     1
+}
+
+/// Stream verdict of the kernel relay: the bytes of a spliced socket go out
+/// on its peer. `bpf_sk_redirect_hash` answers `SK_PASS` when the peer is in
+/// `RELAY_SOCKS` and drops the bytes when it is not (the peer was closed,
+/// so the session is ending anyway).
+#[stream_verdict]
+pub fn warden_relay(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is the program's own `__sk_buff`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(entry) = RELAY_PEERS.get_ptr_mut(&cookie) else {
+        return SK_PASS;
+    };
+    // SAFETY: a live map value. Verdicts of one socket run one at a time
+    // (its receive path holds the socket lock), and this socket's entry is
+    // written by no other program; user space only reads `bytes`.
+    let mut peer = unsafe {
+        (*entry).bytes += u64::from(ctx.len());
+        (*entry).peer_cookie
+    };
+    RELAY_SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32
 }
 
 #[panic_handler]

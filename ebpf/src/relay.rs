@@ -1,0 +1,241 @@
+//! The kernel relay: two TCP sockets spliced so the bytes each receives are
+//! sent out on the other by `warden_relay` (an `sk_skb` stream verdict on
+//! `RELAY_SOCKS`), never reaching user space.
+//!
+//! [`KernelRelay::splice`] enters a pair; the [`Spliced`] it returns
+//! reads the kernel's byte counts and takes the pair out when dropped.
+//! User space keeps watching the sockets for their end (a FIN or an error
+//! still wakes it: only the data path is replaced) and closes both.
+//!
+//! Ordering matters, and the caller has to provide a quiet moment: the
+//! first socket entered is redirected to a peer that is not in the map yet
+//! (its bytes would be dropped) for the instant before the second is
+//! entered, and bytes that arrived before a socket was entered stay in its
+//! receive queue for user space. See `proxy/src/pg/relay.rs` for how a
+//! PostgreSQL session finds that moment.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::Ebpf;
+use warden_ebpf_common::RelayPeer;
+
+/// `SO_COOKIE` (asm-generic/socket.h): the socket's 64-bit cookie, the key
+/// the kernel program sees through `bpf_get_socket_cookie`.
+const SO_COOKIE: libc::c_int = 57;
+
+/// The loaded relay program and its maps.
+pub struct KernelRelay {
+    socks: Mutex<SockHash<MapData, u64>>,
+    peers: Mutex<HashMap<MapData, u64, RelayPeer>>,
+}
+
+/// A pair of sockets relayed by the kernel until this is dropped.
+pub struct Spliced {
+    relay: Arc<KernelRelay>,
+    first: u64,
+    second: u64,
+}
+
+fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes given, and
+    // `fd` is a live descriptor for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Bytes in a socket's receive queue not yet read (`SIOCINQ`).
+fn queued(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer; `fd` is live.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Why [`KernelRelay::splice`] did not splice.
+#[derive(Debug)]
+pub enum SpliceError {
+    /// A receive queue holds bytes user space has not read: not a quiet
+    /// moment (nothing was changed; try at a later one).
+    Busy,
+    /// Bytes reached `first` while it was being entered and are held in
+    /// its receive queue: the pair is spliced, but those bytes move only
+    /// when more arrive. A sender waiting for an answer would wait for
+    /// ever, so the caller should end the session.
+    Held(Spliced),
+    /// The kernel refused (map full, socket state, ...).
+    Failed(io::Error),
+}
+
+impl std::fmt::Display for SpliceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpliceError::Busy => f.write_str("unread bytes in a receive queue"),
+            SpliceError::Held(_) => f.write_str("bytes arrived during the hand-over"),
+            SpliceError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn map_error(what: &str, e: aya::maps::MapError) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+impl KernelRelay {
+    /// Loads `warden_relay` from `ebpf` and attaches it to `RELAY_SOCKS`.
+    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<KernelRelay, String> {
+        let socks: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map("RELAY_SOCKS")
+                .ok_or("map RELAY_SOCKS missing")?,
+        )
+        .map_err(|e| format!("RELAY_SOCKS: {e}"))?;
+        let peers: HashMap<MapData, u64, RelayPeer> = HashMap::try_from(
+            ebpf.take_map("RELAY_PEERS")
+                .ok_or("map RELAY_PEERS missing")?,
+        )
+        .map_err(|e| format!("RELAY_PEERS: {e}"))?;
+        let program: &mut SkSkb = ebpf
+            .program_mut("warden_relay")
+            .ok_or("program warden_relay missing")?
+            .try_into()
+            .map_err(|e| format!("warden_relay: {e}"))?;
+        program
+            .load()
+            .map_err(|e| format!("loading warden_relay: {e}"))?;
+        // The attachment lives as long as the program (owned by the monitor).
+        program
+            .attach(socks.fd())
+            .map_err(|e| format!("attaching warden_relay to RELAY_SOCKS: {e}"))?;
+        Ok(KernelRelay {
+            socks: Mutex::new(socks),
+            peers: Mutex::new(peers),
+        })
+    }
+
+    /// Splices `first` and `second` (connected TCP sockets): from now on
+    /// the bytes each receives are sent out on the other, until both are
+    /// closed (a splice is for the rest of the connections' lives: taking a
+    /// socket out of the map does not give its bytes back to user space).
+    ///
+    /// Both receive queues must be empty, and `first` must be the side
+    /// that cannot send now (it waits for an answer user space holds):
+    /// bytes it sent before the second socket is entered would be dropped.
+    /// Bytes `second` receives before it is entered are delivered when
+    /// more arrive.
+    pub fn splice(
+        self: &Arc<Self>,
+        first: BorrowedFd<'_>,
+        second: BorrowedFd<'_>,
+    ) -> Result<Spliced, SpliceError> {
+        let failed = SpliceError::Failed;
+        if queued(first).map_err(failed)? > 0 || queued(second).map_err(failed)? > 0 {
+            return Err(SpliceError::Busy);
+        }
+        let spliced = self.enter(first, second).map_err(failed)?;
+        // Bytes that came in while `first` was entered, before its verdict
+        // was in place, stay queued. A look a few times over: bytes being
+        // redirected right now leave the queue within microseconds.
+        for _ in 0..4 {
+            if queued(first).map_err(failed)? == 0 {
+                return Ok(spliced);
+            }
+            std::thread::yield_now();
+        }
+        Err(SpliceError::Held(spliced))
+    }
+
+    fn enter(
+        self: &Arc<Self>,
+        first: BorrowedFd<'_>,
+        second: BorrowedFd<'_>,
+    ) -> io::Result<Spliced> {
+        let (a, b) = (cookie(first)?, cookie(second)?);
+        let spliced = Spliced {
+            relay: self.clone(),
+            first: a,
+            second: b,
+        };
+        {
+            let mut peers = self
+                .peers
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            let entry = |peer_cookie| RelayPeer {
+                peer_cookie,
+                bytes: 0,
+            };
+            peers
+                .insert(a, entry(b), 0)
+                .map_err(|e| map_error("RELAY_PEERS", e))?;
+            peers
+                .insert(b, entry(a), 0)
+                .map_err(|e| map_error("RELAY_PEERS", e))?;
+        }
+        let mut socks = self
+            .socks
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        // On an error `spliced` is dropped, which removes what went in.
+        socks
+            .insert(a, first, 0)
+            .map_err(|e| map_error("RELAY_SOCKS", e))?;
+        socks
+            .insert(b, second, 0)
+            .map_err(|e| map_error("RELAY_SOCKS", e))?;
+        drop(socks);
+        Ok(spliced)
+    }
+}
+
+impl std::fmt::Debug for Spliced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spliced")
+            .field("first", &self.first)
+            .field("second", &self.second)
+            .finish()
+    }
+}
+
+impl Spliced {
+    /// Bytes the kernel relayed so far: received on the first socket (sent
+    /// on the second), and received on the second.
+    pub fn bytes(&self) -> (u64, u64) {
+        let Ok(peers) = self.relay.peers.lock() else {
+            return (0, 0);
+        };
+        let get = |k: u64| peers.get(&k, 0).map(|p| p.bytes).unwrap_or(0);
+        (get(self.first), get(self.second))
+    }
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        if let Ok(mut socks) = self.relay.socks.lock() {
+            let _ = socks.remove(&self.first);
+            let _ = socks.remove(&self.second);
+        }
+        if let Ok(mut peers) = self.relay.peers.lock() {
+            let _ = peers.remove(&self.first);
+            let _ = peers.remove(&self.second);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The kernel relay on the real kernel: two spliced sockets pass bytes
+//! both ways without user space, counted; the pair's end is still seen by
+//! user space; bytes that were queued before the splice stay readable.
+//!
+//! Root only, like `monitor.rs` (never skipped in CI: `WARDEN_REQUIRE_EBPF`).
+#![allow(unsafe_code)]
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use warden_ebpf::{Monitor, MonitorConfig, SpliceError};
+
+fn have_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
+            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
+        );
+        eprintln!("skipping: needs root");
+    }
+    root
+}
+
+/// client ⇄ (proxy_in | proxy_out) ⇄ server, all loopback TCP.
+struct Pair {
+    client: TcpStream,
+    proxy_in: TcpStream,
+    proxy_out: TcpStream,
+    server: TcpStream,
+}
+
+fn pair() -> Pair {
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let back = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let (proxy_in, _) = front.accept().unwrap();
+    let proxy_out = TcpStream::connect(back.local_addr().unwrap()).unwrap();
+    let (server, _) = back.accept().unwrap();
+    for s in [&client, &proxy_in, &proxy_out, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+    }
+    Pair {
+        client,
+        proxy_in,
+        proxy_out,
+        server,
+    }
+}
+
+fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).expect("read");
+    buf
+}
+
+fn monitor() -> Arc<Monitor> {
+    let cfg = MonitorConfig {
+        warden_tgid: std::process::id(),
+        ..MonitorConfig::default()
+    };
+    Arc::new(Monitor::load(&cfg).unwrap_or_else(|e| panic!("loading the monitor: {e}")))
+}
+
+#[test]
+fn spliced_sockets_relay_both_ways_in_the_kernel_and_count_bytes() {
+    if !have_root() {
+        return;
+    }
+    let m = monitor();
+    let relay = m
+        .relay()
+        .expect("kernel relay loads on this kernel")
+        .clone();
+    let mut p = pair();
+    let spliced = relay
+        .splice(p.proxy_in.as_fd(), p.proxy_out.as_fd())
+        .expect("splice");
+    // Many round trips and one large transfer each way.
+    for i in 0..200u32 {
+        let q = format!("query {i}\n");
+        p.client.write_all(q.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut p.server, q.len()), q.as_bytes());
+        let r = format!("reply {i} from the server\n");
+        p.server.write_all(r.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut p.client, r.len()), r.as_bytes());
+    }
+    let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut server = p.server.try_clone().unwrap();
+    let expect = big.clone();
+    let reader = std::thread::spawn(move || read_n(&mut server, expect.len()) == expect);
+    p.client.write_all(&big).unwrap();
+    assert!(
+        reader.join().unwrap(),
+        "4 MB client → server arrived intact"
+    );
+    let mut client = p.client.try_clone().unwrap();
+    let expect = big.clone();
+    let reader = std::thread::spawn(move || read_n(&mut client, expect.len()) == expect);
+    p.server.write_all(&big).unwrap();
+    assert!(
+        reader.join().unwrap(),
+        "4 MB server → client arrived intact"
+    );
+
+    let up: u64 = (0..200u32)
+        .map(|i| format!("query {i}\n").len() as u64)
+        .sum();
+    let down: u64 = (0..200u32)
+        .map(|i| format!("reply {i} from the server\n").len() as u64)
+        .sum();
+    let (a, b) = spliced.bytes();
+    assert_eq!(
+        a,
+        up + big.len() as u64,
+        "bytes received on the client side"
+    );
+    assert_eq!(
+        b,
+        down + big.len() as u64,
+        "bytes received on the server side"
+    );
+
+    // The proxy's own sockets never saw a byte.
+    p.proxy_in.set_nonblocking(true).unwrap();
+    let mut probe = [0u8; 16];
+    assert!(
+        matches!(p.proxy_in.read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "user space reads nothing from a spliced socket"
+    );
+    p.proxy_in.set_nonblocking(false).unwrap();
+
+    // The client's close is still seen by user space (EOF on the spliced socket).
+    drop(p.client);
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        p.proxy_in.read(&mut buf).unwrap(),
+        0,
+        "EOF reaches user space"
+    );
+    drop(spliced);
+}
+
+#[test]
+fn a_splice_waits_for_empty_receive_queues_and_pairs_stay_apart() {
+    if !have_root() {
+        return;
+    }
+    let m = monitor();
+    let relay = m.relay().expect("kernel relay").clone();
+    let mut p = pair();
+    // Unread bytes on either side: not a quiet moment, nothing changes.
+    p.client.write_all(b"early").unwrap();
+    p.server.write_all(b"async").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(matches!(
+        relay.splice(p.proxy_in.as_fd(), p.proxy_out.as_fd()),
+        Err(SpliceError::Busy)
+    ));
+    assert_eq!(read_n(&mut p.proxy_in, 5), b"early", "still user space's");
+    assert!(matches!(
+        relay.splice(p.proxy_in.as_fd(), p.proxy_out.as_fd()),
+        Err(SpliceError::Busy)
+    ));
+    assert_eq!(read_n(&mut p.proxy_out, 5), b"async");
+    let spliced = relay
+        .splice(p.proxy_in.as_fd(), p.proxy_out.as_fd())
+        .expect("quiet now");
+    p.client.write_all(b"later").unwrap();
+    assert_eq!(read_n(&mut p.server, 5), b"later");
+    assert_eq!(spliced.bytes(), (5, 0));
+
+    // Many pairs at once, each relayed to its own peer only.
+    let mut pairs: Vec<_> = (0..50).map(|_| pair()).collect();
+    let splices: Vec<_> = pairs
+        .iter()
+        .map(|p| {
+            relay
+                .splice(p.proxy_in.as_fd(), p.proxy_out.as_fd())
+                .unwrap()
+        })
+        .collect();
+    for (i, p) in pairs.iter_mut().enumerate().rev() {
+        let msg = format!("pair {i:03}");
+        p.client.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut p.server, msg.len()), msg.as_bytes());
+        let back = format!("back {i:03}");
+        p.server.write_all(back.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut p.client, back.len()), back.as_bytes());
+    }
+    for (i, s) in splices.iter().enumerate() {
+        assert_eq!(s.bytes(), (8, 8), "pair {i}");
+    }
+    // A socket closed while spliced leaves the map by itself; the entries
+    // of every splice are gone once dropped, so the maps do not fill up.
+    drop(pairs);
+    drop(splices);
+    drop(spliced);
+}
