@@ -15,7 +15,7 @@
 //! PostgreSQL session finds that moment.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, MapData, SockHash};
@@ -237,5 +237,98 @@ impl Drop for Spliced {
             let _ = peers.remove(&self.first);
             let _ = peers.remove(&self.second);
         }
+    }
+}
+
+/// Watches a spliced pair for its end without being woken by its data.
+///
+/// Every byte the kernel relays still wakes the socket's `EPOLLIN`
+/// waiters, so a spliced socket must not stay registered for readability
+/// (in tokio's reactor, say: hand it over with `into_std` first). This is
+/// an epoll instance of its own with both sockets registered for
+/// `EPOLLRDHUP` only (`EPOLLHUP`/`EPOLLERR` are always reported); its own
+/// descriptor becomes readable when either socket ends, so it can be
+/// awaited ([`EndWatch::wait`], through tokio's `AsyncFd`).
+pub struct EndWatch {
+    epoll: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+/// Which sockets of an [`EndWatch`] have ended (peer closed, reset, error).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ended {
+    pub first: bool,
+    pub second: bool,
+}
+
+impl EndWatch {
+    pub fn new(first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> io::Result<EndWatch> {
+        // SAFETY: no pointer arguments.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned here only.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (token, sock) in [(0u64, first), (1u64, second)] {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLRDHUP as u32,
+                u64: token,
+            };
+            // SAFETY: both descriptors are live; `ev` is a valid event.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    sock.as_raw_fd(),
+                    &mut ev,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the AsyncFd owns the descriptor it registers, so the
+        // descriptor outlives its registration.
+        let epoll = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(EndWatch { epoll })
+    }
+
+    /// Waits until either socket ends (from a tokio runtime).
+    pub async fn wait(&self) -> io::Result<Ended> {
+        loop {
+            let mut guard = self.epoll.readable().await?;
+            if let Some(which) = self.ended()? {
+                return Ok(which);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Which sockets ended, without waiting; `None` when neither has.
+    pub fn ended(&self) -> io::Result<Option<Ended>> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        // SAFETY: `events` holds 2 entries, as passed.
+        let n = unsafe {
+            libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), 2, 0)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        let mut out = Ended::default();
+        for ev in &events[..usize::try_from(n).unwrap_or(0)] {
+            match ev.u64 {
+                0 => out.first = true,
+                _ => out.second = true,
+            }
+        }
+        Ok((out.first || out.second).then_some(out))
     }
 }

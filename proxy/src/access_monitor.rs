@@ -329,6 +329,18 @@ impl AccessMonitor {
         self.monitor.as_ref()
     }
 
+    /// The kernel relay for long PostgreSQL sessions, if the monitor loaded
+    /// it (a kernel that refuses it leaves a warning and user-space relays).
+    pub fn kernel_relay(&self) -> Option<Arc<warden_ebpf::KernelRelay>> {
+        match self.monitor.as_ref()?.relay() {
+            Ok(r) => Some(r.clone()),
+            Err(why) => {
+                tracing::warn!("eBPF kernel relay unavailable ({why}); PostgreSQL sessions are relayed in user space");
+                None
+            }
+        }
+    }
+
     /// Sends bypass attempts to the anomaly detector from now on.
     pub fn set_anomaly(&self, a: Arc<crate::anomaly::Anomaly>) {
         let _ = self.anomaly.set(a);

@@ -490,6 +490,10 @@ pub struct Route {
     /// `pool = false` or `max_idle = 0` disables).
     #[serde(default)]
     pub pool: Option<PoolConfig>,
+    /// postgres: hand long sessions on plain TCP (client and upstream) to
+    /// the eBPF kernel relay (default true; needs the monitor loaded).
+    #[serde(default)]
+    pub kernel_relay: Option<bool>,
 }
 
 /// `route.pool`: `true`, `false`, or `{ max_idle, idle_timeout, max_lifetime }`
@@ -1599,6 +1603,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.tunnel", "a list of host:port in quotes, e.g. tunnel = [\"github.com:443\"]"),
     ("route.request_timeout", "a duration in quotes, e.g. request_timeout = \"30s\""),
     ("route.fast_path", "true or false, without quotes"),
+    ("route.kernel_relay", "true or false, without quotes"),
     ("route.pool", "true, false, or an inline table, e.g. pool = { max_idle = 16, idle_timeout = \"60s\", max_lifetime = \"1h\" }"),
     ("route.pool.max_idle", "a whole number without quotes, e.g. max_idle = 16 (0 disables the pool)"),
     ("route.pool.idle_timeout", "a duration in quotes, e.g. idle_timeout = \"60s\""),
@@ -2455,6 +2460,16 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             format!("{k}.forward_proxy"),
             format!("forward_proxy and tunnel are only used by kind = \"http\" routes; this route is kind = \"{}\"", r.kind),
             "remove forward_proxy and tunnel from this route",
+        );
+    }
+    if r.kernel_relay.is_some() && r.kind != RouteKind::Postgres {
+        c.error(
+            format!("{k}.kernel_relay"),
+            format!(
+                "kernel_relay is only used by kind = \"postgres\" routes; this route is kind = \"{}\"",
+                r.kind
+            ),
+            "remove kernel_relay from this route",
         );
     }
     if r.fast_path.is_some() && (r.kind != RouteKind::Http || r.forward_proxy) {
@@ -4173,6 +4188,20 @@ allow = ["reports"]
     }
 
     #[test]
+    fn kernel_relay_is_a_postgres_route_bool() {
+        assert_eq!(ok(BASE).routes[0].kernel_relay, None);
+        let with = |v: &str| {
+            edit(
+                "allow = [\"reports\"]\n",
+                &format!("allow = [\"reports\"]\nkernel_relay = {v}\n"),
+            )
+        };
+        assert_eq!(ok(&with("false")).routes[0].kernel_relay, Some(false));
+        let r = report(&with("\"yes\""));
+        assert!(r.to_string().contains("kernel_relay"), "{r}");
+    }
+
+    #[test]
     fn postgres_route_pool_is_a_bool_or_a_table() {
         assert_eq!(ok(BASE).routes[0].pool, None);
         let with = |v: &str| {
@@ -4292,6 +4321,10 @@ allow = ["reports"]
             "route[1].request_timeout",
         );
         ok(&http(&format!("{inj}\nfast_path = false")));
+        only_error(
+            &http(&format!("{inj}\nkernel_relay = true")),
+            "route[1].kernel_relay",
+        );
         only_error(
             &http(&format!("{inj}\nforward_proxy = true\nfast_path = false")),
             "route[1].fast_path",

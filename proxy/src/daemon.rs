@@ -240,6 +240,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 leases: leases.clone(),
                 freezer: freezer.clone(),
                 anomaly: anomaly.clone(),
+                kernel_relay: access.kernel_relay(),
             },
         )?);
         let credentials_task = tokio::spawn(maintain_credentials(

@@ -64,6 +64,7 @@ struct Inner {
     cancels: IntCounterVec,
     pool_events: IntCounterVec,
     pool_idle: IntGaugeVec,
+    kernel_relay: IntCounterVec,
     // Secrets.
     secrets: IntGauge,
     secret_versions: IntGauge,
@@ -368,6 +369,13 @@ impl Metrics {
             ),
             &["route", "result"],
         )?;
+        let kernel_relay = IntCounterVec::new(
+            Opts::new(
+                "warden_pg_kernel_relay_total",
+                "PostgreSQL sessions offered to the eBPF kernel relay by route and result: spliced (the kernel relays it from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), failed (the kernel refused; relayed in user space).",
+            ),
+            &["route", "result"],
+        )?;
         let pool_idle = IntGaugeVec::new(
             Opts::new(
                 "warden_pg_pool_idle_connections",
@@ -536,6 +544,7 @@ impl Metrics {
         reg(&registry, &cancels)?;
         reg(&registry, &pool_events)?;
         reg(&registry, &pool_idle)?;
+        reg(&registry, &kernel_relay)?;
         reg(&registry, &secrets)?;
         reg(&registry, &secret_versions)?;
         reg(&registry, &secret_age)?;
@@ -580,6 +589,7 @@ impl Metrics {
                 cancels,
                 pool_events,
                 pool_idle,
+                kernel_relay,
                 secrets,
                 secret_versions,
                 secret_age,
@@ -785,6 +795,21 @@ impl Metrics {
         self.inner
             .pool_events
             .with_label_values(&[route, event])
+            .inc();
+    }
+
+    /// Exports a kernel-relay route's series at zero.
+    pub fn pg_kernel_relay_declare(&self, route: &str) {
+        for r in ["spliced", "busy", "held", "failed"] {
+            self.inner.kernel_relay.with_label_values(&[route, r]);
+        }
+    }
+
+    /// A hand-over attempt's result (a fixed label) on a configured route.
+    pub fn pg_kernel_relay(&self, route: &str, result: &str) {
+        self.inner
+            .kernel_relay
+            .with_label_values(&[route, result])
             .inc();
     }
 

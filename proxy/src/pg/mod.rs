@@ -15,6 +15,7 @@
 //! CancelRequest to the matching upstream session).
 
 pub mod dynamic;
+pub mod kernel;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
@@ -59,6 +60,8 @@ pub struct PgRoute {
     pub dynamic: Option<config::Dynamic>,
     /// Reuse of authenticated upstream connections (`route.pool`).
     pub pool: pool::PoolSettings,
+    /// Hand long plain-TCP sessions to the kernel relay (`route.kernel_relay`).
+    pub kernel_relay: bool,
 }
 
 /// Where a session's login comes from.
@@ -133,6 +136,7 @@ impl PgRoute {
                 client_tls: r.client_tls,
                 dynamic: cred.dynamic.clone(),
                 pool: pool::PoolSettings::from_config(r.pool.as_ref()),
+                kernel_relay: r.kernel_relay.unwrap_or(true),
             });
         }
         Ok(out)
@@ -256,6 +260,8 @@ pub struct SessionServices {
     pub leases: Arc<dynamic::LeaseManager>,
     pub freezer: Arc<crate::freeze::Freezer>,
     pub anomaly: Arc<crate::anomaly::Anomaly>,
+    /// The eBPF kernel relay, when the monitor loaded it.
+    pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
 }
 
 /// State shared by every PostgreSQL session.
@@ -277,6 +283,8 @@ pub struct PgShared {
     pub pool: pool::Pool,
     /// Session audit records, written in group commits.
     pub audit: crate::journal::Journal,
+    /// The eBPF kernel relay for long sessions (None: user space only).
+    pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
 }
 
 impl PgShared {
@@ -292,6 +300,9 @@ impl PgShared {
         for r in routes.iter().filter(|r| r.pool.enabled()) {
             metrics.pg_pool_declare(&r.name);
         }
+        for r in routes.iter().filter(|r| r.kernel_relay) {
+            metrics.pg_kernel_relay_declare(&r.name);
+        }
         for r in routes.iter().filter(|r| r.client_tls) {
             client_tls.insert(r.name.clone(), tls::server_config(r, identity.clone())?);
         }
@@ -300,6 +311,7 @@ impl PgShared {
             leases,
             freezer,
             anomaly,
+            kernel_relay,
         } = services;
         Ok(PgShared {
             audit: crate::journal::Journal::start(service.clone(), "warden-pg-audit")?,
@@ -314,6 +326,7 @@ impl PgShared {
             client_tls,
             freezer,
             anomaly,
+            kernel_relay,
         })
     }
 }

@@ -14,6 +14,17 @@
 //! The session ends when the client side ends (Terminate, EOF, error) or
 //! when the upstream closes. [`RelayEnd::resume`] says whether the upstream
 //! connection stopped in a state a reset can recover.
+//!
+//! **Hand-over to the kernel relay.** Given a [`Handover`] hook, a session
+//! that has had [`HANDOVER_AFTER`] round trips is offered to the kernel at
+//! the first quiet moment: a read from the upstream ends exactly with a
+//! ReadyForQuery that answers the client's last request, and the client
+//! side has nothing in flight (every byte forwarded, at a message boundary,
+//! no open extended batch). The ReadyForQuery is still held: a client that
+//! waits for it cannot send, so the hook can splice the sockets with the
+//! client side silent. If it does, the held bytes go out and the relay
+//! returns with [`RelayEnd::spliced`]; otherwise relaying goes on (and a
+//! later quiet moment may be offered again).
 
 use std::future::poll_fn;
 use std::io;
@@ -22,6 +33,26 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 const BUF: usize = 16 * 1024;
+
+/// Round trips (ReadyForQuery messages relayed) before a session is offered
+/// to the kernel relay: short sessions (`pgbench -C`, a web request's one
+/// query) stay in user space, where their upstream connection can be reset
+/// and pooled; a spliced session's upstream connection is closed at the end.
+pub const HANDOVER_AFTER: u64 = 32;
+
+/// What a [`Handover`] hook did with the quiet moment it was offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handed {
+    /// The sockets are spliced: the kernel relays from now on.
+    Spliced,
+    /// Not now (e.g. bytes still queued); a later quiet moment may do.
+    Later,
+    /// Never for this session.
+    Never,
+}
+
+/// Offered the two streams at a quiet moment (see the module docs).
+pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U) -> Handed + Send);
 
 /// Where a byte stream stands relative to its message boundaries
 /// (`Byte1 tag, Int32 length counting itself, body`).
@@ -144,6 +175,9 @@ pub struct RelayEnd {
     /// Some when the upstream is open, was sent whole messages only, and
     /// its replies were walked without fault: a reset may recover it.
     pub resume: Option<Resume>,
+    /// The session was handed to the kernel relay (both streams open;
+    /// `up`/`down` count what user space relayed before).
+    pub spliced: bool,
 }
 
 struct Dir {
@@ -165,6 +199,11 @@ struct Dir {
     batch_open: bool,
     /// Upstream: the status byte of the last ReadyForQuery, if it was seen.
     last_status: Option<u8>,
+    /// Upstream: stop after a read that ends with a whole ReadyForQuery
+    /// (its bytes kept in the buffer), for a hand-over decision.
+    pause_at_ready: bool,
+    /// Stop after writing the buffered bytes (the session was spliced).
+    finish: bool,
 }
 
 impl Dir {
@@ -181,6 +220,8 @@ impl Dir {
             counted: 0,
             batch_open: false,
             last_status: None,
+            pause_at_ready: false,
+            finish: false,
         }
     }
 }
@@ -188,6 +229,14 @@ impl Dir {
 enum Failure {
     Reader(io::Error),
     Writer(io::Error),
+}
+
+/// How [`poll_dir`] stopped without an error.
+enum Stop {
+    /// EOF (or, client side, a Terminate) and everything written.
+    End,
+    /// Upstream: a read ended with a whole ReadyForQuery, not yet written.
+    Ready,
 }
 
 /// Copies `r` → `w` until EOF (or, client side, a Terminate). `client`
@@ -199,7 +248,7 @@ fn poll_dir<R, W>(
     w: &mut W,
     client: bool,
     terminated: &mut bool,
-) -> Poll<Result<(), Failure>>
+) -> Poll<Result<Stop, Failure>>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -231,7 +280,9 @@ where
                     &mut d.last_status,
                 );
                 let chunk = &d.buf[..n];
+                let mut ready_at_end = false;
                 let walked = d.framer.walk(chunk, |tag, len, start| {
+                    ready_at_end = false;
                     if client {
                         match tag {
                             b'Q' | b'F' => *counted += 1,
@@ -249,6 +300,7 @@ where
                         *counted += 1;
                         // The status byte follows the 5-byte header.
                         *status = start.and_then(|s| chunk.get(s + 5)).copied();
+                        ready_at_end = len == 5 && start.is_some_and(|s| s + 6 == n);
                     }
                     false
                 });
@@ -260,6 +312,9 @@ where
                         *terminated = true;
                     }
                     Walked::Invalid => d.poisoned = true,
+                }
+                if d.pause_at_ready && ready_at_end && !d.poisoned && d.framer.at_boundary() {
+                    return Poll::Ready(Ok(Stop::Ready));
                 }
             }
         }
@@ -273,16 +328,32 @@ where
             d.amount += n as u64;
             d.need_flush = true;
         }
-        if d.eof {
+        if d.eof || d.finish {
             ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Failure::Writer)?;
             d.need_flush = false;
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(Stop::End));
         }
     }
 }
 
-/// Writes `greeting` to the client, then relays until one side ends.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, greeting: &[u8]) -> RelayEnd
+/// How the relay loop ended.
+enum Outcome {
+    /// The client side ended (the upstream is open), with the error if any.
+    Client(Option<io::Error>),
+    /// The upstream side ended or failed.
+    Upstream(Option<io::Error>),
+    /// Handed to the kernel relay.
+    Spliced,
+}
+
+/// Writes `greeting` to the client, then relays until one side ends or
+/// `handover` splices the session (see the module docs).
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    greeting: &[u8],
+    mut handover: Option<Handover<'_, C, U>>,
+) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -293,6 +364,7 @@ where
         error: false,
         terminated: false,
         resume: None,
+        spliced: false,
     };
     if client.write_all(greeting).await.is_err() {
         end.error = true;
@@ -308,25 +380,54 @@ where
     let mut u2c = Dir::new();
     let mut terminated = false;
     let mut never = false;
-    // Some(true): the client side ended (upstream open); Some(false): the
-    // upstream side ended or failed.
-    let outcome = poll_fn(|cx| {
+    let outcome = poll_fn(|cx| loop {
         match poll_dir(&mut c2u, cx, client, upstream, true, &mut terminated) {
-            Poll::Ready(Ok(())) => return Poll::Ready((true, None)),
-            Poll::Ready(Err(Failure::Reader(e))) => return Poll::Ready((true, Some(e))),
-            Poll::Ready(Err(Failure::Writer(e))) => return Poll::Ready((false, Some(e))),
+            Poll::Ready(Ok(_)) => return Poll::Ready(Outcome::Client(None)),
+            Poll::Ready(Err(Failure::Reader(e))) => return Poll::Ready(Outcome::Client(Some(e))),
+            Poll::Ready(Err(Failure::Writer(e))) => return Poll::Ready(Outcome::Upstream(Some(e))),
             Poll::Pending => {}
         }
+        u2c.pause_at_ready = handover.is_some() && u2c.counted + 1 >= HANDOVER_AFTER;
         match poll_dir(&mut u2c, cx, upstream, client, false, &mut never) {
-            Poll::Ready(Ok(())) => Poll::Ready((false, None)),
-            Poll::Ready(Err(Failure::Reader(e))) => Poll::Ready((false, Some(e))),
+            Poll::Ready(Ok(Stop::End)) if u2c.finish => return Poll::Ready(Outcome::Spliced),
+            Poll::Ready(Ok(Stop::End)) => return Poll::Ready(Outcome::Upstream(None)),
+            Poll::Ready(Ok(Stop::Ready)) => {
+                // Quiet: the client's bytes are all forwarded, whole, and
+                // this ReadyForQuery answers its last request.
+                let quiet = c2u.pos == c2u.cap
+                    && !c2u.eof
+                    && !c2u.poisoned
+                    && !c2u.batch_open
+                    && c2u.framer.at_boundary()
+                    && c2u.counted == u2c.counted;
+                if quiet {
+                    if let Some(hook) = handover.as_mut() {
+                        match hook(client, upstream) {
+                            Handed::Spliced => u2c.finish = true,
+                            Handed::Later => {}
+                            Handed::Never => handover = None,
+                        }
+                    }
+                }
+                // Go round: the held bytes are written next.
+            }
+            Poll::Ready(Err(Failure::Reader(e))) => return Poll::Ready(Outcome::Upstream(Some(e))),
             // The client is gone; the upstream is still open.
-            Poll::Ready(Err(Failure::Writer(e))) => Poll::Ready((true, Some(e))),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(Failure::Writer(e))) => return Poll::Ready(Outcome::Client(Some(e))),
+            Poll::Pending => return Poll::Pending,
         }
     })
     .await;
-    let (client_ended, err) = outcome;
+    let (client_ended, err) = match outcome {
+        Outcome::Client(e) => (true, e),
+        Outcome::Upstream(e) => (false, e),
+        Outcome::Spliced => {
+            end.up = c2u.amount;
+            end.down = u2c.amount;
+            end.spliced = true;
+            return end;
+        }
+    };
     end.up = c2u.amount;
     end.down = u2c.amount;
     end.error = err.is_some();
@@ -418,7 +519,8 @@ mod tests {
     async fn terminate_is_kept_back_and_requests_are_counted() {
         let (mut client, mut client_far) = tokio::io::duplex(1024);
         let (mut up, mut up_far) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"hi").await });
+        let task =
+            tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"hi", None).await });
         let mut greet = [0u8; 2];
         tokio::io::AsyncReadExt::read_exact(&mut client, &mut greet)
             .await
@@ -451,7 +553,8 @@ mod tests {
         for (status, split) in [(b'I', false), (b'T', false), (b'I', true)] {
             let (mut client, mut client_far) = tokio::io::duplex(1024);
             let (mut up, mut up_far) = tokio::io::duplex(1024);
-            let task = tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"").await });
+            let task =
+                tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"", None).await });
             let q = msg(b'Q', b"begin\0");
             client.write_all(&q).await.unwrap();
             let mut seen = vec![0u8; q.len()];
@@ -486,5 +589,65 @@ mod tests {
                 char::from(status)
             );
         }
+    }
+
+    /// A session is offered to the kernel only at a quiet moment after
+    /// `HANDOVER_AFTER` round trips, the ReadyForQuery held until the hook
+    /// answered; `Later` offers again, `Spliced` ends the relay.
+    #[tokio::test]
+    async fn handover_is_offered_at_quiet_moments_only() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (mut client, mut client_far) = tokio::io::duplex(1 << 16);
+        let (mut up, mut up_far) = tokio::io::duplex(1 << 16);
+        let offers = Arc::new(AtomicU64::new(0));
+        let seen = offers.clone();
+        let task = tokio::spawn(async move {
+            let mut hook = |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream| {
+                // The second offer is taken.
+                if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Handed::Later
+                } else {
+                    Handed::Spliced
+                }
+            };
+            relay(&mut client_far, &mut up_far, b"", Some(&mut hook)).await
+        });
+        let q = msg(b'Q', b"select 1\0");
+        let mut reply = msg(b'D', b"\0\x01\0\0\0\x011");
+        reply.extend(msg(b'Z', b"I"));
+        let mut got = vec![0u8; reply.len()];
+        let mut seen_up = vec![0u8; q.len()];
+        for i in 1..=HANDOVER_AFTER + 1 {
+            client.write_all(&q).await.unwrap();
+            tokio::io::AsyncReadExt::read_exact(&mut up, &mut seen_up)
+                .await
+                .unwrap();
+            if i == HANDOVER_AFTER {
+                // Not quiet: a second query is in flight when the reply comes.
+                client.write_all(&q).await.unwrap();
+                tokio::io::AsyncReadExt::read_exact(&mut up, &mut seen_up)
+                    .await
+                    .unwrap();
+                up.write_all(&reply).await.unwrap();
+                tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+                    .await
+                    .unwrap();
+            }
+            up.write_all(&reply).await.unwrap();
+            // The reply arrives whole either way: held bytes are written.
+            tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(got, reply, "round {i}");
+        }
+        let end = task.await.unwrap();
+        assert!(end.spliced);
+        assert!(end.resume.is_none(), "a spliced upstream is never pooled");
+        // Offered at round HANDOVER_AFTER after its second reply (Later;
+        // the first came with a query in flight) and at HANDOVER_AFTER + 1
+        // (Spliced).
+        assert_eq!(offers.load(Ordering::SeqCst), 2);
+        assert_eq!(end.down, reply.len() as u64 * (HANDOVER_AFTER + 2));
     }
 }

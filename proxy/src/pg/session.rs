@@ -6,6 +6,7 @@
 //! never reaches the client: the client only ever sees warden's own
 //! AuthenticationOk and the upstream's post-auth messages.
 
+use super::kernel::{self, ClientTransport};
 use super::protocol::{self, StartupMessage, StartupPacket};
 use super::upstream::{self, Login, UpstreamFailure};
 use super::{pool, relay};
@@ -367,8 +368,38 @@ fn refusal_for(
     }
 }
 
+/// Resolves when `workload` is frozen (at once if it is already).
+async fn frozen_watch(
+    shared: &PgShared,
+    workload: &str,
+    freezes: &mut tokio::sync::watch::Receiver<u64>,
+) -> crate::freeze::FreezeEntry {
+    loop {
+        if let Some(f) = shared.freezer.frozen(workload) {
+            return f;
+        }
+        if freezes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The FATAL 57P01 a frozen workload's open session ends with.
+pub(super) fn frozen_error(f: &crate::freeze::FreezeEntry) -> Vec<u8> {
+    protocol::error_response(
+        "FATAL",
+        "57P01",
+        &format!(
+            "terminating connection: {}",
+            crate::freeze::frozen_message(f).trim_start_matches("warden: ")
+        ),
+        None,
+        None,
+    )
+}
+
 /// Runs one session to its end. Never panics on client input.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'static>(
     mut client: S,
     peer: Peer,
     route: Arc<PgRoute>,
@@ -405,7 +436,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 }
 
 /// The session after its startup message: attest, authorize, log in upstream, relay.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'static>(
     mut client: S,
     startup: StartupMessage,
     peer: Peer,
@@ -708,48 +739,75 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     greeting.extend_from_slice(&protocol::ready_for_query(established.ready_status));
     // A freeze of this workload ends the session with 57P01.
     let mut freezes = shared.freezer.subscribe();
-    let relay = relay::relay(&mut client, &mut stream, &greeting);
-    let frozen = async {
-        loop {
-            if let Some(f) = shared.freezer.frozen(&who.workload) {
-                return f;
-            }
-            if freezes.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+    // Long sessions on plain TCP both ways go to the kernel relay.
+    let kernel_relay = shared
+        .kernel_relay
+        .as_ref()
+        .filter(|_| route.kernel_relay)
+        .filter(|_| client.plain_tcp().is_some())
+        .filter(|_| matches!(stream, upstream::UpstreamStream::Plain(_)))
+        .cloned();
+    let mut handover = kernel::Handover::default();
+    let relay = async {
+        let mut offer = |c: &S, u: &upstream::UpstreamStream| match &kernel_relay {
+            Some(k) => handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics),
+            None => relay::Handed::Never,
+        };
+        let hook: Option<relay::Handover<'_, S, upstream::UpstreamStream>> =
+            kernel_relay.is_some().then_some(&mut offer);
+        relay::relay(&mut client, &mut stream, &greeting, hook).await
     };
-    let (end, closed_by_freeze) = tokio::select! {
+    let mut freezes2 = freezes.clone();
+    let frozen = frozen_watch(&shared, &who.workload, &mut freezes);
+    let (mut end, mut closed_by_freeze) = tokio::select! {
         e = relay => (Some(e), None),
         f = frozen => (None, Some(f)),
     };
-    if let Some(f) = &closed_by_freeze {
-        let msg = protocol::error_response(
-            "FATAL",
-            "57P01",
-            &format!(
-                "terminating connection: {}",
-                crate::freeze::frozen_message(f).trim_start_matches("warden: ")
-            ),
-            None,
-            None,
-        );
-        let _ = client.write_all(&msg).await;
-        let _ = client.flush().await;
-        let _ = client.shutdown().await;
+    // A spliced session: the kernel relays, user space waits for its end.
+    let spliced = end.as_ref().is_some_and(|e| e.spliced);
+    let stream = match end.as_mut().filter(|e| e.spliced) {
+        Some(e) => {
+            let frozen = frozen_watch(&shared, &who.workload, &mut freezes2);
+            closed_by_freeze =
+                kernel::finish(client, stream, handover, e, &route.name, frozen).await;
+            None
+        }
+        None => {
+            if let Some(f) = &closed_by_freeze {
+                let _ = client.write_all(&frozen_error(f)).await;
+                let _ = client.flush().await;
+                let _ = client.shutdown().await;
+            }
+            drop(client);
+            Some(stream)
+        }
+    };
+    if closed_by_freeze.is_some() {
         shared.metrics.session(&route.name, &who.workload, "frozen");
     }
     if let Some((pid, key)) = &cancel_key {
         shared.cancels.remove(*pid, key);
     }
     let (up, down, how) = match &end {
+        Some(e) if closed_by_freeze.is_some() => (e.up, e.down, "closed: workload frozen"),
         None => (0, 0, "closed: workload frozen"),
         Some(e) if e.error && !e.terminated => (e.up, e.down, "connection error"),
         Some(e) => (e.up, e.down, "closed"),
     };
-    // The upstream connection: reset and pooled off the client's path, or closed.
-    match (end.and_then(|e| e.resume), pool_key) {
-        (Some(resume), Some(key)) => {
+    let how = if spliced {
+        match how {
+            "closed" => "closed (kernel relay)",
+            "connection error" => "connection error (kernel relay)",
+            other => other,
+        }
+    } else {
+        how
+    };
+    // The upstream connection: reset and pooled off the client's path, or
+    // closed (a spliced session's `stream` is closed already).
+    match (end.and_then(|e| e.resume), pool_key, stream) {
+        (_, _, None) => {}
+        (Some(resume), Some(key), Some(stream)) => {
             let conn = pool::Pooled {
                 stream,
                 params: established.params,
@@ -775,10 +833,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             });
         }
         // Healthy, but no pool: say goodbye for the client.
-        (Some(_), None) => pool::close(stream),
-        (None, _) => drop(stream),
+        (Some(_), None, Some(stream)) => pool::close(stream),
+        (None, _, Some(stream)) => drop(stream),
     }
-    drop(client);
     drop(lease_guard);
     shared
         .metrics

@@ -1,0 +1,275 @@
+//! The eBPF kernel relay end to end: real PostgreSQL, tokio-postgres and
+//! pgbench through a warden whose monitor is loaded (root). A session past
+//! its first round trips is spliced in the kernel; every byte must still
+//! arrive, in order, both ways; its end, an upstream's FATAL and a freeze
+//! must reach the client; `kernel_relay = false` keeps it in user space.
+//!
+//! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
+//! skip there).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSetup};
+use warden_tests::{is_root, Instance};
+
+const PASSWORD: &str = "pw-CANARY-3b9d0e51-kernel";
+const SPLICED: &str = "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}";
+
+fn have_root() -> bool {
+    if !is_root() {
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
+            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
+        );
+        eprintln!("skipping: needs root");
+    }
+    is_root()
+}
+
+fn setup(route_extra: &str) -> RouteSetup {
+    route_setup(
+        ClusterOptions::new(Auth::Scram),
+        RouteOptions {
+            password: PASSWORD,
+            stored_password: PASSWORD,
+            allow: "\"me\"",
+            cache_ttl: "1h",
+            secret_extra: "",
+            route_extra,
+            app_sql: "",
+        },
+    )
+}
+
+fn metric(w: &Instance, series: &str) -> f64 {
+    w.http_get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn connect(
+    port: u16,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} dbname=app user=legacy-app"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    (client, tokio::spawn(conn))
+}
+
+/// Enough round trips for the hand-over (warden offers it after 32).
+async fn warm_up(client: &tokio_postgres::Client) {
+    for i in 0..40i32 {
+        let row = client.query_one("select $1::int * 2", &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i * 2);
+    }
+}
+
+/// The `session.end` records of route app-db.
+fn session_ends(w: &Instance) -> Vec<String> {
+    std::fs::read_to_string(w.audit_log())
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"session.end\""))
+        .map(str::to_string)
+        .collect()
+}
+
+fn bytes_down(record: &str) -> u64 {
+    let (_, rest) = record.split_once(" bytes up, ").expect("byte counts");
+    rest.split_once(" bytes down").unwrap().0.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("");
+    let (client, conn) = connect(s.port).await;
+    warm_up(&client).await;
+    wait_for("the splice", || metric(&s.warden, SPLICED) >= 1.0);
+
+    // Server → client: 20,000 rows of known content, about 2.3 MB.
+    let rows = client
+        .query(
+            "select i, repeat(i::text, 25) from generate_series(1, 20000) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20_000);
+    for (n, row) in rows.iter().enumerate() {
+        let i = n as i32 + 1;
+        assert_eq!(row.get::<_, i32>(0), i);
+        assert_eq!(row.get::<_, String>(1), i.to_string().repeat(25));
+    }
+    // Client → server: 2 MB through COPY, checked on the server.
+    client
+        .batch_execute("create temp table t (a int, b text)")
+        .await
+        .unwrap();
+    let mut data = String::new();
+    for i in 0..20_000 {
+        data.push_str(&format!("{i}\t{}\n", "x".repeat(100)));
+    }
+    let sink = client.copy_in("copy t from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    sink.send(std::io::Cursor::new(data.into_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 20_000);
+    let row = client
+        .query_one("select count(*), sum(a), sum(length(b)) from t", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 20_000);
+    assert_eq!(row.get::<_, i64>(1), 199_990_000);
+    assert_eq!(row.get::<_, i64>(2), 2_000_000);
+    // The role is still the injected one, and many more round trips work.
+    for i in 0..500i32 {
+        let row = client
+            .query_one("select $1::int + 1, current_user", &[&i])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+        assert_eq!(row.get::<_, String>(1), "app");
+    }
+    drop(client);
+    conn.await.unwrap().unwrap();
+    assert_eq!(metric(&s.warden, SPLICED), 1.0, "one session, one splice");
+
+    // The end record counts the kernel's bytes too, and says who relayed.
+    wait_for("session.end", || !session_ends(&s.warden).is_empty());
+    let end = session_ends(&s.warden).remove(0);
+    assert!(end.contains("(kernel relay)"), "{end}");
+    assert!(bytes_down(&end) > 2_300_000, "{end}");
+    let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
+    assert!(!audit.contains(PASSWORD));
+    assert!(!s._daemon.log_text().contains(PASSWORD));
+
+    // pgbench's persistent sessions are spliced too, and run clean.
+    let pgbench = |args: &[&str]| {
+        let out = Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &s.port.to_string(),
+                "-U",
+                "legacy-app",
+            ])
+            .args(args)
+            .env_remove("PGPASSWORD")
+            .env("PGPASSFILE", "/nonexistent")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(&["-i", "-s", "1", "-q", "app"]);
+    let before = metric(&s.warden, SPLICED);
+    let text = pgbench(&["-n", "-S", "-c", "2", "-t", "300", "app"]);
+    assert!(
+        text.contains("number of transactions actually processed: 600/600"),
+        "{text}"
+    );
+    wait_for("pgbench's splices", || {
+        metric(&s.warden, SPLICED) >= before + 2.0
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstreams_fatal_and_a_freeze_reach_a_spliced_client() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("");
+    // The server ends a spliced session: its FATAL reaches the client.
+    let (client, conn) = connect(s.port).await;
+    warm_up(&client).await;
+    wait_for("the splice", || metric(&s.warden, SPLICED) >= 1.0);
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.pg.psql_admin(&format!("select pg_terminate_backend({pid})"));
+    let err = tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("the connection ends")
+        .unwrap()
+        .expect_err("the server's FATAL");
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {err}"));
+    assert_eq!(db.code().code(), "57P01", "{db}");
+    assert!(db.message().contains("administrator command"), "{db}");
+    drop(client);
+
+    // A freeze ends a spliced session with warden's own 57P01.
+    let (client, conn) = connect(s.port).await;
+    warm_up(&client).await;
+    wait_for("the second splice", || metric(&s.warden, SPLICED) >= 2.0);
+    let out = s
+        .warden
+        .run(&["freeze", "me", "--reason", "kernel relay test"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let err = tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("the connection ends")
+        .unwrap()
+        .expect_err("warden's FATAL");
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {err}"));
+    assert_eq!(db.code().code(), "57P01", "{db}");
+    assert!(db.message().contains("frozen"), "{db}");
+    drop(client);
+    wait_for("the frozen session's record", || {
+        session_ends(&s.warden)
+            .iter()
+            .any(|e| e.contains("closed: workload frozen"))
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_relay_false_keeps_long_sessions_in_user_space_and_pooled() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("kernel_relay = false");
+    let (client, conn) = connect(s.port).await;
+    warm_up(&client).await;
+    drop(client);
+    conn.await.unwrap().unwrap();
+    wait_for("session.end", || !session_ends(&s.warden).is_empty());
+    let end = session_ends(&s.warden).remove(0);
+    assert!(!end.contains("kernel relay"), "{end}");
+    assert_eq!(metric(&s.warden, SPLICED), 0.0);
+    // User space saw where the protocol stood: the connection was pooled.
+    wait_for("the pooled connection", || {
+        metric(
+            &s.warden,
+            "warden_pg_pool_total{result=\"returned\",route=\"app-db\"}",
+        ) >= 1.0
+    });
+}
