@@ -142,6 +142,25 @@ async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
     assert_eq!(row.get::<_, i64>(0), 20_000);
     assert_eq!(row.get::<_, i64>(1), 199_990_000);
     assert_eq!(row.get::<_, i64>(2), 2_000_000);
+    // A cancel still reaches the spliced session's backend.
+    let token = client.cancel_token();
+    let sleeper = {
+        let started = Instant::now();
+        let q = client.simple_query("select pg_sleep(30)");
+        let cancel = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        };
+        let (res, ()) = tokio::join!(q, cancel);
+        assert!(started.elapsed() < Duration::from_secs(20));
+        res
+    };
+    let err = sleeper.expect_err("cancelled");
+    assert_eq!(
+        err.as_db_error().map(|d| d.code().code()),
+        Some("57014"),
+        "{err}"
+    );
     // The role is still the injected one, and many more round trips work.
     for i in 0..500i32 {
         let row = client
