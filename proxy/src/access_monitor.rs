@@ -362,6 +362,7 @@ impl AccessMonitor {
         let m = metrics.clone();
         // Reader: counts every event, queues it for enrichment, never blocks.
         tokio::spawn(async move {
+            let mut named = EarlyNames::default();
             let res = reader
                 .run(|ev| {
                     m.monitor_event(event_kind(ev.kind), event_verdict(ev.verdict));
@@ -373,9 +374,7 @@ impl AccessMonitor {
                     }
                     // Short-lived clients (and refused ones) exit quickly:
                     // name the executable now, before the queue.
-                    let exe = std::fs::read_link(format!("/proc/{}/exe", ev.process.tgid))
-                        .ok()
-                        .map(|p| p.display().to_string());
+                    let exe = named.exe(&ev);
                     if tx.try_send((ev, exe)).is_err() {
                         m.monitor_events_dropped();
                     }
@@ -507,6 +506,45 @@ async fn enrich(
             comm: ev.comm(),
         };
         feed.publish(record);
+    }
+}
+
+/// The executable path the reader reads for each event as it arrives (a
+/// refused process may be gone a moment later). A process that keeps
+/// connecting is named once per [`EarlyNames::TTL`] while the kernel
+/// reports the same comm for it (an exec changes comm); refused and bypass
+/// events are always read afresh. Display only, like [`RecentFacts`].
+#[derive(Default)]
+struct EarlyNames {
+    recent: std::collections::HashMap<u32, ([u8; 16], Option<String>, std::time::Instant)>,
+}
+
+impl EarlyNames {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(2);
+    const MAX: usize = 1024;
+
+    fn exe(&mut self, ev: &AccessEvent) -> Option<String> {
+        let (tgid, comm) = (ev.process.tgid, ev.process.comm);
+        let plain = !ev.verdict.is_denied() && !ev.verdict.is_bypass();
+        if plain {
+            if let Some((c, exe, at)) = self.recent.get(&tgid) {
+                if *c == comm && at.elapsed() < Self::TTL {
+                    return exe.clone();
+                }
+            }
+        }
+        let exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
+            .ok()
+            .map(|p| p.display().to_string());
+        if self.recent.len() >= Self::MAX {
+            self.recent.retain(|_, (_, _, at)| at.elapsed() < Self::TTL);
+            if self.recent.len() >= Self::MAX {
+                self.recent.clear();
+            }
+        }
+        self.recent
+            .insert(tgid, (comm, exe.clone(), std::time::Instant::now()));
+        exe
     }
 }
 

@@ -166,26 +166,39 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock> {
 pub fn user_name(uid: u32) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     use std::sync::Mutex;
-    type Parsed = ((u64, u64, i64, i64), Vec<(u32, String)>);
+    use std::time::{Duration, Instant};
+    type Key = (u64, u64, i64, i64);
+    type Parsed = (Key, Instant, Vec<(u32, String)>);
     static CACHE: Mutex<Option<Parsed>> = Mutex::new(None);
     const PASSWD: &str = "/etc/passwd";
-    let meta = std::fs::metadata(PASSWD).ok()?;
-    let key = (meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
+    // Audit records name users: /etc/passwd is looked at (stat) at most
+    // once a second, and parsed again only when it changed.
+    const RECHECK: Duration = Duration::from_secs(1);
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if cache.as_ref().map(|(k, _)| *k) != Some(key) {
-        let passwd = std::fs::read_to_string(PASSWD).ok()?;
-        let users = passwd
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split(':');
-                let name = it.next()?;
-                let _ = it.next();
-                Some((it.next()?.parse::<u32>().ok()?, name.to_string()))
-            })
-            .collect();
-        *cache = Some((key, users));
+    let fresh = cache
+        .as_ref()
+        .is_some_and(|(_, checked, _)| checked.elapsed() < RECHECK);
+    if !fresh {
+        let meta = std::fs::metadata(PASSWD).ok()?;
+        let key = (meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
+        match cache.as_mut() {
+            Some((k, checked, _)) if *k == key => *checked = Instant::now(),
+            _ => {
+                let passwd = std::fs::read_to_string(PASSWD).ok()?;
+                let users = passwd
+                    .lines()
+                    .filter_map(|l| {
+                        let mut it = l.split(':');
+                        let name = it.next()?;
+                        let _ = it.next();
+                        Some((it.next()?.parse::<u32>().ok()?, name.to_string()))
+                    })
+                    .collect();
+                *cache = Some((key, Instant::now(), users));
+            }
+        }
     }
-    let (_, users) = cache.as_ref()?;
+    let (_, _, users) = cache.as_ref()?;
     // The first entry for a uid wins, as getpwuid does.
     users
         .iter()

@@ -6,6 +6,7 @@
 //! The binary is `$WARDEN_BIN` when set (as `cargo xtask test` does), else
 //! `target/debug/warden` next to this test executable.
 
+pub mod cgroup;
 pub mod pg;
 pub mod prom;
 pub mod upstream;

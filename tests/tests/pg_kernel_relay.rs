@@ -1,14 +1,16 @@
 //! The eBPF kernel relay end to end: real PostgreSQL, tokio-postgres and
 //! pgbench through a warden whose monitor is loaded (root). A session past
 //! its first round trips is spliced in the kernel; every byte must still
-//! arrive, in order, both ways; its end, an upstream's FATAL and a freeze
-//! must reach the client; `kernel_relay = false` keeps it in user space.
+//! arrive, in order, both ways; its end, a cancel, an upstream's FATAL and
+//! a freeze must reach the client; `kernel_relay = false` keeps it in user space.
 //!
 //! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
 //! skip there).
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use warden_tests::cgroup::Cgroup;
 use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSetup};
 use warden_tests::{is_root, Instance};
 
@@ -27,14 +29,18 @@ fn have_root() -> bool {
 }
 
 fn setup(route_extra: &str) -> RouteSetup {
+    setup_with("\"me\"", "", route_extra)
+}
+
+fn setup_with(allow: &str, secret_extra: &str, route_extra: &str) -> RouteSetup {
     route_setup(
         ClusterOptions::new(Auth::Scram),
         RouteOptions {
             password: PASSWORD,
             stored_password: PASSWORD,
-            allow: "\"me\"",
+            allow,
             cache_ttl: "1h",
-            secret_extra: "",
+            secret_extra,
             route_extra,
             app_sql: "",
         },
@@ -217,7 +223,7 @@ async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_upstreams_fatal_and_a_freeze_reach_a_spliced_client() {
+async fn the_upstreams_fatal_reaches_a_spliced_client() {
     if !have_root() {
         return;
     }
@@ -243,26 +249,53 @@ async fn the_upstreams_fatal_and_a_freeze_reach_a_spliced_client() {
     assert_eq!(db.code().code(), "57P01", "{db}");
     assert!(db.message().contains("administrator command"), "{db}");
     drop(client);
+}
 
-    // A freeze ends a spliced session with warden's own 57P01.
-    let (client, conn) = connect(s.port).await;
-    warm_up(&client).await;
-    wait_for("the second splice", || metric(&s.warden, SPLICED) >= 2.0);
+#[test]
+fn a_freeze_ends_a_spliced_session_with_warden_57p01() {
+    if !have_root() {
+        return;
+    }
+    // The frozen workload is psql in a cgroup of its own: a freeze also
+    // freezes every process attesting to the workload, so never uid 0 alone.
+    let cg = Cgroup::new("kernel-relay");
+    let workload = format!(
+        "\n[[workload]]\nname = \"kr\"\nspiffe_id = \"spiffe://example.org/kr\"\nselectors = {{ uid = 0, cgroup = \"{}\" }}\n",
+        cg.name
+    );
+    let s = setup_with("\"me\", \"kr\"", &workload, "");
+    let mut psql = cg
+        .command(&format!(
+            "psql -X -q -tA -v ON_ERROR_STOP=1 -d 'host=127.0.0.1 port={} dbname=app user=x' -f -",
+            s.port
+        ))
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    for i in 0..40 {
+        writeln!(stdin, "select {i};").unwrap();
+    }
+    stdin.flush().unwrap();
+    wait_for("the splice", || metric(&s.warden, SPLICED) >= 1.0);
     let out = s
         .warden
-        .run(&["freeze", "me", "--reason", "kernel relay test"]);
+        .run(&["freeze", "kr", "--reason", "kernel relay test"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let err = tokio::time::timeout(Duration::from_secs(20), conn)
-        .await
-        .expect("the connection ends")
-        .unwrap()
-        .expect_err("warden's FATAL");
-    let db = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("not a server error: {err}"));
-    assert_eq!(db.code().code(), "57P01", "{db}");
-    assert!(db.message().contains("frozen"), "{db}");
-    drop(client);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = writeln!(stdin, "select 'after the freeze';");
+    drop(stdin);
+    let out = psql.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("39"),
+        "the queries before the freeze ran: {stdout}"
+    );
+    assert!(!stdout.contains("after the freeze"), "{stdout}");
+    assert!(stderr.contains("terminating connection"), "{stderr}");
+    assert!(stderr.contains("frozen"), "{stderr}");
     wait_for("the frozen session's record", || {
         session_ends(&s.warden)
             .iter()

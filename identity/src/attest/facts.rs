@@ -186,7 +186,6 @@ impl ProcFs {
     /// runs the file it was attested with); an `execve` of another path is.
     pub fn confirm_same_process(&self, facts: &PeerFacts) -> Result<(), AttestError> {
         let pid = facts.pid;
-        self.confirm_start_time(facts)?;
         let now = self.resnapshot(pid)?;
         let diffs = differences(facts, &now);
         // A pid recycled while the snapshot was read is caught by a last stat read.
@@ -200,15 +199,19 @@ impl ProcFs {
     /// deleted, its SHA-256, cgroup — unchanged. A fresh
     /// [`ProcFs::gather_facts`] would then return the same facts (up to the
     /// comm name, which is display only), so the earlier attestation still
-    /// holds. It brackets its reads with start-time reads like
-    /// [`ProcFs::confirm_same_process`] and replaces it for a reused result.
-    /// Any difference is [`AttestError::ProcessChanged`].
+    /// holds. It replaces [`ProcFs::confirm_same_process`] for a reused
+    /// result. Any difference is [`AttestError::ProcessChanged`].
+    ///
+    /// One start-time read, after the others, is enough here (gathering
+    /// needs two because it does not know the start time yet): the process
+    /// with `facts.start_time` held the pid when it was attested, and a pid
+    /// never returns to a process once reused, so the same start time read
+    /// after the snapshot means that process held the pid throughout it.
     ///
     /// It reads about half of what gathering and confirming read, which is
     /// what makes repeated connections from one process cheap.
     pub fn revalidate(&self, facts: &PeerFacts, hashes: &ExeHashCache) -> Result<(), AttestError> {
         let pid = facts.pid;
-        self.confirm_start_time(facts)?;
         let now = self.resnapshot(pid)?;
         let mut diffs = differences(facts, &now);
         if now.exe_deleted != facts.exe_deleted {

@@ -168,9 +168,16 @@ impl ExeHashCache {
         let unreadable = |e: io::Error| HashSkip::Unreadable {
             detail: format!("{}: {e}", path.display()),
         };
+        // A hit costs one stat (it follows /proc/PID/exe to the running
+        // file, deleted or not); only a miss opens the file, and then keys
+        // the result by what it opened.
+        let seen = FileKey::of(&std::fs::metadata(path).map_err(unreadable)?);
+        if let Some(hex) = self.lock().map.get(&seen) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(hex.clone());
+        }
         let mut file = File::open(path).map_err(unreadable)?;
         let before = FileKey::of(&file.metadata().map_err(unreadable)?);
-
         if let Some(hex) = self.lock().map.get(&before) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hex.clone());
