@@ -38,7 +38,7 @@ pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_I
 pub use monitor::{
     release_pinned, Counters, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
-pub use relay::{EndWatch, Ended, KernelRelay, SpliceError, Spliced};
+pub use relay::{DirectSpliced, EndWatch, Ended, KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;
 pub use warden_ebpf_common::ProcessInfo;
 

@@ -15,22 +15,40 @@
 //! PostgreSQL session finds that moment.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkMsg;
 use aya::programs::SkSkb;
 use aya::Ebpf;
-use warden_ebpf_common::RelayPeer;
+use warden_ebpf_common::{DirectPeer, RelayPeer, SockPair};
+
+use crate::events::sock_key_of;
 
 /// `SO_COOKIE` (asm-generic/socket.h): the socket's 64-bit cookie, the key
 /// the kernel program sees through `bpf_get_socket_cookie`.
 const SO_COOKIE: libc::c_int = 57;
 
-/// The loaded relay program and its maps.
+/// The loaded relay programs and their maps.
 pub struct KernelRelay {
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, RelayPeer>>,
+    /// The direct relay (`warden_direct`), or why it could not be loaded.
+    direct: Result<Direct, String>,
+}
+
+struct Direct {
+    socks: SockHash<MapData, SockPair>,
+    peers: Mutex<HashMap<MapData, SockPair, DirectPeer>>,
+}
+
+/// A client connection and an upstream connection (both ends on this host)
+/// relayed socket to socket by `warden_direct` until this is dropped.
+pub struct DirectSpliced {
+    relay: Arc<KernelRelay>,
+    client: SockPair,
+    upstream: SockPair,
 }
 
 /// A pair of sockets relayed by the kernel until this is dropped.
@@ -82,6 +100,8 @@ pub enum SpliceError {
     /// when more arrive. A sender waiting for an answer would wait for
     /// ever, so the caller should end the session.
     Held(Spliced),
+    /// As `Held`, for [`KernelRelay::splice_direct`].
+    HeldDirect(DirectSpliced),
     /// The kernel refused (map full, socket state, ...).
     Failed(io::Error),
 }
@@ -90,7 +110,9 @@ impl std::fmt::Display for SpliceError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SpliceError::Busy => f.write_str("unread bytes in a receive queue"),
-            SpliceError::Held(_) => f.write_str("bytes arrived during the hand-over"),
+            SpliceError::Held(_) | SpliceError::HeldDirect(_) => {
+                f.write_str("bytes arrived during the hand-over")
+            }
             SpliceError::Failed(e) => write!(f, "{e}"),
         }
     }
@@ -125,10 +147,92 @@ impl KernelRelay {
         program
             .attach(socks.fd())
             .map_err(|e| format!("attaching warden_relay to RELAY_SOCKS: {e}"))?;
+        let direct = Direct::load(ebpf);
         Ok(KernelRelay {
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
+            direct,
         })
+    }
+
+    /// Why the direct relay is not available, if it is not.
+    pub fn direct_unavailable(&self) -> Option<&str> {
+        self.direct.as_ref().err().map(String::as_str)
+    }
+
+    /// Splices the far ends of two connections warden holds: from now on
+    /// what the client (the peer of `client_side`) sends goes straight into
+    /// the receive queue of the upstream's socket (the peer of
+    /// `upstream_side`, which must be on this host) and back, while
+    /// `client_side` and `upstream_side` stay ordinary sockets that see
+    /// nothing but the connections' ends. Undone by dropping the result.
+    ///
+    /// The same quiet moment as [`KernelRelay::splice`] is needed: both
+    /// receive queues empty, the client waiting for an answer warden holds.
+    /// A byte that reached `client_side` during the hand-over (it would
+    /// reach the upstream behind what the client sends next) gives
+    /// [`SpliceError::HeldDirect`].
+    pub fn splice_direct(
+        self: &Arc<Self>,
+        client_side: &tokio::net::TcpStream,
+        upstream_side: &tokio::net::TcpStream,
+    ) -> Result<DirectSpliced, SpliceError> {
+        let failed = SpliceError::Failed;
+        let direct = self
+            .direct
+            .as_ref()
+            .map_err(|e| failed(io::Error::other(e.clone())))?;
+        let pair = |s: &tokio::net::TcpStream| -> io::Result<SockPair> {
+            // The far end's view: its local address is our peer address.
+            Ok(SockPair {
+                local: sock_key_of(s.peer_addr()?),
+                remote: sock_key_of(s.local_addr()?),
+            })
+        };
+        let client = pair(client_side).map_err(failed)?;
+        let upstream = pair(upstream_side).map_err(failed)?;
+        if queued(client_side.as_fd()).map_err(failed)? > 0
+            || queued(upstream_side.as_fd()).map_err(failed)? > 0
+        {
+            return Err(SpliceError::Busy);
+        }
+        // Both far ends must be in the map (entered by sock_ops when their
+        // connections were established): a redirect to a missing socket
+        // drops the bytes. A lookup from user space answers ENOSPC for a
+        // present socket (the value is not readable), ENOENT otherwise.
+        for key in [&client, &upstream] {
+            match direct.socks.get(key, 0) {
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {}
+                _ => {
+                    return Err(failed(io::Error::other(
+                        "a far end is not in the direct relay's map (not on this host)",
+                    )))
+                }
+            }
+        }
+        let spliced = DirectSpliced {
+            relay: self.clone(),
+            client,
+            upstream,
+        };
+        let mut peers = direct
+            .peers
+            .lock()
+            .map_err(|_| failed(io::Error::other("poisoned")))?;
+        let entry = |peer| DirectPeer { peer, bytes: 0 };
+        // The upstream first: the client is the silent side.
+        peers
+            .insert(upstream, entry(client), 0)
+            .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
+        peers
+            .insert(client, entry(upstream), 0)
+            .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
+        drop(peers);
+        if queued(client_side.as_fd()).map_err(failed)? > 0 {
+            return Err(SpliceError::HeldDirect(spliced));
+        }
+        Ok(spliced)
     }
 
     /// Splices `first` and `second` (connected TCP sockets): from now on
@@ -203,6 +307,67 @@ impl KernelRelay {
             .map_err(|e| map_error("RELAY_SOCKS", e))?;
         drop(socks);
         Ok(spliced)
+    }
+}
+
+impl Direct {
+    fn load(ebpf: &mut Ebpf) -> Result<Direct, String> {
+        let socks: SockHash<MapData, SockPair> = SockHash::try_from(
+            ebpf.take_map("DIRECT_SOCKS")
+                .ok_or("map DIRECT_SOCKS missing")?,
+        )
+        .map_err(|e| format!("DIRECT_SOCKS: {e}"))?;
+        let peers: HashMap<MapData, SockPair, DirectPeer> = HashMap::try_from(
+            ebpf.take_map("DIRECT_PEERS")
+                .ok_or("map DIRECT_PEERS missing")?,
+        )
+        .map_err(|e| format!("DIRECT_PEERS: {e}"))?;
+        let program: &mut SkMsg = ebpf
+            .program_mut("warden_direct")
+            .ok_or("program warden_direct missing")?
+            .try_into()
+            .map_err(|e| format!("warden_direct: {e}"))?;
+        program
+            .load()
+            .map_err(|e| format!("loading warden_direct: {e}"))?;
+        program
+            .attach(socks.fd())
+            .map_err(|e| format!("attaching warden_direct to DIRECT_SOCKS: {e}"))?;
+        Ok(Direct {
+            socks,
+            peers: Mutex::new(peers),
+        })
+    }
+}
+
+impl std::fmt::Debug for DirectSpliced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectSpliced").finish_non_exhaustive()
+    }
+}
+
+impl DirectSpliced {
+    /// Bytes relayed so far: sent by the client, sent by the upstream.
+    pub fn bytes(&self) -> (u64, u64) {
+        let Ok(direct) = self.relay.direct.as_ref() else {
+            return (0, 0);
+        };
+        let Ok(peers) = direct.peers.lock() else {
+            return (0, 0);
+        };
+        let get = |k: &SockPair| peers.get(k, 0).map(|p| p.bytes).unwrap_or(0);
+        (get(&self.client), get(&self.upstream))
+    }
+}
+
+impl Drop for DirectSpliced {
+    fn drop(&mut self) {
+        if let Ok(direct) = self.relay.direct.as_ref() {
+            if let Ok(mut peers) = direct.peers.lock() {
+                let _ = peers.remove(&self.client);
+                let _ = peers.remove(&self.upstream);
+            }
+        }
     }
 }
 

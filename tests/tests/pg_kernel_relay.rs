@@ -15,7 +15,34 @@ use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSet
 use warden_tests::{is_root, Instance};
 
 const PASSWORD: &str = "pw-CANARY-3b9d0e51-kernel";
-const SPLICED: &str = "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}";
+/// How a spliced session is relayed: socket to socket (`direct`, the
+/// upstream is on this host) or through warden's two sockets (`spliced`,
+/// forced in debug builds by `WARDEN_KERNEL_RELAY=via-warden`).
+#[derive(Clone, Copy)]
+enum Mode {
+    Direct,
+    ViaWarden,
+}
+
+impl Mode {
+    fn series(self) -> &'static str {
+        match self {
+            Mode::Direct => "warden_pg_kernel_relay_total{result=\"direct\",route=\"app-db\"}",
+            Mode::ViaWarden => "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}",
+        }
+    }
+    fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Mode::Direct => &[],
+            Mode::ViaWarden => &[("WARDEN_KERNEL_RELAY", "via-warden")],
+        }
+    }
+}
+
+/// Sessions spliced either way.
+fn spliced(w: &Instance) -> f64 {
+    metric(w, Mode::Direct.series()) + metric(w, Mode::ViaWarden.series())
+}
 
 fn have_root() -> bool {
     if !is_root() {
@@ -28,11 +55,11 @@ fn have_root() -> bool {
     is_root()
 }
 
-fn setup(route_extra: &str) -> RouteSetup {
-    setup_with("\"me\"", "", route_extra)
+fn setup(route_extra: &str, mode: Mode) -> RouteSetup {
+    setup_with("\"me\"", "", route_extra, mode)
 }
 
-fn setup_with(allow: &str, secret_extra: &str, route_extra: &str) -> RouteSetup {
+fn setup_with(allow: &str, secret_extra: &str, route_extra: &str, mode: Mode) -> RouteSetup {
     route_setup(
         ClusterOptions::new(Auth::Scram),
         RouteOptions {
@@ -43,6 +70,7 @@ fn setup_with(allow: &str, secret_extra: &str, route_extra: &str) -> RouteSetup 
             secret_extra,
             route_extra,
             app_sql: "",
+            daemon_env: mode.env(),
         },
     )
 }
@@ -102,14 +130,23 @@ fn bytes_down(record: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
+async fn a_long_session_is_relayed_socket_to_socket_and_every_byte_arrives() {
+    long_session(Mode::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_session_relayed_through_wardens_sockets_keeps_every_byte() {
+    long_session(Mode::ViaWarden).await;
+}
+
+async fn long_session(mode: Mode) {
     if !have_root() {
         return;
     }
-    let s = setup("");
+    let s = setup("", mode);
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
-    wait_for("the splice", || metric(&s.warden, SPLICED) >= 1.0);
+    wait_for("the splice", || metric(&s.warden, mode.series()) >= 1.0);
 
     // Server → client: 20,000 rows of known content, about 2.3 MB.
     let rows = client
@@ -178,7 +215,7 @@ async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
     }
     drop(client);
     conn.await.unwrap().unwrap();
-    assert_eq!(metric(&s.warden, SPLICED), 1.0, "one session, one splice");
+    assert_eq!(spliced(&s.warden), 1.0, "one session, one splice");
 
     // The end record counts the kernel's bytes too, and says who relayed.
     wait_for("session.end", || !session_ends(&s.warden).is_empty());
@@ -211,27 +248,36 @@ async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
         text
     };
     pgbench(&["-i", "-s", "1", "-q", "app"]);
-    let before = metric(&s.warden, SPLICED);
+    let before = metric(&s.warden, mode.series());
     let text = pgbench(&["-n", "-S", "-c", "2", "-t", "300", "app"]);
     assert!(
         text.contains("number of transactions actually processed: 600/600"),
         "{text}"
     );
     wait_for("pgbench's splices", || {
-        metric(&s.warden, SPLICED) >= before + 2.0
+        metric(&s.warden, mode.series()) >= before + 2.0
     });
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_upstreams_fatal_reaches_a_spliced_client() {
+async fn the_upstreams_fatal_reaches_a_directly_spliced_client() {
+    upstream_fatal(Mode::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstreams_fatal_reaches_a_client_spliced_through_warden() {
+    upstream_fatal(Mode::ViaWarden).await;
+}
+
+async fn upstream_fatal(mode: Mode) {
     if !have_root() {
         return;
     }
-    let s = setup("");
+    let s = setup("", mode);
     // The server ends a spliced session: its FATAL reaches the client.
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
-    wait_for("the splice", || metric(&s.warden, SPLICED) >= 1.0);
+    wait_for("the splice", || metric(&s.warden, mode.series()) >= 1.0);
     let pid: i32 = client
         .query_one("select pg_backend_pid()", &[])
         .await
@@ -263,7 +309,7 @@ fn a_freeze_ends_a_spliced_session_with_warden_57p01() {
         "\n[[workload]]\nname = \"kr\"\nspiffe_id = \"spiffe://example.org/kr\"\nselectors = {{ uid = 0, cgroup = \"{}\" }}\n",
         cg.name
     );
-    let s = setup_with("\"me\", \"kr\"", &workload, "");
+    let s = setup_with("\"me\", \"kr\"", &workload, "", Mode::Direct);
     let mut psql = cg
         .command(&format!(
             "psql -X -q -tA -v ON_ERROR_STOP=1 -d 'host=127.0.0.1 port={} dbname=app user=x' -f -",
@@ -277,7 +323,7 @@ fn a_freeze_ends_a_spliced_session_with_warden_57p01() {
         writeln!(stdin, "select {i};").unwrap();
     }
     stdin.flush().unwrap();
-    wait_for("the splice", || metric(&s.warden, SPLICED) >= 1.0);
+    wait_for("the splice", || spliced(&s.warden) >= 1.0);
     let out = s
         .warden
         .run(&["freeze", "kr", "--reason", "kernel relay test"]);
@@ -308,7 +354,7 @@ async fn kernel_relay_false_keeps_long_sessions_in_user_space_and_pooled() {
     if !have_root() {
         return;
     }
-    let s = setup("kernel_relay = false");
+    let s = setup("kernel_relay = false", Mode::Direct);
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
     drop(client);
@@ -316,7 +362,7 @@ async fn kernel_relay_false_keeps_long_sessions_in_user_space_and_pooled() {
     wait_for("session.end", || !session_ends(&s.warden).is_empty());
     let end = session_ends(&s.warden).remove(0);
     assert!(!end.contains("kernel relay"), "{end}");
-    assert_eq!(metric(&s.warden, SPLICED), 0.0);
+    assert_eq!(spliced(&s.warden), 0.0);
     // User space saw where the protocol stood: the connection was pooled.
     wait_for("the pooled connection", || {
         metric(

@@ -89,6 +89,32 @@ pub struct RelayPeer {
     pub bytes: u64,
 }
 
+/// Capacity of the direct relay's socket map (`DIRECT_SOCKS`): client
+/// sockets connected to a warden listener and upstream sockets accepted
+/// for warden, on this host.
+pub const DIRECT_SOCKETS: u32 = 65_536;
+/// Capacity of `WARDEN_UPSTREAM` (warden's own upstream connections).
+pub const WARDEN_UPSTREAM_ENTRIES: u32 = 65_536;
+
+/// A TCP connection as one of its sockets sees it. Key of `DIRECT_SOCKS`
+/// and `DIRECT_PEERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPair {
+    pub local: SockKey,
+    pub remote: SockKey,
+}
+
+/// Where a directly relayed socket's sends go (value of `DIRECT_PEERS`):
+/// into the receive queue of `peer`, counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectPeer {
+    pub peer: SockPair,
+    /// Bytes sent by this socket and redirected.
+    pub bytes: u64,
+}
+
 /// A socket address: 16-byte address (v4 stored v4-mapped) and a port, both in
 /// network byte order. Key of `WATCHED` and `ATTRIBUTION`.
 #[repr(C)]
@@ -160,6 +186,8 @@ const _: () = assert!(core::mem::size_of::<ProcessInfo>() == 48);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
 const _: () = assert!(core::mem::size_of::<FrozenEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
+const _: () = assert!(core::mem::size_of::<SockPair>() == 40);
+const _: () = assert!(core::mem::size_of::<DirectPeer>() == 48);
 
 impl SockKey {
     /// An IPv4 address, stored v4-mapped.
@@ -212,4 +240,10 @@ mod pod {
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::RelayPeer {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SockPair {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::DirectPeer {}
 }

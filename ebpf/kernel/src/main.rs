@@ -30,11 +30,13 @@ use aya_ebpf::helpers::generated::{
     bpf_ktime_get_boot_ns,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops, stream_verdict};
+use aya_ebpf::bindings::BPF_F_INGRESS;
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
-use aya_ebpf::programs::{SkBuffContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    Event, FrozenEntry, ProcessInfo, RelayPeer, SockKey, ATTRIBUTION_ENTRIES, CONFIG_LEN,
+    DirectPeer, Event, FrozenEntry, ProcessInfo, RelayPeer, SockKey, SockPair, ATTRIBUTION_ENTRIES,
+    DIRECT_SOCKETS, WARDEN_UPSTREAM_ENTRIES, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
     EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES,
@@ -44,6 +46,10 @@ use warden_ebpf_common::{
 
 /// `BPF_SOCK_OPS_TCP_CONNECT_CB`.
 const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+/// `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`: a connect completed (client side).
+const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+/// `BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`: a connection accepted (server side).
+const SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// How many ancestor levels of the caller's cgroup are checked against
@@ -75,6 +81,15 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(RELAY_SOCKETS, 0);
 #[map]
 static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(RELAY_SOCKETS, 0);
+
+#[map]
+static DIRECT_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(DIRECT_SOCKETS, 0);
+#[map]
+static DIRECT_PEERS: HashMap<SockPair, DirectPeer> =
+    HashMap::with_max_entries(RELAY_SOCKETS, 0);
+#[map]
+static WARDEN_UPSTREAM: LruHashMap<SockKey, u8> =
+    LruHashMap::with_max_entries(WARDEN_UPSTREAM_ENTRIES, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -275,7 +290,11 @@ pub fn warden_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op != SOCK_OPS_TCP_CONNECT_CB
+        && op != SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    {
         return 1;
     }
     // Every context field is read once, up front, with a plain load at its
@@ -321,14 +340,41 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         port_be: remote_port.to_be(),
         _pad: [0; 2],
     };
-    if destination_kind(&dest) != DEST_LISTENER {
-        return 1;
-    }
     let source = SockKey {
         addr: local,
         port_be: local_port.to_be(),
         _pad: [0; 2],
     };
+    let kind = destination_kind(&dest);
+    if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // Candidates for the direct relay: a client's socket to a warden
+        // listener, and an upstream's socket accepted from warden.
+        let candidate = if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            kind == DEST_LISTENER
+        } else {
+            WARDEN_UPSTREAM.get_ptr(&dest).is_some()
+        };
+        if candidate {
+            let mut key = SockPair {
+                local: source,
+                remote: dest,
+            };
+            // SAFETY: the kernel's bpf_sock_ops for this callback.
+            let _ = DIRECT_SOCKS.update(&mut key, unsafe { &mut *ops }, 0);
+        }
+        return 1;
+    }
+    if kind == DEST_UPSTREAM {
+        // warden's own upstream connection: its accepted end (on this host)
+        // may join the direct relay.
+        if (bpf_get_current_pid_tgid() >> 32) as u64 == config(CONFIG_WARDEN_TGID) {
+            let _ = WARDEN_UPSTREAM.insert(&source, &1, 0);
+        }
+        return 1;
+    }
+    if kind != DEST_LISTENER {
+        return 1;
+    }
     let process = current_process();
     if ATTRIBUTION.insert(&source, &process, 0).is_ok() {
         count(COUNTER_ATTRIBUTED);
@@ -365,6 +411,69 @@ pub fn warden_relay(ctx: SkBuffContext) -> u32 {
         (*entry).peer_cookie
     };
     RELAY_SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32
+}
+
+/// The direct relay: a send on a socket whose connection warden spliced
+/// (`DIRECT_PEERS[own connection]`) goes straight into the receive queue of
+/// the peer socket (the client's or the upstream's, both on this host), past
+/// warden and the loopback TCP hops. Sends of every other socket in
+/// `DIRECT_SOCKS` pass untouched.
+#[sk_msg]
+pub fn warden_direct(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    // SAFETY: the kernel's sk_msg_md; one plain load per field.
+    let (family, remote4, local4, remote6, local6, remote_port_raw, local_port_raw, size) = unsafe {
+        (
+            core::ptr::read_volatile(&(*md).family),
+            core::ptr::read_volatile(&(*md).remote_ip4),
+            core::ptr::read_volatile(&(*md).local_ip4),
+            [
+                core::ptr::read_volatile(&(*md).remote_ip6[0]),
+                core::ptr::read_volatile(&(*md).remote_ip6[1]),
+                core::ptr::read_volatile(&(*md).remote_ip6[2]),
+                core::ptr::read_volatile(&(*md).remote_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&(*md).local_ip6[0]),
+                core::ptr::read_volatile(&(*md).local_ip6[1]),
+                core::ptr::read_volatile(&(*md).local_ip6[2]),
+                core::ptr::read_volatile(&(*md).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*md).remote_port),
+            core::ptr::read_volatile(&(*md).local_port),
+            core::ptr::read_volatile(&(*md).size),
+        )
+    };
+    let (remote, local) = if family == AF_INET {
+        (addr_from_v4(remote4), addr_from_v4(local4))
+    } else if family == AF_INET6 {
+        (addr_from_v6(remote6), addr_from_v6(local6))
+    } else {
+        return SK_PASS;
+    };
+    let key = SockPair {
+        local: SockKey {
+            addr: local,
+            port_be: (local_port_raw as u16).to_be(),
+            _pad: [0; 2],
+        },
+        remote: SockKey {
+            addr: remote,
+            // Network order in the upper half, as in sock_ops.
+            port_be: (u32::from_be(remote_port_raw) as u16).to_be(),
+            _pad: [0; 2],
+        },
+    };
+    let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
+        return SK_PASS;
+    };
+    // SAFETY: a live map value; sends on one socket run under its lock, and
+    // this socket's entry is written by no other program.
+    let mut peer = unsafe {
+        (*entry).bytes += u64::from(size);
+        (*entry).peer
+    };
+    DIRECT_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32
 }
 
 #[panic_handler]

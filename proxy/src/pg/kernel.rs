@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use warden_ebpf::{EndWatch, KernelRelay, SpliceError, Spliced};
+use warden_ebpf::{DirectSpliced, EndWatch, KernelRelay, SpliceError, Spliced};
 
 /// How long the client side gets to receive what the kernel already took
 /// from the upstream (a final ErrorResponse, say) when the upstream closes.
@@ -58,10 +58,23 @@ impl<S> ClientTransport for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+const HELD_WARNING: &str = "client bytes arrived while the session was handed to the kernel \
+     relay; ending the session (a pipelining client: set kernel_relay = false on this route)";
+
+/// Debug builds only: `WARDEN_KERNEL_RELAY=via-warden` skips the direct
+/// relay, so tests cover the relay through warden's sockets with a local
+/// upstream.
+fn force_via_warden() -> bool {
+    cfg!(debug_assertions)
+        && std::env::var_os("WARDEN_KERNEL_RELAY").is_some_and(|v| v == "via-warden")
+}
+
 /// The outcome of hand-over attempts in one session.
 #[derive(Default)]
 pub struct Handover {
     pub spliced: Option<Spliced>,
+    /// Spliced far end to far end (the upstream is on this host).
+    pub direct: Option<DirectSpliced>,
     /// Client bytes were caught in the hand-over (see [`SpliceError::Held`]).
     pub held: bool,
 }
@@ -80,6 +93,31 @@ impl Handover {
         let (Some(client), UpstreamStream::Plain(up)) = (client, upstream) else {
             return Handed::Never;
         };
+        // Socket to socket when the upstream's end is on this host, else
+        // through warden's two sockets.
+        if !force_via_warden() {
+            match relay.splice_direct(client, up) {
+                Ok(d) => {
+                    metrics.pg_kernel_relay(route, "direct");
+                    self.direct = Some(d);
+                    return Handed::Spliced;
+                }
+                Err(SpliceError::Busy) => {
+                    metrics.pg_kernel_relay(route, "busy");
+                    return Handed::Later;
+                }
+                Err(SpliceError::HeldDirect(d)) => {
+                    metrics.pg_kernel_relay(route, "held");
+                    tracing::warn!(route, "{HELD_WARNING}");
+                    self.direct = Some(d);
+                    self.held = true;
+                    return Handed::Spliced;
+                }
+                Err(e) => {
+                    tracing::debug!(route, "direct kernel relay not possible: {e}");
+                }
+            }
+        }
         match relay.splice(client.as_fd(), up.as_fd()) {
             Ok(s) => {
                 metrics.pg_kernel_relay(route, "spliced");
@@ -92,16 +130,12 @@ impl Handover {
             }
             Err(SpliceError::Held(s)) => {
                 metrics.pg_kernel_relay(route, "held");
-                tracing::warn!(
-                    route,
-                    "client bytes arrived while the session was handed to the kernel relay; \
-                     ending the session (a pipelining client: set kernel_relay = false on this route)"
-                );
+                tracing::warn!(route, "{HELD_WARNING}");
                 self.spliced = Some(s);
                 self.held = true;
                 Handed::Spliced
             }
-            Err(SpliceError::Failed(e)) => {
+            Err(e @ (SpliceError::Failed(_) | SpliceError::HeldDirect(_))) => {
                 metrics.pg_kernel_relay(route, "failed");
                 tracing::warn!(
                     route,
@@ -126,12 +160,24 @@ pub async fn finish<S: ClientTransport>(
     route: &str,
     frozen: impl std::future::Future<Output = FreezeEntry>,
 ) -> Option<FreezeEntry> {
-    let Handover { spliced, held } = handover;
+    let Handover {
+        spliced,
+        direct,
+        held,
+    } = handover;
     let (Ok(client), UpstreamStream::Plain(upstream)) = (client.into_plain_tcp(), upstream) else {
         // Only plain TCP pairs are ever spliced.
         end.error = true;
         return None;
     };
+    if let Some(d) = direct {
+        let closed = finish_direct(&client, &upstream, held, end, route, frozen).await;
+        let (up, down) = d.bytes();
+        end.up += up;
+        end.down += down;
+        drop(d);
+        return closed;
+    }
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
         (Ok(c), Ok(u)) => (c, u),
         _ => {
@@ -141,18 +187,7 @@ pub async fn finish<S: ClientTransport>(
     };
     let mut closed_by_freeze = None;
     if held {
-        let msg = protocol::error_response(
-            "FATAL",
-            "08006",
-            &format!(
-                "warden: the client sent while route {route:?} handed this session to the \
-                 kernel relay; reconnect (a pipelining client needs kernel_relay = false on \
-                 the route)"
-            ),
-            None,
-            None,
-        );
-        send_now(&client, &msg);
+        send_now(&client, &held_error(route));
         end.error = true;
     } else {
         match EndWatch::new(client.as_fd(), upstream.as_fd()) {
@@ -195,6 +230,103 @@ pub async fn finish<S: ClientTransport>(
     drop(upstream);
     drop(spliced);
     closed_by_freeze
+}
+
+/// The rest of a session spliced far end to far end: warden's own two
+/// sockets stay ordinary (they carry nothing but the connections' ends)
+/// and are watched for either end or a stray byte, which is forwarded.
+async fn finish_direct(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    held: bool,
+    end: &mut RelayEnd,
+    route: &str,
+    frozen: impl std::future::Future<Output = FreezeEntry>,
+) -> Option<FreezeEntry> {
+    if held {
+        let _ = write_all(client, &held_error(route)).await;
+        end.error = true;
+        return None;
+    }
+    tokio::select! {
+        (error, up, down) = watch_ends(client, upstream) => {
+            end.error = error;
+            end.up += up;
+            end.down += down;
+            None
+        }
+        f = frozen => {
+            let _ = write_all(client, &super::session::frozen_error(&f)).await;
+            Some(f)
+        }
+    }
+}
+
+/// Waits until either socket ends (EOF or an error: `true`), forwarding
+/// any byte one of them still receives to the other; returns the bytes
+/// forwarded each way.
+async fn watch_ends(client: &TcpStream, upstream: &TcpStream) -> (bool, u64, u64) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut up, mut down) = (0u64, 0u64);
+    loop {
+        let from_client = tokio::select! {
+            r = client.readable() => match r {
+                Ok(()) => true,
+                Err(_) => return (true, up, down),
+            },
+            r = upstream.readable() => match r {
+                Ok(()) => false,
+                Err(_) => return (true, up, down),
+            },
+        };
+        let (from, to) = if from_client {
+            (client, upstream)
+        } else {
+            (upstream, client)
+        };
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return (false, up, down),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return (true, up, down),
+        };
+        if write_all(to, &buf[..n]).await.is_err() {
+            return (true, up, down);
+        }
+        if from_client {
+            up += n as u64;
+        } else {
+            down += n as u64;
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The FATAL for a client caught sending during the hand-over.
+fn held_error(route: &str) -> Vec<u8> {
+    protocol::error_response(
+        "FATAL",
+        "08006",
+        &format!(
+            "warden: the client sent while route {route:?} handed this session to the \
+             kernel relay; reconnect (a pipelining client needs kernel_relay = false on \
+             the route)"
+        ),
+        None,
+        None,
+    )
 }
 
 /// Best effort, without waiting: a short message to a socket whose send
