@@ -203,3 +203,81 @@ fn a_splice_waits_for_empty_receive_queues_and_pairs_stay_apart() {
     drop(splices);
     drop(spliced);
 }
+
+/// The direct relay: the far ends of two connections the proxy holds (a
+/// client connected to a watched listener, a server that accepted the
+/// proxy's connection to a watched upstream) exchange bytes socket to
+/// socket; the proxy's own sockets see nothing until the splice is
+/// dropped, and then the ordinary path is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_splice_moves_bytes_between_the_far_ends_and_can_be_undone() {
+    if !have_root() {
+        return;
+    }
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let back = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = MonitorConfig {
+        listeners: vec![front.local_addr().unwrap()],
+        upstreams: vec![back.local_addr().unwrap()],
+        warden_tgid: std::process::id(),
+        ..MonitorConfig::default()
+    };
+    let m = Arc::new(Monitor::load(&cfg).unwrap_or_else(|e| panic!("loading the monitor: {e}")));
+    let relay = m.relay().expect("kernel relay").clone();
+    assert_eq!(relay.direct_unavailable(), None);
+
+    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let (w1, _) = front.accept().unwrap();
+    let w2 = TcpStream::connect(back.local_addr().unwrap()).unwrap();
+    let (mut server, _) = back.accept().unwrap();
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    w1.set_nonblocking(true).unwrap();
+    w2.set_nonblocking(true).unwrap();
+    let w1 = tokio::net::TcpStream::from_std(w1).unwrap();
+    let w2 = tokio::net::TcpStream::from_std(w2).unwrap();
+
+    let spliced = relay.splice_direct(&w1, &w2).expect("direct splice");
+    for i in 0..100u32 {
+        let q = format!("query {i}");
+        client.write_all(q.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut server, q.len()), q.as_bytes());
+        let r = format!("reply {i}!");
+        server.write_all(r.as_bytes()).unwrap();
+        assert_eq!(read_n(&mut client, r.len()), r.as_bytes());
+    }
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut srv = server.try_clone().unwrap();
+    let expect = big.clone();
+    let reader = std::thread::spawn(move || read_n(&mut srv, expect.len()) == expect);
+    client.write_all(&big).unwrap();
+    assert!(reader.join().unwrap(), "3 MB client → server intact");
+    let mut probe = [0u8; 8];
+    for w in [&w1, &w2] {
+        assert!(
+            matches!(w.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the proxy's sockets carry nothing"
+        );
+    }
+    let up: u64 = (0..100u32).map(|i| format!("query {i}").len() as u64).sum();
+    let down: u64 = (0..100u32)
+        .map(|i| format!("reply {i}!").len() as u64)
+        .sum();
+    assert_eq!(spliced.bytes(), (up + big.len() as u64, down));
+
+    // Undone: the client's bytes reach the proxy's socket again.
+    drop(spliced);
+    client.write_all(b"plain").unwrap();
+    w1.readable().await.unwrap();
+    let mut got = [0u8; 5];
+    let mut n = 0;
+    while n < 5 {
+        match w1.try_read(&mut got[n..]) {
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => w1.readable().await.unwrap(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(&got, b"plain");
+}
