@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use warden_ebpf_common::{
     FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED,
     COUNTER_DENIED, COUNTER_EMITTED, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM, PROTECT_ENFORCE,
-    PROTECT_OBSERVE, PROTECT_OFF,
+    PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER, RELAY_UPSTREAM,
 };
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
@@ -42,6 +42,12 @@ pub struct MonitorConfig {
     pub listeners: Vec<SocketAddr>,
     /// Protected upstream addresses (resolved).
     pub upstreams: Vec<SocketAddr>,
+    /// Listeners (of `listeners`) whose clients' sockets may be relayed
+    /// directly by the kernel relay, and upstreams (of `upstreams`) whose
+    /// accepted sockets may: only these connections' far ends are entered
+    /// in the direct relay's map.
+    pub relay_listeners: Vec<SocketAddr>,
+    pub relay_upstreams: Vec<SocketAddr>,
     /// Reaction to direct upstream connects.
     pub protect: ProtectMode,
     /// The process allowed to connect to protected upstreams (the daemon).
@@ -261,6 +267,23 @@ impl Monitor {
                 watched
                     .insert(watch_key(*l), DEST_LISTENER, 0)
                     .map_err(map_err("WATCHED"))?;
+            }
+        }
+        {
+            let mut relay: HashMap<_, SockKey, u8> = HashMap::try_from(
+                ebpf.map_mut("RELAY_ADDRS")
+                    .ok_or_else(|| MonitorError::Other("map RELAY_ADDRS missing".into()))?,
+            )
+            .map_err(map_err("RELAY_ADDRS"))?;
+            for up in &cfg.relay_upstreams {
+                relay
+                    .insert(watch_key(*up), RELAY_UPSTREAM, 0)
+                    .map_err(map_err("RELAY_ADDRS"))?;
+            }
+            for l in &cfg.relay_listeners {
+                relay
+                    .insert(watch_key(*l), RELAY_LISTENER, 0)
+                    .map_err(map_err("RELAY_ADDRS"))?;
             }
         }
 

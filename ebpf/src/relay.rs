@@ -39,7 +39,9 @@ pub struct KernelRelay {
 }
 
 struct Direct {
-    socks: SockHash<MapData, SockPair>,
+    // Owns the map the program is attached to.
+    _socks: SockHash<MapData, SockPair>,
+    members: HashMap<MapData, SockPair, u8>,
     peers: Mutex<HashMap<MapData, SockPair, DirectPeer>>,
 }
 
@@ -197,18 +199,13 @@ impl KernelRelay {
             return Err(SpliceError::Busy);
         }
         // Both far ends must be in the map (entered by sock_ops when their
-        // connections were established): a redirect to a missing socket
-        // drops the bytes. A lookup from user space answers ENOSPC for a
-        // present socket (the value is not readable), ENOENT otherwise.
+        // connections were established; `DIRECT_MEMBERS` says which are,
+        // since a sockhash cannot be read from user space).
         for key in [&client, &upstream] {
-            match direct.socks.get(key, 0) {
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {}
-                _ => {
-                    return Err(failed(io::Error::other(
-                        "a far end is not in the direct relay's map (not on this host)",
-                    )))
-                }
+            if direct.members.get(key, 0).is_err() {
+                return Err(failed(io::Error::other(
+                    "a far end is not in the direct relay's map (not on this host, or not a relay route's)",
+                )));
             }
         }
         let spliced = DirectSpliced {
@@ -333,8 +330,14 @@ impl Direct {
         program
             .attach(socks.fd())
             .map_err(|e| format!("attaching warden_direct to DIRECT_SOCKS: {e}"))?;
+        let members: HashMap<MapData, SockPair, u8> = HashMap::try_from(
+            ebpf.take_map("DIRECT_MEMBERS")
+                .ok_or("map DIRECT_MEMBERS missing")?,
+        )
+        .map_err(|e| format!("DIRECT_MEMBERS: {e}"))?;
         Ok(Direct {
-            socks,
+            _socks: socks,
+            members,
             peers: Mutex::new(peers),
         })
     }

@@ -216,9 +216,13 @@ async fn direct_splice_moves_bytes_between_the_far_ends_and_can_be_undone() {
     }
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let back = TcpListener::bind("127.0.0.1:0").unwrap();
+    // Watched too, but not a relay route's: its sockets stay ordinary.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let cfg = MonitorConfig {
-        listeners: vec![front.local_addr().unwrap()],
+        listeners: vec![front.local_addr().unwrap(), other.local_addr().unwrap()],
         upstreams: vec![back.local_addr().unwrap()],
+        relay_listeners: vec![front.local_addr().unwrap()],
+        relay_upstreams: vec![back.local_addr().unwrap()],
         warden_tgid: std::process::id(),
         ..MonitorConfig::default()
     };
@@ -237,6 +241,14 @@ async fn direct_splice_moves_bytes_between_the_far_ends_and_can_be_undone() {
     w2.set_nonblocking(true).unwrap();
     let w1 = tokio::net::TcpStream::from_std(w1).unwrap();
     let w2 = tokio::net::TcpStream::from_std(w2).unwrap();
+
+    // A client of a listener without the relay is never in the map.
+    let _outsider = TcpStream::connect(other.local_addr().unwrap()).unwrap();
+    let (o1, _) = other.accept().unwrap();
+    o1.set_nonblocking(true).unwrap();
+    let o1 = tokio::net::TcpStream::from_std(o1).unwrap();
+    let r = relay.splice_direct(&o1, &w2);
+    assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
 
     let spliced = relay.splice_direct(&w1, &w2).expect("direct splice");
     for i in 0..100u32 {
@@ -280,4 +292,10 @@ async fn direct_splice_moves_bytes_between_the_far_ends_and_can_be_undone() {
         }
     }
     assert_eq!(&got, b"plain");
+
+    // A closed far end leaves the membership map: no splice to it.
+    drop(client);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = relay.splice_direct(&w1, &w2);
+    assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
 }

@@ -22,7 +22,7 @@ use warden_identity::attest::{
     ExeHashCache, PeerFacts, PeerResolver, ProcNetResolver, Registration,
 };
 
-use crate::config::{Config, EbpfMode, ProtectMode};
+use crate::config::{Config, EbpfMode, ProtectMode, RouteKind};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, MonitorEventKind, MonitorMode, MonitorVerdict};
 
@@ -256,9 +256,26 @@ impl AccessMonitor {
             ProtectMode::Observe => warden_ebpf::ProtectMode::Observe,
             ProtectMode::Enforce => warden_ebpf::ProtectMode::Enforce,
         };
+        // The kernel relay's direct mode touches only postgres routes with
+        // kernel_relay on (their clients' and upstreams' sockets).
+        let relayed = |name: &String| {
+            cfg.routes.iter().any(|r| {
+                r.name == *name && r.kind == RouteKind::Postgres && r.kernel_relay.unwrap_or(true)
+            })
+        };
         let monitor_cfg = MonitorConfig {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),
             upstreams: upstreams.iter().map(|(a, _)| *a).collect(),
+            relay_listeners: listeners
+                .iter()
+                .filter(|(_, n)| relayed(n))
+                .map(|(a, _)| *a)
+                .collect(),
+            relay_upstreams: upstreams
+                .iter()
+                .filter(|(_, n)| relayed(n))
+                .map(|(a, _)| *a)
+                .collect(),
             protect,
             warden_tgid: std::process::id(),
             pin_dir: Some(pin_dir_for(data_dir)),

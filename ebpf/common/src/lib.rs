@@ -96,6 +96,12 @@ pub const DIRECT_SOCKETS: u32 = 65_536;
 /// Capacity of `WARDEN_UPSTREAM` (warden's own upstream connections).
 pub const WARDEN_UPSTREAM_ENTRIES: u32 = 65_536;
 
+/// `RELAY_ADDRS` value: a listener whose clients may be relayed directly.
+pub const RELAY_LISTENER: u8 = 1;
+/// `RELAY_ADDRS` value: an upstream whose accepted sockets may be relayed
+/// directly.
+pub const RELAY_UPSTREAM: u8 = 2;
+
 /// A TCP connection as one of its sockets sees it. Key of `DIRECT_SOCKS`
 /// and `DIRECT_PEERS`.
 #[repr(C)]

@@ -36,7 +36,7 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash}
 use aya_ebpf::programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
     DirectPeer, Event, FrozenEntry, ProcessInfo, RelayPeer, SockKey, SockPair, ATTRIBUTION_ENTRIES,
-    DIRECT_SOCKETS, WARDEN_UPSTREAM_ENTRIES, CONFIG_LEN,
+    DIRECT_SOCKETS, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
     EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES,
@@ -50,6 +50,12 @@ const SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 /// `BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`: a connection accepted (server side).
 const SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+/// `BPF_SOCK_OPS_STATE_CB`: a TCP state change (enabled per socket).
+const SOCK_OPS_STATE_CB: u32 = 10;
+/// `BPF_SOCK_OPS_STATE_CB_FLAG`.
+const STATE_CB_FLAG: i32 = 4;
+/// `TCP_CLOSE`.
+const TCP_CLOSE: u32 = 7;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// How many ancestor levels of the caller's cgroup are checked against
@@ -87,6 +93,15 @@ static DIRECT_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(DIRECT_SOCK
 #[map]
 static DIRECT_PEERS: HashMap<SockPair, DirectPeer> =
     HashMap::with_max_entries(RELAY_SOCKETS, 0);
+/// Listeners and upstreams of routes with the kernel relay (`RELAY_*`);
+/// only their connections' far ends enter `DIRECT_SOCKS`.
+#[map]
+static RELAY_ADDRS: HashMap<SockKey, u8> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
+/// The connections whose socket is in `DIRECT_SOCKS` (a sockhash cannot be
+/// looked up from user space or from `sk_msg`): entered with it, removed
+/// when the socket reaches `TCP_CLOSE`.
+#[map]
+static DIRECT_MEMBERS: HashMap<SockPair, u8> = HashMap::with_max_entries(DIRECT_SOCKETS, 0);
 #[map]
 static WARDEN_UPSTREAM: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(WARDEN_UPSTREAM_ENTRIES, 0);
@@ -126,7 +141,18 @@ fn current_process() -> ProcessInfo {
 /// entry for the port (listeners on `0.0.0.0`/`::`).
 #[inline(always)]
 fn destination_kind(dest: &SockKey) -> u8 {
-    if let Some(kind) = WATCHED.get_ptr(dest) {
+    class_in(&WATCHED, dest)
+}
+
+/// `RELAY_*` class of a destination, looked up like [`destination_kind`].
+#[inline(always)]
+fn relay_kind(dest: &SockKey) -> u8 {
+    class_in(&RELAY_ADDRS, dest)
+}
+
+#[inline(always)]
+fn class_in(map: &HashMap<SockKey, u8>, dest: &SockKey) -> u8 {
+    if let Some(kind) = map.get_ptr(dest) {
         // SAFETY: values are plain u8 written only by user space.
         return unsafe { *kind };
     }
@@ -135,7 +161,7 @@ fn destination_kind(dest: &SockKey) -> u8 {
         port_be: dest.port_be,
         _pad: [0; 2],
     };
-    match WATCHED.get_ptr(&any) {
+    match map.get_ptr(&any) {
         // SAFETY: as above.
         Some(kind) => unsafe { *kind },
         None => DEST_NONE,
@@ -294,9 +320,11 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     if op != SOCK_OPS_TCP_CONNECT_CB
         && op != SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && op != SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != SOCK_OPS_STATE_CB
     {
         return 1;
     }
+    let new_state = if op == SOCK_OPS_STATE_CB { ctx.arg(1) } else { 0 };
     // Every context field is read once, up front, with a plain load at its
     // own offset: the verifier rejects loads through a computed ctx pointer,
     // which the optimiser produces when it merges per-family branches.
@@ -345,12 +373,23 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         port_be: local_port.to_be(),
         _pad: [0; 2],
     };
+    if op == SOCK_OPS_STATE_CB {
+        // Only members asked for state callbacks.
+        if new_state == TCP_CLOSE {
+            let key = SockPair {
+                local: source,
+                remote: dest,
+            };
+            let _ = DIRECT_MEMBERS.remove(&key);
+        }
+        return 1;
+    }
     let kind = destination_kind(&dest);
     if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // Candidates for the direct relay: a client's socket to a warden
         // listener, and an upstream's socket accepted from warden.
         let candidate = if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-            kind == DEST_LISTENER
+            relay_kind(&dest) == RELAY_LISTENER
         } else {
             WARDEN_UPSTREAM.get_ptr(&dest).is_some()
         };
@@ -360,14 +399,20 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
                 remote: dest,
             };
             // SAFETY: the kernel's bpf_sock_ops for this callback.
-            let _ = DIRECT_SOCKS.update(&mut key, unsafe { &mut *ops }, 0);
+            if DIRECT_SOCKS.update(&mut key, unsafe { &mut *ops }, 0).is_ok()
+                && DIRECT_MEMBERS.insert(&key, &1, 0).is_ok()
+            {
+                let _ = ctx.set_cb_flags(STATE_CB_FLAG);
+            }
         }
         return 1;
     }
     if kind == DEST_UPSTREAM {
-        // warden's own upstream connection: its accepted end (on this host)
-        // may join the direct relay.
-        if (bpf_get_current_pid_tgid() >> 32) as u64 == config(CONFIG_WARDEN_TGID) {
+        // warden's own connection to a relayed upstream: its accepted end
+        // (on this host) may join the direct relay.
+        if relay_kind(&dest) == RELAY_UPSTREAM
+            && (bpf_get_current_pid_tgid() >> 32) as u64 == config(CONFIG_WARDEN_TGID)
+        {
             let _ = WARDEN_UPSTREAM.insert(&source, &1, 0);
         }
         return 1;
@@ -467,6 +512,13 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
         return SK_PASS;
     };
+    // SAFETY: a live map value.
+    let peer_key = unsafe { (*entry).peer };
+    if DIRECT_MEMBERS.get_ptr(&peer_key).is_none() {
+        // The peer socket closed: the bytes take the TCP path to warden's
+        // socket, which forwards them (or sees the session end).
+        return SK_PASS;
+    }
     // SAFETY: a live map value; sends on one socket run under its lock, and
     // this socket's entry is written by no other program.
     let mut peer = unsafe {
