@@ -23,18 +23,8 @@ use warden_ebpf::{
     Verdict,
 };
 
-fn have_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
-            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
-        );
-        eprintln!("skipping: needs root");
-    }
-    root
-}
+mod common;
+use common::have_root;
 
 fn load(cfg: MonitorConfig) -> Arc<Monitor> {
     Arc::new(Monitor::load(&cfg).unwrap_or_else(|e| panic!("loading the monitor: {e}")))

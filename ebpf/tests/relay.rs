@@ -14,18 +14,8 @@ use std::time::Duration;
 
 use warden_ebpf::{Monitor, MonitorConfig, SpliceError};
 
-fn have_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
-            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
-        );
-        eprintln!("skipping: needs root");
-    }
-    root
-}
+mod common;
+use common::have_root;
 
 /// client ⇄ (proxy_in | proxy_out) ⇄ server, all loopback TCP.
 struct Pair {

@@ -295,3 +295,19 @@ pub fn my_uid() -> u32 {
 pub fn is_root() -> bool {
     my_uid() == 0
 }
+
+/// For tests of the kernel programs: true as root; otherwise prints
+/// `skipping: needs root` and returns false — unless `WARDEN_REQUIRE_EBPF`
+/// is set (`cargo xtask test` as root, as in CI), where running without root
+/// is a failure, so these tests never skip silently there.
+pub fn have_root() -> bool {
+    if !is_root() {
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
+            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
+        );
+        eprintln!("skipping: needs root");
+        return false;
+    }
+    true
+}

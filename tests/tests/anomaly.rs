@@ -15,22 +15,10 @@ use warden_tests::cgroup::Cgroup;
 use warden_tests::my_uid;
 
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, is_root, Instance};
+use warden_tests::{free_port, have_root, Instance};
 
 const PASSWORD: &str = "pw-CANARY-5a1d9e03-anomaly";
 const ROUTES: usize = 4;
-
-fn have_root() -> bool {
-    if !is_root() {
-        assert!(
-            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
-            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
-        );
-        eprintln!("skipping: needs root");
-        return false;
-    }
-    true
-}
 
 /// A tiny HTTP/1.1 server: every POST body is sent to the channel.
 fn webhook() -> (u16, mpsc::Receiver<serde_json::Value>) {

@@ -6,21 +6,9 @@
 use std::time::{Duration, Instant};
 
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, is_root, Instance};
+use warden_tests::{free_port, have_root, is_root, Instance};
 
 const PASSWORD: &str = "pw-CANARY-0c4e7f21-monitor";
-
-fn have_root() -> bool {
-    if !is_root() {
-        assert!(
-            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
-            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
-        );
-        eprintln!("skipping: needs root");
-        return false;
-    }
-    true
-}
 
 fn instance(pg: &PgCluster, port: u16, monitor: &str) -> Instance {
     let cfg = format!(

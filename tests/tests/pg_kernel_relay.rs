@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use warden_tests::cgroup::Cgroup;
 use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSetup};
-use warden_tests::{is_root, Instance};
+use warden_tests::{have_root, Instance};
 
 const PASSWORD: &str = "pw-CANARY-3b9d0e51-kernel";
 /// How a spliced session is relayed: socket to socket (`direct`, the
@@ -42,17 +42,6 @@ impl Mode {
 /// Sessions spliced either way.
 fn spliced(w: &Instance) -> f64 {
     metric(w, Mode::Direct.series()) + metric(w, Mode::ViaWarden.series())
-}
-
-fn have_root() -> bool {
-    if !is_root() {
-        assert!(
-            std::env::var_os("WARDEN_REQUIRE_EBPF").is_none(),
-            "WARDEN_REQUIRE_EBPF is set but the tests do not run as root"
-        );
-        eprintln!("skipping: needs root");
-    }
-    is_root()
 }
 
 fn setup(route_extra: &str, mode: Mode) -> RouteSetup {
@@ -91,12 +80,9 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-async fn connect(
-    port: u16,
-) -> (
-    tokio_postgres::Client,
-    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
-) {
+type Conn = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+async fn connect(port: u16) -> (tokio_postgres::Client, Conn) {
     let (client, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} dbname=app user=legacy-app"),
         tokio_postgres::NoTls,
@@ -139,14 +125,23 @@ async fn a_long_session_relayed_through_wardens_sockets_keeps_every_byte() {
     long_session(Mode::ViaWarden).await;
 }
 
-async fn long_session(mode: Mode) {
+/// A route in `mode` and a tokio-postgres session on it that has been
+/// spliced; None without root.
+async fn spliced_session(mode: Mode) -> Option<(RouteSetup, tokio_postgres::Client, Conn)> {
     if !have_root() {
-        return;
+        return None;
     }
     let s = setup("", mode);
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
     wait_for("the splice", || metric(&s.warden, mode.series()) >= 1.0);
+    Some((s, client, conn))
+}
+
+async fn long_session(mode: Mode) {
+    let Some((s, client, conn)) = spliced_session(mode).await else {
+        return;
+    };
 
     // Server → client: 20,000 rows of known content, about 2.3 MB.
     let rows = client
@@ -270,14 +265,10 @@ async fn the_upstreams_fatal_reaches_a_client_spliced_through_warden() {
 }
 
 async fn upstream_fatal(mode: Mode) {
-    if !have_root() {
-        return;
-    }
-    let s = setup("", mode);
     // The server ends a spliced session: its FATAL reaches the client.
-    let (client, conn) = connect(s.port).await;
-    warm_up(&client).await;
-    wait_for("the splice", || metric(&s.warden, mode.series()) >= 1.0);
+    let Some((s, client, conn)) = spliced_session(mode).await else {
+        return;
+    };
     let pid: i32 = client
         .query_one("select pg_backend_pid()", &[])
         .await
