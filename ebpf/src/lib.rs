@@ -12,8 +12,9 @@
 //!   protected upstreams, report or deny direct connects to protected
 //!   upstreams, and deny every connect of a frozen tgid or cgroup
 //!   ([`Monitor::freeze_tgid`], [`Monitor::freeze_cgroup`]);
-//! - `sk_skb` stream verdict: the kernel relay ([`KernelRelay`]) splices
-//!   two sockets so relayed bytes never reach user space;
+//! - `sk_msg`: the kernel relay ([`KernelRelay`]) moves a spliced
+//!   session's bytes between its client's and its upstream's sockets (both
+//!   on this host) without user space or loopback TCP, flow-controlled;
 //! - events arrive through a ring buffer ([`EventReader`]); kernel-side
 //!   counters ([`Monitor::counters`]) say how many were emitted and lost.
 //!
@@ -38,7 +39,7 @@ pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_I
 pub use monitor::{
     release_pinned, Counters, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
-pub use relay::{DirectSpliced, EndWatch, Ended, KernelRelay, SpliceError, Spliced};
+pub use relay::{KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;
 pub use warden_ebpf_common::ProcessInfo;
 

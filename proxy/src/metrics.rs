@@ -372,7 +372,7 @@ impl Metrics {
         let kernel_relay = IntCounterVec::new(
             Opts::new(
                 "warden_pg_kernel_relay_total",
-                "PostgreSQL sessions offered to the eBPF kernel relay by route and result: direct (the kernel moves its bytes from the client's socket to the upstream's and back, both on this host), spliced (the kernel relays it through warden's two sockets), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), failed (the kernel refused; relayed in user space).",
+                "Long PostgreSQL sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space).",
             ),
             &["route", "result"],
         )?;
@@ -800,7 +800,7 @@ impl Metrics {
 
     /// Exports a kernel-relay route's series at zero.
     pub fn pg_kernel_relay_declare(&self, route: &str) {
-        for r in ["direct", "spliced", "busy", "held", "failed"] {
+        for r in ["spliced", "busy", "held", "not_local"] {
             self.inner.kernel_relay.with_label_values(&[route, r]);
         }
     }

@@ -164,18 +164,12 @@ impl Instance {
 
     /// Starts `warden up` and waits until `warden status` answers.
     pub fn start_daemon(&self) -> Daemon {
-        self.start_daemon_with_env(&[])
-    }
-
-    /// As [`Instance::start_daemon`], with extra environment variables.
-    pub fn start_daemon_with_env(&self, env: &[(&str, &str)]) -> Daemon {
         let log = self.dir.path().join("daemon.log");
         let logf = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log: {e}"));
         let errf = logf.try_clone().unwrap_or_else(|e| panic!("log: {e}"));
         let child = self
             .command(&["up"])
             .env("WARDEN_LOG", "info")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(errf)

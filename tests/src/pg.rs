@@ -1262,8 +1262,6 @@ pub struct RouteOptions<'a> {
     pub route_extra: &'a str,
     /// SQL run as the superuser in database `app` after the role exists.
     pub app_sql: &'a str,
-    /// Extra environment for the daemon.
-    pub daemon_env: &'a [(&'a str, &'a str)],
 }
 
 /// Starts `opts`' cluster and a warden route to it (see [`RouteSetup`]).
@@ -1326,7 +1324,7 @@ connect_timeout = "2s"
             o.stored_password.as_bytes(),
         )
         .ok();
-    let daemon = warden.start_daemon_with_env(o.daemon_env);
+    let daemon = warden.start_daemon();
     RouteSetup {
         pg,
         warden,

@@ -15,40 +15,17 @@ use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSet
 use warden_tests::{have_root, Instance};
 
 const PASSWORD: &str = "pw-CANARY-3b9d0e51-kernel";
-/// How a spliced session is relayed: socket to socket (`direct`, the
-/// upstream is on this host) or through warden's two sockets (`spliced`,
-/// forced in debug builds by `WARDEN_KERNEL_RELAY=via-warden`).
-#[derive(Clone, Copy)]
-enum Mode {
-    Direct,
-    ViaWarden,
-}
+const SPLICED: &str = "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}";
 
-impl Mode {
-    fn series(self) -> &'static str {
-        match self {
-            Mode::Direct => "warden_pg_kernel_relay_total{result=\"direct\",route=\"app-db\"}",
-            Mode::ViaWarden => "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}",
-        }
-    }
-    fn env(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Mode::Direct => &[],
-            Mode::ViaWarden => &[("WARDEN_KERNEL_RELAY", "via-warden")],
-        }
-    }
-}
-
-/// Sessions spliced either way.
 fn spliced(w: &Instance) -> f64 {
-    metric(w, Mode::Direct.series()) + metric(w, Mode::ViaWarden.series())
+    metric(w, SPLICED)
 }
 
-fn setup(route_extra: &str, mode: Mode) -> RouteSetup {
-    setup_with("\"me\"", "", route_extra, mode)
+fn setup(route_extra: &str) -> RouteSetup {
+    setup_with("\"me\"", "", route_extra)
 }
 
-fn setup_with(allow: &str, secret_extra: &str, route_extra: &str, mode: Mode) -> RouteSetup {
+fn setup_with(allow: &str, secret_extra: &str, route_extra: &str) -> RouteSetup {
     route_setup(
         ClusterOptions::new(Auth::Scram),
         RouteOptions {
@@ -59,7 +36,6 @@ fn setup_with(allow: &str, secret_extra: &str, route_extra: &str, mode: Mode) ->
             secret_extra,
             route_extra,
             app_sql: "",
-            daemon_env: mode.env(),
         },
     )
 }
@@ -115,31 +91,22 @@ fn bytes_down(record: &str) -> u64 {
     rest.split_once(" bytes down").unwrap().0.parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_long_session_is_relayed_socket_to_socket_and_every_byte_arrives() {
-    long_session(Mode::Direct).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_long_session_relayed_through_wardens_sockets_keeps_every_byte() {
-    long_session(Mode::ViaWarden).await;
-}
-
-/// A route in `mode` and a tokio-postgres session on it that has been
+/// A route and a tokio-postgres session on it that has been
 /// spliced; None without root.
-async fn spliced_session(mode: Mode) -> Option<(RouteSetup, tokio_postgres::Client, Conn)> {
+async fn spliced_session() -> Option<(RouteSetup, tokio_postgres::Client, Conn)> {
     if !have_root() {
         return None;
     }
-    let s = setup("", mode);
+    let s = setup("");
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
-    wait_for("the splice", || metric(&s.warden, mode.series()) >= 1.0);
+    wait_for("the splice", || spliced(&s.warden) >= 1.0);
     Some((s, client, conn))
 }
 
-async fn long_session(mode: Mode) {
-    let Some((s, client, conn)) = spliced_session(mode).await else {
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
+    let Some((s, client, conn)) = spliced_session().await else {
         return;
     };
 
@@ -156,6 +123,22 @@ async fn long_session(mode: Mode) {
         let i = n as i32 + 1;
         assert_eq!(row.get::<_, i32>(0), i);
         assert_eq!(row.get::<_, String>(1), i.to_string().repeat(25));
+    }
+    // 24 MB at once: past the kernel's window, the rest takes the TCP path
+    // through warden (flow-controlled) and still arrives whole, in order.
+    let rows = client
+        .query(
+            "select i, repeat(chr(65 + i % 26), 2000) from generate_series(1, 12000) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 12_000);
+    for (n, row) in rows.iter().enumerate() {
+        let i = n as i32 + 1;
+        assert_eq!(row.get::<_, i32>(0), i);
+        let expect = char::from(65 + (i % 26) as u8).to_string().repeat(2000);
+        assert_eq!(row.get::<_, String>(1), expect, "row {i}");
     }
     // Client → server: 2 MB through COPY, checked on the server.
     client
@@ -216,7 +199,7 @@ async fn long_session(mode: Mode) {
     wait_for("session.end", || !session_ends(&s.warden).is_empty());
     let end = session_ends(&s.warden).remove(0);
     assert!(end.contains("(kernel relay)"), "{end}");
-    assert!(bytes_down(&end) > 2_300_000, "{end}");
+    assert!(bytes_down(&end) > 26_000_000, "{end}");
     let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
     assert!(!audit.contains(PASSWORD));
     assert!(!s._daemon.log_text().contains(PASSWORD));
@@ -243,30 +226,19 @@ async fn long_session(mode: Mode) {
         text
     };
     pgbench(&["-i", "-s", "1", "-q", "app"]);
-    let before = metric(&s.warden, mode.series());
+    let before = spliced(&s.warden);
     let text = pgbench(&["-n", "-S", "-c", "2", "-t", "300", "app"]);
     assert!(
         text.contains("number of transactions actually processed: 600/600"),
         "{text}"
     );
-    wait_for("pgbench's splices", || {
-        metric(&s.warden, mode.series()) >= before + 2.0
-    });
+    wait_for("pgbench's splices", || spliced(&s.warden) >= before + 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_upstreams_fatal_reaches_a_directly_spliced_client() {
-    upstream_fatal(Mode::Direct).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn the_upstreams_fatal_reaches_a_client_spliced_through_warden() {
-    upstream_fatal(Mode::ViaWarden).await;
-}
-
-async fn upstream_fatal(mode: Mode) {
+async fn the_upstreams_fatal_reaches_a_spliced_client() {
     // The server ends a spliced session: its FATAL reaches the client.
-    let Some((s, client, conn)) = spliced_session(mode).await else {
+    let Some((s, client, conn)) = spliced_session().await else {
         return;
     };
     let pid: i32 = client
@@ -300,7 +272,7 @@ fn a_freeze_ends_a_spliced_session_with_warden_57p01() {
         "\n[[workload]]\nname = \"kr\"\nspiffe_id = \"spiffe://example.org/kr\"\nselectors = {{ uid = 0, cgroup = \"{}\" }}\n",
         cg.name
     );
-    let s = setup_with("\"me\", \"kr\"", &workload, "", Mode::Direct);
+    let s = setup_with("\"me\", \"kr\"", &workload, "");
     let mut psql = cg
         .command(&format!(
             "psql -X -q -tA -v ON_ERROR_STOP=1 -d 'host=127.0.0.1 port={} dbname=app user=x' -f -",
@@ -345,7 +317,7 @@ async fn kernel_relay_false_keeps_long_sessions_in_user_space_and_pooled() {
     if !have_root() {
         return;
     }
-    let s = setup("kernel_relay = false", Mode::Direct);
+    let s = setup("kernel_relay = false");
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
     drop(client);

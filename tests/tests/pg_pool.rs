@@ -30,7 +30,6 @@ fn setup(opts: ClusterOptions, secret_extra: &str, route_extra: &str) -> Setup {
             secret_extra,
             route_extra,
             app_sql: "CREATE TABLE t_pool (x int);\nALTER TABLE t_pool OWNER TO app;\n",
-            daemon_env: &[],
         },
     )
 }

@@ -26,7 +26,6 @@ fn setup(opts: ClusterOptions, allow: &str, stored_password: &str, extra_route: 
             secret_extra: "",
             route_extra: extra_route,
             app_sql: "",
-            daemon_env: &[],
         },
     )
 }

@@ -73,21 +73,12 @@ pub const FROZEN_ENTRIES: u32 = 4_096;
 /// Capacity of the watched-destination map.
 pub const WATCHED_ENTRIES: u32 = 1_024;
 
-/// Capacity of the kernel relay's maps (`RELAY_SOCKS`, `RELAY_PEERS`):
-/// sockets, two per spliced session.
+/// Capacity of `DIRECT_PEERS`: sockets of spliced sessions, two each.
 pub const RELAY_SOCKETS: u32 = 16_384;
-
-/// One socket of a spliced session (value of `RELAY_PEERS`, keyed by the
-/// socket's cookie): where its incoming bytes go, and how many went.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RelayPeer {
-    /// Cookie of the socket that sends on this socket's incoming bytes
-    /// (its key in `RELAY_SOCKS`).
-    pub peer_cookie: u64,
-    /// Bytes received on this socket and redirected (kernel adds atomically).
-    pub bytes: u64,
-}
+/// Bytes a spliced socket may send into its peer's receive queue ahead of
+/// the peer's next send (the direct relay's flow control; about what two
+/// TCP socket buffers hold).
+pub const DIRECT_WINDOW: u64 = 4 << 20;
 
 /// Capacity of the direct relay's socket map (`DIRECT_SOCKS`): client
 /// sockets connected to a warden listener and upstream sockets accepted
@@ -119,6 +110,12 @@ pub struct DirectPeer {
     pub peer: SockPair,
     /// Bytes sent by this socket and redirected.
     pub bytes: u64,
+    /// Bytes redirected since the peer last sent.
+    pub ahead: u64,
+    /// 1: this direction takes the TCP path for good (window exceeded).
+    pub tcp: u8,
+    /// Always zero.
+    pub _pad: [u8; 7],
 }
 
 /// A socket address: 16-byte address (v4 stored v4-mapped) and a port, both in
@@ -191,9 +188,8 @@ const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ProcessInfo>() == 48);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
 const _: () = assert!(core::mem::size_of::<FrozenEntry>() == 8);
-const _: () = assert!(core::mem::size_of::<RelayPeer>() == 16);
 const _: () = assert!(core::mem::size_of::<SockPair>() == 40);
-const _: () = assert!(core::mem::size_of::<DirectPeer>() == 48);
+const _: () = assert!(core::mem::size_of::<DirectPeer>() == 64);
 
 impl SockKey {
     /// An IPv4 address, stored v4-mapped.
@@ -243,9 +239,6 @@ mod pod {
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::FrozenEntry {}
-    // SAFETY: as above.
-    #[allow(unsafe_code)]
-    unsafe impl aya::Pod for super::RelayPeer {}
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::SockPair {}

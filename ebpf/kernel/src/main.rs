@@ -11,11 +11,12 @@
 //!   the warden daemon. v4-mapped IPv6 destinations are normalised, so
 //!   `connect6` to `::ffff:127.0.0.1` is matched exactly like `connect4`.
 //!
-//! - `warden_relay` (`sk_skb/stream_verdict` on `RELAY_SOCKS`): the kernel
-//!   relay of a spliced session. Bytes arriving on a socket in `RELAY_SOCKS`
-//!   are sent out on its peer (`RELAY_PEERS[own cookie]`) without reaching
-//!   user space, and counted. A socket without a peer entry keeps its bytes
-//!   (`SK_PASS`: user space reads them).
+//! - `warden_direct` (`sk_msg` on `DIRECT_SOCKS`): the kernel relay of a
+//!   spliced PostgreSQL session whose client and upstream are both on this
+//!   host. `warden_sock_ops` enters those far-end sockets at establishment;
+//!   a send on one of a spliced pair goes straight into the other's receive
+//!   queue, up to `DIRECT_WINDOW` bytes ahead of the receiver's next send,
+//!   then for good through the TCP path (warden's sockets, flow-controlled).
 //!
 //! Events go to a ring buffer submitted without waking the consumer unless a
 //! quarter of the ring is unread; the consumer drains on a short timer. Events
@@ -26,20 +27,19 @@
 use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-    bpf_ktime_get_boot_ns,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use aya_ebpf::bindings::BPF_F_INGRESS;
-use aya_ebpf::macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
-use aya_ebpf::programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    DirectPeer, Event, FrozenEntry, ProcessInfo, RelayPeer, SockKey, SockPair, ATTRIBUTION_ENTRIES,
+    DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
     DIRECT_SOCKETS, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
-    EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES,
+    EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES, DIRECT_WINDOW,
     RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED, VERDICT_BYPASS_DENIED,
     VERDICT_DENIED_FROZEN, WATCHED_ENTRIES,
 };
@@ -83,10 +83,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_LEN, 0
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
-#[map]
-static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(RELAY_SOCKETS, 0);
-#[map]
-static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(RELAY_SOCKETS, 0);
 
 #[map]
 static DIRECT_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(DIRECT_SOCKETS, 0);
@@ -437,27 +433,6 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Stream verdict of the kernel relay: the bytes of a spliced socket go out
-/// on its peer. `bpf_sk_redirect_hash` answers `SK_PASS` when the peer is in
-/// `RELAY_SOCKS` and drops the bytes when it is not (the peer was closed,
-/// so the session is ending anyway).
-#[stream_verdict]
-pub fn warden_relay(ctx: SkBuffContext) -> u32 {
-    // SAFETY: the context pointer is the program's own `__sk_buff`.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let Some(entry) = RELAY_PEERS.get_ptr_mut(&cookie) else {
-        return SK_PASS;
-    };
-    // SAFETY: a live map value. Verdicts of one socket run one at a time
-    // (its receive path holds the socket lock), and this socket's entry is
-    // written by no other program; user space only reads `bytes`.
-    let mut peer = unsafe {
-        (*entry).bytes += u64::from(ctx.len());
-        (*entry).peer_cookie
-    };
-    RELAY_SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32
-}
-
 /// The direct relay: a send on a socket whose connection warden spliced
 /// (`DIRECT_PEERS[own connection]`) goes straight into the receive queue of
 /// the peer socket (the client's or the upstream's, both on this host), past
@@ -512,20 +487,39 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
         return SK_PASS;
     };
-    // SAFETY: a live map value.
-    let peer_key = unsafe { (*entry).peer };
+    // SAFETY: a live map value. This socket's sends run one at a time (under
+    // its lock), and only they write `bytes`, `ahead` and `tcp` of its
+    // entry; the peer's sends only clear `ahead` (a heuristic either way).
+    let (mut peer_key, ahead, tcp) = unsafe { ((*entry).peer, (*entry).ahead, (*entry).tcp) };
+    if tcp != 0 {
+        return SK_PASS;
+    }
     if DIRECT_MEMBERS.get_ptr(&peer_key).is_none() {
         // The peer socket closed: the bytes take the TCP path to warden's
         // socket, which forwards them (or sees the session end).
         return SK_PASS;
     }
-    // SAFETY: a live map value; sends on one socket run under its lock, and
-    // this socket's entry is written by no other program.
-    let mut peer = unsafe {
+    // Flow control: a receive queue filled this way has no limit, so a
+    // receiver that stops reading would pin kernel memory. At most
+    // DIRECT_WINDOW bytes go ahead of the peer's next send; past that this
+    // direction takes the TCP path (through warden, flow-controlled) for
+    // good, which keeps the order: the peer reads what was queued first.
+    let next = ahead + u64::from(size);
+    if next > DIRECT_WINDOW {
+        // SAFETY: as above.
+        unsafe { (*entry).tcp = 1 };
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*entry).ahead = next;
         (*entry).bytes += u64::from(size);
-        (*entry).peer
-    };
-    DIRECT_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32
+    }
+    if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
+        // SAFETY: as above; the peer has an answer, so it read what it got.
+        unsafe { (*back).ahead = 0 };
+    }
+    DIRECT_SOCKS.redirect_msg(&ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
 }
 
 #[panic_handler]
