@@ -721,16 +721,25 @@ impl AdminClient {
                 .map_err(|e| Error::internal(format!("encoding request: {e}")))?,
         );
         line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .map_err(|e| Error::unavailable(format!("admin socket write failed: {e}")))?;
+        // A daemon that refuses the connection (SO_PEERCRED) answers and
+        // closes at once, maybe before the request is written: its answer
+        // is still read, and only without one does the write error count.
+        let wrote = self.writer.write_all(&line);
         let mut resp = Zeroizing::new(String::new());
-        let n = self
-            .reader
-            .read_line(&mut resp)
-            .map_err(|e| Error::unavailable(format!("admin socket read failed: {e}")))?;
+        let n = match self.reader.read_line(&mut resp) {
+            Ok(n) => n,
+            Err(e) => {
+                return Err(match wrote {
+                    Err(w) => Error::unavailable(format!("admin socket write failed: {w}")),
+                    Ok(()) => Error::unavailable(format!("admin socket read failed: {e}")),
+                })
+            }
+        };
         if n == 0 {
-            return Err(Error::unavailable("the daemon closed the admin connection"));
+            return Err(match wrote {
+                Err(w) => Error::unavailable(format!("admin socket write failed: {w}")),
+                Ok(()) => Error::unavailable("the daemon closed the admin connection"),
+            });
         }
         serde_json::from_str(&resp)
             .map_err(|e| Error::internal(format!("malformed response from daemon: {e}")))
