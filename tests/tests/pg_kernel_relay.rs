@@ -104,6 +104,22 @@ async fn spliced_session() -> Option<(RouteSetup, tokio_postgres::Client, Conn)>
     Some((s, client, conn))
 }
 
+/// Runs `sql` (rows `(i, text)` for i = 1..=n) and checks every row.
+async fn expect_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    n: usize,
+    text: impl Fn(i32) -> String,
+) {
+    let rows = client.query(sql, &[]).await.unwrap();
+    assert_eq!(rows.len(), n);
+    for (k, row) in rows.iter().enumerate() {
+        let i = k as i32 + 1;
+        assert_eq!(row.get::<_, i32>(0), i);
+        assert_eq!(row.get::<_, String>(1), text(i), "row {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
     let Some((s, client, conn)) = spliced_session().await else {
@@ -111,35 +127,22 @@ async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
     };
 
     // Server → client: 20,000 rows of known content, about 2.3 MB.
-    let rows = client
-        .query(
-            "select i, repeat(i::text, 25) from generate_series(1, 20000) i",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 20_000);
-    for (n, row) in rows.iter().enumerate() {
-        let i = n as i32 + 1;
-        assert_eq!(row.get::<_, i32>(0), i);
-        assert_eq!(row.get::<_, String>(1), i.to_string().repeat(25));
-    }
+    expect_rows(
+        &client,
+        "select i, repeat(i::text, 25) from generate_series(1, 20000) i",
+        20_000,
+        |i| i.to_string().repeat(25),
+    )
+    .await;
     // 24 MB at once: past the kernel's window, the rest takes the TCP path
     // through warden (flow-controlled) and still arrives whole, in order.
-    let rows = client
-        .query(
-            "select i, repeat(chr(65 + i % 26), 2000) from generate_series(1, 12000) i",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 12_000);
-    for (n, row) in rows.iter().enumerate() {
-        let i = n as i32 + 1;
-        assert_eq!(row.get::<_, i32>(0), i);
-        let expect = char::from(65 + (i % 26) as u8).to_string().repeat(2000);
-        assert_eq!(row.get::<_, String>(1), expect, "row {i}");
-    }
+    expect_rows(
+        &client,
+        "select i, repeat(chr(65 + i % 26), 2000) from generate_series(1, 12000) i",
+        12_000,
+        |i| char::from(65 + (i % 26) as u8).to_string().repeat(2000),
+    )
+    .await;
     // Client → server: 2 MB through COPY, checked on the server.
     client
         .batch_execute("create temp table t (a int, b text)")

@@ -17,6 +17,7 @@ use super::upstream::UpstreamStream;
 use crate::freeze::FreezeEntry;
 use crate::metrics::Metrics;
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use warden_ebpf::{KernelRelay, SpliceError, Spliced};
 
@@ -59,9 +60,9 @@ const HELD_WARNING: &str = "client bytes arrived while the session was handed to
 /// The outcome of hand-over attempts in one session.
 #[derive(Default)]
 pub struct Handover {
-    pub spliced: Option<Spliced>,
+    spliced: Option<Spliced>,
     /// Client bytes were caught in the hand-over (see [`SpliceError::Held`]).
-    pub held: bool,
+    held: bool,
 }
 
 impl Handover {
@@ -119,28 +120,30 @@ pub async fn finish<S: ClientTransport>(
     frozen: impl std::future::Future<Output = FreezeEntry>,
 ) -> Option<FreezeEntry> {
     let Handover { spliced, held } = handover;
-    let (Ok(client), UpstreamStream::Plain(upstream)) = (client.into_plain_tcp(), upstream) else {
+    let (Ok(mut client), UpstreamStream::Plain(mut upstream)) = (client.into_plain_tcp(), upstream)
+    else {
         // Only plain TCP pairs are ever spliced.
         end.error = true;
         return None;
     };
     let closed = if held {
-        let _ = write_all(&client, &held_error(route)).await;
+        let _ = client.write_all(&held_error(route)).await;
         end.error = true;
         None
     } else {
-        tokio::select! {
-            (error, up, down) = watch_ends(&client, &upstream) => {
+        let closed = tokio::select! {
+            (error, up, down) = watch_ends(&mut client, &mut upstream) => {
                 end.error = error;
                 end.up += up;
                 end.down += down;
                 None
             }
-            f = frozen => {
-                let _ = write_all(&client, &super::session::frozen_error(&f)).await;
-                Some(f)
-            }
+            f = frozen => Some(f),
+        };
+        if let Some(f) = &closed {
+            let _ = client.write_all(&super::session::frozen_error(f)).await;
         }
+        closed
     };
     if let Some(s) = &spliced {
         let (up, down) = s.bytes();
@@ -153,7 +156,7 @@ pub async fn finish<S: ClientTransport>(
     closed
 }
 
-async fn watch_ends(client: &TcpStream, upstream: &TcpStream) -> (bool, u64, u64) {
+async fn watch_ends(client: &mut TcpStream, upstream: &mut TcpStream) -> (bool, u64, u64) {
     let mut buf = vec![0u8; 16 * 1024];
     let (mut up, mut down) = (0u64, 0u64);
     loop {
@@ -168,9 +171,9 @@ async fn watch_ends(client: &TcpStream, upstream: &TcpStream) -> (bool, u64, u64
             },
         };
         let (from, to) = if from_client {
-            (client, upstream)
+            (&mut *client, &mut *upstream)
         } else {
-            (upstream, client)
+            (&mut *upstream, &mut *client)
         };
         let n = match from.try_read(&mut buf) {
             Ok(0) => return (false, up, down),
@@ -178,7 +181,7 @@ async fn watch_ends(client: &TcpStream, upstream: &TcpStream) -> (bool, u64, u64
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return (true, up, down),
         };
-        if write_all(to, &buf[..n]).await.is_err() {
+        if to.write_all(&buf[..n]).await.is_err() {
             return (true, up, down);
         }
         if from_client {
@@ -187,19 +190,6 @@ async fn watch_ends(client: &TcpStream, upstream: &TcpStream) -> (bool, u64, u64
             down += n as u64;
         }
     }
-}
-
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        to.writable().await?;
-        match to.try_write(bytes) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The FATAL for a client caught sending during the hand-over.

@@ -794,15 +794,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         Some(e) if e.error && !e.terminated => (e.up, e.down, "connection error"),
         Some(e) => (e.up, e.down, "closed"),
     };
-    let how = if spliced {
-        match how {
-            "closed" => "closed (kernel relay)",
-            "connection error" => "connection error (kernel relay)",
-            other => other,
-        }
-    } else {
-        how
-    };
+    let via = if spliced { " (kernel relay)" } else { "" };
     // The upstream connection: reset and pooled off the client's path, or
     // closed (a spliced session's `stream` is closed already).
     match (end.and_then(|e| e.resume), pool_key, stream) {
@@ -849,7 +841,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                 &route,
                 &cred,
                 format!(
-                    "database {database}, {up} bytes up, {down} bytes down, {} ms, {how}",
+                    "database {database}, {up} bytes up, {down} bytes down, {} ms, {how}{via}",
                     started.elapsed().as_millis()
                 ),
             ),
