@@ -15,8 +15,9 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use warden_ebpf_common::{
     FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED,
-    COUNTER_DENIED, COUNTER_EMITTED, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM, PROTECT_ENFORCE,
-    PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER, RELAY_UPSTREAM,
+    COUNTER_DENIED, COUNTER_EMITTED, COUNTER_HOPS, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM,
+    HOP_LISTENER, HOP_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER,
+    RELAY_UPSTREAM,
 };
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
@@ -48,6 +49,12 @@ pub struct MonitorConfig {
     /// in the direct relay's map.
     pub relay_listeners: Vec<SocketAddr>,
     pub relay_upstreams: Vec<SocketAddr>,
+    /// Listeners (of `listeners`) whose connections are local hops the
+    /// kernel joins socket to socket, and upstreams (of `upstreams`) whose
+    /// connections from warden are: sends skip the loopback TCP/IP path,
+    /// warden still reads and writes every byte.
+    pub hop_listeners: Vec<SocketAddr>,
+    pub hop_upstreams: Vec<SocketAddr>,
     /// Reaction to direct upstream connects.
     pub protect: ProtectMode,
     /// The process allowed to connect to protected upstreams (the daemon).
@@ -101,6 +108,8 @@ pub struct Counters {
     pub denied: u64,
     /// Attribution entries recorded by `sock_ops`.
     pub attributed: u64,
+    /// Local-hop connection directions the kernel joined socket to socket.
+    pub hops: u64,
 }
 
 const PROGRAMS: [&str; 3] = ["warden_sock_ops", "warden_connect4", "warden_connect6"];
@@ -275,15 +284,20 @@ impl Monitor {
                     .ok_or_else(|| MonitorError::Other("map RELAY_ADDRS missing".into()))?,
             )
             .map_err(map_err("RELAY_ADDRS"))?;
-            for up in &cfg.relay_upstreams {
-                relay
-                    .insert(watch_key(*up), RELAY_UPSTREAM, 0)
-                    .map_err(map_err("RELAY_ADDRS"))?;
+            // Flags: one address may serve routes of both kinds.
+            let mut flags: std::collections::HashMap<SockKey, u8> = Default::default();
+            for (addrs, flag) in [
+                (&cfg.relay_upstreams, RELAY_UPSTREAM),
+                (&cfg.relay_listeners, RELAY_LISTENER),
+                (&cfg.hop_upstreams, HOP_UPSTREAM),
+                (&cfg.hop_listeners, HOP_LISTENER),
+            ] {
+                for a in addrs {
+                    *flags.entry(watch_key(*a)).or_default() |= flag;
+                }
             }
-            for l in &cfg.relay_listeners {
-                relay
-                    .insert(watch_key(*l), RELAY_LISTENER, 0)
-                    .map_err(map_err("RELAY_ADDRS"))?;
+            for (key, f) in flags {
+                relay.insert(key, f, 0).map_err(map_err("RELAY_ADDRS"))?;
             }
         }
 
@@ -411,6 +425,7 @@ impl Monitor {
             lost: sum(COUNTER_LOST),
             denied: sum(COUNTER_DENIED),
             attributed: sum(COUNTER_ATTRIBUTED),
+            hops: sum(COUNTER_HOPS),
         }
     }
 

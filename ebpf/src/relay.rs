@@ -179,6 +179,43 @@ impl KernelRelay {
     }
 }
 
+/// What the kernel's joined local hops hold right now (see `HOP_LISTENER`
+/// in `warden-ebpf-common`): one entry per direction of a live connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopStats {
+    /// Directions whose sends go to the peer's queue.
+    pub joined: u64,
+    /// Directions on the TCP path for good (sent before the other end was
+    /// established, or went past the window).
+    pub tcp: u64,
+    /// Bytes the live directions moved socket to socket.
+    pub bytes: u64,
+}
+
+impl KernelRelay {
+    /// The live local-hop entries, summed (walks the map: diagnostics and
+    /// tests, not the data path).
+    pub fn hop_stats(&self) -> HopStats {
+        let mut stats = HopStats::default();
+        let Ok(peers) = self.peers.lock() else {
+            return stats;
+        };
+        for entry in peers.iter().flatten() {
+            let (_, p) = entry;
+            if p.hop == 0 {
+                continue;
+            }
+            if p.tcp != 0 {
+                stats.tcp += 1;
+            } else {
+                stats.joined += 1;
+            }
+            stats.bytes += p.bytes;
+        }
+        stats
+    }
+}
+
 impl std::fmt::Debug for Spliced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spliced").finish_non_exhaustive()

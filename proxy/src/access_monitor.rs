@@ -263,6 +263,13 @@ impl AccessMonitor {
                 r.name == *name && r.kind == RouteKind::Postgres && r.kernel_relay.unwrap_or(true)
             })
         };
+        // Local hops joined in the kernel: http routes with kernel_relay on
+        // (client ↔ warden, and warden ↔ an upstream on this host).
+        let hopped = |name: &String| {
+            cfg.routes.iter().any(|r| {
+                r.name == *name && r.kind == RouteKind::Http && r.kernel_relay.unwrap_or(true)
+            })
+        };
         let monitor_cfg = MonitorConfig {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),
             upstreams: upstreams.iter().map(|(a, _)| *a).collect(),
@@ -274,6 +281,16 @@ impl AccessMonitor {
             relay_upstreams: upstreams
                 .iter()
                 .filter(|(_, n)| relayed(n))
+                .map(|(a, _)| *a)
+                .collect(),
+            hop_listeners: listeners
+                .iter()
+                .filter(|(_, n)| hopped(n))
+                .map(|(a, _)| *a)
+                .collect(),
+            hop_upstreams: upstreams
+                .iter()
+                .filter(|(_, n)| hopped(n))
                 .map(|(a, _)| *a)
                 .collect(),
             protect,
@@ -401,15 +418,19 @@ impl AccessMonitor {
                 tracing::error!("eBPF event reader stopped: {e}");
             }
         });
-        // Kernel counters (lost events) into the metrics.
+        // Kernel counters (lost events, joined hops) into the metrics.
         let km = monitor.clone();
         let m = metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut seen_lost = 0u64;
+            let (mut seen_lost, mut seen_hops) = (0u64, 0u64);
             loop {
                 tick.tick().await;
                 let c = km.counters();
+                if c.hops > seen_hops {
+                    m.monitor_kernel_hops(c.hops - seen_hops);
+                    seen_hops = c.hops;
+                }
                 if c.lost > seen_lost {
                     tracing::warn!(
                         lost = c.lost - seen_lost,

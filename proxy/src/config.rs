@@ -491,7 +491,9 @@ pub struct Route {
     #[serde(default)]
     pub pool: Option<PoolConfig>,
     /// postgres: hand long sessions on plain TCP (client and upstream) to
-    /// the eBPF kernel relay (default true; needs the monitor loaded).
+    /// the eBPF kernel relay. http: let the kernel join warden's local hops
+    /// (client ↔ warden, warden ↔ an upstream on this host) socket to
+    /// socket. Default true; needs the eBPF monitor loaded.
     #[serde(default)]
     pub kernel_relay: Option<bool>,
 }
@@ -2462,11 +2464,11 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             "remove forward_proxy and tunnel from this route",
         );
     }
-    if r.kernel_relay.is_some() && r.kind != RouteKind::Postgres {
+    if r.kernel_relay.is_some() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Http) {
         c.error(
             format!("{k}.kernel_relay"),
             format!(
-                "kernel_relay is only used by kind = \"postgres\" routes; this route is kind = \"{}\"",
+                "kernel_relay is only used by kind = \"postgres\" and kind = \"http\" routes; this route is kind = \"{}\"",
                 r.kind
             ),
             "remove kernel_relay from this route",

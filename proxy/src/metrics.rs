@@ -73,6 +73,7 @@ struct Inner {
     // Families updated by subsystems that land in other branches.
     monitor_events: IntCounterVec,
     monitor_events_lost: IntCounter,
+    monitor_kernel_hops: IntCounter,
     monitor_connects_denied: IntCounter,
     monitor_bypass_attempts: IntCounter,
     monitor_mode: IntGaugeVec,
@@ -422,6 +423,10 @@ impl Metrics {
             "warden_monitor_events_lost_total",
             "Kernel events lost before the monitor read them (ring buffer full).",
         )?;
+        let monitor_kernel_hops = IntCounter::new(
+            "warden_monitor_kernel_hops_total",
+            "Connection directions of warden's local hops (http routes with kernel_relay) that the kernel joined socket to socket.",
+        )?;
         let monitor_connects_denied = IntCounter::new(
             "warden_monitor_connects_denied_total",
             "connect() calls refused in the kernel (frozen workloads, protect_upstreams = \"enforce\").",
@@ -551,6 +556,7 @@ impl Metrics {
         reg(&registry, &secret_rotation_period)?;
         reg(&registry, &monitor_events)?;
         reg(&registry, &monitor_events_lost)?;
+        reg(&registry, &monitor_kernel_hops)?;
         reg(&registry, &monitor_connects_denied)?;
         reg(&registry, &monitor_bypass_attempts)?;
         reg(&registry, &monitor_mode)?;
@@ -596,6 +602,7 @@ impl Metrics {
                 secret_rotation_period,
                 monitor_events,
                 monitor_events_lost,
+                monitor_kernel_hops,
                 monitor_connects_denied,
                 monitor_bypass_attempts,
                 monitor_mode,
@@ -864,6 +871,10 @@ impl Metrics {
         self.inner.monitor_events_lost.inc_by(n);
     }
 
+    pub fn monitor_kernel_hops(&self, n: u64) {
+        self.inner.monitor_kernel_hops.inc_by(n);
+    }
+
     pub fn monitor_events_dropped(&self) {
         self.inner.monitor_events_dropped.inc();
     }
@@ -1105,6 +1116,7 @@ mod tests {
             "warden_monitor_events_total{kind=\"connect\",verdict=\"bypass_denied\"} 0",
             "warden_monitor_events_total{kind=\"connect\",verdict=\"denied_frozen\"} 0",
             "warden_monitor_events_lost_total 0",
+            "warden_monitor_kernel_hops_total 0",
             "warden_monitor_connects_denied_total 0",
             "warden_monitor_bypass_attempts_total 0",
             "warden_monitor_mode{mode=\"off\"} 1",

@@ -282,6 +282,29 @@ fn plain_http_upstream_fast_path_keeps_every_guarantee() {
     let text = String::from_utf8_lossy(&body);
     assert_eq!(code, 502, "{text}");
     assert!(text.contains("cannot connect to 127.0.0.1:"), "{text}");
+    if warden_tests::is_root() {
+        // As root the eBPF monitor is loaded, so every exchange above ran
+        // over hops the kernel joined socket to socket (route.kernel_relay
+        // defaults to true); the counter is read from the kernel each second.
+        let joined = |m: &str| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("warden_monitor_kernel_hops_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (_, metrics) = s.warden.http_get("/metrics");
+            if joined(&metrics) >= 4 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no hop was joined by the kernel:\n{metrics}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
 }
 
 #[test]

@@ -56,8 +56,11 @@ pub const COUNTER_LOST: u32 = 1;
 pub const COUNTER_DENIED: u32 = 2;
 /// `COUNTERS` index: attribution entries written by `sock_ops`.
 pub const COUNTER_ATTRIBUTED: u32 = 3;
+/// `COUNTERS` index: connection directions of warden's own local hops that
+/// the kernel joined socket to socket (see `HOP_LISTENER`).
+pub const COUNTER_HOPS: u32 = 4;
 /// Number of counters.
-pub const COUNTER_LEN: u32 = 4;
+pub const COUNTER_LEN: u32 = 5;
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 4 << 20;
@@ -73,12 +76,18 @@ pub const FROZEN_ENTRIES: u32 = 4_096;
 /// Capacity of the watched-destination map.
 pub const WATCHED_ENTRIES: u32 = 1_024;
 
-/// Capacity of `DIRECT_PEERS`: sockets of spliced sessions, two each.
-pub const RELAY_SOCKETS: u32 = 16_384;
+/// Capacity of `DIRECT_PEERS`: sockets of spliced sessions and of joined
+/// local hops (two per connection), and the hop sockets' "TCP for good"
+/// marks. When it is full, new connections simply take the TCP path.
+pub const RELAY_SOCKETS: u32 = 65_536;
 /// Bytes a spliced socket may send into its peer's receive queue ahead of
 /// the peer's next send (the direct relay's flow control; about what two
 /// TCP socket buffers hold).
 pub const DIRECT_WINDOW: u64 = 4 << 20;
+/// The same window for a joined local hop (warden reads those sockets
+/// itself and promptly; a smaller window bounds what an idle or hostile
+/// peer can pin in kernel memory to about one default TCP receive buffer).
+pub const HOP_WINDOW: u64 = 256 << 10;
 
 /// Capacity of the direct relay's socket map (`DIRECT_SOCKS`): client
 /// sockets connected to a warden listener and upstream sockets accepted
@@ -87,11 +96,28 @@ pub const DIRECT_SOCKETS: u32 = 65_536;
 /// Capacity of `WARDEN_UPSTREAM` (warden's own upstream connections).
 pub const WARDEN_UPSTREAM_ENTRIES: u32 = 65_536;
 
-/// `RELAY_ADDRS` value: a listener whose clients may be relayed directly.
+/// `RELAY_ADDRS` flag: a listener whose clients may be relayed directly
+/// (spliced past warden by the kernel relay).
 pub const RELAY_LISTENER: u8 = 1;
-/// `RELAY_ADDRS` value: an upstream whose accepted sockets may be relayed
+/// `RELAY_ADDRS` flag: an upstream whose accepted sockets may be relayed
 /// directly.
 pub const RELAY_UPSTREAM: u8 = 2;
+/// `RELAY_ADDRS` flag: a listener whose connections are a local hop the
+/// kernel joins socket to socket: the client's sends go straight into the
+/// receive queue of warden's accepted socket and back, past the loopback
+/// TCP/IP path. warden still reads and writes every byte.
+pub const HOP_LISTENER: u8 = 4;
+/// `RELAY_ADDRS` flag: an upstream on this host whose connections from
+/// warden are joined the same way.
+pub const HOP_UPSTREAM: u8 = 8;
+
+/// `DIRECT_MEMBERS` value: a far end of a connection the kernel relay may
+/// splice (paired by user space).
+pub const MEMBER_RELAY: u8 = 1;
+/// `DIRECT_MEMBERS` value: one end of a local hop (paired by the kernel
+/// when both ends are established, or marked "TCP for good" by its first
+/// send if that comes first).
+pub const MEMBER_HOP: u8 = 2;
 
 /// A TCP connection as one of its sockets sees it. Key of `DIRECT_SOCKS`
 /// and `DIRECT_PEERS`.
@@ -112,10 +138,13 @@ pub struct DirectPeer {
     pub bytes: u64,
     /// Bytes redirected since the peer last sent.
     pub ahead: u64,
-    /// 1: this direction takes the TCP path for good (window exceeded).
+    /// 1: this direction takes the TCP path for good (window exceeded, or
+    /// a hop socket that sent before its peer was established).
     pub tcp: u8,
+    /// 1: a local hop's entry (made by the kernel, window `HOP_WINDOW`).
+    pub hop: u8,
     /// Always zero.
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
 
 /// A socket address: 16-byte address (v4 stored v4-mapped) and a port, both in

@@ -17,6 +17,15 @@
 //!   a send on one of a spliced pair goes straight into the other's receive
 //!   queue, up to `DIRECT_WINDOW` bytes ahead of the receiver's next send,
 //!   then for good through the TCP path (warden's sockets, flow-controlled).
+//!   The same program joins warden's own local hops on routes that ask for
+//!   it (`HOP_LISTENER`, `HOP_UPSTREAM`): a client's socket and warden's
+//!   accepted socket, warden's upstream socket and the upstream's accepted
+//!   socket. `warden_sock_ops` pairs the two ends of such a connection when
+//!   the second one is established, unless the first already sent (then that
+//!   direction keeps the TCP path for good, so bytes never overtake each
+//!   other); sends then go straight into the other end's receive queue, up
+//!   to `HOP_WINDOW` bytes ahead of its next send. warden still reads and
+//!   writes every byte; only the loopback TCP/IP path is skipped.
 //!
 //! Events go to a ring buffer submitted without waking the consumer unless a
 //! quarter of the ring is unread; the consumer drains on a short timer. Events
@@ -30,13 +39,14 @@ use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
-use aya_ebpf::bindings::BPF_F_INGRESS;
+use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_NOEXIST};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
     DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
-    DIRECT_SOCKETS, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, CONFIG_LEN,
+    DIRECT_SOCKETS, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
+    HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
     EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES, DIRECT_WINDOW,
@@ -55,7 +65,9 @@ const SOCK_OPS_STATE_CB: u32 = 10;
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
 const STATE_CB_FLAG: i32 = 4;
 /// `TCP_CLOSE`.
+const TCP_ESTABLISHED: u32 = 1;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// How many ancestor levels of the caller's cgroup are checked against
@@ -89,13 +101,15 @@ static DIRECT_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(DIRECT_SOCK
 #[map]
 static DIRECT_PEERS: HashMap<SockPair, DirectPeer> =
     HashMap::with_max_entries(RELAY_SOCKETS, 0);
-/// Listeners and upstreams of routes with the kernel relay (`RELAY_*`);
-/// only their connections' far ends enter `DIRECT_SOCKS`.
+/// Listeners and upstreams of routes with the kernel relay (`RELAY_*`
+/// flags) or joined local hops (`HOP_*`); only their connections' sockets
+/// enter `DIRECT_SOCKS`.
 #[map]
 static RELAY_ADDRS: HashMap<SockKey, u8> = HashMap::with_max_entries(WATCHED_ENTRIES, 0);
 /// The connections whose socket is in `DIRECT_SOCKS` (a sockhash cannot be
-/// looked up from user space or from `sk_msg`): entered with it, removed
-/// when the socket reaches `TCP_CLOSE`.
+/// looked up from user space or from `sk_msg`), valued `MEMBER_RELAY` or
+/// `MEMBER_HOP`: entered with it, removed when the socket reaches
+/// `TCP_CLOSE` (a hop end: as soon as its own side closes).
 #[map]
 static DIRECT_MEMBERS: HashMap<SockPair, u8> = HashMap::with_max_entries(DIRECT_SOCKETS, 0);
 #[map]
@@ -371,45 +385,85 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     };
     if op == SOCK_OPS_STATE_CB {
         // Only members asked for state callbacks.
-        if new_state == TCP_CLOSE {
-            let key = SockPair {
-                local: source,
-                remote: dest,
-            };
+        let key = SockPair {
+            local: source,
+            remote: dest,
+        };
+        // SAFETY: values are plain u8 written only by this program.
+        let hop = DIRECT_MEMBERS
+            .get_ptr(&key)
+            .is_some_and(|m| unsafe { *m } == MEMBER_HOP);
+        // A hop end leaves as soon as its own side closes (FIN_WAIT1,
+        // LAST_ACK, …): from then on its peer's sends take the TCP path, so
+        // a socket its application closed answers them with a reset, as
+        // TCP does, instead of queueing them unread. A spliced session's
+        // far end stays until TCP_CLOSE (user space watches its end).
+        let leaving = if hop {
+            new_state != TCP_ESTABLISHED && new_state != TCP_CLOSE_WAIT
+        } else {
+            new_state == TCP_CLOSE
+        };
+        if leaving {
             let _ = DIRECT_MEMBERS.remove(&key);
+            // A hop's entries are the kernel's to remove (a spliced
+            // session's belong to user space, which unpairs them).
+            if hop {
+                let _ = DIRECT_PEERS.remove(&key);
+            }
         }
         return 1;
     }
     let kind = destination_kind(&dest);
     if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // Candidates for the direct relay: a client's socket to a warden
-        // listener, and an upstream's socket accepted from warden.
-        let candidate = if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-            relay_kind(&dest) == RELAY_LISTENER
+        let member = if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            let to = relay_kind(&dest);
+            if to & RELAY_LISTENER != 0 {
+                // A client's socket to a kernel-relay listener.
+                MEMBER_RELAY
+            } else if to & HOP_LISTENER != 0 || warden_upstream(&source) & HOP_UPSTREAM != 0 {
+                // A client's socket to a hop listener, or warden's own
+                // socket to a hop upstream.
+                MEMBER_HOP
+            } else {
+                0
+            }
         } else {
-            WARDEN_UPSTREAM.get_ptr(&dest).is_some()
+            let from = warden_upstream(&dest);
+            if from & RELAY_UPSTREAM != 0 {
+                // An upstream's socket accepted from warden (kernel relay).
+                MEMBER_RELAY
+            } else if from & HOP_UPSTREAM != 0 || relay_kind(&source) & HOP_LISTENER != 0 {
+                // The same for a hop upstream, or warden's accepted socket
+                // on a hop listener: the second end of a hop.
+                MEMBER_HOP
+            } else {
+                0
+            }
         };
-        if candidate {
-            let mut key = SockPair {
-                local: source,
-                remote: dest,
-            };
-            // SAFETY: the kernel's bpf_sock_ops for this callback.
-            if DIRECT_SOCKS.update(&mut key, unsafe { &mut *ops }, 0).is_ok()
-                && DIRECT_MEMBERS.insert(&key, &1, 0).is_ok()
-            {
-                let _ = ctx.set_cb_flags(STATE_CB_FLAG);
+        if member == 0 {
+            return 1;
+        }
+        let mut key = SockPair {
+            local: source,
+            remote: dest,
+        };
+        // SAFETY: the kernel's bpf_sock_ops for this callback.
+        if DIRECT_SOCKS.update(&mut key, unsafe { &mut *ops }, 0).is_ok()
+            && DIRECT_MEMBERS.insert(&key, &member, 0).is_ok()
+        {
+            let _ = ctx.set_cb_flags(STATE_CB_FLAG);
+            if member == MEMBER_HOP && op == SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+                join_hop(&key);
             }
         }
         return 1;
     }
     if kind == DEST_UPSTREAM {
-        // warden's own connection to a relayed upstream: its accepted end
-        // (on this host) may join the direct relay.
-        if relay_kind(&dest) == RELAY_UPSTREAM
-            && (bpf_get_current_pid_tgid() >> 32) as u64 == config(CONFIG_WARDEN_TGID)
-        {
-            let _ = WARDEN_UPSTREAM.insert(&source, &1, 0);
+        // warden's own connection to a relayed or hop upstream: its
+        // accepted end (on this host) may join the direct relay or the hop.
+        let flags = relay_kind(&dest) & (RELAY_UPSTREAM | HOP_UPSTREAM);
+        if flags != 0 && (bpf_get_current_pid_tgid() >> 32) as u64 == config(CONFIG_WARDEN_TGID) {
+            let _ = WARDEN_UPSTREAM.insert(&source, &flags, 0);
         }
         return 1;
     }
@@ -431,6 +485,46 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         _pad: [0; 4],
     });
     1
+}
+
+/// `WARDEN_UPSTREAM` flags of warden's own upstream connection from `source`.
+#[inline(always)]
+fn warden_upstream(source: &SockKey) -> u8 {
+    match WARDEN_UPSTREAM.get_ptr(source) {
+        // SAFETY: values are plain u8 written only by `warden_sock_ops`.
+        Some(flags) => unsafe { *flags },
+        None => 0,
+    }
+}
+
+/// Pairs a hop socket just established (`key`, the second end: warden's
+/// accepted socket, or the upstream's) with the first end (the reversed
+/// key), both ways. Every insert is `BPF_NOEXIST`: an end that already
+/// sent holds a "TCP for good" mark, which stays, so its bytes never
+/// overtake the ones already on the TCP path.
+#[inline(always)]
+fn join_hop(key: &SockPair) {
+    let peer = SockPair {
+        local: key.remote,
+        remote: key.local,
+    };
+    // SAFETY: values are plain u8 written only by `warden_sock_ops`.
+    if DIRECT_MEMBERS.get_ptr(&peer).is_none_or(|m| unsafe { *m } != MEMBER_HOP) {
+        return;
+    }
+    let mut entry = DirectPeer {
+        peer,
+        hop: 1,
+        ..DirectPeer::default()
+    };
+    if DIRECT_PEERS.insert(key, &entry, u64::from(BPF_NOEXIST)).is_err() {
+        return;
+    }
+    count(COUNTER_HOPS);
+    entry.peer = *key;
+    if DIRECT_PEERS.insert(&peer, &entry, u64::from(BPF_NOEXIST)).is_ok() {
+        count(COUNTER_HOPS);
+    }
 }
 
 /// The direct relay: a send on a socket whose connection warden spliced
@@ -485,12 +579,31 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         },
     };
     let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
+        // SAFETY: values are plain u8 written only by `warden_sock_ops`.
+        if DIRECT_MEMBERS.get_ptr(&key).is_some_and(|m| unsafe { *m } == MEMBER_HOP) {
+            // A hop end sending before the other end joined: this direction
+            // takes the TCP path for good (the join leaves the mark alone).
+            let mark = DirectPeer {
+                tcp: 1,
+                hop: 1,
+                ..DirectPeer::default()
+            };
+            if DIRECT_PEERS.insert(&key, &mark, u64::from(BPF_NOEXIST)).is_err() {
+                // Joined meanwhile: these bytes still go by TCP, so must
+                // every later send.
+                if let Some(e) = DIRECT_PEERS.get_ptr_mut(&key) {
+                    // SAFETY: a live map value.
+                    unsafe { (*e).tcp = 1 };
+                }
+            }
+        }
         return SK_PASS;
     };
     // SAFETY: a live map value. This socket's sends run one at a time (under
     // its lock), and only they write `bytes`, `ahead` and `tcp` of its
     // entry; the peer's sends only clear `ahead` (a heuristic either way).
-    let (mut peer_key, ahead, tcp) = unsafe { ((*entry).peer, (*entry).ahead, (*entry).tcp) };
+    let (mut peer_key, ahead, tcp, hop) =
+        unsafe { ((*entry).peer, (*entry).ahead, (*entry).tcp, (*entry).hop) };
     if tcp != 0 {
         return SK_PASS;
     }
@@ -505,7 +618,8 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     // direction takes the TCP path (through warden, flow-controlled) for
     // good, which keeps the order: the peer reads what was queued first.
     let next = ahead + u64::from(size);
-    if next > DIRECT_WINDOW {
+    let window = if hop != 0 { HOP_WINDOW } else { DIRECT_WINDOW };
+    if next > window {
         // SAFETY: as above.
         unsafe { (*entry).tcp = 1 };
         return SK_PASS;
