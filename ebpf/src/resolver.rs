@@ -81,6 +81,16 @@ impl PeerResolver for EbpfResolver {
         self.fallback.resolve_tcp(local, peer)
     }
 
+    fn resolve_tcp_cached(&self, _local: SocketAddr, peer: SocketAddr) -> Option<u32> {
+        // A miss is counted by the `resolve_tcp` that follows it.
+        let pid = self.lookup_in_map(peer)?;
+        if let Some(observe) = &self.observer {
+            observe(true);
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(pid)
+    }
+
     fn name(&self) -> &'static str {
         "ebpf"
     }

@@ -73,6 +73,26 @@ impl Attestor {
         Ok(fresh)
     }
 
+    /// Attribution and attestation without blocking work, for a TCP client
+    /// whose process the kernel named and whose last attestation
+    /// [`attest::revalidate_cached`] confirms (small /proc reads, a stat of
+    /// the executable, its hash from the cache). `None`: take the blocking
+    /// path ([`Self::tcp_pid`] and [`Self::attest_pid`] on a blocking
+    /// thread), which also words every refusal.
+    pub fn attest_tcp_cached(&self, local: SocketAddr, peer: SocketAddr) -> Option<Attested> {
+        let pid = self.resolver.resolve_tcp_cached(local, peer)?;
+        self.attest_pid_cached(pid)
+    }
+
+    /// [`Self::attest_tcp_cached`] for a known pid (unix sockets).
+    pub fn attest_pid_cached(&self, pid: u32) -> Option<Attested> {
+        let prev = self.recent_lock().get(&pid).cloned()?;
+        match attest::revalidate_cached(&prev.facts, &self.hashes)? {
+            Ok(()) => Some(prev),
+            Err(_) => None,
+        }
+    }
+
     fn recent_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Attested>> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -120,6 +120,14 @@ pub fn revalidate(facts: &PeerFacts, hashes: &ExeHashCache) -> Result<(), Attest
     ProcFs::default().revalidate(facts, hashes)
 }
 
+/// [`ProcFs::revalidate_cached`] on `/proc`.
+pub fn revalidate_cached(
+    facts: &PeerFacts,
+    hashes: &ExeHashCache,
+) -> Option<Result<(), AttestError>> {
+    ProcFs::default().revalidate_cached(facts, hashes)
+}
+
 /// The facts that are re-read by the pid-reuse guard.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -211,18 +219,47 @@ impl ProcFs {
     /// It reads about half of what gathering and confirming read, which is
     /// what makes repeated connections from one process cheap.
     pub fn revalidate(&self, facts: &PeerFacts, hashes: &ExeHashCache) -> Result<(), AttestError> {
+        // Never `None`: this hash closure always answers.
+        self.revalidate_by(facts, |exe| Some(hashes.sha256_of(exe).ok()))
+            .unwrap_or_else(|| Err(exited(facts.pid)))
+    }
+
+    /// [`Self::revalidate`] that never blocks: `None` when it would have to
+    /// read the executable to hash it (not in the cache, or changed, or
+    /// never hashed), so the caller takes the blocking path. Reads only
+    /// small /proc files and stats the executable.
+    pub fn revalidate_cached(
+        &self,
+        facts: &PeerFacts,
+        hashes: &ExeHashCache,
+    ) -> Option<Result<(), AttestError>> {
+        facts.exe_sha256.as_ref()?;
+        self.revalidate_by(facts, |exe| hashes.cached_sha256_of(exe).map(Some))
+    }
+
+    /// The re-check with `sha` giving the executable's hash now (`None`:
+    /// cannot tell without blocking; the check stops there).
+    fn revalidate_by(
+        &self,
+        facts: &PeerFacts,
+        sha: impl FnOnce(&Path) -> Option<Option<String>>,
+    ) -> Option<Result<(), AttestError>> {
         let pid = facts.pid;
-        let now = self.resnapshot(pid)?;
+        let now = match self.resnapshot(pid) {
+            Ok(now) => now,
+            Err(e) => return Some(Err(e)),
+        };
         let mut diffs = differences(facts, &now);
         if now.exe_deleted != facts.exe_deleted {
             diffs.push("executable deleted".to_string());
         }
-        let sha = hashes.sha256_of(&self.pid_file(pid, "exe")).ok();
-        if sha != facts.exe_sha256 {
+        if sha(&self.pid_file(pid, "exe"))? != facts.exe_sha256 {
             diffs.push("executable content changed".to_string());
         }
-        self.confirm_start_time(facts)?;
-        changed_if_any(pid, diffs)
+        Some(
+            self.confirm_start_time(facts)
+                .and_then(|()| changed_if_any(pid, diffs)),
+        )
     }
 
     /// [`Self::snapshot`] for a re-check: a vanished process has exited.
@@ -581,6 +618,36 @@ mod tests {
         assert!(stale("pid reuse").contains("another process"));
         fake.set_stat(4242, 1000, 'Z');
         assert!(stale("zombie").contains("exited"));
+    }
+
+    #[test]
+    fn cached_revalidation_answers_only_without_reading_the_executable() {
+        let fake = FakeProc::new();
+        let hashes = ExeHashCache::new();
+        let bin = fake.add(4242, 1000, 0, b"abc", "/svc.slice/a.service");
+        let f = fake.procfs().gather_facts(4242, &hashes).unwrap();
+        let cached = |f: &PeerFacts| fake.procfs().revalidate_cached(f, &hashes);
+        assert!(matches!(cached(&f), Some(Ok(()))));
+        // A changed uid is still seen (and refused) without blocking.
+        fake.set_uid(4242, 65534);
+        assert!(matches!(
+            cached(&f),
+            Some(Err(AttestError::ProcessChanged { .. }))
+        ));
+        fake.set_uid(4242, 0);
+        // The executable rewritten: only the blocking path can tell.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&bin, b"abcd").unwrap();
+        assert!(cached(&f).is_none());
+        assert!(fake.procfs().revalidate(&f, &hashes).is_err());
+        // Facts without a hash (it was skipped) never take the quick path.
+        let mut unhashed = fake.procfs().gather_facts(4242, &hashes).unwrap();
+        unhashed.exe_sha256 = None;
+        assert!(cached(&unhashed).is_none());
+        // Another process on the pid.
+        let f = fake.procfs().gather_facts(4242, &hashes).unwrap();
+        fake.set_stat(4242, 2000, 'S');
+        assert!(matches!(cached(&f), Some(Err(_))));
     }
 
     #[test]

@@ -162,6 +162,15 @@ impl ExeHashCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The cached hash of the file at `path` if it is unchanged since it
+    /// was hashed (one stat, never a read); `None` otherwise.
+    pub fn cached_sha256_of(&self, path: &Path) -> Option<String> {
+        let seen = FileKey::of(&std::fs::metadata(path).ok()?);
+        let hex = self.lock().map.get(&seen).cloned()?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(hex)
+    }
+
     /// Lower-case hex SHA-256 of the file at `path` (normally
     /// `/proc/PID/exe`), from the cache when the file is unchanged.
     pub fn sha256_of(&self, path: &Path) -> Result<String, HashSkip> {
@@ -263,6 +272,21 @@ mod tests {
         assert_eq!((cache.hits(), cache.misses()), (0, 1));
         assert_eq!(cache.sha256_of(&p).unwrap(), h);
         assert_eq!((cache.hits(), cache.misses()), (1, 1));
+    }
+
+    #[test]
+    fn cached_lookup_never_reads_and_misses_a_changed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file_with(dir.path(), "f", b"one");
+        let cache = ExeHashCache::new();
+        assert_eq!(cache.cached_sha256_of(&p), None, "never hashed");
+        assert_eq!(cache.misses(), 0, "a cached lookup does not hash");
+        let h = cache.sha256_of(&p).unwrap();
+        assert_eq!(cache.cached_sha256_of(&p), Some(h));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        file_with(dir.path(), "f", b"two");
+        assert_eq!(cache.cached_sha256_of(&p), None, "rewritten: needs a read");
+        assert_eq!(cache.cached_sha256_of(&dir.path().join("gone")), None);
     }
 
     #[test]

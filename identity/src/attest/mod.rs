@@ -44,7 +44,7 @@ mod sock_diag;
 mod live_tests;
 
 pub use error::AttestError;
-pub use facts::{confirm_same_process, gather_facts, revalidate, PeerFacts};
+pub use facts::{confirm_same_process, gather_facts, revalidate, revalidate_cached, PeerFacts};
 pub use hash::{ExeHashCache, HashSkip};
 pub use procfs::{systemd_unit_of, ProcFs};
 pub use resolver::{PeerResolver, ProcNetResolver};

@@ -25,6 +25,11 @@ pub trait PeerResolver: Send + Sync {
     /// The pid of the process holding the client end of the connection that
     /// was accepted on `local` from `peer`.
     fn resolve_tcp(&self, local: SocketAddr, peer: SocketAddr) -> Result<u32, AttestError>;
+    /// [`Self::resolve_tcp`] when the answer is at hand without blocking
+    /// work (a kernel map lookup); `None`: call `resolve_tcp`.
+    fn resolve_tcp_cached(&self, _local: SocketAddr, _peer: SocketAddr) -> Option<u32> {
+        None
+    }
     /// Short name for logs and metrics.
     fn name(&self) -> &'static str;
 }

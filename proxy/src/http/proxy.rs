@@ -77,6 +77,10 @@ async fn attest(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> Result<Attested, String> {
+    // A process seen before is confirmed without a blocking thread.
+    if let Some(who) = shared.attestor.attest_tcp_cached(local, peer) {
+        return Ok(who);
+    }
     let s2 = shared.clone();
     tokio::task::spawn_blocking(move || s2.attestor.attest_tcp(local, peer))
         .await

@@ -451,21 +451,38 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         .to_string();
     let shared2 = shared.clone();
     let route2 = route.clone();
-    let attested = tokio::task::spawn_blocking(move || {
-        let t0 = Instant::now();
-        let res = attest_peer(&shared2, &peer);
-        shared2
-            .metrics
-            .attestation(AttestVia::Postgres, res.is_ok(), t0.elapsed());
-        res
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err((
-            None,
-            Refusal::new("XX000", "error", format!("warden: attestation failed: {e}")),
-        ))
-    });
+    // A process seen before is confirmed without a blocking thread (the
+    // round trip to one costs about as much as the /proc reads); anything
+    // else, and every refusal, takes the blocking path.
+    let t0 = Instant::now();
+    let quick = match &peer {
+        Peer::Tcp { local, peer } => shared.attestor.attest_tcp_cached(*local, *peer),
+        Peer::Unix { pid: Some(pid) } => shared.attestor.attest_pid_cached(*pid),
+        Peer::Unix { pid: None } => None,
+    };
+    let attested = match quick {
+        Some(who) => {
+            shared
+                .metrics
+                .attestation(AttestVia::Postgres, true, t0.elapsed());
+            Ok(who)
+        }
+        None => tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let res = attest_peer(&shared2, &peer);
+            shared2
+                .metrics
+                .attestation(AttestVia::Postgres, res.is_ok(), t0.elapsed());
+            res
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err((
+                None,
+                Refusal::new("XX000", "error", format!("warden: attestation failed: {e}")),
+            ))
+        }),
+    };
     let mut denied_pid = None;
     let outcome = match attested {
         Err((pid, mut r)) => {
