@@ -256,43 +256,28 @@ impl AccessMonitor {
             ProtectMode::Observe => warden_ebpf::ProtectMode::Observe,
             ProtectMode::Enforce => warden_ebpf::ProtectMode::Enforce,
         };
-        // The kernel relay's direct mode touches only postgres routes with
-        // kernel_relay on (their clients' and upstreams' sockets).
-        let relayed = |name: &String| {
-            cfg.routes.iter().any(|r| {
-                r.name == *name && r.kind == RouteKind::Postgres && r.kernel_relay.unwrap_or(true)
-            })
-        };
-        // Local hops joined in the kernel: http routes with kernel_relay on
-        // (client ↔ warden, and warden ↔ an upstream on this host).
-        let hopped = |name: &String| {
-            cfg.routes.iter().any(|r| {
-                r.name == *name && r.kind == RouteKind::Http && r.kernel_relay.unwrap_or(true)
-            })
+        // The addresses of routes of `kind` with kernel_relay on: for
+        // postgres the kernel relay's far ends (clients' and upstreams'
+        // sockets), for http the local hops joined in the kernel (client ↔
+        // warden, warden ↔ an upstream on this host).
+        let with_kernel = |addrs: &[(SocketAddr, String)], kind: RouteKind| -> Vec<SocketAddr> {
+            addrs
+                .iter()
+                .filter(|(_, name)| {
+                    cfg.routes.iter().any(|r| {
+                        r.name == *name && r.kind == kind && r.kernel_relay.unwrap_or(true)
+                    })
+                })
+                .map(|(a, _)| *a)
+                .collect()
         };
         let monitor_cfg = MonitorConfig {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),
             upstreams: upstreams.iter().map(|(a, _)| *a).collect(),
-            relay_listeners: listeners
-                .iter()
-                .filter(|(_, n)| relayed(n))
-                .map(|(a, _)| *a)
-                .collect(),
-            relay_upstreams: upstreams
-                .iter()
-                .filter(|(_, n)| relayed(n))
-                .map(|(a, _)| *a)
-                .collect(),
-            hop_listeners: listeners
-                .iter()
-                .filter(|(_, n)| hopped(n))
-                .map(|(a, _)| *a)
-                .collect(),
-            hop_upstreams: upstreams
-                .iter()
-                .filter(|(_, n)| hopped(n))
-                .map(|(a, _)| *a)
-                .collect(),
+            relay_listeners: with_kernel(&listeners, RouteKind::Postgres),
+            relay_upstreams: with_kernel(&upstreams, RouteKind::Postgres),
+            hop_listeners: with_kernel(&listeners, RouteKind::Http),
+            hop_upstreams: with_kernel(&upstreams, RouteKind::Http),
             protect,
             warden_tgid: std::process::id(),
             pin_dir: Some(pin_dir_for(data_dir)),
