@@ -4323,10 +4323,8 @@ allow = ["reports"]
             "route[1].request_timeout",
         );
         ok(&http(&format!("{inj}\nfast_path = false")));
-        only_error(
-            &http(&format!("{inj}\nkernel_relay = true")),
-            "route[1].kernel_relay",
-        );
+        // http routes take kernel_relay (joined local hops), tls routes do not.
+        ok(&http(&format!("{inj}\nkernel_relay = false")));
         only_error(
             &http(&format!("{inj}\nforward_proxy = true\nfast_path = false")),
             "route[1].fast_path",
@@ -4345,6 +4343,7 @@ allow = ["reports"]
         ok(&with_tls(
             "upstream_tls = { spiffe_id = \"spiffe://example.org/logs\" }",
         ));
+        only_error(&with_tls("kernel_relay = true"), "route[1].kernel_relay");
         only_error(
             &with_tls("upstream_tls = { spiffe_id = \"https://x\" }"),
             "route[1].upstream_tls.spiffe_id",
