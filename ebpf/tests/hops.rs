@@ -167,7 +167,7 @@ fn past_the_window_and_early_senders_keep_the_order() {
     let _client = writer.join().unwrap();
     let stats = l.monitor.relay().unwrap().hop_stats();
     assert!(
-        stats.tcp >= 1 && stats.bytes >= 256 << 10,
+        stats.tcp >= 1 && stats.bytes > 0 && stats.bytes <= 256 << 10,
         "the client's direction went socket to socket up to the window, then TCP: {stats:?}"
     );
 
