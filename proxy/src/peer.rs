@@ -76,12 +76,17 @@ impl Attestor {
     /// Attribution and attestation without blocking work, for a TCP client
     /// whose process the kernel named and whose last attestation
     /// [`attest::revalidate_cached`] confirms (small /proc reads, a stat of
-    /// the executable, its hash from the cache). `None`: take the blocking
-    /// path ([`Self::tcp_pid`] and [`Self::attest_pid`] on a blocking
-    /// thread), which also words every refusal.
-    pub fn attest_tcp_cached(&self, local: SocketAddr, peer: SocketAddr) -> Option<Attested> {
-        let pid = self.resolver.resolve_tcp_cached(local, peer)?;
-        self.attest_pid_cached(pid)
+    /// the executable, its hash from the cache). Otherwise the blocking
+    /// path runs, which also words every refusal: `Err(Some(pid))` — the
+    /// kernel named the pid, [`Self::attest_pid`] it there; `Err(None)` —
+    /// [`Self::attest_tcp`] there.
+    pub fn attest_tcp_cached(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<Attested, Option<u32>> {
+        let pid = self.resolver.resolve_tcp_cached(local, peer).ok_or(None)?;
+        self.attest_pid_cached(pid).ok_or(Some(pid))
     }
 
     /// [`Self::attest_tcp_cached`] for a known pid (unix sockets).

@@ -78,13 +78,17 @@ async fn attest(
     peer: SocketAddr,
 ) -> Result<Attested, String> {
     // A process seen before is confirmed without a blocking thread.
-    if let Some(who) = shared.attestor.attest_tcp_cached(local, peer) {
-        return Ok(who);
-    }
+    let known = match shared.attestor.attest_tcp_cached(local, peer) {
+        Ok(who) => return Ok(who),
+        Err(pid) => pid,
+    };
     let s2 = shared.clone();
-    tokio::task::spawn_blocking(move || s2.attestor.attest_tcp(local, peer))
-        .await
-        .unwrap_or_else(|e| Err(format!("warden: attestation failed: {e}")))
+    tokio::task::spawn_blocking(move || match known {
+        Some(pid) => s2.attestor.attest_pid(pid),
+        None => s2.attestor.attest_tcp(local, peer),
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("warden: attestation failed: {e}")))
 }
 
 fn conn_ctx(

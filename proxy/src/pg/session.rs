@@ -30,6 +30,8 @@ pub enum Peer {
     Tcp { local: SocketAddr, peer: SocketAddr },
     /// Unix socket: SO_PEERCRED pid.
     Unix { pid: Option<u32> },
+    /// TCP whose process the kernel already named.
+    Known { pid: u32 },
 }
 
 /// Binds libpq's socket file `<dir>/.s.PGSQL.<port>` (mode 0666: attestation decides).
@@ -182,6 +184,7 @@ fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, (Option<u32>,
             .attestor
             .tcp_pid(*local, *peer)
             .map_err(|m| (None, deny(m)))?,
+        Peer::Known { pid } => *pid,
         Peer::Unix { pid } => pid.ok_or_else(|| {
             (
                 None,
@@ -455,10 +458,16 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     // round trip to one costs about as much as the /proc reads); anything
     // else, and every refusal, takes the blocking path.
     let t0 = Instant::now();
-    let quick = match &peer {
-        Peer::Tcp { local, peer } => shared.attestor.attest_tcp_cached(*local, *peer),
-        Peer::Unix { pid: Some(pid) } => shared.attestor.attest_pid_cached(*pid),
-        Peer::Unix { pid: None } => None,
+    let (quick, peer) = match peer {
+        Peer::Tcp { local, peer } => match shared.attestor.attest_tcp_cached(local, peer) {
+            Ok(who) => (Some(who), Peer::Tcp { local, peer }),
+            Err(Some(pid)) => (None, Peer::Known { pid }),
+            Err(None) => (None, Peer::Tcp { local, peer }),
+        },
+        Peer::Unix { pid: Some(pid) } | Peer::Known { pid } => {
+            (shared.attestor.attest_pid_cached(pid), Peer::Known { pid })
+        }
+        Peer::Unix { pid: None } => (None, Peer::Unix { pid: None }),
     };
     let attested = match quick {
         Some(who) => {
