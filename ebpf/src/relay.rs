@@ -200,8 +200,7 @@ impl KernelRelay {
         let Ok(peers) = self.peers.lock() else {
             return stats;
         };
-        for entry in peers.iter().flatten() {
-            let (_, p) = entry;
+        for (_, p) in peers.iter().flatten() {
             if p.hop == 0 {
                 continue;
             }

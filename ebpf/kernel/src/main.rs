@@ -64,7 +64,7 @@ const SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const SOCK_OPS_STATE_CB: u32 = 10;
 /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
 const STATE_CB_FLAG: i32 = 4;
-/// `TCP_CLOSE`.
+/// TCP states (`include/net/tcp_states.h`).
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_CLOSE: u32 = 7;
 const TCP_CLOSE_WAIT: u32 = 8;
@@ -389,10 +389,7 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
             local: source,
             remote: dest,
         };
-        // SAFETY: values are plain u8 written only by this program.
-        let hop = DIRECT_MEMBERS
-            .get_ptr(&key)
-            .is_some_and(|m| unsafe { *m } == MEMBER_HOP);
+        let hop = is_hop_member(&key);
         // A hop end leaves as soon as its own side closes (FIN_WAIT1,
         // LAST_ACK, …): from then on its peer's sends take the TCP path, so
         // a socket its application closed answers them with a reset, as
@@ -497,6 +494,15 @@ fn warden_upstream(source: &SockKey) -> u8 {
     }
 }
 
+/// Whether `key`'s socket is in `DIRECT_SOCKS` as one end of a local hop.
+#[inline(always)]
+fn is_hop_member(key: &SockPair) -> bool {
+    // SAFETY: values are plain u8 written only by `warden_sock_ops`.
+    DIRECT_MEMBERS
+        .get_ptr(key)
+        .is_some_and(|m| unsafe { *m } == MEMBER_HOP)
+}
+
 /// Pairs a hop socket just established (`key`, the second end: warden's
 /// accepted socket, or the upstream's) with the first end (the reversed
 /// key), both ways. Every insert is `BPF_NOEXIST`: an end that already
@@ -508,8 +514,7 @@ fn join_hop(key: &SockPair) {
         local: key.remote,
         remote: key.local,
     };
-    // SAFETY: values are plain u8 written only by `warden_sock_ops`.
-    if DIRECT_MEMBERS.get_ptr(&peer).is_none_or(|m| unsafe { *m } != MEMBER_HOP) {
+    if !is_hop_member(&peer) {
         return;
     }
     let mut entry = DirectPeer {
@@ -530,8 +535,9 @@ fn join_hop(key: &SockPair) {
 /// The direct relay: a send on a socket whose connection warden spliced
 /// (`DIRECT_PEERS[own connection]`) goes straight into the receive queue of
 /// the peer socket (the client's or the upstream's, both on this host), past
-/// warden and the loopback TCP hops. Sends of every other socket in
-/// `DIRECT_SOCKS` pass untouched.
+/// warden and the loopback TCP hops; a joined hop's send goes into the other
+/// end's queue the same way. Sends of every other socket in `DIRECT_SOCKS`
+/// pass untouched (a hop end's first one marks it "TCP for good").
 #[sk_msg]
 pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     let md = ctx.msg;
@@ -579,8 +585,7 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         },
     };
     let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
-        // SAFETY: values are plain u8 written only by `warden_sock_ops`.
-        if DIRECT_MEMBERS.get_ptr(&key).is_some_and(|m| unsafe { *m } == MEMBER_HOP) {
+        if is_hop_member(&key) {
             // A hop end sending before the other end joined: this direction
             // takes the TCP path for good (the join leaves the mark alone).
             let mark = DirectPeer {

@@ -30,7 +30,7 @@ pub enum Peer {
     Tcp { local: SocketAddr, peer: SocketAddr },
     /// Unix socket: SO_PEERCRED pid.
     Unix { pid: Option<u32> },
-    /// TCP whose process the kernel already named.
+    /// A process already named (by the kernel for TCP, or SO_PEERCRED).
     Known { pid: u32 },
 }
 
@@ -196,6 +196,26 @@ fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, (Option<u32>,
         .attestor
         .attest_pid(pid)
         .map_err(|m| (Some(pid), deny(m)))
+}
+
+/// The peer's process confirmed without blocking work (see
+/// [`crate::peer::Attestor::attest_tcp_cached`]); otherwise the peer for
+/// [`attest_peer`] on a blocking thread, with a kernel-named pid kept so
+/// the kernel map is read once.
+fn attest_quick(shared: &PgShared, peer: Peer) -> Result<Attested, Peer> {
+    let pid = match peer {
+        Peer::Tcp { local, peer } => match shared.attestor.attest_tcp_cached(local, peer) {
+            Ok(who) => return Ok(who),
+            Err(Some(pid)) => return Err(Peer::Known { pid }),
+            Err(None) => return Err(Peer::Tcp { local, peer }),
+        },
+        Peer::Unix { pid: Some(pid) } | Peer::Known { pid } => pid,
+        Peer::Unix { pid: None } => return Err(peer),
+    };
+    shared
+        .attestor
+        .attest_pid_cached(pid)
+        .ok_or(Peer::Known { pid })
 }
 
 /// The login a session uses: never printed (no Debug), password zeroized.
@@ -458,25 +478,14 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     // round trip to one costs about as much as the /proc reads); anything
     // else, and every refusal, takes the blocking path.
     let t0 = Instant::now();
-    let (quick, peer) = match peer {
-        Peer::Tcp { local, peer } => match shared.attestor.attest_tcp_cached(local, peer) {
-            Ok(who) => (Some(who), Peer::Tcp { local, peer }),
-            Err(Some(pid)) => (None, Peer::Known { pid }),
-            Err(None) => (None, Peer::Tcp { local, peer }),
-        },
-        Peer::Unix { pid: Some(pid) } | Peer::Known { pid } => {
-            (shared.attestor.attest_pid_cached(pid), Peer::Known { pid })
-        }
-        Peer::Unix { pid: None } => (None, Peer::Unix { pid: None }),
-    };
-    let attested = match quick {
-        Some(who) => {
+    let attested = match attest_quick(&shared, peer) {
+        Ok(who) => {
             shared
                 .metrics
                 .attestation(AttestVia::Postgres, true, t0.elapsed());
             Ok(who)
         }
-        None => tokio::task::spawn_blocking(move || {
+        Err(peer) => tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let res = attest_peer(&shared2, &peer);
             shared2
