@@ -208,6 +208,15 @@ struct RecordBody<'a> {
 struct AnchorFile {
     seq: u64,
     hash: String,
+    /// Set by a writer with `audit.sync = "interval"`: records after `seq`
+    /// may have been acknowledged before their `fsync`, so a crash of
+    /// warden can leave any number of them after the anchor.
+    #[serde(default, skip_serializing_if = "is_false")]
+    interval: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 // ---------------------------------------------------------------------------
@@ -239,6 +248,8 @@ pub enum AuditError {
     RecordTooLarge { size: usize, max: usize },
     #[error("could not encode audit record: {0}")]
     Encode(String),
+    #[error("audit log {}: a background fsync failed ({detail}); records written since the last good fsync may not be on disk, so no more are accepted (check the disk, run `warden audit verify`, restart warden)", .path.display())]
+    SyncFailed { path: PathBuf, detail: String },
 }
 
 fn describe_io(err: &io::Error) -> String {
@@ -621,6 +632,7 @@ impl<'a> LineReader<'a> {
 struct Anchor {
     seq: u64,
     hash: Digest32,
+    interval: bool,
 }
 
 enum AnchorState {
@@ -654,6 +666,7 @@ fn read_anchor(head_path: &Path) -> Result<AnchorState, AuditError> {
     Ok(AnchorState::Present(Anchor {
         seq: parsed.seq,
         hash,
+        interval: parsed.interval,
     }))
 }
 
@@ -820,6 +833,17 @@ pub struct AuditLog {
     head: Head,
     /// File length after our last append or tail read.
     known_len: u64,
+    /// The newest record written by [`AuditLog::append_all_unsynced`] and
+    /// not yet covered by an `fsync` (its anchor waits for that fsync).
+    unsynced: Option<Head>,
+    /// Why a background [`AuditLog::sync_pending`] failed: sticky, every
+    /// later append is refused (after a failed fsync the kernel may have
+    /// dropped the written pages, so the log on disk cannot be trusted to
+    /// hold what was acknowledged; PostgreSQL stops for the same reason).
+    sync_failed: Option<String>,
+    /// This handle has written unsynced records, so every anchor it writes
+    /// carries `interval` (see [`AnchorFile`]).
+    interval_anchor: bool,
     #[cfg(test)]
     fault: Option<Fault>,
 }
@@ -855,6 +879,9 @@ impl AuditLog {
             file,
             head,
             known_len,
+            unsynced: None,
+            sync_failed: None,
+            interval_anchor: false,
             #[cfg(test)]
             fault: None,
         })
@@ -877,8 +904,62 @@ impl AuditLog {
 
     /// Appends `events` in order as consecutive records with one write, one
     /// `fsync` and one anchor update (group commit): all of them are durable
-    /// when this returns `Ok`, none of them is acknowledged otherwise.
+    /// when this returns `Ok`, none of them is acknowledged otherwise. The
+    /// `fsync` also covers records written unsynced before.
     pub fn append_all(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
+        self.append_with(events, true)
+    }
+
+    /// As [`append_all`](Self::append_all), but without the `fsync`: when
+    /// this returns `Ok` the records are written to the OS (a crash or kill
+    /// of warden loses none of them; an OS crash or power loss before the
+    /// next [`sync_pending`](Self::sync_pending) can). The head anchor
+    /// follows at that fsync, so it never gets ahead of the durable log.
+    pub fn append_all_unsynced(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
+        self.append_with(events, false)
+    }
+
+    /// Whether records written by [`append_all_unsynced`](Self::append_all_unsynced)
+    /// wait for an fsync.
+    pub fn has_unsynced(&self) -> bool {
+        self.unsynced.is_some()
+    }
+
+    /// `fsync`s the records written unsynced and moves the head anchor to
+    /// the newest of them. A failure is sticky (see [`AuditError::SyncFailed`]):
+    /// the records were acknowledged already, so they are left in place,
+    /// and no further record is accepted.
+    pub fn sync_pending(&mut self) -> Result<(), AuditError> {
+        let Some(head) = self.unsynced.clone() else {
+            return Ok(());
+        };
+        let path = self.path.as_path();
+        let _lock = lock_exclusive(&self.file, path)?;
+        if let Err(e) = self.sync_log() {
+            let detail = describe_io(&e);
+            self.sync_failed = Some(detail.clone());
+            return Err(AuditError::SyncFailed {
+                path: path.to_path_buf(),
+                detail,
+            });
+        }
+        self.unsynced = None;
+        // Another handle that appended since has synced the whole file and
+        // anchored a newer head: ours would move the anchor back.
+        let len = self.file.metadata().map_err(io_err(path))?.len();
+        if len == self.known_len {
+            self.write_anchor(head.seq, &head.hash)?;
+        }
+        Ok(())
+    }
+
+    fn append_with(&mut self, events: &[Event], sync: bool) -> Result<Vec<Record>, AuditError> {
+        if let Some(detail) = &self.sync_failed {
+            return Err(AuditError::SyncFailed {
+                path: self.path.clone(),
+                detail: detail.clone(),
+            });
+        }
         for event in events {
             validate_event(event)?;
         }
@@ -894,6 +975,8 @@ impl AuditLog {
             // learn the new tail under the lock so the chain stays linear.
             self.head = load_head(&self.file, path, &self.head_path, len)?;
             self.known_len = len;
+            // Its anchor may lack `interval`: flag it again if unsynced.
+            self.interval_anchor = false;
         }
         let time = time::OffsetDateTime::now_utc()
             .format(TIME_FORMAT)
@@ -926,7 +1009,34 @@ impl AuditLog {
             self.known_len = rollback(&self.file, len);
             return Err(io_err(path)(e));
         }
+        if !sync {
+            if !self.interval_anchor && self.head.seq > 0 {
+                // Before the first unsynced record: a durable log up to the
+                // current head and a durable anchor that says records after
+                // it may be unsynced, so neither a crash of warden nor one
+                // of the OS makes the tail look inserted.
+                self.interval_anchor = true;
+                let flag = self
+                    .sync_log()
+                    .map_err(io_err(path))
+                    .and_then(|()| self.write_anchor_durable(self.head.seq, &self.head.hash, true));
+                if let Err(e) = flag {
+                    self.interval_anchor = false;
+                    self.known_len = rollback(&self.file, len);
+                    return Err(e);
+                }
+            }
+            self.interval_anchor |= self.head.seq == 0;
+            self.head = head.clone();
+            self.unsynced = Some(head);
+            self.known_len = len + lines.len() as u64;
+            return Ok(records);
+        }
         if let Err(e) = self.sync_log() {
+            if self.unsynced.is_some() {
+                // Acknowledged records before this batch may be lost too.
+                self.sync_failed = Some(describe_io(&e));
+            }
             self.known_len = rollback(&self.file, len);
             return Err(io_err(path)(e));
         }
@@ -935,6 +1045,7 @@ impl AuditLog {
             return Err(e);
         }
         self.head = head;
+        self.unsynced = None;
         self.known_len = len + lines.len() as u64;
         Ok(records)
     }
@@ -988,12 +1099,18 @@ impl AuditLog {
     /// in practice; if it were, the next open refuses the log as unreadable
     /// evidence rather than trusting it).
     fn write_anchor(&self, seq: u64, hash: &str) -> Result<(), AuditError> {
+        self.write_anchor_durable(seq, hash, false)
+    }
+
+    /// [`write_anchor`](Self::write_anchor), with an `fsync` of the anchor
+    /// when `durable`.
+    fn write_anchor_durable(&self, seq: u64, hash: &str, durable: bool) -> Result<(), AuditError> {
         let head = &self.head_path;
         #[cfg(test)]
         if let Some(Fault::Anchor) = self.fault {
             return Err(io_err(head)(io::Error::from_raw_os_error(libc::ENOSPC)));
         }
-        let content = anchor_line(seq, hash)?;
+        let content = anchor_line(seq, hash, self.interval_anchor)?;
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -1007,19 +1124,24 @@ impl AuditLog {
         if f.metadata().map_err(io_err(head))?.len() != content.len() as u64 {
             f.set_len(content.len() as u64).map_err(io_err(head))?;
         }
+        if durable {
+            f.sync_data().map_err(io_err(head))?;
+        }
         Ok(())
     }
 }
 
 /// Width of the head anchor file: `{"seq":N,"hash":"…"}`, padded with
-/// spaces, and a newline. The longest content (a 20-digit seq) is 102 bytes.
+/// spaces, and a newline. The longest content (a 20-digit seq and
+/// `"interval":true`) is 118 bytes.
 const ANCHOR_WIDTH: usize = 128;
 
 /// The anchor file's whole content for (seq, hash), [`ANCHOR_WIDTH`] bytes.
-fn anchor_line(seq: u64, hash: &str) -> Result<Vec<u8>, AuditError> {
+fn anchor_line(seq: u64, hash: &str, interval: bool) -> Result<Vec<u8>, AuditError> {
     let mut content = serde_json::to_vec(&AnchorFile {
         seq,
         hash: hash.to_owned(),
+        interval,
     })
     .map_err(encode_err)?;
     if content.len() >= ANCHOR_WIDTH {
@@ -1111,6 +1233,10 @@ pub fn verify(log_path: &Path) -> Result<VerifyReport, AuditError> {
     // (hash, prev) of the record with seq anchor.seq; hash of the next one.
     let mut at_anchor: Option<(Digest32, Digest32)> = None;
     let mut after_anchor: Option<Digest32> = None;
+    // Time of the record after the anchor, and whether every later one
+    // shares it (they were written by one append).
+    let mut tail_time: Option<String> = None;
+    let mut tail_one_append = true;
     let mut chain_break: Option<usize> = None;
     while let Some((line_no, bytes, terminated)) = lines.next_line().map_err(io_err(log_path))? {
         match check_line(bytes, terminated) {
@@ -1132,6 +1258,11 @@ pub fn verify(log_path: &Path) -> Result<VerifyReport, AuditError> {
                         at_anchor = Some((c.hash, c.prev));
                     } else if c.record.seq == a.seq + 1 {
                         after_anchor = Some(c.hash);
+                        tail_time = Some(c.record.time.clone());
+                    } else if c.record.seq > a.seq
+                        && tail_time.as_deref() != Some(c.record.time.as_str())
+                    {
+                        tail_one_append = false;
                     }
                 }
                 expected += 1;
@@ -1181,16 +1312,21 @@ pub fn verify(log_path: &Path) -> Result<VerifyReport, AuditError> {
             "head anchor {} is unreadable ({why}): removal of records from the end cannot be detected",
             head_path.display()
         )),
-        AnchorState::Present(a) => check_against_anchor(&mut report, &a, at_anchor, after_anchor),
+        AnchorState::Present(a) => {
+            let after = after_anchor.map(|hash| (hash, tail_one_append));
+            check_against_anchor(&mut report, &a, at_anchor, after);
+        }
     }
     Ok(report)
 }
 
+/// `after_anchor`: the hash of the record after the anchored one, and
+/// whether all records after the anchor came from one append.
 fn check_against_anchor(
     report: &mut VerifyReport,
     a: &Anchor,
     at_anchor: Option<(Digest32, Digest32)>,
-    after_anchor: Option<Digest32>,
+    after_anchor: Option<(Digest32, bool)>,
 ) {
     let n = report.records;
     if a.seq > n {
@@ -1226,26 +1362,39 @@ fn check_against_anchor(
         });
         return;
     }
-    match n - a.seq {
-        0 => {}
-        1 => report.notes.push(format!(
+    let ahead = n - a.seq;
+    let one_append = after_anchor.is_some_and(|(_, one)| one);
+    if ahead == 0 {
+        return;
+    }
+    if ahead == 1 {
+        report.notes.push(format!(
             "the last record (seq {n}) is newer than the head anchor (seq {}): an append was interrupted before the anchor was updated",
             a.seq
-        )),
-        ahead => {
-            report.records = a.seq + 1;
-            if let Some(h) = after_anchor {
-                report.last_hash = hex::encode(h);
-            }
-            report.problem = Some(Tamper {
-                line: a.seq + 2,
-                kind: TamperKind::Inserted,
-                detail: format!(
-                    "{ahead} records follow the head anchor's seq {}; an interrupted append leaves at most one, so the records from this line on were added without warden",
-                    a.seq
-                ),
-            });
+        ));
+    } else if one_append {
+        report.notes.push(format!(
+            "the last {ahead} records (seq {} to {n}, one group commit) are newer than the head anchor: an append was interrupted before the anchor was updated",
+            a.seq + 1
+        ));
+    } else if a.interval {
+        report.notes.push(format!(
+            "{ahead} records (seq {} to {n}) are newer than the head anchor: written with audit.sync = \"interval\", they were not yet fsynced and anchored when warden stopped",
+            a.seq + 1
+        ));
+    } else {
+        report.records = a.seq + 1;
+        if let Some((h, _)) = after_anchor {
+            report.last_hash = hex::encode(h);
         }
+        report.problem = Some(Tamper {
+            line: a.seq + 2,
+            kind: TamperKind::Inserted,
+            detail: format!(
+                "{ahead} records follow the head anchor's seq {}; an interrupted append leaves only records of one group commit (one timestamp), so the records from this line on were added without warden",
+                a.seq
+            ),
+        });
     }
 }
 
@@ -1568,6 +1717,7 @@ pub fn format_record_human(r: &Record) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
 
     const FIXED_TIME: &str = "2026-01-01T00:00:00.000000Z";
 
@@ -1632,9 +1782,13 @@ mod tests {
 
     /// A forged line with a correctly computed self-hash.
     fn forge(seq: u64, prev: &str, reason: &str) -> Vec<u8> {
+        forge_at(seq, prev, reason, FIXED_TIME)
+    }
+
+    fn forge_at(seq: u64, prev: &str, reason: &str, time: &str) -> Vec<u8> {
         let mut ev = event(7);
         ev.reason = reason.into();
-        encode_record(seq, FIXED_TIME, &ev, prev).unwrap().1
+        encode_record(seq, time, &ev, prev).unwrap().1
     }
 
     fn problem(path: &Path) -> Tamper {
@@ -1903,10 +2057,18 @@ mod tests {
         write_lines(&path, &lines);
         let report = assert_clean(&path, 21);
         assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
-        // Two of them cannot be explained by a crash.
+        // Two with one timestamp: one group commit that crashed.
         lines.push(forge(22, &hash_of(&f21), "appended"));
         write_lines(&path, &lines);
-        assert_problem(&path, 22, TamperKind::Inserted);
+        let report = assert_clean(&path, 22);
+        assert!(report.notes[0].contains("one group commit"), "{report:?}");
+        // Two written at different times cannot be explained by a crash.
+        lines.pop();
+        let later = "2026-01-01T00:00:01.000000Z";
+        lines.push(forge_at(22, &hash_of(&f21), "appended", later));
+        write_lines(&path, &lines);
+        let t = assert_problem(&path, 22, TamperKind::Inserted);
+        assert!(t.detail.contains("one timestamp"), "{t}");
         // Garbage seq appended at the end.
         let mut lines = orig.clone();
         lines.push(forge(999, &bogus_prev, "x"));
@@ -2192,6 +2354,122 @@ mod tests {
         log.fault = None;
         assert_eq!(log.append(&event(7)).unwrap().seq, 7);
         assert_clean(&path, 7);
+    }
+
+    fn anchor_of(path: &Path) -> AnchorFile {
+        serde_json::from_slice(&fs::read(anchor_path(path).unwrap()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn unsynced_appends_are_anchored_by_sync_pending() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        assert!(!log.has_unsynced());
+        log.sync_pending().unwrap(); // nothing pending: a no-op
+        let batch: Vec<Event> = (3..=4).map(event).collect();
+        assert_eq!(log.append_all_unsynced(&batch).unwrap()[1].seq, 4);
+        assert!(log.has_unsynced());
+        // Written, not anchored; the anchor now says records may follow
+        // it unsynced, so a crash of warden here is no tamper.
+        let a = anchor_of(&path);
+        assert_eq!((a.seq, a.interval), (2, true));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(log.append_all_unsynced(&[event(5)]).unwrap()[0].seq, 5);
+        let report = assert_clean(&path, 5);
+        assert_eq!(report.notes.len(), 1, "{report:?}");
+        assert!(report.notes[0].contains("not yet fsynced"), "{report:?}");
+        // A new handle (warden restarted after a crash) continues the chain.
+        drop(log);
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.append_all_unsynced(&[event(6)]).unwrap()[0].seq, 6);
+        log.sync_pending().unwrap();
+        assert!(!log.has_unsynced());
+        let a = anchor_of(&path);
+        assert_eq!((a.seq, a.interval), (6, true));
+        assert!(assert_clean(&path, 6).notes.is_empty());
+        // A durable append by the same handle keeps the flag (unsynced ones
+        // may follow it); a handle that never wrote unsynced drops it.
+        log.append(&event(7)).unwrap();
+        assert!(anchor_of(&path).interval);
+        AuditLog::open(&path).unwrap().append(&event(8)).unwrap();
+        let a = anchor_of(&path);
+        assert_eq!((a.seq, a.interval), (8, false));
+        // ...and the first handle, learning of that append, flags it again
+        // before its next unsynced record.
+        log.append_all_unsynced(&[event(9)]).unwrap();
+        let a = anchor_of(&path);
+        assert_eq!((a.seq, a.interval), (8, true));
+        std::thread::sleep(Duration::from_millis(2));
+        log.append_all_unsynced(&[event(10)]).unwrap();
+        assert_clean(&path, 10);
+        log.sync_pending().unwrap();
+        assert_eq!(anchor_of(&path).seq, 10);
+        assert!(assert_clean(&path, 10).notes.is_empty());
+    }
+
+    #[test]
+    fn unsynced_records_on_an_empty_log_get_a_flagged_anchor_at_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append_all_unsynced(&[event(1)]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        log.append_all_unsynced(&[event(2)]).unwrap();
+        // No anchor yet: verify notes it, no tamper.
+        assert_eq!(assert_clean(&path, 2).notes.len(), 1);
+        log.sync_pending().unwrap();
+        let a = anchor_of(&path);
+        assert_eq!((a.seq, a.interval), (2, true));
+        assert!(assert_clean(&path, 2).notes.is_empty());
+    }
+
+    #[test]
+    fn a_failed_background_sync_refuses_every_later_record() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append_all_unsynced(&[event(3)]).unwrap();
+        log.fault = Some(Fault::Sync);
+        let err = log.sync_pending().unwrap_err();
+        assert!(matches!(err, AuditError::SyncFailed { .. }), "{err:?}");
+        assert!(err.to_string().contains("warden audit verify"), "{err}");
+        // The acknowledged record stays; nothing more is accepted, even
+        // once the disk recovers.
+        log.fault = None;
+        let before = fs::read(&path).unwrap();
+        for res in [
+            log.append(&event(4)).map(|_| ()),
+            log.append_all_unsynced(&[event(4)]).map(|_| ()),
+        ] {
+            assert!(matches!(res, Err(AuditError::SyncFailed { .. })), "{res:?}");
+        }
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert_clean(&path, 3);
+        // A new handle (warden restarted) starts clean.
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.append(&event(4)).unwrap().seq, 4);
+        assert!(assert_clean(&path, 4).notes.is_empty());
+    }
+
+    #[test]
+    fn a_failed_durable_append_after_unsynced_ones_is_sticky() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append_all_unsynced(&[event(3)]).unwrap();
+        log.fault = Some(Fault::Sync);
+        assert!(log.append(&event(4)).is_err());
+        log.fault = None;
+        assert!(matches!(
+            log.append(&event(4)),
+            Err(AuditError::SyncFailed { .. })
+        ));
+        assert_clean(&path, 3);
+        // Without unsynced records before it, a failed fsync is not sticky
+        // (the batch is rolled back, nothing acknowledged is at risk).
+        let mut log = AuditLog::open(&path).unwrap();
+        log.fault = Some(Fault::Sync);
+        assert!(log.append(&event(4)).is_err());
+        log.fault = None;
+        assert_eq!(log.append(&event(4)).unwrap().seq, 4);
     }
 
     #[test]

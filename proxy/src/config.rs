@@ -154,6 +154,19 @@ config_enum! {
 }
 
 config_enum! {
+    /// When an audit record reaches the disk (`audit.sync`).
+    #[derive(Default)]
+    AuditSync {
+        /// `fsync`ed before the action it records goes on (the default).
+        #[default]
+        Commit => "commit",
+        /// Written to the OS before the action goes on, `fsync`ed within
+        /// `audit.sync_interval`.
+        Interval => "interval",
+    }
+}
+
+config_enum! {
     /// Whether the eBPF monitor is loaded (`monitor.ebpf`).
     #[derive(Default)]
     EbpfMode {
@@ -255,6 +268,9 @@ pub struct Config {
     /// `[monitor]`
     #[serde(default)]
     pub monitor: Monitor,
+    /// `[audit]`
+    #[serde(default)]
+    pub audit: Audit,
     /// `[[workload]]` entries.
     #[serde(default, rename = "workload")]
     pub workloads: Vec<Workload>,
@@ -327,6 +343,34 @@ pub struct Monitor {
     pub ebpf: EbpfMode,
     /// Reaction to direct upstream connections.
     pub protect_upstreams: ProtectMode,
+}
+
+/// `[audit]`: how the proxies' audit records reach the disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Audit {
+    /// `commit` (default) or `interval`.
+    pub sync: AuditSync,
+    /// Longest time a record written with `sync = "interval"` waits for its
+    /// `fsync` (default [`DEFAULT_AUDIT_SYNC_INTERVAL`]).
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub sync_interval: Option<Duration>,
+}
+
+/// `audit.sync_interval` when not set.
+pub const DEFAULT_AUDIT_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest accepted `audit.sync_interval`.
+pub const MAX_AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Audit {
+    /// How long a proxy's audit record may wait for its `fsync`: `None` means
+    /// it is `fsync`ed before the session goes on.
+    pub fn sync_window(&self) -> Option<Duration> {
+        match self.sync {
+            AuditSync::Commit => None,
+            AuditSync::Interval => Some(self.sync_interval.unwrap_or(DEFAULT_AUDIT_SYNC_INTERVAL)),
+        }
+    }
 }
 
 /// One `[[workload]]`: a named set of processes and the SPIFFE ID they get.
@@ -838,6 +882,7 @@ impl Config {
             store: Store::default(),
             identity: Identity::default(),
             monitor: Monitor::default(),
+            audit: Audit::default(),
             workloads: Vec::new(),
             secrets: Vec::new(),
             routes: Vec::new(),
@@ -1545,6 +1590,9 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("identity.key_type", "one of \"ec-p256\", \"ed25519\", \"ml-dsa-65\""),
     ("identity.workload_api_socket", "a socket path in quotes, e.g. workload_api_socket = \"/run/warden/workload.sock\""),
     ("monitor", "a table: [monitor] with ebpf and protect_upstreams"),
+    ("audit", "a table: [audit] with sync and sync_interval"),
+    ("audit.sync", "one of \"commit\", \"interval\""),
+    ("audit.sync_interval", "a duration in quotes from 1ms to 1s, e.g. sync_interval = \"10ms\""),
     ("monitor.ebpf", "one of \"auto\", \"required\", \"off\""),
     ("monitor.protect_upstreams", "one of \"off\", \"observe\", \"enforce\""),
     ("workload", "a list of tables: write each one as [[workload]] (double brackets)"),
@@ -1773,6 +1821,7 @@ fn validate(config: &Config) -> (Vec<ConfigIssue>, Vec<ConfigIssue>) {
     check_secrets(&mut c);
     check_routes(&mut c);
     check_anomaly(&mut c);
+    check_audit(&mut c);
     check_socket_clashes(&mut c);
     (c.errors, c.warnings)
 }
@@ -2874,6 +2923,34 @@ fn check_allow(c: &mut Checker<'_>, k: &str, r: &Route, workloads: &[&str]) {
             format!("allow names \"{name}\", which is not a declared workload"),
             fix,
         );
+    }
+}
+
+fn check_audit(c: &mut Checker<'_>) {
+    let a = &c.config.audit;
+    match (a.sync, a.sync_interval) {
+        (AuditSync::Commit, Some(_)) => c.error(
+            "audit.sync_interval",
+            "sync_interval is set but audit.sync is \"commit\", which fsyncs every record before its session goes on",
+            "remove sync_interval, or set sync = \"interval\" to use it",
+        ),
+        (AuditSync::Interval, Some(d)) if d.is_zero() || d > MAX_AUDIT_SYNC_INTERVAL => c.error(
+            "audit.sync_interval",
+            format!("sync_interval {} is outside 1ms..1s", format_duration(d)),
+            "use a duration from 1ms to 1s, e.g. sync_interval = \"10ms\"",
+        ),
+        (AuditSync::Interval, _) => {
+            let window = a.sync_window().unwrap_or(DEFAULT_AUDIT_SYNC_INTERVAL);
+            c.warn(
+                "audit.sync",
+                format!(
+                    "audit.sync = \"interval\": a session's audit record is written to the OS before the session starts but reaches the disk up to {} later, so an OS crash or power loss can lose the newest records (a crash of warden itself loses none)",
+                    format_duration(window)
+                ),
+                "keep sync = \"commit\" (the default) where every credential use must be on disk before it happens",
+            );
+        }
+        (AuditSync::Commit, None) => {}
     }
 }
 

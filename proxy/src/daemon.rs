@@ -241,6 +241,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 freezer: freezer.clone(),
                 anomaly: anomaly.clone(),
                 kernel_relay: access.kernel_relay(),
+                audit_sync: cfg.audit.sync_window(),
             },
         )?);
         let credentials_task = tokio::spawn(maintain_credentials(

@@ -14,6 +14,11 @@
 //! up to [`LINGER`] for an urgent write to ride along with, so
 //! connection-per-transaction traffic pays about one commit per session
 //! instead of two. The thread ends when its [`Journal`] is dropped.
+//!
+//! With `audit.sync = "interval"` (a journal started with a sync window)
+//! an audit record is acknowledged once it is written to the OS, and the
+//! writer `fsync`s what is pending at most one window later (and when it
+//! stops). Lease rows are always durable before they are acknowledged.
 
 use crate::audit::Event;
 use crate::error::{Error, Result};
@@ -46,12 +51,18 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Starts the writer thread `name`.
-    pub fn start(service: Arc<Mutex<SecretService>>, name: &str) -> Result<Journal> {
+    /// Starts the writer thread `name`. `sync_window`: `None` makes every
+    /// audit record durable before it is acknowledged; `Some(w)` only
+    /// written, and durable within `w` (see the module docs).
+    pub fn start(
+        service: Arc<Mutex<SecretService>>,
+        name: &str,
+        sync_window: Option<Duration>,
+    ) -> Result<Journal> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || writer(&service, &rx))
+            .spawn(move || writer(&service, &rx, sync_window))
             .map_err(|e| Error::internal(format!("cannot start the journal writer: {e}")))?;
         Ok(Journal { tx })
     }
@@ -82,8 +93,25 @@ impl Journal {
     }
 }
 
-fn writer(service: &Mutex<SecretService>, rx: &mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
+fn writer(service: &Mutex<SecretService>, rx: &mpsc::Receiver<Job>, window: Option<Duration>) {
+    // When the records written unsynced must be fsynced at the latest.
+    let mut sync_due: Option<Instant> = None;
+    loop {
+        let first = match sync_due {
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => break,
+            },
+            Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(j) => j,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    sync_pending(service);
+                    sync_due = None;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
         let mut urgent = first.urgent;
         let mut jobs = vec![first];
         let deadline = Instant::now() + LINGER;
@@ -102,12 +130,33 @@ fn writer(service: &Mutex<SecretService>, rx: &mpsc::Receiver<Job>) {
                 None => break,
             }
         }
-        commit(service, jobs);
+        commit(service, jobs, window.is_none());
+        if let Some(w) = window {
+            let due = *sync_due.get_or_insert_with(|| Instant::now() + w);
+            if Instant::now() >= due {
+                sync_pending(service);
+                sync_due = None;
+            }
+        }
+    }
+    sync_pending(service);
+}
+
+/// `fsync`s the audit records written unsynced (by any journal: they share
+/// the log). A failure is logged here and refuses every later record.
+fn sync_pending(service: &Mutex<SecretService>) {
+    let Ok(mut s) = service.lock() else { return };
+    if !s.audit_unsynced() {
+        return;
+    }
+    if let Err(e) = s.sync_audit() {
+        tracing::error!("{}", e.message);
     }
 }
 
-/// Commits one group and answers every job in it.
-fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>) {
+/// Commits one group and answers every job in it (`durable`: the audit
+/// records are fsynced before the answer).
+fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>, durable: bool) {
     let mut s = match service.lock() {
         Ok(s) => s,
         Err(_) => {
@@ -145,7 +194,7 @@ fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>) {
     if events.is_empty() {
         return;
     }
-    if s.record_all(&events).is_ok() {
+    if s.record_all(&events, durable).is_ok() {
         for j in audits {
             let _ = j.done.send(Ok(()));
         }

@@ -46,6 +46,7 @@ struct Inner {
     admin_requests: IntCounterVec,
     audit_records: IntCounter,
     audit_failures: IntCounter,
+    audit_sync_failures: IntCounter,
     // Identity.
     svids_issued: IntCounter,
     svid_issuance_errors: IntCounter,
@@ -244,11 +245,15 @@ impl Metrics {
         )?;
         let audit_records = IntCounter::new(
             "warden_audit_records_written_total",
-            "Audit records durably written.",
+            "Audit records written (durably, or to the OS with audit.sync = \"interval\").",
         )?;
         let audit_failures = IntCounter::new(
             "warden_audit_write_failures_total",
             "Audit records that could not be written (the audited action was refused).",
+        )?;
+        let audit_sync_failures = IntCounter::new(
+            "warden_audit_sync_failures_total",
+            "Background fsyncs of the audit log that failed (audit.sync = \"interval\"); after one, every audited action is refused until warden is restarted.",
         )?;
 
         let svids_issued = IntCounter::new(
@@ -533,6 +538,7 @@ impl Metrics {
         reg(&registry, &admin_requests)?;
         reg(&registry, &audit_records)?;
         reg(&registry, &audit_failures)?;
+        reg(&registry, &audit_sync_failures)?;
         reg(&registry, &svids_issued)?;
         reg(&registry, &svid_issuance_errors)?;
         reg(&registry, &svid_soonest_expiry)?;
@@ -579,6 +585,7 @@ impl Metrics {
                 admin_requests,
                 audit_records,
                 audit_failures,
+                audit_sync_failures,
                 svids_issued,
                 svid_issuance_errors,
                 svid_soonest_expiry,
@@ -664,6 +671,10 @@ impl Metrics {
             .admin_requests
             .with_label_values(&[op, result])
             .inc();
+    }
+
+    pub fn audit_sync_failed(&self) {
+        self.inner.audit_sync_failures.inc();
     }
 
     pub fn audit_write(&self, ok: bool) {

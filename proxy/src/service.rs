@@ -204,16 +204,38 @@ impl SecretService {
         append_counted(&mut self.audit, self.metrics.as_ref(), event)
     }
 
-    /// Appends audit records as one group commit (one `fsync`); all or
+    /// Appends audit records as one group commit (one `fsync`, or with
+    /// `durable` false none: see [`AuditLog::append_all_unsynced`]); all or
     /// nothing. Counts each in the metrics.
-    pub fn record_all(&mut self, events: &[Event]) -> Result<()> {
-        let res = self.audit.append_all(events);
+    pub fn record_all(&mut self, events: &[Event], durable: bool) -> Result<()> {
+        let res = if durable {
+            self.audit.append_all(events)
+        } else {
+            self.audit.append_all_unsynced(events)
+        };
         if let Some(m) = self.metrics.as_ref() {
             for _ in events {
                 m.audit_write(res.is_ok());
             }
         }
         res.map(|_| ()).map_err(Error::from)
+    }
+
+    /// Whether audit records written without `fsync` wait for one.
+    pub fn audit_unsynced(&self) -> bool {
+        self.audit.has_unsynced()
+    }
+
+    /// `fsync`s the audit records written without one (see
+    /// [`AuditLog::sync_pending`]); a failure is counted and sticky.
+    pub fn sync_audit(&mut self) -> Result<()> {
+        let res = self.audit.sync_pending();
+        if res.is_err() {
+            if let Some(m) = self.metrics.as_ref() {
+                m.audit_sync_failed();
+            }
+        }
+        res.map_err(Error::from)
     }
 
     /// Records a refusal or a failure. If even that cannot be written the

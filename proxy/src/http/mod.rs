@@ -197,7 +197,11 @@ impl HttpShared {
         freezer: Arc<crate::freeze::Freezer>,
     ) -> Result<HttpShared> {
         Ok(HttpShared {
-            audit: crate::journal::Journal::start(service.clone(), "warden-http-audit")?,
+            audit: crate::journal::Journal::start(
+                service.clone(),
+                "warden-http-audit",
+                cfg.audit.sync_window(),
+            )?,
             service,
             attestor: crate::peer::Attestor::from_config(cfg, resolver),
             credentials: crate::pg::CredentialCache::default(),

@@ -333,7 +333,7 @@ impl LeaseManager {
             .map(|s| (s.route.clone(), tokio::sync::Mutex::new(None)))
             .collect();
         let journal = (!specs.is_empty())
-            .then(|| Journal::start(service.clone(), "warden-leases").ok())
+            .then(|| Journal::start(service.clone(), "warden-leases", None).ok())
             .flatten();
         LeaseManager {
             specs: specs

@@ -262,6 +262,8 @@ pub struct SessionServices {
     pub anomaly: Arc<crate::anomaly::Anomaly>,
     /// The eBPF kernel relay, when the monitor loaded it.
     pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
+    /// `audit.sync`'s window (see [`crate::config::Audit::sync_window`]).
+    pub audit_sync: Option<std::time::Duration>,
 }
 
 /// State shared by every PostgreSQL session.
@@ -312,9 +314,10 @@ impl PgShared {
             freezer,
             anomaly,
             kernel_relay,
+            audit_sync,
         } = services;
         Ok(PgShared {
-            audit: crate::journal::Journal::start(service.clone(), "warden-pg-audit")?,
+            audit: crate::journal::Journal::start(service.clone(), "warden-pg-audit", audit_sync)?,
             service,
             attestor,
             scram_cache: scram::ScramKeyCache::with_capacity(8192),

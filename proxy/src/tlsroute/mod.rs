@@ -147,7 +147,11 @@ impl TlsShared {
         freezer: Arc<crate::freeze::Freezer>,
     ) -> crate::error::Result<TlsShared> {
         Ok(TlsShared {
-            audit: crate::journal::Journal::start(service.clone(), "warden-tls-audit")?,
+            audit: crate::journal::Journal::start(
+                service.clone(),
+                "warden-tls-audit",
+                cfg.audit.sync_window(),
+            )?,
             service,
             identity,
             freezer,
