@@ -3748,6 +3748,8 @@ allow = ["reports"]
         );
         assert_eq!(c.monitor.ebpf, EbpfMode::Auto);
         assert_eq!(c.monitor.protect_upstreams, ProtectMode::Observe);
+        assert_eq!(c.audit.sync, AuditSync::Commit);
+        assert_eq!(c.audit.sync_window(), None);
 
         assert_eq!(c.workloads.len(), 2);
         let w = &c.workloads[0];
@@ -4046,6 +4048,38 @@ allow = ["reports"]
         assert_eq!(c.identity.key_type, KeyType::Ed25519);
         assert_eq!(TlsMode::VerifyCa.to_string(), "verify-ca");
         assert_eq!(KeyType::ALL.len(), 3);
+    }
+
+    #[test]
+    fn audit_sync() {
+        assert_eq!(ok("").audit.sync_window(), None);
+        let c = ok("[audit]\nsync = \"interval\"\n");
+        assert_eq!(c.audit.sync_window(), Some(DEFAULT_AUDIT_SYNC_INTERVAL));
+        // Choosing to lose records on an OS crash is stated, with the window.
+        assert_eq!(warning_keys(&c), vec!["audit.sync"]);
+        assert!(
+            c.warnings[0].problem.contains("up to 10ms"),
+            "{:?}",
+            c.warnings
+        );
+        let c = ok("[audit]\nsync = \"interval\"\nsync_interval = \"250ms\"\n");
+        assert_eq!(c.audit.sync_window(), Some(Duration::from_millis(250)));
+        assert!(
+            c.warnings[0].problem.contains("up to 250ms"),
+            "{:?}",
+            c.warnings
+        );
+        for bad in ["0s", "2s", "1h"] {
+            let text = format!("[audit]\nsync = \"interval\"\nsync_interval = \"{bad}\"\n");
+            let issue = only_error(&text, "audit.sync_interval");
+            assert!(issue.fix.contains("1ms to 1s"), "{issue:?}");
+        }
+        let issue = only_error("[audit]\nsync_interval = \"10ms\"\n", "audit.sync_interval");
+        assert!(issue.fix.contains("sync = \"interval\""), "{issue:?}");
+        let issue = only_error("[audit]\nsync = \"always\"\n", "audit.sync");
+        assert!(issue.fix.contains("\"commit\", \"interval\""), "{issue:?}");
+        let issue = only_error("[audit]\nfsync = \"commit\"\n", "audit.fsync");
+        assert!(issue.fix.contains("did you mean `sync`"), "{issue:?}");
     }
 
     // ----- rule 1: trust_domain ---------------------------------------------

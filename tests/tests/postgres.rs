@@ -449,3 +449,59 @@ fn client_tls_with_a_certificate_from_wardens_ca_satisfies_verify_full() {
         text(&out)
     );
 }
+
+/// `audit.sync = "interval"`: every session is still recorded before it
+/// starts, a SIGKILL inside the fsync window leaves a log that verifies
+/// (the newest records written, not yet anchored, explained by the flagged
+/// anchor), and a restarted warden continues the chain.
+#[test]
+fn audit_sync_interval_survives_a_kill_inside_the_window() {
+    let audit = "\n[audit]\nsync = \"interval\"\nsync_interval = \"1s\"\n";
+    let mut s = setup(ClusterOptions::new(Auth::Scram), "\"me\"", PASSWORD, audit);
+    let log = s._daemon.log_text();
+    assert!(
+        log.contains("audit.sync") && log.contains("up to 1s"),
+        "{log}"
+    );
+    let dsn = format!("host=127.0.0.1 port={} dbname=app user=legacy", s.port);
+    let script = s.warden.dir.path().join("one.sql");
+    std::fs::write(&script, "select 1;\n").unwrap();
+    let run = Command::new("pgbench")
+        .args(["-n", "-C", "-t", "20", "-c", "2", "-f"])
+        .arg(&script)
+        .arg(&dsn)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    // Past the window: everything so far is fsynced and anchored.
+    std::thread::sleep(Duration::from_millis(1500));
+    let clean = s.warden.run(&["audit", "verify"]);
+    clean.ok();
+    assert!(!clean.stderr.contains("head anchor"), "{clean:?}");
+    // Two more sessions open a new window; kill warden inside it.
+    for sql in ["select 2", "select 3"] {
+        let out = psql(s.port, sql);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    s._daemon.child.kill().unwrap();
+    s._daemon.child.wait().unwrap();
+    let records = std::fs::read_to_string(s.warden.audit_log()).unwrap();
+    let starts = records.matches("\"action\":\"session.start\"").count();
+    assert!(starts >= 42, "{starts} session.start records");
+    assert!(!records.contains(PASSWORD));
+    let head = std::fs::read_to_string(s.warden.data_dir.join("audit.log.head")).unwrap();
+    assert!(head.contains("\"interval\":true"), "{head}");
+    let after_kill = s.warden.run(&["audit", "verify"]);
+    after_kill
+        .ok()
+        .stdout_has("chain intact")
+        .stderr_has("not yet fsynced and anchored when warden stopped");
+    // Restarted, it continues the chain; a clean stop leaves it anchored.
+    let mut daemon = s.warden.start_daemon();
+    let out = psql(s.port, "select 4");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.stop(), Some(0));
+    let verified = s.warden.run(&["audit", "verify"]);
+    verified.ok();
+    assert!(!verified.stderr.contains("head anchor"), "{verified:?}");
+}
