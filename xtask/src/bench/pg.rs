@@ -4,12 +4,15 @@
 //! - `direct`: pgbench logs in itself (SCRAM, `PGPASSWORD`);
 //! - `warden`: pgbench connects with no password, warden attests it and
 //!   logs in upstream with the injected credential;
+//! - `warden-int`: a second warden, identical but for
+//!   `audit.sync = "interval"` (session audit records written to the OS
+//!   before the session goes on, fsynced within 10 ms);
 //! - `pgbouncer`: PgBouncer (session pooling, `auth_type = any`) injects the
 //!   same credential from its `[databases]` entry.
 //!
 //! Two modes: persistent connections, and a new connection per transaction
 //! (`pgbench -C`). Runs are interleaved (for each mode, every round runs
-//! direct, warden, pgbouncer in turn) and the median over rounds is
+//! direct, warden, warden-int, pgbouncer in turn) and the median over rounds is
 //! reported, with p50/p99 latency from pgbench's per-transaction log.
 //!
 //! Everything lives in a temp dir and every process is stopped at the end,
@@ -88,17 +91,41 @@ impl Mode {
 enum Target {
     Direct,
     Warden,
+    /// warden with `audit.sync = "interval"`.
+    WardenInterval,
     PgBouncer,
 }
 
 impl Target {
-    const ALL: [Target; 3] = [Target::Direct, Target::Warden, Target::PgBouncer];
+    const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::Warden,
+        Target::WardenInterval,
+        Target::PgBouncer,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Warden => "warden",
+            Target::WardenInterval => "warden-int",
             Target::PgBouncer => "pgbouncer",
+        }
+    }
+
+    /// The `[audit]` table of a warden target's config.
+    fn audit_toml(self) -> &'static str {
+        match self {
+            Target::WardenInterval => "\n[audit]\nsync = \"interval\"\n",
+            _ => "",
+        }
+    }
+
+    /// Subdirectory of the lab holding a warden target's state.
+    fn warden_dir(self) -> &'static str {
+        match self {
+            Target::WardenInterval => "warden-int",
+            _ => "warden",
         }
     }
 }
@@ -140,7 +167,8 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
     lab.start_postgres()?;
     if !options.leases_only {
         lab.load_pgbench_data()?;
-        lab.start_warden(&warden)?;
+        lab.start_warden(&warden, Target::Warden)?;
+        lab.start_warden(&warden, Target::WardenInterval)?;
         lab.start_pgbouncer(&pgbouncer)?;
         for target in Target::ALL {
             lab.check_login(target)?;
@@ -200,6 +228,7 @@ struct Lab {
     pg_bin: PathBuf,
     pg_port: u16,
     warden_port: u16,
+    warden_int_port: u16,
     bouncer_port: u16,
     password: String,
     pg_started: bool,
@@ -215,12 +244,13 @@ impl Lab {
                 .with_context(|| format!("could not remove stale {}", dir.display()))?;
         }
         std::fs::create_dir(&dir).with_context(|| format!("could not create {}", dir.display()))?;
-        let [pg_port, warden_port, bouncer_port] = free_ports()?;
+        let [pg_port, warden_port, warden_int_port, bouncer_port] = free_ports()?;
         let lab = Self {
             dir,
             pg_bin,
             pg_port,
             warden_port,
+            warden_int_port,
             bouncer_port,
             password: random_alphanumeric(24)?,
             pg_started: false,
@@ -231,14 +261,14 @@ impl Lab {
         // secret (the data dir, PgBouncer's ini, warden's store) is private
         // in subdirectories.
         set_mode(&lab.dir, 0o755)?;
-        for sub in ["pg", "warden", "pgbouncer", "logs"] {
+        for sub in ["pg", "warden", "warden-int", "pgbouncer", "logs"] {
             std::fs::create_dir(lab.dir.join(sub))?;
             set_mode(&lab.dir.join(sub), 0o700)?;
         }
         chown_to_postgres(&lab.pg_dir())?;
         chown_to_postgres(&lab.dir.join("pgbouncer"))?;
         println!(
-            "temp dir {}; ports: postgres {pg_port}, warden {warden_port}, pgbouncer {bouncer_port}",
+            "temp dir {}; ports: postgres {pg_port}, warden {warden_port}, warden-int {warden_int_port}, pgbouncer {bouncer_port}",
             lab.dir.display()
         );
         Ok(lab)
@@ -252,8 +282,8 @@ impl Lab {
         self.pg_dir().join("data")
     }
 
-    fn warden_config(&self) -> PathBuf {
-        self.dir.join("warden").join("warden.toml")
+    fn warden_config(&self, target: Target) -> PathBuf {
+        self.dir.join(target.warden_dir()).join("warden.toml")
     }
 
     /// `PROGRAM` run as the postgres user.
@@ -349,8 +379,9 @@ impl Lab {
         Ok(())
     }
 
-    fn start_warden(&mut self, warden: &Path) -> Result<()> {
-        let wdir = self.dir.join("warden");
+    /// Starts the warden of `target` (one of the warden targets).
+    fn start_warden(&mut self, warden: &Path, target: Target) -> Result<()> {
+        let wdir = self.dir.join(target.warden_dir());
         let config = format!(
             "data_dir = \"{data}\"\n\
              trust_domain = \"example.org\"\n\
@@ -362,14 +393,15 @@ impl Lab {
              listen = \"127.0.0.1:{listen}\"\nupstream = \"127.0.0.1:{pg}\"\n\
              upstream_tls = {{ mode = \"disable\" }}\n\
              credential = {{ user = \"{ROLE}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
-             allow = [\"bench\"]\n",
+             allow = [\"bench\"]\n{audit}",
             data = wdir.join("data").display(),
             admin = wdir.join("admin.sock").display(),
             uid = effective_uid().unwrap_or(0),
-            listen = self.warden_port,
+            listen = self.port(target),
             pg = self.pg_port,
+            audit = target.audit_toml(),
         );
-        let path = self.warden_config();
+        let path = self.warden_config(target);
         std::fs::write(&path, config)?;
         let warden_cmd = |args: &[&str]| {
             let mut command = Command::new(warden);
@@ -391,11 +423,11 @@ impl Lab {
         up.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         println!("$ {} > {}", cmd::display(&up), log_path.display());
         let child = up.spawn().context("could not start `warden up`")?;
-        self.children.push(("warden", child));
+        self.children.push((target.name(), child));
 
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            self.fail_if_exited("warden", &log_path)?;
+            self.fail_if_exited(target.name(), &log_path)?;
             if cmd::succeeds_quietly(&mut warden_cmd(&["status"])) {
                 return Ok(());
             }
@@ -472,6 +504,7 @@ impl Lab {
         match target {
             Target::Direct => self.pg_port,
             Target::Warden => self.warden_port,
+            Target::WardenInterval => self.warden_int_port,
             Target::PgBouncer => self.bouncer_port,
         }
     }
@@ -600,7 +633,7 @@ fn stop_child(name: &str, child: &mut Child) {
 
 type Results = Vec<(Mode, Target, Vec<Sample>)>;
 
-/// For each mode, `rounds` rounds of direct, warden, pgbouncer.
+/// For each mode, `rounds` rounds of every target in turn.
 fn measure(lab: &Lab, options: &Options) -> Result<Results> {
     println!(
         "pgbench -n -S -T {} -c {CLIENTS} -j {THREADS} [-C], {} interleaved round(s) per mode",
@@ -681,7 +714,7 @@ fn print_report(results: &Results, options: &Options) {
     );
     let _ = writeln!(
         table,
-        "{:<18} {:<9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>12}",
+        "{:<18} {:<10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>12}",
         "mode",
         "target",
         "TPS",
@@ -699,7 +732,7 @@ fn print_report(results: &Results, options: &Options) {
             let s = find(mode, target);
             let _ = writeln!(
                 table,
-                "{:<18} {:<9} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>9} {:>8.2}x {:>11.2}x",
+                "{:<18} {:<10} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>9} {:>8.2}x {:>11.2}x",
                 mode.name(),
                 target.name(),
                 s.tps,
@@ -721,24 +754,29 @@ fn print_report(results: &Results, options: &Options) {
          average connection time. PgBouncer and warden (route.pool) keep their \
          server connections across -C client connections, so they skip the \
          backend start and SCRAM login that direct pays each time; warden still \
-         attests every client and writes its durable session audit records.)"
+         attests every client and writes its session audit records: fsynced before \
+         the session goes on (warden, the default audit.sync = \"commit\"), or \
+         written to the OS and fsynced within 10 ms (warden-int, audit.sync = \"interval\").)"
     );
     let _ = writeln!(table, "\ntargets (warden TPS, medians above):");
     for mode in Mode::ALL {
-        let warden = find(mode, Target::Warden).tps;
         let direct = find(mode, Target::Direct).tps;
         let bouncer = find(mode, Target::PgBouncer).tps;
-        for (against, baseline, wanted) in [
-            ("direct", direct, mode.direct_target()),
-            ("PgBouncer", bouncer, 1.0),
-        ] {
-            let got = ratio(warden, baseline);
-            let _ = writeln!(
-                table,
-                "  {:<18} warden >= {wanted:.2}x {against:<9}: {got:.2}x ({warden:.0} vs {baseline:.0} tps)  {}",
-                mode.name(),
-                if got >= wanted { "met" } else { "MISSED" }
-            );
+        for target in [Target::Warden, Target::WardenInterval] {
+            let warden = find(mode, target).tps;
+            for (against, baseline, wanted) in [
+                ("direct", direct, mode.direct_target()),
+                ("PgBouncer", bouncer, 1.0),
+            ] {
+                let got = ratio(warden, baseline);
+                let _ = writeln!(
+                    table,
+                    "  {:<18} {:<10} >= {wanted:.2}x {against:<9}: {got:.2}x ({warden:.0} vs {baseline:.0} tps)  {}",
+                    mode.name(),
+                    target.name(),
+                    if got >= wanted { "met" } else { "MISSED" }
+                );
+            }
         }
     }
     print!("{table}");
@@ -829,13 +867,14 @@ fn parse_latency_log(text: &str) -> impl Iterator<Item = u64> + '_ {
 }
 
 /// Three distinct free TCP ports on 127.0.0.1 (held together while chosen).
-fn free_ports() -> Result<[u16; 3]> {
+fn free_ports() -> Result<[u16; 4]> {
     let listeners = [
         TcpListener::bind("127.0.0.1:0")?,
         TcpListener::bind("127.0.0.1:0")?,
         TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
     ];
-    let mut ports = [0u16; 3];
+    let mut ports = [0u16; 4];
     for (port, listener) in ports.iter_mut().zip(&listeners) {
         *port = listener.local_addr()?.port();
     }
