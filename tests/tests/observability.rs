@@ -25,6 +25,7 @@ const ALERTS: &[&str] = &[
     "WardenSecretRotationOverdue",
     "WardenKernelEventsLost",
     "WardenAuditWritesFailing",
+    "WardenAuditSyncFailed",
     "WardenUpstreamErrorsRising",
     "WardenMonitorOnProcfs",
     "WardenSealed",
