@@ -925,6 +925,12 @@ impl AuditLog {
         self.unsynced.is_some()
     }
 
+    /// Why a background [`sync_pending`](Self::sync_pending) failed, if one
+    /// did (every append is refused from then on).
+    pub fn sync_failure(&self) -> Option<&str> {
+        self.sync_failed.as_deref()
+    }
+
     /// `fsync`s the records written unsynced and moves the head anchor to
     /// the newest of them. A failure is sticky (see [`AuditError::SyncFailed`]):
     /// the records were acknowledged already, so they are left in place,
@@ -2429,8 +2435,13 @@ mod tests {
         let mut log = AuditLog::open(&path).unwrap();
         log.append_all_unsynced(&[event(3)]).unwrap();
         log.fault = Some(Fault::Sync);
+        assert_eq!(log.sync_failure(), None);
         let err = log.sync_pending().unwrap_err();
         assert!(matches!(err, AuditError::SyncFailed { .. }), "{err:?}");
+        assert!(
+            log.sync_failure().is_some_and(|w| w.contains("os error 5")),
+            "{err}"
+        );
         assert!(err.to_string().contains("warden audit verify"), "{err}");
         // The acknowledged record stays; nothing more is accepted, even
         // once the disk recovers.

@@ -94,6 +94,11 @@ pub fn install(
         let s = service
             .lock()
             .map_err(|_| "store: the service state is poisoned".to_string())?;
+        if let Some(why) = s.audit_sync_failure() {
+            return Err(format!(
+                "audit: a background fsync of the audit log failed ({why}); every audited action is refused until warden is restarted"
+            ));
+        }
         s.inventory()
             .map(|_| ())
             .map_err(|e| format!("store: {}", e.message))

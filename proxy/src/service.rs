@@ -226,6 +226,11 @@ impl SecretService {
         self.audit.has_unsynced()
     }
 
+    /// Why the audit log refuses records after a failed background `fsync`.
+    pub fn audit_sync_failure(&self) -> Option<&str> {
+        self.audit.sync_failure()
+    }
+
     /// `fsync`s the audit records written without one (see
     /// [`AuditLog::sync_pending`]); a failure is counted and sticky.
     pub fn sync_audit(&mut self) -> Result<()> {
