@@ -18,12 +18,17 @@
 //! With `audit.sync = "interval"` (a journal started with a sync window)
 //! an audit record is acknowledged once it is written to the OS, and the
 //! writer `fsync`s what is pending at most one window later (and when it
-//! stops). Lease rows are always durable before they are acknowledged.
+//! stops). Such a record is written by the caller itself when the service
+//! lock is free at that moment (`try_lock`: one `write`, no thread hand-off,
+//! never a wait on the runtime thread), else queued like any other; the
+//! caller then only nudges the writer to schedule the fsync. Lease rows are
+//! always durable before they are acknowledged.
 
 use crate::audit::Event;
 use crate::error::{Error, Result};
 use crate::service::SecretService;
 use crate::store::LeaseRow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -46,8 +51,26 @@ struct Job {
     done: oneshot::Sender<Result<()>>,
 }
 
+// A nudge is rare next to jobs; boxing every job would cost an allocation
+// per write for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Job(Job),
+    /// Records were written unsynced outside the writer: schedule an fsync.
+    SyncSoon,
+}
+
 pub struct Journal {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
+    /// Set with a sync window: audit records may be written inline.
+    inline: Option<Inline>,
+}
+
+struct Inline {
+    service: Arc<Mutex<SecretService>>,
+    /// An fsync is scheduled for what was written; cleared by the writer
+    /// under the service lock when it syncs.
+    sync_scheduled: Arc<AtomicBool>,
 }
 
 impl Journal {
@@ -59,24 +82,40 @@ impl Journal {
         name: &str,
         sync_window: Option<Duration>,
     ) -> Result<Journal> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let sync_scheduled = Arc::new(AtomicBool::new(false));
+        let inline = sync_window.map(|_| Inline {
+            service: service.clone(),
+            sync_scheduled: sync_scheduled.clone(),
+        });
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || writer(&service, &rx, sync_window))
+            .spawn(move || writer(&service, &rx, sync_window, &sync_scheduled))
             .map_err(|e| Error::internal(format!("cannot start the journal writer: {e}")))?;
-        Ok(Journal { tx })
+        Ok(Journal { tx, inline })
     }
 
-    /// Makes `entry` durable (`urgent`: someone is waiting, commit at once).
+    /// Makes `entry` durable (`urgent`: someone is waiting, commit at once);
+    /// an audit record with a sync window: written (see the module docs).
     pub async fn write(&self, entry: Entry, urgent: bool) -> Result<()> {
-        let (done, wait) = oneshot::channel();
         let stopped = || Error::internal("the journal writer is not running");
+        if let (Some(inline), Entry::Audit(event)) = (&self.inline, &entry) {
+            if let Ok(mut s) = inline.service.try_lock() {
+                let res = s.record_all(std::slice::from_ref(event), false);
+                drop(s);
+                if res.is_ok() && !inline.sync_scheduled.swap(true, Ordering::AcqRel) {
+                    self.tx.send(Msg::SyncSoon).map_err(|_| stopped())?;
+                }
+                return res;
+            }
+        }
+        let (done, wait) = oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Msg::Job(Job {
                 entry,
                 urgent,
                 done,
-            })
+            }))
             .map_err(|_| stopped())?;
         wait.await.map_err(|_| stopped())?
     }
@@ -93,59 +132,70 @@ impl Journal {
     }
 }
 
-fn writer(service: &Mutex<SecretService>, rx: &mpsc::Receiver<Job>, window: Option<Duration>) {
+fn writer(
+    service: &Mutex<SecretService>,
+    rx: &mpsc::Receiver<Msg>,
+    window: Option<Duration>,
+    sync_scheduled: &AtomicBool,
+) {
     // When the records written unsynced must be fsynced at the latest.
     let mut sync_due: Option<Instant> = None;
     loop {
         let first = match sync_due {
             None => match rx.recv() {
-                Ok(j) => j,
+                Ok(m) => m,
                 Err(_) => break,
             },
             Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                Ok(j) => j,
+                Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    sync_pending(service);
+                    sync_pending(service, sync_scheduled);
                     sync_due = None;
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             },
         };
-        let mut urgent = first.urgent;
-        let mut jobs = vec![first];
-        let deadline = Instant::now() + LINGER;
-        while jobs.len() < MAX_GROUP {
-            let next = if urgent {
-                rx.try_recv().ok()
-            } else {
-                let left = deadline.saturating_duration_since(Instant::now());
-                rx.recv_timeout(left).ok()
-            };
-            match next {
-                Some(j) => {
-                    urgent |= j.urgent;
-                    jobs.push(j);
+        let mut jobs = Vec::new();
+        if let Msg::Job(first) = first {
+            let mut urgent = first.urgent;
+            jobs.push(first);
+            let deadline = Instant::now() + LINGER;
+            while jobs.len() < MAX_GROUP {
+                let next = if urgent {
+                    rx.try_recv().ok()
+                } else {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    rx.recv_timeout(left).ok()
+                };
+                match next {
+                    Some(Msg::Job(j)) => {
+                        urgent |= j.urgent;
+                        jobs.push(j);
+                    }
+                    Some(Msg::SyncSoon) => {}
+                    None => break,
                 }
-                None => break,
             }
+            commit(service, jobs, window.is_none());
         }
-        commit(service, jobs, window.is_none());
         if let Some(w) = window {
             let due = *sync_due.get_or_insert_with(|| Instant::now() + w);
             if Instant::now() >= due {
-                sync_pending(service);
+                sync_pending(service, sync_scheduled);
                 sync_due = None;
             }
         }
     }
-    sync_pending(service);
+    sync_pending(service, sync_scheduled);
 }
 
 /// `fsync`s the audit records written unsynced (by any journal: they share
 /// the log). A failure is logged here and refuses every later record.
-fn sync_pending(service: &Mutex<SecretService>) {
+fn sync_pending(service: &Mutex<SecretService>, sync_scheduled: &AtomicBool) {
     let Ok(mut s) = service.lock() else { return };
+    // Under the lock: a record written inline after this schedules anew.
+    sync_scheduled.store(false, Ordering::Release);
     if !s.audit_unsynced() {
         return;
     }
