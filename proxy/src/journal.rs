@@ -255,3 +255,132 @@ fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>, durable: bool) {
         let _ = j.done.send(s.record(e));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{self, Actor, ActorKind, Decision, Target};
+    use crate::config::Config;
+    use crate::masterkey::{KekPlan, KekSource};
+    use crate::service::StorePolicy;
+    use std::path::{Path, PathBuf};
+
+    fn service() -> (tempfile::TempDir, PathBuf, Arc<Mutex<SecretService>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let cfg = Config::default_for(Path::new("/test/warden.toml"));
+        let plan = KekPlan {
+            source: KekSource::File,
+            shares: 0,
+            threshold: 0,
+            credential_name: String::new(),
+        };
+        let settings = crate::authority::IdentitySettings::from_config(&cfg).unwrap();
+        crate::init::init(&data, &plan, settings, None).unwrap();
+        let svc = SecretService::open(&data, StorePolicy::from_config(&cfg), true).unwrap();
+        let log = data.join(crate::paths::AUDIT_FILE);
+        (dir, log, Arc::new(Mutex::new(svc)))
+    }
+
+    fn event(i: usize) -> Event {
+        Event {
+            actor: Actor {
+                kind: ActorKind::Workload,
+                uid: Some(1000),
+                user: None,
+                pid: Some(4000 + i as u32),
+                exe: None,
+                workload: Some("w".into()),
+            },
+            action: "session.start".into(),
+            target: Target {
+                route: Some("r".into()),
+                ..Target::default()
+            },
+            decision: Decision::Allow,
+            reason: format!("session {i}"),
+        }
+    }
+
+    fn records(log: &Path) -> usize {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .matches("\"action\":\"session.start\"")
+            .count()
+    }
+
+    /// Inline writes and queued ones (while something else holds the service
+    /// lock) all land in one chain, and the writer fsyncs and anchors them
+    /// within the window without being asked again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interval_records_land_inline_or_queued_and_get_synced() {
+        let (_dir, log, service) = service();
+        let journal = Arc::new(
+            Journal::start(
+                service.clone(),
+                "test-audit",
+                Some(Duration::from_millis(20)),
+            )
+            .unwrap(),
+        );
+        let holder = {
+            let service = service.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    let guard = service.lock().unwrap();
+                    std::thread::sleep(Duration::from_micros(300));
+                    drop(guard);
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            })
+        };
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        assert!(journal.record(event(t * 1000 + i)).await);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        holder.join().unwrap();
+        assert_eq!(records(&log), 400);
+        // No further write: the scheduled fsync still comes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while service.lock().unwrap().audit_unsynced() {
+            assert!(Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let report = audit::verify(&log).unwrap();
+        assert!(
+            report.problem.is_none() && report.notes.is_empty(),
+            "{report:?}"
+        );
+        // And again after a quiet period (a new window is scheduled).
+        assert!(journal.record(event(9999)).await);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while service.lock().unwrap().audit_unsynced() {
+            assert!(Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(audit::verify(&log).unwrap().notes.is_empty());
+    }
+
+    /// Without a window every record is durable and anchored on return.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commit_records_are_anchored_on_return() {
+        let (_dir, log, service) = service();
+        let journal = Journal::start(service.clone(), "test-audit", None).unwrap();
+        for i in 0..5 {
+            assert!(journal.record(event(i)).await);
+            assert!(!service.lock().unwrap().audit_unsynced());
+            let report = audit::verify(&log).unwrap();
+            assert!(report.notes.is_empty(), "{report:?}");
+        }
+        assert_eq!(records(&log), 5);
+    }
+}
