@@ -95,7 +95,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     let identity = Arc::new(IdentityHandle::new(cfg)?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(runtime_workers())
         .enable_all()
         .build()
         .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))?;
@@ -323,6 +323,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// Runtime worker threads: one per core, at least 2 (a blocking step on one
+/// never stalls every session) and at most 8 (warden shares its node with the
+/// workloads it serves; blocking work has its own pool).
+fn runtime_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
 
 /// Start-up work for credentials once the store is unsealed: revoke leases a
