@@ -559,19 +559,28 @@ impl Freezer {
         Ok(entry)
     }
 
-    /// Thaws `workload`: store and audit first, then the kernel maps.
+    /// Thaws `workload`: store and audit first, then the kernel maps. The
+    /// state lock is held until the record is written, so nobody sees the
+    /// workload thawed before its `workload.unfreeze` record exists.
     pub fn unfreeze(&self, actor: Actor, workload: &str, why: &str) -> Result<FreezeEntry> {
         let entry = {
             let mut st = self
                 .state
                 .lock()
                 .map_err(|_| Error::internal("frozen state poisoned"))?;
-            st.remove(workload).ok_or_else(|| not_frozen(workload))?
+            let entry = st.remove(workload).ok_or_else(|| not_frozen(workload))?;
+            // Lock order: state, then service (as in `persist`).
+            match self.service.lock() {
+                Ok(mut s) => {
+                    if let Err(e) = save(&mut s, &st) {
+                        tracing::error!("cannot persist the frozen set: {}", e.message);
+                    }
+                    audit(&mut s, actor, "workload.unfreeze", &entry, why.to_string());
+                }
+                Err(_) => tracing::error!("cannot persist the frozen set: service state poisoned"),
+            }
+            entry
         };
-        self.persist();
-        if let Ok(mut s) = self.service.lock() {
-            audit(&mut s, actor, "workload.unfreeze", &entry, why.to_string());
-        }
         // A cgroup or tgid another frozen workload also holds stays denied.
         let still: Vec<KernelTarget> = self.list().into_iter().flat_map(|e| e.kernel).collect();
         for t in entry.kernel.iter().filter(|t| !still.contains(t)) {
