@@ -309,6 +309,15 @@ mod tests {
             .count()
     }
 
+    /// Waits (10 s at most) until nothing written waits for its fsync.
+    async fn wait_synced(service: &Mutex<SecretService>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while service.lock().unwrap().audit_unsynced() {
+            assert!(Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Inline writes and queued ones (while something else holds the service
     /// lock) all land in one chain, and the writer fsyncs and anchors them
     /// within the window without being asked again.
@@ -350,11 +359,7 @@ mod tests {
         holder.join().unwrap();
         assert_eq!(records(&log), 400);
         // No further write: the scheduled fsync still comes.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while service.lock().unwrap().audit_unsynced() {
-            assert!(Instant::now() < deadline, "never synced");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_synced(&service).await;
         let report = audit::verify(&log).unwrap();
         assert!(
             report.problem.is_none() && report.notes.is_empty(),
@@ -362,11 +367,7 @@ mod tests {
         );
         // And again after a quiet period (a new window is scheduled).
         assert!(journal.record(event(9999)).await);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while service.lock().unwrap().audit_unsynced() {
-            assert!(Instant::now() < deadline, "never synced");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_synced(&service).await;
         assert!(audit::verify(&log).unwrap().notes.is_empty());
     }
 
