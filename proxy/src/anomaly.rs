@@ -64,10 +64,11 @@ pub const RULE_BYPASS: &str = "bypass";
 /// One event for the detector.
 #[derive(Debug, Clone, Copy)]
 pub enum Signal {
-    /// A session was allowed: workload and secret indexes.
+    /// A session was allowed: workload and secret indexes (no secret: a
+    /// credential that is not a stored secret, e.g. a tls route's SVID).
     Session {
         workload: u16,
-        secret: u16,
+        secret: Option<u16>,
         pid: u32,
         exe: Option<[u8; 32]>,
     },
@@ -385,7 +386,7 @@ impl Detector {
                 // grow when this secret was not already in the window, so
                 // the O(secrets) count runs only then.
                 let mut newly_active = false;
-                if let Some(slot) = st.last_use.get_mut(usize::from(secret)) {
+                if let Some(slot) = secret.and_then(|s| st.last_use.get_mut(usize::from(s))) {
                     newly_active = slot.is_none_or(|t| now.duration_since(t) >= MINUTE);
                     *slot = Some(now);
                 }
@@ -701,14 +702,15 @@ impl Anomaly {
         name.and_then(|n| self.workloads.get(n).copied())
     }
 
-    /// An allowed session of `workload` using `secret`.
+    /// An allowed session of `workload` using `secret` (a name that is not
+    /// a route's secret counts toward every rule but the distinct-secrets one).
     pub fn session(&self, workload: &str, secret: &str, pid: u32, exe_sha256: Option<&str>) {
-        let (Some(w), Some(s)) = (self.workloads.get(workload), self.secrets.get(secret)) else {
+        let Some(w) = self.workloads.get(workload) else {
             return;
         };
         self.send(Signal::Session {
             workload: *w,
-            secret: *s,
+            secret: self.secrets.get(secret).copied(),
             pid,
             exe: exe_sha256.and_then(parse_sha256),
         });
@@ -1040,7 +1042,7 @@ selectors = {{ uid = 2 }}
     fn session(w: u16, s: u16) -> Signal {
         Signal::Session {
             workload: w,
-            secret: s,
+            secret: Some(s),
             pid: 100 + u32::from(s),
             exe: None,
         }
@@ -1248,7 +1250,7 @@ selectors = {{ uid = 2 }}
                 match (r >> 8) % 100 {
                     0..=89 => Signal::Session {
                         workload: w,
-                        secret: ((r >> 16) % u64::from(SECRETS)) as u16,
+                        secret: Some(((r >> 16) % u64::from(SECRETS)) as u16),
                         pid: (r >> 32) as u32 % 5000,
                         exe: Some([((r >> 40) % 3) as u8; 32]),
                     },

@@ -4,10 +4,11 @@
 //! and master key (sealed if the KEK is split into shares) → admin socket and
 //! metrics endpoint bound → `daemon.start` audit record → `READY=1` to systemd.
 //! SIGTERM/SIGINT stop it cleanly: `daemon.stop` is recorded and the socket
-//! removed. Route listeners join this loop as their issues land.
+//! removed.
 
 use crate::access_monitor::AccessMonitor;
 use crate::admin::{self, AdminAccess};
+use crate::admission::{Admission, AdmissionParts};
 use crate::authority::IdentityHandle;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -142,6 +143,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 access.mode.as_str()
             ),
         )?;
+        // One credential cache for the daemon; every change of a secret
+        // empties its entry before it is acknowledged.
+        let credentials = Arc::new(crate::credentials::CredentialCache::default());
+        service.set_credential_cache(credentials.clone());
         let service = Arc::new(Mutex::new(service));
         crate::observe::install(&metrics, cfg, service.clone(), identity.clone());
         // Load (or create) the CA now when unsealed, so a bad trust domain stops the start.
@@ -158,7 +163,6 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
 
         // Dynamic leases and rotation: orphans revoked and interrupted
         // rotations resolved before clients are served (see `credentials_start`).
-        let credentials = Arc::new(pg::CredentialCache::default());
         let leases = Arc::new(pg::dynamic::LeaseManager::new(
             pg::dynamic_specs(cfg)?,
             service.clone(),
@@ -222,32 +226,43 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             },
         ));
         let identity_task = tokio::spawn(maintain_identity(service.clone(), identity.clone()));
+        // The admission step every front end shares: one attestor (one
+        // executable-hash cache), the freezer, the anomaly detector, the
+        // credential cache and one session audit writer.
+        let admission = Admission::new(AdmissionParts {
+            attestor: crate::peer::Attestor::from_config(cfg, access.resolver()),
+            freezer: freezer.clone(),
+            anomaly: anomaly.clone(),
+            credentials: credentials.clone(),
+            service: service.clone(),
+            audit: crate::journal::Journal::start(
+                service.clone(),
+                "warden-audit",
+                cfg.audit.sync_window(),
+            )?,
+            metrics: metrics.clone(),
+        });
         let provider = Arc::new(WorkloadIdentityProvider::new(
-            cfg,
-            service.clone(),
+            admission.clone(),
             identity.clone(),
             metrics.clone(),
-        ).with_anomaly(freezer.clone(), anomaly.clone()));
+        ));
         let pg_routes: Vec<_> = pg_listeners.iter().map(|(r, _, _)| r.clone()).collect();
         let pg_shared = Arc::new(pg::PgShared::new(
-            crate::peer::Attestor::from_config(cfg, access.resolver()),
+            admission.clone(),
             &pg_routes,
-            service.clone(),
             identity.clone(),
             metrics.clone(),
             pg::SessionServices {
-                credentials: credentials.clone(),
                 leases: leases.clone(),
-                freezer: freezer.clone(),
-                anomaly: anomaly.clone(),
                 kernel_relay: access.kernel_relay(),
-                audit_sync: cfg.audit.sync_window(),
             },
         )?);
         let credentials_task = tokio::spawn(maintain_credentials(
             leases.clone(),
             rotator.clone(),
             pg_shared.clone(),
+            service.clone(),
             !sealed,
         ));
         let mut route_tasks = Vec::new();
@@ -255,26 +270,17 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
             route_tasks.push(tokio::spawn(pg::serve_route(route, tcp, unix, pg_shared.clone())));
         }
-        let http_shared = Arc::new(http::HttpShared::new(
-            cfg,
-            service.clone(),
-            metrics.clone(),
-            access.resolver(),
-            freezer.clone(),
-        )?);
+        let http_shared = Arc::new(http::HttpShared::new(admission.clone(), metrics.clone()));
         for l in http_listeners {
             let (name, listen) = l.describe();
             tracing::info!(route = %name, listen = %listen, "HTTP route listening");
             route_tasks.push(tokio::spawn(http::serve(l, http_shared.clone())));
         }
         let tls_shared = Arc::new(tlsroute::TlsShared::new(
-            cfg,
-            service.clone(),
+            admission.clone(),
             identity.clone(),
             metrics.clone(),
-            access.resolver(),
-            freezer.clone(),
-        )?);
+        ));
         for (route, tcp) in tls_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
             route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
@@ -356,13 +362,14 @@ async fn maintain_credentials(
     leases: Arc<pg::dynamic::LeaseManager>,
     rotator: Arc<crate::rotation::Rotator>,
     shared: Arc<pg::PgShared>,
+    service: Arc<Mutex<SecretService>>,
     mut started: bool,
 ) {
     let mut ticks: u64 = 0;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         ticks += 1;
-        let sealed = shared.service.lock().map(|s| s.is_sealed()).unwrap_or(true);
+        let sealed = service.lock().map(|s| s.is_sealed()).unwrap_or(true);
         if sealed {
             continue;
         }

@@ -98,7 +98,24 @@ impl Journal {
     /// Makes `entry` durable (`urgent`: someone is waiting, commit at once);
     /// an audit record with a sync window: written (see the module docs).
     pub async fn write(&self, entry: Entry, urgent: bool) -> Result<()> {
-        let stopped = || Error::internal("the journal writer is not running");
+        match self.submit(entry, urgent)? {
+            Submitted::Done(res) => res,
+            Submitted::Queued(wait) => wait.await.map_err(|_| stopped())?,
+        }
+    }
+
+    /// [`write`](Self::write) for a blocking thread (never a runtime worker).
+    pub fn write_blocking(&self, entry: Entry) -> Result<()> {
+        match self.submit(entry, true)? {
+            Submitted::Done(res) => res,
+            Submitted::Queued(wait) => wait.blocking_recv().map_err(|_| stopped())?,
+        }
+    }
+
+    /// Writes an audit record inline when the sync window allows and the
+    /// service lock is free (`try_lock`: the caller never waits), else
+    /// queues the entry for the writer.
+    fn submit(&self, entry: Entry, urgent: bool) -> Result<Submitted> {
         if let (Some(inline), Entry::Audit(event)) = (&self.inline, &entry) {
             if let Ok(mut s) = inline.service.try_lock() {
                 let res = s.record_all(std::slice::from_ref(event), false);
@@ -106,7 +123,7 @@ impl Journal {
                 if res.is_ok() && !inline.sync_scheduled.swap(true, Ordering::AcqRel) {
                     self.tx.send(Msg::SyncSoon).map_err(|_| stopped())?;
                 }
-                return res;
+                return Ok(Submitted::Done(res));
             }
         }
         let (done, wait) = oneshot::channel();
@@ -117,7 +134,12 @@ impl Journal {
                 done,
             }))
             .map_err(|_| stopped())?;
-        wait.await.map_err(|_| stopped())?
+        Ok(Submitted::Queued(wait))
+    }
+
+    /// [`record`](Self::record) for a blocking thread.
+    pub fn record_blocking(&self, event: Event) -> bool {
+        self.write_blocking(Entry::Audit(event)).is_ok()
     }
 
     /// Appends `event` durably; false when it could not be written.
@@ -130,6 +152,16 @@ impl Journal {
     pub async fn record_unhurried(&self, event: Event) -> bool {
         self.write(Entry::Audit(event), false).await.is_ok()
     }
+}
+
+/// Where a submitted entry stands.
+enum Submitted {
+    Done(Result<()>),
+    Queued(oneshot::Receiver<Result<()>>),
+}
+
+fn stopped() -> Error {
+    Error::internal("the journal writer is not running")
 }
 
 fn writer(

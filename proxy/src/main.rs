@@ -5,11 +5,13 @@
 
 mod access_monitor;
 mod admin;
+mod admission;
 mod anomaly;
 mod audit;
 mod authority;
 mod cli;
 mod config;
+mod credentials;
 mod crypto;
 mod daemon;
 mod error;

@@ -101,11 +101,11 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Where a caller was attested (`via` label of `warden_attestation_seconds`).
-#[allow(dead_code)] // some variants are used once their subsystem lands
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttestVia {
     Postgres,
     Http,
+    Tls,
     WorkloadApi,
 }
 
@@ -114,6 +114,7 @@ impl AttestVia {
         match self {
             AttestVia::Postgres => "postgres",
             AttestVia::Http => "http",
+            AttestVia::Tls => "tls",
             AttestVia::WorkloadApi => "workload_api",
         }
     }
@@ -355,7 +356,12 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["via", "result"],
         )?;
-        for via in [AttestVia::Postgres, AttestVia::WorkloadApi] {
+        for via in [
+            AttestVia::Postgres,
+            AttestVia::Http,
+            AttestVia::Tls,
+            AttestVia::WorkloadApi,
+        ] {
             attestation_seconds.with_label_values(&[via.as_str(), "ok"]);
         }
         let cancels = IntCounterVec::new(

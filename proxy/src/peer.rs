@@ -114,11 +114,6 @@ impl Attestor {
             spiffe_id,
         })
     }
-
-    /// Attributes and attests a TCP client.
-    pub fn attest_tcp(&self, local: SocketAddr, peer: SocketAddr) -> Result<Attested, String> {
-        self.attest_pid(self.tcp_pid(local, peer)?)
-    }
 }
 
 /// "process 4121 (/usr/bin/curl, uid 1001)"
@@ -144,14 +139,4 @@ pub fn actor(who: Option<&Attested>) -> Actor {
         exe: who.and_then(|w| w.facts.exe_path.as_ref().map(|p| p.display().to_string())),
         workload: who.map(|w| w.workload.clone()),
     }
-}
-
-/// The message for a workload that is not on a route's allow list.
-pub fn not_allowed(who: &Attested, route: &str) -> String {
-    format!(
-        "warden: {} is workload {:?}, which may not use route {:?}",
-        describe(&who.facts),
-        who.workload,
-        route
-    )
 }

@@ -371,6 +371,8 @@ impl Rotator {
                 Self::event(actor, "secret.rotate", name, env, Decision::Allow, reason),
             )
         })?;
+        // `put_audited` emptied the daemon's credential cache entry already;
+        // this covers a rotator with a cache of its own (offline).
         self.credentials.invalidate(name, env);
         fault_point("rotate.committed").await;
         self.finish_pending(spec, env, actor)?;

@@ -103,6 +103,8 @@ pub struct SecretService {
     policy: StorePolicy,
     metrics: Option<Metrics>,
     daemon: bool,
+    /// The daemon's credential cache, emptied by every change of a secret.
+    credentials: Option<std::sync::Arc<crate::credentials::CredentialCache>>,
 }
 
 /// Opens the store, the audit log and the seal configuration of an initialised
@@ -148,12 +150,29 @@ impl SecretService {
             policy,
             metrics: None,
             daemon,
+            credentials: None,
         })
     }
 
     pub fn set_metrics(&mut self, m: Metrics) {
         m.set_sealed(self.is_sealed());
         self.metrics = Some(m);
+    }
+
+    /// Every later change of a secret invalidates its entry in `cache`
+    /// before the change is acknowledged (revocation is immediate).
+    pub fn set_credential_cache(
+        &mut self,
+        cache: std::sync::Arc<crate::credentials::CredentialCache>,
+    ) {
+        self.credentials = Some(cache);
+    }
+
+    /// Drops (name, env) from the credential cache after a change.
+    fn changed(&self, name: &str, env: &str) {
+        if let Some(c) = &self.credentials {
+            c.invalidate(name, env);
+        }
     }
 
     pub fn metrics(&self) -> Option<&Metrics> {
@@ -334,6 +353,9 @@ impl SecretService {
             keep,
         };
         let res = self.store.put(kek, new, &mut hook);
+        if res.is_ok() {
+            self.changed(name, &env);
+        }
         if let Err(e) = &res {
             self.record_outcome(
                 caller,
@@ -413,6 +435,7 @@ impl SecretService {
             )
         };
         let removed = self.store.backend_mut().remove(name, &env, &mut hook)?;
+        self.changed(name, &env);
         if removed == 0 {
             let e = Error::not_found(format!("no secret {name:?} in environment {env:?}"));
             self.record_outcome(
@@ -635,7 +658,9 @@ impl SecretService {
             created_by,
             keep,
         };
-        self.store.put(kek, new, &mut hook)
+        let version = self.store.put(kek, new, &mut hook)?;
+        self.changed(name, env);
+        Ok(version)
     }
 
     /// Removes every version of (name, env), appending `event` before the commit.
@@ -644,7 +669,9 @@ impl SecretService {
         let metrics = self.metrics.clone();
         let mut hook =
             |_removed: u32| -> Result<()> { append_counted(audit, metrics.as_ref(), &event) };
-        self.store.backend_mut().remove(name, env, &mut hook)
+        let removed = self.store.backend_mut().remove(name, env, &mut hook)?;
+        self.changed(name, env);
+        Ok(removed)
     }
 
     /// When the latest version of (name, env) was stored, if it exists.

@@ -6,136 +6,67 @@
 //! check → the authority's SVID for that workload. Every refusal and every
 //! newly issued SVID is an audit record; refusals are counted in metrics.
 
-use crate::audit::{Actor, ActorKind, Decision, Event, Target};
+use crate::admission::{Admission, Denial, Peer};
+use crate::audit::{Decision, Event, Target};
 use crate::authority::IdentityHandle;
 use crate::metrics::{AttestVia, GaugeGuard, Metrics};
-use crate::service::SecretService;
+use crate::peer::{actor, Attested};
 use crate::workload_api::{
     CallerCred, IdentityError, IdentityProvider, X509BundleEntry, X509SvidMaterial,
 };
-use std::sync::{Arc, Mutex};
-use warden_identity::attest::{self, ExeHashCache, PeerFacts, Registration};
+use std::sync::Arc;
 
 pub struct WorkloadIdentityProvider {
-    service: Arc<Mutex<SecretService>>,
+    admission: Arc<Admission>,
     identity: Arc<IdentityHandle>,
-    registrations: Vec<Registration>,
-    hashes: ExeHashCache,
     metrics: Metrics,
-    freezer: Option<Arc<crate::freeze::Freezer>>,
-    anomaly: Option<Arc<crate::anomaly::Anomaly>>,
-}
-
-/// Who a caller was attested to be.
-struct Attested {
-    facts: PeerFacts,
-    workload: String,
-    spiffe_id: String,
 }
 
 impl WorkloadIdentityProvider {
-    pub fn new(
-        cfg: &crate::config::Config,
-        service: Arc<Mutex<SecretService>>,
-        identity: Arc<IdentityHandle>,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(admission: Arc<Admission>, identity: Arc<IdentityHandle>, metrics: Metrics) -> Self {
         WorkloadIdentityProvider {
-            service,
+            admission,
             identity,
-            registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
-            hashes: ExeHashCache::new(),
             metrics,
-            freezer: None,
-            anomaly: None,
         }
     }
 
-    /// Frozen workloads get no SVIDs; issuance feeds the anomaly detector.
-    pub fn with_anomaly(
-        mut self,
-        freezer: Arc<crate::freeze::Freezer>,
-        anomaly: Arc<crate::anomaly::Anomaly>,
-    ) -> Self {
-        self.freezer = Some(freezer);
-        self.anomaly = Some(anomaly);
-        self
+    fn audit(&self, who: &Attested, action: &str, detail: String, reason: String) {
+        let _ = self.admission.audit().record_blocking(Event {
+            actor: actor(Some(who)),
+            action: action.into(),
+            target: Target {
+                detail: Some(detail),
+                ..Target::default()
+            },
+            decision: Decision::Allow,
+            reason,
+        });
     }
 
-    fn audit(
-        &self,
-        actor: Actor,
-        action: &str,
-        decision: Decision,
-        detail: String,
-        reason: String,
-    ) {
-        if let Ok(mut s) = self.service.lock() {
-            let _ = s.record(&Event {
-                actor,
-                action: action.into(),
-                target: Target {
-                    detail: Some(detail),
-                    ..Target::default()
-                },
-                decision,
-                reason,
-            });
-        }
-    }
-
-    fn workload_actor(
-        facts: Option<&PeerFacts>,
-        caller: &CallerCred,
-        workload: Option<&str>,
-    ) -> Actor {
-        Actor {
-            kind: ActorKind::Workload,
-            uid: Some(caller.uid),
-            user: crate::paths::user_name(caller.uid),
-            pid: caller.pid,
-            exe: facts.and_then(|f| f.exe_path.as_ref().map(|p| p.display().to_string())),
-            workload: workload.map(String::from),
-        }
-    }
-
-    /// Attests the caller; a refusal is audited and counted.
+    /// Attests the caller through the admission step (attested, not
+    /// frozen); a refusal is audited, counted and signalled to the anomaly
+    /// detector there.
     fn attest(&self, caller: &CallerCred, op: &str) -> Result<Attested, IdentityError> {
-        let t0 = std::time::Instant::now();
-        let res = (|| {
-            let pid = caller
-                .pid
-                .ok_or_else(|| "the kernel did not report the caller's pid".to_string())?;
-            let facts = attest::gather_facts(pid, &self.hashes).map_err(|e| e.to_string())?;
-            let reg = attest::attest(&facts, &self.registrations).map_err(|e| e.to_string())?;
-            let (workload, spiffe_id) = (reg.name.clone(), reg.spiffe_id.clone());
-            attest::confirm_same_process(&facts).map_err(|e| e.to_string())?;
-            if let Some(f) = self.freezer.as_ref().and_then(|f| f.frozen(&workload)) {
-                return Err(format!(
-                    "workload {workload:?} is frozen since {} by {}: {}",
-                    f.since, f.by, f.reason
-                ));
+        let peer = Peer::Unix { pid: caller.pid };
+        let who = self.admission.attest_blocking(peer, AttestVia::WorkloadApi);
+        let checked = match &who {
+            Err(u) => Err(Denial::Unattested {
+                route: String::new(),
+                reason: u.reason.trim_start_matches("warden: ").to_string(),
+            }),
+            Ok(w) => self.admission.check_frozen(&w.workload),
+        };
+        match checked {
+            Ok(()) => who.map_err(|u| IdentityError::Internal(u.reason)),
+            Err(d) => {
+                self.admission.refuse_identity_request(op, &who, &d);
+                let message = d.to_string();
+                Err(IdentityError::PermissionDenied(
+                    message.trim_start_matches("warden: ").to_string(),
+                ))
             }
-            Ok::<_, String>(Attested {
-                facts,
-                workload,
-                spiffe_id,
-            })
-        })();
-        self.metrics
-            .attestation(AttestVia::WorkloadApi, res.is_ok(), t0.elapsed());
-        res.map_err(|why| {
-            self.metrics.workload_api_denied(op);
-            tracing::warn!(uid = caller.uid, pid = ?caller.pid, "Workload API {op} refused: {why}");
-            self.audit(
-                Self::workload_actor(None, caller, None),
-                "svid.deny",
-                Decision::Deny,
-                format!("Workload API {op}"),
-                why.clone(),
-            );
-            IdentityError::PermissionDenied(why)
-        })
+        }
     }
 
     fn with_authority<T>(
@@ -176,20 +107,13 @@ impl IdentityProvider for WorkloadIdentityProvider {
                 })?;
             Ok((svid, fresh, a.bundle_der()))
         })?;
-        if let Some(a) = &self.anomaly {
-            a.issue(
-                &who.workload,
-                who.facts.pid,
-                who.facts.exe_sha256.as_deref(),
-            );
-        }
+        self.admission.issued(&who);
         if fresh {
             self.identity.wake.notify_one();
             self.metrics.svid_issued();
             self.audit(
-                Self::workload_actor(Some(&who.facts), caller, Some(&who.workload)),
+                &who,
                 "svid.issue",
-                Decision::Allow,
                 format!("{} serial {}", who.spiffe_id, svid.serial_hex),
                 "X.509-SVID issued through the Workload API".into(),
             );
@@ -229,9 +153,8 @@ impl IdentityProvider for WorkloadIdentityProvider {
                 .map_err(|e| IdentityError::InvalidArgument(e.message))
         })?;
         self.audit(
-            Self::workload_actor(Some(&who.facts), caller, Some(&who.workload)),
+            &who,
             "jwt.issue",
-            Decision::Allow,
             format!("{} audience {}", who.spiffe_id, audience.join(",")),
             "JWT-SVID issued through the Workload API".into(),
         );

@@ -11,8 +11,9 @@
 
 use super::proxy::{self, deny, record, target, text, Body, ConnCtx};
 use super::upstream::{open, ConnectError};
+use crate::admission::{Denial, RoutePolicy};
 use crate::audit::{Decision, Event};
-use crate::peer::{actor, describe, not_allowed};
+use crate::peer::{actor, describe};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -77,15 +78,15 @@ pub(super) async fn handle(
 }
 
 async fn refuse_host(ctx: &ConnCtx, host: &str, port: u16) -> Response<Body> {
-    let msg = match &ctx.who {
+    let reason = match &ctx.who {
         Ok(who) => format!(
             "warden: {} (workload {:?}) may not reach {host}:{port} through this proxy: no route injects a credential for it or lists it in tunnel",
             describe(&who.facts),
             who.workload
         ),
-        Err(m) => format!("{m} — this proxy refuses unattested clients"),
+        Err(u) => format!("{} — this proxy refuses unattested clients", u.reason),
     };
-    deny(ctx, ctx.who.as_ref().ok(), msg).await
+    deny(ctx, Denial::NotPermitted { reason }).await
 }
 
 async fn connect(req: Request<Incoming>, ctxs: &[Arc<ConnCtx>]) -> Response<Body> {
@@ -99,13 +100,9 @@ async fn connect(req: Request<Incoming>, ctxs: &[Arc<ConnCtx>]) -> Response<Body
     };
     let who = match &first.who {
         Ok(w) => w,
-        Err(m) => {
-            return deny(
-                first,
-                None,
-                format!("{m} — this proxy refuses unattested clients"),
-            )
-            .await
+        Err(u) => {
+            let reason = format!("{} — this proxy refuses unattested clients", u.reason);
+            return deny(first, Denial::NotPermitted { reason }).await;
         }
     };
     let candidates: Vec<&Arc<ConnCtx>> = ctxs
@@ -117,27 +114,41 @@ async fn connect(req: Request<Incoming>, ctxs: &[Arc<ConnCtx>]) -> Response<Body
             .iter()
             .find(|c| c.route.authority.host().eq_ignore_ascii_case(&host))
         {
-            let msg = format!(
+            let reason = format!(
                 "warden: route {:?} injects the credential for {host}: request http://{host}/... through the proxy instead of a CONNECT tunnel (warden opens the connection to {}://{} itself)",
                 c.route.name, c.route.scheme, c.route.authority
             );
-            return deny(c, Some(who), msg).await;
+            return deny(c, Denial::NotPermitted { reason }).await;
         }
         return refuse_host(first, &host, port).await;
     }
-    if let Some(f) = candidates[0].shared.freezer.frozen(&who.workload) {
-        return deny(candidates[0], Some(who), crate::freeze::frozen_message(&f)).await;
+    // The admission step's policy, against each route that lists the host.
+    let admission = &first.shared.admission;
+    let mut refusal = None;
+    let mut allowed = None;
+    for c in &candidates {
+        let policy = RoutePolicy {
+            name: &c.route.name,
+            allow: &c.route.allow,
+        };
+        match admission.authorize_workload(who, &policy) {
+            Ok(()) => {
+                allowed = Some(*c);
+                break;
+            }
+            Err(d) => {
+                if refusal.is_none() {
+                    refusal = Some((*c, d));
+                }
+            }
+        }
     }
-    let Some(ctx) = candidates
-        .iter()
-        .find(|c| c.route.allow.contains(&who.workload))
-    else {
-        return deny(
-            candidates[0],
-            Some(who),
-            not_allowed(who, &candidates[0].route.name),
-        )
-        .await;
+    let Some(ctx) = allowed else {
+        let (c, d) = refusal.unwrap_or_else(|| {
+            let reason = "warden: no route allows this tunnel".to_string();
+            (candidates[0], Denial::NotPermitted { reason })
+        });
+        return deny(c, d).await;
     };
     let route = &ctx.route;
     let metrics = &ctx.shared.metrics;

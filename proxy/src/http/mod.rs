@@ -29,7 +29,6 @@ pub mod upstream;
 use crate::config::{Config, RouteKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::service::SecretService;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -127,7 +126,9 @@ impl HttpRoute {
                 .iter()
                 .find(|s| s.name == inject.secret)
                 .and_then(|s| s.rotation_period);
-            let mut cache_ttl = inject.cache_ttl.unwrap_or(crate::pg::DEFAULT_CACHE_TTL);
+            let mut cache_ttl = inject
+                .cache_ttl
+                .unwrap_or(crate::credentials::DEFAULT_CACHE_TTL);
             if let Some(rot) = rotation {
                 cache_ttl = cache_ttl.min(rot);
             }
@@ -178,36 +179,14 @@ impl HttpRoute {
 
 /// State shared by every http route.
 pub struct HttpShared {
-    pub service: Arc<Mutex<SecretService>>,
-    /// Session records, group-committed (see [`crate::journal`]).
-    pub audit: crate::journal::Journal,
-    pub attestor: crate::peer::Attestor,
-    pub credentials: crate::pg::CredentialCache,
+    /// attest → policy → credential → session records (every front end's).
+    pub admission: Arc<crate::admission::Admission>,
     pub metrics: Metrics,
-    /// Frozen workloads get 403 naming the freeze.
-    pub freezer: Arc<crate::freeze::Freezer>,
 }
 
 impl HttpShared {
-    pub fn new(
-        cfg: &Config,
-        service: Arc<Mutex<SecretService>>,
-        metrics: Metrics,
-        resolver: Arc<dyn warden_identity::attest::PeerResolver>,
-        freezer: Arc<crate::freeze::Freezer>,
-    ) -> Result<HttpShared> {
-        Ok(HttpShared {
-            audit: crate::journal::Journal::start(
-                service.clone(),
-                "warden-http-audit",
-                cfg.audit.sync_window(),
-            )?,
-            service,
-            attestor: crate::peer::Attestor::from_config(cfg, resolver),
-            credentials: crate::pg::CredentialCache::default(),
-            metrics,
-            freezer,
-        })
+    pub fn new(admission: Arc<crate::admission::Admission>, metrics: Metrics) -> HttpShared {
+        HttpShared { admission, metrics }
     }
 }
 

@@ -12,9 +12,10 @@
 use super::gate::{Gate, OnRefuse, Refused};
 use super::upstream::{find_connect_error, ConnectError, Connector};
 use super::{HttpRoute, HttpShared};
+use crate::admission::{Attestation, Denial, Peer, RoutePolicy, SecretRef};
 use crate::audit::{Decision, Event, Target};
-use crate::error::ErrorKind;
-use crate::peer::{actor, not_allowed, Attested};
+use crate::metrics::AttestVia;
+use crate::peer::{actor, Attested};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -47,7 +48,7 @@ pub fn client(connector: Connector, h1_only: bool) -> Client {
 pub(super) struct ConnCtx {
     pub(super) route: Arc<HttpRoute>,
     pub(super) shared: Arc<HttpShared>,
-    pub(super) who: Result<Attested, String>,
+    pub(super) who: Attestation,
     started: Instant,
     state: Mutex<ConnState>,
 }
@@ -72,30 +73,14 @@ impl OnRefuse for GateNotice {
     }
 }
 
-async fn attest(
-    shared: &Arc<HttpShared>,
-    local: SocketAddr,
-    peer: SocketAddr,
-) -> Result<Attested, String> {
-    // A process seen before is confirmed without a blocking thread.
-    let known = match shared.attestor.attest_tcp_cached(local, peer) {
-        Ok(who) => return Ok(who),
-        Err(pid) => pid,
-    };
-    let s2 = shared.clone();
-    tokio::task::spawn_blocking(move || match known {
-        Some(pid) => s2.attestor.attest_pid(pid),
-        None => s2.attestor.attest_tcp(local, peer),
-    })
-    .await
-    .unwrap_or_else(|e| Err(format!("warden: attestation failed: {e}")))
+async fn attest(shared: &Arc<HttpShared>, local: SocketAddr, peer: SocketAddr) -> Attestation {
+    shared
+        .admission
+        .attest(Peer::Tcp { local, peer }, AttestVia::Http)
+        .await
 }
 
-fn conn_ctx(
-    route: &Arc<HttpRoute>,
-    shared: &Arc<HttpShared>,
-    who: Result<Attested, String>,
-) -> Arc<ConnCtx> {
+fn conn_ctx(route: &Arc<HttpRoute>, shared: &Arc<HttpShared>, who: Attestation) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
         route: route.clone(),
         shared: shared.clone(),
@@ -220,7 +205,7 @@ async fn finish(ctx: &ConnCtx) {
             reason: "connection closed".into(),
         };
         // Nobody waits for a session's end: it may share a later commit.
-        let _ = shared.audit.record_unhurried(event).await;
+        let _ = shared.admission.audit().record_unhurried(event).await;
     }
 }
 
@@ -237,7 +222,7 @@ pub(super) fn target(route: &HttpRoute, version: Option<u32>, detail: String) ->
 /// Appends an audit record durably through the routes' journal (group
 /// commit); false when it could not be written.
 pub(super) async fn record(shared: &HttpShared, event: Event) -> bool {
-    shared.audit.record(event).await
+    shared.admission.audit().record(event).await
 }
 
 /// A plain-text response from warden itself.
@@ -255,136 +240,119 @@ pub fn text(status: StatusCode, message: &str) -> Response<Body> {
     resp
 }
 
-pub(super) async fn deny(ctx: &ConnCtx, who: Option<&Attested>, message: String) -> Response<Body> {
+/// warden's answer to a refusal (the HTTP table): 403 for policy, 503
+/// while sealed, 502 for a missing credential, 500 when the audit record
+/// cannot be written.
+pub(super) fn denial_response(d: &Denial) -> Response<Body> {
+    let status = match d {
+        Denial::Sealed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Denial::NoCredential { .. } | Denial::NoLease { .. } | Denial::Identity { .. } => {
+            StatusCode::BAD_GATEWAY
+        }
+        Denial::AuditFailed | Denial::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::FORBIDDEN,
+    };
+    text(status, &d.to_string())
+}
+
+/// Refuses a request: counted per request; logged, audited and signalled
+/// to the anomaly detector once per connection (the admission step's
+/// bookkeeping).
+pub(super) async fn deny(ctx: &ConnCtx, denial: Denial) -> Response<Body> {
     let route = &ctx.route;
-    ctx.shared.metrics.http_request(&route.name, "denied");
+    ctx.shared
+        .metrics
+        .http_request(&route.name, denial.result());
     let first = match ctx.state.lock() {
         Ok(mut s) => !std::mem::replace(&mut s.denial_recorded, true),
         Err(_) => false,
     };
     if first {
-        tracing::warn!(route = %route.name, "request refused: {message}");
-        let workload = who.map(|w| w.workload.as_str()).unwrap_or("");
-        ctx.shared.metrics.session(&route.name, workload, "denied");
-        let event = Event {
-            actor: actor(who),
-            action: "session.deny".into(),
-            target: target(route, None, "http".into()),
-            decision: Decision::Deny,
-            reason: message.clone(),
-        };
-        let _ = record(&ctx.shared, event).await;
+        ctx.shared
+            .admission
+            .refuse(&route.name, &ctx.who, &denial, "http".into())
+            .await;
     }
-    text(StatusCode::FORBIDDEN, &message)
+    denial_response(&denial)
 }
 
 /// The route's credential, ready to add: the secret and the header value
-/// built from it. Rebuilt after the route's cache TTL.
+/// built from it. Rebuilt after the route's cache TTL and after any change
+/// of a secret (the credential cache's generation moved).
 pub struct Prepared {
     pub(super) version: u32,
     fetched: Instant,
+    generation: u64,
     pub(super) secret: Zeroizing<Vec<u8>>,
     pub(super) header: Option<Result<HeaderValue, String>>,
 }
 
-/// The route's credential (prepared copy first, then the cache, then the store).
-async fn credential(ctx: &ConnCtx) -> Result<Arc<Prepared>, Response<Body>> {
+/// The route's credential (prepared copy first, then the admission step's
+/// credential cache, then the store).
+async fn credential(ctx: &ConnCtx) -> Result<Arc<Prepared>, Denial> {
     let route = &ctx.route;
+    let admission = &ctx.shared.admission;
+    let generation = admission.credentials().generation();
     if let Ok(p) = route.prepared.lock() {
         if let Some(p) = p.as_ref() {
-            if p.fetched.elapsed() < route.cache_ttl {
+            if p.generation == generation && p.fetched.elapsed() < route.cache_ttl {
                 return Ok(p.clone());
             }
         }
     }
-    let hit = ctx
-        .shared
-        .credentials
-        .cached(&route.secret, &route.env, route.cache_ttl);
-    let got = match hit {
-        Some(v) => Ok(Ok(v)),
-        None => {
-            let (s, r) = (ctx.shared.clone(), ctx.route.clone());
-            tokio::task::spawn_blocking(move || {
-                s.credentials
-                    .get(&s.service, &r.secret, &r.env, r.cache_ttl)
-            })
-            .await
-        }
+    let secret = SecretRef {
+        name: &route.secret,
+        env: &route.env,
+        ttl: route.cache_ttl,
     };
-    match got {
-        Ok(Ok((version, secret))) => {
-            let prepared = Arc::new(Prepared {
-                version,
-                fetched: Instant::now(),
-                header: route.injection.header_value(&secret),
-                secret,
-            });
-            if let Ok(mut p) = route.prepared.lock() {
-                *p = Some(prepared.clone());
-            }
-            Ok(prepared)
-        }
-        Ok(Err(e)) => {
-            ctx.shared
-                .metrics
-                .http_request(&route.name, "credential_error");
-            let msg = format!(
-                "warden: no credential for route {:?}: {}",
-                route.name, e.message
-            );
-            tracing::warn!(route = %route.name, "{msg}");
-            let status = if e.kind == ErrorKind::Sealed {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            Err(text(status, &msg))
-        }
-        Err(e) => Err(text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("warden: credential lookup failed: {e}"),
-        )),
+    let v = admission.credential(&route.name, &secret).await?;
+    let prepared = Arc::new(Prepared {
+        version: v.version,
+        fetched: Instant::now(),
+        generation: v.generation,
+        header: route.injection.header_value(&v.value),
+        secret: v.value,
+    });
+    if let Ok(mut p) = route.prepared.lock() {
+        *p = Some(prepared.clone());
     }
+    Ok(prepared)
 }
 
 /// Writes `session.start` for this connection (and again if the secret
 /// version changed) before a credentialed request is forwarded.
-async fn ensure_recorded(ctx: &ConnCtx, who: &Attested, version: u32) -> bool {
-    let needed = match ctx.state.lock() {
+async fn ensure_recorded(ctx: &ConnCtx, who: &Attested, version: u32) -> Result<(), Denial> {
+    let (needed, first) = match ctx.state.lock() {
         Ok(mut s) => {
             s.requests += 1;
-            s.recorded != Some(version)
+            (s.recorded != Some(version), s.recorded.is_none())
         }
-        Err(_) => return false,
+        Err(_) => return Err(Denial::AuditFailed),
     };
     if !needed {
-        return true;
+        return Ok(());
     }
     let route = &ctx.route;
-    let event = Event {
-        actor: actor(Some(who)),
-        action: "session.start".into(),
-        target: target(
-            route,
-            Some(version),
-            format!("http, upstream {}://{}", route.scheme, route.authority),
-        ),
-        decision: Decision::Allow,
-        reason: "credential injected".into(),
-    };
-    let ok = record(&ctx.shared, event).await;
-    if ok {
-        if let Ok(mut s) = ctx.state.lock() {
-            if s.recorded.is_none() {
-                ctx.shared
-                    .metrics
-                    .session(&route.name, &who.workload, "allowed");
-            }
-            s.recorded = Some(version);
-        }
+    let target = target(
+        route,
+        Some(version),
+        format!("http, upstream {}://{}", route.scheme, route.authority),
+    );
+    ctx.shared
+        .admission
+        .record_start(
+            who,
+            &route.name,
+            &route.secret,
+            target,
+            "credential injected",
+            first,
+        )
+        .await?;
+    if let Ok(mut s) = ctx.state.lock() {
+        s.recorded = Some(version);
     }
-    ok
+    Ok(())
 }
 
 pub(super) const HOP_BY_HOP: [&str; 9] = [
@@ -501,26 +469,20 @@ pub(super) async fn handle(
 /// warden's own answer (403/500/502/503), already counted and logged.
 pub(super) async fn admit(ctx: &ConnCtx) -> Result<Arc<Prepared>, Response<Body>> {
     let route = &ctx.route;
-    let who = match &ctx.who {
-        Err(m) => {
-            let msg = format!("{m} — route {:?} refuses unattested clients", route.name);
-            return Err(deny(ctx, None, msg).await);
-        }
-        Ok(w) => w,
+    let policy = RoutePolicy {
+        name: &route.name,
+        allow: &route.allow,
     };
-    if let Some(f) = ctx.shared.freezer.frozen(&who.workload) {
-        return Err(deny(ctx, Some(who), crate::freeze::frozen_message(&f)).await);
-    }
-    if !route.allow.contains(&who.workload) {
-        return Err(deny(ctx, Some(who), not_allowed(who, &route.name)).await);
-    }
-    let prepared = credential(ctx).await?;
-    if !ensure_recorded(ctx, who, prepared.version).await {
-        ctx.shared.metrics.http_request(&route.name, "audit_error");
-        return Err(text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "warden: the audit record for this request could not be written; refusing",
-        ));
+    let who = match ctx.shared.admission.authorize(&ctx.who, &policy) {
+        Ok(w) => w,
+        Err(d) => return Err(deny(ctx, d).await),
+    };
+    let prepared = match credential(ctx).await {
+        Ok(p) => p,
+        Err(d) => return Err(deny(ctx, d).await),
+    };
+    if let Err(d) = ensure_recorded(ctx, who, prepared.version).await {
+        return Err(deny(ctx, d).await);
     }
     Ok(prepared)
 }

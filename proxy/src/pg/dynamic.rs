@@ -469,7 +469,11 @@ impl LeaseManager {
         {
             return Ok(s);
         }
-        let (version, password) = {
+        let crate::credentials::SecretValue {
+            version,
+            value: password,
+            ..
+        } = {
             let (svc, creds, spec_secret, env, ttl) = (
                 self.service.clone(),
                 self.credentials.clone(),

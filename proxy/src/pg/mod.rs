@@ -29,17 +29,13 @@ use crate::authority::IdentityHandle;
 use crate::config::{self, Config, RouteKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::service::SecretService;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use upstream::UpstreamTarget;
-use zeroize::Zeroizing;
 
-/// Credential cache TTL when the route sets none: short, so a rotated secret
-/// is picked up quickly (and never longer than the secret's rotation period).
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+pub use crate::credentials::{CredentialCache, DEFAULT_CACHE_TTL};
 
 /// Everything one PostgreSQL route needs at run time.
 pub struct PgRoute {
@@ -143,73 +139,6 @@ impl PgRoute {
     }
 }
 
-/// A cached secret value.
-struct CachedSecret {
-    fetched: Instant,
-    version: u32,
-    value: Zeroizing<Vec<u8>>,
-}
-
-/// Secret values fetched for injection, each reused for at most its route's TTL.
-#[derive(Default)]
-pub struct CredentialCache {
-    entries: Mutex<HashMap<(String, String), CachedSecret>>,
-}
-
-impl CredentialCache {
-    /// The cached value of (secret, env), if fetched less than `ttl` ago.
-    pub fn cached(
-        &self,
-        secret: &str,
-        env: &str,
-        ttl: Duration,
-    ) -> Option<(u32, Zeroizing<Vec<u8>>)> {
-        let map = self.entries.lock().ok()?;
-        let c = map.get(&(secret.to_string(), env.to_string()))?;
-        (c.fetched.elapsed() < ttl).then(|| (c.version, c.value.clone()))
-    }
-
-    /// The value of (secret, env) and its version, from the cache or the store.
-    pub fn get(
-        &self,
-        service: &Mutex<SecretService>,
-        secret: &str,
-        env: &str,
-        ttl: Duration,
-    ) -> Result<(u32, Zeroizing<Vec<u8>>)> {
-        let key = (secret.to_string(), env.to_string());
-        if let Ok(map) = self.entries.lock() {
-            if let Some(c) = map.get(&key) {
-                if c.fetched.elapsed() < ttl {
-                    return Ok((c.version, c.value.clone()));
-                }
-            }
-        }
-        let (version, value) = service
-            .lock()
-            .map_err(|_| Error::internal("service state poisoned"))?
-            .fetch_for_injection(secret, env)?;
-        if let Ok(mut map) = self.entries.lock() {
-            map.insert(
-                key,
-                CachedSecret {
-                    fetched: Instant::now(),
-                    version,
-                    value: value.clone(),
-                },
-            );
-        }
-        Ok((version, value))
-    }
-
-    /// Forgets (secret, env) so the next session reads the store (after a rotation).
-    pub fn invalidate(&self, secret: &str, env: &str) {
-        if let Ok(mut map) = self.entries.lock() {
-            map.remove(&(secret.to_string(), env.to_string()));
-        }
-    }
-}
-
 /// Where a cancel request for one of warden's BackendKeyData goes.
 pub struct CancelTarget {
     pub target: UpstreamTarget,
@@ -254,46 +183,33 @@ impl CancelMap {
     }
 }
 
-/// The daemon services a PostgreSQL session consults besides the store.
+/// The daemon services a PostgreSQL session consults besides the admission step.
 pub struct SessionServices {
-    pub credentials: Arc<CredentialCache>,
     pub leases: Arc<dynamic::LeaseManager>,
-    pub freezer: Arc<crate::freeze::Freezer>,
-    pub anomaly: Arc<crate::anomaly::Anomaly>,
     /// The eBPF kernel relay, when the monitor loaded it.
     pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
-    /// `audit.sync`'s window (see [`crate::config::Audit::sync_window`]).
-    pub audit_sync: Option<std::time::Duration>,
 }
 
 /// State shared by every PostgreSQL session.
 pub struct PgShared {
-    pub service: Arc<Mutex<SecretService>>,
-    pub attestor: crate::peer::Attestor,
+    /// attest → policy → credential → session records (every front end's).
+    pub admission: Arc<crate::admission::Admission>,
     pub scram_cache: scram::ScramKeyCache,
-    pub credentials: Arc<CredentialCache>,
     pub leases: Arc<dynamic::LeaseManager>,
     pub cancels: CancelMap,
     pub metrics: Metrics,
     /// Client-side TLS configuration per route (routes with `client_tls`).
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
-    /// Frozen workloads (refused, open sessions closed).
-    pub freezer: Arc<crate::freeze::Freezer>,
-    /// The anomaly detector's input.
-    pub anomaly: Arc<crate::anomaly::Anomaly>,
     /// Idle authenticated upstream connections.
     pub pool: pool::Pool,
-    /// Session audit records, written in group commits.
-    pub audit: crate::journal::Journal,
     /// The eBPF kernel relay for long sessions (None: user space only).
     pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
 }
 
 impl PgShared {
     pub fn new(
-        attestor: crate::peer::Attestor,
+        admission: Arc<crate::admission::Admission>,
         routes: &[Arc<PgRoute>],
-        service: Arc<Mutex<SecretService>>,
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
         services: SessionServices,
@@ -309,26 +225,17 @@ impl PgShared {
             client_tls.insert(r.name.clone(), tls::server_config(r, identity.clone())?);
         }
         let SessionServices {
-            credentials,
             leases,
-            freezer,
-            anomaly,
             kernel_relay,
-            audit_sync,
         } = services;
         Ok(PgShared {
-            audit: crate::journal::Journal::start(service.clone(), "warden-pg-audit", audit_sync)?,
-            service,
-            attestor,
+            admission,
             scram_cache: scram::ScramKeyCache::with_capacity(8192),
-            credentials,
             leases,
             cancels: CancelMap::default(),
             pool: pool::Pool::new(metrics.clone()),
             metrics,
             client_tls,
-            freezer,
-            anomaly,
             kernel_relay,
         })
     }

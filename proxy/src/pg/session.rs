@@ -11,11 +11,11 @@ use super::protocol::{self, StartupMessage, StartupPacket};
 use super::upstream::{self, Login, UpstreamFailure};
 use super::{pool, relay};
 use super::{CancelTarget, CredentialSource, PgRoute, PgShared};
+use crate::admission::{Denial, RoutePolicy, SecretRef};
 use crate::audit::{Decision, Event, Target};
 use crate::error::ErrorKind;
 use crate::metrics::AttestVia;
-use crate::peer::{actor, not_allowed, Attested};
-use std::net::SocketAddr;
+use crate::peer::actor;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,15 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// How long a client may take to send its startup packet.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How the peer's process is found.
-pub enum Peer {
-    /// TCP: resolved from the connection's addresses.
-    Tcp { local: SocketAddr, peer: SocketAddr },
-    /// Unix socket: SO_PEERCRED pid.
-    Unix { pid: Option<u32> },
-    /// A process already named (by the kernel for TCP, or SO_PEERCRED).
-    Known { pid: u32 },
-}
+pub use crate::admission::Peer;
 
 /// Binds libpq's socket file `<dir>/.s.PGSQL.<port>` (mode 0666: attestation decides).
 pub fn bind_unix(
@@ -175,49 +167,6 @@ async fn forward_cancel(shared: &PgShared, pid: i32, key: &[u8]) {
     }
 }
 
-/// Attributes the peer to a process and attests it (blocking /proc work).
-/// On refusal, the pid when it was known (for the denial anomaly rule).
-fn attest_peer(shared: &PgShared, peer: &Peer) -> Result<Attested, (Option<u32>, Refusal)> {
-    let deny = |m: String| Refusal::new("28000", "denied", m);
-    let pid = match peer {
-        Peer::Tcp { local, peer } => shared
-            .attestor
-            .tcp_pid(*local, *peer)
-            .map_err(|m| (None, deny(m)))?,
-        Peer::Known { pid } => *pid,
-        Peer::Unix { pid } => pid.ok_or_else(|| {
-            (
-                None,
-                deny("warden: the kernel did not report the connecting process".into()),
-            )
-        })?,
-    };
-    shared
-        .attestor
-        .attest_pid(pid)
-        .map_err(|m| (Some(pid), deny(m)))
-}
-
-/// The peer's process confirmed without blocking work (see
-/// [`crate::peer::Attestor::attest_tcp_cached`]); otherwise the peer for
-/// [`attest_peer`] on a blocking thread, with a kernel-named pid kept so
-/// the kernel map is read once.
-fn attest_quick(shared: &PgShared, peer: Peer) -> Result<Attested, Peer> {
-    let pid = match peer {
-        Peer::Tcp { local, peer } => match shared.attestor.attest_tcp_cached(local, peer) {
-            Ok(who) => return Ok(who),
-            Err(Some(pid)) => return Err(Peer::Known { pid }),
-            Err(None) => return Err(Peer::Tcp { local, peer }),
-        },
-        Peer::Unix { pid: Some(pid) } | Peer::Known { pid } => pid,
-        Peer::Unix { pid: None } => return Err(peer),
-    };
-    shared
-        .attestor
-        .attest_pid_cached(pid)
-        .ok_or(Peer::Known { pid })
-}
-
 /// The login a session uses: never printed (no Debug), password zeroized.
 struct Credential {
     user: String,
@@ -243,55 +192,39 @@ impl Drop for LeaseRelease {
     }
 }
 
-async fn static_credential(
-    route: &Arc<PgRoute>,
-    shared: &Arc<PgShared>,
-) -> Result<Credential, Refusal> {
-    // A cache hit needs no blocking thread (the store is only read on a miss).
-    let cached = shared
-        .credentials
-        .cached(&route.secret, &route.env, route.cache_ttl);
-    let res = if let Some(hit) = cached {
-        Ok(Ok(hit))
-    } else {
-        let (shared, route) = (shared.clone(), route.clone());
-        tokio::task::spawn_blocking(move || {
-            shared
-                .credentials
-                .get(&shared.service, &route.secret, &route.env, route.cache_ttl)
-        })
-        .await
+async fn static_credential(route: &PgRoute, shared: &Arc<PgShared>) -> Result<Credential, Denial> {
+    let secret = SecretRef {
+        name: &route.secret,
+        env: &route.env,
+        ttl: route.cache_ttl,
     };
-    match res {
-        Ok(Ok((version, password))) => Ok(Credential {
-            user: route.user.clone(),
-            password,
-            label: format!("{} v{version}", route.secret),
-            version: Some(version),
-            lease: None,
-            scram_min_iterations: super::scram::MIN_ITERATIONS,
-        }),
-        Ok(Err(e)) => {
-            let sqlstate = if e.kind == ErrorKind::Sealed {
-                "57P03"
-            } else {
-                "28000"
-            };
-            Err(Refusal::new(
-                sqlstate,
-                "credential_error",
-                format!(
-                    "warden: no credential for route {:?}: {}",
-                    route.name, e.message
-                ),
-            ))
-        }
-        Err(e) => Err(Refusal::new(
-            "XX000",
-            "error",
-            format!("warden: credential lookup failed: {e}"),
-        )),
-    }
+    let v = shared.admission.credential(&route.name, &secret).await?;
+    Ok(Credential {
+        user: route.user.clone(),
+        password: v.value,
+        label: format!("{} v{}", route.secret, v.version),
+        version: Some(v.version),
+        lease: None,
+        scram_min_iterations: super::scram::MIN_ITERATIONS,
+    })
+}
+
+/// The client's answer to a refusal of the admission step (SQLSTATE table
+/// of PostgreSQL routes).
+fn refusal_of(d: &Denial) -> Refusal {
+    let sqlstate = match d {
+        Denial::Unattested { .. }
+        | Denial::Frozen(_)
+        | Denial::NotAllowed { .. }
+        | Denial::DatabaseNotAllowed { .. }
+        | Denial::NoCredential { .. }
+        | Denial::NoLease { .. }
+        | Denial::Identity { .. } => "28000",
+        Denial::Sealed { .. } => "57P03",
+        Denial::AuditFailed => "58000",
+        _ => "XX000",
+    };
+    Refusal::new(sqlstate, d.result(), d.to_string())
 }
 
 /// The audit target of a session that used a credential: the secret version,
@@ -315,12 +248,12 @@ fn credential_target(route: &PgRoute, cred: &Credential, detail: String) -> Targ
 
 /// Appends an audit record durably (group commit, see [`crate::journal`]).
 async fn record(shared: &PgShared, event: Event) -> bool {
-    shared.audit.record(event).await
+    shared.admission.audit().record(event).await
 }
 
 /// [`record`] for a session-end record: nobody waits for it.
 async fn record_end(shared: &PgShared, event: Event) -> bool {
-    shared.audit.record_unhurried(event).await
+    shared.admission.audit().record_unhurried(event).await
 }
 
 /// Reads the opening packet(s), answering protocol errors itself. `None`
@@ -398,7 +331,7 @@ async fn frozen_watch(
     freezes: &mut tokio::sync::watch::Receiver<u64>,
 ) -> crate::freeze::FreezeEntry {
     loop {
-        if let Some(f) = shared.freezer.frozen(workload) {
+        if let Some(f) = shared.admission.freezer().frozen(workload) {
             return f;
         }
         if freezes.changed().await.is_err() {
@@ -419,6 +352,18 @@ pub(super) fn frozen_error(f: &crate::freeze::FreezeEntry) -> Vec<u8> {
         None,
         None,
     )
+}
+
+/// A PostgreSQL route's own policy step: its `databases` list.
+fn check_database(route: &PgRoute, database: &str) -> Result<(), Denial> {
+    if route.databases.is_empty() || route.databases.iter().any(|d| d == database) {
+        return Ok(());
+    }
+    Err(Denial::DatabaseNotAllowed {
+        route: route.name.clone(),
+        database: database.to_string(),
+        allowed: route.databases.clone(),
+    })
 }
 
 /// Runs one session to its end. Never panics on client input.
@@ -472,101 +417,22 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         .or_else(|| startup.get("user"))
         .unwrap_or("")
         .to_string();
-    let shared2 = shared.clone();
-    let route2 = route.clone();
-    // A process seen before is confirmed without a blocking thread (the
-    // round trip to one costs about as much as the /proc reads); anything
-    // else, and every refusal, takes the blocking path.
-    let t0 = Instant::now();
-    let attested = match attest_quick(&shared, peer) {
-        Ok(who) => {
-            shared
-                .metrics
-                .attestation(AttestVia::Postgres, true, t0.elapsed());
-            Ok(who)
-        }
-        Err(peer) => tokio::task::spawn_blocking(move || {
-            let t0 = Instant::now();
-            let res = attest_peer(&shared2, &peer);
-            shared2
-                .metrics
-                .attestation(AttestVia::Postgres, res.is_ok(), t0.elapsed());
-            res
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err((
-                None,
-                Refusal::new("XX000", "error", format!("warden: attestation failed: {e}")),
-            ))
-        }),
+    // attest → frozen? → allow list → database list (the admission step).
+    let who = shared.admission.attest(peer, AttestVia::Postgres).await;
+    let policy = RoutePolicy {
+        name: &route.name,
+        allow: &route.allow,
     };
-    let mut denied_pid = None;
-    let outcome = match attested {
-        Err((pid, mut r)) => {
-            denied_pid = pid;
-            r.message = format!(
-                "{} — route {:?} refuses unattested clients",
-                r.message, route2.name
-            );
-            Err((None, r))
-        }
-        Ok(who) => {
-            if let Some(f) = shared.freezer.frozen(&who.workload) {
-                Err((
-                    Some(who),
-                    Refusal::new("28000", "frozen", crate::freeze::frozen_message(&f)),
-                ))
-            } else if !route.allow.contains(&who.workload) {
-                let r = Refusal::new("28000", "denied", not_allowed(&who, &route.name));
-                Err((Some(who), r))
-            } else if !route.databases.is_empty() && !route.databases.contains(&database) {
-                let r = Refusal::new(
-                    "28000",
-                    "denied",
-                    format!(
-                        "warden: route {:?} does not allow database {:?} (allowed: {})",
-                        route.name,
-                        database,
-                        route.databases.join(", ")
-                    ),
-                );
-                Err((Some(who), r))
-            } else {
-                Ok(who)
-            }
-        }
-    };
-    let who = match outcome {
+    let admitted = shared
+        .admission
+        .authorize(&who, &policy)
+        .and_then(|w| check_database(&route, &database).map(|()| w.clone()));
+    let who = match admitted {
         Ok(w) => w,
-        Err((who, r)) => {
-            tracing::warn!(route = %route.name, "session refused: {}", r.message);
-            record(
-                &shared,
-                Event {
-                    actor: actor(who.as_ref()),
-                    action: "session.deny".into(),
-                    target: Target {
-                        route: Some(route.name.clone()),
-                        detail: Some(format!("database {database}")),
-                        ..Target::default()
-                    },
-                    decision: Decision::Deny,
-                    reason: r.message.clone(),
-                },
-            )
-            .await;
-            let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
-            if r.result == "denied" {
-                let pid = who.as_ref().map(|w| w.facts.pid).or(denied_pid);
-                if let Some(pid) = pid {
-                    shared
-                        .anomaly
-                        .denial(who.as_ref().map(|w| w.workload.as_str()), pid);
-                }
-            }
-            shared.metrics.session(&route.name, workload, r.result);
-            send_error(&mut client, &r).await;
+        Err(d) => {
+            let detail = format!("database {database}");
+            shared.admission.refuse(&route.name, &who, &d, detail).await;
+            send_error(&mut client, &refusal_of(&d)).await;
             return;
         }
     };
@@ -591,28 +457,28 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                 scram_min_iterations: t.scram_iterations,
                 password: t.password,
             })
-            .map_err(|e| {
-                let sqlstate = if e.kind == ErrorKind::Sealed {
-                    "57P03"
-                } else {
-                    "28000"
-                };
-                Refusal::new(
-                    sqlstate,
-                    "credential_error",
-                    format!(
-                        "warden: no lease for workload {:?} on route {:?}: {}",
-                        who.workload, route.name, e.message
-                    ),
-                )
+            .map_err(|e| match e.kind {
+                ErrorKind::Sealed => Denial::Sealed {
+                    route: route.name.clone(),
+                    reason: e.message,
+                },
+                _ => Denial::NoLease {
+                    route: route.name.clone(),
+                    workload: who.workload.clone(),
+                    reason: e.message,
+                },
             }),
     };
     let cred = match cred {
         Ok(c) => c,
-        Err(r) => {
-            tracing::warn!(route = %route.name, "session refused: {}", r.message);
-            shared.metrics.session(&route.name, &who.workload, r.result);
-            send_error(&mut client, &r).await;
+        Err(d) => {
+            let attested = Ok(who);
+            let detail = format!("database {database}");
+            shared
+                .admission
+                .refuse(&route.name, &attested, &d, detail)
+                .await;
+            send_error(&mut client, &refusal_of(&d)).await;
             return;
         }
     };
@@ -709,52 +575,40 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     }
 
     // The credential use is recorded before the client gets the session (fail closed).
-    let recorded = record(
-        &shared,
-        Event {
-            actor: actor(Some(&who)),
-            action: "session.start".into(),
-            target: credential_target(
-                &route,
-                &cred,
-                format!(
-                    "database {database}, role {}, auth {}{}",
-                    cred.user,
-                    established.auth_method,
-                    if reused {
-                        ", pooled upstream connection"
-                    } else {
-                        ""
-                    }
-                ),
-            ),
-            decision: Decision::Allow,
-            reason: "credential injected".into(),
-        },
-    )
-    .await;
+    let target = credential_target(
+        &route,
+        &cred,
+        format!(
+            "database {database}, role {}, auth {}{}",
+            cred.user,
+            established.auth_method,
+            if reused {
+                ", pooled upstream connection"
+            } else {
+                ""
+            }
+        ),
+    );
+    let started_ok = shared
+        .admission
+        .record_start(
+            &who,
+            &route.name,
+            &route.secret,
+            target,
+            "credential injected",
+            true,
+        )
+        .await;
     let mut stream = established.stream;
-    if !recorded {
-        let r = Refusal::new(
-            "58000",
-            "audit_error",
-            "warden: the audit record for this session could not be written; refusing".into(),
-        );
-        shared.metrics.session(&route.name, &who.workload, r.result);
-        send_error(&mut client, &r).await;
+    if let Err(d) = started_ok {
+        shared
+            .metrics
+            .session(&route.name, &who.workload, d.result());
+        send_error(&mut client, &refusal_of(&d)).await;
         pool::close(stream);
         return;
     }
-
-    shared
-        .metrics
-        .session(&route.name, &who.workload, "allowed");
-    shared.anomaly.session(
-        &who.workload,
-        &route.secret,
-        who.facts.pid,
-        who.facts.exe_sha256.as_deref(),
-    );
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
     let cancel_key = established.backend_key.as_ref().map(|(upid, ukey)| {
@@ -773,7 +627,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     }
     greeting.extend_from_slice(&protocol::ready_for_query(established.ready_status));
     // A freeze of this workload ends the session with 57P01.
-    let mut freezes = shared.freezer.subscribe();
+    let mut freezes = shared.admission.freezer().subscribe();
     // Long sessions on plain TCP both ways go to the kernel relay.
     let kernel_relay = shared
         .kernel_relay

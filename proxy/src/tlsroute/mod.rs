@@ -18,13 +18,14 @@
 
 mod server;
 
+use crate::admission::{Admission, Denial, Peer, RoutePolicy};
 use crate::audit::{Decision, Event, Target};
 use crate::authority::IdentityHandle;
 use crate::config::{Config, RouteKind};
 use crate::error::{Error, Result};
+use crate::metrics::AttestVia;
 use crate::metrics::Metrics;
-use crate::peer::{actor, not_allowed, Attested, Attestor};
-use crate::service::SecretService;
+use crate::peer::{actor, Attested};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -117,19 +118,12 @@ fn rustls_identity(
 /// A client configuration and the (SVID serial, bundle) tag it was built from.
 type TaggedConfig = (String, Arc<ClientConfig>);
 
-/// A refused connection: who (if attested), why, and the metrics result label.
-type Refusal = Box<(Option<Attested>, String, &'static str)>;
-
 /// State shared by every tls route.
 pub struct TlsShared {
-    pub service: Arc<Mutex<SecretService>>,
-    /// Session records, group-committed (see [`crate::journal`]).
-    pub audit: crate::journal::Journal,
+    /// attest → policy → session records (every front end's).
+    pub admission: Arc<Admission>,
     pub identity: Arc<IdentityHandle>,
-    pub attestor: Attestor,
     pub metrics: Metrics,
-    /// Frozen workloads are refused (connection closed, reason logged/audited).
-    pub freezer: Arc<crate::freeze::Freezer>,
     /// Client configurations by (route, workload), with the SVID serial and
     /// bundle they were built from.
     configs: Mutex<HashMap<(String, String), TaggedConfig>>,
@@ -139,33 +133,16 @@ pub struct TlsShared {
 
 impl TlsShared {
     pub fn new(
-        cfg: &Config,
-        service: Arc<Mutex<SecretService>>,
+        admission: Arc<Admission>,
         identity: Arc<IdentityHandle>,
         metrics: Metrics,
-        resolver: Arc<dyn warden_identity::attest::PeerResolver>,
-        freezer: Arc<crate::freeze::Freezer>,
-    ) -> crate::error::Result<TlsShared> {
-        Ok(TlsShared {
-            audit: crate::journal::Journal::start(
-                service.clone(),
-                "warden-tls-audit",
-                cfg.audit.sync_window(),
-            )?,
-            service,
+    ) -> TlsShared {
+        TlsShared {
+            admission,
             identity,
-            freezer,
-            attestor: Attestor::from_config(cfg, resolver),
             metrics,
             configs: Mutex::new(HashMap::new()),
             server_configs: server::ServerConfigs::default(),
-        })
-    }
-
-    fn record(&self, event: &Event) -> bool {
-        match self.service.lock() {
-            Ok(mut s) => s.record(event).is_ok(),
-            Err(_) => false,
         }
     }
 
@@ -197,7 +174,7 @@ impl TlsShared {
         if fresh {
             self.identity.wake.notify_one();
             self.metrics.svid_issued();
-            self.record(&Event {
+            self.admission.audit().record_blocking(Event {
                 actor: actor(Some(who)),
                 action: "svid.issue".into(),
                 target: Target {
@@ -363,55 +340,37 @@ async fn session(
     shared: Arc<TlsShared>,
 ) {
     let started = Instant::now();
-    let (s2, r2) = (shared.clone(), route.clone());
-    let prepared = tokio::task::spawn_blocking(move || -> std::result::Result<_, Refusal> {
-        let who = s2.attestor.attest_tcp(local, peer).map_err(|m| {
-            Box::new((
-                None,
-                format!("{m} — route {:?} refuses unattested clients", r2.name),
-                "denied",
-            ))
-        })?;
-        if let Some(f) = s2.freezer.frozen(&who.workload) {
-            let m = crate::freeze::frozen_message(&f);
-            return Err(Box::new((Some(who), m, "frozen")));
+    // attest → frozen? → allow list (the admission step), then the
+    // caller's SVID (blocking: may issue one).
+    let admission = &shared.admission;
+    let attestation = admission
+        .attest(Peer::Tcp { local, peer }, AttestVia::Tls)
+        .await;
+    let policy = RoutePolicy {
+        name: &route.name,
+        allow: &route.allow,
+    };
+    let prepared = match admission.authorize(&attestation, &policy) {
+        Err(d) => Err(d),
+        Ok(who) => {
+            let (s2, r2, w2) = (shared.clone(), route.clone(), who.clone());
+            tokio::task::spawn_blocking(move || s2.client_config(&r2, &w2))
+                .await
+                .unwrap_or_else(|e| Err(format!("SVID task failed: {e}")))
+                .map(|(config, serial)| (who.clone(), config, serial))
+                .map_err(|reason| Denial::Identity {
+                    route: route.name.clone(),
+                    reason,
+                })
         }
-        if !r2.allow.contains(&who.workload) {
-            let m = not_allowed(&who, &r2.name);
-            return Err(Box::new((Some(who), m, "denied")));
-        }
-        match s2.client_config(&r2, &who) {
-            Ok((config, serial)) => Ok((who, config, serial)),
-            Err(m) => Err(Box::new((
-                Some(who),
-                format!("warden: route {:?}: {m}", r2.name),
-                "identity_error",
-            ))),
-        }
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(Box::new((
-            None,
-            format!("warden: attestation failed: {e}"),
-            "error",
-        )))
-    });
+    };
     let (who, config, serial) = match prepared {
         Ok(p) => p,
-        Err(refusal) => {
-            let (who, message, result) = *refusal;
-            tracing::warn!(route = %route.name, "connection refused: {message}");
-            let workload = who.as_ref().map(|w| w.workload.as_str()).unwrap_or("");
-            shared.metrics.session(&route.name, workload, result);
-            let event = Event {
-                actor: actor(who.as_ref()),
-                action: "session.deny".into(),
-                target: target(&route, "tls".into()),
-                decision: Decision::Deny,
-                reason: message,
-            };
-            let _ = shared.audit.record(event).await;
+        Err(d) => {
+            // A plain TCP client cannot be told why: the connection closes.
+            admission
+                .refuse(&route.name, &attestation, &d, "tls".into())
+                .await;
             return;
         }
     };
@@ -439,7 +398,7 @@ async fn session(
                 decision: Decision::Error,
                 reason: message,
             };
-            let _ = shared.audit.record(event).await;
+            let _ = shared.admission.audit().record(event).await;
             return;
         }
     };
@@ -450,24 +409,24 @@ async fn session(
         "tls to {}:{} as {} (SVID serial {serial})",
         route.host, route.port, who.spiffe_id
     );
-    let event = Event {
-        actor: actor(Some(&who)),
-        action: "session.start".into(),
-        target: target(&route, detail.clone()),
-        decision: Decision::Allow,
-        reason: "workload SVID presented".into(),
-    };
-    let recorded = shared.audit.record(event).await;
-    if !recorded {
-        tracing::warn!(route = %route.name, "session refused: the audit record could not be written");
+    let started_ok = shared
+        .admission
+        .record_start(
+            &who,
+            &route.name,
+            &route.name,
+            target(&route, detail.clone()),
+            "workload SVID presented",
+            true,
+        )
+        .await;
+    if let Err(d) = started_ok {
+        tracing::warn!(route = %route.name, "session refused: {d}");
         shared
             .metrics
-            .session(&route.name, &who.workload, "audit_error");
+            .session(&route.name, &who.workload, d.result());
         return;
     }
-    shared
-        .metrics
-        .session(&route.name, &who.workload, "allowed");
     relay_and_end(
         &mut client,
         &mut upstream,
@@ -513,5 +472,5 @@ async fn relay_and_end<A, B>(
         reason: "session ended".into(),
     };
     // Nobody waits for a session's end: it may share a later commit.
-    let _ = shared.audit.record_unhurried(event).await;
+    let _ = shared.admission.audit().record_unhurried(event).await;
 }

@@ -126,7 +126,7 @@ fn remote_actor(spiffe_id: &str) -> Actor {
 }
 
 async fn record(shared: &Arc<TlsShared>, event: Event) -> bool {
-    shared.audit.record(event).await
+    shared.admission.audit().record(event).await
 }
 
 /// One remote connection of a server-mode route.

@@ -1,0 +1,537 @@
+//! The admission step: the one place that decides whether a caller may use a
+//! route, for every front end (PostgreSQL, HTTP, TLS, the Workload API).
+//!
+//! peer → **attest** (the daemon's one [`Attestor`] and executable-hash
+//! cache) → **frozen?** → **allow list** (plus any front-end-specific check,
+//! e.g. a PostgreSQL route's database list) → **anomaly signal** →
+//! **credential** (the daemon's one [`CredentialCache`]) → the
+//! **session-start audit record** (fail closed).
+//!
+//! Each step returns a typed [`Denial`] on refusal; [`Admission::refuse`]
+//! does the bookkeeping every refusal needs (log line, audit record, metric,
+//! the anomaly detector's denial signal) once for all front ends. A front
+//! end only maps a `Denial` to its wire form, in one table per protocol
+//! (SQLSTATE, HTTP status, gRPC status, a closed TLS connection).
+
+use crate::anomaly::Anomaly;
+use crate::audit::{Decision, Event, Target};
+use crate::credentials::{CredentialCache, SecretValue};
+use crate::error::ErrorKind;
+use crate::freeze::{FreezeEntry, Freezer};
+use crate::journal::Journal;
+use crate::metrics::{AttestVia, Metrics};
+use crate::peer::{actor, describe, Attested, Attestor};
+use crate::service::SecretService;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the process on the other end of a connection is found.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    /// TCP: resolved from the connection's addresses (kernel map, then /proc).
+    Tcp { local: SocketAddr, peer: SocketAddr },
+    /// Unix socket: the SO_PEERCRED pid, when the kernel reported one.
+    Unix { pid: Option<u32> },
+}
+
+/// Attestation that did not name a workload: why, and the pid when known
+/// (the denial rule keys on the process's cgroup).
+#[derive(Debug, Clone)]
+pub struct Unattested {
+    pub pid: Option<u32>,
+    pub reason: String,
+}
+
+/// The outcome of attesting a connection's peer.
+pub type Attestation = Result<Attested, Unattested>;
+
+/// Where a refusal happened.
+#[derive(Clone, Copy)]
+enum Venue<'a> {
+    Route(&'a str),
+    WorkloadApi(&'a str),
+}
+
+/// What the admission step needs to know about a route.
+pub struct RoutePolicy<'a> {
+    pub name: &'a str,
+    pub allow: &'a [String],
+}
+
+/// A secret a route injects, and how long a fetched value may be reused.
+pub struct SecretRef<'a> {
+    pub name: &'a str,
+    pub env: &'a str,
+    pub ttl: Duration,
+}
+
+/// Why a caller is refused. Every front end maps these to its wire form
+/// (one table per protocol); the message never carries a secret value.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Denial {
+    /// The peer's process could not be attested to a workload.
+    Unattested { route: String, reason: String },
+    /// The workload is frozen.
+    Frozen(Box<FreezeEntry>),
+    /// The workload is not on the route's allow list.
+    NotAllowed {
+        route: String,
+        workload: String,
+        process: String,
+    },
+    /// A PostgreSQL route's `databases` does not list the one asked for.
+    DatabaseNotAllowed {
+        route: String,
+        database: String,
+        allowed: Vec<String>,
+    },
+    /// A front end's own policy refused the request (e.g. a forward proxy
+    /// asked for a destination no route serves); `reason` says why.
+    NotPermitted { reason: String },
+    /// warden is sealed: no credential can be opened yet.
+    Sealed { route: String, reason: String },
+    /// The route's secret (or lease) cannot be had.
+    NoCredential { route: String, reason: String },
+    /// A dynamic route could not lease a role for the workload.
+    NoLease {
+        route: String,
+        workload: String,
+        reason: String,
+    },
+    /// The caller's identity (SVID) cannot be issued or used.
+    Identity { route: String, reason: String },
+    /// The audit record could not be written: refused (fail closed).
+    AuditFailed,
+    /// A failure inside warden.
+    Internal { reason: String },
+}
+
+impl Denial {
+    /// The `result` label of `warden_sessions_total`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Denial::Unattested { .. }
+            | Denial::NotAllowed { .. }
+            | Denial::NotPermitted { .. }
+            | Denial::DatabaseNotAllowed { .. } => "denied",
+            Denial::Frozen(_) => "frozen",
+            Denial::Sealed { .. } | Denial::NoCredential { .. } | Denial::NoLease { .. } => {
+                "credential_error"
+            }
+            Denial::Identity { .. } => "identity_error",
+            Denial::AuditFailed => "audit_error",
+            Denial::Internal { .. } => "error",
+        }
+    }
+
+    /// A refusal by policy (counted by the `denials_per_minute` rule).
+    pub fn is_policy(&self) -> bool {
+        self.result() == "denied"
+    }
+
+    /// The audit action of the refusal, or None when the audit log itself
+    /// is what failed.
+    fn audit_action(&self) -> Option<&'static str> {
+        match self {
+            Denial::AuditFailed => None,
+            Denial::Unattested { .. }
+            | Denial::Frozen(_)
+            | Denial::NotAllowed { .. }
+            | Denial::NotPermitted { .. }
+            | Denial::DatabaseNotAllowed { .. } => Some("session.deny"),
+            _ => Some("session.error"),
+        }
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Not a route (the Workload API): the reason alone.
+            Denial::Unattested { route, reason } if route.is_empty() => f.write_str(reason),
+            Denial::Unattested { route, reason } => {
+                write!(f, "{reason} — route {route:?} refuses unattested clients")
+            }
+            Denial::Frozen(e) => f.write_str(&crate::freeze::frozen_message(e)),
+            Denial::NotAllowed {
+                route,
+                workload,
+                process,
+            } => write!(
+                f,
+                "warden: {process} is workload {workload:?}, which may not use route {route:?}"
+            ),
+            Denial::DatabaseNotAllowed {
+                route,
+                database,
+                allowed,
+            } => write!(
+                f,
+                "warden: route {route:?} does not allow database {database:?} (allowed: {})",
+                allowed.join(", ")
+            ),
+            Denial::NotPermitted { reason, .. } => f.write_str(reason),
+            Denial::Sealed { route, reason } | Denial::NoCredential { route, reason, .. } => {
+                write!(f, "warden: no credential for route {route:?}: {reason}")
+            }
+            Denial::NoLease {
+                route,
+                workload,
+                reason,
+            } => write!(
+                f,
+                "warden: no lease for workload {workload:?} on route {route:?}: {reason}"
+            ),
+            Denial::Identity { route, reason } => write!(f, "warden: route {route:?}: {reason}"),
+            Denial::AuditFailed => f.write_str(
+                "warden: the audit record for this session could not be written; refusing",
+            ),
+            Denial::Internal { reason } => write!(f, "warden: {reason}"),
+        }
+    }
+}
+
+/// Everything the admission step consults; one per daemon, shared by every
+/// front end.
+pub struct Admission {
+    attestor: Attestor,
+    freezer: Arc<Freezer>,
+    anomaly: Arc<Anomaly>,
+    credentials: Arc<CredentialCache>,
+    service: Arc<Mutex<SecretService>>,
+    /// The daemon's one audit writer for session records.
+    audit: Journal,
+    metrics: Metrics,
+}
+
+/// The services an [`Admission`] is built from.
+pub struct AdmissionParts {
+    pub attestor: Attestor,
+    pub freezer: Arc<Freezer>,
+    pub anomaly: Arc<Anomaly>,
+    pub credentials: Arc<CredentialCache>,
+    pub service: Arc<Mutex<SecretService>>,
+    pub audit: Journal,
+    pub metrics: Metrics,
+}
+
+impl Admission {
+    pub fn new(p: AdmissionParts) -> Arc<Admission> {
+        Arc::new(Admission {
+            attestor: p.attestor,
+            freezer: p.freezer,
+            anomaly: p.anomaly,
+            credentials: p.credentials,
+            service: p.service,
+            audit: p.audit,
+            metrics: p.metrics,
+        })
+    }
+
+    pub fn freezer(&self) -> &Arc<Freezer> {
+        &self.freezer
+    }
+
+    pub fn credentials(&self) -> &Arc<CredentialCache> {
+        &self.credentials
+    }
+
+    /// The session audit writer (session-end records go here too).
+    pub fn audit(&self) -> &Journal {
+        &self.audit
+    }
+
+    /// Attributes and attests a connection's peer. A process seen before
+    /// is confirmed on the runtime thread (small /proc reads, the cached
+    /// executable hash); anything else, and every refusal, runs on a
+    /// blocking thread.
+    pub async fn attest(self: &Arc<Self>, peer: Peer, via: AttestVia) -> Attestation {
+        let t0 = Instant::now();
+        let known = match self.attest_quick(peer) {
+            Ok(who) => {
+                self.metrics.attestation(via, true, t0.elapsed());
+                return Ok(who);
+            }
+            Err(known) => known,
+        };
+        let me = self.clone();
+        let res = tokio::task::spawn_blocking(move || me.attest_known(peer, known))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Unattested {
+                    pid: None,
+                    reason: format!("warden: attestation failed: {e}"),
+                })
+            });
+        self.metrics.attestation(via, res.is_ok(), t0.elapsed());
+        res
+    }
+
+    /// [`Self::attest`] for a blocking thread (the Workload API's handlers).
+    pub fn attest_blocking(&self, peer: Peer, via: AttestVia) -> Attestation {
+        let t0 = Instant::now();
+        let res = match self.attest_quick(peer) {
+            Ok(who) => Ok(who),
+            Err(known) => self.attest_known(peer, known),
+        };
+        self.metrics.attestation(via, res.is_ok(), t0.elapsed());
+        res
+    }
+
+    /// The cached path; `Err(Some(pid))` when the kernel named the pid.
+    fn attest_quick(&self, peer: Peer) -> Result<Attested, Option<u32>> {
+        match peer {
+            Peer::Tcp { local, peer } => self.attestor.attest_tcp_cached(local, peer),
+            Peer::Unix { pid: Some(pid) } => self.attestor.attest_pid_cached(pid).ok_or(Some(pid)),
+            Peer::Unix { pid: None } => Err(None),
+        }
+    }
+
+    /// The blocking path: /proc reads, the executable hashed if new.
+    fn attest_known(&self, peer: Peer, known: Option<u32>) -> Attestation {
+        let pid = match (known, peer) {
+            (Some(pid), _) => pid,
+            (None, Peer::Tcp { local, peer }) => self
+                .attestor
+                .tcp_pid(local, peer)
+                .map_err(|reason| Unattested { pid: None, reason })?,
+            (None, Peer::Unix { .. }) => {
+                return Err(Unattested {
+                    pid: None,
+                    reason: "warden: the kernel did not report the connecting process".into(),
+                })
+            }
+        };
+        self.attestor.attest_pid(pid).map_err(|reason| Unattested {
+            pid: Some(pid),
+            reason,
+        })
+    }
+
+    /// Policy: attested, not frozen, on the route's allow list.
+    pub fn authorize<'a>(
+        &self,
+        who: &'a Attestation,
+        route: &RoutePolicy<'_>,
+    ) -> Result<&'a Attested, Denial> {
+        let who = who.as_ref().map_err(|u| Denial::Unattested {
+            route: route.name.to_string(),
+            reason: u.reason.clone(),
+        })?;
+        self.authorize_workload(who, route)?;
+        Ok(who)
+    }
+
+    /// Policy for an attested caller: not frozen, on the allow list.
+    pub fn authorize_workload(
+        &self,
+        who: &Attested,
+        route: &RoutePolicy<'_>,
+    ) -> Result<(), Denial> {
+        self.check_frozen(&who.workload)?;
+        if !route.allow.contains(&who.workload) {
+            return Err(Denial::NotAllowed {
+                route: route.name.to_string(),
+                workload: who.workload.clone(),
+                process: describe(&who.facts),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a frozen workload.
+    pub fn check_frozen(&self, workload: &str) -> Result<(), Denial> {
+        match self.freezer.frozen(workload) {
+            Some(f) => Err(Denial::Frozen(Box::new(f))),
+            None => Ok(()),
+        }
+    }
+
+    /// The bookkeeping of a refusal, the same for every front end: a log
+    /// line, the audit record (`session.deny` or `session.error`), the
+    /// `warden_sessions_total` metric and, for a policy refusal, the
+    /// anomaly detector's denial signal. `detail` goes into the record's
+    /// target (e.g. "database orders", "http").
+    pub async fn refuse(&self, route: &str, who: &Attestation, denial: &Denial, detail: String) {
+        if let Some(event) = self.note_refusal(Venue::Route(route), who, denial, detail) {
+            let _ = self.audit.record(event).await;
+        }
+    }
+
+    /// [`Self::refuse`] on a blocking thread, for a Workload API request `op` (audited as
+    /// `svid.deny`, counted in `warden_workload_api_denied_total{op}`).
+    pub fn refuse_identity_request(&self, op: &str, who: &Attestation, denial: &Denial) {
+        let detail = format!("Workload API {op}");
+        if let Some(event) = self.note_refusal(Venue::WorkloadApi(op), who, denial, detail) {
+            let _ = self.audit.record_blocking(event);
+        }
+    }
+
+    /// Log, metric and anomaly signal of a refusal; its audit record.
+    fn note_refusal(
+        &self,
+        venue: Venue<'_>,
+        who: &Attestation,
+        denial: &Denial,
+        detail: String,
+    ) -> Option<Event> {
+        let message = denial.to_string();
+        let attested = who.as_ref().ok();
+        let workload = attested.map(|w| w.workload.as_str());
+        let route = match venue {
+            Venue::Route(route) => {
+                tracing::warn!(route = %route, "session refused: {message}");
+                self.metrics
+                    .session(route, workload.unwrap_or(""), denial.result());
+                Some(route)
+            }
+            Venue::WorkloadApi(op) => {
+                tracing::warn!("Workload API {op} refused: {message}");
+                self.metrics.workload_api_denied(op);
+                None
+            }
+        };
+        if denial.is_policy() {
+            let pid = match who {
+                Ok(w) => Some(w.facts.pid),
+                Err(u) => u.pid,
+            };
+            if let Some(pid) = pid {
+                self.anomaly.denial(workload, pid);
+            }
+        }
+        let action = match venue {
+            Venue::Route(_) => denial.audit_action()?,
+            Venue::WorkloadApi(_) => "svid.deny",
+        };
+        Some(Event {
+            actor: actor(attested),
+            action: action.into(),
+            target: Target {
+                route: route.map(String::from),
+                detail: Some(detail),
+                ..Target::default()
+            },
+            decision: if denial.audit_action() == Some("session.deny") {
+                Decision::Deny
+            } else {
+                Decision::Error
+            },
+            reason: message,
+        })
+    }
+
+    /// The route's secret: from the cache on the runtime thread, else read
+    /// from the store on a blocking thread.
+    pub async fn credential(
+        self: &Arc<Self>,
+        route: &str,
+        secret: &SecretRef<'_>,
+    ) -> Result<SecretValue, Denial> {
+        if let Some(hit) = self.credentials.cached(secret.name, secret.env, secret.ttl) {
+            return Ok(hit);
+        }
+        let me = self.clone();
+        let (name, env, ttl) = (secret.name.to_string(), secret.env.to_string(), secret.ttl);
+        let got =
+            tokio::task::spawn_blocking(move || me.credentials.get(&me.service, &name, &env, ttl))
+                .await;
+        match got {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.kind == ErrorKind::Sealed => Err(Denial::Sealed {
+                route: route.to_string(),
+                reason: e.message,
+            }),
+            Ok(Err(e)) => Err(Denial::NoCredential {
+                route: route.to_string(),
+                reason: e.message,
+            }),
+            Err(e) => Err(Denial::Internal {
+                reason: format!("credential lookup failed: {e}"),
+            }),
+        }
+    }
+
+    /// Writes the `session.start` record (fail closed: `Err` means the
+    /// session must not go on), then counts the session and tells the
+    /// anomaly detector which credential the workload used (`credential`:
+    /// the secret's name, or the route's for a credential that is not a
+    /// stored secret). `first`: the first start of this connection (an HTTP
+    /// connection records again when the secret's version changes).
+    pub async fn record_start(
+        &self,
+        who: &Attested,
+        route: &str,
+        credential: &str,
+        target: Target,
+        reason: &str,
+        first: bool,
+    ) -> Result<(), Denial> {
+        let event = Event {
+            actor: actor(Some(who)),
+            action: "session.start".into(),
+            target,
+            decision: Decision::Allow,
+            reason: reason.into(),
+        };
+        if !self.audit.record(event).await {
+            return Err(Denial::AuditFailed);
+        }
+        if first {
+            self.metrics.session(route, &who.workload, "allowed");
+            self.anomaly.session(
+                &who.workload,
+                credential,
+                who.facts.pid,
+                who.facts.exe_sha256.as_deref(),
+            );
+        }
+        Ok(())
+    }
+
+    /// An SVID handed to `who` (the new-executable rule watches these).
+    pub fn issued(&self, who: &Attested) {
+        self.anomaly.issue(
+            &who.workload,
+            who.facts.pid,
+            who.facts.exe_sha256.as_deref(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denial_messages_name_route_and_fix() {
+        let d = Denial::NotAllowed {
+            route: "orders-db".into(),
+            workload: "reports".into(),
+            process: "process 7 (/usr/bin/psql, uid 1001)".into(),
+        };
+        assert_eq!(
+            d.to_string(),
+            "warden: process 7 (/usr/bin/psql, uid 1001) is workload \"reports\", which may not use route \"orders-db\""
+        );
+        assert!(d.is_policy());
+        let d = Denial::Unattested {
+            route: "api".into(),
+            reason: "warden: no [[workload]] matches".into(),
+        };
+        assert!(d
+            .to_string()
+            .ends_with("route \"api\" refuses unattested clients"));
+        let d = Denial::NoCredential {
+            route: "api".into(),
+            reason: "no secret \"payments/token\" in environment \"default\"".into(),
+        };
+        assert!(d.to_string().contains("payments/token"));
+        assert_eq!(d.result(), "credential_error");
+        assert!(!d.is_policy());
+        assert_eq!(Denial::AuditFailed.audit_action(), None);
+    }
+}
