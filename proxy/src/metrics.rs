@@ -268,7 +268,7 @@ impl Metrics {
         let svid_soonest_expiry = GaugeVec::new(
             Opts::new(
                 "warden_svid_soonest_expiry_seconds",
-                "Seconds until the soonest-expiring SVID warden holds for a workload expires (absent while none is held).",
+                "Seconds until the soonest-expiring SVID warden holds for a workload expires (+Inf while none is held).",
             ),
             &[],
         )?;
@@ -704,14 +704,15 @@ impl Metrics {
     /// Seconds until the soonest SVID and the signing CA expire (`None`:
     /// nothing held, the series disappears).
     pub fn set_identity_expiry(&self, soonest_svid: Option<f64>, ca: Option<f64>) {
-        for (g, v) in [
-            (&self.inner.svid_soonest_expiry, soonest_svid),
-            (&self.inner.ca_expiry, ca),
-        ] {
-            match v {
-                Some(s) => g.with_label_values(&[]).set(s),
-                None => g.reset(),
-            }
+        // No SVID held: nothing can expire, +Inf (the series exists from
+        // the start; `< threshold` alerts stay quiet).
+        self.inner
+            .svid_soonest_expiry
+            .with_label_values(&[])
+            .set(soonest_svid.unwrap_or(f64::INFINITY));
+        match ca {
+            Some(s) => self.inner.ca_expiry.with_label_values(&[]).set(s),
+            None => self.inner.ca_expiry.reset(),
         }
     }
 
@@ -751,6 +752,12 @@ impl Metrics {
             self.inner
                 .sessions
                 .with_label_values(&[route, w, "allowed"]);
+        }
+        // Every route's session series exist from the start, so a fresh
+        // dashboard shows zeros, not "No data".
+        self.inner.session_seconds.with_label_values(&[route]);
+        for direction in ["up", "down"] {
+            self.inner.bytes.with_label_values(&[route, direction]);
         }
         if http {
             self.inner.http_added_seconds.with_label_values(&[route]);
