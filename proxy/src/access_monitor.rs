@@ -22,9 +22,9 @@ use warden_identity::attest::{
     ExeHashCache, PeerFacts, PeerResolver, ProcNetResolver, Registration,
 };
 
-use crate::config::{Config, EbpfMode, ProtectMode, RouteKind};
-use crate::error::{Error, Result};
-use crate::metrics::{Metrics, MonitorEventKind, MonitorMode, MonitorVerdict};
+use warden_core::config::{Config, EbpfMode, ProtectMode, RouteKind};
+use warden_core::error::{Error, Result};
+use warden_core::metrics::{Metrics, MonitorEventKind, MonitorMode, MonitorVerdict};
 
 /// How many recent events `warden events` (without `--follow`) can show.
 pub const RECENT_EVENTS: usize = 1024;
@@ -144,7 +144,7 @@ pub struct AccessMonitor {
     resolver: Arc<dyn PeerResolver>,
     pub feed: Arc<EventFeed>,
     /// Where bypass attempts go once the anomaly detector runs.
-    anomaly: Arc<std::sync::OnceLock<Arc<crate::anomaly::Anomaly>>>,
+    anomaly: Arc<std::sync::OnceLock<Arc<warden_core::anomaly::Anomaly>>>,
 }
 
 /// Where every daemon's pin directories live.
@@ -164,7 +164,7 @@ pub fn pin_dir_for(data_dir: &Path) -> PathBuf {
     let name = if bytes.len() <= 120 {
         format!("d-{}", hex::encode(bytes))
     } else {
-        format!("h-{}", &crate::crypto::sha256_hex(bytes)[..16])
+        format!("h-{}", &warden_core::crypto::sha256_hex(bytes)[..16])
     };
     PathBuf::from(PIN_ROOT).join(name)
 }
@@ -361,7 +361,7 @@ impl AccessMonitor {
     }
 
     /// Sends bypass attempts to the anomaly detector from now on.
-    pub fn set_anomaly(&self, a: Arc<crate::anomaly::Anomaly>) {
+    pub fn set_anomaly(&self, a: Arc<warden_core::anomaly::Anomaly>) {
         let _ = self.anomaly.set(a);
     }
 
@@ -474,7 +474,7 @@ async fn enrich(
     registrations: Vec<Registration>,
     dest: Destinations,
     feed: Arc<EventFeed>,
-    anomaly: Arc<std::sync::OnceLock<Arc<crate::anomaly::Anomaly>>>,
+    anomaly: Arc<std::sync::OnceLock<Arc<warden_core::anomaly::Anomaly>>>,
 ) {
     let hashes = ExeHashCache::new();
     let mut recent = RecentFacts::default();
@@ -509,7 +509,7 @@ async fn enrich(
             }
         }
         let record = EventRecord {
-            time: crate::timefmt::now_rfc3339(),
+            time: warden_core::timefmt::now_rfc3339(),
             pid: ev.process.tgid,
             tid: ev.process.pid,
             uid: ev.process.uid,

@@ -7,12 +7,6 @@
 //! inside zeroized buffers and are never logged.
 
 use crate::access_monitor::{EventFeed, EventRecord};
-use crate::audit::{Actor, ActorKind, Decision, Event, Target};
-use crate::authority::{IdentityHandle, SvidInfo};
-use crate::error::{Error, ErrorKind, Result};
-use crate::metrics::Metrics;
-use crate::paths;
-use crate::service::{Caller, SecretService};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +15,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use warden_core::audit::{Actor, ActorKind, Decision, Event, Target};
+use warden_core::authority::{IdentityHandle, SvidInfo};
+use warden_core::error::{Error, ErrorKind, Result};
+use warden_core::metrics::Metrics;
+use warden_core::paths;
+use warden_core::service::{Caller, SecretService};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Longest request line accepted (a 1 MiB value, base64-encoded, plus framing).
@@ -99,8 +99,8 @@ pub enum Request {
 
 impl Request {
     /// The freeze verbs, or None.
-    pub fn freeze_request(&self) -> Option<crate::freeze::FreezeRequest> {
-        use crate::freeze::FreezeRequest;
+    pub fn freeze_request(&self) -> Option<warden_core::freeze::FreezeRequest> {
+        use warden_core::freeze::FreezeRequest;
         match self {
             Request::Freeze {
                 workload,
@@ -242,12 +242,12 @@ pub fn bind_socket(path: &Path, access: &AdminAccess) -> Result<UnixListener> {
 /// The daemon's asynchronous services behind some requests (rotation, leases).
 #[derive(Clone)]
 pub struct Engines {
-    pub rotator: Arc<crate::rotation::Rotator>,
-    pub leases: Arc<crate::pg::dynamic::LeaseManager>,
+    pub rotator: Arc<warden_core::rotation::Rotator>,
+    pub leases: Arc<warden_core::leases::LeaseManager>,
     /// The eBPF monitor's access feed (`warden events`).
     pub events: Arc<EventFeed>,
     /// The workload freezer (freeze/unfreeze/frozen).
-    pub freezer: Option<Arc<crate::freeze::Freezer>>,
+    pub freezer: Option<Arc<warden_core::freeze::Freezer>>,
 }
 
 /// Requests that need network I/O run here, outside the service lock.

@@ -8,20 +8,20 @@
 
 use crate::access_monitor::{format_event_line, EventRecord};
 use crate::admin::{self, AdminClient, Request, Response};
-use crate::audit;
-use crate::authority::{IdentitySettings, ImportedCa, SvidInfo};
-use crate::config::{self, Config};
 use crate::daemon;
-use crate::error::{Error, ErrorKind, Result};
-use crate::init;
-use crate::masterkey::{KekPlan, KekSource, UnsealProgress, DEFAULT_CREDENTIAL_NAME};
-use crate::paths;
-use crate::service::{Caller, SecretService, Status, StorePolicy};
-use crate::store::{SecretSummary, VersionInfo};
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use warden_core::audit;
+use warden_core::authority::{IdentitySettings, ImportedCa, SvidInfo};
+use warden_core::config::{self, Config};
+use warden_core::error::{Error, ErrorKind, Result};
+use warden_core::init;
+use warden_core::masterkey::{KekPlan, KekSource, UnsealProgress, DEFAULT_CREDENTIAL_NAME};
+use warden_core::paths;
+use warden_core::service::{Caller, SecretService, Status, StorePolicy};
+use warden_core::store::{SecretSummary, VersionInfo};
 use warden_identity::TrustDomain;
 use zeroize::Zeroizing;
 
@@ -490,7 +490,7 @@ fn run_svid(ctx: &Context, cmd: SvidCommand) -> Result<()> {
 fn read_shares_if_needed(data_dir: &Path) -> Result<Vec<Zeroizing<String>>> {
     let (_, seal, _) = {
         let _lock = init::lock_for_rotation(data_dir)?;
-        crate::service::open_store(data_dir)?
+        warden_core::service::open_store(data_dir)?
     };
     if seal.source != KekSource::Shamir {
         return Ok(Vec::new());
@@ -916,7 +916,12 @@ fn run_freeze(ctx: &Context, req: Request) -> Result<()> {
             let r = req
                 .freeze_request()
                 .ok_or_else(|| Error::internal("not a freeze request"))?;
-            let v = crate::freeze::admin_offline(&mut service, &known, &Caller::this_process(), r)?;
+            let v = warden_core::freeze::admin_offline(
+                &mut service,
+                &known,
+                &Caller::this_process(),
+                r,
+            )?;
             if !list {
                 eprintln!("warden: no daemon is running: recorded in the store; the daemon applies it when it starts");
             }
@@ -927,20 +932,20 @@ fn run_freeze(ctx: &Context, req: Request) -> Result<()> {
         return print_json(&value);
     }
     if list {
-        let entries: Vec<crate::freeze::FreezeEntry> = serde_json::from_value(value)
+        let entries: Vec<warden_core::freeze::FreezeEntry> = serde_json::from_value(value)
             .map_err(|e| Error::internal(format!("unexpected answer: {e}")))?;
         if entries.is_empty() {
             println!("no workload is frozen");
         }
         for e in &entries {
-            println!("{}", crate::freeze::format_entry(e));
+            println!("{}", warden_core::freeze::format_entry(e));
         }
         return Ok(());
     }
-    let e: crate::freeze::FreezeEntry = serde_json::from_value(value)
+    let e: warden_core::freeze::FreezeEntry = serde_json::from_value(value)
         .map_err(|e| Error::internal(format!("unexpected answer: {e}")))?;
     match verb {
-        "freeze" => println!("{}", crate::freeze::format_entry(&e)),
+        "freeze" => println!("{}", warden_core::freeze::format_entry(&e)),
         _ => println!("workload {} unfrozen", e.workload),
     }
     Ok(())
@@ -1140,7 +1145,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// `warden secret rotate`: by the daemon when it runs, else here under the data dir lock.
 fn secret_rotate(ctx: &Context, name: &str, env: Option<&str>) -> Result<()> {
-    let outcome: crate::rotation::RotateOutcome = match Target::connect(ctx)? {
+    let outcome: warden_core::rotation::RotateOutcome = match Target::connect(ctx)? {
         Target::Daemon(mut c) => c
             .call(&Request::SecretRotate {
                 name: name.to_string(),
@@ -1149,8 +1154,8 @@ fn secret_rotate(ctx: &Context, name: &str, env: Option<&str>) -> Result<()> {
             .into_result()?,
         Target::Offline { service, _lock } => {
             let service = std::sync::Arc::new(std::sync::Mutex::new(*service));
-            let creds = std::sync::Arc::new(crate::pg::CredentialCache::default());
-            let rotator = crate::rotation::Rotator::new(&ctx.cfg, service, creds, None)?;
+            let creds = std::sync::Arc::new(warden_postgres::CredentialCache::default());
+            let rotator = warden_core::rotation::Rotator::new(&ctx.cfg, service, creds, None)?;
             let actor = admin::caller_actor(&Caller::this_process());
             runtime()?.block_on(rotator.rotate(
                 name,
@@ -1179,7 +1184,7 @@ fn run_lease(ctx: &Context, cmd: LeaseCommand) -> Result<()> {
                     "leases live in the daemon: start `warden up` first (a stopped daemon's leases are revoked at its next start)",
                 )
             })?;
-            let l: crate::pg::dynamic::LeaseInfo =
+            let l: warden_core::leases::LeaseInfo =
                 c.call(&Request::LeaseRevoke { id })?.into_result()?;
             if ctx.json {
                 return print_json(&l);
@@ -1195,7 +1200,7 @@ fn run_lease(ctx: &Context, cmd: LeaseCommand) -> Result<()> {
             let mut c = AdminClient::connect(&socket)?.ok_or_else(|| {
                 Error::unavailable("leases live in the daemon: start `warden up` first")
             })?;
-            let list: Vec<crate::pg::dynamic::LeaseInfo> =
+            let list: Vec<warden_core::leases::LeaseInfo> =
                 c.call(&Request::LeaseList)?.into_result()?;
             if ctx.json {
                 return print_json(&list);
@@ -1233,17 +1238,19 @@ fn lease_bench(ctx: &Context, route: &str, count: usize, concurrency: usize) -> 
         ));
     };
     let service = Arc::new(std::sync::Mutex::new(*service));
-    let creds = Arc::new(crate::pg::CredentialCache::default());
-    let specs = crate::pg::dynamic_specs(&ctx.cfg)?;
+    let creds = Arc::new(warden_postgres::CredentialCache::default());
+    let specs = warden_postgres::dynamic_specs(&ctx.cfg)?;
     if !specs.iter().any(|s| s.route == route) {
         return Err(Error::usage(format!(
             "route {route:?} has no credential.dynamic in the config"
         )));
     }
-    let leases = Arc::new(crate::pg::dynamic::LeaseManager::new(
+    let leases = Arc::new(warden_core::leases::LeaseManager::new(
         specs, service, creds, None,
     ));
-    let scram = Arc::new(crate::pg::scram::ScramKeyCache::with_capacity(count + 16));
+    let scram = Arc::new(warden_core::pgwire::scram::ScramKeyCache::with_capacity(
+        count + 16,
+    ));
     let rt = runtime()?;
     let report = rt.block_on(async {
         let spec = leases
@@ -1254,7 +1261,7 @@ fn lease_bench(ctx: &Context, route: &str, count: usize, concurrency: usize) -> 
             .create(
                 &spec,
                 "bench-warmup",
-                crate::authority::daemon_actor(),
+                warden_core::authority::daemon_actor(),
                 &scram,
             )
             .await?;
@@ -1271,7 +1278,7 @@ fn lease_bench(ctx: &Context, route: &str, count: usize, concurrency: usize) -> 
                         .create(
                             &spec,
                             &format!("bench-{t}"),
-                            crate::authority::daemon_actor(),
+                            warden_core::authority::daemon_actor(),
                             &scram,
                         )
                         .await?;

@@ -8,20 +8,20 @@
 
 use crate::access_monitor::AccessMonitor;
 use crate::admin::{self, AdminAccess};
-use crate::admission::{Admission, AdmissionParts};
-use crate::authority::IdentityHandle;
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::http;
-use crate::metrics::{self, Metrics};
-use crate::paths;
-use crate::pg;
-use crate::service::{SecretService, StorePolicy};
-use crate::tlsroute;
-use crate::workload_api;
-use crate::workload_identity::WorkloadIdentityProvider;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use warden_core::admission::{Admission, AdmissionParts};
+use warden_core::authority::IdentityHandle;
+use warden_core::config::Config;
+use warden_core::error::{Error, Result};
+use warden_core::metrics::{self, Metrics};
+use warden_core::paths;
+use warden_core::service::{SecretService, StorePolicy};
+use warden_http as http;
+use warden_postgres as pg;
+use warden_tls as tlsroute;
+use warden_workload_api as workload_api;
+use warden_workload_api::provider::WorkloadIdentityProvider;
 
 pub fn admin_socket_path(cfg: &Config, data_dir: &Path) -> PathBuf {
     cfg.admin
@@ -145,7 +145,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         )?;
         // One credential cache for the daemon; every change of a secret
         // empties its entry before it is acknowledged.
-        let credentials = Arc::new(crate::credentials::CredentialCache::default());
+        let credentials = Arc::new(warden_core::credentials::CredentialCache::default());
         service.set_credential_cache(credentials.clone());
         let service = Arc::new(Mutex::new(service));
         crate::observe::install(&metrics, cfg, service.clone(), identity.clone());
@@ -169,7 +169,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             credentials.clone(),
             Some(metrics.clone()),
         ));
-        let rotator = Arc::new(crate::rotation::Rotator::new(
+        let rotator = Arc::new(warden_core::rotation::Rotator::new(
             cfg,
             service.clone(),
             credentials.clone(),
@@ -195,7 +195,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         ));
 
         // Frozen workloads (persisted) back into the kernel maps, then the detector.
-        let freezer = Arc::new(crate::freeze::Freezer::new(
+        let freezer = Arc::new(warden_core::freeze::Freezer::new(
             cfg,
             service.clone(),
             identity.clone(),
@@ -209,7 +209,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 .map_err(|e| Error::internal(format!("re-applying freezes failed: {e}")))?;
         }
         let freeze_task = tokio::spawn(freezer.clone().run());
-        let anomaly = crate::anomaly::Anomaly::start(cfg, freezer.clone(), service.clone(), metrics.clone());
+        let anomaly = warden_core::anomaly::Anomaly::start(cfg, freezer.clone(), service.clone(), metrics.clone());
         access.set_anomaly(anomaly.clone());
 
         let admin_task = tokio::spawn(admin::serve(
@@ -230,12 +230,12 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // executable-hash cache), the freezer, the anomaly detector, the
         // credential cache and one session audit writer.
         let admission = Admission::new(AdmissionParts {
-            attestor: crate::peer::Attestor::from_config(cfg, access.resolver()),
+            attestor: warden_core::peer::Attestor::from_config(cfg, access.resolver()),
             freezer: freezer.clone(),
             anomaly: anomaly.clone(),
             credentials: credentials.clone(),
             service: service.clone(),
-            audit: crate::journal::Journal::start(
+            audit: warden_core::journal::Journal::start(
                 service.clone(),
                 "warden-audit",
                 cfg.audit.sync_window(),
@@ -340,7 +340,10 @@ fn runtime_workers() -> usize {
 
 /// Start-up work for credentials once the store is unsealed: revoke leases a
 /// previous process left (no orphans), finish or roll back interrupted rotations.
-async fn credentials_start(leases: &pg::dynamic::LeaseManager, rotator: &crate::rotation::Rotator) {
+async fn credentials_start(
+    leases: &pg::dynamic::LeaseManager,
+    rotator: &warden_core::rotation::Rotator,
+) {
     let scram = pg::scram::ScramKeyCache::with_capacity(16);
     if !leases.is_empty() {
         match leases.revoke_orphans(&scram).await {
@@ -360,7 +363,7 @@ async fn credentials_start(leases: &pg::dynamic::LeaseManager, rotator: &crate::
 /// Renews and revokes leases, rotates secrets when their period is up.
 async fn maintain_credentials(
     leases: Arc<pg::dynamic::LeaseManager>,
-    rotator: Arc<crate::rotation::Rotator>,
+    rotator: Arc<warden_core::rotation::Rotator>,
     shared: Arc<pg::PgShared>,
     service: Arc<Mutex<SecretService>>,
     mut started: bool,

@@ -1,37 +1,16 @@
 //! `warden`: the node-local secretless identity proxy — daemon and CLI in one
 //! binary. The binary is thin: argument parsing and the verbs live in [`cli`],
-//! the daemon in [`daemon`], and each subsystem in its own module (see
-//! ARCHITECTURE.md for the code map and invariants).
+//! the daemon's wiring in [`daemon`], the admin socket in [`admin`]; the
+//! subsystems are crates — `warden-core` (the admission step and everything
+//! it consults) and one front end per protocol family (`warden-postgres`,
+//! `warden-http`, `warden-tls`, `warden-workload-api`). See ARCHITECTURE.md
+//! for the code map and invariants.
 
 mod access_monitor;
 mod admin;
-mod admission;
-mod anomaly;
-mod audit;
-mod authority;
 mod cli;
-mod config;
-mod credentials;
-mod crypto;
 mod daemon;
-mod error;
-mod freeze;
-mod http;
-mod init;
-mod journal;
-mod masterkey;
-mod metrics;
 mod observe;
-mod paths;
-mod peer;
-mod pg;
-mod rotation;
-mod service;
-mod store;
-mod timefmt;
-mod tlsroute;
-mod workload_api;
-mod workload_identity;
 
 use clap::Parser;
 

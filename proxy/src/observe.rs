@@ -6,14 +6,14 @@
 //! Only metadata is read here: never a secret value, and nothing is audited
 //! (a scrape is not an access).
 
-use crate::authority::IdentityHandle;
-use crate::config::{Config, EbpfMode};
-use crate::metrics::{Metrics, MonitorMode};
-use crate::service::SecretService;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use warden_core::authority::IdentityHandle;
+use warden_core::config::{Config, EbpfMode};
+use warden_core::metrics::{Metrics, MonitorMode};
+use warden_core::service::SecretService;
 
 /// A route and the stored secret it uses.
 struct RouteSecret {
@@ -31,7 +31,11 @@ pub fn install(
 ) {
     metrics.set_svid_ttl(cfg.identity.svid_ttl);
     for r in &cfg.routes {
-        metrics.declare_route(&r.name, r.kind == crate::config::RouteKind::Http, &r.allow);
+        metrics.declare_route(
+            &r.name,
+            r.kind == warden_core::config::RouteKind::Http,
+            &r.allow,
+        );
     }
 
     metrics.on_scrape(Box::new(move |m| {

@@ -485,7 +485,7 @@ allow = ["me"]
         }
     }
     assert!(
-        m.contains("warden_svid_soonest_expiry_seconds +Inf"),
+        m.contains("warden_svid_soonest_expiry_seconds 3600"),
         "no SVID held yet: {m}"
     );
 }

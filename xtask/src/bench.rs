@@ -11,7 +11,7 @@
 //! - eBPF monitor (`ebpf/examples/connect_cost.rs`, root): ns per loopback
 //!   connect+close with no programs, attached but not watched, and to a
 //!   watched listener, interleaved rounds.
-//! - Anomaly detector (`proxy/src/anomaly.rs`, ignored test): ns per event in
+//! - Anomaly detector (`proxy/core/src/anomaly.rs`, ignored test): ns per event in
 //!   `Detector::observe` beside a HashMap name lookup and the data path's
 //!   enqueue; and (`tests/tests/anomaly.rs` `bench_freeze_latency`, root)
 //!   p50/p99 from the session that crosses a threshold to the kernel's EPERM,
@@ -182,9 +182,8 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
                 "--release",
                 "--quiet",
                 "-p",
-                "warden",
-                "--bin",
-                "warden",
+                "warden-core",
+                "--lib",
                 "--",
                 "--ignored",
                 "--exact",

@@ -1,0 +1,744 @@
+//! The secrets service: the one place where secret operations happen, whether
+//! the caller came through the daemon's admin socket or a CLI verb working
+//! offline on the data dir. Every operation — allowed, denied or failed — is
+//! an audit record, and a mutation commits only after its record is durable.
+
+use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::authority::{bundle_pem_from_store, check_not_reserved, daemon_actor, StoreAccess};
+use crate::error::{Error, ErrorKind, Result};
+use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer};
+use crate::metrics::Metrics;
+use crate::paths;
+use crate::store::sqlite::SqliteBackend;
+use crate::store::{
+    validate_env, validate_secret_name, NewVersion, SecretStore, SecretSummary, VersionInfo,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Who is asking, as established by SO_PEERCRED (daemon) or the process's own
+/// credentials (offline CLI).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<u32>,
+    /// May read secret values back (`secret get --reveal`): root or the uid the
+    /// store belongs to.
+    pub is_admin: bool,
+}
+
+impl Caller {
+    /// The current process as caller (offline CLI): it can read the key file,
+    /// so it is an admin of this data dir.
+    pub fn this_process() -> Caller {
+        Caller {
+            uid: paths::euid(),
+            pid: Some(std::process::id()),
+            is_admin: true,
+        }
+    }
+
+    /// The audit actor of an admin caller.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            kind: ActorKind::Admin,
+            uid: Some(self.uid),
+            user: paths::user_name(self.uid),
+            pid: self.pid,
+            exe: None,
+            workload: None,
+        }
+    }
+}
+
+/// Store-wide policy taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct StorePolicy {
+    pub default_env: String,
+    pub max_versions: u32,
+    pub per_secret_max_versions: HashMap<String, u32>,
+}
+
+impl StorePolicy {
+    pub fn from_config(cfg: &crate::config::Config) -> StorePolicy {
+        StorePolicy {
+            default_env: cfg.environment.clone(),
+            max_versions: cfg.store.max_versions,
+            per_secret_max_versions: cfg
+                .secrets
+                .iter()
+                .filter_map(|s| s.max_versions.map(|m| (s.name.clone(), m)))
+                .collect(),
+        }
+    }
+
+    fn keep_for(&self, name: &str) -> u32 {
+        self.per_secret_max_versions
+            .get(name)
+            .copied()
+            .unwrap_or(self.max_versions)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub data_dir: PathBuf,
+    pub sealed: bool,
+    pub kek_source: String,
+    pub kek_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unseal_progress: Option<UnsealProgress>,
+    pub secrets: usize,
+    pub default_env: String,
+    pub daemon_pid: Option<u32>,
+}
+
+pub struct SecretService {
+    data_dir: PathBuf,
+    store: SecretStore,
+    audit: AuditLog,
+    seal: SealConfig,
+    kek: KekState,
+    policy: StorePolicy,
+    metrics: Option<Metrics>,
+    daemon: bool,
+    /// The daemon's credential cache, emptied by every change of a secret.
+    credentials: Option<std::sync::Arc<crate::credentials::CredentialCache>>,
+}
+
+/// Opens the store, the audit log and the seal configuration of an initialised
+/// data dir, after checking its permissions. The caller holds the data dir lock.
+pub fn open_store(data_dir: &Path) -> Result<(SecretStore, SealConfig, AuditLog)> {
+    paths::check_private_dir(data_dir)?;
+    let store_path = data_dir.join(paths::STORE_FILE);
+    if !store_path.exists() {
+        return Err(Error::usage(format!(
+            "{} is not initialised (no {}): run `warden init --data-dir {}`",
+            data_dir.display(),
+            paths::STORE_FILE,
+            data_dir.display()
+        )));
+    }
+    let backend = SqliteBackend::open(&store_path)?;
+    let store = SecretStore::new(Box::new(backend));
+    let seal_json = store
+        .backend()
+        .meta_get(masterkey::SEAL_META_KEY)?
+        .ok_or_else(|| {
+            Error::integrity(format!(
+                "{} has no seal configuration: the store was not initialised by `warden init` or was damaged",
+                store_path.display()
+            ))
+        })?;
+    let seal = SealConfig::from_json(&seal_json)?;
+    let audit = AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?;
+    Ok((store, seal, audit))
+}
+
+impl SecretService {
+    /// Opens an initialised data dir and loads its KEK (or starts sealed).
+    pub fn open(data_dir: &Path, policy: StorePolicy, daemon: bool) -> Result<SecretService> {
+        let (store, seal, audit) = open_store(data_dir)?;
+        let kek = masterkey::load_kek(data_dir, &seal)?;
+        Ok(SecretService {
+            data_dir: data_dir.to_path_buf(),
+            store,
+            audit,
+            seal,
+            kek,
+            policy,
+            metrics: None,
+            daemon,
+            credentials: None,
+        })
+    }
+
+    pub fn set_metrics(&mut self, m: Metrics) {
+        m.set_sealed(self.is_sealed());
+        self.metrics = Some(m);
+    }
+
+    /// Every later change of a secret invalidates its entry in `cache`
+    /// before the change is acknowledged (revocation is immediate).
+    pub fn set_credential_cache(
+        &mut self,
+        cache: std::sync::Arc<crate::credentials::CredentialCache>,
+    ) {
+        self.credentials = Some(cache);
+    }
+
+    /// Drops (name, env) from the credential cache after a change.
+    fn changed(&self, name: &str, env: &str) {
+        if let Some(c) = &self.credentials {
+            c.invalidate(name, env);
+        }
+    }
+
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        matches!(self.kek, KekState::Sealed(_))
+    }
+
+    pub fn seal_config(&self) -> &SealConfig {
+        &self.seal
+    }
+
+    fn env_or_default(&self, env: Option<&str>) -> Result<String> {
+        let env = env.unwrap_or(&self.policy.default_env).to_string();
+        validate_env(&env)?;
+        Ok(env)
+    }
+
+    fn kek(&self) -> Result<&Kek> {
+        match &self.kek {
+            KekState::Unsealed(k) => Ok(k),
+            KekState::Sealed(u) => {
+                let p = u.progress();
+                Err(Error::sealed(format!(
+                    "warden is sealed ({} of {} unseal shares provided): nothing secret is served until `warden unseal` receives {} more",
+                    p.provided,
+                    p.threshold,
+                    p.threshold - p.provided
+                )))
+            }
+        }
+    }
+
+    /// Reads a small metadata value (not secret; e.g. frozen workloads).
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
+        self.store.backend().meta_get(key)
+    }
+
+    /// Writes a small metadata value (not secret).
+    pub fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
+        self.store.backend_mut().meta_set(key, value)
+    }
+
+    /// Appends an audit record; counts it in the metrics.
+    pub fn record(&mut self, event: &Event) -> Result<()> {
+        append_counted(&mut self.audit, self.metrics.as_ref(), event)
+    }
+
+    /// Appends audit records as one group commit (one `fsync`, or with
+    /// `durable` false none: see [`AuditLog::append_all_unsynced`]); all or
+    /// nothing. Counts each in the metrics.
+    pub fn record_all(&mut self, events: &[Event], durable: bool) -> Result<()> {
+        let res = if durable {
+            self.audit.append_all(events)
+        } else {
+            self.audit.append_all_unsynced(events)
+        };
+        if let Some(m) = self.metrics.as_ref() {
+            for _ in events {
+                m.audit_write(res.is_ok());
+            }
+        }
+        res.map(|_| ()).map_err(Error::from)
+    }
+
+    /// Whether audit records written without `fsync` wait for one.
+    pub fn audit_unsynced(&self) -> bool {
+        self.audit.has_unsynced()
+    }
+
+    /// Why the audit log refuses records after a failed background `fsync`.
+    pub fn audit_sync_failure(&self) -> Option<&str> {
+        self.audit.sync_failure()
+    }
+
+    /// `fsync`s the audit records written without one (see
+    /// [`AuditLog::sync_pending`]); a failure is counted and sticky.
+    pub fn sync_audit(&mut self) -> Result<()> {
+        let res = self.audit.sync_pending();
+        if res.is_err() {
+            if let Some(m) = self.metrics.as_ref() {
+                m.audit_sync_failed();
+            }
+        }
+        res.map_err(Error::from)
+    }
+
+    /// Records a refusal or a failure. If even that cannot be written the
+    /// original error still wins (the action is refused either way).
+    fn record_outcome(&mut self, caller: &Caller, action: &str, target: Target, err: &Error) {
+        let decision = match err.kind {
+            ErrorKind::Denied | ErrorKind::Sealed => Decision::Deny,
+            _ => Decision::Error,
+        };
+        let _ = self.record(&Event {
+            actor: caller.actor(),
+            action: action.into(),
+            target,
+            decision,
+            reason: err.message.clone(),
+        });
+    }
+
+    /// Refuses (and audits) a user operation on one of warden's own keys.
+    fn refuse_reserved(
+        &mut self,
+        caller: &Caller,
+        action: &str,
+        name: &str,
+        env: &str,
+    ) -> Result<()> {
+        check_not_reserved(name).inspect_err(|e| {
+            self.record_outcome(caller, action, Self::secret_target(name, env, None), e);
+        })
+    }
+
+    fn secret_target(name: &str, env: &str, version: Option<u32>) -> Target {
+        Target {
+            secret: Some(name.into()),
+            env: Some(env.into()),
+            version,
+            ..Target::default()
+        }
+    }
+
+    pub fn put(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+        value: &[u8],
+    ) -> Result<u32> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        self.refuse_reserved(caller, "secret.put", name, &env)?;
+        if let Some(e) = self.kek().err() {
+            self.record_outcome(
+                caller,
+                "secret.put",
+                Self::secret_target(name, &env, None),
+                &e,
+            );
+            return Err(e);
+        }
+        let keep = self.policy.keep_for(name);
+        let actor = caller.actor();
+        let created_by = match &actor.user {
+            Some(u) => format!("uid {} ({u})", caller.uid),
+            None => format!("uid {}", caller.uid),
+        };
+        // Split borrows: the commit hook appends to the audit log while the
+        // store holds its transaction open.
+        let KekState::Unsealed(kek) = &self.kek else {
+            return Err(Error::internal("KEK state changed unexpectedly"));
+        };
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook = |version: u32| -> Result<()> {
+            append_counted(
+                audit,
+                metrics.as_ref(),
+                &Event {
+                    actor: actor.clone(),
+                    action: "secret.put".into(),
+                    target: Self::secret_target(name, &env, Some(version)),
+                    decision: Decision::Allow,
+                    reason: format!("new version {version}; keeping at most {keep}"),
+                },
+            )
+        };
+        let new = NewVersion {
+            name,
+            env: &env,
+            value,
+            created_by: &created_by,
+            keep,
+        };
+        let res = self.store.put(kek, new, &mut hook);
+        if res.is_ok() {
+            self.changed(name, &env);
+        }
+        if let Err(e) = &res {
+            self.record_outcome(
+                caller,
+                "secret.put",
+                Self::secret_target(name, &env, None),
+                e,
+            );
+        }
+        res
+    }
+
+    pub fn list(&mut self, caller: &Caller, env: Option<&str>) -> Result<Vec<SecretSummary>> {
+        if let Some(e) = env {
+            validate_env(e)?;
+        }
+        let target = Target {
+            env: env.map(String::from),
+            ..Target::default()
+        };
+        self.record(&Event {
+            actor: caller.actor(),
+            action: "secret.list".into(),
+            target,
+            decision: Decision::Allow,
+            reason: String::new(),
+        })?;
+        let mut list = self.store.backend().list(env)?;
+        if env.is_none() {
+            // warden's own keys show only when their environment is asked for.
+            list.retain(|s| check_not_reserved(&s.name).is_ok());
+        }
+        Ok(list)
+    }
+
+    pub fn versions(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+    ) -> Result<Vec<VersionInfo>> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        self.record(&Event {
+            actor: caller.actor(),
+            action: "secret.versions".into(),
+            target: Self::secret_target(name, &env, None),
+            decision: Decision::Allow,
+            reason: String::new(),
+        })?;
+        let v = self.store.backend().versions(name, &env)?;
+        if v.is_empty() {
+            return Err(Error::not_found(format!(
+                "no secret {name:?} in environment {env:?}"
+            )));
+        }
+        Ok(v)
+    }
+
+    pub fn remove(&mut self, caller: &Caller, name: &str, env: Option<&str>) -> Result<u32> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        self.refuse_reserved(caller, "secret.rm", name, &env)?;
+        let actor = caller.actor();
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook = |removed: u32| -> Result<()> {
+            append_counted(
+                audit,
+                metrics.as_ref(),
+                &Event {
+                    actor: actor.clone(),
+                    action: "secret.rm".into(),
+                    target: Self::secret_target(name, &env, None),
+                    decision: Decision::Allow,
+                    reason: format!("{removed} version(s) removed"),
+                },
+            )
+        };
+        let removed = self.store.backend_mut().remove(name, &env, &mut hook)?;
+        self.changed(name, &env);
+        if removed == 0 {
+            let e = Error::not_found(format!("no secret {name:?} in environment {env:?}"));
+            self.record_outcome(
+                caller,
+                "secret.rm",
+                Self::secret_target(name, &env, None),
+                &e,
+            );
+            return Err(e);
+        }
+        Ok(removed)
+    }
+
+    /// Returns a secret value to an admin. Audited before the value is released.
+    pub fn reveal(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+        version: Option<u32>,
+    ) -> Result<(u32, Zeroizing<Vec<u8>>)> {
+        let env = self.env_or_default(env)?;
+        validate_secret_name(name)?;
+        self.refuse_reserved(caller, "secret.reveal", name, &env)?;
+        let target = Self::secret_target(name, &env, version);
+        if !caller.is_admin {
+            let e = Error::denied(format!(
+                "uid {} may not read secret values: `secret get --reveal` is for root or the uid that runs warden",
+                caller.uid
+            ));
+            self.record_outcome(caller, "secret.reveal", target, &e);
+            return Err(e);
+        }
+        let res = self
+            .kek()
+            .and_then(|kek| self.store.get(kek, name, &env, version));
+        match res {
+            Ok((v, value)) => {
+                self.record(&Event {
+                    actor: caller.actor(),
+                    action: "secret.reveal".into(),
+                    target: Self::secret_target(name, &env, Some(v)),
+                    decision: Decision::Allow,
+                    reason: "value returned to an admin".into(),
+                })?;
+                Ok((v, value))
+            }
+            Err(e) => {
+                self.record_outcome(caller, "secret.reveal", target, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A secret value for injection into an upstream login (not shown to
+    /// anyone; the session that uses it is audited by the caller).
+    pub fn fetch_for_injection(&self, name: &str, env: &str) -> Result<(u32, Zeroizing<Vec<u8>>)> {
+        let kek = self.kek()?;
+        self.store.get(kek, name, env, None)
+    }
+
+    /// Feeds one unseal share.
+    pub fn unseal(&mut self, caller: &Caller, share: &str) -> Result<UnsealProgress> {
+        let KekState::Sealed(unsealer) = &mut self.kek else {
+            return Ok(UnsealProgress {
+                provided: 0,
+                threshold: 0,
+                unsealed: true,
+            });
+        };
+        let res = unsealer.submit(share);
+        match res {
+            Ok((progress, Some(kek))) => {
+                self.kek = KekState::Unsealed(kek);
+                if let Some(m) = &self.metrics {
+                    m.set_sealed(false);
+                }
+                self.record(&Event {
+                    actor: caller.actor(),
+                    action: "unseal".into(),
+                    target: Target::default(),
+                    decision: Decision::Allow,
+                    reason: format!("unsealed with {} shares", progress.threshold),
+                })?;
+                Ok(progress)
+            }
+            Ok((progress, None)) => {
+                self.record(&Event {
+                    actor: caller.actor(),
+                    action: "unseal.share".into(),
+                    target: Target::default(),
+                    decision: Decision::Allow,
+                    reason: format!(
+                        "share accepted: {} of {}",
+                        progress.provided, progress.threshold
+                    ),
+                })?;
+                Ok(progress)
+            }
+            Err(e) => {
+                self.record_outcome(caller, "unseal.share", Target::default(), &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Store, KEK and audit log for the identity authority; refused while sealed.
+    pub fn store_access(&mut self) -> Result<StoreAccess<'_>> {
+        let KekState::Unsealed(kek) = &self.kek else {
+            return Err(self
+                .kek()
+                .err()
+                .unwrap_or_else(|| Error::sealed("warden is sealed")));
+        };
+        Ok(StoreAccess {
+            store: &mut self.store,
+            kek,
+            audit: &mut self.audit,
+        })
+    }
+
+    /// The trust bundle PEM from the store (works while sealed: certificates are public).
+    pub fn bundle_pem(&self) -> Result<String> {
+        bundle_pem_from_store(&self.store)
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let secrets = self
+            .store
+            .backend()
+            .list(None)?
+            .iter()
+            .filter(|s| check_not_reserved(&s.name).is_ok())
+            .count();
+        Ok(Status {
+            data_dir: self.data_dir.clone(),
+            sealed: self.is_sealed(),
+            kek_source: self.seal.source.to_string(),
+            kek_id: self.seal.kek_id.clone(),
+            unseal_progress: match &self.kek {
+                KekState::Sealed(u) => Some(u.progress()),
+                KekState::Unsealed(_) => None,
+            },
+            secrets,
+            default_env: self.policy.default_env.clone(),
+            daemon_pid: self.daemon.then(std::process::id),
+        })
+    }
+
+    /// Every user secret with its version count (metadata only, not audited:
+    /// for metrics and readiness).
+    pub fn inventory(&self) -> Result<Vec<SecretSummary>> {
+        let mut list = self.store.backend().list(None)?;
+        list.retain(|s| check_not_reserved(&s.name).is_ok());
+        Ok(list)
+    }
+
+    /// When the current version of `name` in `env` was written (metadata
+    /// only, not audited: for metrics).
+    pub fn current_version_created_at(&self, name: &str, env: &str) -> Result<Option<String>> {
+        let v = self.store.backend().versions(name, env)?;
+        Ok(v.into_iter()
+            .max_by_key(|v| v.version)
+            .map(|v| v.created_at))
+    }
+
+    /// Records a daemon lifecycle event.
+    pub fn record_daemon(&mut self, action: &str, reason: String) -> Result<()> {
+        self.record(&Event {
+            actor: daemon_actor(),
+            action: action.into(),
+            target: Target::default(),
+            decision: Decision::Allow,
+            reason,
+        })
+    }
+}
+
+/// Operations for warden's own writers (rotation, leases): no caller checks,
+/// reserved names allowed, every mutation audited inside its transaction.
+impl SecretService {
+    /// The latest version of (name, env), or None when there is none.
+    pub fn latest(&self, name: &str, env: &str) -> Result<Option<(u32, Zeroizing<Vec<u8>>)>> {
+        let kek = self.kek()?;
+        match self.store.get(kek, name, env, None) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores `value` as the next version of (name, env); `event` (its
+    /// version filled in) is appended before the write commits.
+    pub fn put_audited(
+        &mut self,
+        name: &str,
+        env: &str,
+        value: &[u8],
+        created_by: &str,
+        event: Event,
+    ) -> Result<u32> {
+        let KekState::Unsealed(kek) = &self.kek else {
+            return Err(self
+                .kek()
+                .err()
+                .unwrap_or_else(|| Error::sealed("warden is sealed")));
+        };
+        let keep = self.policy.keep_for(name);
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook = |version: u32| -> Result<()> {
+            let mut ev = event.clone();
+            ev.target.version = Some(version);
+            append_counted(audit, metrics.as_ref(), &ev)
+        };
+        let new = NewVersion {
+            name,
+            env,
+            value,
+            created_by,
+            keep,
+        };
+        let version = self.store.put(kek, new, &mut hook)?;
+        self.changed(name, env);
+        Ok(version)
+    }
+
+    /// Removes every version of (name, env), appending `event` before the commit.
+    pub fn remove_audited(&mut self, name: &str, env: &str, event: Event) -> Result<u32> {
+        let audit = &mut self.audit;
+        let metrics = self.metrics.clone();
+        let mut hook =
+            |_removed: u32| -> Result<()> { append_counted(audit, metrics.as_ref(), &event) };
+        let removed = self.store.backend_mut().remove(name, env, &mut hook)?;
+        self.changed(name, env);
+        Ok(removed)
+    }
+
+    /// When the latest version of (name, env) was stored, if it exists.
+    pub fn latest_created_at(&self, name: &str, env: &str) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .backend()
+            .versions(name, env)?
+            .into_iter()
+            .max_by_key(|v| v.version)
+            .map(|v| v.created_at))
+    }
+
+    pub fn lease_put(&mut self, lease: &crate::store::LeaseRow) -> Result<()> {
+        self.store.backend_mut().lease_put(lease)
+    }
+
+    /// Lease rows in one store transaction (one fsync).
+    pub fn lease_put_many(&mut self, leases: &[crate::store::LeaseRow]) -> Result<()> {
+        self.store.backend_mut().lease_put_many(leases)
+    }
+
+    pub fn lease_delete(&mut self, id: &str) -> Result<()> {
+        self.store.backend_mut().lease_delete(id)
+    }
+
+    pub fn lease_list(&self) -> Result<Vec<crate::store::LeaseRow>> {
+        self.store.backend().lease_list()
+    }
+}
+
+/// Appends `event` and counts the write (or its failure) in the metrics.
+/// Runs `f` under the service lock with store and audit work (fsyncs) kept
+/// off the async workers' hot path: `block_in_place`, so callers must run on
+/// a multi-threaded runtime (the daemon's and the CLI's are).
+pub fn blocking<T>(
+    service: &std::sync::Mutex<SecretService>,
+    f: impl FnOnce(&mut SecretService) -> Result<T>,
+) -> Result<T> {
+    tokio::task::block_in_place(|| {
+        let mut s = service
+            .lock()
+            .map_err(|_| Error::internal("service state poisoned"))?;
+        f(&mut s)
+    })
+}
+
+fn append_counted(audit: &mut AuditLog, metrics: Option<&Metrics>, event: &Event) -> Result<()> {
+    let res = audit.append(event);
+    if let Some(m) = metrics {
+        m.audit_write(res.is_ok());
+    }
+    res.map(|_| ()).map_err(Error::from)
+}
+
+/// Recovers the KEK from shares given up front (KEK rotation, offline).
+pub fn unseal_offline(seal: &SealConfig, shares: &[Zeroizing<String>]) -> Result<Kek> {
+    let mut u = Unsealer::new(seal)?;
+    for s in shares {
+        if let (_, Some(kek)) = u.submit(s)? {
+            return Ok(kek);
+        }
+    }
+    let p = u.progress();
+    Err(Error::sealed(format!(
+        "only {} of {} unseal shares were given on stdin",
+        p.provided, p.threshold
+    )))
+}
