@@ -145,6 +145,8 @@ pub struct AccessMonitor {
     pub feed: Arc<EventFeed>,
     /// Where bypass attempts go once the anomaly detector runs.
     anomaly: Arc<std::sync::OnceLock<Arc<warden_core::anomaly::Anomaly>>>,
+    /// The daemon's one executable-hash cache (shared with attestation).
+    hashes: Arc<ExeHashCache>,
 }
 
 /// Where every daemon's pin directories live.
@@ -236,6 +238,7 @@ impl AccessMonitor {
         data_dir: &Path,
         listeners: Vec<(SocketAddr, String)>,
         metrics: &Metrics,
+        hashes: Arc<ExeHashCache>,
     ) -> Result<AccessMonitor> {
         let feed = Arc::new(EventFeed::new());
         let procfs = |mode| AccessMonitor {
@@ -244,6 +247,7 @@ impl AccessMonitor {
             resolver: Arc::new(ProcNetResolver::new()),
             feed: feed.clone(),
             anomaly: Arc::default(),
+            hashes: hashes.clone(),
         };
         if cfg.monitor.ebpf == EbpfMode::Off {
             tracing::info!("monitor.ebpf = \"off\": attributing connections through /proc; no access events or kernel deny");
@@ -313,6 +317,7 @@ impl AccessMonitor {
                     monitor: Some(monitor),
                     feed,
                     anomaly: Arc::default(),
+                    hashes,
                 };
                 me.spawn_consumer(
                     cfg,
@@ -429,7 +434,15 @@ impl AccessMonitor {
         let registrations: Vec<Registration> =
             cfg.workloads.iter().map(|w| w.registration()).collect();
         let feed = self.feed.clone();
-        tokio::spawn(enrich(rx, registrations, dest, feed, self.anomaly.clone()));
+        let hashes = self.hashes.clone();
+        tokio::spawn(enrich(
+            rx,
+            registrations,
+            dest,
+            feed,
+            self.anomaly.clone(),
+            hashes,
+        ));
     }
 
     /// Clean stop: detaches the programs and removes their pins.
@@ -475,8 +488,8 @@ async fn enrich(
     dest: Destinations,
     feed: Arc<EventFeed>,
     anomaly: Arc<std::sync::OnceLock<Arc<warden_core::anomaly::Anomaly>>>,
+    hashes: Arc<ExeHashCache>,
 ) {
-    let hashes = ExeHashCache::new();
     let mut recent = RecentFacts::default();
     while let Some((ev, early_exe)) = rx.recv().await {
         let key = EnrichKey {

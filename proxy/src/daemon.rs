@@ -122,7 +122,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 .iter()
                 .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
         );
-        let access = AccessMonitor::start(cfg, data_dir, bound, &metrics).await?;
+        // One executable-hash cache for the daemon: attestation, freezes and
+        // the event feed hash a process's executable once.
+        let hashes = Arc::new(warden_identity::attest::ExeHashCache::new());
+        let access = AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone()).await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -201,6 +204,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             access.kernel().cloned(),
             metrics.clone(),
+            hashes.clone(),
         )?);
         {
             let f = freezer.clone();
@@ -230,7 +234,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // executable-hash cache), the freezer, the anomaly detector, the
         // credential cache and one session audit writer.
         let admission = Admission::new(AdmissionParts {
-            attestor: warden_core::peer::Attestor::from_config(cfg, access.resolver()),
+            attestor: warden_core::peer::Attestor::from_config(cfg, access.resolver(), hashes.clone()),
             freezer: freezer.clone(),
             anomaly: anomaly.clone(),
             credentials: credentials.clone(),

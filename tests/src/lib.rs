@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod pg;
 pub mod prom;
 pub mod upstream;
+pub mod webhook;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

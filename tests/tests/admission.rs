@@ -12,14 +12,12 @@
 //! - every configured route's session series, and the soonest SVID expiry,
 //!   are exported from the start.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use warden_tests::cgroup::Cgroup;
 use warden_tests::pg::{route_setup, run_psql, Auth, ClusterOptions, PgCluster, RouteOptions};
 use warden_tests::upstream::{header_values, Upstream};
+use warden_tests::webhook::{self, wait_alert};
 use warden_tests::{free_port, have_root, my_uid, Instance};
 
 const PASSWORD: &str = "pw-CANARY-3c0a77e1-admission";
@@ -153,54 +151,6 @@ allow = ["me"]
         "{body}"
     );
     assert_eq!(received_tokens(&up).len(), 2, "nothing forwarded after rm");
-}
-
-/// A tiny HTTP/1.1 server: every POST body is sent to the channel.
-fn webhook() -> (u16, mpsc::Receiver<serde_json::Value>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut len = 0usize;
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; len];
-            if r.read_exact(&mut body).is_ok() {
-                let mut w = s;
-                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-                if let Ok(v) = serde_json::from_slice(&body) {
-                    let _ = tx.send(v);
-                }
-            }
-        }
-    });
-    (port, rx)
-}
-
-fn wait_alert(rx: &mpsc::Receiver<serde_json::Value>, rule: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let v = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {rule} alert"));
-        if v["rule"] == rule {
-            return v;
-        }
-    }
 }
 
 /// Four http routes and two PostgreSQL routes, each with its own secret;
@@ -390,7 +340,7 @@ fn a_distinct_secret_burst_across_http_and_postgres_routes_freezes_the_workload(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn workload_api_refusals_count_as_denials() {
-    let (hook_port, hook) = webhook();
+    let (hook_port, hook) = webhook::start();
     // Registered: only another uid, so this test process matches nothing.
     let other = if my_uid() == 65534 { 65533 } else { 65534 };
     let cfg = format!(
@@ -420,9 +370,11 @@ selectors = {{ uid = {other} }}
     for _ in 0..4 {
         assert!(client.fetch_x509_svid().await.is_err());
     }
-    let alert = tokio::task::spawn_blocking(move || wait_alert(&hook, "denials_per_minute"))
-        .await
-        .unwrap();
+    let alert = tokio::task::spawn_blocking(move || {
+        wait_alert(&hook, |v| v["rule"] == "denials_per_minute")
+    })
+    .await
+    .unwrap();
     assert!(
         alert["evidence"]["count"].as_u64().unwrap_or(0) >= 3,
         "{alert}"

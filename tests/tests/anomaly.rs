@@ -6,7 +6,7 @@
 //! a direct database connection raises the bypass rule. Needs root (skips
 //! otherwise unless `WARDEN_REQUIRE_EBPF=1`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command};
 use std::sync::mpsc;
@@ -20,45 +20,7 @@ use warden_tests::{free_port, have_root, Instance};
 const PASSWORD: &str = "pw-CANARY-5a1d9e03-anomaly";
 const ROUTES: usize = 4;
 
-/// A tiny HTTP/1.1 server: every POST body is sent to the channel.
-fn webhook() -> (u16, mpsc::Receiver<serde_json::Value>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut len = 0usize;
-            let mut line = String::new();
-            let mut first = true;
-            loop {
-                line.clear();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if first {
-                    assert!(line.starts_with("POST /alerts "), "{line}");
-                    first = false;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; len];
-            if r.read_exact(&mut body).is_ok() {
-                let mut w = s;
-                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-                if let Ok(v) = serde_json::from_slice(&body) {
-                    let _ = tx.send(v);
-                }
-            }
-        }
-    });
-    (port, rx)
-}
+use warden_tests::webhook::{self, wait_alert};
 
 struct Setup {
     pg: PgCluster,
@@ -83,7 +45,7 @@ fn setup_full(tag: &str, global_extra: &str, burst_rules: &str) -> Setup {
     let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
     pg.create_role("app", PASSWORD);
     let cg = Cgroup::new(tag);
-    let (hook_port, hook) = webhook();
+    let (hook_port, hook) = webhook::start();
     let ports: Vec<u16> = (0..ROUTES).map(|_| free_port()).collect();
     let mut cfg = format!(
         r#"
@@ -182,20 +144,6 @@ fn wait_frozen(w: &Instance, workload: &str) -> serde_json::Value {
         }
         assert!(Instant::now() < deadline, "{workload} never got frozen");
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_alert(
-    rx: &mpsc::Receiver<serde_json::Value>,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let v = rx.recv_timeout(left).expect("webhook alert");
-        if pred(&v) {
-            return v;
-        }
     }
 }
 

@@ -202,7 +202,7 @@ pub struct Freezer {
     identity: Arc<IdentityHandle>,
     monitor: Option<Arc<Monitor>>,
     registrations: Vec<Registration>,
-    hashes: ExeHashCache,
+    hashes: Arc<ExeHashCache>,
     metrics: Metrics,
     state: Mutex<BTreeMap<String, FreezeEntry>>,
     changed: tokio::sync::watch::Sender<u64>,
@@ -234,6 +234,7 @@ impl Freezer {
         identity: Arc<IdentityHandle>,
         monitor: Option<Arc<Monitor>>,
         metrics: Metrics,
+        hashes: Arc<ExeHashCache>,
     ) -> Result<Freezer> {
         let set = {
             let s = service
@@ -247,7 +248,7 @@ impl Freezer {
             identity,
             monitor,
             registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
-            hashes: ExeHashCache::new(),
+            hashes,
             metrics,
             state: Mutex::new(set),
             changed: tokio::sync::watch::channel(0).0,

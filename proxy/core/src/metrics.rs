@@ -71,7 +71,7 @@ struct Inner {
     secret_versions: IntGauge,
     secret_age: GaugeVec,
     secret_rotation_period: GaugeVec,
-    // Families updated by subsystems that land in other branches.
+    // Families of the monitor, anomaly, HTTP, lease and rotation subsystems.
     monitor_events: IntCounterVec,
     monitor_events_lost: IntCounter,
     monitor_kernel_hops: IntCounter,
@@ -121,12 +121,10 @@ impl AttestVia {
 }
 
 // ---------------------------------------------------------------------------
-// Metric families of the monitor (issue 5), anomaly detection (issue 6),
-// HTTP routes (issue 8) and dynamic credentials / rotation (issue 9).
-//
-// They are registered and exported (at zero) today so dashboards and alert
-// rules can rely on them; the subsystems call the methods in the
-// `impl Metrics` block marked "subsystem handles" below.
+// Metric families of the monitor, anomaly detection, HTTP routes, dynamic
+// credentials and rotation. Registered (at zero) from the start so
+// dashboards and alert rules can rely on them; the subsystems call the
+// methods in the second `impl Metrics` block below.
 // ---------------------------------------------------------------------------
 
 /// `kind` label of `warden_monitor_events_total`.
@@ -182,7 +180,6 @@ const MONITOR_EVENT_SERIES: &[(MonitorEventKind, MonitorVerdict)] = &[
 ];
 
 /// `mode` label of `warden_monitor_mode` (exactly one is 1).
-#[allow(dead_code)] // some variants are used once their subsystem lands
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MonitorMode {
     /// eBPF programs loaded and attached.
@@ -883,7 +880,6 @@ impl Metrics {
 
 /// Subsystem handles: the monitor (issue 5), anomaly detection (issue 6),
 /// HTTP routes (issue 8), rotation and dynamic leases (issue 9) call these.
-#[allow(dead_code)] // their callers land with those subsystems
 impl Metrics {
     pub fn monitor_event(&self, kind: MonitorEventKind, verdict: MonitorVerdict) {
         self.inner

@@ -20,7 +20,9 @@ pub struct Attested {
 /// The attestation pieces a route runtime holds.
 pub struct Attestor {
     pub registrations: Vec<Registration>,
-    pub hashes: ExeHashCache,
+    /// The daemon's one executable-hash cache (shared with the freezer and
+    /// the event feed: a process is hashed once).
+    pub hashes: Arc<ExeHashCache>,
     pub resolver: Arc<dyn PeerResolver>,
     /// The last attestation per pid, reused only after
     /// [`attest::revalidate`] found the process unchanged.
@@ -33,10 +35,14 @@ const RECENT_MAX: usize = 4096;
 impl Attestor {
     /// `resolver` is the daemon's (eBPF with /proc fallback, or /proc only;
     /// see `access_monitor.rs`).
-    pub fn from_config(cfg: &crate::config::Config, resolver: Arc<dyn PeerResolver>) -> Attestor {
+    pub fn from_config(
+        cfg: &crate::config::Config,
+        resolver: Arc<dyn PeerResolver>,
+        hashes: Arc<ExeHashCache>,
+    ) -> Attestor {
         Attestor {
             registrations: cfg.workloads.iter().map(|w| w.registration()).collect(),
-            hashes: ExeHashCache::new(),
+            hashes,
             resolver,
             recent: Mutex::new(HashMap::new()),
         }

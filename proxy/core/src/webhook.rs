@@ -56,16 +56,26 @@ fn parse_url(url: &str) -> Result<Target, String> {
         None => (rest, "/"),
     };
     let default_port = if https { 443 } else { 80 };
-    let unbracket = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
-    let (host, port) = match authority.rsplit_once(':') {
-        // `[::1]:8080` or `host:8080`, but not the bare `[::1]`.
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') && !p.ends_with(']') => {
-            let port = p
-                .parse::<u16>()
-                .map_err(|_| format!("webhook URL port {p:?} is not a number"))?;
-            (unbracket(h), port)
+    let parse_port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("webhook URL port {p:?} is not a number"))
+    };
+    let (host, port) = match authority.strip_prefix('[') {
+        // An IPv6 literal: `[::1]` or `[::1]:8080`.
+        Some(v6) => {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| "the webhook URL has an unclosed [ in its host".to_string())?;
+            match after.strip_prefix(':') {
+                Some(p) => (h.to_string(), parse_port(p)?),
+                None if after.is_empty() => (h.to_string(), default_port),
+                None => return Err(format!("webhook URL host {authority:?} is malformed")),
+            }
         }
-        _ => (unbracket(authority), default_port),
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), parse_port(p)?),
+            None => (authority.to_string(), default_port),
+        },
     };
     if host.is_empty() {
         return Err("the webhook URL has no host".into());

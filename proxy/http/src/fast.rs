@@ -32,7 +32,8 @@
 //! close the client connection.
 
 use super::gate::{self, BodyFraming, MAX_HEADERS, MAX_HEAD_BYTES};
-use super::proxy::{self, Body, ConnCtx, HOP_BY_HOP};
+use super::headers::{echoes_secret, has_token, is_hop_by_hop_in};
+use super::proxy::{self, Body, ConnCtx};
 use super::upstream::{self, ConnectError, Stream};
 use bytes::Bytes;
 use http::StatusCode;
@@ -338,20 +339,14 @@ fn parse_request<'h, 'b>(
 }
 
 /// Whether a comma-separated header value lists `token` (any case).
-fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
-/// Whether header `name` is hop-by-hop: one of the fixed set, or listed by
-/// a `Connection` header of the same message. Neither is forwarded.
+/// Whether header `name` is hop-by-hop in a parsed head (see
+/// [`super::headers::is_hop_by_hop`]).
 fn is_hop_by_hop(name: &str, headers: &[httparse::Header<'_>]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .any(|h| has_token(h.value, name))
+    let connection = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value);
+    is_hop_by_hop_in(name, connection)
 }
 
 /// The request head warden sends upstream (it holds the credential:
@@ -757,8 +752,7 @@ fn response_head(
         if is_hop_by_hop(h.name, resp.headers) {
             continue;
         }
-        if secret.len() >= 4 && h.value.windows(secret.len()).any(|w| w == secret) {
-            tracing::warn!(route, header = %h.name, "upstream response header contained the injected secret; dropped");
+        if echoes_secret(h.value, secret, route, h.name) {
             continue;
         }
         push_header(out, h.name.as_bytes(), h.value);

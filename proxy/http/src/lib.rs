@@ -22,6 +22,7 @@
 pub mod fast;
 pub mod forward;
 pub mod gate;
+pub mod headers;
 pub mod inject;
 pub mod proxy;
 pub mod upstream;

@@ -10,10 +10,11 @@
 //! 503 sealed or no credential, 504 upstream timeout.
 
 use super::gate::{Gate, OnRefuse, Refused};
+use super::headers::{is_upgrade, scrub_secret, strip_hop_by_hop};
 use super::upstream::{find_connect_error, ConnectError, Connector};
 use super::{HttpRoute, HttpShared};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -355,72 +356,6 @@ async fn ensure_recorded(ctx: &ConnCtx, who: &Attested, version: u32) -> Result<
     Ok(())
 }
 
-pub(super) const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the
-/// Connection header names. An upgrade keeps `Upgrade` and `Connection: upgrade`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    let upgrade = if keep_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    for n in named {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
-    }
-    if let Some(u) = upgrade {
-        headers.insert(header::UPGRADE, u);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Drops any header whose value contains the secret (an upstream echoing
-/// the credential back must not hand it to the client).
-fn scrub_secret(headers: &mut HeaderMap, secret: &[u8], route: &str) {
-    if secret.len() < 4 {
-        return;
-    }
-    let leaking: Vec<HeaderName> = headers
-        .iter()
-        .filter(|(_, v)| v.as_bytes().windows(secret.len()).any(|w| w == secret))
-        .map(|(n, _)| n.clone())
-        .collect();
-    for n in leaking {
-        tracing::warn!(route, header = %n, "upstream response header contained the injected secret; dropped");
-        headers.remove(&n);
-    }
-}
-
 /// The upstream URI for a client request target.
 fn upstream_uri(route: &HttpRoute, target: &http::Uri, secret: &[u8]) -> Result<http::Uri, String> {
     if target.scheme().is_some() || target.authority().is_some() {
@@ -622,42 +557,4 @@ fn upstream_failure(
     let msg = format!("warden: route {:?}: {why}", route.name);
     tracing::warn!(route = %route.name, "{msg}");
     text(status, &msg)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("te", HeaderValue::from_static("trailers"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
-        h.insert("accept", HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1, "{h:?}");
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("Upgrade"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get("upgrade").unwrap(), "websocket");
-        assert_eq!(h.get("connection").unwrap(), "upgrade");
-    }
-
-    #[test]
-    fn secret_echoes_are_scrubbed() {
-        let mut h = HeaderMap::new();
-        h.insert("x-echo", HeaderValue::from_static("Bearer tok-123456"));
-        h.insert("x-ok", HeaderValue::from_static("fine"));
-        scrub_secret(&mut h, b"tok-123456", "r");
-        assert!(h.get("x-echo").is_none());
-        assert!(h.get("x-ok").is_some());
-    }
 }
