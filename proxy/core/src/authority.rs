@@ -13,7 +13,8 @@
 //! An imported CA cannot be renewed by warden: it is used until it expires and
 //! `warden status` / the logs warn as that approaches.
 
-use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::audit::{Actor, ActorKind, Decision, Event, Target};
+use crate::auditor::Auditor;
 use crate::error::{Error, Result};
 use crate::masterkey::Kek;
 use crate::paths;
@@ -71,7 +72,7 @@ struct CaState {
 pub struct StoreAccess<'a> {
     pub store: &'a mut SecretStore,
     pub kek: &'a Kek,
-    pub audit: &'a mut AuditLog,
+    pub audit: &'a Auditor,
 }
 
 /// The daemon itself as an audit actor.
@@ -97,7 +98,7 @@ fn parse_rfc3339(s: &str) -> Result<OffsetDateTime> {
 
 impl StoreAccess<'_> {
     fn record(&mut self, action: &str, detail: String, reason: &str) -> Result<()> {
-        self.audit.append(&Event {
+        self.audit.record(&Event {
             actor: daemon_actor(),
             action: action.into(),
             target: Target {
@@ -113,9 +114,9 @@ impl StoreAccess<'_> {
     /// Seals one of warden's own keys as `warden/<what>` in the system env.
     fn put_sealed_key(&mut self, what: &str, pkcs8: &[u8]) -> Result<(String, u32)> {
         let name = format!("{RESERVED_PREFIX}{what}");
-        let audit = &mut *self.audit;
+        let audit = self.audit;
         let mut hook = |v: u32| -> Result<()> {
-            audit.append(&Event {
+            audit.record(&Event {
                 actor: daemon_actor(),
                 action: "key.store".into(),
                 target: Target {
@@ -810,7 +811,7 @@ mod tests {
         _dir: tempfile::TempDir,
         store: SecretStore,
         kek: Kek,
-        audit: AuditLog,
+        audit: Auditor,
     }
 
     impl Fixture {
@@ -819,7 +820,8 @@ mod tests {
             let store = SecretStore::new(Box::new(
                 SqliteBackend::open(&dir.path().join("s.db")).unwrap(),
             ));
-            let audit = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+            let audit =
+                Auditor::new(crate::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap());
             Fixture {
                 _dir: dir,
                 store,
@@ -831,7 +833,7 @@ mod tests {
             StoreAccess {
                 store: &mut self.store,
                 kek: &self.kek,
-                audit: &mut self.audit,
+                audit: &self.audit,
             }
         }
     }

@@ -3,6 +3,7 @@
 //! key (secret values are not re-encrypted).
 
 use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::auditor::Auditor;
 use crate::authority::{IdentityAuthority, IdentitySettings, ImportedCa, StoreAccess};
 use crate::error::{Error, Result};
 use crate::masterkey::{self, Kek, KekPlan, KekSource, KekState, NewKek, SEAL_META_KEY};
@@ -62,8 +63,8 @@ pub fn init(
     let store_path = data_dir.join(paths::STORE_FILE);
     let created = (|| -> Result<()> {
         let mut backend = SqliteBackend::open(&store_path)?;
-        let mut audit = AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?;
-        audit.append(&Event {
+        let audit = Auditor::new(AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?);
+        audit.record(&Event {
             actor: admin_actor(),
             action: "init".into(),
             target: Target {
@@ -82,7 +83,7 @@ pub fn init(
         let mut access = StoreAccess {
             store: &mut store,
             kek: &kek,
-            audit: &mut audit,
+            audit: &audit,
         };
         IdentityAuthority::load_or_create(
             &mut access,

@@ -1,7 +1,7 @@
 //! Group commit of warden's durable writes: audit records (every route's
 //! session records, lease records) and lease rows.
 //!
-//! Written one by one under the service lock, each write costs its own
+//! Written one by one, each write costs its own
 //! `fsync`s on a runtime thread, and busy traffic queues behind them. Here
 //! callers hand their writes to one writer thread and wait for the answer;
 //! the writer takes whatever has queued up meanwhile and commits it as one
@@ -25,6 +25,7 @@
 //! always durable before they are acknowledged.
 
 use crate::audit::Event;
+use crate::auditor::Auditor;
 use crate::error::{Error, Result};
 use crate::service::SecretService;
 use crate::store::LeaseRow;
@@ -67,9 +68,9 @@ pub struct Journal {
 }
 
 struct Inline {
-    service: Arc<Mutex<SecretService>>,
+    audit: Auditor,
     /// An fsync is scheduled for what was written; cleared by the writer
-    /// under the service lock when it syncs.
+    /// under the audit log's lock when it syncs.
     sync_scheduled: Arc<AtomicBool>,
 }
 
@@ -84,13 +85,18 @@ impl Journal {
     ) -> Result<Journal> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let sync_scheduled = Arc::new(AtomicBool::new(false));
+        let audit = service
+            .lock()
+            .map_err(|_| Error::internal("service state poisoned"))?
+            .auditor();
         let inline = sync_window.map(|_| Inline {
-            service: service.clone(),
+            audit: audit.clone(),
             sync_scheduled: sync_scheduled.clone(),
         });
+        let sinks = Sinks { service, audit };
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || writer(&service, &rx, sync_window, &sync_scheduled))
+            .spawn(move || writer(&sinks, &rx, sync_window, &sync_scheduled))
             .map_err(|e| Error::internal(format!("cannot start the journal writer: {e}")))?;
         Ok(Journal { tx, inline })
     }
@@ -113,13 +119,14 @@ impl Journal {
     }
 
     /// Writes an audit record inline when the sync window allows and the
-    /// service lock is free (`try_lock`: the caller never waits), else
-    /// queues the entry for the writer.
+    /// audit log is free (`try_lock`: the caller never waits), else queues
+    /// the entry for the writer.
     fn submit(&self, entry: Entry, urgent: bool) -> Result<Submitted> {
         if let (Some(inline), Entry::Audit(event)) = (&self.inline, &entry) {
-            if let Ok(mut s) = inline.service.try_lock() {
-                let res = s.record_all(std::slice::from_ref(event), false);
-                drop(s);
+            if let Some(res) = inline
+                .audit
+                .try_record_unsynced(std::slice::from_ref(event))
+            {
                 if res.is_ok() && !inline.sync_scheduled.swap(true, Ordering::AcqRel) {
                     self.tx.send(Msg::SyncSoon).map_err(|_| stopped())?;
                 }
@@ -164,8 +171,15 @@ fn stopped() -> Error {
     Error::internal("the journal writer is not running")
 }
 
+/// Where the writer puts entries: lease rows in the store (the service's
+/// lock), audit records in the log (its own lock).
+struct Sinks {
+    service: Arc<Mutex<SecretService>>,
+    audit: Auditor,
+}
+
 fn writer(
-    service: &Mutex<SecretService>,
+    sinks: &Sinks,
     rx: &mpsc::Receiver<Msg>,
     window: Option<Duration>,
     sync_scheduled: &AtomicBool,
@@ -181,7 +195,7 @@ fn writer(
             Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    sync_pending(service, sync_scheduled);
+                    sync_pending(&sinks.audit, sync_scheduled);
                     sync_due = None;
                     continue;
                 }
@@ -209,45 +223,33 @@ fn writer(
                     None => break,
                 }
             }
-            commit(service, jobs, window.is_none());
+            commit(sinks, jobs, window.is_none());
         }
         if let Some(w) = window {
             let due = *sync_due.get_or_insert_with(|| Instant::now() + w);
             if Instant::now() >= due {
-                sync_pending(service, sync_scheduled);
+                sync_pending(&sinks.audit, sync_scheduled);
                 sync_due = None;
             }
         }
     }
-    sync_pending(service, sync_scheduled);
+    sync_pending(&sinks.audit, sync_scheduled);
 }
 
 /// `fsync`s the audit records written unsynced (by any journal: they share
 /// the log). A failure is logged here and refuses every later record.
-fn sync_pending(service: &Mutex<SecretService>, sync_scheduled: &AtomicBool) {
-    let Ok(mut s) = service.lock() else { return };
-    // Under the lock: a record written inline after this schedules anew.
-    sync_scheduled.store(false, Ordering::Release);
-    if !s.audit_unsynced() {
-        return;
-    }
-    if let Err(e) = s.sync_audit() {
+fn sync_pending(audit: &Auditor, sync_scheduled: &AtomicBool) {
+    // Cleared under the log's lock: a record written inline after this
+    // schedules anew.
+    if let Err(e) = audit.sync_unsynced(|| sync_scheduled.store(false, Ordering::Release)) {
         tracing::error!("{}", e.message);
     }
 }
 
 /// Commits one group and answers every job in it (`durable`: the audit
-/// records are fsynced before the answer).
-fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>, durable: bool) {
-    let mut s = match service.lock() {
-        Ok(s) => s,
-        Err(_) => {
-            for j in jobs {
-                let _ = j.done.send(Err(Error::internal("service state poisoned")));
-            }
-            return;
-        }
-    };
+/// records are fsynced before the answer). Lease rows go first, under the
+/// service's lock; audit records under the log's own.
+fn commit(sinks: &Sinks, jobs: Vec<Job>, durable: bool) {
     let rows: Vec<LeaseRow> = jobs
         .iter()
         .filter_map(|j| match &j.entry {
@@ -258,7 +260,10 @@ fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>, durable: bool) {
     let rows_done = if rows.is_empty() {
         Ok(())
     } else {
-        s.lease_put_many(&rows)
+        match sinks.service.lock() {
+            Ok(mut s) => s.lease_put_many(&rows),
+            Err(_) => Err(Error::internal("service state poisoned")),
+        }
     };
     let (audits, others): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
@@ -276,7 +281,7 @@ fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>, durable: bool) {
     if events.is_empty() {
         return;
     }
-    if s.record_all(&events, durable).is_ok() {
+    if sinks.audit.record_all(&events, durable).is_ok() {
         for j in audits {
             let _ = j.done.send(Ok(()));
         }
@@ -284,7 +289,9 @@ fn commit(service: &Mutex<SecretService>, jobs: Vec<Job>, durable: bool) {
     }
     // One bad record must not refuse the others: one by one.
     for (j, e) in audits.into_iter().zip(&events) {
-        let _ = j.done.send(s.record(e));
+        let _ = j
+            .done
+            .send(sinks.audit.record_all(std::slice::from_ref(e), durable));
     }
 }
 
@@ -344,14 +351,15 @@ mod tests {
     /// Waits (10 s at most) until nothing written waits for its fsync.
     async fn wait_synced(service: &Mutex<SecretService>) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while service.lock().unwrap().audit_unsynced() {
+        let audit = service.lock().unwrap().auditor();
+        while audit.unsynced() {
             assert!(Instant::now() < deadline, "never synced");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    /// Inline writes and queued ones (while something else holds the service
-    /// lock) all land in one chain, and the writer fsyncs and anchors them
+    /// Inline writes and queued ones (while something else holds the audit
+    /// log's lock) all land in one chain, and the writer fsyncs and anchors them
     /// within the window without being asked again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn interval_records_land_inline_or_queued_and_get_synced() {
@@ -365,10 +373,10 @@ mod tests {
             .unwrap(),
         );
         let holder = {
-            let service = service.clone();
+            let audit = service.lock().unwrap().auditor();
             std::thread::spawn(move || {
                 for _ in 0..50 {
-                    let guard = service.lock().unwrap();
+                    let guard = audit.lock().unwrap();
                     std::thread::sleep(Duration::from_micros(300));
                     drop(guard);
                     std::thread::sleep(Duration::from_micros(300));
@@ -410,7 +418,7 @@ mod tests {
         let journal = Journal::start(service.clone(), "test-audit", None).unwrap();
         for i in 0..5 {
             assert!(journal.record(event(i)).await);
-            assert!(!service.lock().unwrap().audit_unsynced());
+            assert!(!service.lock().unwrap().auditor().unsynced());
             let report = audit::verify(&log).unwrap();
             assert!(report.notes.is_empty(), "{report:?}");
         }

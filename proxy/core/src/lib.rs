@@ -23,6 +23,7 @@
 pub mod admission;
 pub mod anomaly;
 pub mod audit;
+pub mod auditor;
 pub mod authority;
 pub mod config;
 pub mod connect;

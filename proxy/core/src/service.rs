@@ -4,6 +4,7 @@
 //! an audit record, and a mutation commits only after its record is durable.
 
 use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
+use crate::auditor::Auditor;
 use crate::authority::{bundle_pem_from_store, check_not_reserved, daemon_actor, StoreAccess};
 use crate::error::{Error, ErrorKind, Result};
 use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer};
@@ -98,7 +99,8 @@ pub struct Status {
 pub struct SecretService {
     data_dir: PathBuf,
     store: SecretStore,
-    audit: AuditLog,
+    /// The audit log's owner (its own lock: see [`crate::auditor`]).
+    audit: Auditor,
     seal: SealConfig,
     kek: KekState,
     policy: StorePolicy,
@@ -145,7 +147,7 @@ impl SecretService {
         Ok(SecretService {
             data_dir: data_dir.to_path_buf(),
             store,
-            audit,
+            audit: Auditor::new(audit),
             seal,
             kek,
             policy,
@@ -157,6 +159,7 @@ impl SecretService {
 
     pub fn set_metrics(&mut self, m: Metrics) {
         m.set_sealed(self.is_sealed());
+        self.audit.set_metrics(m.clone());
         self.metrics = Some(m);
     }
 
@@ -219,48 +222,20 @@ impl SecretService {
         self.store.backend_mut().meta_set(key, value)
     }
 
+    /// The audit log's owner, for writers that must not take this
+    /// service's lock (the session journal).
+    pub fn auditor(&self) -> Auditor {
+        self.audit.clone()
+    }
+
     /// Appends an audit record; counts it in the metrics.
     pub fn record(&mut self, event: &Event) -> Result<()> {
-        append_counted(&mut self.audit, self.metrics.as_ref(), event)
-    }
-
-    /// Appends audit records as one group commit (one `fsync`, or with
-    /// `durable` false none: see [`AuditLog::append_all_unsynced`]); all or
-    /// nothing. Counts each in the metrics.
-    pub fn record_all(&mut self, events: &[Event], durable: bool) -> Result<()> {
-        let res = if durable {
-            self.audit.append_all(events)
-        } else {
-            self.audit.append_all_unsynced(events)
-        };
-        if let Some(m) = self.metrics.as_ref() {
-            for _ in events {
-                m.audit_write(res.is_ok());
-            }
-        }
-        res.map(|_| ()).map_err(Error::from)
-    }
-
-    /// Whether audit records written without `fsync` wait for one.
-    pub fn audit_unsynced(&self) -> bool {
-        self.audit.has_unsynced()
+        self.audit.record(event)
     }
 
     /// Why the audit log refuses records after a failed background `fsync`.
-    pub fn audit_sync_failure(&self) -> Option<&str> {
+    pub fn audit_sync_failure(&self) -> Option<String> {
         self.audit.sync_failure()
-    }
-
-    /// `fsync`s the audit records written without one (see
-    /// [`AuditLog::sync_pending`]); a failure is counted and sticky.
-    pub fn sync_audit(&mut self) -> Result<()> {
-        let res = self.audit.sync_pending();
-        if res.is_err() {
-            if let Some(m) = self.metrics.as_ref() {
-                m.audit_sync_failed();
-            }
-        }
-        res.map_err(Error::from)
     }
 
     /// Records a refusal or a failure. If even that cannot be written the
@@ -331,20 +306,15 @@ impl SecretService {
         let KekState::Unsealed(kek) = &self.kek else {
             return Err(Error::internal("KEK state changed unexpectedly"));
         };
-        let audit = &mut self.audit;
-        let metrics = self.metrics.clone();
+        let audit = &self.audit;
         let mut hook = |version: u32| -> Result<()> {
-            append_counted(
-                audit,
-                metrics.as_ref(),
-                &Event {
-                    actor: actor.clone(),
-                    action: "secret.put".into(),
-                    target: Self::secret_target(name, &env, Some(version)),
-                    decision: Decision::Allow,
-                    reason: format!("new version {version}; keeping at most {keep}"),
-                },
-            )
+            audit.record(&Event {
+                actor: actor.clone(),
+                action: "secret.put".into(),
+                target: Self::secret_target(name, &env, Some(version)),
+                decision: Decision::Allow,
+                reason: format!("new version {version}; keeping at most {keep}"),
+            })
         };
         let new = NewVersion {
             name,
@@ -420,20 +390,15 @@ impl SecretService {
         validate_secret_name(name)?;
         self.refuse_reserved(caller, "secret.rm", name, &env)?;
         let actor = caller.actor();
-        let audit = &mut self.audit;
-        let metrics = self.metrics.clone();
+        let audit = &self.audit;
         let mut hook = |removed: u32| -> Result<()> {
-            append_counted(
-                audit,
-                metrics.as_ref(),
-                &Event {
-                    actor: actor.clone(),
-                    action: "secret.rm".into(),
-                    target: Self::secret_target(name, &env, None),
-                    decision: Decision::Allow,
-                    reason: format!("{removed} version(s) removed"),
-                },
-            )
+            audit.record(&Event {
+                actor: actor.clone(),
+                action: "secret.rm".into(),
+                target: Self::secret_target(name, &env, None),
+                decision: Decision::Allow,
+                reason: format!("{removed} version(s) removed"),
+            })
         };
         let removed = self.store.backend_mut().remove(name, &env, &mut hook)?;
         self.changed(name, &env);
@@ -554,7 +519,7 @@ impl SecretService {
         Ok(StoreAccess {
             store: &mut self.store,
             kek,
-            audit: &mut self.audit,
+            audit: &self.audit,
         })
     }
 
@@ -645,12 +610,11 @@ impl SecretService {
                 .unwrap_or_else(|| Error::sealed("warden is sealed")));
         };
         let keep = self.policy.keep_for(name);
-        let audit = &mut self.audit;
-        let metrics = self.metrics.clone();
+        let audit = &self.audit;
         let mut hook = |version: u32| -> Result<()> {
             let mut ev = event.clone();
             ev.target.version = Some(version);
-            append_counted(audit, metrics.as_ref(), &ev)
+            audit.record(&ev)
         };
         let new = NewVersion {
             name,
@@ -666,10 +630,8 @@ impl SecretService {
 
     /// Removes every version of (name, env), appending `event` before the commit.
     pub fn remove_audited(&mut self, name: &str, env: &str, event: Event) -> Result<u32> {
-        let audit = &mut self.audit;
-        let metrics = self.metrics.clone();
-        let mut hook =
-            |_removed: u32| -> Result<()> { append_counted(audit, metrics.as_ref(), &event) };
+        let audit = &self.audit;
+        let mut hook = |_removed: u32| -> Result<()> { audit.record(&event) };
         let removed = self.store.backend_mut().remove(name, env, &mut hook)?;
         self.changed(name, env);
         Ok(removed)
@@ -718,14 +680,6 @@ pub fn blocking<T>(
             .map_err(|_| Error::internal("service state poisoned"))?;
         f(&mut s)
     })
-}
-
-fn append_counted(audit: &mut AuditLog, metrics: Option<&Metrics>, event: &Event) -> Result<()> {
-    let res = audit.append(event);
-    if let Some(m) = metrics {
-        m.audit_write(res.is_ok());
-    }
-    res.map(|_| ()).map_err(Error::from)
 }
 
 /// Recovers the KEK from shares given up front (KEK rotation, offline).
