@@ -37,7 +37,7 @@ mod resolver;
 pub use cgroup::{cgroup2_mount, cgroup_id_of_path, cgroup_id_of_pid};
 pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_INTERVAL};
 pub use monitor::{
-    release_pinned, Counters, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
+    release_pinned, Counters, ExecSince, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
 pub use relay::{HopStats, KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;

@@ -11,13 +11,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use warden_ebpf_common::{
     FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED,
     COUNTER_DENIED, COUNTER_EMITTED, COUNTER_HOPS, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM,
-    HOP_LISTENER, HOP_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER,
-    RELAY_UPSTREAM,
+    EXEC_LOST_AT, HOP_LISTENER, HOP_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF,
+    RELAY_LISTENER, RELAY_UPSTREAM,
 };
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
@@ -113,6 +113,11 @@ pub struct Counters {
 }
 
 const PROGRAMS: [&str; 3] = ["warden_sock_ops", "warden_connect4", "warden_connect6"];
+/// Exec tracking: program and raw tracepoint.
+const EXEC_PROGRAMS: [(&str, &str); 2] = [
+    ("warden_exec", "sched_process_exec"),
+    ("warden_exit", "sched_process_exit"),
+];
 const PINNED_MAPS: [(&str, &str); 2] = [
     ("FROZEN_TGIDS", "frozen_tgids"),
     ("FROZEN_CGROUPS", "frozen_cgroups"),
@@ -121,6 +126,10 @@ const PINNED_MAPS: [(&str, &str); 2] = [
 /// The loaded and attached monitor.
 pub struct Monitor {
     attribution: HashMap<MapData, SockKey, ProcessInfo>,
+    /// tgid → CLOCK_BOOTTIME ns of its last exec (`warden_exec`).
+    execs: HashMap<MapData, u32, u64>,
+    /// When an exec last could not be recorded (0: never).
+    exec_lost: Array<MapData, u64>,
     frozen_tgids: FrozenMap<u32>,
     frozen_cgroups: FrozenMap<u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -313,6 +322,15 @@ impl Monitor {
             .map_err(map_err("FROZEN_CGROUPS"))?;
         let counters =
             PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(map_err("COUNTERS"))?;
+        let execs = HashMap::try_from(take(&mut ebpf, "EXECS")?).map_err(map_err("EXECS"))?;
+        let exec_lost =
+            Array::try_from(take(&mut ebpf, "EXEC_LOST")?).map_err(map_err("EXEC_LOST"))?;
+        // Exec tracking first: every connection attributed from here on can
+        // be checked for a later exec. Its links live as long as the
+        // programs (`_ebpf`): a crashed daemon's successor starts afresh.
+        for (name, tracepoint) in EXEC_PROGRAMS {
+            attach_raw_tracepoint(&mut ebpf, name, tracepoint)?;
+        }
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
 
         let mut new_links: Vec<(String, FdLink)> = Vec::new();
@@ -348,6 +366,8 @@ impl Monitor {
 
         Ok(Monitor {
             attribution,
+            execs,
+            exec_lost,
             frozen_tgids: Mutex::new(frozen_tgids),
             frozen_cgroups: Mutex::new(frozen_cgroups),
             counters,
@@ -364,6 +384,21 @@ impl Monitor {
     /// `peer` (the accepted socket's peer address), if `sock_ops` saw it.
     pub fn lookup(&self, peer: SocketAddr) -> Option<ProcessInfo> {
         self.attribution.get(&sock_key_of(peer), 0).ok()
+    }
+
+    /// Whether process `tgid` may have run another program since
+    /// `since_ns` (CLOCK_BOOTTIME, an attribution entry's connect time):
+    /// it exec'd after that, or an exec after that could not be recorded.
+    pub fn exec_since(&self, tgid: u32, since_ns: u64) -> Option<ExecSince> {
+        if self
+            .execs
+            .get(&tgid, 0)
+            .is_ok_and(|exec_ns| exec_ns > since_ns)
+        {
+            return Some(ExecSince::Executed);
+        }
+        let lost = self.exec_lost.get(&EXEC_LOST_AT, 0).unwrap_or(0);
+        (lost > since_ns).then_some(ExecSince::Unknown)
     }
 
     /// Denies every `connect()` of process `tgid` from now on.
@@ -533,6 +568,36 @@ fn watch_key(addr: SocketAddr) -> SockKey {
     } else {
         sock_key_of(addr)
     }
+}
+
+/// Why a connection's process may not be the program that opened it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecSince {
+    /// The process exec'd after it connected.
+    Executed,
+    /// The kernel could not record an exec since the connect.
+    Unknown,
+}
+
+fn attach_raw_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+) -> Result<(), MonitorError> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| MonitorError::Other(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| MonitorError::Other(format!("{name}: {e}")))?;
+    prog.load()
+        .map_err(|e| classify(format!("loading {name}: {}", err_chain(&e))))?;
+    prog.attach(tracepoint).map_err(|e| {
+        classify(format!(
+            "attaching {name} to {tracepoint}: {}",
+            err_chain(&e)
+        ))
+    })?;
+    Ok(())
 }
 
 fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdLink, MonitorError> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use warden_identity::attest::{AttestError, PeerResolver, ProcFs, ProcNetResolver};
 
-use crate::monitor::Monitor;
+use crate::monitor::{ExecSince, Monitor};
 
 /// Answers "which process is behind this accepted TCP connection" from the
 /// `sock_ops` attribution map, and falls back to the `/proc` resolver on a
@@ -55,21 +55,40 @@ impl EbpfResolver {
         )
     }
 
-    fn lookup_in_map(&self, peer: SocketAddr) -> Option<u32> {
-        let info = self.monitor.lookup(peer)?;
-        let start_ticks = self.proc.start_time(info.tgid).ok()?;
+    /// The connecting process from the map: `Ok(None)` on a miss or a
+    /// reused pid (the fallback decides), `Err` when the process exec'd
+    /// after it connected (fail closed: never the fallback, which would
+    /// name whatever program holds the socket now).
+    fn lookup_in_map(&self, peer: SocketAddr) -> Result<Option<u32>, AttestError> {
+        let Some(info) = self.monitor.lookup(peer) else {
+            return Ok(None);
+        };
+        let Ok(start_ticks) = self.proc.start_time(info.tgid) else {
+            return Ok(None);
+        };
         // The process holding the pid now started after the connect: the
         // pid was reused; let the socket-inode fallback decide.
         if start_ticks.saturating_mul(self.ns_per_tick) > info.ktime_ns {
-            return None;
+            return Ok(None);
         }
-        Some(info.tgid)
+        match self.monitor.exec_since(info.tgid, info.ktime_ns) {
+            None => Ok(Some(info.tgid)),
+            Some(why) => Err(AttestError::ExecutedSinceConnect {
+                pid: info.tgid,
+                what: match why {
+                    ExecSince::Executed => "started a new program (exec)",
+                    ExecSince::Unknown => {
+                        "may have started a new program (the kernel could not record an exec)"
+                    }
+                },
+            }),
+        }
     }
 }
 
 impl PeerResolver for EbpfResolver {
     fn resolve_tcp(&self, local: SocketAddr, peer: SocketAddr) -> Result<u32, AttestError> {
-        let found = self.lookup_in_map(peer);
+        let found = self.lookup_in_map(peer)?;
         if let Some(observe) = &self.observer {
             observe(found.is_some());
         }
@@ -82,8 +101,9 @@ impl PeerResolver for EbpfResolver {
     }
 
     fn resolve_tcp_cached(&self, _local: SocketAddr, peer: SocketAddr) -> Option<u32> {
-        // A miss is counted by the `resolve_tcp` that follows it.
-        let pid = self.lookup_in_map(peer)?;
+        // A miss is counted by the `resolve_tcp` that follows it (which
+        // also words a refusal).
+        let pid = self.lookup_in_map(peer).ok().flatten()?;
         if let Some(observe) = &self.observer {
             observe(true);
         }

@@ -806,7 +806,8 @@ fn find_pg_bin_dir() -> Option<PathBuf> {
 }
 
 /// `psql` from the server bin dir (no Debian wrapper), else from `PATH`.
-fn psql_bin() -> PathBuf {
+/// The psql binary the tests run (from `PG_BIN_DIR` or the server install).
+pub fn psql_bin() -> PathBuf {
     find_pg_bin_dir()
         .map(|d| d.join("psql"))
         .filter(|p| p.exists())

@@ -441,3 +441,86 @@ allow = ["me"]
         "no SVID held yet: {m}"
     );
 }
+
+/// The connect-then-exec race (issue: a process that is not allowed
+/// connects, forks, and the parent exec's the allowed psql while the child
+/// speaks on the inherited socket): with the monitor on, warden knows the
+/// process exec'd after it connected and refuses with 28000 instead of
+/// granting the session as psql.
+#[test]
+fn a_process_that_exec_d_after_connecting_is_refused() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let psql = std::fs::canonicalize(warden_tests::pg::psql_bin()).unwrap();
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[monitor]
+ebpf = "required"
+
+[[workload]]
+name = "psql-only"
+spiffe_id = "spiffe://example.org/psql-only"
+selectors = {{ uid = 0, exe_path = "{psql}" }}
+
+[[route]]
+name = "db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "db/app" }}
+allow = ["psql-only"]
+"#,
+        psql = psql.display(),
+        pgport = pg.port
+    );
+    let w = Instance::new_with(&cfg);
+    w.run(&["init"]).ok();
+    w.put("db/app", PASSWORD.as_bytes()).ok();
+    let _d = w.start_daemon();
+    // The allowed program itself gets in.
+    let ok = run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=postgres user=app"),
+        "select 1",
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    // A listener that never answers keeps the exec'd psql alive and waiting.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole = blackhole.local_addr().unwrap().port();
+    let script = format!(
+        r#"
+import os, socket, struct, sys, time
+s = socket.create_connection(("127.0.0.1", {port}))
+if os.fork() == 0:
+    time.sleep(1.0)  # the parent has exec'd psql by now
+    body = b"user\0app\0database\0postgres\0\0"
+    s.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+    s.settimeout(10)
+    sys.stdout.buffer.write(s.recv(4096))
+    sys.stdout.flush()
+    os._exit(0)
+os.set_inheritable(s.fileno(), True)
+os.environ["PGCONNECT_TIMEOUT"] = "4"
+os.execv("{psql}", ["psql", "-X", "-h", "127.0.0.1", "-p", "{hole}", "-c", "select 1"])
+"#,
+        psql = psql.display()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 (Debian package python3) is required");
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reply.starts_with('E') && reply.contains("28000"),
+        "expected a 28000 ErrorResponse, got {reply:?} (stderr {})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(reply.contains("started a new program (exec)"), "{reply}");
+    drop(blackhole);
+}

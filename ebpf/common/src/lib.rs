@@ -59,8 +59,10 @@ pub const COUNTER_ATTRIBUTED: u32 = 3;
 /// `COUNTERS` index: connection directions of warden's own local hops that
 /// the kernel joined socket to socket (see `HOP_LISTENER`).
 pub const COUNTER_HOPS: u32 = 4;
+/// `COUNTERS` index: execs `warden_exec` could not record in `EXECS`.
+pub const COUNTER_EXEC_LOST: u32 = 5;
 /// Number of counters.
-pub const COUNTER_LEN: u32 = 5;
+pub const COUNTER_LEN: u32 = 6;
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 4 << 20;
@@ -71,6 +73,14 @@ pub const RING_WAKEUP_BYTES: u64 = (RING_BYTES as u64) / 4;
 
 /// Capacity of the attribution LRU map.
 pub const ATTRIBUTION_ENTRIES: u32 = 65_536;
+/// Capacity of `EXECS` (tgid → time of its last exec): the kernel's pid
+/// limit (`PID_MAX_LIMIT`), so a live process always has room; entries are
+/// allocated on demand (`BPF_F_NO_PREALLOC`) and removed when the process
+/// exits.
+pub const EXEC_ENTRIES: u32 = 4_194_304;
+/// `CONFIG`-like slot in `EXEC_LOST_AT`: CLOCK_BOOTTIME ns of the newest
+/// exec `warden_exec` could not record (0: none).
+pub const EXEC_LOST_AT: u32 = 0;
 /// Capacity of each frozen map.
 pub const FROZEN_ENTRIES: u32 = 4_096;
 /// Capacity of the watched-destination map.

@@ -27,6 +27,15 @@
 //!   to `HOP_WINDOW` bytes ahead of its next send. warden still reads and
 //!   writes every byte; only the loopback TCP/IP path is skipped.
 //!
+//! - `warden_exec` / `warden_exit` (`raw_tp/sched_process_exec`,
+//!   `sched_process_exit`): `EXECS` holds, per tgid, the CLOCK_BOOTTIME time
+//!   of its last exec (removed when the thread-group leader exits). User
+//!   space compares it with an attribution entry's connect time: a process
+//!   that exec'd after it connected is refused — the program speaking on the
+//!   connection may not be the one that opened it. An exec that cannot be
+//!   recorded sets `EXEC_LOST[EXEC_LOST_AT]`, and every connection opened
+//!   before that moment is refused as well (fail closed).
+//!
 //! Events go to a ring buffer submitted without waking the consumer unless a
 //! quarter of the ring is unread; the consumer drains on a short timer. Events
 //! that do not fit are counted in `COUNTERS[COUNTER_LOST]`.
@@ -40,15 +49,16 @@ use aya_ebpf::helpers::generated::{
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_NOEXIST};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sk_msg, sock_ops};
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use aya_ebpf::macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
-use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
     DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
     DIRECT_SOCKETS, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
-    COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
+    COUNTER_EXEC_LOST, COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, EXEC_ENTRIES, EXEC_LOST_AT, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
     EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES, DIRECT_WINDOW,
     RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED, VERDICT_BYPASS_DENIED,
     VERDICT_DENIED_FROZEN, WATCHED_ENTRIES,
@@ -112,6 +122,12 @@ static RELAY_ADDRS: HashMap<SockKey, u8> = HashMap::with_max_entries(WATCHED_ENT
 /// `TCP_CLOSE` (a hop end: as soon as its own side closes).
 #[map]
 static DIRECT_MEMBERS: HashMap<SockPair, u8> = HashMap::with_max_entries(DIRECT_SOCKETS, 0);
+/// tgid → CLOCK_BOOTTIME ns of its last exec since the monitor attached.
+#[map]
+static EXECS: HashMap<u32, u64> = HashMap::with_max_entries(EXEC_ENTRIES, BPF_F_NO_PREALLOC);
+/// `[EXEC_LOST_AT]`: when an exec last could not be recorded (0: never).
+#[map]
+static EXEC_LOST: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static WARDEN_UPSTREAM: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(WARDEN_UPSTREAM_ENTRIES, 0);
@@ -639,6 +655,34 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         unsafe { (*back).ahead = 0 };
     }
     DIRECT_SOCKS.redirect_msg(&ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// A process replaced its program: remember when (see the module docs).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn warden_exec(_ctx: RawTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: helper without pointer arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if EXECS.insert(&tgid, &now, 0).is_err() {
+        count(COUNTER_EXEC_LOST);
+        if let Some(slot) = EXEC_LOST.get_ptr_mut(EXEC_LOST_AT) {
+            // SAFETY: a valid array slot; with racing writers either time
+            // fails the older connections closed.
+            unsafe { *slot = now };
+        }
+    }
+    0
+}
+
+/// The thread-group leader exited: its pid may be reused, drop its record.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn warden_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if pid_tgid as u32 == tgid {
+        let _ = EXECS.remove(&tgid);
+    }
+    0
 }
 
 #[panic_handler]

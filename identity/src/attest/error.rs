@@ -37,6 +37,34 @@ pub enum AttestError {
         detail: String,
     },
 
+    /// The process that opened the connection has run another program
+    /// (exec) since, or the kernel could not record whether it did: the
+    /// program speaking on the connection may not be the one that opened it.
+    #[error(
+        "process {pid} {what} after it opened this connection; warden cannot tell which \
+         program speaks on it and refuses (open the connection from the program that uses it)"
+    )]
+    ExecutedSinceConnect {
+        /// The process that opened the connection.
+        pid: u32,
+        /// "started a new program (exec)" or why it cannot be known.
+        what: &'static str,
+    },
+
+    /// Several processes hold the client end of the connection and they are
+    /// not the same program (a connection passed to or inherited by another
+    /// program).
+    #[error(
+        "{} processes hold this connection ({}) and they are not the same program; \
+         warden cannot tell which one speaks on it and refuses",
+        holders.len(),
+        holders.join(", ")
+    )]
+    SharedConnection {
+        /// "pid (exe, uid N)" of each holder.
+        holders: Vec<String>,
+    },
+
     /// No process on this host could be found holding the client end of a
     /// TCP connection.
     #[error("cannot find the local process that opened the TCP connection from {peer} to {local}: {detail}")]

@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::AttestError;
 use super::procfs::ProcFs;
@@ -135,6 +135,24 @@ impl ProcNetResolver {
         })
     }
 
+    /// The program a process runs: its executable and real uid (`None`
+    /// where unreadable; two unreadable holders compare equal only to
+    /// each other).
+    fn program_of(&self, pid: u32) -> (Option<PathBuf>, Option<u32>) {
+        let exe = fs::read_link(self.proc.pid_file(pid, "exe")).ok();
+        let uid = self
+            .proc
+            .read_pid_file(pid, "status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            });
+        (exe, uid)
+    }
+
     fn not_found(&self, local: SocketAddr, peer: SocketAddr, detail: String) -> AttestError {
         AttestError::PeerNotFound {
             local,
@@ -159,10 +177,34 @@ impl PeerResolver for ProcNetResolver {
                 ),
             ));
         }
-        for pid in self.pids()? {
-            if self.holds_any(pid, &inodes) {
-                return Ok(pid);
+        let holders: Vec<u32> = self
+            .pids()?
+            .into_iter()
+            .filter(|pid| self.holds_any(*pid, &inodes))
+            .collect();
+        if let Some(first) = holders.first() {
+            // A connection inherited by or passed to another program (fork
+            // then exec, SCM_RIGHTS): unless every holder is the same
+            // program as the same user, the one speaking is unknown.
+            let ids: Vec<(Option<PathBuf>, Option<u32>)> =
+                holders.iter().map(|p| self.program_of(*p)).collect();
+            if ids.iter().any(|id| *id != ids[0]) {
+                return Err(AttestError::SharedConnection {
+                    holders: holders
+                        .iter()
+                        .zip(&ids)
+                        .map(|(pid, (exe, uid))| {
+                            let exe = exe
+                                .as_ref()
+                                .map(|e| e.display().to_string())
+                                .unwrap_or_else(|| "unknown executable".into());
+                            let uid = uid.map(|u| u.to_string()).unwrap_or_else(|| "?".into());
+                            format!("{pid} ({exe}, uid {uid})")
+                        })
+                        .collect(),
+                });
             }
+            return Ok(*first);
         }
         let list: Vec<String> = inodes.iter().map(u64::to_string).collect();
         Err(self.not_found(
@@ -382,6 +424,33 @@ mod tests {
         let peer6: SocketAddr = "[::ffff:127.0.0.1]:50000".parse().unwrap();
         assert_eq!(r.resolve_tcp(local6, peer6).unwrap(), 300);
         assert_eq!(r.name(), "procfs");
+    }
+
+    #[test]
+    fn fake_tree_holders_running_different_programs_are_refused() {
+        if !v4_tables_only_on_little_endian() {
+            return;
+        }
+        // The client's socket (inode 222) held by a parent that exec'd
+        // psql and the forked python child that speaks on it.
+        let tcp = row("0100007F:C350", "0100007F:1F90", 222);
+        let dir = fake_proc(&tcp, "", &[(300, "socket:[222]"), (301, "socket:[222]")]);
+        symlink("/usr/bin/psql", dir.path().join("300").join("exe")).unwrap();
+        symlink("/usr/bin/python3", dir.path().join("301").join("exe")).unwrap();
+        let r = ProcNetResolver::with_procfs(ProcFs::new(dir.path()));
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        let err = r.resolve_tcp(local, peer).unwrap_err().to_string();
+        assert!(
+            err.contains("2 processes hold this connection")
+                && err.contains("300 (/usr/bin/psql")
+                && err.contains("301 (/usr/bin/python3"),
+            "{err}"
+        );
+        // The same program in both (a plain fork): the lowest pid answers.
+        fs::remove_file(dir.path().join("301").join("exe")).unwrap();
+        symlink("/usr/bin/psql", dir.path().join("301").join("exe")).unwrap();
+        assert_eq!(r.resolve_tcp(local, peer).unwrap(), 300);
     }
 
     #[test]
