@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use warden_identity::attest::{AttestError, PeerResolver, ProcFs, ProcNetResolver};
+use warden_identity::attest::{AttestError, KernelPeer, PeerResolver, ProcFs, ProcNetResolver};
 
 use crate::monitor::{ExecSince, Monitor};
 
@@ -109,6 +109,25 @@ impl PeerResolver for EbpfResolver {
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(pid)
+    }
+
+    fn kernel_peer(&self, _local: SocketAddr, peer: SocketAddr) -> Option<KernelPeer> {
+        let info = self.monitor.lookup(peer)?;
+        // An exec after the connect: not trustworthy (`resolve_tcp` refuses).
+        if self.monitor.exec_since(info.tgid, info.ktime_ns).is_some() {
+            return None;
+        }
+        Some(KernelPeer {
+            tgid: info.tgid,
+            uid: info.uid,
+            gid: info.gid,
+            cgroup_id: info.cgroup_id,
+            connect_ns: info.ktime_ns,
+        })
+    }
+
+    fn unchanged_since(&self, tgid: u32, since_ns: u64) -> Option<bool> {
+        Some(self.monitor.exec_since(tgid, since_ns).is_none())
     }
 
     fn name(&self) -> &'static str {

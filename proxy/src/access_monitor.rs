@@ -491,6 +491,7 @@ async fn enrich(
     hashes: Arc<ExeHashCache>,
 ) {
     let mut recent = RecentFacts::default();
+    let me = std::process::id();
     while let Some((ev, early_exe)) = rx.recv().await {
         let key = EnrichKey {
             tgid: ev.process.tgid,
@@ -534,7 +535,7 @@ async fn enrich(
             cgroup: facts.as_ref().and_then(|f| f.cgroup.clone()),
             unit: facts.as_ref().and_then(|f| f.systemd_unit.clone()),
             workload,
-            is_warden: ev.process.tgid == std::process::id(),
+            is_warden: ev.process.tgid == me,
             kind: ev.kind.as_str().into(),
             destination: dest.describe(ev.dest_kind, ev.dest),
             address: ev.dest.to_string(),

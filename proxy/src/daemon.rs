@@ -105,13 +105,16 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let admin_listener = admin::bind_socket(&socket, &admin_access)?;
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
-        let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?).await?;
+        // PostgreSQL sessions run on per-core single-threaded runtimes, each
+        // with its own SO_REUSEPORT listener (see `warden_postgres::shard`).
+        let pg_shards = pg::shard::Shards::start(runtime_workers())?;
+        let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?, pg_shards.len()).await?;
         let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
         let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;
         // Every bound listener is watched by the monitor (attribution, events).
         let mut bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
             .iter()
-            .map(|(r, tcp, _)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone()))
+            .map(|b| (b.local_addr(), b.route.name.clone()))
             .collect();
         bound.extend(http_listeners.iter().map(|l| {
             let (name, listen) = l.describe();
@@ -188,6 +191,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 tracing::info!("metrics on http://{a}/metrics");
             }
         }
+        match cfg.audit.sync_window() {
+            Some(w) => tracing::info!(
+                "audit.sync = \"interval\": each session's audit record is written to the OS before the session goes on and fsynced up to {} later; a crash of warden loses none, an OS crash or power loss can lose the newest (set audit.sync = \"commit\" to fsync each one first)",
+                warden_core::config::format_duration(w)
+            ),
+            None => tracing::info!("audit.sync = \"commit\": each session's audit record is fsynced before the session goes on"),
+        }
         if sealed {
             let t = seal.shamir.as_ref().map(|s| s.threshold).unwrap_or(0);
             tracing::warn!("sealed: run `warden unseal` with {t} shares before secrets can be served");
@@ -251,7 +261,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
         ));
-        let pg_routes: Vec<_> = pg_listeners.iter().map(|(r, _, _)| r.clone()).collect();
+        let pg_routes: Vec<_> = pg_listeners.iter().map(|b| b.route.clone()).collect();
         let pg_shared = Arc::new(pg::PgShared::new(
             admission.clone(),
             &pg_routes,
@@ -270,9 +280,14 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             !sealed,
         ));
         let mut route_tasks = Vec::new();
-        for (route, tcp, unix) in pg_listeners {
-            tracing::info!(route = %route.name, listen = %route.listen, "PostgreSQL route listening");
-            route_tasks.push(tokio::spawn(pg::serve_route(route, tcp, unix, pg_shared.clone())));
+        let mut shard_tasks = Vec::new();
+        for bound in pg_listeners {
+            tracing::info!(route = %bound.route.name, listen = %bound.route.listen, shards = pg_shards.len(), "PostgreSQL route listening");
+            let mut unix = bound.unix;
+            for (i, tcp) in bound.tcp.into_iter().enumerate() {
+                let task = pg::serve_shard(bound.route.clone(), i, tcp, unix.take(), pg_shared.clone());
+                shard_tasks.push(pg_shards.handle(i).spawn(task));
+            }
         }
         let http_shared = Arc::new(http::HttpShared::new(admission.clone(), metrics.clone()));
         for l in http_listeners {
@@ -306,6 +321,9 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         for t in &route_tasks {
             t.abort();
         }
+        for t in &shard_tasks {
+            t.abort();
+        }
         let _ = stop_workload_api.send(());
         if tokio::time::timeout(std::time::Duration::from_secs(2), workload_task).await.is_err() {
             tracing::warn!("Workload API connections did not close within 2 s");
@@ -322,6 +340,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 tracing::warn!("leases not revoked within 5 s; the next start revokes them");
             }
         }
+        // Open sessions end with their shard runtimes.
+        tokio::task::block_in_place(|| pg_shards.stop());
         access.shutdown();
         let svc = service.clone();
         tokio::task::spawn_blocking(move || match svc.lock() {

@@ -47,5 +47,5 @@ pub use error::AttestError;
 pub use facts::{confirm_same_process, gather_facts, revalidate, revalidate_cached, PeerFacts};
 pub use hash::{ExeHashCache, HashSkip};
 pub use procfs::{systemd_unit_of, ProcFs};
-pub use resolver::{PeerResolver, ProcNetResolver};
+pub use resolver::{KernelPeer, PeerResolver, ProcNetResolver};
 pub use selectors::{ambiguous_pairs, attest, matches, Registration, Selectors};

@@ -9,9 +9,10 @@
 //! `/proc/PID/fd/*` is searched for a link to `socket:[INODE]`.
 //!
 //! When several processes hold the socket (after a `fork`, or when it was
-//! passed over a unix socket), the LOWEST pid is returned: processes are
-//! scanned in ascending pid order and the scan stops at the first holder.
-//! Use [`ProcNetResolver::holders`] to see all of them.
+//! passed over a unix socket), the lowest pid is returned if they all run
+//! the same program (executable and uid); otherwise the connection is
+//! refused ([`AttestError::SharedConnection`]): which of them speaks cannot
+//! be known. Use [`ProcNetResolver::holders`] to see all of them.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -19,6 +20,21 @@ use std::path::{Path, PathBuf};
 
 use super::error::AttestError;
 use super::procfs::ProcFs;
+
+/// What the kernel recorded about the process that opened a TCP connection,
+/// at connect time (an eBPF resolver's attribution entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPeer {
+    /// The connecting process (thread group id).
+    pub tgid: u32,
+    /// Its real uid and gid at connect time.
+    pub uid: u32,
+    pub gid: u32,
+    /// Its cgroup v2 id at connect time.
+    pub cgroup_id: u64,
+    /// CLOCK_BOOTTIME ns of the connect.
+    pub connect_ns: u64,
+}
 
 /// Maps an accepted TCP connection to the pid of the local client process.
 pub trait PeerResolver: Send + Sync {
@@ -28,6 +44,18 @@ pub trait PeerResolver: Send + Sync {
     /// [`Self::resolve_tcp`] when the answer is at hand without blocking
     /// work (a kernel map lookup); `None`: call `resolve_tcp`.
     fn resolve_tcp_cached(&self, _local: SocketAddr, _peer: SocketAddr) -> Option<u32> {
+        None
+    }
+    /// The kernel's record of the connection when it has a trustworthy one
+    /// (the process has not exec'd since it connected); `None`: use
+    /// [`Self::resolve_tcp`].
+    fn kernel_peer(&self, _local: SocketAddr, _peer: SocketAddr) -> Option<KernelPeer> {
+        None
+    }
+    /// Whether process `tgid` has run the same program since `since_ns`
+    /// (CLOCK_BOOTTIME): `Some(true)` when the kernel saw no exec (and lost
+    /// no record of one) since then; `None` when it cannot tell.
+    fn unchanged_since(&self, _tgid: u32, _since_ns: u64) -> Option<bool> {
         None
     }
     /// Short name for logs and metrics.

@@ -20,7 +20,7 @@ use crate::error::ErrorKind;
 use crate::freeze::{FreezeEntry, Freezer};
 use crate::journal::Journal;
 use crate::metrics::{AttestVia, Metrics};
-use crate::peer::{actor, describe, Attested, Attestor};
+use crate::peer::{actor, boottime_ns, describe, Attested, Attestor};
 use crate::service::SecretService;
 use std::fmt;
 use std::net::SocketAddr;
@@ -282,9 +282,23 @@ impl Admission {
     }
 
     /// The cached path; `Err(Some(pid))` when the kernel named the pid.
+    /// First the kernel-fresh cache (no /proc read at all), then the /proc
+    /// re-check of a kept attestation, which on success lets the kernel
+    /// vouch for the next connection of the same process.
     fn attest_quick(&self, peer: Peer) -> Result<Attested, Option<u32>> {
         match peer {
-            Peer::Tcp { local, peer } => self.attestor.attest_tcp_cached(local, peer),
+            Peer::Tcp { local, peer } => {
+                let t0 = boottime_ns();
+                if let Some(k) = self.attestor.resolver.kernel_peer(local, peer) {
+                    if let Some(who) = self.attestor.attest_kernel(&k) {
+                        return Ok(who);
+                    }
+                    let who = self.attestor.attest_tcp_cached(local, peer)?;
+                    self.attestor.stamp(who.facts.pid, &k, t0);
+                    return Ok(who);
+                }
+                self.attestor.attest_tcp_cached(local, peer)
+            }
             Peer::Unix { pid: Some(pid) } => self.attestor.attest_pid_cached(pid).ok_or(Some(pid)),
             Peer::Unix { pid: None } => Err(None),
         }
@@ -292,6 +306,7 @@ impl Admission {
 
     /// The blocking path: /proc reads, the executable hashed if new.
     fn attest_known(&self, peer: Peer, known: Option<u32>) -> Attestation {
+        let t0 = boottime_ns();
         let pid = match (known, peer) {
             (Some(pid), _) => pid,
             (None, Peer::Tcp { local, peer }) => self
@@ -305,10 +320,31 @@ impl Admission {
                 })
             }
         };
-        self.attestor.attest_pid(pid).map_err(|reason| Unattested {
+        let who = self.attestor.attest_pid(pid).map_err(|reason| Unattested {
             pid: Some(pid),
             reason,
-        })
+        })?;
+        if let Peer::Tcp { local, peer } = peer {
+            match self.attestor.resolver.kernel_peer(local, peer) {
+                Some(k) => self.attestor.stamp(pid, &k, t0),
+                // The kernel named the process, and no longer vouches for
+                // it: it exec'd while its facts were read. Refuse, with
+                // the resolver's words.
+                None if known.is_some() => {
+                    let reason = match self.attestor.tcp_pid(local, peer) {
+                        Err(reason) => reason,
+                        Ok(_) => "warden: the connecting process changed while it was attested"
+                            .to_string(),
+                    };
+                    return Err(Unattested {
+                        pid: Some(pid),
+                        reason,
+                    });
+                }
+                None => {}
+            }
+        }
+        Ok(who)
     }
 
     /// Policy: attested, not frozen, on the route's allow list.

@@ -595,7 +595,7 @@ pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 
 /// The data path's handle.
 pub struct Anomaly {
-    tx: Option<mpsc::Sender<(Instant, Signal)>>,
+    tx: Option<Arc<SignalQueue>>,
     workloads: HashMap<String, u16>,
     secrets: HashMap<String, u16>,
     metrics: Metrics,
@@ -661,7 +661,7 @@ impl Anomaly {
             .collect();
         let enabled = cfg.anomaly.enabled.unwrap_or(true);
         let tx = if enabled {
-            let (tx, rx) = mpsc::channel(QUEUE);
+            let queue = Arc::new(SignalQueue::new(QUEUE));
             let (alert_tx, alert_rx) = mpsc::channel::<Alert>(ALERT_QUEUE);
             let names: Vec<String> = cfg.workloads.iter().map(|w| w.name.clone()).collect();
             let detector = Detector::new(cfg, secrets.len());
@@ -672,11 +672,11 @@ impl Anomaly {
                 metrics: metrics.clone(),
                 alerts: cfg.anomaly.webhook.as_ref().map(|_| alert_tx),
             };
-            tokio::spawn(run_detector(detector, rx, ctx));
+            tokio::spawn(run_detector(detector, queue.clone(), ctx));
             if let Some(url) = cfg.anomaly.webhook.clone() {
                 tokio::spawn(deliver(url, alert_rx, metrics.clone(), service));
             }
-            Some(tx)
+            Some(queue)
         } else {
             tracing::info!("anomaly.enabled = false: no anomaly rules are evaluated");
             None
@@ -690,8 +690,8 @@ impl Anomaly {
     }
 
     fn send(&self, sig: Signal) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send((Instant::now(), sig)).is_err() {
+        if let Some(q) = &self.tx {
+            if !q.push(Instant::now(), sig) {
                 self.metrics.anomaly_signal_dropped();
             }
         }
@@ -758,18 +758,94 @@ struct Handler {
     alerts: Option<mpsc::Sender<Alert>>,
 }
 
-async fn run_detector(
-    mut detector: Detector,
-    mut rx: mpsc::Receiver<(Instant, Signal)>,
-    h: Handler,
-) {
-    let h = Arc::new(h);
-    while let Some((at, sig)) = rx.recv().await {
-        if let Some(f) = detector.observe(at, sig) {
-            let h = h.clone();
-            // Freezing and auditing block; the detector keeps reading.
-            tokio::task::spawn_blocking(move || h.act(f, at));
+/// The data path's signals, drained by the detector in batches: a push
+/// never wakes another thread while the detector is active (it drains every
+/// [`DRAIN_EVERY`]); only the first signal after an idle spell does. Under
+/// load that is one wake-up per batch instead of one per session.
+pub struct SignalQueue {
+    items: std::sync::Mutex<Vec<(Instant, Signal)>>,
+    cap: usize,
+    /// The detector waits for [`Self::wake`] (idle, not draining).
+    sleeping: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// How often an active detector drains the queue (the longest a signal
+/// waits before it is evaluated).
+const DRAIN_EVERY: Duration = Duration::from_millis(2);
+/// Empty drains before the detector sleeps until the next signal.
+const IDLE_DRAINS: u32 = 50;
+
+impl SignalQueue {
+    fn new(cap: usize) -> SignalQueue {
+        SignalQueue {
+            items: std::sync::Mutex::new(Vec::with_capacity(1024)),
+            cap,
+            sleeping: std::sync::atomic::AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Queues a signal; false when the queue is full (dropped).
+    fn push(&self, at: Instant, sig: Signal) -> bool {
+        {
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            if items.len() >= self.cap {
+                return false;
+            }
+            items.push((at, sig));
+        }
+        if self
+            .sleeping
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    fn drain(&self, into: &mut Vec<(Instant, Signal)>) {
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *items, into);
+    }
+}
+
+async fn run_detector(mut detector: Detector, queue: Arc<SignalQueue>, h: Handler) {
+    let h = Arc::new(h);
+    let mut batch = Vec::with_capacity(1024);
+    let mut idle = 0u32;
+    loop {
+        queue.drain(&mut batch);
+        if batch.is_empty() {
+            idle += 1;
+            if idle >= IDLE_DRAINS {
+                // Announce the sleep before the last look, so a signal
+                // pushed after it either is seen here or wakes us.
+                queue
+                    .sleeping
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                queue.drain(&mut batch);
+                if batch.is_empty() {
+                    queue.wake.notified().await;
+                    idle = 0;
+                    continue;
+                }
+                queue
+                    .sleeping
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if !batch.is_empty() {
+            idle = 0;
+        }
+        for (at, sig) in batch.drain(..) {
+            if let Some(f) = detector.observe(at, sig) {
+                let h = h.clone();
+                // Freezing and auditing block; the detector keeps reading.
+                tokio::task::spawn_blocking(move || h.act(f, at));
+            }
+        }
+        tokio::time::sleep(DRAIN_EVERY).await;
     }
 }
 

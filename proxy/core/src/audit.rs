@@ -844,9 +844,19 @@ pub struct AuditLog {
     /// This handle has written unsynced records, so every anchor it writes
     /// carries `interval` (see [`AnchorFile`]).
     interval_anchor: bool,
+    /// Set by [`AuditLog::set_sole_writer`]: no other handle appends (the
+    /// daemon holds the data dir lock), so an append skips re-reading the
+    /// file's length and checks that the path still names this file at most
+    /// every [`SOLE_WRITER_RECHECK`].
+    sole_writer: bool,
+    /// When the path was last confirmed to name this file.
+    checked_at: Option<std::time::Instant>,
     #[cfg(test)]
     fault: Option<Fault>,
 }
+
+/// How often a sole writer confirms the log was not replaced under it.
+const SOLE_WRITER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl AuditLog {
     /// Opens (creating it with mode 0600 if missing) the log at `path` for
@@ -882,6 +892,8 @@ impl AuditLog {
             unsynced: None,
             sync_failed: None,
             interval_anchor: false,
+            sole_writer: false,
+            checked_at: None,
             #[cfg(test)]
             fault: None,
         })
@@ -890,6 +902,14 @@ impl AuditLog {
     #[allow(dead_code)] // API for callers; the daemon does not need it yet
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Declares this handle the only one appending to the file (the daemon,
+    /// which holds the data dir lock for its lifetime): appends stop
+    /// re-reading the file's length, and check that the path still names
+    /// this file once a second instead of on every append.
+    pub fn set_sole_writer(&mut self) {
+        self.sole_writer = true;
     }
 
     /// Appends one record and makes it durable (`fsync`) before returning it.
@@ -974,8 +994,19 @@ impl AuditLog {
         }
         let path = self.path.as_path();
         let _lock = lock_exclusive(&self.file, path)?;
-        self.check_same_file()?;
-        let len = self.file.metadata().map_err(io_err(path))?.len();
+        let recheck = !self.sole_writer
+            || self
+                .checked_at
+                .is_none_or(|t| t.elapsed() >= SOLE_WRITER_RECHECK);
+        if recheck {
+            self.check_same_file()?;
+            self.checked_at = Some(std::time::Instant::now());
+        }
+        let len = if self.sole_writer {
+            self.known_len
+        } else {
+            self.file.metadata().map_err(io_err(path))?.len()
+        };
         if len != self.known_len {
             // Another handle appended (or something else changed the file):
             // learn the new tail under the lock so the chain stays linear.

@@ -6,8 +6,11 @@
 use crate::audit::{Actor, ActorKind};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
-use warden_identity::attest::{self, ExeHashCache, PeerFacts, PeerResolver, Registration};
+use warden_identity::attest::{
+    self, ExeHashCache, KernelPeer, PeerFacts, PeerResolver, Registration,
+};
 
 /// A connecting process after attestation.
 #[derive(Clone)]
@@ -24,13 +27,43 @@ pub struct Attestor {
     /// the event feed: a process is hashed once).
     pub hashes: Arc<ExeHashCache>,
     pub resolver: Arc<dyn PeerResolver>,
-    /// The last attestation per pid, reused only after
-    /// [`attest::revalidate`] found the process unchanged.
-    recent: Mutex<HashMap<u32, Attested>>,
+    /// The last attestation per pid: reused when the kernel vouches that
+    /// the process is unchanged ([`Attestor::attest_kernel`]), or after
+    /// [`attest::revalidate`] found it unchanged through /proc.
+    recent: Mutex<HashMap<u32, Recent>>,
+}
+
+/// A kept attestation.
+#[derive(Clone)]
+struct Recent {
+    attested: Attested,
+    /// Set once the kernel attributed a connection of this process.
+    stamp: Option<Arc<KernelStamp>>,
+}
+
+/// What lets the kernel vouch for a kept attestation: the process itself
+/// (a pidfd: readable once it exits, so a reused pid is never mistaken for
+/// it), when it was attested, and the ids the kernel reported for it then.
+struct KernelStamp {
+    pidfd: OwnedFd,
+    /// CLOCK_BOOTTIME ns before the facts were read.
+    attested_ns: u64,
+    uid: u32,
+    gid: u32,
+    cgroup_id: u64,
 }
 
 /// Pids whose attestation is kept for reuse; the map is emptied when full.
 const RECENT_MAX: usize = 4096;
+
+/// CLOCK_BOOTTIME now (the clock of the kernel's connect and exec times).
+pub fn boottime_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+}
 
 impl Attestor {
     /// `resolver` is the daemon's (eBPF with /proc fallback, or /proc only;
@@ -65,8 +98,8 @@ impl Attestor {
     pub fn attest_pid(&self, pid: u32) -> Result<Attested, String> {
         let recent = self.recent_lock().get(&pid).cloned();
         if let Some(prev) = recent {
-            if attest::revalidate(&prev.facts, &self.hashes).is_ok() {
-                return Ok(prev);
+            if attest::revalidate(&prev.attested.facts, &self.hashes).is_ok() {
+                return Ok(prev.attested);
             }
             self.recent_lock().remove(&pid);
         }
@@ -75,8 +108,76 @@ impl Attestor {
         if recent.len() >= RECENT_MAX {
             recent.clear();
         }
-        recent.insert(pid, fresh.clone());
+        recent.insert(
+            pid,
+            Recent {
+                attested: fresh.clone(),
+                stamp: None,
+            },
+        );
         Ok(fresh)
+    }
+
+    /// The kept attestation of the process the kernel says opened a
+    /// connection, with no /proc read: only when it was stamped from an
+    /// earlier kernel-attributed connection, the process is still the same
+    /// one (its pidfd), it has not exec'd since it was attested (and the
+    /// kernel lost no exec record), and the kernel reports the same real
+    /// uid, gid and cgroup for this connect as for that one.
+    pub fn attest_kernel(&self, k: &KernelPeer) -> Option<Attested> {
+        let kept = self.recent_lock().get(&k.tgid).cloned()?;
+        let stamp = kept.stamp.as_ref()?;
+        if (stamp.uid, stamp.gid, stamp.cgroup_id) != (k.uid, k.gid, k.cgroup_id) {
+            return None;
+        }
+        if self.resolver.unchanged_since(k.tgid, stamp.attested_ns) != Some(true) {
+            return None;
+        }
+        if !alive(&stamp.pidfd) {
+            return None;
+        }
+        Some(kept.attested)
+    }
+
+    /// Lets the kernel vouch for `pid`'s kept attestation from now on
+    /// (see [`Self::attest_kernel`]); `attested_ns` was read before the
+    /// facts were confirmed, `k` is the kernel's record of the connection
+    /// they were confirmed for.
+    pub fn stamp(&self, pid: u32, k: &KernelPeer, attested_ns: u64) {
+        if k.tgid != pid {
+            return;
+        }
+        let Some(kept) = self.recent_lock().get(&pid).cloned() else {
+            return;
+        };
+        if kept.stamp.is_some() {
+            return;
+        }
+        let Some(raw) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
+            return;
+        };
+        let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        else {
+            return;
+        };
+        // The pidfd names the process that holds the pid now: still the
+        // one attested (same start time), or nothing is stamped.
+        let start = warden_identity::attest::ProcFs::default().start_time(pid);
+        if start.ok() != Some(kept.attested.facts.start_time) {
+            return;
+        }
+        let stamp = Arc::new(KernelStamp {
+            pidfd,
+            attested_ns,
+            uid: k.uid,
+            gid: k.gid,
+            cgroup_id: k.cgroup_id,
+        });
+        if let Some(entry) = self.recent_lock().get_mut(&pid) {
+            if entry.attested.facts.start_time == kept.attested.facts.start_time {
+                entry.stamp = Some(stamp);
+            }
+        }
     }
 
     /// Attribution and attestation without blocking work, for a TCP client
@@ -85,7 +186,7 @@ impl Attestor {
     /// the executable, its hash from the cache). Otherwise the blocking
     /// path runs, which also words every refusal: `Err(Some(pid))` — the
     /// kernel named the pid, [`Self::attest_pid`] it there; `Err(None)` —
-    /// [`Self::attest_tcp`] there.
+    /// [`Self::tcp_pid`] there.
     pub fn attest_tcp_cached(
         &self,
         local: SocketAddr,
@@ -98,13 +199,13 @@ impl Attestor {
     /// [`Self::attest_tcp_cached`] for a known pid (unix sockets).
     pub fn attest_pid_cached(&self, pid: u32) -> Option<Attested> {
         let prev = self.recent_lock().get(&pid).cloned()?;
-        match attest::revalidate_cached(&prev.facts, &self.hashes)? {
-            Ok(()) => Some(prev),
+        match attest::revalidate_cached(&prev.attested.facts, &self.hashes)? {
+            Ok(()) => Some(prev.attested),
             Err(_) => None,
         }
     }
 
-    fn recent_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Attested>> {
+    fn recent_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Recent>> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -120,6 +221,18 @@ impl Attestor {
             spiffe_id,
         })
     }
+}
+
+/// Whether the process behind `pidfd` still runs (a pidfd becomes readable
+/// when its process exits).
+fn alive(pidfd: &OwnedFd) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(0))
 }
 
 /// "process 4121 (/usr/bin/curl, uid 1001)"

@@ -142,7 +142,12 @@ pub fn open_store(data_dir: &Path) -> Result<(SecretStore, SealConfig, AuditLog)
 impl SecretService {
     /// Opens an initialised data dir and loads its KEK (or starts sealed).
     pub fn open(data_dir: &Path, policy: StorePolicy, daemon: bool) -> Result<SecretService> {
-        let (store, seal, audit) = open_store(data_dir)?;
+        let (store, seal, mut audit) = open_store(data_dir)?;
+        if daemon {
+            // The daemon holds the data dir lock for its lifetime: no other
+            // process appends to the log meanwhile.
+            audit.set_sole_writer();
+        }
         let kek = masterkey::load_kek(data_dir, &seal)?;
         Ok(SecretService {
             data_dir: data_dir.to_path_buf(),
@@ -666,20 +671,28 @@ impl SecretService {
     }
 }
 
-/// Appends `event` and counts the write (or its failure) in the metrics.
 /// Runs `f` under the service lock with store and audit work (fsyncs) kept
-/// off the async workers' hot path: `block_in_place`, so callers must run on
-/// a multi-threaded runtime (the daemon's and the CLI's are).
+/// off the async workers' hot path: `block_in_place` on a multi-threaded
+/// runtime (the daemon's main one, the CLI's); on a single-threaded one (a
+/// PostgreSQL session shard, which has no other worker to hand its tasks
+/// to) and outside a runtime, in place.
 pub fn blocking<T>(
     service: &std::sync::Mutex<SecretService>,
     f: impl FnOnce(&mut SecretService) -> Result<T>,
 ) -> Result<T> {
-    tokio::task::block_in_place(|| {
+    let locked = || {
         let mut s = service
             .lock()
             .map_err(|_| Error::internal("service state poisoned"))?;
         f(&mut s)
-    })
+    };
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi {
+        tokio::task::block_in_place(locked)
+    } else {
+        locked()
+    }
 }
 
 /// Recovers the KEK from shares given up front (KEK rotation, offline).

@@ -22,6 +22,7 @@ pub mod pool;
 pub mod relay;
 pub mod server_tls;
 pub mod session;
+pub mod shard;
 
 pub use warden_core::leases as dynamic;
 pub use warden_core::pgwire::{protocol, scram, sql, upstream};
@@ -231,19 +232,30 @@ impl PgShared {
     }
 }
 
-/// Binds every PostgreSQL route's listeners (so a busy port fails the start).
-pub async fn bind_routes(
-    routes: Vec<PgRoute>,
-) -> Result<
-    Vec<(
-        Arc<PgRoute>,
-        tokio::net::TcpListener,
-        Option<tokio::net::UnixListener>,
-    )>,
-> {
+/// A route's bound listeners: one TCP listener per session shard (sharing
+/// the address through `SO_REUSEPORT`) and its unix socket, if any.
+pub struct BoundRoute {
+    pub route: Arc<PgRoute>,
+    pub tcp: Vec<std::net::TcpListener>,
+    pub unix: Option<std::os::unix::net::UnixListener>,
+}
+
+impl BoundRoute {
+    /// The address the route listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.tcp
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(self.route.listen)
+    }
+}
+
+/// Binds every PostgreSQL route's listeners, `shards` TCP listeners each
+/// (so a busy port fails the start).
+pub async fn bind_routes(routes: Vec<PgRoute>, shards: usize) -> Result<Vec<BoundRoute>> {
     let mut out = Vec::new();
     for r in routes {
-        let tcp = tokio::net::TcpListener::bind(r.listen).await.map_err(|e| {
+        let tcp = shard::reuseport_listeners(r.listen, shards).map_err(|e| {
             Error::usage(format!(
                 "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
                 r.name, r.listen
@@ -251,11 +263,55 @@ pub async fn bind_routes(
         })?;
         let unix = match &r.unix_socket {
             None => None,
-            Some(dir) => Some(session::bind_unix(dir, r.listen.port(), &r.name)?),
+            Some(dir) => {
+                let l = session::bind_unix(dir, r.listen.port(), &r.name)?
+                    .into_std()
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|e| {
+                        Error::internal(format!("route {:?}: unix socket: {e}", r.name))
+                    })?;
+                Some(l)
+            }
         };
-        out.push((Arc::new(r), tcp, unix));
+        out.push(BoundRoute {
+            route: Arc::new(r),
+            tcp,
+            unix,
+        });
     }
     Ok(out)
+}
+
+/// Serves shard `index`'s listener of a bound route (call inside that
+/// shard's runtime): shard 0 also serves the unix socket and reaps the
+/// route's idle pooled connections.
+pub async fn serve_shard(
+    route: Arc<PgRoute>,
+    index: usize,
+    tcp: std::net::TcpListener,
+    unix: Option<std::os::unix::net::UnixListener>,
+    shared: Arc<PgShared>,
+) {
+    let tcp = match tokio::net::TcpListener::from_std(tcp) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(route = %route.name, "cannot serve a listener: {e}");
+            return;
+        }
+    };
+    if index > 0 {
+        loop {
+            accept_tcp(&tcp, &route, &shared).await;
+        }
+    }
+    let unix = unix.and_then(|u| match tokio::net::UnixListener::from_std(u) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::error!(route = %route.name, "cannot serve the unix socket: {e}");
+            None
+        }
+    });
+    serve_route(route, tcp, unix, shared).await;
 }
 
 /// Accepts sessions on one route until the task is dropped.

@@ -81,10 +81,16 @@ impl PoolSettings {
 /// What makes two sessions interchangeable on one upstream connection: the
 /// credential label (never the password) and the complete upstream startup
 /// message (role, database, options, application_name, …), sorted.
+///
+/// Keys also carry the session shard ([`crate::shard::current`]): an
+/// upstream connection is reused by sessions of the runtime thread that
+/// opened it, so its I/O never wakes another thread.
 pub fn key(label: &str, startup: &StartupMessage) -> String {
     let mut params: Vec<&(String, String)> = startup.params.iter().collect();
     params.sort();
     let mut k = String::with_capacity(128);
+    k.push_str(&crate::shard::current().to_string());
+    k.push('\0');
     k.push_str(label);
     for (name, value) in params {
         // No part can hold a NUL (the wire format ends strings with it), so

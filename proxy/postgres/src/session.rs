@@ -696,22 +696,17 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                 auth_method: established.auth_method,
                 born,
             };
-            let (shared, route, label, is_static) = (
-                shared.clone(),
-                route.clone(),
-                cred.label.clone(),
-                cred.lease.is_none(),
-            );
-            tokio::spawn(async move {
-                let cred = pool::Credential {
-                    label: &label,
-                    is_static,
-                };
-                shared
-                    .pool
-                    .give_back(&route.name, &route.pool, key, &cred, conn, resume)
-                    .await;
-            });
+            let (label, is_static) = (cred.label.clone(), cred.lease.is_none());
+            // In this task (the client is gone; nobody waits for it): no
+            // spawn, no hand-off to another runtime thread.
+            let cred = pool::Credential {
+                label: &label,
+                is_static,
+            };
+            shared
+                .pool
+                .give_back(&route.name, &route.pool, key, &cred, conn, resume)
+                .await;
         }
         // Healthy, but no pool: say goodbye for the client.
         (Some(_), None, Some(stream)) => pool::close(stream),

@@ -3,16 +3,17 @@
 //!
 //! - `direct`: pgbench logs in itself (SCRAM, `PGPASSWORD`);
 //! - `warden`: pgbench connects with no password, warden attests it and
-//!   logs in upstream with the injected credential;
-//! - `warden-int`: a second warden, identical but for
-//!   `audit.sync = "interval"` (session audit records written to the OS
+//!   logs in upstream with the injected credential (the default
+//!   `audit.sync = "interval"`: session audit records written to the OS
 //!   before the session goes on, fsynced within 10 ms);
+//! - `warden-commit`: a second warden, identical but for
+//!   `audit.sync = "commit"` (each session record fsynced first);
 //! - `pgbouncer`: PgBouncer (session pooling, `auth_type = any`) injects the
 //!   same credential from its `[databases]` entry.
 //!
 //! Two modes: persistent connections, and a new connection per transaction
 //! (`pgbench -C`). Runs are interleaved (for each mode, every round runs
-//! direct, warden, warden-int, pgbouncer in turn) and the median over rounds is
+//! direct, warden, warden-commit, pgbouncer in turn) and the median over rounds is
 //! reported, with p50/p99 latency from pgbench's per-transaction log.
 //!
 //! Everything lives in a temp dir and every process is stopped at the end,
@@ -81,8 +82,17 @@ impl Mode {
     /// warden's TPS must reach this fraction of direct.
     fn direct_target(self) -> f64 {
         match self {
-            Mode::Persistent => 0.95,
+            Mode::Persistent => 1.1,
             Mode::ConnectPerTransaction => 0.8,
+        }
+    }
+
+    /// The target against PgBouncer in the same run, per warden variant.
+    fn bouncer_target(self, target: Target) -> f64 {
+        match (self, target) {
+            (Mode::Persistent, _) => 2.0,
+            (Mode::ConnectPerTransaction, Target::WardenCommit) => 0.8,
+            (Mode::ConnectPerTransaction, _) => 1.2,
         }
     }
 }
@@ -91,8 +101,8 @@ impl Mode {
 enum Target {
     Direct,
     Warden,
-    /// warden with `audit.sync = "interval"`.
-    WardenInterval,
+    /// warden with `audit.sync = "commit"`.
+    WardenCommit,
     PgBouncer,
 }
 
@@ -100,7 +110,7 @@ impl Target {
     const ALL: [Target; 4] = [
         Target::Direct,
         Target::Warden,
-        Target::WardenInterval,
+        Target::WardenCommit,
         Target::PgBouncer,
     ];
 
@@ -108,7 +118,7 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Warden => "warden",
-            Target::WardenInterval => "warden-int",
+            Target::WardenCommit => "warden-commit",
             Target::PgBouncer => "pgbouncer",
         }
     }
@@ -116,7 +126,7 @@ impl Target {
     /// The `[audit]` table of a warden target's config.
     fn audit_toml(self) -> &'static str {
         match self {
-            Target::WardenInterval => "\n[audit]\nsync = \"interval\"\n",
+            Target::WardenCommit => "\n[audit]\nsync = \"commit\"\n",
             _ => "",
         }
     }
@@ -124,7 +134,7 @@ impl Target {
     /// Subdirectory of the lab holding a warden target's state.
     fn warden_dir(self) -> &'static str {
         match self {
-            Target::WardenInterval => "warden-int",
+            Target::WardenCommit => "warden-commit",
             _ => "warden",
         }
     }
@@ -140,6 +150,12 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     transactions: usize,
+    /// The proxy's CPU time per transaction (µs; with `-C` per session),
+    /// from its `/proc/PID/stat` before and after the run.
+    cpu_us_per_txn: Option<f64>,
+    /// The proxy's context switches per transaction (its live threads'
+    /// voluntary + involuntary switches).
+    switches_per_txn: Option<f64>,
 }
 
 pub fn run(repo: &Path, options: &Options) -> Result<()> {
@@ -168,7 +184,7 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
     if !options.leases_only {
         lab.load_pgbench_data()?;
         lab.start_warden(&warden, Target::Warden)?;
-        lab.start_warden(&warden, Target::WardenInterval)?;
+        lab.start_warden(&warden, Target::WardenCommit)?;
         lab.start_pgbouncer(&pgbouncer)?;
         for target in Target::ALL {
             lab.check_login(target)?;
@@ -228,7 +244,7 @@ struct Lab {
     pg_bin: PathBuf,
     pg_port: u16,
     warden_port: u16,
-    warden_int_port: u16,
+    warden_commit_port: u16,
     bouncer_port: u16,
     password: String,
     pg_started: bool,
@@ -244,13 +260,13 @@ impl Lab {
                 .with_context(|| format!("could not remove stale {}", dir.display()))?;
         }
         std::fs::create_dir(&dir).with_context(|| format!("could not create {}", dir.display()))?;
-        let [pg_port, warden_port, warden_int_port, bouncer_port] = free_ports()?;
+        let [pg_port, warden_port, warden_commit_port, bouncer_port] = free_ports()?;
         let lab = Self {
             dir,
             pg_bin,
             pg_port,
             warden_port,
-            warden_int_port,
+            warden_commit_port,
             bouncer_port,
             password: random_alphanumeric(24)?,
             pg_started: false,
@@ -261,14 +277,14 @@ impl Lab {
         // secret (the data dir, PgBouncer's ini, warden's store) is private
         // in subdirectories.
         set_mode(&lab.dir, 0o755)?;
-        for sub in ["pg", "warden", "warden-int", "pgbouncer", "logs"] {
+        for sub in ["pg", "warden", "warden-commit", "pgbouncer", "logs"] {
             std::fs::create_dir(lab.dir.join(sub))?;
             set_mode(&lab.dir.join(sub), 0o700)?;
         }
         chown_to_postgres(&lab.pg_dir())?;
         chown_to_postgres(&lab.dir.join("pgbouncer"))?;
         println!(
-            "temp dir {}; ports: postgres {pg_port}, warden {warden_port}, warden-int {warden_int_port}, pgbouncer {bouncer_port}",
+            "temp dir {}; ports: postgres {pg_port}, warden {warden_port}, warden-commit {warden_commit_port}, pgbouncer {bouncer_port}",
             lab.dir.display()
         );
         Ok(lab)
@@ -504,7 +520,7 @@ impl Lab {
         match target {
             Target::Direct => self.pg_port,
             Target::Warden => self.warden_port,
-            Target::WardenInterval => self.warden_int_port,
+            Target::WardenCommit => self.warden_commit_port,
             Target::PgBouncer => self.bouncer_port,
         }
     }
@@ -563,15 +579,37 @@ impl Lab {
             command.arg("-C");
         }
         command.arg(ROLE).current_dir(&logs);
+        let proxy = self.proxy_pid(target);
+        let before = proxy.and_then(process_cost);
         let out = run_captured(&mut command)?;
+        let after = proxy.and_then(process_cost);
         let mut sample = parse_pgbench_output(&out)
             .with_context(|| format!("could not read pgbench's summary:\n{out}"))?;
         let mut latencies_us = read_latency_logs(&logs, tag)?;
         latencies_us.sort_unstable();
         sample.transactions = latencies_us.len();
+        if let (Some(b), Some(a), n) = (before, after, latencies_us.len()) {
+            if n > 0 {
+                sample.cpu_us_per_txn = Some(a.0.saturating_sub(b.0) as f64 / n as f64);
+                sample.switches_per_txn = Some(a.1.saturating_sub(b.1) as f64 / n as f64);
+            }
+        }
         sample.p50_ms = percentile(&latencies_us, 0.50) / 1000.0;
         sample.p99_ms = percentile(&latencies_us, 0.99) / 1000.0;
         Ok(sample)
+    }
+
+    /// The pid of the proxy behind `target` (None: direct).
+    fn proxy_pid(&self, target: Target) -> Option<u32> {
+        let name = match target {
+            Target::Direct => return None,
+            Target::PgBouncer => "pgbouncer",
+            other => other.name(),
+        };
+        self.children
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, child)| child.id())
     }
 
     /// Stops everything and removes the temp dir; idempotent.
@@ -677,6 +715,36 @@ fn measure(lab: &Lab, options: &Options) -> Result<Results> {
     Ok(results)
 }
 
+/// CPU time (µs, every thread, exited ones included) and context switches
+/// (live threads) of process `pid` so far.
+fn process_cost(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    let cpu_us = ticks * 10_000;
+    let mut switches = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some((cpu_us, switches))
+}
+
 fn mode_tag(mode: Mode) -> &'static str {
     match mode {
         Mode::Persistent => "persistent",
@@ -695,6 +763,8 @@ fn median_sample(samples: &[Sample]) -> Sample {
         p50_ms: pick(|s| s.p50_ms),
         p99_ms: pick(|s| s.p99_ms),
         transactions: samples.iter().map(|s| s.transactions).sum(),
+        cpu_us_per_txn: median_of(samples.iter().filter_map(|s| s.cpu_us_per_txn).collect()),
+        switches_per_txn: median_of(samples.iter().filter_map(|s| s.switches_per_txn).collect()),
     }
 }
 
@@ -754,19 +824,38 @@ fn print_report(results: &Results, options: &Options) {
          average connection time. PgBouncer and warden (route.pool) keep their \
          server connections across -C client connections, so they skip the \
          backend start and SCRAM login that direct pays each time; warden still \
-         attests every client and writes its session audit records: fsynced before \
-         the session goes on (warden, the default audit.sync = \"commit\"), or \
-         written to the OS and fsynced within 10 ms (warden-int, audit.sync = \"interval\").)"
+         attests every client and writes its session audit records: written to the \
+         OS before the session goes on and fsynced within 10 ms (warden, the default \
+         audit.sync = \"interval\"), or fsynced first (warden-commit, audit.sync = \"commit\").)"
     );
+    let _ = writeln!(
+        table,
+        "\nproxy cost per transaction (with -C: per session), medians; CPU from /proc/PID/stat (10 ms ticks), context switches of the live threads:"
+    );
+    for mode in Mode::ALL {
+        for target in [Target::Warden, Target::WardenCommit, Target::PgBouncer] {
+            let s = find(mode, target);
+            if let (Some(cpu), Some(sw)) = (s.cpu_us_per_txn, s.switches_per_txn) {
+                let _ = writeln!(
+                    table,
+                    "  {:<18} {:<14} {:>8.1} µs CPU  {:>6.2} context switches",
+                    mode.name(),
+                    target.name(),
+                    cpu,
+                    sw
+                );
+            }
+        }
+    }
     let _ = writeln!(table, "\ntargets (warden TPS, medians above):");
     for mode in Mode::ALL {
         let direct = find(mode, Target::Direct).tps;
         let bouncer = find(mode, Target::PgBouncer).tps;
-        for target in [Target::Warden, Target::WardenInterval] {
+        for target in [Target::Warden, Target::WardenCommit] {
             let warden = find(mode, target).tps;
             for (against, baseline, wanted) in [
                 ("direct", direct, mode.direct_target()),
-                ("PgBouncer", bouncer, 1.0),
+                ("PgBouncer", bouncer, mode.bouncer_target(target)),
             ] {
                 let got = ratio(warden, baseline);
                 let _ = writeln!(
@@ -779,7 +868,22 @@ fn print_report(results: &Results, options: &Options) {
             }
         }
     }
+    let w = find(Mode::ConnectPerTransaction, Target::Warden);
+    let b = find(Mode::ConnectPerTransaction, Target::PgBouncer);
+    if let (Some(wc), Some(bc)) = (w.cpu_us_per_txn, b.cpu_us_per_txn) {
+        let _ = writeln!(
+            table,
+            "  {:<18} {:<10} CPU per session <= PgBouncer's: {wc:.0} vs {bc:.0} µs  {}",
+            Mode::ConnectPerTransaction.name(),
+            Target::Warden.name(),
+            if wc <= bc { "met" } else { "MISSED" }
+        );
+    }
     print!("{table}");
+}
+
+fn median_of(values: Vec<f64>) -> Option<f64> {
+    (!values.is_empty()).then(|| median(values))
 }
 
 fn ratio(value: f64, baseline: f64) -> f64 {

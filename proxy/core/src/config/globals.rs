@@ -49,11 +49,11 @@ config_enum! {
     /// When an audit record reaches the disk (`audit.sync`).
     #[derive(Default)]
     AuditSync {
-        /// `fsync`ed before the action it records goes on (the default).
-        #[default]
+        /// `fsync`ed before the action it records goes on.
         Commit => "commit",
         /// Written to the OS before the action goes on, `fsync`ed within
-        /// `audit.sync_interval`.
+        /// `audit.sync_interval` (the default).
+        #[default]
         Interval => "interval",
     }
 }
@@ -354,8 +354,9 @@ pub(super) fn check_globals(c: &mut Checker<'_>) {
     }
 }
 
-/// `[audit]`: `sync_interval` only with `sync = "interval"`, and within range;
-/// choosing `interval` is stated as a warning.
+/// `[audit]`: `sync_interval` only with `sync = "interval"`, and within range.
+/// (What `interval` can lose is stated by the daemon at start, not warned
+/// about: it is the default.)
 pub(super) fn check_audit(c: &mut Checker<'_>) {
     let a = &c.config.audit;
     match (a.sync, a.sync_interval) {
@@ -369,18 +370,7 @@ pub(super) fn check_audit(c: &mut Checker<'_>) {
             format!("sync_interval {} is outside 1ms..1s", format_duration(d)),
             "use a duration from 1ms to 1s, e.g. sync_interval = \"10ms\"",
         ),
-        (AuditSync::Interval, _) => {
-            let window = a.sync_window().unwrap_or(DEFAULT_AUDIT_SYNC_INTERVAL);
-            c.warn(
-                "audit.sync",
-                format!(
-                    "audit.sync = \"interval\": a session's audit record is written to the OS before the session starts but reaches the disk up to {} later, so an OS crash or power loss can lose the newest records (a crash of warden itself loses none)",
-                    format_duration(window)
-                ),
-                "keep sync = \"commit\" (the default) where every credential use must be on disk before it happens",
-            );
-        }
-        (AuditSync::Commit, None) => {}
+        (AuditSync::Interval, _) | (AuditSync::Commit, None) => {}
     }
 }
 
@@ -415,29 +405,22 @@ mod tests {
 
     #[test]
     fn audit_sync() {
-        assert_eq!(ok("").audit.sync_window(), None);
-        let c = ok("[audit]\nsync = \"interval\"\n");
+        // `interval` is the default, without a warning.
+        let c = ok("");
         assert_eq!(c.audit.sync_window(), Some(DEFAULT_AUDIT_SYNC_INTERVAL));
-        // Choosing to lose records on an OS crash is stated, with the window.
-        assert_eq!(warning_keys(&c), vec!["audit.sync"]);
-        assert!(
-            c.warnings[0].problem.contains("up to 10ms"),
-            "{:?}",
-            c.warnings
-        );
-        let c = ok("[audit]\nsync = \"interval\"\nsync_interval = \"250ms\"\n");
+        assert!(warning_keys(&c).is_empty(), "{:?}", c.warnings);
+        assert_eq!(ok("[audit]\nsync = \"commit\"\n").audit.sync_window(), None);
+        let c = ok("[audit]\nsync_interval = \"250ms\"\n");
         assert_eq!(c.audit.sync_window(), Some(Duration::from_millis(250)));
-        assert!(
-            c.warnings[0].problem.contains("up to 250ms"),
-            "{:?}",
-            c.warnings
-        );
         for bad in ["0s", "2s", "1h"] {
             let text = format!("[audit]\nsync = \"interval\"\nsync_interval = \"{bad}\"\n");
             let issue = only_error(&text, "audit.sync_interval");
             assert!(issue.fix.contains("1ms to 1s"), "{issue:?}");
         }
-        let issue = only_error("[audit]\nsync_interval = \"10ms\"\n", "audit.sync_interval");
+        let issue = only_error(
+            "[audit]\nsync = \"commit\"\nsync_interval = \"10ms\"\n",
+            "audit.sync_interval",
+        );
         assert!(issue.fix.contains("sync = \"interval\""), "{issue:?}");
         let issue = only_error("[audit]\nsync = \"always\"\n", "audit.sync");
         assert!(issue.fix.contains("\"commit\", \"interval\""), "{issue:?}");

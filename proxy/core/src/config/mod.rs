@@ -310,8 +310,11 @@ mod tests {
         );
         assert_eq!(c.monitor.ebpf, EbpfMode::Auto);
         assert_eq!(c.monitor.protect_upstreams, ProtectMode::Observe);
-        assert_eq!(c.audit.sync, AuditSync::Commit);
-        assert_eq!(c.audit.sync_window(), None);
+        assert_eq!(c.audit.sync, AuditSync::Interval);
+        assert_eq!(
+            c.audit.sync_window(),
+            Some(std::time::Duration::from_millis(10))
+        );
 
         assert_eq!(c.workloads.len(), 2);
         let w = &c.workloads[0];
