@@ -36,6 +36,9 @@ pub struct KernelPeer {
     pub connect_ns: u64,
 }
 
+/// A process's executable and real uid, as far as /proc tells.
+type Program = (Option<PathBuf>, Option<u32>);
+
 /// Maps an accepted TCP connection to the pid of the local client process.
 pub trait PeerResolver: Send + Sync {
     /// The pid of the process holding the client end of the connection that
@@ -166,7 +169,7 @@ impl ProcNetResolver {
     /// The program a process runs: its executable and real uid (`None`
     /// where unreadable; two unreadable holders compare equal only to
     /// each other).
-    fn program_of(&self, pid: u32) -> (Option<PathBuf>, Option<u32>) {
+    fn program_of(&self, pid: u32) -> Program {
         let exe = fs::read_link(self.proc.pid_file(pid, "exe")).ok();
         let uid = self
             .proc
@@ -210,12 +213,25 @@ impl PeerResolver for ProcNetResolver {
             .into_iter()
             .filter(|pid| self.holds_any(*pid, &inodes))
             .collect();
-        if let Some(first) = holders.first() {
+        if !holders.is_empty() {
             // A connection inherited by or passed to another program (fork
             // then exec, SCM_RIGHTS): unless every holder is the same
             // program as the same user, the one speaking is unknown.
-            let ids: Vec<(Option<PathBuf>, Option<u32>)> =
-                holders.iter().map(|p| self.program_of(*p)).collect();
+            // Read each holder's program, then keep only those that still
+            // hold the socket: a child between fork and exec holds it only
+            // until exec closes its close-on-exec descriptors.
+            let (holders, ids): (Vec<u32>, Vec<Program>) = holders
+                .iter()
+                .map(|p| (*p, self.program_of(*p)))
+                .filter(|(p, _)| self.holds_any(*p, &inodes))
+                .unzip();
+            let Some(first) = holders.first() else {
+                return Err(self.not_found(
+                    local,
+                    peer,
+                    "the processes that held the socket let go of it while warden looked".into(),
+                ));
+            };
             if ids.iter().any(|id| *id != ids[0]) {
                 return Err(AttestError::SharedConnection {
                     holders: holders

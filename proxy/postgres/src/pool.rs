@@ -81,16 +81,10 @@ impl PoolSettings {
 /// What makes two sessions interchangeable on one upstream connection: the
 /// credential label (never the password) and the complete upstream startup
 /// message (role, database, options, application_name, …), sorted.
-///
-/// Keys also carry the session shard ([`crate::shard::current`]): an
-/// upstream connection is reused by sessions of the runtime thread that
-/// opened it, so its I/O never wakes another thread.
 pub fn key(label: &str, startup: &StartupMessage) -> String {
     let mut params: Vec<&(String, String)> = startup.params.iter().collect();
     params.sort();
     let mut k = String::with_capacity(128);
-    k.push_str(&crate::shard::current().to_string());
-    k.push('\0');
     k.push_str(label);
     for (name, value) in params {
         // No part can hold a NUL (the wire format ends strings with it), so
@@ -101,6 +95,23 @@ pub fn key(label: &str, startup: &StartupMessage) -> String {
         k.push_str(value);
     }
     k
+}
+
+/// Moves a plain connection's socket to the calling runtime's reactor (a
+/// connection pooled by another session shard), so its I/O wakes this
+/// thread, not the other one. A TLS connection stays where it is: it works
+/// from any runtime, at the cost of a cross-thread wake-up per read. `None`:
+/// the socket could not move (the connection is dropped).
+fn adopt(stream: UpstreamStream) -> Option<UpstreamStream> {
+    match stream {
+        UpstreamStream::Plain(tcp) => {
+            let std = tcp.into_std().ok()?;
+            tokio::net::TcpStream::from_std(std)
+                .ok()
+                .map(UpstreamStream::Plain)
+        }
+        tls => Some(tls),
+    }
 }
 
 /// An authenticated upstream connection at ReadyForQuery (idle).
@@ -118,6 +129,9 @@ struct Idle {
     key: String,
     label: String,
     since: Instant,
+    /// The session shard whose runtime the connection's socket is
+    /// registered with ([`crate::shard::current`] when it was put back).
+    shard: usize,
     conn: Pooled,
 }
 
@@ -203,14 +217,31 @@ impl Pool {
                 dropped.extend(old);
                 rp.current_static = Some(cred.label.to_string());
             }
-            // Most recently used first: the others age out.
-            while let Some(pos) = rp.idle.iter().rposition(|i| i.key == key) {
+            // Most recently used first (the others age out), this shard's
+            // own connections before another's.
+            let here = crate::shard::current();
+            loop {
+                let pos = rp
+                    .idle
+                    .iter()
+                    .rposition(|i| i.key == key && i.shard == here)
+                    .or_else(|| rp.idle.iter().rposition(|i| i.key == key));
+                let Some(pos) = pos else { break };
                 let i = rp.idle.remove(pos);
                 if i.since.elapsed() < settings.idle_timeout
                     && i.conn.born.elapsed() < settings.max_lifetime
                     && alive(&i.conn.stream)
                 {
-                    found = Some(i.conn);
+                    let Idle {
+                        shard, mut conn, ..
+                    } = i;
+                    if shard != here {
+                        match adopt(conn.stream) {
+                            Some(stream) => conn.stream = stream,
+                            None => continue,
+                        }
+                    }
+                    found = Some(conn);
                     break;
                 }
                 dropped.push(i);
@@ -244,6 +275,7 @@ impl Pool {
                     key,
                     label: cred.label.to_string(),
                     since: Instant::now(),
+                    shard: crate::shard::current(),
                     conn,
                 };
                 if superseded
