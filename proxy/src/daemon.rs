@@ -161,7 +161,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             let ident = identity.clone();
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let mut s = svc.lock().map_err(|_| Error::internal("service state poisoned"))?;
-                ident.maintain(&mut s).map(|_| ())
+                s.maintain_identity(&ident).map(|_| ())
             })
             .await
             .map_err(|e| Error::internal(format!("identity start-up failed: {e}")))??;
@@ -420,7 +420,7 @@ async fn maintain_identity(service: Arc<Mutex<SecretService>>, identity: Arc<Ide
     loop {
         let (svc, ident) = (service.clone(), identity.clone());
         let wait = tokio::task::spawn_blocking(move || match svc.lock() {
-            Ok(mut s) => ident.maintain(&mut s),
+            Ok(mut s) => s.maintain_identity(&ident),
             Err(_) => Err(Error::internal("service state poisoned")),
         })
         .await;

@@ -755,19 +755,19 @@ impl IdentityHandle {
             })
     }
 
-    /// Loads the authority if needed, then runs its maintenance. Returns how
-    /// long to wait before the next call.
-    pub fn maintain(&self, service: &mut crate::service::SecretService) -> Result<Duration> {
-        if service.is_sealed() {
-            return Ok(Duration::from_secs(1));
-        }
-        let metrics = service.metrics().cloned();
+    /// Loads the authority if needed, then runs its maintenance against
+    /// the unsealed store (see `SecretService::maintain_identity`). Returns
+    /// how long to wait before the next call.
+    pub fn maintain(
+        &self,
+        mut access: StoreAccess<'_>,
+        metrics: Option<&crate::metrics::Metrics>,
+    ) -> Result<Duration> {
         let mut guard = self
             .authority
             .lock()
             .map_err(|_| Error::internal("identity state poisoned"))?;
         let now = OffsetDateTime::now_utc();
-        let mut access = service.store_access()?;
         match guard.as_mut() {
             None => {
                 *guard = Some(IdentityAuthority::load_or_create(
@@ -781,14 +781,14 @@ impl IdentityHandle {
             Some(a) => {
                 let ticked = a.tick(&mut access, now);
                 if ticked.is_err() {
-                    if let Some(m) = &metrics {
+                    if let Some(m) = metrics {
                         m.svid_issuance_error();
                     }
                 }
                 if ticked? {
                     self.notify();
                 }
-                if let Some(m) = &metrics {
+                if let Some(m) = metrics {
                     for _ in 0..a.take_rotated() {
                         m.svid_issued();
                     }

@@ -528,6 +528,21 @@ impl SecretService {
         })
     }
 
+    /// Runs the identity authority's maintenance (load or create the CA,
+    /// refresh SVIDs, rotate CAs) against this store; waits 1 s while
+    /// sealed. Returns how long to wait before the next call.
+    pub fn maintain_identity(
+        &mut self,
+        identity: &crate::authority::IdentityHandle,
+    ) -> Result<std::time::Duration> {
+        if self.is_sealed() {
+            return Ok(std::time::Duration::from_secs(1));
+        }
+        let metrics = self.metrics.clone();
+        let access = self.store_access()?;
+        identity.maintain(access, metrics.as_ref())
+    }
+
     /// The trust bundle PEM from the store (works while sealed: certificates are public).
     pub fn bundle_pem(&self) -> Result<String> {
         bundle_pem_from_store(&self.store)

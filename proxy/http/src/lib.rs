@@ -19,6 +19,7 @@
 //! before anything is forwarded (fail closed), and the connection's end a
 //! `session.end` with its request count.
 
+pub mod conn;
 pub mod fast;
 pub mod forward;
 pub mod gate;
@@ -262,7 +263,7 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
                 let local = stream.local_addr().unwrap_or(listen);
                 match &reverse {
                     Some(route) => {
-                        tokio::spawn(proxy::serve_connection(
+                        tokio::spawn(conn::serve_connection(
                             stream,
                             local,
                             peer,
@@ -271,7 +272,7 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
                         ));
                     }
                     None => {
-                        tokio::spawn(proxy::serve_forward_connection(
+                        tokio::spawn(conn::serve_forward_connection(
                             stream,
                             local,
                             peer,

@@ -9,7 +9,6 @@
 //! on: 403 policy, 502 upstream/TLS failure (naming the host and the CA),
 //! 503 sealed or no credential, 504 upstream timeout.
 
-use super::gate::{Gate, OnRefuse, Refused};
 use super::headers::{is_upgrade, scrub_secret, strip_hop_by_hop};
 use super::upstream::{find_connect_error, ConnectError, Connector};
 use super::{HttpRoute, HttpShared};
@@ -20,12 +19,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use warden_core::admission::{Attestation, Denial, Peer, RoutePolicy, SecretRef};
+use warden_core::admission::{Attestation, Denial, RoutePolicy, SecretRef};
 use warden_core::audit::{Decision, Event, Target};
-use warden_core::metrics::AttestVia;
 use warden_core::peer::{actor, Attested};
 use zeroize::Zeroizing;
 
@@ -62,130 +59,25 @@ struct ConnState {
     requests: u64,
 }
 
-struct GateNotice {
-    route: String,
-    metrics: warden_core::metrics::Metrics,
-}
-
-impl OnRefuse for GateNotice {
-    fn refused(&self, r: &Refused) {
-        tracing::warn!(route = %self.route, status = r.status, "request refused: {}", r.reason);
-        self.metrics.http_request(&self.route, "rejected");
-    }
-}
-
-async fn attest(shared: &Arc<HttpShared>, local: SocketAddr, peer: SocketAddr) -> Attestation {
-    shared
-        .admission
-        .attest(Peer::Tcp { local, peer }, AttestVia::Http)
-        .await
-}
-
-fn conn_ctx(route: &Arc<HttpRoute>, shared: &Arc<HttpShared>, who: Attestation) -> Arc<ConnCtx> {
-    Arc::new(ConnCtx {
-        route: route.clone(),
-        shared: shared.clone(),
-        who,
-        started: Instant::now(),
-        state: Mutex::new(ConnState::default()),
-    })
-}
-
-/// Runs hyper's HTTP/1.1 server (keep-alive, upgrades) behind the framing gate.
-async fn serve_http1<S, F, Fut>(stream: S, label: &str, shared: &HttpShared, f: F)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    let notice = Arc::new(GateNotice {
-        route: label.to_string(),
-        metrics: shared.metrics.clone(),
-    });
-    let io = TokioIo::new(Gate::new(stream, notice));
-    let f = Arc::new(f);
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        // The gate stops checking framing after a request that may switch
-        // protocols (any Upgrade header, or CONNECT). If no switch happens,
-        // the connection must not carry further requests: close it.
-        let may_switch =
-            req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE);
-        let connect = req.method() == http::Method::CONNECT;
-        let fut = f(req);
-        async move {
-            let mut resp = fut.await?;
-            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                || (connect && resp.status().is_success());
-            if may_switch && !switched {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        // The gate ends input at a refused request; responses already owed still go out.
-        .half_close(true)
-        .max_buf_size(super::gate::MAX_HEAD_BYTES * 2)
-        .serve_connection(io, svc)
-        .with_upgrades();
-    if let Err(e) = conn.await {
-        tracing::debug!(route = %label, "client connection ended: {e}");
-    }
-}
-
-/// Serves one client connection of a reverse-proxy route.
-pub async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    local: SocketAddr,
-    peer: SocketAddr,
-    route: Arc<HttpRoute>,
-    shared: Arc<HttpShared>,
-) {
-    let who = attest(&shared, local, peer).await;
-    let ctx = conn_ctx(&route, &shared, who);
-    let mut stream = stream;
-    if let super::fast::Outcome::Handover(read) = super::fast::serve(&mut stream, &ctx).await {
-        let c2 = ctx.clone();
-        let stream = super::fast::Rewind::new(stream, read);
-        serve_http1(stream, &route.name, &shared, move |req| {
-            handle(req, c2.clone())
+impl ConnCtx {
+    /// The state of one client connection of `route`.
+    pub(super) fn new(
+        route: &Arc<HttpRoute>,
+        shared: &Arc<HttpShared>,
+        who: Attestation,
+    ) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx {
+            route: route.clone(),
+            shared: shared.clone(),
+            who,
+            started: Instant::now(),
+            state: Mutex::new(ConnState::default()),
         })
-        .await;
-    }
-    finish(&ctx).await;
-}
-
-/// Serves one client connection of a forward-proxy listener (`HTTP_PROXY`).
-pub async fn serve_forward_connection(
-    stream: tokio::net::TcpStream,
-    local: SocketAddr,
-    peer: SocketAddr,
-    routes: Arc<Vec<Arc<HttpRoute>>>,
-    shared: Arc<HttpShared>,
-) {
-    let who = attest(&shared, local, peer).await;
-    let ctxs: Arc<Vec<Arc<ConnCtx>>> = Arc::new(
-        routes
-            .iter()
-            .map(|r| conn_ctx(r, &shared, who.clone()))
-            .collect(),
-    );
-    let label = routes.first().map(|r| r.name.clone()).unwrap_or_default();
-    let c2 = ctxs.clone();
-    serve_http1(stream, &label, &shared, move |req| {
-        super::forward::handle(req, c2.clone())
-    })
-    .await;
-    for ctx in ctxs.iter() {
-        finish(ctx).await;
     }
 }
 
 /// The `session.end` record of a connection that used the credential.
-async fn finish(ctx: &ConnCtx) {
+pub(super) async fn finish(ctx: &ConnCtx) {
     let (route, shared) = (&ctx.route, &ctx.shared);
     let (recorded, requests) = match ctx.state.lock() {
         Ok(s) => (s.recorded, s.requests),
