@@ -472,9 +472,15 @@ impl Admission {
         }
         let me = self.clone();
         let (name, env, ttl) = (secret.name.to_string(), secret.env.to_string(), secret.ttl);
-        let got =
-            tokio::task::spawn_blocking(move || me.credentials.get(&me.service, &name, &env, ttl))
-                .await;
+        let got = tokio::task::spawn_blocking(move || {
+            me.credentials.get(&name, &env, ttl, |name, env| {
+                me.service
+                    .lock()
+                    .map_err(|_| crate::error::Error::internal("service state poisoned"))?
+                    .fetch_for_injection(name, env)
+            })
+        })
+        .await;
         match got {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.kind == ErrorKind::Sealed => Err(Denial::Sealed {

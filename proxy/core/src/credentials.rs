@@ -1,7 +1,7 @@
 //! The daemon's one credential cache: secret values fetched for injection,
 //! shared by every front end and emptied by every change.
 //!
-//! Revocation is immediate: [`SecretService`] calls
+//! Revocation is immediate: `SecretService` calls
 //! [`CredentialCache::invalidate`] inside every mutation of a secret (put,
 //! rm, rotation commit) while it still holds the service lock, so the very
 //! next session reads the store. A lookup that raced with such a change
@@ -12,8 +12,7 @@
 //! Front ends that keep something derived from a value (an HTTP route's
 //! prepared header) compare [`CredentialCache::generation`] before reuse.
 
-use crate::error::{Error, Result};
-use crate::service::SecretService;
+use crate::error::Result;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -68,24 +67,21 @@ impl CredentialCache {
         })
     }
 
-    /// The value of (secret, env) and its version, from the cache or the
-    /// store (blocking: takes the service lock on a miss).
+    /// The value of (secret, env) and its version, from the cache or, on a
+    /// miss, from `fetch` (the store: blocking).
     pub fn get(
         &self,
-        service: &Mutex<SecretService>,
         secret: &str,
         env: &str,
         ttl: Duration,
+        fetch: impl FnOnce(&str, &str) -> Result<(u32, Zeroizing<Vec<u8>>)>,
     ) -> Result<SecretValue> {
         if let Some(hit) = self.cached(secret, env, ttl) {
             return Ok(hit);
         }
         // Read before the store: a change after this point bumps it.
         let generation = self.generation();
-        let (version, value) = service
-            .lock()
-            .map_err(|_| Error::internal("service state poisoned"))?
-            .fetch_for_injection(secret, env)?;
+        let (version, value) = fetch(secret, env)?;
         if let Ok(mut map) = self.entries.lock() {
             // Checked under the map lock, which `invalidate` takes too.
             if self.generation() == generation {

@@ -481,9 +481,15 @@ impl LeaseManager {
                 spec.env.clone(),
                 spec.cache_ttl,
             );
-            tokio::task::spawn_blocking(move || creds.get(&svc, &spec_secret, &env, ttl))
-                .await
-                .map_err(|e| Error::internal(format!("credential lookup failed: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                creds.get(&spec_secret, &env, ttl, |name, env| {
+                    svc.lock()
+                        .map_err(|_| Error::internal("service state poisoned"))?
+                        .fetch_for_injection(name, env)
+                })
+            })
+            .await
+            .map_err(|e| Error::internal(format!("credential lookup failed: {e}")))??
         };
         let login = Login {
             user: spec.admin_user.clone(),

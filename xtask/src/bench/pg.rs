@@ -784,7 +784,7 @@ fn print_report(results: &Results, options: &Options) {
     );
     let _ = writeln!(
         table,
-        "{:<18} {:<10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>12}",
+        "{:<18} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>12}",
         "mode",
         "target",
         "TPS",
@@ -802,7 +802,7 @@ fn print_report(results: &Results, options: &Options) {
             let s = find(mode, target);
             let _ = writeln!(
                 table,
-                "{:<18} {:<10} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>9} {:>8.2}x {:>11.2}x",
+                "{:<18} {:<13} {:>9.0} {:>8.3} {:>8.3} {:>8.3} {:>9} {:>8.2}x {:>11.2}x",
                 mode.name(),
                 target.name(),
                 s.tps,
@@ -860,7 +860,7 @@ fn print_report(results: &Results, options: &Options) {
                 let got = ratio(warden, baseline);
                 let _ = writeln!(
                     table,
-                    "  {:<18} {:<10} >= {wanted:.2}x {against:<9}: {got:.2}x ({warden:.0} vs {baseline:.0} tps)  {}",
+                    "  {:<18} {:<13} >= {wanted:.2}x {against:<9}: {got:.2}x ({warden:.0} vs {baseline:.0} tps)  {}",
                     mode.name(),
                     target.name(),
                     if got >= wanted { "met" } else { "MISSED" }
