@@ -474,6 +474,7 @@ kind = "postgres"
 listen = "127.0.0.1:{port}"
 upstream = "127.0.0.1:{pgport}"
 upstream_tls = {{ mode = "disable" }}
+unix_socket = "pgsock"
 credential = {{ user = "app", secret = "db/app" }}
 allow = ["psql-only"]
 "#,
@@ -493,10 +494,19 @@ allow = ["psql-only"]
     // A listener that never answers keeps the exec'd psql alive and waiting.
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hole = blackhole.local_addr().unwrap().port();
-    let script = format!(
-        r#"
+    // The same trick over TCP and over the route's unix socket.
+    let unix_path = w.dir.path().join("pgsock").join(format!(".s.PGSQL.{port}"));
+    for connect in [
+        format!("socket.create_connection((\"127.0.0.1\", {port}))"),
+        format!(
+            "socket.socket(socket.AF_UNIX); s.connect(\"{}\")",
+            unix_path.display()
+        ),
+    ] {
+        let script = format!(
+            r#"
 import os, socket, struct, sys, time
-s = socket.create_connection(("127.0.0.1", {port}))
+s = {connect}
 if os.fork() == 0:
     time.sleep(1.0)  # the parent has exec'd psql by now
     body = b"user\0app\0database\0postgres\0\0"
@@ -509,18 +519,19 @@ os.set_inheritable(s.fileno(), True)
 os.environ["PGCONNECT_TIMEOUT"] = "4"
 os.execv("{psql}", ["psql", "-X", "-h", "127.0.0.1", "-p", "{hole}", "-c", "select 1"])
 "#,
-        psql = psql.display()
-    );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .expect("python3 (Debian package python3) is required");
-    let reply = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        reply.starts_with('E') && reply.contains("28000"),
-        "expected a 28000 ErrorResponse, got {reply:?} (stderr {})",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(reply.contains("started a new program (exec)"), "{reply}");
+            psql = psql.display()
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 (Debian package python3) is required");
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            reply.starts_with('E') && reply.contains("28000"),
+            "{connect}: expected a 28000 ErrorResponse, got {reply:?} (stderr {})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(reply.contains("started a new program (exec)"), "{reply}");
+    }
     drop(blackhole);
 }

@@ -32,8 +32,13 @@ use std::time::{Duration, Instant};
 pub enum Peer {
     /// TCP: resolved from the connection's addresses (kernel map, then /proc).
     Tcp { local: SocketAddr, peer: SocketAddr },
-    /// Unix socket: the SO_PEERCRED pid, when the kernel reported one.
-    Unix { pid: Option<u32> },
+    /// Unix socket: the SO_PEERCRED pid, when the kernel reported one, and
+    /// when warden accepted the connection (CLOCK_BOOTTIME ns, see
+    /// [`boottime_ns`]): a process that exec'd after that is refused.
+    Unix {
+        pid: Option<u32>,
+        accepted_ns: Option<u64>,
+    },
 }
 
 /// Attestation that did not name a workload: why, and the pid when known
@@ -252,8 +257,9 @@ impl Admission {
         let t0 = Instant::now();
         let known = match self.attest_quick(peer) {
             Ok(who) => {
-                self.metrics.attestation(via, true, t0.elapsed());
-                return Ok(who);
+                let res = self.same_program(peer, Ok(who));
+                self.metrics.attestation(via, res.is_ok(), t0.elapsed());
+                return res;
             }
             Err(known) => known,
         };
@@ -266,6 +272,7 @@ impl Admission {
                     reason: format!("warden: attestation failed: {e}"),
                 })
             });
+        let res = self.same_program(peer, res);
         self.metrics.attestation(via, res.is_ok(), t0.elapsed());
         res
     }
@@ -277,8 +284,32 @@ impl Admission {
             Ok(who) => Ok(who),
             Err(known) => self.attest_known(peer, known),
         };
+        let res = self.same_program(peer, res);
         self.metrics.attestation(via, res.is_ok(), t0.elapsed());
         res
+    }
+
+    /// A unix-socket peer attested after its facts were read: refused when
+    /// the kernel saw it exec another program after warden accepted the
+    /// connection (the program speaking may not be the one that connected).
+    /// TCP peers are checked against their connect time by the resolver.
+    fn same_program(&self, peer: Peer, res: Attestation) -> Attestation {
+        let who = res?;
+        if let Peer::Unix {
+            pid: Some(pid),
+            accepted_ns: Some(at),
+        } = peer
+        {
+            if self.attestor.resolver.unchanged_since(pid, at) == Some(false) {
+                return Err(Unattested {
+                    pid: Some(pid),
+                    reason: format!(
+                        "warden: process {pid} started a new program (exec) after it opened this connection; warden cannot tell which program speaks on it and refuses (open the connection from the program that uses it)"
+                    ),
+                });
+            }
+        }
+        Ok(who)
     }
 
     /// The cached path; `Err(Some(pid))` when the kernel named the pid.
@@ -299,8 +330,10 @@ impl Admission {
                 }
                 self.attestor.attest_tcp_cached(local, peer)
             }
-            Peer::Unix { pid: Some(pid) } => self.attestor.attest_pid_cached(pid).ok_or(Some(pid)),
-            Peer::Unix { pid: None } => Err(None),
+            Peer::Unix { pid: Some(pid), .. } => {
+                self.attestor.attest_pid_cached(pid).ok_or(Some(pid))
+            }
+            Peer::Unix { pid: None, .. } => Err(None),
         }
     }
 

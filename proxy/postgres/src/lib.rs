@@ -335,7 +335,10 @@ pub async fn serve_route(
                         let (route, shared) = (route.clone(), shared.clone());
                         tokio::spawn(session::run(
                             stream,
-                            session::Peer::Unix { pid },
+                            session::Peer::Unix {
+                                pid,
+                                accepted_ns: Some(warden_core::peer::boottime_ns()),
+                            },
                             route,
                             shared,
                         ));

@@ -46,7 +46,12 @@ impl WorkloadIdentityProvider {
     /// frozen); a refusal is audited, counted and signalled to the anomaly
     /// detector there.
     fn attest(&self, caller: &CallerCred, op: &str) -> Result<Attested, IdentityError> {
-        let peer = Peer::Unix { pid: caller.pid };
+        // The Workload API connection's accept time is not at hand here:
+        // no exec check for this caller (see docs/security-model.md).
+        let peer = Peer::Unix {
+            pid: caller.pid,
+            accepted_ns: None,
+        };
         let who = self.admission.attest_blocking(peer, AttestVia::WorkloadApi);
         let checked = match &who {
             Err(u) => Err(Denial::Unattested {
