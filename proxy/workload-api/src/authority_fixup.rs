@@ -46,9 +46,19 @@ const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 
+/// What the server knows of an accepted connection: the peer's credentials
+/// and when warden accepted it (CLOCK_BOOTTIME ns: a caller that exec'd
+/// after that is refused).
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub uds: UdsConnectInfo,
+    pub accepted_ns: u64,
+}
+
 /// An accepted connection, with client header blocks repaired on read.
 pub(super) struct Conn {
     io: UnixStream,
+    accepted_ns: u64,
     rewriter: Rewriter,
     out: Vec<u8>,
     out_pos: usize,
@@ -56,9 +66,10 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) fn new(io: UnixStream) -> Conn {
+    pub(super) fn new(io: UnixStream, accepted_ns: u64) -> Conn {
         Conn {
             io,
+            accepted_ns,
             rewriter: Rewriter::new(),
             out: Vec::new(),
             out_pos: 0,
@@ -68,10 +79,13 @@ impl Conn {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.io.connect_info()
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            uds: self.io.connect_info(),
+            accepted_ns: self.accepted_ns,
+        }
     }
 }
 
@@ -1258,8 +1272,8 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let (mut client, server) = UnixStream::pair().unwrap();
-        let mut conn = Conn::new(server);
-        assert!(conn.connect_info().peer_cred.is_some());
+        let mut conn = Conn::new(server, 0);
+        assert!(conn.connect_info().uds.peer_cred.is_some());
         let input = client_opening();
         let expected = rewrite(&input);
         let writer = tokio::spawn(async move {

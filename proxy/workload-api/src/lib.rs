@@ -233,6 +233,8 @@ pub struct CallerCred {
     pub pid: Option<u32>,
     pub uid: u32,
     pub gid: u32,
+    /// When warden accepted the connection (CLOCK_BOOTTIME ns), if known.
+    pub accepted_ns: Option<u64>,
 }
 
 /// One X.509-SVID as the provider hands it over.
@@ -355,7 +357,12 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if conns.send(Ok(authority_fixup::Conn::new(stream))).await.is_err() {
+                    let accepted_ns = warden_core::peer::boottime_ns();
+                    if conns
+                        .send(Ok(authority_fixup::Conn::new(stream, accepted_ns)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -639,10 +646,14 @@ impl<M1, M2> ServerStreamingService<M1> for StreamMethod<M1, M2> {
 /// The caller's credentials, as the kernel reported them for this
 /// connection. Without them nobody is served.
 fn caller_of<T>(req: &Request<T>) -> Result<CallerCred, Status> {
-    let cred = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
+    let info = req.extensions().get::<authority_fixup::ConnInfo>();
+    let cred = info
+        .and_then(|info| info.uds.peer_cred)
+        .or_else(|| {
+            req.extensions()
+                .get::<UdsConnectInfo>()
+                .and_then(|info| info.peer_cred)
+        })
         .ok_or_else(|| {
             Status::permission_denied("the caller's process credentials could not be read")
         })?;
@@ -653,6 +664,7 @@ fn caller_of<T>(req: &Request<T>) -> Result<CallerCred, Status> {
             .filter(|p| *p != 0),
         uid: cred.uid(),
         gid: cred.gid(),
+        accepted_ns: info.map(|i| i.accepted_ns),
     })
 }
 

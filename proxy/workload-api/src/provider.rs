@@ -46,11 +46,9 @@ impl WorkloadIdentityProvider {
     /// frozen); a refusal is audited, counted and signalled to the anomaly
     /// detector there.
     fn attest(&self, caller: &CallerCred, op: &str) -> Result<Attested, IdentityError> {
-        // The Workload API connection's accept time is not at hand here:
-        // no exec check for this caller (see docs/security-model.md).
         let peer = Peer::Unix {
             pid: caller.pid,
-            accepted_ns: None,
+            accepted_ns: caller.accepted_ns,
         };
         let who = self.admission.attest_blocking(peer, AttestVia::WorkloadApi);
         let checked = match &who {
