@@ -50,7 +50,7 @@ pub struct Cli {
 enum Command {
     /// Create the data dir, the encrypted store and the master key (or rotate the master key).
     Init(InitArgs),
-    /// Run the daemon (admin API, metrics; route listeners as they land).
+    /// Run the daemon: route listeners (PostgreSQL, HTTP, TLS), the SPIFFE Workload API, the eBPF monitor, the admin API and metrics.
     Up,
     /// Show whether the daemon runs and whether it is sealed. Exit 0 only if the daemon answers.
     Status,
