@@ -769,7 +769,7 @@ impl Metrics {
 
     /// A session that ended before its workload was known (`route` is a
     /// configured route name, `result` a fixed label).
-    pub fn pg_session(&self, route: &str, result: &str) {
+    pub fn session_unattested(&self, route: &str, result: &str) {
         self.session(route, "", result);
     }
 
@@ -781,7 +781,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn pg_session_end(&self, route: &str, duration: Duration, up: u64, down: u64) {
+    /// A relayed session ended (every route kind): its length and bytes.
+    pub fn session_end(&self, route: &str, duration: Duration, up: u64, down: u64) {
         self.inner
             .session_seconds
             .with_label_values(&[route])
@@ -796,7 +797,8 @@ impl Metrics {
             .inc_by(down);
     }
 
-    pub fn pg_upstream_latency(&self, route: &str, connect: Duration, auth: Duration) {
+    /// Time to connect to a route's upstream and to authenticate there.
+    pub fn upstream_latency(&self, route: &str, connect: Duration, auth: Duration) {
         self.inner
             .upstream_connect_seconds
             .with_label_values(&[route])

@@ -85,7 +85,7 @@ pub(super) async fn finish(ctx: &ConnCtx) {
     };
     if let (Some(version), Ok(who)) = (recorded, &ctx.who) {
         let elapsed = ctx.started.elapsed();
-        shared.metrics.pg_session_end(&route.name, elapsed, 0, 0);
+        shared.metrics.session_end(&route.name, elapsed, 0, 0);
         let event = Event {
             actor: actor(Some(who)),
             action: "session.end".into(),

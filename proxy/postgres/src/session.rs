@@ -267,14 +267,16 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
     match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, shared, offer_tls)).await {
         Ok(Ok(o)) => o,
         Ok(Err(r)) => {
-            shared.metrics.pg_session(&route.name, r.result);
+            shared.metrics.session_unattested(&route.name, r.result);
             if r.result != "client_gone" {
                 send_error(client, &r).await;
             }
             None
         }
         Err(_) => {
-            shared.metrics.pg_session(&route.name, "protocol_error");
+            shared
+                .metrics
+                .session_unattested(&route.name, "protocol_error");
             let r = Refusal::new(
                 "08P01",
                 "protocol_error",
@@ -388,11 +390,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 's
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     tracing::warn!(route = %route.name, "client TLS handshake failed: {e}");
-                    shared.metrics.pg_session(&route.name, "tls_error");
+                    shared.metrics.session_unattested(&route.name, "tls_error");
                     return;
                 }
                 Err(_) => {
-                    shared.metrics.pg_session(&route.name, "tls_error");
+                    shared.metrics.session_unattested(&route.name, "tls_error");
                     return;
                 }
             };
@@ -567,7 +569,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         },
     };
     if !reused {
-        shared.metrics.pg_upstream_latency(
+        shared.metrics.upstream_latency(
             &route.name,
             established.connect_time,
             established.auth_time,
@@ -715,7 +717,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     drop(lease_guard);
     shared
         .metrics
-        .pg_session_end(&route.name, started.elapsed(), up, down);
+        .session_end(&route.name, started.elapsed(), up, down);
     record_end(
         &shared,
         Event {

@@ -404,7 +404,7 @@ async fn session(
     };
     shared
         .metrics
-        .pg_upstream_latency(&route.name, connect_started.elapsed(), Duration::ZERO);
+        .upstream_latency(&route.name, connect_started.elapsed(), Duration::ZERO);
     let detail = format!(
         "tls to {}:{} as {} (SVID serial {serial})",
         route.host, route.port, who.spiffe_id
@@ -457,7 +457,7 @@ async fn relay_and_end<A, B>(
     };
     shared
         .metrics
-        .pg_session_end(&route.name, started.elapsed(), up, down);
+        .session_end(&route.name, started.elapsed(), up, down);
     let event = Event {
         actor: who,
         action: "session.end".into(),

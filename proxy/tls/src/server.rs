@@ -252,7 +252,7 @@ pub async fn session(
     let _ = upstream.set_nodelay(true);
     shared
         .metrics
-        .pg_upstream_latency(&route.name, connect_started.elapsed(), Duration::ZERO);
+        .upstream_latency(&route.name, connect_started.elapsed(), Duration::ZERO);
     let detail = format!("mtls from {peer} as {id} to {}:{}", route.host, route.port);
     let recorded = record(
         &shared,
