@@ -71,21 +71,32 @@ impl Output {
 }
 
 /// A free TCP port on loopback (bound then released), never one this
-/// process handed out before: the kernel may give a just-released port
-/// again, and a test that asks twice (a route and the metrics endpoint)
-/// must get two.
+/// process handed out before (a test that asks twice — a route and the
+/// metrics endpoint — must get two). Ports come from 20000–32767, below the
+/// kernel's ephemeral range (32768–60999): a port from that range can be
+/// taken meanwhile as the source port of some test's outgoing connection,
+/// and the daemon's later bind then fails with "address already in use".
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::Mutex;
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_768;
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     let given = given.get_or_insert_with(HashSet::new);
-    for _ in 0..1000 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0);
-        if port != 0 && given.insert(port) {
+    // Test processes run in parallel: start each at its own place.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let start = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % SPAN;
+    for i in 0..SPAN {
+        let port = u16::try_from(FIRST + (start + i * 7_919) % SPAN).unwrap_or(0);
+        if port == 0 || given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
             return port;
         }
     }
