@@ -496,11 +496,22 @@ allow = ["psql-only"]
     let hole = blackhole.local_addr().unwrap().port();
     // The same trick over TCP and over the route's unix socket.
     let unix_path = w.dir.path().join("pgsock").join(format!(".s.PGSQL.{port}"));
-    for connect in [
-        format!("socket.create_connection((\"127.0.0.1\", {port}))"),
-        format!(
-            "socket.socket(socket.AF_UNIX); s.connect(\"{}\")",
-            unix_path.display()
+    // TCP: the kernel records the connect time, so even an exec right after
+    // connect() is caught. Unix sockets: warden knows when it accepted the
+    // connection, not when the client connected, so the parent waits until
+    // the accept has surely happened (an exec inside that gap is a known
+    // limit, see docs/security-model.md).
+    for (connect, settle) in [
+        (
+            format!("socket.create_connection((\"127.0.0.1\", {port}))"),
+            "0",
+        ),
+        (
+            format!(
+                "socket.socket(socket.AF_UNIX); s.connect(\"{}\")",
+                unix_path.display()
+            ),
+            "0.3",
         ),
     ] {
         let script = format!(
@@ -508,7 +519,7 @@ allow = ["psql-only"]
 import os, socket, struct, sys, time
 s = {connect}
 if os.fork() == 0:
-    time.sleep(1.0)  # the parent has exec'd psql by now
+    time.sleep(1.5)  # the parent has exec'd psql by now
     body = b"user\0app\0database\0postgres\0\0"
     s.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
     s.settimeout(10)
@@ -516,6 +527,7 @@ if os.fork() == 0:
     sys.stdout.flush()
     os._exit(0)
 os.set_inheritable(s.fileno(), True)
+time.sleep({settle})
 os.environ["PGCONNECT_TIMEOUT"] = "4"
 os.execv("{psql}", ["psql", "-X", "-h", "127.0.0.1", "-p", "{hole}", "-c", "select 1"])
 "#,
