@@ -350,6 +350,28 @@ fn encode_record(
     event: &Event,
     prev: &str,
 ) -> Result<(Record, Vec<u8>), AuditError> {
+    let (hash, line) = encode_line(seq, time, event, prev)?;
+    let record = Record {
+        seq,
+        time: time.to_owned(),
+        actor: event.actor.clone(),
+        action: event.action.clone(),
+        target: event.target.clone(),
+        decision: event.decision,
+        reason: event.reason.clone(),
+        prev: prev.to_owned(),
+        hash,
+    };
+    Ok((record, line))
+}
+
+/// The stored line of a record (without its newline) and its hash.
+fn encode_line(
+    seq: u64,
+    time: &str,
+    event: &Event,
+    prev: &str,
+) -> Result<(String, Vec<u8>), AuditError> {
     let body = serde_json::to_vec(&RecordBody {
         seq,
         time,
@@ -372,18 +394,7 @@ fn encode_record(
     line.extend_from_slice(HASH_MEMBER_PREFIX);
     line.extend_from_slice(hash.as_bytes());
     line.extend_from_slice(HASH_MEMBER_CLOSE);
-    let record = Record {
-        seq,
-        time: time.to_owned(),
-        actor: event.actor.clone(),
-        action: event.action.clone(),
-        target: event.target.clone(),
-        decision: event.decision,
-        reason: event.reason.clone(),
-        prev: prev.to_owned(),
-        hash,
-    };
-    Ok((record, line))
+    Ok((hash, line))
 }
 
 /// Splits a line into (body without its closing brace, stored hash).
@@ -827,7 +838,8 @@ enum Fault {
 pub struct AuditLog {
     path: PathBuf,
     head_path: PathBuf,
-    file: File,
+    /// Shared with a [`PendingSync`] running outside the log's lock.
+    file: std::sync::Arc<File>,
     dev: u64,
     ino: u64,
     head: Head,
@@ -851,8 +863,33 @@ pub struct AuditLog {
     sole_writer: bool,
     /// When the path was last confirmed to name this file.
     checked_at: Option<std::time::Instant>,
+    /// Highest seq this handle wrote into the head anchor: an fsync that
+    /// finishes after a newer anchor was written must not move it back.
+    anchored: std::cell::Cell<u64>,
     #[cfg(test)]
     fault: Option<Fault>,
+}
+
+/// An `fsync` of the records written unsynced, taken by
+/// [`AuditLog::begin_sync`] under the log's lock and run without it, so
+/// appends (session records) never wait behind the disk; its result goes
+/// back to [`AuditLog::finish_sync`].
+pub struct PendingSync {
+    file: std::sync::Arc<File>,
+    head: Head,
+    #[cfg(test)]
+    fail: bool,
+}
+
+impl PendingSync {
+    /// The `fsync` itself (call it without holding the log's lock).
+    pub fn run(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.sync_data()
+    }
 }
 
 /// How often a sole writer confirms the log was not replaced under it.
@@ -886,7 +923,7 @@ impl AuditLog {
             head_path,
             dev: meta.dev(),
             ino: meta.ino(),
-            file,
+            file: std::sync::Arc::new(file),
             head,
             known_len,
             unsynced: None,
@@ -894,6 +931,7 @@ impl AuditLog {
             interval_anchor: false,
             sole_writer: false,
             checked_at: None,
+            anchored: std::cell::Cell::new(0),
             #[cfg(test)]
             fault: None,
         })
@@ -927,7 +965,16 @@ impl AuditLog {
     /// when this returns `Ok`, none of them is acknowledged otherwise. The
     /// `fsync` also covers records written unsynced before.
     pub fn append_all(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
-        self.append_with(events, true)
+        let mut records = Vec::with_capacity(events.len());
+        self.append_with(events, true, Some(&mut records))?;
+        Ok(records)
+    }
+
+    /// [`append_all`](Self::append_all) (`sync`) or
+    /// [`append_all_unsynced`](Self::append_all_unsynced), for a caller that
+    /// does not need the records back (nothing is cloned to build them).
+    pub fn write_all(&mut self, events: &[Event], sync: bool) -> Result<(), AuditError> {
+        self.append_with(events, sync, None)
     }
 
     /// As [`append_all`](Self::append_all), but without the `fsync`: when
@@ -936,7 +983,9 @@ impl AuditLog {
     /// next [`sync_pending`](Self::sync_pending) can). The head anchor
     /// follows at that fsync, so it never gets ahead of the durable log.
     pub fn append_all_unsynced(&mut self, events: &[Event]) -> Result<Vec<Record>, AuditError> {
-        self.append_with(events, false)
+        let mut records = Vec::with_capacity(events.len());
+        self.append_with(events, false, Some(&mut records))?;
+        Ok(records)
     }
 
     /// Whether records written by [`append_all_unsynced`](Self::append_all_unsynced)
@@ -956,12 +1005,40 @@ impl AuditLog {
     /// the records were acknowledged already, so they are left in place,
     /// and no further record is accepted.
     pub fn sync_pending(&mut self) -> Result<(), AuditError> {
-        let Some(head) = self.unsynced.clone() else {
-            return Ok(());
-        };
+        match self.begin_sync() {
+            None => Ok(()),
+            Some(pending) => {
+                let res = pending.run();
+                self.finish_sync(pending, res)
+            }
+        }
+    }
+
+    /// The first half of [`sync_pending`](Self::sync_pending): what to
+    /// `fsync` (`None`: nothing is pending). Run it with
+    /// [`PendingSync::run`] after releasing the lock that guards this log,
+    /// then hand the result to [`finish_sync`](Self::finish_sync). Records
+    /// appended meanwhile stay pending for the next sync.
+    pub fn begin_sync(&self) -> Option<PendingSync> {
+        let head = self.unsynced.clone()?;
+        Some(PendingSync {
+            file: self.file.clone(),
+            head,
+            #[cfg(test)]
+            fail: matches!(self.fault, Some(Fault::Sync)),
+        })
+    }
+
+    /// The second half of [`sync_pending`](Self::sync_pending): a failure
+    /// is sticky; on success the records up to the synced head are durable
+    /// and the head anchor moves to it (never back).
+    pub fn finish_sync(
+        &mut self,
+        pending: PendingSync,
+        res: io::Result<()>,
+    ) -> Result<(), AuditError> {
         let path = self.path.as_path();
-        let _lock = lock_exclusive(&self.file, path)?;
-        if let Err(e) = self.sync_log() {
+        if let Err(e) = res {
             let detail = describe_io(&e);
             self.sync_failed = Some(detail.clone());
             return Err(AuditError::SyncFailed {
@@ -969,17 +1046,33 @@ impl AuditLog {
                 detail,
             });
         }
-        self.unsynced = None;
+        let head = pending.head;
+        if self.unsynced.as_ref().is_some_and(|u| u.seq <= head.seq) {
+            self.unsynced = None;
+        }
+        if head.seq <= self.anchored.get() {
+            return Ok(());
+        }
+        let _lock = lock_exclusive(&self.file, path)?;
         // Another handle that appended since has synced the whole file and
         // anchored a newer head: ours would move the anchor back.
-        let len = self.file.metadata().map_err(io_err(path))?.len();
+        let len = if self.sole_writer {
+            self.known_len
+        } else {
+            self.file.metadata().map_err(io_err(path))?.len()
+        };
         if len == self.known_len {
             self.write_anchor(head.seq, &head.hash)?;
         }
         Ok(())
     }
 
-    fn append_with(&mut self, events: &[Event], sync: bool) -> Result<Vec<Record>, AuditError> {
+    fn append_with(
+        &mut self,
+        events: &[Event],
+        sync: bool,
+        mut out: Option<&mut Vec<Record>>,
+    ) -> Result<(), AuditError> {
         if let Some(detail) = &self.sync_failed {
             return Err(AuditError::SyncFailed {
                 path: self.path.clone(),
@@ -990,7 +1083,7 @@ impl AuditLog {
             validate_event(event)?;
         }
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let path = self.path.as_path();
         let _lock = lock_exclusive(&self.file, path)?;
@@ -1019,14 +1112,21 @@ impl AuditLog {
             .format(TIME_FORMAT)
             .map_err(encode_err)?;
         let mut head = self.head.clone();
-        let mut records = Vec::with_capacity(events.len());
-        let mut lines = Vec::new();
+        let mut records = Vec::with_capacity(if out.is_some() { events.len() } else { 0 });
+        let mut lines = Vec::with_capacity(512 * events.len());
         for event in events {
             let seq = head
                 .seq
                 .checked_add(1)
                 .ok_or_else(|| AuditError::Encode("sequence number overflow".into()))?;
-            let (record, line) = encode_record(seq, &time, event, &head.hash)?;
+            let (hash, line) = if out.is_some() {
+                let (record, line) = encode_record(seq, &time, event, &head.hash)?;
+                let hash = record.hash.clone();
+                records.push(record);
+                (hash, line)
+            } else {
+                encode_line(seq, &time, event, &head.hash)?
+            };
             if line.len() > MAX_RECORD_BYTES {
                 return Err(AuditError::RecordTooLarge {
                     size: line.len(),
@@ -1035,11 +1135,7 @@ impl AuditLog {
             }
             lines.extend_from_slice(&line);
             lines.push(b'\n');
-            head = Head {
-                seq,
-                hash: record.hash.clone(),
-            };
-            records.push(record);
+            head = Head { seq, hash };
         }
 
         if let Err(e) = self.write_line(&lines) {
@@ -1067,7 +1163,10 @@ impl AuditLog {
             self.head = head.clone();
             self.unsynced = Some(head);
             self.known_len = len + lines.len() as u64;
-            return Ok(records);
+            if let Some(out) = out.as_deref_mut() {
+                out.append(&mut records);
+            }
+            return Ok(());
         }
         if let Err(e) = self.sync_log() {
             if self.unsynced.is_some() {
@@ -1084,7 +1183,10 @@ impl AuditLog {
         self.head = head;
         self.unsynced = None;
         self.known_len = len + lines.len() as u64;
-        Ok(records)
+        if let Some(out) = out {
+            out.append(&mut records);
+        }
+        Ok(())
     }
 
     fn check_same_file(&self) -> Result<(), AuditError> {
@@ -1106,10 +1208,10 @@ impl AuditLog {
     fn write_line(&self, line: &[u8]) -> io::Result<()> {
         #[cfg(test)]
         if let Some(Fault::PartialWrite(n)) = self.fault {
-            (&self.file).write_all(line.get(..n).unwrap_or(line))?;
+            (&*self.file).write_all(line.get(..n).unwrap_or(line))?;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        (&self.file).write_all(line)
+        (&*self.file).write_all(line)
     }
 
     fn sync_log(&self) -> io::Result<()> {
@@ -1164,6 +1266,7 @@ impl AuditLog {
         if durable {
             f.sync_data().map_err(io_err(head))?;
         }
+        self.anchored.set(self.anchored.get().max(seq));
         Ok(())
     }
 }
@@ -2395,6 +2498,46 @@ mod tests {
 
     fn anchor_of(path: &Path) -> AnchorFile {
         serde_json::from_slice(&fs::read(anchor_path(path).unwrap()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_sync_run_outside_the_lock_leaves_later_records_pending_and_never_moves_the_anchor_back() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        log.set_sole_writer();
+        log.write_all(&[event(3)], false).unwrap();
+        // The fsync of seq 3 runs while seq 4 is appended (no lock held).
+        let pending = log.begin_sync().expect("seq 3 is pending");
+        log.write_all(&[event(4)], false).unwrap();
+        let io = pending.run();
+        log.finish_sync(pending, io).unwrap();
+        assert!(log.has_unsynced(), "seq 4 still waits for an fsync");
+        assert_eq!(anchor_of(&path).seq, 3);
+        // A durable append anchors seq 5; a sync begun before it and
+        // finished after it must not move the anchor back to 4.
+        let pending = log.begin_sync().expect("seq 4 is pending");
+        log.write_all(&[event(5)], true).unwrap();
+        assert_eq!(anchor_of(&path).seq, 5);
+        let io = pending.run();
+        log.finish_sync(pending, io).unwrap();
+        assert_eq!(anchor_of(&path).seq, 5);
+        assert!(!log.has_unsynced());
+        assert!(log.begin_sync().is_none());
+        assert!(assert_clean(&path, 5).notes.is_empty());
+        // A failed fsync outside the lock is sticky like any other.
+        log.write_all(&[event(6)], false).unwrap();
+        log.fault = Some(Fault::Sync);
+        let pending = log.begin_sync().unwrap();
+        let io = pending.run();
+        assert!(matches!(
+            log.finish_sync(pending, io),
+            Err(AuditError::SyncFailed { .. })
+        ));
+        log.fault = None;
+        assert!(matches!(
+            log.write_all(&[event(7)], false),
+            Err(AuditError::SyncFailed { .. })
+        ));
     }
 
     #[test]

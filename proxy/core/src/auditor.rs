@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+/// Tries to take a busy log lock before an unsynced record is queued instead.
+const INLINE_ATTEMPTS: u32 = 8;
+
 /// A cloneable handle on the process's audit log.
 #[derive(Clone)]
 pub struct Auditor {
@@ -54,17 +57,31 @@ impl Auditor {
 
     /// [`Self::record_all`] unsynced, if the log is free right now
     /// (`try_lock`: a runtime thread never waits); `None` when it is busy.
+    ///
+    /// Holders of the lock never wait on the disk in interval mode (the
+    /// fsync runs outside it), so a busy lock is usually free again within
+    /// microseconds: a few spins and yields are cheaper than handing the
+    /// record to the journal thread and waiting for its answer (two thread
+    /// wake-ups). A lock still busy after that (an admin action's durable
+    /// append) is left to the queue.
     pub fn try_record_unsynced(&self, events: &[Event]) -> Option<Result<()>> {
-        let mut log = self.log.try_lock().ok()?;
-        Some(self.append(&mut log, events, false))
+        for attempt in 0..INLINE_ATTEMPTS {
+            if let Ok(mut log) = self.log.try_lock() {
+                return Some(self.append(&mut log, events, false));
+            }
+            if attempt < INLINE_ATTEMPTS / 2 {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        None
     }
 
     fn append(&self, log: &mut AuditLog, events: &[Event], durable: bool) -> Result<()> {
-        let res = if durable {
-            log.append_all(events)
-        } else {
-            log.append_all_unsynced(events)
-        };
+        let res = log.write_all(events, durable);
         if let Some(m) = self.metrics.get() {
             for _ in events {
                 m.audit_write(res.is_ok());
@@ -91,12 +108,18 @@ impl Auditor {
     /// scheduled" flag there); a failure is counted and sticky (see
     /// [`AuditLog::sync_pending`]).
     pub fn sync_unsynced(&self, first: impl FnOnce()) -> Result<()> {
-        let mut log = self.lock()?;
-        first();
-        if !log.has_unsynced() {
-            return Ok(());
-        }
-        let res = log.sync_pending();
+        // The fsync runs without the lock: appends (session records) go on
+        // meanwhile instead of queueing behind the disk.
+        let pending = {
+            let log = self.lock()?;
+            first();
+            match log.begin_sync() {
+                Some(p) => p,
+                None => return Ok(()),
+            }
+        };
+        let io = pending.run();
+        let res = self.lock()?.finish_sync(pending, io);
         if res.is_err() {
             if let Some(m) = self.metrics.get() {
                 m.audit_sync_failed();

@@ -137,36 +137,65 @@ pub struct CancelTarget {
 /// warden's (pid, key) handed to clients → the upstream session's.
 #[derive(Default)]
 pub struct CancelMap {
-    entries: Mutex<HashMap<(i32, Vec<u8>), CancelTarget>>,
+    entries: Mutex<HashMap<(i32, [u8; 4]), CancelTarget>>,
+}
+
+thread_local! {
+    /// Random bytes for cancel keys, drawn from the system CSPRNG 256 at a
+    /// time (one call per 32 sessions instead of one per session).
+    static CANCEL_RANDOM: std::cell::RefCell<([u8; 256], usize)> =
+        const { std::cell::RefCell::new(([0; 256], 256)) };
+}
+
+/// Eight fresh random bytes (never handed out twice).
+fn cancel_random() -> [u8; 8] {
+    CANCEL_RANDOM.with(|r| {
+        let (buf, used) = &mut *r.borrow_mut();
+        if *used + 8 > buf.len() {
+            let _ = aws_lc_rs::rand::fill(buf);
+            *used = 0;
+        }
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&buf[*used..*used + 8]);
+        // Spent bytes are overwritten so they cannot be read back.
+        buf[*used..*used + 8].fill(0);
+        *used += 8;
+        out
+    })
 }
 
 impl CancelMap {
     /// Registers an upstream session; returns the key the client gets.
-    pub fn register(&self, target: CancelTarget) -> (i32, Vec<u8>) {
+    pub fn register(&self, target: CancelTarget) -> (i32, [u8; 4]) {
+        let Ok(mut map) = self.entries.lock() else {
+            // A poisoned map: the key is handed out but cancels nothing.
+            let raw = cancel_random();
+            return (1, [raw[4], raw[5], raw[6], raw[7]]);
+        };
+        let mut target = Some(target);
         loop {
-            let mut raw = [0u8; 8];
-            let _ = aws_lc_rs::rand::fill(&mut raw);
+            let raw = cancel_random();
             let pid = i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]).max(1);
-            let key = raw[4..8].to_vec();
-            if let Ok(mut map) = self.entries.lock() {
-                if map.contains_key(&(pid, key.clone())) {
-                    continue;
+            let key = [raw[4], raw[5], raw[6], raw[7]];
+            if let std::collections::hash_map::Entry::Vacant(slot) = map.entry((pid, key)) {
+                if let Some(t) = target.take() {
+                    slot.insert(t);
                 }
-                map.insert((pid, key.clone()), target);
+                return (pid, key);
             }
-            return (pid, key);
         }
     }
 
-    pub fn remove(&self, pid: i32, key: &[u8]) {
+    pub fn remove(&self, pid: i32, key: &[u8; 4]) {
         if let Ok(mut map) = self.entries.lock() {
-            map.remove(&(pid, key.to_vec()));
+            map.remove(&(pid, *key));
         }
     }
 
     fn lookup(&self, pid: i32, key: &[u8]) -> Option<(UpstreamTarget, i32, Vec<u8>)> {
+        let key: [u8; 4] = key.try_into().ok()?;
         let map = self.entries.lock().ok()?;
-        map.get(&(pid, key.to_vec()))
+        map.get(&(pid, key))
             .map(|t| (t.target.clone(), t.process_id, t.secret_key.clone()))
     }
 }

@@ -488,12 +488,6 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         shared: shared.clone(),
         id: cred.lease.clone(),
     };
-    let login = Login {
-        user: cred.user.clone(),
-        password: cred.password.clone(),
-        secret_label: cred.label.clone(),
-        scram_min_iterations: cred.scram_min_iterations,
-    };
     let mut upstream_startup = startup.clone();
     // Protocol 3.0 upstream: warden hands clients 4-byte cancel keys anyway,
     // and older servers would answer 3.2 with NegotiateProtocolVersion.
@@ -532,41 +526,55 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
             };
             (e, p.born, true)
         }
-        None => match upstream::connect(
-            &route.target,
-            &upstream_startup,
-            &login,
-            &shared.scram_cache,
-        )
-        .await
-        {
-            Ok(e) => (e, Instant::now(), false),
-            Err(f) => {
-                let (r, forward) = refusal_for(f, &route.name, &login.secret_label);
-                tracing::warn!(route = %route.name, "upstream login failed: {}", r.message);
-                record(
-                    &shared,
-                    Event {
-                        actor: actor(Some(&who)),
-                        action: "session.error".into(),
-                        target: credential_target(&route, &cred, format!("database {database}")),
-                        decision: Decision::Error,
-                        reason: r.message.clone(),
-                    },
-                )
-                .await;
-                shared.metrics.session(&route.name, &who.workload, r.result);
-                match forward {
-                    // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
-                    Some(e) => {
-                        let _ = client.write_all(&e.encode()).await;
-                        let _ = client.shutdown().await;
+        None => {
+            // The password is copied only for a login (a pooled session never
+            // holds it).
+            let login = Login {
+                user: cred.user.clone(),
+                password: cred.password.clone(),
+                secret_label: cred.label.clone(),
+                scram_min_iterations: cred.scram_min_iterations,
+            };
+            match upstream::connect(
+                &route.target,
+                &upstream_startup,
+                &login,
+                &shared.scram_cache,
+            )
+            .await
+            {
+                Ok(e) => (e, Instant::now(), false),
+                Err(f) => {
+                    let (r, forward) = refusal_for(f, &route.name, &login.secret_label);
+                    tracing::warn!(route = %route.name, "upstream login failed: {}", r.message);
+                    record(
+                        &shared,
+                        Event {
+                            actor: actor(Some(&who)),
+                            action: "session.error".into(),
+                            target: credential_target(
+                                &route,
+                                &cred,
+                                format!("database {database}"),
+                            ),
+                            decision: Decision::Error,
+                            reason: r.message.clone(),
+                        },
+                    )
+                    .await;
+                    shared.metrics.session(&route.name, &who.workload, r.result);
+                    match forward {
+                        // The server's own error (e.g. 3D000 unknown database) goes to the client as is.
+                        Some(e) => {
+                            let _ = client.write_all(&e.encode()).await;
+                            let _ = client.shutdown().await;
+                        }
+                        None => send_error(&mut client, &r).await,
                     }
-                    None => send_error(&mut client, &r).await,
+                    return;
                 }
-                return;
             }
-        },
+        }
     };
     if !reused {
         shared.metrics.upstream_latency(
@@ -620,9 +628,10 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
             secret_key: ukey.clone(),
         })
     });
-    let mut greeting = protocol::authentication_ok();
+    let mut greeting = Vec::with_capacity(512);
+    greeting.extend_from_slice(&protocol::authentication_ok());
     for (k, v) in &established.params {
-        greeting.extend_from_slice(&protocol::parameter_status(k, v));
+        protocol::put_parameter_status(&mut greeting, k, v);
     }
     if let Some((pid, key)) = &cancel_key {
         greeting.extend_from_slice(&protocol::backend_key_data(*pid, key));

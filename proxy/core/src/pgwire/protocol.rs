@@ -848,10 +848,20 @@ pub fn authentication_ok() -> Vec<u8> {
 
 /// ParameterStatus (`S`).
 pub fn parameter_status(name: &str, value: &str) -> Vec<u8> {
-    let mut out = begin(b'S');
-    put_cstr(&mut out, name.as_bytes());
-    put_cstr(&mut out, value.as_bytes());
-    finish(out, 1)
+    let mut out = Vec::with_capacity(7 + name.len() + value.len());
+    put_parameter_status(&mut out, name, value);
+    out
+}
+
+/// Appends a ParameterStatus (`S`) to `out` (a greeting built in one buffer).
+pub fn put_parameter_status(out: &mut Vec<u8>, name: &str, value: &str) {
+    let start = out.len();
+    out.push(b'S');
+    out.extend_from_slice(&[0; 4]);
+    put_cstr(out, name.as_bytes());
+    put_cstr(out, value.as_bytes());
+    let len = u32::try_from(out.len() - start - 1).unwrap_or(u32::MAX);
+    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
 /// BackendKeyData (`K`).
