@@ -210,7 +210,9 @@ impl PostgresSettings {
             }
             None => {
                 let text = error_chain(e);
-                let fix = if text.contains("certificate") || text.contains("TLS") {
+                let fix = if text.contains("lookup address") {
+                    "check that the host name in store.url resolves on this node (DNS, /etc/hosts)"
+                } else if text.contains("certificate") || text.contains("TLS") {
                     "check store.ca_file (the CA that signed the server's certificate) and that the certificate names the host in store.url (or use tls = \"verify-ca\")"
                 } else {
                     "check that the server runs and that the host and port in store.url reach it (a firewall, a wrong port, or a server not listening on that address)"
