@@ -513,13 +513,24 @@ impl Session {
         Ok(())
     }
 
+    /// Ends the open transaction with `COMMIT` or `ROLLBACK`.
     fn finish(&mut self, sql: &str) -> Result<()> {
-        let result = self.client().and_then(|c| {
-            c.batch_execute(sql)
-                .map_err(|e| Error::internal(error_chain(&e)))
-        });
+        let at = self.at.clone();
+        let result = match self.client() {
+            Ok(c) => c.batch_execute(sql).map_err(|e| {
+                let mut err = db_error(&at, &e);
+                if sql == "COMMIT" && e.is_closed() {
+                    // Lost before the server's answer: it may have committed.
+                    err.message.push_str(
+                        " (if the connection broke while committing, the change may have been applied: check with `warden secret versions`)",
+                    );
+                }
+                err
+            }),
+            Err(e) => Err(e),
+        };
         self.in_transaction = false;
-        result.map_err(|e| Error::internal(format!("{}: {sql} failed: {}", self.at, e.message)))
+        result
     }
 }
 
@@ -638,7 +649,15 @@ impl PostgresBackend {
             .spawn(move || {
                 // Ends when the backend (the only sender) is dropped.
                 while let Ok(job) = queue.recv() {
-                    job(&mut session);
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job(&mut session)
+                    }));
+                    if ran.is_err() {
+                        // The caller sees its call fail (its reply channel is
+                        // gone); start the next one on a fresh connection.
+                        session.client = None;
+                        session.in_transaction = false;
+                    }
                 }
             })
             .map_err(|e| Error::internal(format!("{at}: cannot start its thread: {e}")))?;
@@ -665,7 +684,12 @@ impl PostgresBackend {
         let job: Job = Box::new(move |s| {
             let _ = reply.send(job(s));
         });
-        let gone = || Error::internal(format!("{}: the store's connection thread ended", self.at));
+        let gone = || {
+            Error::internal(format!(
+                "{}: the call failed on the store's connection thread",
+                self.at
+            ))
+        };
         self.jobs.send(job).map_err(|_| gone())?;
         result.recv().map_err(|_| gone())?
     }
