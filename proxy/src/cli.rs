@@ -110,6 +110,16 @@ enum Command {
     /// Dynamic database credential leases held by the daemon.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// The secret store's database (`[store]` in the config).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Apply the PostgreSQL store's schema migrations and print its schema
+    /// version. Idempotent, and safe while other nodes start or migrate.
+    Migrate,
 }
 
 #[derive(Subcommand)]
@@ -330,6 +340,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Frozen => run_freeze(&ctx, Request::Frozen),
         Command::Config(_) => Ok(()),
         Command::Lease(cmd) => run_lease(&ctx, cmd),
+        Command::Store(StoreCommand::Migrate) => run_store_migrate(&ctx),
     }
 }
 
@@ -369,8 +380,8 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
                 "--trust-domain and --ca-cert apply to a new store, not to --rotate-kek",
             ));
         }
-        let shares = read_shares_if_needed(&ctx.data_dir)?;
-        init::rotate_kek(&ctx.data_dir, &plan, &shares)?
+        let shares = read_shares_if_needed(ctx)?;
+        init::rotate_kek(&ctx.data_dir, &ctx.cfg.store, &plan, &shares)?
     } else {
         let mut settings = IdentitySettings::from_config(&ctx.cfg)?;
         if let Some(td) = &a.trust_domain {
@@ -393,7 +404,7 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
             }),
             _ => None,
         };
-        init::init(&ctx.data_dir, &plan, settings, import)?
+        init::init(&ctx.data_dir, &ctx.cfg.store, &plan, settings, import)?
     };
     if ctx.json {
         let shares: Vec<&str> = outcome.shares.iter().map(|s| s.as_str()).collect();
@@ -448,6 +459,40 @@ fn run_init(ctx: &Context, a: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+// ---- store ----------------------------------------------------------------
+
+fn run_store_migrate(ctx: &Context) -> Result<()> {
+    use warden_core::config::StoreBackend;
+    use warden_core::store::postgres::{node_name, PostgresBackend, PostgresSettings};
+    if ctx.cfg.store.backend == StoreBackend::Sqlite {
+        return Err(Error::usage(
+            "store.backend is \"sqlite\", whose store.db brings its schema up to date itself when opened; `warden store migrate` is for backend = \"postgres\"",
+        ));
+    }
+    let settings = PostgresSettings::from_config(&ctx.cfg.store)?;
+    let backend = PostgresBackend::connect(settings, &node_name(&ctx.data_dir))?;
+    let (before, after) = backend.migrate()?;
+    if ctx.json {
+        return print_json(&serde_json::json!({
+            "store": backend.describe(),
+            "schema_version": after,
+            "previous_version": before,
+        }));
+    }
+    if before == after {
+        println!(
+            "{}: schema version {after} (up to date)",
+            backend.describe()
+        );
+    } else {
+        println!(
+            "{}: schema version {after} (migrated from {before})",
+            backend.describe()
+        );
+    }
+    Ok(())
+}
+
 fn read_text(p: &Path) -> Result<String> {
     std::fs::read_to_string(p).map_err(|e| Error::io("cannot read", p, &e))
 }
@@ -487,10 +532,10 @@ fn run_svid(ctx: &Context, cmd: SvidCommand) -> Result<()> {
     Ok(())
 }
 
-fn read_shares_if_needed(data_dir: &Path) -> Result<Vec<Zeroizing<String>>> {
+fn read_shares_if_needed(ctx: &Context) -> Result<Vec<Zeroizing<String>>> {
     let (_, seal, _) = {
-        let _lock = init::lock_for_rotation(data_dir)?;
-        warden_core::service::open_store(data_dir)?
+        let _lock = init::lock_for_rotation(&ctx.data_dir)?;
+        warden_core::service::open_store(&ctx.data_dir, &ctx.cfg.store)?
     };
     if seal.source != KekSource::Shamir {
         return Ok(Vec::new());

@@ -309,6 +309,29 @@ impl PgCluster {
         conninfo(&kv)
     }
 
+    /// `pg_dump` of database `db` (plain SQL, everything: schema and data)
+    /// as the superuser over the unix socket. Panics if it fails.
+    pub fn pg_dump(&self, db: &str) -> String {
+        let sock = self.socket_dir.to_string_lossy();
+        let port = self.port.to_string();
+        let dsn = conninfo(&[
+            ("host", &sock),
+            ("port", &port),
+            ("user", SUPERUSER),
+            ("dbname", db),
+        ]);
+        let mut c = Command::new(self.bin("pg_dump"));
+        client_env(&mut c);
+        c.args(["--no-owner", "-d", &dsn]);
+        let out = run(c, b"", CLIENT_DEADLINE, "pg_dump");
+        assert_eq!(
+            out.code, 0,
+            "pg harness: pg_dump {db} failed: {}",
+            out.stderr
+        );
+        out.stdout
+    }
+
     /// The server log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()

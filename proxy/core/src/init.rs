@@ -5,12 +5,15 @@
 use crate::audit::{Actor, ActorKind, AuditLog, Decision, Event, Target};
 use crate::auditor::Auditor;
 use crate::authority::{IdentityAuthority, IdentitySettings, ImportedCa, StoreAccess};
+use crate::config::StoreBackend;
 use crate::error::{Error, Result};
+use crate::masterkey::SealConfig;
 use crate::masterkey::{self, Kek, KekPlan, KekSource, KekState, NewKek, SEAL_META_KEY};
 use crate::paths;
 use crate::service;
+use crate::store::postgres::{self, PostgresBackend, PostgresSettings};
 use crate::store::sqlite::SqliteBackend;
-use crate::store::SecretStore;
+use crate::store::{SecretBackend, SecretStore};
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -36,9 +39,13 @@ fn admin_actor() -> Actor {
 }
 
 /// Initialises `data_dir` (created 0700 if missing; refused if it exists with
-/// loose permissions or is already initialised).
+/// loose permissions or is already initialised) and the store `[store]`
+/// names: the SQLite file in the data dir, or a PostgreSQL database, which
+/// must not hold an initialised store yet (further nodes of a PostgreSQL
+/// store get a copy of the master key instead, see docs/configuration.md).
 pub fn init(
     data_dir: &Path,
+    store_config: &crate::config::Store,
     plan: &KekPlan,
     identity: IdentitySettings,
     import: Option<ImportedCa>,
@@ -55,56 +62,73 @@ pub fn init(
     }
     paths::check_private_dir(data_dir)?;
     let _lock = paths::lock_data_dir(data_dir)?;
+    let postgres = match store_config.backend {
+        StoreBackend::Sqlite => None,
+        StoreBackend::Postgres => {
+            let settings = PostgresSettings::from_config(store_config)?;
+            let backend = PostgresBackend::open(settings, &postgres::node_name(data_dir))?;
+            if let Some(seal) = SecretBackend::meta_get(&backend, SEAL_META_KEY)? {
+                return Err(already_initialised(&backend, &seal, data_dir));
+            }
+            Some(backend)
+        }
+    };
     let NewKek { kek, seal, shares } = masterkey::create_kek(plan)?;
     let key_file = match plan.source {
         KekSource::File => Some(masterkey::write_key_file(data_dir, &kek, false)?),
         _ => None,
     };
     let store_path = data_dir.join(paths::STORE_FILE);
-    let created = (|| -> Result<()> {
-        let mut backend = SqliteBackend::open(&store_path)?;
-        let audit = Auditor::new(AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?);
-        audit.record(&Event {
-            actor: admin_actor(),
-            action: "init".into(),
-            target: Target {
-                detail: Some(format!(
-                    "kek source {}, kek id {}",
-                    seal.source, seal.kek_id
-                )),
-                ..Target::default()
-            },
-            decision: Decision::Allow,
-            reason: "data dir initialised".into(),
-        })?;
-        crate::store::SecretBackend::meta_set(&mut backend, SEAL_META_KEY, &seal.to_json()?)?;
-        // The CA is created with the store, its key sealed under the new KEK.
-        let mut store = SecretStore::new(Box::new(backend));
-        let mut access = StoreAccess {
-            store: &mut store,
-            kek: &kek,
-            audit: &audit,
-        };
-        IdentityAuthority::load_or_create(
-            &mut access,
-            identity,
-            import,
-            time::OffsetDateTime::now_utc(),
-        )?;
-        Ok(())
-    })();
-    if let Err(e) = created {
-        // Leave nothing half-made behind: a later `init` must be able to start over.
-        for f in [
-            paths::STORE_FILE,
-            "store.db-wal",
-            "store.db-shm",
-            paths::KEY_FILE,
-        ] {
-            let _ = std::fs::remove_file(data_dir.join(f));
+    let seal_json = seal.to_json()?;
+    let created = match postgres {
+        None => (|| -> Result<()> {
+            let mut backend = SqliteBackend::open(&store_path)?;
+            let audit = Auditor::new(AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?);
+            record_init(&audit, &seal)?;
+            SecretBackend::meta_set(&mut backend, SEAL_META_KEY, &seal_json)?;
+            create_identity(Box::new(backend), &kek, &audit, identity, import)
+        })()
+        .inspect_err(|_| {
+            // Leave nothing half-made behind: a later `init` must be able to start over.
+            for f in [
+                paths::STORE_FILE,
+                "store.db-wal",
+                "store.db-shm",
+                paths::KEY_FILE,
+            ] {
+                let _ = std::fs::remove_file(data_dir.join(f));
+            }
+        }),
+        Some(mut backend) => {
+            // Claimed first: of two nodes initialising one store at once, one wins.
+            if !backend.meta_insert_new(SEAL_META_KEY, &seal_json)? {
+                if let Some(f) = &key_file {
+                    let _ = std::fs::remove_file(f);
+                }
+                let theirs = SecretBackend::meta_get(&backend, SEAL_META_KEY)?.unwrap_or_default();
+                return Err(already_initialised(&backend, &theirs, data_dir));
+            }
+            let made = (|| -> Result<()> {
+                let audit = Auditor::new(AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?);
+                record_init(&audit, &seal)?;
+                create_identity(Box::new(backend), &kek, &audit, identity, import)
+            })();
+            if made.is_err() {
+                // The store was empty when this init claimed it: empty it again.
+                let node = postgres::node_name(data_dir);
+                if let Ok(mut b) = PostgresSettings::from_config(store_config)
+                    .and_then(|settings| PostgresBackend::connect(settings, &node))
+                {
+                    let _ = b.discard_everything();
+                }
+                if let Some(f) = &key_file {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            made
         }
-        return Err(e);
-    }
+    };
+    created?;
     Ok(InitOutcome {
         kek_id: kek.id().to_string(),
         source: plan.source,
@@ -113,6 +137,57 @@ pub fn init(
         shares,
         rewrapped: None,
     })
+}
+
+/// The PostgreSQL store already has a seal configuration: what to do instead.
+fn already_initialised(backend: &PostgresBackend, seal_json: &str, data_dir: &Path) -> Error {
+    let kek = SealConfig::from_json(seal_json)
+        .map(|s| format!("master key id {}, source {}", s.kek_id, s.source))
+        .unwrap_or_else(|_| "an unreadable seal configuration".into());
+    Error::usage(format!(
+        "the {} is already initialised ({kek}); fix: to run this node on it, do not run `warden init`: create {} (mode 0700) and give it the same master key as the other nodes (copy master.key, mode 0600, for source file; the same systemd credential or unseal shares otherwise)",
+        backend.describe(),
+        data_dir.display()
+    ))
+}
+
+fn record_init(audit: &Auditor, seal: &SealConfig) -> Result<()> {
+    audit.record(&Event {
+        actor: admin_actor(),
+        action: "init".into(),
+        target: Target {
+            detail: Some(format!(
+                "kek source {}, kek id {}",
+                seal.source, seal.kek_id
+            )),
+            ..Target::default()
+        },
+        decision: Decision::Allow,
+        reason: "data dir initialised".into(),
+    })
+}
+
+/// The CA is created with the store, its key sealed under the new KEK.
+fn create_identity(
+    backend: Box<dyn SecretBackend>,
+    kek: &Kek,
+    audit: &Auditor,
+    identity: IdentitySettings,
+    import: Option<ImportedCa>,
+) -> Result<()> {
+    let mut store = SecretStore::new(backend);
+    let mut access = StoreAccess {
+        store: &mut store,
+        kek,
+        audit,
+    };
+    IdentityAuthority::load_or_create(
+        &mut access,
+        identity,
+        import,
+        time::OffsetDateTime::now_utc(),
+    )?;
+    Ok(())
 }
 
 /// The data dir lock, with a hint that rotation needs the daemon stopped.
@@ -132,13 +207,15 @@ pub fn lock_for_rotation(data_dir: &Path) -> Result<paths::DataDirLock> {
 /// unseal the current KEK when its source is `shamir`.
 pub fn rotate_kek(
     data_dir: &Path,
+    store_config: &crate::config::Store,
     plan: &KekPlan,
     current_shares: &[Zeroizing<String>],
 ) -> Result<InitOutcome> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     paths::check_private_dir(data_dir)?;
     let _lock = lock_for_rotation(data_dir)?;
-    let (mut store, seal, mut audit): (SecretStore, _, AuditLog) = service::open_store(data_dir)?;
+    let (mut store, seal, mut audit): (SecretStore, _, AuditLog) =
+        service::open_store(data_dir, store_config)?;
     let old: Kek = match masterkey::load_kek(data_dir, &seal)? {
         KekState::Unsealed(k) => k,
         KekState::Sealed(_) => service::unseal_offline(&seal, current_shares)?,

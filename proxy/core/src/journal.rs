@@ -315,7 +315,7 @@ mod tests {
             credential_name: String::new(),
         };
         let settings = crate::authority::IdentitySettings::from_config(&cfg).unwrap();
-        crate::init::init(&data, &plan, settings, None).unwrap();
+        crate::init::init(&data, &cfg.store, &plan, settings, None).unwrap();
         let svc = SecretService::open(&data, StorePolicy::from_config(&cfg), true).unwrap();
         let log = data.join(crate::paths::AUDIT_FILE);
         (dir, log, Arc::new(Mutex::new(svc)))

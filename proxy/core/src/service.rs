@@ -10,7 +10,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::masterkey::{self, Kek, KekState, SealConfig, UnsealProgress, Unsealer};
 use crate::metrics::Metrics;
 use crate::paths;
-use crate::store::sqlite::SqliteBackend;
 use crate::store::{
     validate_env, validate_secret_name, NewVersion, SecretStore, SecretSummary, VersionInfo,
 };
@@ -60,6 +59,8 @@ pub struct StorePolicy {
     pub default_env: String,
     pub max_versions: u32,
     pub per_secret_max_versions: HashMap<String, u32>,
+    /// `[store]`: which database holds the store and how to reach it.
+    pub store: crate::config::Store,
 }
 
 impl StorePolicy {
@@ -72,6 +73,7 @@ impl StorePolicy {
                 .iter()
                 .filter_map(|s| s.max_versions.map(|m| (s.name.clone(), m)))
                 .collect(),
+            store: cfg.store.clone(),
         }
     }
 
@@ -110,12 +112,17 @@ pub struct SecretService {
     credentials: Option<std::sync::Arc<crate::credentials::CredentialCache>>,
 }
 
-/// Opens the store, the audit log and the seal configuration of an initialised
-/// data dir, after checking its permissions. The caller holds the data dir lock.
-pub fn open_store(data_dir: &Path) -> Result<(SecretStore, SealConfig, AuditLog)> {
+/// Opens the store (`[store]`: the SQLite file in the data dir, or the
+/// PostgreSQL database), the audit log and the seal configuration of an
+/// initialised data dir, after checking its permissions. The caller holds the
+/// data dir lock.
+pub fn open_store(
+    data_dir: &Path,
+    config: &crate::config::Store,
+) -> Result<(SecretStore, SealConfig, AuditLog)> {
     paths::check_private_dir(data_dir)?;
-    let store_path = data_dir.join(paths::STORE_FILE);
-    if !store_path.exists() {
+    let sqlite = config.backend == crate::config::StoreBackend::Sqlite;
+    if sqlite && !data_dir.join(paths::STORE_FILE).exists() {
         return Err(Error::usage(format!(
             "{} is not initialised (no {}): run `warden init --data-dir {}`",
             data_dir.display(),
@@ -123,17 +130,22 @@ pub fn open_store(data_dir: &Path) -> Result<(SecretStore, SealConfig, AuditLog)
             data_dir.display()
         )));
     }
-    let backend = SqliteBackend::open(&store_path)?;
-    let store = SecretStore::new(Box::new(backend));
-    let seal_json = store
-        .backend()
-        .meta_get(masterkey::SEAL_META_KEY)?
-        .ok_or_else(|| {
-            Error::integrity(format!(
-                "{} has no seal configuration: the store was not initialised by `warden init` or was damaged",
-                store_path.display()
-            ))
-        })?;
+    let (backend, at) = crate::store::open_backend(data_dir, config)?;
+    let store = SecretStore::new(backend);
+    let seal_json = match store.backend().meta_get(masterkey::SEAL_META_KEY)? {
+        Some(json) => json,
+        None if sqlite => {
+            return Err(Error::integrity(format!(
+                "{at} has no seal configuration: the store was not initialised by `warden init` or was damaged"
+            )))
+        }
+        None => {
+            return Err(Error::usage(format!(
+                "the {at} is not initialised: run `warden init --data-dir {}` on one node first",
+                data_dir.display()
+            )))
+        }
+    };
     let seal = SealConfig::from_json(&seal_json)?;
     let audit = AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?;
     Ok((store, seal, audit))
@@ -142,7 +154,7 @@ pub fn open_store(data_dir: &Path) -> Result<(SecretStore, SealConfig, AuditLog)
 impl SecretService {
     /// Opens an initialised data dir and loads its KEK (or starts sealed).
     pub fn open(data_dir: &Path, policy: StorePolicy, daemon: bool) -> Result<SecretService> {
-        let (store, seal, mut audit) = open_store(data_dir)?;
+        let (store, seal, mut audit) = open_store(data_dir, &policy.store)?;
         if daemon {
             // The daemon holds the data dir lock for its lifetime: no other
             // process appends to the log meanwhile.

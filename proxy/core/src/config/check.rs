@@ -9,6 +9,7 @@ use super::globals::{check_audit, check_globals};
 use super::report::ConfigIssue;
 use super::route::check_routes;
 use super::secret::check_secrets;
+use super::store::check_store;
 use super::workload::check_workloads;
 use super::Config;
 
@@ -53,6 +54,7 @@ pub(super) fn validate(config: &Config) -> (Vec<ConfigIssue>, Vec<ConfigIssue>) 
         sockets: Vec::new(),
     };
     check_globals(&mut c);
+    check_store(&mut c);
     check_workloads(&mut c);
     check_secrets(&mut c);
     check_routes(&mut c);

@@ -1,5 +1,5 @@
 //! The top-level keys and the single-table sections: `[admin]`, `[metrics]`,
-//! `[store]`, `[identity]`, `[monitor]` and `[audit]` — their schema, defaults
+//! `[identity]`, `[monitor]` and `[audit]` (`[store]` has its own file) — their schema, defaults
 //! and limits, and their semantic checks.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -126,22 +126,6 @@ fn de_metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAdd
     })
 }
 
-/// `[store]`: the local secret store.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Store {
-    /// Versions kept per secret (1..=1000).
-    pub max_versions: u32,
-}
-
-impl Default for Store {
-    fn default() -> Self {
-        Store {
-            max_versions: DEFAULT_MAX_VERSIONS,
-        }
-    }
-}
-
 /// `[identity]`: SVID issuance.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -216,7 +200,7 @@ impl Audit {
     }
 }
 
-/// The top-level keys and `[admin]`, `[metrics]`, `[store]`, `[identity]`
+/// The top-level keys and `[admin]`, `[metrics]`, `[identity]`
 /// (`[audit]` has [`check_audit`]; `[monitor]` has nothing to check beyond its shape).
 pub(super) fn check_globals(c: &mut Checker<'_>) {
     let cfg = c.config;
@@ -307,15 +291,6 @@ pub(super) fn check_globals(c: &mut Checker<'_>) {
                 "bind 127.0.0.1 unless a remote scraper needs it, and firewall the port if so",
             );
         }
-    }
-
-    let max = cfg.store.max_versions;
-    if !(1..=MAX_VERSIONS_LIMIT).contains(&max) {
-        c.error(
-            "store.max_versions",
-            format!("store.max_versions is {max}; it must be between 1 and {MAX_VERSIONS_LIMIT}"),
-            format!("set max_versions to a value from 1 to {MAX_VERSIONS_LIMIT} (default {DEFAULT_MAX_VERSIONS})"),
-        );
     }
 
     let ttl = cfg.identity.svid_ttl;

@@ -23,7 +23,8 @@
 //!    lengths, and so on. Every problem is collected, not only the first.
 //!
 //! Relative paths (`data_dir`, `admin.socket`, `identity.workload_api_socket`,
-//! `route[].unix_socket`, `route[].upstream_tls.ca_file`) are resolved against
+//! `store.password_file`, `store.ca_file`, `route[].unix_socket`,
+//! `route[].upstream_tls.ca_file`) are resolved against
 //! the directory that holds the config file. `.` and `..` are removed as text,
 //! without asking the filesystem, so the results are absolute paths.
 //!
@@ -38,8 +39,8 @@
 //! - `paths`: resolving relative paths before stage 3;
 //! - `check`: stage 3's [`check::Checker`] and the order of the section checks;
 //! - one file per section with its schema and its checks: `globals` (top-level
-//!   keys, `[admin]`, `[metrics]`, `[store]`, `[identity]`, `[monitor]`,
-//!   `[audit]`), `workload`, `secret`, `route` (with `route/credential` and
+//!   keys, `[admin]`, `[metrics]`, `[identity]`, `[monitor]`, `[audit]`),
+//!   `store` (`[store]`: the backend and its connection), `workload`, `secret`, `route` (with `route/credential` and
 //!   `route/inject`) and `anomaly`;
 //! - value syntax shared by the sections: `names`, `address`, `duration`;
 //! - `report`: [`ConfigIssue`] and [`ConfigReport`].
@@ -58,6 +59,7 @@ mod repair;
 mod report;
 mod route;
 mod secret;
+mod store;
 mod suggest;
 mod syntax;
 #[cfg(test)]
@@ -70,12 +72,15 @@ mod workload;
 pub use address::url_for_display;
 pub use anomaly::{Anomaly, AnomalyAction, AnomalyOverrides};
 pub use duration::{format_duration, parse_duration};
-pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMode, Store};
+pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMode};
 pub use report::{ConfigIssue, ConfigReport};
 pub use route::credential::{Dynamic, GrantMode};
 pub use route::inject::Inject;
 pub use route::{PoolConfig, Route, RouteKind, TlsMode, TlsRouteMode};
 pub use secret::{RotateMethod, SecretPolicy};
+pub use store::{
+    parse_store_url, valid_credential_name, Store, StoreBackend, StoreTarget, StoreTls,
+};
 pub use workload::Workload;
 
 use std::path::{Path, PathBuf};

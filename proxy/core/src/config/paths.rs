@@ -61,6 +61,8 @@ pub(super) fn normalise(config: &mut Config, base: &Path) {
         config.data_dir.as_mut(),
         config.admin.socket.as_mut(),
         config.identity.workload_api_socket.as_mut(),
+        config.store.password_file.as_mut(),
+        config.store.ca_file.as_mut(),
     ];
     for path in paths.into_iter().flatten() {
         resolve(base, path);

@@ -2,8 +2,8 @@
 //! encryption.
 //!
 //! Layering: [`SecretBackend`] is the storage trait (rows of opaque bytes and
-//! metadata; SQLite is the embedded default in [`sqlite`], a PostgreSQL backend
-//! can serve several nodes later). [`SecretStore`] sits on top and does the
+//! metadata; SQLite is the embedded default in [`sqlite`], [`postgres`] a
+//! database several nodes share). [`SecretStore`] sits on top and does the
 //! cryptography, so no backend ever sees a plaintext value or a data key.
 //!
 //! Envelope scheme, per secret version:
@@ -16,6 +16,7 @@
 //! key copied into another row fails to open instead of yielding the wrong
 //! secret. KEK rotation rewraps DEKs and never touches value ciphertexts.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::crypto::Key256;
@@ -141,6 +142,29 @@ pub trait SecretBackend: Send {
     fn lease_delete(&mut self, id: &str) -> Result<()>;
     /// Every lease row, oldest first.
     fn lease_list(&self) -> Result<Vec<LeaseRow>>;
+}
+
+/// Opens the backend `[store]` configures for `data_dir`: the SQLite file in
+/// it, or the PostgreSQL database (connected, schema migrated). Returns it
+/// with its description for messages.
+pub fn open_backend(
+    data_dir: &std::path::Path,
+    config: &crate::config::Store,
+) -> Result<(Box<dyn SecretBackend>, String)> {
+    match config.backend {
+        crate::config::StoreBackend::Sqlite => {
+            let path = data_dir.join(crate::paths::STORE_FILE);
+            let backend = sqlite::SqliteBackend::open(&path)?;
+            Ok((Box::new(backend), path.display().to_string()))
+        }
+        crate::config::StoreBackend::Postgres => {
+            let settings = postgres::PostgresSettings::from_config(config)?;
+            let backend =
+                postgres::PostgresBackend::open(settings, &postgres::node_name(data_dir))?;
+            let at = backend.describe().to_string();
+            Ok((Box::new(backend), at))
+        }
+    }
 }
 
 /// Checks a secret name: `[a-z0-9][a-z0-9._/-]*`, at most 128 bytes, no empty

@@ -1,17 +1,89 @@
+//! The backend suite: every case runs on SQLite here (one `#[test]` each)
+//! and on a real PostgreSQL in `tests/postgres.rs`. A case gets a fresh,
+//! empty store and raw access to the database under it (to tamper with rows
+//! as an attacker with the database would).
+
 use super::sqlite::SqliteBackend;
 use super::*;
 use crate::error::ErrorKind;
 use crate::masterkey::Kek;
-use rusqlite::params;
+
+mod postgres;
 
 const DISTINCT: &[u8] = b"pl41ntext-CANARY-7f3e9b-value";
 
-fn setup() -> (tempfile::TempDir, std::path::PathBuf, SecretStore, Kek) {
+/// Direct access to the database under a store, bypassing warden.
+pub(super) trait Raw {
+    /// Runs `sql`; `$1`, `$2`… are `params` (byte strings), numbered in the
+    /// order they first appear.
+    fn exec(&self, sql: &str, params: &[&[u8]]);
+    /// The byte-string columns of every row `sql` returns.
+    fn rows(&self, sql: &str) -> Vec<Vec<Vec<u8>>>;
+    /// Every byte the database keeps (its files, a dump), to look for plaintext.
+    fn everything(&self) -> Vec<u8>;
+}
+
+/// One case's store and the database under it.
+pub(super) struct Case {
+    pub store: SecretStore,
+    pub raw: Box<dyn Raw>,
+    /// Whatever must live as long as the case (a temp dir).
+    pub _keep: Box<dyn std::any::Any>,
+}
+
+/// The one row `sql` returns.
+fn one_row(raw: &dyn Raw, sql: &str) -> Vec<Vec<u8>> {
+    let mut rows = raw.rows(sql);
+    assert_eq!(rows.len(), 1, "{sql}");
+    rows.remove(0)
+}
+
+struct SqliteRaw {
+    path: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Raw for SqliteRaw {
+    fn exec(&self, sql: &str, params: &[&[u8]]) {
+        rusqlite::Connection::open(&self.path)
+            .unwrap()
+            .execute(sql, rusqlite::params_from_iter(params.iter()))
+            .unwrap();
+    }
+    fn rows(&self, sql: &str) -> Vec<Vec<Vec<u8>>> {
+        let c = rusqlite::Connection::open(&self.path).unwrap();
+        let mut stmt = c.prepare(sql).unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| (0..n).map(|i| r.get::<_, Vec<u8>>(i)).collect())
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+    fn everything(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        all
+    }
+}
+
+fn sqlite_case() -> Case {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
     let store = SecretStore::new(Box::new(SqliteBackend::open(&path).unwrap()));
-    let kek = Kek::from_key(Key256::generate().unwrap());
-    (dir, path, store, kek)
+    Case {
+        store,
+        raw: Box::new(SqliteRaw {
+            path,
+            dir: dir.path().to_path_buf(),
+        }),
+        _keep: Box::new(dir),
+    }
+}
+
+fn new_kek() -> Kek {
+    Kek::from_key(Key256::generate().unwrap())
 }
 
 fn put(store: &mut SecretStore, kek: &Kek, name: &str, env: &str, value: &[u8], keep: u32) -> u32 {
@@ -30,13 +102,41 @@ fn nv<'a>(name: &'a str, env: &'a str, value: &'a [u8], keep: u32) -> NewVersion
     }
 }
 
-fn raw(path: &std::path::Path) -> rusqlite::Connection {
-    rusqlite::Connection::open(path).unwrap()
+/// Whether `haystack` holds `value` as is or hex-encoded (how a dump shows bytea).
+pub(super) fn holds(haystack: &[u8], value: &[u8]) -> bool {
+    let hex = hex::encode(value).into_bytes();
+    [value, hex.as_slice()]
+        .iter()
+        .any(|needle| haystack.windows(needle.len()).any(|w| w == *needle))
 }
 
-#[test]
-fn values_roundtrip_by_env_and_version() {
-    let (_d, _p, mut store, kek) = setup();
+/// Declares the suite: a `#[test]` per case on SQLite, and [`CASES`] for
+/// other backends.
+macro_rules! suite {
+    ($($case:ident),+ $(,)?) => {
+        /// Every case of the suite, by name.
+        pub(super) const CASES: &[(&str, fn(Case))] = &[$((stringify!($case), $case)),+];
+        mod on_sqlite {
+            $(#[test] fn $case() { super::$case(super::sqlite_case()) })+
+        }
+    };
+}
+
+suite!(
+    values_roundtrip_by_env_and_version,
+    old_versions_are_pruned_and_numbers_never_repeat,
+    store_holds_no_plaintext,
+    swapped_rows_give_integrity_errors_not_wrong_values,
+    version_renumbering_is_detected,
+    every_flipped_byte_is_detected,
+    wrong_kek_is_refused,
+    rewrap_changes_kek_and_keeps_values,
+    failing_commit_hook_rolls_back,
+    meta_and_lease_rows_roundtrip,
+);
+
+fn values_roundtrip_by_env_and_version(c: Case) {
+    let (mut store, kek) = (c.store, new_kek());
     assert_eq!(put(&mut store, &kek, "orders-db/app", "prod", b"p1", 10), 1);
     assert_eq!(put(&mut store, &kek, "orders-db/app", "prod", b"p2", 10), 2);
     assert_eq!(put(&mut store, &kek, "orders-db/app", "dev", b"d1", 10), 1);
@@ -52,9 +152,8 @@ fn values_roundtrip_by_env_and_version() {
     assert_eq!(e.kind, ErrorKind::NotFound);
 }
 
-#[test]
-fn old_versions_are_pruned_and_numbers_never_repeat() {
-    let (_d, _p, mut store, kek) = setup();
+fn old_versions_are_pruned_and_numbers_never_repeat(c: Case) {
+    let (mut store, kek) = (c.store, new_kek());
     for i in 1..=5u8 {
         put(&mut store, &kek, "a", "prod", &[i], 3);
     }
@@ -75,115 +174,84 @@ fn old_versions_are_pruned_and_numbers_never_repeat() {
     assert_eq!(put(&mut store, &kek, "a", "prod", b"again", 3), 6);
 }
 
-#[test]
-fn store_file_holds_no_plaintext() {
-    let (dir, path, mut store, kek) = setup();
+fn store_holds_no_plaintext(c: Case) {
+    let (mut store, kek) = (c.store, new_kek());
     put(&mut store, &kek, "canary/secret", "prod", DISTINCT, 10);
+    put(
+        &mut store,
+        &kek,
+        "canary/secret",
+        "prod",
+        b"second-CANARY-value-91c2",
+        10,
+    );
     drop(store);
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-        assert!(
-            !bytes.windows(DISTINCT.len()).any(|w| w == DISTINCT),
-            "plaintext found in {}",
-            path.display()
-        );
+    let all = c.raw.everything();
+    assert!(!all.is_empty());
+    for value in [DISTINCT, b"second-CANARY-value-91c2"] {
+        assert!(!holds(&all, value), "plaintext found in the database");
     }
 }
 
-#[test]
-fn swapped_rows_give_integrity_errors_not_wrong_values() {
-    let (_d, path, mut store, kek) = setup();
+fn swapped_rows_give_integrity_errors_not_wrong_values(c: Case) {
+    let kek = new_kek();
+    let mut store = c.store;
     put(&mut store, &kek, "a", "prod", b"value-a", 10);
     put(&mut store, &kek, "b", "prod", b"value-b", 10);
-    let c = raw(&path);
-    let (wa, ca): (Vec<u8>, Vec<u8>) = c
-        .query_row(
-            "SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='a'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    let (wb, cb): (Vec<u8>, Vec<u8>) = c
-        .query_row(
-            "SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='b'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let sel =
+        |n: &str| format!("SELECT wrapped_key, ciphertext FROM secret_versions WHERE name='{n}'");
+    let (a, b) = (one_row(&*c.raw, &sel("a")), one_row(&*c.raw, &sel("b")));
+    let set = |n: &str| {
+        format!("UPDATE secret_versions SET wrapped_key=$1, ciphertext=$2 WHERE name='{n}'")
+    };
     // Whole rows swapped.
-    c.execute(
-        "UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='a'",
-        params![wb, cb],
-    )
-    .unwrap();
-    c.execute(
-        "UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='b'",
-        params![wa, ca],
-    )
-    .unwrap();
+    c.raw.exec(&set("a"), &[&b[0], &b[1]]);
+    c.raw.exec(&set("b"), &[&a[0], &a[1]]);
     for name in ["a", "b"] {
         let e = store.get(&kek, name, "prod", None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Integrity, "{e}");
         assert!(e.message.contains(&format!("{name:?}")), "{e}");
     }
     // Only the ciphertexts swapped (wrapped keys back in place).
-    c.execute(
-        "UPDATE secret_versions SET wrapped_key=?1, ciphertext=?2 WHERE name='a'",
-        params![wa, cb],
-    )
-    .unwrap();
+    c.raw.exec(&set("a"), &[&a[0], &b[1]]);
     let e = store.get(&kek, "a", "prod", None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Integrity);
     assert!(e.message.contains("ciphertext"), "{e}");
 }
 
-#[test]
-fn version_renumbering_is_detected() {
-    let (_d, path, mut store, kek) = setup();
+fn version_renumbering_is_detected(c: Case) {
+    let kek = new_kek();
+    let mut store = c.store;
     put(&mut store, &kek, "a", "prod", b"old", 10);
     put(&mut store, &kek, "a", "prod", b"new", 10);
     // An attacker deletes v2 and renumbers v1 as v2 to roll the secret back.
-    let c = raw(&path);
-    c.execute("DELETE FROM secret_versions WHERE version = 2", [])
-        .unwrap();
-    c.execute(
+    c.raw
+        .exec("DELETE FROM secret_versions WHERE version = 2", &[]);
+    c.raw.exec(
         "UPDATE secret_versions SET version = 2 WHERE version = 1",
-        [],
-    )
-    .unwrap();
+        &[],
+    );
     assert_eq!(
         store.get(&kek, "a", "prod", None).unwrap_err().kind,
         ErrorKind::Integrity
     );
 }
 
-#[test]
-fn every_flipped_byte_is_detected() {
-    let (_d, path, mut store, kek) = setup();
+fn every_flipped_byte_is_detected(c: Case) {
+    let kek = new_kek();
+    let mut store = c.store;
     put(&mut store, &kek, "a", "prod", b"flip-me", 10);
-    let c = raw(&path);
     for col in ["wrapped_key", "ciphertext"] {
-        let orig: Vec<u8> = c
-            .query_row(&format!("SELECT {col} FROM secret_versions"), [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let orig = one_row(&*c.raw, &format!("SELECT {col} FROM secret_versions")).remove(0);
+        let set = format!("UPDATE secret_versions SET {col} = $1");
         for i in 0..orig.len() {
             let mut t = orig.clone();
             t[i] ^= 0x80;
-            c.execute(
-                &format!("UPDATE secret_versions SET {col} = ?1"),
-                params![t],
-            )
-            .unwrap();
+            c.raw.exec(&set, &[&t]);
             let e = store.get(&kek, "a", "prod", None).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Integrity, "{col} byte {i}: {e}");
         }
-        c.execute(
-            &format!("UPDATE secret_versions SET {col} = ?1"),
-            params![orig],
-        )
-        .unwrap();
+        c.raw.exec(&set, &[&orig]);
     }
     assert_eq!(
         store.get(&kek, "a", "prod", None).unwrap().1.as_slice(),
@@ -191,9 +259,8 @@ fn every_flipped_byte_is_detected() {
     );
 }
 
-#[test]
-fn wrong_kek_is_refused() {
-    let (_d, _p, mut store, kek) = setup();
+fn wrong_kek_is_refused(c: Case) {
+    let (mut store, kek) = (c.store, new_kek());
     put(&mut store, &kek, "a", "prod", b"v", 10);
     let other = Kek::from_key(Key256::generate().unwrap());
     let e = store.get(&other, "a", "prod", None).unwrap_err();
@@ -201,19 +268,14 @@ fn wrong_kek_is_refused() {
     assert!(e.message.contains("master key"), "{e}");
 }
 
-#[test]
-fn rewrap_changes_kek_and_keeps_values() {
-    let (_d, path, mut store, kek) = setup();
+fn rewrap_changes_kek_and_keeps_values(c: Case) {
+    let kek = new_kek();
+    let mut store = c.store;
     put(&mut store, &kek, "a", "prod", b"va", 10);
     put(&mut store, &kek, "b", "dev", b"vb", 10);
-    let before: Vec<Vec<u8>> = raw(&path)
-        .prepare("SELECT ciphertext FROM secret_versions ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
-    let new = Kek::from_key(Key256::generate().unwrap());
+    let ciphertexts = "SELECT ciphertext FROM secret_versions ORDER BY name";
+    let before = c.raw.rows(ciphertexts);
+    let new = new_kek();
     let n = store.rewrap(&kek, &new, &[("seal", "x".into())]).unwrap();
     assert_eq!(n, 2);
     assert_eq!(
@@ -225,16 +287,25 @@ fn rewrap_changes_kek_and_keeps_values() {
         b"vb"
     );
     assert!(store.get(&kek, "a", "prod", None).is_err());
-    let after: Vec<Vec<u8>> = raw(&path)
-        .prepare("SELECT ciphertext FROM secret_versions ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
     assert_eq!(
-        before, after,
+        before,
+        c.raw.rows(ciphertexts),
         "KEK rotation must not touch value ciphertexts"
+    );
+    assert_eq!(
+        store.backend().meta_get("seal").unwrap().as_deref(),
+        Some("x")
+    );
+    // A row that does not open under the old key stops the rotation: nothing changes.
+    c.raw.exec(
+        "UPDATE secret_versions SET kek_id = 'other' WHERE name = 'b'",
+        &[],
+    );
+    let newer = new_kek();
+    assert!(store.rewrap(&new, &newer, &[("seal", "y".into())]).is_err());
+    assert_eq!(
+        store.get(&new, "a", "prod", None).unwrap().1.as_slice(),
+        b"va"
     );
     assert_eq!(
         store.backend().meta_get("seal").unwrap().as_deref(),
@@ -242,9 +313,8 @@ fn rewrap_changes_kek_and_keeps_values() {
     );
 }
 
-#[test]
-fn failing_commit_hook_rolls_back() {
-    let (_d, _p, mut store, kek) = setup();
+fn failing_commit_hook_rolls_back(c: Case) {
+    let (mut store, kek) = (c.store, new_kek());
     let e = store
         .put(&kek, nv("a", "prod", b"v", 10), &mut |_| {
             Err(crate::error::Error::internal("audit disk full"))
@@ -261,6 +331,42 @@ fn failing_commit_hook_rolls_back() {
         .unwrap_err();
     assert!(e.message.contains("nope"));
     assert_eq!(store.backend().list(None).unwrap().len(), 1);
+    // The failed put used no version number a reader could see: the next is 2.
+    assert_eq!(put(&mut store, &kek, "a", "prod", b"w", 10), 2);
+    assert_eq!(store.get(&kek, "a", "prod", None).unwrap().0, 2);
+}
+
+fn meta_and_lease_rows_roundtrip(c: Case) {
+    let mut store = c.store;
+    let b = store.backend_mut();
+    assert_eq!(b.meta_get("k").unwrap(), None);
+    b.meta_set("k", "v1").unwrap();
+    b.meta_set("k", "v2").unwrap();
+    assert_eq!(b.meta_get("k").unwrap().as_deref(), Some("v2"));
+    let lease = |id: &str, created_at: i64| LeaseRow {
+        id: id.into(),
+        route: "orders-db".into(),
+        workload: "reports".into(),
+        role: format!("warden_lease_{id}"),
+        state: "creating".into(),
+        owner_pid: 4242,
+        created_at,
+        expires_at: created_at + 3600,
+        max_expires_at: created_at + 86_400,
+    };
+    b.lease_put(&lease("l2", 200)).unwrap();
+    b.lease_put_many(&[lease("l1", 100), lease("l3", 300)])
+        .unwrap();
+    let mut active = lease("l2", 200);
+    active.state = "active".into();
+    b.lease_put(&active).unwrap();
+    let rows = b.lease_list().unwrap();
+    assert_eq!(rows, vec![lease("l1", 100), active, lease("l3", 300)]);
+    b.lease_delete("l1").unwrap();
+    b.lease_delete("absent").unwrap();
+    assert_eq!(b.lease_list().unwrap().len(), 2);
+    // Listing an environment that has nothing is empty, not an error.
+    assert!(store.backend().list(Some("nowhere")).unwrap().is_empty());
 }
 
 #[test]
