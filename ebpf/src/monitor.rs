@@ -390,15 +390,20 @@ impl Monitor {
     /// `since_ns` (CLOCK_BOOTTIME, an attribution entry's connect time):
     /// it exec'd after that, or an exec after that could not be recorded.
     pub fn exec_since(&self, tgid: u32, since_ns: u64) -> Option<ExecSince> {
-        if self
-            .execs
-            .get(&tgid, 0)
-            .is_ok_and(|exec_ns| exec_ns > since_ns)
-        {
-            return Some(ExecSince::Executed);
+        let (exec_ns, lost_ns) = self.last_change(tgid);
+        if exec_ns > since_ns {
+            Some(ExecSince::Executed)
+        } else {
+            (lost_ns > since_ns).then_some(ExecSince::Unknown)
         }
-        let lost = self.exec_lost.get(&EXEC_LOST_AT, 0).unwrap_or(0);
-        (lost > since_ns).then_some(ExecSince::Unknown)
+    }
+
+    /// CLOCK_BOOTTIME ns of process `tgid`'s last recorded exec and of the
+    /// last exec the kernel could not record (0: none), read together.
+    pub fn last_change(&self, tgid: u32) -> (u64, u64) {
+        let exec_ns = self.execs.get(&tgid, 0).unwrap_or(0);
+        let lost_ns = self.exec_lost.get(&EXEC_LOST_AT, 0).unwrap_or(0);
+        (exec_ns, lost_ns)
     }
 
     /// Denies every `connect()` of process `tgid` from now on.

@@ -113,8 +113,10 @@ impl PeerResolver for EbpfResolver {
 
     fn kernel_peer(&self, _local: SocketAddr, peer: SocketAddr) -> Option<KernelPeer> {
         let info = self.monitor.lookup(peer)?;
+        let (exec_ns, lost_ns) = self.monitor.last_change(info.tgid);
+        let changed_ns = exec_ns.max(lost_ns);
         // An exec after the connect: not trustworthy (`resolve_tcp` refuses).
-        if self.monitor.exec_since(info.tgid, info.ktime_ns).is_some() {
+        if changed_ns > info.ktime_ns {
             return None;
         }
         Some(KernelPeer {
@@ -123,6 +125,7 @@ impl PeerResolver for EbpfResolver {
             gid: info.gid,
             cgroup_id: info.cgroup_id,
             connect_ns: info.ktime_ns,
+            changed_ns,
         })
     }
 

@@ -105,9 +105,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let admin_listener = admin::bind_socket(&socket, &admin_access)?;
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
-        // PostgreSQL sessions run on per-core single-threaded runtimes, each
-        // with its own SO_REUSEPORT listener (see `warden_postgres::shard`).
-        let pg_shards = pg::shard::Shards::start(runtime_workers())?;
+        // PostgreSQL sessions run on `session_threads` single-threaded
+        // runtimes, each with its own SO_REUSEPORT listener (see
+        // `warden_postgres::shard`).
+        let pg_shards = pg::shard::Shards::start(cfg.session_threads())?;
         let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?, pg_shards.len()).await?;
         let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
         let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;

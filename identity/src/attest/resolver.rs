@@ -34,6 +34,12 @@ pub struct KernelPeer {
     pub cgroup_id: u64,
     /// CLOCK_BOOTTIME ns of the connect.
     pub connect_ns: u64,
+    /// CLOCK_BOOTTIME ns after which the kernel no longer vouches that the
+    /// process runs the same program — its last exec, or a lost exec record
+    /// — as read with this entry (0: never). Always before `connect_ns` for
+    /// an entry [`PeerResolver::kernel_peer`] returns; a cache stamped
+    /// before it is stale.
+    pub changed_ns: u64,
 }
 
 /// A process's executable and real uid, as far as /proc tells.

@@ -125,18 +125,24 @@ impl Attestor {
     /// kernel lost no exec record), and the kernel reports the same real
     /// uid, gid and cgroup for this connect as for that one.
     pub fn attest_kernel(&self, k: &KernelPeer) -> Option<Attested> {
-        let kept = self.recent_lock().get(&k.tgid).cloned()?;
-        let stamp = kept.stamp.as_ref()?;
-        if (stamp.uid, stamp.gid, stamp.cgroup_id) != (k.uid, k.gid, k.cgroup_id) {
-            return None;
-        }
-        if self.resolver.unchanged_since(k.tgid, stamp.attested_ns) != Some(true) {
-            return None;
-        }
+        let (stamp, attested) = {
+            let recent = self.recent_lock();
+            let kept = recent.get(&k.tgid)?;
+            let stamp = kept.stamp.as_ref()?;
+            if (stamp.uid, stamp.gid, stamp.cgroup_id) != (k.uid, k.gid, k.cgroup_id) {
+                return None;
+            }
+            // The kernel's exec record read with this connection's entry:
+            // an exec (or a lost record) after the attestation makes it stale.
+            if k.changed_ns > stamp.attested_ns {
+                return None;
+            }
+            (stamp.clone(), kept.attested.clone())
+        };
         if !alive(&stamp.pidfd) {
             return None;
         }
-        Some(kept.attested)
+        Some(attested)
     }
 
     /// Lets the kernel vouch for `pid`'s kept attestation from now on

@@ -224,6 +224,19 @@ pub(super) fn check_globals(c: &mut Checker<'_>) {
         );
     }
 
+    if let Some(n) = cfg.session_threads {
+        if n == 0 || n > super::MAX_SESSION_THREADS {
+            c.error(
+                "session_threads",
+                format!("session_threads = {n} is out of range"),
+                format!(
+                    "use 1..{} (or remove the key: half the cores)",
+                    super::MAX_SESSION_THREADS
+                ),
+            );
+        }
+    }
+
     if let Some(dir) = &cfg.data_dir {
         if dir.as_os_str().is_empty() {
             c.error(
@@ -448,6 +461,8 @@ mod tests {
             "anomaly.workloads.ghost.new_executable.stable_after",
         );
         only_error("environment = \"\"\n", "environment");
+        only_error("session_threads = 0\n", "session_threads");
+        only_error("session_threads = 65\n", "session_threads");
         only_error("[metrics]\nlisten = \"127.0.0.1:0\"\n", "metrics.listen");
     }
 }

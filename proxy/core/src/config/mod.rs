@@ -110,6 +110,10 @@ pub struct Config {
     /// Secret environment the daemon resolves secret names in.
     #[serde(default = "default_environment")]
     pub environment: String,
+    /// Threads that serve PostgreSQL sessions (`None`: half the cores, see
+    /// [`Config::session_threads`]).
+    #[serde(default)]
+    pub session_threads: Option<u32>,
     /// `[admin]`
     #[serde(default)]
     pub admin: Admin,
@@ -148,13 +152,30 @@ pub struct Config {
     pub warnings: Vec<ConfigIssue>,
 }
 
+/// Most `session_threads` accepted.
+pub const MAX_SESSION_THREADS: u32 = 64;
+
 impl Config {
+    /// Threads serving PostgreSQL sessions: `session_threads`, else half the
+    /// cores (at least 1, at most 8). warden shares its node with the
+    /// workloads it serves and the databases they use: on a 2-core host one
+    /// session thread leaves a core to them and blocks least often (one
+    /// event loop sees every client's traffic); more threads help only when
+    /// there are cores to spare.
+    pub fn session_threads(&self) -> usize {
+        match self.session_threads {
+            Some(n) => n.clamp(1, MAX_SESSION_THREADS) as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8)),
+        }
+    }
+
     /// A config with every default and no workloads, secrets or routes.
     pub fn default_for(origin: &Path) -> Config {
         Config {
             data_dir: None,
             trust_domain: default_trust_domain(),
             environment: default_environment(),
+            session_threads: None,
             admin: Admin::default(),
             metrics: Metrics::default(),
             store: Store::default(),

@@ -73,6 +73,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("data_dir", "a directory path in quotes, e.g. data_dir = \"/var/lib/warden\""),
     ("trust_domain", "a domain name in quotes, e.g. trust_domain = \"example.org\""),
     ("environment", "a name in quotes, e.g. environment = \"prod\""),
+    ("session_threads", "a whole number, e.g. session_threads = 2"),
     ("admin", "a table: [admin] with socket and group"),
     ("admin.socket", "a socket path in quotes, e.g. socket = \"/run/warden/admin.sock\""),
     ("admin.group", "a group name in quotes, e.g. group = \"warden-admin\""),
