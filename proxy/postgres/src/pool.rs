@@ -395,8 +395,10 @@ pub async fn reset(
     let mut rolled_back = false;
     let mut discarded = false;
     let mut skip = 0usize;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = vec![0u8; 8192];
+    let mut buf: Vec<u8> = Vec::with_capacity(256);
+    // The answer to DISCARD ALL is a few dozen bytes; longer answers (the
+    // rest of an abandoned result) take more reads.
+    let mut chunk = vec![0u8; 2048];
     loop {
         let n = stream.read(&mut chunk).await.map_err(io)?;
         if n == 0 {
