@@ -7,6 +7,7 @@
 //! `target/debug/warden` next to this test executable.
 
 pub mod cgroup;
+pub mod fulldisk;
 pub mod pg;
 pub mod prom;
 pub mod upstream;

@@ -2,7 +2,6 @@
 //! names the first tampered line, and a record that cannot be written refuses
 //! the action (fail closed).
 
-use std::process::Command;
 use warden_tests::Instance;
 
 fn instance_with_history() -> Instance {
@@ -109,45 +108,10 @@ fn unwritable_audit_log_refuses_the_action() {
         return;
     }
     let i = warden_tests::Instance::initialised();
-    // A real full disk under the audit log only: the log is moved to a
-    // 1 MiB tmpfs and bind-mounted back in place, so the store (on the normal
-    // disk) could commit and only the record is missing.
-    let small = i.dir.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount(Vec<std::path::PathBuf>);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            for p in &self.0 {
-                let _ = Command::new("umount").arg(p).status();
-            }
-        }
-    }
-    let mut guard = Unmount(vec![small.clone()]);
-    let log = i.audit_log();
-    let moved = small.join("audit.log");
-    std::fs::copy(&log, &moved).unwrap();
-    let st = Command::new("mount")
-        .arg("--bind")
-        .arg(&moved)
-        .arg(&log)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bind-mount the log");
-    guard.0.insert(0, log.clone());
-
+    let disk = warden_tests::fulldisk::FullDiskLog::mount(&i);
     let d = i.start_daemon();
     i.put("before", b"x").ok();
-    let filler = small.join("filler");
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=4k"])
-        .arg(format!("of={}", filler.display()))
-        .output();
+    disk.fill();
     // Records still fit in the log's last page; once it is full, the next
     // action must be refused, and so must every later one.
     let mut refused = None;
@@ -174,7 +138,7 @@ fn unwritable_audit_log_refuses_the_action() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(failures >= 2, "audit write failures not counted: {metrics}");
-    std::fs::remove_file(&filler).unwrap();
+    disk.free();
     // Nothing was stored without its record, and the log still verifies.
     let list = i.run(&["secret", "list"]);
     list.ok().stdout_has("before");

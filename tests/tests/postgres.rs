@@ -505,3 +505,84 @@ fn audit_sync_interval_survives_a_kill_inside_the_window() {
     verified.ok();
     assert!(!verified.stderr.contains("head anchor"), "{verified:?}");
 }
+
+#[test]
+fn commit_mode_sends_nothing_upstream_before_the_start_record_is_durable() {
+    if !warden_tests::is_root() {
+        eprintln!("skipping: needs root to mount a small tmpfs");
+        return;
+    }
+    // audit.sync = "commit": the greeting overlaps the record's fsync, and
+    // the client's first query waits for it. With the audit log on a full
+    // disk, a session whose record cannot be written is refused with 58000
+    // and its query never reaches the server.
+    let s = route_setup(
+        ClusterOptions::new(Auth::Scram),
+        RouteOptions {
+            password: PASSWORD,
+            stored_password: PASSWORD,
+            allow: "\"me\"",
+            cache_ttl: "1s",
+            secret_extra: "",
+            route_extra: "\n[audit]\nsync = \"commit\"",
+            app_sql: "CREATE TABLE t (n int); GRANT ALL ON t TO app;",
+        },
+    );
+    let RouteSetup {
+        pg,
+        warden,
+        _daemon,
+        port,
+    } = s;
+    drop(_daemon);
+    let disk = warden_tests::fulldisk::FullDiskLog::mount(&warden);
+    let _daemon = warden.start_daemon();
+    let ok = psql(port, "insert into t values (1)");
+    assert!(ok.status.success(), "{}", text(&ok));
+    disk.fill();
+    let mut inserted = 0;
+    let mut refused = None;
+    for n in 0..64 {
+        let out = psql(port, "insert into t values (2)");
+        if out.status.success() {
+            inserted += 1;
+            continue;
+        }
+        let t = text(&out);
+        assert!(
+            t.contains("the audit record for this session could not be written"),
+            "{t}"
+        );
+        refused = Some(n);
+        break;
+    }
+    let refused = refused.expect("64 sessions on a full disk were all recorded");
+    eprintln!("the session after {refused} recorded ones was refused");
+    // The SQLSTATE, read off the wire: ReadyForQuery came first (the
+    // greeting overlapped the commit), then FATAL 58000.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(&startup_bytes(&[("user", "x"), ("database", "app")]))
+        .unwrap();
+    c.write_all(b"Q\0\0\0\x1dinsert into t values (3)\0")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = c.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&b'R'), "greeting first: {reply:?}");
+    assert!(
+        warden_tests::contains_bytes(&reply, b"C58000\0"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    // Every refused session's query stayed in warden.
+    let rows = pg.psql_admin_in(
+        "app",
+        "SELECT count(*) FILTER (WHERE n = 2), count(*) FILTER (WHERE n = 3) FROM t",
+    );
+    assert_eq!(rows.trim(), format!("{inserted}|0"), "rows in t");
+    disk.free();
+    let again = psql(port, "insert into t values (4)");
+    assert!(again.status.success(), "{}", text(&again));
+    drop(_daemon);
+    warden.run(&["audit", "verify"]).ok();
+}

@@ -545,6 +545,28 @@ impl Admission {
         reason: &str,
         first: bool,
     ) -> Result<(), Denial> {
+        let start = self.begin_start(who, route, credential, target, reason);
+        if first {
+            start.finish().await
+        } else {
+            start.finish_quietly().await
+        }
+    }
+
+    /// [`record_start`](Self::record_start) in two steps, for a front end
+    /// that overlaps the record's `fsync` (`audit.sync = "commit"`) with
+    /// work that uses no credential — the PostgreSQL greeting: the append is
+    /// begun here, and [`StartRecord::finish`] says whether the session may
+    /// go on. Nothing may reach the upstream on the client's behalf before
+    /// `finish` returns `Ok`.
+    pub fn begin_start<'a>(
+        &'a self,
+        who: &'a Attested,
+        route: &'a str,
+        credential: &'a str,
+        target: Target,
+        reason: &str,
+    ) -> StartRecord<'a> {
         let event = Event {
             actor: actor(Some(who)),
             action: "session.start".into(),
@@ -552,19 +574,13 @@ impl Admission {
             decision: Decision::Allow,
             reason: reason.into(),
         };
-        if !self.audit.record(event).await {
-            return Err(Denial::AuditFailed);
+        StartRecord {
+            admission: self,
+            who,
+            route,
+            credential,
+            pending: self.audit.begin_record(event),
         }
-        if first {
-            self.metrics.session(route, &who.workload, "allowed");
-            self.anomaly.session(
-                &who.workload,
-                credential,
-                who.facts.pid,
-                who.facts.exe_sha256.as_deref(),
-            );
-        }
-        Ok(())
     }
 
     /// An SVID handed to `who` (the new-executable rule watches these).
@@ -574,6 +590,49 @@ impl Admission {
             who.facts.pid,
             who.facts.exe_sha256.as_deref(),
         );
+    }
+}
+
+/// A `session.start` record begun by [`Admission::begin_start`].
+pub struct StartRecord<'a> {
+    admission: &'a Admission,
+    who: &'a Attested,
+    route: &'a str,
+    credential: &'a str,
+    pending: crate::journal::PendingRecord,
+}
+
+impl StartRecord<'_> {
+    /// The outcome when it is known without waiting (`audit.sync =
+    /// "interval"` writes inline); `None`: a commit is under way.
+    pub fn decided(&self) -> Option<bool> {
+        self.pending.decided()
+    }
+
+    /// Waits for the record; `Ok`: the session may go on (counted, and the
+    /// anomaly detector told).
+    pub async fn finish(self) -> Result<(), Denial> {
+        let a = self.admission;
+        let (who, route, credential) = (self.who, self.route, self.credential);
+        self.finish_quietly().await?;
+        a.metrics.session(route, &who.workload, "allowed");
+        a.anomaly.session(
+            &who.workload,
+            credential,
+            who.facts.pid,
+            who.facts.exe_sha256.as_deref(),
+        );
+        Ok(())
+    }
+
+    /// [`finish`](Self::finish) without counting a new session (a
+    /// connection that records again).
+    async fn finish_quietly(self) -> Result<(), Denial> {
+        if self.pending.wait().await {
+            Ok(())
+        } else {
+            Err(Denial::AuditFailed)
+        }
     }
 }
 

@@ -154,10 +154,48 @@ impl Journal {
         self.write(Entry::Audit(event), true).await.is_ok()
     }
 
+    /// Starts an urgent audit append and returns at once: the record is
+    /// written inline (interval mode, log free) or queued for the writer,
+    /// whose group commit the caller awaits with [`PendingRecord::wait`]
+    /// while it does other work that does not depend on the record.
+    pub fn begin_record(&self, event: Event) -> PendingRecord {
+        match self.submit(Entry::Audit(event), true) {
+            Ok(Submitted::Done(res)) => PendingRecord::Done(res.is_ok()),
+            Ok(Submitted::Queued(wait)) => PendingRecord::Queued(wait),
+            Err(_) => PendingRecord::Done(false),
+        }
+    }
+
     /// As [`record`](Self::record), for a record nobody is waiting on (it
     /// may wait up to [`LINGER`] to share a commit).
     pub async fn record_unhurried(&self, event: Event) -> bool {
         self.write(Entry::Audit(event), false).await.is_ok()
+    }
+}
+
+/// An audit append begun by [`Journal::begin_record`].
+pub enum PendingRecord {
+    /// Already decided: written (`true`) or refused.
+    Done(bool),
+    /// Queued for the writer's group commit.
+    Queued(oneshot::Receiver<Result<()>>),
+}
+
+impl PendingRecord {
+    /// The outcome when it is known without waiting.
+    pub fn decided(&self) -> Option<bool> {
+        match self {
+            PendingRecord::Done(ok) => Some(*ok),
+            PendingRecord::Queued(_) => None,
+        }
+    }
+
+    /// Whether the record was written (durably, when the journal commits).
+    pub async fn wait(self) -> bool {
+        match self {
+            PendingRecord::Done(ok) => ok,
+            PendingRecord::Queued(rx) => matches!(rx.await, Ok(Ok(()))),
+        }
     }
 }
 

@@ -599,26 +599,32 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
             }
         ),
     );
-    let started_ok = shared
-        .admission
-        .record_start(
-            &who,
-            &route.name,
-            &route.secret,
-            target,
-            "credential injected",
-            true,
-        )
-        .await;
+    let start = shared.admission.begin_start(
+        &who,
+        &route.name,
+        &route.secret,
+        target,
+        "credential injected",
+    );
     let mut stream = established.stream;
-    if let Err(d) = started_ok {
+    let refuse_start = |d: &Denial| {
         shared
             .metrics
             .session(&route.name, &who.workload, d.result());
-        send_error(&mut client, &refusal_of(&d)).await;
-        pool::close(stream);
-        return;
-    }
+        refusal_of(d)
+    };
+    // Written inline (interval mode): settled before the greeting.
+    let start = match start.decided() {
+        Some(_) => {
+            if let Err(d) = start.finish().await {
+                send_error(&mut client, &refuse_start(&d)).await;
+                pool::close(stream);
+                return;
+            }
+            None
+        }
+        None => Some(start),
+    };
 
     // Greet the client: AuthenticationOk, the server's parameters, warden's cancel key.
     let cancel_key = established.backend_key.as_ref().map(|(upid, ukey)| {
@@ -637,6 +643,22 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         greeting.extend_from_slice(&protocol::backend_key_data(*pid, key));
     }
     greeting.extend_from_slice(&protocol::ready_for_query(established.ready_status));
+    if let Some(start) = start {
+        // A group commit is under way (`audit.sync = "commit"`): the
+        // greeting overlaps the fsync, and nothing the client sends reaches
+        // the upstream before the record is durable (the relay starts
+        // after it). A client gone meanwhile is found by the relay.
+        let _ = client.write_all(&greeting).await;
+        greeting.clear();
+        if let Err(d) = start.finish().await {
+            send_error(&mut client, &refuse_start(&d)).await;
+            if let Some((pid, key)) = &cancel_key {
+                shared.cancels.remove(*pid, key);
+            }
+            pool::close(stream);
+            return;
+        }
+    }
     // A freeze of this workload ends the session with 57P01.
     let mut freezes = shared.admission.freezer().subscribe();
     // Long sessions on plain TCP both ways go to the kernel relay.
