@@ -705,6 +705,19 @@ allow = ["other"]
     );
     assert_eq!(recs[0]["path"], "/v1/x?y=2");
     assert!(!out.contains(TOKEN) && !err.contains(TOKEN));
+    let sessions = |warden: &warden_tests::Instance| -> u64 {
+        let (_, metrics) = warden.http_get("/metrics");
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("warden_sessions_total{")
+                    && l.contains("route=\"egress\"")
+                    && l.contains("result=\"allowed\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before_tunnel = sessions(&warden);
 
     // A host in the tunnel list: CONNECT, TLS end to end between curl and the upstream.
     let (code, out, err) = curl_via_proxy(
@@ -718,6 +731,14 @@ allow = ["other"]
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("seen GET /t 0"), "{out}{err}");
     assert!(header_values(&secure.records()[0], "x-api-key").is_empty());
+    // The tunnel went through the admission step's record: audited and
+    // counted as a session like any other route's.
+    assert_eq!(sessions(&warden), before_tunnel + 1);
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains(&format!("CONNECT tunnel to 127.0.0.1:{}", secure.port)),
+        "{audit}"
+    );
 
     // A host nobody configured → 403 naming the host.
     let (_, out, err) = curl_via_proxy(&proxy, &["http://example.invalid/"]);

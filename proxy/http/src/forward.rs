@@ -9,7 +9,7 @@
 //!   route that allows the workload; no credential is added.
 //! - Anything else is a 403 that says which host was refused and why.
 
-use super::proxy::{self, deny, record, target, text, Body, ConnCtx};
+use super::proxy::{self, deny, target, text, Body, ConnCtx};
 use super::upstream::{open, ConnectError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -19,8 +19,7 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
 use warden_core::admission::{Denial, RoutePolicy};
-use warden_core::audit::{Decision, Event};
-use warden_core::peer::{actor, describe};
+use warden_core::peer::describe;
 
 /// One request on a forward-proxy connection.
 pub(super) async fn handle(
@@ -163,14 +162,21 @@ async fn connect(req: Request<Incoming>, ctxs: &[Arc<ConnCtx>]) -> Response<Body
             return text(status, &format!("warden: route {:?}: {e}", route.name));
         }
     };
-    let event = Event {
-        actor: actor(Some(who)),
-        action: "session.start".into(),
-        target: target(route, None, format!("CONNECT tunnel to {host}:{port}")),
-        decision: Decision::Allow,
-        reason: "tunnel opened (no credential)".into(),
-    };
-    if !record(&ctx.shared, event).await {
+    // Through the admission step's record: the tunnel is audited, counted
+    // and seen by the anomaly detector like any other route's session.
+    let started = ctx
+        .shared
+        .admission
+        .record_start(
+            who,
+            &route.name,
+            &route.name,
+            target(route, None, format!("CONNECT tunnel to {host}:{port}")),
+            "tunnel opened (no credential)",
+            true,
+        )
+        .await;
+    if started.is_err() {
         metrics.http_request(&route.name, "audit_error");
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,

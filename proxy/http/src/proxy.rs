@@ -112,12 +112,6 @@ pub(super) fn target(route: &HttpRoute, version: Option<u32>, detail: String) ->
     }
 }
 
-/// Appends an audit record durably through the routes' journal (group
-/// commit); false when it could not be written.
-pub(super) async fn record(shared: &HttpShared, event: Event) -> bool {
-    shared.admission.audit().record(event).await
-}
-
 /// A plain-text response from warden itself.
 pub fn text(status: StatusCode, message: &str) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
