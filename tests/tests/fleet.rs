@@ -147,9 +147,12 @@ fn changes_on_one_node_apply_on_the_other() {
     // A put on node 1 (a wrong value, so its use shows): node 2's next
     // session logs in with it although its cache entry has 10 minutes left.
     node1.put("app-db/app", b"not-the-password").ok();
-    let took = until(port2, Duration::from_secs(30), "put on node 1 used by node 2", |o| {
-        o.code != 0 && o.stderr.contains("app-db/app v2")
-    });
+    let took = until(
+        port2,
+        Duration::from_secs(30),
+        "put on node 1 used by node 2",
+        |o| o.code != 0 && o.stderr.contains("app-db/app v2"),
+    );
     println!(
         "propagation: secret put on node 1 → used by node 2 after {} ms",
         took.as_millis()
@@ -157,7 +160,12 @@ fn changes_on_one_node_apply_on_the_other() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     // The right value again, through node 2: node 1 uses it.
     node2.put("app-db/app", PASSWORD.as_bytes()).ok();
-    let took = until(port1, Duration::from_secs(30), "put on node 2 used by node 1", works);
+    let took = until(
+        port1,
+        Duration::from_secs(30),
+        "put on node 2 used by node 1",
+        works,
+    );
     println!(
         "propagation: secret put on node 2 → used by node 1 after {} ms",
         took.as_millis()
@@ -166,11 +174,16 @@ fn changes_on_one_node_apply_on_the_other() {
 
     // rm on node 2: node 1 refuses the next session, naming the secret.
     node2.run(&["secret", "rm", "app-db/app"]).ok();
-    let took = until(port1, Duration::from_secs(30), "rm on node 2 refused on node 1", |o| {
-        o.code != 0
-            && o.stderr.contains("no credential for route \"app-db\"")
-            && o.stderr.contains("app-db/app")
-    });
+    let took = until(
+        port1,
+        Duration::from_secs(30),
+        "rm on node 2 refused on node 1",
+        |o| {
+            o.code != 0
+                && o.stderr.contains("no credential for route \"app-db\"")
+                && o.stderr.contains("app-db/app")
+        },
+    );
     println!(
         "propagation: secret rm on node 2 → refused on node 1 after {} ms",
         took.as_millis()
@@ -184,9 +197,12 @@ fn changes_on_one_node_apply_on_the_other() {
     node2
         .run(&["freeze", "me", "--reason", "fleet freeze test"])
         .ok();
-    let took = until(port1, Duration::from_secs(30), "freeze on node 2 refused on node 1", |o| {
-        o.code != 0 && o.stderr.contains("is frozen") && o.stderr.contains("fleet freeze test")
-    });
+    let took = until(
+        port1,
+        Duration::from_secs(30),
+        "freeze on node 2 refused on node 1",
+        |o| o.code != 0 && o.stderr.contains("is frozen") && o.stderr.contains("fleet freeze test"),
+    );
     println!(
         "propagation: freeze on node 2 → refused on node 1 after {} ms",
         took.as_millis()
@@ -196,7 +212,12 @@ fn changes_on_one_node_apply_on_the_other() {
     frozen.ok().stdout_has("fleet freeze test");
     // Lifted on node 1: node 2 serves it again.
     node1.run(&["unfreeze", "me"]).ok();
-    let took = until(port2, Duration::from_secs(30), "unfreeze on node 1 on node 2", works);
+    let took = until(
+        port2,
+        Duration::from_secs(30),
+        "unfreeze on node 1 on node 2",
+        works,
+    );
     println!(
         "propagation: unfreeze on node 1 → served on node 2 after {} ms",
         took.as_millis()
@@ -223,16 +244,22 @@ fn changes_on_one_node_apply_on_the_other() {
     // Connections allowed again: node 2's listener reconnects and the
     // reconciliation sees the counter moved.
     c.pg.psql_admin(&format!("ALTER DATABASE {DB} ALLOW_CONNECTIONS true"));
-    let took = until(port2, Duration::from_secs(30), "reconciliation after reconnect", |o| {
-        o.code != 0 && o.stderr.contains("app-db/app v")
-    });
+    let took = until(
+        port2,
+        Duration::from_secs(30),
+        "reconciliation after reconnect",
+        |o| o.code != 0 && o.stderr.contains("app-db/app v"),
+    );
     println!(
         "reconciliation: a change made while node 2's listener was cut off applied {} ms after connections were allowed again",
         took.as_millis()
     );
     let log2 = d2.log_text();
     assert!(log2.contains("change listener reconnected"), "{log2}");
-    assert!(log2.contains("reconciliation: the store's change counter"), "{log2}");
+    assert!(
+        log2.contains("reconciliation: the store's change counter"),
+        "{log2}"
+    );
     let listeners = c.pg.psql_admin(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'warden-listener'",
     );
@@ -280,7 +307,9 @@ fn a_rotation_due_on_two_nodes_runs_on_one() {
     join(&node1, &node2);
     node1.put("svc/token", b"first-token-value").ok();
     // Due now on both nodes.
-    c.sql("UPDATE secret_versions SET created_at = '2020-01-01T00:00:00Z' WHERE name = 'svc/token'");
+    c.sql(
+        "UPDATE secret_versions SET created_at = '2020-01-01T00:00:00Z' WHERE name = 'svc/token'",
+    );
     let mut d1 = node1.start_daemon();
     let mut d2 = node2.start_daemon();
     let t0 = Instant::now();

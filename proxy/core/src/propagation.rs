@@ -52,8 +52,13 @@ const POLL: Duration = Duration::from_millis(500);
 /// What a notification says changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Secret { name: String, env: String },
-    Meta { key: String },
+    Secret {
+        name: String,
+        env: String,
+    },
+    Meta {
+        key: String,
+    },
     /// Anything may have changed (a KEK rewrap, a discarded store, a
     /// notification this warden cannot read).
     Everything,

@@ -71,10 +71,10 @@ pub fn claim_ttl(hook_timeout: Duration) -> Duration {
 }
 
 /// What a claimed run did.
-enum Claimed {
+enum ClaimedRun {
     Rotated(RotateOutcome),
     /// Another node holds the claim.
-    ClaimedElsewhere,
+    HeldElsewhere,
     /// Claimed, but no longer due (another node has just rotated it).
     NotDue,
 }
@@ -281,8 +281,8 @@ impl Rotator {
             )));
         }
         match self.run_claimed(spec, &env, &actor, why, None).await? {
-            Claimed::Rotated(outcome) => Ok(outcome),
-            Claimed::ClaimedElsewhere | Claimed::NotDue => {
+            ClaimedRun::Rotated(outcome) => Ok(outcome),
+            ClaimedRun::HeldElsewhere | ClaimedRun::NotDue => {
                 let e = Error::unavailable(format!(
                     "secret {name:?} is being rotated by another node of the fleet right now; see `warden secret versions {name}` in a moment"
                 ));
@@ -310,7 +310,7 @@ impl Rotator {
         actor: &Actor,
         why: &str,
         period: Option<Duration>,
-    ) -> Result<Claimed> {
+    ) -> Result<ClaimedRun> {
         let name = spec.name.as_str();
         let gate = {
             let mut l = self
@@ -324,18 +324,18 @@ impl Rotator {
         let ttl = claim_ttl(spec.timeout);
         let res = async {
             if !self.with_service(|s| s.claim(&job, ttl))? {
-                return Ok(Claimed::ClaimedElsewhere);
+                return Ok(ClaimedRun::HeldElsewhere);
             }
             let ran = async {
                 self.recover_one(spec, env).await?;
                 if let Some(period) = period {
                     if !self.is_due(spec, env, period)? {
-                        return Ok(Claimed::NotDue);
+                        return Ok(ClaimedRun::NotDue);
                     }
                 }
                 self.rotate_locked(spec, env, actor, why)
                     .await
-                    .map(Claimed::Rotated)
+                    .map(ClaimedRun::Rotated)
             }
             .await;
             if let Err(e) = self.with_service(|s| s.release_claim(&job)) {
@@ -345,16 +345,16 @@ impl Rotator {
         }
         .await;
         match &res {
-            Ok(Claimed::Rotated(_)) => {
+            Ok(ClaimedRun::Rotated(_)) => {
                 self.count("success");
                 if let Ok(mut f) = self.failed_at.lock() {
                     f.remove(name);
                 }
             }
-            Ok(Claimed::ClaimedElsewhere) => {
+            Ok(ClaimedRun::HeldElsewhere) => {
                 tracing::debug!(secret = %name, "rotation claimed by another node");
             }
-            Ok(Claimed::NotDue) => {}
+            Ok(ClaimedRun::NotDue) => {}
             Err(e) => {
                 self.count("failure");
                 if let Ok(mut f) = self.failed_at.lock() {

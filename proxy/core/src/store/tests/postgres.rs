@@ -170,8 +170,10 @@ fn changes_are_announced_on_commit_only(server: &Server) {
         Err(Error::internal("audit refused"))
     });
     assert!(err.is_err());
-    a.put_version("db/app", "prod", "t", 3, &mut sealed.clone(), &mut |_| Ok(()))
-        .unwrap();
+    a.put_version("db/app", "prod", "t", 3, &mut sealed.clone(), &mut |_| {
+        Ok(())
+    })
+    .unwrap();
     a.meta_set("frozen_workloads", "[]").unwrap();
     a.meta_update("frozen_workloads", &mut |cur| {
         assert_eq!(cur.as_deref(), Some("[]"));
@@ -215,15 +217,23 @@ fn one_node_holds_a_claim_until_it_lapses(server: &Server) {
     let long = std::time::Duration::from_secs(600);
     assert!(a.claim("rotation:x/prod", long).unwrap());
     assert!(!b.claim("rotation:x/prod", long).unwrap(), "held by a");
-    assert!(a.claim("rotation:x/prod", long).unwrap(), "a renews its own");
-    assert!(b.claim("rotation:y/prod", long).unwrap(), "another job is free");
+    assert!(
+        a.claim("rotation:x/prod", long).unwrap(),
+        "a renews its own"
+    );
+    assert!(
+        b.claim("rotation:y/prod", long).unwrap(),
+        "another job is free"
+    );
     // b cannot release a's claim; a can.
     b.release_claim("rotation:x/prod").unwrap();
     assert!(!b.claim("rotation:x/prod", long).unwrap());
     a.release_claim("rotation:x/prod").unwrap();
     assert!(b.claim("rotation:x/prod", long).unwrap());
     // A claim of a node that died lapses at its expiry.
-    assert!(a.claim("rotation:z/prod", std::time::Duration::from_millis(200)).unwrap());
+    assert!(a
+        .claim("rotation:z/prod", std::time::Duration::from_millis(200))
+        .unwrap());
     assert!(!b.claim("rotation:z/prod", long).unwrap());
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert!(b.claim("rotation:z/prod", long).unwrap(), "lapsed");
