@@ -229,7 +229,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let _fleet_listener = match cfg.store.backend {
             warden_core::config::StoreBackend::Postgres => Some(warden_core::propagation::ChangeListener::start(
                 warden_core::store::postgres::PostgresSettings::from_config(&cfg.store)?,
-                warden_core::propagation::FleetCaches { credentials: credentials.clone(), freezer: freezer.clone() },
+                warden_core::propagation::FleetCaches { credentials: credentials.clone(), freezer: freezer.clone(), identity: identity.clone() },
             )?),
             warden_core::config::StoreBackend::Sqlite => None,
         };

@@ -11,8 +11,9 @@
 //! Each daemon keeps one extra connection that `LISTEN`s, on a thread of its
 //! own ([`ChangeListener`]). On a notification it invalidates exactly what
 //! changed ([`FleetCaches::apply`]): the credential cache entry of a secret
-//! (HTTP prepared headers follow the cache generation), or the frozen set,
-//! reloaded and applied here through the same kernel path as a local freeze.
+//! (HTTP prepared headers follow the cache generation), the frozen set,
+//! reloaded and applied here through the same kernel path as a local freeze,
+//! or the CA list (the identity maintenance is woken to take it).
 //!
 //! **Reconciliation.** Notifications sent while the listener is not
 //! connected are lost. So right after every (re)connect, and every
@@ -30,6 +31,7 @@
 //! reconciliation) or when the route's cache entry expires, whichever comes
 //! first.
 
+use crate::authority::{IdentityHandle, CA_META_KEY};
 use crate::credentials::CredentialCache;
 use crate::error::Result;
 use crate::freeze::{self, Freezer};
@@ -108,6 +110,8 @@ pub fn parse(payload: &str) -> Notice {
 pub struct FleetCaches {
     pub credentials: Arc<CredentialCache>,
     pub freezer: Arc<Freezer>,
+    /// Woken to take the store's CA list when another node changed it.
+    pub identity: Arc<IdentityHandle>,
 }
 
 impl FleetCaches {
@@ -117,6 +121,7 @@ impl FleetCaches {
         match change {
             Change::Secret { name, env } => self.credentials.invalidate(name, env),
             Change::Meta { key } if key == freeze::META_KEY => self.sync_freezes(),
+            Change::Meta { key } if key == CA_META_KEY => self.identity.wake.notify_one(),
             Change::Meta { .. } => {}
             Change::Everything => self.everything(),
         }
@@ -126,6 +131,7 @@ impl FleetCaches {
     pub fn everything(&self) {
         self.credentials.invalidate_all();
         self.sync_freezes();
+        self.identity.wake.notify_one();
     }
 
     fn sync_freezes(&self) {
