@@ -11,12 +11,15 @@
 //! - a change made while a node's listener is cut off (its backend
 //!   terminated, reconnection held back) reaches it by the reconciliation
 //!   when it reconnects;
-//! - a rotation due on both nodes at once runs on exactly one.
+//! - a rotation due on both nodes at once runs on exactly one;
+//! - a node killed mid-rotation holds its claim until it lapses; then the
+//!   other node finishes that rotation with the crash-safe steps.
 
 use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, my_uid, Instance, Output};
+use warden_tests::{free_port, my_uid, Daemon, Instance, Output};
 
 const STORE_PASSWORD: &str = "fleet-store-PW-9d3e";
 const PASSWORD: &str = "fleet-app-PW-CANARY-41b2";
@@ -348,5 +351,144 @@ fn a_rotation_due_on_two_nodes_runs_on_one() {
         "the claim is released"
     );
     assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
+    assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
+}
+
+/// `warden up` for `node` with `WARDEN_FAULT_POINT=point` (debug builds stop
+/// there until killed).
+fn start_stopping_at(node: &Instance, point: &str) -> Daemon {
+    let log = node.dir.path().join("daemon.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let errf = logf.try_clone().unwrap();
+    let child = node
+        .command(&["up"])
+        .env("WARDEN_LOG", "info")
+        .env("WARDEN_FAULT_POINT", point)
+        .stdin(Stdio::null())
+        .stdout(logf)
+        .stderr(errf)
+        .spawn()
+        .unwrap();
+    Daemon { child, log }
+}
+
+fn wait_for(limit: Duration, what: &str, log: &Daemon, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: not within {limit:?}; log: {}",
+            log.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_rotation_of_a_killed_node_is_finished_by_another_after_its_claim_lapses() {
+    let c = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("rotations.log");
+    let hook = dir.path().join("hook.sh");
+    // Each run appends its node's name and keeps the value it was given.
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {ran}\ncat > {dir}/value.$1\n",
+            ran = ran.display(),
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // timeout 1s: the claim lasts 2 × 1 s + 60 s.
+    let secret = |node: &str| {
+        format!(
+            "[[secret]]\nname = \"svc/token\"\nrotation_period = \"1m\"\nrotate = {{ method = \"exec\", command = [\"{}\", \"{node}\"], timeout = \"1s\" }}\n",
+            hook.display()
+        )
+    };
+    let node1 = c.node(free_port(), &secret("node1"));
+    let node2 = c.node(free_port(), &secret("node2"));
+    node1.run(&["init"]).ok();
+    join(&node1, &node2);
+    node1.put("svc/token", b"first-token-value").ok();
+    c.sql(
+        "UPDATE secret_versions SET created_at = '2020-01-01T00:00:00Z' WHERE name = 'svc/token'",
+    );
+    let versions = || c.sql("SELECT max(version) FROM secret_versions WHERE name = 'svc/token'");
+
+    // Node 1 rotates, changes the upstream (the hook ran) and stops before
+    // committing, holding the claim.
+    let mut d1 = start_stopping_at(&node1, "rotate.upstream_changed");
+    wait_for(
+        Duration::from_secs(40),
+        "node 1 at the fault point",
+        &d1,
+        || {
+            d1.log_text()
+                .contains("fault point rotate.upstream_changed reached")
+        },
+    );
+    let claimed_at = Instant::now();
+    assert_eq!(
+        c.sql("SELECT count(*) FROM secret_versions WHERE name = 'warden/rotation/svc/token'")
+            .trim(),
+        "1",
+        "the pending value is stored"
+    );
+    // Node 2 runs meanwhile; killed, node 1 never releases its claim.
+    let mut d2 = node2.start_daemon();
+    let _ = d1.child.kill(); // SIGKILL
+    let _ = d1.child.wait();
+    // While the claim lasts, node 2 leaves the rotation alone.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(versions().trim(), "1", "{}", d2.log_text());
+    assert_eq!(std::fs::read_to_string(&ran).unwrap().trim(), "node1");
+    // After it lapses, node 2 claims the job and finishes the rotation with
+    // the crash-safe steps: the hook re-run with the pending value, which
+    // is committed as version 2 — one new version, not two.
+    wait_for(
+        Duration::from_secs(120),
+        "node 2 finishes the rotation",
+        &d2,
+        || versions().trim() == "2",
+    );
+    let finished_after = claimed_at.elapsed();
+    println!(
+        "a killed node's rotation finished by another node {} s after the claim was taken",
+        finished_after.as_secs()
+    );
+    assert!(
+        finished_after >= Duration::from_secs(55),
+        "{finished_after:?}"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(versions().trim(), "2", "no second rotation");
+    let hooks = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(
+        hooks.lines().collect::<Vec<_>>(),
+        ["node1", "node2"],
+        "{hooks}"
+    );
+    let given1 = std::fs::read(dir.path().join("value.node1")).unwrap();
+    let given2 = std::fs::read(dir.path().join("value.node2")).unwrap();
+    assert_eq!(
+        given1, given2,
+        "the recovery re-ran the hook with the pending value"
+    );
+    let stored = node2.run(&["secret", "get", "svc/token", "--reveal"]);
+    assert_eq!(stored.ok().stdout.as_bytes(), &given2[..]);
+    assert_eq!(
+        c.sql("SELECT count(*) FROM secret_versions WHERE name = 'warden/rotation/svc/token'")
+            .trim(),
+        "0",
+        "the pending value is gone"
+    );
+    let audit = std::fs::read_to_string(node2.audit_log()).unwrap();
+    assert!(
+        audit.contains("recovered an interrupted rotation"),
+        "{audit}"
+    );
     assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
 }

@@ -607,8 +607,29 @@ impl IdentityAuthority {
         let mut changed = false;
         let mut claimed = true;
         if fleet {
-            claimed = access.store.backend_mut().claim(CA_JOB, CA_CLAIM_TTL)?;
-            changed |= self.sync_cas(access)?;
+            // A store that cannot be reached skips the CA steps (they need
+            // it anyway) but never the SVID refresh below.
+            let synced = access
+                .store
+                .backend_mut()
+                .claim(CA_JOB, CA_CLAIM_TTL)
+                .and_then(|c| {
+                    claimed = c;
+                    self.sync_cas(access)
+                });
+            match synced {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    if claimed {
+                        let _ = access.store.backend_mut().release_claim(CA_JOB);
+                        claimed = false;
+                    }
+                    tracing::warn!(
+                        "CA maintenance skipped this time (the store's CA list could not be read): {}",
+                        e.message
+                    );
+                }
+            }
         }
         if claimed {
             let ca_steps = self.tick_cas(access, now);
