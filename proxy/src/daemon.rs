@@ -224,6 +224,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 .map_err(|e| Error::internal(format!("re-applying freezes failed: {e}")))?;
         }
         let freeze_task = tokio::spawn(freezer.clone().run());
+        // On a fleet store, changes committed on other nodes apply here as
+        // they commit (see `warden_core::propagation`).
+        let _fleet_listener = match cfg.store.backend {
+            warden_core::config::StoreBackend::Postgres => Some(warden_core::propagation::ChangeListener::start(
+                warden_core::store::postgres::PostgresSettings::from_config(&cfg.store)?,
+                warden_core::propagation::FleetCaches { credentials: credentials.clone(), freezer: freezer.clone(), identity: identity.clone() },
+            )?),
+            warden_core::config::StoreBackend::Sqlite => None,
+        };
         let anomaly = warden_core::anomaly::Anomaly::start(cfg, freezer.clone(), service.clone(), metrics.clone());
         access.set_anomaly(anomaly.clone());
 

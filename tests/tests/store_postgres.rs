@@ -198,7 +198,7 @@ fn store_migrate_from_two_processes_at_once() {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stdout}{stderr}");
-        assert!(stdout.contains("schema version 1"), "{stdout}");
+        assert!(stdout.contains("schema version 2"), "{stdout}");
         if stdout.contains("migrated from 0") {
             migrated += 1;
         }
@@ -209,19 +209,19 @@ fn store_migrate_from_two_processes_at_once() {
             "migrations",
             "SELECT count(*), max(version) FROM warden_schema"
         ),
-        "1|1"
+        "2|2"
     );
     node.run(&["store", "migrate"])
         .ok()
-        .stdout_has("schema version 1 (up to date)");
+        .stdout_has("schema version 2 (up to date)");
     let json = node.run(&["store", "migrate", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json.ok().stdout).unwrap();
-    assert_eq!(v["schema_version"], 1, "{v}");
+    assert_eq!(v["schema_version"], 2, "{v}");
 
     // A schema from a newer warden is refused, by migrate and by every verb.
     store.pg.psql_admin_in(
         "migrations",
-        "INSERT INTO warden_schema (version, applied_by) VALUES (2, 'a newer warden')",
+        "INSERT INTO warden_schema (version, applied_by) VALUES (3, 'a newer warden')",
     );
     for args in [&["store", "migrate"][..], &["init"][..]] {
         let out = node.run(args);

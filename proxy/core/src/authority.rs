@@ -31,6 +31,11 @@ use warden_identity::{CaMaterial, CertificateAuthority, KeyType, SpiffeId, Trust
 use zeroize::Zeroizing;
 
 pub const CA_META_KEY: &str = "ca_state";
+
+/// The store claim of changing the CA list (a fleet store: one node at a time).
+const CA_JOB: &str = "ca.maintenance";
+/// Longer than a CA step takes (a key generation and a few store writes).
+const CA_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Metadata naming the sealed JWT-SVID signing key.
 pub const JWT_META_KEY: &str = "jwt_key";
 /// Lifetime of JWT-SVIDs: bearer tokens stay short-lived.
@@ -318,33 +323,7 @@ impl IdentityAuthority {
         };
         let mut cas = Vec::new();
         for rec in state.authorities {
-            let key = access
-                .store
-                .get(
-                    access.kek,
-                    &rec.key_secret,
-                    SYSTEM_ENV,
-                    Some(rec.key_version),
-                )?
-                .1;
-            let material = CaMaterial {
-                cert_der: pem_certs(&rec.cert_pem)
-                    .map_err(|e| Error::integrity(e.to_string()))?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Error::integrity("CA state holds no certificate"))?,
-                key_pkcs8: key,
-                chain_der: pem_certs(&rec.chain_pem)
-                    .map_err(|e| Error::integrity(e.to_string()))?,
-            };
-            let ca = CertificateAuthority::from_material(&settings.trust_domain, &material)
-                .map_err(|e| Error::integrity(format!("stored CA {}: {e}", rec.serial)))?;
-            let published_at = parse_rfc3339(&rec.published_at)?;
-            cas.push(LoadedCa {
-                ca,
-                record: rec,
-                published_at,
-            });
+            cas.push(Self::load_ca(access, &settings, rec)?);
         }
         let jwt = Self::load_or_create_jwt(access)?;
         let mut auth = IdentityAuthority {
@@ -357,6 +336,81 @@ impl IdentityAuthority {
         };
         auth.tick(access, now)?;
         Ok(auth)
+    }
+
+    /// One CA of the store's state, with its key unsealed.
+    fn load_ca(
+        access: &mut StoreAccess<'_>,
+        settings: &IdentitySettings,
+        rec: CaRecord,
+    ) -> Result<LoadedCa> {
+        let key = access
+            .store
+            .get(
+                access.kek,
+                &rec.key_secret,
+                SYSTEM_ENV,
+                Some(rec.key_version),
+            )?
+            .1;
+        let material = CaMaterial {
+            cert_der: pem_certs(&rec.cert_pem)
+                .map_err(|e| Error::integrity(e.to_string()))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::integrity("CA state holds no certificate"))?,
+            key_pkcs8: key,
+            chain_der: pem_certs(&rec.chain_pem).map_err(|e| Error::integrity(e.to_string()))?,
+        };
+        let ca = CertificateAuthority::from_material(&settings.trust_domain, &material)
+            .map_err(|e| Error::integrity(format!("stored CA {}: {e}", rec.serial)))?;
+        let published_at = parse_rfc3339(&rec.published_at)?;
+        Ok(LoadedCa {
+            ca,
+            record: rec,
+            published_at,
+        })
+    }
+
+    /// Takes the store's CA list as it is now (a shared store, where another
+    /// node may have added, activated or retired a CA). True when it differed.
+    fn sync_cas(&mut self, access: &mut StoreAccess<'_>) -> Result<bool> {
+        let Some(state) = access.load_state()? else {
+            return Ok(false);
+        };
+        let same = state.authorities.len() == self.cas.len()
+            && state
+                .authorities
+                .iter()
+                .zip(&self.cas)
+                .all(|(r, c)| r.serial == c.record.serial && r.active == c.record.active);
+        if same {
+            return Ok(false);
+        }
+        let mut held = std::mem::take(&mut self.cas);
+        let mut cas = Vec::with_capacity(state.authorities.len());
+        for rec in state.authorities {
+            match held.iter().position(|c| c.record.serial == rec.serial) {
+                Some(i) => {
+                    let mut c = held.swap_remove(i);
+                    c.published_at = parse_rfc3339(&rec.published_at)?;
+                    c.record = rec;
+                    cas.push(c);
+                }
+                None => match Self::load_ca(access, &self.settings, rec) {
+                    Ok(c) => cas.push(c),
+                    Err(e) => {
+                        // Keep what this node had rather than lose its CAs.
+                        cas.extend(held);
+                        self.cas = cas;
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        self.cas = cas;
+        tracing::info!("CA state taken from the store (changed by another node)");
+        Ok(true)
     }
 
     fn load_or_create_jwt(access: &mut StoreAccess<'_>) -> Result<JwtSigner> {
@@ -546,6 +600,52 @@ impl IdentityAuthority {
     /// refresh. Returns true when anything changed (the caller notifies
     /// Workload API streams).
     pub fn tick(&mut self, access: &mut StoreAccess<'_>, now: OffsetDateTime) -> Result<bool> {
+        // On a store shared by a fleet, one node at a time changes the CAs
+        // (claim), after taking the store's current list; the others take
+        // that list and leave the CA steps to it.
+        let fleet = access.store.backend().node().is_some();
+        let mut changed = false;
+        let mut claimed = true;
+        if fleet {
+            // A store that cannot be reached skips the CA steps (they need
+            // it anyway) but never the SVID refresh below.
+            let synced = access
+                .store
+                .backend_mut()
+                .claim(CA_JOB, CA_CLAIM_TTL)
+                .and_then(|c| {
+                    claimed = c;
+                    self.sync_cas(access)
+                });
+            match synced {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    if claimed {
+                        let _ = access.store.backend_mut().release_claim(CA_JOB);
+                        claimed = false;
+                    }
+                    tracing::warn!(
+                        "CA maintenance skipped this time (the store's CA list could not be read): {}",
+                        e.message
+                    );
+                }
+            }
+        }
+        if claimed {
+            let ca_steps = self.tick_cas(access, now);
+            if fleet {
+                if let Err(e) = access.store.backend_mut().release_claim(CA_JOB) {
+                    tracing::warn!("CA claim not released (it lapses by itself): {}", e.message);
+                }
+            }
+            changed |= ca_steps?;
+        }
+        changed |= self.refresh_svids(access, now)?;
+        Ok(changed)
+    }
+
+    /// Retires expired CAs, prepares a successor, switches to it.
+    fn tick_cas(&mut self, access: &mut StoreAccess<'_>, now: OffsetDateTime) -> Result<bool> {
         let mut changed = false;
         let schedule = self.settings.schedule();
         // Retire expired CAs (never the only one).
@@ -631,6 +731,12 @@ impl IdentityAuthority {
             )?;
             changed = true;
         }
+        Ok(changed)
+    }
+
+    /// Re-issues SVIDs that reached their refresh time.
+    fn refresh_svids(&mut self, access: &mut StoreAccess<'_>, now: OffsetDateTime) -> Result<bool> {
+        let mut changed = false;
         // Refresh SVIDs that reached their refresh time.
         let due: Vec<(String, String)> = self
             .svids
@@ -918,6 +1024,33 @@ mod tests {
         // Forgetting (freeze) drops it.
         assert!(a.forget("reports"));
         assert!(a.info("reports").is_none());
+    }
+
+    #[test]
+    fn a_node_takes_another_nodes_ca_changes_from_the_store() {
+        let mut f = Fixture::new();
+        let t0 = OffsetDateTime::now_utc();
+        // Two authorities over one store, as two nodes of a fleet.
+        let mut a =
+            IdentityAuthority::load_or_create(&mut f.access(), settings(60, 10), None, t0).unwrap();
+        let mut b =
+            IdentityAuthority::load_or_create(&mut f.access(), settings(60, 10), None, t0).unwrap();
+        assert!(!b.sync_cas(&mut f.access()).unwrap(), "nothing changed yet");
+        // a prepares the successor; b takes it instead of making its own.
+        a.tick(&mut f.access(), t0 + time::Duration::minutes(31))
+            .unwrap();
+        assert_eq!(a.bundle_der().len(), 2);
+        assert!(b.sync_cas(&mut f.access()).unwrap());
+        assert_eq!(b.bundle_der(), a.bundle_der());
+        // a switches to it; b follows.
+        a.tick(&mut f.access(), t0 + time::Duration::minutes(42))
+            .unwrap();
+        assert!(b.sync_cas(&mut f.access()).unwrap());
+        assert_eq!(
+            b.active().unwrap().record.serial,
+            a.active().unwrap().record.serial
+        );
+        assert!(!b.sync_cas(&mut f.access()).unwrap());
     }
 
     #[test]

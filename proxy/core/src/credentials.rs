@@ -9,6 +9,10 @@
 //! the old value back: inserts carry the generation seen before the read and
 //! are dropped when it moved.
 //!
+//! On a store shared by several nodes, changes made on another node arrive
+//! through [`crate::propagation`], which calls the same `invalidate` (or
+//! [`CredentialCache::invalidate_all`] when it may have missed some).
+//!
 //! Front ends that keep something derived from a value (an HTTP route's
 //! prepared header) compare [`CredentialCache::generation`] before reuse.
 
@@ -109,6 +113,15 @@ impl CredentialCache {
             map.remove(&(secret.to_string(), env.to_string()));
         }
     }
+
+    /// Forgets every value: the next session of every route reads the store
+    /// (a fleet node that may have missed changes made on another node).
+    pub fn invalidate_all(&self) {
+        if let Ok(mut map) = self.entries.lock() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            map.clear();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +143,25 @@ mod tests {
         assert_eq!((hit.version, hit.generation), (3, 0));
         c.invalidate("a", "prod");
         assert!(c.cached("a", "prod", Duration::from_secs(60)).is_none());
+        assert_eq!(c.generation(), 1);
+    }
+
+    #[test]
+    fn invalidate_all_empties_the_cache() {
+        let c = CredentialCache::default();
+        for name in ["a", "b"] {
+            c.entries.lock().unwrap().insert(
+                (name.into(), "prod".into()),
+                CachedSecret {
+                    fetched: Instant::now(),
+                    version: 1,
+                    value: Zeroizing::new(b"v".to_vec()),
+                },
+            );
+        }
+        c.invalidate_all();
+        assert!(c.cached("a", "prod", Duration::from_secs(60)).is_none());
+        assert!(c.cached("b", "prod", Duration::from_secs(60)).is_none());
         assert_eq!(c.generation(), 1);
     }
 

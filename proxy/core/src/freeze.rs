@@ -17,6 +17,14 @@
 //! restart (re-applied at start) and an unfreeze after a restart removes what
 //! the previous run put into the pinned maps. Every freeze, unfreeze and
 //! expiry is audited with its actor.
+//!
+//! On a store shared by a fleet the frozen set applies on every node: the
+//! shared key holds the entries without kernel targets (cgroup ids and tgids
+//! mean nothing on another host), each node keeps its own targets under
+//! `frozen_workloads@<node>`, a freeze or unfreeze changes the shared set
+//! with a read-modify-write other nodes wait for, and
+//! [`Freezer::sync_from_store`] (called by [`crate::propagation`] when the
+//! shared key changed) applies another node's freezes and unfreezes here.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -78,24 +86,83 @@ fn format_unix(t: u64) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-/// Reads the persisted frozen set.
-pub fn load(s: &SecretService) -> Result<BTreeMap<String, FreezeEntry>> {
-    match s.meta_get(META_KEY)? {
+/// The meta key of `node`'s own kernel targets (fleet store).
+fn local_key(node: &str) -> String {
+    format!("{META_KEY}@{node}")
+}
+
+fn parse(key: &str, json: Option<String>) -> Result<BTreeMap<String, FreezeEntry>> {
+    match json {
         None => Ok(BTreeMap::new()),
         Some(j) => {
             let list: Vec<FreezeEntry> = serde_json::from_str(&j).map_err(|e| {
-                Error::integrity(format!("store meta {META_KEY:?} is not valid JSON: {e}"))
+                Error::integrity(format!("store meta {key:?} is not valid JSON: {e}"))
             })?;
             Ok(list.into_iter().map(|e| (e.workload.clone(), e)).collect())
         }
     }
 }
 
+fn encode<'a>(entries: impl Iterator<Item = &'a FreezeEntry>) -> Result<String> {
+    let list: Vec<&FreezeEntry> = entries.collect();
+    serde_json::to_string(&list).map_err(|e| Error::internal(format!("encoding frozen set: {e}")))
+}
+
+/// Reads the persisted frozen set (on a fleet store: the shared entries with
+/// this node's kernel targets).
+pub fn load(s: &SecretService) -> Result<BTreeMap<String, FreezeEntry>> {
+    let mut set = parse(META_KEY, s.meta_get(META_KEY)?)?;
+    if let Some(node) = s.fleet_node() {
+        let key = local_key(&node);
+        let local = parse(&key, s.meta_get(&key)?)?;
+        for e in set.values_mut() {
+            let own = local.get(&e.workload);
+            e.kernel = own.map(|l| l.kernel.clone()).unwrap_or_default();
+            e.suspended = own.map(|l| l.suspended.clone()).unwrap_or_default();
+        }
+    }
+    Ok(set)
+}
+
+/// Persists this node's view of the set: the whole set on a store of its
+/// own, only this node's kernel targets on a fleet store (the shared
+/// entries change through [`save_change`] alone).
 fn save(s: &mut SecretService, set: &BTreeMap<String, FreezeEntry>) -> Result<()> {
-    let list: Vec<&FreezeEntry> = set.values().collect();
-    let j = serde_json::to_string(&list)
-        .map_err(|e| Error::internal(format!("encoding frozen set: {e}")))?;
-    s.meta_set(META_KEY, &j)
+    let j = encode(set.values())?;
+    match s.fleet_node() {
+        None => s.meta_set(META_KEY, &j),
+        Some(node) => s.meta_set(&local_key(&node), &j),
+    }
+}
+
+/// Persists a freeze or unfreeze of `workload` (`set` is the set after it).
+/// On a fleet store the shared set is read, changed for `workload` only and
+/// written back in one transaction, so concurrent changes on other nodes
+/// are kept.
+fn save_change(
+    s: &mut SecretService,
+    set: &BTreeMap<String, FreezeEntry>,
+    workload: &str,
+) -> Result<()> {
+    if s.fleet_node().is_some() {
+        let mut update = |current: Option<String>| -> Result<String> {
+            let mut shared = parse(META_KEY, current)?;
+            match set.get(workload) {
+                Some(e) => {
+                    let mut e = e.clone();
+                    e.kernel.clear();
+                    e.suspended.clear();
+                    shared.insert(workload.to_string(), e);
+                }
+                None => {
+                    shared.remove(workload);
+                }
+            }
+            encode(shared.values())
+        };
+        s.meta_update(META_KEY, &mut update)?;
+    }
+    save(s, set)
 }
 
 fn audit(s: &mut SecretService, actor: Actor, action: &str, e: &FreezeEntry, reason: String) {
@@ -133,7 +200,7 @@ pub fn freeze_offline(
     let mut set = load(s)?;
     let entry = new_entry(workload, reason, by, for_);
     set.insert(workload.to_string(), entry.clone());
-    save(s, &set)?;
+    save_change(s, &set, workload)?;
     audit(s, actor, "workload.freeze", &entry, reason.to_string());
     Ok(entry)
 }
@@ -147,7 +214,7 @@ pub fn unfreeze_offline(
 ) -> Result<FreezeEntry> {
     let mut set = load(s)?;
     let entry = set.remove(workload).ok_or_else(|| not_frozen(workload))?;
-    save(s, &set)?;
+    save_change(s, &set, workload)?;
     audit(
         s,
         actor,
@@ -210,6 +277,9 @@ pub struct Freezer {
     own_cgroup: Option<String>,
     /// `anomaly.suspend`: also stop the processes (`cgroup.freeze`).
     suspend: bool,
+    /// Held by a freeze, an unfreeze and [`Freezer::sync_from_store`] from
+    /// start to end, so a sync never sees a local change half-persisted.
+    turn: Mutex<()>,
 }
 
 /// cgroup v2 path of a process (`0::` line).
@@ -254,6 +324,7 @@ impl Freezer {
             changed: tokio::sync::watch::channel(0).0,
             own_cgroup: cgroup_path_of(std::process::id()),
             suspend: cfg.anomaly.suspend.unwrap_or(false),
+            turn: Mutex::new(()),
         })
     }
 
@@ -466,7 +537,9 @@ impl Freezer {
         fresh.len()
     }
 
-    fn persist(&self) {
+    /// Persists this node's view (`changed`: a workload frozen or thawed
+    /// here, which the shared set on a fleet store must hear of).
+    fn persist_with(&self, changed: Option<&str>) {
         // The state lock is held across the write so concurrent persists
         // land in order (lock order: state, then service; nothing takes
         // them the other way round).
@@ -475,12 +548,20 @@ impl Freezer {
         };
         match self.service.lock() {
             Ok(mut s) => {
-                if let Err(e) = save(&mut s, &snapshot) {
+                let saved = match changed {
+                    Some(w) => save_change(&mut s, &snapshot, w),
+                    None => save(&mut s, &snapshot),
+                };
+                if let Err(e) = saved {
                     tracing::error!("cannot persist the frozen set: {}", e.message);
                 }
             }
             Err(_) => tracing::error!("cannot persist the frozen set: service state poisoned"),
         }
+    }
+
+    fn persist(&self) {
+        self.persist_with(None)
     }
 
     /// Freezes `workload`. `pids` are processes known to belong to it (the
@@ -512,6 +593,10 @@ impl Freezer {
         event: Option<std::time::Instant>,
     ) -> Result<FreezeEntry> {
         check_request(&self.known(), workload, reason)?;
+        let _turn = self
+            .turn
+            .lock()
+            .map_err(|_| Error::internal("frozen state poisoned"))?;
         {
             let mut st = self
                 .state
@@ -547,7 +632,7 @@ impl Freezer {
                 "frozen without the eBPF monitor: sessions and SVIDs are refused, but connect() is not denied in the kernel"
             );
         }
-        self.persist();
+        self.persist_with(Some(workload));
         if let Ok(mut s) = self.service.lock() {
             audit(&mut s, actor, "workload.freeze", &entry, reason.to_string());
         }
@@ -564,6 +649,10 @@ impl Freezer {
     /// state lock is held until the record is written, so nobody sees the
     /// workload thawed before its `workload.unfreeze` record exists.
     pub fn unfreeze(&self, actor: Actor, workload: &str, why: &str) -> Result<FreezeEntry> {
+        let _turn = self
+            .turn
+            .lock()
+            .map_err(|_| Error::internal("frozen state poisoned"))?;
         let entry = {
             let mut st = self
                 .state
@@ -573,7 +662,7 @@ impl Freezer {
             // Lock order: state, then service (as in `persist`).
             match self.service.lock() {
                 Ok(mut s) => {
-                    if let Err(e) = save(&mut s, &st) {
+                    if let Err(e) = save_change(&mut s, &st, workload) {
                         tracing::error!("cannot persist the frozen set: {}", e.message);
                     }
                     audit(&mut s, actor, "workload.unfreeze", &entry, why.to_string());
@@ -582,6 +671,14 @@ impl Freezer {
             }
             entry
         };
+        self.thaw_here(&entry);
+        self.announce();
+        tracing::info!(workload, "workload unfrozen: {why}");
+        Ok(entry)
+    }
+
+    /// Removes what `entry` put into this node's kernel maps and cgroups.
+    fn thaw_here(&self, entry: &FreezeEntry) {
         // A cgroup or tgid another frozen workload also holds stays denied.
         let still: Vec<KernelTarget> = self.list().into_iter().flat_map(|e| e.kernel).collect();
         for t in entry.kernel.iter().filter(|t| !still.contains(t)) {
@@ -590,9 +687,82 @@ impl Freezer {
         for p in &entry.suspended {
             Self::set_suspended(p, false);
         }
-        self.announce();
-        tracing::info!(workload, "workload unfrozen: {why}");
-        Ok(entry)
+    }
+
+    /// Applies the stored frozen set here: workloads frozen on another node
+    /// are frozen on this one (kernel targets found by this node's own
+    /// scan), workloads thawed elsewhere are thawed. No audit record: the
+    /// node that made the change wrote it. Returns how many workloads
+    /// changed. Blocking.
+    pub fn sync_from_store(&self) -> Result<usize> {
+        let _turn = self
+            .turn
+            .lock()
+            .map_err(|_| Error::internal("frozen state poisoned"))?;
+        let stored = {
+            let s = self
+                .service
+                .lock()
+                .map_err(|_| Error::internal("service state poisoned"))?;
+            load(&s)?
+        };
+        let (added, removed) = {
+            let mut st = self
+                .state
+                .lock()
+                .map_err(|_| Error::internal("frozen state poisoned"))?;
+            let removed: Vec<FreezeEntry> = st
+                .keys()
+                .filter(|w| !stored.contains_key(*w))
+                .cloned()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|w| st.remove(&w))
+                .collect();
+            let mut added = Vec::new();
+            for (w, e) in stored {
+                match st.get_mut(&w) {
+                    Some(mine) => {
+                        // Refrozen elsewhere meanwhile: the new reason and times.
+                        mine.reason = e.reason;
+                        mine.by = e.by;
+                        mine.since = e.since;
+                        mine.since_unix = e.since_unix;
+                        mine.until_unix = e.until_unix;
+                    }
+                    None => {
+                        let mut e = e;
+                        e.kernel.clear();
+                        e.suspended.clear();
+                        st.insert(w.clone(), e);
+                        added.push(w);
+                    }
+                }
+            }
+            (added, removed)
+        };
+        for e in &removed {
+            self.thaw_here(e);
+            tracing::info!(workload = %e.workload, "workload unfrozen on another node");
+        }
+        if !added.is_empty() {
+            let mut pids: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+            for (w, pid) in self.scan(&added) {
+                pids.entry(w).or_default().push(pid);
+            }
+            for w in &added {
+                self.add_targets(w, pids.get(w).map_or(&[][..], |p| p), false);
+                if let Some(e) = self.frozen(w) {
+                    tracing::warn!(workload = %w, by = %e.by, kernel_targets = e.kernel.len(), "workload frozen on another node: {}", e.reason);
+                }
+            }
+        }
+        let changed = added.len() + removed.len();
+        if changed > 0 {
+            self.announce();
+            self.persist();
+        }
+        Ok(changed)
     }
 
     /// Re-applies the persisted set to the kernel (start-up) and runs one

@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod paths;
 pub mod peer;
 pub mod pgwire;
+pub mod propagation;
 pub mod rotation;
 pub mod service;
 pub mod store;

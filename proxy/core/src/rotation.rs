@@ -25,6 +25,15 @@
 //! and then committed. So a crash at any step leaves warden with a working
 //! credential after its restart. Debug builds honour `WARDEN_FAULT_POINT`
 //! (the tests' SIGKILL points between the steps).
+//!
+//! **One node rotates.** On a store shared by a fleet every node's daemon
+//! runs the schedule, so each rotation (and each recovery of a pending
+//! value) first claims the job `rotation:<name>/<env>` in the store for
+//! [`claim_ttl`]; a node that finds it claimed leaves it, and the winner
+//! checks again that the rotation is still due (another node may just have
+//! done it). A node killed mid-rotation keeps its claim until the expiry;
+//! then the next node's tick claims the job and resolves the pending value
+//! with the steps above.
 
 use crate::audit::{Actor, Decision, Event, Target};
 use crate::authority::{daemon_actor, RESERVED_PREFIX};
@@ -47,6 +56,28 @@ use zeroize::Zeroizing;
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a failed scheduled rotation, wait this long before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The store claim of rotating (name, env).
+fn claim_job(name: &str, env: &str) -> String {
+    format!("rotation:{name}/{env}")
+}
+
+/// How long a node's claim on a rotation lasts: longer than the rotation
+/// can take (two hook timeouts, plus a minute for the store and upstream
+/// logins), short enough that another node finishes a dead node's rotation
+/// soon.
+pub fn claim_ttl(hook_timeout: Duration) -> Duration {
+    hook_timeout * 2 + Duration::from_secs(60)
+}
+
+/// What a claimed run did.
+enum ClaimedRun {
+    Rotated(RotateOutcome),
+    /// Another node holds the claim.
+    HeldElsewhere,
+    /// Claimed, but no longer due (another node has just rotated it).
+    NotDue,
+}
 
 /// Where the pending value of `name` is kept.
 pub fn pending_name(name: &str) -> String {
@@ -249,32 +280,12 @@ impl Rotator {
                 self.env
             )));
         }
-        let gate = {
-            let mut l = self
-                .locks
-                .lock()
-                .map_err(|_| Error::internal("rotation state poisoned"))?;
-            l.entry(name.to_string()).or_default().clone()
-        };
-        let _g = gate.lock().await;
-        let res = async {
-            self.recover_one(spec, &env).await?;
-            self.rotate_locked(spec, &env, &actor, why).await
-        }
-        .await;
-        match &res {
-            Ok(_) => {
-                self.count("success");
-                if let Ok(mut f) = self.failed_at.lock() {
-                    f.remove(name);
-                }
-            }
-            Err(e) => {
-                self.count("failure");
-                if let Ok(mut f) = self.failed_at.lock() {
-                    f.insert(name.to_string(), Instant::now());
-                }
-                tracing::error!(secret = %name, "rotation failed: {}", e.message);
+        match self.run_claimed(spec, &env, &actor, why, None).await? {
+            ClaimedRun::Rotated(outcome) => Ok(outcome),
+            ClaimedRun::HeldElsewhere | ClaimedRun::NotDue => {
+                let e = Error::unavailable(format!(
+                    "secret {name:?} is being rotated by another node of the fleet right now; see `warden secret versions {name}` in a moment"
+                ));
                 let ev = Self::event(
                     &actor,
                     "secret.rotate",
@@ -284,9 +295,98 @@ impl Rotator {
                     e.message.clone(),
                 );
                 let _ = self.with_service(|s| s.record(&ev));
+                Err(e)
+            }
+        }
+    }
+
+    /// Claims the rotation of `spec` in the store, resolves a pending value
+    /// left by an interrupted rotation, and rotates — when `period` is given,
+    /// only if the rotation is still due. Counts, logs and audits the result.
+    async fn run_claimed(
+        &self,
+        spec: &Spec,
+        env: &str,
+        actor: &Actor,
+        why: &str,
+        period: Option<Duration>,
+    ) -> Result<ClaimedRun> {
+        let name = spec.name.as_str();
+        let gate = {
+            let mut l = self
+                .locks
+                .lock()
+                .map_err(|_| Error::internal("rotation state poisoned"))?;
+            l.entry(name.to_string()).or_default().clone()
+        };
+        let _g = gate.lock().await;
+        let job = claim_job(name, env);
+        let ttl = claim_ttl(spec.timeout);
+        let res = async {
+            if !self.with_service(|s| s.claim(&job, ttl))? {
+                return Ok(ClaimedRun::HeldElsewhere);
+            }
+            let ran = async {
+                self.recover_one(spec, env).await?;
+                if let Some(period) = period {
+                    if !self.is_due(spec, env, period)? {
+                        return Ok(ClaimedRun::NotDue);
+                    }
+                }
+                self.rotate_locked(spec, env, actor, why)
+                    .await
+                    .map(ClaimedRun::Rotated)
+            }
+            .await;
+            if let Err(e) = self.with_service(|s| s.release_claim(&job)) {
+                tracing::warn!(secret = %name, "rotation claim not released (it lapses by itself): {}", e.message);
+            }
+            ran
+        }
+        .await;
+        match &res {
+            Ok(ClaimedRun::Rotated(_)) => {
+                self.count("success");
+                if let Ok(mut f) = self.failed_at.lock() {
+                    f.remove(name);
+                }
+            }
+            Ok(ClaimedRun::HeldElsewhere) => {
+                tracing::debug!(secret = %name, "rotation claimed by another node");
+            }
+            Ok(ClaimedRun::NotDue) => {}
+            Err(e) => {
+                self.count("failure");
+                if let Ok(mut f) = self.failed_at.lock() {
+                    f.insert(name.to_string(), Instant::now());
+                }
+                tracing::error!(secret = %name, "rotation failed: {}", e.message);
+                let ev = Self::event(
+                    actor,
+                    "secret.rotate",
+                    name,
+                    env,
+                    Decision::Error,
+                    e.message.clone(),
+                );
+                let _ = self.with_service(|s| s.record(&ev));
             }
         }
         res
+    }
+
+    /// Whether the latest version of `spec` is at least `period` old.
+    fn is_due(&self, spec: &Spec, env: &str, period: Duration) -> Result<bool> {
+        let Some(created) = self.with_service(|s| s.latest_created_at(&spec.name, env))? else {
+            return Ok(false);
+        };
+        let Ok(at) =
+            time::OffsetDateTime::parse(&created, &time::format_description::well_known::Rfc3339)
+        else {
+            return Ok(false);
+        };
+        let age = time::OffsetDateTime::now_utc() - at;
+        Ok(age.whole_seconds() >= 0 && age.unsigned_abs() >= period)
     }
 
     async fn rotate_locked(
@@ -421,7 +521,20 @@ impl Rotator {
                 Err(_) => return n,
             };
             let _g = gate.lock().await;
-            match self.recover_one(spec, &self.env).await {
+            // Another node may be in the middle of this rotation: its
+            // pending value is not ours to resolve while it holds the claim.
+            let job = claim_job(&spec.name, &self.env);
+            match self.with_service(|s| s.claim(&job, claim_ttl(spec.timeout))) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(secret = %spec.name, "interrupted rotation not resolved yet: {}", e.message);
+                    continue;
+                }
+            }
+            let recovered = self.recover_one(spec, &self.env).await;
+            let _ = self.with_service(|s| s.release_claim(&job));
+            match recovered {
                 Ok(true) => n += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -586,9 +699,9 @@ impl Rotator {
         }
     }
 
-    /// Rotates every secret whose latest version is older than its period.
+    /// Rotates every secret whose latest version is older than its period
+    /// (on a fleet store, on the one node that claims it).
     pub async fn tick(&self) {
-        let now = time::OffsetDateTime::now_utc();
         for spec in self.specs.values() {
             let Some(period) = spec.period else { continue };
             if let Ok(f) = self.failed_at.lock() {
@@ -598,20 +711,15 @@ impl Rotator {
                     continue;
                 }
             }
-            let created = match self.with_service(|s| s.latest_created_at(&spec.name, &self.env)) {
-                Ok(Some(c)) => c,
-                _ => continue,
-            };
-            let Ok(at) = time::OffsetDateTime::parse(
-                &created,
-                &time::format_description::well_known::Rfc3339,
-            ) else {
-                continue;
-            };
-            let age = now - at;
-            if age.whole_seconds() >= 0 && age.unsigned_abs() >= period {
+            if self.is_due(spec, &self.env, period).unwrap_or(false) {
                 let _ = self
-                    .rotate(&spec.name, None, daemon_actor(), "rotation_period elapsed")
+                    .run_claimed(
+                        spec,
+                        &self.env,
+                        &daemon_actor(),
+                        "rotation_period elapsed",
+                        Some(period),
+                    )
                     .await;
             }
         }

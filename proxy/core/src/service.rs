@@ -239,6 +239,30 @@ impl SecretService {
         self.store.backend_mut().meta_set(key, value)
     }
 
+    /// Updates a metadata value atomically against other nodes' updates.
+    pub fn meta_update(
+        &mut self,
+        key: &str,
+        update: &mut dyn FnMut(Option<String>) -> Result<String>,
+    ) -> Result<()> {
+        self.store.backend_mut().meta_update(key, update)
+    }
+
+    /// This node's name when the store is shared by a fleet, else None.
+    pub fn fleet_node(&self) -> Option<String> {
+        self.store.backend().node().map(str::to_string)
+    }
+
+    /// Claims a scheduled job for this node (see
+    /// [`crate::store::SecretBackend::claim`]).
+    pub fn claim(&mut self, job: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.store.backend_mut().claim(job, ttl)
+    }
+
+    pub fn release_claim(&mut self, job: &str) -> Result<()> {
+        self.store.backend_mut().release_claim(job)
+    }
+
     /// The audit log's owner, for writers that must not take this
     /// service's lock (the session journal).
     pub fn auditor(&self) -> Auditor {

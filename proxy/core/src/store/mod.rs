@@ -142,6 +142,33 @@ pub trait SecretBackend: Send {
     fn lease_delete(&mut self, id: &str) -> Result<()>;
     /// Every lease row, oldest first.
     fn lease_list(&self) -> Result<Vec<LeaseRow>>;
+    /// Replaces the value of `key` with `update(current)` atomically: writers
+    /// on other nodes that update the same key wait for this one.
+    fn meta_update(
+        &mut self,
+        key: &str,
+        update: &mut dyn FnMut(Option<String>) -> Result<String>,
+    ) -> Result<()> {
+        let current = self.meta_get(key)?;
+        let value = update(current)?;
+        self.meta_set(key, &value)
+    }
+    /// This node's name when the store is shared by several nodes (a fleet),
+    /// None for a store only this node uses.
+    fn node(&self) -> Option<&str> {
+        None
+    }
+    /// Claims `job` for this node for `ttl`: true when no other node holds an
+    /// unexpired claim on it. A store only this node uses always grants it.
+    fn claim(&mut self, job: &str, ttl: std::time::Duration) -> Result<bool> {
+        let _ = (job, ttl);
+        Ok(true)
+    }
+    /// Gives up this node's claim on `job` (no error if it holds none).
+    fn release_claim(&mut self, job: &str) -> Result<()> {
+        let _ = job;
+        Ok(())
+    }
 }
 
 /// Opens the backend `[store]` configures for `data_dir`: the SQLite file in

@@ -25,6 +25,16 @@
 //! **Lease rows belong to a node** (`leases.node`, the host name and data
 //! dir): a lease's password lives only in the memory of its process, so a node
 //! lists, sweeps and deletes only its own rows.
+//!
+//! **Every change is announced** (see [`crate::propagation`]): a write of a
+//! secret or a meta key bumps the one-row `change_counter` and sends
+//! `NOTIFY warden_changes` with `<counter>:<kind>:<what>` (a name, never a
+//! value) in its own transaction, so other nodes hear of it exactly when it
+//! commits, and a node that missed notifications sees the counter moved.
+//!
+//! **Claims** (`claims` table, one row per job with its node and expiry) let
+//! exactly one node run a scheduled job such as a rotation; a claim of a node
+//! that died lapses at its expiry.
 
 use super::{
     CommitHook, LeaseRow, RewrapFn, SealedVersion, SecretBackend, SecretSummary, VersionInfo,
@@ -91,7 +101,37 @@ pub const MIGRATIONS: &[&str] = &[
          max_expires_at bigint NOT NULL
      );
      CREATE INDEX leases_by_node ON leases (node, created_at);",
+    // 2: fleet propagation and claims. `change_counter` moves with every
+    // announced change (transactional, unlike a sequence: a reader never sees
+    // a change counted before it commits); `claims` holds who runs a job.
+    "CREATE TABLE change_counter (
+         id    integer PRIMARY KEY CHECK (id = 1),
+         value bigint NOT NULL
+     );
+     INSERT INTO change_counter (id, value) VALUES (1, 0);
+     CREATE TABLE claims (
+         job        text PRIMARY KEY,
+         node       text NOT NULL,
+         expires_at timestamptz NOT NULL
+     );",
 ];
+
+/// The channel every change is announced on.
+pub const CHANGES_CHANNEL: &str = "warden_changes";
+
+/// Bumps the change counter and announces `$1` (`<kind>:<what>`) as
+/// `<counter>:<kind>:<what>`; delivered when the transaction commits.
+const ANNOUNCE: &str = "WITH bumped AS (
+         UPDATE change_counter SET value = value + 1 WHERE id = 1 RETURNING value
+     )
+     SELECT pg_notify('warden_changes', bumped.value::text || ':' || $1) FROM bumped";
+
+/// The change counter's current value.
+pub const READ_COUNTER: &str = "SELECT value FROM change_counter WHERE id = 1";
+
+/// First key of the advisory locks that serialise read-modify-write updates
+/// of one meta key (`meta_update`), the second being `hashtext(key)`.
+const META_LOCK_CLASS: i32 = 0x7764_6d31;
 
 /// The schema version this warden writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -172,10 +212,23 @@ impl PostgresSettings {
         )
     }
 
-    fn connect(&self) -> Result<postgres::Client> {
+    /// A new connection, set up as the store's own.
+    pub(crate) fn connect(&self) -> Result<postgres::Client> {
+        self.connect_with(&self.config)
+    }
+
+    /// The change listener's connection, named `warden-listener` in
+    /// `pg_stat_activity`.
+    pub(crate) fn connect_listener(&self) -> Result<postgres::Client> {
+        let mut config = self.config.clone();
+        config.application_name("warden-listener");
+        self.connect_with(&config)
+    }
+
+    fn connect_with(&self, config: &postgres::Config) -> Result<postgres::Client> {
         let connected = match &self.tls {
-            None => self.config.connect(postgres::NoTls),
-            Some(tls) => self.config.connect(RustlsConnector(tls.clone())),
+            None => config.connect(postgres::NoTls),
+            Some(tls) => config.connect(RustlsConnector(tls.clone())),
         };
         let mut client = connected.map_err(|e| self.connect_error(&e))?;
         // Durable when a write returns: keep a stronger server setting
@@ -491,7 +544,7 @@ impl Session {
         let at = self.at.clone();
         match first {
             Ok(v) => Ok(v),
-            Err(Failure::Db(e)) if e.is_closed() && !self.in_transaction => {
+            Err(Failure::Db(e)) if connection_gone(&e) && !self.in_transaction => {
                 self.client = None;
                 work(self.client()?).map_err(|f| f.into_error(&at))
             }
@@ -505,6 +558,12 @@ impl Session {
 
     fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>> {
         self.with_retry(|c| Ok(c.query(sql, params)?))
+    }
+
+    /// Bumps the change counter and queues the notification of `what`
+    /// (`<kind>:<name>`) in the open transaction.
+    fn announce(&mut self, what: &str) -> Result<()> {
+        self.query(ANNOUNCE, &[&what]).map(|_| ())
     }
 
     fn begin(&mut self) -> Result<()> {
@@ -532,6 +591,15 @@ impl Session {
         self.in_transaction = false;
         result
     }
+}
+
+/// Whether `e` ended the connection: it was closed, or the server sent a
+/// FATAL error (terminated by an administrator, shutting down), which it
+/// follows by closing.
+fn connection_gone(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error()
+            .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
 }
 
 /// Why work on the connection failed: the database (maybe a dead
@@ -777,7 +845,10 @@ impl PostgresBackend {
         self.run(|s| {
             s.with_retry(|c| {
                 Ok(c.batch_execute(
-                    "BEGIN; DELETE FROM secret_versions; DELETE FROM secrets; DELETE FROM leases; DELETE FROM meta; COMMIT;",
+                    "BEGIN; DELETE FROM secret_versions; DELETE FROM secrets; DELETE FROM leases; DELETE FROM meta; DELETE FROM claims;
+                     UPDATE change_counter SET value = value + 1 WHERE id = 1;
+                     SELECT pg_notify('warden_changes', value::text || ':all:discarded') FROM change_counter;
+                     COMMIT;",
                 )?)
             })
         })
@@ -798,7 +869,73 @@ impl SecretBackend for PostgresBackend {
 
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
         let (key, value) = (key.to_string(), value.to_string());
-        self.run(move |s| s.execute(UPSERT_META, &[&key, &value]).map(|_| ()))
+        self.run(move |s| {
+            let what = format!("meta:{key}");
+            s.with_retry(|client| {
+                let mut tx = client.transaction()?;
+                tx.execute(UPSERT_META, &[&key, &value])?;
+                tx.query(ANNOUNCE, &[&what])?;
+                Ok(tx.commit()?)
+            })
+        })
+    }
+
+    fn meta_update(
+        &mut self,
+        key: &str,
+        update: &mut dyn FnMut(Option<String>) -> Result<String>,
+    ) -> Result<()> {
+        let tx = self.begin()?;
+        let k = key.to_string();
+        // Nodes updating the same key take turns; the row may not exist yet,
+        // so a row lock would not do.
+        let current = self.run(move |s| {
+            s.query(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&META_LOCK_CLASS, &k],
+            )?;
+            let rows = s.query("SELECT value FROM meta WHERE key = $1", &[&k])?;
+            rows.first().map(|r| col::<String>(r, 0, &s.at)).transpose()
+        })?;
+        let value = update(current)?;
+        let k = key.to_string();
+        self.run(move |s| {
+            s.execute(UPSERT_META, &[&k, &value])?;
+            s.announce(&format!("meta:{k}"))
+        })?;
+        tx.commit()
+    }
+
+    fn node(&self) -> Option<&str> {
+        Some(&self.node)
+    }
+
+    fn claim(&mut self, job: &str, ttl: Duration) -> Result<bool> {
+        let (job, node, secs) = (job.to_string(), self.node.clone(), ttl.as_secs_f64());
+        self.run(move |s| {
+            // Taken when free, lapsed, or already ours (a renewal).
+            let rows = s.query(
+                "INSERT INTO claims (job, node, expires_at)
+                     VALUES ($1, $2, now() + make_interval(secs => $3))
+                 ON CONFLICT (job) DO UPDATE
+                     SET node = excluded.node, expires_at = excluded.expires_at
+                     WHERE claims.expires_at < now() OR claims.node = excluded.node
+                 RETURNING node",
+                &[&job, &node, &secs],
+            )?;
+            Ok(!rows.is_empty())
+        })
+    }
+
+    fn release_claim(&mut self, job: &str) -> Result<()> {
+        let (job, node) = (job.to_string(), self.node.clone());
+        self.run(move |s| {
+            s.execute(
+                "DELETE FROM claims WHERE job = $1 AND node = $2",
+                &[&job, &node],
+            )
+            .map(|_| ())
+        })
     }
 
     fn put_version(
@@ -858,6 +995,8 @@ impl SecretBackend for PostgresBackend {
             Ok(())
         })?;
         before_commit(version)?;
+        let what = format!("secret:{name}/{env}");
+        self.run(move |s| s.announce(&what))?;
         tx.commit()?;
         Ok(version)
     }
@@ -960,6 +1099,8 @@ impl SecretBackend for PostgresBackend {
         }
         let removed = u32::try_from(removed).unwrap_or(u32::MAX);
         before_commit(removed)?;
+        let what = format!("secret:{name}/{env}");
+        self.run(move |s| s.announce(&what))?;
         tx.commit()?;
         Ok(removed)
     }
@@ -1004,7 +1145,7 @@ impl SecretBackend for PostgresBackend {
             for (k, v) in &meta {
                 s.execute(UPSERT_META, &[k, v])?;
             }
-            Ok(())
+            s.announce("all:rewrap")
         })?;
         tx.commit()?;
         Ok(count)

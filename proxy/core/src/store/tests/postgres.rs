@@ -142,6 +142,101 @@ fn postgres_backend() {
     nodes_share_secrets_and_keep_their_own_leases(&server);
     a_lost_connection_is_remade(&server);
     password_file_problems_name_the_key(&server);
+    changes_are_announced_on_commit_only(&server);
+    one_node_holds_a_claim_until_it_lapses(&server);
+}
+
+fn changes_are_announced_on_commit_only(server: &Server) {
+    use ::postgres::fallible_iterator::FallibleIterator;
+    let cfg = server.database("announce");
+    let mut a = server.open(&cfg, "node-a");
+    let mut listener = server.raw("announce");
+    listener.batch_execute("LISTEN warden_changes").unwrap();
+    let counter = |c: &mut ::postgres::Client| -> i64 {
+        c.query_one("SELECT value FROM change_counter", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = counter(&mut listener);
+    let sealed = |_v: u32| {
+        Ok(SealedVersion {
+            kek_id: "k".into(),
+            wrapped_key: vec![1],
+            ciphertext: b"not-a-value".to_vec(),
+        })
+    };
+    // A write whose commit hook fails is neither counted nor announced.
+    let err = a.put_version("db/app", "prod", "t", 3, &mut sealed.clone(), &mut |_| {
+        Err(Error::internal("audit refused"))
+    });
+    assert!(err.is_err());
+    a.put_version("db/app", "prod", "t", 3, &mut sealed.clone(), &mut |_| {
+        Ok(())
+    })
+    .unwrap();
+    a.meta_set("frozen_workloads", "[]").unwrap();
+    a.meta_update("frozen_workloads", &mut |cur| {
+        assert_eq!(cur.as_deref(), Some("[]"));
+        Ok("[ ]".into())
+    })
+    .unwrap();
+    a.remove("db/app", "prod", &mut |_| Ok(())).unwrap();
+    let mut got = Vec::new();
+    let mut notes = listener.notifications();
+    let mut it = notes.timeout_iter(std::time::Duration::from_secs(5));
+    while got.len() < 4 {
+        match it.next().unwrap() {
+            Some(n) => got.push(n.payload().to_string()),
+            None => break,
+        }
+    }
+    drop(it);
+    drop(notes);
+    let expect: Vec<String> = [
+        "secret:db/app/prod",
+        "meta:frozen_workloads",
+        "meta:frozen_workloads",
+        "secret:db/app/prod",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, what)| format!("{}:{what}", before + 1 + i as i64))
+    .collect();
+    assert_eq!(got, expect);
+    assert_eq!(counter(&mut listener), before + 4);
+    assert_eq!(
+        a.meta_get("frozen_workloads").unwrap().as_deref(),
+        Some("[ ]")
+    );
+}
+
+fn one_node_holds_a_claim_until_it_lapses(server: &Server) {
+    let cfg = server.database("claims");
+    let mut a = server.open(&cfg, "node-a");
+    let mut b = server.open(&cfg, "node-b");
+    let long = std::time::Duration::from_secs(600);
+    assert!(a.claim("rotation:x/prod", long).unwrap());
+    assert!(!b.claim("rotation:x/prod", long).unwrap(), "held by a");
+    assert!(
+        a.claim("rotation:x/prod", long).unwrap(),
+        "a renews its own"
+    );
+    assert!(
+        b.claim("rotation:y/prod", long).unwrap(),
+        "another job is free"
+    );
+    // b cannot release a's claim; a can.
+    b.release_claim("rotation:x/prod").unwrap();
+    assert!(!b.claim("rotation:x/prod", long).unwrap());
+    a.release_claim("rotation:x/prod").unwrap();
+    assert!(b.claim("rotation:x/prod", long).unwrap());
+    // A claim of a node that died lapses at its expiry.
+    assert!(a
+        .claim("rotation:z/prod", std::time::Duration::from_millis(200))
+        .unwrap());
+    assert!(!b.claim("rotation:z/prod", long).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert!(b.claim("rotation:z/prod", long).unwrap(), "lapsed");
 }
 
 fn migrations_are_applied_once_by_concurrent_nodes(server: &Server) {

@@ -1,0 +1,494 @@
+//! Fleet mode on one PostgreSQL store, through real daemons: two warden
+//! nodes (separate data dirs, admin sockets and route ports; the eBPF
+//! monitor off) share a store, and
+//!
+//! - a `secret put` on node 1 is used by the next session through node 2,
+//!   whose route caches credentials for ten minutes — only propagation can
+//!   explain it (the time it took is printed);
+//! - `secret rm` on node 2 refuses node 1's next session;
+//! - a freeze on node 2 refuses the workload's next session on node 1, an
+//!   unfreeze on node 1 lets node 2 serve it again;
+//! - a change made while a node's listener is cut off (its backend
+//!   terminated, reconnection held back) reaches it by the reconciliation
+//!   when it reconnects;
+//! - a rotation due on both nodes at once runs on exactly one;
+//! - a node killed mid-rotation holds its claim until it lapses; then the
+//!   other node finishes that rotation with the crash-safe steps.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
+use warden_tests::{free_port, my_uid, Daemon, Instance, Output};
+
+const STORE_PASSWORD: &str = "fleet-store-PW-9d3e";
+const PASSWORD: &str = "fleet-app-PW-CANARY-41b2";
+const DB: &str = "fleet";
+
+/// One cluster: the store database `fleet` (role `warden`) and the route's
+/// upstream database `app` (role `app`).
+struct Cluster {
+    pg: PgCluster,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+        pg.psql_admin(&format!(
+            "CREATE ROLE warden LOGIN PASSWORD '{STORE_PASSWORD}'"
+        ));
+        pg.psql_admin(&format!("CREATE DATABASE {DB} OWNER warden"));
+        pg.create_role("app", PASSWORD);
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("store-password");
+        std::fs::write(&pw, STORE_PASSWORD).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Cluster { pg, dir }
+    }
+
+    /// A node's configuration: route `app-db` on its own port, `extra`
+    /// (more tables), the shared `[store]`, no eBPF monitor.
+    fn node(&self, route_port: u16, extra: &str) -> Instance {
+        let cfg = format!(
+            r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[secret]]
+name = "app-db/app"
+
+[[route]]
+name = "app-db"
+kind = "postgres"
+listen = "127.0.0.1:{route_port}"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "app-db/app", cache_ttl = "10m" }}
+allow = ["me"]
+connect_timeout = "2s"
+{extra}
+
+[store]
+backend = "postgres"
+url = "postgresql://warden@127.0.0.1:{pgport}/{DB}"
+password_file = "{pw}"
+tls = "disable"
+
+[monitor]
+ebpf = "off"
+"#,
+            uid = my_uid(),
+            pgport = self.pg.port,
+            pw = self.dir.path().join("store-password").display(),
+        );
+        Instance::new_with(&cfg)
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        self.pg.psql_admin_in(DB, sql)
+    }
+}
+
+/// Node 2 joins node 1's store with a copy of its master key.
+fn join(first: &Instance, next: &Instance) {
+    std::fs::create_dir_all(&next.data_dir).unwrap();
+    std::fs::set_permissions(&next.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let key = next.data_dir.join("master.key");
+    std::fs::copy(first.data_dir.join("master.key"), &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn session(port: u16) -> Output {
+    run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=app user=legacy connect_timeout=5"),
+        "select current_user",
+    )
+}
+
+/// Runs sessions through `port` until `done` says one shows the change;
+/// returns how long that took. Panics after `limit`.
+fn until(port: u16, limit: Duration, what: &str, done: impl Fn(&Output) -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let out = session(port);
+        if done(&out) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: not seen within {limit:?}; last session: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn works(out: &Output) -> bool {
+    out.code == 0 && out.stdout.trim() == "app"
+}
+
+#[test]
+fn changes_on_one_node_apply_on_the_other() {
+    let c = Cluster::start();
+    let (port1, port2) = (free_port(), free_port());
+    let node1 = c.node(port1, "");
+    let node2 = c.node(port2, "");
+    node1.run(&["init"]).ok();
+    join(&node1, &node2);
+    node1.put("app-db/app", PASSWORD.as_bytes()).ok();
+    let mut d1 = node1.start_daemon();
+    let mut d2 = node2.start_daemon();
+    for port in [port1, port2] {
+        let out = session(port);
+        assert!(works(&out), "{out:?}");
+    }
+
+    // A put on node 1 (a wrong value, so its use shows): node 2's next
+    // session logs in with it although its cache entry has 10 minutes left.
+    node1.put("app-db/app", b"not-the-password").ok();
+    let took = until(
+        port2,
+        Duration::from_secs(30),
+        "put on node 1 used by node 2",
+        |o| o.code != 0 && o.stderr.contains("app-db/app v2"),
+    );
+    println!(
+        "propagation: secret put on node 1 → used by node 2 after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The right value again, through node 2: node 1 uses it.
+    node2.put("app-db/app", PASSWORD.as_bytes()).ok();
+    let took = until(
+        port1,
+        Duration::from_secs(30),
+        "put on node 2 used by node 1",
+        works,
+    );
+    println!(
+        "propagation: secret put on node 2 → used by node 1 after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // rm on node 2: node 1 refuses the next session, naming the secret.
+    node2.run(&["secret", "rm", "app-db/app"]).ok();
+    let took = until(
+        port1,
+        Duration::from_secs(30),
+        "rm on node 2 refused on node 1",
+        |o| {
+            o.code != 0
+                && o.stderr.contains("no credential for route \"app-db\"")
+                && o.stderr.contains("app-db/app")
+        },
+    );
+    println!(
+        "propagation: secret rm on node 2 → refused on node 1 after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    node1.put("app-db/app", PASSWORD.as_bytes()).ok();
+    until(port1, Duration::from_secs(10), "put back", works);
+    until(port2, Duration::from_secs(10), "put back", works);
+
+    // A freeze on node 2 refuses the workload on node 1.
+    node2
+        .run(&["freeze", "me", "--reason", "fleet freeze test"])
+        .ok();
+    let took = until(
+        port1,
+        Duration::from_secs(30),
+        "freeze on node 2 refused on node 1",
+        |o| o.code != 0 && o.stderr.contains("is frozen") && o.stderr.contains("fleet freeze test"),
+    );
+    println!(
+        "propagation: freeze on node 2 → refused on node 1 after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let frozen = node1.run(&["frozen"]);
+    frozen.ok().stdout_has("fleet freeze test");
+    // Lifted on node 1: node 2 serves it again.
+    node1.run(&["unfreeze", "me"]).ok();
+    let took = until(
+        port2,
+        Duration::from_secs(30),
+        "unfreeze on node 1 on node 2",
+        works,
+    );
+    println!(
+        "propagation: unfreeze on node 1 → served on node 2 after {} ms",
+        took.as_millis()
+    );
+    until(port1, Duration::from_secs(10), "unfrozen on node 1", works);
+
+    // Cut both listeners off: their backends terminated, new connections to
+    // the store database refused for now (the daemons' own store
+    // connections stay).
+    c.pg.psql_admin(&format!("ALTER DATABASE {DB} ALLOW_CONNECTIONS false"));
+    let cut = c.pg.psql_admin(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'warden-listener'",
+    );
+    assert_eq!(cut.trim(), "2", "one listener per node");
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile a change on node 1, which node 2 cannot hear of.
+    node1.put("app-db/app", b"changed-while-cut-off").ok();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = session(port2);
+    assert!(
+        works(&out),
+        "node 2 still serves its cached value while cut off: {out:?}"
+    );
+    // Connections allowed again: node 2's listener reconnects and the
+    // reconciliation sees the counter moved.
+    c.pg.psql_admin(&format!("ALTER DATABASE {DB} ALLOW_CONNECTIONS true"));
+    let took = until(
+        port2,
+        Duration::from_secs(30),
+        "reconciliation after reconnect",
+        |o| o.code != 0 && o.stderr.contains("app-db/app v"),
+    );
+    println!(
+        "reconciliation: a change made while node 2's listener was cut off applied {} ms after connections were allowed again",
+        took.as_millis()
+    );
+    let log2 = d2.log_text();
+    assert!(log2.contains("change listener reconnected"), "{log2}");
+    assert!(
+        log2.contains("reconciliation: the store's change counter"),
+        "{log2}"
+    );
+    let listeners = c.pg.psql_admin(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'warden-listener'",
+    );
+    assert_eq!(listeners.trim(), "2", "both listeners are back");
+
+    // No value in a notification, a log or an audit record.
+    for d in [&d1, &d2] {
+        let log = d.log_text();
+        assert!(!log.contains(PASSWORD) && !log.contains("not-the-password"));
+    }
+    assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
+    assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
+    for node in [&node1, &node2] {
+        node.run(&["audit", "verify"]).ok();
+        let audit = std::fs::read_to_string(node.audit_log()).unwrap();
+        assert!(!audit.contains(PASSWORD) && !audit.contains("changed-while-cut-off"));
+    }
+}
+
+#[test]
+fn a_rotation_due_on_two_nodes_runs_on_one() {
+    let c = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("rotations.log");
+    let hook = dir.path().join("hook.sh");
+    // Slow enough (6 s) that both nodes' 5 s ticks fall inside it.
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {ran}\nsleep 6\ncat > /dev/null\n",
+            ran = ran.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = |node: &str| {
+        format!(
+            "[[secret]]\nname = \"svc/token\"\nrotation_period = \"1m\"\nrotate = {{ method = \"exec\", command = [\"{}\", \"{node}\"] }}\n",
+            hook.display()
+        )
+    };
+    let node1 = c.node(free_port(), &secret("node1"));
+    let node2 = c.node(free_port(), &secret("node2"));
+    node1.run(&["init"]).ok();
+    join(&node1, &node2);
+    node1.put("svc/token", b"first-token-value").ok();
+    // Due now on both nodes.
+    c.sql(
+        "UPDATE secret_versions SET created_at = '2020-01-01T00:00:00Z' WHERE name = 'svc/token'",
+    );
+    let mut d1 = node1.start_daemon();
+    let mut d2 = node2.start_daemon();
+    let t0 = Instant::now();
+    let latest = || -> String {
+        c.sql("SELECT max(version) FROM secret_versions WHERE name = 'svc/token' AND env = 'prod'")
+    };
+    while latest().trim() != "2" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "no rotation: {}\n{}",
+            d1.log_text(),
+            d2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Long enough for a second rotation to start and finish (hook 6 s, tick
+    // 5 s), well before the next period (1 min).
+    std::thread::sleep(Duration::from_secs(14));
+    assert_eq!(latest().trim(), "2");
+    let hooks = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(hooks.lines().count(), 1, "the hook ran once: {hooks}");
+    let committed: usize = [&node1, &node2]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(n.audit_log())
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("\"action\":\"secret.rotate\"") && l.contains("\"allow\""))
+                .count()
+        })
+        .sum();
+    assert_eq!(committed, 1, "one rotation record across both nodes");
+    assert_eq!(
+        c.sql("SELECT count(*) FROM claims").trim(),
+        "0",
+        "the claim is released"
+    );
+    assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
+    assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
+}
+
+/// `warden up` for `node` with `WARDEN_FAULT_POINT=point` (debug builds stop
+/// there until killed).
+fn start_stopping_at(node: &Instance, point: &str) -> Daemon {
+    let log = node.dir.path().join("daemon.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let errf = logf.try_clone().unwrap();
+    let child = node
+        .command(&["up"])
+        .env("WARDEN_LOG", "info")
+        .env("WARDEN_FAULT_POINT", point)
+        .stdin(Stdio::null())
+        .stdout(logf)
+        .stderr(errf)
+        .spawn()
+        .unwrap();
+    Daemon { child, log }
+}
+
+fn wait_for(limit: Duration, what: &str, log: &Daemon, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: not within {limit:?}; log: {}",
+            log.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_rotation_of_a_killed_node_is_finished_by_another_after_its_claim_lapses() {
+    let c = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("rotations.log");
+    let hook = dir.path().join("hook.sh");
+    // Each run appends its node's name and keeps the value it was given.
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {ran}\ncat > {dir}/value.$1\n",
+            ran = ran.display(),
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // timeout 1s: the claim lasts 2 × 1 s + 60 s.
+    let secret = |node: &str| {
+        format!(
+            "[[secret]]\nname = \"svc/token\"\nrotation_period = \"1m\"\nrotate = {{ method = \"exec\", command = [\"{}\", \"{node}\"], timeout = \"1s\" }}\n",
+            hook.display()
+        )
+    };
+    let node1 = c.node(free_port(), &secret("node1"));
+    let node2 = c.node(free_port(), &secret("node2"));
+    node1.run(&["init"]).ok();
+    join(&node1, &node2);
+    node1.put("svc/token", b"first-token-value").ok();
+    c.sql(
+        "UPDATE secret_versions SET created_at = '2020-01-01T00:00:00Z' WHERE name = 'svc/token'",
+    );
+    let versions = || c.sql("SELECT max(version) FROM secret_versions WHERE name = 'svc/token'");
+
+    // Node 1 rotates, changes the upstream (the hook ran) and stops before
+    // committing, holding the claim.
+    let mut d1 = start_stopping_at(&node1, "rotate.upstream_changed");
+    wait_for(
+        Duration::from_secs(40),
+        "node 1 at the fault point",
+        &d1,
+        || {
+            d1.log_text()
+                .contains("fault point rotate.upstream_changed reached")
+        },
+    );
+    let claimed_at = Instant::now();
+    assert_eq!(
+        c.sql("SELECT count(*) FROM secret_versions WHERE name = 'warden/rotation/svc/token'")
+            .trim(),
+        "1",
+        "the pending value is stored"
+    );
+    // Node 2 runs meanwhile; killed, node 1 never releases its claim.
+    let mut d2 = node2.start_daemon();
+    let _ = d1.child.kill(); // SIGKILL
+    let _ = d1.child.wait();
+    // While the claim lasts, node 2 leaves the rotation alone.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(versions().trim(), "1", "{}", d2.log_text());
+    assert_eq!(std::fs::read_to_string(&ran).unwrap().trim(), "node1");
+    // After it lapses, node 2 claims the job and finishes the rotation with
+    // the crash-safe steps: the hook re-run with the pending value, which
+    // is committed as version 2 — one new version, not two.
+    wait_for(
+        Duration::from_secs(120),
+        "node 2 finishes the rotation",
+        &d2,
+        || versions().trim() == "2",
+    );
+    let finished_after = claimed_at.elapsed();
+    println!(
+        "a killed node's rotation finished by another node {} s after the claim was taken",
+        finished_after.as_secs()
+    );
+    assert!(
+        finished_after >= Duration::from_secs(55),
+        "{finished_after:?}"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(versions().trim(), "2", "no second rotation");
+    let hooks = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(
+        hooks.lines().collect::<Vec<_>>(),
+        ["node1", "node2"],
+        "{hooks}"
+    );
+    let given1 = std::fs::read(dir.path().join("value.node1")).unwrap();
+    let given2 = std::fs::read(dir.path().join("value.node2")).unwrap();
+    assert_eq!(
+        given1, given2,
+        "the recovery re-ran the hook with the pending value"
+    );
+    let stored = node2.run(&["secret", "get", "svc/token", "--reveal"]);
+    assert_eq!(stored.ok().stdout.as_bytes(), &given2[..]);
+    assert_eq!(
+        c.sql("SELECT count(*) FROM secret_versions WHERE name = 'warden/rotation/svc/token'")
+            .trim(),
+        "0",
+        "the pending value is gone"
+    );
+    let audit = std::fs::read_to_string(node2.audit_log()).unwrap();
+    assert!(
+        audit.contains("recovered an interrupted rotation"),
+        "{audit}"
+    );
+    assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
+}
