@@ -6,11 +6,13 @@
 //! one. Each missing capability stops the start with its name. Needs root
 //! (to switch to the test uid and grant capabilities with `setpriv`).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use warden_tests::cgroup::Cgroup;
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
 use warden_tests::{free_port, have_root, warden_bin, Instance};
 
@@ -76,6 +78,17 @@ fn chown(path: impl AsRef<Path>, uid: u32) {
 /// An instance with a postgres route for root's psql, initialised (as
 /// root) and then handed to the test uid.
 fn instance(extra: &str, pg_port: u16, listen_port: u16) -> Instance {
+    instance_with(extra, "", pg_port, listen_port)
+}
+
+/// As [`instance`], with more `[[workload]]` tables (`workloads`), each
+/// allowed on the route.
+fn instance_with(extra: &str, workloads: &str, pg_port: u16, listen_port: u16) -> Instance {
+    let allow: String = workloads
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = "))
+        .map(|n| format!(", {n}"))
+        .collect();
     let cfg = format!(
         r#"trust_domain = "example.org"
 {extra}
@@ -84,6 +97,7 @@ fn instance(extra: &str, pg_port: u16, listen_port: u16) -> Instance {
 name = "root-psql"
 spiffe_id = "spiffe://example.org/psql"
 selectors = {{ uid = 0 }}
+{workloads}
 
 [[route]]
 name = "app-db"
@@ -92,7 +106,7 @@ listen = "127.0.0.1:{listen_port}"
 upstream = "127.0.0.1:{pg_port}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ user = "app", secret = "app-db/app" }}
-allow = ["root-psql"]
+allow = ["root-psql"{allow}]
 connect_timeout = "5s"
 "#
     );
@@ -356,4 +370,77 @@ fn each_missing_capability_stops_the_start_with_its_name() {
         stderr.contains("route \"app-db\" listen") && stderr.contains("CAP_NET_BIND_SERVICE"),
         "{stderr}"
     );
+}
+
+/// The kernel relay and a freeze work with what the unprivileged daemon
+/// keeps: sockhash and frozen-cgroup map updates through descriptors it
+/// opened at start-up need no capability.
+#[test]
+fn kernel_relay_and_freeze_work_after_the_capabilities_are_dropped() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let port = free_port();
+    let cg = Cgroup::new("least-privilege");
+    let workloads = format!(
+        "[[workload]]\nname = \"kr\"\nspiffe_id = \"spiffe://example.org/kr\"\nselectors = {{ uid = 0, cgroup = \"{}\" }}\n",
+        cg.name
+    );
+    let warden = instance_with("[monitor]\nebpf = \"required\"", &workloads, pg.port, port);
+    let _pins = PinRootLoan::to_test_uid();
+    let daemon = start(&warden, &CAPS);
+
+    let mut psql = cg
+        .command(&format!(
+            "psql -X -q -tA -v ON_ERROR_STOP=1 -d 'host=127.0.0.1 port={port} dbname=postgres user=app sslmode=disable' -f -"
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql in a cgroup");
+    let mut stdin = psql.stdin.take().expect("stdin");
+    for i in 0..40 {
+        writeln!(stdin, "select {i};").expect("write");
+    }
+    stdin.flush().expect("flush");
+    let spliced = "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !warden.http_get("/metrics").1.lines().any(|l| {
+        l.strip_prefix(spliced)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v >= 1.0)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no splice: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = warden.run(&["freeze", "kr", "--reason", "least privilege test"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = writeln!(stdin, "select 'after the freeze';");
+    drop(stdin);
+    let out = psql.wait_with_output().expect("psql");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("39"),
+        "the spliced queries ran: {stdout}{stderr}"
+    );
+    assert!(!stdout.contains("after the freeze"), "{stdout}");
+    assert!(stderr.contains("frozen"), "{stderr}");
+    // The kernel refuses the frozen cgroup's next connection.
+    let (code, _, stderr) = cg.psql(
+        &format!("host=127.0.0.1 port={port} dbname=postgres user=app sslmode=disable"),
+        "select 1",
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("Operation not permitted"), "{stderr}");
+    assert_eq!(warden.run(&["unfreeze", "kr"]).code, 0);
 }
