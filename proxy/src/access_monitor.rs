@@ -150,7 +150,7 @@ pub struct AccessMonitor {
 }
 
 /// Where every daemon's pin directories live.
-const PIN_ROOT: &str = "/sys/fs/bpf/warden";
+pub(crate) const PIN_ROOT: &str = "/sys/fs/bpf/warden";
 
 /// bpffs directory for this data dir's pins: one per data dir, so several
 /// daemons on a host (tests, staging beside production) never share state.

@@ -85,6 +85,15 @@ impl Hardening {
                 )));
             }
             ebpf_unavailable = Some(what);
+        } else if want_ebpf {
+            if let Some(problem) = pin_root_problem() {
+                if cfg.monitor.ebpf == EbpfMode::Required {
+                    return Err(Error::usage(format!(
+                        "monitor.ebpf = \"required\": {problem}, or set monitor.ebpf = \"auto\""
+                    )));
+                }
+                ebpf_unavailable = Some(problem);
+            }
         }
         if !rustix::process::geteuid().is_root() {
             let missing: Vec<&str> = KEPT
@@ -130,6 +139,35 @@ impl Hardening {
         loader.send(run).ok()?;
         rx.await.ok()
     }
+}
+
+/// Why this process could not pin its eBPF state under
+/// `/sys/fs/bpf/warden` (None: it can). A daemon that is not root needs the
+/// directory to be its own: nothing in its capability set passes
+/// permission checks on files.
+fn pin_root_problem() -> Option<String> {
+    use rustix::fs::{accessat, Access, AtFlags, CWD};
+    let root = std::path::Path::new(crate::access_monitor::PIN_ROOT);
+    let (path, what) = if root.exists() {
+        (root, "use")
+    } else {
+        (root.parent()?, "create")
+    };
+    let writable = accessat(
+        CWD,
+        path,
+        Access::WRITE_OK | Access::EXEC_OK,
+        AtFlags::EACCESS,
+    );
+    let user = rustix::process::geteuid().as_raw();
+    writable.err().map(|e| {
+        format!(
+            "uid {user} cannot {what} the eBPF pin directory {} ({e}); fix: make it this user's \
+             (install -d -m 0700 -o {user} {}; the Debian package's tmpfiles.d does this for the warden user)",
+            root.display(),
+            root.display()
+        )
+    })
 }
 
 /// True if `set` holds `cap` (or `CAP_SYS_ADMIN`, which the kernel accepts

@@ -49,6 +49,11 @@ impl PinRootLoan<'_> {
     }
 }
 
+/// Holds the pin root as root's while a test needs it so.
+fn pin_root_kept_roots() -> std::sync::MutexGuard<'static, ()> {
+    PIN_ROOT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Drop for PinRootLoan<'_> {
     fn drop(&mut self) {
         chown_one("/sys/fs/bpf/warden", 0);
@@ -175,9 +180,18 @@ impl Drop for Running {
 }
 
 fn start(warden: &Instance, caps: &[&str]) -> Running {
+    start_notifying(warden, caps, None)
+}
+
+/// As [`start`], with `NOTIFY_SOCKET` set to `notify` (sd_notify).
+fn start_notifying(warden: &Instance, caps: &[&str], notify: Option<&Path>) -> Running {
     let log = warden.dir.path().join("daemon.log");
     let logf = std::fs::File::create(&log).expect("log");
-    let child = up_as_test_uid(warden, caps)
+    let mut command = up_as_test_uid(warden, caps);
+    if let Some(socket) = notify {
+        command.env("NOTIFY_SOCKET", socket);
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(logf.try_clone().expect("log"))
         .stderr(logf)
@@ -223,8 +237,23 @@ fn runs_unprivileged_with_the_documented_capabilities_and_drops_what_it_no_longe
     let port = free_port();
     let warden = instance("[monitor]\nebpf = \"required\"", pg.port, port);
     let _pins = PinRootLoan::to_test_uid();
-    let mut daemon = start(&warden, &CAPS);
+    // systemd's Type=notify protocol: a datagram socket the daemon may write to.
+    let notify_path = warden.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    std::fs::set_permissions(
+        &notify_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .expect("chmod notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut daemon = start_notifying(&warden, &CAPS, Some(&notify_path));
     let pid = daemon.child.id();
+    let mut ready = [0u8; 256];
+    let n = notify.recv(&mut ready).expect("READY=1 datagram");
+    let ready = String::from_utf8_lossy(&ready[..n]);
+    assert!(ready.starts_with("READY=1\nSTATUS=serving"), "{ready}");
     assert_eq!(
         status_field(pid, None, "Uid").split_whitespace().next(),
         Some("64711")
@@ -358,6 +387,19 @@ fn each_missing_capability_stops_the_start_with_its_name() {
                 && stderr.contains("monitor.ebpf = \"required\"")
                 && stderr.contains("AmbientCapabilities="),
             "names {name}, the key and the fix: {stderr}"
+        );
+    }
+
+    // A pin directory the daemon's user may not write to.
+    {
+        let _root_owned = pin_root_kept_roots();
+        let out = up_as_test_uid(&warden, &CAPS).output().expect("setpriv");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("uid 64711 cannot use the eBPF pin directory /sys/fs/bpf/warden")
+                && stderr.contains("install -d -m 0700 -o 64711 /sys/fs/bpf/warden"),
+            "{stderr}"
         );
     }
 
