@@ -220,14 +220,15 @@ fn drop_startup_capabilities(have: CapabilitySets) -> Result<()> {
             .map_err(|e| Error::internal(format!("cannot drop capabilities: {e}")))?;
     }
     let dropped = names_of(have.permitted & startup);
-    let held = names_of(kept.effective);
+    let held = if rustix::process::geteuid().is_root() {
+        "all but CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN (running as root)".to_string()
+    } else if kept.effective.is_empty() {
+        "none".to_string()
+    } else {
+        names_of(kept.effective)
+    };
     tracing::info!(
-        "capabilities: {} held while the daemon runs{}",
-        if held.is_empty() {
-            "none".to_string()
-        } else {
-            held
-        },
+        "capabilities: {held} held while the daemon runs{}",
         if dropped.is_empty() {
             String::new()
         } else {
@@ -237,8 +238,8 @@ fn drop_startup_capabilities(have: CapabilitySets) -> Result<()> {
     Ok(())
 }
 
-/// `CAP_*` names of the capabilities warden knows about in `set`, or
-/// "all" for a full set.
+/// `CAP_*` names of the capabilities warden knows about in `set`, plus
+/// "others" when it holds more.
 fn names_of(set: CapabilitySet) -> String {
     const KNOWN: [(CapabilitySet, &str); 7] = [
         (CapabilitySet::BPF, "CAP_BPF"),
@@ -254,13 +255,11 @@ fn names_of(set: CapabilitySet) -> String {
         .filter(|(c, _)| set.contains(*c))
         .map(|(_, n)| *n)
         .collect();
-    let others = (set
-        - KNOWN
-            .iter()
-            .fold(CapabilitySet::empty(), |a, (c, _)| a | *c))
-    .bits();
-    if others != 0 {
-        out.push("others (root)");
+    let known = KNOWN
+        .iter()
+        .fold(CapabilitySet::empty(), |a, (c, _)| a | *c);
+    if !(set - known).is_empty() {
+        out.push("others");
     }
     out.join(", ")
 }
