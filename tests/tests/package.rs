@@ -75,6 +75,90 @@ fn installed_status() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `warden up` from the installed files as the `warden` user with the
+/// unit's capabilities, until `warden status` answers; then a clean stop.
+/// Skipped (with a note) when /run/warden or the default metrics port is
+/// already in use on this machine.
+fn serve_as_the_unit_would(warden_uid: u32) {
+    let run_dir = Path::new("/run/warden");
+    if run_dir.exists() || std::net::TcpListener::bind("127.0.0.1:9477").is_err() {
+        println!(
+            "note: /run/warden or 127.0.0.1:9477 in use here; not starting the packaged daemon"
+        );
+        return;
+    }
+    let unit = std::fs::read_to_string(UNIT).expect("unit");
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities=");
+    let caps: Vec<String> = caps
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let caps = caps.join(",");
+    ok(
+        "install",
+        &[
+            "-d",
+            "-m",
+            "0755",
+            "-o",
+            "warden",
+            "-g",
+            "warden",
+            "/run/warden",
+        ],
+    );
+    let log_path = std::env::temp_dir().join(format!("warden-package-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).expect("log");
+    let mut daemon = Command::new("setpriv")
+        .arg(format!("--reuid={warden_uid}"))
+        .arg(format!("--regid={warden_uid}"))
+        .args(["--init-groups"])
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .args(["--", "/usr/bin/warden", "--config", CONFIG, "up"])
+        .env("WARDEN_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("setpriv");
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !run("/usr/bin/warden", &["--config", CONFIG, "status"])
+        .status
+        .success()
+    {
+        if let Ok(Some(st)) = daemon.try_wait() {
+            panic!("the packaged daemon exited ({st}): {}", log_text());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready: {}",
+            log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok("kill", &["-TERM", &daemon.id().to_string()]);
+    let status = daemon.wait().expect("wait");
+    let text = log_text();
+    let _ = std::fs::remove_dir_all(run_dir);
+    let _ = std::fs::remove_file(&log_path);
+    assert!(status.success(), "clean stop: {text}");
+    assert!(
+        text.contains("eBPF access monitor attached"),
+        "the monitor loads as the warden user: {text}"
+    );
+    assert!(
+        text.contains(
+            "capabilities: CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH held while the daemon runs"
+        ),
+        "{text}"
+    );
+}
+
 fn user_exists(name: &str, db: &str) -> bool {
     run("getent", &[db, name]).status.success()
 }
@@ -133,6 +217,11 @@ fn the_debian_package_installs_a_hardened_unit_keeps_edited_config_and_removes_c
     let owner = std::fs::metadata("/var/lib/warden/store.db").expect("store.db");
     let warden_uid: u32 = ok("id", &["-u", "warden"]).trim().parse().expect("uid");
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), warden_uid);
+
+    // The daemon as the unit runs it, minus systemd: the warden user with
+    // the unit's ambient capabilities, the shipped config, /run/warden as
+    // RuntimeDirectory= makes it, the pin directory from tmpfiles.d.
+    serve_as_the_unit_would(warden_uid);
 
     // The unit, offline.
     let verify = run("systemd-analyze", &["verify", UNIT]);
