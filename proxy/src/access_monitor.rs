@@ -313,9 +313,10 @@ impl AccessMonitor {
                 Monitor::load(&monitor_cfg)
             })
             .await
-            .ok_or_else(|| Error::internal("the eBPF loader thread ended before loading the monitor"))?;
-        match loaded
-        {
+            .ok_or_else(|| {
+                Error::internal("the eBPF loader thread ended before loading the monitor")
+            })?;
+        match loaded {
             Ok(monitor) => {
                 let monitor = Arc::new(monitor);
                 let m = metrics.clone();

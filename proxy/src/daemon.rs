@@ -1,8 +1,8 @@
 //! `warden up`: the long-running daemon.
 //!
 //! Start-up order: private umask → capabilities checked and dropped, not
-//! dumpable, descriptor limit raised (`privileges`) → data dir checks and lock → store, audit log
-//! and master key (sealed if the KEK is split into shares) → admin socket and
+//! dumpable, descriptor limit raised (`privileges`) → data dir checks and
+//! lock → store, audit log and master key (sealed if the KEK is split into shares) → admin socket and
 //! metrics endpoint bound → `daemon.start` audit record → `READY=1` to systemd.
 //! SIGTERM/SIGINT stop it cleanly: `daemon.stop` is recorded and the socket
 //! removed.
@@ -134,7 +134,9 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // One executable-hash cache for the daemon: attestation, freezes and
         // the event feed hash a process's executable once.
         let hashes = Arc::new(warden_identity::attest::ExeHashCache::new());
-        let access = AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone(), &mut hardening).await?;
+        let access =
+            AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone(), &mut hardening)
+                .await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
