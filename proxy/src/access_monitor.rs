@@ -150,7 +150,7 @@ pub struct AccessMonitor {
 }
 
 /// Where every daemon's pin directories live.
-const PIN_ROOT: &str = "/sys/fs/bpf/warden";
+pub(crate) const PIN_ROOT: &str = "/sys/fs/bpf/warden";
 
 /// bpffs directory for this data dir's pins: one per data dir, so several
 /// daemons on a host (tests, staging beside production) never share state.
@@ -239,6 +239,7 @@ impl AccessMonitor {
         listeners: Vec<(SocketAddr, String)>,
         metrics: &Metrics,
         hashes: Arc<ExeHashCache>,
+        hardening: &mut crate::privileges::Hardening,
     ) -> Result<AccessMonitor> {
         let feed = Arc::new(EventFeed::new());
         let procfs = |mode| AccessMonitor {
@@ -286,18 +287,36 @@ impl AccessMonitor {
             warden_tgid: std::process::id(),
             pin_dir: Some(pin_dir_for(data_dir)),
         };
-        match tokio::task::spawn_blocking(move || {
-            for gone in release_orphans() {
-                tracing::info!(
-                    "released the eBPF pins of a crashed warden whose data dir {} no longer exists",
-                    gone.display()
-                );
-            }
-            Monitor::load(&monitor_cfg)
-        })
+        if let Some(why) = &hardening.ebpf_unavailable {
+            // `required` refused to start earlier (`Hardening::begin`).
+            tracing::warn!(
+                "eBPF monitor unavailable, falling back to /proc attribution (no access events, no kernel deny{}): {why}",
+                if cfg.monitor.protect_upstreams == ProtectMode::Enforce {
+                    ", protect_upstreams = \"enforce\" is NOT enforced"
+                } else {
+                    ""
+                }
+            );
+            metrics.set_monitor_mode(MonitorMode::Procfs);
+            return Ok(procfs(MonitorMode::Procfs));
+        }
+        // Loading runs on the loader thread, the one thread that still holds
+        // the capabilities for it (see `privileges`).
+        let loaded = hardening
+            .with_loader(move || {
+                for gone in release_orphans() {
+                    tracing::info!(
+                        "released the eBPF pins of a crashed warden whose data dir {} no longer exists",
+                        gone.display()
+                    );
+                }
+                Monitor::load(&monitor_cfg)
+            })
             .await
-            .map_err(|e| Error::internal(format!("monitor start-up failed: {e}")))?
-        {
+            .ok_or_else(|| {
+                Error::internal("the eBPF loader thread ended before loading the monitor")
+            })?;
+        match loaded {
             Ok(monitor) => {
                 let monitor = Arc::new(monitor);
                 let m = metrics.clone();

@@ -1,7 +1,8 @@
 //! `warden up`: the long-running daemon.
 //!
-//! Start-up order: private umask → data dir checks and lock → store, audit log
-//! and master key (sealed if the KEK is split into shares) → admin socket and
+//! Start-up order: private umask → capabilities checked and dropped, not
+//! dumpable, descriptor limit raised (`privileges`) → data dir checks and
+//! lock → store, audit log and master key (sealed if the KEK is split into shares) → admin socket and
 //! metrics endpoint bound → `daemon.start` audit record → `READY=1` to systemd.
 //! SIGTERM/SIGINT stop it cleanly: `daemon.stop` is recorded and the socket
 //! removed.
@@ -71,6 +72,10 @@ fn bind_workload_socket(path: &Path) -> Result<tokio::net::UnixListener> {
 pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     // Everything the daemon creates (socket, audit files) is private by default.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // First, while this is the only thread: capabilities checked and dropped
+    // (the eBPF loader thread keeps its own until it is done), no core dumps,
+    // the descriptor limit raised.
+    let mut hardening = crate::privileges::Hardening::begin(cfg)?;
     paths::check_private_dir(data_dir)?;
     let _lock = paths::lock_data_dir(data_dir)?;
     let mut service = SecretService::open(data_dir, StorePolicy::from_config(cfg), true)?;
@@ -129,7 +134,9 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // One executable-hash cache for the daemon: attestation, freezes and
         // the event feed hash a process's executable once.
         let hashes = Arc::new(warden_identity::attest::ExeHashCache::new());
-        let access = AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone()).await?;
+        let access =
+            AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone(), &mut hardening)
+                .await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(

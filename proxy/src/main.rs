@@ -11,6 +11,7 @@ mod admin;
 mod cli;
 mod daemon;
 mod observe;
+mod privileges;
 
 use clap::Parser;
 

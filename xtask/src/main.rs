@@ -38,6 +38,10 @@
 //!   update the committed `ebpf/prebuilt/warden-ebpf.o`, or with `--check`
 //!   fail if it no longer matches the sources (see `ebpf_build.rs`).
 //!
+//! * `cargo xtask package` — the Debian package (`target/debian/warden_*.deb`)
+//!   built by cargo-deb, installed first when missing as root (see
+//!   `package.rs`).
+//!
 //! * `cargo xtask help` — usage.
 
 mod bench;
@@ -45,6 +49,7 @@ mod cmd;
 mod demo;
 mod demo_pg;
 mod ebpf_build;
+mod package;
 mod prereq;
 mod test_suite;
 
@@ -62,6 +67,7 @@ commands:
                              direct vs warden vs PgBouncer (--pg-seconds N, --pg-rounds N)
   ebpf [--check]             rebuild the kernel programs (nightly + bpf-linker) into
                              ebpf/prebuilt/warden-ebpf.o; --check only compares
+  package                    the Debian package (cargo-deb): target/debian/warden_*.deb
   help                       show this text
 ";
 
@@ -106,6 +112,13 @@ fn dispatch(args: &[String]) -> anyhow::Result<ExitCode> {
             }
             [flag] if flag == "--check" => {
                 ebpf_build::run(&repo_root(), ebpf_build::Mode::Check)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            [other, ..] => Ok(usage_error(&format!("unexpected argument `{other}`"))),
+        },
+        "package" => match rest {
+            [] => {
+                package::run(&repo_root())?;
                 Ok(ExitCode::SUCCESS)
             }
             [other, ..] => Ok(usage_error(&format!("unexpected argument `{other}`"))),

@@ -58,6 +58,18 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::Path,
     },
     Requirement {
+        binary: "prlimit",
+        package: "util-linux",
+        why: "the least-privilege test starts warden under a low open-files limit",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "systemd-analyze",
+        package: "systemd",
+        why: "the package test verifies and rates the unit offline",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "openssl",
         package: "openssl",
         why: "tests create and inspect keys and certificates",
