@@ -268,7 +268,6 @@ async fn session(
         }
     };
     let label = format!("{} v{}", route.secret, secret.version);
-    let connect_started = Instant::now();
     let upstream = match login(&route, &secret).await {
         Ok(u) => u,
         Err(f) => {
@@ -307,7 +306,6 @@ async fn session(
     shared
         .metrics
         .upstream_latency(&route.name, upstream.connect_time, upstream.auth_time);
-    let _ = connect_started;
     let detail = format!(
         "redis to {}:{}{}",
         route.host,
