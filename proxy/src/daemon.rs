@@ -20,6 +20,7 @@ use warden_core::paths;
 use warden_core::service::{SecretService, StorePolicy};
 use warden_http as http;
 use warden_postgres as pg;
+use warden_redis as redis;
 use warden_tls as tlsroute;
 use warden_workload_api as workload_api;
 use warden_workload_api::provider::WorkloadIdentityProvider;
@@ -117,6 +118,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?, pg_shards.len()).await?;
         let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
         let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;
+        let redis_listeners = redis::bind_routes(redis::RedisRoute::from_config(cfg)?).await?;
         // Every bound listener is watched by the monitor (attribution, events).
         let mut bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
             .iter()
@@ -128,6 +130,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         }));
         bound.extend(
             tls_listeners
+                .iter()
+                .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
+        );
+        bound.extend(
+            redis_listeners
                 .iter()
                 .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
         );
@@ -320,6 +327,14 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         for (route, tcp) in tls_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
             route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
+        }
+        let redis_shared = Arc::new(redis::RedisShared {
+            admission: admission.clone(),
+            metrics: metrics.clone(),
+        });
+        for (route, tcp) in redis_listeners {
+            tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
+            route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
         }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {

@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod fulldisk;
 pub mod pg;
 pub mod prom;
+pub mod redis;
 pub mod upstream;
 pub mod webhook;
 

@@ -106,6 +106,7 @@ pub enum AttestVia {
     Postgres,
     Http,
     Tls,
+    Redis,
     WorkloadApi,
 }
 
@@ -115,6 +116,7 @@ impl AttestVia {
             AttestVia::Postgres => "postgres",
             AttestVia::Http => "http",
             AttestVia::Tls => "tls",
+            AttestVia::Redis => "redis",
             AttestVia::WorkloadApi => "workload_api",
         }
     }
@@ -357,6 +359,7 @@ impl Metrics {
             AttestVia::Postgres,
             AttestVia::Http,
             AttestVia::Tls,
+            AttestVia::Redis,
             AttestVia::WorkloadApi,
         ] {
             attestation_seconds.with_label_values(&[via.as_str(), "ok"]);

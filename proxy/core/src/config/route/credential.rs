@@ -27,7 +27,9 @@ config_enum! {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credential {
-    /// Database user.
+    /// Database user (postgres: required; redis: the ACL user, empty for
+    /// `AUTH password` alone).
+    #[serde(default)]
     pub user: String,
     /// Name of the secret holding the password.
     pub secret: String,
@@ -105,10 +107,22 @@ impl Dynamic {
 
 /// `route[i].credential`: the login, its secret and cache TTL, and `dynamic`.
 pub(super) fn check_credential(c: &mut Checker<'_>, k: &str, r: &Route, cred: &Credential) {
-    if cred.user.trim().is_empty() {
+    if r.kind == super::RouteKind::Redis {
+        if cred
+            .user
+            .chars()
+            .any(|ch| ch.is_whitespace() || ch.is_control())
+        {
+            c.error(
+                format!("{k}.credential.user"),
+                format!("credential.user {:?} contains a space or control character, which a Redis ACL user name cannot", cred.user),
+                "set user to the ACL user warden logs in as (e.g. user = \"app\"), or remove it to send AUTH with the password alone",
+            );
+        }
+    } else if cred.user.trim().is_empty() {
         c.error(
             format!("{k}.credential.user"),
-            "credential.user is empty",
+            "credential.user is missing or empty",
             "set user to the database role warden logs in as, e.g. user = \"app\"",
         );
     }

@@ -5,6 +5,7 @@
 
 pub(super) mod credential;
 pub(super) mod inject;
+pub(super) mod redis;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +45,8 @@ config_enum! {
         Http => "http",
         /// Raw TLS passthrough or origination to `upstream`.
         Tls => "tls",
+        /// Redis (RESP2/RESP3); warden sends `AUTH` with `credential`.
+        Redis => "redis",
     }
 }
 
@@ -82,7 +85,7 @@ pub struct Route {
     /// TLS towards the upstream.
     #[serde(default)]
     pub upstream_tls: UpstreamTls,
-    /// Login credential (postgres).
+    /// Login credential (postgres, redis).
     #[serde(default)]
     pub credential: Option<Credential>,
     /// Header injection (http).
@@ -139,6 +142,12 @@ pub struct Route {
     /// socket. Default true; needs the eBPF monitor loaded.
     #[serde(default)]
     pub kernel_relay: Option<bool>,
+    /// redis: commands clients may not send (answered with `-NOPERM`).
+    #[serde(default)]
+    pub deny_commands: Option<Vec<String>>,
+    /// redis: the only commands clients may send (others get `-NOPERM`).
+    #[serde(default)]
+    pub allow_commands: Option<Vec<String>>,
 }
 
 /// `route[].connect_timeout` when not set.
@@ -163,7 +172,9 @@ impl Route {
     pub fn upstream_host_port(&self) -> Result<(String, u16), String> {
         match self.kind {
             RouteKind::Http => parse_http_url(&self.upstream).map(|u| (u.host, u.port)),
-            RouteKind::Postgres | RouteKind::Tls => split_host_port(&self.upstream),
+            RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis => {
+                split_host_port(&self.upstream)
+            }
         }
     }
 }
@@ -332,6 +343,7 @@ pub(super) fn check_routes(c: &mut Checker<'_>) {
         }
 
         check_route_kind_keys(c, &k, r);
+        redis::check_redis_keys(c, &k, r);
         check_upstream(c, &k, r);
         check_route_secret(c, &k, r);
         if r.kind == RouteKind::Tls && r.mode == TlsRouteMode::Server {
@@ -468,13 +480,20 @@ fn listen_clash(a: SocketAddr, b: SocketAddr) -> bool {
 fn check_upstream(c: &mut Checker<'_>, k: &str, r: &Route) {
     let mode = r.upstream_tls.mode;
     match r.kind {
-        RouteKind::Postgres | RouteKind::Tls => match split_host_port(&r.upstream) {
+        RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis => match split_host_port(
+            &r.upstream,
+        ) {
             Err(problem) => c.error(
                 format!("{k}.upstream"),
                 format!("upstream \"{}\" {problem}", r.upstream),
                 format!(
-                    "for kind = \"{}\" write upstream as host:port, e.g. \"db.internal:5432\"",
-                    r.kind
+                    "for kind = \"{}\" write upstream as host:port, e.g. \"{}\"",
+                    r.kind,
+                    if r.kind == RouteKind::Redis {
+                        "cache.internal:6379"
+                    } else {
+                        "db.internal:5432"
+                    }
                 ),
             ),
             Ok((host, _)) => {
@@ -548,6 +567,15 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 );
             }
         }
+        RouteKind::Redis => {
+            if r.credential.is_none() {
+                c.error(
+                    format!("{k}.credential"),
+                    format!("redis route \"{}\" has no credential, so warden cannot log in to Redis for its clients", r.name),
+                    "add credential = { secret = \"cache/app\" } (and user = \"app\" for a Redis ACL user)",
+                );
+            }
+        }
         RouteKind::Tls => {
             if r.mode == TlsRouteMode::Server
                 && (r.upstream_tls.spiffe_id.is_some() || r.upstream_tls.ca_file.is_some())
@@ -567,10 +595,10 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
             "remove them from this route",
         );
     }
-    if r.credential.is_some() && r.kind != RouteKind::Postgres {
+    if r.credential.is_some() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Redis) {
         c.error(
             format!("{k}.credential"),
-            format!("credential is only used by kind = \"postgres\" routes; this route is kind = \"{}\"", r.kind),
+            format!("credential is only used by kind = \"postgres\" and kind = \"redis\" routes; this route is kind = \"{}\"", r.kind),
             if r.kind == RouteKind::Http {
                 "use inject = { header = ..., value = \"... {secret}\", secret = ... } for http routes"
             } else {
@@ -585,8 +613,8 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 "inject is only used by kind = \"http\" routes; this route is kind = \"{}\"",
                 r.kind
             ),
-            if r.kind == RouteKind::Postgres {
-                "use credential = { user = ..., secret = ... } for postgres routes"
+            if matches!(r.kind, RouteKind::Postgres | RouteKind::Redis) {
+                "use credential = { user = ..., secret = ... } for postgres and redis routes"
             } else {
                 "remove inject from this route"
             },

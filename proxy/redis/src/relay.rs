@@ -1,0 +1,513 @@
+//! The relay after warden's login: client commands are parsed one by one
+//! (policy, AUTH/HELLO handling), server replies are walked frame by frame
+//! so warden's own answers (a refused command's `-NOPERM`, a client AUTH's
+//! `+OK`) reach the client in the place of the reply they stand for, even
+//! inside a pipeline, a MULTI block or behind a blocking command.
+//!
+//! Two halves run in one task: the client → upstream half sends the reply
+//! plan ([`Plan`], one entry per command, in command order) to the upstream
+//! → client half *before* it forwards the commands, so a reply never
+//! arrives before its entry. Once a RESP2 connection subscribes (or runs
+//! MONITOR or CLIENT REPLY) replies no longer match commands one to one:
+//! from then on every frame is relayed as it comes and warden's own answers
+//! are written at once — until a RESET, whose `+RESET` puts the two back
+//! in step. In RESP3 pub/sub messages and subscribe confirmations are push
+//! frames, which never count as replies.
+
+use crate::resp::{encode_command, error_reply, parse_command, Command, ReplyScanner};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// What the client gets for one command, in command order.
+#[derive(Debug)]
+enum Plan {
+    /// The upstream's next reply, relayed.
+    Relay,
+    /// The upstream's next reply (`+RESET`), relayed; in unsynchronised
+    /// mode it puts the halves back in step.
+    Reset,
+    /// The upstream's next reply is warden's own (re-authentication after
+    /// RESET): consumed, never shown.
+    Swallow,
+    /// The upstream's next reply is replaced by these bytes.
+    Replace(Vec<u8>),
+    /// warden's own answer, written when every earlier reply is.
+    Local(Vec<u8>),
+    /// From here on replies do not match commands one to one.
+    Unsync,
+    /// Written after every earlier reply; then the session ends.
+    End(Vec<u8>),
+    /// The client closed: the session ends after every earlier reply.
+    Eof,
+}
+
+/// A route's command list: `deny_commands` or `allow_commands`, upper case.
+#[derive(Debug, Clone, Default)]
+pub struct CommandPolicy {
+    pub deny: Vec<String>,
+    pub allow: Option<Vec<String>>,
+}
+
+impl CommandPolicy {
+    pub fn new(deny: Option<&[String]>, allow: Option<&[String]>) -> CommandPolicy {
+        let upper = |v: &[String]| v.iter().map(|s| s.to_ascii_uppercase()).collect();
+        CommandPolicy {
+            deny: deny.map(upper).unwrap_or_default(),
+            allow: allow.map(upper),
+        }
+    }
+
+    /// May a client send `name` (upper case), with first argument `sub`?
+    /// An entry `NAME|SUB` names one subcommand.
+    pub fn permits(&self, name: &str, sub: Option<&[u8]>) -> bool {
+        let matches = |entry: &String| match entry.split_once('|') {
+            None => entry == name,
+            Some((cmd, s)) => {
+                cmd == name && sub.is_some_and(|sub| sub.eq_ignore_ascii_case(s.as_bytes()))
+            }
+        };
+        match &self.allow {
+            Some(allow) => allow.iter().any(matches),
+            None => !self.deny.iter().any(matches),
+        }
+    }
+}
+
+/// Who the session is for, and what warden logs in with.
+pub struct Context<'a> {
+    pub route: &'a str,
+    pub workload: &'a str,
+    pub policy: &'a CommandPolicy,
+    /// ACL user; empty: `AUTH password` (and `default` in HELLO).
+    pub user: &'a str,
+    pub password: &'a [u8],
+}
+
+impl Context<'_> {
+    /// warden's own AUTH command (zeroized with the buffer it goes into).
+    fn auth_command(&self, out: &mut Vec<u8>) {
+        if self.user.is_empty() {
+            encode_command(out, [&b"AUTH"[..], self.password].into_iter());
+        } else {
+            encode_command(
+                out,
+                [&b"AUTH"[..], self.user.as_bytes(), self.password].into_iter(),
+            );
+        }
+    }
+}
+
+/// What a finished relay reports.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub up: u64,
+    pub down: u64,
+    pub refused_commands: u64,
+    pub how: &'static str,
+}
+
+/// Relays until either side is done.
+pub async fn relay<C, U>(client: C, upstream: U, ctx: &Context<'_>) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (cr, cw) = tokio::io::split(client);
+    let (ur, uw) = tokio::io::split(upstream);
+    let (tx, rx) = unbounded_channel();
+    let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused);
+    let replies = upstream_to_client(ur, cw, rx, &down);
+    // The session ends when the reply half does: the command half hands
+    // its ending (EOF, protocol error) over as the plan's last entry.
+    let how = tokio::select! {
+        how = replies => how,
+        _ = async { commands.await; std::future::pending::<()>().await } => "",
+    };
+    Outcome {
+        up: up.load(Relaxed),
+        down: down.load(Relaxed),
+        refused_commands: refused.load(Relaxed),
+        how,
+    }
+}
+
+/// What the command half remembers about the connection.
+#[derive(Default)]
+struct ClientState {
+    resp3: bool,
+    in_multi: bool,
+    multi_failed: bool,
+    unsync: bool,
+}
+
+async fn client_to_upstream<R, W>(
+    mut client: R,
+    mut upstream: W,
+    plan: UnboundedSender<Plan>,
+    ctx: &Context<'_>,
+    up: &AtomicU64,
+    refused: &AtomicU64,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    // Holds warden's AUTH after a RESET: wiped when dropped.
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(16 * 1024));
+    let mut cmd = Command::default();
+    let mut st = ClientState::default();
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        match client.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = plan.send(Plan::Eof);
+                return;
+            }
+            Ok(_) => {}
+        }
+        let mut start = 0;
+        let mut ending = None;
+        loop {
+            match parse_command(&buf[start..], &mut cmd) {
+                Ok(false) => break,
+                Ok(true) => {
+                    let raw = &buf[start..start + cmd.len];
+                    if !cmd.args.is_empty() {
+                        let _ = handle(raw, &cmd, &mut st, &mut out, &plan, ctx, refused);
+                    }
+                    start += cmd.len;
+                }
+                Err(e) => {
+                    ending = Some(Plan::End(error_reply(
+                        "ERR",
+                        &format!("Protocol error: {e}"),
+                    )));
+                    break;
+                }
+            }
+        }
+        buf.drain(..start);
+        if !out.is_empty() {
+            if upstream.write_all(&out).await.is_err() {
+                let _ = plan.send(Plan::Eof);
+                return;
+            }
+            up.fetch_add(out.len() as u64, Relaxed);
+            out.clear();
+        }
+        if let Some(end) = ending {
+            let _ = plan.send(end);
+            return;
+        }
+    }
+}
+
+/// One client command: answered here, rewritten, or forwarded; its plan
+/// entry is sent before the bytes go out.
+fn handle(
+    raw: &[u8],
+    cmd: &Command,
+    st: &mut ClientState,
+    out: &mut Vec<u8>,
+    plan: &UnboundedSender<Plan>,
+    ctx: &Context<'_>,
+    refused: &AtomicU64,
+) -> Result<(), tokio::sync::mpsc::error::SendError<Plan>> {
+    let name = String::from_utf8_lossy(cmd.arg(raw, 0).unwrap_or_default()).to_ascii_uppercase();
+    let sub = cmd.arg(raw, 1);
+    let forward = |out: &mut Vec<u8>| {
+        if cmd.inline {
+            encode_command(out, cmd.args.iter().map(|r| &raw[r.clone()]));
+        } else {
+            out.extend_from_slice(raw);
+        }
+    };
+    match name.as_str() {
+        // The client's password is never checked nor forwarded: warden
+        // logged in for it.
+        "AUTH" => return plan.send(Plan::Local(b"+OK\r\n".to_vec())),
+        "HELLO" => {
+            hello(raw, cmd, st, out, ctx);
+            return plan.send(Plan::Relay);
+        }
+        _ => {}
+    }
+    if !ctx.policy.permits(&name, sub) {
+        refused.fetch_add(1, Relaxed);
+        if st.in_multi {
+            st.multi_failed = true;
+        }
+        return plan.send(Plan::Local(error_reply(
+            "NOPERM",
+            &format!(
+                "warden: route {:?} does not allow command {name:?} for workload {:?}",
+                ctx.route, ctx.workload
+            ),
+        )));
+    }
+    match name.as_str() {
+        "MULTI" => st.in_multi = true,
+        "EXEC" if st.multi_failed => {
+            // A refused command inside the block aborts it, as Redis does
+            // for commands it rejects while queueing.
+            st.in_multi = false;
+            st.multi_failed = false;
+            plan.send(Plan::Replace(
+                b"-EXECABORT Transaction discarded because of previous errors.\r\n".to_vec(),
+            ))?;
+            encode_command(out, [&b"DISCARD"[..]].into_iter());
+            return Ok(());
+        }
+        "EXEC" | "DISCARD" => {
+            st.in_multi = false;
+            st.multi_failed = false;
+        }
+        "RESET" => {
+            // RESET also logs the connection out: warden logs in again and
+            // keeps that answer to itself.
+            *st = ClientState::default();
+            plan.send(Plan::Reset)?;
+            plan.send(Plan::Swallow)?;
+            forward(out);
+            ctx.auth_command(out);
+            return Ok(());
+        }
+        "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "UNSUBSCRIBE" | "PUNSUBSCRIBE"
+        | "SUNSUBSCRIBE"
+            if !st.in_multi =>
+        {
+            // RESP3 confirms with push frames (not replies); RESP2 enters
+            // subscribed mode, where replies stop matching commands.
+            if !st.resp3 && !st.unsync {
+                st.unsync = true;
+                plan.send(Plan::Unsync)?;
+            }
+            forward(out);
+            return Ok(());
+        }
+        "MONITOR" if !st.in_multi => {
+            st.unsync = true;
+            plan.send(Plan::Unsync)?;
+            forward(out);
+            return Ok(());
+        }
+        "CLIENT" if sub.is_some_and(|s| s.eq_ignore_ascii_case(b"REPLY")) => {
+            st.unsync = true;
+            plan.send(Plan::Unsync)?;
+            forward(out);
+            return Ok(());
+        }
+        _ => {}
+    }
+    plan.send(Plan::Relay)?;
+    forward(out);
+    Ok(())
+}
+
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the client's AUTH
+/// pair is replaced by warden's login; everything else goes on unchanged.
+fn hello(raw: &[u8], cmd: &Command, st: &mut ClientState, out: &mut Vec<u8>, ctx: &Context<'_>) {
+    let args: Vec<&[u8]> = cmd.args.iter().map(|r| &raw[r.clone()]).collect();
+    match args.get(1) {
+        Some(v) if *v == b"3" => st.resp3 = true,
+        Some(v) if *v == b"2" => st.resp3 = false,
+        _ => {}
+    }
+    let has_auth = args.iter().skip(2).any(|a| a.eq_ignore_ascii_case(b"AUTH"));
+    if !has_auth && !cmd.inline {
+        out.extend_from_slice(raw);
+        return;
+    }
+    let user: &[u8] = if ctx.user.is_empty() {
+        b"default"
+    } else {
+        ctx.user.as_bytes()
+    };
+    let mut rebuilt: Vec<&[u8]> = args.iter().take(2).copied().collect();
+    let mut i = 2;
+    while i < args.len() {
+        if args[i].eq_ignore_ascii_case(b"AUTH") {
+            i += 3;
+            continue;
+        }
+        rebuilt.push(args[i]);
+        i += 1;
+    }
+    if has_auth {
+        rebuilt.extend_from_slice(&[b"AUTH", user, ctx.password]);
+    }
+    encode_command(out, rebuilt.into_iter());
+}
+
+async fn upstream_to_client<R, W>(
+    mut upstream: R,
+    mut client: W,
+    mut plan: UnboundedReceiver<Plan>,
+    down: &AtomicU64,
+) -> &'static str
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut queue: VecDeque<Plan> = VecDeque::new();
+    let mut unsync = false;
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut scanner = ReplyScanner::default();
+    // The command half's last entry is always Eof or End; after it the
+    // channel closes and only replies are awaited.
+    let mut plan_open = true;
+    loop {
+        let mut ended = None;
+        tokio::select! {
+            biased;
+            p = plan.recv(), if plan_open => match p {
+                Some(p) => queue.push_back(p),
+                None => plan_open = false,
+            },
+            r = upstream.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => ended = Some("upstream closed"),
+                Ok(_) => {
+                    let mut start = 0;
+                    loop {
+                        if ended.is_some() {
+                            break;
+                        }
+                        let n = match scanner.advance(&buf[start..]) {
+                            Ok(Some(n)) => n,
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!("upstream sent malformed RESP: {e}");
+                                ended = Some("upstream protocol error");
+                                break;
+                            }
+                        };
+                        let frame = &buf[start..start + n];
+                        start += n;
+                        while let Ok(p) = plan.try_recv() {
+                            queue.push_back(p);
+                        }
+                        ended = take_frame(frame, &mut queue, &mut unsync, &mut out);
+                        if ended.is_none() {
+                            ended = drain_front(&mut queue, &mut unsync, &mut out);
+                        }
+                    }
+                    buf.drain(..start);
+                    if buf.capacity() - buf.len() < 4096 {
+                        buf.reserve(16 * 1024);
+                    }
+                }
+            },
+        }
+        if ended.is_none() {
+            ended = drain_front(&mut queue, &mut unsync, &mut out);
+        }
+        if !out.is_empty() {
+            if client.write_all(&out).await.is_err() {
+                return "client closed";
+            }
+            down.fetch_add(out.len() as u64, Relaxed);
+            out.clear();
+        }
+        if let Some(how) = ended {
+            let _ = client.flush().await;
+            let _ = client.shutdown().await;
+            return how;
+        }
+    }
+}
+
+/// One complete reply frame from the upstream: relayed, consumed or
+/// replaced by the plan's front entry. `Some`: the session ends.
+fn take_frame(
+    frame: &[u8],
+    queue: &mut VecDeque<Plan>,
+    unsync: &mut bool,
+    out: &mut Vec<u8>,
+) -> Option<&'static str> {
+    if *unsync {
+        out.extend_from_slice(frame);
+        if frame == b"+RESET\r\n" && queue.iter().any(|p| matches!(p, Plan::Reset)) {
+            while let Some(p) = queue.pop_front() {
+                if matches!(p, Plan::Reset) {
+                    break;
+                }
+            }
+            *unsync = false;
+        }
+        return None;
+    }
+    if frame.first() == Some(&b'>') {
+        // A RESP3 push: out of band, never a reply to a command.
+        out.extend_from_slice(frame);
+        return None;
+    }
+    match queue.front() {
+        Some(Plan::Relay | Plan::Reset) => {
+            queue.pop_front();
+            out.extend_from_slice(frame);
+        }
+        Some(Plan::Swallow) => {
+            queue.pop_front();
+            if frame.first() == Some(&b'-') {
+                tracing::warn!("the upstream refused warden's login after RESET");
+                out.extend_from_slice(&error_reply(
+                    "ERR",
+                    "warden: the upstream refused warden's login after RESET; closing",
+                ));
+                return Some("re-authentication after RESET refused");
+            }
+        }
+        Some(Plan::Replace(_)) => {
+            if let Some(Plan::Replace(bytes)) = queue.pop_front() {
+                out.extend_from_slice(&bytes);
+            }
+        }
+        // Nothing asked for it (a reply after CLIENT REPLY ON, say): on.
+        _ => out.extend_from_slice(frame),
+    }
+    None
+}
+
+/// Writes the plan's leading local answers; `Some`: the session ends.
+fn drain_front(
+    queue: &mut VecDeque<Plan>,
+    unsync: &mut bool,
+    out: &mut Vec<u8>,
+) -> Option<&'static str> {
+    loop {
+        match queue.front() {
+            Some(Plan::Local(_)) => {
+                if let Some(Plan::Local(bytes)) = queue.pop_front() {
+                    out.extend_from_slice(&bytes);
+                }
+            }
+            Some(Plan::End(_)) => {
+                if let Some(Plan::End(bytes)) = queue.pop_front() {
+                    out.extend_from_slice(&bytes);
+                }
+                return Some("client protocol error");
+            }
+            Some(Plan::Eof) => return Some("client closed"),
+            Some(Plan::Unsync) => {
+                queue.pop_front();
+                *unsync = true;
+            }
+            // Unsynchronised: entries that wait for a reply no longer
+            // match one; only a RESET brings them back in step.
+            Some(Plan::Relay | Plan::Swallow | Plan::Replace(_)) if *unsync => {
+                queue.pop_front();
+            }
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -1,0 +1,176 @@
+//! The relay against a scripted upstream: warden's own answers keep their
+//! place among relayed replies.
+
+use super::*;
+use crate::resp::{parse_command, Command};
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+/// A fake server: answers each command with `+<NAME>` (or `*` arrays for
+/// SUBSCRIBE in RESP2), and records what it received.
+async fn fake_upstream(
+    mut s: DuplexStream,
+    seen: tokio::sync::mpsc::UnboundedSender<Vec<Vec<u8>>>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut c = Command::default();
+        while parse_command(&buf, &mut c).unwrap() {
+            let args: Vec<Vec<u8>> = c.args.iter().map(|r| buf[r.clone()].to_vec()).collect();
+            buf.drain(..c.len);
+            let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+            let reply = match name.as_str() {
+                "SUBSCRIBE" => format!(
+                    "*3\r\n$9\r\nsubscribe\r\n${}\r\n{}\r\n:1\r\n",
+                    args[1].len(),
+                    String::from_utf8_lossy(&args[1])
+                ),
+                "RESET" => "+RESET\r\n".into(),
+                "AUTH" => "+OK\r\n".into(),
+                _ => format!("+{name}\r\n"),
+            };
+            let _ = seen.send(args);
+            s.write_all(reply.as_bytes()).await.unwrap();
+        }
+    }
+}
+
+struct Harness {
+    client: DuplexStream,
+    seen: tokio::sync::mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
+}
+
+fn start(policy: CommandPolicy) -> Harness {
+    let (client, warden_client) = duplex(1 << 20);
+    let (warden_up, upstream) = duplex(1 << 20);
+    let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(fake_upstream(upstream, tx));
+    tokio::spawn(async move {
+        let ctx = Context {
+            route: "cache",
+            workload: "web",
+            policy: &policy,
+            user: "app",
+            password: b"s3cret",
+        };
+        relay(warden_client, warden_up, &ctx).await
+    });
+    Harness { client, seen }
+}
+
+async fn read_exact_text(c: &mut DuplexStream, want: &str) {
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(5), c.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
+
+#[tokio::test]
+async fn refusals_and_auth_keep_their_place_in_a_pipeline() {
+    let mut h = start(CommandPolicy::new(Some(&["CONFIG".into()]), None));
+    h.client
+        .write_all(b"*1\r\n$4\r\nPING\r\n*2\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\nAUTH whatever\r\n*1\r\n$4\r\nECHO\r\n")
+        .await
+        .unwrap();
+    read_exact_text(
+        &mut h.client,
+        "+PING\r\n-NOPERM warden: route \"cache\" does not allow command \"CONFIG\" for workload \"web\"\r\n+OK\r\n+ECHO\r\n",
+    )
+    .await;
+    // Neither the refused command nor the client's AUTH reached the server.
+    assert_eq!(h.seen.recv().await.unwrap(), vec![b"PING".to_vec()]);
+    assert_eq!(h.seen.recv().await.unwrap(), vec![b"ECHO".to_vec()]);
+}
+
+#[tokio::test]
+async fn hello_auth_carries_wardens_login_and_a_refusal_in_multi_aborts_exec() {
+    let mut h = start(CommandPolicy::new(
+        None,
+        Some(&["GET".into(), "MULTI".into(), "EXEC".into()]),
+    ));
+    h.client
+        .write_all(b"HELLO 3 AUTH someone guess SETNAME n\r\nMULTI\r\nGET k\r\nDEL k\r\nEXEC\r\n")
+        .await
+        .unwrap();
+    read_exact_text(&mut h.client, "+HELLO\r\n+MULTI\r\n+GET\r\n").await;
+    let mut rest = vec![0u8; 200];
+    let n = h.client.read(&mut rest).await.unwrap();
+    let rest = String::from_utf8_lossy(&rest[..n]).to_string();
+    assert!(
+        rest.starts_with("-NOPERM warden: route \"cache\" does not allow command \"DEL\""),
+        "{rest}"
+    );
+    if !rest.contains("EXECABORT") {
+        read_exact_text(
+            &mut h.client,
+            "-EXECABORT Transaction discarded because of previous errors.\r\n",
+        )
+        .await;
+    }
+    let hello = h.seen.recv().await.unwrap();
+    assert_eq!(
+        hello,
+        [
+            &b"HELLO"[..],
+            b"3",
+            b"SETNAME",
+            b"n",
+            b"AUTH",
+            b"app",
+            b"s3cret"
+        ]
+        .iter()
+        .map(|a| a.to_vec())
+        .collect::<Vec<_>>()
+    );
+    h.seen.recv().await.unwrap(); // MULTI
+    h.seen.recv().await.unwrap(); // GET
+    assert_eq!(h.seen.recv().await.unwrap(), vec![b"DISCARD".to_vec()]);
+}
+
+#[tokio::test]
+async fn reset_logs_in_again_without_showing_it_even_after_subscribe() {
+    let mut h = start(CommandPolicy::default());
+    h.client.write_all(b"SUBSCRIBE ch\r\n").await.unwrap();
+    read_exact_text(&mut h.client, "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n").await;
+    h.client.write_all(b"RESET\r\nPING\r\n").await.unwrap();
+    read_exact_text(&mut h.client, "+RESET\r\n+PING\r\n").await;
+    h.seen.recv().await.unwrap();
+    h.seen.recv().await.unwrap();
+    assert_eq!(
+        h.seen.recv().await.unwrap(),
+        vec![b"AUTH".to_vec(), b"app".to_vec(), b"s3cret".to_vec()]
+    );
+}
+
+#[tokio::test]
+async fn malformed_input_gets_a_protocol_error_after_earlier_replies() {
+    let mut h = start(CommandPolicy::default());
+    h.client.write_all(b"PING\r\n*1\r\n:x\r\n").await.unwrap();
+    read_exact_text(
+        &mut h.client,
+        "+PING\r\n-ERR Protocol error: expected '$', got ':'\r\n",
+    )
+    .await;
+    let mut rest = Vec::new();
+    h.client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn command_policy_matches_names_and_subcommands() {
+    let p = CommandPolicy::new(Some(&["config".into(), "CLIENT|KILL".into()]), None);
+    assert!(!p.permits("CONFIG", Some(b"GET")));
+    assert!(!p.permits("CLIENT", Some(b"kill")));
+    assert!(p.permits("CLIENT", Some(b"LIST")));
+    assert!(p.permits("GET", None));
+    let a = CommandPolicy::new(None, Some(&["GET".into()]));
+    assert!(a.permits("GET", None) && !a.permits("SET", None));
+}

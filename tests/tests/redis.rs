@@ -1,0 +1,338 @@
+//! Redis routes end to end against a real `redis-server`: redis-cli, raw
+//! RESP and redis-py through warden with no password; warden's own AUTH
+//! upstream (default user and an ACL user); a client's AUTH answered
+//! locally; pipelining, MULTI/EXEC, SUBSCRIBE, a 1 MB value; the command
+//! deny list; refusals as RESP errors naming route and workload (not
+//! allowed, wrong stored password, unreachable upstream, frozen);
+//! malformed RESP; and the audit log (start/end records, never a password).
+
+use std::process::Command;
+use warden_tests::redis::{cli, command, Raw, RedisServer};
+use warden_tests::{files_containing, free_port, my_uid, Instance};
+
+const DEFAULT_PW: &str = "redis-CANARY-5d1f-default";
+const APP_PW: &str = "redis-CANARY-77aa-app";
+const WRONG_PW: &str = "redis-CANARY-0bad-wrong";
+
+struct Setup {
+    server: RedisServer,
+    warden: Instance,
+    _daemon: warden_tests::Daemon,
+    cache: u16,
+    acl: u16,
+    other: u16,
+    wrong: u16,
+    down: u16,
+}
+
+fn setup() -> Setup {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    let [cache, acl, other, wrong, down] = [
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    ];
+    let unreachable = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[workload]]
+name = "other"
+spiffe_id = "spiffe://example.org/other"
+selectors = {{ uid = 4242424 }}
+
+[[route]]
+name = "cache"
+kind = "redis"
+listen = "127.0.0.1:{cache}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+deny_commands = ["CONFIG", "FLUSHALL"]
+allow = ["me"]
+
+[[route]]
+name = "cache-acl"
+kind = "redis"
+listen = "127.0.0.1:{acl}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/app", cache_ttl = "1m" }}
+allow_commands = ["GET", "SET", "ACL|WHOAMI", "PING"]
+allow = ["me"]
+
+[[route]]
+name = "cache-other"
+kind = "redis"
+listen = "127.0.0.1:{other}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+deny_commands = ["CONFIG"]
+allow = ["other"]
+
+[[route]]
+name = "cache-wrong"
+kind = "redis"
+listen = "127.0.0.1:{wrong}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/wrong" }}
+deny_commands = ["CONFIG"]
+allow = ["me"]
+
+[[route]]
+name = "cache-down"
+kind = "redis"
+listen = "127.0.0.1:{down}"
+upstream = "127.0.0.1:{unreachable}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+deny_commands = ["CONFIG"]
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("cache/default", DEFAULT_PW.as_bytes()).ok();
+    warden.put("cache/app", APP_PW.as_bytes()).ok();
+    warden.put("cache/wrong", WRONG_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    Setup {
+        server,
+        warden,
+        _daemon: daemon,
+        cache,
+        acl,
+        other,
+        wrong,
+        down,
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn redis_clients_reach_the_server_through_warden_without_a_password() {
+    let s = setup();
+
+    // redis-cli with no password: SET/GET.
+    assert_eq!(cli(s.cache, &["SET", "k", "v"]), (0, "OK\n".into()));
+    assert_eq!(cli(s.cache, &["GET", "k"]).1, "v\n");
+    // warden logged in upstream itself: as the default user, or the ACL user.
+    assert_eq!(cli(s.cache, &["ACL", "WHOAMI"]).1, "default\n");
+    assert_eq!(cli(s.acl, &["ACL", "WHOAMI"]).1, "app\n");
+
+    // A client's own AUTH is answered here and never reaches the server.
+    let mut c = Raw::connect(s.acl);
+    c.send(b"AUTH nobody anything\r\n");
+    c.send(&command(&[b"ACL", b"WHOAMI"]));
+    assert_eq!(text(&c.read_until(b"app\r\n")), "+OK\r\n$3\r\napp\r\n");
+    let log = s.server.cli_as("app", APP_PW, &["ACL", "LOG"]);
+    assert!(
+        !log.contains("nobody"),
+        "the client's AUTH reached the server: {log}"
+    );
+    // HELLO 3 with the client's AUTH: warden's login instead, RESP3 map back.
+    c.send(b"HELLO 3 AUTH nobody anything\r\n");
+    let hello = text(&c.read_until(b"modules"));
+    assert!(hello.starts_with('%') && hello.contains("redis"), "{hello}");
+    drop(c);
+
+    // The allow list of the ACL route: SET passes, DEL is refused with NOPERM.
+    let (_, out) = cli(s.acl, &["DEL", "k"]);
+    assert!(
+        out.contains(
+            "NOPERM warden: route \"cache-acl\" does not allow command \"DEL\" for workload \"me\""
+        ),
+        "{out}"
+    );
+
+    // Deny list: CONFIG refused with NOPERM, GET still served on the same connection.
+    let mut c = Raw::connect(s.cache);
+    c.send(&command(&[b"CONFIG", b"GET", b"requirepass"]));
+    c.send(&command(&[b"GET", b"k"]));
+    let got = text(&c.read_until(b"$1\r\nv\r\n"));
+    assert_eq!(
+        got,
+        "-NOPERM warden: route \"cache\" does not allow command \"CONFIG\" for workload \"me\"\r\n$1\r\nv\r\n"
+    );
+    assert!(!got.contains(DEFAULT_PW));
+
+    // Pipelining: 100 commands in one write, 100 answers in order.
+    let mut batch = Vec::new();
+    for _ in 0..100 {
+        batch.extend_from_slice(&command(&[b"INCR", b"ctr"]));
+    }
+    c.send(&batch);
+    let got = text(&c.read_until(b":100\r\n"));
+    let expected: String = (1..=100).map(|i| format!(":{i}\r\n")).collect();
+    assert_eq!(got, expected);
+
+    // MULTI/EXEC.
+    c.send(b"MULTI\r\nINCR t\r\nINCR t\r\nEXEC\r\n");
+    assert_eq!(
+        text(&c.read_until(b":2\r\n")),
+        "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n:2\r\n"
+    );
+
+    // A 1 MB value round-trips.
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    c.send(&command(&[b"SET", b"big", &big]));
+    assert_eq!(text(&c.read_at_least(5)), "+OK\r\n");
+    c.send(&command(&[b"GET", b"big"]));
+    let got = c.read_at_least(big.len() + 13);
+    let mut want = format!("${}\r\n", big.len()).into_bytes();
+    want.extend_from_slice(&big);
+    want.extend_from_slice(b"\r\n");
+    assert!(got == want, "1 MB value differs ({} bytes back)", got.len());
+
+    // A blocking command waits upstream; its answer comes when pushed.
+    let mut blocked = Raw::connect(s.cache);
+    blocked.send(&command(&[b"BLPOP", b"queue", b"10"]));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(cli(s.cache, &["RPUSH", "queue", "job"]).1, "1\n");
+    assert_eq!(
+        text(&blocked.read_until(b"job\r\n")),
+        "*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n"
+    );
+
+    // SUBSCRIBE, PUBLISH from a second client.
+    let mut sub = Raw::connect(s.cache);
+    sub.send(&command(&[b"SUBSCRIBE", b"news"]));
+    assert_eq!(
+        text(&sub.read_until(b":1\r\n")),
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    assert_eq!(cli(s.cache, &["PUBLISH", "news", "hello"]).1, "1\n");
+    assert_eq!(
+        text(&sub.read_until(b"hello\r\n")),
+        "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+    );
+    drop(sub);
+
+    // redis-py (Debian python3-redis), if installed.
+    let py = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            &format!(
+                "import redis; r = redis.Redis(host='127.0.0.1', port={}, password='ignored'); r.set('py', 'from-python'); p = r.pipeline(); p.incr('pyc'); p.incr('pyc'); print(r.get('py').decode(), p.execute())",
+                s.cache
+            ),
+        ])
+        .output();
+    match py {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'redis'") => {
+            eprintln!("skipping redis-py: python3-redis is not installed");
+        }
+        Ok(o) => assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "from-python [1, 2]\n",
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("skipping redis-py: {e}"),
+    }
+
+    // Refusals before the session: RESP errors naming route and workload.
+    let mut c = Raw::connect(s.other);
+    c.send(b"PING\r\n");
+    let got = text(&c.read_to_end());
+    assert!(
+        got.starts_with("-NOPERM warden:")
+            && got.contains("\"cache-other\"")
+            && got.contains("workload \"me\""),
+        "{got}"
+    );
+    let mut c = Raw::connect(s.wrong);
+    c.send(b"PING\r\n");
+    let got = text(&c.read_to_end());
+    assert!(
+        got.starts_with("-WRONGPASS warden: upstream rejected the credential for route \"cache-wrong\" (secret cache/wrong v1, workload \"me\")"),
+        "{got}"
+    );
+    assert!(!got.contains(WRONG_PW), "{got}");
+    let mut c = Raw::connect(s.down);
+    c.send(b"PING\r\n");
+    let got = text(&c.read_to_end());
+    assert!(
+        got.starts_with(
+            "-ERR warden: upstream unreachable for route \"cache-down\" (workload \"me\")"
+        ),
+        "{got}"
+    );
+
+    // Malformed RESP: a protocol error and a close; the daemon serves on.
+    let mut c = Raw::connect(s.cache);
+    c.send(b"*1\r\n:x\r\n");
+    assert_eq!(
+        text(&c.read_to_end()),
+        "-ERR Protocol error: expected '$', got ':'\r\n"
+    );
+    let mut c = Raw::connect(s.cache);
+    c.send(b"*2\r\n$3\r\nGET\r\n$99999999999\r\n");
+    assert!(text(&c.read_to_end()).starts_with("-ERR Protocol error: invalid bulk length"));
+    assert_eq!(cli(s.cache, &["GET", "k"]).1, "v\n");
+
+    // Audit: session start and end records, never a password.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
+    let on_cache = |action: &str| {
+        audit
+            .lines()
+            .filter(|l| l.contains(&format!("\"{action}\"")) && l.contains("\"route\":\"cache\""))
+            .count()
+    };
+    assert!(on_cache("session.start") >= 5, "{audit}");
+    assert!(on_cache("session.end") >= 5, "{audit}");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"session.end\"") && l.contains("1 commands refused")),
+        "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"session.deny\"") && l.contains("cache-other")),
+        "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"session.error\"") && l.contains("cache-wrong")),
+        "{audit}"
+    );
+    for pw in [DEFAULT_PW, APP_PW, WRONG_PW] {
+        let leaks = files_containing(s.warden.dir.path(), pw.as_bytes());
+        assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
+    }
+
+    // A freeze refuses the next session.
+    let out = s.warden.run(&["freeze", "me", "--reason", "redis test"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    let (_, out) = cli(s.cache, &["GET", "k"]);
+    assert!(
+        out.contains("NOPERM") && out.contains("frozen") && out.contains("\"cache\""),
+        "{out}"
+    );
+    s.warden.run(&["unfreeze", "me"]).ok();
+    assert_eq!(cli(s.cache, &["GET", "k"]).1, "v\n");
+}
