@@ -34,6 +34,7 @@ pub mod freeze;
 pub mod init;
 pub mod journal;
 pub mod leases;
+pub mod listen;
 pub mod masterkey;
 pub mod metrics;
 pub mod paths;

@@ -219,11 +219,7 @@ impl Listener {
 /// Binds every http route's listener (so a busy port fails the start).
 pub async fn bind_routes(routes: Vec<HttpRoute>) -> Result<Vec<Listener>> {
     let bind = |name: String, addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            Error::usage(format!(
-                "route {name:?}: cannot listen on {addr}: {e}; fix: choose a free address in route.listen"
-            ))
-        })
+        warden_core::listen::bind_route(&name, addr).await
     };
     let mut out = Vec::new();
     let mut forward: Vec<(SocketAddr, Vec<Arc<HttpRoute>>)> = Vec::new();

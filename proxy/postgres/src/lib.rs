@@ -284,12 +284,8 @@ impl BoundRoute {
 pub async fn bind_routes(routes: Vec<PgRoute>, shards: usize) -> Result<Vec<BoundRoute>> {
     let mut out = Vec::new();
     for r in routes {
-        let tcp = shard::reuseport_listeners(r.listen, shards).map_err(|e| {
-            Error::usage(format!(
-                "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
-                r.name, r.listen
-            ))
-        })?;
+        let tcp = shard::reuseport_listeners(r.listen, shards)
+            .map_err(|e| warden_core::listen::bind_error(&r.name, r.listen, &e))?;
         let unix = match &r.unix_socket {
             None => None,
             Some(dir) => {

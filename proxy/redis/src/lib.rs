@@ -127,12 +127,7 @@ pub async fn bind_routes(
 ) -> Result<Vec<(Arc<RedisRoute>, tokio::net::TcpListener)>> {
     let mut out = Vec::new();
     for r in routes {
-        let tcp = tokio::net::TcpListener::bind(r.listen).await.map_err(|e| {
-            Error::usage(format!(
-                "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
-                r.name, r.listen
-            ))
-        })?;
+        let tcp = warden_core::listen::bind_route(&r.name, r.listen).await?;
         out.push((Arc::new(r), tcp));
     }
     Ok(out)
@@ -144,19 +139,11 @@ pub async fn serve_route(
     tcp: tokio::net::TcpListener,
     shared: Arc<RedisShared>,
 ) {
-    loop {
-        match tcp.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(route.listen);
-                tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(route = %route.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let name = route.name.clone();
+    warden_core::listen::accept_loop(&name, route.listen, &tcp, |stream, local, peer| {
+        tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+    })
+    .await;
 }
 
 /// What the client is told when refused: a RESP error code and message.

@@ -288,12 +288,7 @@ pub async fn bind_routes(
 ) -> Result<Vec<(Arc<TlsRoute>, tokio::net::TcpListener)>> {
     let mut out = Vec::new();
     for r in routes {
-        let tcp = tokio::net::TcpListener::bind(r.listen).await.map_err(|e| {
-            Error::usage(format!(
-                "route {:?}: cannot listen on {}: {e}; fix: choose a free address in route.listen",
-                r.name, r.listen
-            ))
-        })?;
+        let tcp = warden_core::listen::bind_route(&r.name, r.listen).await?;
         out.push((Arc::new(r), tcp));
     }
     Ok(out)
@@ -305,23 +300,15 @@ pub async fn serve_route(
     tcp: tokio::net::TcpListener,
     shared: Arc<TlsShared>,
 ) {
-    loop {
-        match tcp.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(route.listen);
-                if route.server.is_some() {
-                    tokio::spawn(server::session(stream, peer, route.clone(), shared.clone()));
-                } else {
-                    tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(route = %route.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    let name = route.name.clone();
+    warden_core::listen::accept_loop(&name, route.listen, &tcp, |stream, local, peer| {
+        if route.server.is_some() {
+            tokio::spawn(server::session(stream, peer, route.clone(), shared.clone()));
+        } else {
+            tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
         }
-    }
+    })
+    .await;
 }
 
 fn target(route: &TlsRoute, detail: String) -> Target {
