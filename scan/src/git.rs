@@ -141,6 +141,10 @@ pub fn scan_history(scanner: &Scanner, repo: &Path) -> Result<ScanResult, ScanEr
                         let (sha, rev_path) = &blobs[i];
                         let o = origin.get(sha);
                         let path = o.map_or(rev_path.as_str(), |o| o.path.as_str());
+                        if crate::walk::is_vendored_path(path) {
+                            st.skipped_vendored += 1;
+                            continue;
+                        }
                         let shown = format!("{display_root}/{path}");
                         if scanner.rules.allow.path(&shown) {
                             st.skipped_allowlisted += 1;

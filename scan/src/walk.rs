@@ -28,6 +28,20 @@ pub fn is_minified(name: &str) -> bool {
         || name.ends_with(".css.map")
 }
 
+/// Whether a relative path is vendored or minified (used for git blobs).
+pub fn is_vendored_path(path: &str) -> bool {
+    let mut parts = path.split('/').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            return is_minified(part);
+        }
+        if VENDORED_DIRS.contains(&part) {
+            return true;
+        }
+    }
+    false
+}
+
 pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, ScanError> {
     let mut files = Vec::new();
     let mut stats = Stats::default();
