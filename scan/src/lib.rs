@@ -265,7 +265,7 @@ impl Scanner {
         // Two generic rules matching the same value on one line: keep one.
         let mut per_line_value = HashSet::new();
         out.retain(|f| per_line_value.insert((f.line, f.redacted.clone(), f.column)));
-        out.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+        out.sort_by_key(|f| (f.line, f.column));
         out
     }
 }
