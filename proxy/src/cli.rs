@@ -113,6 +113,9 @@ enum Command {
     /// The secret store's database (`[store]` in the config).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Find hard-coded secrets in files and git history (docs/scan.md).
+    /// Exit 0 clean, 1 findings, 2 usage error.
+    Scan(crate::scan::ScanArgs),
 }
 
 #[derive(Subcommand)]
@@ -301,8 +304,17 @@ pub fn run(cli: Cli) -> Result<()> {
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
         return config_check(file.as_deref().or(cli.config.as_deref()), cli.json);
     }
+    if let Command::Scan(args) = cli.command {
+        // Needs no configuration or data dir.
+        if crate::scan::run(args, cli.json)? {
+            let _ = std::io::stdout().flush();
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let ctx = load_context(&cli)?;
     match cli.command {
+        Command::Scan(_) => Ok(()),
         Command::Init(args) => run_init(&ctx, &args),
         Command::Up => daemon::run(&ctx.cfg, &ctx.data_dir),
         Command::Status => run_status(&ctx),

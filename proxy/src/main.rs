@@ -12,6 +12,7 @@ mod cli;
 mod daemon;
 mod observe;
 mod privileges;
+mod scan;
 
 use clap::Parser;
 
