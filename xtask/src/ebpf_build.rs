@@ -91,7 +91,7 @@ fn bpf_linker() -> Option<PathBuf> {
 
 /// A `rustup run nightly …` command with the outer cargo's environment
 /// removed (it would pin the stable toolchain and its rustc).
-fn nightly(program: &str) -> Command {
+pub(crate) fn nightly(program: &str) -> Command {
     let mut c = Command::new("rustup");
     c.args(["run", "nightly", program]);
     for var in [

@@ -38,6 +38,12 @@
 //!   update the committed `ebpf/prebuilt/warden-ebpf.o`, or with `--check`
 //!   fail if it no longer matches the sources (see `ebpf_build.rs`).
 //!
+//! * `cargo xtask fuzz TARGET [--time 10m]` / `cargo xtask fuzz --all
+//!   [--time 20s]` — the coverage-guided fuzz targets in `fuzz/` (cargo
+//!   fuzz on the nightly toolchain), each bounded by libFuzzer's
+//!   `-max_total_time`; a crash fails the run (see `fuzz.rs` and
+//!   `docs/fuzzing.md`).
+//!
 //! * `cargo xtask package` — the Debian package (`target/debian/warden_*.deb`)
 //!   built by cargo-deb, installed first when missing as root (see
 //!   `package.rs`).
@@ -49,6 +55,7 @@ mod cmd;
 mod demo;
 mod demo_pg;
 mod ebpf_build;
+mod fuzz;
 mod package;
 mod prereq;
 mod test_suite;
@@ -67,6 +74,9 @@ commands:
                              direct vs warden vs PgBouncer (--pg-seconds N, --pg-rounds N)
   ebpf [--check]             rebuild the kernel programs (nightly + bpf-linker) into
                              ebpf/prebuilt/warden-ebpf.o; --check only compares
+  fuzz TARGET|--all [--time D]
+                             coverage-guided fuzzing (cargo fuzz, nightly), D per target:
+                             10m for one target, 20s each for --all by default
   package                    the Debian package (cargo-deb): target/debian/warden_*.deb
   help                       show this text
 ";
@@ -115,6 +125,13 @@ fn dispatch(args: &[String]) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             [other, ..] => Ok(usage_error(&format!("unexpected argument `{other}`"))),
+        },
+        "fuzz" => match fuzz::parse_args(rest) {
+            Ok(plan) => {
+                fuzz::run(&repo_root(), &plan)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(msg) => Ok(usage_error(&msg)),
         },
         "package" => match rest {
             [] => {

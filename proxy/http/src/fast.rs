@@ -988,6 +988,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// The private response-body walker, for the fuzz targets in `fuzz/`
+/// only: not part of the crate's interface.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{BodyWalker, Framing};
+
+    /// Walks a chunked response body given in `chunks`, in turn: the bytes
+    /// taken from each chunk and whether the body is complete, or the
+    /// walker's reason for refusing it.
+    pub fn walk_chunked(chunks: &[&[u8]]) -> Result<(Vec<usize>, bool), String> {
+        let mut walker = BodyWalker::new(Framing::Chunked);
+        let mut taken = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            taken.push(walker.take(chunk)?);
+        }
+        Ok((taken, walker.done()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora under fuzz/corpus/<target>/: a few valid inputs
+per target, in the input layout each target documents (most start with two
+split-point bytes). Run from anywhere: `python3 fuzz/seeds.py`. The audit log
+seeds are computed the way warden writes its log (compact JSON body, SHA-256
+of it, then the `hash` member appended)."""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "corpus")
+
+
+def put(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def split(at):
+    return struct.pack(">H", at)
+
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+def startup(params, minor=0):
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params) + b"\0"
+    return struct.pack(">II", 8 + len(body), (3 << 16) | minor) + body
+
+
+def msg(tag, body):
+    return tag + struct.pack(">I", len(body) + 4) + body
+
+
+def cstr(s):
+    return s.encode() + b"\0"
+
+
+psql = startup([("user", "app"), ("database", "orders"), ("application_name", "psql"),
+                ("client_encoding", "UTF8")])
+put("pg_startup", "startup-psql", split(7) + psql)
+put("pg_startup", "startup-3.2", split(3) + startup([("user", "app"), ("_pq_.x", "1")], minor=2))
+put("pg_startup", "ssl-request", split(5) + struct.pack(">II", 8, 80877103))
+put("pg_startup", "gssenc-request", split(5) + struct.pack(">II", 8, 80877104))
+put("pg_startup", "cancel-4", split(9) + struct.pack(">IIi", 16, 80877102, 4242) + b"\x01\x02\x03\x04")
+put("pg_startup", "cancel-32", split(9) + struct.pack(">IIi", 44, 80877102, 4242) + bytes(range(32)))
+put("pg_startup", "startup-then-query", split(30) + psql + msg(b"Q", cstr("select 1")))
+
+simple = msg(b"Q", cstr("select 1")) + msg(b"X", b"")
+extended = (msg(b"P", b"\0" + cstr("select $1") + b"\0\0")
+            + msg(b"B", b"\0\0\0\0\0\x01\0\0\0\x01" + b"7" + b"\0\0")
+            + msg(b"D", b"P\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S", b""))
+copy = msg(b"Q", cstr("copy t from stdin")) + msg(b"d", b"1\tone\n") + msg(b"c", b"")
+put("pg_frontend", "simple-query", split(4) + simple)
+put("pg_frontend", "extended-batch", split(17) + extended + msg(b"X", b""))
+put("pg_frontend", "copy-in", split(12) + copy)
+put("pg_frontend", "function-call", split(2) + msg(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0") + msg(b"X", b""))
+
+auth_sasl = msg(b"R", struct.pack(">i", 10) + cstr("SCRAM-SHA-256-PLUS") + cstr("SCRAM-SHA-256") + b"\0")
+login = (msg(b"R", struct.pack(">i", 0))
+         + msg(b"S", cstr("server_version") + cstr("18.1"))
+         + msg(b"S", cstr("client_encoding") + cstr("UTF8"))
+         + msg(b"K", struct.pack(">i", 777) + b"\xaa\xbb\xcc\xdd")
+         + msg(b"Z", b"I"))
+error = msg(b"E", b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"app\"\0\0")
+put("pg_backend", "sasl-offer", split(3) + auth_sasl)
+put("pg_backend", "sasl-continue", split(9) + msg(b"R", struct.pack(">i", 11) + b"r=abc,s=c2FsdA==,i=4096"))
+put("pg_backend", "sasl-final", split(9) + msg(b"R", struct.pack(">i", 12) + b"v=c2lnbmF0dXJl"))
+put("pg_backend", "md5", split(1) + msg(b"R", struct.pack(">i", 5) + b"salt"))
+put("pg_backend", "login-ok", split(20) + login)
+put("pg_backend", "error", split(6) + error)
+put("pg_backend", "notice-negotiate", split(6) + msg(b"N", b"SWARNING\0C01000\0Mhm\0\0")
+    + msg(b"v", struct.pack(">ii", 0, 1) + cstr("_pq_.x")))
+put("pg_backend", "rows", split(11) + msg(b"T", b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0")
+    + msg(b"D", b"\0\x01\0\0\0\x011") + msg(b"C", cstr("SELECT 1")) + msg(b"Z", b"T"))
+
+# --- SCRAM (first byte: channel binding mode; then server-first NUL server-final)
+
+for mode, name in [(0, "none"), (1, "supported-not-used"), (2, "plus")]:
+    put("scram_server", f"exchange-{name}",
+        bytes([mode]) + b"r=%N3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096\0"
+        b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+put("scram_server", "server-error", b"\0r=%Nabc,s=c2FsdA==,i=4096\0e=invalid-proof")
+put("scram_server", "extension", b"\0m=ext,r=%Nabc,s=c2FsdA==,i=4096")
+put("scram_server", "too-many-iterations", b"\0r=%Nabc,s=c2FsdA==,i=99999999")
+
+# --- HTTP ---------------------------------------------------------------------
+
+get = b"GET /v1/items?x=1 HTTP/1.1\r\nHost: api.internal\r\nAccept: */*\r\n\r\n"
+post = (b"POST /v1/items HTTP/1.1\r\nHost: api.internal\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 13\r\n\r\n{\"name\":\"x\"}\n")
+chunked = (b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Checksum: 1\r\n\r\n")
+put("http_gate", "get-keepalive", split(20) + get + get)
+put("http_gate", "post-length", split(60) + post)
+put("http_gate", "post-chunked", split(80) + chunked)
+put("http_gate", "websocket-upgrade", split(40) + b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\n\r\n\x81\x05hello")
+put("http_gate", "connect", split(10) + b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\nraw")
+put("http_gate", "chunked-body", split(7) + b"5\r\nhello\r\n0\r\n\r\n")
+put("http_gate", "smuggling", split(30) + b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+
+# --- RESP ---------------------------------------------------------------------
+
+def command(*args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+
+put("resp", "set-get", split(9) + command(b"SET", b"key", b"value") + command(b"GET", b"key"))
+put("resp", "auth-hello", split(5) + command(b"AUTH", b"app", b"ignored") + command(b"HELLO", b"3"))
+put("resp", "inline", split(3) + b"PING\r\nset a 1\n")
+put("resp", "replies-resp2", split(4) + b"+OK\r\n-ERR no\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*2\r\n$1\r\na\r\n*-1\r\n")
+put("resp", "replies-resp3", split(8) + b"%1\r\n+a\r\n:1\r\n|1\r\n+ttl\r\n:3\r\n~2\r\n#t\r\n,1.5\r\n"
+    b">2\r\n+message\r\n=8\r\ntxt:hi!!\r\n_\r\n(123\r\n!3\r\nerr\r\n")
+put("resp", "nested", split(2) + b"*1\r\n*1\r\n*1\r\n*2\r\n:1\r\n:2\r\n")
+
+# --- config -------------------------------------------------------------------
+
+for name in ["quickstart.toml", "full.toml"]:
+    d = os.path.join(CORPUS, "config")
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(os.path.join(HERE, "..", "examples", name), os.path.join(d, name))
+put("config", "typo", b'[store]\nbakend = "sqlite"\n[[route]]\nname = "db"\nkind = "postgress"\n')
+
+# --- audit log (log bytes, then NUL and the head anchor) ------------------------
+
+GENESIS = "0" * 64
+
+
+def record(seq, prev, action, reason, decision="allow", actor=None, target=None):
+    body = {
+        "seq": seq,
+        "time": "2026-01-01T00:00:%02d.000000Z" % seq,
+        "actor": actor or {"kind": "workload", "uid": 1000, "pid": 4242 + seq,
+                           "exe": "/usr/bin/psql", "workload": "orders-api"},
+        "action": action,
+        "target": target or {"route": "orders-db"},
+        "decision": decision,
+        "reason": reason,
+        "prev": prev,
+    }
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    return raw[:-1] + b',"hash":"' + digest.encode() + b'"}', digest
+
+
+def chain(events):
+    lines, prev = [], GENESIS
+    for seq, (action, reason, decision) in enumerate(events, start=1):
+        line, prev = record(seq, prev, action, reason, decision)
+        lines.append(line)
+    return b"".join(line + b"\n" for line in lines), prev, len(lines)
+
+
+log, head, n = chain([("session.start", "allowed", "allow"), ("session.end", "client closed", "allow"),
+                      ("session.deny", "workload not on the route's allow list", "deny")])
+anchor = json.dumps({"seq": n, "hash": head}, separators=(",", ":")).encode()
+put("audit_verify", "chain-with-anchor", log + b"\0" + anchor)
+put("audit_verify", "chain-no-anchor", log)
+put("audit_verify", "tampered", log.replace(b"client closed", b"client closeD") + b"\0" + anchor)
+put("audit_verify", "truncated", log[: len(log) // 2])
+put("audit_verify", "empty", b"")
