@@ -106,6 +106,24 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::PgBinDir,
     },
     Requirement {
+        binary: "redis-server",
+        package: "redis-server",
+        why: "the Redis route test starts a throwaway redis-server",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "redis-cli",
+        package: "redis-tools",
+        why: "the Redis route test talks to Redis through warden with redis-cli",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "git",
+        package: "git",
+        why: "the scan test builds a repository with history",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "promtool",
         package: "prometheus",
         why: "tests lint the /metrics exposition and the dashboards' rules",
