@@ -9,8 +9,10 @@
 //! `/proc/PID/fd/*` is searched for a link to `socket:[INODE]`.
 //!
 //! When several processes hold the socket (after a `fork`, or when it was
-//! passed over a unix socket), the lowest pid is returned if they all run
-//! the same program (executable and uid); otherwise the connection is
+//! passed over a unix socket), the oldest of them (earliest start time; the
+//! lowest pid among equals — pid order alone is meaningless once pids wrap)
+//! is returned if they all run the same program (executable and uid);
+//! otherwise the connection is
 //! refused ([`AttestError::SharedConnection`]): which of them speaks cannot
 //! be known. Use [`ProcNetResolver::holders`] to see all of them.
 
@@ -254,7 +256,16 @@ impl PeerResolver for ProcNetResolver {
                         .collect(),
                 });
             }
-            return Ok(*first);
+            // The same program everywhere: the oldest holder (the one that
+            // opened the socket or forked the others; a fork child caught
+            // between fork and exec is younger).
+            let started = |p: u32| self.proc.start_time(p).unwrap_or(u64::MAX);
+            let oldest = holders
+                .iter()
+                .copied()
+                .min_by_key(|p| (started(*p), *p))
+                .unwrap_or(*first);
+            return Ok(oldest);
         }
         let list: Vec<String> = inodes.iter().map(u64::to_string).collect();
         Err(self.not_found(
@@ -497,10 +508,21 @@ mod tests {
                 && err.contains("301 (/usr/bin/python3"),
             "{err}"
         );
-        // The same program in both (a plain fork): the lowest pid answers.
+        // The same program in both (a plain fork): the lowest pid answers
+        // when start times are unknown...
         fs::remove_file(dir.path().join("301").join("exe")).unwrap();
         symlink("/usr/bin/psql", dir.path().join("301").join("exe")).unwrap();
         assert_eq!(r.resolve_tcp(local, peer).unwrap(), 300);
+        // ...and the oldest process when they are known: after pids wrap, a
+        // child forked later can have the lower pid.
+        let stat = |pid: u32, start: u64| {
+            format!(
+                "{pid} (psql) S 1 {pid} {pid} 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0"
+            )
+        };
+        fs::write(dir.path().join("300").join("stat"), stat(300, 5000)).unwrap();
+        fs::write(dir.path().join("301").join("stat"), stat(301, 1000)).unwrap();
+        assert_eq!(r.resolve_tcp(local, peer).unwrap(), 301);
     }
 
     #[test]
