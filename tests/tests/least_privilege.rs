@@ -7,7 +7,7 @@
 //! (to switch to the test uid and grant capabilities with `setpriv`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -145,39 +145,8 @@ fn up_as_test_uid(warden: &Instance, caps: &[&str]) -> Command {
     c
 }
 
-struct Running {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(&mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.stop();
-        }
-    }
-}
+/// The daemon under test (the shared handle: SIGTERM, then SIGKILL, on drop).
+type Running = warden_tests::Daemon;
 
 fn start(warden: &Instance, caps: &[&str]) -> Running {
     start_notifying(warden, caps, None)
