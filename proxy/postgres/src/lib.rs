@@ -22,6 +22,7 @@ pub mod pool;
 pub mod relay;
 pub mod server_tls;
 pub mod session;
+pub mod session_state;
 pub mod shard;
 
 pub use warden_core::leases as dynamic;
