@@ -131,10 +131,15 @@ enum Token<'a> {
     Punct(u8),
 }
 
-/// Splits `sql` into tokens; None when the text is ambiguous or malformed
-/// (see the module documentation).
-fn tokens(sql: &[u8]) -> Option<Vec<Token<'_>>> {
-    let mut out = Vec::new();
+/// Splits `sql` into tokens, handing each to `each` (false stops); false
+/// when `each` stopped or the text is ambiguous or malformed (see the
+/// module documentation). Allocates nothing.
+fn lex<'a>(sql: &'a [u8], mut each: impl FnMut(Token<'a>) -> bool) -> bool {
+    lex_inner(sql, &mut each).is_some()
+}
+
+fn lex_inner<'a>(sql: &'a [u8], each: &mut impl FnMut(Token<'a>) -> bool) -> Option<()> {
+    let mut out = Emit(each);
     let mut i = 0;
     let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
     while i < sql.len() {
@@ -170,18 +175,18 @@ fn tokens(sql: &[u8]) -> Option<Vec<Token<'_>>> {
             }
             b'\'' => {
                 i = string_end(sql, i + 1, Quote::Standard)?;
-                out.push(Token::Literal);
+                out.push(Token::Literal)?;
             }
             b'"' => {
                 i = quoted_end(sql, i + 1)?;
-                out.push(Token::Quoted);
+                out.push(Token::Quoted)?;
             }
             b'$' if sql.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 i += 1;
                 while i < sql.len() && sql[i].is_ascii_digit() {
                     i += 1;
                 }
-                out.push(Token::Literal);
+                out.push(Token::Literal)?;
             }
             b'$' => {
                 // A dollar quote: $tag$ … $tag$ (the tag may be empty).
@@ -200,7 +205,7 @@ fn tokens(sql: &[u8]) -> Option<Vec<Token<'_>>> {
                 let body = j + 1;
                 let close = sql[body..].windows(tag.len()).position(|w| w == tag)?;
                 i = body + close + tag.len();
-                out.push(Token::Literal);
+                out.push(Token::Literal)?;
             }
             b'0'..=b'9' => {
                 while i < sql.len()
@@ -208,7 +213,7 @@ fn tokens(sql: &[u8]) -> Option<Vec<Token<'_>>> {
                 {
                     i += 1;
                 }
-                out.push(Token::Literal);
+                out.push(Token::Literal)?;
             }
             _ if word_byte(b) => {
                 let start = i;
@@ -225,29 +230,38 @@ fn tokens(sql: &[u8]) -> Option<Vec<Token<'_>>> {
                             Quote::Standard
                         };
                         i = string_end(sql, i + 1, quote)?;
-                        out.push(Token::Literal);
+                        out.push(Token::Literal)?;
                     }
                     Some(b'&') if word.eq_ignore_ascii_case(b"u") => match sql.get(i + 1) {
                         Some(b'\'') => {
                             i = string_end(sql, i + 2, Quote::Unicode)?;
-                            out.push(Token::Literal);
+                            out.push(Token::Literal)?;
                         }
                         Some(b'"') => {
                             i = quoted_end(sql, i + 2)?;
-                            out.push(Token::Quoted);
+                            out.push(Token::Quoted)?;
                         }
-                        _ => out.push(Token::Word(word)),
+                        _ => out.push(Token::Word(word))?,
                     },
-                    _ => out.push(Token::Word(word)),
+                    _ => out.push(Token::Word(word))?,
                 }
             }
             _ => {
-                out.push(Token::Punct(b));
+                out.push(Token::Punct(b))?;
                 i += 1;
             }
         }
     }
-    Some(out)
+    Some(())
+}
+
+/// Feeds tokens to the callback; `push` returns None when it said stop.
+struct Emit<'f, F>(&'f mut F);
+
+impl<'a, F: FnMut(Token<'a>) -> bool> Emit<'_, F> {
+    fn push(&mut self, t: Token<'a>) -> Option<()> {
+        (self.0)(t).then_some(())
+    }
 }
 
 /// How a string literal treats a backslash.
@@ -298,46 +312,80 @@ fn is_one_of(word: &[u8], list: &[&str]) -> bool {
 /// True when running `sql` (a Query message's text, or a Parse message's
 /// statement) can leave no session state behind (see the module docs).
 pub fn sql_is_state_free(sql: &[u8]) -> bool {
-    let Some(tokens) = tokens(sql) else {
-        return false;
-    };
-    tokens
-        .split(|t| *t == Token::Punct(b';'))
-        .all(statement_is_state_free)
+    let mut stmt = Statement::default();
+    lex(sql, |t| stmt.feed(t)) && stmt.end()
 }
 
-fn statement_is_state_free(stmt: &[Token<'_>]) -> bool {
-    let Some(first) = stmt.first() else {
-        // An empty statement.
-        return true;
-    };
-    let Token::Word(first) = *first else {
-        return false;
-    };
-    if is_one_of(first, TRANSACTION) {
-        return stmt.iter().all(|t| matches!(t, Token::Word(_)));
-    }
-    if first.eq_ignore_ascii_case(b"show") {
-        return stmt.len() == 2 && matches!(stmt[1], Token::Word(_));
-    }
-    if !first.eq_ignore_ascii_case(b"select") {
-        return false;
-    }
-    for (i, t) in stmt.iter().enumerate() {
-        let next_is_paren = stmt.get(i + 1) == Some(&Token::Punct(b'('));
-        match *t {
-            Token::Word(w) if w.eq_ignore_ascii_case(b"into") => return false,
-            Token::Word(w) if next_is_paren => {
-                let qualified = i > 0 && stmt[i - 1] == Token::Punct(b'.');
-                if qualified || !(is_one_of(w, PURE) || is_one_of(w, PAREN_KEYWORDS)) {
-                    return false;
-                }
-            }
-            Token::Quoted if next_is_paren => return false,
-            _ => {}
+/// What the statement being read is.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Kind {
+    /// Nothing read yet (an empty statement is state-free).
+    #[default]
+    Empty,
+    Transaction,
+    /// `SHOW`, with the number of words after it.
+    Show(u8),
+    Select,
+}
+
+/// The state-free check of one statement after another, token by token.
+#[derive(Default)]
+struct Statement<'a> {
+    kind: Kind,
+    /// The two tokens before the current one, in this statement.
+    prev: Option<Token<'a>>,
+    prev2: Option<Token<'a>>,
+}
+
+impl<'a> Statement<'a> {
+    /// False: the statement is not state-free.
+    fn feed(&mut self, t: Token<'a>) -> bool {
+        if t == Token::Punct(b';') {
+            let ok = self.end();
+            *self = Statement::default();
+            return ok;
         }
+        let ok = match (self.kind, t) {
+            (Kind::Empty, Token::Word(w)) => {
+                self.kind = if is_one_of(w, TRANSACTION) {
+                    Kind::Transaction
+                } else if w.eq_ignore_ascii_case(b"show") {
+                    Kind::Show(0)
+                } else if w.eq_ignore_ascii_case(b"select") {
+                    Kind::Select
+                } else {
+                    return false;
+                };
+                true
+            }
+            (Kind::Empty, _) => false,
+            (Kind::Transaction, t) => matches!(t, Token::Word(_)),
+            (Kind::Show(n), Token::Word(_)) => {
+                self.kind = Kind::Show(n.saturating_add(1));
+                true
+            }
+            (Kind::Show(_), _) => false,
+            (Kind::Select, Token::Word(w)) => !w.eq_ignore_ascii_case(b"into"),
+            (Kind::Select, Token::Punct(b'(')) => match self.prev {
+                Some(Token::Word(w)) => {
+                    let qualified = self.prev2 == Some(Token::Punct(b'.'));
+                    !qualified && (is_one_of(w, PURE) || is_one_of(w, PAREN_KEYWORDS))
+                }
+                Some(Token::Quoted) => false,
+                _ => true,
+            },
+            (Kind::Select, _) => true,
+        };
+        self.prev2 = self.prev;
+        self.prev = Some(t);
+        ok
     }
-    true
+
+    /// At the end of a statement: false when it is incomplete in a way that
+    /// matters (`SHOW` takes exactly one name).
+    fn end(&self) -> bool {
+        !matches!(self.kind, Kind::Show(n) if n != 1)
+    }
 }
 
 /// Follows the client → upstream messages of a session (headers from the
