@@ -31,7 +31,15 @@ pub fn format_micros_utc(t: OffsetDateTime) -> Option<String> {
     put(14, u32::from(t.minute()), 2);
     put(17, u32::from(t.second()), 2);
     put(20, t.microsecond(), 6);
-    for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (26, b'Z')] {
+    for (at, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
         out[at] = sep;
     }
     // Only ASCII digits and separators were written.
