@@ -627,9 +627,12 @@ async fn enrich(
 /// connecting is named once per [`EarlyNames::TTL`] while the kernel
 /// reports the same comm for it (an exec changes comm); refused and bypass
 /// events are always read afresh. Display only, like [`RecentFacts`].
+type EarlyName = ([u8; 16], Option<Arc<str>>, std::time::Instant);
+
 #[derive(Default)]
 struct EarlyNames {
-    recent: std::collections::HashMap<u32, ([u8; 16], Option<Arc<str>>, std::time::Instant)>,
+    /// tgid → (comm, exe, when read).
+    recent: std::collections::HashMap<u32, EarlyName>,
 }
 
 impl EarlyNames {
