@@ -36,7 +36,7 @@ pub async fn accept_loop(
         match tcp.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(listen);
+                let local = local_addr_of(&stream, listen);
                 serve(stream, local, peer);
             }
             Err(e) => {
@@ -66,5 +66,16 @@ mod tests {
         assert!(bind_route("orders", "127.0.0.1:0".parse().unwrap())
             .await
             .is_ok());
+    }
+}
+
+/// The local address of an accepted connection: the listener's own when it
+/// is bound to one address and port (no `getsockname` per connection),
+/// otherwise asked of the socket (a wildcard or port 0 listener).
+pub fn local_addr_of(stream: &tokio::net::TcpStream, listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() || listen.port() == 0 {
+        stream.local_addr().unwrap_or(listen)
+    } else {
+        listen
     }
 }

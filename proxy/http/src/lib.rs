@@ -256,7 +256,7 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
         match tcp.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(listen);
+                let local = warden_core::listen::local_addr_of(&stream, listen);
                 match &reverse {
                     Some(route) => {
                         tokio::spawn(conn::serve_connection(

@@ -416,7 +416,7 @@ async fn accept_tcp(tcp: &tokio::net::TcpListener, route: &Arc<PgRoute>, shared:
     match tcp.accept().await {
         Ok((stream, peer)) => {
             let _ = stream.set_nodelay(true);
-            let local = stream.local_addr().unwrap_or(route.listen);
+            let local = warden_core::listen::local_addr_of(&stream, route.listen);
             let (route, shared) = (route.clone(), shared.clone());
             tokio::spawn(session::run(
                 stream,
