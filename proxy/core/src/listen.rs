@@ -47,6 +47,17 @@ pub async fn accept_loop(
     }
 }
 
+/// The local address of an accepted connection: the listener's own when it
+/// is bound to one address and port (no `getsockname` per connection),
+/// otherwise asked of the socket (a wildcard or port 0 listener).
+pub fn local_addr_of(stream: &tokio::net::TcpStream, listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() || listen.port() == 0 {
+        stream.local_addr().unwrap_or(listen)
+    } else {
+        listen
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,16 +77,5 @@ mod tests {
         assert!(bind_route("orders", "127.0.0.1:0".parse().unwrap())
             .await
             .is_ok());
-    }
-}
-
-/// The local address of an accepted connection: the listener's own when it
-/// is bound to one address and port (no `getsockname` per connection),
-/// otherwise asked of the socket (a wildcard or port 0 listener).
-pub fn local_addr_of(stream: &tokio::net::TcpStream, listen: SocketAddr) -> SocketAddr {
-    if listen.ip().is_unspecified() || listen.port() == 0 {
-        stream.local_addr().unwrap_or(listen)
-    } else {
-        listen
     }
 }
