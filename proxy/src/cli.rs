@@ -81,7 +81,8 @@ enum Command {
         /// Keep printing new events as they happen (Ctrl-C to stop).
         #[arg(long, short = 'f')]
         follow: bool,
-        /// How many recent events to print first.
+        /// How many recent events to print first (the daemon keeps the last
+        /// 1,024 in memory).
         #[arg(long, short = 'n', default_value_t = 50)]
         lines: usize,
     },
@@ -1018,6 +1019,12 @@ fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
             socket.display()
         )));
     };
+    let kept = crate::access_monitor::RECENT_EVENTS;
+    if lines > kept {
+        eprintln!(
+            "warden: the daemon keeps only the last {kept} access events in memory; showing at most {kept} (use --follow to watch new ones as they come)"
+        );
+    }
     let req = Request::Events {
         follow,
         limit: Some(lines),
