@@ -75,6 +75,12 @@ enum Command {
     /// Read and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Check this machine for `warden up`: kernel (cgroup v2, BTF, loading
+    /// the eBPF programs), capabilities, data dir permissions, clock, store,
+    /// daemon, and each route's upstream (TCP and TLS as the route verifies
+    /// it). Prints a table with the fix for each failure; exit code 1 when a
+    /// check fails.
+    Doctor,
     /// Live view of access seen by the eBPF monitor: who connected to which
     /// route or protected upstream, and the kernel's verdict.
     Events {
@@ -326,6 +332,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Svid(cmd) => run_svid(&ctx, cmd),
         Command::Audit(cmd) => run_audit(&ctx, cmd),
         Command::Events { follow, lines } => run_events(&ctx, follow, lines),
+        Command::Doctor => {
+            if crate::doctor::run(&ctx.cfg, &ctx.data_dir, ctx.json)? {
+                let _ = std::io::stdout().flush();
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Freeze {
             workload,
             reason,
