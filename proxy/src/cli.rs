@@ -75,6 +75,11 @@ enum Command {
     /// Read and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell), e.g. `warden completions bash > /etc/bash_completion.d/warden`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), e.g. `warden man | man -l -`.
+    Man,
     /// Check this machine for `warden up`: kernel (cgroup v2, BTF, loading
     /// the eBPF programs), capabilities, data dir permissions, clock, store,
     /// daemon, and each route's upstream (TCP and TLS as the route verifies
@@ -285,6 +290,17 @@ struct Context {
     json: bool,
 }
 
+/// Writes `bytes` to stdout; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::internal(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn load_context(cli: &Cli) -> Result<Context> {
     let cfg = match &cli.config {
         Some(p) => config::load(p).map_err(|report| Error::usage(report.to_string()))?,
@@ -311,6 +327,24 @@ pub fn run(cli: Cli) -> Result<()> {
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
         return config_check(file.as_deref().or(cli.config.as_deref()), cli.json);
     }
+    // Need no configuration or data dir either.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "warden", &mut text);
+            return write_stdout(&text);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut text)
+                .map_err(|e| Error::internal(format!("cannot render the manual page: {e}")))?;
+            return write_stdout(&text);
+        }
+        _ => {}
+    }
     if let Command::Scan(args) = cli.command {
         // Needs no configuration or data dir.
         if crate::scan::run(args, cli.json)? {
@@ -321,7 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let ctx = load_context(&cli)?;
     match cli.command {
-        Command::Scan(_) => Ok(()),
+        Command::Scan(_) | Command::Completions { .. } | Command::Man => Ok(()),
         Command::Init(args) => run_init(&ctx, &args),
         Command::Up => daemon::run(&ctx.cfg, &ctx.data_dir),
         Command::Status => run_status(&ctx),
