@@ -80,6 +80,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     paths::check_private_dir(data_dir)?;
     let _lock = paths::lock_data_dir(data_dir)?;
     let mut service = SecretService::open(data_dir, StorePolicy::from_config(cfg), true)?;
+    // On a fleet store: this node's record (a removed node does not start).
+    if let Some(node) = service.fleet_register()? {
+        tracing::info!(node = %node.id, name = %node.name, "fleet node");
+    }
     let metrics = Metrics::new().map_err(|e| Error::internal(format!("metrics registry: {e}")))?;
     service.set_metrics(metrics.clone());
 
@@ -243,7 +247,16 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let _fleet_listener = match cfg.store.backend {
             warden_core::config::StoreBackend::Postgres => Some(warden_core::propagation::ChangeListener::start(
                 warden_core::store::postgres::PostgresSettings::from_config(&cfg.store)?,
-                warden_core::propagation::FleetCaches { credentials: credentials.clone(), freezer: freezer.clone(), identity: identity.clone() },
+                warden_core::propagation::FleetCaches {
+                    credentials: credentials.clone(),
+                    freezer: freezer.clone(),
+                    identity: identity.clone(),
+                    own_node_key: Some(format!(
+                        "{}{}",
+                        warden_core::fleet::NODE_PREFIX,
+                        warden_core::fleet::node_id(&warden_core::store::postgres::node_name(data_dir))
+                    )),
+                },
             )?),
             warden_core::config::StoreBackend::Sqlite => None,
         };
@@ -343,7 +356,12 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         tracing::info!(socket = %workload_socket.display(), "SPIFFE Workload API listening (SPIFFE_ENDPOINT_SOCKET=unix:{})", workload_socket.display());
         let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
 
-        let signal = signals.wait().await;
+        // A node removed from the fleet stops as if told to (see
+        // `warden_core::fleet`); it exits with the removal's error.
+        let signal = tokio::select! {
+            s = signals.wait() => s,
+            _ = identity.removed() => "removal from the fleet",
+        };
         tracing::info!("{signal} received: shutting down");
         notify_systemd("STOPPING=1");
         admin_task.abort();
@@ -381,7 +399,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             Err(_) => Err(Error::internal("service state poisoned")),
         })
         .await
-        .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))?
+        .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))??;
+        if identity.is_removed() {
+            return Err(Error::denied(
+                "this node was removed from the fleet (`warden node remove`): it stopped serving; fix: to bring it back run `warden node token` on a fleet node, then `warden node join` here",
+            ));
+        }
+        Ok(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     result

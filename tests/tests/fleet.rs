@@ -492,3 +492,394 @@ fn a_rotation_of_a_killed_node_is_finished_by_another_after_its_claim_lapses() {
     );
     assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
 }
+
+// ---- one trust domain, joining with a token, removal ------------------------
+
+/// openssl with `args` in `dir`; the output (success or not).
+fn openssl(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian package openssl) is required")
+}
+
+/// DER → PEM through openssl (`kind` x509 or pkey).
+fn to_pem(dir: &std::path::Path, kind: &str, der: &[u8]) -> String {
+    let input = dir.join("in.der");
+    std::fs::write(&input, der).unwrap();
+    let out = openssl(dir, &[kind, "-inform", "DER", "-in", "in.der"]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What a workload of one node received through its Workload API.
+struct Fetched {
+    leaf: Vec<u8>,
+    intermediates: Vec<Vec<u8>>,
+    key: Vec<u8>,
+    bundle: Vec<Vec<u8>>,
+}
+
+fn fetch_svid(node: &Instance) -> Fetched {
+    let endpoint = format!("unix:{}", node.dir.path().join("workload.sock").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+            .await
+            .unwrap();
+        let svid = client.fetch_x509_svid().await.unwrap();
+        assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/me");
+        let bundles = client.fetch_x509_bundles().await.unwrap();
+        let td = spiffe::TrustDomain::new("example.org").unwrap();
+        Fetched {
+            leaf: svid.leaf().as_bytes().to_vec(),
+            intermediates: svid.cert_chain()[1..]
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect(),
+            key: svid.private_key().as_ref().to_vec(),
+            bundle: bundles
+                .get(&td)
+                .expect("bundle for example.org")
+                .authorities()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect(),
+        }
+    })
+}
+
+/// Writes a node's SVID as `<tag>-leaf.pem`, `<tag>-chain.pem` (its
+/// intermediate), `<tag>-key.pem` and `<tag>-bundle.pem` in `dir`.
+fn write_pems(dir: &std::path::Path, tag: &str, f: &Fetched) {
+    std::fs::write(
+        dir.join(format!("{tag}-leaf.pem")),
+        to_pem(dir, "x509", &f.leaf),
+    )
+    .unwrap();
+    let chain: String = f
+        .intermediates
+        .iter()
+        .map(|c| to_pem(dir, "x509", c))
+        .collect();
+    std::fs::write(dir.join(format!("{tag}-chain.pem")), chain).unwrap();
+    std::fs::write(
+        dir.join(format!("{tag}-key.pem")),
+        to_pem(dir, "pkey", &f.key),
+    )
+    .unwrap();
+    let bundle: String = f.bundle.iter().map(|c| to_pem(dir, "x509", c)).collect();
+    std::fs::write(dir.join(format!("{tag}-bundle.pem")), bundle).unwrap();
+}
+
+/// An mTLS handshake between node `server`'s workload (openssl s_server with
+/// its SVID) and node `client`'s (s_client with its own), each trusting only
+/// the bundle its own node served. True when both sides verified the other.
+fn mtls(dir: &std::path::Path, server: &str, client: &str) -> bool {
+    let port = free_port().to_string();
+    let mut srv = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_server",
+            "-accept",
+            &port,
+            "-naccept",
+            "1",
+            "-verify_return_error",
+        ])
+        .args(["-Verify", "3"])
+        .args(["-cert", &format!("{server}-leaf.pem")])
+        .args(["-key", &format!("{server}-key.pem")])
+        .args(["-cert_chain", &format!("{server}-chain.pem")])
+        .args(["-CAfile", &format!("{server}-bundle.pem")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let out = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-verify_return_error", "-verify", "3", "-brief"])
+            .args(["-cert", &format!("{client}-leaf.pem")])
+            .args(["-key", &format!("{client}-key.pem")])
+            .args(["-cert_chain", &format!("{client}-chain.pem")])
+            .args(["-CAfile", &format!("{client}-bundle.pem")])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !text.contains("Connection refused") || t0.elapsed() > Duration::from_secs(10) {
+            break out;
+        }
+    };
+    let _ = srv.kill();
+    let srv_out = srv.wait_with_output().unwrap();
+    let client_text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let server_text = String::from_utf8_lossy(&srv_out.stderr).into_owned()
+        + &String::from_utf8_lossy(&srv_out.stdout);
+    println!("mTLS {client} → {server}: client: {client_text}\nserver: {server_text}");
+    client_text.contains("Verification: OK")
+        && client_text.contains("CONNECTION ESTABLISHED")
+        && !server_text.contains("verify error")
+        && server_text.contains("spiffe") == server_text.contains("spiffe")
+}
+
+fn token_of(out: &Output) -> String {
+    let t = out.stdout.trim().to_string();
+    assert!(t.starts_with("wj1."), "{out:?}");
+    t
+}
+
+const IDENTITY: &str = "\n[identity]\nworkload_api_socket = \"workload.sock\"\n";
+
+#[test]
+fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
+    let c = Cluster::start();
+    let (port1, port2) = (free_port(), free_port());
+    let node1 = c.node(port1, IDENTITY);
+    let node2 = c.node(port2, IDENTITY);
+    let node3 = c.node(free_port(), IDENTITY);
+    node1.run(&["init"]).ok();
+    node1.put("app-db/app", PASSWORD.as_bytes()).ok();
+    let mut d1 = node1.start_daemon();
+
+    // A token from the running node 1 (stdout: the token only).
+    let out = node1.run(&["node", "token", "--ttl", "10m"]);
+    out.ok().stderr_has("single use");
+    let token = token_of(&out);
+    // Node 2 joins with it on stdin: the master key arrives wrapped and is
+    // written 0600; nothing was copied by hand.
+    node2
+        .run_stdin(&["node", "join"], format!("{token}\n").as_bytes())
+        .ok()
+        .stderr_has("joined the fleet as node");
+    let key2 = node2.data_dir.join("master.key");
+    assert_eq!(
+        std::fs::metadata(&key2).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read(&key2).unwrap(),
+        std::fs::read(node1.data_dir.join("master.key")).unwrap()
+    );
+    // The same token again (a replay, on another host): refused, audited there.
+    node3
+        .run_stdin(&["node", "join"], token.as_bytes())
+        .code(3)
+        .stderr_has("already used");
+    assert!(!node3.data_dir.join("master.key").exists());
+    let audit3 = std::fs::read_to_string(node3.audit_log()).unwrap();
+    assert!(
+        audit3.contains("node.join") && audit3.contains("already used"),
+        "{audit3}"
+    );
+    // An expired token (its expiry moved into the past): refused.
+    let out = node1.run(&["node", "token", "--ttl", "1m", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.ok().stdout).unwrap();
+    let (expired, expired_id) = (
+        v["token"].as_str().unwrap().to_string(),
+        v["id"].as_str().unwrap().to_string(),
+    );
+    c.sql(&format!(
+        "UPDATE meta SET value = jsonb_set(value::jsonb, '{{expires_at}}', '1')::text WHERE key = 'join/{expired_id}'"
+    ));
+    let file = node3.dir.path().join("token");
+    std::fs::write(&file, &expired).unwrap();
+    node3
+        .run(&["node", "join", "--token-file", file.to_str().unwrap()])
+        .code(3)
+        .stderr_has("expired");
+    // A mistyped token: refused, nothing handed over; a token for the argv
+    // path works once too (argv is accepted, documented as visible in ps).
+    let fresh = token_of(&node1.run(&["node", "token"]));
+    let mut typo = fresh.clone();
+    let last = typo.pop().unwrap();
+    typo.push(if last == '0' { '1' } else { '0' });
+    node3
+        .run(&["node", "join", &typo])
+        .code(3)
+        .stderr_has("does not match");
+    node3
+        .run(&["node", "join", "not-a-token"])
+        .code(2)
+        .stderr_has("not a join token");
+    let audit3 = std::fs::read_to_string(node3.audit_log()).unwrap();
+    assert_eq!(audit3.matches("\"node.join\"").count(), 3, "{audit3}");
+    // The store holds neither the master key nor a token's secret.
+    let dump = c.pg.pg_dump(DB);
+    let kek_hex = std::fs::read_to_string(node1.data_dir.join("master.key")).unwrap();
+    for needle in [kek_hex.trim(), &token[21..], &expired[21..], &fresh[21..]] {
+        assert!(
+            !dump.contains(needle),
+            "the store dump contains key material"
+        );
+    }
+
+    // Node 2 serves the secret put on node 1.
+    let mut d2 = node2.start_daemon();
+    let out = session(port2);
+    assert!(works(&out), "{out:?}");
+
+    // One trust domain: each node's workload gets an SVID signed by that
+    // node's own intermediate; both nodes serve the same bundle (the root).
+    let a = fetch_svid(&node1);
+    let b = fetch_svid(&node2);
+    assert_eq!(
+        a.bundle, b.bundle,
+        "every node serves the same trust bundle"
+    );
+    assert_eq!(a.intermediates.len(), 1, "leaf + node intermediate");
+    assert_eq!(b.intermediates.len(), 1);
+    assert_ne!(a.intermediates, b.intermediates, "an intermediate per node");
+    assert!(!a.bundle.contains(&a.intermediates[0]));
+    let dir = c.dir.path();
+    write_pems(dir, "a", &a);
+    write_pems(dir, "b", &b);
+    for (bundle, node) in [("a", "b"), ("b", "a")] {
+        let out = openssl(
+            dir,
+            &[
+                "verify",
+                "-CAfile",
+                &format!("{bundle}-bundle.pem"),
+                "-untrusted",
+                &format!("{node}-chain.pem"),
+                &format!("{node}-leaf.pem"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "node {node}'s SVID with node {bundle}'s bundle: {out:?}"
+        );
+        // Without its intermediate the leaf does not verify: the root signed
+        // only the intermediate.
+        let out = openssl(
+            dir,
+            &[
+                "verify",
+                "-CAfile",
+                &format!("{bundle}-bundle.pem"),
+                &format!("{node}-leaf.pem"),
+            ],
+        );
+        assert!(!out.status.success());
+    }
+    assert!(
+        mtls(dir, "b", "a"),
+        "mTLS: node 1's workload → node 2's workload"
+    );
+    assert!(
+        mtls(dir, "a", "b"),
+        "mTLS: node 2's workload → node 1's workload"
+    );
+
+    // The node list: both nodes, how they joined, their intermediates.
+    let list: serde_json::Value =
+        serde_json::from_str(&node2.run(&["node", "list", "--json"]).ok().stdout).unwrap();
+    let nodes = list.as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{list}");
+    let id_of = |node: &Instance| {
+        let name = format!(
+            ":{}",
+            std::fs::canonicalize(&node.data_dir).unwrap().display()
+        );
+        nodes
+            .iter()
+            .find(|n| n["name"].as_str().unwrap().ends_with(&name))
+            .unwrap_or_else(|| panic!("{name} not in {list}"))
+            .clone()
+    };
+    let (n1, n2) = (id_of(&node1), id_of(&node2));
+    assert_eq!(n1["joined_via"], "init");
+    assert!(n2["joined_via"]
+        .as_str()
+        .unwrap()
+        .starts_with("join token "));
+    assert_eq!(n2["state"], "active");
+    let int2 = n2["intermediate"]["serial"].as_str().unwrap().to_string();
+    let serial_of = |der: &[u8]| {
+        let out = {
+            std::fs::write(dir.join("s.der"), der).unwrap();
+            openssl(
+                dir,
+                &[
+                    "x509", "-inform", "DER", "-in", "s.der", "-noout", "-serial",
+                ],
+            )
+        };
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .trim_start_matches("serial=")
+            .to_lowercase()
+    };
+    assert_eq!(serial_of(&b.intermediates[0]), int2);
+    node1
+        .run(&["node", "list"])
+        .ok()
+        .stdout_has("INTERMEDIATE EXPIRES");
+
+    // Removal: not of the node the command runs on; node 2, from node 1.
+    let id2 = n2["id"].as_str().unwrap().to_string();
+    let id1 = n1["id"].as_str().unwrap().to_string();
+    node1
+        .run(&["node", "remove", &id1])
+        .code(2)
+        .stderr_has("on another node");
+    node1
+        .run(&["node", "remove", &id2])
+        .ok()
+        .stdout_has("removed node");
+    // Node 2 stops by itself, saying why, and cannot start again.
+    let t0 = Instant::now();
+    let code = loop {
+        if let Ok(Some(st)) = d2.child.try_wait() {
+            break st.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "node 2 still runs after its removal: {}",
+            d2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "removal: node 2 stopped {} ms after `node remove`",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(code, Some(3), "{}", d2.log_text());
+    assert!(d2.log_text().contains("removed from the fleet"));
+    assert!(session(port2).code != 0, "a removed node serves nothing");
+    node2
+        .run(&["up"])
+        .code(3)
+        .stderr_has("removed from the fleet");
+    let list: serde_json::Value =
+        serde_json::from_str(&node1.run(&["node", "list", "--json"]).ok().stdout).unwrap();
+    let removed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id2.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(removed["state"], "removed");
+    assert_eq!(removed["revoked_intermediates"][0], int2.as_str());
+    let audit1 = std::fs::read_to_string(node1.audit_log()).unwrap();
+    for action in ["node.token", "node.remove", "node.ca.issue"] {
+        assert!(audit1.contains(action), "{action} not audited");
+    }
+    // A new token brings it back.
+    let again = token_of(&node1.run(&["node", "token"]));
+    std::fs::remove_file(node2.data_dir.join("master.key")).unwrap();
+    node2.run_stdin(&["node", "join"], again.as_bytes()).ok();
+    let mut d2 = node2.start_daemon();
+    assert!(works(&session(port2)));
+    assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
+    assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
+}

@@ -112,6 +112,9 @@ pub struct FleetCaches {
     pub freezer: Arc<Freezer>,
     /// Woken to take the store's CA list when another node changed it.
     pub identity: Arc<IdentityHandle>,
+    /// `node/<id>` of this node: its record changing (a removal) wakes the
+    /// identity maintenance, which checks membership.
+    pub own_node_key: Option<String>,
 }
 
 impl FleetCaches {
@@ -122,6 +125,11 @@ impl FleetCaches {
             Change::Secret { name, env } => self.credentials.invalidate(name, env),
             Change::Meta { key } if key == freeze::META_KEY => self.sync_freezes(),
             Change::Meta { key } if key == CA_META_KEY => self.identity.wake.notify_one(),
+            // This node's own record changed (a removal): the identity
+            // maintenance checks membership first.
+            Change::Meta { key } if self.own_node_key.as_deref() == Some(key.as_str()) => {
+                self.identity.wake.notify_one()
+            }
             Change::Meta { .. } => {}
             Change::Everything => self.everything(),
         }

@@ -106,6 +106,8 @@ pub struct LeaseRow {
 pub trait SecretBackend: Send {
     fn meta_get(&self, key: &str) -> Result<Option<String>>;
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()>;
+    /// Every (key, value) whose key starts with `prefix`, by key.
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>>;
     /// Assigns the next version of (name, env) (numbers never repeat, even after
     /// `remove`), stores what `seal` returns for it, prunes all but the newest
     /// `keep` versions, runs `before_commit`, commits.

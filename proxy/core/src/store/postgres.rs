@@ -867,6 +867,19 @@ impl SecretBackend for PostgresBackend {
         })
     }
 
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let prefix = prefix.to_string();
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT key, value FROM meta WHERE left(key, length($1)) = $1 ORDER BY key",
+                &[&prefix],
+            )?;
+            rows.iter()
+                .map(|r| Ok((col(r, 0, &s.at)?, col(r, 1, &s.at)?)))
+                .collect()
+        })
+    }
+
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
         let (key, value) = (key.to_string(), value.to_string());
         self.run(move |s| {
