@@ -735,6 +735,8 @@ impl IdentityAuthority {
                 Some(n) => n.root_serial != active.record.serial || now >= n.renew_at,
             };
             if due {
+                // A removed node gets no new intermediate.
+                fleet::check_member(access.store.backend_mut(), &name)?;
                 let (ca, _material) = active
                     .ca
                     .issue_intermediate(&id, self.settings.node_ca_ttl(), now)
@@ -1293,6 +1295,167 @@ mod tests {
         ] {
             assert!(audit.contains(action), "{action} not audited");
         }
+    }
+
+    /// A SQLite store that says it is shared by a fleet, as node `node`
+    /// (every node of the test shares the one file).
+    struct FleetSqlite {
+        inner: SqliteBackend,
+        node: String,
+    }
+
+    impl crate::store::SecretBackend for FleetSqlite {
+        fn meta_get(&self, key: &str) -> Result<Option<String>> {
+            self.inner.meta_get(key)
+        }
+        fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
+            self.inner.meta_set(key, value)
+        }
+        fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+            self.inner.meta_list(prefix)
+        }
+        fn put_version(
+            &mut self,
+            name: &str,
+            env: &str,
+            created_by: &str,
+            keep: u32,
+            seal: &mut dyn FnMut(u32) -> Result<crate::store::SealedVersion>,
+            before_commit: crate::store::CommitHook<'_>,
+        ) -> Result<u32> {
+            self.inner
+                .put_version(name, env, created_by, keep, seal, before_commit)
+        }
+        fn get_version(
+            &self,
+            name: &str,
+            env: &str,
+            version: Option<u32>,
+        ) -> Result<Option<crate::store::VersionRow>> {
+            self.inner.get_version(name, env, version)
+        }
+        fn list(&self, env: Option<&str>) -> Result<Vec<crate::store::SecretSummary>> {
+            self.inner.list(env)
+        }
+        fn versions(&self, name: &str, env: &str) -> Result<Vec<crate::store::VersionInfo>> {
+            self.inner.versions(name, env)
+        }
+        fn remove(
+            &mut self,
+            name: &str,
+            env: &str,
+            before_commit: crate::store::CommitHook<'_>,
+        ) -> Result<u32> {
+            self.inner.remove(name, env, before_commit)
+        }
+        fn rewrap_all(
+            &mut self,
+            rewrap: crate::store::RewrapFn<'_>,
+            meta: &[(&str, String)],
+        ) -> Result<u64> {
+            self.inner.rewrap_all(rewrap, meta)
+        }
+        fn lease_put_many(&mut self, leases: &[crate::store::LeaseRow]) -> Result<()> {
+            self.inner.lease_put_many(leases)
+        }
+        fn lease_delete(&mut self, id: &str) -> Result<()> {
+            self.inner.lease_delete(id)
+        }
+        fn lease_list(&self) -> Result<Vec<crate::store::LeaseRow>> {
+            self.inner.lease_list()
+        }
+        fn node(&self) -> Option<&str> {
+            Some(&self.node)
+        }
+    }
+
+    fn fleet_store(dir: &std::path::Path, node: &str) -> SecretStore {
+        SecretStore::new(Box::new(FleetSqlite {
+            inner: SqliteBackend::open(&dir.join("s.db")).unwrap(),
+            node: node.into(),
+        }))
+    }
+
+    fn serial_of(der: &[u8]) -> String {
+        use x509_parser::prelude::*;
+        hex::encode(X509Certificate::from_der(der).unwrap().1.raw_serial())
+    }
+
+    #[test]
+    fn fleet_nodes_sign_with_their_own_intermediates_under_one_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::from_key(Key256::generate().unwrap());
+        let audit = Auditor::new(crate::audit::AuditLog::open(&dir.path().join("a.log")).unwrap());
+        let (mut s1, mut s2) = (
+            fleet_store(dir.path(), "h:/n1"),
+            fleet_store(dir.path(), "h:/n2"),
+        );
+        let t0 = OffsetDateTime::now_utc();
+        // CA 600 min, SVID 10 min: node intermediates live 120 min.
+        let st = settings(600, 10);
+        assert_eq!(st.node_ca_ttl(), Duration::from_secs(120 * 60));
+        fn with<'a>(s: &'a mut SecretStore, kek: &'a Kek, audit: &'a Auditor) -> StoreAccess<'a> {
+            StoreAccess {
+                store: s,
+                kek,
+                audit,
+            }
+        }
+        macro_rules! access {
+            ($s:expr) => {
+                with($s, &kek, &audit)
+            };
+        }
+        let mut a =
+            IdentityAuthority::load_or_create(&mut access!(&mut s1), st.clone(), None, t0).unwrap();
+        let mut b =
+            IdentityAuthority::load_or_create(&mut access!(&mut s2), st.clone(), None, t0).unwrap();
+        assert_eq!(a.bundle_der(), b.bundle_der(), "one root for the fleet");
+        assert_eq!(a.bundle_der().len(), 1);
+        let (ia, ib) = (a.node_ca().unwrap().0, b.node_ca().unwrap().0);
+        assert_ne!(ia, ib, "an intermediate per node");
+        let (sa, _) = a.svid_for("reports", ID, t0).unwrap();
+        let (sb, _) = b.svid_for("reports", ID, t0).unwrap();
+        assert_eq!(sa.cert_chain_der[1], ia);
+        assert_eq!(sb.cert_chain_der[1], ib);
+        assert_eq!(a.info("reports").unwrap().ca_serial, serial_of(&ia));
+        // The node records name each node's current intermediate; the
+        // intermediate keys are nowhere in the store.
+        let nodes = crate::fleet::list(s1.backend()).unwrap();
+        assert_eq!(nodes.len(), 2);
+        for n in &nodes {
+            let i = n.intermediate.as_ref().unwrap();
+            assert!(i.serial == serial_of(&ia) || i.serial == serial_of(&ib));
+        }
+        let keys = s1.backend().list(Some(SYSTEM_ENV)).unwrap();
+        assert_eq!(keys.len(), 2, "root and JWT keys only");
+
+        // At half-life the node renews its own intermediate.
+        let t1 = t0 + time::Duration::minutes(61);
+        assert!(a.tick(&mut access!(&mut s1), t1).unwrap());
+        let ia2 = a.node_ca().unwrap().0;
+        assert_ne!(ia2, ia);
+        let rec = crate::fleet::record_of(s1.backend(), "h:/n1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.intermediate.unwrap().serial, serial_of(&ia2));
+        a.forget("reports");
+        let (sa2, _) = a.svid_for("reports", ID, t1).unwrap();
+        assert_eq!(sa2.cert_chain_der[1], ia2);
+        // Before that, nothing to renew.
+        assert_eq!(b.node_ca().unwrap().0, ib);
+
+        // Node b removed (from node a): its next maintenance is refused and
+        // its intermediate recorded as revoked.
+        let removed =
+            crate::fleet::remove(s1.backend_mut(), &crate::fleet::node_id("h:/n2"), "test")
+                .unwrap();
+        assert_eq!(removed.revoked_intermediates, vec![serial_of(&ib)]);
+        let e = b.tick(&mut access!(&mut s2), t1).err().unwrap();
+        assert!(e.message.contains("removed from the fleet"), "{e}");
+        assert!(crate::fleet::check_member(s2.backend_mut(), "h:/n2").is_err());
+        let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+        assert!(log.contains("node.ca.issue"));
     }
 
     #[test]
