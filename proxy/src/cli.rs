@@ -1441,10 +1441,16 @@ fn run_lease(ctx: &Context, cmd: LeaseCommand) -> Result<()> {
             if ctx.json {
                 return print_json(&l);
             }
-            println!(
-                "revoked lease {} (route {}, workload {}, role {} dropped, {} session(s) ended)",
-                l.id, l.route, l.workload, l.role, l.sessions
-            );
+            match &l.node {
+                Some(node) => println!(
+                    "revoked lease {} on node {node}, which held it (route {}, workload {}, role {} dropped, its sessions ended)",
+                    l.id, l.route, l.workload, l.role
+                ),
+                None => println!(
+                    "revoked lease {} (route {}, workload {}, role {} dropped, {} session(s) ended)",
+                    l.id, l.route, l.workload, l.role, l.sessions
+                ),
+            }
             Ok(())
         }
         LeaseCommand::List => {

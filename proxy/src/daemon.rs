@@ -244,6 +244,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let freeze_task = tokio::spawn(freezer.clone().run());
         // On a fleet store, changes committed on other nodes apply here as
         // they commit (see `warden_core::propagation`).
+        let lease_requests = Arc::new(tokio::sync::Notify::new());
         let _fleet_listener = match cfg.store.backend {
             warden_core::config::StoreBackend::Postgres => Some(warden_core::propagation::ChangeListener::start(
                 warden_core::store::postgres::PostgresSettings::from_config(&cfg.store)?,
@@ -256,6 +257,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                         warden_core::fleet::NODE_PREFIX,
                         warden_core::fleet::node_id(&warden_core::store::postgres::node_name(data_dir))
                     )),
+                    lease_requests: lease_requests.clone(),
                 },
             )?),
             warden_core::config::StoreBackend::Sqlite => None,
@@ -315,6 +317,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             pg_shared.clone(),
             service.clone(),
             !sealed,
+            (cfg.store.backend == warden_core::config::StoreBackend::Postgres).then_some(lease_requests),
         ));
         let mut route_tasks = Vec::new();
         let mut shard_tasks = Vec::new();
@@ -447,11 +450,21 @@ async fn maintain_credentials(
     shared: Arc<pg::PgShared>,
     service: Arc<Mutex<SecretService>>,
     mut started: bool,
+    lease_requests: Option<Arc<tokio::sync::Notify>>,
 ) {
     let mut ticks: u64 = 0;
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        ticks += 1;
+        // On a fleet store another node's `lease revoke` wakes this loop.
+        let woken = match &lease_requests {
+            Some(n) => tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+                _ = n.notified() => true,
+            },
+            None => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                false
+            }
+        };
         let sealed = service.lock().map(|s| s.is_sealed()).unwrap_or(true);
         if sealed {
             continue;
@@ -460,6 +473,13 @@ async fn maintain_credentials(
             credentials_start(&leases, &rotator).await;
             started = true;
         }
+        if lease_requests.is_some() && !leases.is_empty() && (woken || ticks.is_multiple_of(10)) {
+            leases.revoke_requested(&shared.scram_cache).await;
+        }
+        if woken {
+            continue;
+        }
+        ticks += 1;
         leases.maintain(&shared.scram_cache).await;
         if ticks.is_multiple_of(30) {
             // Orphan rows whose revocation failed earlier are retried.

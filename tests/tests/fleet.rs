@@ -632,6 +632,27 @@ fn mtls(dir: &std::path::Path, server: &str, client: &str) -> bool {
     ok
 }
 
+/// What node `tag`'s workload reads through an mTLS server route on `port`
+/// (s_client with its SVID; stdout and stderr).
+fn through_mtls_route(dir: &std::path::Path, port: u16, tag: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-quiet",
+        ])
+        .args(["-cert", &format!("{tag}-leaf.pem")])
+        .args(["-key", &format!("{tag}-key.pem")])
+        .args(["-cert_chain", &format!("{tag}-chain.pem")])
+        .args(["-CAfile", &format!("{tag}-bundle.pem")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 fn token_of(out: &Output) -> String {
     let t = out.stdout.trim().to_string();
     assert!(t.starts_with("wj1."), "{out:?}");
@@ -644,7 +665,22 @@ const IDENTITY: &str = "\n[identity]\nworkload_api_socket = \"workload.sock\"\n"
 fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
     let c = Cluster::start();
     let (port1, port2) = (free_port(), free_port());
-    let node1 = c.node(port1, IDENTITY);
+    // Node 1 also terminates mTLS for a local service (a greeting).
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in service.incoming() {
+            use std::io::Write;
+            let _ = s.and_then(|mut s| s.write_all(b"hello from node 1's service\n"));
+        }
+    });
+    let mtls_port = free_port();
+    let node1 = c.node(
+        port1,
+        &format!(
+            "[[route]]\nname = \"in\"\nkind = \"tls\"\nmode = \"server\"\nlisten = \"127.0.0.1:{mtls_port}\"\nupstream = \"127.0.0.1:{service_port}\"\nallow = [\"spiffe://example.org/me\"]\n{IDENTITY}"
+        ),
+    );
     let node2 = c.node(port2, IDENTITY);
     let node3 = c.node(free_port(), IDENTITY);
     node1.run(&["init"]).ok();
@@ -780,6 +816,12 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         mtls(dir, "a", "b"),
         "mTLS: node 2's workload → node 1's workload"
     );
+    // Node 1's mTLS server route admits node 2's workload.
+    let greeting = through_mtls_route(dir, mtls_port, "b");
+    assert!(
+        greeting.contains("hello from node 1's service"),
+        "{greeting}"
+    );
 
     // The node list: both nodes, how they joined, their intermediates.
     let list: serde_json::Value =
@@ -873,6 +915,30 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         .clone();
     assert_eq!(removed["state"], "removed");
     assert_eq!(removed["revoked_intermediates"][0], int2.as_str());
+    // Node 1 now refuses the SVID node 2 issued before its removal, although
+    // it still chains to the bundle.
+    let t0 = Instant::now();
+    loop {
+        let out = through_mtls_route(dir, mtls_port, "b");
+        if !out.contains("hello") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "still admitted: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "removal: node 1 refuses node 2's SVIDs {} ms after",
+        t0.elapsed().as_millis()
+    );
+    assert!(
+        d1.log_text().contains("revoked when its node was removed"),
+        "{}",
+        d1.log_text()
+    );
+    assert!(through_mtls_route(dir, mtls_port, "a").contains("hello"));
     let audit1 = std::fs::read_to_string(node1.audit_log()).unwrap();
     for action in ["node.token", "node.remove", "node.ca.issue"] {
         assert!(audit1.contains(action), "{action} not audited");
@@ -884,5 +950,145 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
     let mut d2 = node2.start_daemon();
     assert!(works(&session(port2)));
     assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
+    assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
+}
+
+// ---- lease revocation across nodes -------------------------------------------
+
+const LEASE_ADMIN_PASSWORD: &str = "fleet-lease-admin-PW-5e71";
+
+/// A route with dynamic leases on database `shop` (admin role `lease_admin`).
+fn lease_route(port: u16, pgport: u16) -> String {
+    format!(
+        r#"
+[[route]]
+name = "shop-db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+allow = ["me"]
+databases = ["shop"]
+connect_timeout = "3s"
+
+[route.credential]
+user = "lease_admin"
+secret = "shop-db/admin"
+
+[route.credential.dynamic]
+ttl = "1h"
+max_ttl = "1h"
+grants = ["GRANT CONNECT ON DATABASE shop TO {{role}}"]
+"#
+    )
+}
+
+fn lease_session(port: u16) -> Output {
+    run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=shop user=legacy connect_timeout=5"),
+        "select current_user",
+    )
+}
+
+#[test]
+fn a_lease_revoked_on_one_node_is_revoked_by_the_node_holding_it() {
+    let c = Cluster::start();
+    c.pg.psql_admin(&format!(
+        "CREATE ROLE lease_admin LOGIN CREATEROLE PASSWORD '{LEASE_ADMIN_PASSWORD}';\nCREATE DATABASE shop OWNER lease_admin;"
+    ));
+    let (shop1, shop2) = (free_port(), free_port());
+    let node1 = c.node(free_port(), &lease_route(shop1, c.pg.port));
+    let node2 = c.node(free_port(), &lease_route(shop2, c.pg.port));
+    node1.run(&["init"]).ok();
+    node1
+        .put("shop-db/admin", LEASE_ADMIN_PASSWORD.as_bytes())
+        .ok();
+    let token = token_of(&node1.run(&["node", "token"]));
+    node2.run_stdin(&["node", "join"], token.as_bytes()).ok();
+    let mut d1 = node1.start_daemon();
+    let mut d2 = node2.start_daemon();
+
+    // A session through node 2 gets a lease: node 2 holds it, node 1 does not.
+    let out = lease_session(shop2);
+    assert_eq!(out.code, 0, "{out:?}");
+    let role = out.stdout.trim().to_string();
+    assert!(role.starts_with("warden_me_"), "{role}");
+    let list: serde_json::Value =
+        serde_json::from_str(&node2.run(&["lease", "list", "--json"]).ok().stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        node1.run(&["lease", "list", "--json"]).ok().stdout.trim(),
+        "[]"
+    );
+
+    // Revoked from node 1: node 2 revokes it (role dropped) before the
+    // command returns, and node 2's next session gets a new lease.
+    let t0 = Instant::now();
+    node1
+        .run(&["lease", "revoke", &id])
+        .ok()
+        .stdout_has(&format!("revoked lease {id} on node"));
+    println!(
+        "propagation: lease revoke on node 1 → revoked by node 2 in {} ms",
+        t0.elapsed().as_millis()
+    );
+    let roles = c.pg.psql_admin(&format!(
+        "SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"
+    ));
+    assert_eq!(roles.trim(), "0", "the lease's role is still there");
+    let out = lease_session(shop2);
+    assert_eq!(out.code, 0, "{out:?}");
+    let again = out.stdout.trim().to_string();
+    assert!(again.starts_with("warden_me_") && again != role, "{again}");
+    // Node 2's record names node 1's admin; node 1 recorded the request.
+    let a2 = std::fs::read_to_string(node2.audit_log()).unwrap();
+    assert!(
+        a2.contains("\"lease.revoke\"") && a2.contains("revoked by an admin on node"),
+        "{a2}"
+    );
+    let a1 = std::fs::read_to_string(node1.audit_log()).unwrap();
+    assert!(a1.contains("\"lease.revoke.request\""), "{a1}");
+    // The request is gone; an unknown lease is "not found" on every node.
+    assert_eq!(
+        c.sql("SELECT count(*) FROM meta WHERE key LIKE 'lease-revoke/%'")
+            .trim(),
+        "0"
+    );
+    node1
+        .run(&["lease", "revoke", &id])
+        .code(5)
+        .stderr_has("warden lease list");
+
+    // Node 2 killed: the request cannot be served and says so; it stays in
+    // the store, and node 2's restart (which revokes every lease its earlier
+    // process left) clears it.
+    let list: serde_json::Value =
+        serde_json::from_str(&node2.run(&["lease", "list", "--json"]).ok().stdout).unwrap();
+    let id2 = list[0]["id"].as_str().unwrap().to_string();
+    d2.child.kill().unwrap();
+    d2.child.wait().unwrap();
+    node1
+        .run(&["lease", "revoke", &id2])
+        .code(7)
+        .stderr_has("has not revoked it within 10 s");
+    let pending = || c.sql("SELECT count(*) FROM meta WHERE key LIKE 'lease-revoke/%'");
+    assert_eq!(pending().trim(), "1");
+    let d2 = node2.start_daemon();
+    let t0 = Instant::now();
+    while pending().trim() != "0" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "request not cleared: {}",
+            d2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        c.pg.psql_admin(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{again}'"
+        ))
+        .trim(),
+        "0"
+    );
     assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
 }

@@ -286,6 +286,8 @@ pub struct IdentityAuthority {
     node_touched: Option<OffsetDateTime>,
     /// The root cannot sign intermediates (warned once).
     node_ca_blocked: Option<String>,
+    /// On a fleet store: serials of removed nodes' intermediates.
+    revoked: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -379,6 +381,7 @@ impl IdentityAuthority {
             node_ca: None,
             node_touched: None,
             node_ca_blocked: None,
+            revoked: Vec::new(),
         };
         auth.tick(access, now)?;
         Ok(auth)
@@ -580,6 +583,19 @@ impl IdentityAuthority {
         }
     }
 
+    /// The serial of a revoked (removed node's) intermediate among the CA
+    /// certificates `chain` a peer presented above its leaf, if any.
+    pub fn revoked_in_chain(&self, chain: &[Vec<u8>]) -> Option<String> {
+        use x509_parser::prelude::*;
+        if self.revoked.is_empty() {
+            return None;
+        }
+        chain.iter().find_map(|der| {
+            let serial = hex::encode(X509Certificate::from_der(der).ok()?.1.raw_serial());
+            self.revoked.contains(&serial).then_some(serial)
+        })
+    }
+
     /// This node's intermediate CA certificate (DER) and expiry, on a fleet store.
     pub fn node_ca(&self) -> Option<(Vec<u8>, OffsetDateTime)> {
         self.node_ca
@@ -718,6 +734,13 @@ impl IdentityAuthority {
             return Ok(false);
         };
         let id = fleet::node_id(&name);
+        match fleet::revoked_intermediates(access.store.backend()) {
+            Ok(r) => self.revoked = r,
+            Err(e) => tracing::warn!(
+                "revoked intermediates not reloaded (kept the last list): {}",
+                e.message
+            ),
+        }
         let active = self.active()?;
         let mut issued = None;
         if !active.ca.can_sign_intermediates() {
@@ -1364,6 +1387,9 @@ mod tests {
         fn lease_list(&self) -> Result<Vec<crate::store::LeaseRow>> {
             self.inner.lease_list()
         }
+        fn meta_delete(&mut self, key: &str) -> Result<()> {
+            self.inner.meta_delete(key)
+        }
         fn node(&self) -> Option<&str> {
             Some(&self.node)
         }
@@ -1453,6 +1479,14 @@ mod tests {
         assert_eq!(removed.revoked_intermediates, vec![serial_of(&ib)]);
         let e = b.tick(&mut access!(&mut s2), t1).err().unwrap();
         assert!(e.message.contains("removed from the fleet"), "{e}");
+        // Node a refuses leaves under b's intermediate from its next tick on.
+        assert_eq!(a.revoked_in_chain(std::slice::from_ref(&ib)), None);
+        a.tick(&mut access!(&mut s1), t1).unwrap();
+        assert_eq!(
+            a.revoked_in_chain(std::slice::from_ref(&ib)),
+            Some(serial_of(&ib))
+        );
+        assert_eq!(a.revoked_in_chain(std::slice::from_ref(&ia2)), None);
         assert!(crate::fleet::check_member(s2.backend_mut(), "h:/n2").is_err());
         let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
         assert!(log.contains("node.ca.issue"));

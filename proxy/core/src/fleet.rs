@@ -37,6 +37,9 @@ use zeroize::Zeroizing;
 pub const NODE_PREFIX: &str = "node/";
 /// Meta keys of join tokens.
 pub const TOKEN_PREFIX: &str = "join/";
+/// Meta key of the serials of every intermediate CA revoked by a removal (a
+/// JSON list): one key, so its change wakes every node.
+pub const REVOKED_KEY: &str = "fleet/revoked";
 /// What a printed join token starts with.
 const TOKEN_TEXT_PREFIX: &str = "wj1.";
 /// Shortest and longest token lifetime accepted by `warden node token`.
@@ -290,6 +293,7 @@ pub fn remove(backend: &mut dyn SecretBackend, id: &str, by: &str) -> Result<Nod
     }
     let key = format!("{NODE_PREFIX}{id}");
     let mut out: Option<Result<NodeRecord>> = None;
+    let mut serials = Vec::new();
     backend.meta_update(&key, &mut |cur| {
         let Some(j) = cur else {
             return Err(Error::not_found(format!(
@@ -311,19 +315,37 @@ pub fn remove(backend: &mut dyn SecretBackend, id: &str, by: &str) -> Result<Nod
         if let Some(i) = r.intermediate.take() {
             r.revoked_intermediates.push(i.serial);
         }
+        serials = r.revoked_intermediates.clone();
         let j = json(&r)?;
         out = Some(Ok(r));
         Ok(j)
     })?;
+    // Every node's mTLS server routes refuse leaves under these from now on.
+    if !serials.is_empty() {
+        backend.meta_update(REVOKED_KEY, &mut |cur| {
+            let mut all: Vec<String> = match cur {
+                Some(j) => serde_json::from_str(&j)
+                    .map_err(|e| Error::integrity(format!("{REVOKED_KEY} is unreadable: {e}")))?,
+                None => Vec::new(),
+            };
+            for s in &serials {
+                if !all.contains(s) {
+                    all.push(s.clone());
+                }
+            }
+            json(&all)
+        })?;
+    }
     out.unwrap_or_else(|| Err(Error::internal("node record not written")))
 }
 
 /// The serials of every intermediate revoked by a node's removal.
 pub fn revoked_intermediates(backend: &dyn SecretBackend) -> Result<Vec<String>> {
-    Ok(list(backend)?
-        .into_iter()
-        .flat_map(|r| r.revoked_intermediates)
-        .collect())
+    match backend.meta_get(REVOKED_KEY)? {
+        None => Ok(Vec::new()),
+        Some(j) => serde_json::from_str(&j)
+            .map_err(|e| Error::integrity(format!("{REVOKED_KEY} is unreadable: {e}"))),
+    }
 }
 
 fn derive(secret: &Key256, label: &str, id: &str) -> hmac::Tag {

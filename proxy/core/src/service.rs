@@ -843,6 +843,21 @@ impl SecretService {
     pub fn lease_list(&self) -> Result<Vec<crate::store::LeaseRow>> {
         self.store.backend().lease_list()
     }
+
+    /// Lease `id` held by any node of a fleet, with the node's name.
+    pub fn lease_of_any_node(&self, id: &str) -> Result<Option<(String, crate::store::LeaseRow)>> {
+        self.store.backend().lease_of_any_node(id)
+    }
+
+    /// Every (key, value) of the meta table under `prefix`.
+    pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.store.backend().meta_list(prefix)
+    }
+
+    /// Removes a metadata key.
+    pub fn meta_delete(&mut self, key: &str) -> Result<()> {
+        self.store.backend_mut().meta_delete(key)
+    }
 }
 
 /// Runs `f` under the service lock with store and audit work (fsyncs) kept

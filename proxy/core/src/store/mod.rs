@@ -144,6 +144,15 @@ pub trait SecretBackend: Send {
     fn lease_delete(&mut self, id: &str) -> Result<()>;
     /// Every lease row, oldest first.
     fn lease_list(&self) -> Result<Vec<LeaseRow>>;
+    /// On a store shared by a fleet: lease `id` of whichever node holds it,
+    /// with that node's name. A store only this node uses has no other
+    /// node's leases (None).
+    fn lease_of_any_node(&self, id: &str) -> Result<Option<(String, LeaseRow)>> {
+        let _ = id;
+        Ok(None)
+    }
+    /// Removes meta key `key` (no error if absent).
+    fn meta_delete(&mut self, key: &str) -> Result<()>;
     /// Replaces the value of `key` with `update(current)` atomically: writers
     /// on other nodes that update the same key wait for this one.
     fn meta_update(

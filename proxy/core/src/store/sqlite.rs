@@ -171,6 +171,13 @@ impl SecretBackend for SqliteBackend {
             .map_err(db_err(&self.path))
     }
 
+    fn meta_delete(&mut self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM meta WHERE key = ?1", params![key])
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
     fn put_version(
         &mut self,
         name: &str,

@@ -354,6 +354,10 @@ fn meta_and_lease_rows_roundtrip(c: Case) {
         vec![("node/a".into(), "1".into()), ("node/b".into(), "2".into())]
     );
     assert!(b.meta_list("node%").unwrap().is_empty());
+    b.meta_delete("node/a").unwrap();
+    b.meta_delete("node/absent").unwrap();
+    assert_eq!(b.meta_list("node/").unwrap().len(), 1);
+    assert_eq!(b.meta_get("node/a").unwrap(), None);
     let lease = |id: &str, created_at: i64| LeaseRow {
         id: id.into(),
         route: "orders-db".into(),
