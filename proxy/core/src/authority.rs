@@ -719,7 +719,17 @@ impl IdentityAuthority {
             changed |= ca_steps?;
         }
         if fleet {
-            changed |= self.tick_node_ca(access, now)?;
+            match self.tick_node_ca(access, now) {
+                Ok(c) => changed |= c,
+                // Removed from the fleet: nothing more is issued.
+                Err(e) if e.kind == crate::error::ErrorKind::Denied => return Err(e),
+                // The store is unreachable: the intermediate is not renewed
+                // (membership cannot be checked) but SVIDs still are.
+                Err(e) => tracing::warn!(
+                    "node intermediate CA and record not maintained this time: {}",
+                    e.message
+                ),
+            }
         }
         changed |= self.refresh_svids(access, now)?;
         Ok(changed)
@@ -794,13 +804,22 @@ impl IdentityAuthority {
         let touch_due = self
             .node_touched
             .is_none_or(|t| now - t >= NODE_TOUCH_EVERY);
-        if issued.is_some() || touch_due {
-            let changed = issued.is_some();
-            fleet::touch(access.store.backend_mut(), &name, issued)?;
+        let changed = issued.is_some();
+        if changed || touch_due {
+            // The record always carries the current intermediate (a write
+            // that failed at issuance is made good by the next one).
+            let current = self.node_ca.as_ref().map(|n| IntermediateInfo {
+                serial: n.ca.serial_hex().to_string(),
+                not_after: fmt(n.ca.not_after()),
+            });
+            fleet::touch(access.store.backend_mut(), &name, current)?;
             self.node_touched = Some(now);
-            return Ok(changed);
+            // Expired join tokens lose their key copies within a touch period.
+            if let Err(e) = fleet::purge_expired_tokens(access.store.backend_mut()) {
+                tracing::warn!("expired join tokens not purged: {}", e.message);
+            }
         }
-        Ok(false)
+        Ok(changed)
     }
 
     /// Retires expired CAs, prepares a successor, switches to it.
@@ -1059,8 +1078,9 @@ impl IdentityHandle {
         // A fleet node checks first that it is still a member: a removed node
         // drops its CAs and SVIDs and tells the daemon to stop.
         if let Some(name) = access.store.backend().node().map(str::to_string) {
-            if let Err(e) = fleet::check_member(access.store.backend_mut(), &name) {
-                if e.kind == crate::error::ErrorKind::Denied {
+            match fleet::check_member(access.store.backend_mut(), &name) {
+                Ok(_) => {}
+                Err(e) if e.kind == crate::error::ErrorKind::Denied => {
                     *guard = None;
                     if !self.removed.swap(true, std::sync::atomic::Ordering::SeqCst) {
                         let _ = access.audit.record(&Event {
@@ -1076,8 +1096,10 @@ impl IdentityHandle {
                         self.removed_notify.notify_one();
                         self.notify();
                     }
+                    return Err(e);
                 }
-                return Err(e);
+                // The store is unreachable: SVIDs are still refreshed.
+                Err(e) => tracing::warn!("fleet membership not checked this time: {}", e.message),
             }
         }
         match guard.as_mut() {

@@ -21,8 +21,9 @@
 //! already used, expired or not matching is refused (the record keeps the
 //! failed attempts), and a valid one is marked used and its wrapped copy
 //! erased in the same transaction, so two joins racing with one token cannot
-//! both succeed. Expired tokens' wrapped copies are erased by the next
-//! `node token`, `node list` or daemon maintenance.
+//! both succeed. Expired tokens' wrapped copies are erased by any running
+//! node within 30 s (its identity maintenance), and by `node token` and
+//! `node list`.
 
 use crate::crypto::{sha256_hex, Key256};
 use crate::error::{Error, ErrorKind, Result};
