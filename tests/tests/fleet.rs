@@ -758,6 +758,40 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         .stderr_has("not a join token");
     let audit3 = std::fs::read_to_string(node3.audit_log()).unwrap();
     assert_eq!(audit3.matches("\"node.join\"").count(), 3, "{audit3}");
+    // Two hosts racing with one token: exactly one joins.
+    let raced = token_of(&node1.run(&["node", "token"]));
+    let (node4, node5) = (c.node(free_port(), ""), c.node(free_port(), ""));
+    let racers: Vec<std::process::Child> = [&node4, &node5]
+        .iter()
+        .map(|n| {
+            let mut child = n
+                .command(&["node", "join"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(raced.as_bytes())
+                .unwrap();
+            child
+        })
+        .collect();
+    let codes: Vec<Option<i32>> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().status.code())
+        .collect();
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![Some(0), Some(3)], "{codes:?}");
+    assert_ne!(
+        node4.data_dir.join("master.key").exists(),
+        node5.data_dir.join("master.key").exists()
+    );
     // The store holds neither the master key nor a token's secret.
     let dump = c.pg.pg_dump(DB);
     let kek_hex = std::fs::read_to_string(node1.data_dir.join("master.key")).unwrap();
@@ -836,7 +870,7 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
     let list: serde_json::Value =
         serde_json::from_str(&node2.run(&["node", "list", "--json"]).ok().stdout).unwrap();
     let nodes = list.as_array().unwrap();
-    assert_eq!(nodes.len(), 2, "{list}");
+    assert_eq!(nodes.len(), 3, "nodes 1, 2 and the racer that won: {list}");
     let id_of = |node: &Instance| {
         let name = format!(
             ":{}",
