@@ -455,7 +455,12 @@ fn run_node(ctx: &Context, cmd: NodeCommand) -> Result<()> {
                 (None, Some(p)) => read_lines(Some(&p))?
                     .into_iter()
                     .next()
-                    .ok_or_else(|| Error::usage(format!("{} holds no token", p.display())))?,
+                    .ok_or_else(|| {
+                        Error::usage(format!(
+                            "{} holds no join token; fix: write the line `warden node token` printed into it",
+                            p.display()
+                        ))
+                    })?,
                 (None, None) => {
                     if std::io::stdin().is_terminal() {
                         eprintln!("Paste the join token (input hidden), then Enter and Ctrl-D.");
@@ -463,7 +468,11 @@ fn run_node(ctx: &Context, cmd: NodeCommand) -> Result<()> {
                     read_lines(None)?
                         .into_iter()
                         .next()
-                        .ok_or_else(|| Error::usage("no join token on stdin"))?
+                        .ok_or_else(|| {
+                            Error::usage(
+                                "no join token on stdin; fix: `warden node join < token-file` with the line `warden node token` printed on a fleet node",
+                            )
+                        })?
                 }
             };
             let out = init::join(&ctx.data_dir, &ctx.cfg.store, &text, credential_to_stdout)?;
