@@ -858,6 +858,16 @@ fn run_status(ctx: &Context) -> Result<()> {
     }
     println!("secrets:       {}", status.secrets);
     println!("environment:   {}", status.default_env);
+    if let Some(n) = &status.fleet_node {
+        println!("fleet node:    {} ({})", n.id, n.name);
+        println!(
+            "intermediate:  {}",
+            n.intermediate
+                .as_ref()
+                .map(|i| format!("serial {}, valid until {}", i.serial, i.not_after))
+                .unwrap_or_else(|| "none (signing with the root)".into())
+        );
+    }
     Ok(())
 }
 

@@ -911,6 +911,11 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         .run(&["node", "list"])
         .ok()
         .stdout_has("INTERMEDIATE EXPIRES");
+    node2
+        .run(&["status"])
+        .ok()
+        .stdout_has(&format!("fleet node:    {}", n2["id"].as_str().unwrap()))
+        .stdout_has(&format!("serial {int2}"));
 
     // Removal: not of the node the command runs on; node 2, from node 1.
     let id2 = n2["id"].as_str().unwrap().to_string();

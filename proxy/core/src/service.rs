@@ -96,6 +96,9 @@ pub struct Status {
     pub secrets: usize,
     pub default_env: String,
     pub daemon_pid: Option<u32>,
+    /// This node's record on a store shared by a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_node: Option<crate::fleet::NodeRecord>,
 }
 
 pub struct SecretService {
@@ -604,6 +607,13 @@ impl SecretService {
             secrets,
             default_env: self.policy.default_env.clone(),
             daemon_pid: self.daemon.then(std::process::id),
+            fleet_node: match self.fleet_node() {
+                // Status answers even when the store does not.
+                Some(name) => crate::fleet::record_of(self.store.backend(), &name)
+                    .ok()
+                    .flatten(),
+                None => None,
+            },
         })
     }
 
