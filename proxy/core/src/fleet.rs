@@ -612,6 +612,175 @@ mod tests {
         assert_eq!(node_id("x").len(), 12);
     }
 
+    fn set_expiry(b: &mut dyn SecretBackend, id: &str, expires_at: i64) {
+        let key = format!("{TOKEN_PREFIX}{id}");
+        let mut r: TokenRecord = serde_json::from_str(&b.meta_get(&key).unwrap().unwrap()).unwrap();
+        r.expires_at = expires_at;
+        b.meta_set(&key, &json(&r).unwrap()).unwrap();
+    }
+
+    fn record(b: &dyn SecretBackend, id: &str) -> TokenRecord {
+        serde_json::from_str(&b.meta_get(&format!("{TOKEN_PREFIX}{id}")).unwrap().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_token_hands_over_the_key_once_and_refuses_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut b1 = crate::store::fleet_sqlite::FleetSqlite::open(&path, "h:/n1");
+        let mut b2 = crate::store::fleet_sqlite::FleetSqlite::open(&path, "h:/n2");
+        let new = create_kek(&plan(KekSource::File)).unwrap();
+        let ttl = std::time::Duration::from_secs(600);
+        // Lifetimes outside 30s..24h are refused, naming the flag.
+        for bad in [10, 2 * 86400] {
+            let e = create_token(
+                &mut b1,
+                &new.kek,
+                &new.seal,
+                std::time::Duration::from_secs(bad),
+                "t",
+            )
+            .err()
+            .unwrap();
+            assert!(e.message.contains("--ttl"), "{e}");
+        }
+        let t = create_token(&mut b1, &new.kek, &new.seal, ttl, "uid 0 (root)").unwrap();
+        assert!(t.carries_key);
+        // The store holds no secret: neither the token's nor the key's.
+        let stored = b1
+            .meta_get(&format!("{TOKEN_PREFIX}{}", t.id))
+            .unwrap()
+            .unwrap();
+        let secret_hex = t.text.rsplit('.').next().unwrap().to_string();
+        assert!(!stored.contains(&secret_hex));
+        assert!(!stored.contains(&*new.kek.key().to_hex()));
+        let token = parse_token(&t.text).unwrap();
+        // A mistyped secret: refused and counted, nothing handed over.
+        let mut typo = t.text.to_string();
+        let last = typo.pop().unwrap();
+        typo.push(if last == '0' { '1' } else { '0' });
+        let e = consume_token(&mut b2, &parse_token(&typo).unwrap(), "h:/n2", &new.seal)
+            .err()
+            .unwrap();
+        assert!(e.message.contains("does not match"), "{e}");
+        assert_eq!(record(&b2, &t.id).failed_attempts, 1);
+        assert!(record(&b2, &t.id).wrapped_kek.is_some());
+        // The right token: the key, once.
+        let joined = consume_token(&mut b2, &token, "h:/n2", &new.seal).unwrap();
+        assert_eq!(joined.kek.unwrap().id(), new.kek.id());
+        let r = record(&b2, &t.id);
+        assert!(r.wrapped_kek.is_none() && r.used_by.as_deref() == Some("h:/n2"));
+        let e = consume_token(&mut b1, &token, "h:/n3", &new.seal)
+            .err()
+            .unwrap();
+        assert!(
+            e.message.contains("already used") && e.message.contains("h:/n2"),
+            "{e}"
+        );
+        assert_eq!(e.kind, ErrorKind::Denied);
+
+        // Expired: refused, and its key copy erased then (or by the purge).
+        let t2 = create_token(&mut b1, &new.kek, &new.seal, ttl, "t").unwrap();
+        set_expiry(&mut b1, &t2.id, 1);
+        let e = consume_token(&mut b2, &parse_token(&t2.text).unwrap(), "h:/n2", &new.seal)
+            .err()
+            .unwrap();
+        assert!(e.message.contains("expired"), "{e}");
+        assert!(record(&b1, &t2.id).wrapped_kek.is_none());
+        let t3 = create_token(&mut b1, &new.kek, &new.seal, ttl, "t").unwrap();
+        set_expiry(&mut b1, &t3.id, 1);
+        assert_eq!(purge_expired_tokens(&mut b1).unwrap(), 1);
+        assert!(record(&b1, &t3.id).wrapped_kek.is_none());
+
+        // Made before a master key rotation: an integrity error, never a wrong key.
+        let t4 = create_token(&mut b1, &new.kek, &new.seal, ttl, "t").unwrap();
+        let rotated = create_kek(&plan(KekSource::File)).unwrap();
+        let e = consume_token(
+            &mut b2,
+            &parse_token(&t4.text).unwrap(),
+            "h:/n2",
+            &rotated.seal,
+        )
+        .err()
+        .unwrap();
+        assert!(e.message.contains("rotated"), "{e}");
+        // Unknown to this store.
+        let e = consume_token(
+            &mut b2,
+            &parse_token(&format!("wj1.00000000000000aa.{}", "11".repeat(32))).unwrap(),
+            "h:/n2",
+            &new.seal,
+        )
+        .err()
+        .unwrap();
+        assert!(e.message.contains("not known to this store"), "{e}");
+
+        // A Shamir store's token carries no key.
+        let shamir = create_kek(&plan(KekSource::Shamir)).unwrap();
+        let t5 = create_token(&mut b1, &shamir.kek, &shamir.seal, ttl, "t").unwrap();
+        assert!(!t5.carries_key);
+        let joined = consume_token(
+            &mut b2,
+            &parse_token(&t5.text).unwrap(),
+            "h:/n2",
+            &shamir.seal,
+        )
+        .unwrap();
+        assert!(joined.kek.is_none());
+    }
+
+    #[test]
+    fn nodes_register_are_removed_and_come_back_with_a_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut b1 = crate::store::fleet_sqlite::FleetSqlite::open(&path, "h:/n1");
+        let mut b2 = crate::store::fleet_sqlite::FleetSqlite::open(&path, "h:/n2");
+        register(&mut b1, "h:/n1", "init").unwrap();
+        let r2 = check_member(&mut b2, "h:/n2").unwrap();
+        assert_eq!(r2.joined_via, "first start");
+        let info = IntermediateInfo {
+            serial: "ab".repeat(16),
+            not_after: "2030-01-01T00:00:00Z".into(),
+        };
+        touch(&mut b2, "h:/n2", Some(info.clone())).unwrap();
+        assert_eq!(list(&b1).unwrap().len(), 2);
+        // Not from itself; not an unknown or malformed id.
+        let e = remove(&mut b2, &r2.id, "t").err().unwrap();
+        assert!(e.message.contains("another node"), "{e}");
+        assert_eq!(
+            remove(&mut b1, "000000000000", "t").err().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            remove(&mut b1, "xyz", "t").err().unwrap().kind,
+            ErrorKind::Usage
+        );
+        let removed = remove(&mut b1, &r2.id, "uid 0 on h:/n1").unwrap();
+        assert_eq!(removed.revoked_intermediates, vec![info.serial.clone()]);
+        assert_eq!(
+            revoked_intermediates(&b1).unwrap(),
+            vec![info.serial.clone()]
+        );
+        assert!(remove(&mut b1, &r2.id, "t")
+            .err()
+            .unwrap()
+            .message
+            .contains("already removed"));
+        // The removed node is refused at every step, naming the fix.
+        for e in [
+            check_member(&mut b2, "h:/n2").err().unwrap(),
+            touch(&mut b2, "h:/n2", None).err().unwrap(),
+            register(&mut b2, "h:/n2", "first start").err().unwrap(),
+        ] {
+            assert_eq!(e.kind, ErrorKind::Denied);
+            assert!(e.message.contains("warden node join"), "{e}");
+        }
+        // A join re-admits it.
+        let back = register(&mut b2, "h:/n2", "join token 0011223344556677").unwrap();
+        assert_eq!(back.state, NodeState::Active);
+        assert!(check_member(&mut b2, "h:/n2").is_ok());
+    }
+
     #[test]
     fn sqlite_store_has_no_fleet_verbs() {
         let dir = tempfile::tempdir().unwrap();

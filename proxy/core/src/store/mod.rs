@@ -16,6 +16,8 @@
 //! key copied into another row fails to open instead of yielding the wrong
 //! secret. KEK rotation rewraps DEKs and never touches value ciphertexts.
 
+#[cfg(test)]
+pub(crate) mod fleet_sqlite;
 pub mod postgres;
 pub mod sqlite;
 
