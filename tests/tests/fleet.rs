@@ -792,13 +792,20 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         node4.data_dir.join("master.key").exists(),
         node5.data_dir.join("master.key").exists()
     );
-    // The store holds neither the master key nor a token's secret.
+    // The store holds neither the master key nor a token's secret; nor do
+    // the audit logs or the daemon's log.
     let dump = c.pg.pg_dump(DB);
     let kek_hex = std::fs::read_to_string(node1.data_dir.join("master.key")).unwrap();
+    let logs: String = [&node1, &node2, &node3]
+        .iter()
+        .map(|n| std::fs::read_to_string(n.audit_log()).unwrap_or_default())
+        .chain([d1.log_text()])
+        .collect();
+    assert!(logs.contains("node.token") && logs.contains("node.join"));
     for needle in [kek_hex.trim(), &token[21..], &expired[21..], &fresh[21..]] {
         assert!(
-            !dump.contains(needle),
-            "the store dump contains key material"
+            !dump.contains(needle) && !logs.contains(needle),
+            "the store dump or a log contains key material"
         );
     }
 

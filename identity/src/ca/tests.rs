@@ -273,6 +273,53 @@ fn imported_intermediate_chains_to_the_upstream_root() {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // With pathLen 0 it cannot certify a fleet node's intermediate.
+    assert!(!ca.can_sign_intermediates());
+    assert!(ca
+        .issue_intermediate("n1", Duration::from_secs(3600), now())
+        .is_err());
+
+    // An imported intermediate that allows one more level (pathLen 1) is a
+    // fleet root: leaves carry node intermediate + imported intermediate, and
+    // the organisation's root alone verifies them.
+    let int1_key = KeyPair::generate().unwrap();
+    let mut ip1 = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ip1.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+    ip1.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ip1.distinguished_name
+        .push(DnType::CommonName, "Org SPIFFE Fleet Intermediate");
+    ip1.not_before = now() - Duration::from_secs(60);
+    ip1.not_after = now() + Duration::from_secs(86400 * 10);
+    let int1_cert = ip1.signed_by(&int1_key, &root_issuer).unwrap();
+    let (fleet_root, _) = CertificateAuthority::import_pem(
+        &td(),
+        &int1_cert.pem(),
+        &int1_key.serialize_pem(),
+        &root_cert.pem(),
+    )
+    .unwrap();
+    assert!(fleet_root.can_sign_intermediates());
+    let (node, _) = fleet_root
+        .issue_intermediate("n1", Duration::from_secs(3600), now())
+        .unwrap();
+    let svid = node
+        .issue_svid(&id, Duration::from_secs(600), KeyType::EcP256, now())
+        .unwrap();
+    assert_eq!(svid.cert_chain_der.len(), 3, "leaf + node + imported");
+    assert_eq!(svid.cert_chain_der[1], node.cert_der());
+    assert_eq!(svid.cert_chain_der[2], int1_cert.der().to_vec());
+    let out = openssl_verify(
+        dir.path(),
+        &root_cert.pem(),
+        Some(&certs_to_pem(&svid.cert_chain_der[1..])),
+        &certs_to_pem(&svid.cert_chain_der[..1]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // A leaf certificate (not a CA) is refused.
     let leaf_pem = certs_to_pem(&svid.cert_chain_der[..1]);
     let e = CertificateAuthority::import_pem(&td(), &leaf_pem, &int_key.serialize_pem(), "")
