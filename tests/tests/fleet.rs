@@ -792,6 +792,11 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         node4.data_dir.join("master.key").exists(),
         node5.data_dir.join("master.key").exists()
     );
+    let winner = if node4.data_dir.join("master.key").exists() {
+        &node4
+    } else {
+        &node5
+    };
     // The store holds neither the master key nor a token's secret; nor do
     // the audit logs or the daemon's log.
     let dump = c.pg.pg_dump(DB);
@@ -959,6 +964,11 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         .run(&["up"])
         .code(3)
         .stderr_has("removed from the fleet");
+    // Offline verbs on it are refused too.
+    node2
+        .run(&["secret", "list"])
+        .code(3)
+        .stderr_has("removed from the fleet");
     let list: serde_json::Value =
         serde_json::from_str(&node1.run(&["node", "list", "--json"]).ok().stdout).unwrap();
     let removed = list
@@ -998,9 +1008,13 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
     for action in ["node.token", "node.remove", "node.ca.issue"] {
         assert!(audit1.contains(action), "{action} not audited");
     }
-    // A new token brings it back.
+    // A new token brings it back; a node that was not removed cannot join
+    // again (the token stays usable).
     let again = token_of(&node1.run(&["node", "token"]));
-    std::fs::remove_file(node2.data_dir.join("master.key")).unwrap();
+    winner
+        .run_stdin(&["node", "join"], again.as_bytes())
+        .code(2)
+        .stderr_has("the token was not used");
     node2.run_stdin(&["node", "join"], again.as_bytes()).ok();
     let mut d2 = node2.start_daemon();
     assert!(works(&session(port2)));

@@ -323,13 +323,6 @@ pub fn join(
     }
     let token = crate::fleet::parse_token(token_text)?;
     let key_path = masterkey::key_file_path(data_dir);
-    if key_path.exists() {
-        return Err(Error::usage(format!(
-            "{} already holds a master key ({}): this data dir already belongs to a store; fix: join with a new, empty data dir (--data-dir)",
-            data_dir.display(),
-            key_path.display()
-        )));
-    }
     if !data_dir.exists() {
         paths::create_private_dir(data_dir)?;
     }
@@ -344,6 +337,19 @@ pub fn join(
         )));
     };
     let seal = SealConfig::from_json(&seal_json)?;
+    // A data dir with a key is already a node: only a removed one rejoins.
+    let rejoin = key_path.exists();
+    if rejoin {
+        let removed = crate::fleet::record_of(&backend, &name)?
+            .is_some_and(|r| r.state == crate::fleet::NodeState::Removed);
+        if !removed {
+            return Err(Error::usage(format!(
+                "{} already holds a master key ({}): this data dir is already a node of a store; the token was not used; fix: join with a new, empty data dir (--data-dir)",
+                data_dir.display(),
+                key_path.display()
+            )));
+        }
+    }
     if seal.source == KekSource::SystemdCredential && !credential_to_stdout {
         return Err(Error::usage(format!(
             "the fleet's master key comes from a systemd credential ({}); the token was not used; fix: pipe the key straight into systemd-creds: `warden node join --credential-to-stdout --token-file FILE | systemd-creds encrypt --name={} - /etc/credstore.encrypted/{}`",
@@ -380,6 +386,12 @@ pub fn join(
     let mut key_file = None;
     let mut credential_key = None;
     match (&joined.kek, seal.source) {
+        (Some(kek), KekSource::File) if rejoin => {
+            // A removed node's old key file is replaced atomically.
+            masterkey::write_key_file(data_dir, kek, true)?;
+            masterkey::promote_staged_key_file(data_dir)?;
+            key_file = Some(key_path.clone());
+        }
         (Some(kek), KekSource::File) => {
             key_file = Some(masterkey::write_key_file(data_dir, kek, false)?);
         }

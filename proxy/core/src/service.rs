@@ -157,7 +157,12 @@ pub fn open_store(
 impl SecretService {
     /// Opens an initialised data dir and loads its KEK (or starts sealed).
     pub fn open(data_dir: &Path, policy: StorePolicy, daemon: bool) -> Result<SecretService> {
-        let (store, seal, mut audit) = open_store(data_dir, &policy.store)?;
+        let (mut store, seal, mut audit) = open_store(data_dir, &policy.store)?;
+        // A node removed from its fleet uses the store no more, through the
+        // daemon or an offline verb.
+        if let Some(name) = store.backend().node().map(str::to_string) {
+            crate::fleet::check_member(store.backend_mut(), &name)?;
+        }
         if daemon {
             // The daemon holds the data dir lock for its lifetime: no other
             // process appends to the log meanwhile.
