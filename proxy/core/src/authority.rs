@@ -936,10 +936,11 @@ impl IdentityAuthority {
         Ok(changed)
     }
 
-    /// When the soonest-expiring held SVID and the signing CA expire (metrics).
+    /// When the soonest-expiring held SVID and the signing CA (a fleet node's
+    /// intermediate, else the active root) expire (metrics).
     pub fn expiries(&self) -> (Option<OffsetDateTime>, Option<OffsetDateTime>) {
         let svid = self.svids.values().map(|s| s.svid.not_after).min();
-        let ca = self.active().ok().map(|c| c.ca.not_after());
+        let ca = self.signer().ok().map(|(c, _)| c.not_after());
         (svid, ca)
     }
 
