@@ -1438,6 +1438,23 @@ mod tests {
         assert!(crate::fleet::check_member(s2.backend_mut(), "h:/n2").is_err());
         let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
         assert!(log.contains("node.ca.issue"));
+
+        // When the fleet's root is succeeded, the node re-certifies its own
+        // intermediate under the new root at once (not at its half-life).
+        let mut t = t1;
+        let first_root = a.active().unwrap().record.serial.clone();
+        while a.active().unwrap().record.serial == first_root {
+            t += time::Duration::minutes(5);
+            assert!(t < t0 + time::Duration::minutes(600), "no root switch");
+            a.tick(&mut access!(&mut s1), t).unwrap();
+        }
+        let n = a.node_ca.as_ref().unwrap();
+        assert_eq!(n.root_serial, a.active().unwrap().record.serial);
+        assert!(n.ca.not_before() >= t - time::Duration::minutes(6));
+        let current = n.ca.cert_der().to_vec();
+        a.forget("reports");
+        let (s3, _) = a.svid_for("reports", ID, t).unwrap();
+        assert_eq!(s3.cert_chain_der[1], current);
     }
 
     #[test]
