@@ -684,10 +684,13 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         }
     });
     let mtls_port = free_port();
+    // ... and originates TLS to a service of node 2's workload, verified by
+    // SPIFFE ID (an openssl s_server with that workload's SVID, started below).
+    let (out_port, b_service_port) = (free_port(), free_port());
     let node1 = c.node(
         port1,
         &format!(
-            "[[route]]\nname = \"in\"\nkind = \"tls\"\nmode = \"server\"\nlisten = \"127.0.0.1:{mtls_port}\"\nupstream = \"127.0.0.1:{service_port}\"\nallow = [\"spiffe://example.org/me\"]\n{IDENTITY}"
+            "[[route]]\nname = \"in\"\nkind = \"tls\"\nmode = \"server\"\nlisten = \"127.0.0.1:{mtls_port}\"\nupstream = \"127.0.0.1:{service_port}\"\nallow = [\"spiffe://example.org/me\"]\n\n[[route]]\nname = \"out\"\nkind = \"tls\"\nlisten = \"127.0.0.1:{out_port}\"\nupstream = \"localhost:{b_service_port}\"\nupstream_tls = {{ spiffe_id = \"spiffe://example.org/me\" }}\nallow = [\"me\"]\nconnect_timeout = \"3s\"\n{IDENTITY}"
         ),
     );
     let node2 = c.node(port2, IDENTITY);
@@ -877,6 +880,51 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         greeting.contains("hello from node 1's service"),
         "{greeting}"
     );
+    // Node 1's tls route verifies node 2's workload as its upstream.
+    let mut b_service = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_server",
+            "-accept",
+            &b_service_port.to_string(),
+            "-rev",
+            "-quiet",
+        ])
+        .args([
+            "-cert",
+            "b-leaf.pem",
+            "-key",
+            "b-key.pem",
+            "-cert_chain",
+            "b-chain.pem",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let reversed = |port: u16| -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"to node two\n");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let t0 = Instant::now();
+    let mut echoed = reversed(out_port);
+    while !echoed.contains("owt edon ot") && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        echoed = reversed(out_port);
+    }
+    assert!(
+        echoed.contains("owt edon ot"),
+        "{echoed:?}: {}",
+        d1.log_text()
+    );
 
     // The node list: both nodes, how they joined, their intermediates.
     let list: serde_json::Value =
@@ -1004,6 +1052,16 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
         d1.log_text()
     );
     assert!(through_mtls_route(dir, mtls_port, "a").contains("hello"));
+    // ... and its tls route no longer accepts node 2's workload as upstream.
+    assert_eq!(reversed(out_port), "", "{}", d1.log_text());
+    assert!(
+        d1.log_text()
+            .contains("the upstream's certificate was issued by intermediate CA"),
+        "{}",
+        d1.log_text()
+    );
+    let _ = b_service.kill();
+    let _ = b_service.wait();
     let audit1 = std::fs::read_to_string(node1.audit_log()).unwrap();
     for action in ["node.token", "node.remove", "node.ca.issue"] {
         assert!(audit1.contains(action), "{action} not audited");

@@ -586,14 +586,12 @@ impl IdentityAuthority {
     /// The serial of a revoked (removed node's) intermediate among the CA
     /// certificates `chain` a peer presented above its leaf, if any.
     pub fn revoked_in_chain(&self, chain: &[Vec<u8>]) -> Option<String> {
-        use x509_parser::prelude::*;
-        if self.revoked.is_empty() {
-            return None;
-        }
-        chain.iter().find_map(|der| {
-            let serial = hex::encode(X509Certificate::from_der(der).ok()?.1.raw_serial());
-            self.revoked.contains(&serial).then_some(serial)
-        })
+        revoked_in(chain, &self.revoked)
+    }
+
+    /// Serials of removed fleet nodes' intermediates (empty on a single node).
+    pub fn revoked_intermediates(&self) -> &[String] {
+        &self.revoked
     }
 
     /// This node's intermediate CA certificate (DER) and expiry, on a fleet store.
@@ -963,6 +961,19 @@ impl IdentityAuthority {
         }
         next.max(now + time::Duration::milliseconds(200))
     }
+}
+
+/// The serial (hex) of the first certificate of `chain` whose serial is in
+/// `revoked`, if any.
+pub fn revoked_in<D: AsRef<[u8]>>(chain: &[D], revoked: &[String]) -> Option<String> {
+    use x509_parser::prelude::*;
+    if revoked.is_empty() {
+        return None;
+    }
+    chain.iter().find_map(|der| {
+        let serial = hex::encode(X509Certificate::from_der(der.as_ref()).ok()?.1.raw_serial());
+        revoked.contains(&serial).then_some(serial)
+    })
 }
 
 /// The trust bundle PEM straight from the store's metadata (no key needed).
