@@ -1078,6 +1078,18 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
     assert!(works(&session(port2)));
     assert_eq!(d2.stop(), Some(0), "{}", d2.log_text());
     assert_eq!(d1.stop(), Some(0), "{}", d1.log_text());
+
+    // After a master key rotation (offline: every daemon stopped) a node
+    // with the old key is refused by the store, and a new token brings it
+    // the new key in place.
+    node1.run(&["init", "--rotate-kek"]).ok();
+    node2.run(&["secret", "list"]).code(6);
+    let rotated = token_of(&node1.run(&["node", "token"]));
+    node2
+        .run_stdin(&["node", "join"], rotated.as_bytes())
+        .ok()
+        .stderr_has("master key written");
+    node2.run(&["secret", "list"]).ok().stdout_has("app-db/app");
 }
 
 // ---- lease revocation across nodes -------------------------------------------

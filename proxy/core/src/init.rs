@@ -337,14 +337,19 @@ pub fn join(
         )));
     };
     let seal = SealConfig::from_json(&seal_json)?;
-    // A data dir with a key is already a node: only a removed one rejoins.
+    // A data dir with this store's key is already a node: only a removed
+    // one rejoins, or one whose key is stale (the fleet's key was rotated).
     let rejoin = key_path.exists();
     if rejoin {
         let removed = crate::fleet::record_of(&backend, &name)?
             .is_some_and(|r| r.state == crate::fleet::NodeState::Removed);
-        if !removed {
+        let current = matches!(
+            masterkey::load_kek(data_dir, &seal),
+            Ok(KekState::Unsealed(_))
+        );
+        if !removed && current {
             return Err(Error::usage(format!(
-                "{} already holds a master key ({}): this data dir is already a node of a store; the token was not used; fix: join with a new, empty data dir (--data-dir)",
+                "{} already holds this store's master key ({}): this data dir is already a node of the fleet; the token was not used; fix: join with a new, empty data dir (--data-dir)",
                 data_dir.display(),
                 key_path.display()
             )));
@@ -387,7 +392,7 @@ pub fn join(
     let mut credential_key = None;
     match (&joined.kek, seal.source) {
         (Some(kek), KekSource::File) if rejoin => {
-            // A removed node's old key file is replaced atomically.
+            // A removed node's (or a stale) key file is replaced atomically.
             masterkey::write_key_file(data_dir, kek, true)?;
             masterkey::promote_staged_key_file(data_dir)?;
             key_file = Some(key_path.clone());
