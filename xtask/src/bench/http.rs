@@ -9,7 +9,10 @@
 //! Runs are interleaved (each round runs direct, warden, nginx in turn), the
 //! median over rounds is reported with wrk's p50/p99, and warden is printed
 //! as ratios against the two baselines measured in this run, with its added
-//! p99 over direct. Every process is stopped when [`Lab`] is dropped.
+//! p99 over direct. Then [`IDLE_CONNECTIONS`] keep-alive clients each get one
+//! answered request and stay connected: warden's RSS and descriptors before,
+//! with them and after they leave are printed (target: ≤ 200 MB with 10,000).
+//! Every process is stopped when [`Lab`] is dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -21,6 +24,10 @@ use anyhow::{bail, Context, Result};
 use crate::{cmd, prereq};
 
 const CONNECTIONS: u32 = 32;
+/// Idle keep-alive client connections held at once in the memory step.
+const IDLE_CONNECTIONS: usize = 10_000;
+/// warden's RSS with [`IDLE_CONNECTIONS`] open, at most (MB).
+const IDLE_RSS_TARGET_MB: f64 = 200.0;
 const THREADS: u32 = 2;
 const SECRET: &str = "bench/api-token";
 
@@ -141,14 +148,123 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
         verdict(added <= 0.5),
         n.p99_ms - d.p99_ms
     );
+    idle_connections(&lab, IDLE_CONNECTIONS)?;
     lab.shutdown();
+    Ok(())
+}
+
+/// warden's resident memory (KB) and open descriptors.
+fn footprint(pid: u32) -> Result<(u64, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((rss, fds))
+}
+
+/// The soft `RLIMIT_NOFILE` of process `pid`.
+fn nofile_limit(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+/// `n` clients each send one request over keep-alive, read its 200, and
+/// stay connected; warden's footprint is printed before, with them, and
+/// after they leave, and a fresh client must still be served.
+fn idle_connections(lab: &Lab, n: usize) -> Result<()> {
+    use std::io::{Read, Write};
+    let pid = lab
+        .children
+        .iter()
+        .find(|(name, _)| *name == "warden")
+        .map(|(_, c)| c.id())
+        .context("warden is not running")?;
+    // On the plain-HTTP fast path each idle client holds two of warden's
+    // descriptors (its socket and the upstream connection it owns); warden
+    // sheds beyond a 16th below its limit. Fewer clients where the host's
+    // hard limit does not allow `n` (the figure per connection still holds).
+    let limit = nofile_limit(pid).unwrap_or(1024);
+    let fit = ((limit - limit / 16).saturating_sub(512) / 2) as usize;
+    let n = if fit < n {
+        println!(
+            "\n(warden's descriptor limit here is {limit}: holding {fit} idle connections, not {n})"
+        );
+        fit
+    } else {
+        n
+    };
+    let me = std::process::id().to_string();
+    let _ = Command::new("prlimit")
+        .args(["--pid", &me, &format!("--nofile={limit}:{limit}")])
+        .stderr(Stdio::null())
+        .status();
+    let (rss0, fds0) = footprint(pid)?;
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    let mut buf = [0u8; 4096];
+    for i in 0..n {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", lab.port(Target::Warden)))
+            .with_context(|| format!("connection {i} of {n}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let got = c
+            .read(&mut buf)
+            .with_context(|| format!("response {i} of {n}"))?;
+        if !buf[..got].starts_with(b"HTTP/1.1 200") {
+            bail!(
+                "connection {i} of {n} was not served: {}",
+                String::from_utf8_lossy(&buf[..got.min(200)])
+            );
+        }
+        held.push(c);
+    }
+    let opened = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss1, fds1) = footprint(pid)?;
+    lab.wait_http(Target::Warden)
+        .context("a new client while the idle ones are held")?;
+    drop(held);
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss2, fds2) = footprint(pid)?;
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
+    println!(
+        "
+{n} idle keep-alive connections (each served one request; opened in {:.1} s):",
+        opened.as_secs_f64()
+    );
+    println!(
+        "  warden RSS {:.1} MB before, {:.1} MB with them ({per:.1} KB each), {:.1} MB after they left",
+        mb(rss0),
+        mb(rss1),
+        mb(rss2)
+    );
+    println!("  warden open descriptors {fds0} before, {fds1} with them, {fds2} after");
+    let at_10k = mb(rss0) + per * IDLE_CONNECTIONS as f64 / 1024.0;
+    println!(
+        "  {} target: RSS with {IDLE_CONNECTIONS} connections <= {IDLE_RSS_TARGET_MB:.0} MB ({at_10k:.1} MB at {per:.1} KB each)",
+        if at_10k <= IDLE_RSS_TARGET_MB {
+            "meets"
+        } else {
+            "MISSES"
+        }
+    );
     Ok(())
 }
 
 fn upstream_conf(dir: &Path, port: u16) -> String {
     format!(
         "worker_processes 1;\nuser root root;\npid {d}/upstream.pid;\nerror_log {d}/upstream-error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
+         worker_rlimit_nofile 65536;\nevents {{ worker_connections 30000; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/ub; proxy_temp_path {d}/up; fastcgi_temp_path {d}/uf; uwsgi_temp_path {d}/uu; scgi_temp_path {d}/us;\n\
            keepalive_requests 1000000;\n\
            server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; return 200 \"ok\\n\"; }} }}\n}}\n",
