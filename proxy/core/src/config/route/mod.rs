@@ -5,6 +5,7 @@
 
 pub(super) mod credential;
 pub(super) mod inject;
+pub(super) mod mysql;
 pub(super) mod redis;
 
 use std::collections::HashMap;
@@ -47,6 +48,8 @@ config_enum! {
         Tls => "tls",
         /// Redis (RESP2/RESP3); warden sends `AUTH` with `credential`.
         Redis => "redis",
+        /// MySQL/MariaDB wire protocol; warden logs in with `credential`.
+        Mysql => "mysql",
     }
 }
 
@@ -85,7 +88,7 @@ pub struct Route {
     /// TLS towards the upstream.
     #[serde(default)]
     pub upstream_tls: UpstreamTls,
-    /// Login credential (postgres, redis).
+    /// Login credential (postgres, redis, mysql).
     #[serde(default)]
     pub credential: Option<Credential>,
     /// Header injection (http).
@@ -172,7 +175,7 @@ impl Route {
     pub fn upstream_host_port(&self) -> Result<(String, u16), String> {
         match self.kind {
             RouteKind::Http => parse_http_url(&self.upstream).map(|u| (u.host, u.port)),
-            RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis => {
+            RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis | RouteKind::Mysql => {
                 split_host_port(&self.upstream)
             }
         }
@@ -344,6 +347,7 @@ pub(super) fn check_routes(c: &mut Checker<'_>) {
 
         check_route_kind_keys(c, &k, r);
         redis::check_redis_keys(c, &k, r);
+        mysql::check_mysql_keys(c, &k, r);
         check_upstream(c, &k, r);
         check_route_secret(c, &k, r);
         if r.kind == RouteKind::Tls && r.mode == TlsRouteMode::Server {
@@ -480,7 +484,7 @@ fn listen_clash(a: SocketAddr, b: SocketAddr) -> bool {
 fn check_upstream(c: &mut Checker<'_>, k: &str, r: &Route) {
     let mode = r.upstream_tls.mode;
     match r.kind {
-        RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis => match split_host_port(
+        RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis | RouteKind::Mysql => match split_host_port(
             &r.upstream,
         ) {
             Err(problem) => c.error(
@@ -489,10 +493,10 @@ fn check_upstream(c: &mut Checker<'_>, k: &str, r: &Route) {
                 format!(
                     "for kind = \"{}\" write upstream as host:port, e.g. \"{}\"",
                     r.kind,
-                    if r.kind == RouteKind::Redis {
-                        "cache.internal:6379"
-                    } else {
-                        "db.internal:5432"
+                    match r.kind {
+                        RouteKind::Redis => "cache.internal:6379",
+                        RouteKind::Mysql => "db.internal:3306",
+                        _ => "db.internal:5432",
                     }
                 ),
             ),
@@ -576,6 +580,15 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 );
             }
         }
+        RouteKind::Mysql => {
+            if r.credential.is_none() {
+                c.error(
+                    format!("{k}.credential"),
+                    format!("mysql route \"{}\" has no credential, so warden cannot log in to the database for its clients", r.name),
+                    "add credential = { user = \"app\", secret = \"orders-db/app\" }",
+                );
+            }
+        }
         RouteKind::Tls => {
             if r.mode == TlsRouteMode::Server
                 && (r.upstream_tls.spiffe_id.is_some() || r.upstream_tls.ca_file.is_some())
@@ -595,10 +608,15 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
             "remove them from this route",
         );
     }
-    if r.credential.is_some() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Redis) {
+    if r.credential.is_some()
+        && !matches!(
+            r.kind,
+            RouteKind::Postgres | RouteKind::Redis | RouteKind::Mysql
+        )
+    {
         c.error(
             format!("{k}.credential"),
-            format!("credential is only used by kind = \"postgres\" and kind = \"redis\" routes; this route is kind = \"{}\"", r.kind),
+            format!("credential is only used by kind = \"postgres\", \"redis\" and \"mysql\" routes; this route is kind = \"{}\"", r.kind),
             if r.kind == RouteKind::Http {
                 "use inject = { header = ..., value = \"... {secret}\", secret = ... } for http routes"
             } else {
@@ -613,8 +631,11 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 "inject is only used by kind = \"http\" routes; this route is kind = \"{}\"",
                 r.kind
             ),
-            if matches!(r.kind, RouteKind::Postgres | RouteKind::Redis) {
-                "use credential = { user = ..., secret = ... } for postgres and redis routes"
+            if matches!(
+                r.kind,
+                RouteKind::Postgres | RouteKind::Redis | RouteKind::Mysql
+            ) {
+                "use credential = { user = ..., secret = ... } for postgres, redis and mysql routes"
             } else {
                 "remove inject from this route"
             },

@@ -1,0 +1,228 @@
+//! A throw-away MariaDB server (Debian packages `mariadb-server`,
+//! `mariadb-client`) for the MySQL route tests: a datadir made by
+//! `mariadb-install-db` in a temp dir, `mariadbd` on a free loopback port
+//! and a socket in that dir, run as the current user (`--user=root` when
+//! that is root). Administration goes over the socket as root with no
+//! password; SQL (passwords included) is fed on stdin, never in argv.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running mariadbd; killed on drop.
+pub struct MariaDb {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn bin(name: &str) -> PathBuf {
+    ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+impl MariaDb {
+    /// Creates a datadir and starts the server.
+    pub fn start() -> MariaDb {
+        let dir = tempfile::Builder::new()
+            .prefix("warden-mariadb-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let user = if crate::is_root() {
+            "root".to_string()
+        } else {
+            std::env::var("USER").unwrap_or_else(|_| "nobody".into())
+        };
+        let out = Command::new(bin("mariadb-install-db"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg(format!("--user={user}"))
+            .arg("--skip-test-db")
+            .output()
+            .unwrap_or_else(|e| panic!("mariadb-install-db (apt-get install mariadb-server): {e}"));
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = crate::free_port();
+        let mut s = MariaDb {
+            port,
+            dir,
+            child: None,
+        };
+        s.spawn(&user);
+        s
+    }
+
+    fn spawn(&mut self, user: &str) {
+        let d = self.dir.path();
+        let child = Command::new(bin("mariadbd"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", self.socket().display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--user={user}"))
+            .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
+            .arg(format!("--log-error={}", d.join("error.log").display()))
+            .arg("--skip-log-bin")
+            .arg("--innodb-buffer-pool-size=16M")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("mariadbd (apt-get install mariadb-server): {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not start: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("mysqld.sock")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// Runs `sql` as root over the socket (fed on stdin): batch output.
+    pub fn admin(&self, sql: &str) -> String {
+        let mut child = Command::new(bin("mariadb"))
+            .arg("--no-defaults")
+            .arg("-S")
+            .arg(self.socket())
+            .args(["-u", "root", "--batch", "--skip-column-names"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("mariadb (apt-get install mariadb-client): {e}"));
+        if let Some(mut si) = child.stdin.take() {
+            si.write_all(sql.as_bytes())
+                .unwrap_or_else(|e| panic!("mariadb stdin: {e}"));
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("mariadb: {e}"));
+        assert!(
+            out.status.success(),
+            "admin SQL failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the server (it can be started again with [`restart`](Self::restart)).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let user = if crate::is_root() {
+            "root".to_string()
+        } else {
+            std::env::var("USER").unwrap_or_else(|_| "nobody".into())
+        };
+        self.spawn(&user);
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `mariadb` CLI to `127.0.0.1:port` with no password, running `sql`
+/// (fed on stdin) in batch mode: (exit code, stdout + stderr).
+pub fn cli(port: u16, user: &str, sql: &str) -> (i32, String) {
+    let mut child = Command::new(bin("mariadb"))
+        .arg("--no-defaults")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", user])
+        .args(["--batch", "--skip-column-names", "--skip-ssl"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("mariadb (apt-get install mariadb-client): {e}"));
+    if let Some(mut si) = child.stdin.take() {
+        let _ = si.write_all(sql.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("mariadb: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Python with PyMySQL (PyPI) in a venv cached under the temp dir.
+pub fn python_with_pymysql() -> PathBuf {
+    let venv = std::env::temp_dir().join("warden-pymysql-venv");
+    let py = venv.join("bin/python");
+    let works = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import pymysql"])
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if works(&py) {
+        return py;
+    }
+    let staging = std::env::temp_dir().join(format!("warden-pymysql-{}", std::process::id()));
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&staging)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "python3 -m venv failed (Debian package python3-venv)");
+    let ok = Command::new(staging.join("bin/pip"))
+        .args(["install", "--quiet", "PyMySQL"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "pip install PyMySQL failed (PyPI must be reachable)");
+    let _ = std::fs::rename(&staging, &venv);
+    if works(&py) {
+        py
+    } else {
+        staging.join("bin/python")
+    }
+}
+
+/// Runs a Python program with PyMySQL: (exit code, stdout + stderr).
+pub fn python(program: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(python_with_pymysql())
+        .arg("-c")
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("python: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

@@ -1,0 +1,420 @@
+//! MySQL routes end to end against a real MariaDB server (a throwaway
+//! datadir): the `mariadb` CLI and PyMySQL through warden with no
+//! password; warden's own login upstream with mysql_native_password and
+//! MariaDB's ed25519; COM_CHANGE_USER refused and COM_RESET_CONNECTION
+//! passed; refusals as ERR packets with code and SQLSTATE naming route and
+//! workload (not allowed, wrong stored password, unreachable upstream,
+//! frozen); a malformed handshake response; a secret put applying to the
+//! next session; and the audit log and daemon log (never a password). The
+//! caching_sha2_password and native scrambles are checked against
+//! PyMySQL's own functions (no MySQL 8 server runs here).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use warden_tests::mysql::{cli, python, MariaDb};
+use warden_tests::{files_containing, free_port, my_uid, Instance};
+
+const APP_PW: &str = "mysql-CANARY-41c7-app";
+const APP_PW2: &str = "mysql-CANARY-9e02-rotated";
+const ED_PW: &str = "mysql-CANARY-ed25-edward";
+const WRONG_PW: &str = "mysql-CANARY-0bad-wrong";
+
+struct Setup {
+    server: MariaDb,
+    warden: Instance,
+    daemon: warden_tests::Daemon,
+    orders: u16,
+    ed: u16,
+    other: u16,
+    wrong: u16,
+    down: u16,
+}
+
+fn setup() -> Setup {
+    let server = MariaDb::start();
+    // Passwords reach the server on the client's stdin, never in argv.
+    server.admin(&format!(
+        "INSTALL SONAME 'auth_ed25519';
+         CREATE DATABASE orders;
+         CREATE TABLE orders.items (id INT PRIMARY KEY, name VARCHAR(20));
+         INSERT INTO orders.items VALUES (1, 'apple'), (2, 'pear');
+         CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';
+         GRANT ALL ON orders.* TO 'app'@'%';
+         CREATE USER 'ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');
+         GRANT SELECT ON orders.* TO 'ed'@'%';"
+    ));
+    let [orders, ed, other, wrong, down] = [
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    ];
+    let unreachable = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[workload]]
+name = "other"
+spiffe_id = "spiffe://example.org/other"
+selectors = {{ uid = 4242424 }}
+
+[[route]]
+name = "orders"
+kind = "mysql"
+listen = "127.0.0.1:{orders}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-ed"
+kind = "mysql"
+listen = "127.0.0.1:{ed}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "ed", secret = "orders/ed" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-other"
+kind = "mysql"
+listen = "127.0.0.1:{other}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["other"]
+
+[[route]]
+name = "orders-wrong"
+kind = "mysql"
+listen = "127.0.0.1:{wrong}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/wrong" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-down"
+kind = "mysql"
+listen = "127.0.0.1:{down}"
+upstream = "127.0.0.1:{unreachable}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("orders/app", APP_PW.as_bytes()).ok();
+    warden.put("orders/ed", ED_PW.as_bytes()).ok();
+    warden.put("orders/wrong", WRONG_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    Setup {
+        server,
+        warden,
+        daemon,
+        orders,
+        ed,
+        other,
+        wrong,
+        down,
+    }
+}
+
+/// A minimal raw client: the greeting, a handshake response, then packets.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        Raw { s }
+    }
+
+    fn send(&mut self, seq: u8, payload: &[u8]) {
+        let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+        out.push(seq);
+        out.extend_from_slice(payload);
+        self.s.write_all(&out).unwrap();
+    }
+
+    /// One packet: (seq, payload); None at EOF.
+    fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 4];
+        self.s.read_exact(&mut h).ok()?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
+        let mut p = vec![0u8; len];
+        self.s.read_exact(&mut p).ok()?;
+        Some((h[3], p))
+    }
+
+    /// Logs in as `user` with an empty password proof.
+    fn login(port: u16, user: &str) -> (Raw, Vec<u8>) {
+        let mut c = Raw::connect(port);
+        let (seq, greeting) = c.read().unwrap();
+        assert_eq!((seq, greeting[0]), (0, 10), "{greeting:?}");
+        // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | DEPRECATE_EOF
+        let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 24);
+        let mut r = caps.to_le_bytes().to_vec();
+        r.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        r.push(33);
+        r.extend_from_slice(&[0u8; 23]);
+        r.extend_from_slice(user.as_bytes());
+        r.push(0);
+        r.push(0); // empty auth response
+        r.extend_from_slice(b"mysql_native_password\0");
+        c.send(1, &r);
+        let (_, answer) = c.read().unwrap();
+        (c, answer)
+    }
+
+    /// COM_QUERY; the packets of its answer up to the final OK/EOF or ERR.
+    fn query(&mut self, sql: &str) -> Vec<Vec<u8>> {
+        let mut p = vec![0x03];
+        p.extend_from_slice(sql.as_bytes());
+        self.send(0, &p);
+        let mut got = Vec::new();
+        loop {
+            let Some((_, p)) = self.read() else { break };
+            let end = p[0] == 0xff
+                || (p[0] == 0xfe && p.len() < 0xffffff)
+                || (got.is_empty() && p[0] == 0);
+            got.push(p);
+            if end {
+                break;
+            }
+        }
+        got
+    }
+}
+
+fn err_of(p: &[u8]) -> (u16, String, String) {
+    assert_eq!(p[0], 0xff, "not an ERR: {}", String::from_utf8_lossy(p));
+    let code = u16::from_le_bytes([p[1], p[2]]);
+    let state = String::from_utf8_lossy(&p[4..9]).into_owned();
+    let msg = String::from_utf8_lossy(&p[9..]).into_owned();
+    (code, state, msg)
+}
+
+#[test]
+fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
+    let mut s = setup();
+
+    // The mariadb CLI with no password: warden logged in as app.
+    let (code, out) = cli(
+        s.orders,
+        "nobody",
+        "SELECT CURRENT_USER(); SELECT name FROM orders.items ORDER BY id;",
+    );
+    assert_eq!((code, out.as_str()), (0, "app@%\napple\npear\n"));
+    // MariaDB's ed25519 plugin (an auth switch from the server).
+    let (code, out) = cli(
+        s.ed,
+        "root",
+        "SELECT CURRENT_USER(), COUNT(*) FROM orders.items;",
+    );
+    assert_eq!((code, out.as_str()), (0, "ed@%\t2\n"));
+    // Writes, and a database named at connect time.
+    let (code, out) = cli(
+        s.orders,
+        "x",
+        "USE orders; INSERT INTO items VALUES (3, 'plum'); SELECT COUNT(*) FROM items;",
+    );
+    assert_eq!((code, out.as_str()), (0, "3\n"));
+
+    // PyMySQL with a password of its own (ignored) and a database.
+    let (code, out) = python(
+        "import sys, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='someone', password='ignored', database='orders')\n\
+         cur = c.cursor(); cur.execute('SELECT CURRENT_USER(), DATABASE()'); print(cur.fetchone())\n\
+         cur.execute('SELECT name FROM items WHERE id = %s', (2,)); print(cur.fetchone()[0])\n\
+         c.ping(); c.close()",
+        &[&s.orders.to_string()],
+    );
+    assert_eq!((code, out.as_str()), (0, "('app@%', 'orders')\npear\n"));
+
+    // COM_CHANGE_USER is refused (1045) and never reaches the server; the
+    // session goes on; COM_RESET_CONNECTION passes.
+    let (mut c, ok) = Raw::login(s.orders, "whoever");
+    assert_eq!(ok[0], 0, "{ok:?}");
+    let mut change = vec![0x11];
+    change.extend_from_slice(b"root\0\0mysql\0");
+    c.send(0, &change);
+    let (seq, p) = c.read().unwrap();
+    let (code, state, msg) = err_of(&p);
+    assert_eq!((seq, code, state.as_str()), (1, 1045, "28000"));
+    assert!(
+        msg.contains("\"orders\"") && msg.contains("\"me\"") && msg.contains("COM_CHANGE_USER"),
+        "{msg}"
+    );
+    c.send(0, &[0x1f]);
+    let (_, p) = c.read().unwrap();
+    assert_eq!(p[0], 0, "COM_RESET_CONNECTION: {p:?}");
+    let rows = c.query("SELECT CURRENT_USER()");
+    assert!(
+        rows.iter()
+            .any(|r| warden_tests::contains_bytes(r, b"app@%")),
+        "{rows:?}"
+    );
+    drop(c);
+
+    // Refusals: ERR packets with code and SQLSTATE naming route and workload.
+    let (code, out) = cli(s.other, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1045 (28000)")
+            && out.contains("\"orders-other\"")
+            && out.contains("workload \"me\""),
+        "{out}"
+    );
+    let (code, out) = cli(s.wrong, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1045 (28000)")
+            && out.contains("upstream rejected the credential for route \"orders-wrong\"")
+            && out.contains("secret orders/wrong v1")
+            && out.contains("workload \"me\""),
+        "{out}"
+    );
+    assert!(!out.contains(WRONG_PW), "{out}");
+    let (code, out) = cli(s.down, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 2003 (HY000)")
+            && out.contains("unreachable for route \"orders-down\"")
+            && out.contains("workload \"me\""),
+        "{out}"
+    );
+
+    // Malformed handshake responses: an ERR (1043 bad handshake), no panic.
+    for bad in [&b"\x00\x02"[..], &[0xff; 40], &[0u8; 4]] {
+        let mut c = Raw::connect(s.orders);
+        c.read().unwrap();
+        c.send(1, bad);
+        let (seq, p) = c.read().unwrap();
+        let (code, state, _) = err_of(&p);
+        assert_eq!((seq, code, state.as_str()), (2, 1043, "08S01"));
+    }
+    // A packet header claiming 16 MB, then a close.
+    let mut c = Raw::connect(s.orders);
+    c.read().unwrap();
+    c.s.write_all(&[0xff, 0xff, 0xff, 1, 0]).unwrap();
+    let (_, p) = c.read().unwrap();
+    assert_eq!(err_of(&p).0, 1043);
+    // An SSLRequest on a route without client TLS: a clear ERR.
+    let mut c = Raw::connect(s.orders);
+    c.read().unwrap();
+    let mut ssl = ((1u32 << 9) | (1 << 11) | (1 << 15)).to_le_bytes().to_vec();
+    ssl.extend_from_slice(&[0u8; 28]);
+    c.send(1, &ssl);
+    let (_, p) = c.read().unwrap();
+    let (code, _, msg) = err_of(&p);
+    assert!(code == 1043 && msg.contains("does not offer TLS"), "{msg}");
+    // The daemon serves on.
+    assert_eq!(cli(s.orders, "x", "SELECT 7;"), (0, "7\n".into()));
+
+    // A new password: on the server, then in warden; the next session uses it.
+    s.server
+        .admin(&format!("ALTER USER 'app'@'%' IDENTIFIED BY '{APP_PW2}';"));
+    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    assert!(code == 1 && out.contains("ERROR 1045"), "{out}");
+    s.warden.put("orders/app", APP_PW2.as_bytes()).ok();
+    assert_eq!(cli(s.orders, "x", "SELECT 8;"), (0, "8\n".into()));
+
+    // A freeze refuses the next session; unfreeze lets it in again.
+    let out = s.warden.run(&["freeze", "me", "--reason", "mysql test"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    assert!(
+        code == 1
+            && out.contains("ERROR 1045 (28000)")
+            && out.contains("frozen")
+            && out.contains("\"orders\""),
+        "{out}"
+    );
+    s.warden.run(&["unfreeze", "me"]).ok();
+    assert_eq!(cli(s.orders, "x", "SELECT 9;"), (0, "9\n".into()));
+
+    // The server going away: the next session gets 2003.
+    s.server.stop();
+    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    assert!(code == 1 && out.contains("ERROR 2003 (HY000)"), "{out}");
+    s.server.restart();
+    assert_eq!(cli(s.orders, "x", "SELECT 10;"), (0, "10\n".into()));
+
+    // Audit: start and end records, denials, errors; never a password
+    // (audit log, daemon log, store, anywhere under warden's dir).
+    std::thread::sleep(Duration::from_millis(300));
+    let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
+    let on = |action: &str, route: &str| {
+        audit
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("\"{action}\""))
+                    && l.contains(&format!("\"route\":\"{route}\""))
+            })
+            .count()
+    };
+    assert!(on("session.start", "orders") >= 5, "{audit}");
+    assert!(on("session.end", "orders") >= 5, "{audit}");
+    assert!(on("session.start", "orders-ed") >= 1, "{audit}");
+    assert!(on("session.deny", "orders-other") >= 1, "{audit}");
+    assert!(on("session.error", "orders-wrong") >= 1, "{audit}");
+    assert!(on("session.error", "orders-down") >= 1, "{audit}");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("1 COM_CHANGE_USER refused")),
+        "{audit}"
+    );
+    let log = s.daemon.log_text();
+    for pw in [APP_PW, APP_PW2, ED_PW, WRONG_PW] {
+        let leaks = files_containing(s.warden.dir.path(), pw.as_bytes());
+        assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
+        assert!(!log.contains(pw));
+    }
+    // The session counter has kind-independent families with this route.
+    assert!(log.contains("MySQL route listening"), "{log}");
+}
+
+#[test]
+fn warden_scrambles_match_pymysql() {
+    let nonce: Vec<u8> = (0..20u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11) & 0x7f)
+        .collect();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for pw in ["secret", "pässwörd with spaces", "x"] {
+        let (code, out) = python(
+            "import sys\n\
+             from pymysql._auth import scramble_native_password, scramble_caching_sha2\n\
+             pw = sys.argv[1].encode(); n = bytes.fromhex(sys.argv[2])\n\
+             print(scramble_native_password(pw, n).hex()); print(scramble_caching_sha2(pw, n).hex())",
+            &[pw, &hex(&nonce)],
+        );
+        assert_eq!(code, 0, "{out}");
+        let want = format!(
+            "{}\n{}\n",
+            hex(&warden_mysql::auth::native_password(pw.as_bytes(), &nonce)),
+            hex(&warden_mysql::auth::caching_sha2(pw.as_bytes(), &nonce))
+        );
+        assert_eq!(out, want, "password {pw:?}");
+    }
+}
