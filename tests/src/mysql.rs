@@ -176,8 +176,14 @@ pub fn cli(port: u16, user: &str, sql: &str) -> (i32, String) {
     )
 }
 
-/// Python with PyMySQL (PyPI) in a venv cached under the temp dir.
+/// Python with PyMySQL (PyPI) in a venv cached under the temp dir (made
+/// once per test process: tests run in parallel threads).
 pub fn python_with_pymysql() -> PathBuf {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(make_pymysql_venv).clone()
+}
+
+fn make_pymysql_venv() -> PathBuf {
     let venv = std::env::temp_dir().join("warden-pymysql-venv");
     let py = venv.join("bin/python");
     let works = |p: &Path| {

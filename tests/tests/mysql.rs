@@ -298,7 +298,7 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     let (code, out) = cli(s.down, "x", "SELECT 1;");
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("ERROR 2003 (HY000)")
+        out.contains("ERROR 1429 (HY000)")
             && out.contains("unreachable for route \"orders-down\"")
             && out.contains("workload \"me\""),
         "{out}"
@@ -353,10 +353,10 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     s.warden.run(&["unfreeze", "me"]).ok();
     assert_eq!(cli(s.orders, "x", "SELECT 9;"), (0, "9\n".into()));
 
-    // The server going away: the next session gets 2003.
+    // The server going away: the next session gets 1429 (unreachable).
     s.server.stop();
     let (code, out) = cli(s.orders, "x", "SELECT 1;");
-    assert!(code == 1 && out.contains("ERROR 2003 (HY000)"), "{out}");
+    assert!(code == 1 && out.contains("ERROR 1429 (HY000)"), "{out}");
     s.server.restart();
     assert_eq!(cli(s.orders, "x", "SELECT 10;"), (0, "10\n".into()));
 

@@ -118,6 +118,18 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::Path,
     },
     Requirement {
+        binary: "mariadb-install-db",
+        package: "mariadb-server",
+        why: "the MySQL route test creates and starts a throwaway MariaDB server (mariadbd)",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "mariadb",
+        package: "mariadb-client",
+        why: "the MySQL route test talks to MariaDB through warden with the mariadb CLI",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "git",
         package: "git",
         why: "the scan test builds a repository with history",

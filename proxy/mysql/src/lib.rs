@@ -170,8 +170,10 @@ pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> ErrPacket 
 }
 
 /// What the client is told when warden's own login upstream failed, and
-/// the `result` label it counts under. Unreachable: 2003 (the code clients
-/// and pools treat as "cannot connect, retry"); the stored password
+/// the `result` label it counts under. Unreachable: 1429 (HY000, "unable to
+/// connect to foreign data source": a server code, which clients show — the
+/// client library's own 2003 in a server's ERR packet is reported by
+/// libmariadb as a malformed packet) with MySQL's 2003 wording; the stored password
 /// refused: 1045 naming the secret (never its value); a plugin warden does
 /// not speak: 1251; a server that is not speaking the protocol: 1043; any
 /// other server error (1040 too many connections, 1049 unknown database,
@@ -188,7 +190,7 @@ pub fn upstream_refusal(
     match f {
         F::Unreachable(m) => (
             ErrPacket::new(
-                2003,
+                1429,
                 "HY000",
                 format!(
                     "warden: upstream {host}:{port} unreachable for route {:?} (workload {workload:?}): {m}",
