@@ -192,8 +192,7 @@ impl Raw {
         p.extend_from_slice(sql.as_bytes());
         self.send(0, &p);
         let mut got = Vec::new();
-        loop {
-            let Some((_, p)) = self.read() else { break };
+        while let Some((_, p)) = self.read() {
             let end = p[0] == 0xff
                 || (p[0] == 0xfe && p.len() < 0xffffff)
                 || (got.is_empty() && p[0] == 0);
