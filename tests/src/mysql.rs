@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 pub struct MariaDb {
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// With TLS: the test CA that signed the server's certificate (for
+    /// `localhost` and 127.0.0.1).
+    pub ca_pem: Option<PathBuf>,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 fn bin(name: &str) -> PathBuf {
@@ -27,8 +31,18 @@ fn bin(name: &str) -> PathBuf {
 }
 
 impl MariaDb {
-    /// Creates a datadir and starts the server.
+    /// Creates a datadir and starts the server (no TLS).
     pub fn start() -> MariaDb {
+        MariaDb::start_opts(false)
+    }
+
+    /// Creates a datadir and starts the server with TLS (a certificate from
+    /// a test CA, see [`crate::pg::make_tls`]).
+    pub fn start_tls() -> MariaDb {
+        MariaDb::start_opts(true)
+    }
+
+    fn start_opts(tls: bool) -> MariaDb {
         let dir = tempfile::Builder::new()
             .prefix("warden-mariadb-")
             .tempdir()
@@ -53,10 +67,21 @@ impl MariaDb {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = crate::free_port();
+        let mut extra = Vec::new();
+        let mut ca_pem = None;
+        if tls {
+            let files = crate::pg::make_tls(dir.path());
+            extra.push(format!("--ssl-ca={}", files.ca_pem.display()));
+            extra.push(format!("--ssl-cert={}", files.server_cert_pem.display()));
+            extra.push(format!("--ssl-key={}", files.server_key.display()));
+            ca_pem = Some(files.ca_pem);
+        }
         let mut s = MariaDb {
             port,
             dir,
+            ca_pem,
             child: None,
+            extra,
         };
         s.spawn(&user);
         s
@@ -75,6 +100,7 @@ impl MariaDb {
             .arg(format!("--log-error={}", d.join("error.log").display()))
             .arg("--skip-log-bin")
             .arg("--innodb-buffer-pool-size=16M")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

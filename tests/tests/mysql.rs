@@ -29,6 +29,7 @@ struct Setup {
     other: u16,
     wrong: u16,
     down: u16,
+    needs_tls: u16,
 }
 
 fn setup() -> Setup {
@@ -44,7 +45,8 @@ fn setup() -> Setup {
          CREATE USER 'ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');
          GRANT SELECT ON orders.* TO 'ed'@'%';"
     ));
-    let [orders, ed, other, wrong, down] = [
+    let [orders, ed, other, wrong, down, needs_tls] = [
+        free_port(),
         free_port(),
         free_port(),
         free_port(),
@@ -111,6 +113,15 @@ upstream_tls = {{ mode = "disable" }}
 credential = {{ user = "app", secret = "orders/app" }}
 allow = ["me"]
 
+[[route]]
+name = "orders-needs-tls"
+kind = "mysql"
+listen = "127.0.0.1:{needs_tls}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "require" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["me"]
+
 [monitor]
 ebpf = "off"
 "#,
@@ -126,6 +137,7 @@ ebpf = "off"
     assert_eq!(check.code, 0, "{check:#?}");
     let daemon = warden.start_daemon();
     Setup {
+        needs_tls,
         server,
         warden,
         daemon,
@@ -303,6 +315,14 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
         "{out}"
     );
 
+    // A route that requires TLS toward a server without it: refused before
+    // the password is sent.
+    let (code, out) = cli(s.needs_tls, "x", "SELECT 1;");
+    assert!(
+        code == 1 && out.contains("ERROR 1429 (HY000)") && out.contains("does not offer TLS"),
+        "{out}"
+    );
+
     // Malformed handshake responses: an ERR (1043 bad handshake), no panic.
     for bad in [&b"\x00\x02"[..], &[0xff; 40], &[0u8; 4]] {
         let mut c = Raw::connect(s.orders);
@@ -392,6 +412,94 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     }
     // The session counter has kind-independent families with this route.
     assert!(log.contains("MySQL route listening"), "{log}");
+}
+
+#[test]
+fn upstream_tls_is_verified_like_postgres_routes() {
+    let server = MariaDb::start_tls();
+    let ca = server.ca_pem.clone().unwrap();
+    server.admin(&format!(
+        "INSTALL SONAME 'auth_ed25519';
+         CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}' REQUIRE SSL;
+         CREATE USER 'ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}') REQUIRE SSL;"
+    ));
+    // Another CA, which did not sign the server's certificate.
+    let other_ca_dir = tempfile::tempdir().unwrap();
+    let other_ca = warden_tests::pg::make_tls(other_ca_dir.path()).ca_pem;
+    let [full, ed, require, wrong_ca] = [free_port(), free_port(), free_port(), free_port()];
+    let route = |name: &str, listen: u16, host: &str, tls: &str, user: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nkind = \"mysql\"\nlisten = \"127.0.0.1:{listen}\"\n\
+             upstream = \"{host}:{}\"\nupstream_tls = {tls}\n\
+             credential = {{ user = \"{user}\", secret = \"db/{user}\" }}\nallow = [\"me\"]\n\n",
+            server.port
+        )
+    };
+    let cfg = format!(
+        "trust_domain = \"example.org\"\n\n[[workload]]\nname = \"me\"\n\
+         spiffe_id = \"spiffe://example.org/me\"\nselectors = {{ uid = {uid} }}\n\n{}{}{}{}\
+         [monitor]\nebpf = \"off\"\n",
+        route(
+            "full",
+            full,
+            "localhost",
+            &format!("{{ ca_file = \"{}\" }}", ca.display()),
+            "app"
+        ),
+        route(
+            "ed",
+            ed,
+            "localhost",
+            &format!("{{ ca_file = \"{}\" }}", ca.display()),
+            "ed"
+        ),
+        route(
+            "require",
+            require,
+            "127.0.0.1",
+            "{ mode = \"require\" }",
+            "app"
+        ),
+        route(
+            "wrong-ca",
+            wrong_ca,
+            "localhost",
+            &format!("{{ ca_file = \"{}\" }}", other_ca.display()),
+            "app"
+        ),
+        uid = my_uid(),
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("db/app", APP_PW.as_bytes()).ok();
+    warden.put("db/ed", ED_PW.as_bytes()).ok();
+    let _daemon = warden.start_daemon();
+
+    // verify-full (the default) with the server's CA: the session runs over TLS.
+    let sql = "SELECT CURRENT_USER(); SHOW SESSION STATUS LIKE 'Ssl_version';";
+    let (code, out) = cli(full, "x", sql);
+    assert!(
+        code == 0 && out.starts_with("app@%\nSsl_version\tTLSv1."),
+        "{out}"
+    );
+    let (code, out) = cli(ed, "x", sql);
+    assert!(
+        code == 0 && out.starts_with("ed@%\nSsl_version\tTLSv1."),
+        "{out}"
+    );
+    let (code, out) = cli(require, "x", sql);
+    assert!(
+        code == 0 && out.starts_with("app@%\nSsl_version\tTLSv1."),
+        "{out}"
+    );
+    // A certificate from another CA: refused before any password is sent.
+    let (code, out) = cli(wrong_ca, "x", "SELECT 1;");
+    assert!(
+        code == 1
+            && out.contains("ERROR 1429 (HY000)")
+            && out.contains("is not signed by a trusted CA"),
+        "{out}"
+    );
 }
 
 #[test]
