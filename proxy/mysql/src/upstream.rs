@@ -383,6 +383,168 @@ impl Exchange {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use aws_lc_rs::digest::{digest, SHA256};
+
+    /// How the fake MySQL 8 server ends caching_sha2_password.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Sha2Path {
+        Fast,
+        FullRsa,
+        WrongPassword,
+    }
+
+    /// A MySQL 8-like server checking caching_sha2_password as the server
+    /// does (from its stored SHA256(SHA256(pw))), then answering per `path`.
+    async fn fake_mysql8(path: Sha2Path) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::rsa::{
+            KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA1_MGF1SHA1,
+        };
+        use base64::Engine;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let scramble: Vec<u8> = (0..20u8).map(|i| 33 + i).collect();
+            let g = Greeting {
+                server_version: b"8.4.0".to_vec(),
+                connection_id: 7,
+                scramble: scramble.clone(),
+                capabilities: caps::LONG_PASSWORD
+                    | caps::PROTOCOL_41
+                    | caps::SECURE_CONNECTION
+                    | caps::PLUGIN_AUTH
+                    | caps::PLUGIN_AUTH_LENENC_CLIENT_DATA
+                    | caps::CONNECT_WITH_DB
+                    | caps::CONNECT_ATTRS
+                    | caps::DEPRECATE_EOF,
+                mariadb_caps: 0,
+                charset: 255,
+                status: 2,
+                auth_plugin: auth::CACHING_SHA2.to_vec(),
+            };
+            write_packet(&mut s, 0, &g.encode()).await.unwrap();
+            let p = read_packet(&mut s, MAX_HANDSHAKE_PACKET).await.unwrap();
+            assert_eq!(p.seq, 1);
+            let h = HandshakeResponse::parse(&p.payload).unwrap().unwrap();
+            assert_eq!(h.user, b"app");
+            assert_eq!(h.database.as_deref(), Some(&b"orders"[..]));
+            assert_eq!(h.auth_plugin.as_deref(), Some(auth::CACHING_SHA2));
+            // The server's check: stored = SHA256(SHA256(pw)).
+            let stored = digest(&SHA256, digest(&SHA256, b"s3cret").as_ref());
+            let mut ctx = aws_lc_rs::digest::Context::new(&SHA256);
+            ctx.update(stored.as_ref());
+            ctx.update(&scramble);
+            let mix = ctx.finish();
+            let p1: Vec<u8> = h
+                .auth_response
+                .iter()
+                .zip(mix.as_ref())
+                .map(|(a, b)| a ^ b)
+                .collect();
+            let proof_ok = digest(&SHA256, &p1).as_ref() == stored.as_ref();
+            let ok = crate::packet::ok_packet(2);
+            match path {
+                Sha2Path::WrongPassword => {
+                    assert!(!proof_ok);
+                    let e = ErrPacket::new(1045, "28000", "Access denied for user 'app'");
+                    write_packet(&mut s, 2, &e.encode()).await.unwrap();
+                }
+                Sha2Path::Fast => {
+                    assert!(proof_ok);
+                    write_packet(&mut s, 2, &[1, 3]).await.unwrap();
+                    write_packet(&mut s, 3, &ok).await.unwrap();
+                }
+                Sha2Path::FullRsa => {
+                    assert!(proof_ok);
+                    write_packet(&mut s, 2, &[1, 4]).await.unwrap();
+                    let p = read_packet(&mut s, 1024).await.unwrap();
+                    assert_eq!((p.seq, p.payload.as_slice()), (3, &[2u8][..]));
+                    let private = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();
+                    let der = private.public_key().as_der().unwrap();
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+                    let mut pem = b"\x01-----BEGIN PUBLIC KEY-----\n".to_vec();
+                    for line in b64.as_bytes().chunks(64) {
+                        pem.extend_from_slice(line);
+                        pem.push(b'\n');
+                    }
+                    pem.extend_from_slice(b"-----END PUBLIC KEY-----\n");
+                    write_packet(&mut s, 4, &pem).await.unwrap();
+                    let p = read_packet(&mut s, 4096).await.unwrap();
+                    assert_eq!(p.seq, 5);
+                    let key = OaepPrivateDecryptingKey::new(private).unwrap();
+                    let mut out = vec![0u8; key.min_output_size()];
+                    let plain = key
+                        .decrypt(&OAEP_SHA1_MGF1SHA1, &p.payload, &mut out, None)
+                        .unwrap();
+                    let pw: Vec<u8> = plain
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ scramble[i % 20])
+                        .collect();
+                    assert_eq!(pw, b"s3cret\0");
+                    write_packet(&mut s, 6, &ok).await.unwrap();
+                }
+            }
+            ok
+        });
+        (port, task)
+    }
+
+    fn target(port: u16) -> Target {
+        Target {
+            host: "127.0.0.1".into(),
+            port,
+            tls: None,
+            server_name: None,
+            ca_label: "none".into(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    async fn login_to(port: u16, password: &[u8]) -> Result<LoggedIn, Failure> {
+        let t = target(port);
+        let g = connect(&t).await?;
+        assert_eq!(g.greeting.server_version, b"8.4.0");
+        let params = ClientParams {
+            capabilities: caps::PROTOCOL_41 | caps::DEPRECATE_EOF | caps::COMPRESS,
+            mariadb_caps: 0,
+            max_packet: 1 << 24,
+            charset: 45,
+            database: Some(b"orders"),
+            attrs: None,
+        };
+        login(&t, g, &params, "app", password).await
+    }
+
+    #[tokio::test]
+    async fn caching_sha2_logs_in_by_the_fast_path_and_by_rsa_without_tls() {
+        for path in [Sha2Path::Fast, Sha2Path::FullRsa] {
+            let (port, server) = fake_mysql8(path).await;
+            let done = login_to(port, b"s3cret").await.unwrap();
+            assert_eq!(done.plugin, "caching_sha2_password");
+            assert_eq!(done.ok, server.await.unwrap());
+            assert!(!done.tls);
+        }
+        let (port, server) = fake_mysql8(Sha2Path::WrongPassword).await;
+        match login_to(port, b"wrong").await {
+            Err(Failure::Rejected(e)) => assert_eq!(e.code, 1045),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("logged in with a wrong password"),
+        }
+        server.await.unwrap();
+        // Nobody listening: unreachable, in MySQL's own words.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        match connect(&target(port)).await {
+            Err(Failure::Unreachable(m)) => {
+                assert!(m.contains("Can't connect to MySQL server"), "{m}")
+            }
+            _ => panic!("connected to nothing"),
+        }
+    }
 
     fn pkt(payload: &[u8]) -> Packet {
         Packet {
