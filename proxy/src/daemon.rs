@@ -343,10 +343,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
         }
-        let mysql_shared = Arc::new(mysql::MysqlShared {
-            admission: admission.clone(),
-            metrics: metrics.clone(),
-        });
+        let mysql_routes: Vec<_> = mysql_listeners.iter().map(|(r, _)| r.clone()).collect();
+        let mysql_shared = Arc::new(mysql::MysqlShared::new(
+            admission.clone(),
+            metrics.clone(),
+            &mysql_routes,
+            identity.clone(),
+        )?);
         for (route, tcp) in mysql_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "MySQL route listening");
             route_tasks.push(tokio::spawn(mysql::serve_route(route, tcp, mysql_shared.clone())));

@@ -52,9 +52,14 @@ impl MariaDb {
         } else {
             std::env::var("USER").unwrap_or_else(|_| "nobody".into())
         };
+        // Its own tmpdir: two servers bootstrapping at once in /tmp can
+        // collide on temporary table names.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("mkdir {}: {e}", tmp.display()));
         let out = Command::new(bin("mariadb-install-db"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg("--auth-root-authentication-method=normal")
             .arg(format!("--user={user}"))
             .arg("--skip-test-db")
@@ -92,6 +97,7 @@ impl MariaDb {
         let child = Command::new(bin("mariadbd"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--socket={}", self.socket().display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
@@ -181,10 +187,16 @@ impl Drop for MariaDb {
 /// The `mariadb` CLI to `127.0.0.1:port` with no password, running `sql`
 /// (fed on stdin) in batch mode: (exit code, stdout + stderr).
 pub fn cli(port: u16, user: &str, sql: &str) -> (i32, String) {
+    cli_with(port, user, &["--skip-ssl"], sql)
+}
+
+/// [`cli`] with other options (e.g. TLS ones) instead of `--skip-ssl`.
+pub fn cli_with(port: u16, user: &str, opts: &[&str], sql: &str) -> (i32, String) {
     let mut child = Command::new(bin("mariadb"))
         .arg("--no-defaults")
         .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", user])
-        .args(["--batch", "--skip-column-names", "--skip-ssl"])
+        .args(["--batch", "--skip-column-names"])
+        .args(opts)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

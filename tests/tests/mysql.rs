@@ -12,7 +12,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-use warden_tests::mysql::{cli, python, MariaDb};
+use warden_tests::mysql::{cli, cli_with, python, MariaDb};
 use warden_tests::{files_containing, free_port, my_uid, Instance};
 
 const APP_PW: &str = "mysql-CANARY-41c7-app";
@@ -75,6 +75,7 @@ listen = "127.0.0.1:{orders}"
 upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ user = "app", secret = "orders/app" }}
+client_tls = true
 allow = ["me"]
 
 [[route]]
@@ -262,6 +263,27 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     );
     assert_eq!((code, out.as_str()), (0, "('app@%', 'orders')\npear\n"));
 
+    // client_tls: TLS from the client with a certificate from warden's CA
+    // (verified with the host name by PyMySQL, used by the CLI); plain TCP
+    // is still served (every call above).
+    let bundle = s.warden.dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        s.warden.run(&["svid", "bundle"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let (code, out) = python(
+        "import sys, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='x', ssl_ca=sys.argv[2], ssl_verify_cert=True, ssl_verify_identity=True)\n\
+         cur = c.cursor(); cur.execute('SELECT CURRENT_USER()'); print(c._sock.version(), cur.fetchone()[0])",
+        &[&s.orders.to_string(), &bundle.display().to_string()],
+    );
+    assert!(code == 0 && out.starts_with("TLSv1.3 app@%"), "{out}");
+    let ssl_ca = format!("--ssl-ca={}", bundle.display());
+    let (code, out) = cli_with(s.orders, "x", &["--ssl", &ssl_ca], "status;");
+    assert!(code == 0 && out.contains("Cipher in use is TLS"), "{out}");
+    // A route without client_tls refuses an SSLRequest clearly (below, raw).
+
     // COM_CHANGE_USER is refused (1045) and never reaches the server; the
     // session goes on; COM_RESET_CONNECTION passes.
     let (mut c, ok) = Raw::login(s.orders, "whoever");
@@ -339,7 +361,7 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     let (_, p) = c.read().unwrap();
     assert_eq!(err_of(&p).0, 1043);
     // An SSLRequest on a route without client TLS: a clear ERR.
-    let mut c = Raw::connect(s.orders);
+    let mut c = Raw::connect(s.ed);
     c.read().unwrap();
     let mut ssl = ((1u32 << 9) | (1 << 11) | (1 << 15)).to_le_bytes().to_vec();
     ssl.extend_from_slice(&[0u8; 28]);

@@ -23,6 +23,7 @@ use packet::{
     caps, put_packet, read_packet, write_packet, ErrPacket, Greeting, HandshakeResponse,
     MAX_HANDSHAKE_PACKET,
 };
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +50,8 @@ pub struct MysqlRoute {
     pub env: String,
     pub cache_ttl: Duration,
     pub allow: Vec<String>,
+    /// Offer TLS to clients with a certificate from warden's CA.
+    pub client_tls: bool,
 }
 
 impl MysqlRoute {
@@ -107,6 +110,7 @@ impl MysqlRoute {
                 env: cfg.environment.clone(),
                 cache_ttl,
                 allow: r.allow.clone(),
+                client_tls: r.client_tls,
             });
         }
         Ok(out)
@@ -118,6 +122,30 @@ pub struct MysqlShared {
     /// attest → policy → credential → session records (every front end's).
     pub admission: Arc<Admission>,
     pub metrics: Metrics,
+    /// Client-side TLS per route (routes with `client_tls`).
+    pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+}
+
+impl MysqlShared {
+    pub fn new(
+        admission: Arc<Admission>,
+        metrics: Metrics,
+        routes: &[Arc<MysqlRoute>],
+        identity: Arc<warden_core::authority::IdentityHandle>,
+    ) -> Result<MysqlShared> {
+        let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.client_tls) {
+            client_tls.insert(
+                r.name.clone(),
+                warden_core::listener_tls::server_config(&r.name, r.listen.ip(), identity.clone())?,
+            );
+        }
+        Ok(MysqlShared {
+            admission,
+            metrics,
+            client_tls,
+        })
+    }
 }
 
 /// Binds every mysql route's listener.
@@ -292,10 +320,16 @@ fn fresh_scramble() -> Vec<u8> {
 
 /// warden's greeting: the server's, with warden's scramble and
 /// `mysql_native_password` as the plugin, and the capabilities warden
-/// relays. Without a server (refusals) a neutral one.
-fn client_greeting(server: Option<&Greeting>) -> Greeting {
+/// relays (CLIENT_SSL only on `client_tls` routes). Without a server
+/// (refusals) a neutral one.
+fn client_greeting(server: Option<&Greeting>, offer_tls: bool) -> Greeting {
+    let tls = if offer_tls { caps::SSL } else { 0 };
     let relayed = |c: u32| {
-        (c & !caps::NOT_RELAYED) | caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH
+        (c & !caps::NOT_RELAYED)
+            | caps::PROTOCOL_41
+            | caps::SECURE_CONNECTION
+            | caps::PLUGIN_AUTH
+            | tls
     };
     match server {
         Some(g) => Greeting {
@@ -336,39 +370,51 @@ fn credential_target(route: &MysqlRoute, version: Option<u32>, detail: String) -
     }
 }
 
-/// The client's answer to warden's greeting: its handshake response and the
-/// sequence id warden answers with; `Err`: what to answer instead (then
-/// close).
-async fn read_client_response(
-    client: &mut TcpStream,
-    route: &MysqlRoute,
-) -> std::result::Result<(HandshakeResponse, u8), Option<(u8, ErrPacket)>> {
-    let p = match tokio::time::timeout(
+/// A client connection: plain TCP, or TLS after an SSLRequest.
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+type Client = Box<dyn ClientIo>;
+
+/// What the client answered to warden's greeting: its handshake response
+/// and the sequence id warden answers with; `Err(Some)`: what to answer
+/// instead (then close); `Err(None)`: the client left or timed out.
+type Hello = std::result::Result<(HandshakeResponse, u8), Option<(u8, ErrPacket)>>;
+
+async fn read_hello_packet<S: tokio::io::AsyncRead + Unpin>(
+    client: &mut S,
+    seq_guess: u8,
+) -> std::result::Result<packet::Packet, Option<(u8, ErrPacket)>> {
+    match tokio::time::timeout(
         CLIENT_HANDSHAKE_TIMEOUT,
         read_packet(client, MAX_HANDSHAKE_PACKET),
     )
     .await
     {
-        Err(_) => return Err(None),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-            return Err(Some((
-                2,
-                ErrPacket::new(1043, "08S01", format!("Bad handshake: {e}")),
-            )))
-        }
-        Ok(Err(_)) => return Err(None),
-        Ok(Ok(p)) => p,
-    };
+        Err(_) => Err(None),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Err(Some((
+            seq_guess,
+            ErrPacket::new(1043, "08S01", format!("Bad handshake: {e}")),
+        ))),
+        Ok(Err(_)) => Err(None),
+        Ok(Ok(p)) => Ok(p),
+    }
+}
+
+fn parse_hello(p: &packet::Packet, route: &MysqlRoute, tls_offered: bool) -> Hello {
     let seq = p.seq.wrapping_add(1);
     match HandshakeResponse::parse(&p.payload) {
         Ok(Some(h)) => Ok((h, seq)),
+        Ok(None) if tls_offered => Err(Some((
+            seq,
+            ErrPacket::new(1043, "08S01", "Bad handshake: a second SSLRequest"),
+        ))),
         Ok(None) => Err(Some((
             seq,
             ErrPacket::new(
                 1043,
                 "08S01",
                 format!(
-                    "warden: route {:?} does not offer TLS to clients (it listens on loopback; warden encrypts toward the server per upstream_tls); connect without TLS, e.g. mariadb --skip-ssl or ssl-mode=DISABLED",
+                    "warden: route {:?} does not offer TLS to clients (client_tls = false; it listens on loopback and warden encrypts toward the server per upstream_tls); connect without TLS, e.g. mariadb --skip-ssl or ssl-mode=DISABLED",
                     route.name
                 ),
             ),
@@ -380,8 +426,47 @@ async fn read_client_response(
     }
 }
 
+/// Reads the client's answer to warden's greeting; an SSLRequest on a route
+/// with `client_tls` upgrades the connection first. None: the connection is
+/// gone (a failed TLS handshake).
+async fn client_hello(
+    mut tcp: TcpStream,
+    route: &MysqlRoute,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    metrics: &Metrics,
+) -> Option<(Client, Hello)> {
+    let p = match read_hello_packet(&mut tcp, 2).await {
+        Ok(p) => p,
+        Err(e) => return Some((Box::new(tcp), Err(e))),
+    };
+    let Some(config) = tls else {
+        let hello = parse_hello(&p, route, false);
+        return Some((Box::new(tcp), hello));
+    };
+    if !matches!(HandshakeResponse::parse(&p.payload), Ok(None)) {
+        // TLS offered, not taken: plain TCP on loopback is still served.
+        let hello = parse_hello(&p, route, false);
+        return Some((Box::new(tcp), hello));
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(tcp);
+    let mut s = match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(route = %route.name, "client TLS handshake failed: {e}");
+            metrics.session_unattested(&route.name, "tls_error");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let hello = match read_hello_packet(&mut s, 3).await {
+        Ok(p) => parse_hello(&p, route, true),
+        Err(e) => Err(e),
+    };
+    Some((Box::new(s), hello))
+}
+
 async fn session(
-    mut client: TcpStream,
+    tcp: TcpStream,
     local: SocketAddr,
     peer: SocketAddr,
     route: Arc<MysqlRoute>,
@@ -420,25 +505,30 @@ async fn session(
             admission
                 .refuse(&route.name, &attestation, &d, "mysql".into())
                 .await;
-            let _ = write_packet(&mut client, 0, &client_greeting(None).encode()).await;
-            match read_client_response(&mut client, &route).await {
-                Ok((_, seq)) => refuse_client(&mut client, seq, &e).await,
-                Err(Some((seq, _))) => refuse_client(&mut client, seq, &e).await,
-                Err(None) => {}
+            let mut tcp = tcp;
+            let offer = shared.client_tls.get(&route.name);
+            let greeting = client_greeting(None, offer.is_some());
+            let _ = write_packet(&mut tcp, 0, &greeting.encode()).await;
+            if let Some((mut client, Ok((_, seq)) | Err(Some((seq, _))))) =
+                client_hello(tcp, &route, offer, &shared.metrics).await
+            {
+                refuse_client(&mut client, seq, &e).await;
             }
             return;
         }
     };
     let label = format!("{} v{}", route.secret, secret.version);
     let greeted = upstream::connect(&route.upstream).await;
-    let greeting = client_greeting(greeted.as_ref().ok().map(|g| &g.greeting));
-    if write_packet(&mut client, 0, &greeting.encode())
-        .await
-        .is_err()
-    {
+    let offer = shared.client_tls.get(&route.name);
+    let greeting = client_greeting(greeted.as_ref().ok().map(|g| &g.greeting), offer.is_some());
+    let mut tcp = tcp;
+    if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
         return;
     }
-    let (hello, seq) = match read_client_response(&mut client, &route).await {
+    let Some((mut client, hello)) = client_hello(tcp, &route, offer, &shared.metrics).await else {
+        return;
+    };
+    let (hello, seq) = match hello {
         Ok(r) => r,
         Err(answer) => {
             if let Some((seq, e)) = answer {
@@ -642,8 +732,8 @@ mod tests {
 
     #[test]
     fn greetings_offer_no_tls_nor_compression_and_a_fresh_scramble() {
-        let a = client_greeting(None);
-        let b = client_greeting(None);
+        let a = client_greeting(None, false);
+        let b = client_greeting(None, false);
         assert_ne!(a.scramble, b.scramble);
         assert_eq!(a.scramble.len(), 20);
         assert!(a.scramble.iter().all(|&x| (1..=127).contains(&x)));
@@ -652,8 +742,10 @@ mod tests {
             capabilities: u32::MAX,
             ..a.clone()
         };
-        let g = client_greeting(Some(&server));
+        let g = client_greeting(Some(&server), false);
         assert_eq!(g.capabilities & caps::NOT_RELAYED, 0);
+        let g = client_greeting(Some(&server), true);
+        assert_eq!(g.capabilities & caps::NOT_RELAYED, caps::SSL);
         assert_eq!(g.auth_plugin, auth::NATIVE);
         assert!(Greeting::parse(&g.encode()).is_ok());
     }

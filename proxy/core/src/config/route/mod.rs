@@ -100,7 +100,8 @@ pub struct Route {
     /// Permit a non-loopback `listen` address.
     #[serde(default)]
     pub allow_non_loopback: bool,
-    /// Offer TLS to clients (postgres: answer SSLRequest with `S`), with a
+    /// Offer TLS to clients (postgres: answer SSLRequest with `S`; mysql:
+    /// CLIENT_SSL in warden's greeting), with a
     /// certificate from warden's CA for `localhost` and the listen address.
     #[serde(default)]
     pub client_tls: bool,
@@ -337,10 +338,10 @@ pub(super) fn check_routes(c: &mut Checker<'_>) {
             }
             check_socket_path(c, &format!("{k}.unix_socket"), path);
         }
-        if r.client_tls && r.kind != RouteKind::Postgres {
+        if r.client_tls && !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
             c.error(
                 format!("{k}.client_tls"),
-                format!("client_tls is only supported on kind = \"postgres\" routes; this route is kind = \"{}\"", r.kind),
+                format!("client_tls is only supported on kind = \"postgres\" and kind = \"mysql\" routes; this route is kind = \"{}\"", r.kind),
                 "remove client_tls from this route",
             );
         }

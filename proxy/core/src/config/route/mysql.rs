@@ -70,6 +70,7 @@ allow = ["web"]
     #[test]
     fn a_mysql_route_needs_a_credential_with_a_user() {
         ok(&mysql_cfg(""));
+        ok(&mysql_cfg("client_tls = true"));
         ok(&mysql_cfg("").replace("upstream_tls = { mode = \"disable\" }\n", ""));
         only_error(
             &mysql_cfg("").replace(
