@@ -106,6 +106,7 @@ impl MariaDb {
             .arg(format!("--log-error={}", d.join("error.log").display()))
             .arg("--skip-log-bin")
             .arg("--innodb-buffer-pool-size=16M")
+            .arg("--max-allowed-packet=64M")
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -39,6 +39,7 @@ fn setup() -> Setup {
         "INSTALL SONAME 'auth_ed25519';
          CREATE DATABASE orders;
          CREATE TABLE orders.items (id INT PRIMARY KEY, name VARCHAR(20));
+         CREATE TABLE orders.blobs (id INT PRIMARY KEY, b LONGBLOB);
          INSERT INTO orders.items VALUES (1, 'apple'), (2, 'pear');
          CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';
          GRANT ALL ON orders.* TO 'app'@'%';
@@ -262,6 +263,19 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
         &[&s.orders.to_string()],
     );
     assert_eq!((code, out.as_str()), (0, "('app@%', 'orders')\npear\n"));
+
+    // A 20 MiB value each way: packets over 16 MiB continue in the next
+    // one, in both directions, and are relayed whole.
+    let (code, out) = python(
+        "import sys, hashlib, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='x', database='orders', max_allowed_packet=64*1024*1024)\n\
+         big = bytes(i % 251 for i in range(20 * 1024 * 1024))\n\
+         cur = c.cursor(); cur.execute('INSERT INTO blobs VALUES (1, %s)', (big,)); c.commit()\n\
+         cur.execute('SELECT b FROM blobs WHERE id = 1'); got = cur.fetchone()[0]\n\
+         print(len(got), got == big); cur.execute('SELECT 5'); print(cur.fetchone()[0])",
+        &[&s.orders.to_string()],
+    );
+    assert_eq!((code, out.as_str()), (0, "20971520 True\n5\n"));
 
     // client_tls: TLS from the client with a certificate from warden's CA
     // (verified with the host name by PyMySQL, used by the CLI); plain TCP
