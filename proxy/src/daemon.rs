@@ -197,12 +197,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             credentials.clone(),
             Some(metrics.clone()),
         ));
-        let rotator = Arc::new(warden_core::rotation::Rotator::new(
-            cfg,
-            service.clone(),
-            credentials.clone(),
-            Some(metrics.clone()),
-        )?);
+        let rotator = Arc::new(
+            warden_core::rotation::Rotator::new(
+                cfg,
+                service.clone(),
+                credentials.clone(),
+                Some(metrics.clone()),
+            )?
+            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?)),
+        );
         if !sealed {
             credentials_start(&leases, &rotator).await;
         }

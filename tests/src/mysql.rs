@@ -160,6 +160,44 @@ impl MariaDb {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The `mariadb` CLI straight to the server over TCP as `user` with
+    /// `password` (from a 0600 option file, never argv), running `sql`:
+    /// (exit code, stdout + stderr).
+    pub fn direct(&self, user: &str, password: &str, sql: &str) -> (i32, String) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let cnf = self.dir.path().join("direct.cnf");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&cnf)
+            .unwrap_or_else(|e| panic!("{}: {e}", cnf.display()));
+        writeln!(f, "[client]\npassword={password}").unwrap_or_else(|e| panic!("{e}"));
+        drop(f);
+        let mut child = Command::new(bin("mariadb"))
+            .arg(format!("--defaults-file={}", cnf.display()))
+            .args(["-h", "127.0.0.1", "-P", &self.port.to_string(), "-u", user])
+            .args(["--batch", "--skip-column-names", "--skip-ssl"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("mariadb: {e}"));
+        if let Some(mut si) = child.stdin.take() {
+            let _ = si.write_all(sql.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("mariadb: {e}"));
+        let _ = std::fs::remove_file(&cnf);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
     /// Stops the server (it can be started again with [`restart`](Self::restart)).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -258,13 +296,23 @@ fn make_pymysql_venv() -> PathBuf {
     }
 }
 
-/// Runs a Python program with PyMySQL: (exit code, stdout + stderr).
-pub fn python(program: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(python_with_pymysql())
+/// Runs a Python program with PyMySQL, `stdin` on its standard input (how a
+/// password reaches it): (exit code, stdout + stderr).
+pub fn python(program: &str, args: &[&str], stdin: &[u8]) -> (i32, String) {
+    let mut child = Command::new(python_with_pymysql())
         .arg("-c")
         .arg(program)
         .args(args)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python: {e}"));
+    if let Some(mut si) = child.stdin.take() {
+        let _ = si.write_all(stdin);
+    }
+    let out = child
+        .wait_with_output()
         .unwrap_or_else(|e| panic!("python: {e}"));
     (
         out.status.code().unwrap_or(-1),

@@ -69,6 +69,14 @@ name = "other"
 spiffe_id = "spiffe://example.org/other"
 selectors = {{ uid = 4242424 }}
 
+[[secret]]
+name = "orders/app"
+rotate = {{ method = "mysql", route = "orders" }}
+
+[[secret]]
+name = "orders/ed"
+rotate = {{ method = "mysql", route = "orders-ed" }}
+
 [[route]]
 name = "orders"
 kind = "mysql"
@@ -261,6 +269,7 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
          cur.execute('SELECT name FROM items WHERE id = %s', (2,)); print(cur.fetchone()[0])\n\
          c.ping(); c.close()",
         &[&s.orders.to_string()],
+        b"",
     );
     assert_eq!((code, out.as_str()), (0, "('app@%', 'orders')\npear\n"));
 
@@ -273,8 +282,7 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
          cur = c.cursor(); cur.execute('INSERT INTO blobs VALUES (1, %s)', (big,)); c.commit()\n\
          cur.execute('SELECT b FROM blobs WHERE id = 1'); got = cur.fetchone()[0]\n\
          print(len(got), got == big); cur.execute('SELECT 5'); print(cur.fetchone()[0])",
-        &[&s.orders.to_string()],
-    );
+        &[&s.orders.to_string()], b"");
     assert_eq!((code, out.as_str()), (0, "20971520 True\n5\n"));
 
     // client_tls: TLS from the client with a certificate from warden's CA
@@ -290,8 +298,7 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
         "import sys, pymysql\n\
          c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='x', ssl_ca=sys.argv[2], ssl_verify_cert=True, ssl_verify_identity=True)\n\
          cur = c.cursor(); cur.execute('SELECT CURRENT_USER()'); print(c._sock.version(), cur.fetchone()[0])",
-        &[&s.orders.to_string(), &bundle.display().to_string()],
-    );
+        &[&s.orders.to_string(), &bundle.display().to_string()], b"");
     assert!(code == 0 && out.starts_with("TLSv1.3 app@%"), "{out}");
     let ssl_ca = format!("--ssl-ca={}", bundle.display());
     let (code, out) = cli_with(s.orders, "x", &["--ssl", &ssl_ca], "status;");
@@ -407,6 +414,27 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     );
     s.warden.run(&["unfreeze", "me"]).ok();
     assert_eq!(cli(s.orders, "x", "SELECT 9;"), (0, "9\n".into()));
+
+    // rotate = { method = "mysql" }: warden changes the password on the
+    // server (keeping each account's plugin) and the next sessions use it.
+    for (secret, port, user, plugin) in [
+        ("orders/app", s.orders, "app", "mysql_native_password"),
+        ("orders/ed", s.ed, "ed", "ed25519"),
+    ] {
+        let out = s.warden.run(&["secret", "rotate", secret]);
+        assert_eq!(out.code, 0, "{out:#?}");
+        let (code, out) = cli(port, "x", "SELECT CURRENT_USER();");
+        assert_eq!((code, out), (0, format!("{user}@%\n")));
+        let got = s.server.admin(&format!(
+            "SELECT plugin FROM mysql.user WHERE user = '{user}';"
+        ));
+        assert_eq!(got.trim(), plugin);
+    }
+    // The old passwords no longer log in.
+    for (user, old) in [("app", APP_PW2), ("ed", ED_PW)] {
+        let (code, out) = s.server.direct(user, old, "SELECT 1;");
+        assert!(code == 1 && out.contains("ERROR 1045"), "{user}: {out}");
+    }
 
     // The server going away: the next session gets 1429 (unreachable).
     s.server.stop();
@@ -550,8 +578,7 @@ fn warden_scrambles_match_pymysql() {
              from pymysql._auth import scramble_native_password, scramble_caching_sha2\n\
              pw = sys.argv[1].encode(); n = bytes.fromhex(sys.argv[2])\n\
              print(scramble_native_password(pw, n).hex()); print(scramble_caching_sha2(pw, n).hex())",
-            &[pw, &hex(&nonce)],
-        );
+            &[pw, &hex(&nonce)], b"");
         assert_eq!(code, 0, "{out}");
         let want = format!(
             "{}\n{}\n",

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod packet;
 pub mod relay;
+pub mod rotate;
 pub mod upstream;
 
 use packet::{

@@ -91,6 +91,28 @@ allow = ["web"]
     }
 
     #[test]
+    fn rotate_method_mysql_names_a_mysql_route_using_the_secret() {
+        let with = |secret: &str| {
+            mysql_cfg("").replace(
+                "[[route]]",
+                &format!("[[secret]]\nname = \"orders-db/app\"\nrotation_period = \"24h\"\nrotate = {secret}\n\n[[route]]"),
+            )
+        };
+        ok(&with("{ method = \"mysql\", route = \"orders\" }"));
+        let i = only_error(&with("{ method = \"mysql\" }"), "secret[0].rotate.route");
+        assert!(i.fix.contains("mysql [[route]]"), "{i:?}");
+        only_error(
+            &with("{ method = \"mysql\", route = \"nope\" }"),
+            "secret[0].rotate.route",
+        );
+        // A mysql route is not a postgres route.
+        only_error(
+            &with("{ method = \"postgres\", route = \"orders\" }"),
+            "secret[0].rotate.route",
+        );
+    }
+
+    #[test]
     fn keys_of_other_kinds_are_refused_with_key_and_fix() {
         let i = only_error(&mysql_cfg("databases = [\"orders\"]"), "route[0].databases");
         assert!(i.fix.contains("GRANT"), "{i:?}");
