@@ -190,6 +190,11 @@ impl Raw {
 
     /// Logs in as `user` with an empty password proof.
     fn login(port: u16, user: &str) -> (Raw, Vec<u8>) {
+        Raw::login_with(port, user, "mysql_native_password")
+    }
+
+    /// Logs in answering for `plugin` (an empty proof).
+    fn login_with(port: u16, user: &str, plugin: &str) -> (Raw, Vec<u8>) {
         let mut c = Raw::connect(port);
         let (seq, greeting) = c.read().unwrap();
         assert_eq!((seq, greeting[0]), (0, 10), "{greeting:?}");
@@ -202,7 +207,8 @@ impl Raw {
         r.extend_from_slice(user.as_bytes());
         r.push(0);
         r.push(0); // empty auth response
-        r.extend_from_slice(b"mysql_native_password\0");
+        r.extend_from_slice(plugin.as_bytes());
+        r.push(0);
         c.send(1, &r);
         let (_, answer) = c.read().unwrap();
         (c, answer)
