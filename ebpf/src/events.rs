@@ -52,7 +52,7 @@ impl Verdict {
 }
 
 /// The class of the destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DestKind {
     /// Not watched (only reported when the connect was denied: frozen).
     Other,

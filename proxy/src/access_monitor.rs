@@ -18,9 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use warden_ebpf::{AccessEvent, DestKind, Monitor, MonitorConfig, MonitorError};
-use warden_identity::attest::{
-    ExeHashCache, PeerFacts, PeerResolver, ProcNetResolver, Registration,
-};
+use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Registration};
 
 use warden_core::config::{Config, EbpfMode, ProtectMode, RouteKind};
 use warden_core::error::{Error, Result};
@@ -66,10 +64,58 @@ pub struct EventRecord {
     pub comm: String,
 }
 
+/// An event as the feed keeps it: the kernel's record plus shared
+/// enrichment, turned into an [`EventRecord`] (strings) only when someone
+/// reads it — two events per client connection would otherwise cost a dozen
+/// allocations each on the daemon's main runtime.
+#[derive(Debug, Clone)]
+pub struct FeedEvent {
+    /// When user space read the event.
+    time: time::OffsetDateTime,
+    ev: AccessEvent,
+    who: Arc<Enriched>,
+    destination: Arc<str>,
+    is_warden: bool,
+}
+
+impl FeedEvent {
+    /// The record `warden events` shows.
+    pub fn record(&self) -> EventRecord {
+        let text = |s: &Option<Arc<str>>| s.as_deref().map(str::to_string);
+        EventRecord {
+            time: warden_core::timefmt::format_rfc3339(self.time),
+            pid: self.ev.process.tgid,
+            tid: self.ev.process.pid,
+            uid: self.ev.process.uid,
+            gid: self.ev.process.gid,
+            exe: text(&self.who.exe),
+            cgroup: text(&self.who.cgroup),
+            unit: text(&self.who.unit),
+            workload: text(&self.who.workload),
+            is_warden: self.is_warden,
+            kind: self.ev.kind.as_str().into(),
+            destination: self.destination.to_string(),
+            address: self.ev.dest.to_string(),
+            verdict: self.ev.verdict.as_str().into(),
+            comm: self.ev.comm(),
+        }
+    }
+}
+
+/// What user space adds to a process's events (display only), shared by
+/// the events of one process.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Enriched {
+    exe: Option<Arc<str>>,
+    cgroup: Option<Arc<str>>,
+    unit: Option<Arc<str>>,
+    workload: Option<Arc<str>>,
+}
+
 /// Recent events and live subscribers.
 pub struct EventFeed {
-    tx: broadcast::Sender<Arc<EventRecord>>,
-    recent: Mutex<VecDeque<Arc<EventRecord>>>,
+    tx: broadcast::Sender<Arc<FeedEvent>>,
+    recent: Mutex<VecDeque<Arc<FeedEvent>>>,
 }
 
 impl EventFeed {
@@ -81,7 +127,7 @@ impl EventFeed {
         }
     }
 
-    fn publish(&self, record: EventRecord) {
+    fn publish(&self, record: FeedEvent) {
         let record = Arc::new(record);
         if let Ok(mut recent) = self.recent.lock() {
             if recent.len() == RECENT_EVENTS {
@@ -93,18 +139,19 @@ impl EventFeed {
     }
 
     /// The last `limit` events, oldest first.
-    pub fn recent(&self, limit: usize) -> Vec<Arc<EventRecord>> {
-        match self.recent.lock() {
+    pub fn recent(&self, limit: usize) -> Vec<EventRecord> {
+        let events: Vec<Arc<FeedEvent>> = match self.recent.lock() {
             Ok(recent) => {
                 let skip = recent.len().saturating_sub(limit);
                 recent.iter().skip(skip).cloned().collect()
             }
             Err(_) => Vec::new(),
-        }
+        };
+        events.iter().map(|e| e.record()).collect()
     }
 
-    /// Live events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRecord>> {
+    /// Live events from now on ([`FeedEvent::record`] for their text).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FeedEvent>> {
         self.tx.subscribe()
     }
 }
@@ -401,7 +448,7 @@ impl AccessMonitor {
         let Some(reader) = monitor.take_events() else {
             return;
         };
-        let (tx, rx) = tokio::sync::mpsc::channel::<(AccessEvent, Option<String>)>(ENRICH_QUEUE);
+        let (tx, rx) = tokio::sync::mpsc::channel::<(AccessEvent, Option<Arc<str>>)>(ENRICH_QUEUE);
         let m = metrics.clone();
         // Reader: counts every event, queues it for enrichment, never blocks.
         tokio::spawn(async move {
@@ -502,7 +549,7 @@ fn fix_for(e: &MonitorError) -> &'static str {
 
 /// Adds what user space knows (exe, cgroup, unit, workload) and publishes.
 async fn enrich(
-    mut rx: tokio::sync::mpsc::Receiver<(AccessEvent, Option<String>)>,
+    mut rx: tokio::sync::mpsc::Receiver<(AccessEvent, Option<Arc<str>>)>,
     registrations: Vec<Registration>,
     dest: Destinations,
     feed: Arc<EventFeed>,
@@ -510,6 +557,8 @@ async fn enrich(
     hashes: Arc<ExeHashCache>,
 ) {
     let mut recent = RecentFacts::default();
+    let mut described: std::collections::HashMap<(DestKind, SocketAddr), Arc<str>> =
+        std::collections::HashMap::new();
     let me = std::process::id();
     while let Some((ev, early_exe)) = rx.recv().await {
         let key = EnrichKey {
@@ -523,45 +572,53 @@ async fn enrich(
         let reuse = (!ev.verdict.is_bypass())
             .then(|| recent.get(&key))
             .flatten();
-        let (facts, workload) = match reuse {
+        let who = match reuse {
             Some(hit) => hit,
             None => {
                 let facts = warden_identity::attest::gather_facts(ev.process.tgid, &hashes).ok();
                 let workload = facts.as_ref().and_then(|f| {
                     warden_identity::attest::attest(f, &registrations)
                         .ok()
-                        .map(|r| r.name.clone())
+                        .map(|r| Arc::from(r.name.as_str()))
                 });
-                recent.put(key, facts.clone(), workload.clone());
-                (facts, workload)
+                let shared = |s: Option<&String>| s.map(|s| Arc::from(s.as_str()));
+                let who = Arc::new(Enriched {
+                    exe: facts
+                        .as_ref()
+                        .and_then(|f| f.exe_path.as_ref())
+                        .map(|p| Arc::from(p.display().to_string()))
+                        .or(early_exe),
+                    cgroup: shared(facts.as_ref().and_then(|f| f.cgroup.as_ref())),
+                    unit: shared(facts.as_ref().and_then(|f| f.systemd_unit.as_ref())),
+                    workload,
+                });
+                recent.put(key, who.clone());
+                who
             }
         };
         if ev.verdict.is_bypass() {
             if let Some(a) = anomaly.get() {
-                a.bypass(workload.as_deref(), ev.process.tgid, ev.process.cgroup_id);
+                a.bypass(
+                    who.workload.as_deref(),
+                    ev.process.tgid,
+                    ev.process.cgroup_id,
+                );
             }
         }
-        let record = EventRecord {
-            time: warden_core::timefmt::now_rfc3339(),
-            pid: ev.process.tgid,
-            tid: ev.process.pid,
-            uid: ev.process.uid,
-            gid: ev.process.gid,
-            exe: facts
-                .as_ref()
-                .and_then(|f| f.exe_path.as_ref().map(|p| p.display().to_string()))
-                .or(early_exe),
-            cgroup: facts.as_ref().and_then(|f| f.cgroup.clone()),
-            unit: facts.as_ref().and_then(|f| f.systemd_unit.clone()),
-            workload,
+        if described.len() >= RecentFacts::MAX {
+            described.clear();
+        }
+        let destination = described
+            .entry((ev.dest_kind, ev.dest))
+            .or_insert_with(|| Arc::from(dest.describe(ev.dest_kind, ev.dest)))
+            .clone();
+        feed.publish(FeedEvent {
+            time: time::OffsetDateTime::now_utc(),
             is_warden: ev.process.tgid == me,
-            kind: ev.kind.as_str().into(),
-            destination: dest.describe(ev.dest_kind, ev.dest),
-            address: ev.dest.to_string(),
-            verdict: ev.verdict.as_str().into(),
-            comm: ev.comm(),
-        };
-        feed.publish(record);
+            who,
+            destination,
+            ev,
+        });
     }
 }
 
@@ -570,16 +627,19 @@ async fn enrich(
 /// connecting is named once per [`EarlyNames::TTL`] while the kernel
 /// reports the same comm for it (an exec changes comm); refused and bypass
 /// events are always read afresh. Display only, like [`RecentFacts`].
+type EarlyName = ([u8; 16], Option<Arc<str>>, std::time::Instant);
+
 #[derive(Default)]
 struct EarlyNames {
-    recent: std::collections::HashMap<u32, ([u8; 16], Option<String>, std::time::Instant)>,
+    /// tgid → (comm, exe, when read).
+    recent: std::collections::HashMap<u32, EarlyName>,
 }
 
 impl EarlyNames {
     const TTL: std::time::Duration = std::time::Duration::from_secs(2);
     const MAX: usize = 1024;
 
-    fn exe(&mut self, ev: &AccessEvent) -> Option<String> {
+    fn exe(&mut self, ev: &AccessEvent) -> Option<Arc<str>> {
         let (tgid, comm) = (ev.process.tgid, ev.process.comm);
         let plain = !ev.verdict.is_denied() && !ev.verdict.is_bypass();
         if plain {
@@ -591,7 +651,7 @@ impl EarlyNames {
         }
         let exe = std::fs::read_link(format!("/proc/{tgid}/exe"))
             .ok()
-            .map(|p| p.display().to_string());
+            .map(|p| Arc::from(p.display().to_string()));
         if self.recent.len() >= Self::MAX {
             self.recent.retain(|_, (_, _, at)| at.elapsed() < Self::TTL);
             if self.recent.len() >= Self::MAX {
@@ -613,7 +673,7 @@ struct EnrichKey {
     uid: u32,
     gid: u32,
     cgroup_id: u64,
-    exe: Option<String>,
+    exe: Option<Arc<str>>,
 }
 
 /// The enrichment of recent events, reused for the next events of the same
@@ -624,35 +684,27 @@ struct EnrichKey {
 /// attestation never uses it.
 #[derive(Default)]
 struct RecentFacts {
-    map: std::collections::HashMap<
-        u32,
-        (
-            EnrichKey,
-            std::time::Instant,
-            Option<PeerFacts>,
-            Option<String>,
-        ),
-    >,
+    map: std::collections::HashMap<u32, (EnrichKey, std::time::Instant, Arc<Enriched>)>,
 }
 
 impl RecentFacts {
     const TTL: Duration = Duration::from_secs(2);
     const MAX: usize = 4096;
 
-    fn get(&self, key: &EnrichKey) -> Option<(Option<PeerFacts>, Option<String>)> {
-        let (k, at, facts, workload) = self.map.get(&key.tgid)?;
-        (k == key && at.elapsed() < Self::TTL).then(|| (facts.clone(), workload.clone()))
+    fn get(&self, key: &EnrichKey) -> Option<Arc<Enriched>> {
+        let (k, at, who) = self.map.get(&key.tgid)?;
+        (k == key && at.elapsed() < Self::TTL).then(|| who.clone())
     }
 
-    fn put(&mut self, key: EnrichKey, facts: Option<PeerFacts>, workload: Option<String>) {
+    fn put(&mut self, key: EnrichKey, who: Arc<Enriched>) {
         if self.map.len() >= Self::MAX {
-            self.map.retain(|_, (_, at, _, _)| at.elapsed() < Self::TTL);
+            self.map.retain(|_, (_, at, _)| at.elapsed() < Self::TTL);
             if self.map.len() >= Self::MAX {
                 self.map.clear();
             }
         }
         self.map
-            .insert(key.tgid, (key, std::time::Instant::now(), facts, workload));
+            .insert(key.tgid, (key, std::time::Instant::now(), who));
     }
 }
 
@@ -692,48 +744,65 @@ mod tests {
             uid,
             gid: 0,
             cgroup_id,
-            exe: Some(exe.to_string()),
+            exe: Some(Arc::from(exe)),
+        };
+        let named = |w: &str| {
+            Arc::new(Enriched {
+                workload: Some(Arc::from(w)),
+                ..Enriched::default()
+            })
         };
         let mut recent = RecentFacts::default();
         assert!(recent.get(&key(7, 1000, 5, "/usr/bin/psql")).is_none());
-        recent.put(
-            key(7, 1000, 5, "/usr/bin/psql"),
-            None,
-            Some("reports".into()),
-        );
-        let (_, workload) = recent.get(&key(7, 1000, 5, "/usr/bin/psql")).unwrap();
-        assert_eq!(workload.as_deref(), Some("reports"));
+        recent.put(key(7, 1000, 5, "/usr/bin/psql"), named("reports"));
+        let who = recent.get(&key(7, 1000, 5, "/usr/bin/psql")).unwrap();
+        assert_eq!(who.workload.as_deref(), Some("reports"));
         // Another uid, cgroup or executable for the same pid: read afresh.
         assert!(recent.get(&key(7, 0, 5, "/usr/bin/psql")).is_none());
         assert!(recent.get(&key(7, 1000, 6, "/usr/bin/psql")).is_none());
         assert!(recent.get(&key(7, 1000, 5, "/usr/bin/curl")).is_none());
         // A full table starts over instead of growing.
         for tgid in 100..(100 + RecentFacts::MAX as u32 + 10) {
-            recent.put(key(tgid, 0, 1, "/x"), None, None);
+            recent.put(key(tgid, 0, 1, "/x"), Arc::default());
         }
         assert!(recent.map.len() <= RecentFacts::MAX);
+    }
+
+    fn event(pid: u32) -> AccessEvent {
+        AccessEvent {
+            kind: warden_ebpf::EventKind::Connect,
+            verdict: warden_ebpf::Verdict::Allowed,
+            dest_kind: DestKind::Listener,
+            process: warden_ebpf::ProcessInfo {
+                pid,
+                tgid: pid,
+                uid: 1000,
+                gid: 1000,
+                cgroup_id: 1,
+                ktime_ns: 0,
+                comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            },
+            dest: "127.0.0.1:15432".parse().expect("addr"),
+            source: None,
+            family: 4,
+        }
     }
 
     #[test]
     fn feed_keeps_the_most_recent_events() {
         let feed = EventFeed::new();
+        let who = Arc::new(Enriched {
+            exe: Some(Arc::from("/usr/bin/psql")),
+            workload: Some(Arc::from("reports")),
+            ..Enriched::default()
+        });
         for i in 0..(RECENT_EVENTS + 10) {
-            feed.publish(EventRecord {
-                time: String::new(),
-                pid: i as u32,
-                tid: 0,
-                uid: 0,
-                gid: 0,
-                exe: None,
-                cgroup: None,
-                unit: None,
-                workload: None,
+            feed.publish(FeedEvent {
+                time: time::OffsetDateTime::now_utc(),
+                ev: event(i as u32),
+                who: who.clone(),
+                destination: Arc::from("route orders-db"),
                 is_warden: false,
-                kind: "connect".into(),
-                destination: "other".into(),
-                address: "127.0.0.1:1".into(),
-                verdict: "allowed".into(),
-                comm: String::new(),
             });
         }
         let last = feed.recent(3);
@@ -744,6 +813,16 @@ mod tests {
                 RECENT_EVENTS as u32 + 8,
                 RECENT_EVENTS as u32 + 9
             ]
+        );
+        let e = &last[0];
+        assert_eq!(e.exe.as_deref(), Some("/usr/bin/psql"));
+        assert_eq!(e.workload.as_deref(), Some("reports"));
+        assert_eq!(e.destination, "route orders-db");
+        assert_eq!(e.address, "127.0.0.1:15432");
+        assert_eq!(e.comm, "psql");
+        assert_eq!(
+            (e.kind.as_str(), e.verdict.as_str()),
+            ("connect", "allowed")
         );
         assert_eq!(feed.recent(usize::MAX).len(), RECENT_EVENTS);
     }

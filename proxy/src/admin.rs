@@ -466,7 +466,7 @@ async fn stream_events(
     };
     loop {
         match live.recv().await {
-            Ok(e) => write_event(w, &e).await?,
+            Ok(e) => write_event(w, &e.record()).await?,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 let note = Response::Ok {
                     result: serde_json::json!({ "skipped": n }),

@@ -107,6 +107,7 @@ impl MariaDb {
             .arg("--skip-log-bin")
             .arg("--innodb-buffer-pool-size=16M")
             .arg("--max-allowed-packet=64M")
+            .arg("--max-connections=1000")
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

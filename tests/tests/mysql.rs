@@ -572,6 +572,78 @@ fn upstream_tls_is_verified_like_postgres_routes() {
     );
 }
 
+/// Near the descriptor limit new connections get MySQL's own 1040 "too many
+/// connections" in place of the greeting, not a hang; once idle clients go,
+/// sessions are served again.
+#[test]
+fn near_the_descriptor_limit_clients_get_1040() {
+    const NOFILE: u32 = 256;
+    let server = MariaDb::start();
+    server.admin(&format!("CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';"));
+    let port = free_port();
+    let cfg = format!(
+        "trust_domain = \"example.org\"\n\n[[workload]]\nname = \"me\"\n\
+         spiffe_id = \"spiffe://example.org/me\"\nselectors = {{ uid = {uid} }}\n\n\
+         [[route]]\nname = \"db\"\nkind = \"mysql\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"127.0.0.1:{up}\"\nupstream_tls = {{ mode = \"disable\" }}\n\
+         credential = {{ user = \"app\", secret = \"db/app\" }}\nallow = [\"me\"]\n\n\
+         [monitor]\nebpf = \"off\"\n",
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("db/app", APP_PW.as_bytes()).ok();
+    let log = warden.dir.path().join("daemon.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
+        .arg("--")
+        .arg(warden_tests::warden_bin())
+        .arg("--config")
+        .arg(&warden.config)
+        .arg("up")
+        .env("WARDEN_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .expect("prlimit (util-linux) is required");
+    let daemon = warden_tests::Daemon { child, log };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while warden.run(&["status"]).code != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cli(port, "x", "SELECT 1;"), (0, "1\n".into()));
+    // Idle clients that never answer the greeting, more than the limit allows.
+    let idle: Vec<TcpStream> = (0..NOFILE + 40)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let (code, out) = cli(port, "x", "SELECT 1;");
+    assert!(
+        code == 1 && out.contains("ERROR 1040") && out.contains("too many connections"),
+        "{out} {}",
+        daemon.log_text()
+    );
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, out) = cli(port, "x", "SELECT 2;");
+        if code == 0 {
+            assert_eq!(out, "2\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still refused: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!daemon.log_text().contains(APP_PW));
+}
+
 #[test]
 fn warden_scrambles_match_pymysql() {
     let nonce: Vec<u8> = (0..20u8)

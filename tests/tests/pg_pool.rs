@@ -511,6 +511,13 @@ fn pgbench_with_a_connection_per_transaction_runs_clean_on_pooled_connections() 
             "warden_pg_pool_total{result=\"hit\",route=\"app-db\"}"
         ) >= 50.0
     );
+    // `-S` sends one plain SELECT per session: no reset needed.
+    assert!(
+        metric(
+            &s.warden,
+            "warden_pg_pool_total{result=\"reset_skipped\",route=\"app-db\"}"
+        ) >= 50.0
+    );
     // Bounded by the pool, not one per transaction.
     let backends: u32 =
         s.pg.psql_admin("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
@@ -539,4 +546,77 @@ fn tls_upstream_connections_are_pooled_too() {
     );
     assert_eq!(out["pid"], a);
     assert_eq!(out["ssl"], "true");
+}
+
+#[test]
+fn state_free_sessions_skip_the_reset_and_hidden_state_never_survives() {
+    let s = setup(ClusterOptions::new(Auth::Scram), "", "");
+    let skipped = || {
+        metric(
+            &s.warden,
+            "warden_pg_pool_total{result=\"reset_skipped\",route=\"app-db\"}",
+        )
+    };
+    let app = "state-free";
+    let session = |sql: &str| {
+        let mut c = Raw::connect(s.port, app);
+        c.query(sql);
+        c.terminate();
+        wait_idle(&s.warden, 1);
+    };
+    // Asking for the backend's pid calls a function: the connection is reset.
+    let mut c = Raw::connect(s.port, app);
+    let first = c.query("SELECT pg_backend_pid()").unwrap();
+    c.terminate();
+    wait_idle(&s.warden, 1);
+    assert_eq!(skipped(), 0.0);
+
+    // Plain SELECTs and transaction control leave nothing: no reset.
+    let mut c = Raw::connect(s.port, app);
+    c.query("SELECT x FROM t_pool");
+    c.query("BEGIN; SELECT count(*) FROM t_pool WHERE x IN (1, 2); COMMIT");
+    c.terminate();
+    wait_idle(&s.warden, 1);
+    assert_eq!(skipped(), 1.0, "a state-free session skips DISCARD ALL");
+
+    // State hidden behind SELECTs (and behind an E-string that a naive
+    // lexer would read as the start of a literal): reset every time.
+    session("SELECT set_config('work_mem', '77MB', false)");
+    session("SELECT E'\\'', set_config('search_path', 'leak_schema', false) --'");
+    session("SELECT x INTO TEMP leak_temp FROM t_pool");
+    session("SELECT 1 FROM pg_advisory_lock(42)");
+    session("SET application_name = 'leak'");
+    // A named prepared statement through the extended protocol.
+    let mut c = Raw::connect(s.port, app);
+    let parse = [cstr("leak_stmt"), cstr("SELECT 1"), vec![0, 0]].concat();
+    c.s.write_all(&[message(b'P', &parse), message(b'S', b"")].concat())
+        .unwrap();
+    while c.next().0 != b'Z' {}
+    c.terminate();
+    wait_idle(&s.warden, 1);
+    assert_eq!(
+        skipped(),
+        1.0,
+        "only the state-free session skipped the reset"
+    );
+
+    let mut c = Raw::connect(s.port, app);
+    assert_eq!(c.query("SELECT pg_backend_pid()").unwrap(), first);
+    for (sql, want) in [
+        ("SELECT current_setting('work_mem')", "4MB"),
+        ("SELECT current_setting('search_path')", "\"$user\", public"),
+        ("SELECT current_setting('application_name')", app),
+        (
+            "SELECT count(*) FROM pg_class WHERE relname = 'leak_temp'",
+            "0",
+        ),
+        ("SELECT count(*) FROM pg_prepared_statements", "0"),
+        (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "0",
+        ),
+    ] {
+        assert_eq!(c.query(sql).as_deref(), Some(want), "{sql}");
+    }
+    c.terminate();
 }

@@ -1108,9 +1108,11 @@ impl AuditLog {
             // Its anchor may lack `interval`: flag it again if unsynced.
             self.interval_anchor = false;
         }
-        let time = time::OffsetDateTime::now_utc()
-            .format(TIME_FORMAT)
-            .map_err(encode_err)?;
+        let now = time::OffsetDateTime::now_utc();
+        let time = match crate::timefmt::format_micros_utc(now) {
+            Some(t) => t,
+            None => now.format(TIME_FORMAT).map_err(encode_err)?,
+        };
         let mut head = self.head.clone();
         let mut records = Vec::with_capacity(if out.is_some() { events.len() } else { 0 });
         let mut lines = Vec::with_capacity(512 * events.len());

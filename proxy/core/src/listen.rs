@@ -2,9 +2,13 @@
 //! the route and the fix, and the accept loop.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// The start-up error for a route whose address cannot be bound.
 pub fn bind_error(route: &str, addr: SocketAddr, e: &std::io::Error) -> Error {
@@ -13,14 +17,128 @@ pub fn bind_error(route: &str, addr: SocketAddr, e: &std::io::Error) -> Error {
     ))
 }
 
-/// Binds route `route`'s TCP listener (so a busy port fails the start).
+/// Binds route `route`'s TCP listener (so a busy port fails the start),
+/// with the backlog [`listen_backlog`] gives.
 pub async fn bind_route(
     route: &str,
     addr: SocketAddr,
 ) -> crate::error::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| bind_error(route, addr, &e))
+    let bind = || -> std::io::Result<tokio::net::TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(listen_backlog())
+    };
+    bind().map_err(|e| bind_error(route, addr, &e))
+}
+
+/// The listen backlog of route listeners: the kernel's
+/// `net.core.somaxconn` (it caps any larger value anyway; Debian 12's
+/// default is 4096), at least 128 and at most 65535.
+pub fn listen_backlog() -> u32 {
+    static BACKLOG: OnceLock<u32> = OnceLock::new();
+    *BACKLOG.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(4096)
+            .clamp(128, 65535)
+    })
+}
+
+/// The soft `RLIMIT_NOFILE` (read once, after the daemon raised it).
+fn fd_limit() -> u64 {
+    static LIMIT: OnceLock<u64> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX)
+    })
+}
+
+/// Descriptors kept free for everything but new client connections
+/// (upstream connections, the store, the audit log, the admin socket).
+pub fn fd_reserve(limit: u64) -> u64 {
+    (limit / 16).max(32)
+}
+
+/// True when an accepted connection's descriptor number leaves less than
+/// the reserve below the soft limit. The kernel hands out the lowest free
+/// number, so every lower one is open: a cheap, exact lower bound on the
+/// process's open descriptors.
+pub fn over_fd_budget(fd: i32, limit: u64) -> bool {
+    let fd = u64::try_from(fd).unwrap_or(0);
+    fd.saturating_add(fd_reserve(limit)) >= limit
+}
+
+/// [`over_fd_budget`] against the process's soft limit: the cheap check
+/// before building a [`Shed`].
+pub fn over_fd_budget_now(fd: i32) -> bool {
+    over_fd_budget(fd, fd_limit())
+}
+
+/// How a route kind turns away a connection it sheds (too close to the
+/// descriptor limit).
+#[derive(Clone, Default)]
+pub struct Shed {
+    /// Written to the connection before it is closed: the kind's native
+    /// "too many connections" error (empty: closed without a word, e.g.
+    /// a TLS route, which cannot speak before a handshake).
+    pub refusal: Vec<u8>,
+    /// Counts the shed connection (`warden_sessions_total{result="overloaded"}`).
+    pub metrics: Option<Metrics>,
+}
+
+/// Checks an accepted connection against the descriptor budget; when over
+/// it, answers with `shed.refusal`, closes it, counts and (at most every
+/// 10 s) logs it, and returns true.
+/// `fd` is the accepted connection's descriptor, `try_write` one
+/// non-blocking write to it (a fresh socket's send buffer is empty).
+pub fn shed_if_overloaded(
+    route: &str,
+    fd: i32,
+    try_write: impl FnOnce(&[u8]),
+    shed: &Shed,
+) -> bool {
+    let limit = fd_limit();
+    if !over_fd_budget(fd, limit) {
+        return false;
+    }
+    if !shed.refusal.is_empty() {
+        try_write(&shed.refusal);
+    }
+    if let Some(m) = &shed.metrics {
+        m.session_unattested(route, "overloaded");
+    }
+    static LAST_WARN: AtomicU64 = AtomicU64::new(0);
+    let now = crate::peer::boottime_ns() / 1_000_000_000;
+    let last = LAST_WARN.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST_WARN
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            route = %route,
+            "shedding new connections: {} of {limit} file descriptors in use (kept free: {}); raise LimitNOFILE= / ulimit -n",
+            fd + 1,
+            fd_reserve(limit)
+        );
+    }
+    true
+}
+
+/// The native refusal of an overloaded listener, worded the same for
+/// every kind.
+pub fn overload_message() -> String {
+    format!(
+        "warden: too many connections (close to the limit of {} open files); try again later",
+        fd_limit()
+    )
 }
 
 /// Accepts connections on `tcp` until the task is dropped, handing each
@@ -30,13 +148,29 @@ pub async fn accept_loop(
     route: &str,
     listen: SocketAddr,
     tcp: &tokio::net::TcpListener,
+    serve: impl FnMut(tokio::net::TcpStream, SocketAddr, SocketAddr),
+) {
+    accept_loop_shedding(route, listen, tcp, &Shed::default(), serve).await
+}
+
+/// [`accept_loop`] answering connections over the descriptor budget with
+/// `shed` (see [`shed_if_overloaded`]).
+pub async fn accept_loop_shedding(
+    route: &str,
+    listen: SocketAddr,
+    tcp: &tokio::net::TcpListener,
+    shed: &Shed,
     mut serve: impl FnMut(tokio::net::TcpStream, SocketAddr, SocketAddr),
 ) {
     loop {
         match tcp.accept().await {
             Ok((stream, peer)) => {
+                let fd = stream.as_raw_fd();
+                if shed_if_overloaded(route, fd, |b| drop(stream.try_write(b)), shed) {
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(listen);
+                let local = local_addr_of(&stream, listen);
                 serve(stream, local, peer);
             }
             Err(e) => {
@@ -47,9 +181,31 @@ pub async fn accept_loop(
     }
 }
 
+/// The local address of an accepted connection: the listener's own when it
+/// is bound to one address and port (no `getsockname` per connection),
+/// otherwise asked of the socket (a wildcard or port 0 listener).
+pub fn local_addr_of(stream: &tokio::net::TcpStream, listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() || listen.port() == 0 {
+        stream.local_addr().unwrap_or(listen)
+    } else {
+        listen
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fd_budget_keeps_a_reserve() {
+        assert_eq!(fd_reserve(1024), 64);
+        assert_eq!(fd_reserve(100), 32);
+        assert!(!over_fd_budget(900, 1024));
+        assert!(over_fd_budget(960, 1024));
+        assert!(over_fd_budget(1023, 1024));
+        assert!(!over_fd_budget(1_000_000, u64::MAX));
+        assert!((128..=65535).contains(&listen_backlog()));
+    }
 
     #[tokio::test]
     async fn a_busy_port_names_the_route_and_the_fix() {

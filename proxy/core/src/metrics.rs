@@ -821,7 +821,14 @@ impl Metrics {
 
     /// Exports a pooled route's series at zero.
     pub fn pg_pool_declare(&self, route: &str) {
-        for e in ["hit", "miss", "returned", "reset_failed", "closed"] {
+        for e in [
+            "hit",
+            "miss",
+            "returned",
+            "reset_skipped",
+            "reset_failed",
+            "closed",
+        ] {
             self.inner.pool_events.with_label_values(&[route, e]);
         }
         self.inner.pool_idle.with_label_values(&[route]);

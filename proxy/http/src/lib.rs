@@ -252,11 +252,31 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
         let _ = r.hot.set(shared.metrics.http_route(&r.name));
     }
     let forward = Arc::new(forward);
+    let shed = warden_core::listen::Shed {
+        refusal: {
+            let body = warden_core::listen::overload_message();
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        },
+        metrics: Some(shared.metrics.clone()),
+    };
     loop {
         match tcp.accept().await {
             Ok((stream, peer)) => {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                if warden_core::listen::shed_if_overloaded(
+                    &label,
+                    fd,
+                    |b| drop(stream.try_write(b)),
+                    &shed,
+                ) {
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(listen);
+                let local = warden_core::listen::local_addr_of(&stream, listen);
                 match &reverse {
                     Some(route) => {
                         tokio::spawn(conn::serve_connection(

@@ -168,10 +168,33 @@ pub async fn serve_route(
     shared: Arc<MysqlShared>,
 ) {
     let name = route.name.clone();
-    warden_core::listen::accept_loop(&name, route.listen, &tcp, |stream, local, peer| {
-        tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
-    })
+    let shed = warden_core::listen::Shed {
+        refusal: too_many_connections(&warden_core::listen::overload_message()),
+        metrics: Some(shared.metrics.clone()),
+    };
+    warden_core::listen::accept_loop_shedding(
+        &name,
+        route.listen,
+        &tcp,
+        &shed,
+        |stream, local, peer| {
+            tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+        },
+    )
     .await;
+}
+
+/// What a MySQL server sends a connection over `max_connections`: ERR 1040
+/// as the first packet, in place of the greeting (so without the SQLSTATE
+/// marker: no capabilities are agreed yet; clients show 1040 "Too many
+/// connections").
+pub fn too_many_connections(message: &str) -> Vec<u8> {
+    let mut payload = vec![0xff];
+    payload.extend_from_slice(&1040u16.to_le_bytes());
+    payload.extend_from_slice(message.as_bytes());
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    put_packet(&mut out, 0, &payload);
+    out
 }
 
 /// The denial-to-wire table of mysql routes: policy refusals are 1045
@@ -749,6 +772,17 @@ mod tests {
         assert_eq!(g.capabilities & caps::NOT_RELAYED, caps::SSL);
         assert_eq!(g.auth_plugin, auth::NATIVE);
         assert!(Greeting::parse(&g.encode()).is_ok());
+    }
+
+    #[test]
+    fn shedding_answers_1040_in_place_of_the_greeting() {
+        let b = too_many_connections("warden: too many connections");
+        assert_eq!(&b[3..7], &[0, 0xff, 0x10, 0x04]);
+        assert_eq!(
+            u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize,
+            b.len() - 4
+        );
+        assert!(b.ends_with(b"too many connections"));
     }
 
     #[test]

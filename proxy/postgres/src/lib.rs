@@ -22,6 +22,7 @@ pub mod pool;
 pub mod relay;
 pub mod server_tls;
 pub mod session;
+pub mod session_state;
 pub mod shard;
 
 pub use warden_core::leases as dynamic;
@@ -352,6 +353,9 @@ pub async fn serve_route(
             loop {
                 match unix.accept().await {
                     Ok((stream, _)) => {
+                        if shed(&route, &shared, &stream) {
+                            continue;
+                        }
                         let pid = stream
                             .peer_cred()
                             .ok()
@@ -410,12 +414,61 @@ async fn reap_pool(route: Arc<PgRoute>, shared: Arc<PgShared>) {
     }
 }
 
+/// Turns away a connection when warden is close to its descriptor limit:
+/// FATAL 53300 (too_many_connections), before reading its startup packet.
+fn shed<S: std::os::fd::AsRawFd + ShedWrite>(
+    route: &PgRoute,
+    shared: &PgShared,
+    stream: &S,
+) -> bool {
+    use std::sync::OnceLock;
+    static REFUSAL: OnceLock<Vec<u8>> = OnceLock::new();
+    let refusal = REFUSAL.get_or_init(|| {
+        protocol::error_response(
+            "FATAL",
+            "53300",
+            &warden_core::listen::overload_message(),
+            None,
+            None,
+        )
+    });
+    let how = warden_core::listen::Shed {
+        refusal: refusal.clone(),
+        metrics: Some(shared.metrics.clone()),
+    };
+    let fd = stream.as_raw_fd();
+    if !warden_core::listen::over_fd_budget_now(fd) {
+        return false;
+    }
+    warden_core::listen::shed_if_overloaded(&route.name, fd, |b| stream.shed_write(b), &how)
+}
+
+/// One non-blocking write to a freshly accepted socket.
+trait ShedWrite {
+    fn shed_write(&self, b: &[u8]);
+}
+
+impl ShedWrite for tokio::net::TcpStream {
+    fn shed_write(&self, b: &[u8]) {
+        let _ = self.try_write(b);
+    }
+}
+
+impl ShedWrite for tokio::net::UnixStream {
+    fn shed_write(&self, b: &[u8]) {
+        let _ = self.try_write(b);
+    }
+}
+
 /// Accepts one TCP session (a failed accept waits a little).
 async fn accept_tcp(tcp: &tokio::net::TcpListener, route: &Arc<PgRoute>, shared: &Arc<PgShared>) {
     match tcp.accept().await {
         Ok((stream, peer)) => {
+            if shed(route, shared, &stream) {
+                return;
+            }
             let _ = stream.set_nodelay(true);
-            let local = stream.local_addr().unwrap_or(route.listen);
+            let local = warden_core::listen::local_addr_of(&stream, route.listen);
             let (route, shared) = (route.clone(), shared.clone());
             tokio::spawn(session::run(
                 stream,

@@ -12,6 +12,9 @@
 //! When a client leaves (Terminate, EOF) and the relay stopped at a message
 //! boundary, the connection is reset off the client's path. A client that
 //! left idle (every request answered, the last ReadyForQuery status `I`)
+//! having sent only state-free requests (plain `SELECT`s, transaction
+//! control: [`super::session_state`]) needs no reset with `reset = "auto"`
+//! (the default) and goes straight back; another idle client
 //! gets `DISCARD ALL` alone; any other gets `CopyFail`
 //! (ends a COPY FROM STDIN; ignored otherwise), `Sync` (ends an unfinished
 //! extended-query batch), `ROLLBACK`, `DISCARD ALL` (temp tables, prepared
@@ -33,7 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use warden_core::config::PoolConfig;
+use warden_core::config::{PoolConfig, PoolReset};
 use warden_core::metrics::Metrics;
 
 pub const DEFAULT_MAX_IDLE: usize = 16;
@@ -52,6 +55,8 @@ pub struct PoolSettings {
     pub max_idle: usize,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
+    /// `auto`: no reset after a state-free session.
+    pub reset: PoolReset,
 }
 
 impl PoolSettings {
@@ -70,6 +75,7 @@ impl PoolSettings {
             max_lifetime: c
                 .and_then(|c| c.max_lifetime)
                 .unwrap_or(DEFAULT_MAX_LIFETIME),
+            reset: c.map(|c| c.reset).unwrap_or_default(),
         }
     }
 
@@ -337,6 +343,11 @@ impl Pool {
         mut conn: Pooled,
         resume: Resume,
     ) {
+        if settings.reset == PoolReset::Auto && needs_no_reset(&resume) {
+            self.metrics.pg_pool(route, "reset_skipped");
+            self.put(route, settings, key, cred, conn);
+            return;
+        }
         let result = match tokio::time::timeout(
             RESET_TIMEOUT,
             reset(&mut conn.stream, resume, &mut conn.params),
@@ -357,6 +368,16 @@ impl Pool {
             }
         }
     }
+}
+
+/// A session that ended idle (every request answered, outside a
+/// transaction, at a message boundary) having sent only state-free requests
+/// (see [`super::session_state`]) left the connection as it found it.
+pub fn needs_no_reset(resume: &Resume) -> bool {
+    resume.state_free
+        && resume.pending_ready == 0
+        && resume.last_status == Some(b'I')
+        && resume.framer.at_boundary()
 }
 
 /// Brings an upstream connection whose client left back to idle (see the

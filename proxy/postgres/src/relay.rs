@@ -32,6 +32,8 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::session_state::StateTracker;
+
 const BUF: usize = 16 * 1024;
 
 /// Round trips (ReadyForQuery messages relayed) before a session is offered
@@ -161,6 +163,9 @@ pub struct Resume {
     /// Transaction status of the last ReadyForQuery relayed (`I`, `T`, `E`),
     /// when its byte was seen; `None` if unknown.
     pub last_status: Option<u8>,
+    /// Nothing the session sent (or the server reported) can have left
+    /// session state (see [`super::session_state`]).
+    pub state_free: bool,
 }
 
 pub struct RelayEnd {
@@ -198,6 +203,8 @@ struct Dir {
     batch_open: bool,
     /// Upstream: the status byte of the last ReadyForQuery, if it was seen.
     last_status: Option<u8>,
+    /// Whether the messages seen so far can have left session state.
+    state: StateTracker,
     /// Upstream: stop after a read that ends with a whole ReadyForQuery
     /// (its bytes kept in the buffer), for a hand-over decision.
     pause_at_ready: bool,
@@ -244,6 +251,7 @@ impl Dir {
             counted: 0,
             batch_open: false,
             last_status: None,
+            state: StateTracker::default(),
             pause_at_ready: false,
             finish: false,
         }
@@ -297,17 +305,22 @@ where
             if n == 0 {
                 d.eof = true;
             } else {
-                let (counted, poisoned, batch, status) = (
+                let (counted, poisoned, batch, status, state) = (
                     &mut d.counted,
                     &mut d.poisoned,
                     &mut d.batch_open,
                     &mut d.last_status,
+                    &mut d.state,
                 );
                 let chunk = &d.buf[..n];
                 let mut ready_at_end = false;
                 let walked = d.framer.walk(chunk, |tag, len, start| {
                     ready_at_end = false;
                     if client {
+                        // The body, when the whole message is in this read.
+                        let body = start
+                            .and_then(|s| chunk.get(s + 5..(s + 1).saturating_add(len as usize)));
+                        state.client_message(tag, body);
                         match tag {
                             b'Q' | b'F' => *counted += 1,
                             b'S' => {
@@ -325,6 +338,8 @@ where
                         // The status byte follows the 5-byte header.
                         *status = start.and_then(|s| chunk.get(s + 5)).copied();
                         ready_at_end = len == 5 && start.is_some_and(|s| s + 6 == n);
+                    } else {
+                        state.upstream_message(tag);
                     }
                     false
                 });
@@ -397,6 +412,7 @@ where
             framer: Framer::default(),
             pending_ready: 0,
             last_status: Some(b'I'),
+            state_free: true,
         });
         return end;
     }
@@ -468,6 +484,7 @@ where
             framer: u2c.framer,
             pending_ready: c2u.counted - u2c.counted,
             last_status: u2c.last_status,
+            state_free: !c2u.state.dirty && !u2c.state.dirty,
         });
     }
     if !client_ended {

@@ -126,12 +126,11 @@ async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Ok(None) => {
-                let mut chunk = [0u8; 1024];
-                let n = client.read(&mut chunk).await.map_err(|_| closed())?;
+                buf.reserve(1024);
+                let n = client.read_buf(&mut buf).await.map_err(|_| closed())?;
                 if n == 0 {
                     return Err(closed());
                 }
-                buf.extend_from_slice(&chunk[..n]);
             }
             Err(e) => {
                 return Err(Refusal::new(
@@ -382,26 +381,42 @@ pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 's
         Some(Opening::Startup(m)) => serve(client, m, peer, route, shared, started).await,
         Some(Opening::UpgradeTls) => {
             let Some(config) = tls_config else { return };
-            if client.write_all(b"S").await.is_err() {
-                return;
-            }
-            let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
-            let mut tls = match tokio::time::timeout(STARTUP_TIMEOUT, accept).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::warn!(route = %route.name, "client TLS handshake failed: {e}");
-                    shared.metrics.session_unattested(&route.name, "tls_error");
-                    return;
-                }
-                Err(_) => {
-                    shared.metrics.session_unattested(&route.name, "tls_error");
-                    return;
-                }
-            };
-            if let Some(Opening::Startup(m)) = opening(&mut tls, &route, &shared, false).await {
-                serve(tls, m, peer, route, shared, started).await;
-            }
+            // Boxed: the TLS handshake and a session over TLS would
+            // otherwise make every plain session's future (moved on spawn)
+            // as large as theirs.
+            Box::pin(serve_tls(client, config, peer, route, shared, started)).await;
         }
+    }
+}
+
+/// A `client_tls` session after the client's SSLRequest: handshake, then
+/// the startup message over TLS and [`serve`].
+async fn serve_tls<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'static>(
+    mut client: S,
+    config: Arc<rustls::ServerConfig>,
+    peer: Peer,
+    route: Arc<PgRoute>,
+    shared: Arc<PgShared>,
+    started: Instant,
+) {
+    if client.write_all(b"S").await.is_err() {
+        return;
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(client);
+    let mut tls = match tokio::time::timeout(STARTUP_TIMEOUT, accept).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.name, "client TLS handshake failed: {e}");
+            shared.metrics.session_unattested(&route.name, "tls_error");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.session_unattested(&route.name, "tls_error");
+            return;
+        }
+    };
+    if let Some(Opening::Startup(m)) = opening(&mut tls, &route, &shared, false).await {
+        serve(tls, m, peer, route, shared, started).await;
     }
 }
 
@@ -442,34 +457,34 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     // Credential: the route's stored secret, or a lease role for this workload.
     let cred = match route.source() {
         CredentialSource::Static => static_credential(&route, &shared).await,
-        CredentialSource::Dynamic => shared
-            .leases
-            .acquire(
-                &route.name,
-                &who.workload,
-                actor(Some(&who)),
-                &shared.scram_cache,
-            )
-            .await
-            .map(|t| Credential {
-                user: t.role.clone(),
-                label: t.label(),
-                version: None,
-                lease: Some(t.id.clone()),
-                scram_min_iterations: t.scram_iterations,
-                password: t.password,
-            })
-            .map_err(|e| match e.kind {
-                ErrorKind::Sealed => Denial::Sealed {
-                    route: route.name.clone(),
-                    reason: e.message,
-                },
-                _ => Denial::NoLease {
-                    route: route.name.clone(),
-                    workload: who.workload.clone(),
-                    reason: e.message,
-                },
-            }),
+        // Boxed: creating a lease role (an admin login, SQL) would
+        // otherwise set the size of every session's future.
+        CredentialSource::Dynamic => Box::pin(shared.leases.acquire(
+            &route.name,
+            &who.workload,
+            actor(Some(&who)),
+            &shared.scram_cache,
+        ))
+        .await
+        .map(|t| Credential {
+            user: t.role.clone(),
+            label: t.label(),
+            version: None,
+            lease: Some(t.id.clone()),
+            scram_min_iterations: t.scram_iterations,
+            password: t.password,
+        })
+        .map_err(|e| match e.kind {
+            ErrorKind::Sealed => Denial::Sealed {
+                route: route.name.clone(),
+                reason: e.message,
+            },
+            _ => Denial::NoLease {
+                route: route.name.clone(),
+                workload: who.workload.clone(),
+                reason: e.message,
+            },
+        }),
     };
     let cred = match cred {
         Ok(c) => c,
@@ -535,12 +550,14 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                 secret_label: cred.label.clone(),
                 scram_min_iterations: cred.scram_min_iterations,
             };
-            match upstream::connect(
+            // Boxed: a pool miss's login (TCP, TLS, SCRAM) would otherwise
+            // set the size of every session's future.
+            match Box::pin(upstream::connect(
                 &route.target,
                 &upstream_startup,
                 &login,
                 &shared.scram_cache,
-            )
+            ))
             .await
             {
                 Ok(e) => (e, Instant::now(), false),
@@ -767,4 +784,28 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<F, A, B, C, D, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every accepted connection's future is moved into its task on spawn:
+    /// rare, large steps (a lease role's creation, an upstream login, a TLS
+    /// handshake) are boxed so that a pooled session does not copy them.
+    #[test]
+    fn a_session_future_stays_small() {
+        let size = future_size(run::<tokio::net::TcpStream>);
+        assert!(
+            size <= 6 * 1024,
+            "session::run's future is {size} bytes: box the large step that grew it"
+        );
+    }
 }

@@ -117,7 +117,7 @@ pub fn reuseport_listeners(
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&bound.into())?;
-        socket.listen(1024)?;
+        socket.listen(warden_core::listen::listen_backlog() as i32)?;
         let listener: std::net::TcpListener = socket.into();
         bound = listener.local_addr()?;
         out.push(listener);

@@ -140,9 +140,24 @@ pub async fn serve_route(
     shared: Arc<RedisShared>,
 ) {
     let name = route.name.clone();
-    warden_core::listen::accept_loop(&name, route.listen, &tcp, |stream, local, peer| {
-        tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
-    })
+    // Redis's own wording for the limit, so clients and tools recognise it.
+    let shed = warden_core::listen::Shed {
+        refusal: format!(
+            "-ERR max number of clients reached ({})\r\n",
+            warden_core::listen::overload_message()
+        )
+        .into_bytes(),
+        metrics: Some(shared.metrics.clone()),
+    };
+    warden_core::listen::accept_loop_shedding(
+        &name,
+        route.listen,
+        &tcp,
+        &shed,
+        |stream, local, peer| {
+            tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+        },
+    )
     .await;
 }
 

@@ -301,13 +301,24 @@ pub async fn serve_route(
     shared: Arc<TlsShared>,
 ) {
     let name = route.name.clone();
-    warden_core::listen::accept_loop(&name, route.listen, &tcp, |stream, local, peer| {
-        if route.server.is_some() {
-            tokio::spawn(server::session(stream, peer, route.clone(), shared.clone()));
-        } else {
-            tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
-        }
-    })
+    // Nothing can be said before a TLS handshake: a shed connection is closed.
+    let shed = warden_core::listen::Shed {
+        refusal: Vec::new(),
+        metrics: Some(shared.metrics.clone()),
+    };
+    warden_core::listen::accept_loop_shedding(
+        &name,
+        route.listen,
+        &tcp,
+        &shed,
+        |stream, local, peer| {
+            if route.server.is_some() {
+                tokio::spawn(server::session(stream, peer, route.clone(), shared.clone()));
+            } else {
+                tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+            }
+        },
+    )
     .await;
 }
 

@@ -163,6 +163,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.pool.max_idle", "a whole number without quotes, e.g. max_idle = 16 (0 disables the pool)"),
     ("route.pool.idle_timeout", "a duration in quotes, e.g. idle_timeout = \"60s\""),
     ("route.pool.max_lifetime", "a duration in quotes, e.g. max_lifetime = \"1h\""),
+    ("route.pool.reset", "\"auto\" (no reset after a state-free session) or \"always\", e.g. reset = \"always\""),
     ("route.upstream_tls.spiffe_id", "a SPIFFE ID in quotes, e.g. spiffe_id = \"spiffe://example.org/logs\""),
     ("route.inject.query", "a query parameter name in quotes, e.g. query = \"api_key\""),
     ("route.inject.basic_user", "a user name in quotes, e.g. basic_user = \"svc-billing\""),

@@ -183,14 +183,29 @@ impl Route {
     }
 }
 
-/// `route.pool`: `true`, `false`, or `{ max_idle, idle_timeout, max_lifetime }`
-/// (a table means enabled; unset keys take the defaults).
+config_enum! {
+    /// When a pooled PostgreSQL connection is reset between clients
+    /// (`route.pool.reset`).
+    #[derive(Default)]
+    PoolReset {
+        /// Only after a session that may have left state (anything but
+        /// plain `SELECT`s and transaction control; the default).
+        #[default]
+        Auto => "auto",
+        /// After every session.
+        Always => "always",
+    }
+}
+
+/// `route.pool`: `true`, `false`, or `{ max_idle, idle_timeout, max_lifetime,
+/// reset }` (a table means enabled; unset keys take the defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolConfig {
     pub enabled: bool,
     pub max_idle: Option<usize>,
     pub idle_timeout: Option<Duration>,
     pub max_lifetime: Option<Duration>,
+    pub reset: PoolReset,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +217,8 @@ struct PoolTable {
     idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     max_lifetime: Option<Duration>,
+    #[serde(default)]
+    reset: PoolReset,
 }
 
 impl<'de> Deserialize<'de> for PoolConfig {
@@ -230,6 +247,7 @@ impl<'de> Deserialize<'de> for PoolConfig {
                     max_idle: t.max_idle,
                     idle_timeout: t.idle_timeout,
                     max_lifetime: t.max_lifetime,
+                    reset: t.reset,
                 })
             }
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{PoolConfig, TlsRouteMode};
+use super::{PoolConfig, PoolReset, TlsRouteMode};
 use crate::config::test_util::{
     edit, edit_text, error_keys, ok, only_error, report, warning_keys, BASE, HTTP_ROUTE,
 };
@@ -148,8 +148,16 @@ fn postgres_route_pool_is_a_bool_or_a_table() {
             max_idle: Some(4),
             idle_timeout: Some(Duration::from_secs(30)),
             max_lifetime: Some(Duration::from_secs(600)),
+            reset: PoolReset::Auto,
         }
     );
+    let p = ok(&with("{ reset = \"always\" }")).routes[0]
+        .pool
+        .clone()
+        .unwrap();
+    assert_eq!(p.reset, PoolReset::Always);
+    let r = report(&with("{ reset = \"never\" }"));
+    assert!(r.to_string().contains("auto"), "{r}");
     only_error(
         &with("{ idle_timeout = \"0s\" }"),
         "route[0].pool.idle_timeout",
