@@ -38,8 +38,10 @@ use warden_core::error::{Error, Result};
 use warden_core::metrics::{AttestVia, Metrics};
 use warden_core::peer::{actor, Attested};
 
-/// How long a client may take to answer warden's greeting.
-const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to answer warden's greeting (as PostgreSQL
+/// routes wait for a startup packet): an admitted client's upstream
+/// connection is already open meanwhile.
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything one mysql route needs at run time.
 pub struct MysqlRoute {
