@@ -239,26 +239,32 @@ where
                     }
                     Ok(n) => n,
                 };
-                let mut i = 0;
+                // One write per read, split only where warden's own answer
+                // goes in between two packets.
+                while let Ok(m) = local.try_recv() {
+                    pending.push(m);
+                }
+                let (mut i, mut from) = (0, 0);
                 while i < n {
                     let (k, _) = framer.advance(&buf[i..n]);
-                    if client.write_all(&buf[i..i + k]).await.is_err() {
-                        return "client closed";
-                    }
-                    down.fetch_add(k as u64, Relaxed);
                     i += k;
-                    if framer.at_boundary() && !framer.continued {
-                        while let Ok(m) = local.try_recv() {
-                            pending.push(m);
-                        }
-                        if write_pending(&mut client, &mut pending).await.is_err() {
+                    if !pending.is_empty() && framer.at_boundary() && !framer.continued {
+                        if client.write_all(&buf[from..i]).await.is_err()
+                            || write_pending(&mut client, &mut pending).await.is_err()
+                        {
                             return "client closed";
                         }
+                        from = i;
                     }
                 }
+                if from < n && client.write_all(&buf[from..n]).await.is_err() {
+                    return "client closed";
+                }
+                down.fetch_add(n as u64, Relaxed);
             }
         }
-        if framer.at_boundary()
+        if !pending.is_empty()
+            && framer.at_boundary()
             && !framer.continued
             && write_pending(&mut client, &mut pending).await.is_err()
         {
