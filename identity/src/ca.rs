@@ -156,7 +156,9 @@ impl CertificateAuthority {
         params.serial_number = Some(serial);
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + ttl;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // Path length 1: the root may sign one level of intermediates (the
+        // per-node CAs of a fleet), which sign only leaves.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -294,6 +296,80 @@ impl CertificateAuthority {
         X509Certificate::from_der(&self.cert_der)
             .map(|(_, c)| c.subject() == c.issuer())
             .unwrap_or(false)
+    }
+
+    /// Whether this CA may sign intermediate CAs: its BasicConstraints allow
+    /// a path below it (no pathLenConstraint, or one above 0). Roots made by
+    /// wardens before fleet intermediates carry pathLen 0.
+    pub fn can_sign_intermediates(&self) -> bool {
+        use x509_parser::prelude::*;
+        X509Certificate::from_der(&self.cert_der)
+            .ok()
+            .and_then(|(_, c)| {
+                c.basic_constraints()
+                    .ok()
+                    .flatten()
+                    .map(|b| b.value.clone())
+            })
+            .is_some_and(|bc| bc.ca && bc.path_len_constraint.is_none_or(|n| n > 0))
+    }
+
+    /// Signs an intermediate CA with a fresh ECDSA P-256 key for one node of
+    /// a fleet (`label` goes into its common name): CA:TRUE with path length
+    /// 0 (it signs leaves only), keyCertSign + cRLSign, the trust domain's ID
+    /// as its URI SAN, valid from `now` − skew for `ttl` but never past this
+    /// CA. Its chain holds this CA and what is above it, so the leaves it
+    /// signs carry every certificate up to (excluding) the root.
+    pub fn issue_intermediate(
+        &self,
+        label: &str,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<(CertificateAuthority, CaMaterial), IdentityError> {
+        if now >= self.not_after {
+            return Err(IdentityError::CaExpired {
+                ca_not_after: fmt_time(self.not_after),
+                now: fmt_time(now),
+            });
+        }
+        if !self.can_sign_intermediates() {
+            return Err(IdentityError::InvalidCa(format!(
+                "CA {} has pathLenConstraint 0 and cannot sign intermediate CAs",
+                self.serial_hex
+            )));
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let (serial, serial_hex) = random_serial()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "warden");
+        dn.push(
+            DnType::CommonName,
+            format!("warden node CA {label} {}", &serial_hex[..8]),
+        );
+        params.distinguished_name = dn;
+        params.serial_number = Some(serial);
+        params.not_before = (now - CLOCK_SKEW).max(self.not_before);
+        params.not_after = (now + ttl).min(self.not_after);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let uri = self.trust_domain.id_string().try_into().map_err(gen_err)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        let mut chain_der = vec![self.cert_der.clone()];
+        chain_der.extend(self.chain_der.iter().cloned());
+        let material = CaMaterial {
+            cert_der: cert.der().to_vec(),
+            key_pkcs8: Zeroizing::new(key.serialize_der()),
+            chain_der,
+        };
+        let ca = Self::from_material(&self.trust_domain, &material)?;
+        Ok((ca, material))
     }
 
     /// Signs a leaf (CA:FALSE, digitalSignature, AKI) with a fresh key of

@@ -95,6 +95,16 @@ pub enum Request {
     },
     /// The frozen workloads.
     Frozen,
+    /// A single-use join token for a new fleet node (admin only, audited).
+    NodeToken {
+        ttl_secs: u64,
+    },
+    /// The fleet's nodes.
+    NodeList,
+    /// Remove a node from the fleet (admin only, audited).
+    NodeRemove {
+        id: String,
+    },
 }
 
 impl Request {
@@ -138,6 +148,9 @@ impl Request {
             Request::Freeze { .. } => "freeze",
             Request::Unfreeze { .. } => "unfreeze",
             Request::Frozen => "frozen",
+            Request::NodeToken { .. } => "node_token",
+            Request::NodeList => "node_list",
+            Request::NodeRemove { .. } => "node_remove",
         }
     }
 }
@@ -151,6 +164,13 @@ pub enum Response {
     Revealed {
         version: u32,
         value_b64: Zeroizing<String>,
+    },
+    /// A new join token (its text in a zeroized buffer, like a revealed value).
+    JoinToken {
+        id: String,
+        expires_at: String,
+        carries_key: bool,
+        token: Zeroizing<String>,
     },
     Error {
         kind: ErrorKind,
@@ -177,7 +197,7 @@ impl Response {
             Response::Ok { result } => serde_json::from_value(result)
                 .map_err(|e| Error::internal(format!("unexpected response from daemon: {e}"))),
             Response::Error { kind, message } => Err(Error::new(kind, message)),
-            Response::Revealed { .. } => {
+            Response::Revealed { .. } | Response::JoinToken { .. } => {
                 Err(Error::internal("unexpected value in daemon response"))
             }
         }
@@ -567,6 +587,22 @@ pub fn dispatch(
             Response::from_result(svid_show(s, identity, caller, &workload, pem))
         }
         Request::SvidBundle => Response::from_result(s.bundle_pem()),
+        Request::NodeToken { ttl_secs } => {
+            match s.node_token(caller, std::time::Duration::from_secs(ttl_secs)) {
+                Ok(t) => Response::JoinToken {
+                    id: t.id,
+                    expires_at: t.expires_at,
+                    carries_key: t.carries_key,
+                    token: t.text,
+                },
+                Err(e) => Response::Error {
+                    kind: e.kind,
+                    message: e.message,
+                },
+            }
+        }
+        Request::NodeList => Response::from_result(s.node_list(caller)),
+        Request::NodeRemove { id } => Response::from_result(s.node_remove(caller, &id)),
         // Streamed by the daemon's connection handler; offline there is no
         // monitor to ask.
         // The daemon handles these with its Freezer; the offline CLI calls

@@ -75,13 +75,25 @@ enum Command {
     /// Read and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell), e.g. `warden completions bash > /etc/bash_completion.d/warden`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), e.g. `warden man | man -l -`.
+    Man,
+    /// Check this machine for `warden up`: kernel (cgroup v2, BTF, loading
+    /// the eBPF programs), capabilities, data dir permissions, clock, store,
+    /// daemon, and each route's upstream (TCP and TLS as the route verifies
+    /// it). Prints a table with the fix for each failure; exit code 1 when a
+    /// check fails.
+    Doctor,
     /// Live view of access seen by the eBPF monitor: who connected to which
     /// route or protected upstream, and the kernel's verdict.
     Events {
         /// Keep printing new events as they happen (Ctrl-C to stop).
         #[arg(long, short = 'f')]
         follow: bool,
-        /// How many recent events to print first.
+        /// How many recent events to print first (the daemon keeps the last
+        /// 1,024 in memory).
         #[arg(long, short = 'n', default_value_t = 50)]
         lines: usize,
     },
@@ -113,6 +125,10 @@ enum Command {
     /// The secret store's database (`[store]` in the config).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Fleet nodes on a shared PostgreSQL store: join tokens, joining, the
+    /// node list, removal (docs/fleet.md).
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Find hard-coded secrets in files and git history (docs/scan.md).
     /// Exit 0 clean, 1 findings, 2 usage error.
     Scan(crate::scan::ScanArgs),
@@ -123,6 +139,42 @@ enum StoreCommand {
     /// Apply the PostgreSQL store's schema migrations and print its schema
     /// version. Idempotent, and safe while other nodes start or migrate.
     Migrate,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Print a single-use, short-lived join token for a new node (admin only,
+    /// audited). Hand it to the new host over a channel you trust and feed it
+    /// to `warden node join` on stdin.
+    Token {
+        /// How long the token may be used, 30s to 24h.
+        #[arg(long, default_value = "10m", value_name = "DURATION")]
+        ttl: String,
+    },
+    /// Join this host to the fleet with a token from `warden node token`.
+    /// The token is read from stdin (recommended), --token-file, or the
+    /// argument — which other users can read in `ps` and which stays in shell
+    /// history: avoid it.
+    Join {
+        /// The token (visible in `ps` and shell history: prefer stdin or --token-file).
+        token: Option<String>,
+        /// Read the token from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// For a fleet whose master key is a systemd credential: write the
+        /// key's 32 raw bytes to stdout, for `systemd-creds encrypt`
+        /// (refused when stdout is a terminal).
+        #[arg(long)]
+        credential_to_stdout: bool,
+    },
+    /// The fleet's nodes: id, host, joined, last seen, intermediate CA expiry.
+    List,
+    /// Remove a node: it stops serving and cannot start again, and its
+    /// intermediate CA is revoked and not renewed (admin only, audited).
+    Remove {
+        /// The node id, as `warden node list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -278,6 +330,17 @@ struct Context {
     json: bool,
 }
 
+/// Writes `bytes` to stdout; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::internal(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn load_context(cli: &Cli) -> Result<Context> {
     let cfg = match &cli.config {
         Some(p) => config::load(p).map_err(|report| Error::usage(report.to_string()))?,
@@ -304,6 +367,24 @@ pub fn run(cli: Cli) -> Result<()> {
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
         return config_check(file.as_deref().or(cli.config.as_deref()), cli.json);
     }
+    // Need no configuration or data dir either.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "warden", &mut text);
+            return write_stdout(&text);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut text)
+                .map_err(|e| Error::internal(format!("cannot render the manual page: {e}")))?;
+            return write_stdout(&text);
+        }
+        _ => {}
+    }
     if let Command::Scan(args) = cli.command {
         // Needs no configuration or data dir.
         if crate::scan::run(args, cli.json)? {
@@ -314,7 +395,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let ctx = load_context(&cli)?;
     match cli.command {
-        Command::Scan(_) => Ok(()),
+        Command::Scan(_) | Command::Completions { .. } | Command::Man => Ok(()),
         Command::Init(args) => run_init(&ctx, &args),
         Command::Up => daemon::run(&ctx.cfg, &ctx.data_dir),
         Command::Status => run_status(&ctx),
@@ -325,6 +406,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Svid(cmd) => run_svid(&ctx, cmd),
         Command::Audit(cmd) => run_audit(&ctx, cmd),
         Command::Events { follow, lines } => run_events(&ctx, follow, lines),
+        Command::Doctor => {
+            if crate::doctor::run(&ctx.cfg, &ctx.data_dir, ctx.json)? {
+                let _ = std::io::stdout().flush();
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Freeze {
             workload,
             reason,
@@ -353,6 +441,170 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(_) => Ok(()),
         Command::Lease(cmd) => run_lease(&ctx, cmd),
         Command::Store(StoreCommand::Migrate) => run_store_migrate(&ctx),
+        Command::Node(cmd) => run_node(&ctx, cmd),
+    }
+}
+
+// ---- fleet nodes ------------------------------------------------------------
+
+fn run_node(ctx: &Context, cmd: NodeCommand) -> Result<()> {
+    match cmd {
+        NodeCommand::Token { ttl } => {
+            let ttl = config::parse_duration(&ttl)
+                .map_err(|e| Error::usage(format!("--ttl {ttl:?}: {e}")))?;
+            let mut target = Target::connect(ctx)?;
+            match target.call(Request::NodeToken {
+                ttl_secs: ttl.as_secs(),
+            })? {
+                Response::JoinToken {
+                    id,
+                    expires_at,
+                    carries_key,
+                    token,
+                } => {
+                    if ctx.json {
+                        return print_json(&serde_json::json!({
+                            "id": id,
+                            "expires_at": expires_at,
+                            "carries_key": carries_key,
+                            "token": &*token,
+                        }));
+                    }
+                    eprintln!(
+                        "join token {id}: single use, valid until {expires_at}{}. On the new host: `warden node join < token-file` (stdin keeps it out of ps and shell history).",
+                        if carries_key {
+                            "; it unwraps a copy of the master key"
+                        } else {
+                            "; the new node is unsealed with the unseal shares"
+                        }
+                    );
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(token.as_bytes())
+                        .and_then(|_| out.write_all(b"\n"))
+                        .and_then(|_| out.flush())
+                        .map_err(|e| Error::internal(format!("cannot write the token: {e}")))?;
+                    Ok(())
+                }
+                other => other.into_result::<serde_json::Value>().map(|_| ()),
+            }
+        }
+        NodeCommand::Join {
+            token,
+            token_file,
+            credential_to_stdout,
+        } => {
+            if credential_to_stdout && std::io::stdout().is_terminal() {
+                return Err(Error::usage(
+                    "--credential-to-stdout writes the master key's raw bytes: pipe it into `systemd-creds encrypt`, never to a terminal",
+                ));
+            }
+            let text: Zeroizing<String> = match (token, token_file) {
+                (Some(t), _) => Zeroizing::new(t),
+                (None, Some(p)) => read_lines(Some(&p))?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        Error::usage(format!(
+                            "{} holds no join token; fix: write the line `warden node token` printed into it",
+                            p.display()
+                        ))
+                    })?,
+                (None, None) => {
+                    if std::io::stdin().is_terminal() {
+                        eprintln!("Paste the join token (input hidden), then Enter and Ctrl-D.");
+                    }
+                    read_lines(None)?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| {
+                            Error::usage(
+                                "no join token on stdin; fix: `warden node join < token-file` with the line `warden node token` printed on a fleet node",
+                            )
+                        })?
+                }
+            };
+            let out = init::join(&ctx.data_dir, &ctx.cfg.store, &text, credential_to_stdout)?;
+            if let Some(raw) = &out.credential_key {
+                let mut o = std::io::stdout().lock();
+                o.write_all(raw)
+                    .and_then(|_| o.flush())
+                    .map_err(|e| Error::internal(format!("cannot write the key: {e}")))?;
+            } else if ctx.json {
+                print_json(&serde_json::json!({
+                    "node": out.node_id,
+                    "name": out.node_name,
+                    "token": out.token_id,
+                    "kek_source": out.source.to_string(),
+                    "key_file": out.key_file,
+                }))?;
+            }
+            eprintln!(
+                "joined the fleet as node {} ({}) with join token {}{}; start it with `warden up`{}",
+                out.node_id,
+                out.node_name,
+                out.token_id,
+                match &out.key_file {
+                    Some(f) => format!("; master key written to {}", f.display()),
+                    None => String::new(),
+                },
+                if out.source == KekSource::Shamir {
+                    ", then `warden unseal` with the fleet's shares"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
+        NodeCommand::List => {
+            let mut target = Target::connect(ctx)?;
+            let list: Vec<warden_core::fleet::NodeRecord> =
+                target.call(Request::NodeList)?.into_result()?;
+            if ctx.json {
+                return print_json(&list);
+            }
+            println!(
+                "{:<12}  {:<7}  {:<20}  {:<27}  {:<27}  {:<27}  NAME",
+                "ID", "STATE", "HOST", "JOINED", "LAST SEEN", "INTERMEDIATE EXPIRES"
+            );
+            for n in list {
+                println!(
+                    "{:<12}  {:<7}  {:<20}  {:<27}  {:<27}  {:<27}  {}",
+                    n.id,
+                    match n.state {
+                        warden_core::fleet::NodeState::Active => "active",
+                        warden_core::fleet::NodeState::Removed => "removed",
+                    },
+                    n.hostname,
+                    n.joined_at,
+                    n.last_seen,
+                    n.intermediate
+                        .as_ref()
+                        .map(|i| i.not_after.as_str())
+                        .unwrap_or("-"),
+                    n.name
+                );
+            }
+            Ok(())
+        }
+        NodeCommand::Remove { id } => {
+            let mut target = Target::connect(ctx)?;
+            let r: warden_core::fleet::NodeRecord =
+                target.call(Request::NodeRemove { id })?.into_result()?;
+            if ctx.json {
+                return print_json(&r);
+            }
+            println!(
+                "removed node {} ({}): it stops serving within a second if it runs, cannot start again, and its intermediate CA{} is not renewed. Its copy of the master key is not erased: rotate the master key (docs/fleet.md) if the host is not trusted any more.",
+                r.id,
+                r.name,
+                if r.revoked_intermediates.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.revoked_intermediates.join(", "))
+                }
+            );
+            Ok(())
+        }
     }
 }
 
@@ -654,6 +906,16 @@ fn run_status(ctx: &Context) -> Result<()> {
     }
     println!("secrets:       {}", status.secrets);
     println!("environment:   {}", status.default_env);
+    if let Some(n) = &status.fleet_node {
+        println!("fleet node:    {} ({})", n.id, n.name);
+        println!(
+            "intermediate:  {}",
+            n.intermediate
+                .as_ref()
+                .map(|i| format!("serial {}, valid until {}", i.serial, i.not_after))
+                .unwrap_or_else(|| "none (signing with the root)".into())
+        );
+    }
     Ok(())
 }
 
@@ -1018,6 +1280,12 @@ fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
             socket.display()
         )));
     };
+    let kept = crate::access_monitor::RECENT_EVENTS;
+    if lines > kept {
+        eprintln!(
+            "warden: the daemon keeps only the last {kept} access events in memory; showing at most {kept} (use --follow to watch new ones as they come)"
+        );
+    }
     let req = Request::Events {
         follow,
         limit: Some(lines),
@@ -1252,10 +1520,16 @@ fn run_lease(ctx: &Context, cmd: LeaseCommand) -> Result<()> {
             if ctx.json {
                 return print_json(&l);
             }
-            println!(
-                "revoked lease {} (route {}, workload {}, role {} dropped, {} session(s) ended)",
-                l.id, l.route, l.workload, l.role, l.sessions
-            );
+            match &l.node {
+                Some(node) => println!(
+                    "revoked lease {} on node {node}, which held it (route {}, workload {}, role {} dropped, its sessions ended)",
+                    l.id, l.route, l.workload, l.role
+                ),
+                None => println!(
+                    "revoked lease {} (route {}, workload {}, role {} dropped, {} session(s) ended)",
+                    l.id, l.route, l.workload, l.role, l.sessions
+                ),
+            }
             Ok(())
         }
         LeaseCommand::List => {

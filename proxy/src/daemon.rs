@@ -81,6 +81,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
     paths::check_private_dir(data_dir)?;
     let _lock = paths::lock_data_dir(data_dir)?;
     let mut service = SecretService::open(data_dir, StorePolicy::from_config(cfg), true)?;
+    // On a fleet store: this node's record (a removed node does not start).
+    if let Some(node) = service.fleet_register()? {
+        tracing::info!(node = %node.id, name = %node.name, "fleet node");
+    }
     let metrics = Metrics::new().map_err(|e| Error::internal(format!("metrics registry: {e}")))?;
     service.set_metrics(metrics.clone());
 
@@ -250,10 +254,21 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let freeze_task = tokio::spawn(freezer.clone().run());
         // On a fleet store, changes committed on other nodes apply here as
         // they commit (see `warden_core::propagation`).
+        let lease_requests = Arc::new(tokio::sync::Notify::new());
         let _fleet_listener = match cfg.store.backend {
             warden_core::config::StoreBackend::Postgres => Some(warden_core::propagation::ChangeListener::start(
                 warden_core::store::postgres::PostgresSettings::from_config(&cfg.store)?,
-                warden_core::propagation::FleetCaches { credentials: credentials.clone(), freezer: freezer.clone(), identity: identity.clone() },
+                warden_core::propagation::FleetCaches {
+                    credentials: credentials.clone(),
+                    freezer: freezer.clone(),
+                    identity: identity.clone(),
+                    own_node_key: Some(format!(
+                        "{}{}",
+                        warden_core::fleet::NODE_PREFIX,
+                        warden_core::fleet::node_id(&warden_core::store::postgres::node_name(data_dir))
+                    )),
+                    lease_requests: lease_requests.clone(),
+                },
             )?),
             warden_core::config::StoreBackend::Sqlite => None,
         };
@@ -312,6 +327,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             pg_shared.clone(),
             service.clone(),
             !sealed,
+            (cfg.store.backend == warden_core::config::StoreBackend::Postgres).then_some(lease_requests),
         ));
         let mut route_tasks = Vec::new();
         let mut shard_tasks = Vec::new();
@@ -364,7 +380,12 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         tracing::info!(socket = %workload_socket.display(), "SPIFFE Workload API listening (SPIFFE_ENDPOINT_SOCKET=unix:{})", workload_socket.display());
         let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics.clone())));
 
-        let signal = signals.wait().await;
+        // A node removed from the fleet stops as if told to (see
+        // `warden_core::fleet`); it exits with the removal's error.
+        let signal = tokio::select! {
+            s = signals.wait() => s,
+            _ = identity.removed() => "removal from the fleet",
+        };
         tracing::info!("{signal} received: shutting down");
         notify_systemd("STOPPING=1");
         admin_task.abort();
@@ -402,7 +423,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             Err(_) => Err(Error::internal("service state poisoned")),
         })
         .await
-        .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))?
+        .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))??;
+        if identity.is_removed() {
+            return Err(Error::denied(
+                "this node was removed from the fleet (`warden node remove`): it stopped serving; fix: to bring it back run `warden node token` on a fleet node, then `warden node join` here",
+            ));
+        }
+        Ok(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     result
@@ -444,11 +471,21 @@ async fn maintain_credentials(
     shared: Arc<pg::PgShared>,
     service: Arc<Mutex<SecretService>>,
     mut started: bool,
+    lease_requests: Option<Arc<tokio::sync::Notify>>,
 ) {
     let mut ticks: u64 = 0;
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        ticks += 1;
+        // On a fleet store another node's `lease revoke` wakes this loop.
+        let woken = match &lease_requests {
+            Some(n) => tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+                _ = n.notified() => true,
+            },
+            None => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                false
+            }
+        };
         let sealed = service.lock().map(|s| s.is_sealed()).unwrap_or(true);
         if sealed {
             continue;
@@ -457,6 +494,13 @@ async fn maintain_credentials(
             credentials_start(&leases, &rotator).await;
             started = true;
         }
+        if lease_requests.is_some() && !leases.is_empty() && (woken || ticks.is_multiple_of(10)) {
+            leases.revoke_requested(&shared.scram_cache).await;
+        }
+        if woken {
+            continue;
+        }
+        ticks += 1;
         leases.maintain(&shared.scram_cache).await;
         if ticks.is_multiple_of(30) {
             // Orphan rows whose revocation failed earlier are retried.

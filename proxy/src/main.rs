@@ -10,6 +10,7 @@ mod access_monitor;
 mod admin;
 mod cli;
 mod daemon;
+mod doctor;
 mod observe;
 mod privileges;
 mod scan;

@@ -583,6 +583,25 @@ fn smuggling(s: &Setup) {
         assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
         assert!(resp.contains(needle), "{needle}: {resp}");
     }
+    // A broken chunked body is the client's fault: 400, whichever part of
+    // the chunk framing is wrong.
+    for (body, needle) in [
+        (
+            &b"FFFFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n"[..],
+            "chunk size",
+        ),
+        (b"3\nabc\r\n0\r\n\r\n", "CRLF"),
+        (b"3\r\nabcX\r\n0\r\n\r\n", "CRLF"),
+        (b"zz\r\nabc\r\n0\r\n\r\n", "chunk size"),
+    ] {
+        let mut req =
+            b"POST /chunky HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(body);
+        let resp = raw(port, &req);
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+        assert!(resp.contains(needle), "{needle}: {resp}");
+        assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "one answer: {resp}");
+    }
     // A request that could switch protocols but does not: the connection is
     // closed after its response, so nothing after it escapes the gate.
     let resp = raw(

@@ -136,6 +136,15 @@ fn enforce_denies_direct_database_access_but_not_warden() {
     assert_eq!(text.code, 0);
     assert!(text.stdout.contains("bypass_denied"), "{}", text.stdout);
     assert!(text.stdout.contains("upstream of route app-db"));
+    // More than the daemon keeps: said, not silently cut.
+    let many = warden.run(&["events", "-n", "100000"]);
+    assert_eq!(many.code, 0);
+    assert!(
+        many.stderr
+            .contains("keeps only the last 1024 access events in memory"),
+        "{}",
+        many.stderr
+    );
 
     let (_, metrics) = warden.http_get("/metrics");
     assert!(

@@ -30,6 +30,7 @@ struct Setup {
     wrong: u16,
     down: u16,
     needs_tls: u16,
+    tls_only: u16,
 }
 
 fn setup() -> Setup {
@@ -46,7 +47,8 @@ fn setup() -> Setup {
          CREATE USER 'ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');
          GRANT SELECT ON orders.* TO 'ed'@'%';"
     ));
-    let [orders, ed, other, wrong, down, needs_tls] = [
+    let [orders, ed, other, wrong, down, needs_tls, tls_only] = [
+        free_port(),
         free_port(),
         free_port(),
         free_port(),
@@ -132,6 +134,16 @@ upstream_tls = {{ mode = "require" }}
 credential = {{ user = "app", secret = "orders/app" }}
 allow = ["me"]
 
+[[route]]
+name = "orders-tls-only"
+kind = "mysql"
+listen = "127.0.0.1:{tls_only}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+client_tls = "require"
+allow = ["me"]
+
 [monitor]
 ebpf = "off"
 "#,
@@ -148,6 +160,7 @@ ebpf = "off"
     let daemon = warden.start_daemon();
     Setup {
         needs_tls,
+        tls_only,
         server,
         warden,
         daemon,
@@ -309,6 +322,14 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     let ssl_ca = format!("--ssl-ca={}", bundle.display());
     let (code, out) = cli_with(s.orders, "x", &["--ssl", &ssl_ca], "status;");
     assert!(code == 0 && out.contains("Cipher in use is TLS"), "{out}");
+    // client_tls = "require": plain TCP is refused with MySQL's own 3159.
+    let (code, out) = cli(s.tls_only, "x", "SELECT 1;");
+    assert!(
+        code == 1 && out.contains("ERROR 3159 (HY000)") && out.contains("requires TLS"),
+        "{out}"
+    );
+    let (code, out) = cli_with(s.tls_only, "x", &["--ssl", &ssl_ca], "SELECT 12;");
+    assert_eq!((code, out.as_str()), (0, "12\n"));
     // A route without client_tls refuses an SSLRequest clearly (below, raw).
 
     // COM_CHANGE_USER is refused (1045) and never reaches the server; the

@@ -183,6 +183,10 @@ fn the_debian_package_installs_a_hardened_unit_keeps_edited_config_and_removes_c
         "./usr/lib/tmpfiles.d/warden.conf",
         "./etc/warden/warden.toml",
         "./usr/share/doc/warden/README.Debian",
+        "./usr/share/bash-completion/completions/warden",
+        "./usr/share/zsh/vendor-completions/_warden",
+        "./usr/share/fish/vendor_completions.d/warden.fish",
+        "./usr/share/man/man1/warden.1.gz",
     ] {
         assert!(contents.contains(path), "{path} in:\n{contents}");
     }

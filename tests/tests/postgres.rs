@@ -450,6 +450,58 @@ fn client_tls_with_a_certificate_from_wardens_ca_satisfies_verify_full() {
     );
 }
 
+#[test]
+fn client_tls_require_refuses_plain_text_and_serves_tls() {
+    let s = setup(
+        ClusterOptions::new(Auth::Scram),
+        "\"me\"",
+        PASSWORD,
+        "client_tls = \"require\"",
+    );
+    let psql = |mode: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname=app user=x sslmode={mode}",
+                s.port
+            ))
+            .args(["-tA", "-c", "select current_user"])
+            .env("PGPASSFILE", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let plain = psql("disable");
+    assert!(!plain.status.success());
+    assert!(
+        text(&plain).contains("requires TLS (client_tls = \"require\")"),
+        "{}",
+        text(&plain)
+    );
+    // sslmode=prefer asks for TLS first: served.
+    for mode in ["prefer", "require"] {
+        let out = psql(mode);
+        assert!(out.status.success(), "{mode}: {}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app");
+    }
+    let (_, metrics) = s.warden.http_get("/metrics");
+    assert!(
+        metrics.contains("result=\"tls_required\",route=\"app-db\""),
+        "{metrics}"
+    );
+    // A bad value names the choices.
+    let bad = Instance::new_with(
+        "[[route]]\nname = \"r\"\nkind = \"postgres\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\nclient_tls = \"always\"\n",
+    );
+    let out = bad.run(&["config", "check"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("use true, false or \"require\"")
+            || out.stdout.contains("use true, false or \"require\""),
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
+}
+
 /// `audit.sync = "interval"`: every session is still recorded before it
 /// starts, a SIGKILL inside the fsync window leaves a log that verifies
 /// (the newest records written, not yet anchored, explained by the flagged

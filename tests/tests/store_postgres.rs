@@ -88,16 +88,17 @@ fn two_nodes_share_one_store_which_never_sees_plaintext() {
     out.code(2)
         .stderr_has("already initialised")
         .stderr_has(&format!("127.0.0.1:{}/fleet", store.pg.port))
-        .stderr_has("master.key");
+        .stderr_has("warden node join");
     assert_clean(&out);
-    // Node 2 joins the way the message says: its own data dir, the same key.
-    if !node2.data_dir.exists() {
-        std::fs::create_dir(&node2.data_dir).unwrap();
-    }
-    std::fs::set_permissions(&node2.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let key = node2.data_dir.join("master.key");
-    std::fs::copy(node1.data_dir.join("master.key"), &key).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Node 2 joins the way the message says: a single-use token made on node
+    // 1 (offline here: no daemon runs), fed to `node join` on stdin.
+    let token = node1.run(&["node", "token", "--ttl", "5m"]);
+    token.ok();
+    node2
+        .run_stdin(&["node", "join"], token.stdout.as_bytes())
+        .ok()
+        .stderr_has("joined the fleet");
+    assert!(node2.data_dir.join("master.key").exists());
 
     let values: [&[u8]; 4] = [
         b"node1-put-CANARY-3b8e0f",

@@ -273,6 +273,53 @@ fn imported_intermediate_chains_to_the_upstream_root() {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // With pathLen 0 it cannot certify a fleet node's intermediate.
+    assert!(!ca.can_sign_intermediates());
+    assert!(ca
+        .issue_intermediate("n1", Duration::from_secs(3600), now())
+        .is_err());
+
+    // An imported intermediate that allows one more level (pathLen 1) is a
+    // fleet root: leaves carry node intermediate + imported intermediate, and
+    // the organisation's root alone verifies them.
+    let int1_key = KeyPair::generate().unwrap();
+    let mut ip1 = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ip1.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+    ip1.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ip1.distinguished_name
+        .push(DnType::CommonName, "Org SPIFFE Fleet Intermediate");
+    ip1.not_before = now() - Duration::from_secs(60);
+    ip1.not_after = now() + Duration::from_secs(86400 * 10);
+    let int1_cert = ip1.signed_by(&int1_key, &root_issuer).unwrap();
+    let (fleet_root, _) = CertificateAuthority::import_pem(
+        &td(),
+        &int1_cert.pem(),
+        &int1_key.serialize_pem(),
+        &root_cert.pem(),
+    )
+    .unwrap();
+    assert!(fleet_root.can_sign_intermediates());
+    let (node, _) = fleet_root
+        .issue_intermediate("n1", Duration::from_secs(3600), now())
+        .unwrap();
+    let svid = node
+        .issue_svid(&id, Duration::from_secs(600), KeyType::EcP256, now())
+        .unwrap();
+    assert_eq!(svid.cert_chain_der.len(), 3, "leaf + node + imported");
+    assert_eq!(svid.cert_chain_der[1], node.cert_der());
+    assert_eq!(svid.cert_chain_der[2], int1_cert.der().to_vec());
+    let out = openssl_verify(
+        dir.path(),
+        &root_cert.pem(),
+        Some(&certs_to_pem(&svid.cert_chain_der[1..])),
+        &certs_to_pem(&svid.cert_chain_der[..1]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // A leaf certificate (not a CA) is refused.
     let leaf_pem = certs_to_pem(&svid.cert_chain_der[..1]);
     let e = CertificateAuthority::import_pem(&td(), &leaf_pem, &int_key.serialize_pem(), "")
@@ -308,4 +355,61 @@ fn uri_name_constraints_are_refused() {
     p.custom_extensions.clear();
     let cert = p.self_signed(&key).unwrap();
     CertificateAuthority::import_pem(&td(), &cert.pem(), &key.serialize_pem(), "").unwrap();
+}
+
+/// A fleet: one root, an intermediate per node; leaves of either node verify
+/// against the root alone with their own chain, and openssl checks the path
+/// length (the intermediate cannot sign another CA).
+#[test]
+fn node_intermediates_chain_to_the_shared_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root();
+    assert!(root.can_sign_intermediates());
+    let (_, c) = X509Certificate::from_der(root.cert_der()).unwrap();
+    assert_eq!(
+        c.basic_constraints()
+            .unwrap()
+            .unwrap()
+            .value
+            .path_len_constraint,
+        Some(1)
+    );
+    let ttl = Duration::from_secs(3600);
+    let (a, a_material) = root.issue_intermediate("a1b2", ttl, now()).unwrap();
+    let (b, _) = root.issue_intermediate("c3d4", ttl, now()).unwrap();
+    assert!(a.is_imported() && !a.can_sign_intermediates());
+    assert_eq!(a_material.chain_der, vec![root.cert_der().to_vec()]);
+    assert!(a.not_after() <= root.not_after());
+    let (_, ic) = X509Certificate::from_der(a.cert_der()).unwrap();
+    let bc = ic.basic_constraints().unwrap().unwrap();
+    assert!(bc.critical && bc.value.ca && bc.value.path_len_constraint == Some(0));
+    assert!(ic.key_usage().unwrap().unwrap().value.key_cert_sign());
+    ic.verify_signature(Some(c.public_key())).unwrap();
+    assert_ne!(a.serial_hex(), b.serial_hex());
+    let id = SpiffeId::parse("spiffe://example.org/svc").unwrap();
+    let bundle = certs_to_pem(&root.trust_anchors_der());
+    for node in [&a, &b] {
+        let svid = node
+            .issue_svid(&id, Duration::from_secs(600), KeyType::EcP256, now())
+            .unwrap();
+        assert_eq!(svid.cert_chain_der.len(), 2, "leaf + node intermediate");
+        assert_eq!(svid.cert_chain_der[1], node.cert_der());
+        assert_spiffe_leaf(&svid.cert_chain_der[0], id.to_string().as_str(), node);
+        let out = openssl_verify(
+            dir.path(),
+            &bundle,
+            Some(&certs_to_pem(&svid.cert_chain_der[1..])),
+            &certs_to_pem(&svid.cert_chain_der[..1]),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The intermediate cannot make another CA; an expired issuer refuses.
+    assert!(a.issue_intermediate("x", ttl, now()).is_err());
+    assert!(root
+        .issue_intermediate("x", ttl, now() + Duration::from_secs(2 * 86400))
+        .is_err());
 }

@@ -111,6 +111,7 @@ pub fn init(
             let made = (|| -> Result<()> {
                 let audit = Auditor::new(AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?);
                 record_init(&audit, &seal)?;
+                crate::fleet::register(&mut backend, &postgres::node_name(data_dir), "init")?;
                 create_identity(Box::new(backend), &kek, &audit, identity, import)
             })();
             if made.is_err() {
@@ -145,7 +146,7 @@ fn already_initialised(backend: &PostgresBackend, seal_json: &str, data_dir: &Pa
         .map(|s| format!("master key id {}, source {}", s.kek_id, s.source))
         .unwrap_or_else(|_| "an unreadable seal configuration".into());
     Error::usage(format!(
-        "the {} is already initialised ({kek}); fix: to run this node on it, do not run `warden init`: create {} (mode 0700) and give it the same master key as the other nodes (copy master.key, mode 0600, for source file; the same systemd credential or unseal shares otherwise)",
+        "the {} is already initialised ({kek}); fix: to add this node, do not run `warden init`: run `warden node token --ttl 10m` on a node of the fleet, then `warden node join --data-dir {} < token-file` here (docs/fleet.md)",
         backend.describe(),
         data_dir.display()
     ))
@@ -284,5 +285,147 @@ pub fn rotate_kek(
         threshold: plan.threshold,
         shares,
         rewrapped: Some(rewrapped),
+    })
+}
+
+/// What `warden node join` did.
+pub struct JoinOutcome {
+    pub node_id: String,
+    pub node_name: String,
+    pub token_id: String,
+    pub source: KekSource,
+    /// The key file written (source `file`).
+    pub key_file: Option<std::path::PathBuf>,
+    /// The master key's raw bytes for the caller to pipe into
+    /// `systemd-creds encrypt` (source `systemd-credential`, only when asked).
+    pub credential_key: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// `warden node join`: makes `data_dir` a node of the fleet whose PostgreSQL
+/// store `[store]` names, with a single-use token from `warden node token`
+/// (see [`crate::fleet`]). The token is consumed once; whether accepted or
+/// refused, the attempt is an audit record in this node's log. With source
+/// `file` the master key is written to `master.key` (0600); with
+/// `systemd-credential` it is returned for stdout only when
+/// `credential_to_stdout` is set (refused before the token is used
+/// otherwise); with `shamir` nothing is handed over (unseal with the shares).
+pub fn join(
+    data_dir: &Path,
+    store_config: &crate::config::Store,
+    token_text: &str,
+    credential_to_stdout: bool,
+) -> Result<JoinOutcome> {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if store_config.backend != StoreBackend::Postgres {
+        return Err(Error::usage(
+            "`warden node join` joins a fleet on a shared store, but this configuration's [store] backend is \"sqlite\"; fix: set [store] backend = \"postgres\" with the fleet's url and password_file in this node's configuration (docs/fleet.md)",
+        ));
+    }
+    let token = crate::fleet::parse_token(token_text)?;
+    let key_path = masterkey::key_file_path(data_dir);
+    if !data_dir.exists() {
+        paths::create_private_dir(data_dir)?;
+    }
+    paths::check_private_dir(data_dir)?;
+    let _lock = paths::lock_data_dir(data_dir)?;
+    let name = postgres::node_name(data_dir);
+    let mut backend = PostgresBackend::open(PostgresSettings::from_config(store_config)?, &name)?;
+    let Some(seal_json) = SecretBackend::meta_get(&backend, SEAL_META_KEY)? else {
+        return Err(Error::usage(format!(
+            "the {} is not initialised, so there is no fleet to join; fix: run `warden init` on the first node",
+            backend.describe()
+        )));
+    };
+    let seal = SealConfig::from_json(&seal_json)?;
+    // A data dir with this store's key is already a node: only a removed
+    // one rejoins, or one whose key is stale (the fleet's key was rotated).
+    let rejoin = key_path.exists();
+    if rejoin {
+        let removed = crate::fleet::record_of(&backend, &name)?
+            .is_some_and(|r| r.state == crate::fleet::NodeState::Removed);
+        let current = matches!(
+            masterkey::load_kek(data_dir, &seal),
+            Ok(KekState::Unsealed(_))
+        );
+        if !removed && current {
+            return Err(Error::usage(format!(
+                "{} already holds this store's master key ({}): this data dir is already a node of the fleet; the token was not used; fix: join with a new, empty data dir (--data-dir)",
+                data_dir.display(),
+                key_path.display()
+            )));
+        }
+    }
+    if seal.source == KekSource::SystemdCredential && !credential_to_stdout {
+        return Err(Error::usage(format!(
+            "the fleet's master key comes from a systemd credential ({}); the token was not used; fix: pipe the key straight into systemd-creds: `warden node join --credential-to-stdout --token-file FILE | systemd-creds encrypt --name={} - /etc/credstore.encrypted/{}`",
+            seal.credential_name.as_deref().unwrap_or(masterkey::DEFAULT_CREDENTIAL_NAME),
+            seal.credential_name.as_deref().unwrap_or(masterkey::DEFAULT_CREDENTIAL_NAME),
+            seal.credential_name.as_deref().unwrap_or(masterkey::DEFAULT_CREDENTIAL_NAME),
+        )));
+    }
+    let audit = Auditor::new(AuditLog::open(&data_dir.join(paths::AUDIT_FILE))?);
+    let node_id = crate::fleet::node_id(&name);
+    let at = backend.describe().to_string();
+    let record = |decision: Decision, reason: String| {
+        audit.record(&Event {
+            actor: admin_actor(),
+            action: "node.join".into(),
+            target: Target {
+                detail: Some(format!(
+                    "node {node_id} ({name}) with join token {} on the {}",
+                    token.id, at
+                )),
+                ..Target::default()
+            },
+            decision,
+            reason,
+        })
+    };
+    let joined = match crate::fleet::consume_token(&mut backend, &token, &name, &seal) {
+        Ok(j) => j,
+        Err(e) => {
+            record(Decision::Deny, e.message.clone())?;
+            return Err(e);
+        }
+    };
+    let mut key_file = None;
+    let mut credential_key = None;
+    match (&joined.kek, seal.source) {
+        (Some(kek), KekSource::File) if rejoin => {
+            // A removed node's (or a stale) key file is replaced atomically.
+            masterkey::write_key_file(data_dir, kek, true)?;
+            masterkey::promote_staged_key_file(data_dir)?;
+            key_file = Some(key_path.clone());
+        }
+        (Some(kek), KekSource::File) => {
+            key_file = Some(masterkey::write_key_file(data_dir, kek, false)?);
+        }
+        (Some(kek), KekSource::SystemdCredential) => {
+            credential_key = Some(Zeroizing::new(kek.key().as_bytes().to_vec()));
+        }
+        _ => {}
+    }
+    let via = format!("join token {}", joined.token_id);
+    crate::fleet::register(&mut backend, &name, &via)?;
+    record(
+        Decision::Allow,
+        format!(
+            "joined the fleet (master key id {}, source {}{})",
+            seal.kek_id,
+            seal.source,
+            if key_file.is_some() {
+                ", key file written"
+            } else {
+                ""
+            }
+        ),
+    )?;
+    Ok(JoinOutcome {
+        node_id,
+        node_name: name,
+        token_id: joined.token_id,
+        source: seal.source,
+        key_file,
+        credential_key,
     })
 }

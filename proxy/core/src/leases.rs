@@ -24,6 +24,16 @@
 //! so a role can never exist without its row. At start-up every row left by
 //! another process is revoked: its password died with that process, so
 //! nothing can use the role any more (no orphans).
+//!
+//! Fleet: a lease belongs to the node whose process holds its password, so
+//! only that node can revoke it. `warden lease revoke ID` on another node
+//! writes a request (meta `lease-revoke/<id>`, naming the admin and the
+//! asking node), which is announced to every node; the holder revokes the
+//! lease as for a local `lease revoke` and deletes the request, and the
+//! asking command returns once the lease row is gone (so the holder's next
+//! session of that workload gets a new lease) — or after 10 s with an error
+//! saying the holder has not done it yet (the request stays: the holder acts
+//! on it when it runs, and checks for requests every 10 s anyway).
 
 use crate::audit::{Actor, Decision, Event, Target};
 use crate::authority::daemon_actor;
@@ -43,6 +53,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use zeroize::Zeroizing;
+
+/// Meta keys of requests to revoke a lease another node of a fleet holds.
+pub const REVOKE_REQUEST_PREFIX: &str = "lease-revoke/";
+/// How long `warden lease revoke` waits for the node holding a lease.
+const REMOTE_REVOKE_WAIT: Duration = Duration::from_secs(10);
+
+/// A request to revoke a lease held by another node (no secret in it).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RevokeRequest {
+    actor: Actor,
+    from_node: String,
+    at: String,
+}
 
 /// Marks an error where the admin session broke (the server may or may not
 /// have run the statements).
@@ -740,15 +763,9 @@ impl LeaseManager {
     /// role is dropped, the record names `actor`. The workload's next session
     /// gets a new lease.
     pub async fn revoke(&self, id: &str, actor: Actor) -> Result<LeaseInfo> {
-        let info = self
-            .list()
-            .into_iter()
-            .find(|l| l.id == id)
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "no lease {id:?} is held by the daemon; `warden lease list` shows the leases"
-                ))
-            })?;
+        let Some(info) = self.list().into_iter().find(|l| l.id == id) else {
+            return self.revoke_on_holder(id, actor).await;
+        };
         let row = self
             .leases
             .lock()
@@ -771,6 +788,121 @@ impl LeaseManager {
         )
         .await?;
         Ok(info)
+    }
+
+    /// `warden lease revoke` for a lease this process does not hold: on a
+    /// fleet, asks the node that holds it and waits until it revoked it (see
+    /// the module documentation).
+    async fn revoke_on_holder(&self, id: &str, actor: Actor) -> Result<LeaseInfo> {
+        let not_held = || {
+            Error::not_found(format!(
+                "no lease {id:?} is held by the daemon; `warden lease list` shows the leases"
+            ))
+        };
+        let (found, me) = self.with_service(|s| Ok((s.lease_of_any_node(id)?, s.fleet_node())))?;
+        let (Some((node, row)), Some(me)) = (found, me) else {
+            return Err(not_held());
+        };
+        if node == me {
+            return Err(Error::not_found(format!(
+                "lease {id:?} was left by an earlier warden process on this node; the orphan sweep revokes it within 30 s"
+            )));
+        }
+        let request = RevokeRequest {
+            actor: actor.clone(),
+            from_node: me.clone(),
+            at: crate::timefmt::now_rfc3339(),
+        };
+        let json = serde_json::to_string(&request)
+            .map_err(|e| Error::internal(format!("lease revocation request: {e}")))?;
+        let key = format!("{REVOKE_REQUEST_PREFIX}{id}");
+        self.with_service(|s| s.meta_set(&key, &json))?;
+        let _ = self.audit(
+            actor,
+            "lease.revoke.request",
+            &row,
+            Decision::Allow,
+            format!("asked node {node}, which holds the lease, to revoke it"),
+        );
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.with_service(|s| s.lease_of_any_node(id))?.is_none() {
+                break;
+            }
+            if started.elapsed() >= REMOTE_REVOKE_WAIT {
+                return Err(Error::unavailable(format!(
+                    "lease {id:?} is held by node {node}, which has not revoked it within {} s: is its daemon running? The request stays in the store; the node revokes the lease as soon as it runs (and a restarted node revokes all its earlier leases)",
+                    REMOTE_REVOKE_WAIT.as_secs()
+                )));
+            }
+        }
+        Ok(LeaseInfo {
+            id: row.id,
+            route: row.route,
+            workload: row.workload,
+            role: row.role,
+            sessions: 0,
+            expires_at: crate::timefmt::format_rfc3339(
+                time::OffsetDateTime::from_unix_timestamp(row.expires_at)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            ),
+            node: Some(node),
+        })
+    }
+
+    /// Revokes the leases this process holds that an admin on another node
+    /// asked to revoke (fleet); clears requests for leases no node holds any
+    /// more. Returns how many it revoked.
+    pub async fn revoke_requested(&self, scram: &ScramKeyCache) -> usize {
+        let requests = match self.with_service(|s| s.meta_list(REVOKE_REQUEST_PREFIX)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("lease revocation requests not read: {}", e.message);
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for (key, json) in requests {
+            let id = &key[REVOKE_REQUEST_PREFIX.len()..];
+            let row = self
+                .leases
+                .lock()
+                .ok()
+                .and_then(|l| l.get(id).map(|x| x.row.clone()));
+            let Some(row) = row else {
+                if let Ok(None) = self.with_service(|s| s.lease_of_any_node(id)) {
+                    let _ = self.with_service(|s| s.meta_delete(&key));
+                }
+                continue;
+            };
+            let Some(spec) = self.specs.get(&row.route).cloned() else {
+                continue;
+            };
+            let (actor, why) = match serde_json::from_str::<RevokeRequest>(&json) {
+                Ok(r) => (
+                    r.actor,
+                    format!(
+                        "revoked by an admin on node {} (`warden lease revoke`)",
+                        r.from_node
+                    ),
+                ),
+                Err(_) => (
+                    daemon_actor(),
+                    "revoked on request of another node (`warden lease revoke`)".to_string(),
+                ),
+            };
+            match self.revoke_row_as(&spec, &row, scram, &why, actor).await {
+                Ok(()) => {
+                    n += 1;
+                    let _ = self.with_service(|s| s.meta_delete(&key));
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %row.id, "requested lease revocation failed (retrying): {}", e.message)
+                }
+            }
+        }
+        n
     }
 
     async fn revoke_row_as(
@@ -806,12 +938,14 @@ impl LeaseManager {
             ));
             self.admin_execute(spec, scram, &text).await?;
         }
+        // No session picks the lease any more before its row goes (a node
+        // that asked for the revocation waits for the row to go).
+        if let Ok(mut c) = self.current.lock() {
+            c.retain(|_, v| v != &row.id);
+        }
         self.with_service(|s| s.lease_delete(&row.id))?;
         if let Ok(mut l) = self.leases.lock() {
             l.remove(&row.id);
-        }
-        if let Ok(mut c) = self.current.lock() {
-            c.retain(|_, v| v != &row.id);
         }
         let _ = self.audit(actor, "lease.revoke", row, Decision::Allow, why.to_string());
         if let Some(m) = &self.metrics {
@@ -1018,6 +1152,7 @@ impl LeaseManager {
                         time::OffsetDateTime::from_unix_timestamp(x.row.expires_at)
                             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
                     ),
+                    node: None,
                 })
                 .collect(),
             Err(_) => Vec::new(),
@@ -1040,6 +1175,9 @@ pub struct LeaseInfo {
     pub role: String,
     pub sessions: usize,
     pub expires_at: String,
+    /// The node that held it, when another node revoked it for an admin here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! - [`freeze`], [`anomaly`]: frozen workloads, the anomaly detector.
 //! - [`service`], [`store`], [`masterkey`], [`crypto`]: the encrypted secret
 //!   store; [`audit`], [`journal`]: the hash-chained audit log and its writer.
+//! - [`fleet`]: node records, join tokens and removal on a shared store.
 //! - [`authority`]: the CA and SVIDs; [`config`]: the TOML configuration.
 //! - [`tls`], [`connect`], [`webhook`]: upstream TLS and outbound connections,
 //!   written once for every front end; [`pgwire`]: the PostgreSQL client
@@ -30,6 +31,7 @@ pub mod connect;
 pub mod credentials;
 pub mod crypto;
 pub mod error;
+pub mod fleet;
 pub mod freeze;
 pub mod init;
 pub mod journal;

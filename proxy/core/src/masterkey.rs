@@ -119,7 +119,9 @@ impl SealConfig {
             ))
         })
     }
-    fn verify(&self, kek: &Kek, origin: &str) -> Result<()> {
+    /// Checks that `kek` is this store's master key (`origin` names where it
+    /// came from in the error).
+    pub fn verify(&self, kek: &Kek, origin: &str) -> Result<()> {
         if kek
             .key()
             .matches_fingerprint(KEK_CHECK_LABEL, &self.kek_check)

@@ -112,6 +112,12 @@ pub struct FleetCaches {
     pub freezer: Arc<Freezer>,
     /// Woken to take the store's CA list when another node changed it.
     pub identity: Arc<IdentityHandle>,
+    /// `node/<id>` of this node: its record changing (a removal) wakes the
+    /// identity maintenance, which checks membership.
+    pub own_node_key: Option<String>,
+    /// Woken when another node asks for a lease revocation (the lease
+    /// maintenance revokes the leases this node holds).
+    pub lease_requests: Arc<tokio::sync::Notify>,
 }
 
 impl FleetCaches {
@@ -121,7 +127,17 @@ impl FleetCaches {
         match change {
             Change::Secret { name, env } => self.credentials.invalidate(name, env),
             Change::Meta { key } if key == freeze::META_KEY => self.sync_freezes(),
-            Change::Meta { key } if key == CA_META_KEY => self.identity.wake.notify_one(),
+            Change::Meta { key } if key == CA_META_KEY || key == crate::fleet::REVOKED_KEY => {
+                self.identity.wake.notify_one()
+            }
+            // This node's own record changed (a removal): the identity
+            // maintenance checks membership first.
+            Change::Meta { key } if self.own_node_key.as_deref() == Some(key.as_str()) => {
+                self.identity.wake.notify_one()
+            }
+            Change::Meta { key } if key.starts_with(crate::leases::REVOKE_REQUEST_PREFIX) => {
+                self.lease_requests.notify_one()
+            }
             Change::Meta { .. } => {}
             Change::Everything => self.everything(),
         }
@@ -132,6 +148,7 @@ impl FleetCaches {
         self.credentials.invalidate_all();
         self.sync_freezes();
         self.identity.wake.notify_one();
+        self.lease_requests.notify_one();
     }
 
     fn sync_freezes(&self) {

@@ -96,6 +96,9 @@ pub struct Status {
     pub secrets: usize,
     pub default_env: String,
     pub daemon_pid: Option<u32>,
+    /// This node's record on a store shared by a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_node: Option<crate::fleet::NodeRecord>,
 }
 
 pub struct SecretService {
@@ -154,7 +157,12 @@ pub fn open_store(
 impl SecretService {
     /// Opens an initialised data dir and loads its KEK (or starts sealed).
     pub fn open(data_dir: &Path, policy: StorePolicy, daemon: bool) -> Result<SecretService> {
-        let (store, seal, mut audit) = open_store(data_dir, &policy.store)?;
+        let (mut store, seal, mut audit) = open_store(data_dir, &policy.store)?;
+        // A node removed from its fleet uses the store no more, through the
+        // daemon or an offline verb.
+        if let Some(name) = store.backend().node().map(str::to_string) {
+            crate::fleet::check_member(store.backend_mut(), &name)?;
+        }
         if daemon {
             // The daemon holds the data dir lock for its lifetime: no other
             // process appends to the log meanwhile.
@@ -604,6 +612,13 @@ impl SecretService {
             secrets,
             default_env: self.policy.default_env.clone(),
             daemon_pid: self.daemon.then(std::process::id),
+            fleet_node: match self.fleet_node() {
+                // Status answers even when the store does not.
+                Some(name) => crate::fleet::record_of(self.store.backend(), &name)
+                    .ok()
+                    .flatten(),
+                None => None,
+            },
         })
     }
 
@@ -625,6 +640,129 @@ impl SecretService {
     }
 
     /// Records a daemon lifecycle event.
+    /// Registers this node in the fleet's node records at start (a removed
+    /// node is refused, naming the fix). Nothing to do on a SQLite store.
+    pub fn fleet_register(&mut self) -> Result<Option<crate::fleet::NodeRecord>> {
+        let Some(name) = self.fleet_node() else {
+            return Ok(None);
+        };
+        crate::fleet::check_member(self.store.backend_mut(), &name).map(Some)
+    }
+
+    fn node_target(detail: String) -> Target {
+        Target {
+            detail: Some(detail),
+            ..Target::default()
+        }
+    }
+
+    /// `warden node token`: a single-use join token valid for `ttl` (admin
+    /// only). The record names the token's id, never its secret.
+    pub fn node_token(
+        &mut self,
+        caller: &Caller,
+        ttl: std::time::Duration,
+    ) -> Result<crate::fleet::NewToken> {
+        let res = (|| {
+            if !caller.is_admin {
+                return Err(Error::denied(format!(
+                    "uid {} may not make join tokens: only root or the daemon's uid may",
+                    caller.uid
+                )));
+            }
+            self.kek()?;
+            let by = match paths::user_name(caller.uid) {
+                Some(u) => format!("uid {} ({u})", caller.uid),
+                None => format!("uid {}", caller.uid),
+            };
+            let KekState::Unsealed(kek) = &self.kek else {
+                return Err(Error::internal("KEK state changed unexpectedly"));
+            };
+            crate::fleet::create_token(self.store.backend_mut(), kek, &self.seal, ttl, &by)
+        })();
+        match &res {
+            Ok(t) => self.record(&Event {
+                actor: caller.actor(),
+                action: "node.token".into(),
+                target: Self::node_target(format!(
+                    "join token {} valid until {}{}",
+                    t.id,
+                    t.expires_at,
+                    if t.carries_key {
+                        ", carries a wrapped copy of the master key"
+                    } else {
+                        ""
+                    }
+                )),
+                decision: Decision::Allow,
+                reason: "single-use join token made".into(),
+            })?,
+            Err(e) => self.record_outcome(caller, "node.token", Target::default(), e),
+        }
+        res
+    }
+
+    /// `warden node list`: every node of the fleet (expired tokens' key
+    /// copies are erased on the way).
+    pub fn node_list(&mut self, caller: &Caller) -> Result<Vec<crate::fleet::NodeRecord>> {
+        let list = crate::fleet::list(self.store.backend());
+        if list.is_ok() {
+            if let Err(e) = crate::fleet::purge_expired_tokens(self.store.backend_mut()) {
+                tracing::warn!("expired join tokens not purged: {}", e.message);
+            }
+        }
+        self.record(&Event {
+            actor: caller.actor(),
+            action: "node.list".into(),
+            target: Target::default(),
+            decision: if list.is_ok() {
+                Decision::Allow
+            } else {
+                Decision::Error
+            },
+            reason: String::new(),
+        })?;
+        list
+    }
+
+    /// `warden node remove ID` (admin only): the node is marked removed and
+    /// its intermediate CA revoked (see [`crate::fleet::remove`]).
+    pub fn node_remove(&mut self, caller: &Caller, id: &str) -> Result<crate::fleet::NodeRecord> {
+        let res = if caller.is_admin {
+            let by = format!(
+                "uid {} on {}",
+                caller.uid,
+                self.fleet_node().unwrap_or_default()
+            );
+            crate::fleet::remove(self.store.backend_mut(), id, &by)
+        } else {
+            Err(Error::denied(format!(
+                "uid {} may not remove nodes: only root or the daemon's uid may",
+                caller.uid
+            )))
+        };
+        match &res {
+            Ok(r) => self.record(&Event {
+                actor: caller.actor(),
+                action: "node.remove".into(),
+                target: Self::node_target(format!(
+                    "node {} ({}); revoked intermediate(s): {}",
+                    r.id,
+                    r.name,
+                    if r.revoked_intermediates.is_empty() {
+                        "none".to_string()
+                    } else {
+                        r.revoked_intermediates.join(", ")
+                    }
+                )),
+                decision: Decision::Allow,
+                reason: "removed from the fleet".into(),
+            })?,
+            Err(e) => self.record_outcome(caller, "node.remove", Self::node_target(id.into()), e),
+        }
+        res
+    }
+
     pub fn record_daemon(&mut self, action: &str, reason: String) -> Result<()> {
         self.record(&Event {
             actor: daemon_actor(),
@@ -719,6 +857,21 @@ impl SecretService {
 
     pub fn lease_list(&self) -> Result<Vec<crate::store::LeaseRow>> {
         self.store.backend().lease_list()
+    }
+
+    /// Lease `id` held by any node of a fleet, with the node's name.
+    pub fn lease_of_any_node(&self, id: &str) -> Result<Option<(String, crate::store::LeaseRow)>> {
+        self.store.backend().lease_of_any_node(id)
+    }
+
+    /// Every (key, value) of the meta table under `prefix`.
+    pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.store.backend().meta_list(prefix)
+    }
+
+    /// Removes a metadata key.
+    pub fn meta_delete(&mut self, key: &str) -> Result<()> {
+        self.store.backend_mut().meta_delete(key)
     }
 }
 

@@ -102,17 +102,34 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>> {
 pub type EndEntityCheck =
     Box<dyn Fn(&CertificateDer<'_>) -> std::result::Result<(), rustls::Error> + Send + Sync>;
 
+/// An extra check of the intermediates a peer presented, after its chain
+/// verified (a fleet's revoked node intermediates).
+pub type IntermediatesCheck =
+    Box<dyn Fn(&[CertificateDer<'_>]) -> std::result::Result<(), rustls::Error> + Send + Sync>;
+
 /// The chain must verify; a host-name mismatch is tolerated; then `check`
-/// (if any) must accept the end entity. `verify-ca` (no check) and the tls
-/// routes' verification by SPIFFE ID (a URI SAN check) are both this.
+/// (if any) must accept the end entity and `above` (if any) the
+/// intermediates. `verify-ca` (no check) and the tls routes' verification by
+/// SPIFFE ID (a URI SAN check) are both this.
 pub struct ChainVerifier {
     inner: Arc<WebPkiServerVerifier>,
     check: Option<EndEntityCheck>,
+    above: Option<IntermediatesCheck>,
 }
 
 impl ChainVerifier {
     pub fn new(inner: Arc<WebPkiServerVerifier>, check: Option<EndEntityCheck>) -> ChainVerifier {
-        ChainVerifier { inner, check }
+        ChainVerifier {
+            inner,
+            check,
+            above: None,
+        }
+    }
+
+    /// Adds a check of the presented intermediates.
+    pub fn with_intermediates_check(mut self, above: IntermediatesCheck) -> ChainVerifier {
+        self.above = Some(above);
+        self
     }
 }
 
@@ -146,6 +163,9 @@ impl ServerCertVerifier for ChainVerifier {
         }
         if let Some(check) = &self.check {
             check(end_entity)?;
+        }
+        if let Some(above) = &self.above {
+            above(intermediates)?;
         }
         Ok(ServerCertVerified::assertion())
     }

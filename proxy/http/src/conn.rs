@@ -22,12 +22,15 @@ use warden_core::metrics::AttestVia;
 struct GateNotice {
     route: String,
     metrics: warden_core::metrics::Metrics,
+    /// Why the gate stopped a request body, for the proxy's 400.
+    verdict: proxy::GateVerdict,
 }
 
 impl OnRefuse for GateNotice {
     fn refused(&self, r: &Refused) {
         tracing::warn!(route = %self.route, status = r.status, "request refused: {}", r.reason);
         self.metrics.http_request(&self.route, "rejected");
+        self.verdict.set(&r.reason);
     }
 }
 
@@ -45,13 +48,16 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    let verdict = proxy::GateVerdict::default();
     let notice = Arc::new(GateNotice {
         route: label.to_string(),
         metrics: shared.metrics.clone(),
+        verdict: verdict.clone(),
     });
     let io = TokioIo::new(Gate::new(stream, notice));
     let f = Arc::new(f);
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(verdict.clone());
         // The gate stops checking framing after a request that may switch
         // protocols (any Upgrade header, or CONNECT). If no switch happens,
         // the connection must not carry further requests: close it.

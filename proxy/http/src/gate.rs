@@ -106,6 +106,12 @@ impl Framer {
         }
     }
 
+    /// Inside a request body: the head went to hyper, which answers the
+    /// request itself.
+    pub fn in_body(&self) -> bool {
+        !matches!(self.state, State::Head | State::Passthrough)
+    }
+
     /// Feeds `input`; appends every byte that may go to hyper to `out`.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Refused> {
         while !input.is_empty() {
@@ -492,7 +498,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Gate<S> {
             }
             if let Err(r) = this.framer.feed(got, &mut this.out) {
                 this.notify.refused(&r);
-                this.refusal = Some((r.response(), 0));
+                // Inside a body the request is hyper's already: its body
+                // ends here, and the proxy answers it with this reason (the
+                // notice keeps it); a second response would follow otherwise.
+                let response = if this.framer.in_body() {
+                    Vec::new()
+                } else {
+                    r.response()
+                };
+                this.refusal = Some((response, 0));
             }
         }
     }

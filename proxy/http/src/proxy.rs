@@ -320,6 +320,7 @@ async fn forward(
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let verdict = parts.extensions.remove::<GateVerdict>();
     parts.uri = match upstream_uri(route, &parts.uri, secret) {
         Ok(u) => u,
         Err(m) => {
@@ -366,7 +367,18 @@ async fn forward(
             tracing::warn!(route = %route.name, "{msg}");
             return text(StatusCode::GATEWAY_TIMEOUT, &msg);
         }
-        Ok(Err(e)) => return upstream_failure(route, metrics, &e),
+        Ok(Err(e)) => {
+            if let Some(why) = client_body_error(&e, verdict.as_ref()) {
+                metrics.http_request(&route.name, "bad_request");
+                let msg = format!(
+                    "warden: route {:?}: malformed request body: {why}",
+                    route.name
+                );
+                tracing::warn!(route = %route.name, "{msg}");
+                return text(StatusCode::BAD_REQUEST, &msg);
+            }
+            return upstream_failure(route, metrics, &e);
+        }
         Ok(Ok(r)) => r,
     };
     if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -410,6 +422,47 @@ pub(super) fn count_forwarded(
             metrics.http_request_added(&route.name, added);
         }
     }
+}
+
+/// Why the framing gate stopped a connection's request body (set by the
+/// gate, read by the proxy answering that request).
+#[derive(Clone, Default)]
+pub struct GateVerdict(Arc<Mutex<Option<String>>>);
+
+impl GateVerdict {
+    pub fn set(&self, reason: &str) {
+        if let Ok(mut v) = self.0.lock() {
+            *v = Some(reason.to_string());
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|v| v.clone())
+    }
+}
+
+/// A forward that failed because the *client's* request body was bad (the
+/// gate stopped it, or hyper could not read it): the client's fault, 400
+/// with the reason — not the upstream's 502.
+fn client_body_error(
+    e: &hyper_util::client::legacy::Error,
+    verdict: Option<&GateVerdict>,
+) -> Option<String> {
+    let mut body_failed = false;
+    let mut innermost: Option<String> = None;
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            // The upstream request's body (the client's Incoming) failed.
+            body_failed |= h.is_user();
+        }
+        innermost = Some(s.to_string());
+        src = s.source();
+    }
+    if !body_failed {
+        return None;
+    }
+    verdict.and_then(GateVerdict::get).or(innermost)
 }
 
 fn upstream_failure(

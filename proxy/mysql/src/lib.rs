@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef};
 use warden_core::audit::{Decision, Event, Target};
-use warden_core::config::{Config, RouteKind, TlsMode};
+use warden_core::config::{ClientTls, Config, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
 use warden_core::metrics::{AttestVia, Metrics};
@@ -53,8 +53,9 @@ pub struct MysqlRoute {
     pub env: String,
     pub cache_ttl: Duration,
     pub allow: Vec<String>,
-    /// Offer TLS to clients with a certificate from warden's CA.
-    pub client_tls: bool,
+    /// TLS to clients with a certificate from warden's CA: offered, or
+    /// required.
+    pub client_tls: ClientTls,
 }
 
 impl MysqlRoute {
@@ -137,7 +138,7 @@ impl MysqlShared {
         identity: Arc<warden_core::authority::IdentityHandle>,
     ) -> Result<MysqlShared> {
         let mut client_tls = HashMap::new();
-        for r in routes.iter().filter(|r| r.client_tls) {
+        for r in routes.iter().filter(|r| r.client_tls.enabled()) {
             client_tls.insert(
                 r.name.clone(),
                 warden_core::listener_tls::server_config(&r.name, r.listen.ip(), identity.clone())?,
@@ -470,6 +471,19 @@ async fn client_hello(
         return Some((Box::new(tcp), hello));
     };
     if !matches!(HandshakeResponse::parse(&p.payload), Ok(None)) {
+        if route.client_tls == ClientTls::Require {
+            // MySQL's own code for require_secure_transport.
+            metrics.session_unattested(&route.name, "tls_required");
+            let e = ErrPacket::new(
+                3159,
+                "HY000",
+                format!(
+                    "warden: route {:?} requires TLS (client_tls = \"require\"); connect with TLS, e.g. mariadb --ssl or ssl-mode=REQUIRED",
+                    route.name
+                ),
+            );
+            return Some((Box::new(tcp), Err(Some((p.seq.wrapping_add(1), e)))));
+        }
         // TLS offered, not taken: plain TCP on loopback is still served.
         let hello = parse_hello(&p, route, false);
         return Some((Box::new(tcp), hello));

@@ -52,8 +52,9 @@ pub struct PgRoute {
     pub cache_ttl: Duration,
     pub allow: Vec<String>,
     pub databases: Vec<String>,
-    /// Answer SSLRequest with `S` and serve TLS with a certificate from warden's CA.
-    pub client_tls: bool,
+    /// Answer SSLRequest with `S` and serve TLS with a certificate from
+    /// warden's CA (`Require`: refuse clients that start in plain text).
+    pub client_tls: config::ClientTls,
     /// Dynamic credentials: sessions get a lease role from [`dynamic::LeaseManager`];
     /// `user`/`secret` are the administrative login.
     pub dynamic: Option<config::Dynamic>,
@@ -239,7 +240,7 @@ impl PgShared {
         for r in routes.iter().filter(|r| r.kernel_relay) {
             metrics.pg_kernel_relay_declare(&r.name);
         }
-        for r in routes.iter().filter(|r| r.client_tls) {
+        for r in routes.iter().filter(|r| r.client_tls.enabled()) {
             client_tls.insert(
                 r.name.clone(),
                 server_tls::server_config(r, identity.clone())?,

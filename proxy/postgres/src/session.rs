@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use warden_core::admission::{Denial, RoutePolicy, SecretRef};
 use warden_core::audit::{Decision, Event, Target};
+use warden_core::config::ClientTls;
 use warden_core::error::ErrorKind;
 use warden_core::metrics::AttestVia;
 use warden_core::peer::actor;
@@ -378,6 +379,25 @@ pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 's
     let tls_config = shared.client_tls.get(&route.name).cloned();
     match opening(&mut client, &route, &shared, tls_config.is_some()).await {
         None => {}
+        // TCP only: libpq never asks for TLS over a unix socket (nor does
+        // PostgreSQL offer it there).
+        Some(Opening::Startup(_))
+            if route.client_tls == ClientTls::Require && matches!(peer, Peer::Tcp { .. }) =>
+        {
+            // As PostgreSQL's `hostssl` lines refuse a plain connection.
+            shared
+                .metrics
+                .session_unattested(&route.name, "tls_required");
+            let r = Refusal::new(
+                "28000",
+                "tls_required",
+                format!(
+                    "warden: route {:?} requires TLS (client_tls = \"require\"); connect with sslmode=require or stronger",
+                    route.name
+                ),
+            );
+            send_error(&mut client, &r).await;
+        }
         Some(Opening::Startup(m)) => serve(client, m, peer, route, shared, started).await,
         Some(Opening::UpgradeTls) => {
             let Some(config) = tls_config else { return };

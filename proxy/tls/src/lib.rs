@@ -153,7 +153,7 @@ impl TlsShared {
         route: &TlsRoute,
         who: &Attested,
     ) -> std::result::Result<(Arc<ClientConfig>, String), String> {
-        let (svid, fresh, bundle) = {
+        let (svid, fresh, bundle, revoked) = {
             let mut guard = self
                 .identity
                 .authority
@@ -169,7 +169,12 @@ impl TlsShared {
                     time::OffsetDateTime::now_utc(),
                 )
                 .map_err(|e| e.message)?;
-            (svid, fresh, a.bundle_der())
+            (
+                svid,
+                fresh,
+                a.bundle_der(),
+                a.revoked_intermediates().to_vec(),
+            )
         };
         if fresh {
             self.identity.wake.notify_one();
@@ -191,7 +196,8 @@ impl TlsShared {
             .map(|b| warden_core::crypto::sha256_hex(b))
             .collect::<Vec<_>>()
             .join(",");
-        let tag = format!("{}/{bundle_tag}", svid.serial_hex);
+        // A new revocation makes a new configuration.
+        let tag = format!("{}/{bundle_tag}/{}", svid.serial_hex, revoked.join(","));
         let key = (route.name.clone(), who.workload.clone());
         if let Ok(map) = self.configs.lock() {
             if let Some((t, c)) = map.get(&key) {
@@ -217,12 +223,23 @@ impl TlsShared {
                         .build()
                         .map_err(|e| e.to_string())?;
                 let expected = id.clone();
-                Arc::new(warden_core::tls::ChainVerifier::new(
-                    inner,
-                    Some(Box::new(move |end_entity: &CertificateDer<'_>| {
-                        spiffe_id_check(end_entity, &expected)
-                    })),
-                ))
+                Arc::new(
+                    warden_core::tls::ChainVerifier::new(
+                        inner,
+                        Some(Box::new(move |end_entity: &CertificateDer<'_>| {
+                            spiffe_id_check(end_entity, &expected)
+                        })),
+                    )
+                    // On a fleet: not an SVID under a removed node's intermediate.
+                    .with_intermediates_check(Box::new(
+                        move |above: &[CertificateDer<'_>]| match warden_core::authority::revoked_in(above, &revoked) {
+                            Some(serial) => Err(rustls::Error::General(format!(
+                                "the upstream's certificate was issued by intermediate CA {serial}, revoked when its node was removed from the fleet"
+                            ))),
+                            None => Ok(()),
+                        },
+                    )),
+                )
             }
             None => {
                 let roots = route.roots.clone().ok_or("no roots")?;

@@ -179,6 +179,41 @@ pub async fn session(
             )
         }
     };
+    // On a fleet: a leaf under a removed node's intermediate is refused even
+    // though it chains to the bundle.
+    let revoked = {
+        let above_leaf: Vec<Vec<u8>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().skip(1).map(|d| d.as_ref().to_vec()).collect())
+            .unwrap_or_default();
+        shared
+            .identity
+            .authority
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().and_then(|a| a.revoked_in_chain(&above_leaf)))
+    };
+    if let Some(serial) = revoked {
+        let message = format!(
+            "warden: {peer} presented a certificate issued by intermediate CA {serial}, revoked when its node was removed from the fleet (route {:?})",
+            route.name
+        );
+        refuse("denied", &message);
+        let _ = record(
+            &shared,
+            Event {
+                actor: remote_actor(""),
+                action: "session.deny".into(),
+                target: target(&route, format!("mtls from {peer}")),
+                decision: Decision::Deny,
+                reason: message,
+            },
+        )
+        .await;
+        return;
+    }
     let sans = tls
         .get_ref()
         .1

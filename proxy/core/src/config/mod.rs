@@ -76,7 +76,7 @@ pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMod
 pub use report::{ConfigIssue, ConfigReport};
 pub use route::credential::{Dynamic, GrantMode};
 pub use route::inject::Inject;
-pub use route::{PoolConfig, PoolReset, Route, RouteKind, TlsMode, TlsRouteMode};
+pub use route::{ClientTls, PoolConfig, PoolReset, Route, RouteKind, TlsMode, TlsRouteMode};
 pub use secret::{RotateMethod, SecretPolicy};
 pub use store::{
     parse_store_url, valid_credential_name, Store, StoreBackend, StoreTarget, StoreTls,

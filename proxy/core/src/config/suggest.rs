@@ -149,7 +149,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.allow_non_loopback", "true or false, without quotes"),
     ("route.mode", "\"client\" or \"server\" (tls routes), e.g. mode = \"server\""),
     ("route.server_names", "a list of DNS names or IPs in quotes, e.g. server_names = [\"node1.example.org\"]"),
-    ("route.client_tls", "true or false, without quotes"),
+    ("route.client_tls", "true or false without quotes, or \"require\", e.g. client_tls = \"require\""),
     ("route.databases", "a list of database names, e.g. databases = [\"orders\"]"),
     ("route.connect_timeout", "a duration in quotes, e.g. connect_timeout = \"5s\""),
     ("route.forward_proxy", "true or false, without quotes"),

@@ -16,6 +16,8 @@
 //! key copied into another row fails to open instead of yielding the wrong
 //! secret. KEK rotation rewraps DEKs and never touches value ciphertexts.
 
+#[cfg(test)]
+pub(crate) mod fleet_sqlite;
 pub mod postgres;
 pub mod sqlite;
 
@@ -106,6 +108,8 @@ pub struct LeaseRow {
 pub trait SecretBackend: Send {
     fn meta_get(&self, key: &str) -> Result<Option<String>>;
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()>;
+    /// Every (key, value) whose key starts with `prefix`, by key.
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>>;
     /// Assigns the next version of (name, env) (numbers never repeat, even after
     /// `remove`), stores what `seal` returns for it, prunes all but the newest
     /// `keep` versions, runs `before_commit`, commits.
@@ -142,6 +146,15 @@ pub trait SecretBackend: Send {
     fn lease_delete(&mut self, id: &str) -> Result<()>;
     /// Every lease row, oldest first.
     fn lease_list(&self) -> Result<Vec<LeaseRow>>;
+    /// On a store shared by a fleet: lease `id` of whichever node holds it,
+    /// with that node's name. A store only this node uses has no other
+    /// node's leases (None).
+    fn lease_of_any_node(&self, id: &str) -> Result<Option<(String, LeaseRow)>> {
+        let _ = id;
+        Ok(None)
+    }
+    /// Removes meta key `key` (no error if absent).
+    fn meta_delete(&mut self, key: &str) -> Result<()>;
     /// Replaces the value of `key` with `update(current)` atomically: writers
     /// on other nodes that update the same key wait for this one.
     fn meta_update(

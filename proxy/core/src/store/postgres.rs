@@ -867,6 +867,32 @@ impl SecretBackend for PostgresBackend {
         })
     }
 
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let prefix = prefix.to_string();
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT key, value FROM meta WHERE left(key, length($1)) = $1 ORDER BY key",
+                &[&prefix],
+            )?;
+            rows.iter()
+                .map(|r| Ok((col(r, 0, &s.at)?, col(r, 1, &s.at)?)))
+                .collect()
+        })
+    }
+
+    fn meta_delete(&mut self, key: &str) -> Result<()> {
+        let key = key.to_string();
+        self.run(move |s| {
+            let what = format!("meta:{key}");
+            s.with_retry(|client| {
+                let mut tx = client.transaction()?;
+                tx.execute("DELETE FROM meta WHERE key = $1", &[&key])?;
+                tx.query(ANNOUNCE, &[&what])?;
+                Ok(tx.commit()?)
+            })
+        })
+    }
+
     fn meta_set(&mut self, key: &str, value: &str) -> Result<()> {
         let (key, value) = (key.to_string(), value.to_string());
         self.run(move |s| {
@@ -1219,5 +1245,34 @@ impl SecretBackend for PostgresBackend {
                 })
             })
             .collect()
+    }
+
+    fn lease_of_any_node(&self, id: &str) -> Result<Option<(String, LeaseRow)>> {
+        let id = id.to_string();
+        let rows = self.run(move |s| {
+            s.query(
+                "SELECT id, route, workload, role, state, owner_pid, created_at, expires_at, max_expires_at, node
+                 FROM leases WHERE id = $1",
+                &[&id],
+            )
+        })?;
+        rows.first()
+            .map(|r| {
+                Ok((
+                    col(r, 9, &self.at)?,
+                    LeaseRow {
+                        id: col(r, 0, &self.at)?,
+                        route: col(r, 1, &self.at)?,
+                        workload: col(r, 2, &self.at)?,
+                        role: col(r, 3, &self.at)?,
+                        state: col(r, 4, &self.at)?,
+                        owner_pid: u32::try_from(col::<i64>(r, 5, &self.at)?).unwrap_or(0),
+                        created_at: col(r, 6, &self.at)?,
+                        expires_at: col(r, 7, &self.at)?,
+                        max_expires_at: col(r, 8, &self.at)?,
+                    },
+                ))
+            })
+            .transpose()
     }
 }

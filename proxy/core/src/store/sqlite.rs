@@ -157,6 +157,27 @@ impl SecretBackend for SqliteBackend {
         Ok(())
     }
 
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, value FROM meta WHERE substr(key, 1, ?2) = ?1 ORDER BY key")
+            .map_err(db_err(&self.path))?;
+        let rows = stmt
+            .query_map(params![prefix, prefix.len() as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(db_err(&self.path))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err(&self.path))
+    }
+
+    fn meta_delete(&mut self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM meta WHERE key = ?1", params![key])
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
     fn put_version(
         &mut self,
         name: &str,

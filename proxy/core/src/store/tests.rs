@@ -343,6 +343,21 @@ fn meta_and_lease_rows_roundtrip(c: Case) {
     b.meta_set("k", "v1").unwrap();
     b.meta_set("k", "v2").unwrap();
     assert_eq!(b.meta_get("k").unwrap().as_deref(), Some("v2"));
+    // A prefix listing: by key, nothing outside the prefix (`_` and `%` are
+    // not patterns).
+    b.meta_set("node/b", "2").unwrap();
+    b.meta_set("node/a", "1").unwrap();
+    b.meta_set("node_x", "3").unwrap();
+    b.meta_set("nodes", "4").unwrap();
+    assert_eq!(
+        b.meta_list("node/").unwrap(),
+        vec![("node/a".into(), "1".into()), ("node/b".into(), "2".into())]
+    );
+    assert!(b.meta_list("node%").unwrap().is_empty());
+    b.meta_delete("node/a").unwrap();
+    b.meta_delete("node/absent").unwrap();
+    assert_eq!(b.meta_list("node/").unwrap().len(), 1);
+    assert_eq!(b.meta_get("node/a").unwrap(), None);
     let lease = |id: &str, created_at: i64| LeaseRow {
         id: id.into(),
         route: "orders-db".into(),

@@ -100,11 +100,12 @@ pub struct Route {
     /// Permit a non-loopback `listen` address.
     #[serde(default)]
     pub allow_non_loopback: bool,
-    /// Offer TLS to clients (postgres: answer SSLRequest with `S`; mysql:
-    /// CLIENT_SSL in warden's greeting), with a
-    /// certificate from warden's CA for `localhost` and the listen address.
+    /// TLS to clients (postgres: answer SSLRequest with `S`; mysql:
+    /// CLIENT_SSL in warden's greeting), with a certificate from warden's CA
+    /// for `localhost` and the listen address: `true` offers it,
+    /// `"require"` refuses clients that do not use it.
     #[serde(default)]
-    pub client_tls: bool,
+    pub client_tls: ClientTls,
     /// Databases clients may ask for (postgres); empty means any.
     #[serde(default)]
     pub databases: Vec<String>,
@@ -255,6 +256,49 @@ impl<'de> Deserialize<'de> for PoolConfig {
     }
 }
 
+/// `route.client_tls`: `false` (the default), `true` (offered) or
+/// `"require"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientTls {
+    #[default]
+    Off,
+    /// Offered: a client asking for TLS gets it; plain text is served too.
+    Offer,
+    /// Required: a client that does not ask for TLS is refused.
+    Require,
+}
+
+impl ClientTls {
+    /// TLS is offered (or required).
+    pub fn enabled(self) -> bool {
+        self != ClientTls::Off
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientTls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ClientTls, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = ClientTls;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or \"require\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<ClientTls, E> {
+                Ok(if on { ClientTls::Offer } else { ClientTls::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ClientTls, E> {
+                match v {
+                    "require" => Ok(ClientTls::Require),
+                    _ => Err(E::custom(format!(
+                        "\"{v}\" is not a client_tls setting: use true, false or \"require\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 /// `route[].upstream_tls`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -356,7 +400,7 @@ pub(super) fn check_routes(c: &mut Checker<'_>) {
             }
             check_socket_path(c, &format!("{k}.unix_socket"), path);
         }
-        if r.client_tls && !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
+        if r.client_tls.enabled() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
             c.error(
                 format!("{k}.client_tls"),
                 format!("client_tls is only supported on kind = \"postgres\" and kind = \"mysql\" routes; this route is kind = \"{}\"", r.kind),

@@ -71,6 +71,7 @@ allow = ["web"]
     fn a_mysql_route_needs_a_credential_with_a_user() {
         ok(&mysql_cfg(""));
         ok(&mysql_cfg("client_tls = true"));
+        ok(&mysql_cfg("client_tls = \"require\""));
         ok(&mysql_cfg("").replace("upstream_tls = { mode = \"disable\" }\n", ""));
         only_error(
             &mysql_cfg("").replace(

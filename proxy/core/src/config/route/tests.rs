@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{PoolConfig, PoolReset, TlsRouteMode};
+use super::{ClientTls, PoolConfig, PoolReset, TlsRouteMode};
 use crate::config::test_util::{
     edit, edit_text, error_keys, ok, only_error, report, warning_keys, BASE, HTTP_ROUTE,
 };
@@ -121,6 +121,25 @@ fn kernel_relay_is_a_postgres_route_bool() {
     assert_eq!(ok(&with("false")).routes[0].kernel_relay, Some(false));
     let r = report(&with("\"yes\""));
     assert!(r.to_string().contains("kernel_relay"), "{r}");
+}
+
+#[test]
+fn client_tls_is_a_bool_or_require() {
+    assert_eq!(ok(BASE).routes[0].client_tls, ClientTls::Off);
+    let with = |v: &str| {
+        edit(
+            "allow = [\"reports\"]\n",
+            &format!("allow = [\"reports\"]\nclient_tls = {v}\n"),
+        )
+    };
+    assert_eq!(ok(&with("true")).routes[0].client_tls, ClientTls::Offer);
+    assert_eq!(ok(&with("false")).routes[0].client_tls, ClientTls::Off);
+    assert_eq!(
+        ok(&with("\"require\"")).routes[0].client_tls,
+        ClientTls::Require
+    );
+    let r = report(&with("\"always\""));
+    assert!(r.to_string().contains("true, false or \"require\""), "{r}");
 }
 
 #[test]
