@@ -564,6 +564,25 @@ fn upstream_tls_is_verified_like_postgres_routes() {
     warden.run(&["init"]).ok();
     warden.put("db/app", APP_PW.as_bytes()).ok();
     warden.put("db/ed", ED_PW.as_bytes()).ok();
+    // `warden doctor` checks each route's upstream TLS as the route does
+    // (greeting, SSLRequest, then the handshake).
+    let out = warden.run(&["doctor"]);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line: {text}"))
+            .to_string()
+    };
+    assert!(
+        line("route full").starts_with("ok") && line("route full").contains("verified"),
+        "{text}"
+    );
+    let wrong = line("route wrong-ca");
+    assert!(
+        wrong.starts_with("FAIL") && wrong.contains("certificate"),
+        "{text}"
+    );
     let _daemon = warden.start_daemon();
 
     // verify-full (the default) with the server's CA: the session runs over TLS.
