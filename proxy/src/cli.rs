@@ -1480,7 +1480,13 @@ fn secret_rotate(ctx: &Context, name: &str, env: Option<&str>) -> Result<()> {
         Target::Offline { service, _lock } => {
             let service = std::sync::Arc::new(std::sync::Mutex::new(*service));
             let creds = std::sync::Arc::new(warden_postgres::CredentialCache::default());
-            let rotator = warden_core::rotation::Rotator::new(&ctx.cfg, service, creds, None)?;
+            let rotator = warden_core::rotation::Rotator::new(&ctx.cfg, service, creds, None)?
+                .with_changer(
+                    "mysql",
+                    std::sync::Arc::new(warden_mysql::rotate::MysqlRotation::from_config(
+                        &ctx.cfg,
+                    )?),
+                );
             let actor = admin::caller_actor(&Caller::this_process());
             runtime()?.block_on(rotator.rotate(
                 name,

@@ -19,6 +19,7 @@ use warden_core::metrics::{self, Metrics};
 use warden_core::paths;
 use warden_core::service::{SecretService, StorePolicy};
 use warden_http as http;
+use warden_mysql as mysql;
 use warden_postgres as pg;
 use warden_redis as redis;
 use warden_tls as tlsroute;
@@ -123,6 +124,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
         let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;
         let redis_listeners = redis::bind_routes(redis::RedisRoute::from_config(cfg)?).await?;
+        let mysql_listeners = mysql::bind_routes(mysql::MysqlRoute::from_config(cfg)?).await?;
         // Every bound listener is watched by the monitor (attribution, events).
         let mut bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
             .iter()
@@ -139,6 +141,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         );
         bound.extend(
             redis_listeners
+                .iter()
+                .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
+        );
+        bound.extend(
+            mysql_listeners
                 .iter()
                 .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
         );
@@ -194,12 +201,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             credentials.clone(),
             Some(metrics.clone()),
         ));
-        let rotator = Arc::new(warden_core::rotation::Rotator::new(
-            cfg,
-            service.clone(),
-            credentials.clone(),
-            Some(metrics.clone()),
-        )?);
+        let rotator = Arc::new(
+            warden_core::rotation::Rotator::new(
+                cfg,
+                service.clone(),
+                credentials.clone(),
+                Some(metrics.clone()),
+            )?
+            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?)),
+        );
         if !sealed {
             credentials_start(&leases, &rotator).await;
         }
@@ -351,6 +361,17 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
+        }
+        let mysql_routes: Vec<_> = mysql_listeners.iter().map(|(r, _)| r.clone()).collect();
+        let mysql_shared = Arc::new(mysql::MysqlShared::new(
+            admission.clone(),
+            metrics.clone(),
+            &mysql_routes,
+            identity.clone(),
+        )?);
+        for (route, tcp) in mysql_listeners {
+            tracing::info!(route = %route.name, listen = %route.listen, "MySQL route listening");
+            route_tasks.push(tokio::spawn(mysql::serve_route(route, tcp, mysql_shared.clone())));
         }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {

@@ -498,6 +498,10 @@ async fn route(r: &warden_core::config::Route) -> std::result::Result<String, (S
             ));
         }
     }
+    if r.kind == RouteKind::Mysql {
+        // MySQL greets first; TLS starts after the client's SSLRequest.
+        mysql_ssl_request(&mut tcp, &target).await?;
+    }
     let ca = r.upstream_tls.ca_file.as_deref();
     let config = warden_core::tls::client_config(mode, ca, &r.name)
         .map_err(|e| (e.to_string(), "fix route.upstream_tls.ca_file".to_string()))?
@@ -550,6 +554,55 @@ async fn route(r: &warden_core::config::Route) -> std::result::Result<String, (S
             }
         }
     }
+}
+
+/// Reads a MySQL server's greeting and asks for TLS (an SSLRequest), as a
+/// mysql route does before its TLS handshake.
+async fn mysql_ssl_request(
+    tcp: &mut tokio::net::TcpStream,
+    target: &str,
+) -> std::result::Result<(), (String, String)> {
+    use warden_mysql::packet::{caps, read_packet, write_packet, Greeting, HandshakeResponse};
+    let not_mysql = || "check that the upstream is MySQL or MariaDB".to_string();
+    let p = tokio::time::timeout(
+        UPSTREAM_TIMEOUT,
+        read_packet(tcp, warden_mysql::packet::MAX_HANDSHAKE_PACKET),
+    )
+    .await
+    .map_err(|_| (format!("upstream {target}: no MySQL greeting"), not_mysql()))?
+    .map_err(|e| {
+        (
+            format!("upstream {target}: reading the greeting failed: {e}"),
+            not_mysql(),
+        )
+    })?;
+    let g = Greeting::parse(&p.payload).map_err(|e| {
+        (
+            format!("upstream {target} is not a MySQL server: {e}"),
+            not_mysql(),
+        )
+    })?;
+    if g.capabilities & caps::SSL == 0 {
+        return Err((
+            format!("upstream {target} does not offer TLS (no CLIENT_SSL in its greeting)"),
+            "enable TLS on the server (ssl_cert, ssl_key), or set upstream_tls = { mode = \"disable\" } on a trusted network".to_string(),
+        ));
+    }
+    let req = HandshakeResponse {
+        capabilities: caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH,
+        max_packet: 1 << 24,
+        charset: 45,
+        ..HandshakeResponse::default()
+    }
+    .encode_ssl_request();
+    write_packet(tcp, p.seq.wrapping_add(1), &req)
+        .await
+        .map_err(|e| {
+            (
+                format!("upstream {target}: SSLRequest failed: {e}"),
+                not_mysql(),
+            )
+        })
 }
 
 #[cfg(test)]

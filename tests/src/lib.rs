@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod fulldisk;
+pub mod mysql;
 pub mod pg;
 pub mod prom;
 pub mod redis;

@@ -26,12 +26,19 @@
 //!   pgbench running the same CREATE ROLE + GRANT transaction, with Vault's
 //!   published 259/s as an anchor.
 //!
+//! - MySQL proxying (`bench/mysql.rs`): `SELECT 1` queries/s and p50/p99
+//!   through a mysql route beside direct connections to the same throwaway
+//!   MariaDB, on persistent connections and with a new connection per query
+//!   (`proxy/mysql/examples/mysql_bench.rs` drives the load).
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
-//! (default 3), `--only svid|pg|leases|http|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
+//! (default 3), `--mysql-seconds N` (default 5), `--mysql-rounds N` (default
+//! 3), `--only svid|pg|leases|http|mysql|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod http;
+mod mysql;
 mod pg;
 
 use std::path::Path;
@@ -45,7 +52,8 @@ use crate::cmd;
 struct Options {
     pg: pg::Options,
     http: http::Options,
-    /// `--only svid|pg|leases|http|ebpf|anomaly`: run just that benchmark.
+    mysql: mysql::Options,
+    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -53,6 +61,7 @@ struct Options {
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut pg = pg::Options::default();
     let mut http = http::Options::default();
+    let mut mysql = mysql::Options::default();
     let mut svid_args = Vec::new();
     let mut only = None;
     let mut iter = args.iter();
@@ -63,16 +72,20 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 None => iter
                     .next()
                     .cloned()
-                    .context("`--only` needs svid, pg, leases, http, ebpf or anomaly")?,
+                    .context("`--only` needs svid, pg, leases, http, mysql, ebpf or anomaly")?,
             };
-            if !["svid", "pg", "leases", "http", "ebpf", "anomaly"].contains(&v.as_str()) {
-                bail!("`--only {v}`: expected svid, pg, leases, http, ebpf or anomaly");
+            if !["svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg, leases, http, mysql, ebpf or anomaly");
             }
             only = Some(v);
             continue;
         }
         let (name, inline) = match arg.split_once('=') {
-            Some((name, value)) if name.starts_with("--pg-") || name.starts_with("--http-") => {
+            Some((name, value))
+                if name.starts_with("--pg-")
+                    || name.starts_with("--http-")
+                    || name.starts_with("--mysql-") =>
+            {
                 (name, Some(value.to_owned()))
             }
             _ => (arg.as_str(), None),
@@ -82,6 +95,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--pg-rounds" => &mut pg.rounds,
             "--http-seconds" => &mut http.seconds,
             "--http-rounds" => &mut http.rounds,
+            "--mysql-seconds" => &mut mysql.seconds,
+            "--mysql-rounds" => &mut mysql.rounds,
             _ => {
                 svid_args.push(arg.clone());
                 continue;
@@ -106,9 +121,13 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if http.seconds > 600 {
         bail!("`--http-seconds {}` is more than 600", http.seconds);
     }
+    if mysql.seconds > 600 {
+        bail!("`--mysql-seconds {}` is more than 600", mysql.seconds);
+    }
     Ok(Options {
         pg,
         http,
+        mysql,
         only,
         svid_args,
     })
@@ -153,6 +172,12 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
         steps.run(
             "HTTP proxy: warden vs direct vs nginx injecting the same header (wrk)",
             || http::run(repo, &options.http),
+        )?;
+    }
+    if wanted("mysql") {
+        steps.run(
+            "MySQL proxy: warden vs direct to MariaDB (SELECT 1, persistent and per-query connections)",
+            || mysql::run(repo, &options.mysql),
         )?;
     }
     if wanted("ebpf") {
@@ -247,6 +272,15 @@ mod tests {
             Some("http")
         );
         assert!(parse_args(&strings(&["--only=x"])).is_err());
+        let o = parse_args(&strings(&[
+            "--only",
+            "mysql",
+            "--mysql-seconds=2",
+            "--mysql-rounds",
+            "1",
+        ]))?;
+        assert_eq!(o.only.as_deref(), Some("mysql"));
+        assert_eq!((o.mysql.seconds, o.mysql.rounds), (2, 1));
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());

@@ -118,6 +118,18 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
         location: Location::Path,
     },
     Requirement {
+        binary: "mariadb-install-db",
+        package: "mariadb-server",
+        why: "the MySQL route test creates and starts a throwaway MariaDB server (mariadbd)",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "mariadb",
+        package: "mariadb-client",
+        why: "the MySQL route test talks to MariaDB through warden with the mariadb CLI",
+        location: Location::Path,
+    },
+    Requirement {
         binary: "git",
         package: "git",
         why: "the scan test builds a repository with history",
@@ -139,6 +151,22 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
 
 /// What `cargo xtask demo` needs beyond the Rust toolchain.
 pub const DEMO_REQUIREMENTS: &[Requirement] = &[];
+
+/// What `cargo xtask bench --only mysql` needs: a throwaway MariaDB.
+pub const MYSQL_BENCH_REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        binary: "mariadb-install-db",
+        package: "mariadb-server",
+        why: "the MySQL bench starts a throwaway MariaDB server (mariadbd)",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "mariadb",
+        package: "mariadb-client",
+        why: "the MySQL bench creates its user with the mariadb CLI",
+        location: Location::Path,
+    },
+];
 
 /// What `cargo xtask bench` needs for its HTTP proxy benchmark (warden vs
 /// direct vs nginx injecting the same header, driven by wrk).

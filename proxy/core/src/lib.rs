@@ -37,6 +37,7 @@ pub mod init;
 pub mod journal;
 pub mod leases;
 pub mod listen;
+pub mod listener_tls;
 pub mod masterkey;
 pub mod metrics;
 pub mod paths;

@@ -107,6 +107,7 @@ pub enum AttestVia {
     Http,
     Tls,
     Redis,
+    Mysql,
     WorkloadApi,
 }
 
@@ -117,6 +118,7 @@ impl AttestVia {
             AttestVia::Http => "http",
             AttestVia::Tls => "tls",
             AttestVia::Redis => "redis",
+            AttestVia::Mysql => "mysql",
             AttestVia::WorkloadApi => "workload_api",
         }
     }
@@ -360,6 +362,7 @@ impl Metrics {
             AttestVia::Http,
             AttestVia::Tls,
             AttestVia::Redis,
+            AttestVia::Mysql,
             AttestVia::WorkloadApi,
         ] {
             attestation_seconds.with_label_values(&[via.as_str(), "ok"]);

@@ -5,6 +5,9 @@
 //! - `postgres`: warden logs in to the route's database as the route's role
 //!   (with the current password) and runs `ALTER ROLE … PASSWORD '<SCRAM
 //!   verifier>'` — the plaintext never reaches the server or its logs;
+//! - `mysql`: the same on a mysql route's server (`SET PASSWORD` for the
+//!   route's own account), through a [`PasswordChanger`] the binary registers
+//!   (warden-core does not speak the MySQL protocol: `warden-mysql` does);
 //! - `exec`: runs `command` with the new value on its stdin (never argv);
 //! - `webhook`: POSTs the new value as the request body.
 //!
@@ -19,7 +22,7 @@
 //!
 //! Before every rotation and at daemon start, a leftover pending value is
 //! resolved: if it already equals the latest version, step 4 is finished;
-//! for `postgres` a login with the pending password tells whether step 2
+//! for `postgres` and `mysql` a login with the pending password tells whether step 2
 //! happened (then commit) or not (then roll back, the current password still
 //! works); hooks are re-run with the pending value (they must be idempotent)
 //! and then committed. So a crash at any step leaves warden with a working
@@ -97,11 +100,38 @@ async fn fault_point(point: &str) {
     }
 }
 
+/// A rotation method implemented by a front-end crate for its route kind
+/// (`mysql`): it logs in to the route's server itself.
+pub trait PasswordChanger: Send + Sync {
+    /// Logs in to `route`'s server with `current` and makes it accept `new`.
+    fn change<'a>(
+        &'a self,
+        route: &'a str,
+        current: &'a [u8],
+        new: &'a [u8],
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::result::Result<(), Apply>> + Send + 'a>,
+    >;
+    /// Does `password` log in to `route`'s server? Rejected → `Unchanged`.
+    fn probe<'a>(
+        &'a self,
+        route: &'a str,
+        password: &'a [u8],
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::result::Result<(), Apply>> + Send + 'a>,
+    >;
+}
+
 enum Method {
     Postgres {
         target: UpstreamTarget,
         user: String,
         database: String,
+        route: String,
+    },
+    /// Through the [`PasswordChanger`] registered for `method`.
+    Changer {
+        method: &'static str,
         route: String,
     },
     Exec {
@@ -139,6 +169,8 @@ pub struct Rotator {
     /// One rotation per secret at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     failed_at: Mutex<HashMap<String, Instant>>,
+    /// Methods implemented outside warden-core, by name.
+    changers: HashMap<&'static str, Arc<dyn PasswordChanger>>,
 }
 
 impl Rotator {
@@ -185,6 +217,23 @@ impl Rotator {
                         route: r.name.clone(),
                     }
                 }
+                RotateMethod::Mysql => {
+                    let route = rot.route.clone().unwrap_or_default();
+                    if !cfg
+                        .routes
+                        .iter()
+                        .any(|r| r.name == route && r.kind == RouteKind::Mysql)
+                    {
+                        return Err(Error::usage(format!(
+                            "secret {:?}: rotate.route {route:?} is not a mysql route; fix: run `warden config check`",
+                            s.name
+                        )));
+                    }
+                    Method::Changer {
+                        method: "mysql",
+                        route,
+                    }
+                }
                 RotateMethod::Exec => Method::Exec {
                     command: rot.command.clone(),
                 },
@@ -211,6 +260,26 @@ impl Rotator {
             scram: ScramKeyCache::with_capacity(64),
             locks: Mutex::new(HashMap::new()),
             failed_at: Mutex::new(HashMap::new()),
+            changers: HashMap::new(),
+        })
+    }
+
+    /// Registers the implementation of rotation method `method` (e.g.
+    /// `"mysql"`, from warden-mysql).
+    pub fn with_changer(
+        mut self,
+        method: &'static str,
+        changer: Arc<dyn PasswordChanger>,
+    ) -> Rotator {
+        self.changers.insert(method, changer);
+        self
+    }
+
+    fn changer(&self, method: &str) -> std::result::Result<&Arc<dyn PasswordChanger>, Apply> {
+        self.changers.get(method).ok_or_else(|| {
+            Apply::Unchanged(format!(
+                "rotation method \"{method}\" is not available in this program"
+            ))
         })
     }
 
@@ -506,6 +575,7 @@ impl Rotator {
     fn method_name(&self, spec: &Spec) -> &'static str {
         match spec.method {
             Method::Postgres { .. } => "postgres",
+            Method::Changer { method, .. } => method,
             Method::Exec { .. } => "exec",
             Method::Webhook { .. } => "webhook",
         }
@@ -563,26 +633,28 @@ impl Rotator {
             }
         }
         match &spec.method {
-            Method::Postgres { .. } => match self.probe(spec, &pending).await {
-                Ok(()) => {
-                    self.commit(spec, env, &pending, &actor,
+            Method::Postgres { .. } | Method::Changer { .. } => {
+                match self.probe(spec, &pending).await {
+                    Ok(()) => {
+                        self.commit(spec, env, &pending, &actor,
                             "recovered an interrupted rotation: the database already has the new password".into()).await?;
-                    self.count("recovered");
-                    tracing::warn!(secret = %name, "interrupted rotation finished: the database had the new password");
-                }
-                Err(Apply::Unchanged(_)) => {
-                    let ev = Self::event(&actor, "secret.rotate.rollback", name, env, Decision::Allow,
+                        self.count("recovered");
+                        tracing::warn!(secret = %name, "interrupted rotation finished: the database had the new password");
+                    }
+                    Err(Apply::Unchanged(_)) => {
+                        let ev = Self::event(&actor, "secret.rotate.rollback", name, env, Decision::Allow,
                             "recovered an interrupted rotation: the database still has the current password; pending value discarded".into());
-                    self.with_service(|s| s.remove_audited(&pending_name(name), env, ev))?;
-                    self.count("recovered");
-                    tracing::warn!(secret = %name, "interrupted rotation rolled back: the database kept the current password");
+                        self.with_service(|s| s.remove_audited(&pending_name(name), env, ev))?;
+                        self.count("recovered");
+                        tracing::warn!(secret = %name, "interrupted rotation rolled back: the database kept the current password");
+                    }
+                    Err(Apply::Unknown(m)) => {
+                        return Err(Error::unavailable(format!(
+                            "cannot tell whether the database has the new password yet: {m}"
+                        )));
+                    }
                 }
-                Err(Apply::Unknown(m)) => {
-                    return Err(Error::unavailable(format!(
-                        "cannot tell whether the database has the new password yet: {m}"
-                    )));
-                }
-            },
+            }
             Method::Exec { .. } | Method::Webhook { .. } => {
                 let cur = current.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
                 match self.apply(spec, &cur, &pending).await {
@@ -611,6 +683,9 @@ impl Rotator {
 
     /// postgres: does the pending password log in? Rejected → Unchanged.
     async fn probe(&self, spec: &Spec, password: &[u8]) -> std::result::Result<(), Apply> {
+        if let Method::Changer { method, route } = &spec.method {
+            return self.changer(method)?.probe(route, password).await;
+        }
         let Method::Postgres {
             target,
             user,
@@ -690,6 +765,9 @@ impl Rotator {
                     Err(e @ SqlError::Link(_)) => Err(Apply::Unknown(e.to_string())),
                 }
             }
+            Method::Changer { method, route } => {
+                self.changer(method)?.change(route, current, new).await
+            }
             Method::Exec { command } => {
                 run_hook(command, &spec.name, &self.env, new, spec.timeout).await
             }
@@ -727,7 +805,9 @@ impl Rotator {
 }
 
 /// Result of step 2 when it did not succeed.
-enum Apply {
+/// Why changing the upstream failed.
+#[derive(Debug)]
+pub enum Apply {
     /// The upstream certainly still accepts the current value.
     Unchanged(String),
     /// It may or may not have changed (e.g. the link broke after ALTER ROLE was sent).

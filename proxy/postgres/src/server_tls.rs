@@ -1,10 +1,10 @@
 //! Client-side TLS of PostgreSQL routes (`client_tls = true`): warden
 //! answers SSLRequest with `S` and serves a certificate from its own CA for
-//! `localhost` and the listen address, renewed at half-life.
+//! `localhost` and the listen address, renewed at half-life
+//! ([`warden_core::listener_tls`], shared with mysql routes).
 
-use rustls::pki_types::CertificateDer;
 use std::sync::Arc;
-use warden_core::error::{Error, Result};
+use warden_core::error::Result;
 
 /// Client-side TLS for a route: rustls server configuration whose certificate
 /// (for `localhost` and the listen address) comes from warden's CA and is
@@ -13,71 +13,5 @@ pub fn server_config(
     route: &crate::PgRoute,
     identity: Arc<warden_core::authority::IdentityHandle>,
 ) -> Result<Arc<rustls::ServerConfig>> {
-    let resolver = ListenerCertResolver {
-        identity,
-        key: format!("route/{}", route.name),
-        dns: vec!["localhost".to_string()],
-        ips: vec![route.listen.ip()],
-        cached: std::sync::Mutex::new(None),
-    };
-    let config = rustls::ServerConfig::builder_with_provider(warden_core::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
-    Ok(Arc::new(config))
-}
-
-struct ListenerCertResolver {
-    identity: Arc<warden_core::authority::IdentityHandle>,
-    key: String,
-    dns: Vec<String>,
-    ips: Vec<std::net::IpAddr>,
-    cached: std::sync::Mutex<Option<(String, Arc<rustls::sign::CertifiedKey>)>>,
-}
-
-impl std::fmt::Debug for ListenerCertResolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ListenerCertResolver")
-            .field("key", &self.key)
-            .finish()
-    }
-}
-
-impl rustls::server::ResolvesServerCert for ListenerCertResolver {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let cert = {
-            let mut guard = self.identity.authority.lock().ok()?;
-            let authority = guard.as_mut()?;
-            authority
-                .server_cert(
-                    &self.key,
-                    &self.dns,
-                    &self.ips,
-                    time::OffsetDateTime::now_utc(),
-                )
-                .ok()?
-        };
-        let mut cached = self.cached.lock().ok()?;
-        if let Some((serial, ck)) = cached.as_ref() {
-            if *serial == cert.serial_hex {
-                return Some(ck.clone());
-            }
-        }
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pkcs8.to_vec()),
-        );
-        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).ok()?;
-        let chain = cert
-            .cert_chain_der
-            .iter()
-            .map(|d| CertificateDer::from(d.clone()))
-            .collect();
-        let ck = Arc::new(rustls::sign::CertifiedKey::new(chain, signer));
-        *cached = Some((cert.serial_hex.clone(), ck.clone()));
-        Some(ck)
-    }
+    warden_core::listener_tls::server_config(&route.name, route.listen.ip(), identity)
 }

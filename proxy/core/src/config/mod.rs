@@ -367,8 +367,8 @@ mod tests {
         let rot = c.secrets[0].rotate.as_ref().unwrap();
         assert_eq!(rot.method, RotateMethod::Postgres);
         assert_eq!(rot.route.as_deref(), Some("orders-db"));
-        assert_eq!(c.routes.len(), 5);
-        let d = c.routes[4]
+        assert_eq!(c.routes.len(), 6);
+        let d = c.routes[5]
             .credential
             .as_ref()
             .unwrap()
@@ -422,6 +422,11 @@ mod tests {
         assert_eq!(c.routes[1].request_timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.routes[3].kind, RouteKind::Tls);
         assert_eq!(c.routes[3].upstream_tls.mode, TlsMode::VerifyFull);
+        assert_eq!(c.routes[4].kind, RouteKind::Mysql);
+        assert_eq!(
+            c.routes[4].upstream_host_port(),
+            Ok(("shop-db.internal".to_string(), 3306))
+        );
 
         assert_eq!(
             c.anomaly.webhook.as_deref(),

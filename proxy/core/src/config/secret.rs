@@ -40,6 +40,8 @@ config_enum! {
     RotateMethod {
         /// `ALTER ROLE … PASSWORD` on the route's database, run by warden.
         Postgres => "postgres",
+        /// `SET PASSWORD` for a mysql route's own account, run by warden.
+        Mysql => "mysql",
         /// A program that gets the new value on stdin.
         Exec => "exec",
         /// An HTTP POST whose body is the new value.
@@ -52,7 +54,7 @@ config_enum! {
 #[serde(deny_unknown_fields)]
 pub struct Rotate {
     pub method: RotateMethod,
-    /// postgres: the route whose `credential` uses this secret.
+    /// postgres, mysql: the route whose `credential` uses this secret.
     #[serde(default)]
     pub route: Option<String>,
     /// exec: program and arguments (never the value; that comes on stdin).
@@ -126,7 +128,7 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
         )
     };
     let mut extra = Vec::new();
-    if m != RotateMethod::Postgres && rot.route.is_some() {
+    if !matches!(m, RotateMethod::Postgres | RotateMethod::Mysql) && rot.route.is_some() {
         extra.push(unused("route"));
     }
     if m != RotateMethod::Exec && !rot.command.is_empty() {
@@ -139,11 +141,11 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
         c.error(key, problem, fix);
     }
     match m {
-        RotateMethod::Postgres => match &rot.route {
+        RotateMethod::Postgres | RotateMethod::Mysql => match &rot.route {
             None => c.error(
                 format!("{k}.rotate.route"),
-                "method \"postgres\" needs the route whose database holds the role",
-                "add route = \"NAME\" naming a postgres [[route]] whose credential.secret is this secret",
+                format!("method \"{m}\" needs the route whose database holds the {}", if m == RotateMethod::Mysql { "user" } else { "role" }),
+                format!("add route = \"NAME\" naming a {m} [[route]] whose credential.secret is this secret"),
             ),
             Some(name) => {
                 let found = cfg.routes.iter().enumerate().find(|(_, r)| &r.name == name);
@@ -151,15 +153,20 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
                     None => c.error(
                         format!("{k}.rotate.route"),
                         format!("there is no route named \"{name}\""),
-                        "name a postgres [[route]] defined in this file",
+                        format!("name a {m} [[route]] defined in this file"),
                     ),
                     Some((j, r)) => {
-                        let uses = r.kind == RouteKind::Postgres
+                        let kind = if m == RotateMethod::Mysql {
+                            RouteKind::Mysql
+                        } else {
+                            RouteKind::Postgres
+                        };
+                        let uses = r.kind == kind
                             && r.credential.as_ref().is_some_and(|cr| cr.secret == s.name);
                         if !uses {
                             c.error(
                                 format!("{k}.rotate.route"),
-                                format!("route[{j}] (\"{name}\") is not a postgres route whose credential.secret is \"{}\", so warden would not know which role's password to change", s.name),
+                                format!("route[{j}] (\"{name}\") is not a {m} route whose credential.secret is \"{}\", so warden would not know whose password to change", s.name),
                                 format!("set route[{j}].credential.secret = \"{}\" or name the route that uses this secret", s.name),
                             );
                         }

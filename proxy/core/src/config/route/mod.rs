@@ -5,6 +5,7 @@
 
 pub(super) mod credential;
 pub(super) mod inject;
+pub(super) mod mysql;
 pub(super) mod redis;
 
 use std::collections::HashMap;
@@ -47,6 +48,8 @@ config_enum! {
         Tls => "tls",
         /// Redis (RESP2/RESP3); warden sends `AUTH` with `credential`.
         Redis => "redis",
+        /// MySQL/MariaDB wire protocol; warden logs in with `credential`.
+        Mysql => "mysql",
     }
 }
 
@@ -85,7 +88,7 @@ pub struct Route {
     /// TLS towards the upstream.
     #[serde(default)]
     pub upstream_tls: UpstreamTls,
-    /// Login credential (postgres, redis).
+    /// Login credential (postgres, redis, mysql).
     #[serde(default)]
     pub credential: Option<Credential>,
     /// Header injection (http).
@@ -97,9 +100,10 @@ pub struct Route {
     /// Permit a non-loopback `listen` address.
     #[serde(default)]
     pub allow_non_loopback: bool,
-    /// TLS to clients (postgres: answer SSLRequest with `S`), with a
-    /// certificate from warden's CA for `localhost` and the listen address:
-    /// `true` offers it, `"require"` refuses clients that do not use it.
+    /// TLS to clients (postgres: answer SSLRequest with `S`; mysql:
+    /// CLIENT_SSL in warden's greeting), with a certificate from warden's CA
+    /// for `localhost` and the listen address: `true` offers it,
+    /// `"require"` refuses clients that do not use it.
     #[serde(default)]
     pub client_tls: ClientTls,
     /// Databases clients may ask for (postgres); empty means any.
@@ -173,7 +177,7 @@ impl Route {
     pub fn upstream_host_port(&self) -> Result<(String, u16), String> {
         match self.kind {
             RouteKind::Http => parse_http_url(&self.upstream).map(|u| (u.host, u.port)),
-            RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis => {
+            RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis | RouteKind::Mysql => {
                 split_host_port(&self.upstream)
             }
         }
@@ -396,16 +400,17 @@ pub(super) fn check_routes(c: &mut Checker<'_>) {
             }
             check_socket_path(c, &format!("{k}.unix_socket"), path);
         }
-        if r.client_tls.enabled() && r.kind != RouteKind::Postgres {
+        if r.client_tls.enabled() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
             c.error(
                 format!("{k}.client_tls"),
-                format!("client_tls is only supported on kind = \"postgres\" routes; this route is kind = \"{}\"", r.kind),
+                format!("client_tls is only supported on kind = \"postgres\" and kind = \"mysql\" routes; this route is kind = \"{}\"", r.kind),
                 "remove client_tls from this route",
             );
         }
 
         check_route_kind_keys(c, &k, r);
         redis::check_redis_keys(c, &k, r);
+        mysql::check_mysql_keys(c, &k, r);
         check_upstream(c, &k, r);
         check_route_secret(c, &k, r);
         if r.kind == RouteKind::Tls && r.mode == TlsRouteMode::Server {
@@ -542,7 +547,7 @@ fn listen_clash(a: SocketAddr, b: SocketAddr) -> bool {
 fn check_upstream(c: &mut Checker<'_>, k: &str, r: &Route) {
     let mode = r.upstream_tls.mode;
     match r.kind {
-        RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis => match split_host_port(
+        RouteKind::Postgres | RouteKind::Tls | RouteKind::Redis | RouteKind::Mysql => match split_host_port(
             &r.upstream,
         ) {
             Err(problem) => c.error(
@@ -551,10 +556,10 @@ fn check_upstream(c: &mut Checker<'_>, k: &str, r: &Route) {
                 format!(
                     "for kind = \"{}\" write upstream as host:port, e.g. \"{}\"",
                     r.kind,
-                    if r.kind == RouteKind::Redis {
-                        "cache.internal:6379"
-                    } else {
-                        "db.internal:5432"
+                    match r.kind {
+                        RouteKind::Redis => "cache.internal:6379",
+                        RouteKind::Mysql => "db.internal:3306",
+                        _ => "db.internal:5432",
                     }
                 ),
             ),
@@ -638,6 +643,15 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 );
             }
         }
+        RouteKind::Mysql => {
+            if r.credential.is_none() {
+                c.error(
+                    format!("{k}.credential"),
+                    format!("mysql route \"{}\" has no credential, so warden cannot log in to the database for its clients", r.name),
+                    "add credential = { user = \"app\", secret = \"orders-db/app\" }",
+                );
+            }
+        }
         RouteKind::Tls => {
             if r.mode == TlsRouteMode::Server
                 && (r.upstream_tls.spiffe_id.is_some() || r.upstream_tls.ca_file.is_some())
@@ -657,10 +671,15 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
             "remove them from this route",
         );
     }
-    if r.credential.is_some() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Redis) {
+    if r.credential.is_some()
+        && !matches!(
+            r.kind,
+            RouteKind::Postgres | RouteKind::Redis | RouteKind::Mysql
+        )
+    {
         c.error(
             format!("{k}.credential"),
-            format!("credential is only used by kind = \"postgres\" and kind = \"redis\" routes; this route is kind = \"{}\"", r.kind),
+            format!("credential is only used by kind = \"postgres\", \"redis\" and \"mysql\" routes; this route is kind = \"{}\"", r.kind),
             if r.kind == RouteKind::Http {
                 "use inject = { header = ..., value = \"... {secret}\", secret = ... } for http routes"
             } else {
@@ -675,8 +694,11 @@ fn check_route_secret(c: &mut Checker<'_>, k: &str, r: &Route) {
                 "inject is only used by kind = \"http\" routes; this route is kind = \"{}\"",
                 r.kind
             ),
-            if matches!(r.kind, RouteKind::Postgres | RouteKind::Redis) {
-                "use credential = { user = ..., secret = ... } for postgres and redis routes"
+            if matches!(
+                r.kind,
+                RouteKind::Postgres | RouteKind::Redis | RouteKind::Mysql
+            ) {
+                "use credential = { user = ..., secret = ... } for postgres, redis and mysql routes"
             } else {
                 "remove inject from this route"
             },

@@ -1,0 +1,809 @@
+//! MySQL/MariaDB routes (`kind = "mysql"`): a client connects locally with
+//! no password; warden attests it and checks the allow list (the admission
+//! step in `warden_core::admission`) before reading a byte, connects to the
+//! upstream and reads its greeting, then greets the client itself — the
+//! server's version, connection id and capabilities (less compression and
+//! TLS), and a fresh random scramble of its own. Whatever user and password
+//! proof the client answers with are ignored and never forwarded: warden
+//! logs in upstream as the route's user with the route's secret
+//! ([`upstream`]), carrying over the client's capabilities, database,
+//! character set and connection attributes, records the session start,
+//! answers the client OK, and relays ([`relay`]).
+//!
+//! Refusals are ERR packets written after the client's handshake response,
+//! so every client shows code, SQLSTATE and text: see [`refusal_of`] (this
+//! route kind's one denial-to-wire table) and [`upstream_refusal`].
+
+pub mod auth;
+pub mod packet;
+pub mod relay;
+pub mod rotate;
+pub mod upstream;
+
+use packet::{
+    caps, put_packet, read_packet, write_packet, ErrPacket, Greeting, HandshakeResponse,
+    MAX_HANDSHAKE_PACKET,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef};
+use warden_core::audit::{Decision, Event, Target};
+use warden_core::config::{ClientTls, Config, RouteKind, TlsMode};
+use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
+use warden_core::error::{Error, Result};
+use warden_core::metrics::{AttestVia, Metrics};
+use warden_core::peer::{actor, Attested};
+
+/// How long a client may take to answer warden's greeting (as PostgreSQL
+/// routes wait for a startup packet): an admitted client's upstream
+/// connection is already open meanwhile.
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything one mysql route needs at run time.
+pub struct MysqlRoute {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstream: upstream::Target,
+    pub user: String,
+    pub secret: String,
+    pub env: String,
+    pub cache_ttl: Duration,
+    pub allow: Vec<String>,
+    /// TLS to clients with a certificate from warden's CA: offered, or
+    /// required.
+    pub client_tls: ClientTls,
+}
+
+impl MysqlRoute {
+    pub fn from_config(cfg: &Config) -> Result<Vec<MysqlRoute>> {
+        let mut out = Vec::new();
+        for (i, r) in cfg.routes.iter().enumerate() {
+            if r.kind != RouteKind::Mysql {
+                continue;
+            }
+            let cred = r.credential.as_ref().ok_or_else(|| {
+                Error::usage(format!(
+                    "route[{i}].credential: a mysql route needs credential = {{ user = \"app\", secret = \"NAME\" }}"
+                ))
+            })?;
+            let (host, port) = r
+                .upstream_host_port()
+                .map_err(|e| Error::usage(format!("route[{i}].upstream: {e}")))?;
+            let tls = warden_core::tls::client_config(
+                r.upstream_tls.mode,
+                r.upstream_tls.ca_file.as_deref(),
+                &r.name,
+            )?;
+            let server_name = match tls {
+                Some(_) => Some(warden_core::tls::server_name(
+                    host.trim_start_matches('[').trim_end_matches(']'),
+                )?),
+                None => None,
+            };
+            let rotation = cfg
+                .secrets
+                .iter()
+                .find(|s| s.name == cred.secret)
+                .and_then(|s| s.rotation_period);
+            let mut cache_ttl = cred.cache_ttl.unwrap_or(DEFAULT_CACHE_TTL);
+            if let Some(rot) = rotation {
+                cache_ttl = cache_ttl.min(rot);
+            }
+            let ca_label = match (&r.upstream_tls.mode, &r.upstream_tls.ca_file) {
+                (TlsMode::Disable, _) => "none (TLS disabled)".to_string(),
+                (_, Some(f)) => f.display().to_string(),
+                (_, None) => "the system bundle".to_string(),
+            };
+            out.push(MysqlRoute {
+                name: r.name.clone(),
+                listen: r.listen,
+                upstream: upstream::Target {
+                    host,
+                    port,
+                    tls,
+                    server_name,
+                    ca_label,
+                    connect_timeout: r.connect_timeout(),
+                },
+                user: cred.user.clone(),
+                secret: cred.secret.clone(),
+                env: cfg.environment.clone(),
+                cache_ttl,
+                allow: r.allow.clone(),
+                client_tls: r.client_tls,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// State shared by every mysql route.
+pub struct MysqlShared {
+    /// attest → policy → credential → session records (every front end's).
+    pub admission: Arc<Admission>,
+    pub metrics: Metrics,
+    /// Client-side TLS per route (routes with `client_tls`).
+    pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+}
+
+impl MysqlShared {
+    pub fn new(
+        admission: Arc<Admission>,
+        metrics: Metrics,
+        routes: &[Arc<MysqlRoute>],
+        identity: Arc<warden_core::authority::IdentityHandle>,
+    ) -> Result<MysqlShared> {
+        let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.client_tls.enabled()) {
+            client_tls.insert(
+                r.name.clone(),
+                warden_core::listener_tls::server_config(&r.name, r.listen.ip(), identity.clone())?,
+            );
+        }
+        Ok(MysqlShared {
+            admission,
+            metrics,
+            client_tls,
+        })
+    }
+}
+
+/// Binds every mysql route's listener.
+pub async fn bind_routes(
+    routes: Vec<MysqlRoute>,
+) -> Result<Vec<(Arc<MysqlRoute>, tokio::net::TcpListener)>> {
+    let mut out = Vec::new();
+    for r in routes {
+        let tcp = warden_core::listen::bind_route(&r.name, r.listen).await?;
+        out.push((Arc::new(r), tcp));
+    }
+    Ok(out)
+}
+
+/// Accepts connections on one route until the task is dropped.
+pub async fn serve_route(
+    route: Arc<MysqlRoute>,
+    tcp: tokio::net::TcpListener,
+    shared: Arc<MysqlShared>,
+) {
+    let name = route.name.clone();
+    let shed = warden_core::listen::Shed {
+        refusal: too_many_connections(&warden_core::listen::overload_message()),
+        metrics: Some(shared.metrics.clone()),
+    };
+    warden_core::listen::accept_loop_shedding(
+        &name,
+        route.listen,
+        &tcp,
+        &shed,
+        |stream, local, peer| {
+            tokio::spawn(session(stream, local, peer, route.clone(), shared.clone()));
+        },
+    )
+    .await;
+}
+
+/// What a MySQL server sends a connection over `max_connections`: ERR 1040
+/// as the first packet, in place of the greeting (so without the SQLSTATE
+/// marker: no capabilities are agreed yet; clients show 1040 "Too many
+/// connections").
+pub fn too_many_connections(message: &str) -> Vec<u8> {
+    let mut payload = vec![0xff];
+    payload.extend_from_slice(&1040u16.to_le_bytes());
+    payload.extend_from_slice(message.as_bytes());
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    put_packet(&mut out, 0, &payload);
+    out
+}
+
+/// The denial-to-wire table of mysql routes: policy refusals are 1045
+/// access denied (SQLSTATE 28000); warden's own failures (sealed, no
+/// credential, audit, internal) are 1105 (HY000). Messages name the route
+/// and, when known, the workload.
+pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> ErrPacket {
+    let (code, state) = if d.is_policy() || matches!(d, Denial::Frozen(_)) {
+        (1045, "28000")
+    } else {
+        (1105, "HY000")
+    };
+    let mut message = d.to_string();
+    let route_q = format!("{route:?}");
+    if !message.contains(&route_q) {
+        message.push_str(&format!(" (route {route_q})"));
+    }
+    if let Some(w) = workload {
+        let w_q = format!("{w:?}");
+        if !message.contains(&w_q) {
+            message.push_str(&format!(" (workload {w_q})"));
+        }
+    }
+    ErrPacket::new(code, state, message)
+}
+
+/// What the client is told when warden's own login upstream failed, and
+/// the `result` label it counts under. Unreachable: 1429 (HY000, "unable to
+/// connect to foreign data source": a server code, which clients show — the
+/// client library's own 2003 in a server's ERR packet is reported by
+/// libmariadb as a malformed packet) with MySQL's 2003 wording; the stored password
+/// refused: 1045 naming the secret (never its value); a plugin warden does
+/// not speak: 1251; a server that is not speaking the protocol: 1043; any
+/// other server error (1040 too many connections, 1049 unknown database,
+/// ...) is forwarded with its own code and SQLSTATE, prefixed so the
+/// client knows warden logged in.
+pub fn upstream_refusal(
+    f: &upstream::Failure,
+    route: &MysqlRoute,
+    workload: &str,
+    label: &str,
+) -> (ErrPacket, &'static str) {
+    use upstream::Failure as F;
+    let (host, port) = (&route.upstream.host, route.upstream.port);
+    match f {
+        F::Unreachable(m) => (
+            ErrPacket::new(
+                1429,
+                "HY000",
+                format!(
+                    "warden: upstream {host}:{port} unreachable for route {:?} (workload {workload:?}): {m}",
+                    route.name
+                ),
+            ),
+            "upstream_error",
+        ),
+        F::Rejected(e) => (
+            ErrPacket::new(
+                1045,
+                "28000",
+                format!(
+                    "warden: upstream rejected the credential for route {:?} (user {:?}, secret {label}, workload {workload:?}): {}",
+                    route.name, route.user, e.message
+                ),
+            ),
+            "upstream_rejected",
+        ),
+        F::Unsupported(m) => (
+            ErrPacket::new(
+                1251,
+                "08004",
+                format!("warden: route {:?} (workload {workload:?}): {m}", route.name),
+            ),
+            "upstream_error",
+        ),
+        F::Protocol(m) => (
+            ErrPacket::new(
+                1043,
+                "08S01",
+                format!(
+                    "warden: upstream {host}:{port} for route {:?} broke the protocol during login: {m}",
+                    route.name
+                ),
+            ),
+            "upstream_error",
+        ),
+        F::Server(e) => (
+            ErrPacket {
+                code: e.code,
+                sqlstate: e.sqlstate,
+                message: format!(
+                    "warden: upstream {host}:{port} for route {:?}: {}",
+                    route.name, e.message
+                ),
+            },
+            "upstream_error",
+        ),
+    }
+}
+
+/// A server error text never carries the password; make sure anyway.
+fn scrub(mut e: ErrPacket, secret: &[u8]) -> ErrPacket {
+    let s = String::from_utf8_lossy(secret);
+    if !s.is_empty() && e.message.contains(s.as_ref()) {
+        e.message = "(the server's answer is withheld: it contains the secret)".into();
+    }
+    e
+}
+
+/// Writes an ERR packet with sequence id `seq`, closes the write side, and
+/// reads away what the client sent meanwhile (so the close is not a reset
+/// that could discard the error unread).
+async fn refuse_client<S>(client: &mut S, seq: u8, e: &ErrPacket)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = write_packet(client, seq, &e.encode()).await;
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A fresh scramble: 20 random bytes in 1..=127 (no NUL: clients read part
+/// of it as a C string). warden never checks the proof a client computes
+/// over it, so it protects nothing; it is random so that no client sees a
+/// fixed one.
+fn fresh_scramble() -> Vec<u8> {
+    let mut s = [0u8; 20];
+    if aws_lc_rs::rand::fill(&mut s).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        for (i, b) in s.iter_mut().enumerate() {
+            *b = (t >> (i % 8 * 8)) as u8 ^ i as u8;
+        }
+    }
+    s.iter().map(|b| (b & 0x7f).max(1)).collect()
+}
+
+/// warden's greeting: the server's, with warden's scramble and
+/// `mysql_native_password` as the plugin, and the capabilities warden
+/// relays (CLIENT_SSL only on `client_tls` routes). Without a server
+/// (refusals) a neutral one.
+fn client_greeting(server: Option<&Greeting>, offer_tls: bool) -> Greeting {
+    let tls = if offer_tls { caps::SSL } else { 0 };
+    let relayed = |c: u32| {
+        (c & !caps::NOT_RELAYED)
+            | caps::PROTOCOL_41
+            | caps::SECURE_CONNECTION
+            | caps::PLUGIN_AUTH
+            | tls
+    };
+    match server {
+        Some(g) => Greeting {
+            server_version: g.server_version.clone(),
+            connection_id: g.connection_id,
+            scramble: fresh_scramble(),
+            capabilities: relayed(g.capabilities),
+            mariadb_caps: g.mariadb_caps,
+            charset: g.charset,
+            status: g.status,
+            auth_plugin: auth::NATIVE.to_vec(),
+        },
+        None => Greeting {
+            server_version: b"5.5.5-warden".to_vec(),
+            connection_id: 0,
+            scramble: fresh_scramble(),
+            capabilities: relayed(
+                caps::LONG_PASSWORD
+                    | caps::CONNECT_WITH_DB
+                    | caps::CONNECT_ATTRS
+                    | caps::PLUGIN_AUTH_LENENC_CLIENT_DATA,
+            ),
+            mariadb_caps: 0,
+            charset: 0x21,
+            status: 2,
+            auth_plugin: auth::NATIVE.to_vec(),
+        },
+    }
+}
+
+fn credential_target(route: &MysqlRoute, version: Option<u32>, detail: String) -> Target {
+    Target {
+        route: Some(route.name.clone()),
+        secret: Some(route.secret.clone()),
+        env: Some(route.env.clone()),
+        version,
+        detail: Some(detail),
+    }
+}
+
+/// A client connection: plain TCP, or TLS after an SSLRequest.
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+type Client = Box<dyn ClientIo>;
+
+/// What the client answered to warden's greeting: its handshake response
+/// and the sequence id warden answers with; `Err(Some)`: what to answer
+/// instead (then close); `Err(None)`: the client left or timed out.
+type Hello = std::result::Result<(HandshakeResponse, u8), Option<(u8, ErrPacket)>>;
+
+async fn read_hello_packet<S: tokio::io::AsyncRead + Unpin>(
+    client: &mut S,
+    seq_guess: u8,
+) -> std::result::Result<packet::Packet, Option<(u8, ErrPacket)>> {
+    match tokio::time::timeout(
+        CLIENT_HANDSHAKE_TIMEOUT,
+        read_packet(client, MAX_HANDSHAKE_PACKET),
+    )
+    .await
+    {
+        Err(_) => Err(None),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => Err(Some((
+            seq_guess,
+            ErrPacket::new(1043, "08S01", format!("Bad handshake: {e}")),
+        ))),
+        Ok(Err(_)) => Err(None),
+        Ok(Ok(p)) => Ok(p),
+    }
+}
+
+fn parse_hello(p: &packet::Packet, route: &MysqlRoute, tls_offered: bool) -> Hello {
+    let seq = p.seq.wrapping_add(1);
+    match HandshakeResponse::parse(&p.payload) {
+        Ok(Some(h)) => Ok((h, seq)),
+        Ok(None) if tls_offered => Err(Some((
+            seq,
+            ErrPacket::new(1043, "08S01", "Bad handshake: a second SSLRequest"),
+        ))),
+        Ok(None) => Err(Some((
+            seq,
+            ErrPacket::new(
+                1043,
+                "08S01",
+                format!(
+                    "warden: route {:?} does not offer TLS to clients (client_tls = false; it listens on loopback and warden encrypts toward the server per upstream_tls); connect without TLS, e.g. mariadb --skip-ssl or ssl-mode=DISABLED",
+                    route.name
+                ),
+            ),
+        ))),
+        Err(e) => Err(Some((
+            seq,
+            ErrPacket::new(1043, "08S01", format!("Bad handshake: {e}")),
+        ))),
+    }
+}
+
+/// Reads the client's answer to warden's greeting; an SSLRequest on a route
+/// with `client_tls` upgrades the connection first. None: the connection is
+/// gone (a failed TLS handshake).
+async fn client_hello(
+    mut tcp: TcpStream,
+    route: &MysqlRoute,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    metrics: &Metrics,
+) -> Option<(Client, Hello)> {
+    let p = match read_hello_packet(&mut tcp, 2).await {
+        Ok(p) => p,
+        Err(e) => return Some((Box::new(tcp), Err(e))),
+    };
+    let Some(config) = tls else {
+        let hello = parse_hello(&p, route, false);
+        return Some((Box::new(tcp), hello));
+    };
+    if !matches!(HandshakeResponse::parse(&p.payload), Ok(None)) {
+        if route.client_tls == ClientTls::Require {
+            // MySQL's own code for require_secure_transport.
+            metrics.session_unattested(&route.name, "tls_required");
+            let e = ErrPacket::new(
+                3159,
+                "HY000",
+                format!(
+                    "warden: route {:?} requires TLS (client_tls = \"require\"); connect with TLS, e.g. mariadb --ssl or ssl-mode=REQUIRED",
+                    route.name
+                ),
+            );
+            return Some((Box::new(tcp), Err(Some((p.seq.wrapping_add(1), e)))));
+        }
+        // TLS offered, not taken: plain TCP on loopback is still served.
+        let hello = parse_hello(&p, route, false);
+        return Some((Box::new(tcp), hello));
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(tcp);
+    let mut s = match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(route = %route.name, "client TLS handshake failed: {e}");
+            metrics.session_unattested(&route.name, "tls_error");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let hello = match read_hello_packet(&mut s, 3).await {
+        Ok(p) => parse_hello(&p, route, true),
+        Err(e) => Err(e),
+    };
+    Some((Box::new(s), hello))
+}
+
+async fn session(
+    tcp: TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    route: Arc<MysqlRoute>,
+    shared: Arc<MysqlShared>,
+) {
+    let started = Instant::now();
+    let admission = &shared.admission;
+    let attestation = admission
+        .attest(Peer::Tcp { local, peer }, AttestVia::Mysql)
+        .await;
+    let policy = RoutePolicy {
+        name: &route.name,
+        allow: &route.allow,
+    };
+    let admitted = match admission.authorize(&attestation, &policy) {
+        Err(d) => Err(d),
+        Ok(who) => {
+            let secret = SecretRef {
+                name: &route.secret,
+                env: &route.env,
+                ttl: route.cache_ttl,
+            };
+            admission
+                .credential(&route.name, &secret)
+                .await
+                .map(|v| (who.clone(), v))
+        }
+    };
+    let (who, secret) = match admitted {
+        Ok(a) => a,
+        Err(d) => {
+            // Refused before any byte was read; the client still gets a
+            // greeting, so that the ERR comes where every client reads it.
+            let workload = attestation.as_ref().ok().map(|w| w.workload.as_str());
+            let e = refusal_of(&d, &route.name, workload);
+            admission
+                .refuse(&route.name, &attestation, &d, "mysql".into())
+                .await;
+            let mut tcp = tcp;
+            let offer = shared.client_tls.get(&route.name);
+            let greeting = client_greeting(None, offer.is_some());
+            let _ = write_packet(&mut tcp, 0, &greeting.encode()).await;
+            if let Some((mut client, Ok((_, seq)) | Err(Some((seq, _))))) =
+                client_hello(tcp, &route, offer, &shared.metrics).await
+            {
+                refuse_client(&mut client, seq, &e).await;
+            }
+            return;
+        }
+    };
+    let label = format!("{} v{}", route.secret, secret.version);
+    let greeted = upstream::connect(&route.upstream).await;
+    let offer = shared.client_tls.get(&route.name);
+    let greeting = client_greeting(greeted.as_ref().ok().map(|g| &g.greeting), offer.is_some());
+    let mut tcp = tcp;
+    if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
+        return;
+    }
+    let Some((mut client, hello)) = client_hello(tcp, &route, offer, &shared.metrics).await else {
+        return;
+    };
+    let (hello, seq) = match hello {
+        Ok(r) => r,
+        Err(answer) => {
+            if let Some((seq, e)) = answer {
+                tracing::info!(route = %route.name, workload = %who.workload, "bad client handshake: {}", e.message);
+                refuse_client(&mut client, seq, &e).await;
+            }
+            return;
+        }
+    };
+    let logged_in = match greeted {
+        Err(f) => Err(f),
+        Ok(g) => {
+            let params = upstream::ClientParams {
+                capabilities: hello.capabilities,
+                mariadb_caps: hello.mariadb_caps,
+                max_packet: hello.max_packet,
+                charset: hello.charset,
+                database: hello.database.as_deref(),
+                attrs: hello.attrs.as_deref(),
+            };
+            upstream::login(&route.upstream, g, &params, &route.user, &secret.value).await
+        }
+    };
+    let upstream = match logged_in {
+        Ok(u) => u,
+        Err(f) => {
+            let (e, result) = upstream_refusal(&f, &route, &who.workload, &label);
+            let e = scrub(e, &secret.value);
+            tracing::warn!(route = %route.name, "session failed: {}", e.message);
+            shared.metrics.session(&route.name, &who.workload, result);
+            let event = Event {
+                actor: actor(Some(&who)),
+                action: "session.error".into(),
+                target: credential_target(&route, Some(secret.version), "mysql".into()),
+                decision: Decision::Error,
+                reason: e.message.clone(),
+            };
+            let _ = admission.audit().record(event).await;
+            refuse_client(&mut client, seq, &e).await;
+            return;
+        }
+    };
+    shared
+        .metrics
+        .upstream_latency(&route.name, upstream.connect_time, upstream.auth_time);
+    let detail = format!(
+        "mysql to {}:{} as {:?} ({}{})",
+        route.upstream.host,
+        route.upstream.port,
+        route.user,
+        upstream.plugin,
+        if upstream.tls { ", TLS" } else { "" }
+    );
+    let started_ok = admission
+        .record_start(
+            &who,
+            &route.name,
+            &route.secret,
+            credential_target(&route, Some(secret.version), detail.clone()),
+            "credential injected (MySQL login)",
+            true,
+        )
+        .await;
+    if let Err(d) = started_ok {
+        let e = refusal_of(&d, &route.name, Some(&who.workload));
+        tracing::warn!(route = %route.name, "session refused: {d}");
+        shared
+            .metrics
+            .session(&route.name, &who.workload, d.result());
+        refuse_client(&mut client, seq, &e).await;
+        return;
+    }
+    // The client's own password proof is ignored. A client that answered
+    // for another plugin than warden's greeting named is switched to it
+    // first (every client follows an auth switch), then told OK.
+    let mut seq = seq;
+    let plugin_differs = hello.capabilities & caps::PLUGIN_AUTH != 0
+        && hello
+            .auth_plugin
+            .as_deref()
+            .is_some_and(|p| p != auth::NATIVE);
+    if plugin_differs {
+        let scramble = fresh_scramble();
+        let ok = async {
+            write_packet(
+                &mut client,
+                seq,
+                &packet::auth_switch(auth::NATIVE, &scramble),
+            )
+            .await?;
+            let p = read_packet(&mut client, MAX_HANDSHAKE_PACKET).await?;
+            std::io::Result::Ok(p.seq.wrapping_add(1))
+        };
+        match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, ok).await {
+            Ok(Ok(next)) => seq = next,
+            _ => {
+                end_session(
+                    &shared,
+                    &route,
+                    &who,
+                    &secret,
+                    &detail,
+                    started,
+                    &relay::Outcome {
+                        how: "client left during login",
+                        ..Default::default()
+                    },
+                )
+                .await;
+                return;
+            }
+        }
+    }
+    let mut ok = Vec::with_capacity(upstream.ok.len() + 4);
+    put_packet(&mut ok, seq, &upstream.ok);
+    if client.write_all(&ok).await.is_err() {
+        end_session(
+            &shared,
+            &route,
+            &who,
+            &secret,
+            &detail,
+            started,
+            &relay::Outcome {
+                how: "client left during login",
+                ..Default::default()
+            },
+        )
+        .await;
+        return;
+    }
+    drop(hello);
+    let ctx = relay::Context {
+        route: &route.name,
+        workload: &who.workload,
+        user: &route.user,
+    };
+    let outcome = relay::relay(client, upstream.stream, &ctx).await;
+    end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+}
+
+async fn end_session(
+    shared: &MysqlShared,
+    route: &MysqlRoute,
+    who: &Attested,
+    secret: &SecretValue,
+    detail: &str,
+    started: Instant,
+    o: &relay::Outcome,
+) {
+    shared
+        .metrics
+        .session_end(&route.name, started.elapsed(), o.up, o.down);
+    let refused = if o.change_user_refused > 0 {
+        format!(", {} COM_CHANGE_USER refused", o.change_user_refused)
+    } else {
+        String::new()
+    };
+    let event = Event {
+        actor: actor(Some(who)),
+        action: "session.end".into(),
+        target: credential_target(
+            route,
+            Some(secret.version),
+            format!(
+                "{detail}, {} bytes up, {} bytes down, {} ms{refused}, {}",
+                o.up,
+                o.down,
+                started.elapsed().as_millis(),
+                o.how
+            ),
+        ),
+        decision: Decision::Allow,
+        reason: "session ended".into(),
+    };
+    // Nobody waits for a session's end: it may share a later commit.
+    let _ = shared.admission.audit().record_unhurried(event).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_refusals_are_access_denied_and_name_route_and_workload() {
+        let d = Denial::NotAllowed {
+            route: "orders".into(),
+            workload: "web".into(),
+            process: "pid 1 (/bin/x)".into(),
+        };
+        let e = refusal_of(&d, "orders", Some("web"));
+        assert_eq!((e.code, e.sqlstate_str().as_str()), (1045, "28000"));
+        assert!(e.message.contains("\"orders\"") && e.message.contains("\"web\""));
+        let d = Denial::Sealed {
+            route: "orders".into(),
+            reason: "sealed".into(),
+        };
+        assert_eq!(refusal_of(&d, "orders", None).code, 1105);
+    }
+
+    #[test]
+    fn greetings_offer_no_tls_nor_compression_and_a_fresh_scramble() {
+        let a = client_greeting(None, false);
+        let b = client_greeting(None, false);
+        assert_ne!(a.scramble, b.scramble);
+        assert_eq!(a.scramble.len(), 20);
+        assert!(a.scramble.iter().all(|&x| (1..=127).contains(&x)));
+        assert_eq!(a.capabilities & (caps::SSL | caps::COMPRESS), 0);
+        let server = Greeting {
+            capabilities: u32::MAX,
+            ..a.clone()
+        };
+        let g = client_greeting(Some(&server), false);
+        assert_eq!(g.capabilities & caps::NOT_RELAYED, 0);
+        let g = client_greeting(Some(&server), true);
+        assert_eq!(g.capabilities & caps::NOT_RELAYED, caps::SSL);
+        assert_eq!(g.auth_plugin, auth::NATIVE);
+        assert!(Greeting::parse(&g.encode()).is_ok());
+    }
+
+    #[test]
+    fn shedding_answers_1040_in_place_of_the_greeting() {
+        let b = too_many_connections("warden: too many connections");
+        assert_eq!(&b[3..7], &[0, 0xff, 0x10, 0x04]);
+        assert_eq!(
+            u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize,
+            b.len() - 4
+        );
+        assert!(b.ends_with(b"too many connections"));
+    }
+
+    #[test]
+    fn an_error_text_carrying_the_secret_is_withheld() {
+        let e = scrub(ErrPacket::new(1045, "28000", "bad pw hunter2"), b"hunter2");
+        assert!(!e.message.contains("hunter2"));
+    }
+}

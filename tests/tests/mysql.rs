@@ -1,0 +1,708 @@
+//! MySQL routes end to end against a real MariaDB server (a throwaway
+//! datadir): the `mariadb` CLI and PyMySQL through warden with no
+//! password; warden's own login upstream with mysql_native_password and
+//! MariaDB's ed25519; COM_CHANGE_USER refused and COM_RESET_CONNECTION
+//! passed; refusals as ERR packets with code and SQLSTATE naming route and
+//! workload (not allowed, wrong stored password, unreachable upstream,
+//! frozen); a malformed handshake response; a secret put applying to the
+//! next session; and the audit log and daemon log (never a password). The
+//! caching_sha2_password and native scrambles are checked against
+//! PyMySQL's own functions (no MySQL 8 server runs here).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use warden_tests::mysql::{cli, cli_with, python, MariaDb};
+use warden_tests::{files_containing, free_port, my_uid, Instance};
+
+const APP_PW: &str = "mysql-CANARY-41c7-app";
+const APP_PW2: &str = "mysql-CANARY-9e02-rotated";
+const ED_PW: &str = "mysql-CANARY-ed25-edward";
+const WRONG_PW: &str = "mysql-CANARY-0bad-wrong";
+
+struct Setup {
+    server: MariaDb,
+    warden: Instance,
+    daemon: warden_tests::Daemon,
+    orders: u16,
+    ed: u16,
+    other: u16,
+    wrong: u16,
+    down: u16,
+    needs_tls: u16,
+    tls_only: u16,
+}
+
+fn setup() -> Setup {
+    let server = MariaDb::start();
+    // Passwords reach the server on the client's stdin, never in argv.
+    server.admin(&format!(
+        "INSTALL SONAME 'auth_ed25519';
+         CREATE DATABASE orders;
+         CREATE TABLE orders.items (id INT PRIMARY KEY, name VARCHAR(20));
+         CREATE TABLE orders.blobs (id INT PRIMARY KEY, b LONGBLOB);
+         INSERT INTO orders.items VALUES (1, 'apple'), (2, 'pear');
+         CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';
+         GRANT ALL ON orders.* TO 'app'@'%';
+         CREATE USER 'ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}');
+         GRANT SELECT ON orders.* TO 'ed'@'%';"
+    ));
+    let [orders, ed, other, wrong, down, needs_tls, tls_only] = [
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    ];
+    let unreachable = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[workload]]
+name = "other"
+spiffe_id = "spiffe://example.org/other"
+selectors = {{ uid = 4242424 }}
+
+[[secret]]
+name = "orders/app"
+rotate = {{ method = "mysql", route = "orders" }}
+
+[[secret]]
+name = "orders/ed"
+rotate = {{ method = "mysql", route = "orders-ed" }}
+
+[[route]]
+name = "orders"
+kind = "mysql"
+listen = "127.0.0.1:{orders}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+client_tls = true
+allow = ["me"]
+
+[[route]]
+name = "orders-ed"
+kind = "mysql"
+listen = "127.0.0.1:{ed}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "ed", secret = "orders/ed" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-other"
+kind = "mysql"
+listen = "127.0.0.1:{other}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["other"]
+
+[[route]]
+name = "orders-wrong"
+kind = "mysql"
+listen = "127.0.0.1:{wrong}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/wrong" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-down"
+kind = "mysql"
+listen = "127.0.0.1:{down}"
+upstream = "127.0.0.1:{unreachable}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-needs-tls"
+kind = "mysql"
+listen = "127.0.0.1:{needs_tls}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "require" }}
+credential = {{ user = "app", secret = "orders/app" }}
+allow = ["me"]
+
+[[route]]
+name = "orders-tls-only"
+kind = "mysql"
+listen = "127.0.0.1:{tls_only}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "orders/app" }}
+client_tls = "require"
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("orders/app", APP_PW.as_bytes()).ok();
+    warden.put("orders/ed", ED_PW.as_bytes()).ok();
+    warden.put("orders/wrong", WRONG_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    Setup {
+        needs_tls,
+        tls_only,
+        server,
+        warden,
+        daemon,
+        orders,
+        ed,
+        other,
+        wrong,
+        down,
+    }
+}
+
+/// A minimal raw client: the greeting, a handshake response, then packets.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        Raw { s }
+    }
+
+    fn send(&mut self, seq: u8, payload: &[u8]) {
+        let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+        out.push(seq);
+        out.extend_from_slice(payload);
+        self.s.write_all(&out).unwrap();
+    }
+
+    /// One packet: (seq, payload); None at EOF.
+    fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 4];
+        self.s.read_exact(&mut h).ok()?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
+        let mut p = vec![0u8; len];
+        self.s.read_exact(&mut p).ok()?;
+        Some((h[3], p))
+    }
+
+    /// Logs in as `user` with an empty password proof.
+    fn login(port: u16, user: &str) -> (Raw, Vec<u8>) {
+        Raw::login_with(port, user, "mysql_native_password")
+    }
+
+    /// Logs in answering for `plugin` (an empty proof).
+    fn login_with(port: u16, user: &str, plugin: &str) -> (Raw, Vec<u8>) {
+        let mut c = Raw::connect(port);
+        let (seq, greeting) = c.read().unwrap();
+        assert_eq!((seq, greeting[0]), (0, 10), "{greeting:?}");
+        // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | DEPRECATE_EOF
+        let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 24);
+        let mut r = caps.to_le_bytes().to_vec();
+        r.extend_from_slice(&(1u32 << 24).to_le_bytes());
+        r.push(33);
+        r.extend_from_slice(&[0u8; 23]);
+        r.extend_from_slice(user.as_bytes());
+        r.push(0);
+        r.push(0); // empty auth response
+        r.extend_from_slice(plugin.as_bytes());
+        r.push(0);
+        c.send(1, &r);
+        let (_, answer) = c.read().unwrap();
+        (c, answer)
+    }
+
+    /// COM_QUERY; the packets of its answer up to the final OK/EOF or ERR.
+    fn query(&mut self, sql: &str) -> Vec<Vec<u8>> {
+        let mut p = vec![0x03];
+        p.extend_from_slice(sql.as_bytes());
+        self.send(0, &p);
+        let mut got = Vec::new();
+        while let Some((_, p)) = self.read() {
+            let end = p[0] == 0xff
+                || (p[0] == 0xfe && p.len() < 0xffffff)
+                || (got.is_empty() && p[0] == 0);
+            got.push(p);
+            if end {
+                break;
+            }
+        }
+        got
+    }
+}
+
+fn err_of(p: &[u8]) -> (u16, String, String) {
+    assert_eq!(p[0], 0xff, "not an ERR: {}", String::from_utf8_lossy(p));
+    let code = u16::from_le_bytes([p[1], p[2]]);
+    let state = String::from_utf8_lossy(&p[4..9]).into_owned();
+    let msg = String::from_utf8_lossy(&p[9..]).into_owned();
+    (code, state, msg)
+}
+
+#[test]
+fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
+    let mut s = setup();
+
+    // The mariadb CLI with no password: warden logged in as app.
+    let (code, out) = cli(
+        s.orders,
+        "nobody",
+        "SELECT CURRENT_USER(); SELECT name FROM orders.items ORDER BY id;",
+    );
+    assert_eq!((code, out.as_str()), (0, "app@%\napple\npear\n"));
+    // MariaDB's ed25519 plugin (an auth switch from the server).
+    let (code, out) = cli(
+        s.ed,
+        "root",
+        "SELECT CURRENT_USER(), COUNT(*) FROM orders.items;",
+    );
+    assert_eq!((code, out.as_str()), (0, "ed@%\t2\n"));
+    // Writes, and a database named at connect time.
+    let (code, out) = cli(
+        s.orders,
+        "x",
+        "USE orders; INSERT INTO items VALUES (3, 'plum'); SELECT COUNT(*) FROM items;",
+    );
+    assert_eq!((code, out.as_str()), (0, "3\n"));
+
+    // PyMySQL with a password of its own (ignored) and a database.
+    let (code, out) = python(
+        "import sys, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='someone', password='ignored', database='orders')\n\
+         cur = c.cursor(); cur.execute('SELECT CURRENT_USER(), DATABASE()'); print(cur.fetchone())\n\
+         cur.execute('SELECT name FROM items WHERE id = %s', (2,)); print(cur.fetchone()[0])\n\
+         c.ping(); c.close()",
+        &[&s.orders.to_string()],
+        b"",
+    );
+    assert_eq!((code, out.as_str()), (0, "('app@%', 'orders')\npear\n"));
+
+    // A 20 MiB value each way: packets over 16 MiB continue in the next
+    // one, in both directions, and are relayed whole.
+    let (code, out) = python(
+        "import sys, hashlib, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='x', database='orders', max_allowed_packet=64*1024*1024)\n\
+         big = bytes(i % 251 for i in range(20 * 1024 * 1024))\n\
+         cur = c.cursor(); cur.execute('INSERT INTO blobs VALUES (1, %s)', (big,)); c.commit()\n\
+         cur.execute('SELECT b FROM blobs WHERE id = 1'); got = cur.fetchone()[0]\n\
+         print(len(got), got == big); cur.execute('SELECT 5'); print(cur.fetchone()[0])",
+        &[&s.orders.to_string()], b"");
+    assert_eq!((code, out.as_str()), (0, "20971520 True\n5\n"));
+
+    // client_tls: TLS from the client with a certificate from warden's CA
+    // (verified with the host name by PyMySQL, used by the CLI); plain TCP
+    // is still served (every call above).
+    let bundle = s.warden.dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        s.warden.run(&["svid", "bundle"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let (code, out) = python(
+        "import sys, pymysql\n\
+         c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='x', ssl_ca=sys.argv[2], ssl_verify_cert=True, ssl_verify_identity=True)\n\
+         cur = c.cursor(); cur.execute('SELECT CURRENT_USER()'); print(c._sock.version(), cur.fetchone()[0])",
+        &[&s.orders.to_string(), &bundle.display().to_string()], b"");
+    assert!(code == 0 && out.starts_with("TLSv1.3 app@%"), "{out}");
+    let ssl_ca = format!("--ssl-ca={}", bundle.display());
+    let (code, out) = cli_with(s.orders, "x", &["--ssl", &ssl_ca], "status;");
+    assert!(code == 0 && out.contains("Cipher in use is TLS"), "{out}");
+    // client_tls = "require": plain TCP is refused with MySQL's own 3159.
+    let (code, out) = cli(s.tls_only, "x", "SELECT 1;");
+    assert!(
+        code == 1 && out.contains("ERROR 3159 (HY000)") && out.contains("requires TLS"),
+        "{out}"
+    );
+    let (code, out) = cli_with(s.tls_only, "x", &["--ssl", &ssl_ca], "SELECT 12;");
+    assert_eq!((code, out.as_str()), (0, "12\n"));
+    // A route without client_tls refuses an SSLRequest clearly (below, raw).
+
+    // COM_CHANGE_USER is refused (1045) and never reaches the server; the
+    // session goes on; COM_RESET_CONNECTION passes.
+    let (mut c, ok) = Raw::login(s.orders, "whoever");
+    assert_eq!(ok[0], 0, "{ok:?}");
+    let mut change = vec![0x11];
+    change.extend_from_slice(b"root\0\0mysql\0");
+    c.send(0, &change);
+    let (seq, p) = c.read().unwrap();
+    let (code, state, msg) = err_of(&p);
+    assert_eq!((seq, code, state.as_str()), (1, 1045, "28000"));
+    assert!(
+        msg.contains("\"orders\"") && msg.contains("\"me\"") && msg.contains("COM_CHANGE_USER"),
+        "{msg}"
+    );
+    c.send(0, &[0x1f]);
+    let (_, p) = c.read().unwrap();
+    assert_eq!(p[0], 0, "COM_RESET_CONNECTION: {p:?}");
+    let rows = c.query("SELECT CURRENT_USER()");
+    assert!(
+        rows.iter()
+            .any(|r| warden_tests::contains_bytes(r, b"app@%")),
+        "{rows:?}"
+    );
+    drop(c);
+
+    // Refusals: ERR packets with code and SQLSTATE naming route and workload.
+    let (code, out) = cli(s.other, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1045 (28000)")
+            && out.contains("\"orders-other\"")
+            && out.contains("workload \"me\""),
+        "{out}"
+    );
+    let (code, out) = cli(s.wrong, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1045 (28000)")
+            && out.contains("upstream rejected the credential for route \"orders-wrong\"")
+            && out.contains("secret orders/wrong v1")
+            && out.contains("workload \"me\""),
+        "{out}"
+    );
+    assert!(!out.contains(WRONG_PW), "{out}");
+    let (code, out) = cli(s.down, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1429 (HY000)")
+            && out.contains("unreachable for route \"orders-down\"")
+            && out.contains("workload \"me\""),
+        "{out}"
+    );
+
+    // A route that requires TLS toward a server without it: refused before
+    // the password is sent.
+    let (code, out) = cli(s.needs_tls, "x", "SELECT 1;");
+    assert!(
+        code == 1 && out.contains("ERROR 1429 (HY000)") && out.contains("does not offer TLS"),
+        "{out}"
+    );
+
+    // Malformed handshake responses: an ERR (1043 bad handshake), no panic.
+    for bad in [&b"\x00\x02"[..], &[0xff; 40], &[0u8; 4]] {
+        let mut c = Raw::connect(s.orders);
+        c.read().unwrap();
+        c.send(1, bad);
+        let (seq, p) = c.read().unwrap();
+        let (code, state, _) = err_of(&p);
+        assert_eq!((seq, code, state.as_str()), (2, 1043, "08S01"));
+    }
+    // A packet header claiming 16 MB, then a close.
+    let mut c = Raw::connect(s.orders);
+    c.read().unwrap();
+    c.s.write_all(&[0xff, 0xff, 0xff, 1, 0]).unwrap();
+    let (_, p) = c.read().unwrap();
+    assert_eq!(err_of(&p).0, 1043);
+    // An SSLRequest on a route without client TLS: a clear ERR.
+    let mut c = Raw::connect(s.ed);
+    c.read().unwrap();
+    let mut ssl = ((1u32 << 9) | (1 << 11) | (1 << 15)).to_le_bytes().to_vec();
+    ssl.extend_from_slice(&[0u8; 28]);
+    c.send(1, &ssl);
+    let (_, p) = c.read().unwrap();
+    let (code, _, msg) = err_of(&p);
+    assert!(code == 1043 && msg.contains("does not offer TLS"), "{msg}");
+    // The daemon serves on.
+    assert_eq!(cli(s.orders, "x", "SELECT 7;"), (0, "7\n".into()));
+
+    // A new password: on the server, then in warden; the next session uses it.
+    s.server
+        .admin(&format!("ALTER USER 'app'@'%' IDENTIFIED BY '{APP_PW2}';"));
+    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    assert!(code == 1 && out.contains("ERROR 1045"), "{out}");
+    s.warden.put("orders/app", APP_PW2.as_bytes()).ok();
+    assert_eq!(cli(s.orders, "x", "SELECT 8;"), (0, "8\n".into()));
+
+    // A freeze refuses the next session; unfreeze lets it in again.
+    let out = s.warden.run(&["freeze", "me", "--reason", "mysql test"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    assert!(
+        code == 1
+            && out.contains("ERROR 1045 (28000)")
+            && out.contains("frozen")
+            && out.contains("\"orders\""),
+        "{out}"
+    );
+    s.warden.run(&["unfreeze", "me"]).ok();
+    assert_eq!(cli(s.orders, "x", "SELECT 9;"), (0, "9\n".into()));
+
+    // rotate = { method = "mysql" }: warden changes the password on the
+    // server (keeping each account's plugin) and the next sessions use it.
+    for (secret, port, user, plugin) in [
+        ("orders/app", s.orders, "app", "mysql_native_password"),
+        ("orders/ed", s.ed, "ed", "ed25519"),
+    ] {
+        let out = s.warden.run(&["secret", "rotate", secret]);
+        assert_eq!(out.code, 0, "{out:#?}");
+        let (code, out) = cli(port, "x", "SELECT CURRENT_USER();");
+        assert_eq!((code, out), (0, format!("{user}@%\n")));
+        let got = s.server.admin(&format!(
+            "SELECT plugin FROM mysql.user WHERE user = '{user}';"
+        ));
+        assert_eq!(got.trim(), plugin);
+    }
+    // The old passwords no longer log in.
+    for (user, old) in [("app", APP_PW2), ("ed", ED_PW)] {
+        let (code, out) = s.server.direct(user, old, "SELECT 1;");
+        assert!(code == 1 && out.contains("ERROR 1045"), "{user}: {out}");
+    }
+
+    // The server going away: the next session gets 1429 (unreachable).
+    s.server.stop();
+    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    assert!(code == 1 && out.contains("ERROR 1429 (HY000)"), "{out}");
+    s.server.restart();
+    assert_eq!(cli(s.orders, "x", "SELECT 10;"), (0, "10\n".into()));
+
+    // Audit: start and end records, denials, errors; never a password
+    // (audit log, daemon log, store, anywhere under warden's dir).
+    std::thread::sleep(Duration::from_millis(300));
+    let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
+    let on = |action: &str, route: &str| {
+        audit
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("\"{action}\""))
+                    && l.contains(&format!("\"route\":\"{route}\""))
+            })
+            .count()
+    };
+    assert!(on("session.start", "orders") >= 5, "{audit}");
+    assert!(on("session.end", "orders") >= 5, "{audit}");
+    assert!(on("session.start", "orders-ed") >= 1, "{audit}");
+    assert!(on("session.deny", "orders-other") >= 1, "{audit}");
+    assert!(on("session.error", "orders-wrong") >= 1, "{audit}");
+    assert!(on("session.error", "orders-down") >= 1, "{audit}");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("1 COM_CHANGE_USER refused")),
+        "{audit}"
+    );
+    let log = s.daemon.log_text();
+    for pw in [APP_PW, APP_PW2, ED_PW, WRONG_PW] {
+        let leaks = files_containing(s.warden.dir.path(), pw.as_bytes());
+        assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
+        assert!(!log.contains(pw));
+    }
+    // The session counter has kind-independent families with this route.
+    assert!(log.contains("MySQL route listening"), "{log}");
+}
+
+#[test]
+fn upstream_tls_is_verified_like_postgres_routes() {
+    let server = MariaDb::start_tls();
+    let ca = server.ca_pem.clone().unwrap();
+    server.admin(&format!(
+        "INSTALL SONAME 'auth_ed25519';
+         CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}' REQUIRE SSL;
+         CREATE USER 'ed'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PW}') REQUIRE SSL;"
+    ));
+    // Another CA, which did not sign the server's certificate.
+    let other_ca_dir = tempfile::tempdir().unwrap();
+    let other_ca = warden_tests::pg::make_tls(other_ca_dir.path()).ca_pem;
+    let [full, ed, require, wrong_ca] = [free_port(), free_port(), free_port(), free_port()];
+    let route = |name: &str, listen: u16, host: &str, tls: &str, user: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nkind = \"mysql\"\nlisten = \"127.0.0.1:{listen}\"\n\
+             upstream = \"{host}:{}\"\nupstream_tls = {tls}\n\
+             credential = {{ user = \"{user}\", secret = \"db/{user}\" }}\nallow = [\"me\"]\n\n",
+            server.port
+        )
+    };
+    let cfg = format!(
+        "trust_domain = \"example.org\"\n\n[[workload]]\nname = \"me\"\n\
+         spiffe_id = \"spiffe://example.org/me\"\nselectors = {{ uid = {uid} }}\n\n{}{}{}{}\
+         [monitor]\nebpf = \"off\"\n",
+        route(
+            "full",
+            full,
+            "localhost",
+            &format!("{{ ca_file = \"{}\" }}", ca.display()),
+            "app"
+        ),
+        route(
+            "ed",
+            ed,
+            "localhost",
+            &format!("{{ ca_file = \"{}\" }}", ca.display()),
+            "ed"
+        ),
+        route(
+            "require",
+            require,
+            "127.0.0.1",
+            "{ mode = \"require\" }",
+            "app"
+        ),
+        route(
+            "wrong-ca",
+            wrong_ca,
+            "localhost",
+            &format!("{{ ca_file = \"{}\" }}", other_ca.display()),
+            "app"
+        ),
+        uid = my_uid(),
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("db/app", APP_PW.as_bytes()).ok();
+    warden.put("db/ed", ED_PW.as_bytes()).ok();
+    // `warden doctor` checks each route's upstream TLS as the route does
+    // (greeting, SSLRequest, then the handshake).
+    let out = warden.run(&["doctor"]);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line: {text}"))
+            .to_string()
+    };
+    assert!(
+        line("route full").starts_with("ok") && line("route full").contains("verified"),
+        "{text}"
+    );
+    let wrong = line("route wrong-ca");
+    assert!(
+        wrong.starts_with("FAIL") && wrong.contains("certificate"),
+        "{text}"
+    );
+    let _daemon = warden.start_daemon();
+
+    // verify-full (the default) with the server's CA: the session runs over TLS.
+    let sql = "SELECT CURRENT_USER(); SHOW SESSION STATUS LIKE 'Ssl_version';";
+    let (code, out) = cli(full, "x", sql);
+    assert!(
+        code == 0 && out.starts_with("app@%\nSsl_version\tTLSv1."),
+        "{out}"
+    );
+    let (code, out) = cli(ed, "x", sql);
+    assert!(
+        code == 0 && out.starts_with("ed@%\nSsl_version\tTLSv1."),
+        "{out}"
+    );
+    let (code, out) = cli(require, "x", sql);
+    assert!(
+        code == 0 && out.starts_with("app@%\nSsl_version\tTLSv1."),
+        "{out}"
+    );
+    // A certificate from another CA: refused before any password is sent.
+    let (code, out) = cli(wrong_ca, "x", "SELECT 1;");
+    assert!(
+        code == 1
+            && out.contains("ERROR 1429 (HY000)")
+            && out.contains("is not signed by a trusted CA"),
+        "{out}"
+    );
+}
+
+/// Near the descriptor limit new connections get MySQL's own 1040 "too many
+/// connections" in place of the greeting, not a hang; once idle clients go,
+/// sessions are served again.
+#[test]
+fn near_the_descriptor_limit_clients_get_1040() {
+    const NOFILE: u32 = 256;
+    let server = MariaDb::start();
+    server.admin(&format!("CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';"));
+    let port = free_port();
+    let cfg = format!(
+        "trust_domain = \"example.org\"\n\n[[workload]]\nname = \"me\"\n\
+         spiffe_id = \"spiffe://example.org/me\"\nselectors = {{ uid = {uid} }}\n\n\
+         [[route]]\nname = \"db\"\nkind = \"mysql\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"127.0.0.1:{up}\"\nupstream_tls = {{ mode = \"disable\" }}\n\
+         credential = {{ user = \"app\", secret = \"db/app\" }}\nallow = [\"me\"]\n\n\
+         [monitor]\nebpf = \"off\"\n",
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("db/app", APP_PW.as_bytes()).ok();
+    let log = warden.dir.path().join("daemon.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
+        .arg("--")
+        .arg(warden_tests::warden_bin())
+        .arg("--config")
+        .arg(&warden.config)
+        .arg("up")
+        .env("WARDEN_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .expect("prlimit (util-linux) is required");
+    let daemon = warden_tests::Daemon { child, log };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while warden.run(&["status"]).code != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready: {}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cli(port, "x", "SELECT 1;"), (0, "1\n".into()));
+    // Idle clients that never answer the greeting, more than the limit allows.
+    let idle: Vec<TcpStream> = (0..NOFILE + 40)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let (code, out) = cli(port, "x", "SELECT 1;");
+    assert!(
+        code == 1 && out.contains("ERROR 1040") && out.contains("too many connections"),
+        "{out} {}",
+        daemon.log_text()
+    );
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, out) = cli(port, "x", "SELECT 2;");
+        if code == 0 {
+            assert_eq!(out, "2\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still refused: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!daemon.log_text().contains(APP_PW));
+}
+
+#[test]
+fn warden_scrambles_match_pymysql() {
+    let nonce: Vec<u8> = (0..20u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11) & 0x7f)
+        .collect();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for pw in ["secret", "pässwörd with spaces", "x"] {
+        let (code, out) = python(
+            "import sys\n\
+             from pymysql._auth import scramble_native_password, scramble_caching_sha2\n\
+             pw = sys.argv[1].encode(); n = bytes.fromhex(sys.argv[2])\n\
+             print(scramble_native_password(pw, n).hex()); print(scramble_caching_sha2(pw, n).hex())",
+            &[pw, &hex(&nonce)], b"");
+        assert_eq!(code, 0, "{out}");
+        let want = format!(
+            "{}\n{}\n",
+            hex(&warden_mysql::auth::native_password(pw.as_bytes(), &nonce)),
+            hex(&warden_mysql::auth::caching_sha2(pw.as_bytes(), &nonce))
+        );
+        assert_eq!(out, want, "password {pw:?}");
+    }
+}

@@ -1,0 +1,402 @@
+//! The MySQL proxy bench: a throwaway MariaDB (as the tests make one) and a
+//! release warden with a mysql route to it; `SELECT 1` from
+//! `proxy/mysql/examples/mysql_bench.rs` (C concurrent clients) straight to
+//! the server and through warden, interleaved in each round, on persistent
+//! connections and with a new connection per query. The median over rounds
+//! is reported with p50/p99 and warden's ratio to direct beside issue 23's
+//! targets (persistent ≥ 0.9× direct; a new connection per query ≥ 1.0×,
+//! which needs pooling, not built yet). Every process is stopped when
+//! [`Lab`] is dropped.
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cmd, prereq};
+
+const CONCURRENCY: u32 = 16;
+const SECRET: &str = "bench/db";
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Options {
+    pub seconds: u64,
+    pub rounds: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            seconds: 5,
+            rounds: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Sample {
+    qps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+pub fn run(repo: &Path, options: &Options) -> Result<()> {
+    prereq::ensure_system_packages(prereq::MYSQL_BENCH_REQUIREMENTS)?;
+    cmd::run(cmd::cargo(repo).args(["build", "--release", "-p", "warden"]))?;
+    cmd::run(cmd::cargo(repo).args([
+        "build",
+        "--release",
+        "-p",
+        "warden-mysql",
+        "--example",
+        "mysql_bench",
+    ]))?;
+    let release = cmd::target_dir(repo).join("release");
+    let client = release.join("examples").join("mysql_bench");
+    let mut lab = Lab::create()?;
+    let password = random_password()?;
+    lab.start_mariadb(&password)?;
+    lab.start_warden(&release.join("warden"), &password)?;
+    lab.wait_warden(&client)?;
+    println!(
+        "mysql_bench: {CONCURRENCY} clients, SELECT 1, {}s per run, {} interleaved round(s)",
+        options.seconds, options.rounds
+    );
+    for (mode, target) in [("persistent", 0.9), ("reconnect", 1.0)] {
+        let (mut direct, mut warden) = (Vec::new(), Vec::new());
+        for round in 1..=options.rounds {
+            for (name, port, pw, out) in [
+                ("direct", lab.db_port, password.as_str(), &mut direct),
+                ("warden", lab.warden_port, "", &mut warden),
+            ] {
+                let s = lab.client(&client, port, pw, options.seconds, mode)?;
+                println!(
+                    "  {mode:<10} round {round} {name:<6} {:>8.0} q/s  p50 {:.3} ms  p99 {:.3} ms",
+                    s.qps, s.p50_ms, s.p99_ms
+                );
+                out.push(s);
+            }
+        }
+        let med = |v: &[Sample]| Sample {
+            qps: median(v.iter().map(|s| s.qps).collect()),
+            p50_ms: median(v.iter().map(|s| s.p50_ms).collect()),
+            p99_ms: median(v.iter().map(|s| s.p99_ms).collect()),
+        };
+        let (d, w) = (med(&direct), med(&warden));
+        let ratio = if d.qps > 0.0 { w.qps / d.qps } else { 0.0 };
+        println!(
+            "  {mode}: median direct {:.0} q/s (p99 {:.3} ms), warden {:.0} q/s (p99 {:.3} ms): warden / direct {ratio:.2}x ({} target {target:.2}x{})",
+            d.qps,
+            d.p99_ms,
+            w.qps,
+            w.p99_ms,
+            if ratio >= target { "meets" } else { "MISSES" },
+            if mode == "reconnect" {
+                "; needs connection pooling, not built yet"
+            } else {
+                ""
+            }
+        );
+    }
+    lab.shutdown();
+    Ok(())
+}
+
+struct Lab {
+    dir: PathBuf,
+    db_port: u16,
+    warden_port: u16,
+    children: Vec<(&'static str, Child)>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn bin(name: &str) -> PathBuf {
+    ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn current_user() -> String {
+    if prereq::is_root() {
+        "root".into()
+    } else {
+        std::env::var("USER").unwrap_or_else(|_| "nobody".into())
+    }
+}
+
+impl Lab {
+    fn create() -> Result<Lab> {
+        let dir = std::env::temp_dir().join(format!("warden-mysql-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        Ok(Lab {
+            dir,
+            db_port: free_port()?,
+            warden_port: free_port()?,
+            children: Vec::new(),
+        })
+    }
+
+    fn start_mariadb(&mut self, password: &str) -> Result<()> {
+        let d = &self.dir;
+        let user = current_user();
+        let out = Command::new(bin("mariadb-install-db"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg(format!("--user={user}"))
+            .arg("--skip-test-db")
+            .output()
+            .context("mariadb-install-db")?;
+        if !out.status.success() {
+            bail!(
+                "mariadb-install-db failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let socket = d.join("mysqld.sock");
+        let log = std::fs::File::create(d.join("mariadbd.log"))?;
+        let mut c = Command::new(bin("mariadbd"));
+        c.arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--port={}", self.db_port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--user={user}"))
+            .arg("--skip-log-bin")
+            .arg("--max-connections=2000")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        println!("$ {}", cmd::display(&c));
+        self.children.push(("mariadbd", c.spawn()?));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.db_port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("mariadbd did not start; log in {}", d.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The password goes on the client's stdin, never in argv.
+        let mut admin = Command::new(bin("mariadb"))
+            .arg("--no-defaults")
+            .arg("-S")
+            .arg(&socket)
+            .args(["-u", "root"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("mariadb")?;
+        if let Some(mut si) = admin.stdin.take() {
+            si.write_all(
+                format!("CREATE USER 'bench'@'%' IDENTIFIED BY '{password}';\n").as_bytes(),
+            )?;
+        }
+        if !admin.wait()?.success() {
+            bail!("creating the bench user failed");
+        }
+        Ok(())
+    }
+
+    fn start_warden(&mut self, warden: &Path, password: &str) -> Result<()> {
+        let wdir = self.dir.join("warden");
+        std::fs::create_dir_all(&wdir)?;
+        let config = format!(
+            "data_dir = \"{data}\"\ntrust_domain = \"example.org\"\n\
+             \n[admin]\nsocket = \"{admin}\"\n\n[metrics]\nlisten = \"off\"\n\
+             \n[[workload]]\nname = \"bench\"\nspiffe_id = \"spiffe://example.org/bench\"\nselectors = {{ uid = {uid} }}\n\
+             \n[[route]]\nname = \"bench\"\nkind = \"mysql\"\nlisten = \"127.0.0.1:{listen}\"\n\
+             upstream = \"127.0.0.1:{up}\"\nupstream_tls = {{ mode = \"disable\" }}\n\
+             credential = {{ user = \"bench\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
+             allow = [\"bench\"]\n",
+            data = wdir.join("data").display(),
+            admin = wdir.join("admin.sock").display(),
+            uid = uid(),
+            listen = self.warden_port,
+            up = self.db_port,
+        );
+        let path = wdir.join("warden.toml");
+        std::fs::write(&path, config)?;
+        let w = |args: &[&str]| {
+            let mut c = Command::new(warden);
+            c.arg("--config").arg(&path).args(args);
+            c
+        };
+        let out = w(&["init"]).output()?;
+        if !out.status.success() {
+            bail!(
+                "warden init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut put = w(&["secret", "put", SECRET]);
+        put.stdin(Stdio::piped()).stdout(Stdio::null());
+        let mut child = put.spawn()?;
+        if let Some(mut si) = child.stdin.take() {
+            si.write_all(password.as_bytes())?;
+        }
+        if !child.wait()?.success() {
+            bail!("warden secret put failed");
+        }
+        let log = std::fs::File::create(wdir.join("warden.log"))?;
+        let mut up = w(&["up"]);
+        up.env("WARDEN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        println!("$ {}", cmd::display(&up));
+        self.children.push(("warden", up.spawn()?));
+        Ok(())
+    }
+
+    /// Waits until a query through warden succeeds.
+    fn wait_warden(&self, client: &Path) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = self.client(client, self.warden_port, "", 1, "persistent") {
+                if s.qps > 0.0 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no query through warden within 30 s; logs in {}",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn client(
+        &self,
+        client: &Path,
+        port: u16,
+        password: &str,
+        seconds: u64,
+        mode: &str,
+    ) -> Result<Sample> {
+        let mut c = Command::new(client)
+            .args([
+                "127.0.0.1".to_string(),
+                port.to_string(),
+                "bench".into(),
+                CONCURRENCY.to_string(),
+                seconds.to_string(),
+                mode.into(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("mysql_bench")?;
+        if let Some(mut si) = c.stdin.take() {
+            si.write_all(password.as_bytes())?;
+        }
+        let out = c.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_sample(&text).with_context(|| {
+            format!(
+                "cannot read mysql_bench's output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    fn shutdown(&mut self) {
+        for (name, child) in self.children.iter_mut().rev() {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                continue;
+            }
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                eprintln!("warning: {name} ignored SIGTERM; killing");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.children.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Letters and digits only: it goes into a SQL literal.
+fn random_password() -> Result<String> {
+    let mut f = std::fs::File::open("/dev/urandom")?;
+    let mut raw = [0u8; 24];
+    std::io::Read::read_exact(&mut f, &mut raw)?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `qps=… p50_ms=… p99_ms=… queries=… errors=…`
+fn parse_sample(out: &str) -> Option<Sample> {
+    let line = out.lines().find(|l| l.starts_with("qps="))?;
+    let field = |name: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    Some(Sample {
+        qps: field("qps")?,
+        p50_ms: field("p50_ms")?,
+        p99_ms: field("p99_ms")?,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_output_is_parsed() {
+        let s = parse_sample("qps=1234 p50_ms=0.512 p99_ms=2.000 queries=6170 errors=0\n");
+        assert_eq!(
+            s,
+            Some(Sample {
+                qps: 1234.0,
+                p50_ms: 0.512,
+                p99_ms: 2.0
+            })
+        );
+        assert_eq!(parse_sample("nothing"), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+}
