@@ -27,6 +27,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Attestations that read /proc on a blocking thread at the same time, at
+/// most (each holds a few descriptors while it scans).
+const SLOW_ATTESTATIONS: usize = 8;
+
 /// How the process on the other end of a connection is found.
 #[derive(Debug, Clone, Copy)]
 pub enum Peer {
@@ -263,6 +267,14 @@ impl Admission {
             }
             Err(known) => known,
         };
+        // At most SLOW_ATTESTATIONS at once: a flood of new connections
+        // would otherwise take up to the blocking pool's 512 threads, and
+        // their /proc reads the descriptors kept free for sessions.
+        static SLOW: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+        let _permit = SLOW
+            .get_or_init(|| tokio::sync::Semaphore::new(SLOW_ATTESTATIONS))
+            .acquire()
+            .await;
         let me = self.clone();
         let res = tokio::task::spawn_blocking(move || me.attest_known(peer, known))
             .await
