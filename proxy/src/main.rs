@@ -10,6 +10,8 @@ mod access_monitor;
 mod admin;
 mod cli;
 mod daemon;
+mod dburl;
+mod import;
 mod observe;
 mod privileges;
 mod scan;

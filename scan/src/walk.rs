@@ -7,7 +7,19 @@
 
 use crate::{looks_binary, Finding, ScanError, ScanResult, Scanner, Stats, MAX_FILE_BYTES};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// Counters a scan updates as it goes, for a progress display on another
+/// thread: files found by the walk, files done, bytes scanned.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    /// Summed over the scanning threads (each adds what it scanned).
+    pub bytes_done: AtomicU64,
+    /// Set once the walk has listed every file (totals are final).
+    pub walk_done: AtomicBool,
+}
 
 /// Directory names whose contents are third-party code.
 pub const VENDORED_DIRS: &[&str] = &[
@@ -42,7 +54,11 @@ pub fn is_vendored_path(path: &str) -> bool {
     false
 }
 
-pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, ScanError> {
+pub fn scan_paths(
+    scanner: &Scanner,
+    roots: &[PathBuf],
+    progress: Option<&Progress>,
+) -> Result<ScanResult, ScanError> {
     let mut files = Vec::new();
     let mut stats = Stats::default();
     for root in roots {
@@ -56,6 +72,10 @@ pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, Sc
             files.push(root.clone());
         }
     }
+    if let Some(p) = progress {
+        p.files_total.store(files.len() as u64, Ordering::Relaxed);
+        p.walk_done.store(true, Ordering::Relaxed);
+    }
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let results: Vec<(Vec<Finding>, Stats)> = std::thread::scope(|s| {
@@ -67,7 +87,13 @@ pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, Sc
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(path) = files.get(i) else { break };
+                        let before = st.bytes_scanned;
                         scan_file(scanner, path, &mut found, &mut st);
+                        if let Some(p) = progress {
+                            p.files_done.fetch_add(1, Ordering::Relaxed);
+                            p.bytes_done
+                                .fetch_add(st.bytes_scanned - before, Ordering::Relaxed);
+                        }
                     }
                     (found, st)
                 })
