@@ -26,13 +26,20 @@
 //!   pgbench running the same CREATE ROLE + GRANT transaction, with Vault's
 //!   published 259/s as an anchor.
 //!
+//! - Secret scanning (`bench/scan.rs`): throughput and max RSS of the
+//!   scanner on the cargo registry sources beside ripsecrets and
+//!   detect-secrets, `--git` on 10,000 commits, and recall/precision per
+//!   family on a labelled corpus for all three. Not part of a plain `cargo
+//!   xtask bench`: `--only scan`.
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
-//! (default 3), `--only svid|pg|leases|http|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
+//! (default 3), `--only svid|pg|leases|http|ebpf|anomaly|scan` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod http;
 mod pg;
+mod scan;
 
 use std::path::Path;
 
@@ -45,7 +52,7 @@ use crate::cmd;
 struct Options {
     pg: pg::Options,
     http: http::Options,
-    /// `--only svid|pg|leases|http|ebpf|anomaly`: run just that benchmark.
+    /// `--only svid|pg|leases|http|ebpf|anomaly|scan`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -63,10 +70,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 None => iter
                     .next()
                     .cloned()
-                    .context("`--only` needs svid, pg, leases, http, ebpf or anomaly")?,
+                    .context("`--only` needs svid, pg, leases, http, ebpf, anomaly or scan")?,
             };
-            if !["svid", "pg", "leases", "http", "ebpf", "anomaly"].contains(&v.as_str()) {
-                bail!("`--only {v}`: expected svid, pg, leases, http, ebpf or anomaly");
+            if !["svid", "pg", "leases", "http", "ebpf", "anomaly", "scan"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg, leases, http, ebpf, anomaly or scan");
             }
             only = Some(v);
             continue;
@@ -219,6 +226,13 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
                 ]);
                 cmd::run(&mut c)
             },
+        )?;
+    }
+    // Installs two other scanners and reads ~300 MB: only when asked for.
+    if options.only.as_deref() == Some("scan") {
+        steps.run(
+            "secret scanning: warden vs ripsecrets vs detect-secrets (throughput, --git, recall/precision)",
+            || scan::run(repo),
         )?;
     }
     steps.print_summary();
