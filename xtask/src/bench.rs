@@ -260,6 +260,10 @@ mod tests {
             parse_args(&strings(&["--only", "http"]))?.only.as_deref(),
             Some("http")
         );
+        assert_eq!(
+            parse_args(&strings(&["--only=scan"]))?.only.as_deref(),
+            Some("scan")
+        );
         assert!(parse_args(&strings(&["--only=x"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());

@@ -14,7 +14,8 @@
 //!
 //! warden runs as `scan_bench` (`scan/examples/scan_bench.rs`, release): the
 //! engine and walk of `warden scan` without the CLI. Each tool is one child
-//! process; wall time from spawn to exit, peak RSS from `/proc/PID/status`.
+//! process; wall time from spawn to exit, peak RSS from `/proc/PID/status`
+//! (summed over its worker processes).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -36,9 +37,10 @@ struct Measured {
 }
 
 /// Runs `c` to the end, stdout to a file (then read back), measuring wall
-/// time and the child's peak RSS: `VmHWM` in `/proc/PID/status` (a
-/// high-water mark, so polling every 5 ms loses at most the growth of the
-/// last few milliseconds), with no unsafe `wait4`.
+/// time and peak RSS: `VmHWM` in `/proc/PID/status` (a high-water mark, so
+/// polling every 5 ms loses at most the growth of the last milliseconds) of
+/// the child and of its own children (detect-secrets scans in a pool of
+/// worker processes), summed — no unsafe `wait4`.
 fn measure(c: &mut Command, out_file: &Path) -> Result<Measured> {
     let out = std::fs::File::create(out_file)?;
     c.stdout(out).stderr(Stdio::null()).stdin(Stdio::null());
@@ -46,19 +48,24 @@ fn measure(c: &mut Command, out_file: &Path) -> Result<Measured> {
     let mut child = c
         .spawn()
         .with_context(|| format!("cannot start {}", cmd::display(c)))?;
-    let status_file = format!("/proc/{}/status", child.id());
-    let mut max_rss_kib = 0i64;
+    let mut peaks: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break st;
         }
-        if let Ok(text) = std::fs::read_to_string(&status_file) {
-            if let Some(kib) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
-            {
-                max_rss_kib = max_rss_kib.max(kib);
+        let mut pids = vec![child.id()];
+        if let Ok(list) =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        {
+            pids.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        for pid in pids {
+            if let Some(kib) = hwm_kib(pid) {
+                let e = peaks.entry(pid).or_insert(0);
+                *e = (*e).max(kib);
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -67,9 +74,17 @@ fn measure(c: &mut Command, out_file: &Path) -> Result<Measured> {
     Ok(Measured {
         code: status.code().unwrap_or(-1),
         secs,
-        max_rss_kib,
+        max_rss_kib: peaks.values().sum(),
         stdout: std::fs::read(out_file)?,
     })
+}
+
+fn hwm_kib(pid: u32) -> Option<i64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn tools_dir(repo: &Path) -> PathBuf {
