@@ -389,7 +389,9 @@ fn build_plan(scanner: &Scanner, args: &ImportArgs, selected: Vec<Finding>) -> R
                     None => {
                         let p = f.path.strip_prefix("./").unwrap_or(&f.path);
                         let mut p = slug(p, true);
-                        p.truncate(128 - args.prefix.len() - f.rule_id.len() - 12);
+                        p.truncate(
+                            128usize.saturating_sub(args.prefix.len() + f.rule_id.len() + 12),
+                        );
                         format!(
                             "{}/{}/{}-l{}",
                             args.prefix,

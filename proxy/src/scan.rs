@@ -70,8 +70,11 @@ pub fn run(args: ScanArgs, json: bool) -> Result<bool> {
         Some(p) => Some(report::read_baseline(p).map_err(|e| Error::usage(e.to_string()))?),
         None => None,
     };
-    let mut result = if std::io::stderr().is_terminal() {
-        scan_with_progress_line(&scanner, &args.paths)
+    let tty = std::io::stderr().is_terminal();
+    let mut result = if tty {
+        with_progress_line("files", |p| {
+            warden_scan::scan_paths_with_progress(&scanner, &args.paths, p)
+        })
     } else {
         warden_scan::scan_paths(&scanner, &args.paths)
     }
@@ -79,7 +82,14 @@ pub fn run(args: ScanArgs, json: bool) -> Result<bool> {
     if args.git {
         let mut history = ScanResult::default();
         for p in args.paths.iter().filter(|p| p.join(".git").exists()) {
-            let h = git::scan_history(&scanner, p).map_err(|e| Error::usage(e.to_string()))?;
+            let h = if tty {
+                with_progress_line("git blobs", |prog| {
+                    git::scan_history_with_progress(&scanner, p, Some(prog))
+                })
+            } else {
+                git::scan_history(&scanner, p)
+            }
+            .map_err(|e| Error::usage(e.to_string()))?;
             history.findings.extend(h.findings);
             history.stats.add(&h.stats);
         }
@@ -116,11 +126,12 @@ fn pretty(v: &serde_json::Value) -> Result<String> {
         .map_err(|e| Error::internal(e.to_string()))
 }
 
-/// Scans with a progress line on stderr (a terminal): files done of files
-/// found, megabytes and throughput, redrawn every 200 ms, erased at the end.
-fn scan_with_progress_line(
-    scanner: &Scanner,
-    paths: &[PathBuf],
+/// Runs `scan` with a progress line on stderr (a terminal): `what` done of
+/// those found (files, git blobs), megabytes and throughput, redrawn every
+/// 200 ms, erased at the end.
+fn with_progress_line(
+    what: &str,
+    scan: impl FnOnce(&Progress) -> std::result::Result<ScanResult, warden_scan::ScanError>,
 ) -> std::result::Result<ScanResult, warden_scan::ScanError> {
     let progress = Progress::default();
     let done = AtomicBool::new(false);
@@ -143,13 +154,13 @@ fn scan_with_progress_line(
                     let width = 24usize;
                     let fill = (pct as usize * width / 100).min(width);
                     format!(
-                        "scanning [{}{}] {pct:>3}% {files}/{total} files, {mb:.1} MB, {:.1} MB/s",
+                        "scanning [{}{}] {pct:>3}% {files}/{total} {what}, {mb:.1} MB, {:.1} MB/s",
                         "#".repeat(fill),
                         "-".repeat(width - fill),
                         mb / secs
                     )
                 } else {
-                    "scanning: listing files…".to_string()
+                    format!("scanning: listing {what}…")
                 };
                 let _ = write!(err, "\r\x1b[2K{line}");
                 let _ = err.flush();
@@ -160,7 +171,7 @@ fn scan_with_progress_line(
                 let _ = err.flush();
             }
         });
-        let r = warden_scan::scan_paths_with_progress(scanner, paths, &progress);
+        let r = scan(&progress);
         done.store(true, Ordering::Relaxed);
         r
     })

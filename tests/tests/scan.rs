@@ -521,6 +521,23 @@ fn progress_line_only_on_a_terminal() {
     assert!(!tty.contains("scanning ["), "{tty:?}");
     let v: Value = serde_json::from_str(tty.trim()).unwrap();
     assert_eq!(v["stats"]["files_scanned"], 2000);
+    // --git: a second progress line for the history's blobs.
+    git(&root, &["init", "-q", "-b", "main"]);
+    git(&root, &["add", "-A"]);
+    git(&root, &["commit", "-qm", "all"]);
+    let cmd = format!(
+        "{} scan --json --git {r} 2>&1 >/dev/null",
+        warden_bin().display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        tty.contains("git blobs"),
+        "no history progress line: {tty:?}"
+    );
 }
 
 // ---- warden import ---------------------------------------------------------------
