@@ -38,6 +38,11 @@ pub struct ScanArgs {
     /// Extra rules (TOML, the built-in format): same id replaces, new ids add, [allow] appends.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
+    /// Leave out files git ignores (.gitignore, .git/info/exclude); each
+    /// directory PATH must be in a git work tree. Off by default: ignored
+    /// files are where secrets sit.
+    #[arg(long)]
+    respect_gitignore: bool,
     /// Try the login of each PostgreSQL and Redis URL found in the tree
     /// against the host the URL names (5 s timeout): live, rejected or
     /// unreachable. Off by default; never contacts any other host.
@@ -71,12 +76,15 @@ pub fn run(args: ScanArgs, json: bool) -> Result<bool> {
         None => None,
     };
     let tty = std::io::stderr().is_terminal();
+    let opts = warden_scan::walk::WalkOptions {
+        respect_gitignore: args.respect_gitignore,
+    };
     let mut result = if tty {
         with_progress_line("files", |p| {
-            warden_scan::scan_paths_with_progress(&scanner, &args.paths, p)
+            warden_scan::scan_paths_with(&scanner, &args.paths, Some(p), opts)
         })
     } else {
-        warden_scan::scan_paths(&scanner, &args.paths)
+        warden_scan::scan_paths_with(&scanner, &args.paths, None, opts)
     }
     .map_err(|e| Error::usage(e.to_string()))?;
     if args.git {

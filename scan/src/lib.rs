@@ -75,6 +75,9 @@ pub struct Stats {
     pub skipped_large: u64,
     pub skipped_vendored: u64,
     pub skipped_allowlisted: u64,
+    /// `--respect-gitignore` only: files git ignores.
+    #[serde(default)]
+    pub skipped_gitignored: u64,
     pub unreadable: u64,
     pub git_blobs_scanned: u64,
     pub suppressed_inline: u64,
@@ -89,6 +92,7 @@ impl Stats {
         self.skipped_large += o.skipped_large;
         self.skipped_vendored += o.skipped_vendored;
         self.skipped_allowlisted += o.skipped_allowlisted;
+        self.skipped_gitignored += o.skipped_gitignored;
         self.unreadable += o.unreadable;
         self.git_blobs_scanned += o.git_blobs_scanned;
         self.suppressed_inline += o.suppressed_inline;
@@ -377,17 +381,17 @@ pub fn scan_paths(
     scanner: &Scanner,
     paths: &[std::path::PathBuf],
 ) -> Result<ScanResult, ScanError> {
-    walk::scan_paths(scanner, paths, None)
+    walk::scan_paths(scanner, paths, None, walk::WalkOptions::default())
 }
 
-/// [`scan_paths`], counting files and bytes into `progress` as they are done
-/// (for a progress bar drawn by another thread).
-pub fn scan_paths_with_progress(
+/// [`scan_paths`] with walk options and optional progress counters.
+pub fn scan_paths_with(
     scanner: &Scanner,
     paths: &[std::path::PathBuf],
-    progress: &walk::Progress,
+    progress: Option<&walk::Progress>,
+    opts: walk::WalkOptions,
 ) -> Result<ScanResult, ScanError> {
-    walk::scan_paths(scanner, paths, Some(progress))
+    walk::scan_paths(scanner, paths, progress, opts)
 }
 
 /// Drop findings whose fingerprint is in `baseline`; returns how many were dropped.

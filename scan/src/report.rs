@@ -39,6 +39,13 @@ pub fn text(result: &ScanResult) -> String {
         s.suppressed_inline,
         s.suppressed_baseline,
     );
+    if s.skipped_gitignored > 0 {
+        let _ = writeln!(
+            out,
+            "{} file(s) ignored by git were not scanned (--respect-gitignore)",
+            s.skipped_gitignored
+        );
+    }
     out
 }
 

@@ -1082,3 +1082,39 @@ fn verify_says_live_rejected_or_unreachable_only_when_asked() {
         out.stdout
     );
 }
+
+#[test]
+fn respect_gitignore_is_opt_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    std::fs::create_dir_all(&root).unwrap();
+    let tok = format!("ghp_{}", rnd(AN, 36, 400));
+    std::fs::write(root.join(".gitignore"), "local.env\n").unwrap();
+    std::fs::write(root.join("local.env"), format!("GH={tok}\n")).unwrap();
+    std::fs::write(root.join("app.py"), "print('hi')\n").unwrap();
+    let r = root.to_str().unwrap();
+    // Not a git work tree yet: the option is refused with the reason.
+    let out = scan(&["--respect-gitignore", r]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not inside a git work tree"),
+        "{}",
+        out.stderr
+    );
+    git(&root, &["init", "-q", "-b", "main"]);
+    // Default: ignored files are scanned (that is where secrets sit).
+    let out = scan(&["--json", r]);
+    assert_eq!(out.code, 1);
+    assert!(out.stdout.contains("local.env"));
+    // Opt-in: left out and counted.
+    let out = scan(&["--json", "--respect-gitignore", r]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["stats"]["skipped_gitignored"], 1);
+    let out = scan(&["--respect-gitignore", r]);
+    assert!(
+        out.stdout.contains("1 file(s) ignored by git"),
+        "{}",
+        out.stdout
+    );
+}
