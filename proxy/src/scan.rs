@@ -135,8 +135,8 @@ fn pretty(v: &serde_json::Value) -> Result<String> {
 }
 
 /// Runs `scan` with a progress line on stderr (a terminal): `what` done of
-/// those found (files, git blobs), megabytes and throughput, redrawn every
-/// 200 ms, erased at the end.
+/// those found (files, git blobs), megabytes and throughput, drawn at the
+/// start, redrawn every 200 ms, erased at the end.
 fn with_progress_line(
     what: &str,
     scan: impl FnOnce(&Progress) -> std::result::Result<ScanResult, warden_scan::ScanError>,
@@ -148,11 +148,17 @@ fn with_progress_line(
         s.spawn(|| {
             let mut drawn = false;
             let mut err = std::io::stderr();
+            // Drawn at once (so a terminal user sees the scan start), then
+            // every 200 ms until the scan ends.
+            let mut first = true;
             while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
-                if done.load(Ordering::Relaxed) {
-                    break;
+                if !first {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
                 }
+                first = false;
                 let files = progress.files_done.load(Ordering::Relaxed);
                 let total = progress.files_total.load(Ordering::Relaxed);
                 let mb = progress.bytes_done.load(Ordering::Relaxed) as f64 / 1e6;

@@ -480,7 +480,7 @@ fn sarif_output_validates_against_the_2_1_0_schema() {
 fn progress_line_only_on_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("big");
-    // Enough files that the scan outlasts the first 200 ms redraw.
+    // A tree big enough that the scan is still running when the line is drawn.
     for d in 0..40 {
         let dir = root.join(format!("d{d}"));
         std::fs::create_dir_all(&dir).unwrap();
