@@ -1118,3 +1118,62 @@ fn respect_gitignore_is_opt_in() {
         out.stdout
     );
 }
+
+#[test]
+fn import_rewires_a_redis_url_through_warden() {
+    use warden_tests::redis::RedisServer;
+    let pw = rnd(AN, 20, 500);
+    let redis = RedisServer::start(&pw, &rnd(AN, 20, 501));
+    let inst = warden_tests::Instance::new_with(&workload_config());
+    inst.run(&["init"]).ok();
+    let tree = inst.dir.path().join("worker");
+    std::fs::create_dir_all(&tree).unwrap();
+    let env = tree.join(".env");
+    std::fs::write(
+        &env,
+        format!("QUEUE_URL=redis://:{pw}@127.0.0.1:{}/0\n", redis.port),
+    )
+    .unwrap();
+    let fragment = inst.dir.path().join("fragment.toml");
+    let listen = warden_tests::free_port().to_string();
+    // Import straight from a rescan of the tree, offline (no daemon yet).
+    let out = inst.run(&[
+        "import",
+        tree.to_str().unwrap(),
+        "--apply",
+        "--rewrite",
+        "--allow",
+        "me",
+        "--listen-port",
+        &listen,
+        "--fragment",
+        fragment.to_str().unwrap(),
+    ]);
+    out.ok();
+    assert_absent("import output", &(out.stdout.clone() + &out.stderr), &[&pw]);
+    let frag = std::fs::read_to_string(&fragment).unwrap();
+    assert!(frag.contains("kind = \"redis\""), "{frag}");
+    assert!(
+        frag.contains("credential = { secret = \"imported/127.0.0.1-"),
+        "{frag}"
+    );
+    let cfg = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(&inst.config, format!("{cfg}\n{frag}")).unwrap();
+    let daemon = inst.start_daemon();
+    let text = std::fs::read_to_string(&env).unwrap();
+    assert_eq!(text, format!("QUEUE_URL=redis://127.0.0.1:{listen}/0\n"));
+    // The worker's URL, with no password, reaches the real server through warden.
+    let url = text.trim().trim_start_matches("QUEUE_URL=");
+    let out = Command::new("redis-cli")
+        .args(["-u", url, "SET", "k", "v"])
+        .env_remove("REDISCLI_AUTH")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.trim(), "OK", "{said} {}", daemon.log_text());
+    let (_, got) =
+        warden_tests::redis::cli(redis.port, &["-a", &pw, "--no-auth-warning", "GET", "k"]);
+    assert_eq!(got.trim(), "v");
+    std::fs::remove_file(tree.join(".env.warden-bak")).unwrap();
+    assert_eq!(scan(&[tree.to_str().unwrap()]).code, 0);
+}
