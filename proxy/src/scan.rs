@@ -236,7 +236,7 @@ fn verify(scanner: &Scanner, findings: &mut [Finding]) {
         let password = Zeroizing::new(percent_decode_bytes(raw).unwrap_or_else(|| raw.to_vec()));
         f.verified = Some(match url.kind {
             DbKind::Postgres => rt.block_on(verify_postgres(&url, password)),
-            DbKind::Redis => verify_redis(&url, &password),
+            DbKind::Redis => rt.block_on(verify_redis(&url, &password)),
             DbKind::Other => "not tried: only PostgreSQL and Redis logins are tried".into(),
         });
     }
@@ -325,48 +325,59 @@ async fn verify_postgres(url: &DbUrl, password: Zeroizing<Vec<u8>>) -> String {
     format!("unreachable ({last})")
 }
 
-/// Redis: `AUTH [user] password` over plain TCP (`rediss://` is not tried).
-fn verify_redis(url: &DbUrl, password: &[u8]) -> String {
-    use std::io::Read;
-    use std::net::{TcpStream, ToSocketAddrs};
+/// Redis: `AUTH [user] password`, over TLS (chain and host name verified
+/// against the system roots) for `rediss://`, plain TCP for `redis://`.
+async fn verify_redis(url: &DbUrl, password: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warden_core::config::TlsMode;
     let where_ = url.upstream();
-    if url.scheme.eq_ignore_ascii_case("rediss") {
-        return "not tried: rediss:// (TLS) logins are not tried".into();
-    }
-    let addr = match (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map(|mut a| a.next())
-    {
-        Ok(Some(a)) => a,
-        _ => return format!("unreachable ({where_}: the name does not resolve)"),
+    let tls = if url.scheme.eq_ignore_ascii_case("rediss") {
+        match warden_core::tls::client_config(TlsMode::VerifyFull, None, "scan --verify") {
+            Ok(t) => t,
+            Err(e) => return format!("not tried: {}", e.message),
+        }
+    } else {
+        None
     };
-    let mut s = match TcpStream::connect_timeout(&addr, VERIFY_TIMEOUT) {
-        Ok(s) => s,
-        Err(e) => return format!("unreachable ({where_}: {e})"),
+    let attempt = async {
+        let (mut s, _) = warden_core::connect::open(
+            &url.host,
+            url.port,
+            tls.as_ref(),
+            VERIFY_TIMEOUT,
+            "the system roots",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut args: Vec<&[u8]> = vec![b"AUTH"];
+        if !url.user.is_empty() {
+            args.push(url.user.as_bytes());
+        }
+        args.push(password);
+        let mut cmd = Zeroizing::new(format!("*{}\r\n", args.len()).into_bytes());
+        for a in &args {
+            cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            cmd.extend_from_slice(a);
+            cmd.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&cmd).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed the connection".to_string());
+        }
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    let _ = s.set_read_timeout(Some(VERIFY_TIMEOUT));
-    let _ = s.set_write_timeout(Some(VERIFY_TIMEOUT));
-    let mut args: Vec<&[u8]> = vec![b"AUTH"];
-    if !url.user.is_empty() {
-        args.push(url.user.as_bytes());
-    }
-    args.push(password);
-    let mut cmd = Zeroizing::new(format!("*{}\r\n", args.len()).into_bytes());
-    for a in &args {
-        cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        cmd.extend_from_slice(a);
-        cmd.extend_from_slice(b"\r\n");
-    }
-    if let Err(e) = s.write_all(&cmd) {
-        return format!("unreachable ({where_}: {e})");
-    }
-    let mut buf = [0u8; 256];
-    let n = match s.read(&mut buf) {
-        Ok(0) => return format!("unreachable ({where_} closed the connection)"),
-        Ok(n) => n,
-        Err(e) => return format!("unreachable ({where_}: {e})"),
+    let reply = match tokio::time::timeout(VERIFY_TIMEOUT, attempt).await {
+        Err(_) => {
+            return format!(
+                "unreachable ({where_}: no answer within {} s)",
+                VERIFY_TIMEOUT.as_secs()
+            )
+        }
+        Ok(Err(e)) => return format!("unreachable ({where_}: {e})"),
+        Ok(Ok(r)) => r,
     };
-    let reply = String::from_utf8_lossy(&buf[..n]);
     if reply.starts_with("+OK") {
         format!("live (login accepted by {where_})")
     } else if reply.starts_with("-WRONGPASS")
@@ -375,15 +386,13 @@ fn verify_redis(url: &DbUrl, password: &[u8]) -> String {
     {
         format!("rejected (login refused by {where_})")
     } else {
-        format!(
-            "unknown ({where_} answered {})",
-            reply
-                .lines()
-                .next()
-                .unwrap_or("")
-                .chars()
-                .take(80)
-                .collect::<String>()
-        )
+        let first: String = reply
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(80)
+            .collect();
+        format!("unknown ({where_} answered {first})")
     }
 }

@@ -1014,7 +1014,8 @@ fn verify_says_live_rejected_or_unreachable_only_when_asked() {
              NODB=postgres://app:{pw}@127.0.0.1:{p}/nosuchdb\n\
              TRAP=postgres://app:{trap_pw}@127.0.0.1:{trap_port}/app\n\
              CACHE=redis://:{redis_default}@127.0.0.1:{rp}/0\n\
-             CACHE2=redis://:{redis_wrong}@127.0.0.1:{rp}/0\n"
+             CACHE2=redis://:{redis_wrong}@127.0.0.1:{rp}/0\n\
+             CACHE3=rediss://:{redis_default}@127.0.0.1:{rp}/0\n"
         ),
     )
     .unwrap();
@@ -1069,6 +1070,8 @@ fn verify_says_live_rejected_or_unreachable_only_when_asked() {
     assert!(at(5).starts_with("unreachable"), "{by_line:#?}");
     assert!(at(6).starts_with("live"), "{by_line:#?}");
     assert!(at(7).starts_with("rejected"), "{by_line:#?}");
+    // rediss:// to a server without TLS: the handshake fails, nothing sent.
+    assert!(at(8).starts_with("unreachable"), "{by_line:#?}");
     assert!(
         hits.load(Ordering::SeqCst) >= 1,
         "--verify did not try the URL's own host"
