@@ -109,7 +109,7 @@ pub fn run(args: ScanArgs, json: bool) -> Result<bool> {
         warden_scan::apply_baseline(&mut result, b);
     }
     if args.verify {
-        verify(&scanner, &mut result.findings);
+        verify(&scanner, &mut result.findings, &args.paths);
     }
     if let Some(p) = &args.write_baseline {
         let text = serde_json::to_string_pretty(&report::baseline(&result))
@@ -191,12 +191,13 @@ fn with_progress_line(
     })
 }
 
-/// `--verify`: for each PostgreSQL or Redis URL in the tree, the value is
-/// found again in its file (checked against the fingerprint) and the login
-/// is tried against the URL's own host and port, with [`VERIFY_TIMEOUT`].
+/// `--verify`: for each PostgreSQL or Redis URL in the tree or (history-only
+/// findings) in the git blob its commit added, the value is found again
+/// (checked against the fingerprint) and the login is tried against the
+/// URL's own host and port, with [`VERIFY_TIMEOUT`].
 /// Never to another host, never with a value from anywhere else; other
 /// findings are left unmarked.
-fn verify(scanner: &Scanner, findings: &mut [Finding]) {
+fn verify(scanner: &Scanner, findings: &mut [Finding], roots: &[PathBuf]) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -213,12 +214,12 @@ fn verify(scanner: &Scanner, findings: &mut [Finding]) {
         ) {
             continue;
         }
-        if f.commit.is_some() {
-            f.verified = Some("not tried: only in git history".into());
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&f.path) else {
-            f.verified = Some("not tried: the file cannot be read now".into());
+        let text = match &f.commit {
+            Some(c) => history_text(roots, &f.path, c),
+            None => std::fs::read_to_string(&f.path).ok().map(Zeroizing::new),
+        };
+        let Some(text) = text else {
+            f.verified = Some("not tried: the file (or its git blob) cannot be read now".into());
             continue;
         };
         let at = match scanner.locate(&text, f) {
@@ -240,6 +241,29 @@ fn verify(scanner: &Scanner, findings: &mut [Finding]) {
             DbKind::Other => "not tried: only PostgreSQL and Redis logins are tried".into(),
         });
     }
+}
+
+/// The text of `path` (as `--git` reports it: `ROOT/RELATIVE`) at `commit`,
+/// from the scanned repository it belongs to.
+fn history_text(roots: &[PathBuf], path: &str, commit: &str) -> Option<Zeroizing<String>> {
+    let (root, rel) = roots.iter().find_map(|r| {
+        let prefix = format!("{}/", r.display());
+        path.strip_prefix(&prefix).map(|rel| (r, rel))
+    })?;
+    if !commit.bytes().all(|b| b.is_ascii_hexdigit()) || rel.starts_with('-') {
+        return None;
+    }
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["show", &format!("{commit}:{rel}")])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8(out.stdout).ok().map(Zeroizing::new)
 }
 
 async fn verify_postgres(url: &DbUrl, password: Zeroizing<Vec<u8>>) -> String {

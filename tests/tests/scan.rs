@@ -1084,6 +1084,30 @@ fn verify_says_live_rejected_or_unreachable_only_when_asked() {
         "{}",
         out.stdout
     );
+    // A URL only in history is tried with the value from its git blob.
+    let repo = tmp.path().join("hist");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        repo.join("old.env"),
+        format!("DB=postgres://app:{pw}@127.0.0.1:{p}/app\n"),
+    )
+    .unwrap();
+    git(&repo, &["add", "old.env"]);
+    git(&repo, &["commit", "-qm", "add"]);
+    git(&repo, &["rm", "-q", "old.env"]);
+    git(&repo, &["commit", "-qm", "remove"]);
+    let out = scan(&["--json", "--git", "--verify", repo.to_str().unwrap()]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_absent(
+        "--verify --git output",
+        &(out.stdout.clone() + &out.stderr),
+        &secrets,
+    );
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let f = &v["findings"][0];
+    assert!(f["commit"].is_string(), "{v:#}");
+    assert!(f["verified"].as_str().unwrap().starts_with("live"), "{v:#}");
 }
 
 #[test]
