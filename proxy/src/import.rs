@@ -526,11 +526,7 @@ fn render_plan(args: &ImportArgs, plan: &Plan) -> String {
         plan.items.len(),
         plan.secrets.len(),
         plan.routes.len(),
-        if args.rewrite {
-            ", files rewritten"
-        } else {
-            ""
-        }
+        if args.rewrite { ", with --rewrite" } else { "" }
     );
     out
 }
