@@ -34,6 +34,10 @@ pub enum Request {
         name: String,
         env: Option<String>,
         value_b64: Zeroizing<String>,
+        /// Set by `warden import`: where the value was found (files, lines,
+        /// scan rules; never the value), for the `secret.import` audit record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
     },
     SecretList {
         env: Option<String>,
@@ -548,6 +552,7 @@ pub fn dispatch(
             name,
             env,
             value_b64,
+            origin,
         } => {
             let value = match base64::engine::general_purpose::STANDARD.decode(value_b64.as_bytes())
             {
@@ -559,7 +564,13 @@ pub fn dispatch(
                     }
                 }
             };
-            Response::from_result(s.put(caller, &name, env.as_deref(), &value))
+            Response::from_result(s.put_from(
+                caller,
+                &name,
+                env.as_deref(),
+                &value,
+                origin.as_deref(),
+            ))
         }
         Request::SecretList { env } => Response::from_result(s.list(caller, env.as_deref())),
         Request::SecretVersions { name, env } => {

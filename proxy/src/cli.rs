@@ -132,6 +132,10 @@ enum Command {
     /// Find hard-coded secrets in files and git history (docs/scan.md).
     /// Exit 0 clean, 1 findings, 2 usage error.
     Scan(crate::scan::ScanArgs),
+    /// Move what `warden scan` found into warden: store the values, write a
+    /// config fragment (secrets, database routes) and, with --rewrite, point
+    /// the files at warden. A dry run unless --apply (docs/scan.md).
+    Import(crate::import::ImportArgs),
 }
 
 #[derive(Subcommand)]
@@ -324,9 +328,9 @@ enum ConfigCommand {
 }
 
 /// Loaded configuration plus the resolved data dir.
-struct Context {
-    cfg: Config,
-    data_dir: PathBuf,
+pub(crate) struct Context {
+    pub(crate) cfg: Config,
+    pub(crate) data_dir: PathBuf,
     json: bool,
 }
 
@@ -442,6 +446,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Lease(cmd) => run_lease(&ctx, cmd),
         Command::Store(StoreCommand::Migrate) => run_store_migrate(&ctx),
         Command::Node(cmd) => run_node(&ctx, cmd),
+        Command::Import(args) => crate::import::run(&ctx, args),
     }
 }
 
@@ -814,7 +819,7 @@ fn read_shares_if_needed(ctx: &Context) -> Result<Vec<Zeroizing<String>>> {
 // ---- daemon or offline ------------------------------------------------------
 
 /// Where requests go: the running daemon, or the data dir directly.
-enum Target {
+pub(crate) enum Target {
     Daemon(AdminClient),
     Offline {
         service: Box<SecretService>,
@@ -823,7 +828,7 @@ enum Target {
 }
 
 impl Target {
-    fn connect(ctx: &Context) -> Result<Target> {
+    pub(crate) fn connect(ctx: &Context) -> Result<Target> {
         let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
         if let Some(c) = AdminClient::connect(&socket)? {
             return Ok(Target::Daemon(c));
@@ -844,7 +849,7 @@ impl Target {
         })
     }
 
-    fn call(&mut self, req: Request) -> Result<Response> {
+    pub(crate) fn call(&mut self, req: Request) -> Result<Response> {
         match self {
             Target::Daemon(c) => c.call(&req),
             Target::Offline { service, .. } => {
@@ -990,6 +995,7 @@ fn run_secret(ctx: &Context, cmd: SecretCommand) -> Result<()> {
                     name: name.clone(),
                     env: env.clone(),
                     value_b64,
+                    origin: None,
                 })?
                 .into_result()?;
             let env = env.unwrap_or_else(|| ctx.cfg.environment.clone());

@@ -1,5 +1,6 @@
 //! What is never reported: allowlisted paths, rules and fingerprints, and
-//! placeholder values (`changeme`, `<password>`, `${VAR}`, `xxxx…`).
+//! placeholder values (`changeme`, `<password>`, `${VAR}`, `xxxx…`, and the
+//! `warden:secret/NAME` references `warden import --rewrite` writes).
 
 use crate::ScanError;
 use std::collections::HashSet;
@@ -156,6 +157,10 @@ pub fn is_placeholder(value: &str) -> bool {
         "admin",
     ];
     if EXACT.contains(&lower.as_str()) {
+        return true;
+    }
+    // A reference `warden import --rewrite` left in place of a value.
+    if lower.starts_with("warden:") {
         return true;
     }
     // <password>, ${VAR}, $VAR, {{ var }}, %(name)s, %s, @VAR@, [secret]

@@ -37,6 +37,16 @@ struct Origin {
 /// `author_date`; the same value at the same path is reported once (at the
 /// oldest commit that has it).
 pub fn scan_history(scanner: &Scanner, repo: &Path) -> Result<ScanResult, ScanError> {
+    scan_history_with_progress(scanner, repo, None)
+}
+
+/// [`scan_history`], counting blobs read (and their bytes) into `progress`.
+pub fn scan_history_with_progress(
+    scanner: &Scanner,
+    repo: &Path,
+    progress: Option<&crate::walk::Progress>,
+) -> Result<ScanResult, ScanError> {
+    use std::sync::atomic::Ordering;
     git(repo, &["rev-parse", "--git-dir"])?;
     // blob → the oldest commit that added or changed a path to it.
     let log = git(
@@ -94,6 +104,10 @@ pub fn scan_history(scanner: &Scanner, repo: &Path) -> Result<ScanResult, ScanEr
         if !path.is_empty() && seen.insert(sha.to_string()) {
             blobs.push((sha.to_string(), path.to_string()));
         }
+    }
+    if let Some(p) = progress {
+        p.files_total.store(blobs.len() as u64, Ordering::Relaxed);
+        p.walk_done.store(true, Ordering::Relaxed);
     }
 
     let mut child = Command::new("git")
@@ -185,6 +199,10 @@ pub fn scan_history(scanner: &Scanner, repo: &Path) -> Result<ScanResult, ScanEr
                 .read_to_end(&mut data)
                 .map_err(|e| ScanError::Git(e.to_string()))?;
             data.truncate(size as usize);
+            if let Some(p) = progress {
+                p.files_done.fetch_add(1, Ordering::Relaxed);
+                p.bytes_done.fetch_add(size, Ordering::Relaxed);
+            }
             if size > MAX_FILE_BYTES {
                 stats.skipped_large += 1;
             } else if looks_binary(&data) {

@@ -16,7 +16,7 @@ pub mod rules;
 pub mod walk;
 
 pub use rules::RuleSet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 
@@ -41,8 +41,9 @@ pub enum ScanError {
     Baseline { path: String, message: String },
 }
 
-/// One secret found. Holds no secret value.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// One secret found. Holds no secret value. Read back from a `--json`
+/// report by `warden import`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Finding {
     pub rule_id: String,
     pub description: String,
@@ -55,10 +56,14 @@ pub struct Finding {
     /// Hex SHA-256 of `rule_id`, a NUL byte and the value.
     pub fingerprint: String,
     /// Set for findings that exist only in git history.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author_date: Option<String>,
+    /// `warden scan --verify` only: `live`, `rejected`, `unreachable`, or
+    /// why the value was not tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<String>,
 }
 
 /// What a scan looked at and what it skipped, and why.
@@ -70,6 +75,9 @@ pub struct Stats {
     pub skipped_large: u64,
     pub skipped_vendored: u64,
     pub skipped_allowlisted: u64,
+    /// `--respect-gitignore` only: files git ignores.
+    #[serde(default)]
+    pub skipped_gitignored: u64,
     pub unreadable: u64,
     pub git_blobs_scanned: u64,
     pub suppressed_inline: u64,
@@ -84,6 +92,7 @@ impl Stats {
         self.skipped_large += o.skipped_large;
         self.skipped_vendored += o.skipped_vendored;
         self.skipped_allowlisted += o.skipped_allowlisted;
+        self.skipped_gitignored += o.skipped_gitignored;
         self.unreadable += o.unreadable;
         self.git_blobs_scanned += o.git_blobs_scanned;
         self.suppressed_inline += o.suppressed_inline;
@@ -244,6 +253,7 @@ impl Scanner {
                     fingerprint: fp,
                     commit: None,
                     author_date: None,
+                    verified: None,
                 };
                 found.push((finding, rule.generic));
             }
@@ -270,12 +280,118 @@ impl Scanner {
     }
 }
 
+/// Where a finding's value sits in a file's text now: byte ranges, so the
+/// caller reads the value from its own copy of the text (`warden import`,
+/// `warden scan --verify`) and the value never travels in a `Finding`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// The secret value (what the fingerprint covers).
+    pub value: std::ops::Range<usize>,
+    /// The rule's whole match (for a database URL: the URL).
+    pub whole: std::ops::Range<usize>,
+}
+
+/// Why a finding could not be found again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocateError {
+    #[error("rule {0:?} is not in the rule set (was the scan run with other --rules?)")]
+    UnknownRule(String),
+    #[error("nothing matching rule {rule} starts at line {line}, column {column} any more")]
+    Moved {
+        rule: String,
+        line: usize,
+        column: usize,
+    },
+    #[error("the value at line {line}, column {column} no longer matches the scan's fingerprint")]
+    Changed { line: usize, column: usize },
+}
+
+impl Scanner {
+    /// Finds `finding`'s value again in `text` (the file as it is now): the
+    /// rule's match whose value starts at the finding's line and column and
+    /// whose fingerprint is the finding's.
+    pub fn locate(&self, text: &str, finding: &Finding) -> Result<Located, LocateError> {
+        let rule = self
+            .rules
+            .rules
+            .iter()
+            .find(|r| r.id == finding.rule_id)
+            .ok_or_else(|| LocateError::UnknownRule(finding.rule_id.clone()))?;
+        let line_start = if finding.line <= 1 {
+            0
+        } else {
+            match text.match_indices('\n').nth(finding.line - 2) {
+                Some((i, _)) => i + 1,
+                None => {
+                    return Err(LocateError::Moved {
+                        rule: rule.id.clone(),
+                        line: finding.line,
+                        column: finding.column,
+                    })
+                }
+            }
+        };
+        let start = text[line_start..]
+            .char_indices()
+            .nth(finding.column.saturating_sub(1))
+            .map(|(i, _)| line_start + i);
+        let mut at_place = false;
+        if let Some(start) = start {
+            for caps in rule.regex.captures_iter(text) {
+                let m = match rule.group {
+                    Some(g) => caps.get(g),
+                    None => caps.iter().skip(1).flatten().next().or_else(|| caps.get(0)),
+                };
+                let Some(m) = m else { continue };
+                let raw = m.as_str();
+                let value = raw.trim();
+                let vstart = m.start() + (raw.len() - raw.trim_start().len());
+                // Lines and columns are where the group starts, before trimming.
+                if m.start() != start {
+                    continue;
+                }
+                at_place = true;
+                if fingerprint(&rule.id, value) == finding.fingerprint {
+                    let whole = caps.get(0).map_or(m.range(), |w| w.range());
+                    return Ok(Located {
+                        value: vstart..vstart + value.len(),
+                        whole,
+                    });
+                }
+            }
+        }
+        if at_place {
+            Err(LocateError::Changed {
+                line: finding.line,
+                column: finding.column,
+            })
+        } else {
+            Err(LocateError::Moved {
+                rule: rule.id.clone(),
+                line: finding.line,
+                column: finding.column,
+            })
+        }
+    }
+}
+
 /// Scan files and directories (see [`walk`] for what is walked and skipped).
 pub fn scan_paths(
     scanner: &Scanner,
     paths: &[std::path::PathBuf],
 ) -> Result<ScanResult, ScanError> {
-    walk::scan_paths(scanner, paths)
+    walk::scan_paths(scanner, paths, None, walk::WalkOptions::default())
+}
+
+/// [`scan_paths`] with walk options and optional progress counters.
+pub fn scan_paths_with(
+    scanner: &Scanner,
+    paths: &[std::path::PathBuf],
+    progress: Option<&walk::Progress>,
+    opts: walk::WalkOptions,
+) -> Result<ScanResult, ScanError> {
+    walk::scan_paths(scanner, paths, progress, opts)
 }
 
 /// Drop findings whose fingerprint is in `baseline`; returns how many were dropped.

@@ -19,6 +19,9 @@ pub fn text(result: &ScanResult) -> String {
         if let (Some(c), Some(d)) = (&f.commit, &f.author_date) {
             let _ = writeln!(out, "    in history only: commit {c} ({d})");
         }
+        if let Some(v) = &f.verified {
+            let _ = writeln!(out, "    verify: {v}");
+        }
     }
     let s = &result.stats;
     let _ = writeln!(
@@ -36,6 +39,13 @@ pub fn text(result: &ScanResult) -> String {
         s.suppressed_inline,
         s.suppressed_baseline,
     );
+    if s.skipped_gitignored > 0 {
+        let _ = writeln!(
+            out,
+            "{} file(s) ignored by git were not scanned (--respect-gitignore)",
+            s.skipped_gitignored
+        );
+    }
     out
 }
 
@@ -79,6 +89,9 @@ fn sarif_result(f: &Finding) -> Value {
     if let (Some(c), Some(d)) = (&f.commit, &f.author_date) {
         props["commit"] = json!(c);
         props["authorDate"] = json!(d);
+    }
+    if let Some(v) = &f.verified {
+        props["verified"] = json!(v);
     }
     json!({
         "ruleId": f.rule_id,

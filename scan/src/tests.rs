@@ -218,3 +218,73 @@ fn entropy_classes() {
     assert!(rules::shannon_entropy("aaaa") < 0.01);
     assert!((rules::shannon_entropy("abcd") - 2.0).abs() < 1e-9);
 }
+
+#[test]
+fn aws_key_pair_in_either_order_whatever_the_names() {
+    let s = scanner();
+    let id = format!("AKIA{}", rnd(UPPER, 16, 90));
+    let secret = rnd(B64, 40, 91);
+    let forward = format!("[default]\nkey_id = {id}\nsigning = {secret}\n");
+    let found = s.scan_text("creds.ini", &forward, &mut Stats::default());
+    let pair: Vec<_> = found
+        .iter()
+        .filter(|f| f.rule_id == "aws-access-key-pair")
+        .collect();
+    assert_eq!(pair.len(), 1, "{found:?}");
+    assert_eq!((pair[0].line, pair[0].column), (3, 11));
+    assert_eq!(
+        pair[0].fingerprint,
+        fingerprint("aws-access-key-pair", &secret)
+    );
+    assert!(found.iter().any(|f| f.rule_id == "aws-access-key-id"));
+    let backward = format!("{{\"s\": \"{secret}\",\n \"i\": \"{id}\"}}");
+    assert!(ids(&s, "c.json", &backward).contains(&"aws-access-key-pair".to_string()));
+    // Named like AWS's own variable: one finding at the secret, the pair.
+    let named = format!("AWS_ACCESS_KEY_ID={id}\nAWS_SECRET_ACCESS_KEY={secret}\n");
+    let at_secret: Vec<_> = s
+        .scan_text("a.env", &named, &mut Stats::default())
+        .into_iter()
+        .filter(|f| f.line == 2)
+        .map(|f| f.rule_id)
+        .collect();
+    assert_eq!(at_secret, vec!["aws-access-key-pair"]);
+    // A git SHA-1 next to a key ID is not a secret key.
+    let sha = format!("key = {id}\ncommit = {}\n", rnd(HEX, 40, 92));
+    assert!(!ids(&s, "a.txt", &sha).contains(&"aws-access-key-pair".to_string()));
+    // Too far apart: no pair.
+    let far = format!("k = {id}\n{}\ns = {secret}\n", "#\n".repeat(200));
+    assert!(!ids(&s, "a.txt", &far).contains(&"aws-access-key-pair".to_string()));
+}
+
+#[test]
+fn locate_finds_the_value_again_or_says_what_changed() {
+    let s = scanner();
+    let pw = rnd(ALNUM, 16, 95);
+    let text =
+        format!("# db\nDATABASE_URL=postgres://app:{pw}@db.internal:5432/orders?sslmode=require\n");
+    let found = s.scan_text("app.env", &text, &mut Stats::default());
+    assert_eq!(found.len(), 1, "{found:?}");
+    let f = &found[0];
+    let at = s.locate(&text, f).unwrap();
+    assert_eq!(&text[at.value.clone()], pw);
+    assert!(text[at.whole.clone()].starts_with("postgres://app:"));
+    assert!(text[at.whole.clone()].ends_with("sslmode=require"));
+    // The same value moved one line down: not found at the reported place.
+    let moved = format!("\n{text}");
+    assert!(matches!(
+        s.locate(&moved, f),
+        Err(LocateError::Moved { .. })
+    ));
+    // Another password at the same place: changed.
+    let other = text.replace(&pw, &rnd(ALNUM, 16, 96));
+    assert!(matches!(
+        s.locate(&other, f),
+        Err(LocateError::Changed { .. })
+    ));
+    let mut unknown = f.clone();
+    unknown.rule_id = "no-such-rule".into();
+    assert!(matches!(
+        s.locate(&text, &unknown),
+        Err(LocateError::UnknownRule(_))
+    ));
+}

@@ -7,7 +7,19 @@
 
 use crate::{looks_binary, Finding, ScanError, ScanResult, Scanner, Stats, MAX_FILE_BYTES};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// Counters a scan updates as it goes, for a progress display on another
+/// thread: files found by the walk, files done, bytes scanned.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    /// Summed over the scanning threads (each adds what it scanned).
+    pub bytes_done: AtomicU64,
+    /// Set once the walk has listed every file (totals are final).
+    pub walk_done: AtomicBool,
+}
 
 /// Directory names whose contents are third-party code.
 pub const VENDORED_DIRS: &[&str] = &[
@@ -42,7 +54,22 @@ pub fn is_vendored_path(path: &str) -> bool {
     false
 }
 
-pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, ScanError> {
+/// How the walk chooses files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WalkOptions {
+    /// Leave out what git ignores (`.gitignore`, `.git/info/exclude`, the
+    /// global excludes file), as `git check-ignore` decides; every directory
+    /// PATH must then be inside a git work tree. Off by default: ignored
+    /// files (`.env`, local configs) are where secrets sit.
+    pub respect_gitignore: bool,
+}
+
+pub fn scan_paths(
+    scanner: &Scanner,
+    roots: &[PathBuf],
+    progress: Option<&Progress>,
+    opts: WalkOptions,
+) -> Result<ScanResult, ScanError> {
     let mut files = Vec::new();
     let mut stats = Stats::default();
     for root in roots {
@@ -51,10 +78,24 @@ pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, Sc
             message: e.to_string(),
         })?;
         if meta.is_dir() {
+            let first = files.len();
             collect(scanner, root, &mut files, &mut stats);
+            if opts.respect_gitignore {
+                let ignored = git_ignored(root, &files[first..])?;
+                stats.skipped_gitignored += ignored.len() as u64;
+                let mut i = first;
+                files.retain(|_| {
+                    i += 1;
+                    i <= first || !ignored.contains(&(i - 1 - first))
+                });
+            }
         } else {
             files.push(root.clone());
         }
+    }
+    if let Some(p) = progress {
+        p.files_total.store(files.len() as u64, Ordering::Relaxed);
+        p.walk_done.store(true, Ordering::Relaxed);
     }
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -67,7 +108,13 @@ pub fn scan_paths(scanner: &Scanner, roots: &[PathBuf]) -> Result<ScanResult, Sc
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(path) = files.get(i) else { break };
+                        let before = st.bytes_scanned;
                         scan_file(scanner, path, &mut found, &mut st);
+                        if let Some(p) = progress {
+                            p.files_done.fetch_add(1, Ordering::Relaxed);
+                            p.bytes_done
+                                .fetch_add(st.bytes_scanned - before, Ordering::Relaxed);
+                        }
                     }
                     (found, st)
                 })
@@ -144,4 +191,68 @@ fn scan_file(scanner: &Scanner, path: &Path, found: &mut Vec<Finding>, st: &mut 
     st.bytes_scanned += data.len() as u64;
     let text = String::from_utf8_lossy(&data);
     found.extend(scanner.scan_text(&path.to_string_lossy(), &text, st));
+}
+
+/// Indexes into `files` (all under `root`) that git ignores.
+fn git_ignored(
+    root: &Path,
+    files: &[PathBuf],
+) -> Result<std::collections::HashSet<usize>, ScanError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let err = |message: String| ScanError::Io {
+        path: root.display().to_string(),
+        message,
+    };
+    let abs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["check-ignore", "-z", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(format!("--respect-gitignore needs git: {e}")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| err("no stdin for git".into()))?;
+    let input: Vec<u8> = abs
+        .iter()
+        .flat_map(|p| {
+            let mut b = p.to_string_lossy().into_owned().into_bytes();
+            b.push(0);
+            b
+        })
+        .collect();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| err(format!("git check-ignore: {e}")))?;
+    let _ = writer.join();
+    // 0: some ignored, 1: none ignored, anything else: not a work tree.
+    match out.status.code() {
+        Some(0) | Some(1) => {}
+        _ => {
+            return Err(err(format!(
+                "--respect-gitignore: not inside a git work tree ({}); drop the option to scan every file",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+    let ignored: std::collections::HashSet<&[u8]> = out
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .collect();
+    Ok(abs
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| ignored.contains(p.to_string_lossy().as_bytes()))
+        .map(|(i, _)| i)
+        .collect())
 }

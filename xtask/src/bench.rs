@@ -30,16 +30,22 @@
 //!   through a mysql route beside direct connections to the same throwaway
 //!   MariaDB, on persistent connections and with a new connection per query
 //!   (`proxy/mysql/examples/mysql_bench.rs` drives the load).
+//! - Secret scanning (`bench/scan.rs`): throughput and max RSS of the
+//!   scanner on the cargo registry sources beside ripsecrets and
+//!   detect-secrets, `--git` on 10,000 commits, and recall/precision per
+//!   family on a labelled corpus for all three. Not part of a plain `cargo
+//!   xtask bench`: `--only scan`.
 //!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
 //! (default 3), `--mysql-seconds N` (default 5), `--mysql-rounds N` (default
-//! 3), `--only svid|pg|leases|http|mysql|ebpf|anomaly` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
+//! 3), `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod http;
 mod mysql;
 mod pg;
+mod scan;
 
 use std::path::Path;
 
@@ -53,7 +59,7 @@ struct Options {
     pg: pg::Options,
     http: http::Options,
     mysql: mysql::Options,
-    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly`: run just that benchmark.
+    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -72,10 +78,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 None => iter
                     .next()
                     .cloned()
-                    .context("`--only` needs svid, pg, leases, http, mysql, ebpf or anomaly")?,
+                    .context("`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly or scan")?,
             };
-            if !["svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly"].contains(&v.as_str()) {
-                bail!("`--only {v}`: expected svid, pg, leases, http, mysql, ebpf or anomaly");
+            if !["svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan"].contains(&v.as_str()) {
+                bail!("`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly or scan");
             }
             only = Some(v);
             continue;
@@ -246,6 +252,13 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
             },
         )?;
     }
+    // Installs two other scanners and reads ~300 MB: only when asked for.
+    if options.only.as_deref() == Some("scan") {
+        steps.run(
+            "secret scanning: warden vs ripsecrets vs detect-secrets (throughput, --git, recall/precision)",
+            || scan::run(repo),
+        )?;
+    }
     steps.print_summary();
     Ok(())
 }
@@ -270,6 +283,10 @@ mod tests {
         assert_eq!(
             parse_args(&strings(&["--only", "http"]))?.only.as_deref(),
             Some("http")
+        );
+        assert_eq!(
+            parse_args(&strings(&["--only=scan"]))?.only.as_deref(),
+            Some("scan")
         );
         assert!(parse_args(&strings(&["--only=x"])).is_err());
         let o = parse_args(&strings(&[

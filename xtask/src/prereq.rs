@@ -48,7 +48,7 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
     Requirement {
         binary: "python3",
         package: "python3-venv",
-        why: "the Workload API test runs the PyPI `spiffe` client from a venv it creates",
+        why: "the Workload API test runs the PyPI `spiffe` client, the scan test PyPI `jsonschema` (SARIF 2.1.0 schema), from venvs they create",
         location: Location::Path,
     },
     Requirement {

@@ -332,16 +332,30 @@ impl SecretService {
         env: Option<&str>,
         value: &[u8],
     ) -> Result<u32> {
+        self.put_from(caller, name, env, value, None)
+    }
+
+    /// [`SecretService::put`] for a value `warden import` found in a file:
+    /// the audit record's action is `secret.import` and its reason names
+    /// `origin` (files, lines and scan rules — never the value).
+    pub fn put_from(
+        &mut self,
+        caller: &Caller,
+        name: &str,
+        env: Option<&str>,
+        value: &[u8],
+        origin: Option<&str>,
+    ) -> Result<u32> {
+        let action = if origin.is_some() {
+            "secret.import"
+        } else {
+            "secret.put"
+        };
         let env = self.env_or_default(env)?;
         validate_secret_name(name)?;
-        self.refuse_reserved(caller, "secret.put", name, &env)?;
+        self.refuse_reserved(caller, action, name, &env)?;
         if let Some(e) = self.kek().err() {
-            self.record_outcome(
-                caller,
-                "secret.put",
-                Self::secret_target(name, &env, None),
-                &e,
-            );
+            self.record_outcome(caller, action, Self::secret_target(name, &env, None), &e);
             return Err(e);
         }
         let keep = self.policy.keep_for(name);
@@ -359,10 +373,15 @@ impl SecretService {
         let mut hook = |version: u32| -> Result<()> {
             audit.record(&Event {
                 actor: actor.clone(),
-                action: "secret.put".into(),
+                action: action.into(),
                 target: Self::secret_target(name, &env, Some(version)),
                 decision: Decision::Allow,
-                reason: format!("new version {version}; keeping at most {keep}"),
+                reason: match origin {
+                    Some(o) => {
+                        format!("new version {version}; keeping at most {keep}; imported from {o}")
+                    }
+                    None => format!("new version {version}; keeping at most {keep}"),
+                },
             })
         };
         let new = NewVersion {
@@ -377,12 +396,7 @@ impl SecretService {
             self.changed(name, &env);
         }
         if let Err(e) = &res {
-            self.record_outcome(
-                caller,
-                "secret.put",
-                Self::secret_target(name, &env, None),
-                e,
-            );
+            self.record_outcome(caller, action, Self::secret_target(name, &env, None), e);
         }
         res
     }
