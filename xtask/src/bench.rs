@@ -75,13 +75,18 @@ fn parse_args(args: &[String]) -> Result<Options> {
         if arg == "--only" || arg.starts_with("--only=") {
             let v = match arg.strip_prefix("--only=") {
                 Some(v) => v.to_owned(),
-                None => iter
-                    .next()
-                    .cloned()
-                    .context("`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly or scan")?,
+                None => iter.next().cloned().context(
+                    "`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly or scan",
+                )?,
             };
-            if !["svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan"].contains(&v.as_str()) {
-                bail!("`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly or scan");
+            if ![
+                "svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan",
+            ]
+            .contains(&v.as_str())
+            {
+                bail!(
+                    "`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly or scan"
+                );
             }
             only = Some(v);
             continue;
