@@ -76,6 +76,20 @@ pub struct SecretRef<'a> {
     pub ttl: Duration,
 }
 
+/// What [`Admission::record_session_end`] records.
+pub struct SessionEnd<'a> {
+    pub route: &'a str,
+    /// The credential used; its `detail` starts the record's detail.
+    pub target: Target,
+    pub started: Instant,
+    pub up: u64,
+    pub down: u64,
+    /// Added after the duration (e.g. `", 2 commands refused"`), or empty.
+    pub note: String,
+    /// How it ended (e.g. `"closed by the client"`).
+    pub how: &'a str,
+}
+
 /// Why a caller is refused. Every front end maps these to its wire form
 /// (one table per protocol); the message never carries a secret value.
 #[derive(Debug, Clone)]
@@ -563,6 +577,67 @@ impl Admission {
         } else {
             start.finish_quietly().await
         }
+    }
+
+    /// The admission of a connection to a route with a stored credential,
+    /// in order: attested, allowed by `policy`, the credential fetched. The
+    /// attestation comes back either way, for [`Self::refuse`].
+    pub async fn admit_with_secret(
+        self: &Arc<Self>,
+        peer: Peer,
+        via: AttestVia,
+        policy: &RoutePolicy<'_>,
+        secret: &SecretRef<'_>,
+    ) -> (Attestation, Result<(Attested, SecretValue), Denial>) {
+        let attestation = self.attest(peer, via).await;
+        let admitted = match self.authorize(&attestation, policy) {
+            Err(d) => Err(d),
+            Ok(who) => {
+                let who = who.clone();
+                self.credential(policy.name, secret).await.map(|v| (who, v))
+            }
+        };
+        (attestation, admitted)
+    }
+
+    /// A session that was admitted but failed before it started (e.g. the
+    /// upstream refused the login): a `session.error` record.
+    pub async fn record_session_error(&self, who: &Attested, target: Target, reason: String) {
+        let event = Event {
+            actor: actor(Some(who)),
+            action: "session.error".into(),
+            target,
+            decision: Decision::Error,
+            reason,
+        };
+        let _ = self.audit.record(event).await;
+    }
+
+    /// The end of a relayed session (every route kind): its length and bytes
+    /// counted, and a `session.end` record whose detail is `detail`, the
+    /// byte counts, the duration, `note` and `how`. Nobody waits for it: it
+    /// may share a later commit.
+    pub async fn record_session_end(&self, who: &Attested, end: SessionEnd<'_>) {
+        let ms = end.started.elapsed();
+        self.metrics.session_end(end.route, ms, end.up, end.down);
+        let mut target = end.target;
+        target.detail = Some(format!(
+            "{}, {} bytes up, {} bytes down, {} ms{}, {}",
+            target.detail.as_deref().unwrap_or(""),
+            end.up,
+            end.down,
+            ms.as_millis(),
+            end.note,
+            end.how
+        ));
+        let event = Event {
+            actor: actor(Some(who)),
+            action: "session.end".into(),
+            target,
+            decision: Decision::Allow,
+            reason: "session ended".into(),
+        };
+        let _ = self.audit.record_unhurried(event).await;
     }
 
     /// [`record_start`](Self::record_start) in two steps, for a front end

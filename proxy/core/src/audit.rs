@@ -147,6 +147,25 @@ pub struct Target {
     pub detail: Option<String>,
 }
 
+impl Target {
+    /// The use of a stored secret on a route (never its value).
+    pub fn secret_use(
+        route: &str,
+        secret: &str,
+        env: &str,
+        version: Option<u32>,
+        detail: String,
+    ) -> Target {
+        Target {
+            route: Some(route.to_string()),
+            secret: Some(secret.to_string()),
+            env: Some(env.to_string()),
+            version,
+            detail: Some(detail),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {

@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef};
-use warden_core::audit::{Decision, Event, Target};
+use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef, SessionEnd};
+use warden_core::audit::Target;
 use warden_core::config::{Config, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
 use warden_core::metrics::{AttestVia, Metrics};
-use warden_core::peer::{actor, Attested};
+use warden_core::peer::Attested;
 use zeroize::Zeroizing;
 
 /// Everything one redis route needs at run time.
@@ -218,13 +218,7 @@ async fn refuse_client(mut client: TcpStream, r: &Refusal) {
 }
 
 fn credential_target(route: &RedisRoute, version: Option<u32>, detail: String) -> Target {
-    Target {
-        route: Some(route.name.clone()),
-        secret: Some(route.secret.clone()),
-        env: Some(route.env.clone()),
-        version,
-        detail: Some(detail),
-    }
+    Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
 
 async fn session(
@@ -236,27 +230,23 @@ async fn session(
 ) {
     let started = Instant::now();
     let admission = &shared.admission;
-    let attestation = admission
-        .attest(Peer::Tcp { local, peer }, AttestVia::Redis)
-        .await;
     let policy = RoutePolicy {
         name: &route.name,
         allow: &route.allow,
     };
-    let admitted = match admission.authorize(&attestation, &policy) {
-        Err(d) => Err(d),
-        Ok(who) => {
-            let secret = SecretRef {
-                name: &route.secret,
-                env: &route.env,
-                ttl: route.cache_ttl,
-            };
-            admission
-                .credential(&route.name, &secret)
-                .await
-                .map(|v| (who.clone(), v))
-        }
+    let secret = SecretRef {
+        name: &route.secret,
+        env: &route.env,
+        ttl: route.cache_ttl,
     };
+    let (attestation, admitted) = admission
+        .admit_with_secret(
+            Peer::Tcp { local, peer },
+            AttestVia::Redis,
+            &policy,
+            &secret,
+        )
+        .await;
     let (who, secret) = match admitted {
         Ok(a) => a,
         Err(d) => {
@@ -293,14 +283,13 @@ async fn session(
             };
             tracing::warn!(route = %route.name, "session failed: {message}");
             shared.metrics.session(&route.name, &who.workload, result);
-            let event = Event {
-                actor: actor(Some(&who)),
-                action: "session.error".into(),
-                target: credential_target(&route, Some(secret.version), "redis".into()),
-                decision: Decision::Error,
-                reason: message.clone(),
-            };
-            let _ = admission.audit().record(event).await;
+            admission
+                .record_session_error(
+                    &who,
+                    credential_target(&route, Some(secret.version), "redis".into()),
+                    message.clone(),
+                )
+                .await;
             refuse_client(client, &Refusal { code, message }).await;
             return;
         }
@@ -357,33 +346,21 @@ async fn end_session(
     started: Instant,
     o: &relay::Outcome,
 ) {
-    shared
-        .metrics
-        .session_end(&route.name, started.elapsed(), o.up, o.down);
-    let refused = if o.refused_commands > 0 {
+    let note = if o.refused_commands > 0 {
         format!(", {} commands refused", o.refused_commands)
     } else {
         String::new()
     };
-    let event = Event {
-        actor: actor(Some(who)),
-        action: "session.end".into(),
-        target: credential_target(
-            route,
-            Some(secret.version),
-            format!(
-                "{detail}, {} bytes up, {} bytes down, {} ms{refused}, {}",
-                o.up,
-                o.down,
-                started.elapsed().as_millis(),
-                o.how
-            ),
-        ),
-        decision: Decision::Allow,
-        reason: "session ended".into(),
+    let end = SessionEnd {
+        route: &route.name,
+        target: credential_target(route, Some(secret.version), detail.to_string()),
+        started,
+        up: o.up,
+        down: o.down,
+        note,
+        how: o.how,
     };
-    // Nobody waits for a session's end: it may share a later commit.
-    let _ = shared.admission.audit().record_unhurried(event).await;
+    shared.admission.record_session_end(who, end).await;
 }
 
 /// An upstream connection warden has logged in on.
