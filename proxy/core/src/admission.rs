@@ -100,6 +100,17 @@ pub enum Denial {
     Sealed { route: String, reason: String },
     /// The route's secret (or lease) cannot be had.
     NoCredential { route: String, reason: String },
+    /// The shared store is unreachable and no cached value may be served
+    /// (none cached, or older than `store.stale_if_error` allows).
+    StoreUnreachable {
+        route: String,
+        /// `PostgreSQL store user@host:port/dbname`.
+        store: String,
+        /// `since <time> (<n> s)`.
+        since: String,
+        /// Why the cache cannot serve.
+        reason: String,
+    },
     /// A dynamic route could not lease a role for the workload.
     NoLease {
         route: String,
@@ -123,9 +134,10 @@ impl Denial {
             | Denial::NotPermitted { .. }
             | Denial::DatabaseNotAllowed { .. } => "denied",
             Denial::Frozen(_) => "frozen",
-            Denial::Sealed { .. } | Denial::NoCredential { .. } | Denial::NoLease { .. } => {
-                "credential_error"
-            }
+            Denial::Sealed { .. }
+            | Denial::NoCredential { .. }
+            | Denial::StoreUnreachable { .. }
+            | Denial::NoLease { .. } => "credential_error",
             Denial::Identity { .. } => "identity_error",
             Denial::AuditFailed => "audit_error",
             Denial::Internal { .. } => "error",
@@ -182,6 +194,15 @@ impl fmt::Display for Denial {
             Denial::Sealed { route, reason } | Denial::NoCredential { route, reason, .. } => {
                 write!(f, "warden: no credential for route {route:?}: {reason}")
             }
+            Denial::StoreUnreachable {
+                route,
+                store,
+                since,
+                reason,
+            } => write!(
+                f,
+                "warden: no credential for route {route:?}: the {store} is unreachable {since}; {reason}"
+            ),
             Denial::NoLease {
                 route,
                 workload,
@@ -199,6 +220,19 @@ impl fmt::Display for Denial {
     }
 }
 
+/// Serving cached credentials while the shared store is unreachable
+/// (`store.stale_if_error`).
+pub struct StalePolicy {
+    /// The store's reachability.
+    pub health: Arc<crate::store::health::StoreHealth>,
+    /// How long past its route's `cache_ttl` a cached value may be served
+    /// while the store is unreachable.
+    pub stale_if_error: Duration,
+    /// `secret[].rotation_period` by secret name: a cached value is never
+    /// served longer than its secret's rotation period after it was read.
+    pub rotation_periods: std::collections::HashMap<String, Duration>,
+}
+
 /// Everything the admission step consults; one per daemon, shared by every
 /// front end.
 pub struct Admission {
@@ -210,6 +244,10 @@ pub struct Admission {
     /// The daemon's one audit writer for session records.
     audit: Journal,
     metrics: Metrics,
+    stale: Option<StalePolicy>,
+    /// The start of the outage a stale serve was last logged for (one
+    /// warning per outage, not one per session).
+    stale_logged: Mutex<Option<Instant>>,
 }
 
 /// The services an [`Admission`] is built from.
@@ -221,6 +259,9 @@ pub struct AdmissionParts {
     pub service: Arc<Mutex<SecretService>>,
     pub audit: Journal,
     pub metrics: Metrics,
+    /// On a shared (PostgreSQL) store: serving from the cache while it is
+    /// unreachable. None on SQLite (a local file has no outages to ride out).
+    pub stale: Option<StalePolicy>,
 }
 
 impl Admission {
@@ -233,6 +274,8 @@ impl Admission {
             service: p.service,
             audit: p.audit,
             metrics: p.metrics,
+            stale: p.stale,
+            stale_logged: Mutex::new(None),
         })
     }
 
@@ -503,6 +546,12 @@ impl Admission {
         if let Some(hit) = self.credentials.cached(secret.name, secret.env, secret.ttl) {
             return Ok(hit);
         }
+        // A known outage: a value the cache may still serve is served without
+        // waiting for a connection attempt; the listener notices the store's
+        // return. Nothing servable: try the store anyway (it may be back).
+        if let Some(Ok(v)) = self.stale_credential(route, secret) {
+            return Ok(v);
+        }
         let me = self.clone();
         let (name, env, ttl) = (secret.name.to_string(), secret.env.to_string(), secret.ttl);
         let got = tokio::task::spawn_blocking(move || {
@@ -520,6 +569,12 @@ impl Admission {
                 route: route.to_string(),
                 reason: e.message,
             }),
+            Ok(Err(e)) if e.kind == ErrorKind::Unavailable => self
+                .stale_credential(route, secret)
+                .unwrap_or(Err(Denial::NoCredential {
+                    route: route.to_string(),
+                    reason: e.message,
+                })),
             Ok(Err(e)) => Err(Denial::NoCredential {
                 route: route.to_string(),
                 reason: e.message,
@@ -528,6 +583,70 @@ impl Admission {
                 reason: format!("credential lookup failed: {e}"),
             }),
         }
+    }
+
+    /// While the store is unreachable (None otherwise, and on SQLite): the
+    /// cached value of `secret` if it was read less than `cache_ttl +
+    /// store.stale_if_error` ago (and less than its rotation period), else
+    /// the refusal naming the outage.
+    fn stale_credential(
+        &self,
+        route: &str,
+        secret: &SecretRef<'_>,
+    ) -> Option<Result<SecretValue, Denial>> {
+        let policy = self.stale.as_ref()?;
+        let outage = policy.health.outage()?;
+        let fmt = crate::config::format_duration;
+        let mut limit = secret.ttl.saturating_add(policy.stale_if_error);
+        let mut bound = format!(
+            "cache_ttl {} + store.stale_if_error {}",
+            fmt(secret.ttl),
+            fmt(policy.stale_if_error)
+        );
+        if let Some(period) = policy.rotation_periods.get(secret.name) {
+            if *period < limit {
+                limit = *period;
+                bound = format!(
+                    "the rotation period {} of secret {:?}",
+                    fmt(*period),
+                    secret.name
+                );
+            }
+        }
+        if let Some((v, age)) = self
+            .credentials
+            .cached_stale(secret.name, secret.env, limit)
+        {
+            self.metrics.stale_credential_served(route);
+            if let Ok(mut logged) = self.stale_logged.lock() {
+                if *logged != Some(outage.started) {
+                    *logged = Some(outage.started);
+                    tracing::warn!(
+                        route = %route,
+                        "the {} is unreachable {}: serving cached credentials past their cache_ttl (this one read {} s ago; at most {bound}); further stale serves during this outage are counted in warden_credentials_stale_served_total",
+                        policy.health.at(),
+                        outage.describe_since(),
+                        age.as_secs()
+                    );
+                }
+            }
+            return Some(Ok(v));
+        }
+        let held = self
+            .credentials
+            .cached_stale(secret.name, secret.env, Duration::MAX)
+            .is_some();
+        let reason = if held {
+            format!("cached credential expired (read longer ago than {bound}); sessions resume by themselves once the store is back")
+        } else {
+            "no credential of this route is cached on this node; sessions resume by themselves once the store is back".to_string()
+        };
+        Some(Err(Denial::StoreUnreachable {
+            route: route.to_string(),
+            store: policy.health.at().to_string(),
+            since: outage.describe_since(),
+            reason,
+        }))
     }
 
     /// Writes the `session.start` record (fail closed: `Err` means the

@@ -6,11 +6,13 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::address::is_loopback_host;
 use super::check::Checker;
+use super::duration::format_duration;
 use super::globals::{DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT};
 
 config_enum! {
@@ -69,7 +71,16 @@ pub struct Store {
     /// CA bundle for `verify-full`/`verify-ca` (absolute after loading); the
     /// system bundle when unset.
     pub ca_file: Option<PathBuf>,
+    /// How long past its `cache_ttl` a cached credential is still served
+    /// while the PostgreSQL store is unreachable (`0s`: never).
+    #[serde(deserialize_with = "super::duration::de_duration")]
+    pub stale_if_error: Duration,
 }
+
+/// `store.stale_if_error` when unset.
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+/// The longest accepted `store.stale_if_error`.
+pub const MAX_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for Store {
     fn default() -> Self {
@@ -81,6 +92,7 @@ impl Default for Store {
             password_credential: None,
             tls: StoreTls::default(),
             ca_file: None,
+            stale_if_error: DEFAULT_STALE_IF_ERROR,
         }
     }
 }
@@ -214,6 +226,21 @@ pub(super) fn check_store(c: &mut Checker<'_>) {
         );
     }
 
+    if s.stale_if_error > MAX_STALE_IF_ERROR {
+        c.error(
+            "store.stale_if_error",
+            format!(
+                "store.stale_if_error is {}; it must be at most {}: a node cut off from the store would keep serving credentials that may have been changed or revoked elsewhere",
+                format_duration(s.stale_if_error),
+                format_duration(MAX_STALE_IF_ERROR)
+            ),
+            format!(
+                "set stale_if_error to a few minutes (default {}), or \"0s\" to refuse sessions as soon as a cached credential's cache_ttl ends",
+                format_duration(DEFAULT_STALE_IF_ERROR)
+            ),
+        );
+    }
+
     if s.backend == StoreBackend::Sqlite {
         let postgres_only = [
             ("store.url", s.url.is_some()),
@@ -221,6 +248,10 @@ pub(super) fn check_store(c: &mut Checker<'_>) {
             ("store.password_credential", s.password_credential.is_some()),
             ("store.ca_file", s.ca_file.is_some()),
             ("store.tls", s.tls != StoreTls::default()),
+            (
+                "store.stale_if_error",
+                s.stale_if_error != DEFAULT_STALE_IF_ERROR,
+            ),
         ];
         for (key, set) in postgres_only {
             if set {
