@@ -96,6 +96,9 @@ pub fn install(
         }
     }));
 
+    // The SQLite store is a local file: always "reachable" (its failures
+    // are I/O errors, reported as such).
+    metrics.set_store_unreachable(None);
     if let Some(health) = store_health.clone() {
         metrics.on_scrape(Box::new(move |m| {
             m.set_store_unreachable(health.outage().map(|o| o.lasted()));

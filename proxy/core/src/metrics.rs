@@ -589,14 +589,14 @@ impl Metrics {
         let store_up = IntGaugeVec::new(
             Opts::new(
                 "warden_store_up",
-                "1 while the shared (PostgreSQL) store is reachable, 0 while it is not (absent on the SQLite store).",
+                "1 while the store is reachable, 0 while a shared (PostgreSQL) store is not (always 1 on the SQLite store, a local file).",
             ),
             &[],
         )?;
         let store_unreachable = GaugeVec::new(
             Opts::new(
                 "warden_store_unreachable_seconds",
-                "Seconds since the shared store was last reachable (0 while it is; absent on the SQLite store).",
+                "Seconds since the shared (PostgreSQL) store was last reachable (0 while it is, and always on the SQLite store).",
             ),
             &[],
         )?;
@@ -806,6 +806,7 @@ impl Metrics {
         // Every route's session series exist from the start, so a fresh
         // dashboard shows zeros, not "No data".
         self.inner.session_seconds.with_label_values(&[route]);
+        self.inner.stale_served.with_label_values(&[route]);
         for direction in ["up", "down"] {
             self.inner.bytes.with_label_values(&[route, direction]);
         }

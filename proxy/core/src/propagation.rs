@@ -222,7 +222,7 @@ fn listen(settings: &PostgresSettings, caches: &FleetCaches, stop: &AtomicBool) 
                 if failing_since.is_none() {
                     failing_since = Some(Instant::now());
                     tracing::warn!(
-                        "change listener cannot reach the store (retrying every {} s at most; changes made on other nodes apply here when it is back, or when a route's cache_ttl ends): {}",
+                        "change listener cannot reach the store (retrying every {} s at most; changes made on other nodes apply here when it is back, or when a cached credential's cache_ttl + store.stale_if_error ends): {}",
                         BACKOFF_MAX.as_secs(),
                         e.message
                     );

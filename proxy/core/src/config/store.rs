@@ -408,6 +408,31 @@ mod tests {
     }
 
     #[test]
+    fn stale_if_error_is_a_bounded_duration_for_postgres() {
+        let base = format!("{PG}url = \"postgresql://w@localhost/w\"\ntls = \"disable\"\n");
+        assert_eq!(
+            ok(&base).store.stale_if_error,
+            super::DEFAULT_STALE_IF_ERROR
+        );
+        let c = ok(&format!("{base}stale_if_error = \"30s\"\n"));
+        assert_eq!(c.store.stale_if_error, std::time::Duration::from_secs(30));
+        ok(&format!("{base}stale_if_error = \"0s\"\n"));
+        let e = only_error(
+            &format!("{base}stale_if_error = \"25h\"\n"),
+            "store.stale_if_error",
+        );
+        assert!(e.problem.contains("at most 1d"), "{e:?}");
+        assert!(e.fix.contains("\"0s\""), "{e:?}");
+        only_error(
+            &format!("{base}stale_if_error = \"ten minutes\"\n"),
+            "store.stale_if_error",
+        );
+        // Only a shared store has outages to ride out.
+        let e = only_error("[store]\nstale_if_error = \"1m\"\n", "store.stale_if_error");
+        assert!(e.fix.contains("backend = \"postgres\""), "{e:?}");
+    }
+
+    #[test]
     fn a_password_in_the_url_is_refused_without_repeating_it() {
         for url in [
             "postgresql://warden:hunter2-pw@db.example.com/warden",

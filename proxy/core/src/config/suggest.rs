@@ -87,7 +87,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("store.password_credential", "a systemd credential name in quotes, e.g. password_credential = \"warden-store-password\""),
     ("store.tls", "one of \"verify-full\", \"verify-ca\", \"disable\""),
     ("store.ca_file", "a file path in quotes, e.g. ca_file = \"/etc/warden/store-ca.pem\""),
-    ("store.stale_if_error", "a duration in quotes of at most 24h, e.g. stale_if_error = \"10m\", or \"0s\""),
+    ("store.stale_if_error", "a duration in quotes of at most 1d, e.g. stale_if_error = \"10m\", or \"0s\""),
     ("identity", "a table: [identity] with svid_ttl, key_type, ca_ttl, workload_api_socket"),
     ("identity.ca_ttl", "a duration in quotes, at least 6x svid_ttl, e.g. ca_ttl = \"30d\""),
     ("identity.svid_ttl", "a duration in quotes between 1m and 30d, e.g. svid_ttl = \"1h\""),
