@@ -73,7 +73,13 @@ pub fn install(
         })
         .collect();
     let svc = service.clone();
+    let health = store_health.clone();
     metrics.on_scrape(Box::new(move |m| {
+        // A store known to be unreachable: keep the last values rather than
+        // wait for a connection attempt under the service lock.
+        if health.as_ref().is_some_and(|h| h.outage().is_some()) {
+            return;
+        }
         let Ok(s) = svc.lock() else { return };
         let Ok(list) = s.inventory() else { return };
         let created: Vec<Option<String>> = routes
