@@ -233,6 +233,36 @@ pub struct StalePolicy {
     pub rotation_periods: std::collections::HashMap<String, Duration>,
 }
 
+/// How long after it was read a cached value of `secret` may be served while
+/// the store is unreachable — `cache_ttl + stale_if_error`, never past the
+/// secret's rotation period — and that bound in words.
+fn stale_limit(
+    secret: &SecretRef<'_>,
+    stale_if_error: Duration,
+    rotation_period: Option<Duration>,
+) -> (Duration, String) {
+    let fmt = crate::config::format_duration;
+    let limit = secret.ttl.saturating_add(stale_if_error);
+    match rotation_period {
+        Some(period) if period < limit => (
+            period,
+            format!(
+                "the rotation period {} of secret {:?}",
+                fmt(period),
+                secret.name
+            ),
+        ),
+        _ => (
+            limit,
+            format!(
+                "cache_ttl {} + store.stale_if_error {}",
+                fmt(secret.ttl),
+                fmt(stale_if_error)
+            ),
+        ),
+    }
+}
+
 /// Everything the admission step consults; one per daemon, shared by every
 /// front end.
 pub struct Admission {
@@ -596,23 +626,11 @@ impl Admission {
     ) -> Option<Result<SecretValue, Denial>> {
         let policy = self.stale.as_ref()?;
         let outage = policy.health.outage()?;
-        let fmt = crate::config::format_duration;
-        let mut limit = secret.ttl.saturating_add(policy.stale_if_error);
-        let mut bound = format!(
-            "cache_ttl {} + store.stale_if_error {}",
-            fmt(secret.ttl),
-            fmt(policy.stale_if_error)
+        let (limit, bound) = stale_limit(
+            secret,
+            policy.stale_if_error,
+            policy.rotation_periods.get(secret.name).copied(),
         );
-        if let Some(period) = policy.rotation_periods.get(secret.name) {
-            if *period < limit {
-                limit = *period;
-                bound = format!(
-                    "the rotation period {} of secret {:?}",
-                    fmt(*period),
-                    secret.name
-                );
-            }
-        }
         if let Some((v, age)) = self
             .credentials
             .cached_stale(secret.name, secret.env, limit)
@@ -758,6 +776,42 @@ impl StartRecord<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_serving_never_outlives_the_rotation_period() {
+        let secret = SecretRef {
+            name: "orders-db/app",
+            env: "prod",
+            ttl: Duration::from_secs(60),
+        };
+        let ten_min = Duration::from_secs(600);
+        let (limit, bound) = stale_limit(&secret, ten_min, None);
+        assert_eq!(limit, Duration::from_secs(660));
+        assert_eq!(bound, "cache_ttl 1m + store.stale_if_error 10m");
+        let (limit, _) = stale_limit(&secret, ten_min, Some(Duration::from_secs(3600)));
+        assert_eq!(limit, Duration::from_secs(660));
+        let (limit, bound) = stale_limit(&secret, ten_min, Some(Duration::from_secs(300)));
+        assert_eq!(limit, Duration::from_secs(300));
+        assert!(bound.contains("rotation period 5m"), "{bound}");
+        // stale_if_error = "0s": the cache_ttl alone.
+        assert_eq!(stale_limit(&secret, Duration::ZERO, None).0, secret.ttl);
+    }
+
+    #[test]
+    fn store_unreachable_names_the_store_and_the_outage() {
+        let d = Denial::StoreUnreachable {
+            route: "orders-db".into(),
+            store: "PostgreSQL store warden@db-1:5432/warden".into(),
+            since: "since 2026-12-06T09:02:11.5Z (95 s)".into(),
+            reason: "cached credential expired".into(),
+        };
+        assert_eq!(
+            d.to_string(),
+            "warden: no credential for route \"orders-db\": the PostgreSQL store warden@db-1:5432/warden is unreachable since 2026-12-06T09:02:11.5Z (95 s); cached credential expired"
+        );
+        assert_eq!(d.result(), "credential_error");
+        assert_eq!(d.audit_action(), Some("session.error"));
+    }
 
     #[test]
     fn denial_messages_name_route_and_fix() {
