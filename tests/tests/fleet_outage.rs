@@ -13,6 +13,8 @@
 //! - when the cluster is back, the node is ready again by itself and a put
 //!   on node 2 reaches node 1's next session.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
@@ -82,6 +84,36 @@ fn session(port: u16) -> Output {
         &format!("host=127.0.0.1 port={port} dbname=app user=legacy connect_timeout=5"),
         "select current_user",
     )
+}
+
+/// The SQLSTATE of the ErrorResponse node 1's route answers a raw
+/// StartupMessage with (field `C`), read off the wire.
+fn refusal_sqlstate(port: u16) -> String {
+    let mut body = 196608u32.to_be_bytes().to_vec(); // protocol 3.0
+    for (k, v) in [("user", "legacy"), ("database", "app")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = u32::try_from(body.len() + 4)
+        .unwrap()
+        .to_be_bytes()
+        .to_vec();
+    msg.extend(body);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(&msg).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = c.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+    let fields = reply.get(5..).unwrap_or_default();
+    fields
+        .split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default()
 }
 
 fn works(out: &Output) -> bool {
@@ -208,6 +240,8 @@ fn a_node_rides_out_a_store_outage_and_recovers_by_itself() {
         },
     );
     let refused_after = cached_at.elapsed();
+    // PostgreSQL's own "cannot connect now": clients retry it.
+    assert_eq!(refusal_sqlstate(port1), "57P03");
     assert!(
         refused_after >= Duration::from_secs(9),
         "refused {refused_after:?} after the credential was cached, before cache_ttl + stale_if_error ran out"
