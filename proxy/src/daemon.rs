@@ -180,7 +180,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let credentials = Arc::new(warden_core::credentials::CredentialCache::default());
         service.set_credential_cache(credentials.clone());
         let service = Arc::new(Mutex::new(service));
-        crate::observe::install(&metrics, cfg, service.clone(), identity.clone());
+        // A shared store's reachability, fed by its connections (see
+        // `warden_core::store::health`): /readyz, metrics, stale serving.
+        let store_health = match cfg.store.backend {
+            warden_core::config::StoreBackend::Postgres => Some(warden_core::store::health::StoreHealth::of(
+                &warden_core::store::postgres::PostgresSettings::from_config(&cfg.store)?.describe(),
+            )),
+            warden_core::config::StoreBackend::Sqlite => None,
+        };
+        crate::observe::install(&metrics, cfg, service.clone(), identity.clone(), store_health.clone());
         // Load (or create) the CA now when unsealed, so a bad trust domain stops the start.
         {
             let svc = service.clone();
@@ -304,6 +312,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 cfg.audit.sync_window(),
             )?,
             metrics: metrics.clone(),
+            stale: store_health.map(|health| warden_core::admission::StalePolicy {
+                health,
+                stale_if_error: cfg.store.stale_if_error,
+                rotation_periods: cfg
+                    .secrets
+                    .iter()
+                    .filter_map(|s| s.rotation_period.map(|p| (s.name.clone(), p)))
+                    .collect(),
+            }),
         });
         let provider = Arc::new(WorkloadIdentityProvider::new(
             admission.clone(),

@@ -14,6 +14,7 @@ use warden_core::authority::IdentityHandle;
 use warden_core::config::{Config, EbpfMode};
 use warden_core::metrics::{Metrics, MonitorMode};
 use warden_core::service::SecretService;
+use warden_core::store::health::StoreHealth;
 
 /// A route and the stored secret it uses.
 struct RouteSecret {
@@ -28,6 +29,7 @@ pub fn install(
     cfg: &Config,
     service: Arc<Mutex<SecretService>>,
     identity: Arc<IdentityHandle>,
+    store_health: Option<Arc<StoreHealth>>,
 ) {
     metrics.set_svid_ttl(cfg.identity.svid_ttl);
     for r in &cfg.routes {
@@ -71,7 +73,13 @@ pub fn install(
         })
         .collect();
     let svc = service.clone();
+    let health = store_health.clone();
     metrics.on_scrape(Box::new(move |m| {
+        // A store known to be unreachable: keep the last values rather than
+        // wait for a connection attempt under the service lock.
+        if health.as_ref().is_some_and(|h| h.outage().is_some()) {
+            return;
+        }
         let Ok(s) = svc.lock() else { return };
         let Ok(list) = s.inventory() else { return };
         let created: Vec<Option<String>> = routes
@@ -94,7 +102,24 @@ pub fn install(
         }
     }));
 
+    // The SQLite store is a local file: always "reachable" (its failures
+    // are I/O errors, reported as such).
+    metrics.set_store_unreachable(None);
+    if let Some(health) = store_health.clone() {
+        metrics.on_scrape(Box::new(move |m| {
+            m.set_store_unreachable(health.outage().map(|o| o.lasted()));
+        }));
+    }
+
     metrics.readiness_check(Box::new(move |_| {
+        // A known outage: say so without waiting for another connection
+        // attempt (the listener notices the store's return).
+        if let Some(o) = store_health.as_ref().and_then(|h| h.outage()) {
+            return Err(store_unreachable_reason(
+                store_health.as_ref().map_or("", |h| h.at()),
+                &o,
+            ));
+        }
         let s = service
             .lock()
             .map_err(|_| "store: the service state is poisoned".to_string())?;
@@ -110,6 +135,15 @@ pub fn install(
 
     let wanted = cfg.monitor.ebpf;
     metrics.readiness_check(Box::new(move |m| monitor_ready(wanted, m.monitor_mode())));
+}
+
+/// The `/readyz` reason of a store outage: what works, what does not.
+fn store_unreachable_reason(at: &str, o: &warden_core::store::health::Outage) -> String {
+    format!(
+        "store: the {at} is unreachable {}: {}; writes (secret put/rm/rotate, freeze, lease revoke) fail and sessions are served only from cached credentials (store.stale_if_error) until it is back",
+        o.describe_since(),
+        o.error
+    )
 }
 
 /// `monitor.ebpf = "required"` is ready only in eBPF mode; `auto` accepts

@@ -342,6 +342,41 @@ impl PgCluster {
         read_postmaster_pid(&self.data_dir).is_some_and(pid_alive)
     }
 
+    /// Stops the server (`pg_ctl stop -m fast`) but keeps the cluster, to
+    /// simulate an outage: [`Self::resume`] starts it again on the same port.
+    /// Panics if it does not stop.
+    pub fn halt(&self) {
+        let out = self
+            .pg_ctl_stop("fast")
+            .unwrap_or_else(|e| panic!("pg harness: pg_ctl stop -m fast: {e}"));
+        assert_eq!(
+            out.code, 0,
+            "pg harness: pg_ctl stop -m fast failed: {out:#?}"
+        );
+    }
+
+    /// Starts a server stopped by [`Self::halt`] again (same data dir and
+    /// port) and waits until it accepts connections. Panics with its log if
+    /// it does not start.
+    pub fn resume(&self) {
+        let mut c = self.server_command("pg_ctl");
+        c.arg("start")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log_file)
+            .args(["-w", "-t", &PG_CTL_WAIT.as_secs().to_string(), "-s"]);
+        let out = run(c, b"", PG_CTL_DEADLINE, "pg_ctl start");
+        assert_eq!(
+            out.code,
+            0,
+            "pg harness: restarting the cluster on port {} failed: {out:#?}\n--- postgres log ---\n{}",
+            self.port,
+            self.log_text()
+        );
+        self.wait_ready();
+    }
+
     /// `pg_ctl stop -m fast` (then `-m immediate`, then SIGKILL if need be) and
     /// removes the temp dir. Idempotent; also done on drop. Panics if the
     /// server could not be stopped at all.

@@ -29,6 +29,7 @@ const ALERTS: &[&str] = &[
     "WardenUpstreamErrorsRising",
     "WardenMonitorOnProcfs",
     "WardenSealed",
+    "WardenStoreUnreachable",
 ];
 
 fn rules_file() -> std::path::PathBuf {

@@ -271,14 +271,16 @@ fn bad_store_settings_name_the_key_and_the_fix() {
         .stderr_has("db.example.com:5432/w")
         .stderr_has("verify-full");
 
-    // Nobody listens on the port.
+    // Nobody listens on the port: unreachable (an outage, exit 7), not a
+    // misconfiguration the server reported.
     let closed = free_port();
     let out = with(&format!(
         "[store]\nbackend = \"postgres\"\nurl = \"postgresql://warden@127.0.0.1:{closed}/w\"\ntls = \"disable\"\n"
     ));
-    out.code(1)
+    out.code(7)
         .stderr_has(&format!("127.0.0.1:{closed}/w"))
-        .stderr_has("store.url");
+        .stderr_has("store.url")
+        .stderr_has("unreachable since");
 
     // A host name that does not resolve.
     let out = with(&format!(

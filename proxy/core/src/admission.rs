@@ -118,6 +118,17 @@ pub enum Denial {
     Sealed { route: String, reason: String },
     /// The route's secret (or lease) cannot be had.
     NoCredential { route: String, reason: String },
+    /// The shared store is unreachable and no cached value may be served
+    /// (none cached, or older than `store.stale_if_error` allows).
+    StoreUnreachable {
+        route: String,
+        /// `PostgreSQL store user@host:port/dbname`.
+        store: String,
+        /// `since <time> (<n> s)`.
+        since: String,
+        /// Why the cache cannot serve.
+        reason: String,
+    },
     /// A dynamic route could not lease a role for the workload.
     NoLease {
         route: String,
@@ -141,9 +152,10 @@ impl Denial {
             | Denial::NotPermitted { .. }
             | Denial::DatabaseNotAllowed { .. } => "denied",
             Denial::Frozen(_) => "frozen",
-            Denial::Sealed { .. } | Denial::NoCredential { .. } | Denial::NoLease { .. } => {
-                "credential_error"
-            }
+            Denial::Sealed { .. }
+            | Denial::NoCredential { .. }
+            | Denial::StoreUnreachable { .. }
+            | Denial::NoLease { .. } => "credential_error",
             Denial::Identity { .. } => "identity_error",
             Denial::AuditFailed => "audit_error",
             Denial::Internal { .. } => "error",
@@ -200,6 +212,15 @@ impl fmt::Display for Denial {
             Denial::Sealed { route, reason } | Denial::NoCredential { route, reason, .. } => {
                 write!(f, "warden: no credential for route {route:?}: {reason}")
             }
+            Denial::StoreUnreachable {
+                route,
+                store,
+                since,
+                reason,
+            } => write!(
+                f,
+                "warden: no credential for route {route:?}: the {store} is unreachable {since}; {reason}"
+            ),
             Denial::NoLease {
                 route,
                 workload,
@@ -217,6 +238,49 @@ impl fmt::Display for Denial {
     }
 }
 
+/// Serving cached credentials while the shared store is unreachable
+/// (`store.stale_if_error`).
+pub struct StalePolicy {
+    /// The store's reachability.
+    pub health: Arc<crate::store::health::StoreHealth>,
+    /// How long past its route's `cache_ttl` a cached value may be served
+    /// while the store is unreachable.
+    pub stale_if_error: Duration,
+    /// `secret[].rotation_period` by secret name: a cached value is never
+    /// served longer than its secret's rotation period after it was read.
+    pub rotation_periods: std::collections::HashMap<String, Duration>,
+}
+
+/// How long after it was read a cached value of `secret` may be served while
+/// the store is unreachable — `cache_ttl + stale_if_error`, never past the
+/// secret's rotation period — and that bound in words.
+fn stale_limit(
+    secret: &SecretRef<'_>,
+    stale_if_error: Duration,
+    rotation_period: Option<Duration>,
+) -> (Duration, String) {
+    let fmt = crate::config::format_duration;
+    let limit = secret.ttl.saturating_add(stale_if_error);
+    match rotation_period {
+        Some(period) if period < limit => (
+            period,
+            format!(
+                "the rotation period {} of secret {:?}",
+                fmt(period),
+                secret.name
+            ),
+        ),
+        _ => (
+            limit,
+            format!(
+                "cache_ttl {} + store.stale_if_error {}",
+                fmt(secret.ttl),
+                fmt(stale_if_error)
+            ),
+        ),
+    }
+}
+
 /// Everything the admission step consults; one per daemon, shared by every
 /// front end.
 pub struct Admission {
@@ -228,6 +292,10 @@ pub struct Admission {
     /// The daemon's one audit writer for session records.
     audit: Journal,
     metrics: Metrics,
+    stale: Option<StalePolicy>,
+    /// The start of the outage a stale serve was last logged for (one
+    /// warning per outage, not one per session).
+    stale_logged: Mutex<Option<Instant>>,
 }
 
 /// The services an [`Admission`] is built from.
@@ -239,6 +307,9 @@ pub struct AdmissionParts {
     pub service: Arc<Mutex<SecretService>>,
     pub audit: Journal,
     pub metrics: Metrics,
+    /// On a shared (PostgreSQL) store: serving from the cache while it is
+    /// unreachable. None on SQLite (a local file has no outages to ride out).
+    pub stale: Option<StalePolicy>,
 }
 
 impl Admission {
@@ -251,6 +322,8 @@ impl Admission {
             service: p.service,
             audit: p.audit,
             metrics: p.metrics,
+            stale: p.stale,
+            stale_logged: Mutex::new(None),
         })
     }
 
@@ -529,6 +602,12 @@ impl Admission {
         if let Some(hit) = self.credentials.cached(secret.name, secret.env, secret.ttl) {
             return Ok(hit);
         }
+        // A known outage: a value the cache may still serve is served without
+        // waiting for a connection attempt; the listener notices the store's
+        // return. Nothing servable: try the store anyway (it may be back).
+        if let Some(Ok(v)) = self.stale_credential(route, secret) {
+            return Ok(v);
+        }
         let me = self.clone();
         let (name, env, ttl) = (secret.name.to_string(), secret.env.to_string(), secret.ttl);
         let got = tokio::task::spawn_blocking(move || {
@@ -546,6 +625,12 @@ impl Admission {
                 route: route.to_string(),
                 reason: e.message,
             }),
+            Ok(Err(e)) if e.kind == ErrorKind::Unavailable => self
+                .stale_credential(route, secret)
+                .unwrap_or(Err(Denial::NoCredential {
+                    route: route.to_string(),
+                    reason: e.message,
+                })),
             Ok(Err(e)) => Err(Denial::NoCredential {
                 route: route.to_string(),
                 reason: e.message,
@@ -554,6 +639,58 @@ impl Admission {
                 reason: format!("credential lookup failed: {e}"),
             }),
         }
+    }
+
+    /// While the store is unreachable (None otherwise, and on SQLite): the
+    /// cached value of `secret` if it was read less than `cache_ttl +
+    /// store.stale_if_error` ago (and less than its rotation period), else
+    /// the refusal naming the outage.
+    fn stale_credential(
+        &self,
+        route: &str,
+        secret: &SecretRef<'_>,
+    ) -> Option<Result<SecretValue, Denial>> {
+        let policy = self.stale.as_ref()?;
+        let outage = policy.health.outage()?;
+        let (limit, bound) = stale_limit(
+            secret,
+            policy.stale_if_error,
+            policy.rotation_periods.get(secret.name).copied(),
+        );
+        if let Some((v, age)) = self
+            .credentials
+            .cached_stale(secret.name, secret.env, limit)
+        {
+            self.metrics.stale_credential_served(route);
+            if let Ok(mut logged) = self.stale_logged.lock() {
+                if *logged != Some(outage.started) {
+                    *logged = Some(outage.started);
+                    tracing::warn!(
+                        route = %route,
+                        "the {} is unreachable {}: serving cached credentials past their cache_ttl (this one read {} s ago; at most {bound}); further stale serves during this outage are counted in warden_credentials_stale_served_total",
+                        policy.health.at(),
+                        outage.describe_since(),
+                        age.as_secs()
+                    );
+                }
+            }
+            return Some(Ok(v));
+        }
+        let held = self
+            .credentials
+            .cached_stale(secret.name, secret.env, Duration::MAX)
+            .is_some();
+        let reason = if held {
+            format!("cached credential expired (read longer ago than {bound}); sessions resume by themselves once the store is back")
+        } else {
+            "no credential of this route is cached on this node; sessions resume by themselves once the store is back".to_string()
+        };
+        Some(Err(Denial::StoreUnreachable {
+            route: route.to_string(),
+            store: policy.health.at().to_string(),
+            since: outage.describe_since(),
+            reason,
+        }))
     }
 
     /// Writes the `session.start` record (fail closed: `Err` means the
@@ -726,6 +863,42 @@ impl StartRecord<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_serving_never_outlives_the_rotation_period() {
+        let secret = SecretRef {
+            name: "orders-db/app",
+            env: "prod",
+            ttl: Duration::from_secs(60),
+        };
+        let ten_min = Duration::from_secs(600);
+        let (limit, bound) = stale_limit(&secret, ten_min, None);
+        assert_eq!(limit, Duration::from_secs(660));
+        assert_eq!(bound, "cache_ttl 1m + store.stale_if_error 10m");
+        let (limit, _) = stale_limit(&secret, ten_min, Some(Duration::from_secs(3600)));
+        assert_eq!(limit, Duration::from_secs(660));
+        let (limit, bound) = stale_limit(&secret, ten_min, Some(Duration::from_secs(300)));
+        assert_eq!(limit, Duration::from_secs(300));
+        assert!(bound.contains("rotation period 5m"), "{bound}");
+        // stale_if_error = "0s": the cache_ttl alone.
+        assert_eq!(stale_limit(&secret, Duration::ZERO, None).0, secret.ttl);
+    }
+
+    #[test]
+    fn store_unreachable_names_the_store_and_the_outage() {
+        let d = Denial::StoreUnreachable {
+            route: "orders-db".into(),
+            store: "PostgreSQL store warden@db-1:5432/warden".into(),
+            since: "since 2026-12-06T09:02:11.5Z (95 s)".into(),
+            reason: "cached credential expired".into(),
+        };
+        assert_eq!(
+            d.to_string(),
+            "warden: no credential for route \"orders-db\": the PostgreSQL store warden@db-1:5432/warden is unreachable since 2026-12-06T09:02:11.5Z (95 s); cached credential expired"
+        );
+        assert_eq!(d.result(), "credential_error");
+        assert_eq!(d.audit_action(), Some("session.error"));
+    }
 
     #[test]
     fn denial_messages_name_route_and_fix() {

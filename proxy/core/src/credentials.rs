@@ -71,6 +71,31 @@ impl CredentialCache {
         })
     }
 
+    /// The cached value of (secret, env) fetched less than `max_age` ago,
+    /// and its age: for serving past the TTL while the store is unreachable
+    /// (`store.stale_if_error`). An invalidated entry is gone, never served.
+    pub fn cached_stale(
+        &self,
+        secret: &str,
+        env: &str,
+        max_age: Duration,
+    ) -> Option<(SecretValue, Duration)> {
+        let generation = self.generation();
+        let map = self.entries.lock().ok()?;
+        let c = map.get(&(secret.to_string(), env.to_string()))?;
+        let age = c.fetched.elapsed();
+        (age < max_age).then(|| {
+            (
+                SecretValue {
+                    version: c.version,
+                    value: c.value.clone(),
+                    generation,
+                },
+                age,
+            )
+        })
+    }
+
     /// The value of (secret, env) and its version, from the cache or, on a
     /// miss, from `fetch` (the store: blocking).
     pub fn get(
@@ -144,6 +169,33 @@ mod tests {
         c.invalidate("a", "prod");
         assert!(c.cached("a", "prod", Duration::from_secs(60)).is_none());
         assert_eq!(c.generation(), 1);
+    }
+
+    #[test]
+    fn stale_entries_are_served_only_within_their_limit() {
+        let c = CredentialCache::default();
+        c.entries.lock().unwrap().insert(
+            ("a".into(), "prod".into()),
+            CachedSecret {
+                fetched: Instant::now() - Duration::from_secs(90),
+                version: 4,
+                value: Zeroizing::new(b"pw".to_vec()),
+            },
+        );
+        // Past a 60 s TTL, within 60 s + 60 s.
+        assert!(c.cached("a", "prod", Duration::from_secs(60)).is_none());
+        let (hit, age) = c
+            .cached_stale("a", "prod", Duration::from_secs(120))
+            .unwrap();
+        assert_eq!(hit.version, 4);
+        assert!(age >= Duration::from_secs(90));
+        assert!(c
+            .cached_stale("a", "prod", Duration::from_secs(80))
+            .is_none());
+        c.invalidate("a", "prod");
+        assert!(c
+            .cached_stale("a", "prod", Duration::from_secs(3600))
+            .is_none());
     }
 
     #[test]

@@ -88,6 +88,10 @@ struct Inner {
     leases_active: IntGauge,
     leases_created: IntCounter,
     leases_revoked: IntCounter,
+    // The shared store (PostgreSQL only).
+    store_up: IntGaugeVec,
+    store_unreachable: GaugeVec,
+    stale_served: IntCounterVec,
     http_added_seconds: HistogramVec,
     http_requests: IntCounterVec,
     // Scrape hooks and readiness checks.
@@ -585,6 +589,30 @@ impl Metrics {
         reg(&registry, &leases_active)?;
         reg(&registry, &leases_created)?;
         reg(&registry, &leases_revoked)?;
+        let store_up = IntGaugeVec::new(
+            Opts::new(
+                "warden_store_up",
+                "1 while the store is reachable, 0 while a shared (PostgreSQL) store is not (always 1 on the SQLite store, a local file).",
+            ),
+            &[],
+        )?;
+        let store_unreachable = GaugeVec::new(
+            Opts::new(
+                "warden_store_unreachable_seconds",
+                "Seconds since the shared (PostgreSQL) store was last reachable (0 while it is, and always on the SQLite store).",
+            ),
+            &[],
+        )?;
+        let stale_served = IntCounterVec::new(
+            Opts::new(
+                "warden_credentials_stale_served_total",
+                "Credentials served from the cache past their cache_ttl because the shared store was unreachable (store.stale_if_error).",
+            ),
+            &["route"],
+        )?;
+        reg(&registry, &store_up)?;
+        reg(&registry, &store_unreachable)?;
+        reg(&registry, &stale_served)?;
         reg(&registry, &http_added_seconds)?;
         reg(&registry, &http_requests)?;
         Ok(Metrics {
@@ -632,6 +660,9 @@ impl Metrics {
                 leases_active,
                 leases_created,
                 leases_revoked,
+                store_up,
+                store_unreachable,
+                stale_served,
                 http_added_seconds,
                 http_requests,
                 hooks: Mutex::new(Vec::new()),
@@ -720,6 +751,24 @@ impl Metrics {
         }
     }
 
+    /// The shared store's state: `None` while it is reachable, else how
+    /// long it has been unreachable.
+    pub fn set_store_unreachable(&self, lasted: Option<Duration>) {
+        self.inner
+            .store_up
+            .with_label_values(&[])
+            .set(i64::from(lasted.is_none()));
+        self.inner
+            .store_unreachable
+            .with_label_values(&[])
+            .set(lasted.map_or(0.0, |d| d.as_secs_f64()));
+    }
+
+    /// A credential served past its `cache_ttl` during a store outage.
+    pub fn stale_credential_served(&self, route: &str) {
+        self.inner.stale_served.with_label_values(&[route]).inc();
+    }
+
     pub fn set_svid_ttl(&self, ttl: Duration) {
         self.inner.svid_ttl.set(ttl.as_secs_f64());
     }
@@ -760,6 +809,7 @@ impl Metrics {
         // Every route's session series exist from the start, so a fresh
         // dashboard shows zeros, not "No data".
         self.inner.session_seconds.with_label_values(&[route]);
+        self.inner.stale_served.with_label_values(&[route]);
         for direction in ["up", "down"] {
             self.inner.bytes.with_label_values(&[route, direction]);
         }

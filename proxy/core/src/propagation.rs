@@ -24,11 +24,14 @@
 //! counters (the counter row serialises changes), so a gap is noticed too.
 //!
 //! **While the store is unreachable** the listener retries with a backoff
-//! up to [`BACKOFF_MAX`]; cached values keep serving for at most their
-//! route's `cache_ttl`, as before (serving longer from a cache is
-//! `store.stale_if_error`, not built yet). A change made on another node
-//! meanwhile reaches this node when the listener reconnects (at once, by the
-//! reconciliation) or when the route's cache entry expires, whichever comes
+//! up to [`BACKOFF_MAX`] and reports the outage to the store's
+//! [`crate::store::health::StoreHealth`] (as the backend's own connection
+//! does); sessions are then served from cached values for at most
+//! `store.stale_if_error` past their route's `cache_ttl` (see
+//! [`crate::admission::Admission::credential`]). A change made on another
+//! node meanwhile reaches this node when the listener reconnects (at once,
+//! by the reconciliation, which empties the credential cache when the
+//! change counter moved) or when the cache entry expires, whichever comes
 //! first.
 
 use crate::authority::{IdentityHandle, CA_META_KEY};
@@ -199,6 +202,7 @@ impl Drop for ChangeListener {
 /// Connects, listens, applies; reconnects with backoff until stopped.
 fn listen(settings: &PostgresSettings, caches: &FleetCaches, stop: &AtomicBool) {
     let at = settings.describe();
+    let health = crate::store::health::StoreHealth::of(&at);
     // The last change counter this node is known to be current with.
     let mut heard: Option<i64> = None;
     let mut backoff = BACKOFF_MIN;
@@ -212,10 +216,13 @@ fn listen(settings: &PostgresSettings, caches: &FleetCaches, stop: &AtomicBool) 
         }) {
             Ok(c) => c,
             Err(e) => {
+                if e.kind == crate::error::ErrorKind::Unavailable {
+                    health.unreachable(&e.message);
+                }
                 if failing_since.is_none() {
                     failing_since = Some(Instant::now());
                     tracing::warn!(
-                        "change listener cannot reach the store (retrying every {} s at most; changes made on other nodes apply here when it is back, or when a route's cache_ttl ends): {}",
+                        "change listener cannot reach the store (retrying every {} s at most; changes made on other nodes apply here when it is back, or when a cached credential's cache_ttl + store.stale_if_error ends): {}",
                         BACKOFF_MAX.as_secs(),
                         e.message
                     );
@@ -236,6 +243,7 @@ fn listen(settings: &PostgresSettings, caches: &FleetCaches, stop: &AtomicBool) 
         // anything before shows in the counter.
         match read_counter(&mut client) {
             Ok(now) => {
+                health.reachable();
                 catch_up(caches, &mut heard, now, connected_before);
                 if connected_before {
                     tracing::info!("change listener reconnected to the {at}");
@@ -288,6 +296,7 @@ fn listen(settings: &PostgresSettings, caches: &FleetCaches, stop: &AtomicBool) 
                         for notice in &pending {
                             receive(caches, &mut heard, notice);
                         }
+                        health.reachable();
                         catch_up(caches, &mut heard, now, true);
                     }
                     Err(e) => {

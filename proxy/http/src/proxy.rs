@@ -128,11 +128,11 @@ pub fn text(status: StatusCode, message: &str) -> Response<Body> {
 }
 
 /// warden's answer to a refusal (the HTTP table): 403 for policy, 503
-/// while sealed, 502 for a missing credential, 500 when the audit record
+/// while sealed or the shared store is unreachable past store.stale_if_error, 502 for a missing credential, 500 when the audit record
 /// cannot be written.
 pub(super) fn denial_response(d: &Denial) -> Response<Body> {
     let status = match d {
-        Denial::Sealed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Denial::Sealed { .. } | Denial::StoreUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         Denial::NoCredential { .. } | Denial::NoLease { .. } | Denial::Identity { .. } => {
             StatusCode::BAD_GATEWAY
         }

@@ -220,7 +220,9 @@ fn refusal_of(d: &Denial) -> Refusal {
         | Denial::NoCredential { .. }
         | Denial::NoLease { .. }
         | Denial::Identity { .. } => "28000",
-        Denial::Sealed { .. } => "57P03",
+        // Retry later: warden cannot open credentials now (PostgreSQL's own
+        // code for a server that is starting up or shutting down).
+        Denial::Sealed { .. } | Denial::StoreUnreachable { .. } => "57P03",
         Denial::AuditFailed => "58000",
         _ => "XX000",
     };

@@ -80,6 +80,7 @@ pub use route::{ClientTls, PoolConfig, PoolReset, Route, RouteKind, TlsMode, Tls
 pub use secret::{RotateMethod, SecretPolicy};
 pub use store::{
     parse_store_url, valid_credential_name, Store, StoreBackend, StoreTarget, StoreTls,
+    DEFAULT_STALE_IF_ERROR,
 };
 pub use workload::Workload;
 

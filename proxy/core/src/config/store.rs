@@ -6,11 +6,13 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::address::is_loopback_host;
 use super::check::Checker;
+use super::duration::format_duration;
 use super::globals::{DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT};
 
 config_enum! {
@@ -69,7 +71,16 @@ pub struct Store {
     /// CA bundle for `verify-full`/`verify-ca` (absolute after loading); the
     /// system bundle when unset.
     pub ca_file: Option<PathBuf>,
+    /// How long past its `cache_ttl` a cached credential is still served
+    /// while the PostgreSQL store is unreachable (`0s`: never).
+    #[serde(deserialize_with = "super::duration::de_duration")]
+    pub stale_if_error: Duration,
 }
+
+/// `store.stale_if_error` when unset.
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+/// The longest accepted `store.stale_if_error`.
+pub const MAX_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for Store {
     fn default() -> Self {
@@ -81,6 +92,7 @@ impl Default for Store {
             password_credential: None,
             tls: StoreTls::default(),
             ca_file: None,
+            stale_if_error: DEFAULT_STALE_IF_ERROR,
         }
     }
 }
@@ -214,6 +226,21 @@ pub(super) fn check_store(c: &mut Checker<'_>) {
         );
     }
 
+    if s.stale_if_error > MAX_STALE_IF_ERROR {
+        c.error(
+            "store.stale_if_error",
+            format!(
+                "store.stale_if_error is {}; it must be at most {}: a node cut off from the store would keep serving credentials that may have been changed or revoked elsewhere",
+                format_duration(s.stale_if_error),
+                format_duration(MAX_STALE_IF_ERROR)
+            ),
+            format!(
+                "set stale_if_error to a few minutes (default {}), or \"0s\" to refuse sessions as soon as a cached credential's cache_ttl ends",
+                format_duration(DEFAULT_STALE_IF_ERROR)
+            ),
+        );
+    }
+
     if s.backend == StoreBackend::Sqlite {
         let postgres_only = [
             ("store.url", s.url.is_some()),
@@ -221,6 +248,10 @@ pub(super) fn check_store(c: &mut Checker<'_>) {
             ("store.password_credential", s.password_credential.is_some()),
             ("store.ca_file", s.ca_file.is_some()),
             ("store.tls", s.tls != StoreTls::default()),
+            (
+                "store.stale_if_error",
+                s.stale_if_error != DEFAULT_STALE_IF_ERROR,
+            ),
         ];
         for (key, set) in postgres_only {
             if set {
@@ -374,6 +405,31 @@ mod tests {
         ok(&format!(
             "{PG}url = \"postgresql://w@%2Frun%2Fpostgresql/w\"\ntls = \"disable\"\n"
         ));
+    }
+
+    #[test]
+    fn stale_if_error_is_a_bounded_duration_for_postgres() {
+        let base = format!("{PG}url = \"postgresql://w@localhost/w\"\ntls = \"disable\"\n");
+        assert_eq!(
+            ok(&base).store.stale_if_error,
+            super::DEFAULT_STALE_IF_ERROR
+        );
+        let c = ok(&format!("{base}stale_if_error = \"30s\"\n"));
+        assert_eq!(c.store.stale_if_error, std::time::Duration::from_secs(30));
+        ok(&format!("{base}stale_if_error = \"0s\"\n"));
+        let e = only_error(
+            &format!("{base}stale_if_error = \"25h\"\n"),
+            "store.stale_if_error",
+        );
+        assert!(e.problem.contains("at most 1d"), "{e:?}");
+        assert!(e.fix.contains("\"0s\""), "{e:?}");
+        only_error(
+            &format!("{base}stale_if_error = \"ten minutes\"\n"),
+            "store.stale_if_error",
+        );
+        // Only a shared store has outages to ride out.
+        let e = only_error("[store]\nstale_if_error = \"1m\"\n", "store.stale_if_error");
+        assert!(e.fix.contains("backend = \"postgres\""), "{e:?}");
     }
 
     #[test]

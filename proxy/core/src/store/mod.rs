@@ -18,6 +18,7 @@
 
 #[cfg(test)]
 pub(crate) mod fleet_sqlite;
+pub mod health;
 pub mod postgres;
 pub mod sqlite;
 

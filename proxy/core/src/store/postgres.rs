@@ -250,9 +250,13 @@ impl PostgresSettings {
 
     fn connect_error(&self, e: &postgres::Error) -> Error {
         let at = self.describe();
+        let mut unreachable = false;
         let (why, fix) = match e.as_db_error() {
             Some(db) => {
                 let code = db.code().code();
+                // Shutting down, starting up, in recovery, or a broken link:
+                // the server is there but cannot serve (an outage).
+                unreachable = code.starts_with("57P") || code.starts_with("08");
                 let fix = match code {
                     "28P01" | "28000" => "check the password in store.password_file (or store.password_credential) and the server's pg_hba.conf for this user",
                     "3D000" => "create the database (CREATE DATABASE … OWNER …) or fix the database name in store.url",
@@ -268,14 +272,20 @@ impl PostgresSettings {
                 } else if text.contains("certificate") || text.contains("TLS") {
                     "check store.ca_file (the CA that signed the server's certificate) and that the certificate names the host in store.url (or use tls = \"verify-ca\")"
                 } else {
+                    unreachable = true;
                     "check that the server runs and that the host and port in store.url reach it (a firewall, a wrong port, or a server not listening on that address)"
                 };
                 (text, fix)
             }
         };
-        Error::internal(format!(
-            "cannot connect to the {at} (store.url): {why}; fix: {fix}"
-        ))
+        let message = format!("cannot connect to the {at} (store.url): {why}; fix: {fix}");
+        if unreachable {
+            // Exit code 7: the store is unreachable (an outage, not a
+            // misconfiguration); see `super::health`.
+            Error::unavailable(message)
+        } else {
+            Error::internal(message)
+        }
     }
 }
 
@@ -508,6 +518,8 @@ struct Session {
     settings: PostgresSettings,
     at: String,
     client: Option<postgres::Client>,
+    /// Told of every connection made or failed (see [`super::health`]).
+    health: Arc<super::health::StoreHealth>,
     /// A transaction spanning several jobs is open: a lost connection must
     /// fail it, never be replaced silently in its middle.
     in_transaction: bool,
@@ -525,7 +537,24 @@ impl Session {
                     self.at
                 )));
             }
-            self.client = Some(self.settings.connect()?);
+            match self.settings.connect() {
+                Ok(c) => {
+                    self.health.reachable();
+                    self.client = Some(c);
+                }
+                Err(mut e) => {
+                    // A server that answered (a refused password, a missing
+                    // database) is reachable, just misconfigured.
+                    if e.kind == crate::error::ErrorKind::Unavailable {
+                        self.health.unreachable(&e.message);
+                        if let Some(o) = self.health.outage() {
+                            e.message
+                                .push_str(&format!(" (unreachable {})", o.describe_since()));
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         self.client
             .as_mut()
@@ -710,6 +739,7 @@ impl PostgresBackend {
             settings,
             at: at.clone(),
             client: None,
+            health: super::health::StoreHealth::of(&at),
             in_transaction: false,
         };
         std::thread::Builder::new()

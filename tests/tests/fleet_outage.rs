@@ -1,0 +1,276 @@
+//! Fleet mode when the store's database is down, through real daemons: two
+//! nodes share a store on one throwaway PostgreSQL cluster and serve a
+//! PostgreSQL route to a second, separate "app" cluster. The store cluster
+//! is stopped (`pg_ctl stop -m fast`) and started again:
+//!
+//! - while it is down, node 1 keeps serving sessions with the credential it
+//!   cached, past the route's `cache_ttl` (1 s), up to `store.stale_if_error`
+//!   (8 s); then it refuses, naming the store and the outage;
+//! - a `secret put` fails, naming the store and saying it is unreachable;
+//! - `/readyz` answers 503 with the outage, `warden_store_up` is 0 and
+//!   `warden_store_unreachable_seconds` grows; stale serves are counted;
+//! - session audit records keep being written to the node's local log;
+//! - when the cluster is back, the node is ready again by itself and a put
+//!   on node 2 reaches node 1's next session.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
+use warden_tests::prom::sample;
+use warden_tests::{free_port, my_uid, Instance, Output};
+
+const STORE_PASSWORD: &str = "outage-store-PW-51c7";
+const PASSWORD: &str = "outage-app-PW-CANARY-7e90";
+const DB: &str = "fleet";
+
+fn store_cluster() -> (PgCluster, tempfile::TempDir) {
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.psql_admin(&format!(
+        "CREATE ROLE warden LOGIN PASSWORD '{STORE_PASSWORD}'"
+    ));
+    pg.psql_admin(&format!("CREATE DATABASE {DB} OWNER warden"));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("store-password");
+    std::fs::write(&pw, STORE_PASSWORD).unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (pg, dir)
+}
+
+fn node(store: &PgCluster, pw_dir: &tempfile::TempDir, app: &PgCluster, port: u16) -> Instance {
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[secret]]
+name = "app-db/app"
+
+[[route]]
+name = "app-db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{app_port}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "app-db/app", cache_ttl = "1s" }}
+allow = ["me"]
+connect_timeout = "2s"
+
+[store]
+backend = "postgres"
+url = "postgresql://warden@127.0.0.1:{store_port}/{DB}?connect_timeout=2"
+password_file = "{pw}"
+tls = "disable"
+stale_if_error = "8s"
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        app_port = app.port,
+        store_port = store.port,
+        pw = pw_dir.path().join("store-password").display(),
+    );
+    Instance::new_with(&cfg)
+}
+
+fn session(port: u16) -> Output {
+    run_psql(
+        &format!("host=127.0.0.1 port={port} dbname=app user=legacy connect_timeout=5"),
+        "select current_user",
+    )
+}
+
+/// The SQLSTATE of the ErrorResponse node 1's route answers a raw
+/// StartupMessage with (field `C`), read off the wire.
+fn refusal_sqlstate(port: u16) -> String {
+    let mut body = 196608u32.to_be_bytes().to_vec(); // protocol 3.0
+    for (k, v) in [("user", "legacy"), ("database", "app")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = u32::try_from(body.len() + 4)
+        .unwrap()
+        .to_be_bytes()
+        .to_vec();
+    msg.extend(body);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(&msg).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = c.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+    let fields = reply.get(5..).unwrap_or_default();
+    fields
+        .split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default()
+}
+
+fn works(out: &Output) -> bool {
+    out.code == 0 && out.stdout.trim() == "app"
+}
+
+/// Polls `check` every 100 ms until it holds; panics with `what` after `limit`.
+fn wait(limit: Duration, what: &str, mut check: impl FnMut() -> Option<String>) {
+    let t0 = Instant::now();
+    loop {
+        let Some(last) = check() else { return };
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: not seen within {limit:?}; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric(node: &Instance, series: &str) -> Option<f64> {
+    let (code, text) = node.http_get("/metrics");
+    assert_eq!(code, 200, "{text}");
+    sample(&text, series)
+}
+
+fn audit_count(node: &Instance, action: &str) -> usize {
+    std::fs::read_to_string(node.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!("\"action\":\"{action}\"")))
+        .count()
+}
+
+#[test]
+fn a_node_rides_out_a_store_outage_and_recovers_by_itself() {
+    let (store, pw_dir) = store_cluster();
+    let app = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    app.create_role("app", PASSWORD);
+    let (port1, port2) = (free_port(), free_port());
+    let node1 = node(&store, &pw_dir, &app, port1);
+    let node2 = node(&store, &pw_dir, &app, port2);
+    node1.run(&["init"]).ok();
+    std::fs::create_dir_all(&node2.data_dir).unwrap();
+    std::fs::set_permissions(&node2.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let key = node2.data_dir.join("master.key");
+    std::fs::copy(node1.data_dir.join("master.key"), &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    node1.put("app-db/app", PASSWORD.as_bytes()).ok();
+    let d1 = node1.start_daemon();
+    let _d2 = node2.start_daemon();
+
+    // Healthy: ready, store up, a session caches the credential.
+    assert_eq!(node1.http_get("/readyz").0, 200);
+    // The cache entry is made during this session: not before this instant.
+    let cached_at = Instant::now();
+    let out = session(port1);
+    assert!(works(&out), "{out:?}");
+    let session_done = Instant::now();
+    assert_eq!(metric(&node1, "warden_store_up"), Some(1.0));
+    assert_eq!(
+        metric(&node1, "warden_store_unreachable_seconds"),
+        Some(0.0)
+    );
+
+    // The store's database goes down.
+    store.halt();
+    wait(
+        Duration::from_secs(15),
+        "node 1 not ready while the store is down",
+        || {
+            let (code, body) = node1.http_get("/readyz");
+            (code != 503 || !body.contains("is unreachable since"))
+                .then(|| format!("{code} {body}"))
+        },
+    );
+    let (_, body) = node1.http_get("/readyz");
+    assert!(
+        body.contains("PostgreSQL store warden@127.0.0.1:"),
+        "{body}"
+    );
+    assert!(body.contains("writes (secret put/rm/rotate"), "{body}");
+    assert_eq!(metric(&node1, "warden_store_up"), Some(0.0));
+
+    // Past the 1 s cache_ttl, sessions are still served from the cache.
+    let starts_before = audit_count(&node1, "session.start");
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(session_done.elapsed()));
+    for _ in 0..3 {
+        let out = session(port1);
+        assert!(
+            works(&out),
+            "stale serve refused: {out:?}\n{}",
+            d1.log_text()
+        );
+    }
+    let stale = metric(
+        &node1,
+        "warden_credentials_stale_served_total{route=\"app-db\"}",
+    );
+    assert!(stale.is_some_and(|n| n >= 3.0), "{stale:?}");
+    assert!(metric(&node1, "warden_store_unreachable_seconds").is_some_and(|s| s > 0.0));
+    // Their audit records are in the node's local log.
+    assert!(audit_count(&node1, "session.start") >= starts_before + 3);
+
+    // A write fails, naming the store and the outage.
+    let out = node1.put("app-db/app", b"written-while-down");
+    assert_eq!(out.code, 7, "{out:?}");
+    assert!(
+        out.stderr.contains("PostgreSQL store warden@127.0.0.1:")
+            && out.stderr.contains("unreachable since"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains(STORE_PASSWORD), "{out:?}");
+
+    // Past cache_ttl + stale_if_error: refused, naming the cause.
+    wait(
+        Duration::from_secs(20),
+        "refusal once stale_if_error ran out",
+        || {
+            let out = session(port1);
+            (out.code == 0
+                || !out.stderr.contains("is unreachable since")
+                || !out.stderr.contains("cached credential expired"))
+            .then(|| format!("{out:?}"))
+        },
+    );
+    let refused_after = cached_at.elapsed();
+    // PostgreSQL's own "cannot connect now": clients retry it.
+    assert_eq!(refusal_sqlstate(port1), "57P03");
+    assert!(
+        refused_after >= Duration::from_secs(9),
+        "refused {refused_after:?} after the credential was cached, before cache_ttl + stale_if_error ran out"
+    );
+    assert!(!d1.log_text().contains(PASSWORD));
+
+    // The database returns: the node is ready again by itself and serves.
+    store.resume();
+    wait(Duration::from_secs(20), "node 1 ready again", || {
+        let (code, body) = node1.http_get("/readyz");
+        (code != 200).then(|| format!("{code} {body}"))
+    });
+    assert_eq!(metric(&node1, "warden_store_up"), Some(1.0));
+    let out = session(port1);
+    assert!(works(&out), "{out:?}");
+
+    // A change made on node 2 reaches node 1 (by propagation, at the latest
+    // when its 1 s cache entry ends).
+    node2.put("app-db/app", b"not-the-password").ok();
+    wait(
+        Duration::from_secs(20),
+        "put on node 2 used by node 1",
+        || {
+            let out = session(port1);
+            (out.code == 0 || !out.stderr.contains("app-db/app v2")).then(|| format!("{out:?}"))
+        },
+    );
+    // For reading what the node logged through the outage.
+    if let Some(p) = std::env::var_os("WARDEN_TEST_KEEP_LOG") {
+        std::fs::write(p, d1.log_text()).unwrap();
+    }
+}
