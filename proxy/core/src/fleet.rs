@@ -139,6 +139,19 @@ fn json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::internal(format!("fleet record: {e}")))
 }
 
+/// A join-token record read back. It holds the sealed master key copy, so
+/// a damaged one is reported by position only: serde's messages can quote
+/// the text they choke on.
+fn token_from_json(key: &str, j: &str) -> Result<TokenRecord> {
+    serde_json::from_str(j).map_err(|e| {
+        Error::integrity(format!(
+            "join token record {key} is damaged (not a token record at line {} column {}); fix: make a new token with `warden node token`",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
 fn node_from_json(key: &str, j: &str) -> Result<NodeRecord> {
     serde_json::from_str(j)
         .map_err(|e| Error::integrity(format!("the store's node record {key} is unreadable: {e}")))
@@ -443,8 +456,7 @@ pub fn purge_expired_tokens(backend: &mut dyn SecretBackend) -> Result<usize> {
                     "join token record {key} vanished"
                 )));
             };
-            let mut r: TokenRecord = serde_json::from_str(&j)
-                .map_err(|e| Error::integrity(format!("join token record {key}: {e}")))?;
+            let mut r = token_from_json(&key, &j)?;
             r.wrapped_kek = None;
             json(&r)
         })?;
@@ -507,8 +519,7 @@ pub fn consume_token(
                 "join token {id} is not known to this store: it was made for another fleet's store, or the store was restored from an older backup; fix: make a new one with `warden node token --ttl 10m` on a node of this fleet"
             )));
         };
-        let mut r: TokenRecord = serde_json::from_str(&j)
-            .map_err(|e| Error::integrity(format!("join token record {key}: {e}")))?;
+        let mut r = token_from_json(&key, &j)?;
         let expected = hex::decode(&r.verifier).unwrap_or_default();
         let given = derive(&token.secret, VERIFY_LABEL, &id);
         let matches =
@@ -603,6 +614,22 @@ mod tests {
             let e = parse_token(bad).err().unwrap();
             assert!(e.message.contains("not a join token"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_damaged_token_record_is_reported_without_its_content() {
+        let damaged = r#"{"id":"0123456789abcdef","verifier":"v","wrapped_kek":17,"kek_id":"SEALED-KEY-COPY-CANARY"}"#;
+        let Err(e) = token_from_json("join-token/0123456789abcdef", damaged) else {
+            panic!("a damaged record was accepted");
+        };
+        assert!(
+            e.message.contains("join-token/0123456789abcdef"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("line 1 column"), "{}", e.message);
+        assert!(!e.message.contains("CANARY"), "{}", e.message);
+        assert!(!e.message.contains("17"), "{}", e.message);
     }
 
     #[test]
