@@ -268,6 +268,36 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Stops a lab's child process: SIGTERM, then SIGKILL after `grace`.
+fn stop_child(name: &str, child: &mut std::process::Child, grace: std::time::Duration) {
+    use std::process::{Command, Stdio};
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let pid = child.id().to_string();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("warning: {name} (pid {pid}) ignored SIGTERM; sending SIGKILL");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The effective uid, from /proc (no unsafe `geteuid`).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

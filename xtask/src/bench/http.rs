@@ -339,7 +339,7 @@ impl Lab {
     fn start_warden(&mut self, warden: &Path, token: &str) -> Result<()> {
         let wdir = self.dir.join("warden");
         std::fs::create_dir_all(&wdir)?;
-        let uid = rustix_uid();
+        let uid = super::effective_uid().unwrap_or(0);
         let config = format!(
             "data_dir = \"{data}\"\ntrust_domain = \"example.org\"\n\
              \n[admin]\nsocket = \"{admin}\"\n\n[metrics]\nlisten = \"off\"\n\
@@ -440,20 +440,7 @@ impl Lab {
 
     fn shutdown(&mut self) {
         for (name, child) in self.children.iter_mut().rev() {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                continue;
-            }
-            let pid = child.id().to_string();
-            let _ = Command::new("kill").args(["-TERM", &pid]).status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if !matches!(child.try_wait(), Ok(Some(_))) {
-                eprintln!("warning: {name} ignored SIGTERM; killing");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            super::stop_child(name, child, Duration::from_secs(5));
         }
         self.children.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -464,17 +451,6 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn rustix_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 fn random_token() -> Result<String> {

@@ -220,7 +220,7 @@ impl Lab {
              allow = [\"bench\"]\n",
             data = wdir.join("data").display(),
             admin = wdir.join("admin.sock").display(),
-            uid = uid(),
+            uid = super::effective_uid().unwrap_or(0),
             listen = self.warden_port,
             up = self.db_port,
         );
@@ -314,20 +314,7 @@ impl Lab {
 
     fn shutdown(&mut self) {
         for (name, child) in self.children.iter_mut().rev() {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                continue;
-            }
-            let pid = child.id().to_string();
-            let _ = Command::new("kill").args(["-TERM", &pid]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if !matches!(child.try_wait(), Ok(Some(_))) {
-                eprintln!("warning: {name} ignored SIGTERM; killing");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            super::stop_child(name, child, Duration::from_secs(10));
         }
         self.children.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -338,17 +325,6 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// Letters and digits only: it goes into a SQL literal.

@@ -412,7 +412,7 @@ impl Lab {
              allow = [\"bench\"]\n{audit}",
             data = wdir.join("data").display(),
             admin = wdir.join("admin.sock").display(),
-            uid = effective_uid().unwrap_or(0),
+            uid = super::effective_uid().unwrap_or(0),
             listen = self.port(target),
             pg = self.pg_port,
             audit = target.audit_toml(),
@@ -619,7 +619,7 @@ impl Lab {
         }
         self.cleaned = true;
         while let Some((name, mut child)) = self.children.pop() {
-            stop_child(name, &mut child);
+            super::stop_child(name, &mut child, Duration::from_secs(5));
         }
         if self.pg_started {
             let mut stop = self.pg_ctl(&["-m", "fast", "-w", "-t", "30", "stop"]);
@@ -642,31 +642,6 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// SIGTERM by pid (the `kill` command), up to 5 s to exit, then SIGKILL.
-fn stop_child(name: &str, child: &mut Child) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
-    }
-    let pid = child.id().to_string();
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid])
-        .stderr(Stdio::null())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("warning: {name} (pid {pid}) ignored SIGTERM; sending SIGKILL");
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid])
-        .stderr(Stdio::null())
-        .status();
-    let _ = child.wait();
 }
 
 type Results = Vec<(Mode, Target, Vec<Sample>)>;
@@ -1059,15 +1034,8 @@ fn print_tail(path: &Path, n: usize) {
     eprintln!("---- end ----");
 }
 
-/// The effective uid, from /proc (no unsafe `geteuid`).
-fn effective_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
-    uids.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn is_root() -> bool {
-    effective_uid() == Some(0)
+    super::effective_uid() == Some(0)
 }
 
 /// `len` random letters and digits from /dev/urandom.

@@ -145,7 +145,7 @@ pub(super) fn run(lab: &Lab, warden: &Path) -> Result<LeaseReport> {
              grants = [\"GRANT USAGE ON SCHEMA reports TO {{role}}\", \"GRANT SELECT ON ALL TABLES IN SCHEMA reports TO {{role}}\"]\n",
             data = wdir.join("data").display(),
             admin = wdir.join("admin.sock").display(),
-            uid = effective_uid().unwrap_or(0),
+            uid = super::super::effective_uid().unwrap_or(0),
             pg = lab.pg_port,
         ),
     )?;
