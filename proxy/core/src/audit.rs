@@ -80,6 +80,9 @@ const HASH_MEMBER_PREFIX: &[u8] = b",\"hash\":\"";
 const HASH_HEX_LEN: usize = 64;
 const HASH_MEMBER_CLOSE: &[u8] = b"\"}";
 /// `,"hash":"` + 64 hex + `"}`
+/// Starting size of a record line's buffer: a session record is 500–700
+/// bytes, so one allocation holds it and its hash member.
+const LINE_CAPACITY_HINT: usize = 1024;
 const HASH_SUFFIX_LEN: usize = HASH_MEMBER_PREFIX.len() + HASH_HEX_LEN + HASH_MEMBER_CLOSE.len();
 const MAX_ANCHOR_BYTES: u64 = 4096;
 
@@ -391,28 +394,39 @@ fn encode_line(
     event: &Event,
     prev: &str,
 ) -> Result<(String, Vec<u8>), AuditError> {
-    let body = serde_json::to_vec(&RecordBody {
-        seq,
-        time,
-        actor: &event.actor,
-        action: &event.action,
-        target: &event.target,
-        decision: event.decision,
-        reason: &event.reason,
-        prev,
-    })
+    // One buffer, sized for a typical record plus the hash member: the body
+    // is serialized into it and the hash appended in place (no regrowth, no
+    // second copy on the session path).
+    let mut line = Vec::with_capacity(LINE_CAPACITY_HINT);
+    serde_json::to_writer(
+        &mut line,
+        &RecordBody {
+            seq,
+            time,
+            actor: &event.actor,
+            action: &event.action,
+            target: &event.target,
+            decision: event.decision,
+            reason: &event.reason,
+            prev,
+        },
+    )
     .map_err(encode_err)?;
-    let hash = hex::encode(sha256(&body));
-    let Some((b'}', open_body)) = body.split_last() else {
+    let digest = sha256(&line);
+    if line.pop() != Some(b'}') {
         return Err(AuditError::Encode(
             "record body is not a JSON object".into(),
         ));
-    };
-    let mut line = Vec::with_capacity(body.len() + HASH_SUFFIX_LEN);
-    line.extend_from_slice(open_body);
+    }
+    let mut hex_buf = [0u8; HASH_HEX_LEN];
+    hex::encode_to_slice(digest, &mut hex_buf)
+        .map_err(|_| AuditError::Encode("hash length".into()))?;
+    line.reserve(HASH_SUFFIX_LEN);
     line.extend_from_slice(HASH_MEMBER_PREFIX);
-    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(&hex_buf);
     line.extend_from_slice(HASH_MEMBER_CLOSE);
+    // ASCII hex digits: always valid UTF-8.
+    let hash = String::from_utf8_lossy(&hex_buf).into_owned();
     Ok((hash, line))
 }
 

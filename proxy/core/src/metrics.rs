@@ -907,6 +907,20 @@ impl Metrics {
             .inc();
     }
 
+    /// A route's pool series, resolved once (the pool keeps them with the
+    /// route's idle list instead of looking labels up on every checkout).
+    pub fn pg_pool_handles(&self, route: &str) -> PoolHandles {
+        let event = |e: &str| self.inner.pool_events.with_label_values(&[route, e]);
+        PoolHandles {
+            hit: event("hit"),
+            miss: event("miss"),
+            returned: event("returned"),
+            closed: event("closed"),
+            reset_skipped: event("reset_skipped"),
+            idle: self.inner.pool_idle.with_label_values(&[route]),
+        }
+    }
+
     pub fn pg_pool_idle(&self, route: &str, idle: usize) {
         self.inner
             .pool_idle
@@ -1302,5 +1316,22 @@ mod tests {
         assert!(m
             .render()
             .contains("warden_workload_api_streams{op=\"FetchX509SVID\"} 0"));
+    }
+}
+
+/// One PostgreSQL route's pool series ([`Metrics::pg_pool_handles`]).
+#[derive(Clone)]
+pub struct PoolHandles {
+    pub hit: prometheus::IntCounter,
+    pub miss: prometheus::IntCounter,
+    pub returned: prometheus::IntCounter,
+    pub closed: prometheus::IntCounter,
+    pub reset_skipped: prometheus::IntCounter,
+    pub idle: prometheus::IntGauge,
+}
+
+impl PoolHandles {
+    pub fn set_idle(&self, n: usize) {
+        self.idle.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }

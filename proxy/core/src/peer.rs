@@ -15,7 +15,9 @@ use warden_identity::attest::{
 /// A connecting process after attestation.
 #[derive(Clone)]
 pub struct Attested {
-    pub facts: PeerFacts,
+    /// Shared: an attestation is cloned on every session (the recent-pid
+    /// cache, the admission step, audit actors) and never changed after.
+    pub facts: Arc<PeerFacts>,
     pub workload: String,
     pub spiffe_id: String,
 }
@@ -222,7 +224,7 @@ impl Attestor {
         let (workload, spiffe_id) = (reg.name.clone(), reg.spiffe_id.clone());
         attest::confirm_same_process(&facts).map_err(|e| format!("warden: {e}"))?;
         Ok(Attested {
-            facts,
+            facts: Arc::new(facts),
             workload,
             spiffe_id,
         })

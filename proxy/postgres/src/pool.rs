@@ -33,11 +33,11 @@ use super::protocol::{self, BackendMessage, StartupMessage};
 use super::relay::Resume;
 use super::upstream::UpstreamStream;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warden_core::config::{PoolConfig, PoolReset};
-use warden_core::metrics::Metrics;
+use warden_core::metrics::{Metrics, PoolHandles};
 
 pub const DEFAULT_MAX_IDLE: usize = 16;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -141,10 +141,11 @@ struct Idle {
     conn: Pooled,
 }
 
-#[derive(Default)]
 struct RoutePool {
     /// Oldest first.
     idle: Vec<Idle>,
+    /// The route's pool series.
+    metrics: Arc<PoolHandles>,
     /// Static routes: the secret version sessions use now.
     current_static: Option<String>,
 }
@@ -191,13 +192,37 @@ impl Pool {
         }
     }
 
-    fn dispose(&self, route: &str, dropped: Vec<Idle>, idle: Option<usize>) {
+    /// The route's entry, made on first use (`route` is copied only then).
+    fn route_pool<'m>(
+        &self,
+        map: &'m mut HashMap<String, RoutePool>,
+        route: &str,
+    ) -> &'m mut RoutePool {
+        // `get_mut` then `entry`: the common hit copies no string (and the
+        // borrow checker accepts neither branch returning early).
+        if map.contains_key(route) {
+            return map.get_mut(route).unwrap_or_else(|| unreachable!());
+        }
+        map.entry(route.to_string()).or_insert_with(|| RoutePool {
+            idle: Vec::new(),
+            metrics: Arc::new(self.metrics.pg_pool_handles(route)),
+            current_static: None,
+        })
+    }
+
+    fn dispose(&self, m: Option<Arc<PoolHandles>>, dropped: Vec<Idle>, idle: Option<usize>) {
+        let Some(m) = m else {
+            for d in dropped {
+                close(d.conn.stream);
+            }
+            return;
+        };
         for d in dropped {
-            self.metrics.pg_pool(route, "closed");
+            m.closed.inc();
             close(d.conn.stream);
         }
         if let Some(n) = idle {
-            self.metrics.pg_pool_idle(route, n);
+            m.set_idle(n);
         }
     }
 
@@ -213,9 +238,9 @@ impl Pool {
     ) -> Option<Pooled> {
         let mut dropped = Vec::new();
         let mut found = None;
-        let idle = {
+        let (idle, m) = {
             let mut map = self.routes.lock().ok()?;
-            let rp = map.entry(route.to_string()).or_default();
+            let rp = self.route_pool(&mut map, route);
             if cred.is_static && rp.current_static.as_deref() != Some(cred.label) {
                 let (keep, old): (Vec<Idle>, Vec<Idle>) =
                     rp.idle.drain(..).partition(|i| i.label == cred.label);
@@ -252,11 +277,10 @@ impl Pool {
                 }
                 dropped.push(i);
             }
-            rp.idle.len()
+            (rp.idle.len(), rp.metrics.clone())
         };
-        self.metrics
-            .pg_pool(route, if found.is_some() { "hit" } else { "miss" });
-        self.dispose(route, dropped, Some(idle));
+        if found.is_some() { &m.hit } else { &m.miss }.inc();
+        self.dispose(Some(m), dropped, Some(idle));
         found
     }
 
@@ -271,11 +295,28 @@ impl Pool {
         cred: &Credential<'_>,
         conn: Pooled,
     ) -> bool {
+        self.keep(route, settings, key, cred, conn, false)
+    }
+
+    /// [`Self::put`]; `reset_skipped` counts a connection given back without
+    /// a reset (under the same lock).
+    fn keep(
+        &self,
+        route: &str,
+        settings: &PoolSettings,
+        key: String,
+        cred: &Credential<'_>,
+        conn: Pooled,
+        reset_skipped: bool,
+    ) -> bool {
         let mut dropped = Vec::new();
         let mut kept = false;
-        let idle = match self.routes.lock() {
+        let (idle, m) = match self.routes.lock() {
             Ok(mut map) => {
-                let rp = map.entry(route.to_string()).or_default();
+                let rp = self.route_pool(&mut map, route);
+                if reset_skipped {
+                    rp.metrics.reset_skipped.inc();
+                }
                 let superseded = cred.is_static && rp.current_static.as_deref() != Some(cred.label);
                 let entry = Idle {
                     key,
@@ -296,14 +337,14 @@ impl Pool {
                     rp.idle.push(entry);
                     kept = true;
                 }
-                Some(rp.idle.len())
+                (Some(rp.idle.len()), Some(rp.metrics.clone()))
             }
-            Err(_) => None,
+            Err(_) => (None, None),
         };
-        if kept {
-            self.metrics.pg_pool(route, "returned");
+        if let (true, Some(m)) = (kept, &m) {
+            m.returned.inc();
         }
-        self.dispose(route, dropped, idle);
+        self.dispose(m, dropped, idle);
         kept
     }
 
@@ -312,7 +353,7 @@ impl Pool {
     /// the leases still held) belong to a revoked lease.
     pub fn reap(&self, route: &str, settings: &PoolSettings, leases: Option<&HashSet<String>>) {
         let mut dropped = Vec::new();
-        let idle = match self.routes.lock() {
+        let (idle, m) = match self.routes.lock() {
             Ok(mut map) => {
                 let Some(rp) = map.get_mut(route) else {
                     return;
@@ -325,11 +366,11 @@ impl Pool {
                 });
                 rp.idle = keep;
                 dropped = old;
-                Some(rp.idle.len())
+                (Some(rp.idle.len()), Some(rp.metrics.clone()))
             }
-            Err(_) => None,
+            Err(_) => (None, None),
         };
-        self.dispose(route, dropped, idle);
+        self.dispose(m, dropped, idle);
     }
 
     /// Resets a connection whose client left and keeps it, or closes it
@@ -344,8 +385,7 @@ impl Pool {
         resume: Resume,
     ) {
         if settings.reset == PoolReset::Auto && needs_no_reset(&resume) {
-            self.metrics.pg_pool(route, "reset_skipped");
-            self.put(route, settings, key, cred, conn);
+            self.keep(route, settings, key, cred, conn, true);
             return;
         }
         let result = match tokio::time::timeout(
