@@ -168,3 +168,43 @@ put("audit_verify", "chain-no-anchor", log)
 put("audit_verify", "tampered", log.replace(b"client closed", b"client closeD") + b"\0" + anchor)
 put("audit_verify", "truncated", log[: len(log) // 2])
 put("audit_verify", "empty", b"")
+
+
+# --- MySQL handshake (mysql_packet: a selector byte, then the payload) ------
+
+def mysql_greeting(plugin=b"caching_sha2_password"):
+    caps = 0x0001 | 0x0008 | 0x0200 | 0x8000 | 0x80000 | 0x100000 | 0x200000
+    scramble = bytes(range(1, 21))
+    return (b"\x0a" + b"8.0.36\0" + struct.pack("<I", 7) + scramble[:8] + b"\0"
+            + struct.pack("<H", caps & 0xFFFF) + b"\x21" + struct.pack("<H", 2)
+            + struct.pack("<H", caps >> 16) + bytes([21]) + b"\0" * 10
+            + scramble[8:] + b"\0" + plugin + b"\0")
+
+
+def mysql_response(db=b"app", plugin=b"mysql_native_password"):
+    caps = 0x0001 | 0x0008 | 0x0200 | 0x8000 | 0x80000 | 0x100000 | 0x200000
+    attrs = b"\x04_pid\x041234\x07_client\x08libmysql"
+    return (struct.pack("<IIB", caps, 1 << 24, 0x21) + b"\0" * 23 + b"app\0"
+            + bytes([20]) + bytes(range(20)) + db + b"\0" + plugin + b"\0"
+            + bytes([len(attrs)]) + attrs)
+
+
+put("mysql_packet", "greeting", b"\x00" + mysql_greeting())
+put("mysql_packet", "greeting-mariadb", b"\x00" + mysql_greeting(b"client_ed25519"))
+put("mysql_packet", "response", b"\x01" + mysql_response())
+put("mysql_packet", "ssl-request", b"\x01" + struct.pack("<IIB", 0x0200 | 0x0800 | 0x8000, 1 << 24, 0x21) + b"\0" * 23)
+put("mysql_packet", "err", b"\x02" + b"\xff\x15\x04#28000Access denied for user 'app'")
+put("mysql_packet", "lenenc", b"\x03" + b"\x03abc\xfc\x02\x00hi\xfd\x01\x00\x00z\xfb")
+
+# --- PostgreSQL pool state check (pg_session_state: SQL text) ----------------
+
+for name, sql in [
+    ("select", b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"),
+    ("multi", b"BEGIN; SELECT 1; COMMIT"),
+    ("quoted", b"SELECT 'a;b', \"x\"\"y\", $$z$$ /* c */ -- d\n"),
+    ("show", b"SHOW search_path"),
+    ("set", b"SET application_name = 'x'"),
+    ("function", b"SELECT set_config('a.b', '1', false)"),
+    ("into", b"SELECT 1 INTO TEMP t"),
+]:
+    put("pg_session_state", name, sql)

@@ -27,7 +27,13 @@ pub const TARGETS: &[&str] = &[
     "resp",
     "config",
     "audit_verify",
+    "mysql_packet",
+    "pg_session_state",
 ];
+
+/// Each target's time in `cargo xtask test` (CI): a smoke run on the
+/// committed seeds, so a regression the corpus already reaches fails CI.
+pub const CI_TIME: Duration = Duration::from_secs(10);
 
 /// What to fuzz and for how long (each target).
 #[derive(Debug, PartialEq, Eq)]
@@ -100,7 +106,8 @@ pub fn run(repo: &Path, plan: &Plan) -> Result<()> {
     result
 }
 
-fn run_steps(steps: &mut Steps, repo: &Path, plan: &Plan) -> Result<()> {
+/// The steps of [`run`] (also `cargo xtask test`'s bounded fuzz run).
+pub fn run_steps(steps: &mut Steps, repo: &Path, plan: &Plan) -> Result<()> {
     steps.run("cargo fuzz available", ensure_cargo_fuzz)?;
     let target_dir = cmd::target_dir(repo).join("fuzz");
     steps.run("build fuzz targets", || {

@@ -29,6 +29,16 @@ fn run_steps(steps: &mut Steps, repo: &Path, runner_args: &[String]) -> Result<(
         pg_bin_dir,
     };
     env.print();
+    // Before the tests: nextest's summary line stays the run's last word.
+    if runner_args.is_empty() {
+        let plan = crate::fuzz::Plan {
+            targets: crate::fuzz::TARGETS.to_vec(),
+            time: crate::fuzz::CI_TIME,
+        };
+        crate::fuzz::run_steps(steps, repo, &plan)?;
+    } else {
+        println!("\nnote: fuzz smoke run skipped (runner arguments given)");
+    }
     if nextest_available(repo) {
         // Doc tests first: nextest's summary line must be the run's last word.
         if runner_args.is_empty() {
