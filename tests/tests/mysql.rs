@@ -246,6 +246,18 @@ impl Raw {
     }
 }
 
+/// The first value of a one-row result `Raw::query` returned.
+fn first_value(rows: &[Vec<u8>]) -> String {
+    // Column count, column definition(s), the row, the terminator.
+    let row = rows
+        .iter()
+        .rev()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row in {rows:?}"));
+    let len = row[0] as usize;
+    String::from_utf8_lossy(&row[1..1 + len]).into_owned()
+}
+
 fn err_of(p: &[u8]) -> (u16, String, String) {
     assert_eq!(p[0], 0xff, "not an ERR: {}", String::from_utf8_lossy(p));
     let code = u16::from_le_bytes([p[1], p[2]]);
@@ -420,10 +432,12 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     // The daemon serves on.
     assert_eq!(cli(s.orders, "x", "SELECT 7;"), (0, "7\n".into()));
 
-    // A new password: on the server, then in warden; the next session uses it.
+    // A new password: on the server, then in warden; the next session logs
+    // in with it (a new secret version closes the pooled connections of
+    // the old one, which stay logged in on the server until then).
     s.server
         .admin(&format!("ALTER USER 'app'@'%' IDENTIFIED BY '{APP_PW2}';"));
-    let (code, out) = cli(s.orders, "x", "SELECT 1;");
+    let (code, out) = cli(s.wrong, "x", "SELECT 1;");
     assert!(code == 1 && out.contains("ERROR 1045"), "{out}");
     s.warden.put("orders/app", APP_PW2.as_bytes()).ok();
     assert_eq!(cli(s.orders, "x", "SELECT 8;"), (0, "8\n".into()));
@@ -503,6 +517,135 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     }
     // The session counter has kind-independent families with this route.
     assert!(log.contains("MySQL route listening"), "{log}");
+}
+
+/// Upstream connections are pooled between clients (route.pool, on by
+/// default) and reset before reuse: nothing a session set or left behind
+/// reaches the next client; a client that leaves in the middle of a result
+/// leaves a connection that is drained, reset and reused; a new secret
+/// version is never served by an old login.
+#[test]
+fn pooled_connections_are_reset_between_clients() {
+    let s = setup();
+    let id = |out: &str| out.lines().next().unwrap_or("").to_string();
+
+    // Two sessions of the same client: one server connection.
+    let (code, first) = cli(
+        s.orders,
+        "x",
+        "SELECT CONNECTION_ID(), @@character_set_client;",
+    );
+    assert_eq!(code, 0, "{first}");
+    let (conn, charset) = first.trim().split_once('\t').unwrap();
+    let (code, out) = cli(s.orders, "x", "SELECT CONNECTION_ID();");
+    assert_eq!((code, id(&out)), (0, conn.to_string()), "not reused");
+    // The greeting names no server connection (a driver's KILL QUERY by
+    // the handshake's id could hit another client's session).
+    let mut c = Raw::connect(s.orders);
+    let (_, greeting) = c.read().unwrap();
+    let at = 1 + greeting[1..].iter().position(|&b| b == 0).unwrap() + 1;
+    assert_eq!(&greeting[at..at + 4], &[0, 0, 0, 0], "{greeting:?}");
+    drop(c);
+
+    // A session that leaves state behind, and an open transaction.
+    let (code, out) = cli(
+        s.orders,
+        "x",
+        "SET @leak = 42; CREATE TEMPORARY TABLE orders.tmp_leak (a INT); \
+         SET NAMES latin1; SET SESSION sql_mode = 'ANSI'; SET autocommit = 0; \
+         INSERT INTO orders.items VALUES (99, 'leak'); PREPARE st FROM 'SELECT 1'; \
+         SELECT GET_LOCK('warden-leak', 0); SELECT CONNECTION_ID();",
+    );
+    assert_eq!((code, out.lines().last().unwrap_or("")), (0, conn), "{out}");
+    // The next client: same connection, none of it.
+    let (code, out) = cli(
+        s.orders,
+        "x",
+        "SELECT CONNECTION_ID(), @leak IS NULL, DATABASE() IS NULL, @@character_set_client, \
+         @@sql_mode = @@GLOBAL.sql_mode, @@autocommit, \
+         (SELECT COUNT(*) FROM orders.items WHERE id = 99), IS_FREE_LOCK('warden-leak'); \
+         EXECUTE st;",
+    );
+    let want = format!("{conn}\t1\t1\t{charset}\t1\t1\t0\t1\n");
+    assert!(out.starts_with(&want), "{out}\nwanted {want}");
+    assert!(
+        code == 1 && out.contains("ERROR 1243"),
+        "the prepared statement survived: {out}"
+    );
+    let (code, out) = cli(s.orders, "x", "SELECT COUNT(*) FROM orders.tmp_leak;");
+    assert!(
+        code == 1 && out.contains("ERROR 1146"),
+        "the temporary table survived: {out}"
+    );
+    // A session that selected a database where its login had none leaves
+    // a connection no reset can restore: it is closed, not reused.
+    let (code, out) = cli(s.orders, "x", "USE orders; SELECT CONNECTION_ID();");
+    assert_eq!((code, id(&out)), (0, conn.to_string()), "{out}");
+    let (code, out) = cli(s.orders, "x", "SELECT CONNECTION_ID(), DATABASE() IS NULL;");
+    assert_eq!(code, 0, "{out}");
+    let (next, no_db) = out.trim().split_once('\t').unwrap();
+    assert!(next != conn && no_db == "1", "{out}");
+    let conn = next.to_string();
+    let conn = conn.as_str();
+
+    // A client with another database gets its own login (and a database
+    // named at connect time is the one the next such client finds).
+    let (code, out) = python(
+        "import sys, pymysql\n\
+         ids = []\n\
+         for _ in range(2):\n\
+         \x20   c = pymysql.connect(host='127.0.0.1', port=int(sys.argv[1]), user='x', database='orders')\n\
+         \x20   cur = c.cursor(); cur.execute('SELECT CONNECTION_ID(), DATABASE()'); ids.append(cur.fetchone())\n\
+         \x20   cur.execute('USE information_schema'); c.close()\n\
+         print(ids[0] == ids[1], ids[1][1], ids[0][0] != int(sys.argv[2]))",
+        &[&s.orders.to_string(), conn],
+        b"",
+    );
+    assert_eq!((code, out.as_str()), (0, "True orders True\n"));
+
+    // A client gone in the middle of a large result: the rest is drained,
+    // the connection reset and kept.
+    let (mut c, ok) = Raw::login(s.orders, "raw");
+    assert_eq!(ok[0], 0, "{ok:?}");
+    let raw_id = first_value(&c.query("SELECT CONNECTION_ID()"));
+    let mut q = vec![0x03];
+    q.extend_from_slice(b"SELECT REPEAT('x', 2000) FROM seq_1_to_1500");
+    c.send(0, &q);
+    c.read().unwrap();
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = s.server.admin(&format!(
+            "SELECT COMMAND, INFO IS NULL FROM information_schema.PROCESSLIST WHERE ID = {raw_id};"
+        ));
+        if state.trim() == "Sleep\t1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reset: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (mut c, _) = Raw::login(s.orders, "raw");
+    assert_eq!(first_value(&c.query("SELECT CONNECTION_ID()")), raw_id);
+    assert_eq!(first_value(&c.query("SELECT 'clean'")), "clean");
+    drop(c);
+
+    // A new secret version (same password): the old login is not reused.
+    s.warden.put("orders/app", APP_PW.as_bytes()).ok();
+    let (code, out) = cli(s.orders, "x", "SELECT CONNECTION_ID();");
+    assert_eq!(code, 0, "{out}");
+    assert_ne!(
+        id(&out),
+        conn,
+        "a login of the old secret version was reused"
+    );
+    // The audit record says which sessions got a pooled connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
+    assert!(audit.contains("pooled upstream connection"), "{audit}");
 }
 
 #[test]

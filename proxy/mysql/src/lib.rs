@@ -8,7 +8,10 @@
 //! logs in upstream as the route's user with the route's secret
 //! ([`upstream`]), carrying over the client's capabilities, database,
 //! character set and connection attributes, records the session start,
-//! answers the client OK, and relays ([`relay`]).
+//! answers the client OK, and relays ([`relay`]). On a pooled route
+//! ([`pool`]) a route whose server greeted warden before greets the client
+//! with that greeting at once, and a matching idle connection (reset and
+//! checked when its last client left) replaces the connect and login.
 //!
 //! Refusals are ERR packets written after the client's handshake response,
 //! so every client shows code, SQLSTATE and text: see [`refusal_of`] (this
@@ -16,6 +19,7 @@
 
 pub mod auth;
 pub mod packet;
+pub mod pool;
 pub mod relay;
 pub mod rotate;
 pub mod upstream;
@@ -32,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef, SessionEnd};
 use warden_core::audit::Target;
-use warden_core::config::{ClientTls, Config, RouteKind, TlsMode};
+use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
 use warden_core::metrics::{AttestVia, Metrics};
@@ -56,6 +60,8 @@ pub struct MysqlRoute {
     /// TLS to clients with a certificate from warden's CA: offered, or
     /// required.
     pub client_tls: ClientTls,
+    /// Authenticated upstream connections kept between clients.
+    pub pool: PoolSettings,
 }
 
 impl MysqlRoute {
@@ -115,6 +121,7 @@ impl MysqlRoute {
                 cache_ttl,
                 allow: r.allow.clone(),
                 client_tls: r.client_tls,
+                pool: PoolSettings::from_config(r.pool.as_ref()),
             });
         }
         Ok(out)
@@ -128,6 +135,8 @@ pub struct MysqlShared {
     pub metrics: Metrics,
     /// Client-side TLS per route (routes with `client_tls`).
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+    /// Idle authenticated upstream connections, every route's.
+    pub pool: pool::Pool,
 }
 
 impl MysqlShared {
@@ -146,6 +155,7 @@ impl MysqlShared {
         }
         Ok(MysqlShared {
             admission,
+            pool: pool::Pool::new(metrics.clone()),
             metrics,
             client_tls,
         })
@@ -171,6 +181,18 @@ pub async fn serve_route(
     shared: Arc<MysqlShared>,
 ) {
     let name = route.name.clone();
+    // Idle connections past their timeout or lifetime are closed in time.
+    let reaper = route.pool.enabled().then(|| {
+        let (route, shared) = (route.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                shared.pool.reap(&route.name, &route.pool);
+            }
+        })
+    });
+    let _reaper = reaper.map(AbortOnDrop);
     let shed = warden_core::listen::Shed {
         refusal: too_many_connections(&warden_core::listen::overload_message()),
         metrics: Some(shared.metrics.clone()),
@@ -185,6 +207,15 @@ pub async fn serve_route(
         },
     )
     .await;
+}
+
+/// Stops a background task when its owner ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a MySQL server sends a connection over `max_connections`: ERR 1040
@@ -364,7 +395,7 @@ fn client_greeting(server: Option<&Greeting>, offer_tls: bool) -> Greeting {
             connection_id: g.connection_id,
             scramble: fresh_scramble(),
             capabilities: relayed(g.capabilities),
-            mariadb_caps: g.mariadb_caps,
+            mariadb_caps: g.mariadb_caps & !caps::MARIADB_NOT_RELAYED,
             charset: g.charset,
             status: g.status,
             auth_plugin: auth::NATIVE.to_vec(),
@@ -548,9 +579,31 @@ async fn session(
         }
     };
     let label = format!("{} v{}", route.secret, secret.version);
-    let greeted = upstream::connect(&route.upstream).await;
+    let pooling = route.pool.enabled();
+    // A route whose server greeted warden before greets the client with
+    // that greeting and reaches the server only on a pool miss.
+    let known = pooling.then(|| shared.pool.greeting(&route.name)).flatten();
+    let mut greeted = match known {
+        Some(_) => None,
+        None => Some(upstream::connect(&route.upstream).await),
+    };
+    if let (true, Some(Ok(g))) = (pooling, &greeted) {
+        shared.pool.remember_greeting(&route.name, &g.greeting);
+    }
     let offer = shared.client_tls.get(&route.name);
-    let greeting = client_greeting(greeted.as_ref().ok().map(|g| &g.greeting), offer.is_some());
+    let server_greeting = known.as_ref().or_else(|| {
+        greeted
+            .as_ref()
+            .and_then(|g| g.as_ref().ok())
+            .map(|g| &g.greeting)
+    });
+    let mut greeting = client_greeting(server_greeting, offer.is_some());
+    if known.is_some() {
+        // Which server connection serves the client is known only after
+        // its answer: no connection id a driver could later KILL by (one
+        // that may then serve another client) — 0 names none.
+        greeting.connection_id = 0;
+    }
     let mut tcp = tcp;
     if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
         return;
@@ -568,48 +621,128 @@ async fn session(
             return;
         }
     };
-    let logged_in = match greeted {
-        Err(f) => Err(f),
-        Ok(g) => {
-            let params = upstream::ClientParams {
-                capabilities: hello.capabilities,
-                mariadb_caps: hello.mariadb_caps,
-                max_packet: hello.max_packet,
-                charset: hello.charset,
-                database: hello.database.as_deref(),
-                attrs: hello.attrs.as_deref(),
+    let key = pool::Key {
+        label: label.clone(),
+        database: hello.database.clone(),
+        charset: hello.charset,
+        capabilities: hello.capabilities,
+        mariadb_caps: hello.mariadb_caps,
+    };
+    let pooled = if pooling {
+        shared.pool.take(&route.name, &route.pool, &key)
+    } else {
+        None
+    };
+    let upstream = match pooled {
+        Some(conn) => Upstream {
+            stream: conn.stream,
+            born: conn.born,
+            baseline: Some(conn.baseline),
+            capabilities: conn.capabilities,
+            plugin: conn.plugin,
+            tls: conn.tls,
+            ok: packet::ok_packet(SERVER_STATUS_AUTOCOMMIT),
+            reused: true,
+        },
+        None => {
+            let greeted = match greeted.take() {
+                Some(g) => g,
+                None => {
+                    let g = upstream::connect(&route.upstream).await;
+                    if let Ok(g) = &g {
+                        shared.pool.remember_greeting(&route.name, &g.greeting);
+                    }
+                    g
+                }
             };
-            upstream::login(&route.upstream, g, &params, &route.user, &secret.value).await
+            let logged_in = match greeted {
+                Err(f) => Err(f),
+                Ok(g) => {
+                    let params = upstream::ClientParams {
+                        capabilities: hello.capabilities,
+                        mariadb_caps: hello.mariadb_caps,
+                        max_packet: hello.max_packet,
+                        charset: hello.charset,
+                        database: hello.database.as_deref(),
+                        attrs: hello.attrs.as_deref(),
+                    };
+                    upstream::login(&route.upstream, g, &params, &route.user, &secret.value).await
+                }
+            };
+            let mut u = match logged_in {
+                Ok(u) => u,
+                Err(f) => {
+                    let (e, result) = upstream_refusal(&f, &route, &who.workload, &label);
+                    let e = scrub(e, &secret.value);
+                    tracing::warn!(route = %route.name, "session failed: {}", e.message);
+                    shared.metrics.session(&route.name, &who.workload, result);
+                    admission
+                        .record_session_error(
+                            &who,
+                            credential_target(&route, Some(secret.version), "mysql".into()),
+                            e.message.clone(),
+                        )
+                        .await;
+                    refuse_client(&mut client, seq, &e).await;
+                    return;
+                }
+            };
+            shared
+                .metrics
+                .upstream_latency(&route.name, u.connect_time, u.auth_time);
+            // What a reset must restore before the connection serves
+            // another client.
+            let baseline = if pooling {
+                match pool::baseline(&mut u.stream, u.capabilities).await {
+                    Ok(b) => Some(b),
+                    Err(pool::BaselineError::Refused(why)) => {
+                        tracing::warn!(route = %route.name, "upstream connection will not be pooled: {why}");
+                        None
+                    }
+                    Err(pool::BaselineError::Broken(why)) => {
+                        let e = ErrPacket::new(
+                            2013,
+                            "HY000",
+                            format!(
+                                "warden: route {:?}: lost the upstream connection after login ({why})",
+                                route.name
+                            ),
+                        );
+                        tracing::warn!(route = %route.name, "session failed: {}", e.message);
+                        shared
+                            .metrics
+                            .session(&route.name, &who.workload, "upstream_error");
+                        refuse_client(&mut client, seq, &e).await;
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            Upstream {
+                stream: u.stream,
+                born: Instant::now(),
+                baseline,
+                capabilities: u.capabilities,
+                plugin: u.plugin,
+                tls: u.tls,
+                ok: u.ok,
+                reused: false,
+            }
         }
     };
-    let upstream = match logged_in {
-        Ok(u) => u,
-        Err(f) => {
-            let (e, result) = upstream_refusal(&f, &route, &who.workload, &label);
-            let e = scrub(e, &secret.value);
-            tracing::warn!(route = %route.name, "session failed: {}", e.message);
-            shared.metrics.session(&route.name, &who.workload, result);
-            admission
-                .record_session_error(
-                    &who,
-                    credential_target(&route, Some(secret.version), "mysql".into()),
-                    e.message.clone(),
-                )
-                .await;
-            refuse_client(&mut client, seq, &e).await;
-            return;
-        }
-    };
-    shared
-        .metrics
-        .upstream_latency(&route.name, upstream.connect_time, upstream.auth_time);
     let detail = format!(
-        "mysql to {}:{} as {:?} ({}{})",
+        "mysql to {}:{} as {:?} ({}{}{})",
         route.upstream.host,
         route.upstream.port,
         route.user,
         upstream.plugin,
-        if upstream.tls { ", TLS" } else { "" }
+        if upstream.tls { ", TLS" } else { "" },
+        if upstream.reused {
+            ", pooled upstream connection"
+        } else {
+            ""
+        }
     );
     let started_ok = admission
         .record_start(
@@ -628,6 +761,9 @@ async fn session(
             .metrics
             .session(&route.name, &who.workload, d.result());
         refuse_client(&mut client, seq, &e).await;
+        if upstream.baseline.is_some() {
+            pool::close(upstream.stream);
+        }
         return;
     }
     // The client's own password proof is ignored. A client that answered
@@ -694,9 +830,41 @@ async fn session(
         route: &route.name,
         workload: &who.workload,
         user: &route.user,
+        pool: upstream.baseline.is_some(),
     };
-    let outcome = relay::relay(client, upstream.stream, &ctx).await;
+    let (outcome, back) = relay::relay(client, upstream.stream, &ctx).await;
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+    if let (Some((stream, resync)), Some(baseline)) = (back, upstream.baseline) {
+        let conn = pool::Conn {
+            stream,
+            born: upstream.born,
+            baseline,
+            capabilities: upstream.capabilities,
+            plugin: upstream.plugin,
+            tls: upstream.tls,
+        };
+        shared
+            .pool
+            .give_back(&route.name, &route.pool, key, conn, resync)
+            .await;
+    }
+}
+
+/// `SERVER_STATUS_AUTOCOMMIT`: the status of a freshly reset session.
+const SERVER_STATUS_AUTOCOMMIT: u16 = 0x0002;
+
+/// The upstream side of a session: a fresh login or a pooled connection.
+struct Upstream {
+    stream: warden_core::pgwire::upstream::UpstreamStream,
+    born: Instant,
+    /// Set when the connection may go back to the pool.
+    baseline: Option<pool::Baseline>,
+    capabilities: u32,
+    plugin: String,
+    tls: bool,
+    /// The OK payload the client gets.
+    ok: Vec<u8>,
+    reused: bool,
 }
 
 async fn end_session(

@@ -30,6 +30,13 @@ pub mod caps {
     /// MySQL's multi-factor authentication.
     pub const NOT_RELAYED: u32 =
         COMPRESS | SSL | ZSTD_COMPRESSION | MULTI_FACTOR_AUTH | SSL_VERIFY_SERVER_CERT;
+    /// MariaDB's extended capability: result-set metadata cached by the
+    /// client (a flag byte after every column count, metadata left out for
+    /// re-executed statements).
+    pub const MARIADB_CACHE_METADATA: u32 = 1 << 4;
+    /// Extended capabilities never relayed: cached metadata (a pooled
+    /// connection's server-side cache would not match the next client's).
+    pub const MARIADB_NOT_RELAYED: u32 = MARIADB_CACHE_METADATA;
 }
 
 /// Largest payload of one packet; a payload this long continues in the next.

@@ -6,13 +6,19 @@
 //! answered with an ERR (1045, 28000) and never forwarded. Everything else,
 //! COM_RESET_CONNECTION included, passes unchanged.
 //!
+//! On a pooled route (`Context::pool`) COM_QUIT is not forwarded either:
+//! it ends the relay, and the upstream connection goes back to the pool
+//! ([`crate::pool`]) with the position of the server's stream, as does a
+//! client that closes after a whole packet.
+//!
 //! warden's own answer is written to the client between two server
 //! packets, never inside one. The client is waiting for the answer to its
 //! COM_CHANGE_USER, so no server reply is due (a client that pipelines
 //! commands behind an unanswered one could see the ERR before an earlier
 //! answer; classic-protocol clients do not).
 
-use crate::packet::{put_packet, ErrPacket, COM_CHANGE_USER, MAX_PAYLOAD};
+use crate::packet::{put_packet, ErrPacket, COM_CHANGE_USER, COM_QUIT, MAX_PAYLOAD};
+use crate::pool::Resync;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -22,6 +28,9 @@ pub struct Context<'a> {
     pub route: &'a str,
     pub workload: &'a str,
     pub user: &'a str,
+    /// The upstream connection may be reused: COM_QUIT ends the relay
+    /// instead of being forwarded.
+    pub pool: bool,
 }
 
 /// What a finished relay reports.
@@ -85,38 +94,61 @@ impl Framer {
     }
 }
 
-/// Relays until either side is done.
-pub async fn relay<C, U>(client: C, upstream: U, ctx: &Context<'_>) -> Outcome
+/// Relays until either side is done. With `ctx.pool`, a client that left
+/// at a command boundary hands the upstream stream back, with where its
+/// framing stood.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    ctx: &Context<'_>,
+) -> (Outcome, Option<(U, Resync)>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (cr, cw) = tokio::io::split(client);
-    let (ur, uw) = tokio::io::split(upstream);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
     let (tx, rx) = unbounded_channel();
     let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused);
-    let replies = upstream_to_client(ur, cw, rx, &down);
-    let how = tokio::select! {
-        how = replies => how,
-        how = commands => how,
+    // Every byte read from the server, framed as soon as it is read (before
+    // any await), so the stream's position is known whenever the relay
+    // stops.
+    let mut position = Framer::default();
+    let (how, reusable) = {
+        let commands = client_to_upstream(cr, &mut uw, tx, ctx, &up, &refused);
+        let replies = upstream_to_client(&mut ur, cw, rx, &down, &mut position);
+        tokio::select! {
+            how = replies => (how, false),
+            r = commands => r,
+        }
     };
-    Outcome {
+    let outcome = Outcome {
         up: up.load(Relaxed),
         down: down.load(Relaxed),
         change_user_refused: refused.load(Relaxed),
         how,
-    }
+    };
+    let back = (reusable && ctx.pool && !position.continued).then(|| {
+        let resync = Resync {
+            header_have: position.have,
+            header: position.header,
+            remaining: position.remaining,
+        };
+        (ur.unsplit(uw), resync)
+    });
+    (outcome, back)
 }
 
+/// Client → server; returns how it ended and whether the server's side is
+/// at a command boundary (nothing half sent).
 async fn client_to_upstream<R, W>(
     mut client: R,
-    mut upstream: W,
+    upstream: &mut W,
     local: UnboundedSender<Vec<u8>>,
     ctx: &Context<'_>,
     up: &AtomicU64,
     refused: &AtomicU64,
-) -> &'static str
+) -> (&'static str, bool)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -133,8 +165,11 @@ where
         }
         match client.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
-                let _ = upstream.shutdown().await;
-                return "client closed";
+                let boundary = remaining == 0 && !continued;
+                if !(ctx.pool && boundary) {
+                    let _ = upstream.shutdown().await;
+                }
+                return ("client closed", boundary);
             }
             Ok(_) => {}
         }
@@ -163,6 +198,17 @@ where
             if is_command && len > 0 && avail.len() < 5 {
                 break;
             }
+            if is_command && ctx.pool && len == 1 && avail[4] == COM_QUIT {
+                // The client is done: what came before goes up, the
+                // COM_QUIT does not (the connection stays open for the pool).
+                if !out.is_empty() {
+                    if upstream.write_all(&out).await.is_err() {
+                        return ("upstream closed", false);
+                    }
+                    up.fetch_add(out.len() as u64, Relaxed);
+                }
+                return ("client quit", true);
+            }
             if is_command {
                 dropping = len > 0 && avail[4] == COM_CHANGE_USER;
             }
@@ -179,7 +225,7 @@ where
         buf.drain(..start);
         if !out.is_empty() {
             if upstream.write_all(&out).await.is_err() {
-                return "upstream closed";
+                return ("upstream closed", false);
             }
             up.fetch_add(out.len() as u64, Relaxed);
             out.clear();
@@ -211,10 +257,11 @@ fn end_of_packet(
 }
 
 async fn upstream_to_client<R, W>(
-    mut upstream: R,
+    upstream: &mut R,
     mut client: W,
     mut local: UnboundedReceiver<Vec<u8>>,
     down: &AtomicU64,
+    position: &mut Framer,
 ) -> &'static str
 where
     R: AsyncRead + Unpin,
@@ -239,6 +286,10 @@ where
                     }
                     Ok(n) => n,
                 };
+                let mut at = 0;
+                while at < n {
+                    at += position.advance(&buf[at..n]).0;
+                }
                 // One write per read, split only where warden's own answer
                 // goes in between two packets.
                 while let Ok(m) = local.try_recv() {
@@ -325,8 +376,9 @@ mod tests {
                 route: "orders",
                 workload: "web",
                 user: "app",
+                pool: false,
             };
-            relay(client, upstream, &ctx).await
+            relay(client, upstream, &ctx).await.0
         });
         // COM_QUERY passes; COM_CHANGE_USER does not; COM_RESET_CONNECTION passes.
         let query = packet(0, b"\x03SELECT 1");
@@ -361,5 +413,67 @@ mod tests {
         let o = task.await.unwrap();
         assert_eq!(o.change_user_refused, 1);
         assert_eq!(o.up as usize, query.len() + reset.len());
+    }
+
+    /// A pooled route: COM_QUIT is held back and the upstream comes back
+    /// with the position of a reply the client left half read.
+    #[tokio::test]
+    async fn quit_hands_the_upstream_back_with_its_position() {
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let ctx = Context {
+                route: "orders",
+                workload: "web",
+                user: "app",
+                pool: true,
+            };
+            let (o, back) = relay(client, upstream, &ctx).await;
+            (o, back.map(|(_, r)| r))
+        });
+        let query = packet(0, b"\x03SELECT 1");
+        client_end.write_all(&query).await.unwrap();
+        let mut got = vec![0u8; query.len()];
+        server_end.read_exact(&mut got).await.unwrap();
+        // 10 bytes of a 104-byte packet reach warden, then the client quits.
+        let reply = packet(1, &[7u8; 100]);
+        server_end.write_all(&reply[..10]).await.unwrap();
+        let mut seen = vec![0u8; 10];
+        client_end.read_exact(&mut seen).await.unwrap();
+        client_end.write_all(&packet(0, b"\x01")).await.unwrap();
+        let (o, resync) = task.await.unwrap();
+        assert_eq!(o.how, "client quit");
+        let r = resync.expect("handed back");
+        assert_eq!((r.header_have, r.remaining), (0, 94));
+        // Nothing after the query reached the server (no COM_QUIT).
+        drop(client_end);
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            server_end.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// Half a command sent upstream: the connection cannot be reused.
+    #[tokio::test]
+    async fn a_client_gone_mid_packet_keeps_nothing() {
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, _server_end) = duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let ctx = Context {
+                route: "orders",
+                workload: "web",
+                user: "app",
+                pool: true,
+            };
+            relay(client, upstream, &ctx).await.1.is_some()
+        });
+        let query = packet(0, b"\x03SELECT 1");
+        client_end.write_all(&query[..7]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(client_end);
+        assert!(!task.await.unwrap());
     }
 }

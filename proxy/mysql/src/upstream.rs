@@ -67,6 +67,8 @@ pub struct LoggedIn {
     /// The plugin that finally authenticated.
     pub plugin: String,
     pub tls: bool,
+    /// The capabilities warden's handshake response asked for.
+    pub capabilities: u32,
 }
 
 fn io_failure(target: &Target, e: std::io::Error) -> Failure {
@@ -173,7 +175,7 @@ pub async fn login(
     // MariaDB: the client's extended capabilities the server has too.
     capabilities = (capabilities & !caps::LONG_PASSWORD) | (server_caps & caps::LONG_PASSWORD);
     let mariadb_caps = if server_caps & caps::LONG_PASSWORD == 0 {
-        client.mariadb_caps & greeting.mariadb_caps
+        client.mariadb_caps & greeting.mariadb_caps & !caps::MARIADB_NOT_RELAYED
     } else {
         0
     };
@@ -292,6 +294,7 @@ pub async fn login(
         auth_time: t1.elapsed(),
         plugin,
         tls,
+        capabilities,
     })
 }
 

@@ -36,53 +36,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use warden_core::config::{PoolConfig, PoolReset};
+use warden_core::config::PoolReset;
+#[cfg(test)]
+use warden_core::config::{PoolConfig, DEFAULT_MAX_IDLE};
 use warden_core::metrics::{Metrics, PoolHandles};
 
-pub const DEFAULT_MAX_IDLE: usize = 16;
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
 /// Longest a reset may take before the connection is closed instead.
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages read whole during a reset; longer ones (rows of a result the
 /// client left behind) are skipped unread.
 const MAX_PARSED: usize = 64 * 1024;
 
-/// A route's pool limits.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolSettings {
-    /// Idle connections kept for the route (all keys together); 0 disables.
-    pub max_idle: usize,
-    pub idle_timeout: Duration,
-    pub max_lifetime: Duration,
-    /// `auto`: no reset after a state-free session.
-    pub reset: PoolReset,
-}
-
-impl PoolSettings {
-    /// From `route.pool` (unset: enabled with the defaults).
-    pub fn from_config(c: Option<&PoolConfig>) -> PoolSettings {
-        let enabled = c.is_none_or(|c| c.enabled);
-        PoolSettings {
-            max_idle: if enabled {
-                c.and_then(|c| c.max_idle).unwrap_or(DEFAULT_MAX_IDLE)
-            } else {
-                0
-            },
-            idle_timeout: c
-                .and_then(|c| c.idle_timeout)
-                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
-            max_lifetime: c
-                .and_then(|c| c.max_lifetime)
-                .unwrap_or(DEFAULT_MAX_LIFETIME),
-            reset: c.map(|c| c.reset).unwrap_or_default(),
-        }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.max_idle > 0
-    }
-}
+pub use warden_core::config::PoolSettings;
 
 /// What makes two sessions interchangeable on one upstream connection: the
 /// credential label (never the password) and the complete upstream startup

@@ -76,7 +76,10 @@ pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMod
 pub use report::{ConfigIssue, ConfigReport};
 pub use route::credential::{Dynamic, GrantMode};
 pub use route::inject::Inject;
-pub use route::{ClientTls, PoolConfig, PoolReset, Route, RouteKind, TlsMode, TlsRouteMode};
+pub use route::{
+    ClientTls, PoolConfig, PoolReset, PoolSettings, Route, RouteKind, TlsMode, TlsRouteMode,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, DEFAULT_MAX_LIFETIME,
+};
 pub use secret::{RotateMethod, SecretPolicy};
 pub use store::{
     parse_store_url, valid_credential_name, Store, StoreBackend, StoreTarget, StoreTls,

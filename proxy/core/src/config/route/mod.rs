@@ -207,6 +207,49 @@ pub struct PoolConfig {
     pub idle_timeout: Option<Duration>,
     pub max_lifetime: Option<Duration>,
     pub reset: PoolReset,
+    /// `reset` was written in the file (not the default).
+    pub reset_set: bool,
+}
+
+/// Pool defaults (PostgreSQL and MySQL routes).
+pub const DEFAULT_MAX_IDLE: usize = 16;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+/// A route's pool limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Idle connections kept for the route (all keys together); 0 disables.
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    /// `auto`: no reset after a state-free session (PostgreSQL; MySQL
+    /// routes always reset).
+    pub reset: PoolReset,
+}
+
+impl PoolSettings {
+    /// From `route.pool` (unset: enabled with the defaults).
+    pub fn from_config(c: Option<&PoolConfig>) -> PoolSettings {
+        let enabled = c.is_none_or(|c| c.enabled);
+        PoolSettings {
+            max_idle: if enabled {
+                c.and_then(|c| c.max_idle).unwrap_or(DEFAULT_MAX_IDLE)
+            } else {
+                0
+            },
+            idle_timeout: c
+                .and_then(|c| c.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            max_lifetime: c
+                .and_then(|c| c.max_lifetime)
+                .unwrap_or(DEFAULT_MAX_LIFETIME),
+            reset: c.map(|c| c.reset).unwrap_or_default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max_idle > 0
+    }
 }
 
 #[derive(Deserialize)]
@@ -219,7 +262,7 @@ struct PoolTable {
     #[serde(default, deserialize_with = "de_opt_duration")]
     max_lifetime: Option<Duration>,
     #[serde(default)]
-    reset: PoolReset,
+    reset: Option<PoolReset>,
 }
 
 impl<'de> Deserialize<'de> for PoolConfig {
@@ -248,7 +291,8 @@ impl<'de> Deserialize<'de> for PoolConfig {
                     max_idle: t.max_idle,
                     idle_timeout: t.idle_timeout,
                     max_lifetime: t.max_lifetime,
-                    reset: t.reset,
+                    reset: t.reset.unwrap_or_default(),
+                    reset_set: t.reset.is_some(),
                 })
             }
         }
@@ -438,14 +482,21 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         );
     }
     if let Some(p) = &r.pool {
-        if r.kind != RouteKind::Postgres {
+        if !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
             c.error(
                 format!("{k}.pool"),
                 format!(
-                    "pool is only used by kind = \"postgres\" routes; this route is kind = \"{}\"",
+                    "pool is only used by kind = \"postgres\" and kind = \"mysql\" routes; this route is kind = \"{}\"",
                     r.kind
                 ),
                 "remove pool from this route",
+            );
+        }
+        if r.kind == RouteKind::Mysql && p.reset == PoolReset::Auto && p.reset_set {
+            c.error(
+                format!("{k}.pool.reset"),
+                "pool.reset = \"auto\" is only for PostgreSQL routes: a MySQL connection is always reset (COM_RESET_CONNECTION) before another client gets it",
+                "remove reset from this route's pool",
             );
         }
         for (key, d) in [

@@ -128,7 +128,13 @@ allow = ["web"]
             &mysql_cfg("deny_commands = [\"X\"]"),
             "route[0].deny_commands",
         );
-        only_error(&mysql_cfg("pool = true"), "route[0].pool");
+        // A pool is fine; only PostgreSQL's "auto" reset is not.
+        ok(&mysql_cfg("pool = { max_idle = 4 }"));
+        only_error(
+            &mysql_cfg("pool = { reset = \"auto\" }"),
+            "route[0].pool.reset",
+        );
+        ok(&mysql_cfg("pool = { reset = \"always\" }"));
         only_error(&mysql_cfg("kernel_relay = true"), "route[0].kernel_relay");
         only_error(
             &mysql_cfg("").replace("upstream = \"127.0.0.1:3306\"", "upstream = \"db\""),

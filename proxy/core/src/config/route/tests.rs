@@ -168,6 +168,7 @@ fn postgres_route_pool_is_a_bool_or_a_table() {
             idle_timeout: Some(Duration::from_secs(30)),
             max_lifetime: Some(Duration::from_secs(600)),
             reset: PoolReset::Auto,
+            reset_set: false,
         }
     );
     let p = ok(&with("{ reset = \"always\" }")).routes[0]
