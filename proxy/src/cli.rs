@@ -1710,7 +1710,7 @@ fn frozen_nodes(
     let acks = store.freeze_acks()?;
     Ok(entries
         .iter()
-        .map(|e| warden_core::fleet_views::freeze_nodes(&nodes, &acks, &e.workload, &e.since))
+        .map(|e| warden_core::fleet_views::freeze_nodes(&nodes, &acks, e))
         .collect())
 }
 

@@ -32,8 +32,8 @@
 //! - **Freeze acknowledgements.** Whenever the set of freezes this node
 //!   applies changes (its own, another node's heard through propagation, an
 //!   expiry), the node's rows in `freeze_acks` are made to match: one row
-//!   per (workload, node) with the freeze's `since` (which identifies it)
-//!   and when the node applied it.
+//!   per (workload, node) with the freeze's id ([`freeze_id`]: its time and
+//!   a hash of who made it, why and until when) and when the node applied it.
 //!
 //! Audit records and event summaries carry names and metadata only (see
 //! [`crate::audit`]); nothing here reads or formats a secret value.
@@ -280,7 +280,10 @@ fn ship_once(
         let mut applied: Vec<(String, String)> = f
             .list()
             .into_iter()
-            .map(|e| (e.workload, e.since))
+            .map(|e| {
+                let id = freeze_id(&e);
+                (e.workload, id)
+            })
             .collect();
         applied.sort();
         if acked.as_ref() != Some(&applied) || housekeeping {
@@ -554,26 +557,43 @@ pub struct FreezeNodeState {
 /// refreshes its record every 30 s).
 pub const NOT_RUNNING_AFTER: Duration = Duration::from_secs(90);
 
-/// Where the freeze of `workload` made at `since` applies, per node.
+/// What identifies one freeze of a workload among its freezes and
+/// refreezes: when (to the second), and a hash of who, why and until when.
+pub fn freeze_id(e: &crate::freeze::FreezeEntry) -> String {
+    let what = format!(
+        "{}\0{}\0{}\0{}",
+        e.workload,
+        e.by,
+        e.reason,
+        e.until_unix.unwrap_or(0)
+    );
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, what.as_bytes());
+    format!("{}/{}", e.since, hex::encode(&d.as_ref()[..6]))
+}
+
+/// Where the freeze `entry` applies, per node.
 pub fn freeze_nodes(
     nodes: &[crate::fleet::NodeRecord],
     acks: &[crate::store::postgres::FreezeAck],
-    workload: &str,
-    since: &str,
+    entry: &crate::freeze::FreezeEntry,
 ) -> Vec<FreezeNodeState> {
+    let id = freeze_id(entry);
+    let workload = entry.workload.as_str();
     nodes
         .iter()
         .map(|n| {
             let ack = acks
                 .iter()
-                .find(|a| a.node == n.name && a.workload == workload && a.since == since);
+                .find(|a| a.node == n.name && a.workload == workload && a.freeze == id);
             let stale = age_of(&n.last_seen).is_none_or(|s| s > NOT_RUNNING_AFTER.as_secs_f64());
+            // A node not running may have applied it before it stopped (and
+            // applies it again at start), but nothing enforces it there now.
             let state = if n.state == crate::fleet::NodeState::Removed {
                 "removed"
-            } else if ack.is_some() {
-                "applied"
             } else if stale {
                 "not running"
+            } else if ack.is_some() {
+                "applied"
             } else {
                 "pending"
             };
@@ -581,7 +601,9 @@ pub fn freeze_nodes(
                 node: n.name.clone(),
                 id: n.id.clone(),
                 state: state.into(),
-                applied_at: ack.map(|a| a.applied_at.clone()),
+                applied_at: ack
+                    .filter(|_| state == "applied")
+                    .map(|a| a.applied_at.clone()),
                 last_seen: (state == "not running").then(|| n.last_seen.clone()),
             }
         })

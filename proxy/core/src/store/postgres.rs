@@ -120,7 +120,7 @@ pub const MIGRATIONS: &[&str] = &[
     // log (the hash of its first record: a node whose data dir was recreated
     // starts a new chain) and the record's seq. `access_events` is a bounded
     // summary of recent access events (pruned by each node); `freeze_acks`
-    // says which node applied which freeze.
+    // says which node applied which freeze (its time, who and why, hashed).
     "CREATE TABLE audit_records (
          node       text NOT NULL,
          log        text NOT NULL,
@@ -938,12 +938,13 @@ pub struct StoredEvent {
     pub event: String,
 }
 
-/// A node applied the freeze of `workload` made at `since`.
+/// A node applied the freeze `freeze` (see `crate::fleet_views::freeze_id`)
+/// of `workload`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FreezeAck {
     pub workload: String,
     pub node: String,
-    pub since: String,
+    pub freeze: String,
     pub applied_at: String,
 }
 
@@ -1160,11 +1161,11 @@ impl PostgresBackend {
     }
 
     /// Makes this node's freeze acknowledgements exactly `applied`
-    /// (workload, since): rows of freezes it no longer applies go, new ones
+    /// (workload, freeze id): rows of freezes it no longer applies go, new ones
     /// get the current time, unchanged ones keep theirs.
     pub fn freeze_acks_replace(&self, applied: Vec<(String, String)>) -> Result<()> {
         let node = self.node.clone();
-        let (workloads, sinces): (Vec<String>, Vec<String>) = applied.into_iter().unzip();
+        let (workloads, freezes): (Vec<String>, Vec<String>) = applied.into_iter().unzip();
         let now = now();
         self.run(move |s| {
             s.with_retry(|client| {
@@ -1174,13 +1175,13 @@ impl PostgresBackend {
                     &[&node, &workloads],
                 )?;
                 tx.execute(
-                    "INSERT INTO freeze_acks (workload, node, since, applied_at)
-                     SELECT a.workload, $1, a.since, $4
-                     FROM unnest($2::text[], $3::text[]) AS a(workload, since)
+                    "INSERT INTO freeze_acks (workload, node, freeze, applied_at)
+                     SELECT a.workload, $1, a.freeze, $4
+                     FROM unnest($2::text[], $3::text[]) AS a(workload, freeze)
                      ON CONFLICT (workload, node) DO UPDATE
-                         SET since = excluded.since, applied_at = excluded.applied_at
-                         WHERE freeze_acks.since <> excluded.since",
-                    &[&node, &workloads, &sinces, &now],
+                         SET freeze = excluded.freeze, applied_at = excluded.applied_at
+                         WHERE freeze_acks.freeze <> excluded.freeze",
+                    &[&node, &workloads, &freezes, &now],
                 )?;
                 Ok(tx.commit()?)
             })
@@ -1191,7 +1192,7 @@ impl PostgresBackend {
     pub fn freeze_acks(&self) -> Result<Vec<FreezeAck>> {
         self.run(move |s| {
             let rows = s.query(
-                "SELECT workload, node, since, applied_at FROM freeze_acks ORDER BY workload, node",
+                "SELECT workload, node, freeze, applied_at FROM freeze_acks ORDER BY workload, node",
                 &[],
             )?;
             rows.iter()
@@ -1199,7 +1200,7 @@ impl PostgresBackend {
                     Ok(FreezeAck {
                         workload: col(r, 0, &s.at)?,
                         node: col(r, 1, &s.at)?,
-                        since: col(r, 2, &s.at)?,
+                        freeze: col(r, 2, &s.at)?,
                         applied_at: col(r, 3, &s.at)?,
                     })
                 })
