@@ -930,7 +930,10 @@ fn run_status(ctx: &Context) -> Result<()> {
         ),
         None => println!("state:         unsealed"),
     }
-    println!("secrets:       {}", status.secrets);
+    match &status.store_unreachable {
+        Some(why) => println!("secrets:       ? ({why})"),
+        None => println!("secrets:       {}", status.secrets),
+    }
     println!("environment:   {}", status.default_env);
     if let Some(n) = &status.fleet_node {
         println!("fleet node:    {} ({})", n.id, n.name);

@@ -102,6 +102,9 @@ pub struct Status {
     /// Where this node's copy of its audit log in the shared store stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_copy: Option<crate::fleet_views::ShipReport>,
+    /// Why the shared store could not be read (`secrets` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_unreachable: Option<String>,
 }
 
 pub struct SecretService {
@@ -618,13 +621,18 @@ impl SecretService {
     }
 
     pub fn status(&self) -> Result<Status> {
-        let secrets = self
-            .store
-            .backend()
-            .list(None)?
-            .iter()
-            .filter(|s| check_not_reserved(&s.name).is_ok())
-            .count();
+        // A shared store that cannot be reached does not stop the status
+        // (it shows the outage, and the audit copy's lag).
+        let (secrets, store_unreachable) = match self.store.backend().list(None) {
+            Ok(list) => (
+                list.iter()
+                    .filter(|s| check_not_reserved(&s.name).is_ok())
+                    .count(),
+                None,
+            ),
+            Err(e) if e.kind == crate::error::ErrorKind::Unavailable => (0, Some(e.message)),
+            Err(e) => return Err(e),
+        };
         Ok(Status {
             data_dir: self.data_dir.clone(),
             sealed: self.is_sealed(),
@@ -645,6 +653,7 @@ impl SecretService {
                 None => None,
             },
             audit_copy: self.shipping.as_ref().map(|s| s.report()),
+            store_unreachable,
         })
     }
 
