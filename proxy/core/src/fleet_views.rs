@@ -244,36 +244,27 @@ fn ship_once(
     if housekeeping {
         *housekeeping_at = Instant::now() + HOUSEKEEPING;
     }
-    cursor
-        .ship(b, parts.metrics.as_ref())
-        .map_err(|e| ("audit", e))?;
-    if let Some(source) = &parts.events {
-        loop {
-            let batch = source.since(*events_after, EVENT_BATCH);
-            let Some(last) = batch.last().map(|e| e.0) else {
-                break;
-            };
-            if let Some(first) = batch.first().map(|e| e.0) {
-                if *events_after > 0 && first > *events_after + 1 {
-                    if let Some(m) = &parts.metrics {
-                        m.events_not_shipped(first - *events_after - 1);
-                    }
-                }
-            }
-            let n = batch.len();
-            let rows = batch.into_iter().map(|(_, t, j)| (t, j)).collect();
-            b.events_insert(rows).map_err(|e| ("events", e))?;
-            *events_after = last;
-            if let Some(m) = &parts.metrics {
-                m.events_shipped(n as u64);
-            }
-            if n < EVENT_BATCH {
-                break;
+    // The three parts fail independently (a damaged local log does not stop
+    // the events), except when the store cannot be reached at all: then the
+    // pass ends at the first failure instead of waiting for three connects.
+    let mut failed: Option<(&'static str, Error)> = None;
+    let mut note = |what: &'static str, r: Result<()>| -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                let unreachable = e.kind == crate::error::ErrorKind::Unavailable;
+                failed.get_or_insert((what, e));
+                !unreachable
             }
         }
-        if housekeeping {
-            b.events_prune(EVENTS_KEPT_PER_NODE, EVENTS_MAX_AGE)
-                .map_err(|e| ("events", e))?;
+    };
+    if !note("audit", cursor.ship(b, parts.metrics.as_ref())) {
+        return Err(failed.unwrap_or(("audit", Error::internal("store unreachable"))));
+    }
+    if let Some(source) = &parts.events {
+        let shipped = ship_events(b, source.as_ref(), events_after, housekeeping, parts.metrics.as_ref());
+        if !note("events", shipped) {
+            return Err(failed.unwrap_or(("events", Error::internal("store unreachable"))));
         }
     }
     if let Some(f) = &parts.freezer {
@@ -287,10 +278,51 @@ fn ship_once(
             .collect();
         applied.sort();
         if acked.as_ref() != Some(&applied) || housekeeping {
-            b.freeze_acks_replace(applied.clone())
-                .map_err(|e| ("freeze_acks", e))?;
-            *acked = Some(applied);
+            let written = b.freeze_acks_replace(applied.clone());
+            if written.is_ok() {
+                *acked = Some(applied);
+            }
+            note("freeze_acks", written);
         }
+    }
+    match failed {
+        None => Ok(()),
+        Some(f) => Err(f),
+    }
+}
+
+/// New events from the feed, in batches; prunes this node's old rows.
+fn ship_events(
+    b: &PostgresBackend,
+    source: &dyn EventSource,
+    events_after: &mut u64,
+    housekeeping: bool,
+    metrics: Option<&Metrics>,
+) -> Result<()> {
+    loop {
+        let batch = source.since(*events_after, EVENT_BATCH);
+        let (Some(first), Some(last)) = (batch.first().map(|e| e.0), batch.last().map(|e| e.0))
+        else {
+            break;
+        };
+        if *events_after > 0 && first > *events_after + 1 {
+            if let Some(m) = metrics {
+                m.events_not_shipped(first - *events_after - 1);
+            }
+        }
+        let n = batch.len();
+        let rows = batch.into_iter().map(|(_, t, j)| (t, j)).collect();
+        b.events_insert(rows)?;
+        *events_after = last;
+        if let Some(m) = metrics {
+            m.events_shipped(n as u64);
+        }
+        if n < EVENT_BATCH {
+            break;
+        }
+    }
+    if housekeeping {
+        b.events_prune(EVENTS_KEPT_PER_NODE, EVENTS_MAX_AGE)?;
     }
     Ok(())
 }

@@ -143,7 +143,7 @@ pub const MIGRATIONS: &[&str] = &[
      CREATE TABLE freeze_acks (
          workload   text NOT NULL,
          node       text NOT NULL,
-         since      text NOT NULL,
+         freeze_id  text NOT NULL,
          applied_at text NOT NULL,
          PRIMARY KEY (workload, node)
      );",
@@ -1175,12 +1175,12 @@ impl PostgresBackend {
                     &[&node, &workloads],
                 )?;
                 tx.execute(
-                    "INSERT INTO freeze_acks (workload, node, freeze, applied_at)
-                     SELECT a.workload, $1, a.freeze, $4
-                     FROM unnest($2::text[], $3::text[]) AS a(workload, freeze)
+                    "INSERT INTO freeze_acks (workload, node, freeze_id, applied_at)
+                     SELECT a.workload, $1, a.freeze_id, $4
+                     FROM unnest($2::text[], $3::text[]) AS a(workload, freeze_id)
                      ON CONFLICT (workload, node) DO UPDATE
-                         SET freeze = excluded.freeze, applied_at = excluded.applied_at
-                         WHERE freeze_acks.freeze <> excluded.freeze",
+                         SET freeze_id = excluded.freeze_id, applied_at = excluded.applied_at
+                         WHERE freeze_acks.freeze_id <> excluded.freeze_id",
                     &[&node, &workloads, &freezes, &now],
                 )?;
                 Ok(tx.commit()?)
@@ -1192,7 +1192,7 @@ impl PostgresBackend {
     pub fn freeze_acks(&self) -> Result<Vec<FreezeAck>> {
         self.run(move |s| {
             let rows = s.query(
-                "SELECT workload, node, freeze, applied_at FROM freeze_acks ORDER BY workload, node",
+                "SELECT workload, node, freeze_id, applied_at FROM freeze_acks ORDER BY workload, node",
                 &[],
             )?;
             rows.iter()
