@@ -1501,7 +1501,8 @@ fn fleet_record_line(c: &warden_core::store::postgres::AuditCopy, json: bool) ->
 }
 
 fn audit_tail_fleet(ctx: &Context, lines: usize, follow: bool) -> Result<()> {
-    let store = warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "audit tail")?;
+    let store =
+        warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "audit tail")?;
     // Per node and log, the newest record already accounted for.
     let mut seen: std::collections::BTreeMap<(String, String), u64> = store
         .audit_copy_logs()?
@@ -1555,7 +1556,8 @@ fn audit_tail_fleet(ctx: &Context, lines: usize, follow: bool) -> Result<()> {
 /// each line's own hash, its seq and hash columns, and its link to the one
 /// before.
 fn audit_verify_fleet(ctx: &Context) -> Result<()> {
-    let store = warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "audit verify")?;
+    let store =
+        warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "audit verify")?;
     let logs = store.audit_copy_logs()?;
     let mut report = Vec::new();
     let mut tampered = Vec::new();
@@ -1604,9 +1606,7 @@ fn audit_verify_fleet(ctx: &Context) -> Result<()> {
         let records = expected - 1;
         if !ctx.json {
             match &problem {
-                None => println!(
-                    "node {node}: {records} records, chain intact, head {prev}"
-                ),
+                None => println!("node {node}: {records} records, chain intact, head {prev}"),
                 Some(p) => println!("node {node}: TAMPERED: {p}"),
             }
         }
@@ -1641,7 +1641,10 @@ fn fleet_event_line(e: &warden_core::store::postgres::StoredEvent, json: bool) -
     let value: serde_json::Value = match serde_json::from_str(&e.event) {
         Ok(v) => v,
         Err(_) => {
-            eprintln!("warden: event row {} of node {} is not readable", e.id, e.node);
+            eprintln!(
+                "warden: event row {} of node {} is not readable",
+                e.id, e.node
+            );
             return None;
         }
     };
@@ -1651,7 +1654,10 @@ fn fleet_event_line(e: &warden_core::store::postgres::StoredEvent, json: bool) -
     match serde_json::from_value::<EventRecord>(value) {
         Ok(r) => Some(format!("[{}] {}", e.node, format_event_line(&r))),
         Err(_) => {
-            eprintln!("warden: event row {} of node {} is not readable", e.id, e.node);
+            eprintln!(
+                "warden: event row {} of node {} is not readable",
+                e.id, e.node
+            );
             None
         }
     }

@@ -127,7 +127,13 @@ fn name_of(any: &Instance, inst: &Instance) -> String {
     let out = any.run(&["--json", "node", "list"]);
     assert_eq!(out.code, 0, "{out:?}");
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let tag = inst.dir.path().file_name().unwrap().to_string_lossy().into_owned();
+    let tag = inst
+        .dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     v.as_array()
         .unwrap()
         .iter()
@@ -180,8 +186,7 @@ fn stored_count(store: &PgCluster, name: &str, action: &str) -> usize {
 
 /// The `frozen` lines under the entry: label → node list text.
 fn frozen_line<'a>(out: &'a str, label: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim_start().strip_prefix(label))
+    out.lines().find_map(|l| l.trim_start().strip_prefix(label))
 }
 
 #[test]
@@ -216,16 +221,20 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     }
 
     // Node 3 sees both nodes' session records, each line naming its node.
-    wait(Duration::from_secs(30), "sessions of nodes 1 and 2 in audit tail --fleet on node 3", || {
-        let out = n3.run(&["audit", "tail", "--fleet", "-n", "500"]);
-        let starts = |name: &str| {
-            out.stdout
-                .lines()
-                .filter(|l| l.starts_with(&format!("[{name}] ")) && l.contains("session.start"))
-                .count()
-        };
-        (out.code != 0 || starts(&name1) < 2 || starts(&name2) < 1).then(|| format!("{out:?}"))
-    });
+    wait(
+        Duration::from_secs(30),
+        "sessions of nodes 1 and 2 in audit tail --fleet on node 3",
+        || {
+            let out = n3.run(&["audit", "tail", "--fleet", "-n", "500"]);
+            let starts = |name: &str| {
+                out.stdout
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("[{name}] ")) && l.contains("session.start"))
+                    .count()
+            };
+            (out.code != 0 || starts(&name1) < 2 || starts(&name2) < 1).then(|| format!("{out:?}"))
+        },
+    );
     // JSON: the node and the record as written.
     let out = n3.run(&["--json", "audit", "tail", "--fleet", "-n", "500"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -246,7 +255,10 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     assert!(seqs1.len() >= 3, "{rows:?}");
     assert!(seqs1.windows(2).all(|w| w[1] == w[0] + 1), "{seqs1:?}");
     assert!(!of(&name3).is_empty(), "{rows:?}");
-    let times: Vec<&str> = rows.iter().map(|r| r["record"]["time"].as_str().unwrap()).collect();
+    let times: Vec<&str> = rows
+        .iter()
+        .map(|r| r["record"]["time"].as_str().unwrap())
+        .collect();
     let mut sorted = times.clone();
     sorted.sort();
     assert_eq!(times, sorted, "merged by time");
@@ -279,7 +291,10 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(&mut stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(&mut stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -291,7 +306,10 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
         .iter()
         .any(|l: &String| l.starts_with(&format!("[{name2}] ")) && l.contains("session.start"))
     {
-        assert!(t0.elapsed() < Duration::from_secs(30), "follow printed {followed:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "follow printed {followed:?}"
+        );
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
             followed.push(l);
         }
@@ -302,17 +320,25 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     // Access events of node 1 (eBPF monitor) on node 3.
     let (_, metrics1) = n1.http_get("/metrics");
     if metrics1.contains("warden_monitor_mode{mode=\"ebpf\"} 1") {
-        wait(Duration::from_secs(30), "node 1's events in events --fleet on node 3", || {
-            let out = n3.run(&["events", "--fleet", "-n", "1000"]);
-            let seen = out
-                .stdout
-                .lines()
-                .any(|l| l.starts_with(&format!("[{name1}] ")) && l.contains("route app-db"));
-            (out.code != 0 || !seen).then(|| format!("{out:?}"))
-        });
+        wait(
+            Duration::from_secs(30),
+            "node 1's events in events --fleet on node 3",
+            || {
+                let out = n3.run(&["events", "--fleet", "-n", "1000"]);
+                let seen = out
+                    .stdout
+                    .lines()
+                    .any(|l| l.starts_with(&format!("[{name1}] ")) && l.contains("route app-db"));
+                (out.code != 0 || !seen).then(|| format!("{out:?}"))
+            },
+        );
         let out = n3.run(&["--json", "events", "--fleet", "-n", "1000"]);
-        let ev: serde_json::Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
-        assert!(ev["node"].is_string() && ev["event"]["verdict"].is_string(), "{ev}");
+        let ev: serde_json::Value =
+            serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+        assert!(
+            ev["node"].is_string() && ev["event"]["verdict"].is_string(),
+            "{ev}"
+        );
         // The node's own view is unchanged.
         let own = n1.run(&["events", "-n", "1000"]);
         assert_eq!(own.code, 0, "{own:?}");
@@ -323,36 +349,55 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
 
     // A freeze on node 2: `frozen` on node 1 names the nodes that applied it.
     n2.run(&["freeze", "me", "--reason", "views test"]).ok();
-    wait(Duration::from_secs(20), "the freeze applied on all three nodes", || {
-        let out = n1.run(&["frozen"]);
-        let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
-        ([&name1, &name2, &name3].iter().any(|n| !applied.contains(n.as_str())))
+    wait(
+        Duration::from_secs(20),
+        "the freeze applied on all three nodes",
+        || {
+            let out = n1.run(&["frozen"]);
+            let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
+            ([&name1, &name2, &name3]
+                .iter()
+                .any(|n| !applied.contains(n.as_str())))
             .then(|| format!("{out:?}"))
-    });
+        },
+    );
     let out = n3.run(&["--json", "frozen"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     let nodes = v[0]["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3, "{v}");
-    assert!(nodes.iter().all(|n| n["state"] == "applied" && n["applied_at"].is_string()), "{v}");
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["state"] == "applied" && n["applied_at"].is_string()),
+        "{v}"
+    );
 
     // Node 2's daemon stops; a new freeze (unfreeze, freeze again) is not
     // applied there until it runs again.
     assert_eq!(d2.stop(), Some(0));
     n1.run(&["unfreeze", "me"]).ok();
     n1.run(&["freeze", "me", "--reason", "again"]).ok();
-    wait(Duration::from_secs(20), "node 2 listed as not having applied the new freeze", || {
-        let out = n3.run(&["frozen"]);
-        let pending = frozen_line(&out.stdout, "not yet on:").unwrap_or("");
-        let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
-        (!pending.contains(&name2) || !applied.contains(&name1) || !applied.contains(&name3))
-            .then(|| format!("{out:?}"))
-    });
+    wait(
+        Duration::from_secs(20),
+        "node 2 listed as not having applied the new freeze",
+        || {
+            let out = n3.run(&["frozen"]);
+            let pending = frozen_line(&out.stdout, "not yet on:").unwrap_or("");
+            let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
+            (!pending.contains(&name2) || !applied.contains(&name1) || !applied.contains(&name3))
+                .then(|| format!("{out:?}"))
+        },
+    );
     let _d2 = n2.start_daemon();
-    wait(Duration::from_secs(20), "node 2 applied it after its start", || {
-        let out = n3.run(&["frozen"]);
-        let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
-        (!applied.contains(&name2)).then(|| format!("{out:?}"))
-    });
+    wait(
+        Duration::from_secs(20),
+        "node 2 applied it after its start",
+        || {
+            let out = n3.run(&["frozen"]);
+            let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
+            (!applied.contains(&name2)).then(|| format!("{out:?}"))
+        },
+    );
 
     // Node 3 removed: listed as removed.
     let id3 = id_of(&n1, &name3);
@@ -373,7 +418,8 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     let out = n1.run(&["audit", "verify", "--fleet"]);
     assert_eq!(out.code, 6, "{out:?}");
     assert!(
-        out.stdout.contains(&format!("node {name2}: TAMPERED: record #2")),
+        out.stdout
+            .contains(&format!("node {name2}: TAMPERED: record #2")),
         "{out:?}"
     );
     assert!(out.stdout.contains(&format!("node {name1}: ")), "{out:?}");
@@ -396,11 +442,15 @@ fn records_written_while_the_store_is_down_arrive_when_it_is_back() {
     let name1 = name_of(&n2, &n1);
     let out = session(p1);
     assert!(works(&out), "{out:?}");
-    wait(Duration::from_secs(20), "node 1 up to date in the store", || {
-        let local = local_count(&n1, "session.start");
-        let stored = stored_count(&store, &name1, "session.start");
-        (stored != local).then(|| format!("local {local}, stored {stored}"))
-    });
+    wait(
+        Duration::from_secs(20),
+        "node 1 up to date in the store",
+        || {
+            let local = local_count(&n1, "session.start");
+            let stored = stored_count(&store, &name1, "session.start");
+            (stored != local).then(|| format!("local {local}, stored {stored}"))
+        },
+    );
 
     // The store goes down; sessions go on (cached credential), recorded locally.
     store.halt();
@@ -426,19 +476,29 @@ fn records_written_while_the_store_is_down_arrive_when_it_is_back() {
         "{metrics}"
     );
     let status = n1.run(&["status"]);
-    assert!(status.stdout.contains("audit copy:") && status.stdout.contains("record(s) behind"), "{status:?}");
+    assert!(
+        status.stdout.contains("audit copy:") && status.stdout.contains("record(s) behind"),
+        "{status:?}"
+    );
 
     // The store returns: the records arrive by themselves, chain intact.
     store.resume();
-    wait(Duration::from_secs(60), "the outage's records in the store", || {
-        let local = local_records(&n1);
-        let stored: usize = store
-            .psql_admin_in(DB, &format!("SELECT count(*) FROM audit_records WHERE node = '{name1}'"))
-            .trim()
-            .parse()
-            .unwrap_or(0);
-        (stored < local).then(|| format!("local {local}, stored {stored}"))
-    });
+    wait(
+        Duration::from_secs(60),
+        "the outage's records in the store",
+        || {
+            let local = local_records(&n1);
+            let stored: usize = store
+                .psql_admin_in(
+                    DB,
+                    &format!("SELECT count(*) FROM audit_records WHERE node = '{name1}'"),
+                )
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            (stored < local).then(|| format!("local {local}, stored {stored}"))
+        },
+    );
     assert_eq!(
         stored_count(&store, &name1, "session.start"),
         local_count(&n1, "session.start")
@@ -454,15 +514,21 @@ fn records_written_while_the_store_is_down_arrive_when_it_is_back() {
     assert_eq!(&local_lines[..stored_lines.len()], &stored_lines[..]);
     let out = n2.run(&["audit", "verify", "--fleet"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains(&format!("node {name1}: ")) && out.stdout.contains("chain intact"), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("node {name1}: ")) && out.stdout.contains("chain intact"),
+        "{out:?}"
+    );
     wait(Duration::from_secs(15), "no lag once shipped", || {
         let (_, body) = n1.http_get("/readyz");
         (!body.contains("audit copy in the store: up to date")).then_some(body)
     });
     assert_eq!(metric_of(&n1, "warden_audit_ship_lag_records"), Some(0.0));
     assert!(metric_of(&n1, "warden_audit_shipped_records_total").is_some_and(|n| n >= 5.0));
-    assert!(metric_of(&n1, "warden_fleet_ship_errors_total{what=\"audit\"}").is_some_and(|n| n >= 1.0)
-        || metric_of(&n1, "warden_fleet_ship_errors_total{what=\"connect\"}").is_some_and(|n| n >= 1.0));
+    assert!(
+        metric_of(&n1, "warden_fleet_ship_errors_total{what=\"audit\"}").is_some_and(|n| n >= 1.0)
+            || metric_of(&n1, "warden_fleet_ship_errors_total{what=\"connect\"}")
+                .is_some_and(|n| n >= 1.0)
+    );
     // On node 2, the outage's sessions are in the fleet's tail.
     let out = n2.run(&["audit", "tail", "--fleet", "-n", "1000"]);
     let starts = out
@@ -491,7 +557,8 @@ fn fleet_views_need_the_postgres_store() {
         let out = single.run(args);
         assert_eq!(out.code, 2, "{args:?}: {out:?}");
         assert!(
-            out.stderr.contains("needs the PostgreSQL store") && out.stderr.contains("without --fleet"),
+            out.stderr.contains("needs the PostgreSQL store")
+                && out.stderr.contains("without --fleet"),
             "{out:?}"
         );
     }

@@ -91,10 +91,7 @@ impl ShipReport {
     /// One line for `warden status` and `/readyz` (after "audit copy in the store: ").
     pub fn describe(&self) -> String {
         let mut s = if self.lag_records == 0 {
-            format!(
-                "up to date (record #{})",
-                self.shipped_seq
-            )
+            format!("up to date (record #{})", self.shipped_seq)
         } else {
             format!(
                 "{} record(s) behind (store has #{}, local log #{}; oldest waiting {:.0} s)",
@@ -188,17 +185,15 @@ fn run(parts: ShipperParts, stop: &AtomicBool, status: &ShipStatus) {
         if Instant::now() < retry_at {
             continue;
         }
-        let failed = match ship_once(
+        let failed = ship_once(
             &parts,
             &mut backend,
             &mut cursor,
             &mut events_after,
             &mut acked,
             &mut housekeeping_at,
-        ) {
-            Ok(()) => None,
-            Err(e) => Some(e),
-        };
+        )
+        .err();
         match failed {
             None => {
                 backoff = BACKOFF_MIN;
@@ -235,7 +230,8 @@ fn ship_once(
 ) -> std::result::Result<(), (&'static str, Error)> {
     if backend.is_none() {
         let settings = PostgresSettings::from_config(&parts.store).map_err(|e| ("connect", e))?;
-        *backend = Some(PostgresBackend::connect(settings, &parts.node).map_err(|e| ("connect", e))?);
+        *backend =
+            Some(PostgresBackend::connect(settings, &parts.node).map_err(|e| ("connect", e))?);
     }
     let Some(b) = backend.as_ref() else {
         return Ok(());
@@ -262,7 +258,13 @@ fn ship_once(
         return Err(failed.unwrap_or(("audit", Error::internal("store unreachable"))));
     }
     if let Some(source) = &parts.events {
-        let shipped = ship_events(b, source.as_ref(), events_after, housekeeping, parts.metrics.as_ref());
+        let shipped = ship_events(
+            b,
+            source.as_ref(),
+            events_after,
+            housekeeping,
+            parts.metrics.as_ref(),
+        );
         if !note("events", shipped) {
             return Err(failed.unwrap_or(("events", Error::internal("store unreachable"))));
         }
@@ -551,8 +553,8 @@ impl AuditCursor {
 
 /// Seconds since an RFC 3339 time.
 fn age_of(time: &str) -> Option<f64> {
-    let t = time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
-        .ok()?;
+    let t =
+        time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).ok()?;
     Some(
         (time::OffsetDateTime::now_utc() - t)
             .as_seconds_f64()
@@ -684,7 +686,10 @@ mod tests {
         assert!(c.read_more().is_err());
         assert!(c.diverged.is_some());
 
-        let first = AuditCursor::new(path.clone()).first_record().unwrap().unwrap();
+        let first = AuditCursor::new(path.clone())
+            .first_record()
+            .unwrap()
+            .unwrap();
         let mut c = AuditCursor::new(path.clone());
         c.synced = true;
         c.shipped = (1, first);
@@ -693,7 +698,10 @@ mod tests {
         assert_eq!(seqs, vec![2, 3]);
         // A partial line at the end is left for later.
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(b"{\"seq\":4").unwrap();
         c.read_more().unwrap();
         assert_eq!(c.pending.len(), 2);

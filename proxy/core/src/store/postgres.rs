@@ -1000,7 +1000,11 @@ impl PostgresBackend {
     /// Inserts records of this node's log `log` — (seq, time, hash, line) —
     /// in one statement (one transaction). Records the store already holds
     /// are left as they are. Returns how many were new.
-    pub fn audit_copy_insert(&self, log: &str, rows: Vec<(u64, String, String, String)>) -> Result<u64> {
+    pub fn audit_copy_insert(
+        &self,
+        log: &str,
+        rows: Vec<(u64, String, String, String)>,
+    ) -> Result<u64> {
         let (node, log) = (self.node.clone(), log.to_string());
         let mut seqs = Vec::with_capacity(rows.len());
         let mut times = Vec::with_capacity(rows.len());
@@ -1062,10 +1066,17 @@ impl PostgresBackend {
 
     /// Records past `seen` — (node, log, last seq seen) — ordered by time;
     /// logs not in `seen` from their first record. At most `limit`.
-    pub fn audit_copy_after(&self, seen: &[(String, String, u64)], limit: usize) -> Result<Vec<AuditCopy>> {
+    pub fn audit_copy_after(
+        &self,
+        seen: &[(String, String, u64)],
+        limit: usize,
+    ) -> Result<Vec<AuditCopy>> {
         let nodes: Vec<String> = seen.iter().map(|k| k.0.clone()).collect();
         let logs: Vec<String> = seen.iter().map(|k| k.1.clone()).collect();
-        let seqs: Vec<i64> = seen.iter().map(|k| i64::try_from(k.2).unwrap_or(i64::MAX)).collect();
+        let seqs: Vec<i64> = seen
+            .iter()
+            .map(|k| i64::try_from(k.2).unwrap_or(i64::MAX))
+            .collect();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |s| {
             let rows = s.query(
@@ -1082,7 +1093,13 @@ impl PostgresBackend {
     }
 
     /// Records of `node`'s log `log` after `after_seq`, in seq order, at most `limit`.
-    pub fn audit_copy_page(&self, node: &str, log: &str, after_seq: u64, limit: usize) -> Result<Vec<AuditCopy>> {
+    pub fn audit_copy_page(
+        &self,
+        node: &str,
+        log: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCopy>> {
         let (node, log) = (node.to_string(), log.to_string());
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
