@@ -656,6 +656,10 @@ impl Metrics {
         reg(&registry, &events_shipped)?;
         reg(&registry, &events_not_shipped)?;
         reg(&registry, &fleet_ship_errors)?;
+        // Every series exists from the start (0 on a single node).
+        for what in ["connect", "audit", "events", "freeze_acks"] {
+            fleet_ship_errors.with_label_values(&[what]);
+        }
         reg(&registry, &http_added_seconds)?;
         reg(&registry, &http_requests)?;
         Ok(Metrics {
