@@ -214,6 +214,15 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     let mut d3 = n3.start_daemon();
     let (name1, name2, name3) = (name_of(&n1, &n1), name_of(&n1, &n2), name_of(&n1, &n3));
 
+    // Each daemon ships on a connection of its own, named for it.
+    wait(Duration::from_secs(20), "three shipper connections", || {
+        let n = pg.psql_admin_in(
+            DB,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'warden-shipper'",
+        );
+        (n.trim() != "3").then_some(n)
+    });
+
     // Sessions on node 1 and node 2.
     for port in [p1, p2, p1] {
         let out = session(port);

@@ -229,7 +229,9 @@ fn ship_once(
     housekeeping_at: &mut Instant,
 ) -> std::result::Result<(), (&'static str, Error)> {
     if backend.is_none() {
-        let settings = PostgresSettings::from_config(&parts.store).map_err(|e| ("connect", e))?;
+        let settings = PostgresSettings::from_config(&parts.store)
+            .map_err(|e| ("connect", e))?
+            .named("warden-shipper");
         *backend =
             Some(PostgresBackend::connect(settings, &parts.node).map_err(|e| ("connect", e))?);
     }

@@ -250,6 +250,13 @@ impl PostgresSettings {
         self.connect_with(&self.config)
     }
 
+    /// Connections made with these settings are named `name` in
+    /// `pg_stat_activity` (the fleet shipper's: `warden-shipper`).
+    pub fn named(mut self, name: &str) -> PostgresSettings {
+        self.config.application_name(name);
+        self
+    }
+
     /// The change listener's connection, named `warden-listener` in
     /// `pg_stat_activity`.
     pub(crate) fn connect_listener(&self) -> Result<postgres::Client> {
