@@ -1524,6 +1524,13 @@ fn audit_tail_fleet(ctx: &Context, lines: usize, follow: bool) -> Result<()> {
     let mut warned = false;
     loop {
         std::thread::sleep(FLEET_POLL);
+        // A node (or a recreated data dir) that starts shipping: from its
+        // first record.
+        if let Ok(recent) = store.audit_copy_recent_logs(std::time::Duration::from_secs(30)) {
+            for key in recent {
+                seen.entry(key).or_insert(0);
+            }
+        }
         let keys: Vec<(String, String, u64)> = seen
             .iter()
             .map(|((n, l), s)| (n.clone(), l.clone(), *s))
@@ -1678,9 +1685,7 @@ fn events_fleet(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
         return Ok(());
     }
     // Rows already there but older than the last -n are not printed.
-    if let Some(newest) = store.events_latest(1)?.first() {
-        last = last.max(newest.id);
-    }
+    last = last.max(store.events_newest_id()?);
     let mut warned = false;
     loop {
         std::thread::sleep(FLEET_POLL);

@@ -58,6 +58,14 @@ name = "me"
 spiffe_id = "spiffe://example.org/me"
 selectors = {{ uid = {uid} }}
 
+# Frozen in the test: no process runs as this uid, so a freeze applied by
+# node 1's eBPF monitor denies nothing (as root, "me" would be every root
+# process on the host, the other nodes' daemons too).
+[[workload]]
+name = "idle"
+spiffe_id = "spiffe://example.org/idle"
+selectors = {{ uid = 4242 }}
+
 [[secret]]
 name = "app-db/app"
 
@@ -357,7 +365,7 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     }
 
     // A freeze on node 2: `frozen` on node 1 names the nodes that applied it.
-    n2.run(&["freeze", "me", "--reason", "views test"]).ok();
+    n2.run(&["freeze", "idle", "--reason", "views test"]).ok();
     wait(
         Duration::from_secs(20),
         "the freeze applied on all three nodes",
@@ -384,8 +392,8 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     // Node 2's daemon stops; a new freeze (unfreeze, freeze again) is not
     // applied there until it runs again.
     assert_eq!(d2.stop(), Some(0));
-    n1.run(&["unfreeze", "me"]).ok();
-    n1.run(&["freeze", "me", "--reason", "again"]).ok();
+    n1.run(&["unfreeze", "idle"]).ok();
+    n1.run(&["freeze", "idle", "--reason", "again"]).ok();
     wait(
         Duration::from_secs(20),
         "node 2 listed as not having applied the new freeze",
@@ -397,14 +405,20 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
                 .then(|| format!("{out:?}"))
         },
     );
-    let _d2 = n2.start_daemon();
+    let d2 = n2.start_daemon();
     wait(
         Duration::from_secs(20),
         "node 2 applied it after its start",
         || {
             let out = n3.run(&["frozen"]);
             let applied = frozen_line(&out.stdout, "applied on:").unwrap_or("");
-            (!applied.contains(&name2)).then(|| format!("{out:?}"))
+            (!applied.contains(&name2)).then(|| {
+                format!(
+                    "{out:?}\nacks: {}\nnode 2: {}",
+                    pg.psql_admin_in(DB, "SELECT * FROM freeze_acks"),
+                    d2.log_text()
+                )
+            })
         },
     );
 
@@ -415,7 +429,7 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     let out = n1.run(&["frozen"]);
     let removed = frozen_line(&out.stdout, "removed:").unwrap_or("");
     assert!(removed.contains(&name3), "{out:?}");
-    n1.run(&["unfreeze", "me"]).ok();
+    n1.run(&["unfreeze", "idle"]).ok();
 
     // A record changed in the store is found by verify --fleet.
     pg.psql_admin_in(

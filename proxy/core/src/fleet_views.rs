@@ -82,6 +82,10 @@ pub struct ShipReport {
     pub lag_records: u64,
     /// Age of the oldest record not yet in the store (0 when none).
     pub lag_seconds: f64,
+    /// The store's copy has been looked at since the daemon started (until
+    /// then `shipped_seq` is not known).
+    #[serde(default)]
+    pub compared: bool,
     /// Why the last attempt failed, while it keeps failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -90,7 +94,12 @@ pub struct ShipReport {
 impl ShipReport {
     /// One line for `warden status` and `/readyz` (after "audit copy in the store: ").
     pub fn describe(&self) -> String {
-        let mut s = if self.lag_records == 0 {
+        let mut s = if !self.compared {
+            format!(
+                "not yet compared with the store (local log #{})",
+                self.local_seq
+            )
+        } else if self.lag_records == 0 {
             format!("up to date (record #{})", self.shipped_seq)
         } else {
             format!(
@@ -180,9 +189,9 @@ fn run(parts: ShipperParts, stop: &AtomicBool, status: &ShipStatus) {
     let mut housekeeping_at = Instant::now() + HOUSEKEEPING;
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(TICK);
-        // Lag is known (from the local log) even while the store is not.
-        cursor.publish(status, parts.metrics.as_ref());
         if Instant::now() < retry_at {
+            // Lag is known (from the local log) even while the store is not.
+            cursor.publish(status, parts.metrics.as_ref());
             continue;
         }
         let failed = ship_once(
@@ -397,11 +406,13 @@ impl AuditCursor {
                 .unwrap_or(0.0)
         };
         let diverged = self.diverged.clone();
+        let compared = self.synced;
         status.update(|r| {
             r.shipped_seq = shipped;
             r.local_seq = local;
             r.lag_records = lag;
             r.lag_seconds = lag_seconds;
+            r.compared = compared;
             if diverged.is_some() {
                 r.error = diverged;
             }
@@ -657,6 +668,11 @@ mod tests {
             local_seq: 7,
             ..ShipReport::default()
         };
+        assert_eq!(
+            r.describe(),
+            "not yet compared with the store (local log #7)"
+        );
+        r.compared = true;
         assert_eq!(r.describe(), "up to date (record #7)");
         r.local_seq = 10;
         r.lag_records = 3;

@@ -132,6 +132,7 @@ pub const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (node, log, seq)
      );
      CREATE INDEX audit_records_by_time ON audit_records (at);
+     CREATE INDEX audit_records_by_shipped ON audit_records (shipped_at);
      CREATE TABLE access_events (
          id    bigserial PRIMARY KEY,
          node  text NOT NULL,
@@ -1071,8 +1072,8 @@ impl PostgresBackend {
         })
     }
 
-    /// Records past `seen` — (node, log, last seq seen) — ordered by time;
-    /// logs not in `seen` from their first record. At most `limit`.
+    /// Records past `seen` — (node, log, last seq seen) — ordered by time,
+    /// at most `limit` per log (each log read through its primary key).
     pub fn audit_copy_after(
         &self,
         seen: &[(String, String, u64)],
@@ -1088,14 +1089,32 @@ impl PostgresBackend {
         self.run(move |s| {
             let rows = s.query(
                 "SELECT r.node, r.log, r.seq, r.hash, r.line
-                 FROM audit_records r
-                 LEFT JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS k(node, log, seq)
-                   ON k.node = r.node AND k.log = r.log
-                 WHERE r.seq > coalesce(k.seq, 0)
-                 ORDER BY r.at, r.node, r.seq LIMIT $4",
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(node, log, seq)
+                 CROSS JOIN LATERAL (
+                     SELECT * FROM audit_records a
+                     WHERE a.node = k.node AND a.log = k.log AND a.seq > k.seq
+                     ORDER BY a.seq LIMIT $4
+                 ) r
+                 ORDER BY r.at, r.node, r.seq",
                 &[&nodes, &logs, &seqs, &limit],
             )?;
             rows.iter().map(|r| audit_copy_of(r, &s.at)).collect()
+        })
+    }
+
+    /// The (node, log) pairs with records shipped in the last `window`
+    /// (through the `shipped_at` index: cheap on a large copy).
+    pub fn audit_copy_recent_logs(&self, window: Duration) -> Result<Vec<(String, String)>> {
+        let secs = window.as_secs_f64();
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT DISTINCT node, log FROM audit_records
+                 WHERE shipped_at > now() - make_interval(secs => $1)",
+                &[&secs],
+            )?;
+            rows.iter()
+                .map(|r| Ok((col(r, 0, &s.at)?, col(r, 1, &s.at)?)))
+                .collect()
         })
     }
 
@@ -1169,6 +1188,17 @@ impl PostgresBackend {
                 &[&limit],
             )?;
             rows.iter().map(|r| stored_event_of(r, &s.at)).collect()
+        })
+    }
+
+    /// The highest event summary id (0: none).
+    pub fn events_newest_id(&self) -> Result<i64> {
+        self.run(move |s| {
+            let rows = s.query("SELECT coalesce(max(id), 0) FROM access_events", &[])?;
+            match rows.first() {
+                Some(r) => col(r, 0, &s.at),
+                None => Ok(0),
+            }
         })
     }
 
