@@ -1397,6 +1397,24 @@ mod tests {
     }
 
     #[test]
+    fn readiness_notes_do_not_decide_readiness() {
+        let m = Metrics::new().unwrap();
+        m.readiness_note(Box::new(|| {
+            Some("audit copy in the store: up to date".into())
+        }));
+        m.readiness_note(Box::new(|| None));
+        assert!(m.not_ready_reasons().is_empty());
+        assert_eq!(
+            m.readiness_notes(),
+            vec!["audit copy in the store: up to date"]
+        );
+        // The ship error series exist from the start, at zero.
+        assert!(m
+            .render()
+            .contains("warden_fleet_ship_errors_total{what=\"freeze_acks\"} 0"));
+    }
+
+    #[test]
     fn stream_guard_counts_open_streams() {
         let m = Metrics::new().unwrap();
         let a = m.workload_api_stream("FetchX509SVID");
