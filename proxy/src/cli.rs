@@ -1580,7 +1580,13 @@ fn audit_verify_fleet(ctx: &Context) -> Result<()> {
             for c in page {
                 if c.seq != expected {
                     problem = Some(format!(
-                        "record #{expected} is missing (the next one in the store is #{})",
+                        "record{} #{expected}{} not in the store (deleted or pruned; the next one there is #{})",
+                        if c.seq > expected + 1 { "s" } else { "" },
+                        if c.seq > expected + 1 {
+                            format!(" to #{} are", c.seq - 1)
+                        } else {
+                            " is".to_string()
+                        },
                         c.seq
                     ));
                     break 'pages;

@@ -685,6 +685,67 @@ mod tests {
     }
 
     #[test]
+    fn freeze_states_per_node() {
+        let now = crate::timefmt::now_rfc3339();
+        let node = |name: &str, state: &str, last_seen: &str| -> crate::fleet::NodeRecord {
+            serde_json::from_value(serde_json::json!({
+                "id": format!("id-{name}"),
+                "name": name,
+                "hostname": "h",
+                "joined_at": last_seen,
+                "joined_via": "first start",
+                "last_seen": last_seen,
+                "state": state,
+            }))
+            .unwrap()
+        };
+        let nodes = vec![
+            node("a", "active", &now),
+            node("b", "active", &now),
+            node("c", "active", "2020-01-01T00:00:00Z"),
+            node("d", "removed", &now),
+        ];
+        let entry = crate::freeze::FreezeEntry {
+            workload: "w".into(),
+            reason: "why".into(),
+            by: "admin uid 0 (root)".into(),
+            since: "2026-12-06T09:00:00Z".into(),
+            since_unix: 0,
+            until_unix: None,
+            kernel: Vec::new(),
+            suspended: Vec::new(),
+        };
+        let ack = |node: &str, id: String| crate::store::postgres::FreezeAck {
+            workload: "w".into(),
+            node: node.into(),
+            freeze: id,
+            applied_at: "2026-12-06T09:00:01Z".into(),
+        };
+        let mut refrozen = entry.clone();
+        refrozen.reason = "another reason".into();
+        // b acknowledged an earlier freeze made in the same second.
+        let acks = vec![
+            ack("a", freeze_id(&entry)),
+            ack("b", freeze_id(&refrozen)),
+            ack("c", freeze_id(&entry)),
+        ];
+        let states: Vec<(String, String)> = freeze_nodes(&nodes, &acks, &entry)
+            .into_iter()
+            .map(|s| (s.node, s.state))
+            .collect();
+        let want = |n: &str, s: &str| (n.to_string(), s.to_string());
+        assert_eq!(
+            states,
+            vec![
+                want("a", "applied"),
+                want("b", "pending"),
+                want("c", "not running"),
+                want("d", "removed")
+            ]
+        );
+    }
+
+    #[test]
     fn cursor_reads_complete_records_and_checks_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
