@@ -280,6 +280,14 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     sorted.sort();
     assert_eq!(times, sorted, "merged by time");
     assert!(!out.stdout.contains(PASSWORD));
+    // No secret value in the copy or the event summaries.
+    for table in ["audit_records", "access_events"] {
+        let n = pg.psql_admin_in(
+            DB,
+            &format!("SELECT count(*) FROM {table} WHERE {table}::text LIKE '%{PASSWORD}%'"),
+        );
+        assert_eq!(n.trim(), "0", "{table}");
+    }
     // -n limits the lines.
     let out = n3.run(&["audit", "tail", "--fleet", "-n", "2"]);
     assert_eq!(out.stdout.lines().count(), 2, "{out:?}");
