@@ -115,7 +115,14 @@ struct Enriched {
 /// Recent events and live subscribers.
 pub struct EventFeed {
     tx: broadcast::Sender<Arc<FeedEvent>>,
-    recent: Mutex<VecDeque<Arc<FeedEvent>>>,
+    recent: Mutex<Recent>,
+}
+
+/// The last [`RECENT_EVENTS`] events; the newest one is number `published`
+/// (events are numbered from 1 in the order they were published).
+struct Recent {
+    events: VecDeque<Arc<FeedEvent>>,
+    published: u64,
 }
 
 impl EventFeed {
@@ -123,17 +130,21 @@ impl EventFeed {
         let (tx, _) = broadcast::channel(1024);
         EventFeed {
             tx,
-            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+            recent: Mutex::new(Recent {
+                events: VecDeque::with_capacity(RECENT_EVENTS),
+                published: 0,
+            }),
         }
     }
 
     fn publish(&self, record: FeedEvent) {
         let record = Arc::new(record);
         if let Ok(mut recent) = self.recent.lock() {
-            if recent.len() == RECENT_EVENTS {
-                recent.pop_front();
+            if recent.events.len() == RECENT_EVENTS {
+                recent.events.pop_front();
             }
-            recent.push_back(record.clone());
+            recent.events.push_back(record.clone());
+            recent.published += 1;
         }
         let _ = self.tx.send(record);
     }
@@ -142,17 +153,50 @@ impl EventFeed {
     pub fn recent(&self, limit: usize) -> Vec<EventRecord> {
         let events: Vec<Arc<FeedEvent>> = match self.recent.lock() {
             Ok(recent) => {
-                let skip = recent.len().saturating_sub(limit);
-                recent.iter().skip(skip).cloned().collect()
+                let skip = recent.events.len().saturating_sub(limit);
+                recent.events.iter().skip(skip).cloned().collect()
             }
             Err(_) => Vec::new(),
         };
         events.iter().map(|e| e.record()).collect()
     }
 
+    /// Events numbered above `after` still kept, oldest first, at most
+    /// `max`, with their numbers.
+    fn numbered_since(&self, after: u64, max: usize) -> Vec<(u64, Arc<FeedEvent>)> {
+        let Ok(recent) = self.recent.lock() else {
+            return Vec::new();
+        };
+        let first = recent.published + 1 - recent.events.len() as u64;
+        let skip = after.saturating_add(1).saturating_sub(first);
+        recent
+            .events
+            .iter()
+            .zip(first..)
+            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+            .take(max)
+            .map(|(e, n)| (n, e.clone()))
+            .collect()
+    }
+
     /// Live events from now on ([`FeedEvent::record`] for their text).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<FeedEvent>> {
         self.tx.subscribe()
+    }
+}
+
+/// The fleet shipper copies a summary of each event (what `warden events
+/// --json` prints: names, ids and addresses, no secret) to the shared store.
+impl warden_core::fleet_views::EventSource for EventFeed {
+    fn since(&self, after: u64, max: usize) -> Vec<(u64, String, String)> {
+        self.numbered_since(after, max)
+            .into_iter()
+            .filter_map(|(n, e)| {
+                let record = e.record();
+                let json = serde_json::to_string(&record).ok()?;
+                Some((n, record.time, json))
+            })
+            .collect()
     }
 }
 
@@ -786,6 +830,34 @@ mod tests {
             source: None,
             family: 4,
         }
+    }
+
+    #[test]
+    fn feed_numbers_events_for_the_shipper() {
+        use warden_core::fleet_views::EventSource;
+        let feed = EventFeed::new();
+        let who = Arc::new(Enriched::default());
+        assert!(feed.since(0, 10).is_empty());
+        for i in 0..(RECENT_EVENTS + 5) {
+            feed.publish(FeedEvent {
+                time: time::OffsetDateTime::now_utc(),
+                ev: event(i as u32),
+                who: who.clone(),
+                destination: Arc::from("route orders-db"),
+                is_warden: false,
+            });
+        }
+        // The oldest kept is number 6: asking from 0 starts there.
+        let got = feed.since(0, 3);
+        assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), vec![6, 7, 8]);
+        let got = feed.since(RECENT_EVENTS as u64 + 3, 10);
+        assert_eq!(
+            got.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![RECENT_EVENTS as u64 + 4, RECENT_EVENTS as u64 + 5]
+        );
+        let record: EventRecord = serde_json::from_str(&got[1].2).unwrap();
+        assert_eq!(record.destination, "route orders-db");
+        assert!(feed.since(RECENT_EVENTS as u64 + 5, 10).is_empty());
     }
 
     #[test]

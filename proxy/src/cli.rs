@@ -96,6 +96,10 @@ enum Command {
         /// 1,024 in memory).
         #[arg(long, short = 'n', default_value_t = 50)]
         lines: usize,
+        /// Every node's recent events, from the fleet's shared PostgreSQL
+        /// store (each line names its node).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Freeze a workload: the kernel denies its connects, warden refuses its
     /// sessions and SVIDs and closes its open sessions (admin only, audited).
@@ -312,12 +316,20 @@ enum AuditCommand {
         /// Keep printing new records as they are written.
         #[arg(short, long)]
         follow: bool,
+        /// Every node's records, from the copy in the fleet's shared
+        /// PostgreSQL store, merged by time (each line names its node).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Check the hash chain; names the first modified, removed, inserted or reordered line.
     Verify {
         /// Also require the log to end at this hash (kept outside this machine).
-        #[arg(long, value_name = "HASH")]
+        #[arg(long, value_name = "HASH", conflicts_with = "fleet")]
         expect_head: Option<String>,
+        /// Check each node's chain in the copy in the fleet's shared
+        /// PostgreSQL store instead of the local log.
+        #[arg(long)]
+        fleet: bool,
     },
 }
 
@@ -409,7 +421,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Workload(ListOnly::List) => workload_list(&ctx),
         Command::Svid(cmd) => run_svid(&ctx, cmd),
         Command::Audit(cmd) => run_audit(&ctx, cmd),
-        Command::Events { follow, lines } => run_events(&ctx, follow, lines),
+        Command::Events {
+            follow,
+            lines,
+            fleet: false,
+        } => run_events(&ctx, follow, lines),
+        Command::Events {
+            follow,
+            lines,
+            fleet: true,
+        } => events_fleet(&ctx, follow, lines),
         Command::Doctor => {
             if crate::doctor::run(&ctx.cfg, &ctx.data_dir, ctx.json)? {
                 let _ = std::io::stdout().flush();
@@ -909,7 +930,10 @@ fn run_status(ctx: &Context) -> Result<()> {
         ),
         None => println!("state:         unsealed"),
     }
-    println!("secrets:       {}", status.secrets);
+    match &status.store_unreachable {
+        Some(why) => println!("secrets:       ? ({why})"),
+        None => println!("secrets:       {}", status.secrets),
+    }
     println!("environment:   {}", status.default_env);
     if let Some(n) = &status.fleet_node {
         println!("fleet node:    {} ({})", n.id, n.name);
@@ -920,6 +944,9 @@ fn run_status(ctx: &Context) -> Result<()> {
                 .map(|i| format!("serial {}, valid until {}", i.serial, i.not_after))
                 .unwrap_or_else(|| "none (signing with the root)".into())
         );
+    }
+    if let Some(r) = &status.audit_copy {
+        println!("audit copy:    {}", r.describe());
     }
     Ok(())
 }
@@ -1253,6 +1280,47 @@ fn run_freeze(ctx: &Context, req: Request) -> Result<()> {
             v
         }
     };
+    let fleet = ctx.cfg.store.backend == warden_core::config::StoreBackend::Postgres;
+    if list && fleet {
+        let entries: Vec<warden_core::freeze::FreezeEntry> = serde_json::from_value(value.clone())
+            .map_err(|e| Error::internal(format!("unexpected answer: {e}")))?;
+        let nodes = if entries.is_empty() {
+            Ok(Vec::new())
+        } else {
+            frozen_nodes(ctx, &entries)
+        };
+        if let Err(e) = &nodes {
+            eprintln!(
+                "warden: cannot show which nodes applied the freezes: {}",
+                e.message
+            );
+        }
+        let nodes = nodes.unwrap_or_default();
+        if ctx.json {
+            let list: Vec<serde_json::Value> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    if let (Some(obj), Some(n)) = (v.as_object_mut(), nodes.get(i)) {
+                        obj.insert("nodes".into(), serde_json::to_value(n).unwrap_or_default());
+                    }
+                    v
+                })
+                .collect();
+            return print_json(&serde_json::Value::Array(list));
+        }
+        if entries.is_empty() {
+            println!("no workload is frozen");
+        }
+        for (i, e) in entries.iter().enumerate() {
+            println!("{}", warden_core::freeze::format_entry(e));
+            if let Some(n) = nodes.get(i) {
+                print_frozen_nodes(n);
+            }
+        }
+        return Ok(());
+    }
     if ctx.json {
         return print_json(&value);
     }
@@ -1323,6 +1391,15 @@ fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
 }
 
 fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
+    match cmd {
+        AuditCommand::Tail {
+            lines,
+            follow,
+            fleet: true,
+        } => return audit_tail_fleet(ctx, lines, follow),
+        AuditCommand::Verify { fleet: true, .. } => return audit_verify_fleet(ctx),
+        _ => {}
+    }
     let log = ctx.data_dir.join(paths::AUDIT_FILE);
     if !log.exists() {
         return Err(Error::not_found(format!(
@@ -1331,7 +1408,7 @@ fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
         )));
     }
     match cmd {
-        AuditCommand::Tail { lines, follow } => {
+        AuditCommand::Tail { lines, follow, .. } => {
             let mut records = audit::read_records(&log, Some(lines))?;
             let mut last_seq = records.last().map(|r| r.seq).unwrap_or(0);
             for r in records.drain(..) {
@@ -1352,7 +1429,7 @@ fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
                 }
             }
         }
-        AuditCommand::Verify { expect_head } => {
+        AuditCommand::Verify { expect_head, .. } => {
             let report = audit::verify(&log)?;
             if ctx.json {
                 print_json(&serde_json::json!({
@@ -1391,6 +1468,290 @@ fn run_audit(ctx: &Context, cmd: AuditCommand) -> Result<()> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+// ---- fleet views -------------------------------------------------------------
+// Read from the shared PostgreSQL store, where every node's shipper copies
+// its audit records, event summaries and applied freezes
+// (`warden_core::fleet_views`).
+
+/// How often `--fleet --follow` looks for new rows.
+const FLEET_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Writes one line to stdout; false once stdout is closed (`| head`).
+fn out_line(line: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
+}
+
+fn fleet_record_line(c: &warden_core::store::postgres::AuditCopy, json: bool) -> Option<String> {
+    match audit::parse_line(c.line.as_bytes()) {
+        Ok(r) if json => Some(serde_json::json!({"node": c.node, "record": r}).to_string()),
+        Ok(r) => Some(format!("[{}] {}", c.node, audit::format_record_human(&r))),
+        Err(d) => {
+            eprintln!(
+                "warden: the store's copy of record #{} of node {} is damaged ({d}); run `warden audit verify --fleet`",
+                c.seq, c.node
+            );
+            None
+        }
+    }
+}
+
+fn audit_tail_fleet(ctx: &Context, lines: usize, follow: bool) -> Result<()> {
+    let store =
+        warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "audit tail")?;
+    // Per node and log, the newest record already accounted for.
+    let mut seen: std::collections::BTreeMap<(String, String), u64> = store
+        .audit_copy_logs()?
+        .into_iter()
+        .map(|(node, log, max, _)| ((node, log), max))
+        .collect();
+    for c in store.audit_copy_latest(lines)? {
+        let newest = seen.entry((c.node.clone(), c.log.clone())).or_insert(0);
+        *newest = (*newest).max(c.seq);
+        if let Some(line) = fleet_record_line(&c, ctx.json) {
+            if !out_line(&line) {
+                return Ok(());
+            }
+        }
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut warned = false;
+    loop {
+        std::thread::sleep(FLEET_POLL);
+        // A node (or a recreated data dir) that starts shipping: from its
+        // first record.
+        if let Ok(recent) = store.audit_copy_recent_logs(std::time::Duration::from_secs(30)) {
+            for key in recent {
+                seen.entry(key).or_insert(0);
+            }
+        }
+        let keys: Vec<(String, String, u64)> = seen
+            .iter()
+            .map(|((n, l), s)| (n.clone(), l.clone(), *s))
+            .collect();
+        let rows = match store.audit_copy_after(&keys, 1000) {
+            Ok(rows) => {
+                warned = false;
+                rows
+            }
+            Err(e) => {
+                if !warned {
+                    eprintln!("warden: {} (retrying)", e.message);
+                    warned = true;
+                }
+                continue;
+            }
+        };
+        for c in rows {
+            seen.insert((c.node.clone(), c.log.clone()), c.seq);
+            if let Some(line) = fleet_record_line(&c, ctx.json) {
+                if !out_line(&line) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Checks each node's chain in the store's copy: every record from #1 on,
+/// each line's own hash, its seq and hash columns, and its link to the one
+/// before.
+fn audit_verify_fleet(ctx: &Context) -> Result<()> {
+    let store =
+        warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "audit verify")?;
+    let logs = store.audit_copy_logs()?;
+    let mut report = Vec::new();
+    let mut tampered = Vec::new();
+    for (node, log, _, _) in &logs {
+        let mut prev = audit::GENESIS_HASH.to_string();
+        let mut expected = 1u64;
+        let mut problem: Option<String> = None;
+        'pages: loop {
+            let page = store.audit_copy_page(node, log, expected - 1, 1000)?;
+            if page.is_empty() {
+                break;
+            }
+            for c in page {
+                if c.seq != expected {
+                    problem = Some(format!(
+                        "record{} #{expected}{} not in the store (deleted or pruned; the next one there is #{})",
+                        if c.seq > expected + 1 { "s" } else { "" },
+                        if c.seq > expected + 1 {
+                            format!(" to #{} are", c.seq - 1)
+                        } else {
+                            " is".to_string()
+                        },
+                        c.seq
+                    ));
+                    break 'pages;
+                }
+                problem = match audit::parse_line(c.line.as_bytes()) {
+                    Err(d) => Some(format!("record #{} is damaged: {d}", c.seq)),
+                    Ok(r) if r.seq != c.seq || r.hash != c.hash => Some(format!(
+                        "record #{}: its row's seq or hash does not match its line",
+                        c.seq
+                    )),
+                    Ok(r) if r.prev != prev => Some(format!(
+                        "record #{} does not follow #{} in the chain (modified, inserted or reordered)",
+                        c.seq,
+                        c.seq - 1
+                    )),
+                    Ok(r) if c.seq == 1 && r.hash != *log => Some(
+                        "record #1 is not the first record of this log (it was replaced)".to_string(),
+                    ),
+                    Ok(r) => {
+                        prev = r.hash;
+                        expected += 1;
+                        None
+                    }
+                };
+                if problem.is_some() {
+                    break 'pages;
+                }
+            }
+        }
+        let records = expected - 1;
+        if !ctx.json {
+            match &problem {
+                None => println!("node {node}: {records} records, chain intact, head {prev}"),
+                Some(p) => println!("node {node}: TAMPERED: {p}"),
+            }
+        }
+        if let Some(p) = &problem {
+            tampered.push(format!("node {node}: {p}"));
+        }
+        report.push(serde_json::json!({
+            "node": node,
+            "log": log,
+            "records": records,
+            "last_hash": prev,
+            "problem": problem,
+        }));
+    }
+    if ctx.json {
+        print_json(&serde_json::Value::Array(report))?;
+    } else if logs.is_empty() {
+        println!("no audit records in the store yet");
+    }
+    if !tampered.is_empty() {
+        return Err(Error::integrity(format!(
+            "the audit copy in the {} is TAMPERED: {}",
+            store.describe(),
+            tampered.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+fn fleet_event_line(e: &warden_core::store::postgres::StoredEvent, json: bool) -> Option<String> {
+    // A summary the nodes wrote (names, ids, addresses; no secret).
+    let value: serde_json::Value = match serde_json::from_str(&e.event) {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!(
+                "warden: event row {} of node {} is not readable",
+                e.id, e.node
+            );
+            return None;
+        }
+    };
+    if json {
+        return Some(serde_json::json!({"node": e.node, "event": value}).to_string());
+    }
+    match serde_json::from_value::<EventRecord>(value) {
+        Ok(r) => Some(format!("[{}] {}", e.node, format_event_line(&r))),
+        Err(_) => {
+            eprintln!(
+                "warden: event row {} of node {} is not readable",
+                e.id, e.node
+            );
+            None
+        }
+    }
+}
+
+fn events_fleet(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
+    let store = warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "events")?;
+    let mut last = 0i64;
+    for e in store.events_latest(lines)? {
+        last = last.max(e.id);
+        if let Some(line) = fleet_event_line(&e, ctx.json) {
+            if !out_line(&line) {
+                return Ok(());
+            }
+        }
+    }
+    if !follow {
+        return Ok(());
+    }
+    // Rows already there but older than the last -n are not printed.
+    last = last.max(store.events_newest_id()?);
+    let mut warned = false;
+    loop {
+        std::thread::sleep(FLEET_POLL);
+        let rows = match store.events_after(last, 1000) {
+            Ok(rows) => {
+                warned = false;
+                rows
+            }
+            Err(e) => {
+                if !warned {
+                    eprintln!("warden: {} (retrying)", e.message);
+                    warned = true;
+                }
+                continue;
+            }
+        };
+        for e in rows {
+            last = last.max(e.id);
+            if let Some(line) = fleet_event_line(&e, ctx.json) {
+                if !out_line(&line) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// On a fleet store: for each frozen workload, which nodes applied its
+/// freeze, which have not yet, and which cannot (removed, not running).
+fn frozen_nodes(
+    ctx: &Context,
+    entries: &[warden_core::freeze::FreezeEntry],
+) -> Result<Vec<Vec<warden_core::fleet_views::FreezeNodeState>>> {
+    let store = warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "frozen")?;
+    let nodes = warden_core::fleet::list(&store)?;
+    let acks = store.freeze_acks()?;
+    Ok(entries
+        .iter()
+        .map(|e| warden_core::fleet_views::freeze_nodes(&nodes, &acks, e))
+        .collect())
+}
+
+fn print_frozen_nodes(states: &[warden_core::fleet_views::FreezeNodeState]) {
+    for (state, label) in [
+        ("applied", "applied on:"),
+        ("pending", "not yet on:"),
+        ("not running", "not running:"),
+        ("removed", "removed:"),
+    ] {
+        let names: Vec<String> = states
+            .iter()
+            .filter(|s| s.state == state)
+            .map(|s| match (&s.applied_at, &s.last_seen) {
+                (Some(t), _) => format!("{} (at {t})", s.node),
+                (None, Some(t)) => format!("{} (last seen {t})", s.node),
+                _ => s.node.clone(),
+            })
+            .collect();
+        if !names.is_empty() {
+            println!("  {label:<13}{}", names.join(", "));
         }
     }
 }

@@ -280,6 +280,32 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             )?),
             warden_core::config::StoreBackend::Sqlite => None,
         };
+        // On a fleet store, this node's audit records, access events and
+        // applied freezes are copied to the store (see
+        // `warden_core::fleet_views`): its own connection and thread, never
+        // in the way of a session.
+        let _shipper = match cfg.store.backend {
+            warden_core::config::StoreBackend::Postgres => {
+                let events: Arc<dyn warden_core::fleet_views::EventSource> = access.feed.clone();
+                let shipper = warden_core::fleet_views::Shipper::start(warden_core::fleet_views::ShipperParts {
+                    store: cfg.store.clone(),
+                    node: warden_core::store::postgres::node_name(data_dir),
+                    audit_log: data_dir.join(paths::AUDIT_FILE),
+                    events: Some(events),
+                    freezer: Some(freezer.clone()),
+                    metrics: Some(metrics.clone()),
+                })?;
+                let status = shipper.status();
+                if let Ok(mut s) = service.lock() {
+                    s.set_ship_status(status.clone());
+                }
+                metrics.readiness_note(Box::new(move || {
+                    Some(format!("audit copy in the store: {}", status.report().describe()))
+                }));
+                Some(shipper)
+            }
+            warden_core::config::StoreBackend::Sqlite => None,
+        };
         let anomaly = warden_core::anomaly::Anomaly::start(cfg, freezer.clone(), service.clone(), metrics.clone());
         access.set_anomaly(anomaly.clone());
 

@@ -30,6 +30,7 @@ const ALERTS: &[&str] = &[
     "WardenMonitorOnProcfs",
     "WardenSealed",
     "WardenStoreUnreachable",
+    "WardenAuditCopyLagging",
 ];
 
 fn rules_file() -> std::path::PathBuf {
@@ -503,6 +504,7 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
         "source",
         "rule",
         "action",
+        "what",
     ];
     for l in m.lines().filter(|l| !l.starts_with('#')) {
         if let Some(labels) = l.split_once('{').and_then(|(_, r)| r.split_once('}')) {

@@ -199,7 +199,7 @@ fn store_migrate_from_two_processes_at_once() {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stdout}{stderr}");
-        assert!(stdout.contains("schema version 2"), "{stdout}");
+        assert!(stdout.contains("schema version 3"), "{stdout}");
         if stdout.contains("migrated from 0") {
             migrated += 1;
         }
@@ -210,19 +210,19 @@ fn store_migrate_from_two_processes_at_once() {
             "migrations",
             "SELECT count(*), max(version) FROM warden_schema"
         ),
-        "2|2"
+        "3|3"
     );
     node.run(&["store", "migrate"])
         .ok()
-        .stdout_has("schema version 2 (up to date)");
+        .stdout_has("schema version 3 (up to date)");
     let json = node.run(&["store", "migrate", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json.ok().stdout).unwrap();
-    assert_eq!(v["schema_version"], 2, "{v}");
+    assert_eq!(v["schema_version"], 3, "{v}");
 
     // A schema from a newer warden is refused, by migrate and by every verb.
     store.pg.psql_admin_in(
         "migrations",
-        "INSERT INTO warden_schema (version, applied_by) VALUES (3, 'a newer warden')",
+        "INSERT INTO warden_schema (version, applied_by) VALUES (4, 'a newer warden')",
     );
     for args in [&["store", "migrate"][..], &["init"][..]] {
         let out = node.run(args);

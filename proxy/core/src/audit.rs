@@ -1805,6 +1805,24 @@ pub fn read_records(log_path: &Path, last_n: Option<usize>) -> Result<Vec<Record
         .collect()
 }
 
+/// Checks one record line on its own (hash, schema, canonical form; not
+/// the chain), for copies of a log kept elsewhere (the fleet's audit copy).
+/// The error names what is wrong with the line, never its content.
+pub fn parse_line(line: &[u8]) -> Result<Record, String> {
+    check_line(line, true)
+        .map(|c| c.record)
+        .map_err(|(_, detail)| detail)
+}
+
+/// The seq of the newest record according to the log's head anchor, if it
+/// has a valid one (cheap: one small read).
+pub fn anchored_seq(log_path: &Path) -> Option<u64> {
+    match read_anchor(&anchor_path(log_path).ok()?) {
+        Ok(AnchorState::Present(a)) => Some(a.seq),
+        _ => None,
+    }
+}
+
 /// Escapes control and bidi-override characters so a logged string cannot
 /// break the line or drive the terminal.
 fn escape_controls(s: &str) -> String {

@@ -32,6 +32,7 @@ pub mod credentials;
 pub mod crypto;
 pub mod error;
 pub mod fleet;
+pub mod fleet_views;
 pub mod freeze;
 pub mod init;
 pub mod journal;

@@ -27,6 +27,8 @@ use tokio::net::TcpListener;
 pub type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 /// A `/readyz` condition: `Err(why)` makes warden not ready.
 pub type ReadinessCheck = Box<dyn Fn(&Metrics) -> Result<(), String> + Send + Sync>;
+/// A line `/readyz` adds to its answer (ready or not) without deciding it.
+pub type ReadinessNote = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// One http route's per-request metrics, resolved once.
 #[derive(Clone)]
@@ -92,11 +94,19 @@ struct Inner {
     store_up: IntGaugeVec,
     store_unreachable: GaugeVec,
     stale_served: IntCounterVec,
+    // Fleet views (PostgreSQL only; see `crate::fleet_views`).
+    audit_shipped: IntCounter,
+    audit_ship_lag_records: IntGauge,
+    audit_ship_lag_seconds: Gauge,
+    events_shipped: IntCounter,
+    events_not_shipped: IntCounter,
+    fleet_ship_errors: IntCounterVec,
     http_added_seconds: HistogramVec,
     http_requests: IntCounterVec,
     // Scrape hooks and readiness checks.
     hooks: Mutex<Vec<ScrapeHook>>,
     checks: Mutex<Vec<ReadinessCheck>>,
+    notes: Mutex<Vec<ReadinessNote>>,
 }
 
 /// Buckets for per-connection latencies (seconds): 100 µs to 5 s.
@@ -613,6 +623,43 @@ impl Metrics {
         reg(&registry, &store_up)?;
         reg(&registry, &store_unreachable)?;
         reg(&registry, &stale_served)?;
+        let audit_shipped = IntCounter::new(
+            "warden_audit_shipped_records_total",
+            "Audit records this node copied to the shared (PostgreSQL) store.",
+        )?;
+        let audit_ship_lag_records = IntGauge::new(
+            "warden_audit_ship_lag_records",
+            "Audit records written to this node's local log and not yet in the shared store (0 on the SQLite store).",
+        )?;
+        let audit_ship_lag_seconds = Gauge::new(
+            "warden_audit_ship_lag_seconds",
+            "Age of the oldest audit record not yet copied to the shared store (0 when none waits).",
+        )?;
+        let events_shipped = IntCounter::new(
+            "warden_events_shipped_total",
+            "Access event summaries this node copied to the shared store.",
+        )?;
+        let events_not_shipped = IntCounter::new(
+            "warden_events_not_shipped_total",
+            "Access events that left the daemon's in-memory feed before they were copied to the shared store.",
+        )?;
+        let fleet_ship_errors = IntCounterVec::new(
+            Opts::new(
+                "warden_fleet_ship_errors_total",
+                "Failed attempts to copy to the shared store, by what (connect, audit, events, freeze_acks).",
+            ),
+            &["what"],
+        )?;
+        reg(&registry, &audit_shipped)?;
+        reg(&registry, &audit_ship_lag_records)?;
+        reg(&registry, &audit_ship_lag_seconds)?;
+        reg(&registry, &events_shipped)?;
+        reg(&registry, &events_not_shipped)?;
+        reg(&registry, &fleet_ship_errors)?;
+        // Every series exists from the start (0 on a single node).
+        for what in ["connect", "audit", "events", "freeze_acks"] {
+            fleet_ship_errors.with_label_values(&[what]);
+        }
         reg(&registry, &http_added_seconds)?;
         reg(&registry, &http_requests)?;
         Ok(Metrics {
@@ -663,10 +710,17 @@ impl Metrics {
                 store_up,
                 store_unreachable,
                 stale_served,
+                audit_shipped,
+                audit_ship_lag_records,
+                audit_ship_lag_seconds,
+                events_shipped,
+                events_not_shipped,
+                fleet_ship_errors,
                 http_added_seconds,
                 http_requests,
                 hooks: Mutex::new(Vec::new()),
                 checks: Mutex::new(Vec::new()),
+                notes: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -684,6 +738,52 @@ impl Metrics {
         if let Ok(mut c) = self.inner.checks.lock() {
             c.push(check);
         }
+    }
+
+    /// Adds a line to `/readyz`'s answer that does not decide readiness.
+    pub fn readiness_note(&self, note: ReadinessNote) {
+        if let Ok(mut n) = self.inner.notes.lock() {
+            n.push(note);
+        }
+    }
+
+    /// The notes `/readyz` adds to its answer.
+    pub fn readiness_notes(&self) -> Vec<String> {
+        match self.inner.notes.lock() {
+            Ok(n) => n.iter().filter_map(|f| f()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Audit records copied to the shared store.
+    pub fn audit_shipped(&self, n: u64) {
+        self.inner.audit_shipped.inc_by(n);
+    }
+
+    /// Audit records not yet in the shared store, and the oldest one's age.
+    pub fn set_audit_ship_lag(&self, records: u64, seconds: f64) {
+        self.inner
+            .audit_ship_lag_records
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
+        self.inner.audit_ship_lag_seconds.set(seconds);
+    }
+
+    /// Event summaries copied to the shared store.
+    pub fn events_shipped(&self, n: u64) {
+        self.inner.events_shipped.inc_by(n);
+    }
+
+    /// Events that left the feed before they were copied.
+    pub fn events_not_shipped(&self, n: u64) {
+        self.inner.events_not_shipped.inc_by(n);
+    }
+
+    /// A failed copy to the shared store (`what` is a fixed name).
+    pub fn fleet_ship_error(&self, what: &str) {
+        self.inner
+            .fleet_ship_errors
+            .with_label_values(&[what])
+            .inc();
     }
 
     /// Why warden is not ready, one reason per entry; empty when ready.
@@ -1155,19 +1255,26 @@ async fn route(metrics: Metrics, req: Request<hyper::body::Incoming>) -> Respons
         }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let why = tokio::task::spawn_blocking(move || metrics.not_ready_reasons())
-                .await
-                .unwrap_or_else(|e| vec![format!("readiness checks failed: {e}")]);
-            if why.is_empty() {
-                respond(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                let mut body = String::new();
-                for w in why {
-                    body.push_str(&w);
-                    body.push('\n');
-                }
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+            let (why, notes) = tokio::task::spawn_blocking(move || {
+                (metrics.not_ready_reasons(), metrics.readiness_notes())
+            })
+            .await
+            .unwrap_or_else(|e| (vec![format!("readiness checks failed: {e}")], Vec::new()));
+            let mut body = String::new();
+            let ready = why.is_empty();
+            if ready {
+                body.push_str("ready\n");
             }
+            for w in why.into_iter().chain(notes) {
+                body.push_str(&w);
+                body.push('\n');
+            }
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            respond(code, "text/plain", body)
         }
         other => respond(
             StatusCode::NOT_FOUND,
@@ -1301,6 +1408,24 @@ mod tests {
         let why = m.not_ready_reasons();
         assert_eq!(why.len(), 2, "{why:?}");
         assert!(why[0].starts_with("sealed") && why[1] == "store: gone");
+    }
+
+    #[test]
+    fn readiness_notes_do_not_decide_readiness() {
+        let m = Metrics::new().unwrap();
+        m.readiness_note(Box::new(|| {
+            Some("audit copy in the store: up to date".into())
+        }));
+        m.readiness_note(Box::new(|| None));
+        assert!(m.not_ready_reasons().is_empty());
+        assert_eq!(
+            m.readiness_notes(),
+            vec!["audit copy in the store: up to date"]
+        );
+        // The ship error series exist from the start, at zero.
+        assert!(m
+            .render()
+            .contains("warden_fleet_ship_errors_total{what=\"freeze_acks\"} 0"));
     }
 
     #[test]

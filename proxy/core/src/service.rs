@@ -99,6 +99,12 @@ pub struct Status {
     /// This node's record on a store shared by a fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_node: Option<crate::fleet::NodeRecord>,
+    /// Where this node's copy of its audit log in the shared store stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_copy: Option<crate::fleet_views::ShipReport>,
+    /// Why the shared store could not be read (`secrets` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_unreachable: Option<String>,
 }
 
 pub struct SecretService {
@@ -113,6 +119,8 @@ pub struct SecretService {
     daemon: bool,
     /// The daemon's credential cache, emptied by every change of a secret.
     credentials: Option<std::sync::Arc<crate::credentials::CredentialCache>>,
+    /// The daemon's fleet shipper (PostgreSQL store), for `status`.
+    shipping: Option<std::sync::Arc<crate::fleet_views::ShipStatus>>,
 }
 
 /// Opens the store (`[store]`: the SQLite file in the data dir, or the
@@ -179,6 +187,7 @@ impl SecretService {
             metrics: None,
             daemon,
             credentials: None,
+            shipping: None,
         })
     }
 
@@ -186,6 +195,11 @@ impl SecretService {
         m.set_sealed(self.is_sealed());
         self.audit.set_metrics(m.clone());
         self.metrics = Some(m);
+    }
+
+    /// `status` reports where the fleet shipper's audit copy stands.
+    pub fn set_ship_status(&mut self, status: std::sync::Arc<crate::fleet_views::ShipStatus>) {
+        self.shipping = Some(status);
     }
 
     /// Every later change of a secret invalidates its entry in `cache`
@@ -607,13 +621,18 @@ impl SecretService {
     }
 
     pub fn status(&self) -> Result<Status> {
-        let secrets = self
-            .store
-            .backend()
-            .list(None)?
-            .iter()
-            .filter(|s| check_not_reserved(&s.name).is_ok())
-            .count();
+        // A shared store that cannot be reached does not stop the status
+        // (it shows the outage, and the audit copy's lag).
+        let (secrets, store_unreachable) = match self.store.backend().list(None) {
+            Ok(list) => (
+                list.iter()
+                    .filter(|s| check_not_reserved(&s.name).is_ok())
+                    .count(),
+                None,
+            ),
+            Err(e) if e.kind == crate::error::ErrorKind::Unavailable => (0, Some(e.message)),
+            Err(e) => return Err(e),
+        };
         Ok(Status {
             data_dir: self.data_dir.clone(),
             sealed: self.is_sealed(),
@@ -633,6 +652,8 @@ impl SecretService {
                     .flatten(),
                 None => None,
             },
+            audit_copy: self.shipping.as_ref().map(|s| s.report()),
+            store_unreachable,
         })
     }
 

@@ -114,6 +114,40 @@ pub const MIGRATIONS: &[&str] = &[
          node       text NOT NULL,
          expires_at timestamptz NOT NULL
      );",
+    // 3: fleet views (see `crate::fleet_views`). `audit_records` is a copy of
+    // every node's audit log: one row per record, the line exactly as the
+    // node wrote it (so its hash chain verifies here), keyed by the node, the
+    // log (the hash of its first record: a node whose data dir was recreated
+    // starts a new chain) and the record's seq. `access_events` is a bounded
+    // summary of recent access events (pruned by each node); `freeze_acks`
+    // says which node applied which freeze (its time, who and why, hashed).
+    "CREATE TABLE audit_records (
+         node       text NOT NULL,
+         log        text NOT NULL,
+         seq        bigint NOT NULL,
+         at         timestamptz NOT NULL,
+         hash       text NOT NULL,
+         line       text NOT NULL,
+         shipped_at timestamptz NOT NULL DEFAULT now(),
+         PRIMARY KEY (node, log, seq)
+     );
+     CREATE INDEX audit_records_by_time ON audit_records (at);
+     CREATE INDEX audit_records_by_shipped ON audit_records (shipped_at);
+     CREATE TABLE access_events (
+         id    bigserial PRIMARY KEY,
+         node  text NOT NULL,
+         at    timestamptz NOT NULL,
+         event text NOT NULL
+     );
+     CREATE INDEX access_events_by_node ON access_events (node, id);
+     CREATE INDEX access_events_by_time ON access_events (at);
+     CREATE TABLE freeze_acks (
+         workload   text NOT NULL,
+         node       text NOT NULL,
+         freeze_id  text NOT NULL,
+         applied_at text NOT NULL,
+         PRIMARY KEY (workload, node)
+     );",
 ];
 
 /// The channel every change is announced on.
@@ -215,6 +249,13 @@ impl PostgresSettings {
     /// A new connection, set up as the store's own.
     pub(crate) fn connect(&self) -> Result<postgres::Client> {
         self.connect_with(&self.config)
+    }
+
+    /// Connections made with these settings are named `name` in
+    /// `pg_stat_activity` (the fleet shipper's: `warden-shipper`).
+    pub fn named(mut self, name: &str) -> PostgresSettings {
+        self.config.application_name(name);
+        self
     }
 
     /// The change listener's connection, named `warden-listener` in
@@ -881,6 +922,343 @@ impl PostgresBackend {
                      COMMIT;",
                 )?)
             })
+        })
+    }
+}
+
+/// One record of a node's audit log as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCopy {
+    pub node: String,
+    pub log: String,
+    pub seq: u64,
+    pub hash: String,
+    /// The line exactly as the node wrote it (without its newline).
+    pub line: String,
+}
+
+/// One access event summary as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub node: String,
+    /// The event as JSON (what `warden events --json` prints).
+    pub event: String,
+}
+
+/// A node applied the freeze `freeze` (see `crate::fleet_views::freeze_id`)
+/// of `workload`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FreezeAck {
+    pub workload: String,
+    pub node: String,
+    pub freeze: String,
+    pub applied_at: String,
+}
+
+const AUDIT_COPY_COLUMNS: &str = "node, log, seq, hash, line";
+
+fn audit_copy_of(r: &postgres::Row, at: &str) -> Result<AuditCopy> {
+    Ok(AuditCopy {
+        node: col(r, 0, at)?,
+        log: col(r, 1, at)?,
+        seq: u64::try_from(col::<i64>(r, 2, at)?).unwrap_or(0),
+        hash: col(r, 3, at)?,
+        line: col(r, 4, at)?,
+    })
+}
+
+fn stored_event_of(r: &postgres::Row, at: &str) -> Result<StoredEvent> {
+    Ok(StoredEvent {
+        id: col(r, 0, at)?,
+        node: col(r, 1, at)?,
+        event: col(r, 2, at)?,
+    })
+}
+
+/// Fleet views (`crate::fleet_views`): the audit copy, the access event
+/// summary and freeze acknowledgements. None of these is announced: they
+/// change with every session, and nothing caches them.
+impl PostgresBackend {
+    /// This node's name (host name and data dir).
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// The newest record of `node`'s log `log` in the store: (seq, hash).
+    pub fn audit_copy_head(&self, node: &str, log: &str) -> Result<Option<(u64, String)>> {
+        let (node, log) = (node.to_string(), log.to_string());
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT seq, hash FROM audit_records WHERE node = $1 AND log = $2
+                 ORDER BY seq DESC LIMIT 1",
+                &[&node, &log],
+            )?;
+            rows.first()
+                .map(|r| {
+                    Ok((
+                        u64::try_from(col::<i64>(r, 0, &s.at)?).unwrap_or(0),
+                        col(r, 1, &s.at)?,
+                    ))
+                })
+                .transpose()
+        })
+    }
+
+    /// Inserts records of this node's log `log` — (seq, time, hash, line) —
+    /// in one statement (one transaction). Records the store already holds
+    /// are left as they are. Returns how many were new.
+    pub fn audit_copy_insert(
+        &self,
+        log: &str,
+        rows: Vec<(u64, String, String, String)>,
+    ) -> Result<u64> {
+        let (node, log) = (self.node.clone(), log.to_string());
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut times = Vec::with_capacity(rows.len());
+        let mut hashes = Vec::with_capacity(rows.len());
+        let mut lines = Vec::with_capacity(rows.len());
+        for (seq, time, hash, line) in rows {
+            seqs.push(i64::try_from(seq).unwrap_or(i64::MAX));
+            times.push(time);
+            hashes.push(hash);
+            lines.push(line);
+        }
+        self.run(move |s| {
+            s.execute(
+                "INSERT INTO audit_records (node, log, seq, at, hash, line)
+                 SELECT $1, $2, r.seq, r.at::timestamptz, r.hash, r.line
+                 FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS r(seq, at, hash, line)
+                 ON CONFLICT (node, log, seq) DO NOTHING",
+                &[&node, &log, &seqs, &times, &hashes, &lines],
+            )
+        })
+    }
+
+    /// The newest `limit` records of every node, oldest first (by the time
+    /// each node wrote them).
+    pub fn audit_copy_latest(&self, limit: usize) -> Result<Vec<AuditCopy>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |s| {
+            let rows = s.query(
+                &format!(
+                    "SELECT {AUDIT_COPY_COLUMNS} FROM (
+                         SELECT * FROM audit_records ORDER BY at DESC, node DESC, seq DESC LIMIT $1
+                     ) newest ORDER BY at, node, seq"
+                ),
+                &[&limit],
+            )?;
+            rows.iter().map(|r| audit_copy_of(r, &s.at)).collect()
+        })
+    }
+
+    /// Every (node, log) in the copy with its newest seq and record count.
+    pub fn audit_copy_logs(&self) -> Result<Vec<(String, String, u64, u64)>> {
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT node, log, max(seq), count(*) FROM audit_records GROUP BY node, log ORDER BY node, min(at)",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        col(r, 0, &s.at)?,
+                        col(r, 1, &s.at)?,
+                        u64::try_from(col::<i64>(r, 2, &s.at)?).unwrap_or(0),
+                        u64::try_from(col::<i64>(r, 3, &s.at)?).unwrap_or(0),
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    /// Records past `seen` — (node, log, last seq seen) — ordered by time,
+    /// at most `limit` per log (each log read through its primary key).
+    pub fn audit_copy_after(
+        &self,
+        seen: &[(String, String, u64)],
+        limit: usize,
+    ) -> Result<Vec<AuditCopy>> {
+        let nodes: Vec<String> = seen.iter().map(|k| k.0.clone()).collect();
+        let logs: Vec<String> = seen.iter().map(|k| k.1.clone()).collect();
+        let seqs: Vec<i64> = seen
+            .iter()
+            .map(|k| i64::try_from(k.2).unwrap_or(i64::MAX))
+            .collect();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT r.node, r.log, r.seq, r.hash, r.line
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(node, log, seq)
+                 CROSS JOIN LATERAL (
+                     SELECT * FROM audit_records a
+                     WHERE a.node = k.node AND a.log = k.log AND a.seq > k.seq
+                     ORDER BY a.seq LIMIT $4
+                 ) r
+                 ORDER BY r.at, r.node, r.seq",
+                &[&nodes, &logs, &seqs, &limit],
+            )?;
+            rows.iter().map(|r| audit_copy_of(r, &s.at)).collect()
+        })
+    }
+
+    /// The (node, log) pairs with records shipped in the last `window`
+    /// (through the `shipped_at` index: cheap on a large copy).
+    pub fn audit_copy_recent_logs(&self, window: Duration) -> Result<Vec<(String, String)>> {
+        let secs = window.as_secs_f64();
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT DISTINCT node, log FROM audit_records
+                 WHERE shipped_at > now() - make_interval(secs => $1)",
+                &[&secs],
+            )?;
+            rows.iter()
+                .map(|r| Ok((col(r, 0, &s.at)?, col(r, 1, &s.at)?)))
+                .collect()
+        })
+    }
+
+    /// Records of `node`'s log `log` after `after_seq`, in seq order, at most `limit`.
+    pub fn audit_copy_page(
+        &self,
+        node: &str,
+        log: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditCopy>> {
+        let (node, log) = (node.to_string(), log.to_string());
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |s| {
+            let rows = s.query(
+                &format!(
+                    "SELECT {AUDIT_COPY_COLUMNS} FROM audit_records
+                     WHERE node = $1 AND log = $2 AND seq > $3 ORDER BY seq LIMIT $4"
+                ),
+                &[&node, &log, &after, &limit],
+            )?;
+            rows.iter().map(|r| audit_copy_of(r, &s.at)).collect()
+        })
+    }
+
+    /// Adds this node's event summaries — (time, JSON) — in one statement.
+    pub fn events_insert(&self, rows: Vec<(String, String)>) -> Result<u64> {
+        let node = self.node.clone();
+        let (times, events): (Vec<String>, Vec<String>) = rows.into_iter().unzip();
+        self.run(move |s| {
+            s.execute(
+                "INSERT INTO access_events (node, at, event)
+                 SELECT $1, e.at::timestamptz, e.event
+                 FROM unnest($2::text[], $3::text[]) AS e(at, event)",
+                &[&node, &times, &events],
+            )
+        })
+    }
+
+    /// Drops this node's event summaries beyond the newest `keep` and older
+    /// than `max_age`; and every node's older than twice that (nodes gone).
+    pub fn events_prune(&self, keep: usize, max_age: Duration) -> Result<u64> {
+        let node = self.node.clone();
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let secs = max_age.as_secs_f64();
+        self.run(move |s| {
+            let by_count = s.execute(
+                "DELETE FROM access_events WHERE node = $1 AND id <= (
+                     SELECT id FROM access_events WHERE node = $1 ORDER BY id DESC OFFSET $2 LIMIT 1)",
+                &[&node, &keep],
+            )?;
+            let by_age = s.execute(
+                "DELETE FROM access_events
+                 WHERE (node = $1 AND at < now() - make_interval(secs => $2))
+                    OR at < now() - make_interval(secs => $2 * 2)",
+                &[&node, &secs],
+            )?;
+            Ok(by_count + by_age)
+        })
+    }
+
+    /// The newest `limit` event summaries of every node, oldest first.
+    pub fn events_latest(&self, limit: usize) -> Result<Vec<StoredEvent>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT id, node, event FROM (
+                     SELECT * FROM access_events ORDER BY at DESC, id DESC LIMIT $1
+                 ) newest ORDER BY at, id",
+                &[&limit],
+            )?;
+            rows.iter().map(|r| stored_event_of(r, &s.at)).collect()
+        })
+    }
+
+    /// The highest event summary id (0: none).
+    pub fn events_newest_id(&self) -> Result<i64> {
+        self.run(move |s| {
+            let rows = s.query("SELECT coalesce(max(id), 0) FROM access_events", &[])?;
+            match rows.first() {
+                Some(r) => col(r, 0, &s.at),
+                None => Ok(0),
+            }
+        })
+    }
+
+    /// Event summaries with an id above `after` (in id order), at most `limit`.
+    pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT id, node, event FROM access_events WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &limit],
+            )?;
+            rows.iter().map(|r| stored_event_of(r, &s.at)).collect()
+        })
+    }
+
+    /// Makes this node's freeze acknowledgements exactly `applied`
+    /// (workload, freeze id): rows of freezes it no longer applies go, new ones
+    /// get the current time, unchanged ones keep theirs.
+    pub fn freeze_acks_replace(&self, applied: Vec<(String, String)>) -> Result<()> {
+        let node = self.node.clone();
+        let (workloads, freezes): (Vec<String>, Vec<String>) = applied.into_iter().unzip();
+        let now = now();
+        self.run(move |s| {
+            s.with_retry(|client| {
+                let mut tx = client.transaction()?;
+                tx.execute(
+                    "DELETE FROM freeze_acks WHERE node = $1 AND NOT (workload = ANY($2::text[]))",
+                    &[&node, &workloads],
+                )?;
+                tx.execute(
+                    "INSERT INTO freeze_acks (workload, node, freeze_id, applied_at)
+                     SELECT a.workload, $1, a.freeze_id, $4
+                     FROM unnest($2::text[], $3::text[]) AS a(workload, freeze_id)
+                     ON CONFLICT (workload, node) DO UPDATE
+                         SET freeze_id = excluded.freeze_id, applied_at = excluded.applied_at
+                         WHERE freeze_acks.freeze_id <> excluded.freeze_id",
+                    &[&node, &workloads, &freezes, &now],
+                )?;
+                Ok(tx.commit()?)
+            })
+        })
+    }
+
+    /// Every node's freeze acknowledgements.
+    pub fn freeze_acks(&self) -> Result<Vec<FreezeAck>> {
+        self.run(move |s| {
+            let rows = s.query(
+                "SELECT workload, node, freeze_id, applied_at FROM freeze_acks ORDER BY workload, node",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(FreezeAck {
+                        workload: col(r, 0, &s.at)?,
+                        node: col(r, 1, &s.at)?,
+                        freeze: col(r, 2, &s.at)?,
+                        applied_at: col(r, 3, &s.at)?,
+                    })
+                })
+                .collect()
         })
     }
 }
