@@ -1,0 +1,1386 @@
+//! The fleet bench (`cargo xtask bench --only fleet`): three warden nodes
+//! (separate data dirs, admin sockets and route ports) sharing one
+//! throwaway PostgreSQL store, plus a single node on the default SQLite
+//! store, all routing to the same upstream database. In one run:
+//!
+//! 1. **Propagation.** A change made through one node's admin socket —
+//!    `secret put` of a new value, `secret rm`, `freeze`, `unfreeze` — and
+//!    the time from the admin call's answer until *each* node's route shows
+//!    it to a client: every node is probed back to back (1 ms apart) with a
+//!    new PostgreSQL session through its route (a startup message, warden
+//!    attests the client and logs in upstream; the session either reaches
+//!    ReadyForQuery or is refused with warden's error). The routes cache
+//!    credentials for 10 minutes, so only the store's notifications explain
+//!    a change showing up. p50/p99/max of the last of the three nodes.
+//! 2. **Session set-up.** `pgbench -S -C` through a fleet node and through
+//!    the SQLite node, interleaved rounds, medians.
+//! 3. **Secret writes.** `secret_put` requests straight to the admin
+//!    sockets (the CLI's JSON-lines protocol, no process per write), several
+//!    writers per node on all three nodes at once; every value is then read
+//!    back through another node. Beside it, in the same run: one writer on
+//!    one node, and the same load on the SQLite node.
+//!
+//! PostgreSQL runs with its defaults for durability (`fsync`,
+//! `synchronous_commit = on`): the store is not tuned. Everything lives in
+//! a temp dir; every process is stopped and the dir removed at the end,
+//! also on error ([`Lab`]'s `Drop`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::pg::{
+    chown_to_postgres, median, parse_pgbench_output, percentile, print_tail, random_alphanumeric,
+    ratio, run_captured, run_with_stdin, set_mode,
+};
+use crate::{cmd, prereq};
+
+/// Nodes sharing the PostgreSQL store.
+const NODES: usize = 3;
+/// The OS user that runs the PostgreSQL server (it refuses root).
+const OS_USER: &str = "postgres";
+/// The upstream role and database the routes log in to.
+const ROLE: &str = "app";
+/// The store's role and database.
+const STORE_ROLE: &str = "warden";
+/// The routes' credential.
+const SECRET: &str = "app-db/app";
+const WORKLOAD: &str = "me";
+/// pgbench clients and threads.
+const CLIENTS: u32 = 4;
+const THREADS: u32 = 2;
+/// Concurrent admin connections writing secrets, per node.
+const WRITERS_PER_NODE: usize = 4;
+/// A change not seen by a node within this is a failure.
+const GIVE_UP: Duration = Duration::from_secs(10);
+/// Pause between two probes of one node.
+const PROBE_GAP: Duration = Duration::from_millis(1);
+/// Propagation targets: p99 of the last node.
+const TARGET_P99: Duration = Duration::from_secs(1);
+const STRETCH_P99: Duration = Duration::from_millis(250);
+/// Session set-up: PostgreSQL store's TPS over the SQLite store's.
+const SESSION_TARGET: f64 = 0.9;
+/// Secret writes per second, three nodes together.
+const WRITE_TARGET: f64 = 500.0;
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Samples per kind of change (`--fleet-samples`).
+    pub samples: u64,
+    /// Seconds per pgbench run and of the concurrent write load
+    /// (`--fleet-seconds`).
+    pub seconds: u64,
+    /// Interleaved pgbench rounds (`--fleet-rounds`).
+    pub rounds: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            samples: 30,
+            seconds: 5,
+            rounds: 3,
+        }
+    }
+}
+
+pub fn run(repo: &Path, options: &Options) -> Result<()> {
+    if super::effective_uid() != Some(0) {
+        println!(
+            "SKIPPED: the fleet bench must run as root (it runs initdb and pg_ctl as the \
+             `{OS_USER}` user through setpriv, and installs missing packages)."
+        );
+        return Ok(());
+    }
+    let found = prereq::ensure_system_packages(prereq::BENCH_REQUIREMENTS)?;
+    let pg_bin = found
+        .pg_bin_dir()
+        .context("initdb was found but its directory was not")?
+        .to_path_buf();
+    cmd::run(cmd::cargo(repo).args(["build", "--release", "-p", "warden"]))?;
+    let warden = cmd::target_dir(repo).join("release").join("warden");
+    if !warden.is_file() {
+        bail!(
+            "the build succeeded but {} does not exist",
+            warden.display()
+        );
+    }
+
+    let started = Instant::now();
+    let mut lab = Lab::create(pg_bin, warden)?;
+    lab.start_postgres()?;
+    lab.create_databases()?;
+    lab.start_nodes()?;
+    println!(
+        "3 fleet nodes and the SQLite node up after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let sessions = measure_sessions(&lab, options)?;
+    let propagation = measure_propagation(&lab, options)?;
+    let writes = measure_writes(&lab, options)?;
+
+    println!(
+        "\nFleet bench: {NODES} warden nodes on one PostgreSQL {} store (fsync = {}, synchronous_commit = {}: the server's defaults), one warden node on the SQLite store; one machine",
+        lab.server_version, lab.fsync, lab.synchronous_commit
+    );
+    print_propagation(&propagation, options);
+    print_sessions(&sessions, options);
+    print_writes(&writes, options);
+    lab.shutdown();
+    Ok(())
+}
+
+/// One warden node: its dir (config, data dir, admin socket, log) and route port.
+#[derive(Clone, Debug)]
+struct Node {
+    name: String,
+    dir: PathBuf,
+    port: u16,
+    /// On the shared PostgreSQL store (else the default SQLite store).
+    shared_store: bool,
+}
+
+impl Node {
+    fn config(&self) -> PathBuf {
+        self.dir.join("warden.toml")
+    }
+
+    fn admin(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("warden.log")
+    }
+}
+
+/// The throwaway setup. Dropping it stops every process started (by pid;
+/// the server with `pg_ctl stop`) and removes the temp dir.
+struct Lab {
+    dir: PathBuf,
+    pg_bin: PathBuf,
+    warden: PathBuf,
+    pg_port: u16,
+    password: String,
+    store_password: String,
+    fleet: Vec<Node>,
+    single: Node,
+    server_version: String,
+    fsync: String,
+    synchronous_commit: String,
+    pg_started: bool,
+    children: Vec<(String, Child)>,
+    cleaned: bool,
+}
+
+impl Lab {
+    fn create(pg_bin: PathBuf, warden: PathBuf) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("warden-fleetbench-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("could not remove stale {}", dir.display()))?;
+        }
+        std::fs::create_dir(&dir).with_context(|| format!("could not create {}", dir.display()))?;
+        let ports = free_ports(NODES + 2)?;
+        let node = |name: &str, port: u16, shared_store: bool| Node {
+            name: name.to_owned(),
+            dir: dir.join(name),
+            port,
+            shared_store,
+        };
+        let fleet: Vec<Node> = (0..NODES)
+            .map(|i| node(&format!("node{}", i + 1), ports[i + 1], true))
+            .collect();
+        let single = node("sqlite", ports[NODES + 1], false);
+        let lab = Self {
+            dir,
+            pg_bin,
+            warden,
+            pg_port: ports[0],
+            password: random_alphanumeric(24)?,
+            store_password: random_alphanumeric(24)?,
+            fleet,
+            single,
+            server_version: String::new(),
+            fsync: String::new(),
+            synchronous_commit: String::new(),
+            pg_started: false,
+            children: Vec::new(),
+            cleaned: false,
+        };
+        // The postgres user must traverse the top dir; what is secret lives
+        // in private subdirectories.
+        set_mode(&lab.dir, 0o755)?;
+        let mut subs = vec![lab.pg_dir()];
+        subs.extend(lab.nodes().map(|n| n.dir.clone()));
+        for sub in &subs {
+            std::fs::create_dir(sub)?;
+            set_mode(sub, 0o700)?;
+        }
+        chown_to_postgres(&lab.pg_dir())?;
+        let password_file = lab.store_password_file();
+        std::fs::write(&password_file, &lab.store_password)?;
+        set_mode(&password_file, 0o600)?;
+        println!(
+            "temp dir {}; ports: postgres {}, routes {}, sqlite node {}",
+            lab.dir.display(),
+            lab.pg_port,
+            lab.fleet
+                .iter()
+                .map(|n| n.port.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            lab.single.port
+        );
+        Ok(lab)
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.fleet.iter().chain(std::iter::once(&self.single))
+    }
+
+    fn pg_dir(&self) -> PathBuf {
+        self.dir.join("pg")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.pg_dir().join("data")
+    }
+
+    fn store_password_file(&self) -> PathBuf {
+        self.dir.join("store-password")
+    }
+
+    /// `program` run as the postgres user.
+    fn as_postgres(&self, program: &Path) -> Command {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={OS_USER}"))
+            .arg(format!("--regid={OS_USER}"))
+            .arg("--init-groups")
+            .arg(program)
+            .current_dir(&self.dir);
+        command
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut command = self.as_postgres(&self.pg_bin.join("pg_ctl"));
+        command.arg("-D").arg(self.data_dir()).args(args);
+        command
+    }
+
+    /// initdb and start, with the server's own durability settings.
+    fn start_postgres(&mut self) -> Result<()> {
+        let mut initdb = self.as_postgres(&self.pg_bin.join("initdb"));
+        initdb.arg("-D").arg(self.data_dir()).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        run_captured(&mut initdb)?;
+        let conf = self.data_dir().join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("could not open {}", conf.display()))?;
+        // Nothing about fsync or synchronous_commit: the defaults.
+        write!(
+            file,
+            "\n# cargo xtask bench --only fleet\nport = {}\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{}'\nmax_connections = 200\n\
+             password_encryption = 'scram-sha-256'\n",
+            self.pg_port,
+            self.pg_dir().display()
+        )?;
+        std::fs::write(
+            self.data_dir().join("pg_hba.conf"),
+            "host  all  all  127.0.0.1/32  scram-sha-256\nlocal all  all  trust\n",
+        )?;
+        let log = self.pg_dir().join("server.log");
+        let mut start = self.pg_ctl(&["-w", "-t", "60", "-l"]);
+        start.arg(&log).arg("start");
+        std::os::unix::process::CommandExt::process_group(&mut start, 0);
+        self.pg_started = true;
+        if let Err(err) = run_captured(&mut start) {
+            print_tail(&log, 20);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// psql as the superuser over the unix socket (trusted).
+    fn psql_admin(&self, database: &str) -> Command {
+        let mut psql = Command::new("psql");
+        psql.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.pg_dir())
+            .args(["-p", &self.pg_port.to_string(), "-U", "postgres", "-d"])
+            .arg(database);
+        psql
+    }
+
+    fn sql(&self, sql: &str) -> Result<String> {
+        let mut psql = self.psql_admin("postgres");
+        psql.args(["-c", sql]);
+        let out = psql
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("could not run psql for `{sql}`"))?;
+        if !out.status.success() {
+            bail!(
+                "`{sql}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The store's role and database, the upstream's, and pgbench's tables.
+    fn create_databases(&mut self) -> Result<()> {
+        let sql = format!(
+            "CREATE ROLE {STORE_ROLE} LOGIN PASSWORD '{}';\n\
+             CREATE DATABASE {STORE_ROLE} OWNER {STORE_ROLE};\n\
+             CREATE ROLE {ROLE} LOGIN PASSWORD '{}';\n\
+             CREATE DATABASE {ROLE} OWNER {ROLE};\n",
+            self.store_password, self.password
+        );
+        run_with_stdin(&mut self.psql_admin("postgres"), sql.as_bytes())?;
+        self.server_version = self.sql("SHOW server_version")?;
+        self.fsync = self.sql("SHOW fsync")?;
+        self.synchronous_commit = self.sql("SHOW synchronous_commit")?;
+        let mut init = Command::new("pgbench");
+        init.args(["-i", "-q", "-s", "1", "-h", "127.0.0.1"])
+            .args(["-p", &self.pg_port.to_string(), "-U", ROLE, ROLE])
+            .env("PGPASSWORD", &self.password)
+            .env("PGSSLMODE", "disable");
+        run_captured(&mut init)?;
+        Ok(())
+    }
+
+    fn write_config(&self, node: &Node) -> Result<()> {
+        let mut config = format!(
+            "data_dir = \"{data}\"\n\
+             trust_domain = \"example.org\"\n\
+             \n[admin]\nsocket = \"{admin}\"\n\
+             \n[metrics]\nlisten = \"off\"\n\
+             \n[monitor]\nebpf = \"off\"\n\
+             \n[[workload]]\nname = \"{WORKLOAD}\"\nspiffe_id = \"spiffe://example.org/{WORKLOAD}\"\n\
+             selectors = {{ uid = {uid} }}\n\
+             \n[[route]]\nname = \"app-db\"\nkind = \"postgres\"\n\
+             listen = \"127.0.0.1:{listen}\"\nupstream = \"127.0.0.1:{pg}\"\n\
+             upstream_tls = {{ mode = \"disable\" }}\n\
+             credential = {{ user = \"{ROLE}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
+             allow = [\"{WORKLOAD}\"]\n",
+            data = node.dir.join("data").display(),
+            admin = node.admin().display(),
+            uid = super::effective_uid().unwrap_or(0),
+            listen = node.port,
+            pg = self.pg_port,
+        );
+        if node.shared_store {
+            config.push_str(&format!(
+                "\n[store]\nbackend = \"postgres\"\n\
+                 url = \"postgresql://{STORE_ROLE}@127.0.0.1:{}/{STORE_ROLE}\"\n\
+                 password_file = \"{}\"\ntls = \"disable\"\n",
+                self.pg_port,
+                self.store_password_file().display()
+            ));
+        }
+        std::fs::write(node.config(), config)?;
+        let mut check = Command::new(&self.warden);
+        check.args(["config", "check"]).arg(node.config());
+        run_captured(&mut check)?;
+        Ok(())
+    }
+
+    fn warden(&self, node: &Node, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.warden);
+        command.arg("--config").arg(node.config()).args(args);
+        command
+    }
+
+    /// Node 1: `init` and the secret; nodes 2 and 3: `node token` on node 1
+    /// and `node join`; then the SQLite node. Each daemon is up before the
+    /// next node starts.
+    fn start_nodes(&mut self) -> Result<()> {
+        let fleet = self.fleet.clone();
+        for (i, node) in fleet.iter().enumerate() {
+            self.write_config(node)?;
+            if i == 0 {
+                run_captured(&mut self.warden(node, &["init"]))?;
+                run_with_stdin(
+                    &mut self.warden(node, &["secret", "put", SECRET]),
+                    self.password.as_bytes(),
+                )?;
+            } else {
+                let token =
+                    run_captured(&mut self.warden(&fleet[0], &["node", "token", "--ttl", "10m"]))?;
+                run_with_stdin(
+                    &mut self.warden(node, &["node", "join"]),
+                    format!("{}\n", token.trim()).as_bytes(),
+                )?;
+            }
+            self.start_daemon(node)?;
+        }
+        let single = self.single.clone();
+        self.write_config(&single)?;
+        run_captured(&mut self.warden(&single, &["init"]))?;
+        run_with_stdin(
+            &mut self.warden(&single, &["secret", "put", SECRET]),
+            self.password.as_bytes(),
+        )?;
+        self.start_daemon(&single)?;
+        for node in self.nodes() {
+            match probe(node.port)? {
+                Seen::Works => println!("  {:<6} route ok", node.name),
+                Seen::Refused(why) => bail!("a session through {} was refused: {why}", node.name),
+            }
+        }
+        Ok(())
+    }
+
+    fn start_daemon(&mut self, node: &Node) -> Result<()> {
+        let log = std::fs::File::create(node.log())?;
+        let mut up = self.warden(node, &["up"]);
+        up.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        println!("$ {} > {}", cmd::display(&up), node.log().display());
+        let child = up.spawn().context("could not start `warden up`")?;
+        self.children.push((format!("warden {}", node.name), child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((_, child)) = self.children.last_mut() {
+                if let Some(status) = child.try_wait()? {
+                    print_tail(&node.log(), 20);
+                    bail!(
+                        "warden {} exited early ({status}); its log is above",
+                        node.name
+                    );
+                }
+            }
+            if cmd::succeeds_quietly(&mut self.warden(node, &["status"])) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                print_tail(&node.log(), 20);
+                bail!(
+                    "`warden status` on {} did not succeed within 30 s",
+                    node.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// WAL syncs and writes (pg_stat_wal) and the store database's commits.
+    fn wal_counters(&self) -> Result<(u64, u64, u64)> {
+        let out = self.sql(&format!(
+            "SELECT w.wal_sync, w.wal_write, d.xact_commit FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = '{STORE_ROLE}'"
+        ))?;
+        let fields: Vec<u64> = out
+            .split('|')
+            .map(|f| f.trim().parse().unwrap_or(0))
+            .collect();
+        match fields[..] {
+            [sync, write, commit] => Ok((sync, write, commit)),
+            _ => bail!("unexpected pg_stat_wal answer {out:?}"),
+        }
+    }
+
+    /// Stops everything and removes the temp dir; idempotent.
+    fn shutdown(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        while let Some((name, mut child)) = self.children.pop() {
+            super::stop_child(&name, &mut child, Duration::from_secs(5));
+        }
+        if self.pg_started {
+            let mut stop = self.pg_ctl(&["-m", "fast", "-w", "-t", "30", "stop"]);
+            if !cmd::succeeds_quietly(&mut stop) {
+                eprintln!("warning: `{}` failed", cmd::display(&stop));
+            }
+        }
+        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("warning: could not remove {}: {err}", self.dir.display());
+        } else {
+            println!(
+                "stopped the warden nodes and postgres; removed {}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The admin socket: one JSON request per line, one response per line (the
+// CLI's protocol, `proxy/src/admin.rs`).
+
+struct Admin {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Admin {
+    fn connect(path: &Path) -> Result<Admin> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("could not connect to {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let writer = stream.try_clone()?;
+        Ok(Admin {
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Sends `request`; the response, or its error as ours.
+    fn call(&mut self, request: &Value) -> Result<Value> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            bail!("the daemon closed the admin connection");
+        }
+        let answer: Value = serde_json::from_str(&answer)
+            .with_context(|| format!("malformed admin response {answer:?}"))?;
+        if answer["status"] == "error" {
+            bail!(
+                "admin request {} failed ({}): {}",
+                request["op"],
+                answer["kind"],
+                answer["message"]
+            );
+        }
+        Ok(answer)
+    }
+
+    /// `secret put`; the new version.
+    fn put(&mut self, name: &str, value: &[u8]) -> Result<u64> {
+        let answer = self.call(&json!({
+            "op": "secret_put", "name": name, "env": null, "value_b64": base64_encode(value),
+        }))?;
+        answer["result"]
+            .as_u64()
+            .with_context(|| format!("secret_put answered {answer}"))
+    }
+
+    /// `secret reveal` of the latest version.
+    fn reveal(&mut self, name: &str) -> Result<Vec<u8>> {
+        let answer = self.call(&json!({
+            "op": "secret_reveal", "name": name, "env": null, "version": null,
+        }))?;
+        answer["value_b64"]
+            .as_str()
+            .and_then(base64_decode)
+            .with_context(|| format!("secret_reveal of {name} answered no value"))
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (what the admin API's `value_b64` holds).
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(BASE64[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = BASE64.iter().position(|&b| b == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------
+// A client session through a route, on the PostgreSQL wire protocol.
+
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Logged in: warden's upstream login with the current credential worked
+    /// (ReadyForQuery).
+    Works,
+    /// warden refused the session; its message.
+    Refused(String),
+}
+
+/// A StartupMessage (protocol 3.0) for `user` and `database`.
+fn startup_message(user: &str, database: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_608u32.to_be_bytes());
+    for (key, value) in [
+        ("user", user),
+        ("database", database),
+        ("application_name", "fleetbench"),
+    ] {
+        body.extend_from_slice(key.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    message.extend_from_slice(&body);
+    message
+}
+
+/// The `M` (message) field of an ErrorResponse body.
+fn error_message(body: &[u8]) -> String {
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        if kind == b'M' {
+            return String::from_utf8_lossy(&tail[..end]).into_owned();
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    "(an error without a message)".into()
+}
+
+/// One session through the route on `port`: Works at ReadyForQuery
+/// (then Terminate), Refused at an ErrorResponse.
+fn probe(port: u16) -> Result<Seen> {
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    (&stream).write_all(&startup_message(ROLE, ROLE))?;
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut head = [0u8; 5];
+        reader.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if !(4..=1 << 20).contains(&len) {
+            bail!("message length {len} from the route on port {port}");
+        }
+        let mut body = vec![0u8; len - 4];
+        reader.read_exact(&mut body)?;
+        match head[0] {
+            b'E' => return Ok(Seen::Refused(error_message(&body))),
+            b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => {
+                bail!("the route on port {port} asked the client for a password")
+            }
+            b'Z' => {
+                let _ = (&stream).write_all(&[b'X', 0, 0, 0, 4]);
+                return Ok(Seen::Works);
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Propagation.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Change {
+    Put,
+    Rm,
+    Freeze,
+    Unfreeze,
+}
+
+impl Change {
+    const ALL: [Change; 4] = [Change::Put, Change::Rm, Change::Freeze, Change::Unfreeze];
+
+    fn name(self) -> &'static str {
+        match self {
+            Change::Put => "secret put (new value used)",
+            Change::Rm => "secret rm (session refused)",
+            Change::Freeze => "freeze (session refused)",
+            Change::Unfreeze => "unfreeze (session served)",
+        }
+    }
+}
+
+/// When each node first showed one change, from the admin call's answer.
+struct Observed {
+    per_node: Vec<Duration>,
+    probes: usize,
+    probe_time: Duration,
+}
+
+impl Observed {
+    fn last(&self) -> Duration {
+        self.per_node.iter().copied().max().unwrap_or_default()
+    }
+}
+
+/// Probes every port in its own thread until `want` holds for a session
+/// through it.
+fn observe(ports: &[u16], t0: Instant, want: &(dyn Fn(&Seen) -> bool + Sync)) -> Result<Observed> {
+    let results: Vec<Result<(Duration, usize, Duration)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ports
+            .iter()
+            .map(|&port| {
+                scope.spawn(move || {
+                    let (mut probes, mut spent) = (0usize, Duration::ZERO);
+                    loop {
+                        let start = Instant::now();
+                        let seen = probe(port);
+                        spent += start.elapsed();
+                        probes += 1;
+                        let last = match seen {
+                            Ok(seen) if want(&seen) => return Ok((t0.elapsed(), probes, spent)),
+                            Ok(seen) => format!("{seen:?}"),
+                            Err(err) => format!("error: {err:#}"),
+                        };
+                        if t0.elapsed() > GIVE_UP {
+                            bail!("the route on port {port} did not show the change within {GIVE_UP:?}; last session: {last}");
+                        }
+                        std::thread::sleep(PROBE_GAP);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a probe thread panicked")))
+            })
+            .collect()
+    });
+    let mut observed = Observed {
+        per_node: Vec::new(),
+        probes: 0,
+        probe_time: Duration::ZERO,
+    };
+    for result in results {
+        let (seen_at, probes, spent) = result?;
+        observed.per_node.push(seen_at);
+        observed.probes += probes;
+        observed.probe_time += spent;
+    }
+    Ok(observed)
+}
+
+type Propagation = Vec<(Change, Observed)>;
+
+/// `samples` cycles of: put a wrong value (sessions fail naming the new
+/// version), put the right one (sessions work), rm (refused), put back
+/// (not counted), freeze (refused), unfreeze (served) — each through the
+/// next node's admin socket in turn.
+fn measure_propagation(lab: &Lab, options: &Options) -> Result<Propagation> {
+    println!(
+        "\npropagation: {} cycles of put (wrong value), put (right value), rm, put back, freeze, unfreeze; the admin calls rotate over the 3 nodes",
+        options.samples
+    );
+    let mut admins = lab
+        .fleet
+        .iter()
+        .map(|n| Admin::connect(&n.admin()))
+        .collect::<Result<Vec<_>>>()?;
+    let ports: Vec<u16> = lab.fleet.iter().map(|n| n.port).collect();
+    let right = lab.password.as_bytes();
+    let works = |s: &Seen| *s == Seen::Works;
+    let refused_with =
+        |needle: String| move |s: &Seen| matches!(s, Seen::Refused(m) if m.contains(&needle));
+    let mut results: Propagation = Vec::new();
+    let mut issuer = 0usize;
+    let mut next = || {
+        issuer = (issuer + 1) % NODES;
+        issuer
+    };
+    for cycle in 0..options.samples {
+        let wrong = format!("not-the-password-{cycle}");
+        let v = admins[next()].put(SECRET, wrong.as_bytes())?;
+        let t0 = Instant::now();
+        let o = observe(&ports, t0, &refused_with(format!("{SECRET} v{v}")))
+            .context("put of a wrong value")?;
+        results.push((Change::Put, o));
+
+        admins[next()].put(SECRET, right)?;
+        let o = observe(&ports, Instant::now(), &works).context("put of the right value")?;
+        results.push((Change::Put, o));
+
+        admins[next()].call(&json!({"op": "secret_rm", "name": SECRET, "env": null}))?;
+        let o = observe(
+            &ports,
+            Instant::now(),
+            &refused_with("no credential for route".into()),
+        )
+        .context("secret rm")?;
+        results.push((Change::Rm, o));
+
+        admins[next()].put(SECRET, right)?;
+        observe(&ports, Instant::now(), &works).context("put after rm")?;
+
+        admins[next()].call(&json!({
+            "op": "freeze", "workload": WORKLOAD, "reason": "fleet bench",
+        }))?;
+        let o =
+            observe(&ports, Instant::now(), &refused_with("is frozen".into())).context("freeze")?;
+        results.push((Change::Freeze, o));
+
+        admins[next()].call(&json!({"op": "unfreeze", "workload": WORKLOAD}))?;
+        let o = observe(&ports, Instant::now(), &works).context("unfreeze")?;
+        results.push((Change::Unfreeze, o));
+
+        if (cycle + 1) % 10 == 0 {
+            println!("  {} cycles done", cycle + 1);
+        }
+    }
+    Ok(results)
+}
+
+/// p50, p99 (nearest rank) and max of a set of durations, in ms.
+#[derive(Debug, PartialEq)]
+struct Spread {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn spread(durations: impl IntoIterator<Item = Duration>) -> Spread {
+    let mut us: Vec<u64> = durations
+        .into_iter()
+        .map(|d| d.as_micros() as u64)
+        .collect();
+    us.sort_unstable();
+    Spread {
+        p50_ms: percentile(&us, 0.50) / 1000.0,
+        p99_ms: percentile(&us, 0.99) / 1000.0,
+        max_ms: us.last().copied().unwrap_or(0) as f64 / 1000.0,
+    }
+}
+
+/// "met", or by how much it was missed.
+fn verdict_at_most(got: f64, limit: f64) -> String {
+    if got <= limit {
+        "met".into()
+    } else {
+        format!(
+            "MISSED by {:.1} ({:.0}% over)",
+            got - limit,
+            (got / limit - 1.0) * 100.0
+        )
+    }
+}
+
+fn verdict_at_least(got: f64, wanted: f64) -> String {
+    if got >= wanted {
+        "met".into()
+    } else {
+        format!(
+            "MISSED by {:.2} ({:.0}% short)",
+            wanted - got,
+            (1.0 - got / wanted) * 100.0
+        )
+    }
+}
+
+fn print_propagation(results: &Propagation, options: &Options) {
+    let probes: usize = results.iter().map(|(_, o)| o.probes).sum();
+    let probe_time: Duration = results.iter().map(|(_, o)| o.probe_time).sum();
+    println!(
+        "\n1. propagation to {NODES} nodes ({} cycles): from the admin call's answer to the first new session through each node's route that shows the change \
+         (method: a PostgreSQL session — startup message, warden attests and logs in upstream — per probe, each node probed back to back {} ms apart; \
+         a probe took {:.2} ms on average, the resolution)",
+        options.samples,
+        PROBE_GAP.as_millis(),
+        if probes > 0 {
+            probe_time.as_secs_f64() * 1000.0 / probes as f64
+        } else {
+            0.0
+        }
+    );
+    println!(
+        "  {:<30} {:>7} {:>10} {:>10} {:>10}   {:>10} {:>10}",
+        "change", "samples", "last p50", "last p99", "last max", "node p50", "node p99"
+    );
+    for change in Change::ALL {
+        let of: Vec<&Observed> = results
+            .iter()
+            .filter(|(c, _)| *c == change)
+            .map(|(_, o)| o)
+            .collect();
+        let last = spread(of.iter().map(|o| o.last()));
+        let each = spread(of.iter().flat_map(|o| o.per_node.iter().copied()));
+        println!(
+            "  {:<30} {:>7} {:>7.1} ms {:>7.1} ms {:>7.1} ms   {:>7.1} ms {:>7.1} ms",
+            change.name(),
+            of.len(),
+            last.p50_ms,
+            last.p99_ms,
+            last.max_ms,
+            each.p50_ms,
+            each.p99_ms
+        );
+    }
+    println!("  (last: when the last of the 3 nodes showed it; node: every node's own time, the issuing node included; p99 is nearest-rank, so with fewer than 100 samples it is the largest or next-to-largest)");
+    println!("  targets (p99 of the last node):");
+    for change in Change::ALL {
+        let last = spread(
+            results
+                .iter()
+                .filter(|(c, _)| *c == change)
+                .map(|(_, o)| o.last()),
+        );
+        println!(
+            "    {:<30} <= {} ms: {:.1} ms  {};  stretch <= {} ms: {}",
+            change.name(),
+            TARGET_P99.as_millis(),
+            last.p99_ms,
+            verdict_at_most(last.p99_ms, TARGET_P99.as_secs_f64() * 1000.0),
+            STRETCH_P99.as_millis(),
+            verdict_at_most(last.p99_ms, STRETCH_P99.as_secs_f64() * 1000.0),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Session set-up: PostgreSQL store vs SQLite store.
+
+struct Sessions {
+    shared: Vec<(f64, Option<f64>)>,
+    sqlite: Vec<(f64, Option<f64>)>,
+}
+
+fn pgbench_connect(lab: &Lab, port: u16, seconds: u64) -> Result<(f64, Option<f64>)> {
+    let mut command = Command::new("pgbench");
+    command
+        .args(["-n", "-S", "-C", "-T", &seconds.to_string()])
+        .args(["-c", &CLIENTS.to_string(), "-j", &THREADS.to_string()])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", ROLE, ROLE])
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSERVICE")
+        .env("PGPASSFILE", "/dev/null")
+        .env("PGSSLMODE", "disable")
+        .current_dir(&lab.dir);
+    let out = run_captured(&mut command)?;
+    let sample = parse_pgbench_output(&out)
+        .with_context(|| format!("could not read pgbench's summary:\n{out}"))?;
+    Ok((sample.tps, sample.conn_ms))
+}
+
+fn measure_sessions(lab: &Lab, options: &Options) -> Result<Sessions> {
+    println!(
+        "\nsession set-up: pgbench -n -S -C -T {} -c {CLIENTS} -j {THREADS}, {} interleaved round(s)",
+        options.seconds, options.rounds
+    );
+    let mut sessions = Sessions {
+        shared: Vec::new(),
+        sqlite: Vec::new(),
+    };
+    for round in 1..=options.rounds {
+        // Alternate which goes first.
+        let order = if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for shared in order {
+            let (node, label) = if shared {
+                (&lab.fleet[0], "postgres store")
+            } else {
+                (&lab.single, "sqlite store")
+            };
+            let sample = pgbench_connect(lab, node.port, options.seconds)?;
+            println!(
+                "  round {round} {label:<15} {:>8.0} tps  connect {}",
+                sample.0,
+                sample
+                    .1
+                    .map(|ms| format!("{ms:.3} ms"))
+                    .unwrap_or_else(|| "-".into())
+            );
+            if shared {
+                sessions.shared.push(sample);
+            } else {
+                sessions.sqlite.push(sample);
+            }
+        }
+    }
+    Ok(sessions)
+}
+
+fn print_sessions(sessions: &Sessions, options: &Options) {
+    let tps = |s: &[(f64, Option<f64>)]| median(s.iter().map(|x| x.0).collect());
+    let conn = |s: &[(f64, Option<f64>)]| median(s.iter().filter_map(|x| x.1).collect());
+    let (shared, sqlite) = (tps(&sessions.shared), tps(&sessions.sqlite));
+    println!(
+        "\n2. session set-up through a node, pgbench -S -C (a new connection per transaction), {CLIENTS} clients, median of {} interleaved round(s) of {} s, same upstream:",
+        options.rounds, options.seconds
+    );
+    println!(
+        "  {:<34} {:>8.0} tps  connect {:.3} ms",
+        "fleet node 1 (PostgreSQL store)",
+        shared,
+        conn(&sessions.shared)
+    );
+    println!(
+        "  {:<34} {:>8.0} tps  connect {:.3} ms",
+        "single node (SQLite store)",
+        sqlite,
+        conn(&sessions.sqlite)
+    );
+    let r = ratio(shared, sqlite);
+    println!(
+        "  target: PostgreSQL store >= {SESSION_TARGET:.2}x the SQLite store: {r:.2}x  {}",
+        verdict_at_least(r, SESSION_TARGET)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Secret writes.
+
+/// One write load: puts per node, the wall time, every put's latency.
+struct WriteRun {
+    per_node: Vec<usize>,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+    /// (node index, name, value) of every write.
+    written: Vec<(usize, String, String)>,
+}
+
+impl WriteRun {
+    fn total(&self) -> usize {
+        self.per_node.iter().sum()
+    }
+
+    fn rate(&self) -> f64 {
+        self.total() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+struct Writes {
+    fleet: WriteRun,
+    /// pg_stat_wal syncs, writes and the store's commits during `fleet`.
+    wal: (u64, u64, u64),
+    one_writer: WriteRun,
+    sqlite: WriteRun,
+    verified: usize,
+    verify_time: Duration,
+}
+
+/// `writers` admin connections on each of `nodes`, each putting new
+/// secrets (`fleetbench/<tag>/n<node>w<writer>/<k>`) for `seconds`.
+fn write_load(nodes: &[&Node], writers: usize, seconds: f64, tag: &str) -> Result<WriteRun> {
+    let nonce = random_alphanumeric(8)?.to_lowercase();
+    let barrier = Barrier::new(nodes.len() * writers + 1);
+    type Written = (Vec<u64>, Vec<(usize, String, String)>);
+    let (start, results) = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            for w in 0..writers {
+                let (barrier, nonce) = (&barrier, &nonce);
+                handles.push(scope.spawn(move || -> Result<Written> {
+                    let admin = Admin::connect(&node.admin());
+                    barrier.wait();
+                    let mut admin = admin?;
+                    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+                    let (mut latencies, mut written) = (Vec::new(), Vec::new());
+                    let mut k = 0u64;
+                    while Instant::now() < deadline {
+                        let name = format!("fleetbench/{tag}/n{}w{w}/{k}", n + 1);
+                        let value = format!("value-{nonce}-{n}-{w}-{k}");
+                        let t = Instant::now();
+                        admin.put(&name, value.as_bytes())?;
+                        latencies.push(t.elapsed().as_micros() as u64);
+                        written.push((n, name, value));
+                        k += 1;
+                    }
+                    Ok((latencies, written))
+                }));
+            }
+        }
+        barrier.wait();
+        let start = Instant::now();
+        let results: Vec<Result<Written>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a writer thread panicked")))
+            })
+            .collect();
+        (start, results)
+    });
+    let elapsed = start.elapsed();
+    let mut run = WriteRun {
+        per_node: vec![0; nodes.len()],
+        elapsed,
+        latencies_us: Vec::new(),
+        written: Vec::new(),
+    };
+    for result in results {
+        let (latencies, written) = result?;
+        for (n, _, _) in &written {
+            run.per_node[*n] += 1;
+        }
+        run.latencies_us.extend(latencies);
+        run.written.extend(written);
+    }
+    run.latencies_us.sort_unstable();
+    Ok(run)
+}
+
+/// Reads every value written by node n back through node n+1, with
+/// `writers` connections per node; fails on any difference.
+fn verify(lab: &Lab, run: &WriteRun, writers: usize) -> Result<usize> {
+    let checked: Vec<Result<usize>> = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for n in 0..NODES {
+            let reader = &lab.fleet[(n + 1) % NODES];
+            let mine: Vec<&(usize, String, String)> =
+                run.written.iter().filter(|(w, _, _)| *w == n).collect();
+            let per = mine.len().div_ceil(writers).max(1);
+            for part in mine.chunks(per).map(<[_]>::to_vec) {
+                handles.push(scope.spawn(move || -> Result<usize> {
+                    let mut admin = Admin::connect(&reader.admin())?;
+                    for (_, name, value) in &part {
+                        let got = admin.reveal(name)?;
+                        if got != value.as_bytes() {
+                            bail!(
+                                "{name}: {} read {:?}, node{} wrote {value:?}",
+                                reader.name,
+                                String::from_utf8_lossy(&got),
+                                n + 1
+                            );
+                        }
+                    }
+                    Ok(part.len())
+                }));
+            }
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader thread panicked")))
+            })
+            .collect()
+    });
+    let mut total = 0;
+    for c in checked {
+        total += c?;
+    }
+    if total != run.total() {
+        bail!("read back {total} values of {}", run.total());
+    }
+    Ok(total)
+}
+
+fn measure_writes(lab: &Lab, options: &Options) -> Result<Writes> {
+    let seconds = options.seconds as f64;
+    println!("\nsecret writes through the admin sockets:");
+    let one_writer = write_load(&[&lab.fleet[0]], 1, 2.0, "one")?;
+    println!(
+        "  1 writer on node1, 2 s: {} writes, {:.0}/s",
+        one_writer.total(),
+        one_writer.rate()
+    );
+    let before = lab.wal_counters()?;
+    let nodes: Vec<&Node> = lab.fleet.iter().collect();
+    let fleet = write_load(&nodes, WRITERS_PER_NODE, seconds, "fleet")?;
+    println!(
+        "  {NODES} nodes x {WRITERS_PER_NODE} writers, {seconds} s: {} writes, {:.0}/s",
+        fleet.total(),
+        fleet.rate()
+    );
+    // The statistics reach pg_stat_* within a second of the transactions.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = lab.wal_counters()?;
+    let wal = (
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
+        after.2.saturating_sub(before.2),
+    );
+    let started = Instant::now();
+    let verified = verify(lab, &fleet, WRITERS_PER_NODE)?;
+    let verify_time = started.elapsed();
+    println!(
+        "  read back {verified} values, each through another node than the one that wrote it, in {:.1} s: all equal",
+        verify_time.as_secs_f64()
+    );
+    let sqlite = write_load(&[&lab.single], WRITERS_PER_NODE, seconds, "sqlite")?;
+    println!(
+        "  SQLite node, {WRITERS_PER_NODE} writers, {seconds} s: {} writes, {:.0}/s",
+        sqlite.total(),
+        sqlite.rate()
+    );
+    Ok(Writes {
+        fleet,
+        wal,
+        one_writer,
+        sqlite,
+        verified,
+        verify_time,
+    })
+}
+
+fn print_writes(writes: &Writes, options: &Options) {
+    let f = &writes.fleet;
+    let lat = |r: &WriteRun| {
+        format!(
+            "put p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&r.latencies_us, 0.50) / 1000.0,
+            percentile(&r.latencies_us, 0.99) / 1000.0
+        )
+    };
+    println!(
+        "\n3. secret writes to the shared store, {NODES} nodes x {WRITERS_PER_NODE} concurrent writers (admin socket, secret_put of a new secret each), {} s:",
+        options.seconds
+    );
+    let per_node: Vec<String> = f
+        .per_node
+        .iter()
+        .enumerate()
+        .map(|(n, c)| format!("node{} {:.0}/s", n + 1, *c as f64 / f.elapsed.as_secs_f64()))
+        .collect();
+    println!(
+        "  total {:.0} writes/s ({} writes in {:.2} s; {}); {}",
+        f.rate(),
+        f.total(),
+        f.elapsed.as_secs_f64(),
+        per_node.join(", "),
+        lat(f)
+    );
+    let (syncs, wal_writes, commits) = writes.wal;
+    let per = |x: u64| x as f64 / f.total().max(1) as f64;
+    println!(
+        "  PostgreSQL during it: {:.2} WAL fsyncs, {:.2} WAL writes and {:.2} commits of the store database per write (pg_stat_wal, pg_stat_database)",
+        per(syncs),
+        per(wal_writes),
+        per(commits)
+    );
+    println!(
+        "  correctness: {} of {} values read back equal through another node ({:.1} s)",
+        writes.verified,
+        f.total(),
+        writes.verify_time.as_secs_f64()
+    );
+    println!(
+        "  same run: 1 writer on node1 {:.0}/s ({}); the SQLite node with {WRITERS_PER_NODE} writers {:.0}/s ({})",
+        writes.one_writer.rate(),
+        lat(&writes.one_writer),
+        writes.sqlite.rate(),
+        lat(&writes.sqlite)
+    );
+    println!(
+        "  target >= {WRITE_TARGET:.0} writes/s with {NODES} nodes: {:.0}/s  {}",
+        f.rate(),
+        verdict_at_least(f.rate(), WRITE_TARGET)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(plain.as_bytes()), encoded);
+            assert_eq!(base64_decode(encoded).as_deref(), Some(plain.as_bytes()));
+        }
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(base64_decode(&base64_encode(&bytes)), Some(bytes));
+        assert_eq!(base64_decode("Zm9v!"), None);
+    }
+
+    #[test]
+    fn startup_message_is_framed() {
+        let m = startup_message("app", "db");
+        assert_eq!(
+            u32::from_be_bytes([m[0], m[1], m[2], m[3]]) as usize,
+            m.len()
+        );
+        assert_eq!(&m[4..8], &196_608u32.to_be_bytes());
+        assert!(m[8..].starts_with(b"user\0app\0database\0db\0"));
+        assert_eq!(&m[m.len() - 2..], b"\0\0");
+    }
+
+    #[test]
+    fn error_message_field_is_read() {
+        let body = b"SFATAL\0C28000\0Mwarden: workload \"me\" is frozen\0\0";
+        assert_eq!(error_message(body), "warden: workload \"me\" is frozen");
+        assert_eq!(error_message(b"SERROR\0\0"), "(an error without a message)");
+        assert_eq!(error_message(b"Mno end"), "no end");
+    }
+
+    #[test]
+    fn spread_and_verdicts() {
+        let s = spread((1..=100).map(Duration::from_millis));
+        assert_eq!(
+            s,
+            Spread {
+                p50_ms: 50.0,
+                p99_ms: 99.0,
+                max_ms: 100.0
+            }
+        );
+        let s = spread((1..=30).map(Duration::from_millis));
+        assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (15.0, 30.0, 30.0));
+        assert_eq!(spread([]).max_ms, 0.0);
+        assert_eq!(verdict_at_most(200.0, 250.0), "met");
+        assert_eq!(verdict_at_most(300.0, 250.0), "MISSED by 50.0 (20% over)");
+        assert_eq!(
+            verdict_at_least(450.0, 500.0),
+            "MISSED by 50.00 (10% short)"
+        );
+        assert_eq!(verdict_at_least(0.95, 0.9), "met");
+    }
+}
