@@ -119,12 +119,17 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
     lab.create_databases()?;
     lab.start_nodes()?;
     println!(
-        "3 fleet nodes and the SQLite node up after {:.1} s",
+        "{NODES} fleet nodes and the SQLite node up after {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
-    let sessions = measure_sessions(&lab, options)?;
     let propagation = measure_propagation(&lab, options)?;
+    // Node 4 (eBPF monitor) only now that the freezes are over, and only
+    // for the session set-up runs.
+    let joiner = lab.joiner.clone();
+    lab.add_node(&joiner)?;
+    let sessions = measure_sessions(&lab, options)?;
+    lab.stop_node(&joiner);
     let writes = measure_writes(&lab, options)?;
 
     println!(
@@ -146,6 +151,8 @@ struct Node {
     port: u16,
     /// On the shared PostgreSQL store (else the default SQLite store).
     shared_store: bool,
+    /// `monitor.ebpf = "auto"` (the default) rather than `"off"`.
+    ebpf: bool,
 }
 
 impl Node {
@@ -160,6 +167,11 @@ impl Node {
     fn log(&self) -> PathBuf {
         self.dir.join("warden.log")
     }
+
+    /// The route's unix socket (`unix_socket` directory `<dir>/pg`).
+    fn socket(&self) -> PathBuf {
+        self.dir.join("pg").join(format!(".s.PGSQL.{}", self.port))
+    }
 }
 
 /// The throwaway setup. Dropping it stops every process started (by pid;
@@ -171,7 +183,12 @@ struct Lab {
     pg_port: u16,
     password: String,
     store_password: String,
+    /// The fleet's nodes for propagation and writes (eBPF monitor off).
     fleet: Vec<Node>,
+    /// A fourth node on the same store with the eBPF monitor, for the
+    /// session set-up comparison only (stopped before the freezes).
+    joiner: Node,
+    /// The single node on the SQLite store (eBPF monitor on).
     single: Node,
     server_version: String,
     fsync: String,
@@ -189,17 +206,19 @@ impl Lab {
                 .with_context(|| format!("could not remove stale {}", dir.display()))?;
         }
         std::fs::create_dir(&dir).with_context(|| format!("could not create {}", dir.display()))?;
-        let ports = free_ports(NODES + 2)?;
-        let node = |name: &str, port: u16, shared_store: bool| Node {
+        let ports = free_ports(NODES + 3)?;
+        let node = |name: &str, port: u16, shared_store: bool, ebpf: bool| Node {
             name: name.to_owned(),
             dir: dir.join(name),
             port,
             shared_store,
+            ebpf,
         };
         let fleet: Vec<Node> = (0..NODES)
-            .map(|i| node(&format!("node{}", i + 1), ports[i + 1], true))
+            .map(|i| node(&format!("node{}", i + 1), ports[i + 1], true, false))
             .collect();
-        let single = node("sqlite", ports[NODES + 1], false);
+        let joiner = node("node4", ports[NODES + 1], true, true);
+        let single = node("sqlite", ports[NODES + 2], false, true);
         let lab = Self {
             dir,
             pg_bin,
@@ -208,6 +227,7 @@ impl Lab {
             password: random_alphanumeric(24)?,
             store_password: random_alphanumeric(24)?,
             fleet,
+            joiner,
             single,
             server_version: String::new(),
             fsync: String::new(),
@@ -230,7 +250,7 @@ impl Lab {
         std::fs::write(&password_file, &lab.store_password)?;
         set_mode(&password_file, 0o600)?;
         println!(
-            "temp dir {}; ports: postgres {}, routes {}, sqlite node {}",
+            "temp dir {}; ports: postgres {}, routes {}, node4 {}, sqlite node {}",
             lab.dir.display(),
             lab.pg_port,
             lab.fleet
@@ -238,13 +258,14 @@ impl Lab {
                 .map(|n| n.port.to_string())
                 .collect::<Vec<_>>()
                 .join(" "),
+            lab.joiner.port,
             lab.single.port
         );
         Ok(lab)
     }
 
     fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.fleet.iter().chain(std::iter::once(&self.single))
+        self.fleet.iter().chain([&self.joiner, &self.single])
     }
 
     fn pg_dir(&self) -> PathBuf {
@@ -374,20 +395,24 @@ impl Lab {
              trust_domain = \"example.org\"\n\
              \n[admin]\nsocket = \"{admin}\"\n\
              \n[metrics]\nlisten = \"off\"\n\
-             \n[monitor]\nebpf = \"off\"\n\
+             \n[monitor]\nebpf = \"{ebpf}\"\n\
              \n[[workload]]\nname = \"{WORKLOAD}\"\nspiffe_id = \"spiffe://example.org/{WORKLOAD}\"\n\
              selectors = {{ uid = {uid} }}\n\
              \n[[route]]\nname = \"app-db\"\nkind = \"postgres\"\n\
              listen = \"127.0.0.1:{listen}\"\nupstream = \"127.0.0.1:{pg}\"\n\
              upstream_tls = {{ mode = \"disable\" }}\n\
              credential = {{ user = \"{ROLE}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
+             unix_socket = \"{socket_dir}\"\n\
              allow = [\"{WORKLOAD}\"]\n",
             data = node.dir.join("data").display(),
             admin = node.admin().display(),
             uid = super::effective_uid().unwrap_or(0),
             listen = node.port,
             pg = self.pg_port,
+            ebpf = if node.ebpf { "auto" } else { "off" },
+            socket_dir = node.dir.join("pg").display(),
         );
+        std::fs::create_dir_all(node.dir.join("pg"))?;
         if node.shared_store {
             config.push_str(&format!(
                 "\n[store]\nbackend = \"postgres\"\n\
@@ -410,28 +435,23 @@ impl Lab {
         command
     }
 
-    /// Node 1: `init` and the secret; nodes 2 and 3: `node token` on node 1
-    /// and `node join`; then the SQLite node. Each daemon is up before the
-    /// next node starts.
+    /// Node 1: `init` and the secret; nodes 2 and 3 join (see
+    /// [`Self::add_node`]); then the SQLite node. Each daemon is up before
+    /// the next node starts.
     fn start_nodes(&mut self) -> Result<()> {
         let fleet = self.fleet.clone();
         for (i, node) in fleet.iter().enumerate() {
-            self.write_config(node)?;
             if i == 0 {
+                self.write_config(node)?;
                 run_captured(&mut self.warden(node, &["init"]))?;
                 run_with_stdin(
                     &mut self.warden(node, &["secret", "put", SECRET]),
                     self.password.as_bytes(),
                 )?;
+                self.start_daemon(node)?;
             } else {
-                let token =
-                    run_captured(&mut self.warden(&fleet[0], &["node", "token", "--ttl", "10m"]))?;
-                run_with_stdin(
-                    &mut self.warden(node, &["node", "join"]),
-                    format!("{}\n", token.trim()).as_bytes(),
-                )?;
+                self.add_node(node)?;
             }
-            self.start_daemon(node)?;
         }
         let single = self.single.clone();
         self.write_config(&single)?;
@@ -441,13 +461,39 @@ impl Lab {
             self.password.as_bytes(),
         )?;
         self.start_daemon(&single)?;
-        for node in self.nodes() {
-            match probe(node.port)? {
-                Seen::Works => println!("  {:<6} route ok", node.name),
-                Seen::Refused(why) => bail!("a session through {} was refused: {why}", node.name),
-            }
+        for node in self.fleet.iter().chain([&self.single]) {
+            check_route(node)?;
         }
         Ok(())
+    }
+
+    /// A further fleet node: `node token` on node 1, `node join` with it on
+    /// stdin, `up`.
+    fn add_node(&mut self, node: &Node) -> Result<()> {
+        self.write_config(node)?;
+        let token =
+            run_captured(&mut self.warden(&self.fleet[0], &["node", "token", "--ttl", "10m"]))?;
+        run_with_stdin(
+            &mut self.warden(node, &["node", "join"]),
+            format!("{}\n", token.trim()).as_bytes(),
+        )?;
+        self.start_daemon(node)?;
+        if node.name == self.joiner.name {
+            check_route(node)?;
+        }
+        Ok(())
+    }
+
+    /// Stops one node's daemon (node 4, before the freezes: its eBPF
+    /// monitor would deny this host's processes of the frozen workload —
+    /// the bench itself — for every node, since they share the host).
+    fn stop_node(&mut self, node: &Node) {
+        let name = format!("warden {}", node.name);
+        if let Some(i) = self.children.iter().position(|(n, _)| *n == name) {
+            let (name, mut child) = self.children.remove(i);
+            super::stop_child(&name, &mut child, Duration::from_secs(5));
+            println!("stopped {name}");
+        }
     }
 
     fn start_daemon(&mut self, node: &Node) -> Result<()> {
@@ -483,16 +529,24 @@ impl Lab {
     }
 
     /// WAL syncs and writes (pg_stat_wal) and the store database's commits.
-    fn wal_counters(&self) -> Result<(u64, u64, u64)> {
-        let out = self.sql(&format!(
-            "SELECT w.wal_sync, w.wal_write, d.xact_commit FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = '{STORE_ROLE}'"
-        ))?;
+    /// The server's WAL fsyncs so far (pg_stat_wal: reported by each
+    /// backend within a second or so of its transactions, at most 10 s when
+    /// it then idles), transaction ids assigned (a counter of write
+    /// transactions; this query takes one) and WAL bytes (both exact).
+    fn wal_counters(&self) -> Result<WalCounters> {
+        let out = self.sql(
+            "SELECT w.wal_sync, txid_current(), (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint FROM pg_stat_wal w",
+        )?;
         let fields: Vec<u64> = out
             .split('|')
             .map(|f| f.trim().parse().unwrap_or(0))
             .collect();
         match fields[..] {
-            [sync, write, commit] => Ok((sync, write, commit)),
+            [syncs, xids, wal_bytes] => Ok(WalCounters {
+                syncs,
+                xids,
+                wal_bytes,
+            }),
             _ => bail!("unexpected pg_stat_wal answer {out:?}"),
         }
     }
@@ -526,6 +580,58 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// One session through `node`'s route, over TCP and over its unix socket,
+/// must work.
+fn check_route(node: &Node) -> Result<()> {
+    for (how, seen) in [
+        ("tcp", probe(&Endpoint::Tcp(node.port))?),
+        ("unix socket", probe(&Endpoint::Unix(node.socket()))?),
+    ] {
+        if let Seen::Refused(why) = seen {
+            bail!("a session through {} ({how}) was refused: {why}", node.name);
+        }
+    }
+    println!(
+        "  {:<6} route ok (tcp and unix socket); {}",
+        node.name,
+        monitor_mode(&node.log(), node.ebpf)
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct WalCounters {
+    syncs: u64,
+    xids: u64,
+    wal_bytes: u64,
+}
+
+impl WalCounters {
+    fn since(self, before: WalCounters) -> WalCounters {
+        WalCounters {
+            syncs: self.syncs.saturating_sub(before.syncs),
+            // Less the xid the later query took.
+            xids: self.xids.saturating_sub(before.xids).saturating_sub(1),
+            wal_bytes: self.wal_bytes.saturating_sub(before.wal_bytes),
+        }
+    }
+}
+
+/// What a node's log says of its eBPF monitor.
+fn monitor_mode(log: &Path, ebpf: bool) -> String {
+    if !ebpf {
+        return "monitor.ebpf = off: clients attributed through /proc".into();
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    match text
+        .lines()
+        .find(|l| l.contains("eBPF") || l.contains("procfs") || l.contains("/proc attribution"))
+    {
+        Some(line) => format!("monitor.ebpf = auto: {}", line.trim()),
+        None => "monitor.ebpf = auto (its log does not say more)".into(),
     }
 }
 
@@ -692,30 +798,53 @@ fn error_message(body: &[u8]) -> String {
     "(an error without a message)".into()
 }
 
-/// One session through the route on `port`: Works at ReadyForQuery
-/// (then Terminate), Refused at an ErrorResponse.
-fn probe(port: u16) -> Result<Seen> {
-    let stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    (&stream).write_all(&startup_message(ROLE, ROLE))?;
-    let mut reader = BufReader::new(&stream);
+/// Where a client reaches a route.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    Tcp(u16),
+    /// The route's unix socket: warden attributes the client with
+    /// `SO_PEERCRED`, with no `/proc` search, whatever its monitor mode.
+    Unix(PathBuf),
+}
+
+/// One session through a route: Works at ReadyForQuery (then Terminate),
+/// Refused at an ErrorResponse.
+fn probe(endpoint: &Endpoint) -> Result<Seen> {
+    let timeout = Some(Duration::from_secs(5));
+    match endpoint {
+        Endpoint::Tcp(port) => {
+            let stream = TcpStream::connect(("127.0.0.1", *port))?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(timeout)?;
+            session(&stream)
+        }
+        Endpoint::Unix(path) => {
+            let stream = UnixStream::connect(path)
+                .with_context(|| format!("could not connect to {}", path.display()))?;
+            stream.set_read_timeout(timeout)?;
+            session(&stream)
+        }
+    }
+}
+
+fn session(mut stream: impl Read + Write) -> Result<Seen> {
+    stream.write_all(&startup_message(ROLE, ROLE))?;
     loop {
         let mut head = [0u8; 5];
-        reader.read_exact(&mut head)?;
+        stream.read_exact(&mut head)?;
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
         if !(4..=1 << 20).contains(&len) {
-            bail!("message length {len} from the route on port {port}");
+            bail!("message length {len} from the route");
         }
         let mut body = vec![0u8; len - 4];
-        reader.read_exact(&mut body)?;
+        stream.read_exact(&mut body)?;
         match head[0] {
             b'E' => return Ok(Seen::Refused(error_message(&body))),
             b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => {
-                bail!("the route on port {port} asked the client for a password")
+                bail!("the route asked the client for a password")
             }
             b'Z' => {
-                let _ = (&stream).write_all(&[b'X', 0, 0, 0, 4]);
+                let _ = stream.write_all(&[b'X', 0, 0, 0, 4]);
                 return Ok(Seen::Works);
             }
             _ => {}
@@ -760,18 +889,22 @@ impl Observed {
     }
 }
 
-/// Probes every port in its own thread until `want` holds for a session
-/// through it.
-fn observe(ports: &[u16], t0: Instant, want: &(dyn Fn(&Seen) -> bool + Sync)) -> Result<Observed> {
+/// Probes every endpoint in its own thread until `want` holds for a
+/// session through it.
+fn observe(
+    endpoints: &[Endpoint],
+    t0: Instant,
+    want: &(dyn Fn(&Seen) -> bool + Sync),
+) -> Result<Observed> {
     let results: Vec<Result<(Duration, usize, Duration)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ports
+        let handles: Vec<_> = endpoints
             .iter()
-            .map(|&port| {
+            .map(|endpoint| {
                 scope.spawn(move || {
                     let (mut probes, mut spent) = (0usize, Duration::ZERO);
                     loop {
                         let start = Instant::now();
-                        let seen = probe(port);
+                        let seen = probe(endpoint);
                         spent += start.elapsed();
                         probes += 1;
                         let last = match seen {
@@ -780,7 +913,7 @@ fn observe(ports: &[u16], t0: Instant, want: &(dyn Fn(&Seen) -> bool + Sync)) ->
                             Err(err) => format!("error: {err:#}"),
                         };
                         if t0.elapsed() > GIVE_UP {
-                            bail!("the route on port {port} did not show the change within {GIVE_UP:?}; last session: {last}");
+                            bail!("{endpoint:?} did not show the change within {GIVE_UP:?}; last session: {last}");
                         }
                         std::thread::sleep(PROBE_GAP);
                     }
@@ -809,7 +942,8 @@ fn observe(ports: &[u16], t0: Instant, want: &(dyn Fn(&Seen) -> bool + Sync)) ->
     Ok(observed)
 }
 
-type Propagation = Vec<(Change, Observed)>;
+/// Each change, the node (index) it was made on, and when each node showed it.
+type Propagation = Vec<(Change, usize, Observed)>;
 
 /// `samples` cycles of: put a wrong value (sessions fail naming the new
 /// version), put the right one (sessions work), rm (refused), put back
@@ -825,51 +959,56 @@ fn measure_propagation(lab: &Lab, options: &Options) -> Result<Propagation> {
         .iter()
         .map(|n| Admin::connect(&n.admin()))
         .collect::<Result<Vec<_>>>()?;
-    let ports: Vec<u16> = lab.fleet.iter().map(|n| n.port).collect();
+    let ports: Vec<Endpoint> = lab
+        .fleet
+        .iter()
+        .map(|n| Endpoint::Unix(n.socket()))
+        .collect();
     let right = lab.password.as_bytes();
     let works = |s: &Seen| *s == Seen::Works;
     let refused_with =
         |needle: String| move |s: &Seen| matches!(s, Seen::Refused(m) if m.contains(&needle));
     let mut results: Propagation = Vec::new();
-    let mut issuer = 0usize;
-    let mut next = || {
-        issuer = (issuer + 1) % NODES;
-        issuer
-    };
-    for cycle in 0..options.samples {
+    for cycle in 0..options.samples as usize {
+        // Step k of cycle c goes through node (c + k) mod 3: every kind of
+        // change is made on each node in turn.
+        let on = |step: usize| (cycle + step) % NODES;
         let wrong = format!("not-the-password-{cycle}");
-        let v = admins[next()].put(SECRET, wrong.as_bytes())?;
-        let t0 = Instant::now();
-        let o = observe(&ports, t0, &refused_with(format!("{SECRET} v{v}")))
-            .context("put of a wrong value")?;
-        results.push((Change::Put, o));
+        let v = admins[on(0)].put(SECRET, wrong.as_bytes())?;
+        let o = observe(
+            &ports,
+            Instant::now(),
+            &refused_with(format!("{SECRET} v{v}")),
+        )
+        .context("put of a wrong value")?;
+        results.push((Change::Put, on(0), o));
 
-        admins[next()].put(SECRET, right)?;
+        admins[on(1)].put(SECRET, right)?;
         let o = observe(&ports, Instant::now(), &works).context("put of the right value")?;
-        results.push((Change::Put, o));
+        results.push((Change::Put, on(1), o));
 
-        admins[next()].call(&json!({"op": "secret_rm", "name": SECRET, "env": null}))?;
+        admins[on(2)].call(&json!({"op": "secret_rm", "name": SECRET, "env": null}))?;
         let o = observe(
             &ports,
             Instant::now(),
             &refused_with("no credential for route".into()),
         )
         .context("secret rm")?;
-        results.push((Change::Rm, o));
+        results.push((Change::Rm, on(2), o));
 
-        admins[next()].put(SECRET, right)?;
+        admins[on(3)].put(SECRET, right)?;
         observe(&ports, Instant::now(), &works).context("put after rm")?;
 
-        admins[next()].call(&json!({
+        admins[on(4)].call(&json!({
             "op": "freeze", "workload": WORKLOAD, "reason": "fleet bench",
         }))?;
         let o =
             observe(&ports, Instant::now(), &refused_with("is frozen".into())).context("freeze")?;
-        results.push((Change::Freeze, o));
+        results.push((Change::Freeze, on(4), o));
 
-        admins[next()].call(&json!({"op": "unfreeze", "workload": WORKLOAD}))?;
+        admins[on(5)].call(&json!({"op": "unfreeze", "workload": WORKLOAD}))?;
         let o = observe(&ports, Instant::now(), &works).context("unfreeze")?;
-        results.push((Change::Unfreeze, o));
+        results.push((Change::Unfreeze, on(5), o));
 
         if (cycle + 1) % 10 == 0 {
             println!("  {} cycles done", cycle + 1);
@@ -925,12 +1064,14 @@ fn verdict_at_least(got: f64, wanted: f64) -> String {
 }
 
 fn print_propagation(results: &Propagation, options: &Options) {
-    let probes: usize = results.iter().map(|(_, o)| o.probes).sum();
-    let probe_time: Duration = results.iter().map(|(_, o)| o.probe_time).sum();
+    let probes: usize = results.iter().map(|(_, _, o)| o.probes).sum();
+    let probe_time: Duration = results.iter().map(|(_, _, o)| o.probe_time).sum();
     println!(
-        "\n1. propagation to {NODES} nodes ({} cycles): from the admin call's answer to the first new session through each node's route that shows the change \
-         (method: a PostgreSQL session — startup message, warden attests and logs in upstream — per probe, each node probed back to back {} ms apart; \
-         a probe took {:.2} ms on average, the resolution)",
+        "\n1. propagation to {NODES} nodes ({} cycles, each change made on each node in turn): from the admin call's answer to the first new session \
+         through each node's route that shows it. Method: client sessions, polled per node back to back {} ms apart on the route's unix socket \
+         (startup message; warden attributes the client by SO_PEERCRED, attests it and logs in upstream; the session reaches ReadyForQuery or \
+         is refused with warden's message); a session took {:.2} ms on average, the resolution. Nodes 1-3 run with monitor.ebpf = off: on one \
+         host a freeze's kernel deny by any node would stop the sessions to all of them.",
         options.samples,
         PROBE_GAP.as_millis(),
         if probes > 0 {
@@ -940,39 +1081,63 @@ fn print_propagation(results: &Propagation, options: &Options) {
         }
     );
     println!(
-        "  {:<30} {:>7} {:>10} {:>10} {:>10}   {:>10} {:>10}",
-        "change", "samples", "last p50", "last p99", "last max", "node p50", "node p99"
+        "  {:<28} {:>7} {:>10} {:>10} {:>10}   {:>11} {:>11}",
+        "change", "samples", "last p50", "last p99", "last max", "issuer p50", "others p50"
     );
-    for change in Change::ALL {
-        let of: Vec<&Observed> = results
+    let of = |change: Change| -> Vec<(usize, &Observed)> {
+        results
             .iter()
-            .filter(|(c, _)| *c == change)
-            .map(|(_, o)| o)
-            .collect();
-        let last = spread(of.iter().map(|o| o.last()));
-        let each = spread(of.iter().flat_map(|o| o.per_node.iter().copied()));
+            .filter(|(c, _, _)| *c == change)
+            .map(|(_, on, o)| (*on, o))
+            .collect()
+    };
+    for change in Change::ALL {
+        let samples = of(change);
+        let last = spread(samples.iter().map(|(_, o)| o.last()));
+        let issuer = spread(samples.iter().map(|(on, o)| o.per_node[*on]));
+        let others = spread(samples.iter().flat_map(|(on, o)| {
+            o.per_node
+                .iter()
+                .enumerate()
+                .filter(move |(n, _)| n != on)
+                .map(|(_, d)| *d)
+        }));
         println!(
-            "  {:<30} {:>7} {:>7.1} ms {:>7.1} ms {:>7.1} ms   {:>7.1} ms {:>7.1} ms",
+            "  {:<28} {:>7} {:>7.1} ms {:>7.1} ms {:>7.1} ms   {:>8.1} ms {:>8.1} ms",
             change.name(),
-            of.len(),
+            samples.len(),
             last.p50_ms,
             last.p99_ms,
             last.max_ms,
-            each.p50_ms,
-            each.p99_ms
+            issuer.p50_ms,
+            others.p50_ms
         );
     }
-    println!("  (last: when the last of the 3 nodes showed it; node: every node's own time, the issuing node included; p99 is nearest-rank, so with fewer than 100 samples it is the largest or next-to-largest)");
+    println!(
+        "  (last: when the last of the {NODES} nodes showed it; issuer: the node the change was made on; others: the other two. \
+         p99 is nearest-rank: below 100 samples it is the largest or next-to-largest)"
+    );
+    for change in Change::ALL {
+        if let Some((on, o)) = of(change).into_iter().max_by_key(|(_, o)| o.last()) {
+            let times: Vec<String> = o
+                .per_node
+                .iter()
+                .enumerate()
+                .map(|(n, d)| format!("node{} {:.1}", n + 1, d.as_secs_f64() * 1000.0))
+                .collect();
+            println!(
+                "  slowest {:<28} made on node{}: {} ms",
+                change.name(),
+                on + 1,
+                times.join(", ")
+            );
+        }
+    }
     println!("  targets (p99 of the last node):");
     for change in Change::ALL {
-        let last = spread(
-            results
-                .iter()
-                .filter(|(c, _)| *c == change)
-                .map(|(_, o)| o.last()),
-        );
+        let last = spread(of(change).iter().map(|(_, o)| o.last()));
         println!(
-            "    {:<30} <= {} ms: {:.1} ms  {};  stretch <= {} ms: {}",
+            "    {:<28} <= {} ms: {:.1} ms  {};  stretch <= {} ms: {}",
             change.name(),
             TARGET_P99.as_millis(),
             last.p99_ms,
@@ -1026,7 +1191,7 @@ fn measure_sessions(lab: &Lab, options: &Options) -> Result<Sessions> {
         };
         for shared in order {
             let (node, label) = if shared {
-                (&lab.fleet[0], "postgres store")
+                (&lab.joiner, "postgres store")
             } else {
                 (&lab.single, "sqlite store")
             };
@@ -1054,12 +1219,12 @@ fn print_sessions(sessions: &Sessions, options: &Options) {
     let conn = |s: &[(f64, Option<f64>)]| median(s.iter().filter_map(|x| x.1).collect());
     let (shared, sqlite) = (tps(&sessions.shared), tps(&sessions.sqlite));
     println!(
-        "\n2. session set-up through a node, pgbench -S -C (a new connection per transaction), {CLIENTS} clients, median of {} interleaved round(s) of {} s, same upstream:",
+        "\n2. session set-up through a node, pgbench -S -C (a new connection per transaction), {CLIENTS} clients, median of {} interleaved round(s) of {} s, same upstream, both nodes with the eBPF monitor (clients attributed by the kernel):",
         options.rounds, options.seconds
     );
     println!(
         "  {:<34} {:>8.0} tps  connect {:.3} ms",
-        "fleet node 1 (PostgreSQL store)",
+        "fleet node 4 (PostgreSQL store)",
         shared,
         conn(&sessions.shared)
     );
@@ -1100,8 +1265,9 @@ impl WriteRun {
 
 struct Writes {
     fleet: WriteRun,
-    /// pg_stat_wal syncs, writes and the store's commits during `fleet`.
-    wal: (u64, u64, u64),
+    /// The server's WAL fsyncs, write transactions and WAL bytes during
+    /// `fleet`.
+    wal: WalCounters,
     one_writer: WriteRun,
     sqlite: WriteRun,
     verified: usize,
@@ -1232,17 +1398,14 @@ fn measure_writes(lab: &Lab, options: &Options) -> Result<Writes> {
         fleet.total(),
         fleet.rate()
     );
-    // The statistics reach pg_stat_* within a second of the transactions.
-    std::thread::sleep(Duration::from_millis(1500));
-    let after = lab.wal_counters()?;
-    let wal = (
-        after.0.saturating_sub(before.0),
-        after.1.saturating_sub(before.1),
-        after.2.saturating_sub(before.2),
-    );
-    let started = Instant::now();
+    let ended = Instant::now();
+    let mut wal = lab.wal_counters()?.since(before);
     let verified = verify(lab, &fleet, WRITERS_PER_NODE)?;
-    let verify_time = started.elapsed();
+    let verify_time = ended.elapsed();
+    // pg_stat_wal: every backend has reported by now (reads made meanwhile
+    // flush no WAL).
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(ended.elapsed()));
+    wal.syncs = lab.wal_counters()?.since(before).syncs;
     println!(
         "  read back {verified} values, each through another node than the one that wrote it, in {:.1} s: all equal",
         verify_time.as_secs_f64()
@@ -1290,13 +1453,12 @@ fn print_writes(writes: &Writes, options: &Options) {
         per_node.join(", "),
         lat(f)
     );
-    let (syncs, wal_writes, commits) = writes.wal;
     let per = |x: u64| x as f64 / f.total().max(1) as f64;
     println!(
-        "  PostgreSQL during it: {:.2} WAL fsyncs, {:.2} WAL writes and {:.2} commits of the store database per write (pg_stat_wal, pg_stat_database)",
-        per(syncs),
-        per(wal_writes),
-        per(commits)
+        "  PostgreSQL during it, per write: {:.2} write transactions (xids), {:.2} WAL fsyncs (pg_stat_wal), {:.0} bytes of WAL",
+        per(writes.wal.xids),
+        per(writes.wal.syncs),
+        per(writes.wal.wal_bytes)
     );
     println!(
         "  correctness: {} of {} values read back equal through another node ({:.1} s)",
