@@ -4,21 +4,28 @@
 //! store, all routing to the same upstream database. In one run:
 //!
 //! 1. **Propagation.** A change made through one node's admin socket —
-//!    `secret put` of a new value, `secret rm`, `freeze`, `unfreeze` — and
-//!    the time from the admin call's answer until *each* node's route shows
-//!    it to a client: every node is probed back to back (1 ms apart) with a
-//!    new PostgreSQL session through its route (a startup message, warden
-//!    attests the client and logs in upstream; the session either reaches
-//!    ReadyForQuery or is refused with warden's error). The routes cache
-//!    credentials for 10 minutes, so only the store's notifications explain
-//!    a change showing up. p50/p99/max of the last of the three nodes.
-//! 2. **Session set-up.** `pgbench -S -C` through a fleet node and through
-//!    the SQLite node, interleaved rounds, medians.
+//!    `secret put` of a new value, `secret rm`, `freeze`, `unfreeze`, each
+//!    kind on every node in turn — and the time from the admin call's
+//!    answer until *each* node's route shows it to a client: every node is
+//!    polled by its own thread, back to back (1 ms apart), with a new
+//!    PostgreSQL session on the route's unix socket (a startup message;
+//!    warden attributes the client by `SO_PEERCRED`, attests it and logs in
+//!    upstream; the session reaches ReadyForQuery or is refused with
+//!    warden's message). The routes cache credentials for 10 minutes, so
+//!    only the store's notifications explain a change showing up.
+//!    p50/p99/max of the last of the three nodes. These nodes run without
+//!    the eBPF monitor: on one host, the kernel deny that any node adds for
+//!    a frozen workload would stop the probes to all of them.
+//! 2. **Session set-up.** `pgbench -S -C` through a fourth node on the same
+//!    store (joined after the freezes, eBPF monitor on, stopped after) and
+//!    through the SQLite node (eBPF monitor on), interleaved rounds,
+//!    medians.
 //! 3. **Secret writes.** `secret_put` requests straight to the admin
 //!    sockets (the CLI's JSON-lines protocol, no process per write), several
 //!    writers per node on all three nodes at once; every value is then read
 //!    back through another node. Beside it, in the same run: one writer on
-//!    one node, and the same load on the SQLite node.
+//!    one node, and the same load on the SQLite node; the server's WAL
+//!    fsyncs, transactions and WAL bytes per write.
 //!
 //! PostgreSQL runs with its defaults for durability (`fsync`,
 //! `synchronous_commit = on`): the store is not tuned. Everything lives in
@@ -621,17 +628,17 @@ impl WalCounters {
 }
 
 /// What a node's log says of its eBPF monitor.
-fn monitor_mode(log: &Path, ebpf: bool) -> String {
+fn monitor_mode(log: &Path, ebpf: bool) -> &'static str {
     if !ebpf {
-        return "monitor.ebpf = off: clients attributed through /proc".into();
+        return "monitor.ebpf = off: TCP clients attributed through /proc";
     }
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    match text
-        .lines()
-        .find(|l| l.contains("eBPF") || l.contains("procfs") || l.contains("/proc attribution"))
-    {
-        Some(line) => format!("monitor.ebpf = auto: {}", line.trim()),
-        None => "monitor.ebpf = auto (its log does not say more)".into(),
+    if text.contains("eBPF access monitor attached") {
+        "eBPF monitor attached: clients attributed by the kernel"
+    } else if text.contains("falling back to /proc") {
+        "eBPF monitor unavailable (see its log): TCP clients attributed through /proc"
+    } else {
+        "monitor.ebpf = auto (its log does not say yet whether it loaded)"
     }
 }
 
@@ -1156,18 +1163,39 @@ struct Sessions {
     sqlite: Vec<(f64, Option<f64>)>,
 }
 
-fn pgbench_connect(lab: &Lab, port: u16, seconds: u64) -> Result<(f64, Option<f64>)> {
+fn pgbench_connect(lab: &Lab, node: &Node, seconds: u64) -> Result<(f64, Option<f64>)> {
     let mut command = Command::new("pgbench");
     command
         .args(["-n", "-S", "-C", "-T", &seconds.to_string()])
         .args(["-c", &CLIENTS.to_string(), "-j", &THREADS.to_string()])
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", ROLE, ROLE])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &node.port.to_string(),
+            "-U",
+            ROLE,
+            ROLE,
+        ])
         .env_remove("PGPASSWORD")
         .env_remove("PGSERVICE")
-        .env("PGPASSFILE", "/dev/null")
+        // No password anywhere (a missing file is skipped silently).
+        .env("PGPASSFILE", lab.dir.join("no-pgpass"))
         .env("PGSSLMODE", "disable")
         .current_dir(&lab.dir);
-    let out = run_captured(&mut command)?;
+    let out = run_captured(&mut command).map_err(|err| {
+        print_tail(&node.log(), 15);
+        if format!("{err:#}").contains("Operation not permitted") {
+            err.context(format!(
+                "the kernel refused pgbench's connections to {} (EPERM): an eBPF deny entry, from a \
+                 freeze by this bench's nodes or by another warden on this host with a workload that \
+                 matches root's processes; the node's log is above",
+                node.name
+            ))
+        } else {
+            err
+        }
+    })?;
     let sample = parse_pgbench_output(&out)
         .with_context(|| format!("could not read pgbench's summary:\n{out}"))?;
     Ok((sample.tps, sample.conn_ms))
@@ -1195,7 +1223,7 @@ fn measure_sessions(lab: &Lab, options: &Options) -> Result<Sessions> {
             } else {
                 (&lab.single, "sqlite store")
             };
-            let sample = pgbench_connect(lab, node.port, options.seconds)?;
+            let sample = pgbench_connect(lab, node, options.seconds)?;
             println!(
                 "  round {round} {label:<15} {:>8.0} tps  connect {}",
                 sample.0,
