@@ -37,6 +37,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -324,11 +325,12 @@ impl Lab {
             .open(&conf)
             .with_context(|| format!("could not open {}", conf.display()))?;
         // Nothing about fsync or synchronous_commit: the defaults.
+        // track_wal_io_timing only times the WAL fsyncs for pg_stat_wal.
         write!(
             file,
             "\n# cargo xtask bench --only fleet\nport = {}\nlisten_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{}'\nmax_connections = 200\n\
-             password_encryption = 'scram-sha-256'\n",
+             password_encryption = 'scram-sha-256'\ntrack_wal_io_timing = on\n",
             self.pg_port,
             self.pg_dir().display()
         )?;
@@ -542,15 +544,16 @@ impl Lab {
     /// transactions; this query takes one) and WAL bytes (both exact).
     fn wal_counters(&self) -> Result<WalCounters> {
         let out = self.sql(
-            "SELECT w.wal_sync, txid_current(), (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint FROM pg_stat_wal w",
+            "SELECT w.wal_sync, round(w.wal_sync_time * 1000)::bigint, txid_current(), (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint FROM pg_stat_wal w",
         )?;
         let fields: Vec<u64> = out
             .split('|')
             .map(|f| f.trim().parse().unwrap_or(0))
             .collect();
         match fields[..] {
-            [syncs, xids, wal_bytes] => Ok(WalCounters {
+            [syncs, sync_us, xids, wal_bytes] => Ok(WalCounters {
                 syncs,
+                sync_us,
                 xids,
                 wal_bytes,
             }),
@@ -612,6 +615,8 @@ fn check_route(node: &Node) -> Result<()> {
 #[derive(Clone, Copy, Debug, Default)]
 struct WalCounters {
     syncs: u64,
+    /// Time spent in those fsyncs (µs; track_wal_io_timing).
+    sync_us: u64,
     xids: u64,
     wal_bytes: u64,
 }
@@ -620,6 +625,7 @@ impl WalCounters {
     fn since(self, before: WalCounters) -> WalCounters {
         WalCounters {
             syncs: self.syncs.saturating_sub(before.syncs),
+            sync_us: self.sync_us.saturating_sub(before.sync_us),
             // Less the xid the later query took.
             xids: self.xids.saturating_sub(before.xids).saturating_sub(1),
             wal_bytes: self.wal_bytes.saturating_sub(before.wal_bytes),
@@ -1292,6 +1298,8 @@ impl WriteRun {
 }
 
 struct Writes {
+    /// What the nodes' store connections were doing during `fleet`.
+    waits: Waits,
     fleet: WriteRun,
     /// The server's WAL fsyncs, write transactions and WAL bytes during
     /// `fleet`.
@@ -1300,6 +1308,68 @@ struct Writes {
     sqlite: WriteRun,
     verified: usize,
     verify_time: Duration,
+}
+
+/// Samples of the nodes' store backends (listeners excluded): how many
+/// samples were taken, and per state the backend-samples in it.
+#[derive(Debug, Default, PartialEq)]
+struct Waits {
+    samples: u64,
+    by_state: Vec<(String, u64)>,
+}
+
+/// Every 10 ms until `stop`, what each store backend of the nodes is
+/// doing (pg_stat_activity's wait event and state), through one psql.
+fn sample_waits(lab: &Lab, stop: &AtomicBool) -> Result<Waits> {
+    let query = format!(
+        "SELECT coalesce(wait_event_type || ':' || wait_event, 'running') || ' (' || state || ')', count(*) \
+         FROM pg_stat_activity WHERE datname = '{STORE_ROLE}' AND backend_type = 'client backend' \
+         AND application_name <> 'warden-listener' AND pid <> pg_backend_pid() GROUP BY 1;\n"
+    );
+    let mut psql = lab.psql_admin("postgres");
+    psql.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = psql.spawn().context("could not start psql to sample")?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("psql without pipes");
+    };
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(stdout).read_to_string(&mut text);
+        text
+    });
+    let mut samples = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if stdin.write_all(query.as_bytes()).is_err() {
+            break;
+        }
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(stdin);
+    let _ = child.wait();
+    let text = reader.join().unwrap_or_default();
+    Ok(Waits {
+        samples,
+        by_state: tally_states(&text),
+    })
+}
+
+/// Sums psql's `state|count` lines per state, largest first.
+fn tally_states(text: &str) -> Vec<(String, u64)> {
+    let mut totals: Vec<(String, u64)> = Vec::new();
+    for (state, count) in text.lines().filter_map(|l| l.rsplit_once('|')) {
+        let Ok(count) = count.trim().parse::<u64>() else {
+            continue;
+        };
+        match totals.iter_mut().find(|(s, _)| s == state) {
+            Some((_, total)) => *total += count,
+            None => totals.push((state.to_owned(), count)),
+        }
+    }
+    totals.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    totals
 }
 
 /// `writers` admin connections on each of `nodes`, each putting new
@@ -1420,7 +1490,18 @@ fn measure_writes(lab: &Lab, options: &Options) -> Result<Writes> {
     );
     let before = lab.wal_counters()?;
     let nodes: Vec<&Node> = lab.fleet.iter().collect();
-    let fleet = write_load(&nodes, WRITERS_PER_NODE, seconds, "fleet")?;
+    let stop = AtomicBool::new(false);
+    let (fleet, waits) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| sample_waits(lab, &stop));
+        let fleet = write_load(&nodes, WRITERS_PER_NODE, seconds, "fleet");
+        stop.store(true, Ordering::Relaxed);
+        let waits = sampler
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the sampler thread panicked")));
+        (fleet, waits)
+    });
+    let fleet = fleet?;
+    let waits = waits?;
     println!(
         "  {NODES} nodes x {WRITERS_PER_NODE} writers, {seconds} s: {} writes, {:.0}/s",
         fleet.total(),
@@ -1433,7 +1514,8 @@ fn measure_writes(lab: &Lab, options: &Options) -> Result<Writes> {
     // pg_stat_wal: every backend has reported by now (reads made meanwhile
     // flush no WAL).
     std::thread::sleep(Duration::from_secs(11).saturating_sub(ended.elapsed()));
-    wal.syncs = lab.wal_counters()?.since(before).syncs;
+    let late = lab.wal_counters()?.since(before);
+    (wal.syncs, wal.sync_us) = (late.syncs, late.sync_us);
     println!(
         "  read back {verified} values, each through another node than the one that wrote it, in {:.1} s: all equal",
         verify_time.as_secs_f64()
@@ -1445,6 +1527,7 @@ fn measure_writes(lab: &Lab, options: &Options) -> Result<Writes> {
         sqlite.rate()
     );
     Ok(Writes {
+        waits,
         fleet,
         wal,
         one_writer,
@@ -1488,6 +1571,31 @@ fn print_writes(writes: &Writes, options: &Options) {
         per(writes.wal.syncs),
         per(writes.wal.wal_bytes)
     );
+    let backend_samples: u64 = writes.waits.by_state.iter().map(|(_, n)| n).sum();
+    if backend_samples > 0 {
+        let shares: Vec<String> = writes
+            .waits
+            .by_state
+            .iter()
+            .map(|(state, n)| format!("{state} {:.0}%", *n as f64 * 100.0 / backend_samples as f64))
+            .collect();
+        println!(
+            "  the nodes' store connections, sampled every 10 ms ({} samples, pg_stat_activity): {}",
+            writes.waits.samples,
+            shares.join(", ")
+        );
+        println!(
+            "  (ClientRead (idle in transaction): the server waits for warden inside a write — its statements' round trips, sealing, the audit record's fsync; \
+             (idle): between writes; Lock:transactionid: waiting for another node's write to end (the one-row change_counter); IO:WALSync / LWLock:WALWrite: the commit's WAL flush)"
+        );
+    }
+    if writes.wal.syncs > 0 {
+        println!(
+            "  WAL fsyncs: {:.2} ms each, the WAL being fsynced {:.0}% of the run's wall time (pg_stat_wal.wal_sync_time)",
+            writes.wal.sync_us as f64 / writes.wal.syncs as f64 / 1000.0,
+            writes.wal.sync_us as f64 / 1e4 / f.elapsed.as_secs_f64()
+        );
+    }
     println!(
         "  correctness: {} of {} values read back equal through another node ({:.1} s)",
         writes.verified,
@@ -1549,6 +1657,21 @@ mod tests {
         assert_eq!(error_message(body), "warden: workload \"me\" is frozen");
         assert_eq!(error_message(b"SERROR\0\0"), "(an error without a message)");
         assert_eq!(error_message(b"Mno end"), "no end");
+    }
+
+    #[test]
+    fn states_are_tallied() {
+        let text = "Client:ClientRead (idle in transaction)|2\nLock:transactionid (active)|1\n\
+                    Client:ClientRead (idle in transaction)|1\nrunning (active)|1\nnoise\nx|y\n";
+        assert_eq!(
+            tally_states(text),
+            [
+                ("Client:ClientRead (idle in transaction)".to_owned(), 3),
+                ("Lock:transactionid (active)".to_owned(), 1),
+                ("running (active)".to_owned(), 1),
+            ]
+        );
+        assert!(tally_states("").is_empty());
     }
 
     #[test]
