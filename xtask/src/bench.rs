@@ -48,7 +48,7 @@
 //! (default 3), `--mysql-seconds N` (default 5), `--mysql-rounds N` (default
 //! 3), `--fleet-samples N` (propagation samples per kind of change, default
 //! 30), `--fleet-seconds N` (seconds per pgbench run and of the write load,
-//! default 5), `--fleet-rounds N` (default 3), `--only
+//! default 5), `--fleet-rounds N` (default 5), `--only
 //! svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet` (one benchmark);
 //! anything else goes to `svid_bench` (e.g. its iteration count).
 

@@ -45,8 +45,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::pg::{
-    chown_to_postgres, median, parse_pgbench_output, percentile, print_tail, random_alphanumeric,
-    ratio, run_captured, run_with_stdin, set_mode,
+    chown_to_postgres, median, parse_pgbench_output, percentile, print_tail, process_cost,
+    random_alphanumeric, ratio, run_captured, run_with_stdin, set_mode,
 };
 use crate::{cmd, prereq};
 
@@ -94,7 +94,7 @@ impl Default for Options {
         Self {
             samples: 30,
             seconds: 5,
-            rounds: 3,
+            rounds: 5,
         }
     }
 }
@@ -1165,11 +1165,25 @@ fn print_propagation(results: &Propagation, options: &Options) {
 // 2. Session set-up: PostgreSQL store vs SQLite store.
 
 struct Sessions {
-    shared: Vec<(f64, Option<f64>)>,
-    sqlite: Vec<(f64, Option<f64>)>,
+    shared: Vec<SessionRun>,
+    sqlite: Vec<SessionRun>,
 }
 
-fn pgbench_connect(lab: &Lab, node: &Node, seconds: u64) -> Result<(f64, Option<f64>)> {
+/// One pgbench -C run through a node.
+struct SessionRun {
+    tps: f64,
+    conn_ms: Option<f64>,
+    /// The node's CPU time per session (µs, /proc/PID/stat, 10 ms ticks).
+    cpu_us: Option<f64>,
+}
+
+fn pgbench_connect(lab: &Lab, node: &Node, seconds: u64) -> Result<SessionRun> {
+    let pid = lab
+        .children
+        .iter()
+        .find(|(name, _)| *name == format!("warden {}", node.name))
+        .map(|(_, child)| child.id());
+    let before = pid.and_then(process_cost);
     let mut command = Command::new("pgbench");
     command
         .args(["-n", "-S", "-C", "-T", &seconds.to_string()])
@@ -1202,9 +1216,19 @@ fn pgbench_connect(lab: &Lab, node: &Node, seconds: u64) -> Result<(f64, Option<
             err
         }
     })?;
+    let after = pid.and_then(process_cost);
     let sample = parse_pgbench_output(&out)
         .with_context(|| format!("could not read pgbench's summary:\n{out}"))?;
-    Ok((sample.tps, sample.conn_ms))
+    let sessions = sample.tps * seconds as f64;
+    let cpu_us = match (before, after) {
+        (Some(b), Some(a)) if sessions > 0.0 => Some(a.0.saturating_sub(b.0) as f64 / sessions),
+        _ => None,
+    };
+    Ok(SessionRun {
+        tps: sample.tps,
+        conn_ms: sample.conn_ms,
+        cpu_us,
+    })
 }
 
 fn measure_sessions(lab: &Lab, options: &Options) -> Result<Sessions> {
@@ -1231,11 +1255,15 @@ fn measure_sessions(lab: &Lab, options: &Options) -> Result<Sessions> {
             };
             let sample = pgbench_connect(lab, node, options.seconds)?;
             println!(
-                "  round {round} {label:<15} {:>8.0} tps  connect {}",
-                sample.0,
+                "  round {round} {label:<15} {:>8.0} tps  connect {}  warden CPU {}",
+                sample.tps,
                 sample
-                    .1
+                    .conn_ms
                     .map(|ms| format!("{ms:.3} ms"))
+                    .unwrap_or_else(|| "-".into()),
+                sample
+                    .cpu_us
+                    .map(|us| format!("{us:.0} µs/session"))
                     .unwrap_or_else(|| "-".into())
             );
             if shared {
@@ -1249,29 +1277,35 @@ fn measure_sessions(lab: &Lab, options: &Options) -> Result<Sessions> {
 }
 
 fn print_sessions(sessions: &Sessions, options: &Options) {
-    let tps = |s: &[(f64, Option<f64>)]| median(s.iter().map(|x| x.0).collect());
-    let conn = |s: &[(f64, Option<f64>)]| median(s.iter().filter_map(|x| x.1).collect());
+    let tps = |s: &[SessionRun]| median(s.iter().map(|x| x.tps).collect());
+    let conn = |s: &[SessionRun]| median(s.iter().filter_map(|x| x.conn_ms).collect());
+    let cpu = |s: &[SessionRun]| median(s.iter().filter_map(|x| x.cpu_us).collect());
     let (shared, sqlite) = (tps(&sessions.shared), tps(&sessions.sqlite));
     println!(
         "\n2. session set-up through a node, pgbench -S -C (a new connection per transaction), {CLIENTS} clients, median of {} interleaved round(s) of {} s, same upstream, both nodes with the eBPF monitor (clients attributed by the kernel):",
         options.rounds, options.seconds
     );
     println!(
-        "  {:<34} {:>8.0} tps  connect {:.3} ms",
+        "  {:<34} {:>8.0} tps  connect {:.3} ms  warden CPU {:.0} µs per session",
         "fleet node 4 (PostgreSQL store)",
         shared,
-        conn(&sessions.shared)
+        conn(&sessions.shared),
+        cpu(&sessions.shared)
     );
     println!(
-        "  {:<34} {:>8.0} tps  connect {:.3} ms",
+        "  {:<34} {:>8.0} tps  connect {:.3} ms  warden CPU {:.0} µs per session",
         "single node (SQLite store)",
         sqlite,
-        conn(&sessions.sqlite)
+        conn(&sessions.sqlite),
+        cpu(&sessions.sqlite)
     );
     let r = ratio(shared, sqlite);
     println!(
         "  target: PostgreSQL store >= {SESSION_TARGET:.2}x the SQLite store: {r:.2}x  {}",
         verdict_at_least(r, SESSION_TARGET)
+    );
+    println!(
+        "  (TPS moves by tens of percent between rounds on this shared host; the CPU warden spends per session is the steadier comparison)"
     );
 }
 
@@ -1573,12 +1607,20 @@ fn print_writes(writes: &Writes, options: &Options) {
     );
     let backend_samples: u64 = writes.waits.by_state.iter().map(|(_, n)| n).sum();
     if backend_samples > 0 {
-        let shares: Vec<String> = writes
+        let share = |n: u64| n as f64 * 100.0 / backend_samples as f64;
+        let (big, small): (Vec<_>, Vec<_>) = writes
             .waits
             .by_state
             .iter()
-            .map(|(state, n)| format!("{state} {:.0}%", *n as f64 * 100.0 / backend_samples as f64))
+            .partition(|(_, n)| share(*n) >= 1.0);
+        let mut shares: Vec<String> = big
+            .iter()
+            .map(|(state, n)| format!("{state} {:.0}%", share(*n)))
             .collect();
+        if !small.is_empty() {
+            let rest: u64 = small.iter().map(|(_, n)| n).sum();
+            shares.push(format!("{} others {:.1}%", small.len(), share(rest)));
+        }
         println!(
             "  the nodes' store connections, sampled every 10 ms ({} samples, pg_stat_activity): {}",
             writes.waits.samples,

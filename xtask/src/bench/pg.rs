@@ -692,7 +692,7 @@ fn measure(lab: &Lab, options: &Options) -> Result<Results> {
 
 /// CPU time (µs, every thread, exited ones included) and context switches
 /// (live threads) of process `pid` so far.
-fn process_cost(pid: u32) -> Option<(u64, u64)> {
+pub(super) fn process_cost(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')')? + 1..];
