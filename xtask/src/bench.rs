@@ -35,13 +35,24 @@
 //!   detect-secrets, `--git` on 10,000 commits, and recall/precision per
 //!   family on a labelled corpus for all three. Not part of a plain `cargo
 //!   xtask bench`: `--only scan`.
+//! - Fleet (`bench/fleet.rs`): three nodes on one PostgreSQL store — how
+//!   fast a `secret put`/`rm`, `freeze` or `unfreeze` on one node shows in
+//!   sessions through every node (p50/p99/max), session set-up (`pgbench -S
+//!   -C`) on the PostgreSQL store beside the SQLite store, and secret writes
+//!   per second with the three nodes writing at once. Only with `--only
+//!   fleet`.
 //!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
 //! (default 3), `--mysql-seconds N` (default 5), `--mysql-rounds N` (default
-//! 3), `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan` (one benchmark); anything else goes to `svid_bench` (e.g. its iteration count).
+//! 3), `--fleet-samples N` (propagation samples per kind of change, default
+//! 30), `--fleet-seconds N` (seconds per pgbench run and of the write load,
+//! default 5), `--fleet-rounds N` (default 5), `--only
+//! svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet` (one benchmark);
+//! anything else goes to `svid_bench` (e.g. its iteration count).
 
+mod fleet;
 mod http;
 mod mysql;
 mod pg;
@@ -59,7 +70,8 @@ struct Options {
     pg: pg::Options,
     http: http::Options,
     mysql: mysql::Options,
-    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan`: run just that benchmark.
+    fleet: fleet::Options,
+    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -68,6 +80,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
     let mut pg = pg::Options::default();
     let mut http = http::Options::default();
     let mut mysql = mysql::Options::default();
+    let mut fleet = fleet::Options::default();
     let mut svid_args = Vec::new();
     let mut only = None;
     let mut iter = args.iter();
@@ -76,16 +89,16 @@ fn parse_args(args: &[String]) -> Result<Options> {
             let v = match arg.strip_prefix("--only=") {
                 Some(v) => v.to_owned(),
                 None => iter.next().cloned().context(
-                    "`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly or scan",
+                    "`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly, scan or fleet",
                 )?,
             };
             if ![
-                "svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan",
+                "svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan", "fleet",
             ]
             .contains(&v.as_str())
             {
                 bail!(
-                    "`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly or scan"
+                    "`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly, scan or fleet"
                 );
             }
             only = Some(v);
@@ -95,7 +108,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
             Some((name, value))
                 if name.starts_with("--pg-")
                     || name.starts_with("--http-")
-                    || name.starts_with("--mysql-") =>
+                    || name.starts_with("--mysql-")
+                    || name.starts_with("--fleet-") =>
             {
                 (name, Some(value.to_owned()))
             }
@@ -108,6 +122,9 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--http-rounds" => &mut http.rounds,
             "--mysql-seconds" => &mut mysql.seconds,
             "--mysql-rounds" => &mut mysql.rounds,
+            "--fleet-samples" => &mut fleet.samples,
+            "--fleet-seconds" => &mut fleet.seconds,
+            "--fleet-rounds" => &mut fleet.rounds,
             _ => {
                 svid_args.push(arg.clone());
                 continue;
@@ -135,10 +152,17 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if mysql.seconds > 600 {
         bail!("`--mysql-seconds {}` is more than 600", mysql.seconds);
     }
+    if fleet.seconds > 600 {
+        bail!("`--fleet-seconds {}` is more than 600", fleet.seconds);
+    }
+    if fleet.samples > 1000 {
+        bail!("`--fleet-samples {}` is more than 1000", fleet.samples);
+    }
     Ok(Options {
         pg,
         http,
         mysql,
+        fleet,
         only,
         svid_args,
     })
@@ -264,6 +288,13 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
             || scan::run(repo),
         )?;
     }
+    // Starts four daemons and a PostgreSQL store: only when asked for.
+    if options.only.as_deref() == Some("fleet") {
+        steps.run(
+            "fleet: 3 nodes on one PostgreSQL store (propagation, session set-up vs SQLite, secret writes/s)",
+            || fleet::run(repo, &options.fleet),
+        )?;
+    }
     steps.print_summary();
     Ok(())
 }
@@ -324,6 +355,27 @@ mod tests {
             Some("scan")
         );
         assert!(parse_args(&strings(&["--only=x"])).is_err());
+        let o = parse_args(&strings(&[
+            "--only=fleet",
+            "--fleet-samples",
+            "40",
+            "--fleet-seconds=3",
+            "--fleet-rounds",
+            "2",
+        ]))?;
+        assert_eq!(o.only.as_deref(), Some("fleet"));
+        assert_eq!(
+            o.fleet,
+            fleet::Options {
+                samples: 40,
+                seconds: 3,
+                rounds: 2
+            }
+        );
+        assert!(o.svid_args.is_empty());
+        assert_eq!(parse_args(&[])?.fleet, fleet::Options::default());
+        assert!(parse_args(&strings(&["--fleet-seconds=601"])).is_err());
+        assert!(parse_args(&strings(&["--fleet-samples", "0"])).is_err());
         let o = parse_args(&strings(&[
             "--only",
             "mysql",

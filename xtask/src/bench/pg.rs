@@ -142,11 +142,11 @@ impl Target {
 
 /// What one pgbench run measured.
 #[derive(Clone, Debug, Default)]
-struct Sample {
-    tps: f64,
+pub(super) struct Sample {
+    pub(super) tps: f64,
     latency_avg_ms: f64,
     /// pgbench's "average connection time" (meaningful with `-C`).
-    conn_ms: Option<f64>,
+    pub(super) conn_ms: Option<f64>,
     p50_ms: f64,
     p99_ms: f64,
     transactions: usize,
@@ -692,7 +692,7 @@ fn measure(lab: &Lab, options: &Options) -> Result<Results> {
 
 /// CPU time (µs, every thread, exited ones included) and context switches
 /// (live threads) of process `pid` so far.
-fn process_cost(pid: u32) -> Option<(u64, u64)> {
+pub(super) fn process_cost(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -861,7 +861,7 @@ fn median_of(values: Vec<f64>) -> Option<f64> {
     (!values.is_empty()).then(|| median(values))
 }
 
-fn ratio(value: f64, baseline: f64) -> f64 {
+pub(super) fn ratio(value: f64, baseline: f64) -> f64 {
     if baseline > 0.0 {
         value / baseline
     } else {
@@ -869,7 +869,7 @@ fn ratio(value: f64, baseline: f64) -> f64 {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -880,7 +880,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -890,7 +890,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// TPS, average latency and (with `-C`) connection time from pgbench's
 /// summary; fails when transactions failed or the run aborted.
-fn parse_pgbench_output(out: &str) -> Option<Sample> {
+pub(super) fn parse_pgbench_output(out: &str) -> Option<Sample> {
     let number_after = |prefix: &str| {
         out.lines()
             .find_map(|line| line.trim().strip_prefix(prefix))
@@ -960,12 +960,12 @@ fn free_ports() -> Result<[u16; 4]> {
     Ok(ports)
 }
 
-fn set_mode(path: &Path, mode: u32) -> Result<()> {
+pub(super) fn set_mode(path: &Path, mode: u32) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("could not chmod {}", path.display()))
 }
 
-fn chown_to_postgres(path: &Path) -> Result<()> {
+pub(super) fn chown_to_postgres(path: &Path) -> Result<()> {
     let mut chown = Command::new("chown");
     chown
         .arg("-R")
@@ -976,7 +976,7 @@ fn chown_to_postgres(path: &Path) -> Result<()> {
 
 /// Echoes `command`, runs it with output captured, fails (showing the
 /// output) unless it exits 0; returns stdout.
-fn run_captured(command: &mut Command) -> Result<String> {
+pub(super) fn run_captured(command: &mut Command) -> Result<String> {
     let line = cmd::display(command);
     println!("$ {line}");
     let out = command
@@ -996,7 +996,7 @@ fn run_captured(command: &mut Command) -> Result<String> {
 
 /// Like [`run_captured`], feeding `input` on stdin (kept off the command
 /// line, where passwords would show in `ps`).
-fn run_with_stdin(command: &mut Command, input: &[u8]) -> Result<()> {
+pub(super) fn run_with_stdin(command: &mut Command, input: &[u8]) -> Result<()> {
     let line = cmd::display(command);
     println!("$ {line} < (stdin)");
     let mut child = command
@@ -1022,7 +1022,7 @@ fn run_with_stdin(command: &mut Command, input: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn print_tail(path: &Path, n: usize) {
+pub(super) fn print_tail(path: &Path, n: usize) {
     let text = std::fs::read(path)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default();
@@ -1034,12 +1034,12 @@ fn print_tail(path: &Path, n: usize) {
     eprintln!("---- end ----");
 }
 
-fn is_root() -> bool {
+pub(super) fn is_root() -> bool {
     super::effective_uid() == Some(0)
 }
 
 /// `len` random letters and digits from /dev/urandom.
-fn random_alphanumeric(len: usize) -> Result<String> {
+pub(super) fn random_alphanumeric(len: usize) -> Result<String> {
     use std::io::Read as _;
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let limit = 256 - 256 % ALPHABET.len();
