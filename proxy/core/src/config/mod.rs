@@ -41,7 +41,7 @@
 //! - one file per section with its schema and its checks: `globals` (top-level
 //!   keys, `[admin]`, `[metrics]`, `[identity]`, `[monitor]`, `[audit]`),
 //!   `store` (`[store]`: the backend and its connection), `workload`, `secret`, `route` (with `route/credential` and
-//!   `route/inject`) and `anomaly`;
+//!   `route/inject`), `anomaly` and `export`;
 //! - value syntax shared by the sections: `names`, `address`, `duration`;
 //! - `report`: [`ConfigIssue`] and [`ConfigReport`].
 
@@ -52,6 +52,7 @@ mod address;
 mod anomaly;
 mod check;
 mod duration;
+mod export;
 mod globals;
 mod names;
 mod paths;
@@ -72,6 +73,10 @@ mod workload;
 pub use address::url_for_display;
 pub use anomaly::{Anomaly, AnomalyAction, AnomalyOverrides};
 pub use duration::{format_duration, parse_duration};
+pub use export::{
+    Export, ExportKind, ExportSink, ExportStream, HeaderValue, SyslogAddress, SyslogFacility,
+    DEFAULT_JOURNALD_SOCKET, DEFAULT_SYSLOG_ADDRESS, DEFAULT_FILE_KEEP, DEFAULT_FILE_MAX_BYTES,
+};
 pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMode};
 pub use report::{ConfigIssue, ConfigReport};
 pub use route::credential::{Dynamic, GrantMode};
@@ -145,6 +150,9 @@ pub struct Config {
     /// `[anomaly]`
     #[serde(default)]
     pub anomaly: Anomaly,
+    /// `[export]`
+    #[serde(default)]
+    pub export: Export,
     /// The file this config was read from (or the `origin` given to [`parse_str`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -187,6 +195,7 @@ impl Config {
             secrets: Vec::new(),
             routes: Vec::new(),
             anomaly: Anomaly::default(),
+            export: Export::default(),
             source: origin.to_path_buf(),
             warnings: Vec::new(),
         }
