@@ -899,8 +899,22 @@ pub struct AuditLog {
     /// Highest seq this handle wrote into the head anchor: an fsync that
     /// finishes after a newer anchor was written must not move it back.
     anchored: std::cell::Cell<u64>,
+    /// Called with each record and its line once written (see [`AuditTap`]).
+    tap: Option<AuditTap>,
     #[cfg(test)]
     fault: Option<Fault>,
+}
+
+/// What sees every record right after the log wrote it (the exporter):
+/// the event and its exact line, without the newline. It runs under the
+/// log's lock, so it must never block (the exporter only queues).
+#[derive(Clone)]
+pub struct AuditTap(pub std::sync::Arc<dyn Fn(&Event, &[u8]) + Send + Sync>);
+
+impl fmt::Debug for AuditTap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditTap")
+    }
 }
 
 /// An `fsync` of the records written unsynced, taken by
@@ -965,6 +979,7 @@ impl AuditLog {
             sole_writer: false,
             checked_at: None,
             anchored: std::cell::Cell::new(0),
+            tap: None,
             #[cfg(test)]
             fault: None,
         })
@@ -981,6 +996,24 @@ impl AuditLog {
     /// this file once a second instead of on every append.
     pub fn set_sole_writer(&mut self) {
         self.sole_writer = true;
+    }
+
+    /// Hands every record written from now on to `tap`, after it is written
+    /// (with `sync`: after its fsync).
+    pub fn set_tap(&mut self, tap: AuditTap) {
+        self.tap = Some(tap);
+    }
+
+    fn run_tap(&self, events: &[Event], lines: &[u8], ends: &[usize]) {
+        if let Some(tap) = &self.tap {
+            let mut start = 0;
+            for (event, &end) in events.iter().zip(ends) {
+                if let Some(line) = lines.get(start..end) {
+                    (tap.0)(event, line);
+                }
+                start = end + 1;
+            }
+        }
     }
 
     /// Appends one record and makes it durable (`fsync`) before returning it.
@@ -1149,6 +1182,8 @@ impl AuditLog {
         let mut head = self.head.clone();
         let mut records = Vec::with_capacity(if out.is_some() { events.len() } else { 0 });
         let mut lines = Vec::with_capacity(512 * events.len());
+        // Where each record's line ends in `lines`, for the tap.
+        let mut ends = Vec::with_capacity(if self.tap.is_some() { events.len() } else { 0 });
         for event in events {
             let seq = head
                 .seq
@@ -1169,6 +1204,9 @@ impl AuditLog {
                 });
             }
             lines.extend_from_slice(&line);
+            if self.tap.is_some() {
+                ends.push(lines.len());
+            }
             lines.push(b'\n');
             head = Head { seq, hash };
         }
@@ -1201,6 +1239,7 @@ impl AuditLog {
             if let Some(out) = out.as_deref_mut() {
                 out.append(&mut records);
             }
+            self.run_tap(events, &lines, &ends);
             return Ok(());
         }
         if let Err(e) = self.sync_log() {
@@ -1221,6 +1260,7 @@ impl AuditLog {
         if let Some(out) = out {
             out.append(&mut records);
         }
+        self.run_tap(events, &lines, &ends);
         Ok(())
     }
 
