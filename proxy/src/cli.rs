@@ -96,6 +96,10 @@ enum Command {
         /// 1,024 in memory).
         #[arg(long, short = 'n', default_value_t = 50)]
         lines: usize,
+        /// Show each process's ancestry with full executable paths and pids
+        /// (default: file names only).
+        #[arg(long)]
+        wide: bool,
     },
     /// Freeze a workload: the kernel denies its connects, warden refuses its
     /// sessions and SVIDs and closes its open sessions (admin only, audited).
@@ -409,7 +413,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Workload(ListOnly::List) => workload_list(&ctx),
         Command::Svid(cmd) => run_svid(&ctx, cmd),
         Command::Audit(cmd) => run_audit(&ctx, cmd),
-        Command::Events { follow, lines } => run_events(&ctx, follow, lines),
+        Command::Events {
+            follow,
+            lines,
+            wide,
+        } => run_events(&ctx, follow, lines, wide),
         Command::Doctor => {
             if crate::doctor::run(&ctx.cfg, &ctx.data_dir, ctx.json)? {
                 let _ = std::io::stdout().flush();
@@ -1278,7 +1286,7 @@ fn run_freeze(ctx: &Context, req: Request) -> Result<()> {
 
 // ---- audit ------------------------------------------------------------------
 
-fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
+fn run_events(ctx: &Context, follow: bool, lines: usize, wide: bool) -> Result<()> {
     let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
     let Some(mut client) = AdminClient::connect(&socket)? else {
         return Err(Error::unavailable(format!(
@@ -1311,7 +1319,7 @@ fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
         } else {
             let record: EventRecord = serde_json::from_value(value)
                 .map_err(|e| Error::internal(format!("unexpected event from daemon: {e}")))?;
-            format_event_line(&record)
+            format_event_line(&record, wide)
         };
         let mut out = std::io::stdout().lock();
         // A closed pipe (`warden events | head`) ends the stream quietly.

@@ -152,9 +152,23 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // One executable-hash cache for the daemon: attestation, freezes and
         // the event feed hash a process's executable once.
         let hashes = Arc::new(warden_identity::attest::ExeHashCache::new());
-        let access =
-            AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone(), &mut hardening)
-                .await?;
+        // `[export]`: a queue and a thread per sink; audit records go out
+        // as the log writes them (from the daemon's first record on), events
+        // from the monitor's enricher. Neither ever waits for a sink.
+        let exporter = warden_core::export::Exporter::start(&cfg.export, &metrics)?;
+        if let Some(x) = exporter.as_ref().filter(|x| x.wants_audit()) {
+            service.auditor().set_tap(x.audit_tap())?;
+        }
+        let access = AccessMonitor::start(
+            cfg,
+            data_dir,
+            bound,
+            &metrics,
+            hashes.clone(),
+            exporter.clone(),
+            &mut hardening,
+        )
+        .await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
