@@ -178,7 +178,9 @@ mod tests {
             Some(id.clone())
         );
         assert_eq!(
-            container_id(&format!("/kubepods.slice/kubepods-besteffort.slice/cri-containerd-{id}.scope")),
+            container_id(&format!(
+                "/kubepods.slice/kubepods-besteffort.slice/cri-containerd-{id}.scope"
+            )),
             Some(id.clone())
         );
         assert_eq!(container_id(&format!("/docker/{id}")), Some(id.clone()));

@@ -201,8 +201,7 @@ fn journal_fields(d: &[u8]) -> HashMap<String, String> {
         } else {
             let name = String::from_utf8_lossy(line).into_owned();
             let len_at = nl + 1;
-            let len =
-                u64::from_le_bytes(rest[len_at..len_at + 8].try_into().unwrap()) as usize;
+            let len = u64::from_le_bytes(rest[len_at..len_at + 8].try_into().unwrap()) as usize;
             let value = &rest[len_at + 8..len_at + 8 + len];
             out.insert(name, String::from_utf8_lossy(value).into_owned());
             rest = rest.get(len_at + 8 + len + 1..).unwrap_or(&[]);
@@ -290,7 +289,11 @@ socket = "journal.sock"
         .iter()
         .find(|e| is_session_event(e) && e["workload"] == "me")
         .unwrap_or_else(|| panic!("no attested event: {lines:?}"));
-    assert_eq!(event["exe"].as_str().map(|e| e.ends_with("psql")), Some(true), "{event}");
+    assert_eq!(
+        event["exe"].as_str().map(|e| e.ends_with("psql")),
+        Some(true),
+        "{event}"
+    );
     let chain = event["ancestry"].as_array().expect("ancestry");
     assert_eq!(
         chain[0]["pid"].as_u64(),
@@ -313,8 +316,12 @@ socket = "journal.sock"
         .filter(|l| l.contains("\"hash\":"))
         .map(str::to_string)
         .collect();
-    assert!(exported.iter().any(|l| l.contains("\"action\":\"daemon.start\"")));
-    assert!(exported.iter().any(|l| l.contains("\"action\":\"session.start\"")));
+    assert!(exported
+        .iter()
+        .any(|l| l.contains("\"action\":\"daemon.start\"")));
+    assert!(exported
+        .iter()
+        .any(|l| l.contains("\"action\":\"session.start\"")));
     for l in &exported {
         assert!(
             local.lines().any(|x| x == l),
@@ -352,7 +359,10 @@ socket = "journal.sock"
             r.headers.get("authorization").map(String::as_str),
             Some(format!("Bearer {TOKEN}").as_str())
         );
-        assert_eq!(r.headers.get("x-scope-orgid").map(String::as_str), Some("tenant-1"));
+        assert_eq!(
+            r.headers.get("x-scope-orgid").map(String::as_str),
+            Some("tenant-1")
+        );
         assert_eq!(
             r.headers.get("content-type").map(String::as_str),
             Some("application/json")
@@ -409,23 +419,35 @@ socket = "journal.sock"
     assert_eq!(parts[0], "<158>1", "{start}");
     let ts = parts[1].as_bytes();
     assert!(
-        ts.len() >= 20 && ts[4] == b'-' && ts[10] == b'T' && ts[13] == b':' && parts[1].ends_with('Z'),
+        ts.len() >= 20
+            && ts[4] == b'-'
+            && ts[10] == b'T'
+            && ts[13] == b':'
+            && parts[1].ends_with('Z'),
         "RFC 3339 timestamp in UTC: {start}"
     );
     assert!(!parts[2].is_empty() && !parts[2].contains(' '), "{start}");
     assert_eq!(parts[3], "warden");
     assert_eq!(parts[4], daemon.child.id().to_string());
     assert_eq!(parts[5], "audit");
-    assert!(parts[6].starts_with("[warden@32473 stream=\"audit\" workload=\"me\""), "{start}");
+    assert!(
+        parts[6].starts_with("[warden@32473 stream=\"audit\" workload=\"me\""),
+        "{start}"
+    );
     assert!(start.ends_with('}'), "{start}");
     assert!(msgs
         .iter()
-        .any(|m| m.contains(" event [warden@32473 stream=\"events\"") && m.contains("verdict=\"allowed\"")));
+        .any(|m| m.contains(" event [warden@32473 stream=\"events\"")
+            && m.contains("verdict=\"allowed\"")));
 
     // journald: native fields; this sink carries audit records only.
     let entries = wait_for("journald entries with the session", || {
-        let e: Vec<HashMap<String, String>> =
-            journal.lock().unwrap().iter().map(|d| journal_fields(d)).collect();
+        let e: Vec<HashMap<String, String>> = journal
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| journal_fields(d))
+            .collect();
         e.iter()
             .any(|f| f.get("WARDEN_ACTION").map(String::as_str) == Some("session.end"))
             .then_some(e)
@@ -446,7 +468,11 @@ socket = "journal.sock"
     assert!(metric(&warden, "warden_export_sent_total", &["sink=\"file\""]) >= 3.0);
     assert!(metric(&warden, "warden_export_sent_total", &["sink=\"otlp\""]) >= 3.0);
     assert_eq!(
-        metric(&warden, "warden_export_dropped_total", &["reason=\"queue_full\"", "sink=\"file\""]),
+        metric(
+            &warden,
+            "warden_export_dropped_total",
+            &["reason=\"queue_full\"", "sink=\"file\""]
+        ),
         0.0
     );
     daemon.stop();
@@ -525,10 +551,17 @@ timeout = "1s"
     });
     wait_for("errors on the dead sinks", || {
         (metric(&warden, "warden_export_errors_total", &["sink=\"dead\""]) > 0.0
-            && metric(&warden, "warden_export_errors_total", &["sink=\"tcp-syslog\""]) > 0.0)
+            && metric(
+                &warden,
+                "warden_export_errors_total",
+                &["sink=\"tcp-syslog\""],
+            ) > 0.0)
             .then_some(())
     });
-    assert_eq!(metric(&warden, "warden_export_sent_total", &["sink=\"stalled\""]), 0.0);
+    assert_eq!(
+        metric(&warden, "warden_export_sent_total", &["sink=\"stalled\""]),
+        0.0
+    );
     // Still serving.
     session(port);
 }
@@ -577,7 +610,10 @@ carries = ["audit"]
         .lines()
         .filter(|l| l.contains("\"workload\":\"me\""))
         .count();
-    let exported_sessions = lines.iter().filter(|l| l["actor"]["workload"] == "me").count();
+    let exported_sessions = lines
+        .iter()
+        .filter(|l| l["actor"]["workload"] == "me")
+        .count();
     assert!(local_sessions >= 12, "{local}");
     assert!(
         exported_sessions < local_sessions,

@@ -909,7 +909,10 @@ pub struct AuditLog {
 /// the event and its exact line, without the newline. It runs under the
 /// log's lock, so it must never block (the exporter only queues).
 #[derive(Clone)]
-pub struct AuditTap(pub std::sync::Arc<dyn Fn(&Event, &[u8]) + Send + Sync>);
+pub struct AuditTap(pub std::sync::Arc<TapFn>);
+
+/// The function behind an [`AuditTap`].
+pub type TapFn = dyn Fn(&Event, &[u8]) + Send + Sync;
 
 impl fmt::Debug for AuditTap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1066,11 +1066,7 @@ impl Metrics {
     /// The counters of export sink `sink`, resolved once (every series
     /// exists from the start at zero).
     pub(crate) fn export_counters(&self, sink: &str) -> crate::export::SinkCounters {
-        let dropped = |reason: &str| {
-            self.inner
-                .export_dropped
-                .with_label_values(&[sink, reason])
-        };
+        let dropped = |reason: &str| self.inner.export_dropped.with_label_values(&[sink, reason]);
         crate::export::SinkCounters {
             sent: self.inner.export_sent.with_label_values(&[sink]),
             errors: self.inner.export_errors.with_label_values(&[sink]),

@@ -246,7 +246,10 @@ impl SyslogAddress {
             .split_once(':')
             .ok_or_else(|| "has no unix:, udp: or tcp: prefix".to_string())?;
         let (host, port) = split_host_port(rest)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         match proto {
             "udp" => Ok(SyslogAddress::Udp(host, port)),
             "tcp" => Ok(SyslogAddress::Tcp(host, port)),
@@ -280,14 +283,14 @@ pub(super) fn check_export(c: &mut Checker<'_>) {
             "set burst to at least 1, e.g. burst = 200",
         );
     }
-    if e.queue.is_some() || e.rate_per_workload.is_some() || e.burst.is_some() {
-        if e.sinks.is_empty() {
-            c.warn(
-                "export",
-                "[export] has settings but no [[export.sink]], so nothing is exported",
-                "add an [[export.sink]] with kind = \"file\", \"journald\", \"syslog\" or \"otlp\"",
-            );
-        }
+    if (e.queue.is_some() || e.rate_per_workload.is_some() || e.burst.is_some())
+        && e.sinks.is_empty()
+    {
+        c.warn(
+            "export",
+            "[export] has settings but no [[export.sink]], so nothing is exported",
+            "add an [[export.sink]] with kind = \"file\", \"journald\", \"syslog\" or \"otlp\"",
+        );
     }
     let sinks = e.sinks.clone();
     let mut names: Vec<(String, usize)> = Vec::new();
@@ -564,10 +567,7 @@ timeout = "2s"
 
     #[test]
     fn sink_mistakes_name_the_key() {
-        only_error(
-            "[[export.sink]]\nkind = \"file\"\n",
-            "export.sink[0].path",
-        );
+        only_error("[[export.sink]]\nkind = \"file\"\n", "export.sink[0].path");
         only_error(
             "[[export.sink]]\nkind = \"otlp\"\n",
             "export.sink[0].endpoint",

@@ -75,7 +75,7 @@ pub use anomaly::{Anomaly, AnomalyAction, AnomalyOverrides};
 pub use duration::{format_duration, parse_duration};
 pub use export::{
     Export, ExportKind, ExportSink, ExportStream, HeaderValue, SyslogAddress, SyslogFacility,
-    DEFAULT_JOURNALD_SOCKET, DEFAULT_SYSLOG_ADDRESS, DEFAULT_FILE_KEEP, DEFAULT_FILE_MAX_BYTES,
+    DEFAULT_FILE_KEEP, DEFAULT_FILE_MAX_BYTES, DEFAULT_JOURNALD_SOCKET, DEFAULT_SYSLOG_ADDRESS,
 };
 pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMode};
 pub use report::{ConfigIssue, ConfigReport};

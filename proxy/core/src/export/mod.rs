@@ -122,9 +122,8 @@ impl Exporter {
             events: sinks.iter().any(|s| s.events),
             audit: sinks.iter().any(|s| s.audit),
             sinks,
-            limiter: (rate > 0).then(|| {
-                Mutex::new(Limiter::new(f64::from(rate), f64::from(cfg.burst())))
-            }),
+            limiter: (rate > 0)
+                .then(|| Mutex::new(Limiter::new(f64::from(rate), f64::from(cfg.burst())))),
         })))
     }
 
@@ -222,7 +221,10 @@ impl Limiter {
     fn allow(&mut self, key: &str, now: Instant) -> bool {
         let (rate, burst) = (self.rate, self.burst);
         let refill = |(tokens, at): (f64, Instant)| {
-            (burst.min(tokens + now.saturating_duration_since(at).as_secs_f64() * rate), now)
+            (
+                burst.min(tokens + now.saturating_duration_since(at).as_secs_f64() * rate),
+                now,
+            )
         };
         if let Some(b) = self.buckets.get_mut(key) {
             *b = refill(*b);

@@ -186,8 +186,9 @@ mod tests {
         assert_eq!(rec["timeUnixNano"], "1796551200000001000");
         assert_eq!(rec["body"]["stringValue"], batch[0].json.as_ref());
         let attrs = rec["attributes"].as_array().unwrap();
-        assert!(attrs.iter().any(|a| a["key"] == "warden.workload"
-            && a["value"]["stringValue"] == "me"));
+        assert!(attrs
+            .iter()
+            .any(|a| a["key"] == "warden.workload" && a["value"]["stringValue"] == "me"));
         assert_eq!(
             v["resourceLogs"][0]["resource"]["attributes"][0]["value"]["stringValue"],
             "warden"

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{fields, hostname, Failure, Item, Output};
-use crate::config::{ExportSink, ExportStream, SyslogAddress, SyslogFacility, DEFAULT_SYSLOG_ADDRESS};
+use crate::config::{
+    ExportSink, ExportStream, SyslogAddress, SyslogFacility, DEFAULT_SYSLOG_ADDRESS,
+};
 use crate::error::{Error, Result};
 
 pub(crate) struct SyslogOutput {
@@ -39,9 +41,8 @@ enum Conn {
 impl SyslogOutput {
     pub(crate) fn new(s: &ExportSink) -> Result<SyslogOutput> {
         let text = s.address.as_deref().unwrap_or(DEFAULT_SYSLOG_ADDRESS);
-        let address = SyslogAddress::parse(text).map_err(|p| {
-            Error::usage(format!("export sink {}: address {text:?} {p}", s.name()))
-        })?;
+        let address = SyslogAddress::parse(text)
+            .map_err(|p| Error::usage(format!("export sink {}: address {text:?} {p}", s.name())))?;
         Ok(SyslogOutput {
             address,
             facility: s.facility.unwrap_or(SyslogFacility::Authpriv).code(),
@@ -64,7 +65,11 @@ impl SyslogOutput {
                     .to_socket_addrs()?
                     .next()
                     .ok_or_else(|| std::io::Error::other("no address"))?;
-                let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let local = if target.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
                 let s = UdpSocket::bind(local)?;
                 s.connect(target)?;
                 Conn::Udp(s)
@@ -121,7 +126,10 @@ pub(crate) fn format_message(item: &Item, facility: u8, host: &str, pid: u32) ->
         .take(255)
         .collect();
     let host = if host.is_empty() { "-".into() } else { host };
-    format!("<{pri}>1 {time} {host} warden {pid} {msgid} {sd} {}", item.json)
+    format!(
+        "<{pri}>1 {time} {host} warden {pid} {msgid} {sd} {}",
+        item.json
+    )
 }
 
 impl Output for SyslogOutput {
@@ -179,7 +187,10 @@ mod tests {
         let parts: Vec<&str> = m.splitn(8, ' ').collect();
         assert!(parts[1].ends_with('Z') && parts[1].contains('T'), "{m}");
         assert_eq!(&parts[2..6], &["node-1", "warden", "77", "audit"]);
-        assert!(m.contains("[warden@32473 stream=\"audit\" workload=\"me\""), "{m}");
+        assert!(
+            m.contains("[warden@32473 stream=\"audit\" workload=\"me\""),
+            "{m}"
+        );
         assert!(m.contains("route=\"a\\]b\""), "{m}");
         assert!(m.ends_with(&*item.json), "{m}");
     }
