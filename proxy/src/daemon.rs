@@ -455,6 +455,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         })
         .await
         .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))??;
+        // The last records (daemon.stop) reach the sinks if they can within 2 s.
+        if let Some(x) = &exporter {
+            let x = x.clone();
+            let _ = tokio::task::spawn_blocking(move || x.flush(std::time::Duration::from_secs(2))).await;
+        }
         if identity.is_removed() {
             return Err(Error::denied(
                 "this node was removed from the fleet (`warden node remove`): it stopped serving; fix: to bring it back run `warden node token` on a fleet node, then `warden node join` here",

@@ -475,7 +475,14 @@ socket = "journal.sock"
         ),
         0.0
     );
-    daemon.stop();
+    assert_eq!(daemon.stop(), Some(0));
+    // A clean stop flushes the queues: the last record went out too.
+    assert!(
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("\"action\":\"daemon.stop\""),
+        "daemon.stop exported before the daemon exited"
+    );
     let log = daemon.log_text();
     let everything = format!(
         "{log}{}{:?}{:?}",

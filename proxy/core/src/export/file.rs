@@ -128,3 +128,55 @@ impl Output for FileOutput {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ExportKind, ExportStream};
+
+    fn sink(path: &Path) -> ExportSink {
+        ExportSink {
+            name: None,
+            kind: ExportKind::File,
+            carries: None,
+            path: Some(path.to_path_buf()),
+            max_bytes: Some(4096),
+            keep: Some(2),
+            socket: None,
+            address: None,
+            facility: None,
+            endpoint: None,
+            headers: Default::default(),
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn lines_are_appended_private_and_rotated_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let mut out = FileOutput::new(&sink(&path)).unwrap();
+        let item = Arc::new(Item {
+            stream: ExportStream::Audit,
+            json: format!("{{\"pad\":\"{}\"}}", "a".repeat(1000)).into(),
+        });
+        for _ in 0..20 {
+            assert_eq!(out.deliver(&[item.clone(), item.clone()]).ok(), Some(2));
+        }
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(meta.len() <= 4096);
+        let rotated = |n: u32| dir.path().join(format!("x.jsonl.{n}"));
+        assert!(rotated(1).exists() && rotated(2).exists());
+        assert!(!rotated(3).exists(), "keep = 2");
+        for p in [path.clone(), rotated(1)] {
+            for line in std::fs::read_to_string(&p).unwrap().lines() {
+                assert_eq!(line, &*item.json);
+            }
+        }
+        // Moved away by someone else: reopened at the path.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        assert_eq!(out.deliver(&[item.clone()]).ok(), Some(1));
+        assert!(path.exists());
+    }
+}

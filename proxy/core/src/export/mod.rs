@@ -26,6 +26,7 @@ mod otlp;
 mod syslog;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,6 +71,8 @@ struct SinkHandle {
     audit: bool,
     tx: SyncSender<Arc<Item>>,
     counters: SinkCounters,
+    /// Entries queued and not yet delivered or dropped (for [`Exporter::flush`]).
+    pending: Arc<AtomicUsize>,
 }
 
 /// The daemon's exporter: one bounded queue and thread per sink.
@@ -105,9 +108,11 @@ impl Exporter {
             let out = output_for(i, s)?;
             let (tx, rx) = mpsc::sync_channel::<Arc<Item>>(cfg.queue());
             let c = counters.clone();
+            let pending = Arc::new(AtomicUsize::new(0));
+            let p = pending.clone();
             std::thread::Builder::new()
                 .name(format!("warden-export-{}", s.name()))
-                .spawn(move || run_sink(rx, out, &c))
+                .spawn(move || run_sink(rx, out, &c, &p))
                 .map_err(|e| Error::internal(format!("cannot start the export thread: {e}")))?;
             tracing::info!(sink = %s.name(), kind = %s.kind, "export sink started");
             sinks.push(SinkHandle {
@@ -115,6 +120,7 @@ impl Exporter {
                 audit: s.carries(ExportStream::Audit),
                 tx,
                 counters,
+                pending,
             });
         }
         let rate = cfg.rate_per_workload();
@@ -151,6 +157,25 @@ impl Exporter {
         }
         let text = String::from_utf8_lossy(line).into_owned();
         self.offer(ExportStream::Audit, key, text.into_boxed_str());
+    }
+
+    /// Waits (at most `limit`) until every queued entry was delivered or
+    /// given up: the daemon's last records (`daemon.stop`) at a clean stop.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self
+                .sinks
+                .iter()
+                .all(|s| s.pending.load(Ordering::Acquire) == 0)
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The audit log's tap: each record, as written, to the sinks that
@@ -192,9 +217,11 @@ impl Exporter {
         }
         let item = Arc::new(Item { stream, json });
         for s in self.sinks.iter().filter(|s| carries(s)) {
+            s.pending.fetch_add(1, Ordering::AcqRel);
             match s.tx.try_send(item.clone()) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    s.pending.fetch_sub(1, Ordering::AcqRel);
                     s.counters.queue_full.inc()
                 }
             }
@@ -284,7 +311,12 @@ fn output_for(i: usize, s: &ExportSink) -> Result<Box<dyn Output>> {
 
 /// A sink's thread: batches from the queue, delivered with retries; ends
 /// when the exporter is dropped.
-fn run_sink(rx: Receiver<Arc<Item>>, mut out: Box<dyn Output>, c: &SinkCounters) {
+fn run_sink(
+    rx: Receiver<Arc<Item>>,
+    mut out: Box<dyn Output>,
+    c: &SinkCounters,
+    pending: &AtomicUsize,
+) {
     let mut backoff = Duration::ZERO;
     let mut warned_at: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
@@ -329,6 +361,7 @@ fn run_sink(rx: Receiver<Arc<Item>>, mut out: Box<dyn Output>, c: &SinkCounters)
                 }
             }
         }
+        pending.fetch_sub(batch.len(), Ordering::AcqRel);
     }
 }
 
