@@ -445,6 +445,14 @@ mod tests {
         let rule = c.anomaly.distinct_secrets_per_minute.as_ref().unwrap();
         assert_eq!(rule.limit, 100);
         assert_eq!(rule.action, AnomalyAction::Freeze);
+        let x = &c.export;
+        assert_eq!(
+            (x.queue(), x.rate_per_workload(), x.burst()),
+            (8192, 100, 200)
+        );
+        let kinds: Vec<&str> = x.sinks.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, vec!["file", "journald", "syslog", "otlp"]);
+        assert_eq!(x.sinks[3].name(), "collector");
         assert_eq!(c.source, origin());
     }
 
