@@ -897,6 +897,56 @@ mod tests {
     }
 
     #[test]
+    fn event_lines_show_the_ancestry_and_the_container() {
+        let who = Arc::new(Enriched {
+            exe: Some(Arc::from("/usr/bin/psql")),
+            workload: Some(Arc::from("reports")),
+            unit: Some(Arc::from("reports.service")),
+            ancestry: vec![
+                Ancestor {
+                    pid: 40,
+                    exe: Some("/usr/bin/bash".into()),
+                },
+                Ancestor {
+                    pid: 1,
+                    exe: Some("/usr/lib/systemd/systemd".into()),
+                },
+            ]
+            .into(),
+            ..Enriched::default()
+        });
+        let e = FeedEvent {
+            time: time::OffsetDateTime::now_utc(),
+            ev: event(41),
+            who,
+            destination: Arc::from("route orders-db"),
+            is_warden: false,
+        }
+        .record();
+        let line = format_event_line(&e, false);
+        assert!(
+            line.contains("[reports.service]  via bash ← systemd"),
+            "{line}"
+        );
+        let wide = format_event_line(&e, true);
+        assert!(
+            wide.ends_with("via /usr/bin/bash[40] ← /usr/lib/systemd/systemd[1]"),
+            "{wide}"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["ancestry"][0]["pid"], 40);
+        let mut boxed = e.clone();
+        boxed.container = Some("a".repeat(64));
+        assert!(format_event_line(&boxed, false).contains("[container aaaaaaaaaaaa]"));
+        // Older daemons' records (no ancestry) still parse.
+        let old: EventRecord = serde_json::from_str(
+            r#"{"time":"t","pid":1,"tid":1,"uid":0,"gid":0,"exe":null,"cgroup":null,"unit":null,"workload":null,"kind":"connect","destination":"other","address":"1.2.3.4:5","verdict":"allowed","comm":"x"}"#,
+        )
+        .unwrap();
+        assert!(old.ancestry.is_empty());
+    }
+
+    #[test]
     fn destinations_name_routes_and_wildcards() {
         let d = Destinations {
             listeners: vec![("0.0.0.0:15432".parse().expect("addr"), "orders-db".into())],
