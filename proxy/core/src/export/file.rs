@@ -176,7 +176,7 @@ mod tests {
         }
         // Moved away by someone else: reopened at the path.
         std::fs::rename(&path, dir.path().join("moved")).unwrap();
-        assert_eq!(out.deliver(&[item.clone()]).ok(), Some(1));
+        assert_eq!(out.deliver(std::slice::from_ref(&item)).ok(), Some(1));
         assert!(path.exists());
     }
 }
