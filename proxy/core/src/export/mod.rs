@@ -179,13 +179,17 @@ impl Exporter {
     }
 
     /// The audit log's tap: each record, as written, to the sinks that
-    /// carry audit records (limited per workload when a workload acted).
+    /// carry audit records (limited per workload, or per uid for a process
+    /// of no workload; admin and daemon records are never limited).
     pub fn audit_tap(self: &Arc<Self>) -> crate::audit::AuditTap {
         let me = self.clone();
         crate::audit::AuditTap(Arc::new(move |event, line| {
-            let key = match &event.actor.workload {
-                Some(w) => RateKey::Workload(w),
-                None => RateKey::None,
+            let key = match (&event.actor.workload, event.actor.kind, event.actor.uid) {
+                (Some(w), _, _) => RateKey::Workload(w),
+                // A refused process that attests to no workload: by uid, so
+                // a flood of refusals cannot drown the pipe either.
+                (None, crate::audit::ActorKind::Workload, Some(uid)) => RateKey::Uid(uid),
+                _ => RateKey::None,
             };
             me.audit(key, line);
         }))
