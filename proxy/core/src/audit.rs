@@ -1978,6 +1978,38 @@ mod tests {
         (dir, path)
     }
 
+    /// The tap sees each written record's exact line, in order, for
+    /// durable, unsynced and group appends; a failed append shows nothing.
+    #[test]
+    fn the_tap_sees_every_written_line_exactly() {
+        let (_dir, path) = new_log(1);
+        let mut log = AuditLog::open(&path).unwrap();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        let s = seen.clone();
+        log.set_tap(AuditTap(std::sync::Arc::new(
+            move |e: &Event, line: &[u8]| {
+                s.lock()
+                    .unwrap()
+                    .push((e.target.secret.clone().unwrap_or_default(), line.to_vec()));
+            },
+        )));
+        log.append(&event(2)).unwrap();
+        log.append_all(&[event(3), event(4)]).unwrap();
+        log.write_all(&[event(5)], false).unwrap();
+        log.write_all(&[event(6), event(7)], true).unwrap();
+        let mut bad = event(8);
+        bad.reason = "x".repeat(MAX_RECORD_BYTES + 1);
+        assert!(log.append(&bad).is_err());
+        let seen = seen.lock().unwrap().clone();
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["db-2", "db-3", "db-4", "db-5", "db-6", "db-7"]);
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 7);
+        for (i, (_, line)) in seen.iter().enumerate() {
+            assert_eq!(line, &lines[i + 1]);
+        }
+    }
+
     fn read_lines(path: &Path) -> Vec<Vec<u8>> {
         let data = fs::read(path).unwrap();
         let mut lines: Vec<Vec<u8>> = data.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
