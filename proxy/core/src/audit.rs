@@ -1984,7 +1984,8 @@ mod tests {
     fn the_tap_sees_every_written_line_exactly() {
         let (_dir, path) = new_log(1);
         let mut log = AuditLog::open(&path).unwrap();
-        let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        type Seen = Vec<(String, Vec<u8>)>;
+        let seen: std::sync::Arc<std::sync::Mutex<Seen>> = Default::default();
         let s = seen.clone();
         log.set_tap(AuditTap(std::sync::Arc::new(
             move |e: &Event, line: &[u8]| {
