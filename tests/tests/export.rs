@@ -629,3 +629,49 @@ carries = ["audit"]
     // The daemon's own records are never limited.
     assert!(lines.iter().any(|l| l["action"] == "daemon.start"));
 }
+
+#[test]
+fn config_check_and_start_name_the_export_key_and_the_fix() {
+    let warden = Instance::new_with(
+        "[[export.sink]]\nkind = \"otlp\"\n\n[[export.sink]]\nkind = \"journald\"\npath = \"/tmp/x\"\n",
+    );
+    let out = warden.run(&["config", "check"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(text.contains("export.sink[0].endpoint"), "{text}");
+    assert!(text.contains("http://127.0.0.1:4318/v1/logs"), "{text}");
+    assert!(text.contains("export.sink[1].path"), "{text}");
+    assert!(text.contains("kind = \"file\""), "{text}");
+
+    // A header file that cannot be read stops the start, naming the key.
+    let warden = Instance::new_with(
+        "[[export.sink]]\nkind = \"otlp\"\nendpoint = \"http://127.0.0.1:9/v1/logs\"\nheaders = { Authorization = { file = \"missing-token\" } }\n",
+    );
+    warden.run(&["config", "check"]).ok();
+    warden.run(&["init"]).ok();
+    let log = warden.dir.path().join("up.log");
+    let mut child = warden
+        .command(&["up"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("warden up started without its header file");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("export.sink[0].headers.Authorization") && stderr.contains("missing-token"),
+        "{stderr}"
+    );
+}
