@@ -22,7 +22,10 @@ use warden_identity::attest::{ExeHashCache, PeerResolver, ProcNetResolver, Regis
 
 use warden_core::config::{Config, EbpfMode, ProtectMode, RouteKind};
 use warden_core::error::{Error, Result};
+use warden_core::export::{Exporter, RateKey};
 use warden_core::metrics::{Metrics, MonitorEventKind, MonitorMode, MonitorVerdict};
+
+use crate::ancestry::{Ancestor, AncestryCache};
 
 /// How many recent events `warden events` (without `--follow`) can show.
 pub const RECENT_EVENTS: usize = 1024;
@@ -62,6 +65,13 @@ pub struct EventRecord {
     pub verdict: String,
     /// The task's comm (informational, never used for identity).
     pub comm: String,
+    /// The process's parent executables, nearest first, up to pid 1 or a
+    /// systemd service's main process (display only).
+    #[serde(default)]
+    pub ancestry: Vec<Ancestor>,
+    /// The container id in the cgroup path (docker, containerd, CRI-O, podman).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// An event as the feed keeps it: the kernel's record plus shared
@@ -98,18 +108,36 @@ impl FeedEvent {
             address: self.ev.dest.to_string(),
             verdict: self.ev.verdict.as_str().into(),
             comm: self.ev.comm(),
+            ancestry: self.who.ancestry.to_vec(),
+            container: text(&self.who.container),
         }
     }
 }
 
 /// What user space adds to a process's events (display only), shared by
 /// the events of one process.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 struct Enriched {
     exe: Option<Arc<str>>,
     cgroup: Option<Arc<str>>,
     unit: Option<Arc<str>>,
     workload: Option<Arc<str>>,
+    /// Parent executables (cached per process, see `ancestry`).
+    ancestry: Arc<[Ancestor]>,
+    container: Option<Arc<str>>,
+}
+
+impl Default for Enriched {
+    fn default() -> Enriched {
+        Enriched {
+            exe: None,
+            cgroup: None,
+            unit: None,
+            workload: None,
+            ancestry: Arc::new([]),
+            container: None,
+        }
+    }
 }
 
 /// Recent events and live subscribers.
@@ -238,6 +266,8 @@ pub struct AccessMonitor {
     anomaly: Arc<std::sync::OnceLock<Arc<warden_core::anomaly::Anomaly>>>,
     /// The daemon's one executable-hash cache (shared with attestation).
     hashes: Arc<ExeHashCache>,
+    /// Where events are shipped (`[export]`), if anywhere.
+    exporter: Option<Arc<Exporter>>,
 }
 
 /// Where every daemon's pin directories live.
@@ -330,6 +360,7 @@ impl AccessMonitor {
         listeners: Vec<(SocketAddr, String)>,
         metrics: &Metrics,
         hashes: Arc<ExeHashCache>,
+        exporter: Option<Arc<Exporter>>,
         hardening: &mut crate::privileges::Hardening,
     ) -> Result<AccessMonitor> {
         let feed = Arc::new(EventFeed::new());
@@ -340,6 +371,7 @@ impl AccessMonitor {
             feed: feed.clone(),
             anomaly: Arc::default(),
             hashes: hashes.clone(),
+            exporter: exporter.clone(),
         };
         if cfg.monitor.ebpf == EbpfMode::Off {
             tracing::info!("monitor.ebpf = \"off\": attributing connections through /proc; no access events or kernel deny");
@@ -428,6 +460,7 @@ impl AccessMonitor {
                     feed,
                     anomaly: Arc::default(),
                     hashes,
+                    exporter: exporter.clone(),
                 };
                 me.spawn_consumer(
                     cfg,
@@ -552,6 +585,7 @@ impl AccessMonitor {
             feed,
             self.anomaly.clone(),
             hashes,
+            self.exporter.clone().filter(|e| e.wants_events()),
         ));
     }
 
@@ -591,7 +625,8 @@ fn fix_for(e: &MonitorError) -> &'static str {
     }
 }
 
-/// Adds what user space knows (exe, cgroup, unit, workload) and publishes.
+/// Adds what user space knows (exe, cgroup, unit, workload, ancestry),
+/// publishes, and hands the event to the exporter (a non-blocking queue).
 async fn enrich(
     mut rx: tokio::sync::mpsc::Receiver<(AccessEvent, Option<Arc<str>>)>,
     registrations: Vec<Registration>,
@@ -599,8 +634,10 @@ async fn enrich(
     feed: Arc<EventFeed>,
     anomaly: Arc<std::sync::OnceLock<Arc<warden_core::anomaly::Anomaly>>>,
     hashes: Arc<ExeHashCache>,
+    exporter: Option<Arc<Exporter>>,
 ) {
     let mut recent = RecentFacts::default();
+    let mut ancestry = AncestryCache::default();
     let mut described: std::collections::HashMap<(DestKind, SocketAddr), Arc<str>> =
         std::collections::HashMap::new();
     let me = std::process::id();
@@ -626,6 +663,15 @@ async fn enrich(
                         .map(|r| Arc::from(r.name.as_str()))
                 });
                 let shared = |s: Option<&String>| s.map(|s| Arc::from(s.as_str()));
+                let chain = match &facts {
+                    Some(f) => ancestry.get(ev.process.tgid, f.start_time),
+                    None => Arc::new([]),
+                };
+                let container = facts
+                    .as_ref()
+                    .and_then(|f| f.cgroup.as_deref())
+                    .and_then(crate::ancestry::container_id)
+                    .map(Arc::from);
                 let who = Arc::new(Enriched {
                     exe: facts
                         .as_ref()
@@ -635,6 +681,8 @@ async fn enrich(
                     cgroup: shared(facts.as_ref().and_then(|f| f.cgroup.as_ref())),
                     unit: shared(facts.as_ref().and_then(|f| f.systemd_unit.as_ref())),
                     workload,
+                    ancestry: chain,
+                    container,
                 });
                 recent.put(key, who.clone());
                 who
@@ -656,13 +704,23 @@ async fn enrich(
             .entry((ev.dest_kind, ev.dest))
             .or_insert_with(|| Arc::from(dest.describe(ev.dest_kind, ev.dest)))
             .clone();
-        feed.publish(FeedEvent {
+        let event = FeedEvent {
             time: time::OffsetDateTime::now_utc(),
             is_warden: ev.process.tgid == me,
             who,
             destination,
             ev,
-        });
+        };
+        if let Some(x) = &exporter {
+            if let Ok(json) = serde_json::to_string(&event.record()) {
+                let key = match event.who.workload.as_deref() {
+                    Some(w) => RateKey::Workload(w),
+                    None => RateKey::Uid(event.ev.process.uid),
+                };
+                x.event(key, json);
+            }
+        }
+        feed.publish(event);
     }
 }
 
@@ -752,15 +810,26 @@ impl RecentFacts {
     }
 }
 
-/// `warden events` output, one line per event.
-pub fn format_event_line(e: &EventRecord) -> String {
+/// `warden events` output, one line per event (`wide`: the ancestry with
+/// full paths and pids instead of file names).
+pub fn format_event_line(e: &EventRecord, wide: bool) -> String {
     let who = match (&e.workload, e.is_warden) {
         (_, true) => "warden itself".to_string(),
         (Some(w), false) => format!("workload {w}"),
         (None, false) => "no workload".to_string(),
     };
+    let via = if e.ancestry.is_empty() {
+        String::new()
+    } else {
+        format!("  via {}", crate::ancestry::compact(&e.ancestry, wide))
+    };
+    let place = match (&e.unit, &e.container) {
+        (_, Some(c)) => format!("container {}", &c[..c.len().min(12)]),
+        (Some(u), None) => u.clone(),
+        (None, None) => e.cgroup.clone().unwrap_or_else(|| "-".into()),
+    };
     format!(
-        "{}  {:<15} {:<10} pid {:<7} uid {:<5} {:<28} {:<16} -> {} ({})  [{}]",
+        "{}  {:<15} {:<10} pid {:<7} uid {:<5} {:<28} {:<16} -> {} ({})  [{}]{via}",
         e.time,
         e.verdict,
         e.kind,
@@ -773,7 +842,7 @@ pub fn format_event_line(e: &EventRecord) -> String {
         who,
         e.destination,
         e.address,
-        e.unit.as_deref().or(e.cgroup.as_deref()).unwrap_or("-"),
+        place,
     )
 }
 
@@ -897,6 +966,56 @@ mod tests {
             ("connect", "allowed")
         );
         assert_eq!(feed.recent(usize::MAX).len(), RECENT_EVENTS);
+    }
+
+    #[test]
+    fn event_lines_show_the_ancestry_and_the_container() {
+        let who = Arc::new(Enriched {
+            exe: Some(Arc::from("/usr/bin/psql")),
+            workload: Some(Arc::from("reports")),
+            unit: Some(Arc::from("reports.service")),
+            ancestry: vec![
+                Ancestor {
+                    pid: 40,
+                    exe: Some("/usr/bin/bash".into()),
+                },
+                Ancestor {
+                    pid: 1,
+                    exe: Some("/usr/lib/systemd/systemd".into()),
+                },
+            ]
+            .into(),
+            ..Enriched::default()
+        });
+        let e = FeedEvent {
+            time: time::OffsetDateTime::now_utc(),
+            ev: event(41),
+            who,
+            destination: Arc::from("route orders-db"),
+            is_warden: false,
+        }
+        .record();
+        let line = format_event_line(&e, false);
+        assert!(
+            line.contains("[reports.service]  via bash ← systemd"),
+            "{line}"
+        );
+        let wide = format_event_line(&e, true);
+        assert!(
+            wide.ends_with("via /usr/bin/bash[40] ← /usr/lib/systemd/systemd[1]"),
+            "{wide}"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["ancestry"][0]["pid"], 40);
+        let mut boxed = e.clone();
+        boxed.container = Some("a".repeat(64));
+        assert!(format_event_line(&boxed, false).contains("[container aaaaaaaaaaaa]"));
+        // Older daemons' records (no ancestry) still parse.
+        let old: EventRecord = serde_json::from_str(
+            r#"{"time":"t","pid":1,"tid":1,"uid":0,"gid":0,"exe":null,"cgroup":null,"unit":null,"workload":null,"kind":"connect","destination":"other","address":"1.2.3.4:5","verdict":"allowed","comm":"x"}"#,
+        )
+        .unwrap();
+        assert!(old.ancestry.is_empty());
     }
 
     #[test]

@@ -100,6 +100,10 @@ enum Command {
         /// store (each line names its node).
         #[arg(long)]
         fleet: bool,
+        /// Show each process's ancestry with full executable paths and pids
+        /// (default: file names only).
+        #[arg(long)]
+        wide: bool,
     },
     /// Freeze a workload: the kernel denies its connects, warden refuses its
     /// sessions and SVIDs and closes its open sessions (admin only, audited).
@@ -425,12 +429,14 @@ pub fn run(cli: Cli) -> Result<()> {
             follow,
             lines,
             fleet: false,
-        } => run_events(&ctx, follow, lines),
+            wide,
+        } => run_events(&ctx, follow, lines, wide),
         Command::Events {
             follow,
             lines,
             fleet: true,
-        } => events_fleet(&ctx, follow, lines),
+            wide,
+        } => events_fleet(&ctx, follow, lines, wide),
         Command::Doctor => {
             if crate::doctor::run(&ctx.cfg, &ctx.data_dir, ctx.json)? {
                 let _ = std::io::stdout().flush();
@@ -1346,7 +1352,7 @@ fn run_freeze(ctx: &Context, req: Request) -> Result<()> {
 
 // ---- audit ------------------------------------------------------------------
 
-fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
+fn run_events(ctx: &Context, follow: bool, lines: usize, wide: bool) -> Result<()> {
     let socket = daemon::admin_socket_path(&ctx.cfg, &ctx.data_dir);
     let Some(mut client) = AdminClient::connect(&socket)? else {
         return Err(Error::unavailable(format!(
@@ -1379,7 +1385,7 @@ fn run_events(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
         } else {
             let record: EventRecord = serde_json::from_value(value)
                 .map_err(|e| Error::internal(format!("unexpected event from daemon: {e}")))?;
-            format_event_line(&record)
+            format_event_line(&record, wide)
         };
         let mut out = std::io::stdout().lock();
         // A closed pipe (`warden events | head`) ends the stream quietly.
@@ -1649,7 +1655,11 @@ fn audit_verify_fleet(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-fn fleet_event_line(e: &warden_core::store::postgres::StoredEvent, json: bool) -> Option<String> {
+fn fleet_event_line(
+    e: &warden_core::store::postgres::StoredEvent,
+    json: bool,
+    wide: bool,
+) -> Option<String> {
     // A summary the nodes wrote (names, ids, addresses; no secret).
     let value: serde_json::Value = match serde_json::from_str(&e.event) {
         Ok(v) => v,
@@ -1665,7 +1675,7 @@ fn fleet_event_line(e: &warden_core::store::postgres::StoredEvent, json: bool) -
         return Some(serde_json::json!({"node": e.node, "event": value}).to_string());
     }
     match serde_json::from_value::<EventRecord>(value) {
-        Ok(r) => Some(format!("[{}] {}", e.node, format_event_line(&r))),
+        Ok(r) => Some(format!("[{}] {}", e.node, format_event_line(&r, wide))),
         Err(_) => {
             eprintln!(
                 "warden: event row {} of node {} is not readable",
@@ -1676,12 +1686,12 @@ fn fleet_event_line(e: &warden_core::store::postgres::StoredEvent, json: bool) -
     }
 }
 
-fn events_fleet(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
+fn events_fleet(ctx: &Context, follow: bool, lines: usize, wide: bool) -> Result<()> {
     let store = warden_core::fleet_views::open_for_view(&ctx.cfg.store, &ctx.data_dir, "events")?;
     let mut last = 0i64;
     for e in store.events_latest(lines)? {
         last = last.max(e.id);
-        if let Some(line) = fleet_event_line(&e, ctx.json) {
+        if let Some(line) = fleet_event_line(&e, ctx.json, wide) {
             if !out_line(&line) {
                 return Ok(());
             }
@@ -1710,7 +1720,7 @@ fn events_fleet(ctx: &Context, follow: bool, lines: usize) -> Result<()> {
         };
         for e in rows {
             last = last.max(e.id);
-            if let Some(line) = fleet_event_line(&e, ctx.json) {
+            if let Some(line) = fleet_event_line(&e, ctx.json, wide) {
                 if !out_line(&line) {
                     return Ok(());
                 }

@@ -152,9 +152,23 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // One executable-hash cache for the daemon: attestation, freezes and
         // the event feed hash a process's executable once.
         let hashes = Arc::new(warden_identity::attest::ExeHashCache::new());
-        let access =
-            AccessMonitor::start(cfg, data_dir, bound, &metrics, hashes.clone(), &mut hardening)
-                .await?;
+        // `[export]`: a queue and a thread per sink; audit records go out
+        // as the log writes them (from the daemon's first record on), events
+        // from the monitor's enricher. Neither ever waits for a sink.
+        let exporter = warden_core::export::Exporter::start(&cfg.export, &metrics)?;
+        if let Some(x) = exporter.as_ref().filter(|x| x.wants_audit()) {
+            service.auditor().set_tap(x.audit_tap())?;
+        }
+        let access = AccessMonitor::start(
+            cfg,
+            data_dir,
+            bound,
+            &metrics,
+            hashes.clone(),
+            exporter.clone(),
+            &mut hardening,
+        )
+        .await?;
         let metrics_listener = match cfg.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
                 Error::usage(format!(
@@ -467,6 +481,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         })
         .await
         .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))??;
+        // The last records (daemon.stop) reach the sinks if they can within 2 s.
+        if let Some(x) = &exporter {
+            let x = x.clone();
+            let _ = tokio::task::spawn_blocking(move || x.flush(std::time::Duration::from_secs(2))).await;
+        }
         if identity.is_removed() {
             return Err(Error::denied(
                 "this node was removed from the fleet (`warden node remove`): it stopped serving; fix: to bring it back run `warden node token` on a fleet node, then `warden node join` here",

@@ -8,6 +8,7 @@
 
 mod access_monitor;
 mod admin;
+mod ancestry;
 mod cli;
 mod daemon;
 mod dburl;

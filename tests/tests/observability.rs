@@ -24,6 +24,7 @@ const ALERTS: &[&str] = &[
     "WardenSecretRotationFailing",
     "WardenSecretRotationOverdue",
     "WardenKernelEventsLost",
+    "WardenExportDropping",
     "WardenAuditWritesFailing",
     "WardenAuditSyncFailed",
     "WardenUpstreamErrorsRising",
@@ -294,6 +295,10 @@ upstream = "http://127.0.0.1:{http_port}/"
 upstream_tls = {{ mode = "disable" }}
 inject = {{ header = "Authorization", value = "Bearer {{secret}}", secret = "billing/token" }}
 allow = ["me"]
+
+[[export.sink]]
+kind = "file"
+path = "export.jsonl"
 "#,
         uid = my_uid(),
         upstream = pg.port,
@@ -505,6 +510,8 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
         "rule",
         "action",
         "what",
+        "sink",
+        "reason",
     ];
     for l in m.lines().filter(|l| !l.starts_with('#')) {
         if let Some(labels) = l.split_once('{').and_then(|(_, r)| r.split_once('}')) {

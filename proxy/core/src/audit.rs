@@ -899,8 +899,25 @@ pub struct AuditLog {
     /// Highest seq this handle wrote into the head anchor: an fsync that
     /// finishes after a newer anchor was written must not move it back.
     anchored: std::cell::Cell<u64>,
+    /// Called with each record and its line once written (see [`AuditTap`]).
+    tap: Option<AuditTap>,
     #[cfg(test)]
     fault: Option<Fault>,
+}
+
+/// What sees every record right after the log wrote it (the exporter):
+/// the event and its exact line, without the newline. It runs under the
+/// log's lock, so it must never block (the exporter only queues).
+#[derive(Clone)]
+pub struct AuditTap(pub std::sync::Arc<TapFn>);
+
+/// The function behind an [`AuditTap`].
+pub type TapFn = dyn Fn(&Event, &[u8]) + Send + Sync;
+
+impl fmt::Debug for AuditTap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditTap")
+    }
 }
 
 /// An `fsync` of the records written unsynced, taken by
@@ -965,6 +982,7 @@ impl AuditLog {
             sole_writer: false,
             checked_at: None,
             anchored: std::cell::Cell::new(0),
+            tap: None,
             #[cfg(test)]
             fault: None,
         })
@@ -981,6 +999,24 @@ impl AuditLog {
     /// this file once a second instead of on every append.
     pub fn set_sole_writer(&mut self) {
         self.sole_writer = true;
+    }
+
+    /// Hands every record written from now on to `tap`, after it is written
+    /// (with `sync`: after its fsync).
+    pub fn set_tap(&mut self, tap: AuditTap) {
+        self.tap = Some(tap);
+    }
+
+    fn run_tap(&self, events: &[Event], lines: &[u8], ends: &[usize]) {
+        if let Some(tap) = &self.tap {
+            let mut start = 0;
+            for (event, &end) in events.iter().zip(ends) {
+                if let Some(line) = lines.get(start..end) {
+                    (tap.0)(event, line);
+                }
+                start = end + 1;
+            }
+        }
     }
 
     /// Appends one record and makes it durable (`fsync`) before returning it.
@@ -1149,6 +1185,8 @@ impl AuditLog {
         let mut head = self.head.clone();
         let mut records = Vec::with_capacity(if out.is_some() { events.len() } else { 0 });
         let mut lines = Vec::with_capacity(512 * events.len());
+        // Where each record's line ends in `lines`, for the tap.
+        let mut ends = Vec::with_capacity(if self.tap.is_some() { events.len() } else { 0 });
         for event in events {
             let seq = head
                 .seq
@@ -1169,6 +1207,9 @@ impl AuditLog {
                 });
             }
             lines.extend_from_slice(&line);
+            if self.tap.is_some() {
+                ends.push(lines.len());
+            }
             lines.push(b'\n');
             head = Head { seq, hash };
         }
@@ -1201,6 +1242,7 @@ impl AuditLog {
             if let Some(out) = out.as_deref_mut() {
                 out.append(&mut records);
             }
+            self.run_tap(events, &lines, &ends);
             return Ok(());
         }
         if let Err(e) = self.sync_log() {
@@ -1221,6 +1263,7 @@ impl AuditLog {
         if let Some(out) = out {
             out.append(&mut records);
         }
+        self.run_tap(events, &lines, &ends);
         Ok(())
     }
 
@@ -1951,6 +1994,39 @@ mod tests {
             log.append(&event(i)).unwrap();
         }
         (dir, path)
+    }
+
+    /// The tap sees each written record's exact line, in order, for
+    /// durable, unsynced and group appends; a failed append shows nothing.
+    #[test]
+    fn the_tap_sees_every_written_line_exactly() {
+        let (_dir, path) = new_log(1);
+        let mut log = AuditLog::open(&path).unwrap();
+        type Seen = Vec<(String, Vec<u8>)>;
+        let seen: std::sync::Arc<std::sync::Mutex<Seen>> = Default::default();
+        let s = seen.clone();
+        log.set_tap(AuditTap(std::sync::Arc::new(
+            move |e: &Event, line: &[u8]| {
+                s.lock()
+                    .unwrap()
+                    .push((e.target.secret.clone().unwrap_or_default(), line.to_vec()));
+            },
+        )));
+        log.append(&event(2)).unwrap();
+        log.append_all(&[event(3), event(4)]).unwrap();
+        log.write_all(&[event(5)], false).unwrap();
+        log.write_all(&[event(6), event(7)], true).unwrap();
+        let mut bad = event(8);
+        bad.reason = "x".repeat(MAX_RECORD_BYTES + 1);
+        assert!(log.append(&bad).is_err());
+        let seen = seen.lock().unwrap().clone();
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["db-2", "db-3", "db-4", "db-5", "db-6", "db-7"]);
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 7);
+        for (i, (_, line)) in seen.iter().enumerate() {
+            assert_eq!(line, &lines[i + 1]);
+        }
     }
 
     fn read_lines(path: &Path) -> Vec<Vec<u8>> {

@@ -37,6 +37,12 @@ impl Auditor {
         let _ = self.metrics.set(m);
     }
 
+    /// Hands every record written from now on to `tap` (the exporter).
+    pub fn set_tap(&self, tap: crate::audit::AuditTap) -> Result<()> {
+        self.lock()?.set_tap(tap);
+        Ok(())
+    }
+
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, AuditLog>> {
         self.log
             .lock()

@@ -31,6 +31,7 @@ pub mod connect;
 pub mod credentials;
 pub mod crypto;
 pub mod error;
+pub mod export;
 pub mod fleet;
 pub mod fleet_views;
 pub mod freeze;

@@ -86,6 +86,9 @@ struct Inner {
     frozen_workloads: IntGauge,
     anomaly_alerts: IntCounterVec,
     anomaly_signals_dropped: IntCounter,
+    export_sent: IntCounterVec,
+    export_errors: IntCounterVec,
+    export_dropped: IntCounterVec,
     secret_rotations: IntCounterVec,
     leases_active: IntGauge,
     leases_created: IntCounter,
@@ -519,6 +522,27 @@ impl Metrics {
             "warden_anomaly_signals_dropped_total",
             "Events the anomaly detector never saw because its queue was full.",
         )?;
+        let export_sent = IntCounterVec::new(
+            Opts::new(
+                "warden_export_sent_total",
+                "Events and audit records delivered by each [[export.sink]].",
+            ),
+            &["sink"],
+        )?;
+        let export_errors = IntCounterVec::new(
+            Opts::new(
+                "warden_export_errors_total",
+                "Failed delivery attempts of each [[export.sink]] (each retry counts).",
+            ),
+            &["sink"],
+        )?;
+        let export_dropped = IntCounterVec::new(
+            Opts::new(
+                "warden_export_dropped_total",
+                "Entries an [[export.sink]] never delivered, by reason: queue_full (the receiver is slow or down), rate_limited (export.rate_per_workload), failed (delivery gave up).",
+            ),
+            &["sink", "reason"],
+        )?;
         let secret_rotations = IntCounterVec::new(
             Opts::new(
                 "warden_secret_rotations_total",
@@ -595,6 +619,9 @@ impl Metrics {
         reg(&registry, &frozen_workloads)?;
         reg(&registry, &anomaly_alerts)?;
         reg(&registry, &anomaly_signals_dropped)?;
+        reg(&registry, &export_sent)?;
+        reg(&registry, &export_errors)?;
+        reg(&registry, &export_dropped)?;
         reg(&registry, &secret_rotations)?;
         reg(&registry, &leases_active)?;
         reg(&registry, &leases_created)?;
@@ -703,6 +730,9 @@ impl Metrics {
                 frozen_workloads,
                 anomaly_alerts,
                 anomaly_signals_dropped,
+                export_sent,
+                export_errors,
+                export_dropped,
                 secret_rotations,
                 leases_active,
                 leases_created,
@@ -1131,6 +1161,19 @@ impl Metrics {
 
     pub fn anomaly_signal_dropped(&self) {
         self.inner.anomaly_signals_dropped.inc();
+    }
+
+    /// The counters of export sink `sink`, resolved once (every series
+    /// exists from the start at zero).
+    pub(crate) fn export_counters(&self, sink: &str) -> crate::export::SinkCounters {
+        let dropped = |reason: &str| self.inner.export_dropped.with_label_values(&[sink, reason]);
+        crate::export::SinkCounters {
+            sent: self.inner.export_sent.with_label_values(&[sink]),
+            errors: self.inner.export_errors.with_label_values(&[sink]),
+            queue_full: dropped("queue_full"),
+            rate_limited: dropped("rate_limited"),
+            failed: dropped("failed"),
+        }
     }
 
     pub fn set_frozen_workloads(&self, n: usize) {

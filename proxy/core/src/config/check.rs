@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::anomaly::check_anomaly;
+use super::export::check_export;
 use super::globals::{check_audit, check_globals};
 use super::report::ConfigIssue;
 use super::route::check_routes;
@@ -60,6 +61,7 @@ pub(super) fn validate(config: &Config) -> (Vec<ConfigIssue>, Vec<ConfigIssue>) 
     check_routes(&mut c);
     check_anomaly(&mut c);
     check_audit(&mut c);
+    check_export(&mut c);
     check_socket_clashes(&mut c);
     (c.errors, c.warnings)
 }

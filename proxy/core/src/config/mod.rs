@@ -41,7 +41,7 @@
 //! - one file per section with its schema and its checks: `globals` (top-level
 //!   keys, `[admin]`, `[metrics]`, `[identity]`, `[monitor]`, `[audit]`),
 //!   `store` (`[store]`: the backend and its connection), `workload`, `secret`, `route` (with `route/credential` and
-//!   `route/inject`) and `anomaly`;
+//!   `route/inject`), `anomaly` and `export`;
 //! - value syntax shared by the sections: `names`, `address`, `duration`;
 //! - `report`: [`ConfigIssue`] and [`ConfigReport`].
 
@@ -52,6 +52,7 @@ mod address;
 mod anomaly;
 mod check;
 mod duration;
+mod export;
 mod globals;
 mod names;
 mod paths;
@@ -72,6 +73,10 @@ mod workload;
 pub use address::url_for_display;
 pub use anomaly::{Anomaly, AnomalyAction, AnomalyOverrides};
 pub use duration::{format_duration, parse_duration};
+pub use export::{
+    Export, ExportKind, ExportSink, ExportStream, HeaderValue, SyslogAddress, SyslogFacility,
+    DEFAULT_FILE_KEEP, DEFAULT_FILE_MAX_BYTES, DEFAULT_JOURNALD_SOCKET, DEFAULT_SYSLOG_ADDRESS,
+};
 pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMode};
 pub use report::{ConfigIssue, ConfigReport};
 pub use route::credential::{Dynamic, GrantMode};
@@ -148,6 +153,9 @@ pub struct Config {
     /// `[anomaly]`
     #[serde(default)]
     pub anomaly: Anomaly,
+    /// `[export]`
+    #[serde(default)]
+    pub export: Export,
     /// The file this config was read from (or the `origin` given to [`parse_str`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -190,6 +198,7 @@ impl Config {
             secrets: Vec::new(),
             routes: Vec::new(),
             anomaly: Anomaly::default(),
+            export: Export::default(),
             source: origin.to_path_buf(),
             warnings: Vec::new(),
         }
@@ -439,6 +448,14 @@ mod tests {
         let rule = c.anomaly.distinct_secrets_per_minute.as_ref().unwrap();
         assert_eq!(rule.limit, 100);
         assert_eq!(rule.action, AnomalyAction::Freeze);
+        let x = &c.export;
+        assert_eq!(
+            (x.queue(), x.rate_per_workload(), x.burst()),
+            (8192, 100, 200)
+        );
+        let kinds: Vec<&str> = x.sinks.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, vec!["file", "journald", "syslog", "otlp"]);
+        assert_eq!(x.sinks[3].name(), "collector");
         assert_eq!(c.source, origin());
     }
 

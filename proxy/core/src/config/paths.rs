@@ -75,6 +75,19 @@ pub(super) fn normalise(config: &mut Config, base: &Path) {
             resolve(base, path);
         }
     }
+    for sink in &mut config.export.sinks {
+        if let Some(path) = sink.path.as_mut() {
+            resolve(base, path);
+        }
+        if let Some(path) = sink.socket.as_mut() {
+            resolve(base, path);
+        }
+        for value in sink.headers.values_mut() {
+            if let super::HeaderValue::File(path) = value {
+                resolve(base, path);
+            }
+        }
+    }
     for workload in &mut config.workloads {
         if let Some(sha) = workload.selectors.exe_sha256.as_mut() {
             *sha = sha.to_ascii_lowercase();
