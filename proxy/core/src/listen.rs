@@ -1,11 +1,12 @@
 //! Route listeners every front end shares: binding with an error that names
 //! the route and the fix, and the accept loop.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -108,6 +109,14 @@ pub fn shed_if_overloaded(
     if !over_fd_budget(fd, limit) {
         return false;
     }
+    // A connection that has sent nothing for a while makes room first —
+    // within the first half of the reserve only: an evicted connection
+    // frees its descriptor when its task next runs, so a burst of accepts
+    // must not outrun the closes.
+    let fd_u = u64::try_from(fd).unwrap_or(0);
+    if fd_u.saturating_add(fd_reserve(limit) / 2) < limit && evict_oldest_waiting() {
+        return false;
+    }
     if !shed.refusal.is_empty() {
         try_write(&shed.refusal);
     }
@@ -130,6 +139,90 @@ pub fn shed_if_overloaded(
         );
     }
     true
+}
+
+/// Least time a connection must have sent nothing before it may be closed
+/// to make room for a new one.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
+
+/// Connections that have sent nothing yet, registered while descriptors
+/// are scarce, by registration order (oldest first).
+static WAITING: Mutex<BTreeMap<u64, (Instant, Arc<tokio::sync::Notify>)>> =
+    Mutex::new(BTreeMap::new());
+static WAITING_NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A client connection waiting for its first message (a PostgreSQL startup
+/// packet) while the process is past half its descriptor limit. Near the
+/// limit, the connection that has waited longest (at least
+/// [`EVICT_AFTER`]) is told to go ([`Waiting::evicted`]) so that a new
+/// client is served instead of shed: idle connections cannot crowd out a
+/// client that speaks at once. Dropping it unregisters.
+pub struct Waiting {
+    id: u64,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Waiting {
+    /// Registers the connection with descriptor `fd` when descriptors are
+    /// scarce (its number is past half the limit); None otherwise, so a
+    /// normal session pays nothing.
+    pub fn register(fd: i32) -> Option<Waiting> {
+        let limit = fd_limit();
+        if u64::try_from(fd).unwrap_or(0).saturating_mul(2) < limit {
+            return None;
+        }
+        let id = WAITING_NEXT.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(tokio::sync::Notify::new());
+        waiting_lock().insert(id, (Instant::now(), notify.clone()));
+        Some(Waiting { id, notify })
+    }
+
+    /// Completes when the connection was chosen to make room.
+    pub async fn evicted(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        waiting_lock().remove(&self.id);
+    }
+}
+
+fn waiting_lock(
+) -> std::sync::MutexGuard<'static, BTreeMap<u64, (Instant, Arc<tokio::sync::Notify>)>> {
+    WAITING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Tells the longest-waiting silent connection (silent for at least
+/// [`EVICT_AFTER`]) to go; true if there was one.
+pub fn evict_oldest_waiting() -> bool {
+    let mut w = waiting_lock();
+    let Some((&id, (since, _))) = w.iter().next() else {
+        return false;
+    };
+    if since.elapsed() < EVICT_AFTER {
+        return false;
+    }
+    if let Some((_, notify)) = w.remove(&id) {
+        notify.notify_one();
+    }
+    true
+}
+
+/// Runs `f` (reading a client's first message) unless `waiting` is chosen
+/// to make room first: None then.
+pub async fn unless_evicted<F: std::future::Future>(
+    waiting: Option<&Waiting>,
+    f: F,
+) -> Option<F::Output> {
+    match waiting {
+        None => Some(f.await),
+        Some(w) => tokio::select! {
+            out = f => Some(out),
+            () = w.evicted() => None,
+        },
+    }
 }
 
 /// The native refusal of an overloaded listener, worded the same for

@@ -11,6 +11,7 @@ use super::protocol::{self, StartupMessage, StartupPacket};
 use super::upstream::{self, Login, UpstreamFailure};
 use super::{pool, relay};
 use super::{CancelTarget, CredentialSource, PgRoute, PgShared};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -265,8 +266,26 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
     route: &PgRoute,
     shared: &PgShared,
     offer_tls: bool,
+    waiting: Option<&warden_core::listen::Waiting>,
 ) -> Option<Opening> {
-    match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, shared, offer_tls)).await {
+    let read = tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client, shared, offer_tls));
+    let Some(read) = warden_core::listen::unless_evicted(waiting, read).await else {
+        // Descriptors ran short and this client had sent nothing for the
+        // longest: it makes room for a new one (as PostgreSQL's own code
+        // for too many connections).
+        shared.metrics.session_unattested(&route.name, "evicted");
+        let r = Refusal::new(
+            "53300",
+            "evicted",
+            format!(
+                "warden: too many connections: this connection sent no startup packet for {} s and was closed to make room for a new client",
+                warden_core::listen::EVICT_AFTER.as_secs()
+            ),
+        );
+        send_error(client, &r).await;
+        return None;
+    };
+    match read {
         Ok(Ok(o)) => o,
         Ok(Err(r)) => {
             shared.metrics.session_unattested(&route.name, r.result);
@@ -379,7 +398,20 @@ pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 's
 ) {
     let started = Instant::now();
     let tls_config = shared.client_tls.get(&route.name).cloned();
-    match opening(&mut client, &route, &shared, tls_config.is_some()).await {
+    // Registered only when descriptors are scarce (see `listen::Waiting`).
+    let waiting = client
+        .plain_tcp()
+        .and_then(|t| warden_core::listen::Waiting::register(t.as_raw_fd()));
+    let opened = opening(
+        &mut client,
+        &route,
+        &shared,
+        tls_config.is_some(),
+        waiting.as_ref(),
+    )
+    .await;
+    drop(waiting);
+    match opened {
         None => {}
         // TCP only: libpq never asks for TLS over a unix socket (nor does
         // PostgreSQL offer it there).
@@ -437,7 +469,7 @@ async fn serve_tls<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 
             return;
         }
     };
-    if let Some(Opening::Startup(m)) = opening(&mut tls, &route, &shared, false).await {
+    if let Some(Opening::Startup(m)) = opening(&mut tls, &route, &shared, false, None).await {
         serve(tls, m, peer, route, shared, started).await;
     }
 }
