@@ -288,66 +288,30 @@ impl Lab {
         self.dir.join("store-password")
     }
 
-    /// `program` run as the postgres user.
-    fn as_postgres(&self, program: &Path) -> Command {
-        let mut command = Command::new("setpriv");
-        command
-            .arg(format!("--reuid={OS_USER}"))
-            .arg(format!("--regid={OS_USER}"))
-            .arg("--init-groups")
-            .arg(program)
-            .current_dir(&self.dir);
-        command
-    }
-
     fn pg_ctl(&self, args: &[&str]) -> Command {
-        let mut command = self.as_postgres(&self.pg_bin.join("pg_ctl"));
+        let mut command = super::pg::as_postgres(&self.dir, &self.pg_bin.join("pg_ctl"));
         command.arg("-D").arg(self.data_dir()).args(args);
         command
     }
 
     /// initdb and start, with the server's own durability settings.
     fn start_postgres(&mut self) -> Result<()> {
-        let mut initdb = self.as_postgres(&self.pg_bin.join("initdb"));
-        initdb.arg("-D").arg(self.data_dir()).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]);
-        run_captured(&mut initdb)?;
-        let conf = self.data_dir().join("postgresql.conf");
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .with_context(|| format!("could not open {}", conf.display()))?;
+        self.pg_started = true;
         // Nothing about fsync or synchronous_commit: the defaults.
         // track_wal_io_timing only times the WAL fsyncs for pg_stat_wal.
-        write!(
-            file,
-            "\n# cargo xtask bench --only fleet\nport = {}\nlisten_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\nmax_connections = 200\n\
-             password_encryption = 'scram-sha-256'\ntrack_wal_io_timing = on\n",
-            self.pg_port,
-            self.pg_dir().display()
-        )?;
-        std::fs::write(
-            self.data_dir().join("pg_hba.conf"),
-            "host  all  all  127.0.0.1/32  scram-sha-256\nlocal all  all  trust\n",
-        )?;
-        let log = self.pg_dir().join("server.log");
-        let mut start = self.pg_ctl(&["-w", "-t", "60", "-l"]);
-        start.arg(&log).arg("start");
-        std::os::unix::process::CommandExt::process_group(&mut start, 0);
-        self.pg_started = true;
-        if let Err(err) = run_captured(&mut start) {
-            print_tail(&log, 20);
-            return Err(err);
-        }
-        Ok(())
+        super::pg::start_cluster(
+            &self.dir,
+            &self.pg_bin,
+            &self.data_dir(),
+            &self.pg_dir(),
+            &format!(
+                "\n# cargo xtask bench --only fleet\nport = {}\nlisten_addresses = '127.0.0.1'\n\
+                 unix_socket_directories = '{}'\nmax_connections = 200\n\
+                 password_encryption = 'scram-sha-256'\ntrack_wal_io_timing = on\n",
+                self.pg_port,
+                self.pg_dir().display()
+            ),
+        )
     }
 
     /// psql as the superuser over the unix socket (trusted).

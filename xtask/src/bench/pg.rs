@@ -302,16 +302,8 @@ impl Lab {
         self.dir.join(target.warden_dir()).join("warden.toml")
     }
 
-    /// `PROGRAM` run as the postgres user.
     fn as_postgres(&self, program: &Path) -> Command {
-        let mut command = Command::new("setpriv");
-        command
-            .arg(format!("--reuid={OS_USER}"))
-            .arg(format!("--regid={OS_USER}"))
-            .arg("--init-groups")
-            .arg(program)
-            .current_dir(&self.dir);
-        command
+        as_postgres(&self.dir, program)
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Command {
@@ -321,48 +313,20 @@ impl Lab {
     }
 
     fn start_postgres(&mut self) -> Result<()> {
-        let mut initdb = self.as_postgres(&self.pg_bin.join("initdb"));
-        initdb.arg("-D").arg(self.data_dir()).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]);
-        run_captured(&mut initdb)?;
-
-        let conf = self.data_dir().join("postgresql.conf");
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .with_context(|| format!("could not open {}", conf.display()))?;
-        write!(
-            file,
-            "\n# cargo xtask bench\nport = {}\nlisten_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\nmax_connections = 200\nfsync = off\n\
-             password_encryption = 'scram-sha-256'\n",
-            self.pg_port,
-            self.pg_dir().display()
-        )?;
-        std::fs::write(
-            self.data_dir().join("pg_hba.conf"),
-            "host  all  all  127.0.0.1/32  scram-sha-256\nlocal all  all  trust\n",
-        )?;
-
-        let log = self.pg_dir().join("server.log");
-        let mut start = self.pg_ctl(&["-w", "-t", "60", "-l"]);
-        start.arg(&log).arg("start");
-        // Keep the server out of our process group (and the terminal's ^C):
-        // it is stopped with pg_ctl.
-        std::os::unix::process::CommandExt::process_group(&mut start, 0);
         self.pg_started = true;
-        if let Err(err) = run_captured(&mut start) {
-            print_tail(&log, 20);
-            return Err(err);
-        }
-        Ok(())
+        start_cluster(
+            &self.dir,
+            &self.pg_bin,
+            &self.data_dir(),
+            &self.pg_dir(),
+            &format!(
+                "\n# cargo xtask bench\nport = {}\nlisten_addresses = '127.0.0.1'\n\
+                 unix_socket_directories = '{}'\nmax_connections = 200\nfsync = off\n\
+                 password_encryption = 'scram-sha-256'\n",
+                self.pg_port,
+                self.pg_dir().display()
+            ),
+        )
     }
 
     /// Role and database `app` (over the unix socket, trusted), then
@@ -1055,6 +1019,66 @@ pub(super) fn random_alphanumeric(len: usize) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// `program` run as the postgres user in `dir`.
+pub(super) fn as_postgres(dir: &Path, program: &Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={OS_USER}"))
+        .arg(format!("--regid={OS_USER}"))
+        .arg("--init-groups")
+        .arg(program)
+        .current_dir(dir);
+    command
+}
+
+/// A throwaway cluster for a bench: `initdb` into `data_dir`, `conf`
+/// appended to postgresql.conf, password logins over TCP and trusted ones
+/// on the unix socket in `socket_dir`, then `pg_ctl start` (in its own
+/// process group, out of the terminal's ^C: it is stopped with pg_ctl).
+pub(super) fn start_cluster(
+    dir: &Path,
+    pg_bin: &Path,
+    data_dir: &Path,
+    socket_dir: &Path,
+    conf: &str,
+) -> Result<()> {
+    let mut initdb = as_postgres(dir, &pg_bin.join("initdb"));
+    initdb.arg("-D").arg(data_dir).args([
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    ]);
+    run_captured(&mut initdb)?;
+    let path = data_dir.join("postgresql.conf");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("could not open {}", path.display()))?;
+    file.write_all(conf.as_bytes())?;
+    std::fs::write(
+        data_dir.join("pg_hba.conf"),
+        "host  all  all  127.0.0.1/32  scram-sha-256\nlocal all  all  trust\n",
+    )?;
+    let log = socket_dir.join("server.log");
+    let mut start = as_postgres(dir, &pg_bin.join("pg_ctl"));
+    start
+        .arg("-D")
+        .arg(data_dir)
+        .args(["-w", "-t", "60", "-l"])
+        .arg(&log)
+        .arg("start");
+    std::os::unix::process::CommandExt::process_group(&mut start, 0);
+    if let Err(err) = run_captured(&mut start) {
+        print_tail(&log, 20);
+        return Err(err);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
