@@ -468,9 +468,10 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
     assert_eq!(refusal_sqlstate_of(p_fresh, "shop"), "57P03");
     let log = std::fs::read_to_string(node.audit_log()).unwrap();
     assert!(
-        log.lines().any(|l| l.contains("\"action\":\"session.error\"")
-            && l.contains("\"route\":\"fresh\"")
-            && l.contains("is unreachable since")),
+        log.lines()
+            .any(|l| l.contains("\"action\":\"session.error\"")
+                && l.contains("\"route\":\"fresh\"")
+                && l.contains("is unreachable since")),
         "{log}"
     );
 
@@ -518,7 +519,10 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
         d.log_text()
     );
     assert!(served[0] >= 5 && served[1] >= 5, "{served:?}");
-    let stale = metric(&node, "warden_credentials_stale_served_total{route=\"app-db\"}");
+    let stale = metric(
+        &node,
+        "warden_credentials_stale_served_total{route=\"app-db\"}",
+    );
     assert!(stale.is_some_and(|n| n >= 1.0), "{stale:?}");
 
     // The store returns: ready again, new leases work, the expired lease's
@@ -528,15 +532,16 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
         let (code, body) = node.http_get("/readyz");
         (code != 200).then(|| format!("{code} {body}"))
     });
-    wait(Duration::from_secs(20), "a new lease after the outage", || {
-        let out = lease_session(p_fresh);
-        (out.code != 0).then(|| format!("{out:?}"))
-    });
-    let out = lease_session(p_short);
-    assert!(
-        out.code == 0 && out.stdout.trim() != short_role,
-        "{out:?}"
+    wait(
+        Duration::from_secs(20),
+        "a new lease after the outage",
+        || {
+            let out = lease_session(p_fresh);
+            (out.code != 0).then(|| format!("{out:?}"))
+        },
     );
+    let out = lease_session(p_short);
+    assert!(out.code == 0 && out.stdout.trim() != short_role, "{out:?}");
     wait(
         Duration::from_secs(20),
         "the expired lease's row deleted from the store",
@@ -560,10 +565,11 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
         },
     );
     let starts = audit_count(&node, "session.start");
-    let copied_starts: usize =
-        store_sql("SELECT count(*) FROM audit_records WHERE line LIKE '%\"action\":\"session.start\"%'")
-            .parse()
-            .unwrap();
+    let copied_starts: usize = store_sql(
+        "SELECT count(*) FROM audit_records WHERE line LIKE '%\"action\":\"session.start\"%'",
+    )
+    .parse()
+    .unwrap();
     assert!(starts >= served[0] + served[1], "{starts} < {served:?}");
     assert_eq!(copied_starts, starts);
     assert!(local > 0);

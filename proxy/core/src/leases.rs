@@ -490,7 +490,9 @@ impl LeaseManager {
             }
         }
         if done > 0 {
-            tracing::info!("caught up {done} lease row change(s) the store missed while it was unreachable");
+            tracing::info!(
+                "caught up {done} lease row change(s) the store missed while it was unreachable"
+            );
         }
         total - done
     }
@@ -825,7 +827,10 @@ impl LeaseManager {
                 "lease.create",
                 &row,
                 Decision::Error,
-                format!("the lease row could not be written to the store: {}", e.message),
+                format!(
+                    "the lease row could not be written to the store: {}",
+                    e.message
+                ),
             );
             return Err(e);
         }
