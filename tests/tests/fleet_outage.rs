@@ -525,6 +525,21 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
     );
     assert!(stale.is_some_and(|n| n >= 1.0), "{stale:?}");
 
+    // `lease revoke` of a lease this node holds works during the outage:
+    // its role is dropped now, its row deleted once the store is back.
+    let list: serde_json::Value =
+        serde_json::from_str(&node.run(&["lease", "list", "--json"]).ok().stdout).unwrap();
+    let held_id = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["role"] == held_role.as_str())
+        .and_then(|l| l["id"].as_str())
+        .unwrap()
+        .to_string();
+    node.run(&["lease", "revoke", &held_id]).ok();
+    assert_eq!(roles(&held_role), "0");
+
     // The store returns: ready again, new leases work, the expired lease's
     // row is gone from the store, and every local audit record reaches it.
     store.resume();
@@ -544,10 +559,10 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
     assert!(out.code == 0 && out.stdout.trim() != short_role, "{out:?}");
     wait(
         Duration::from_secs(20),
-        "the expired lease's row deleted from the store",
+        "the expired and the revoked lease's rows deleted from the store",
         || {
             let n = store_sql(&format!(
-                "SELECT count(*) FROM leases WHERE role = '{short_role}'"
+                "SELECT count(*) FROM leases WHERE role IN ('{short_role}', '{held_role}')"
             ));
             (n != "0").then_some(n)
         },
