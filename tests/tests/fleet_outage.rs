@@ -12,6 +12,15 @@
 //! - session audit records keep being written to the node's local log;
 //! - when the cluster is back, the node is ready again by itself and a put
 //!   on node 2 reaches node 1's next session.
+//!
+//! And 30 s without the store under load, on one node with a static route
+//! and dynamic (leased) routes: a client loop's sessions with the cached
+//! credential and with a lease held before the outage are all served; a
+//! workload without a lease is refused with 57P03 naming the store; a lease
+//! expiring meanwhile stops being served and is revoked at its expiry; a
+//! held lease can be revoked; when the store is back new leases work, the
+//! lease rows it missed are caught up, and every audit record the node wrote
+//! meanwhile reaches the store's copy.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -515,7 +515,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                     }
                 }
                 _ => Denial::NoLease {
-                route: route.name.clone(),
+                    route: route.name.clone(),
                     workload: who.workload.clone(),
                     reason: e.message,
                 },
