@@ -222,7 +222,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             service.clone(),
             credentials.clone(),
             Some(metrics.clone()),
-        ));
+        )
+        .with_store_health(store_health.clone()));
         let rotator = Arc::new(
             warden_core::rotation::Rotator::new(
                 cfg,

@@ -25,6 +25,18 @@
 //! another process is revoked: its password died with that process, so
 //! nothing can use the role any more (no orphans).
 //!
+//! Store outage (fleet): a lease this process holds lives in its memory, so
+//! sessions keep reusing it while the store is unreachable, until its expiry
+//! as always. What the store should learn meanwhile — a renewal's new expiry,
+//! a revocation's deleted row — is kept in memory and written when the store
+//! answers again (every maintenance tick tries); the audit records of those
+//! events go to the local log at once. A crash meanwhile loses nothing that
+//! matters: the next process revokes every row of this one. A new lease needs
+//! its row in the store first, so it is refused during an outage
+//! ([`LeaseManager::store_outage`] names it); the administrative login uses
+//! the last value of its secret read, so renewals and revocations (expiry
+//! included) go on.
+//!
 //! Fleet: a lease belongs to the node whose process holds its password, so
 //! only that node can revoke it. `warden lease revoke ID` on another node
 //! writes a request (meta `lease-revoke/<id>`, naming the admin and the
@@ -47,6 +59,7 @@ use crate::pgwire::scram::{self, ScramKeyCache};
 use crate::pgwire::sql::{self, quote_ident, quote_literal, SqlError, SqlSession};
 use crate::pgwire::upstream::{Login, UpstreamTarget};
 use crate::service::SecretService;
+use crate::store::health::{Outage, StoreHealth};
 use crate::store::LeaseRow;
 use base64::Engine;
 use std::collections::HashMap;
@@ -185,6 +198,11 @@ pub struct LeaseManager {
     journal: Option<Journal>,
     /// Group-mode routes → when their group role's grants were last applied.
     groups: HashMap<String, tokio::sync::Mutex<Option<std::time::Instant>>>,
+    /// The shared store's reachability (fleet), None on SQLite.
+    health: Option<Arc<StoreHealth>>,
+    /// Lease rows the store has not heard of yet because it was unreachable:
+    /// id → the row to write (a renewal) or None (deleted by a revocation).
+    unsynced: Mutex<HashMap<String, Option<LeaseRow>>>,
 }
 
 pub fn now_unix() -> i64 {
@@ -372,7 +390,111 @@ impl LeaseManager {
             pool: Mutex::new(HashMap::new()),
             journal,
             groups,
+            health: None,
+            unsynced: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Tells the manager the shared store's health (fleet): lease row writes
+    /// that fail while it is unreachable are caught up later, and
+    /// [`store_outage`](Self::store_outage) answers.
+    pub fn with_store_health(mut self, health: Option<Arc<StoreHealth>>) -> LeaseManager {
+        self.health = health;
+        self
+    }
+
+    /// The shared store's description and ongoing outage, if it is unreachable.
+    pub fn store_outage(&self) -> Option<(String, Outage)> {
+        let h = self.health.as_ref()?;
+        h.outage().map(|o| (h.at().to_string(), o))
+    }
+
+    /// Whether `e` is the store being unreachable (a write to retry later):
+    /// a failed connection, or one lost as the server stopped.
+    pub fn is_outage(&self, e: &Error) -> bool {
+        let lost = e.kind == crate::error::ErrorKind::Unavailable
+            || (e.kind == crate::error::ErrorKind::Internal
+                && e.message.contains("the connection was lost"));
+        lost && self.store_outage().is_some()
+    }
+
+    /// Writes a renewed lease row; while the store is unreachable it is kept
+    /// for [`sync_unsynced`](Self::sync_unsynced).
+    fn store_put(&self, row: &LeaseRow) {
+        match self.with_service(|s| s.lease_put(row)) {
+            Ok(()) => {}
+            Err(e) if self.is_outage(&e) => {
+                if let Ok(mut u) = self.unsynced.lock() {
+                    u.insert(row.id.clone(), Some(row.clone()));
+                }
+            }
+            Err(e) => tracing::warn!(lease = %row.id, "lease row not updated: {}", e.message),
+        }
+    }
+
+    /// Deletes a revoked lease's row. `Ok(true)`: the store is unreachable,
+    /// the deletion waits for [`sync_unsynced`](Self::sync_unsynced).
+    fn store_delete(&self, id: &str) -> Result<bool> {
+        match self.with_service(|s| s.lease_delete(id)) {
+            Ok(()) => {
+                if let Ok(mut u) = self.unsynced.lock() {
+                    u.remove(id);
+                }
+                Ok(false)
+            }
+            Err(e) if self.is_outage(&e) => {
+                if let Ok(mut u) = self.unsynced.lock() {
+                    u.insert(id.to_string(), None);
+                }
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes what the store missed while it was unreachable (renewals,
+    /// deleted rows); stops at the first failure (retried next tick).
+    /// Returns how many are still waiting.
+    pub fn sync_unsynced(&self) -> usize {
+        let waiting: Vec<(String, Option<LeaseRow>)> = match self.unsynced.lock() {
+            Ok(u) => u.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => return 0,
+        };
+        let total = waiting.len();
+        // Known to be down: the change listener notices its return (within
+        // 5 s); no connection attempt under the service lock every tick.
+        if total == 0 || self.store_outage().is_some() {
+            return total;
+        }
+        let mut done = 0;
+        for (id, row) in waiting {
+            let res = match &row {
+                Some(r) => self.with_service(|s| s.lease_put(r)),
+                None => self.with_service(|s| s.lease_delete(&id)),
+            };
+            match res {
+                Ok(()) => {
+                    done += 1;
+                    if let Ok(mut u) = self.unsynced.lock() {
+                        // Unless something newer replaced it meanwhile.
+                        let expiry = |v: &Option<LeaseRow>| v.as_ref().map(|r| r.expires_at);
+                        if u.get(&id).is_some_and(|v| expiry(v) == expiry(&row)) {
+                            u.remove(&id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(lease = %id, "lease row not caught up yet: {}", e.message);
+                    break;
+                }
+            }
+        }
+        if done > 0 {
+            tracing::info!(
+                "caught up {done} lease row change(s) the store missed while it was unreachable"
+            );
+        }
+        total - done
     }
 
     /// Makes `entry` durable, batched with whatever other leases queue
@@ -504,7 +626,7 @@ impl LeaseManager {
                 spec.env.clone(),
                 spec.cache_ttl,
             );
-            tokio::task::spawn_blocking(move || {
+            let fetched = tokio::task::spawn_blocking(move || {
                 creds.get(&spec_secret, &env, ttl, |name, env| {
                     svc.lock()
                         .map_err(|_| Error::internal("service state poisoned"))?
@@ -512,7 +634,18 @@ impl LeaseManager {
                 })
             })
             .await
-            .map_err(|e| Error::internal(format!("credential lookup failed: {e}")))??
+            .map_err(|e| Error::internal(format!("credential lookup failed: {e}")))?;
+            match fetched {
+                // The store is unreachable: the last value read still
+                // renews and revokes leases (expiry goes on during an
+                // outage); a value changed meanwhile just fails the login.
+                Err(e) if self.is_outage(&e) => self
+                    .credentials
+                    .cached_stale(&spec.admin_secret, &spec.env, Duration::MAX)
+                    .map(|(v, _)| v)
+                    .ok_or(e)?,
+                r => r?,
+            }
         };
         let login = Login {
             user: spec.admin_user.clone(),
@@ -685,8 +818,22 @@ impl LeaseManager {
                 return Err(e);
             }
         };
-        // Write-ahead: the row exists before the role can.
-        self.commit(Entry::LeaseRow(row.clone())).await?;
+        // Write-ahead: the row exists before the role can (so no new lease
+        // while the store is unreachable).
+        if let Err(e) = self.commit(Entry::LeaseRow(row.clone())).await {
+            self.give_back(&spec.route, session);
+            let _ = self.audit(
+                actor,
+                "lease.create",
+                &row,
+                Decision::Error,
+                format!(
+                    "the lease row could not be written to the store: {}",
+                    e.message
+                ),
+            );
+            return Err(e);
+        }
         match self.run_on(spec, session, &text).await {
             Ok(_) => {}
             Err(e) => {
@@ -943,11 +1090,18 @@ impl LeaseManager {
         if let Ok(mut c) = self.current.lock() {
             c.retain(|_, v| v != &row.id);
         }
-        self.with_service(|s| s.lease_delete(&row.id))?;
+        // The role is gone: so is the lease, even if the store cannot hear
+        // of it yet (its row is deleted once it is reachable again).
+        let deferred = self.store_delete(&row.id)?;
         if let Ok(mut l) = self.leases.lock() {
             l.remove(&row.id);
         }
-        let _ = self.audit(actor, "lease.revoke", row, Decision::Allow, why.to_string());
+        let why = if deferred {
+            format!("{why}; the store is unreachable: its lease row is deleted once it is back")
+        } else {
+            why.to_string()
+        };
+        let _ = self.audit(actor, "lease.revoke", row, Decision::Allow, why);
         if let Some(m) = &self.metrics {
             m.lease_revoked();
         }
@@ -958,12 +1112,17 @@ impl LeaseManager {
     /// Revokes every lease row another process left behind (its passwords
     /// are gone, so no session can use them). Returns how many were revoked.
     pub async fn revoke_orphans(&self, scram: &ScramKeyCache) -> Result<usize> {
+        self.sync_unsynced();
         let rows = self.with_service(|s| s.lease_list())?;
         let me = std::process::id();
-        let held: std::collections::HashSet<String> = match self.leases.lock() {
+        let mut held: std::collections::HashSet<String> = match self.leases.lock() {
             Ok(l) => l.keys().cloned().collect(),
             Err(_) => return Err(Error::internal("lease state poisoned")),
         };
+        // Revoked while the store was unreachable, row not deleted yet.
+        if let Ok(u) = self.unsynced.lock() {
+            held.extend(u.keys().cloned());
+        }
         let stray_before = now_unix() - STRAY_AFTER_SECS;
         let mut n = 0;
         let mut first_err = None;
@@ -1052,6 +1211,7 @@ impl LeaseManager {
 
     /// Renews leases with open sessions, revokes expired ones.
     pub async fn maintain(&self, scram: &ScramKeyCache) {
+        self.sync_unsynced();
         let now = now_unix();
         let snapshot: Vec<(LeaseRow, usize)> = match self.leases.lock() {
             Ok(l) => l.values().map(|x| (x.row.clone(), x.sessions)).collect(),
@@ -1095,7 +1255,7 @@ impl LeaseManager {
                     Ok(_) => {
                         let mut r = row.clone();
                         r.expires_at = until;
-                        let _ = self.with_service(|s| s.lease_put(&r));
+                        self.store_put(&r);
                         if let Ok(mut l) = self.leases.lock() {
                             if let Some(x) = l.get_mut(&row.id) {
                                 x.row.expires_at = until;

@@ -533,10 +533,24 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                 route: route.name.clone(),
                 reason: e.message,
             },
-            _ => Denial::NoLease {
-                route: route.name.clone(),
-                workload: who.workload.clone(),
-                reason: e.message,
+            // A new lease needs its row in the store first.
+            _ => match shared.leases.store_outage() {
+                Some((store, outage)) if shared.leases.is_outage(&e) => {
+                    Denial::StoreUnreachable {
+                        route: route.name.clone(),
+                        store,
+                        since: outage.describe_since(),
+                        reason: format!(
+                            "workload {:?} holds no lease on this node, and a new lease is recorded in the store before its role is created (leases already held are used until they expire); sessions resume by themselves once the store is back",
+                            who.workload
+                        ),
+                    }
+                }
+                _ => Denial::NoLease {
+                    route: route.name.clone(),
+                    workload: who.workload.clone(),
+                    reason: e.message,
+                },
             },
         }),
     };
