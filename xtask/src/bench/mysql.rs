@@ -5,7 +5,8 @@
 //! connections and with a new connection per query. The median over rounds
 //! is reported with p50/p99 and warden's ratio to direct beside issue 23's
 //! targets (persistent ≥ 0.9× direct; a new connection per query ≥ 1.0×,
-//! which needs pooling, not built yet). Every process is stopped when
+//! where warden's pool replaces the server's login with a reset). Every
+//! process is stopped when
 //! [`Lab`] is dropped.
 
 use std::io::Write as _;
@@ -95,7 +96,7 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
             w.p99_ms,
             if ratio >= target { "meets" } else { "MISSES" },
             if mode == "reconnect" {
-                "; needs connection pooling, not built yet"
+                "; pooled: a reset instead of a login"
             } else {
                 ""
             }
