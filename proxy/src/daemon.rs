@@ -476,9 +476,17 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         tokio::task::block_in_place(|| pg_shards.stop());
         access.shutdown();
         let svc = service.clone();
-        tokio::task::spawn_blocking(move || match svc.lock() {
-            Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),
-            Err(_) => Err(Error::internal("service state poisoned")),
+        let sessions = admission.clone();
+        tokio::task::spawn_blocking(move || {
+            // Session-end records held for the next write go before the
+            // stop record.
+            if let Err(e) = sessions.audit().flush_held() {
+                tracing::error!("{}", e.message);
+            }
+            match svc.lock() {
+                Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),
+                Err(_) => Err(Error::internal("service state poisoned")),
+            }
         })
         .await
         .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))??;
