@@ -946,7 +946,7 @@ fn print_report(results: &Results, options: &Options) {
 fn print_split(table: &mut String, find: &dyn Fn(Mode, Target) -> Sample) {
     let _ = writeln!(
         table,
-        "\nwhere the machine's CPU goes per -C session (µs, medians; pgbench from its rusage, the server's process tree and every core's busy time from /proc):"
+        "\nwhere the machine's CPU goes per -C session (µs, medians; pgbench from its rusage, the server's process tree and every core's busy time from /proc; other: softirq and kernel work not charged to a process, and anything else running on the machine — on a shared machine this figure is not warden's):"
     );
     let _ = writeln!(
         table,
