@@ -12,7 +12,8 @@
 //! `warden` user, `systemctl enable --now warden` — and the started unit is
 //! checked (Type=notify readiness, user, capabilities, seccomp, admin socket,
 //! `/readyz`, a PostgreSQL route to a cluster the container's systemd runs),
-//! then `systemctl stop warden` and a poweroff. Everything the package writes
+//! then `systemctl stop warden`, `dpkg -r` and `-P` under systemd (the
+//! maintainer scripts' systemd side) and a poweroff. Everything the package writes
 //! (user, files, dpkg database) lands in the overlay's tmpfs, so nothing of it
 //! reaches the host; the sub-cgroup is removed afterwards, also when the test
 //! fails.
@@ -930,6 +931,30 @@ allow = ["psql"]
     assert_eq!(prop("ExecMainStatus"), "0", "{log}");
     assert!(log.contains("SIGTERM received: shutting down"), "{log}");
     assert!(log.contains("eBPF monitor detached"), "{log}");
+
+    // The maintainer scripts' systemd side: `dpkg -r` stops the running
+    // service cleanly, purge takes the enablement link, user and pin dir.
+    c.ok(&["systemctl", "start", "warden"]);
+    c.ok(&["dpkg", "-r", "warden"]);
+    let unit = c.show("warden");
+    let prop = |k: &str| unit.get(k).map(String::as_str).unwrap_or("");
+    let log = c.journal(&["-u", "warden", "-n", "20"]);
+    assert_eq!(prop("ActiveState"), "inactive", "prerm stops it: {log}");
+    assert_eq!(prop("Result"), "success", "{log}");
+    assert_eq!(prop("LoadState"), "not-found", "postrm reloads systemd");
+    const WANTS: &str = "/etc/systemd/system/multi-user.target.wants/warden.service";
+    let wants = c.path(WANTS);
+    assert!(
+        std::fs::symlink_metadata(&wants).is_ok(),
+        "remove keeps the admin's enablement"
+    );
+    c.ok(&["dpkg", "-P", "warden"]);
+    assert!(
+        std::fs::symlink_metadata(&wants).is_err(),
+        "purge leaves a dangling {WANTS}"
+    );
+    assert!(!c.run(&["getent", "passwd", "warden"], b"").status.success());
+    assert!(!c.path("/sys/fs/bpf/warden").exists(), "the pin directory");
 
     // The container powers off by itself and leaves nothing on the host.
     let cgroup = c.cgroup.clone();
