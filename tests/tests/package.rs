@@ -13,10 +13,12 @@
 //! checked (Type=notify readiness, user, capabilities, seccomp, admin socket,
 //! `/readyz`, a PostgreSQL route to a cluster the container's systemd runs),
 //! then `systemctl stop warden`, `dpkg -r` and `-P` under systemd (the
-//! maintainer scripts' systemd side) and a poweroff. Everything the package writes
-//! (user, files, dpkg database) lands in the overlay's tmpfs, so nothing of it
-//! reaches the host; the sub-cgroup is removed afterwards, also when the test
-//! fails.
+//! maintainer scripts' systemd side) and a poweroff. Everything the package
+//! writes (user, files, dpkg database) lands in the overlay's tmpfs, so
+//! nothing of it reaches the host; the sub-cgroup is removed afterwards, also
+//! when the test fails. Not the daemon's own PID namespace quirk: there the
+//! eBPF monitor reports warden's own upstream connections as bypasses
+//! (docs/operations.md), which the test does not look at.
 //!
 //! The package is `$WARDEN_DEB` when set, else built by `cargo xtask package`
 //! (a release build: slow the first time, quick when it is up to date).
