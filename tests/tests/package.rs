@@ -16,9 +16,9 @@
 //! maintainer scripts' systemd side) and a poweroff. Everything the package
 //! writes (user, files, dpkg database) lands in the overlay's tmpfs, so
 //! nothing of it reaches the host; the sub-cgroup is removed afterwards, also
-//! when the test fails. Not the daemon's own PID namespace quirk: there the
-//! eBPF monitor reports warden's own upstream connections as bypasses
-//! (docs/operations.md), which the test does not look at.
+//! when the test fails. In the container the eBPF monitor reports warden's
+//! own upstream connections as bypasses (a PID-namespace limitation, see
+//! docs/operations.md); the test does not look at those events.
 //!
 //! The package is `$WARDEN_DEB` when set, else built by `cargo xtask package`
 //! (a release build: slow the first time, quick when it is up to date).
