@@ -412,10 +412,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
             route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
         }
-        let redis_shared = Arc::new(redis::RedisShared {
-            admission: admission.clone(),
-            metrics: metrics.clone(),
-        });
+        let redis_routes: Vec<_> = redis_listeners.iter().map(|(r, _)| r.clone()).collect();
+        let redis_shared = Arc::new(redis::RedisShared::new(
+            admission.clone(),
+            metrics.clone(),
+            &redis_routes,
+            identity.clone(),
+        )?);
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));

@@ -106,9 +106,25 @@ pub struct Outcome {
     pub down: u64,
     pub refused_commands: u64,
     pub how: &'static str,
+    /// The client left at a command boundary: it closed after every
+    /// command it sent was answered, and no part of a later frame was
+    /// read. Only then may the upstream connection serve someone else
+    /// (after a reset).
+    pub at_boundary: bool,
+    /// Replies no longer matched commands when the client left (RESP2
+    /// pub/sub, `MONITOR`, `CLIENT REPLY`).
+    pub unsync: bool,
 }
 
-/// Relays until either side is done.
+/// How the reply half ended.
+struct Ended {
+    how: &'static str,
+    at_boundary: bool,
+    unsync: bool,
+}
+
+/// Relays until either side is done. Pass the upstream by `&mut` to keep
+/// it afterwards (the pool).
 pub async fn relay<C, U>(client: C, upstream: U, ctx: &Context<'_>) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -122,15 +138,21 @@ where
     let replies = upstream_to_client(ur, cw, rx, &down);
     // The session ends when the reply half does: the command half hands
     // its ending (EOF, protocol error) over as the plan's last entry.
-    let how = tokio::select! {
-        how = replies => how,
-        _ = async { commands.await; std::future::pending::<()>().await } => "",
+    let ended = tokio::select! {
+        ended = replies => ended,
+        _ = async { commands.await; std::future::pending::<()>().await } => Ended {
+            how: "",
+            at_boundary: false,
+            unsync: false,
+        },
     };
     Outcome {
         up: up.load(Relaxed),
         down: down.load(Relaxed),
         refused_commands: refused.load(Relaxed),
-        how,
+        how: ended.how,
+        at_boundary: ended.at_boundary,
+        unsync: ended.unsync,
     }
 }
 
@@ -349,7 +371,7 @@ async fn upstream_to_client<R, W>(
     mut client: W,
     mut plan: UnboundedReceiver<Plan>,
     down: &AtomicU64,
-) -> &'static str
+) -> Ended
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -409,7 +431,11 @@ where
         }
         if !out.is_empty() {
             if client.write_all(&out).await.is_err() {
-                return "client closed";
+                return Ended {
+                    how: "client closed",
+                    at_boundary: false,
+                    unsync,
+                };
             }
             down.fetch_add(out.len() as u64, Relaxed);
             out.clear();
@@ -417,7 +443,16 @@ where
         if let Some(how) = ended {
             let _ = client.flush().await;
             let _ = client.shutdown().await;
-            return how;
+            // Only the client's own close (the plan's Eof, reached after
+            // every earlier entry) with no partial frame read leaves the
+            // upstream at a command boundary.
+            let at_boundary =
+                how == EOF && matches!(queue.front(), Some(Plan::Eof)) && buf.is_empty();
+            return Ended {
+                how,
+                at_boundary,
+                unsync,
+            };
         }
     }
 }
@@ -474,6 +509,9 @@ fn take_frame(
     None
 }
 
+/// How a session ends when its client closes.
+const EOF: &str = "client closed";
+
 /// Writes the plan's leading local answers; `Some`: the session ends.
 fn drain_front(
     queue: &mut VecDeque<Plan>,
@@ -493,7 +531,7 @@ fn drain_front(
                 }
                 return Some("client protocol error");
             }
-            Some(Plan::Eof) => return Some("client closed"),
+            Some(Plan::Eof) => return Some(EOF),
             Some(Plan::Unsync) => {
                 queue.pop_front();
                 *unsync = true;

@@ -209,9 +209,25 @@ allow = ["web"]
             &redis_cfg("deny_commands = [\"CONFIG\"]\ndatabases = [\"x\"]"),
             "route[0].databases",
         );
+        // client_tls and pool apply to redis routes; pool.reset does not.
+        ok(&redis_cfg(
+            "deny_commands = [\"CONFIG\"]\nclient_tls = true",
+        ));
+        ok(&redis_cfg(
+            "deny_commands = [\"CONFIG\"]\nclient_tls = \"require\"",
+        ));
+        ok(&redis_cfg("deny_commands = [\"CONFIG\"]\npool = false"));
+        ok(&redis_cfg(
+            "deny_commands = [\"CONFIG\"]\npool = { max_idle = 4, idle_timeout = \"30s\" }",
+        ));
+        let i = only_error(
+            &redis_cfg("deny_commands = [\"CONFIG\"]\npool = { reset = \"auto\" }"),
+            "route[0].pool.reset",
+        );
+        assert!(i.problem.contains("RESET"), "{i:?}");
         only_error(
-            &redis_cfg("deny_commands = [\"CONFIG\"]\nclient_tls = true"),
-            "route[0].client_tls",
+            &redis_cfg("deny_commands = [\"CONFIG\"]\npool = { idle_timeout = \"0s\" }"),
+            "route[0].pool.idle_timeout",
         );
         only_error(
             &redis_cfg("deny_commands = [\"CONFIG\"]").replace(
