@@ -38,7 +38,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef, SessionEnd};
+use warden_core::admission::{
+    Admission, Denial, LoginFailure, Peer, RoutePolicy, SecretRef, SessionEnd,
+};
 use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
@@ -357,6 +359,37 @@ async fn refuse_client(mut client: Client, r: &Refusal) {
     .await;
 }
 
+/// The refusal of a failed upstream login, and its metric result.
+fn upstream_refusal(
+    f: UpstreamFailure,
+    route: &RedisRoute,
+    workload: &str,
+    label: &str,
+) -> (Refusal, &'static str) {
+    match f {
+        UpstreamFailure::Unreachable(m) => (
+            Refusal {
+                code: "ERR",
+                message: format!(
+                    "warden: upstream unreachable for route {:?} (workload {workload:?}): {m}",
+                    route.name
+                ),
+            },
+            "upstream_error",
+        ),
+        UpstreamFailure::Rejected(m) => (
+            Refusal {
+                code: "WRONGPASS",
+                message: format!(
+                    "warden: upstream rejected the credential for route {:?} (secret {label}, workload {workload:?}): {m}",
+                    route.name
+                ),
+            },
+            "upstream_rejected",
+        ),
+    }
+}
+
 fn credential_target(route: &RedisRoute, version: Option<u32>, detail: String) -> Target {
     Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
@@ -418,43 +451,24 @@ async fn session(
                 shared
                     .metrics
                     .upstream_latency(&route.name, u.connect_time, u.auth_time);
-                (
-                    pool::Conn {
-                        stream: u.stream,
-                        born: Instant::now(),
-                    },
-                    false,
-                )
+                let conn = pool::Conn {
+                    stream: u.stream,
+                    born: Instant::now(),
+                };
+                (conn, false)
             }
             Err(f) => {
-                let (code, result, message) = match f {
-                UpstreamFailure::Unreachable(m) => (
-                    "ERR",
-                    "upstream_error",
-                    format!(
-                        "warden: upstream unreachable for route {:?} (workload {:?}): {m}",
-                        route.name, who.workload
-                    ),
-                ),
-                UpstreamFailure::Rejected(m) => (
-                    "WRONGPASS",
-                    "upstream_rejected",
-                    format!(
-                        "warden: upstream rejected the credential for route {:?} (secret {label}, workload {:?}): {m}",
-                        route.name, who.workload
-                    ),
-                ),
-            };
-                tracing::warn!(route = %route.name, "session failed: {message}");
-                shared.metrics.session(&route.name, &who.workload, result);
-                admission
-                    .record_session_error(
-                        &who,
-                        credential_target(&route, Some(secret.version), "redis".into()),
-                        message.clone(),
-                    )
+                let (r, result) = upstream_refusal(f, &route, &who.workload, &label);
+                let failure = LoginFailure {
+                    route: &route.name,
+                    result,
+                    target: credential_target(&route, Some(secret.version), "redis".into()),
+                    secret: &secret.value,
+                };
+                let r = admission
+                    .login_failed(&who, failure, r, |r| &mut r.message)
                     .await;
-                refuse_client(client, &Refusal { code, message }).await;
+                refuse_client(client, &r).await;
                 return;
             }
         },
