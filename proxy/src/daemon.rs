@@ -231,7 +231,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 credentials.clone(),
                 Some(metrics.clone()),
             )?
-            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?)),
+            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?))
+            .with_changer("redis", Arc::new(redis::rotate::RedisRotation::from_config(cfg)?)),
         );
         if !sealed {
             credentials_start(&leases, &rotator).await;

@@ -646,3 +646,80 @@ ebpf = "off"
         assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
     }
 }
+
+#[test]
+fn rotate_method_redis_sets_the_acl_users_new_password_and_saves_it() {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[secret]]
+name = "cache/app"
+rotation_period = "24h"
+rotate = {{ method = "redis", route = "rot" }}
+
+[[route]]
+name = "rot"
+kind = "redis"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/app" }}
+deny_commands = ["CONFIG", "ACL|SETUSER", "ACL|SAVE"]
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("cache/app", APP_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    assert_eq!(cli(port, &["ACL", "WHOAMI"]).1, "app\n");
+
+    let out = warden.run(&["secret", "rotate", "cache/app"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    // The server no longer takes the old password; warden's clients go on.
+    let old = server.cli_as("app", APP_PW, &["PING"]);
+    assert!(!old.contains("PONG"), "{old}");
+    assert_eq!(cli(port, &["ACL", "WHOAMI"]).1, "app\n");
+    assert_eq!(cli(port, &["SET", "after", "rotation"]), (0, "OK\n".into()));
+    // Saved to redis.conf (no ACL file): a hash, never the password.
+    let conf = std::fs::read_to_string(server.dir.path().join("redis.conf")).unwrap();
+    let user_line = conf
+        .lines()
+        .find(|l| l.starts_with("user app"))
+        .unwrap_or("");
+    assert!(user_line.contains(" #"), "{conf}");
+    assert!(!conf.contains(APP_PW), "{conf}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("redis user \"app\": new password saved with CONFIG REWRITE"),
+        "{}",
+        daemon.log_text()
+    );
+    // A second rotation works from the first one's password.
+    let out = warden.run(&["secret", "rotate", "cache/app"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(cli(port, &["GET", "after"]).1, "rotation\n");
+    let conf = std::fs::read_to_string(server.dir.path().join("redis.conf")).unwrap();
+    assert_eq!(conf.matches("user app").count(), 1, "{conf}");
+    for pw in [DEFAULT_PW, APP_PW] {
+        let leaks = files_containing(warden.dir.path(), pw.as_bytes());
+        assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
+    }
+    assert!(!server.log_text().contains(APP_PW));
+}

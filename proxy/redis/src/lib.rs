@@ -28,6 +28,7 @@
 pub mod pool;
 pub mod relay;
 pub mod resp;
+pub mod rotate;
 
 use relay::{CommandPolicy, Context};
 use resp::{encode_command, error_reply, ReplyScanner};
@@ -335,7 +336,7 @@ pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> Refusal {
 }
 
 /// Why warden's own login upstream failed.
-enum UpstreamFailure {
+pub(crate) enum UpstreamFailure {
     /// TCP/TLS could not be opened, or the server did not answer.
     Unreachable(String),
     /// The server refused the stored password (its error text).
@@ -446,7 +447,7 @@ async fn session(
     };
     let (conn, reused) = match pooled {
         Some(conn) => (conn, true),
-        None => match login(&route, &secret).await {
+        None => match login(&route, &secret.value).await {
             Ok(u) => {
                 shared
                     .metrics
@@ -560,16 +561,16 @@ async fn end_session(
 }
 
 /// An upstream connection warden has logged in on.
-struct LoggedIn {
+pub(crate) struct LoggedIn {
     stream: warden_core::pgwire::upstream::UpstreamStream,
     connect_time: Duration,
     auth_time: Duration,
 }
 
 /// Connects and sends warden's `AUTH`; the server must answer `+OK`.
-async fn login(
+pub(crate) async fn login(
     route: &RedisRoute,
-    secret: &SecretValue,
+    password: &[u8],
 ) -> std::result::Result<LoggedIn, UpstreamFailure> {
     let t0 = Instant::now();
     let (mut stream, _) = warden_core::connect::open(
@@ -583,13 +584,13 @@ async fn login(
     .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
     let connect_time = t0.elapsed();
     let t1 = Instant::now();
-    let mut auth = Zeroizing::new(Vec::with_capacity(64 + secret.value.len()));
+    let mut auth = Zeroizing::new(Vec::with_capacity(64 + password.len()));
     if route.user.is_empty() {
-        encode_command(&mut auth, [&b"AUTH"[..], &secret.value].into_iter());
+        encode_command(&mut auth, [&b"AUTH"[..], password].into_iter());
     } else {
         encode_command(
             &mut auth,
-            [&b"AUTH"[..], route.user.as_bytes(), &secret.value].into_iter(),
+            [&b"AUTH"[..], route.user.as_bytes(), password].into_iter(),
         );
     }
     let reply = tokio::time::timeout(route.connect_timeout, async {
@@ -597,7 +598,7 @@ async fn login(
             .write_all(&auth)
             .await
             .map_err(|e| format!("cannot send AUTH to {}:{}: {e}", route.host, route.port))?;
-        read_reply(&mut stream).await
+        read_reply(&mut stream, "AUTH").await
     })
     .await
     .map_err(|_| {
@@ -619,7 +620,7 @@ async fn login(
     let text = String::from_utf8_lossy(&reply);
     let text = text.trim_end().trim_start_matches('-').to_string();
     // A server never echoes the password, but make sure.
-    let secret_text = String::from_utf8_lossy(&secret.value);
+    let secret_text = String::from_utf8_lossy(password);
     let text = if !secret_text.is_empty() && text.contains(secret_text.as_ref()) {
         "(the server's answer is withheld: it contains the secret)".to_string()
     } else {
@@ -634,9 +635,11 @@ async fn login(
     }
 }
 
-/// Reads one reply (bounded: a login reply is short).
-async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
+/// Reads the reply to one command `what` (bounded: login and
+/// administration replies are short).
+pub(crate) async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
     s: &mut S,
+    what: &str,
 ) -> std::result::Result<Vec<u8>, String> {
     let mut buf = Vec::with_capacity(256);
     let mut scanner = ReplyScanner::default();
@@ -649,15 +652,15 @@ async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
             return Ok(buf);
         }
         if buf.len() > 64 * 1024 {
-            return Err("the upstream's answer to AUTH is too long".into());
+            return Err(format!("the upstream's answer to {what} is too long"));
         }
         let mut chunk = [0u8; 1024];
         let n = s
             .read(&mut chunk)
             .await
-            .map_err(|e| format!("reading the answer to AUTH: {e}"))?;
+            .map_err(|e| format!("reading the answer to {what}: {e}"))?;
         if n == 0 {
-            return Err("the upstream closed the connection after AUTH".into());
+            return Err(format!("the upstream closed the connection after {what}"));
         }
         buf.extend_from_slice(&chunk[..n]);
     }

@@ -180,6 +180,29 @@ allow = ["web"]
     }
 
     #[test]
+    fn rotate_method_redis_names_a_redis_route_using_the_secret() {
+        let with = |rotate: &str| {
+            redis_cfg("deny_commands = [\"CONFIG\", \"ACL\"]").replace(
+                "[[route]]",
+                &format!("[[secret]]\nname = \"cache/default\"\nrotation_period = \"24h\"\nrotate = {rotate}\n\n[[route]]"),
+            )
+        };
+        ok(&with("{ method = \"redis\", route = \"cache\" }"));
+        let i = only_error(&with("{ method = \"redis\" }"), "secret[0].rotate.route");
+        assert!(i.fix.contains("redis [[route]]"), "{i:?}");
+        assert!(i.problem.contains("ACL user"), "{i:?}");
+        only_error(
+            &with("{ method = \"redis\", route = \"nope\" }"),
+            "secret[0].rotate.route",
+        );
+        // A redis route is not a mysql route.
+        only_error(
+            &with("{ method = \"mysql\", route = \"cache\" }"),
+            "secret[0].rotate.route",
+        );
+    }
+
+    #[test]
     fn command_lists_are_checked_with_key_and_fix() {
         let i = only_error(
             &redis_cfg("deny_commands = [\"CONFIG\", \"FLUSH ALL\"]"),
