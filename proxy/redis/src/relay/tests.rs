@@ -174,3 +174,56 @@ fn command_policy_matches_names_and_subcommands() {
     let a = CommandPolicy::new(None, Some(&["GET".into()]));
     assert!(a.permits("GET", None) && !a.permits("SET", None));
 }
+
+/// Runs `script` as the client against a relay to the fake upstream; the
+/// relay's outcome once the script has dropped the client.
+async fn outcome_of(
+    script: impl FnOnce(DuplexStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+) -> Outcome {
+    let (client, warden_client) = duplex(1 << 16);
+    let (mut warden_up, upstream) = duplex(1 << 16);
+    let (tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(fake_upstream(upstream, tx));
+    let policy = CommandPolicy::default();
+    let ctx = Context {
+        route: "cache",
+        workload: "web",
+        policy: &policy,
+        user: "",
+        password: b"s3cret",
+    };
+    let (o, ()) = tokio::join!(relay(warden_client, &mut warden_up, &ctx), script(client));
+    o
+}
+
+#[tokio::test]
+async fn the_outcome_says_whether_the_client_left_at_a_command_boundary() {
+    // Every command answered, then closed: at a boundary, in step.
+    let o = outcome_of(|mut c| {
+        Box::pin(async move {
+            c.write_all(b"PING\r\nSET k v\r\n").await.unwrap();
+            read_exact_text(&mut c, "+PING\r\n+SET\r\n").await;
+        })
+    })
+    .await;
+    assert!(o.at_boundary && !o.unsync, "{o:?}");
+    // Subscribed in RESP2: at a boundary, replies no longer in step.
+    let o = outcome_of(|mut c| {
+        Box::pin(async move {
+            c.write_all(b"SUBSCRIBE news\r\n").await.unwrap();
+            read_exact_text(&mut c, "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
+        })
+    })
+    .await;
+    assert!(o.at_boundary && o.unsync, "{o:?}");
+    // A protocol error ends the session: not at a boundary.
+    let o = outcome_of(|mut c| {
+        Box::pin(async move {
+            c.write_all(b"*1\r\n:x\r\n").await.unwrap();
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink).await;
+        })
+    })
+    .await;
+    assert!(!o.at_boundary, "{o:?}");
+}
