@@ -505,7 +505,9 @@ async fn session(
         shared
             .metrics
             .session(&route.name, &who.workload, d.result());
-        shared.pool.discard(&route.name, conn);
+        if reused {
+            shared.pool.discard(&route.name, conn);
+        }
         refuse_client(client, &r).await;
         return;
     }

@@ -3,6 +3,7 @@
 
 use super::{Route, RouteKind};
 use crate::config::check::Checker;
+use crate::config::RotateMethod;
 
 /// Commands warden answers itself on a redis route: listing them changes
 /// nothing.
@@ -89,6 +90,29 @@ pub(super) fn check_redis_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         (None, Some(deny)) => deny.iter().any(|d| d.eq_ignore_ascii_case(cmd)),
         (None, None) => false,
     };
+    // warden's rotation needs ACL SETUSER for the route's user; its
+    // clients should not have it.
+    let rotated = c.config.secrets.iter().any(|s| {
+        s.rotate.as_ref().is_some_and(|rot| {
+            rot.method == RotateMethod::Redis && rot.route.as_deref() == Some(r.name.as_str())
+        })
+    });
+    let listed = |list: &[String]| {
+        list.iter()
+            .any(|e| e.eq_ignore_ascii_case("ACL") || e.eq_ignore_ascii_case("ACL|SETUSER"))
+    };
+    let setuser_allowed = match (&r.allow_commands, &r.deny_commands) {
+        (Some(allow), _) => listed(allow),
+        (None, Some(deny)) => !listed(deny),
+        (None, None) => true,
+    };
+    if rotated && setuser_allowed {
+        c.warn(
+            format!("{k}.deny_commands"),
+            "this route's secret is rotated with method \"redis\", so its ACL user may run ACL SETUSER, and so may the route's clients: they could change its password or permissions",
+            "add \"ACL\" (or \"ACL|SETUSER\" and \"ACL|SAVE\") to deny_commands",
+        );
+    }
     if !refused("CONFIG") {
         c.warn(
             format!("{k}.deny_commands"),
@@ -188,6 +212,16 @@ allow = ["web"]
             )
         };
         ok(&with("{ method = \"redis\", route = \"cache\" }"));
+        // Clients that may send ACL SETUSER are warned about.
+        let w = warnings(
+            &with("{ method = \"redis\", route = \"cache\" }")
+                .replace("\"CONFIG\", \"ACL\"", "\"CONFIG\""),
+        );
+        assert!(
+            w.contains("route[0].deny_commands: this route's secret is rotated"),
+            "{w}"
+        );
+        assert!(warnings(&with("{ method = \"redis\", route = \"cache\" }")).is_empty());
         let i = only_error(&with("{ method = \"redis\" }"), "secret[0].rotate.route");
         assert!(i.fix.contains("redis [[route]]"), "{i:?}");
         assert!(i.problem.contains("ACL user"), "{i:?}");
