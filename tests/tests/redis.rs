@@ -619,6 +619,19 @@ ebpf = "off"
     drop(c);
     let fresh = ask(pooled, &[b"CLIENT", b"ID"], b"\r\n");
     assert_ne!(fresh, id);
+    // Nor does it stay blocked upstream: warden half-closed toward the
+    // server, which dropped the BLPOP as for its own client leaving.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server
+        .cli_as("app", APP_PW, &["CLIENT", "LIST"])
+        .contains("cmd=blpop")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the BLPOP stayed blocked on the server"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     wait_returned(&warden, "pooled", 9.0);
 
     // Admission runs before any pooled connection is taken: frozen, refused.

@@ -13,6 +13,12 @@
 //! are written at once — until a RESET, whose `+RESET` puts the two back
 //! in step. In RESP3 pub/sub messages and subscribe confirmations are push
 //! frames, which never count as replies.
+//!
+//! A client that closes while replies are still owed (a blocking command,
+//! say) would leave them holding the upstream connection: warden then
+//! closes its side toward the server for writing, the server drops them as
+//! it does when its own client leaves, and whatever it answered before
+//! still reaches the client.
 
 use crate::resp::{encode_command, error_reply, parse_command, Command, ReplyScanner};
 use std::collections::VecDeque;
@@ -134,17 +140,28 @@ where
     let (ur, uw) = tokio::io::split(upstream);
     let (tx, rx) = unbounded_channel();
     let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let client_left = tokio::sync::Notify::new();
     let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused);
-    let replies = upstream_to_client(ur, cw, rx, &down);
+    let replies = upstream_to_client(ur, cw, rx, &down, &client_left);
+    tokio::pin!(replies);
     // The session ends when the reply half does: the command half hands
     // its ending (EOF, protocol error) over as the plan's last entry.
     let ended = tokio::select! {
-        ended = replies => ended,
-        _ = async { commands.await; std::future::pending::<()>().await } => Ended {
-            how: "",
-            at_boundary: false,
-            unsync: false,
-        },
+        ended = &mut replies => ended,
+        mut upstream = commands => {
+            // The client closed while replies were still owed (a blocking
+            // command, say): they would hold the upstream connection until
+            // the server answers. Closing warden's side for writing makes
+            // the server drop them, as it does when its own client leaves;
+            // whatever it answered before reaches the client.
+            tokio::select! {
+                ended = &mut replies => ended,
+                _ = client_left.notified() => {
+                    let _ = upstream.shutdown().await;
+                    replies.await
+                }
+            }
+        }
     };
     Outcome {
         up: up.load(Relaxed),
@@ -165,6 +182,7 @@ struct ClientState {
     unsync: bool,
 }
 
+/// Returns the upstream's write half once the client is done sending.
 async fn client_to_upstream<R, W>(
     mut client: R,
     mut upstream: W,
@@ -172,7 +190,8 @@ async fn client_to_upstream<R, W>(
     ctx: &Context<'_>,
     up: &AtomicU64,
     refused: &AtomicU64,
-) where
+) -> W
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -188,7 +207,7 @@ async fn client_to_upstream<R, W>(
         match client.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = plan.send(Plan::Eof);
-                return;
+                return upstream;
             }
             Ok(_) => {}
         }
@@ -217,14 +236,14 @@ async fn client_to_upstream<R, W>(
         if !out.is_empty() {
             if upstream.write_all(&out).await.is_err() {
                 let _ = plan.send(Plan::Eof);
-                return;
+                return upstream;
             }
             up.fetch_add(out.len() as u64, Relaxed);
             out.clear();
         }
         if let Some(end) = ending {
             let _ = plan.send(end);
-            return;
+            return upstream;
         }
     }
 }
@@ -371,6 +390,7 @@ async fn upstream_to_client<R, W>(
     mut client: W,
     mut plan: UnboundedReceiver<Plan>,
     down: &AtomicU64,
+    client_left: &tokio::sync::Notify,
 ) -> Ended
 where
     R: AsyncRead + Unpin,
@@ -384,6 +404,8 @@ where
     // The command half's last entry is always Eof or End; after it the
     // channel closes and only replies are awaited.
     let mut plan_open = true;
+    // The client closed with replies still owed (see `relay`).
+    let mut left_owed = false;
     loop {
         let mut ended = None;
         tokio::select! {
@@ -393,7 +415,9 @@ where
                 None => plan_open = false,
             },
             r = upstream.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => ended = Some("upstream closed"),
+                Ok(0) | Err(_) => {
+                    ended = Some(if left_owed { EOF } else { "upstream closed" })
+                }
                 Ok(_) => {
                     let mut start = 0;
                     loop {
@@ -429,6 +453,11 @@ where
         if ended.is_none() {
             ended = drain_front(&mut queue, &mut unsync, &mut out);
         }
+        // Eof is the last entry; not at the front: replies are owed.
+        if ended.is_none() && !left_owed && matches!(queue.back(), Some(Plan::Eof)) {
+            left_owed = true;
+            client_left.notify_one();
+        }
         if !out.is_empty() {
             if client.write_all(&out).await.is_err() {
                 return Ended {
@@ -446,8 +475,11 @@ where
             // Only the client's own close (the plan's Eof, reached after
             // every earlier entry) with no partial frame read leaves the
             // upstream at a command boundary.
-            let at_boundary =
-                how == EOF && matches!(queue.front(), Some(Plan::Eof)) && buf.is_empty();
+            // (Not after a half-close toward the server: see `relay`.)
+            let at_boundary = how == EOF
+                && !left_owed
+                && matches!(queue.front(), Some(Plan::Eof))
+                && buf.is_empty();
             return Ended {
                 how,
                 at_boundary,

@@ -31,6 +31,11 @@ async fn fake_upstream(
                     String::from_utf8_lossy(&args[1])
                 ),
                 "RESET" => "+RESET\r\n".into(),
+                // Blocks for ever (until the connection closes).
+                "BLPOP" => {
+                    let _ = seen.send(args);
+                    continue;
+                }
                 "AUTH" => "+OK\r\n".into(),
                 _ => format!("+{name}\r\n"),
             };
@@ -216,6 +221,20 @@ async fn the_outcome_says_whether_the_client_left_at_a_command_boundary() {
     })
     .await;
     assert!(o.at_boundary && o.unsync, "{o:?}");
+    // Closed inside a blocking command: the relay half-closes toward the
+    // server (which then closes) instead of waiting; not at a boundary.
+    let o = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        outcome_of(|mut c| {
+            Box::pin(async move {
+                c.write_all(b"PING\r\nBLPOP q 0\r\n").await.unwrap();
+                read_exact_text(&mut c, "+PING\r\n").await;
+            })
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(!o.at_boundary && o.how == "client closed", "{o:?}");
     // A protocol error ends the session: not at a boundary.
     let o = outcome_of(|mut c| {
         Box::pin(async move {
