@@ -19,7 +19,7 @@
 //! warden's CA. Redis has no in-band upgrade, so warden looks at the
 //! client's first byte: a TLS handshake record is answered with TLS, as
 //! redis-server's `tls-port` does; anything else is plain RESP, served on
-//! `client_tls = true` and refused on `client_tls = "require"` ([`client_stream`]).
+//! `client_tls = true` and refused on `client_tls = "require"` (`client_stream`).
 //!
 //! On a pooled route (`pool`, on by default) a client that leaves at a
 //! command boundary hands its upstream connection back to [`pool`], which
