@@ -231,7 +231,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 credentials.clone(),
                 Some(metrics.clone()),
             )?
-            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?)),
+            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?))
+            .with_changer("redis", Arc::new(redis::rotate::RedisRotation::from_config(cfg)?)),
         );
         if !sealed {
             credentials_start(&leases, &rotator).await;
@@ -412,10 +413,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
             route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
         }
-        let redis_shared = Arc::new(redis::RedisShared {
-            admission: admission.clone(),
-            metrics: metrics.clone(),
-        });
+        let redis_routes: Vec<_> = redis_listeners.iter().map(|(r, _)| r.clone()).collect();
+        let redis_shared = Arc::new(redis::RedisShared::new(
+            admission.clone(),
+            metrics.clone(),
+            &redis_routes,
+            identity.clone(),
+        )?);
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
