@@ -52,7 +52,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// An idle client connection is closed after this long without a request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A request head must be complete this long after its first byte.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How [`serve`] ended.
 pub enum Outcome {

@@ -241,6 +241,16 @@ pub async fn bind_routes(routes: Vec<HttpRoute>) -> Result<Vec<Listener>> {
     Ok(out)
 }
 
+/// The 503 a connection turned away near the descriptor limit gets (shed,
+/// or evicted while silent), then closed.
+fn overloaded_response(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Accepts client connections on one listener until the task is dropped.
 pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
     let (label, listen) = listener.describe();
@@ -253,14 +263,7 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
     }
     let forward = Arc::new(forward);
     let shed = warden_core::listen::Shed {
-        refusal: {
-            let body = warden_core::listen::overload_message();
-            format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes()
-        },
+        refusal: overloaded_response(&warden_core::listen::overload_message()),
         metrics: Some(shared.metrics.clone()),
     };
     loop {

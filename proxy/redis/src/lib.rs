@@ -229,6 +229,20 @@ async fn session(
     shared: Arc<RedisShared>,
 ) {
     let started = Instant::now();
+    // Nothing is done for a client before its first command (Redis clients
+    // speak first): a silent one holds one descriptor and no credential —
+    // and near the descriptor limit it may be closed to make room for a
+    // new one, in Redis's words for the limit.
+    if warden_core::listen::first_bytes(&client, None).await
+        == warden_core::listen::FirstBytes::Evicted
+    {
+        warden_core::listen::note_evicted(&route.name, &shared.metrics);
+        let why = warden_core::listen::evicted_message("command");
+        let reply = error_reply("ERR", &format!("max number of clients reached ({why})"));
+        let _ = client.try_write(&reply);
+        return;
+    }
+    warden_core::listen::arrived(&client).await;
     let admission = &shared.admission;
     let policy = RoutePolicy {
         name: &route.name,
