@@ -442,3 +442,90 @@ fn tls_clients_that_send_no_client_hello_make_room() {
     let log = daemon.log_text();
     assert!(!log.contains("accept failed"), "{log}");
 }
+
+/// One `GET` on a kept-alive connection: the status, once the whole
+/// response (Content-Length framed) was read.
+fn get_kept_alive(c: &mut TcpStream, path: &str) -> u16 {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: warden\r\n\r\n").as_bytes())
+        .expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = c.read(&mut buf).expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    while got.len() < head_end + len {
+        let n = c.read(&mut buf).expect("read");
+        assert!(n > 0, "closed mid-body");
+        got.extend_from_slice(&buf[..n]);
+    }
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .count()
+}
+
+#[test]
+fn idle_keep_alive_http_clients_hold_one_descriptor_each() {
+    let _serial = one_at_a_time();
+    const N: usize = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = warden_tests::upstream::Upstream::start(dir.path(), "http", None, None, None);
+    let port = free_port();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"api\"\nkind = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"http://127.0.0.1:{up}/base\"\n\
+         inject = {{ header = \"X-Api-Key\", secret = \"api/token\" }}\nallow = [\"me\"]\n",
+        workload_toml(),
+        up = upstream.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("api/token", b"tok-idle-limits").ok();
+    let daemon = start_limited(&warden);
+    // prlimit execs warden: the same process.
+    let pid = daemon.child.id();
+    let mut first = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    assert_eq!(get_kept_alive(&mut first, "/warm"), 200);
+    let before = open_fds(pid);
+
+    // N clients, one request each (the fast path), then idle, kept alive.
+    let mut clients: Vec<TcpStream> = (0..N)
+        .map(|i| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            assert_eq!(get_kept_alive(&mut c, &format!("/one/{i}")), 200);
+            c
+        })
+        .collect();
+    let grown = open_fds(pid) - before;
+    // Each idle client holds its own socket; upstream connections wait in
+    // the route's idle set, not one per client.
+    assert!(
+        (N..N + N / 4).contains(&grown),
+        "{N} idle clients: {grown} more descriptors"
+    );
+    // And each is served again, over the kept connections.
+    for c in &mut clients {
+        assert_eq!(get_kept_alive(c, "/two"), 200);
+    }
+    assert_eq!(get_kept_alive(&mut first, "/again"), 200);
+    let log = daemon.log_text();
+    assert!(!log.contains("tok-idle-limits"), "{log}");
+}
