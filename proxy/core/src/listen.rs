@@ -170,8 +170,8 @@ static WAITING_NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A client connection waiting for its first message (a PostgreSQL startup
 /// packet, an HTTP request, a Redis command, a TLS ClientHello, a MySQL
-/// handshake response) while the process is past half its descriptor limit. Near the
-/// limit, the connection that has waited longest (at least
+/// handshake response) while the process is past half its descriptor
+/// limit. Near the limit, the connection that has waited longest (at least
 /// [`EVICT_AFTER`]) is told to go ([`Waiting::evicted`]) so that a new
 /// client is served instead of shed: idle connections cannot crowd out a
 /// client that speaks at once. Dropping it unregisters.
@@ -259,7 +259,8 @@ pub enum FirstBytes {
 /// For a connection whose client must speak next (its first request, a
 /// TLS ClientHello, a MySQL handshake response after warden's greeting):
 /// when descriptors are scarce (see [`Waiting::register`]), waits until it
-/// is readable — at most `patience`, if given — and may be evicted
+/// has bytes to read or has ended ([`arrived`]) — at most `patience`, if
+/// given — and may be evicted
 /// meanwhile to make room for a new client; otherwise returns
 /// [`FirstBytes::Ready`] at once, so a normal connection pays nothing.
 /// Reads nothing: the caller's own read (hyper, rustls, a relay) gets every
@@ -281,7 +282,8 @@ pub async fn first_bytes(stream: &tokio::net::TcpStream, patience: Option<Durati
 }
 
 /// Completes once `stream` has bytes to read, has ended or failed; reads
-/// nothing.
+/// nothing. (A peek, not `readable()`: that can report a fresh socket
+/// readable before any byte came.)
 pub async fn arrived(stream: &tokio::net::TcpStream) {
     let _ = stream.peek(&mut [0u8; 1]).await;
 }
