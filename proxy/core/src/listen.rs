@@ -387,6 +387,31 @@ mod tests {
         assert!((128..=65535).contains(&listen_backlog()));
     }
 
+    #[test]
+    fn evictions_are_worded_and_logged_sparingly() {
+        let m = evicted_message("command");
+        assert!(
+            m.starts_with("warden: too many connections: this connection sent no command for 1 s")
+                && m.ends_with("closed to make room for a new client"),
+            "{m}"
+        );
+        let last = AtomicU64::new(0);
+        assert!(once_in_10s(&last));
+        assert!(!once_in_10s(&last));
+    }
+
+    #[tokio::test]
+    async fn with_descriptors_plentiful_nothing_waits_for_first_bytes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        // A silent client: not waited for, so not evictable.
+        assert!(!descriptors_scarce(s.as_raw_fd()));
+        assert_eq!(first_bytes(&s, None).await, FirstBytes::Ready);
+    }
+
     #[tokio::test]
     async fn a_busy_port_names_the_route_and_the_fix() {
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
