@@ -110,11 +110,16 @@ pub fn shed_if_overloaded(
         return false;
     }
     // A connection that has sent nothing for a while makes room first —
-    // within the first half of the reserve only: an evicted connection
-    // frees its descriptor when its task next runs, so a burst of accepts
-    // must not outrun the closes.
+    // for this connection within the first half of the reserve only: an
+    // evicted connection frees its descriptor when its task next runs, so a
+    // burst of accepts must not outrun the closes. Past that, this
+    // connection is shed but still makes room for the next one (the kernel
+    // hands out the lowest free number): otherwise new connections that
+    // took the first half and stay silent would keep every later one in
+    // the second half, where nothing is evicted.
     let fd_u = u64::try_from(fd).unwrap_or(0);
-    if fd_u.saturating_add(fd_reserve(limit) / 2) < limit && evict_oldest_waiting() {
+    let evicted = evict_oldest_waiting();
+    if evicted && fd_u.saturating_add(fd_reserve(limit) / 2) < limit {
         return false;
     }
     if !shed.refusal.is_empty() {
@@ -124,13 +129,7 @@ pub fn shed_if_overloaded(
         m.session_unattested(route, "overloaded");
     }
     static LAST_WARN: AtomicU64 = AtomicU64::new(0);
-    let now = crate::peer::boottime_ns() / 1_000_000_000;
-    let last = LAST_WARN.load(Ordering::Relaxed);
-    if now >= last + 10
-        && LAST_WARN
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if once_in_10s(&LAST_WARN) {
         tracing::warn!(
             route = %route,
             "shedding new connections: {} of {limit} file descriptors in use (kept free: {}); raise LimitNOFILE= / ulimit -n",
@@ -139,6 +138,24 @@ pub fn shed_if_overloaded(
         );
     }
     true
+}
+
+/// True at most once every 10 s per `last` (the second it was last true).
+fn once_in_10s(last: &AtomicU64) -> bool {
+    let now = crate::peer::boottime_ns() / 1_000_000_000;
+    let then = last.load(Ordering::Relaxed);
+    now >= then + 10
+        && last
+            .compare_exchange(then, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// True when an accepted connection's descriptor number is past half the
+/// soft limit: descriptors are getting scarce, and a connection should hold
+/// no more of them than it must until its client speaks (and may be
+/// evicted while silent, see [`Waiting`]).
+pub fn descriptors_scarce(fd: i32) -> bool {
+    u64::try_from(fd).unwrap_or(0).saturating_mul(2) >= fd_limit()
 }
 
 /// Least time a connection must have sent nothing before it may be closed
@@ -152,8 +169,9 @@ static WAITING: Mutex<BTreeMap<u64, (Instant, Arc<tokio::sync::Notify>)>> =
 static WAITING_NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A client connection waiting for its first message (a PostgreSQL startup
-/// packet) while the process is past half its descriptor limit. Near the
-/// limit, the connection that has waited longest (at least
+/// packet, an HTTP request, a Redis command, a TLS ClientHello, a MySQL
+/// handshake response) while the process is past half its descriptor
+/// limit. Near the limit, the connection that has waited longest (at least
 /// [`EVICT_AFTER`]) is told to go ([`Waiting::evicted`]) so that a new
 /// client is served instead of shed: idle connections cannot crowd out a
 /// client that speaks at once. Dropping it unregisters.
@@ -167,8 +185,7 @@ impl Waiting {
     /// scarce (its number is past half the limit); None otherwise, so a
     /// normal session pays nothing.
     pub fn register(fd: i32) -> Option<Waiting> {
-        let limit = fd_limit();
-        if u64::try_from(fd).unwrap_or(0).saturating_mul(2) < limit {
+        if !descriptors_scarce(fd) {
             return None;
         }
         let id = WAITING_NEXT.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +239,76 @@ pub async fn unless_evicted<F: std::future::Future>(
             out = f => Some(out),
             () = w.evicted() => None,
         },
+    }
+}
+
+/// How a client's wait for its first bytes ended ([`first_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBytes {
+    /// Bytes (or the end of the connection) arrived — or descriptors are
+    /// plentiful and nothing was waited for: read on.
+    Ready,
+    /// Chosen to make room for a new client ([`evict_oldest_waiting`]):
+    /// answer with the kind's "too many connections" error, count it
+    /// ([`note_evicted`]) and close.
+    Evicted,
+    /// Nothing arrived within the caller's patience.
+    Silent,
+}
+
+/// For a connection whose client must speak next (its first request, a
+/// TLS ClientHello, a MySQL handshake response after warden's greeting):
+/// when descriptors are scarce (see [`Waiting::register`]), waits until it
+/// has bytes to read or has ended ([`arrived`]) — at most `patience`, if
+/// given — and may be evicted
+/// meanwhile to make room for a new client; otherwise returns
+/// [`FirstBytes::Ready`] at once, so a normal connection pays nothing.
+/// Reads nothing: the caller's own read (hyper, rustls, a relay) gets every
+/// byte.
+pub async fn first_bytes(stream: &tokio::net::TcpStream, patience: Option<Duration>) -> FirstBytes {
+    let Some(waiting) = Waiting::register(stream.as_raw_fd()) else {
+        return FirstBytes::Ready;
+    };
+    let wait = unless_evicted(Some(&waiting), arrived(stream));
+    let waited = match patience {
+        Some(p) => tokio::time::timeout(p, wait).await.ok(),
+        None => Some(wait.await),
+    };
+    match waited {
+        None => FirstBytes::Silent,
+        Some(None) => FirstBytes::Evicted,
+        Some(Some(_)) => FirstBytes::Ready,
+    }
+}
+
+/// Completes once `stream` has bytes to read, has ended or failed; reads
+/// nothing. (A peek, not `readable()`: that can report a fresh socket
+/// readable before any byte came.)
+pub async fn arrived(stream: &tokio::net::TcpStream) {
+    let _ = stream.peek(&mut [0u8; 1]).await;
+}
+
+/// The message of a connection evicted to make room: `what` names what the
+/// client never sent (e.g. "startup packet").
+pub fn evicted_message(what: &str) -> String {
+    format!(
+        "warden: too many connections: this connection sent no {what} for {} s and was closed to make room for a new client",
+        EVICT_AFTER.as_secs()
+    )
+}
+
+/// Counts a connection evicted to make room
+/// (`warden_sessions_total{result="evicted"}`) and, at most every 10 s,
+/// logs it with the limit — as [`shed_if_overloaded`] does a shed one.
+pub fn note_evicted(route: &str, metrics: &Metrics) {
+    metrics.session_unattested(route, "evicted");
+    static LAST_WARN: AtomicU64 = AtomicU64::new(0);
+    if once_in_10s(&LAST_WARN) {
+        tracing::warn!(
+            route = %route,
+            "closing silent client connections to make room for new ones: close to the limit of {} open files; raise LimitNOFILE= / ulimit -n",
+            fd_limit()
+        );
     }
 }
 
@@ -298,6 +385,31 @@ mod tests {
         assert!(over_fd_budget(1023, 1024));
         assert!(!over_fd_budget(1_000_000, u64::MAX));
         assert!((128..=65535).contains(&listen_backlog()));
+    }
+
+    #[test]
+    fn evictions_are_worded_and_logged_sparingly() {
+        let m = evicted_message("command");
+        assert!(
+            m.starts_with("warden: too many connections: this connection sent no command for 1 s")
+                && m.ends_with("closed to make room for a new client"),
+            "{m}"
+        );
+        let last = AtomicU64::new(0);
+        assert!(once_in_10s(&last));
+        assert!(!once_in_10s(&last));
+    }
+
+    #[tokio::test]
+    async fn with_descriptors_plentiful_nothing_waits_for_first_bytes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        // A silent client: not waited for, so not evictable.
+        assert!(!descriptors_scarce(s.as_raw_fd()));
+        assert_eq!(first_bytes(&s, None).await, FirstBytes::Ready);
     }
 
     #[tokio::test]

@@ -89,6 +89,24 @@ where
     }
 }
 
+/// Near the descriptor limit, waits for the client's first request bytes
+/// (see [`warden_core::listen::first_bytes`]); false when the connection
+/// is finished: evicted to make room for a new client (answered 503, like
+/// a shed one) or silent past the head timeout (closed, as an idle one).
+async fn first_request(stream: &tokio::net::TcpStream, label: &str, shared: &HttpShared) -> bool {
+    use warden_core::listen::FirstBytes;
+    match warden_core::listen::first_bytes(stream, Some(fast::HEAD_TIMEOUT)).await {
+        FirstBytes::Ready => true,
+        FirstBytes::Silent => false,
+        FirstBytes::Evicted => {
+            warden_core::listen::note_evicted(label, &shared.metrics);
+            let why = warden_core::listen::evicted_message("request");
+            let _ = stream.try_write(&super::overloaded_response(&why));
+            false
+        }
+    }
+}
+
 /// Serves one client connection of a reverse-proxy route.
 pub async fn serve_connection(
     stream: tokio::net::TcpStream,
@@ -97,6 +115,9 @@ pub async fn serve_connection(
     route: Arc<HttpRoute>,
     shared: Arc<HttpShared>,
 ) {
+    if !first_request(&stream, &route.name, &shared).await {
+        return;
+    }
     let who = attest(&shared, local, peer).await;
     let ctx = ConnCtx::new(&route, &shared, who);
     let mut stream = stream;
@@ -119,6 +140,16 @@ pub async fn serve_forward_connection(
     routes: Arc<Vec<Arc<HttpRoute>>>,
     shared: Arc<HttpShared>,
 ) {
+    // Counted under the listener's label, as a shed connection is.
+    let listener = routes
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !first_request(&stream, &listener, &shared).await {
+        return;
+    }
+    let label = routes.first().map(|r| r.name.clone()).unwrap_or_default();
     let who = attest(&shared, local, peer).await;
     let ctxs: Arc<Vec<Arc<ConnCtx>>> = Arc::new(
         routes
@@ -126,7 +157,6 @@ pub async fn serve_forward_connection(
             .map(|r| ConnCtx::new(r, &shared, who.clone()))
             .collect(),
     );
-    let label = routes.first().map(|r| r.name.clone()).unwrap_or_default();
     let c2 = ctxs.clone();
     serve_http1(stream, &label, &shared, move |req| {
         forward::handle(req, c2.clone())

@@ -5,7 +5,10 @@
 //! client, with a task hop between them). For the common request — HTTP/1.1,
 //! origin-form target, no body or a `Content-Length` body, no upgrade, no
 //! `Expect` — this module relays bytes itself, in the client connection's
-//! task, over an upstream connection that the client connection owns:
+//! task, over an upstream connection it holds for the request — taken from
+//! the route's idle set ([`IdleUpstreams`]) and returned there after a
+//! complete response, so that a keep-alive client between requests holds
+//! only its own socket:
 //!
 //! 1. read the head (at most [`MAX_HEAD_BYTES`]) and check it with the same
 //!    rules as the framing gate ([`gate::check_request`]);
@@ -52,7 +55,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// An idle client connection is closed after this long without a request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// A request head must be complete this long after its first byte.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How [`serve`] ended.
 pub enum Outcome {
@@ -63,7 +66,55 @@ pub enum Outcome {
     Handover(Vec<u8>),
 }
 
-/// The upstream connection a client connection owns.
+/// Idle upstream connections a route's fast path keeps between requests,
+/// newest last. A client connection holds one only while a request is in
+/// flight; [`IDLE_UPSTREAMS`] at most are kept, each for
+/// [`UPSTREAM_IDLE`] at most (a closed one is noticed before reuse, and a
+/// bodiless request that meets one closed under it is sent again).
+#[derive(Default)]
+pub struct IdleUpstreams(std::sync::Mutex<Vec<(Upstream, Instant)>>);
+
+/// Most idle upstream connections kept per route.
+const IDLE_UPSTREAMS: usize = 64;
+/// An idle upstream connection is closed after this long unused.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
+
+impl IdleUpstreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Upstream, Instant)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection, if any.
+    fn take(&self) -> Option<Upstream> {
+        self.lock().pop().map(|(u, _)| u)
+    }
+
+    /// Keeps `u` for the next request (the oldest goes when full).
+    fn put(&self, u: Upstream) {
+        let dropped = {
+            let mut idle = self.lock();
+            let dropped = (idle.len() >= IDLE_UPSTREAMS).then(|| idle.remove(0));
+            idle.push((u, Instant::now()));
+            dropped
+        };
+        drop(dropped);
+    }
+
+    /// Closes the connections idle longer than [`UPSTREAM_IDLE`].
+    pub fn reap(&self) {
+        let expired: Vec<(Upstream, Instant)> = {
+            let mut idle = self.lock();
+            let n = idle
+                .iter()
+                .take_while(|(_, at)| at.elapsed() >= UPSTREAM_IDLE)
+                .count();
+            idle.drain(..n).collect()
+        };
+        drop(expired);
+    }
+}
+
+/// An upstream connection of the fast path.
 struct Upstream {
     stream: Stream,
     /// Bytes read from the upstream and not relayed yet.
@@ -107,6 +158,7 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
         return Outcome::Handover(Vec::new());
     }
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    // The upstream connection of the request in flight.
     let mut up: Option<Upstream> = None;
     let mut client_timer = Deadline::new();
     let mut upstream_timer = Deadline::new();
@@ -146,6 +198,10 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
+            if attempt == 1 {
+                // A retry after a stale connection opens a fresh one.
+                up = ctx.route.idle.take();
+            }
             let before_upstream = Instant::now();
             let request = Outgoing {
                 plan: &plan,
@@ -175,8 +231,9 @@ pub(super) async fn serve(client: &mut TcpStream, ctx: &ConnCtx) -> Outcome {
             Ok((before_upstream, (response_head_at, keep))) => {
                 let added = (before_upstream - started) + response_head_at.elapsed();
                 proxy::count_forwarded(route, metrics, added);
-                if !keep.upstream {
-                    up = None;
+                // Between requests the client holds only its own socket.
+                if let Some(u) = up.take().filter(|_| keep.upstream) {
+                    route.idle.put(u);
                 }
                 if !keep.client || plan.client_close {
                     let _ = client.shutdown().await;

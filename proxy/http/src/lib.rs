@@ -72,6 +72,8 @@ pub struct HttpRoute {
     pub prepared: Mutex<Option<Arc<proxy::Prepared>>>,
     /// Per-request metric handles, resolved when the route starts serving.
     pub hot: std::sync::OnceLock<warden_core::metrics::HttpRouteMetrics>,
+    /// The fast path's idle upstream connections.
+    pub idle: fast::IdleUpstreams,
 }
 
 impl HttpRoute {
@@ -173,6 +175,7 @@ impl HttpRoute {
                 connect_timeout: r.connect_timeout(),
                 prepared: Mutex::new(None),
                 hot: std::sync::OnceLock::new(),
+                idle: fast::IdleUpstreams::default(),
             });
         }
         Ok(out)
@@ -241,6 +244,25 @@ pub async fn bind_routes(routes: Vec<HttpRoute>) -> Result<Vec<Listener>> {
     Ok(out)
 }
 
+/// The 503 a connection turned away near the descriptor limit gets (shed,
+/// or evicted while silent), then closed.
+fn overloaded_response(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Stops a background task when its owner ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Accepts client connections on one listener until the task is dropped.
 pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
     let (label, listen) = listener.describe();
@@ -252,15 +274,19 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
         let _ = r.hot.set(shared.metrics.http_route(&r.name));
     }
     let forward = Arc::new(forward);
+    // The fast path's idle upstream connections are closed in time.
+    let _reaper = reverse.as_ref().filter(|r| r.fast_path).map(|r| {
+        let r = r.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                r.idle.reap();
+            }
+        }))
+    });
     let shed = warden_core::listen::Shed {
-        refusal: {
-            let body = warden_core::listen::overload_message();
-            format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes()
-        },
+        refusal: overloaded_response(&warden_core::listen::overload_message()),
         metrics: Some(shared.metrics.clone()),
     };
     loop {

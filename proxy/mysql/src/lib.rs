@@ -30,6 +30,7 @@ use packet::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,6 +42,7 @@ use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
+use warden_core::listen::FirstBytes;
 use warden_core::metrics::{AttestVia, Metrics};
 use warden_core::peer::Attested;
 
@@ -139,6 +141,9 @@ pub struct MysqlShared {
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
     /// Idle authenticated upstream connections, every route's.
     pub pool: pool::Pool,
+    /// The last greeting of each route's server, for routes without a
+    /// pool (a pooled route's pool keeps it).
+    greetings: std::sync::Mutex<HashMap<String, Greeting>>,
 }
 
 impl MysqlShared {
@@ -160,7 +165,24 @@ impl MysqlShared {
             pool: pool::Pool::new(metrics.clone()),
             metrics,
             client_tls,
+            greetings: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The last greeting of `route`'s server, if it greeted warden before.
+    fn known_greeting(&self, route: &MysqlRoute) -> Option<Greeting> {
+        if route.pool.enabled() {
+            return self.pool.greeting(&route.name);
+        }
+        self.greetings.lock().ok()?.get(&route.name).cloned()
+    }
+
+    fn remember_greeting(&self, route: &MysqlRoute, g: &Greeting) {
+        if route.pool.enabled() {
+            self.pool.remember_greeting(&route.name, g);
+        } else if let Ok(mut m) = self.greetings.lock() {
+            m.insert(route.name.clone(), g.clone());
+        }
     }
 }
 
@@ -474,12 +496,40 @@ fn parse_hello(p: &packet::Packet, route: &MysqlRoute, tls_offered: bool) -> Hel
 /// Reads the client's answer to warden's greeting; an SSLRequest on a route
 /// with `client_tls` upgrades the connection first. None: the connection is
 /// gone (a failed TLS handshake).
+/// After warden's greeting: near the descriptor limit, waits for the
+/// client's handshake response (see [`warden_core::listen::first_bytes`]).
+/// An evicted client is answered and counted here.
+async fn wait_for_hello(tcp: &TcpStream, route: &MysqlRoute, metrics: &Metrics) -> FirstBytes {
+    let waited = warden_core::listen::first_bytes(tcp, Some(CLIENT_HANDSHAKE_TIMEOUT)).await;
+    if waited == FirstBytes::Evicted {
+        // Descriptors ran short and this client had not answered the
+        // greeting for the longest: it makes room for a new one, told with
+        // MySQL's code for too many connections (sequence 2, where the
+        // answer to its handshake response would come).
+        warden_core::listen::note_evicted(&route.name, metrics);
+        let e = ErrPacket::new(
+            1040,
+            "08004",
+            warden_core::listen::evicted_message("handshake response"),
+        );
+        let mut out = Vec::new();
+        put_packet(&mut out, 2, &e.encode());
+        let _ = tcp.try_write(&out);
+    }
+    waited
+}
+
 async fn client_hello(
     mut tcp: TcpStream,
     route: &MysqlRoute,
     tls: Option<&Arc<rustls::ServerConfig>>,
     metrics: &Metrics,
 ) -> Option<(Client, Hello)> {
+    match wait_for_hello(&tcp, route, metrics).await {
+        FirstBytes::Ready => {}
+        FirstBytes::Silent => return Some((Box::new(tcp), Err(None))),
+        FirstBytes::Evicted => return None,
+    }
     let p = match read_hello_packet(&mut tcp, 2).await {
         Ok(p) => p,
         Err(e) => return Some((Box::new(tcp), Err(e))),
@@ -531,6 +581,29 @@ async fn session(
     shared: Arc<MysqlShared>,
 ) {
     let started = Instant::now();
+    let mut tcp = tcp;
+    let offer = shared.client_tls.get(&route.name);
+    // Near the descriptor limit, a route whose server greeted warden before
+    // greets the client with that greeting at once and does nothing more
+    // (no attestation, no upstream connection) until the client answers:
+    // a client that never does holds one descriptor, and may be closed to
+    // make room for a new one.
+    let early = warden_core::listen::descriptors_scarce(tcp.as_raw_fd())
+        .then(|| shared.known_greeting(&route))
+        .flatten();
+    if let Some(g) = &early {
+        let mut greeting = client_greeting(Some(g), offer.is_some());
+        // Which server connection serves the client is known only after
+        // its answer: no connection id a driver could later KILL by.
+        greeting.connection_id = 0;
+        if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
+            return;
+        }
+        match wait_for_hello(&tcp, &route, &shared.metrics).await {
+            FirstBytes::Ready => {}
+            FirstBytes::Silent | FirstBytes::Evicted => return,
+        }
+    }
     let admission = &shared.admission;
     let policy = RoutePolicy {
         name: &route.name,
@@ -559,10 +632,10 @@ async fn session(
             admission
                 .refuse(&route.name, &attestation, &d, "mysql".into())
                 .await;
-            let mut tcp = tcp;
-            let offer = shared.client_tls.get(&route.name);
-            let greeting = client_greeting(None, offer.is_some());
-            let _ = write_packet(&mut tcp, 0, &greeting.encode()).await;
+            if early.is_none() {
+                let greeting = client_greeting(None, offer.is_some());
+                let _ = write_packet(&mut tcp, 0, &greeting.encode()).await;
+            }
             if let Some((mut client, Ok((_, seq)) | Err(Some((seq, _))))) =
                 client_hello(tcp, &route, offer, &shared.metrics).await
             {
@@ -574,32 +647,37 @@ async fn session(
     let label = format!("{} v{}", route.secret, secret.version);
     let pooling = route.pool.enabled();
     // A route whose server greeted warden before greets the client with
-    // that greeting and reaches the server only on a pool miss.
-    let known = pooling.then(|| shared.pool.greeting(&route.name)).flatten();
+    // that greeting and reaches the server only on a pool miss (or once
+    // the client answered, when greeted early).
+    let greeted_early = early.is_some();
+    let known = match early {
+        Some(g) => Some(g),
+        None => pooling.then(|| shared.known_greeting(&route)).flatten(),
+    };
     let mut greeted = match known {
         Some(_) => None,
         None => Some(upstream::connect(&route.upstream).await),
     };
-    if let (true, Some(Ok(g))) = (pooling, &greeted) {
-        shared.pool.remember_greeting(&route.name, &g.greeting);
+    if let Some(Ok(g)) = &greeted {
+        shared.remember_greeting(&route, &g.greeting);
     }
-    let offer = shared.client_tls.get(&route.name);
     let server_greeting = known.as_ref().or_else(|| {
         greeted
             .as_ref()
             .and_then(|g| g.as_ref().ok())
             .map(|g| &g.greeting)
     });
-    let mut greeting = client_greeting(server_greeting, offer.is_some());
-    if known.is_some() {
-        // Which server connection serves the client is known only after
-        // its answer: no connection id a driver could later KILL by (one
-        // that may then serve another client) — 0 names none.
-        greeting.connection_id = 0;
-    }
-    let mut tcp = tcp;
-    if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
-        return;
+    if !greeted_early {
+        let mut greeting = client_greeting(server_greeting, offer.is_some());
+        if known.is_some() {
+            // Which server connection serves the client is known only
+            // after its answer: no connection id a driver could later KILL
+            // by (one that may then serve another client) — 0 names none.
+            greeting.connection_id = 0;
+        }
+        if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
+            return;
+        }
     }
     let Some((mut client, hello)) = client_hello(tcp, &route, offer, &shared.metrics).await else {
         return;
@@ -643,7 +721,7 @@ async fn session(
                 None => {
                     let g = upstream::connect(&route.upstream).await;
                     if let Ok(g) = &g {
-                        shared.pool.remember_greeting(&route.name, &g.greeting);
+                        shared.remember_greeting(&route, &g.greeting);
                     }
                     g
                 }

@@ -273,14 +273,11 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
         // Descriptors ran short and this client had sent nothing for the
         // longest: it makes room for a new one (as PostgreSQL's own code
         // for too many connections).
-        shared.metrics.session_unattested(&route.name, "evicted");
+        warden_core::listen::note_evicted(&route.name, &shared.metrics);
         let r = Refusal::new(
             "53300",
             "evicted",
-            format!(
-                "warden: too many connections: this connection sent no startup packet for {} s and was closed to make room for a new client",
-                warden_core::listen::EVICT_AFTER.as_secs()
-            ),
+            warden_core::listen::evicted_message("startup packet"),
         );
         send_error(client, &r).await;
         return None;

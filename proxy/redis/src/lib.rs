@@ -403,6 +403,19 @@ async fn session(
     shared: Arc<RedisShared>,
 ) {
     let started = Instant::now();
+    // Nothing is done for a client before its first byte (Redis clients
+    // speak first): a silent one holds one descriptor and no credential —
+    // and near the descriptor limit it may be closed to make room for a
+    // new one, in Redis's words for the limit.
+    if warden_core::listen::first_bytes(&tcp, None).await
+        == warden_core::listen::FirstBytes::Evicted
+    {
+        warden_core::listen::note_evicted(&route.name, &shared.metrics);
+        let why = warden_core::listen::evicted_message("command");
+        let reply = error_reply("ERR", &format!("max number of clients reached ({why})"));
+        let _ = tcp.try_write(&reply);
+        return;
+    }
     let offer = shared.client_tls.get(&route.name);
     let Some(client) = client_stream(tcp, &route, offer, &shared.metrics).await else {
         return;

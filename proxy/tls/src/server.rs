@@ -141,6 +141,23 @@ pub async fn session(
         tracing::warn!(route = %route.name, %peer, "connection refused: {message}");
         shared.metrics.session(&route.name, "", result);
     };
+    let handshake_by = tokio::time::Instant::now() + route.connect_timeout;
+    let timed_out = || {
+        format!(
+            "TLS handshake from {peer} did not finish within {} ms (connect_timeout)",
+            route.connect_timeout.as_millis()
+        )
+    };
+    // Near the descriptor limit, a client that has not sent its ClientHello
+    // may be closed to make room for a new one (nothing can be said before
+    // a handshake, as for a shed connection).
+    match warden_core::listen::first_bytes(&stream, Some(route.connect_timeout)).await {
+        warden_core::listen::FirstBytes::Ready => {}
+        warden_core::listen::FirstBytes::Evicted => {
+            return warden_core::listen::note_evicted(&route.name, &shared.metrics);
+        }
+        warden_core::listen::FirstBytes::Silent => return refuse("tls_error", &timed_out()),
+    }
     let config = {
         let (r, s) = (route.clone(), shared.clone());
         tokio::task::spawn_blocking(move || server_config(&r, &s))
@@ -156,8 +173,8 @@ pub async fn session(
             )
         }
     };
-    let accepted = tokio::time::timeout(
-        route.connect_timeout,
+    let accepted = tokio::time::timeout_at(
+        handshake_by,
         tokio_rustls::TlsAcceptor::from(config).accept(stream),
     )
     .await;
@@ -169,15 +186,7 @@ pub async fn session(
                 &format!("TLS handshake from {peer} failed: {e} (a client certificate from warden's CA is required)"),
             )
         }
-        Err(_) => {
-            return refuse(
-                "tls_error",
-                &format!(
-                    "TLS handshake from {peer} did not finish within {} ms (connect_timeout)",
-                    route.connect_timeout.as_millis()
-                ),
-            )
-        }
+        Err(_) => return refuse("tls_error", &timed_out()),
     };
     // On a fleet: a leaf under a removed node's intermediate is refused even
     // though it chains to the bundle.
