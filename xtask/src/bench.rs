@@ -30,6 +30,10 @@
 //!   through a mysql route beside direct connections to the same throwaway
 //!   MariaDB, on persistent connections and with a new connection per query
 //!   (`proxy/mysql/examples/mysql_bench.rs` drives the load).
+//! - Redis proxying (`bench/redis.rs`): redis-benchmark GET/SET req/s and
+//!   p50/p99 through a redis route beside direct connections (with `AUTH`)
+//!   to the same throwaway redis-server: persistent, 16 pipelined, and a
+//!   new connection per request.
 //! - Secret scanning (`bench/scan.rs`): throughput and max RSS of the
 //!   scanner on the cargo registry sources beside ripsecrets and
 //!   detect-secrets, `--git` on 10,000 commits, and recall/precision per
@@ -48,14 +52,17 @@
 //! (default 3), `--mysql-seconds N` (default 5), `--mysql-rounds N` (default
 //! 3), `--fleet-samples N` (propagation samples per kind of change, default
 //! 30), `--fleet-seconds N` (seconds per pgbench run and of the write load,
-//! default 5), `--fleet-rounds N` (default 5), `--only
-//! svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet` (one benchmark);
+//! default 5), `--fleet-rounds N` (default 5), `--redis-requests N`
+//! (requests per persistent run, default 100000), `--redis-rounds N`
+//! (default 3), `--only svid|pg|leases|http|mysql|redis|ebpf|anomaly|scan|fleet`
+//! (one benchmark);
 //! anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod fleet;
 mod http;
 mod mysql;
 mod pg;
+mod redis;
 mod scan;
 
 use std::path::Path;
@@ -70,8 +77,9 @@ struct Options {
     pg: pg::Options,
     http: http::Options,
     mysql: mysql::Options,
+    redis: redis::Options,
     fleet: fleet::Options,
-    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet`: run just that benchmark.
+    /// `--only svid|pg|leases|http|mysql|redis|ebpf|anomaly|scan|fleet`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -80,6 +88,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
     let mut pg = pg::Options::default();
     let mut http = http::Options::default();
     let mut mysql = mysql::Options::default();
+    let mut redis = redis::Options::default();
     let mut fleet = fleet::Options::default();
     let mut svid_args = Vec::new();
     let mut only = None;
@@ -89,16 +98,17 @@ fn parse_args(args: &[String]) -> Result<Options> {
             let v = match arg.strip_prefix("--only=") {
                 Some(v) => v.to_owned(),
                 None => iter.next().cloned().context(
-                    "`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly, scan or fleet",
+                    "`--only` needs svid, pg, leases, http, mysql, redis, ebpf, anomaly, scan or fleet",
                 )?,
             };
             if ![
-                "svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan", "fleet",
+                "svid", "pg", "leases", "http", "mysql", "redis", "ebpf", "anomaly", "scan",
+                "fleet",
             ]
             .contains(&v.as_str())
             {
                 bail!(
-                    "`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly, scan or fleet"
+                    "`--only {v}`: expected svid, pg, leases, http, mysql, redis, ebpf, anomaly, scan or fleet"
                 );
             }
             only = Some(v);
@@ -109,6 +119,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 if name.starts_with("--pg-")
                     || name.starts_with("--http-")
                     || name.starts_with("--mysql-")
+                    || name.starts_with("--redis-")
                     || name.starts_with("--fleet-") =>
             {
                 (name, Some(value.to_owned()))
@@ -122,6 +133,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--http-rounds" => &mut http.rounds,
             "--mysql-seconds" => &mut mysql.seconds,
             "--mysql-rounds" => &mut mysql.rounds,
+            "--redis-requests" => &mut redis.requests,
+            "--redis-rounds" => &mut redis.rounds,
             "--fleet-samples" => &mut fleet.samples,
             "--fleet-seconds" => &mut fleet.seconds,
             "--fleet-rounds" => &mut fleet.rounds,
@@ -152,6 +165,12 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if mysql.seconds > 600 {
         bail!("`--mysql-seconds {}` is more than 600", mysql.seconds);
     }
+    if redis.requests > 10_000_000 {
+        bail!(
+            "`--redis-requests {}` is more than 10000000",
+            redis.requests
+        );
+    }
     if fleet.seconds > 600 {
         bail!("`--fleet-seconds {}` is more than 600", fleet.seconds);
     }
@@ -162,6 +181,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
         pg,
         http,
         mysql,
+        redis,
         fleet,
         only,
         svid_args,
@@ -213,6 +233,12 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
         steps.run(
             "MySQL proxy: warden vs direct to MariaDB (SELECT 1, persistent and per-query connections)",
             || mysql::run(repo, &options.mysql),
+        )?;
+    }
+    if wanted("redis") {
+        steps.run(
+            "Redis proxy: warden vs direct (redis-benchmark GET/SET: persistent, pipelined, per-request connections)",
+            || redis::run(repo, &options.redis),
         )?;
     }
     if wanted("ebpf") {

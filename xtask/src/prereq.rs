@@ -153,6 +153,28 @@ pub const TEST_REQUIREMENTS: &[Requirement] = &[
 pub const DEMO_REQUIREMENTS: &[Requirement] = &[];
 
 /// What `cargo xtask bench --only mysql` needs: a throwaway MariaDB.
+/// What `cargo xtask bench --only redis` needs besides what warden needs.
+pub const REDIS_BENCH_REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        binary: "redis-server",
+        package: "redis-server",
+        why: "the Redis bench starts a throwaway redis-server",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "redis-benchmark",
+        package: "redis-tools",
+        why: "the Redis bench drives the load with redis-benchmark",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "redis-cli",
+        package: "redis-tools",
+        why: "the Redis bench checks the route with redis-cli",
+        location: Location::Path,
+    },
+];
+
 pub const MYSQL_BENCH_REQUIREMENTS: &[Requirement] = &[
     Requirement {
         binary: "mariadb-install-db",
