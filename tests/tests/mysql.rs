@@ -5,7 +5,9 @@
 //! passed; refusals as ERR packets with code and SQLSTATE naming route and
 //! workload (not allowed, wrong stored password, unreachable upstream,
 //! frozen); a malformed handshake response; a secret put applying to the
-//! next session; and the audit log and daemon log (never a password). The
+//! next session; dynamic users (a lease user per workload holding a
+//! MariaDB role, dropped and its sessions ended by `warden lease revoke`);
+//! and the audit log and daemon log (never a password). The
 //! caching_sha2_password and native scrambles are checked against
 //! PyMySQL's own functions (no MySQL 8 server runs here).
 
@@ -848,4 +850,173 @@ fn warden_scrambles_match_pymysql() {
         );
         assert_eq!(out, want, "password {pw:?}");
     }
+}
+
+const ADMIN_PW: &str = "mysql-CANARY-ad77-leaseadmin";
+
+/// Lease user names on the server (`w_…`).
+fn lease_users(server: &MariaDb) -> Vec<String> {
+    server
+        .admin("SELECT User FROM mysql.user WHERE User LIKE 'w\\_%' ORDER BY User;")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn dynamic_routes_log_in_as_a_lease_user_that_revocation_drops() {
+    let server = MariaDb::start();
+    server.admin(&format!(
+        "CREATE DATABASE orders;
+         CREATE TABLE orders.items (id INT PRIMARY KEY, name VARCHAR(20));
+         INSERT INTO orders.items VALUES (1, 'apple');
+         CREATE ROLE orders_reader;
+         GRANT SELECT ON orders.* TO orders_reader;
+         CREATE USER 'leaseadmin'@'%' IDENTIFIED BY '{ADMIN_PW}';
+         GRANT CREATE USER, CONNECTION ADMIN ON *.* TO 'leaseadmin'@'%';
+         GRANT orders_reader TO 'leaseadmin'@'%' WITH ADMIN OPTION;"
+    ));
+    let (port, bad) = (free_port(), free_port());
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "orders-dyn"
+kind = "mysql"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "orders/admin", dynamic = {{ ttl = "1h", role = "orders_reader", role_prefix = "w_" }} }}
+allow = ["me"]
+
+[[route]]
+name = "orders-badrole"
+kind = "mysql"
+listen = "127.0.0.1:{bad}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "orders/admin", dynamic = {{ role = "no_such_role", role_prefix = "w_" }} }}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("orders/admin", ADMIN_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+
+    // The session logs in as a generated user holding the route's role.
+    let (code, out) = cli(
+        port,
+        "x",
+        "SELECT CURRENT_USER(), CURRENT_ROLE(); SELECT name FROM orders.items;",
+    );
+    assert_eq!(code, 0, "{out}");
+    let mut lines = out.lines();
+    let (user, role) = lines.next().unwrap().split_once('\t').unwrap();
+    let user = user.strip_suffix("@%").unwrap_or(user).to_string();
+    assert!(user.starts_with("w_me_") && user.len() <= 32, "{out}");
+    assert_eq!(role, "orders_reader", "{out}");
+    assert_eq!(lines.next(), Some("apple"), "{out}");
+    // A second session reuses the lease.
+    let (code, out) = cli(port, "x", "SELECT CURRENT_USER();");
+    assert_eq!((code, out.trim()), (0, format!("{user}@%").as_str()));
+    assert_eq!(lease_users(&server), vec![user.clone()]);
+    let hash = server.admin(&format!(
+        "SELECT authentication_string FROM mysql.user WHERE User = '{user}';"
+    ));
+    let hash = hash.trim().to_string();
+    assert!(hash.starts_with('*') && hash.len() == 41, "{hash}");
+
+    // `warden lease list` shows it like a PostgreSQL lease.
+    let list = warden.run(&["lease", "list", "--json"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let lease = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["role"] == user.as_str())
+        .unwrap_or_else(|| panic!("{}", list.stdout));
+    assert_eq!(lease["route"], "orders-dyn");
+    assert_eq!(lease["workload"], "me");
+    let id = lease["id"].as_str().unwrap().to_string();
+
+    // An open session, then the revocation: the session ends, the user is
+    // gone, the next session gets a new user.
+    let (mut open, answer) = Raw::login(port, "x");
+    assert_eq!(answer[0], 0, "{answer:?}");
+    assert_eq!(first_value(&open.query("SELECT 1")), "1");
+    let out = warden.run(&["lease", "revoke", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+    let after = open.query("SELECT 1");
+    assert!(
+        after.first().is_none_or(|p| p[0] == 0xff),
+        "the open session outlived its lease: {after:?}"
+    );
+    let (code, out) = cli(port, "x", "SELECT CURRENT_USER();");
+    assert_eq!(code, 0, "{out}");
+    let user2 = out.trim().trim_end_matches("@%").to_string();
+    assert!(user2.starts_with("w_me_") && user2 != user, "{out}");
+    assert_eq!(lease_users(&server), vec![user2.clone()]);
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("revoked by an admin (`warden lease revoke`)") && audit.contains(&user),
+        "{audit}"
+    );
+
+    // A lease that cannot be created: access denied naming route and
+    // workload (and the role), counted and recorded.
+    let (code, out) = cli(bad, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1045")
+            && out.contains("orders-badrole")
+            && out.contains("\"me\"")
+            && out.contains("no_such_role"),
+        "{out}"
+    );
+    assert_eq!(
+        lease_users(&server),
+        vec![user2.clone()],
+        "a failed lease left its user"
+    );
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("lease.create") && audit.contains("no_such_role"),
+        "{audit}"
+    );
+    let (status, metrics) = warden.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("orders-badrole") && l.contains("credential_error")),
+        "{metrics}"
+    );
+
+    // Neither the lease's password nor its hash is anywhere warden writes.
+    assert!(
+        !daemon.log_text().contains(&hash) && !metrics.contains(&hash) && !audit.contains(&hash)
+    );
+    assert!(files_containing(warden.dir.path(), hash.as_bytes()).is_empty());
+    assert!(!daemon.log_text().contains("IDENTIFIED"));
+    drop(daemon);
 }

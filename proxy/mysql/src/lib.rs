@@ -18,6 +18,7 @@
 //! route kind's one denial-to-wire table) and [`upstream_refusal`].
 
 pub mod auth;
+pub mod dynamic;
 pub mod packet;
 pub mod pool;
 pub mod relay;
@@ -62,6 +63,9 @@ pub struct MysqlRoute {
     pub client_tls: ClientTls,
     /// Authenticated upstream connections kept between clients.
     pub pool: PoolSettings,
+    /// `credential.dynamic`: sessions log in as their workload's lease user
+    /// ([`dynamic`]); `user`/`secret` are the administrative login.
+    pub dynamic: bool,
 }
 
 impl MysqlRoute {
@@ -122,6 +126,7 @@ impl MysqlRoute {
                 allow: r.allow.clone(),
                 client_tls: r.client_tls,
                 pool: PoolSettings::from_config(r.pool.as_ref()),
+                dynamic: cred.dynamic.is_some(),
             });
         }
         Ok(out)
@@ -137,6 +142,8 @@ pub struct MysqlShared {
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
     /// Idle authenticated upstream connections, every route's.
     pub pool: pool::Pool,
+    /// The lease manager of dynamic routes (shared with PostgreSQL's).
+    pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
 }
 
 impl MysqlShared {
@@ -158,7 +165,14 @@ impl MysqlShared {
             pool: pool::Pool::new(metrics.clone()),
             metrics,
             client_tls,
+            leases: None,
         })
+    }
+
+    /// Sets the lease manager dynamic routes take their users from.
+    pub fn with_leases(mut self, leases: Arc<warden_core::leases::LeaseManager>) -> MysqlShared {
+        self.leases = Some(leases);
+        self
     }
 }
 
@@ -236,7 +250,9 @@ pub fn too_many_connections(message: &str) -> Vec<u8> {
 /// credential, audit, internal) are 1105 (HY000). Messages name the route
 /// and, when known, the workload.
 pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> ErrPacket {
-    let (code, state) = if d.is_policy() || matches!(d, Denial::Frozen(_)) {
+    // No lease user: access denied, as the server says for a login it refuses.
+    let (code, state) = if d.is_policy() || matches!(d, Denial::Frozen(_) | Denial::NoLease { .. })
+    {
         (1045, "28000")
     } else {
         (1105, "HY000")
@@ -556,7 +572,16 @@ async fn session(
             &secret,
         )
         .await;
-    let (who, secret) = match admitted {
+    // A dynamic route logs in as the workload's lease user.
+    let admitted = match admitted {
+        Ok((who, secret)) if route.dynamic => {
+            dynamic::acquire(shared.leases.as_ref(), &route, &who)
+                .await
+                .map(|l| (who, secret, Some(l)))
+        }
+        a => a.map(|(who, secret)| (who, secret, None)),
+    };
+    let (who, secret, leased) = match admitted {
         Ok(a) => a,
         Err(d) => {
             // Refused before any byte was read; the client still gets a
@@ -578,7 +603,20 @@ async fn session(
             return;
         }
     };
-    let label = format!("{} v{}", route.secret, secret.version);
+    let (secret, label, user) = match &leased {
+        Some(l) => (
+            SecretValue {
+                value: l.password.clone(),
+                ..secret
+            },
+            l.label(&who.workload),
+            l.user.as_str(),
+        ),
+        None => {
+            let label = format!("{} v{}", route.secret, secret.version);
+            (secret, label, route.user.as_str())
+        }
+    };
     let pooling = route.pool.enabled();
     // A route whose server greeted warden before greets the client with
     // that greeting and reaches the server only on a pool miss.
@@ -666,7 +704,7 @@ async fn session(
                         database: hello.database.as_deref(),
                         attrs: hello.attrs.as_deref(),
                     };
-                    upstream::login(&route.upstream, g, &params, &route.user, &secret.value).await
+                    upstream::login(&route.upstream, g, &params, user, &secret.value).await
                 }
             };
             let mut u = match logged_in {
@@ -735,7 +773,7 @@ async fn session(
         "mysql to {}:{} as {:?} ({}{}{})",
         route.upstream.host,
         route.upstream.port,
-        route.user,
+        user,
         upstream.plugin,
         if upstream.tls { ", TLS" } else { "" },
         if upstream.reused {
@@ -829,11 +867,19 @@ async fn session(
     let ctx = relay::Context {
         route: &route.name,
         workload: &who.workload,
-        user: &route.user,
+        user,
         pool: upstream.baseline.is_some(),
     };
     let (outcome, back) = relay::relay(client, upstream.stream, &ctx).await;
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+    // A revoked lease's connection serves no one.
+    let back = match back {
+        Some((stream, _)) if leased.as_ref().is_some_and(|l| !l.held()) => {
+            pool::close(stream);
+            None
+        }
+        b => b,
+    };
     if let (Some((stream, resync)), Some(baseline)) = (back, upstream.baseline) {
         let conn = pool::Conn {
             stream,
