@@ -177,13 +177,15 @@ ebpf = "off"
 /// A minimal raw client: the greeting, a handshake response, then packets.
 struct Raw {
     s: TcpStream,
+    /// The connection id warden's greeting named (after a login).
+    greeting_id: u32,
 }
 
 impl Raw {
     fn connect(port: u16) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-        Raw { s }
+        Raw { s, greeting_id: 0 }
     }
 
     fn send(&mut self, seq: u8, payload: &[u8]) {
@@ -213,6 +215,8 @@ impl Raw {
         let mut c = Raw::connect(port);
         let (seq, greeting) = c.read().unwrap();
         assert_eq!((seq, greeting[0]), (0, 10), "{greeting:?}");
+        let at = 1 + greeting[1..].iter().position(|&b| b == 0).unwrap() + 1;
+        c.greeting_id = u32::from_le_bytes(greeting[at..at + 4].try_into().unwrap());
         // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | DEPRECATE_EOF
         let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 24);
         let mut r = caps.to_le_bytes().to_vec();
@@ -234,6 +238,11 @@ impl Raw {
         let mut p = vec![0x03];
         p.extend_from_slice(sql.as_bytes());
         self.send(0, &p);
+        self.read_answer()
+    }
+
+    /// The packets of a command's answer up to the final OK/EOF or ERR.
+    fn read_answer(&mut self) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
         while let Some((_, p)) = self.read() {
             let end = p[0] == 0xff
@@ -543,11 +552,30 @@ fn pooled_connections_are_reset_between_clients() {
     assert_eq!((code, id(&out)), (0, conn.to_string()), "not reused");
     // The greeting names no server connection (a driver's KILL QUERY by
     // the handshake's id could hit another client's session).
-    let mut c = Raw::connect(s.orders);
-    let (_, greeting) = c.read().unwrap();
-    let at = 1 + greeting[1..].iter().position(|&b| b == 0).unwrap() + 1;
-    assert_eq!(&greeting[at..at + 4], &[0, 0, 0, 0], "{greeting:?}");
-    drop(c);
+    // It names a warden id (at or above 2^31), which KILL is translated
+    // from: one client's Ctrl-C cancels its own query on whatever server
+    // connection serves it.
+    let (mut a, answer) = Raw::login(s.orders, "x");
+    assert_eq!(answer[0], 0, "{answer:?}");
+    assert!(a.greeting_id >= 1 << 31, "{}", a.greeting_id);
+    a.send(0, b"\x03SELECT SLEEP(60)");
+    let (code, out) = cli(s.orders, "x", &format!("KILL QUERY {};", a.greeting_id));
+    assert_eq!(code, 0, "{out}");
+    let slept = a.read_answer();
+    // An interrupted SLEEP returns 1 (0 had it run its 60 s).
+    let killed = match slept.last() {
+        Some(p) if p[0] == 0xff => err_of(p).0 == 1317,
+        _ => first_value(&slept) == "1",
+    };
+    assert!(killed, "{slept:?}");
+    assert_eq!(first_value(&a.query("SELECT 2")), "2");
+    drop(a);
+    // A warden id no session of this workload holds: the server's answer.
+    let (code, out) = cli(s.orders, "x", "KILL QUERY 4294967000;");
+    assert!(
+        code == 1 && out.contains("ERROR 1094") && out.contains("Unknown thread id: 4294967000"),
+        "{out}"
+    );
 
     // A session that leaves state behind, and an open transaction.
     let (code, out) = cli(
@@ -1023,5 +1051,9 @@ ebpf = "off"
     server.admin("KILL USER 'w_nobody_00000000';");
     // A graceful stop revokes the leases it holds.
     drop(daemon);
-    assert!(lease_users(&server).is_empty(), "{:?}", lease_users(&server));
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
 }

@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod dynamic;
+pub mod kill;
 pub mod packet;
 pub mod pool;
 pub mod relay;
@@ -144,6 +145,8 @@ pub struct MysqlShared {
     pub pool: pool::Pool,
     /// The lease manager of dynamic routes (shared with PostgreSQL's).
     pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
+    /// Pooled sessions' warden-issued connection ids ([`kill`]).
+    pub kill_ids: kill::Registry,
 }
 
 impl MysqlShared {
@@ -166,6 +169,7 @@ impl MysqlShared {
             metrics,
             client_tls,
             leases: None,
+            kill_ids: kill::Registry::default(),
         })
     }
 
@@ -636,11 +640,12 @@ async fn session(
             .map(|g| &g.greeting)
     });
     let mut greeting = client_greeting(server_greeting, offer.is_some());
-    if known.is_some() {
-        // Which server connection serves the client is known only after
-        // its answer: no connection id a driver could later KILL by (one
-        // that may then serve another client) — 0 names none.
-        greeting.connection_id = 0;
+    // Which server connection serves a pooled route's client is known only
+    // after its answer, and it serves others later: the greeting names a
+    // warden id, which `KILL` is translated from ([`kill`]).
+    let kill_id = pooling.then(|| shared.kill_ids.register(&route.name, &who.workload));
+    if let Some(k) = &kill_id {
+        greeting.connection_id = k.id();
     }
     let mut tcp = tcp;
     if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
@@ -681,6 +686,7 @@ async fn session(
             tls: conn.tls,
             ok: packet::ok_packet(SERVER_STATUS_AUTOCOMMIT),
             reused: true,
+            server_id: conn.server_id,
         },
         None => {
             let greeted = match greeted.take() {
@@ -766,6 +772,7 @@ async fn session(
                 tls: u.tls,
                 ok: u.ok,
                 reused: false,
+                server_id: u.connection_id,
             }
         }
     };
@@ -864,11 +871,19 @@ async fn session(
         return;
     }
     drop(hello);
+    if let Some(k) = &kill_id {
+        k.set_server(upstream.server_id);
+    }
     let ctx = relay::Context {
         route: &route.name,
         workload: &who.workload,
         user,
         pool: upstream.baseline.is_some(),
+        kill: kill_id.as_ref().map(|_| kill::Scope {
+            registry: &shared.kill_ids,
+            route: &route.name,
+            workload: &who.workload,
+        }),
     };
     let (outcome, back) = relay::relay(client, upstream.stream, &ctx).await;
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
@@ -888,6 +903,7 @@ async fn session(
             capabilities: upstream.capabilities,
             plugin: upstream.plugin,
             tls: upstream.tls,
+            server_id: upstream.server_id,
         };
         shared
             .pool
@@ -911,6 +927,8 @@ struct Upstream {
     /// The OK payload the client gets.
     ok: Vec<u8>,
     reused: bool,
+    /// The server's id of the connection.
+    server_id: u32,
 }
 
 async fn end_session(

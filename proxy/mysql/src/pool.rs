@@ -98,6 +98,8 @@ pub struct Conn {
     /// The plugin and transport of the login (for the audit detail).
     pub plugin: String,
     pub tls: bool,
+    /// The server's id of the connection (what `KILL` names).
+    pub server_id: u32,
 }
 
 /// Where the upstream stream stood when its client left: inside a packet
