@@ -1009,6 +1009,15 @@ ebpf = "off"
         audit.contains("revoked by an admin (`warden lease revoke`)") && audit.contains(&user),
         "{audit}"
     );
+    // Session records name the lease user and lease, not the admin secret.
+    let start = audit
+        .lines()
+        .find(|l| l.contains("session.start") && l.contains(&format!("as \\\"{user}\\\"")))
+        .unwrap_or_else(|| panic!("{audit}"));
+    assert!(
+        start.contains(&format!("lease {id}")) && !start.contains("orders/admin"),
+        "{start}"
+    );
 
     // A lease that cannot be created: access denied naming route and
     // workload (and the role), counted and recorded.

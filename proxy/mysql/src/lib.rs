@@ -438,7 +438,17 @@ fn client_greeting(server: Option<&Greeting>, offer_tls: bool) -> Greeting {
     }
 }
 
+/// The audit target of a session: the secret version, or on a dynamic
+/// route the route alone (the detail names the lease user and lease; the
+/// secret is the administrative login's, which the session does not use).
 fn credential_target(route: &MysqlRoute, version: Option<u32>, detail: String) -> Target {
+    if route.dynamic {
+        return Target {
+            route: Some(route.name.clone()),
+            detail: Some(detail),
+            ..Target::default()
+        };
+    }
     Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
 
@@ -789,6 +799,10 @@ async fn session(
             ""
         }
     );
+    let detail = match &leased {
+        Some(l) => format!("{detail}, lease {}", l.id),
+        None => detail,
+    };
     let started_ok = admission
         .record_start(
             &who,
