@@ -1066,3 +1066,99 @@ ebpf = "off"
         lease_users(&server)
     );
 }
+
+/// A MariaDB with a role and a lease admin, and an initialised warden with
+/// one dynamic mysql route whose `dynamic` table is `dynamic`.
+fn dyn_setup(dynamic: &str) -> (MariaDb, Instance, u16) {
+    let server = MariaDb::start();
+    server.admin(&format!(
+        "CREATE ROLE orders_reader;
+         CREATE USER 'leaseadmin'@'%' IDENTIFIED BY '{ADMIN_PW}';
+         GRANT CREATE USER, CONNECTION ADMIN ON *.* TO 'leaseadmin'@'%';
+         GRANT orders_reader TO 'leaseadmin'@'%' WITH ADMIN OPTION;"
+    ));
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "orders-dyn"
+kind = "mysql"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "orders/admin", dynamic = {dynamic} }}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("orders/admin", ADMIN_PW.as_bytes()).ok();
+    (server, warden, port)
+}
+
+/// Waits (up to 60 s) until no lease user is left on the server.
+fn until_no_lease_users(server: &MariaDb) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lease_users(server).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lease users left: {:?}",
+            lease_users(server)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn mysql_leases_end_at_max_ttl_and_a_restart_drops_what_a_killed_warden_left() {
+    let (server, warden, port) = dyn_setup(
+        "{ ttl = \"1s\", max_ttl = \"2s\", role = \"orders_reader\", role_prefix = \"w_\" }",
+    );
+    let daemon = warden.start_daemon();
+    // An open session past max_ttl: the user is dropped and the session ends.
+    let (mut open, answer) = Raw::login(port, "x");
+    assert_eq!(answer[0], 0, "{answer:?}");
+    assert_eq!(lease_users(&server).len(), 1);
+    until_no_lease_users(&server);
+    let after = open.query("SELECT 1");
+    assert!(
+        after.first().is_none_or(|p| p[0] == 0xff),
+        "the open session outlived its lease: {after:?}"
+    );
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(audit.contains("max_ttl reached"), "{audit}");
+    drop(daemon);
+
+    // A warden killed with its lease held: the next start drops the user.
+    let (server2, warden2, port2) =
+        dyn_setup("{ ttl = \"1h\", role = \"orders_reader\", role_prefix = \"w_\" }");
+    let mut daemon = warden2.start_daemon();
+    let (code, out) = cli(port2, "x", "SELECT CURRENT_USER();");
+    assert_eq!(code, 0, "{out}");
+    daemon.child.kill().ok();
+    daemon.child.wait().ok();
+    assert_eq!(
+        lease_users(&server2).len(),
+        1,
+        "the user outlives the killed daemon"
+    );
+    let _daemon = warden2.start_daemon();
+    until_no_lease_users(&server2);
+    let audit = std::fs::read_to_string(warden2.audit_log()).unwrap();
+    assert!(
+        audit.contains("orphan: left by a previous warden process"),
+        "{audit}"
+    );
+}
