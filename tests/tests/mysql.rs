@@ -1140,6 +1140,29 @@ fn mysql_leases_end_at_max_ttl_and_a_restart_drops_what_a_killed_warden_left() {
     let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
     assert!(audit.contains("max_ttl reached"), "{audit}");
     drop(daemon);
+    // `warden lease bench` (daemon stopped) creates and revokes mysql leases too.
+    let out = warden.run(&[
+        "lease",
+        "bench",
+        "--route",
+        "orders-dyn",
+        "--count",
+        "8",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (v["leases"].as_u64(), v["revoked"].as_u64()),
+        (Some(8), Some(9)),
+        "{v}"
+    );
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
 
     // A warden killed with its lease held: the next start drops the user.
     let (server2, warden2, port2) =
