@@ -1,4 +1,7 @@
-//! Dynamic PostgreSQL credentials: one role per workload lease.
+//! Dynamic credentials: one role per workload lease. The bookkeeping here
+//! serves every route kind; the SQL below is PostgreSQL's, and another kind
+//! (mysql) plugs in its own through a [`LeaseBackend`]
+//! ([`LeaseTarget::Other`]): creating, renewing and dropping the account.
 //!
 //! A route whose `credential` has a `dynamic` table logs in with
 //! `credential.user`/`credential.secret` as its *administrative* login and,
