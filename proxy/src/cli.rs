@@ -1863,6 +1863,12 @@ fn secret_rotate(ctx: &Context, name: &str, env: Option<&str>) -> Result<()> {
                     std::sync::Arc::new(warden_mysql::rotate::MysqlRotation::from_config(
                         &ctx.cfg,
                     )?),
+                )
+                .with_changer(
+                    "redis",
+                    std::sync::Arc::new(warden_redis::rotate::RedisRotation::from_config(
+                        &ctx.cfg,
+                    )?),
                 );
             let actor = admin::caller_actor(&Caller::this_process());
             runtime()?.block_on(rotator.rotate(

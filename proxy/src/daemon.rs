@@ -234,7 +234,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 credentials.clone(),
                 Some(metrics.clone()),
             )?
-            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?)),
+            .with_changer("mysql", Arc::new(mysql::rotate::MysqlRotation::from_config(cfg)?))
+            .with_changer("redis", Arc::new(redis::rotate::RedisRotation::from_config(cfg)?)),
         );
         if !sealed {
             credentials_start(&leases, &rotator).await;
@@ -415,10 +416,13 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             tracing::info!(route = %route.name, listen = %route.listen, "TLS origination route listening");
             route_tasks.push(tokio::spawn(tlsroute::serve_route(route, tcp, tls_shared.clone())));
         }
-        let redis_shared = Arc::new(redis::RedisShared {
-            admission: admission.clone(),
-            metrics: metrics.clone(),
-        });
+        let redis_routes: Vec<_> = redis_listeners.iter().map(|(r, _)| r.clone()).collect();
+        let redis_shared = Arc::new(redis::RedisShared::new(
+            admission.clone(),
+            metrics.clone(),
+            &redis_routes,
+            identity.clone(),
+        )?);
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
@@ -477,9 +481,17 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         tokio::task::block_in_place(|| pg_shards.stop());
         access.shutdown();
         let svc = service.clone();
-        tokio::task::spawn_blocking(move || match svc.lock() {
-            Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),
-            Err(_) => Err(Error::internal("service state poisoned")),
+        let sessions = admission.clone();
+        tokio::task::spawn_blocking(move || {
+            // Session-end records held for the next write go before the
+            // stop record.
+            if let Err(e) = sessions.audit().flush_held() {
+                tracing::error!("{}", e.message);
+            }
+            match svc.lock() {
+                Ok(mut s) => s.record_daemon("daemon.stop", format!("{signal} received")),
+                Err(_) => Err(Error::internal("service state poisoned")),
+            }
         })
         .await
         .map_err(|e| Error::internal(format!("shutdown task failed: {e}")))??;

@@ -7,6 +7,7 @@
 //! `target/debug/warden` next to this test executable.
 
 pub mod cgroup;
+pub mod fleet;
 pub mod fulldisk;
 pub mod mysql;
 pub mod pg;

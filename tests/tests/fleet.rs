@@ -27,12 +27,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use warden_tests::fleet::{join, store_on, works, NodeSpec, STORE_DB};
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, my_uid, Daemon, Instance, Output};
+use warden_tests::{free_port, Daemon, Instance, Output};
 
 const STORE_PASSWORD: &str = "fleet-store-PW-9d3e";
 const PASSWORD: &str = "fleet-app-PW-CANARY-41b2";
-const DB: &str = "fleet";
 
 /// One cluster: the store database `fleet` (role `warden`) and the route's
 /// upstream database `app` (role `app`).
@@ -44,72 +44,24 @@ struct Cluster {
 impl Cluster {
     fn start() -> Cluster {
         let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
-        pg.psql_admin(&format!(
-            "CREATE ROLE warden LOGIN PASSWORD '{STORE_PASSWORD}'"
-        ));
-        pg.psql_admin(&format!("CREATE DATABASE {DB} OWNER warden"));
+        let dir = store_on(&pg, STORE_PASSWORD);
         pg.create_role("app", PASSWORD);
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("store-password");
-        std::fs::write(&pw, STORE_PASSWORD).unwrap();
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
         Cluster { pg, dir }
     }
 
     /// A node's configuration: route `app-db` on its own port, `extra`
     /// (more tables), the shared `[store]`, no eBPF monitor.
     fn node(&self, route_port: u16, extra: &str) -> Instance {
-        let cfg = format!(
-            r#"
-trust_domain = "example.org"
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[secret]]
-name = "app-db/app"
-
-[[route]]
-name = "app-db"
-kind = "postgres"
-listen = "127.0.0.1:{route_port}"
-upstream = "127.0.0.1:{pgport}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "app-db/app", cache_ttl = "10m" }}
-allow = ["me"]
-connect_timeout = "2s"
-{extra}
-
-[store]
-backend = "postgres"
-url = "postgresql://warden@127.0.0.1:{pgport}/{DB}"
-password_file = "{pw}"
-tls = "disable"
-
-[monitor]
-ebpf = "off"
-"#,
-            uid = my_uid(),
-            pgport = self.pg.port,
-            pw = self.dir.path().join("store-password").display(),
-        );
-        Instance::new_with(&cfg)
+        NodeSpec {
+            extra,
+            ..NodeSpec::new(route_port, self.pg.port, self.pg.port, self.dir.path())
+        }
+        .instance()
     }
 
     fn sql(&self, sql: &str) -> String {
-        self.pg.psql_admin_in(DB, sql)
+        self.pg.psql_admin_in(STORE_DB, sql)
     }
-}
-
-/// Node 2 joins node 1's store with a copy of its master key.
-fn join(first: &Instance, next: &Instance) {
-    std::fs::create_dir_all(&next.data_dir).unwrap();
-    std::fs::set_permissions(&next.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let key = next.data_dir.join("master.key");
-    std::fs::copy(first.data_dir.join("master.key"), &key).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn session(port: u16) -> Output {
@@ -134,10 +86,6 @@ fn until(port: u16, limit: Duration, what: &str, done: impl Fn(&Output) -> bool)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn works(out: &Output) -> bool {
-    out.code == 0 && out.stdout.trim() == "app"
 }
 
 #[test]
@@ -239,7 +187,9 @@ fn changes_on_one_node_apply_on_the_other() {
     // Cut both listeners off: their backends terminated, new connections to
     // the store database refused for now (the daemons' own store
     // connections stay).
-    c.pg.psql_admin(&format!("ALTER DATABASE {DB} ALLOW_CONNECTIONS false"));
+    c.pg.psql_admin(&format!(
+        "ALTER DATABASE {STORE_DB} ALLOW_CONNECTIONS false"
+    ));
     let cut = c.pg.psql_admin(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'warden-listener'",
     );
@@ -255,7 +205,7 @@ fn changes_on_one_node_apply_on_the_other() {
     );
     // Connections allowed again: node 2's listener reconnects and the
     // reconciliation sees the counter moved.
-    c.pg.psql_admin(&format!("ALTER DATABASE {DB} ALLOW_CONNECTIONS true"));
+    c.pg.psql_admin(&format!("ALTER DATABASE {STORE_DB} ALLOW_CONNECTIONS true"));
     let took = until(
         port2,
         Duration::from_secs(30),
@@ -802,7 +752,7 @@ fn a_node_joins_with_a_token_and_both_nodes_share_one_trust_domain() {
     };
     // The store holds neither the master key nor a token's secret; nor do
     // the audit logs or the daemon's log.
-    let dump = c.pg.pg_dump(DB);
+    let dump = c.pg.pg_dump(STORE_DB);
     let kek_hex = std::fs::read_to_string(node1.data_dir.join("master.key")).unwrap();
     let logs: String = [&node1, &node2, &node3]
         .iter()
@@ -1305,7 +1255,7 @@ fn systemd_credential_and_shamir_fleets_join_without_a_key_file() {
     // With the credential in place, node 2 reads the store.
     let out = with_credentials(&node2, &creds, &["secret", "list"], b"");
     assert!(out.status.success(), "{out:?}");
-    let dump = c.pg.pg_dump(DB);
+    let dump = c.pg.pg_dump(STORE_DB);
     assert!(!dump.contains(&hex(&kek)) && !dump.contains(&token.trim()[21..]));
 
     // Shamir: the token hands over nothing; the joined node is unsealed with

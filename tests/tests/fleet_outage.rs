@@ -24,68 +24,29 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
+use warden_tests::fleet::{join, store_on, works, NodeSpec, STORE_DB};
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
 use warden_tests::prom::sample;
-use warden_tests::{free_port, my_uid, Instance, Output};
+use warden_tests::{free_port, Instance, Output};
 
 const STORE_PASSWORD: &str = "outage-store-PW-51c7";
 const PASSWORD: &str = "outage-app-PW-CANARY-7e90";
-const DB: &str = "fleet";
 
 fn store_cluster() -> (PgCluster, tempfile::TempDir) {
     let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
-    pg.psql_admin(&format!(
-        "CREATE ROLE warden LOGIN PASSWORD '{STORE_PASSWORD}'"
-    ));
-    pg.psql_admin(&format!("CREATE DATABASE {DB} OWNER warden"));
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("store-password");
-    std::fs::write(&pw, STORE_PASSWORD).unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let dir = store_on(&pg, STORE_PASSWORD);
     (pg, dir)
 }
 
 fn node(store: &PgCluster, pw_dir: &tempfile::TempDir, app: &PgCluster, port: u16) -> Instance {
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[secret]]
-name = "app-db/app"
-
-[[route]]
-name = "app-db"
-kind = "postgres"
-listen = "127.0.0.1:{port}"
-upstream = "127.0.0.1:{app_port}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "app-db/app", cache_ttl = "1s" }}
-allow = ["me"]
-connect_timeout = "2s"
-
-[store]
-backend = "postgres"
-url = "postgresql://warden@127.0.0.1:{store_port}/{DB}?connect_timeout=2"
-password_file = "{pw}"
-tls = "disable"
-stale_if_error = "8s"
-
-[monitor]
-ebpf = "off"
-"#,
-        uid = my_uid(),
-        app_port = app.port,
-        store_port = store.port,
-        pw = pw_dir.path().join("store-password").display(),
-    );
-    Instance::new_with(&cfg)
+    NodeSpec {
+        cache_ttl: "1s",
+        url_query: "?connect_timeout=2",
+        store_keys: "stale_if_error = \"8s\"",
+        ..NodeSpec::new(port, app.port, store.port, pw_dir.path())
+    }
+    .instance()
 }
 
 fn session(port: u16) -> Output {
@@ -130,21 +91,9 @@ fn refusal_sqlstate_of(port: u16, database: &str) -> String {
         .unwrap_or_default()
 }
 
-fn works(out: &Output) -> bool {
-    out.code == 0 && out.stdout.trim() == "app"
-}
-
 /// Polls `check` every 100 ms until it holds; panics with `what` after `limit`.
-fn wait(limit: Duration, what: &str, mut check: impl FnMut() -> Option<String>) {
-    let t0 = Instant::now();
-    loop {
-        let Some(last) = check() else { return };
-        assert!(
-            t0.elapsed() < limit,
-            "{what}: not seen within {limit:?}; last: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait(limit: Duration, what: &str, check: impl FnMut() -> Option<String>) {
+    warden_tests::fleet::wait(limit, Duration::from_millis(100), what, check)
 }
 
 fn metric(node: &Instance, series: &str) -> Option<f64> {
@@ -170,11 +119,7 @@ fn a_node_rides_out_a_store_outage_and_recovers_by_itself() {
     let node1 = node(&store, &pw_dir, &app, port1);
     let node2 = node(&store, &pw_dir, &app, port2);
     node1.run(&["init"]).ok();
-    std::fs::create_dir_all(&node2.data_dir).unwrap();
-    std::fs::set_permissions(&node2.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let key = node2.data_dir.join("master.key");
-    std::fs::copy(node1.data_dir.join("master.key"), &key).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    join(&node1, &node2);
     node1.put("app-db/app", PASSWORD.as_bytes()).ok();
     let d1 = node1.start_daemon();
     let _d2 = node2.start_daemon();
@@ -330,51 +275,21 @@ fn load_node(
     app: &PgCluster,
     ports: [u16; 4],
 ) -> Instance {
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[secret]]
-name = "app-db/app"
-
-[[secret]]
-name = "shop/admin"
-
-[[route]]
-name = "app-db"
-kind = "postgres"
-listen = "127.0.0.1:{p0}"
-upstream = "127.0.0.1:{app_port}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "app-db/app", cache_ttl = "1s" }}
-allow = ["me"]
-connect_timeout = "2s"
-{held}{short}{fresh}
-[store]
-backend = "postgres"
-url = "postgresql://warden@127.0.0.1:{store_port}/{DB}?connect_timeout=2"
-password_file = "{pw}"
-tls = "disable"
-stale_if_error = "2m"
-
-[monitor]
-ebpf = "off"
-"#,
-        uid = my_uid(),
-        p0 = ports[0],
-        app_port = app.port,
-        held = lease_route("held", ports[1], app, "2m"),
-        short = lease_route("short", ports[2], app, "10s"),
-        fresh = lease_route("fresh", ports[3], app, "2m"),
-        store_port = store.port,
-        pw = pw_dir.path().join("store-password").display(),
-    );
-    Instance::new_with(&cfg)
+    let routes = [
+        lease_route("held", ports[1], app, "2m"),
+        lease_route("short", ports[2], app, "10s"),
+        lease_route("fresh", ports[3], app, "2m"),
+    ]
+    .concat();
+    NodeSpec {
+        cache_ttl: "1s",
+        url_query: "?connect_timeout=2",
+        store_keys: "stale_if_error = \"2m\"",
+        before: "\n[[secret]]\nname = \"shop/admin\"\n",
+        extra: &routes,
+        ..NodeSpec::new(ports[0], app.port, store.port, pw_dir.path())
+    }
+    .instance()
 }
 
 fn lease_session(port: u16) -> Output {
@@ -415,7 +330,7 @@ fn thirty_seconds_without_the_store_under_load_refuse_nothing_servable_and_lose_
         .trim()
         .to_string()
     };
-    let store_sql = |sql: &str| store.psql_admin_in(DB, sql).trim().to_string();
+    let store_sql = |sql: &str| store.psql_admin_in(STORE_DB, sql).trim().to_string();
 
     // Before: the static credential is cached, `held` and `short` hold leases.
     assert!(works(&session(p_static)), "{}", d.log_text());

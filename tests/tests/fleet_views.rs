@@ -16,32 +16,32 @@
 //!   with no operator action, the chain intact;
 //! - `--fleet` on a single node's SQLite store is refused, saying why.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
+use warden_tests::fleet::{join, works, NodeSpec, STORE_DB};
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
 use warden_tests::prom::sample;
-use warden_tests::{free_port, is_root, my_uid, Instance, Output};
+use warden_tests::{free_port, is_root, Instance, Output};
 
 const STORE_PASSWORD: &str = "views-store-PW-3f1a";
 const PASSWORD: &str = "views-app-PW-CANARY-8c2d";
-const DB: &str = "fleet";
 /// No eBPF monitor.
 const OFF: &str = "ebpf = \"off\"";
 
 /// The store database `fleet` (role `warden`) on `pg`, and its password file.
 fn store_on(pg: &PgCluster) -> tempfile::TempDir {
-    pg.psql_admin(&format!(
-        "CREATE ROLE warden LOGIN PASSWORD '{STORE_PASSWORD}'"
-    ));
-    pg.psql_admin(&format!("CREATE DATABASE {DB} OWNER warden"));
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("store-password");
-    std::fs::write(&pw, STORE_PASSWORD).unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    dir
+    warden_tests::fleet::store_on(pg, STORE_PASSWORD)
 }
 
-/// A node: route `app-db` on `port` to `app`, the shared store on `store`.
+/// Frozen in the test: no process runs as this uid, so a freeze applied by
+/// node 1's eBPF monitor denies nothing (as root, "me" would be every root
+/// process on the host, the other nodes' daemons too).
+const IDLE: &str = r#"
+[[workload]]
+name = "idle"
+spiffe_id = "spiffe://example.org/idle"
+selectors = { uid = 4242 }
+"#;
+
 fn node(
     store: &PgCluster,
     pw: &tempfile::TempDir,
@@ -49,60 +49,13 @@ fn node(
     port: u16,
     monitor: &str,
 ) -> Instance {
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-# Frozen in the test: no process runs as this uid, so a freeze applied by
-# node 1's eBPF monitor denies nothing (as root, "me" would be every root
-# process on the host, the other nodes' daemons too).
-[[workload]]
-name = "idle"
-spiffe_id = "spiffe://example.org/idle"
-selectors = {{ uid = 4242 }}
-
-[[secret]]
-name = "app-db/app"
-
-[[route]]
-name = "app-db"
-kind = "postgres"
-listen = "127.0.0.1:{port}"
-upstream = "127.0.0.1:{app_port}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "app-db/app", cache_ttl = "10m" }}
-allow = ["me"]
-connect_timeout = "2s"
-
-[store]
-backend = "postgres"
-url = "postgresql://warden@127.0.0.1:{store_port}/{DB}?connect_timeout=2"
-password_file = "{pw}"
-tls = "disable"
-
-[monitor]
-{monitor}
-"#,
-        uid = my_uid(),
-        app_port = app.port,
-        store_port = store.port,
-        pw = pw.path().join("store-password").display(),
-    );
-    Instance::new_with(&cfg)
-}
-
-/// `next` shares `first`'s master key.
-fn join(first: &Instance, next: &Instance) {
-    std::fs::create_dir_all(&next.data_dir).unwrap();
-    std::fs::set_permissions(&next.data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let key = next.data_dir.join("master.key");
-    std::fs::copy(first.data_dir.join("master.key"), &key).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    NodeSpec {
+        url_query: "?connect_timeout=2",
+        before: IDLE,
+        monitor,
+        ..NodeSpec::new(port, app.port, store.port, pw.path())
+    }
+    .instance()
 }
 
 fn session(port: u16) -> Output {
@@ -112,22 +65,10 @@ fn session(port: u16) -> Output {
     )
 }
 
-fn works(out: &Output) -> bool {
-    out.code == 0 && out.stdout.trim() == "app"
-}
-
 /// Polls `check` every 200 ms until it returns None; panics with `what` and
 /// the last answer after `limit`.
-fn wait(limit: Duration, what: &str, mut check: impl FnMut() -> Option<String>) {
-    let t0 = Instant::now();
-    loop {
-        let Some(last) = check() else { return };
-        assert!(
-            t0.elapsed() < limit,
-            "{what}: not seen within {limit:?}; last: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait(limit: Duration, what: &str, check: impl FnMut() -> Option<String>) {
+    warden_tests::fleet::wait(limit, Duration::from_millis(200), what, check)
 }
 
 /// The node names the store knows (`warden node list --json`), for `inst`.
@@ -182,7 +123,7 @@ fn local_records(inst: &Instance) -> usize {
 fn stored_count(store: &PgCluster, name: &str, action: &str) -> usize {
     store
         .psql_admin_in(
-            DB,
+            STORE_DB,
             &format!(
                 "SELECT count(*) FROM audit_records WHERE node = '{name}' AND line LIKE '%\"action\":\"{action}\"%'"
             ),
@@ -225,7 +166,7 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     // Each daemon ships on a connection of its own, named for it.
     wait(Duration::from_secs(20), "three shipper connections", || {
         let n = pg.psql_admin_in(
-            DB,
+            STORE_DB,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'warden-shipper'",
         );
         (n.trim() != "3").then_some(n)
@@ -283,7 +224,7 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
     // No secret value in the copy or the event summaries.
     for table in ["audit_records", "access_events"] {
         let n = pg.psql_admin_in(
-            DB,
+            STORE_DB,
             &format!("SELECT count(*) FROM {table} WHERE {table}::text LIKE '%{PASSWORD}%'"),
         );
         assert_eq!(n.trim(), "0", "{table}");
@@ -423,7 +364,7 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
             (!applied.contains(&name2)).then(|| {
                 format!(
                     "{out:?}\nacks: {}\nnode 2: {}",
-                    pg.psql_admin_in(DB, "SELECT * FROM freeze_acks"),
+                    pg.psql_admin_in(STORE_DB, "SELECT * FROM freeze_acks"),
                     d2.log_text()
                 )
             })
@@ -441,7 +382,7 @@ fn every_node_sees_the_fleet_audit_events_and_freezes() {
 
     // A record changed in the store is found by verify --fleet.
     pg.psql_admin_in(
-        DB,
+        STORE_DB,
         &format!(
             "UPDATE audit_records SET line = replace(line, '\"reason\":\"', '\"reason\":\"x') WHERE node = '{name2}' AND seq = 2"
         ),
@@ -521,7 +462,7 @@ fn records_written_while_the_store_is_down_arrive_when_it_is_back() {
             let local = local_records(&n1);
             let stored: usize = store
                 .psql_admin_in(
-                    DB,
+                    STORE_DB,
                     &format!("SELECT count(*) FROM audit_records WHERE node = '{name1}'"),
                 )
                 .trim()
@@ -536,7 +477,7 @@ fn records_written_while_the_store_is_down_arrive_when_it_is_back() {
     );
     // Byte for byte what node 1 wrote, in its order.
     let stored_lines = store.psql_admin_in(
-        DB,
+        STORE_DB,
         &format!("SELECT line FROM audit_records WHERE node = '{name1}' ORDER BY seq"),
     );
     let local_text = std::fs::read_to_string(n1.audit_log()).unwrap();

@@ -336,3 +336,403 @@ fn redis_clients_reach_the_server_through_warden_without_a_password() {
     s.warden.run(&["unfreeze", "me"]).ok();
     assert_eq!(cli(s.cache, &["GET", "k"]).1, "v\n");
 }
+
+/// The value of one metric line (`name{labels}`), 0 when absent.
+fn metric(w: &Instance, series: &str) -> f64 {
+    w.http_get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the route's pool has taken back `n` connections in all (the
+/// reset runs after the client has gone: the next client must not race it).
+fn wait_returned(w: &Instance, route: &str, n: f64) {
+    let series = format!("warden_pg_pool_total{{result=\"returned\",route=\"{route}\"}}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while metric(w, &series) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool of {route} never took back {n} connection(s)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// One command on a fresh raw connection, reading until `until`.
+fn ask(port: u16, args: &[&[u8]], until: &[u8]) -> String {
+    let mut c = Raw::connect(port);
+    c.send(&command(args));
+    text(&c.read_until(until))
+}
+
+/// `CLIENT INFO` on a fresh connection (the server's view of its state).
+fn client_info(port: u16) -> String {
+    ask(port, &[b"CLIENT", b"INFO"], b"\n\r\n")
+        .split_once("\r\n")
+        .map(|(_, rest)| rest.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+fn field<'a>(info: &'a str, key: &str) -> &'a str {
+    info.split(' ')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or("?")
+}
+
+#[test]
+fn redis_client_tls_and_a_pool_that_resets_between_clients() {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    let [tls, offer, pooled, unpooled] = [free_port(), free_port(), free_port(), free_port()];
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "tls-only"
+kind = "redis"
+listen = "127.0.0.1:{tls}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+deny_commands = ["CONFIG"]
+client_tls = "require"
+allow = ["me"]
+
+[[route]]
+name = "tls-offer"
+kind = "redis"
+listen = "127.0.0.1:{offer}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+deny_commands = ["CONFIG"]
+client_tls = true
+allow = ["me"]
+
+[[route]]
+name = "pooled"
+kind = "redis"
+listen = "127.0.0.1:{pooled}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/app" }}
+deny_commands = ["CONFIG"]
+pool = {{ max_idle = 4 }}
+allow = ["me"]
+
+[[route]]
+name = "unpooled"
+kind = "redis"
+listen = "127.0.0.1:{unpooled}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/app" }}
+deny_commands = ["CONFIG"]
+pool = false
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("cache/default", DEFAULT_PW.as_bytes()).ok();
+    warden.put("cache/app", APP_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    let bundle = warden.dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        warden.run(&["svid", "bundle"]).ok().stdout.as_bytes(),
+    )
+    .unwrap();
+    let ca = bundle.display().to_string();
+
+    // client_tls: redis-cli over TLS, verifying warden's certificate
+    // against warden's CA.
+    let tls_cli = |port: u16, args: &[&str]| {
+        let mut all = vec!["--tls", "--cacert", ca.as_str()];
+        all.extend_from_slice(args);
+        cli(port, &all)
+    };
+    assert_eq!(tls_cli(tls, &["SET", "tk", "tv"]), (0, "OK\n".into()));
+    assert_eq!(tls_cli(tls, &["ACL", "WHOAMI"]).1, "default\n");
+    // redis-py with ssl, verifying the certificate and the host name.
+    let py = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            &format!(
+                "import redis; r = redis.Redis(host='127.0.0.1', port={tls}, ssl=True, ssl_ca_certs='{ca}', ssl_check_hostname=True); v = r.get('tk').decode(); c = r.connection_pool.get_connection('GET'); print(v, c._sock.version())"
+            ),
+        ])
+        .output();
+    match py {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'redis'") => {
+            eprintln!("skipping redis-py: it is not installed (pip install redis)");
+        }
+        Ok(o) => assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "tv TLSv1.3\n",
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("skipping redis-py: {e}"),
+    }
+    // client_tls = "require": a plain-text client gets a RESP error that
+    // says how to connect, then the close; a log line and a metric.
+    let mut c = Raw::connect(tls);
+    c.send(b"PING\r\n");
+    assert_eq!(
+        text(&c.read_to_end()),
+        "-ERR warden: route \"tls-only\" requires TLS (client_tls = \"require\"); connect with TLS, e.g. redis-cli --tls --cacert <warden's CA certificate>\r\n"
+    );
+    assert_eq!(
+        metric(
+            &warden,
+            "warden_sessions_total{result=\"tls_required\",route=\"tls-only\",workload=\"\"}"
+        ),
+        1.0
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("plain-text client refused: the route requires TLS"),
+        "{}",
+        daemon.log_text()
+    );
+    // A client that does not trust warden's CA fails its handshake: counted.
+    let (_, out) = cli(tls, &["--tls", "PING"]);
+    assert!(!out.contains("PONG"), "{out}");
+    let series = "warden_sessions_total{result=\"tls_error\",route=\"tls-only\",workload=\"\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while metric(&warden, series) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no tls_error counted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A TLS client on a route without client_tls: closed (it could not
+    // read a plain-text error), logged and counted.
+    let (_, out) = tls_cli(unpooled, &["PING"]);
+    assert!(!out.contains("PONG"), "{out}");
+    // (redis-cli tries to connect again once.)
+    assert!(
+        metric(
+            &warden,
+            "warden_sessions_total{result=\"tls_not_offered\",route=\"unpooled\",workload=\"\"}"
+        ) >= 1.0
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("TLS client refused: the route does not offer TLS"),
+        "{}",
+        daemon.log_text()
+    );
+    // client_tls = true: TLS and plain text both served.
+    assert_eq!(tls_cli(offer, &["GET", "tk"]).1, "tv\n");
+    assert_eq!(cli(offer, &["GET", "tk"]).1, "tv\n");
+
+    // The pool: a client that leaves at a command boundary hands its
+    // connection on, reset. The first client leaves a name, database 5, an
+    // open MULTI and a key in database 5.
+    let mut c = Raw::connect(pooled);
+    c.send(&command(&[b"CLIENT", b"ID"]));
+    let id = text(&c.read_until(b"\r\n"));
+    c.send(b"CLIENT SETNAME dirty\r\nSELECT 5\r\nSET only5 x\r\nMULTI\r\nSET a b\r\n");
+    assert_eq!(
+        text(&c.read_until(b"+QUEUED\r\n")),
+        "+OK\r\n+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n"
+    );
+    drop(c);
+    wait_returned(&warden, "pooled", 1.0);
+    let info = client_info(pooled);
+    assert_eq!(format!(":{}\r\n", field(&info, "id")), id, "{info}");
+    assert_eq!(
+        (
+            field(&info, "name"),
+            field(&info, "db"),
+            field(&info, "multi"),
+            field(&info, "user"),
+            field(&info, "resp")
+        ),
+        ("", "0", "-1", "app", "2"),
+        "{info}"
+    );
+    wait_returned(&warden, "pooled", 2.0);
+    assert_eq!(ask(pooled, &[b"GET", b"only5"], b"\r\n"), "$-1\r\n");
+    wait_returned(&warden, "pooled", 3.0);
+    assert_eq!(
+        ask(pooled, &[b"EXEC"], b"\r\n"),
+        "-ERR EXEC without MULTI\r\n"
+    );
+    wait_returned(&warden, "pooled", 4.0);
+
+    // SUBSCRIBE left open (RESP2, unsynchronised) and CLIENT TRACKING on
+    // (RESP3): neither reaches the next client.
+    let mut c = Raw::connect(pooled);
+    c.send(&command(&[b"SUBSCRIBE", b"news"]));
+    c.read_until(b":1\r\n");
+    drop(c);
+    wait_returned(&warden, "pooled", 5.0);
+    let info = client_info(pooled);
+    assert_eq!(format!(":{}\r\n", field(&info, "id")), id, "{info}");
+    assert_eq!(
+        (field(&info, "sub"), field(&info, "flags")),
+        ("0", "N"),
+        "{info}"
+    );
+    wait_returned(&warden, "pooled", 6.0);
+    assert_eq!(
+        server.cli_as("app", APP_PW, &["PUBLISH", "news", "x"]),
+        "0\n"
+    );
+    let mut c = Raw::connect(pooled);
+    c.send(b"HELLO 3\r\nCLIENT TRACKING on\r\nGET tk\r\n");
+    let got = text(&c.read_until(b"tv\r\n"));
+    assert!(got.ends_with("+OK\r\n$2\r\ntv\r\n"), "{got}");
+    drop(c);
+    wait_returned(&warden, "pooled", 7.0);
+    let info = client_info(pooled);
+    assert_eq!(format!(":{}\r\n", field(&info, "id")), id, "{info}");
+    assert_eq!(
+        (field(&info, "flags"), field(&info, "resp")),
+        ("N", "2"),
+        "{info}"
+    );
+    wait_returned(&warden, "pooled", 8.0);
+
+    // A client that leaves inside a blocking command does not hand its
+    // connection on: the next client gets a new login.
+    let mut c = Raw::connect(pooled);
+    c.send(&command(&[b"BLPOP", b"never", b"0"]));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(c);
+    let fresh = ask(pooled, &[b"CLIENT", b"ID"], b"\r\n");
+    assert_ne!(fresh, id);
+    // Nor does it stay blocked upstream: warden half-closed toward the
+    // server, which dropped the BLPOP as for its own client leaving.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server
+        .cli_as("app", APP_PW, &["CLIENT", "LIST"])
+        .contains("cmd=blpop")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the BLPOP stayed blocked on the server"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    wait_returned(&warden, "pooled", 9.0);
+
+    // Admission runs before any pooled connection is taken: frozen, refused.
+    warden.run(&["freeze", "me", "--reason", "pool test"]).ok();
+    let (_, out) = cli(pooled, &["PING"]);
+    assert!(out.contains("NOPERM") && out.contains("frozen"), "{out}");
+    warden.run(&["unfreeze", "me"]).ok();
+
+    // A new secret version never reuses an older version's login.
+    assert_eq!(ask(pooled, &[b"CLIENT", b"ID"], b"\r\n"), fresh);
+    wait_returned(&warden, "pooled", 10.0);
+    warden.put("cache/app", APP_PW.as_bytes()).ok();
+    let after = ask(pooled, &[b"CLIENT", b"ID"], b"\r\n");
+    assert!(after != fresh && after != id, "{after} reused");
+    wait_returned(&warden, "pooled", 11.0);
+    assert_eq!(ask(pooled, &[b"CLIENT", b"ID"], b"\r\n"), after);
+
+    // pool = false: every client logs in anew.
+    let a = ask(unpooled, &[b"CLIENT", b"ID"], b"\r\n");
+    let b = ask(unpooled, &[b"CLIENT", b"ID"], b"\r\n");
+    assert_ne!(a, b);
+
+    for pw in [DEFAULT_PW, APP_PW] {
+        let leaks = files_containing(warden.dir.path(), pw.as_bytes());
+        assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
+    }
+}
+
+#[test]
+fn rotate_method_redis_sets_the_acl_users_new_password_and_saves_it() {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[secret]]
+name = "cache/app"
+rotation_period = "24h"
+rotate = {{ method = "redis", route = "rot" }}
+
+[[route]]
+name = "rot"
+kind = "redis"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/app" }}
+deny_commands = ["CONFIG", "ACL|SETUSER", "ACL|SAVE"]
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("cache/app", APP_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    assert_eq!(cli(port, &["ACL", "WHOAMI"]).1, "app\n");
+
+    let out = warden.run(&["secret", "rotate", "cache/app"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    // The server no longer takes the old password; warden's clients go on.
+    let old = server.cli_as("app", APP_PW, &["PING"]);
+    assert!(!old.contains("PONG"), "{old}");
+    assert_eq!(cli(port, &["ACL", "WHOAMI"]).1, "app\n");
+    assert_eq!(cli(port, &["SET", "after", "rotation"]), (0, "OK\n".into()));
+    // Saved to redis.conf (no ACL file): a hash, never the password.
+    let conf = std::fs::read_to_string(server.dir.path().join("redis.conf")).unwrap();
+    let user_line = conf
+        .lines()
+        .find(|l| l.starts_with("user app"))
+        .unwrap_or("");
+    assert!(user_line.contains(" #"), "{conf}");
+    assert!(!conf.contains(APP_PW), "{conf}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("redis user \"app\": new password saved with CONFIG REWRITE"),
+        "{}",
+        daemon.log_text()
+    );
+    // A second rotation works from the first one's password.
+    let out = warden.run(&["secret", "rotate", "cache/app"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(cli(port, &["GET", "after"]).1, "rotation\n");
+    let conf = std::fs::read_to_string(server.dir.path().join("redis.conf")).unwrap();
+    assert_eq!(conf.matches("user app").count(), 1, "{conf}");
+    for pw in [DEFAULT_PW, APP_PW] {
+        let leaks = files_containing(warden.dir.path(), pw.as_bytes());
+        assert!(leaks.is_empty(), "{pw} found in {leaks:?}");
+    }
+    assert!(!server.log_text().contains(APP_PW));
+}

@@ -322,6 +322,63 @@ fn stop_child(name: &str, child: &mut std::process::Child, grace: std::time::Dur
     let _ = child.wait();
 }
 
+/// A bench lab's warden, started by [`start_bench_warden`].
+struct BenchWarden {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+/// Writes `dir/warden.toml` — one `bench` workload (this uid), metrics off,
+/// the route `route` (the `[[route]]` keys after `name = "bench"`) and
+/// `extra` tables — checks it, initialises the data dir, stores `value`
+/// as `secret` (on stdin, never in argv) and starts `warden up` logging to
+/// `dir/warden.log`.
+fn start_bench_warden(
+    warden: &std::path::Path,
+    dir: &std::path::Path,
+    route: &str,
+    extra: &str,
+    secret: &str,
+    value: &[u8],
+) -> anyhow::Result<BenchWarden> {
+    use anyhow::Context as _;
+    use std::process::{Command, Stdio};
+    std::fs::create_dir_all(dir)?;
+    let text = format!(
+        "data_dir = \"{data}\"\ntrust_domain = \"example.org\"\n\
+         \n[admin]\nsocket = \"{admin}\"\n\n[metrics]\nlisten = \"off\"\n\
+         \n[[workload]]\nname = \"bench\"\nspiffe_id = \"spiffe://example.org/bench\"\n\
+         selectors = {{ uid = {uid} }}\n\
+         \n[[route]]\nname = \"bench\"\n{route}\nallow = [\"bench\"]\n{extra}",
+        data = dir.join("data").display(),
+        admin = dir.join("admin.sock").display(),
+        uid = effective_uid().unwrap_or(0),
+    );
+    let config = dir.join("warden.toml");
+    std::fs::write(&config, text)?;
+    let warden_cmd = |args: &[&str]| {
+        let mut command = Command::new(warden);
+        command.arg("--config").arg(&config).args(args);
+        command
+    };
+    let mut check = Command::new(warden);
+    check.args(["config", "check"]).arg(&config);
+    pg::run_captured(&mut check)?;
+    pg::run_captured(&mut warden_cmd(&["init"]))?;
+    pg::run_with_stdin(&mut warden_cmd(&["secret", "put", secret]), value)?;
+    let log = dir.join("warden.log");
+    let file = std::fs::File::create(&log)?;
+    let mut up = warden_cmd(&["up"]);
+    up.env("WARDEN_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    println!("$ {} > {}", crate::cmd::display(&up), log.display());
+    let child = up.spawn().context("could not start `warden up`")?;
+    Ok(BenchWarden { child, config, log })
+}
+
 /// The effective uid, from /proc (no unsafe `geteuid`).
 fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

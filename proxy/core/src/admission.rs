@@ -90,6 +90,27 @@ pub struct SessionEnd<'a> {
     pub how: &'a str,
 }
 
+/// A server's error text never carries the password; make sure anyway: a
+/// text that does is replaced whole.
+pub fn withhold_secret(text: &mut String, secret: &[u8]) {
+    let s = String::from_utf8_lossy(secret);
+    if !s.is_empty() && text.contains(s.as_ref()) {
+        *text = "(the server's answer is withheld: it contains the secret)".into();
+    }
+}
+
+/// What [`Admission::login_failed`] needs besides the refusal.
+pub struct LoginFailure<'a> {
+    pub route: &'a str,
+    /// The `warden_sessions_total` result (`upstream_error`,
+    /// `upstream_rejected`, …).
+    pub result: &'a str,
+    /// The audit target: the route, the secret and its version.
+    pub target: Target,
+    /// The secret: a refusal quoting it is withheld.
+    pub secret: &'a [u8],
+}
+
 /// Why a caller is refused. Every front end maps these to its wire form
 /// (one table per protocol); the message never carries a secret value.
 #[derive(Debug, Clone)]
@@ -737,6 +758,28 @@ impl Admission {
         (attestation, admitted)
     }
 
+    /// warden's own login upstream failed (every front end that logs in for
+    /// its clients): the kind's refusal `refusal`, whose message
+    /// (`message(&mut refusal)`) is withheld when it quotes the secret, is
+    /// logged, counted as `result` in `warden_sessions_total` and audited as
+    /// `session.error` on `target`; it comes back for the kind to write.
+    pub async fn login_failed<R>(
+        &self,
+        who: &Attested,
+        failure: LoginFailure<'_>,
+        mut refusal: R,
+        message: impl Fn(&mut R) -> &mut String,
+    ) -> R {
+        let text = message(&mut refusal);
+        withhold_secret(text, failure.secret);
+        let text = text.clone();
+        tracing::warn!(route = %failure.route, "session failed: {text}");
+        self.metrics
+            .session(failure.route, &who.workload, failure.result);
+        self.record_session_error(who, failure.target, text).await;
+        refusal
+    }
+
     /// A session that was admitted but failed before it started (e.g. the
     /// upstream refused the login): a `session.error` record.
     pub async fn record_session_error(&self, who: &Attested, target: Target, reason: String) {
@@ -863,6 +906,16 @@ impl StartRecord<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_text_carrying_the_secret_is_withheld() {
+        let mut text = "bad pw hunter2".to_string();
+        withhold_secret(&mut text, b"hunter2");
+        assert!(!text.contains("hunter2"), "{text}");
+        let mut text = "bad pw".to_string();
+        withhold_secret(&mut text, b"");
+        assert_eq!(text, "bad pw");
+    }
 
     #[test]
     fn stale_serving_never_outlives_the_rotation_period() {

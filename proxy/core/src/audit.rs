@@ -833,7 +833,7 @@ fn read_tail(file: &File, path: &Path, len: u64) -> Result<Head, AuditError> {
     }
 }
 
-fn validate_event(event: &Event) -> Result<(), AuditError> {
+pub(crate) fn validate_event(event: &Event) -> Result<(), AuditError> {
     if event.action.is_empty() {
         return Err(AuditError::InvalidEvent("action is empty".into()));
     }

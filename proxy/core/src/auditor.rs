@@ -110,18 +110,23 @@ impl Auditor {
     }
 
     /// `fsync`s the records written without one, if any, after running
-    /// `first` under the log's lock (the journal clears its "sync
-    /// scheduled" flag there); a failure is counted and sticky (see
+    /// `first` under the log's lock and writing the records it returns
+    /// (the journal clears its "sync scheduled" flag there and hands over
+    /// the records it held); a failure is counted and sticky (see
     /// [`AuditLog::sync_pending`]).
-    pub fn sync_unsynced(&self, first: impl FnOnce()) -> Result<()> {
+    pub fn sync_unsynced(&self, first: impl FnOnce() -> Vec<Event>) -> Result<()> {
         // The fsync runs without the lock: appends (session records) go on
         // meanwhile instead of queueing behind the disk.
+        let mut written = Ok(());
         let pending = {
-            let log = self.lock()?;
-            first();
+            let mut log = self.lock()?;
+            let held = first();
+            if !held.is_empty() {
+                written = self.append(&mut log, &held, false);
+            }
             match log.begin_sync() {
                 Some(p) => p,
-                None => return Ok(()),
+                None => return written,
             }
         };
         let io = pending.run();
@@ -131,6 +136,6 @@ impl Auditor {
                 m.audit_sync_failed();
             }
         }
-        res.map_err(Error::from)
+        res.map_err(Error::from).and(written)
     }
 }

@@ -18,11 +18,17 @@
 //! With `audit.sync = "interval"` (a journal started with a sync window)
 //! an audit record is acknowledged once it is written to the OS, and the
 //! writer `fsync`s what is pending at most one window later (and when it
-//! stops). Such a record is written by the caller itself when the service
-//! lock is free at that moment (`try_lock`: one `write`, no thread hand-off,
-//! never a wait on the runtime thread), else queued like any other; the
-//! caller then only nudges the writer to schedule the fsync. Lease rows are
-//! always durable before they are acknowledged.
+//! stops). Such a record is written by the caller itself when the audit
+//! log's lock is free at that moment (`try_lock`: one `write`, no thread
+//! hand-off, never a wait on the runtime thread), else queued like any
+//! other; the caller then only nudges the writer to schedule the fsync.
+//! A record nobody waits on (a session end) is not written on its own: it
+//! is held in memory ([`MAX_HELD`] at most) and goes out in the same
+//! `write` as the next urgent record, or at the latest with the window's
+//! `fsync` (the writer writes what is held, then syncs). It is lost only
+//! if warden dies within that window, as an unsynced record is if the OS
+//! does; its time is when it was written. Lease rows are always durable
+//! before they are acknowledged.
 
 use crate::audit::Event;
 use crate::auditor::Auditor;
@@ -39,6 +45,10 @@ const LINGER: Duration = Duration::from_millis(2);
 
 /// Writes per group commit at most.
 const MAX_GROUP: usize = 256;
+
+/// Records nobody waits on held for the next write, at most (interval
+/// mode); past this one is written at once.
+const MAX_HELD: usize = 256;
 
 /// One durable write.
 pub enum Entry {
@@ -69,9 +79,11 @@ pub struct Journal {
 
 struct Inline {
     audit: Auditor,
-    /// An fsync is scheduled for what was written; cleared by the writer
-    /// under the audit log's lock when it syncs.
+    /// An fsync is scheduled for what was written or held; cleared by the
+    /// writer under the audit log's lock when it syncs.
     sync_scheduled: Arc<AtomicBool>,
+    /// Records nobody waits on, in order, for the next write.
+    held: Arc<Mutex<Vec<Event>>>,
 }
 
 impl Journal {
@@ -85,6 +97,7 @@ impl Journal {
     ) -> Result<Journal> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let sync_scheduled = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
         let audit = service
             .lock()
             .map_err(|_| Error::internal("service state poisoned"))?
@@ -92,8 +105,13 @@ impl Journal {
         let inline = sync_window.map(|_| Inline {
             audit: audit.clone(),
             sync_scheduled: sync_scheduled.clone(),
+            held: held.clone(),
         });
-        let sinks = Sinks { service, audit };
+        let sinks = Sinks {
+            service,
+            audit,
+            held,
+        };
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || writer(&sinks, &rx, sync_window, &sync_scheduled))
@@ -119,20 +137,49 @@ impl Journal {
     }
 
     /// Writes an audit record inline when the sync window allows and the
-    /// audit log is free (`try_lock`: the caller never waits), else queues
-    /// the entry for the writer.
+    /// audit log is free (`try_lock`: the caller never waits), with the
+    /// records held before it; holds a record nobody waits on (`urgent`
+    /// false); else queues the entry for the writer.
     fn submit(&self, entry: Entry, urgent: bool) -> Result<Submitted> {
-        if let (Some(inline), Entry::Audit(event)) = (&self.inline, &entry) {
-            if let Some(res) = inline
-                .audit
-                .try_record_unsynced(std::slice::from_ref(event))
-            {
-                if res.is_ok() && !inline.sync_scheduled.swap(true, Ordering::AcqRel) {
-                    self.tx.send(Msg::SyncSoon).map_err(|_| stopped())?;
+        let entry = match (&self.inline, entry) {
+            (Some(inline), Entry::Audit(event)) => {
+                let event = if urgent {
+                    event
+                } else {
+                    match inline.hold(event) {
+                        None => {
+                            self.schedule_sync(inline)?;
+                            return Ok(Submitted::Done(Ok(())));
+                        }
+                        Some(event) => event,
+                    }
+                };
+                let mut batch = inline.take_held();
+                batch.push(event);
+                let res = inline.audit.try_record_unsynced(&batch);
+                let Some(event) = batch.pop() else {
+                    return Err(Error::internal("audit batch lost its record"));
+                };
+                match res {
+                    Some(Ok(())) => {
+                        self.schedule_sync(inline)?;
+                        return Ok(Submitted::Done(Ok(())));
+                    }
+                    Some(Err(e)) => {
+                        // Held records are valid (checked when held): the log
+                        // itself refuses writes. They stay held for the
+                        // writer, which logs what it cannot write.
+                        inline.put_back(batch);
+                        return Ok(Submitted::Done(Err(e)));
+                    }
+                    None => {
+                        inline.put_back(batch);
+                        Entry::Audit(event)
+                    }
                 }
-                return Ok(Submitted::Done(res));
             }
-        }
+            (_, other) => other,
+        };
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Msg::Job(Job {
@@ -142,6 +189,33 @@ impl Journal {
             }))
             .map_err(|_| stopped())?;
         Ok(Submitted::Queued(wait))
+    }
+
+    /// Writes the records held for the next write now (a blocking thread:
+    /// this waits for the audit log's lock); the next fsync covers them.
+    pub fn flush_held(&self) -> Result<()> {
+        match &self.inline {
+            Some(inline) => {
+                let held = inline.take_held();
+                if held.is_empty() {
+                    return Ok(());
+                }
+                inline.audit.record_all(&held, false)?;
+                // A stopping writer is no loss: its last act is the fsync.
+                let _ = self.schedule_sync(inline);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Asks the writer for an fsync (and a write of the held records)
+    /// within the window, unless one is scheduled already.
+    fn schedule_sync(&self, inline: &Inline) -> Result<()> {
+        if !inline.sync_scheduled.swap(true, Ordering::AcqRel) {
+            self.tx.send(Msg::SyncSoon).map_err(|_| stopped())?;
+        }
+        Ok(())
     }
 
     /// [`record`](Self::record) for a blocking thread.
@@ -170,6 +244,43 @@ impl Journal {
     /// may wait up to [`LINGER`] to share a commit).
     pub async fn record_unhurried(&self, event: Event) -> bool {
         self.write(Entry::Audit(event), false).await.is_ok()
+    }
+}
+
+impl Inline {
+    /// Holds `event` for the next write; gives it back when enough are
+    /// held or the log would refuse it (then it is written at once, to fail
+    /// there).
+    fn hold(&self, event: Event) -> Option<Event> {
+        if crate::audit::validate_event(&event).is_err() {
+            return Some(event);
+        }
+        match self.held.lock() {
+            Ok(mut held) if held.len() < MAX_HELD => {
+                held.push(event);
+                None
+            }
+            _ => Some(event),
+        }
+    }
+
+    fn take_held(&self) -> Vec<Event> {
+        self.held
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+
+    /// Returns records taken by [`take_held`](Self::take_held) but not
+    /// written, ahead of any held since.
+    fn put_back(&self, mut batch: Vec<Event>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Ok(mut held) = self.held.lock() {
+            batch.append(&mut held);
+            *held = batch;
+        }
     }
 }
 
@@ -214,6 +325,9 @@ fn stopped() -> Error {
 struct Sinks {
     service: Arc<Mutex<SecretService>>,
     audit: Auditor,
+    /// Records held for the next write (interval mode), written before
+    /// each fsync.
+    held: Arc<Mutex<Vec<Event>>>,
 }
 
 fn writer(
@@ -233,7 +347,7 @@ fn writer(
             Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    sync_pending(&sinks.audit, sync_scheduled);
+                    sync_pending(sinks, sync_scheduled);
                     sync_due = None;
                     continue;
                 }
@@ -266,20 +380,30 @@ fn writer(
         if let Some(w) = window {
             let due = *sync_due.get_or_insert_with(|| Instant::now() + w);
             if Instant::now() >= due {
-                sync_pending(&sinks.audit, sync_scheduled);
+                sync_pending(sinks, sync_scheduled);
                 sync_due = None;
             }
         }
     }
-    sync_pending(&sinks.audit, sync_scheduled);
+    sync_pending(sinks, sync_scheduled);
 }
 
-/// `fsync`s the audit records written unsynced (by any journal: they share
-/// the log). A failure is logged here and refuses every later record.
-fn sync_pending(audit: &Auditor, sync_scheduled: &AtomicBool) {
-    // Cleared under the log's lock: a record written inline after this
-    // schedules anew.
-    if let Err(e) = audit.sync_unsynced(|| sync_scheduled.store(false, Ordering::Release)) {
+/// Writes the held records and `fsync`s every record written unsynced (by
+/// any journal: they share the log). A failure is logged here; a failed
+/// fsync refuses every later record.
+fn sync_pending(sinks: &Sinks, sync_scheduled: &AtomicBool) {
+    // Under the log's lock, the flag is cleared before the held records are
+    // taken: a record held or written inline after the clear schedules
+    // anew, and one held before it is taken here.
+    let res = sinks.audit.sync_unsynced(|| {
+        sync_scheduled.store(false, Ordering::Release);
+        sinks
+            .held
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    });
+    if let Err(e) = res {
         tracing::error!("{}", e.message);
     }
 }
@@ -461,5 +585,104 @@ mod tests {
             assert!(report.notes.is_empty(), "{report:?}");
         }
         assert_eq!(records(&log), 5);
+    }
+
+    fn actions_and_reasons(log: &Path) -> Vec<(String, String)> {
+        audit::read_records(log, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.action, r.reason))
+            .collect()
+    }
+
+    fn end_event(i: usize) -> Event {
+        Event {
+            action: "session.end".into(),
+            ..event(i)
+        }
+    }
+
+    /// Interval mode: a record nobody waits on is held, goes out ahead of
+    /// the next urgent one in the same write, or with the window's fsync
+    /// when none follows, and at the latest when the journal stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_nobody_waits_on_ride_with_the_next_write_or_the_window() {
+        let (_dir, log, service) = service();
+        // A long window: what is written before it ends rode along.
+        let journal =
+            Journal::start(service.clone(), "test-audit", Some(Duration::from_secs(5))).unwrap();
+        assert!(journal.record_unhurried(end_event(1)).await);
+        assert!(journal.record_unhurried(end_event(2)).await);
+        assert!(
+            actions_and_reasons(&log)
+                .iter()
+                .all(|(a, _)| a != "session.end"),
+            "held records were written on their own"
+        );
+        assert!(journal.record(event(3)).await);
+        let got: Vec<_> = actions_and_reasons(&log)
+            .into_iter()
+            .filter(|(_, r)| r.starts_with("session "))
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("session.end", "session 1"),
+            ("session.end", "session 2"),
+            ("session.start", "session 3"),
+        ]
+        .iter()
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+        .collect();
+        assert_eq!(got, want, "held records go first, in order");
+        drop(journal);
+
+        // A short window and no later record: the writer writes it, then
+        // fsyncs it.
+        let journal = Journal::start(
+            service.clone(),
+            "test-audit",
+            Some(Duration::from_millis(20)),
+        )
+        .unwrap();
+        assert!(journal.record_unhurried(end_event(4)).await);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !actions_and_reasons(&log)
+            .iter()
+            .any(|(_, r)| r == "session 4")
+        {
+            assert!(Instant::now() < deadline, "a held record was never written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        wait_synced(&service).await;
+        drop(journal);
+
+        // flush_held writes them at once (the daemon does before its stop
+        // record).
+        let journal =
+            Journal::start(service.clone(), "test-audit", Some(Duration::from_secs(60))).unwrap();
+        assert!(journal.record_unhurried(end_event(6)).await);
+        assert!(!actions_and_reasons(&log)
+            .iter()
+            .any(|(_, r)| r == "session 6"));
+        journal.flush_held().unwrap();
+        assert!(actions_and_reasons(&log)
+            .iter()
+            .any(|(_, r)| r == "session 6"));
+        drop(journal);
+
+        // Stopping the journal writes what is held.
+        let journal =
+            Journal::start(service.clone(), "test-audit", Some(Duration::from_secs(60))).unwrap();
+        assert!(journal.record_unhurried(end_event(5)).await);
+        drop(journal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !actions_and_reasons(&log)
+            .iter()
+            .any(|(_, r)| r == "session 5")
+        {
+            assert!(Instant::now() < deadline, "a held record was lost at stop");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let report = audit::verify(&log).unwrap();
+        assert!(report.problem.is_none(), "{report:?}");
     }
 }

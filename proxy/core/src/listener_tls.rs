@@ -1,5 +1,5 @@
-//! Client-side TLS of route listeners (`client_tls = true` on postgres and
-//! mysql routes): a rustls server configuration whose certificate, for
+//! Client-side TLS of route listeners (`client_tls` on postgres, mysql and
+//! redis routes): a rustls server configuration whose certificate, for
 //! `localhost` and the listen address, comes from warden's CA and is renewed
 //! at half-life. While warden is sealed, handshakes fail.
 

@@ -397,7 +397,7 @@ impl Metrics {
         let pool_events = IntCounterVec::new(
             Opts::new(
                 "warden_pg_pool_total",
-                "PostgreSQL and MySQL upstream pool events by route: hit (a session got an idle authenticated connection), miss (a new login), returned (reset and kept idle), reset_failed (closed instead), closed (idle connection dropped: timeout, lifetime, dead, superseded credential, full).",
+                "PostgreSQL, MySQL and Redis upstream pool events by route: hit (a session got an idle authenticated connection), miss (a new login), returned (reset and kept idle), reset_failed (closed instead), closed (idle connection dropped: timeout, lifetime, dead, superseded credential, full).",
             ),
             &["route", "result"],
         )?;
@@ -411,7 +411,7 @@ impl Metrics {
         let pool_idle = IntGaugeVec::new(
             Opts::new(
                 "warden_pg_pool_idle_connections",
-                "Idle authenticated upstream connections kept per PostgreSQL or MySQL route.",
+                "Idle authenticated upstream connections kept per PostgreSQL, MySQL or Redis route.",
             ),
             &["route"],
         )?;

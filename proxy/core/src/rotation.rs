@@ -8,6 +8,8 @@
 //! - `mysql`: the same on a mysql route's server (`SET PASSWORD` for the
 //!   route's own account), through a [`PasswordChanger`] the binary registers
 //!   (warden-core does not speak the MySQL protocol: `warden-mysql` does);
+//! - `redis`: `ACL SETUSER` of a redis route's own user on its server, the
+//!   same way (`warden-redis`);
 //! - `exec`: runs `command` with the new value on its stdin (never argv);
 //! - `webhook`: POSTs the new value as the request body.
 //!
@@ -22,7 +24,7 @@
 //!
 //! Before every rotation and at daemon start, a leftover pending value is
 //! resolved: if it already equals the latest version, step 4 is finished;
-//! for `postgres` and `mysql` a login with the pending password tells whether step 2
+//! for `postgres`, `mysql` and `redis` a login with the pending password tells whether step 2
 //! happened (then commit) or not (then roll back, the current password still
 //! works); hooks are re-run with the pending value (they must be idempotent)
 //! and then committed. So a crash at any step leaves warden with a working
@@ -217,22 +219,20 @@ impl Rotator {
                         route: r.name.clone(),
                     }
                 }
-                RotateMethod::Mysql => {
+                RotateMethod::Mysql | RotateMethod::Redis => {
+                    let (method, kind) = if rot.method == RotateMethod::Mysql {
+                        ("mysql", RouteKind::Mysql)
+                    } else {
+                        ("redis", RouteKind::Redis)
+                    };
                     let route = rot.route.clone().unwrap_or_default();
-                    if !cfg
-                        .routes
-                        .iter()
-                        .any(|r| r.name == route && r.kind == RouteKind::Mysql)
-                    {
+                    if !cfg.routes.iter().any(|r| r.name == route && r.kind == kind) {
                         return Err(Error::usage(format!(
-                            "secret {:?}: rotate.route {route:?} is not a mysql route; fix: run `warden config check`",
+                            "secret {:?}: rotate.route {route:?} is not a {method} route; fix: run `warden config check`",
                             s.name
                         )));
                     }
-                    Method::Changer {
-                        method: "mysql",
-                        route,
-                    }
+                    Method::Changer { method, route }
                 }
                 RotateMethod::Exec => Method::Exec {
                     command: rot.command.clone(),

@@ -36,7 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef, SessionEnd};
+use warden_core::admission::{
+    Admission, Denial, LoginFailure, Peer, RoutePolicy, SecretRef, SessionEnd,
+};
 use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
@@ -347,15 +349,6 @@ pub fn upstream_refusal(
             "upstream_error",
         ),
     }
-}
-
-/// A server error text never carries the password; make sure anyway.
-fn scrub(mut e: ErrPacket, secret: &[u8]) -> ErrPacket {
-    let s = String::from_utf8_lossy(secret);
-    if !s.is_empty() && e.message.contains(s.as_ref()) {
-        e.message = "(the server's answer is withheld: it contains the secret)".into();
-    }
-    e
 }
 
 /// Writes an ERR packet with sequence id `seq`, closes the write side, and
@@ -727,15 +720,14 @@ async fn session(
                 Ok(u) => u,
                 Err(f) => {
                     let (e, result) = upstream_refusal(&f, &route, &who.workload, &label);
-                    let e = scrub(e, &secret.value);
-                    tracing::warn!(route = %route.name, "session failed: {}", e.message);
-                    shared.metrics.session(&route.name, &who.workload, result);
-                    admission
-                        .record_session_error(
-                            &who,
-                            credential_target(&route, Some(secret.version), "mysql".into()),
-                            e.message.clone(),
-                        )
+                    let failure = LoginFailure {
+                        route: &route.name,
+                        result,
+                        target: credential_target(&route, Some(secret.version), "mysql".into()),
+                        secret: &secret.value,
+                    };
+                    let e = admission
+                        .login_failed(&who, failure, e, |e| &mut e.message)
                         .await;
                     refuse_client(&mut client, seq, &e).await;
                     return;
@@ -1022,11 +1014,5 @@ mod tests {
             b.len() - 4
         );
         assert!(b.ends_with(b"too many connections"));
-    }
-
-    #[test]
-    fn an_error_text_carrying_the_secret_is_withheld() {
-        let e = scrub(ErrPacket::new(1045, "28000", "bad pw hunter2"), b"hunter2");
-        assert!(!e.message.contains("hunter2"));
     }
 }

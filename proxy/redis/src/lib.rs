@@ -14,21 +14,36 @@
 //! its value), `-ERR` otherwise (upstream unreachable, sealed, no
 //! credential) — then the connection closes. This is the route kind's one
 //! denial-to-wire table: [`refusal_of`].
+//!
+//! With `client_tls` the listener speaks TLS with a certificate from
+//! warden's CA. Redis has no in-band upgrade, so warden looks at the
+//! client's first byte: a TLS handshake record is answered with TLS, as
+//! redis-server's `tls-port` does; anything else is plain RESP, served on
+//! `client_tls = true` and refused on `client_tls = "require"` (`client_stream`).
+//!
+//! On a pooled route (`pool`, on by default) a client that leaves at a
+//! command boundary hands its upstream connection back to [`pool`], which
+//! resets it (`RESET` + `AUTH`) for the next admitted client.
 
+pub mod pool;
 pub mod relay;
 pub mod resp;
+pub mod rotate;
 
 use relay::{CommandPolicy, Context};
 use resp::{encode_command, error_reply, ReplyScanner};
 use rustls::ClientConfig;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use warden_core::admission::{Admission, Denial, Peer, RoutePolicy, SecretRef, SessionEnd};
+use warden_core::admission::{
+    Admission, Denial, LoginFailure, Peer, RoutePolicy, SecretRef, SessionEnd,
+};
 use warden_core::audit::Target;
-use warden_core::config::{Config, RouteKind, TlsMode};
+use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
 use warden_core::metrics::{AttestVia, Metrics};
@@ -52,7 +67,14 @@ pub struct RedisRoute {
     pub allow: Vec<String>,
     pub commands: CommandPolicy,
     pub connect_timeout: Duration,
+    /// TLS toward clients (`client_tls`).
+    pub client_tls: ClientTls,
+    /// Idle authenticated upstream connections kept (`pool`).
+    pub pool: PoolSettings,
 }
+
+/// Longest a client's TLS handshake may take once its first byte came.
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl RedisRoute {
     pub fn from_config(cfg: &Config) -> Result<Vec<RedisRoute>> {
@@ -108,6 +130,8 @@ impl RedisRoute {
                     r.allow_commands.as_deref(),
                 ),
                 connect_timeout: r.connect_timeout(),
+                client_tls: r.client_tls,
+                pool: PoolSettings::from_config(r.pool.as_ref()),
             });
         }
         Ok(out)
@@ -119,6 +143,33 @@ pub struct RedisShared {
     /// attest → policy → credential → session records (every front end's).
     pub admission: Arc<Admission>,
     pub metrics: Metrics,
+    /// Client-side TLS per route (routes with `client_tls`).
+    pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
+    /// Idle authenticated upstream connections, every route's.
+    pub pool: pool::Pool,
+}
+
+impl RedisShared {
+    pub fn new(
+        admission: Arc<Admission>,
+        metrics: Metrics,
+        routes: &[Arc<RedisRoute>],
+        identity: Arc<warden_core::authority::IdentityHandle>,
+    ) -> Result<RedisShared> {
+        let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.client_tls.enabled()) {
+            client_tls.insert(
+                r.name.clone(),
+                warden_core::listener_tls::server_config(&r.name, r.listen.ip(), identity.clone())?,
+            );
+        }
+        Ok(RedisShared {
+            admission,
+            pool: pool::Pool::new(metrics.clone()),
+            metrics,
+            client_tls,
+        })
+    }
 }
 
 /// Binds every redis route's listener.
@@ -140,6 +191,18 @@ pub async fn serve_route(
     shared: Arc<RedisShared>,
 ) {
     let name = route.name.clone();
+    // Idle connections past their timeout or lifetime are closed in time.
+    let reaper = route.pool.enabled().then(|| {
+        let (route, shared) = (route.clone(), shared.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                shared.pool.reap(&route.name, &route.pool);
+            }
+        })
+    });
+    let _reaper = reaper.map(AbortOnDrop);
     // Redis's own wording for the limit, so clients and tools recognise it.
     let shed = warden_core::listen::Shed {
         refusal: format!(
@@ -159,6 +222,86 @@ pub async fn serve_route(
         },
     )
     .await;
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A client connection: plain TCP, or TLS on a `client_tls` route.
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+type Client = Box<dyn ClientIo>;
+
+/// The first byte of a TLS handshake record (a ClientHello). RESP starts
+/// with `*` or, inline, with text: never with this control byte.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The client's stream, decided by its first byte: on a `client_tls` route
+/// a TLS handshake is accepted with warden's certificate, and plain RESP
+/// is served (`client_tls = true`) or refused with an error in plain RESP
+/// (`"require"`); on a route without it a TLS handshake is refused (closed:
+/// the client could not read a plain-text error). None: the connection is
+/// gone (closed, a failed or timed-out handshake, a refused client);
+/// refusals are logged and counted.
+async fn client_stream(
+    tcp: TcpStream,
+    route: &RedisRoute,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    metrics: &Metrics,
+) -> Option<Client> {
+    // No time limit before the first byte: a plain-text client may open
+    // its connection long before its first command (connection pools do),
+    // as it may on a route without TLS. The handshake itself is timed.
+    let mut first = [0u8; 1];
+    if !matches!(tcp.peek(&mut first).await, Ok(1)) {
+        // Closed or failed before its first byte: nothing to serve.
+        return None;
+    }
+    let Some(config) = tls else {
+        if first[0] == TLS_HANDSHAKE {
+            // A TLS client would wait for a ServerHello that never comes.
+            tracing::info!(route = %route.name, "TLS client refused: the route does not offer TLS (client_tls = false)");
+            metrics.session_unattested(&route.name, "tls_not_offered");
+            return None;
+        }
+        return Some(Box::new(tcp));
+    };
+    if first[0] != TLS_HANDSHAKE {
+        if route.client_tls == ClientTls::Require {
+            tracing::info!(route = %route.name, "plain-text client refused: the route requires TLS");
+            metrics.session_unattested(&route.name, "tls_required");
+            let r = Refusal {
+                code: "ERR",
+                message: format!(
+                    "warden: route {:?} requires TLS (client_tls = \"require\"); connect with TLS, e.g. redis-cli --tls --cacert <warden's CA certificate>",
+                    route.name
+                ),
+            };
+            refuse_client(Box::new(tcp), &r).await;
+            return None;
+        }
+        // TLS offered, not taken: plain TCP on loopback is still served.
+        return Some(Box::new(tcp));
+    }
+    let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(tcp);
+    match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::info!(route = %route.name, "client TLS handshake failed: {e}");
+            metrics.session_unattested(&route.name, "tls_error");
+            None
+        }
+        Err(_) => {
+            tracing::info!(route = %route.name, "client TLS handshake timed out");
+            metrics.session_unattested(&route.name, "tls_error");
+            None
+        }
+    }
 }
 
 /// What the client is told when refused: a RESP error code and message.
@@ -193,7 +336,7 @@ pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> Refusal {
 }
 
 /// Why warden's own login upstream failed.
-enum UpstreamFailure {
+pub(crate) enum UpstreamFailure {
     /// TCP/TLS could not be opened, or the server did not answer.
     Unreachable(String),
     /// The server refused the stored password (its error text).
@@ -203,7 +346,7 @@ enum UpstreamFailure {
 /// Tells a refused client why, then closes: the error is written, the
 /// write side shut, and whatever the client sent meanwhile read away (so
 /// the close is not a reset that could discard the error unread).
-async fn refuse_client(mut client: TcpStream, r: &Refusal) {
+async fn refuse_client(mut client: Client, r: &Refusal) {
     let _ = client.write_all(&error_reply(r.code, &r.message)).await;
     let _ = client.shutdown().await;
     let mut sink = [0u8; 4096];
@@ -217,18 +360,53 @@ async fn refuse_client(mut client: TcpStream, r: &Refusal) {
     .await;
 }
 
+/// The refusal of a failed upstream login, and its metric result.
+fn upstream_refusal(
+    f: UpstreamFailure,
+    route: &RedisRoute,
+    workload: &str,
+    label: &str,
+) -> (Refusal, &'static str) {
+    match f {
+        UpstreamFailure::Unreachable(m) => (
+            Refusal {
+                code: "ERR",
+                message: format!(
+                    "warden: upstream unreachable for route {:?} (workload {workload:?}): {m}",
+                    route.name
+                ),
+            },
+            "upstream_error",
+        ),
+        UpstreamFailure::Rejected(m) => (
+            Refusal {
+                code: "WRONGPASS",
+                message: format!(
+                    "warden: upstream rejected the credential for route {:?} (secret {label}, workload {workload:?}): {m}",
+                    route.name
+                ),
+            },
+            "upstream_rejected",
+        ),
+    }
+}
+
 fn credential_target(route: &RedisRoute, version: Option<u32>, detail: String) -> Target {
     Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
 
 async fn session(
-    client: TcpStream,
+    tcp: TcpStream,
     local: SocketAddr,
     peer: SocketAddr,
     route: Arc<RedisRoute>,
     shared: Arc<RedisShared>,
 ) {
     let started = Instant::now();
+    let offer = shared.client_tls.get(&route.name);
+    let Some(client) = client_stream(tcp, &route, offer, &shared.metrics).await else {
+        return;
+    };
     let admission = &shared.admission;
     let policy = RoutePolicy {
         name: &route.name,
@@ -260,51 +438,55 @@ async fn session(
         }
     };
     let label = format!("{} v{}", route.secret, secret.version);
-    let upstream = match login(&route, &secret).await {
-        Ok(u) => u,
-        Err(f) => {
-            let (code, result, message) = match f {
-                UpstreamFailure::Unreachable(m) => (
-                    "ERR",
-                    "upstream_error",
-                    format!(
-                        "warden: upstream unreachable for route {:?} (workload {:?}): {m}",
-                        route.name, who.workload
-                    ),
-                ),
-                UpstreamFailure::Rejected(m) => (
-                    "WRONGPASS",
-                    "upstream_rejected",
-                    format!(
-                        "warden: upstream rejected the credential for route {:?} (secret {label}, workload {:?}): {m}",
-                        route.name, who.workload
-                    ),
-                ),
-            };
-            tracing::warn!(route = %route.name, "session failed: {message}");
-            shared.metrics.session(&route.name, &who.workload, result);
-            admission
-                .record_session_error(
-                    &who,
-                    credential_target(&route, Some(secret.version), "redis".into()),
-                    message.clone(),
-                )
-                .await;
-            refuse_client(client, &Refusal { code, message }).await;
-            return;
-        }
+    // Admitted first: a pooled connection serves only a client that
+    // passed every check a fresh login would have.
+    let pooled = if route.pool.enabled() {
+        shared.pool.take(&route.name, &route.pool, &label)
+    } else {
+        None
     };
-    shared
-        .metrics
-        .upstream_latency(&route.name, upstream.connect_time, upstream.auth_time);
+    let (conn, reused) = match pooled {
+        Some(conn) => (conn, true),
+        None => match login(&route, &secret.value).await {
+            Ok(u) => {
+                shared
+                    .metrics
+                    .upstream_latency(&route.name, u.connect_time, u.auth_time);
+                let conn = pool::Conn {
+                    stream: u.stream,
+                    born: Instant::now(),
+                };
+                (conn, false)
+            }
+            Err(f) => {
+                let (r, result) = upstream_refusal(f, &route, &who.workload, &label);
+                let failure = LoginFailure {
+                    route: &route.name,
+                    result,
+                    target: credential_target(&route, Some(secret.version), "redis".into()),
+                    secret: &secret.value,
+                };
+                let r = admission
+                    .login_failed(&who, failure, r, |r| &mut r.message)
+                    .await;
+                refuse_client(client, &r).await;
+                return;
+            }
+        },
+    };
     let detail = format!(
-        "redis to {}:{}{}",
+        "redis to {}:{}{}{}",
         route.host,
         route.port,
         if route.user.is_empty() {
             String::new()
         } else {
             format!(" as ACL user {:?}", route.user)
+        },
+        if reused {
+            ", pooled upstream connection"
+        } else {
+            ""
         }
     );
     let started_ok = admission
@@ -323,6 +505,9 @@ async fn session(
         shared
             .metrics
             .session(&route.name, &who.workload, d.result());
+        if reused {
+            shared.pool.discard(&route.name, conn);
+        }
         refuse_client(client, &r).await;
         return;
     }
@@ -333,8 +518,22 @@ async fn session(
         user: &route.user,
         password: &secret.value,
     };
-    let outcome = relay::relay(client, upstream.stream, &ctx).await;
+    let mut conn = conn;
+    let outcome = relay::relay(client, &mut conn.stream, &ctx).await;
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+    if route.pool.enabled() && outcome.at_boundary {
+        let login = pool::Login {
+            user: &route.user,
+            password: &secret.value,
+        };
+        let left = pool::Leftover {
+            unsync: outcome.unsync,
+        };
+        shared
+            .pool
+            .give_back(&route.name, &route.pool, label, conn, &login, left)
+            .await;
+    }
 }
 
 async fn end_session(
@@ -364,16 +563,16 @@ async fn end_session(
 }
 
 /// An upstream connection warden has logged in on.
-struct LoggedIn {
+pub(crate) struct LoggedIn {
     stream: warden_core::pgwire::upstream::UpstreamStream,
     connect_time: Duration,
     auth_time: Duration,
 }
 
 /// Connects and sends warden's `AUTH`; the server must answer `+OK`.
-async fn login(
+pub(crate) async fn login(
     route: &RedisRoute,
-    secret: &SecretValue,
+    password: &[u8],
 ) -> std::result::Result<LoggedIn, UpstreamFailure> {
     let t0 = Instant::now();
     let (mut stream, _) = warden_core::connect::open(
@@ -387,13 +586,13 @@ async fn login(
     .map_err(|e| UpstreamFailure::Unreachable(e.to_string()))?;
     let connect_time = t0.elapsed();
     let t1 = Instant::now();
-    let mut auth = Zeroizing::new(Vec::with_capacity(64 + secret.value.len()));
+    let mut auth = Zeroizing::new(Vec::with_capacity(64 + password.len()));
     if route.user.is_empty() {
-        encode_command(&mut auth, [&b"AUTH"[..], &secret.value].into_iter());
+        encode_command(&mut auth, [&b"AUTH"[..], password].into_iter());
     } else {
         encode_command(
             &mut auth,
-            [&b"AUTH"[..], route.user.as_bytes(), &secret.value].into_iter(),
+            [&b"AUTH"[..], route.user.as_bytes(), password].into_iter(),
         );
     }
     let reply = tokio::time::timeout(route.connect_timeout, async {
@@ -401,7 +600,7 @@ async fn login(
             .write_all(&auth)
             .await
             .map_err(|e| format!("cannot send AUTH to {}:{}: {e}", route.host, route.port))?;
-        read_reply(&mut stream).await
+        read_reply(&mut stream, "AUTH").await
     })
     .await
     .map_err(|_| {
@@ -423,7 +622,7 @@ async fn login(
     let text = String::from_utf8_lossy(&reply);
     let text = text.trim_end().trim_start_matches('-').to_string();
     // A server never echoes the password, but make sure.
-    let secret_text = String::from_utf8_lossy(&secret.value);
+    let secret_text = String::from_utf8_lossy(password);
     let text = if !secret_text.is_empty() && text.contains(secret_text.as_ref()) {
         "(the server's answer is withheld: it contains the secret)".to_string()
     } else {
@@ -438,9 +637,11 @@ async fn login(
     }
 }
 
-/// Reads one reply (bounded: a login reply is short).
-async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
+/// Reads the reply to one command `what` (bounded: login and
+/// administration replies are short).
+pub(crate) async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
     s: &mut S,
+    what: &str,
 ) -> std::result::Result<Vec<u8>, String> {
     let mut buf = Vec::with_capacity(256);
     let mut scanner = ReplyScanner::default();
@@ -453,15 +654,15 @@ async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
             return Ok(buf);
         }
         if buf.len() > 64 * 1024 {
-            return Err("the upstream's answer to AUTH is too long".into());
+            return Err(format!("the upstream's answer to {what} is too long"));
         }
         let mut chunk = [0u8; 1024];
         let n = s
             .read(&mut chunk)
             .await
-            .map_err(|e| format!("reading the answer to AUTH: {e}"))?;
+            .map_err(|e| format!("reading the answer to {what}: {e}"))?;
         if n == 0 {
-            return Err("the upstream closed the connection after AUTH".into());
+            return Err(format!("the upstream closed the connection after {what}"));
         }
         buf.extend_from_slice(&chunk[..n]);
     }

@@ -13,6 +13,12 @@
 //! are written at once — until a RESET, whose `+RESET` puts the two back
 //! in step. In RESP3 pub/sub messages and subscribe confirmations are push
 //! frames, which never count as replies.
+//!
+//! A client that closes while replies are still owed (a blocking command,
+//! say) would leave them holding the upstream connection: warden then
+//! closes its side toward the server for writing, the server drops them as
+//! it does when its own client leaves, and whatever it answered before
+//! still reaches the client.
 
 use crate::resp::{encode_command, error_reply, parse_command, Command, ReplyScanner};
 use std::collections::VecDeque;
@@ -106,9 +112,25 @@ pub struct Outcome {
     pub down: u64,
     pub refused_commands: u64,
     pub how: &'static str,
+    /// The client left at a command boundary: it closed after every
+    /// command it sent was answered, and no part of a later frame was
+    /// read. Only then may the upstream connection serve someone else
+    /// (after a reset).
+    pub at_boundary: bool,
+    /// Replies no longer matched commands when the client left (RESP2
+    /// pub/sub, `MONITOR`, `CLIENT REPLY`).
+    pub unsync: bool,
 }
 
-/// Relays until either side is done.
+/// How the reply half ended.
+struct Ended {
+    how: &'static str,
+    at_boundary: bool,
+    unsync: bool,
+}
+
+/// Relays until either side is done. Pass the upstream by `&mut` to keep
+/// it afterwards (the pool).
 pub async fn relay<C, U>(client: C, upstream: U, ctx: &Context<'_>) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -118,19 +140,36 @@ where
     let (ur, uw) = tokio::io::split(upstream);
     let (tx, rx) = unbounded_channel();
     let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let client_left = tokio::sync::Notify::new();
     let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused);
-    let replies = upstream_to_client(ur, cw, rx, &down);
+    let replies = upstream_to_client(ur, cw, rx, &down, &client_left);
+    tokio::pin!(replies);
     // The session ends when the reply half does: the command half hands
     // its ending (EOF, protocol error) over as the plan's last entry.
-    let how = tokio::select! {
-        how = replies => how,
-        _ = async { commands.await; std::future::pending::<()>().await } => "",
+    let ended = tokio::select! {
+        ended = &mut replies => ended,
+        mut upstream = commands => {
+            // The client closed while replies were still owed (a blocking
+            // command, say): they would hold the upstream connection until
+            // the server answers. Closing warden's side for writing makes
+            // the server drop them, as it does when its own client leaves;
+            // whatever it answered before reaches the client.
+            tokio::select! {
+                ended = &mut replies => ended,
+                _ = client_left.notified() => {
+                    let _ = upstream.shutdown().await;
+                    replies.await
+                }
+            }
+        }
     };
     Outcome {
         up: up.load(Relaxed),
         down: down.load(Relaxed),
         refused_commands: refused.load(Relaxed),
-        how,
+        how: ended.how,
+        at_boundary: ended.at_boundary,
+        unsync: ended.unsync,
     }
 }
 
@@ -143,6 +182,7 @@ struct ClientState {
     unsync: bool,
 }
 
+/// Returns the upstream's write half once the client is done sending.
 async fn client_to_upstream<R, W>(
     mut client: R,
     mut upstream: W,
@@ -150,7 +190,8 @@ async fn client_to_upstream<R, W>(
     ctx: &Context<'_>,
     up: &AtomicU64,
     refused: &AtomicU64,
-) where
+) -> W
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -166,7 +207,7 @@ async fn client_to_upstream<R, W>(
         match client.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = plan.send(Plan::Eof);
-                return;
+                return upstream;
             }
             Ok(_) => {}
         }
@@ -195,14 +236,14 @@ async fn client_to_upstream<R, W>(
         if !out.is_empty() {
             if upstream.write_all(&out).await.is_err() {
                 let _ = plan.send(Plan::Eof);
-                return;
+                return upstream;
             }
             up.fetch_add(out.len() as u64, Relaxed);
             out.clear();
         }
         if let Some(end) = ending {
             let _ = plan.send(end);
-            return;
+            return upstream;
         }
     }
 }
@@ -349,7 +390,8 @@ async fn upstream_to_client<R, W>(
     mut client: W,
     mut plan: UnboundedReceiver<Plan>,
     down: &AtomicU64,
-) -> &'static str
+    client_left: &tokio::sync::Notify,
+) -> Ended
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -362,6 +404,8 @@ where
     // The command half's last entry is always Eof or End; after it the
     // channel closes and only replies are awaited.
     let mut plan_open = true;
+    // The client closed with replies still owed (see `relay`).
+    let mut left_owed = false;
     loop {
         let mut ended = None;
         tokio::select! {
@@ -371,7 +415,9 @@ where
                 None => plan_open = false,
             },
             r = upstream.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => ended = Some("upstream closed"),
+                Ok(0) | Err(_) => {
+                    ended = Some(if left_owed { EOF } else { "upstream closed" })
+                }
                 Ok(_) => {
                     let mut start = 0;
                     loop {
@@ -407,9 +453,18 @@ where
         if ended.is_none() {
             ended = drain_front(&mut queue, &mut unsync, &mut out);
         }
+        // Eof is the last entry; not at the front: replies are owed.
+        if ended.is_none() && !left_owed && matches!(queue.back(), Some(Plan::Eof)) {
+            left_owed = true;
+            client_left.notify_one();
+        }
         if !out.is_empty() {
             if client.write_all(&out).await.is_err() {
-                return "client closed";
+                return Ended {
+                    how: "client closed",
+                    at_boundary: false,
+                    unsync,
+                };
             }
             down.fetch_add(out.len() as u64, Relaxed);
             out.clear();
@@ -417,7 +472,19 @@ where
         if let Some(how) = ended {
             let _ = client.flush().await;
             let _ = client.shutdown().await;
-            return how;
+            // Only the client's own close (the plan's Eof, reached after
+            // every earlier entry) with no partial frame read leaves the
+            // upstream at a command boundary.
+            // (Not after a half-close toward the server: see `relay`.)
+            let at_boundary = how == EOF
+                && !left_owed
+                && matches!(queue.front(), Some(Plan::Eof))
+                && buf.is_empty();
+            return Ended {
+                how,
+                at_boundary,
+                unsync,
+            };
         }
     }
 }
@@ -474,6 +541,9 @@ fn take_frame(
     None
 }
 
+/// How a session ends when its client closes.
+const EOF: &str = "client closed";
+
 /// Writes the plan's leading local answers; `Some`: the session ends.
 fn drain_front(
     queue: &mut VecDeque<Plan>,
@@ -493,7 +563,7 @@ fn drain_front(
                 }
                 return Some("client protocol error");
             }
-            Some(Plan::Eof) => return Some("client closed"),
+            Some(Plan::Eof) => return Some(EOF),
             Some(Plan::Unsync) => {
                 queue.pop_front();
                 *unsync = true;

@@ -337,54 +337,21 @@ impl Lab {
     }
 
     fn start_warden(&mut self, warden: &Path, token: &str) -> Result<()> {
-        let wdir = self.dir.join("warden");
-        std::fs::create_dir_all(&wdir)?;
-        let uid = super::effective_uid().unwrap_or(0);
-        let config = format!(
-            "data_dir = \"{data}\"\ntrust_domain = \"example.org\"\n\
-             \n[admin]\nsocket = \"{admin}\"\n\n[metrics]\nlisten = \"off\"\n\
-             \n[[workload]]\nname = \"bench\"\nspiffe_id = \"spiffe://example.org/bench\"\nselectors = {{ uid = {uid} }}\n\
-             \n[[route]]\nname = \"bench\"\nkind = \"http\"\nlisten = \"127.0.0.1:{listen}\"\n\
-             upstream = \"http://127.0.0.1:{up}\"\n\
-             inject = {{ header = \"Authorization\", value = \"Bearer {{secret}}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
-             allow = [\"bench\"]\n",
-            data = wdir.join("data").display(),
-            admin = wdir.join("admin.sock").display(),
+        let route = format!(
+            "kind = \"http\"\nlisten = \"127.0.0.1:{listen}\"\nupstream = \"http://127.0.0.1:{up}\"\n\
+             inject = {{ header = \"Authorization\", value = \"Bearer {{secret}}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}",
             listen = self.ports[1],
             up = self.ports[0],
         );
-        let path = wdir.join("warden.toml");
-        std::fs::write(&path, config)?;
-        let w = |args: &[&str]| {
-            let mut c = Command::new(warden);
-            c.arg("--config").arg(&path).args(args);
-            c
-        };
-        let out = w(&["init"]).output()?;
-        if !out.status.success() {
-            bail!(
-                "warden init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let mut put = w(&["secret", "put", SECRET]);
-        put.stdin(Stdio::piped()).stdout(Stdio::null());
-        let mut child = put.spawn()?;
-        if let Some(mut si) = child.stdin.take() {
-            use std::io::Write as _;
-            si.write_all(token.as_bytes())?;
-        }
-        if !child.wait()?.success() {
-            bail!("warden secret put failed");
-        }
-        let log = std::fs::File::create(wdir.join("warden.log"))?;
-        let mut up = w(&["up"]);
-        up.env("WARDEN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        println!("$ {}", cmd::display(&up));
-        self.children.push(("warden", up.spawn()?));
+        let started = super::start_bench_warden(
+            warden,
+            &self.dir.join("warden"),
+            &route,
+            "",
+            SECRET,
+            token.as_bytes(),
+        )?;
+        self.children.push(("warden", started.child));
         Ok(())
     }
 

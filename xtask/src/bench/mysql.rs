@@ -209,53 +209,22 @@ impl Lab {
     }
 
     fn start_warden(&mut self, warden: &Path, password: &str) -> Result<()> {
-        let wdir = self.dir.join("warden");
-        std::fs::create_dir_all(&wdir)?;
-        let config = format!(
-            "data_dir = \"{data}\"\ntrust_domain = \"example.org\"\n\
-             \n[admin]\nsocket = \"{admin}\"\n\n[metrics]\nlisten = \"off\"\n\
-             \n[[workload]]\nname = \"bench\"\nspiffe_id = \"spiffe://example.org/bench\"\nselectors = {{ uid = {uid} }}\n\
-             \n[[route]]\nname = \"bench\"\nkind = \"mysql\"\nlisten = \"127.0.0.1:{listen}\"\n\
-             upstream = \"127.0.0.1:{up}\"\nupstream_tls = {{ mode = \"disable\" }}\n\
-             credential = {{ user = \"bench\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
-             allow = [\"bench\"]\n",
-            data = wdir.join("data").display(),
-            admin = wdir.join("admin.sock").display(),
-            uid = super::effective_uid().unwrap_or(0),
+        let route = format!(
+            "kind = \"mysql\"\nlisten = \"127.0.0.1:{listen}\"\nupstream = \"127.0.0.1:{up}\"\n\
+             upstream_tls = {{ mode = \"disable\" }}\n\
+             credential = {{ user = \"bench\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}",
             listen = self.warden_port,
             up = self.db_port,
         );
-        let path = wdir.join("warden.toml");
-        std::fs::write(&path, config)?;
-        let w = |args: &[&str]| {
-            let mut c = Command::new(warden);
-            c.arg("--config").arg(&path).args(args);
-            c
-        };
-        let out = w(&["init"]).output()?;
-        if !out.status.success() {
-            bail!(
-                "warden init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let mut put = w(&["secret", "put", SECRET]);
-        put.stdin(Stdio::piped()).stdout(Stdio::null());
-        let mut child = put.spawn()?;
-        if let Some(mut si) = child.stdin.take() {
-            si.write_all(password.as_bytes())?;
-        }
-        if !child.wait()?.success() {
-            bail!("warden secret put failed");
-        }
-        let log = std::fs::File::create(wdir.join("warden.log"))?;
-        let mut up = w(&["up"]);
-        up.env("WARDEN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        println!("$ {}", cmd::display(&up));
-        self.children.push(("warden", up.spawn()?));
+        let started = super::start_bench_warden(
+            warden,
+            &self.dir.join("warden"),
+            &route,
+            "",
+            SECRET,
+            password.as_bytes(),
+        )?;
+        self.children.push(("warden", started.child));
         Ok(())
     }
 

@@ -156,6 +156,33 @@ pub(super) struct Sample {
     /// The proxy's context switches per transaction (its live threads'
     /// voluntary + involuntary switches).
     switches_per_txn: Option<f64>,
+    /// Where the machine's CPU went per transaction (µs): pgbench, the
+    /// PostgreSQL server (postmaster and backends), every core's busy time.
+    split: Option<CpuSplit>,
+}
+
+/// CPU time per transaction (µs) of the parts of one run, and how busy the
+/// machine was: with `-C` this shows what each side costs a session and
+/// how much of the machine is left for the proxy.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct CpuSplit {
+    client_us: f64,
+    server_us: f64,
+    machine_us: f64,
+    /// Busy share of all cores during the run (0–1).
+    busy: f64,
+}
+
+/// Cumulative CPU counters read before and after a run (µs).
+#[derive(Clone, Copy)]
+struct CpuCounters {
+    /// This process's waited-for children (pgbench).
+    children_us: u64,
+    /// The server's process tree.
+    server_us: u64,
+    /// Every core's busy and total time.
+    busy_us: u64,
+    total_us: u64,
 }
 
 pub fn run(repo: &Path, options: &Options) -> Result<()> {
@@ -298,10 +325,6 @@ impl Lab {
         self.pg_dir().join("data")
     }
 
-    fn warden_config(&self, target: Target) -> PathBuf {
-        self.dir.join(target.warden_dir()).join("warden.toml")
-    }
-
     fn as_postgres(&self, program: &Path) -> Command {
         as_postgres(&self.dir, program)
     }
@@ -361,49 +384,28 @@ impl Lab {
 
     /// Starts the warden of `target` (one of the warden targets).
     fn start_warden(&mut self, warden: &Path, target: Target) -> Result<()> {
-        let wdir = self.dir.join(target.warden_dir());
-        let config = format!(
-            "data_dir = \"{data}\"\n\
-             trust_domain = \"example.org\"\n\
-             \n[admin]\nsocket = \"{admin}\"\n\
-             \n[metrics]\nlisten = \"off\"\n\
-             \n[[workload]]\nname = \"bench\"\nspiffe_id = \"spiffe://example.org/bench\"\n\
-             selectors = {{ uid = {uid} }}\n\
-             \n[[route]]\nname = \"bench\"\nkind = \"postgres\"\n\
-             listen = \"127.0.0.1:{listen}\"\nupstream = \"127.0.0.1:{pg}\"\n\
+        let route = format!(
+            "kind = \"postgres\"\nlisten = \"127.0.0.1:{listen}\"\nupstream = \"127.0.0.1:{pg}\"\n\
              upstream_tls = {{ mode = \"disable\" }}\n\
-             credential = {{ user = \"{ROLE}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}\n\
-             allow = [\"bench\"]\n{audit}",
-            data = wdir.join("data").display(),
-            admin = wdir.join("admin.sock").display(),
-            uid = super::effective_uid().unwrap_or(0),
+             credential = {{ user = \"{ROLE}\", secret = \"{SECRET}\", cache_ttl = \"10m\" }}",
             listen = self.port(target),
             pg = self.pg_port,
-            audit = target.audit_toml(),
         );
-        let path = self.warden_config(target);
-        std::fs::write(&path, config)?;
+        let started = super::start_bench_warden(
+            warden,
+            &self.dir.join(target.warden_dir()),
+            &route,
+            target.audit_toml(),
+            SECRET,
+            self.password.as_bytes(),
+        )?;
+        let (path, log_path) = (started.config, started.log);
+        self.children.push((target.name(), started.child));
         let warden_cmd = |args: &[&str]| {
             let mut command = Command::new(warden);
             command.arg("--config").arg(&path).args(args);
             command
         };
-        let mut check = Command::new(warden);
-        check.args(["config", "check"]).arg(&path);
-        run_captured(&mut check)?;
-        run_captured(&mut warden_cmd(&["init"]))?;
-        run_with_stdin(
-            &mut warden_cmd(&["secret", "put", SECRET]),
-            self.password.as_bytes(),
-        )?;
-
-        let log_path = wdir.join("warden.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut up = warden_cmd(&["up"]);
-        up.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        println!("$ {} > {}", cmd::display(&up), log_path.display());
-        let child = up.spawn().context("could not start `warden up`")?;
-        self.children.push((target.name(), child));
 
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -544,8 +546,11 @@ impl Lab {
         }
         command.arg(ROLE).current_dir(&logs);
         let proxy = self.proxy_pid(target);
+        let server = self.server_pid();
         let before = proxy.and_then(process_cost);
+        let counters_before = cpu_counters(server);
         let out = run_captured(&mut command)?;
+        let counters_after = cpu_counters(server);
         let after = proxy.and_then(process_cost);
         let mut sample = parse_pgbench_output(&out)
             .with_context(|| format!("could not read pgbench's summary:\n{out}"))?;
@@ -558,9 +563,28 @@ impl Lab {
                 sample.switches_per_txn = Some(a.1.saturating_sub(b.1) as f64 / n as f64);
             }
         }
+        let n = latencies_us.len();
+        if let (Some(b), Some(a)) = (counters_before, counters_after) {
+            let total = a.total_us.saturating_sub(b.total_us);
+            if n > 0 && total > 0 {
+                let per = |x: u64, y: u64| x.saturating_sub(y) as f64 / n as f64;
+                sample.split = Some(CpuSplit {
+                    client_us: per(a.children_us, b.children_us),
+                    server_us: per(a.server_us, b.server_us),
+                    machine_us: per(a.busy_us, b.busy_us),
+                    busy: a.busy_us.saturating_sub(b.busy_us) as f64 / total as f64,
+                });
+            }
+        }
         sample.p50_ms = percentile(&latencies_us, 0.50) / 1000.0;
         sample.p99_ms = percentile(&latencies_us, 0.99) / 1000.0;
         Ok(sample)
+    }
+
+    /// The postmaster's pid, from its pid file.
+    fn server_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
     }
 
     /// The pid of the proxy behind `target` (None: direct).
@@ -657,13 +681,8 @@ fn measure(lab: &Lab, options: &Options) -> Result<Results> {
 /// CPU time (µs, every thread, exited ones included) and context switches
 /// (live threads) of process `pid` so far.
 pub(super) fn process_cost(pid: u32) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on Linux.
-    let cpu_us = ticks * 10_000;
+    let [user, system, _, _] = stat_times(&pid.to_string())?;
+    let cpu_us = user + system;
     let mut switches = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
@@ -682,6 +701,71 @@ pub(super) fn process_cost(pid: u32) -> Option<(u64, u64)> {
         }
     }
     Some((cpu_us, switches))
+}
+
+/// utime, stime, cutime, cstime of `/proc/PID/stat` (µs; USER_HZ 100).
+fn stat_times(pid: &str) -> Option<[u64; 4]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let mut out = [0u64; 4];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = fields.get(11 + i)?.parse::<u64>().ok()? * 10_000;
+    }
+    Some(out)
+}
+
+/// The parent pid in `/proc/PID/stat`.
+fn parent_of(pid: &str) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// CPU used so far by this process's waited-for children, by the server
+/// `server` (the postmaster, its exited backends through its children's
+/// times, its live backends), and by the whole machine.
+fn cpu_counters(server: Option<u32>) -> Option<CpuCounters> {
+    let me = stat_times("self")?;
+    let mut server_us = 0;
+    if let Some(root) = server {
+        let t = stat_times(&root.to_string())?;
+        server_us = t.iter().sum();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if parent_of(pid) == Some(root) {
+                // A backend that exits between the two reads moves into the
+                // postmaster's children's times: counted once either way.
+                server_us += stat_times(pid).map_or(0, |t| t[0] + t[1]);
+            }
+        }
+    }
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (USER_HZ ticks).
+    let total: u64 = cpu.iter().take(8).sum();
+    let idle = cpu.get(3)? + cpu.get(4)?;
+    Some(CpuCounters {
+        children_us: me[2] + me[3],
+        server_us,
+        busy_us: (total - idle) * 10_000,
+        total_us: total * 10_000,
+    })
 }
 
 fn mode_tag(mode: Mode) -> &'static str {
@@ -704,7 +788,23 @@ fn median_sample(samples: &[Sample]) -> Sample {
         transactions: samples.iter().map(|s| s.transactions).sum(),
         cpu_us_per_txn: median_of(samples.iter().filter_map(|s| s.cpu_us_per_txn).collect()),
         switches_per_txn: median_of(samples.iter().filter_map(|s| s.switches_per_txn).collect()),
+        split: median_split(samples),
     }
+}
+
+/// Per-field medians of the rounds' CPU splits.
+fn median_split(samples: &[Sample]) -> Option<CpuSplit> {
+    let splits: Vec<CpuSplit> = samples.iter().filter_map(|s| s.split).collect();
+    if splits.is_empty() {
+        return None;
+    }
+    let pick = |f: fn(&CpuSplit) -> f64| median(splits.iter().map(f).collect());
+    Some(CpuSplit {
+        client_us: pick(|s| s.client_us),
+        server_us: pick(|s| s.server_us),
+        machine_us: pick(|s| s.machine_us),
+        busy: pick(|s| s.busy),
+    })
 }
 
 fn print_report(results: &Results, options: &Options) {
@@ -809,6 +909,27 @@ fn print_report(results: &Results, options: &Options) {
     }
     let w = find(Mode::ConnectPerTransaction, Target::Warden);
     let b = find(Mode::ConnectPerTransaction, Target::PgBouncer);
+    print_split(&mut table, &find);
+    if let (Some(ws), Some(wc)) = (w.split, w.cpu_us_per_txn) {
+        // TPS = busy share × cores / machine CPU per session: at warden's
+        // busy share, the target rate fixes the machine CPU a session may
+        // take, and the client's, server's and kernel's part of it is not
+        // warden's to spend.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let wanted = b.tps * Mode::ConnectPerTransaction.bouncer_target(Target::Warden);
+        if wanted > 0.0 {
+            let machine = ws.busy * cores * 1e6 / wanted;
+            let others = ws.machine_us - wc;
+            let _ = writeln!(
+                table,
+                "  at warden's busy share ({:.0}%), {wanted:.0} tps allows {machine:.0} µs of machine CPU per session; \
+                 pgbench, the server and the kernel's share outside warden take {others:.0} µs of it, \
+                 leaving {:.0} µs for warden (measured {wc:.0} µs)",
+                ws.busy * 100.0,
+                machine - others
+            );
+        }
+    }
     if let (Some(wc), Some(bc)) = (w.cpu_us_per_txn, b.cpu_us_per_txn) {
         let _ = writeln!(
             table,
@@ -819,6 +940,35 @@ fn print_report(results: &Results, options: &Options) {
         );
     }
     print!("{table}");
+}
+
+/// Where the machine's CPU went per `-C` session, by target.
+fn print_split(table: &mut String, find: &dyn Fn(Mode, Target) -> Sample) {
+    let _ = writeln!(
+        table,
+        "\nwhere the machine's CPU goes per -C session (µs, medians; pgbench from its rusage, the server's process tree and every core's busy time from /proc; other: softirq and kernel work not charged to a process, and anything else running on the machine — on a shared machine this figure is not warden's):"
+    );
+    let _ = writeln!(
+        table,
+        "  {:<14} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6}",
+        "target", "pgbench", "server", "proxy", "other", "machine", "busy"
+    );
+    for target in Target::ALL {
+        let s = find(Mode::ConnectPerTransaction, target);
+        let Some(split) = s.split else { continue };
+        let proxy = s.cpu_us_per_txn.unwrap_or(0.0);
+        let _ = writeln!(
+            table,
+            "  {:<14} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>5.0}%",
+            target.name(),
+            split.client_us,
+            split.server_us,
+            proxy,
+            split.machine_us - split.client_us - split.server_us - proxy,
+            split.machine_us,
+            split.busy * 100.0
+        );
+    }
 }
 
 fn median_of(values: Vec<f64>) -> Option<f64> {

@@ -42,6 +42,8 @@ config_enum! {
         Postgres => "postgres",
         /// `SET PASSWORD` for a mysql route's own account, run by warden.
         Mysql => "mysql",
+        /// `ACL SETUSER` of a redis route's own user, run by warden.
+        Redis => "redis",
         /// A program that gets the new value on stdin.
         Exec => "exec",
         /// An HTTP POST whose body is the new value.
@@ -128,7 +130,11 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
         )
     };
     let mut extra = Vec::new();
-    if !matches!(m, RotateMethod::Postgres | RotateMethod::Mysql) && rot.route.is_some() {
+    if !matches!(
+        m,
+        RotateMethod::Postgres | RotateMethod::Mysql | RotateMethod::Redis
+    ) && rot.route.is_some()
+    {
         extra.push(unused("route"));
     }
     if m != RotateMethod::Exec && !rot.command.is_empty() {
@@ -141,10 +147,14 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
         c.error(key, problem, fix);
     }
     match m {
-        RotateMethod::Postgres | RotateMethod::Mysql => match &rot.route {
+        RotateMethod::Postgres | RotateMethod::Mysql | RotateMethod::Redis => match &rot.route {
             None => c.error(
                 format!("{k}.rotate.route"),
-                format!("method \"{m}\" needs the route whose database holds the {}", if m == RotateMethod::Mysql { "user" } else { "role" }),
+                format!("method \"{m}\" needs the route whose {}", match m {
+                    RotateMethod::Mysql => "database holds the user",
+                    RotateMethod::Redis => "server holds the ACL user",
+                    _ => "database holds the role",
+                }),
                 format!("add route = \"NAME\" naming a {m} [[route]] whose credential.secret is this secret"),
             ),
             Some(name) => {
@@ -156,10 +166,10 @@ fn check_rotate(c: &mut Checker<'_>, k: &str, s: &SecretPolicy, rot: &Rotate) {
                         format!("name a {m} [[route]] defined in this file"),
                     ),
                     Some((j, r)) => {
-                        let kind = if m == RotateMethod::Mysql {
-                            RouteKind::Mysql
-                        } else {
-                            RouteKind::Postgres
+                        let kind = match m {
+                            RotateMethod::Mysql => RouteKind::Mysql,
+                            RotateMethod::Redis => RouteKind::Redis,
+                            _ => RouteKind::Postgres,
                         };
                         let uses = r.kind == kind
                             && r.credential.as_ref().is_some_and(|cr| cr.secret == s.name);

@@ -114,7 +114,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("secret.rotation_period", "a duration in quotes of at least 1m, e.g. rotation_period = \"24h\""),
     ("secret.max_versions", "a whole number from 1 to 1000 without quotes, e.g. max_versions = 5"),
     ("secret.rotate", "an inline table, e.g. rotate = { method = \"postgres\", route = \"orders-db\" }"),
-    ("secret.rotate.method", "one of \"postgres\", \"mysql\", \"exec\", \"webhook\""),
+    ("secret.rotate.method", "one of \"postgres\", \"mysql\", \"redis\", \"exec\", \"webhook\""),
     ("secret.rotate.route", "the name of a postgres or mysql route in quotes, e.g. route = \"orders-db\""),
     ("secret.rotate.command", "a list: program path then arguments, e.g. command = [\"/usr/local/bin/set-token\"]"),
     ("secret.rotate.url", "an http:// or https:// URL in quotes, e.g. url = \"http://127.0.0.1:9000/rotate\""),

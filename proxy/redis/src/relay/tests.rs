@@ -31,6 +31,11 @@ async fn fake_upstream(
                     String::from_utf8_lossy(&args[1])
                 ),
                 "RESET" => "+RESET\r\n".into(),
+                // Blocks for ever (until the connection closes).
+                "BLPOP" => {
+                    let _ = seen.send(args);
+                    continue;
+                }
                 "AUTH" => "+OK\r\n".into(),
                 _ => format!("+{name}\r\n"),
             };
@@ -173,4 +178,71 @@ fn command_policy_matches_names_and_subcommands() {
     assert!(p.permits("GET", None));
     let a = CommandPolicy::new(None, Some(&["GET".into()]));
     assert!(a.permits("GET", None) && !a.permits("SET", None));
+}
+
+/// Runs `script` as the client against a relay to the fake upstream; the
+/// relay's outcome once the script has dropped the client.
+async fn outcome_of(
+    script: impl FnOnce(DuplexStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+) -> Outcome {
+    let (client, warden_client) = duplex(1 << 16);
+    let (mut warden_up, upstream) = duplex(1 << 16);
+    let (tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(fake_upstream(upstream, tx));
+    let policy = CommandPolicy::default();
+    let ctx = Context {
+        route: "cache",
+        workload: "web",
+        policy: &policy,
+        user: "",
+        password: b"s3cret",
+    };
+    let (o, ()) = tokio::join!(relay(warden_client, &mut warden_up, &ctx), script(client));
+    o
+}
+
+#[tokio::test]
+async fn the_outcome_says_whether_the_client_left_at_a_command_boundary() {
+    // Every command answered, then closed: at a boundary, in step.
+    let o = outcome_of(|mut c| {
+        Box::pin(async move {
+            c.write_all(b"PING\r\nSET k v\r\n").await.unwrap();
+            read_exact_text(&mut c, "+PING\r\n+SET\r\n").await;
+        })
+    })
+    .await;
+    assert!(o.at_boundary && !o.unsync, "{o:?}");
+    // Subscribed in RESP2: at a boundary, replies no longer in step.
+    let o = outcome_of(|mut c| {
+        Box::pin(async move {
+            c.write_all(b"SUBSCRIBE news\r\n").await.unwrap();
+            read_exact_text(&mut c, "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
+        })
+    })
+    .await;
+    assert!(o.at_boundary && o.unsync, "{o:?}");
+    // Closed inside a blocking command: the relay half-closes toward the
+    // server (which then closes) instead of waiting; not at a boundary.
+    let o = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        outcome_of(|mut c| {
+            Box::pin(async move {
+                c.write_all(b"PING\r\nBLPOP q 0\r\n").await.unwrap();
+                read_exact_text(&mut c, "+PING\r\n").await;
+            })
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(!o.at_boundary && o.how == "client closed", "{o:?}");
+    // A protocol error ends the session: not at a boundary.
+    let o = outcome_of(|mut c| {
+        Box::pin(async move {
+            c.write_all(b"*1\r\n:x\r\n").await.unwrap();
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink).await;
+        })
+    })
+    .await;
+    assert!(!o.at_boundary, "{o:?}");
 }

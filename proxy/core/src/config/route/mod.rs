@@ -444,10 +444,15 @@ pub(super) fn check_routes(c: &mut Checker<'_>) {
             }
             check_socket_path(c, &format!("{k}.unix_socket"), path);
         }
-        if r.client_tls.enabled() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
+        if r.client_tls.enabled()
+            && !matches!(
+                r.kind,
+                RouteKind::Postgres | RouteKind::Mysql | RouteKind::Redis
+            )
+        {
             c.error(
                 format!("{k}.client_tls"),
-                format!("client_tls is only supported on kind = \"postgres\" and kind = \"mysql\" routes; this route is kind = \"{}\"", r.kind),
+                format!("client_tls is only supported on kind = \"postgres\", \"mysql\" and \"redis\" routes; this route is kind = \"{}\"", r.kind),
                 "remove client_tls from this route",
             );
         }
@@ -482,11 +487,14 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         );
     }
     if let Some(p) = &r.pool {
-        if !matches!(r.kind, RouteKind::Postgres | RouteKind::Mysql) {
+        if !matches!(
+            r.kind,
+            RouteKind::Postgres | RouteKind::Mysql | RouteKind::Redis
+        ) {
             c.error(
                 format!("{k}.pool"),
                 format!(
-                    "pool is only used by kind = \"postgres\" and kind = \"mysql\" routes; this route is kind = \"{}\"",
+                    "pool is only used by kind = \"postgres\", \"mysql\" and \"redis\" routes; this route is kind = \"{}\"",
                     r.kind
                 ),
                 "remove pool from this route",
@@ -496,6 +504,13 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             c.error(
                 format!("{k}.pool.reset"),
                 "pool.reset = \"auto\" is only for PostgreSQL routes: a MySQL connection is always reset (COM_RESET_CONNECTION) before another client gets it",
+                "remove reset from this route's pool",
+            );
+        }
+        if r.kind == RouteKind::Redis && p.reset == PoolReset::Auto && p.reset_set {
+            c.error(
+                format!("{k}.pool.reset"),
+                "pool.reset = \"auto\" is only for PostgreSQL routes: a Redis connection is always reset (RESET, then warden's AUTH) before another client gets it",
                 "remove reset from this route's pool",
             );
         }

@@ -3,6 +3,7 @@
 
 use super::{Route, RouteKind};
 use crate::config::check::Checker;
+use crate::config::RotateMethod;
 
 /// Commands warden answers itself on a redis route: listing them changes
 /// nothing.
@@ -89,6 +90,29 @@ pub(super) fn check_redis_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         (None, Some(deny)) => deny.iter().any(|d| d.eq_ignore_ascii_case(cmd)),
         (None, None) => false,
     };
+    // warden's rotation needs ACL SETUSER for the route's user; its
+    // clients should not have it.
+    let rotated = c.config.secrets.iter().any(|s| {
+        s.rotate.as_ref().is_some_and(|rot| {
+            rot.method == RotateMethod::Redis && rot.route.as_deref() == Some(r.name.as_str())
+        })
+    });
+    let listed = |list: &[String]| {
+        list.iter()
+            .any(|e| e.eq_ignore_ascii_case("ACL") || e.eq_ignore_ascii_case("ACL|SETUSER"))
+    };
+    let setuser_allowed = match (&r.allow_commands, &r.deny_commands) {
+        (Some(allow), _) => listed(allow),
+        (None, Some(deny)) => !listed(deny),
+        (None, None) => true,
+    };
+    if rotated && setuser_allowed {
+        c.warn(
+            format!("{k}.deny_commands"),
+            "this route's secret is rotated with method \"redis\", so its ACL user may run ACL SETUSER, and so may the route's clients: they could change its password or permissions",
+            "add \"ACL\" (or \"ACL|SETUSER\" and \"ACL|SAVE\") to deny_commands",
+        );
+    }
     if !refused("CONFIG") {
         c.warn(
             format!("{k}.deny_commands"),
@@ -180,6 +204,39 @@ allow = ["web"]
     }
 
     #[test]
+    fn rotate_method_redis_names_a_redis_route_using_the_secret() {
+        let with = |rotate: &str| {
+            redis_cfg("deny_commands = [\"CONFIG\", \"ACL\"]").replace(
+                "[[route]]",
+                &format!("[[secret]]\nname = \"cache/default\"\nrotation_period = \"24h\"\nrotate = {rotate}\n\n[[route]]"),
+            )
+        };
+        ok(&with("{ method = \"redis\", route = \"cache\" }"));
+        // Clients that may send ACL SETUSER are warned about.
+        let w = warnings(
+            &with("{ method = \"redis\", route = \"cache\" }")
+                .replace("\"CONFIG\", \"ACL\"", "\"CONFIG\""),
+        );
+        assert!(
+            w.contains("route[0].deny_commands: this route's secret is rotated"),
+            "{w}"
+        );
+        assert!(warnings(&with("{ method = \"redis\", route = \"cache\" }")).is_empty());
+        let i = only_error(&with("{ method = \"redis\" }"), "secret[0].rotate.route");
+        assert!(i.fix.contains("redis [[route]]"), "{i:?}");
+        assert!(i.problem.contains("ACL user"), "{i:?}");
+        only_error(
+            &with("{ method = \"redis\", route = \"nope\" }"),
+            "secret[0].rotate.route",
+        );
+        // A redis route is not a mysql route.
+        only_error(
+            &with("{ method = \"mysql\", route = \"cache\" }"),
+            "secret[0].rotate.route",
+        );
+    }
+
+    #[test]
     fn command_lists_are_checked_with_key_and_fix() {
         let i = only_error(
             &redis_cfg("deny_commands = [\"CONFIG\", \"FLUSH ALL\"]"),
@@ -209,9 +266,25 @@ allow = ["web"]
             &redis_cfg("deny_commands = [\"CONFIG\"]\ndatabases = [\"x\"]"),
             "route[0].databases",
         );
+        // client_tls and pool apply to redis routes; pool.reset does not.
+        ok(&redis_cfg(
+            "deny_commands = [\"CONFIG\"]\nclient_tls = true",
+        ));
+        ok(&redis_cfg(
+            "deny_commands = [\"CONFIG\"]\nclient_tls = \"require\"",
+        ));
+        ok(&redis_cfg("deny_commands = [\"CONFIG\"]\npool = false"));
+        ok(&redis_cfg(
+            "deny_commands = [\"CONFIG\"]\npool = { max_idle = 4, idle_timeout = \"30s\" }",
+        ));
+        let i = only_error(
+            &redis_cfg("deny_commands = [\"CONFIG\"]\npool = { reset = \"auto\" }"),
+            "route[0].pool.reset",
+        );
+        assert!(i.problem.contains("RESET"), "{i:?}");
         only_error(
-            &redis_cfg("deny_commands = [\"CONFIG\"]\nclient_tls = true"),
-            "route[0].client_tls",
+            &redis_cfg("deny_commands = [\"CONFIG\"]\npool = { idle_timeout = \"0s\" }"),
+            "route[0].pool.idle_timeout",
         );
         only_error(
             &redis_cfg("deny_commands = [\"CONFIG\"]").replace(
