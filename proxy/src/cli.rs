@@ -1959,7 +1959,8 @@ fn lease_bench(ctx: &Context, route: &str, count: usize, concurrency: usize) -> 
     };
     let service = Arc::new(std::sync::Mutex::new(*service));
     let creds = Arc::new(warden_postgres::CredentialCache::default());
-    let specs = warden_postgres::dynamic_specs(&ctx.cfg)?;
+    let mut specs = warden_postgres::dynamic_specs(&ctx.cfg)?;
+    specs.extend(warden_mysql::dynamic::dynamic_specs(&ctx.cfg)?);
     if !specs.iter().any(|s| s.route == route) {
         return Err(Error::usage(format!(
             "route {route:?} has no credential.dynamic in the config"

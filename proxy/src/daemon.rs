@@ -218,7 +218,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         // Dynamic leases and rotation: orphans revoked and interrupted
         // rotations resolved before clients are served (see `credentials_start`).
         let leases = Arc::new(pg::dynamic::LeaseManager::new(
-            pg::dynamic_specs(cfg)?,
+            pg::dynamic_specs(cfg)?
+                .into_iter()
+                .chain(mysql::dynamic::dynamic_specs(cfg)?)
+                .collect(),
             service.clone(),
             credentials.clone(),
             Some(metrics.clone()),
@@ -425,12 +428,10 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
         }
         let mysql_routes: Vec<_> = mysql_listeners.iter().map(|(r, _)| r.clone()).collect();
-        let mysql_shared = Arc::new(mysql::MysqlShared::new(
-            admission.clone(),
-            metrics.clone(),
-            &mysql_routes,
-            identity.clone(),
-        )?);
+        let mysql_shared = Arc::new(
+            mysql::MysqlShared::new(admission.clone(), metrics.clone(), &mysql_routes, identity.clone())?
+                .with_leases(leases.clone()),
+        );
         for (route, tcp) in mysql_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "MySQL route listening");
             route_tasks.push(tokio::spawn(mysql::serve_route(route, tcp, mysql_shared.clone())));

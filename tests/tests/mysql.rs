@@ -5,7 +5,9 @@
 //! passed; refusals as ERR packets with code and SQLSTATE naming route and
 //! workload (not allowed, wrong stored password, unreachable upstream,
 //! frozen); a malformed handshake response; a secret put applying to the
-//! next session; and the audit log and daemon log (never a password). The
+//! next session; dynamic users (a lease user per workload holding a
+//! MariaDB role, dropped and its sessions ended by `warden lease revoke`);
+//! and the audit log and daemon log (never a password). The
 //! caching_sha2_password and native scrambles are checked against
 //! PyMySQL's own functions (no MySQL 8 server runs here).
 
@@ -175,13 +177,15 @@ ebpf = "off"
 /// A minimal raw client: the greeting, a handshake response, then packets.
 struct Raw {
     s: TcpStream,
+    /// The connection id warden's greeting named (after a login).
+    greeting_id: u32,
 }
 
 impl Raw {
     fn connect(port: u16) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-        Raw { s }
+        Raw { s, greeting_id: 0 }
     }
 
     fn send(&mut self, seq: u8, payload: &[u8]) {
@@ -211,6 +215,8 @@ impl Raw {
         let mut c = Raw::connect(port);
         let (seq, greeting) = c.read().unwrap();
         assert_eq!((seq, greeting[0]), (0, 10), "{greeting:?}");
+        let at = 1 + greeting[1..].iter().position(|&b| b == 0).unwrap() + 1;
+        c.greeting_id = u32::from_le_bytes(greeting[at..at + 4].try_into().unwrap());
         // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | DEPRECATE_EOF
         let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 24);
         let mut r = caps.to_le_bytes().to_vec();
@@ -232,6 +238,11 @@ impl Raw {
         let mut p = vec![0x03];
         p.extend_from_slice(sql.as_bytes());
         self.send(0, &p);
+        self.read_answer()
+    }
+
+    /// The packets of a command's answer up to the final OK/EOF or ERR.
+    fn read_answer(&mut self) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
         while let Some((_, p)) = self.read() {
             let end = p[0] == 0xff
@@ -541,11 +552,30 @@ fn pooled_connections_are_reset_between_clients() {
     assert_eq!((code, id(&out)), (0, conn.to_string()), "not reused");
     // The greeting names no server connection (a driver's KILL QUERY by
     // the handshake's id could hit another client's session).
-    let mut c = Raw::connect(s.orders);
-    let (_, greeting) = c.read().unwrap();
-    let at = 1 + greeting[1..].iter().position(|&b| b == 0).unwrap() + 1;
-    assert_eq!(&greeting[at..at + 4], &[0, 0, 0, 0], "{greeting:?}");
-    drop(c);
+    // It names a warden id (at or above 2^31), which KILL is translated
+    // from: one client's Ctrl-C cancels its own query on whatever server
+    // connection serves it.
+    let (mut a, answer) = Raw::login(s.orders, "x");
+    assert_eq!(answer[0], 0, "{answer:?}");
+    assert!(a.greeting_id >= 1 << 31, "{}", a.greeting_id);
+    a.send(0, b"\x03SELECT SLEEP(60)");
+    let (code, out) = cli(s.orders, "x", &format!("KILL QUERY {};", a.greeting_id));
+    assert_eq!(code, 0, "{out}");
+    let slept = a.read_answer();
+    // An interrupted SLEEP returns 1 (0 had it run its 60 s).
+    let killed = match slept.last() {
+        Some(p) if p[0] == 0xff => err_of(p).0 == 1317,
+        _ => first_value(&slept) == "1",
+    };
+    assert!(killed, "{slept:?}");
+    assert_eq!(first_value(&a.query("SELECT 2")), "2");
+    drop(a);
+    // A warden id no session of this workload holds: the server's answer.
+    let (code, out) = cli(s.orders, "x", "KILL QUERY 4294967000;");
+    assert!(
+        code == 1 && out.contains("ERROR 1094") && out.contains("Unknown thread id: 4294967000"),
+        "{out}"
+    );
 
     // A session that leaves state behind, and an open transaction.
     let (code, out) = cli(
@@ -855,4 +885,310 @@ fn warden_scrambles_match_pymysql() {
         );
         assert_eq!(out, want, "password {pw:?}");
     }
+}
+
+const ADMIN_PW: &str = "mysql-CANARY-ad77-leaseadmin";
+
+/// Lease user names on the server (`w_…`).
+fn lease_users(server: &MariaDb) -> Vec<String> {
+    server
+        .admin("SELECT User FROM mysql.user WHERE User LIKE 'w\\_%' ORDER BY User;")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn dynamic_routes_log_in_as_a_lease_user_that_revocation_drops() {
+    let server = MariaDb::start();
+    server.admin(&format!(
+        "CREATE DATABASE orders;
+         CREATE TABLE orders.items (id INT PRIMARY KEY, name VARCHAR(20));
+         INSERT INTO orders.items VALUES (1, 'apple');
+         CREATE ROLE orders_reader;
+         GRANT SELECT ON orders.* TO orders_reader;
+         CREATE USER 'leaseadmin'@'%' IDENTIFIED BY '{ADMIN_PW}';
+         GRANT CREATE USER, CONNECTION ADMIN ON *.* TO 'leaseadmin'@'%';
+         GRANT orders_reader TO 'leaseadmin'@'%' WITH ADMIN OPTION;"
+    ));
+    let (port, bad) = (free_port(), free_port());
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "orders-dyn"
+kind = "mysql"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "orders/admin", dynamic = {{ ttl = "1h", role = "orders_reader", role_prefix = "w_" }} }}
+allow = ["me"]
+
+[[route]]
+name = "orders-badrole"
+kind = "mysql"
+listen = "127.0.0.1:{bad}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "orders/admin", dynamic = {{ role = "no_such_role", role_prefix = "w_" }} }}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("orders/admin", ADMIN_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+
+    // The session logs in as a generated user holding the route's role.
+    let (code, out) = cli(
+        port,
+        "x",
+        "SELECT CURRENT_USER(), CURRENT_ROLE(); SELECT name FROM orders.items;",
+    );
+    assert_eq!(code, 0, "{out}");
+    let mut lines = out.lines();
+    let (user, role) = lines.next().unwrap().split_once('\t').unwrap();
+    let user = user.strip_suffix("@%").unwrap_or(user).to_string();
+    assert!(user.starts_with("w_me_") && user.len() <= 32, "{out}");
+    assert_eq!(role, "orders_reader", "{out}");
+    assert_eq!(lines.next(), Some("apple"), "{out}");
+    // A second session reuses the lease.
+    let (code, out) = cli(port, "x", "SELECT CURRENT_USER();");
+    assert_eq!((code, out.trim()), (0, format!("{user}@%").as_str()));
+    assert_eq!(lease_users(&server), vec![user.clone()]);
+    let hash = server.admin(&format!(
+        "SELECT authentication_string FROM mysql.user WHERE User = '{user}';"
+    ));
+    let hash = hash.trim().to_string();
+    assert!(hash.starts_with('*') && hash.len() == 41, "{hash}");
+
+    // `warden lease list` shows it like a PostgreSQL lease.
+    let list = warden.run(&["lease", "list", "--json"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let lease = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["role"] == user.as_str())
+        .unwrap_or_else(|| panic!("{}", list.stdout));
+    assert_eq!(lease["route"], "orders-dyn");
+    assert_eq!(lease["workload"], "me");
+    let id = lease["id"].as_str().unwrap().to_string();
+
+    // An open session, then the revocation: the session ends, the user is
+    // gone, the next session gets a new user.
+    let (mut open, answer) = Raw::login(port, "x");
+    assert_eq!(answer[0], 0, "{answer:?}");
+    assert_eq!(first_value(&open.query("SELECT 1")), "1");
+    let out = warden.run(&["lease", "revoke", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+    let after = open.query("SELECT 1");
+    assert!(
+        after.first().is_none_or(|p| p[0] == 0xff),
+        "the open session outlived its lease: {after:?}"
+    );
+    let (code, out) = cli(port, "x", "SELECT CURRENT_USER();");
+    assert_eq!(code, 0, "{out}");
+    let user2 = out.trim().trim_end_matches("@%").to_string();
+    assert!(user2.starts_with("w_me_") && user2 != user, "{out}");
+    assert_eq!(lease_users(&server), vec![user2.clone()]);
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("revoked by an admin (`warden lease revoke`)") && audit.contains(&user),
+        "{audit}"
+    );
+    // Session records name the lease user and lease, not the admin secret.
+    let start = audit
+        .lines()
+        .find(|l| l.contains("session.start") && l.contains(&format!("as \\\"{user}\\\"")))
+        .unwrap_or_else(|| panic!("{audit}"));
+    assert!(
+        start.contains(&format!("lease {id}")) && !start.contains("orders/admin"),
+        "{start}"
+    );
+
+    // A lease that cannot be created: access denied naming route and
+    // workload (and the role), counted and recorded.
+    let (code, out) = cli(bad, "x", "SELECT 1;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("ERROR 1045")
+            && out.contains("orders-badrole")
+            && out.contains("\"me\"")
+            && out.contains("no_such_role"),
+        "{out}"
+    );
+    assert_eq!(
+        lease_users(&server),
+        vec![user2.clone()],
+        "a failed lease left its user"
+    );
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("lease.create") && audit.contains("no_such_role"),
+        "{audit}"
+    );
+    let (status, metrics) = warden.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("orders-badrole") && l.contains("credential_error")),
+        "{metrics}"
+    );
+
+    // Neither the lease's password nor its hash is anywhere warden writes.
+    assert!(
+        !daemon.log_text().contains(&hash) && !metrics.contains(&hash) && !audit.contains(&hash)
+    );
+    assert!(files_containing(warden.dir.path(), hash.as_bytes()).is_empty());
+    assert!(!daemon.log_text().contains("IDENTIFIED"));
+    // Revocation of a user with no connection left (expiry, the sweep)
+    // works: MariaDB's KILL USER then ends nothing and succeeds.
+    server.admin("KILL USER 'w_nobody_00000000';");
+    // A graceful stop revokes the leases it holds.
+    drop(daemon);
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+}
+
+/// A MariaDB with a role and a lease admin, and an initialised warden with
+/// one dynamic mysql route whose `dynamic` table is `dynamic`.
+fn dyn_setup(dynamic: &str) -> (MariaDb, Instance, u16) {
+    let server = MariaDb::start();
+    server.admin(&format!(
+        "CREATE ROLE orders_reader;
+         CREATE USER 'leaseadmin'@'%' IDENTIFIED BY '{ADMIN_PW}';
+         GRANT CREATE USER, CONNECTION ADMIN ON *.* TO 'leaseadmin'@'%';
+         GRANT orders_reader TO 'leaseadmin'@'%' WITH ADMIN OPTION;"
+    ));
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "orders-dyn"
+kind = "mysql"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "orders/admin", dynamic = {dynamic} }}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("orders/admin", ADMIN_PW.as_bytes()).ok();
+    (server, warden, port)
+}
+
+/// Waits (up to 60 s) until no lease user is left on the server.
+fn until_no_lease_users(server: &MariaDb) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lease_users(server).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lease users left: {:?}",
+            lease_users(server)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn mysql_leases_end_at_max_ttl_and_a_restart_drops_what_a_killed_warden_left() {
+    let (server, warden, port) = dyn_setup(
+        "{ ttl = \"1s\", max_ttl = \"2s\", role = \"orders_reader\", role_prefix = \"w_\" }",
+    );
+    let daemon = warden.start_daemon();
+    // An open session past max_ttl: the user is dropped and the session ends.
+    let (mut open, answer) = Raw::login(port, "x");
+    assert_eq!(answer[0], 0, "{answer:?}");
+    assert_eq!(lease_users(&server).len(), 1);
+    until_no_lease_users(&server);
+    let after = open.query("SELECT 1");
+    assert!(
+        after.first().is_none_or(|p| p[0] == 0xff),
+        "the open session outlived its lease: {after:?}"
+    );
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(audit.contains("max_ttl reached"), "{audit}");
+    drop(daemon);
+    // `warden lease bench` (daemon stopped) creates and revokes mysql leases too.
+    let out = warden.run(&[
+        "lease",
+        "bench",
+        "--route",
+        "orders-dyn",
+        "--count",
+        "8",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (v["leases"].as_u64(), v["revoked"].as_u64()),
+        (Some(8), Some(9)),
+        "{v}"
+    );
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+
+    // A warden killed with its lease held: the next start drops the user.
+    let (server2, warden2, port2) =
+        dyn_setup("{ ttl = \"1h\", role = \"orders_reader\", role_prefix = \"w_\" }");
+    let mut daemon = warden2.start_daemon();
+    let (code, out) = cli(port2, "x", "SELECT CURRENT_USER();");
+    assert_eq!(code, 0, "{out}");
+    daemon.child.kill().ok();
+    daemon.child.wait().ok();
+    assert_eq!(
+        lease_users(&server2).len(),
+        1,
+        "the user outlives the killed daemon"
+    );
+    let _daemon = warden2.start_daemon();
+    until_no_lease_users(&server2);
+    let audit = std::fs::read_to_string(warden2.audit_log()).unwrap();
+    assert!(
+        audit.contains("orphan: left by a previous warden process"),
+        "{audit}"
+    );
 }

@@ -1,4 +1,7 @@
-//! Dynamic PostgreSQL credentials: one role per workload lease.
+//! Dynamic credentials: one role per workload lease. The bookkeeping here
+//! serves every route kind; the SQL below is PostgreSQL's, and another kind
+//! (mysql) plugs in its own through a [`LeaseBackend`]
+//! ([`LeaseTarget::Other`]): creating, renewing and dropping the account.
 //!
 //! A route whose `credential` has a `dynamic` table logs in with
 //! `credential.user`/`credential.secret` as its *administrative* login and,
@@ -81,8 +84,11 @@ struct RevokeRequest {
 }
 
 /// Marks an error where the admin session broke (the server may or may not
-/// have run the statements).
-const LINK_FAILED: &str = "the administrative session failed";
+/// have run the statements). A [`LeaseBackend`] uses it too.
+pub const LINK_FAILED: &str = "the administrative session failed";
+/// Marks an error where the server refused a statement (and nothing of the
+/// lease is left on it). A [`LeaseBackend`] uses it too.
+pub const REFUSED: &str = "the database refused";
 /// A lease row of this process that is not in memory (its creation broke
 /// off) is swept after this long.
 const STRAY_AFTER_SECS: i64 = 60;
@@ -101,10 +107,52 @@ const POOL_MAX: usize = 4;
 /// (`ALTER DEFAULT PRIVILEGES … TO {role}` in the grants covers them at once).
 const GROUP_REFRESH: Duration = Duration::from_secs(60);
 
+/// The administrative login of a dynamic route, as a [`LeaseBackend`] gets
+/// it: the route's `credential.user` and the current value of its secret.
+pub struct AdminLogin {
+    pub user: String,
+    pub password: Zeroizing<Vec<u8>>,
+    /// `secret vN` (for messages; never the value).
+    pub label: String,
+}
+
+/// What a [`LeaseBackend`] call returns.
+pub type LeaseFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+
+/// The per-kind part of dynamic credentials for a route kind other than
+/// PostgreSQL (built in): creating, renewing and dropping one lease's
+/// account on the server. The lease bookkeeping (rows, journal, audit,
+/// renewal schedule, orphan sweep, `warden lease`) stays in
+/// [`LeaseManager`]. Errors carry [`REFUSED`] when the server refused (and
+/// nothing is left behind) or [`LINK_FAILED`] when the session broke.
+pub trait LeaseBackend: Send + Sync {
+    /// Creates `row.role` with `password`, with the route's privileges.
+    fn create<'a>(
+        &'a self,
+        admin: &'a AdminLogin,
+        row: &'a LeaseRow,
+        password: &'a [u8],
+    ) -> LeaseFuture<'a>;
+    /// The lease now lasts until `until` (unix seconds).
+    fn renew<'a>(&'a self, admin: &'a AdminLogin, row: &'a LeaseRow, until: i64)
+        -> LeaseFuture<'a>;
+    /// Drops `row.role` (if it exists) and ends its sessions.
+    fn revoke<'a>(&'a self, admin: &'a AdminLogin, row: &'a LeaseRow) -> LeaseFuture<'a>;
+}
+
+/// Where a dynamic route's lease accounts live.
+pub enum LeaseTarget {
+    /// A PostgreSQL server (the SQL of this module).
+    Postgres(UpstreamTarget),
+    /// Another route kind's server, through its [`LeaseBackend`].
+    Other(Arc<dyn LeaseBackend>),
+}
+
 /// A dynamic route's settings, resolved from the config.
 pub struct DynamicSpec {
     pub route: String,
-    pub target: UpstreamTarget,
+    pub target: LeaseTarget,
     pub admin_user: String,
     pub admin_secret: String,
     pub env: String,
@@ -120,9 +168,51 @@ pub struct DynamicSpec {
     /// list gets a new group role, so privileges always match the config.
     pub group_role: String,
     pub scram_iterations: u32,
+    /// Longest lease role name (PostgreSQL: 63 bytes).
+    pub max_name: usize,
 }
 
 impl DynamicSpec {
+    /// A route whose leases `backend` creates (a route kind other than
+    /// PostgreSQL); `max_name` bounds the account names (`role_prefix`,
+    /// workload, `_`, 8 hex).
+    pub fn with_backend(
+        route: &crate::config::Route,
+        d: &Dynamic,
+        backend: Arc<dyn LeaseBackend>,
+        env: &str,
+        cache_ttl: Duration,
+        max_name: usize,
+    ) -> Option<DynamicSpec> {
+        let cred = route.credential.as_ref()?;
+        Some(DynamicSpec {
+            route: route.name.clone(),
+            target: LeaseTarget::Other(backend),
+            admin_user: cred.user.clone(),
+            admin_secret: cred.secret.clone(),
+            env: env.to_string(),
+            database: String::new(),
+            ttl: d.ttl(),
+            max_ttl: d.max_ttl(),
+            grants: d.grants.clone(),
+            reassign_owned_to: None,
+            role_prefix: d.role_prefix().to_string(),
+            cache_ttl,
+            // No group role: the backend applies the route's privileges.
+            grant_mode: GrantMode::PerLease,
+            group_role: String::new(),
+            scram_iterations: d.scram_iterations(),
+            max_name,
+        })
+    }
+
+    fn backend(&self) -> Option<&Arc<dyn LeaseBackend>> {
+        match &self.target {
+            LeaseTarget::Other(b) => Some(b),
+            LeaseTarget::Postgres(_) => None,
+        }
+    }
+
     pub fn new(
         route: &crate::config::Route,
         d: &Dynamic,
@@ -133,7 +223,7 @@ impl DynamicSpec {
         let cred = route.credential.as_ref()?;
         Some(DynamicSpec {
             route: route.name.clone(),
-            target,
+            target: LeaseTarget::Postgres(target),
             admin_user: cred.user.clone(),
             admin_secret: cred.secret.clone(),
             env: env.to_string(),
@@ -151,6 +241,7 @@ impl DynamicSpec {
             grant_mode: d.grant_mode,
             group_role: group_role_name(d.role_prefix(), &route.name, &d.grants),
             scram_iterations: d.scram_iterations(),
+            max_name: 63,
         })
     }
 }
@@ -245,6 +336,11 @@ pub fn random_password() -> Result<Zeroizing<Vec<u8>>> {
 
 /// `<prefix><workload>_<8 hex>`, at most 63 bytes, lowercase, `-` → `_`.
 pub fn role_name(prefix: &str, workload: &str, suffix: &str) -> String {
+    role_name_within(prefix, workload, suffix, 63)
+}
+
+/// [`role_name`] of at most `max` bytes (the workload part is cut).
+pub fn role_name_within(prefix: &str, workload: &str, suffix: &str, max: usize) -> String {
     let w: String = workload
         .chars()
         .map(|c| {
@@ -255,7 +351,7 @@ pub fn role_name(prefix: &str, workload: &str, suffix: &str) -> String {
             }
         })
         .collect();
-    let room = 63usize.saturating_sub(prefix.len() + 1 + suffix.len());
+    let room = max.saturating_sub(prefix.len() + 1 + suffix.len());
     let w: String = w.chars().take(room).collect();
     format!("{prefix}{w}_{suffix}")
 }
@@ -614,6 +710,35 @@ impl LeaseManager {
         {
             return Ok(s);
         }
+        let LeaseTarget::Postgres(target) = &spec.target else {
+            return Err(Error::internal(format!(
+                "route {:?}: not a PostgreSQL dynamic route",
+                spec.route
+            )));
+        };
+        let admin = self.admin_login(spec).await?;
+        let login = Login {
+            user: admin.user,
+            password: admin.password,
+            secret_label: admin.label,
+            scram_min_iterations: scram::MIN_ITERATIONS,
+        };
+        SqlSession::connect(target, &spec.database, &login, scram)
+            .await
+            .map_err(|f| {
+                Error::unavailable(format!(
+                    "route {:?}: the administrative login {:?} (secret {}) failed: {}",
+                    spec.route,
+                    spec.admin_user,
+                    login.secret_label,
+                    sql::describe_failure(&f)
+                ))
+            })
+    }
+
+    /// The administrative login of `spec`: its user and the secret's value
+    /// (the last one read while the store is unreachable).
+    async fn admin_login(&self, spec: &DynamicSpec) -> Result<AdminLogin> {
         let crate::credentials::SecretValue {
             version,
             value: password,
@@ -647,23 +772,11 @@ impl LeaseManager {
                 r => r?,
             }
         };
-        let login = Login {
+        Ok(AdminLogin {
             user: spec.admin_user.clone(),
             password,
-            secret_label: format!("{} v{version}", spec.admin_secret),
-            scram_min_iterations: scram::MIN_ITERATIONS,
-        };
-        SqlSession::connect(&spec.target, &spec.database, &login, scram)
-            .await
-            .map_err(|f| {
-                Error::unavailable(format!(
-                    "route {:?}: the administrative login {:?} (secret {}) failed: {}",
-                    spec.route,
-                    spec.admin_user,
-                    login.secret_label,
-                    sql::describe_failure(&f)
-                ))
-            })
+            label: format!("{} v{version}", spec.admin_secret),
+        })
     }
 
     fn give_back(&self, route: &str, s: SqlSession) {
@@ -696,7 +809,7 @@ impl LeaseManager {
             Err(SqlError::Server(e)) => {
                 self.give_back(&spec.route, s);
                 Err(Error::unavailable(format!(
-                    "route {:?}: the database refused: {}",
+                    "route {:?}: {REFUSED}: {}",
                     spec.route,
                     server_error_text(&e)
                 )))
@@ -778,7 +891,7 @@ impl LeaseManager {
     ) -> Result<LeaseTicket> {
         let suffix = random_hex(4)?;
         let id = format!("{}-{}", spec.route, random_hex(8)?);
-        let role = role_name(&spec.role_prefix, workload, &suffix);
+        let role = role_name_within(&spec.role_prefix, workload, &suffix, spec.max_name);
         let now = now_unix();
         let ttl = spec.ttl.as_secs() as i64;
         let max = now + spec.max_ttl.as_secs() as i64;
@@ -800,7 +913,102 @@ impl LeaseManager {
             password: password.clone(),
             scram_iterations: spec.scram_iterations,
         };
-        let text = create_sql(spec, &row, &password, &ticket.label(), scram)?;
+        if let Some(backend) = spec.backend() {
+            self.create_with(spec, backend.as_ref(), &row, &password, actor.clone())
+                .await?;
+        } else {
+            self.create_pg(spec, &row, &password, &ticket, actor.clone(), scram)
+                .await?;
+        }
+        let mut active = row.clone();
+        active.state = "active".into();
+        if let Err(e) = self.audit_created(actor, &active).await {
+            // Fail closed: no audit record, no credential.
+            let _ = self
+                .revoke_row(
+                    spec,
+                    &active,
+                    scram,
+                    "the audit record could not be written",
+                )
+                .await;
+            return Err(e);
+        }
+        if let Ok(mut l) = self.leases.lock() {
+            l.insert(
+                id.clone(),
+                Lease {
+                    row: active,
+                    password,
+                    scram_iterations: spec.scram_iterations,
+                    sessions: 1,
+                },
+            );
+        }
+        if let Some(m) = &self.metrics {
+            m.lease_created();
+        }
+        self.update_gauge();
+        Ok(ticket)
+    }
+
+    /// A lease's account through a [`LeaseBackend`]: the row first (as for
+    /// PostgreSQL), then the backend's statements.
+    async fn create_with(
+        &self,
+        spec: &DynamicSpec,
+        backend: &dyn LeaseBackend,
+        row: &LeaseRow,
+        password: &[u8],
+        actor: Actor,
+    ) -> Result<()> {
+        let fail = |e: Error| {
+            let _ = self.audit(
+                actor.clone(),
+                "lease.create",
+                row,
+                Decision::Error,
+                e.message.clone(),
+            );
+            e
+        };
+        let admin = self.admin_login(spec).await.map_err(fail)?;
+        if let Err(e) = self.commit(Entry::LeaseRow(row.clone())).await {
+            let _ = self.audit(
+                actor.clone(),
+                "lease.create",
+                row,
+                Decision::Error,
+                format!(
+                    "the lease row could not be written to the store: {}",
+                    e.message
+                ),
+            );
+            return Err(e);
+        }
+        if let Err(e) = backend.create(&admin, row, password).await {
+            // A refusal left nothing behind: no row either. A broken link
+            // leaves the row for the sweeper.
+            if e.message.contains(REFUSED) {
+                let _ = self.with_service(|s| s.lease_delete(&row.id));
+            }
+            return Err(fail(e));
+        }
+        Ok(())
+    }
+
+    /// A lease's role on a PostgreSQL route (see the module documentation).
+    async fn create_pg(
+        &self,
+        spec: &DynamicSpec,
+        row: &LeaseRow,
+        password: &[u8],
+        ticket: &LeaseTicket,
+        actor: Actor,
+        scram: &ScramKeyCache,
+    ) -> Result<()> {
+        let (row, id) = (row.clone(), row.id.clone());
+        let text = create_sql(spec, &row, password, &ticket.label(), scram)?;
         let ready = match self.ensure_group(spec, scram).await {
             Ok(()) => self.admin(spec, scram).await,
             Err(e) => Err(e),
@@ -839,7 +1047,7 @@ impl LeaseManager {
             Err(e) => {
                 // A refused batch was rolled back: no role, no row. A broken
                 // link leaves the row for the sweeper (DROP ROLE IF EXISTS).
-                if e.message.contains("the database refused") {
+                if e.message.contains(REFUSED) {
                     let _ = self.with_service(|s| s.lease_delete(&id));
                 }
                 let _ = self.audit(
@@ -852,36 +1060,7 @@ impl LeaseManager {
                 return Err(e);
             }
         }
-        let mut active = row.clone();
-        active.state = "active".into();
-        if let Err(e) = self.audit_created(actor, &active).await {
-            // Fail closed: no audit record, no credential.
-            let _ = self
-                .revoke_row(
-                    spec,
-                    &active,
-                    scram,
-                    "the audit record could not be written",
-                )
-                .await;
-            return Err(e);
-        }
-        if let Ok(mut l) = self.leases.lock() {
-            l.insert(
-                id.clone(),
-                Lease {
-                    row: active,
-                    password,
-                    scram_iterations: spec.scram_iterations,
-                    sessions: 1,
-                },
-            );
-        }
-        if let Some(m) = &self.metrics {
-            m.lease_created();
-        }
-        self.update_gauge();
-        Ok(ticket)
+        Ok(())
     }
 
     /// A session that used `id` ended.
@@ -1060,6 +1239,45 @@ impl LeaseManager {
         why: &str,
         actor: Actor,
     ) -> Result<()> {
+        match spec.backend() {
+            Some(backend) => {
+                let admin = self.admin_login(spec).await?;
+                backend.revoke(&admin, row).await?;
+            }
+            None => self.drop_pg_role(spec, row, scram).await?,
+        }
+        // No session picks the lease any more before its row goes (a node
+        // that asked for the revocation waits for the row to go).
+        if let Ok(mut c) = self.current.lock() {
+            c.retain(|_, v| v != &row.id);
+        }
+        // The role is gone: so is the lease, even if the store cannot hear
+        // of it yet (its row is deleted once it is reachable again).
+        let deferred = self.store_delete(&row.id)?;
+        if let Ok(mut l) = self.leases.lock() {
+            l.remove(&row.id);
+        }
+        let why = if deferred {
+            format!("{why}; the store is unreachable: its lease row is deleted once it is back")
+        } else {
+            why.to_string()
+        };
+        let _ = self.audit(actor, "lease.revoke", row, Decision::Allow, why);
+        if let Some(m) = &self.metrics {
+            m.lease_revoked();
+        }
+        self.update_gauge();
+        Ok(())
+    }
+
+    /// A PostgreSQL lease role's end: its sessions terminated, what it owns
+    /// reassigned or dropped, the role dropped.
+    async fn drop_pg_role(
+        &self,
+        spec: &DynamicSpec,
+        row: &LeaseRow,
+        scram: &ScramKeyCache,
+    ) -> Result<()> {
         let (Some(q_role), Some(l_role)) = (quote_ident(&row.role), quote_literal(&row.role))
         else {
             return Err(Error::internal("lease role name cannot be quoted"));
@@ -1085,27 +1303,6 @@ impl LeaseManager {
             ));
             self.admin_execute(spec, scram, &text).await?;
         }
-        // No session picks the lease any more before its row goes (a node
-        // that asked for the revocation waits for the row to go).
-        if let Ok(mut c) = self.current.lock() {
-            c.retain(|_, v| v != &row.id);
-        }
-        // The role is gone: so is the lease, even if the store cannot hear
-        // of it yet (its row is deleted once it is reachable again).
-        let deferred = self.store_delete(&row.id)?;
-        if let Ok(mut l) = self.leases.lock() {
-            l.remove(&row.id);
-        }
-        let why = if deferred {
-            format!("{why}; the store is unreachable: its lease row is deleted once it is back")
-        } else {
-            why.to_string()
-        };
-        let _ = self.audit(actor, "lease.revoke", row, Decision::Allow, why);
-        if let Some(m) = &self.metrics {
-            m.lease_revoked();
-        }
-        self.update_gauge();
         Ok(())
     }
 
@@ -1164,6 +1361,9 @@ impl LeaseManager {
     /// Drops the route's group roles made for an earlier grants list once no
     /// role but the admin is a member (their leases are gone).
     async fn drop_stale_groups(&self, spec: &DynamicSpec, scram: &ScramKeyCache) -> Result<()> {
+        if spec.backend().is_some() {
+            return Ok(());
+        }
         let base = group_role_name(&spec.role_prefix, &spec.route, &[]);
         let Some(stem) = base.get(..base.len().saturating_sub(8)) else {
             return Ok(());
@@ -1238,20 +1438,7 @@ impl LeaseManager {
                 && row.expires_at < row.max_expires_at
             {
                 let until = (now + ttl).min(row.max_expires_at);
-                let (Some(q_role), Some(q_until)) = (
-                    quote_ident(&row.role),
-                    quote_literal(&timestamp_literal(until)),
-                ) else {
-                    continue;
-                };
-                match self
-                    .admin_execute(
-                        &spec,
-                        scram,
-                        &format!("ALTER ROLE {q_role} VALID UNTIL {q_until}"),
-                    )
-                    .await
-                {
+                match self.renew_role(&spec, &row, until, scram).await {
                     Ok(_) => {
                         let mut r = row.clone();
                         r.expires_at = until;
@@ -1278,6 +1465,38 @@ impl LeaseManager {
                 }
             }
         }
+    }
+
+    /// Extends the lease's role on the server to `until`.
+    async fn renew_role(
+        &self,
+        spec: &DynamicSpec,
+        row: &LeaseRow,
+        until: i64,
+        scram: &ScramKeyCache,
+    ) -> Result<()> {
+        if let Some(backend) = spec.backend() {
+            let admin = self.admin_login(spec).await?;
+            return backend.renew(&admin, row, until).await;
+        }
+        let (Some(q_role), Some(q_until)) = (
+            quote_ident(&row.role),
+            quote_literal(&timestamp_literal(until)),
+        ) else {
+            return Err(Error::internal("lease role name cannot be quoted"));
+        };
+        self.admin_execute(
+            spec,
+            scram,
+            &format!("ALTER ROLE {q_role} VALID UNTIL {q_until}"),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Whether lease `id` is held (not revoked nor expired).
+    pub fn is_held(&self, id: &str) -> bool {
+        self.leases.lock().is_ok_and(|l| l.contains_key(id))
     }
 
     /// Revokes every lease this process holds (shutdown, bench clean-up).
@@ -1371,7 +1590,7 @@ mod tests {
     fn create_sql_carries_a_verifier_never_the_password() {
         let spec = DynamicSpec {
             route: "shop".into(),
-            target: UpstreamTarget {
+            target: LeaseTarget::Postgres(UpstreamTarget {
                 host: "127.0.0.1".into(),
                 port: 5432,
                 tls: None,
@@ -1383,7 +1602,7 @@ mod tests {
                         )
                     }),
                 connect_timeout: Duration::from_secs(1),
-            },
+            }),
             admin_user: "adm\"in".into(),
             admin_secret: "shop/admin".into(),
             env: "prod".into(),
@@ -1397,6 +1616,7 @@ mod tests {
             grant_mode: GrantMode::PerLease,
             group_role: group_role_name("warden_", "shop", &["GRANT SELECT ON t TO {role}".into()]),
             scram_iterations: 16,
+            max_name: 63,
         };
         let row = LeaseRow {
             id: "shop-1".into(),

@@ -16,7 +16,7 @@ pub const CACHING_SHA2: &[u8] = b"caching_sha2_password";
 pub const ED25519: &[u8] = b"client_ed25519";
 pub const CLEAR: &[u8] = b"mysql_clear_password";
 
-fn sha1(parts: &[&[u8]]) -> digest::Digest {
+pub(crate) fn sha1(parts: &[&[u8]]) -> digest::Digest {
     let mut c = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
     for p in parts {
         c.update(p);

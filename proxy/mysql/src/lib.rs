@@ -18,6 +18,8 @@
 //! route kind's one denial-to-wire table) and [`upstream_refusal`].
 
 pub mod auth;
+pub mod dynamic;
+pub mod kill;
 pub mod packet;
 pub mod pool;
 pub mod relay;
@@ -66,6 +68,9 @@ pub struct MysqlRoute {
     pub client_tls: ClientTls,
     /// Authenticated upstream connections kept between clients.
     pub pool: PoolSettings,
+    /// `credential.dynamic`: sessions log in as their workload's lease user
+    /// ([`dynamic`]); `user`/`secret` are the administrative login.
+    pub dynamic: bool,
 }
 
 impl MysqlRoute {
@@ -126,6 +131,7 @@ impl MysqlRoute {
                 allow: r.allow.clone(),
                 client_tls: r.client_tls,
                 pool: PoolSettings::from_config(r.pool.as_ref()),
+                dynamic: cred.dynamic.is_some(),
             });
         }
         Ok(out)
@@ -144,6 +150,10 @@ pub struct MysqlShared {
     /// The last greeting of each route's server, for routes without a
     /// pool (a pooled route's pool keeps it).
     greetings: std::sync::Mutex<HashMap<String, Greeting>>,
+    /// The lease manager of dynamic routes (shared with PostgreSQL's).
+    pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
+    /// Pooled sessions' warden-issued connection ids ([`kill`]).
+    pub kill_ids: kill::Registry,
 }
 
 impl MysqlShared {
@@ -166,7 +176,15 @@ impl MysqlShared {
             metrics,
             client_tls,
             greetings: std::sync::Mutex::new(HashMap::new()),
+            leases: None,
+            kill_ids: kill::Registry::default(),
         })
+    }
+
+    /// Sets the lease manager dynamic routes take their users from.
+    pub fn with_leases(mut self, leases: Arc<warden_core::leases::LeaseManager>) -> MysqlShared {
+        self.leases = Some(leases);
+        self
     }
 
     /// The last greeting of `route`'s server, if it greeted warden before.
@@ -260,7 +278,9 @@ pub fn too_many_connections(message: &str) -> Vec<u8> {
 /// credential, audit, internal) are 1105 (HY000). Messages name the route
 /// and, when known, the workload.
 pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> ErrPacket {
-    let (code, state) = if d.is_policy() || matches!(d, Denial::Frozen(_)) {
+    // No lease user: access denied, as the server says for a login it refuses.
+    let (code, state) = if d.is_policy() || matches!(d, Denial::Frozen(_) | Denial::NoLease { .. })
+    {
         (1045, "28000")
     } else {
         (1105, "HY000")
@@ -433,7 +453,17 @@ fn client_greeting(server: Option<&Greeting>, offer_tls: bool) -> Greeting {
     }
 }
 
+/// The audit target of a session: the secret version, or on a dynamic
+/// route the route alone (the detail names the lease user and lease; the
+/// secret is the administrative login's, which the session does not use).
 fn credential_target(route: &MysqlRoute, version: Option<u32>, detail: String) -> Target {
+    if route.dynamic {
+        return Target {
+            route: Some(route.name.clone()),
+            detail: Some(detail),
+            ..Target::default()
+        };
+    }
     Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
 
@@ -622,7 +652,16 @@ async fn session(
             &secret,
         )
         .await;
-    let (who, secret) = match admitted {
+    // A dynamic route logs in as the workload's lease user.
+    let admitted = match admitted {
+        Ok((who, secret)) if route.dynamic => {
+            dynamic::acquire(shared.leases.as_ref(), &route, &who)
+                .await
+                .map(|l| (who, secret, Some(l)))
+        }
+        a => a.map(|(who, secret)| (who, secret, None)),
+    };
+    let (who, secret, leased) = match admitted {
         Ok(a) => a,
         Err(d) => {
             // Refused before any byte was read; the client still gets a
@@ -644,7 +683,20 @@ async fn session(
             return;
         }
     };
-    let label = format!("{} v{}", route.secret, secret.version);
+    let (secret, label, user) = match &leased {
+        Some(l) => (
+            SecretValue {
+                value: l.password.clone(),
+                ..secret
+            },
+            l.label(&who.workload),
+            l.user.as_str(),
+        ),
+        None => {
+            let label = format!("{} v{}", route.secret, secret.version);
+            (secret, label, route.user.as_str())
+        }
+    };
     let pooling = route.pool.enabled();
     // A route whose server greeted warden before greets the client with
     // that greeting and reaches the server only on a pool miss (or once
@@ -667,13 +719,17 @@ async fn session(
             .and_then(|g| g.as_ref().ok())
             .map(|g| &g.greeting)
     });
+    // Which server connection serves a pooled route's client is known only
+    // after its answer, and it serves others later: the greeting names a
+    // warden id, which `KILL` is translated from ([`kill`]). A client
+    // greeted early (near the descriptor limit, before attestation) got id
+    // 0, which names no connection.
+    let kill_id =
+        (pooling && !greeted_early).then(|| shared.kill_ids.register(&route.name, &who.workload));
     if !greeted_early {
         let mut greeting = client_greeting(server_greeting, offer.is_some());
-        if known.is_some() {
-            // Which server connection serves the client is known only
-            // after its answer: no connection id a driver could later KILL
-            // by (one that may then serve another client) — 0 names none.
-            greeting.connection_id = 0;
+        if let Some(k) = &kill_id {
+            greeting.connection_id = k.id();
         }
         if write_packet(&mut tcp, 0, &greeting.encode()).await.is_err() {
             return;
@@ -714,6 +770,7 @@ async fn session(
             tls: conn.tls,
             ok: packet::ok_packet(SERVER_STATUS_AUTOCOMMIT),
             reused: true,
+            server_id: conn.server_id,
         },
         None => {
             let greeted = match greeted.take() {
@@ -737,7 +794,7 @@ async fn session(
                         database: hello.database.as_deref(),
                         attrs: hello.attrs.as_deref(),
                     };
-                    upstream::login(&route.upstream, g, &params, &route.user, &secret.value).await
+                    upstream::login(&route.upstream, g, &params, user, &secret.value).await
                 }
             };
             let mut u = match logged_in {
@@ -798,6 +855,7 @@ async fn session(
                 tls: u.tls,
                 ok: u.ok,
                 reused: false,
+                server_id: u.connection_id,
             }
         }
     };
@@ -805,7 +863,7 @@ async fn session(
         "mysql to {}:{} as {:?} ({}{}{})",
         route.upstream.host,
         route.upstream.port,
-        route.user,
+        user,
         upstream.plugin,
         if upstream.tls { ", TLS" } else { "" },
         if upstream.reused {
@@ -814,6 +872,10 @@ async fn session(
             ""
         }
     );
+    let detail = match &leased {
+        Some(l) => format!("{detail}, lease {}", l.id),
+        None => detail,
+    };
     let started_ok = admission
         .record_start(
             &who,
@@ -896,14 +958,30 @@ async fn session(
         return;
     }
     drop(hello);
+    if let Some(k) = &kill_id {
+        k.set_server(upstream.server_id);
+    }
     let ctx = relay::Context {
         route: &route.name,
         workload: &who.workload,
-        user: &route.user,
+        user,
         pool: upstream.baseline.is_some(),
+        kill: kill_id.as_ref().map(|_| kill::Scope {
+            registry: &shared.kill_ids,
+            route: &route.name,
+            workload: &who.workload,
+        }),
     };
     let (outcome, back) = relay::relay(client, upstream.stream, &ctx).await;
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+    // A revoked lease's connection serves no one.
+    let back = match back {
+        Some((stream, _)) if leased.as_ref().is_some_and(|l| !l.held()) => {
+            pool::close(stream);
+            None
+        }
+        b => b,
+    };
     if let (Some((stream, resync)), Some(baseline)) = (back, upstream.baseline) {
         let conn = pool::Conn {
             stream,
@@ -912,6 +990,7 @@ async fn session(
             capabilities: upstream.capabilities,
             plugin: upstream.plugin,
             tls: upstream.tls,
+            server_id: upstream.server_id,
         };
         shared
             .pool
@@ -935,6 +1014,8 @@ struct Upstream {
     /// The OK payload the client gets.
     ok: Vec<u8>,
     reused: bool,
+    /// The server's id of the connection.
+    server_id: u32,
 }
 
 async fn end_session(

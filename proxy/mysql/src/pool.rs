@@ -98,6 +98,8 @@ pub struct Conn {
     /// The plugin and transport of the login (for the audit detail).
     pub plugin: String,
     pub tls: bool,
+    /// The server's id of the connection (what `KILL` names).
+    pub server_id: u32,
 }
 
 /// Where the upstream stream stood when its client left: inside a packet
@@ -123,8 +125,9 @@ struct RoutePool {
     /// The last greeting the server sent (what clients are greeted with
     /// when a pooled connection may serve them).
     greeting: Option<Greeting>,
-    /// The secret version sessions use now (older ones are closed).
-    current_label: Option<String>,
+    /// Per label family ([`family`]), the label sessions use now: a secret
+    /// version, or a workload's lease (older ones' connections are closed).
+    current: HashMap<String, String>,
     metrics: Arc<PoolHandles>,
 }
 
@@ -132,6 +135,12 @@ struct RoutePool {
 pub struct Pool {
     routes: Mutex<HashMap<String, RoutePool>>,
     metrics: Metrics,
+}
+
+/// What a label supersedes within: everything before its last word —
+/// the secret of `secret vN`, the workload of `lease workload id`.
+fn family(label: &str) -> &str {
+    label.rsplit_once(' ').map_or(label, |(f, _)| f)
 }
 
 /// The socket has nothing to read and is not at EOF.
@@ -171,7 +180,7 @@ impl Pool {
                 RoutePool {
                     idle: Vec::new(),
                     greeting: None,
-                    current_label: None,
+                    current: HashMap::new(),
                     metrics: Arc::new(self.metrics.pg_pool_handles(route)),
                 },
             );
@@ -189,17 +198,21 @@ impl Pool {
     }
 
     /// An idle connection for `key`, checked alive; None on a miss. A label
-    /// other than the last one seen means a new secret version: the older
-    /// version's connections are closed.
+    /// other than the last one seen in its family means a new secret
+    /// version (or a workload's new lease): the older one's connections are
+    /// closed.
     pub fn take(&self, route: &str, settings: &PoolSettings, key: &Key) -> Option<Conn> {
         let mut dropped = Vec::new();
         let found = self.with_route(route, |rp| {
-            if rp.current_label.as_deref() != Some(key.label.as_str()) {
-                let (keep, old): (Vec<Idle>, Vec<Idle>) =
-                    rp.idle.drain(..).partition(|i| i.key.label == key.label);
+            let fam = family(&key.label);
+            if rp.current.get(fam) != Some(&key.label) {
+                let (keep, old): (Vec<Idle>, Vec<Idle>) = rp
+                    .idle
+                    .drain(..)
+                    .partition(|i| i.key.label == key.label || family(&i.key.label) != fam);
                 rp.idle = keep;
                 dropped.extend(old);
-                rp.current_label = Some(key.label.clone());
+                rp.current.insert(fam.to_string(), key.label.clone());
             }
             let mut found = None;
             while let Some(pos) = rp.idle.iter().rposition(|i| i.key == *key) {
@@ -231,7 +244,10 @@ impl Pool {
     fn keep(&self, route: &str, settings: &PoolSettings, key: Key, conn: Conn) {
         let mut dropped = Vec::new();
         self.with_route(route, |rp| {
-            let superseded = rp.current_label.as_deref().is_some_and(|l| l != key.label);
+            let superseded = rp
+                .current
+                .get(family(&key.label))
+                .is_some_and(|l| *l != key.label);
             let entry = Idle {
                 key,
                 conn,
@@ -360,7 +376,7 @@ fn is_eof(p: &Seen) -> bool {
 }
 
 /// The values of a text-protocol row (lenenc strings, 0xfb for NULL).
-fn row_values(payload: &[u8]) -> Option<Vec<Option<Vec<u8>>>> {
+pub(crate) fn row_values(payload: &[u8]) -> Option<Vec<Option<Vec<u8>>>> {
     let mut r = Reader::new(payload);
     let mut out = Vec::new();
     while r.remaining() > 0 {
@@ -583,6 +599,16 @@ pub async fn reset(conn: &mut Conn, resync: Resync) -> Result<(), String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_supersede_within_their_family() {
+        assert_eq!(family("orders-db/app v3"), "orders-db/app");
+        assert_eq!(family("lease web orders-0a1b"), "lease web");
+        assert_ne!(
+            family("lease web orders-0a1b"),
+            family("lease api orders-0a1b")
+        );
+    }
 
     #[test]
     fn set_names_takes_plain_identifiers_only() {

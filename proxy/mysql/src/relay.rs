@@ -11,6 +11,10 @@
 //! ([`crate::pool`]) with the position of the server's stream, as does a
 //! client that closes after a whole packet.
 //!
+//! On a pooled route a short `COM_QUERY` or a `COM_PROCESS_KILL` is read
+//! whole before it goes on: a `KILL` of a warden-issued connection id is
+//! rewritten to the server connection's id or refused ([`crate::kill`]).
+//!
 //! warden's own answer is written to the client between two server
 //! packets, never inside one. The client is waiting for the answer to its
 //! COM_CHANGE_USER, so no server reply is due (a client that pipelines
@@ -31,6 +35,9 @@ pub struct Context<'a> {
     /// The upstream connection may be reused: COM_QUIT ends the relay
     /// instead of being forwarded.
     pub pool: bool,
+    /// Warden-issued connection ids `KILL` is translated for (pooled
+    /// routes).
+    pub kill: Option<crate::kill::Scope<'a>>,
 }
 
 /// What a finished relay reports.
@@ -197,6 +204,31 @@ where
             let is_command = avail[3] == 0 && !continued;
             if is_command && len > 0 && avail.len() < 5 {
                 break;
+            }
+            if let (true, Some(scope)) = (is_command && len > 0, &ctx.kill) {
+                if matches!(avail[4], 0x03 | crate::kill::COM_PROCESS_KILL)
+                    && len <= 1 + crate::kill::MAX_KILL_LEN
+                {
+                    // The whole command first.
+                    if avail.len() < 4 + len {
+                        break;
+                    }
+                    match crate::kill::inspect(&avail[4..4 + len], scope) {
+                        crate::kill::Action::Pass => {}
+                        crate::kill::Action::Rewrite(p) => {
+                            put_packet(&mut out, 0, &p);
+                            start += 4 + len;
+                            continue;
+                        }
+                        crate::kill::Action::Refuse(e) => {
+                            let mut pkt = Vec::new();
+                            put_packet(&mut pkt, 1, &e.encode());
+                            let _ = local.send(pkt);
+                            start += 4 + len;
+                            continue;
+                        }
+                    }
+                }
             }
             if is_command && ctx.pool && len == 1 && avail[4] == COM_QUIT {
                 // The client is done: what came before goes up, the
@@ -377,6 +409,7 @@ mod tests {
                 workload: "web",
                 user: "app",
                 pool: false,
+                kill: None,
             };
             relay(client, upstream, &ctx).await.0
         });
@@ -427,6 +460,7 @@ mod tests {
                 workload: "web",
                 user: "app",
                 pool: true,
+                kill: None,
             };
             let (o, back) = relay(client, upstream, &ctx).await;
             (o, back.map(|(_, r)| r))
@@ -467,6 +501,7 @@ mod tests {
                 workload: "web",
                 user: "app",
                 pool: true,
+                kill: None,
             };
             relay(client, upstream, &ctx).await.1.is_some()
         });

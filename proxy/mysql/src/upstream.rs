@@ -69,6 +69,8 @@ pub struct LoggedIn {
     pub tls: bool,
     /// The capabilities warden's handshake response asked for.
     pub capabilities: u32,
+    /// The server's id of this connection (its greeting's).
+    pub connection_id: u32,
 }
 
 fn io_failure(target: &Target, e: std::io::Error) -> Failure {
@@ -157,6 +159,7 @@ pub async fn login(
         connect_time,
     } = greeted;
     let server_caps = greeting.capabilities;
+    let connection_id = greeting.connection_id;
     let mut capabilities = (client.capabilities & server_caps & !caps::NOT_RELAYED)
         | caps::PROTOCOL_41
         | caps::SECURE_CONNECTION
@@ -295,6 +298,7 @@ pub async fn login(
         plugin,
         tls,
         capabilities,
+        connection_id,
     })
 }
 

@@ -85,6 +85,10 @@ pub struct Dynamic {
     /// [`DEFAULT_LEASE_SCRAM_ITERATIONS`]; see `pg::scram::verifier`).
     #[serde(default)]
     pub scram_iterations: Option<u32>,
+    /// mysql routes: a MariaDB role each lease user is granted and gets as
+    /// its default role (`GRANT role TO user; SET DEFAULT ROLE role FOR user`).
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 impl Dynamic {
@@ -143,6 +147,13 @@ pub(super) fn check_credential(c: &mut Checker<'_>, k: &str, r: &Route, cred: &C
 /// Rules for `route[i].credential.dynamic`.
 fn check_dynamic(c: &mut Checker<'_>, k: &str, r: &Route, d: &Dynamic) {
     let k = format!("{k}.credential.dynamic");
+    if d.role.is_some() && r.kind != super::RouteKind::Mysql {
+        c.error(
+            format!("{k}.role"),
+            "role is only used by kind = \"mysql\" routes (a MariaDB role granted to each lease user)",
+            "remove role and give the lease roles their privileges with grants = [\"GRANT ... TO {role}\"]",
+        );
+    }
     if let Some(ttl) = d.ttl {
         if ttl < MIN_LEASE_TTL {
             c.error(
@@ -293,6 +304,12 @@ mod tests {
             &with("{ role_prefix = \"Bad-\" }"),
             "route[0].credential.dynamic.role_prefix",
         );
+        // A MariaDB role is a mysql route's key.
+        let i = only_error(
+            &with("{ role = \"reader\" }"),
+            "route[0].credential.dynamic.role",
+        );
+        assert!(i.fix.contains("grants"), "{i:?}");
         let r = report(&with("{ tll = \"1h\" }"));
         assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
     }

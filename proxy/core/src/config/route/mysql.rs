@@ -20,12 +20,8 @@ pub(super) fn check_mysql_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         );
     }
     let Some(cred) = &r.credential else { return };
-    if cred.dynamic.is_some() {
-        c.error(
-            format!("{k}.credential.dynamic"),
-            "dynamic credentials (a MySQL user per lease) are not built yet for mysql routes",
-            "remove dynamic and store the password of a fixed user: credential = { user = \"app\", secret = \"orders-db/app\" }",
-        );
+    if let Some(d) = &cred.dynamic {
+        check_mysql_dynamic(c, &format!("{k}.credential.dynamic"), d);
     }
     if cred.user.len() > MAX_USER_LEN || cred.user.chars().any(|ch| ch.is_control()) {
         c.error(
@@ -35,6 +31,55 @@ pub(super) fn check_mysql_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
                 cred.user
             ),
             "set user to the account warden logs in as, e.g. user = \"app\"",
+        );
+    }
+}
+
+/// Longest lease user name: MySQL's limit (MariaDB's is 80).
+pub const MAX_LEASE_USER_LEN: usize = 32;
+
+/// Rules for a mysql route's `credential.dynamic` (on top of every kind's).
+fn check_mysql_dynamic(c: &mut Checker<'_>, k: &str, d: &crate::config::Dynamic) {
+    for (key, set) in [
+        ("grant_mode", d.grant_mode != Default::default()),
+        ("scram_iterations", d.scram_iterations.is_some()),
+        ("database", d.database.is_some()),
+        ("reassign_owned_to", d.reassign_owned_to.is_some()),
+    ] {
+        if set {
+            c.error(
+                format!("{k}.{key}"),
+                format!("{key} is only used by kind = \"postgres\" dynamic routes"),
+                format!("remove {key}: a mysql lease user gets its privileges from role = \"...\" or grants"),
+            );
+        }
+    }
+    if let Some(role) = &d.role {
+        let bad = role.is_empty()
+            || role.len() > 80
+            || role
+                .chars()
+                .any(|ch| ch.is_control() || matches!(ch, '`' | '\'' | '"' | '\\'));
+        if bad {
+            c.error(
+                format!("{k}.role"),
+                format!("role {role:?} is not a MariaDB role name warden accepts (1 to 80 bytes, no quotes, backslash or control characters)"),
+                "set role to a role that exists on the server, e.g. role = \"orders_reader\" (CREATE ROLE orders_reader; GRANT SELECT ON orders.* TO orders_reader)",
+            );
+        }
+    } else if d.grants.is_empty() {
+        c.warn(
+            k.to_string(),
+            "neither role nor grants is set: lease users can log in but have no privileges",
+            "add role = \"orders_reader\" (a MariaDB role) or grants = [\"GRANT SELECT ON orders.* TO {role}\"]",
+        );
+    }
+    let prefix = d.role_prefix();
+    if prefix.len() + 1 + 8 >= MAX_LEASE_USER_LEN {
+        c.error(
+            format!("{k}.role_prefix"),
+            format!("role_prefix \"{prefix}\" leaves no room for the workload in a {MAX_LEASE_USER_LEN}-byte MySQL user name"),
+            "use a prefix of at most 20 characters, e.g. role_prefix = \"w_\"",
         );
     }
 }
@@ -117,12 +162,31 @@ allow = ["web"]
     fn keys_of_other_kinds_are_refused_with_key_and_fix() {
         let i = only_error(&mysql_cfg("databases = [\"orders\"]"), "route[0].databases");
         assert!(i.fix.contains("GRANT"), "{i:?}");
-        only_error(
-            &mysql_cfg("").replace(
+        let dynamic = |d: &str| {
+            mysql_cfg("").replace(
                 "secret = \"orders-db/app\" }",
-                "secret = \"orders-db/app\", dynamic = { ttl = \"1h\" } }",
-            ),
-            "route[0].credential.dynamic",
+                &format!("secret = \"orders-db/app\", dynamic = {d} }}"),
+            )
+        };
+        ok(&dynamic("{ ttl = \"1h\", role = \"orders_reader\" }"));
+        ok(&dynamic(
+            "{ grants = [\"GRANT SELECT ON orders.* TO {role}\"], role_prefix = \"w_\" }",
+        ));
+        only_error(
+            &dynamic("{ role = \"r\", grant_mode = \"per_lease\" }"),
+            "route[0].credential.dynamic.grant_mode",
+        );
+        only_error(
+            &dynamic("{ role = \"r\", scram_iterations = 16 }"),
+            "route[0].credential.dynamic.scram_iterations",
+        );
+        only_error(
+            &dynamic("{ role = \"a`b\" }"),
+            "route[0].credential.dynamic.role",
+        );
+        only_error(
+            &dynamic("{ role = \"r\", grants = [\"GRANT SELECT ON x.* TO app\"] }"),
+            "route[0].credential.dynamic.grants[0]",
         );
         only_error(
             &mysql_cfg("deny_commands = [\"X\"]"),
