@@ -395,8 +395,13 @@ allow = ["web"]
                 &format!("user = \"admin\", secret = \"cache/default\", dynamic = {d} }}"),
             )
         };
-        ok(&dynamic("{ ttl = \"1h\", acl = \"~app:* +@read (~x:* +get) -@dangerous\" }"));
-        let i = only_error(&dynamic("{ ttl = \"1h\" }"), "route[0].credential.dynamic.acl");
+        ok(&dynamic(
+            "{ ttl = \"1h\", acl = \"~app:* +@read (~x:* +get) -@dangerous\" }",
+        ));
+        let i = only_error(
+            &dynamic("{ ttl = \"1h\" }"),
+            "route[0].credential.dynamic.acl",
+        );
         assert!(i.fix.contains("acl = "), "{i:?}");
         for bad in [
             ">pw",
@@ -416,7 +421,10 @@ allow = ["web"]
                 "route[0].credential.dynamic.acl",
             );
         }
-        only_error(&dynamic("{ acl = \" \" }"), "route[0].credential.dynamic.acl");
+        only_error(
+            &dynamic("{ acl = \" \" }"),
+            "route[0].credential.dynamic.acl",
+        );
         let i = only_error(
             &dynamic("{ acl = \"+get\", grants = [\"GRANT x TO {role}\"] }"),
             "route[0].credential.dynamic.grants",
