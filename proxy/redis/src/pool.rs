@@ -358,7 +358,14 @@ impl Frames {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::describe;
+    use super::{describe, family};
+
+    #[test]
+    fn labels_supersede_within_their_family() {
+        assert_eq!(family("cache/app v3"), "cache/app");
+        assert_eq!(family("lease web 0a1b"), "lease web");
+        assert_ne!(family("lease web 0a1b"), family("lease api 0a1b"));
+    }
 
     #[test]
     fn frames_are_described_by_their_first_line() {

@@ -106,14 +106,17 @@ pub(super) fn check_redis_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         (None, Some(deny)) => !listed(deny),
         (None, None) => true,
     };
-    if rotated && setuser_allowed {
+    // On a dynamic route clients run as lease users with `acl`'s rules,
+    // never as the route's user: the two warnings below do not apply.
+    let dynamic = r.credential.as_ref().is_some_and(|cr| cr.dynamic.is_some());
+    if rotated && setuser_allowed && !dynamic {
         c.warn(
             format!("{k}.deny_commands"),
             "this route's secret is rotated with method \"redis\", so its ACL user may run ACL SETUSER, and so may the route's clients: they could change its password or permissions",
             "add \"ACL\" (or \"ACL|SETUSER\" and \"ACL|SAVE\") to deny_commands",
         );
     }
-    if !refused("CONFIG") {
+    if !refused("CONFIG") && !dynamic {
         c.warn(
             format!("{k}.deny_commands"),
             "clients of this route may send CONFIG: with requirepass, CONFIG GET requirepass returns the very password warden keeps from them",
@@ -398,6 +401,10 @@ allow = ["web"]
         ok(&dynamic(
             "{ ttl = \"1h\", acl = \"~app:* +@read (~x:* +get) -@dangerous\" }",
         ));
+        // Sessions run as lease users: the route user's CONFIG warning is moot.
+        let w =
+            warnings(&dynamic("{ acl = \"+get\" }").replace("deny_commands = [\"CONFIG\"]", ""));
+        assert!(!w.contains("deny_commands"), "{w}");
         let i = only_error(
             &dynamic("{ ttl = \"1h\" }"),
             "route[0].credential.dynamic.acl",
