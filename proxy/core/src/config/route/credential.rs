@@ -1,5 +1,6 @@
-//! `route[].credential`: the database login warden performs for a postgres
-//! route, and `dynamic`, a role per workload lease; with their checks.
+//! `route[].credential`: the login warden performs upstream, and `dynamic`,
+//! a role (PostgreSQL) or user (MySQL, Redis) per workload lease; with their
+//! checks (those of one kind in its own module).
 
 use std::time::Duration;
 
