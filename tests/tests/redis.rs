@@ -964,10 +964,31 @@ fn dynamic_redis_routes_log_in_as_a_lease_user_that_revocation_deletes() {
         "{metrics}"
     );
 
-    // Neither the lease's password nor its hash is anywhere warden writes.
+    // Neither the lease's password nor its hash is anywhere warden writes:
+    // no 43-character base64url word (a generated password's form) in the
+    // log, audit log, metrics or data dir hashes to the server's hash.
     let log = daemon.log_text();
     assert!(!log.contains(&hash) && !metrics.contains(&hash) && !audit.contains(&hash));
     assert!(files_containing(warden.dir.path(), hash.as_bytes()).is_empty());
+    let mut written = vec![
+        log.clone().into_bytes(),
+        audit.clone().into_bytes(),
+        metrics.clone().into_bytes(),
+    ];
+    for entry in walk(warden.dir.path()) {
+        written.push(std::fs::read(entry).unwrap_or_default());
+    }
+    assert_eq!(
+        password_shaped(b"a=Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9 b").len(),
+        1
+    );
+    let candidates: Vec<&[u8]> = written.iter().flat_map(|b| password_shaped(b)).collect();
+    assert!(
+        candidates
+            .iter()
+            .all(|c| warden_core::crypto::sha256_hex(c) != hash),
+        "the lease password was written down"
+    );
     assert!(
         !log.contains("SETUSER w_") && !log.contains(LEASE_ADMIN_PW),
         "{log}"
@@ -1043,4 +1064,26 @@ fn redis_leases_end_at_max_ttl_and_a_restart_deletes_what_a_killed_warden_left()
         audit.contains("orphan: left by a previous warden process"),
         "{audit}"
     );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The maximal runs of 43 base64url characters in `b` (a lease password's
+/// form: 256 random bits, unpadded).
+fn password_shaped(b: &[u8]) -> Vec<&[u8]> {
+    b.split(|c| !(c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_'))
+        .filter(|w| w.len() == 43)
+        .collect()
 }

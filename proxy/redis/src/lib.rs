@@ -380,12 +380,13 @@ async fn refuse_client(mut client: Client, r: &Refusal) {
     .await;
 }
 
-/// The refusal of a failed upstream login, and its metric result.
+/// The refusal of a failed upstream login, and its metric result; `what`
+/// names the credential (`secret NAME vN`, or a lease and its user).
 fn upstream_refusal(
     f: UpstreamFailure,
     route: &RedisRoute,
     workload: &str,
-    label: &str,
+    what: &str,
 ) -> (Refusal, &'static str) {
     match f {
         UpstreamFailure::Unreachable(m) => (
@@ -402,7 +403,7 @@ fn upstream_refusal(
             Refusal {
                 code: "WRONGPASS",
                 message: format!(
-                    "warden: upstream rejected the credential for route {:?} (secret {label}, workload {workload:?}): {m}",
+                    "warden: upstream rejected the credential for route {:?} ({what}, workload {workload:?}): {m}",
                     route.name
                 ),
             },
@@ -524,7 +525,11 @@ async fn session(
                 (conn, false)
             }
             Err(f) => {
-                let (r, result) = upstream_refusal(f, &route, &who.workload, &label);
+                let what = match &leased {
+                    Some(l) => format!("lease {}, user {:?}", l.id, l.user),
+                    None => format!("secret {label}"),
+                };
+                let (r, result) = upstream_refusal(f, &route, &who.workload, &what);
                 let failure = LoginFailure {
                     route: &route.name,
                     result,
