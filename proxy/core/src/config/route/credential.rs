@@ -328,6 +328,12 @@ mod tests {
             "route[0].credential.dynamic.role",
         );
         assert!(i.fix.contains("grants"), "{i:?}");
+        // Redis ACL rules are a redis route's key.
+        let i = only_error(
+            &with("{ acl = \"+get\" }"),
+            "route[0].credential.dynamic.acl",
+        );
+        assert!(i.problem.contains("redis"), "{i:?}");
         let r = report(&with("{ tll = \"1h\" }"));
         assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
     }
