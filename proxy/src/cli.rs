@@ -1961,6 +1961,7 @@ fn lease_bench(ctx: &Context, route: &str, count: usize, concurrency: usize) -> 
     let creds = Arc::new(warden_postgres::CredentialCache::default());
     let mut specs = warden_postgres::dynamic_specs(&ctx.cfg)?;
     specs.extend(warden_mysql::dynamic::dynamic_specs(&ctx.cfg)?);
+    specs.extend(warden_redis::dynamic::dynamic_specs(&ctx.cfg)?);
     if !specs.iter().any(|s| s.route == route) {
         return Err(Error::usage(format!(
             "route {route:?} has no credential.dynamic in the config"

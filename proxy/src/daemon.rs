@@ -221,6 +221,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             pg::dynamic_specs(cfg)?
                 .into_iter()
                 .chain(mysql::dynamic::dynamic_specs(cfg)?)
+                .chain(redis::dynamic::dynamic_specs(cfg)?)
                 .collect(),
             service.clone(),
             credentials.clone(),
@@ -422,7 +423,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             metrics.clone(),
             &redis_routes,
             identity.clone(),
-        )?);
+        )?
+        .with_leases(leases.clone()));
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));

@@ -736,3 +736,354 @@ ebpf = "off"
     }
     assert!(!server.log_text().contains(APP_PW));
 }
+
+const LEASE_ADMIN_PW: &str = "redis-CANARY-4e11-leaseadmin";
+const WEAK_PW: &str = "redis-CANARY-9c0c-weak";
+/// The rules of the dynamic route's lease users.
+const LEASE_ACL: &str =
+    "~app:* &news -@all +@read +@write +@pubsub +@connection -@dangerous +acl|whoami";
+
+/// A redis-server with a lease admin (`+acl +client|kill`) and a user
+/// without `+acl`, and an initialised warden with one dynamic redis route
+/// whose `dynamic` table is `dynamic` and one whose admin is the weak user.
+fn dyn_setup(dynamic: &str) -> (RedisServer, Instance, u16, u16) {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    for (user, pw, rules) in [
+        ("leaseadmin", LEASE_ADMIN_PW, "+acl +client|kill"),
+        ("weak", WEAK_PW, "+ping"),
+    ] {
+        let mut args = vec!["ACL", "SETUSER", user, "on"];
+        let pw = format!(">{pw}");
+        args.push(&pw);
+        args.extend(rules.split(' '));
+        assert_eq!(server.cli_as("default", DEFAULT_PW, &args), "OK\n");
+    }
+    let (port, weak) = (free_port(), free_port());
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "cache-dyn"
+kind = "redis"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "leaseadmin", secret = "cache/leaseadmin", dynamic = {dynamic} }}
+allow = ["me"]
+
+[[route]]
+name = "cache-weak"
+kind = "redis"
+listen = "127.0.0.1:{weak}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "weak", secret = "cache/weak", dynamic = {{ acl = "~app:* +@read", role_prefix = "w_" }} }}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden
+        .put("cache/leaseadmin", LEASE_ADMIN_PW.as_bytes())
+        .ok();
+    warden.put("cache/weak", WEAK_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    (server, warden, port, weak)
+}
+
+/// `ACL LIST` lines of lease users (`w_…`).
+fn lease_users(server: &RedisServer) -> Vec<String> {
+    server
+        .cli_as("default", DEFAULT_PW, &["ACL", "LIST"])
+        .lines()
+        .filter(|l| l.starts_with("user w_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits (up to 60 s) until no lease user is left on the server.
+fn until_no_lease_users(server: &RedisServer) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !lease_users(server).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lease users left: {:?}",
+            lease_users(server)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn dynamic_redis_routes_log_in_as_a_lease_user_that_revocation_deletes() {
+    let (server, warden, port, weak) = dyn_setup(&format!(
+        "{{ ttl = \"1h\", acl = \"{LEASE_ACL}\", role_prefix = \"w_\" }}"
+    ));
+    let daemon = warden.start_daemon();
+
+    // The session runs as a generated user with exactly the route's rules.
+    let (code, out) = cli(port, &["ACL", "WHOAMI"]);
+    assert_eq!(code, 0, "{out}");
+    let user = out.trim().to_string();
+    assert!(user.starts_with("w_me_"), "{out}");
+    assert_eq!(cli(port, &["SET", "app:1", "v"]).1, "OK\n");
+    assert_eq!(cli(port, &["GET", "app:1"]).1, "v\n");
+    // A second session (pooled or not) reuses the lease.
+    assert_eq!(cli(port, &["ACL", "WHOAMI"]).1.trim(), user);
+    let users = lease_users(&server);
+    assert_eq!(users.len(), 1, "{users:?}");
+    let line = &users[0];
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!(&words[..3], ["user", user.as_str(), "on"], "{line}");
+    let hashes: Vec<&str> = words
+        .iter()
+        .filter(|w| w.starts_with('#'))
+        .copied()
+        .collect();
+    assert_eq!(hashes.len(), 1, "one password, warden's: {line}");
+    let hash = hashes[0].trim_start_matches('#').to_string();
+    assert!(!words.contains(&"nopass"), "{line}");
+    // Keys, channels and commands: those of `acl`, as the server writes them.
+    let server_view = server.cli_as(
+        "default",
+        DEFAULT_PW,
+        &["ACL", "DRYRUN", &user, "GET", "other:1"],
+    );
+    assert!(server_view.contains("no permissions"), "{server_view}");
+    for (cmd, ok) in [
+        (&["GET", "app:x"][..], true),
+        (&["PUBLISH", "news", "x"], true),
+        (&["PUBLISH", "sport", "x"], false),
+        (&["FLUSHALL"], false),
+        (&["CONFIG", "GET", "port"], false),
+        (&["ACL", "LIST"], false),
+    ] {
+        let mut args = vec!["ACL", "DRYRUN", user.as_str()];
+        args.extend(cmd);
+        let out = server.cli_as("default", DEFAULT_PW, &args);
+        assert_eq!(out.trim() == "OK", ok, "{cmd:?}: {out}");
+    }
+    assert!(
+        words.contains(&"~app:*") && words.contains(&"&news"),
+        "{line}"
+    );
+    // A key outside the pattern: Redis's NOPERM, relayed.
+    let (_, out) = cli(port, &["GET", "other:1"]);
+    assert!(out.contains("NOPERM"), "{out}");
+
+    // `warden lease list` shows it like a PostgreSQL lease.
+    let list = warden.run(&["lease", "list", "--json"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let lease = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["role"] == user.as_str())
+        .unwrap_or_else(|| panic!("{}", list.stdout));
+    assert_eq!(lease["route"], "cache-dyn");
+    assert_eq!(lease["workload"], "me");
+    let id = lease["id"].as_str().unwrap().to_string();
+
+    // Open sessions (one blocked in BLPOP, one subscribed), then the
+    // revocation: both end, the user is gone, the next session gets a new one.
+    let mut blocked = Raw::connect(port);
+    blocked.send(&command(&[b"BLPOP", b"app:queue", b"0"]));
+    let mut subscribed = Raw::connect(port);
+    subscribed.send(&command(&[b"SUBSCRIBE", b"news"]));
+    let got = text(&subscribed.read_until(b":1\r\n"));
+    assert!(got.contains("subscribe"), "{got}");
+    assert_eq!(cli(port, &["PUBLISH", "news", "hi"]).1, "1\n");
+    let got = text(&subscribed.read_until(b"hi\r\n"));
+    assert!(got.contains("hi"), "{got}");
+    let out = warden.run(&["lease", "revoke", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+    let rest = blocked.read_to_end();
+    assert!(
+        !text(&rest).contains("app:queue"),
+        "BLPOP outlived its lease: {}",
+        text(&rest)
+    );
+    subscribed.read_to_end();
+    let (code, out) = cli(port, &["ACL", "WHOAMI"]);
+    assert_eq!(code, 0, "{out}");
+    let user2 = out.trim().to_string();
+    assert!(user2.starts_with("w_me_") && user2 != user, "{out}");
+    assert_eq!(lease_users(&server).len(), 1);
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("revoked by an admin (`warden lease revoke`)") && audit.contains(&user),
+        "{audit}"
+    );
+    // Session records name the lease user and lease, not the admin secret.
+    let start = audit
+        .lines()
+        .find(|l| l.contains("session.start") && l.contains(&format!("as ACL user \\\"{user}\\\"")))
+        .unwrap_or_else(|| panic!("{audit}"));
+    assert!(
+        start.contains(&format!("lease {id}")) && !start.contains("cache/leaseadmin"),
+        "{start}"
+    );
+
+    // A lease that cannot be created (the admin lacks +acl): NOPERM naming
+    // route and workload, counted and recorded.
+    let (_, out) = cli(weak, &["PING"]);
+    assert!(
+        out.contains("NOPERM") && out.contains("cache-weak") && out.contains("\"me\""),
+        "{out}"
+    );
+    assert!(out.contains("+acl"), "the fix is named: {out}");
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(
+        audit.contains("lease.create") && audit.contains("cache-weak"),
+        "{audit}"
+    );
+    let (status, metrics) = warden.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("cache-weak") && l.contains("credential_error")),
+        "{metrics}"
+    );
+
+    // Neither the lease's password nor its hash is anywhere warden writes:
+    // no 43-character base64url word (a generated password's form) in the
+    // log, audit log, metrics or data dir hashes to the server's hash.
+    let log = daemon.log_text();
+    assert!(!log.contains(&hash) && !metrics.contains(&hash) && !audit.contains(&hash));
+    assert!(files_containing(warden.dir.path(), hash.as_bytes()).is_empty());
+    let mut written = vec![
+        log.clone().into_bytes(),
+        audit.clone().into_bytes(),
+        metrics.clone().into_bytes(),
+    ];
+    for entry in walk(warden.dir.path()) {
+        written.push(std::fs::read(entry).unwrap_or_default());
+    }
+    assert_eq!(
+        password_shaped(b"a=Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9-_Ab9 b").len(),
+        1
+    );
+    let candidates: Vec<&[u8]> = written.iter().flat_map(|b| password_shaped(b)).collect();
+    assert!(
+        candidates
+            .iter()
+            .all(|c| warden_core::crypto::sha256_hex(c) != hash),
+        "the lease password was written down"
+    );
+    assert!(
+        !log.contains("SETUSER w_") && !log.contains(LEASE_ADMIN_PW),
+        "{log}"
+    );
+    // A graceful stop revokes the leases it holds.
+    drop(daemon);
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+}
+
+#[test]
+fn redis_leases_end_at_max_ttl_and_a_restart_deletes_what_a_killed_warden_left() {
+    let (server, warden, port, _) = dyn_setup(&format!(
+        "{{ ttl = \"1s\", max_ttl = \"2s\", acl = \"{LEASE_ACL}\", role_prefix = \"w_\" }}"
+    ));
+    let daemon = warden.start_daemon();
+    // An open session past max_ttl: the user is deleted and the session ends.
+    let mut open = Raw::connect(port);
+    open.send(&command(&[b"PING"]));
+    assert_eq!(text(&open.read_until(b"\r\n")), "+PONG\r\n");
+    assert_eq!(lease_users(&server).len(), 1);
+    until_no_lease_users(&server);
+    open.send(&command(&[b"PING"]));
+    let after = text(&open.read_to_end());
+    assert!(
+        !after.contains("PONG"),
+        "the open session outlived its lease: {after}"
+    );
+    let audit = std::fs::read_to_string(warden.audit_log()).unwrap();
+    assert!(audit.contains("max_ttl reached"), "{audit}");
+    drop(daemon);
+    // `warden lease bench` (daemon stopped) creates and revokes redis leases too.
+    let out = warden.run(&[
+        "lease",
+        "bench",
+        "--route",
+        "cache-dyn",
+        "--count",
+        "8",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["leases"].as_u64(), Some(8), "{v}");
+    assert!(
+        lease_users(&server).is_empty(),
+        "{:?}",
+        lease_users(&server)
+    );
+
+    // A warden killed with its lease held: the next start deletes the user.
+    let (server2, warden2, port2, _) = dyn_setup(&format!(
+        "{{ ttl = \"1h\", acl = \"{LEASE_ACL}\", role_prefix = \"w_\" }}"
+    ));
+    let mut daemon = warden2.start_daemon();
+    let (code, out) = cli(port2, &["ACL", "WHOAMI"]);
+    assert_eq!(code, 0, "{out}");
+    daemon.child.kill().ok();
+    daemon.child.wait().ok();
+    assert_eq!(
+        lease_users(&server2).len(),
+        1,
+        "the user outlives the killed daemon"
+    );
+    let _daemon = warden2.start_daemon();
+    until_no_lease_users(&server2);
+    let audit = std::fs::read_to_string(warden2.audit_log()).unwrap();
+    assert!(
+        audit.contains("orphan: left by a previous warden process"),
+        "{audit}"
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The maximal runs of 43 base64url characters in `b` (a lease password's
+/// form: 256 random bits, unpadded).
+fn password_shaped(b: &[u8]) -> Vec<&[u8]> {
+    b.split(|c| !(c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_'))
+        .filter(|w| w.len() == 43)
+        .collect()
+}

@@ -24,7 +24,12 @@
 //! On a pooled route (`pool`, on by default) a client that leaves at a
 //! command boundary hands its upstream connection back to [`pool`], which
 //! resets it (`RESET` + `AUTH`) for the next admitted client.
+//!
+//! On a dynamic route (`credential.dynamic`) a session logs in as its
+//! workload's lease user, an ACL user warden created ([`dynamic`]); the
+//! route's `user`/`secret` are then only the administrative login.
 
+pub mod dynamic;
 pub mod pool;
 pub mod relay;
 pub mod resp;
@@ -71,6 +76,9 @@ pub struct RedisRoute {
     pub client_tls: ClientTls,
     /// Idle authenticated upstream connections kept (`pool`).
     pub pool: PoolSettings,
+    /// `credential.dynamic`: sessions log in as their workload's lease user
+    /// ([`dynamic`]); `user`/`secret` are the administrative login.
+    pub dynamic: bool,
 }
 
 /// Longest a client's TLS handshake may take once its first byte came.
@@ -132,6 +140,7 @@ impl RedisRoute {
                 connect_timeout: r.connect_timeout(),
                 client_tls: r.client_tls,
                 pool: PoolSettings::from_config(r.pool.as_ref()),
+                dynamic: cred.dynamic.is_some(),
             });
         }
         Ok(out)
@@ -147,6 +156,8 @@ pub struct RedisShared {
     pub client_tls: HashMap<String, Arc<rustls::ServerConfig>>,
     /// Idle authenticated upstream connections, every route's.
     pub pool: pool::Pool,
+    /// The lease manager of dynamic routes (shared with the other kinds').
+    pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
 }
 
 impl RedisShared {
@@ -168,7 +179,14 @@ impl RedisShared {
             pool: pool::Pool::new(metrics.clone()),
             metrics,
             client_tls,
+            leases: None,
         })
+    }
+
+    /// Sets the lease manager dynamic routes take their users from.
+    pub fn with_leases(mut self, leases: Arc<warden_core::leases::LeaseManager>) -> RedisShared {
+        self.leases = Some(leases);
+        self
     }
 }
 
@@ -318,7 +336,9 @@ pub fn refusal_of(d: &Denial, route: &str, workload: Option<&str>) -> Refusal {
         | Denial::Frozen(_)
         | Denial::NotAllowed { .. }
         | Denial::NotPermitted { .. }
-        | Denial::DatabaseNotAllowed { .. } => "NOPERM",
+        | Denial::DatabaseNotAllowed { .. }
+        // No lease user: no permission, as Redis says for a user it refuses.
+        | Denial::NoLease { .. } => "NOPERM",
         _ => "ERR",
     };
     let mut message = d.to_string();
@@ -360,12 +380,13 @@ async fn refuse_client(mut client: Client, r: &Refusal) {
     .await;
 }
 
-/// The refusal of a failed upstream login, and its metric result.
+/// The refusal of a failed upstream login, and its metric result; `what`
+/// names the credential (`secret NAME vN`, or a lease and its user).
 fn upstream_refusal(
     f: UpstreamFailure,
     route: &RedisRoute,
     workload: &str,
-    label: &str,
+    what: &str,
 ) -> (Refusal, &'static str) {
     match f {
         UpstreamFailure::Unreachable(m) => (
@@ -382,7 +403,7 @@ fn upstream_refusal(
             Refusal {
                 code: "WRONGPASS",
                 message: format!(
-                    "warden: upstream rejected the credential for route {:?} (secret {label}, workload {workload:?}): {m}",
+                    "warden: upstream rejected the credential for route {:?} ({what}, workload {workload:?}): {m}",
                     route.name
                 ),
             },
@@ -391,7 +412,17 @@ fn upstream_refusal(
     }
 }
 
+/// The audit target of a session: the secret version, or on a dynamic
+/// route the route alone (the detail names the lease user and lease; the
+/// secret is the administrative login's, which the session does not use).
 fn credential_target(route: &RedisRoute, version: Option<u32>, detail: String) -> Target {
+    if route.dynamic {
+        return Target {
+            route: Some(route.name.clone()),
+            detail: Some(detail),
+            ..Target::default()
+        };
+    }
     Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
 
@@ -438,7 +469,16 @@ async fn session(
             &secret,
         )
         .await;
-    let (who, secret) = match admitted {
+    // A dynamic route logs in as the workload's lease user.
+    let admitted = match admitted {
+        Ok((who, secret)) if route.dynamic => {
+            dynamic::acquire(shared.leases.as_ref(), &route, &who)
+                .await
+                .map(|l| (who, secret, Some(l)))
+        }
+        a => a.map(|(who, secret)| (who, secret, None)),
+    };
+    let (who, secret, leased) = match admitted {
         Ok(a) => a,
         Err(d) => {
             let workload = attestation.as_ref().ok().map(|w| w.workload.as_str());
@@ -450,7 +490,20 @@ async fn session(
             return;
         }
     };
-    let label = format!("{} v{}", route.secret, secret.version);
+    let (secret, label, user) = match &leased {
+        Some(l) => (
+            SecretValue {
+                value: l.password.clone(),
+                ..secret
+            },
+            l.label(&who.workload),
+            l.user.as_str(),
+        ),
+        None => {
+            let label = format!("{} v{}", route.secret, secret.version);
+            (secret, label, route.user.as_str())
+        }
+    };
     // Admitted first: a pooled connection serves only a client that
     // passed every check a fresh login would have.
     let pooled = if route.pool.enabled() {
@@ -460,7 +513,7 @@ async fn session(
     };
     let (conn, reused) = match pooled {
         Some(conn) => (conn, true),
-        None => match login(&route, &secret.value).await {
+        None => match login_as(&route, user, &secret.value).await {
             Ok(u) => {
                 shared
                     .metrics
@@ -472,7 +525,11 @@ async fn session(
                 (conn, false)
             }
             Err(f) => {
-                let (r, result) = upstream_refusal(f, &route, &who.workload, &label);
+                let what = match &leased {
+                    Some(l) => format!("lease {}, user {:?}", l.id, l.user),
+                    None => format!("secret {label}"),
+                };
+                let (r, result) = upstream_refusal(f, &route, &who.workload, &what);
                 let failure = LoginFailure {
                     route: &route.name,
                     result,
@@ -491,10 +548,10 @@ async fn session(
         "redis to {}:{}{}{}",
         route.host,
         route.port,
-        if route.user.is_empty() {
+        if user.is_empty() {
             String::new()
         } else {
-            format!(" as ACL user {:?}", route.user)
+            format!(" as ACL user {user:?}")
         },
         if reused {
             ", pooled upstream connection"
@@ -502,6 +559,10 @@ async fn session(
             ""
         }
     );
+    let detail = match &leased {
+        Some(l) => format!("{detail}, lease {}", l.id),
+        None => detail,
+    };
     let started_ok = admission
         .record_start(
             &who,
@@ -528,15 +589,22 @@ async fn session(
         route: &route.name,
         workload: &who.workload,
         policy: &route.commands,
-        user: &route.user,
+        user,
         password: &secret.value,
     };
     let mut conn = conn;
     let outcome = relay::relay(client, &mut conn.stream, &ctx).await;
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+    // A revoked lease's connection serves no one.
+    if leased.as_ref().is_some_and(|l| !l.held()) {
+        if route.pool.enabled() && outcome.at_boundary {
+            shared.pool.discard(&route.name, conn);
+        }
+        return;
+    }
     if route.pool.enabled() && outcome.at_boundary {
         let login = pool::Login {
-            user: &route.user,
+            user,
             password: &secret.value,
         };
         let left = pool::Leftover {
@@ -587,6 +655,15 @@ pub(crate) async fn login(
     route: &RedisRoute,
     password: &[u8],
 ) -> std::result::Result<LoggedIn, UpstreamFailure> {
+    login_as(route, &route.user, password).await
+}
+
+/// [`login`] as `user` (empty: `AUTH password`).
+pub(crate) async fn login_as(
+    route: &RedisRoute,
+    user: &str,
+    password: &[u8],
+) -> std::result::Result<LoggedIn, UpstreamFailure> {
     let t0 = Instant::now();
     let (mut stream, _) = warden_core::connect::open(
         &route.host,
@@ -600,12 +677,12 @@ pub(crate) async fn login(
     let connect_time = t0.elapsed();
     let t1 = Instant::now();
     let mut auth = Zeroizing::new(Vec::with_capacity(64 + password.len()));
-    if route.user.is_empty() {
+    if user.is_empty() {
         encode_command(&mut auth, [&b"AUTH"[..], password].into_iter());
     } else {
         encode_command(
             &mut auth,
-            [&b"AUTH"[..], route.user.as_bytes(), password].into_iter(),
+            [&b"AUTH"[..], user.as_bytes(), password].into_iter(),
         );
     }
     let reply = tokio::time::timeout(route.connect_timeout, async {

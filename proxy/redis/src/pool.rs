@@ -22,9 +22,12 @@
 //! (RESP2, database 0, no name), so the pool key is only the credential
 //! label (secret name and version): a client that wants RESP3 or another
 //! database sends its own `HELLO 3` / `SELECT`, as it would on a fresh
-//! connection. A label other than the last one seen means a new secret
-//! version: the older version's idle connections are closed, and one
-//! coming back after that is closed too.
+//! connection. A label other than the last one seen in its family means a
+//! new secret version (`secret vN`), or on a dynamic route a workload's new
+//! lease (`lease workload id`, one family per workload): the older one's
+//! idle connections are closed, and one coming back after that is closed
+//! too. A revoked lease's connections never come back (the session closes
+//! them), and those idle at revocation were ended by the server.
 
 use crate::resp::{encode_command, ReplyScanner};
 use std::collections::HashMap;
@@ -74,8 +77,9 @@ struct Idle {
 struct RoutePool {
     /// Oldest first.
     idle: Vec<Idle>,
-    /// The secret version sessions use now (older ones are closed).
-    current_label: Option<String>,
+    /// Per label family ([`family`]), the label sessions use now: a secret
+    /// version, or a workload's lease (older ones' connections are closed).
+    current: HashMap<String, String>,
     metrics: Arc<PoolHandles>,
 }
 
@@ -83,6 +87,12 @@ struct RoutePool {
 pub struct Pool {
     routes: Mutex<HashMap<String, RoutePool>>,
     metrics: Metrics,
+}
+
+/// What a label supersedes within: everything before its last word —
+/// the secret of `secret vN`, the workload of `lease workload id`.
+fn family(label: &str) -> &str {
+    label.rsplit_once(' ').map_or(label, |(f, _)| f)
 }
 
 /// The socket has nothing to read and is not at EOF.
@@ -118,7 +128,7 @@ impl Pool {
         let mut map = self.routes.lock().ok()?;
         let rp = map.entry(route.to_string()).or_insert_with(|| RoutePool {
             idle: Vec::new(),
-            current_label: None,
+            current: HashMap::new(),
             metrics: Arc::new(self.metrics.pg_pool_handles(route)),
         });
         Some(f(rp))
@@ -131,17 +141,20 @@ impl Pool {
         let mut dropped = Vec::new();
         let found = self
             .with_route(route, |rp| {
-                if rp.current_label.as_deref() != Some(label) {
-                    let (keep, old): (Vec<Idle>, Vec<Idle>) =
-                        rp.idle.drain(..).partition(|i| i.label == label);
+                let fam = family(label);
+                if rp.current.get(fam).map(String::as_str) != Some(label) {
+                    let (keep, old): (Vec<Idle>, Vec<Idle>) = rp
+                        .idle
+                        .drain(..)
+                        .partition(|i| i.label == label || family(&i.label) != fam);
                     rp.idle = keep;
                     dropped.extend(old);
-                    rp.current_label = Some(label.to_string());
+                    rp.current.insert(fam.to_string(), label.to_string());
                 }
                 let mut found = None;
-                while let Some(i) = rp.idle.pop() {
-                    if i.label == label
-                        && i.since.elapsed() < settings.idle_timeout
+                while let Some(pos) = rp.idle.iter().rposition(|i| i.label == label) {
+                    let i = rp.idle.remove(pos);
+                    if i.since.elapsed() < settings.idle_timeout
                         && i.conn.born.elapsed() < settings.max_lifetime
                         && alive(&i.conn.stream)
                     {
@@ -169,7 +182,7 @@ impl Pool {
     fn keep(&self, route: &str, settings: &PoolSettings, label: String, conn: Conn) {
         let mut dropped = Vec::new();
         self.with_route(route, |rp| {
-            let superseded = rp.current_label.as_deref().is_some_and(|l| l != label);
+            let superseded = rp.current.get(family(&label)).is_some_and(|l| *l != label);
             let entry = Idle {
                 label,
                 conn,
@@ -345,7 +358,14 @@ impl Frames {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::describe;
+    use super::{describe, family};
+
+    #[test]
+    fn labels_supersede_within_their_family() {
+        assert_eq!(family("cache/app v3"), "cache/app");
+        assert_eq!(family("lease web 0a1b"), "lease web");
+        assert_ne!(family("lease web 0a1b"), family("lease api 0a1b"));
+    }
 
     #[test]
     fn frames_are_described_by_their_first_line() {

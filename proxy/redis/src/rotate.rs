@@ -88,7 +88,7 @@ fn set_user(user: &str, current: &[u8], new: &[u8]) -> Zeroizing<Vec<u8>> {
 }
 
 /// Sends one command and reads its reply (bounded in time).
-async fn run(
+pub(crate) async fn run(
     stream: &mut UpstreamStream,
     command: &[u8],
     what: &str,
@@ -110,7 +110,7 @@ async fn run(
 }
 
 /// A reply as one printable line, never quoting `secrets`.
-fn reply_text(reply: &[u8], secrets: &[&[u8]]) -> String {
+pub(crate) fn reply_text(reply: &[u8], secrets: &[&[u8]]) -> String {
     let line = reply.split(|b| *b == b'\r').next().unwrap_or_default();
     let mut text: String = String::from_utf8_lossy(line)
         .chars()
@@ -144,7 +144,7 @@ async fn persist(stream: &mut UpstreamStream) -> std::result::Result<&'static st
     ))
 }
 
-async fn quit(stream: &mut UpstreamStream) {
+pub(crate) async fn quit(stream: &mut UpstreamStream) {
     let mut cmd = Vec::with_capacity(16);
     encode_command(&mut cmd, [&b"QUIT"[..]].into_iter());
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&cmd)).await;

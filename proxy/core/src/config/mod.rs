@@ -81,6 +81,7 @@ pub use globals::{Admin, Audit, EbpfMode, Identity, Metrics, Monitor, ProtectMod
 pub use report::{ConfigIssue, ConfigReport};
 pub use route::credential::{Dynamic, GrantMode};
 pub use route::inject::Inject;
+pub use route::redis::acl_rules as redis_acl_rules;
 pub use route::{
     ClientTls, PoolConfig, PoolReset, PoolSettings, Route, RouteKind, TlsMode, TlsRouteMode,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, DEFAULT_MAX_LIFETIME,

@@ -141,6 +141,7 @@ const KEY_HINTS: &[(&str, &str)] = &[
     ("route.credential.dynamic.grant_mode", "\"group\" or \"per_lease\", e.g. grant_mode = \"group\""),
     ("route.credential.dynamic.scram_iterations", "a whole number from 1 to 1000000, e.g. scram_iterations = 16"),
     ("route.credential.dynamic.role", "a MariaDB role name in quotes (mysql routes), e.g. role = \"orders_reader\""),
+    ("route.credential.dynamic.acl", "Redis ACL rules in quotes (redis routes), e.g. acl = \"~app:* +@read +@write -@dangerous\""),
     ("route.credential.dynamic.role_prefix", "lowercase letters, digits and _ in quotes, e.g. role_prefix = \"warden_\""),
     ("route.inject", "an inline table, e.g. inject = { header = \"Authorization\", value = \"Bearer {secret}\", secret = \"payments/api-token\" }"),
     ("route.inject.header", "an HTTP header name in quotes, e.g. header = \"Authorization\""),

@@ -1,5 +1,6 @@
-//! `route[].credential`: the database login warden performs for a postgres
-//! route, and `dynamic`, a role per workload lease; with their checks.
+//! `route[].credential`: the login warden performs upstream, and `dynamic`,
+//! a role (PostgreSQL) or user (MySQL, Redis) per workload lease; with their
+//! checks (those of one kind in its own module).
 
 use std::time::Duration;
 
@@ -89,6 +90,10 @@ pub struct Dynamic {
     /// its default role (`GRANT role TO user; SET DEFAULT ROLE role FOR user`).
     #[serde(default)]
     pub role: Option<String>,
+    /// redis routes: the ACL rules of each lease user (`ACL SETUSER user
+    /// reset on >password <acl>`), e.g. `"~app:* +@read +@write -@dangerous"`.
+    #[serde(default)]
+    pub acl: Option<String>,
 }
 
 impl Dynamic {
@@ -154,6 +159,13 @@ fn check_dynamic(c: &mut Checker<'_>, k: &str, r: &Route, d: &Dynamic) {
             "remove role and give the lease roles their privileges with grants = [\"GRANT ... TO {role}\"]",
         );
     }
+    if d.acl.is_some() && r.kind != super::RouteKind::Redis {
+        c.error(
+            format!("{k}.acl"),
+            "acl is only used by kind = \"redis\" routes (the ACL rules of each lease user)",
+            "remove acl and give the lease roles their privileges with grants = [\"GRANT ... TO {role}\"]",
+        );
+    }
     if let Some(ttl) = d.ttl {
         if ttl < MIN_LEASE_TTL {
             c.error(
@@ -180,7 +192,13 @@ fn check_dynamic(c: &mut Checker<'_>, k: &str, r: &Route, d: &Dynamic) {
             );
         }
     }
-    for (j, g) in d.grants.iter().enumerate() {
+    // Redis routes refuse grants (their lease users get `acl`).
+    let grants: &[String] = if r.kind == super::RouteKind::Redis {
+        &[]
+    } else {
+        &d.grants
+    };
+    for (j, g) in grants.iter().enumerate() {
         if !g.contains("{role}") {
             c.error(
                 format!("{k}.grants[{j}]"),
@@ -310,6 +328,12 @@ mod tests {
             "route[0].credential.dynamic.role",
         );
         assert!(i.fix.contains("grants"), "{i:?}");
+        // Redis ACL rules are a redis route's key.
+        let i = only_error(
+            &with("{ acl = \"+get\" }"),
+            "route[0].credential.dynamic.acl",
+        );
+        assert!(i.problem.contains("redis"), "{i:?}");
         let r = report(&with("{ tll = \"1h\" }"));
         assert!(r.to_string().contains("did you mean `ttl`"), "{r}");
     }

@@ -33,12 +33,12 @@ pub(super) fn check_redis_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             "remove databases from this route (restrict commands with deny_commands, e.g. deny_commands = [\"SELECT\"])",
         );
     }
-    if r.credential.as_ref().is_some_and(|cr| cr.dynamic.is_some()) {
-        c.error(
-            format!("{k}.credential.dynamic"),
-            "dynamic credentials (a Redis ACL user per lease) are not built yet for redis routes",
-            "remove dynamic and store the password of a fixed ACL user: credential = { user = \"app\", secret = \"cache/app\" }",
-        );
+    if let Some((cred, d)) = r
+        .credential
+        .as_ref()
+        .and_then(|cr| cr.dynamic.as_ref().map(|d| (cr, d)))
+    {
+        check_redis_dynamic(c, &format!("{k}.credential"), &cred.user, d);
     }
     if r.deny_commands.is_some() && r.allow_commands.is_some() {
         c.error(
@@ -106,14 +106,17 @@ pub(super) fn check_redis_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
         (None, Some(deny)) => !listed(deny),
         (None, None) => true,
     };
-    if rotated && setuser_allowed {
+    // On a dynamic route clients run as lease users with `acl`'s rules,
+    // never as the route's user: the two warnings below do not apply.
+    let dynamic = r.credential.as_ref().is_some_and(|cr| cr.dynamic.is_some());
+    if rotated && setuser_allowed && !dynamic {
         c.warn(
             format!("{k}.deny_commands"),
             "this route's secret is rotated with method \"redis\", so its ACL user may run ACL SETUSER, and so may the route's clients: they could change its password or permissions",
             "add \"ACL\" (or \"ACL|SETUSER\" and \"ACL|SAVE\") to deny_commands",
         );
     }
-    if !refused("CONFIG") {
+    if !refused("CONFIG") && !dynamic {
         c.warn(
             format!("{k}.deny_commands"),
             "clients of this route may send CONFIG: with requirepass, CONFIG GET requirepass returns the very password warden keeps from them",
@@ -142,6 +145,109 @@ fn check_command_name(name: &str) -> Result<(), String> {
             "\"{name}\" is not a Redis command name (letters, digits, - _ . and one optional |subcommand)"
         ))
     }
+}
+
+/// Rules for a redis route's `credential.dynamic` (on top of every kind's).
+fn check_redis_dynamic(c: &mut Checker<'_>, k: &str, user: &str, d: &crate::config::Dynamic) {
+    if user.is_empty() {
+        c.error(
+            format!("{k}.user"),
+            "a dynamic redis route needs credential.user: the ACL user warden creates and deletes lease users as (it needs +acl and +client|kill)",
+            "set user to an administrative ACL user, e.g. user = \"warden-admin\" (ACL SETUSER warden-admin on >… +acl +client|kill)",
+        );
+    }
+    let k = format!("{k}.dynamic");
+    for (key, set) in [
+        ("grants", !d.grants.is_empty()),
+        ("grant_mode", d.grant_mode != Default::default()),
+        ("scram_iterations", d.scram_iterations.is_some()),
+        ("database", d.database.is_some()),
+        ("reassign_owned_to", d.reassign_owned_to.is_some()),
+    ] {
+        if set {
+            c.error(
+                format!("{k}.{key}"),
+                format!("{key} is only used by kind = \"postgres\" or \"mysql\" dynamic routes"),
+                format!("remove {key}: a redis lease user gets its permissions from acl = \"...\" (ACL rules, e.g. acl = \"~app:* +@read +@write -@dangerous\")"),
+            );
+        }
+    }
+    match &d.acl {
+        None => c.error(
+            format!("{k}.acl"),
+            "a dynamic redis route needs acl: the ACL rules each lease user gets",
+            "set e.g. acl = \"~app:* +@read +@write -@dangerous\" (keys app:*, read and write commands, nothing dangerous)",
+        ),
+        Some(text) => {
+            if let Err(problem) = acl_rules(text) {
+                c.error(
+                    format!("{k}.acl"),
+                    problem,
+                    "write ACL rules for keys, channels and commands only, e.g. acl = \"~app:* +@read +@write -@dangerous\"; warden sets the user's password and turns it on",
+                );
+            }
+        }
+    }
+}
+
+/// Rule words warden sets itself on a lease user, or that would change its
+/// password or state.
+const OWNED_BY_WARDEN: &[&str] = &["on", "off", "nopass", "resetpass", "reset"];
+
+/// The words of a lease user's `acl` (one `ACL SETUSER` argument each; a
+/// selector `(…)` is one word with its spaces), or why they cannot be used:
+/// empty, unbalanced parentheses, a control character, or a rule about the
+/// password or the user's state (`>`, `<`, `#`, `!`, `nopass`, `resetpass`,
+/// `on`, `off`, `reset`), which warden owns.
+pub fn acl_rules(text: &str) -> std::result::Result<Vec<String>, String> {
+    if text.chars().any(|ch| ch.is_control()) {
+        return Err("acl contains a control character".into());
+    }
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut depth = 0usize;
+    for ch in text.chars() {
+        match ch {
+            '(' => depth += 1,
+            ')' => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or("acl has a ')' without its '('")?;
+            }
+            _ => {}
+        }
+        if ch.is_whitespace() && depth == 0 {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+        } else {
+            word.push(ch);
+        }
+    }
+    if depth != 0 {
+        return Err("acl has a '(' without its ')'".into());
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    if words.is_empty() {
+        return Err("acl is empty, so lease users could run no command".into());
+    }
+    for w in &words {
+        for rule in w
+            .trim_matches(|ch| ch == '(' || ch == ')')
+            .split_whitespace()
+        {
+            if rule.starts_with(['>', '<', '#', '!'])
+                || OWNED_BY_WARDEN.iter().any(|o| rule.eq_ignore_ascii_case(o))
+            {
+                return Err(format!(
+                    "acl rule {rule:?} sets the password or the state of the user; warden sets them on every lease user (on, with a generated password)"
+                ));
+            }
+        }
+    }
+    Ok(words)
 }
 
 #[cfg(test)]
@@ -286,12 +392,62 @@ allow = ["web"]
             &redis_cfg("deny_commands = [\"CONFIG\"]\npool = { idle_timeout = \"0s\" }"),
             "route[0].pool.idle_timeout",
         );
-        only_error(
-            &redis_cfg("deny_commands = [\"CONFIG\"]").replace(
+        let dynamic = |d: &str| {
+            redis_cfg("deny_commands = [\"CONFIG\"]").replace(
                 "secret = \"cache/default\" }",
-                "secret = \"cache/default\", dynamic = { ttl = \"1h\" } }",
-            ),
-            "route[0].credential.dynamic",
+                &format!("user = \"admin\", secret = \"cache/default\", dynamic = {d} }}"),
+            )
+        };
+        ok(&dynamic(
+            "{ ttl = \"1h\", acl = \"~app:* +@read (~x:* +get) -@dangerous\" }",
+        ));
+        // Sessions run as lease users: the route user's CONFIG warning is moot.
+        let w =
+            warnings(&dynamic("{ acl = \"+get\" }").replace("deny_commands = [\"CONFIG\"]", ""));
+        assert!(!w.contains("deny_commands"), "{w}");
+        let i = only_error(
+            &dynamic("{ ttl = \"1h\" }"),
+            "route[0].credential.dynamic.acl",
+        );
+        assert!(i.fix.contains("acl = "), "{i:?}");
+        for bad in [
+            ">pw",
+            "<pw",
+            "nopass",
+            "#abc",
+            "!abc",
+            "RESETPASS",
+            "on",
+            "reset",
+            "(~a +get",
+            "~a)",
+            "(~a >x)",
+        ] {
+            only_error(
+                &dynamic(&format!("{{ acl = \"+get {bad}\" }}")),
+                "route[0].credential.dynamic.acl",
+            );
+        }
+        only_error(
+            &dynamic("{ acl = \" \" }"),
+            "route[0].credential.dynamic.acl",
+        );
+        let i = only_error(
+            &dynamic("{ acl = \"+get\", grants = [\"GRANT x TO {role}\"] }"),
+            "route[0].credential.dynamic.grants",
+        );
+        assert!(i.fix.contains("acl = "), "{i:?}");
+        only_error(
+            &dynamic("{ acl = \"+get\", database = \"x\" }"),
+            "route[0].credential.dynamic.database",
+        );
+        only_error(
+            &dynamic("{ acl = \"+get\" }").replace("user = \"admin\", ", ""),
+            "route[0].credential.user",
+        );
+        assert_eq!(
+            super::acl_rules(" ~app:*  (~x:* +get) +@read ").unwrap(),
+            vec!["~app:*", "(~x:* +get)", "+@read"]
         );
         // A remote upstream without TLS is warned about, as for postgres.
         let w = warnings(
