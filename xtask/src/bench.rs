@@ -42,14 +42,23 @@
 //!   per second with the three nodes writing at once. Only with `--only
 //!   fleet`.
 //!
+//! - Soak (`bench/soak.rs`): as many client sessions held at once as the
+//!   descriptor limit allows (10,000 asked), across a postgres and an http
+//!   route, with warden's RSS, descriptors and CPU per session; then a mixed
+//!   load for `--soak-minutes N` (default 30) with rotations and freezes,
+//!   sampling RSS, descriptors, threads and audit log size every 10 s (table
+//!   and SVG), PASS/FAIL on growth and `warden audit verify`. Only with
+//!   `--only soak`.
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
 //! (default 3), `--mysql-seconds N` (default 5), `--mysql-rounds N` (default
 //! 3), `--fleet-samples N` (propagation samples per kind of change, default
 //! 30), `--fleet-seconds N` (seconds per pgbench run and of the write load,
-//! default 5), `--fleet-rounds N` (default 5), `--only
-//! svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet` (one benchmark);
+//! default 5), `--fleet-rounds N` (default 5), `--soak-minutes N` (default
+//! 30), `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet|soak` (one
+//! benchmark);
 //! anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod fleet;
@@ -57,6 +66,7 @@ mod http;
 mod mysql;
 mod pg;
 mod scan;
+mod soak;
 
 use std::path::Path;
 
@@ -71,7 +81,8 @@ struct Options {
     http: http::Options,
     mysql: mysql::Options,
     fleet: fleet::Options,
-    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet`: run just that benchmark.
+    soak: soak::Options,
+    /// `--only svid|pg|leases|http|mysql|ebpf|anomaly|scan|fleet|soak`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -81,6 +92,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
     let mut http = http::Options::default();
     let mut mysql = mysql::Options::default();
     let mut fleet = fleet::Options::default();
+    let mut soak = soak::Options::default();
     let mut svid_args = Vec::new();
     let mut only = None;
     let mut iter = args.iter();
@@ -89,16 +101,16 @@ fn parse_args(args: &[String]) -> Result<Options> {
             let v = match arg.strip_prefix("--only=") {
                 Some(v) => v.to_owned(),
                 None => iter.next().cloned().context(
-                    "`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly, scan or fleet",
+                    "`--only` needs svid, pg, leases, http, mysql, ebpf, anomaly, scan, fleet or soak",
                 )?,
             };
             if ![
-                "svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan", "fleet",
+                "svid", "pg", "leases", "http", "mysql", "ebpf", "anomaly", "scan", "fleet", "soak",
             ]
             .contains(&v.as_str())
             {
                 bail!(
-                    "`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly, scan or fleet"
+                    "`--only {v}`: expected svid, pg, leases, http, mysql, ebpf, anomaly, scan, fleet or soak"
                 );
             }
             only = Some(v);
@@ -109,7 +121,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
                 if name.starts_with("--pg-")
                     || name.starts_with("--http-")
                     || name.starts_with("--mysql-")
-                    || name.starts_with("--fleet-") =>
+                    || name.starts_with("--fleet-")
+                    || name.starts_with("--soak-") =>
             {
                 (name, Some(value.to_owned()))
             }
@@ -125,6 +138,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--fleet-samples" => &mut fleet.samples,
             "--fleet-seconds" => &mut fleet.seconds,
             "--fleet-rounds" => &mut fleet.rounds,
+            "--soak-minutes" => &mut soak.minutes,
             _ => {
                 svid_args.push(arg.clone());
                 continue;
@@ -155,6 +169,9 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if fleet.seconds > 600 {
         bail!("`--fleet-seconds {}` is more than 600", fleet.seconds);
     }
+    if soak.minutes > 24 * 60 {
+        bail!("`--soak-minutes {}` is more than a day", soak.minutes);
+    }
     if fleet.samples > 1000 {
         bail!("`--fleet-samples {}` is more than 1000", fleet.samples);
     }
@@ -163,6 +180,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
         http,
         mysql,
         fleet,
+        soak,
         only,
         svid_args,
     })
@@ -295,6 +313,16 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
             || fleet::run(repo, &options.fleet),
         )?;
     }
+    // Holds 10,000 sessions, then runs for `--soak-minutes`: only when asked for.
+    if options.only.as_deref() == Some("soak") {
+        steps.run(
+            &format!(
+                "soak: sessions held at once, then a {}-minute mixed load (growth, audit verify)",
+                options.soak.minutes
+            ),
+            || soak::run(repo, &options.soak),
+        )?;
+    }
     steps.print_summary();
     Ok(())
 }
@@ -385,6 +413,10 @@ mod tests {
         ]))?;
         assert_eq!(o.only.as_deref(), Some("mysql"));
         assert_eq!((o.mysql.seconds, o.mysql.rounds), (2, 1));
+        let o = parse_args(&strings(&["--only", "soak", "--soak-minutes=3"]))?;
+        assert_eq!((o.only.as_deref(), o.soak.minutes), (Some("soak"), 3));
+        assert_eq!(parse_args(&[])?.soak.minutes, 30);
+        assert!(parse_args(&strings(&["--soak-minutes", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());
