@@ -15,7 +15,9 @@
 //!    on persistent connections and with a new connection per transaction
 //!    (`-C`), and 50 HTTP requests/s on a keep-alive connection and as many
 //!    with a new connection each (`Connection: close`), all rate-limited (a
-//!    soak looks for growth, not throughput; the audit log stays small); the PostgreSQL secret is rotated (`warden
+//!    soak looks for growth, not throughput; the audit log stays small),
+//!    with the same `-C` load direct to PostgreSQL for the first 55 s as the
+//!    run's baseline (and 10 s of it direct and through warden alone before); the PostgreSQL secret is rotated (`warden
 //!    secret rotate`, ALTER ROLE) and the HTTP token replaced (`secret put`)
 //!    every minute; every five minutes (first at 130 s) a second workload
 //!    is frozen, a session of it must be refused, and after the unfreeze
@@ -406,12 +408,28 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
         );
     }
     let mut loads: Vec<(&str, Child)> = Vec::new();
-    for (name, extra) in [("pgbench persistent", None), ("pgbench -C", Some("-C"))] {
+    // The -C load also runs direct (same rate), as this run's baseline,
+    // until just before the first rotation changes the password it knows.
+    let pgbench_loads = [
+        ("pgbench persistent", false, false),
+        ("pgbench -C", true, false),
+        ("pgbench -C direct (baseline, first 55 s)", true, true),
+    ];
+    for (name, per_txn, direct) in pgbench_loads {
         let mut c = lab.pgbench();
-        c.args(["-n", "-S", "-c", "4", "-j", "2", "-T", &secs.to_string()])
-            .args(["-R", if extra.is_some() { "20" } else { "200" }]);
-        if let Some(flag) = extra {
-            c.arg(flag);
+        if direct {
+            c.args(["-p", &lab.ports.pg.to_string()])
+                .env("PGPASSWORD", &lab.password);
+        }
+        let run_for = if direct {
+            secs.min(ROTATE_EVERY - 5)
+        } else {
+            secs
+        };
+        c.args(["-n", "-S", "-c", "4", "-j", "2", "-T", &run_for.to_string()])
+            .args(["-R", if per_txn { "20" } else { "200" }]);
+        if per_txn {
+            c.arg("-C");
         }
         c.arg(ROLE).stdout(Stdio::piped()).stderr(Stdio::piped());
         loads.push((name, c.spawn().with_context(|| format!("starting {name}"))?));
