@@ -407,7 +407,7 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
             sample.conn_ms.unwrap_or(f64::NAN)
         );
     }
-    let mut loads: Vec<(&str, Child)> = Vec::new();
+    let mut loads: Vec<(&str, PathBuf, Child)> = Vec::new();
     // The -C load also runs direct (same rate), as this run's baseline,
     // until just before the first rotation changes the password it knows.
     let pgbench_loads = [
@@ -431,8 +431,13 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
         if per_txn {
             c.arg("-C");
         }
-        c.arg(ROLE).stdout(Stdio::piped()).stderr(Stdio::piped());
-        loads.push((name, c.spawn().with_context(|| format!("starting {name}"))?));
+        // Into files, not pipes: nothing reads a pipe until the end, and a
+        // full one would stall pgbench (and show as slow connections).
+        let log = lab.dir.join(format!("load-{}.out", loads.len()));
+        let file = std::fs::File::create(&log)?;
+        c.arg(ROLE).stdout(file.try_clone()?).stderr(file);
+        let child = c.spawn().with_context(|| format!("starting {name}"))?;
+        loads.push((name, log, child));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let http_loads: Vec<(&str, HttpLoad)> = vec![
@@ -505,10 +510,10 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
             ));
         }
     }
-    for (name, child) in loads {
-        let out = child.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let ok = out.status.success() && parse_pgbench_output(&text).is_some();
+    for (name, log, mut child) in loads {
+        let status = child.wait()?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let ok = status.success() && parse_pgbench_output(&text).is_some();
         let summary: Vec<&str> = text
             .lines()
             .filter(|l| {
@@ -526,10 +531,7 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
         let summary = summary.join("; ");
         println!("  {name}: {} {summary}", if ok { "ok" } else { "FAILED" });
         if !ok {
-            problems.push(format!(
-                "{name} failed:\n{text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            problems.push(format!("{name} failed:\n{text}"));
         }
     }
     println!("  rotations: {rotations}, freezes: {freezes}");
@@ -994,7 +996,9 @@ impl Lab {
             .env_remove("PGPASSWORD")
             .env_remove("PGSERVICE")
             .env("PGSSLMODE", "disable")
-            .env("PGPASSFILE", "/dev/null");
+            // A path that does not exist: libpq warns on every connection
+            // about /dev/null ("not a plain file").
+            .env("PGPASSFILE", self.dir.join("no-passfile"));
         c
     }
 
