@@ -208,3 +208,64 @@ for name, sql in [
     ("into", b"SELECT 1 INTO TEMP t"),
 ]:
     put("pg_session_state", name, sql)
+
+# --- Workload API :authority fix-up (workload_authority: split, then bytes read
+# as two HPACK blocks cut at the split, and as raw client bytes after the preface)
+
+def hpack_int(first, prefix, value):
+    top = (1 << prefix) - 1
+    if value < top:
+        return bytes([first | value])
+    out, value = bytearray([first | top]), value - top
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    return bytes(out) + bytes([value])
+
+
+def hpack_str(s):
+    return hpack_int(0, 7, len(s)) + s
+
+
+def literal(name, value, kind=0x40):
+    # kind 0x40: incremental indexing, 0x00: without indexing, 0x10: never indexed
+    prefix = 6 if kind == 0x40 else 4
+    if isinstance(name, int):
+        return hpack_int(kind, prefix, name) + hpack_str(value)
+    return bytes([kind]) + hpack_str(name) + hpack_str(value)
+
+
+def h2frame(kind, flags, stream, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+# What gRPC C-core (py-spiffe) sends: the socket path as :authority.
+grpc_core = (b"\x83\x86" + literal(1, b"tmp%2Fagent.sock")
+             + literal(4, b"/SpiffeWorkloadAPI/FetchX509SVID")
+             + literal(31, b"application/grpc") + literal(b"te", b"trailers")
+             + literal(b"workload.spiffe.io", b"true"))
+# The next request on the connection, from the dynamic table.
+grpc_core_again = b"\x83\x86" + bytes([0x80 | 66, 0x80 | 65, 0x80 | 64, 0x80 | 63, 0x80 | 62])
+put("workload_authority", "grpc-core-two-requests", split(len(grpc_core)) + grpc_core + grpc_core_again)
+go = (b"\x83\x86" + literal(1, b"localhost", 0x00) + literal(4, b"/SpiffeWorkloadAPI/FetchJWTSVID", 0x00)
+      + literal(b"workload.spiffe.io", b"true", 0x10))
+put("workload_authority", "go-valid-authority", split(len(go)) + go + b"\x3f\xe1\x1f" + go)
+# RFC 7541 C.4.1 (Huffman-coded :authority www.example.com), then a table size update.
+rfc = bytes.fromhex("828684418cf1e3c2e5f23a6ba0ab90f4ff")
+put("workload_authority", "rfc7541-huffman", split(len(rfc)) + rfc + b"\x20" + b"\xbe")
+# Raw client bytes: SETTINGS, a HEADERS + CONTINUATION with the socket path, DATA.
+frames = (h2frame(4, 0, 0, b"\x00\x02\x00\x00\x00\x00")
+          + h2frame(1, 0x1, 1, grpc_core[:20]) + h2frame(9, 0x4, 1, grpc_core[20:])
+          + h2frame(0, 0x1, 1, b"\x00\x00\x00\x00\x00"))
+put("workload_authority", "frames", split(7) + frames)
+
+# --- Store rows (store_rows: split, the secret before it, then 9-byte edits:
+# kind (bit 7: ciphertext, else wrapped key), row, two position bytes, data)
+
+put("store_rows", "untouched", split(16) + b"postgres-pass-01")
+put("store_rows", "flip-ciphertext", split(8) + b"hunter2!" + bytes([0x80, 1, 0, 40, 0, 0, 0, 0, 0]))
+put("store_rows", "swap-wrapped-key", split(8) + b"hunter2!" + bytes([4, 0, 1, 0, 0, 0, 0, 0, 0]))
+put("store_rows", "renumber", split(8) + b"hunter2!" + bytes([5, 1, 0, 1, 0, 0, 0, 0, 0]))
+put("store_rows", "truncate-and-rename", split(4) + b"abcd" + bytes([0x81, 2, 0, 10, 0, 0, 0, 0, 0])
+    + bytes([7, 2, 0, 0, 0, 0, 0, 0, 0]))
+put("store_rows", "other-master-key", split(4) + b"abcd" + bytes([6, 0, 0, 0]) + b"0123456789abcdef")

@@ -46,6 +46,14 @@
 //!   per second with the three nodes writing at once. Only with `--only
 //!   fleet`.
 //!
+//! - Soak (`bench/soak.rs`): as many client sessions held at once as the
+//!   descriptor limit allows (10,000 asked), across a postgres and an http
+//!   route, with warden's RSS, descriptors and CPU per session; then a mixed
+//!   load for `--soak-minutes N` (default 30) with rotations and freezes,
+//!   sampling RSS, descriptors, threads and audit log size every 10 s (table
+//!   and SVG), PASS/FAIL on growth and `warden audit verify`. Only with
+//!   `--only soak`.
+//!
 //! Arguments: `--pg-seconds N` (seconds per pgbench run, default 10),
 //! `--pg-rounds N` (interleaved rounds, default 2; the median is reported);
 //! `--http-seconds N` (seconds per wrk run, default 5), `--http-rounds N`
@@ -54,8 +62,9 @@
 //! 30), `--fleet-seconds N` (seconds per pgbench run and of the write load,
 //! default 5), `--fleet-rounds N` (default 5), `--redis-requests N`
 //! (requests per persistent run, default 100000), `--redis-rounds N`
-//! (default 3), `--only svid|pg|leases|http|mysql|redis|ebpf|anomaly|scan|fleet`
-//! (one benchmark);
+//! (default 3), `--soak-minutes N` (default 30), `--only
+//! svid|pg|leases|http|mysql|redis|ebpf|anomaly|scan|fleet|soak` (one
+//! benchmark);
 //! anything else goes to `svid_bench` (e.g. its iteration count).
 
 mod fleet;
@@ -64,6 +73,7 @@ mod mysql;
 mod pg;
 mod redis;
 mod scan;
+mod soak;
 
 use std::path::Path;
 
@@ -79,7 +89,8 @@ struct Options {
     mysql: mysql::Options,
     redis: redis::Options,
     fleet: fleet::Options,
-    /// `--only svid|pg|leases|http|mysql|redis|ebpf|anomaly|scan|fleet`: run just that benchmark.
+    soak: soak::Options,
+    /// `--only svid|pg|leases|http|mysql|redis|ebpf|anomaly|scan|fleet|soak`: run just that benchmark.
     only: Option<String>,
     svid_args: Vec<String>,
 }
@@ -90,6 +101,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
     let mut mysql = mysql::Options::default();
     let mut redis = redis::Options::default();
     let mut fleet = fleet::Options::default();
+    let mut soak = soak::Options::default();
     let mut svid_args = Vec::new();
     let mut only = None;
     let mut iter = args.iter();
@@ -98,17 +110,17 @@ fn parse_args(args: &[String]) -> Result<Options> {
             let v = match arg.strip_prefix("--only=") {
                 Some(v) => v.to_owned(),
                 None => iter.next().cloned().context(
-                    "`--only` needs svid, pg, leases, http, mysql, redis, ebpf, anomaly, scan or fleet",
+                    "`--only` needs svid, pg, leases, http, mysql, redis, ebpf, anomaly, scan, fleet or soak",
                 )?,
             };
             if ![
                 "svid", "pg", "leases", "http", "mysql", "redis", "ebpf", "anomaly", "scan",
-                "fleet",
+                "fleet", "soak",
             ]
             .contains(&v.as_str())
             {
                 bail!(
-                    "`--only {v}`: expected svid, pg, leases, http, mysql, redis, ebpf, anomaly, scan or fleet"
+                    "`--only {v}`: expected svid, pg, leases, http, mysql, redis, ebpf, anomaly, scan, fleet or soak"
                 );
             }
             only = Some(v);
@@ -120,7 +132,8 @@ fn parse_args(args: &[String]) -> Result<Options> {
                     || name.starts_with("--http-")
                     || name.starts_with("--mysql-")
                     || name.starts_with("--redis-")
-                    || name.starts_with("--fleet-") =>
+                    || name.starts_with("--fleet-")
+                    || name.starts_with("--soak-") =>
             {
                 (name, Some(value.to_owned()))
             }
@@ -138,6 +151,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--fleet-samples" => &mut fleet.samples,
             "--fleet-seconds" => &mut fleet.seconds,
             "--fleet-rounds" => &mut fleet.rounds,
+            "--soak-minutes" => &mut soak.minutes,
             _ => {
                 svid_args.push(arg.clone());
                 continue;
@@ -174,6 +188,9 @@ fn parse_args(args: &[String]) -> Result<Options> {
     if fleet.seconds > 600 {
         bail!("`--fleet-seconds {}` is more than 600", fleet.seconds);
     }
+    if soak.minutes > 24 * 60 {
+        bail!("`--soak-minutes {}` is more than a day", soak.minutes);
+    }
     if fleet.samples > 1000 {
         bail!("`--fleet-samples {}` is more than 1000", fleet.samples);
     }
@@ -183,6 +200,7 @@ fn parse_args(args: &[String]) -> Result<Options> {
         mysql,
         redis,
         fleet,
+        soak,
         only,
         svid_args,
     })
@@ -319,6 +337,16 @@ pub fn run(repo: &Path, args: &[String]) -> Result<()> {
         steps.run(
             "fleet: 3 nodes on one PostgreSQL store (propagation, session set-up vs SQLite, secret writes/s)",
             || fleet::run(repo, &options.fleet),
+        )?;
+    }
+    // Holds 10,000 sessions, then runs for `--soak-minutes`: only when asked for.
+    if options.only.as_deref() == Some("soak") {
+        steps.run(
+            &format!(
+                "soak: sessions held at once, then a {}-minute mixed load (growth, audit verify)",
+                options.soak.minutes
+            ),
+            || soak::run(repo, &options.soak),
         )?;
     }
     steps.print_summary();
@@ -468,6 +496,10 @@ mod tests {
         ]))?;
         assert_eq!(o.only.as_deref(), Some("mysql"));
         assert_eq!((o.mysql.seconds, o.mysql.rounds), (2, 1));
+        let o = parse_args(&strings(&["--only", "soak", "--soak-minutes=3"]))?;
+        assert_eq!((o.only.as_deref(), o.soak.minutes), (Some("soak"), 3));
+        assert_eq!(parse_args(&[])?.soak.minutes, 30);
+        assert!(parse_args(&strings(&["--soak-minutes", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds"])).is_err());
         assert!(parse_args(&strings(&["--pg-seconds", "0"])).is_err());
         assert!(parse_args(&strings(&["--pg-rounds=x"])).is_err());

@@ -29,6 +29,8 @@ pub const TARGETS: &[&str] = &[
     "audit_verify",
     "mysql_packet",
     "pg_session_state",
+    "workload_authority",
+    "store_rows",
 ];
 
 /// Each target's time in `cargo xtask test` (CI): a smoke run on the

@@ -27,6 +27,50 @@
 
 mod authority_fixup;
 
+/// The `:authority` fix-up's byte-stream rewriter and HPACK decoder, for the
+/// fuzz targets in `fuzz/` only: not part of the crate's interface.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::authority_fixup::{huffman_decode, Decoder, Rewriter};
+
+    /// One decoded header: name, value, and whether it was never-indexed.
+    pub type Header = (Vec<u8>, Vec<u8>, bool);
+
+    /// What the rewriter hands h2 for the client bytes `chunks`, read in
+    /// turn, followed by the end of the stream.
+    pub fn rewrite(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut rewriter = Rewriter::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            rewriter.feed(chunk, &mut out);
+        }
+        rewriter.finish(&mut out);
+        out
+    }
+
+    /// Decodes header blocks in turn with one decoder (its dynamic table
+    /// carries over); `None` for a block it refuses.
+    pub fn hpack_decode(blocks: &[&[u8]]) -> Vec<Option<Vec<Header>>> {
+        let mut decoder = Decoder::new();
+        blocks
+            .iter()
+            .map(|block| {
+                decoder.decode(block).ok().map(|headers| {
+                    headers
+                        .into_iter()
+                        .map(|h| (h.name, h.value, h.never_indexed))
+                        .collect()
+                })
+            })
+            .collect()
+    }
+
+    /// RFC 7541 Huffman decoding; `None` for invalid input.
+    pub fn huffman(input: &[u8]) -> Option<Vec<u8>> {
+        huffman_decode(input).ok()
+    }
+}
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;

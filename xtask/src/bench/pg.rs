@@ -1060,7 +1060,7 @@ fn parse_latency_log(text: &str) -> impl Iterator<Item = u64> + '_ {
 }
 
 /// Three distinct free TCP ports on 127.0.0.1 (held together while chosen).
-fn free_ports() -> Result<[u16; 4]> {
+pub(super) fn free_ports() -> Result<[u16; 4]> {
     let listeners = [
         TcpListener::bind("127.0.0.1:0")?,
         TcpListener::bind("127.0.0.1:0")?,

@@ -334,7 +334,7 @@ impl SecretStore {
         let what = format!("secret {name:?} (env {env:?}, version {v})");
         if row.sealed.kek_id != kek.id() {
             return Err(Error::integrity(format!(
-                "{what} is wrapped by master key {} but the loaded master key is {}: the row was copied from another store or the master key is wrong",
+                "{what} is wrapped by master key {:?} but the loaded master key is {}: the row was copied from another store or the master key is wrong",
                 row.sealed.kek_id,
                 kek.id()
             )));
@@ -370,7 +370,7 @@ impl SecretStore {
             );
             if row.kek_id != old.id() {
                 return Err(Error::integrity(format!(
-                    "{what} is wrapped by master key {}, not the current one {}; nothing was changed",
+                    "{what} is wrapped by master key {:?}, not the current one {}; nothing was changed",
                     row.kek_id,
                     old.id()
                 )));

@@ -268,6 +268,26 @@ fn wrong_kek_is_refused(c: Case) {
     assert!(e.message.contains("master key"), "{e}");
 }
 
+/// Found by the `store_rows` fuzz target: the master-key id of a row is
+/// database text, so a tampered one must not put a line break (a forged log
+/// line) or a control character into the error.
+#[test]
+fn a_tampered_master_key_id_is_quoted_in_errors() {
+    let c = sqlite_case();
+    let (mut store, kek) = (c.store, new_kek());
+    put(&mut store, &kek, "a", "prod", b"v", 10);
+    c.raw.exec(
+        "UPDATE secret_versions SET kek_id = 'x' || char(10) || 'FORGED' || char(27)",
+        &[],
+    );
+    let e = store.get(&kek, "a", "prod", None).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Integrity);
+    assert!(e.message.contains(r#"master key "x\nFORGED\u{1b}""#), "{e}");
+    let e = store.rewrap(&kek, &new_kek(), &[]).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Integrity);
+    assert!(!e.message.contains(['\n', '\u{1b}']), "{e}");
+}
+
 fn rewrap_changes_kek_and_keeps_values(c: Case) {
     let kek = new_kek();
     let mut store = c.store;
