@@ -453,9 +453,27 @@ fn mysql_clients_reach_mariadb_through_warden_without_a_password() {
     s.warden.put("orders/app", APP_PW2.as_bytes()).ok();
     assert_eq!(cli(s.orders, "x", "SELECT 8;"), (0, "8\n".into()));
 
-    // A freeze refuses the next session; unfreeze lets it in again.
+    // A freeze refuses the next session and ends the open ones at once: an
+    // idle one and one waiting for a slow query get ERR 1927 (70100)
+    // naming the freeze as the answer to their command, then EOF.
+    let (mut idle, ok) = Raw::login(s.orders, "x");
+    assert_eq!(ok[0], 0, "{ok:?}");
+    assert_eq!(first_value(&idle.query("SELECT 41")), "41");
+    let (mut busy, ok) = Raw::login(s.orders, "x");
+    assert_eq!(ok[0], 0, "{ok:?}");
+    busy.send(0, b"\x03SELECT SLEEP(60)");
     let out = s.warden.run(&["freeze", "me", "--reason", "mysql test"]);
     assert_eq!(out.code, 0, "{out:#?}");
+    for c in [&mut busy, &mut idle] {
+        let (seq, p) = c.read().expect("an ERR before EOF");
+        let (code, state, msg) = err_of(&p);
+        assert_eq!((seq, code, state.as_str()), (1, 1927, "70100"), "{msg}");
+        assert!(
+            msg.contains("frozen") && msg.contains("mysql test"),
+            "{msg}"
+        );
+        assert!(c.read().is_none(), "EOF after the ERR");
+    }
     let (code, out) = cli(s.orders, "x", "SELECT 1;");
     assert!(
         code == 1

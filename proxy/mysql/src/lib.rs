@@ -972,7 +972,13 @@ async fn session(
             workload: &who.workload,
         }),
     };
-    let (outcome, back) = relay::relay(client, upstream.stream, &ctx).await;
+    // A freeze of the workload ends the session at once.
+    let stop = frozen_watch(&shared, &who.workload);
+    let (outcome, back) = relay::relay(client, upstream.stream, &ctx, stop).await;
+    if outcome.how == relay::FROZEN {
+        shared.metrics.session(&route.name, &who.workload, "frozen");
+        tracing::warn!(route = %route.name, workload = %who.workload, "open session ended: the workload is frozen");
+    }
     end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
     // A revoked lease's connection serves no one.
     let back = match back {
@@ -997,6 +1003,34 @@ async fn session(
             .give_back(&route.name, &route.pool, key, conn, resync)
             .await;
     }
+}
+
+/// Completes when `workload` is (or becomes) frozen, with the ERR an open
+/// session ends with: 1927 (70100), MariaDB's "connection was killed",
+/// naming the freeze.
+async fn frozen_watch(shared: &MysqlShared, workload: &str) -> ErrPacket {
+    let freezer = shared.admission.freezer();
+    let mut changes = freezer.subscribe();
+    loop {
+        if let Some(f) = freezer.frozen(workload) {
+            return frozen_error(&f);
+        }
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The ERR a frozen workload's open session ends with.
+pub fn frozen_error(f: &warden_core::freeze::FreezeEntry) -> ErrPacket {
+    ErrPacket::new(
+        1927,
+        "70100",
+        format!(
+            "Connection was killed: {}",
+            warden_core::freeze::frozen_message(f).trim_start_matches("warden: ")
+        ),
+    )
 }
 
 /// `SERVER_STATUS_AUTOCOMMIT`: the status of a freshly reset session.

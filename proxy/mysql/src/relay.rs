@@ -23,9 +23,16 @@
 
 use crate::packet::{put_packet, ErrPacket, COM_CHANGE_USER, COM_QUIT, MAX_PAYLOAD};
 use crate::pool::Resync;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// [`Outcome::how`] of a session `stop` ended.
+pub const FROZEN: &str = "closed: workload frozen";
+
+/// Read buffer per direction.
+const BUF: usize = 16 * 1024;
 
 /// Who the session is for (named in warden's answers).
 pub struct Context<'a> {
@@ -50,7 +57,7 @@ pub struct Outcome {
 }
 
 /// Packet boundaries in a byte stream.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Framer {
     header: [u8; 4],
     have: usize,
@@ -58,9 +65,25 @@ struct Framer {
     remaining: usize,
     /// The current packet is 0xffffff long: the next one continues it.
     continued: bool,
+    /// The current (or last) packet's length and first payload byte.
+    len: usize,
+    first: u8,
 }
 
 impl Framer {
+    /// The last packet ends a reply: an ERR, an EOF or OK-with-0xfe, or
+    /// an OK that is the reply's first packet (only meaningful at a
+    /// boundary).
+    fn ends_reply(&self) -> bool {
+        match (self.len, self.first) {
+            (0, _) => false,
+            (_, 0xff) => true,
+            (len, 0xfe) => len < MAX_PAYLOAD,
+            (_, 0x00) => self.header[3] == 1,
+            _ => false,
+        }
+    }
+
     /// At a packet boundary (no header nor payload half read)?
     fn at_boundary(&self) -> bool {
         self.have == 0 && self.remaining == 0
@@ -74,6 +97,9 @@ impl Framer {
         let mut completed = None;
         while i < data.len() {
             if self.remaining > 0 {
+                if self.remaining == self.len {
+                    self.first = data[i];
+                }
                 let n = self.remaining.min(data.len() - i);
                 self.remaining -= n;
                 i += n;
@@ -91,6 +117,7 @@ impl Framer {
                 let len = u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize;
                 completed = Some(h);
                 self.remaining = len;
+                self.len = len;
                 self.continued = len == MAX_PAYLOAD;
                 if len == 0 {
                     return (i, completed);
@@ -99,40 +126,436 @@ impl Framer {
         }
         (i, completed)
     }
+
+    /// Consumes all of `data` (headers only are looked at); returns the
+    /// last header completed in it.
+    fn skip(&mut self, mut data: &[u8]) -> Option<[u8; 4]> {
+        let mut last = None;
+        while !data.is_empty() {
+            let (k, h) = self.advance(data);
+            last = h.or(last);
+            data = &data[k..];
+        }
+        last
+    }
+}
+
+/// The client's command stream, scanned into what goes upstream (see the
+/// module docs).
+#[derive(Default)]
+struct Commands {
+    /// Payload bytes left of the current packet.
+    remaining: usize,
+    /// The current packet is dropped (a COM_CHANGE_USER).
+    dropping: bool,
+    /// The current packet is 0xffffff long: the next one continues it.
+    continued: bool,
+    change_user_refused: u64,
+    /// Commands seen (forwarded or not).
+    count: u64,
+}
+
+/// What [`Commands::scan`] saw last.
+#[derive(Debug, PartialEq, Eq)]
+enum Scanned {
+    /// All of the input is used or kept for more.
+    More,
+    /// A COM_QUIT on a pooled route: the client is done (not forwarded;
+    /// what came before it is in `out`).
+    Quit,
+}
+
+impl Commands {
+    /// At a command boundary (nothing half sent)?
+    fn at_boundary(&self) -> bool {
+        self.remaining == 0 && !self.continued
+    }
+
+    /// Scans `data` from the client: what goes upstream is appended to
+    /// `out`, warden's own answers to `local`. Returns how many bytes were
+    /// used (the rest — an incomplete header, or a short command read whole
+    /// first — is offered again with more bytes after it).
+    fn scan(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        local: &mut Vec<u8>,
+        ctx: &Context<'_>,
+    ) -> (usize, Scanned) {
+        let mut start = 0;
+        loop {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len() - start);
+                if !self.dropping {
+                    out.extend_from_slice(&data[start..start + n]);
+                }
+                self.remaining -= n;
+                start += n;
+                if self.remaining > 0 {
+                    return (start, Scanned::More);
+                }
+                self.end_of_packet(local, ctx);
+                continue;
+            }
+            // A header, plus the command byte of a new command.
+            let avail = &data[start..];
+            if avail.len() < 4 {
+                return (start, Scanned::More);
+            }
+            let len = u32::from_le_bytes([avail[0], avail[1], avail[2], 0]) as usize;
+            let is_command = avail[3] == 0 && !self.continued;
+            if is_command && len > 0 && avail.len() < 5 {
+                return (start, Scanned::More);
+            }
+            if let (true, Some(scope)) = (is_command && len > 0, &ctx.kill) {
+                if matches!(avail[4], 0x03 | crate::kill::COM_PROCESS_KILL)
+                    && len <= 1 + crate::kill::MAX_KILL_LEN
+                {
+                    // The whole command first.
+                    if avail.len() < 4 + len {
+                        return (start, Scanned::More);
+                    }
+                    match crate::kill::inspect(&avail[4..4 + len], scope) {
+                        crate::kill::Action::Pass => {}
+                        crate::kill::Action::Rewrite(p) => {
+                            put_packet(out, 0, &p);
+                            start += 4 + len;
+                            continue;
+                        }
+                        crate::kill::Action::Refuse(e) => {
+                            put_packet(local, 1, &e.encode());
+                            start += 4 + len;
+                            continue;
+                        }
+                    }
+                }
+            }
+            if is_command && ctx.pool && len == 1 && avail[4] == COM_QUIT {
+                return (start + 5, Scanned::Quit);
+            }
+            if is_command {
+                self.count += 1;
+                self.dropping = len > 0 && avail[4] == COM_CHANGE_USER;
+            }
+            self.continued = len == MAX_PAYLOAD;
+            if !self.dropping {
+                out.extend_from_slice(&avail[..4]);
+            }
+            start += 4;
+            self.remaining = len;
+            if len == 0 {
+                self.end_of_packet(local, ctx);
+            }
+        }
+    }
+
+    /// A client packet ended: a dropped COM_CHANGE_USER (once whole) gets
+    /// warden's ERR.
+    fn end_of_packet(&mut self, local: &mut Vec<u8>, ctx: &Context<'_>) {
+        if !self.dropping || self.continued {
+            return;
+        }
+        self.dropping = false;
+        self.change_user_refused += 1;
+        let msg = format!(
+            "warden: route {:?} logs in as {:?} for workload {:?}; changing the user (COM_CHANGE_USER) is refused, connect again instead",
+            ctx.route, ctx.user, ctx.workload
+        );
+        put_packet(local, 1, &ErrPacket::new(1045, "28000", msg).encode());
+    }
+}
+
+/// One direction's read buffer: `buf[pos..cap]` is read and not yet
+/// used.
+struct Buffer {
+    buf: Box<[u8]>,
+    pos: usize,
+    cap: usize,
+}
+
+thread_local! {
+    /// Relay buffers of ended sessions, reused by the next ones on the same
+    /// thread (a connection per query would otherwise allocate and zero
+    /// 32 KiB per session).
+    static SPARE: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare buffers kept per thread at most.
+const SPARE_MAX: usize = 64;
+
+impl Buffer {
+    fn new() -> Buffer {
+        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
+        Buffer {
+            buf: spare.unwrap_or_else(|| vec![0u8; BUF].into_boxed_slice()),
+            pos: 0,
+            cap: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.cap
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if buf.len() == BUF {
+            let _ = SPARE.try_with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < SPARE_MAX {
+                    s.push(buf);
+                }
+            });
+        }
+    }
+}
+
+/// Reads into `b` (empty or holding a partial header/command at its
+/// front): `Ready(Ok(0))` at EOF.
+fn poll_fill<R: AsyncRead + Unpin>(
+    r: &mut R,
+    b: &mut Buffer,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    if b.pos > 0 {
+        b.buf.copy_within(b.pos..b.cap, 0);
+        b.cap -= b.pos;
+        b.pos = 0;
+    }
+    let mut rb = ReadBuf::new(&mut b.buf[b.cap..]);
+    std::task::ready!(Pin::new(r).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    b.cap += n;
+    Poll::Ready(Ok(n))
+}
+
+/// How the relay loop stopped.
+enum End {
+    /// `stop` fired: the client gets this ERR (if it can be placed).
+    Stopped(ErrPacket),
+    ClientClosed,
+    ClientQuit,
+    UpstreamClosed,
+    /// Writing to the client failed.
+    ClientGone,
+    /// Writing upstream failed.
+    UpstreamGone,
 }
 
 /// Relays until either side is done. With `ctx.pool`, a client that left
 /// at a command boundary hands the upstream stream back, with where its
 /// framing stood.
-pub async fn relay<C, U>(
-    client: C,
-    upstream: U,
+///
+/// One task polls both directions (no split halves, no channel): each
+/// read is scanned for headers and written on with one write, and what
+/// one side sends is written before that side is read again.
+///
+/// When `stop` completes (a freeze of the workload) the session ends at
+/// once: the client gets its ERR if the server's stream is at a packet
+/// boundary (else the connection just closes), and the upstream
+/// connection is closed, never pooled.
+pub async fn relay<C, U, S>(
+    mut client: C,
+    mut upstream: U,
     ctx: &Context<'_>,
+    stop: S,
 ) -> (Outcome, Option<(U, Resync)>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
+    S: std::future::Future<Output = ErrPacket>,
 {
-    let (cr, cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
-    let (tx, rx) = unbounded_channel();
-    let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    // Every byte read from the server, framed as soon as it is read (before
-    // any await), so the stream's position is known whenever the relay
-    // stops.
+    let mut stop = std::pin::pin!(stop);
+    // Client → server: read, scanned into `out`, written.
+    let mut cbuf = Buffer::new();
+    let mut commands = Commands::default();
+    let mut out: Vec<u8> = Vec::with_capacity(BUF);
+    let mut out_pos = 0;
+    let mut up = 0u64;
+    let mut up_flush = false;
+    // Server → client: read and written as is; warden's own answers
+    // (`local`) go in between two server packets, never inside one.
+    let mut ubuf = Buffer::new();
+    let mut local: Vec<u8> = Vec::new();
+    let mut local_pos = 0;
+    let mut down = 0u64;
+    let mut down_flush = false;
+    // Every byte read from the server, framed as soon as it is read, so the
+    // stream's position is known whenever the relay stops.
     let mut position = Framer::default();
-    let (how, reusable) = {
-        let commands = client_to_upstream(cr, &mut uw, tx, ctx, &up, &refused);
-        let replies = upstream_to_client(&mut ur, cw, rx, &down, &mut position);
-        tokio::select! {
-            how = replies => (how, false),
-            r = commands => r,
+    // The framing of what the client got from the server.
+    let mut written = Framer::default();
+    let mut quit = false;
+    // The sequence id of the last server packet of the reply to the
+    // client's last command (none yet: warden's ERR would be the reply).
+    let mut reply_seq: Option<u8> = None;
+    let mut commands_seen = 0;
+    let end = poll_fn(|cx| loop {
+        if let Poll::Ready(e) = stop.as_mut().poll(cx) {
+            return Poll::Ready(End::Stopped(e));
         }
+        let mut progress = false;
+        // Client → server.
+        if out_pos < out.len() {
+            match Pin::new(&mut upstream).poll_write(cx, &out[out_pos..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::UpstreamGone),
+                Poll::Ready(Ok(n)) => {
+                    out_pos += n;
+                    up += n as u64;
+                    up_flush = true;
+                    progress = true;
+                    if out_pos == out.len() {
+                        out.clear();
+                        out_pos = 0;
+                    }
+                }
+                Poll::Pending => {}
+            }
+        }
+        if out.is_empty() && quit {
+            if up_flush {
+                match Pin::new(&mut upstream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => up_flush = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(End::UpstreamGone),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            return Poll::Ready(End::ClientQuit);
+        }
+        if out.is_empty() {
+            match poll_fill(&mut client, &mut cbuf, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::ClientClosed),
+                Poll::Ready(Ok(_)) => {
+                    let (used, s) =
+                        commands.scan(&cbuf.buf[cbuf.pos..cbuf.cap], &mut out, &mut local, ctx);
+                    cbuf.pos += used;
+                    quit = s == Scanned::Quit;
+                    if commands.count != commands_seen {
+                        commands_seen = commands.count;
+                        reply_seq = None;
+                    }
+                    progress = true;
+                }
+                Poll::Pending => {
+                    if up_flush {
+                        match Pin::new(&mut upstream).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => up_flush = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(End::UpstreamGone),
+                            Poll::Pending => {}
+                        }
+                    }
+                }
+            }
+        }
+        // Server → client: warden's own answer first when the client is at a
+        // packet boundary of the server's stream.
+        if local_pos < local.len() && written.at_boundary() && !written.continued {
+            match Pin::new(&mut client).poll_write(cx, &local[local_pos..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::ClientGone),
+                Poll::Ready(Ok(n)) => {
+                    local_pos += n;
+                    down_flush = true;
+                    progress = true;
+                    if local_pos == local.len() {
+                        local.clear();
+                        local_pos = 0;
+                    }
+                }
+                Poll::Pending => {}
+            }
+        } else if !ubuf.is_empty() {
+            let mut until = ubuf.cap;
+            if local_pos < local.len() {
+                // Only up to the end of the current packet.
+                let mut f = written.clone();
+                let mut at = ubuf.pos;
+                loop {
+                    at += f.advance(&ubuf.buf[at..ubuf.cap]).0;
+                    if at == ubuf.cap || (f.at_boundary() && !f.continued) {
+                        break;
+                    }
+                }
+                until = at;
+            }
+            match Pin::new(&mut client).poll_write(cx, &ubuf.buf[ubuf.pos..until]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::ClientGone),
+                Poll::Ready(Ok(n)) => {
+                    if let Some(h) = written.skip(&ubuf.buf[ubuf.pos..ubuf.pos + n]) {
+                        reply_seq = Some(h[3]);
+                    }
+                    ubuf.pos += n;
+                    down += n as u64;
+                    down_flush = true;
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if ubuf.is_empty() {
+            match poll_fill(&mut upstream, &mut ubuf, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(End::UpstreamClosed)
+                }
+                Poll::Ready(Ok(_)) => {
+                    position.skip(&ubuf.buf[ubuf.pos..ubuf.cap]);
+                    progress = true;
+                }
+                Poll::Pending => {
+                    if down_flush {
+                        match Pin::new(&mut client).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => down_flush = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(End::ClientGone),
+                            Poll::Pending => {}
+                        }
+                    }
+                }
+            }
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    let (how, reusable) = match end {
+        End::Stopped(e) => {
+            if written.at_boundary() && !written.continued {
+                // The answer to the command the client waits for, or (its
+                // reply complete) to the next one it sends.
+                let seq = match reply_seq {
+                    Some(s) if !written.ends_reply() => s.wrapping_add(1),
+                    _ => 1,
+                };
+                let mut pkt = Vec::new();
+                put_packet(&mut pkt, seq, &e.encode());
+                if client.write_all(&pkt).await.is_ok() {
+                    down += pkt.len() as u64;
+                    let _ = client.flush().await;
+                }
+            }
+            let _ = client.shutdown().await;
+            (FROZEN, false)
+        }
+        End::ClientQuit => ("client quit", true),
+        End::ClientClosed => {
+            let boundary = commands.at_boundary();
+            if !(ctx.pool && boundary) {
+                let _ = upstream.shutdown().await;
+            }
+            ("client closed", boundary)
+        }
+        End::UpstreamGone => ("upstream closed", false),
+        End::UpstreamClosed => {
+            let _ = client.shutdown().await;
+            ("upstream closed", false)
+        }
+        End::ClientGone => ("client closed", false),
     };
     let outcome = Outcome {
-        up: up.load(Relaxed),
-        down: down.load(Relaxed),
-        change_user_refused: refused.load(Relaxed),
+        up,
+        down,
+        change_user_refused: commands.change_user_refused,
         how,
     };
     let back = (reusable && ctx.pool && !position.continued).then(|| {
@@ -141,236 +564,16 @@ where
             header: position.header,
             remaining: position.remaining,
         };
-        (ur.unsplit(uw), resync)
+        (upstream, resync)
     });
     (outcome, back)
-}
-
-/// Client → server; returns how it ended and whether the server's side is
-/// at a command boundary (nothing half sent).
-async fn client_to_upstream<R, W>(
-    mut client: R,
-    upstream: &mut W,
-    local: UnboundedSender<Vec<u8>>,
-    ctx: &Context<'_>,
-    up: &AtomicU64,
-    refused: &AtomicU64,
-) -> (&'static str, bool)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
-    // Payload bytes left of the current packet, and whether it is dropped.
-    let mut remaining = 0usize;
-    let mut dropping = false;
-    let mut continued = false;
-    loop {
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        match client.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let boundary = remaining == 0 && !continued;
-                if !(ctx.pool && boundary) {
-                    let _ = upstream.shutdown().await;
-                }
-                return ("client closed", boundary);
-            }
-            Ok(_) => {}
-        }
-        let mut start = 0;
-        loop {
-            if remaining > 0 {
-                let n = remaining.min(buf.len() - start);
-                if !dropping {
-                    out.extend_from_slice(&buf[start..start + n]);
-                }
-                remaining -= n;
-                start += n;
-                if remaining > 0 {
-                    break;
-                }
-                end_of_packet(&mut dropping, continued, &local, ctx, refused);
-                continue;
-            }
-            // A header, plus the command byte of a new command.
-            let avail = &buf[start..];
-            if avail.len() < 4 {
-                break;
-            }
-            let len = u32::from_le_bytes([avail[0], avail[1], avail[2], 0]) as usize;
-            let is_command = avail[3] == 0 && !continued;
-            if is_command && len > 0 && avail.len() < 5 {
-                break;
-            }
-            if let (true, Some(scope)) = (is_command && len > 0, &ctx.kill) {
-                if matches!(avail[4], 0x03 | crate::kill::COM_PROCESS_KILL)
-                    && len <= 1 + crate::kill::MAX_KILL_LEN
-                {
-                    // The whole command first.
-                    if avail.len() < 4 + len {
-                        break;
-                    }
-                    match crate::kill::inspect(&avail[4..4 + len], scope) {
-                        crate::kill::Action::Pass => {}
-                        crate::kill::Action::Rewrite(p) => {
-                            put_packet(&mut out, 0, &p);
-                            start += 4 + len;
-                            continue;
-                        }
-                        crate::kill::Action::Refuse(e) => {
-                            let mut pkt = Vec::new();
-                            put_packet(&mut pkt, 1, &e.encode());
-                            let _ = local.send(pkt);
-                            start += 4 + len;
-                            continue;
-                        }
-                    }
-                }
-            }
-            if is_command && ctx.pool && len == 1 && avail[4] == COM_QUIT {
-                // The client is done: what came before goes up, the
-                // COM_QUIT does not (the connection stays open for the pool).
-                if !out.is_empty() {
-                    if upstream.write_all(&out).await.is_err() {
-                        return ("upstream closed", false);
-                    }
-                    up.fetch_add(out.len() as u64, Relaxed);
-                }
-                return ("client quit", true);
-            }
-            if is_command {
-                dropping = len > 0 && avail[4] == COM_CHANGE_USER;
-            }
-            continued = len == MAX_PAYLOAD;
-            if !dropping {
-                out.extend_from_slice(&avail[..4]);
-            }
-            start += 4;
-            remaining = len;
-            if len == 0 {
-                end_of_packet(&mut dropping, continued, &local, ctx, refused);
-            }
-        }
-        buf.drain(..start);
-        if !out.is_empty() {
-            if upstream.write_all(&out).await.is_err() {
-                return ("upstream closed", false);
-            }
-            up.fetch_add(out.len() as u64, Relaxed);
-            out.clear();
-        }
-    }
-}
-
-/// A client packet ended: a dropped COM_CHANGE_USER (once whole) gets
-/// warden's ERR.
-fn end_of_packet(
-    dropping: &mut bool,
-    continued: bool,
-    local: &UnboundedSender<Vec<u8>>,
-    ctx: &Context<'_>,
-    refused: &AtomicU64,
-) {
-    if !*dropping || continued {
-        return;
-    }
-    *dropping = false;
-    refused.fetch_add(1, Relaxed);
-    let msg = format!(
-        "warden: route {:?} logs in as {:?} for workload {:?}; changing the user (COM_CHANGE_USER) is refused, connect again instead",
-        ctx.route, ctx.user, ctx.workload
-    );
-    let mut pkt = Vec::new();
-    put_packet(&mut pkt, 1, &ErrPacket::new(1045, "28000", msg).encode());
-    let _ = local.send(pkt);
-}
-
-async fn upstream_to_client<R, W>(
-    upstream: &mut R,
-    mut client: W,
-    mut local: UnboundedReceiver<Vec<u8>>,
-    down: &AtomicU64,
-    position: &mut Framer,
-) -> &'static str
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut framer = Framer::default();
-    let mut pending: Vec<Vec<u8>> = Vec::new();
-    let mut local_open = true;
-    loop {
-        tokio::select! {
-            biased;
-            m = local.recv(), if local_open => match m {
-                Some(bytes) => pending.push(bytes),
-                None => local_open = false,
-            },
-            r = upstream.read(&mut buf) => {
-                let n = match r {
-                    Ok(0) | Err(_) => {
-                        let _ = client.shutdown().await;
-                        return "upstream closed";
-                    }
-                    Ok(n) => n,
-                };
-                let mut at = 0;
-                while at < n {
-                    at += position.advance(&buf[at..n]).0;
-                }
-                // One write per read, split only where warden's own answer
-                // goes in between two packets.
-                while let Ok(m) = local.try_recv() {
-                    pending.push(m);
-                }
-                let (mut i, mut from) = (0, 0);
-                while i < n {
-                    let (k, _) = framer.advance(&buf[i..n]);
-                    i += k;
-                    if !pending.is_empty() && framer.at_boundary() && !framer.continued {
-                        if client.write_all(&buf[from..i]).await.is_err()
-                            || write_pending(&mut client, &mut pending).await.is_err()
-                        {
-                            return "client closed";
-                        }
-                        from = i;
-                    }
-                }
-                if from < n && client.write_all(&buf[from..n]).await.is_err() {
-                    return "client closed";
-                }
-                down.fetch_add(n as u64, Relaxed);
-            }
-        }
-        if !pending.is_empty()
-            && framer.at_boundary()
-            && !framer.continued
-            && write_pending(&mut client, &mut pending).await.is_err()
-        {
-            return "client closed";
-        }
-    }
-}
-
-async fn write_pending<W: AsyncWrite + Unpin>(
-    client: &mut W,
-    pending: &mut Vec<Vec<u8>>,
-) -> std::io::Result<()> {
-    for m in pending.drain(..) {
-        client.write_all(&m).await?;
-    }
-    client.flush().await
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt};
 
     fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -399,6 +602,247 @@ mod tests {
         assert_eq!(h, Some([5, 0, 0, 1]));
     }
 
+    fn ctx(pool: bool) -> Context<'static> {
+        Context {
+            route: "orders",
+            workload: "web",
+            user: "app",
+            pool,
+            kill: None,
+        }
+    }
+
+    fn never() -> std::future::Pending<ErrPacket> {
+        std::future::pending()
+    }
+
+    /// Reads one packet: (sequence id, payload).
+    async fn read_one(s: &mut tokio::io::DuplexStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        (head[3], body)
+    }
+
+    /// A stop (freeze) ends the session: the client waiting for a reply
+    /// gets the ERR as that reply, then EOF; nothing is handed back.
+    #[tokio::test]
+    async fn a_stop_ends_the_session_with_its_error() {
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stop = async {
+                let _ = rx.await;
+                ErrPacket::new(1927, "70100", "warden: workload \"web\" is frozen")
+            };
+            let (o, back) = relay(client, upstream, &ctx(true), stop).await;
+            (o, back.is_some())
+        });
+        // A whole reply, then a new command the server has not answered.
+        client_end.write_all(&packet(0, b"\x0e")).await.unwrap();
+        let mut got = vec![0u8; 5];
+        server_end.read_exact(&mut got).await.unwrap();
+        server_end
+            .write_all(&packet(1, b"\0\0\0\x02\0\0\0"))
+            .await
+            .unwrap();
+        assert_eq!(read_one(&mut client_end).await.0, 1);
+        client_end
+            .write_all(&packet(0, b"\x03SELECT SLEEP(10)"))
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 21];
+        server_end.read_exact(&mut got).await.unwrap();
+        tx.send(()).unwrap();
+        let (seq, body) = read_one(&mut client_end).await;
+        let err = ErrPacket::parse(&body).unwrap();
+        assert_eq!((seq, err.code, &err.sqlstate), (1, 1927, b"70100"));
+        assert!(err.message.contains("frozen"), "{}", err.message);
+        let mut rest = Vec::new();
+        client_end.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (o, back) = task.await.unwrap();
+        assert_eq!(o.how, "closed: workload frozen");
+        assert!(!back, "a frozen session's connection is not pooled");
+    }
+
+    /// The ERR's sequence id: the next of a reply in progress, 1 when the
+    /// reply is complete (it answers the client's next command).
+    #[tokio::test]
+    async fn a_stop_numbers_its_error_after_the_reply() {
+        for (reply, want) in [
+            // Column count, a column, EOF, a row, EOF: complete.
+            (
+                [
+                    packet(1, b"\x01"),
+                    packet(2, b"\x03def\0\0\0\x011\0\x0c?\0\x01\0\0\0\x08\x81\0\0\0\0"),
+                    packet(3, b"\xfe\0\0\x02\0"),
+                    packet(4, b"\x011"),
+                    packet(5, b"\xfe\0\0\x02\0"),
+                ]
+                .concat(),
+                1,
+            ),
+            // Only the column count so far: the ERR continues the reply.
+            (packet(1, b"\x01"), 2),
+            // An OK (first packet of the reply): complete.
+            (packet(1, b"\0\0\0\x02\0\0\0"), 1),
+        ] {
+            let (client, mut client_end) = duplex(1 << 20);
+            let (upstream, mut server_end) = duplex(1 << 20);
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let stop = async {
+                    let _ = rx.await;
+                    ErrPacket::new(1927, "70100", "frozen")
+                };
+                relay(client, upstream, &ctx(false), stop).await.0
+            });
+            let query = packet(0, b"\x03SELECT 1");
+            client_end.write_all(&query).await.unwrap();
+            let mut got = vec![0u8; query.len()];
+            server_end.read_exact(&mut got).await.unwrap();
+            server_end.write_all(&reply).await.unwrap();
+            let mut got = vec![0u8; reply.len()];
+            client_end.read_exact(&mut got).await.unwrap();
+            tx.send(()).unwrap();
+            let (seq, body) = read_one(&mut client_end).await;
+            assert_eq!((seq, body[0]), (want, 0xff), "{reply:?}");
+            task.await.unwrap();
+        }
+    }
+
+    /// Stopped inside a server packet: no ERR can be placed, the client's
+    /// connection just closes.
+    #[tokio::test]
+    async fn a_stop_inside_a_packet_closes() {
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stop = async {
+                let _ = rx.await;
+                ErrPacket::new(1927, "70100", "frozen")
+            };
+            relay(client, upstream, &ctx(false), stop).await.0
+        });
+        let reply = packet(1, &[5u8; 50]);
+        server_end.write_all(&reply[..20]).await.unwrap();
+        let mut got = vec![0u8; 20];
+        client_end.read_exact(&mut got).await.unwrap();
+        tx.send(()).unwrap();
+        let mut rest = Vec::new();
+        client_end.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(task.await.unwrap().how, "closed: workload frozen");
+    }
+
+    /// Feeds `stream` to a scanner in chunks of `step` bytes, as reads
+    /// would: what goes upstream, warden's answers, and the scanner.
+    fn scan_in_chunks(stream: &[u8], step: usize, pool: bool) -> (Vec<u8>, Vec<u8>, Scanned) {
+        let ctx = ctx(pool);
+        let (mut c, mut out, mut local) = (Commands::default(), Vec::new(), Vec::new());
+        let mut pending: Vec<u8> = Vec::new();
+        for chunk in stream.chunks(step) {
+            pending.extend_from_slice(chunk);
+            let (used, s) = c.scan(&pending, &mut out, &mut local, &ctx);
+            pending.drain(..used);
+            if s == Scanned::Quit {
+                return (out, local, s);
+            }
+        }
+        assert!(pending.is_empty(), "{pending:?}");
+        (out, local, Scanned::More)
+    }
+
+    #[test]
+    fn the_scanner_drops_change_user_at_any_split() {
+        let query = packet(0, b"\x03SELECT 1");
+        let change = packet(0, b"\x11root\0\0mysql\0");
+        let ping = packet(0, b"\x0e");
+        let empty = packet(0, b"");
+        let stream = [query.clone(), change, empty.clone(), ping.clone()].concat();
+        for step in 1..=stream.len() {
+            let (out, local, s) = scan_in_chunks(&stream, step, false);
+            assert_eq!(s, Scanned::More);
+            assert_eq!(
+                out,
+                [query.clone(), empty.clone(), ping.clone()].concat(),
+                "step {step}"
+            );
+            let len = u32::from_le_bytes([local[0], local[1], local[2], 0]) as usize;
+            assert_eq!(
+                (local.len(), local[3]),
+                (4 + len, 1),
+                "one ERR, step {step}"
+            );
+            let err = ErrPacket::parse(&local[4..]).unwrap();
+            assert_eq!(err.code, 1045);
+        }
+    }
+
+    /// A packet of 0xffffff bytes (as a client sends one: header, then
+    /// payload).
+    fn max_packet(seq: u8, first: u8) -> Vec<u8> {
+        let mut p = vec![0xff, 0xff, 0xff, seq];
+        p.resize(4 + MAX_PAYLOAD, 0);
+        p[4] = first;
+        p
+    }
+
+    /// A 16 MiB packet's continuation is data, not a command, whatever
+    /// its first byte.
+    #[test]
+    fn a_continuation_is_never_taken_for_a_command() {
+        // Even with sequence id 0 and a COM_CHANGE_USER byte first.
+        let stream = [max_packet(0, 0x03), packet(0, b"\x11tail")].concat();
+        for step in [7, 4096, 1 << 20] {
+            let (out, local, _) = scan_in_chunks(&stream, step, true);
+            assert_eq!(out.len(), stream.len(), "step {step}");
+            assert!(out == stream && local.is_empty());
+        }
+        // A COM_QUIT after it ends a pooled session; not one inside it.
+        let stream = [max_packet(0, 0x03), packet(0, b"\x01"), packet(0, b"\x01")].concat();
+        let (out, _, s) = scan_in_chunks(&stream, 1 << 16, true);
+        assert_eq!(s, Scanned::Quit);
+        assert_eq!(out.len(), 4 + MAX_PAYLOAD + 5);
+    }
+
+    /// warden's ERR waits for the end of a server packet the client is
+    /// halfway through.
+    #[tokio::test]
+    async fn warden_answers_between_server_packets_only() {
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let task =
+            tokio::spawn(async move { relay(client, upstream, &ctx(false), never()).await.0 });
+        let reply = packet(1, &[9u8; 300]);
+        server_end.write_all(&reply[..100]).await.unwrap();
+        let mut got = vec![0u8; 100];
+        client_end.read_exact(&mut got).await.unwrap();
+        client_end
+            .write_all(&packet(0, b"\x11root\0\0mysql\0"))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        server_end.write_all(&reply[100..]).await.unwrap();
+        let mut rest = vec![0u8; reply.len() - 100];
+        client_end.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest, reply[100..], "the server packet came whole first");
+        let mut head = [0u8; 4];
+        client_end.read_exact(&mut head).await.unwrap();
+        let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+        let mut body = vec![0u8; len];
+        client_end.read_exact(&mut body).await.unwrap();
+        assert_eq!(ErrPacket::parse(&body).unwrap().code, 1045);
+        drop(client_end);
+        let o = task.await.unwrap();
+        assert_eq!((o.down, o.change_user_refused), (reply.len() as u64, 1));
+    }
+
     #[tokio::test]
     async fn change_user_is_answered_locally_and_other_commands_pass() {
         let (client, mut client_end) = duplex(1 << 20);
@@ -411,7 +855,7 @@ mod tests {
                 pool: false,
                 kill: None,
             };
-            relay(client, upstream, &ctx).await.0
+            relay(client, upstream, &ctx, never()).await.0
         });
         // COM_QUERY passes; COM_CHANGE_USER does not; COM_RESET_CONNECTION passes.
         let query = packet(0, b"\x03SELECT 1");
@@ -462,7 +906,7 @@ mod tests {
                 pool: true,
                 kill: None,
             };
-            let (o, back) = relay(client, upstream, &ctx).await;
+            let (o, back) = relay(client, upstream, &ctx, never()).await;
             (o, back.map(|(_, r)| r))
         });
         let query = packet(0, b"\x03SELECT 1");
@@ -503,7 +947,7 @@ mod tests {
                 pool: true,
                 kill: None,
             };
-            relay(client, upstream, &ctx).await.1.is_some()
+            relay(client, upstream, &ctx, never()).await.1.is_some()
         });
         let query = packet(0, b"\x03SELECT 1");
         client_end.write_all(&query[..7]).await.unwrap();
