@@ -106,15 +106,19 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
     lab.start_nginx(&nginx)?;
     lab.start_warden()?;
     let warden_limit = nofile_limit(lab.warden_pid()?).unwrap_or(limit);
-    let fit = ((warden_limit - warden_limit / 16).saturating_sub(512) / 2) as usize;
-    let total = SESSIONS.min(fit);
-    let pg_sessions = MAX_PG_SESSIONS.min(total / 5);
+    // A PostgreSQL session holds two of warden's descriptors (client and
+    // upstream), an idle HTTP keep-alive client one (its upstream
+    // connection goes back to the route's idle set).
+    let budget = (warden_limit - warden_limit / 16).saturating_sub(512) as usize;
+    let pg_sessions = MAX_PG_SESSIONS.min(SESSIONS / 5).min(budget / 2);
+    let http_sessions = (SESSIONS - pg_sessions).min(budget - 2 * pg_sessions);
     println!(
-        "descriptor limits: hard {limit} here, warden {warden_limit}: {total} sessions fit \
-         (2 warden descriptors each), {pg_sessions} PostgreSQL + {} HTTP",
-        total - pg_sessions
+        "descriptor limits: hard {limit} here, warden {warden_limit}: {} sessions fit \
+         (2 warden descriptors per PostgreSQL session, 1 per idle HTTP client), \
+         {pg_sessions} PostgreSQL + {http_sessions} HTTP",
+        pg_sessions + http_sessions
     );
-    held_sessions(&lab, pg_sessions, total - pg_sessions)?;
+    held_sessions(&lab, pg_sessions, http_sessions)?;
     // The allocator keeps part 1's high-water mark; the soak starts afresh.
     lab.restart_warden()?;
     let verdict = soak(&mut lab, options, &out_dir)?;
