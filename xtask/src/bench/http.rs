@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::pg::median;
 use crate::{cmd, prereq};
 
 const CONNECTIONS: u32 = 32;
@@ -471,19 +472,6 @@ fn ratio(v: f64, base: f64) -> f64 {
         v / base
     } else {
         0.0
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::pg::median;
 use crate::{cmd, prereq};
 
 const CONCURRENCY: u32 = 16;
@@ -317,14 +318,6 @@ fn parse_sample(out: &str) -> Option<Sample> {
         p50_ms: field("p50_ms")?,
         p99_ms: field("p99_ms")?,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 #[cfg(test)]
