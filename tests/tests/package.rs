@@ -25,7 +25,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use warden_tests::have_root;
@@ -33,9 +32,30 @@ use warden_tests::have_root;
 const UNIT: &str = "/lib/systemd/system/warden.service";
 const CONFIG: &str = "/etc/warden/warden.toml";
 
-/// The tests here take turns: the first installs the package on the host,
-/// which the second's overlay would otherwise see change under it.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// The tests here take turns, also across processes (nextest runs each test
+/// in its own process, so an in-process lock does not serialise them): both
+/// build the same `.deb` with `cargo xtask package` (its packaging step runs
+/// outside cargo's build lock, so one could install a file the other is
+/// rewriting — seen as a truncated `/usr/bin/warden`), and the first installs
+/// the package on the host, which the second's overlay would see change
+/// under it. The returned file holds an exclusive `flock` until dropped.
+#[allow(clippy::incompatible_msrv)] // File::lock: stable since Rust 1.89
+fn one_at_a_time() -> std::fs::File {
+    let path = std::env::temp_dir().join("warden-tests-package.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    loop {
+        match file.lock() {
+            Ok(()) => return file,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("flock {}: {e}", path.display()),
+        }
+    }
+}
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
@@ -188,7 +208,7 @@ fn the_debian_package_installs_a_hardened_unit_keeps_edited_config_and_removes_c
     if !have_root() {
         return;
     }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = one_at_a_time();
     let deb = deb();
     let deb = deb.to_str().expect("utf-8 path");
     if installed_status().is_some() {
@@ -711,7 +731,7 @@ fn the_package_runs_under_a_real_systemd_as_the_readme_says() {
         println!("note: no {SYSTEMD} or no cgroup2 mount here; not booting systemd");
         return;
     }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = one_at_a_time();
     let deb = deb();
     let before = host_state();
     let mut c = Booted::boot();
