@@ -211,10 +211,7 @@ fn the_debian_package_installs_a_hardened_unit_keeps_edited_config_and_removes_c
     let _turn = one_at_a_time();
     let deb = deb();
     let deb = deb.to_str().expect("utf-8 path");
-    if installed_status().is_some() {
-        ok("dpkg", &["-P", "warden"]);
-    }
-    let had_state = Path::new("/var/lib/warden").exists();
+    let _host = HostPackage::take_over();
 
     // What is in it.
     let contents = ok("dpkg-deb", &["-c", deb]);
@@ -319,11 +316,56 @@ fn the_debian_package_installs_a_hardened_unit_keeps_edited_config_and_removes_c
     assert!(!Path::new(CONFIG).exists(), "purge removes the conffile");
     assert!(!user_exists("warden", "passwd"), "purge removes the user");
     assert!(!user_exists("warden", "group"), "purge removes the group");
-    // The state is kept on purge (it cannot be recreated); the test made
-    // it, so it removes it.
+    // The state is kept on purge (it cannot be recreated); `_host` removes
+    // it when the test ends.
     assert!(Path::new("/var/lib/warden/store.db").exists());
-    if !had_state {
-        let _ = std::fs::remove_dir_all("/var/lib/warden");
+}
+
+/// What this machine had of warden before the host-install test, put aside
+/// so the test starts from a machine without the package, and put back when
+/// the test ends, also when it fails: a state directory left by an earlier
+/// (killed) run, or a real one, must neither make `warden init` refuse nor
+/// be lost.
+struct HostPackage {
+    /// The state directory as it was, renamed out of the way.
+    stashed: Option<PathBuf>,
+}
+
+const STATE_DIR: &str = "/var/lib/warden";
+
+impl HostPackage {
+    fn take_over() -> HostPackage {
+        if installed_status().is_some() {
+            ok("dpkg", &["-P", "warden"]);
+        }
+        let stash = PathBuf::from(format!("{STATE_DIR}.before-package-test"));
+        let stashed = if Path::new(STATE_DIR).exists() {
+            // A stash from a run that died before putting it back wins: it
+            // is the older (the machine's own) one.
+            if stash.exists() {
+                std::fs::remove_dir_all(STATE_DIR).expect("remove a test's leftover state");
+            } else {
+                std::fs::rename(STATE_DIR, &stash).expect("put the state directory aside");
+            }
+            Some(stash)
+        } else {
+            stash.exists().then_some(stash)
+        };
+        HostPackage { stashed }
+    }
+}
+
+impl Drop for HostPackage {
+    fn drop(&mut self) {
+        if installed_status().is_some() {
+            let _ = run("dpkg", &["-P", "warden"]);
+        }
+        let _ = std::fs::remove_dir_all(STATE_DIR);
+        if let Some(stash) = &self.stashed {
+            if let Err(e) = std::fs::rename(stash, STATE_DIR) {
+                eprintln!("could not put {} back: {e}", stash.display());
+            }
+        }
     }
 }
 
