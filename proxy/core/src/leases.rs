@@ -50,6 +50,7 @@
 //! saying the holder has not done it yet (the request stays: the holder acts
 //! on it when it runs, and checks for requests every 10 s anyway).
 
+use crate::admission::Denial;
 use crate::audit::{Actor, Decision, Event, Target};
 use crate::authority::daemon_actor;
 use crate::config::{Dynamic, GrantMode};
@@ -57,6 +58,7 @@ use crate::credentials::CredentialCache;
 use crate::error::{Error, Result};
 use crate::journal::{Entry, Journal};
 use crate::metrics::Metrics;
+use crate::peer::Attested;
 use crate::pgwire::protocol::ErrorFields;
 use crate::pgwire::scram::{self, ScramKeyCache};
 use crate::pgwire::sql::{self, quote_ident, quote_literal, SqlError, SqlSession};
@@ -244,6 +246,76 @@ impl DynamicSpec {
             max_name: 63,
         })
     }
+}
+
+/// A session's lease on a route whose backend is not PostgreSQL (mysql,
+/// redis): the account it logs in as, and its password. The lease's session
+/// count drops when this does.
+pub struct Leased {
+    pub id: String,
+    pub user: String,
+    pub password: Zeroizing<Vec<u8>>,
+    leases: Arc<LeaseManager>,
+}
+
+impl Leased {
+    /// The pool key's label: per workload and lease (a newer lease of the
+    /// workload supersedes the older one's idle connections; other
+    /// workloads' stay), never the password.
+    pub fn label(&self, workload: &str) -> String {
+        format!("lease {workload} {}", self.id)
+    }
+
+    /// Whether the lease is still held (a revoked one's connection is not
+    /// pooled).
+    pub fn held(&self) -> bool {
+        self.leases.is_held(&self.id)
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        self.leases.release(&self.id);
+    }
+}
+
+/// A lease for `who` on the dynamic route `route` (a [`LeaseBackend`]
+/// route): the current one, or a new account. A failure is a
+/// [`Denial::NoLease`] (or [`Denial::Sealed`]), which the caller refuses in
+/// its protocol, counts and records.
+pub async fn lease_for_session(
+    leases: Option<&Arc<LeaseManager>>,
+    route: &str,
+    who: &Attested,
+) -> std::result::Result<Leased, Denial> {
+    let no_lease = |reason: String| Denial::NoLease {
+        route: route.to_string(),
+        workload: who.workload.clone(),
+        reason,
+    };
+    let Some(leases) = leases else {
+        return Err(no_lease(
+            "dynamic credentials are not running in this process".into(),
+        ));
+    };
+    // SCRAM keys are PostgreSQL's; these backends need none.
+    let scram = ScramKeyCache::with_capacity(1);
+    let ticket =
+        Box::pin(leases.acquire(route, &who.workload, crate::peer::actor(Some(who)), &scram))
+            .await
+            .map_err(|e| match e.kind {
+                crate::error::ErrorKind::Sealed => Denial::Sealed {
+                    route: route.to_string(),
+                    reason: e.message,
+                },
+                _ => no_lease(e.message),
+            })?;
+    Ok(Leased {
+        id: ticket.id.clone(),
+        user: ticket.role.clone(),
+        password: ticket.password.clone(),
+        leases: leases.clone(),
+    })
 }
 
 /// What a session needs to log in with a lease.

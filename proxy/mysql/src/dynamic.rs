@@ -35,14 +35,11 @@ use crate::MysqlRoute;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use warden_core::admission::Denial;
 use warden_core::config::{Config, RouteKind};
 use warden_core::error::{Error, Result};
 use warden_core::leases::{
-    AdminLogin, DynamicSpec, LeaseBackend, LeaseFuture, LeaseManager, LINK_FAILED, REFUSED,
+    AdminLogin, DynamicSpec, LeaseBackend, LeaseFuture, LINK_FAILED, REFUSED,
 };
-use warden_core::peer::Attested;
-use warden_core::pgwire::scram::ScramKeyCache;
 use warden_core::pgwire::upstream::UpstreamStream;
 use zeroize::Zeroizing;
 
@@ -499,79 +496,6 @@ impl LeaseBackend for MysqlLeases {
     ) -> LeaseFuture<'a> {
         Box::pin(self.drop_user(admin, row))
     }
-}
-
-/// A session's lease: the user it logs in as, and its password. The
-/// lease's session count drops when this does.
-pub struct Leased {
-    pub id: String,
-    pub user: String,
-    pub password: Zeroizing<Vec<u8>>,
-    leases: Arc<LeaseManager>,
-}
-
-impl Leased {
-    /// The pool key's label: per workload and lease (a newer lease of the
-    /// workload supersedes the older one's idle connections; other
-    /// workloads' stay), never the password.
-    pub fn label(&self, workload: &str) -> String {
-        format!("lease {workload} {}", self.id)
-    }
-
-    /// Whether the lease is still held (a revoked one's connection is not
-    /// pooled).
-    pub fn held(&self) -> bool {
-        self.leases.is_held(&self.id)
-    }
-}
-
-impl Drop for Leased {
-    fn drop(&mut self) {
-        self.leases.release(&self.id);
-    }
-}
-
-/// A lease for `who` on a dynamic `route`: the current one, or a new user.
-/// A failure is a [`Denial::NoLease`] (access denied toward the client,
-/// counted and recorded by the caller's refusal).
-pub async fn acquire(
-    leases: Option<&Arc<LeaseManager>>,
-    route: &MysqlRoute,
-    who: &Attested,
-) -> std::result::Result<Leased, Denial> {
-    let Some(leases) = leases else {
-        return Err(Denial::NoLease {
-            route: route.name.clone(),
-            workload: who.workload.clone(),
-            reason: "dynamic credentials are not running in this process".into(),
-        });
-    };
-    // SCRAM keys are PostgreSQL's; the MySQL backend needs none.
-    let scram = ScramKeyCache::with_capacity(1);
-    let ticket = Box::pin(leases.acquire(
-        &route.name,
-        &who.workload,
-        warden_core::peer::actor(Some(who)),
-        &scram,
-    ))
-    .await
-    .map_err(|e| match e.kind {
-        warden_core::error::ErrorKind::Sealed => Denial::Sealed {
-            route: route.name.clone(),
-            reason: e.message,
-        },
-        _ => Denial::NoLease {
-            route: route.name.clone(),
-            workload: who.workload.clone(),
-            reason: e.message,
-        },
-    })?;
-    Ok(Leased {
-        id: ticket.id.clone(),
-        user: ticket.role.clone(),
-        password: ticket.password.clone(),
-        leases: leases.clone(),
-    })
 }
 
 #[cfg(test)]

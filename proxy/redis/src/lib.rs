@@ -472,7 +472,7 @@ async fn session(
     // A dynamic route logs in as the workload's lease user.
     let admitted = match admitted {
         Ok((who, secret)) if route.dynamic => {
-            dynamic::acquire(shared.leases.as_ref(), &route, &who)
+            warden_core::leases::lease_for_session(shared.leases.as_ref(), &route.name, &who)
                 .await
                 .map(|l| (who, secret, Some(l)))
         }
