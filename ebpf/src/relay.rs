@@ -3,10 +3,15 @@
 //! `DIRECT_SOCKS`) moves what one far end sends straight into the other's
 //! receive queue, past warden and both loopback TCP hops.
 //!
-//! `warden_sock_ops` enters the far-end sockets when their connections are
-//! established (clients of relay listeners, upstream sockets accepted from
-//! warden for relay upstreams; `DIRECT_MEMBERS` records which are in).
-//! [`KernelRelay::splice`] pairs two of them for one session; the
+//! `warden_sock_ops` enters upstream sockets accepted from warden for relay
+//! upstreams when their connections are established (pooled, they serve
+//! many sessions). A client's socket is entered only when its session is
+//! handed over: [`KernelRelay::splice`] names it in `RELAY_JOIN` and runs
+//! `warden_join` (an `iter/tcp` program) once over the host's TCP sockets,
+//! so the many short sessions never pay for membership (a member's every
+//! send runs `warden_direct`, and leaving the map at close costs too).
+//! `DIRECT_MEMBERS` records which sockets are in. [`KernelRelay::splice`]
+//! then pairs the two for one session; the
 //! [`Spliced`] it returns reads the kernel's byte counts and unpairs them
 //! when dropped. Warden's own two sockets stay ordinary: they carry the
 //! connections' ends and whatever takes the TCP path — a send whose peer
@@ -19,13 +24,14 @@
 //! warden still holds.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::io::Read as _;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, MapData, SockHash};
-use aya::programs::SkMsg;
+use aya::programs::{Iter, SkMsg};
 use aya::Ebpf;
-use warden_ebpf_common::{DirectPeer, SockPair};
+use warden_ebpf_common::{DirectPeer, SockPair, MEMBER_RELAY};
 
 use crate::events::sock_key_of;
 
@@ -35,6 +41,101 @@ pub struct KernelRelay {
     _socks: SockHash<MapData, SockPair>,
     members: HashMap<MapData, SockPair, u8>,
     peers: Mutex<HashMap<MapData, SockPair, DirectPeer>>,
+    join: Mutex<Joiner>,
+}
+
+/// `warden_join`'s link and its request map: one run at a time.
+struct Joiner {
+    wanted: HashMap<MapData, SockPair, u8>,
+    link: OwnedFd,
+}
+
+/// The kernel whose TCP iterator runs programs under `lock_sock` (before
+/// 6.4 it held the socket's spinlock, which a sockhash update takes too).
+const JOIN_MIN_KERNEL: (u32, u32) = (6, 4);
+
+/// `bpf(2)`: commands and attach type used here.
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u32; 16]) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zeroed bpf_attr prefix large enough for both
+    // commands; the kernel reads `size_of_val(attr)` bytes of it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the kernel just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The running kernel's (major, minor), from `uname`.
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+impl Joiner {
+    fn load(ebpf: &mut Ebpf, wanted: HashMap<MapData, SockPair, u8>) -> Result<Joiner, String> {
+        let version = kernel_version().ok_or("the kernel version is unknown")?;
+        if version < JOIN_MIN_KERNEL {
+            return Err(format!(
+                "kernel {}.{} is older than {}.{} (its TCP iterator cannot enter sockets into a sockhash safely)",
+                version.0, version.1, JOIN_MIN_KERNEL.0, JOIN_MIN_KERNEL.1
+            ));
+        }
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        let program: &mut Iter = ebpf
+            .program_mut("warden_join")
+            .ok_or("program warden_join missing")?
+            .try_into()
+            .map_err(|e| format!("warden_join: {e}"))?;
+        program
+            .load("tcp", &btf)
+            .map_err(|e| format!("loading warden_join: {e}"))?;
+        let prog = program
+            .fd()
+            .map_err(|e| format!("warden_join: {e}"))?
+            .as_fd()
+            .as_raw_fd();
+        let mut attr = [0u32; 16];
+        attr[0] = prog as u32;
+        attr[2] = BPF_TRACE_ITER;
+        let link =
+            sys_bpf(BPF_LINK_CREATE, &mut attr).map_err(|e| format!("linking warden_join: {e}"))?;
+        Ok(Joiner { wanted, link })
+    }
+
+    /// Runs `warden_join` over the host's TCP sockets for `key`.
+    fn join(&mut self, key: &SockPair) -> io::Result<()> {
+        self.wanted
+            .insert(key, MEMBER_RELAY, 0)
+            .map_err(|e| map_error("RELAY_JOIN", e))?;
+        let run = (|| {
+            let mut attr = [0u32; 16];
+            attr[0] = self.link.as_raw_fd() as u32;
+            let iter = sys_bpf(BPF_ITER_CREATE, &mut attr)?;
+            // The program prints nothing: reading to the end runs it once
+            // over every socket.
+            let mut out = std::fs::File::from(iter);
+            let mut sink = [0u8; 64];
+            while out.read(&mut sink)? > 0 {}
+            Ok(())
+        })();
+        let _ = self.wanted.remove(key);
+        run
+    }
 }
 
 /// A client connection and an upstream connection relayed far end to far
@@ -98,6 +199,9 @@ impl KernelRelay {
             HashMap::try_from(take("DIRECT_PEERS")?).map_err(|e| format!("DIRECT_PEERS: {e}"))?;
         let members: HashMap<MapData, SockPair, u8> = HashMap::try_from(take("DIRECT_MEMBERS")?)
             .map_err(|e| format!("DIRECT_MEMBERS: {e}"))?;
+        let wanted: HashMap<MapData, SockPair, u8> =
+            HashMap::try_from(take("RELAY_JOIN")?).map_err(|e| format!("RELAY_JOIN: {e}"))?;
+        let join = Joiner::load(ebpf, wanted)?;
         let program: &mut SkMsg = ebpf
             .program_mut("warden_direct")
             .ok_or("program warden_direct missing")?
@@ -114,6 +218,7 @@ impl KernelRelay {
             _socks: socks,
             members,
             peers: Mutex::new(peers),
+            join: Mutex::new(join),
         })
     }
 
@@ -141,6 +246,19 @@ impl KernelRelay {
             || queued(upstream_side.as_fd()).map_err(failed)? > 0
         {
             return Err(SpliceError::Busy);
+        }
+        // The client's socket joins now (the client waits for an answer
+        // warden holds, so nothing is in flight on it).
+        if self.members.get(&client, 0).is_err() {
+            self.join
+                .lock()
+                .map_err(|_| failed(io::Error::other("poisoned")))?
+                .join(&client)
+                .map_err(|e| {
+                    failed(io::Error::other(format!(
+                        "entering the client's socket: {e}"
+                    )))
+                })?;
         }
         // A redirect to a socket not in the map would drop the bytes: both
         // far ends must be members (a sockhash cannot be read from here).
@@ -176,6 +294,14 @@ impl KernelRelay {
             return Err(SpliceError::Held(spliced));
         }
         Ok(spliced)
+    }
+}
+
+impl KernelRelay {
+    /// Sockets in the relay's map right now (walks `DIRECT_MEMBERS`:
+    /// diagnostics and tests, not the data path).
+    pub fn member_count(&self) -> usize {
+        self.members.keys().filter(Result::is_ok).count()
     }
 }
 

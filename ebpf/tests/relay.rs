@@ -74,9 +74,10 @@ fn lab() -> Lab {
     }
 }
 
-/// A [`lab`] whose two far ends the kernel entered in the relay's map when
-/// their connections were established, probed with a splice that is undone
-/// at once (no state is left: counters belong to the splice). On a loaded
+/// A [`lab`] whose two far ends are in the relay's map (the server's since
+/// its connection was established, the client's since the probe: a splice
+/// that is undone at once; no state is left, counters belong to the
+/// splice). On a loaded
 /// host a connection may miss its entry (warden then relays that session in
 /// user space, as it does any pair it cannot splice); the lab is built
 /// again then, up to five times.
@@ -165,9 +166,12 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     l.client.write_all(b"plain").unwrap();
     assert_eq!(read_exact(&l.w1, 5).await, b"plain");
 
-    // A closed far end leaves the membership map: no splice to it.
+    // A closed far end leaves the membership map (the state callback
+    // `warden_join` asked for): no splice to it, and no entry left over.
+    assert_eq!(l.relay.member_count(), 2, "the client's and the server's");
     drop(l.client);
     std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(l.relay.member_count(), 1, "the server's");
     let r = l.relay.splice(&l.w1, &l.w2);
     assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
 }

@@ -103,11 +103,15 @@ pub const HOP_WINDOW: u64 = 256 << 10;
 /// sockets connected to a warden listener and upstream sockets accepted
 /// for warden, on this host.
 pub const DIRECT_SOCKETS: u32 = 65_536;
+/// Capacity of `RELAY_JOIN` (far ends being entered into `DIRECT_SOCKS` at
+/// a hand-over; each entry lives for one iterator run).
+pub const RELAY_JOIN_ENTRIES: u32 = 1_024;
 /// Capacity of `WARDEN_UPSTREAM` (warden's own upstream connections).
 pub const WARDEN_UPSTREAM_ENTRIES: u32 = 65_536;
 
 /// `RELAY_ADDRS` flag: a listener whose clients may be relayed directly
-/// (spliced past warden by the kernel relay).
+/// (spliced past warden by the kernel relay; `warden_join` enters only
+/// their sockets).
 pub const RELAY_LISTENER: u8 = 1;
 /// `RELAY_ADDRS` flag: an upstream whose accepted sockets may be relayed
 /// directly.

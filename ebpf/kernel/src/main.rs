@@ -55,7 +55,7 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash}
 use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
     DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
-    DIRECT_SOCKETS, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
+    DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_EXEC_LOST, COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, EXEC_ENTRIES, EXEC_LOST_AT, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
@@ -122,6 +122,10 @@ static RELAY_ADDRS: HashMap<SockKey, u8> = HashMap::with_max_entries(WATCHED_ENT
 /// `TCP_CLOSE` (a hop end: as soon as its own side closes).
 #[map]
 static DIRECT_MEMBERS: HashMap<SockPair, u8> = HashMap::with_max_entries(DIRECT_SOCKETS, 0);
+/// Far ends user space asks `warden_join` to enter into `DIRECT_SOCKS`
+/// (a client's socket to a kernel-relay listener, at the hand-over).
+#[map]
+static RELAY_JOIN: HashMap<SockPair, u8> = HashMap::with_max_entries(RELAY_JOIN_ENTRIES, 0);
 /// tgid → CLOCK_BOOTTIME ns of its last exec since the monitor attached.
 #[map]
 static EXECS: HashMap<u32, u64> = HashMap::with_max_entries(EXEC_ENTRIES, BPF_F_NO_PREALLOC);
@@ -429,11 +433,11 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     let kind = destination_kind(&dest);
     if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         let member = if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            // A client's socket to a kernel-relay listener is not entered
+            // here: most sessions are short, and a member pays on every
+            // send and at close. `warden_join` enters it at the hand-over.
             let to = relay_kind(&dest);
-            if to & RELAY_LISTENER != 0 {
-                // A client's socket to a kernel-relay listener.
-                MEMBER_RELAY
-            } else if to & HOP_LISTENER != 0 || warden_upstream(&source) & HOP_UPSTREAM != 0 {
+            if to & HOP_LISTENER != 0 || warden_upstream(&source) & HOP_UPSTREAM != 0 {
                 // A client's socket to a hop listener, or warden's own
                 // socket to a hop upstream.
                 MEMBER_HOP
@@ -655,6 +659,141 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         unsafe { (*back).ahead = 0 };
     }
     DIRECT_SOCKS.redirect_msg(&ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// `bpf_iter__tcp`: the context of an `iter/tcp` program.
+#[repr(C)]
+struct IterTcp {
+    meta: *const core::ffi::c_void,
+    sk_common: *const u8,
+    uid: u32,
+}
+
+/// `struct sock_common` offsets (stable: the 4-tuple, family and state lead
+/// the struct; the IPv6 addresses follow two pointers).
+const SKC_DADDR: usize = 0;
+const SKC_RCV_SADDR: usize = 4;
+const SKC_DPORT: usize = 12;
+const SKC_NUM: usize = 14;
+const SKC_FAMILY: usize = 16;
+const SKC_STATE: usize = 18;
+const SKC_V6_DADDR: usize = 56;
+const SKC_V6_RCV_SADDR: usize = 72;
+/// `SOL_TCP`, and `TCP_BPF_SOCK_OPS_CB_FLAGS` for `bpf_setsockopt`.
+const SOL_TCP: i32 = 6;
+const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
+
+#[inline(always)]
+unsafe fn skc_u32(sk: *const u8, off: usize) -> u32 {
+    // SAFETY: the caller passes a non-null sock_common and an offset of a
+    // 4-byte field in it.
+    unsafe { core::ptr::read_volatile(sk.add(off).cast::<u32>()) }
+}
+
+#[inline(always)]
+unsafe fn skc_v6(sk: *const u8, off: usize) -> [u32; 4] {
+    // SAFETY: as for `skc_u32`, on an in6_addr field.
+    unsafe {
+        [
+            skc_u32(sk, off),
+            skc_u32(sk, off + 4),
+            skc_u32(sk, off + 8),
+            skc_u32(sk, off + 12),
+        ]
+    }
+}
+
+/// `iter/tcp`, run by user space on demand: enters the established sockets
+/// named in `RELAY_JOIN` (keyed as the socket sees its connection) whose
+/// remote end is a `RELAY_LISTENER` into
+/// `DIRECT_SOCKS` as `MEMBER_RELAY`, with state callbacks so the entry in
+/// `DIRECT_MEMBERS` leaves at `TCP_CLOSE`. The iterator holds the socket's
+/// lock (`lock_sock`, kernels ≥ 6.4) while the program runs.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn warden_join(ctx: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: the kernel passes a bpf_iter__tcp; sk_common may be null.
+    let sk = unsafe { core::ptr::read_volatile(&(*ctx.cast::<IterTcp>()).sk_common) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null sock_common, fields at their offsets.
+    let (family, state) = unsafe {
+        (
+            core::ptr::read_volatile(sk.add(SKC_FAMILY).cast::<u16>()) as u32,
+            core::ptr::read_volatile(sk.add(SKC_STATE)) as u32,
+        )
+    };
+    if state != TCP_ESTABLISHED {
+        return 0;
+    }
+    // SAFETY: as above.
+    let (remote, local) = unsafe {
+        if family == AF_INET {
+            (
+                addr_from_v4(skc_u32(sk, SKC_DADDR)),
+                addr_from_v4(skc_u32(sk, SKC_RCV_SADDR)),
+            )
+        } else if family == AF_INET6 {
+            (
+                addr_from_v6(skc_v6(sk, SKC_V6_DADDR)),
+                addr_from_v6(skc_v6(sk, SKC_V6_RCV_SADDR)),
+            )
+        } else {
+            return 0;
+        }
+    };
+    // SAFETY: as above; skc_dport is in network order, skc_num in host order.
+    let (dport_be, num) = unsafe {
+        (
+            core::ptr::read_volatile(sk.add(SKC_DPORT).cast::<u16>()),
+            core::ptr::read_volatile(sk.add(SKC_NUM).cast::<u16>()),
+        )
+    };
+    let mut key = SockPair {
+        local: SockKey {
+            addr: local,
+            port_be: num.to_be(),
+            _pad: [0; 2],
+        },
+        remote: SockKey {
+            addr: remote,
+            port_be: dport_be,
+            _pad: [0; 2],
+        },
+    };
+    // SAFETY: a plain u8 value written by user space.
+    if unsafe { RELAY_JOIN.get(&key) }.is_none() {
+        return 0;
+    }
+    // Only a client of a kernel-relay listener, whatever user space asks.
+    if relay_kind(&key.remote) & RELAY_LISTENER == 0 {
+        return 0;
+    }
+    // SAFETY: the map pointer is DIRECT_SOCKS's definition; the value of a
+    // sockhash update from an iterator is the socket itself.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_map_update_elem(
+            (&DIRECT_SOCKS as *const SockHash<SockPair>).cast_mut().cast(),
+            (&mut key as *mut SockPair).cast(),
+            sk.cast(),
+            0,
+        )
+    };
+    if rc == 0 && DIRECT_MEMBERS.insert(&key, &MEMBER_RELAY, 0).is_ok() {
+        let mut flags: i32 = STATE_CB_FLAG;
+        // SAFETY: a full TCP socket (established), an int option.
+        let _ = unsafe {
+            aya_ebpf::helpers::generated::bpf_setsockopt(
+                sk.cast_mut().cast(),
+                SOL_TCP,
+                TCP_BPF_SOCK_OPS_CB_FLAGS,
+                (&mut flags as *mut i32).cast(),
+                4,
+            )
+        };
+    }
+    0
 }
 
 /// A process replaced its program: remember when (see the module docs).
