@@ -14,10 +14,10 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use warden_ebpf_common::{
-    FrozenEntry, ProcessInfo, SockKey, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED,
-    COUNTER_DENIED, COUNTER_EMITTED, COUNTER_HOPS, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM,
-    EXEC_LOST_AT, HOP_LISTENER, HOP_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF,
-    RELAY_LISTENER, RELAY_UPSTREAM,
+    FrozenEntry, ProcessInfo, SockKey, CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE,
+    CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED, COUNTER_HOPS,
+    COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM, EXEC_LOST_AT, HOP_LISTENER, HOP_UPSTREAM,
+    PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER, RELAY_UPSTREAM,
 };
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
@@ -260,6 +260,16 @@ impl Monitor {
         .map_err(map_err("CONFIG"))?;
         config
             .set(CONFIG_WARDEN_TGID, u64::from(cfg.warden_tgid), 0)
+            .map_err(map_err("CONFIG"))?;
+        // pids as this process's PID namespace sees them (a daemon in a
+        // container): the ones its /proc shows, and its own tgid above.
+        let (ns_dev, ns_ino) = own_pid_namespace()
+            .map_err(|e| MonitorError::Other(format!("reading /proc/self/ns/pid: {e}")))?;
+        config
+            .set(CONFIG_PIDNS_DEV, ns_dev, 0)
+            .map_err(map_err("CONFIG"))?;
+        config
+            .set(CONFIG_PIDNS_INO, ns_ino, 0)
             .map_err(map_err("CONFIG"))?;
         let mode = match cfg.protect {
             ProtectMode::Off => PROTECT_OFF,
@@ -634,4 +644,14 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File) -> Result<FdLink, Moni
         let link = prog.take_link(id).map_err(attach_err)?;
         FdLink::try_from(link).map_err(|e| MonitorError::Other(format!("{name}: {e}")))
     }
+}
+
+/// The device (kernel `MKDEV` encoding, as `bpf_get_ns_current_pid_tgid`
+/// compares it) and inode of this process's PID namespace.
+fn own_pid_namespace() -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/self/ns/pid")?;
+    let dev = m.dev();
+    let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
+    Ok(((major << 20) | minor, m.ino()))
 }

@@ -9,7 +9,6 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use warden_tests::cgroup::Cgroup;
@@ -34,15 +33,35 @@ const PASSWORD: &str = "pw-CANARY-7d1e55a0-leastpriv";
 /// package's tmpfiles.d makes it the `warden` user's, and given back to root
 /// when the guard drops (after the daemon has removed its pins). Root
 /// daemons of other tests are unaffected (root passes any permission check).
-static PIN_ROOT: Mutex<()> = Mutex::new(());
-
-struct PinRootLoan<'a> {
-    _lock: std::sync::MutexGuard<'a, ()>,
+/// Its owner is held with an exclusive `flock`, not an in-process mutex:
+/// nextest runs each test in its own process (a test that needs the
+/// directory root's while another lent it out would start a daemon that
+/// should have been refused).
+struct PinRootLoan {
+    _lock: std::fs::File,
 }
 
-impl PinRootLoan<'_> {
-    fn to_test_uid() -> PinRootLoan<'static> {
-        let lock = PIN_ROOT.lock().unwrap_or_else(|e| e.into_inner());
+#[allow(clippy::incompatible_msrv)] // File::lock: stable since Rust 1.89
+fn pin_root_lock() -> std::fs::File {
+    let path = std::env::temp_dir().join("warden-tests-pin-root.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    loop {
+        match file.lock() {
+            Ok(()) => return file,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("flock {}: {e}", path.display()),
+        }
+    }
+}
+
+impl PinRootLoan {
+    fn to_test_uid() -> PinRootLoan {
+        let lock = pin_root_lock();
         std::fs::create_dir_all("/sys/fs/bpf/warden").expect("create /sys/fs/bpf/warden");
         chown_one("/sys/fs/bpf/warden", UID);
         PinRootLoan { _lock: lock }
@@ -50,11 +69,11 @@ impl PinRootLoan<'_> {
 }
 
 /// Holds the pin root as root's while a test needs it so.
-fn pin_root_kept_roots() -> std::sync::MutexGuard<'static, ()> {
-    PIN_ROOT.lock().unwrap_or_else(|e| e.into_inner())
+fn pin_root_kept_roots() -> std::fs::File {
+    pin_root_lock()
 }
 
-impl Drop for PinRootLoan<'_> {
+impl Drop for PinRootLoan {
     fn drop(&mut self) {
         chown_one("/sys/fs/bpf/warden", 0);
     }
@@ -124,6 +143,23 @@ connect_timeout = "5s"
 
 /// `warden up` as the test uid with `caps` (setpriv names) as inheritable
 /// and ambient capabilities, the soft descriptor limit lowered to 1024.
+/// A start that must be refused, bounded: a daemon that starts after all
+/// is killed after a minute (the test then fails on its exit status
+/// instead of waiting forever).
+fn refused_start(warden: &Instance, caps: &[&str]) -> std::process::Output {
+    let inner = up_as_test_uid(warden, caps);
+    let mut c = Command::new("timeout");
+    c.args(["-k", "5", "60"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c.output().expect("timeout setpriv")
+}
+
 fn up_as_test_uid(warden: &Instance, caps: &[&str]) -> Command {
     let list: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
     let list = list.join(",");
@@ -348,7 +384,7 @@ fn each_missing_capability_stops_the_start_with_its_name() {
         ("net_admin", "CAP_NET_ADMIN"),
     ] {
         let caps: Vec<&str> = CAPS.iter().copied().filter(|c| *c != missing).collect();
-        let out = up_as_test_uid(&warden, &caps).output().expect("setpriv");
+        let out = refused_start(&warden, &caps);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(
@@ -362,7 +398,7 @@ fn each_missing_capability_stops_the_start_with_its_name() {
     // A pin directory the daemon's user may not write to.
     {
         let _root_owned = pin_root_kept_roots();
-        let out = up_as_test_uid(&warden, &CAPS).output().expect("setpriv");
+        let out = refused_start(&warden, &CAPS);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(
@@ -374,7 +410,7 @@ fn each_missing_capability_stops_the_start_with_its_name() {
 
     // A listener below 1024 without CAP_NET_BIND_SERVICE.
     let low = instance("[monitor]\nebpf = \"off\"", free_port(), 999);
-    let out = up_as_test_uid(&low, &CAPS).output().expect("setpriv");
+    let out = refused_start(&low, &CAPS);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

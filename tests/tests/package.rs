@@ -16,9 +16,10 @@
 //! maintainer scripts' systemd side) and a poweroff. Everything the package
 //! writes (user, files, dpkg database) lands in the overlay's tmpfs, so
 //! nothing of it reaches the host; the sub-cgroup is removed afterwards, also
-//! when the test fails. In the container the eBPF monitor reports warden's
-//! own upstream connections as bypasses (a PID-namespace limitation, see
-//! docs/operations.md); the test does not look at those events.
+//! when the test fails. warden runs in the container's PID namespace there:
+//! the route's client is attributed by the eBPF programs (which name
+//! processes as warden's namespace sees them) and warden's own upstream
+//! connection is not reported as a bypass.
 //!
 //! The package is `$WARDEN_DEB` when set, else built by `cargo xtask package`
 //! (a release build: slow the first time, quick when it is up to date).
@@ -970,7 +971,14 @@ allow = ["psql"]
             ));
             std::fs::write(c.path(CONFIG), config).expect("config");
             c.ok(&["systemctl", "restart", "warden"]);
+            // As a unit of the container's systemd: in its cgroup, where
+            // the kernel programs are attached (an `nsenter`ed process
+            // stays in the host's).
             let user = c.ok(&[
+                "systemd-run",
+                "--quiet",
+                "--pipe",
+                "--wait",
                 "psql",
                 "-XAt",
                 "-d",
@@ -979,6 +987,34 @@ allow = ["psql"]
                 "select current_user",
             ]);
             assert_eq!(user.trim(), "app", "{}", journal());
+            // warden runs in the container's PID namespace: the kernel
+            // programs name processes as it sees them, so psql was
+            // attributed from the eBPF map, and warden's own connection to
+            // the protected upstream is not a bypass.
+            let metrics = c.ok(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:9477/metrics",
+            ]);
+            let sample = |name: &str| -> f64 {
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{name} in:\n{metrics}"))
+            };
+            assert!(
+                sample("warden_monitor_attributions_total{source=\"ebpf\"}") >= 1.0,
+                "{metrics}"
+            );
+            assert_eq!(
+                sample("warden_monitor_bypass_attempts_total "),
+                0.0,
+                "{metrics}"
+            );
             let log = c.journal(&["-u", "warden", "-n", "500"]);
             assert!(!log.contains(&password), "the password in the journal");
         }

@@ -38,8 +38,16 @@ pub const DEST_UPSTREAM: u8 = 2;
 pub const CONFIG_WARDEN_TGID: u32 = 0;
 /// `CONFIG` array index: protect mode (`PROTECT_*`).
 pub const CONFIG_PROTECT_MODE: u32 = 1;
+/// `CONFIG` array indexes: the device (kernel encoding, `MKDEV`) and inode
+/// of the daemon's PID namespace (`/proc/self/ns/pid`). When set, every pid
+/// and tgid the programs record or compare is the one seen in that
+/// namespace (0: a process outside it, which the daemon cannot see), so a
+/// daemon in a container names processes as its `/proc` does; 0 and 0: the
+/// kernel's own (initial namespace) ids.
+pub const CONFIG_PIDNS_DEV: u32 = 2;
+pub const CONFIG_PIDNS_INO: u32 = 3;
 /// Number of `CONFIG` slots.
-pub const CONFIG_LEN: u32 = 2;
+pub const CONFIG_LEN: u32 = 4;
 
 /// `protect_upstreams = "off"`: no bypass detection.
 pub const PROTECT_OFF: u64 = 0;

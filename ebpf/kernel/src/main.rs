@@ -36,6 +36,10 @@
 //!   recorded sets `EXEC_LOST[EXEC_LOST_AT]`, and every connection opened
 //!   before that moment is refused as well (fail closed).
 //!
+//! Every pid and tgid recorded or compared is the one the daemon's PID
+//! namespace sees (`CONFIG_PIDNS_*`, `current_ids`); a process outside it
+//! is tgid 0 and gets no attribution entry and no exec record.
+//!
 //! Events go to a ring buffer submitted without waking the consumer unless a
 //! quarter of the ring is unread; the consumer drains on a short timer. Events
 //! that do not fit are counted in `COUNTERS[COUNTER_LOST]`.
@@ -44,8 +48,10 @@
 
 use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::bindings::sk_action::SK_PASS;
+use aya_ebpf::bindings::bpf_pidns_info;
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
+    bpf_ktime_get_boot_ns,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_NOEXIST};
@@ -57,7 +63,7 @@ use warden_ebpf_common::{
     DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
     DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
-    CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
+    CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_EXEC_LOST, COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, EXEC_ENTRIES, EXEC_LOST_AT, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
     EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES, DIRECT_WINDOW,
     RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED, VERDICT_BYPASS_DENIED,
@@ -150,13 +156,39 @@ fn config(index: u32) -> u64 {
     CONFIG.get(index).copied().unwrap_or(0)
 }
 
+/// The current task's (pid, tgid) as the daemon's PID namespace sees them
+/// (`CONFIG_PIDNS_*`), or the kernel's own when that is not configured;
+/// (0, 0) for a task outside that namespace.
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let ino = config(CONFIG_PIDNS_INO);
+    if ino == 0 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        return (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    }
+    let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `ns` is a valid bpf_pidns_info of the size passed.
+    let rc = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            config(CONFIG_PIDNS_DEV),
+            ino,
+            &mut ns,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    if rc != 0 {
+        return (0, 0);
+    }
+    (ns.pid, ns.tgid)
+}
+
 #[inline(always)]
 fn current_process() -> ProcessInfo {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tgid) = current_ids();
     let uid_gid = bpf_get_current_uid_gid();
     ProcessInfo {
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
+        pid,
+        tgid,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         // SAFETY: helper without pointer arguments.
@@ -479,7 +511,7 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         // warden's own connection to a relayed or hop upstream: its
         // accepted end (on this host) may join the direct relay or the hop.
         let flags = relay_kind(&dest) & (RELAY_UPSTREAM | HOP_UPSTREAM);
-        if flags != 0 && (bpf_get_current_pid_tgid() >> 32) as u64 == config(CONFIG_WARDEN_TGID) {
+        if flags != 0 && u64::from(current_ids().1) == config(CONFIG_WARDEN_TGID) {
             let _ = WARDEN_UPSTREAM.insert(&source, &flags, 0);
         }
         return 1;
@@ -488,7 +520,9 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let process = current_process();
-    if ATTRIBUTION.insert(&source, &process, 0).is_ok() {
+    // A process outside the daemon's PID namespace (tgid 0) gets no entry:
+    // the daemon could not look at it, so its connection is refused.
+    if process.tgid != 0 && ATTRIBUTION.insert(&source, &process, 0).is_ok() {
         count(COUNTER_ATTRIBUTED);
     }
     emit(Event {
@@ -799,7 +833,11 @@ pub fn warden_join(ctx: *mut core::ffi::c_void) -> i32 {
 /// A process replaced its program: remember when (see the module docs).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn warden_exec(_ctx: RawTracePointContext) -> i32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = current_ids().1;
+    if tgid == 0 {
+        // Outside the daemon's PID namespace: never attributed.
+        return 0;
+    }
     // SAFETY: helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if EXECS.insert(&tgid, &now, 0).is_err() {
@@ -816,9 +854,8 @@ pub fn warden_exec(_ctx: RawTracePointContext) -> i32 {
 /// The thread-group leader exited: its pid may be reused, drop its record.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn warden_exit(_ctx: RawTracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if pid_tgid as u32 == tgid {
+    let (pid, tgid) = current_ids();
+    if tgid != 0 && pid == tgid {
         let _ = EXECS.remove(&tgid);
     }
     0
