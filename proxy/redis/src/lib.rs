@@ -30,7 +30,7 @@
 //! route's `user`/`secret` are then only the administrative login.
 //!
 //! With `kernel_relay` (on by default) a long session that qualifies
-//! ([`kernel_eligible`]) is handed to the eBPF kernel relay after
+//! (`kernel_eligible`) is handed to the eBPF kernel relay after
 //! [`relay::HANDOVER_AFTER`] answered commands, at a quiet moment (see
 //! [`relay`]); `warden_core::kernel_relay` watches it from then on. A
 //! freeze of the workload ends any open session.

@@ -29,7 +29,7 @@
 //! (it is parked reading the client), no MULTI is open, and replies are in
 //! step. That last reply is still held: a client that waits for it cannot
 //! send, so the hook can splice the sockets with the client side silent.
-//! The halves share [`Quiet`] for this: the command half publishes whether
+//! The halves share `Quiet` for this: the command half publishes whether
 //! it is idle, and stops reading the client once the session is spliced.
 //! Both halves run in one task, so nothing the command half does can come
 //! between the reply half's check and its hook. If the hook splices, the
