@@ -248,16 +248,17 @@ async fn the_outcome_says_whether_the_client_left_at_a_command_boundary() {
 }
 
 /// A relay to the fake upstream whose hand-over hook answers from
-/// `answers` in turn (then `Later`) and counts its offers.
+/// `answers` in turn (then `Later`) and counts its offers; the task gives
+/// back warden's client side with the outcome.
 fn start_offering(
     answers: Vec<Handed>,
 ) -> (
     DuplexStream,
     std::sync::Arc<std::sync::atomic::AtomicU64>,
-    tokio::task::JoinHandle<Outcome>,
+    tokio::task::JoinHandle<(Outcome, DuplexStream)>,
 ) {
     use std::sync::atomic::Ordering;
-    let (client, warden_client) = duplex(1 << 20);
+    let (client, mut warden_client) = duplex(1 << 20);
     let (warden_up, upstream) = duplex(1 << 20);
     let (tx, _seen) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -275,11 +276,12 @@ fn start_offering(
             user: "",
             password: b"s3cret",
         };
-        let mut hook = |_: &DuplexStream, _: &DuplexStream| {
+        let mut hook = |_: &&mut DuplexStream, _: &DuplexStream| {
             let i = counted.fetch_add(1, Ordering::SeqCst) as usize;
             answers.get(i).copied().unwrap_or(Handed::Later)
         };
-        relay_with(warden_client, warden_up, &ctx, Some(&mut hook)).await
+        let o = relay_with(&mut warden_client, warden_up, &ctx, Some(&mut hook)).await;
+        (o, warden_client)
     });
     (client, offers, task)
 }
@@ -318,12 +320,18 @@ async fn handover_is_offered_at_quiet_moments_after_enough_commands() {
     while offers_now(&offers) < 2 {
         round_trip(&mut c, "GET k").await;
     }
-    let o = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+    // Spliced: what the client sends next is left unread on warden's
+    // socket (the kernel relay's TCP path forwards it).
+    c.write_all(b"GET next\r\n").await.unwrap();
+    let (o, mut warden_client) = tokio::time::timeout(std::time::Duration::from_secs(5), task)
         .await
         .unwrap()
         .unwrap();
     assert!(o.spliced && !o.at_boundary && o.how == SPLICED, "{o:?}");
     assert_eq!(offers_now(&offers), 2);
+    let mut next = [0u8; 10];
+    warden_client.read_exact(&mut next).await.unwrap();
+    assert_eq!(&next, b"GET next\r\n");
 }
 
 #[tokio::test]
@@ -352,7 +360,7 @@ async fn sessions_that_leave_resp2_request_reply_are_never_offered() {
         }
         assert_eq!(offers_now(&offers), 0, "{first}");
         drop(c);
-        let o = task.await.unwrap();
+        let (o, _) = task.await.unwrap();
         assert!(!o.spliced, "{first}: {o:?}");
     }
 }
