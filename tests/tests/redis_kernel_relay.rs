@@ -31,7 +31,7 @@ struct Setup {
 }
 
 /// `extra` goes after the workload `me` (more workloads); `allow` is the
-/// `cache` route's allow list.
+/// allow list of routes `cache` and `cache-off`.
 fn setup(extra: &str, allow: &str) -> Setup {
     let server = RedisServer::start(DEFAULT_PW, APP_PW);
     let [cache, deny, off] = [free_port(), free_port(), free_port()];
@@ -72,7 +72,7 @@ upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ secret = "cache/default" }}
 kernel_relay = false
-allow = ["me"]
+allow = [{allow}]
 
 [monitor]
 ebpf = "required"
@@ -250,8 +250,9 @@ fn routes_with_a_command_list_or_kernel_relay_false_stay_in_user_space() {
     );
 }
 
+/// A spliced session (route `cache`) and one in user space (`cache-off`).
 #[test]
-fn a_freeze_ends_a_spliced_session() {
+fn a_freeze_ends_a_spliced_session_and_one_in_user_space() {
     if !have_root() {
         return;
     }
@@ -266,17 +267,21 @@ fn a_freeze_ends_a_spliced_session() {
     let script = format!(
         r#"
 import socket, sys
-s = socket.create_connection(("127.0.0.1", {port}))
-f = s.makefile("rb")
-for i in range(40):
-    s.sendall(b"*1\r\n$4\r\nPING\r\n")
-    assert f.readline() == b"+PONG\r\n"
+conns = []
+for port in ({spliced}, {user_space}):
+    s = socket.create_connection(("127.0.0.1", port))
+    f = s.makefile("rb")
+    for i in range(40):
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert f.readline() == b"+PONG\r\n"
+    conns.append((s, f))
 print("warm", flush=True)
 sys.stdin.readline()
-rest = f.read()
-print(rest.decode(errors="replace"), flush=True)
+for s, f in conns:
+    print(f.read().decode(errors="replace").strip(), flush=True)
 "#,
-        port = s.cache
+        spliced = s.cache,
+        user_space = s.off,
     );
     let path = s.warden.dir.path().join("client.py");
     std::fs::write(&path, script).unwrap();
@@ -303,14 +308,22 @@ print(rest.decode(errors="replace"), flush=True)
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     let status = client.wait().unwrap();
     assert!(status.success(), "{rest}");
-    assert!(
-        rest.contains("-NOPERM") && rest.contains("frozen"),
-        "{rest}"
-    );
-    wait_for("the frozen session's record", || {
+    // One line per connection, each the freeze's error (then EOF).
+    let lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(lines.len(), 2, "{rest}");
+    for line in lines {
+        assert!(
+            line.starts_with("-NOPERM") && line.contains("frozen"),
+            "{rest}"
+        );
+    }
+    wait_for("the frozen sessions' records", || {
         session_ends(&s.warden, "cache")
             .iter()
             .any(|e| e.contains("closed: workload frozen (kernel relay)"))
+            && session_ends(&s.warden, "cache-off")
+                .iter()
+                .any(|e| e.contains("closed: workload frozen\""))
     });
     s.warden.run(&["unfreeze", "kr"]).ok();
 }
