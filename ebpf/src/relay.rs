@@ -1,5 +1,5 @@
-//! The kernel relay for PostgreSQL sessions whose client and upstream are
-//! both on this host: `warden_direct` (an `sk_msg` program on
+//! The kernel relay for PostgreSQL and Redis sessions whose client and
+//! upstream are both on this host: `warden_direct` (an `sk_msg` program on
 //! `DIRECT_SOCKS`) moves what one far end sends straight into the other's
 //! receive queue, past warden and both loopback TCP hops.
 //!
@@ -19,7 +19,8 @@
 //! of its receiver's next send (the relay's flow control: a receive queue
 //! filled this way has no limit of its own) — which user space forwards.
 //!
-//! The caller provides a quiet moment (see `proxy/src/pg/relay.rs`): both
+//! The caller provides a quiet moment (see `proxy/postgres/src/relay.rs`
+//! and `proxy/redis/src/relay.rs`): both
 //! of warden's receive queues empty and the client waiting for an answer
 //! warden still holds.
 
@@ -246,6 +247,13 @@ impl KernelRelay {
             || queued(upstream_side.as_fd()).map_err(failed)? > 0
         {
             return Err(SpliceError::Busy);
+        }
+        // An upstream elsewhere (or not a relay route's) was never entered:
+        // known before the client's join walks the host's sockets.
+        if self.members.get(&upstream, 0).is_err() {
+            return Err(failed(io::Error::other(
+                "the upstream's far end is not in the relay's map (not on this host, or not a relay route's)",
+            )));
         }
         // The client's socket joins now (the client waits for an answer
         // warden holds, so nothing is in flight on it).

@@ -384,28 +384,31 @@ impl AccessMonitor {
             ProtectMode::Observe => warden_ebpf::ProtectMode::Observe,
             ProtectMode::Enforce => warden_ebpf::ProtectMode::Enforce,
         };
-        // The addresses of routes of `kind` with kernel_relay on: for
-        // postgres the kernel relay's far ends (clients' and upstreams'
-        // sockets), for http the local hops joined in the kernel (client ↔
-        // warden, warden ↔ an upstream on this host).
-        let with_kernel = |addrs: &[(SocketAddr, String)], kind: RouteKind| -> Vec<SocketAddr> {
+        // The addresses of routes of these kinds with kernel_relay on: for
+        // postgres and redis the kernel relay's far ends (clients' and
+        // upstreams' sockets), for http the local hops joined in the kernel
+        // (client ↔ warden, warden ↔ an upstream on this host).
+        let with_kernel = |addrs: &[(SocketAddr, String)],
+                           kinds: &[RouteKind]|
+         -> Vec<SocketAddr> {
             addrs
                 .iter()
                 .filter(|(_, name)| {
                     cfg.routes.iter().any(|r| {
-                        r.name == *name && r.kind == kind && r.kernel_relay.unwrap_or(true)
+                        r.name == *name && kinds.contains(&r.kind) && r.kernel_relay.unwrap_or(true)
                     })
                 })
                 .map(|(a, _)| *a)
                 .collect()
         };
+        let relay_kinds = [RouteKind::Postgres, RouteKind::Redis];
         let monitor_cfg = MonitorConfig {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),
             upstreams: upstreams.iter().map(|(a, _)| *a).collect(),
-            relay_listeners: with_kernel(&listeners, RouteKind::Postgres),
-            relay_upstreams: with_kernel(&upstreams, RouteKind::Postgres),
-            hop_listeners: with_kernel(&listeners, RouteKind::Http),
-            hop_upstreams: with_kernel(&upstreams, RouteKind::Http),
+            relay_listeners: with_kernel(&listeners, &relay_kinds),
+            relay_upstreams: with_kernel(&upstreams, &relay_kinds),
+            hop_listeners: with_kernel(&listeners, &[RouteKind::Http]),
+            hop_upstreams: with_kernel(&upstreams, &[RouteKind::Http]),
             protect,
             warden_tgid: std::process::id(),
             pin_dir: Some(pin_dir_for(data_dir)),
@@ -496,13 +499,14 @@ impl AccessMonitor {
         self.monitor.as_ref()
     }
 
-    /// The kernel relay for long PostgreSQL sessions, if the monitor loaded
-    /// it (a kernel that refuses it leaves a warning and user-space relays).
+    /// The kernel relay for long PostgreSQL and Redis sessions, if the
+    /// monitor loaded it (a kernel that refuses it leaves a warning and
+    /// user-space relays).
     pub fn kernel_relay(&self) -> Option<Arc<warden_ebpf::KernelRelay>> {
         match self.monitor.as_ref()?.relay() {
             Ok(r) => Some(r.clone()),
             Err(why) => {
-                tracing::warn!("eBPF kernel relay unavailable ({why}); PostgreSQL sessions are relayed in user space");
+                tracing::warn!("eBPF kernel relay unavailable ({why}); PostgreSQL and Redis sessions are relayed in user space");
                 None
             }
         }

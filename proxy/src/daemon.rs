@@ -373,6 +373,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
             metrics.clone(),
         ));
+        // Asked once: an unavailable relay is logged once.
+        let kernel_relay = access.kernel_relay();
         let pg_routes: Vec<_> = pg_listeners.iter().map(|b| b.route.clone()).collect();
         let pg_shared = Arc::new(pg::PgShared::new(
             admission.clone(),
@@ -381,7 +383,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             metrics.clone(),
             pg::SessionServices {
                 leases: leases.clone(),
-                kernel_relay: access.kernel_relay(),
+                kernel_relay: kernel_relay.clone(),
             },
         )?);
         let credentials_task = tokio::spawn(maintain_credentials(
@@ -424,7 +426,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             &redis_routes,
             identity.clone(),
         )?
-        .with_leases(leases.clone()));
+        .with_leases(leases.clone())
+        .with_kernel_relay(kernel_relay));
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));

@@ -37,6 +37,7 @@ pub mod fleet_views;
 pub mod freeze;
 pub mod init;
 pub mod journal;
+pub mod kernel_relay;
 pub mod leases;
 pub mod listen;
 pub mod listener_tls;

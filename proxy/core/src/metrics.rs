@@ -68,6 +68,7 @@ struct Inner {
     pool_events: IntCounterVec,
     pool_idle: IntGaugeVec,
     kernel_relay: IntCounterVec,
+    redis_kernel_relay: IntCounterVec,
     // Secrets.
     secrets: IntGauge,
     secret_versions: IntGauge,
@@ -116,6 +117,14 @@ struct Inner {
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
+
+/// Which route kind's kernel relay a hand-over counts for
+/// (`warden_pg_kernel_relay_total` or `warden_redis_kernel_relay_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayKind {
+    Postgres,
+    Redis,
+}
 
 /// Where a caller was attested (`via` label of `warden_attestation_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,6 +417,13 @@ impl Metrics {
             ),
             &["route", "result"],
         )?;
+        let redis_kernel_relay = IntCounterVec::new(
+            Opts::new(
+                "warden_redis_kernel_relay_total",
+                "Long Redis sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space).",
+            ),
+            &["route", "result"],
+        )?;
         let pool_idle = IntGaugeVec::new(
             Opts::new(
                 "warden_pg_pool_idle_connections",
@@ -603,6 +619,7 @@ impl Metrics {
         reg(&registry, &pool_events)?;
         reg(&registry, &pool_idle)?;
         reg(&registry, &kernel_relay)?;
+        reg(&registry, &redis_kernel_relay)?;
         reg(&registry, &secrets)?;
         reg(&registry, &secret_versions)?;
         reg(&registry, &secret_age)?;
@@ -714,6 +731,7 @@ impl Metrics {
                 pool_events,
                 pool_idle,
                 kernel_relay,
+                redis_kernel_relay,
                 secrets,
                 secret_versions,
                 secret_age,
@@ -1023,18 +1041,25 @@ impl Metrics {
     }
 
     /// Exports a kernel-relay route's series at zero.
-    pub fn pg_kernel_relay_declare(&self, route: &str) {
+    pub fn kernel_relay_declare(&self, kind: RelayKind, route: &str) {
         for r in ["spliced", "busy", "held", "not_local"] {
-            self.inner.kernel_relay.with_label_values(&[route, r]);
+            self.kernel_relay_family(kind)
+                .with_label_values(&[route, r]);
         }
     }
 
     /// A hand-over attempt's result (a fixed label) on a configured route.
-    pub fn pg_kernel_relay(&self, route: &str, result: &str) {
-        self.inner
-            .kernel_relay
+    pub fn kernel_relay(&self, kind: RelayKind, route: &str, result: &str) {
+        self.kernel_relay_family(kind)
             .with_label_values(&[route, result])
             .inc();
+    }
+
+    fn kernel_relay_family(&self, kind: RelayKind) -> &IntCounterVec {
+        match kind {
+            RelayKind::Postgres => &self.inner.kernel_relay,
+            RelayKind::Redis => &self.inner.redis_kernel_relay,
+        }
     }
 
     /// A route's pool series, resolved once (the pool keeps them with the

@@ -238,7 +238,7 @@ impl PgShared {
             metrics.pg_pool_declare(&r.name);
         }
         for r in routes.iter().filter(|r| r.kernel_relay) {
-            metrics.pg_kernel_relay_declare(&r.name);
+            metrics.kernel_relay_declare(warden_core::metrics::RelayKind::Postgres, &r.name);
         }
         for r in routes.iter().filter(|r| r.client_tls.enabled()) {
             client_tls.insert(

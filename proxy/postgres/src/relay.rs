@@ -42,16 +42,7 @@ const BUF: usize = 16 * 1024;
 /// and pooled; a spliced session's upstream connection is closed at the end.
 pub const HANDOVER_AFTER: u64 = 32;
 
-/// What a [`Handover`] hook did with the quiet moment it was offered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Handed {
-    /// The sockets are spliced: the kernel relays from now on.
-    Spliced,
-    /// Not now (e.g. bytes still queued); a later quiet moment may do.
-    Later,
-    /// Never for this session.
-    Never,
-}
+pub use warden_core::kernel_relay::Handed;
 
 /// Offered the two streams at a quiet moment (see the module docs).
 pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U) -> Handed + Send);

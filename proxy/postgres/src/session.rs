@@ -751,7 +751,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         .filter(|_| client.plain_tcp().is_some())
         .filter(|_| matches!(stream, upstream::UpstreamStream::Plain(_)))
         .cloned();
-    let mut handover = kernel::Handover::default();
+    let mut handover = kernel::Handover::new(warden_core::metrics::RelayKind::Postgres);
     let relay = async {
         let mut offer = |c: &S, u: &upstream::UpstreamStream| match &kernel_relay {
             Some(k) => handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics),

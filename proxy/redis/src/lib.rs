@@ -28,6 +28,12 @@
 //! On a dynamic route (`credential.dynamic`) a session logs in as its
 //! workload's lease user, an ACL user warden created ([`dynamic`]); the
 //! route's `user`/`secret` are then only the administrative login.
+//!
+//! With `kernel_relay` (on by default) a long session that qualifies
+//! (`kernel_eligible`) is handed to the eBPF kernel relay after
+//! [`relay::HANDOVER_AFTER`] answered commands, at a quiet moment (see
+//! [`relay`]); `warden_core::kernel_relay` watches it from then on. A
+//! freeze of the workload ends any open session.
 
 pub mod dynamic;
 pub mod pool;
@@ -51,8 +57,10 @@ use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
-use warden_core::metrics::{AttestVia, Metrics};
+use warden_core::kernel_relay::{ClientTransport, Handover};
+use warden_core::metrics::{AttestVia, Metrics, RelayKind};
 use warden_core::peer::Attested;
+use warden_core::pgwire::upstream::UpstreamStream;
 use zeroize::Zeroizing;
 
 /// Everything one redis route needs at run time.
@@ -79,6 +87,8 @@ pub struct RedisRoute {
     /// `credential.dynamic`: sessions log in as their workload's lease user
     /// ([`dynamic`]); `user`/`secret` are the administrative login.
     pub dynamic: bool,
+    /// Hand long sessions to the eBPF kernel relay (`kernel_relay`).
+    pub kernel_relay: bool,
 }
 
 /// Longest a client's TLS handshake may take once its first byte came.
@@ -141,6 +151,7 @@ impl RedisRoute {
                 client_tls: r.client_tls,
                 pool: PoolSettings::from_config(r.pool.as_ref()),
                 dynamic: cred.dynamic.is_some(),
+                kernel_relay: r.kernel_relay.unwrap_or(true),
             });
         }
         Ok(out)
@@ -158,6 +169,8 @@ pub struct RedisShared {
     pub pool: pool::Pool,
     /// The lease manager of dynamic routes (shared with the other kinds').
     pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
+    /// The eBPF kernel relay for long sessions (None: user space only).
+    pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
 }
 
 impl RedisShared {
@@ -168,6 +181,9 @@ impl RedisShared {
         identity: Arc<warden_core::authority::IdentityHandle>,
     ) -> Result<RedisShared> {
         let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.kernel_relay) {
+            metrics.kernel_relay_declare(RelayKind::Redis, &r.name);
+        }
         for r in routes.iter().filter(|r| r.client_tls.enabled()) {
             client_tls.insert(
                 r.name.clone(),
@@ -180,7 +196,17 @@ impl RedisShared {
             metrics,
             client_tls,
             leases: None,
+            kernel_relay: None,
         })
+    }
+
+    /// Sets the kernel relay long sessions are handed to.
+    pub fn with_kernel_relay(
+        mut self,
+        relay: Option<Arc<warden_ebpf::KernelRelay>>,
+    ) -> RedisShared {
+        self.kernel_relay = relay;
+        self
     }
 
     /// Sets the lease manager dynamic routes take their users from.
@@ -251,9 +277,40 @@ impl Drop for AbortOnDrop {
 }
 
 /// A client connection: plain TCP, or TLS on a `client_tls` route.
-pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
+    /// The plain TCP socket (the only kind the kernel relay splices).
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client>;
+}
+
+impl ClientIo for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
+        Ok(*self)
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
+        Err(self)
+    }
+}
+
 type Client = Box<dyn ClientIo>;
+
+impl ClientTransport for Client {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        (**self).plain_tcp()
+    }
+    fn into_plain_tcp(self) -> std::result::Result<TcpStream, Self> {
+        ClientIo::into_plain_tcp(self)
+    }
+}
 
 /// The first byte of a TLS handshake record (a ClientHello). RESP starts
 /// with `*` or, inline, with text: never with this control byte.
@@ -592,9 +649,78 @@ async fn session(
         user,
         password: &secret.value,
     };
-    let mut conn = conn;
-    let outcome = relay::relay(client, &mut conn.stream, &ctx).await;
-    end_session(&shared, &route, &who, &secret, &detail, started, &outcome).await;
+    let (mut conn, mut client) = (conn, client);
+    let kernel = kernel_eligible(&shared, &route, &client, &conn.stream);
+    let mut handover = Handover::new(RelayKind::Redis);
+    // A freeze of this workload ends the session.
+    let mut freezes = shared.admission.freezer().subscribe();
+    let mut freezes_spliced = freezes.clone();
+    let relayed = async {
+        match &kernel {
+            Some(k) => {
+                let mut offer = |c: &&mut Client, u: &&mut UpstreamStream| {
+                    handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics)
+                };
+                relay::relay_with(&mut client, &mut conn.stream, &ctx, Some(&mut offer)).await
+            }
+            None => relay::relay(&mut client, &mut conn.stream, &ctx).await,
+        }
+    };
+    let (mut outcome, mut frozen) = tokio::select! {
+        o = relayed => (o, None),
+        f = frozen_watch(&shared, &who.workload, &mut freezes) => {
+            let o = relay::Outcome { how: FROZEN, ..relay::Outcome::default() };
+            (o, Some(f))
+        }
+    };
+    let via = if outcome.spliced {
+        " (kernel relay)"
+    } else {
+        ""
+    };
+    let conn = if outcome.spliced {
+        let watch = frozen_watch(&shared, &who.workload, &mut freezes_spliced);
+        let held = held_error(&route.name);
+        let done = warden_core::kernel_relay::finish(
+            client,
+            conn.stream,
+            handover,
+            &held,
+            watch,
+            frozen_error,
+        )
+        .await;
+        outcome.up += done.up;
+        outcome.down += done.down;
+        outcome.how = match &done.frozen {
+            Some(_) => FROZEN,
+            None if done.error => "connection error",
+            None => "closed",
+        };
+        frozen = done.frozen;
+        // The upstream connection is closed: warden no longer knows
+        // where its protocol stands.
+        None
+    } else {
+        if let Some(f) = &frozen {
+            let _ = client.write_all(&frozen_error(f)).await;
+            let _ = client.shutdown().await;
+        }
+        drop(client);
+        // A session ended by a freeze stopped anywhere: never pooled.
+        frozen.is_none().then_some(conn)
+    };
+    if frozen.is_some() {
+        tracing::info!(route = %route.name, workload = %who.workload, "session ended: the workload is frozen");
+        shared.metrics.session(&route.name, &who.workload, "frozen");
+    }
+    end_session(
+        &shared, &route, &who, &secret, &detail, started, &outcome, via,
+    )
+    .await;
+    let Some(conn) = conn else {
+        return;
+    };
     // A revoked lease's connection serves no one.
     if leased.as_ref().is_some_and(|l| !l.held()) {
         if route.pool.enabled() && outcome.at_boundary {
@@ -617,6 +743,65 @@ async fn session(
     }
 }
 
+/// How a session a freeze ended is recorded.
+const FROZEN: &str = "closed: workload frozen";
+
+/// Whether this session may be handed to the kernel relay (see
+/// `docs/redis.md`): the relay is loaded and on for the route, client and
+/// upstream are plain TCP (the upstream's far end must be on this host too,
+/// which the splice itself checks), and the route has no command list
+/// (enforcing one needs every command parsed). What the session runs can
+/// still rule it out ([`relay`]).
+fn kernel_eligible(
+    shared: &RedisShared,
+    route: &RedisRoute,
+    client: &Client,
+    upstream: &UpstreamStream,
+) -> Option<Arc<warden_ebpf::KernelRelay>> {
+    let policy = &route.commands;
+    shared
+        .kernel_relay
+        .as_ref()
+        .filter(|_| route.kernel_relay)
+        .filter(|_| policy.deny.is_empty() && policy.allow.is_none())
+        .filter(|_| client.plain_tcp().is_some())
+        .filter(|_| matches!(upstream, UpstreamStream::Plain(_)))
+        .cloned()
+}
+
+async fn frozen_watch(
+    shared: &RedisShared,
+    workload: &str,
+    freezes: &mut tokio::sync::watch::Receiver<u64>,
+) -> warden_core::freeze::FreezeEntry {
+    loop {
+        if let Some(f) = shared.admission.freezer().frozen(workload) {
+            return f;
+        }
+        if freezes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The error a frozen workload's open session ends with.
+fn frozen_error(f: &warden_core::freeze::FreezeEntry) -> Vec<u8> {
+    error_reply("NOPERM", &warden_core::freeze::frozen_message(f))
+}
+
+/// The error for a client caught sending during the hand-over.
+fn held_error(route: &str) -> Vec<u8> {
+    error_reply(
+        "ERR",
+        &format!(
+            "warden: the client sent while route {route:?} handed this session to the \
+             kernel relay; reconnect (a pipelining client needs kernel_relay = false on \
+             the route)"
+        ),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn end_session(
     shared: &RedisShared,
     route: &RedisRoute,
@@ -625,6 +810,7 @@ async fn end_session(
     detail: &str,
     started: Instant,
     o: &relay::Outcome,
+    via: &str,
 ) {
     let note = if o.refused_commands > 0 {
         format!(", {} commands refused", o.refused_commands)
@@ -638,7 +824,7 @@ async fn end_session(
         up: o.up,
         down: o.down,
         note,
-        how: o.how,
+        how: &format!("{}{via}", o.how),
     };
     shared.admission.record_session_end(who, end).await;
 }

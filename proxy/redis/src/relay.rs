@@ -19,12 +19,44 @@
 //! closes its side toward the server for writing, the server drops them as
 //! it does when its own client leaves, and whatever it answered before
 //! still reaches the client.
+//!
+//! **Hand-over to the kernel relay.** Given a [`Handover`] hook (a session
+//! the session code found eligible, see `docs/redis.md`), a session whose
+//! replies have answered [`HANDOVER_AFTER`] commands is offered to the
+//! kernel at the first quiet moment: a read from the upstream ends exactly
+//! with the reply to the client's last command, every command the client
+//! sent is answered, the command half has nothing buffered or in flight
+//! (it is parked reading the client), no MULTI is open, and replies are in
+//! step. That last reply is still held: a client that waits for it cannot
+//! send, so the hook can splice the sockets with the client side silent.
+//! The halves share `Quiet` for this: the command half publishes whether
+//! it is idle, and stops reading the client once the session is spliced.
+//! Both halves run in one task, so nothing the command half does can come
+//! between the reply half's check and its hook. If the hook splices, the
+//! held bytes go out and the relay returns with [`Outcome::spliced`];
+//! otherwise relaying goes on (a later quiet moment may be offered again).
+//! A session that runs `HELLO 3`, a subscribe command, `MONITOR` or
+//! `CLIENT REPLY|TRACKING` is never offered: its replies could overtake
+//! (RESP3 pushes) or stop matching the commands.
 
 use crate::resp::{encode_command, error_reply, parse_command, Command, ReplyScanner};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+pub use warden_core::kernel_relay::Handed;
+
+/// Commands answered before a session is offered to the kernel relay:
+/// short sessions (a web request's few commands) stay in user space, where
+/// their upstream connection can be reset and pooled; a spliced session's
+/// upstream connection is closed at the end.
+pub const HANDOVER_AFTER: u64 = 32;
+
+/// Offered the two streams at a quiet moment (see the module docs).
+pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U) -> Handed + Send);
 
 /// What the client gets for one command, in command order.
 #[derive(Debug)]
@@ -120,6 +152,9 @@ pub struct Outcome {
     /// Replies no longer matched commands when the client left (RESP2
     /// pub/sub, `MONITOR`, `CLIENT REPLY`).
     pub unsync: bool,
+    /// The session was handed to the kernel relay (both streams open;
+    /// `up`/`down` count what user space relayed before).
+    pub spliced: bool,
 }
 
 /// How the reply half ended.
@@ -127,22 +162,129 @@ struct Ended {
     how: &'static str,
     at_boundary: bool,
     unsync: bool,
+    spliced: bool,
+}
+
+/// How a spliced relay ends (`Outcome::how`).
+pub const SPLICED: &str = "handed to the kernel relay";
+
+/// What the halves share for a hand-over (see the module docs).
+#[derive(Default)]
+struct Quiet {
+    /// The command half is parked reading the client with nothing
+    /// buffered, every command forwarded, and no MULTI open.
+    idle: AtomicBool,
+    /// The session used something that rules a hand-over out.
+    never: AtomicBool,
+    /// Spliced: the command half reads the client no more.
+    spliced: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only ever locked for one poll in this task: never poisoned by a
+    // panic elsewhere, and a poisoned stream is still the same stream.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One direction's access to a stream both halves use (as
+/// `tokio::io::split` does, with the stream reachable for the hook).
+/// `gate`: a reader that stops once the session is spliced.
+struct Shared<'a, T> {
+    stream: &'a Mutex<T>,
+    gate: Option<&'a AtomicBool>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Shared<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.gate.is_some_and(|g| g.load(Relaxed)) {
+            // The relay ends with the reply half; nothing to wake for.
+            return Poll::Pending;
+        }
+        Pin::new(&mut *lock(self.stream)).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Shared<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *lock(self.stream)).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *lock(self.stream)).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *lock(self.stream)).poll_shutdown(cx)
+    }
 }
 
 /// Relays until either side is done. Pass the upstream by `&mut` to keep
 /// it afterwards (the pool).
 pub async fn relay<C, U>(client: C, upstream: U, ctx: &Context<'_>) -> Outcome
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (cr, cw) = tokio::io::split(client);
-    let (ur, uw) = tokio::io::split(upstream);
+    relay_with(client, upstream, ctx, None).await
+}
+
+/// [`relay`], offering quiet moments to `handover` (see the module docs).
+/// Pass both streams by `&mut` to keep them for a spliced session.
+pub async fn relay_with<C, U>(
+    client: C,
+    upstream: U,
+    ctx: &Context<'_>,
+    handover: Option<Handover<'_, C, U>>,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (client, upstream) = (Mutex::new(client), Mutex::new(upstream));
+    let quiet = Quiet::default();
+    let cr = Shared {
+        stream: &client,
+        gate: Some(&quiet.spliced),
+    };
+    let cw = Shared {
+        stream: &client,
+        gate: None,
+    };
+    let ur = Shared {
+        stream: &upstream,
+        gate: None,
+    };
+    let uw = Shared {
+        stream: &upstream,
+        gate: None,
+    };
+    let (c, u) = (&client, &upstream);
+    let mut offer = handover.map(|hook| {
+        move || -> Handed {
+            let (c, u) = (lock(c), lock(u));
+            hook(&c, &u)
+        }
+    });
+    let offer = offer
+        .as_mut()
+        .map(|o| o as &mut (dyn FnMut() -> Handed + Send));
     let (tx, rx) = unbounded_channel();
     let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let client_left = tokio::sync::Notify::new();
-    let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused);
-    let replies = upstream_to_client(ur, cw, rx, &down, &client_left);
+    let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused, &quiet);
+    let replies = upstream_to_client(ur, cw, rx, &down, &client_left, &quiet, offer);
     tokio::pin!(replies);
     // The session ends when the reply half does: the command half hands
     // its ending (EOF, protocol error) over as the plan's last entry.
@@ -170,6 +312,7 @@ where
         how: ended.how,
         at_boundary: ended.at_boundary,
         unsync: ended.unsync,
+        spliced: ended.spliced,
     }
 }
 
@@ -180,6 +323,9 @@ struct ClientState {
     in_multi: bool,
     multi_failed: bool,
     unsync: bool,
+    /// Ran something that rules the kernel relay out for the session (a
+    /// subscribe command, MONITOR, CLIENT REPLY or TRACKING).
+    no_handover: bool,
 }
 
 /// Returns the upstream's write half once the client is done sending.
@@ -190,6 +336,7 @@ async fn client_to_upstream<R, W>(
     ctx: &Context<'_>,
     up: &AtomicU64,
     refused: &AtomicU64,
+    quiet: &Quiet,
 ) -> W
 where
     R: AsyncRead + Unpin,
@@ -204,7 +351,12 @@ where
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
         }
-        match client.read_buf(&mut buf).await {
+        // Parked here with nothing held back: quiet, as far as this half
+        // goes (the reply half decides).
+        quiet.idle.store(buf.is_empty() && !st.in_multi, Relaxed);
+        let read = client.read_buf(&mut buf).await;
+        quiet.idle.store(false, Relaxed);
+        match read {
             Ok(0) | Err(_) => {
                 let _ = plan.send(Plan::Eof);
                 return upstream;
@@ -220,6 +372,9 @@ where
                     let raw = &buf[start..start + cmd.len];
                     if !cmd.args.is_empty() {
                         let _ = handle(raw, &cmd, &mut st, &mut out, &plan, ctx, refused);
+                        if st.resp3 || st.unsync || st.no_handover {
+                            quiet.never.store(true, Relaxed);
+                        }
                     }
                     start += cmd.len;
                 }
@@ -322,6 +477,7 @@ fn handle(
         | "SUNSUBSCRIBE"
             if !st.in_multi =>
         {
+            st.no_handover = true;
             // RESP3 confirms with push frames (not replies); RESP2 enters
             // subscribed mode, where replies stop matching commands.
             if !st.resp3 && !st.unsync {
@@ -332,16 +488,23 @@ fn handle(
             return Ok(());
         }
         "MONITOR" if !st.in_multi => {
+            st.no_handover = true;
             st.unsync = true;
             plan.send(Plan::Unsync)?;
             forward(out);
             return Ok(());
         }
         "CLIENT" if sub.is_some_and(|s| s.eq_ignore_ascii_case(b"REPLY")) => {
+            st.no_handover = true;
             st.unsync = true;
             plan.send(Plan::Unsync)?;
             forward(out);
             return Ok(());
+        }
+        "CLIENT" if sub.is_some_and(|s| s.eq_ignore_ascii_case(b"TRACKING")) => {
+            // Invalidations arrive as pushes (RESP3) or on another
+            // connection; either way warden keeps the session.
+            st.no_handover = true;
         }
         _ => {}
     }
@@ -391,6 +554,8 @@ async fn upstream_to_client<R, W>(
     mut plan: UnboundedReceiver<Plan>,
     down: &AtomicU64,
     client_left: &tokio::sync::Notify,
+    quiet: &Quiet,
+    mut offer: Option<&mut (dyn FnMut() -> Handed + Send)>,
 ) -> Ended
 where
     R: AsyncRead + Unpin,
@@ -406,6 +571,9 @@ where
     let mut plan_open = true;
     // The client closed with replies still owed (see `relay`).
     let mut left_owed = false;
+    // Upstream replies relayed in step with commands.
+    let mut answered: u64 = 0;
+    let mut spliced = false;
     loop {
         let mut ended = None;
         tokio::select! {
@@ -438,6 +606,9 @@ where
                         while let Ok(p) = plan.try_recv() {
                             queue.push_back(p);
                         }
+                        if !unsync && frame.first() != Some(&b'>') {
+                            answered += 1;
+                        }
                         ended = take_frame(frame, &mut queue, &mut unsync, &mut out);
                         if ended.is_none() {
                             ended = drain_front(&mut queue, &mut unsync, &mut out);
@@ -446,6 +617,33 @@ where
                     buf.drain(..start);
                     if buf.capacity() - buf.len() < 4096 {
                         buf.reserve(16 * 1024);
+                    }
+                    if ended.is_none() && answered >= HANDOVER_AFTER && buf.is_empty() {
+                        if let Some(hook) = offer.as_mut() {
+                            while let Ok(p) = plan.try_recv() {
+                                queue.push_back(p);
+                            }
+                            ended = drain_front(&mut queue, &mut unsync, &mut out);
+                            // Quiet: every command answered, the last
+                            // answer held in `out`, the command half idle.
+                            let quiet_now = ended.is_none()
+                                && queue.is_empty()
+                                && !unsync
+                                && !out.is_empty()
+                                && quiet.idle.load(Relaxed);
+                            if quiet.never.load(Relaxed) {
+                                offer = None;
+                            } else if quiet_now {
+                                match hook() {
+                                    Handed::Spliced => {
+                                        quiet.spliced.store(true, Relaxed);
+                                        spliced = true;
+                                    }
+                                    Handed::Later => {}
+                                    Handed::Never => offer = None,
+                                }
+                            }
+                        }
                     }
                 }
             },
@@ -464,10 +662,22 @@ where
                     how: "client closed",
                     at_boundary: false,
                     unsync,
+                    spliced,
                 };
             }
             down.fetch_add(out.len() as u64, Relaxed);
             out.clear();
+        }
+        if spliced {
+            // The held reply is out; the kernel relays from here (the
+            // caller keeps both connections open).
+            let _ = client.flush().await;
+            return Ended {
+                how: SPLICED,
+                at_boundary: false,
+                unsync: false,
+                spliced,
+            };
         }
         if let Some(how) = ended {
             let _ = client.flush().await;
@@ -484,6 +694,7 @@ where
                 how,
                 at_boundary,
                 unsync,
+                spliced: false,
             };
         }
     }

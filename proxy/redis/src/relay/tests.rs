@@ -246,3 +246,121 @@ async fn the_outcome_says_whether_the_client_left_at_a_command_boundary() {
     .await;
     assert!(!o.at_boundary, "{o:?}");
 }
+
+/// A relay to the fake upstream whose hand-over hook answers from
+/// `answers` in turn (then `Later`) and counts its offers; the task gives
+/// back warden's client side with the outcome.
+fn start_offering(
+    answers: Vec<Handed>,
+) -> (
+    DuplexStream,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<(Outcome, DuplexStream)>,
+) {
+    use std::sync::atomic::Ordering;
+    let (client, mut warden_client) = duplex(1 << 20);
+    let (warden_up, upstream) = duplex(1 << 20);
+    let (tx, _seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _keep = _seen;
+        fake_upstream(upstream, tx).await
+    });
+    let offers = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = offers.clone();
+    let task = tokio::spawn(async move {
+        let policy = CommandPolicy::default();
+        let ctx = Context {
+            route: "cache",
+            workload: "web",
+            policy: &policy,
+            user: "",
+            password: b"s3cret",
+        };
+        let mut hook = |_: &&mut DuplexStream, _: &DuplexStream| {
+            let i = counted.fetch_add(1, Ordering::SeqCst) as usize;
+            answers.get(i).copied().unwrap_or(Handed::Later)
+        };
+        let o = relay_with(&mut warden_client, warden_up, &ctx, Some(&mut hook)).await;
+        (o, warden_client)
+    });
+    (client, offers, task)
+}
+
+/// One command, its reply awaited: a round trip.
+async fn round_trip(c: &mut DuplexStream, cmd: &str) {
+    c.write_all(format!("{cmd}\r\n").as_bytes()).await.unwrap();
+    let name = cmd.split(' ').next().unwrap().to_ascii_uppercase();
+    read_exact_text(c, &format!("+{name}\r\n")).await;
+}
+
+fn offers_now(o: &std::sync::atomic::AtomicU64) -> u64 {
+    o.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn handover_is_offered_at_quiet_moments_after_enough_commands() {
+    let (mut c, offers, task) = start_offering(vec![Handed::Later, Handed::Spliced]);
+    for _ in 1..HANDOVER_AFTER {
+        round_trip(&mut c, "GET k").await;
+    }
+    assert_eq!(offers_now(&offers), 0, "too early");
+    // Not quiet: a second command is in flight when the first reply comes
+    // (both written at once, both answered in one read or two).
+    c.write_all(b"GET k\r\nGET k\r\n").await.unwrap();
+    read_exact_text(&mut c, "+GET\r\n+GET\r\n").await;
+    let after_pipeline = offers_now(&offers);
+    // At most the second reply's read was quiet (if they came apart).
+    assert!(after_pipeline <= 1, "{after_pipeline}");
+    // Not quiet: a MULTI is open.
+    round_trip(&mut c, "MULTI").await;
+    assert_eq!(offers_now(&offers), after_pipeline, "offered inside MULTI");
+    round_trip(&mut c, "EXEC").await;
+    // Quiet moments now: the hook says Later, then Spliced, and the held
+    // reply reaches the client either way.
+    while offers_now(&offers) < 2 {
+        round_trip(&mut c, "GET k").await;
+    }
+    // Spliced: what the client sends next is left unread on warden's
+    // socket (the kernel relay's TCP path forwards it).
+    c.write_all(b"GET next\r\n").await.unwrap();
+    let (o, mut warden_client) = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(o.spliced && !o.at_boundary && o.how == SPLICED, "{o:?}");
+    assert_eq!(offers_now(&offers), 2);
+    let mut next = [0u8; 10];
+    warden_client.read_exact(&mut next).await.unwrap();
+    assert_eq!(&next, b"GET next\r\n");
+}
+
+#[tokio::test]
+async fn sessions_that_leave_resp2_request_reply_are_never_offered() {
+    for first in ["HELLO 3", "SUBSCRIBE news", "CLIENT TRACKING on", "MONITOR"] {
+        let (mut c, offers, task) = start_offering(vec![Handed::Spliced]);
+        // The fake upstream answers `+NAME` (arrays for SUBSCRIBE).
+        c.write_all(format!("{first}\r\n").as_bytes())
+            .await
+            .unwrap();
+        if first.starts_with("SUBSCRIBE") {
+            read_exact_text(&mut c, "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
+            // RESET puts replies back in step, but the session stays out.
+            c.write_all(b"RESET\r\n").await.unwrap();
+            read_exact_text(&mut c, "+RESET\r\n").await;
+        } else {
+            let name = first.split(' ').next().unwrap();
+            read_exact_text(&mut c, &format!("+{name}\r\n")).await;
+        }
+        if first == "MONITOR" {
+            c.write_all(b"RESET\r\n").await.unwrap();
+            read_exact_text(&mut c, "+RESET\r\n").await;
+        }
+        for _ in 0..HANDOVER_AFTER + 4 {
+            round_trip(&mut c, "GET k").await;
+        }
+        assert_eq!(offers_now(&offers), 0, "{first}");
+        drop(c);
+        let (o, _) = task.await.unwrap();
+        assert!(!o.spliced, "{first}: {o:?}");
+    }
+}

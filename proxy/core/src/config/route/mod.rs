@@ -141,8 +141,8 @@ pub struct Route {
     /// `pool = false` or `max_idle = 0` disables).
     #[serde(default)]
     pub pool: Option<PoolConfig>,
-    /// postgres: hand long sessions on plain TCP (client and upstream) to
-    /// the eBPF kernel relay. http: let the kernel join warden's local hops
+    /// postgres, redis: hand long sessions on plain TCP (client and
+    /// upstream) to the eBPF kernel relay. http: let the kernel join warden's local hops
     /// (client ↔ warden, warden ↔ an upstream on this host) socket to
     /// socket. Default true; needs the eBPF monitor loaded.
     #[serde(default)]
@@ -534,11 +534,16 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
             "remove forward_proxy and tunnel from this route",
         );
     }
-    if r.kernel_relay.is_some() && !matches!(r.kind, RouteKind::Postgres | RouteKind::Http) {
+    if r.kernel_relay.is_some()
+        && !matches!(
+            r.kind,
+            RouteKind::Postgres | RouteKind::Http | RouteKind::Redis
+        )
+    {
         c.error(
             format!("{k}.kernel_relay"),
             format!(
-                "kernel_relay is only used by kind = \"postgres\" and kind = \"http\" routes; this route is kind = \"{}\"",
+                "kernel_relay is only used by kind = \"postgres\", \"redis\" and \"http\" routes; this route is kind = \"{}\"",
                 r.kind
             ),
             "remove kernel_relay from this route",

@@ -310,6 +310,15 @@ allow = ["web"]
     }
 
     #[test]
+    fn kernel_relay_is_a_redis_route_bool() {
+        assert_eq!(ok(&redis_cfg("")).routes[0].kernel_relay, None);
+        for v in ["true", "false"] {
+            let cfg = ok(&redis_cfg(&format!("kernel_relay = {v}")));
+            assert_eq!(cfg.routes[0].kernel_relay, Some(v == "true"));
+        }
+    }
+
+    #[test]
     fn rotate_method_redis_names_a_redis_route_using_the_secret() {
         let with = |rotate: &str| {
             redis_cfg("deny_commands = [\"CONFIG\", \"ACL\"]").replace(

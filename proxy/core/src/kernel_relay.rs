@@ -1,0 +1,226 @@
+//! A long session handed to the eBPF kernel relay (`route.kernel_relay`),
+//! the part every route kind that uses it shares (PostgreSQL, Redis).
+//!
+//! A route kind's relay finds a quiet moment — the client waits for a reply
+//! warden still holds, nothing is in flight either way — and offers it to
+//! [`Handover::offer`], which splices the client's and the upstream's far
+//! ends with [`KernelRelay::splice`]. From then on `warden_direct` moves
+//! the session's bytes from the client's socket to the upstream's and back,
+//! and [`finish`] only watches warden's own two sockets: for either end,
+//! for a freeze, and for the bytes that take the TCP path (a direction past
+//! the kernel's flow-control window), which it forwards. The session's
+//! policy, credential and audit records were all decided before; a spliced
+//! session's upstream connection is closed at its end (never pooled: warden
+//! no longer sees where its protocol stands).
+
+use crate::freeze::FreezeEntry;
+use crate::metrics::{Metrics, RelayKind};
+use crate::pgwire::upstream::UpstreamStream;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use warden_ebpf::{KernelRelay, SpliceError, Spliced};
+
+/// What a hand-over hook did with the quiet moment it was offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handed {
+    /// The sockets are spliced: the kernel relays from now on.
+    Spliced,
+    /// Not now (e.g. bytes still queued); a later quiet moment may do.
+    Later,
+    /// Never for this session.
+    Never,
+}
+
+/// Client transports: which one is plain TCP (the only kind spliced).
+pub trait ClientTransport: Sized {
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+    fn into_plain_tcp(self) -> Result<TcpStream, Self>;
+}
+
+impl ClientTransport for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+    fn into_plain_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+}
+
+impl ClientTransport for tokio::net::UnixStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    fn into_plain_tcp(self) -> Result<TcpStream, Self> {
+        Err(self)
+    }
+}
+
+impl<S> ClientTransport for tokio_rustls::server::TlsStream<S> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    fn into_plain_tcp(self) -> Result<TcpStream, Self> {
+        Err(self)
+    }
+}
+
+const HELD_WARNING: &str = "client bytes arrived while the session was handed to the kernel \
+     relay; ending the session (a pipelining client: set kernel_relay = false on this route)";
+
+/// The outcome of hand-over attempts in one session.
+pub struct Handover {
+    kind: RelayKind,
+    spliced: Option<Spliced>,
+    /// Client bytes were caught in the hand-over (see [`SpliceError::Held`]).
+    held: bool,
+}
+
+impl Handover {
+    pub fn new(kind: RelayKind) -> Handover {
+        Handover {
+            kind,
+            spliced: None,
+            held: false,
+        }
+    }
+
+    /// Offers the quiet moment to the kernel relay.
+    pub fn offer(
+        &mut self,
+        relay: &Arc<KernelRelay>,
+        client: Option<&TcpStream>,
+        upstream: &UpstreamStream,
+        route: &str,
+        metrics: &Metrics,
+    ) -> Handed {
+        let (Some(client), UpstreamStream::Plain(up)) = (client, upstream) else {
+            return Handed::Never;
+        };
+        let count = |result| metrics.kernel_relay(self.kind, route, result);
+        match relay.splice(client, up) {
+            Ok(s) => {
+                count("spliced");
+                self.spliced = Some(s);
+                Handed::Spliced
+            }
+            Err(SpliceError::Busy) => {
+                count("busy");
+                Handed::Later
+            }
+            Err(SpliceError::Held(s)) => {
+                count("held");
+                tracing::warn!(route, "{HELD_WARNING}");
+                self.spliced = Some(s);
+                self.held = true;
+                Handed::Spliced
+            }
+            Err(SpliceError::Failed(e)) => {
+                count("not_local");
+                tracing::debug!(
+                    route,
+                    "kernel relay not possible: {e}; relaying in user space"
+                );
+                Handed::Never
+            }
+        }
+    }
+}
+
+/// How a spliced session ended.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// An I/O error (or a hand-over that caught client bytes) ended it.
+    pub error: bool,
+    /// Bytes client → upstream and upstream → client after the splice:
+    /// the kernel's counts plus what took the TCP path.
+    pub up: u64,
+    pub down: u64,
+    /// The freeze that ended the session, if one did (`frozen_error`
+    /// already sent).
+    pub frozen: Option<FreezeEntry>,
+}
+
+/// The rest of a spliced session: warden's two sockets are watched for
+/// either end or a freeze, and what still reaches them (the TCP path) is
+/// forwarded. A hand-over that caught client bytes sends `held_error` and
+/// ends at once; a freeze sends `frozen_error(entry)`. Both connections
+/// are closed on return.
+pub async fn finish<S: ClientTransport>(
+    client: S,
+    upstream: UpstreamStream,
+    handover: Handover,
+    held_error: &[u8],
+    frozen: impl std::future::Future<Output = FreezeEntry>,
+    frozen_error: impl FnOnce(&FreezeEntry) -> Vec<u8>,
+) -> Finished {
+    let Handover { spliced, held, .. } = handover;
+    let mut out = Finished::default();
+    let (Ok(mut client), UpstreamStream::Plain(mut upstream)) = (client.into_plain_tcp(), upstream)
+    else {
+        // Only plain TCP pairs are ever spliced.
+        out.error = true;
+        return out;
+    };
+    if held {
+        let _ = client.write_all(held_error).await;
+        out.error = true;
+    } else {
+        tokio::select! {
+            (error, up, down) = watch_ends(&mut client, &mut upstream) => {
+                out.error = error;
+                out.up += up;
+                out.down += down;
+            }
+            f = frozen => {
+                let _ = client.write_all(&frozen_error(&f)).await;
+                out.frozen = Some(f);
+            }
+        }
+    }
+    if let Some(s) = &spliced {
+        let (up, down) = s.bytes();
+        out.up += up;
+        out.down += down;
+    }
+    drop(client);
+    drop(upstream);
+    drop(spliced);
+    out
+}
+
+async fn watch_ends(client: &mut TcpStream, upstream: &mut TcpStream) -> (bool, u64, u64) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut up, mut down) = (0u64, 0u64);
+    loop {
+        let from_client = tokio::select! {
+            r = client.readable() => match r {
+                Ok(()) => true,
+                Err(_) => return (true, up, down),
+            },
+            r = upstream.readable() => match r {
+                Ok(()) => false,
+                Err(_) => return (true, up, down),
+            },
+        };
+        let (from, to) = if from_client {
+            (&mut *client, &mut *upstream)
+        } else {
+            (&mut *upstream, &mut *client)
+        };
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return (false, up, down),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return (true, up, down),
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return (true, up, down);
+        }
+        if from_client {
+            up += n as u64;
+        } else {
+            down += n as u64;
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The eBPF kernel relay on Redis routes end to end: a real redis-server
+//! behind a warden whose monitor is loaded (root). A session past its
+//! first round trips is spliced in the kernel, and every byte (a 1 MB value
+//! both ways) still arrives; its end record says so. A route with a
+//! command list, and one with `kernel_relay = false`, stay in user space;
+//! a freeze ends a spliced session.
+//!
+//! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
+//! skip there).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use warden_tests::cgroup::Cgroup;
+use warden_tests::redis::{command, Raw, RedisServer};
+use warden_tests::{free_port, have_root, my_uid, Instance};
+
+const DEFAULT_PW: &str = "redis-CANARY-4e21-kernel";
+const APP_PW: &str = "redis-CANARY-9c03-kernel-app";
+
+struct Setup {
+    server: RedisServer,
+    warden: Instance,
+    _daemon: warden_tests::Daemon,
+    /// Route `cache`: no command list, kernel relay on (the default).
+    cache: u16,
+    /// Route `cache-deny`: a deny list.
+    deny: u16,
+    /// Route `cache-off`: `kernel_relay = false`.
+    off: u16,
+}
+
+/// `extra` goes after the workload `me` (more workloads); `allow` is the
+/// allow list of routes `cache` and `cache-off`.
+fn setup(extra: &str, allow: &str) -> Setup {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    let [cache, deny, off] = [free_port(), free_port(), free_port()];
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+{extra}
+
+[[route]]
+name = "cache"
+kind = "redis"
+listen = "127.0.0.1:{cache}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+allow = [{allow}]
+
+[[route]]
+name = "cache-deny"
+kind = "redis"
+listen = "127.0.0.1:{deny}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+deny_commands = ["CONFIG"]
+allow = ["me"]
+
+[[route]]
+name = "cache-off"
+kind = "redis"
+listen = "127.0.0.1:{off}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+kernel_relay = false
+allow = [{allow}]
+
+[monitor]
+ebpf = "required"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("cache/default", DEFAULT_PW.as_bytes()).ok();
+    let check = warden.run(&["config", "check", &warden.config.display().to_string()]);
+    assert_eq!(check.code, 0, "{check:#?}");
+    let daemon = warden.start_daemon();
+    Setup {
+        server,
+        warden,
+        _daemon: daemon,
+        cache,
+        deny,
+        off,
+    }
+}
+
+fn metric(w: &Instance, series: &str) -> f64 {
+    w.http_get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn relay_metric(w: &Instance, route: &str, result: &str) -> f64 {
+    metric(
+        w,
+        &format!("warden_redis_kernel_relay_total{{result=\"{result}\",route=\"{route}\"}}"),
+    )
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `session.end` records of `route`.
+fn session_ends(w: &Instance, route: &str) -> Vec<String> {
+    let route = format!("\"route\":\"{route}\"");
+    std::fs::read_to_string(w.audit_log())
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"session.end\"") && l.contains(&route))
+        .map(str::to_string)
+        .collect()
+}
+
+fn byte_counts(record: &str) -> (u64, u64) {
+    let (before, rest) = record.split_once(" bytes up, ").expect("byte counts");
+    let up = before.rsplit(' ').next().unwrap().parse().unwrap();
+    let down = rest.split_once(" bytes down").unwrap().0.parse().unwrap();
+    (up, down)
+}
+
+/// More round trips than warden waits for before the hand-over (32).
+fn warm_up(c: &mut Raw) {
+    for i in 0..40 {
+        let key = format!("k{i}");
+        c.send(&command(&[
+            b"SET",
+            key.as_bytes(),
+            i.to_string().as_bytes(),
+        ]));
+        assert_eq!(c.read_at_least(5), b"+OK\r\n", "SET {i}");
+    }
+}
+
+#[test]
+fn a_long_session_is_spliced_and_a_1mb_value_goes_both_ways() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("", "\"me\"");
+    let mut c = Raw::connect(s.cache);
+    warm_up(&mut c);
+    wait_for("the splice", || {
+        relay_metric(&s.warden, "cache", "spliced") >= 1.0
+    });
+    // Client → server: 1 MB (past the kernel's window: part of it takes
+    // the TCP path through warden), checked on the server.
+    let value: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    c.send(&command(&[b"SET", b"big", &value]));
+    assert_eq!(c.read_at_least(5), b"+OK\r\n");
+    assert_eq!(
+        s.server
+            .cli_as("default", DEFAULT_PW, &["STRLEN", "big"])
+            .trim(),
+        "1048576"
+    );
+    // Server → client: the same megabyte, whole and in order.
+    c.send(&command(&[b"GET", b"big"]));
+    let mut want = b"$1048576\r\n".to_vec();
+    want.extend_from_slice(&value);
+    want.extend_from_slice(b"\r\n");
+    let got = c.read_at_least(want.len());
+    assert!(got == want, "GET big: {} bytes back", got.len());
+    // Commands keep their order after the splice.
+    for i in 0..40 {
+        c.send(&command(&[b"INCR", b"n"]));
+        assert_eq!(
+            c.read_at_least(3 + (i + 1).to_string().len()),
+            format!(":{}\r\n", i + 1).as_bytes()
+        );
+    }
+    c.send(&command(&[b"GET", b"k7"]));
+    assert_eq!(c.read_at_least(7), b"$1\r\n7\r\n");
+    drop(c);
+    wait_for("session.end", || {
+        !session_ends(&s.warden, "cache").is_empty()
+    });
+    let end = session_ends(&s.warden, "cache").remove(0);
+    assert!(end.contains("closed (kernel relay)"), "{end}");
+    let (up, down) = byte_counts(&end);
+    assert!(up > 1 << 20 && down > 1 << 20, "{end}");
+    // A spliced session's upstream connection is closed, never pooled.
+    assert_eq!(
+        metric(
+            &s.warden,
+            "warden_pg_pool_total{result=\"returned\",route=\"cache\"}"
+        ),
+        0.0
+    );
+    assert_eq!(relay_metric(&s.warden, "cache", "held"), 0.0);
+}
+
+#[test]
+fn routes_with_a_command_list_or_kernel_relay_false_stay_in_user_space() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("", "\"me\"");
+    for (port, route) in [(s.deny, "cache-deny"), (s.off, "cache-off")] {
+        let mut c = Raw::connect(port);
+        warm_up(&mut c);
+        c.send(&command(&[b"PING"]));
+        assert_eq!(c.read_at_least(7), b"+PONG\r\n");
+        drop(c);
+        wait_for("session.end", || !session_ends(&s.warden, route).is_empty());
+        let end = session_ends(&s.warden, route).remove(0);
+        assert!(!end.contains("kernel relay"), "{end}");
+        for result in ["spliced", "busy", "held", "not_local"] {
+            assert_eq!(
+                relay_metric(&s.warden, route, result),
+                0.0,
+                "{route} {result}"
+            );
+        }
+        // Still in user space at the end: the connection is pooled.
+        wait_for("the pooled connection", || {
+            metric(
+                &s.warden,
+                &format!("warden_pg_pool_total{{result=\"returned\",route=\"{route}\"}}"),
+            ) >= 1.0
+        });
+    }
+    // The deny list is still enforced on a long session.
+    let mut c = Raw::connect(s.deny);
+    warm_up(&mut c);
+    c.send(&command(&[b"CONFIG", b"GET", b"port"]));
+    let got = c.read_until(b"\r\n");
+    assert!(
+        got.starts_with(b"-NOPERM"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// A spliced session (route `cache`) and one in user space (`cache-off`).
+#[test]
+fn a_freeze_ends_a_spliced_session_and_one_in_user_space() {
+    if !have_root() {
+        return;
+    }
+    // The frozen workload is a client in a cgroup of its own: a freeze
+    // also freezes every process attesting to the workload, never uid 0.
+    let cg = Cgroup::new("redis-kernel-relay");
+    let workload = format!(
+        "\n[[workload]]\nname = \"kr\"\nspiffe_id = \"spiffe://example.org/kr\"\nselectors = {{ uid = 0, cgroup = \"{}\" }}\n",
+        cg.name
+    );
+    let s = setup(&workload, "\"me\", \"kr\"");
+    let script = format!(
+        r#"
+import socket, sys
+conns = []
+for port in ({spliced}, {user_space}):
+    s = socket.create_connection(("127.0.0.1", port))
+    f = s.makefile("rb")
+    for i in range(40):
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert f.readline() == b"+PONG\r\n"
+    conns.append((s, f))
+print("warm", flush=True)
+sys.stdin.readline()
+for s, f in conns:
+    print(f.read().decode(errors="replace").strip(), flush=True)
+"#,
+        spliced = s.cache,
+        user_space = s.off,
+    );
+    let path = s.warden.dir.path().join("client.py");
+    std::fs::write(&path, script).unwrap();
+    let mut client = cg
+        .command(&format!("timeout 60 python3 {}", path.display()))
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "warm");
+    wait_for("the splice", || {
+        relay_metric(&s.warden, "cache", "spliced") >= 1.0
+    });
+    let out = s
+        .warden
+        .run(&["freeze", "kr", "--reason", "kernel relay test"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    writeln!(stdin).unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = client.wait().unwrap();
+    assert!(status.success(), "{rest}");
+    // One line per connection, each the freeze's error (then EOF).
+    let lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(lines.len(), 2, "{rest}");
+    for line in lines {
+        assert!(
+            line.starts_with("-NOPERM") && line.contains("frozen"),
+            "{rest}"
+        );
+    }
+    wait_for("the frozen sessions' records", || {
+        session_ends(&s.warden, "cache")
+            .iter()
+            .any(|e| e.contains("closed: workload frozen (kernel relay)"))
+            && session_ends(&s.warden, "cache-off")
+                .iter()
+                .any(|e| e.contains("closed: workload frozen\""))
+    });
+    s.warden.run(&["unfreeze", "kr"]).ok();
+}
