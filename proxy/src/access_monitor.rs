@@ -388,19 +388,18 @@ impl AccessMonitor {
         // postgres and redis the kernel relay's far ends (clients' and
         // upstreams' sockets), for http the local hops joined in the kernel
         // (client ↔ warden, warden ↔ an upstream on this host).
-        let with_kernel = |addrs: &[(SocketAddr, String)],
-                           kinds: &[RouteKind]|
-         -> Vec<SocketAddr> {
-            addrs
-                .iter()
-                .filter(|(_, name)| {
-                    cfg.routes.iter().any(|r| {
-                        r.name == *name && kinds.contains(&r.kind) && r.kernel_relay.unwrap_or(true)
+        let with_kernel =
+            |addrs: &[(SocketAddr, String)], kinds: &[RouteKind]| -> Vec<SocketAddr> {
+                addrs
+                    .iter()
+                    .filter(|(_, name)| {
+                        cfg.routes.iter().any(|r| {
+                            r.name == *name && kinds.contains(&r.kind) && r.kernel_relay_on()
+                        })
                     })
-                })
-                .map(|(a, _)| *a)
-                .collect()
-        };
+                    .map(|(a, _)| *a)
+                    .collect()
+            };
         let relay_kinds = [RouteKind::Postgres, RouteKind::Redis];
         let monitor_cfg = MonitorConfig {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),

@@ -2,7 +2,8 @@
 //! behind a warden whose monitor is loaded (root). A session past its
 //! first round trips is spliced in the kernel, and every byte (a 1 MB value
 //! both ways) still arrives; its end record says so. A route with a
-//! command list, and one with `kernel_relay = false`, stay in user space;
+//! command list (even with `kernel_relay = true`), and one without
+//! `kernel_relay` (off by default on redis routes), stay in user space;
 //! a freeze ends a spliced session.
 //!
 //! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
@@ -26,7 +27,8 @@ struct Setup {
     cache: u16,
     /// Route `cache-deny`: a deny list.
     deny: u16,
-    /// Route `cache-off`: `kernel_relay = false`.
+    /// Route `cache-off`: `kernel_relay` not set (off by default on redis
+    /// routes).
     off: u16,
 }
 
@@ -52,6 +54,7 @@ listen = "127.0.0.1:{cache}"
 upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ secret = "cache/default" }}
+kernel_relay = true
 allow = [{allow}]
 
 [[route]]
@@ -62,6 +65,7 @@ upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ secret = "cache/default" }}
 deny_commands = ["CONFIG"]
+kernel_relay = true
 allow = ["me"]
 
 [[route]]
@@ -71,7 +75,6 @@ listen = "127.0.0.1:{off}"
 upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ secret = "cache/default" }}
-kernel_relay = false
 allow = [{allow}]
 
 [monitor]
@@ -209,7 +212,7 @@ fn a_long_session_is_spliced_and_a_1mb_value_goes_both_ways() {
 }
 
 #[test]
-fn routes_with_a_command_list_or_kernel_relay_false_stay_in_user_space() {
+fn routes_with_a_command_list_or_without_kernel_relay_stay_in_user_space() {
     if !have_root() {
         return;
     }

@@ -122,7 +122,7 @@ impl PgRoute {
                 client_tls: r.client_tls,
                 dynamic: cred.dynamic.clone(),
                 pool: pool::PoolSettings::from_config(r.pool.as_ref()),
-                kernel_relay: r.kernel_relay.unwrap_or(true),
+                kernel_relay: r.kernel_relay_on(),
             });
         }
         Ok(out)

@@ -29,7 +29,8 @@
 //! workload's lease user, an ACL user warden created ([`dynamic`]); the
 //! route's `user`/`secret` are then only the administrative login.
 //!
-//! With `kernel_relay` (on by default) a long session that qualifies
+//! With `kernel_relay = true` (off by default: a spliced session's `AUTH`
+//! and `RESET` reach the server unseen) a long session that qualifies
 //! (`kernel_eligible`) is handed to the eBPF kernel relay after
 //! [`relay::HANDOVER_AFTER`] answered commands, at a quiet moment (see
 //! [`relay`]); `warden_core::kernel_relay` watches it from then on. A
@@ -151,7 +152,7 @@ impl RedisRoute {
                 client_tls: r.client_tls,
                 pool: PoolSettings::from_config(r.pool.as_ref()),
                 dynamic: cred.dynamic.is_some(),
-                kernel_relay: r.kernel_relay.unwrap_or(true),
+                kernel_relay: r.kernel_relay_on(),
             });
         }
         Ok(out)

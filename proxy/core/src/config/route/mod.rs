@@ -144,7 +144,8 @@ pub struct Route {
     /// postgres, redis: hand long sessions on plain TCP (client and
     /// upstream) to the eBPF kernel relay. http: let the kernel join warden's local hops
     /// (client ↔ warden, warden ↔ an upstream on this host) socket to
-    /// socket. Default true; needs the eBPF monitor loaded.
+    /// socket. Needs the eBPF monitor loaded. Default: see
+    /// [`Route::kernel_relay_on`].
     #[serde(default)]
     pub kernel_relay: Option<bool>,
     /// redis: commands clients may not send (answered with `-NOPERM`).
@@ -159,6 +160,15 @@ pub struct Route {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Route {
+    /// Whether `kernel_relay` is on: as set, else true for postgres and
+    /// http routes and false for redis routes — a spliced Redis session's
+    /// `AUTH`/`RESET` reach the server unseen, so a workload could become a
+    /// server user that needs no password (see docs/redis.md): the operator
+    /// opts in where the server has none.
+    pub fn kernel_relay_on(&self) -> bool {
+        self.kernel_relay.unwrap_or(self.kind != RouteKind::Redis)
+    }
+
     /// The upstream connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT)

@@ -112,6 +112,7 @@ fn empty_allow_is_a_warning() {
 #[test]
 fn kernel_relay_is_a_postgres_route_bool() {
     assert_eq!(ok(BASE).routes[0].kernel_relay, None);
+    assert!(ok(BASE).routes[0].kernel_relay_on(), "on by default");
     let with = |v: &str| {
         edit(
             "allow = [\"reports\"]\n",
