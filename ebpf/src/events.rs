@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use warden_ebpf_common as common;
 
@@ -178,14 +178,25 @@ pub(crate) fn sock_key_of(addr: SocketAddr) -> common::SockKey {
 /// Reads events from the ring buffer.
 ///
 /// The kernel side submits without waking the reader until a quarter of the
-/// ring is unread, so [`EventReader::run`] drains both on readiness and on a
-/// short timer.
+/// ring is unread (refusals and bypasses wake it at once), so
+/// [`EventReader::run`] drains both on readiness and on a short timer. After
+/// [`SLEEP_AFTER`] empty drains it stops the timer and tells the kernel
+/// (`READER_ASLEEP`), which then wakes it with the next event: an idle
+/// daemon is not woken a hundred times a second, a busy one is not woken
+/// per event.
 pub struct EventReader {
     pub(crate) ring: RingBuf<MapData>,
+    pub(crate) asleep: Array<MapData, u64>,
 }
 
 /// How often the reader drains the ring when it was not woken.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Empty drains in a row (about a second) before the reader sleeps.
+pub const SLEEP_AFTER: u32 = 100;
+/// While asleep, the reader still looks this often: a record the kernel
+/// reserved but had not submitted when the reader last looked is not lost
+/// for longer than this.
+const ASLEEP_LOOK: Duration = Duration::from_secs(1);
 
 impl EventReader {
     /// Calls `handle` for every event currently in the ring; returns how
@@ -202,19 +213,42 @@ impl EventReader {
         let mut fd =
             unsafe { AsyncFd::register_with_interest(self.ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)?;
+        let mut asleep = self.asleep;
         let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut empty = 0u32;
         loop {
-            tokio::select! {
+            if empty >= SLEEP_AFTER {
+                // Announce the sleep, then look once more: an event
+                // submitted before the kernel saw the flag is read here.
+                let _ = asleep.set(0, 1, 0);
+                let mut n = drain_ring(fd.get_mut(), &mut handle);
+                while n == 0 {
+                    n = tokio::select! {
+                        guard = fd.readable_mut() => {
+                            let mut guard = guard?;
+                            let n = drain_ring(guard.get_inner_mut(), &mut handle);
+                            guard.clear_ready();
+                            n
+                        }
+                        _ = tokio::time::sleep(ASLEEP_LOOK) => drain_ring(fd.get_mut(), &mut handle),
+                    };
+                }
+                let _ = asleep.set(0, 0, 0);
+                empty = 0;
+                tick.reset();
+                continue;
+            }
+            let n = tokio::select! {
                 guard = fd.readable_mut() => {
                     let mut guard = guard?;
-                    drain_ring(guard.get_inner_mut(), &mut handle);
+                    let n = drain_ring(guard.get_inner_mut(), &mut handle);
                     guard.clear_ready();
+                    n
                 }
-                _ = tick.tick() => {
-                    drain_ring(fd.get_mut(), &mut handle);
-                }
-            }
+                _ = tick.tick() => drain_ring(fd.get_mut(), &mut handle),
+            };
+            empty = if n == 0 { empty + 1 } else { 0 };
         }
     }
 }

@@ -133,7 +133,7 @@ pub struct Monitor {
     frozen_tgids: FrozenMap<u32>,
     frozen_cgroups: FrozenMap<u64>,
     counters: PerCpuArray<MapData, u64>,
-    events: Mutex<Option<RingBuf<MapData>>>,
+    events: Mutex<Option<(RingBuf<MapData>, Array<MapData, u64>)>>,
     pins: Mutex<Vec<PinnedLink>>,
     links: Mutex<Vec<FdLink>>,
     pin_dir: Option<PathBuf>,
@@ -342,6 +342,8 @@ impl Monitor {
             attach_raw_tracepoint(&mut ebpf, name, tracepoint)?;
         }
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(map_err("EVENTS"))?;
+        let asleep: Array<MapData, u64> =
+            Array::try_from(take(&mut ebpf, "READER_ASLEEP")?).map_err(map_err("READER_ASLEEP"))?;
 
         let mut new_links: Vec<(String, FdLink)> = Vec::new();
         for name in PROGRAMS {
@@ -381,7 +383,7 @@ impl Monitor {
             frozen_tgids: Mutex::new(frozen_tgids),
             frozen_cgroups: Mutex::new(frozen_cgroups),
             counters,
-            events: Mutex::new(Some(events)),
+            events: Mutex::new(Some((events, asleep))),
             pins: Mutex::new(pins),
             links: Mutex::new(links),
             pin_dir,
@@ -485,7 +487,7 @@ impl Monitor {
             .lock()
             .ok()?
             .take()
-            .map(|ring| EventReader { ring })
+            .map(|(ring, asleep)| EventReader { ring, asleep })
     }
 
     /// Clean stop: detaches the programs and removes the pins (fail open by

@@ -41,7 +41,9 @@
 //! is tgid 0 and gets no attribution entry and no exec record.
 //!
 //! Events go to a ring buffer submitted without waking the consumer unless a
-//! quarter of the ring is unread; the consumer drains on a short timer. Events
+//! quarter of the ring is unread, the event is a refusal or a bypass, or the
+//! consumer said it sleeps (`READER_ASLEEP`, after an idle spell); otherwise
+//! the consumer drains on a short timer. Events
 //! that do not fit are counted in `COUNTERS[COUNTER_LOST]`.
 #![no_std]
 #![no_main]
@@ -110,6 +112,10 @@ static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_LEN, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+/// `[0]` non-zero: the event reader sleeps until woken (it stopped its
+/// drain timer after an idle spell), so every event wakes it.
+#[map]
+static READER_ASLEEP: Array<u64> = Array::with_max_entries(1, 0);
 
 
 #[map]
@@ -261,7 +267,8 @@ fn is_frozen(process: &ProcessInfo) -> bool {
 #[inline(always)]
 fn emit(event: Event) {
     let urgent = event.verdict != VERDICT_ALLOWED;
-    let flags = if urgent || EVENTS.query(0) >= RING_WAKEUP_BYTES {
+    let asleep = READER_ASLEEP.get(0).copied().unwrap_or(0) != 0;
+    let flags = if urgent || asleep || EVENTS.query(0) >= RING_WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
