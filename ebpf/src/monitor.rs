@@ -133,7 +133,7 @@ pub struct Monitor {
     frozen_tgids: FrozenMap<u32>,
     frozen_cgroups: FrozenMap<u64>,
     counters: PerCpuArray<MapData, u64>,
-    events: Mutex<Option<(RingBuf<MapData>, Array<MapData, u64>)>>,
+    events: Mutex<Option<EventReader>>,
     pins: Mutex<Vec<PinnedLink>>,
     links: Mutex<Vec<FdLink>>,
     pin_dir: Option<PathBuf>,
@@ -383,7 +383,10 @@ impl Monitor {
             frozen_tgids: Mutex::new(frozen_tgids),
             frozen_cgroups: Mutex::new(frozen_cgroups),
             counters,
-            events: Mutex::new(Some((events, asleep))),
+            events: Mutex::new(Some(EventReader {
+                ring: events,
+                asleep,
+            })),
             pins: Mutex::new(pins),
             links: Mutex::new(links),
             pin_dir,
@@ -483,11 +486,7 @@ impl Monitor {
 
     /// The event reader (once; `None` afterwards).
     pub fn take_events(&self) -> Option<EventReader> {
-        self.events
-            .lock()
-            .ok()?
-            .take()
-            .map(|(ring, asleep)| EventReader { ring, asleep })
+        self.events.lock().ok()?.take()
     }
 
     /// Clean stop: detaches the programs and removes the pins (fail open by
