@@ -39,7 +39,7 @@ pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_I
 pub use monitor::{
     release_pinned, Counters, ExecSince, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
-pub use relay::{HopStats, KernelRelay, SpliceError, Spliced};
+pub use relay::{HopStats, JoinState, Joining, KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;
 pub use warden_ebpf_common::ProcessInfo;
 

@@ -6,10 +6,12 @@
 //! `warden_sock_ops` enters upstream sockets accepted from warden for relay
 //! upstreams when their connections are established (pooled, they serve
 //! many sessions). A client's socket is entered only when its session is
-//! handed over: [`KernelRelay::splice`] names it in `RELAY_JOIN` and runs
+//! handed over: [`KernelRelay::join`] names it in `RELAY_JOIN` and runs
 //! `warden_join` (an `iter/tcp` program) once over the host's TCP sockets,
 //! so the many short sessions never pay for membership (a member's every
-//! send runs `warden_direct`, and leaving the map at close costs too).
+//! send runs `warden_direct`, and leaving the map at close costs too). The
+//! walk takes milliseconds on a busy host, so [`KernelRelay::join`] runs it
+//! on a blocking thread and the session is spliced at a later quiet moment.
 //! `DIRECT_MEMBERS` records which sockets are in. [`KernelRelay::splice`]
 //! then pairs the two for one session; the
 //! [`Spliced`] it returns reads the kernel's byte counts and unpairs them
@@ -27,6 +29,7 @@
 use std::io;
 use std::io::Read as _;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, MapData, SockHash};
@@ -147,6 +150,47 @@ pub struct Spliced {
     upstream: SockPair,
 }
 
+/// A connection as its far end sees it (its local address is our peer
+/// address): the key of `DIRECT_SOCKS` and `DIRECT_MEMBERS`.
+fn far_end(s: &tokio::net::TcpStream) -> io::Result<SockPair> {
+    Ok(SockPair {
+        local: sock_key_of(s.peer_addr()?),
+        remote: sock_key_of(s.local_addr()?),
+    })
+}
+
+const JOIN_PENDING: u8 = 0;
+const JOIN_DONE: u8 = 1;
+const JOIN_FAILED: u8 = 2;
+
+/// A client's socket on its way into the relay's map ([`KernelRelay::join`]).
+#[derive(Debug)]
+pub struct Joining {
+    state: Arc<AtomicU8>,
+}
+
+/// Where a [`Joining`] stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinState {
+    /// The walk has not finished.
+    Pending,
+    /// The socket is in the map: it can be spliced.
+    Joined,
+    /// It could not be entered (closed meanwhile, not a relay listener's
+    /// client, or the kernel refused).
+    Failed,
+}
+
+impl Joining {
+    pub fn state(&self) -> JoinState {
+        match self.state.load(Ordering::Acquire) {
+            JOIN_PENDING => JoinState::Pending,
+            JOIN_DONE => JoinState::Joined,
+            _ => JoinState::Failed,
+        }
+    }
+}
+
 /// Bytes in a socket's receive queue not yet read (`SIOCINQ`).
 fn queued(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -223,6 +267,50 @@ impl KernelRelay {
         })
     }
 
+    /// Starts entering the client's far end (the peer of `client_side`)
+    /// into the relay's map, for a later [`splice`](Self::splice) with
+    /// `upstream_side`: `warden_join` walks the host's TCP sockets, which
+    /// takes milliseconds on a busy host, so it runs on a blocking thread
+    /// and the caller polls the returned [`Joining`] at its next quiet
+    /// moments (the session goes on meanwhile; a member's sends pass until
+    /// it is paired). An upstream whose far end is not a member (not on
+    /// this host, or not a relay route's) fails at once, without a walk.
+    /// Must be called within a tokio runtime.
+    pub fn join(
+        self: &Arc<Self>,
+        client_side: &tokio::net::TcpStream,
+        upstream_side: &tokio::net::TcpStream,
+    ) -> io::Result<Joining> {
+        let client = far_end(client_side)?;
+        if self.members.get(&far_end(upstream_side)?, 0).is_err() {
+            return Err(io::Error::other(
+                "the upstream's far end is not in the relay's map (not on this host, or not a relay route's)",
+            ));
+        }
+        let state = Arc::new(AtomicU8::new(JOIN_PENDING));
+        if self.members.get(&client, 0).is_ok() {
+            state.store(JOIN_DONE, Ordering::Release);
+            return Ok(Joining { state });
+        }
+        let relay = self.clone();
+        let done = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let ran = relay
+                .join
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))
+                .and_then(|mut j| j.join(&client));
+            // A failed walk (the kernel refused) and a socket it did not
+            // find (closed meanwhile) end alike: never for this session.
+            let joined = ran.is_ok() && relay.members.get(&client, 0).is_ok();
+            done.store(
+                if joined { JOIN_DONE } else { JOIN_FAILED },
+                Ordering::Release,
+            );
+        });
+        Ok(Joining { state })
+    }
+
     /// Splices the far ends of two connections warden holds: from now on
     /// what the client (the peer of `client_side`) sends goes straight into
     /// the receive queue of the upstream's socket (the peer of
@@ -234,39 +322,12 @@ impl KernelRelay {
         upstream_side: &tokio::net::TcpStream,
     ) -> Result<Spliced, SpliceError> {
         let failed = SpliceError::Failed;
-        let pair = |s: &tokio::net::TcpStream| -> io::Result<SockPair> {
-            // The far end's view: its local address is our peer address.
-            Ok(SockPair {
-                local: sock_key_of(s.peer_addr()?),
-                remote: sock_key_of(s.local_addr()?),
-            })
-        };
-        let client = pair(client_side).map_err(failed)?;
-        let upstream = pair(upstream_side).map_err(failed)?;
+        let client = far_end(client_side).map_err(failed)?;
+        let upstream = far_end(upstream_side).map_err(failed)?;
         if queued(client_side.as_fd()).map_err(failed)? > 0
             || queued(upstream_side.as_fd()).map_err(failed)? > 0
         {
             return Err(SpliceError::Busy);
-        }
-        // An upstream elsewhere (or not a relay route's) was never entered:
-        // known before the client's join walks the host's sockets.
-        if self.members.get(&upstream, 0).is_err() {
-            return Err(failed(io::Error::other(
-                "the upstream's far end is not in the relay's map (not on this host, or not a relay route's)",
-            )));
-        }
-        // The client's socket joins now (the client waits for an answer
-        // warden holds, so nothing is in flight on it).
-        if self.members.get(&client, 0).is_err() {
-            self.join
-                .lock()
-                .map_err(|_| failed(io::Error::other("poisoned")))?
-                .join(&client)
-                .map_err(|e| {
-                    failed(io::Error::other(format!(
-                        "entering the client's socket: {e}"
-                    )))
-                })?;
         }
         // A redirect to a socket not in the map would drop the bytes: both
         // far ends must be members (a sockhash cannot be read from here).

@@ -14,7 +14,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use warden_ebpf::{KernelRelay, Monitor, MonitorConfig, SpliceError};
+use warden_ebpf::{JoinState, KernelRelay, Monitor, MonitorConfig, SpliceError};
 
 mod common;
 use common::have_root;
@@ -85,6 +85,13 @@ fn lab_with_far_ends() -> Lab {
     const ATTEMPTS: u32 = 5;
     for attempt in 1..=ATTEMPTS {
         let l = lab();
+        if let Err(e) = join(&l) {
+            if attempt < ATTEMPTS {
+                eprintln!("attempt {attempt}: {e}; building the lab again");
+                continue;
+            }
+            panic!("join after {attempt} attempts: {e}");
+        }
         match l.relay.splice(&l.w1, &l.w2) {
             Ok(probe) => {
                 drop(probe);
@@ -97,6 +104,23 @@ fn lab_with_far_ends() -> Lab {
         }
     }
     unreachable!("the last attempt returns or panics")
+}
+
+/// The client's far end into the relay's map ([`KernelRelay::join`]),
+/// waited for.
+fn join(l: &Lab) -> Result<(), String> {
+    let joining = l.relay.join(&l.w1, &l.w2).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match joining.state() {
+            JoinState::Joined => return Ok(()),
+            JoinState::Failed => return Err("the client's socket was not entered".into()),
+            JoinState::Pending if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            JoinState::Pending => return Err("the join did not finish in 30 s".into()),
+        }
+    }
 }
 
 fn idle(w: &tokio::net::TcpStream) -> bool {
@@ -132,6 +156,13 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     let o1 = tokio::net::TcpStream::from_std(o1).unwrap();
     let r = l.relay.splice(&o1, &l.w2);
     assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
+    // Nor does asking `warden_join` for it enter it.
+    let outsider = l.relay.join(&o1, &l.w2).expect("join");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while outsider.state() == JoinState::Pending && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(outsider.state(), JoinState::Failed);
     // Unread bytes on warden's side: not a quiet moment.
     l.client.write_all(b"early").unwrap();
     std::thread::sleep(Duration::from_millis(50));

@@ -19,7 +19,7 @@ use crate::pgwire::upstream::UpstreamStream;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use warden_ebpf::{KernelRelay, SpliceError, Spliced};
+use warden_ebpf::{JoinState, Joining, KernelRelay, SpliceError, Spliced};
 
 /// What a hand-over hook did with the quiet moment it was offered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,10 @@ pub struct Handover {
     spliced: Option<Spliced>,
     /// Client bytes were caught in the hand-over (see [`SpliceError::Held`]).
     held: bool,
+    /// The client's socket on its way into the relay's map, started at the
+    /// first quiet moment offered (it takes a walk over the host's TCP
+    /// sockets on a blocking thread; later quiet moments check it).
+    joining: Option<Joining>,
 }
 
 impl Handover {
@@ -82,6 +86,7 @@ impl Handover {
             kind,
             spliced: None,
             held: false,
+            joining: None,
         }
     }
 
@@ -98,6 +103,29 @@ impl Handover {
             return Handed::Never;
         };
         let count = |result| metrics.kernel_relay(self.kind, route, result);
+        let not_local = |e: &dyn std::fmt::Display| {
+            count("not_local");
+            tracing::debug!(
+                route,
+                "kernel relay not possible: {e}; relaying in user space"
+            );
+            Handed::Never
+        };
+        if self.joining.is_none() {
+            match relay.join(client, up) {
+                Ok(j) => self.joining = Some(j),
+                Err(e) => return not_local(&e),
+            }
+        }
+        match self.joining.as_ref().map(Joining::state) {
+            Some(JoinState::Joined) => {}
+            Some(JoinState::Failed) => {
+                return not_local(&"the client's socket could not enter the relay's map")
+            }
+            // Not yet: the session goes on in user space until a later
+            // quiet moment.
+            Some(JoinState::Pending) | None => return Handed::Later,
+        }
         match relay.splice(client, up) {
             Ok(s) => {
                 count("spliced");
@@ -115,14 +143,7 @@ impl Handover {
                 self.held = true;
                 Handed::Spliced
             }
-            Err(SpliceError::Failed(e)) => {
-                count("not_local");
-                tracing::debug!(
-                    route,
-                    "kernel relay not possible: {e}; relaying in user space"
-                );
-                Handed::Never
-            }
+            Err(SpliceError::Failed(e)) => not_local(&e),
         }
     }
 }
