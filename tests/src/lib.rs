@@ -80,6 +80,28 @@ impl Output {
 /// kernel's ephemeral range (32768–60999): a port from that range can be
 /// taken meanwhile as the source port of some test's outgoing connection,
 /// and the daemon's later bind then fails with "address already in use".
+/// An exclusive `flock` on `<tmp>/warden-tests-<name>.lock`, held until the
+/// file is dropped: what several tests must not do at once takes turns also
+/// across processes (nextest runs each test in its own process, so an
+/// in-process mutex does not serialise them).
+#[allow(clippy::incompatible_msrv)] // File::lock: stable since Rust 1.89
+pub fn exclusive_lock(name: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("warden-tests-{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    loop {
+        match file.lock() {
+            Ok(()) => return file,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("flock {}: {e}", path.display()),
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::Mutex;

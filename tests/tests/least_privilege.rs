@@ -41,22 +41,8 @@ struct PinRootLoan {
     _lock: std::fs::File,
 }
 
-#[allow(clippy::incompatible_msrv)] // File::lock: stable since Rust 1.89
 fn pin_root_lock() -> std::fs::File {
-    let path = std::env::temp_dir().join("warden-tests-pin-root.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    loop {
-        match file.lock() {
-            Ok(()) => return file,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("flock {}: {e}", path.display()),
-        }
-    }
+    warden_tests::exclusive_lock("pin-root")
 }
 
 impl PinRootLoan {
@@ -465,6 +451,10 @@ fn kernel_relay_and_freeze_work_after_the_capabilities_are_dropped() {
             "no splice: {}",
             daemon.log_text()
         );
+        // More round trips: the splice follows the client socket's join
+        // (off the session's thread) at a later quiet moment.
+        writeln!(stdin, "select 0;").expect("write");
+        stdin.flush().expect("flush");
         std::thread::sleep(Duration::from_millis(50));
     }
 

@@ -40,22 +40,8 @@ const CONFIG: &str = "/etc/warden/warden.toml";
 /// rewriting — seen as a truncated `/usr/bin/warden`), and the first installs
 /// the package on the host, which the second's overlay would see change
 /// under it. The returned file holds an exclusive `flock` until dropped.
-#[allow(clippy::incompatible_msrv)] // File::lock: stable since Rust 1.89
 fn one_at_a_time() -> std::fs::File {
-    let path = std::env::temp_dir().join("warden-tests-package.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    loop {
-        match file.lock() {
-            Ok(()) => return file,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("flock {}: {e}", path.display()),
-        }
-    }
+    warden_tests::exclusive_lock("package")
 }
 
 fn run(program: &str, args: &[&str]) -> Output {

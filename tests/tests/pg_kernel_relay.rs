@@ -100,7 +100,17 @@ async fn spliced_session() -> Option<(RouteSetup, tokio_postgres::Client, Conn)>
     let s = setup("");
     let (client, conn) = connect(s.port).await;
     warm_up(&client).await;
-    wait_for("the splice", || spliced(&s.warden) >= 1.0);
+    // The client's socket joins the kernel's map off the session's thread
+    // after the first quiet moment; the splice comes at a later one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while spliced(&s.warden) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the splice"
+        );
+        client.simple_query("select 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Some((s, client, conn))
 }
 
@@ -289,7 +299,18 @@ fn a_freeze_ends_a_spliced_session_with_warden_57p01() {
         writeln!(stdin, "select {i};").unwrap();
     }
     stdin.flush().unwrap();
-    wait_for("the splice", || spliced(&s.warden) >= 1.0);
+    // More round trips until the splice (it follows the client socket's
+    // join, made off the session's thread, at a later quiet moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while spliced(&s.warden) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for the splice"
+        );
+        writeln!(stdin, "select 0;").unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = s
         .warden
         .run(&["freeze", "kr", "--reason", "kernel relay test"]);

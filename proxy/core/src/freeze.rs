@@ -358,6 +358,24 @@ impl Freezer {
         self.changed.subscribe()
     }
 
+    /// Resolves with `workload`'s freeze when it is (or becomes) frozen;
+    /// `changes` comes from [`subscribe`](Self::subscribe), taken before the
+    /// session started so no freeze in between is missed.
+    pub async fn until_frozen(
+        &self,
+        workload: &str,
+        changes: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> FreezeEntry {
+        loop {
+            if let Some(f) = self.frozen(workload) {
+                return f;
+            }
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     fn announce(&self) {
         let n = self.state.lock().map(|s| s.len()).unwrap_or(0);
         self.metrics.set_frozen_workloads(n);

@@ -1011,14 +1011,7 @@ async fn session(
 async fn frozen_watch(shared: &MysqlShared, workload: &str) -> ErrPacket {
     let freezer = shared.admission.freezer();
     let mut changes = freezer.subscribe();
-    loop {
-        if let Some(f) = freezer.frozen(workload) {
-            return frozen_error(&f);
-        }
-        if changes.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+    frozen_error(&freezer.until_frozen(workload, &mut changes).await)
 }
 
 /// The ERR a frozen workload's open session ends with.

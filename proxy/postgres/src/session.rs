@@ -344,22 +344,6 @@ fn refusal_for(
     }
 }
 
-/// Resolves when `workload` is frozen (at once if it is already).
-async fn frozen_watch(
-    shared: &PgShared,
-    workload: &str,
-    freezes: &mut tokio::sync::watch::Receiver<u64>,
-) -> warden_core::freeze::FreezeEntry {
-    loop {
-        if let Some(f) = shared.admission.freezer().frozen(workload) {
-            return f;
-        }
-        if freezes.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 /// The FATAL 57P01 a frozen workload's open session ends with.
 pub(super) fn frozen_error(f: &warden_core::freeze::FreezeEntry) -> Vec<u8> {
     protocol::error_response(
@@ -762,7 +746,10 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         relay::relay(&mut client, &mut stream, &greeting, hook).await
     };
     let mut freezes2 = freezes.clone();
-    let frozen = frozen_watch(&shared, &who.workload, &mut freezes);
+    let frozen = shared
+        .admission
+        .freezer()
+        .until_frozen(&who.workload, &mut freezes);
     let (mut end, mut closed_by_freeze) = tokio::select! {
         e = relay => (Some(e), None),
         f = frozen => (None, Some(f)),
@@ -771,7 +758,10 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
     let spliced = end.as_ref().is_some_and(|e| e.spliced);
     let stream = match end.as_mut().filter(|e| e.spliced) {
         Some(e) => {
-            let frozen = frozen_watch(&shared, &who.workload, &mut freezes2);
+            let frozen = shared
+                .admission
+                .freezer()
+                .until_frozen(&who.workload, &mut freezes2);
             closed_by_freeze =
                 kernel::finish(client, stream, handover, e, &route.name, frozen).await;
             None

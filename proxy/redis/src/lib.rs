@@ -669,7 +669,7 @@ async fn session(
     };
     let (mut outcome, mut frozen) = tokio::select! {
         o = relayed => (o, None),
-        f = frozen_watch(&shared, &who.workload, &mut freezes) => {
+        f = shared.admission.freezer().until_frozen(&who.workload, &mut freezes) => {
             let o = relay::Outcome { how: FROZEN, ..relay::Outcome::default() };
             (o, Some(f))
         }
@@ -680,7 +680,10 @@ async fn session(
         ""
     };
     let conn = if outcome.spliced {
-        let watch = frozen_watch(&shared, &who.workload, &mut freezes_spliced);
+        let watch = shared
+            .admission
+            .freezer()
+            .until_frozen(&who.workload, &mut freezes_spliced);
         let held = held_error(&route.name);
         let done = warden_core::kernel_relay::finish(
             client,
@@ -768,21 +771,6 @@ fn kernel_eligible(
         .filter(|_| client.plain_tcp().is_some())
         .filter(|_| matches!(upstream, UpstreamStream::Plain(_)))
         .cloned()
-}
-
-async fn frozen_watch(
-    shared: &RedisShared,
-    workload: &str,
-    freezes: &mut tokio::sync::watch::Receiver<u64>,
-) -> warden_core::freeze::FreezeEntry {
-    loop {
-        if let Some(f) = shared.admission.freezer().frozen(workload) {
-            return f;
-        }
-        if freezes.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// The error a frozen workload's open session ends with.
