@@ -296,6 +296,18 @@ upstream_tls = {{ mode = "disable" }}
 inject = {{ header = "Authorization", value = "Bearer {{secret}}", secret = "billing/token" }}
 allow = ["me"]
 
+# A redis route with the (opt-in) kernel relay, so its family is exported
+# too; no session uses it.
+[[route]]
+name = "cache"
+kind = "redis"
+listen = "127.0.0.1:{redis_port}"
+upstream = "127.0.0.1:{redis_upstream}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/password" }}
+kernel_relay = true
+allow = ["me"]
+
 [[export.sink]]
 kind = "file"
 path = "export.jsonl"
@@ -303,12 +315,15 @@ path = "export.jsonl"
         uid = my_uid(),
         upstream = pg.port,
         http_port = free_port(),
+        redis_port = free_port(),
+        redis_upstream = free_port(),
     );
     let warden = Instance::new_with(&cfg);
     warden.run(&["init"]).ok();
     warden.put("app-db/app", b"an-old-password").ok();
     warden.put("app-db/app", PASSWORD.as_bytes()).ok();
     warden.put("billing/token", TOKEN.as_bytes()).ok();
+    warden.put("cache/password", b"never-used").ok();
     let daemon = warden.start_daemon();
     Live {
         _pg: pg,
@@ -411,8 +426,8 @@ async fn live_metrics_are_clean_bounded_and_cover_every_dashboard_and_rule() {
     assert!(v("warden_ca_expiry_seconds") > 3600.0);
     assert_eq!(v("warden_workload_api_streams{op=\"FetchX509SVID\"}"), 1.0);
     // Secrets: counts, ages from the stored versions, the configured period.
-    assert_eq!(v("warden_secrets"), 2.0);
-    assert_eq!(v("warden_secret_versions"), 3.0);
+    assert_eq!(v("warden_secrets"), 3.0);
+    assert_eq!(v("warden_secret_versions"), 4.0);
     let age = v("warden_secret_rotation_age_seconds{route=\"app-db\"}");
     assert!((0.0..3600.0).contains(&age), "{age}");
     assert!(sample(
