@@ -14,10 +14,10 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use warden_ebpf_common::{
-    FrozenEntry, ProcessInfo, SockKey, CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE,
-    CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED, COUNTER_HOPS,
-    COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM, EXEC_LOST_AT, HOP_LISTENER, HOP_UPSTREAM,
-    PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER, RELAY_UPSTREAM,
+    FrozenEntry, ProcessInfo, SockKey, CHANGE_BUCKETS, CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO,
+    CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
+    COUNTER_HOPS, COUNTER_LOST, DEST_LISTENER, DEST_UPSTREAM, EXEC_LOST_AT, HOP_LISTENER,
+    HOP_UPSTREAM, PROTECT_ENFORCE, PROTECT_OBSERVE, PROTECT_OFF, RELAY_LISTENER, RELAY_UPSTREAM,
 };
 
 use crate::cgroup::{cgroup2_mount, mount_point_of_type};
@@ -130,6 +130,8 @@ pub struct Monitor {
     execs: HashMap<MapData, u32, u64>,
     /// When an exec last could not be recorded (0: never).
     exec_lost: Array<MapData, u64>,
+    /// `CHANGES`, mapped read-only (see [`Self::change_count`]).
+    changes: ChangeCounts,
     frozen_tgids: FrozenMap<u32>,
     frozen_cgroups: FrozenMap<u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -335,6 +337,7 @@ impl Monitor {
         let execs = HashMap::try_from(take(&mut ebpf, "EXECS")?).map_err(map_err("EXECS"))?;
         let exec_lost =
             Array::try_from(take(&mut ebpf, "EXEC_LOST")?).map_err(map_err("EXEC_LOST"))?;
+        let changes = ChangeCounts::map(take(&mut ebpf, "CHANGES")?)?;
         // Exec tracking first: every connection attributed from here on can
         // be checked for a later exec. Its links live as long as the
         // programs (`_ebpf`): a crashed daemon's successor starts afresh.
@@ -380,6 +383,7 @@ impl Monitor {
             attribution,
             execs,
             exec_lost,
+            changes,
             frozen_tgids: Mutex::new(frozen_tgids),
             frozen_cgroups: Mutex::new(frozen_cgroups),
             counters,
@@ -419,6 +423,14 @@ impl Monitor {
         let exec_ns = self.execs.get(&tgid, 0).unwrap_or(0);
         let lost_ns = self.exec_lost.get(&EXEC_LOST_AT, 0).unwrap_or(0);
         (exec_ns, lost_ns)
+    }
+
+    /// How many times a process of `tgid`'s bucket exec'd or its leader
+    /// exited since the monitor attached (a memory read, no system call):
+    /// while it stays the same, `tgid` neither exec'd nor exited. A change
+    /// may be another tgid's (65,536 buckets); [`Self::exec_since`] tells.
+    pub fn change_count(&self, tgid: u32) -> u64 {
+        self.changes.get(tgid)
     }
 
     /// Denies every `connect()` of process `tgid` from now on.
@@ -655,4 +667,65 @@ fn own_pid_namespace() -> std::io::Result<(u64, u64)> {
     let dev = m.dev();
     let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
     Ok(((major << 20) | minor, m.ino()))
+}
+
+/// The kernel's `CHANGES` array mapped read-only into the daemon.
+struct ChangeCounts {
+    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    /// Keeps the map (and so the mapped pages) alive.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is shared memory only read through atomics; the
+// kernel writes it with atomic adds.
+unsafe impl Send for ChangeCounts {}
+// SAFETY: as above.
+unsafe impl Sync for ChangeCounts {}
+
+const CHANGES_BYTES: usize = CHANGE_BUCKETS as usize * std::mem::size_of::<u64>();
+
+impl ChangeCounts {
+    fn map(map: aya::maps::Map) -> Result<Self, MonitorError> {
+        let aya::maps::Map::Array(data) = map else {
+            return Err(MonitorError::Other("map CHANGES is not an array".into()));
+        };
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: a read-only shared mapping of a BPF_F_MMAPABLE array of
+        // CHANGE_BUCKETS u64 values; unmapped in Drop, the fd outlives it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHANGES_BYTES,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MonitorError::Other(format!(
+                "cannot map CHANGES: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let base = std::ptr::NonNull::new(ptr.cast())
+            .ok_or_else(|| MonitorError::Other("cannot map CHANGES".into()))?;
+        Ok(ChangeCounts { base, _map: data })
+    }
+
+    fn get(&self, tgid: u32) -> u64 {
+        let index = (tgid & (CHANGE_BUCKETS - 1)) as usize;
+        // SAFETY: index < CHANGE_BUCKETS, inside the live mapping.
+        unsafe { self.base.as_ptr().add(index).as_ref() }
+            .map(|slot| slot.load(std::sync::atomic::Ordering::Acquire))
+            .unwrap_or(u64::MAX)
+    }
+}
+
+impl Drop for ChangeCounts {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, not used after this.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), CHANGES_BYTES) };
+    }
 }

@@ -111,22 +111,30 @@ impl PeerResolver for EbpfResolver {
         Some(pid)
     }
 
-    fn kernel_peer(&self, _local: SocketAddr, peer: SocketAddr) -> Option<KernelPeer> {
-        let info = self.monitor.lookup(peer)?;
-        let (exec_ns, lost_ns) = self.monitor.last_change(info.tgid);
-        let changed_ns = exec_ns.max(lost_ns);
+    fn kernel_peer(&self, local: SocketAddr, peer: SocketAddr) -> Option<KernelPeer> {
+        let k = self.kernel_record(local, peer)?;
+        let (exec_ns, lost_ns) = self.monitor.last_change(k.tgid);
         // An exec after the connect: not trustworthy (`resolve_tcp` refuses).
-        if changed_ns > info.ktime_ns {
+        if exec_ns.max(lost_ns) > k.connect_ns {
             return None;
         }
+        Some(k)
+    }
+
+    fn kernel_record(&self, _local: SocketAddr, peer: SocketAddr) -> Option<KernelPeer> {
+        let info = self.monitor.lookup(peer)?;
         Some(KernelPeer {
             tgid: info.tgid,
             uid: info.uid,
             gid: info.gid,
             cgroup_id: info.cgroup_id,
             connect_ns: info.ktime_ns,
-            changed_ns,
+            generation: self.monitor.change_count(info.tgid),
         })
+    }
+
+    fn change_count(&self, tgid: u32) -> Option<u64> {
+        Some(self.monitor.change_count(tgid))
     }
 
     fn unchanged_since(&self, tgid: u32, since_ns: u64) -> Option<bool> {

@@ -244,6 +244,56 @@ fn attributes_curl_psql_and_a_rust_thread() {
     drop(stream);
 }
 
+/// Polls `f` for up to 10 s.
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..1000 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn an_exec_and_an_exit_change_the_processs_count() {
+    if !have_root() {
+        return;
+    }
+    let monitor = watching(&[]);
+    // A shell waiting for a line, then exec'ing sleep.
+    let mut child = Command::new("sh")
+        .args(["-c", "read line; exec sleep 30"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let tgid = child.id();
+    // The shell's own exec happened at spawn (perhaps before the read).
+    std::thread::sleep(Duration::from_millis(200));
+    let before = monitor.change_count(tgid);
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    assert!(
+        eventually(|| monitor.change_count(tgid) > before),
+        "the exec of sleep is counted"
+    );
+    assert!(
+        monitor.exec_since(tgid, 0).is_some(),
+        "and recorded exactly"
+    );
+    let after_exec = monitor.change_count(tgid);
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(
+        eventually(|| monitor.change_count(tgid) > after_exec),
+        "the exit is counted: a reused pid never matches a kept count"
+    );
+}
+
 #[test]
 fn attributes_another_uid_and_a_child_cgroup() {
     if !have_root() {

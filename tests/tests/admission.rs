@@ -547,3 +547,82 @@ os.execv("{psql}", ["psql", "-X", "-h", "127.0.0.1", "-p", "{hole}", "-c", "sele
     }
     drop(blackhole);
 }
+
+/// A kept attestation is reused without /proc while the kernel counts no
+/// exec or exit of the process; an exec ends that. python3 (allowed)
+/// connects twice — the second time from the kept attestation — then
+/// exec's psql (not allowed) on the same pid, which must be refused.
+#[test]
+fn a_kept_attestation_does_not_survive_an_exec() {
+    if !have_root() {
+        return;
+    }
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let psql = std::fs::canonicalize(warden_tests::pg::psql_bin()).unwrap();
+    let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[monitor]
+ebpf = "required"
+
+[[workload]]
+name = "python-only"
+spiffe_id = "spiffe://example.org/python-only"
+selectors = {{ uid = 0, exe_path = "{python}" }}
+
+[[route]]
+name = "db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "db/app" }}
+allow = ["python-only"]
+"#,
+        python = python.display(),
+        pgport = pg.port
+    );
+    let w = Instance::new_with(&cfg);
+    w.run(&["init"]).ok();
+    w.put("db/app", PASSWORD.as_bytes()).ok();
+    let _d = w.start_daemon();
+    let script = format!(
+        r#"
+import os, socket, struct, sys
+for _ in range(3):
+    s = socket.create_connection(("127.0.0.1", {port}))
+    body = b"user\0app\0database\0postgres\0\0"
+    s.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+    s.settimeout(10)
+    reply = s.recv(4096)
+    sys.stdout.write("python:" + reply.decode(errors="replace") + "\n")
+    s.close()
+sys.stdout.flush()
+os.environ["PGCONNECT_TIMEOUT"] = "10"
+os.execv("{psql}", ["psql", "-X", "-h", "127.0.0.1", "-p", "{port}", "-U", "app", "-d", "postgres", "-c", "select 1"])
+"#,
+        psql = psql.display()
+    );
+    let out = Command::new(&python)
+        .args(["-c", &script])
+        .output()
+        .expect("python3 (Debian package python3) is required");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // AuthenticationOk ('R') three times: attested, then kept.
+    assert_eq!(
+        stdout.matches("python:R").count(),
+        3,
+        "python is allowed: {stdout} / {stderr}"
+    );
+    assert_ne!(out.status.code(), Some(0), "psql must be refused: {stdout}");
+    assert!(
+        stderr.contains("28000") || stderr.contains("not allowed") || stderr.contains("warden"),
+        "psql on python's pid gets warden's refusal: {stderr}"
+    );
+    assert!(!stdout.contains("(1 row)"), "{stdout}");
+}

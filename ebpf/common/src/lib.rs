@@ -86,6 +86,13 @@ pub const ATTRIBUTION_ENTRIES: u32 = 65_536;
 /// allocated on demand (`BPF_F_NO_PREALLOC`) and removed when the process
 /// exits.
 pub const EXEC_ENTRIES: u32 = 4_194_304;
+/// Buckets of `CHANGES`, a power of two: a tgid's bucket is
+/// `tgid & (CHANGE_BUCKETS - 1)`. Each counts the execs and the
+/// thread-group leader exits of every tgid in it, so an unchanged count
+/// proves that none of them exec'd or exited in between (a changed one may
+/// be another tgid's: the caller then asks `EXECS`). 512 KiB, mapped into
+/// the daemon read-only: the check costs no system call.
+pub const CHANGE_BUCKETS: u32 = 65_536;
 /// `CONFIG`-like slot in `EXEC_LOST_AT`: CLOCK_BOOTTIME ns of the newest
 /// exec `warden_exec` could not record (0: none).
 pub const EXEC_LOST_AT: u32 = 0;

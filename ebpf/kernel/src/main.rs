@@ -34,7 +34,10 @@
 //!   that exec'd after it connected is refused — the program speaking on the
 //!   connection may not be the one that opened it. An exec that cannot be
 //!   recorded sets `EXEC_LOST[EXEC_LOST_AT]`, and every connection opened
-//!   before that moment is refused as well (fail closed).
+//!   before that moment is refused as well (fail closed). Both programs
+//!   also count each exec and leader exit in the tgid's bucket of
+//!   `CHANGES`, which the daemon maps read-only: an attestation it keeps is
+//!   reused, with no system call, only while that count is unchanged.
 //!
 //! Every pid and tgid recorded or compared is the one the daemon's PID
 //! namespace sees (`CONFIG_PIDNS_*`, `current_ids`); a process outside it
@@ -47,6 +50,10 @@
 //! that do not fit are counted in `COUNTERS[COUNTER_LOST]`.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write in
+// `core::sync::atomic`; the intrinsic compiles to the BPF atomic add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::bindings::sk_action::SK_PASS;
@@ -57,13 +64,13 @@ use aya_ebpf::helpers::generated::{
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_NOEXIST};
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC};
 use aya_ebpf::macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
     DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
-    DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
+    CHANGE_BUCKETS, DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
     COUNTER_EXEC_LOST, COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, EXEC_ENTRIES, EXEC_LOST_AT, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
@@ -144,6 +151,11 @@ static EXECS: HashMap<u32, u64> = HashMap::with_max_entries(EXEC_ENTRIES, BPF_F_
 /// `[EXEC_LOST_AT]`: when an exec last could not be recorded (0: never).
 #[map]
 static EXEC_LOST: Array<u64> = Array::with_max_entries(1, 0);
+/// Per tgid bucket (`CHANGE_BUCKETS`), a count of execs and leader exits,
+/// mapped read-only into the daemon: a kept attestation stays good while its
+/// bucket's count is unchanged.
+#[map]
+static CHANGES: Array<u64> = Array::with_max_entries(CHANGE_BUCKETS, BPF_F_MMAPABLE);
 #[map]
 static WARDEN_UPSTREAM: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(WARDEN_UPSTREAM_ENTRIES, 0);
@@ -845,6 +857,7 @@ pub fn warden_exec(_ctx: RawTracePointContext) -> i32 {
         // Outside the daemon's PID namespace: never attributed.
         return 0;
     }
+    count_change(tgid);
     // SAFETY: helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if EXECS.insert(&tgid, &now, 0).is_err() {
@@ -863,9 +876,21 @@ pub fn warden_exec(_ctx: RawTracePointContext) -> i32 {
 pub fn warden_exit(_ctx: RawTracePointContext) -> i32 {
     let (pid, tgid) = current_ids();
     if tgid != 0 && pid == tgid {
+        count_change(tgid);
         let _ = EXECS.remove(&tgid);
     }
     0
+}
+
+/// Bumps `tgid`'s bucket in `CHANGES` (an atomic add: execs on several
+/// CPUs never lose a count).
+#[inline(always)]
+fn count_change(tgid: u32) {
+    if let Some(slot) = CHANGES.get_ptr_mut(tgid & (CHANGE_BUCKETS - 1)) {
+        use core::intrinsics::{atomic_xadd, AtomicOrdering};
+        // SAFETY: a valid, aligned array slot that lives as long as the map.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
 }
 
 #[panic_handler]

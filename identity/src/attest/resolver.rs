@@ -36,12 +36,11 @@ pub struct KernelPeer {
     pub cgroup_id: u64,
     /// CLOCK_BOOTTIME ns of the connect.
     pub connect_ns: u64,
-    /// CLOCK_BOOTTIME ns after which the kernel no longer vouches that the
-    /// process runs the same program — its last exec, or a lost exec record
-    /// — as read with this entry (0: never). Always before `connect_ns` for
-    /// an entry [`PeerResolver::kernel_peer`] returns; a cache stamped
-    /// before it is stale.
-    pub changed_ns: u64,
+    /// The kernel's count of execs and exits in the tgid's bucket, read
+    /// after this entry: a kept attestation stamped with the same count
+    /// (read before its facts) still describes the process — it neither
+    /// exec'd nor exited since.
+    pub generation: u64,
 }
 
 /// A process's executable and real uid, as far as /proc tells.
@@ -61,6 +60,16 @@ pub trait PeerResolver: Send + Sync {
     /// (the process has not exec'd since it connected); `None`: use
     /// [`Self::resolve_tcp`].
     fn kernel_peer(&self, _local: SocketAddr, _peer: SocketAddr) -> Option<KernelPeer> {
+        None
+    }
+    /// [`Self::kernel_peer`] without the exec check: for a caller that
+    /// compares [`KernelPeer::generation`] with one it kept.
+    fn kernel_record(&self, _local: SocketAddr, _peer: SocketAddr) -> Option<KernelPeer> {
+        None
+    }
+    /// The kernel's change count of `tgid`'s bucket now (see
+    /// [`KernelPeer::generation`]); `None` without a kernel monitor.
+    fn change_count(&self, _tgid: u32) -> Option<u64> {
         None
     }
     /// Whether process `tgid` has run the same program since `since_ns`

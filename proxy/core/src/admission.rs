@@ -20,7 +20,7 @@ use crate::error::ErrorKind;
 use crate::freeze::{FreezeEntry, Freezer};
 use crate::journal::Journal;
 use crate::metrics::{AttestVia, Metrics};
-use crate::peer::{actor, boottime_ns, describe, Attested, Attestor};
+use crate::peer::{actor, describe, Attested, Attestor};
 use crate::service::SecretService;
 use std::fmt;
 use std::net::SocketAddr;
@@ -38,7 +38,7 @@ pub enum Peer {
     Tcp { local: SocketAddr, peer: SocketAddr },
     /// Unix socket: the SO_PEERCRED pid, when the kernel reported one, and
     /// when warden accepted the connection (CLOCK_BOOTTIME ns, see
-    /// [`boottime_ns`]): a process that exec'd after that is refused.
+    /// [`crate::peer::boottime_ns`]): a process that exec'd after that is refused.
     Unix {
         pid: Option<u32>,
         accepted_ns: Option<u64>,
@@ -439,16 +439,20 @@ impl Admission {
     fn attest_quick(&self, peer: Peer) -> Result<Attested, Option<u32>> {
         match peer {
             Peer::Tcp { local, peer } => {
-                let t0 = boottime_ns();
-                if let Some(k) = self.attestor.resolver.kernel_peer(local, peer) {
-                    if let Some(who) = self.attestor.attest_kernel(&k) {
-                        return Ok(who);
-                    }
-                    let who = self.attestor.attest_tcp_cached(local, peer)?;
-                    self.attestor.stamp(who.facts.pid, &k, t0);
+                let resolver = &self.attestor.resolver;
+                let Some(record) = resolver.kernel_record(local, peer) else {
+                    return self.attestor.attest_tcp_cached(local, peer);
+                };
+                // One map lookup and a memory read: the common case.
+                if let Some(who) = self.attestor.attest_kernel(&record) {
                     return Ok(who);
                 }
-                self.attestor.attest_tcp_cached(local, peer)
+                // The exec check the stamp stood for, then /proc.
+                let who = self.attestor.attest_tcp_cached(local, peer)?;
+                if let Some(k) = resolver.kernel_peer(local, peer) {
+                    self.attestor.stamp(who.facts.pid, &k, record.generation);
+                }
+                Ok(who)
             }
             Peer::Unix { pid: Some(pid), .. } => {
                 self.attestor.attest_pid_cached(pid).ok_or(Some(pid))
@@ -459,7 +463,6 @@ impl Admission {
 
     /// The blocking path: /proc reads, the executable hashed if new.
     fn attest_known(&self, peer: Peer, known: Option<u32>) -> Attestation {
-        let t0 = boottime_ns();
         let pid = match (known, peer) {
             (Some(pid), _) => pid,
             (None, Peer::Tcp { local, peer }) => self
@@ -473,13 +476,20 @@ impl Admission {
                 })
             }
         };
+        // Read before the facts: a stamp made from them is stale after
+        // any exec or exit from here on.
+        let generation = self.attestor.resolver.change_count(pid);
         let who = self.attestor.attest_pid(pid).map_err(|reason| Unattested {
             pid: Some(pid),
             reason,
         })?;
         if let Peer::Tcp { local, peer } = peer {
             match self.attestor.resolver.kernel_peer(local, peer) {
-                Some(k) => self.attestor.stamp(pid, &k, t0),
+                Some(k) => {
+                    if let Some(generation) = generation {
+                        self.attestor.stamp(pid, &k, generation);
+                    }
+                }
                 // The kernel named the process, and no longer vouches for
                 // it: it exec'd while its facts were read. Refuse, with
                 // the resolver's words.

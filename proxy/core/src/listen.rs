@@ -31,6 +31,8 @@ pub async fn bind_route(
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        // Accepted connections inherit it: no setsockopt per connection.
+        socket.set_nodelay(true)?;
         socket.bind(addr)?;
         socket.listen(listen_backlog())
     };
@@ -322,7 +324,7 @@ pub fn overload_message() -> String {
 }
 
 /// Accepts connections on `tcp` until the task is dropped, handing each
-/// (with `TCP_NODELAY` set) to `serve` with its local and peer address. A
+/// (with `TCP_NODELAY`, inherited from a [`bind_route`] listener) to `serve` with its local and peer address. A
 /// failed accept (e.g. out of descriptors) is logged and retried shortly.
 pub async fn accept_loop(
     route: &str,
@@ -349,7 +351,6 @@ pub async fn accept_loop_shedding(
                 if shed_if_overloaded(route, fd, |b| drop(stream.try_write(b)), shed) {
                     continue;
                 }
-                let _ = stream.set_nodelay(true);
                 let local = local_addr_of(&stream, listen);
                 serve(stream, local, peer);
             }
@@ -410,6 +411,19 @@ mod tests {
         // A silent client: not waited for, so not evictable.
         assert!(!descriptors_scarce(s.as_raw_fd()));
         assert_eq!(first_bytes(&s, None).await, FirstBytes::Ready);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let l = bind_route("orders", "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(s.nodelay().unwrap());
+        assert!(!c.nodelay().unwrap());
     }
 
     #[tokio::test]

@@ -6,7 +6,6 @@
 use crate::audit::{Actor, ActorKind};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use warden_identity::attest::{
     self, ExeHashCache, KernelPeer, PeerFacts, PeerResolver, Registration,
@@ -40,16 +39,16 @@ pub struct Attestor {
 struct Recent {
     attested: Attested,
     /// Set once the kernel attributed a connection of this process.
-    stamp: Option<Arc<KernelStamp>>,
+    stamp: Option<KernelStamp>,
 }
 
-/// What lets the kernel vouch for a kept attestation: the process itself
-/// (a pidfd: readable once it exits, so a reused pid is never mistaken for
-/// it), when it was attested, and the ids the kernel reported for it then.
+/// What lets the kernel vouch for a kept attestation: the kernel's change
+/// count of the process's bucket read before its facts were (an exec or an
+/// exit of the process changes it, so a reused pid is never mistaken for
+/// it), and the ids the kernel reported for it then.
+#[derive(Clone, Copy)]
 struct KernelStamp {
-    pidfd: OwnedFd,
-    /// CLOCK_BOOTTIME ns before the facts were read.
-    attested_ns: u64,
+    generation: u64,
     uid: u32,
     gid: u32,
     cgroup_id: u64,
@@ -121,69 +120,36 @@ impl Attestor {
     }
 
     /// The kept attestation of the process the kernel says opened a
-    /// connection, with no /proc read: only when it was stamped from an
-    /// earlier kernel-attributed connection, the process is still the same
-    /// one (its pidfd), it has not exec'd since it was attested (and the
-    /// kernel lost no exec record), and the kernel reports the same real
-    /// uid, gid and cgroup for this connect as for that one.
+    /// connection, with no /proc read and no system call: only when it was
+    /// stamped from an earlier kernel-attributed connection, the kernel
+    /// counted no exec or exit in the process's bucket since (`k` read
+    /// after the connect), and it reports the same real uid, gid and cgroup
+    /// for this connect as for that one.
     pub fn attest_kernel(&self, k: &KernelPeer) -> Option<Attested> {
-        let (stamp, attested) = {
-            let recent = self.recent_lock();
-            let kept = recent.get(&k.tgid)?;
-            let stamp = kept.stamp.as_ref()?;
-            if (stamp.uid, stamp.gid, stamp.cgroup_id) != (k.uid, k.gid, k.cgroup_id) {
-                return None;
-            }
-            // The kernel's exec record read with this connection's entry:
-            // an exec (or a lost record) after the attestation makes it stale.
-            if k.changed_ns > stamp.attested_ns {
-                return None;
-            }
-            (stamp.clone(), kept.attested.clone())
-        };
-        if !alive(&stamp.pidfd) {
-            return None;
-        }
-        Some(attested)
+        let recent = self.recent_lock();
+        let kept = recent.get(&k.tgid)?;
+        let stamp = kept.stamp.as_ref()?;
+        (stamp.generation == k.generation
+            && (stamp.uid, stamp.gid, stamp.cgroup_id) == (k.uid, k.gid, k.cgroup_id))
+            .then(|| kept.attested.clone())
     }
 
     /// Lets the kernel vouch for `pid`'s kept attestation from now on
-    /// (see [`Self::attest_kernel`]); `attested_ns` was read before the
-    /// facts were confirmed, `k` is the kernel's record of the connection
-    /// they were confirmed for.
-    pub fn stamp(&self, pid: u32, k: &KernelPeer, attested_ns: u64) {
+    /// (see [`Self::attest_kernel`]): `generation` is the kernel's change
+    /// count read before the kept facts were confirmed, `k` the kernel's
+    /// record of the connection they were confirmed for.
+    pub fn stamp(&self, pid: u32, k: &KernelPeer, generation: u64) {
         if k.tgid != pid {
             return;
         }
-        let Some(kept) = self.recent_lock().get(&pid).cloned() else {
-            return;
-        };
-        if kept.stamp.is_some() {
-            return;
-        }
-        let Some(raw) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
-            return;
-        };
-        let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
-        else {
-            return;
-        };
-        // The pidfd names the process that holds the pid now: still the
-        // one attested (same start time), or nothing is stamped.
-        let start = warden_identity::attest::ProcFs::default().start_time(pid);
-        if start.ok() != Some(kept.attested.facts.start_time) {
-            return;
-        }
-        let stamp = Arc::new(KernelStamp {
-            pidfd,
-            attested_ns,
-            uid: k.uid,
-            gid: k.gid,
-            cgroup_id: k.cgroup_id,
-        });
-        if let Some(entry) = self.recent_lock().get_mut(&pid) {
-            if entry.attested.facts.start_time == kept.attested.facts.start_time {
-                entry.stamp = Some(stamp);
+        if let Some(kept) = self.recent_lock().get_mut(&pid) {
+            if kept.stamp.as_ref().map(|s| s.generation) != Some(generation) {
+                kept.stamp = Some(KernelStamp {
+                    generation,
+                    uid: k.uid,
+                    gid: k.gid,
+                    cgroup_id: k.cgroup_id,
+                });
             }
         }
     }
@@ -229,18 +195,6 @@ impl Attestor {
             spiffe_id,
         })
     }
-}
-
-/// Whether the process behind `pidfd` still runs (a pidfd becomes readable
-/// when its process exits).
-fn alive(pidfd: &OwnedFd) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-    let zero = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    matches!(poll(&mut fds, Some(&zero)), Ok(0))
 }
 
 /// "process 4121 (/usr/bin/curl, uid 1001)"

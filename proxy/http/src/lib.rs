@@ -301,7 +301,7 @@ pub async fn serve(listener: Listener, shared: Arc<HttpShared>) {
                 ) {
                     continue;
                 }
-                let _ = stream.set_nodelay(true);
+                // TCP_NODELAY comes from the listener (`bind_route`).
                 let local = warden_core::listen::local_addr_of(&stream, listen);
                 match &reverse {
                     Some(route) => {

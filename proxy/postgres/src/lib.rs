@@ -468,7 +468,7 @@ async fn accept_tcp(tcp: &tokio::net::TcpListener, route: &Arc<PgRoute>, shared:
             if shed(route, shared, &stream) {
                 return;
             }
-            let _ = stream.set_nodelay(true);
+            // TCP_NODELAY comes from the listener (`shard::reuseport_listeners`).
             let local = warden_core::listen::local_addr_of(&stream, route.listen);
             let (route, shared) = (route.clone(), shared.clone());
             tokio::spawn(session::run(

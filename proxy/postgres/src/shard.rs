@@ -116,6 +116,8 @@ pub fn reuseport_listeners(
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
+        // Accepted connections inherit it: no setsockopt per connection.
+        socket.set_tcp_nodelay(true)?;
         socket.bind(&bound.into())?;
         socket.listen(warden_core::listen::listen_backlog() as i32)?;
         let listener: std::net::TcpListener = socket.into();
@@ -123,4 +125,25 @@ pub fn reuseport_listeners(
         out.push(listener);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_listeners_share_the_port_and_hand_out_nodelay_sockets() {
+        let ls = reuseport_listeners("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = ls[0].local_addr().unwrap();
+        assert_eq!(ls[1].local_addr().unwrap(), addr);
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        // Either listener may take it.
+        let accepted = loop {
+            if let Some(s) = ls.iter().find_map(|l| l.accept().ok()) {
+                break s.0;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(accepted.nodelay().unwrap());
+    }
 }
