@@ -569,6 +569,37 @@ impl Drop for FileLock<'_> {
     }
 }
 
+/// [`FileLock`] holding its own handle on the file (so the log it guards
+/// can be borrowed mutably meanwhile).
+struct OwnedLock {
+    file: std::sync::Arc<File>,
+    /// Unlock when dropped (cleared by [`OwnedLock::keep`]).
+    unlock: bool,
+}
+
+impl OwnedLock {
+    fn exclusive(file: &std::sync::Arc<File>, path: &Path) -> Result<OwnedLock, AuditError> {
+        std::mem::forget(lock_exclusive(file, path)?);
+        Ok(OwnedLock {
+            file: file.clone(),
+            unlock: true,
+        })
+    }
+
+    /// Leaves the file locked: its holder releases it later.
+    fn keep(mut self) {
+        self.unlock = false;
+    }
+}
+
+impl Drop for OwnedLock {
+    fn drop(&mut self) {
+        if self.unlock {
+            drop(FileLock(&self.file));
+        }
+    }
+}
+
 /// Exclusive `flock` (std's `File::lock`, stable since Rust 1.89).
 #[allow(clippy::incompatible_msrv)]
 fn lock_exclusive<'a>(file: &'a File, path: &Path) -> Result<FileLock<'a>, AuditError> {
@@ -896,6 +927,14 @@ pub struct AuditLog {
     sole_writer: bool,
     /// When the path was last confirmed to name this file.
     checked_at: Option<std::time::Instant>,
+    /// Since when this (sole-writer) handle keeps the log's exclusive
+    /// `flock` across unsynced appends, instead of a lock/unlock pair per
+    /// append: released when the fsync of those records begins
+    /// ([`AuditLog::begin_sync`]), after a synced append, on an error, and
+    /// by the first append after [`WINDOW_LOCK_MAX`] — so a reader (`warden
+    /// audit verify`/`tail`) waits about one sync interval at most, even
+    /// when the fsync thread is stuck on the disk.
+    window_lock: Option<std::time::Instant>,
     /// Highest seq this handle wrote into the head anchor: an fsync that
     /// finishes after a newer anchor was written must not move it back.
     anchored: std::cell::Cell<u64>,
@@ -917,6 +956,12 @@ pub type TapFn = dyn Fn(&Event, &[u8]) + Send + Sync;
 impl fmt::Debug for AuditTap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AuditTap")
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.release_window();
     }
 }
 
@@ -944,6 +989,10 @@ impl PendingSync {
 
 /// How often a sole writer confirms the log was not replaced under it.
 const SOLE_WRITER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest a sole writer keeps the log's lock across appends (see
+/// `AuditLog::window_lock`): twice the default sync interval.
+const WINDOW_LOCK_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl AuditLog {
     /// Opens (creating it with mode 0600 if missing) the log at `path` for
@@ -981,6 +1030,7 @@ impl AuditLog {
             interval_anchor: false,
             sole_writer: false,
             checked_at: None,
+            window_lock: None,
             anchored: std::cell::Cell::new(0),
             tap: None,
             #[cfg(test)]
@@ -1088,7 +1138,9 @@ impl AuditLog {
     /// [`PendingSync::run`] after releasing the lock that guards this log,
     /// then hand the result to [`finish_sync`](Self::finish_sync). Records
     /// appended meanwhile stay pending for the next sync.
-    pub fn begin_sync(&self) -> Option<PendingSync> {
+    pub fn begin_sync(&mut self) -> Option<PendingSync> {
+        // Readers may look while the disk works: what they see is written.
+        self.release_window();
         let head = self.unsynced.clone()?;
         Some(PendingSync {
             file: self.file.clone(),
@@ -1122,7 +1174,11 @@ impl AuditLog {
         if head.seq <= self.anchored.get() {
             return Ok(());
         }
-        let _lock = lock_exclusive(&self.file, path)?;
+        // Under the log's lock: the window's if an append holds it since.
+        let _lock = match self.window_lock {
+            Some(_) => None,
+            None => Some(lock_exclusive(&self.file, path)?),
+        };
         // Another handle that appended since has synced the whole file and
         // anchored a newer head: ours would move the anchor back.
         let len = if self.sole_writer {
@@ -1140,7 +1196,7 @@ impl AuditLog {
         &mut self,
         events: &[Event],
         sync: bool,
-        mut out: Option<&mut Vec<Record>>,
+        out: Option<&mut Vec<Record>>,
     ) -> Result<(), AuditError> {
         if let Some(detail) = &self.sync_failed {
             return Err(AuditError::SyncFailed {
@@ -1154,8 +1210,48 @@ impl AuditLog {
         if events.is_empty() {
             return Ok(());
         }
+        let lock = match self.window_lock {
+            Some(_) => None,
+            None => Some(OwnedLock::exclusive(&self.file, &self.path)?),
+        };
+        let res = self.append_locked(events, sync, out);
+        match (res.is_ok() && !sync && self.sole_writer, lock) {
+            // Keep the lock for the appends until the fsync begins.
+            (true, Some(lock)) => {
+                lock.keep();
+                self.window_lock = Some(std::time::Instant::now());
+            }
+            (true, None) => {
+                if self
+                    .window_lock
+                    .is_some_and(|since| since.elapsed() >= WINDOW_LOCK_MAX)
+                {
+                    self.release_window();
+                }
+            }
+            // Dropping `lock` (if taken here) releases it.
+            (false, _) => self.release_window(),
+        }
+        res
+    }
+
+    /// Releases the lock kept across appends, if held.
+    #[allow(clippy::incompatible_msrv)] // File::unlock: stable since Rust 1.89
+    fn release_window(&mut self) {
+        if self.window_lock.take().is_some() {
+            // An unlock failure cannot be acted on; the lock dies with the fd.
+            let _ = self.file.unlock();
+        }
+    }
+
+    /// [`Self::append_with`] under the log's exclusive lock.
+    fn append_locked(
+        &mut self,
+        events: &[Event],
+        sync: bool,
+        mut out: Option<&mut Vec<Record>>,
+    ) -> Result<(), AuditError> {
         let path = self.path.as_path();
-        let _lock = lock_exclusive(&self.file, path)?;
         let recheck = !self.sole_writer
             || self
                 .checked_at
@@ -2627,6 +2723,66 @@ mod tests {
 
     fn anchor_of(path: &Path) -> AnchorFile {
         serde_json::from_slice(&fs::read(anchor_path(path).unwrap()).unwrap()).unwrap()
+    }
+
+    /// Whether another open file description could take a shared lock now.
+    #[allow(clippy::incompatible_msrv)]
+    fn readers_may_look(path: &Path) -> bool {
+        let f = File::open(path).unwrap();
+        match f.try_lock_shared() {
+            Ok(()) => {
+                f.unlock().unwrap();
+                true
+            }
+            Err(fs::TryLockError::WouldBlock) => false,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sole_writer_keeps_the_lock_across_unsynced_appends_until_the_fsync_begins() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        log.set_sole_writer();
+        log.write_all(&[event(3)], false).unwrap();
+        log.write_all(&[event(4)], false).unwrap();
+        assert!(!readers_may_look(&path), "held across the window's appends");
+        let pending = log.begin_sync().expect("seq 3-4 pending");
+        assert!(readers_may_look(&path), "released before the disk works");
+        log.write_all(&[event(5)], false).unwrap();
+        assert!(!readers_may_look(&path));
+        // finish_sync under the kept lock leaves it kept.
+        let io = pending.run();
+        log.finish_sync(pending, io).unwrap();
+        assert!(!readers_may_look(&path));
+        // Never longer than WINDOW_LOCK_MAX, even with no fsync begun.
+        std::thread::sleep(WINDOW_LOCK_MAX + std::time::Duration::from_millis(5));
+        log.write_all(&[event(6)], false).unwrap();
+        assert!(
+            readers_may_look(&path),
+            "a long window ends at the next append"
+        );
+        // A durable append leaves nothing held; nor does an error.
+        log.write_all(&[event(7)], false).unwrap();
+        log.write_all(&[event(8)], true).unwrap();
+        assert!(readers_may_look(&path));
+        log.write_all(&[event(9)], false).unwrap();
+        log.fault = Some(Fault::PartialWrite(5));
+        assert!(log.write_all(&[event(10)], false).is_err());
+        log.fault = None;
+        assert!(readers_may_look(&path));
+        log.write_all(&[event(10)], false).unwrap();
+        drop(log);
+        assert!(readers_may_look(&path), "a dropped handle holds nothing");
+        assert_clean(&path, 10);
+    }
+
+    #[test]
+    fn a_log_that_is_not_the_sole_writer_never_keeps_the_lock() {
+        let (_dir, path) = new_log(2);
+        let mut log = AuditLog::open(&path).unwrap();
+        log.write_all(&[event(3)], false).unwrap();
+        assert!(readers_may_look(&path));
     }
 
     #[test]
