@@ -471,12 +471,15 @@ async fn accept_tcp(tcp: &tokio::net::TcpListener, route: &Arc<PgRoute>, shared:
             // TCP_NODELAY comes from the listener (`shard::reuseport_listeners`).
             let local = warden_core::listen::local_addr_of(&stream, route.listen);
             let (route, shared) = (route.clone(), shared.clone());
-            tokio::spawn(session::run(
+            // Boxed once here: the task then moves a pointer, not the
+            // session's few KiB (on spawn, into the task cell, and again
+            // when the finished stage overwrites it).
+            tokio::spawn(Box::pin(session::run(
                 stream,
                 session::Peer::Tcp { local, peer },
                 route,
                 shared,
-            ));
+            )));
         }
         Err(e) => {
             tracing::warn!(route = %route.name, "accept failed: {e}");
