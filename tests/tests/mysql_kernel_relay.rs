@@ -367,11 +367,19 @@ fn a_long_mariadb_cli_session_is_spliced() {
         writeln!(stdin, "DO 1;").unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
-    writeln!(stdin, "SELECT 'after', COUNT(*) FROM items; SELECT 1; SELECT 2;").unwrap();
+    writeln!(
+        stdin,
+        "SELECT 'after', COUNT(*) FROM items; SELECT 1; SELECT 2;"
+    )
+    .unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.ends_with("39\napple\nafter\t2\n1\n2\n"), "{text}");
     wait_for("session.end", || !session_ends(&s.warden, "kr").is_empty());
     let end = session_ends(&s.warden, "kr").remove(0);
@@ -457,7 +465,9 @@ fn ineligible_sessions_stay_in_user_space() {
     }
     let (ok, rest) = d.finish();
     assert!(ok && rest.ends_with("done\n"), "{rest}");
-    wait_for("session.end", || !session_ends(&s.warden, "plain").is_empty());
+    wait_for("session.end", || {
+        !session_ends(&s.warden, "plain").is_empty()
+    });
     let end = session_ends(&s.warden, "plain").remove(0);
     assert!(!end.contains("kernel relay"), "{end}");
     assert!(
@@ -544,7 +554,10 @@ for c in conns:
     let lines: Vec<&str> = rest.lines().collect();
     assert_eq!(lines.len(), 2, "{rest}");
     for line in lines {
-        assert!(line.starts_with("1927 ") && line.contains("frozen"), "{rest}");
+        assert!(
+            line.starts_with("1927 ") && line.contains("frozen"),
+            "{rest}"
+        );
     }
     s.warden.run(&["unfreeze", "kr"]).ok();
 }

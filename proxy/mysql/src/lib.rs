@@ -48,8 +48,8 @@ use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
-use warden_core::listen::FirstBytes;
 use warden_core::kernel_relay::{ClientTransport, Handover};
+use warden_core::listen::FirstBytes;
 use warden_core::metrics::{AttestVia, Metrics, RelayKind};
 use warden_core::peer::Attested;
 use warden_core::pgwire::upstream::UpstreamStream;
@@ -1057,19 +1057,13 @@ async fn session(
             let mut changes = freezer.subscribe();
             let watch = freezer.until_frozen(&who.workload, &mut changes);
             let held = held_error(&route.name);
-            let done = warden_core::kernel_relay::finish(
-                client,
-                stream,
-                handover,
-                &held,
-                watch,
-                |f| {
+            let done =
+                warden_core::kernel_relay::finish(client, stream, handover, &held, watch, |f| {
                     let mut out = Vec::new();
                     put_packet(&mut out, 1, &frozen_error(f).encode());
                     out
-                },
-            )
-            .await;
+                })
+                .await;
             outcome.up += done.up;
             outcome.down += done.down;
             outcome.how = match &done.frozen {

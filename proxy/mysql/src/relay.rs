@@ -1095,6 +1095,62 @@ mod tests {
         assert!(rest.is_empty(), "{rest:?}");
     }
 
+    /// Past [`HANDOVER_AFTER`] answered commands, the hook is offered the
+    /// quiet moment after the answer to the client's last command, which
+    /// reaches the client only after the hook spliced; never while a
+    /// command is unanswered.
+    #[tokio::test]
+    async fn a_quiet_moment_is_offered_with_the_last_answer_held() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let offers = std::sync::Arc::new(AtomicU32::new(0));
+        let seen = offers.clone();
+        let task = tokio::spawn(async move {
+            let mut hook = move |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream| {
+                // Spliced at the second offer.
+                if seen.fetch_add(1, SeqCst) == 0 {
+                    Handed::Later
+                } else {
+                    Handed::Spliced
+                }
+            };
+            let h = Handover {
+                hook: &mut hook,
+                deprecate_eof: true,
+                progress: false,
+            };
+            let (o, rest) = relay_with(client, upstream, &ctx(true), never(), Some(h)).await;
+            (o, matches!(rest, Rest::Spliced(..)))
+        });
+        let query = packet(0, b"\x03SELECT 1");
+        let answer = [
+            packet(1, b"\x01"),
+            packet(2, b"\x03def\0\0\0\x011\0\x0c?\0\x01\0\0\0\x08\x81\0\0\0\0"),
+            packet(3, b"\x011"),
+            packet(4, b"\xfe\0\0\x02\0\0\0"),
+        ]
+        .concat();
+        for i in 0..HANDOVER_AFTER + 1 {
+            client_end.write_all(&query).await.unwrap();
+            let mut got = vec![0u8; query.len()];
+            server_end.read_exact(&mut got).await.unwrap();
+            // Half an answer: not quiet.
+            server_end.write_all(&answer[..10]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            server_end.write_all(&answer[10..]).await.unwrap();
+            let mut got = vec![0u8; answer.len()];
+            client_end.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, answer);
+            let want = (i + 2).saturating_sub(HANDOVER_AFTER) as u32;
+            assert_eq!(offers.load(SeqCst), want, "after {} answers", i + 1);
+        }
+        let (o, spliced) = task.await.unwrap();
+        assert!(spliced && o.spliced && o.how == SPLICED);
+        assert_eq!(offers.load(SeqCst), 2);
+        assert_eq!(o.down, (answer.len() as u64) * (HANDOVER_AFTER + 1));
+    }
+
     /// Half a command sent upstream: the connection cannot be reused.
     #[tokio::test]
     async fn a_client_gone_mid_packet_keeps_nothing() {

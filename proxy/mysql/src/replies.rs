@@ -149,9 +149,7 @@ impl Replies {
         let shape = match head.first().copied() {
             Some(COM_QUERY) => Shape::Results,
             // Flags 0: no cursor (rows come at once, no COM_STMT_FETCH).
-            Some(COM_STMT_EXECUTE) if head.len() >= EXECUTE_HEAD && head[5] == 0 => {
-                Shape::Results
-            }
+            Some(COM_STMT_EXECUTE) if head.len() >= EXECUTE_HEAD && head[5] == 0 => Shape::Results,
             Some(COM_STMT_PREPARE) => Shape::Prepare,
             Some(
                 COM_PING | COM_INIT_DB | COM_RESET_CONNECTION | COM_STMT_RESET | COM_SET_OPTION
@@ -429,11 +427,7 @@ mod tests {
         .concat();
         walks(&with(false, &[b"\x03CALL p()"]), &classic, 1);
         // An error ends the statement, whatever came before.
-        let err = [
-            packet(1, OK_MORE),
-            packet(2, b"\xff\x28\x04#42000oops"),
-        ]
-        .concat();
+        let err = [packet(1, OK_MORE), packet(2, b"\xff\x28\x04#42000oops")].concat();
         walks(&with(true, &[b"\x03DO 1; BAD"]), &err, 1);
     }
 
@@ -450,7 +444,13 @@ mod tests {
         // The close is never answered; the progress report is no answer.
         let r = with(
             true,
-            &[b"\x0e", b"\x02db", b"\x19\x01\0\0\0", b"\x03BAD", b"\x03DO 1"],
+            &[
+                b"\x0e",
+                b"\x02db",
+                b"\x19\x01\0\0\0",
+                b"\x03BAD",
+                b"\x03DO 1",
+            ],
         );
         walks(&r, &stream, 4);
     }
@@ -469,7 +469,13 @@ mod tests {
         ]
         .concat();
         walks(&with(false, &[b"\x16SELECT ?+?"]), &classic, 1);
-        let deprecated = [packet(1, prep_ok), packet(2, COL), packet(3, COL), packet(4, COL)].concat();
+        let deprecated = [
+            packet(1, prep_ok),
+            packet(2, COL),
+            packet(3, COL),
+            packet(4, COL),
+        ]
+        .concat();
         walks(&with(true, &[b"\x16SELECT ?+?"]), &deprecated, 1);
         // Execute (flags 0): a binary result set.
         let exec = b"\x17\x01\0\0\0\0\x01\0\0\0";
