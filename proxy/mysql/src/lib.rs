@@ -1013,8 +1013,7 @@ async fn session(
         .await;
         return;
     }
-    // MariaDB's CLIENT_PROGRESS (extended capability bit 0).
-    let progress = hello.mariadb_caps & 1 != 0;
+    let progress = hello.mariadb_caps & caps::MARIADB_PROGRESS != 0;
     drop(hello);
     if let Some(k) = &kill_id {
         k.set_server(upstream.server_id);

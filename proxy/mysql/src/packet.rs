@@ -36,6 +36,9 @@ pub mod caps {
     /// client (a flag byte after every column count, metadata left out for
     /// re-executed statements).
     pub const MARIADB_CACHE_METADATA: u32 = 1 << 4;
+    /// MariaDB's extended capability: progress reports (ERR packets with
+    /// code 0xffff) before a long command's answer.
+    pub const MARIADB_PROGRESS: u32 = 1;
     /// Extended capabilities never relayed: cached metadata (a pooled
     /// connection's server-side cache would not match the next client's).
     pub const MARIADB_NOT_RELAYED: u32 = MARIADB_CACHE_METADATA;

@@ -37,7 +37,7 @@
 
 use crate::packet::{put_packet, ErrPacket, COM_CHANGE_USER, COM_QUIT, MAX_PAYLOAD};
 use crate::pool::Resync;
-use crate::replies::{Replies, EXECUTE_HEAD};
+use crate::replies::{Replies, COM_STMT_EXECUTE, EXECUTE_HEAD};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
@@ -296,7 +296,7 @@ impl Commands {
                     r.set_never();
                 } else {
                     // COM_STMT_EXECUTE's flags (a cursor?) are read first.
-                    let need = if len > 0 && avail[4] == 0x17 {
+                    let need = if len > 0 && avail[4] == COM_STMT_EXECUTE {
                         len.min(EXECUTE_HEAD)
                     } else {
                         len.min(1)
