@@ -385,7 +385,7 @@ impl AccessMonitor {
             ProtectMode::Enforce => warden_ebpf::ProtectMode::Enforce,
         };
         // The addresses of routes of these kinds with kernel_relay on: for
-        // postgres and redis the kernel relay's far ends (clients' and
+        // postgres, redis and mysql the kernel relay's far ends (clients' and
         // upstreams' sockets), for http the local hops joined in the kernel
         // (client ↔ warden, warden ↔ an upstream on this host).
         let with_kernel =
@@ -400,7 +400,7 @@ impl AccessMonitor {
                     .map(|(a, _)| *a)
                     .collect()
             };
-        let relay_kinds = [RouteKind::Postgres, RouteKind::Redis];
+        let relay_kinds = [RouteKind::Postgres, RouteKind::Redis, RouteKind::Mysql];
         let monitor_cfg = MonitorConfig {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),
             upstreams: upstreams.iter().map(|(a, _)| *a).collect(),
@@ -498,14 +498,14 @@ impl AccessMonitor {
         self.monitor.as_ref()
     }
 
-    /// The kernel relay for long PostgreSQL and Redis sessions, if the
+    /// The kernel relay for long PostgreSQL, Redis and MySQL sessions, if the
     /// monitor loaded it (a kernel that refuses it leaves a warning and
     /// user-space relays).
     pub fn kernel_relay(&self) -> Option<Arc<warden_ebpf::KernelRelay>> {
         match self.monitor.as_ref()?.relay() {
             Ok(r) => Some(r.clone()),
             Err(why) => {
-                tracing::warn!("eBPF kernel relay unavailable ({why}); PostgreSQL and Redis sessions are relayed in user space");
+                tracing::warn!("eBPF kernel relay unavailable ({why}); PostgreSQL, Redis and MySQL sessions are relayed in user space");
                 None
             }
         }

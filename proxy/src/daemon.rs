@@ -427,7 +427,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
         )?
         .with_leases(leases.clone())
-        .with_kernel_relay(kernel_relay));
+        .with_kernel_relay(kernel_relay.clone()));
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
             route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
@@ -435,7 +435,8 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let mysql_routes: Vec<_> = mysql_listeners.iter().map(|(r, _)| r.clone()).collect();
         let mysql_shared = Arc::new(
             mysql::MysqlShared::new(admission.clone(), metrics.clone(), &mysql_routes, identity.clone())?
-                .with_leases(leases.clone()),
+                .with_leases(leases.clone())
+                .with_kernel_relay(kernel_relay),
         );
         for (route, tcp) in mysql_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, "MySQL route listening");

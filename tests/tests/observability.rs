@@ -308,6 +308,17 @@ credential = {{ secret = "cache/password" }}
 kernel_relay = true
 allow = ["me"]
 
+# The same for a mysql route.
+[[route]]
+name = "orders"
+kind = "mysql"
+listen = "127.0.0.1:{mysql_port}"
+upstream = "127.0.0.1:{mysql_upstream}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/password" }}
+kernel_relay = true
+allow = ["me"]
+
 [[export.sink]]
 kind = "file"
 path = "export.jsonl"
@@ -317,6 +328,8 @@ path = "export.jsonl"
         http_port = free_port(),
         redis_port = free_port(),
         redis_upstream = free_port(),
+        mysql_port = free_port(),
+        mysql_upstream = free_port(),
     );
     let warden = Instance::new_with(&cfg);
     warden.run(&["init"]).ok();

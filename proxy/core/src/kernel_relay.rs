@@ -1,5 +1,5 @@
 //! A long session handed to the eBPF kernel relay (`route.kernel_relay`),
-//! the part every route kind that uses it shares (PostgreSQL, Redis).
+//! the part every route kind that uses it shares (PostgreSQL, Redis, MySQL).
 //!
 //! A route kind's relay finds a quiet moment — the client waits for a reply
 //! warden still holds, nothing is in flight either way — and offers it to

@@ -69,6 +69,7 @@ struct Inner {
     pool_idle: IntGaugeVec,
     kernel_relay: IntCounterVec,
     redis_kernel_relay: IntCounterVec,
+    mysql_kernel_relay: IntCounterVec,
     // Secrets.
     secrets: IntGauge,
     secret_versions: IntGauge,
@@ -119,11 +120,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Which route kind's kernel relay a hand-over counts for
-/// (`warden_pg_kernel_relay_total` or `warden_redis_kernel_relay_total`).
+/// (`warden_pg_kernel_relay_total`, `warden_redis_kernel_relay_total` or
+/// `warden_mysql_kernel_relay_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayKind {
     Postgres,
     Redis,
+    Mysql,
 }
 
 /// Where a caller was attested (`via` label of `warden_attestation_seconds`).
@@ -424,6 +427,13 @@ impl Metrics {
             ),
             &["route", "result"],
         )?;
+        let mysql_kernel_relay = IntCounterVec::new(
+            Opts::new(
+                "warden_mysql_kernel_relay_total",
+                "Long MySQL/MariaDB sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space).",
+            ),
+            &["route", "result"],
+        )?;
         let pool_idle = IntGaugeVec::new(
             Opts::new(
                 "warden_pg_pool_idle_connections",
@@ -620,6 +630,7 @@ impl Metrics {
         reg(&registry, &pool_idle)?;
         reg(&registry, &kernel_relay)?;
         reg(&registry, &redis_kernel_relay)?;
+        reg(&registry, &mysql_kernel_relay)?;
         reg(&registry, &secrets)?;
         reg(&registry, &secret_versions)?;
         reg(&registry, &secret_age)?;
@@ -732,6 +743,7 @@ impl Metrics {
                 pool_idle,
                 kernel_relay,
                 redis_kernel_relay,
+                mysql_kernel_relay,
                 secrets,
                 secret_versions,
                 secret_age,
@@ -1059,6 +1071,7 @@ impl Metrics {
         match kind {
             RelayKind::Postgres => &self.inner.kernel_relay,
             RelayKind::Redis => &self.inner.redis_kernel_relay,
+            RelayKind::Mysql => &self.inner.mysql_kernel_relay,
         }
     }
 

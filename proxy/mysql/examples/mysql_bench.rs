@@ -5,7 +5,8 @@
 //! `reconnect` mode connect + login + query).
 //!
 //! `mysql_bench HOST PORT USER CONCURRENCY SECONDS persistent|reconnect`;
-//! the password comes on stdin (empty for a warden route). The login is
+//! the password comes on stdin (empty for a warden route, with or without
+//! `kernel_relay`: a spliced connection answers the same). The login is
 //! warden-mysql's own (mysql_native_password, caching_sha2_password,
 //! ed25519).
 

@@ -117,6 +117,7 @@ fn clone_route(r: &MysqlRoute) -> MysqlRoute {
         client_tls: r.client_tls,
         pool: r.pool.clone(),
         dynamic: r.dynamic,
+        kernel_relay: r.kernel_relay,
     }
 }
 

@@ -13,6 +13,9 @@
 //! with that greeting at once, and a matching idle connection (reset and
 //! checked when its last client left) replaces the connect and login.
 //!
+//! A route with `kernel_relay = true` hands long sessions on plain TCP to
+//! the eBPF kernel relay at a quiet moment ([`relay`], [`replies`]).
+//!
 //! Refusals are ERR packets written after the client's handshake response,
 //! so every client shows code, SQLSTATE and text: see [`refusal_of`] (this
 //! route kind's one denial-to-wire table) and [`upstream_refusal`].
@@ -23,6 +26,7 @@ pub mod kill;
 pub mod packet;
 pub mod pool;
 pub mod relay;
+pub mod replies;
 pub mod rotate;
 pub mod upstream;
 
@@ -44,9 +48,11 @@ use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
+use warden_core::kernel_relay::{ClientTransport, Handover};
 use warden_core::listen::FirstBytes;
-use warden_core::metrics::{AttestVia, Metrics};
+use warden_core::metrics::{AttestVia, Metrics, RelayKind};
 use warden_core::peer::Attested;
+use warden_core::pgwire::upstream::UpstreamStream;
 
 /// How long a client may take to answer warden's greeting (as PostgreSQL
 /// routes wait for a startup packet): an admitted client's upstream
@@ -71,6 +77,9 @@ pub struct MysqlRoute {
     /// `credential.dynamic`: sessions log in as their workload's lease user
     /// ([`dynamic`]); `user`/`secret` are the administrative login.
     pub dynamic: bool,
+    /// `kernel_relay`: long sessions may be handed to the eBPF kernel
+    /// relay (off unless set: see docs/mysql.md).
+    pub kernel_relay: bool,
 }
 
 impl MysqlRoute {
@@ -132,6 +141,7 @@ impl MysqlRoute {
                 client_tls: r.client_tls,
                 pool: PoolSettings::from_config(r.pool.as_ref()),
                 dynamic: cred.dynamic.is_some(),
+                kernel_relay: r.kernel_relay_on(),
             });
         }
         Ok(out)
@@ -154,6 +164,8 @@ pub struct MysqlShared {
     pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
     /// Pooled sessions' warden-issued connection ids ([`kill`]).
     pub kill_ids: kill::Registry,
+    /// The eBPF kernel relay for long sessions (None: user space only).
+    pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
 }
 
 impl MysqlShared {
@@ -164,6 +176,9 @@ impl MysqlShared {
         identity: Arc<warden_core::authority::IdentityHandle>,
     ) -> Result<MysqlShared> {
         let mut client_tls = HashMap::new();
+        for r in routes.iter().filter(|r| r.kernel_relay) {
+            metrics.kernel_relay_declare(RelayKind::Mysql, &r.name);
+        }
         for r in routes.iter().filter(|r| r.client_tls.enabled()) {
             client_tls.insert(
                 r.name.clone(),
@@ -178,7 +193,17 @@ impl MysqlShared {
             greetings: std::sync::Mutex::new(HashMap::new()),
             leases: None,
             kill_ids: kill::Registry::default(),
+            kernel_relay: None,
         })
+    }
+
+    /// Sets the kernel relay long sessions are handed to.
+    pub fn with_kernel_relay(
+        mut self,
+        relay: Option<Arc<warden_ebpf::KernelRelay>>,
+    ) -> MysqlShared {
+        self.kernel_relay = relay;
+        self
     }
 
     /// Sets the lease manager dynamic routes take their users from.
@@ -468,9 +493,40 @@ fn credential_target(route: &MysqlRoute, version: Option<u32>, detail: String) -
 }
 
 /// A client connection: plain TCP, or TLS after an SSLRequest.
-pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
+    /// The plain TCP socket (the only kind the kernel relay splices).
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client>;
+}
+
+impl ClientIo for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
+        Ok(*self)
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
+        Err(self)
+    }
+}
+
 type Client = Box<dyn ClientIo>;
+
+impl ClientTransport for Client {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        (**self).plain_tcp()
+    }
+    fn into_plain_tcp(self) -> std::result::Result<TcpStream, Client> {
+        ClientIo::into_plain_tcp(self)
+    }
+}
 
 /// What the client answered to warden's greeting: its handshake response
 /// and the sequence id warden answers with; `Err(Some)`: what to answer
@@ -957,6 +1013,7 @@ async fn session(
         .await;
         return;
     }
+    let progress = hello.mariadb_caps & caps::MARIADB_PROGRESS != 0;
     drop(hello);
     if let Some(k) = &kill_id {
         k.set_server(upstream.server_id);
@@ -974,8 +1031,52 @@ async fn session(
     };
     // A freeze of the workload ends the session at once.
     let stop = frozen_watch(&shared, &who.workload);
-    let (outcome, back) = relay::relay(client, upstream.stream, &ctx, stop).await;
-    if outcome.how == relay::FROZEN {
+    let kernel = kernel_eligible(&shared, &route, &client, &upstream);
+    let mut handover = Handover::new(RelayKind::Mysql);
+    let (mut outcome, rest) = match &kernel {
+        Some(k) => {
+            let mut offer = |c: &Client, u: &UpstreamStream| {
+                handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics)
+            };
+            let h = relay::Handover {
+                hook: &mut offer,
+                deprecate_eof: upstream.capabilities & caps::DEPRECATE_EOF != 0,
+                progress,
+            };
+            relay::relay_with(client, upstream.stream, &ctx, stop, Some(h)).await
+        }
+        None => relay::relay_with(client, upstream.stream, &ctx, stop, None).await,
+    };
+    let mut frozen = outcome.how == relay::FROZEN;
+    let back = match rest {
+        relay::Rest::Spliced(client, stream) => {
+            // The upstream connection is closed at the end, never pooled:
+            // warden no longer knows where its protocol stands.
+            let freezer = shared.admission.freezer();
+            let mut changes = freezer.subscribe();
+            let watch = freezer.until_frozen(&who.workload, &mut changes);
+            let held = held_error(&route.name);
+            let done =
+                warden_core::kernel_relay::finish(client, stream, handover, &held, watch, |f| {
+                    let mut out = Vec::new();
+                    put_packet(&mut out, 1, &frozen_error(f).encode());
+                    out
+                })
+                .await;
+            outcome.up += done.up;
+            outcome.down += done.down;
+            outcome.how = match &done.frozen {
+                Some(_) => "closed: workload frozen (kernel relay)",
+                None if done.error => "connection error (kernel relay)",
+                None => "closed (kernel relay)",
+            };
+            frozen = done.frozen.is_some();
+            None
+        }
+        relay::Rest::Pool(stream, resync) => Some((stream, resync)),
+        relay::Rest::Closed => None,
+    };
+    if frozen {
         shared.metrics.session(&route.name, &who.workload, "frozen");
         tracing::warn!(route = %route.name, workload = %who.workload, "open session ended: the workload is frozen");
     }
@@ -1024,6 +1125,45 @@ pub fn frozen_error(f: &warden_core::freeze::FreezeEntry) -> ErrPacket {
             warden_core::freeze::frozen_message(f).trim_start_matches("warden: ")
         ),
     )
+}
+
+/// Whether this session may be handed to the kernel relay (see
+/// `docs/mysql.md`): the relay is loaded and on for the route, client and
+/// upstream are plain TCP (the upstream's far end must be on this host too,
+/// which the splice itself checks), and the session's result sets have a
+/// shape [`replies`] walks (no MySQL 8 optional result-set metadata). What
+/// the session sends can still rule it out ([`relay`]).
+fn kernel_eligible(
+    shared: &MysqlShared,
+    route: &MysqlRoute,
+    client: &Client,
+    upstream: &Upstream,
+) -> Option<Arc<warden_ebpf::KernelRelay>> {
+    shared
+        .kernel_relay
+        .as_ref()
+        .filter(|_| route.kernel_relay)
+        .filter(|_| client.plain_tcp().is_some())
+        .filter(|_| matches!(upstream.stream, UpstreamStream::Plain(_)))
+        .filter(|_| upstream.capabilities & caps::OPTIONAL_RESULTSET_METADATA == 0)
+        .cloned()
+}
+
+/// The ERR for a client caught sending during the hand-over (1158,
+/// ER_NET_READ_ERROR's SQLSTATE 08S01: the connection is lost).
+fn held_error(route: &str) -> Vec<u8> {
+    let e = ErrPacket::new(
+        1158,
+        "08S01",
+        format!(
+            "warden: the client sent while route {route:?} handed this session to the \
+             kernel relay; reconnect (a pipelining client needs kernel_relay = false on \
+             the route)"
+        ),
+    );
+    let mut out = Vec::new();
+    put_packet(&mut out, 1, &e.encode());
+    out
 }
 
 /// `SERVER_STATUS_AUTOCOMMIT`: the status of a freshly reset session.

@@ -22,6 +22,8 @@ pub mod caps {
     pub const CONNECT_ATTRS: u32 = 1 << 20;
     pub const PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 1 << 21;
     pub const DEPRECATE_EOF: u32 = 1 << 24;
+    /// MySQL 8: result sets may leave their column definitions out.
+    pub const OPTIONAL_RESULTSET_METADATA: u32 = 1 << 25;
     pub const ZSTD_COMPRESSION: u32 = 1 << 26;
     pub const MULTI_FACTOR_AUTH: u32 = 1 << 28;
     pub const SSL_VERIFY_SERVER_CERT: u32 = 1 << 30;
@@ -34,6 +36,9 @@ pub mod caps {
     /// client (a flag byte after every column count, metadata left out for
     /// re-executed statements).
     pub const MARIADB_CACHE_METADATA: u32 = 1 << 4;
+    /// MariaDB's extended capability: progress reports (ERR packets with
+    /// code 0xffff) before a long command's answer.
+    pub const MARIADB_PROGRESS: u32 = 1;
     /// Extended capabilities never relayed: cached metadata (a pooled
     /// connection's server-side cache would not match the next client's).
     pub const MARIADB_NOT_RELAYED: u32 = MARIADB_CACHE_METADATA;

@@ -20,13 +20,58 @@
 //! COM_CHANGE_USER, so no server reply is due (a client that pipelines
 //! commands behind an unanswered one could see the ERR before an earlier
 //! answer; classic-protocol clients do not).
+//!
+//! **Hand-over to the kernel relay.** Given a [`Handover`] (a session the
+//! session code found eligible, see `docs/mysql.md`), the relay also walks
+//! the server's replies against the client's commands
+//! ([`crate::replies`]). Once [`HANDOVER_AFTER`] commands are answered it
+//! offers the session to the kernel at the first quiet moment: a read from
+//! the server ends exactly with the answer to the client's last command,
+//! every command is answered, and nothing from the client is buffered,
+//! half sent or waiting upstream. That last answer is still held: a client
+//! that waits for it cannot send, so the hook can splice the sockets with
+//! the client side silent. If it does, the held bytes go out and the relay
+//! returns both streams ([`Rest::Spliced`]); otherwise relaying goes on (a
+//! later quiet moment may be offered again). A session that sends anything
+//! [`crate::replies`] does not track exactly is never offered.
 
 use crate::packet::{put_packet, ErrPacket, COM_CHANGE_USER, COM_QUIT, MAX_PAYLOAD};
 use crate::pool::Resync;
+use crate::replies::{Replies, COM_STMT_EXECUTE, EXECUTE_HEAD};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+pub use warden_core::kernel_relay::Handed;
+
+/// Commands answered before a session is offered to the kernel relay:
+/// short sessions stay in user space, where their upstream connection can
+/// be pooled; a spliced session's upstream connection is closed at its end.
+pub const HANDOVER_AFTER: u64 = 32;
+
+/// [`Outcome::how`] of a session handed to the kernel relay.
+pub const SPLICED: &str = "handed to the kernel relay";
+
+/// A session's hand-over hook and what its replies look like.
+pub struct Handover<'a, C, U> {
+    /// Offered the two streams at a quiet moment (see the module docs).
+    pub hook: &'a mut (dyn FnMut(&C, &U) -> Handed + Send),
+    /// The session agreed `CLIENT_DEPRECATE_EOF`.
+    pub deprecate_eof: bool,
+    /// The client asked for MariaDB progress reports.
+    pub progress: bool,
+}
+
+/// What the relay hands back besides its [`Outcome`].
+pub enum Rest<C, U> {
+    /// Nothing: both connections are done.
+    Closed,
+    /// The upstream connection may be pooled (a pooled route's client left
+    /// at a command boundary), with where its framing stood.
+    Pool(U, Resync),
+    /// Handed to the kernel relay: both streams, open.
+    Spliced(C, U),
+}
 
 /// [`Outcome::how`] of a session `stop` ended.
 pub const FROZEN: &str = "closed: workload frozen";
@@ -54,6 +99,9 @@ pub struct Outcome {
     pub down: u64,
     pub change_user_refused: u64,
     pub how: &'static str,
+    /// The session was handed to the kernel relay (`up`/`down` count what
+    /// user space relayed before).
+    pub spliced: bool,
 }
 
 /// Packet boundaries in a byte stream.
@@ -153,6 +201,8 @@ struct Commands {
     change_user_refused: u64,
     /// Commands seen (forwarded or not).
     count: u64,
+    /// The answers owed, on a session that may be handed over.
+    replies: Option<Replies>,
 }
 
 /// What [`Commands::scan`] saw last.
@@ -218,11 +268,18 @@ impl Commands {
                     match crate::kill::inspect(&avail[4..4 + len], scope) {
                         crate::kill::Action::Pass => {}
                         crate::kill::Action::Rewrite(p) => {
+                            if let Some(r) = &mut self.replies {
+                                r.command(&p, p.len());
+                            }
                             put_packet(out, 0, &p);
                             start += 4 + len;
                             continue;
                         }
                         crate::kill::Action::Refuse(e) => {
+                            // Answered here: no server reply to track.
+                            if let Some(r) = &mut self.replies {
+                                r.set_never();
+                            }
                             put_packet(local, 1, &e.encode());
                             start += 4 + len;
                             continue;
@@ -232,6 +289,23 @@ impl Commands {
             }
             if is_command && ctx.pool && len == 1 && avail[4] == COM_QUIT {
                 return (start + 5, Scanned::Quit);
+            }
+            if let Some(r) = self.replies.as_mut().filter(|r| !r.never()) {
+                if !is_command {
+                    // LOCAL INFILE data or a long command's continuation.
+                    r.set_never();
+                } else {
+                    // COM_STMT_EXECUTE's flags (a cursor?) are read first.
+                    let need = if len > 0 && avail[4] == COM_STMT_EXECUTE {
+                        len.min(EXECUTE_HEAD)
+                    } else {
+                        len.min(1)
+                    };
+                    if avail.len() < 4 + need {
+                        return (start, Scanned::More);
+                    }
+                    r.command(&avail[4..4 + need], len);
+                }
             }
             if is_command {
                 self.count += 1;
@@ -335,6 +409,8 @@ fn poll_fill<R: AsyncRead + Unpin>(
 enum End {
     /// `stop` fired: the client gets this ERR (if it can be placed).
     Stopped(ErrPacket),
+    /// Handed to the kernel relay; the held answer is still to be sent.
+    Spliced,
     ClientClosed,
     ClientQuit,
     UpstreamClosed,
@@ -357,8 +433,8 @@ enum End {
 /// boundary (else the connection just closes), and the upstream
 /// connection is closed, never pooled.
 pub async fn relay<C, U, S>(
-    mut client: C,
-    mut upstream: U,
+    client: C,
+    upstream: U,
     ctx: &Context<'_>,
     stop: S,
 ) -> (Outcome, Option<(U, Resync)>)
@@ -367,10 +443,36 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
     S: std::future::Future<Output = ErrPacket>,
 {
+    let (outcome, rest) = relay_with(client, upstream, ctx, stop, None).await;
+    match rest {
+        Rest::Pool(u, r) => (outcome, Some((u, r))),
+        Rest::Closed | Rest::Spliced(..) => (outcome, None),
+    }
+}
+
+/// [`relay`], offering quiet moments to `handover` (see the module docs).
+pub async fn relay_with<C, U, S>(
+    mut client: C,
+    mut upstream: U,
+    ctx: &Context<'_>,
+    stop: S,
+    handover: Option<Handover<'_, C, U>>,
+) -> (Outcome, Rest<C, U>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    S: std::future::Future<Output = ErrPacket>,
+{
     let mut stop = std::pin::pin!(stop);
     // Client → server: read, scanned into `out`, written.
     let mut cbuf = Buffer::new();
-    let mut commands = Commands::default();
+    let mut commands = Commands {
+        replies: handover
+            .as_ref()
+            .map(|h| Replies::new(h.deprecate_eof, h.progress)),
+        ..Commands::default()
+    };
+    let mut hook = handover.map(|h| h.hook);
     let mut out: Vec<u8> = Vec::with_capacity(BUF);
     let mut out_pos = 0;
     let mut up = 0u64;
@@ -501,6 +603,35 @@ where
                 Poll::Ready(Ok(_)) => {
                     position.skip(&ubuf.buf[ubuf.pos..ubuf.cap]);
                     progress = true;
+                    if let Some(r) = &mut commands.replies {
+                        r.feed(&ubuf.buf[ubuf.pos..ubuf.cap]);
+                        if r.never() {
+                            commands.replies = None;
+                            hook = None;
+                        }
+                    }
+                    // A quiet moment: this read ends the answer to the
+                    // client's last command, which is held (not written
+                    // yet), and nothing from the client is pending.
+                    let quiet = commands
+                        .replies
+                        .as_ref()
+                        .is_some_and(|r| r.quiet() && r.answered() >= HANDOVER_AFTER)
+                        && cbuf.is_empty()
+                        && out.is_empty()
+                        && local.is_empty()
+                        && commands.at_boundary()
+                        && !quit;
+                    if let (true, Some(h)) = (quiet, hook.as_mut()) {
+                        match h(&client, &upstream) {
+                            Handed::Spliced => return Poll::Ready(End::Spliced),
+                            Handed::Later => {}
+                            Handed::Never => {
+                                hook = None;
+                                commands.replies = None;
+                            }
+                        }
+                    }
                 }
                 Poll::Pending => {
                     if down_flush {
@@ -518,6 +649,34 @@ where
         }
     })
     .await;
+    if let End::Spliced = end {
+        // The held answer goes out; the kernel relays from here.
+        let held = &ubuf.buf[ubuf.pos..ubuf.cap];
+        let sent = async {
+            client.write_all(held).await?;
+            client.flush().await
+        }
+        .await;
+        down += held.len() as u64;
+        let outcome = Outcome {
+            up,
+            down,
+            change_user_refused: commands.change_user_refused,
+            how: SPLICED,
+            spliced: true,
+        };
+        ubuf.pos = ubuf.cap;
+        if sent.is_err() {
+            return (
+                Outcome {
+                    how: "client closed",
+                    ..outcome
+                },
+                Rest::Closed,
+            );
+        }
+        return (outcome, Rest::Spliced(client, upstream));
+    }
     let (how, reusable) = match end {
         End::Stopped(e) => {
             if written.at_boundary() && !written.continued {
@@ -551,22 +710,24 @@ where
             ("upstream closed", false)
         }
         End::ClientGone => ("client closed", false),
+        End::Spliced => (SPLICED, false),
     };
     let outcome = Outcome {
         up,
         down,
         change_user_refused: commands.change_user_refused,
         how,
+        spliced: false,
     };
-    let back = (reusable && ctx.pool && !position.continued).then(|| {
+    if reusable && ctx.pool && !position.continued {
         let resync = Resync {
             header_have: position.have,
             header: position.header,
             remaining: position.remaining,
         };
-        (upstream, resync)
-    });
-    (outcome, back)
+        return (outcome, Rest::Pool(upstream, resync));
+    }
+    (outcome, Rest::Closed)
 }
 
 #[cfg(test)]
@@ -932,6 +1093,62 @@ mod tests {
         )
         .await;
         assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// Past [`HANDOVER_AFTER`] answered commands, the hook is offered the
+    /// quiet moment after the answer to the client's last command, which
+    /// reaches the client only after the hook spliced; never while a
+    /// command is unanswered.
+    #[tokio::test]
+    async fn a_quiet_moment_is_offered_with_the_last_answer_held() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let offers = std::sync::Arc::new(AtomicU32::new(0));
+        let seen = offers.clone();
+        let task = tokio::spawn(async move {
+            let mut hook = move |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream| {
+                // Spliced at the second offer.
+                if seen.fetch_add(1, SeqCst) == 0 {
+                    Handed::Later
+                } else {
+                    Handed::Spliced
+                }
+            };
+            let h = Handover {
+                hook: &mut hook,
+                deprecate_eof: true,
+                progress: false,
+            };
+            let (o, rest) = relay_with(client, upstream, &ctx(true), never(), Some(h)).await;
+            (o, matches!(rest, Rest::Spliced(..)))
+        });
+        let query = packet(0, b"\x03SELECT 1");
+        let answer = [
+            packet(1, b"\x01"),
+            packet(2, b"\x03def\0\0\0\x011\0\x0c?\0\x01\0\0\0\x08\x81\0\0\0\0"),
+            packet(3, b"\x011"),
+            packet(4, b"\xfe\0\0\x02\0\0\0"),
+        ]
+        .concat();
+        for i in 0..HANDOVER_AFTER + 1 {
+            client_end.write_all(&query).await.unwrap();
+            let mut got = vec![0u8; query.len()];
+            server_end.read_exact(&mut got).await.unwrap();
+            // Half an answer: not quiet.
+            server_end.write_all(&answer[..10]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            server_end.write_all(&answer[10..]).await.unwrap();
+            let mut got = vec![0u8; answer.len()];
+            client_end.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, answer);
+            let want = (i + 2).saturating_sub(HANDOVER_AFTER) as u32;
+            assert_eq!(offers.load(SeqCst), want, "after {} answers", i + 1);
+        }
+        let (o, spliced) = task.await.unwrap();
+        assert!(spliced && o.spliced && o.how == SPLICED);
+        assert_eq!(offers.load(SeqCst), 2);
+        assert_eq!(o.down, (answer.len() as u64) * (HANDOVER_AFTER + 1));
     }
 
     /// Half a command sent upstream: the connection cannot be reused.

@@ -141,7 +141,7 @@ pub struct Route {
     /// `pool = false` or `max_idle = 0` disables).
     #[serde(default)]
     pub pool: Option<PoolConfig>,
-    /// postgres, redis: hand long sessions on plain TCP (client and
+    /// postgres, redis, mysql: hand long sessions on plain TCP (client and
     /// upstream) to the eBPF kernel relay. http: let the kernel join warden's local hops
     /// (client ↔ warden, warden ↔ an upstream on this host) socket to
     /// socket. Needs the eBPF monitor loaded. Default: see
@@ -161,12 +161,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Route {
     /// Whether `kernel_relay` is on: as set, else true for postgres and
-    /// http routes and false for redis routes — a spliced Redis session's
-    /// `AUTH`/`RESET` reach the server unseen, so a workload could become a
-    /// server user that needs no password (see docs/redis.md): the operator
-    /// opts in where the server has none.
+    /// http routes and false for redis and mysql routes — a spliced Redis
+    /// session's `AUTH`/`RESET`, or a spliced MySQL session's
+    /// `COM_CHANGE_USER`, reach the server unseen, so a workload could
+    /// become a server user that needs no password (see docs/redis.md,
+    /// docs/mysql.md): the operator opts in where the server has none.
     pub fn kernel_relay_on(&self) -> bool {
-        self.kernel_relay.unwrap_or(self.kind != RouteKind::Redis)
+        self.kernel_relay
+            .unwrap_or(!matches!(self.kind, RouteKind::Redis | RouteKind::Mysql))
     }
 
     /// The upstream connect timeout.
@@ -547,13 +549,13 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
     if r.kernel_relay.is_some()
         && !matches!(
             r.kind,
-            RouteKind::Postgres | RouteKind::Http | RouteKind::Redis
+            RouteKind::Postgres | RouteKind::Http | RouteKind::Redis | RouteKind::Mysql
         )
     {
         c.error(
             format!("{k}.kernel_relay"),
             format!(
-                "kernel_relay is only used by kind = \"postgres\", \"redis\" and \"http\" routes; this route is kind = \"{}\"",
+                "kernel_relay is only used by kind = \"postgres\", \"redis\", \"mysql\" and \"http\" routes; this route is kind = \"{}\"",
                 r.kind
             ),
             "remove kernel_relay from this route",

@@ -199,7 +199,14 @@ allow = ["web"]
             "route[0].pool.reset",
         );
         ok(&mysql_cfg("pool = { reset = \"always\" }"));
-        only_error(&mysql_cfg("kernel_relay = true"), "route[0].kernel_relay");
+        // kernel_relay: off unless asked for (a spliced session's
+        // COM_CHANGE_USER reaches the server unseen).
+        assert_eq!(ok(&mysql_cfg("")).routes[0].kernel_relay, None);
+        assert!(!ok(&mysql_cfg("")).routes[0].kernel_relay_on());
+        for v in ["true", "false"] {
+            let cfg = ok(&mysql_cfg(&format!("kernel_relay = {v}")));
+            assert_eq!(cfg.routes[0].kernel_relay_on(), v == "true");
+        }
         only_error(
             &mysql_cfg("").replace("upstream = \"127.0.0.1:3306\"", "upstream = \"db\""),
             "route[0].upstream",
