@@ -357,3 +357,51 @@ pub fn have_root() -> bool {
     }
     true
 }
+
+/// The value of one metric line of `w`'s `/metrics` (`name{labels}`, labels
+/// in the exporter's order), 0 when absent.
+pub fn metric(w: &Instance, series: &str) -> f64 {
+    w.http_get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `ok` every 50 ms; fails the test naming `what` after 20 s.
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The `session.end` audit records of `route` (every route: `None`).
+pub fn session_ends(w: &Instance, route: Option<&str>) -> Vec<String> {
+    let route = route.map(|r| format!("\"route\":\"{r}\""));
+    std::fs::read_to_string(w.audit_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"session.end\""))
+        .filter(|l| route.as_ref().is_none_or(|r| l.contains(r.as_str())))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The up and down byte counts a session's end record states.
+pub fn byte_counts(record: &str) -> (u64, u64) {
+    let parse = |s: &str| {
+        s.parse()
+            .unwrap_or_else(|_| panic!("byte count in {record}"))
+    };
+    let (before, rest) = record
+        .split_once(" bytes up, ")
+        .unwrap_or_else(|| panic!("no byte counts in {record}"));
+    let up = parse(before.rsplit(' ').next().unwrap_or(""));
+    let down = parse(rest.split_once(" bytes down").map_or("", |p| p.0));
+    (up, down)
+}

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, my_uid, warden_bin, Daemon, Instance};
+use warden_tests::{free_port, metric, my_uid, warden_bin, Daemon, Instance};
 
 const PASSWORD: &str = "pw-CANARY-3f0c9d12-limits";
 /// The daemon's soft and hard descriptor limit in this test.
@@ -55,13 +55,6 @@ fn start_limited(warden: &Instance) -> Daemon {
         std::thread::sleep(Duration::from_millis(100));
     }
     d
-}
-
-fn metric(w: &Instance, series: &str) -> f64 {
-    let (_, body) = w.http_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[test]

@@ -17,7 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use warden_tests::cgroup::Cgroup;
 use warden_tests::mysql::{cli_with, python, python_with_pymysql, MariaDb};
-use warden_tests::{free_port, have_root, my_uid, Instance};
+use warden_tests::{
+    byte_counts, free_port, have_root, metric, my_uid, session_ends, wait_for, Instance,
+};
 
 const APP_PW: &str = "mysql-CANARY-77e1-kernel";
 
@@ -96,14 +98,6 @@ ebpf = "required"
     }
 }
 
-fn metric(w: &Instance, series: &str) -> f64 {
-    w.http_get("/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn relay_metric(w: &Instance, route: &str, result: &str) -> f64 {
     metric(
         w,
@@ -119,32 +113,6 @@ fn relay_series(w: &Instance) -> String {
         .filter(|l| l.starts_with("warden_mysql_kernel_relay_total"))
         .collect();
     lines.join("; ")
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The `session.end` records of `route`.
-fn session_ends(w: &Instance, route: &str) -> Vec<String> {
-    let route = format!("\"route\":\"{route}\"");
-    std::fs::read_to_string(w.audit_log())
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("\"session.end\"") && l.contains(&route))
-        .map(str::to_string)
-        .collect()
-}
-
-fn byte_counts(record: &str) -> (u64, u64) {
-    let (before, rest) = record.split_once(" bytes up, ").expect("byte counts");
-    let up = before.rsplit(' ').next().unwrap().parse().unwrap();
-    let down = rest.split_once(" bytes down").unwrap().0.parse().unwrap();
-    (up, down)
 }
 
 /// A PyMySQL session driven line by line: after its warm-up (more answered
@@ -322,8 +290,10 @@ fn a_long_pymysql_session_is_spliced_and_keeps_working() {
         rest,
         format!("after {WORKLOAD}, 'spliced-pear']\nbig True\ndone\n")
     );
-    wait_for("session.end", || !session_ends(&s.warden, "kr").is_empty());
-    let end = session_ends(&s.warden, "kr").remove(0);
+    wait_for("session.end", || {
+        !session_ends(&s.warden, Some("kr")).is_empty()
+    });
+    let end = session_ends(&s.warden, Some("kr")).remove(0);
     assert!(end.contains("closed (kernel relay)"), "{end}");
     let (up, down) = byte_counts(&end);
     assert!(up > 1 << 20 && down > 1 << 20, "{end}");
@@ -381,8 +351,10 @@ fn a_long_mariadb_cli_session_is_spliced() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.ends_with("39\napple\nafter\t2\n1\n2\n"), "{text}");
-    wait_for("session.end", || !session_ends(&s.warden, "kr").is_empty());
-    let end = session_ends(&s.warden, "kr").remove(0);
+    wait_for("session.end", || {
+        !session_ends(&s.warden, Some("kr")).is_empty()
+    });
+    let end = session_ends(&s.warden, Some("kr")).remove(0);
     assert!(end.contains("closed (kernel relay)"), "{end}");
 }
 
@@ -427,7 +399,7 @@ fn ineligible_sessions_stay_in_user_space() {
     );
     assert!(code == 0 && out.starts_with("TLSv1.3"), "{out}");
     wait_for("the TLS sessions' ends", || {
-        session_ends(&s.warden, "kr").len() == 2
+        session_ends(&s.warden, Some("kr")).len() == 2
     });
     never("kr");
     // LOCAL INFILE first: the session is never offered, however long.
@@ -445,10 +417,10 @@ fn ineligible_sessions_stay_in_user_space() {
     );
     assert_eq!((code, out.as_str()), (0, "fig,kiwi\n"));
     wait_for("the LOCAL INFILE session's end", || {
-        session_ends(&s.warden, "kr").len() == 3
+        session_ends(&s.warden, Some("kr")).len() == 3
     });
     never("kr");
-    for end in session_ends(&s.warden, "kr") {
+    for end in session_ends(&s.warden, Some("kr")) {
         assert!(!end.contains("kernel relay"), "{end}");
     }
     // No kernel_relay key: the same long session stays in user space and
@@ -466,9 +438,9 @@ fn ineligible_sessions_stay_in_user_space() {
     let (ok, rest) = d.finish();
     assert!(ok && rest.ends_with("done\n"), "{rest}");
     wait_for("session.end", || {
-        !session_ends(&s.warden, "plain").is_empty()
+        !session_ends(&s.warden, Some("plain")).is_empty()
     });
-    let end = session_ends(&s.warden, "plain").remove(0);
+    let end = session_ends(&s.warden, Some("plain")).remove(0);
     assert!(!end.contains("kernel relay"), "{end}");
     assert!(
         !s.warden
@@ -540,10 +512,10 @@ for c in conns:
         .run(&["freeze", "kr", "--reason", "kernel relay test"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     wait_for("the frozen sessions' records", || {
-        session_ends(&s.warden, "kr")
+        session_ends(&s.warden, Some("kr"))
             .iter()
             .any(|e| e.contains("closed: workload frozen (kernel relay)"))
-            && session_ends(&s.warden, "plain")
+            && session_ends(&s.warden, Some("plain"))
                 .iter()
                 .any(|e| e.contains("closed: workload frozen\""))
     });

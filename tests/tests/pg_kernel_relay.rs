@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use warden_tests::cgroup::Cgroup;
 use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSetup};
-use warden_tests::{have_root, Instance};
+use warden_tests::{byte_counts, have_root, metric, session_ends, wait_for, Instance};
 
 const PASSWORD: &str = "pw-CANARY-3b9d0e51-kernel";
 const SPLICED: &str = "warden_pg_kernel_relay_total{result=\"spliced\",route=\"app-db\"}";
@@ -40,22 +40,6 @@ fn setup_with(allow: &str, secret_extra: &str, route_extra: &str) -> RouteSetup 
     )
 }
 
-fn metric(w: &Instance, series: &str) -> f64 {
-    w.http_get("/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 type Conn = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
 
 async fn connect(port: u16) -> (tokio_postgres::Client, Conn) {
@@ -74,21 +58,6 @@ async fn warm_up(client: &tokio_postgres::Client) {
         let row = client.query_one("select $1::int * 2", &[&i]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), i * 2);
     }
-}
-
-/// The `session.end` records of route app-db.
-fn session_ends(w: &Instance) -> Vec<String> {
-    std::fs::read_to_string(w.audit_log())
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("\"session.end\""))
-        .map(str::to_string)
-        .collect()
-}
-
-fn bytes_down(record: &str) -> u64 {
-    let (_, rest) = record.split_once(" bytes up, ").expect("byte counts");
-    rest.split_once(" bytes down").unwrap().0.parse().unwrap()
 }
 
 /// A route and a tokio-postgres session on it that has been
@@ -209,10 +178,10 @@ async fn a_long_session_is_spliced_and_every_byte_arrives_both_ways() {
     assert_eq!(spliced(&s.warden), 1.0, "one session, one splice");
 
     // The end record counts the kernel's bytes too, and says who relayed.
-    wait_for("session.end", || !session_ends(&s.warden).is_empty());
-    let end = session_ends(&s.warden).remove(0);
+    wait_for("session.end", || !session_ends(&s.warden, None).is_empty());
+    let end = session_ends(&s.warden, None).remove(0);
     assert!(end.contains("(kernel relay)"), "{end}");
-    assert!(bytes_down(&end) > 26_000_000, "{end}");
+    assert!(byte_counts(&end).1 > 26_000_000, "{end}");
     let audit = std::fs::read_to_string(s.warden.audit_log()).unwrap();
     assert!(!audit.contains(PASSWORD));
     assert!(!s._daemon.log_text().contains(PASSWORD));
@@ -330,7 +299,7 @@ fn a_freeze_ends_a_spliced_session_with_warden_57p01() {
     assert!(stderr.contains("terminating connection"), "{stderr}");
     assert!(stderr.contains("frozen"), "{stderr}");
     wait_for("the frozen session's record", || {
-        session_ends(&s.warden)
+        session_ends(&s.warden, None)
             .iter()
             .any(|e| e.contains("closed: workload frozen"))
     });
@@ -346,8 +315,8 @@ async fn kernel_relay_false_keeps_long_sessions_in_user_space_and_pooled() {
     warm_up(&client).await;
     drop(client);
     conn.await.unwrap().unwrap();
-    wait_for("session.end", || !session_ends(&s.warden).is_empty());
-    let end = session_ends(&s.warden).remove(0);
+    wait_for("session.end", || !session_ends(&s.warden, None).is_empty());
+    let end = session_ends(&s.warden, None).remove(0);
     assert!(!end.contains("kernel relay"), "{end}");
     assert_eq!(spliced(&s.warden), 0.0);
     // User space saw where the protocol stood: the connection was pooled.

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use warden_tests::pg::{route_setup, Auth, ClusterOptions, RouteOptions, RouteSetup};
-use warden_tests::Instance;
+use warden_tests::{wait_for, Instance};
 
 const PASSWORD: &str = "pw-CANARY-7c4e19a2-pooled";
 
@@ -104,14 +104,6 @@ fn wait_idle(w: &Instance, n: usize) {
             Instant::now() < deadline,
             "the pool never held {n} idle connection(s):\n{m}"
         );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

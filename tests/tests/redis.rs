@@ -8,7 +8,7 @@
 
 use std::process::Command;
 use warden_tests::redis::{cli, command, Raw, RedisServer};
-use warden_tests::{files_containing, free_port, my_uid, Instance};
+use warden_tests::{files_containing, free_port, metric, my_uid, Instance};
 
 const DEFAULT_PW: &str = "redis-CANARY-5d1f-default";
 const APP_PW: &str = "redis-CANARY-77aa-app";
@@ -335,15 +335,6 @@ fn redis_clients_reach_the_server_through_warden_without_a_password() {
     );
     s.warden.run(&["unfreeze", "me"]).ok();
     assert_eq!(cli(s.cache, &["GET", "k"]).1, "v\n");
-}
-
-/// The value of one metric line (`name{labels}`), 0 when absent.
-fn metric(w: &Instance, series: &str) -> f64 {
-    w.http_get("/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Waits until the route's pool has taken back `n` connections in all (the

@@ -14,7 +14,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use warden_tests::cgroup::Cgroup;
 use warden_tests::redis::{command, Raw, RedisServer};
-use warden_tests::{free_port, have_root, my_uid, Instance};
+use warden_tests::{
+    byte_counts, free_port, have_root, metric, my_uid, session_ends, wait_for, Instance,
+};
 
 const DEFAULT_PW: &str = "redis-CANARY-4e21-kernel";
 const APP_PW: &str = "redis-CANARY-9c03-kernel-app";
@@ -99,45 +101,11 @@ ebpf = "required"
     }
 }
 
-fn metric(w: &Instance, series: &str) -> f64 {
-    w.http_get("/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn relay_metric(w: &Instance, route: &str, result: &str) -> f64 {
     metric(
         w,
         &format!("warden_redis_kernel_relay_total{{result=\"{result}\",route=\"{route}\"}}"),
     )
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The `session.end` records of `route`.
-fn session_ends(w: &Instance, route: &str) -> Vec<String> {
-    let route = format!("\"route\":\"{route}\"");
-    std::fs::read_to_string(w.audit_log())
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("\"session.end\"") && l.contains(&route))
-        .map(str::to_string)
-        .collect()
-}
-
-fn byte_counts(record: &str) -> (u64, u64) {
-    let (before, rest) = record.split_once(" bytes up, ").expect("byte counts");
-    let up = before.rsplit(' ').next().unwrap().parse().unwrap();
-    let down = rest.split_once(" bytes down").unwrap().0.parse().unwrap();
-    (up, down)
 }
 
 /// More round trips than warden waits for before the hand-over (32).
@@ -203,9 +171,9 @@ fn a_long_session_is_spliced_and_a_1mb_value_goes_both_ways() {
     assert_eq!(c.read_at_least(7), b"$1\r\n7\r\n");
     drop(c);
     wait_for("session.end", || {
-        !session_ends(&s.warden, "cache").is_empty()
+        !session_ends(&s.warden, Some("cache")).is_empty()
     });
-    let end = session_ends(&s.warden, "cache").remove(0);
+    let end = session_ends(&s.warden, Some("cache")).remove(0);
     assert!(end.contains("closed (kernel relay)"), "{end}");
     let (up, down) = byte_counts(&end);
     assert!(up > 1 << 20 && down > 1 << 20, "{end}");
@@ -232,8 +200,10 @@ fn routes_with_a_command_list_or_without_kernel_relay_stay_in_user_space() {
         c.send(&command(&[b"PING"]));
         assert_eq!(c.read_at_least(7), b"+PONG\r\n");
         drop(c);
-        wait_for("session.end", || !session_ends(&s.warden, route).is_empty());
-        let end = session_ends(&s.warden, route).remove(0);
+        wait_for("session.end", || {
+            !session_ends(&s.warden, Some(route)).is_empty()
+        });
+        let end = session_ends(&s.warden, Some(route)).remove(0);
         assert!(!end.contains("kernel relay"), "{end}");
         for result in ["spliced", "busy", "held", "not_local"] {
             assert_eq!(
@@ -346,10 +316,10 @@ for s, f in conns:
         );
     }
     wait_for("the frozen sessions' records", || {
-        session_ends(&s.warden, "cache")
+        session_ends(&s.warden, Some("cache"))
             .iter()
             .any(|e| e.contains("closed: workload frozen (kernel relay)"))
-            && session_ends(&s.warden, "cache-off")
+            && session_ends(&s.warden, Some("cache-off"))
                 .iter()
                 .any(|e| e.contains("closed: workload frozen\""))
     });

@@ -65,6 +65,44 @@ impl<S> ClientTransport for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+/// A route's client connection behind one type: plain TCP, or TLS on a
+/// `client_tls` route (the redis and mysql routes box theirs).
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
+    /// The plain TCP socket (the only kind the kernel relay splices).
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+    fn into_plain_tcp(self: Box<Self>) -> Result<TcpStream, BoxedClient>;
+}
+
+/// A boxed [`ClientIo`].
+pub type BoxedClient = Box<dyn ClientIo>;
+
+impl ClientIo for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+    fn into_plain_tcp(self: Box<Self>) -> Result<TcpStream, BoxedClient> {
+        Ok(*self)
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    fn into_plain_tcp(self: Box<Self>) -> Result<TcpStream, BoxedClient> {
+        Err(self)
+    }
+}
+
+impl ClientTransport for BoxedClient {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        (**self).plain_tcp()
+    }
+    fn into_plain_tcp(self) -> Result<TcpStream, Self> {
+        ClientIo::into_plain_tcp(self)
+    }
+}
+
 const HELD_WARNING: &str = "client bytes arrived while the session was handed to the kernel \
      relay; ending the session (a pipelining client: set kernel_relay = false on this route)";
 

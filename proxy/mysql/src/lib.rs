@@ -48,7 +48,7 @@ use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
-use warden_core::kernel_relay::{ClientTransport, Handover};
+use warden_core::kernel_relay::{BoxedClient, ClientTransport, Handover};
 use warden_core::listen::FirstBytes;
 use warden_core::metrics::{AttestVia, Metrics, RelayKind};
 use warden_core::peer::Attested;
@@ -492,41 +492,9 @@ fn credential_target(route: &MysqlRoute, version: Option<u32>, detail: String) -
     Target::secret_use(&route.name, &route.secret, &route.env, version, detail)
 }
 
-/// A client connection: plain TCP, or TLS after an SSLRequest.
-pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
-    /// The plain TCP socket (the only kind the kernel relay splices).
-    fn plain_tcp(&self) -> Option<&TcpStream>;
-    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client>;
-}
-
-impl ClientIo for TcpStream {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        Some(self)
-    }
-    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
-        Ok(*self)
-    }
-}
-
-impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        None
-    }
-    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
-        Err(self)
-    }
-}
-
-type Client = Box<dyn ClientIo>;
-
-impl ClientTransport for Client {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        (**self).plain_tcp()
-    }
-    fn into_plain_tcp(self) -> std::result::Result<TcpStream, Client> {
-        ClientIo::into_plain_tcp(self)
-    }
-}
+/// A client connection: plain TCP, or TLS (see
+/// [`warden_core::kernel_relay::ClientIo`]).
+type Client = BoxedClient;
 
 /// What the client answered to warden's greeting: its handshake response
 /// and the sequence id warden answers with; `Err(Some)`: what to answer

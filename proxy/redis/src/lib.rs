@@ -58,7 +58,7 @@ use warden_core::audit::Target;
 use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
-use warden_core::kernel_relay::{ClientTransport, Handover};
+use warden_core::kernel_relay::{BoxedClient, ClientTransport, Handover};
 use warden_core::metrics::{AttestVia, Metrics, RelayKind};
 use warden_core::peer::Attested;
 use warden_core::pgwire::upstream::UpstreamStream;
@@ -277,41 +277,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A client connection: plain TCP, or TLS on a `client_tls` route.
-pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
-    /// The plain TCP socket (the only kind the kernel relay splices).
-    fn plain_tcp(&self) -> Option<&TcpStream>;
-    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client>;
-}
-
-impl ClientIo for TcpStream {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        Some(self)
-    }
-    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
-        Ok(*self)
-    }
-}
-
-impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        None
-    }
-    fn into_plain_tcp(self: Box<Self>) -> std::result::Result<TcpStream, Client> {
-        Err(self)
-    }
-}
-
-type Client = Box<dyn ClientIo>;
-
-impl ClientTransport for Client {
-    fn plain_tcp(&self) -> Option<&TcpStream> {
-        (**self).plain_tcp()
-    }
-    fn into_plain_tcp(self) -> std::result::Result<TcpStream, Self> {
-        ClientIo::into_plain_tcp(self)
-    }
-}
+/// A client connection: plain TCP, or TLS (see
+/// [`warden_core::kernel_relay::ClientIo`]).
+type Client = BoxedClient;
 
 /// The first byte of a TLS handshake record (a ClientHello). RESP starts
 /// with `*` or, inline, with text: never with this control byte.
