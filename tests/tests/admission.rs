@@ -442,6 +442,43 @@ allow = ["me"]
     );
 }
 
+/// A PostgreSQL server and an initialised warden (monitor required) whose
+/// route "db" admits only the program `exe` run by root; `route_extra` goes
+/// into the route table. Returns them with the route's port.
+fn one_program_route(exe: &std::path::Path, route_extra: &str) -> (PgCluster, Instance, u16) {
+    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
+    pg.create_role("app", PASSWORD);
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+
+[monitor]
+ebpf = "required"
+
+[[workload]]
+name = "one-program"
+spiffe_id = "spiffe://example.org/one-program"
+selectors = {{ uid = 0, exe_path = "{exe}" }}
+
+[[route]]
+name = "db"
+kind = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{pgport}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "db/app" }}
+allow = ["one-program"]
+{route_extra}"#,
+        exe = exe.display(),
+        pgport = pg.port
+    );
+    let w = Instance::new_with(&cfg);
+    w.run(&["init"]).ok();
+    w.put("db/app", PASSWORD.as_bytes()).ok();
+    (pg, w, port)
+}
+
 /// The connect-then-exec race (issue: a process that is not allowed
 /// connects, forks, and the parent exec's the allowed psql while the child
 /// speaks on the inherited socket): with the monitor on, warden knows the
@@ -452,38 +489,8 @@ fn a_process_that_exec_d_after_connecting_is_refused() {
     if !have_root() {
         return;
     }
-    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
-    pg.create_role("app", PASSWORD);
     let psql = std::fs::canonicalize(warden_tests::pg::psql_bin()).unwrap();
-    let port = free_port();
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[monitor]
-ebpf = "required"
-
-[[workload]]
-name = "psql-only"
-spiffe_id = "spiffe://example.org/psql-only"
-selectors = {{ uid = 0, exe_path = "{psql}" }}
-
-[[route]]
-name = "db"
-kind = "postgres"
-listen = "127.0.0.1:{port}"
-upstream = "127.0.0.1:{pgport}"
-upstream_tls = {{ mode = "disable" }}
-unix_socket = "pgsock"
-credential = {{ user = "app", secret = "db/app" }}
-allow = ["psql-only"]
-"#,
-        psql = psql.display(),
-        pgport = pg.port
-    );
-    let w = Instance::new_with(&cfg);
-    w.run(&["init"]).ok();
-    w.put("db/app", PASSWORD.as_bytes()).ok();
+    let (_pg, w, port) = one_program_route(&psql, "unix_socket = \"pgsock\"\n");
     let _d = w.start_daemon();
     // The allowed program itself gets in.
     let ok = run_psql(
@@ -557,38 +564,9 @@ fn a_kept_attestation_does_not_survive_an_exec() {
     if !have_root() {
         return;
     }
-    let pg = PgCluster::start(ClusterOptions::new(Auth::Scram));
-    pg.create_role("app", PASSWORD);
     let psql = std::fs::canonicalize(warden_tests::pg::psql_bin()).unwrap();
     let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
-    let port = free_port();
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-
-[monitor]
-ebpf = "required"
-
-[[workload]]
-name = "python-only"
-spiffe_id = "spiffe://example.org/python-only"
-selectors = {{ uid = 0, exe_path = "{python}" }}
-
-[[route]]
-name = "db"
-kind = "postgres"
-listen = "127.0.0.1:{port}"
-upstream = "127.0.0.1:{pgport}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "db/app" }}
-allow = ["python-only"]
-"#,
-        python = python.display(),
-        pgport = pg.port
-    );
-    let w = Instance::new_with(&cfg);
-    w.run(&["init"]).ok();
-    w.put("db/app", PASSWORD.as_bytes()).ok();
+    let (_pg, w, port) = one_program_route(&python, "");
     let _d = w.start_daemon();
     let script = format!(
         r#"
