@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 use warden_tests::mysql::{cli, cli_with, python, MariaDb};
-use warden_tests::{files_containing, free_port, my_uid, Instance};
+use warden_tests::{files_containing, free_port, metric, my_uid, wait_for, Instance};
 
 const APP_PW: &str = "mysql-CANARY-41c7-app";
 const APP_PW2: &str = "mysql-CANARY-9e02-rotated";
@@ -568,6 +568,44 @@ fn pooled_connections_are_reset_between_clients() {
     let (conn, charset) = first.trim().split_once('\t').unwrap();
     let (code, out) = cli(s.orders, "x", "SELECT CONNECTION_ID();");
     assert_eq!((code, id(&out)), (0, conn.to_string()), "not reused");
+    // Those sessions sent only SELECTs (the CLI's own included): the
+    // connection went back without a reset (pool.reset = "auto").
+    let skipped = || {
+        metric(
+            &s.warden,
+            "warden_pg_pool_total{result=\"reset_skipped\",route=\"orders\"}",
+        )
+    };
+    assert!(skipped() >= 1.0, "no reset was skipped");
+    // Statements that look like reads but leave state: each session is
+    // reset, so the next client on the same connection finds none of it.
+    for sql in [
+        "SELECT @leak := 7;",
+        "SELECT 7 INTO @leak;",
+        "SELECT 1 /*!, @leak := 9 */;",
+        "SELECT GET_LOCK('warden-leak2', 0);",
+        "BEGIN; SELECT COUNT(*) FROM orders.items;",
+        "SET @leak = 5; SELECT 1;",
+    ] {
+        let before = skipped();
+        let (code, out) = cli(s.orders, "x", sql);
+        assert_eq!(code, 0, "{sql}: {out}");
+        let (code, out) = cli(
+            s.orders,
+            "x",
+            "SELECT CONNECTION_ID(), @leak IS NULL, IS_FREE_LOCK('warden-leak2'), @@in_transaction;",
+        );
+        assert_eq!(
+            (code, out.as_str()),
+            (0, format!("{conn}\t1\t1\t0\n").as_str()),
+            "after {sql}"
+        );
+        // The checking session itself was state-free; the one before not.
+        wait_for("the checking session's return", || {
+            skipped() >= before + 1.0
+        });
+        assert_eq!(skipped(), before + 1.0, "after {sql}");
+    }
     // The greeting names no server connection (a driver's KILL QUERY by
     // the handshake's id could hit another client's session).
     // It names a warden id (at or above 2^31), which KILL is translated

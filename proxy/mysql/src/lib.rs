@@ -28,6 +28,7 @@ pub mod pool;
 pub mod relay;
 pub mod replies;
 pub mod rotate;
+pub mod session_state;
 pub mod upstream;
 
 use packet::{
@@ -45,7 +46,7 @@ use warden_core::admission::{
     Admission, Denial, LoginFailure, Peer, RoutePolicy, SecretRef, SessionEnd,
 };
 use warden_core::audit::Target;
-use warden_core::config::{ClientTls, Config, PoolSettings, RouteKind, TlsMode};
+use warden_core::config::{ClientTls, Config, PoolReset, PoolSettings, RouteKind, TlsMode};
 use warden_core::credentials::{SecretValue, DEFAULT_CACHE_TTL};
 use warden_core::error::{Error, Result};
 use warden_core::kernel_relay::{BoxedClient, ClientTransport, Handover};
@@ -996,6 +997,16 @@ async fn session(
             route: &route.name,
             workload: &who.workload,
         }),
+        // No reset after a session that left no state (`pool.reset =
+        // "auto"`, the default).
+        track_state: upstream
+            .baseline
+            .as_ref()
+            .filter(|b| b.autocommit && route.pool.reset == PoolReset::Auto)
+            .map(|_| relay::Framing {
+                deprecate_eof: upstream.capabilities & caps::DEPRECATE_EOF != 0,
+                progress,
+            }),
     };
     // A freeze of the workload ends the session at once.
     let stop = frozen_watch(&shared, &who.workload);
@@ -1069,7 +1080,14 @@ async fn session(
         };
         shared
             .pool
-            .give_back(&route.name, &route.pool, key, conn, resync)
+            .give_back(
+                &route.name,
+                &route.pool,
+                key,
+                conn,
+                resync,
+                outcome.state_free,
+            )
             .await;
     }
 }

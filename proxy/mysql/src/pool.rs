@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use warden_core::config::PoolSettings;
+use warden_core::config::{PoolReset, PoolSettings};
 use warden_core::metrics::{Metrics, PoolHandles};
 use warden_core::pgwire::upstream::UpstreamStream;
 
@@ -65,6 +65,9 @@ pub struct Key {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Baseline {
     pub values: Vec<Option<Vec<u8>>>,
+    /// The server's status after the login said autocommit is on (a
+    /// session of plain `SELECT`s then leaves no transaction open).
+    pub autocommit: bool,
 }
 
 impl Baseline {
@@ -274,7 +277,10 @@ impl Pool {
     }
 
     /// Resets a connection its client left at a command boundary and keeps
-    /// it, or closes it when the reset fails or does not check out.
+    /// it, or closes it when the reset fails or does not check out. A
+    /// `state_free` session (the relay's [`crate::relay::Outcome::state_free`])
+    /// on a route with `pool.reset = "auto"` left the connection as its
+    /// login did: it is kept without a reset.
     pub async fn give_back(
         &self,
         route: &str,
@@ -282,7 +288,13 @@ impl Pool {
         key: Key,
         mut conn: Conn,
         resync: Resync,
+        state_free: bool,
     ) {
+        if state_free && settings.reset == PoolReset::Auto {
+            self.with_route(route, |rp| rp.metrics.reset_skipped.inc());
+            self.keep(route, settings, key, conn);
+            return;
+        }
         let result = match tokio::time::timeout(RESET_TIMEOUT, reset(&mut conn, resync)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {} s", RESET_TIMEOUT.as_secs())),
@@ -406,7 +418,7 @@ async fn read_row(
     columns: usize,
     marker: Option<&[u8]>,
     deprecate_eof: bool,
-) -> Result<(Vec<Seen>, Vec<Option<Vec<u8>>>), RowError> {
+) -> Result<(Vec<Seen>, Vec<Option<Vec<u8>>>, u16), RowError> {
     let mut seen: Vec<Seen> = Vec::new();
     for _ in 0..MAX_PACKETS {
         let p = next_packet(stream)
@@ -435,13 +447,20 @@ async fn read_row(
                     let end = next_packet(stream)
                         .await
                         .map_err(|e| RowError::Broken(format!("reading the answers: {e}")))?;
-                    if end.first != Some(0xfe) {
+                    let status = end.payload.as_deref().and_then(|p| {
+                        if deprecate_eof {
+                            crate::replies::ok_status(p)
+                        } else {
+                            crate::replies::eof_status(p)
+                        }
+                    });
+                    let (Some(0xfe), Some(status)) = (end.first, status) else {
                         return Err(RowError::Broken(
                             "the check query's result did not end as expected".into(),
                         ));
-                    }
+                    };
                     seen.truncate(seen.len() - defs - 1);
-                    return Ok((seen, values));
+                    return Ok((seen, values, status));
                 }
             }
         }
@@ -507,7 +526,10 @@ pub async fn baseline(
             .map_err(|e| BaselineError::Broken(format!("sending the state query: {e}")))?;
         let deprecate_eof = capabilities & caps::DEPRECATE_EOF != 0;
         match read_row(stream, 5, None, deprecate_eof).await {
-            Ok((before, values)) if before.is_empty() => Ok(Baseline { values }),
+            Ok((before, values, status)) if before.is_empty() => Ok(Baseline {
+                values,
+                autocommit: status & crate::replies::AUTOCOMMIT != 0,
+            }),
             Ok(_) => Err(BaselineError::Broken(
                 "unexpected packets before the state query's answer".into(),
             )),
@@ -579,7 +601,7 @@ pub async fn reset(conn: &mut Conn, resync: Resync) -> Result<(), String> {
         .await
         .map_err(|e| format!("sending the reset: {e}"))?;
     let deprecate_eof = conn.capabilities & caps::DEPRECATE_EOF != 0;
-    let (before, values) = read_row(stream, 6, Some(marker.as_bytes()), deprecate_eof)
+    let (before, values, _) = read_row(stream, 6, Some(marker.as_bytes()), deprecate_eof)
         .await
         .map_err(RowError::message)?;
     // The commands before the check query each answered OK.
@@ -620,6 +642,7 @@ mod tests {
                 Some(cs.to_vec()),
                 Some(coll.to_vec()),
             ],
+            autocommit: true,
         };
         assert_eq!(
             b(b"utf8mb4", b"utf8mb4_general_ci").set_names().as_deref(),

@@ -90,7 +90,25 @@ pub struct Context<'a> {
     /// Warden-issued connection ids `KILL` is translated for (pooled
     /// routes).
     pub kill: Option<crate::kill::Scope<'a>>,
+    /// Follow whether the session leaves session state behind
+    /// ([`Outcome::state_free`]; a pooled route with `pool.reset =
+    /// "auto"` whose login left autocommit on), with how its replies are
+    /// framed.
+    pub track_state: Option<Framing>,
 }
+
+/// How a session's replies are framed (what [`Replies`] needs).
+#[derive(Clone, Copy, Debug)]
+pub struct Framing {
+    /// The session agreed `CLIENT_DEPRECATE_EOF`.
+    pub deprecate_eof: bool,
+    /// The client asked for MariaDB progress reports.
+    pub progress: bool,
+}
+
+/// The longest `COM_QUERY` read whole to tell whether it leaves state
+/// (a longer one counts as state).
+const MAX_TRACKED_QUERY: usize = 8 * 1024;
 
 /// What a finished relay reports.
 #[derive(Debug, Default)]
@@ -102,6 +120,11 @@ pub struct Outcome {
     /// The session was handed to the kernel relay (`up`/`down` count what
     /// user space relayed before).
     pub spliced: bool,
+    /// With [`Context::track_state`]: the session sent only state-free
+    /// commands ([`crate::session_state`]), every one was answered, and it
+    /// ended outside a transaction at a packet boundary — the upstream
+    /// connection is as its login left it, no reset needed.
+    pub state_free: bool,
 }
 
 /// Packet boundaries in a byte stream.
@@ -201,8 +224,12 @@ struct Commands {
     change_user_refused: u64,
     /// Commands seen (forwarded or not).
     count: u64,
-    /// The answers owed, on a session that may be handed over.
+    /// The answers owed, on a session that may be handed over or whose
+    /// state is tracked.
     replies: Option<Replies>,
+    /// Session state is tracked ([`Context::track_state`]) and a command
+    /// may have left some.
+    dirty: bool,
 }
 
 /// What [`Commands::scan`] saw last.
@@ -257,6 +284,19 @@ impl Commands {
             if is_command && len > 0 && avail.len() < 5 {
                 return (start, Scanned::More);
             }
+            if ctx.track_state.is_some() && !self.dirty {
+                if !is_command || len == 0 || len > MAX_TRACKED_QUERY {
+                    self.dirty = true;
+                } else {
+                    // A short command is read whole first.
+                    if avail.len() < 4 + len {
+                        return (start, Scanned::More);
+                    }
+                    let payload = &avail[4..4 + len];
+                    let quit = ctx.pool && payload == [COM_QUIT];
+                    self.dirty = !quit && !crate::session_state::command_is_state_free(payload);
+                }
+            }
             if let (true, Some(scope)) = (is_command && len > 0, &ctx.kill) {
                 if matches!(avail[4], 0x03 | crate::kill::COM_PROCESS_KILL)
                     && len <= 1 + crate::kill::MAX_KILL_LEN
@@ -271,6 +311,7 @@ impl Commands {
                             if let Some(r) = &mut self.replies {
                                 r.command(&p, p.len());
                             }
+                            self.dirty = true;
                             put_packet(out, 0, &p);
                             start += 4 + len;
                             continue;
@@ -280,6 +321,7 @@ impl Commands {
                             if let Some(r) = &mut self.replies {
                                 r.set_never();
                             }
+                            self.dirty = true;
                             put_packet(local, 1, &e.encode());
                             start += 4 + len;
                             continue;
@@ -466,10 +508,15 @@ where
     let mut stop = std::pin::pin!(stop);
     // Client → server: read, scanned into `out`, written.
     let mut cbuf = Buffer::new();
+    let framing = handover
+        .as_ref()
+        .map(|h| Framing {
+            deprecate_eof: h.deprecate_eof,
+            progress: h.progress,
+        })
+        .or(ctx.track_state);
     let mut commands = Commands {
-        replies: handover
-            .as_ref()
-            .map(|h| Replies::new(h.deprecate_eof, h.progress)),
+        replies: framing.map(|f| Replies::new(f.deprecate_eof, f.progress)),
         ..Commands::default()
     };
     let mut hook = handover.map(|h| h.hook);
@@ -607,6 +654,7 @@ where
                         r.feed(&ubuf.buf[ubuf.pos..ubuf.cap]);
                         if r.never() {
                             commands.replies = None;
+                            commands.dirty = true;
                             hook = None;
                         }
                     }
@@ -628,7 +676,9 @@ where
                             Handed::Later => {}
                             Handed::Never => {
                                 hook = None;
-                                commands.replies = None;
+                                if ctx.track_state.is_none() {
+                                    commands.replies = None;
+                                }
                             }
                         }
                     }
@@ -664,6 +714,7 @@ where
             change_user_refused: commands.change_user_refused,
             how: SPLICED,
             spliced: true,
+            state_free: false,
         };
         ubuf.pos = ubuf.cap;
         if sent.is_err() {
@@ -712,12 +763,13 @@ where
         End::ClientGone => ("client closed", false),
         End::Spliced => (SPLICED, false),
     };
-    let outcome = Outcome {
+    let mut outcome = Outcome {
         up,
         down,
         change_user_refused: commands.change_user_refused,
         how,
         spliced: false,
+        state_free: false,
     };
     if reusable && ctx.pool && !position.continued {
         let resync = Resync {
@@ -725,6 +777,13 @@ where
             header: position.header,
             remaining: position.remaining,
         };
+        outcome.state_free = ctx.track_state.is_some()
+            && !commands.dirty
+            && position.at_boundary()
+            && commands
+                .replies
+                .as_ref()
+                .is_some_and(|r| r.quiet() && r.left_clean());
         return (outcome, Rest::Pool(upstream, resync));
     }
     (outcome, Rest::Closed)
@@ -770,6 +829,7 @@ mod tests {
             user: "app",
             pool,
             kill: None,
+            track_state: None,
         }
     }
 
@@ -1015,6 +1075,7 @@ mod tests {
                 user: "app",
                 pool: false,
                 kill: None,
+                track_state: None,
             };
             relay(client, upstream, &ctx, never()).await.0
         });
@@ -1066,6 +1127,7 @@ mod tests {
                 user: "app",
                 pool: true,
                 kill: None,
+                track_state: None,
             };
             let (o, back) = relay(client, upstream, &ctx, never()).await;
             (o, back.map(|(_, r)| r))
@@ -1093,6 +1155,64 @@ mod tests {
         )
         .await;
         assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// One pooled, state-tracked session: the client sends `commands` one
+    /// at a time, the server answers each with `answers` (OK payloads,
+    /// None: no answer), then the client quits; returns
+    /// [`Outcome::state_free`].
+    async fn tracked(commands: &[&[u8]], answers: &[Option<&[u8]>]) -> bool {
+        let (client, mut client_end) = duplex(1 << 20);
+        let (upstream, mut server_end) = duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let ctx = Context {
+                track_state: Some(Framing {
+                    deprecate_eof: true,
+                    progress: false,
+                }),
+                ..ctx(true)
+            };
+            let (o, back) = relay(client, upstream, &ctx, never()).await;
+            assert!(back.is_some(), "handed back");
+            o.state_free
+        });
+        for (c, a) in commands.iter().zip(answers) {
+            let p = packet(0, c);
+            client_end.write_all(&p).await.unwrap();
+            let mut got = vec![0u8; p.len()];
+            server_end.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, p);
+            if let Some(a) = a {
+                let reply = packet(1, a);
+                server_end.write_all(&reply).await.unwrap();
+                let mut seen = vec![0u8; reply.len()];
+                client_end.read_exact(&mut seen).await.unwrap();
+            }
+        }
+        client_end.write_all(&packet(0, b"\x01")).await.unwrap();
+        task.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_session_of_answered_selects_leaves_no_state() {
+        const OK: &[u8] = b"\0\0\0\x02\0\0\0";
+        const IN_TRANS: &[u8] = b"\0\0\0\x03\0\0\0";
+        assert!(tracked(&[], &[]).await);
+        assert!(tracked(&[b"\x03SELECT 1", b"\x0e"], &[Some(OK), Some(OK)]).await);
+        assert!(!tracked(&[b"\x03SET @a = 1"], &[Some(OK)]).await);
+        assert!(!tracked(&[b"\x02otherdb"], &[Some(OK)]).await);
+        assert!(!tracked(&[b"\x16SELECT 1"], &[Some(b"\xff\x28\x04#42000no")]).await);
+        // Unanswered when the client quit.
+        assert!(!tracked(&[b"\x03SELECT 1"], &[None]).await);
+        // The server says a transaction is open (autocommit off).
+        assert!(!tracked(&[b"\x03SELECT 1"], &[Some(IN_TRANS)]).await);
+        // Longer than what is read whole.
+        let mut long = b"\x03SELECT 1 -- ".to_vec();
+        long.resize(MAX_TRACKED_QUERY + 1, b'x');
+        assert!(!tracked(&[&long], &[Some(OK)]).await);
+        let mut fits = b"\x03SELECT 1 -- ".to_vec();
+        fits.resize(MAX_TRACKED_QUERY, b'x');
+        assert!(tracked(&[&fits], &[Some(OK)]).await);
     }
 
     /// Past [`HANDOVER_AFTER`] answered commands, the hook is offered the
@@ -1163,6 +1283,7 @@ mod tests {
                 user: "app",
                 pool: true,
                 kill: None,
+                track_state: None,
             };
             relay(client, upstream, &ctx, never()).await.1.is_some()
         });

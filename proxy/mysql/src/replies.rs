@@ -31,6 +31,12 @@ const COM_RESET_CONNECTION: u8 = 0x1f;
 const MORE_RESULTS: u16 = 0x0008;
 /// `SERVER_STATUS_CURSOR_EXISTS`: rows wait for `COM_STMT_FETCH`.
 const CURSOR_EXISTS: u16 = 0x0040;
+/// `SERVER_STATUS_IN_TRANS`: a transaction is open.
+pub const IN_TRANS: u16 = 0x0001;
+/// `SERVER_STATUS_AUTOCOMMIT`.
+pub const AUTOCOMMIT: u16 = 0x0002;
+/// `SERVER_SESSION_STATE_CHANGED`: a session tracker saw state change.
+pub const SESSION_STATE_CHANGED: u16 = 0x4000;
 
 /// How many bytes of a `COM_STMT_EXECUTE` payload [`Replies::command`]
 /// needs (command byte, statement id, flags).
@@ -81,6 +87,10 @@ pub struct Replies {
     stage: Stage,
     /// Commands answered in full.
     answered: u64,
+    /// The status flags of the last OK or EOF packet, and all of them
+    /// or'ed together.
+    last_status: u16,
+    any_status: u16,
     // The server packet being read.
     header: [u8; 4],
     have: usize,
@@ -101,6 +111,8 @@ impl Replies {
             owed: VecDeque::new(),
             stage: Stage::Start,
             answered: 0,
+            last_status: AUTOCOMMIT,
+            any_status: 0,
             header: [0; 4],
             have: 0,
             remaining: 0,
@@ -124,6 +136,13 @@ impl Replies {
     /// Commands answered in full so far.
     pub fn answered(&self) -> u64 {
         self.answered
+    }
+
+    /// The session is outside a transaction and no session tracker
+    /// reported a change, as far as the server's status flags tell (a
+    /// session that got no status yet counts as its login left it).
+    pub fn left_clean(&self) -> bool {
+        self.last_status & IN_TRANS == 0 && self.any_status & SESSION_STATE_CHANGED == 0
     }
 
     /// Every command is answered and the server's stream is at a packet
@@ -212,6 +231,16 @@ impl Replies {
             return;
         }
         let eof = first == Some(0xfe) && len < 9;
+        let status = match first {
+            Some(0x00) if self.stage == Stage::Start && shape != Shape::Prepare => ok_status(p),
+            Some(0xfe) if self.deprecate_eof && self.stage == Stage::Rows => ok_status(p),
+            Some(0xfe) if eof => eof_status(p),
+            _ => None,
+        };
+        if let Some(s) = status {
+            self.last_status = s;
+            self.any_status |= s;
+        }
         let next = match (self.stage, shape) {
             (Stage::Start, Shape::One) => None,
             (Stage::Start, _) if first == Some(0xff) => None,
@@ -312,7 +341,7 @@ impl Replies {
 }
 
 /// The status flags of an OK packet (0x00 or 0xfe header).
-fn ok_status(p: &[u8]) -> Option<u16> {
+pub(crate) fn ok_status(p: &[u8]) -> Option<u16> {
     let mut r = Reader::new(p);
     r.u8().ok()?;
     r.lenenc_int().ok()?;
@@ -321,7 +350,7 @@ fn ok_status(p: &[u8]) -> Option<u16> {
 }
 
 /// The status flags of an EOF packet (0xfe, warnings, status).
-fn eof_status(p: &[u8]) -> Option<u16> {
+pub(crate) fn eof_status(p: &[u8]) -> Option<u16> {
     let mut r = Reader::new(p);
     r.u8().ok()?;
     r.u16().ok()?;
@@ -398,6 +427,53 @@ mod tests {
         ]
         .concat();
         walks(&with(true, &[b"\x03SELECT 1"]), &deprecated, 1);
+    }
+
+    #[test]
+    fn the_last_status_tells_an_open_transaction() {
+        // BEGIN's OK says IN_TRANS, COMMIT's does not.
+        let in_trans: &[u8] = b"\0\0\0\x03\0\0\0";
+        let mut r = with(true, &[b"\x03BEGIN", b"\x03COMMIT"]);
+        assert!(r.left_clean(), "nothing read yet");
+        r.feed(&packet(1, in_trans));
+        assert!(!r.left_clean());
+        r.feed(&packet(1, OK));
+        assert!(r.left_clean() && r.quiet());
+        // A row set's end (classic EOF and the 0xfe OK) carries it too.
+        for (deprecate_eof, end) in [
+            (false, b"\xfe\0\0\x03\0".as_slice()),
+            (true, b"\xfe\0\0\x03\0\0\0"),
+        ] {
+            let mut r = with(deprecate_eof, &[b"\x03SELECT 1"]);
+            let mut stream = [packet(1, b"\x01"), packet(2, COL)].concat();
+            if !deprecate_eof {
+                stream.extend(packet(3, EOF));
+            }
+            stream.extend(packet(4, b"\x011"));
+            stream.extend(packet(5, end));
+            r.feed(&stream);
+            assert!(
+                r.quiet() && !r.left_clean(),
+                "deprecate_eof {deprecate_eof}"
+            );
+        }
+        // A session tracker's report stays, whatever follows.
+        let mut r = with(true, &[b"\x03SELECT 1", b"\x0e"]);
+        r.feed(&packet(1, b"\0\0\0\x02\x40\0\0"));
+        r.feed(&packet(1, OK));
+        assert!(r.quiet() && !r.left_clean());
+        // A binary row starts with 0x00: not a status.
+        let mut r = with(true, &[b"\x17\x01\0\0\0\0\x01\0\0\0"]);
+        r.feed(
+            &[
+                packet(1, b"\x01"),
+                packet(2, COL),
+                packet(3, b"\0\0\x03\0\0\0"),
+                packet(4, OK_FE),
+            ]
+            .concat(),
+        );
+        assert!(r.quiet() && r.left_clean());
     }
 
     #[test]

@@ -197,8 +197,8 @@ impl Route {
 }
 
 config_enum! {
-    /// When a pooled PostgreSQL connection is reset between clients
-    /// (`route.pool.reset`).
+    /// When a pooled PostgreSQL or MySQL connection is reset between
+    /// clients (`route.pool.reset`).
     #[derive(Default)]
     PoolReset {
         /// Only after a session that may have left state (anything but
@@ -234,8 +234,8 @@ pub struct PoolSettings {
     pub max_idle: usize,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
-    /// `auto`: no reset after a state-free session (PostgreSQL; MySQL
-    /// routes always reset).
+    /// `auto`: no reset after a state-free session (PostgreSQL and MySQL;
+    /// Redis routes always reset).
     pub reset: PoolReset,
 }
 
@@ -512,17 +512,10 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
                 "remove pool from this route",
             );
         }
-        if r.kind == RouteKind::Mysql && p.reset == PoolReset::Auto && p.reset_set {
-            c.error(
-                format!("{k}.pool.reset"),
-                "pool.reset = \"auto\" is only for PostgreSQL routes: a MySQL connection is always reset (COM_RESET_CONNECTION) before another client gets it",
-                "remove reset from this route's pool",
-            );
-        }
         if r.kind == RouteKind::Redis && p.reset == PoolReset::Auto && p.reset_set {
             c.error(
                 format!("{k}.pool.reset"),
-                "pool.reset = \"auto\" is only for PostgreSQL routes: a Redis connection is always reset (RESET, then warden's AUTH) before another client gets it",
+                "pool.reset = \"auto\" is only for PostgreSQL and MySQL routes: a Redis connection is always reset (RESET, then warden's AUTH) before another client gets it",
                 "remove reset from this route's pool",
             );
         }

@@ -192,12 +192,9 @@ allow = ["web"]
             &mysql_cfg("deny_commands = [\"X\"]"),
             "route[0].deny_commands",
         );
-        // A pool is fine; only PostgreSQL's "auto" reset is not.
+        // A pool, with either reset mode.
         ok(&mysql_cfg("pool = { max_idle = 4 }"));
-        only_error(
-            &mysql_cfg("pool = { reset = \"auto\" }"),
-            "route[0].pool.reset",
-        );
+        ok(&mysql_cfg("pool = { reset = \"auto\" }"));
         ok(&mysql_cfg("pool = { reset = \"always\" }"));
         // kernel_relay: off unless asked for (a spliced session's
         // COM_CHANGE_USER reaches the server unseen).
