@@ -209,6 +209,23 @@ for name, sql in [
 ]:
     put("pg_session_state", name, sql)
 
+# --- MySQL pool state check (mysql_session_state: SQL text) -------------------
+
+for name, sql in [
+    ("select", b"SELECT c FROM sbtest1 WHERE id = 5012"),
+    ("client-init", b"select @@version_comment limit 1"),
+    ("builtins", b"SELECT COUNT(*), CONCAT(a, 'x'), CAST(b AS CHAR(10)) FROM t WHERE c IN (1, 2) FOR UPDATE"),
+    ("quoted", b"SELECT 'a;b', \"x\"\"y\", `q``r` /* c */ # d\n-- e\n"),
+    ("show", b"SHOW VARIABLES LIKE 'max%'"),
+    ("set", b"SET NAMES utf8mb4"),
+    ("function", b"SELECT GET_LOCK('a', 0)"),
+    ("into", b"SELECT 1 INTO @a"),
+    ("assign", b"SELECT @a := 1"),
+    ("executable-comment", b"SELECT 1 /*!50000 , @a := 2 */"),
+    ("backslash", b"SELECT 'a\\', SLEEP(1) -- '"),
+]:
+    put("mysql_session_state", name, sql)
+
 # --- Workload API :authority fix-up (workload_authority: split, then bytes read
 # as two HPACK blocks cut at the split, and as raw client bytes after the preface)
 

@@ -29,6 +29,7 @@ pub const TARGETS: &[&str] = &[
     "audit_verify",
     "mysql_packet",
     "pg_session_state",
+    "mysql_session_state",
     "workload_authority",
     "store_rows",
 ];
