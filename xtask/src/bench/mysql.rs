@@ -7,8 +7,8 @@
 //! persistent connections and with a new connection per query. The median
 //! over rounds is reported with p50/p99 and each route's ratio to direct
 //! beside issue 23's targets (persistent ≥ 0.9× direct; a new connection
-//! per query ≥ 1.0×, where warden's pool replaces the server's login with
-//! a reset). Every process is stopped when [`Lab`] is dropped.
+//! per query ≥ 1.0×, where warden's pool replaces the server's login — and,
+//! the session being state-free, needs no reset). Every process is stopped when [`Lab`] is dropped.
 
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -108,7 +108,7 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
                 w.p99_ms,
                 if ratio >= target { "meets" } else { "MISSES" },
                 if mode == "reconnect" {
-                    "; pooled: a reset instead of a login"
+                    "; pooled: no login, and no reset after a state-free session"
                 } else {
                     ""
                 }
