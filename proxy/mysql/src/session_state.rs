@@ -36,6 +36,8 @@
 //! could read (the warning list of the last statement, `FOUND_ROWS()`)
 //! stays within that credential too.
 
+use warden_core::sql_tokens::{is_one_of, Recent, Token};
+
 /// Built-in functions present in MySQL 5.7+ and MariaDB 10+ that change no
 /// session state; a `SELECT` calling only these (and keyword forms such as
 /// `IN (…)`, `EXISTS (…)`, `CAST(… AS CHAR(10))`) stays state-free.
@@ -126,17 +128,6 @@ const PAREN_KEYWORDS: &[&str] = &[
 /// functions, which set the session's last value).
 const STATE_WORDS: &[&str] = &["into", "next", "previous", "nextval", "lastval", "setval"];
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Token<'a> {
-    /// An unquoted word (keyword or identifier), as written.
-    Word(&'a [u8]),
-    /// A backquoted identifier, or a `"…"` one (`ANSI_QUOTES`) or string.
-    Quoted,
-    /// A `'…'` string or a number (or a word starting with a digit).
-    Literal,
-    Punct(u8),
-}
-
 /// Splits `sql` into tokens, handing each to `each` (false stops); false
 /// when `each` stopped or the text is ambiguous or malformed (see the
 /// module documentation). Allocates nothing.
@@ -224,10 +215,6 @@ fn quoted_end(sql: &[u8], mut i: usize, quote: u8, high_ok: bool) -> Option<usiz
     None
 }
 
-fn is_one_of(word: &[u8], list: &[&str]) -> bool {
-    list.iter().any(|k| word.eq_ignore_ascii_case(k.as_bytes()))
-}
-
 /// True when running `sql` (a `COM_QUERY`'s text) can leave no session
 /// state behind (see the module docs).
 pub fn sql_is_state_free(sql: &[u8]) -> bool {
@@ -240,9 +227,8 @@ pub fn sql_is_state_free(sql: &[u8]) -> bool {
 struct Statement<'a> {
     /// A `SELECT` or `SHOW` is being read (false: nothing yet).
     started: bool,
-    /// The two tokens before the current one, in this statement.
-    prev: Option<Token<'a>>,
-    prev2: Option<Token<'a>>,
+    /// The tokens before the current one, in this statement.
+    recent: Recent<'a>,
 }
 
 impl<'a> Statement<'a> {
@@ -261,19 +247,12 @@ impl<'a> Statement<'a> {
             Token::Word(w) => !is_one_of(w, STATE_WORDS),
             // `:=` assigns a user variable (`:` has no other use here).
             Token::Punct(b':') => false,
-            Token::Punct(b'(') => match self.prev {
-                Some(Token::Word(w)) => {
-                    let qualified = self.prev2 == Some(Token::Punct(b'.'));
-                    !qualified && (is_one_of(w, PURE) || is_one_of(w, PAREN_KEYWORDS))
-                }
-                // A quoted name, or a word starting with a digit, called.
-                Some(Token::Quoted | Token::Literal) => false,
-                Some(Token::Punct(_)) | None => true,
-            },
+            // A call of anything but a listed built-in (a word starting
+            // with a digit is a Literal: `1evil()` is a call too).
+            Token::Punct(b'(') => self.recent.call_ok(PURE, PAREN_KEYWORDS),
             _ => true,
         };
-        self.prev2 = self.prev;
-        self.prev = Some(t);
+        self.recent.push(t);
         ok
     }
 }

@@ -27,6 +27,8 @@
 //! pooled connection, and each could run that SQL itself; routes whose
 //! database holds such objects set `pool.reset = "always"`.
 
+use warden_core::sql_tokens::{is_one_of, Recent, Token};
+
 /// Built-in functions (resolved in `pg_catalog`) that change no session
 /// state; a `SELECT` calling only these (and keyword forms such as
 /// `EXISTS (…)`, `IN (…)`, `CAST (…)`) stays state-free.
@@ -119,17 +121,6 @@ const TRANSACTION: &[&str] = &[
     "savepoint",
     "start",
 ];
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Token<'a> {
-    /// An unquoted word (keyword or identifier), as written.
-    Word(&'a [u8]),
-    /// A quoted identifier.
-    Quoted,
-    /// A string or dollar-quoted literal, a number, a parameter (`$1`).
-    Literal,
-    Punct(u8),
-}
 
 /// Splits `sql` into tokens, handing each to `each` (false stops); false
 /// when `each` stopped or the text is ambiguous or malformed (see the
@@ -305,10 +296,6 @@ fn quoted_end(sql: &[u8], mut i: usize) -> Option<usize> {
     None
 }
 
-fn is_one_of(word: &[u8], list: &[&str]) -> bool {
-    list.iter().any(|k| word.eq_ignore_ascii_case(k.as_bytes()))
-}
-
 /// True when running `sql` (a Query message's text, or a Parse message's
 /// statement) can leave no session state behind (see the module docs).
 pub fn sql_is_state_free(sql: &[u8]) -> bool {
@@ -332,9 +319,8 @@ enum Kind {
 #[derive(Default)]
 struct Statement<'a> {
     kind: Kind,
-    /// The two tokens before the current one, in this statement.
-    prev: Option<Token<'a>>,
-    prev2: Option<Token<'a>>,
+    /// The tokens before the current one, in this statement.
+    recent: Recent<'a>,
 }
 
 impl<'a> Statement<'a> {
@@ -366,18 +352,10 @@ impl<'a> Statement<'a> {
             }
             (Kind::Show(_), _) => false,
             (Kind::Select, Token::Word(w)) => !w.eq_ignore_ascii_case(b"into"),
-            (Kind::Select, Token::Punct(b'(')) => match self.prev {
-                Some(Token::Word(w)) => {
-                    let qualified = self.prev2 == Some(Token::Punct(b'.'));
-                    !qualified && (is_one_of(w, PURE) || is_one_of(w, PAREN_KEYWORDS))
-                }
-                Some(Token::Quoted) => false,
-                _ => true,
-            },
+            (Kind::Select, Token::Punct(b'(')) => self.recent.call_ok(PURE, PAREN_KEYWORDS),
             (Kind::Select, _) => true,
         };
-        self.prev2 = self.prev;
-        self.prev = Some(t);
+        self.recent.push(t);
         ok
     }
 
