@@ -982,7 +982,12 @@ async fn session(
         .await;
         return;
     }
-    let progress = hello.mariadb_caps & caps::MARIADB_PROGRESS != 0;
+    // How the session's replies are framed (the kernel-relay hand-over and
+    // the state tracking walk them).
+    let framing = relay::Framing {
+        deprecate_eof: upstream.capabilities & caps::DEPRECATE_EOF != 0,
+        progress: hello.mariadb_caps & caps::MARIADB_PROGRESS != 0,
+    };
     drop(hello);
     if let Some(k) = &kill_id {
         k.set_server(upstream.server_id);
@@ -1003,10 +1008,7 @@ async fn session(
             .baseline
             .as_ref()
             .filter(|b| b.autocommit && route.pool.reset == PoolReset::Auto)
-            .map(|_| relay::Framing {
-                deprecate_eof: upstream.capabilities & caps::DEPRECATE_EOF != 0,
-                progress,
-            }),
+            .map(|_| framing),
     };
     // A freeze of the workload ends the session at once.
     let stop = frozen_watch(&shared, &who.workload);
@@ -1019,8 +1021,7 @@ async fn session(
             };
             let h = relay::Handover {
                 hook: &mut offer,
-                deprecate_eof: upstream.capabilities & caps::DEPRECATE_EOF != 0,
-                progress,
+                framing,
             };
             relay::relay_with(client, upstream.stream, &ctx, stop, Some(h)).await
         }

@@ -56,10 +56,7 @@ pub const SPLICED: &str = "handed to the kernel relay";
 pub struct Handover<'a, C, U> {
     /// Offered the two streams at a quiet moment (see the module docs).
     pub hook: &'a mut (dyn FnMut(&C, &U) -> Handed + Send),
-    /// The session agreed `CLIENT_DEPRECATE_EOF`.
-    pub deprecate_eof: bool,
-    /// The client asked for MariaDB progress reports.
-    pub progress: bool,
+    pub framing: Framing,
 }
 
 /// What the relay hands back besides its [`Outcome`].
@@ -311,7 +308,6 @@ impl Commands {
                             if let Some(r) = &mut self.replies {
                                 r.command(&p, p.len());
                             }
-                            self.dirty = true;
                             put_packet(out, 0, &p);
                             start += 4 + len;
                             continue;
@@ -321,7 +317,6 @@ impl Commands {
                             if let Some(r) = &mut self.replies {
                                 r.set_never();
                             }
-                            self.dirty = true;
                             put_packet(local, 1, &e.encode());
                             start += 4 + len;
                             continue;
@@ -508,13 +503,7 @@ where
     let mut stop = std::pin::pin!(stop);
     // Client → server: read, scanned into `out`, written.
     let mut cbuf = Buffer::new();
-    let framing = handover
-        .as_ref()
-        .map(|h| Framing {
-            deprecate_eof: h.deprecate_eof,
-            progress: h.progress,
-        })
-        .or(ctx.track_state);
+    let framing = handover.as_ref().map(|h| h.framing).or(ctx.track_state);
     let mut commands = Commands {
         replies: framing.map(|f| Replies::new(f.deprecate_eof, f.progress)),
         ..Commands::default()
@@ -1237,8 +1226,10 @@ mod tests {
             };
             let h = Handover {
                 hook: &mut hook,
-                deprecate_eof: true,
-                progress: false,
+                framing: Framing {
+                    deprecate_eof: true,
+                    progress: false,
+                },
             };
             let (o, rest) = relay_with(client, upstream, &ctx(true), never(), Some(h)).await;
             (o, matches!(rest, Rest::Spliced(..)))
