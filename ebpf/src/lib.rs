@@ -41,7 +41,7 @@ pub use monitor::{
 };
 pub use relay::{HopStats, JoinState, Joining, KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;
-pub use warden_ebpf_common::ProcessInfo;
+pub use warden_ebpf_common::{ProcessInfo, GUARD_MYSQL, GUARD_NONE};
 
 /// The kernel object built from `ebpf/kernel` (see the crate docs).
 pub const OBJECT: &[u8] = include_bytes!("../prebuilt/warden-ebpf.o");

@@ -1,4 +1,4 @@
-//! The kernel relay for PostgreSQL and Redis sessions whose client and
+//! The kernel relay for PostgreSQL, MySQL and Redis sessions whose client and
 //! upstream are both on this host: `warden_direct` (an `sk_msg` program on
 //! `DIRECT_SOCKS`) moves what one far end sends straight into the other's
 //! receive queue, past warden and both loopback TCP hops.
@@ -20,6 +20,10 @@
 //! is gone, and a direction that went more than `DIRECT_WINDOW` bytes ahead
 //! of its receiver's next send (the relay's flow control: a receive queue
 //! filled this way has no limit of its own) — which user space forwards.
+//! A guarded client direction (`GUARD_MYSQL`, [`KernelRelay::splice`]'s
+//! `guard`) also takes the TCP path before a command warden must answer
+//! itself, at a packet boundary, and user space checks what arrives there
+//! the same way.
 //!
 //! The caller provides a quiet moment (see `proxy/postgres/src/relay.rs`
 //! and `proxy/redis/src/relay.rs`): both
@@ -315,11 +319,16 @@ impl KernelRelay {
     /// what the client (the peer of `client_side`) sends goes straight into
     /// the receive queue of the upstream's socket (the peer of
     /// `upstream_side`) and back, within the flow-control window, while
-    /// `client_side` and `upstream_side` stay ordinary sockets.
+    /// `client_side` and `upstream_side` stay ordinary sockets. `guard`
+    /// (`GUARD_NONE`, `GUARD_MYSQL`) is what the client's sends are checked
+    /// for before they are redirected (see `DirectPeer::guard`); what the
+    /// check leaves to user space reaches `client_side`, starting at a
+    /// packet boundary ([`Spliced::client_continues`]).
     pub fn splice(
         self: &Arc<Self>,
         client_side: &tokio::net::TcpStream,
         upstream_side: &tokio::net::TcpStream,
+        guard: u8,
     ) -> Result<Spliced, SpliceError> {
         let failed = SpliceError::Failed;
         let client = far_end(client_side).map_err(failed)?;
@@ -355,8 +364,12 @@ impl KernelRelay {
         peers
             .insert(upstream, entry(client), 0)
             .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
+        let client_entry = DirectPeer {
+            guard,
+            ..entry(upstream)
+        };
         peers
-            .insert(client, entry(upstream), 0)
+            .insert(client, client_entry, 0)
             .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
         drop(peers);
         if queued(client_side.as_fd()).map_err(failed)? > 0 {
@@ -425,6 +438,20 @@ impl Spliced {
         };
         let get = |k: &SockPair| peers.get(k, 0).map(|p| p.bytes).unwrap_or(0);
         (get(&self.client), get(&self.upstream))
+    }
+
+    /// A guarded client direction (`GUARD_MYSQL`): the last packet the
+    /// kernel redirected was 0xFFFFFF bytes long, so the first one on the
+    /// TCP path continues it. Read once that path carried bytes (the
+    /// kernel no longer changes the entry then).
+    pub fn client_continues(&self) -> bool {
+        let Ok(peers) = self.relay.peers.lock() else {
+            return false;
+        };
+        peers
+            .get(&self.client, 0)
+            .map(|p| p.cont != 0)
+            .unwrap_or(false)
     }
 
     /// Which directions went over the window and take the TCP path now:

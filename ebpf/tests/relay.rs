@@ -14,7 +14,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use warden_ebpf::{JoinState, KernelRelay, Monitor, MonitorConfig, SpliceError};
+use warden_ebpf::{
+    JoinState, KernelRelay, Monitor, MonitorConfig, SpliceError, GUARD_MYSQL, GUARD_NONE,
+};
 
 mod common;
 use common::have_root;
@@ -92,7 +94,7 @@ fn lab_with_far_ends() -> Lab {
             }
             panic!("join after {attempt} attempts: {e}");
         }
-        match l.relay.splice(&l.w1, &l.w2) {
+        match l.relay.splice(&l.w1, &l.w2, GUARD_NONE) {
             Ok(probe) => {
                 drop(probe);
                 return l;
@@ -128,7 +130,15 @@ fn idle(w: &tokio::net::TcpStream) -> bool {
     matches!(w.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
+/// [`read_exact_now`] with a deadline: bytes that never come fail the
+/// test instead of hanging it.
 async fn read_exact(w: &tokio::net::TcpStream, n: usize) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(30), read_exact_now(w, n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} bytes did not reach the proxy's socket in 30 s"))
+}
+
+async fn read_exact_now(w: &tokio::net::TcpStream, n: usize) -> Vec<u8> {
     let mut got = vec![0u8; n];
     let mut have = 0;
     while have < n {
@@ -154,7 +164,7 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     let (o1, _) = l.other.accept().unwrap();
     o1.set_nonblocking(true).unwrap();
     let o1 = tokio::net::TcpStream::from_std(o1).unwrap();
-    let r = l.relay.splice(&o1, &l.w2);
+    let r = l.relay.splice(&o1, &l.w2, GUARD_NONE);
     assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
     // Nor does asking `warden_join` for it enter it.
     let outsider = l.relay.join(&o1, &l.w2).expect("join");
@@ -167,12 +177,12 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     l.client.write_all(b"early").unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert!(matches!(
-        l.relay.splice(&l.w1, &l.w2),
+        l.relay.splice(&l.w1, &l.w2, GUARD_NONE),
         Err(SpliceError::Busy)
     ));
     assert_eq!(read_exact(&l.w1, 5).await, b"early");
 
-    let spliced = l.relay.splice(&l.w1, &l.w2).expect("splice");
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE).expect("splice");
     for i in 0..100u32 {
         let q = format!("query {i}");
         l.client.write_all(q.as_bytes()).unwrap();
@@ -203,7 +213,7 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     drop(l.client);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(l.relay.member_count(), 1, "the server's");
-    let r = l.relay.splice(&l.w1, &l.w2);
+    let r = l.relay.splice(&l.w1, &l.w2, GUARD_NONE);
     assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
 }
 
@@ -217,7 +227,7 @@ async fn past_the_window_a_direction_takes_the_tcp_path_and_the_sender_waits() {
         return;
     }
     let mut l = lab_with_far_ends();
-    let spliced = l.relay.splice(&l.w1, &l.w2).expect("splice");
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE).expect("splice");
     const TOTAL: usize = 64 << 20;
     let (tx, rx) = std::sync::mpsc::channel();
     let mut server = l.server.try_clone().unwrap();
@@ -274,4 +284,92 @@ async fn past_the_window_a_direction_takes_the_tcp_path_and_the_sender_waits() {
     drop(l.server);
     let moved = forwarder.await.unwrap();
     assert_eq!(direct + moved, TOTAL as u64);
+}
+
+/// A MySQL packet: 3-byte little-endian length, sequence id, payload.
+fn mysql_packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut p = vec![len[0], len[1], len[2], seq];
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A MySQL client's direction (`GUARD_MYSQL`): packets go to the server
+/// one at a time, a header sent in pieces included; a `COM_CHANGE_USER`
+/// and everything after it, and a packet that would go past the window,
+/// take the TCP path to the proxy's socket from their first byte — never
+/// half a packet either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
+    if !have_root() {
+        return;
+    }
+    let mut l = lab_with_far_ends();
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_MYSQL).expect("splice");
+    let query = mysql_packet(0, b"\x03SELECT 1");
+    // Whole packets, several in one send, and the server's answers back.
+    let mut two = query.clone();
+    two.extend_from_slice(&mysql_packet(0, b"\x0e"));
+    l.client.write_all(&two).unwrap();
+    assert_eq!(read_n(&mut l.server, two.len()), two);
+    l.server.write_all(b"answer").unwrap();
+    assert_eq!(read_n(&mut l.client, 6), b"answer");
+    // A header in pieces (corked until the command byte is there), and a
+    // payload in pieces.
+    let long = mysql_packet(0, &[b'\x03'; 3000]);
+    for piece in [
+        &long[..2],
+        &long[2..4],
+        &long[4..5],
+        &long[5..100],
+        &long[100..],
+    ] {
+        l.client.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read_n(&mut l.server, long.len()), long);
+    // LOAD DATA LOCAL content (sequence id > 0) may start with 0x11.
+    let data = mysql_packet(2, b"\x11 file bytes");
+    l.client.write_all(&data).unwrap();
+    assert_eq!(read_n(&mut l.server, data.len()), data);
+    assert!(idle(&l.w1), "nothing took the TCP path yet");
+    let direct = (two.len() + long.len() + data.len()) as u64;
+    assert_eq!(spliced.bytes().0, direct);
+
+    // A query, then COM_CHANGE_USER and a query in the same send: the
+    // first goes to the server, the rest to the proxy, in order.
+    let change_user = mysql_packet(0, b"\x11anonymous\0\0");
+    let mut three = query.clone();
+    three.extend_from_slice(&change_user);
+    three.extend_from_slice(&query);
+    l.client.write_all(&three).unwrap();
+    assert_eq!(read_n(&mut l.server, query.len()), query);
+    let rest = [change_user.as_slice(), query.as_slice()].concat();
+    assert_eq!(read_exact(&l.w1, rest.len()).await, rest);
+    assert_eq!(spliced.over_window(), (true, false));
+    assert!(!spliced.client_continues());
+    assert_eq!(spliced.bytes().0, direct + query.len() as u64);
+    // From now on the whole direction takes the TCP path.
+    l.client.write_all(&query).unwrap();
+    assert_eq!(read_exact(&l.w1, query.len()).await, query);
+    // The server's direction is not guarded.
+    l.server.write_all(b"still direct").unwrap();
+    assert_eq!(read_n(&mut l.client, 12), b"still direct");
+    assert!(idle(&l.w2));
+    drop(spliced);
+
+    // Past the window: a packet that would go over it takes the TCP path
+    // from its header on, not from the window's edge.
+    let mut l = lab_with_far_ends();
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_MYSQL).expect("splice");
+    l.client.write_all(&query).unwrap();
+    assert_eq!(read_n(&mut l.server, query.len()), query);
+    let big = mysql_packet(0, &vec![b'\x03'; 5 << 20]);
+    let mut client = l.client.try_clone().unwrap();
+    let sent = big.clone();
+    let writer = std::thread::spawn(move || client.write_all(&sent).unwrap());
+    assert_eq!(read_exact(&l.w1, big.len()).await, big);
+    writer.join().unwrap();
+    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(spliced.bytes().0, query.len() as u64);
 }

@@ -4,10 +4,11 @@
 //! prepared statements (raw COM_STMT_PREPARE/EXECUTE/RESET/CLOSE) is
 //! spliced in the kernel past its first round trips and keeps working (a
 //! 1 MB value both ways); its end record says so and its upstream
-//! connection is not pooled. The `mariadb` CLI is spliced too. A TLS
-//! client, a session that ran `LOAD DATA LOCAL INFILE`, and a route without
-//! `kernel_relay` (off by default on mysql routes) stay in user space; a
-//! freeze ends a spliced session.
+//! connection is not pooled. The `mariadb` CLI is spliced too. A spliced
+//! session's `COM_CHANGE_USER` is caught by the kernel program and refused
+//! by warden, as in user space. A TLS client, a session that ran `LOAD
+//! DATA LOCAL INFILE`, and a route with `kernel_relay = false` stay in user
+//! space; a freeze ends a spliced session.
 //!
 //! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
 //! skip there).
@@ -27,9 +28,10 @@ struct Setup {
     _server: MariaDb,
     warden: Instance,
     _daemon: warden_tests::Daemon,
-    /// Route `kr`: `kernel_relay = true`, `client_tls = true`, pooled.
+    /// Route `kr`: no `kernel_relay` key (on by default), `client_tls =
+    /// true`, pooled.
     kr: u16,
-    /// Route `plain`: no `kernel_relay` (off by default).
+    /// Route `plain`: `kernel_relay = false`.
     plain: u16,
 }
 
@@ -44,6 +46,8 @@ fn setup(extra: &str, allow: &str) -> Setup {
          CREATE TABLE orders.loaded (id INT, name VARCHAR(20));
          INSERT INTO orders.items VALUES (1, 'apple'), (2, 'pear');
          CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';
+         CREATE USER 'nopw'@'%';
+         GRANT SELECT ON orders.* TO 'nopw'@'%';
          GRANT ALL ON orders.* TO 'app'@'%';"
     ));
     let [kr, plain] = [free_port(), free_port()];
@@ -65,7 +69,6 @@ upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ user = "app", secret = "orders/app" }}
 client_tls = true
-kernel_relay = true
 allow = [{allow}]
 
 [[route]]
@@ -75,6 +78,7 @@ listen = "127.0.0.1:{plain}"
 upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ user = "app", secret = "orders/app" }}
+kernel_relay = false
 allow = [{allow}]
 
 [monitor]
@@ -117,8 +121,10 @@ fn relay_series(w: &Instance) -> String {
 
 /// A PyMySQL session driven line by line: after its warm-up (more answered
 /// commands than warden waits for, of every tracked kind) it prints
-/// `warm`; then each `ping` line is one more query (`pong`), and an empty
-/// line runs the workload again, prints what it got and `done`, and exits.
+/// `warm`; then each `ping` line is one more query (`pong`), a `change`
+/// line sends `COM_CHANGE_USER` to the password-less user `nopw` (prints
+/// `refused <code> <the error names the command>` or `changed`, then `user
+/// <CURRENT_USER()>`), and an empty line runs the workload again, prints what it got and `done`, and exits.
 /// `extra_setup` runs right after connecting.
 const SESSION: &str = r#"
 import sys, struct, pymysql
@@ -190,10 +196,24 @@ for i in range(40):
     cur.execute("SELECT %s", (i,))
     assert cur.fetchone()[0] == i
 print("warm", first, flush=True)
-while sys.stdin.readline().strip() == "ping":
-    cur.execute("SELECT 7")
-    assert cur.fetchone()[0] == 7
-    print("pong", flush=True)
+while True:
+    line = sys.stdin.readline().strip()
+    if line == "ping":
+        cur.execute("SELECT 7")
+        assert cur.fetchone()[0] == 7
+        print("pong", flush=True)
+    elif line == "change":
+        c._execute_command(COMMAND.COM_CHANGE_USER,
+                           b"nopw\0\0orders\0\x21\x00mysql_native_password\0")
+        try:
+            c._read_packet()
+            print("changed", flush=True)
+        except pymysql.err.OperationalError as e:
+            print("refused", e.args[0], "COM_CHANGE_USER" in e.args[1], flush=True)
+        cur.execute("SELECT CURRENT_USER()")
+        print("user", cur.fetchone()[0], flush=True)
+    else:
+        break
 print("after", workload("spliced"), flush=True)
 big = bytes(i % 251 for i in range(1 << 20))
 cur.execute("REPLACE INTO blobs VALUES (1, %s)", (big,))
@@ -308,6 +328,42 @@ fn a_long_pymysql_session_is_spliced_and_keeps_working() {
     assert_eq!(relay_metric(&s.warden, "kr", "held"), 0.0);
 }
 
+/// After the splice the kernel hands `COM_CHANGE_USER` to warden, which
+/// refuses it as it does in user space: the server never sees it (the
+/// password-less `nopw` would have let it in), the session stays the
+/// route's login and goes on.
+#[test]
+fn a_spliced_session_cannot_change_user() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("", "\"me\"");
+    let script = session_script(&s.warden);
+    let mut cmd = Command::new(python_with_pymysql());
+    cmd.arg(&script).arg(s.kr.to_string());
+    let mut d = Driven::start(cmd);
+    assert!(d.line().starts_with("warm "));
+    d.ping_until_spliced(&s.warden);
+    for _ in 0..2 {
+        writeln!(d.stdin, "change").unwrap();
+        assert_eq!(d.line(), "refused 1045 True");
+        assert_eq!(d.line(), "user app@%");
+        writeln!(d.stdin, "ping").unwrap();
+        assert_eq!(d.line(), "pong");
+    }
+    let (ok, rest) = d.finish();
+    assert!(ok && rest.ends_with("done\n"), "{rest}");
+    wait_for("session.end", || {
+        !session_ends(&s.warden, Some("kr")).is_empty()
+    });
+    let end = session_ends(&s.warden, Some("kr")).remove(0);
+    assert!(
+        end.contains("closed (kernel relay)") && end.contains("2 COM_CHANGE_USER refused"),
+        "{end}"
+    );
+    assert_eq!(relay_metric(&s.warden, "kr", "spliced"), 1.0);
+}
+
 #[test]
 fn a_long_mariadb_cli_session_is_spliced() {
     if !have_root() {
@@ -358,8 +414,8 @@ fn a_long_mariadb_cli_session_is_spliced() {
     assert!(end.contains("closed (kernel relay)"), "{end}");
 }
 
-/// TLS from the client, a LOCAL INFILE, and a route without
-/// `kernel_relay`: long sessions, never offered to the kernel.
+/// TLS from the client, a LOCAL INFILE, and a route with `kernel_relay =
+/// false`: long sessions, never offered to the kernel.
 #[test]
 fn ineligible_sessions_stay_in_user_space() {
     if !have_root() {
@@ -423,7 +479,7 @@ fn ineligible_sessions_stay_in_user_space() {
     for end in session_ends(&s.warden, Some("kr")) {
         assert!(!end.contains("kernel relay"), "{end}");
     }
-    // No kernel_relay key: the same long session stays in user space and
+    // kernel_relay = false: the same long session stays in user space and
     // its connection is pooled.
     let script = session_script(&s.warden);
     let mut cmd = Command::new(python_with_pymysql());
@@ -447,7 +503,7 @@ fn ineligible_sessions_stay_in_user_space() {
             .http_get("/metrics")
             .1
             .contains("warden_mysql_kernel_relay_total{result=\"spliced\",route=\"plain\"}"),
-        "a route without kernel_relay has no series"
+        "a route with kernel_relay = false has no series"
     );
     wait_for("the pooled connection", || {
         metric(

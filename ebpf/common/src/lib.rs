@@ -172,9 +172,32 @@ pub struct DirectPeer {
     pub tcp: u8,
     /// 1: a local hop's entry (made by the kernel, window `HOP_WINDOW`).
     pub hop: u8,
+    /// What this direction's sends are checked for before they are
+    /// redirected (`GUARD_NONE`, `GUARD_MYSQL`); set by user space at the
+    /// splice, for a client's entry.
+    pub guard: u8,
+    /// `GUARD_MYSQL`: the last packet redirected was 0xFFFFFF bytes long,
+    /// so the next one continues it (it carries no command byte). Kept
+    /// when the direction takes the TCP path, for user space's walk.
+    pub cont: u8,
     /// Always zero.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
 }
+
+/// `DirectPeer::guard`: sends are redirected as they come.
+pub const GUARD_NONE: u8 = 0;
+/// `DirectPeer::guard`: a MySQL client's sends are redirected one packet
+/// at a time (`bpf_msg_apply_bytes`), and the direction takes the TCP path
+/// for good, at a packet boundary, before a command warden must see
+/// (`COM_CHANGE_USER`: a packet with sequence id 0, not continuing a
+/// 0xFFFFFF-byte one, whose first byte is 0x11) or a packet that would go
+/// past the window. User space walks the TCP path from that boundary.
+pub const GUARD_MYSQL: u8 = 1;
+/// `COM_CHANGE_USER`, the command a `GUARD_MYSQL` direction hands to user
+/// space.
+pub const MYSQL_COM_CHANGE_USER: u8 = 0x11;
+/// A MySQL packet of this many payload bytes is continued by the next.
+pub const MYSQL_MAX_PAYLOAD: u32 = 0xFF_FFFF;
 
 /// A socket address: 16-byte address (v4 stored v4-mapped) and a port, both in
 /// network byte order. Key of `WATCHED` and `ATTRIBUTION`.

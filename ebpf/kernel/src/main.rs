@@ -12,11 +12,14 @@
 //!   `connect6` to `::ffff:127.0.0.1` is matched exactly like `connect4`.
 //!
 //! - `warden_direct` (`sk_msg` on `DIRECT_SOCKS`): the kernel relay of a
-//!   spliced PostgreSQL session whose client and upstream are both on this
+//!   spliced PostgreSQL, MySQL or Redis session whose client and upstream are both on this
 //!   host. `warden_sock_ops` enters those far-end sockets at establishment;
 //!   a send on one of a spliced pair goes straight into the other's receive
 //!   queue, up to `DIRECT_WINDOW` bytes ahead of the receiver's next send,
 //!   then for good through the TCP path (warden's sockets, flow-controlled).
+//!   A spliced MySQL client's sends (`GUARD_MYSQL`) go one packet at a time,
+//!   and the direction takes the TCP path before a `COM_CHANGE_USER`, which
+//!   warden refuses there (`mysql_guarded`).
 //!   The same program joins warden's own local hops on routes that ask for
 //!   it (`HOP_LISTENER`, `HOP_UPSTREAM`): a client's socket and warden's
 //!   accepted socket, warden's upstream socket and the upstream's accepted
@@ -59,6 +62,7 @@ use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::bindings::bpf_pidns_info;
 use aya_ebpf::helpers::generated::{
+    bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
     bpf_ktime_get_boot_ns,
 };
@@ -69,7 +73,7 @@ use aya_ebpf::macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    DirectPeer, Event, FrozenEntry, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
+    DirectPeer, Event, FrozenEntry, GUARD_MYSQL, MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
     CHANGE_BUCKETS, DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
@@ -680,8 +684,16 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     // SAFETY: a live map value. This socket's sends run one at a time (under
     // its lock), and only they write `bytes`, `ahead` and `tcp` of its
     // entry; the peer's sends only clear `ahead` (a heuristic either way).
-    let (mut peer_key, ahead, tcp, hop) =
-        unsafe { ((*entry).peer, (*entry).ahead, (*entry).tcp, (*entry).hop) };
+    let (mut peer_key, ahead, tcp, hop, guard, cont) = unsafe {
+        (
+            (*entry).peer,
+            (*entry).ahead,
+            (*entry).tcp,
+            (*entry).hop,
+            (*entry).guard,
+            (*entry).cont,
+        )
+    };
     if tcp != 0 {
         return SK_PASS;
     }
@@ -689,6 +701,9 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         // The peer socket closed: the bytes take the TCP path to warden's
         // socket, which forwards them (or sees the session end).
         return SK_PASS;
+    }
+    if guard == GUARD_MYSQL {
+        return mysql_guarded(&ctx, entry, peer_key, ahead, cont, size);
     }
     // Flow control: a receive queue filled this way has no limit, so a
     // receiver that stops reading would pin kernel memory. At most
@@ -712,6 +727,83 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         unsafe { (*back).ahead = 0 };
     }
     DIRECT_SOCKS.redirect_msg(&ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// A `GUARD_MYSQL` direction (a spliced MySQL client): this send starts at
+/// a packet boundary — every redirect covers exactly one packet
+/// (`bpf_msg_apply_bytes`; the kernel runs no program for the rest of a
+/// packet sent later), and a send shorter than the header (and the command
+/// byte of a command) is corked until it is there. A packet is redirected
+/// whole unless it is a `COM_CHANGE_USER` or would go past the window:
+/// then this direction takes the TCP path for good, starting with that
+/// packet, and warden walks it from there (`cont` tells it whether that
+/// packet continues a 0xFFFFFF-byte one). So no command reaches the server
+/// without having been checked here or by warden.
+#[inline(always)]
+fn mysql_guarded(
+    ctx: &SkMsgContext,
+    entry: *mut DirectPeer,
+    mut peer_key: SockPair,
+    ahead: u64,
+    cont: u8,
+    size: u32,
+) -> u32 {
+    let msg = ctx.msg;
+    let to_tcp = || {
+        // SAFETY: a live map value (see warden_direct).
+        unsafe { (*entry).tcp = 1 };
+        SK_PASS
+    };
+    if size < 4 {
+        // SAFETY: a helper on the program's own context.
+        unsafe { bpf_msg_cork_bytes(msg, 4) };
+        return SK_PASS;
+    }
+    let want = if size >= 5 { 5 } else { 4 };
+    // SAFETY: as above; makes the first `want` bytes readable in place.
+    if unsafe { bpf_msg_pull_data(msg, 0, want, 0) } != 0 {
+        return to_tcp();
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 4 > end {
+        return to_tcp();
+    }
+    // SAFETY: bounds checked against data_end just above.
+    let h = unsafe { core::ptr::read_unaligned(data as *const [u8; 4]) };
+    let len = u32::from(h[0]) | (u32::from(h[1]) << 8) | (u32::from(h[2]) << 16);
+    if cont == 0 && h[3] == 0 && len > 0 {
+        if size < 5 {
+            // SAFETY: as above.
+            unsafe { bpf_msg_cork_bytes(msg, 5) };
+            return SK_PASS;
+        }
+        if data + 5 > end {
+            return to_tcp();
+        }
+        // SAFETY: bounds checked just above.
+        let command = unsafe { core::ptr::read_volatile((data + 4) as *const u8) };
+        if command == MYSQL_COM_CHANGE_USER {
+            return to_tcp();
+        }
+    }
+    let total = len + 4;
+    let next = ahead + u64::from(total);
+    if next > DIRECT_WINDOW {
+        return to_tcp();
+    }
+    // SAFETY: as in warden_direct.
+    unsafe {
+        (*entry).ahead = next;
+        (*entry).bytes += u64::from(total);
+        (*entry).cont = u8::from(len == MYSQL_MAX_PAYLOAD);
+    }
+    if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
+        // SAFETY: as in warden_direct.
+        unsafe { (*back).ahead = 0 };
+    }
+    // SAFETY: as above.
+    unsafe { bpf_msg_apply_bytes(msg, total) };
+    DIRECT_SOCKS.redirect_msg(ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
 }
 
 /// `bpf_iter__tcp`: the context of an `iter/tcp` program.

@@ -103,6 +103,26 @@ impl ClientTransport for BoxedClient {
     }
 }
 
+/// Checks the client's bytes that reach warden after a splice, for a
+/// route kind whose client direction the kernel guards
+/// (`DirectPeer::guard`): the kernel redirects what it checked and hands
+/// the rest of the direction to warden's socket at a message boundary,
+/// from where this walks it — so every command is seen by the kernel or
+/// by this. A MySQL route's refuses `COM_CHANGE_USER` as its user-space
+/// relay does.
+pub trait ClientGuard: Send {
+    /// The kernel's check for this route kind (`warden_ebpf::GUARD_*`).
+    fn kernel(&self) -> u8;
+    /// Where the kernel's walk stood when the direction took the TCP path
+    /// (MySQL: the first packet continues a 0xFFFFFF-byte one).
+    fn resume(&mut self, continues: bool);
+    /// Walks the next client bytes: what goes on to the upstream into
+    /// `up`, warden's own answers into `local`.
+    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>);
+    /// Commands refused so far.
+    fn refused(&self) -> u64;
+}
+
 const HELD_WARNING: &str = "client bytes arrived while the session was handed to the kernel \
      relay; ending the session (a pipelining client: set kernel_relay = false on this route)";
 
@@ -116,6 +136,8 @@ pub struct Handover {
     /// first quiet moment offered (it takes a walk over the host's TCP
     /// sockets on a blocking thread; later quiet moments check it).
     joining: Option<Joining>,
+    /// The client direction's check, if the route kind has one.
+    guard: Option<Box<dyn ClientGuard>>,
 }
 
 impl Handover {
@@ -125,6 +147,16 @@ impl Handover {
             spliced: None,
             held: false,
             joining: None,
+            guard: None,
+        }
+    }
+
+    /// A hand-over whose client direction `guard` checks, in the kernel
+    /// and after it.
+    pub fn guarded(kind: RelayKind, guard: Box<dyn ClientGuard>) -> Handover {
+        Handover {
+            guard: Some(guard),
+            ..Handover::new(kind)
         }
     }
 
@@ -164,7 +196,11 @@ impl Handover {
             // quiet moment.
             Some(JoinState::Pending) | None => return Handed::Later,
         }
-        match relay.splice(client, up) {
+        let guard = self
+            .guard
+            .as_ref()
+            .map_or(warden_ebpf::GUARD_NONE, |g| g.kernel());
+        match relay.splice(client, up, guard) {
             Ok(s) => {
                 count("spliced");
                 self.spliced = Some(s);
@@ -198,6 +234,8 @@ pub struct Finished {
     /// The freeze that ended the session, if one did (`frozen_error`
     /// already sent).
     pub frozen: Option<FreezeEntry>,
+    /// Client commands the guard refused after the splice.
+    pub refused: u64,
 }
 
 /// The rest of a spliced session: warden's two sockets are watched for
@@ -213,7 +251,12 @@ pub async fn finish<S: ClientTransport>(
     frozen: impl std::future::Future<Output = FreezeEntry>,
     frozen_error: impl FnOnce(&FreezeEntry) -> Vec<u8>,
 ) -> Finished {
-    let Handover { spliced, held, .. } = handover;
+    let Handover {
+        spliced,
+        held,
+        mut guard,
+        ..
+    } = handover;
     let mut out = Finished::default();
     let (Ok(mut client), UpstreamStream::Plain(mut upstream)) = (client.into_plain_tcp(), upstream)
     else {
@@ -226,7 +269,11 @@ pub async fn finish<S: ClientTransport>(
         out.error = true;
     } else {
         tokio::select! {
-            (error, up, down) = watch_ends(&mut client, &mut upstream) => {
+            (error, up, down) = watch_ends(
+                &mut client,
+                &mut upstream,
+                guard.as_mut().zip(spliced.as_ref()),
+            ) => {
                 out.error = error;
                 out.up += up;
                 out.down += down;
@@ -237,6 +284,7 @@ pub async fn finish<S: ClientTransport>(
             }
         }
     }
+    out.refused = guard.as_ref().map_or(0, |g| g.refused());
     if let Some(s) = &spliced {
         let (up, down) = s.bytes();
         out.up += up;
@@ -248,9 +296,15 @@ pub async fn finish<S: ClientTransport>(
     out
 }
 
-async fn watch_ends(client: &mut TcpStream, upstream: &mut TcpStream) -> (bool, u64, u64) {
+async fn watch_ends(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    mut guard: Option<(&mut Box<dyn ClientGuard>, &Spliced)>,
+) -> (bool, u64, u64) {
     let mut buf = vec![0u8; 16 * 1024];
     let (mut up, mut down) = (0u64, 0u64);
+    let (mut checked, mut local) = (Vec::new(), Vec::new());
+    let mut resumed = false;
     loop {
         let from_client = tokio::select! {
             r = client.readable() => match r {
@@ -273,7 +327,21 @@ async fn watch_ends(client: &mut TcpStream, upstream: &mut TcpStream) -> (bool, 
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return (true, up, down),
         };
-        if to.write_all(&buf[..n]).await.is_err() {
+        let sent = match guard.as_mut().filter(|_| from_client) {
+            Some((g, spliced)) => {
+                if !resumed {
+                    // The kernel handed this direction over at a boundary.
+                    g.resume(spliced.client_continues());
+                    resumed = true;
+                }
+                checked.clear();
+                local.clear();
+                g.feed(&buf[..n], &mut checked, &mut local);
+                upstream.write_all(&checked).await.is_ok() && client.write_all(&local).await.is_ok()
+            }
+            None => to.write_all(&buf[..n]).await.is_ok(),
+        };
+        if !sent {
             return (true, up, down);
         }
         if from_client {

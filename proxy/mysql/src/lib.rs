@@ -1013,7 +1013,14 @@ async fn session(
     // A freeze of the workload ends the session at once.
     let stop = frozen_watch(&shared, &who.workload);
     let kernel = kernel_eligible(&shared, &route, &client, &upstream);
-    let mut handover = Handover::new(RelayKind::Mysql);
+    let mut handover = Handover::guarded(
+        RelayKind::Mysql,
+        Box::new(relay::SplicedCommands::new(
+            &route.name,
+            &who.workload,
+            user,
+        )),
+    );
     let (mut outcome, rest) = match &kernel {
         Some(k) => {
             let mut offer = |c: &Client, u: &UpstreamStream| {
@@ -1045,6 +1052,7 @@ async fn session(
                 .await;
             outcome.up += done.up;
             outcome.down += done.down;
+            outcome.change_user_refused += done.refused;
             outcome.how = match &done.frozen {
                 Some(_) => "closed: workload frozen (kernel relay)",
                 None if done.error => "connection error (kernel relay)",

@@ -376,6 +376,64 @@ impl Commands {
     }
 }
 
+/// The client's commands after a splice (the kernel relay's
+/// `GUARD_MYSQL`): the kernel redirects packets it checked and hands the
+/// direction to warden's socket at a packet boundary before a
+/// `COM_CHANGE_USER` (or a packet past its window); from there the same
+/// scan as before the splice refuses `COM_CHANGE_USER` with warden's ERR
+/// and passes everything else. `KILL` is not translated after a splice
+/// (see `docs/mysql.md`).
+pub struct SplicedCommands {
+    commands: Commands,
+    /// An incomplete header (or command byte) kept for more bytes.
+    carry: Vec<u8>,
+    route: String,
+    workload: String,
+    user: String,
+}
+
+impl SplicedCommands {
+    pub fn new(route: &str, workload: &str, user: &str) -> SplicedCommands {
+        SplicedCommands {
+            commands: Commands::default(),
+            carry: Vec::new(),
+            route: route.to_string(),
+            workload: workload.to_string(),
+            user: user.to_string(),
+        }
+    }
+}
+
+impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
+    fn kernel(&self) -> u8 {
+        warden_ebpf::GUARD_MYSQL
+    }
+
+    fn resume(&mut self, continues: bool) {
+        self.commands.continued = continues;
+    }
+
+    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) {
+        let ctx = Context {
+            route: &self.route,
+            workload: &self.workload,
+            user: &self.user,
+            pool: false,
+            kill: None,
+            track_state: None,
+        };
+        self.carry.extend_from_slice(data);
+        // Without pooling, kill translation or tracking, a scan keeps at
+        // most a header and a command byte back.
+        let (used, _) = self.commands.scan(&self.carry, up, local, &ctx);
+        self.carry.drain(..used);
+    }
+
+    fn refused(&self) -> u64 {
+        self.commands.change_user_refused
+    }
+}
+
 /// One direction's read buffer: `buf[pos..cap]` is read and not yet
 /// used.
 struct Buffer {
@@ -992,6 +1050,38 @@ mod tests {
             let err = ErrPacket::parse(&local[4..]).unwrap();
             assert_eq!(err.code, 1045);
         }
+    }
+
+    /// After a splice (what the kernel hands to warden's socket): the
+    /// same refusal at any split, the carry never holding more than a
+    /// header and a command byte; resumed inside a long command, a first
+    /// packet that starts with 0x11 is its continuation and passes.
+    #[test]
+    fn spliced_commands_refuse_change_user_at_any_split() {
+        use warden_core::kernel_relay::ClientGuard;
+        let query = packet(0, b"\x03SELECT 1");
+        let change = packet(0, b"\x11nopw\0\0orders\0");
+        let stream = [change.clone(), query.clone(), change.clone(), query.clone()].concat();
+        for step in 1..=stream.len() {
+            let mut g = SplicedCommands::new("r", "w", "app");
+            assert_eq!(g.kernel(), warden_ebpf::GUARD_MYSQL);
+            g.resume(false);
+            let (mut up, mut local) = (Vec::new(), Vec::new());
+            for chunk in stream.chunks(step) {
+                g.feed(chunk, &mut up, &mut local);
+                assert!(g.carry.len() <= 5, "step {step}");
+            }
+            assert_eq!(up, [query.clone(), query.clone()].concat(), "step {step}");
+            assert_eq!(g.refused(), 2);
+            let err = ErrPacket::parse(&local[4..local.len() / 2]).unwrap();
+            assert!(err.code == 1045 && err.message.contains("COM_CHANGE_USER"));
+        }
+        let mut g = SplicedCommands::new("r", "w", "app");
+        g.resume(true);
+        let (mut up, mut local) = (Vec::new(), Vec::new());
+        g.feed(&stream, &mut up, &mut local);
+        assert_eq!(up[..change.len()], change[..]);
+        assert_eq!(g.refused(), 1);
     }
 
     /// A packet of 0xffffff bytes (as a client sends one: header, then

@@ -196,10 +196,10 @@ allow = ["web"]
         ok(&mysql_cfg("pool = { max_idle = 4 }"));
         ok(&mysql_cfg("pool = { reset = \"auto\" }"));
         ok(&mysql_cfg("pool = { reset = \"always\" }"));
-        // kernel_relay: off unless asked for (a spliced session's
-        // COM_CHANGE_USER reaches the server unseen).
+        // kernel_relay: on unless turned off (the kernel program hands a
+        // spliced session's COM_CHANGE_USER to warden).
         assert_eq!(ok(&mysql_cfg("")).routes[0].kernel_relay, None);
-        assert!(!ok(&mysql_cfg("")).routes[0].kernel_relay_on());
+        assert!(ok(&mysql_cfg("")).routes[0].kernel_relay_on());
         for v in ["true", "false"] {
             let cfg = ok(&mysql_cfg(&format!("kernel_relay = {v}")));
             assert_eq!(cfg.routes[0].kernel_relay_on(), v == "true");
