@@ -306,6 +306,7 @@ impl Rewriter {
             return Err(p.original);
         };
         let mut block = Vec::with_capacity(p.block.len() * 2);
+        let mut decoded_len = 0usize;
         for h in &headers {
             let value = if h.name == b":authority" && !valid_authority(&h.value) {
                 tracing::debug!("workload API: replaced a socket-path :authority");
@@ -313,6 +314,13 @@ impl Rewriter {
             } else {
                 h.value.as_slice()
             };
+            // The replacement can be longer than what it replaces: a block
+            // this layer would not accept itself is not passed on either
+            // (h2 gets the original and refuses its `:authority`).
+            decoded_len += h.name.len() + value.len() + 32;
+            if decoded_len > MAX_HEADER_BLOCK {
+                return Err(p.original);
+            }
             encode_literal(&mut block, &h.name, value, h.never_indexed);
         }
         write_header_frames(p.stream_id, p.flags, p.priority, &block, out);
@@ -459,6 +467,11 @@ impl Decoder {
                     never_indexed: false,
                 }
             } else if first & 0x20 != 0 {
+                // RFC 7541 §4.2: only at the start of a block (h2 refuses
+                // one after a header field, so this layer gives up).
+                if !headers.is_empty() {
+                    return Err(HpackError);
+                }
                 let new_max = cur.int(5)?;
                 if new_max > MAX_TABLE_SIZE {
                     return Err(HpackError);
@@ -1465,6 +1478,67 @@ mod tests {
         assert_eq!(server_view(&out)[0].len(), 11);
     }
 
+    /// Found by the `workload_authority` fuzzer: a block just under the
+    /// limit whose many one-byte `:authority` values, each replaced by
+    /// `localhost`, would take it past the limit goes out unchanged (it
+    /// is not passed on bigger than this layer accepts); a few bytes
+    /// smaller it is rewritten.
+    #[test]
+    fn a_rewrite_that_would_pass_the_limit_gives_up() {
+        let block = |filler: usize| {
+            let mut block = Vec::new();
+            for _ in 0..40 {
+                block.push(0x00);
+                string_literal(&mut block, b":authority", false);
+                string_literal(&mut block, b"\x01", false);
+            }
+            let used = 40 * (10 + 1 + 32);
+            let mut left = MAX_HEADER_BLOCK - used - filler;
+            while left >= 2 * (1 + 32 + 4000) {
+                block.push(0x00);
+                string_literal(&mut block, b"x", false);
+                string_literal(&mut block, &[b'v'; 4000], false);
+                left -= 1 + 32 + 4000;
+            }
+            block.push(0x00);
+            string_literal(&mut block, b"x", false);
+            string_literal(&mut block, &vec![b'v'; left - 33], false);
+            let decoded = Decoder::new().decode(&block).expect("within the limit");
+            let size: usize = decoded
+                .iter()
+                .map(|h| h.name.len() + h.value.len() + 32)
+                .sum();
+            assert_eq!(size, MAX_HEADER_BLOCK - filler);
+            let mut input = PREFACE.to_vec();
+            let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME_LEN).collect();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let flags = if i + 1 == chunks.len() {
+                    FLAG_END_HEADERS
+                } else {
+                    0
+                };
+                let kind = if i == 0 {
+                    TYPE_HEADERS
+                } else {
+                    TYPE_CONTINUATION
+                };
+                push_frame_header(&mut input, chunk.len(), kind, flags, 1);
+                input.extend_from_slice(chunk);
+            }
+            input
+        };
+        // 40 × 8 more bytes than the client's block: past the limit.
+        let input = block(100);
+        assert_eq!(rewrite(&input), input);
+        // With room for them: rewritten.
+        let out = rewrite(&block(400));
+        let headers = &server_view(&out)[0];
+        let replaced = headers
+            .iter()
+            .filter(|h| h.0 == ":authority" && h.1 == "localhost");
+        assert_eq!(replaced.count(), 40);
+    }
+
     #[test]
     fn malformed_hpack_is_an_error_and_passes_through() {
         let cases = [
@@ -1476,6 +1550,7 @@ mod tests {
             ("00 81 ff", "Huffman padding longer than 7 bits"),
             ("00 84 ff ff ff fc", "Huffman EOS inside a string"),
             ("3f e2 1f", "table size above SETTINGS_HEADER_TABLE_SIZE"),
+            ("82 20", "a table size update after a header field"),
         ];
         for (block, why) in cases {
             assert!(Decoder::new().decode(&hex(block)).is_err(), "{why}");
