@@ -39,9 +39,9 @@ pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_I
 pub use monitor::{
     release_pinned, Counters, ExecSince, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
-pub use relay::{HopStats, JoinState, Joining, KernelRelay, SpliceError, Spliced};
+pub use relay::{ClientPosition, HopStats, JoinState, Joining, KernelRelay, SpliceError, Spliced};
 pub use resolver::EbpfResolver;
-pub use warden_ebpf_common::{ProcessInfo, GUARD_MYSQL, GUARD_NONE};
+pub use warden_ebpf_common::{ProcessInfo, GUARD_MYSQL, GUARD_NONE, GUARD_REDIS};
 
 /// The kernel object built from `ebpf/kernel` (see the crate docs).
 pub const OBJECT: &[u8] = include_bytes!("../prebuilt/warden-ebpf.o");

@@ -20,7 +20,7 @@
 //! is gone, and a direction that went more than `DIRECT_WINDOW` bytes ahead
 //! of its receiver's next send (the relay's flow control: a receive queue
 //! filled this way has no limit of its own) — which user space forwards.
-//! A guarded client direction (`GUARD_MYSQL`, [`KernelRelay::splice`]'s
+//! A guarded client direction (`GUARD_MYSQL`, `GUARD_REDIS`, [`KernelRelay::splice`]'s
 //! `guard`) also takes the TCP path before a command warden must answer
 //! itself, at a packet boundary, and user space checks what arrives there
 //! the same way.
@@ -144,6 +144,16 @@ impl Joiner {
         let _ = self.wanted.remove(key);
         run
     }
+}
+
+/// Where a guarded client direction stood when it took the TCP path
+/// ([`Spliced::client_position`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientPosition {
+    /// `GUARD_MYSQL`: the first packet continues a 0xFFFFFF-byte one.
+    pub continues: bool,
+    /// `GUARD_REDIS`: bulk strings of the current command still to come.
+    pub args: u32,
 }
 
 /// A client connection and an upstream connection relayed far end to far
@@ -323,7 +333,7 @@ impl KernelRelay {
     /// (`GUARD_NONE`, `GUARD_MYSQL`) is what the client's sends are checked
     /// for before they are redirected (see `DirectPeer::guard`); what the
     /// check leaves to user space reaches `client_side`, starting at a
-    /// packet boundary ([`Spliced::client_continues`]).
+    /// packet boundary ([`Spliced::client_position`]).
     pub fn splice(
         self: &Arc<Self>,
         client_side: &tokio::net::TcpStream,
@@ -440,18 +450,23 @@ impl Spliced {
         (get(&self.client), get(&self.upstream))
     }
 
-    /// A guarded client direction (`GUARD_MYSQL`): the last packet the
-    /// kernel redirected was 0xFFFFFF bytes long, so the first one on the
-    /// TCP path continues it. Read once that path carried bytes (the
-    /// kernel no longer changes the entry then).
-    pub fn client_continues(&self) -> bool {
+    /// Where a guarded client direction's walk stood when it took the TCP
+    /// path (the kernel no longer changes the entry then; read once that
+    /// path carried bytes): `GUARD_MYSQL` — the last packet redirected was
+    /// 0xFFFFFF bytes long, so the first one on the TCP path continues it;
+    /// `GUARD_REDIS` — how many bulk strings of the current command are
+    /// left (0: the TCP path starts with a command).
+    pub fn client_position(&self) -> ClientPosition {
         let Ok(peers) = self.relay.peers.lock() else {
-            return false;
+            return ClientPosition::default();
         };
         peers
             .get(&self.client, 0)
-            .map(|p| p.cont != 0)
-            .unwrap_or(false)
+            .map(|p| ClientPosition {
+                continues: p.cont != 0,
+                args: p.args,
+            })
+            .unwrap_or_default()
     }
 
     /// Which directions went over the window and take the TCP path now:

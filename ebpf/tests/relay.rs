@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use warden_ebpf::{
-    JoinState, KernelRelay, Monitor, MonitorConfig, SpliceError, GUARD_MYSQL, GUARD_NONE,
+    ClientPosition, JoinState, KernelRelay, Monitor, MonitorConfig, SpliceError, GUARD_MYSQL,
+    GUARD_NONE, GUARD_REDIS,
 };
 
 mod common;
@@ -295,10 +296,11 @@ fn mysql_packet(seq: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A MySQL client's direction (`GUARD_MYSQL`): packets go to the server
-/// one at a time, a header sent in pieces included; a `COM_CHANGE_USER`
-/// and everything after it, and a packet that would go past the window,
-/// take the TCP path to the proxy's socket from their first byte — never
-/// half a packet either way.
+/// one at a time, a payload sent in pieces included; a `COM_CHANGE_USER`,
+/// a header cut by the end of a send, and a packet that would go past the
+/// window take the TCP path to the proxy's socket from their first byte,
+/// with everything after them — never half a packet either way, and
+/// nothing lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     if !have_root() {
@@ -314,16 +316,9 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     assert_eq!(read_n(&mut l.server, two.len()), two);
     l.server.write_all(b"answer").unwrap();
     assert_eq!(read_n(&mut l.client, 6), b"answer");
-    // A header in pieces (corked until the command byte is there), and a
-    // payload in pieces.
+    // A payload in pieces (the header and command byte in the first).
     let long = mysql_packet(0, &[b'\x03'; 3000]);
-    for piece in [
-        &long[..2],
-        &long[2..4],
-        &long[4..5],
-        &long[5..100],
-        &long[100..],
-    ] {
+    for piece in [&long[..5], &long[5..100], &long[100..]] {
         l.client.write_all(piece).unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -347,7 +342,7 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     let rest = [change_user.as_slice(), query.as_slice()].concat();
     assert_eq!(read_exact(&l.w1, rest.len()).await, rest);
     assert_eq!(spliced.over_window(), (true, false));
-    assert!(!spliced.client_continues());
+    assert_eq!(spliced.client_position(), ClientPosition::default());
     assert_eq!(spliced.bytes().0, direct + query.len() as u64);
     // From now on the whole direction takes the TCP path.
     l.client.write_all(&query).unwrap();
@@ -357,6 +352,17 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     assert_eq!(read_n(&mut l.client, 12), b"still direct");
     assert!(idle(&l.w2));
     drop(spliced);
+
+    // A header cut by the end of a send: that packet and the next (sent
+    // with the rest of it) go to the proxy, none lost.
+    let mut l = lab_with_far_ends();
+    let _spliced = l.relay.splice(&l.w1, &l.w2, GUARD_MYSQL).expect("splice");
+    let both = [query.clone(), query.clone()].concat();
+    l.client.write_all(&both[..2]).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    l.client.write_all(&both[2..]).unwrap();
+    assert_eq!(read_exact(&l.w1, both.len()).await, both);
+    drop(_spliced);
 
     // Past the window: a packet that would go over it takes the TCP path
     // from its header on, not from the window's edge.
@@ -372,4 +378,102 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     writer.join().unwrap();
     assert_eq!(spliced.over_window(), (true, false));
     assert_eq!(spliced.bytes().0, query.len() as u64);
+}
+
+/// A Redis client's direction (`GUARD_REDIS`): commands go to the server
+/// element by element, cut between or inside bulk strings included; an
+/// `AUTH` (any case), `HELLO`, `RESET`, an inline command, a
+/// non-canonical length, a header or name cut by the end of a send, and an
+/// element that would go past the window take the TCP path to the proxy's
+/// socket from their first byte, with everything after them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_client_direction_hands_auth_to_the_proxy() {
+    if !have_root() {
+        return;
+    }
+    let set = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n".to_vec();
+    let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec();
+    let mut l = lab_with_far_ends();
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_REDIS).expect("splice");
+    // Pipelined, then in pieces cut inside every kind of header.
+    let two = [set.clone(), get.clone()].concat();
+    l.client.write_all(&two).unwrap();
+    assert_eq!(read_n(&mut l.server, two.len()), two);
+    // Cut inside a bulk string or between elements (the headers whole).
+    for cut in [10, 13, 18, 20, 24, 27] {
+        l.client.write_all(&set[..cut]).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        l.client.write_all(&set[cut..]).unwrap();
+        assert_eq!(read_n(&mut l.server, set.len()), set, "cut at {cut}");
+    }
+    // Names that only look like warden's pass.
+    let near = b"*1\r\n$4\r\nAUTO\r\n*1\r\n$6\r\nAUTHXX\r\n".to_vec();
+    l.client.write_all(&near).unwrap();
+    assert_eq!(read_n(&mut l.server, near.len()), near);
+    assert!(idle(&l.w1), "nothing took the TCP path yet");
+    let direct = (two.len() + 6 * set.len() + near.len()) as u64;
+    assert_eq!(spliced.bytes().0, direct);
+    // A GET, then AUTH (mixed case) and a GET in one send.
+    let auth = b"*2\r\n$4\r\naUtH\r\n$2\r\npw\r\n".to_vec();
+    l.client
+        .write_all(&[get.clone(), auth.clone(), get.clone()].concat())
+        .unwrap();
+    assert_eq!(read_n(&mut l.server, get.len()), get);
+    let rest = [auth.clone(), get.clone()].concat();
+    assert_eq!(read_exact(&l.w1, rest.len()).await, rest);
+    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(spliced.client_position(), ClientPosition::default());
+    drop(spliced);
+
+    // HELLO and RESET, an inline command, a leading zero, a header or a
+    // name cut by the end of a send: each goes to the proxy, with what
+    // follows it.
+    for (odd, cut) in [
+        (&b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"[..], 0),
+        (b"*1\r\n$5\r\nreset\r\n", 0),
+        (b"PING\r\n", 0),
+        (b"*01\r\n$4\r\nPING\r\n", 0),
+        (b"*1\r\n$04\r\nPING\r\n", 0),
+        (b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n", 2),
+        (b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n", 6),
+        (b"*1\r\n$4\r\nAUTH\r\n", 10),
+    ] {
+        let mut l = lab_with_far_ends();
+        let _spliced = l.relay.splice(&l.w1, &l.w2, GUARD_REDIS).expect("splice");
+        if cut > 0 {
+            l.client.write_all(&odd[..cut]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        l.client.write_all(&odd[cut..]).unwrap();
+        assert_eq!(
+            read_exact(&l.w1, odd.len()).await,
+            odd,
+            "{}",
+            String::from_utf8_lossy(odd)
+        );
+    }
+
+    // Past the window: the large value's bulk string (and what follows)
+    // takes the TCP path at its header; the proxy learns one is left.
+    let mut l = lab_with_far_ends();
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_REDIS).expect("splice");
+    let value = vec![b'v'; 5 << 20];
+    let head = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n".to_vec();
+    let mut big = format!("${}\r\n", value.len()).into_bytes();
+    big.extend_from_slice(&value);
+    big.extend_from_slice(b"\r\n");
+    let mut client = l.client.try_clone().unwrap();
+    let sent = [head.clone(), big.clone()].concat();
+    let writer = std::thread::spawn(move || client.write_all(&sent).unwrap());
+    assert_eq!(read_exact(&l.w1, big.len()).await, big);
+    writer.join().unwrap();
+    assert_eq!(read_n(&mut l.server, head.len()), head);
+    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(
+        spliced.client_position(),
+        ClientPosition {
+            continues: false,
+            args: 1
+        }
+    );
 }

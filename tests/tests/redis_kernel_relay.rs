@@ -1,10 +1,12 @@
 //! The eBPF kernel relay on Redis routes end to end: a real redis-server
 //! behind a warden whose monitor is loaded (root). A session past its
 //! first round trips is spliced in the kernel, and every byte (a 1 MB value
-//! both ways) still arrives; its end record says so. A route with a
-//! command list (even with `kernel_relay = true`), and one without
-//! `kernel_relay` (off by default on redis routes), stay in user space;
-//! a freeze ends a spliced session.
+//! both ways) still arrives; its end record says so. After the splice a
+//! client's `AUTH` and `HELLO … AUTH` still log in as the route's user only
+//! (the kernel hands them to warden), and `RESET` ends the session. A
+//! route with a command list (even with `kernel_relay = true`), and one
+//! with `kernel_relay = false`, stay in user space; a freeze ends a
+//! spliced session.
 //!
 //! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
 //! skip there).
@@ -29,8 +31,7 @@ struct Setup {
     cache: u16,
     /// Route `cache-deny`: a deny list.
     deny: u16,
-    /// Route `cache-off`: `kernel_relay` not set (off by default on redis
-    /// routes).
+    /// Route `cache-off`: `kernel_relay = false`.
     off: u16,
 }
 
@@ -56,7 +57,6 @@ listen = "127.0.0.1:{cache}"
 upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ secret = "cache/default" }}
-kernel_relay = true
 allow = [{allow}]
 
 [[route]]
@@ -77,6 +77,7 @@ listen = "127.0.0.1:{off}"
 upstream = "127.0.0.1:{up}"
 upstream_tls = {{ mode = "disable" }}
 credential = {{ secret = "cache/default" }}
+kernel_relay = false
 allow = [{allow}]
 
 [monitor]
@@ -186,6 +187,70 @@ fn a_long_session_is_spliced_and_a_1mb_value_goes_both_ways() {
         0.0
     );
     assert_eq!(relay_metric(&s.warden, "cache", "held"), 0.0);
+}
+
+/// After the splice the kernel hands `AUTH`, `HELLO` and `RESET` to
+/// warden: a client's `AUTH` as a password-less user (`free`, which the
+/// server would accept) leaves it logged in as the route's user, `HELLO 3
+/// AUTH …` too, and `RESET` ends the session with an error.
+#[test]
+fn a_spliced_session_cannot_log_in_as_another_user() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("", "\"me\"");
+    s.server.cli_as(
+        "default",
+        DEFAULT_PW,
+        &["ACL", "SETUSER", "free", "on", "nopass", "~*", "+@all"],
+    );
+    let mut c = Raw::connect(s.cache);
+    warm_up(&mut c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay_metric(&s.warden, "cache", "spliced") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the splice"
+        );
+        c.send(&command(&[b"PING"]));
+        assert_eq!(c.read_at_least(7), b"+PONG\r\n");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let whoami = |c: &mut Raw| {
+        c.send(&command(&[b"ACL", b"WHOAMI"]));
+        c.read_at_least(13)
+    };
+    c.send(&command(&[b"AUTH", b"free", b"anything"]));
+    assert_eq!(c.read_at_least(5), b"+OK\r\n");
+    assert_eq!(whoami(&mut c), b"$7\r\ndefault\r\n");
+    // HELLO 3 with an AUTH pair: the reply is a RESP3 map naming the
+    // server; the login is still the route's.
+    c.send(&command(&[b"HELLO", b"3", b"AUTH", b"free", b"x"]));
+    let hello = c.read_until(b"$7\r\nmodules\r\n*0\r\n");
+    assert!(
+        hello.starts_with(b"%"),
+        "{}",
+        String::from_utf8_lossy(&hello)
+    );
+    assert_eq!(whoami(&mut c), b"$7\r\ndefault\r\n");
+    c.send(&command(&[b"RESET"]));
+    let got = c.read_until(b"\r\n");
+    assert!(
+        got.starts_with(b"-ERR warden: RESET"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // The session ends after RESET (the end record says why).
+    assert!(c.read_to_end().is_empty());
+    wait_for("session.end", || {
+        !session_ends(&s.warden, Some("cache")).is_empty()
+    });
+    let end = session_ends(&s.warden, Some("cache")).remove(0);
+    assert!(end.contains("RESET refused (kernel relay)"), "{end}");
+    assert!(
+        !end.contains("anything") && !end.contains(DEFAULT_PW),
+        "{end}"
+    );
 }
 
 #[test]

@@ -180,8 +180,10 @@ pub struct DirectPeer {
     /// so the next one continues it (it carries no command byte). Kept
     /// when the direction takes the TCP path, for user space's walk.
     pub cont: u8,
-    /// Always zero.
-    pub _pad: [u8; 4],
+    /// `GUARD_REDIS`: bulk strings left in the command being redirected (0:
+    /// the next send starts a command). Kept when the direction takes the
+    /// TCP path, for user space's walk.
+    pub args: u32,
 }
 
 /// `DirectPeer::guard`: sends are redirected as they come.
@@ -193,6 +195,14 @@ pub const GUARD_NONE: u8 = 0;
 /// 0xFFFFFF-byte one, whose first byte is 0x11) or a packet that would go
 /// past the window. User space walks the TCP path from that boundary.
 pub const GUARD_MYSQL: u8 = 1;
+/// `DirectPeer::guard`: a Redis client's sends are redirected one RESP
+/// element at a time (the array header goes with the command's name), and
+/// the direction takes the TCP path for good, at an element boundary,
+/// before an `AUTH`, `HELLO` or `RESET` (case-insensitive), a send that is
+/// not in the canonical form (`*<digits>\r\n`, `$<digits>\r\n`: an inline
+/// command, a sign, a leading zero), or an element that would go past the
+/// window. User space walks the TCP path from that boundary (`args`).
+pub const GUARD_REDIS: u8 = 2;
 /// `COM_CHANGE_USER`, the command a `GUARD_MYSQL` direction hands to user
 /// space.
 pub const MYSQL_COM_CHANGE_USER: u8 = 0x11;

@@ -62,7 +62,7 @@ use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::bindings::bpf_pidns_info;
 use aya_ebpf::helpers::generated::{
-    bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
+    bpf_msg_apply_bytes, bpf_msg_pull_data,
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
     bpf_ktime_get_boot_ns,
 };
@@ -73,7 +73,7 @@ use aya_ebpf::macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    DirectPeer, Event, FrozenEntry, GUARD_MYSQL, MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
+    DirectPeer, Event, FrozenEntry, GUARD_MYSQL, GUARD_REDIS, MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
     CHANGE_BUCKETS, DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
@@ -684,7 +684,7 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     // SAFETY: a live map value. This socket's sends run one at a time (under
     // its lock), and only they write `bytes`, `ahead` and `tcp` of its
     // entry; the peer's sends only clear `ahead` (a heuristic either way).
-    let (mut peer_key, ahead, tcp, hop, guard, cont) = unsafe {
+    let (mut peer_key, ahead, tcp, hop, guard, cont, args) = unsafe {
         (
             (*entry).peer,
             (*entry).ahead,
@@ -692,6 +692,7 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
             (*entry).hop,
             (*entry).guard,
             (*entry).cont,
+            (*entry).args,
         )
     };
     if tcp != 0 {
@@ -704,6 +705,9 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     }
     if guard == GUARD_MYSQL {
         return mysql_guarded(&ctx, entry, peer_key, ahead, cont, size);
+    }
+    if guard == GUARD_REDIS {
+        return redis_guarded(&ctx, entry, peer_key, ahead, args, size);
     }
     // Flow control: a receive queue filled this way has no limit, so a
     // receiver that stops reading would pin kernel memory. At most
@@ -732,9 +736,9 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
 /// A `GUARD_MYSQL` direction (a spliced MySQL client): this send starts at
 /// a packet boundary — every redirect covers exactly one packet
 /// (`bpf_msg_apply_bytes`; the kernel runs no program for the rest of a
-/// packet sent later), and a send shorter than the header (and the command
-/// byte of a command) is corked until it is there. A packet is redirected
-/// whole unless it is a `COM_CHANGE_USER` or would go past the window:
+/// packet sent later). A packet is redirected whole unless it is a
+/// `COM_CHANGE_USER`, would go past the window, or its header (and command
+/// byte) is cut by the end of the send:
 /// then this direction takes the TCP path for good, starting with that
 /// packet, and warden walks it from there (`cont` tells it whether that
 /// packet continues a 0xFFFFFF-byte one). So no command reaches the server
@@ -754,10 +758,13 @@ fn mysql_guarded(
         unsafe { (*entry).tcp = 1 };
         SK_PASS
     };
+    // A header (or command byte) cut by the end of the send goes to warden:
+    // corking it would lose what follows the packet in the corked bytes
+    // (the kernel frees a corked message once its verdict's bytes are
+    // sent). Clients write whole packets; one that does not is walked in
+    // user space from there.
     if size < 4 {
-        // SAFETY: a helper on the program's own context.
-        unsafe { bpf_msg_cork_bytes(msg, 4) };
-        return SK_PASS;
+        return to_tcp();
     }
     let want = if size >= 5 { 5 } else { 4 };
     // SAFETY: as above; makes the first `want` bytes readable in place.
@@ -773,9 +780,7 @@ fn mysql_guarded(
     let len = u32::from(h[0]) | (u32::from(h[1]) << 8) | (u32::from(h[2]) << 16);
     if cont == 0 && h[3] == 0 && len > 0 {
         if size < 5 {
-            // SAFETY: as above.
-            unsafe { bpf_msg_cork_bytes(msg, 5) };
-            return SK_PASS;
+            return to_tcp();
         }
         if data + 5 > end {
             return to_tcp();
@@ -796,6 +801,166 @@ fn mysql_guarded(
         (*entry).ahead = next;
         (*entry).bytes += u64::from(total);
         (*entry).cont = u8::from(len == MYSQL_MAX_PAYLOAD);
+    }
+    if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
+        // SAFETY: as in warden_direct.
+        unsafe { (*back).ahead = 0 };
+    }
+    // SAFETY: as above.
+    unsafe { bpf_msg_apply_bytes(msg, total) };
+    DIRECT_SOCKS.redirect_msg(ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// Bytes a `GUARD_REDIS` run looks at: an array header, a bulk header and
+/// a command name fit (`*` + 7 digits + CRLF, `$` + 9 digits + CRLF, 5).
+const REDIS_LOOK: u32 = 48;
+
+/// Where a RESP length line ends: `Ok((value, next position))`;
+/// `Err(true)`: the bytes end first; `Err(false)`: not canonical (a sign, a
+/// leading zero, more than `digits` digits, no CRLF).
+#[inline(always)]
+fn resp_length(data: usize, end: usize, at: u32, digits: u32) -> Result<(u32, u32), bool> {
+    let mut value: u32 = 0;
+    let mut pos = at;
+    let mut i = 0;
+    while i < 11 {
+        if pos >= REDIS_LOOK {
+            return Err(false);
+        }
+        let p = data + pos as usize;
+        if p + 1 > end {
+            return Err(true);
+        }
+        // SAFETY: bounds checked against data_end just above.
+        let b = unsafe { core::ptr::read_volatile(p as *const u8) };
+        if b == b'\r' {
+            if i == 0 {
+                return Err(false);
+            }
+            if pos + 1 >= REDIS_LOOK {
+                return Err(false);
+            }
+            let q = data + pos as usize + 1;
+            if q + 1 > end {
+                return Err(true);
+            }
+            // SAFETY: as above.
+            let lf = unsafe { core::ptr::read_volatile(q as *const u8) };
+            return if lf == b'\n' {
+                Ok((value, pos + 2))
+            } else {
+                Err(false)
+            };
+        }
+        if !b.is_ascii_digit() || i == digits || (i == 1 && value == 0) {
+            return Err(false);
+        }
+        value = value * 10 + u32::from(b - b'0');
+        pos += 1;
+        i += 1;
+    }
+    Err(false)
+}
+
+/// A `GUARD_REDIS` direction (a spliced Redis client): this send starts at
+/// a RESP element boundary — every redirect covers exactly one element (a
+/// command's array header with its first bulk string, then each further
+/// bulk string; `bpf_msg_apply_bytes`). The command's name is read at its
+/// start; `AUTH`, `HELLO` and `RESET`, anything not in canonical form, a
+/// header or name cut by the end of the send, and an element that would go
+/// past the window send this direction to the
+/// TCP path for good, at that boundary (`args` tells warden how many bulk
+/// strings of the current command are left). So no command reaches the
+/// server without its name having been checked here or by warden.
+#[inline(always)]
+fn redis_guarded(
+    ctx: &SkMsgContext,
+    entry: *mut DirectPeer,
+    mut peer_key: SockPair,
+    ahead: u64,
+    args: u32,
+    size: u32,
+) -> u32 {
+    let msg = ctx.msg;
+    let to_tcp = || {
+        // SAFETY: a live map value (see warden_direct).
+        unsafe { (*entry).tcp = 1 };
+        SK_PASS
+    };
+    let want = if size < REDIS_LOOK { size } else { REDIS_LOOK };
+    // SAFETY: as above; makes the first `want` bytes readable in place.
+    if want == 0 || unsafe { bpf_msg_pull_data(msg, 0, want, 0) } != 0 {
+        return to_tcp();
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // Headers (or a name) cut by the end of the send go to warden, as
+    // malformed ones do (see mysql_guarded on corking).
+    let short = |_cut: bool| to_tcp();
+    let mut pos: u32 = 0;
+    let mut left = args;
+    let start = args == 0;
+    if start {
+        if data + 1 > end {
+            return to_tcp();
+        }
+        // SAFETY: bounds checked just above.
+        if unsafe { core::ptr::read_volatile(data as *const u8) } != b'*' {
+            // An inline command (or not RESP): warden's walk.
+            return to_tcp();
+        }
+        match resp_length(data, end, 1, 7) {
+            Ok((count, next)) if count > 0 => {
+                left = count;
+                pos = next;
+            }
+            Ok(_) => return to_tcp(),
+            Err(cut) => return short(cut),
+        }
+    }
+    if pos >= REDIS_LOOK || data + pos as usize + 1 > end {
+        return short(true);
+    }
+    // SAFETY: bounds checked just above.
+    if unsafe { core::ptr::read_volatile((data + pos as usize) as *const u8) } != b'$' {
+        return to_tcp();
+    }
+    let (len, body) = match resp_length(data, end, pos + 1, 9) {
+        Ok(v) => v,
+        Err(cut) => return short(cut),
+    };
+    if start && (len == 4 || len == 5) {
+        // The command's name: AUTH, HELLO and RESET are warden's.
+        if body + len > REDIS_LOOK || data + (body + len) as usize > end {
+            return short(true);
+        }
+        let mut name = [0u8; 5];
+        let mut i = 0;
+        while i < 5 {
+            if i < len {
+                let p = data + (body + i) as usize;
+                if p + 1 > end || body + i >= REDIS_LOOK {
+                    return short(true);
+                }
+                // SAFETY: bounds checked just above.
+                name[i as usize] = unsafe { core::ptr::read_volatile(p as *const u8) } | 0x20;
+            }
+            i += 1;
+        }
+        let name = &name[..len as usize];
+        if name == b"auth" || name == b"hello" || name == b"reset" {
+            return to_tcp();
+        }
+    }
+    let total = body + len + 2;
+    let next = ahead + u64::from(total);
+    if next > DIRECT_WINDOW {
+        return to_tcp();
+    }
+    // SAFETY: as in warden_direct.
+    unsafe {
+        (*entry).ahead = next;
+        (*entry).bytes += u64::from(total);
+        (*entry).args = left - 1;
     }
     if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
         // SAFETY: as in warden_direct.

@@ -113,12 +113,13 @@ impl ClientTransport for BoxedClient {
 pub trait ClientGuard: Send {
     /// The kernel's check for this route kind (`warden_ebpf::GUARD_*`).
     fn kernel(&self) -> u8;
-    /// Where the kernel's walk stood when the direction took the TCP path
-    /// (MySQL: the first packet continues a 0xFFFFFF-byte one).
-    fn resume(&mut self, continues: bool);
+    /// Where the kernel's walk stood when the direction took the TCP path.
+    fn resume(&mut self, at: warden_ebpf::ClientPosition);
     /// Walks the next client bytes: what goes on to the upstream into
-    /// `up`, warden's own answers into `local`.
-    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>);
+    /// `up`, warden's own answers into `local`. `false`: the session ends
+    /// once those are written (the guard refused something it cannot
+    /// answer in a spliced session).
+    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool;
     /// Commands refused so far.
     fn refused(&self) -> u64;
 }
@@ -236,6 +237,9 @@ pub struct Finished {
     pub frozen: Option<FreezeEntry>,
     /// Client commands the guard refused after the splice.
     pub refused: u64,
+    /// The guard ended the session (a refusal it cannot answer while the
+    /// server's replies go straight to the client).
+    pub ended_by_guard: bool,
 }
 
 /// The rest of a spliced session: warden's two sockets are watched for
@@ -269,12 +273,13 @@ pub async fn finish<S: ClientTransport>(
         out.error = true;
     } else {
         tokio::select! {
-            (error, up, down) = watch_ends(
+            (error, up, down, refused) = watch_ends(
                 &mut client,
                 &mut upstream,
                 guard.as_mut().zip(spliced.as_ref()),
             ) => {
                 out.error = error;
+                out.ended_by_guard = refused;
                 out.up += up;
                 out.down += down;
             }
@@ -300,7 +305,7 @@ async fn watch_ends(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     mut guard: Option<(&mut Box<dyn ClientGuard>, &Spliced)>,
-) -> (bool, u64, u64) {
+) -> (bool, u64, u64, bool) {
     let mut buf = vec![0u8; 16 * 1024];
     let (mut up, mut down) = (0u64, 0u64);
     let (mut checked, mut local) = (Vec::new(), Vec::new());
@@ -309,11 +314,11 @@ async fn watch_ends(
         let from_client = tokio::select! {
             r = client.readable() => match r {
                 Ok(()) => true,
-                Err(_) => return (true, up, down),
+                Err(_) => return (true, up, down, false),
             },
             r = upstream.readable() => match r {
                 Ok(()) => false,
-                Err(_) => return (true, up, down),
+                Err(_) => return (true, up, down, false),
             },
         };
         let (from, to) = if from_client {
@@ -322,27 +327,32 @@ async fn watch_ends(
             (&mut *upstream, &mut *client)
         };
         let n = match from.try_read(&mut buf) {
-            Ok(0) => return (false, up, down),
+            Ok(0) => return (false, up, down, false),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return (true, up, down),
+            Err(_) => return (true, up, down, false),
         };
         let sent = match guard.as_mut().filter(|_| from_client) {
             Some((g, spliced)) => {
                 if !resumed {
                     // The kernel handed this direction over at a boundary.
-                    g.resume(spliced.client_continues());
+                    g.resume(spliced.client_position());
                     resumed = true;
                 }
                 checked.clear();
                 local.clear();
-                g.feed(&buf[..n], &mut checked, &mut local);
-                upstream.write_all(&checked).await.is_ok() && client.write_all(&local).await.is_ok()
+                let go_on = g.feed(&buf[..n], &mut checked, &mut local);
+                let sent = upstream.write_all(&checked).await.is_ok()
+                    && client.write_all(&local).await.is_ok();
+                if sent && !go_on {
+                    return (false, up + n as u64, down, true);
+                }
+                sent
             }
             None => to.write_all(&buf[..n]).await.is_ok(),
         };
         if !sent {
-            return (true, up, down);
+            return (true, up, down, false);
         }
         if from_client {
             up += n as u64;

@@ -409,11 +409,11 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
         warden_ebpf::GUARD_MYSQL
     }
 
-    fn resume(&mut self, continues: bool) {
-        self.commands.continued = continues;
+    fn resume(&mut self, at: warden_ebpf::ClientPosition) {
+        self.commands.continued = at.continues;
     }
 
-    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) {
+    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool {
         let ctx = Context {
             route: &self.route,
             workload: &self.workload,
@@ -427,6 +427,7 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
         // most a header and a command byte back.
         let (used, _) = self.commands.scan(&self.carry, up, local, &ctx);
         self.carry.drain(..used);
+        true
     }
 
     fn refused(&self) -> u64 {
@@ -1065,7 +1066,7 @@ mod tests {
         for step in 1..=stream.len() {
             let mut g = SplicedCommands::new("r", "w", "app");
             assert_eq!(g.kernel(), warden_ebpf::GUARD_MYSQL);
-            g.resume(false);
+            g.resume(warden_ebpf::ClientPosition::default());
             let (mut up, mut local) = (Vec::new(), Vec::new());
             for chunk in stream.chunks(step) {
                 g.feed(chunk, &mut up, &mut local);
@@ -1077,7 +1078,10 @@ mod tests {
             assert!(err.code == 1045 && err.message.contains("COM_CHANGE_USER"));
         }
         let mut g = SplicedCommands::new("r", "w", "app");
-        g.resume(true);
+        g.resume(warden_ebpf::ClientPosition {
+            continues: true,
+            args: 0,
+        });
         let (mut up, mut local) = (Vec::new(), Vec::new());
         g.feed(&stream, &mut up, &mut local);
         assert_eq!(up[..change.len()], change[..]);

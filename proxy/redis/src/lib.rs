@@ -41,6 +41,7 @@ pub mod pool;
 pub mod relay;
 pub mod resp;
 pub mod rotate;
+pub mod spliced;
 
 use relay::{CommandPolicy, Context};
 use resp::{encode_command, error_reply, ReplyScanner};
@@ -620,7 +621,15 @@ async fn session(
     };
     let (mut conn, mut client) = (conn, client);
     let kernel = kernel_eligible(&shared, &route, &client, &conn.stream);
-    let mut handover = Handover::new(RelayKind::Redis);
+    let mut handover = Handover::guarded(
+        RelayKind::Redis,
+        Box::new(spliced::SplicedCommands::new(
+            &route.name,
+            &who.workload,
+            user,
+            &secret.value,
+        )),
+    );
     // A freeze of this workload ends the session.
     let mut freezes = shared.admission.freezer().subscribe();
     let mut freezes_spliced = freezes.clone();
@@ -664,8 +673,10 @@ async fn session(
         .await;
         outcome.up += done.up;
         outcome.down += done.down;
+        outcome.refused_commands += done.refused;
         outcome.how = match &done.frozen {
             Some(_) => FROZEN,
+            None if done.ended_by_guard => "closed: RESET refused",
             None if done.error => "connection error",
             None => "closed",
         };

@@ -125,7 +125,7 @@ pub struct Context<'a> {
 
 impl Context<'_> {
     /// warden's own AUTH command (zeroized with the buffer it goes into).
-    fn auth_command(&self, out: &mut Vec<u8>) {
+    pub(crate) fn auth_command(&self, out: &mut Vec<u8>) {
         if self.user.is_empty() {
             encode_command(out, [&b"AUTH"[..], self.password].into_iter());
         } else {
@@ -318,7 +318,7 @@ where
 
 /// What the command half remembers about the connection.
 #[derive(Default)]
-struct ClientState {
+pub(crate) struct ClientState {
     resp3: bool,
     in_multi: bool,
     multi_failed: bool,
@@ -515,7 +515,13 @@ fn handle(
 
 /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the client's AUTH
 /// pair is replaced by warden's login; everything else goes on unchanged.
-fn hello(raw: &[u8], cmd: &Command, st: &mut ClientState, out: &mut Vec<u8>, ctx: &Context<'_>) {
+pub(crate) fn hello(
+    raw: &[u8],
+    cmd: &Command,
+    st: &mut ClientState,
+    out: &mut Vec<u8>,
+    ctx: &Context<'_>,
+) {
     let args: Vec<&[u8]> = cmd.args.iter().map(|r| &raw[r.clone()]).collect();
     match args.get(1) {
         Some(v) if *v == b"3" => st.resp3 = true,

@@ -160,16 +160,12 @@ pub struct Route {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Route {
-    /// Whether `kernel_relay` is on: as set, else true for postgres, mysql
-    /// and http routes and false for redis routes — a spliced Redis
-    /// session's `AUTH`/`RESET` reach the server unseen, so a workload could
-    /// become a server user that needs no password (see docs/redis.md): the
-    /// operator opts in where the server has none. A spliced MySQL
-    /// session's `COM_CHANGE_USER` is caught by the kernel program and
-    /// refused by warden (`GUARD_MYSQL`, docs/mysql.md).
+    /// Whether `kernel_relay` is on: as set, else true. A spliced MySQL
+    /// session's `COM_CHANGE_USER`, or a spliced Redis session's `AUTH`,
+    /// `HELLO` and `RESET`, are caught by the kernel program and handled by
+    /// warden (`GUARD_MYSQL`, `GUARD_REDIS`; docs/mysql.md, docs/redis.md).
     pub fn kernel_relay_on(&self) -> bool {
-        self.kernel_relay
-            .unwrap_or(!matches!(self.kind, RouteKind::Redis))
+        self.kernel_relay.unwrap_or(true)
     }
 
     /// The upstream connect timeout.

@@ -312,9 +312,9 @@ allow = ["web"]
     #[test]
     fn kernel_relay_is_a_redis_route_bool() {
         assert_eq!(ok(&redis_cfg("")).routes[0].kernel_relay, None);
-        // Off unless asked for on redis routes (a spliced session's AUTH
-        // and RESET reach the server unseen).
-        assert!(!ok(&redis_cfg("")).routes[0].kernel_relay_on());
+        // On unless turned off (the kernel program hands a spliced
+        // session's AUTH, HELLO and RESET to warden).
+        assert!(ok(&redis_cfg("")).routes[0].kernel_relay_on());
         for v in ["true", "false"] {
             let cfg = ok(&redis_cfg(&format!("kernel_relay = {v}")));
             assert_eq!(cfg.routes[0].kernel_relay, Some(v == "true"));

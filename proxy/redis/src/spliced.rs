@@ -1,0 +1,402 @@
+//! A spliced session's client commands that reach warden (the kernel
+//! relay's `GUARD_REDIS`). The kernel redirects a client's RESP elements one
+//! at a time after reading each command's name, and hands the direction to
+//! warden's socket at an element boundary before an `AUTH`, `HELLO` or
+//! `RESET`, a command not in canonical form (an inline one), or an element
+//! past its window. From there [`SplicedCommands`] walks the bytes: a
+//! command's name is read before any of it goes on, so
+//!
+//! - `AUTH …` is replaced by warden's own `AUTH` for the route's login (the
+//!   server's `+OK` reaches the client as warden's local answer would in
+//!   user space; the client's password goes nowhere);
+//! - `HELLO …` goes on with its `AUTH` pair replaced by warden's login, as in
+//!   user space;
+//! - `RESET` ends the session with an error: it logs the connection out, and
+//!   logging in again would put warden's own reply among the server's,
+//!   which go straight to the client;
+//! - everything else, and the rest of a command the kernel had started,
+//!   goes on unchanged (an inline command re-encoded as an array).
+//!
+//! Malformed RESP ends the session with Redis' own protocol error.
+
+use crate::relay::{hello, ClientState, Context};
+use crate::resp::{error_reply, parse_command, Command, ProtocolError, MAX_INLINE};
+use zeroize::Zeroizing;
+
+/// Longest command warden reads whole (an `AUTH`, `HELLO` or `RESET`, or an
+/// inline command).
+const MAX_WHOLE: usize = MAX_INLINE;
+
+/// Where the walk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// A command starts.
+    Command,
+    /// A bulk string's `$<len>` line, from `held[line_from..]`.
+    Header,
+    /// A command's name (`len` bytes) being read into `held`, up to `need`
+    /// bytes with its CRLF.
+    Name { need: usize, len: usize },
+    /// `held` is one whole command being read (a name warden handles, or an
+    /// inline command).
+    Whole,
+    /// Inside a bulk string: this many bytes (with its CRLF) to pass on.
+    Bulk(usize),
+}
+
+/// The walk of a spliced Redis client's bytes (see the module docs).
+pub struct SplicedCommands {
+    at: At,
+    /// Bulk strings left in the current command.
+    left: u64,
+    /// A command's start or a header line, held until it is decided.
+    held: Zeroizing<Vec<u8>>,
+    /// Where the header line being read starts in `held`.
+    line_from: usize,
+    /// The command's name comes next (its array header is in `held`).
+    naming: bool,
+    state: ClientState,
+    route: String,
+    workload: String,
+    user: String,
+    password: Zeroizing<Vec<u8>>,
+    refused: u64,
+}
+
+impl SplicedCommands {
+    pub fn new(route: &str, workload: &str, user: &str, password: &[u8]) -> SplicedCommands {
+        SplicedCommands {
+            at: At::Command,
+            left: 0,
+            held: Zeroizing::new(Vec::new()),
+            line_from: 0,
+            naming: false,
+            state: ClientState::default(),
+            route: route.to_string(),
+            workload: workload.to_string(),
+            user: user.to_string(),
+            password: Zeroizing::new(password.to_vec()),
+            refused: 0,
+        }
+    }
+
+    fn protocol_error(&self, e: &ProtocolError, local: &mut Vec<u8>) -> bool {
+        tracing::warn!(route = %self.route, "spliced session: {e}");
+        local.extend_from_slice(&error_reply("ERR", &format!("Protocol error: {e}")));
+        false
+    }
+
+    /// A whole command in `held`: handled, or the session ends.
+    fn whole_command(&mut self, cmd: &Command, up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool {
+        let raw: &[u8] = &self.held;
+        let name = cmd.arg(raw, 0).unwrap_or_default();
+        let ctx = Context {
+            route: &self.route,
+            workload: &self.workload,
+            policy: &Default::default(),
+            user: &self.user,
+            password: &self.password,
+        };
+        if name.eq_ignore_ascii_case(b"AUTH") {
+            ctx.auth_command(up);
+        } else if name.eq_ignore_ascii_case(b"HELLO") {
+            hello(raw, cmd, &mut self.state, up, &ctx);
+        } else if name.eq_ignore_ascii_case(b"RESET") {
+            self.refused += 1;
+            local.extend_from_slice(&error_reply(
+                "ERR",
+                &format!(
+                    "warden: RESET in a session of route {:?} that warden handed to the kernel \
+                     relay; the session ends: reconnect (or set kernel_relay = false on the route)",
+                    self.route
+                ),
+            ));
+            return false;
+        } else if !cmd.args.is_empty() {
+            crate::resp::encode_command(up, cmd.args.iter().map(|r| &raw[r.clone()]));
+        }
+        true
+    }
+}
+
+/// `$<len>\r\n` or `*<count>\r\n` as the server reads it: digits, no sign,
+/// no leading zero (anything else is refused, never guessed at).
+fn length(line: &[u8], kind: u8) -> Option<u64> {
+    let digits = line.strip_prefix(&[kind])?.strip_suffix(b"\r\n")?;
+    let ok = !digits.is_empty()
+        && digits.len() <= 10
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits[0] != b'0' || digits.len() == 1);
+    ok.then(|| {
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Names warden reads a whole command for.
+fn is_wardens(name: &[u8]) -> bool {
+    [&b"AUTH"[..], b"HELLO", b"RESET"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+}
+
+impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
+    fn kernel(&self) -> u8 {
+        warden_ebpf::GUARD_REDIS
+    }
+
+    fn resume(&mut self, at: warden_ebpf::ClientPosition) {
+        self.left = u64::from(at.args);
+        self.at = if at.args > 0 { At::Header } else { At::Command };
+        self.line_from = 0;
+    }
+
+    fn feed(&mut self, mut data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool {
+        loop {
+            match self.at {
+                At::Whole => {
+                    let room = (MAX_WHOLE + 1).saturating_sub(self.held.len());
+                    let k = data.len().min(room);
+                    self.held.extend_from_slice(&data[..k]);
+                    let mut cmd = Command::default();
+                    match parse_command(&self.held, &mut cmd) {
+                        Ok(true) => {
+                            // What came after the command is walked next.
+                            let rest = self.held.len() - cmd.len;
+                            data = &data[k - rest..];
+                            self.held.truncate(cmd.len);
+                            if !self.whole_command(&cmd, up, local) {
+                                return false;
+                            }
+                            self.held.clear();
+                            self.line_from = 0;
+                            self.left = 0;
+                            self.at = At::Command;
+                        }
+                        Ok(false) if self.held.len() <= MAX_WHOLE => return true,
+                        Ok(false) => {
+                            return self.protocol_error(&ProtocolError::InlineTooLong, local)
+                        }
+                        Err(e) => return self.protocol_error(&e, local),
+                    }
+                }
+                _ if data.is_empty() => return true,
+                At::Bulk(n) => {
+                    let k = n.min(data.len());
+                    up.extend_from_slice(&data[..k]);
+                    data = &data[k..];
+                    self.at = match n - k {
+                        0 if self.left > 0 => At::Header,
+                        0 => At::Command,
+                        rest => At::Bulk(rest),
+                    };
+                }
+                At::Name { need, len } => {
+                    let k = (need - self.held.len()).min(data.len());
+                    self.held.extend_from_slice(&data[..k]);
+                    data = &data[k..];
+                    if self.held.len() < need {
+                        continue;
+                    }
+                    self.naming = false;
+                    if is_wardens(&self.held[need - 2 - len..need - 2]) {
+                        // `held` is the command's start: read it whole.
+                        self.at = At::Whole;
+                        continue;
+                    }
+                    up.extend_from_slice(&self.held);
+                    self.held.clear();
+                    self.line_from = 0;
+                    self.left -= 1;
+                    self.at = if self.left > 0 {
+                        At::Header
+                    } else {
+                        At::Command
+                    };
+                }
+                At::Command if self.held.is_empty() && data[0] != b'*' => {
+                    // An inline command.
+                    self.at = At::Whole;
+                }
+                At::Command | At::Header => {
+                    // One line: `*<count>\r\n` or `$<len>\r\n`.
+                    let (whole_line, k) = match data.iter().position(|&b| b == b'\n') {
+                        Some(i) => (true, i + 1),
+                        None => (false, data.len()),
+                    };
+                    self.held.extend_from_slice(&data[..k]);
+                    data = &data[k..];
+                    if !whole_line {
+                        if self.held.len() - self.line_from > 64 {
+                            return self.protocol_error(&ProtocolError::HeaderTooLong, local);
+                        }
+                        continue;
+                    }
+                    let line = &self.held[self.line_from..];
+                    if self.at == At::Command {
+                        match length(line, b'*') {
+                            None => return self.protocol_error(&ProtocolError::ArrayLength, local),
+                            Some(0) => {
+                                up.extend_from_slice(&self.held);
+                                self.held.clear();
+                                self.line_from = 0;
+                            }
+                            Some(count) => {
+                                self.left = count;
+                                self.naming = true;
+                                self.at = At::Header;
+                                self.line_from = self.held.len();
+                            }
+                        }
+                        continue;
+                    }
+                    let Some(len) = length(line, b'$') else {
+                        return self.protocol_error(&ProtocolError::BulkLength, local);
+                    };
+                    let len = usize::try_from(len).unwrap_or(usize::MAX - 2);
+                    if self.naming && len <= 5 {
+                        // Short enough to be one of warden's: the name
+                        // decides, so it is read (with its CRLF) first.
+                        self.at = At::Name {
+                            need: self.held.len() + len + 2,
+                            len,
+                        };
+                        continue;
+                    }
+                    self.naming = false;
+                    up.extend_from_slice(&self.held);
+                    self.held.clear();
+                    self.line_from = 0;
+                    self.left -= 1;
+                    self.at = At::Bulk(len + 2);
+                }
+            }
+        }
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_core::kernel_relay::ClientGuard;
+    use warden_ebpf::ClientPosition;
+
+    fn cmd(args: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::resp::encode_command(&mut out, args.iter().copied());
+        out
+    }
+
+    /// Feeds `stream` in chunks of `step`; what went up, what warden
+    /// answered, and whether the session goes on.
+    fn walk(g: &mut SplicedCommands, stream: &[u8], step: usize) -> (Vec<u8>, Vec<u8>, bool) {
+        let (mut up, mut local) = (Vec::new(), Vec::new());
+        for chunk in stream.chunks(step) {
+            if !g.feed(chunk, &mut up, &mut local) {
+                return (up, local, false);
+            }
+        }
+        (up, local, true)
+    }
+
+    fn guard() -> SplicedCommands {
+        SplicedCommands::new("r", "w", "app", b"s3cret")
+    }
+
+    #[test]
+    fn wardens_commands_are_rewritten_or_end_the_session_at_any_split() {
+        let stream = [
+            cmd(&[b"SET", b"k", b"v"]),
+            cmd(&[b"auth", b"client-pw"]),
+            cmd(&[b"GET", b"k"]),
+            cmd(&[b"Hello", b"3", b"AUTH", b"u", b"client-pw"]),
+            b"PING\r\n".to_vec(),
+            b"*0\r\n".to_vec(),
+            cmd(&[b"CONFIG", b"GET", b"x"]),
+            cmd(&[b"AUTHX"]),
+            cmd(&[b"RESET"]),
+            cmd(&[b"GET", b"after"]),
+        ]
+        .concat();
+        let want_up = [
+            cmd(&[b"SET", b"k", b"v"]),
+            cmd(&[b"AUTH", b"app", b"s3cret"]),
+            cmd(&[b"GET", b"k"]),
+            cmd(&[b"Hello", b"3", b"AUTH", b"app", b"s3cret"]),
+            cmd(&[b"PING"]),
+            b"*0\r\n".to_vec(),
+            cmd(&[b"CONFIG", b"GET", b"x"]),
+            cmd(&[b"AUTHX"]),
+        ]
+        .concat();
+        for step in 1..=stream.len() {
+            let mut g = guard();
+            g.resume(ClientPosition::default());
+            let (up, local, go_on) = walk(&mut g, &stream, step);
+            assert!(!go_on, "step {step}");
+            assert_eq!(
+                String::from_utf8_lossy(&up),
+                String::from_utf8_lossy(&want_up),
+                "step {step}"
+            );
+            let text = String::from_utf8_lossy(&local);
+            assert!(text.starts_with("-ERR warden: RESET") && text.contains("\"r\""));
+            assert!(!text.contains("s3cret") && !text.contains("client-pw"));
+            assert_eq!(g.refused(), 1);
+        }
+    }
+
+    /// Resumed inside a command (the kernel handed over at a bulk string
+    /// past its window): the rest of it passes, then commands are walked.
+    #[test]
+    fn a_walk_resumed_inside_a_command_finishes_it_first() {
+        let stream = [
+            b"$1\r\nk\r\n$5\r\nvalue\r\n".to_vec(),
+            cmd(&[b"AUTH", b"x"]),
+        ]
+        .concat();
+        for step in 1..=stream.len() {
+            let mut g = guard();
+            g.resume(ClientPosition {
+                continues: false,
+                args: 2,
+            });
+            let (up, local, go_on) = walk(&mut g, &stream, step);
+            assert!(go_on && local.is_empty(), "step {step}");
+            let want = [
+                b"$1\r\nk\r\n$5\r\nvalue\r\n".to_vec(),
+                cmd(&[b"AUTH", b"app", b"s3cret"]),
+            ]
+            .concat();
+            assert_eq!(up, want, "step {step}");
+        }
+    }
+
+    #[test]
+    fn malformed_resp_ends_the_session_with_a_protocol_error() {
+        for bad in [
+            &b"*1\r\n$-1\r\n"[..],
+            b"*01\r\n$4\r\nPING\r\n",
+            b"*1\r\n+PING\r\n",
+            b"*x\r\n",
+            b"*2\r\n$4\r\nAUTH\r\n+oops\r\n",
+        ] {
+            let stream = bad.to_vec();
+            let mut g = guard();
+            g.resume(ClientPosition::default());
+            let (up, local, go_on) = walk(&mut g, &stream, stream.len());
+            assert!(!go_on, "{}", String::from_utf8_lossy(bad));
+            assert!(up.is_empty());
+            assert!(local.starts_with(b"-ERR Protocol error"));
+        }
+        // A header line that never ends.
+        let mut g = guard();
+        let (_, local, go_on) = walk(&mut g, &[b'*'; 100], 7);
+        assert!(!go_on && local.starts_with(b"-ERR Protocol error"));
+    }
+}
