@@ -287,6 +287,14 @@ impl Driven {
     }
 }
 
+/// The session script on route `kr`, started.
+fn start_session(s: &Setup) -> Driven {
+    let script = session_script(&s.warden);
+    let mut cmd = Command::new(python_with_pymysql());
+    cmd.arg(&script).arg(s.kr.to_string());
+    Driven::start(cmd)
+}
+
 const WORKLOAD: &str = "[((1, 'apple'), (2, 'pear')), [((1,),), [], ((2, 'two'),)], 1146";
 
 #[test]
@@ -295,10 +303,7 @@ fn a_long_pymysql_session_is_spliced_and_keeps_working() {
         return;
     }
     let s = setup("", "\"me\"");
-    let script = session_script(&s.warden);
-    let mut cmd = Command::new(python_with_pymysql());
-    cmd.arg(&script).arg(s.kr.to_string());
-    let mut d = Driven::start(cmd);
+    let mut d = start_session(&s);
     let warm = d.line();
     assert_eq!(warm, format!("warm {WORKLOAD}, 'warm-pear']"));
     // The client's socket joins the kernel's map off the session's thread
@@ -338,10 +343,7 @@ fn a_spliced_session_cannot_change_user() {
         return;
     }
     let s = setup("", "\"me\"");
-    let script = session_script(&s.warden);
-    let mut cmd = Command::new(python_with_pymysql());
-    cmd.arg(&script).arg(s.kr.to_string());
-    let mut d = Driven::start(cmd);
+    let mut d = start_session(&s);
     assert!(d.line().starts_with("warm "));
     d.ping_until_spliced(&s.warden);
     for _ in 0..2 {

@@ -109,6 +109,26 @@ fn relay_metric(w: &Instance, route: &str, result: &str) -> f64 {
     )
 }
 
+/// A session on route `cache`, warmed up and spliced (PINGs until the
+/// metric says so, or 20 s): the client's socket joins the kernel's map
+/// off the session's thread after the first quiet moment, and the splice
+/// comes at a later one.
+fn spliced_session(s: &Setup) -> Raw {
+    let mut c = Raw::connect(s.cache);
+    warm_up(&mut c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay_metric(&s.warden, "cache", "spliced") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the splice"
+        );
+        c.send(&command(&[b"PING"]));
+        assert_eq!(c.read_at_least(7), b"+PONG\r\n");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c
+}
+
 /// More round trips than warden waits for before the hand-over (32).
 fn warm_up(c: &mut Raw) {
     for i in 0..40 {
@@ -128,20 +148,7 @@ fn a_long_session_is_spliced_and_a_1mb_value_goes_both_ways() {
         return;
     }
     let s = setup("", "\"me\"");
-    let mut c = Raw::connect(s.cache);
-    warm_up(&mut c);
-    // The client's socket joins the kernel's map off the session's thread
-    // after the first quiet moment; the splice comes at a later one.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while relay_metric(&s.warden, "cache", "spliced") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for the splice"
-        );
-        c.send(&command(&[b"PING"]));
-        assert_eq!(c.read_at_least(7), b"+PONG\r\n");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut c = spliced_session(&s);
     // Client → server: 1 MB (past the kernel's window: part of it takes
     // the TCP path through warden), checked on the server.
     let value: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
@@ -204,18 +211,7 @@ fn a_spliced_session_cannot_log_in_as_another_user() {
         DEFAULT_PW,
         &["ACL", "SETUSER", "free", "on", "nopass", "~*", "+@all"],
     );
-    let mut c = Raw::connect(s.cache);
-    warm_up(&mut c);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while relay_metric(&s.warden, "cache", "spliced") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for the splice"
-        );
-        c.send(&command(&[b"PING"]));
-        assert_eq!(c.read_at_least(7), b"+PONG\r\n");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut c = spliced_session(&s);
     let whoami = |c: &mut Raw| {
         c.send(&command(&[b"ACL", b"WHOAMI"]));
         c.read_at_least(13)

@@ -733,6 +733,45 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     DIRECT_SOCKS.redirect_msg(&ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
 }
 
+/// A guarded direction takes the TCP path for good from this send on.
+#[inline(always)]
+fn guard_to_tcp(entry: *mut DirectPeer) -> u32 {
+    // SAFETY: a live map value (see warden_direct).
+    unsafe { (*entry).tcp = 1 };
+    SK_PASS
+}
+
+/// A guarded direction's next `total` bytes (one packet or element) go to
+/// the peer's receive queue, within the window; `position` records where
+/// the walk stands after them. Past the window: the TCP path.
+#[inline(always)]
+fn guard_redirect(
+    ctx: &SkMsgContext,
+    entry: *mut DirectPeer,
+    mut peer_key: SockPair,
+    ahead: u64,
+    total: u32,
+    position: impl FnOnce(*mut DirectPeer),
+) -> u32 {
+    let next = ahead + u64::from(total);
+    if next > DIRECT_WINDOW {
+        return guard_to_tcp(entry);
+    }
+    // SAFETY: as in warden_direct.
+    unsafe {
+        (*entry).ahead = next;
+        (*entry).bytes += u64::from(total);
+    }
+    position(entry);
+    if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
+        // SAFETY: as in warden_direct.
+        unsafe { (*back).ahead = 0 };
+    }
+    // SAFETY: a helper on the program's own context.
+    unsafe { bpf_msg_apply_bytes(ctx.msg, total) };
+    DIRECT_SOCKS.redirect_msg(ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+}
+
 /// A `GUARD_MYSQL` direction (a spliced MySQL client): this send starts at
 /// a packet boundary — every redirect covers exactly one packet
 /// (`bpf_msg_apply_bytes`; the kernel runs no program for the rest of a
@@ -747,17 +786,13 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
 fn mysql_guarded(
     ctx: &SkMsgContext,
     entry: *mut DirectPeer,
-    mut peer_key: SockPair,
+    peer_key: SockPair,
     ahead: u64,
     cont: u8,
     size: u32,
 ) -> u32 {
     let msg = ctx.msg;
-    let to_tcp = || {
-        // SAFETY: a live map value (see warden_direct).
-        unsafe { (*entry).tcp = 1 };
-        SK_PASS
-    };
+    let to_tcp = || guard_to_tcp(entry);
     // A header (or command byte) cut by the end of the send goes to warden:
     // corking it would lose what follows the packet in the corked bytes
     // (the kernel frees a corked message once its verdict's bytes are
@@ -791,24 +826,10 @@ fn mysql_guarded(
             return to_tcp();
         }
     }
-    let total = len + 4;
-    let next = ahead + u64::from(total);
-    if next > DIRECT_WINDOW {
-        return to_tcp();
-    }
-    // SAFETY: as in warden_direct.
-    unsafe {
-        (*entry).ahead = next;
-        (*entry).bytes += u64::from(total);
-        (*entry).cont = u8::from(len == MYSQL_MAX_PAYLOAD);
-    }
-    if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
-        // SAFETY: as in warden_direct.
-        unsafe { (*back).ahead = 0 };
-    }
-    // SAFETY: as above.
-    unsafe { bpf_msg_apply_bytes(msg, total) };
-    DIRECT_SOCKS.redirect_msg(ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+    guard_redirect(ctx, entry, peer_key, ahead, len + 4, |e| {
+        // SAFETY: a live map value (see warden_direct).
+        unsafe { (*e).cont = u8::from(len == MYSQL_MAX_PAYLOAD) };
+    })
 }
 
 /// Bytes a `GUARD_REDIS` run looks at: an array header, a bulk header and
@@ -876,17 +897,13 @@ fn resp_length(data: usize, end: usize, at: u32, digits: u32) -> Result<(u32, u3
 fn redis_guarded(
     ctx: &SkMsgContext,
     entry: *mut DirectPeer,
-    mut peer_key: SockPair,
+    peer_key: SockPair,
     ahead: u64,
     args: u32,
     size: u32,
 ) -> u32 {
     let msg = ctx.msg;
-    let to_tcp = || {
-        // SAFETY: a live map value (see warden_direct).
-        unsafe { (*entry).tcp = 1 };
-        SK_PASS
-    };
+    let to_tcp = || guard_to_tcp(entry);
     let want = if size < REDIS_LOOK { size } else { REDIS_LOOK };
     // SAFETY: as above; makes the first `want` bytes readable in place.
     if want == 0 || unsafe { bpf_msg_pull_data(msg, 0, want, 0) } != 0 {
@@ -951,24 +968,10 @@ fn redis_guarded(
             return to_tcp();
         }
     }
-    let total = body + len + 2;
-    let next = ahead + u64::from(total);
-    if next > DIRECT_WINDOW {
-        return to_tcp();
-    }
-    // SAFETY: as in warden_direct.
-    unsafe {
-        (*entry).ahead = next;
-        (*entry).bytes += u64::from(total);
-        (*entry).args = left - 1;
-    }
-    if let Some(back) = DIRECT_PEERS.get_ptr_mut(&peer_key) {
-        // SAFETY: as in warden_direct.
-        unsafe { (*back).ahead = 0 };
-    }
-    // SAFETY: as above.
-    unsafe { bpf_msg_apply_bytes(msg, total) };
-    DIRECT_SOCKS.redirect_msg(ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+    guard_redirect(ctx, entry, peer_key, ahead, body + len + 2, |e| {
+        // SAFETY: a live map value (see warden_direct).
+        unsafe { (*e).args = left - 1 };
+    })
 }
 
 /// `bpf_iter__tcp`: the context of an `iter/tcp` program.
