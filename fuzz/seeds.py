@@ -117,6 +117,10 @@ def command(*args):
 put("resp", "set-get", split(9) + command(b"SET", b"key", b"value") + command(b"GET", b"key"))
 put("resp", "auth-hello", split(5) + command(b"AUTH", b"app", b"ignored") + command(b"HELLO", b"3"))
 put("resp", "inline", split(3) + b"PING\r\nset a 1\n")
+# redis_spliced: the client's bytes after a kernel-relay splice.
+put("redis_spliced", "commands", split(20) + command(b"SET", b"k", b"v") + command(b"auth", b"pw") + command(b"GET", b"k"))
+put("redis_spliced", "hello-reset", split(7) + command(b"HELLO", b"3", b"AUTH", b"u", b"p", b"SETNAME", b"n") + b"PING\r\n" + command(b"RESET"))
+put("redis_spliced", "lines", split(4) + b"SET k v\nGET k\nINCR n")
 put("resp", "replies-resp2", split(4) + b"+OK\r\n-ERR no\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*2\r\n$1\r\na\r\n*-1\r\n")
 put("resp", "replies-resp3", split(8) + b"%1\r\n+a\r\n:1\r\n|1\r\n+ttl\r\n:3\r\n~2\r\n#t\r\n,1.5\r\n"
     b">2\r\n+message\r\n=8\r\ntxt:hi!!\r\n_\r\n(123\r\n!3\r\nerr\r\n")

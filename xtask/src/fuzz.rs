@@ -32,6 +32,7 @@ pub const TARGETS: &[&str] = &[
     "mysql_session_state",
     "workload_authority",
     "store_rows",
+    "redis_spliced",
 ];
 
 /// Each target's time in `cargo xtask test` (CI): a smoke run on the

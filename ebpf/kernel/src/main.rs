@@ -832,15 +832,16 @@ fn mysql_guarded(
     })
 }
 
-/// Bytes a `GUARD_REDIS` run looks at: an array header, a bulk header and
-/// a command name fit (`*` + 7 digits + CRLF, `$` + 9 digits + CRLF, 5).
-const REDIS_LOOK: u32 = 48;
+/// Bytes a `GUARD_REDIS` run looks at for element headers (a small
+/// pipeline's commands fit; one element's header and name need at most
+/// 28: `*` + 7 digits + CRLF, `$` + 9 digits + CRLF, 5).
+const REDIS_LOOK: usize = 1024;
 
 /// Where a RESP length line ends: `Ok((value, next position))`;
 /// `Err(true)`: the bytes end first; `Err(false)`: not canonical (a sign, a
 /// leading zero, more than `digits` digits, no CRLF).
 #[inline(always)]
-fn resp_length(data: usize, end: usize, at: u32, digits: u32) -> Result<(u32, u32), bool> {
+fn resp_length(data: usize, end: usize, at: usize, digits: u32) -> Result<(u32, usize), bool> {
     let mut value: u32 = 0;
     let mut pos = at;
     let mut i = 0;
@@ -848,20 +849,17 @@ fn resp_length(data: usize, end: usize, at: u32, digits: u32) -> Result<(u32, u3
         if pos >= REDIS_LOOK {
             return Err(false);
         }
-        let p = data + pos as usize;
+        let p = data + pos;
         if p + 1 > end {
             return Err(true);
         }
         // SAFETY: bounds checked against data_end just above.
         let b = unsafe { core::ptr::read_volatile(p as *const u8) };
         if b == b'\r' {
-            if i == 0 {
+            if i == 0 || pos + 1 >= REDIS_LOOK {
                 return Err(false);
             }
-            if pos + 1 >= REDIS_LOOK {
-                return Err(false);
-            }
-            let q = data + pos as usize + 1;
+            let q = data + pos + 1;
             if q + 1 > end {
                 return Err(true);
             }
@@ -883,16 +881,78 @@ fn resp_length(data: usize, end: usize, at: u32, digits: u32) -> Result<(u32, u3
     Err(false)
 }
 
+/// Most RESP elements one `GUARD_REDIS` verdict covers (a pipeline's
+/// commands go on in one redirect, not one per element).
+const REDIS_BATCH: u32 = 8;
+
+/// One RESP element at `at`: a command's start (`*<count>` and its first
+/// bulk string, whose name must not be `AUTH`, `HELLO` or `RESET`) or a
+/// further bulk string. `Some((where it ends, count))`, or `None` when
+/// warden must decide: not canonical, a header or name not within the
+/// bytes looked at, or one of warden's names.
+#[inline(always)]
+fn redis_element(data: usize, end: usize, at: usize, start: bool) -> Option<(usize, u32)> {
+    let mut pos = at;
+    let mut count = 0;
+    if start {
+        if at >= REDIS_LOOK || data + at + 1 > end {
+            return None;
+        }
+        // SAFETY: bounds checked just above.
+        if unsafe { core::ptr::read_volatile((data + at) as *const u8) } != b'*' {
+            // An inline command (or not RESP).
+            return None;
+        }
+        let (c, next) = resp_length(data, end, at + 1, 7).ok()?;
+        if c == 0 {
+            return None;
+        }
+        count = c;
+        pos = next;
+    }
+    if pos >= REDIS_LOOK || data + pos + 1 > end {
+        return None;
+    }
+    // SAFETY: bounds checked just above.
+    if unsafe { core::ptr::read_volatile((data + pos) as *const u8) } != b'$' {
+        return None;
+    }
+    let (len, body) = resp_length(data, end, pos + 1, 9).ok()?;
+    let len = len as usize;
+    if start && (len == 4 || len == 5) {
+        let mut name = [0u8; 5];
+        let mut i = 0;
+        while i < 5 {
+            if i < len {
+                let p = data + body + i;
+                if body + i >= REDIS_LOOK || p + 1 > end {
+                    return None;
+                }
+                // SAFETY: bounds checked just above.
+                name[i] = unsafe { core::ptr::read_volatile(p as *const u8) } | 0x20;
+            }
+            i += 1;
+        }
+        let name = &name[..len];
+        if name == b"auth" || name == b"hello" || name == b"reset" {
+            return None;
+        }
+    }
+    Some((body + len + 2, count))
+}
+
 /// A `GUARD_REDIS` direction (a spliced Redis client): this send starts at
-/// a RESP element boundary — every redirect covers exactly one element (a
-/// command's array header with its first bulk string, then each further
-/// bulk string; `bpf_msg_apply_bytes`). The command's name is read at its
-/// start; `AUTH`, `HELLO` and `RESET`, anything not in canonical form, a
-/// header or name cut by the end of the send, and an element that would go
-/// past the window send this direction to the
-/// TCP path for good, at that boundary (`args` tells warden how many bulk
-/// strings of the current command are left). So no command reaches the
-/// server without its name having been checked here or by warden.
+/// a RESP element boundary — every redirect covers whole elements (a
+/// command's array header goes with its first bulk string; up to
+/// `REDIS_BATCH` elements whose headers lie in the first `REDIS_LOOK`
+/// bytes; `bpf_msg_apply_bytes`), so the program runs at element
+/// boundaries only. The name of every command is read at its start;
+/// `AUTH`, `HELLO` and `RESET`, anything not in canonical form, a header
+/// or name cut by the end of the send, and an element that would go past
+/// the window send this direction to the TCP path for good, at that
+/// boundary (`args` tells warden how many bulk strings of the current
+/// command are left). So no command reaches the server without its name
+/// having been checked here or by warden.
 #[inline(always)]
 fn redis_guarded(
     ctx: &SkMsgContext,
@@ -902,75 +962,46 @@ fn redis_guarded(
     args: u32,
     size: u32,
 ) -> u32 {
-    let msg = ctx.msg;
-    let to_tcp = || guard_to_tcp(entry);
-    let want = if size < REDIS_LOOK { size } else { REDIS_LOOK };
-    // SAFETY: as above; makes the first `want` bytes readable in place.
-    if want == 0 || unsafe { bpf_msg_pull_data(msg, 0, want, 0) } != 0 {
-        return to_tcp();
+    let want = (size as usize).min(REDIS_LOOK);
+    // SAFETY: a helper on the program's own context; makes the first
+    // `want` bytes readable in place.
+    if want == 0 || unsafe { bpf_msg_pull_data(ctx.msg, 0, want as u32, 0) } != 0 {
+        return guard_to_tcp(entry);
     }
     let (data, end) = (ctx.data(), ctx.data_end());
-    // Headers (or a name) cut by the end of the send go to warden, as
-    // malformed ones do (see mysql_guarded on corking).
-    let short = |_cut: bool| to_tcp();
-    let mut pos: u32 = 0;
     let mut left = args;
-    let start = args == 0;
-    if start {
-        if data + 1 > end {
-            return to_tcp();
+    let mut total: usize = 0;
+    let mut n = 0;
+    while n < REDIS_BATCH && total < want {
+        let start = left == 0;
+        // An element warden must decide ends the batch; if it is the
+        // first, warden takes over here (see mysql_guarded on corking).
+        let Some((ends, count)) = redis_element(data, end, total, start) else {
+            break;
+        };
+        if ahead + ends as u64 > DIRECT_WINDOW {
+            // Past the window: this element takes the TCP path, at its
+            // own boundary.
+            break;
         }
-        // SAFETY: bounds checked just above.
-        if unsafe { core::ptr::read_volatile(data as *const u8) } != b'*' {
-            // An inline command (or not RESP): warden's walk.
-            return to_tcp();
+        if start {
+            left = count;
         }
-        match resp_length(data, end, 1, 7) {
-            Ok((count, next)) if count > 0 => {
-                left = count;
-                pos = next;
-            }
-            Ok(_) => return to_tcp(),
-            Err(cut) => return short(cut),
-        }
+        left -= 1;
+        total = ends;
+        n += 1;
     }
-    if pos >= REDIS_LOOK || data + pos as usize + 1 > end {
-        return short(true);
+    if n == 0 {
+        return guard_to_tcp(entry);
     }
-    // SAFETY: bounds checked just above.
-    if unsafe { core::ptr::read_volatile((data + pos as usize) as *const u8) } != b'$' {
-        return to_tcp();
-    }
-    let (len, body) = match resp_length(data, end, pos + 1, 9) {
-        Ok(v) => v,
-        Err(cut) => return short(cut),
+    // One verdict covers at most what fits in apply_bytes' u32 (a bulk
+    // string is at most 512 MiB).
+    let Ok(total) = u32::try_from(total) else {
+        return guard_to_tcp(entry);
     };
-    if start && (len == 4 || len == 5) {
-        // The command's name: AUTH, HELLO and RESET are warden's.
-        if body + len > REDIS_LOOK || data + (body + len) as usize > end {
-            return short(true);
-        }
-        let mut name = [0u8; 5];
-        let mut i = 0;
-        while i < 5 {
-            if i < len {
-                let p = data + (body + i) as usize;
-                if p + 1 > end || body + i >= REDIS_LOOK {
-                    return short(true);
-                }
-                // SAFETY: bounds checked just above.
-                name[i as usize] = unsafe { core::ptr::read_volatile(p as *const u8) } | 0x20;
-            }
-            i += 1;
-        }
-        let name = &name[..len as usize];
-        if name == b"auth" || name == b"hello" || name == b"reset" {
-            return to_tcp();
-        }
-    }
-    guard_redirect(ctx, entry, peer_key, ahead, body + len + 2, |e| {
+    guard_redirect(ctx, entry, peer_key, ahead, total, |e| {
         // SAFETY: a live map value (see warden_direct).
-        unsafe { (*e).args = left - 1 };
+        unsafe { (*e).args = left };
     })
 }
 
