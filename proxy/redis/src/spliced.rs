@@ -20,12 +20,18 @@
 //! Malformed RESP ends the session with Redis' own protocol error.
 
 use crate::relay::{hello, ClientState, Context};
-use crate::resp::{error_reply, parse_command, Command, ProtocolError, MAX_INLINE};
+use crate::resp::{
+    error_reply, parse_command, Command, ProtocolError, MAX_ARGS, MAX_BULK, MAX_INLINE,
+};
 use zeroize::Zeroizing;
 
 /// Longest command warden reads whole (an `AUTH`, `HELLO` or `RESET`, or an
 /// inline command).
 const MAX_WHOLE: usize = MAX_INLINE;
+
+/// Longest `*<count>` or `$<len>` line, CRLF included (a length has at
+/// most 20 digits).
+const MAX_LINE: usize = 64;
 
 /// Where the walk stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +126,9 @@ impl SplicedCommands {
 }
 
 /// `$<len>\r\n` or `*<count>\r\n` as the server reads it: digits, no sign,
-/// no leading zero (anything else is refused, never guessed at).
+/// no leading zero (anything else is refused, never guessed at; the callers
+/// also refuse what the server refuses: more than `MAX_ARGS` arguments, a
+/// bulk string over `MAX_BULK`).
 fn length(line: &[u8], kind: u8) -> Option<u64> {
     let digits = line.strip_prefix(&[kind])?.strip_suffix(b"\r\n")?;
     let ok = !digits.is_empty()
@@ -184,6 +192,17 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                 _ if data.is_empty() => return true,
                 At::Bulk(n) => {
                     let k = n.min(data.len());
+                    // The bulk string's CRLF, checked before it goes on (as
+                    // in user space; the server would skip any two bytes).
+                    let bad = (0..k).find(|&i| match n - i {
+                        2 => data[i] != b'\r',
+                        1 => data[i] != b'\n',
+                        _ => false,
+                    });
+                    if let Some(i) = bad {
+                        up.extend_from_slice(&data[..i]);
+                        return self.protocol_error(&ProtocolError::MissingCrlf, local);
+                    }
                     up.extend_from_slice(&data[..k]);
                     data = &data[k..];
                     self.at = match n - k {
@@ -200,6 +219,9 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                         continue;
                     }
                     self.naming = false;
+                    if &self.held[need - 2..need] != b"\r\n" {
+                        return self.protocol_error(&ProtocolError::MissingCrlf, local);
+                    }
                     if is_wardens(&self.held[need - 2 - len..need - 2]) {
                         // `held` is the command's start: read it whole.
                         self.at = At::Whole;
@@ -220,22 +242,25 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                     self.at = At::Whole;
                 }
                 At::Command | At::Header => {
-                    // One line: `*<count>\r\n` or `$<len>\r\n`.
-                    let (whole_line, k) = match data.iter().position(|&b| b == b'\n') {
+                    // One line: `*<count>\r\n` or `$<len>\r\n`, at most
+                    // MAX_LINE bytes wherever the reads cut it.
+                    let room = MAX_LINE - (self.held.len() - self.line_from);
+                    let window = &data[..data.len().min(room)];
+                    let (whole_line, k) = match window.iter().position(|&b| b == b'\n') {
                         Some(i) => (true, i + 1),
-                        None => (false, data.len()),
+                        None => (false, window.len()),
                     };
                     self.held.extend_from_slice(&data[..k]);
                     data = &data[k..];
                     if !whole_line {
-                        if self.held.len() - self.line_from > 64 {
+                        if self.held.len() - self.line_from >= MAX_LINE {
                             return self.protocol_error(&ProtocolError::HeaderTooLong, local);
                         }
                         continue;
                     }
                     let line = &self.held[self.line_from..];
                     if self.at == At::Command {
-                        match length(line, b'*') {
+                        match length(line, b'*').filter(|&n| n <= MAX_ARGS as u64) {
                             None => return self.protocol_error(&ProtocolError::ArrayLength, local),
                             Some(0) => {
                                 up.extend_from_slice(&self.held);
@@ -251,7 +276,7 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                         }
                         continue;
                     }
-                    let Some(len) = length(line, b'$') else {
+                    let Some(len) = length(line, b'$').filter(|&n| n <= MAX_BULK as u64) else {
                         return self.protocol_error(&ProtocolError::BulkLength, local);
                     };
                     let len = usize::try_from(len).unwrap_or(usize::MAX - 2);
@@ -385,13 +410,18 @@ mod tests {
             b"*1\r\n+PING\r\n",
             b"*x\r\n",
             b"*2\r\n$4\r\nAUTH\r\n+oops\r\n",
+            b"*2\r\n$3\r\nGETxx$1\r\nk\r\n",
+            b"*2\r\n$6\r\nCONFIG\r\n$1\r\nkXX",
         ] {
             let stream = bad.to_vec();
             let mut g = guard();
             g.resume(ClientPosition::default());
             let (up, local, go_on) = walk(&mut g, &stream, stream.len());
             assert!(!go_on, "{}", String::from_utf8_lossy(bad));
-            assert!(up.is_empty());
+            assert!(
+                !up.windows(2).any(|w| w == b"XX"),
+                "nothing after the bad CRLF"
+            );
             assert!(local.starts_with(b"-ERR Protocol error"));
         }
         // A header line that never ends.
