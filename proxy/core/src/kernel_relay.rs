@@ -308,7 +308,10 @@ async fn watch_ends(
 ) -> (bool, u64, u64, bool) {
     let mut buf = vec![0u8; 16 * 1024];
     let (mut up, mut down) = (0u64, 0u64);
-    let (mut checked, mut local) = (Vec::new(), Vec::new());
+    // `checked` may hold warden's own login (a Redis AUTH rewritten by the
+    // guard): wiped when dropped.
+    let mut checked = zeroize::Zeroizing::new(Vec::new());
+    let mut local = Vec::new();
     let mut resumed = false;
     loop {
         let from_client = tokio::select! {
