@@ -116,7 +116,11 @@ impl MariaDb {
             .unwrap_or_else(|e| panic!("mariadbd (apt-get install mariadb-server): {e}"));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Both listeners: mariadbd opens its TCP port a moment before its
+        // unix socket (which `admin` uses), a moment that grows under load.
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || std::os::unix::net::UnixStream::connect(self.socket()).is_err()
+        {
             assert!(
                 Instant::now() < deadline,
                 "mariadbd did not start: {}",
