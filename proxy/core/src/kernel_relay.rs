@@ -137,8 +137,9 @@ pub struct Handover {
     /// first quiet moment offered (it takes a walk over the host's TCP
     /// sockets on a blocking thread; later quiet moments check it).
     joining: Option<Joining>,
-    /// The client direction's check, if the route kind has one.
-    guard: Option<Box<dyn ClientGuard>>,
+    /// The kernel's check of the client direction (`warden_ebpf::GUARD_*`);
+    /// the matching [`ClientGuard`] is built only for a spliced session.
+    guard: u8,
 }
 
 impl Handover {
@@ -148,15 +149,16 @@ impl Handover {
             spliced: None,
             held: false,
             joining: None,
-            guard: None,
+            guard: warden_ebpf::GUARD_NONE,
         }
     }
 
-    /// A hand-over whose client direction `guard` checks, in the kernel
-    /// and after it.
-    pub fn guarded(kind: RelayKind, guard: Box<dyn ClientGuard>) -> Handover {
+    /// A hand-over whose client direction the kernel checks with `guard`
+    /// (`warden_ebpf::GUARD_*`); [`finish`] walks what it hands back with
+    /// the [`ClientGuard`] the caller builds once the session is spliced.
+    pub fn guarded(kind: RelayKind, guard: u8) -> Handover {
         Handover {
-            guard: Some(guard),
+            guard,
             ..Handover::new(kind)
         }
     }
@@ -197,11 +199,7 @@ impl Handover {
             // quiet moment.
             Some(JoinState::Pending) | None => return Handed::Later,
         }
-        let guard = self
-            .guard
-            .as_ref()
-            .map_or(warden_ebpf::GUARD_NONE, |g| g.kernel());
-        match relay.splice(client, up, guard) {
+        match relay.splice(client, up, self.guard) {
             Ok(s) => {
                 count("spliced");
                 self.spliced = Some(s);
@@ -254,13 +252,15 @@ pub async fn finish<S: ClientTransport>(
     held_error: &[u8],
     frozen: impl std::future::Future<Output = FreezeEntry>,
     frozen_error: impl FnOnce(&FreezeEntry) -> Vec<u8>,
+    mut guard: Option<Box<dyn ClientGuard>>,
 ) -> Finished {
     let Handover {
         spliced,
         held,
-        mut guard,
+        guard: kernel_guard,
         ..
     } = handover;
+    debug_assert!(guard.as_ref().map_or(kernel_guard, |g| g.kernel()) == kernel_guard);
     let mut out = Finished::default();
     let (Ok(mut client), UpstreamStream::Plain(mut upstream)) = (client.into_plain_tcp(), upstream)
     else {

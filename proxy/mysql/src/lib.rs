@@ -1013,14 +1013,7 @@ async fn session(
     // A freeze of the workload ends the session at once.
     let stop = frozen_watch(&shared, &who.workload);
     let kernel = kernel_eligible(&shared, &route, &client, &upstream);
-    let mut handover = Handover::guarded(
-        RelayKind::Mysql,
-        Box::new(relay::SplicedCommands::new(
-            &route.name,
-            &who.workload,
-            user,
-        )),
-    );
+    let mut handover = Handover::guarded(RelayKind::Mysql, warden_ebpf::GUARD_MYSQL);
     let (mut outcome, rest) = match &kernel {
         Some(k) => {
             let mut offer = |c: &Client, u: &UpstreamStream| {
@@ -1043,13 +1036,22 @@ async fn session(
             let mut changes = freezer.subscribe();
             let watch = freezer.until_frozen(&who.workload, &mut changes);
             let held = held_error(&route.name);
-            let done =
-                warden_core::kernel_relay::finish(client, stream, handover, &held, watch, |f| {
+            // Built only now: most sessions are never spliced.
+            let guard = relay::SplicedCommands::new(&route.name, &who.workload, user);
+            let done = warden_core::kernel_relay::finish(
+                client,
+                stream,
+                handover,
+                &held,
+                watch,
+                |f| {
                     let mut out = Vec::new();
                     put_packet(&mut out, 1, &frozen_error(f).encode());
                     out
-                })
-                .await;
+                },
+                Some(Box::new(guard)),
+            )
+            .await;
             outcome.up += done.up;
             outcome.down += done.down;
             outcome.change_user_refused += done.refused;

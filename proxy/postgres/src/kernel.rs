@@ -32,6 +32,7 @@ pub async fn finish<S: ClientTransport>(
         &held_error(route),
         frozen,
         super::session::frozen_error,
+        None,
     )
     .await;
     end.error = done.error;

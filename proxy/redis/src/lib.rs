@@ -621,15 +621,7 @@ async fn session(
     };
     let (mut conn, mut client) = (conn, client);
     let kernel = kernel_eligible(&shared, &route, &client, &conn.stream);
-    let mut handover = Handover::guarded(
-        RelayKind::Redis,
-        Box::new(spliced::SplicedCommands::new(
-            &route.name,
-            &who.workload,
-            user,
-            &secret.value,
-        )),
-    );
+    let mut handover = Handover::guarded(RelayKind::Redis, warden_ebpf::GUARD_REDIS);
     // A freeze of this workload ends the session.
     let mut freezes = shared.admission.freezer().subscribe();
     let mut freezes_spliced = freezes.clone();
@@ -669,6 +661,14 @@ async fn session(
             &held,
             watch,
             frozen_error,
+            // Built only now (it holds a copy of the password): most
+            // sessions are never spliced.
+            Some(Box::new(spliced::SplicedCommands::new(
+                &route.name,
+                &who.workload,
+                user,
+                &secret.value,
+            ))),
         )
         .await;
         outcome.up += done.up;
