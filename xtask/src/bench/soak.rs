@@ -21,7 +21,11 @@
 //!    secret rotate`, ALTER ROLE) and the HTTP token replaced (`secret put`)
 //!    every minute; every five minutes (first at 130 s) a second workload
 //!    is frozen, a session of it must be refused, and after the unfreeze
-//!    served. warden is restarted first (part 1 leaves its heap at a
+//!    served. A Workload API client (`tests/examples/svid_stream.rs`, the
+//!    `spiffe` crate) holds an X.509-SVID stream for the whole soak (SVID
+//!    TTL 2 minutes: every rotated SVID must arrive new, valid and from the
+//!    bundle's CA), and at every rotation another one starts, takes its SVID
+//!    and goes. warden is restarted first (part 1 leaves its heap at a
 //!    high-water mark that would hide growth). Every 10 s warden's RSS, open descriptors, threads and audit
 //!    log size are sampled; they are printed as a table and plotted in an SVG
 //!    written next to the table (under `<target dir>/soak/`). At the end
@@ -66,6 +70,11 @@ const SAMPLE_EVERY: u64 = 10;
 const ROTATE_EVERY: u64 = 60;
 const FREEZE_EVERY: u64 = 300;
 const FIRST_FREEZE: u64 = 130;
+/// The SVID lifetime of the soak's workloads: a stream gets a rotated SVID
+/// about every half of it.
+const SVID_TTL_MINUTES: u64 = 2;
+/// The SPIFFE ID of workload `bench` (this process's uid).
+const BENCH_ID: &str = "spiffe://example.org/bench";
 /// Allowed growth from the first to the last quarter after the warm-up.
 const MAX_DRIFT: f64 = 0.05;
 
@@ -96,12 +105,19 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
         .context("nginx not found")?;
     cmd::run(cmd::cargo(repo).args(["build", "--release", "-p", "warden"]))?;
     let warden = cmd::target_dir(repo).join("release").join("warden");
+    // The Workload API client of the soak's SVID streams: the independent
+    // `spiffe` crate (a debug build is plenty for a few updates a minute).
+    cmd::run(cmd::cargo(repo).args(["build", "-p", "warden-tests", "--example", "svid_stream"]))?;
+    let svid_client = cmd::target_dir(repo)
+        .join("debug")
+        .join("examples")
+        .join("svid_stream");
     let out_dir = cmd::target_dir(repo).join("soak");
     std::fs::create_dir_all(&out_dir)?;
 
     // Children inherit this: nginx and PostgreSQL hold as many sockets as warden.
     let limit = raise_own_nofile()?;
-    let mut lab = Lab::create(pg_bin, warden)?;
+    let mut lab = Lab::create(pg_bin, warden, svid_client)?;
     lab.start_postgres()?;
     lab.start_nginx(&nginx)?;
     lab.start_warden()?;
@@ -388,7 +404,7 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
     println!(
         "\nmixed soak for {} min: pgbench -S -R 200 (4 persistent clients), pgbench -S -C -R 20 \
          (4 clients), {HTTP_RATE} HTTP requests/s on a keep-alive connection and {HTTP_RATE}/s \
-         with Connection: close; rotations every \
+         with Connection: close, an X.509-SVID stream (SVID TTL {SVID_TTL_MINUTES} min); rotations every \
          {ROTATE_EVERY} s, a freeze of workload `probe` every {FREEZE_EVERY} s (first at {FIRST_FREEZE} s)",
         options.minutes
     );
@@ -443,6 +459,19 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
         let child = c.spawn().with_context(|| format!("starting {name}"))?;
         loads.push((name, log, child));
     }
+    // One X.509-SVID stream held for the whole soak (each rotated SVID must
+    // arrive valid and new), and at every rotation a workload that starts,
+    // takes its SVID and goes.
+    let stream_log = lab.dir.join("svid-stream.out");
+    let stream = {
+        let file = std::fs::File::create(&stream_log)?;
+        lab.svid_client(secs)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting the Workload API client")?
+    };
+    let (mut fetches, mut fetches_failed) = (0u32, 0u32);
     let stop = Arc::new(AtomicBool::new(false));
     let http_loads: Vec<(&str, HttpLoad)> = vec![
         (
@@ -489,6 +518,11 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
                 problems.push(format!("rotation at {now} s: {e:#}"));
             }
             rotations += 1;
+            fetches += 1;
+            if let Err(e) = run_captured(&mut lab.svid_client(0)) {
+                fetches_failed += 1;
+                problems.push(format!("SVID fetch at {now} s: {e:#}"));
+            }
             next_rotate += ROTATE_EVERY;
         }
         if now >= next_freeze && now + 20 < secs {
@@ -539,6 +573,11 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
         }
     }
     println!("  rotations: {rotations}, freezes: {freezes}");
+    match svid_stream_verdict(stream, &stream_log, secs) {
+        Ok(line) => println!("  {line}"),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    println!("  X.509-SVID fetches by a starting workload: {fetches}, {fetches_failed} failed");
     match lab.audit_verify() {
         Ok(text) => println!(
             "  warden audit verify: ok ({})",
@@ -599,6 +638,60 @@ fn soak(lab: &mut Lab, options: &Options, out_dir: &Path) -> Result<bool> {
     let pass = problems.is_empty();
     println!("\nsoak: {}", if pass { "PASS" } else { "FAIL" });
     Ok(pass)
+}
+
+/// Waits for the soak's SVID stream client and checks what it saw: it ran
+/// to the end without an error (each update valid on arrival, new, from the
+/// bundle's CA, never two minutes without one), with a rotated SVID about
+/// every half of [`SVID_TTL_MINUTES`].
+fn svid_stream_verdict(mut client: Child, log: &Path, secs: u64) -> Result<String> {
+    // It stops on its own `secs` after it started (a moment after the soak).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = client.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = client.kill();
+            let _ = client.wait();
+            bail!("the X.509-SVID stream client did not stop at the end of the soak");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let updates: Vec<&str> = text.lines().filter(|l| l.starts_with("update ")).collect();
+    if !status.success() {
+        let last = text.lines().last().unwrap_or("(no output)");
+        bail!(
+            "the X.509-SVID stream failed after {} updates: {last}",
+            updates.len()
+        );
+    }
+    let refresh = SVID_TTL_MINUTES * 60 / 2;
+    let expected = (secs / refresh).saturating_sub(1);
+    if (updates.len() as u64) < expected {
+        bail!(
+            "the X.509-SVID stream got {} updates in {secs} s, expected at least {expected} \
+             (SVID TTL {SVID_TTL_MINUTES} min)",
+            updates.len()
+        );
+    }
+    // How long the SVID each rotation replaced still had to live.
+    let margins: Vec<i64> = updates
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse::<i64>().ok())
+        .collect();
+    let margin = match (margins.iter().min(), margins.iter().max()) {
+        (Some(lo), Some(hi)) => {
+            format!("; each rotation came with {lo}–{hi} s of the old SVID's lifetime left")
+        }
+        _ => String::new(),
+    };
+    Ok(format!(
+        "X.509-SVID stream held {secs} s: {} updates, each new, from the bundle's CA and valid \
+         on arrival{margin}",
+        updates.len()
+    ))
 }
 
 /// A client thread making [`HTTP_RATE`] requests per second through the
@@ -769,6 +862,8 @@ struct Lab {
     dir: PathBuf,
     pg_bin: PathBuf,
     warden: PathBuf,
+    /// `tests/examples/svid_stream.rs`, built.
+    svid_client: PathBuf,
     ports: Ports,
     password: String,
     token: String,
@@ -778,7 +873,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn create(pg_bin: PathBuf, warden: PathBuf) -> Result<Lab> {
+    fn create(pg_bin: PathBuf, warden: PathBuf, svid_client: PathBuf) -> Result<Lab> {
         let dir = std::env::temp_dir().join(format!("warden-soak-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
@@ -799,6 +894,7 @@ impl Lab {
             dir,
             pg_bin,
             warden,
+            svid_client,
             ports: Ports {
                 pg,
                 nginx,
@@ -891,6 +987,20 @@ impl Lab {
         Ok(())
     }
 
+    fn workload_api_socket(&self) -> PathBuf {
+        self.dir.join("warden").join("workload.sock")
+    }
+
+    /// The soak's Workload API client, attested as workload `bench`: holds
+    /// one X.509-SVID stream for `seconds`, or takes one SVID when 0.
+    fn svid_client(&self, seconds: u64) -> Command {
+        let mut c = Command::new(&self.svid_client);
+        c.arg(self.workload_api_socket())
+            .arg(BENCH_ID)
+            .arg(seconds.to_string());
+        c
+    }
+
     fn config(&self) -> PathBuf {
         self.dir.join("warden").join("warden.toml")
     }
@@ -910,7 +1020,8 @@ impl Lab {
         let config = format!(
             "data_dir = \"{data}\"\ntrust_domain = \"example.org\"\n\
              \n[admin]\nsocket = \"{admin}\"\n\n[metrics]\nlisten = \"off\"\n\
-             \n[[workload]]\nname = \"bench\"\nspiffe_id = \"spiffe://example.org/bench\"\nselectors = {{ uid = {uid} }}\n\
+             \n[identity]\nsvid_ttl = \"{SVID_TTL_MINUTES}m\"\nworkload_api_socket = \"{workload_api}\"\n\
+             \n[[workload]]\nname = \"bench\"\nspiffe_id = \"{BENCH_ID}\"\nselectors = {{ uid = {uid} }}\n\
              \n[[workload]]\nname = \"probe\"\nspiffe_id = \"spiffe://example.org/probe\"\nselectors = {{ uid = {PROBE_UID} }}\n\
              \n[[secret]]\nname = \"{PG_SECRET}\"\nrotate = {{ method = \"postgres\", route = \"pg\" }}\n\
              \n[[route]]\nname = \"pg\"\nkind = \"postgres\"\nlisten = \"127.0.0.1:{wpg}\"\n\
@@ -923,6 +1034,7 @@ impl Lab {
              allow = [\"bench\", \"probe\"]\n",
             data = self.data_dir().display(),
             admin = wdir.join("admin.sock").display(),
+            workload_api = self.workload_api_socket().display(),
             uid = super::effective_uid().unwrap_or(0),
             wpg = self.ports.warden_pg,
             pg = self.ports.pg,
