@@ -28,6 +28,7 @@
 //! `unsafe` is confined to this folder (kernel ABI: `mount(2)`, `setsockopt`).
 #![allow(unsafe_code)]
 
+mod btf;
 mod cgroup;
 mod events;
 mod monitor;

@@ -239,7 +239,15 @@ impl Monitor {
 
         // An aligned copy: the ELF parser reads structs in place.
         let object = crate::OBJECT.to_vec();
+        // The kernel relay's armed checks read struct tcp_sock at offsets
+        // from this kernel's BTF (constants to the verifier).
+        let tcp_sock = crate::btf::tcp_sock_offsets();
         let mut loader = EbpfLoader::new();
+        if let Ok(offsets) = &tcp_sock {
+            for ((global, _), offset) in warden_ebpf_common::TCP_SOCK_FIELDS.iter().zip(offsets) {
+                loader.override_global(global, offset, true);
+            }
+        }
         let map_paths: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => PINNED_MAPS
                 .iter()
@@ -374,7 +382,13 @@ impl Monitor {
                 pins.push(pinned);
             }
         }
-        let relay = KernelRelay::load(&mut ebpf).map(Arc::new);
+        let relay = match &tcp_sock {
+            Ok(_) => KernelRelay::load(&mut ebpf).map(Arc::new),
+            Err(e) => Err(format!(
+                "a splice is checked against the sockets' TCP state, whose layout comes from \
+                 the kernel's BTF: {e}"
+            )),
+        };
 
         // Unpinned links live as long as the monitor (dropping detaches).
         let links: Vec<FdLink> = new_links.into_iter().map(|(_, link)| link).collect();

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::{Iter, SkMsg};
 use aya::Ebpf;
-use warden_ebpf_common::{DirectPeer, SockPair, MEMBER_RELAY};
+use warden_ebpf_common::{DirectPeer, SockPair, ARM_CLIENT, ARM_FAILED, ARM_HOLD, MEMBER_RELAY};
 
 use crate::events::sock_key_of;
 
@@ -216,16 +216,49 @@ fn queued(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
+/// `(bytes_received, bytes_acked)` of one of warden's TCP sockets
+/// (`TCP_INFO`): data bytes its peer sent it, and data bytes it sent that
+/// its peer acknowledged.
+fn tcp_totals(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as above; `fd` is live.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of::<libc::tcp_info>() {
+        return Err(io::Error::other("TCP_INFO without byte counters"));
+    }
+    Ok((info.tcpi_bytes_received, info.tcpi_bytes_acked))
+}
+
+/// Bytes written to `fd` that its peer has not acknowledged (`SIOCOUTQ`).
+fn unacked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int; `fd` is live.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// Why [`KernelRelay::splice`] did not splice.
 #[derive(Debug)]
 pub enum SpliceError {
     /// One of warden's receive queues holds unread bytes: not a quiet
     /// moment (nothing was changed; try at a later one).
     Busy,
-    /// A client byte reached warden's socket while the pair was being
-    /// spliced: it would reach the upstream behind what the client sends
-    /// next, so the caller should end the session (the pair is spliced).
-    Held(Spliced),
     /// Not possible for this pair (a far end not on this host or not a
     /// relay route's, or the kernel refused).
     Failed(io::Error),
@@ -235,7 +268,6 @@ impl std::fmt::Display for SpliceError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SpliceError::Busy => f.write_str("unread bytes in a receive queue"),
-            SpliceError::Held(_) => f.write_str("bytes arrived during the hand-over"),
             SpliceError::Failed(e) => write!(f, "{e}"),
         }
     }
@@ -334,15 +366,31 @@ impl KernelRelay {
     /// for before they are redirected (see `DirectPeer::guard`); what the
     /// check leaves to user space reaches `client_side`, starting at a
     /// packet boundary ([`Spliced::client_position`]).
+    ///
+    /// `held` bytes (the reply that keeps a request/response client
+    /// silent) are written to the client after this returns. Nothing is
+    /// redirected at once: the entries are armed (`ARM_*` in
+    /// warden-ebpf-common) with what warden has read from each far end and
+    /// written to the client, and the kernel redirects a direction only
+    /// once its sender's TCP counters match — so no redirected byte ever
+    /// overtakes one still on the TCP path, whatever the client does
+    /// meanwhile (a pipelining client's session stays on the TCP path,
+    /// relayed by the caller in order).
     pub fn splice(
         self: &Arc<Self>,
         client_side: &tokio::net::TcpStream,
         upstream_side: &tokio::net::TcpStream,
         guard: u8,
+        held: usize,
     ) -> Result<Spliced, SpliceError> {
         let failed = SpliceError::Failed;
         let client = far_end(client_side).map_err(failed)?;
         let upstream = far_end(upstream_side).map_err(failed)?;
+        // Counters first, queues second: a byte arriving in between is
+        // unread, so the queue check below fails and nothing changes.
+        let (from_client, to_client_acked) = tcp_totals(client_side.as_fd()).map_err(failed)?;
+        let to_client = to_client_acked + unacked(client_side.as_fd()).map_err(failed)?;
+        let (from_upstream, _) = tcp_totals(upstream_side.as_fd()).map_err(failed)?;
         if queued(client_side.as_fd()).map_err(failed)? > 0
             || queued(upstream_side.as_fd()).map_err(failed)? > 0
         {
@@ -370,21 +418,28 @@ impl KernelRelay {
             peer,
             ..DirectPeer::default()
         };
-        // The upstream first: the client is the silent side.
+        // The upstream (a passive socket: its bytes_acked counts data
+        // only) waits for the client's check.
+        let upstream_entry = DirectPeer {
+            armed: ARM_HOLD,
+            expect_sent: from_upstream,
+            ..entry(client)
+        };
         peers
-            .insert(upstream, entry(client), 0)
+            .insert(upstream, upstream_entry, 0)
             .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
+        // The client opened its connection: its bytes_acked also counts
+        // the SYN.
         let client_entry = DirectPeer {
             guard,
+            armed: ARM_CLIENT,
+            expect_sent: from_client + 1,
+            expect_recv: to_client + held as u64,
             ..entry(upstream)
         };
         peers
             .insert(client, client_entry, 0)
             .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
-        drop(peers);
-        if queued(client_side.as_fd()).map_err(failed)? > 0 {
-            return Err(SpliceError::Held(spliced));
-        }
         Ok(spliced)
     }
 }
@@ -469,8 +524,22 @@ impl Spliced {
             .unwrap_or_default()
     }
 
-    /// Which directions went over the window and take the TCP path now:
-    /// (client → upstream, upstream → client).
+    /// Whether the client's first send failed the splice's check (it sent
+    /// before it had read the held reply, or warden had not read all it
+    /// sent): then nothing was ever redirected, and warden relays both
+    /// directions over TCP, in order.
+    pub fn check_failed(&self) -> bool {
+        let Ok(peers) = self.relay.peers.lock() else {
+            return false;
+        };
+        peers
+            .get(&self.client, 0)
+            .is_ok_and(|p| p.armed == ARM_FAILED)
+    }
+
+    /// Which directions take the TCP path now (over the window, stopped by
+    /// a guard, or a failed splice check): (client → upstream, upstream →
+    /// client).
     pub fn over_window(&self) -> (bool, bool) {
         let Ok(peers) = self.relay.peers.lock() else {
             return (false, false);

@@ -95,7 +95,7 @@ fn lab_with_far_ends() -> Lab {
             }
             panic!("join after {attempt} attempts: {e}");
         }
-        match l.relay.splice(&l.w1, &l.w2, GUARD_NONE) {
+        match l.relay.splice(&l.w1, &l.w2, GUARD_NONE, 0) {
             Ok(probe) => {
                 drop(probe);
                 return l;
@@ -165,7 +165,7 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     let (o1, _) = l.other.accept().unwrap();
     o1.set_nonblocking(true).unwrap();
     let o1 = tokio::net::TcpStream::from_std(o1).unwrap();
-    let r = l.relay.splice(&o1, &l.w2, GUARD_NONE);
+    let r = l.relay.splice(&o1, &l.w2, GUARD_NONE, 0);
     assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
     // Nor does asking `warden_join` for it enter it.
     let outsider = l.relay.join(&o1, &l.w2).expect("join");
@@ -178,12 +178,12 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     l.client.write_all(b"early").unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert!(matches!(
-        l.relay.splice(&l.w1, &l.w2, GUARD_NONE),
+        l.relay.splice(&l.w1, &l.w2, GUARD_NONE, 0),
         Err(SpliceError::Busy)
     ));
     assert_eq!(read_exact(&l.w1, 5).await, b"early");
 
-    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE).expect("splice");
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE, 0).expect("splice");
     for i in 0..100u32 {
         let q = format!("query {i}");
         l.client.write_all(q.as_bytes()).unwrap();
@@ -214,7 +214,7 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
     drop(l.client);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(l.relay.member_count(), 1, "the server's");
-    let r = l.relay.splice(&l.w1, &l.w2, GUARD_NONE);
+    let r = l.relay.splice(&l.w1, &l.w2, GUARD_NONE, 0);
     assert!(matches!(r, Err(SpliceError::Failed(_))), "{r:?}");
 }
 
@@ -228,7 +228,10 @@ async fn past_the_window_a_direction_takes_the_tcp_path_and_the_sender_waits() {
         return;
     }
     let mut l = lab_with_far_ends();
-    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE).expect("splice");
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE, 0).expect("splice");
+    // The client's request opens the server's direction (see ARM_HOLD).
+    l.client.write_all(b"go").unwrap();
+    assert_eq!(read_n(&mut l.server, 2), b"go");
     const TOTAL: usize = 64 << 20;
     let (tx, rx) = std::sync::mpsc::channel();
     let mut server = l.server.try_clone().unwrap();
@@ -307,7 +310,10 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
         return;
     }
     let mut l = lab_with_far_ends();
-    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_MYSQL).expect("splice");
+    let spliced = l
+        .relay
+        .splice(&l.w1, &l.w2, GUARD_MYSQL, 0)
+        .expect("splice");
     let query = mysql_packet(0, b"\x03SELECT 1");
     // Whole packets, several in one send, and the server's answers back.
     let mut two = query.clone();
@@ -356,7 +362,10 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     // A header cut by the end of a send: that packet and the next (sent
     // with the rest of it) go to the proxy, none lost.
     let mut l = lab_with_far_ends();
-    let _spliced = l.relay.splice(&l.w1, &l.w2, GUARD_MYSQL).expect("splice");
+    let _spliced = l
+        .relay
+        .splice(&l.w1, &l.w2, GUARD_MYSQL, 0)
+        .expect("splice");
     let both = [query.clone(), query.clone()].concat();
     l.client.write_all(&both[..2]).unwrap();
     std::thread::sleep(Duration::from_millis(20));
@@ -367,7 +376,10 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     // Past the window: a packet that would go over it takes the TCP path
     // from its header on, not from the window's edge.
     let mut l = lab_with_far_ends();
-    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_MYSQL).expect("splice");
+    let spliced = l
+        .relay
+        .splice(&l.w1, &l.w2, GUARD_MYSQL, 0)
+        .expect("splice");
     l.client.write_all(&query).unwrap();
     assert_eq!(read_n(&mut l.server, query.len()), query);
     let big = mysql_packet(0, &vec![b'\x03'; 5 << 20]);
@@ -394,7 +406,10 @@ async fn a_redis_client_direction_hands_auth_to_the_proxy() {
     let set = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n".to_vec();
     let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec();
     let mut l = lab_with_far_ends();
-    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_REDIS).expect("splice");
+    let spliced = l
+        .relay
+        .splice(&l.w1, &l.w2, GUARD_REDIS, 0)
+        .expect("splice");
     // Pipelined, then in pieces cut inside every kind of header.
     let two = [set.clone(), get.clone()].concat();
     l.client.write_all(&two).unwrap();
@@ -439,7 +454,10 @@ async fn a_redis_client_direction_hands_auth_to_the_proxy() {
         (b"*1\r\n$4\r\nAUTH\r\n", 10),
     ] {
         let mut l = lab_with_far_ends();
-        let _spliced = l.relay.splice(&l.w1, &l.w2, GUARD_REDIS).expect("splice");
+        let _spliced = l
+            .relay
+            .splice(&l.w1, &l.w2, GUARD_REDIS, 0)
+            .expect("splice");
         if cut > 0 {
             l.client.write_all(&odd[..cut]).unwrap();
             std::thread::sleep(Duration::from_millis(20));
@@ -456,7 +474,10 @@ async fn a_redis_client_direction_hands_auth_to_the_proxy() {
     // Past the window: the large value's bulk string (and what follows)
     // takes the TCP path at its header; the proxy learns one is left.
     let mut l = lab_with_far_ends();
-    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_REDIS).expect("splice");
+    let spliced = l
+        .relay
+        .splice(&l.w1, &l.w2, GUARD_REDIS, 0)
+        .expect("splice");
     let value = vec![b'v'; 5 << 20];
     let head = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n".to_vec();
     let mut big = format!("${}\r\n", value.len()).into_bytes();
@@ -476,4 +497,65 @@ async fn a_redis_client_direction_hands_auth_to_the_proxy() {
             args: 1
         }
     );
+}
+
+/// A client that sends before it has read the reply the proxy held back
+/// for the hand-over (a pipelining or multiplexing client): nothing is
+/// redirected — its bytes, and the server's answer, keep the TCP path
+/// through the proxy's sockets for good, so nothing can overtake the
+/// reply still on its way or a command the proxy has not forwarded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_sends_before_reading_the_held_reply_keeps_the_tcp_path() {
+    if !have_root() {
+        return;
+    }
+    let mut l = lab_with_far_ends();
+    let held = b"+held\r\n";
+    let spliced = l
+        .relay
+        .splice(&l.w1, &l.w2, GUARD_REDIS, held.len())
+        .expect("splice");
+    let q1 = b"*1\r\n$4\r\nPING\r\n";
+    l.client.write_all(q1).unwrap();
+    assert_eq!(read_exact(&l.w1, q1.len()).await, q1);
+    // The held reply goes out after the splice, as warden sends it.
+    l.w1.writable().await.unwrap();
+    assert_eq!(l.w1.try_write(held).unwrap(), held.len());
+    assert_eq!(read_n(&mut l.client, held.len()), held);
+    // Later sends take the same path; the proxy forwards them in order.
+    let q2 = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+    l.client.write_all(q2).unwrap();
+    assert_eq!(read_exact(&l.w1, q2.len()).await, q2);
+    // The server's answers too.
+    l.server.write_all(b"+PONG\r\n$-1\r\n").unwrap();
+    assert_eq!(read_exact(&l.w2, 12).await, b"+PONG\r\n$-1\r\n");
+    assert_eq!(spliced.bytes(), (0, 0));
+    assert_eq!(spliced.over_window(), (true, true));
+    assert_eq!(spliced.client_position(), ClientPosition::default());
+}
+
+/// A server that sends first after the splice (before the client's first
+/// send passed its check) keeps the TCP path: its bytes reach the proxy's
+/// socket; and once the proxy has not forwarded them, its next answer
+/// cannot overtake them — the server's direction stays on the TCP path,
+/// while the client's is redirected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_sends_first_keeps_the_tcp_path() {
+    if !have_root() {
+        return;
+    }
+    let mut l = lab_with_far_ends();
+    let spliced = l.relay.splice(&l.w1, &l.w2, GUARD_NONE, 0).expect("splice");
+    l.server.write_all(b"notice").unwrap();
+    assert_eq!(read_exact(&l.w2, 6).await, b"notice");
+    // The client has read all warden wrote (nothing): redirected.
+    l.client.write_all(b"query").unwrap();
+    assert_eq!(read_n(&mut l.server, 5), b"query");
+    assert!(idle(&l.w1));
+    // The server's answer: its count shows the notice warden read but has
+    // not forwarded yet, so the TCP path for good.
+    l.server.write_all(b"reply").unwrap();
+    assert_eq!(read_exact(&l.w2, 5).await, b"reply");
+    assert_eq!(spliced.bytes(), (5, 0));
+    assert_eq!(spliced.over_window(), (false, true));
 }

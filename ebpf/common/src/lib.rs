@@ -184,7 +184,57 @@ pub struct DirectPeer {
     /// the next send starts a command). Kept when the direction takes the
     /// TCP path, for user space's walk.
     pub args: u32,
+    /// A splice's start (`ARM_*`): what this direction's first sends check
+    /// before anything is redirected, so that no redirected byte can
+    /// overtake one on the TCP path (see `ARM_CLIENT`).
+    pub armed: u8,
+    /// Always zero.
+    pub _pad: [u8; 7],
+    /// `ARM_CLIENT`, `ARM_COUNT`: the sender's TCP byte count
+    /// (`bytes_acked + write_seq - snd_una` of its `tcp_sock`) when it has
+    /// sent nothing warden has not read.
+    pub expect_sent: u64,
+    /// `ARM_CLIENT`: the client's `bytes_received` once every byte warden
+    /// wrote to it (the held reply included) has arrived.
+    pub expect_recv: u64,
 }
+
+/// `DirectPeer::armed`: redirected as the entry says.
+pub const ARM_NONE: u8 = 0;
+/// `DirectPeer::armed`, a client's entry at a splice: its first send is
+/// redirected only if the client has sent nothing warden has not read
+/// (`expect_sent`) and has read every byte warden wrote to it
+/// (`expect_recv`, all received read). Then the server's entry goes from
+/// `ARM_HOLD` to `ARM_COUNT`. Otherwise both directions take the TCP path
+/// for good (warden relays them in order, as before the splice). A
+/// client that pipelines, or sends before it has read the reply warden
+/// held back for the hand-over, so never has a byte redirected ahead of
+/// one still on the TCP path, in either direction.
+pub const ARM_CLIENT: u8 = 1;
+/// `DirectPeer::armed`, a server's entry at a splice: its sends take the
+/// TCP path (not for good) until the client's first send passes its check.
+pub const ARM_HOLD: u8 = 2;
+/// `DirectPeer::armed`, a server's entry once the client's check passed:
+/// its first send is redirected only if the server has sent nothing warden
+/// has not read (`expect_sent`); otherwise this direction takes the TCP
+/// path for good.
+pub const ARM_COUNT: u8 = 3;
+/// `DirectPeer::armed` after a failed check (with `tcp` set): this
+/// direction never had a byte redirected.
+pub const ARM_FAILED: u8 = 4;
+
+/// The `struct tcp_sock` fields the armed checks read, by name: user
+/// space finds their byte offsets in the kernel's BTF and sets the
+/// program's `.rodata` globals of these names before loading (constants to
+/// the verifier). An offset left at 0 fails every armed check safe.
+pub const TCP_SOCK_FIELDS: [(&str, &str); 6] = [
+    ("TCP_SOCK_WRITE_SEQ", "write_seq"),
+    ("TCP_SOCK_SND_UNA", "snd_una"),
+    ("TCP_SOCK_BYTES_ACKED", "bytes_acked"),
+    ("TCP_SOCK_BYTES_RECEIVED", "bytes_received"),
+    ("TCP_SOCK_COPIED_SEQ", "copied_seq"),
+    ("TCP_SOCK_RCV_NXT", "rcv_nxt"),
+];
 
 /// `DirectPeer::guard`: sends are redirected as they come.
 pub const GUARD_NONE: u8 = 0;
@@ -280,7 +330,7 @@ const _: () = assert!(core::mem::size_of::<ProcessInfo>() == 48);
 const _: () = assert!(core::mem::size_of::<Event>() == 96);
 const _: () = assert!(core::mem::size_of::<FrozenEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<SockPair>() == 40);
-const _: () = assert!(core::mem::size_of::<DirectPeer>() == 64);
+const _: () = assert!(core::mem::size_of::<DirectPeer>() == 88);
 
 impl SockKey {
     /// An IPv4 address, stored v4-mapped.

@@ -61,8 +61,9 @@
 use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::bindings::bpf_pidns_info;
+use aya_ebpf::bindings::sk_msg_md;
 use aya_ebpf::helpers::generated::{
-    bpf_msg_apply_bytes, bpf_msg_pull_data,
+    bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_skc_to_tcp_sock,
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
     bpf_ktime_get_boot_ns,
 };
@@ -73,7 +74,7 @@ use aya_ebpf::macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    DirectPeer, Event, FrozenEntry, GUARD_MYSQL, GUARD_REDIS, MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
+    ARM_CLIENT, ARM_COUNT, ARM_FAILED, ARM_HOLD, ARM_NONE, DirectPeer, Event, FrozenEntry, GUARD_MYSQL, GUARD_REDIS, MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
     CHANGE_BUCKETS, DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
     HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
     CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
@@ -684,7 +685,7 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     // SAFETY: a live map value. This socket's sends run one at a time (under
     // its lock), and only they write `bytes`, `ahead` and `tcp` of its
     // entry; the peer's sends only clear `ahead` (a heuristic either way).
-    let (mut peer_key, ahead, tcp, hop, guard, cont, args) = unsafe {
+    let (mut peer_key, ahead, tcp, hop, guard, cont, args, armed) = unsafe {
         (
             (*entry).peer,
             (*entry).ahead,
@@ -693,6 +694,7 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
             (*entry).guard,
             (*entry).cont,
             (*entry).args,
+            (*entry).armed,
         )
     };
     if tcp != 0 {
@@ -701,6 +703,9 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     if DIRECT_MEMBERS.get_ptr(&peer_key).is_none() {
         // The peer socket closed: the bytes take the TCP path to warden's
         // socket, which forwards them (or sees the session end).
+        return SK_PASS;
+    }
+    if armed != ARM_NONE && !armed_passes(md, entry, &peer_key, armed) {
         return SK_PASS;
     }
     if guard == GUARD_MYSQL {
@@ -731,6 +736,112 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         unsafe { (*back).ahead = 0 };
     }
     DIRECT_SOCKS.redirect_msg(&ctx, &mut peer_key, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// `struct tcp_sock` field offsets (bytes) for the armed checks, set by
+/// user space before loading from the kernel's BTF (see `TCP_SOCK_FIELDS`
+/// in warden-ebpf-common). In `.rodata`, which the loader freezes, so the
+/// verifier knows them as constants and checks each load against the BTF
+/// of `struct tcp_sock`. 0: unknown, and every armed check fails safe.
+#[unsafe(no_mangle)]
+static TCP_SOCK_WRITE_SEQ: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SOCK_SND_UNA: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SOCK_BYTES_ACKED: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SOCK_BYTES_RECEIVED: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SOCK_COPIED_SEQ: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SOCK_RCV_NXT: u32 = 0;
+
+/// The sending socket's TCP byte counts: what it has written
+/// (`bytes_acked + write_seq - snd_una`; an active opener's `bytes_acked`
+/// also counts its SYN), what it has received (`bytes_received`), and
+/// whether it has read all it received. None: not a TCP socket, or the
+/// offsets are unknown.
+#[inline(always)]
+fn stream_counts(md: *mut sk_msg_md) -> Option<(u64, u64, bool)> {
+    // SAFETY: rodata globals, read as the verifier's constants.
+    let off = unsafe {
+        [
+            core::ptr::read_volatile(&TCP_SOCK_WRITE_SEQ),
+            core::ptr::read_volatile(&TCP_SOCK_SND_UNA),
+            core::ptr::read_volatile(&TCP_SOCK_BYTES_ACKED),
+            core::ptr::read_volatile(&TCP_SOCK_BYTES_RECEIVED),
+            core::ptr::read_volatile(&TCP_SOCK_COPIED_SEQ),
+            core::ptr::read_volatile(&TCP_SOCK_RCV_NXT),
+        ]
+    };
+    if off[0] == 0 || off[1] == 0 || off[2] == 0 || off[3] == 0 || off[4] == 0 || off[5] == 0 {
+        return None;
+    }
+    // SAFETY: the kernel's sk_msg_md; `sk` is the sending socket.
+    let sk = unsafe { core::ptr::read_volatile(&(*md).__bindgen_anon_3.sk) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a helper on the program's own socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) }.cast::<u8>();
+    if tp.is_null() {
+        return None;
+    }
+    // SAFETY: a tcp_sock; each offset is a field of the type read (the
+    // verifier checks it against the kernel's BTF).
+    unsafe {
+        let u32_at = |o: u32| core::ptr::read_volatile(tp.add(o as usize).cast::<u32>());
+        let u64_at = |o: u32| core::ptr::read_volatile(tp.add(o as usize).cast::<u64>());
+        let unacked = u32_at(off[0]).wrapping_sub(u32_at(off[1]));
+        let sent = u64_at(off[2]).wrapping_add(u64::from(unacked));
+        Some((sent, u64_at(off[3]), u32_at(off[4]) == u32_at(off[5])))
+    }
+}
+
+/// The check of a splice's first sends (`ARM_*` in warden-ebpf-common):
+/// true when this send may be redirected (the entry is then plain);
+/// false when it takes the TCP path — for now (`ARM_HOLD`), or for good
+/// (a failed check; a client's failure sends the server's direction the
+/// TCP path for good too).
+#[inline(always)]
+fn armed_passes(md: *mut sk_msg_md, entry: *mut DirectPeer, peer_key: &SockPair, armed: u8) -> bool {
+    if armed == ARM_HOLD {
+        return false;
+    }
+    // SAFETY: a live map value (see warden_direct).
+    let (expect_sent, expect_recv) = unsafe { ((*entry).expect_sent, (*entry).expect_recv) };
+    let ok = match stream_counts(md) {
+        Some((sent, received, all_read)) => {
+            sent == expect_sent && (armed != ARM_CLIENT || (received == expect_recv && all_read))
+        }
+        None => false,
+    };
+    let peer = if armed == ARM_CLIENT {
+        DIRECT_PEERS.get_ptr_mut(peer_key)
+    } else {
+        None
+    };
+    // SAFETY: live map values; only this check and the server's own sends
+    // write the server's `armed` and `tcp` while it is armed.
+    unsafe {
+        if ok {
+            (*entry).armed = ARM_NONE;
+        } else {
+            (*entry).armed = ARM_FAILED;
+            (*entry).tcp = 1;
+        }
+        if let Some(p) = peer {
+            if (*p).armed == ARM_HOLD {
+                if ok {
+                    (*p).armed = ARM_COUNT;
+                } else {
+                    (*p).armed = ARM_FAILED;
+                    (*p).tcp = 1;
+                }
+            }
+        }
+    }
+    ok
 }
 
 /// A guarded direction takes the TCP path for good from this send on.

@@ -124,15 +124,12 @@ pub trait ClientGuard: Send {
     fn refused(&self) -> u64;
 }
 
-const HELD_WARNING: &str = "client bytes arrived while the session was handed to the kernel \
-     relay; ending the session (a pipelining client: set kernel_relay = false on this route)";
-
 /// The outcome of hand-over attempts in one session.
 pub struct Handover {
     kind: RelayKind,
     spliced: Option<Spliced>,
-    /// Client bytes were caught in the hand-over (see [`SpliceError::Held`]).
-    held: bool,
+    /// Where a spliced session's end is counted (`tcp_path`).
+    counted: Option<(String, Metrics)>,
     /// The client's socket on its way into the relay's map, started at the
     /// first quiet moment offered (it takes a walk over the host's TCP
     /// sockets on a blocking thread; later quiet moments check it).
@@ -147,7 +144,7 @@ impl Handover {
         Handover {
             kind,
             spliced: None,
-            held: false,
+            counted: None,
             joining: None,
             guard: warden_ebpf::GUARD_NONE,
         }
@@ -163,12 +160,14 @@ impl Handover {
         }
     }
 
-    /// Offers the quiet moment to the kernel relay.
+    /// Offers the quiet moment to the kernel relay; `held` bytes (the
+    /// reply held back) go to the client once it returns `Spliced`.
     pub fn offer(
         &mut self,
         relay: &Arc<KernelRelay>,
         client: Option<&TcpStream>,
         upstream: &UpstreamStream,
+        held: usize,
         route: &str,
         metrics: &Metrics,
     ) -> Handed {
@@ -199,22 +198,16 @@ impl Handover {
             // quiet moment.
             Some(JoinState::Pending) | None => return Handed::Later,
         }
-        match relay.splice(client, up, self.guard) {
+        match relay.splice(client, up, self.guard, held) {
             Ok(s) => {
                 count("spliced");
                 self.spliced = Some(s);
+                self.counted = Some((route.to_string(), metrics.clone()));
                 Handed::Spliced
             }
             Err(SpliceError::Busy) => {
                 count("busy");
                 Handed::Later
-            }
-            Err(SpliceError::Held(s)) => {
-                count("held");
-                tracing::warn!(route, "{HELD_WARNING}");
-                self.spliced = Some(s);
-                self.held = true;
-                Handed::Spliced
             }
             Err(SpliceError::Failed(e)) => not_local(&e),
         }
@@ -242,21 +235,22 @@ pub struct Finished {
 
 /// The rest of a spliced session: warden's two sockets are watched for
 /// either end or a freeze, and what still reaches them (the TCP path) is
-/// forwarded. A hand-over that caught client bytes sends `held_error` and
-/// ends at once; a freeze sends `frozen_error(entry)`. Both connections
-/// are closed on return.
+/// forwarded in order (a direction whose armed check failed, or that went
+/// past the window or met the guard, comes this way; see
+/// `KernelRelay::splice`); a freeze sends `frozen_error(entry)`. Both
+/// connections are closed on return.
 pub async fn finish<S: ClientTransport>(
     client: S,
     upstream: UpstreamStream,
     handover: Handover,
-    held_error: &[u8],
     frozen: impl std::future::Future<Output = FreezeEntry>,
     frozen_error: impl FnOnce(&FreezeEntry) -> Vec<u8>,
     mut guard: Option<Box<dyn ClientGuard>>,
 ) -> Finished {
     let Handover {
+        kind,
         spliced,
-        held,
+        counted,
         guard: kernel_guard,
         ..
     } = handover;
@@ -268,28 +262,30 @@ pub async fn finish<S: ClientTransport>(
         out.error = true;
         return out;
     };
-    if held {
-        let _ = client.write_all(held_error).await;
-        out.error = true;
-    } else {
-        tokio::select! {
-            (error, up, down, refused) = watch_ends(
-                &mut client,
-                &mut upstream,
-                guard.as_mut().zip(spliced.as_ref()),
-            ) => {
-                out.error = error;
-                out.ended_by_guard = refused;
-                out.up += up;
-                out.down += down;
-            }
-            f = frozen => {
-                let _ = client.write_all(&frozen_error(&f)).await;
-                out.frozen = Some(f);
-            }
+    tokio::select! {
+        (error, up, down, refused) = watch_ends(
+            &mut client,
+            &mut upstream,
+            guard.as_mut().zip(spliced.as_ref()),
+        ) => {
+            out.error = error;
+            out.ended_by_guard = refused;
+            out.up += up;
+            out.down += down;
+        }
+        f = frozen => {
+            let _ = client.write_all(&frozen_error(&f)).await;
+            out.frozen = Some(f);
         }
     }
     out.refused = guard.as_ref().map_or(0, |g| g.refused());
+    if let (Some(s), Some((route, metrics))) = (&spliced, &counted) {
+        if s.check_failed() {
+            // The client sent before it could be redirected (a pipelining
+            // client): warden relayed the whole session, in order.
+            metrics.kernel_relay(kind, route, "tcp_path");
+        }
+    }
     if let Some(s) = &spliced {
         let (up, down) = s.bytes();
         out.up += up;

@@ -416,21 +416,21 @@ impl Metrics {
         let kernel_relay = IntCounterVec::new(
             Opts::new(
                 "warden_pg_kernel_relay_total",
-                "Long PostgreSQL sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space).",
+                "Long PostgreSQL sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space), tcp_path (a spliced session whose client sent before it could be redirected — a pipelining client — so warden relayed it all, in order; counted at its end).",
             ),
             &["route", "result"],
         )?;
         let redis_kernel_relay = IntCounterVec::new(
             Opts::new(
                 "warden_redis_kernel_relay_total",
-                "Long Redis sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space).",
+                "Long Redis sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space), tcp_path (a spliced session whose client sent before it could be redirected — a pipelining client — so warden relayed it all, in order; counted at its end).",
             ),
             &["route", "result"],
         )?;
         let mysql_kernel_relay = IntCounterVec::new(
             Opts::new(
                 "warden_mysql_kernel_relay_total",
-                "Long MySQL/MariaDB sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), held (client bytes caught in the hand-over; session ended), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space).",
+                "Long MySQL/MariaDB sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space), tcp_path (a spliced session whose client sent before it could be redirected — a pipelining client — so warden relayed it all, in order; counted at its end).",
             ),
             &["route", "result"],
         )?;
@@ -1054,7 +1054,7 @@ impl Metrics {
 
     /// Exports a kernel-relay route's series at zero.
     pub fn kernel_relay_declare(&self, kind: RelayKind, route: &str) {
-        for r in ["spliced", "busy", "held", "not_local"] {
+        for r in ["spliced", "busy", "not_local", "tcp_path"] {
             self.kernel_relay_family(kind)
                 .with_label_values(&[route, r]);
         }

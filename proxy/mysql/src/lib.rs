@@ -1016,8 +1016,8 @@ async fn session(
     let mut handover = Handover::guarded(RelayKind::Mysql, warden_ebpf::GUARD_MYSQL);
     let (mut outcome, rest) = match &kernel {
         Some(k) => {
-            let mut offer = |c: &Client, u: &UpstreamStream| {
-                handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics)
+            let mut offer = |c: &Client, u: &UpstreamStream, held: usize| {
+                handover.offer(k, c.plain_tcp(), u, held, &route.name, &shared.metrics)
             };
             let h = relay::Handover {
                 hook: &mut offer,
@@ -1035,14 +1035,12 @@ async fn session(
             let freezer = shared.admission.freezer();
             let mut changes = freezer.subscribe();
             let watch = freezer.until_frozen(&who.workload, &mut changes);
-            let held = held_error(&route.name);
             // Built only now: most sessions are never spliced.
             let guard = relay::SplicedCommands::new(&route.name, &who.workload, user);
             let done = warden_core::kernel_relay::finish(
                 client,
                 stream,
                 handover,
-                &held,
                 watch,
                 |f| {
                     let mut out = Vec::new();
@@ -1144,23 +1142,6 @@ fn kernel_eligible(
         .filter(|_| matches!(upstream.stream, UpstreamStream::Plain(_)))
         .filter(|_| upstream.capabilities & caps::OPTIONAL_RESULTSET_METADATA == 0)
         .cloned()
-}
-
-/// The ERR for a client caught sending during the hand-over (1158,
-/// ER_NET_READ_ERROR's SQLSTATE 08S01: the connection is lost).
-fn held_error(route: &str) -> Vec<u8> {
-    let e = ErrPacket::new(
-        1158,
-        "08S01",
-        format!(
-            "warden: the client sent while route {route:?} handed this session to the \
-             kernel relay; reconnect (a pipelining client needs kernel_relay = false on \
-             the route)"
-        ),
-    );
-    let mut out = Vec::new();
-    put_packet(&mut out, 1, &e.encode());
-    out
 }
 
 /// `SERVER_STATUS_AUTOCOMMIT`: the status of a freshly reset session.

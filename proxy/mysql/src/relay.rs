@@ -55,7 +55,9 @@ pub const SPLICED: &str = "handed to the kernel relay";
 /// A session's hand-over hook and what its replies look like.
 pub struct Handover<'a, C, U> {
     /// Offered the two streams at a quiet moment (see the module docs).
-    pub hook: &'a mut (dyn FnMut(&C, &U) -> Handed + Send),
+    /// Gets both streams and the length of the answer it holds back
+    /// (written to the client once it says `Spliced`).
+    pub hook: &'a mut (dyn FnMut(&C, &U, usize) -> Handed + Send),
     pub framing: Framing,
 }
 
@@ -719,7 +721,7 @@ where
                         && commands.at_boundary()
                         && !quit;
                     if let (true, Some(h)) = (quiet, hook.as_mut()) {
-                        match h(&client, &upstream) {
+                        match h(&client, &upstream, ubuf.cap - ubuf.pos) {
                             Handed::Spliced => return Poll::Ready(End::Spliced),
                             Handed::Later => {}
                             Handed::Never => {
@@ -1310,14 +1312,17 @@ mod tests {
         let offers = std::sync::Arc::new(AtomicU32::new(0));
         let seen = offers.clone();
         let task = tokio::spawn(async move {
-            let mut hook = move |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream| {
-                // Spliced at the second offer.
-                if seen.fetch_add(1, SeqCst) == 0 {
-                    Handed::Later
-                } else {
-                    Handed::Spliced
-                }
-            };
+            let mut hook =
+                move |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream, held: usize| {
+                    // The held answer is offered with its length.
+                    assert!(held > 0);
+                    // Spliced at the second offer.
+                    if seen.fetch_add(1, SeqCst) == 0 {
+                        Handed::Later
+                    } else {
+                        Handed::Spliced
+                    }
+                };
             let h = Handover {
                 hook: &mut hook,
                 framing: Framing {

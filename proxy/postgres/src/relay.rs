@@ -45,7 +45,9 @@ pub const HANDOVER_AFTER: u64 = 32;
 pub use warden_core::kernel_relay::Handed;
 
 /// Offered the two streams at a quiet moment (see the module docs).
-pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U) -> Handed + Send);
+/// The hook gets both streams and the length of the reply it holds back
+/// (written to the client once the hook says `Spliced`).
+pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U, usize) -> Handed + Send);
 
 /// Where a byte stream stands relative to its message boundaries
 /// (`Byte1 tag, Int32 length counting itself, body`).
@@ -433,7 +435,7 @@ where
                     && c2u.counted == u2c.counted;
                 if quiet {
                     if let Some(hook) = handover.as_mut() {
-                        match hook(client, upstream) {
+                        match hook(client, upstream, u2c.cap - u2c.pos) {
                             Handed::Spliced => u2c.finish = true,
                             Handed::Later => {}
                             Handed::Never => handover = None,
@@ -635,7 +637,9 @@ mod tests {
         let offers = Arc::new(AtomicU64::new(0));
         let seen = offers.clone();
         let task = tokio::spawn(async move {
-            let mut hook = |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream| {
+            let mut hook = |_: &tokio::io::DuplexStream, _: &tokio::io::DuplexStream, held| {
+                // The held reply: the DataRow and the ReadyForQuery.
+                assert_eq!(held, 18);
                 // The second offer is taken.
                 if seen.fetch_add(1, Ordering::SeqCst) == 0 {
                     Handed::Later

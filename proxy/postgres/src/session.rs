@@ -737,8 +737,8 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         .cloned();
     let mut handover = kernel::Handover::new(warden_core::metrics::RelayKind::Postgres);
     let relay = async {
-        let mut offer = |c: &S, u: &upstream::UpstreamStream| match &kernel_relay {
-            Some(k) => handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics),
+        let mut offer = |c: &S, u: &upstream::UpstreamStream, held: usize| match &kernel_relay {
+            Some(k) => handover.offer(k, c.plain_tcp(), u, held, &route.name, &shared.metrics),
             None => relay::Handed::Never,
         };
         let hook: Option<relay::Handover<'_, S, upstream::UpstreamStream>> =
@@ -762,8 +762,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
                 .admission
                 .freezer()
                 .until_frozen(&who.workload, &mut freezes2);
-            closed_by_freeze =
-                kernel::finish(client, stream, handover, e, &route.name, frozen).await;
+            closed_by_freeze = kernel::finish(client, stream, handover, e, frozen).await;
             None
         }
         None => {

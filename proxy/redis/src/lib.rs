@@ -628,8 +628,8 @@ async fn session(
     let relayed = async {
         match &kernel {
             Some(k) => {
-                let mut offer = |c: &&mut Client, u: &&mut UpstreamStream| {
-                    handover.offer(k, c.plain_tcp(), u, &route.name, &shared.metrics)
+                let mut offer = |c: &&mut Client, u: &&mut UpstreamStream, held: usize| {
+                    handover.offer(k, c.plain_tcp(), u, held, &route.name, &shared.metrics)
                 };
                 relay::relay_with(&mut client, &mut conn.stream, &ctx, Some(&mut offer)).await
             }
@@ -653,12 +653,10 @@ async fn session(
             .admission
             .freezer()
             .until_frozen(&who.workload, &mut freezes_spliced);
-        let held = held_error(&route.name);
         let done = warden_core::kernel_relay::finish(
             client,
             conn.stream,
             handover,
-            &held,
             watch,
             frozen_error,
             // Built only now (it holds a copy of the password): most
@@ -755,18 +753,6 @@ fn kernel_eligible(
 /// The error a frozen workload's open session ends with.
 fn frozen_error(f: &warden_core::freeze::FreezeEntry) -> Vec<u8> {
     error_reply("NOPERM", &warden_core::freeze::frozen_message(f))
-}
-
-/// The error for a client caught sending during the hand-over.
-fn held_error(route: &str) -> Vec<u8> {
-    error_reply(
-        "ERR",
-        &format!(
-            "warden: the client sent while route {route:?} handed this session to the \
-             kernel relay; reconnect (a pipelining client needs kernel_relay = false on \
-             the route)"
-        ),
-    )
 }
 
 #[allow(clippy::too_many_arguments)]

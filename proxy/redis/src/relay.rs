@@ -56,7 +56,9 @@ pub use warden_core::kernel_relay::Handed;
 pub const HANDOVER_AFTER: u64 = 32;
 
 /// Offered the two streams at a quiet moment (see the module docs).
-pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U) -> Handed + Send);
+/// The hook gets both streams and the length of the reply it holds back
+/// (written to the client once the hook says `Spliced`).
+pub type Handover<'a, C, U> = &'a mut (dyn FnMut(&C, &U, usize) -> Handed + Send);
 
 /// What the client gets for one command, in command order.
 #[derive(Debug)]
@@ -272,14 +274,14 @@ where
     };
     let (c, u) = (&client, &upstream);
     let mut offer = handover.map(|hook| {
-        move || -> Handed {
+        move |held: usize| -> Handed {
             let (c, u) = (lock(c), lock(u));
-            hook(&c, &u)
+            hook(&c, &u, held)
         }
     });
     let offer = offer
         .as_mut()
-        .map(|o| o as &mut (dyn FnMut() -> Handed + Send));
+        .map(|o| o as &mut (dyn FnMut(usize) -> Handed + Send));
     let (tx, rx) = unbounded_channel();
     let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let client_left = tokio::sync::Notify::new();
@@ -561,7 +563,7 @@ async fn upstream_to_client<R, W>(
     down: &AtomicU64,
     client_left: &tokio::sync::Notify,
     quiet: &Quiet,
-    mut offer: Option<&mut (dyn FnMut() -> Handed + Send)>,
+    mut offer: Option<&mut (dyn FnMut(usize) -> Handed + Send)>,
 ) -> Ended
 where
     R: AsyncRead + Unpin,
@@ -640,7 +642,7 @@ where
                             if quiet.never.load(Relaxed) {
                                 offer = None;
                             } else if quiet_now {
-                                match hook() {
+                                match hook(out.len()) {
                                     Handed::Spliced => {
                                         quiet.spliced.store(true, Relaxed);
                                         spliced = true;

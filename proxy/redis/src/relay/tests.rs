@@ -276,7 +276,9 @@ fn start_offering(
             user: "",
             password: b"s3cret",
         };
-        let mut hook = |_: &&mut DuplexStream, _: &DuplexStream| {
+        let mut hook = |_: &&mut DuplexStream, _: &DuplexStream, held: usize| {
+            // The reply held back for the hand-over is never empty.
+            assert!(held > 0);
             let i = counted.fetch_add(1, Ordering::SeqCst) as usize;
             answers.get(i).copied().unwrap_or(Handed::Later)
         };
