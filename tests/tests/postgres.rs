@@ -251,6 +251,41 @@ fn the_client_side_of_the_stream_never_carries_the_password() {
     assert!(warden_tests::contains_bytes(&seen, b"app"));
     assert!(!warden_tests::contains_bytes(&seen, PASSWORD.as_bytes()));
     drop(c);
+    // A client that does not wait for the greeting: its query, in the same
+    // write as the startup packet, is answered after it (as PostgreSQL
+    // would), not dropped.
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let early = [
+        startup_bytes(&[("user", "x"), ("database", "app")]),
+        msg.clone(),
+    ]
+    .concat();
+    c.write_all(&early).unwrap();
+    // The greeting and the answer: two ReadyForQuery messages (they may
+    // arrive in one read).
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ready_count = |all: &[u8]| {
+        let (mut i, mut z) = (0, 0);
+        while i + 5 <= all.len() {
+            let len = u32::from_be_bytes(all[i + 1..i + 5].try_into().unwrap()) as usize;
+            if i + 1 + len > all.len() {
+                break;
+            }
+            z += usize::from(all[i] == b'Z');
+            i += 1 + len;
+        }
+        z
+    };
+    while ready_count(&seen) < 2 {
+        let n = c.read(&mut buf).expect("the early query is answered");
+        assert!(n > 0, "warden closed the connection");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(seen.first(), Some(&b'R'), "AuthenticationOk first");
+    assert!(warden_tests::contains_bytes(&seen, b"PostgreSQL"));
+    drop(c);
     let log = std::fs::read_to_string(&s._daemon.log).unwrap();
     assert!(!log.contains(PASSWORD));
 }

@@ -203,6 +203,9 @@ struct Dir {
     pause_at_ready: bool,
     /// Stop after writing the buffered bytes (the session was spliced).
     finish: bool,
+    /// Bytes to take before reading the stream (the client's, read with
+    /// its startup packet).
+    seed: Vec<u8>,
 }
 
 thread_local! {
@@ -247,6 +250,7 @@ impl Dir {
             state: StateTracker::default(),
             pause_at_ready: false,
             finish: false,
+            seed: Vec::new(),
         }
     }
 }
@@ -280,19 +284,26 @@ where
 {
     loop {
         if d.pos == d.cap && !d.eof {
-            let mut rb = ReadBuf::new(&mut d.buf);
-            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    if d.need_flush {
-                        ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Failure::Writer)?;
-                        d.need_flush = false;
+            let n = if d.seed.is_empty() {
+                let mut rb = ReadBuf::new(&mut d.buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        if d.need_flush {
+                            ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(Failure::Writer)?;
+                            d.need_flush = false;
+                        }
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Reader(e))),
+                    Poll::Ready(Ok(())) => {}
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Reader(e))),
-                Poll::Ready(Ok(())) => {}
-            }
-            let n = rb.filled().len();
+                rb.filled().len()
+            } else {
+                let n = d.seed.len().min(d.buf.len());
+                d.buf[..n].copy_from_slice(&d.seed[..n]);
+                d.seed.drain(..n);
+                n
+            };
             d.pos = 0;
             d.cap = n;
             if n == 0 {
@@ -379,11 +390,14 @@ enum Outcome {
 }
 
 /// Writes `greeting` to the client, then relays until one side ends or
-/// `handover` splices the session (see the module docs).
+/// `handover` splices the session (see the module docs). `pending` holds
+/// client bytes read before the relay (sent right after the startup
+/// packet): they go upstream first, walked like any others.
 pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
     greeting: &[u8],
+    pending: &[u8],
     mut handover: Option<Handover<'_, C, U>>,
 ) -> RelayEnd
 where
@@ -410,6 +424,7 @@ where
         return end;
     }
     let mut c2u = Dir::new();
+    c2u.seed.extend_from_slice(pending);
     let mut u2c = Dir::new();
     let mut terminated = false;
     let mut never = false;
@@ -549,12 +564,47 @@ mod tests {
         assert_eq!(f.finish_message(&m[3..]), Some(m.len() - 3));
     }
 
+    /// Bytes the client sent with its startup packet go upstream first, in
+    /// order with what it sends later, and are walked (counted) like them.
+    #[tokio::test]
+    async fn bytes_sent_with_the_startup_packet_go_first() {
+        let (mut client, mut client_far) = tokio::io::duplex(1024);
+        let (mut up, mut up_far) = tokio::io::duplex(1024);
+        let early = msg(b'Q', b"select 1\0");
+        let second = msg(b'Q', b"select 2\0");
+        // The first query whole, the second cut after its first 8 bytes.
+        let seed = [&early[..], &second[..8]].concat();
+        let task =
+            tokio::spawn(
+                async move { relay(&mut client_far, &mut up_far, b"hi", &seed, None).await },
+            );
+        let mut greet = [0u8; 2];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut greet)
+            .await
+            .unwrap();
+        // The rest of the second query, then a Terminate.
+        let late = [&second[8..], &msg(b'X', b"")[..]].concat();
+        client.write_all(&late).await.unwrap();
+        let want = [early, second].concat();
+        let mut seen = vec![0u8; want.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut up, &mut seen)
+            .await
+            .unwrap();
+        assert_eq!(seen, want);
+        drop(up);
+        let end = task.await.unwrap();
+        assert!(end.terminated);
+        assert_eq!(end.up, want.len() as u64);
+    }
+
     #[tokio::test]
     async fn terminate_is_kept_back_and_requests_are_counted() {
         let (mut client, mut client_far) = tokio::io::duplex(1024);
         let (mut up, mut up_far) = tokio::io::duplex(1024);
         let task =
-            tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"hi", None).await });
+            tokio::spawn(
+                async move { relay(&mut client_far, &mut up_far, b"hi", b"", None).await },
+            );
         let mut greet = [0u8; 2];
         tokio::io::AsyncReadExt::read_exact(&mut client, &mut greet)
             .await
@@ -588,7 +638,9 @@ mod tests {
             let (mut client, mut client_far) = tokio::io::duplex(1024);
             let (mut up, mut up_far) = tokio::io::duplex(1024);
             let task =
-                tokio::spawn(async move { relay(&mut client_far, &mut up_far, b"", None).await });
+                tokio::spawn(
+                    async move { relay(&mut client_far, &mut up_far, b"", b"", None).await },
+                );
             let q = msg(b'Q', b"begin\0");
             client.write_all(&q).await.unwrap();
             let mut seen = vec![0u8; q.len()];
@@ -647,7 +699,7 @@ mod tests {
                     Handed::Spliced
                 }
             };
-            relay(&mut client_far, &mut up_far, b"", Some(&mut hook)).await
+            relay(&mut client_far, &mut up_far, b"", b"", Some(&mut hook)).await
         });
         let q = msg(b'Q', b"select 1\0");
         let mut reply = msg(b'D', b"\0\x01\0\0\0\x011");

@@ -88,7 +88,10 @@ async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, r: &Refusal) {
 /// forwarded and ends the connection (`Ok(None)`).
 /// What the client opened with.
 enum Opening {
-    Startup(StartupMessage),
+    /// The startup message, and the bytes the client sent after it in the
+    /// same reads (a client that did not wait for the greeting): they are
+    /// relayed first, as PostgreSQL would read them.
+    Startup(StartupMessage, Vec<u8>),
     /// SSLRequest on a route that offers TLS: answer `S` and handshake.
     UpgradeTls,
 }
@@ -124,7 +127,7 @@ async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
                         forward_cancel(shared, process_id, &secret_key).await;
                         return Ok(None);
                     }
-                    StartupPacket::Startup(m) => return Ok(Some(Opening::Startup(m))),
+                    StartupPacket::Startup(m) => return Ok(Some(Opening::Startup(m, buf))),
                 }
             }
             Ok(None) => {
@@ -396,7 +399,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 's
         None => {}
         // TCP only: libpq never asks for TLS over a unix socket (nor does
         // PostgreSQL offer it there).
-        Some(Opening::Startup(_))
+        Some(Opening::Startup(..))
             if route.client_tls == ClientTls::Require && matches!(peer, Peer::Tcp { .. }) =>
         {
             // As PostgreSQL's `hostssl` lines refuse a plain connection.
@@ -413,7 +416,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 's
             );
             send_error(&mut client, &r).await;
         }
-        Some(Opening::Startup(m)) => serve(client, m, peer, route, shared, started).await,
+        Some(Opening::Startup(m, pending)) => {
+            serve(client, m, pending, peer, route, shared, started).await
+        }
         Some(Opening::UpgradeTls) => {
             let Some(config) = tls_config else { return };
             // Boxed: the TLS handshake and a session over TLS would
@@ -450,8 +455,10 @@ async fn serve_tls<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 
             return;
         }
     };
-    if let Some(Opening::Startup(m)) = opening(&mut tls, &route, &shared, false, None).await {
-        serve(tls, m, peer, route, shared, started).await;
+    if let Some(Opening::Startup(m, pending)) =
+        opening(&mut tls, &route, &shared, false, None).await
+    {
+        serve(tls, m, pending, peer, route, shared, started).await;
     }
 }
 
@@ -459,6 +466,7 @@ async fn serve_tls<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 
 async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'static>(
     mut client: S,
     startup: StartupMessage,
+    pending: Vec<u8>,
     peer: Peer,
     route: Arc<PgRoute>,
     shared: Arc<PgShared>,
@@ -743,7 +751,7 @@ async fn serve<S: AsyncRead + AsyncWrite + ClientTransport + Unpin + Send + 'sta
         };
         let hook: Option<relay::Handover<'_, S, upstream::UpstreamStream>> =
             kernel_relay.is_some().then_some(&mut offer);
-        relay::relay(&mut client, &mut stream, &greeting, hook).await
+        relay::relay(&mut client, &mut stream, &greeting, &pending, hook).await
     };
     let mut freezes2 = freezes.clone();
     let frozen = shared
