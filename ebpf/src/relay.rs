@@ -205,15 +205,21 @@ impl Joining {
     }
 }
 
-/// Bytes in a socket's receive queue not yet read (`SIOCINQ`).
-fn queued(fd: BorrowedFd<'_>) -> io::Result<usize> {
+/// A socket queue's byte count: `FIONREAD` (`SIOCINQ`, received and not
+/// yet read) or `TIOCOUTQ` (`SIOCOUTQ`, written and not yet acknowledged).
+fn queue_bytes(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer; `fd` is live.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    // SAFETY: both requests write one c_int through the pointer; `fd` is live.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(usize::try_from(n).unwrap_or(0))
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Bytes in a socket's receive queue not yet read.
+fn queued(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    queue_bytes(fd, libc::FIONREAD)
 }
 
 /// `(bytes_received, bytes_acked)` of one of warden's TCP sockets
@@ -242,15 +248,9 @@ fn tcp_totals(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((info.tcpi_bytes_received, info.tcpi_bytes_acked))
 }
 
-/// Bytes written to `fd` that its peer has not acknowledged (`SIOCOUTQ`).
+/// Bytes written to `fd` that its peer has not acknowledged.
 fn unacked(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int; `fd` is live.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::try_from(n).unwrap_or(0))
+    queue_bytes(fd, libc::TIOCOUTQ)
 }
 
 /// Why [`KernelRelay::splice`] did not splice.
