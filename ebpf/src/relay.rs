@@ -540,7 +540,7 @@ impl Spliced {
     /// Which directions take the TCP path now (over the window, stopped by
     /// a guard, or a failed splice check): (client → upstream, upstream →
     /// client).
-    pub fn over_window(&self) -> (bool, bool) {
+    pub fn tcp_path(&self) -> (bool, bool) {
         let Ok(peers) = self.relay.peers.lock() else {
             return (false, false);
         };

@@ -201,7 +201,7 @@ async fn spliced_far_ends_exchange_bytes_and_unsplicing_restores_tcp() {
         .map(|i| format!("reply {i}!").len() as u64)
         .sum();
     assert_eq!(spliced.bytes(), (up, down));
-    assert_eq!(spliced.over_window(), (false, false));
+    assert_eq!(spliced.tcp_path(), (false, false));
 
     // Unspliced: the client's bytes reach the proxy's socket again.
     drop(spliced);
@@ -276,7 +276,7 @@ async fn past_the_window_a_direction_takes_the_tcp_path_and_the_sender_waits() {
         stalled_at < 32 << 20,
         "{stalled_at} bytes went out with nobody reading"
     );
-    assert_eq!(spliced.over_window(), (false, true));
+    assert_eq!(spliced.tcp_path(), (false, true));
     let direct = spliced.bytes().1;
     assert!(direct <= 4 << 20, "{direct} bytes queued past the window");
     let mut got = vec![0u8; TOTAL];
@@ -347,7 +347,7 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     assert_eq!(read_n(&mut l.server, query.len()), query);
     let rest = [change_user.as_slice(), query.as_slice()].concat();
     assert_eq!(read_exact(&l.w1, rest.len()).await, rest);
-    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(spliced.tcp_path(), (true, false));
     assert_eq!(spliced.client_position(), ClientPosition::default());
     assert_eq!(spliced.bytes().0, direct + query.len() as u64);
     // From now on the whole direction takes the TCP path.
@@ -388,7 +388,7 @@ async fn a_mysql_client_direction_hands_change_user_to_the_proxy() {
     let writer = std::thread::spawn(move || client.write_all(&sent).unwrap());
     assert_eq!(read_exact(&l.w1, big.len()).await, big);
     writer.join().unwrap();
-    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(spliced.tcp_path(), (true, false));
     assert_eq!(spliced.bytes().0, query.len() as u64);
 }
 
@@ -436,7 +436,7 @@ async fn a_redis_client_direction_hands_auth_to_the_proxy() {
     assert_eq!(read_n(&mut l.server, get.len()), get);
     let rest = [auth.clone(), get.clone()].concat();
     assert_eq!(read_exact(&l.w1, rest.len()).await, rest);
-    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(spliced.tcp_path(), (true, false));
     assert_eq!(spliced.client_position(), ClientPosition::default());
     drop(spliced);
 
@@ -489,7 +489,7 @@ async fn a_redis_client_direction_hands_auth_to_the_proxy() {
     assert_eq!(read_exact(&l.w1, big.len()).await, big);
     writer.join().unwrap();
     assert_eq!(read_n(&mut l.server, head.len()), head);
-    assert_eq!(spliced.over_window(), (true, false));
+    assert_eq!(spliced.tcp_path(), (true, false));
     assert_eq!(
         spliced.client_position(),
         ClientPosition {
@@ -530,7 +530,7 @@ async fn a_client_that_sends_before_reading_the_held_reply_keeps_the_tcp_path() 
     l.server.write_all(b"+PONG\r\n$-1\r\n").unwrap();
     assert_eq!(read_exact(&l.w2, 12).await, b"+PONG\r\n$-1\r\n");
     assert_eq!(spliced.bytes(), (0, 0));
-    assert_eq!(spliced.over_window(), (true, true));
+    assert_eq!(spliced.tcp_path(), (true, true));
     assert_eq!(spliced.client_position(), ClientPosition::default());
 }
 
@@ -557,5 +557,5 @@ async fn a_server_that_sends_first_keeps_the_tcp_path() {
     l.server.write_all(b"reply").unwrap();
     assert_eq!(read_exact(&l.w2, 5).await, b"reply");
     assert_eq!(spliced.bytes(), (5, 0));
-    assert_eq!(spliced.over_window(), (false, true));
+    assert_eq!(spliced.tcp_path(), (false, true));
 }
