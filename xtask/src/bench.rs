@@ -433,6 +433,65 @@ fn start_bench_warden(
     Ok(BenchWarden { child, config, log })
 }
 
+/// Starts HAProxy in TCP mode (`-db`: in the foreground) forwarding
+/// `127.0.0.1:listen` to `127.0.0.1:upstream`: one user-space proxy hop that
+/// parses nothing, the anchor the database benches put beside warden's
+/// user-space relay. Its configuration and log go in `dir`; the caller
+/// stops the child.
+fn start_haproxy(
+    dir: &std::path::Path,
+    listen: u16,
+    upstream: u16,
+) -> anyhow::Result<std::process::Child> {
+    use anyhow::Context as _;
+    use std::process::{Command, Stdio};
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        [
+            "global".to_string(),
+            "  maxconn 4096".into(),
+            "defaults".into(),
+            "  mode tcp".into(),
+            "  timeout connect 5s".into(),
+            "  timeout client 120s".into(),
+            "  timeout server 120s".into(),
+            "listen bench".into(),
+            format!("  bind 127.0.0.1:{listen}"),
+            format!("  server upstream 127.0.0.1:{upstream}"),
+            String::new(),
+        ]
+        .join("\n"),
+    )?;
+    let log = std::fs::File::create(dir.join("haproxy.log"))?;
+    let mut c = Command::new("haproxy");
+    c.arg("-db")
+        .arg("-f")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    println!("$ {}", crate::cmd::display(&c));
+    let child = c.spawn().context("could not start haproxy")?;
+    wait_listening(listen, "haproxy", dir)?;
+    Ok(child)
+}
+
+/// Waits up to 10 s until something accepts on `127.0.0.1:port`.
+fn wait_listening(port: u16, name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{name} did not listen on port {port}; its log is in {}",
+                dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// The effective uid, from /proc (no unsafe `geteuid`).
 fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

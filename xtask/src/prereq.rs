@@ -173,6 +173,19 @@ pub const REDIS_BENCH_REQUIREMENTS: &[Requirement] = &[
         why: "the Redis bench checks the route with redis-cli",
         location: Location::Path,
     },
+    Requirement {
+        binary: "nutcracker",
+        package: "nutcracker",
+        why: "the Redis bench measures twemproxy (nutcracker), a Redis proxy, as an anchor",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "haproxy",
+        package: "haproxy",
+        why:
+            "the Redis bench measures HAProxy in TCP mode (one proxy hop, no parsing) as an anchor",
+        location: Location::Path,
+    },
 ];
 
 pub const MYSQL_BENCH_REQUIREMENTS: &[Requirement] = &[
@@ -186,6 +199,13 @@ pub const MYSQL_BENCH_REQUIREMENTS: &[Requirement] = &[
         binary: "mariadb",
         package: "mariadb-client",
         why: "the MySQL bench creates its user with the mariadb CLI",
+        location: Location::Path,
+    },
+    Requirement {
+        binary: "haproxy",
+        package: "haproxy",
+        why:
+            "the MySQL bench measures HAProxy in TCP mode (one proxy hop, no parsing) as an anchor",
         location: Location::Path,
     },
 ];

@@ -7,7 +7,8 @@
 //! the server and through each route, interleaved in each round, on
 //! persistent connections and with a new connection per query. The median
 //! over rounds is reported with p50/p99 and each route's ratio to direct
-//! beside issue 23's targets (persistent ≥ 0.9× direct in user space and
+//! (HAProxy in TCP mode runs in the same rounds as an anchor: one proxy hop
+//! that parses nothing, the client logging in through it) beside issue 23's targets (persistent ≥ 0.9× direct in user space and
 //! ≥ 1.0× with the kernel relay; a new connection
 //! per query ≥ 1.0×, where warden's pool replaces the server's login — and,
 //! the session being state-free, needs no reset). Every process is stopped when [`Lab`] is dropped.
@@ -65,6 +66,8 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
     let password = random_password()?;
     lab.start_mariadb(&password)?;
     lab.start_warden(&release.join("warden"), &password)?;
+    let haproxy = super::start_haproxy(&lab.dir, lab.haproxy_port, lab.db_port)?;
+    lab.children.push(("haproxy", haproxy));
     lab.wait_warden(&client)?;
     println!(
         "mysql_bench: {CONCURRENCY} clients, SELECT 1, {}s per run, {} interleaved round(s)",
@@ -78,9 +81,10 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
         ("direct", lab.db_port, password.as_str()),
         ("warden", lab.warden_port, ""),
         ("warden-us", lab.warden_us_port, ""),
+        ("haproxy", lab.haproxy_port, password.as_str()),
     ];
     for (mode, target) in [("persistent", 0.9_f64), ("reconnect", 1.0)] {
-        let mut got: [Vec<Sample>; 3] = Default::default();
+        let mut got: [Vec<Sample>; 4] = Default::default();
         for round in 1..=options.rounds {
             for (t, (name, port, pw)) in targets.iter().enumerate() {
                 let s = lab.client(&client, *port, pw, options.seconds, mode)?;
@@ -98,10 +102,20 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
         };
         let d = med(&got[0]);
         for (t, (name, _, _)) in targets.iter().enumerate().skip(1) {
-            // Issue 23: 1.0x direct with the kernel relay (the default).
-            let target = if t == 1 { target.max(1.0) } else { target };
             let w = med(&got[t]);
             let ratio = if d.qps > 0.0 { w.qps / d.qps } else { 0.0 };
+            if *name == "haproxy" {
+                let us = med(&got[2]).qps;
+                println!(
+                    "  {mode}: median haproxy {:.0} q/s (p99 {:.3} ms): haproxy / direct {ratio:.2}x; warden-us / haproxy {:.2}x",
+                    w.qps,
+                    w.p99_ms,
+                    if w.qps > 0.0 { us / w.qps } else { 0.0 }
+                );
+                continue;
+            }
+            // Issue 23: 1.0x direct with the kernel relay (the default).
+            let target = if t == 1 { target.max(1.0) } else { target };
             println!(
                 "  {mode}: median direct {:.0} q/s (p99 {:.3} ms), {name} {:.0} q/s (p99 {:.3} ms): {name} / direct {ratio:.2}x ({} target {target:.2}x{})",
                 d.qps,
@@ -127,6 +141,7 @@ struct Lab {
     warden_port: u16,
     /// The same route with `kernel_relay = false`.
     warden_us_port: u16,
+    haproxy_port: u16,
     children: Vec<(&'static str, Child)>,
 }
 
@@ -160,6 +175,7 @@ impl Lab {
             db_port: free_port()?,
             warden_port: free_port()?,
             warden_us_port: free_port()?,
+            haproxy_port: free_port()?,
             children: Vec::new(),
         })
     }

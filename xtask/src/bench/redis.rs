@@ -6,14 +6,17 @@
 //! (logging in with `AUTH` as an application does) and through each route
 //! (no password: warden attests the client and logs in upstream),
 //! interleaved in each round, three ways: persistent connections, 16
-//! commands pipelined, and a new connection per request (`-k 0`). The median
+//! commands pipelined, and a new connection per request (`-k 0`). Two
+//! anchors run in the same rounds: twemproxy (nutcracker, a Redis proxy that
+//! parses every command, with `redis_auth`) and HAProxy in TCP mode (one
+//! proxy hop that parses nothing; the client logs in through it). The median
 //! over rounds is reported beside issue 23's targets: persistent ≥ 0.9×
 //! direct in user space (≥ 1.0× with the kernel relay) and at most 0.3 ms added to p99.
 //! Every process is stopped when [`Lab`] is dropped.
 //!
-//! The server's `bench` user takes any password (`nopass`), so the direct
-//! client's `AUTH` costs what a real one does while no secret ever appears
-//! in `redis-benchmark`'s argv.
+//! The server's `bench` and `default` users take any password (`nopass`),
+//! so the direct client's `AUTH` (and twemproxy's) costs what a real one
+//! does while no secret ever appears in `redis-benchmark`'s argv.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -94,24 +97,30 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
     let mut lab = Lab::create()?;
     lab.start_redis()?;
     lab.start_warden(&warden)?;
+    lab.start_anchors()?;
     lab.wait_ready()?;
     println!(
         "redis-benchmark -t get,set -c {CLIENTS}, {} interleaved round(s); direct logs in with AUTH, warden injects it",
         options.rounds
     );
     // warden: the route as configured by default (kernel relay);
-    // warden-us: the same route with `kernel_relay = false`.
-    let targets = [
-        ("direct", lab.redis_port, true),
-        ("warden", lab.warden_port, false),
-        ("warden-us", lab.warden_us_port, false),
+    // warden-us: the same route with `kernel_relay = false`. The client's
+    // login: AUTH as an ACL user (direct, and through HAProxy, which passes
+    // it on), AUTH with twemproxy's `redis_auth`, none through warden.
+    const ACL_LOGIN: &[&str] = &["--user", USER, "-a", "x"];
+    let targets: [(&str, u16, &[&str]); 5] = [
+        ("direct", lab.redis_port, ACL_LOGIN),
+        ("warden", lab.warden_port, &[]),
+        ("warden-us", lab.warden_us_port, &[]),
+        ("twemproxy", lab.twemproxy_port, &["-a", "x"]),
+        ("haproxy", lab.haproxy_port, ACL_LOGIN),
     ];
     for mode in Mode::ALL {
         // [command][target] → samples
-        let mut got: [[Vec<Sample>; 3]; 2] = Default::default();
+        let mut got: [[Vec<Sample>; 5]; 2] = Default::default();
         for round in 1..=options.rounds {
-            for (t, (name, port, auth)) in targets.iter().enumerate() {
-                let samples = lab.benchmark(*port, *auth, mode, options.requests)?;
+            for (t, (name, port, login)) in targets.iter().enumerate() {
+                let samples = lab.benchmark(*port, login, mode, options.requests)?;
                 for (i, command) in ["SET", "GET"].iter().enumerate() {
                     let s = samples[i];
                     println!(
@@ -132,6 +141,7 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
                 let ratio = if d.rps > 0.0 { w.rps / d.rps } else { 0.0 };
                 let added = w.p99_ms - d.p99_ms;
                 let verdict = match mode {
+                    Mode::Persistent if t > 2 => format!("p99 added {added:+.3} ms"),
                     Mode::Persistent => format!(
                         "target >= {}x: {}; p99 added {added:+.3} ms (target <= 0.3 ms: {})",
                         if t == 1 { "1.00" } else { "0.90" },
@@ -153,6 +163,22 @@ pub fn run(repo: &Path, options: &Options) -> Result<()> {
                     w.p99_ms
                 );
             }
+            // warden's user-space relay against the anchors' one hop.
+            let us = med(&got[i][2]).rps;
+            let vs = |t: usize| {
+                let a = med(&got[i][t]).rps;
+                if a > 0.0 {
+                    us / a
+                } else {
+                    0.0
+                }
+            };
+            println!(
+                "  {:<16} {command}: warden-us / twemproxy {:.2}x, warden-us / haproxy {:.2}x",
+                mode.name(),
+                vs(3),
+                vs(4)
+            );
         }
     }
     println!(
@@ -176,6 +202,8 @@ struct Lab {
     warden_port: u16,
     /// The same route with `kernel_relay = false`.
     warden_us_port: u16,
+    twemproxy_port: u16,
+    haproxy_port: u16,
     children: Vec<(&'static str, Child)>,
 }
 
@@ -193,6 +221,8 @@ impl Lab {
             redis_port: free_port()?,
             warden_port: free_port()?,
             warden_us_port: free_port()?,
+            twemproxy_port: free_port()?,
+            haproxy_port: free_port()?,
             children: Vec::new(),
         })
     }
@@ -203,7 +233,8 @@ impl Lab {
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {dir}\nsave \"\"\nappendonly no\n\
-                 daemonize no\nlogfile {dir}/redis.log\nuser default off\n\
+                 daemonize no\nlogfile {dir}/redis.log\n\
+                 user default on nopass ~* &* +@all\n\
                  user {USER} on nopass ~* &* +@all\n",
                 port = self.redis_port,
                 dir = self.dir.display(),
@@ -250,6 +281,41 @@ impl Lab {
         Ok(())
     }
 
+    /// The anchors: twemproxy (`redis_auth`: it answers the client's AUTH
+    /// itself and logs in upstream with it, as the server's `default` user)
+    /// and HAProxy in TCP mode.
+    fn start_anchors(&mut self) -> Result<()> {
+        let conf = self.dir.join("nutcracker.yml");
+        std::fs::write(
+            &conf,
+            [
+                "bench:".to_string(),
+                format!("  listen: 127.0.0.1:{}", self.twemproxy_port),
+                "  redis: true".into(),
+                "  redis_auth: x".into(),
+                "  preconnect: true".into(),
+                "  servers:".into(),
+                format!("    - 127.0.0.1:{}:1", self.redis_port),
+                String::new(),
+            ]
+            .join("\n"),
+        )?;
+        let mut c = Command::new("nutcracker");
+        c.arg("-c")
+            .arg(&conf)
+            .arg("-o")
+            .arg(self.dir.join("nutcracker.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        println!("$ {}", cmd::display(&c));
+        self.children
+            .push(("nutcracker", c.spawn().context("nutcracker")?));
+        super::wait_listening(self.twemproxy_port, "nutcracker", &self.dir)?;
+        let haproxy = super::start_haproxy(&self.dir, self.haproxy_port, self.redis_port)?;
+        self.children.push(("haproxy", haproxy));
+        Ok(())
+    }
+
     /// Waits until a PING through warden gets PONG.
     fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -275,15 +341,19 @@ impl Lab {
     }
 
     /// One redis-benchmark run of SET and GET: their samples, in that order.
-    fn benchmark(&self, port: u16, auth: bool, mode: Mode, requests: u64) -> Result<[Sample; 2]> {
+    fn benchmark(
+        &self,
+        port: u16,
+        login: &[&str],
+        mode: Mode,
+        requests: u64,
+    ) -> Result<[Sample; 2]> {
         let mut c = Command::new("redis-benchmark");
         c.args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(["-c", &CLIENTS.to_string(), "-t", "set,get", "--csv"])
             .args(mode.args(requests));
-        if auth {
-            // `nopass`: any password logs in; the AUTH round trip is real.
-            c.args(["--user", USER, "-a", "x"]);
-        }
+        // `nopass`: any password logs in; the AUTH round trip is real.
+        c.args(login);
         let out = c.output().context("redis-benchmark")?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
