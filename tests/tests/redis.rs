@@ -639,6 +639,46 @@ ebpf = "off"
     assert!(after != fresh && after != id, "{after} reused");
     wait_returned(&warden, "pooled", 11.0);
     assert_eq!(ask(pooled, &[b"CLIENT", b"ID"], b"\r\n"), after);
+    wait_returned(&warden, "pooled", 12.0);
+
+    // pool.reset = "auto" (the default): a session of data commands only
+    // hands its connection on as it is — the server runs no RESET and the
+    // pool counts a skipped reset — while one that left a MULTI open (or
+    // ran anything else, as above) is reset.
+    let resets = || {
+        let stats = server.cli_as("app", APP_PW, &["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_reset:calls="))
+            .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let skipped = "warden_pg_pool_total{result=\"reset_skipped\",route=\"pooled\"}";
+    let (resets_before, skipped_before) = (resets(), metric(&warden, skipped));
+    assert!(resets_before >= 10, "{resets_before}");
+    assert_eq!(ask(pooled, &[b"SET", b"k2", b"v2"], b"\r\n"), "+OK\r\n");
+    wait_returned(&warden, "pooled", 13.0);
+    assert_eq!(ask(pooled, &[b"GET", b"k2"], b"v2\r\n"), "$2\r\nv2\r\n");
+    wait_returned(&warden, "pooled", 14.0);
+    assert_eq!(
+        (resets(), metric(&warden, skipped)),
+        (resets_before, skipped_before + 2.0)
+    );
+    let mut c = Raw::connect(pooled);
+    c.send(b"MULTI\r\nSET a b\r\n");
+    assert_eq!(text(&c.read_until(b"+QUEUED\r\n")), "+OK\r\n+QUEUED\r\n");
+    drop(c);
+    wait_returned(&warden, "pooled", 15.0);
+    assert_eq!(
+        ask(pooled, &[b"EXEC"], b"\r\n"),
+        "-ERR EXEC without MULTI\r\n"
+    );
+    wait_returned(&warden, "pooled", 16.0);
+    assert_eq!(
+        (resets(), metric(&warden, skipped)),
+        (resets_before + 1, skipped_before + 3.0)
+    );
+    assert_eq!(ask(pooled, &[b"CLIENT", b"ID"], b"\r\n"), after);
 
     // pool = false: every client logs in anew.
     let a = ask(unpooled, &[b"CLIENT", b"ID"], b"\r\n");

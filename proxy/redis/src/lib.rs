@@ -716,6 +716,7 @@ async fn session(
         };
         let left = pool::Leftover {
             unsync: outcome.unsync,
+            state_free: outcome.state_free,
         };
         shared
             .pool

@@ -18,6 +18,13 @@
 //! server older than 6.2 answers `-ERR unknown command`), a timeout, an
 //! unexpected frame, bytes after `+OK` — closes the connection instead.
 //!
+//! With `pool.reset = "auto"` (the default) a session that sent only
+//! commands that leave no state on the connection
+//! ([`crate::relay::leaves_no_state`]: data commands, `PING`, a closed
+//! `MULTI` … `EXEC`) and left no `MULTI` open is not reset at all: its
+//! connection is already as warden's login left it (counted as
+//! `reset_skipped`). `reset = "always"` resets after every session.
+//!
 //! Every pooled connection is therefore in the state of a fresh login
 //! (RESP2, database 0, no name), so the pool key is only the credential
 //! label (secret name and version): a client that wants RESP3 or another
@@ -34,7 +41,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use warden_core::config::PoolSettings;
+use warden_core::config::{PoolReset, PoolSettings};
 use warden_core::metrics::{Metrics, PoolHandles};
 use warden_core::pgwire::upstream::UpstreamStream;
 use zeroize::Zeroizing;
@@ -66,6 +73,9 @@ pub struct Leftover {
     /// Replies no longer matched commands (RESP2 pub/sub, `MONITOR`,
     /// `CLIENT REPLY`): frames of any kind may precede `+RESET`.
     pub unsync: bool,
+    /// The session left the connection as warden's login did (the relay's
+    /// [`crate::relay::Outcome::state_free`]).
+    pub state_free: bool,
 }
 
 struct Idle {
@@ -209,7 +219,9 @@ impl Pool {
     }
 
     /// Resets a connection its client left at a command boundary and keeps
-    /// it, or closes it when the reset fails.
+    /// it, or closes it when the reset fails. A state-free session on a
+    /// route with `pool.reset = "auto"` (the default) left nothing to
+    /// reset: its connection is kept as it is.
     pub async fn give_back(
         &self,
         route: &str,
@@ -219,6 +231,11 @@ impl Pool {
         login: &Login<'_>,
         left: Leftover,
     ) {
+        if left.state_free && !left.unsync && settings.reset == PoolReset::Auto {
+            self.with_route(route, |rp| rp.metrics.reset_skipped.inc());
+            self.keep(route, settings, label, conn);
+            return;
+        }
         let result =
             match tokio::time::timeout(RESET_TIMEOUT, reset(&mut conn.stream, login, left)).await {
                 Ok(r) => r,

@@ -157,6 +157,11 @@ pub struct Outcome {
     /// The session was handed to the kernel relay (both streams open;
     /// `up`/`down` count what user space relayed before).
     pub spliced: bool,
+    /// Every command the client had forwarded since its login (or its last
+    /// `RESET`) is one of [`leaves_no_state`]'s, and no MULTI was left
+    /// open: the connection is as warden's login left it, so a pool with
+    /// `reset = "auto"` may hand it on without a reset.
+    pub state_free: bool,
 }
 
 /// How the reply half ended.
@@ -283,9 +288,9 @@ where
         .as_mut()
         .map(|o| o as &mut (dyn FnMut(usize) -> Handed + Send));
     let (tx, rx) = unbounded_channel();
-    let (up, down, refused) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (tally, down) = (Tally::default(), AtomicU64::new(0));
     let client_left = tokio::sync::Notify::new();
-    let commands = client_to_upstream(cr, uw, tx, ctx, &up, &refused, &quiet);
+    let commands = client_to_upstream(cr, uw, tx, ctx, &tally, &quiet);
     let replies = upstream_to_client(ur, cw, rx, &down, &client_left, &quiet, offer);
     tokio::pin!(replies);
     // The session ends when the reply half does: the command half hands
@@ -308,14 +313,27 @@ where
         }
     };
     Outcome {
-        up: up.load(Relaxed),
+        up: tally.up.load(Relaxed),
         down: down.load(Relaxed),
-        refused_commands: refused.load(Relaxed),
+        refused_commands: tally.refused.load(Relaxed),
         how: ended.how,
         at_boundary: ended.at_boundary,
         unsync: ended.unsync,
         spliced: ended.spliced,
+        state_free: !tally.state.load(Relaxed),
     }
+}
+
+/// What the command half counts for the outcome.
+#[derive(Default)]
+struct Tally {
+    /// Bytes forwarded to the upstream.
+    up: AtomicU64,
+    /// Commands refused by the route's command list.
+    refused: AtomicU64,
+    /// The connection may hold state ([`ClientState::state`], or a MULTI
+    /// left open).
+    state: AtomicBool,
 }
 
 /// What the command half remembers about the connection.
@@ -328,6 +346,63 @@ pub(crate) struct ClientState {
     /// Ran something that rules the kernel relay out for the session (a
     /// subscribe command, MONITOR, CLIENT REPLY or TRACKING).
     no_handover: bool,
+    /// Forwarded a command that may leave state on the connection (any
+    /// but [`leaves_no_state`]'s) since the login or the last `RESET`.
+    state: bool,
+}
+
+/// Commands that change nothing about the connection itself — only data,
+/// or nothing at all — once answered: a session that sent only these (and
+/// left no MULTI open) leaves the connection as warden's login did. An
+/// allow-list: anything not named here (`SELECT`, `CLIENT`, `HELLO`,
+/// `WATCH`, `READONLY`, subscribe commands, scripts and functions — a
+/// script's `SELECT` stuck to the caller before Redis 7 — and every
+/// command added later) counts as state, and the connection is reset.
+pub fn leaves_no_state(name: &str) -> bool {
+    matches!(
+        name,
+        // connection-neutral
+        "PING" | "ECHO" | "TIME" | "DBSIZE" | "EXISTS" | "TYPE" | "TTL" | "PTTL"
+        | "EXPIRETIME" | "PEXPIRETIME" | "SCAN" | "KEYS" | "RANDOMKEY"
+        // transactions (an open MULTI is checked separately)
+        | "MULTI" | "EXEC" | "DISCARD"
+        // keys
+        | "DEL" | "UNLINK" | "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT"
+        | "PERSIST" | "RENAME" | "RENAMENX" | "TOUCH" | "COPY"
+        // strings
+        | "GET" | "SET" | "SETEX" | "PSETEX" | "SETNX" | "MGET" | "MSET" | "MSETNX"
+        | "INCR" | "INCRBY" | "INCRBYFLOAT" | "DECR" | "DECRBY" | "APPEND"
+        | "STRLEN" | "GETRANGE" | "SETRANGE" | "GETSET" | "GETDEL" | "GETEX"
+        | "SUBSTR" | "LCS"
+        // hashes
+        | "HGET" | "HSET" | "HSETNX" | "HMSET" | "HMGET" | "HGETALL" | "HDEL"
+        | "HEXISTS" | "HINCRBY" | "HINCRBYFLOAT" | "HKEYS" | "HVALS" | "HLEN"
+        | "HSTRLEN" | "HRANDFIELD" | "HSCAN"
+        // lists (a blocking one left unanswered never returns to the pool)
+        | "LPUSH" | "RPUSH" | "LPUSHX" | "RPUSHX" | "LPOP" | "RPOP" | "LLEN"
+        | "LRANGE" | "LINDEX" | "LSET" | "LINSERT" | "LREM" | "LTRIM" | "LPOS"
+        | "LMOVE" | "RPOPLPUSH" | "LMPOP" | "BLPOP" | "BRPOP" | "BLMOVE"
+        | "BRPOPLPUSH" | "BLMPOP"
+        // sets
+        | "SADD" | "SREM" | "SMEMBERS" | "SISMEMBER" | "SMISMEMBER" | "SCARD"
+        | "SPOP" | "SRANDMEMBER" | "SINTER" | "SINTERCARD" | "SUNION" | "SDIFF"
+        | "SINTERSTORE" | "SUNIONSTORE" | "SDIFFSTORE" | "SMOVE" | "SSCAN"
+        // sorted sets
+        | "ZADD" | "ZREM" | "ZSCORE" | "ZMSCORE" | "ZINCRBY" | "ZCARD" | "ZCOUNT"
+        | "ZRANGE" | "ZRANGEBYSCORE" | "ZREVRANGE" | "ZREVRANGEBYSCORE" | "ZRANK"
+        | "ZREVRANK" | "ZRANGESTORE" | "ZPOPMIN" | "ZPOPMAX" | "ZRANDMEMBER"
+        | "ZLEXCOUNT" | "ZRANGEBYLEX" | "ZREVRANGEBYLEX" | "ZREMRANGEBYRANK"
+        | "ZREMRANGEBYSCORE" | "ZREMRANGEBYLEX" | "ZSCAN" | "ZUNION" | "ZINTER"
+        | "ZDIFF" | "ZUNIONSTORE" | "ZINTERSTORE" | "ZDIFFSTORE" | "ZINTERCARD"
+        | "ZMPOP" | "BZPOPMIN" | "BZPOPMAX" | "BZMPOP"
+        // HyperLogLog, geo, bitmaps
+        | "PFADD" | "PFCOUNT" | "PFMERGE" | "GEOADD" | "GEOPOS" | "GEODIST"
+        | "GEOHASH" | "GEOSEARCH" | "GEOSEARCHSTORE" | "SETBIT" | "GETBIT"
+        | "BITCOUNT" | "BITPOS" | "BITOP" | "BITFIELD" | "BITFIELD_RO"
+        // streams (consumer groups are the server's data, not the connection's)
+        | "XADD" | "XLEN" | "XRANGE" | "XREVRANGE" | "XDEL" | "XTRIM" | "XREAD"
+        | "XREADGROUP" | "XACK" | "XPENDING" | "XCLAIM" | "XAUTOCLAIM"
+    )
 }
 
 /// Returns the upstream's write half once the client is done sending.
@@ -336,8 +411,7 @@ async fn client_to_upstream<R, W>(
     mut upstream: W,
     plan: UnboundedSender<Plan>,
     ctx: &Context<'_>,
-    up: &AtomicU64,
-    refused: &AtomicU64,
+    tally: &Tally,
     quiet: &Quiet,
 ) -> W
 where
@@ -373,10 +447,11 @@ where
                 Ok(true) => {
                     let raw = &buf[start..start + cmd.len];
                     if !cmd.args.is_empty() {
-                        let _ = handle(raw, &cmd, &mut st, &mut out, &plan, ctx, refused);
+                        let _ = handle(raw, &cmd, &mut st, &mut out, &plan, ctx, &tally.refused);
                         if st.resp3 || st.unsync || st.no_handover {
                             quiet.never.store(true, Relaxed);
                         }
+                        tally.state.store(st.state || st.in_multi, Relaxed);
                     }
                     start += cmd.len;
                 }
@@ -395,7 +470,7 @@ where
                 let _ = plan.send(Plan::Eof);
                 return upstream;
             }
-            up.fetch_add(out.len() as u64, Relaxed);
+            tally.up.fetch_add(out.len() as u64, Relaxed);
             out.clear();
         }
         if let Some(end) = ending {
@@ -430,6 +505,7 @@ fn handle(
         // logged in for it.
         "AUTH" => return plan.send(Plan::Local(b"+OK\r\n".to_vec())),
         "HELLO" => {
+            st.state = true;
             hello(raw, cmd, st, out, ctx);
             return plan.send(Plan::Relay);
         }
@@ -447,6 +523,9 @@ fn handle(
                 ctx.route, ctx.workload
             ),
         )));
+    }
+    if !leaves_no_state(&name) {
+        st.state = true;
     }
     match name.as_str() {
         "MULTI" => st.in_multi = true,

@@ -247,6 +247,79 @@ async fn the_outcome_says_whether_the_client_left_at_a_command_boundary() {
     assert!(!o.at_boundary, "{o:?}");
 }
 
+/// The outcome of a session that sends `commands` (inline, one per
+/// line) and reads `replies` before it closes.
+async fn state_free_after(commands: &'static str, replies: &'static str) -> bool {
+    let o = outcome_of(move |mut c| {
+        Box::pin(async move {
+            c.write_all(commands.as_bytes()).await.unwrap();
+            read_exact_text(&mut c, replies).await;
+        })
+    })
+    .await;
+    assert!(o.at_boundary, "{o:?}");
+    o.state_free
+}
+
+#[tokio::test]
+async fn the_outcome_says_whether_the_session_left_state_on_the_connection() {
+    // Data commands, a closed MULTI … EXEC and the client's own AUTH
+    // (answered by warden, never forwarded) leave none.
+    assert!(
+        state_free_after(
+            "PING\r\nSET k v\r\nGET k\r\nMULTI\r\nINCR n\r\nEXEC\r\nAUTH x\r\nhget h f\r\n",
+            "+PING\r\n+SET\r\n+GET\r\n+MULTI\r\n+INCR\r\n+EXEC\r\n+OK\r\n+HGET\r\n",
+        )
+        .await
+    );
+    // Anything else does, and so does a MULTI left open.
+    for (commands, replies) in [
+        ("GET k\r\nSELECT 1\r\n", "+GET\r\n+SELECT\r\n"),
+        ("CLIENT SETNAME x\r\n", "+CLIENT\r\n"),
+        ("HELLO 2\r\n", "+HELLO\r\n"),
+        ("WATCH k\r\n", "+WATCH\r\n"),
+        ("EVAL x 0\r\n", "+EVAL\r\n"),
+        ("READONLY\r\n", "+READONLY\r\n"),
+        ("MULTI\r\nSET a b\r\n", "+MULTI\r\n+SET\r\n"),
+    ] {
+        assert!(!state_free_after(commands, replies).await, "{commands:?}");
+    }
+    // RESET (with warden's login after it) puts the connection back as
+    // the login left it.
+    assert!(
+        state_free_after(
+            "SELECT 1\r\nRESET\r\nGET k\r\n",
+            "+SELECT\r\n+RESET\r\n+GET\r\n"
+        )
+        .await
+    );
+}
+
+#[test]
+fn only_known_data_commands_leave_no_state() {
+    for name in ["GET", "SET", "HSET", "ZADD", "XADD", "EXEC", "BLPOP"] {
+        assert!(leaves_no_state(name), "{name}");
+    }
+    for name in [
+        "SELECT",
+        "CLIENT",
+        "HELLO",
+        "WATCH",
+        "UNWATCH",
+        "RESET",
+        "SUBSCRIBE",
+        "MONITOR",
+        "EVAL",
+        "FCALL",
+        "READONLY",
+        "ASKING",
+        "SWAPDB",
+        "get",
+    ] {
+        assert!(!leaves_no_state(name), "{name}");
+    }
+}
+
 /// A relay to the fake upstream whose hand-over hook answers from
 /// `answers` in turn (then `Later`) and counts its offers; the task gives
 /// back warden's client side with the outcome.

@@ -194,12 +194,12 @@ impl Route {
 }
 
 config_enum! {
-    /// When a pooled PostgreSQL or MySQL connection is reset between
+    /// When a pooled PostgreSQL, MySQL or Redis connection is reset between
     /// clients (`route.pool.reset`).
     #[derive(Default)]
     PoolReset {
-        /// Only after a session that may have left state (anything but
-        /// plain `SELECT`s and transaction control; the default).
+        /// Only after a session that may have left state (the default;
+        /// each kind's docs say which sessions are state-free).
         #[default]
         Auto => "auto",
         /// After every session.
@@ -231,8 +231,7 @@ pub struct PoolSettings {
     pub max_idle: usize,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
-    /// `auto`: no reset after a state-free session (PostgreSQL and MySQL;
-    /// Redis routes always reset).
+    /// `auto`: no reset after a state-free session.
     pub reset: PoolReset,
 }
 
@@ -507,13 +506,6 @@ fn check_route_kind_keys(c: &mut Checker<'_>, k: &str, r: &Route) {
                     r.kind
                 ),
                 "remove pool from this route",
-            );
-        }
-        if r.kind == RouteKind::Redis && p.reset == PoolReset::Auto && p.reset_set {
-            c.error(
-                format!("{k}.pool.reset"),
-                "pool.reset = \"auto\" is only for PostgreSQL and MySQL routes: a Redis connection is always reset (RESET, then warden's AUTH) before another client gets it",
-                "remove reset from this route's pool",
             );
         }
         for (key, d) in [
