@@ -116,15 +116,15 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let admin_listener = admin::bind_socket(&socket, &admin_access)?;
         let workload_socket = workload_socket_path(cfg, data_dir);
         let workload_listener = bind_workload_socket(&workload_socket)?;
-        // PostgreSQL sessions run on `session_threads` single-threaded
-        // runtimes, each with its own SO_REUSEPORT listener (see
-        // `warden_postgres::shard`).
-        let pg_shards = pg::shard::Shards::start(cfg.session_threads())?;
-        let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?, pg_shards.len()).await?;
+        // PostgreSQL, MySQL and Redis sessions run on `session_threads`
+        // single-threaded runtimes, each with its own SO_REUSEPORT listener
+        // of every such route (see `warden_core::shard`).
+        let shards = warden_core::shard::Shards::start(cfg.session_threads())?;
+        let pg_listeners = pg::bind_routes(pg::PgRoute::from_config(cfg)?, shards.len()).await?;
         let http_listeners = http::bind_routes(http::HttpRoute::from_config(cfg)?).await?;
         let tls_listeners = tlsroute::bind_routes(tlsroute::TlsRoute::from_config(cfg)?).await?;
-        let redis_listeners = redis::bind_routes(redis::RedisRoute::from_config(cfg)?).await?;
-        let mysql_listeners = mysql::bind_routes(mysql::MysqlRoute::from_config(cfg)?).await?;
+        let redis_listeners = redis::bind_routes(redis::RedisRoute::from_config(cfg)?, shards.len()).await?;
+        let mysql_listeners = mysql::bind_routes(mysql::MysqlRoute::from_config(cfg)?, shards.len()).await?;
         // Every bound listener is watched by the monitor (attribution, events).
         let mut bound: Vec<(std::net::SocketAddr, String)> = pg_listeners
             .iter()
@@ -139,16 +139,12 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 .iter()
                 .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
         );
-        bound.extend(
-            redis_listeners
-                .iter()
-                .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
-        );
-        bound.extend(
-            mysql_listeners
-                .iter()
-                .map(|(r, tcp)| (tcp.local_addr().unwrap_or(r.listen), r.name.clone())),
-        );
+        // (A route's shard listeners share one address.)
+        let first_addr = |r: &std::net::SocketAddr, tcp: &[std::net::TcpListener]| {
+            tcp.first().and_then(|l| l.local_addr().ok()).unwrap_or(*r)
+        };
+        bound.extend(redis_listeners.iter().map(|(r, tcp)| (first_addr(&r.listen, tcp), r.name.clone())));
+        bound.extend(mysql_listeners.iter().map(|(r, tcp)| (first_addr(&r.listen, tcp), r.name.clone())));
         // One executable-hash cache for the daemon: attestation, freezes and
         // the event feed hash a process's executable once.
         let hashes = Arc::new(warden_identity::attest::ExeHashCache::new());
@@ -397,11 +393,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         let mut route_tasks = Vec::new();
         let mut shard_tasks = Vec::new();
         for bound in pg_listeners {
-            tracing::info!(route = %bound.route.name, listen = %bound.route.listen, shards = pg_shards.len(), "PostgreSQL route listening");
+            tracing::info!(route = %bound.route.name, listen = %bound.route.listen, shards = shards.len(), "PostgreSQL route listening");
             let mut unix = bound.unix;
             for (i, tcp) in bound.tcp.into_iter().enumerate() {
                 let task = pg::serve_shard(bound.route.clone(), i, tcp, unix.take(), pg_shared.clone());
-                shard_tasks.push(pg_shards.handle(i).spawn(task));
+                shard_tasks.push(shards.handle(i).spawn(task));
             }
         }
         let http_shared = Arc::new(http::HttpShared::new(admission.clone(), metrics.clone()));
@@ -429,8 +425,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
         .with_leases(leases.clone())
         .with_kernel_relay(kernel_relay.clone()));
         for (route, tcp) in redis_listeners {
-            tracing::info!(route = %route.name, listen = %route.listen, "Redis route listening");
-            route_tasks.push(tokio::spawn(redis::serve_route(route, tcp, redis_shared.clone())));
+            tracing::info!(route = %route.name, listen = %route.listen, shards = shards.len(), "Redis route listening");
+            for (i, tcp) in tcp.into_iter().enumerate() {
+                let task = redis::serve_route(route.clone(), i, tcp, redis_shared.clone());
+                shard_tasks.push(shards.handle(i).spawn(task));
+            }
         }
         let mysql_routes: Vec<_> = mysql_listeners.iter().map(|(r, _)| r.clone()).collect();
         let mysql_shared = Arc::new(
@@ -439,8 +438,11 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
                 .with_kernel_relay(kernel_relay),
         );
         for (route, tcp) in mysql_listeners {
-            tracing::info!(route = %route.name, listen = %route.listen, "MySQL route listening");
-            route_tasks.push(tokio::spawn(mysql::serve_route(route, tcp, mysql_shared.clone())));
+            tracing::info!(route = %route.name, listen = %route.listen, shards = shards.len(), "MySQL route listening");
+            for (i, tcp) in tcp.into_iter().enumerate() {
+                let task = mysql::serve_route(route.clone(), i, tcp, mysql_shared.clone());
+                shard_tasks.push(shards.handle(i).spawn(task));
+            }
         }
         let (stop_workload_api, workload_api_stopped) = tokio::sync::oneshot::channel::<()>();
         let workload_task = tokio::spawn(workload_api::serve(workload_listener, provider, async move {
@@ -484,7 +486,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             }
         }
         // Open sessions end with their shard runtimes.
-        tokio::task::block_in_place(|| pg_shards.stop());
+        tokio::task::block_in_place(|| shards.stop());
         access.shutdown();
         let svc = service.clone();
         let sessions = admission.clone();

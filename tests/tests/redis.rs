@@ -1118,3 +1118,71 @@ fn password_shaped(b: &[u8]) -> Vec<&[u8]> {
         .filter(|w| w.len() == 43)
         .collect()
 }
+
+/// With two session threads, a route has two `SO_REUSEPORT` listeners, one
+/// per shard runtime; the kernel spreads clients over them, so pooled
+/// connections are handed from one shard to the other and must keep
+/// working there (they are moved to the taking shard's runtime).
+#[test]
+fn redis_sessions_run_on_the_session_shards_and_share_the_pool_across_them() {
+    let server = RedisServer::start(DEFAULT_PW, APP_PW);
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+session_threads = 2
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "sharded"
+kind = "redis"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ user = "app", secret = "cache/app" }}
+deny_commands = ["CONFIG"]
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+        up = server.port,
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put("cache/app", APP_PW.as_bytes()).ok();
+    let daemon = warden.start_daemon();
+    // Both shard threads run, and both listen on the route's port.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", daemon.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    for name in ["warden-shard-0", "warden-shard-1"] {
+        assert!(threads.iter().any(|t| t == name), "{threads:?}");
+    }
+    let listening = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    assert_eq!(listening.lines().count(), 2, "{listening}");
+    // Sessions one after the other, from new client ports: each shard
+    // takes some, and each reuses what the other gave back.
+    for i in 1..=40u32 {
+        let got = ask(port, &[b"INCR", b"sharded-n"], b"\r\n");
+        assert_eq!(got, format!(":{i}\r\n"), "session {i}");
+        wait_returned(&warden, "sharded", f64::from(i));
+    }
+    let hits = metric(
+        &warden,
+        "warden_pg_pool_total{result=\"hit\",route=\"sharded\"}",
+    );
+    assert!(hits >= 39.0, "{hits}");
+    assert_eq!(server.cli_as("app", APP_PW, &["GET", "sharded-n"]), "40\n");
+}

@@ -49,6 +49,7 @@ pub mod pgwire;
 pub mod propagation;
 pub mod rotation;
 pub mod service;
+pub mod shard;
 pub mod sql_tokens;
 pub mod store;
 pub mod timefmt;

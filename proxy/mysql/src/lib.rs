@@ -230,27 +230,41 @@ impl MysqlShared {
     }
 }
 
-/// Binds every mysql route's listener.
+/// Binds every mysql route's listeners: `shards` sockets sharing its address
+/// (`SO_REUSEPORT`), one per session shard.
 pub async fn bind_routes(
     routes: Vec<MysqlRoute>,
-) -> Result<Vec<(Arc<MysqlRoute>, tokio::net::TcpListener)>> {
+    shards: usize,
+) -> Result<Vec<(Arc<MysqlRoute>, Vec<std::net::TcpListener>)>> {
     let mut out = Vec::new();
     for r in routes {
-        let tcp = warden_core::listen::bind_route(&r.name, r.listen).await?;
+        let tcp = warden_core::shard::reuseport_listeners(r.listen, shards)
+            .map_err(|e| warden_core::listen::bind_error(&r.name, r.listen, &e))?;
         out.push((Arc::new(r), tcp));
     }
     Ok(out)
 }
 
-/// Accepts connections on one route until the task is dropped.
+/// Accepts connections on shard `index`'s listener of a route until the
+/// task is dropped (call inside that shard's runtime; see
+/// [`warden_core::shard`]). Shard 0 also reaps the route's idle pooled
+/// connections.
 pub async fn serve_route(
     route: Arc<MysqlRoute>,
-    tcp: tokio::net::TcpListener,
+    index: usize,
+    tcp: std::net::TcpListener,
     shared: Arc<MysqlShared>,
 ) {
+    let tcp = match tokio::net::TcpListener::from_std(tcp) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(route = %route.name, "cannot serve a listener: {e}");
+            return;
+        }
+    };
     let name = route.name.clone();
     // Idle connections past their timeout or lifetime are closed in time.
-    let reaper = route.pool.enabled().then(|| {
+    let reaper = (index == 0 && route.pool.enabled()).then(|| {
         let (route, shared) = (route.clone(), shared.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(10));

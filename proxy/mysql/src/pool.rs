@@ -120,6 +120,9 @@ struct Idle {
     key: Key,
     conn: Conn,
     since: Instant,
+    /// The session shard whose runtime the socket is registered with
+    /// ([`warden_core::shard::current`] when it was put back).
+    shard: usize,
 }
 
 struct RoutePool {
@@ -218,13 +221,29 @@ impl Pool {
                 rp.current.insert(fam.to_string(), key.label.clone());
             }
             let mut found = None;
-            while let Some(pos) = rp.idle.iter().rposition(|i| i.key == *key) {
+            // Most recently used first, this shard's own before another's.
+            let here = warden_core::shard::current();
+            while let Some(pos) = rp
+                .idle
+                .iter()
+                .rposition(|i| i.key == *key && i.shard == here)
+                .or_else(|| rp.idle.iter().rposition(|i| i.key == *key))
+            {
                 let i = rp.idle.remove(pos);
                 if i.since.elapsed() < settings.idle_timeout
                     && i.conn.born.elapsed() < settings.max_lifetime
                     && alive(&i.conn.stream)
                 {
-                    found = Some(i.conn);
+                    let Idle {
+                        shard, mut conn, ..
+                    } = i;
+                    if shard != here {
+                        match warden_core::shard::adopt(conn.stream) {
+                            Some(stream) => conn.stream = stream,
+                            None => continue,
+                        }
+                    }
+                    found = Some(conn);
                     break;
                 }
                 dropped.push(i);
@@ -255,6 +274,7 @@ impl Pool {
                 key,
                 conn,
                 since: Instant::now(),
+                shard: warden_core::shard::current(),
             };
             if superseded
                 || !settings.enabled()

@@ -23,7 +23,6 @@ pub mod relay;
 pub mod server_tls;
 pub mod session;
 pub mod session_state;
-pub mod shard;
 
 pub use warden_core::leases as dynamic;
 pub use warden_core::pgwire::{protocol, scram, sql, upstream};
@@ -286,7 +285,7 @@ impl BoundRoute {
 pub async fn bind_routes(routes: Vec<PgRoute>, shards: usize) -> Result<Vec<BoundRoute>> {
     let mut out = Vec::new();
     for r in routes {
-        let tcp = shard::reuseport_listeners(r.listen, shards)
+        let tcp = warden_core::shard::reuseport_listeners(r.listen, shards)
             .map_err(|e| warden_core::listen::bind_error(&r.name, r.listen, &e))?;
         let unix = match &r.unix_socket {
             None => None,
@@ -468,7 +467,7 @@ async fn accept_tcp(tcp: &tokio::net::TcpListener, route: &Arc<PgRoute>, shared:
             if shed(route, shared, &stream) {
                 return;
             }
-            // TCP_NODELAY comes from the listener (`shard::reuseport_listeners`).
+            // TCP_NODELAY comes from the listener (`warden_core::shard::reuseport_listeners`).
             let local = warden_core::listen::local_addr_of(&stream, route.listen);
             let (route, shared) = (route.clone(), shared.clone());
             // Boxed once here: the task then moves a pointer, not the

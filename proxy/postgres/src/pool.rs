@@ -68,23 +68,6 @@ pub fn key(label: &str, startup: &StartupMessage) -> String {
     k
 }
 
-/// Moves a plain connection's socket to the calling runtime's reactor (a
-/// connection pooled by another session shard), so its I/O wakes this
-/// thread, not the other one. A TLS connection stays where it is: it works
-/// from any runtime, at the cost of a cross-thread wake-up per read. `None`:
-/// the socket could not move (the connection is dropped).
-fn adopt(stream: UpstreamStream) -> Option<UpstreamStream> {
-    match stream {
-        UpstreamStream::Plain(tcp) => {
-            let std = tcp.into_std().ok()?;
-            tokio::net::TcpStream::from_std(std)
-                .ok()
-                .map(UpstreamStream::Plain)
-        }
-        tls => Some(tls),
-    }
-}
-
 /// An authenticated upstream connection at ReadyForQuery (idle).
 pub struct Pooled {
     pub stream: UpstreamStream,
@@ -101,7 +84,7 @@ struct Idle {
     label: String,
     since: Instant,
     /// The session shard whose runtime the connection's socket is
-    /// registered with ([`crate::shard::current`] when it was put back).
+    /// registered with ([`warden_core::shard::current`] when it was put back).
     shard: usize,
     conn: Pooled,
 }
@@ -215,7 +198,7 @@ impl Pool {
             }
             // Most recently used first (the others age out), this shard's
             // own connections before another's.
-            let here = crate::shard::current();
+            let here = warden_core::shard::current();
             loop {
                 let pos = rp
                     .idle
@@ -232,7 +215,7 @@ impl Pool {
                         shard, mut conn, ..
                     } = i;
                     if shard != here {
-                        match adopt(conn.stream) {
+                        match warden_core::shard::adopt(conn.stream) {
                             Some(stream) => conn.stream = stream,
                             None => continue,
                         }
@@ -287,7 +270,7 @@ impl Pool {
                     key,
                     label: cred.label.to_string(),
                     since: Instant::now(),
-                    shard: crate::shard::current(),
+                    shard: warden_core::shard::current(),
                     conn,
                 };
                 if superseded

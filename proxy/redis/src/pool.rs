@@ -82,6 +82,9 @@ struct Idle {
     label: String,
     conn: Conn,
     since: Instant,
+    /// The session shard whose runtime the socket is registered with
+    /// ([`warden_core::shard::current`] when it was put back).
+    shard: usize,
 }
 
 struct RoutePool {
@@ -162,13 +165,29 @@ impl Pool {
                     rp.current.insert(fam.to_string(), label.to_string());
                 }
                 let mut found = None;
-                while let Some(pos) = rp.idle.iter().rposition(|i| i.label == label) {
+                // Most recently used first, this shard's own before another's.
+                let here = warden_core::shard::current();
+                while let Some(pos) = rp
+                    .idle
+                    .iter()
+                    .rposition(|i| i.label == label && i.shard == here)
+                    .or_else(|| rp.idle.iter().rposition(|i| i.label == label))
+                {
                     let i = rp.idle.remove(pos);
                     if i.since.elapsed() < settings.idle_timeout
                         && i.conn.born.elapsed() < settings.max_lifetime
                         && alive(&i.conn.stream)
                     {
-                        found = Some(i.conn);
+                        let Idle {
+                            shard, mut conn, ..
+                        } = i;
+                        if shard != here {
+                            match warden_core::shard::adopt(conn.stream) {
+                                Some(stream) => conn.stream = stream,
+                                None => continue,
+                            }
+                        }
+                        found = Some(conn);
                         break;
                     }
                     dropped.push(i);
@@ -197,6 +216,7 @@ impl Pool {
                 label,
                 conn,
                 since: Instant::now(),
+                shard: warden_core::shard::current(),
             };
             if superseded
                 || !settings.enabled()

@@ -120,7 +120,7 @@ pub struct Config {
     /// Secret environment the daemon resolves secret names in.
     #[serde(default = "default_environment")]
     pub environment: String,
-    /// Threads that serve PostgreSQL sessions (`None`: half the cores, see
+    /// Threads that serve PostgreSQL, MySQL and Redis sessions (`None`: half the cores, see
     /// [`Config::session_threads`]).
     #[serde(default)]
     pub session_threads: Option<u32>,
@@ -169,7 +169,7 @@ pub struct Config {
 pub const MAX_SESSION_THREADS: u32 = 64;
 
 impl Config {
-    /// Threads serving PostgreSQL sessions: `session_threads`, else half the
+    /// Threads serving PostgreSQL, MySQL and Redis sessions: `session_threads`, else half the
     /// cores (at least 1, at most 8). warden shares its node with the
     /// workloads it serves and the databases they use: on a 2-core host one
     /// session thread leaves a core to them and blocks least often (one

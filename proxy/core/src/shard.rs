@@ -1,20 +1,23 @@
-//! Session shards: one single-threaded tokio runtime per core, each
-//! accepting on its own `SO_REUSEPORT` listener of every PostgreSQL route,
-//! so a session — accept, attestation, admission, audit record, pooled
-//! upstream checkout, relay, reset — runs on one thread from its first byte
-//! to its last, with no wake-up of another runtime thread (measured: a
-//! multi-threaded runtime's work-stealing wake-ups cost about a fifth of a
-//! `pgbench -C` session's CPU). The kernel spreads new connections over the
-//! listeners.
+//! Session shards: `session_threads` single-threaded tokio runtimes, each
+//! accepting on its own `SO_REUSEPORT` listener of every PostgreSQL, MySQL
+//! and Redis route, so a session — accept, attestation, admission, audit
+//! record, pooled upstream checkout, relay, reset — runs on one thread from
+//! its first byte to its last, with no wake-up of another runtime thread
+//! (measured: a multi-threaded runtime's work-stealing wake-ups cost about a
+//! fifth of a `pgbench -C` session's CPU). The kernel spreads new
+//! connections over the listeners. A pooled upstream connection taken on
+//! another shard than the one it was registered on is moved to the taking
+//! shard's runtime ([`adopt`]).
 //!
 //! `SO_REUSEPORT` groups only sockets of the same effective uid, so another
 //! user cannot join warden's listeners.
 
+use crate::error::{Error, Result};
+use crate::pgwire::upstream::UpstreamStream;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use warden_core::error::{Error, Result};
 
 thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
@@ -44,7 +47,7 @@ impl Shards {
             let (ready_tx, ready_rx) = mpsc::channel();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
-                .name(format!("warden-pg-{i}"))
+                .name(format!("warden-shard-{i}"))
                 .spawn(move || {
                     SHARD.with(|s| s.set(i));
                     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -119,12 +122,29 @@ pub fn reuseport_listeners(
         // Accepted connections inherit it: no setsockopt per connection.
         socket.set_tcp_nodelay(true)?;
         socket.bind(&bound.into())?;
-        socket.listen(warden_core::listen::listen_backlog() as i32)?;
+        socket.listen(crate::listen::listen_backlog() as i32)?;
         let listener: std::net::TcpListener = socket.into();
         bound = listener.local_addr()?;
         out.push(listener);
     }
     Ok(out)
+}
+
+/// A pooled connection registered with another shard's runtime, moved to
+/// the calling one's (its readiness then wakes this thread, not the other
+/// shard's); None when the socket cannot be moved (it is dropped). A TLS
+/// stream stays where it is: its wake-ups cross threads, which works as
+/// long as the other shard runs.
+pub fn adopt(stream: UpstreamStream) -> Option<UpstreamStream> {
+    match stream {
+        UpstreamStream::Plain(tcp) => {
+            let std = tcp.into_std().ok()?;
+            tokio::net::TcpStream::from_std(std)
+                .ok()
+                .map(UpstreamStream::Plain)
+        }
+        tls => Some(tls),
+    }
 }
 
 #[cfg(test)]
