@@ -301,8 +301,11 @@ impl Lab {
             .join("\n"),
         )?;
         let mut c = Command::new("nutcracker");
+        // Its stats listener too gets a free port (the default, 22222, may
+        // be taken: nutcracker then exits).
         c.arg("-c")
             .arg(&conf)
+            .args(["-a", "127.0.0.1", "-s", &free_port()?.to_string()])
             .arg("-o")
             .arg(self.dir.join("nutcracker.log"))
             .stdin(Stdio::null())
@@ -310,7 +313,10 @@ impl Lab {
         println!("$ {}", cmd::display(&c));
         self.children
             .push(("nutcracker", c.spawn().context("nutcracker")?));
-        super::wait_listening(self.twemproxy_port, "nutcracker", &self.dir)?;
+        if let Err(e) = super::wait_listening(self.twemproxy_port, "nutcracker", &self.dir) {
+            let log = std::fs::read_to_string(self.dir.join("nutcracker.log")).unwrap_or_default();
+            bail!("{e}\n{log}");
+        }
         let haproxy = super::start_haproxy(&self.dir, self.haproxy_port, self.redis_port)?;
         self.children.push(("haproxy", haproxy));
         Ok(())
