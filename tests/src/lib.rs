@@ -405,3 +405,54 @@ pub fn byte_counts(record: &str) -> (u64, u64) {
     let down = parse(rest.split_once(" bytes down").map_or("", |p| p.0));
     (up, down)
 }
+
+/// A warden with two session threads (`session_threads = 2`) and one route
+/// named `sharded` of `kind` to `127.0.0.1:upstream` (`route_keys`: its
+/// credential and other keys), allowed to this uid, the monitor off;
+/// `secret` holds `value`. Checks that the route listens on two sockets
+/// (one per shard, `SO_REUSEPORT`) and returns the instance, its daemon and
+/// the route's port.
+pub fn start_sharded(
+    kind: &str,
+    upstream: u16,
+    route_keys: &str,
+    secret: &str,
+    value: &[u8],
+) -> (Instance, Daemon, u16) {
+    let port = free_port();
+    let cfg = format!(
+        r#"
+trust_domain = "example.org"
+session_threads = 2
+
+[[workload]]
+name = "me"
+spiffe_id = "spiffe://example.org/me"
+selectors = {{ uid = {uid} }}
+
+[[route]]
+name = "sharded"
+kind = "{kind}"
+listen = "127.0.0.1:{port}"
+upstream = "127.0.0.1:{upstream}"
+upstream_tls = {{ mode = "disable" }}
+{route_keys}
+allow = ["me"]
+
+[monitor]
+ebpf = "off"
+"#,
+        uid = my_uid(),
+    );
+    let warden = Instance::new_with(&cfg);
+    warden.run(&["init"]).ok();
+    warden.put(secret, value).ok();
+    let daemon = warden.start_daemon();
+    let listening = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss");
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    assert_eq!(listening.lines().count(), 2, "{listening}");
+    (warden, daemon, port)
+}

@@ -1281,42 +1281,13 @@ fn mysql_leases_end_at_max_ttl_and_a_restart_drops_what_a_killed_warden_left() {
 fn mysql_sessions_run_on_the_session_shards_and_share_the_pool_across_them() {
     let server = MariaDb::start();
     server.admin(&format!("CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PW}';"));
-    let port = free_port();
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-session_threads = 2
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[route]]
-name = "sharded"
-kind = "mysql"
-listen = "127.0.0.1:{port}"
-upstream = "127.0.0.1:{up}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "db/app" }}
-allow = ["me"]
-
-[monitor]
-ebpf = "off"
-"#,
-        uid = my_uid(),
-        up = server.port,
+    let (warden, _daemon, port) = warden_tests::start_sharded(
+        "mysql",
+        server.port,
+        "credential = { user = \"app\", secret = \"db/app\" }",
+        "db/app",
+        APP_PW.as_bytes(),
     );
-    let warden = Instance::new_with(&cfg);
-    warden.run(&["init"]).ok();
-    warden.put("db/app", APP_PW.as_bytes()).ok();
-    let _daemon = warden.start_daemon();
-    let listening = std::process::Command::new("ss")
-        .args(["-Hltn", &format!("sport = :{port}")])
-        .output()
-        .unwrap();
-    let listening = String::from_utf8_lossy(&listening.stdout);
-    assert_eq!(listening.lines().count(), 2, "{listening}");
     let returned = |n: f64| {
         wait_for("the connection back in the pool", || {
             metric(

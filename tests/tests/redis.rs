@@ -1126,38 +1126,14 @@ fn password_shaped(b: &[u8]) -> Vec<&[u8]> {
 #[test]
 fn redis_sessions_run_on_the_session_shards_and_share_the_pool_across_them() {
     let server = RedisServer::start(DEFAULT_PW, APP_PW);
-    let port = free_port();
-    let cfg = format!(
-        r#"
-trust_domain = "example.org"
-session_threads = 2
-
-[[workload]]
-name = "me"
-spiffe_id = "spiffe://example.org/me"
-selectors = {{ uid = {uid} }}
-
-[[route]]
-name = "sharded"
-kind = "redis"
-listen = "127.0.0.1:{port}"
-upstream = "127.0.0.1:{up}"
-upstream_tls = {{ mode = "disable" }}
-credential = {{ user = "app", secret = "cache/app" }}
-deny_commands = ["CONFIG"]
-allow = ["me"]
-
-[monitor]
-ebpf = "off"
-"#,
-        uid = my_uid(),
-        up = server.port,
+    let (warden, daemon, port) = warden_tests::start_sharded(
+        "redis",
+        server.port,
+        "credential = { user = \"app\", secret = \"cache/app\" }\ndeny_commands = [\"CONFIG\"]",
+        "cache/app",
+        APP_PW.as_bytes(),
     );
-    let warden = Instance::new_with(&cfg);
-    warden.run(&["init"]).ok();
-    warden.put("cache/app", APP_PW.as_bytes()).ok();
-    let daemon = warden.start_daemon();
-    // Both shard threads run, and both listen on the route's port.
+    // Both shard threads run.
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", daemon.child.id()))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
@@ -1166,12 +1142,6 @@ ebpf = "off"
     for name in ["warden-shard-0", "warden-shard-1"] {
         assert!(threads.iter().any(|t| t == name), "{threads:?}");
     }
-    let listening = Command::new("ss")
-        .args(["-Hltn", &format!("sport = :{port}")])
-        .output()
-        .unwrap();
-    let listening = String::from_utf8_lossy(&listening.stdout);
-    assert_eq!(listening.lines().count(), 2, "{listening}");
     // Sessions one after the other, from new client ports: each shard
     // takes some, and each reuses what the other gave back.
     for i in 1..=40u32 {

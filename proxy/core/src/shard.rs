@@ -147,9 +147,74 @@ pub fn adopt(stream: UpstreamStream) -> Option<UpstreamStream> {
     }
 }
 
+/// Takes from a pool's `idle` list (oldest first) the most recently used
+/// entry that is `wanted`, this shard's own before another's
+/// (`shard_of`). An entry `usable` rejects (timed out, dead) goes to
+/// `dropped` and the search goes on; the one found becomes a connection
+/// through `into_conn`, told whether it comes from another shard (its
+/// socket is then to be [`adopt`]ed; `None` drops it and goes on).
+pub fn take_idle<T, C>(
+    idle: &mut Vec<T>,
+    wanted: impl Fn(&T) -> bool,
+    shard_of: impl Fn(&T) -> usize,
+    usable: impl Fn(&T) -> bool,
+    dropped: &mut Vec<T>,
+    into_conn: impl Fn(T, bool) -> Option<C>,
+) -> Option<C> {
+    let here = current();
+    loop {
+        let pos = idle
+            .iter()
+            .rposition(|i| wanted(i) && shard_of(i) == here)
+            .or_else(|| idle.iter().rposition(&wanted))?;
+        let i = idle.remove(pos);
+        if !usable(&i) {
+            dropped.push(i);
+            continue;
+        }
+        let moved = shard_of(&i) != here;
+        if let Some(conn) = into_conn(i, moved) {
+            return Some(conn);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_entries_are_taken_newest_first_this_shards_own_first() {
+        // (key, shard, usable)
+        let mut idle = vec![
+            ("a", 1, true),
+            ("a", 0, true),
+            ("a", 1, true),
+            ("b", 0, true),
+        ];
+        let mut dropped = Vec::new();
+        let take = |idle: &mut Vec<(&'static str, usize, bool)>,
+                    dropped: &mut Vec<(&'static str, usize, bool)>| {
+            take_idle(
+                idle,
+                |i| i.0 == "a",
+                |i| i.1,
+                |i| i.2,
+                dropped,
+                |i, moved| Some((i, moved)),
+            )
+        };
+        // This thread is shard 0: its own "a" first, though older.
+        assert_eq!(take(&mut idle, &mut dropped), Some((("a", 0, true), false)));
+        // Then the newest of another shard's, to be moved.
+        assert_eq!(take(&mut idle, &mut dropped), Some((("a", 1, true), true)));
+        // An unusable entry is dropped on the way.
+        idle.insert(0, ("a", 0, false));
+        assert_eq!(take(&mut idle, &mut dropped), Some((("a", 1, true), true)));
+        assert_eq!(dropped, vec![("a", 0, false)]);
+        assert_eq!(take(&mut idle, &mut dropped), None);
+        assert_eq!(idle, vec![("b", 0, true)]);
+    }
 
     #[test]
     fn shard_listeners_share_the_port_and_hand_out_nodelay_sockets() {

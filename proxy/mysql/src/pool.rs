@@ -220,34 +220,24 @@ impl Pool {
                 dropped.extend(old);
                 rp.current.insert(fam.to_string(), key.label.clone());
             }
-            let mut found = None;
-            // Most recently used first, this shard's own before another's.
-            let here = warden_core::shard::current();
-            while let Some(pos) = rp
-                .idle
-                .iter()
-                .rposition(|i| i.key == *key && i.shard == here)
-                .or_else(|| rp.idle.iter().rposition(|i| i.key == *key))
-            {
-                let i = rp.idle.remove(pos);
-                if i.since.elapsed() < settings.idle_timeout
-                    && i.conn.born.elapsed() < settings.max_lifetime
-                    && alive(&i.conn.stream)
-                {
-                    let Idle {
-                        shard, mut conn, ..
-                    } = i;
-                    if shard != here {
-                        match warden_core::shard::adopt(conn.stream) {
-                            Some(stream) => conn.stream = stream,
-                            None => continue,
-                        }
+            let found = warden_core::shard::take_idle(
+                &mut rp.idle,
+                |i| i.key == *key,
+                |i| i.shard,
+                |i| {
+                    i.since.elapsed() < settings.idle_timeout
+                        && i.conn.born.elapsed() < settings.max_lifetime
+                        && alive(&i.conn.stream)
+                },
+                &mut dropped,
+                |i, moved| {
+                    let mut conn = i.conn;
+                    if moved {
+                        conn.stream = warden_core::shard::adopt(conn.stream)?;
                     }
-                    found = Some(conn);
-                    break;
-                }
-                dropped.push(i);
-            }
+                    Some(conn)
+                },
+            );
             let m = rp.metrics.clone();
             if found.is_some() { &m.hit } else { &m.miss }.inc();
             m.closed.inc_by(dropped.len() as u64);

@@ -185,7 +185,7 @@ impl Pool {
         cred: &Credential<'_>,
     ) -> Option<Pooled> {
         let mut dropped = Vec::new();
-        let mut found = None;
+        let found;
         let (idle, m) = {
             let mut map = self.routes.lock().ok()?;
             let rp = self.route_pool(&mut map, route);
@@ -198,33 +198,24 @@ impl Pool {
             }
             // Most recently used first (the others age out), this shard's
             // own connections before another's.
-            let here = warden_core::shard::current();
-            loop {
-                let pos = rp
-                    .idle
-                    .iter()
-                    .rposition(|i| i.key == key && i.shard == here)
-                    .or_else(|| rp.idle.iter().rposition(|i| i.key == key));
-                let Some(pos) = pos else { break };
-                let i = rp.idle.remove(pos);
-                if i.since.elapsed() < settings.idle_timeout
-                    && i.conn.born.elapsed() < settings.max_lifetime
-                    && alive(&i.conn.stream)
-                {
-                    let Idle {
-                        shard, mut conn, ..
-                    } = i;
-                    if shard != here {
-                        match warden_core::shard::adopt(conn.stream) {
-                            Some(stream) => conn.stream = stream,
-                            None => continue,
-                        }
+            found = warden_core::shard::take_idle(
+                &mut rp.idle,
+                |i| i.key == key,
+                |i| i.shard,
+                |i| {
+                    i.since.elapsed() < settings.idle_timeout
+                        && i.conn.born.elapsed() < settings.max_lifetime
+                        && alive(&i.conn.stream)
+                },
+                &mut dropped,
+                |i, moved| {
+                    let mut conn = i.conn;
+                    if moved {
+                        conn.stream = warden_core::shard::adopt(conn.stream)?;
                     }
-                    found = Some(conn);
-                    break;
-                }
-                dropped.push(i);
-            }
+                    Some(conn)
+                },
+            );
             (rp.idle.len(), rp.metrics.clone())
         };
         if found.is_some() { &m.hit } else { &m.miss }.inc();
