@@ -40,7 +40,9 @@ pub use events::{AccessEvent, DestKind, EventKind, EventReader, Verdict, DRAIN_I
 pub use monitor::{
     release_pinned, Counters, ExecSince, Frozen, Monitor, MonitorConfig, MonitorError, ProtectMode,
 };
-pub use relay::{ClientPosition, HopStats, JoinState, Joining, KernelRelay, SpliceError, Spliced};
+pub use relay::{
+    ClientPosition, CommandList, HopStats, JoinState, Joining, KernelRelay, SpliceError, Spliced,
+};
 pub use resolver::EbpfResolver;
 pub use warden_ebpf_common::{ProcessInfo, GUARD_MYSQL, GUARD_NONE, GUARD_REDIS};
 

@@ -36,10 +36,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, ProgramArray, SockHash};
 use aya::programs::{Iter, SkMsg};
 use aya::Ebpf;
-use warden_ebpf_common::{DirectPeer, SockPair, ARM_CLIENT, ARM_FAILED, ARM_HOLD, MEMBER_RELAY};
+use warden_ebpf_common::{
+    DirectPeer, RedisName, SockPair, ARM_CLIENT, ARM_FAILED, ARM_HOLD, MEMBER_RELAY, REDIS_NAME_MAX,
+};
 
 use crate::events::sock_key_of;
 
@@ -50,6 +52,12 @@ pub struct KernelRelay {
     members: HashMap<MapData, SockPair, u8>,
     peers: Mutex<HashMap<MapData, SockPair, DirectPeer>>,
     join: Mutex<Joiner>,
+    /// Redis routes' command lists (`GUARD_REDIS` with `DirectPeer::names`).
+    names: Mutex<HashMap<MapData, RedisName, u8>>,
+    /// Holds `warden_redis` and `warden_redis_listed` in their slots: the
+    /// kernel empties a program array when its last user-space handle
+    /// closes.
+    _guards: ProgramArray<MapData>,
 }
 
 /// `warden_join`'s link and its request map: one run at a time.
@@ -292,7 +300,24 @@ impl KernelRelay {
             .map_err(|e| format!("DIRECT_MEMBERS: {e}"))?;
         let wanted: HashMap<MapData, SockPair, u8> =
             HashMap::try_from(take("RELAY_JOIN")?).map_err(|e| format!("RELAY_JOIN: {e}"))?;
+        let names: HashMap<MapData, RedisName, u8> =
+            HashMap::try_from(take("REDIS_NAMES")?).map_err(|e| format!("REDIS_NAMES: {e}"))?;
+        let mut guards: ProgramArray<MapData> = ProgramArray::try_from(take("REDIS_GUARDS")?)
+            .map_err(|e| format!("REDIS_GUARDS: {e}"))?;
         let join = Joiner::load(ebpf, wanted)?;
+        // The Redis guards first: `warden_direct` tail-calls them.
+        for (slot, name) in [(0, "warden_redis"), (1, "warden_redis_listed")] {
+            let program: &mut SkMsg = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("program {name} missing"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {e}"))?;
+            program.load().map_err(|e| format!("loading {name}: {e}"))?;
+            let fd = program.fd().map_err(|e| format!("{name}: {e}"))?;
+            guards
+                .set(slot, fd, 0)
+                .map_err(|e| format!("REDIS_GUARDS: {e}"))?;
+        }
         let program: &mut SkMsg = ebpf
             .program_mut("warden_direct")
             .ok_or("program warden_direct missing")?
@@ -310,6 +335,8 @@ impl KernelRelay {
             members,
             peers: Mutex::new(peers),
             join: Mutex::new(join),
+            names: Mutex::new(names),
+            _guards: guards,
         })
     }
 
@@ -383,6 +410,21 @@ impl KernelRelay {
         guard: u8,
         held: usize,
     ) -> Result<Spliced, SpliceError> {
+        self.splice_listed(client_side, upstream_side, guard, CommandList::NONE, held)
+    }
+
+    /// [`splice`](Self::splice) for a `GUARD_REDIS` route with a command
+    /// list registered with [`set_command_list`](Self::set_command_list):
+    /// the kernel also hands the client's direction to `client_side`
+    /// before a command the list leaves to user space.
+    pub fn splice_listed(
+        self: &Arc<Self>,
+        client_side: &tokio::net::TcpStream,
+        upstream_side: &tokio::net::TcpStream,
+        guard: u8,
+        list: CommandList,
+        held: usize,
+    ) -> Result<Spliced, SpliceError> {
         let failed = SpliceError::Failed;
         let client = far_end(client_side).map_err(failed)?;
         let upstream = far_end(upstream_side).map_err(failed)?;
@@ -432,6 +474,8 @@ impl KernelRelay {
         // the SYN.
         let client_entry = DirectPeer {
             guard,
+            names: list.id,
+            names_allow: u8::from(list.allow),
             armed: ARM_CLIENT,
             expect_sent: from_client + 1,
             expect_recv: to_client + held as u64,
@@ -441,6 +485,61 @@ impl KernelRelay {
             .insert(client, client_entry, 0)
             .map_err(|e| failed(map_error("DIRECT_PEERS", e)))?;
         Ok(spliced)
+    }
+}
+
+/// A Redis route's command list as the kernel sees it
+/// ([`KernelRelay::set_command_list`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommandList {
+    /// Its id in `REDIS_NAMES` (0: none).
+    pub id: u16,
+    /// An allow list: names not in it go to user space (otherwise the
+    /// names in it do).
+    pub allow: bool,
+}
+
+impl CommandList {
+    pub const NONE: CommandList = CommandList {
+        id: 0,
+        allow: false,
+    };
+}
+
+impl KernelRelay {
+    /// Registers a Redis route's command list under `id` (1 or more, one
+    /// per route): `names` are the command names the kernel looks up
+    /// (ASCII case-insensitive) — for a deny list, every command a rule
+    /// names; for an allow list, the commands allowed whole. A name longer
+    /// than the kernel reads is never found, which sends it to user space
+    /// for an allow list and lets it pass for a deny list, so such a name
+    /// is refused here.
+    pub fn set_command_list(&self, id: u16, names: &[String]) -> io::Result<()> {
+        if id == 0 {
+            return Err(io::Error::other("command list id 0 is reserved"));
+        }
+        let mut map = self
+            .names
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        for name in names {
+            let bytes = name.as_bytes();
+            if bytes.is_empty() || bytes.len() > REDIS_NAME_MAX {
+                return Err(io::Error::other(format!(
+                    "command name {name:?} is longer than the {REDIS_NAME_MAX} bytes the kernel reads"
+                )));
+            }
+            let mut key = RedisName {
+                list: id,
+                ..RedisName::default()
+            };
+            for (k, b) in key.name.iter_mut().zip(bytes) {
+                *k = b.to_ascii_lowercase();
+            }
+            map.insert(key, 1, 0)
+                .map_err(|e| map_error("REDIS_NAMES", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -546,6 +645,18 @@ impl Spliced {
         };
         let get = |k: &SockPair| peers.get(k, 0).map(|p| p.tcp != 0).unwrap_or(false);
         (get(&self.client), get(&self.upstream))
+    }
+}
+
+impl Spliced {
+    /// Ends the splice now (as dropping it does) and returns the kernel's
+    /// byte counts ([`bytes`](Self::bytes)): from here on both far ends'
+    /// sends take the TCP path to warden's sockets. What the kernel had
+    /// already redirected stays ahead of it in the receivers' queues.
+    pub fn release(self) -> (u64, u64) {
+        let counts = self.bytes();
+        drop(self);
+        counts
     }
 }
 

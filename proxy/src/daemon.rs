@@ -423,7 +423,7 @@ pub fn run(cfg: &Config, data_dir: &Path) -> Result<()> {
             identity.clone(),
         )?
         .with_leases(leases.clone())
-        .with_kernel_relay(kernel_relay.clone()));
+        .with_kernel_relay(kernel_relay.clone(), &redis_routes));
         for (route, tcp) in redis_listeners {
             tracing::info!(route = %route.name, listen = %route.listen, shards = shards.len(), "Redis route listening");
             for (i, tcp) in tcp.into_iter().enumerate() {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, have_root, is_root, Instance};
+use warden_tests::{free_port, have_root, is_root, wait_for, Instance};
 
 const PASSWORD: &str = "pw-CANARY-0c4e7f21-monitor";
 
@@ -414,9 +414,12 @@ fn a_crashed_daemon_keeps_enforcing_until_restart_and_orphans_are_released() {
         "orphaned pins released: {}",
         other_daemon.log_text()
     );
-    assert!(other_daemon
-        .log_text()
-        .contains("released the eBPF pins of a crashed warden"));
+    // The log line may reach the file a moment after the daemon answers.
+    wait_for("the release logged", || {
+        other_daemon
+            .log_text()
+            .contains("released the eBPF pins of a crashed warden")
+    });
     assert_eq!(
         run_psql(&direct, "select 1").code,
         0,

@@ -4,9 +4,10 @@
 //! both ways) still arrives; its end record says so. After the splice a
 //! client's `AUTH` and `HELLO … AUTH` still log in as the route's user only
 //! (the kernel hands them to warden), and `RESET` ends the session. A
-//! route with a command list (even with `kernel_relay = true`), and one
-//! with `kernel_relay = false`, stay in user space; a freeze ends a
-//! spliced session.
+//! route with a command list is spliced too, and handed back to user space
+//! before a listed command, which is refused in place; one with
+//! `kernel_relay = false` stays in user space; a freeze ends a spliced
+//! session.
 //!
 //! Needs root (CI runs as root with `WARDEN_REQUIRE_EBPF=1`, so these never
 //! skip there).
@@ -114,10 +115,15 @@ fn relay_metric(w: &Instance, route: &str, result: &str) -> f64 {
 /// off the session's thread after the first quiet moment, and the splice
 /// comes at a later one.
 fn spliced_session(s: &Setup) -> Raw {
-    let mut c = Raw::connect(s.cache);
+    spliced_session_on(s, s.cache, "cache")
+}
+
+/// [`spliced_session`] on another route.
+fn spliced_session_on(s: &Setup, port: u16, route: &str) -> Raw {
+    let mut c = Raw::connect(port);
     warm_up(&mut c);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while relay_metric(&s.warden, "cache", "spliced") < 1.0 {
+    while relay_metric(&s.warden, route, "spliced") < 1.0 {
         assert!(
             Instant::now() < deadline,
             "timed out waiting for the splice"
@@ -252,46 +258,83 @@ fn a_spliced_session_cannot_log_in_as_another_user() {
 }
 
 #[test]
-fn routes_with_a_command_list_or_without_kernel_relay_stay_in_user_space() {
+fn a_route_without_kernel_relay_stays_in_user_space() {
     if !have_root() {
         return;
     }
     let s = setup("", "\"me\"");
-    for (port, route) in [(s.deny, "cache-deny"), (s.off, "cache-off")] {
-        let mut c = Raw::connect(port);
-        warm_up(&mut c);
-        c.send(&command(&[b"PING"]));
-        assert_eq!(c.read_at_least(7), b"+PONG\r\n");
-        drop(c);
-        wait_for("session.end", || {
-            !session_ends(&s.warden, Some(route)).is_empty()
-        });
-        let end = session_ends(&s.warden, Some(route)).remove(0);
-        assert!(!end.contains("kernel relay"), "{end}");
-        for result in ["spliced", "busy", "not_local"] {
-            assert_eq!(
-                relay_metric(&s.warden, route, result),
-                0.0,
-                "{route} {result}"
-            );
-        }
-        // Still in user space at the end: the connection is pooled.
-        wait_for("the pooled connection", || {
-            metric(
-                &s.warden,
-                &format!("warden_pg_pool_total{{result=\"returned\",route=\"{route}\"}}"),
-            ) >= 1.0
-        });
-    }
-    // The deny list is still enforced on a long session.
-    let mut c = Raw::connect(s.deny);
+    let route = "cache-off";
+    let mut c = Raw::connect(s.off);
     warm_up(&mut c);
-    c.send(&command(&[b"CONFIG", b"GET", b"port"]));
-    let got = c.read_until(b"\r\n");
+    c.send(&command(&[b"PING"]));
+    assert_eq!(c.read_at_least(7), b"+PONG\r\n");
+    drop(c);
+    wait_for("session.end", || {
+        !session_ends(&s.warden, Some(route)).is_empty()
+    });
+    let end = session_ends(&s.warden, Some(route)).remove(0);
+    assert!(!end.contains("kernel relay"), "{end}");
+    for result in ["spliced", "busy", "not_local"] {
+        assert_eq!(
+            relay_metric(&s.warden, route, result),
+            0.0,
+            "{route} {result}"
+        );
+    }
+    // Still in user space at the end: the connection is pooled.
+    wait_for("the pooled connection", || {
+        metric(
+            &s.warden,
+            &format!("warden_pg_pool_total{{result=\"returned\",route=\"{route}\"}}"),
+        ) >= 1.0
+    });
+}
+
+/// A route with a deny list is spliced too: the kernel reads every
+/// command's name, hands the session back before a listed one, and warden
+/// refuses it exactly where its reply would have been — inside a pipeline,
+/// after replies the server sent straight to the client — then relays the
+/// rest of the session in user space.
+#[test]
+fn a_listed_command_hands_a_spliced_session_back_and_is_refused_in_place() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("", "\"me\"");
+    let route = "cache-deny";
+    let mut c = spliced_session_on(&s, s.deny, route);
+    // In the kernel: not listed.
+    c.send(&command(&[b"GET", b"k3"]));
+    assert_eq!(c.read_at_least(7), b"$1\r\n3\r\n");
+    // One write: a command the kernel passes, a listed one, and one after.
+    let pipeline = [
+        command(&[b"GET", b"k1"]),
+        command(&[b"config", b"GET", b"port"]),
+        command(&[b"GET", b"k2"]),
+    ]
+    .concat();
+    c.send(&pipeline);
+    let got = c.read_until(b"\r\n$1\r\n2\r\n");
+    let text = String::from_utf8_lossy(&got);
     assert!(
-        got.starts_with(b"-NOPERM"),
-        "{}",
-        String::from_utf8_lossy(&got)
+        text.starts_with("$1\r\n1\r\n-NOPERM ") && text.contains("cache-deny"),
+        "{text}"
+    );
+    assert_eq!(text.matches("\r\n").count(), 5, "{text}");
+    assert_eq!(relay_metric(&s.warden, route, "unspliced"), 1.0);
+    // In user space from here: refused again, the rest relayed.
+    c.send(&command(&[b"CONFIG", b"GET", b"port"]));
+    assert!(c.read_until(b"\r\n").starts_with(b"-NOPERM"));
+    c.send(&command(&[b"GET", b"k4"]));
+    assert_eq!(c.read_at_least(7), b"$1\r\n4\r\n");
+    drop(c);
+    wait_for("session.end", || {
+        !session_ends(&s.warden, Some(route)).is_empty()
+    });
+    let end = session_ends(&s.warden, Some(route)).remove(0);
+    assert!(
+        end.contains("kernel relay") && end.contains("2 commands refused"),
+        "{end}"
     );
 }
 

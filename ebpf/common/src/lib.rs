@@ -188,8 +188,15 @@ pub struct DirectPeer {
     /// before anything is redirected, so that no redirected byte can
     /// overtake one on the TCP path (see `ARM_CLIENT`).
     pub armed: u8,
+    /// `GUARD_REDIS`: 1 when `names` is an allow list (a command whose
+    /// name is not in it goes to user space), 0 a deny list (a command
+    /// whose name is in it does).
+    pub names_allow: u8,
+    /// `GUARD_REDIS`: the route's command list in `REDIS_NAMES` (0: none,
+    /// only `AUTH`, `HELLO` and `RESET` go to user space).
+    pub names: u16,
     /// Always zero.
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 4],
     /// `ARM_CLIENT`, `ARM_COUNT`: the sender's TCP byte count
     /// (`bytes_acked + write_seq - snd_una` of its `tcp_sock`) when it has
     /// sent nothing warden has not read.
@@ -248,11 +255,30 @@ pub const GUARD_MYSQL: u8 = 1;
 /// `DirectPeer::guard`: a Redis client's sends are redirected one RESP
 /// element at a time (the array header goes with the command's name), and
 /// the direction takes the TCP path for good, at an element boundary,
-/// before an `AUTH`, `HELLO` or `RESET` (case-insensitive), a send that is
+/// before an `AUTH`, `HELLO` or `RESET` (case-insensitive), a command the
+/// route's command list leaves to user space (`DirectPeer::names`), a send that is
 /// not in the canonical form (`*<digits>\r\n`, `$<digits>\r\n`: an inline
 /// command, a sign, a leading zero), or an element that would go past the
 /// window. User space walks the TCP path from that boundary (`args`).
 pub const GUARD_REDIS: u8 = 2;
+/// Longest command name a `GUARD_REDIS` direction looks up in
+/// `REDIS_NAMES` (Redis' longest, `GEORADIUSBYMEMBER_RO`, has 20 bytes); a
+/// multiple of 8. A longer name is never in a list.
+pub const REDIS_NAME_MAX: usize = 24;
+/// Size of `REDIS_NAMES`: names of all routes' command lists.
+pub const REDIS_NAMES_ENTRIES: u32 = 16_384;
+
+/// Key of `REDIS_NAMES`: one command name (ASCII lower case, zero-padded)
+/// of one route's command list (`DirectPeer::names`). The value is 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RedisName {
+    pub list: u16,
+    /// Always zero.
+    pub _pad: [u8; 2],
+    pub name: [u8; REDIS_NAME_MAX],
+}
+
 /// `COM_CHANGE_USER`, the command a `GUARD_MYSQL` direction hands to user
 /// space.
 pub const MYSQL_COM_CHANGE_USER: u8 = 0x11;
@@ -331,6 +357,7 @@ const _: () = assert!(core::mem::size_of::<Event>() == 96);
 const _: () = assert!(core::mem::size_of::<FrozenEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<SockPair>() == 40);
 const _: () = assert!(core::mem::size_of::<DirectPeer>() == 88);
+const _: () = assert!(core::mem::size_of::<RedisName>() == 28);
 
 impl SockKey {
     /// An IPv4 address, stored v4-mapped.
@@ -386,4 +413,7 @@ mod pod {
     // SAFETY: as above.
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::DirectPeer {}
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::RedisName {}
 }

@@ -58,30 +58,33 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
-use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::bindings::bpf_pidns_info;
+use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::bindings::sk_msg_md;
-use aya_ebpf::helpers::generated::{
-    bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_skc_to_tcp_sock,
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
-    bpf_ktime_get_boot_ns,
-};
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use aya_ebpf::bindings::{BPF_F_INGRESS, BPF_NOEXIST};
 use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC};
+use aya_ebpf::bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid,
+    bpf_ktime_get_boot_ns, bpf_msg_apply_bytes, bpf_msg_pull_data, bpf_probe_read_kernel,
+    bpf_skc_to_tcp_sock,
+};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use aya_ebpf::macros::{cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash};
 use aya_ebpf::programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use warden_ebpf_common::{
-    ARM_CLIENT, ARM_COUNT, ARM_FAILED, ARM_HOLD, ARM_NONE, DirectPeer, Event, FrozenEntry, GUARD_MYSQL, GUARD_REDIS, MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, ProcessInfo, SockKey, SockPair, ATTRIBUTION_ENTRIES,
-    CHANGE_BUCKETS, DIRECT_SOCKETS, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_UPSTREAM, WARDEN_UPSTREAM_ENTRIES, COUNTER_HOPS,
-    HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY, CONFIG_LEN,
-    CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID, COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED,
-    COUNTER_EXEC_LOST, COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, EXEC_ENTRIES, EXEC_LOST_AT, DEST_NONE, DEST_UPSTREAM, EVENT_ATTRIBUTED,
-    EVENT_CONNECT, FROZEN_ENTRIES, PROTECT_ENFORCE, PROTECT_OBSERVE, RELAY_SOCKETS, RING_BYTES, DIRECT_WINDOW,
-    RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED, VERDICT_BYPASS_DENIED,
-    VERDICT_DENIED_FROZEN, WATCHED_ENTRIES,
+    DirectPeer, Event, FrozenEntry, ProcessInfo, RedisName, SockKey, SockPair, ARM_CLIENT,
+    ARM_COUNT, ARM_FAILED, ARM_HOLD, ARM_NONE, ATTRIBUTION_ENTRIES, CHANGE_BUCKETS, CONFIG_LEN,
+    CONFIG_PIDNS_DEV, CONFIG_PIDNS_INO, CONFIG_PROTECT_MODE, CONFIG_WARDEN_TGID,
+    COUNTER_ATTRIBUTED, COUNTER_DENIED, COUNTER_EMITTED, COUNTER_EXEC_LOST, COUNTER_HOPS,
+    COUNTER_LEN, COUNTER_LOST, DEST_LISTENER, DEST_NONE, DEST_UPSTREAM, DIRECT_SOCKETS,
+    DIRECT_WINDOW, EVENT_ATTRIBUTED, EVENT_CONNECT, EXEC_ENTRIES, EXEC_LOST_AT, FROZEN_ENTRIES,
+    GUARD_MYSQL, GUARD_REDIS, HOP_LISTENER, HOP_UPSTREAM, HOP_WINDOW, MEMBER_HOP, MEMBER_RELAY,
+    MYSQL_COM_CHANGE_USER, MYSQL_MAX_PAYLOAD, PROTECT_ENFORCE, PROTECT_OBSERVE,
+    REDIS_NAMES_ENTRIES, REDIS_NAME_MAX, RELAY_JOIN_ENTRIES, RELAY_LISTENER, RELAY_SOCKETS,
+    RELAY_UPSTREAM, RING_BYTES, RING_WAKEUP_BYTES, VERDICT_ALLOWED, VERDICT_BYPASS_ALLOWED,
+    VERDICT_BYPASS_DENIED, VERDICT_DENIED_FROZEN, WARDEN_UPSTREAM_ENTRIES, WATCHED_ENTRIES,
 };
 
 /// `BPF_SOCK_OPS_TCP_CONNECT_CB`.
@@ -129,12 +132,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 #[map]
 static READER_ASLEEP: Array<u64> = Array::with_max_entries(1, 0);
 
-
 #[map]
 static DIRECT_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(DIRECT_SOCKETS, 0);
 #[map]
-static DIRECT_PEERS: HashMap<SockPair, DirectPeer> =
-    HashMap::with_max_entries(RELAY_SOCKETS, 0);
+static DIRECT_PEERS: HashMap<SockPair, DirectPeer> = HashMap::with_max_entries(RELAY_SOCKETS, 0);
 /// Listeners and upstreams of routes with the kernel relay (`RELAY_*`
 /// flags) or joined local hops (`HOP_*`); only their connections' sockets
 /// enter `DIRECT_SOCKS`.
@@ -164,6 +165,14 @@ static CHANGES: Array<u64> = Array::with_max_entries(CHANGE_BUCKETS, BPF_F_MMAPA
 #[map]
 static WARDEN_UPSTREAM: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(WARDEN_UPSTREAM_ENTRIES, 0);
+/// The command names of Redis routes' `deny_commands` / `allow_commands`
+/// (`DirectPeer::names`), for `GUARD_REDIS`.
+#[map]
+static REDIS_NAMES: HashMap<RedisName, u8> = HashMap::with_max_entries(REDIS_NAMES_ENTRIES, 0);
+/// `[0]`: `warden_redis`, `[1]`: `warden_redis_listed`, tail-called by
+/// `warden_direct` for a `GUARD_REDIS` direction.
+#[map]
+static REDIS_GUARDS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -303,7 +312,9 @@ fn emit(event: Event) {
 #[inline(always)]
 fn addr_from_v4(ip4_raw: u32) -> [u8; 16] {
     let b = ip4_raw.to_ne_bytes();
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
 }
 
 #[inline(always)]
@@ -328,8 +339,7 @@ fn decide_connect(dest: SockKey, family: u8) -> i32 {
     let dest_kind = destination_kind(&dest);
     let (verdict, allow) = if is_frozen(&process) {
         (VERDICT_DENIED_FROZEN, false)
-    } else if dest_kind == DEST_UPSTREAM && u64::from(process.tgid) != config(CONFIG_WARDEN_TGID)
-    {
+    } else if dest_kind == DEST_UPSTREAM && u64::from(process.tgid) != config(CONFIG_WARDEN_TGID) {
         match config(CONFIG_PROTECT_MODE) {
             PROTECT_ENFORCE => (VERDICT_BYPASS_DENIED, false),
             PROTECT_OBSERVE => (VERDICT_BYPASS_ALLOWED, true),
@@ -410,7 +420,11 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
     {
         return 1;
     }
-    let new_state = if op == SOCK_OPS_STATE_CB { ctx.arg(1) } else { 0 };
+    let new_state = if op == SOCK_OPS_STATE_CB {
+        ctx.arg(1)
+    } else {
+        0
+    };
     // Every context field is read once, up front, with a plain load at its
     // own offset: the verifier rejects loads through a computed ctx pointer,
     // which the optimiser produces when it merges per-family branches.
@@ -521,7 +535,9 @@ pub fn warden_sock_ops(ctx: SockOpsContext) -> u32 {
             remote: dest,
         };
         // SAFETY: the kernel's bpf_sock_ops for this callback.
-        if DIRECT_SOCKS.update(&mut key, unsafe { &mut *ops }, 0).is_ok()
+        if DIRECT_SOCKS
+            .update(&mut key, unsafe { &mut *ops }, 0)
+            .is_ok()
             && DIRECT_MEMBERS.insert(&key, &member, 0).is_ok()
         {
             let _ = ctx.set_cb_flags(STATE_CB_FLAG);
@@ -600,12 +616,18 @@ fn join_hop(key: &SockPair) {
         hop: 1,
         ..DirectPeer::default()
     };
-    if DIRECT_PEERS.insert(key, &entry, u64::from(BPF_NOEXIST)).is_err() {
+    if DIRECT_PEERS
+        .insert(key, &entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         return;
     }
     count(COUNTER_HOPS);
     entry.peer = *key;
-    if DIRECT_PEERS.insert(&peer, &entry, u64::from(BPF_NOEXIST)).is_ok() {
+    if DIRECT_PEERS
+        .insert(&peer, &entry, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
         count(COUNTER_HOPS);
     }
 }
@@ -616,9 +638,10 @@ fn join_hop(key: &SockPair) {
 /// warden and the loopback TCP hops; a joined hop's send goes into the other
 /// end's queue the same way. Sends of every other socket in `DIRECT_SOCKS`
 /// pass untouched (a hop end's first one marks it "TCP for good").
-#[sk_msg]
-pub fn warden_direct(ctx: SkMsgContext) -> u32 {
-    let md = ctx.msg;
+/// The connection a message's sending socket belongs to, as that socket
+/// sees it (the key of `DIRECT_PEERS`), and the message's size.
+#[inline(always)]
+fn msg_key(md: *mut sk_msg_md) -> Option<(SockPair, u32)> {
     // SAFETY: the kernel's sk_msg_md; one plain load per field.
     let (family, remote4, local4, remote6, local6, remote_port_raw, local_port_raw, size) = unsafe {
         (
@@ -647,7 +670,7 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
     } else if family == AF_INET6 {
         (addr_from_v6(remote6), addr_from_v6(local6))
     } else {
-        return SK_PASS;
+        return None;
     };
     let key = SockPair {
         local: SockKey {
@@ -662,6 +685,15 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
             _pad: [0; 2],
         },
     };
+    Some((key, size))
+}
+
+#[sk_msg]
+pub fn warden_direct(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    let Some((key, size)) = msg_key(md) else {
+        return SK_PASS;
+    };
     let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
         if is_hop_member(&key) {
             // A hop end sending before the other end joined: this direction
@@ -671,7 +703,10 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
                 hop: 1,
                 ..DirectPeer::default()
             };
-            if DIRECT_PEERS.insert(&key, &mark, u64::from(BPF_NOEXIST)).is_err() {
+            if DIRECT_PEERS
+                .insert(&key, &mark, u64::from(BPF_NOEXIST))
+                .is_err()
+            {
                 // Joined meanwhile: these bytes still go by TCP, so must
                 // every later send.
                 if let Some(e) = DIRECT_PEERS.get_ptr_mut(&key) {
@@ -712,7 +747,15 @@ pub fn warden_direct(ctx: SkMsgContext) -> u32 {
         return mysql_guarded(&ctx, entry, peer_key, ahead, cont, size);
     }
     if guard == GUARD_REDIS {
-        return redis_guarded(&ctx, entry, peer_key, ahead, args, size);
+        // Its own programs, which the verifier checks on their own (the
+        // walk of RESP elements multiplies its paths): `warden_redis`, or
+        // `warden_redis_listed` for a route with a command list.
+        // SAFETY: a live map value (set at the splice).
+        let listed = unsafe { core::ptr::read_volatile(&(*entry).names) } != 0;
+        // SAFETY: the helper on the program's own context; it returns only
+        // if the slot is empty, and then warden takes the direction.
+        unsafe { REDIS_GUARDS.tail_call(&ctx, u32::from(listed)) };
+        return guard_to_tcp(entry);
     }
     // Flow control: a receive queue filled this way has no limit, so a
     // receiver that stops reading would pin kernel memory. At most
@@ -804,7 +847,12 @@ fn stream_counts(md: *mut sk_msg_md) -> Option<(u64, u64, bool)> {
 /// (a failed check; a client's failure sends the server's direction the
 /// TCP path for good too).
 #[inline(always)]
-fn armed_passes(md: *mut sk_msg_md, entry: *mut DirectPeer, peer_key: &SockPair, armed: u8) -> bool {
+fn armed_passes(
+    md: *mut sk_msg_md,
+    entry: *mut DirectPeer,
+    peer_key: &SockPair,
+    armed: u8,
+) -> bool {
     if armed == ARM_HOLD {
         return false;
     }
@@ -992,17 +1040,118 @@ fn resp_length(data: usize, end: usize, at: usize, digits: u32) -> Result<(u32, 
     Err(false)
 }
 
+/// ASCII upper-case letters of eight bytes to lower case, without a
+/// branch per byte: bit 7 of `ge_a` / `gt_z` is set in each byte whose low
+/// seven bits are at least `A` / past `Z`; bytes with bit 7 set stay.
+#[inline(always)]
+fn ascii_lower(x: u64) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let seven = x & !HIGH;
+    let ge_a = seven.wrapping_add(0x3f3f_3f3f_3f3f_3f3f);
+    let gt_z = seven.wrapping_add(0x2525_2525_2525_2525);
+    let upper = (ge_a ^ gt_z) & !x & HIGH;
+    x | (upper >> 2)
+}
+
+/// The key's name in ASCII lower case, in place.
+#[inline(always)]
+fn lower_words(key: &mut RedisName) {
+    let mut i = 0;
+    while i < REDIS_NAME_MAX / 8 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key.name[i * 8..i * 8 + 8]);
+        let w = ascii_lower(u64::from_le_bytes(b));
+        key.name[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        i += 1;
+    }
+}
+
+/// Whether the command name of `len` bytes at `body` (within the first
+/// `want` bytes of the message, pulled) is the route's command list's to
+/// leave to user space (`list`: the list in the low 16 bits, 1 << 16 for
+/// an allow list): a deny list's name, a name not in an allow list, or a
+/// name not wholly within the bytes looked at. A subprogram: the
+/// verifier's paths through it end at its return.
+#[inline(never)]
+fn wardens_name(data: usize, body: usize, len: u32, want: usize, list: u32) -> bool {
+    // Unlinked copies (a product is a new value to the verifier, a move is
+    // not): what the checks below learn about them stays here.
+    // SAFETY: a plain load of a local.
+    let one: usize = unsafe { core::ptr::read_volatile(&1usize) };
+    let (body, len, want) = (body * one, len as usize * one, want * one);
+    let allow = list >> 16 != 0;
+    let mut key = RedisName {
+        list: list as u16,
+        ..RedisName::default()
+    };
+    if len > REDIS_NAME_MAX {
+        // Never in a list.
+        return allow;
+    }
+    if body + len > want {
+        // Cut by the end of the bytes looked at.
+        return true;
+    }
+    // SAFETY: reads `len` (at most REDIS_NAME_MAX) bytes of the message's
+    // linear data, checked to lie within it, into the key's name on the
+    // stack (one helper call: a byte loop bounded by the name's length
+    // multiplies the verifier's paths).
+    let read = unsafe {
+        bpf_probe_read_kernel(
+            key.name.as_mut_ptr().cast(),
+            len as u32,
+            (data + body) as *const core::ffi::c_void,
+        )
+    };
+    if read != 0 {
+        return true;
+    }
+    lower_words(&mut key);
+    // SAFETY: a lookup whose value is not read.
+    let listed = unsafe { REDIS_NAMES.get(&key) }.is_some();
+    // A deny list's names and an allow list's others are warden's.
+    listed != allow
+}
+
+/// `x`, with everything the verifier knows of it forgotten: stored a byte
+/// at a time and loaded whole, the stack slot reads as an unknown scalar.
+/// Safe wherever the value is checked again before it is used as a bound.
+#[inline(always)]
+fn forget(x: u64) -> u64 {
+    let mut slot = [0u8; 8];
+    let bytes = x.to_le_bytes();
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: a local array, in bounds.
+        unsafe { core::ptr::write_volatile(&mut slot[i], bytes[i]) };
+        i += 1;
+    }
+    // SAFETY: a local array of 8 bytes, read as one (unaligned) u64.
+    u64::from_le_bytes(unsafe { core::ptr::read_volatile(&slot) })
+}
+
 /// Most RESP elements one `GUARD_REDIS` verdict covers (a pipeline's
 /// commands go on in one redirect, not one per element).
-const REDIS_BATCH: u32 = 8;
+const REDIS_BATCH: u32 = 32;
+/// `REDIS_BATCH` of `warden_redis_listed`.
+const REDIS_BATCH_LISTED: u32 = 4;
 
 /// One RESP element at `at`: a command's start (`*<count>` and its first
-/// bulk string, whose name must not be `AUTH`, `HELLO` or `RESET`) or a
-/// further bulk string. `Some((where it ends, count))`, or `None` when
-/// warden must decide: not canonical, a header or name not within the
-/// bytes looked at, or one of warden's names.
+/// bulk string, whose name must not be `AUTH`, `HELLO` or `RESET`, nor one
+/// the route's command list `names` leaves to user space) or a further bulk
+/// string. `Some((where it ends, count))`, or `None` when warden must
+/// decide: not canonical, a header or name not within the bytes looked at,
+/// or one of warden's names.
 #[inline(always)]
-fn redis_element(data: usize, end: usize, at: usize, start: bool) -> Option<(usize, u32)> {
+fn redis_element(
+    data: usize,
+    end: usize,
+    want: usize,
+    at: usize,
+    start: bool,
+    names: u16,
+    allow: bool,
+) -> Option<(usize, u32)> {
     let mut pos = at;
     let mut count = 0;
     if start {
@@ -1049,6 +1198,12 @@ fn redis_element(data: usize, end: usize, at: usize, start: bool) -> Option<(usi
             return None;
         }
     }
+    if names != 0 && start {
+        let list = u32::from(names) | (u32::from(allow) << 16);
+        if wardens_name(data, body, len as u32, want, list) {
+            return None;
+        }
+    }
     Some((body + len + 2, count))
 }
 
@@ -1065,7 +1220,7 @@ fn redis_element(data: usize, end: usize, at: usize, start: bool) -> Option<(usi
 /// command are left). So no command reaches the server without its name
 /// having been checked here or by warden.
 #[inline(always)]
-fn redis_guarded(
+fn redis_guarded<const LISTED: bool>(
     ctx: &SkMsgContext,
     entry: *mut DirectPeer,
     peer_key: SockPair,
@@ -1073,6 +1228,12 @@ fn redis_guarded(
     args: u32,
     size: u32,
 ) -> u32 {
+    // SAFETY: a live map value (see warden_direct); set at the splice.
+    let (names, allow) = if LISTED {
+        unsafe { ((*entry).names, (*entry).names_allow != 0) }
+    } else {
+        (0, false)
+    };
     let want = (size as usize).min(REDIS_LOOK);
     // SAFETY: a helper on the program's own context; makes the first
     // `want` bytes readable in place.
@@ -1083,11 +1244,14 @@ fn redis_guarded(
     let mut left = args;
     let mut total: usize = 0;
     let mut n = 0;
-    while n < REDIS_BATCH && total < want {
+    // A listed route's walk also looks each command's name up: fewer
+    // elements per verdict keep its verification short.
+    let batch = if LISTED { REDIS_BATCH_LISTED } else { REDIS_BATCH };
+    while n < batch && total < want {
         let start = left == 0;
         // An element warden must decide ends the batch; if it is the
         // first, warden takes over here (see mysql_guarded on corking).
-        let Some((ends, count)) = redis_element(data, end, total, start) else {
+        let Some((ends, count)) = redis_element(data, end, want, total, start, names, allow) else {
             break;
         };
         if ahead + ends as u64 > DIRECT_WINDOW {
@@ -1099,7 +1263,11 @@ fn redis_guarded(
             left = count;
         }
         left -= 1;
-        total = ends;
+        // Each element's paths through the length lines (one per digit
+        // count) end with other ranges for these two; forgotten here, the
+        // next element starts from one state instead of their product.
+        total = forget(ends as u64) as usize;
+        left = forget(u64::from(left)) as u32;
         n += 1;
     }
     if n == 0 {
@@ -1114,6 +1282,37 @@ fn redis_guarded(
         // SAFETY: a live map value (see warden_direct).
         unsafe { (*e).args = left };
     })
+}
+
+/// `warden_direct`'s `GUARD_REDIS` (`redis_guarded`), reached by a tail
+/// call (`REDIS_GUARDS[0]`) once `warden_direct` has found the entry
+/// spliced, its peer open and its armed check passed.
+#[sk_msg]
+pub fn warden_redis(ctx: SkMsgContext) -> u32 {
+    redis_tail::<false>(&ctx)
+}
+
+/// `warden_redis` for a route with a command list (`DirectPeer::names`;
+/// `REDIS_GUARDS[1]`): every command's name is also looked up in
+/// `REDIS_NAMES`, and a verdict covers at most `REDIS_BATCH_LISTED`
+/// elements.
+#[sk_msg]
+pub fn warden_redis_listed(ctx: SkMsgContext) -> u32 {
+    redis_tail::<true>(&ctx)
+}
+
+#[inline(always)]
+fn redis_tail<const LISTED: bool>(ctx: &SkMsgContext) -> u32 {
+    let Some((key, size)) = msg_key(ctx.msg) else {
+        return SK_PASS;
+    };
+    // Gone meanwhile (the session ended): the TCP path, to warden's socket.
+    let Some(entry) = DIRECT_PEERS.get_ptr_mut(&key) else {
+        return SK_PASS;
+    };
+    // SAFETY: a live map value (see warden_direct).
+    let (peer_key, ahead, args) = unsafe { ((*entry).peer, (*entry).ahead, (*entry).args) };
+    redis_guarded::<LISTED>(ctx, entry, peer_key, ahead, args, size)
 }
 
 /// `bpf_iter__tcp`: the context of an `iter/tcp` program.
@@ -1229,7 +1428,9 @@ pub fn warden_join(ctx: *mut core::ffi::c_void) -> i32 {
     // sockhash update from an iterator is the socket itself.
     let rc = unsafe {
         aya_ebpf::helpers::generated::bpf_map_update_elem(
-            (&DIRECT_SOCKS as *const SockHash<SockPair>).cast_mut().cast(),
+            (&DIRECT_SOCKS as *const SockHash<SockPair>)
+                .cast_mut()
+                .cast(),
             (&mut key as *mut SockPair).cast(),
             sk.cast(),
             0,

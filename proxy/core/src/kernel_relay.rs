@@ -116,12 +116,26 @@ pub trait ClientGuard: Send {
     /// Where the kernel's walk stood when the direction took the TCP path.
     fn resume(&mut self, at: warden_ebpf::ClientPosition);
     /// Walks the next client bytes: what goes on to the upstream into
-    /// `up`, warden's own answers into `local`. `false`: the session ends
-    /// once those are written (the guard refused something it cannot
-    /// answer in a spliced session).
-    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool;
+    /// `up`, warden's own answers into `local`; see [`Fed`].
+    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> Fed;
     /// Commands refused so far.
     fn refused(&self) -> u64;
+}
+
+/// What a [`ClientGuard`] made of the client bytes it was fed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fed {
+    /// Relaying goes on.
+    Go,
+    /// The session ends once `up` and `local` are written (the guard
+    /// refused something it cannot answer in a spliced session).
+    End,
+    /// A command at a boundary must be decided by the route's user-space
+    /// relay: `up` goes on, then the splice ends ([`finish`] puts the two
+    /// streams back in step) and these client bytes — that command and
+    /// what followed it — start the user-space relay
+    /// ([`Finished::resumed`]).
+    Unsplice(Vec<u8>),
 }
 
 /// The outcome of hand-over attempts in one session.
@@ -137,6 +151,8 @@ pub struct Handover {
     /// The kernel's check of the client direction (`warden_ebpf::GUARD_*`);
     /// the matching [`ClientGuard`] is built only for a spliced session.
     guard: u8,
+    /// A Redis route's command list, as registered with the kernel.
+    list: warden_ebpf::CommandList,
 }
 
 impl Handover {
@@ -147,6 +163,7 @@ impl Handover {
             counted: None,
             joining: None,
             guard: warden_ebpf::GUARD_NONE,
+            list: warden_ebpf::CommandList::NONE,
         }
     }
 
@@ -158,6 +175,13 @@ impl Handover {
             guard,
             ..Handover::new(kind)
         }
+    }
+
+    /// With the route's command list (`GUARD_REDIS`): the kernel hands the
+    /// client's direction back before a command the list leaves to user
+    /// space, and the guard answers [`Fed::Unsplice`] there.
+    pub fn listed(self, list: warden_ebpf::CommandList) -> Handover {
+        Handover { list, ..self }
     }
 
     /// Offers the quiet moment to the kernel relay; `held` bytes (the
@@ -198,7 +222,7 @@ impl Handover {
             // quiet moment.
             Some(JoinState::Pending) | None => return Handed::Later,
         }
-        match relay.splice(client, up, self.guard, held) {
+        match relay.splice_listed(client, up, self.guard, self.list, held) {
             Ok(s) => {
                 count("spliced");
                 self.spliced = Some(s);
@@ -231,6 +255,84 @@ pub struct Finished {
     /// The guard ended the session (a refusal it cannot answer while the
     /// server's replies go straight to the client).
     pub ended_by_guard: bool,
+    /// The guard met a command the route's user-space relay decides
+    /// ([`Fed::Unsplice`]): the splice has ended, every reply the server
+    /// owed for earlier commands has reached the client, and the session
+    /// goes on in user space with these streams.
+    pub resumed: Option<Resumed>,
+}
+
+/// A spliced session handed back to user space ([`Finished::resumed`]).
+#[derive(Debug)]
+pub struct Resumed {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Client bytes read but not yet relayed: the user-space relay reads
+    /// them first.
+    pub pending: Vec<u8>,
+}
+
+impl Resumed {
+    /// The client as the user-space relay reads it: `pending` first.
+    pub fn into_parts(self) -> (Prefixed<TcpStream>, TcpStream) {
+        let client = Prefixed {
+            pending: self.pending,
+            pos: 0,
+            inner: self.client,
+        };
+        (client, self.upstream)
+    }
+}
+
+/// A stream whose first reads return `pending` (see [`Resumed`]).
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    pending: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.pending.len() {
+            let n = (this.pending.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.pending[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.pending.len() {
+                this.pending = Vec::new();
+                this.pos = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The rest of a spliced session: warden's two sockets are watched for
@@ -238,7 +340,8 @@ pub struct Finished {
 /// forwarded in order (a direction whose armed check failed, or that went
 /// past the window or met the guard, comes this way; see
 /// `KernelRelay::splice`); a freeze sends `frozen_error(entry)`. Both
-/// connections are closed on return.
+/// connections are closed on return, unless the guard hands the session
+/// back to user space ([`Fed::Unsplice`], [`Finished::resumed`]).
 pub async fn finish<S: ClientTransport>(
     client: S,
     upstream: UpstreamStream,
@@ -249,7 +352,7 @@ pub async fn finish<S: ClientTransport>(
 ) -> Finished {
     let Handover {
         kind,
-        spliced,
+        mut spliced,
         counted,
         guard: kernel_guard,
         ..
@@ -262,19 +365,24 @@ pub async fn finish<S: ClientTransport>(
         out.error = true;
         return out;
     };
+    tokio::pin!(frozen);
+    let mut frozen_error = Some(frozen_error);
+    let mut refusal = |f: &FreezeEntry| frozen_error.take().map(|e| e(f)).unwrap_or_default();
+    let mut pending = None;
     tokio::select! {
-        (error, up, down, refused) = watch_ends(
+        w = watch_ends(
             &mut client,
             &mut upstream,
             guard.as_mut().zip(spliced.as_ref()),
         ) => {
-            out.error = error;
-            out.ended_by_guard = refused;
-            out.up += up;
-            out.down += down;
+            out.error = w.error;
+            out.ended_by_guard = w.by_guard;
+            out.up += w.up;
+            out.down += w.down;
+            pending = w.unsplice;
         }
-        f = frozen => {
-            let _ = client.write_all(&frozen_error(&f)).await;
+        f = &mut frozen => {
+            let _ = client.write_all(&refusal(&f)).await;
             out.frozen = Some(f);
         }
     }
@@ -286,24 +394,58 @@ pub async fn finish<S: ClientTransport>(
             metrics.kernel_relay(kind, route, "tcp_path");
         }
     }
-    if let Some(s) = &spliced {
-        let (up, down) = s.bytes();
-        out.up += up;
-        out.down += down;
+    let mut kernel = (0, 0);
+    if let Some(s) = spliced.take() {
+        kernel = s.release();
     }
-    drop(client);
-    drop(upstream);
-    drop(spliced);
+    out.up += kernel.0;
+    out.down += kernel.1;
+    let Some(pending) = pending else {
+        return out;
+    };
+    // Back to user space: the splice has ended, so from here on the
+    // server's replies reach warden's socket. A barrier puts the streams
+    // in step: once the server answers it, every reply it owed the client
+    // for earlier commands has been forwarded.
+    tokio::select! {
+        b = barrier(&mut client, &mut upstream) => match b {
+            Ok(down) => {
+                out.down += down;
+                if let Some((route, metrics)) = &counted {
+                    metrics.kernel_relay(kind, route, "unspliced");
+                }
+                out.resumed = Some(Resumed { client, upstream, pending });
+            }
+            Err(e) => {
+                tracing::warn!("spliced session not handed back to user space: {e}");
+                out.error = true;
+            }
+        },
+        f = &mut frozen => {
+            let _ = client.write_all(&refusal(&f)).await;
+            out.frozen = Some(f);
+        }
+    }
     out
+}
+
+/// What [`watch_ends`] saw.
+#[derive(Default)]
+struct Watched {
+    error: bool,
+    up: u64,
+    down: u64,
+    by_guard: bool,
+    unsplice: Option<Vec<u8>>,
 }
 
 async fn watch_ends(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     mut guard: Option<(&mut Box<dyn ClientGuard>, &Spliced)>,
-) -> (bool, u64, u64, bool) {
+) -> Watched {
     let mut buf = vec![0u8; 16 * 1024];
-    let (mut up, mut down) = (0u64, 0u64);
+    let mut w = Watched::default();
     // `checked` may hold warden's own login (a Redis AUTH rewritten by the
     // guard): wiped when dropped.
     let mut checked = zeroize::Zeroizing::new(Vec::new());
@@ -313,11 +455,11 @@ async fn watch_ends(
         let from_client = tokio::select! {
             r = client.readable() => match r {
                 Ok(()) => true,
-                Err(_) => return (true, up, down, false),
+                Err(_) => return Watched { error: true, ..w },
             },
             r = upstream.readable() => match r {
                 Ok(()) => false,
-                Err(_) => return (true, up, down, false),
+                Err(_) => return Watched { error: true, ..w },
             },
         };
         let (from, to) = if from_client {
@@ -326,10 +468,10 @@ async fn watch_ends(
             (&mut *upstream, &mut *client)
         };
         let n = match from.try_read(&mut buf) {
-            Ok(0) => return (false, up, down, false),
+            Ok(0) => return w,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return (true, up, down, false),
+            Err(_) => return Watched { error: true, ..w },
         };
         let sent = match guard.as_mut().filter(|_| from_client) {
             Some((g, spliced)) => {
@@ -340,23 +482,86 @@ async fn watch_ends(
                 }
                 checked.clear();
                 local.clear();
-                let go_on = g.feed(&buf[..n], &mut checked, &mut local);
+                let fed = g.feed(&buf[..n], &mut checked, &mut local);
                 let sent = upstream.write_all(&checked).await.is_ok()
                     && client.write_all(&local).await.is_ok();
-                if sent && !go_on {
-                    return (false, up + n as u64, down, true);
+                match fed {
+                    _ if !sent => false,
+                    Fed::Go => true,
+                    Fed::End => {
+                        w.up += n as u64;
+                        w.by_guard = true;
+                        return w;
+                    }
+                    Fed::Unsplice(rest) => {
+                        w.up += (n - rest.len().min(n)) as u64;
+                        w.unsplice = Some(rest);
+                        return w;
+                    }
                 }
-                sent
             }
             None => to.write_all(&buf[..n]).await.is_ok(),
         };
         if !sent {
-            return (true, up, down, false);
+            return Watched { error: true, ..w };
         }
         if from_client {
-            up += n as u64;
+            w.up += n as u64;
         } else {
-            down += n as u64;
+            w.down += n as u64;
+        }
+    }
+}
+
+/// Puts a Redis session's two streams back in step after its splice ended:
+/// sends `PING <nonce>` upstream and forwards the server's bytes to the
+/// client until they end with its echo (a random 128-bit nonce: no reply
+/// the client could ask for ends that way), which is kept from the client.
+/// Nothing is sent upstream meanwhile, so the echo is the last thing the
+/// server sent: every reply owed for earlier commands went before it.
+/// Returns the bytes forwarded. A connection in RESP2 pub/sub mode answers
+/// PING with an array: that session cannot go on in step, so it ends.
+async fn barrier(client: &mut TcpStream, upstream: &mut TcpStream) -> std::io::Result<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut nonce = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut nonce)
+        .map_err(|_| std::io::Error::other("the system RNG failed"))?;
+    let nonce = hex::encode(nonce);
+    let ping = format!("*2\r\n$4\r\nPING\r\n${}\r\n{nonce}\r\n", nonce.len());
+    let echo = format!("${}\r\n{nonce}\r\n", nonce.len());
+    let echo = echo.as_bytes();
+    upstream.write_all(ping.as_bytes()).await?;
+    let mut held: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut forwarded = 0u64;
+    loop {
+        let n = upstream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::other("the server closed the connection"));
+        }
+        held.extend_from_slice(&buf[..n]);
+        if held.ends_with(echo) {
+            let before = &held[..held.len() - echo.len()];
+            const PUBSUB_PONG: &[u8] = b"*2\r\n$4\r\npong\r\n";
+            if before.ends_with(PUBSUB_PONG) {
+                client
+                    .write_all(&before[..before.len() - PUBSUB_PONG.len()])
+                    .await?;
+                return Err(std::io::Error::other(
+                    "the connection is in RESP2 pub/sub mode",
+                ));
+            }
+            client.write_all(before).await?;
+            return Ok(forwarded + before.len() as u64);
+        }
+        // Forward all but what could still be the start of the echo (or
+        // of a pub/sub PONG array and the echo).
+        let keep = (echo.len() + 16).min(held.len());
+        let go = held.len() - keep;
+        if go > 0 {
+            client.write_all(&held[..go]).await?;
+            forwarded += go as u64;
+            held.drain(..go);
         }
     }
 }

@@ -423,7 +423,7 @@ impl Metrics {
         let redis_kernel_relay = IntCounterVec::new(
             Opts::new(
                 "warden_redis_kernel_relay_total",
-                "Long Redis sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space), tcp_path (a spliced session whose client sent before it could be redirected — a pipelining client — so warden relayed it all, in order; counted at its end).",
+                "Long Redis sessions offered to the eBPF kernel relay by route and result: spliced (the kernel moves its bytes between the client's and the upstream's sockets from then on), busy (bytes still queued; offered again later), not_local (the client or the upstream is not on this host, or the kernel refused; relayed in user space), tcp_path (a spliced session whose client sent before it could be redirected — a pipelining client — so warden relayed it all, in order; counted at its end), unspliced (a spliced session whose client sent a command the route's command list leaves to warden: handed back to user space, which decides it and relays the rest).",
             ),
             &["route", "result"],
         )?;

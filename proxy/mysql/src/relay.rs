@@ -415,7 +415,12 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
         self.commands.continued = at.continues;
     }
 
-    fn feed(&mut self, data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool {
+    fn feed(
+        &mut self,
+        data: &[u8],
+        up: &mut Vec<u8>,
+        local: &mut Vec<u8>,
+    ) -> warden_core::kernel_relay::Fed {
         let ctx = Context {
             route: &self.route,
             workload: &self.workload,
@@ -429,7 +434,7 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
         // most a header and a command byte back.
         let (used, _) = self.commands.scan(&self.carry, up, local, &ctx);
         self.carry.drain(..used);
-        true
+        warden_core::kernel_relay::Fed::Go
     }
 
     fn refused(&self) -> u64 {

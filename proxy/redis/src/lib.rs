@@ -173,6 +173,9 @@ pub struct RedisShared {
     pub leases: Option<Arc<warden_core::leases::LeaseManager>>,
     /// The eBPF kernel relay for long sessions (None: user space only).
     pub kernel_relay: Option<Arc<warden_ebpf::KernelRelay>>,
+    /// Routes' command lists as registered with the kernel relay (a route
+    /// with a list that is not here is never spliced).
+    pub command_lists: HashMap<String, warden_ebpf::CommandList>,
 }
 
 impl RedisShared {
@@ -199,14 +202,41 @@ impl RedisShared {
             client_tls,
             leases: None,
             kernel_relay: None,
+            command_lists: HashMap::new(),
         })
     }
 
-    /// Sets the kernel relay long sessions are handed to.
+    /// Sets the kernel relay long sessions are handed to, and registers
+    /// the command lists of `routes` with it (one id per route: the kernel
+    /// hands a spliced client's commands back to user space before the
+    /// ones a list leaves to its relay, see `spliced::command_list_names`).
+    /// A list the kernel cannot take keeps its route in user space.
     pub fn with_kernel_relay(
         mut self,
         relay: Option<Arc<warden_ebpf::KernelRelay>>,
+        routes: &[Arc<RedisRoute>],
     ) -> RedisShared {
+        if let Some(k) = &relay {
+            let listed = routes
+                .iter()
+                .filter(|r| r.kernel_relay)
+                .filter_map(|r| Some((r, spliced::command_list_names(&r.commands)?)));
+            for (i, (route, names)) in listed.enumerate() {
+                let list = warden_ebpf::CommandList {
+                    id: u16::try_from(i + 1).unwrap_or(0),
+                    allow: route.commands.allow.is_some(),
+                };
+                match k.set_command_list(list.id, &names) {
+                    Ok(()) => {
+                        self.command_lists.insert(route.name.clone(), list);
+                    }
+                    Err(e) => tracing::warn!(
+                        route = %route.name,
+                        "its command list stays in user space (sessions are not handed to the kernel relay): {e}"
+                    ),
+                }
+            }
+        }
         self.kernel_relay = relay;
         self
     }
@@ -635,7 +665,12 @@ async fn session(
     };
     let (mut conn, mut client) = (conn, client);
     let kernel = kernel_eligible(&shared, &route, &client, &conn.stream);
-    let mut handover = Handover::guarded(RelayKind::Redis, warden_ebpf::GUARD_REDIS);
+    let list = shared
+        .command_lists
+        .get(&route.name)
+        .copied()
+        .unwrap_or(warden_ebpf::CommandList::NONE);
+    let mut handover = Handover::guarded(RelayKind::Redis, warden_ebpf::GUARD_REDIS).listed(list);
     // A freeze of this workload ends the session.
     let mut freezes = shared.admission.freezer().subscribe();
     let mut freezes_spliced = freezes.clone();
@@ -675,12 +710,10 @@ async fn session(
             frozen_error,
             // Built only now (it holds a copy of the password): most
             // sessions are never spliced.
-            Some(Box::new(spliced::SplicedCommands::new(
-                &route.name,
-                &who.workload,
-                user,
-                &secret.value,
-            ))),
+            Some(Box::new(
+                spliced::SplicedCommands::new(&route.name, &who.workload, user, &secret.value)
+                    .with_list(&route.commands),
+            )),
         )
         .await;
         outcome.up += done.up;
@@ -693,6 +726,26 @@ async fn session(
             None => "closed",
         };
         frozen = done.frozen;
+        if let Some(resumed) = done.resumed {
+            // A command the route's list leaves to its relay: the rest of
+            // the session runs in user space, in step again.
+            tracing::debug!(route = %route.name, "spliced session handed back to user space");
+            let (mut client, mut upstream) = resumed.into_parts();
+            let mut freezes_resumed = shared.admission.freezer().subscribe();
+            tokio::select! {
+                o = relay::relay(&mut client, &mut upstream, &ctx) => {
+                    outcome.up += o.up;
+                    outcome.down += o.down;
+                    outcome.refused_commands += o.refused_commands;
+                    outcome.how = o.how;
+                }
+                f = shared.admission.freezer().until_frozen(&who.workload, &mut freezes_resumed) => {
+                    let _ = client.write_all(&frozen_error(&f)).await;
+                    outcome.how = FROZEN;
+                    frozen = Some(f);
+                }
+            }
+        }
         // The upstream connection is closed: warden no longer knows
         // where its protocol stands.
         None
@@ -755,11 +808,12 @@ fn kernel_eligible(
     upstream: &UpstreamStream,
 ) -> Option<Arc<warden_ebpf::KernelRelay>> {
     let policy = &route.commands;
+    let listed = shared.command_lists.contains_key(&route.name);
     shared
         .kernel_relay
         .as_ref()
         .filter(|_| route.kernel_relay)
-        .filter(|_| policy.deny.is_empty() && policy.allow.is_none())
+        .filter(|_| listed || (policy.deny.is_empty() && policy.allow.is_none()))
         .filter(|_| client.plain_tcp().is_some())
         .filter(|_| matches!(upstream, UpstreamStream::Plain(_)))
         .cloned()

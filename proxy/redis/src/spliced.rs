@@ -19,10 +19,11 @@
 //!
 //! Malformed RESP ends the session with Redis' own protocol error.
 
-use crate::relay::{hello, ClientState, Context};
+use crate::relay::{hello, ClientState, CommandPolicy, Context};
 use crate::resp::{
     error_reply, parse_command, Command, ProtocolError, MAX_ARGS, MAX_BULK, MAX_INLINE,
 };
+use warden_core::kernel_relay::Fed;
 use zeroize::Zeroizing;
 
 /// Longest command warden reads whole (an `AUTH`, `HELLO` or `RESET`, or an
@@ -32,6 +33,31 @@ const MAX_WHOLE: usize = MAX_INLINE;
 /// Longest `*<count>` or `$<len>` line, CRLF included (a length has at
 /// most 20 digits).
 const MAX_LINE: usize = 64;
+
+/// Longest command name read to check a route's command list (Redis'
+/// longest has 20 bytes; a longer one is in no list).
+const MAX_NAME: usize = 64;
+
+/// The names the kernel looks up for a route's command list
+/// (`KernelRelay::set_command_list`), upper case: for a deny list, every
+/// command a rule names (`CONFIG|SET` names `CONFIG`: the route's relay
+/// decides the subcommand); for an allow list, the commands it allows
+/// whole (any other goes to the relay, which refuses or checks its
+/// subcommand). `None`: the route has no list.
+pub fn command_list_names(policy: &CommandPolicy) -> Option<Vec<String>> {
+    let mut names: Vec<String> = match &policy.allow {
+        Some(allow) => allow.iter().filter(|e| !e.contains('|')).cloned().collect(),
+        None if policy.deny.is_empty() => return None,
+        None => policy
+            .deny
+            .iter()
+            .map(|e| e.split('|').next().unwrap_or(e).to_string())
+            .collect(),
+    };
+    names.sort();
+    names.dedup();
+    Some(names)
+}
 
 /// Where the walk stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +93,8 @@ pub struct SplicedCommands {
     user: String,
     password: Zeroizing<Vec<u8>>,
     refused: u64,
+    /// The route's command list, if it has one.
+    listed: Option<CommandPolicy>,
 }
 
 impl SplicedCommands {
@@ -83,13 +111,39 @@ impl SplicedCommands {
             user: user.to_string(),
             password: Zeroizing::new(password.to_vec()),
             refused: 0,
+            listed: None,
         }
     }
 
-    fn protocol_error(&self, e: &ProtocolError, local: &mut Vec<u8>) -> bool {
+    /// The route's command list (see [`command_list_names`]).
+    pub fn with_list(self, policy: &CommandPolicy) -> SplicedCommands {
+        let listed = (!policy.deny.is_empty() || policy.allow.is_some()).then(|| policy.clone());
+        SplicedCommands { listed, ..self }
+    }
+
+    fn protocol_error(&self, e: &ProtocolError, local: &mut Vec<u8>) -> Fed {
         tracing::warn!(route = %self.route, "spliced session: {e}");
         local.extend_from_slice(&error_reply("ERR", &format!("Protocol error: {e}")));
-        false
+        Fed::End
+    }
+
+    /// With the route's command list: the kernel relay hands the session
+    /// back to user space before this command (the route's relay decides
+    /// it, subcommand rules included). The same rule as the kernel's
+    /// (`command_list_names`): a deny list's commands, any command an
+    /// allow list does not allow whole.
+    fn hands_back(&self, name: &[u8]) -> bool {
+        let Some(list) = &self.listed else {
+            return false;
+        };
+        let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        match &list.allow {
+            Some(allow) => !allow.contains(&name),
+            None => list
+                .deny
+                .iter()
+                .any(|e| e.split('|').next() == Some(name.as_str())),
+        }
     }
 
     /// A whole command in `held`: handled, or the session ends.
@@ -160,7 +214,7 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
         self.line_from = 0;
     }
 
-    fn feed(&mut self, mut data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> bool {
+    fn feed(&mut self, mut data: &[u8], up: &mut Vec<u8>, local: &mut Vec<u8>) -> Fed {
         loop {
             match self.at {
                 At::Whole => {
@@ -174,22 +228,28 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                             let rest = self.held.len() - cmd.len;
                             data = &data[k - rest..];
                             self.held.truncate(cmd.len);
+                            if self.hands_back(cmd.arg(&self.held, 0).unwrap_or_default()) {
+                                // What was read of the rest goes back too.
+                                let mut rest = std::mem::take(&mut *self.held);
+                                rest.extend_from_slice(data);
+                                return Fed::Unsplice(rest);
+                            }
                             if !self.whole_command(&cmd, up, local) {
-                                return false;
+                                return Fed::End;
                             }
                             self.held.clear();
                             self.line_from = 0;
                             self.left = 0;
                             self.at = At::Command;
                         }
-                        Ok(false) if self.held.len() <= MAX_WHOLE => return true,
+                        Ok(false) if self.held.len() <= MAX_WHOLE => return Fed::Go,
                         Ok(false) => {
                             return self.protocol_error(&ProtocolError::InlineTooLong, local)
                         }
                         Err(e) => return self.protocol_error(&e, local),
                     }
                 }
-                _ if data.is_empty() => return true,
+                _ if data.is_empty() => return Fed::Go,
                 At::Bulk(n) => {
                     let k = n.min(data.len());
                     // The bulk string's CRLF, checked before it goes on (as
@@ -222,10 +282,18 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                     if &self.held[need - 2..need] != b"\r\n" {
                         return self.protocol_error(&ProtocolError::MissingCrlf, local);
                     }
-                    if is_wardens(&self.held[need - 2 - len..need - 2]) {
+                    let name = &self.held[need - 2 - len..need - 2];
+                    if is_wardens(name) {
                         // `held` is the command's start: read it whole.
                         self.at = At::Whole;
                         continue;
+                    }
+                    if self.hands_back(name) {
+                        // The route's relay decides: from the command's
+                        // start, with everything read after it.
+                        let mut rest = std::mem::take(&mut *self.held);
+                        rest.extend_from_slice(data);
+                        return Fed::Unsplice(rest);
                     }
                     up.extend_from_slice(&self.held);
                     self.held.clear();
@@ -280,14 +348,22 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
                         return self.protocol_error(&ProtocolError::BulkLength, local);
                     };
                     let len = usize::try_from(len).unwrap_or(usize::MAX - 2);
-                    if self.naming && len <= 5 {
-                        // Short enough to be one of warden's: the name
-                        // decides, so it is read (with its CRLF) first.
+                    if self.naming && (len <= 5 || (self.listed.is_some() && len <= MAX_NAME)) {
+                        // Short enough to be one of warden's, or a route
+                        // with a command list: the name decides, so it is
+                        // read (with its CRLF) first.
                         self.at = At::Name {
                             need: self.held.len() + len + 2,
                             len,
                         };
                         continue;
+                    }
+                    if self.naming && self.listed.as_ref().is_some_and(|l| l.allow.is_some()) {
+                        // A name longer than any command: not in an allow
+                        // list, so its relay refuses it.
+                        let mut rest = std::mem::take(&mut *self.held);
+                        rest.extend_from_slice(data);
+                        return Fed::Unsplice(rest);
                     }
                     self.naming = false;
                     up.extend_from_slice(&self.held);
@@ -308,7 +384,7 @@ impl warden_core::kernel_relay::ClientGuard for SplicedCommands {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warden_core::kernel_relay::ClientGuard;
+    use warden_core::kernel_relay::{ClientGuard, Fed};
     use warden_ebpf::ClientPosition;
 
     fn cmd(args: &[&[u8]]) -> Vec<u8> {
@@ -322,11 +398,95 @@ mod tests {
     fn walk(g: &mut SplicedCommands, stream: &[u8], step: usize) -> (Vec<u8>, Vec<u8>, bool) {
         let (mut up, mut local) = (Vec::new(), Vec::new());
         for chunk in stream.chunks(step) {
-            if !g.feed(chunk, &mut up, &mut local) {
+            if g.feed(chunk, &mut up, &mut local) != Fed::Go {
                 return (up, local, false);
             }
         }
         (up, local, true)
+    }
+
+    /// Feeds `stream` in chunks of `step` until the guard hands the
+    /// session back: what went up before, and the bytes handed back with
+    /// the rest of the stream.
+    fn walk_to_unsplice(g: &mut SplicedCommands, stream: &[u8], step: usize) -> (Vec<u8>, Vec<u8>) {
+        let (mut up, mut local) = (Vec::new(), Vec::new());
+        for (i, chunk) in stream.chunks(step).enumerate() {
+            match g.feed(chunk, &mut up, &mut local) {
+                Fed::Go => {}
+                Fed::Unsplice(mut rest) => {
+                    rest.extend_from_slice(&stream[((i + 1) * step).min(stream.len())..]);
+                    assert!(local.is_empty());
+                    return (up, rest);
+                }
+                Fed::End => panic!("ended: {}", String::from_utf8_lossy(&local)),
+            }
+        }
+        panic!("never handed back");
+    }
+
+    #[test]
+    fn a_listed_command_hands_the_session_back_from_its_start_at_any_split() {
+        let deny = CommandPolicy::new(Some(&["config|set".to_string(), "KEYS".to_string()]), None);
+        let allow = CommandPolicy::new(
+            None,
+            Some(&["GET".to_string(), "client|setname".to_string()]),
+        );
+        let head = [cmd(&[b"GET", b"k"]), cmd(&[b"GET", b"k2"])].concat();
+        for (policy, listed) in [
+            (&deny, cmd(&[b"Config", b"GET", b"x"])),
+            (&deny, cmd(&[b"keys", b"*"])),
+            (&allow, cmd(&[b"SET", b"k", b"v"])),
+            (&allow, cmd(&[b"CLIENT", b"SETNAME", b"n"])),
+            (&allow, b"SET k v\r\n".to_vec()),
+        ] {
+            let tail = cmd(&[b"GET", b"after"]);
+            let stream = [head.clone(), listed.clone(), tail.clone()].concat();
+            for step in 1..=stream.len() {
+                let mut g = guard().with_list(policy);
+                g.resume(ClientPosition::default());
+                let (up, rest) = walk_to_unsplice(&mut g, &stream, step);
+                assert_eq!(up, head, "step {step}");
+                assert_eq!(rest, [listed.clone(), tail.clone()].concat(), "step {step}");
+            }
+        }
+        // What a deny list does not name, and what an allow list allows
+        // whole, go on in the kernel's stead.
+        let stream = [cmd(&[b"CONFIGX"]), cmd(&[b"get", b"k"])].concat();
+        for policy in [&deny, &allow] {
+            let mut g = guard().with_list(policy);
+            g.resume(ClientPosition::default());
+            if policy.allow.is_some() {
+                let (up, rest) = walk_to_unsplice(&mut g, &stream, 3);
+                assert!(up.is_empty());
+                assert_eq!(rest, stream);
+            } else {
+                let (up, local, go_on) = walk(&mut g, &stream, 3);
+                assert!(go_on && local.is_empty());
+                assert_eq!(up, stream);
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_looks_up_what_the_walk_hands_back() {
+        let deny = CommandPolicy::new(
+            Some(&[
+                "config|set".to_string(),
+                "KEYS".to_string(),
+                "CONFIG".to_string(),
+            ]),
+            None,
+        );
+        assert_eq!(
+            command_list_names(&deny),
+            Some(vec!["CONFIG".to_string(), "KEYS".to_string()])
+        );
+        let allow = CommandPolicy::new(
+            None,
+            Some(&["get".to_string(), "client|setname".to_string()]),
+        );
+        assert_eq!(command_list_names(&allow), Some(vec!["GET".to_string()]));
+        assert_eq!(command_list_names(&CommandPolicy::default()), None);
     }
 
     fn guard() -> SplicedCommands {
