@@ -4,8 +4,9 @@
 //! both ways) still arrives; its end record says so. After the splice a
 //! client's `AUTH` and `HELLO … AUTH` still log in as the route's user only
 //! (the kernel hands them to warden), and `RESET` ends the session. A
-//! route with a command list is spliced too, and handed back to user space
-//! before a listed command, which is refused in place; one with
+//! route with a command list (deny or allow) is spliced too, and handed
+//! back to user space before a listed command (only then), which is
+//! refused in place; one with
 //! `kernel_relay = false` stays in user space; a freeze ends a spliced
 //! session.
 //!
@@ -34,13 +35,15 @@ struct Setup {
     deny: u16,
     /// Route `cache-off`: `kernel_relay = false`.
     off: u16,
+    /// Route `cache-allow`: an allow list.
+    allowed: u16,
 }
 
 /// `extra` goes after the workload `me` (more workloads); `allow` is the
 /// allow list of routes `cache` and `cache-off`.
 fn setup(extra: &str, allow: &str) -> Setup {
     let server = RedisServer::start(DEFAULT_PW, APP_PW);
-    let [cache, deny, off] = [free_port(), free_port(), free_port()];
+    let [cache, deny, off, allowed] = [free_port(), free_port(), free_port(), free_port()];
     let cfg = format!(
         r#"
 trust_domain = "example.org"
@@ -81,6 +84,16 @@ credential = {{ secret = "cache/default" }}
 kernel_relay = false
 allow = [{allow}]
 
+[[route]]
+name = "cache-allow"
+kind = "redis"
+listen = "127.0.0.1:{allowed}"
+upstream = "127.0.0.1:{up}"
+upstream_tls = {{ mode = "disable" }}
+credential = {{ secret = "cache/default" }}
+allow_commands = ["GET", "SET", "PING"]
+allow = ["me"]
+
 [monitor]
 ebpf = "required"
 "#,
@@ -100,6 +113,7 @@ ebpf = "required"
         cache,
         deny,
         off,
+        allowed,
     }
 }
 
@@ -336,6 +350,33 @@ fn a_listed_command_hands_a_spliced_session_back_and_is_refused_in_place() {
         end.contains("kernel relay") && end.contains("2 commands refused"),
         "{end}"
     );
+}
+
+/// An allow list: what it allows stays in the kernel (the session is not
+/// handed back for it), anything else is handed back and refused in place.
+#[test]
+fn an_allow_list_keeps_allowed_commands_in_the_kernel_and_refuses_the_rest_in_place() {
+    if !have_root() {
+        return;
+    }
+    let s = setup("", "\"me\"");
+    let route = "cache-allow";
+    let mut c = spliced_session_on(&s, s.allowed, route);
+    for i in 0..20 {
+        let key = format!("k{i}");
+        c.send(&command(&[b"get", key.as_bytes()]));
+        let want = format!("${}\r\n{i}\r\n", i.to_string().len());
+        assert_eq!(c.read_at_least(want.len()), want.as_bytes(), "GET {i}");
+    }
+    assert_eq!(relay_metric(&s.warden, route, "unspliced"), 0.0);
+    c.send(&[command(&[b"DEL", b"k1"]), command(&[b"GET", b"k1"])].concat());
+    let got = c.read_until(b"\r\n$1\r\n1\r\n");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("-NOPERM ") && text.contains("\"DEL\""),
+        "{text}"
+    );
+    assert_eq!(relay_metric(&s.warden, route, "unspliced"), 1.0);
 }
 
 /// A spliced session (route `cache`) and one in user space (`cache-off`).

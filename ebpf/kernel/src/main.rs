@@ -1070,9 +1070,8 @@ fn lower_words(key: &mut RedisName) {
 /// `want` bytes of the message, pulled) is the route's command list's to
 /// leave to user space (`list`: the list in the low 16 bits, 1 << 16 for
 /// an allow list): a deny list's name, a name not in an allow list, or a
-/// name not wholly within the bytes looked at. A subprogram: the
-/// verifier's paths through it end at its return.
-#[inline(never)]
+/// name not wholly within the bytes looked at.
+#[inline(always)]
 fn wardens_name(data: usize, body: usize, len: u32, want: usize, list: u32) -> bool {
     // Unlinked copies (a product is a new value to the verifier, a move is
     // not): what the checks below learn about them stays here.
