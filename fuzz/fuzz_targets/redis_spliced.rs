@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use warden_core::kernel_relay::ClientGuard;
+use warden_core::kernel_relay::{ClientGuard, Fed};
 use warden_ebpf::ClientPosition;
 use warden_fuzz::split_input;
 use warden_redis::resp::{encode_command, parse_command, Command};
@@ -26,7 +26,7 @@ fn run(chunks: &[&[u8]]) -> (Vec<u8>, Vec<u8>, bool) {
     g.resume(ClientPosition::default());
     let (mut up, mut local) = (Vec::new(), Vec::new());
     for c in chunks {
-        if !g.feed(c, &mut up, &mut local) {
+        if g.feed(c, &mut up, &mut local) != Fed::Go {
             return (up, local, false);
         }
     }
