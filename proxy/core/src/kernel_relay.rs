@@ -274,64 +274,9 @@ pub struct Resumed {
 
 impl Resumed {
     /// The client as the user-space relay reads it: `pending` first.
-    pub fn into_parts(self) -> (Prefixed<TcpStream>, TcpStream) {
-        let client = Prefixed {
-            pending: self.pending,
-            pos: 0,
-            inner: self.client,
-        };
+    pub fn into_parts(self) -> (crate::rewind::Rewind<TcpStream>, TcpStream) {
+        let client = crate::rewind::Rewind::new(self.client, self.pending);
         (client, self.upstream)
-    }
-}
-
-/// A stream whose first reads return `pending` (see [`Resumed`]).
-#[derive(Debug)]
-pub struct Prefixed<S> {
-    pending: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.pos < this.pending.len() {
-            let n = (this.pending.len() - this.pos).min(buf.remaining());
-            buf.put_slice(&this.pending[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.pending.len() {
-                this.pending = Vec::new();
-                this.pos = 0;
-            }
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -47,6 +47,7 @@ pub mod paths;
 pub mod peer;
 pub mod pgwire;
 pub mod propagation;
+pub mod rewind;
 pub mod rotation;
 pub mod service;
 pub mod shard;

@@ -29,8 +29,9 @@
 //! workload's lease user, an ACL user warden created ([`dynamic`]); the
 //! route's `user`/`secret` are then only the administrative login.
 //!
-//! With `kernel_relay = true` (off by default: a spliced session's `AUTH`
-//! and `RESET` reach the server unseen) a long session that qualifies
+//! With `kernel_relay` on (the default; the kernel hands a spliced
+//! client's `AUTH`, `HELLO`, `RESET` and the commands its route's list
+//! leaves to warden back to [`spliced`]) a long session that qualifies
 //! (`kernel_eligible`) is handed to the eBPF kernel relay after
 //! [`relay::HANDOVER_AFTER`] answered commands, at a quiet moment (see
 //! [`relay`]); `warden_core::kernel_relay` watches it from then on. A
@@ -664,12 +665,9 @@ async fn session(
         password: &secret.value,
     };
     let (mut conn, mut client) = (conn, client);
-    let kernel = kernel_eligible(&shared, &route, &client, &conn.stream);
-    let list = shared
-        .command_lists
-        .get(&route.name)
-        .copied()
-        .unwrap_or(warden_ebpf::CommandList::NONE);
+    let list = shared.command_lists.get(&route.name).copied();
+    let kernel = kernel_eligible(&shared, &route, list.is_some(), &client, &conn.stream);
+    let list = list.unwrap_or(warden_ebpf::CommandList::NONE);
     let mut handover = Handover::guarded(RelayKind::Redis, warden_ebpf::GUARD_REDIS).listed(list);
     // A freeze of this workload ends the session.
     let mut freezes = shared.admission.freezer().subscribe();
@@ -798,17 +796,17 @@ const FROZEN: &str = "closed: workload frozen";
 /// Whether this session may be handed to the kernel relay (see
 /// `docs/redis.md`): the relay is loaded and on for the route, client and
 /// upstream are plain TCP (the upstream's far end must be on this host too,
-/// which the splice itself checks), and the route has no command list
-/// (enforcing one needs every command parsed). What the session runs can
-/// still rule it out ([`relay`]).
+/// which the splice itself checks), and the route has no command list or
+/// one the kernel took (`listed`: it hands listed commands back). What the
+/// session runs can still rule it out ([`relay`]).
 fn kernel_eligible(
     shared: &RedisShared,
     route: &RedisRoute,
+    listed: bool,
     client: &Client,
     upstream: &UpstreamStream,
 ) -> Option<Arc<warden_ebpf::KernelRelay>> {
     let policy = &route.commands;
-    let listed = shared.command_lists.contains_key(&route.name);
     shared
         .kernel_relay
         .as_ref()
