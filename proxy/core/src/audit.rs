@@ -938,6 +938,14 @@ pub struct AuditLog {
     /// Highest seq this handle wrote into the head anchor: an fsync that
     /// finishes after a newer anchor was written must not move it back.
     anchored: std::cell::Cell<u64>,
+    /// The head anchor file, kept open after its first write so an update
+    /// is one `pwrite` (not open + write + stat + close on every commit).
+    /// Dropped, so the next update opens the path afresh, whenever the
+    /// log's path is re-checked (every append of a handle that is not the
+    /// sole writer, once a second for the daemon's) and after a failed
+    /// update: an anchor replaced or removed under the daemon is written
+    /// again within a second.
+    anchor: std::cell::RefCell<Option<File>>,
     /// Called with each record and its line once written (see [`AuditTap`]).
     tap: Option<AuditTap>,
     #[cfg(test)]
@@ -1032,6 +1040,7 @@ impl AuditLog {
             checked_at: None,
             window_lock: None,
             anchored: std::cell::Cell::new(0),
+            anchor: std::cell::RefCell::new(None),
             tap: None,
             #[cfg(test)]
             fault: None,
@@ -1259,6 +1268,8 @@ impl AuditLog {
         if recheck {
             self.check_same_file()?;
             self.checked_at = Some(std::time::Instant::now());
+            // The anchor's path is looked up again at its next update.
+            *self.anchor.get_mut() = None;
         }
         let len = if self.sole_writer {
             self.known_len
@@ -1407,6 +1418,8 @@ impl AuditLog {
     ///   `verify` note a lagging anchor.
     /// * Nothing is allocated after the first append, so a full disk fails
     ///   the log write, not the anchor.
+    /// * The file stays open between updates (see `AuditLog::anchor`), so
+    ///   a commit costs one system call here.
     ///
     /// An error leaves the old anchor in place (the write is never partial
     /// in practice; if it were, the next open refuses the log as unreadable
@@ -1424,25 +1437,44 @@ impl AuditLog {
             return Err(io_err(head)(io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         let content = anchor_line(seq, hash, self.interval_anchor)?;
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(head)
-            .map_err(io_err(head))?;
-        f.write_all_at(&content, 0).map_err(io_err(head))?;
-        // A longer file (an anchor written by hand or by a tool) would leave
-        // trailing bytes that make it unparsable.
-        if f.metadata().map_err(io_err(head))?.len() != content.len() as u64 {
-            f.set_len(content.len() as u64).map_err(io_err(head))?;
+        let mut slot = self.anchor.borrow_mut();
+        let written = match &mut *slot {
+            Some(f) => f.write_all_at(&content, 0).map_err(io_err(head)),
+            empty @ None => open_anchor(head, &content).map(|f| {
+                *empty = Some(f);
+            }),
+        };
+        let synced = written.and_then(|()| match (&*slot, durable) {
+            (Some(f), true) => f.sync_data().map_err(io_err(head)),
+            _ => Ok(()),
+        });
+        if synced.is_err() {
+            // Open the path afresh next time.
+            *slot = None;
         }
-        if durable {
-            f.sync_data().map_err(io_err(head))?;
-        }
+        synced?;
         self.anchored.set(self.anchored.get().max(seq));
         Ok(())
     }
+}
+
+/// Opens (creating it, mode 0600, never through a symlink) the head anchor
+/// and writes `content` at offset 0; a longer file (an anchor written by
+/// hand or by a tool) is cut to `content`'s length, else its trailing
+/// bytes would make it unparsable.
+fn open_anchor(head: &Path, content: &[u8]) -> Result<File, AuditError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(head)
+        .map_err(io_err(head))?;
+    f.write_all_at(content, 0).map_err(io_err(head))?;
+    if f.metadata().map_err(io_err(head))?.len() != content.len() as u64 {
+        f.set_len(content.len() as u64).map_err(io_err(head))?;
+    }
+    Ok(f)
 }
 
 /// Width of the head anchor file: `{"seq":N,"hash":"…"}`, padded with
@@ -2971,6 +3003,47 @@ mod tests {
                 .sum();
             fs::write(&path, &lines[..keep]).unwrap();
         }
+    }
+
+    #[test]
+    fn a_removed_anchor_is_written_again_at_the_next_path_check() {
+        let (_dir, path) = new_log(3);
+        let head = anchor_path(&path).unwrap();
+        let anchored = |seq: u64| {
+            let now = fs::read_to_string(&head).unwrap();
+            assert_eq!(now.len(), ANCHOR_WIDTH, "{now:?}");
+            assert!(now.starts_with(&format!("{{\"seq\":{seq},")), "{now:?}");
+        };
+        // Not the sole writer: every append looks the path up again.
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.append(&event(4)).unwrap().seq, 4);
+        fs::remove_file(&head).unwrap();
+        assert_eq!(log.append(&event(5)).unwrap().seq, 5);
+        anchored(5);
+        drop(log);
+        // The daemon's handle keeps the anchor open between path checks:
+        // an anchor removed under it is written again at the next one.
+        let mut log = AuditLog::open(&path).unwrap();
+        log.set_sole_writer();
+        assert_eq!(log.append(&event(6)).unwrap().seq, 6);
+        anchored(6);
+        fs::remove_file(&head).unwrap();
+        assert_eq!(log.append(&event(7)).unwrap().seq, 7);
+        assert!(!head.exists(), "written to the open (removed) file");
+        log.checked_at = None;
+        assert_eq!(log.append(&event(8)).unwrap().seq, 8);
+        anchored(8);
+        assert!(assert_clean(&path, 8).notes.is_empty());
+        // Replaced by another file: the same.
+        let other = head.with_extension("other");
+        fs::write(&other, "x").unwrap();
+        fs::rename(&other, &head).unwrap();
+        assert_eq!(log.append(&event(9)).unwrap().seq, 9);
+        assert_eq!(fs::read_to_string(&head).unwrap(), "x");
+        log.checked_at = None;
+        assert_eq!(log.append(&event(10)).unwrap().seq, 10);
+        anchored(10);
+        assert!(assert_clean(&path, 10).notes.is_empty());
     }
 
     #[test]
