@@ -156,6 +156,10 @@ pub(super) struct Sample {
     /// The proxy's context switches per transaction (its live threads'
     /// voluntary + involuntary switches).
     switches_per_txn: Option<f64>,
+    /// warden's CPU per transaction by thread kind (µs): the session
+    /// threads, the audit writer, the rest (eBPF event reader, anomaly
+    /// detector, admin socket, timers). None for PgBouncer.
+    threads_us: Option<ThreadSplit>,
     /// Where the machine's CPU went per transaction (µs): pgbench, the
     /// PostgreSQL server (postmaster and backends), every core's busy time.
     split: Option<CpuSplit>,
@@ -171,6 +175,52 @@ pub(super) struct CpuSplit {
     machine_us: f64,
     /// Busy share of all cores during the run (0–1).
     busy: f64,
+}
+
+/// warden's CPU (µs) by thread kind, from each live thread's
+/// `/proc/PID/task/TID/stat` (its `comm` says which kind it is).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ThreadSplit {
+    sessions: f64,
+    audit: f64,
+    rest: f64,
+}
+
+impl ThreadSplit {
+    /// Sums of the live threads of `pid` so far.
+    fn read(pid: u32) -> Option<ThreadSplit> {
+        let mut split = ThreadSplit::default();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let tid = task.file_name();
+            let Some(tid) = tid.to_str() else { continue };
+            let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+                continue;
+            };
+            let Some([user, system, _, _]) = stat_times(&format!("{pid}/task/{tid}")) else {
+                continue;
+            };
+            let us = (user + system) as f64;
+            match comm.trim() {
+                c if c.starts_with("warden-shard") => split.sessions += us,
+                "warden-audit" => split.audit += us,
+                _ => split.rest += us,
+            }
+        }
+        Some(split)
+    }
+
+    /// (after − before) / n.
+    fn per(after: ThreadSplit, before: ThreadSplit, n: usize) -> ThreadSplit {
+        let per = |a: f64, b: f64| (a - b).max(0.0) / n as f64;
+        ThreadSplit {
+            sessions: per(after.sessions, before.sessions),
+            audit: per(after.audit, before.audit),
+            rest: per(after.rest, before.rest),
+        }
+    }
 }
 
 /// Cumulative CPU counters read before and after a run (µs).
@@ -547,10 +597,13 @@ impl Lab {
         command.arg(ROLE).current_dir(&logs);
         let proxy = self.proxy_pid(target);
         let server = self.server_pid();
+        let warden = proxy.filter(|_| target != Target::PgBouncer);
         let before = proxy.and_then(process_cost);
+        let threads_before = warden.and_then(ThreadSplit::read);
         let counters_before = cpu_counters(server);
         let out = run_captured(&mut command)?;
         let counters_after = cpu_counters(server);
+        let threads_after = warden.and_then(ThreadSplit::read);
         let after = proxy.and_then(process_cost);
         let mut sample = parse_pgbench_output(&out)
             .with_context(|| format!("could not read pgbench's summary:\n{out}"))?;
@@ -561,6 +614,9 @@ impl Lab {
             if n > 0 {
                 sample.cpu_us_per_txn = Some(a.0.saturating_sub(b.0) as f64 / n as f64);
                 sample.switches_per_txn = Some(a.1.saturating_sub(b.1) as f64 / n as f64);
+                if let (Some(tb), Some(ta)) = (threads_before, threads_after) {
+                    sample.threads_us = Some(ThreadSplit::per(ta, tb, n));
+                }
             }
         }
         let n = latencies_us.len();
@@ -788,8 +844,20 @@ fn median_sample(samples: &[Sample]) -> Sample {
         transactions: samples.iter().map(|s| s.transactions).sum(),
         cpu_us_per_txn: median_of(samples.iter().filter_map(|s| s.cpu_us_per_txn).collect()),
         switches_per_txn: median_of(samples.iter().filter_map(|s| s.switches_per_txn).collect()),
+        threads_us: median_threads(samples),
         split: median_split(samples),
     }
+}
+
+/// Per-field medians of the rounds' thread splits.
+fn median_threads(samples: &[Sample]) -> Option<ThreadSplit> {
+    let all: Vec<ThreadSplit> = samples.iter().filter_map(|s| s.threads_us).collect();
+    let pick = |f: fn(&ThreadSplit) -> f64| median_of(all.iter().map(f).collect());
+    Some(ThreadSplit {
+        sessions: pick(|t| t.sessions)?,
+        audit: pick(|t| t.audit)?,
+        rest: pick(|t| t.rest)?,
+    })
 }
 
 /// Per-field medians of the rounds' CPU splits.
@@ -875,9 +943,20 @@ fn print_report(results: &Results, options: &Options) {
         for target in [Target::Warden, Target::WardenCommit, Target::PgBouncer] {
             let s = find(mode, target);
             if let (Some(cpu), Some(sw)) = (s.cpu_us_per_txn, s.switches_per_txn) {
+                // Which of warden's threads spent it: the session work
+                // PgBouncer also does, and what PgBouncer has no part
+                // like (the audit writer; the eBPF event reader, anomaly
+                // detector and the rest).
+                let threads = match (mode, s.threads_us) {
+                    (Mode::ConnectPerTransaction, Some(t)) => format!(
+                        "  (session threads {:.0}, audit writer {:.0}, other threads {:.0})",
+                        t.sessions, t.audit, t.rest
+                    ),
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     table,
-                    "  {:<18} {:<14} {:>8.1} µs CPU  {:>6.2} context switches",
+                    "  {:<18} {:<14} {:>8.1} µs CPU  {:>6.2} context switches{threads}",
                     mode.name(),
                     target.name(),
                     cpu,
