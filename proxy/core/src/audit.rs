@@ -1437,22 +1437,20 @@ impl AuditLog {
             return Err(io_err(head)(io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         let content = anchor_line(seq, hash, self.interval_anchor)?;
+        // Taken out while in use: after a failed update the slot stays
+        // empty, so the next update opens the path afresh.
         let mut slot = self.anchor.borrow_mut();
-        let written = match &mut *slot {
-            Some(f) => f.write_all_at(&content, 0).map_err(io_err(head)),
-            empty @ None => open_anchor(head, &content).map(|f| {
-                *empty = Some(f);
-            }),
+        let f = match slot.take() {
+            Some(f) => {
+                f.write_all_at(&content, 0).map_err(io_err(head))?;
+                f
+            }
+            None => open_anchor(head, &content)?,
         };
-        let synced = written.and_then(|()| match (&*slot, durable) {
-            (Some(f), true) => f.sync_data().map_err(io_err(head)),
-            _ => Ok(()),
-        });
-        if synced.is_err() {
-            // Open the path afresh next time.
-            *slot = None;
+        if durable {
+            f.sync_data().map_err(io_err(head))?;
         }
-        synced?;
+        *slot = Some(f);
         self.anchored.set(self.anchored.get().max(seq));
         Ok(())
     }
