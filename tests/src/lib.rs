@@ -74,12 +74,6 @@ impl Output {
     }
 }
 
-/// A free TCP port on loopback (bound then released), never one this
-/// process handed out before (a test that asks twice — a route and the
-/// metrics endpoint — must get two). Ports come from 20000–32767, below the
-/// kernel's ephemeral range (32768–60999): a port from that range can be
-/// taken meanwhile as the source port of some test's outgoing connection,
-/// and the daemon's later bind then fails with "address already in use".
 /// An exclusive `flock` on `<tmp>/warden-tests-<name>.lock`, held until the
 /// file is dropped: what several tests must not do at once takes turns also
 /// across processes (nextest runs each test in its own process, so an
@@ -102,14 +96,33 @@ pub fn exclusive_lock(name: &str) -> std::fs::File {
     }
 }
 
+/// A free TCP port on loopback (bound then released), never one this
+/// process handed out before (a test that asks twice — a route and the
+/// metrics endpoint — must get two). Ports come from 20000–32767, below the
+/// kernel's ephemeral range (32768–60999): a port from that range can be
+/// taken meanwhile as the source port of some test's outgoing connection,
+/// and the daemon's later bind then fails with "address already in use".
+///
+/// A port is also reserved across processes until this one exits: by an
+/// exclusive `flock` on `<tmp>/warden-tests-ports/<port>.lock`, taken without
+/// waiting and never released. Without it two tests running at once could
+/// both find a port free before either daemon bound it, and the later bind
+/// failed with "address already in use".
+#[allow(clippy::incompatible_msrv)] // File::try_lock: stable since Rust 1.89
 pub fn free_port() -> u16 {
-    use std::collections::HashSet;
+    use std::collections::HashMap;
     use std::sync::Mutex;
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_768;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    // The lock files stay open for the life of the process: that is the
+    // reservation.
+    // (`None`: no lock file could be made, e.g. another user's directory;
+    // the port is then only checked free.)
+    static GIVEN: Mutex<Option<HashMap<u16, Option<std::fs::File>>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    let given = given.get_or_insert_with(HashSet::new);
+    let given = given.get_or_insert_with(HashMap::new);
+    let dir = std::env::temp_dir().join("warden-tests-ports");
+    let _ = std::fs::create_dir_all(&dir);
     // Test processes run in parallel: start each at its own place.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -118,11 +131,26 @@ pub fn free_port() -> u16 {
     let start = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % SPAN;
     for i in 0..SPAN {
         let port = u16::try_from(FIRST + (start + i * 7_919) % SPAN).unwrap_or(0);
-        if port == 0 || given.contains(&port) {
+        if port == 0 || given.contains_key(&port) {
             continue;
         }
+        let path = dir.join(format!("{port}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok();
+        if let Some(file) = &file {
+            match file.try_lock() {
+                Ok(()) => {}
+                // Another test process holds it.
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => panic!("flock {}: {e}", path.display()),
+            }
+        }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
+            given.insert(port, file);
             return port;
         }
     }
@@ -455,4 +483,35 @@ ebpf = "off"
     let listening = String::from_utf8_lossy(&listening.stdout);
     assert_eq!(listening.lines().count(), 2, "{listening}");
     (warden, daemon, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn a_port_handed_out_is_reserved_for_other_processes_and_not_given_twice() {
+        let first = free_port();
+        let second = free_port();
+        assert_ne!(first, 0);
+        assert_ne!(first, second, "one process is never given a port twice");
+        // Another process (flock(1)) cannot take the reservation while this
+        // one lives.
+        for port in [first, second] {
+            let lock = std::env::temp_dir()
+                .join("warden-tests-ports")
+                .join(format!("{port}.lock"));
+            let other = std::process::Command::new("flock")
+                .arg("--nonblock")
+                .arg(&lock)
+                .arg("true")
+                .status()
+                .expect("flock(1)");
+            assert!(
+                !other.success(),
+                "port {port} reserved at {}",
+                lock.display()
+            );
+        }
+    }
 }
