@@ -81,12 +81,7 @@ impl Output {
 #[allow(clippy::incompatible_msrv)] // File::lock: stable since Rust 1.89
 pub fn exclusive_lock(name: &str) -> std::fs::File {
     let path = std::env::temp_dir().join(format!("warden-tests-{name}.lock"));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = lock_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     loop {
         match file.lock() {
             Ok(()) => return file,
@@ -96,6 +91,15 @@ pub fn exclusive_lock(name: &str) -> std::fs::File {
     }
 }
 
+/// The file an `flock` is taken on (created if missing, never truncated).
+fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
 /// A free TCP port on loopback (bound then released), never one this
 /// process handed out before (a test that asks twice — a route and the
 /// metrics endpoint — must get two). Ports come from 20000–32767, below the
@@ -103,21 +107,19 @@ pub fn exclusive_lock(name: &str) -> std::fs::File {
 /// taken meanwhile as the source port of some test's outgoing connection,
 /// and the daemon's later bind then fails with "address already in use".
 ///
-/// A port is also reserved across processes until this one exits: by an
-/// exclusive `flock` on `<tmp>/warden-tests-ports/<port>.lock`, taken without
-/// waiting and never released. Without it two tests running at once could
-/// both find a port free before either daemon bound it, and the later bind
-/// failed with "address already in use".
+/// A port is also reserved across processes until this one exits, by an
+/// exclusive `flock` on `<tmp>/warden-tests-ports/<port>.lock` taken without
+/// waiting and never released: else two tests running at once could both
+/// find a port free before either daemon bound it.
 #[allow(clippy::incompatible_msrv)] // File::try_lock: stable since Rust 1.89
 pub fn free_port() -> u16 {
     use std::collections::HashMap;
     use std::sync::Mutex;
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_768;
-    // The lock files stay open for the life of the process: that is the
-    // reservation.
-    // (`None`: no lock file could be made, e.g. another user's directory;
-    // the port is then only checked free.)
+    // Each port's lock file, open for the life of the process: that is the
+    // reservation (`None`: no lock file could be made, e.g. in another
+    // user's directory; the port is then only checked free).
     static GIVEN: Mutex<Option<HashMap<u16, Option<std::fs::File>>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     let given = given.get_or_insert_with(HashMap::new);
@@ -135,12 +137,7 @@ pub fn free_port() -> u16 {
             continue;
         }
         let path = dir.join(format!("{port}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .ok();
+        let file = lock_file(&path).ok();
         if let Some(file) = &file {
             match file.try_lock() {
                 Ok(()) => {}

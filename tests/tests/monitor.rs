@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use warden_tests::pg::{run_psql, Auth, ClusterOptions, PgCluster};
-use warden_tests::{free_port, have_root, is_root, Instance};
+use warden_tests::{free_port, have_root, is_root, wait_for, Instance};
 
 const PASSWORD: &str = "pw-CANARY-0c4e7f21-monitor";
 
@@ -421,15 +421,7 @@ fn a_crashed_daemon_keeps_enforcing_until_restart_and_orphans_are_released() {
         "released the eBPF pins of a crashed warden whose data dir {} no longer exists",
         warden.data_dir.display()
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !other_daemon.log_text().contains(&released) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {released:?} in the log of the next daemon:\n{}",
-            other_daemon.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(&released, || other_daemon.log_text().contains(&released));
     assert_eq!(
         run_psql(&direct, "select 1").code,
         0,

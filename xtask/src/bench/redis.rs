@@ -485,5 +485,8 @@ mod tests {
             assert_eq!(clients(m), CLIENTS.to_string(), "{}", m.name());
         }
         assert!(Mode::PersistentBusy.persistent() && !Mode::Pipelined.persistent());
+        assert!(Mode::PersistentBusy
+            .name()
+            .ends_with(&format!("-c {BUSY_CLIENTS}")));
     }
 }
